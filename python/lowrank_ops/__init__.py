@@ -1,1 +1,15 @@
-__version__ = "0.1.0"
+"""lowrank_ops: fast low-rank, sparse and second-order ops for machine learning.
+
+Importing never fails because a back end is missing; :func:`info` reports what was
+compiled (CPU kernels, CUDA kernels and their architectures) and what is usable now.
+
+Public modules:
+
+* :mod:`lowrank_ops.ops`: differentiable ops (``fixed_sparse_matmul``, ``spmv``, ...)
+* :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
+* :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
+"""
+from . import ops, reference, sparse
+from .info import __version__, info
+
+__all__ = ["__version__", "info", "ops", "reference", "sparse"]

@@ -1,0 +1,25 @@
+"""Dtype and index-type codes shared with the C++ side (csrc/include/lowrank_ops/dtype.h)."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+INDEX_CODES = {torch.int32: 0, torch.int64: 1}
+
+SUPPORTED_FLOATS = tuple(FLOAT_CODES)
+
+
+def float_code(dtype: torch.dtype, op: str, name: str) -> int:
+    try:
+        return FLOAT_CODES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"{op}: {name} has dtype {dtype}; expected one of float32, float64, float16, bfloat16"
+        ) from None
+
+
+def index_code(dtype: torch.dtype, op: str, name: str) -> int:
+    try:
+        return INDEX_CODES[dtype]
+    except KeyError:
+        raise TypeError(f"{op}: {name} has dtype {dtype}; expected int32 or int64") from None

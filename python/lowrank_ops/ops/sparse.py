@@ -1,0 +1,314 @@
+"""Fixed-support sparse matmul ops: ``y = x S^T`` and its backward, SpMV.
+
+Layers (DESIGN.md section 1):
+
+* ``torch.ops.lowrank_ops.csr_spmm`` / ``csr_sddmm``: the kernels, declared once with
+  ``torch.library`` (CPU impl, CUDA impl, fake impl).  They validate what the C++ relies
+  on (ranks, lengths, dtypes, devices); index *contents* are validated once, when a
+  :class:`~lowrank_ops.sparse.FixedSupport` is built, and the kernels stay memory-safe
+  on any contents (out-of-range entries are skipped).
+* ``_FixedSparseMatmul``: the autograd Function (SpMM forward; transposed SpMM and SDDMM
+  backward).
+* :func:`fixed_sparse_matmul`, :func:`spmv`: the public, validated entry points.
+
+CPU implementation: hand-written C++ (csrc/cpu/sparse_cpu.cpp).  Against torch's own
+CSR matmul (MKL) it is faster forward and backward at the SLTrain shapes; see
+bench/bench_sparse.py and bench/results/ for the measured ratios.
+CUDA implementation: csrc/cuda/sparse_cuda.cu; for batches of 8 rows or more the dense
+operand is transposed first so that every stored entry reads one coalesced row.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._dtypes import float_code, index_code
+from .._extension import cuda_extension, extension
+from ..sparse import FixedSupport
+from ._library import LIBRARY, current_stream
+
+__all__ = ["fixed_sparse_matmul", "spmv"]
+
+# Below this many rows of the dense operand, the CUDA kernels read it in place
+# (lanes over nnz); from here on, transposing it first pays off (csrc/cuda/sparse_cuda.cu).
+_CUDA_TRANSPOSE_MIN_BATCH = 8
+
+LIBRARY.define(
+    "csr_spmm(Tensor row_ptr, Tensor col_idx, Tensor? value_perm, Tensor values, Tensor? row_order, "
+    "Tensor dense, int n_rows) -> Tensor"
+)
+LIBRARY.define("csr_sddmm(Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor left, Tensor dense) -> Tensor")
+
+
+# ---------------------------------------------------------------------------- argument checks
+def _check_pattern(op: str, row_ptr, col_idx, n_rows: int, extra=()) -> None:
+    if row_ptr.dim() != 1 or row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"{op}: row_ptr has shape {tuple(row_ptr.shape)}; expected (n_rows + 1,) = ({n_rows + 1},)")
+    if col_idx.dim() != 1:
+        raise ValueError(f"{op}: col_idx has shape {tuple(col_idx.shape)}; expected 1-D (nnz,)")
+    index_code(row_ptr.dtype, op, "row_ptr")
+    for name, tensor, length in (("col_idx", col_idx, None),) + tuple(extra):
+        if tensor is None:
+            continue
+        if tensor.dtype != row_ptr.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
+        if length is not None and (tensor.dim() != 1 or tensor.numel() != length):
+            raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; expected ({length},)")
+
+
+def _check_same_device(op: str, reference: torch.Tensor, **tensors) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}; expected {reference.device} (the device of the dense input)")
+
+
+def _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows) -> None:
+    op = "csr_spmm"
+    if n_rows < 0:
+        raise ValueError(f"{op}: n_rows must be >= 0; got {n_rows}")
+    nnz = col_idx.numel()
+    _check_pattern(op, row_ptr, col_idx, n_rows, (("value_perm", value_perm, nnz), ("row_order", row_order, n_rows)))
+    if dense.dim() != 2:
+        raise ValueError(f"{op}: dense has shape {tuple(dense.shape)}; expected 2-D (batch, n_cols)")
+    float_code(dense.dtype, op, "dense")
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of dense, {dense.dtype}")
+    if values.dim() != 1 or values.numel() != nnz:
+        raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({nnz},)")
+    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, value_perm=value_perm, values=values, row_order=row_order)
+
+
+def _check_sddmm_args(row_ptr, col_idx, row_order, left, dense) -> None:
+    op = "csr_sddmm"
+    if left.dim() != 2 or dense.dim() != 2 or left.shape[0] != dense.shape[0]:
+        raise ValueError(
+            f"{op}: left has shape {tuple(left.shape)} and dense {tuple(dense.shape)}; "
+            "expected 2-D (batch, n_rows) and (batch, n_cols) with the same batch"
+        )
+    n_rows = left.shape[1]
+    _check_pattern(op, row_ptr, col_idx, n_rows, (("row_order", row_order, n_rows),))
+    float_code(dense.dtype, op, "dense")
+    if left.dtype != dense.dtype:
+        raise TypeError(f"{op}: left has dtype {left.dtype}; expected the dtype of dense, {dense.dtype}")
+    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, row_order=row_order, left=left)
+
+
+def _address(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.contiguous()
+
+
+# ---------------------------------------------------------------------------- csr_spmm
+def _csr_spmm_cpu(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
+    _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows)
+    row_ptr, col_idx, value_perm, values = (_contiguous(t) for t in (row_ptr, col_idx, value_perm, values))
+    batch, n_cols = dense.shape
+    out = dense.new_empty((batch, n_rows))
+    extension().csr_spmm_cpu(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), value_perm=_address(value_perm),
+        values=values.data_ptr(), dense=dense.data_ptr(), out=out.data_ptr(),
+        n_rows=n_rows, n_cols=n_cols, nnz=col_idx.numel(), batch=batch,
+        dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
+        out_stride_b=out.stride(0), out_stride_r=out.stride(1),
+        dtype=float_code(dense.dtype, "csr_spmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_spmm", "row_ptr"),
+        num_threads=torch.get_num_threads(),
+    )
+    return out
+
+
+def _csr_spmm_cuda(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
+    module = cuda_extension("csr_spmm")
+    _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows)
+    row_ptr, col_idx, value_perm, values, row_order = (
+        _contiguous(t) for t in (row_ptr, col_idx, value_perm, values, row_order)
+    )
+    batch, n_cols = dense.shape
+    transposed = batch >= _CUDA_TRANSPOSE_MIN_BATCH
+    if transposed:
+        # Column-major views: element (b, c) at c * batch + b, so rows of S's columns are contiguous.
+        if dense.stride(0) != 1:
+            dense = dense.t().contiguous().t()
+        out = dense.new_empty((n_rows, batch)).t()
+    else:
+        out = dense.new_empty((batch, n_rows))
+    module.csr_spmm_cuda(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), value_perm=_address(value_perm),
+        values=values.data_ptr(), row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),
+        n_rows=n_rows, n_cols=n_cols, nnz=col_idx.numel(), batch=batch,
+        dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
+        out_stride_b=out.stride(0), out_stride_r=out.stride(1),
+        dtype=float_code(dense.dtype, "csr_spmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_spmm", "row_ptr"),
+        device=dense.device.index, stream=current_stream(dense),
+    )
+    return out.contiguous()
+
+
+def _csr_spmm_fake(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
+    torch._check(dense.dim() == 2, lambda: f"csr_spmm: dense must be 2-D; got {dense.dim()}-D")
+    torch._check(values.dtype == dense.dtype, lambda: "csr_spmm: values and dense must share a dtype")
+    return dense.new_empty((dense.shape[0], n_rows))
+
+
+# ---------------------------------------------------------------------------- csr_sddmm
+def _csr_sddmm_cpu(row_ptr, col_idx, row_order, left, dense):
+    _check_sddmm_args(row_ptr, col_idx, row_order, left, dense)
+    row_ptr, col_idx = row_ptr.contiguous(), col_idx.contiguous()
+    out = dense.new_empty((col_idx.numel(),))
+    extension().csr_sddmm_cpu(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), left=left.data_ptr(), dense=dense.data_ptr(),
+        out=out.data_ptr(), n_rows=left.shape[1], n_cols=dense.shape[1], nnz=col_idx.numel(), batch=dense.shape[0],
+        left_stride_b=left.stride(0), left_stride_r=left.stride(1),
+        dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
+        dtype=float_code(dense.dtype, "csr_sddmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_sddmm", "row_ptr"),
+        num_threads=torch.get_num_threads(),
+    )
+    return out
+
+
+def _csr_sddmm_cuda(row_ptr, col_idx, row_order, left, dense):
+    module = cuda_extension("csr_sddmm")
+    _check_sddmm_args(row_ptr, col_idx, row_order, left, dense)
+    row_ptr, col_idx, row_order = (_contiguous(t) for t in (row_ptr, col_idx, row_order))
+    if dense.shape[0] >= _CUDA_TRANSPOSE_MIN_BATCH:
+        if left.stride(0) != 1:
+            left = left.t().contiguous().t()
+        if dense.stride(0) != 1:
+            dense = dense.t().contiguous().t()
+    out = dense.new_empty((col_idx.numel(),))
+    module.csr_sddmm_cuda(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), row_order=_address(row_order), left=left.data_ptr(),
+        dense=dense.data_ptr(), out=out.data_ptr(), n_rows=left.shape[1], n_cols=dense.shape[1],
+        nnz=col_idx.numel(), batch=dense.shape[0],
+        left_stride_b=left.stride(0), left_stride_r=left.stride(1),
+        dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
+        dtype=float_code(dense.dtype, "csr_sddmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_sddmm", "row_ptr"),
+        device=dense.device.index, stream=current_stream(dense),
+    )
+    return out
+
+
+def _csr_sddmm_fake(row_ptr, col_idx, row_order, left, dense):
+    torch._check(left.dim() == 2 and dense.dim() == 2, lambda: "csr_sddmm: left and dense must be 2-D")
+    return dense.new_empty((col_idx.shape[0],))
+
+
+LIBRARY.impl("csr_spmm", _csr_spmm_cpu, "CPU")
+LIBRARY.impl("csr_spmm", _csr_spmm_cuda, "CUDA")
+torch.library.register_fake("lowrank_ops::csr_spmm", _csr_spmm_fake, lib=LIBRARY)
+LIBRARY.impl("csr_sddmm", _csr_sddmm_cpu, "CPU")
+LIBRARY.impl("csr_sddmm", _csr_sddmm_cuda, "CUDA")
+torch.library.register_fake("lowrank_ops::csr_sddmm", _csr_sddmm_fake, lib=LIBRARY)
+
+
+# ---------------------------------------------------------------------------- autograd
+class _FixedSparseMatmul(torch.autograd.Function):
+    """y = x S^T; x is [batch, in_features], S given by values and the support's index tensors.
+
+    The support's tensors are passed one by one (not the module) so that torch.compile
+    traces the Function without a graph break.
+    """
+
+    @staticmethod
+    def forward(ctx, x, values, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order, n_rows, n_cols):
+        ctx.n_cols = n_cols
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None,
+            values if ctx.needs_input_grad[0] else None,
+            row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order,
+        )
+        return torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, None, values, row_order, x, n_rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, values, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # dx = dy S: the CSR of S^T is S's CSC, values through the map
+            grad_x = torch.ops.lowrank_ops.csr_spmm(col_ptr, row_idx, csc_to_csr, values, col_order, grad_y, ctx.n_cols)
+        if ctx.needs_input_grad[1]:  # dv = (dy^T x) at the support only
+            grad_values = torch.ops.lowrank_ops.csr_sddmm(row_ptr, col_idx, row_order, grad_y, x)
+        return (grad_x, grad_values) + (None,) * 9
+
+
+# ---------------------------------------------------------------------------- public API
+def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> None:
+    if not isinstance(support, FixedSupport):
+        raise TypeError(f"{op}: support must be a lowrank_ops.sparse.FixedSupport; got {type(support).__name__}")
+    for name, tensor in (("x", x), ("values", values)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
+        float_code(tensor.dtype, op, name)
+    if x.dim() < 1 or x.shape[-1] != support.in_features:
+        raise ValueError(
+            f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {support.in_features})"
+        )
+    if values.dim() != 1 or values.numel() != support.nnz:
+        raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({support.nnz},)")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of x, {x.dtype}")
+    if values.device != x.device:
+        raise ValueError(f"{op}: values is on {values.device}; expected the device of x, {x.device}")
+    if support.device != x.device:
+        raise ValueError(
+            f"{op}: support is on {support.device}; expected the device of x, {x.device} (use support.to(x.device))"
+        )
+
+
+def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
+    """``y = x S^T`` for a sparse ``S`` with a fixed support; differentiable in ``x`` and ``values``.
+
+    Parameters
+    ----------
+    x : Tensor[..., in_features]
+        float32, float64, float16 or bfloat16; any strides (read in place on CPU).
+    values : Tensor[nnz]
+        The entries of S in the support's CSR order; same dtype and device as ``x``.
+    support : FixedSupport
+        Pattern of the ``[out_features, in_features]`` matrix S, on ``x``'s device.
+
+    Returns
+    -------
+    Tensor[..., out_features]
+        Same dtype as ``x``; accumulated in float32 (float64 for float64 inputs).
+
+    Notes
+    -----
+    Backward: ``dx = dy S`` (SpMM over the CSC map) and ``dvalues = (dy^T x)`` at the
+    support only (SDDMM); no dense ``[out, in]`` matrix is ever formed.  Cost:
+    ``2 * batch * nnz`` flops per pass.
+    """
+    _validate("fixed_sparse_matmul", x, values, support)
+    batch_shape = x.shape[:-1]
+    y = _FixedSparseMatmul.apply(
+        x.reshape(-1, support.in_features), values,
+        support.row_ptr, support.col_idx, support.row_order,
+        support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
+        support.out_features, support.in_features,
+    )
+    return y.reshape(*batch_shape, support.out_features)
+
+
+def spmv(support: FixedSupport, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sparse matrix-vector product ``S v`` (differentiable in ``values`` and ``v``).
+
+    Parameters
+    ----------
+    support : FixedSupport
+        Pattern of the ``[out_features, in_features]`` matrix S.
+    values : Tensor[nnz]
+        Entries of S in CSR order.
+    v : Tensor[in_features] or Tensor[k, in_features]
+        One vector, or ``k`` vectors stacked as rows (each multiplied independently).
+
+    Returns
+    -------
+    Tensor[out_features] or Tensor[k, out_features]
+    """
+    if isinstance(v, torch.Tensor) and v.dim() not in (1, 2):
+        raise ValueError(f"spmv: v has shape {tuple(v.shape)}; expected (in_features,) or (k, in_features)")
+    _validate("spmv", v, values, support)
+    return fixed_sparse_matmul(v, values, support)

@@ -1,0 +1,40 @@
+"""Pure-torch references of every op, float64-capable; the oracles of the tests and the
+accuracy baseline of the benchmarks.  Slow and simple on purpose: dense matrices,
+plain matmuls, no custom kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["fixed_sparse_matmul", "csr_spmm", "csr_sddmm", "csr_rows"]
+
+
+def csr_rows(row_ptr: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Row index of every entry of a CSR pattern, ``[nnz]`` int64."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(n_rows, device=row_ptr.device), counts)
+
+
+def _dense_from_csr(row_ptr, col_idx, values, n_rows: int, n_cols: int) -> torch.Tensor:
+    dense = values.new_zeros((n_rows, n_cols))
+    dense.index_put_((csr_rows(row_ptr, n_rows), col_idx.to(torch.int64)), values, accumulate=True)
+    return dense
+
+
+def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support) -> torch.Tensor:
+    """``x @ S^T`` with S densified: x ``[..., in]``, values ``[nnz]`` -> ``[..., out]``."""
+    return x @ support.to_dense(values).T
+
+
+def csr_spmm(row_ptr, col_idx, value_perm: Optional[torch.Tensor], values, dense, n_rows: int) -> torch.Tensor:
+    """Reference of ``torch.ops.lowrank_ops.csr_spmm``: ``dense @ S^T``, S ``[n_rows, dense.shape[1]]``."""
+    entries = values if value_perm is None else values[value_perm.to(torch.int64)]
+    return dense @ _dense_from_csr(row_ptr, col_idx, entries, n_rows, dense.shape[1]).T
+
+
+def csr_sddmm(row_ptr, col_idx, left, dense) -> torch.Tensor:
+    """Reference of ``torch.ops.lowrank_ops.csr_sddmm``: ``(left^T dense)`` at the pattern, ``[nnz]``."""
+    full = left.T @ dense
+    return full[csr_rows(row_ptr, left.shape[1]), col_idx.to(torch.int64)]

@@ -1,0 +1,334 @@
+"""Fixed sparsity patterns (supports) for sparse matrices whose values live elsewhere.
+
+A :class:`FixedSupport` is the pattern of an ``[out_features, in_features]`` matrix S:
+which entries may be non-zero.  The values are a plain dense ``[nnz]`` tensor kept by
+the caller (typically an ``nn.Parameter``), so any optimizer works on them; this is how
+SLTrain stores its sparse part.  The pattern is built once and stored as
+
+* CSR: ``row_ptr [out+1]``, ``col_idx [nnz]`` (columns sorted within each row),
+* CSC (the transpose map used by the backward pass): ``col_ptr [in+1]``,
+  ``row_idx [nnz]`` and ``csc_to_csr [nnz]`` (CSC position -> index into ``values``),
+* ``row_order [out]`` / ``col_order [in]``: rows (columns) longest first, the CUDA
+  kernels' scheduling order,
+
+all in int32 when every index fits, int64 otherwise.  ``FixedSupport`` is an
+``nn.Module`` holding these as buffers, so it moves with ``.to(device)`` and is saved
+and restored with the owning module's ``state_dict`` (a support of another size loads
+too: the buffers are replaced, not copied into).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union, overload
+
+import torch
+
+__all__ = ["FixedSupport"]
+
+_INT32_MAX = 2**31 - 1
+_BUFFERS = ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "row_order", "col_order")
+
+
+def _index_dtype(*extents: int) -> torch.dtype:
+    return torch.int32 if max(extents, default=0) <= _INT32_MAX else torch.int64
+
+
+def _check_shape(shape, where: str) -> Tuple[int, int]:
+    try:
+        out_features, in_features = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: shape must be (out_features, in_features); got {shape!r}") from None
+    if out_features < 0 or in_features < 0:
+        raise ValueError(f"{where}: shape must be non-negative; got ({out_features}, {in_features})")
+    return out_features, in_features
+
+
+class FixedSupport(torch.nn.Module):
+    """The fixed sparsity pattern of an ``[out_features, in_features]`` matrix.
+
+    Build one with :meth:`random`, :meth:`from_indices` or :meth:`from_csr`; the
+    constructor takes already-validated sorted coordinates and is internal.
+
+    Attributes
+    ----------
+    shape : tuple[int, int]
+        ``(out_features, in_features)``.
+    nnz : int
+        Number of stored entries.
+    density : float
+        ``nnz / (out_features * in_features)`` (0 for an empty shape).
+    index_dtype : torch.dtype
+        int32 when ``nnz`` and both dimensions fit in int32, else int64.
+    """
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int]):
+        super().__init__()
+        out_features, in_features = _check_shape(shape, "FixedSupport")
+        self.out_features, self.in_features = out_features, in_features
+        self._set_pattern(rows, cols)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def random(
+        cls,
+        out_features: int,
+        in_features: int,
+        density: float,
+        *,
+        generator: Optional[torch.Generator] = None,
+        device: Union[str, torch.device, None] = None,
+    ) -> "FixedSupport":
+        """A pattern of ``round(density * out * in)`` entries drawn uniformly without replacement.
+
+        Parameters
+        ----------
+        out_features, in_features : int
+            Matrix shape.
+        density : float
+            Fraction of stored entries, in ``[0, 1]``.
+        generator : torch.Generator, optional
+            Source of randomness (sampling runs on the generator's device); the same
+            generator state gives the same pattern.
+        device : optional
+            Device of the returned pattern (default: the generator's device, else CPU).
+        """
+        out_features, in_features = _check_shape((out_features, in_features), "FixedSupport.random")
+        density = float(density)
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"FixedSupport.random: density must be in [0, 1]; got {density}")
+        total = out_features * in_features
+        nnz = min(total, int(round(density * total)))
+        sample_device = generator.device if generator is not None else torch.device("cpu")
+        if 4 * nnz > total:
+            keys = torch.randperm(total, generator=generator, device=sample_device)[:nnz]
+        else:
+            keys = _sample_distinct(total, nnz, generator, sample_device)
+        keys = keys.sort().values
+        support = cls(keys // max(in_features, 1), keys % max(in_features, 1), (out_features, in_features))
+        return support.to(device if device is not None else sample_device)
+
+    @overload
+    @classmethod
+    def from_indices(cls, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int]) -> "FixedSupport": ...
+
+    @overload
+    @classmethod
+    def from_indices(
+        cls, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], values: torch.Tensor
+    ) -> Tuple["FixedSupport", torch.Tensor]: ...
+
+    @classmethod
+    def from_indices(cls, rows, cols, shape, values=None):
+        """A pattern from coordinate lists, in any order.
+
+        Parameters
+        ----------
+        rows, cols : Tensor[nnz], integer
+            Coordinates of the stored entries; each pair at most once.
+        shape : (int, int)
+            ``(out_features, in_features)``.
+        values : Tensor[nnz], optional
+            Values in the order of ``rows``/``cols``.  When given, the method returns
+            ``(support, values_in_support_order)``.
+
+        Raises
+        ------
+        ValueError
+            Coordinates out of range, duplicated, or of mismatched lengths.
+        """
+        out_features, in_features = _check_shape(shape, "FixedSupport.from_indices")
+        rows = _as_index_vector(rows, "rows", "FixedSupport.from_indices")
+        cols = _as_index_vector(cols, "cols", "FixedSupport.from_indices")
+        if rows.shape != cols.shape or rows.device != cols.device:
+            raise ValueError(
+                f"FixedSupport.from_indices: rows has shape {tuple(rows.shape)} on {rows.device}; expected the "
+                f"shape and device of cols, {tuple(cols.shape)} on {cols.device}"
+            )
+        _check_range(rows, out_features, "rows", "FixedSupport.from_indices")
+        _check_range(cols, in_features, "cols", "FixedSupport.from_indices")
+        keys = rows * in_features + cols
+        keys, order = keys.sort()
+        duplicate = keys[1:] == keys[:-1]
+        if bool(duplicate.any()):
+            first = int(keys[1:][duplicate][0])
+            raise ValueError(
+                f"FixedSupport.from_indices: {int(duplicate.sum())} duplicate coordinate(s); expected each (row, col) "
+                f"at most once, first duplicate ({first // in_features}, {first % in_features})"
+            )
+        support = cls(rows[order], cols[order], (out_features, in_features))
+        if values is None:
+            return support
+        if not isinstance(values, torch.Tensor) or values.shape != rows.shape:
+            got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"FixedSupport.from_indices: values has shape {got}; expected (nnz,) = {tuple(rows.shape)}")
+        return support, values[order.to(values.device)]
+
+    @classmethod
+    def from_csr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: Tuple[int, int]) -> "FixedSupport":
+        """A pattern from CSR arrays, validated (columns strictly increasing within each row).
+
+        Raises
+        ------
+        ValueError
+            Row pointers not starting at 0, decreasing, or not ending at ``len(col_idx)``;
+            columns out of range, unsorted or duplicated within a row.
+        """
+        where = "FixedSupport.from_csr"
+        out_features, in_features = _check_shape(shape, where)
+        row_ptr = _as_index_vector(row_ptr, "row_ptr", where)
+        col_idx = _as_index_vector(col_idx, "col_idx", where)
+        if row_ptr.numel() != out_features + 1:
+            raise ValueError(
+                f"{where}: row_ptr has length {row_ptr.numel()}; expected out_features + 1 = {out_features + 1}"
+            )
+        nnz = col_idx.numel()
+        if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+            raise ValueError(
+                f"{where}: row_ptr must start at 0 and end at nnz = {nnz}; got {int(row_ptr[0])} ... {int(row_ptr[-1])}"
+            )
+        steps = row_ptr[1:] - row_ptr[:-1]
+        if bool((steps < 0).any()):
+            row = int(torch.nonzero(steps < 0)[0])
+            raise ValueError(f"{where}: row_ptr must be non-decreasing; row_ptr[{row + 1}] < row_ptr[{row}]")
+        _check_range(col_idx, in_features, "col_idx", where)
+        rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), steps)
+        same_row = rows[1:] == rows[:-1]
+        bad = same_row & (col_idx[1:] <= col_idx[:-1])
+        if bool(bad.any()):
+            k = int(torch.nonzero(bad)[0]) + 1
+            raise ValueError(
+                f"{where}: col_idx must be strictly increasing within each row (sorted, no duplicates); "
+                f"row {int(rows[k])} has col_idx[{k - 1}] = {int(col_idx[k - 1])} then col_idx[{k}] = {int(col_idx[k])}"
+            )
+        return cls(rows, col_idx, (out_features, in_features))
+
+    # ------------------------------------------------------------------ pattern
+    def _set_pattern(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Builds every buffer from coordinates sorted by (row, col), already validated."""
+        out_features, in_features = self.out_features, self.in_features
+        nnz = rows.numel()
+        index_dtype = _index_dtype(nnz, out_features, in_features)
+        rows = rows.to(torch.int64)
+        cols = cols.to(torch.int64)
+        row_counts = torch.bincount(rows, minlength=out_features)
+        col_counts = torch.bincount(cols, minlength=in_features)
+        csc_to_csr = torch.sort(cols * max(out_features, 1) + rows, stable=True).indices
+        zero = torch.zeros(1, dtype=torch.int64, device=rows.device)
+        buffers = {
+            "row_ptr": torch.cat([zero, row_counts.cumsum(0)]),
+            "col_idx": cols,
+            "col_ptr": torch.cat([zero, col_counts.cumsum(0)]),
+            "row_idx": rows[csc_to_csr],
+            "csc_to_csr": csc_to_csr,
+            "row_order": torch.sort(row_counts, descending=True, stable=True).indices,
+            "col_order": torch.sort(col_counts, descending=True, stable=True).indices,
+        }
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor.to(index_dtype).contiguous())
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.out_features * self.in_features
+        return self.nnz / total if total else 0.0
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return self.col_idx.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.col_idx.device
+
+    def rows(self) -> torch.Tensor:
+        """Row index of every stored entry, ``[nnz]`` int64 (COO rows, CSR order)."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        return torch.repeat_interleave(torch.arange(self.out_features, device=self.device), counts)
+
+    def to_dense(self, values: torch.Tensor) -> torch.Tensor:
+        """The ``[out_features, in_features]`` matrix with ``values`` ([nnz], CSR order) at the support."""
+        _check_values(self, values, "FixedSupport.to_dense")
+        dense = values.new_zeros(self.shape)
+        dense.index_put_((self.rows(), self.col_idx.to(torch.int64)), values)
+        return dense
+
+    def values_from_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        """The entries of a ``[out_features, in_features]`` matrix at the support, ``[nnz]`` in CSR order."""
+        if tuple(dense.shape) != self.shape:
+            raise ValueError(
+                f"FixedSupport.values_from_dense: dense has shape {tuple(dense.shape)}; expected {self.shape}"
+            )
+        return dense[self.rows().to(dense.device), self.col_idx.to(device=dense.device, dtype=torch.int64)]
+
+    # ------------------------------------------------------------------ module plumbing
+    def extra_repr(self) -> str:
+        return (
+            f"shape=({self.out_features}, {self.in_features}), nnz={self.nnz}, density={self.density:.4g}, "
+            f"index_dtype={self.index_dtype}"
+        )
+
+    def get_extra_state(self):
+        return {"shape": self.shape}
+
+    def set_extra_state(self, state) -> None:
+        self.out_features, self.in_features = _check_shape(state["shape"], "FixedSupport.load_state_dict")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A saved support may have another nnz or index dtype than this one: replace the
+        # buffers instead of copying into them (nn.Module's default would refuse).
+        for name in _BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                saved = state_dict[key]
+                if not isinstance(saved, torch.Tensor) or saved.dim() != 1 or saved.dtype not in (torch.int32, torch.int64):
+                    error_msgs.append(f"{key}: expected a 1-D int32/int64 tensor; got {saved!r:.80}")
+                    continue
+                self._buffers[name] = saved.to(self.device).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def _sample_distinct(total: int, count: int, generator, device) -> torch.Tensor:
+    """``count`` distinct integers in ``[0, total)``, uniformly (count <= total / 4).
+
+    Draws with replacement until ``count`` distinct values are seen, then keeps a
+    uniform random subset of them: by symmetry every ``count``-subset is equally likely.
+    Memory is O(count), not O(total) as with randperm.
+    """
+    seen = torch.empty(0, dtype=torch.int64, device=device)
+    while seen.numel() < count:
+        draw = count - seen.numel()
+        draw += draw // 4 + 16
+        fresh = torch.randint(total, (draw,), generator=generator, device=device, dtype=torch.int64)
+        seen = torch.unique(torch.cat([seen, fresh]))
+    keep = torch.randperm(seen.numel(), generator=generator, device=device)[:count]
+    return seen[keep]
+
+
+def _as_index_vector(tensor, name: str, where: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        tensor = torch.as_tensor(tensor)
+    if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"{where}: {name} must be a 1-D integer tensor; got shape {tuple(tensor.shape)}, dtype {tensor.dtype}")
+    return tensor.to(torch.int64)
+
+
+def _check_range(index: torch.Tensor, extent: int, name: str, where: str) -> None:
+    if index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= extent:
+        bad = low if low < 0 else high
+        raise ValueError(f"{where}: {name} must lie in [0, {extent}); got {bad}")
+
+
+def _check_values(support: FixedSupport, values: torch.Tensor, where: str) -> None:
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{where}: values must be a tensor; got {type(values).__name__}")
+    if values.dim() != 1 or values.numel() != support.nnz:
+        raise ValueError(f"{where}: values has shape {tuple(values.shape)}; expected (nnz,) = ({support.nnz},)")

@@ -25,15 +25,13 @@ namespace {
 }
 #endif
 
-CsrSpmmParams spmm_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t value_perm,
-                          std::uintptr_t values, std::uintptr_t row_order, std::uintptr_t dense, std::uintptr_t out,
+CsrSpmmParams spmm_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t row_order, std::uintptr_t dense, std::uintptr_t out,
                           int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch, int64_t dense_stride_b,
                           int64_t dense_stride_c, int64_t out_stride_b, int64_t out_stride_r, int dtype,
                           int index_type) {
   CsrSpmmParams p;
   p.row_ptr = reinterpret_cast<const void*>(row_ptr);
   p.col_idx = reinterpret_cast<const void*>(col_idx);
-  p.value_perm = reinterpret_cast<const void*>(value_perm);
   p.values = reinterpret_cast<const void*>(values);
   p.row_order = reinterpret_cast<const void*>(row_order);
   p.dense = reinterpret_cast<const void*>(dense);
@@ -127,31 +125,31 @@ PYBIND11_MODULE(_C, m) {
   }, "(runtime, driver) CUDA versions as integers, e.g. (13000, 13000); zeros when absent.");
 
   const char* spmm_doc =
-      "out[b, r] = sum_k values[perm[k] or k] * dense[b, col_idx[k]] over the CSR row r.\n"
+      "out[b, r] = sum_k values[k] * dense[b, col_idx[k]] over the CSR row r.\n"
       "See csrc/include/lowrank_ops/sparse.h for the layout contract.";
   m.def(
       "csr_spmm_cpu",
-      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t value_perm, std::uintptr_t values,
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
          std::uintptr_t dense, std::uintptr_t out, int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch,
          int64_t dense_stride_b, int64_t dense_stride_c, int64_t out_stride_b, int64_t out_stride_r, int dtype,
          int index_type, int num_threads) {
-        const CsrSpmmParams p = spmm_params(row_ptr, col_idx, value_perm, values, 0, dense, out, n_rows, n_cols, nnz,
+        const CsrSpmmParams p = spmm_params(row_ptr, col_idx, values, 0, dense, out, n_rows, n_cols, nnz,
                                             batch, dense_stride_b, dense_stride_c, out_stride_b, out_stride_r, dtype,
                                             index_type);
         py::gil_scoped_release release;
         csr_spmm_cpu(p, num_threads);
       },
-      spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "value_perm"_a, "values"_a, "dense"_a, "out"_a, "n_rows"_a,
+      spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "dense"_a, "out"_a, "n_rows"_a,
       "n_cols"_a, "nnz"_a, "batch"_a, "dense_stride_b"_a, "dense_stride_c"_a, "out_stride_b"_a, "out_stride_r"_a,
       "dtype"_a, "index_type"_a, "num_threads"_a);
   m.def(
       "csr_spmm_cuda",
-      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t value_perm, std::uintptr_t values,
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
          std::uintptr_t row_order, std::uintptr_t dense, std::uintptr_t out, int64_t n_rows, int64_t n_cols,
          int64_t nnz, int64_t batch, int64_t dense_stride_b, int64_t dense_stride_c, int64_t out_stride_b,
          int64_t out_stride_r, int dtype, int index_type, int device, std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
-        const CsrSpmmParams p = spmm_params(row_ptr, col_idx, value_perm, values, row_order, dense, out, n_rows,
+        const CsrSpmmParams p = spmm_params(row_ptr, col_idx, values, row_order, dense, out, n_rows,
                                             n_cols, nnz, batch, dense_stride_b, dense_stride_c, out_stride_b,
                                             out_stride_r, dtype, index_type);
         py::gil_scoped_release release;
@@ -160,7 +158,7 @@ PYBIND11_MODULE(_C, m) {
         no_cuda("csr_spmm");
 #endif
       },
-      spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "value_perm"_a, "values"_a, "row_order"_a, "dense"_a,
+      spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "row_order"_a, "dense"_a,
       "out"_a, "n_rows"_a, "n_cols"_a, "nnz"_a, "batch"_a, "dense_stride_b"_a, "dense_stride_c"_a, "out_stride_b"_a,
       "out_stride_r"_a, "dtype"_a, "index_type"_a, "device"_a, "stream"_a);
 

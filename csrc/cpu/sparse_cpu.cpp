@@ -23,7 +23,9 @@
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/sparse.h"
 
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+// Feature-level clones ("arch=haswell" would dispatch on the exact CPU model and fall
+// back to SSE2 on newer ones).
+#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {
@@ -61,35 +63,96 @@ std::vector<int64_t> balanced_row_blocks(const I* row_ptr, int64_t n_rows, int64
 }
 
 // packed[c * width + j] = dense[(b0 + j), c] for j < nb, 0 for nb <= j < width.
+// Blocked over columns so the destination lines of one block (kColumnBlock * width
+// elements) stay in L1 while the nb source rows are streamed through.
 template <class T, class A>
 void pack_transposed(const T* dense, int64_t stride_b, int64_t stride_c, int64_t b0, int64_t nb,
                      int64_t n_cols, int64_t width, A* packed) {
+  constexpr int64_t kColumnBlock = 64;
   if (nb < width) std::fill(packed, packed + n_cols * width, A(0));
-  for (int64_t j = 0; j < nb; ++j) {
-    const T* row = dense + (b0 + j) * stride_b;
-    for (int64_t c = 0; c < n_cols; ++c) packed[c * width + j] = to_acc(row[c * stride_c]);
+  for (int64_t c0 = 0; c0 < n_cols; c0 += kColumnBlock) {
+    const int64_t c1 = std::min(n_cols, c0 + kColumnBlock);
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* row = dense + (b0 + j) * stride_b;
+      for (int64_t c = c0; c < c1; ++c) packed[c * width + j] = to_acc(row[c * stride_c]);
+    }
   }
 }
 
-// acc[r - r_begin][0:kTile] for rows [r_begin, r_end) of the CSR matrix times the packed tile.
-template <class T, class I, bool kPermuted>
-LOWRANK_CPU_CLONES void spmm_rows_tile(const I* row_ptr, const I* col_idx, const I* perm, const T* values,
+// 32-byte SIMD vectors through GCC/Clang vector extensions: one ymm register under
+// AVX2/AVX-512 clones, two xmm registers on the baseline.  The unaligned variant is
+// for loads from buffers only aligned to the element.
+template <class A>
+struct VecTraits;
+template <>
+struct VecTraits<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct VecTraits<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
+};
+template <class A>
+using Vec = typename VecTraits<A>::type;
+template <class A>
+constexpr int kLanes = static_cast<int>(32 / sizeof(A));
+
+template <class A>
+inline Vec<A> load_vec(const A* p) {
+  return *reinterpret_cast<const typename VecTraits<A>::unaligned*>(p);
+}
+
+// Entry k of a CSR row as (value, packed row pointer); entries out of range become
+// 0 * packed[0], so the hot loop has no data-dependent branches.
+template <class T, class I>
+inline void load_entry(const I* col_idx, const T* values, int64_t n_cols, int64_t k, const acc_t<T>* packed,
+                       acc_t<T>& v, const acc_t<T>*& x) {
+  const uint64_t c = static_cast<uint64_t>(col_idx[k]);
+  const bool ok = c < static_cast<uint64_t>(n_cols);
+  v = ok ? to_acc(values[k]) : acc_t<T>(0);
+  x = packed + (ok ? c : 0) * kTile;
+}
+
+// acc_out[r - r_begin][0:kTile] = sum over row r of v * packed[c][0:kTile], rows [r_begin, r_end).
+// Four entries in flight with separate accumulators: a single accumulator would be
+// bound by FMA latency (each multiply-add waiting for the previous one).
+template <class T, class I>
+LOWRANK_CPU_CLONES void spmm_rows_tile(const I* row_ptr, const I* col_idx, const T* values,
                                        int64_t nnz, int64_t n_cols, int64_t r_begin, int64_t r_end,
                                        const acc_t<T>* packed, acc_t<T>* acc_out) {
   using A = acc_t<T>;
+  constexpr int kVecs = static_cast<int>(kTile) / kLanes<A>;
   for (int64_t r = r_begin; r < r_end; ++r) {
-    A acc[kTile] = {};
-    const int64_t k_end = clamped(row_ptr[r + 1], nnz);
-    for (int64_t k = clamped(row_ptr[r], nnz); k < k_end; ++k) {
-      const uint64_t c = static_cast<uint64_t>(col_idx[k]);
-      const uint64_t vk = kPermuted ? static_cast<uint64_t>(perm[k]) : static_cast<uint64_t>(k);
-      if (c >= static_cast<uint64_t>(n_cols) || vk >= static_cast<uint64_t>(nnz)) continue;
-      const A v = to_acc(values[vk]);
-      const A* x = packed + c * kTile;
-      for (int64_t j = 0; j < kTile; ++j) acc[j] += v * x[j];
+    Vec<A> acc0[kVecs] = {}, acc1[kVecs] = {}, acc2[kVecs] = {}, acc3[kVecs] = {};
+    const int64_t k_begin = clamped(row_ptr[r], nnz), k_end = clamped(row_ptr[r + 1], nnz);
+    int64_t k = k_begin;
+    for (; k + 4 <= k_end; k += 4) {
+      A v0, v1, v2, v3;
+      const A *x0, *x1, *x2, *x3;
+      load_entry<T, I>(col_idx, values, n_cols, k, packed, v0, x0);
+      load_entry<T, I>(col_idx, values, n_cols, k + 1, packed, v1, x1);
+      load_entry<T, I>(col_idx, values, n_cols, k + 2, packed, v2, x2);
+      load_entry<T, I>(col_idx, values, n_cols, k + 3, packed, v3, x3);
+      for (int q = 0; q < kVecs; ++q) {
+        acc0[q] += v0 * load_vec(x0 + q * kLanes<A>);
+        acc1[q] += v1 * load_vec(x1 + q * kLanes<A>);
+        acc2[q] += v2 * load_vec(x2 + q * kLanes<A>);
+        acc3[q] += v3 * load_vec(x3 + q * kLanes<A>);
+      }
+    }
+    for (; k < k_end; ++k) {
+      A v;
+      const A* x;
+      load_entry<T, I>(col_idx, values, n_cols, k, packed, v, x);
+      for (int q = 0; q < kVecs; ++q) acc0[q] += v * load_vec(x + q * kLanes<A>);
     }
     A* dst = acc_out + (r - r_begin) * kTile;
-    for (int64_t j = 0; j < kTile; ++j) dst[j] = acc[j];
+    for (int q = 0; q < kVecs; ++q) {
+      const Vec<A> sum = (acc0[q] + acc1[q]) + (acc2[q] + acc3[q]);
+      for (int lane = 0; lane < kLanes<A>; ++lane) dst[q * kLanes<A> + lane] = sum[lane];
+    }
   }
 }
 
@@ -98,7 +161,6 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
   using A = acc_t<T>;
   const I* row_ptr = static_cast<const I*>(p.row_ptr);
   const I* col_idx = static_cast<const I*>(p.col_idx);
-  const I* perm = static_cast<const I*>(p.value_perm);
   const T* values = static_cast<const T*>(p.values);
   const T* dense = static_cast<const T*>(p.dense);
   T* out = static_cast<T*>(p.out);
@@ -116,9 +178,8 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
           A acc = 0;
           for (int64_t k = k_begin; k < k_end; ++k) {
             const uint64_t c = static_cast<uint64_t>(col_idx[k]);
-            const uint64_t vk = perm ? static_cast<uint64_t>(perm[k]) : static_cast<uint64_t>(k);
-            if (c >= static_cast<uint64_t>(p.n_cols) || vk >= static_cast<uint64_t>(p.nnz)) continue;
-            acc += to_acc(values[vk]) * to_acc(x[c * p.dense_stride_c]);
+            if (c >= static_cast<uint64_t>(p.n_cols)) continue;
+            acc += to_acc(values[k]) * to_acc(x[c * p.dense_stride_c]);
           }
           out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc);
         }
@@ -143,10 +204,7 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
     pack_transposed(dense, p.dense_stride_b, p.dense_stride_c, b0, nb, p.n_cols, kTile, packed.data());
     for (int64_t r0 = bounds[block]; r0 < bounds[block + 1]; r0 += kRowChunk) {
       const int64_t r1 = std::min(r0 + kRowChunk, bounds[block + 1]);
-      if (perm)
-        spmm_rows_tile<T, I, true>(row_ptr, col_idx, perm, values, p.nnz, p.n_cols, r0, r1, packed.data(), acc.data());
-      else
-        spmm_rows_tile<T, I, false>(row_ptr, col_idx, perm, values, p.nnz, p.n_cols, r0, r1, packed.data(), acc.data());
+      spmm_rows_tile<T, I>(row_ptr, col_idx, values, p.nnz, p.n_cols, r0, r1, packed.data(), acc.data());
       // Write back row-major in batch so each output row is touched contiguously in r.
       for (int64_t j = 0; j < nb; ++j) {
         T* y = out + (b0 + j) * p.out_stride_b;
@@ -157,23 +215,50 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
 }
 
 // acc[k - k_begin] += <left_packed[r], dense_packed[col(k)]> over one tile, rows [r_begin, r_end).
-// Entries outside [k_base, k_limit) (possible only for a corrupt pattern) are skipped.
+template <class A>
+inline A horizontal_sum(Vec<A> v) {
+  A sum = 0;
+  for (int lane = 0; lane < kLanes<A>; ++lane) sum += v[lane];
+  return sum;
+}
+
+// acc[k - k_base] += <left_packed[r], dense_packed[col(k)]> over one tile, rows [r_begin, r_end).
+// Two entries in flight so their multiply-add chains overlap; the row's slice of
+// `left` stays in registers.  Entries outside [k_base, k_limit) (possible only for a
+// corrupt pattern) are skipped.
 template <class I, class A>
 LOWRANK_CPU_CLONES void sddmm_rows_tile(const I* row_ptr, const I* col_idx, int64_t nnz, int64_t n_cols,
                                         int64_t r_begin, int64_t r_end, int64_t k_base, int64_t k_limit,
                                         const A* left_packed, const A* dense_packed, A* acc) {
+  constexpr int kVecs = static_cast<int>(kSddmmTile) / kLanes<A>;
   for (int64_t r = r_begin; r < r_end; ++r) {
-    const A* left = left_packed + (r - r_begin) * kSddmmTile;
+    Vec<A> left[kVecs];
+    for (int q = 0; q < kVecs; ++q) left[q] = load_vec(left_packed + (r - r_begin) * kSddmmTile + q * kLanes<A>);
+    const int64_t k_begin = std::max(k_base, clamped(row_ptr[r], nnz));
     const int64_t k_end = std::min(k_limit, clamped(row_ptr[r + 1], nnz));
-    for (int64_t k = std::max(k_base, clamped(row_ptr[r], nnz)); k < k_end; ++k) {
+    int64_t k = k_begin;
+    for (; k + 2 <= k_end; k += 2) {
+      const uint64_t c0 = static_cast<uint64_t>(col_idx[k]), c1 = static_cast<uint64_t>(col_idx[k + 1]);
+      // Out-of-range columns read row 0 and are multiplied by 0 (branch-free).
+      const A w0 = c0 < static_cast<uint64_t>(n_cols) ? A(1) : A(0);
+      const A w1 = c1 < static_cast<uint64_t>(n_cols) ? A(1) : A(0);
+      const A* x0 = dense_packed + (w0 != A(0) ? c0 : 0) * kSddmmTile;
+      const A* x1 = dense_packed + (w1 != A(0) ? c1 : 0) * kSddmmTile;
+      Vec<A> s0 = left[0] * load_vec(x0), s1 = left[0] * load_vec(x1);
+      for (int q = 1; q < kVecs; ++q) {
+        s0 += left[q] * load_vec(x0 + q * kLanes<A>);
+        s1 += left[q] * load_vec(x1 + q * kLanes<A>);
+      }
+      acc[k - k_base] += w0 * horizontal_sum<A>(s0);
+      acc[k + 1 - k_base] += w1 * horizontal_sum<A>(s1);
+    }
+    for (; k < k_end; ++k) {
       const uint64_t c = static_cast<uint64_t>(col_idx[k]);
       if (c >= static_cast<uint64_t>(n_cols)) continue;
       const A* x = dense_packed + c * kSddmmTile;
-      A partial[8] = {};
-      for (int64_t j = 0; j < kSddmmTile; j += 8)
-        for (int64_t q = 0; q < 8; ++q) partial[q] += left[j + q] * x[j + q];
-      acc[k - k_base] += ((partial[0] + partial[4]) + (partial[1] + partial[5])) +
-                         ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+      Vec<A> s = left[0] * load_vec(x);
+      for (int q = 1; q < kVecs; ++q) s += left[q] * load_vec(x + q * kLanes<A>);
+      acc[k - k_base] += horizontal_sum<A>(s);
     }
   }
 }

@@ -45,12 +45,11 @@ __device__ __forceinline__ int64_t row_at(const I* row_order, int64_t i, int64_t
   return (r >= 0 && r < n_rows) ? r : -1;
 }
 
-template <class T, class I, bool kPermuted>
+template <class T, class I>
 __global__ void __launch_bounds__(kThreads) spmm_lanes_over_batch(CsrSpmmParams p, int64_t n_chunks) {
   using A = acc_t<T>;
   const I* row_ptr = static_cast<const I*>(p.row_ptr);
   const I* col_idx = static_cast<const I*>(p.col_idx);
-  const I* perm = static_cast<const I*>(p.value_perm);
   const I* row_order = static_cast<const I*>(p.row_order);
   const T* values = static_cast<const T*>(p.values);
   const T* dense = static_cast<const T*>(p.dense);
@@ -69,10 +68,9 @@ __global__ void __launch_bounds__(kThreads) spmm_lanes_over_batch(CsrSpmmParams 
       const int64_t k = kb + lane;
       if (k < k_end) {
         const uint64_t col = static_cast<uint64_t>(col_idx[k]);
-        const uint64_t vk = kPermuted ? static_cast<uint64_t>(perm[k]) : static_cast<uint64_t>(k);
-        if (col < static_cast<uint64_t>(p.n_cols) && vk < static_cast<uint64_t>(p.nnz)) {
+        if (col < static_cast<uint64_t>(p.n_cols)) {
           c = static_cast<int64_t>(col);
-          v = to_acc(values[vk]);
+          v = to_acc(values[k]);
         }
       }
       const int n_here = static_cast<int>(k_end - kb < kWarp ? k_end - kb : kWarp);
@@ -96,12 +94,11 @@ __global__ void __launch_bounds__(kThreads) spmm_lanes_over_batch(CsrSpmmParams 
   }
 }
 
-template <class T, class I, bool kPermuted>
+template <class T, class I>
 __global__ void __launch_bounds__(kThreads) spmm_lanes_over_nnz(CsrSpmmParams p) {
   using A = acc_t<T>;
   const I* row_ptr = static_cast<const I*>(p.row_ptr);
   const I* col_idx = static_cast<const I*>(p.col_idx);
-  const I* perm = static_cast<const I*>(p.value_perm);
   const I* row_order = static_cast<const I*>(p.row_order);
   const T* values = static_cast<const T*>(p.values);
   const T* dense = static_cast<const T*>(p.dense);
@@ -116,9 +113,8 @@ __global__ void __launch_bounds__(kThreads) spmm_lanes_over_nnz(CsrSpmmParams p)
       A acc = 0;
       for (int64_t k = k_begin + lane; k < k_end; k += kWarp) {
         const uint64_t c = static_cast<uint64_t>(col_idx[k]);
-        const uint64_t vk = kPermuted ? static_cast<uint64_t>(perm[k]) : static_cast<uint64_t>(k);
-        if (c < static_cast<uint64_t>(p.n_cols) && vk < static_cast<uint64_t>(p.nnz))
-          acc += to_acc(values[vk]) * to_acc(x[static_cast<int64_t>(c) * p.dense_stride_c]);
+        if (c < static_cast<uint64_t>(p.n_cols))
+          acc += to_acc(values[k]) * to_acc(x[static_cast<int64_t>(c) * p.dense_stride_c]);
       }
       acc = warp_sum(acc);
       if (lane == 0) out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc);
@@ -212,16 +208,10 @@ void csr_spmm_cuda(const CsrSpmmParams& p, int device, std::uintptr_t stream) {
     if (p.dense_stride_b == 1 && p.batch >= kLanesOverBatchMin) {
       const int64_t n_chunks = (p.batch + kBatchPerWarp - 1) / kBatchPerWarp;
       const unsigned grid = grid_for(p.n_rows * n_chunks, kWarpsPerBlock);
-      if (p.value_perm)
-        spmm_lanes_over_batch<T, I, true><<<grid, kThreads, 0, s>>>(p, n_chunks);
-      else
-        spmm_lanes_over_batch<T, I, false><<<grid, kThreads, 0, s>>>(p, n_chunks);
+      spmm_lanes_over_batch<T, I><<<grid, kThreads, 0, s>>>(p, n_chunks);
     } else {
       const unsigned grid = grid_for(p.n_rows, kWarpsPerBlock);
-      if (p.value_perm)
-        spmm_lanes_over_nnz<T, I, true><<<grid, kThreads, 0, s>>>(p);
-      else
-        spmm_lanes_over_nnz<T, I, false><<<grid, kThreads, 0, s>>>(p);
+      spmm_lanes_over_nnz<T, I><<<grid, kThreads, 0, s>>>(p);
     }
     LOWRANK_CUDA_LAUNCH_CHECK();
   });

@@ -4,8 +4,6 @@ plain matmuls, no custom kernels.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 __all__ = ["fixed_sparse_matmul", "csr_spmm", "csr_sddmm", "csr_rows"]
@@ -28,10 +26,9 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support) -> torch
     return x @ support.to_dense(values).T
 
 
-def csr_spmm(row_ptr, col_idx, value_perm: Optional[torch.Tensor], values, dense, n_rows: int) -> torch.Tensor:
+def csr_spmm(row_ptr, col_idx, values, dense, n_rows: int) -> torch.Tensor:
     """Reference of ``torch.ops.lowrank_ops.csr_spmm``: ``dense @ S^T``, S ``[n_rows, dense.shape[1]]``."""
-    entries = values if value_perm is None else values[value_perm.to(torch.int64)]
-    return dense @ _dense_from_csr(row_ptr, col_idx, entries, n_rows, dense.shape[1]).T
+    return dense @ _dense_from_csr(row_ptr, col_idx, values, n_rows, dense.shape[1]).T
 
 
 def csr_sddmm(row_ptr, col_idx, left, dense) -> torch.Tensor:

@@ -3,7 +3,7 @@
 // The same two parameter structs serve every use in ALGORITHMS.md section 1:
 //   forward   y  = x S^T   : csr_spmm over the CSR of S            (out = y,  dense = x)
 //   backward  dx = dy S    : csr_spmm over the CSC of S, i.e. the CSR of S^T, with the
-//                            CSC->CSR value permutation            (out = dx, dense = dy)
+//                            values gathered into CSC order once   (out = dx, dense = dy)
 //   backward  dv = SDDMM   : csr_sddmm over the CSR of S           (left = dy, dense = x)
 //
 // Dense operands are strided 2-D views: element (b, c) lives at
@@ -13,8 +13,7 @@
 // run on the caller's stream.
 //
 // Memory safety does not depend on the pattern being valid: row pointers are clamped
-// to [0, nnz], column indices outside [0, n_cols) and permutation entries outside
-// [0, nnz) are skipped.  Validation with clear errors happens once, when the pattern
+// to [0, nnz] and column indices outside [0, n_cols) are skipped.  Validation with clear errors happens once, when the pattern
 // is built (python/lowrank_ops/sparse.py).
 #pragma once
 
@@ -24,12 +23,11 @@
 
 namespace lowrank_ops {
 
-// out[b, r] = sum_{k in [row_ptr[r], row_ptr[r+1])} values[perm ? perm[k] : k] * dense[b, col_idx[k]]
+// out[b, r] = sum_{k in [row_ptr[r], row_ptr[r+1])} values[k] * dense[b, col_idx[k]]
 // for b < batch, r < n_rows.  Accumulation in acc_t<dtype> (fp32, or fp64 for fp64).
 struct CsrSpmmParams {
   const void* row_ptr = nullptr;     // [n_rows + 1], index_type
   const void* col_idx = nullptr;     // [nnz], index_type
-  const void* value_perm = nullptr;  // [nnz], index_type, or nullptr for the identity
   const void* values = nullptr;      // [nnz], dtype
   const void* row_order = nullptr;   // [n_rows], index_type, or nullptr (see below)
   const void* dense = nullptr;       // [batch, n_cols] strided, dtype

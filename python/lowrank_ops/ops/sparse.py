@@ -35,8 +35,7 @@ __all__ = ["fixed_sparse_matmul", "spmv"]
 _CUDA_TRANSPOSE_MIN_BATCH = 8
 
 LIBRARY.define(
-    "csr_spmm(Tensor row_ptr, Tensor col_idx, Tensor? value_perm, Tensor values, Tensor? row_order, "
-    "Tensor dense, int n_rows) -> Tensor"
+    "csr_spmm(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? row_order, Tensor dense, int n_rows) -> Tensor"
 )
 LIBRARY.define("csr_sddmm(Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor left, Tensor dense) -> Tensor")
 
@@ -63,12 +62,12 @@ def _check_same_device(op: str, reference: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{op}: {name} is on {tensor.device}; expected {reference.device} (the device of the dense input)")
 
 
-def _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows) -> None:
+def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows) -> None:
     op = "csr_spmm"
     if n_rows < 0:
         raise ValueError(f"{op}: n_rows must be >= 0; got {n_rows}")
     nnz = col_idx.numel()
-    _check_pattern(op, row_ptr, col_idx, n_rows, (("value_perm", value_perm, nnz), ("row_order", row_order, n_rows)))
+    _check_pattern(op, row_ptr, col_idx, n_rows, (("row_order", row_order, n_rows),))
     if dense.dim() != 2:
         raise ValueError(f"{op}: dense has shape {tuple(dense.shape)}; expected 2-D (batch, n_cols)")
     float_code(dense.dtype, op, "dense")
@@ -76,7 +75,7 @@ def _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_r
         raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of dense, {dense.dtype}")
     if values.dim() != 1 or values.numel() != nnz:
         raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({nnz},)")
-    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, value_perm=value_perm, values=values, row_order=row_order)
+    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, values=values, row_order=row_order)
 
 
 def _check_sddmm_args(row_ptr, col_idx, row_order, left, dense) -> None:
@@ -103,14 +102,14 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- csr_spmm
-def _csr_spmm_cpu(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
-    _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows)
-    row_ptr, col_idx, value_perm, values = (_contiguous(t) for t in (row_ptr, col_idx, value_perm, values))
+def _csr_spmm_cpu(row_ptr, col_idx, values, row_order, dense, n_rows):
+    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows)
+    row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.contiguous()
     batch, n_cols = dense.shape
     out = dense.new_empty((batch, n_rows))
     extension().csr_spmm_cpu(
-        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), value_perm=_address(value_perm),
-        values=values.data_ptr(), dense=dense.data_ptr(), out=out.data_ptr(),
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
+        dense=dense.data_ptr(), out=out.data_ptr(),
         n_rows=n_rows, n_cols=n_cols, nnz=col_idx.numel(), batch=batch,
         dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
         out_stride_b=out.stride(0), out_stride_r=out.stride(1),
@@ -120,12 +119,10 @@ def _csr_spmm_cpu(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows
     return out
 
 
-def _csr_spmm_cuda(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
+def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows):
     module = cuda_extension("csr_spmm")
-    _check_spmm_args(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows)
-    row_ptr, col_idx, value_perm, values, row_order = (
-        _contiguous(t) for t in (row_ptr, col_idx, value_perm, values, row_order)
-    )
+    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows)
+    row_ptr, col_idx, values, row_order = (_contiguous(t) for t in (row_ptr, col_idx, values, row_order))
     batch, n_cols = dense.shape
     transposed = batch >= _CUDA_TRANSPOSE_MIN_BATCH
     if transposed:
@@ -136,8 +133,8 @@ def _csr_spmm_cuda(row_ptr, col_idx, value_perm, values, row_order, dense, n_row
     else:
         out = dense.new_empty((batch, n_rows))
     module.csr_spmm_cuda(
-        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), value_perm=_address(value_perm),
-        values=values.data_ptr(), row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
+        row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),
         n_rows=n_rows, n_cols=n_cols, nnz=col_idx.numel(), batch=batch,
         dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
         out_stride_b=out.stride(0), out_stride_r=out.stride(1),
@@ -147,7 +144,7 @@ def _csr_spmm_cuda(row_ptr, col_idx, value_perm, values, row_order, dense, n_row
     return out.contiguous()
 
 
-def _csr_spmm_fake(row_ptr, col_idx, value_perm, values, row_order, dense, n_rows):
+def _csr_spmm_fake(row_ptr, col_idx, values, row_order, dense, n_rows):
     torch._check(dense.dim() == 2, lambda: f"csr_spmm: dense must be 2-D; got {dense.dim()}-D")
     torch._check(values.dtype == dense.dtype, lambda: "csr_spmm: values and dense must share a dtype")
     return dense.new_empty((dense.shape[0], n_rows))
@@ -220,15 +217,18 @@ class _FixedSparseMatmul(torch.autograd.Function):
             values if ctx.needs_input_grad[0] else None,
             row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order,
         )
-        return torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, None, values, row_order, x, n_rows)
+        return torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, row_order, x, n_rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, values, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order = ctx.saved_tensors
         grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:  # dx = dy S: the CSR of S^T is S's CSC, values through the map
-            grad_x = torch.ops.lowrank_ops.csr_spmm(col_ptr, row_idx, csc_to_csr, values, col_order, grad_y, ctx.n_cols)
+        if ctx.needs_input_grad[0]:
+            # dx = dy S: the CSR of S^T is S's CSC.  Gathering the values into CSC order
+            # once (O(nnz)) beats an indirection per entry and batch tile in the kernel.
+            values_csc = values.index_select(0, csc_to_csr)
+            grad_x = torch.ops.lowrank_ops.csr_spmm(col_ptr, row_idx, values_csc, col_order, grad_y, ctx.n_cols)
         if ctx.needs_input_grad[1]:  # dv = (dy^T x) at the support only
             grad_values = torch.ops.lowrank_ops.csr_sddmm(row_ptr, col_idx, row_order, grad_y, x)
         return (grad_x, grad_values) + (None,) * 9

@@ -1,0 +1,221 @@
+"""Shared helpers of the benchmark suites (``bench/bench_<family>.py``).
+
+Every suite follows the same conventions, so that ``lowrank-ops bench`` can read any of
+them without knowing the family:
+
+* one benchmark case times ONE implementation (``impl="ours"`` or a peer name) of one
+  op on one device, dtype and shape; the case is a :class:`Case` passed as the pytest
+  parameter named ``case``;
+* :func:`measure` checks the accuracy of that implementation against a float64
+  reference, times it, and records ``benchmark.extra_info`` with the keys listed in
+  :data:`EXTRA_INFO_KEYS`;
+* a peer that cannot run the case (an op torch does not implement for that dtype or
+  device, ...) calls :func:`unsupported`, which skips the case and records why; the
+  conftest adds those records to the pytest-benchmark JSON under ``"lowrank_ops"``.
+
+Nothing here touches CUDA at import or collection time: device checks happen inside
+the test body (:func:`require_device`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import pytest
+import torch
+
+#: ``LOWRANK_OPS_BENCH_FULL=1`` selects the full sizes (the papers' shapes).
+FULL: bool = os.environ.get("LOWRANK_OPS_BENCH_FULL", "0") == "1"
+
+#: Devices every suite parametrizes over; unusable ones skip at run time.
+DEVICES = ("cpu", "cuda")
+
+#: Keys of ``benchmark.extra_info`` that every case records.
+EXTRA_INFO_KEYS = ("family", "op", "shape", "dtype", "impl", "device", "max_error", "flops", "bytes")
+
+#: Time each case for about this long (seconds), within [MIN_ROUNDS, MAX_ROUNDS] rounds.
+TIME_BUDGET_S = 2.0 if FULL else 0.4
+MIN_ROUNDS = 3
+MAX_ROUNDS = 1000
+
+#: Peers that could not run a case, as dicts (family, op, shape, dtype, device, impl, reason).
+UNSUPPORTED: List[Dict[str, Any]] = []
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: one implementation of one op on one problem.
+
+    Attributes
+    ----------
+    family, op : str
+        Op family (the suite's stem) and op name, e.g. ``"sparse"``,
+        ``"fixed_sparse_matmul.fwd+bwd"``.
+    impl : str
+        ``"ours"`` or the peer's name (``"torch_csr"``, ``"dense"``, ...).
+    device, dtype : str
+        ``"cpu"`` / ``"cuda"`` and a key of the dtype table (``"float32"``, ``"bfloat16"``).
+    shape : str
+        Human-readable problem label, e.g. ``"2048x5461 d=0.03 N=512"``; cases with the
+        same (family, op, shape, dtype, device) are compared with each other.
+    problem : tuple
+        Hashable problem parameters the suite uses to build inputs (and cache them).
+    """
+
+    family: str
+    op: str
+    impl: str
+    device: str
+    dtype: str
+    shape: str
+    problem: tuple
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def id(self) -> str:
+        """pytest id: short, unique, shell-friendly."""
+        return "-".join([self.device, self.dtype, self.shape.replace(" ", "_"), self.impl])
+
+    @property
+    def group(self) -> str:
+        """pytest-benchmark group: the cases compared with each other."""
+        return f"{self.op} {self.shape} {self.dtype} {self.device}"
+
+
+def params(cases: Sequence[Case]) -> List[Any]:
+    """``pytest.param`` objects for ``@pytest.mark.parametrize("case", params(cases))``."""
+    return [pytest.param(case, id=case.id) for case in cases]
+
+
+@functools.lru_cache(maxsize=None)
+def device_usable(device: str) -> bool:
+    """Whether the benchmarks can run on ``device`` (needs a CUDA build for ``"cuda"``)."""
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        import lowrank_ops
+
+        return bool(torch.cuda.is_available() and lowrank_ops.info()["cuda_compiled"])
+    return False
+
+
+def require_device(device: str) -> None:
+    """Skip the current case when ``device`` is not usable here."""
+    if not device_usable(device):
+        pytest.skip(f"device {device!r} not usable (needs a GPU visible to torch and a CUDA build of lowrank_ops)")
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels, so that a CUDA timing covers the work and not the launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_error(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
+    """Largest of ``max|out - ref| / max|ref|`` over the tensors (each compared in float64).
+
+    One number per case: for a forward op, the output; for forward+backward, the
+    output and every gradient, each scaled by its own reference's magnitude.
+    """
+    if len(outputs) != len(references):
+        raise ValueError(f"rel_error: {len(outputs)} outputs but {len(references)} references")
+    worst = 0.0
+    for out, ref in zip(outputs, references):
+        ref = ref.detach().to(torch.float64)
+        diff = (out.detach().to(device=ref.device, dtype=torch.float64) - ref).abs().max()
+        scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        worst = max(worst, float(diff / scale))
+    return worst
+
+
+def unsupported(case: Case, error: BaseException) -> None:
+    """Record that ``case.impl`` cannot run this case, then skip it.
+
+    Use it for peers only: an error in our own op must fail the benchmark.
+    """
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+    record = {key: getattr(case, key) for key in ("family", "op", "shape", "dtype", "device", "impl")}
+    record["reason"] = reason
+    UNSUPPORTED.append(record)
+    pytest.skip(f"{case.impl} unsupported for {case.group}: {reason}")
+
+
+def measure(
+    benchmark,
+    case: Case,
+    build: Callable[[], Callable[[], Any]],
+    check: Callable[[Any], float],
+    *,
+    flops: float,
+    bytes: float,  # noqa: A002 - the extra_info key's name
+) -> None:
+    """Check an implementation's accuracy, time it, and record ``benchmark.extra_info``.
+
+    Parameters
+    ----------
+    benchmark
+        The pytest-benchmark fixture.
+    case : Case
+        The case being timed (fills family/op/shape/dtype/impl/device).
+    build : callable
+        ``build()`` prepares what the impl holds between calls (a torch CSR tensor, a
+        dense weight, leaves that require grad) and returns ``fn``; ``fn()`` runs the
+        implementation once and returns its result (output or output and gradients).
+    check : callable
+        ``check(fn())`` -> relative max error against the float64 reference
+        (see :func:`rel_error`); it may add a ``note`` to ``benchmark.extra_info``.
+    flops, bytes : float
+        Useful floating-point operations and compulsory memory traffic of one call,
+        the same for every impl of a case, so that GFLOP/s and GB/s compare impls on
+        the work the op must do, not on the work an impl chooses to do.
+
+    Notes
+    -----
+    For a peer (``case.impl != "ours"``), a ``RuntimeError``/``NotImplementedError``/
+    ``TypeError`` from ``build`` or the first call means "torch cannot do this here":
+    the case is skipped and recorded by :func:`unsupported`.  For ours it fails the case.
+    """
+    benchmark.group = case.group
+    benchmark.extra_info.update({key: getattr(case, key) for key in ("family", "op", "shape", "dtype", "impl", "device")})
+    benchmark.extra_info.update({"flops": float(flops), "bytes": float(bytes)})
+
+    def first_call():
+        fn = build()
+
+        def timed():
+            result = fn()
+            synchronize(case.device)
+            return result
+
+        start = time.perf_counter()
+        result = timed()
+        return timed, result, time.perf_counter() - start
+
+    # The accuracy call doubles as the first warm-up (lazy init, allocator, CUDA context).
+    if case.impl == "ours":
+        timed, result, seconds = first_call()
+    else:
+        try:
+            timed, result, seconds = first_call()
+        except (RuntimeError, NotImplementedError, TypeError) as error:
+            unsupported(case, error)
+    benchmark.extra_info["max_error"] = float(check(result))
+    del result
+    if seconds < 1.0:  # the first call may include one-time costs: size rounds on a warm call
+        start = time.perf_counter()
+        timed()
+        seconds = time.perf_counter() - start
+
+    # A round budget instead of pytest-benchmark's calibration: slow cases (seconds per call
+    # on a 2-core CPU) still get MIN_ROUNDS rounds, fast ones enough for a stable median.
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(seconds, 1e-6))))
+    warmup = 1 if seconds < 0.1 else 0
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)

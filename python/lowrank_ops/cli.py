@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -92,9 +93,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     now = _datetime.datetime.now().astimezone()
     out_dir = (args.out or bench_dir / "results" / "local" / now.strftime("%Y%m%d-%H%M%S")).resolve()
-    machine = machine_info(bench_dir, now)  # before the run: its load average is the machine's, not ours
-    if (machine["load_average_before"] or 0.0) > 0.5:
-        print(f"note: load average {machine['load_average_before']} before the run; other processes may skew CPU timings")
+    machine = machine_info(bench_dir, now)  # before the run: how busy the CPU is without us
+    if (machine["cpu_busy_before"] or 0.0) > 0.25:
+        print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
     with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
         raw_path = Path(tmp) / "pytest-benchmark.json"
         code = _run_pytest(bench_dir, families, raw_path, args)
@@ -308,16 +309,30 @@ def machine_info(bench_dir: Path, now: _datetime.datetime) -> Dict[str, Any]:
         "lowrank_ops": facts.get("version"),
         "git_sha": _git(bench_dir, "rev-parse", "HEAD"),
         "git_dirty": bool(_git(bench_dir, "status", "--porcelain", "--untracked-files=no")),
-        "load_average_before": _load_average(),
+        "cpu_busy_before": _cpu_busy(),
     }
 
 
-def _load_average() -> Optional[float]:
-    """1-minute load average: other work on the machine skews CPU timings."""
+def _cpu_busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of all cores busy over ``seconds`` (Linux ``/proc/stat``), None elsewhere.
+
+    Measured just before the run: other work on the machine skews CPU timings, and the
+    load average lags by a minute, so it would blame the previous run.
+    """
+
+    def sample():
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
     try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
         return None
+    elapsed = total1 - total0
+    return round(1.0 - (idle1 - idle0) / elapsed, 2) if elapsed > 0 else None
 
 
 def _cpu_model() -> str:
@@ -344,8 +359,12 @@ def _machine_line(machine: Dict[str, Any]) -> str:
     return (
         f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads), {gpus}; "
         f"python {machine['python']}, torch {machine['torch']}, lowrank_ops {machine['lowrank_ops']}, "
-        f"git {sha}; {machine['timestamp']}, load {machine.get('load_average_before')}"
+        f"git {sha}; {machine['timestamp']}, CPU busy before: {_percent(machine.get('cpu_busy_before'))}"
     )
+
+
+def _percent(fraction: Optional[float]) -> str:
+    return "?" if fraction is None else f"{fraction:.0%}"
 
 
 def _markdown(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, comparison: str) -> str:

@@ -60,11 +60,13 @@ class FixedSupport(torch.nn.Module):
         int32 when ``nnz`` and both dimensions fit in int32, else int64.
     """
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int]):
+    def __init__(
+        self, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], *, index_dtype: Optional[torch.dtype] = None
+    ):
         super().__init__()
         out_features, in_features = _check_shape(shape, "FixedSupport")
         self.out_features, self.in_features = out_features, in_features
-        self._set_pattern(rows, cols)
+        self._set_pattern(rows, cols, index_dtype)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -76,6 +78,7 @@ class FixedSupport(torch.nn.Module):
         *,
         generator: Optional[torch.Generator] = None,
         device: Union[str, torch.device, None] = None,
+        index_dtype: Optional[torch.dtype] = None,
     ) -> "FixedSupport":
         """A pattern of ``round(density * out * in)`` entries drawn uniformly without replacement.
 
@@ -90,6 +93,8 @@ class FixedSupport(torch.nn.Module):
             generator state gives the same pattern.
         device : optional
             Device of the returned pattern (default: the generator's device, else CPU).
+        index_dtype : torch.int32 or torch.int64, optional
+            Index dtype of the buffers (default: int32 when every index fits).
         """
         out_features, in_features = _check_shape((out_features, in_features), "FixedSupport.random")
         density = float(density)
@@ -103,7 +108,9 @@ class FixedSupport(torch.nn.Module):
         else:
             keys = _sample_distinct(total, nnz, generator, sample_device)
         keys = keys.sort().values
-        support = cls(keys // max(in_features, 1), keys % max(in_features, 1), (out_features, in_features))
+        support = cls(
+            keys // max(in_features, 1), keys % max(in_features, 1), (out_features, in_features), index_dtype=index_dtype
+        )
         return support.to(device if device is not None else sample_device)
 
     @overload
@@ -202,11 +209,18 @@ class FixedSupport(torch.nn.Module):
         return cls(rows, col_idx, (out_features, in_features))
 
     # ------------------------------------------------------------------ pattern
-    def _set_pattern(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    def _set_pattern(self, rows: torch.Tensor, cols: torch.Tensor, index_dtype: Optional[torch.dtype]) -> None:
         """Builds every buffer from coordinates sorted by (row, col), already validated."""
         out_features, in_features = self.out_features, self.in_features
         nnz = rows.numel()
-        index_dtype = _index_dtype(nnz, out_features, in_features)
+        smallest = _index_dtype(nnz, out_features, in_features)
+        if index_dtype is None:
+            index_dtype = smallest
+        elif index_dtype not in (torch.int32, torch.int64) or (index_dtype == torch.int32 and smallest == torch.int64):
+            raise ValueError(
+                f"FixedSupport: index_dtype must be int64, or int32 when every index fits; got {index_dtype} "
+                f"(nnz={nnz}, shape=({out_features}, {in_features}))"
+            )
         rows = rows.to(torch.int64)
         cols = cols.to(torch.int64)
         row_counts = torch.bincount(rows, minlength=out_features)

@@ -1,0 +1,36 @@
+"""Shared test fixtures: the device list, tolerances, random data.
+
+Devices: ``cpu`` always, plus ``cuda`` when torch sees a GPU *and* the CUDA kernels
+were compiled; CUDA parameters carry the ``cuda`` marker so ``-m cuda`` selects them.
+No CUDA call happens at import or collection time (``torch.cuda.is_available()`` is
+only asked inside the fixture that needs it).
+"""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import lowrank_ops
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+
+
+def cuda_usable() -> bool:
+    return lowrank_ops.info()["cuda_available"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    if request.param == "cuda" and not cuda_usable():
+        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+    return request.param
+
+
+@pytest.fixture
+def generator(request) -> torch.Generator:
+    # A per-test seed derived from the test id: different data per test, reproducible.
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return torch.Generator().manual_seed(seed)
+

@@ -1,0 +1,45 @@
+"""Numerical helpers for the tests: rigorous error bounds and fresh random data."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Unit roundoff of the accumulator (fp64 for fp64 inputs, fp32 otherwise) and of the
+# output dtype (the one final rounding of each result).
+ACCUMULATE_UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
+OUTPUT_UNIT = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def summation_bound(abs_sum: torch.Tensor, reference: torch.Tensor, terms: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rigorous elementwise error bound of a dot product of ``terms`` products.
+
+    Any summation order in the accumulator obeys ``|fl(sum) - sum| <= gamma_n * sum|a_i b_i|``
+    with ``gamma_n = n u / (1 - n u)`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, eq. 3.5), plus one rounding of the result to the output dtype.  The
+    inputs themselves are exact (the float64 reference is computed from the same,
+    already rounded values), so this bound is not a tolerance chosen to pass.
+    """
+    n = max(terms, 1) + 1
+    u = ACCUMULATE_UNIT[dtype]
+    gamma = n * u / (1 - n * u)
+    tiny = torch.finfo(dtype).tiny  # results that underflow to subnormals
+    return gamma * abs_sum + OUTPUT_UNIT[dtype] * reference.abs() * (1 + gamma) + tiny
+
+
+def assert_within(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    error = (actual.double() - reference).abs()
+    excess = error - bound
+    assert torch.isfinite(actual).all(), f"{what}: non-finite output"
+    assert excess.max().item() <= 0 if excess.numel() else True, (
+        f"{what}: error {error.max().item():.3e} exceeds the bound at "
+        f"{int(excess.argmax())} (bound there {bound.flatten()[int(excess.argmax())].item():.3e})"
+    )
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    """Fresh N(0, 1) data rounded to ``dtype`` (never zeros)."""
+    return torch.randn(*shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
+
+

@@ -1,0 +1,472 @@
+"""Fixed-support sparse ops: FixedSupport, fixed_sparse_matmul, spmv, csr_spmm, csr_sddmm.
+
+Every numerical check compares against the float64 reference on fresh random data with
+the rigorous summation bound of helpers.summation_bound; half types are additionally
+held to at most 2x the error of torch's own matmul at that precision.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import lowrank_ops
+from lowrank_ops import reference
+from lowrank_ops.ops import fixed_sparse_matmul, spmv
+from lowrank_ops.sparse import FixedSupport
+
+from helpers import FLOAT_DTYPES, assert_within, randn, summation_bound
+
+# (out_features, in_features, density): tall, wide, full, tiny, nnz = 0.
+PATTERNS = [(37, 53, 0.2), (96, 300, 0.05), (24, 24, 1.0), (1, 1, 1.0), (20, 30, 0.0)]
+# Leading shapes of x: SpMV-like (< 4 rows), partial tiles, several tiles, nested, empty.
+BATCH_SHAPES = [(), (3,), (16,), (41,), (2, 19), (0,)]
+
+
+def make_support(pattern, generator, device, index_dtype=None) -> FixedSupport:
+    out_features, in_features, density = pattern
+    return FixedSupport.random(out_features, in_features, density, generator=generator, index_dtype=index_dtype).to(device)
+
+
+def products_abs_sum(x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
+    """|x| |S|^T in float64: the scale of every output's summation error."""
+    return x.abs().double() @ support.to_dense(values.abs().double()).T
+
+
+def max_row_nnz(support: FixedSupport) -> int:
+    counts = support.row_ptr[1:] - support.row_ptr[:-1]
+    return int(counts.max()) if counts.numel() else 0
+
+
+def max_col_nnz(support: FixedSupport) -> int:
+    counts = support.col_ptr[1:] - support.col_ptr[:-1]
+    return int(counts.max()) if counts.numel() else 0
+
+
+# --------------------------------------------------------------------------- FixedSupport
+class TestFixedSupport:
+    def test_random_is_uniform_without_replacement_and_deterministic(self, generator):
+        first = FixedSupport.random(50, 80, 0.1, generator=torch.Generator().manual_seed(7))
+        again = FixedSupport.random(50, 80, 0.1, generator=torch.Generator().manual_seed(7))
+        other = FixedSupport.random(50, 80, 0.1, generator=torch.Generator().manual_seed(8))
+        assert first.nnz == 400 and first.density == pytest.approx(0.1)
+        assert torch.equal(first.col_idx, again.col_idx) and torch.equal(first.row_ptr, again.row_ptr)
+        assert not torch.equal(first.col_idx, other.col_idx)
+        keys = first.rows() * 80 + first.col_idx.long()
+        assert torch.unique(keys).numel() == first.nnz, "entries must be distinct"
+        assert bool((keys[1:] > keys[:-1]).all()), "CSR order: sorted by (row, col)"
+
+    def test_random_marginals_are_uniform(self):
+        # 200 patterns of 10 entries among 100 positions: each position is hit 20 times
+        # on average; a chi-square statistic far above its 99 degrees of freedom would
+        # reveal a biased sampler (p < 1e-6 at 180).
+        hits = torch.zeros(100)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(200):
+            support = FixedSupport.random(10, 10, 0.1, generator=g)
+            hits[support.rows() * 10 + support.col_idx.long()] += 1
+        chi_square = ((hits - 20) ** 2 / 20).sum().item()
+        assert chi_square < 180, chi_square
+
+    @pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
+    def test_random_densities(self, density):
+        support = FixedSupport.random(33, 17, density, generator=torch.Generator().manual_seed(1))
+        assert support.nnz == round(density * 33 * 17)
+        assert support.row_ptr[-1].item() == support.nnz and support.col_ptr[-1].item() == support.nnz
+
+    def test_csc_map_is_the_transpose(self, generator):
+        support = FixedSupport.random(40, 25, 0.2, generator=generator)
+        values = torch.randn(support.nnz, generator=generator, dtype=torch.float64)
+        dense = support.to_dense(values)
+        csc_values = values[support.csc_to_csr.long()]
+        rebuilt = torch.zeros(25, 40, dtype=torch.float64)
+        cols = torch.repeat_interleave(torch.arange(25), (support.col_ptr[1:] - support.col_ptr[:-1]).long())
+        rebuilt[cols, support.row_idx.long()] = csc_values
+        assert torch.equal(rebuilt, dense.T)
+        lengths = (support.row_ptr[1:] - support.row_ptr[:-1])[support.row_order.long()]
+        assert bool((lengths[:-1] >= lengths[1:]).all()), "row_order: longest rows first"
+
+    def test_from_indices_sorts_and_returns_matching_values(self, generator):
+        rows = torch.tensor([3, 0, 2, 0])
+        cols = torch.tensor([1, 4, 0, 2])
+        values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        support, ordered = FixedSupport.from_indices(rows, cols, (4, 5), values)
+        assert support.col_idx.tolist() == [2, 4, 0, 1]
+        assert support.row_ptr.tolist() == [0, 2, 2, 3, 4]
+        assert ordered.tolist() == [4.0, 2.0, 3.0, 1.0]
+        dense = torch.zeros(4, 5)
+        dense[rows, cols] = values
+        assert torch.equal(support.to_dense(ordered), dense)
+        assert torch.equal(support.values_from_dense(dense), ordered)
+
+    def test_from_csr_round_trip(self, generator):
+        support = FixedSupport.random(30, 20, 0.3, generator=generator)
+        again = FixedSupport.from_csr(support.row_ptr, support.col_idx, support.shape)
+        for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr"):
+            assert torch.equal(getattr(again, name), getattr(support, name))
+
+    def test_index_dtype(self, generator):
+        assert FixedSupport.random(10, 10, 0.5, generator=generator).index_dtype == torch.int32
+        wide = FixedSupport.random(10, 10, 0.5, generator=generator, index_dtype=torch.int64)
+        assert all(getattr(wide, name).dtype == torch.int64 for name in ("row_ptr", "col_idx", "csc_to_csr"))
+        with pytest.raises(ValueError, match="index_dtype"):
+            FixedSupport.random(10, 10, 0.5, index_dtype=torch.int16)
+
+    def test_state_dict_round_trip_with_another_nnz(self, generator):
+        source = torch.nn.Module()
+        source.support = FixedSupport.random(12, 9, 0.3, generator=generator)
+        target = torch.nn.Module()
+        target.support = FixedSupport.random(5, 4, 0.5, generator=generator, index_dtype=torch.int64)
+        buffer = io.BytesIO()
+        torch.save(source.state_dict(), buffer)
+        buffer.seek(0)
+        target.load_state_dict(torch.load(buffer))
+        assert target.support.shape == (12, 9) and target.support.nnz == source.support.nnz
+        for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "row_order", "col_order"):
+            assert torch.equal(getattr(target.support, name), getattr(source.support, name)), name
+
+    def test_to_device_and_repr(self, generator):
+        support = FixedSupport.random(8, 6, 0.5, generator=generator)
+        assert support.to("cpu").device.type == "cpu"
+        assert "nnz=24" in repr(support)
+
+    # ---- bad input
+    def test_from_indices_rejects_out_of_range(self):
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 4\); got 4"):
+            FixedSupport.from_indices(torch.tensor([0, 4]), torch.tensor([0, 1]), (4, 5))
+        with pytest.raises(ValueError, match=r"cols must lie in \[0, 5\); got -1"):
+            FixedSupport.from_indices(torch.tensor([0, 1]), torch.tensor([-1, 1]), (4, 5))
+
+    def test_from_indices_rejects_duplicates(self):
+        with pytest.raises(ValueError, match=r"1 duplicate coordinate\(s\).*\(1, 2\)"):
+            FixedSupport.from_indices(torch.tensor([1, 0, 1]), torch.tensor([2, 0, 2]), (3, 3))
+
+    def test_from_indices_rejects_mismatched_lengths_and_types(self):
+        with pytest.raises(ValueError, match="rows has shape"):
+            FixedSupport.from_indices(torch.tensor([0, 1]), torch.tensor([0]), (3, 3))
+        with pytest.raises(ValueError, match="1-D integer tensor"):
+            FixedSupport.from_indices(torch.tensor([0.5]), torch.tensor([0]), (3, 3))
+        with pytest.raises(ValueError, match=r"values has shape \(3,\); expected \(nnz,\) = \(2,\)"):
+            FixedSupport.from_indices(torch.tensor([0, 1]), torch.tensor([0, 1]), (3, 3), torch.zeros(3))
+
+    def test_from_csr_rejects_unsorted_duplicate_and_bad_pointers(self):
+        with pytest.raises(ValueError, match="strictly increasing within each row.*row 0"):
+            FixedSupport.from_csr(torch.tensor([0, 2, 3]), torch.tensor([3, 1, 0]), (2, 4))
+        with pytest.raises(ValueError, match="strictly increasing"):
+            FixedSupport.from_csr(torch.tensor([0, 2, 2]), torch.tensor([1, 1]), (2, 4))
+        with pytest.raises(ValueError, match="non-decreasing"):
+            FixedSupport.from_csr(torch.tensor([0, 3, 2, 3]), torch.tensor([0, 1, 2]), (3, 4))
+        with pytest.raises(ValueError, match="end at nnz = 2"):
+            FixedSupport.from_csr(torch.tensor([0, 1, 3]), torch.tensor([0, 1]), (2, 4))
+        with pytest.raises(ValueError, match=r"expected out_features \+ 1 = 3"):
+            FixedSupport.from_csr(torch.tensor([0, 2]), torch.tensor([0, 1]), (2, 4))
+        with pytest.raises(ValueError, match=r"col_idx must lie in \[0, 4\); got 7"):
+            FixedSupport.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 7]), (2, 4))
+
+    def test_random_rejects_bad_density_and_shape(self):
+        with pytest.raises(ValueError, match=r"density must be in \[0, 1\]; got 1.5"):
+            FixedSupport.random(4, 4, 1.5)
+        with pytest.raises(ValueError, match="non-negative"):
+            FixedSupport.random(-1, 4, 0.5)
+
+
+# --------------------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_forward_matches_float64_reference(device, dtype, pattern, generator):
+    support = make_support(pattern, generator, device)
+    values = randn(support.nnz, dtype=dtype, device=device, generator=generator)
+    for batch_shape in BATCH_SHAPES:
+        x = randn(*batch_shape, support.in_features, dtype=dtype, device=device, generator=generator)
+        y = fixed_sparse_matmul(x, values, support)
+        assert y.shape == (*batch_shape, support.out_features) and y.dtype == dtype and y.device == x.device
+        expected = reference.fixed_sparse_matmul(x.double(), values.double(), support)
+        bound = summation_bound(products_abs_sum(x, values, support), expected, max_row_nnz(support), dtype)
+        assert_within(y, expected, bound, f"y {batch_shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_error_at_most_twice_torch(device, dtype, generator):
+    support = make_support((128, 512, 0.1), generator, device)
+    values = randn(support.nnz, dtype=dtype, device=device, generator=generator)
+    x = randn(64, 512, dtype=dtype, device=device, generator=generator)
+    expected = reference.fixed_sparse_matmul(x.double(), values.double(), support)
+    ours = (fixed_sparse_matmul(x, values, support).double() - expected).abs().max()
+    torch_same_dtype = (x @ support.to_dense(values).T).double()
+    theirs = (torch_same_dtype - expected).abs().max()
+    assert ours <= 2 * theirs, (ours.item(), theirs.item())
+
+
+def test_non_contiguous_inputs(device, generator):
+    support = make_support((45, 70, 0.15), generator, device)
+    values_storage = randn(2 * support.nnz, dtype=torch.float32, device=device, generator=generator)
+    values = values_storage[::2]  # strided values
+    wide = randn(33, 140, device=device, generator=generator)
+    transposed = randn(70, 21, device=device, generator=generator).T  # column-major x
+    for x in (wide[:, ::2], transposed, wide[::3, :70]):
+        assert not x.is_contiguous()
+        y = fixed_sparse_matmul(x, values, support)
+        expected = reference.fixed_sparse_matmul(x.double(), values.double(), support)
+        bound = summation_bound(products_abs_sum(x, values, support), expected, max_row_nnz(support), torch.float32)
+        assert_within(y, expected, bound, f"strides {x.stride()}")
+
+
+def test_empty_rows_and_columns(device, generator):
+    # Rows 0, 2, 5 and columns 1, 3 hold nothing: their outputs and gradients are exactly 0.
+    rows = torch.tensor([1, 1, 3, 4, 4, 4])
+    cols = torch.tensor([0, 2, 4, 0, 2, 5])
+    support = FixedSupport.from_indices(rows, cols, (6, 6)).to(device)
+    values = randn(6, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+    x = randn(20, 6, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+    y = fixed_sparse_matmul(x, values, support)
+    assert torch.equal(y[:, [0, 2, 5]], torch.zeros(20, 3, dtype=torch.float64, device=device))
+    y.sum().backward()
+    assert torch.equal(x.grad[:, [1, 3]], torch.zeros(20, 2, dtype=torch.float64, device=device))
+    expected = reference.fixed_sparse_matmul(x.detach(), values.detach(), support)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-13)
+
+
+def test_int64_indices_match_int32(device, generator):
+    pattern = (50, 64, 0.1)
+    narrow = make_support(pattern, torch.Generator().manual_seed(5), device)
+    wide = make_support(pattern, torch.Generator().manual_seed(5), device, index_dtype=torch.int64)
+    values = randn(narrow.nnz, device=device, generator=generator)
+    for rows in (2, 40):
+        x = randn(rows, 64, device=device, generator=generator)
+        assert torch.equal(fixed_sparse_matmul(x, values, narrow), fixed_sparse_matmul(x, values, wide))
+
+
+def test_spmv(device, generator):
+    support = make_support((80, 60, 0.1), generator, device)
+    values = randn(support.nnz, dtype=torch.float64, device=device, generator=generator)
+    v = randn(60, dtype=torch.float64, device=device, generator=generator)
+    expected = support.to_dense(values) @ v
+    torch.testing.assert_close(spmv(support, values, v), expected, rtol=1e-13, atol=1e-13)
+    block = randn(4, 60, dtype=torch.float64, device=device, generator=generator)
+    torch.testing.assert_close(spmv(support, values, block), block @ support.to_dense(values).T, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match=r"spmv: v has shape \(2, 3, 60\)"):
+        spmv(support, values, torch.zeros(2, 3, 60, dtype=torch.float64, device=device))
+
+
+# --------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_backward_matches_float64_reference(device, dtype, generator):
+    for pattern in [(37, 53, 0.2), (64, 200, 0.05), (20, 30, 0.0)]:
+        support = make_support(pattern, generator, device)
+        for batch_shape in [(2,), (41,), (3, 12), (0,)]:
+            values = randn(support.nnz, dtype=dtype, device=device, generator=generator).requires_grad_()
+            x = randn(*batch_shape, support.in_features, dtype=dtype, device=device, generator=generator).requires_grad_()
+            grad_y = randn(*batch_shape, support.out_features, dtype=dtype, device=device, generator=generator)
+            fixed_sparse_matmul(x, values, support).backward(grad_y)
+
+            dense = support.to_dense(values.detach().double())
+            g2 = grad_y.double().reshape(-1, support.out_features)
+            x2 = x.detach().double().reshape(-1, support.in_features)
+            expected_dx = (g2 @ dense).reshape(x.shape)
+            bound_dx = summation_bound(
+                (g2.abs() @ dense.abs()).reshape(x.shape), expected_dx, max_col_nnz(support), dtype
+            )
+            assert_within(x.grad, expected_dx, bound_dx, f"dx {pattern} {batch_shape}")
+
+            rows, cols = support.rows(), support.col_idx.long()
+            expected_dv = (g2.T @ x2)[rows, cols]
+            bound_dv = summation_bound((g2.abs().T @ x2.abs())[rows, cols], expected_dv, g2.shape[0], dtype)
+            assert_within(values.grad, expected_dv, bound_dv, f"dvalues {pattern} {batch_shape}")
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_gradcheck(device, rows, generator):
+    support = make_support((13, 17, 0.3), generator, device)
+    values = randn(support.nnz, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+    x = randn(rows, 17, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, v: fixed_sparse_matmul(x, v, support), (x, values))
+    batched = randn(2, rows, 17, dtype=torch.float64, device=device, generator=generator)[:, :, :].transpose(0, 1)
+    batched.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, v: fixed_sparse_matmul(x, v, support), (batched, values))
+
+
+def test_gradient_only_for_what_is_asked(device, generator):
+    support = make_support((10, 12, 0.4), generator, device)
+    values = randn(support.nnz, device=device, generator=generator).requires_grad_()
+    x = randn(6, 12, device=device, generator=generator)
+    fixed_sparse_matmul(x, values, support).sum().backward()
+    assert values.grad is not None and values.grad.shape == values.shape
+    frozen = values.detach()
+    x.requires_grad_()
+    fixed_sparse_matmul(x, frozen, support).sum().backward()
+    assert x.grad is not None and frozen.grad is None
+
+
+# --------------------------------------------------------------------------- op contracts
+def test_opcheck(device, generator):
+    support = make_support((19, 23, 0.25), generator, device)
+    values = randn(support.nnz, device=device, generator=generator)
+    for rows in (3, 20):
+        x = randn(rows, 23, device=device, generator=generator)
+        grad_y = randn(rows, 19, device=device, generator=generator)
+        torch.library.opcheck(
+            torch.ops.lowrank_ops.csr_spmm.default,
+            (support.row_ptr, support.col_idx, values, support.row_order, x, 19),
+        )
+        torch.library.opcheck(
+            torch.ops.lowrank_ops.csr_sddmm.default,
+            (support.row_ptr, support.col_idx, support.row_order, grad_y, x),
+        )
+
+
+def test_raw_ops_match_reference(device, generator):
+    support = make_support((31, 29, 0.2), generator, device)
+    values = randn(support.nnz, dtype=torch.float64, device=device, generator=generator)
+    x = randn(9, 29, dtype=torch.float64, device=device, generator=generator)
+    left = randn(9, 31, dtype=torch.float64, device=device, generator=generator)
+    out = torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, None, x, 31)
+    torch.testing.assert_close(out, reference.csr_spmm(support.row_ptr, support.col_idx, values, x, 31), rtol=1e-13, atol=1e-13)
+    dv = torch.ops.lowrank_ops.csr_sddmm(support.row_ptr, support.col_idx, None, left, x)
+    torch.testing.assert_close(dv, reference.csr_sddmm(support.row_ptr, support.col_idx, left, x), rtol=1e-13, atol=1e-13)
+
+
+class SparseLinear(torch.nn.Module):
+    """The smallest module using the op: y = x S^T + b with trainable values and bias."""
+
+    def __init__(self, in_features, out_features, density, generator):
+        super().__init__()
+        self.support = FixedSupport.random(out_features, in_features, density, generator=generator)
+        self.values = torch.nn.Parameter(torch.randn(self.support.nnz, generator=generator))
+        self.bias = torch.nn.Parameter(torch.randn(out_features, generator=generator))
+
+    def forward(self, x):
+        return fixed_sparse_matmul(x, self.values, self.support) + self.bias
+
+
+def test_torch_compile_fullgraph(device, generator):
+    model = SparseLinear(24, 16, 0.25, generator).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = randn(5, 7, 24, device=device, generator=generator).requires_grad_()
+    eager_y = model(x)
+    eager_y.square().sum().backward()
+    eager_grads = [x.grad.clone(), model.values.grad.clone(), model.bias.grad.clone()]
+    x.grad = None
+    model.zero_grad()
+    compiled_y = compiled(x)
+    compiled_y.square().sum().backward()
+    torch.testing.assert_close(compiled_y, eager_y)
+    for eager, now in zip(eager_grads, [x.grad, model.values.grad, model.bias.grad]):
+        torch.testing.assert_close(now, eager)
+
+
+def test_torch_compile_inductor(device, generator):
+    model = SparseLinear(24, 16, 0.25, generator).to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = randn(9, 24, device=device, generator=generator)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_errors_name_argument_expected_and_actual(device, generator):
+    support = make_support((8, 10, 0.5), generator, device)
+    values = randn(support.nnz, device=device, generator=generator)
+    x = randn(4, 10, device=device, generator=generator)
+    with pytest.raises(ValueError, match=r"x has shape \(4, 9\); expected \(\.\.\., in_features\) = \(\.\.\., 10\)"):
+        fixed_sparse_matmul(x[:, :9], values, support)
+    with pytest.raises(ValueError, match=rf"values has shape \({support.nnz - 1},\); expected \(nnz,\) = \({support.nnz},\)"):
+        fixed_sparse_matmul(x, values[:-1], support)
+    with pytest.raises(TypeError, match="values has dtype torch.float64; expected the dtype of x, torch.float32"):
+        fixed_sparse_matmul(x, values.double(), support)
+    with pytest.raises(TypeError, match="x has dtype torch.int64; expected one of float32"):
+        fixed_sparse_matmul(x.long(), values, support)
+    with pytest.raises(TypeError, match="support must be a lowrank_ops.sparse.FixedSupport"):
+        fixed_sparse_matmul(x, values, support.to_dense(values))
+    with pytest.raises(ValueError, match="values is on meta"):
+        fixed_sparse_matmul(x, values.to("meta"), support)
+    with pytest.raises(ValueError, match="support is on .*; expected the device of x, meta"):
+        fixed_sparse_matmul(x.to("meta"), values.to("meta"), support)
+
+
+def test_raw_op_rejects_bad_arguments(generator):
+    support = make_support((8, 10, 0.5), generator, "cpu")
+    values = randn(support.nnz, generator=generator)
+    x = randn(4, 10, generator=generator)
+    with pytest.raises(ValueError, match=r"row_ptr has shape \(9,\); expected \(n_rows \+ 1,\) = \(8,\)"):
+        torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, None, x, 7)
+    with pytest.raises(TypeError, match="col_idx has dtype torch.int64; expected the dtype of row_ptr"):
+        torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx.long(), values, None, x, 8)
+    with pytest.raises(ValueError, match=r"dense has shape \(10,\); expected 2-D"):
+        torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, None, x[0], 8)
+    with pytest.raises(ValueError, match="expected 2-D .* with the same batch"):
+        torch.ops.lowrank_ops.csr_sddmm(support.row_ptr, support.col_idx, None, randn(3, 8), x)
+
+
+def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(generator):
+    # Raw ops bypass FixedSupport's validation; out-of-range columns and row pointers
+    # must be skipped (clamped), never dereferenced.
+    row_ptr = torch.tensor([0, 2, 2, 9], dtype=torch.int32)  # last pointer past nnz = 4
+    col_idx = torch.tensor([1, 1_000_000, -5, 2], dtype=torch.int32)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    x = randn(20, 3, generator=generator)
+    out = torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, None, x, 3)
+    expected = torch.zeros(20, 3)
+    expected[:, 0] = x[:, 1]
+    expected[:, 2] = 4.0 * x[:, 2]
+    torch.testing.assert_close(out, expected)
+    left = randn(20, 3, generator=generator)
+    dv = torch.ops.lowrank_ops.csr_sddmm(row_ptr, col_idx, None, left, x)
+    assert dv[1].item() == 0 and dv[2].item() == 0
+    torch.testing.assert_close(dv[3], (left[:, 2] * x[:, 2]).sum())
+
+
+def test_cuda_tensor_on_cpu_only_build_names_the_fix(monkeypatch):
+    # Simulate a build without CUDA kernels and call the CUDA implementation.
+    from lowrank_ops import _extension
+    from lowrank_ops.ops import sparse as sparse_ops
+
+    class CpuOnlyBuild:
+        @staticmethod
+        def build_info():
+            return {"cuda_compiled": False}
+
+    monkeypatch.setattr(_extension, "_compiled", CpuOnlyBuild)
+    support = FixedSupport.random(4, 4, 0.5)
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels; rebuild with nvcc on PATH"):
+        sparse_ops._csr_spmm_cuda(support.row_ptr, support.col_idx, torch.ones(8), None, torch.ones(2, 4), 4)
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels"):
+        sparse_ops._csr_sddmm_cuda(support.row_ptr, support.col_idx, None, torch.ones(2, 4), torch.ones(2, 4))
+
+
+# --------------------------------------------------------------------------- CUDA specifics
+@pytest.mark.cuda
+def test_cuda_runs_on_the_current_stream(generator):
+    if not lowrank_ops.info()["cuda_available"]:
+        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+    support = make_support((256, 512, 0.05), generator, "cuda")
+    values = randn(support.nnz, device="cuda", generator=generator)
+    x = randn(300, 512, device="cuda", generator=generator)
+    expected = fixed_sparse_matmul(x, values, support)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(1_000_000)  # keep the stream busy: a kernel on the wrong stream would race ahead
+        y = fixed_sparse_matmul(x, values, support)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture(generator):
+    if not lowrank_ops.info()["cuda_available"]:
+        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+    support = make_support((128, 256, 0.05), generator, "cuda")
+    values = randn(support.nnz, device="cuda", generator=generator)
+    x = randn(64, 256, device="cuda", generator=generator)
+    expected = fixed_sparse_matmul(x, values, support)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fixed_sparse_matmul(x, values, support)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fixed_sparse_matmul(x, values, support)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)

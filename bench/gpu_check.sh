@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent GPU machine (DESIGN.md section 7), sized for < 8 minutes:
+#   1. build with the machine's own torch/nvcc (no package registry there),
+#   2. run the test suite (CUDA tests included),
+#   3. run compute-sanitizer memcheck on the CUDA tests,
+#   4. run the GPU benchmarks against the peers.
+# Every step's log goes under $OUT (default: ./gpu_check_out); a summary is printed at
+# the end and the exit code is non-zero if any step failed.
+# Dry run on a CPU machine: `OUT=/tmp/gpu bash bench/gpu_check.sh` (CUDA steps skip).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+failed=0
+
+step() {  # step NAME TIMEOUT_SECONDS COMMAND...
+  local name="$1" limit="$2"
+  shift 2
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$SUMMARY"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local status=$?
+  echo "    exit $status after $((SECONDS - start)) s (log: $name.log)" | tee -a "$SUMMARY"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    | /' | tee -a "$SUMMARY"
+  [ "$status" -eq 0 ] || failed=1
+  return "$status"
+}
+
+step machine 30 bash -c 'nvidia-smi; nvcc --version; python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"'
+step build 240 env LOWRANK_OPS_CUDA=AUTO CMAKE_BUILD_PARALLEL_LEVEL=16 pip install --no-build-isolation --no-deps -v . || {
+  echo "build failed: see $OUT/build.log" | tee -a "$SUMMARY"; exit 1; }
+step info 30 python -c "import json, lowrank_ops; print(json.dumps(lowrank_ops.info(), indent=1))"
+step tests 200 python -m pytest tests -q -ra -p no:cacheprovider
+if command -v compute-sanitizer > /dev/null && python -c "import lowrank_ops, sys; sys.exit(0 if lowrank_ops.info()['cuda_available'] else 1)"; then
+  # memcheck: out-of-bounds and misaligned accesses in our kernels; fails the check.
+  step memcheck 180 compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
+    python -m pytest tests/test_sparse.py -m cuda -q -x -p no:cacheprovider -k "not compile and not graph"
+else
+  echo "=== memcheck: skipped (no compute-sanitizer or no usable GPU)" | tee -a "$SUMMARY"
+fi
+step bench 240 python -m lowrank_ops.cli bench --full --device all --out "$OUT/bench"
+
+echo "=== done: $([ $failed -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" | tee -a "$SUMMARY"
+exit $failed

@@ -1,0 +1,95 @@
+"""The build and packaging contract (DESIGN.md section 3): what was compiled, import
+without a GPU, info() and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowrank_ops
+from lowrank_ops import _extension
+
+
+def nvcc_available() -> bool:
+    return shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
+
+
+def elf_section_names(path: str) -> set:
+    """Names of the sections of a 64-bit little-endian ELF file (enough for our .so)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "expected a 64-bit ELF shared object"
+    section_offset = struct.unpack_from("<Q", data, 0x28)[0]
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    names_header = section_offset + names_index * entry_size
+    names_offset = struct.unpack_from("<Q", data, names_header + 0x18)[0]
+    names = set()
+    for i in range(count):
+        name_offset = struct.unpack_from("<I", data, section_offset + i * entry_size)[0]
+        start = names_offset + name_offset
+        names.add(data[start : data.index(b"\0", start)].decode())
+    return names
+
+
+def test_extension_imports_and_reports():
+    assert _extension.import_error() is None
+    facts = lowrank_ops.info()
+    assert facts["extension_loaded"] and facts["version"] == lowrank_ops.__version__
+    assert facts["torch_version"] == torch.__version__
+    assert facts["cpu_threads"] == torch.get_num_threads()
+    if not torch.cuda.is_available():
+        assert facts["cuda_available"] is False and facts["devices"] == []
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc is not installed: CUDA kernels are not expected")
+@pytest.mark.skipif(os.environ.get("LOWRANK_OPS_CUDA", "AUTO").upper() == "OFF", reason="CUDA disabled by LOWRANK_OPS_CUDA=OFF")
+def test_cuda_kernels_compiled_whenever_nvcc_is_present():
+    facts = lowrank_ops.info()
+    assert facts["cuda_compiled"], "nvcc is on this machine but the CUDA kernels were not compiled"
+    archs = os.environ.get("LOWRANK_OPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    assert facts["cuda_archs"] == [f"sm_{arch}" for arch in archs]
+    # Device code really is in the module, not just a flag.
+    assert ".nv_fatbin" in elf_section_names(_extension.extension().__file__)
+
+
+def test_import_needs_no_gpu_or_driver():
+    # A fresh interpreter with every GPU hidden must import and report cleanly.
+    code = "import json, lowrank_ops; print(json.dumps(lowrank_ops.info()))"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts["cuda_available"] is False and facts["extension_loaded"] is True
+
+
+def test_import_does_not_change_torch_global_flags():
+    code = (
+        "import torch; before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, "
+        "torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()); import lowrank_ops; "
+        "after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, "
+        "torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()); assert before == after, (before, after)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_info(capsys):
+    from lowrank_ops.cli import main
+
+    assert main(["info", "--json"]) in (0, None)
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["version"] == lowrank_ops.__version__ and "cuda_compiled" in facts
+    assert main(["info"]) in (0, None)
+    assert "cuda_compiled" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    executable = shutil.which("lowrank-ops")
+    if executable is None:
+        pytest.skip("lowrank-ops is not on PATH (package not installed as a distribution)")
+    result = subprocess.run([executable, "info"], capture_output=True, text=True, check=True)
+    assert "version" in result.stdout

@@ -5,11 +5,14 @@ compiled (CPU kernels, CUDA kernels and their architectures) and what is usable 
 
 Public modules:
 
-* :mod:`lowrank_ops.ops`: differentiable ops (``fixed_sparse_matmul``, ``spmv``, ...)
+* :mod:`lowrank_ops.ops`: differentiable ops (``fixed_sparse_matmul``, ``spmv``,
+  ``sparse_lowrank_linear``, ...)
+* :mod:`lowrank_ops.nn`: modules (``SparseLowRankLinear``)
+* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``)
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import ops, reference, sparse
+from . import methods, nn, ops, reference, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "ops", "reference", "sparse"]
+__all__ = ["__version__", "info", "methods", "nn", "ops", "reference", "sparse"]

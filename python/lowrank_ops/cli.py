@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -98,11 +99,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
     with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
         raw_path = Path(tmp) / "pytest-benchmark.json"
+        machine_before, ours_before = _cpu_seconds(), os.times()
         code = _run_pytest(bench_dir, families, raw_path, args)
-        if not raw_path.exists():
-            _fail(f"pytest exited with status {code} and wrote no benchmark JSON")
-            return code or 1
-        raw = json.loads(raw_path.read_text())
+        machine["cpu_busy_others_during"] = _others_busy(machine_before, _cpu_seconds(), ours_before, os.times())
+        # pytest-benchmark leaves an empty file when no case was timed (all skipped/deselected).
+        text = raw_path.read_text() if raw_path.exists() else ""
+    if not text.strip():
+        print(f"\nno case was timed (pytest exit status {code}; cases skipped, deselected or failed)")
+        return code
+    raw = json.loads(text)
 
     records = records_from_pytest_json(raw)
     unsupported = raw.get("lowrank_ops", {}).get("unsupported", [])
@@ -120,6 +125,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(comparison)
 
+    _write_results(out_dir, args, families, machine, code, rows, records, unsupported, notes, comparison)
+    print(f"\nresults: {out_dir}")
+    if (machine["cpu_busy_others_during"] or 0.0) > 0.1:
+        print(
+            f"warning: other processes used {machine['cpu_busy_others_during']:.0%} of the CPU during the run; "
+            "CPU timings are skewed (rerun on a quiet machine before recording them)"
+        )
+    if code != 0:
+        print(f"lowrank-ops bench: pytest exited with status {code}", file=sys.stderr)
+    return code
+
+
+def _write_results(out_dir: Path, args, families, machine, code, rows, records, unsupported, notes, comparison) -> None:
+    """results.json (everything, for --compare and later analysis), results.md, <family>.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "schema": 1,
@@ -135,10 +154,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_plot:
         for family in families:
             plot_family(rows, family, out_dir / f"{family}.png", _machine_line(machine))
-    print(f"\nresults: {out_dir}")
-    if code != 0:
-        print(f"lowrank-ops bench: pytest exited with status {code}", file=sys.stderr)
-    return code
 
 
 def _run_pytest(bench_dir: Path, families: List[str], raw_path: Path, args: argparse.Namespace) -> int:
@@ -236,7 +251,7 @@ def _format_ms(ms: float) -> str:
     for limit, digits in ((100, 0), (10, 1), (1, 2)):
         if ms >= limit:
             return f"{ms:.{digits}f}"
-    return f"{ms:.3f}"
+    return f"{ms:.3g}"  # three significant digits down to microseconds
 
 
 def format_table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
@@ -313,26 +328,38 @@ def machine_info(bench_dir: Path, now: _datetime.datetime) -> Dict[str, Any]:
     }
 
 
-def _cpu_busy(seconds: float = 0.5) -> Optional[float]:
-    """Fraction of all cores busy over ``seconds`` (Linux ``/proc/stat``), None elsewhere.
-
-    Measured just before the run: other work on the machine skews CPU timings, and the
-    load average lags by a minute, so it would blame the previous run.
-    """
-
-    def sample():
-        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
+def _cpu_seconds() -> Optional[tuple]:
+    """(busy, total) CPU seconds of the whole machine so far, from Linux ``/proc/stat``."""
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
         return None
-    elapsed = total1 - total0
-    return round(1.0 - (idle1 - idle0) / elapsed, 2) if elapsed > 0 else None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields) - idle) / ticks, sum(fields) / ticks
+
+
+def _others_busy(machine_before, machine_after, ours_before, ours_after) -> Optional[float]:
+    """Fraction of all cores that processes other than the benchmark used during the run."""
+    if machine_before is None or machine_after is None or machine_after[1] <= machine_before[1]:
+        return None
+    ours = (ours_after.children_user + ours_after.children_system) - (ours_before.children_user + ours_before.children_system)
+    others = (machine_after[0] - machine_before[0]) - ours
+    return round(max(0.0, others / (machine_after[1] - machine_before[1])), 2)
+
+
+def _cpu_busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of all cores busy during the next ``seconds`` (None where unknown).
+
+    Taken just before the run: the load average lags by a minute and would blame the
+    previous run.
+    """
+    before = _cpu_seconds()
+    time.sleep(seconds)
+    after = _cpu_seconds()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 def _cpu_model() -> str:
@@ -359,7 +386,8 @@ def _machine_line(machine: Dict[str, Any]) -> str:
     return (
         f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads), {gpus}; "
         f"python {machine['python']}, torch {machine['torch']}, lowrank_ops {machine['lowrank_ops']}, "
-        f"git {sha}; {machine['timestamp']}, CPU busy before: {_percent(machine.get('cpu_busy_before'))}"
+        f"git {sha}; {machine['timestamp']}, CPU busy before: {_percent(machine.get('cpu_busy_before'))}, "
+        f"others during: {_percent(machine.get('cpu_busy_others_during'))}"
     )
 
 
@@ -410,7 +438,7 @@ def plot_family(rows: List[Dict[str, Any]], family: str, path: Path, subtitle: s
     axes.set_xlabel("peer time / ours time (> 1: ours faster; log scale)")
     for y, ratio in zip(positions, ratios):
         axes.text(ratio, y, f" {ratio:.2f}x ", va="center", ha="left" if ratio >= 1 else "right", fontsize=7)
-    axes.set_title(f"{family}: ours vs peers\n{subtitle}", fontsize=7)
+    axes.set_title("\n".join([f"{family}: ours vs peers"] + textwrap.wrap(subtitle, 120)), fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[peer]) for peer in peers]
     axes.legend(handles, peers, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path, dpi=120, bbox_inches="tight")  # "tight": keep the long case labels

@@ -261,9 +261,13 @@ class FixedSupport(torch.nn.Module):
         return self.col_idx.device
 
     def rows(self) -> torch.Tensor:
-        """Row index of every stored entry, ``[nnz]`` int64 (COO rows, CSR order)."""
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
-        return torch.repeat_interleave(torch.arange(self.out_features, device=self.device), counts)
+        """Row index of every stored entry, ``[nnz]`` int64 (COO rows, CSR order).
+
+        Found by binary search in the row pointers, so the output size is ``nnz``
+        without reading data (torch.compile traces it without a graph break).
+        """
+        entries = torch.arange(self.nnz, device=self.device, dtype=self.row_ptr.dtype)
+        return torch.searchsorted(self.row_ptr, entries, right=True).to(torch.int64) - 1
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
         """The ``[out_features, in_features]`` matrix with ``values`` ([nnz], CSR order) at the support."""

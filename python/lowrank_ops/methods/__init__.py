@@ -1,0 +1,4 @@
+"""Method modules built on the ops: one module per method (SLTrain, ...)."""
+from . import sltrain
+
+__all__ = ["sltrain"]

@@ -1,0 +1,119 @@
+"""SLTrain: replace a model's ``nn.Linear`` layers by sparse-plus-low-rank layers."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+
+from ..nn.sparse_lowrank import SparseLowRankLinear
+
+__all__ = ["convert", "ConversionReport", "count_parameters"]
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` replaced and the parameter counts before and after."""
+
+    replaced: List[str] = field(default_factory=list)
+    parameters_before: int = 0
+    parameters_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """``parameters_after / parameters_before``."""
+        return self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+
+    def __str__(self) -> str:
+        return (
+            f"SLTrain: replaced {len(self.replaced)} linear layer(s); trainable parameters "
+            f"{self.parameters_before:,} -> {self.parameters_after:,} ({100 * self.ratio:.1f}%)"
+        )
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+    if patterns is None:
+        return True
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def convert(
+    model: torch.nn.Module,
+    rank: Union[int, float],
+    density: float,
+    target_modules: Optional[Union[str, Iterable[str]]] = None,
+    *,
+    init: str = "random",
+    alpha: float = 8.0,
+    strategy: str = "auto",
+    generator: Optional[torch.Generator] = None,
+) -> ConversionReport:
+    """Replaces the matching ``nn.Linear`` layers of ``model`` in place by SLTrain layers.
+
+    Parameters
+    ----------
+    model : nn.Module
+    rank : int or float
+        The rank of every replaced layer; a float in ``(0, 1)`` is a fraction of
+        ``min(in, out)`` (rounded, at least 1).
+    density : float
+        Density of the sparse part.
+    target_modules : str or list of str, optional
+        Glob patterns matched against the full module name and its last component
+        (``"q_proj"``, ``"layers.*.mlp.*"``); default: every ``nn.Linear``.
+    init : {"random", "svd"}
+        ``"random"``: SLTrain's initialization for pretraining from scratch;
+        ``"svd"``: :meth:`SparseLowRankLinear.from_linear` (keeps the current function
+        as closely as the rank and density allow).
+    alpha, strategy, generator
+        Passed to :class:`SparseLowRankLinear`.
+
+    Returns
+    -------
+    ConversionReport
+        The replaced module names and the trainable parameter counts before and after.
+    """
+    if init not in ("random", "svd"):
+        raise ValueError(f"convert: init must be 'random' or 'svd'; got {init!r}")
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    patterns = list(target_modules) if target_modules is not None else None
+    report = ConversionReport(parameters_before=count_parameters(model))
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not isinstance(module, SparseLowRankLinear) and _matches(name, patterns)
+    ]
+    if patterns is not None and not targets:
+        raise ValueError(f"convert: no nn.Linear module matches target_modules={patterns}")
+    for name, linear in targets:
+        layer_rank = _resolve_rank(rank, linear, name)
+        if init == "svd":
+            layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
+                                                    strategy=strategy, generator=generator)
+        else:
+            layer = SparseLowRankLinear(
+                linear.in_features, linear.out_features, layer_rank, density, linear.bias is not None,
+                alpha=alpha, strategy=strategy, generator=generator,
+                device=linear.weight.device, dtype=linear.weight.dtype,
+            )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        report.replaced.append(name)
+    report.parameters_after = count_parameters(model)
+    return report
+
+
+def _resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str) -> int:
+    smallest = min(linear.in_features, linear.out_features)
+    if isinstance(rank, float) and 0.0 < rank < 1.0:
+        return max(1, round(rank * smallest))
+    if isinstance(rank, bool) or int(rank) != rank or not 1 <= int(rank) <= smallest:
+        raise ValueError(f"convert: rank for {name or 'model'} must be in [1, {smallest}] or a fraction in (0, 1); got {rank}")
+    return int(rank)

@@ -1,0 +1,4 @@
+"""``torch.nn`` modules built on lowrank_ops' ops."""
+from .sparse_lowrank import SparseLowRankLinear
+
+__all__ = ["SparseLowRankLinear"]

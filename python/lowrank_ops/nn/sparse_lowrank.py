@@ -1,0 +1,170 @@
+"""SLTrain's sparse-plus-low-rank linear layer."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
+from ..sparse import FixedSupport
+
+__all__ = ["SparseLowRankLinear"]
+
+
+class SparseLowRankLinear(torch.nn.Module):
+    """``y = x (scale * B A + S)^T + b`` with S on a fixed random support (SLTrain).
+
+    Trainable: ``lora_A [rank, in]``, ``lora_B [out, rank]``, ``values [nnz]`` (the
+    entries of S) and ``bias [out]``.  The support is a
+    :class:`~lowrank_ops.sparse.FixedSupport` submodule, saved with the state dict.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    rank : int
+        Rank of the low-rank part, ``1 <= rank <= min(in_features, out_features)``.
+    density : float
+        Fraction of entries of S that are stored, in ``(0, 1]``.
+    bias : bool
+    scale : float, optional
+        Multiplier of ``B A``; default ``alpha / rank``.
+    alpha : float
+        SLTrain's ``lora_alpha`` (its 1B and 7B runs use 8); ignored when ``scale`` is given.
+    strategy : {"auto", "sparse", "dense"}
+        Backward strategy, see :func:`lowrank_ops.ops.sparse_lowrank.sparse_lowrank_linear`.
+    generator : torch.Generator, optional
+        Makes the support and the initialization reproducible.
+    device, dtype : optional
+        Of the parameters.
+
+    Notes
+    -----
+    Initialization follows the SLTrain paper: ``A ~ U(-1/sqrt(in), 1/sqrt(in))``
+    (Kaiming-uniform with a = sqrt(5)), ``B = 0``, values ``~ U(-1/sqrt(in), 1/sqrt(in))``,
+    bias ``~ U(-1/sqrt(out), 1/sqrt(out))``; so at step 0 the layer is the sparse matrix.
+    Parameter count: ``rank (in + out) + nnz (+ out)`` instead of ``in out (+ out)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        density: float,
+        bias: bool = True,
+        *,
+        scale: Optional[float] = None,
+        alpha: float = 8.0,
+        strategy: str = "auto",
+        generator: Optional[torch.Generator] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        _check_config(in_features, out_features, rank, density, strategy)
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.scale = float(scale) if scale is not None else float(alpha) / self.rank
+        self.strategy = strategy
+        self.support = FixedSupport.random(out_features, in_features, density, generator=generator, device=device)
+        factory = {"device": device, "dtype": dtype}
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.values = torch.nn.Parameter(torch.empty(self.support.nnz, **factory))
+        self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """SLTrain's initialization (see the class notes)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            _uniform_(self.lora_A, bound, generator)
+            self.lora_B.zero_()
+            _uniform_(self.values, bound, generator)
+            if self.bias is not None:
+                _uniform_(self.bias, 1.0 / math.sqrt(self.out_features), generator)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: torch.nn.Linear,
+        rank: int,
+        density: float,
+        *,
+        scale: float = 1.0,
+        strategy: str = "auto",
+        generator: Optional[torch.Generator] = None,
+    ) -> "SparseLowRankLinear":
+        """Approximates a trained ``nn.Linear`` by ``scale B A + S``.
+
+        The low-rank part is the best rank-``rank`` approximation of the weight (a thin
+        SVD, split as ``B = U sqrt(s) / sqrt(scale)``, ``A = sqrt(s) V^T``); the sparse
+        values are the residual ``W - scale B A`` at a random support of the given
+        density.  Bias is copied.  Computed in float32 (float64 for float64 weights).
+        """
+        weight = linear.weight.detach()
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features, out_features, rank, density, linear.bias is not None, scale=scale, strategy=strategy,
+            generator=generator, device=weight.device, dtype=weight.dtype,
+        )
+        work = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        root = s[:rank].sqrt()
+        lora_B = u[:, :rank] * root / math.sqrt(layer.scale)
+        lora_A = root[:, None] * vh[:rank]
+        residual = work - layer.scale * (lora_B @ lora_A)
+        with torch.no_grad():
+            layer.lora_A.copy_(lora_A)
+            layer.lora_B.copy_(lora_B)
+            layer.values.copy_(layer.support.values_from_dense(residual))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_lowrank_linear(
+            x, self.lora_A, self.lora_B, self.values, self.support, self.bias, scale=self.scale, strategy=self.strategy
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight ``scale B A + S``, ``[out, in]``."""
+        with torch.no_grad():
+            return self.scale * (self.lora_B @ self.lora_A) + self.support.to_dense(self.values)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"density={self.support.density:.4g}, scale={self.scale:.4g}, bias={self.bias is not None}, "
+            f"strategy={self.strategy!r}"
+        )
+
+    # The support's shape changes nothing here, but scale, rank and strategy must
+    # travel with the state dict for a loaded layer to compute the same function.
+    def get_extra_state(self):
+        return {"scale": self.scale, "rank": self.rank, "strategy": self.strategy}
+
+    def set_extra_state(self, state) -> None:
+        self.scale, self.rank, self.strategy = float(state["scale"]), int(state["rank"]), state["strategy"]
+
+
+def _uniform_(tensor: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
+    if generator is None or generator.device == tensor.device:
+        tensor.uniform_(-bound, bound, generator=generator)
+    else:  # draw on the generator's device so a CPU generator also seeds CUDA layers
+        tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator))
+
+
+def _check_config(in_features, out_features, rank, density, strategy) -> None:
+    where = "SparseLowRankLinear"
+    if int(in_features) < 1 or int(out_features) < 1:
+        raise ValueError(f"{where}: in_features and out_features must be >= 1; got ({in_features}, {out_features})")
+    if not 1 <= int(rank) <= min(int(in_features), int(out_features)):
+        raise ValueError(
+            f"{where}: rank must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}]; "
+            f"got {rank}"
+        )
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"{where}: density must be in (0, 1]; got {density}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{where}: strategy must be one of {STRATEGIES}; got {strategy!r}")

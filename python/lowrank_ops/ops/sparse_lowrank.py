@@ -1,0 +1,211 @@
+"""Sparse-plus-low-rank linear (SLTrain): ``y = x (scale * B A + S)^T + b``.
+
+Two backward strategies (ALGORITHMS.md section 3):
+
+* ``"sparse"``: never forms a dense ``[out, in]`` matrix.  Forward
+  ``y = SpMM(x, S) + scale * (x A^T) B^T + b``; backward with ``u = x A^T`` (saved,
+  ``[N, r]``) and ``h = dy B``: ``dB = scale dy^T u``, ``dA = scale h^T x``,
+  ``dvalues = SDDMM(dy, x)`` at the support, ``dx = scale h A + dy S``.
+  Flops per step: ``6 N nnz`` (sparse) ``+ 8 N r (in + out)`` (low rank); memory beyond the
+  parameters: ``N r`` saved.
+* ``"dense"``: the paper's approach: materialize ``W = scale B A + S`` in forward and again
+  in backward, ``dx = dy W``, a dense ``dW = dy^T x``, then ``dB = scale dW A^T``,
+  ``dA = scale B^T dW``, ``dvalues = dW`` at the support.  Flops: ``6 N in out`` (dense
+  GEMMs) ``+ 6 r in out`` (rebuilding W twice and projecting dW); memory: two or three
+  ``[out, in]`` temporaries.
+
+``strategy="auto"`` picks per call with :func:`choose_strategy`; the rule and the
+measurements behind it are in that function's docstring.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._dtypes import float_code
+from ..sparse import FixedSupport
+from .sparse import _validate as _validate_sparse
+
+__all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
+
+STRATEGIES = ("auto", "sparse", "dense")
+
+# Densities at or above which materializing W is faster than the sparse kernels, per
+# device type (see choose_strategy).  CPU: measured in bench/bench_sparse_lowrank.py.
+# CUDA: not measured yet (no GPU run); cuBLAS's dense throughput is so far above a
+# gather-bound SpMM that the crossover is expected far lower, so until a GPU run sets
+# it, CUDA uses the memory-saving sparse path only at the very sparse end.
+_DENSE_FROM_DENSITY = {"cpu": 0.25, "cuda": 0.01}
+
+
+def choose_strategy(support: FixedSupport, device: torch.device) -> str:
+    """The faster backward strategy for a layer with this support on this device.
+
+    Rule: ``"dense"`` (materialize, as the paper) when ``support.density`` is at least
+    the device's crossover density, else ``"sparse"``.  Both strategies share the
+    low-rank GEMMs (about ``8 N r (in + out)`` flops), so the choice compares the
+    sparse kernels' ``6 N nnz`` flops at gather-bound speed against the dense path's
+    ``6 N in out`` flops at GEMM speed; their ratio depends on the density only (the
+    batch N cancels), and the crossover is where
+    ``density * dense_GEMM_rate / sparse_kernel_rate = 1``.
+
+    CPU crossover 0.25: measured at (out, in) = (1024, 2730) and (2048, 5461) with
+    N = 256 and 512, r = out / 4, float32, 2 cores (Xeon, AVX-512): the sparse strategy
+    is faster at densities 0.01 to 0.2 and the paper's dense one from about 0.3
+    (bench/results/ holds the run).  The sparse strategy also never allocates the
+    ``[out, in]`` temporaries, so ties go to it.
+    """
+    threshold = _DENSE_FROM_DENSITY.get(torch.device(device).type, 1.0)
+    return "dense" if support.density >= threshold else "sparse"
+
+
+def _flat_index(support: FixedSupport) -> torch.Tensor:
+    """Row-major position ``row * in + col`` of every stored entry, ``[nnz]`` int64."""
+    return support.rows() * support.in_features + support.col_idx.to(torch.int64)
+
+
+def _materialize(lora_A, lora_B, values, flat_index, scale: float) -> torch.Tensor:
+    """``W = scale B A + S`` as a dense ``[out, in]`` tensor."""
+    weight = torch.mm(lora_B, lora_A) if scale == 1.0 else torch.mm(lora_B, lora_A).mul_(scale)
+    weight.view(-1).index_add_(0, flat_index, values)
+    return weight
+
+
+class _SparseLowRankLinear(torch.autograd.Function):
+    """Autograd for ``y = x (scale B A + S)^T + b`` with x ``[N, in]``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, values, bias, scale, dense, row_ptr, col_idx, row_order, col_ptr, row_idx,
+                csc_to_csr, col_order, flat_index, n_rows, n_cols):
+        ctx.scale, ctx.dense, ctx.n_cols = scale, dense, n_cols
+        ctx.has_bias = bias is not None
+        if dense:
+            weight = _materialize(lora_A, lora_B, values, flat_index, scale)
+            y = torch.nn.functional.linear(x, weight, bias)
+            ctx.save_for_backward(x, lora_A, lora_B, values, flat_index)
+            return y
+        shrunk = x @ lora_A.T  # u = x A^T, [N, r]: saved, so backward does not recompute it
+        y = torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, row_order, x, n_rows)
+        y = torch.addmm(y, shrunk, lora_B.T, alpha=scale)
+        if bias is not None:
+            y = y.add_(bias)
+        ctx.save_for_backward(x, lora_A, lora_B, values, shrunk, row_ptr, col_idx, row_order, col_ptr, row_idx,
+                              csc_to_csr, col_order)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        need_x, need_A, need_B, need_values, need_bias = ctx.needs_input_grad[:5]
+        scale = ctx.scale
+        grad_x = grad_A = grad_B = grad_values = grad_bias = None
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_y.sum(0)
+        if ctx.dense:
+            x, lora_A, lora_B, values, flat_index = ctx.saved_tensors
+            if need_x:
+                weight = _materialize(lora_A, lora_B, values, flat_index, scale)
+                grad_x = grad_y @ weight
+                del weight
+            if need_A or need_B or need_values:
+                grad_weight = grad_y.T @ x  # the dense [out, in] weight gradient of the paper's code
+                if need_B:
+                    grad_B = torch.mm(grad_weight, lora_A.T).mul_(scale)
+                if need_A:
+                    grad_A = torch.mm(lora_B.T, grad_weight).mul_(scale)
+                if need_values:
+                    grad_values = grad_weight.view(-1).index_select(0, flat_index)
+            return grad_x, grad_A, grad_B, grad_values, grad_bias, *([None] * 12)
+
+        (x, lora_A, lora_B, values, shrunk, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr,
+         col_order) = ctx.saved_tensors
+        expanded_grad = grad_y @ lora_B if (need_x or need_A) else None  # h = dy B, [N, r]
+        if need_B:
+            grad_B = torch.mm(grad_y.T, shrunk).mul_(scale)
+        if need_A:
+            grad_A = torch.mm(expanded_grad.T, x).mul_(scale)
+        if need_values:
+            grad_values = torch.ops.lowrank_ops.csr_sddmm(row_ptr, col_idx, row_order, grad_y, x)
+        if need_x:
+            values_csc = values.index_select(0, csc_to_csr)
+            grad_x = torch.ops.lowrank_ops.csr_spmm(col_ptr, row_idx, values_csc, col_order, grad_y, ctx.n_cols)
+            grad_x = torch.addmm(grad_x, expanded_grad, lora_A, alpha=scale)
+        return grad_x, grad_A, grad_B, grad_values, grad_bias, *([None] * 12)
+
+
+def _validate(x, lora_A, lora_B, values, support, bias, scale, strategy) -> None:
+    op = "sparse_lowrank_linear"
+    _validate_sparse(op, x, values, support)
+    out_features, in_features = support.shape
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
+        float_code(tensor.dtype, op, name)
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected the dtype of x, {x.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}; expected the device of x, {x.device}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"{op}: lora_A has shape {tuple(lora_A.shape)}; expected (r, in_features) = (r, {in_features})")
+    rank = lora_A.shape[0]
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(
+            f"{op}: lora_B has shape {tuple(lora_B.shape)}; expected (out_features, r) = ({out_features}, {rank})"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (out_features,) = ({out_features},)")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{op}: scale must be a Python number; got {type(scale).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{op}: strategy must be one of {STRATEGIES}; got {strategy!r}")
+
+
+def sparse_lowrank_linear(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    values: torch.Tensor,
+    support: FixedSupport,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 1.0,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """``y = x (scale * B A + S)^T + b``, differentiable in x, A, B, values and bias.
+
+    Parameters
+    ----------
+    x : Tensor[..., in_features]
+        float32, float64, float16 or bfloat16.
+    lora_A : Tensor[r, in_features]
+    lora_B : Tensor[out_features, r]
+    values : Tensor[nnz]
+        Entries of the sparse part S, in ``support``'s CSR order.
+    support : FixedSupport
+        Pattern of S, ``[out_features, in_features]``, on x's device.
+    bias : Tensor[out_features], optional
+    scale : float
+        Multiplies the low-rank part (SLTrain: ``lora_alpha / r``).
+    strategy : {"auto", "sparse", "dense"}
+        ``"sparse"`` never forms a dense ``[out, in]`` matrix; ``"dense"`` materializes
+        ``W`` as the SLTrain paper's code; ``"auto"`` picks by :func:`choose_strategy`.
+
+    Returns
+    -------
+    Tensor[..., out_features]
+        Same dtype as x (all parameters must share it).
+    """
+    _validate(x, lora_A, lora_B, values, support, bias, scale, strategy)
+    if strategy == "auto":
+        strategy = choose_strategy(support, x.device)
+    dense = strategy == "dense"
+    batch_shape = x.shape[:-1]
+    y = _SparseLowRankLinear.apply(
+        x.reshape(-1, support.in_features), lora_A, lora_B, values, bias, float(scale), dense,
+        support.row_ptr, support.col_idx, support.row_order,
+        support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
+        _flat_index(support) if dense else None,
+        support.out_features, support.in_features,
+    )
+    return y.reshape(*batch_shape, support.out_features)

@@ -98,7 +98,7 @@ class SparseLowRankLinear(torch.nn.Module):
         """Approximates a trained ``nn.Linear`` by ``scale B A + S``.
 
         The low-rank part is the best rank-``rank`` approximation of the weight (a thin
-        SVD, split as ``B = U sqrt(s) / sqrt(scale)``, ``A = sqrt(s) V^T``); the sparse
+        SVD, split evenly as ``B = U sqrt(s / scale)``, ``A = sqrt(s / scale) V^T``); the sparse
         values are the residual ``W - scale B A`` at a random support of the given
         density.  Bias is copied.  Computed in float32 (float64 for float64 weights).
         """
@@ -110,8 +110,8 @@ class SparseLowRankLinear(torch.nn.Module):
         )
         work = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
-        root = s[:rank].sqrt()
-        lora_B = u[:, :rank] * root / math.sqrt(layer.scale)
+        root = (s[:rank] / layer.scale).sqrt()  # scale * B A = U_k diag(s_k) V_k^T, split evenly
+        lora_B = u[:, :rank] * root
         lora_A = root[:, None] * vh[:rank]
         residual = work - layer.scale * (lora_B @ lora_A)
         with torch.no_grad():

@@ -10,8 +10,9 @@ them without knowing the family:
   reference, times it, and records ``benchmark.extra_info`` with the keys listed in
   :data:`EXTRA_INFO_KEYS`;
 * a peer that cannot run the case (an op torch does not implement for that dtype or
-  device, ...) calls :func:`unsupported`, which skips the case and records why; the
-  conftest adds those records to the pytest-benchmark JSON under ``"lowrank_ops"``.
+  device, ...) raises in its build or first call; :func:`measure` then skips the case and
+  records why (:func:`unsupported`); the conftest adds those records to the
+  pytest-benchmark JSON under ``"lowrank_ops"``, where the CLI shows them.
 
 Nothing here touches CUDA at import or collection time: device checks happen inside
 the test body (:func:`require_device`).
@@ -22,7 +23,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ EXTRA_INFO_KEYS = ("family", "op", "shape", "dtype", "impl", "device", "max_erro
 
 #: Time each case for about this long (seconds), within [MIN_ROUNDS, MAX_ROUNDS] rounds.
 TIME_BUDGET_S = 2.0 if FULL else 0.4
-MIN_ROUNDS = 3
+MIN_ROUNDS = 5
 MAX_ROUNDS = 1000
 
 #: Peers that could not run a case, as dicts (family, op, shape, dtype, device, impl, reason).

@@ -3,7 +3,7 @@
 Ops: ``fixed_sparse_matmul`` forward (``y = x S^T``), forward+backward (plus ``dx`` and
 ``dvalues``) and ``spmv`` (``S v``).  Peers on the same inputs:
 
-* ``torch_csr``: torch's sparse CSR tensor, ``(S @ x.T).T``; for the backward S is a
+* ``torch_csr``: torch's sparse CSR tensor (same index arrays), ``(S @ x.T).T``; for the backward S is a
   CSR leaf that requires grad (torch returns its grad as a dense ``[out, in]`` tensor on
   CPU, recorded as a note);
 * ``dense``: ``x @ W.T`` with ``W = support.to_dense(values)`` built once, outside the
@@ -107,8 +107,10 @@ def _torch_csr(inp: Inputs, values: torch.Tensor, requires_grad: bool = False) -
     support = inp.support
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta", invariant checks
+        # The support's own index dtype (int32 when it fits): torch's int32 CSR kernels are the
+        # faster ones (SpMV about 2.5x faster than with int64 indices on a 2-core Xeon), so the peer is its best.
         return torch.sparse_csr_tensor(
-            support.row_ptr.long(), support.col_idx.long(), values, support.shape, requires_grad=requires_grad
+            support.row_ptr, support.col_idx, values, support.shape, requires_grad=requires_grad
         )
 
 

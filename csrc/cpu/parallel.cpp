@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -14,6 +15,19 @@ namespace lowrank_ops {
 namespace {
 
 thread_local bool in_parallel_region = false;
+
+// How long an idle worker polls for the next region before sleeping.  Waking a
+// sleeping thread costs tens of microseconds on virtual machines, as much as a whole
+// SpMV; back-to-back calls (solver iterations) arrive well within this window.
+constexpr auto kSpinWindow = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
 
 class ThreadPool {
  public:
@@ -33,20 +47,22 @@ class ThreadPool {
     if (!busy.owns_lock()) return false;
     const int helpers = n_threads - 1;
     grow(helpers);
+    fn_ = &fn;
+    n_tasks_ = n_tasks;
+    // One task per thread: a fixed task -> thread map, so repeated calls on the same
+    // data find their part in the same core's cache (as OpenMP's static schedule).
+    static_schedule_ = n_tasks == n_threads;
+    next_task_.store(static_schedule_ ? n_tasks : 0, std::memory_order_relaxed);
+    wanted_ = helpers;
+    pending_.store(helpers, std::memory_order_relaxed);
+    error_ = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      fn_ = &fn;
-      n_tasks_ = n_tasks;
-      next_task_.store(0);
-      wanted_ = helpers;
-      pending_ = helpers;
-      error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     work_cv_.notify_all();
-    work();
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    work(0);
+    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
     return true;
@@ -63,47 +79,67 @@ class ThreadPool {
     }
   }
 
+  uint64_t wait_for_region(uint64_t seen) {
+    const auto deadline = std::chrono::steady_clock::now() + kSpinWindow;
+    for (int spins = 0;; ++spins) {
+      const uint64_t now = generation_.load(std::memory_order_acquire);
+      if (now != seen) return now;
+      if ((spins & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+      cpu_relax();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    work_cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+    return generation_.load(std::memory_order_acquire);
+  }
+
   void worker_loop(int index) {
     in_parallel_region = true;
     uint64_t seen = 0;
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        work_cv_.wait(lock, [&] { return generation_ != seen && index < wanted_; });
-        seen = generation_;
-      }
-      work();
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      seen = wait_for_region(seen);
+      if (index >= wanted_) continue;  // this region needs fewer threads
+      work(index + 1);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
-  void work() {
+  // Runs the participant's share: its own task under the static schedule, else tasks
+  // claimed one at a time.
+  void work(int participant) {
     const bool was_nested = in_parallel_region;
     in_parallel_region = true;
-    for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1)) {
-      try {
-        (*fn_)(task);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!error_) error_ = std::current_exception();
-        next_task_.store(n_tasks_);  // stop handing out work
-      }
+    if (static_schedule_) {
+      run_task(participant);
+    } else {
+      for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1)) run_task(task);
     }
     in_parallel_region = was_nested;
   }
 
+  void run_task(int64_t task) {
+    try {
+      (*fn_)(task);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_task_.store(n_tasks_);  // stop handing out work
+    }
+  }
+
   const pid_t owner_pid_;
-  std::mutex busy_;
-  std::mutex mutex_;
-  std::condition_variable work_cv_, done_cv_;
+  std::mutex busy_;   // one region at a time
+  std::mutex mutex_;  // guards sleeping and error_
+  std::condition_variable work_cv_;
   std::vector<std::thread> workers_;
+  // Written by the caller before the generation bump (release), read by workers after
+  // they observe it (acquire).
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_tasks_ = 0;
-  std::atomic<int64_t> next_task_{0};
+  bool static_schedule_ = false;
   int wanted_ = 0;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<int64_t> next_task_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> generation_{0};
   std::exception_ptr error_;
 };
 

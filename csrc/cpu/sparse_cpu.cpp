@@ -156,6 +156,32 @@ LOWRANK_CPU_CLONES void spmm_rows_tile(const I* row_ptr, const I* col_idx, const
   }
 }
 
+// sum_k values[k] * x[col_idx[k] * stride] over [k_begin, k_end), the SpMV inner loop.
+// kWays partial sums: independent multiply-add chains (one running sum is bound by FMA
+// latency) and a smaller rounding error.  Scalar on purpose: a branch-free version
+// with AVX-512 gathers measured slower (280 vs 230 us at 2048 x 5461, density 0.03).
+template <class T, class I>
+LOWRANK_CPU_CLONES acc_t<T> gathered_dot(const I* col_idx, const T* values, const T* x, int64_t stride,
+                                         int64_t n_cols, int64_t k_begin, int64_t k_end) {
+  using A = acc_t<T>;
+  constexpr int kWays = 16;
+  A partial[kWays] = {};
+  int64_t k = k_begin;
+  for (; k + kWays <= k_end; k += kWays) {
+    for (int s = 0; s < kWays; ++s) {
+      const uint64_t c = static_cast<uint64_t>(col_idx[k + s]);
+      if (c < static_cast<uint64_t>(n_cols)) partial[s] += to_acc(values[k + s]) * to_acc(x[c * stride]);
+    }
+  }
+  for (int s = 0; k < k_end; ++k, ++s) {
+    const uint64_t c = static_cast<uint64_t>(col_idx[k]);
+    if (c < static_cast<uint64_t>(n_cols)) partial[s] += to_acc(values[k]) * to_acc(x[c * stride]);
+  }
+  A sum[4];
+  for (int s = 0; s < 4; ++s) sum[s] = (partial[s] + partial[s + 4]) + (partial[s + 8] + partial[s + 12]);
+  return (sum[0] + sum[2]) + (sum[1] + sum[3]);
+}
+
 template <class T, class I>
 void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
   using A = acc_t<T>;
@@ -169,18 +195,13 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
 
   if (p.batch < kSmallBatch) {
     // SpMV-like: each output is one gathered dot product; parallel over row blocks.
-    const auto bounds = balanced_row_blocks(row_ptr, p.n_rows, p.nnz, 4 * threads);
+    const auto bounds = balanced_row_blocks(row_ptr, p.n_rows, p.nnz, threads);
     parallel_for(static_cast<int64_t>(bounds.size()) - 1, threads, [&](int64_t block) {
       for (int64_t r = bounds[block]; r < bounds[block + 1]; ++r) {
         const int64_t k_begin = clamped(row_ptr[r], p.nnz), k_end = clamped(row_ptr[r + 1], p.nnz);
         for (int64_t b = 0; b < p.batch; ++b) {
-          const T* x = dense + b * p.dense_stride_b;
-          A acc = 0;
-          for (int64_t k = k_begin; k < k_end; ++k) {
-            const uint64_t c = static_cast<uint64_t>(col_idx[k]);
-            if (c >= static_cast<uint64_t>(p.n_cols)) continue;
-            acc += to_acc(values[k]) * to_acc(x[c * p.dense_stride_c]);
-          }
+          const A acc = gathered_dot(col_idx, values, dense + b * p.dense_stride_b, p.dense_stride_c, p.n_cols,
+                                     k_begin, k_end);
           out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc);
         }
       }

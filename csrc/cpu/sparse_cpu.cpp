@@ -194,7 +194,9 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
   const int threads = work < kSerialWork ? 1 : num_threads;
 
   if (p.batch < kSmallBatch) {
-    // SpMV-like: each output is one gathered dot product; parallel over row blocks.
+    // SpMV-like: each output is one gathered dot product.  One row block per thread,
+    // always the same block for the same thread, so repeated products (solver
+    // iterations) find their slice of the pattern in that core's cache.
     const auto bounds = balanced_row_blocks(row_ptr, p.n_rows, p.nnz, threads);
     parallel_for(static_cast<int64_t>(bounds.size()) - 1, threads, [&](int64_t block) {
       for (int64_t r = bounds[block]; r < bounds[block + 1]; ++r) {
@@ -235,7 +237,6 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
   });
 }
 
-// acc[k - k_begin] += <left_packed[r], dense_packed[col(k)]> over one tile, rows [r_begin, r_end).
 template <class A>
 inline A horizontal_sum(Vec<A> v) {
   A sum = 0;

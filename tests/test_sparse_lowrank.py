@@ -118,10 +118,14 @@ def test_strategies_agree_and_auto_follows_the_rule(device, generator):
     ]
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(outputs[2], outputs[0], rtol=1e-12, atol=1e-12)
-    sparse_support = FixedSupport.random(10, 10, 0.01)
-    dense_support = FixedSupport.random(10, 10, 0.9)
-    assert choose_strategy(sparse_support, torch.device(device)) == "sparse"
-    assert choose_strategy(dense_support, torch.device(device)) == "dense"
+    # The measured CPU rule: dense from density 0.2 * (1 + r/N - r/in - r/out).
+    sltrain_support = FixedSupport.random(100, 300, 0.03)
+    dense_support = FixedSupport.random(100, 300, 0.6)
+    assert choose_strategy(sltrain_support, 25, 256, torch.device("cpu")) == "sparse"
+    assert choose_strategy(dense_support, 25, 256, torch.device("cpu")) == "dense"
+    assert choose_strategy(FixedSupport.random(100, 300, 0.3), 25, 4096, torch.device("cpu")) == "dense"
+    assert choose_strategy(FixedSupport.random(100, 300, 0.3), 100, 10, torch.device("cpu")) == "sparse"
+    assert choose_strategy(dense_support, 25, 0, torch.device("cpu")) == "sparse"
 
 
 def test_opcheck_at_sltrain_shapes(device, generator):

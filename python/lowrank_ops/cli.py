@@ -206,10 +206,14 @@ def comparison_rows(records: List[Dict[str, Any]], unsupported: List[Dict[str, A
                 ratio=None, ours_error=ours.get("max_error") if ours else None,
                 peer_error=peer.get("max_error") if peer else None,
                 ours_gflops=None, ours_gbps=None,
+                ours_mem_mb=ours.get("peak_mem_MB") if ours else None,
+                peer_mem_mb=peer.get("peak_mem_MB") if peer else None, mem_ratio=None,
                 unsupported=peer.get("reason") if peer and peer.get("unsupported") else None,
             )
             if row["ours_ms"] and row["peer_ms"]:
                 row["ratio"] = row["peer_ms"] / row["ours_ms"]
+            if row["ours_mem_mb"] and row["peer_mem_mb"] is not None:
+                row["mem_ratio"] = row["peer_mem_mb"] / row["ours_mem_mb"]
             if row["ours_ms"]:
                 row["ours_gflops"] = ours["flops"] / (row["ours_ms"] * 1e-3) / 1e9
                 row["ours_gbps"] = ours["bytes"] / (row["ours_ms"] * 1e-3) / 1e9
@@ -228,6 +232,13 @@ _COLUMNS = (
     ("ours_ms", "ours ms"), ("peer", "peer"), ("peer_ms", "peer ms"), ("ratio", "ratio"),
     ("ours_error", "err ours"), ("peer_error", "err peer"), ("ours_gflops", "GFLOP/s"), ("ours_gbps", "GB/s"),
 )
+# Shown only when some suite recorded peak memory (extra_info "peak_mem_MB").
+_MEMORY_COLUMNS = (("ours_mem_mb", "ours MB"), ("peer_mem_mb", "peer MB"), ("mem_ratio", "mem ratio"))
+
+
+def _columns(rows: List[Dict[str, Any]]):
+    has_memory = any(row.get("ours_mem_mb") is not None for row in rows)
+    return _COLUMNS + (_MEMORY_COLUMNS if has_memory else ())
 
 
 def _cell(row: Dict[str, Any], key: str) -> str:
@@ -242,8 +253,10 @@ def _cell(row: Dict[str, Any], key: str) -> str:
         return f"{value:.2f}x"
     if key in ("ours_error", "peer_error"):
         return f"{value:.1e}"
-    if key in ("ours_gflops", "ours_gbps"):
+    if key in ("ours_gflops", "ours_gbps", "ours_mem_mb", "peer_mem_mb"):
         return f"{value:.1f}"
+    if key == "mem_ratio":
+        return f"{value:.2f}x"
     return str(value)
 
 
@@ -256,13 +269,14 @@ def _format_ms(ms: float) -> str:
 
 def format_table(rows: List[Dict[str, Any]], markdown: bool = False) -> str:
     """The comparison rows as an aligned text table, or a markdown table."""
-    header = [title for _, title in _COLUMNS]
-    body = [[_cell(row, key) for key, _ in _COLUMNS] for row in rows]
+    columns = _columns(rows)
+    header = [title for _, title in columns]
+    body = [[_cell(row, key) for key, _ in columns] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
     widths = [max(len(cells[i]) for cells in [header] + body) for i in range(len(header))]
-    numeric = {i for i, (key, _) in enumerate(_COLUMNS) if key.endswith(("_ms", "ratio", "_error", "_gflops", "_gbps"))}
+    numeric = {i for i, (key, _) in enumerate(columns) if key.endswith(("_ms", "ratio", "_error", "_gflops", "_gbps", "_mb"))}
 
     def line(cells):
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -400,7 +414,8 @@ def _markdown(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, c
         "# lowrank_ops benchmark results", "", _machine_line(machine), "",
         "ours/peer ms: median wall time of one call; ratio = peer / ours (> 1: ours faster); "
         "err: max abs error / max abs of the float64 reference; GFLOP/s, GB/s: ours, on the op's "
-        "useful flops and compulsory bytes (see bench/README.md).", "",
+        "useful flops and compulsory bytes (see bench/README.md); ours/peer MB (suites that record it): "
+        "peak extra memory of one call, mem ratio = peer / ours (> 1: ours uses less).", "",
         format_table(rows, markdown=True), "",
     ]
     if notes:

@@ -6,7 +6,7 @@ Two backward strategies (ALGORITHMS.md section 3):
   ``y = SpMM(x, S) + scale * (x A^T) B^T + b``; backward with ``u = x A^T`` (saved,
   ``[N, r]``) and ``h = dy B``: ``dB = scale dy^T u``, ``dA = scale h^T x``,
   ``dvalues = SDDMM(dy, x)`` at the support, ``dx = scale h A + dy S``.
-  Flops per step: ``6 N nnz`` (sparse) ``+ 8 N r (in + out)`` (low rank); memory beyond the
+  Flops per step: ``6 N nnz`` (sparse) ``+ 6 N r (in + out)`` (low rank); memory beyond the
   parameters: ``N r`` saved.
 * ``"dense"``: the paper's approach: materialize ``W = scale B A + S`` in forward and again
   in backward, ``dx = dy W``, a dense ``dW = dy^T x``, then ``dB = scale dW A^T``,
@@ -31,32 +31,40 @@ __all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "sparse", "dense")
 
-# Densities at or above which materializing W is faster than the sparse kernels, per
-# device type (see choose_strategy).  CPU: measured in bench/bench_sparse_lowrank.py.
-# CUDA: not measured yet (no GPU run); cuBLAS's dense throughput is so far above a
-# gather-bound SpMM that the crossover is expected far lower, so until a GPU run sets
-# it, CUDA uses the memory-saving sparse path only at the very sparse end.
-_DENSE_FROM_DENSITY = {"cpu": 0.25, "cuda": 0.01}
+# Crossover constant k of choose_strategy's rule, per device type; None: always sparse.
+# CPU: measured (see choose_strategy).  CUDA: not measured yet (no GPU run so far), so
+# the memory-saving sparse strategy is used until bench/gpu_check.sh's sweep sets it.
+_CROSSOVER_K = {"cpu": 0.2, "cuda": None}
 
 
-def choose_strategy(support: FixedSupport, device: torch.device) -> str:
-    """The faster backward strategy for a layer with this support on this device.
+def choose_strategy(support: FixedSupport, rank: int, n_rows: int, device) -> str:
+    """The faster backward strategy for one call: ``"sparse"`` or ``"dense"``.
 
-    Rule: ``"dense"`` (materialize, as the paper) when ``support.density`` is at least
-    the device's crossover density, else ``"sparse"``.  Both strategies share the
-    low-rank GEMMs (about ``8 N r (in + out)`` flops), so the choice compares the
-    sparse kernels' ``6 N nnz`` flops at gather-bound speed against the dense path's
-    ``6 N in out`` flops at GEMM speed; their ratio depends on the density only (the
-    batch N cancels), and the crossover is where
-    ``density * dense_GEMM_rate / sparse_kernel_rate = 1``.
+    Rule: ``"dense"`` (materialize, as the paper) when
 
-    CPU crossover 0.25: measured at (out, in) = (1024, 2730) and (2048, 5461) with
-    N = 256 and 512, r = out / 4, float32, 2 cores (Xeon, AVX-512): the sparse strategy
-    is faster at densities 0.01 to 0.2 and the paper's dense one from about 0.3
-    (bench/results/ holds the run).  The sparse strategy also never allocates the
-    ``[out, in]`` temporaries, so ties go to it.
+        density >= k * (1 + r / N - r / in - r / out)
+
+    with k per device type, else ``"sparse"``.  Why this shape: both strategies do the
+    low-rank GEMMs; the sparse one adds ``6 N nnz`` flops of gather-bound kernels, the
+    dense one ``6 N in out`` flops of fast GEMMs plus about ``r in out`` flops for
+    rebuilding ``W`` and projecting ``dW``, a cost that does not shrink with N.  Dividing
+    by ``N in out`` gives ``density * s >= g * (1 + r / N ...)`` with s, g the two
+    per-flop costs, i.e. a density threshold that rises for small batches and large
+    ranks.
+
+    CPU, k = 0.2: fitted to fwd+bwd sweeps (bench/bench_sparse_lowrank.py,
+    op ``strategy_sweep``; float32, 2-core Xeon with AVX-512) at (out, in) = (1024, 2730),
+    r = 256, N = 256 / 512 / 1024 / 4096 (measured crossovers 0.45, 0.24, 0.15-0.2, 0.10),
+    r = 64, N = 256 (0.28), and (2048, 5461), r = 512, N = 1024 (0.24); every point lies
+    within the run-to-run noise (about 10 %) of the rule.  At SLTrain's densities
+    (0.03-0.05) the sparse strategy is chosen at every N measured; it also never
+    allocates ``[out, in]`` temporaries.
     """
-    threshold = _DENSE_FROM_DENSITY.get(torch.device(device).type, 1.0)
+    k = _CROSSOVER_K.get(torch.device(device).type)
+    if k is None or n_rows == 0:
+        return "sparse"
+    out_features, in_features = support.shape
+    threshold = k * (1 + rank / n_rows - rank / in_features - rank / out_features)
     return "dense" if support.density >= threshold else "sparse"
 
 
@@ -66,8 +74,8 @@ def _flat_index(support: FixedSupport) -> torch.Tensor:
 
 
 def _materialize(lora_A, lora_B, values, flat_index, scale: float) -> torch.Tensor:
-    """``W = scale B A + S`` as a dense ``[out, in]`` tensor."""
-    weight = torch.mm(lora_B, lora_A) if scale == 1.0 else torch.mm(lora_B, lora_A).mul_(scale)
+    """``W = scale B A + S`` as a dense ``[out, in]`` tensor (scaling the small A, not W)."""
+    weight = torch.mm(lora_B, lora_A if scale == 1.0 else lora_A * scale)
     weight.view(-1).index_add_(0, flat_index, values)
     return weight
 
@@ -87,7 +95,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
             return y
         shrunk = x @ lora_A.T  # u = x A^T, [N, r]: saved, so backward does not recompute it
         y = torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, row_order, x, n_rows)
-        y = torch.addmm(y, shrunk, lora_B.T, alpha=scale)
+        y.addmm_(shrunk, lora_B.T, alpha=scale)  # in place: no second [N, out] temporary
         if bias is not None:
             y = y.add_(bias)
         ctx.save_for_backward(x, lora_A, lora_B, values, shrunk, row_ptr, col_idx, row_order, col_ptr, row_idx,
@@ -130,7 +138,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
         if need_x:
             values_csc = values.index_select(0, csc_to_csr)
             grad_x = torch.ops.lowrank_ops.csr_spmm(col_ptr, row_idx, values_csc, col_order, grad_y, ctx.n_cols)
-            grad_x = torch.addmm(grad_x, expanded_grad, lora_A, alpha=scale)
+            grad_x.addmm_(expanded_grad, lora_A, alpha=scale)
         return grad_x, grad_A, grad_B, grad_values, grad_bias, *([None] * 12)
 
 
@@ -198,7 +206,7 @@ def sparse_lowrank_linear(
     """
     _validate(x, lora_A, lora_B, values, support, bias, scale, strategy)
     if strategy == "auto":
-        strategy = choose_strategy(support, x.device)
+        strategy = choose_strategy(support, lora_A.shape[0], x.numel() // max(support.in_features, 1), x.device)
     dense = strategy == "dense"
     batch_shape = x.shape[:-1]
     y = _SparseLowRankLinear.apply(

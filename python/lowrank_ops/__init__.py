@@ -12,7 +12,7 @@ Public modules:
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import methods, nn, ops, reference, sparse
+from . import linalg, methods, nn, ops, reference, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "methods", "nn", "ops", "reference", "sparse"]
+__all__ = ["__version__", "info", "linalg", "methods", "nn", "ops", "reference", "sparse"]

@@ -9,10 +9,13 @@ Public modules:
   ``sparse_lowrank_linear``, ...)
 * :mod:`lowrank_ops.nn`: modules (``SparseLowRankLinear``)
 * :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``)
+* :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
+  ``effective_rank``
+* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import linalg, methods, nn, ops, reference, sparse
+from . import linalg, methods, nn, ops, optim, reference, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "linalg", "methods", "nn", "ops", "reference", "sparse"]
+__all__ = ["__version__", "info", "linalg", "methods", "nn", "ops", "optim", "reference", "sparse"]

@@ -1,0 +1,274 @@
+"""Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015) and a
+cheap estimate of the approximation error.
+
+Algorithm (ALGORITHMS.md section 4), on the tall orientation ``M`` of ``A`` (``A`` itself
+when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
+
+* subspace iteration: ``Q = orth(M Omega)``; ``n_iter`` times ``Z = orth(M^T Q)``,
+  ``Q = orth(M Z)``; then ``B = Q^T M``, ``(Ub, S, Vh) = svd(B)``, ``U = Q Ub``.
+* block Krylov: ``Q = orth([Y_0, Y_1, ..., Y_q])`` with ``Y_0 = orth(M Omega)``,
+  ``Y_i = orth(M (M^T Y_(i-1)))``, then the same Rayleigh-Ritz step; more accurate per
+  pass, ``(q + 1) l`` columns.
+
+Orthonormalization inside the iterations is CholeskyQR2 with a shifted pre-pass
+(``"cholqr2"``, GEMM-only), Householder QR (``"qr"``) or LU with partial pivoting
+(``"lu"``, as scikit-learn: cheapest, not orthonormal but well conditioned); the final
+basis always uses Householder QR so that ``U`` is orthonormal even for rank-deficient
+``A``.  Flops: ``2 m n l (2 n_iter + 2)`` for the products with A (the dominant term) plus
+``O((m + n) l^2)`` for orthonormalization and the small SVD.
+
+No host synchronization happens unless asked (``check_finite`` on CUDA): sizes are
+static and every decision is made from shapes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .qr import cholesky_qr2
+from .svd_backward import thin_svd_backward
+
+__all__ = ["rsvd", "lowrank_error", "RSVDResult"]
+
+_METHODS = ("subspace", "block_krylov")
+_ORTHONORMALIZERS = ("cholqr2", "qr", "lu")
+
+
+class RSVDResult(NamedTuple):
+    """``A ~= U diag(S) Vh`` with ``U [..., m, k]``, ``S [..., k]`` (descending), ``Vh [..., k, n]``."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+def _orthonormalize(Y: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "cholqr2":
+        return cholesky_qr2(Y)[0]
+    if how == "lu":
+        P, L, _ = torch.linalg.lu(Y)
+        return P @ L
+    return torch.linalg.qr(Y).Q
+
+
+def _range_basis(M, l, n_iter, method, how, init, generator, transposed):
+    """Orthonormal ``[..., p, l']`` basis approximating the range of ``M [..., p, q]``."""
+    p, q = M.shape[-2:]
+    batch = M.shape[:-2]
+    if init is not None and not transposed:
+        # init approximates range(A) = range(M): start from it, plus fresh directions.
+        start = init.to(M.dtype)
+        extra = l - start.shape[-1]
+        blocks = [start]
+        if extra > 0:
+            omega = torch.randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
+            blocks.append(M @ omega)
+        Y = torch.cat(blocks, dim=-1)[..., :l]
+    else:
+        if init is not None:  # range(A) is M's row space here: use it as the test matrix
+            omega = init.to(M.dtype)
+            extra = l - omega.shape[-1]
+            if extra > 0:
+                fresh = torch.randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
+                omega = torch.cat([omega, fresh], dim=-1)
+            omega = omega[..., :l]
+        else:
+            omega = torch.randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
+        Y = M @ omega
+    Mt = M.transpose(-2, -1)
+    if method == "block_krylov":
+        blocks = [_orthonormalize(Y, how)]
+        for _ in range(n_iter):
+            blocks.append(_orthonormalize(M @ (Mt @ blocks[-1]), how))
+        return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q
+    Q = Y
+    for _ in range(n_iter):
+        Q = _orthonormalize(Q, how)
+        Z = _orthonormalize(Mt @ Q, how)
+        Q = M @ Z
+    return torch.linalg.qr(Q).Q
+
+
+class _RSVDFunction(torch.autograd.Function):
+    """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh)."""
+
+    @staticmethod
+    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv):
+        U, S, Vh = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator)
+        ctx.save_for_backward(U, S, Vh)
+        ctx.input_dtype = A.dtype
+        ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)))
+        return U, S, Vh
+
+    @staticmethod
+    def backward(ctx, grad_U, grad_S, grad_Vh):
+        U, S, Vh = ctx.saved_tensors
+        grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
+        return grad_A.to(ctx.input_dtype), *([None] * 8)
+
+
+def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator):
+    work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
+    m, n = work.shape[-2:]
+    transposed = m < n
+    M = work.transpose(-2, -1) if transposed else work
+    l = min(rank + oversample, min(m, n))
+    Q = _range_basis(M, l, n_iter, method, how, init, generator, transposed)
+    B = Q.transpose(-2, -1) @ M
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    U = Q @ Ub[..., :, :rank]
+    S, Vh = S[..., :rank], Vh[..., :rank, :]
+    if transposed:
+        U, Vh = Vh.transpose(-2, -1), U.transpose(-2, -1)
+    return U.contiguous(), S.contiguous(), Vh.contiguous()
+
+
+def rsvd(
+    A: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 10,
+    n_iter: Union[int, str] = "auto",
+    method: str = "subspace",
+    orthonormalize: str = "cholqr2",
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    compute_uv: bool = True,
+    check_finite: Optional[bool] = None,
+):
+    """Randomized truncated SVD: the top ``rank`` singular triplets of ``A``.
+
+    Parameters
+    ----------
+    A : Tensor[..., m, n]
+        float32, float64, float16 or bfloat16 (half types are computed in float32 and
+        the factors returned in float32).  Leading dimensions are a batch.
+    rank : int
+        Number of singular triplets, ``1 <= rank <= min(m, n)``.
+    oversample : int
+        Extra random directions ``p`` (Halko et al.: 5-10); the sketch has
+        ``min(rank + oversample, min(m, n))`` columns.
+    n_iter : int or "auto"
+        Power (subspace) iterations or Krylov blocks beyond the first; ``"auto"`` is
+        scikit-learn's rule: 7 when ``rank < 0.1 min(m, n)``, else 4; 1 with ``init``.
+    method : {"subspace", "block_krylov"}
+    orthonormalize : {"cholqr2", "qr", "lu"}
+        Orthonormalization inside the iterations (see the module docstring).
+    init : Tensor[..., m, j], optional
+        A previous basis of A's column space (e.g. the ``U`` of the last call): the
+        iteration starts from it (warm start, as GaLore's projector refreshes), padded
+        with random directions when ``j < rank + oversample``.
+    generator : torch.Generator, optional
+        Source of the random test matrix, on A's device: same generator state, same
+        result.
+    compute_uv : bool
+        False returns ``S`` alone (its gradient is ``U diag(gS) Vh``, stable for
+        repeated and zero singular values).
+    check_finite : bool, optional
+        Raise ``ValueError`` on NaN/inf in A.  Default: True on CPU, False on CUDA (the
+        check synchronizes with the host).
+
+    Returns
+    -------
+    RSVDResult (U, S, Vh) or Tensor[..., rank]
+        Factors with ``U [..., m, rank]`` and ``Vh [..., rank, n]`` orthonormal, ``S``
+        descending.  Differentiable: the thin-SVD backward on the returned factors
+        (exact when A has rank <= ``rank``).
+    """
+    _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite)
+    m, n = A.shape[-2:]
+    if n_iter == "auto":
+        n_iter = 1 if init is not None else (7 if rank < 0.1 * min(m, n) else 4)
+    U, S, Vh = _RSVDFunction.apply(A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv)
+    return RSVDResult(U, S, Vh) if compute_uv else S
+
+
+def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite) -> None:
+    op = "rsvd"
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
+    if A.dim() < 2:
+        raise ValueError(f"{op}: A has shape {tuple(A.shape)}; expected [..., m, n] with at least 2 dimensions")
+    if A.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: A has dtype {A.dtype}; expected float32, float64, float16 or bfloat16")
+    m, n = A.shape[-2:]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        raise ValueError(f"{op}: rank must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"{op}: oversample must be an int >= 0; got {oversample!r}")
+    if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
+        raise ValueError(f"{op}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
+    if method not in _METHODS:
+        raise ValueError(f"{op}: method must be one of {_METHODS}; got {method!r}")
+    if orthonormalize not in _ORTHONORMALIZERS:
+        raise ValueError(f"{op}: orthonormalize must be one of {_ORTHONORMALIZERS}; got {orthonormalize!r}")
+    if init is not None:
+        expected = A.shape[:-1]
+        if not isinstance(init, torch.Tensor) or init.dim() != A.dim() or init.shape[:-1] != expected:
+            got = tuple(init.shape) if isinstance(init, torch.Tensor) else type(init).__name__
+            raise ValueError(f"{op}: init has shape {got}; expected [..., m, j] = {tuple(expected)} + (j,)")
+        if init.device != A.device:
+            raise ValueError(f"{op}: init is on {init.device}; expected the device of A, {A.device}")
+    if check_finite is None:
+        check_finite = A.device.type == "cpu"
+    if check_finite and A.numel() and not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{op}: A contains NaN or infinite values")
+
+
+def lowrank_error(
+    A: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    *,
+    n_probes: int = 8,
+    norm: str = "fro",
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Estimate of ``||A - U diag(S) Vh||`` from a few random probes, without forming it.
+
+    Parameters
+    ----------
+    A : Tensor[..., m, n]; U : Tensor[..., m, k]; S : Tensor[..., k]; Vh : Tensor[..., k, n]
+    n_probes : int
+        ``"fro"``: Gaussian probes ``w``, ``||E||_F^2 = E ||E w||^2`` (Hutchinson), relative
+        standard deviation about ``sqrt(2 / n_probes)`` at worst, much less when many
+        singular values of E matter.  ``"2"``: power iterations on ``E^T E`` (a lower
+        bound that converges to ``||E||_2``).
+    norm : {"fro", "2"}
+    generator : torch.Generator, optional
+
+    Returns
+    -------
+    Tensor[...]
+        The estimate per matrix of the batch, in A's dtype (float32 for half types); no
+        host synchronization.  Cost: ``4 m n n_probes`` flops.
+    """
+    if norm not in ("fro", "2"):
+        raise ValueError(f"lowrank_error: norm must be 'fro' or '2'; got {norm!r}")
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"lowrank_error: n_probes must be an int >= 1; got {n_probes!r}")
+    work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
+    U, S, Vh = (t.to(work.dtype) for t in (U, S, Vh))
+    m, n = work.shape[-2:]
+    if U.shape[-2] != m or Vh.shape[-1] != n or U.shape[-1] != S.shape[-1] or Vh.shape[-2] != S.shape[-1]:
+        raise ValueError(
+            f"lowrank_error: U {tuple(U.shape)}, S {tuple(S.shape)}, Vh {tuple(Vh.shape)} do not factor "
+            f"A of shape {tuple(A.shape)}"
+        )
+
+    def apply_error(w):  # E w = A w - U (S * (Vh w))
+        return work @ w - U @ (S.unsqueeze(-1) * (Vh @ w))
+
+    def apply_error_t(w):  # E^T w
+        return work.transpose(-2, -1) @ w - Vh.transpose(-2, -1) @ (S.unsqueeze(-1) * (U.transpose(-2, -1) @ w))
+
+    probes = torch.randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
+    if norm == "fro":
+        return apply_error(probes).square().sum((-2, -1)).div(n_probes).sqrt()
+    w = probes[..., :1]
+    for _ in range(n_probes):
+        w = apply_error_t(apply_error(w))
+        w = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
+    return apply_error(w).norm(dim=(-2, -1))

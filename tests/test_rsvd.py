@@ -1,0 +1,250 @@
+"""Randomized SVD, CholeskyQR2, the error estimate and the effective rank.
+
+Matrices are built with prescribed spectra (A = U diag(s) V^T from random orthonormal
+factors), so the optimal rank-k error ``sqrt(sum_{i>k} s_i^2)`` and the true singular
+values are known exactly.  The accuracy bars are ALGORITHMS.md section 4's.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowrank_ops.linalg import cholesky_qr2, effective_rank, lowrank_error, rsvd
+
+
+def spectrum(kind: str, k: int) -> torch.Tensor:
+    i = torch.arange(1, k + 1, dtype=torch.float64)
+    return {
+        "decay1": i.reciprocal(),
+        "decay2": i.pow(-2),
+        "flat": torch.ones(k, dtype=torch.float64),
+        "rank10": torch.where(i <= 10, i.reciprocal(), torch.zeros_like(i)),
+        "zero": torch.zeros(k, dtype=torch.float64),
+    }[kind]
+
+
+def with_spectrum(m: int, n: int, s: torch.Tensor, generator, batch=()) -> torch.Tensor:
+    k = s.shape[-1]
+    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=generator, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=generator, dtype=torch.float64)).Q
+    return (U * s) @ V.transpose(-2, -1)
+
+
+def optimal_error(s: torch.Tensor, k: int) -> torch.Tensor:
+    return s[..., k:].square().sum(-1).sqrt()
+
+
+def assert_orthonormal(Q: torch.Tensor, tol: float) -> None:
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    assert (Q.transpose(-2, -1) @ Q - eye).abs().max().item() <= tol
+
+
+@pytest.fixture(scope="module")
+def decaying_2048():
+    generator = torch.Generator().manual_seed(2048)
+    return {kind: (with_spectrum(2048, 2048, spectrum(kind, 2048), generator), spectrum(kind, 2048))
+            for kind in ("decay1", "decay2")}
+
+
+# --------------------------------------------------------------------------- accuracy bars
+@pytest.mark.parametrize("kind", ["decay1", "decay2"])
+@pytest.mark.parametrize("method", ["subspace", "block_krylov"])
+def test_accuracy_bar_at_2048(decaying_2048, kind, method):
+    A, s = decaying_2048[kind]
+    k = 64
+    U, S, Vh = rsvd(A, k, method=method, generator=torch.Generator().manual_seed(0))
+    ratio = torch.linalg.norm(A - (U * S) @ Vh) / optimal_error(s, k)
+    assert ratio <= 1.01, ratio.item()
+    top = slice(0, k // 2)
+    assert ((S[top] - s[top]).abs() / s[top]).max() <= 1e-3
+    assert_orthonormal(U, 1e-12)
+    assert_orthonormal(Vh.T, 1e-12)
+
+
+@pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_orthonormalizers_and_dtypes_meet_the_bar(orthonormalize, dtype, generator):
+    s = spectrum("decay2", 300)
+    A = with_spectrum(400, 300, s, generator).to(dtype)
+    k = 20
+    U, S, Vh = rsvd(A, k, orthonormalize=orthonormalize, generator=torch.Generator().manual_seed(1))
+    assert U.dtype == dtype and S.dtype == dtype
+    exact = A.double()
+    ratio = torch.linalg.norm(exact - (U.double() * S.double()) @ Vh.double()) / optimal_error(s, k)
+    # float32: the inputs carry ~u ||A|| of rounding, 1e-3 of the optimal error here.
+    assert ratio <= 1.01, ratio.item()
+    assert_orthonormal(U.double(), 1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_accumulate_in_float32(dtype, generator):
+    s = spectrum("decay1", 200)
+    A = with_spectrum(256, 200, s, generator).to(dtype)
+    U, S, Vh = rsvd(A, 10, generator=torch.Generator().manual_seed(2))
+    assert U.dtype == torch.float32
+    # Against the exact SVD of the rounded input: the float32 work must not add error.
+    rounded = A.double()
+    best = torch.linalg.svdvals(rounded)
+    ratio = torch.linalg.norm(rounded - (U.double() * S.double()) @ Vh.double()) / best[10:].square().sum().sqrt()
+    assert ratio <= 1.01, ratio.item()
+
+
+def test_flat_spectrum_is_reported_not_hidden(generator):
+    # Every rank-k subspace is optimal for a flat spectrum: the error ratio is 1, and the
+    # singular values are exact; rsvd must not fail or produce garbage here.
+    s = spectrum("flat", 120)
+    A = with_spectrum(150, 120, s, generator)
+    U, S, Vh = rsvd(A, 12, generator=torch.Generator().manual_seed(3))
+    ratio = torch.linalg.norm(A - (U * S) @ Vh) / optimal_error(s, 12)
+    assert ratio <= 1.0 + 1e-12
+    assert (S - 1).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("kind", ["rank10", "zero"])
+def test_rank_deficient_and_zero_inputs_give_orthonormal_finite_factors(kind, generator):
+    s = spectrum(kind, 80)
+    A = with_spectrum(100, 80, s, generator)
+    U, S, Vh = rsvd(A, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert_orthonormal(U, 1e-10)
+    torch.testing.assert_close(S, s[:16], rtol=0, atol=1e-12)
+    torch.testing.assert_close((U * S) @ Vh, A, rtol=0, atol=1e-12)
+
+
+def test_wide_batched_and_non_contiguous_inputs(generator):
+    s = spectrum("decay2", 40)
+    tall = with_spectrum(90, 40, s, generator, batch=(2, 3))  # [2, 3, 90, 40]
+    wide = tall.transpose(-2, -1)  # non-contiguous, [2, 3, 40, 90]
+    assert not wide.is_contiguous()
+    U, S, Vh = rsvd(wide, 8, generator=torch.Generator().manual_seed(5))
+    assert U.shape == (2, 3, 40, 8) and S.shape == (2, 3, 8) and Vh.shape == (2, 3, 8, 90)
+    for index in [(0, 0), (1, 2)]:
+        ratio = torch.linalg.norm(wide[index] - (U[index] * S[index]) @ Vh[index]) / optimal_error(s, 8)
+        assert ratio <= 1.01
+        torch.testing.assert_close(S[index], s[:8], rtol=1e-10, atol=0)
+
+
+def test_generator_makes_results_deterministic(generator):
+    A = with_spectrum(120, 100, spectrum("decay1", 100), generator)
+    first = rsvd(A, 10, generator=torch.Generator().manual_seed(9))
+    again = rsvd(A, 10, generator=torch.Generator().manual_seed(9))
+    other = rsvd(A, 10, n_iter=0, generator=torch.Generator().manual_seed(10))
+    same = rsvd(A, 10, n_iter=0, generator=torch.Generator().manual_seed(9))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(other.U, same.U)
+
+
+def test_warm_start_needs_one_pass(generator):
+    s = spectrum("decay1", 200)
+    A = with_spectrum(300, 200, s, generator)
+    previous = rsvd(A, 16, generator=torch.Generator().manual_seed(6))
+    drifted = A + 1e-3 * torch.randn(A.shape, generator=generator, dtype=A.dtype)
+    cold = rsvd(drifted, 16, n_iter=0, generator=torch.Generator().manual_seed(7))
+    warm = rsvd(drifted, 16, n_iter=1, init=previous.U, generator=torch.Generator().manual_seed(7))
+    best = torch.linalg.svdvals(drifted)[16:].square().sum().sqrt()
+    warm_ratio = torch.linalg.norm(drifted - (warm.U * warm.S) @ warm.Vh) / best
+    cold_ratio = torch.linalg.norm(drifted - (cold.U * cold.S) @ cold.Vh) / best
+    assert warm_ratio <= 1.01 and warm_ratio < cold_ratio
+    wide = rsvd(drifted.T, 16, n_iter=1, init=previous.Vh.T, generator=torch.Generator().manual_seed(7))
+    assert torch.linalg.norm(drifted.T - (wide.U * wide.S) @ wide.Vh) / best <= 1.01
+
+
+# --------------------------------------------------------------------------- autograd
+def test_gradcheck_on_exactly_low_rank_input(generator):
+    left = torch.randn(9, 3, generator=generator, dtype=torch.float64)
+    right = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    A = (left @ right).requires_grad_()
+
+    def loss(A):
+        U, S, Vh = rsvd(A, 3, n_iter=2, generator=torch.Generator().manual_seed(0))
+        # Gauge-invariant functions of the factors: values, projectors.
+        return S.sin().sum() + (U @ U.T).square().sum() * 0.1 + (Vh.T @ Vh)[0].sum()
+
+    assert torch.autograd.gradcheck(loss, (A,))
+
+
+def test_singular_values_gradient_has_no_nan_for_repeated_or_zero_values():
+    for A in (torch.eye(6, dtype=torch.float64), torch.zeros(6, 5, dtype=torch.float64)):
+        A = A.clone().requires_grad_()
+        S = rsvd(A, 4, compute_uv=False, generator=torch.Generator().manual_seed(0))
+        S.sum().backward()
+        assert torch.isfinite(A.grad).all()
+    # d sum(S) / dA = U V^T for distinct singular values.
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)).requires_grad_()
+    rsvd(A, 3, compute_uv=False, generator=torch.Generator().manual_seed(0)).sum().backward()
+    torch.testing.assert_close(A.grad, torch.eye(3, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- helpers
+def test_lowrank_error_estimates(generator):
+    s = spectrum("decay1", 150)
+    A = with_spectrum(200, 150, s, generator)
+    U, S, Vh = rsvd(A, 15, generator=torch.Generator().manual_seed(1))
+    true_fro = torch.linalg.norm(A - (U * S) @ Vh)
+    estimate = lowrank_error(A, U, S, Vh, n_probes=64, generator=torch.Generator().manual_seed(2))
+    # The error spreads over ~135 singular values, so 64 probes estimate it to a few %.
+    assert abs(estimate / true_fro - 1) <= 0.1
+    true_two = torch.linalg.matrix_norm(A - (U * S) @ Vh, ord=2)
+    two = lowrank_error(A, U, S, Vh, n_probes=30, norm="2", generator=torch.Generator().manual_seed(3))
+    assert two <= true_two * (1 + 1e-10) and two >= 0.9 * true_two
+    batched = lowrank_error(A.expand(3, -1, -1), U.expand(3, -1, -1), S.expand(3, -1), Vh.expand(3, -1, -1))
+    assert batched.shape == (3,)
+
+
+@pytest.mark.parametrize("dtype,condition,tol", [(torch.float64, 1e12, 1e-14), (torch.float32, 1e4, 2e-6)], ids=str)
+def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, tol, generator):
+    s = torch.logspace(0, -math.log10(condition), 30, dtype=torch.float64)
+    Y = with_spectrum(500, 30, s, generator).to(dtype)
+    Q, R = cholesky_qr2(Y)
+    assert_orthonormal(Q.double(), tol)
+    assert torch.equal(R, torch.triu(R))
+    assert (Q.double() @ R.double() - Y.double()).abs().max() <= 10 * tol * Y.double().abs().max()
+    Q2, _ = cholesky_qr2(Y[:, :5].contiguous(), shift=False)
+    assert_orthonormal(Q2.double(), tol)
+
+
+def test_effective_rank(generator):
+    isotropic = torch.linalg.qr(torch.randn(200, 8, generator=generator, dtype=torch.float64)).Q * 3.0
+    assert effective_rank(isotropic).item() == pytest.approx(8.0, rel=1e-5)
+    assert effective_rank(torch.zeros(10, 4, dtype=torch.float64)).item() == pytest.approx(1.0, rel=1e-5)
+    Z = torch.randn(2, 50, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    values = effective_rank(Z)
+    s = torch.linalg.svdvals(Z.detach())
+    p = s / s.sum(-1, keepdim=True) + 1e-7
+    torch.testing.assert_close(values.detach(), torch.exp(-(p * p.log()).sum(-1)))
+    values.sum().backward()
+    assert torch.isfinite(Z.grad).all()
+    assert effective_rank(torch.randn(40, 5, generator=generator).bfloat16()).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_errors():
+    A = torch.randn(20, 10)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 0"):
+        rsvd(A, 0)
+    with pytest.raises(ValueError, match=r"= \[1, 10\]; got 11"):
+        rsvd(A, 11)
+    with pytest.raises(ValueError, match="A contains NaN or infinite values"):
+        rsvd(torch.full((5, 5), float("nan")), 2)
+    with pytest.raises(ValueError, match=r"A has shape \(10,\); expected \[\.\.\., m, n\]"):
+        rsvd(torch.randn(10), 1)
+    with pytest.raises(TypeError, match="A has dtype torch.int64"):
+        rsvd(torch.ones(4, 4, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        rsvd(A, 2, method="lanczos")
+    with pytest.raises(ValueError, match="orthonormalize must be one of"):
+        rsvd(A, 2, orthonormalize="gram_schmidt")
+    with pytest.raises(ValueError, match=r"init has shape \(10, 3\); expected \[\.\.\., m, j\] = \(20,\) \+ \(j,\)"):
+        rsvd(A, 2, init=torch.randn(10, 3))
+    with pytest.raises(ValueError, match="n_iter must be 'auto' or an int >= 0"):
+        rsvd(A, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="expected a tall block"):
+        cholesky_qr2(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="norm must be 'fro' or '2'"):
+        lowrank_error(A, *rsvd(A, 2), norm="nuc")
+    with pytest.raises(ValueError, match="do not factor"):
+        U, S, Vh = rsvd(A, 2)
+        lowrank_error(A, U[:5], S, Vh)

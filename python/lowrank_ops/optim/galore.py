@@ -195,11 +195,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # Projectors are plain objects: store their matrices as tensors so the state
         # dict is torch.save-able and loadable without pickling our classes.
         state = super().state_dict()
+        # The packed entries are the live state dicts: copy before editing.
+        state["state"] = {key: dict(entry) for key, entry in state["state"].items()}
         for entry in state["state"].values():
             projector = entry.pop("projector", None)
             if projector is not None:
                 entry["projector_matrix"] = projector.matrix
-                entry["projector_side"] = projector.side
+                # A bool, not the side string: Optimizer.load_state_dict rebuilds
+                # iterables element by element and would mangle a str.
+                entry["projector_left"] = projector.side == "left"
         return state
 
     def load_state_dict(self, state_dict):
@@ -213,7 +217,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         group["rsvd_n_iter"], group["rsvd_oversample"], self.generator,
                     )
                     projector.matrix = entry.pop("projector_matrix")
-                    projector.side = entry.pop("projector_side")
+                    projector.side = "left" if entry.pop("projector_left") else "right"
                     entry["projector"] = projector
 
 

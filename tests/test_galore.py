@@ -1,0 +1,124 @@
+"""GaLoreAdamW: parity with the reference implementation (galore-torch) in its full-SVD
+setting, the rsvd refresh, plain AdamW for vectors, state dict, bad input."""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+from lowrank_ops.optim import GaLoreAdamW
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 20), torch.nn.Tanh(), torch.nn.Linear(20, 8)
+    )
+
+
+def galore_groups(model, **extra):
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    vectors = [p for p in model.parameters() if p.dim() == 1]
+    return [{"params": vectors}, {"params": matrices, "rank": 6, "update_proj_gap": 5, "scale": 0.25, **extra}]
+
+
+def train(model, optimizer, steps: int, generator) -> list:
+    X = torch.randn(64, 32, generator=generator)
+    Y = torch.randn(64, 8, generator=generator)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = (model(X) - Y).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+def test_full_svd_setting_matches_galore_torch(proj_type):
+    galore_torch = pytest.importorskip("galore_torch")
+    ours_model, ref_model = make_model(), make_model()
+    ours = GaLoreAdamW(galore_groups(ours_model, proj_type=proj_type), lr=1e-2, weight_decay=0.01, svd="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # galore-torch's AdamW deprecation notice
+        ref = galore_torch.GaLoreAdamW(galore_groups(ref_model, proj_type=proj_type), lr=1e-2, weight_decay=0.01)
+    # 23 steps with update_proj_gap = 5: five projector refreshes.
+    train(ours_model, ours, 23, torch.Generator().manual_seed(1))
+    train(ref_model, ref, 23, torch.Generator().manual_seed(1))
+    for mine, theirs in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_rsvd_refresh_captures_the_top_subspace_and_trains():
+    full_model, rsvd_model = make_model(), make_model()
+    full = GaLoreAdamW(galore_groups(full_model), lr=1e-2, svd="full")
+    fast = GaLoreAdamW(galore_groups(rsvd_model), lr=1e-2, svd="rsvd", generator=torch.Generator().manual_seed(0))
+    full_losses = train(full_model, full, 40, torch.Generator().manual_seed(2))
+    fast_losses = train(rsvd_model, fast, 40, torch.Generator().manual_seed(2))
+    assert fast_losses[-1] < 0.8 * fast_losses[0] and full_losses[-1] < 0.8 * full_losses[0]
+    # At a refresh (here: warm-started, one pass) the projected gradient keeps nearly all
+    # the energy the optimal rank-6 projection keeps.
+    layer = rsvd_model[2].weight  # [20, 48]: wide, left projection
+    (rsvd_model[2](torch.randn(64, 48)).square().mean()).backward()
+    grad = layer.grad
+    projector = fast.state[layer]["projector"]
+    projector.refresh(grad)
+    kept = (projector.matrix.T @ grad).norm()
+    best = torch.linalg.svdvals(grad)[:6].square().sum().sqrt()
+    assert kept >= 0.98 * best, (kept.item(), best.item())
+
+
+def test_projected_state_is_low_rank_and_vectors_use_adamw():
+    model = make_model()
+    optimizer = GaLoreAdamW(galore_groups(model), lr=1e-3)
+    train(model, optimizer, 2, torch.Generator().manual_seed(3))
+    first = model[0].weight  # [48, 32]: tall, so the projection is on the right: state [48, 6]
+    assert optimizer.state[first]["exp_avg"].shape == (48, 6)
+    bias = model[0].bias
+    assert optimizer.state[bias]["exp_avg"].shape == bias.shape and "projector" not in optimizer.state[bias]
+    # With rank None everywhere it is plain AdamW.  transformers' formulation (which
+    # GaLore keeps) adds eps before the bias correction of the second moment, torch's
+    # after; with a negligible eps the two coincide.
+    plain_model, reference_model = make_model(), make_model()
+    plain = GaLoreAdamW(plain_model.parameters(), lr=1e-2, eps=1e-14)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, eps=1e-14, weight_decay=0.0)
+    train(plain_model, plain, 5, torch.Generator().manual_seed(4))
+    train(reference_model, reference, 5, torch.Generator().manual_seed(4))
+    for a, b in zip(plain_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_continues_identically():
+    model = make_model()
+    optimizer = GaLoreAdamW(galore_groups(model), lr=1e-2, svd="full")
+    train(model, optimizer, 7, torch.Generator().manual_seed(5))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    clone = make_model(seed=1)
+    clone.load_state_dict(saved["model"])
+    restored = GaLoreAdamW(galore_groups(clone), lr=1e-2, svd="full")
+    restored.load_state_dict(saved["optimizer"])
+    train(model, optimizer, 4, torch.Generator().manual_seed(6))
+    train(clone, restored, 4, torch.Generator().manual_seed(6))
+    for a, b in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_input_errors():
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    with pytest.raises(ValueError, match="rank must be an int >= 1 or None; got 0"):
+        GaLoreAdamW(params, rank=0)
+    with pytest.raises(ValueError, match="proj_type must be one of"):
+        GaLoreAdamW(params, rank=2, proj_type="diagonal")
+    with pytest.raises(ValueError, match="svd must be one of"):
+        GaLoreAdamW(params, rank=2, svd="lanczos")
+    with pytest.raises(ValueError, match="update_proj_gap must be an int >= 1"):
+        GaLoreAdamW(params, rank=2, update_proj_gap=0)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        GaLoreAdamW(params, lr=-1.0)

@@ -52,10 +52,21 @@ def _orthonormalize(Y: torch.Tensor, how: str) -> torch.Tensor:
     return torch.linalg.qr(Y).Q
 
 
-def _range_basis(M, l, n_iter, method, how, init, generator, transposed):
+def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype):
     """Orthonormal ``[..., p, l']`` basis approximating the range of ``M [..., p, q]``."""
     p, q = M.shape[-2:]
     batch = M.shape[:-2]
+    # Products of the power iterations may run in a lower precision (sketch_dtype): the
+    # subspace they find is then refined by one last full-precision product M Z, whose
+    # damping of the trailing directions (by sigma_(l+1) / sigma_i) removes the low
+    # precision's perturbation from the dominant ones.
+    low = M if sketch_dtype is None or n_iter == 0 else M.to(sketch_dtype)
+
+    def product(matrix, block, final=False):
+        if final or matrix.dtype == M.dtype:
+            return (M if final else matrix) @ block.to(M.dtype)
+        return (matrix @ block.to(matrix.dtype)).to(M.dtype)
+
     if init is not None and not transposed:
         # init approximates range(A) = range(M): start from it, plus fresh directions.
         start = init.to(M.dtype)
@@ -63,7 +74,7 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed):
         blocks = [start]
         if extra > 0:
             omega = torch.randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
-            blocks.append(M @ omega)
+            blocks.append(product(low, omega, final=n_iter == 0))
         Y = torch.cat(blocks, dim=-1)[..., :l]
     else:
         if init is not None:  # range(A) is M's row space here: use it as the test matrix
@@ -75,18 +86,18 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed):
             omega = omega[..., :l]
         else:
             omega = torch.randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
-        Y = M @ omega
-    Mt = M.transpose(-2, -1)
+        Y = product(low, omega, final=n_iter == 0)
+    low_t = low.transpose(-2, -1)
     if method == "block_krylov":
         blocks = [_orthonormalize(Y, how)]
         for _ in range(n_iter):
-            blocks.append(_orthonormalize(M @ (Mt @ blocks[-1]), how))
+            blocks.append(_orthonormalize(M @ (M.transpose(-2, -1) @ blocks[-1]), how))
         return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q
     Q = Y
-    for _ in range(n_iter):
+    for i in range(n_iter):
         Q = _orthonormalize(Q, how)
-        Z = _orthonormalize(Mt @ Q, how)
-        Q = M @ Z
+        Z = _orthonormalize(product(low_t, Q), how)
+        Q = product(low, Z, final=i == n_iter - 1)
     return torch.linalg.qr(Q).Q
 
 
@@ -94,8 +105,8 @@ class _RSVDFunction(torch.autograd.Function):
     """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh)."""
 
     @staticmethod
-    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv):
-        U, S, Vh = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator)
+    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype):
+        U, S, Vh = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype)
         ctx.save_for_backward(U, S, Vh)
         ctx.input_dtype = A.dtype
         ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)))
@@ -105,16 +116,16 @@ class _RSVDFunction(torch.autograd.Function):
     def backward(ctx, grad_U, grad_S, grad_Vh):
         U, S, Vh = ctx.saved_tensors
         grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
-        return grad_A.to(ctx.input_dtype), *([None] * 8)
+        return grad_A.to(ctx.input_dtype), *([None] * 9)
 
 
-def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator):
+def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype):
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     m, n = work.shape[-2:]
     transposed = m < n
     M = work.transpose(-2, -1) if transposed else work
     l = min(rank + oversample, min(m, n))
-    Q = _range_basis(M, l, n_iter, method, how, init, generator, transposed)
+    Q = _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype)
     B = Q.transpose(-2, -1) @ M
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     U = Q @ Ub[..., :, :rank]
@@ -136,6 +147,7 @@ def rsvd(
     generator: Optional[torch.Generator] = None,
     compute_uv: bool = True,
     check_finite: Optional[bool] = None,
+    sketch_dtype: Optional[torch.dtype] = None,
 ):
     """Randomized truncated SVD: the top ``rank`` singular triplets of ``A``.
 
@@ -168,6 +180,11 @@ def rsvd(
     check_finite : bool, optional
         Raise ``ValueError`` on NaN/inf in A.  Default: True on CPU, False on CUDA (the
         check synchronizes with the host).
+    sketch_dtype : torch.bfloat16 or torch.float16, optional
+        Run the power iterations' products in this precision (``method="subspace"``,
+        ``n_iter >= 1``): a copy of A in that dtype, tensor-core / AMX speed; the last
+        product and the Rayleigh-Ritz step stay in full precision, which keeps the
+        accuracy (measured in bench/bench_rsvd.py).  Costs one extra copy of A.
 
     Returns
     -------
@@ -177,10 +194,17 @@ def rsvd(
         (exact when A has rank <= ``rank``).
     """
     _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite)
+    if sketch_dtype is not None and (sketch_dtype not in (torch.bfloat16, torch.float16) or method != "subspace"):
+        raise ValueError(
+            f"rsvd: sketch_dtype must be None, torch.bfloat16 or torch.float16 with method='subspace'; "
+            f"got {sketch_dtype} with method={method!r}"
+        )
     m, n = A.shape[-2:]
     if n_iter == "auto":
         n_iter = 1 if init is not None else (7 if rank < 0.1 * min(m, n) else 4)
-    U, S, Vh = _RSVDFunction.apply(A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv)
+    U, S, Vh = _RSVDFunction.apply(
+        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype
+    )
     return RSVDResult(U, S, Vh) if compute_uv else S
 
 

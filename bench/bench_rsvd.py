@@ -1,0 +1,207 @@
+"""Benchmarks of the randomized SVD family (ALGORITHMS.md section 4) and GaLore refreshes.
+
+Ops and peers, on the same matrices in the same run:
+
+* ``rsvd`` (rank-k factors of A): ours with default settings (``ours``) and with
+  bfloat16 power iterations (``ours_bf16``); ``torch.svd_lowrank`` with its defaults
+  (``svd_lowrank``: q = k, niter = 2) and with our oversampling and pass count
+  (``svd_lowrank_matched``: q = k + 10, niter = ours); scikit-learn's
+  ``randomized_svd`` (``sklearn``, n_oversamples = 10, n_iter = "auto", on the same
+  float32 array); ``torch.linalg.svd`` truncated to k (``linalg_svd``).
+* ``rsvd.batched``: 8 same-shape layers in one call (ours, svd_lowrank), against a
+  Python loop of single calls (``ours_loop``).
+* ``galore_refresh``: a GaLore projector refresh for a gradient that drifted since the
+  last one: ours = rsvd warm-started from the previous projector (one pass, as
+  :class:`lowrank_ops.optim.GaLoreAdamW` does), peer = GaLore's full ``torch.linalg.svd``.
+
+Test matrices have a prescribed spectrum ``s_i = 1 / i`` (random orthonormal factors), so
+the optimal rank-k error ``sqrt(sum_{i>k} s_i^2)`` is known exactly.  The error column
+is the *excess* error: ``||A - U S Vh||_F / optimal - 1`` (0 is optimal; the ALGORITHMS.md
+bar is 0.01); for ``galore_refresh`` it is ``1 - ||P^T G|| / ||P_opt^T G||``, the share of
+the optimal projection's gradient norm that the projector misses.
+Flops: ``2 m n l`` per product with A (``l`` = k + 10 columns), counted for the
+passes of our default; the GFLOP/s column is therefore ours' useful rate.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import List
+
+import pytest
+import torch
+
+from lowrank_ops.linalg import rsvd
+
+from _harness import DEVICES, FULL, Case, measure, params, require_device
+
+FAMILY = "rsvd"
+OVERSAMPLE = 10
+
+if FULL:
+    _RSVD = [(4096, 4096, 64), (4096, 4096, 128), (4096, 11008, 64), (25600, 2048, 64)]
+    _FULL_SVD = {(4096, 4096, 64)}  # torch.linalg.svd costs ~8 s per call here on 2 cores
+    _BATCHED = [(8, 1024, 1024, 32)]
+    _GALORE = [(4096, 4096, 128), (4096, 4096, 512), (2048, 5504, 256)]
+else:
+    _RSVD = [(1024, 1024, 32), (1024, 2730, 32)]
+    _FULL_SVD = {(1024, 1024, 32)}
+    _BATCHED = [(8, 256, 256, 16)]
+    _GALORE = [(1024, 1024, 64)]
+
+_RSVD_IMPLS = ("ours", "ours_bf16", "svd_lowrank", "svd_lowrank_matched", "sklearn")
+
+
+def _default_passes(m: int, n: int, k: int) -> int:
+    return 7 if k < 0.1 * min(m, n) else 4  # rsvd's n_iter="auto"
+
+
+def _rsvd_cases() -> List[Case]:
+    cases = []
+    for device in DEVICES:
+        for m, n, k in _RSVD:
+            impls = _RSVD_IMPLS + (("linalg_svd",) if (m, n, k) in _FULL_SVD else ())
+            cases += [Case(FAMILY, "rsvd", impl, device, "float32", f"{m}x{n} k={k}", (m, n, k)) for impl in impls]
+        for b, m, n, k in _BATCHED:
+            cases += [
+                Case(FAMILY, "rsvd.batched", impl, device, "float32", f"{b}x{m}x{n} k={k}", (b, m, n, k))
+                for impl in ("ours", "ours_loop", "svd_lowrank")
+            ]
+        for m, n, r in _GALORE:
+            cases += [
+                Case(FAMILY, "galore_refresh", impl, device, "float32", f"{m}x{n} r={r}", (m, n, r))
+                for impl in ("ours", "full_svd")
+            ]
+    return cases
+
+
+# ---------------------------------------------------------------------------- inputs
+@functools.lru_cache(maxsize=1)
+def _matrix(batch: int, m: int, n: int, device: str):
+    """(A [batch?, m, n] float32 with spectrum 1/i, the spectrum [min(m, n)] float64)."""
+    generator = torch.Generator().manual_seed(0)
+    k = min(m, n)
+    spectrum = torch.arange(1, k + 1, dtype=torch.float64).reciprocal()
+    shape = (batch,) if batch else ()
+    U = torch.linalg.qr(torch.randn(*shape, m, k, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(*shape, n, k, generator=generator)).Q
+    A = (U * spectrum.float()) @ V.transpose(-2, -1)
+    return A.contiguous().to(device), spectrum
+
+
+def _excess_error(A: torch.Tensor, U, S, Vh, spectrum: torch.Tensor, k: int) -> float:
+    optimal = spectrum[k:].square().sum().sqrt()
+    A64 = A.double()
+    residual = A64 - (U.double() * S.double().unsqueeze(-2)) @ Vh.double()
+    per_matrix = torch.linalg.matrix_norm(residual).reshape(-1)
+    return float((per_matrix / optimal).max() - 1)
+
+
+def _sklearn(A: torch.Tensor, k: int):
+    from sklearn.utils.extmath import randomized_svd  # a bench extra, imported lazily
+
+    array = A.cpu().numpy()
+    U, S, Vt = randomized_svd(array, k, n_oversamples=OVERSAMPLE, n_iter="auto", random_state=0)
+    return torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(Vt)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "rsvd"]))
+def test_rsvd(benchmark, case: Case):
+    require_device(case.device)
+    m, n, k = case.problem
+    A, spectrum = _matrix(0, m, n, case.device)
+    passes = _default_passes(m, n, k)
+
+    def build():
+        generator = torch.Generator(device=case.device)
+        if case.impl == "ours":
+            return lambda: rsvd(A, k, generator=generator.manual_seed(1), check_finite=False)
+        if case.impl == "ours_bf16":
+            return lambda: rsvd(A, k, sketch_dtype=torch.bfloat16, generator=generator.manual_seed(1), check_finite=False)
+        if case.impl == "svd_lowrank":
+            return lambda: _lowrank_as_factors(torch.svd_lowrank(A, q=k, niter=2), k)
+        if case.impl == "svd_lowrank_matched":
+            return lambda: _lowrank_as_factors(torch.svd_lowrank(A, q=k + OVERSAMPLE, niter=passes), k)
+        if case.impl == "sklearn":
+            if case.device != "cpu":
+                raise RuntimeError("scikit-learn runs on the CPU only")
+            try:
+                import sklearn  # noqa: F401
+            except ImportError as error:
+                raise RuntimeError(f"scikit-learn is not installed ({error})") from None
+            return lambda: _sklearn(A, k)
+        return lambda: _truncate(torch.linalg.svd(A, full_matrices=False), k)
+
+    l = min(k + OVERSAMPLE, m, n)
+    measure(
+        benchmark, case, build, lambda result: _excess_error(A, *result, spectrum, k),
+        flops=2.0 * m * n * l * (2 * passes + 2), bytes=4.0 * m * n * (2 * passes + 2),
+    )
+
+
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "rsvd.batched"]))
+def test_rsvd_batched(benchmark, case: Case):
+    require_device(case.device)
+    b, m, n, k = case.problem
+    A, spectrum = _matrix(b, m, n, case.device)
+    passes = _default_passes(m, n, k)
+
+    def build():
+        generator = torch.Generator(device=case.device)
+        if case.impl == "ours":
+            return lambda: rsvd(A, k, generator=generator.manual_seed(1), check_finite=False)
+        if case.impl == "ours_loop":
+            def loop():
+                parts = [rsvd(A[i], k, generator=generator.manual_seed(1), check_finite=False) for i in range(b)]
+                return tuple(torch.stack(t) for t in zip(*parts))
+            return loop
+        return lambda: _lowrank_as_factors(torch.svd_lowrank(A, q=k + OVERSAMPLE, niter=passes), k)
+
+    l = min(k + OVERSAMPLE, m, n)
+    measure(
+        benchmark, case, build, lambda result: _excess_error(A, *result, spectrum, k),
+        flops=2.0 * b * m * n * l * (2 * passes + 2), bytes=4.0 * b * m * n * (2 * passes + 2),
+    )
+
+
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "galore_refresh"]))
+def test_galore_refresh(benchmark, case: Case):
+    require_device(case.device)
+    m, n, r = case.problem
+    G0, _ = _matrix(0, m, n, case.device)
+    generator = torch.Generator().manual_seed(3)
+    # The gradient update_proj_gap steps later: the same dominant subspace, perturbed.
+    G1 = G0 + 0.05 * G0.norm() / (m * n) ** 0.5 * torch.randn(G0.shape, generator=generator).to(case.device)
+    # GaLore's projection side for this shape ("std": right for tall, left for wide):
+    # either way the projector is a top singular basis; use the left one of G (m <= n here).
+    previous = rsvd(G0, r, generator=torch.Generator(device=case.device).manual_seed(2), check_finite=False).U
+
+    def build():
+        if case.impl == "ours":
+            gen = torch.Generator(device=case.device)
+            return lambda: rsvd(G1, r, n_iter=1, init=previous, generator=gen.manual_seed(4), check_finite=False).U
+        return lambda: torch.linalg.svd(G1, full_matrices=False)[0][:, :r]
+
+    best = torch.linalg.svdvals(G1.double())[:r].square().sum().sqrt() if case.impl == "ours" else None
+
+    def check(P):
+        if best is None:
+            return 0.0  # the full SVD is the optimal projector by definition
+        return float(1 - (P.double().T @ G1.double()).norm() / best)
+
+    l = min(r + OVERSAMPLE, m, n)
+    measure(benchmark, case, build, check, flops=2.0 * m * n * l * 3, bytes=4.0 * m * n * 3)
+
+
+def _lowrank_as_factors(result, k: int):
+    U, S, V = result
+    return U[..., :k], S[..., :k], V[..., :k].transpose(-2, -1)
+
+
+def _truncate(result, k: int):
+    U, S, Vh = result
+    return U[..., :k], S[..., :k], Vh[..., :k, :]
+
+
+warnings.filterwarnings("ignore", message=".*svd_lowrank.*")

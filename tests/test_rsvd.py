@@ -91,6 +91,20 @@ def test_half_inputs_accumulate_in_float32(dtype, generator):
     assert ratio <= 1.01, ratio.item()
 
 
+@pytest.mark.parametrize("kind", ["decay1", "decay2"])
+def test_bfloat16_power_iterations_keep_the_accuracy(kind, generator):
+    s = spectrum(kind, 500)
+    A = with_spectrum(600, 500, s, generator).float()
+    k = 25
+    exact = rsvd(A, k, n_iter=4, generator=torch.Generator().manual_seed(8))
+    sketched = rsvd(A, k, n_iter=4, sketch_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(8))
+    assert sketched.U.dtype == torch.float32
+    optimal = optimal_error(s, k)
+    ratios = [torch.linalg.norm(A.double() - (r.U.double() * r.S.double()) @ r.Vh.double()) / optimal for r in (exact, sketched)]
+    assert ratios[1] <= 1.01 and ratios[1] - 1 <= 2 * (ratios[0] - 1) + 1e-4, [r.item() for r in ratios]
+    assert_orthonormal(sketched.U.double(), 1e-5)
+
+
 def test_flat_spectrum_is_reported_not_hidden(generator):
     # Every rank-k subspace is optimal for a flat spectrum: the error ratio is 1, and the
     # singular values are exact; rsvd must not fail or produce garbage here.
@@ -241,6 +255,10 @@ def test_bad_input_errors():
         rsvd(A, 2, init=torch.randn(10, 3))
     with pytest.raises(ValueError, match="n_iter must be 'auto' or an int >= 0"):
         rsvd(A, 2, n_iter=-1)
+    with pytest.raises(ValueError, match="sketch_dtype must be None, torch.bfloat16 or torch.float16"):
+        rsvd(A, 2, sketch_dtype=torch.float64)
+    with pytest.raises(ValueError, match="with method='subspace'"):
+        rsvd(A, 2, sketch_dtype=torch.bfloat16, method="block_krylov")
     with pytest.raises(ValueError, match="expected a tall block"):
         cholesky_qr2(torch.randn(3, 5))
     with pytest.raises(ValueError, match="norm must be 'fro' or '2'"):

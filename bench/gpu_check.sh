@@ -38,7 +38,7 @@ step tests 120 python -m pytest tests -q -ra -p no:cacheprovider
 if command -v compute-sanitizer > /dev/null && python -c "import lowrank_ops, sys; sys.exit(0 if lowrank_ops.info()['cuda_available'] else 1)"; then
   # memcheck: out-of-bounds and misaligned accesses in our kernels; fails the check.
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
-    python -m pytest tests/test_sparse.py -m cuda -q -x -p no:cacheprovider -k "not compile and not graph"
+    python -m pytest tests/test_sparse.py tests/test_svd.py -m cuda -q -x -p no:cacheprovider -k "not compile and not graph"
 else
   echo "=== memcheck: skipped (no compute-sanitizer or no usable GPU)" | tee -a "$SUMMARY"
 fi

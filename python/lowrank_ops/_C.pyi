@@ -29,3 +29,19 @@ def csr_sddmm_cuda(
     nnz: int, batch: int, left_stride_b: int, left_stride_r: int, dense_stride_b: int, dense_stride_c: int,
     dtype: int, index_type: int, device: int, stream: int,
 ) -> None: ...
+def jacobi_svd_cpu(
+    *, a: int, u: int, s: int, v: int, sweeps: int, converged: int, off_diagonal: int, batch: int, rows: int,
+    cols: int, a_stride_b: int, a_stride_r: int, a_stride_c: int, u_stride_b: int, u_stride_r: int, u_stride_c: int,
+    s_stride_b: int, s_stride_k: int, v_stride_b: int, v_stride_r: int, v_stride_c: int, dtype: int, tol: float,
+    max_sweeps: int, sign_from_v: bool, num_threads: int,
+) -> None: ...
+def jacobi_svd_cuda_workspace_bytes(
+    *, batch: int, rows: int, cols: int, dtype: int, compute_uv: bool, device: int,
+) -> int: ...
+def jacobi_svd_cuda(
+    *, a: int, u: int, s: int, v: int, sweeps: int, converged: int, off_diagonal: int, workspace: int,
+    workspace_bytes: int, batch: int, rows: int, cols: int, a_stride_b: int, a_stride_r: int, a_stride_c: int,
+    u_stride_b: int, u_stride_r: int, u_stride_c: int, s_stride_b: int, s_stride_k: int, v_stride_b: int,
+    v_stride_r: int, v_stride_c: int, dtype: int, tol: float, max_sweeps: int, sign_from_v: bool, device: int,
+    stream: int,
+) -> None: ...

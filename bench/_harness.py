@@ -93,6 +93,22 @@ class Case:
         return f"{self.op} {self.shape} {self.dtype} {self.device}"
 
 
+def grid_cases(family: str, op: str, problems: Dict[str, list], impls: Dict[str, Sequence[str]],
+               label: Callable[[tuple], str]) -> List[Case]:
+    """Every device x problem (``problems[device]``) x dtype x impl (``impls[dtype]``).
+
+    Ordered device -> problem -> dtype -> impl, so that a suite caching the last few
+    problems' inputs and float64 references builds each of them once.
+    """
+    return [
+        Case(family, op, impl, device, dtype, label(problem), problem)
+        for device in DEVICES
+        for problem in problems[device]
+        for dtype, names in impls.items()
+        for impl in names
+    ]
+
+
 def params(cases: Sequence[Case]) -> List[Any]:
     """``pytest.param`` objects for ``@pytest.mark.parametrize("case", params(cases))``."""
     return [pytest.param(case, id=case.id) for case in cases]

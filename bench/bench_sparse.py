@@ -26,7 +26,7 @@ import torch
 import lowrank_ops
 from lowrank_ops.sparse import FixedSupport
 
-from _harness import DEVICES, FULL, Case, measure, params, rel_error, require_device
+from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
 
 FAMILY = "sparse"
 SEED = 0
@@ -52,15 +52,7 @@ def _label(problem: Tuple[int, int, float, int]) -> str:
 
 
 def _cases(op: str, problems, impls) -> List[Case]:
-    # Ordered device -> problem -> dtype -> impl, so each problem's inputs and float64
-    # reference are built once (the caches below keep only the last two).
-    return [
-        Case(FAMILY, op, impl, device, dtype, _label(problem), problem)
-        for device in DEVICES
-        for problem in problems[device]
-        for dtype, names in impls.items()
-        for impl in names
-    ]
+    return grid_cases(FAMILY, op, problems, impls, _label)
 
 
 # ---------------------------------------------------------------------------- inputs

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import functools
 import gc
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Tuple
 
 import pytest
 import torch
@@ -68,7 +68,7 @@ import lowrank_ops
 from lowrank_ops.ops.sparse_lowrank import choose_strategy
 from lowrank_ops.sparse import FixedSupport
 
-from _harness import DEVICES, FULL, Case, measure, params, rel_error, require_device
+from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
 
 FAMILY = "sparse_lowrank"
 SEED = 0
@@ -111,16 +111,8 @@ def _label(problem: Tuple[int, int, int, float, int]) -> str:
     return f"{out_features}x{in_features} r={rank} d={density:g} N={n}"
 
 
-def _cases(op: str, problems: Dict[str, list], impls: Dict[str, Sequence[str]]) -> List[Case]:
-    # Ordered device -> problem -> dtype -> impl, so each problem's inputs and float64
-    # reference are built once (the caches below keep only the last two).
-    return [
-        Case(FAMILY, op, impl, device, dtype, _label(problem), problem)
-        for device in DEVICES
-        for problem in problems[device]
-        for dtype, names in impls.items()
-        for impl in names
-    ]
+def _cases(op: str, problems, impls) -> List[Case]:
+    return grid_cases(FAMILY, op, problems, impls, _label)
 
 
 # ---------------------------------------------------------------------------- inputs

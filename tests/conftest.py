@@ -34,3 +34,16 @@ def generator(request) -> torch.Generator:
     seed = zlib.crc32(request.node.nodeid.encode())
     return torch.Generator().manual_seed(seed)
 
+
+
+@pytest.fixture
+def cpu_only_build(monkeypatch):
+    """Makes lowrank_ops behave as a build without CUDA kernels (for the error paths)."""
+    from lowrank_ops import _extension
+
+    class CpuOnlyBuild:
+        @staticmethod
+        def build_info():
+            return {"cuda_compiled": False}
+
+    monkeypatch.setattr(_extension, "_compiled", CpuOnlyBuild)

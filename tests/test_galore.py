@@ -2,7 +2,6 @@
 setting, the rsvd refresh, plain AdamW for vectors, state dict, bad input."""
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 

@@ -415,17 +415,9 @@ def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(generator):
     torch.testing.assert_close(dv[3], (left[:, 2] * x[:, 2]).sum())
 
 
-def test_cuda_tensor_on_cpu_only_build_names_the_fix(monkeypatch):
-    # Simulate a build without CUDA kernels and call the CUDA implementation.
-    from lowrank_ops import _extension
+def test_cuda_tensor_on_cpu_only_build_names_the_fix(cpu_only_build):
     from lowrank_ops.ops import sparse as sparse_ops
 
-    class CpuOnlyBuild:
-        @staticmethod
-        def build_info():
-            return {"cuda_compiled": False}
-
-    monkeypatch.setattr(_extension, "_compiled", CpuOnlyBuild)
     support = FixedSupport.random(4, 4, 0.5)
     with pytest.raises(RuntimeError, match=r"built without CUDA kernels; rebuild with nvcc on PATH"):
         sparse_ops._csr_spmm_cuda(support.row_ptr, support.col_idx, torch.ones(8), None, torch.ones(2, 4), 4)

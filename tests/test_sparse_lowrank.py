@@ -14,7 +14,7 @@ from lowrank_ops.ops import sparse_lowrank_linear
 from lowrank_ops.ops.sparse_lowrank import choose_strategy
 from lowrank_ops.sparse import FixedSupport
 
-from helpers import FLOAT_DTYPES, assert_within, randn, summation_bound
+from helpers import assert_within, randn, summation_bound
 
 STRATEGIES = ["sparse", "dense"]
 

@@ -473,16 +473,9 @@ def test_bad_input_errors(device, generator):
         batched_svd(big)
 
 
-def test_cuda_tensor_on_cpu_only_build_names_the_fix(monkeypatch):
-    from lowrank_ops import _extension
+def test_cuda_tensor_on_cpu_only_build_names_the_fix(cpu_only_build):
     from lowrank_ops.ops import svd as svd_ops
 
-    class CpuOnlyBuild:
-        @staticmethod
-        def build_info():
-            return {"cuda_compiled": False}
-
-    monkeypatch.setattr(_extension, "_compiled", CpuOnlyBuild)
     with pytest.raises(RuntimeError, match=r"batched_svd: got CUDA tensors, but lowrank_ops was built without CUDA"):
         svd_ops._jacobi_svd_cuda(torch.ones(2, 3, 3), 1e-6, 10, True)
 

@@ -281,7 +281,11 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
     support only (SDDMM); no dense ``[out, in]`` matrix is ever formed.  Cost:
     ``2 * batch * nnz`` flops per pass.
     """
-    _validate("fixed_sparse_matmul", x, values, support)
+    return _matmul("fixed_sparse_matmul", x, values, support)
+
+
+def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
+    _validate(op, x, values, support)
     batch_shape = x.shape[:-1]
     y = _FixedSparseMatmul.apply(
         x.reshape(-1, support.in_features), values,
@@ -310,5 +314,4 @@ def spmv(support: FixedSupport, values: torch.Tensor, v: torch.Tensor) -> torch.
     """
     if isinstance(v, torch.Tensor) and v.dim() not in (1, 2):
         raise ValueError(f"spmv: v has shape {tuple(v.shape)}; expected (in_features,) or (k, in_features)")
-    _validate("spmv", v, values, support)
-    return fixed_sparse_matmul(v, values, support)
+    return _matmul("spmv", v, values, support)

@@ -109,6 +109,15 @@ def grid_cases(family: str, op: str, problems: Dict[str, list], impls: Dict[str,
     ]
 
 
+@functools.lru_cache(maxsize=2)
+def seeded_support(out_features: int, in_features: int, density: float, device: str, seed: int):
+    """A random FixedSupport from a fixed seed (cached: every impl of a case shares it)."""
+    from lowrank_ops.sparse import FixedSupport
+
+    generator = torch.Generator().manual_seed(seed)
+    return FixedSupport.random(out_features, in_features, density, generator=generator).to(device)
+
+
 def params(cases: Sequence[Case]) -> List[Any]:
     """``pytest.param`` objects for ``@pytest.mark.parametrize("case", params(cases))``."""
     return [pytest.param(case, id=case.id) for case in cases]

@@ -68,7 +68,7 @@ import lowrank_ops
 from lowrank_ops.ops.sparse_lowrank import choose_strategy
 from lowrank_ops.sparse import FixedSupport
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
+from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device, seeded_support
 
 FAMILY = "sparse_lowrank"
 SEED = 0
@@ -132,15 +132,9 @@ class Inputs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=2)
-def _support(out_features: int, in_features: int, density: float, device: str) -> FixedSupport:
-    generator = torch.Generator().manual_seed(SEED)
-    return FixedSupport.random(out_features, in_features, density, generator=generator).to(device)
-
-
-@functools.lru_cache(maxsize=2)
 def _inputs(problem: tuple, dtype: torch.dtype, device: str) -> Inputs:
     out_features, in_features, rank, density, n = problem
-    support = _support(out_features, in_features, density, device)
+    support = seeded_support(out_features, in_features, density, device, SEED)
     # Drawn on CPU in float32 from fixed seeds, so every device, dtype and impl sees the same
     # numbers; scaled so that both parts of W and y are O(1) (bfloat16 neither over- nor underflows).
     generator = torch.Generator().manual_seed(SEED + 1)

@@ -29,6 +29,14 @@ def device(request) -> str:
 
 
 @pytest.fixture
+def cuda_device() -> str:
+    """``"cuda"`` for tests that only make sense on a GPU; skips elsewhere."""
+    if not cuda_usable():
+        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+    return "cuda"
+
+
+@pytest.fixture
 def generator(request) -> torch.Generator:
     # A per-test seed derived from the test id: different data per test, reproducible.
     seed = zlib.crc32(request.node.nodeid.encode())

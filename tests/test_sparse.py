@@ -11,7 +11,6 @@ import io
 import pytest
 import torch
 
-import lowrank_ops
 from lowrank_ops import reference
 from lowrank_ops.ops import fixed_sparse_matmul, spmv
 from lowrank_ops.sparse import FixedSupport
@@ -427,9 +426,7 @@ def test_cuda_tensor_on_cpu_only_build_names_the_fix(cpu_only_build):
 
 # --------------------------------------------------------------------------- CUDA specifics
 @pytest.mark.cuda
-def test_cuda_runs_on_the_current_stream(generator):
-    if not lowrank_ops.info()["cuda_available"]:
-        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+def test_cuda_runs_on_the_current_stream(cuda_device, generator):
     support = make_support((256, 512, 0.05), generator, "cuda")
     values = randn(support.nnz, device="cuda", generator=generator)
     x = randn(300, 512, device="cuda", generator=generator)
@@ -444,9 +441,7 @@ def test_cuda_runs_on_the_current_stream(generator):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture(generator):
-    if not lowrank_ops.info()["cuda_available"]:
-        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+def test_cuda_graph_capture(cuda_device, generator):
     support = make_support((128, 256, 0.05), generator, "cuda")
     values = randn(support.nnz, device="cuda", generator=generator)
     x = randn(64, 256, device="cuda", generator=generator)

@@ -63,6 +63,36 @@ def test_accuracy_bar_at_2048(decaying_2048, kind, method):
     assert_orthonormal(Vh.T, 1e-12)
 
 
+@pytest.mark.parametrize("kind", ["decay1", "decay2"])
+def test_float32_defaults_meet_the_bar_at_2048(decaying_2048, kind):
+    # float32 takes the "auto" sketch dtype: bfloat16 power iterations on CPUs with
+    # AMX / AVX512-BF16 (and CUDA), float32 elsewhere.  The bar holds either way.
+    A64, s = decaying_2048[kind]
+    A = A64.float()
+    k = 64
+    U, S, Vh = rsvd(A, k, generator=torch.Generator().manual_seed(0))
+    ratio = torch.linalg.norm(A.double() - (U.double() * S.double()) @ Vh.double()) / optimal_error(s, k)
+    # A's float32 rounding is ~1e-7 ||A||_F, far below the optimal error (0.02 ||A||_F).
+    assert ratio <= 1.01, ratio.item()
+    top = slice(0, k // 2)
+    assert ((S.double()[top] - s[top]).abs() / s[top]).max() <= 1e-3
+    assert_orthonormal(U.double(), 1e-5)
+
+
+def test_auto_sketch_dtype_policy(generator):
+    from lowrank_ops.linalg.rsvd import _has_fast_bfloat16, _resolve_sketch_dtype
+
+    big = torch.empty(1024, 1024)
+    fast = _has_fast_bfloat16("cpu", None)
+    assert _resolve_sketch_dtype("auto", big, "subspace", 7) == (torch.bfloat16 if fast else None)
+    assert _resolve_sketch_dtype("auto", big.double(), "subspace", 7) is None  # float64 stays exact
+    assert _resolve_sketch_dtype("auto", big[:512, :512], "subspace", 7) is None  # copy would not pay
+    assert _resolve_sketch_dtype("auto", big, "block_krylov", 7) is None
+    assert _resolve_sketch_dtype("auto", big, "subspace", 0) is None  # no power iteration to speed up
+    assert _resolve_sketch_dtype(None, big, "subspace", 7) is None
+    assert _resolve_sketch_dtype(torch.float16, big, "subspace", 7) == torch.float16
+
+
 @pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_orthonormalizers_and_dtypes_meet_the_bar(orthonormalize, dtype, generator):
@@ -255,8 +285,10 @@ def test_bad_input_errors():
         rsvd(A, 2, init=torch.randn(10, 3))
     with pytest.raises(ValueError, match="n_iter must be 'auto' or an int >= 0"):
         rsvd(A, 2, n_iter=-1)
-    with pytest.raises(ValueError, match="sketch_dtype must be None, torch.bfloat16 or torch.float16"):
+    with pytest.raises(ValueError, match="sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16"):
         rsvd(A, 2, sketch_dtype=torch.float64)
+    with pytest.raises(ValueError, match="plain_passes must be an int >= 1 with shift=False; got 0"):
+        cholesky_qr2(torch.randn(5, 3), shift=False, plain_passes=0)
     with pytest.raises(ValueError, match="with method='subspace'"):
         rsvd(A, 2, sketch_dtype=torch.bfloat16, method="block_krylov")
     with pytest.raises(ValueError, match="expected a tall block"):

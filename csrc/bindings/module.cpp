@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "lowrank_ops/cpu_features.h"
 #include "registry.h"
 #ifdef LOWRANK_OPS_WITH_CUDA
 #include "lowrank_ops/cuda_runtime_info.h"
@@ -42,6 +43,18 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lowrank_ops compiled kernels (torch-free: raw pointers, sizes, strides, streams)";
 
   m.def("build_info", &build_info, "Version, whether CUDA kernels were compiled, and for which architectures.");
+  m.def(
+      "cpu_features",
+      []() {
+        const CpuFeatures f = detect_cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["avx512f"] = f.avx512f;
+        d["avx512_bf16"] = f.avx512_bf16;
+        d["amx_bf16"] = f.amx_bf16;
+        return d;
+      },
+      "Instruction sets this CPU has and the OS enabled (all False off x86).");
   m.def(
       "cuda_device_count",
       []() {

@@ -21,7 +21,8 @@ def info() -> Dict[str, Any]:
         ``cuda_available`` (a CUDA build, a driver and a GPU that torch can use);
         ``devices`` (names of the usable GPUs); ``cuda_runtime_version`` /
         ``cuda_driver_version`` as seen by our kernels; ``torch_version``,
-        ``torch_cuda_version``; ``cpu_threads`` (``torch.get_num_threads()``).
+        ``torch_cuda_version``; ``cpu_threads`` (``torch.get_num_threads()``);
+        ``cpu_features`` (instruction sets that choose algorithms, e.g. ``amx_bf16``).
     """
     result: Dict[str, Any] = {
         "version": __version__,
@@ -36,6 +37,7 @@ def info() -> Dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_features": [],
     }
     if _extension.import_error() is not None:
         result["extension_error"] = str(_extension.import_error())
@@ -43,6 +45,7 @@ def info() -> Dict[str, Any]:
     module = _extension.extension()
     build = module.build_info()
     result["version"] = build["version"]
+    result["cpu_features"] = [name for name, present in module.cpu_features().items() if present]
     result["cuda_compiled"] = bool(build["cuda_compiled"])
     if result["cuda_compiled"]:
         result["cuda_archs"] = [f"sm_{arch}" for arch in build["cuda_archs"].split(",") if arch]

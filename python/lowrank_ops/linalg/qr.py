@@ -41,7 +41,7 @@ def _cholesky_pass(Y: torch.Tensor, shift: bool) -> Tuple[torch.Tensor, torch.Te
     return Q, R
 
 
-def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of a tall-skinny block by CholeskyQR2.
 
     Parameters
@@ -49,8 +49,13 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True) -> Tuple[torch.Tensor, 
     Y : Tensor[..., m, n]
         ``m >= n``; float32 or float64 (half types are computed in float32).
     shift : bool
-        Precede the two passes by a shifted one (shifted CholeskyQR3), for blocks whose
+        Precede the plain passes by a shifted one (shifted CholeskyQR3), for blocks whose
         condition number may exceed ``u^-1/2``.
+    plain_passes : int
+        Unshifted passes after the optional shifted one (2: CholeskyQR2).  ``0`` with
+        ``shift=True`` spans exactly ``range(Y)`` with a basis whose condition number is
+        at most about ``u^-1/2``, not orthonormal: enough between the products of a
+        power iteration.
 
     Returns
     -------
@@ -72,11 +77,14 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True) -> Tuple[torch.Tensor, 
         raise ValueError(f"cholesky_qr2: Y has shape {tuple(Y.shape)}; expected a tall block with m >= n")
     if not Y.dtype.is_floating_point:
         raise TypeError(f"cholesky_qr2: Y has dtype {Y.dtype}; expected a floating dtype")
+    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
+        raise ValueError(
+            f"cholesky_qr2: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; got {plain_passes!r}"
+        )
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y = Y.float()
     R_total = None
-    passes = (True, False, False) if shift else (False, False)
-    for shifted in passes:
+    for shifted in (True,) * shift + (False,) * plain_passes:
         Y, R = _cholesky_pass(Y, shifted)
         R_total = R if R_total is None else R @ R_total
     return Y, R_total

@@ -1,0 +1,17 @@
+// CPU instruction-set facts that choose algorithms at run time (not kernels: those are
+// cloned per ISA by the compiler).  Torch-free, cheap: cpuid + xgetbv once per call.
+#pragma once
+
+namespace lowrank_ops {
+
+struct CpuFeatures {
+  bool avx2 = false;
+  bool avx512f = false;      // AVX-512 Foundation, enabled by the OS (XCR0 opmask/ZMM state)
+  bool avx512_bf16 = false;  // VDPBF16PS: bf16 dot products at twice the fp32 rate
+  bool amx_bf16 = false;     // AMX tiles with bf16 (the OS must enable tile state)
+};
+
+// What this CPU supports and the OS has enabled; all false on non-x86 machines.
+CpuFeatures detect_cpu_features();
+
+}  // namespace lowrank_ops

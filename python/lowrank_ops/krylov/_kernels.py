@@ -1,0 +1,91 @@
+"""Thin callers of the Krylov kernels in ``lowrank_ops._C`` (csrc/cpu/krylov_cpu.cpp, csrc/cuda/krylov_cuda.cu).
+
+No validation happens here: the callers (:class:`~lowrank_ops.krylov.CSRMatrix`, the
+solvers) own tensors whose shapes, dtypes and devices they checked once.
+
+Why kernels instead of ``torch.mv`` / ``torch.dot``: these are called thousands of times
+per solve at a few microseconds of work each, and torch's CPU BLAS (MKL) runs them on
+its OpenMP team, whose hand-offs cost 0.5-5 ms per call when the cores are shared
+(measured on the 2-core machine: ``torch.dot`` of 16384 doubles 524 us, numpy's 2.4
+us).  The kernels here split work over lowrank_ops' own pool only when there is enough
+of it (``_WORK_PER_TASK``).  Every vector operation of length n in the solvers' loops
+goes through these three functions or through torch's native elementwise ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._dtypes import FLOAT_CODES, INDEX_CODES
+from .._extension import cuda_extension, extension
+
+__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine"]
+
+# Split a CPU kernel over threads only from this much work per task (entries touched):
+# below it the hand-off costs more than the loop.
+_WORK_PER_TASK = 1 << 17
+_FULL, _DOTS, _UPDATE = 0, 1, 2
+
+
+def _stream(tensor: torch.Tensor) -> int:
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+         n_cols: int) -> torch.Tensor:
+    """``out = A x`` for a CSR matrix (contiguous tensors on one device, validated by the caller)."""
+    common = dict(row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), x=x.data_ptr(),
+                  y=out.data_ptr(), n_rows=out.numel(), n_cols=n_cols, dtype=FLOAT_CODES[values.dtype],
+                  index_type=INDEX_CODES[row_ptr.dtype])
+    if values.is_cuda:
+        cuda_extension("krylov spmv").krylov_spmv_cuda(**common, device=values.device.index, stream=_stream(values))
+    else:
+        extension().krylov_spmv_cpu(**common, num_threads=torch.get_num_threads())
+    return out
+
+
+def _pass(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
+    """One kernel call over ``basis`` ``[rows, n]`` (rows contiguous); returns the two squared norms."""
+    rows, n = basis.shape
+    accumulate = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    norms = torch.empty(2, dtype=accumulate, device=w.device)
+    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), norms=norms.data_ptr(), rows=rows, n=n,
+                  q_stride=basis.stride(0) if rows > 1 else n, mode=mode, dtype=FLOAT_CODES[w.dtype])
+    if w.is_cuda:
+        cuda_extension("krylov Gram-Schmidt").krylov_cgs_pass_cuda(
+            **common, workspace=0, device=w.device.index, stream=_stream(w))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + 1) * n // _WORK_PER_TASK))
+        workspace = torch.empty(n_chunks * (rows + 1), dtype=accumulate)
+        extension().krylov_cgs_pass_cpu(**common, workspace=workspace.data_ptr(), n_chunks=n_chunks,
+                                        num_threads=torch.get_num_threads())
+    return norms.tolist()
+
+
+def gram_schmidt(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
+    """``h = Q w; w -= Q^T h`` with ``Q = basis``; returns ``(||w|| before, ||w|| after)``."""
+    before, after = _pass(_FULL, basis, w, h)
+    return max(before, 0.0) ** 0.5, max(after, 0.0) ** 0.5
+
+
+def dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Q w`` (``[rows]``) for ``Q = basis`` ``[rows, n]``."""
+    h = torch.empty(basis.shape[0], dtype=w.dtype, device=w.device)
+    _pass(_DOTS, basis, w, h)
+    return h
+
+
+def subtract(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    """``w -= Q^T h`` in place; returns ``||w||`` after."""
+    return max(_pass(_UPDATE, basis, w, h.contiguous())[1], 0.0) ** 0.5
+
+
+def combine(basis: torch.Tensor, coefficients, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out + Q^T c`` (``[n]``, in place when ``out`` is given): rows of ``basis`` combined with ``c``."""
+    if out is None:
+        out = torch.zeros(basis.shape[1], dtype=basis.dtype, device=basis.device)
+    coefficients = torch.as_tensor(coefficients)
+    if basis.shape[0]:
+        subtract(basis, out, -coefficients.to(device=basis.device, dtype=basis.dtype))
+    return out

@@ -1,0 +1,135 @@
+"""Recycled-subspace algebra of GCRO-DR (Parks, de Sturler, Mackey, Johnson, Maiti 2006).
+
+The recycled space is kept as two row-stacked tensors ``U`` and ``C`` (``[kc, n]``)
+with ``A U = C`` and ``C`` orthonormal, in the preconditioned variable (``A`` here is
+``A M^{-1}``).  Two operations maintain it:
+
+* :func:`refresh` for a new operator: ``C = A U`` (kc products), then re-orthonormalize
+  (thin SVD ``A U = L S R^T``: ``C = L``, ``U <- U R S^{-1}``); directions that became
+  dependent are dropped.
+* :func:`harmonic_ritz` after every cycle: the ``k`` harmonic Ritz vectors of smallest
+  harmonic Ritz value over ``span(U, V)``, from the small generalized eigenproblem
+  ``G^T G z = theta G^T (W^T Vhat) z`` (``Vhat = [U D, V_j]``, ``W = [C, V_{j+1}]``,
+  ``G = [[D, B], [0, Hbar]]``, ``D`` the inverse column norms of ``U``).  It is solved as
+  the standard eigenproblem of ``(G^T G)^{-1} G^T W^T Vhat`` (eigenvalues ``1/theta``:
+  the largest in modulus are wanted).  Complex pairs contribute their real and
+  imaginary parts, so the space stays real.
+
+The small dense work (at most ``(m + 1) x m``) runs in float64 through numpy's LAPACK:
+torch's MKL runs even 40 x 40 problems on its OpenMP team, which costs milliseconds
+per call on shared cores.  Long vectors are combined with the Krylov kernels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import numpy as np
+import torch
+
+from ._arnoldi import Cycle
+from ._kernels import combine, dots
+
+__all__ = ["refresh", "harmonic_ritz"]
+
+_RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _rows(sources, coefficients: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Rows ``sum_s sources[s]^T coefficients[s][:, i]`` for every column ``i``: ``[cols, n]``.
+
+    ``sources`` is a list of ``(basis [r_s, n], coefficient block [r_s, cols])``.
+    """
+    rows = []
+    for column in range(coefficients[0].shape[1] if coefficients else 0):
+        out = torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
+        for basis, block in zip(sources, coefficients):
+            if basis.shape[0]:
+                combine(basis, torch.from_numpy(np.ascontiguousarray(block[:, column])), out)
+        rows.append(out)
+    return torch.stack(rows) if rows else like.new_zeros(0, like.shape[1])
+
+
+def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(C, U)`` for a new operator: ``C = A U`` orthonormalized, ``A U_new = C`` (``kc`` products)."""
+    image = torch.stack([apply(u.contiguous()) for u in U])
+    left, singular, right_t = np.linalg.svd(_host(image).T, full_matrices=False)  # (A U)^T... = L S R^T
+    keep = singular > _RANK_TOLERANCE * singular[0]
+    C = torch.from_numpy(np.ascontiguousarray(left[:, keep].T)).to(image)
+    U_new = _rows([U], [right_t[keep].T / singular[keep]], U)  # A (U R S^-1) = L
+    return C, U_new
+
+
+def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """New ``(U, C)`` (``[k', n]`` each, ``k' <= k``) from the cycle that just ended.
+
+    Parameters
+    ----------
+    basis : Tensor[kc + j + 1, n]
+        Rows ``[:kc]``: ``C``; rows ``kc:``: the cycle's Arnoldi vectors ``V_{j+1}``
+        (so the rows are ``W``).
+    kc : int
+        Recycled vectors used in the cycle (0 on a first cycle).
+    U : Tensor[kc, n]
+        The recycled ``U`` used in the cycle (``A U = C``).
+    cycle : Cycle
+        Its Hessenberg matrix, ``B`` and step count.
+    k : int
+        Number of vectors to keep.
+    """
+    j = cycle.steps
+    C, V = basis[:kc], basis[kc: kc + j + 1]
+    scale = np.array([1.0 / float(torch.linalg.vector_norm(u)) for u in U])  # D: unit columns keep G well scaled
+    size = kc + j
+    G = np.zeros((size + 1, size))
+    G[:kc, :kc] = np.diag(scale)
+    G[:kc, kc:] = cycle.b.numpy()
+    G[kc:, kc:] = cycle.hbar.numpy()
+    WV = np.zeros((size + 1, size))  # W^T Vhat, Vhat = [U D, V_j]
+    for column, u in enumerate(U):
+        WV[:kc, column] = _host(dots(C, u)) * scale[column]
+        WV[kc:, column] = _host(dots(V, u)) * scale[column]
+    WV[kc: kc + j, kc:] = np.eye(j)
+    pencil = np.linalg.lstsq(G.T @ G, G.T @ WV, rcond=None)[0]
+    values, vectors = np.linalg.eig(pencil)
+    P = _real_basis(values, vectors, min(k, size))
+    Q, R = np.linalg.qr(G @ P)
+    keep = np.abs(np.diag(R)) > _RANK_TOLERANCE * np.abs(np.diag(R)).max()
+    if not keep.all():  # a direction A maps (numerically) into the others: drop it
+        P = P[:, keep]
+        Q, R = np.linalg.qr(G @ P)
+    # U_new = Vhat P R^{-1}, C_new = W Q: combinations of the rows of [U D; V_j] and [C; V_{j+1}].
+    P_R = P @ np.linalg.inv(R)
+    U_new = _rows([U, V[:j]], [scale[:, None] * P_R[:kc], P_R[kc:]], V)
+    C_new = _rows([basis[: kc + j + 1]], [Q], V)
+    return U_new, C_new
+
+
+def _real_basis(values: np.ndarray, vectors: np.ndarray, count: int) -> np.ndarray:
+    """An orthonormal real ``[size, <= count]`` basis of the eigenvectors of largest ``|value|``.
+
+    A complex eigenvector contributes its real and imaginary parts (its conjugate's span
+    is the same); when only one slot is left, its real part alone.
+    """
+    order = np.argsort(-np.abs(values), kind="stable")
+    scale = float(np.abs(values).max()) if values.size else 0.0
+    columns, taken = [], []
+    for index in order:
+        if len(columns) >= count:
+            break
+        value, vector = values[index], vectors[:, index]
+        if abs(value.imag) <= 1e-12 * scale:
+            columns.append(vector.real)
+        elif any(abs(t - np.conj(value)) <= 1e-10 * scale for t in taken):
+            continue  # the conjugate's real and imaginary parts are already in
+        else:
+            columns.append(vector.real)
+            if len(columns) < count:
+                columns.append(vector.imag)
+        taken.append(value)
+    Q, R = np.linalg.qr(np.stack(columns, axis=1))
+    keep = np.abs(np.diag(R)) > _RANK_TOLERANCE * np.abs(np.diag(R)).max()
+    return Q[:, keep]

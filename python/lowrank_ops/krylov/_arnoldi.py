@@ -3,8 +3,13 @@
 Orthogonalization is classical Gram-Schmidt against the whole basis at once (one fused
 kernel pass computes the coefficients, updates the vector and returns its norms before
 and after, reading the basis twice instead of ``2 j`` BLAS-1 sweeps), repeated when the first pass
-cancelled more than ``1 - 1/sqrt(2)`` of the vector's norm (the DGKS "twice is enough"
-criterion), which keeps the basis orthogonal to working precision.
+cancelled more than 90% of the vector's norm (the Daniel-Gragg-Kaufman-Stewart test
+with threshold 0.1 instead of the textbook 1/sqrt(2)): one pass loses orthogonality of
+about ``eps / (||w_after|| / ||w_before||)``, so the basis stays orthogonal to ~1e-14,
+enough for GMRES and the harmonic Ritz problem, while the second pass (as many basis
+reads again) runs only on strong cancellation.  On the Darcy 64 x 64 sequence the
+threshold 1/sqrt(2) reorthogonalized almost every step, for the same iteration counts
+and 1.3-1.5x the time.
 
 For GCRO-DR the recycled space's ``C`` (orthonormal, ``A U = C``) sits in the first
 ``kc`` rows of the same buffer, so the projection ``(I - C C^T)`` and the Arnoldi
@@ -24,30 +29,30 @@ from ._kernels import gram_schmidt
 
 __all__ = ["Cycle", "arnoldi_cycle"]
 
-_REORTHOGONALIZE = 1.0 / math.sqrt(2.0)  # DGKS: a second pass when ||w|| fell below this fraction
+_REORTHOGONALIZE = 0.1  # a second pass when ||w|| fell below this fraction of ||A v_j||
 _BREAKDOWN = 1e-14  # h_{j+1,j} below this fraction of ||A v_j||: the Krylov space is invariant
 
 
 @dataclasses.dataclass
 class Cycle:
-    """What one cycle produced (small matrices in float64 on the CPU).
+    """What one cycle produced (small float64 numpy arrays).
 
     steps : int
         Arnoldi steps taken, ``j``.
-    y : Tensor[j]
+    y : ndarray[j]
         Minimizer of ``|| beta e1 - Hbar y ||``.
-    hbar : Tensor[j + 1, j]
+    hbar : ndarray[j + 1, j]
         The (unrotated) Hessenberg matrix.
-    b : Tensor[kc, j]
+    b : ndarray[kc, j]
         ``C^T A V_j`` (empty when ``kc = 0``).
     breakdown : bool
         The Krylov space became invariant (``h_{j+1,j}`` numerically zero).
     """
 
     steps: int
-    y: torch.Tensor
-    hbar: torch.Tensor
-    b: torch.Tensor
+    y: np.ndarray
+    hbar: np.ndarray
+    b: np.ndarray
     breakdown: bool
 
 
@@ -76,7 +81,7 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
     """
     V = basis[kc:]
     torch.div(r, beta, out=V[0])
-    hfull = torch.zeros(kc + steps + 1, steps, dtype=torch.float64)  # [B; Hbar], unrotated
+    hfull = np.zeros((kc + steps + 1, steps))  # [B; Hbar], unrotated
     rotated: List[List[float]] = []  # columns of the triangular factor R
     cosines: List[float] = []
     sines: List[float] = []
@@ -92,14 +97,14 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
             correction = torch.empty_like(h)
             _, norm_out = gram_schmidt(basis[:rows], w, correction)
             h += correction
-        column = h.to(device="cpu", dtype=torch.float64)
+        column = h.tolist()
         hfull[: kc + j + 1, j] = column
         hfull[kc + j + 1, j] = norm_out
         breakdown = not norm_out > _BREAKDOWN * norm_in
         if not breakdown:
             torch.div(w, norm_out, out=V[j + 1])
         # Givens: apply the previous rotations to the new Hessenberg column, then zero h_{j+1,j}.
-        hcol = column[kc:].tolist()
+        hcol = column[kc:]
         for i in range(j):
             a, b = hcol[i], hcol[i + 1]
             hcol[i], hcol[i + 1] = cosines[i] * a + sines[i] * b, -sines[i] * a + cosines[i] * b
@@ -116,11 +121,11 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
         history.append(abs(g[j]) / bnorm)
         if breakdown or abs(g[j]) <= target:
             break
-    return Cycle(j, _least_squares(rotated, g, hfull[kc: kc + j + 1, :j], beta), hfull[kc: kc + j + 1, :j],
-                 hfull[:kc, :j], breakdown)
+    hbar = hfull[kc: kc + j + 1, :j]
+    return Cycle(j, _least_squares(rotated, g, hbar, beta), hbar, hfull[:kc, :j], breakdown)
 
 
-def _least_squares(rotated: List[List[float]], g: List[float], hbar: torch.Tensor, beta: float) -> torch.Tensor:
+def _least_squares(rotated: List[List[float]], g: List[float], hbar: np.ndarray, beta: float) -> np.ndarray:
     """``argmin_y || beta e1 - Hbar y ||`` from the Givens factor; lstsq when it is singular.
 
     The triangular factor is singular only when the cycle broke down on a singular
@@ -137,7 +142,7 @@ def _least_squares(rotated: List[List[float]], g: List[float], hbar: torch.Tenso
         rhs = g[:j]
         for row in range(j - 1, -1, -1):  # back substitution (j <= m: a few hundred flops)
             y[row] = (rhs[row] - R[row, row + 1:] @ y[row + 1:]) / R[row, row]
-        return torch.from_numpy(y)
+        return y
     rhs = np.zeros(hbar.shape[0])
     rhs[0] = beta
-    return torch.from_numpy(np.linalg.lstsq(hbar.numpy(), rhs, rcond=None)[0])
+    return np.linalg.lstsq(hbar, rhs, rcond=None)[0]

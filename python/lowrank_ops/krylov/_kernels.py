@@ -13,7 +13,7 @@ goes through these three functions or through torch's native elementwise ops.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -45,21 +45,40 @@ def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: 
     return out
 
 
+_BUFFERS: Dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(device: torch.device, dtype: torch.dtype, size: int) -> torch.Tensor:
+    """A reusable scratch tensor of at least ``size`` entries (norms and partial sums of a pass).
+
+    Reused rather than allocated per call: the passes take microseconds.  The results
+    are read back (``tolist``) before the next pass starts, so one buffer per device and
+    dtype is enough (CUDA: work is ordered on one stream, and ``tolist`` synchronizes).
+    """
+    key = (device, dtype)
+    buffer = _BUFFERS.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1024), dtype=dtype, device=device)
+        _BUFFERS[key] = buffer
+    return buffer
+
+
 def _pass(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
     """One kernel call over ``basis`` ``[rows, n]`` (rows contiguous); returns the two squared norms."""
     rows, n = basis.shape
     accumulate = torch.float64 if basis.dtype == torch.float64 else torch.float32
-    norms = torch.empty(2, dtype=accumulate, device=w.device)
-    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), norms=norms.data_ptr(), rows=rows, n=n,
+    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), rows=rows, n=n,
                   q_stride=basis.stride(0) if rows > 1 else n, mode=mode, dtype=FLOAT_CODES[w.dtype])
     if w.is_cuda:
+        norms = _buffer(w.device, accumulate, 2)[:2]
         cuda_extension("krylov Gram-Schmidt").krylov_cgs_pass_cuda(
-            **common, workspace=0, device=w.device.index, stream=_stream(w))
+            **common, norms=norms.data_ptr(), workspace=0, device=w.device.index, stream=_stream(w))
     else:
         n_chunks = max(1, min(torch.get_num_threads(), (rows + 1) * n // _WORK_PER_TASK))
-        workspace = torch.empty(n_chunks * (rows + 1), dtype=accumulate)
-        extension().krylov_cgs_pass_cpu(**common, workspace=workspace.data_ptr(), n_chunks=n_chunks,
-                                        num_threads=torch.get_num_threads())
+        scratch = _buffer(w.device, accumulate, 2 + n_chunks * (rows + 1))
+        norms = scratch[:2]
+        extension().krylov_cgs_pass_cpu(**common, norms=norms.data_ptr(), workspace=scratch[2:].data_ptr(),
+                                        n_chunks=n_chunks, num_threads=torch.get_num_threads())
     return norms.tolist()
 
 

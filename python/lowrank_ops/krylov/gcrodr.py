@@ -133,16 +133,16 @@ class GCRODR:
                     break
             if iterations >= maxiter:
                 break
-            if kc:
-                basis[:kc] = C
+            for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
+                basis[row].copy_(C[row])
             steps = min(self.m - kc, maxiter - iterations)
             cycle = arnoldi_cycle(system.apply, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
-            y = cycle.y.to(device=x.device, dtype=x.dtype)
+            y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
             correction = combine(basis[kc: kc + cycle.steps], y)
             if kc:
-                subtract(U, correction, (cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
+                subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
             x += system.unprecondition(correction)
             if self.k:
                 U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, self.k)

@@ -5,8 +5,8 @@ with ``A U = C`` and ``C`` orthonormal, in the preconditioned variable (``A`` he
 ``A M^{-1}``).  Two operations maintain it:
 
 * :func:`refresh` for a new operator: ``C = A U`` (kc products), then re-orthonormalize
-  (thin SVD ``A U = L S R^T``: ``C = L``, ``U <- U R S^{-1}``); directions that became
-  dependent are dropped.
+  (``C <- T C``, ``U <- T U`` with ``T`` from the Gram matrix of ``C``, twice); directions
+  that became dependent are dropped.
 * :func:`harmonic_ritz` after every cycle: the ``k`` harmonic Ritz vectors of smallest
   harmonic Ritz value over ``span(U, V)``, from the small generalized eigenproblem
   ``G^T G z = theta G^T (W^T Vhat) z`` (``Vhat = [U D, V_j]``, ``W = [C, V_{j+1}]``,
@@ -32,6 +32,7 @@ from ._kernels import combine, dots
 __all__ = ["refresh", "harmonic_ritz"]
 
 _RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent
+_GRAM_TOLERANCE = 1e-14  # the same for squared sizes (Gram eigenvalues): 1e-7 in singular values
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
@@ -53,14 +54,32 @@ def _rows(sources, coefficients: np.ndarray, like: torch.Tensor) -> torch.Tensor
     return torch.stack(rows) if rows else like.new_zeros(0, like.shape[1])
 
 
+def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One Gram-matrix pass: ``(image', U')`` with ``image' = T image``, ``U' = T U`` and ``image'`` orthonormal.
+
+    ``T = Lambda^{-1/2} Z^T`` from the eigendecomposition of the ``kc x kc`` Gram matrix
+    ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
+    values below ``1e-7 * max``: numerically dependent directions) are dropped.
+    """
+    gram = np.stack([_host(dots(image, row)) for row in image], axis=1)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    keep = values > _GRAM_TOLERANCE * values.max()
+    transform = (vectors[:, keep] / np.sqrt(values[keep])).T  # [kept, kc]
+    return _rows([image], [transform.T], image), _rows([U], [transform.T], U)
+
+
 def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(C, U)`` for a new operator: ``C = A U`` orthonormalized, ``A U_new = C`` (``kc`` products)."""
+    """``(C, U)`` for a new operator: ``C = A U`` orthonormalized, ``A U_new = C`` (``kc`` products).
+
+    Two Gram-matrix passes (as in CholeskyQR2) instead of a thin SVD of the ``[n, kc]``
+    image: the passes are ``kc`` fused kernel calls each, where LAPACK's SVD takes tens of
+    milliseconds on shared cores; the second pass restores orthogonality to working
+    precision after the first (which is accurate to ``eps * cond^2``).
+    """
     image = torch.stack([apply(u.contiguous()) for u in U])
-    left, singular, right_t = np.linalg.svd(_host(image).T, full_matrices=False)  # (A U)^T... = L S R^T
-    keep = singular > _RANK_TOLERANCE * singular[0]
-    C = torch.from_numpy(np.ascontiguousarray(left[:, keep].T)).to(image)
-    U_new = _rows([U], [right_t[keep].T / singular[keep]], U)  # A (U R S^-1) = L
-    return C, U_new
+    for _ in range(2):
+        image, U = _orthonormalize(image, U)
+    return image, U
 
 
 def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +105,8 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     size = kc + j
     G = np.zeros((size + 1, size))
     G[:kc, :kc] = np.diag(scale)
-    G[:kc, kc:] = cycle.b.numpy()
-    G[kc:, kc:] = cycle.hbar.numpy()
+    G[:kc, kc:] = cycle.b
+    G[kc:, kc:] = cycle.hbar
     WV = np.zeros((size + 1, size))  # W^T Vhat, Vhat = [U D, V_j]
     for column, u in enumerate(U):
         WV[:kc, column] = _host(dots(C, u)) * scale[column]

@@ -60,7 +60,7 @@ class System:
             self._apply_raw = lambda y: A(self.precondition(y))
         else:
             self._apply_raw = A
-        self.key = (id(A.source), getattr(A.source, "_version", None), _preconditioner_key(M))
+        self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         self.matvecs += 1
@@ -73,6 +73,18 @@ class System:
 
     def unprecondition(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.precondition is None else self.precondition(y)
+
+
+def _version(source) -> Optional[int]:
+    """In-place modification counter of a torch-backed matrix (None for other kinds).
+
+    A scipy matrix or a callable changed in place is not detected: pass a new object
+    (or call ``GCRODR.reset``) after changing one.
+    """
+    values = getattr(source, "values", None)
+    if isinstance(values, torch.Tensor):
+        return values._version
+    return getattr(source, "_version", None)
 
 
 def _preconditioner_key(M: Preconditioner):

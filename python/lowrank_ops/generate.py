@@ -2,8 +2,8 @@
 
 Generates ``num`` samples of a PDE family (:mod:`lowrank_ops.pde`), solves them with SKR
 (greedy nearest-neighbour order of the coefficient fields, GCRO-DR recycling), checks
-every solution's true residual with an independent product (torch's own sparse CSR
-matmul, not our kernel), and writes ``(coefficient, solution)`` pairs to one ``.npz``.
+every solution's true residual with an independent product (gather and scatter-add
+in torch, not our SpMV kernel), and writes ``(coefficient, solution)`` pairs to one ``.npz``.
 
 Crash safety and resuming:
 
@@ -143,9 +143,8 @@ def _features(family: str, grid: int, num: int, seed: int) -> torch.Tensor:
 def _true_residual(problem: pde.PDEProblem, x: torch.Tensor) -> float:
     """``||b - A x|| / ||b||`` by gather and scatter-add (independent of the solver's SpMV kernel)."""
     matrix = problem.matrix
-    rows = torch.repeat_interleave(torch.arange(matrix.shape[0]), (matrix.row_ptr[1:] - matrix.row_ptr[:-1]).long())
     product = torch.zeros(matrix.shape[0], dtype=torch.float64).index_add_(
-        0, rows, matrix.values * x.to(torch.float64)[matrix.col_idx.long()])
+        0, matrix.entry_rows(), matrix.values * x.to(torch.float64)[matrix.col_idx.long()])
     residual = problem.rhs - product
     return float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(problem.rhs))
 

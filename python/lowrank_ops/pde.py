@@ -87,13 +87,14 @@ def gaussian_random_field(grid: int, generator: torch.Generator, *, alpha: float
     """A ``[grid, grid]`` float64 sample of a periodic Gaussian random field, normalized to unit variance.
 
     Covariance ``(-lap + tau^2)^(-alpha)`` (the FNO Darcy generator's): white noise
-    filtered by ``(4 pi^2 |k|^2 + tau^2)^(-alpha/2)`` in Fourier space.
+    filtered by ``(4 pi^2 |k|^2 + tau^2)^(-alpha/2)`` in Fourier space, constant mode removed.
     """
     grid = _check_grid("gaussian_random_field", grid)
     noise = torch.randn(grid, grid, generator=generator, dtype=torch.float64)
     ky = torch.fft.fftfreq(grid, d=1.0 / grid, dtype=torch.float64)
     kx = torch.fft.rfftfreq(grid, d=1.0 / grid, dtype=torch.float64)
     filter_ = (4 * math.pi**2 * (ky[:, None] ** 2 + kx[None, :] ** 2) + tau**2) ** (-alpha / 2)
+    filter_[0, 0] = 0.0  # zero mean, as in the FNO generator (else the constant mode decides most thresholds)
     field = torch.fft.irfft2(torch.fft.rfft2(noise) * filter_, s=(grid, grid))
     std = field.std()
     return field / std if float(std) > 0 else field

@@ -136,8 +136,8 @@ class CSRMatrix:
 
     def to_dense(self) -> torch.Tensor:
         """The matrix as a dense ``[n_rows, n_cols]`` tensor."""
-        csr = torch.sparse_csr_tensor(self.row_ptr.long(), self.col_idx.long(), self.values, self.shape)
-        return csr.to_dense()
+        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return dense.index_put_((self.entry_rows(), self.col_idx.long()), self.values, accumulate=True)
 
     def to_scipy(self):
         """The matrix as a ``scipy.sparse.csr_matrix`` (float64 copy on the host)."""
@@ -148,12 +148,15 @@ class CSRMatrix:
         )
 
     # ------------------------------------------------------------------ algebra
+    def entry_rows(self) -> torch.Tensor:
+        """Row index of every stored entry, ``[nnz]`` int64."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), counts)
+
     def diagonal(self) -> torch.Tensor:
         """The main diagonal, ``[min(n_rows, n_cols)]`` (zeros where not stored)."""
         n = min(self.shape)
-        rows = torch.repeat_interleave(
-            torch.arange(self.shape[0], device=self.device), (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        )
+        rows = self.entry_rows()
         on_diagonal = rows == self.col_idx.long()
         diagonal = torch.zeros(n, dtype=self.dtype, device=self.device)
         return diagonal.index_add_(0, rows[on_diagonal], self.values[on_diagonal])

@@ -98,7 +98,7 @@ def test_final_true_residual_meets_tolerance(kind, solver, generator):
     A, b = _system(kind, generator)
     tol = 1e-9
     if solver == "gmres":
-        x, info = gmres(A, b, tol=tol, restart=30, maxiter=20_000)
+        x, info = gmres(A, b, tol=tol, restart=80, maxiter=20_000)  # GMRES(30) stagnates on the indefinite one
     elif solver == "cg":
         x, info = cg(A, b, tol=tol, M="jacobi")
     else:
@@ -332,6 +332,31 @@ def test_gram_schmidt_kernel_against_reference(device, dtype, rows, n, generator
     w_update = w.clone()
     _kernels.subtract(basis, w_update, h_ref.to(device=device, dtype=dtype))
     assert (w_update.cpu().double() - w_ref).abs().max() <= rtol * scale * rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows,cols,n", [(1, 1, 5), (0, 3, 10), (7, 4, 300), (41, 10, 70_000)])
+def test_block_kernels_against_reference(device, dtype, rows, cols, n, generator):
+    storage = torch.randn(rows, n + 2, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    basis = storage[:, :n]  # strided rows
+    other = torch.randn(cols, n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    coefficients = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    q, w = basis.cpu().double(), other.cpu().double()
+    # Higham's gamma_m bounds: m-term sums in the accumulation type, plus the final rounding.
+    products = _kernels.gram(basis, other)
+    bound = (n + 1) * unit / (1 - (n + 1) * unit) * (q.abs() @ w.abs().T)
+    assert products.shape == (rows, cols)
+    assert (np.abs(products - reference.krylov_gram(q, w).numpy()) <= bound.numpy()).all()
+    coefficients_rounded = coefficients.to(dtype).double()  # the kernel sees them in the storage dtype
+    expected = reference.krylov_combine(q, coefficients_rounded)
+    bound = (rows + 2) * unit / (1 - (rows + 2) * unit) * (coefficients_rounded.abs().T @ q.abs() + w.abs()) + 1e-300
+    combined = _kernels.combine_rows(basis, coefficients.numpy())
+    assert combined.shape == (cols, n)
+    assert ((combined.cpu().double() - expected).abs() <= bound).all()
+    start = other.clone()
+    _kernels.combine_rows(basis, coefficients.numpy(), out=start)  # accumulate
+    assert ((start.cpu().double() - (w + expected)).abs() <= bound).all()
 
 
 def test_cuda_gmres_matches_cpu(cuda_device, generator):

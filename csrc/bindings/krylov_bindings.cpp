@@ -45,9 +45,61 @@ KrylovCgsParams cgs_params(std::uintptr_t basis, std::uintptr_t w, std::uintptr_
   return p;
 }
 
+KrylovBlockParams block_params(std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out,
+                               std::uintptr_t workspace, int64_t rows, int64_t cols, int64_t n, int64_t q_stride,
+                               int64_t other_stride, int64_t n_chunks, int mode, bool accumulate, int dtype) {
+  KrylovBlockParams p;
+  p.basis = reinterpret_cast<const void*>(basis);
+  p.other = reinterpret_cast<void*>(other);
+  p.coef = reinterpret_cast<const void*>(coef);
+  p.out = reinterpret_cast<void*>(out);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.rows = rows;
+  p.cols = cols;
+  p.n = n;
+  p.q_stride = q_stride;
+  p.other_stride = other_stride;
+  p.n_chunks = n_chunks;
+  p.mode = mode;
+  p.accumulate = accumulate;
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
 }  // namespace
 
 LOWRANK_OPS_BINDINGS(krylov) {
+  const char* block_doc =
+      "mode 0: out = Q W^T (gram); mode 1: Y (+)= coef^T Q (combine), one sweep over the basis Q.\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  m.def(
+      "krylov_block_cpu",
+      [](std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t workspace,
+         int64_t rows, int64_t cols, int64_t n, int64_t q_stride, int64_t other_stride, int64_t n_chunks, int mode,
+         bool accumulate, int dtype, int num_threads) {
+        const KrylovBlockParams p = block_params(basis, other, coef, out, workspace, rows, cols, n, q_stride,
+                                                 other_stride, n_chunks, mode, accumulate, dtype);
+        py::gil_scoped_release release;
+        krylov_block_cpu(p, num_threads);
+      },
+      block_doc, py::kw_only(), "basis"_a, "other"_a, "coef"_a, "out"_a, "workspace"_a, "rows"_a, "cols"_a, "n"_a,
+      "q_stride"_a, "other_stride"_a, "n_chunks"_a, "mode"_a, "accumulate"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "krylov_block_cuda",
+      [](std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t workspace,
+         int64_t rows, int64_t cols, int64_t n, int64_t q_stride, int64_t other_stride, int mode, bool accumulate,
+         int dtype, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovBlockParams p = block_params(basis, other, coef, out, workspace, rows, cols, n, q_stride,
+                                                 other_stride, 1, mode, accumulate, dtype);
+        py::gil_scoped_release release;
+        krylov_block_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_block");
+#endif
+      },
+      block_doc, py::kw_only(), "basis"_a, "other"_a, "coef"_a, "out"_a, "workspace"_a, "rows"_a, "cols"_a, "n"_a,
+      "q_stride"_a, "other_stride"_a, "mode"_a, "accumulate"_a, "dtype"_a, "device"_a, "stream"_a);
   const char* spmv_doc =
       "y[r] = sum_k values[k] * x[col_idx[k]] over the CSR row r (one vector).\n"
       "See csrc/include/lowrank_ops/krylov.h for the layout contract.";

@@ -140,4 +140,71 @@ void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads) {
   });
 }
 
+void check_krylov_block_params(const KrylovBlockParams& p, bool needs_workspace) {
+  LOWRANK_CHECK(p.rows >= 0 && p.cols >= 0 && p.n >= 0, "krylov_block: sizes must be non-negative; got rows = ",
+                p.rows, ", cols = ", p.cols, ", n = ", p.n);
+  LOWRANK_CHECK(p.mode == 0 || p.mode == 1, "krylov_block: mode must be 0 (gram) or 1 (combine); got ", p.mode);
+  LOWRANK_CHECK((p.rows <= 1 || p.q_stride >= p.n) && (p.cols <= 1 || p.other_stride >= p.n),
+                "krylov_block: row strides must be >= n = ", p.n, "; got ", p.q_stride, " and ", p.other_stride);
+  LOWRANK_CHECK(p.n_chunks >= 1, "krylov_block: n_chunks must be >= 1; got ", p.n_chunks);
+  LOWRANK_CHECK(is_real_float(p.dtype), "krylov_block: dtype must be float32 or float64; got code ",
+                static_cast<int>(p.dtype));
+  const bool empty = p.rows == 0 || p.cols == 0 || p.n == 0;
+  LOWRANK_CHECK(empty || (p.basis && p.other && (p.mode == 0 ? p.out != nullptr : p.coef != nullptr) &&
+                          (!needs_workspace || p.mode == 1 || p.workspace)),
+                "krylov_block: null pointer");
+}
+
+void krylov_block_cpu(const KrylovBlockParams& p, int num_threads) {
+  check_krylov_block_params(p, true);
+  dispatch_real(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const T* Q = static_cast<const T*>(p.basis);
+    const int64_t rows = p.rows, cols = p.cols, n = p.n;
+    const int64_t chunk = (n + p.n_chunks - 1) / p.n_chunks;
+    const int threads = static_cast<int>(std::min<int64_t>(num_threads, p.n_chunks));
+    if (p.mode == 0) {
+      A* out = static_cast<A*>(p.out);
+      if (rows == 0 || cols == 0) return;
+      const T* W = static_cast<const T*>(p.other);
+      A* partial = static_cast<A*>(p.workspace);  // [n_chunks][rows * cols]
+      parallel_for(p.n_chunks, threads, [&](int64_t task) {
+        const int64_t begin = task * chunk, end = std::min(n, begin + chunk);
+        A* sums = partial + task * rows * cols;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* q = Q + r * p.q_stride;
+          for (int64_t c = 0; c < cols; ++c) {
+            const T* w = W + c * p.other_stride;
+            A sum = 0;
+            for (int64_t e = begin; e < end; ++e) sum += static_cast<A>(q[e]) * static_cast<A>(w[e]);
+            sums[r * cols + c] = sum;
+          }
+        }
+      });
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        A sum = 0;
+        for (int64_t task = 0; task < p.n_chunks; ++task) sum += partial[task * rows * cols + i];
+        out[i] = sum;
+      }
+      return;
+    }
+    T* Y = static_cast<T*>(p.other);
+    const T* coef = static_cast<const T*>(p.coef);
+    parallel_for(p.n_chunks, threads, [&](int64_t task) {
+      const int64_t begin = task * chunk, end = std::min(n, begin + chunk);
+      for (int64_t c = 0; c < cols; ++c) {
+        T* y = Y + c * p.other_stride;
+        if (!p.accumulate)
+          for (int64_t e = begin; e < end; ++e) y[e] = T(0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* q = Q + r * p.q_stride;
+          const T a = coef[r * cols + c];
+          for (int64_t e = begin; e < end; ++e) y[e] += a * q[e];
+        }
+      }
+    });
+  });
+}
+
 }  // namespace lowrank_ops

@@ -95,7 +95,58 @@ __global__ void cgs_update_kernel(KrylovCgsParams p) {
   if (threadIdx.x == 0) atomicAdd(static_cast<A*>(p.norms) + 1, sum);
 }
 
+// Block (r, c): out[r * cols + c] = Q[r] . W[c].
+template <class T>
+__global__ void block_gram_kernel(KrylovBlockParams p) {
+  using A = acc_t<T>;
+  const int64_t r = blockIdx.x / p.cols, c = blockIdx.x % p.cols;
+  const T* q = static_cast<const T*>(p.basis) + r * p.q_stride;
+  const T* w = static_cast<const T*>(p.other) + c * p.other_stride;
+  A sum = 0;
+  for (int64_t e = threadIdx.x; e < p.n; e += blockDim.x) sum += static_cast<A>(q[e]) * static_cast<A>(w[e]);
+  sum = block_reduce(sum);
+  if (threadIdx.x == 0) static_cast<A*>(p.out)[blockIdx.x] = sum;
+}
+
+// Thread per entry e: Y[c, e] (+)= sum_r coef[r, c] Q[r, e] for every c.
+template <class T>
+__global__ void block_combine_kernel(KrylovBlockParams p) {
+  const T* Q = static_cast<const T*>(p.basis);
+  const T* coef = static_cast<const T*>(p.coef);
+  T* Y = static_cast<T*>(p.other);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < p.n; e += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t c = 0; c < p.cols; ++c) {
+      T value = p.accumulate ? Y[c * p.other_stride + e] : T(0);
+      for (int64_t r = 0; r < p.rows; ++r) value += coef[r * p.cols + c] * Q[r * p.q_stride + e];
+      Y[c * p.other_stride + e] = value;
+    }
+  }
+}
+
 }  // namespace
+
+void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t stream) {
+  check_krylov_block_params(p, false);
+  if (p.cols == 0) return;
+  set_device(device);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  dispatch_real_cuda(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (p.mode == 0) {
+      if (p.rows == 0) return;
+      if (p.n == 0) {
+        LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.out, 0, p.rows * p.cols * sizeof(A), s));
+        return;
+      }
+      block_gram_kernel<T><<<static_cast<unsigned>(p.rows * p.cols), kThreads, 0, s>>>(p);
+    } else {
+      if (p.n == 0) return;
+      block_combine_kernel<T><<<grid_for(p.n, kThreads), kThreads, 0, s>>>(p);
+    }
+    LOWRANK_CUDA_LAUNCH_CHECK();
+  });
+}
 
 void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream) {
   check_krylov_spmv_params(p);

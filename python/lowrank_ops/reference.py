@@ -38,7 +38,7 @@ def csr_sddmm(row_ptr, col_idx, left, dense) -> torch.Tensor:
 
 
 # ---- Krylov ----
-__all__ += ["krylov_spmv", "gram_schmidt_pass"]
+__all__ += ["krylov_spmv", "gram_schmidt_pass", "krylov_gram", "krylov_combine"]
 
 
 def krylov_spmv(row_ptr, col_idx, values, x: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -51,3 +51,13 @@ def gram_schmidt_pass(basis: torch.Tensor, w: torch.Tensor):
     h = basis @ w
     updated = w - basis.T @ h
     return h, updated, torch.dot(w, w), torch.dot(updated, updated)
+
+
+def krylov_gram(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Reference of the block kernel's gram mode: ``Q W^T``, ``[rows, cols]``."""
+    return basis @ other.T
+
+
+def krylov_combine(basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Reference of the block kernel's combine mode: ``C^T Q``, ``[cols, n]``."""
+    return coefficients.T @ basis

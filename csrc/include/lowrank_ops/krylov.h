@@ -27,6 +27,15 @@
 //   reduced in chunk order, so the result depends on n_chunks, not on thread timing.
 //   CUDA: workspace is unused (may be null); h and norms are produced by block
 //   reductions and atomics on the caller's stream (norms' order of summation varies).
+//
+// krylov_block:  the recycled-subspace updates of GCRO-DR, which touch every basis row
+//   for each of k vectors, done in one sweep over the basis instead of k:
+//   mode 0 (gram):    out[r * cols + c] = sum_e Q[r, e] W[c, e]      out [rows, cols] acc type, row-major
+//   mode 1 (combine): Y[c, e] (+)= sum_r coef[r * cols + c] Q[r, e]   coef [rows, cols] (storage type), Y [cols, n]
+//   Q [rows, n] row stride q_stride; W / Y [cols, n] row stride other_stride; accumulate: add to Y (mode 1)
+//   instead of overwriting it.  CPU: chunks of the n entries, one task each; gram partial
+//   sums in workspace [n_chunks * rows * cols] (acc type), reduced in chunk order.  CUDA:
+//   gram is one block per (r, c), combine one thread per entry e.
 #pragma once
 
 #include <cstdint>
@@ -61,16 +70,36 @@ struct KrylovCgsParams {
   DType dtype = DType::float64;
 };
 
+struct KrylovBlockParams {
+  const void* basis = nullptr;
+  void* other = nullptr;
+  const void* coef = nullptr;
+  void* out = nullptr;
+  void* workspace = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t n = 0;
+  int64_t q_stride = 0;
+  int64_t other_stride = 0;
+  int64_t n_chunks = 1;
+  int mode = 0;
+  bool accumulate = false;
+  DType dtype = DType::float64;
+};
+
 // Validation shared by both back ends (std::invalid_argument -> ValueError).
 void check_krylov_spmv_params(const KrylovSpmvParams& p);
 void check_krylov_cgs_params(const KrylovCgsParams& p, bool needs_workspace);
+void check_krylov_block_params(const KrylovBlockParams& p, bool needs_workspace);
 
 // CPU (csrc/cpu/krylov_cpu.cpp): synchronous, on up to num_threads threads.
 void krylov_spmv_cpu(const KrylovSpmvParams& p, int num_threads);
 void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads);
+void krylov_block_cpu(const KrylovBlockParams& p, int num_threads);
 
 // CUDA (csrc/cuda/krylov_cuda.cu): asynchronous on `stream` (a cudaStream_t) of `device`.
 void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream);
 void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t stream);
+void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t stream);
 
 }  // namespace lowrank_ops

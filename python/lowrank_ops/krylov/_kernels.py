@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 from .._dtypes import FLOAT_CODES, INDEX_CODES
 from .._extension import cuda_extension, extension
 
-__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine"]
+__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows"]
 
 # Split a CPU kernel over threads only from this much work per task (entries touched):
 # below it the hand-off costs more than the loop.
@@ -107,4 +108,51 @@ def combine(basis: torch.Tensor, coefficients, out: Optional[torch.Tensor] = Non
     coefficients = torch.as_tensor(coefficients)
     if basis.shape[0]:
         subtract(basis, out, -coefficients.to(device=basis.device, dtype=basis.dtype))
+    return out
+
+
+def _row_stride(tensor: torch.Tensor) -> int:
+    return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
+
+
+def gram(basis: torch.Tensor, other: torch.Tensor) -> np.ndarray:
+    """``Q W^T`` (``[rows, cols]`` float64 numpy) in one sweep over ``basis`` ``[rows, n]`` and ``other`` ``[cols, n]``."""
+    rows, n = basis.shape
+    cols = other.shape[0]
+    accumulate = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows * cols, dtype=accumulate, device=basis.device)
+    common = dict(basis=basis.data_ptr(), other=other.data_ptr(), coef=0, out=out.data_ptr(), rows=rows, cols=cols,
+                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(other), mode=0, accumulate=False,
+                  dtype=FLOAT_CODES[basis.dtype])
+    if basis.is_cuda:
+        cuda_extension("krylov block").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
+                                                         stream=_stream(basis))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + cols) * n // _WORK_PER_TASK))
+        workspace = _buffer(basis.device, accumulate, n_chunks * rows * cols)
+        extension().krylov_block_cpu(**common, workspace=workspace.data_ptr(), n_chunks=n_chunks,
+                                     num_threads=torch.get_num_threads())
+    return out.reshape(rows, cols).to("cpu", torch.float64).numpy()
+
+
+def combine_rows(basis: torch.Tensor, coefficients: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out (+)= C^T Q``: ``cols`` combinations of the rows of ``basis`` at once, ``[cols, n]``.
+
+    ``coefficients`` is ``[rows, cols]``; with ``out`` given the result is added to it.
+    """
+    rows, n = basis.shape
+    cols = coefficients.shape[1]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(cols, n, dtype=basis.dtype, device=basis.device)
+    coef = torch.from_numpy(np.ascontiguousarray(coefficients)).to(device=basis.device, dtype=basis.dtype)
+    common = dict(basis=basis.data_ptr(), other=out.data_ptr(), coef=coef.data_ptr(), out=0, rows=rows, cols=cols,
+                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(out), mode=1, accumulate=accumulate,
+                  dtype=FLOAT_CODES[basis.dtype])
+    if basis.is_cuda:
+        cuda_extension("krylov block").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
+                                                         stream=_stream(basis))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + cols) * n // _WORK_PER_TASK))
+        extension().krylov_block_cpu(**common, workspace=0, n_chunks=n_chunks, num_threads=torch.get_num_threads())
     return out

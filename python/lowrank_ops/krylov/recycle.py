@@ -17,7 +17,8 @@ with ``A U = C`` and ``C`` orthonormal, in the preconditioned variable (``A`` he
 
 The small dense work (at most ``(m + 1) x m``) runs in float64 through numpy's LAPACK:
 torch's MKL runs even 40 x 40 problems on its OpenMP team, which costs milliseconds
-per call on shared cores.  Long vectors are combined with the Krylov kernels.
+per call on shared cores.  Products with the long vectors go through the block kernels
+(``gram``, ``combine_rows``): one sweep over the basis for all k vectors at once.
 """
 from __future__ import annotations
 
@@ -27,31 +28,12 @@ import numpy as np
 import torch
 
 from ._arnoldi import Cycle
-from ._kernels import combine, dots
+from ._kernels import combine_rows, gram
 
 __all__ = ["refresh", "harmonic_ritz"]
 
 _RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent
 _GRAM_TOLERANCE = 1e-14  # the same for squared sizes (Gram eigenvalues): 1e-7 in singular values
-
-
-def _host(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float64).numpy()
-
-
-def _rows(sources, coefficients: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Rows ``sum_s sources[s]^T coefficients[s][:, i]`` for every column ``i``: ``[cols, n]``.
-
-    ``sources`` is a list of ``(basis [r_s, n], coefficient block [r_s, cols])``.
-    """
-    rows = []
-    for column in range(coefficients[0].shape[1] if coefficients else 0):
-        out = torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
-        for basis, block in zip(sources, coefficients):
-            if basis.shape[0]:
-                combine(basis, torch.from_numpy(np.ascontiguousarray(block[:, column])), out)
-        rows.append(out)
-    return torch.stack(rows) if rows else like.new_zeros(0, like.shape[1])
 
 
 def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +43,11 @@ def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor,
     ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
     values below ``1e-7 * max``: numerically dependent directions) are dropped.
     """
-    gram = np.stack([_host(dots(image, row)) for row in image], axis=1)
-    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
+    products = gram(image, image)
+    values, vectors = np.linalg.eigh((products + products.T) / 2)
     keep = values > _GRAM_TOLERANCE * values.max()
-    transform = (vectors[:, keep] / np.sqrt(values[keep])).T  # [kept, kc]
-    return _rows([image], [transform.T], image), _rows([U], [transform.T], U)
+    transform = vectors[:, keep] / np.sqrt(values[keep])  # [kc, kept]: columns of T^T
+    return combine_rows(image, transform), combine_rows(U, transform)
 
 
 def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +90,8 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     G[:kc, kc:] = cycle.b
     G[kc:, kc:] = cycle.hbar
     WV = np.zeros((size + 1, size))  # W^T Vhat, Vhat = [U D, V_j]
-    for column, u in enumerate(U):
-        WV[:kc, column] = _host(dots(C, u)) * scale[column]
-        WV[kc:, column] = _host(dots(V, u)) * scale[column]
+    if kc:
+        WV[:, :kc] = gram(basis[: kc + j + 1], U) * scale
     WV[kc: kc + j, kc:] = np.eye(j)
     pencil = np.linalg.lstsq(G.T @ G, G.T @ WV, rcond=None)[0]
     values, vectors = np.linalg.eig(pencil)
@@ -122,8 +103,10 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
         Q, R = np.linalg.qr(G @ P)
     # U_new = Vhat P R^{-1}, C_new = W Q: combinations of the rows of [U D; V_j] and [C; V_{j+1}].
     P_R = P @ np.linalg.inv(R)
-    U_new = _rows([U, V[:j]], [scale[:, None] * P_R[:kc], P_R[kc:]], V)
-    C_new = _rows([basis[: kc + j + 1]], [Q], V)
+    U_new = combine_rows(V[:j], P_R[kc:])
+    if kc:
+        combine_rows(U, scale[:, None] * P_R[:kc], out=U_new)
+    C_new = combine_rows(basis[: kc + j + 1], Q)
     return U_new, C_new
 
 

@@ -266,6 +266,8 @@ def test_bad_input_gives_clear_errors():
         gmres(A, np.ones(15))
     with pytest.raises(ValueError, match=r"x0 has shape \(3,\); expected \(n,\) = \(16,\)"):
         cg(A, b, x0=np.ones(3))
+    with pytest.raises(ValueError, match=r"b has shape \(2, 8\); expected \(n,\) = \(16,\)"):
+        gmres(A, np.ones((2, 8)))
     nan_b = b.copy()
     nan_b[3] = np.nan
     with pytest.raises(ValueError, match="b holds 1 non-finite"):

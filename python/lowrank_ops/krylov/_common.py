@@ -124,7 +124,9 @@ def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device,
     tensor = torch.as_tensor(value)
     if tensor.is_complex():
         raise TypeError(f"{op}: {name} is complex; expected a real vector")
-    tensor = tensor.to(device=device, dtype=dtype).reshape(-1) if tensor.dim() <= 2 else tensor
+    if tensor.dim() == 2 and tensor.shape[1] == 1:  # a column vector [n, 1]
+        tensor = tensor[:, 0]
+    tensor = tensor.to(device=device, dtype=dtype)
     if tensor.dim() != 1 or tensor.numel() != n:
         raise ValueError(f"{op}: {name} has shape {tuple(torch.as_tensor(value).shape)}; expected (n,) = ({n},) to match A")
     if not bool(torch.isfinite(tensor).all()):

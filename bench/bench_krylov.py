@@ -37,7 +37,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from lowrank_ops import pde
-from lowrank_ops.krylov import GCRODR, gmres, solve_sequence
+from lowrank_ops.krylov import solve_sequence
 
 from _harness import FULL, Case, grid_cases, params, require_device, synchronize, unsupported
 

@@ -16,7 +16,6 @@ GMRES problem ``min ||beta e1 - Hbar y||``; the update is ``x += V y - U (B y)``
 """
 from __future__ import annotations
 
-import time
 from typing import Optional, Tuple
 
 import torch

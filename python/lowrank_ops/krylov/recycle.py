@@ -82,7 +82,7 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
         Number of vectors to keep.
     """
     j = cycle.steps
-    C, V = basis[:kc], basis[kc: kc + j + 1]
+    V = basis[kc: kc + j + 1]
     scale = np.array([1.0 / float(torch.linalg.vector_norm(u)) for u in U])  # D: unit columns keep G well scaled
     size = kc + j
     G = np.zeros((size + 1, size))

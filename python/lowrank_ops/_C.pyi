@@ -46,3 +46,27 @@ def jacobi_svd_cuda(
     v_stride_r: int, v_stride_c: int, dtype: int, tol: float, max_sweeps: int, sign_from_v: bool, device: int,
     stream: int,
 ) -> None: ...
+def krylov_spmv_cpu(
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    index_type: int, num_threads: int,
+) -> None: ...
+def krylov_spmv_cuda(
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    index_type: int, device: int, stream: int,
+) -> None: ...
+def krylov_cgs_pass_cpu(
+    *, basis: int, w: int, h: int, norms: int, workspace: int, rows: int, n: int, q_stride: int, n_chunks: int,
+    mode: int, dtype: int, num_threads: int,
+) -> None: ...
+def krylov_cgs_pass_cuda(
+    *, basis: int, w: int, h: int, norms: int, workspace: int, rows: int, n: int, q_stride: int, mode: int,
+    dtype: int, device: int, stream: int,
+) -> None: ...
+def krylov_block_cpu(
+    *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
+    other_stride: int, n_chunks: int, mode: int, accumulate: bool, dtype: int, num_threads: int,
+) -> None: ...
+def krylov_block_cuda(
+    *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
+    other_stride: int, mode: int, accumulate: bool, dtype: int, device: int, stream: int,
+) -> None: ...

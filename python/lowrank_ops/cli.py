@@ -6,6 +6,8 @@
     Runs the pytest-benchmark suites ``bench/bench_<family>.py`` in a subprocess, prints
     ours against each peer (median time, ratio, accuracy, achieved GFLOP/s and GB/s) and
     saves ``results.json``, ``results.md`` and one ``<family>.png`` per family.
+``lowrank-ops generate darcy|poisson|helmholtz|thermal --grid N --num K --out data.npz ...``
+    Generates a PDE data set solved with SKR; resumable (:mod:`lowrank_ops.generate`).
 
 pytest, pytest-benchmark and matplotlib are imported lazily (or only in the subprocess),
 so this module imports without them.
@@ -44,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowrank-ops", description="lowrank_ops command line: build facts and benchmarks.")
-    commands = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    commands = parser.add_subparsers(dest="command", metavar="{info,bench,generate}")
 
     info = commands.add_parser("info", help="what was compiled and what is usable now")
     info.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
@@ -60,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-plot", action="store_true", help="do not write <family>.png")
     bench.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     bench.set_defaults(handler=_cmd_bench)
+
+    from .generate import add_parser as add_generate_parser
+
+    add_generate_parser(commands)
     return parser
 
 

@@ -35,3 +35,29 @@ def csr_sddmm(row_ptr, col_idx, left, dense) -> torch.Tensor:
     """Reference of ``torch.ops.lowrank_ops.csr_sddmm``: ``(left^T dense)`` at the pattern, ``[nnz]``."""
     full = left.T @ dense
     return full[csr_rows(row_ptr, left.shape[1]), col_idx.to(torch.int64)]
+
+
+# ---- Krylov ----
+__all__ += ["krylov_spmv", "gram_schmidt_pass", "krylov_gram", "krylov_combine"]
+
+
+def krylov_spmv(row_ptr, col_idx, values, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Reference of the Krylov SpMV kernel: ``S x`` with S densified, ``[n_rows]``."""
+    return _dense_from_csr(row_ptr, col_idx, values, n_rows, x.shape[0]) @ x
+
+
+def gram_schmidt_pass(basis: torch.Tensor, w: torch.Tensor):
+    """Reference of one classical Gram-Schmidt pass: ``(h, w - Q^T h, ||w||^2, ||w - Q^T h||^2)`` with ``h = Q w``."""
+    h = basis @ w
+    updated = w - basis.T @ h
+    return h, updated, torch.dot(w, w), torch.dot(updated, updated)
+
+
+def krylov_gram(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Reference of the block kernel's gram mode: ``Q W^T``, ``[rows, cols]``."""
+    return basis @ other.T
+
+
+def krylov_combine(basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """Reference of the block kernel's combine mode: ``C^T Q``, ``[cols, n]``."""
+    return coefficients.T @ basis

@@ -1,0 +1,159 @@
+// lowrank_ops._C: Krylov solver kernels (single-vector SpMV, fused Gram-Schmidt pass).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "registry.h"
+#include "lowrank_ops/krylov.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace lowrank_ops {
+namespace {
+
+KrylovSpmvParams spmv_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x,
+                             std::uintptr_t y, int64_t n_rows, int64_t n_cols, int dtype, int index_type) {
+  KrylovSpmvParams p;
+  p.row_ptr = reinterpret_cast<const void*>(row_ptr);
+  p.col_idx = reinterpret_cast<const void*>(col_idx);
+  p.values = reinterpret_cast<const void*>(values);
+  p.x = reinterpret_cast<const void*>(x);
+  p.y = reinterpret_cast<void*>(y);
+  p.n_rows = n_rows;
+  p.n_cols = n_cols;
+  p.dtype = static_cast<DType>(dtype);
+  p.index_type = static_cast<IndexType>(index_type);
+  return p;
+}
+
+KrylovCgsParams cgs_params(std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms,
+                           std::uintptr_t workspace, int64_t rows, int64_t n, int64_t q_stride, int64_t n_chunks,
+                           int mode, int dtype) {
+  KrylovCgsParams p;
+  p.basis = reinterpret_cast<const void*>(basis);
+  p.w = reinterpret_cast<void*>(w);
+  p.h = reinterpret_cast<void*>(h);
+  p.norms = reinterpret_cast<void*>(norms);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.rows = rows;
+  p.n = n;
+  p.q_stride = q_stride;
+  p.n_chunks = n_chunks;
+  p.mode = mode;
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
+KrylovBlockParams block_params(std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out,
+                               std::uintptr_t workspace, int64_t rows, int64_t cols, int64_t n, int64_t q_stride,
+                               int64_t other_stride, int64_t n_chunks, int mode, bool accumulate, int dtype) {
+  KrylovBlockParams p;
+  p.basis = reinterpret_cast<const void*>(basis);
+  p.other = reinterpret_cast<void*>(other);
+  p.coef = reinterpret_cast<const void*>(coef);
+  p.out = reinterpret_cast<void*>(out);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.rows = rows;
+  p.cols = cols;
+  p.n = n;
+  p.q_stride = q_stride;
+  p.other_stride = other_stride;
+  p.n_chunks = n_chunks;
+  p.mode = mode;
+  p.accumulate = accumulate;
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
+}  // namespace
+
+LOWRANK_OPS_BINDINGS(krylov) {
+  const char* block_doc =
+      "mode 0: out = Q W^T (gram); mode 1: Y (+)= coef^T Q (combine), one sweep over the basis Q.\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  m.def(
+      "krylov_block_cpu",
+      [](std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t workspace,
+         int64_t rows, int64_t cols, int64_t n, int64_t q_stride, int64_t other_stride, int64_t n_chunks, int mode,
+         bool accumulate, int dtype, int num_threads) {
+        const KrylovBlockParams p = block_params(basis, other, coef, out, workspace, rows, cols, n, q_stride,
+                                                 other_stride, n_chunks, mode, accumulate, dtype);
+        py::gil_scoped_release release;
+        krylov_block_cpu(p, num_threads);
+      },
+      block_doc, py::kw_only(), "basis"_a, "other"_a, "coef"_a, "out"_a, "workspace"_a, "rows"_a, "cols"_a, "n"_a,
+      "q_stride"_a, "other_stride"_a, "n_chunks"_a, "mode"_a, "accumulate"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "krylov_block_cuda",
+      [](std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t workspace,
+         int64_t rows, int64_t cols, int64_t n, int64_t q_stride, int64_t other_stride, int mode, bool accumulate,
+         int dtype, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovBlockParams p = block_params(basis, other, coef, out, workspace, rows, cols, n, q_stride,
+                                                 other_stride, 1, mode, accumulate, dtype);
+        py::gil_scoped_release release;
+        krylov_block_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_block");
+#endif
+      },
+      block_doc, py::kw_only(), "basis"_a, "other"_a, "coef"_a, "out"_a, "workspace"_a, "rows"_a, "cols"_a, "n"_a,
+      "q_stride"_a, "other_stride"_a, "mode"_a, "accumulate"_a, "dtype"_a, "device"_a, "stream"_a);
+  const char* spmv_doc =
+      "y[r] = sum_k values[k] * x[col_idx[k]] over the CSR row r (one vector).\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  const char* cgs_doc =
+      "One classical Gram-Schmidt pass (mode 0: h = Q w; w -= Q^T h), or its dots (1) or update (2) alone.\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  m.def(
+      "krylov_spmv_cpu",
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
+         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int num_threads) {
+        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+        py::gil_scoped_release release;
+        krylov_spmv_cpu(p, num_threads);
+      },
+      spmv_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a,
+      "index_type"_a, "num_threads"_a);
+  m.def(
+      "krylov_spmv_cuda",
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
+         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+        py::gil_scoped_release release;
+        krylov_spmv_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_spmv");
+#endif
+      },
+      spmv_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a,
+      "index_type"_a, "device"_a, "stream"_a);
+  m.def(
+      "krylov_cgs_pass_cpu",
+      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
+         int64_t rows, int64_t n, int64_t q_stride, int64_t n_chunks, int mode, int dtype, int num_threads) {
+        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, n_chunks, mode, dtype);
+        py::gil_scoped_release release;
+        krylov_cgs_pass_cpu(p, num_threads);
+      },
+      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
+      "n_chunks"_a, "mode"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "krylov_cgs_pass_cuda",
+      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
+         int64_t rows, int64_t n, int64_t q_stride, int mode, int dtype, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, 1, mode, dtype);
+        py::gil_scoped_release release;
+        krylov_cgs_pass_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_cgs_pass");
+#endif
+      },
+      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
+      "mode"_a, "dtype"_a, "device"_a, "stream"_a);
+}
+
+}  // namespace lowrank_ops

@@ -1,0 +1,105 @@
+// Kernels of the Krylov solvers (ALGORITHMS.md section 7): single-vector CSR SpMV and
+// one fused classical Gram-Schmidt pass over an Arnoldi basis.
+//
+// Why own kernels: a restarted GMRES on a 4096..16384-unknown PDE system spends its
+// time in these two operations, each a few microseconds of work, called thousands of
+// times.  The foundation's csr_spmm is tiled for batches of vectors (5x slower than a
+// plain row loop for one vector), and torch.mv / addmv go through MKL's OpenMP, whose
+// spin-waiting costs milliseconds per call when the cores are shared.  Both kernels
+// here run on lowrank_ops' own pool (parallel.h) and split the work only when it is
+// large enough to pay for the hand-off.
+//
+// krylov_spmv:  y[r] = sum_{k in row r} values[k] * x[col_idx[k]]
+//   row_ptr [n_rows + 1], col_idx [nnz] (int32 or int64), values [nnz], x [n_cols], y [n_rows];
+//   all contiguous, float32 or float64 (accumulated in the same type: fp64 for fp64).
+//   Entries with a column outside [0, n_cols) are skipped (memory-safe on any indices);
+//   row pointers must be valid (the Python CSRMatrix checks them once).
+//
+// krylov_cgs_pass:  one classical Gram-Schmidt pass of w against the rows of a basis Q,
+//   or either half of it (mode):
+//   Q [rows, n] with row stride q_stride (elements; rows contiguous), w [n] contiguous,
+//   mode 0 (full pass): h = Q w (from w before the update), then w -= Q^T h;
+//   mode 1 (dots):      h = Q w; w unchanged;
+//   mode 2 (update):    w -= Q^T h with h given (w += Q^T c is mode 2 with h = -c);
+//   norms [2] out (acc type): ||w||^2 before (modes 0, 1) and after (modes 0, 2) the update.
+//   CPU: the n entries are split into n_chunks contiguous chunks (one task each);
+//   workspace holds n_chunks * (rows + 1) acc values of partial sums.  Partial sums are
+//   reduced in chunk order, so the result depends on n_chunks, not on thread timing.
+//   CUDA: workspace is unused (may be null); h and norms are produced by block
+//   reductions and atomics on the caller's stream (norms' order of summation varies).
+//
+// krylov_block:  the recycled-subspace updates of GCRO-DR, which touch every basis row
+//   for each of k vectors, done in one sweep over the basis instead of k:
+//   mode 0 (gram):    out[r * cols + c] = sum_e Q[r, e] W[c, e]      out [rows, cols] acc type, row-major
+//   mode 1 (combine): Y[c, e] (+)= sum_r coef[r * cols + c] Q[r, e]   coef [rows, cols] (storage type), Y [cols, n]
+//   Q [rows, n] row stride q_stride; W / Y [cols, n] row stride other_stride; accumulate: add to Y (mode 1)
+//   instead of overwriting it.  CPU: chunks of the n entries, one task each; gram partial
+//   sums in workspace [n_chunks * rows * cols] (acc type), reduced in chunk order.  CUDA:
+//   gram is one block per (r, c), combine one thread per entry e.
+#pragma once
+
+#include <cstdint>
+
+#include "lowrank_ops/dtype.h"
+
+namespace lowrank_ops {
+
+struct KrylovSpmvParams {
+  const void* row_ptr = nullptr;
+  const void* col_idx = nullptr;
+  const void* values = nullptr;
+  const void* x = nullptr;
+  void* y = nullptr;
+  int64_t n_rows = 0;
+  int64_t n_cols = 0;
+  DType dtype = DType::float64;
+  IndexType index_type = IndexType::int32;
+};
+
+struct KrylovCgsParams {
+  const void* basis = nullptr;
+  void* w = nullptr;
+  void* h = nullptr;
+  void* norms = nullptr;
+  void* workspace = nullptr;
+  int64_t rows = 0;
+  int64_t n = 0;
+  int64_t q_stride = 0;
+  int64_t n_chunks = 1;
+  int mode = 0;
+  DType dtype = DType::float64;
+};
+
+struct KrylovBlockParams {
+  const void* basis = nullptr;
+  void* other = nullptr;
+  const void* coef = nullptr;
+  void* out = nullptr;
+  void* workspace = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t n = 0;
+  int64_t q_stride = 0;
+  int64_t other_stride = 0;
+  int64_t n_chunks = 1;
+  int mode = 0;
+  bool accumulate = false;
+  DType dtype = DType::float64;
+};
+
+// Validation shared by both back ends (std::invalid_argument -> ValueError).
+void check_krylov_spmv_params(const KrylovSpmvParams& p);
+void check_krylov_cgs_params(const KrylovCgsParams& p, bool needs_workspace);
+void check_krylov_block_params(const KrylovBlockParams& p, bool needs_workspace);
+
+// CPU (csrc/cpu/krylov_cpu.cpp): synchronous, on up to num_threads threads.
+void krylov_spmv_cpu(const KrylovSpmvParams& p, int num_threads);
+void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads);
+void krylov_block_cpu(const KrylovBlockParams& p, int num_threads);
+
+// CUDA (csrc/cuda/krylov_cuda.cu): asynchronous on `stream` (a cudaStream_t) of `device`.
+void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream);
+void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t stream);
+void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t stream);
+
+}  // namespace lowrank_ops

@@ -1,0 +1,166 @@
+"""Argument checking and preconditioning shared by the Krylov solvers.
+
+Preconditioning is from the right: the solvers iterate on ``A M^{-1} y = b`` and return
+``x = M^{-1} y``, so the residual they minimize is the true residual ``b - A x`` and a
+recycled subspace stays meaningful when ``M`` changes between systems (the recycling
+solver recomputes ``C = A M^{-1} U`` for each new operator).  A diagonal (Jacobi)
+``M^{-1}`` on a CSR matrix is folded into the matrix once (``A diag(d)``, O(nnz)), so
+the preconditioned product costs one plain SpMV.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .operators import LinearOperator, as_operator
+
+__all__ = ["System", "setup_system", "check_positive_int"]
+
+Preconditioner = Union[None, str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class System:
+    """One validated system ``A x = b`` with its (right-)preconditioned operator.
+
+    Attributes
+    ----------
+    A : LinearOperator
+        The unpreconditioned operator (for true residuals).
+    apply : callable
+        ``y -> A M^{-1} y`` (counts products in ``matvecs``).
+    precondition : callable or None
+        ``y -> M^{-1} y`` (None: identity).
+    b, x0 : Tensor[n]
+    bnorm : float
+    matvecs : int
+        Products with ``A`` so far.
+    key : tuple
+        Identifies the preconditioned operator (what the user passed and ``M``).
+    """
+
+    def __init__(self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor, M: Preconditioner, op: str):
+        self.A, self.b, self.x0 = A, b, x0
+        self.bnorm = float(torch.linalg.vector_norm(b))
+        self.matvecs = 0
+        self.precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        scale = _diagonal_preconditioner(op, A, M)
+        if scale is not None and A.matrix is not None:
+            scaled = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
+            self._apply_raw = scaled.matvec
+            self.precondition = lambda y: y * scale
+        elif scale is not None:
+            self._apply_raw = lambda y: A(y * scale)
+            self.precondition = lambda y: y * scale
+        elif callable(M):
+            function = M
+            self.precondition = lambda y: torch.as_tensor(function(y), dtype=b.dtype, device=b.device).reshape(-1)
+            self._apply_raw = lambda y: A(self.precondition(y))
+        else:
+            self._apply_raw = A
+        self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        self.matvecs += 1
+        return self._apply_raw(y)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``b - A x`` with the unpreconditioned operator (one product)."""
+        self.matvecs += 1
+        return self.b - self.A(x)
+
+    def unprecondition(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.precondition is None else self.precondition(y)
+
+
+def _version(source) -> Optional[int]:
+    """In-place modification counter of a torch-backed matrix (None for other kinds).
+
+    A scipy matrix or a callable changed in place is not detected: pass a new object
+    (or call ``GCRODR.reset``) after changing one.
+    """
+    values = getattr(source, "values", None)
+    if isinstance(values, torch.Tensor):
+        return values._version
+    return getattr(source, "_version", None)
+
+
+def _preconditioner_key(M: Preconditioner):
+    if M is None or isinstance(M, str):
+        return M
+    return (id(M), getattr(M, "_version", None))
+
+
+def _diagonal_preconditioner(op: str, A: LinearOperator, M: Preconditioner) -> Optional[torch.Tensor]:
+    """``M^{-1}``'s diagonal for ``M='jacobi'`` or a tensor ``M``; None otherwise."""
+    if M is None or callable(M) and not isinstance(M, torch.Tensor):
+        return None
+    if isinstance(M, str):
+        if M != "jacobi":
+            raise ValueError(f"{op}: M must be None, 'jacobi', a Tensor[n] (M^-1's diagonal) or a callable; got {M!r}")
+        diagonal = A.diagonal(op)
+        if bool((diagonal == 0).any()):
+            raise ValueError(f"{op}: M='jacobi' needs a non-zero diagonal; A has {int((diagonal == 0).sum())} zero diagonal entries")
+        return 1.0 / diagonal
+    if isinstance(M, torch.Tensor):
+        if M.shape != (A.n,):
+            raise ValueError(f"{op}: M has shape {tuple(M.shape)}; expected (n,) = ({A.n},) (the diagonal of M^-1)")
+        scale = M.to(device=A.device, dtype=A.dtype)
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{op}: M holds non-finite entries")
+        return scale
+    raise TypeError(f"{op}: M must be None, 'jacobi', a Tensor[n] or a callable; got {type(M).__name__}")
+
+
+def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device, n: int) -> torch.Tensor:
+    tensor = torch.as_tensor(value)
+    if tensor.is_complex():
+        raise TypeError(f"{op}: {name} is complex; expected a real vector")
+    if tensor.dim() == 2 and tensor.shape[1] == 1:  # a column vector [n, 1]
+        tensor = tensor[:, 0]
+    tensor = tensor.to(device=device, dtype=dtype)
+    if tensor.dim() != 1 or tensor.numel() != n:
+        raise ValueError(f"{op}: {name} has shape {tuple(torch.as_tensor(value).shape)}; expected (n,) = ({n},) to match A")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{op}: {name} holds {int((~torch.isfinite(tensor)).sum())} non-finite (NaN or inf) entries")
+    return tensor.contiguous().clone()
+
+
+def _dtype_and_device(A, b):
+    """float64 on CPU unless a torch ``b`` (or ``A``) says otherwise."""
+    reference = b if isinstance(b, torch.Tensor) and b.is_floating_point() else None
+    if reference is None and isinstance(A, torch.Tensor):
+        reference = A
+    matrix_values = getattr(A, "values", None)
+    if reference is None and isinstance(matrix_values, torch.Tensor):
+        reference = matrix_values
+    if reference is None:
+        return torch.float64, torch.device("cpu")
+    dtype = reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float64
+    return dtype, reference.device
+
+
+def setup_system(op: str, A, b, x0, tol: float, M: Preconditioner) -> System:
+    """Validate a solver's arguments and build its :class:`System`.
+
+    Raises
+    ------
+    ValueError
+        Non-square ``A``, ``b`` or ``x0`` of the wrong length, non-finite ``b``/``x0``,
+        ``tol`` not a positive finite number, a bad preconditioner.
+    """
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (0 < tol < math.inf):
+        raise ValueError(f"{op}: tol must be a positive finite number; got {tol!r}")
+    dtype, device = _dtype_and_device(A, b)
+    operator = as_operator(op, A, dtype, device)
+    b = _vector(op, "b", b, dtype, device, operator.n)
+    x0 = torch.zeros_like(b) if x0 is None else _vector(op, "x0", x0, dtype, device, operator.n)
+    return System(operator, b, x0, M, op)

@@ -1,0 +1,158 @@
+"""Thin callers of the Krylov kernels in ``lowrank_ops._C`` (csrc/cpu/krylov_cpu.cpp, csrc/cuda/krylov_cuda.cu).
+
+No validation happens here: the callers (:class:`~lowrank_ops.krylov.CSRMatrix`, the
+solvers) own tensors whose shapes, dtypes and devices they checked once.
+
+Why kernels instead of ``torch.mv`` / ``torch.dot``: these are called thousands of times
+per solve at a few microseconds of work each, and torch's CPU BLAS (MKL) runs them on
+its OpenMP team, whose hand-offs cost 0.5-5 ms per call when the cores are shared
+(measured on the 2-core machine: ``torch.dot`` of 16384 doubles 524 us, numpy's 2.4
+us).  The kernels here split work over lowrank_ops' own pool only when there is enough
+of it (``_WORK_PER_TASK``).  Every vector operation of length n in the solvers' loops
+goes through these three functions or through torch's native elementwise ops.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .._dtypes import FLOAT_CODES, INDEX_CODES
+from .._extension import cuda_extension, extension
+
+__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows"]
+
+# Split a CPU kernel over threads only from this much work per task (entries touched):
+# below it the hand-off costs more than the loop.
+_WORK_PER_TASK = 1 << 17
+_FULL, _DOTS, _UPDATE = 0, 1, 2
+
+
+def _stream(tensor: torch.Tensor) -> int:
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+         n_cols: int) -> torch.Tensor:
+    """``out = A x`` for a CSR matrix (contiguous tensors on one device, validated by the caller)."""
+    common = dict(row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), x=x.data_ptr(),
+                  y=out.data_ptr(), n_rows=out.numel(), n_cols=n_cols, dtype=FLOAT_CODES[values.dtype],
+                  index_type=INDEX_CODES[row_ptr.dtype])
+    if values.is_cuda:
+        cuda_extension("krylov spmv").krylov_spmv_cuda(**common, device=values.device.index, stream=_stream(values))
+    else:
+        extension().krylov_spmv_cpu(**common, num_threads=torch.get_num_threads())
+    return out
+
+
+_BUFFERS: Dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(device: torch.device, dtype: torch.dtype, size: int) -> torch.Tensor:
+    """A reusable scratch tensor of at least ``size`` entries (norms and partial sums of a pass).
+
+    Reused rather than allocated per call: the passes take microseconds.  The results
+    are read back (``tolist``) before the next pass starts, so one buffer per device and
+    dtype is enough (CUDA: work is ordered on one stream, and ``tolist`` synchronizes).
+    """
+    key = (device, dtype)
+    buffer = _BUFFERS.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1024), dtype=dtype, device=device)
+        _BUFFERS[key] = buffer
+    return buffer
+
+
+def _pass(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
+    """One kernel call over ``basis`` ``[rows, n]`` (rows contiguous); returns the two squared norms."""
+    rows, n = basis.shape
+    accumulate = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), rows=rows, n=n,
+                  q_stride=basis.stride(0) if rows > 1 else n, mode=mode, dtype=FLOAT_CODES[w.dtype])
+    if w.is_cuda:
+        norms = _buffer(w.device, accumulate, 2)[:2]
+        cuda_extension("krylov Gram-Schmidt").krylov_cgs_pass_cuda(
+            **common, norms=norms.data_ptr(), workspace=0, device=w.device.index, stream=_stream(w))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + 1) * n // _WORK_PER_TASK))
+        scratch = _buffer(w.device, accumulate, 2 + n_chunks * (rows + 1))
+        norms = scratch[:2]
+        extension().krylov_cgs_pass_cpu(**common, norms=norms.data_ptr(), workspace=scratch[2:].data_ptr(),
+                                        n_chunks=n_chunks, num_threads=torch.get_num_threads())
+    return norms.tolist()
+
+
+def gram_schmidt(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
+    """``h = Q w; w -= Q^T h`` with ``Q = basis``; returns ``(||w|| before, ||w|| after)``."""
+    before, after = _pass(_FULL, basis, w, h)
+    return max(before, 0.0) ** 0.5, max(after, 0.0) ** 0.5
+
+
+def dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``Q w`` (``[rows]``) for ``Q = basis`` ``[rows, n]``."""
+    h = torch.empty(basis.shape[0], dtype=w.dtype, device=w.device)
+    _pass(_DOTS, basis, w, h)
+    return h
+
+
+def subtract(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    """``w -= Q^T h`` in place; returns ``||w||`` after."""
+    return max(_pass(_UPDATE, basis, w, h.contiguous())[1], 0.0) ** 0.5
+
+
+def combine(basis: torch.Tensor, coefficients, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out + Q^T c`` (``[n]``, in place when ``out`` is given): rows of ``basis`` combined with ``c``."""
+    if out is None:
+        out = torch.zeros(basis.shape[1], dtype=basis.dtype, device=basis.device)
+    coefficients = torch.as_tensor(coefficients)
+    if basis.shape[0]:
+        subtract(basis, out, -coefficients.to(device=basis.device, dtype=basis.dtype))
+    return out
+
+
+def _row_stride(tensor: torch.Tensor) -> int:
+    return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
+
+
+def gram(basis: torch.Tensor, other: torch.Tensor) -> np.ndarray:
+    """``Q W^T`` (``[rows, cols]`` float64 numpy) in one sweep over ``basis`` ``[rows, n]`` and ``other`` ``[cols, n]``."""
+    rows, n = basis.shape
+    cols = other.shape[0]
+    accumulate = torch.float64 if basis.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows * cols, dtype=accumulate, device=basis.device)
+    common = dict(basis=basis.data_ptr(), other=other.data_ptr(), coef=0, out=out.data_ptr(), rows=rows, cols=cols,
+                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(other), mode=0, accumulate=False,
+                  dtype=FLOAT_CODES[basis.dtype])
+    if basis.is_cuda:
+        cuda_extension("krylov block").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
+                                                         stream=_stream(basis))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + cols) * n // _WORK_PER_TASK))
+        workspace = _buffer(basis.device, accumulate, n_chunks * rows * cols)
+        extension().krylov_block_cpu(**common, workspace=workspace.data_ptr(), n_chunks=n_chunks,
+                                     num_threads=torch.get_num_threads())
+    return out.reshape(rows, cols).to("cpu", torch.float64).numpy()
+
+
+def combine_rows(basis: torch.Tensor, coefficients: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out (+)= C^T Q``: ``cols`` combinations of the rows of ``basis`` at once, ``[cols, n]``.
+
+    ``coefficients`` is ``[rows, cols]``; with ``out`` given the result is added to it.
+    """
+    rows, n = basis.shape
+    cols = coefficients.shape[1]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(cols, n, dtype=basis.dtype, device=basis.device)
+    coef = torch.from_numpy(np.ascontiguousarray(coefficients)).to(device=basis.device, dtype=basis.dtype)
+    common = dict(basis=basis.data_ptr(), other=out.data_ptr(), coef=coef.data_ptr(), out=0, rows=rows, cols=cols,
+                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(out), mode=1, accumulate=accumulate,
+                  dtype=FLOAT_CODES[basis.dtype])
+    if basis.is_cuda:
+        cuda_extension("krylov block").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
+                                                         stream=_stream(basis))
+    else:
+        n_chunks = max(1, min(torch.get_num_threads(), (rows + cols) * n // _WORK_PER_TASK))
+        extension().krylov_block_cpu(**common, workspace=0, n_chunks=n_chunks, num_threads=torch.get_num_threads())
+    return out

@@ -1,0 +1,166 @@
+"""GCRO-DR(m, k): restarted GMRES with a recycled subspace kept between solves.
+
+Parks, de Sturler, Mackey, Johnson and Maiti, "Recycling Krylov subspaces for
+sequences of linear systems" (SIAM J. Sci. Comput., 2006).  Each cycle runs ``m - k``
+Arnoldi steps on ``(I - C C^T) A`` and minimizes the residual over ``span(U, V)``;
+after each cycle the recycled pair ``(U, C)`` becomes the ``k`` harmonic Ritz vectors of
+smallest harmonic Ritz value (:func:`~lowrank_ops.krylov.recycle.harmonic_ritz`).  The
+pair survives the call: the next :meth:`GCRODR.solve` starts from it, recomputing
+``C = A U`` when the matrix (or preconditioner) changed.  With ``k = 0`` every cycle is
+a GMRES(m) cycle, which is how :func:`~lowrank_ops.krylov.gmres` is implemented.
+
+Minimization over ``span(U, V)``: with ``r`` orthogonal to ``C`` the least-squares
+right-hand side is ``[0; beta e1]`` and the ``U`` block of ``G = [[D, B], [0, Hbar]]``
+is diagonal, so the optimal ``U`` coefficients are ``-D^{-1} B y`` and ``y`` solves the
+GMRES problem ``min ||beta e1 - Hbar y||``; the update is ``x += V y - U (B y)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._arnoldi import arnoldi_cycle
+from ._kernels import combine, dots, subtract
+from ._common import Preconditioner, System, check_positive_int, setup_system
+from .info import SolveInfo
+from .recycle import harmonic_ritz, refresh
+
+__all__ = ["GCRODR"]
+
+#: A restart cycle counts as progress when it cuts the residual by more than this fraction.
+_STAGNATION = 1e-12
+
+
+class GCRODR:
+    """Recycling GMRES solver, GCRO-DR(m, k), that keeps its subspace between solves.
+
+    Parameters
+    ----------
+    m : int
+        Search space per cycle (recycled plus new Krylov directions), ``m > k``.
+    k : int
+        Recycled harmonic Ritz vectors (0: plain restarted GMRES(m)).
+    M : None, 'jacobi', Tensor[n] or callable, optional
+        Right preconditioner: ``'jacobi'`` (``M^{-1} = diag(A)^{-1}``, recomputed for each
+        matrix), the diagonal of ``M^{-1}``, or a callable ``y -> M^{-1} y``.
+    maxiter : int, optional
+        Iteration budget per solve (Arnoldi steps over all cycles); default ``10 n``.
+
+    Attributes
+    ----------
+    U, C : Tensor[k', n] or None
+        The recycled pair after the last solve (rows; ``A M^{-1} U^T = C^T``).
+    """
+
+    def __init__(self, m: int = 40, k: int = 10, *, M: Preconditioner = None, maxiter: Optional[int] = None):
+        self.m = check_positive_int("GCRODR", "m", m)
+        self.k = check_positive_int("GCRODR", "k", k, minimum=0)
+        if self.k >= self.m:
+            raise ValueError(f"GCRODR: k must be smaller than m; got m = {self.m}, k = {self.k}")
+        self.maxiter = None if maxiter is None else check_positive_int("GCRODR", "maxiter", maxiter)
+        self.M = M
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the recycled subspace."""
+        self.U: Optional[torch.Tensor] = None
+        self.C: Optional[torch.Tensor] = None
+        self._key: Optional[tuple] = None
+
+    def solve(self, A, b, x0=None, tol: float = 1e-8) -> Tuple[torch.Tensor, SolveInfo]:
+        """Solve ``A x = b`` to ``||b - A x|| <= tol ||b||``, recycling from earlier solves.
+
+        Parameters
+        ----------
+        A : CSRMatrix, torch sparse or dense matrix, scipy.sparse matrix or callable
+            Square ``[n, n]`` (see :func:`~lowrank_ops.krylov.operators.as_operator`).
+        b : Tensor[n] or array
+            Right-hand side (finite).  Vectors are float64 on the CPU unless ``b`` (or
+            ``A``) is a float32 or CUDA tensor.
+        x0 : Tensor[n], optional
+            Initial guess (default zero).
+        tol : float
+            Relative residual tolerance (> 0).
+
+        Returns
+        -------
+        x : Tensor[n]
+        info : SolveInfo
+            ``converged`` reports whether the final true residual meets ``tol``.
+        """
+        system = setup_system("GCRODR.solve", A, b, x0, tol, self.M)
+        if self.U is not None and (self.U.shape[1] != system.A.n or self.U.dtype != system.b.dtype
+                                   or self.U.device != system.b.device):
+            self.reset()  # a system of another size or kind: nothing to recycle
+        return self._solve(system, float(tol))
+
+    # ------------------------------------------------------------------ engine
+    def _solve(self, system: System, tol: float) -> Tuple[torch.Tensor, SolveInfo]:
+        n, bnorm = system.A.n, system.bnorm
+        if bnorm == 0.0:
+            return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
+        maxiter = self.maxiter if self.maxiter is not None else 10 * n
+        target = tol * bnorm
+        U, C = self.U, self.C
+        if U is not None and (C is None or system.key != self._key):
+            C, U = refresh(system.apply, U)
+        basis = torch.empty(self.m + 1, n, dtype=system.b.dtype, device=system.b.device)
+        x = system.x0
+        r = system.residual(x)
+        rnorm = float(torch.linalg.vector_norm(r))
+        history = [rnorm / bnorm]
+        iterations = cycles = 0
+        status = "maxiter"
+        r_is_true = True
+        while True:
+            kc = 0 if U is None else U.shape[0]
+            if kc:  # x += U C^T r, r -= C C^T r: the best correction from the recycled space
+                coefficients = dots(C, r)
+                x += system.unprecondition(combine(U, coefficients))
+                rnorm = subtract(C, r, coefficients)
+                history[-1] = rnorm / bnorm
+                r_is_true = False
+            if rnorm <= target:
+                if r_is_true:
+                    status = "converged"
+                    break
+                r, rnorm, r_is_true = self._true_residual(system, x)
+                history[-1] = rnorm / bnorm
+                if rnorm <= target:
+                    status = "converged"
+                    break
+            if iterations >= maxiter:
+                break
+            for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
+                basis[row].copy_(C[row])
+            steps = min(self.m - kc, maxiter - iterations)
+            cycle = arnoldi_cycle(system.apply, basis, kc, r, rnorm, steps, target, history, bnorm)
+            iterations += cycle.steps
+            cycles += 1
+            y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
+            correction = combine(basis[kc: kc + cycle.steps], y)
+            if kc:
+                subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
+            x += system.unprecondition(correction)
+            if self.k:
+                U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, self.k)
+            previous = rnorm
+            r, rnorm, r_is_true = self._true_residual(system, x)
+            history[-1] = rnorm / bnorm
+            if rnorm > target and rnorm >= (1.0 - _STAGNATION) * previous:
+                status = "stagnation"
+                break
+        if not r_is_true:
+            r, rnorm, r_is_true = self._true_residual(system, x)
+        self.U, self.C, self._key = U, C, system.key
+        true_residual = rnorm / bnorm
+        converged = true_residual <= tol
+        if converged:
+            status = "converged"
+        return x, SolveInfo(converged, iterations, system.matvecs, history, true_residual, status, cycles)
+
+    @staticmethod
+    def _true_residual(system: System, x: torch.Tensor):
+        r = system.residual(x)
+        return r, float(torch.linalg.vector_norm(r)), True

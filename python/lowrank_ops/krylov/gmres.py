@@ -1,0 +1,50 @@
+"""Restarted GMRES(m) with right preconditioning."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import Preconditioner, check_positive_int, setup_system
+from .gcrodr import GCRODR
+from .info import SolveInfo
+
+__all__ = ["gmres"]
+
+
+def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optional[int] = None,
+          M: Preconditioner = None) -> Tuple[torch.Tensor, SolveInfo]:
+    """Solve ``A x = b`` with restarted GMRES(``restart``).
+
+    Arnoldi with classical Gram-Schmidt and selective reorthogonalization (BLAS-2),
+    Givens rotations for the running residual, the residual recomputed from ``x`` at
+    every restart.  It is GCRO-DR with no recycled vectors (:class:`GCRODR` ``(m, 0)``).
+
+    Parameters
+    ----------
+    A : CSRMatrix, torch sparse or dense matrix, scipy.sparse matrix or callable
+        Square ``[n, n]``.
+    b : Tensor[n] or array
+        Right-hand side (finite).  float64 on the CPU unless ``b`` (or ``A``) is a
+        float32 or CUDA tensor.
+    x0 : Tensor[n], optional
+        Initial guess (default zero).
+    tol : float
+        Stop when ``||b - A x|| <= tol ||b||`` (> 0).
+    restart : int
+        Krylov directions per cycle, ``m``.
+    maxiter : int, optional
+        Iteration budget (Arnoldi steps over all cycles); default ``10 n``.
+    M : None, 'jacobi', Tensor[n] or callable
+        Right preconditioner (see :class:`GCRODR`).
+
+    Returns
+    -------
+    x : Tensor[n]
+    info : SolveInfo
+    """
+    restart = check_positive_int("gmres", "restart", restart)
+    if maxiter is not None:
+        check_positive_int("gmres", "maxiter", maxiter)
+    system = setup_system("gmres", A, b, x0, tol, M)
+    return GCRODR(restart, 0, M=M, maxiter=maxiter)._solve(system, float(tol))

@@ -1,0 +1,100 @@
+"""The data-generation job (``lowrank-ops generate``): results, progress, atomic writes, resuming after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spla
+
+from lowrank_ops import pde
+from lowrank_ops.cli import main as cli_main
+from lowrank_ops.generate import generate_dataset
+
+# Small enough for the test budget, large enough that the run takes a few seconds after
+# its first shard is on disk (so a kill lands mid-run).
+_ARGS = ["darcy", "--grid", "20", "--num", "36", "--shard-size", "3", "--seed", "5", "--tol", "1e-10", "--quiet"]
+
+
+def _cli(out: Path) -> list:
+    return [sys.executable, "-m", "lowrank_ops.cli", "generate", *_ARGS, "--out", str(out)]
+
+
+def _load(path: Path) -> dict:
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+def test_resumes_after_kill_without_loss_or_duplicates(tmp_path):
+    reference = tmp_path / "reference.npz"
+    assert subprocess.run(_cli(reference), capture_output=True, timeout=300).returncode == 0
+
+    out = tmp_path / "killed.npz"
+    parts = tmp_path / "killed.npz.parts"
+    process = subprocess.Popen(_cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("shard_*.npz"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    shards_at_kill = sorted(parts.glob("shard_*.npz"))
+    assert 2 <= len(shards_at_kill) < 12, "the run was not interrupted mid-way"
+    assert not out.exists()
+    # A torn write left behind by a kill during a write is ignored (and never read).
+    (parts / ".shard_00011.npz.999.tmp").write_bytes(b"partial")
+
+    resumed = subprocess.run(_cli(out), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not parts.exists()
+    expected, actual = _load(reference), _load(out)
+    assert sorted(actual) == sorted(expected)
+    for name in expected:  # the resumed run did exactly the uninterrupted run's computation
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert sorted(actual["order"].tolist()) == list(range(36))
+
+
+def test_dataset_contents_match_direct_solves(tmp_path):
+    out = generate_dataset("helmholtz", 12, 5, tmp_path / "h.npz", seed=2, tol=1e-10, m=30, k=6, shard_size=2)
+    data = _load(out)
+    assert data["solution"].shape == (5, 12, 12) and data["coefficient"].shape == (5, 12, 12)
+    assert json.loads(str(data["settings"]))["family"] == "helmholtz"
+    for index in range(5):
+        problem = pde.helmholtz(12, seed=2, index=index)
+        np.testing.assert_array_equal(data["coefficient"][index], problem.coefficient.numpy())
+        A, b = problem.matrix.to_scipy(), problem.rhs.numpy()
+        x = data["solution"][index].reshape(-1)
+        assert np.linalg.norm(b - A @ x) / np.linalg.norm(b) <= 1e-10 * (1 + 1e-6)
+        assert data["residual"][index] <= 1e-10 * (1 + 1e-6)
+        exact = spla.spsolve(A.tocsc(), b)
+        assert np.linalg.norm(x - exact) / np.linalg.norm(exact) <= np.linalg.cond(A.toarray()) * 1e-10
+
+
+def test_progress_bar_reports_speed(tmp_path, capsys):
+    assert cli_main(["generate", "poisson", "--grid", "8", "--num", "4", "--out", str(tmp_path / "p.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "4/4" in err and "samples/s" in err and "ETA" in err
+
+
+def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "d.npz"
+    parts = tmp_path / "d.npz.parts"
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps({"format": 1, "settings": {"family": "darcy", "grid": 99}, "order": []}))
+    assert cli_main(["generate", "darcy", "--grid", "8", "--num", "3", "--out", str(out), "--quiet"]) == 2
+    assert "unfinished run with other settings" in capsys.readouterr().err
+    out.write_bytes(b"")
+    assert cli_main(["generate", "darcy", "--grid", "8", "--num", "3", "--out", str(out), "--quiet"]) == 2
+    assert "exists; remove it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num must be an integer >= 1"):
+        generate_dataset("darcy", 8, 0, tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="tol must be a positive finite number"):
+        generate_dataset("darcy", 8, 2, tmp_path / "x.npz", tol=0.0)
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "burgers", "--num", "2", "--out", str(tmp_path / "y.npz")])
+    assert not os.path.exists(tmp_path / "x.npz")

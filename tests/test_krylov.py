@@ -1,0 +1,373 @@
+"""Krylov solvers (ALGORITHMS.md section 7): GMRES, CG, GCRO-DR, SKR sequences and their kernels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+from lowrank_ops import pde, reference
+from lowrank_ops.krylov import CSRMatrix, GCRODR, cg, gmres, greedy_order, solve_sequence
+from lowrank_ops.krylov import _kernels
+
+
+# ---------------------------------------------------------------------------- systems
+def _laplacian(n: int) -> sp.csr_matrix:
+    T = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n))
+    return (sp.kron(sp.eye(n), T) + sp.kron(T, sp.eye(n))).tocsr() * (n + 1) ** 2
+
+
+def _convection_diffusion(n: int, velocity: float = 40.0) -> sp.csr_matrix:
+    """Nonsymmetric: Laplacian plus first-order upwind convection in x."""
+    h = 1.0 / (n + 1)
+    D = sp.diags([-1.0, 1.0], [-1, 0], shape=(n, n)) / h
+    return (_laplacian(n) + velocity * sp.kron(sp.eye(n), D)).tocsr()
+
+
+def _system(kind: str, generator: torch.Generator):
+    """(scipy CSR matrix, numpy rhs) of a small SPD, nonsymmetric or indefinite system."""
+    if kind == "spd":
+        A = pde.darcy(16, seed=1, index=2).matrix.to_scipy()
+    elif kind == "nonsymmetric":
+        A = _convection_diffusion(16)
+    else:  # Helmholtz, k^2 about 100 > 2 pi^2: indefinite
+        A = pde.helmholtz(16, seed=1, index=2).matrix.to_scipy()
+    b = torch.randn(A.shape[0], generator=generator, dtype=torch.float64).numpy()
+    return A, b
+
+
+def _relative_residual(A, b, x) -> float:
+    x = np.asarray(torch.as_tensor(x).double().cpu())
+    return float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
+
+
+def _scipy_gmres_iterations(A, b, restart: int, tol: float) -> int:
+    count = [0]
+
+    def step(_):
+        count[0] += 1
+
+    spla.gmres(A, b, rtol=tol, restart=restart, maxiter=10_000, callback=step, callback_type="pr_norm")
+    return count[0]
+
+
+# ---------------------------------------------------------------------------- GMRES / GCRO-DR basics
+def test_gmres_iterations_match_scipy(generator):
+    # Both are right-preconditioning-free restarted GMRES with the same stopping rule; the
+    # counts can differ only when a residual lands within rounding of the threshold.
+    A, b = _convection_diffusion(20), torch.randn(400, generator=generator, dtype=torch.float64).numpy()
+    x, info = gmres(A, b, tol=1e-8, restart=20)
+    assert info.converged and info.status == "converged"
+    assert abs(info.iterations - _scipy_gmres_iterations(A, b, 20, 1e-8)) <= 1
+    assert _relative_residual(A, b, x) <= 1e-8
+    assert len(info.residuals) == info.iterations + 1
+    assert info.restarts == -(-info.iterations // 20)
+
+
+def test_gcrodr_k0_reproduces_gmres(generator):
+    A, b = _system("nonsymmetric", generator)
+    x_gmres, gmres_info = gmres(A, b, tol=1e-9, restart=15)
+    x_k0, k0_info = GCRODR(15, 0).solve(A, b, tol=1e-9)
+    assert k0_info.iterations == gmres_info.iterations
+    assert k0_info.matvecs == gmres_info.matvecs
+    assert k0_info.residuals == gmres_info.residuals
+    torch.testing.assert_close(x_k0, x_gmres, rtol=0, atol=0)
+
+
+def test_gmres_first_cycle_is_minimal_residual(generator):
+    # After j steps GMRES minimizes ||b - A x|| over the Krylov space K_j(A, b): compare
+    # the running estimates with a dense least-squares solve over an orthonormal basis.
+    A, b = _system("nonsymmetric", generator)
+    _, info = gmres(A, b, tol=1e-14, restart=12, maxiter=12)
+    dense = A.toarray()
+    basis = [b / np.linalg.norm(b)]
+    for j in range(1, 13):
+        Q, _ = np.linalg.qr(np.stack(basis, axis=1))
+        y = np.linalg.lstsq(dense @ Q, b, rcond=None)[0]
+        minimal = np.linalg.norm(b - dense @ Q @ y) / np.linalg.norm(b)
+        assert info.residuals[j] == pytest.approx(minimal, rel=1e-6, abs=1e-13), j
+        basis.append(dense @ Q[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["spd", "nonsymmetric", "indefinite"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "gcrodr_jacobi", "cg"])
+def test_final_true_residual_meets_tolerance(kind, solver, generator):
+    if solver == "cg" and kind != "spd":
+        pytest.skip("CG is for SPD systems")
+    A, b = _system(kind, generator)
+    tol = 1e-9
+    if solver == "gmres":
+        x, info = gmres(A, b, tol=tol, restart=80, maxiter=20_000)  # GMRES(30) stagnates on the indefinite one
+    elif solver == "cg":
+        x, info = cg(A, b, tol=tol, M="jacobi")
+    else:
+        x, info = GCRODR(30, 8, M="jacobi" if solver.endswith("jacobi") else None).solve(A, b, tol=tol)
+    assert info.converged, info.status
+    assert info.true_residual <= tol
+    assert _relative_residual(A, b, x) <= tol * (1 + 1e-6)  # recomputed independently (scipy)
+    assert x.dtype == torch.float64 and torch.isfinite(x).all()
+
+
+def test_cg_matches_direct_solve(generator):
+    A, b = _system("spd", generator)
+    x, info = cg(A, b, tol=1e-12)
+    exact = spla.spsolve(A.tocsc(), b)
+    assert info.converged
+    # forward error <= cond(A) * relative residual
+    bound = np.linalg.cond(A.toarray()) * 1e-12
+    assert np.linalg.norm(x.numpy() - exact) / np.linalg.norm(exact) <= bound
+
+
+def test_float32_and_callable_operator(generator):
+    A, b = _system("spd", generator)
+    matrix = CSRMatrix.from_scipy(A, torch.float32)
+    x, info = gmres(matrix, torch.as_tensor(b, dtype=torch.float32), tol=1e-5, restart=40)
+    assert x.dtype == torch.float32 and info.converged and _relative_residual(A, b, x) <= 2e-5
+
+    class Operator:
+        shape = A.shape
+
+        def __call__(self, v):
+            return torch.from_numpy(A @ v.numpy())
+
+    x, info = GCRODR(30, 5).solve(Operator(), b, tol=1e-8)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-8
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+def test_inputs_accepted_as_torch_sparse_dense_and_numpy(generator):
+    A, b = _system("nonsymmetric", generator)
+    dense = torch.from_numpy(A.toarray())
+    for operator in (dense, dense.to_sparse_csr(), dense.to_sparse(), A.toarray()):
+        x, info = gmres(operator, torch.from_numpy(b), tol=1e-8, restart=30)
+        assert info.converged and _relative_residual(A, b, x) <= 1e-8
+
+
+# ---------------------------------------------------------------------------- recycling
+def test_recycled_sequence_gives_the_independent_solutions():
+    problems = pde.generate("darcy", 16, 8, seed=3)
+    tol = 1e-10
+    recycled = solve_sequence(problems, method="gcrodr", order="skr", m=30, k=8, tol=tol)
+    independent = solve_sequence(problems, method="gmres", order="given", m=30, tol=tol)
+    assert recycled.converged and independent.converged
+    for problem, x_recycled, x_independent in zip(problems, recycled.solutions, independent.solutions):
+        A = problem.matrix.to_scipy()
+        b = problem.rhs.numpy()
+        exact = spla.spsolve(A.tocsc(), b)
+        bound = np.linalg.cond(A.toarray()) * tol  # forward error of any solution with residual <= tol
+        for x in (x_recycled, x_independent):
+            assert _relative_residual(A, b, x) <= tol * (1 + 1e-6)
+            assert np.linalg.norm(x.numpy() - exact) / np.linalg.norm(exact) <= bound
+    # Recycling pays: fewer products than restarting from scratch for every system.
+    assert recycled.matvecs < independent.matvecs
+    assert sorted(recycled.order) == list(range(len(problems)))
+
+
+def test_recycled_space_is_refreshed_for_a_new_matrix():
+    first, second = pde.darcy(16, index=0), pde.darcy(16, index=1)
+    solver = GCRODR(30, 6)
+    solver.solve(first.matrix, first.rhs, tol=1e-9)
+    for problem in (second, first):  # new matrix, then back: C = A U must hold for each
+        solver.solve(problem.matrix, problem.rhs, tol=1e-9)
+        U, C = solver.U, solver.C
+        image = torch.stack([problem.matrix @ u for u in U])
+        torch.testing.assert_close(image, C, rtol=0, atol=1e-8 * float(image.abs().max()))
+        torch.testing.assert_close(C @ C.T, torch.eye(C.shape[0], dtype=C.dtype), rtol=0, atol=1e-10)
+
+
+def test_same_matrix_twice_skips_the_refresh(generator, monkeypatch):
+    from lowrank_ops.krylov import gcrodr as gcrodr_module
+
+    refreshes = []
+    original = gcrodr_module.refresh
+    monkeypatch.setattr(gcrodr_module, "refresh", lambda apply, U: refreshes.append(U.shape[0]) or original(apply, U))
+    problem = pde.darcy(16, index=4)
+    solver = GCRODR(30, 6)
+    _, first = solver.solve(problem.matrix, problem.rhs, tol=1e-9)
+    b2 = problem.rhs + 0.1 * torch.randn(problem.rhs.shape, generator=generator, dtype=torch.float64)
+    _, same = solver.solve(problem.matrix, b2, tol=1e-9)
+    assert refreshes == []  # same matrix object: C = A U is still valid
+    assert same.iterations < first.iterations  # and the recycled space helps
+    problem.matrix.values.mul_(2.0)  # changed in place: the values' version counter tells
+    solver.solve(problem.matrix, problem.rhs, tol=1e-9)
+    assert refreshes == [solver.k]
+    copy = CSRMatrix(problem.matrix.row_ptr, problem.matrix.col_idx, problem.matrix.values.clone(), problem.matrix.shape)
+    solver.solve(copy, problem.rhs, tol=1e-9)
+    solver.solve(copy, problem.rhs, tol=1e-9)
+    assert len(refreshes) == 2  # another matrix object: recomputed once
+
+
+def test_skr_order_and_caller_order():
+    features = torch.tensor([[0.0], [5.0], [1.0], [4.0], [2.0], [3.0]])
+    assert greedy_order(features) == [0, 2, 4, 5, 3, 1]
+    problems = pde.generate("poisson", 12, 5, seed=2)
+    result = solve_sequence(problems, order="skr", m=20, k=4, tol=1e-10)
+    for problem, x in zip(problems, result.solutions):  # solutions come back in the caller's order
+        assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x) <= 1e-10 * (1 + 1e-6)
+
+
+# ---------------------------------------------------------------------------- breakdown
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_exact_solution_found_early(solver):
+    # b is an eigenvector: the Krylov space is invariant after one step (lucky breakdown).
+    A = sp.diags(np.arange(1.0, 101.0)).tocsr()
+    b = np.zeros(100)
+    b[7] = 3.0
+    run = {"gmres": lambda: gmres(A, b, tol=1e-12), "gcrodr": lambda: GCRODR(20, 5).solve(A, b, tol=1e-12),
+           "cg": lambda: cg(A, b, tol=1e-12)}[solver]
+    x, info = run()
+    assert info.converged and info.iterations == 1
+    assert torch.isfinite(x).all() and _relative_residual(A, b, x) <= 1e-15
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_zero_rhs(solver):
+    A = _laplacian(6)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol)}[solver]
+    x, info = run(A, np.zeros(36), tol=1e-8)
+    assert info.converged and info.status == "zero_rhs" and info.matvecs == 0
+    assert torch.equal(x, torch.zeros(36, dtype=torch.float64))
+    x, info = run(sp.csr_matrix((0, 0)), np.zeros(0), tol=1e-8)  # the empty system
+    assert info.converged and x.shape == (0,)
+
+
+def test_singular_systems():
+    # 1-D Neumann Laplacian: singular (constants in the null space).
+    n = 50
+    A = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n)).tolil()
+    A[0, 0] = A[n - 1, n - 1] = 1.0
+    A = A.tocsr()
+    consistent = A @ np.sin(np.arange(n))
+    x, info = gmres(A, consistent, tol=1e-10, restart=60)
+    assert info.converged and _relative_residual(A, consistent, x) <= 1e-10
+    inconsistent = np.ones(n)  # orthogonal to the range: no solution
+    for solve in (lambda: gmres(A, inconsistent, tol=1e-10, restart=20, maxiter=400),
+                  lambda: GCRODR(20, 5, maxiter=400).solve(A, inconsistent, tol=1e-10)):
+        x, info = solve()
+        assert not info.converged and info.status in ("stagnation", "maxiter")
+        assert torch.isfinite(x).all() and np.isfinite(info.true_residual)
+
+
+def test_cg_reports_indefinite_breakdown(generator):
+    A, b = _system("indefinite", generator)
+    x, info = cg(A, b, tol=1e-10)
+    assert not info.converged and info.status == "breakdown"
+    assert torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_input_gives_clear_errors():
+    A = _laplacian(4)
+    b = np.ones(16)
+    with pytest.raises(ValueError, match=r"A has shape \(16, 15\); expected a square matrix"):
+        gmres(A[:, :15], b)
+    with pytest.raises(ValueError, match=r"b has shape \(15,\); expected \(n,\) = \(16,\)"):
+        gmres(A, np.ones(15))
+    with pytest.raises(ValueError, match=r"x0 has shape \(3,\); expected \(n,\) = \(16,\)"):
+        cg(A, b, x0=np.ones(3))
+    with pytest.raises(ValueError, match=r"b has shape \(2, 8\); expected \(n,\) = \(16,\)"):
+        gmres(A, np.ones((2, 8)))
+    nan_b = b.copy()
+    nan_b[3] = np.nan
+    with pytest.raises(ValueError, match="b holds 1 non-finite"):
+        GCRODR(10, 2).solve(A, nan_b)
+    for tol in (0.0, -1e-8, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a positive finite number"):
+            gmres(A, b, tol=tol)
+    with pytest.raises(ValueError, match="restart must be an integer >= 1; got 0"):
+        gmres(A, b, restart=0)
+    with pytest.raises(ValueError, match="k must be smaller than m; got m = 10, k = 10"):
+        GCRODR(10, 10)
+    with pytest.raises(ValueError, match="M must be None, 'jacobi'"):
+        gmres(A, b, M="ilu")
+    with pytest.raises(ValueError, match=r"M has shape \(3,\); expected \(n,\) = \(16,\)"):
+        gmres(A, b, M=torch.ones(3))
+    with pytest.raises(ValueError, match="non-finite entries"):
+        bad = A.copy()
+        bad.data[0] = np.inf
+        gmres(bad, b)
+    with pytest.raises(ValueError, match="col_idx must lie in"):
+        CSRMatrix(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0], dtype=torch.float64), (1, 2))
+    with pytest.raises(ValueError, match="row_ptr must be non-decreasing"):
+        CSRMatrix(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64), (3, 2))
+    with pytest.raises(ValueError, match="method must be 'gcrodr', 'gmres' or 'cg'"):
+        solve_sequence([(A, b)], method="bicgstab")
+    with pytest.raises(TypeError, match=r"problems\[0\] must be a PDE problem"):
+        solve_sequence([A])
+
+
+# ---------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_rows", [0, 1, 300])
+def test_spmv_kernel_against_reference(device, dtype, n_rows, generator):
+    dense = torch.randn(n_rows, 200, generator=generator, dtype=torch.float64)
+    dense[torch.rand(n_rows, 200, generator=generator) < 0.9] = 0  # ~10% stored entries
+    matrix = CSRMatrix.from_dense(dense.to(dtype)).to(device)
+    x = torch.randn(400, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)[::2]  # non-contiguous
+    out = matrix @ x
+    expected = reference.krylov_spmv(matrix.row_ptr.cpu(), matrix.col_idx.cpu(), matrix.values.cpu().double(),
+                                     x.cpu().double(), n_rows)
+    # Each output is a dot of <= 200 products: Higham's gamma_n bound in the accumulation type.
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    bound = 201 * unit / (1 - 201 * unit) * (dense.abs() @ x.cpu().double().abs()) + 1e-300
+    assert out.shape == (n_rows,) and out.dtype == dtype
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows,n", [(1, 7), (9, 1000), (33, 70_000)])  # the last splits over threads
+def test_gram_schmidt_kernel_against_reference(device, dtype, rows, n, generator):
+    storage = torch.randn(rows, n + 3, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    basis = storage[:, :n]  # rows strided by n + 3
+    w = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    h_ref, w_ref, before_ref, after_ref = reference.gram_schmidt_pass(basis.cpu().double(), w.cpu().double())
+    rtol = 1e-12 if dtype == torch.float64 else 1e-4  # dots of n terms; results O(sqrt(n)) with O(n) cancellation
+    scale = float(basis.abs().max()) * float(w.abs().max()) * n
+    w_full, h = w.clone(), torch.empty(rows, dtype=dtype, device=device)
+    before, after = _kernels.gram_schmidt(basis, w_full, h)
+    assert (h.cpu().double() - h_ref).abs().max() <= rtol * scale
+    assert (w_full.cpu().double() - w_ref).abs().max() <= rtol * scale * rows
+    assert before == pytest.approx(float(before_ref) ** 0.5, rel=rtol)
+    assert after == pytest.approx(float(after_ref) ** 0.5, rel=rtol * rows, abs=rtol * scale)
+    assert (_kernels.dots(basis, w).cpu().double() - h_ref).abs().max() <= rtol * scale
+    w_update = w.clone()
+    _kernels.subtract(basis, w_update, h_ref.to(device=device, dtype=dtype))
+    assert (w_update.cpu().double() - w_ref).abs().max() <= rtol * scale * rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows,cols,n", [(1, 1, 5), (0, 3, 10), (7, 4, 300), (41, 10, 70_000)])
+def test_block_kernels_against_reference(device, dtype, rows, cols, n, generator):
+    storage = torch.randn(rows, n + 2, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    basis = storage[:, :n]  # strided rows
+    other = torch.randn(cols, n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    coefficients = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    q, w = basis.cpu().double(), other.cpu().double()
+    # Higham's gamma_m bounds: m-term sums in the accumulation type, plus the final rounding.
+    products = _kernels.gram(basis, other)
+    bound = (n + 1) * unit / (1 - (n + 1) * unit) * (q.abs() @ w.abs().T)
+    assert products.shape == (rows, cols)
+    assert (np.abs(products - reference.krylov_gram(q, w).numpy()) <= bound.numpy()).all()
+    coefficients_rounded = coefficients.to(dtype).double()  # the kernel sees them in the storage dtype
+    expected = reference.krylov_combine(q, coefficients_rounded)
+    bound = (rows + 2) * unit / (1 - (rows + 2) * unit) * (coefficients_rounded.abs().T @ q.abs() + w.abs()) + 1e-300
+    combined = _kernels.combine_rows(basis, coefficients.numpy())
+    assert combined.shape == (cols, n)
+    assert ((combined.cpu().double() - expected).abs() <= bound).all()
+    start = other.clone()
+    _kernels.combine_rows(basis, coefficients.numpy(), out=start)  # accumulate
+    assert ((start.cpu().double() - (w + expected)).abs() <= bound).all()
+
+
+def test_cuda_gmres_matches_cpu(cuda_device, generator):
+    problem = pde.darcy(24, index=5)
+    x_cpu, info_cpu = GCRODR(30, 6).solve(problem.matrix, problem.rhs, tol=1e-9)
+    matrix = problem.matrix.to(cuda_device)
+    x_gpu, info_gpu = GCRODR(30, 6).solve(matrix, problem.rhs.to(cuda_device), tol=1e-9)
+    assert info_gpu.converged and x_gpu.is_cuda
+    assert abs(info_gpu.iterations - info_cpu.iterations) <= 2
+    assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_gpu) <= 1e-9 * (1 + 1e-6)
+    x_cg, info_cg = cg(matrix, problem.rhs.to(cuda_device), tol=1e-9, M="jacobi")
+    assert info_cg.converged and _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_cg) <= 1e-9 * (1 + 1e-6)

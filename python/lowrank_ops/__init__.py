@@ -12,10 +12,12 @@ Public modules:
 * :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
   ``effective_rank``
 * :mod:`lowrank_ops.optim`: ``GaLoreAdamW``
+* :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``solve_sequence`` (SKR)
+* :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import linalg, methods, nn, ops, optim, reference, sparse
+from . import krylov, linalg, methods, nn, ops, optim, pde, reference, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "linalg", "methods", "nn", "ops", "optim", "reference", "sparse"]
+__all__ = ["__version__", "info", "krylov", "linalg", "methods", "nn", "ops", "optim", "pde", "reference", "sparse"]

@@ -143,7 +143,7 @@ class OTResult:
             lo, hi = int(row_ptr[bi * problem.n]), int(row_ptr[(bi + 1) * problem.n])
             local_ptr = row_ptr[bi * problem.n:(bi + 1) * problem.n + 1] - lo
             plans.append(torch.sparse_csr_tensor(local_ptr, col_idx[lo:hi], values[lo:hi],
-                                                 size=(problem.n, problem.m)))
+                                                 size=(problem.n, problem.m), check_invariants=True))
         return plans[0] if problem.lead == () else plans
 
 

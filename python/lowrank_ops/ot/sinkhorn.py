@@ -130,6 +130,8 @@ def sinkhorn(
     """
     op = "sinkhorn"
     problem = Problem(op, a, b, C, x, y, cost, reg)
-    state = SinkhornState(problem, _check_tol(op, tol))
-    state.run(_check_positive_int(op, "max_iter", max_iter))
+    tol, max_iter = _check_tol(op, tol), _check_positive_int(op, "max_iter", max_iter)
+    with torch.no_grad():  # the iterations are not differentiated: the value's backward is analytic
+        state = SinkhornState(problem, tol)
+        state.run(max_iter)
     return make_result(problem, state.f, state.g, state.converged, state.iterations, state.history())

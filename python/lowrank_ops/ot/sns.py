@@ -194,7 +194,11 @@ def sinkhorn_newton_sparse(
         Sinkhorn iterations before the first Newton step (>= 1).
     rho : float, optional
         Fraction of the plan entries kept in the Hessian, in (0, 1]; default
-        ``2 / min(n, m)`` (the paper's ``lambda = 2 / n``: about two entries per row).
+        ``10 / min(n, m)`` (about ten entries per row).  The paper's ``lambda = 2 / n``
+        converges only linearly on its own random assignment problem here (n = 500,
+        eta = 1200: 33 Newton steps at a rate of about 0.66, against 6 steps with
+        ``5 / n`` or ``10 / n``), and fails on 2-D point clouds at ``reg = 1e-3`` of the
+        cost scale, where ``10 / n`` converges in 14.
     cg_tol, cg_max_iter : float, int
         Conjugate-gradient stopping rule: relative residual, iteration limit per step.
     max_iter : int
@@ -221,33 +225,34 @@ def sinkhorn_newton_sparse(
     cg_max_iter = _check_positive_int(op, "cg_max_iter", cg_max_iter)
     cg_tol = _check_tol(op, cg_tol)
     size = max(min(problem.n, problem.m), 1)
-    rho = 2.0 / size if rho is None else rho
+    rho = min(1.0, 10.0 / size) if rho is None else rho
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
         raise ValueError(f"{op}: rho must be a number in (0, 1]; got {rho!r}")
     keep = max(1, min(problem.n * problem.m, math.ceil(rho * problem.n * problem.m)))
 
-    state = SinkhornState(problem, tol)
-    state.run(warmup)
-    log = _NewtonLog()
-    newton_steps = torch.zeros_like(state.iterations)
-    just_newton = torch.zeros_like(state.active)
-    for step in range(max_iter + 1):
-        if not bool(state.active.any()):
-            break
-        col_lse, _ = problem.lse(state.f, state.g, state.active, columns=True)
-        if bool(just_newton.any()):
-            error = (state.row_lse.exp() - problem.a).abs().sum(-1) + (col_lse.exp() - problem.b).abs().sum(-1)
-            state.record(error, just_newton)
-        active = state.active.clone()
-        if step == max_iter or not bool(active.any()):
-            break
-        accepted, cg_iterations, alpha = _newton_step(problem, state, col_lse, active, keep, cg_tol, cg_max_iter)
-        log.add(cg_iterations, alpha, active)
-        newton_steps += accepted.to(torch.int64)
-        rejected = active & ~accepted
-        if bool(rejected.any()):
-            state.step(rejected)
-        just_newton = accepted
+    with torch.no_grad():  # the iterations are not differentiated: the value's backward is analytic
+        state = SinkhornState(problem, tol)
+        state.run(warmup)
+        log = _NewtonLog()
+        newton_steps = torch.zeros_like(state.iterations)
+        just_newton = torch.zeros_like(state.active)
+        for step in range(max_iter + 1):
+            if not bool(state.active.any()):
+                break
+            col_lse, _ = problem.lse(state.f, state.g, state.active, columns=True)
+            if bool(just_newton.any()):
+                error = (state.row_lse.exp() - problem.a).abs().sum(-1) + (col_lse.exp() - problem.b).abs().sum(-1)
+                state.record(error, just_newton)
+            active = state.active.clone()
+            if step == max_iter or not bool(active.any()):
+                break
+            accepted, cg_iterations, alpha = _newton_step(problem, state, col_lse, active, keep, cg_tol, cg_max_iter)
+            log.add(cg_iterations, alpha, active)
+            newton_steps += accepted.to(torch.int64)
+            rejected = active & ~accepted
+            if bool(rejected.any()):
+                state.step(rejected)
+            just_newton = accepted
     like = state.f.new_empty(0)
     return make_result(
         problem, state.f, state.g, state.converged, state.iterations, state.history(),

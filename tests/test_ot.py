@@ -307,17 +307,22 @@ def test_value_gradient_is_the_plan(generator):
 
 # ---------------------------------------------------------------------------- robustness
 def test_float32_small_reg_no_nan(generator):
-    n = 200
+    # reg = 1e-4 of a cost in [0, 1]: exp(-C / reg) underflows float32 ~100 times over.
+    n = 100
     C32 = torch.rand(n, n, generator=generator, dtype=F64).float()
-    for solve in (sinkhorn, sinkhorn_newton_sparse):
-        result = solve(None, None, C32, 1e-3, tol=1e-4, max_iter=2000)
-        assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
-        assert torch.isfinite(result.cost) and torch.isfinite(result.marginal_error)
-        assert all(torch.isfinite(h).all() for h in result.history)
-        reference64 = sinkhorn_newton_sparse(None, None, C32.double(), 1e-3, tol=1e-10)
-        if bool(result.converged):
-            # marginal error 1e-4 moves the cost by at most 1e-4 max C; float32 rounding of the sums adds ~n u
-            assert abs(float(result.cost) - float(reference64.cost)) <= 1e-4 + 1e-3 * float(reference64.cost)
+    for reg in (1e-3, 1e-4):
+        reference64 = sinkhorn_newton_sparse(None, None, C32.double(), reg, tol=1e-10)
+        for solve in (sinkhorn, sinkhorn_newton_sparse):
+            result = solve(None, None, C32, reg, tol=1e-4, max_iter=300)
+            assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
+            assert torch.isfinite(result.cost) and torch.isfinite(result.marginal_error)
+            assert all(torch.isfinite(h).all() for h in result.history)
+            assert bool(result.converged) == (float(result.marginal_error) <= 1e-4)
+            if solve is sinkhorn_newton_sparse:
+                assert bool(result.converged)
+                # A marginal error of 1e-4 moves the cost by at most 1e-4 max C; the float32
+                # sums of n terms add about n u relative.
+                assert abs(float(result.cost) - float(reference64.cost)) <= 1e-4 + n * 2**-24 * float(reference64.cost)
 
 
 def test_top_plan(generator):

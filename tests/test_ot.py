@@ -308,12 +308,14 @@ def test_value_gradient_is_the_plan(generator):
 # ---------------------------------------------------------------------------- robustness
 def test_float32_small_reg_no_nan(generator):
     # reg = 1e-4 of a cost in [0, 1]: exp(-C / reg) underflows float32 ~100 times over.
-    n = 100
+    n = 60
     C32 = torch.rand(n, n, generator=generator, dtype=F64).float()
     for reg in (1e-3, 1e-4):
-        reference64 = sinkhorn_newton_sparse(None, None, C32.double(), reg, tol=1e-10)
-        for solve in (sinkhorn, sinkhorn_newton_sparse):
-            result = solve(None, None, C32, reg, tol=1e-4, max_iter=300)
+        # Truncated CG (100 steps) keeps this test fast; the directions stay ascent directions.
+        reference64 = sinkhorn_newton_sparse(None, None, C32.double(), reg, tol=1e-8, cg_max_iter=100)
+        assert bool(reference64.converged)
+        for solve, options in ((sinkhorn, {}), (sinkhorn_newton_sparse, dict(cg_max_iter=100))):
+            result = solve(None, None, C32, reg, tol=1e-4, max_iter=100, **options)
             assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
             assert torch.isfinite(result.cost) and torch.isfinite(result.marginal_error)
             assert all(torch.isfinite(h).all() for h in result.history)

@@ -308,23 +308,31 @@ def test_value_gradient_is_the_plan(generator):
 # ---------------------------------------------------------------------------- robustness
 def test_float32_small_reg_no_nan(generator):
     # reg = 1e-4 of a cost in [0, 1]: exp(-C / reg) underflows float32 ~100 times over.
-    n = 60
-    C32 = torch.rand(n, n, generator=generator, dtype=F64).float()
+    # Whatever the solvers reach, everything is finite and the report is consistent;
+    # converged runs are checked against the exact OT cost (ot.emd2):
+    #   -tol max C <= <C, P> - OT <= reg log(n m) + tol max C  (entropy bound, marginal error tol),
+    # plus the float32 rounding of the n m-term sum of <C, P> (n m u relative).
+    n = 40
+    x = torch.rand(n, 1, generator=generator, dtype=F64)
+    y = torch.rand(n, 1, generator=generator, dtype=F64)
+    C32 = ((x - y.T) ** 2).float()
+    exact = float(pot.emd2(torch.full((n,), 1 / n, dtype=F64).numpy(), torch.full((n,), 1 / n, dtype=F64).numpy(),
+                           C32.double().numpy()))
+    tol, scale = 1e-4, float(C32.max())
+    converged = 0
     for reg in (1e-3, 1e-4):
-        # Truncated CG (100 steps) keeps this test fast; the directions stay ascent directions.
-        reference64 = sinkhorn_newton_sparse(None, None, C32.double(), reg, tol=1e-8, cg_max_iter=100)
-        assert bool(reference64.converged)
-        for solve, options in ((sinkhorn, {}), (sinkhorn_newton_sparse, dict(cg_max_iter=100))):
-            result = solve(None, None, C32, reg, tol=1e-4, max_iter=100, **options)
+        for solve, options in ((sinkhorn, {}), (sinkhorn_newton_sparse, dict(cg_max_iter=200))):
+            result = solve(None, None, C32, reg, tol=tol, max_iter=100, **options)
             assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
             assert torch.isfinite(result.cost) and torch.isfinite(result.marginal_error)
             assert all(torch.isfinite(h).all() for h in result.history)
-            assert bool(result.converged) == (float(result.marginal_error) <= 1e-4)
-            if solve is sinkhorn_newton_sparse:
-                assert bool(result.converged)
-                # A marginal error of 1e-4 moves the cost by at most 1e-4 max C; the float32
-                # sums of n terms add about n u relative.
-                assert abs(float(result.cost) - float(reference64.cost)) <= 1e-4 + n * 2**-24 * float(reference64.cost)
+            assert bool(result.converged) == (float(result.marginal_error) <= tol)
+            if bool(result.converged):
+                converged += 1
+                gap = float(result.cost) - exact
+                slack = n * n * 2**-24 * float(result.cost)
+                assert -tol * scale - slack <= gap <= reg * math.log(n * n) + tol * scale + slack
+    assert converged >= 2  # SNS at least (Sinkhorn needs more than 100 iterations at these reg)
 
 
 def test_top_plan(generator):

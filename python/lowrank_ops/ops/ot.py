@@ -33,7 +33,7 @@ import torch
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream
+from ._library import LIBRARY
 
 __all__ = [
     "COST_CODES",

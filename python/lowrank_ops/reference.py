@@ -61,3 +61,29 @@ def krylov_gram(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def krylov_combine(basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Reference of the block kernel's combine mode: ``C^T Q``, ``[cols, n]``."""
     return coefficients.T @ basis
+# ---- optimal transport ----
+def ot_point_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
+    """Cost matrices ``[B, n, m]`` of point clouds x ``[B, n, d]``, y ``[B, m, d]`` (``"sqeuclidean"`` or ``"l1"``)."""
+    diff = x.unsqueeze(2) - y.unsqueeze(1)
+    return (diff * diff).sum(-1) if cost == "sqeuclidean" else diff.abs().sum(-1)
+
+
+def ot_log_plan(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, reg: float) -> torch.Tensor:
+    """``(f_i + g_j - C_ij) / reg``, ``[B, n, m]``: the log of the entropic plan."""
+    return (f.unsqueeze(2) + g.unsqueeze(1) - C) / reg
+
+
+def ot_row_lse(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, reg: float, columns: bool = False):
+    """Reference of ``lowrank_ops.ops.ot.row_lse``: (log marginals, P-weighted mean cost per row or column)."""
+    s = ot_log_plan(C, f, g, reg)
+    dim = 1 if columns else 2
+    lse = torch.logsumexp(s, dim)
+    mean_cost = (torch.softmax(s, dim) * C).sum(dim)
+    return lse, mean_cost
+
+
+def ot_hessian_matvec(P_sparse: torch.Tensor, r, c, vx, vy):
+    """Reference of ``ot_hessian_matvec`` with the kept entries as a dense ``[B, n, m]`` matrix."""
+    out_x = r * vx + (P_sparse @ vy.unsqueeze(-1)).squeeze(-1)
+    out_y = c * vy + (P_sparse.transpose(1, 2) @ vx.unsqueeze(-1)).squeeze(-1)
+    return out_x, out_y

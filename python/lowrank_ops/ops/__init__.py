@@ -4,3 +4,4 @@ from .sparse_lowrank import sparse_lowrank_linear
 from .svd import batched_svd
 
 __all__ = ["fixed_sparse_matmul", "spmv", "sparse_lowrank_linear", "batched_svd"]
+from . import ot  # noqa: E402  (entropic OT kernel ops: lowrank_ops.ops.ot)

@@ -1,0 +1,149 @@
+"""Validation of the solvers' inputs and the batched view of one OT problem family."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops import ot as ot_ops
+
+__all__ = ["Problem"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Problem:
+    """A batch of ``B`` entropic OT problems in the kernels' layout.
+
+    Attributes
+    ----------
+    C : Tensor[B, n, m] or None
+        Cost matrices (a view of the user's tensor: ``C[None]`` when unbatched).
+    x, y : Tensor[B, n, d], Tensor[B, m, d] or None
+        Point clouds (cost computed on the fly).
+    a, b : Tensor[B, n], Tensor[B, m]
+        Masses, positive, summing to 1, in the working dtype (that of C or x).
+    log_a, log_b : Tensor
+        Their logarithms.
+    code : int
+        Cost code (lowrank_ops.ops.ot.COST_CODES).
+    lead : tuple
+        The user's batch shape (``()`` for one problem).
+    """
+
+    def __init__(self, op: str, a, b, C, x, y, cost: str, reg) -> None:
+        if not _is_number(reg) or not (0 < reg < math.inf):
+            raise ValueError(f"{op}: reg must be a finite number > 0; got {reg!r}")
+        self.reg = float(reg)
+        if (C is None) == (x is None and y is None):
+            raise ValueError(f"{op}: give either a cost matrix C or point clouds x and y (not both, not neither)")
+        if C is not None:
+            self._init_matrix(op, C)
+        else:
+            self._init_points(op, x, y, cost)
+        self.a = self._masses(op, "a", a, self.n)
+        self.b = self._masses(op, "b", b, self.m)
+        with torch.no_grad():
+            self.log_a, self.log_b = self.a.log(), self.b.log()
+
+    # ---------------------------------------------------------------- construction
+    def _check_tensor(self, op: str, name: str, t, min_dim: int, max_dim: int) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(t).__name__}")
+        if not min_dim <= t.dim() <= max_dim:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected {min_dim}-D to {max_dim}-D")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32 or float64")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: {name} is on {t.device}; expected a cpu or cuda tensor")
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            raise ValueError(f"{op}: {name} has a non-finite entry (inf or nan); expected finite values")
+        return t
+
+    def _init_matrix(self, op: str, C) -> None:
+        C = self._check_tensor(op, "C", C, 2, 3)
+        self.lead = tuple(C.shape[:-2])
+        self.C = C if C.dim() == 3 else C.unsqueeze(0)
+        self.x = self.y = None
+        self.code = ot_ops.COST_CODES["matrix"]
+        self.cost_name = "matrix"
+        self.dtype, self.device = C.dtype, C.device
+        self.batch, self.n, self.m = self.C.shape
+
+    def _init_points(self, op: str, x, y, cost: str) -> None:
+        if x is None or y is None:
+            raise ValueError(f"{op}: point clouds need both x and y")
+        if cost not in ("sqeuclidean", "l1"):
+            raise ValueError(f"{op}: cost must be 'sqeuclidean' or 'l1' for point clouds; got {cost!r}")
+        x = self._check_tensor(op, "x", x, 2, 3)
+        y = self._check_tensor(op, "y", y, 2, 3)
+        if x.dim() != y.dim() or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
+            raise ValueError(f"{op}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; expected "
+                             "(..., n, d) and (..., m, d) with the same batch shape and d >= 1")
+        if y.dtype != x.dtype or y.device != x.device:
+            raise ValueError(f"{op}: y has dtype {y.dtype} on {y.device}; expected {x.dtype} on {x.device} (as x)")
+        self.lead = tuple(x.shape[:-2])
+        self.x = x if x.dim() == 3 else x.unsqueeze(0)
+        self.y = y if y.dim() == 3 else y.unsqueeze(0)
+        self.C = None
+        self.code = ot_ops.COST_CODES[cost]
+        self.cost_name = cost
+        self.dtype, self.device = x.dtype, x.device
+        self.batch, self.n = self.x.shape[:2]
+        self.m = self.y.shape[1]
+
+    def _masses(self, op: str, name: str, w, size: int) -> torch.Tensor:
+        expected = self.lead + (size,)
+        if w is None:
+            return torch.full((self.batch, size), 1.0 / max(size, 1), dtype=self.dtype, device=self.device)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor; got {type(w).__name__}")
+        if tuple(w.shape) != expected:
+            raise ValueError(f"{op}: {name} has shape {tuple(w.shape)}; expected {expected} (batch shape + "
+                             f"{'n' if name == 'a' else 'm'})")
+        if w.device != self.device:
+            raise ValueError(f"{op}: {name} is on {w.device}; expected {self.device}")
+        if size == 0:
+            raise ValueError(f"{op}: {name} is empty; expected at least one point on each side")
+        w = w.to(self.dtype).reshape(self.batch, size)
+        if self.batch:
+            detached = w.detach()
+            if not bool(torch.isfinite(detached).all()) or bool((detached <= 0).any()):
+                raise ValueError(f"{op}: {name} has a non-positive or non-finite entry (min "
+                                 f"{float(detached.min()):.3g}); expected positive masses (drop zero-mass points)")
+            total = detached.double().sum(-1)
+            worst = float((total - 1).abs().max())
+            tol = math.sqrt(torch.finfo(self.dtype).eps)
+            if worst > tol:
+                raise ValueError(f"{op}: {name} sums to {float(total[(total - 1).abs().argmax()]):.10g}; expected "
+                                 f"masses summing to 1 (within {tol:.1e}) in every problem")
+        return w
+
+    # ---------------------------------------------------------------- kernels
+    def lse(self, f, g, active: Optional[torch.Tensor] = None, *, columns: bool = False,
+            with_cost: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Row (or column) log marginals of the plan of potentials (f, g)."""
+        return ot_ops.row_lse(self.C, self.x, self.y, f, g, self.reg, self.code, active, columns=columns,
+                              with_cost=with_cost)
+
+    def dual(self, f: torch.Tensor, g: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
+        """Dual objective ``<a, f> + <b, g> - reg sum P`` per problem (row_lse of (f, g))."""
+        return (self.a * f).sum(-1) + (self.b * g).sum(-1) - self.reg * row_lse.exp().sum(-1)
+
+    def zeros(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = dict(dtype=self.dtype, device=self.device)
+        return torch.zeros((self.batch, self.n), **z), torch.zeros((self.batch, self.m), **z)
+
+    def dense_cost(self) -> torch.Tensor:
+        """The cost matrices ``[B, n, m]`` (materialized for point clouds)."""
+        if self.C is not None:
+            return self.C
+        if self.code == ot_ops.COST_CODES["l1"]:
+            return torch.cdist(self.x, self.y, p=1.0)
+        # Differences, not the |x|^2 + |y|^2 - 2 x.y expansion (which cancels catastrophically).
+        return torch.cdist(self.x, self.y, compute_mode="donot_use_mm_for_euclid_dist") ** 2

@@ -1,0 +1,167 @@
+"""The solvers' result object and the differentiable entropic OT value."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from ..ops import ot as ot_ops
+from ._problem import Problem
+
+__all__ = ["OTResult", "entropic_value"]
+
+
+class _EntropicValue(torch.autograd.Function):
+    """The optimal entropic value with its envelope-theorem gradients.
+
+    ``value = min_P <C, P> + reg sum_ij P_ij (log P_ij - 1)`` over the plans with
+    marginals (a, b) equals the dual optimum ``<a, f> + <b, g> - reg sum_ij P_ij``; the
+    envelope theorem gives ``d value / d C = P``, ``d value / d a = f`` and
+    ``d value / d b = g`` (centered: masses move on the simplex, where the potentials are
+    defined up to a constant), and for point clouds ``d value / d x_i = sum_j P_ij
+    dC(x_i, y_j)/dx_i`` (likewise for y).  Exact at the optimum; at a tolerance ``tol``
+    on the marginals the gradients are off by O(tol).
+    """
+
+    @staticmethod
+    def forward(ctx, value, C, x, y, a, b, problem, f, g, row_lse, col_lse):
+        ctx.problem = problem
+        ctx.save_for_backward(f, g, row_lse, col_lse)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        problem: Problem = ctx.problem
+        f, g, row_lse, col_lse = ctx.saved_tensors
+        go = grad_value
+        grads = [None] * 11
+        if ctx.needs_input_grad[1]:
+            plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - problem.C) / problem.reg)
+            grads[1] = go[:, None, None] * plan
+        if ctx.needs_input_grad[2]:
+            row = ot_ops.row_grad(problem.x, problem.y, f, g, problem.reg, problem.code, row_lse)
+            grads[2] = (go[:, None] * row_lse.exp()).unsqueeze(-1) * row
+        if ctx.needs_input_grad[3]:
+            col = ot_ops.row_grad(problem.x, problem.y, f, g, problem.reg, problem.code, col_lse, columns=True)
+            grads[3] = (go[:, None] * col_lse.exp()).unsqueeze(-1) * col
+        if ctx.needs_input_grad[4]:
+            grads[4] = go[:, None] * (f - f.mean(-1, keepdim=True))
+        if ctx.needs_input_grad[5]:
+            grads[5] = go[:, None] * (g - g.mean(-1, keepdim=True))
+        return tuple(grads)
+
+
+def entropic_value(problem: Problem, f, g, row_lse, col_lse) -> torch.Tensor:
+    """``[B]`` dual value of (f, g), differentiable in C or (x, y), a and b (see _EntropicValue)."""
+    with torch.no_grad():
+        value = problem.dual(f, g, row_lse)
+    inputs = (problem.C, problem.x, problem.y, problem.a, problem.b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+        return value
+    return _EntropicValue.apply(value, *inputs, problem, f, g, row_lse, col_lse)
+
+
+@dataclasses.dataclass
+class OTResult:
+    """Result of :func:`lowrank_ops.ot.sinkhorn` and :func:`lowrank_ops.ot.sinkhorn_newton_sparse`.
+
+    Shapes: ``...`` is the batch shape of the inputs (empty for one problem).  The plan
+    is ``P_ij = exp((f_i + g_j - C_ij) / reg)``.
+
+    Attributes
+    ----------
+    f, g : Tensor[..., n], Tensor[..., m]
+        Dual potentials (dtype of the cost).
+    cost : Tensor[...]
+        Transport cost ``<C, P>`` (not differentiable; see ``value``).
+    value : Tensor[...]
+        Entropic OT value ``<C, P> + reg sum P (log P - 1)`` = ``<a, f> + <b, g> - reg sum P``,
+        differentiable (envelope theorem): d/dC = P, d/da = f, d/db = g (centered),
+        d/dx and d/dy through the point cost.
+    converged : Tensor[...] bool
+        Whether ``||grad||_1 = ||P 1 - a||_1 + ||P^T 1 - b||_1 <= tol`` was reached.
+    iterations : Tensor[...] int64
+        Iterations used: Sinkhorn iterations (one row and one column update each),
+        plus Newton steps for SNS.
+    marginal_error : Tensor[...]
+        Final ``||grad||_1``.
+    history : list of Tensor
+        Per problem (flattened batch order), the marginal error after every iteration.
+    newton_steps : Tensor[...] int64 or None
+        SNS: Newton steps taken (the rest of ``iterations`` were Sinkhorn steps).
+    cg_iterations, step_sizes : list of Tensor or None
+        SNS: per problem, the CG iterations and the line-search step of every Newton step
+        (step 0 marks a rejected step, replaced by a Sinkhorn step).
+    reg : float
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    cost: torch.Tensor
+    value: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    marginal_error: torch.Tensor
+    history: List[torch.Tensor]
+    reg: float
+    newton_steps: Optional[torch.Tensor] = None
+    cg_iterations: Optional[List[torch.Tensor]] = None
+    step_sizes: Optional[List[torch.Tensor]] = None
+    _problem: Optional[Problem] = dataclasses.field(default=None, repr=False)
+
+    def plan(self, top: Optional[int] = None):
+        """The transport plan.
+
+        Parameters
+        ----------
+        top : int, optional
+            None: the dense plan ``[..., n, m]`` (materializes the cost for point clouds).
+            Else: at least its ``top`` largest entries (per problem; ties at the
+            selection threshold may add a few) as a ``torch.sparse_csr_tensor`` of shape
+            ``[n, m]``, or a list of them for a batch; found by the selection kernels,
+            without forming the dense plan.
+        """
+        problem = self._problem
+        f = self.f.reshape(problem.batch, problem.n)
+        g = self.g.reshape(problem.batch, problem.m)
+        if top is None:
+            with torch.no_grad():
+                plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - problem.dense_cost()) / problem.reg)
+            return plan.reshape(*problem.lead, problem.n, problem.m)
+        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+            raise ValueError(f"plan: top must be a positive integer; got {top!r}")
+        from .sns import select_threshold  # the selection shared with the SNS Hessian
+
+        with torch.no_grad():
+            row_lse, _ = problem.lse(f, g)
+            threshold = select_threshold(problem, f, g, row_lse, None, min(top, problem.n * problem.m))
+            row_ptr, col_idx, values = ot_ops.sparsify(problem.C, problem.x, problem.y, f, g, problem.reg,
+                                                       problem.code, None, threshold)
+        plans = []
+        for bi in range(problem.batch):
+            lo, hi = int(row_ptr[bi * problem.n]), int(row_ptr[(bi + 1) * problem.n])
+            local_ptr = row_ptr[bi * problem.n:(bi + 1) * problem.n + 1] - lo
+            plans.append(torch.sparse_csr_tensor(local_ptr, col_idx[lo:hi], values[lo:hi],
+                                                 size=(problem.n, problem.m), check_invariants=True))
+        return plans[0] if problem.lead == () else plans
+
+
+def make_result(problem: Problem, f, g, converged, iterations, history, **extra) -> OTResult:
+    """Final marginals, cost and value of (f, g), reshaped to the user's batch shape."""
+    with torch.no_grad():
+        row_lse, mean_cost = problem.lse(f, g, with_cost=True)
+        col_lse, _ = problem.lse(f, g, columns=True)
+        error = (row_lse.exp() - problem.a).abs().sum(-1) + (col_lse.exp() - problem.b).abs().sum(-1)
+        cost = (row_lse.exp() * mean_cost).sum(-1)
+    value = entropic_value(problem, f, g, row_lse, col_lse)
+    lead = problem.lead
+    if not bool(torch.isfinite(error).all()):  # never hand back NaN silently
+        converged = converged & torch.isfinite(error)
+    return OTResult(
+        f=f.reshape(*lead, problem.n), g=g.reshape(*lead, problem.m), cost=cost.reshape(lead),
+        value=value.reshape(lead), converged=converged.reshape(lead), iterations=iterations.reshape(lead),
+        marginal_error=error.reshape(lead), history=history, reg=problem.reg, _problem=problem,
+        **{k: (v.reshape(lead) if isinstance(v, torch.Tensor) else v) for k, v in extra.items()},
+    )
+

@@ -1,0 +1,137 @@
+"""Log-domain Sinkhorn, batched with per-problem convergence (ALGORITHMS.md section 5)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ._problem import Problem
+from .result import OTResult, make_result
+
+__all__ = ["sinkhorn", "SinkhornState"]
+
+
+def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def _check_tol(op: str, tol) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < float("inf")):
+        raise ValueError(f"{op}: tol must be a finite number >= 0; got {tol!r}")
+    return float(tol)
+
+
+class SinkhornState:
+    """Potentials, per-problem activity and bookkeeping of a batched solve.
+
+    Invariant after :meth:`step`: the column marginals of (f, g) are exact (g was just
+    updated) and ``row_lse`` holds the row log marginals, so the gradient norm is
+    ``||exp(row_lse) - a||_1``.
+    """
+
+    def __init__(self, problem: Problem, tol: float) -> None:
+        self.problem = problem
+        self.tol = tol
+        self.f, self.g = problem.zeros()
+        self.active = torch.ones(problem.batch, dtype=torch.bool, device=problem.device)
+        self.converged = torch.zeros_like(self.active)
+        self.iterations = torch.zeros(problem.batch, dtype=torch.int64, device=problem.device)
+        self.errors: List[torch.Tensor] = []  # [B] per recorded iteration (NaN-free; inactive entries unused)
+        self.recorded: List[torch.Tensor] = []  # [B] bool: which problems the entry belongs to
+        self.row_lse: Optional[torch.Tensor] = None
+
+    def record(self, error: torch.Tensor, who: torch.Tensor) -> None:
+        self.errors.append(error)
+        self.recorded.append(who)
+        self.iterations += who.to(torch.int64)
+        newly = who & (error <= self.tol)
+        self.converged |= newly
+        # A non-finite error can only come from non-finite potentials: stop that problem
+        # (reported as not converged) instead of iterating on NaN.
+        self.active &= ~newly & torch.isfinite(error)
+
+    def step(self, mask: Optional[torch.Tensor] = None) -> None:
+        """One Sinkhorn iteration (row update, then column update) on the active problems
+        (or on ``mask``, a subset of them)."""
+        p = self.problem
+        active = self.active if mask is None else mask
+        if self.row_lse is not None:  # f's update uses the row marginals of the last step
+            self.f = torch.where(active[:, None], self.f + p.reg * (p.log_a - self.row_lse), self.f)
+        col_lse, _ = p.lse(self.f, self.g, active, columns=True)
+        self.g = torch.where(active[:, None], self.g + p.reg * (p.log_b - col_lse), self.g)
+        row_lse, _ = p.lse(self.f, self.g, active)
+        self.row_lse = torch.where(active[:, None], row_lse, self.row_lse) if self.row_lse is not None else row_lse
+        self.record((self.row_lse.exp() - p.a).abs().sum(-1), active.clone())
+
+    def run(self, max_steps: int) -> None:
+        for _ in range(max_steps):
+            if not bool(self.active.any()):
+                return
+            self.step()
+
+    def history(self) -> List[torch.Tensor]:
+        if not self.errors:
+            return [self.f.new_empty(0) for _ in range(self.problem.batch)]
+        errors, who = torch.stack(self.errors, 1), torch.stack(self.recorded, 1)
+        return [errors[i][who[i]] for i in range(self.problem.batch)]
+
+
+def sinkhorn(
+    a: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    C: Optional[torch.Tensor] = None,
+    reg: float = 1e-2,
+    *,
+    x: Optional[torch.Tensor] = None,
+    y: Optional[torch.Tensor] = None,
+    cost: str = "sqeuclidean",
+    tol: float = 1e-9,
+    max_iter: int = 10_000,
+) -> OTResult:
+    """Entropic optimal transport by log-domain Sinkhorn iterations.
+
+    Solves ``min_P <C, P> + reg sum P (log P - 1)`` subject to ``P 1 = a``, ``P^T 1 = b``
+    by alternating exact maximization of the dual in f and g, every update a fused
+    log-sum-exp kernel (never exponentiating unshifted values: no overflow or NaN at
+    small reg, in float32 or float64).
+
+    Parameters
+    ----------
+    a, b : Tensor[..., n], Tensor[..., m] or None
+        Masses: positive, each summing to 1 (None: uniform).  Cast to the cost's dtype.
+    C : Tensor[..., n, m], optional
+        Cost matrices, float32 or float64, finite, any strides.
+    reg : float
+        Entropic regularization (> 0); ``eta = 1 / reg`` in the SNS paper.
+    x, y : Tensor[..., n, d], Tensor[..., m, d], optional
+        Point clouds instead of C; the cost (``cost``: ``"sqeuclidean"``
+        ``||x_i - y_j||^2`` or ``"l1"`` ``||x_i - y_j||_1``) is computed inside the kernels
+        and the ``n x m`` matrix is never stored.
+    tol : float
+        Stop a problem when ``||P 1 - a||_1 + ||P^T 1 - b||_1 <= tol`` (the column
+        marginals are exact after each iteration).
+    max_iter : int
+        Iteration limit per problem.
+
+    Returns
+    -------
+    OTResult
+        Potentials, ``cost = <C, P>``, differentiable ``value``, per-problem
+        ``converged`` / ``iterations`` / ``history``; non-convergence is reported there,
+        never raised or hidden.
+
+    Notes
+    -----
+    The ``...`` batch dimension holds independent problems solved together; a problem
+    stops updating once converged (per-problem masks), so batched and one-by-one solves
+    agree.  Every iteration synchronizes with the device once (the convergence test).
+    """
+    op = "sinkhorn"
+    problem = Problem(op, a, b, C, x, y, cost, reg)
+    tol, max_iter = _check_tol(op, tol), _check_positive_int(op, "max_iter", max_iter)
+    with torch.no_grad():  # the iterations are not differentiated: the value's backward is analytic
+        state = SinkhornState(problem, tol)
+        state.run(max_iter)
+    return make_result(problem, state.f, state.g, state.converged, state.iterations, state.history())

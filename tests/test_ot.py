@@ -1,0 +1,395 @@
+"""Tests of the entropic OT family: kernels (lowrank_ops.ops.ot) and solvers (lowrank_ops.ot).
+
+References: float64 torch compositions (lowrank_ops.reference) for the kernels, POT
+(``ot.sinkhorn(..., method="sinkhorn_log")`` and ``ot.emd2``) for the solvers.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowrank_ops import reference
+from lowrank_ops.ops import ot as ot_ops
+from lowrank_ops.ot import OTResult, sinkhorn, sinkhorn_newton_sparse
+
+pot = pytest.importorskip("ot")
+
+F64 = torch.float64
+EPS = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+
+
+def _masses(batch, n, generator, dtype=F64):
+    w = torch.rand(*batch, n, generator=generator, dtype=F64) + 0.5
+    return (w / w.sum(-1, keepdim=True)).to(dtype)
+
+
+def _lse_bound(s: torch.Tensor, dim: int, dtype) -> torch.Tensor:
+    # Each entry s_ij = (f + g - C) / reg is rounded from terms of size |f| + |g| + |C|
+    # (three roundings, relative u each, divided by reg: 4 u (|f| + |g| + |C|) / reg),
+    # the exponentials and the sum add (m + 8) u relative to the sum: an absolute error
+    # of (m + 8) u on the log (the polynomial exp is within 2 u).
+    u = EPS[dtype]
+    return 4 * u * s.abs().amax(dim) + (s.shape[dim] + 8) * u
+
+
+def _problem(batch, n, m, d, generator, dtype=F64, device="cpu"):
+    C = torch.rand(batch, n, m, generator=generator, dtype=F64).to(device=device, dtype=dtype)
+    x = torch.randn(batch, n, d, generator=generator, dtype=F64).to(device=device, dtype=dtype)
+    y = torch.randn(batch, m, d, generator=generator, dtype=F64).to(device=device, dtype=dtype)
+    f = (0.1 * torch.randn(batch, n, generator=generator, dtype=F64)).to(device=device, dtype=dtype)
+    g = (0.1 * torch.randn(batch, m, generator=generator, dtype=F64)).to(device=device, dtype=dtype)
+    return C, x, y, f, g
+
+
+# ---------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("source", ["matrix", "matrix_transposed", "sqeuclidean", "l1"])
+@pytest.mark.parametrize("columns", [False, True])
+def test_row_lse_matches_reference(device, generator, dtype, source, columns):
+    C, x, y, f, g = _problem(2, 37, 300, 3, generator, dtype, device)  # 300 > one column block
+    reg = 0.01
+    if source == "matrix_transposed":  # non-contiguous: C stored as [B, m, n]
+        C = C.transpose(1, 2).contiguous().transpose(1, 2)
+    if source.startswith("matrix"):
+        lse, mean_cost = ot_ops.row_lse(C, None, None, f, g, reg, 0, columns=columns, with_cost=True)
+        dense = C
+    else:
+        code = ot_ops.COST_CODES[source]
+        lse, mean_cost = ot_ops.row_lse(None, x, y, f, g, reg, code, columns=columns, with_cost=True)
+        dense = reference.ot_point_cost(x.double(), y.double(), source)
+    ref_lse, ref_cost = reference.ot_row_lse(dense.double(), f.double(), g.double(), reg, columns)
+    s = reference.ot_log_plan(dense.double(), f.double(), g.double(), reg)
+    dim = 1 if columns else 2
+    bound = _lse_bound(s, dim, dtype)
+    if source != "matrix" and source != "matrix_transposed" and dtype == torch.float32:
+        # The point cost itself is rounded in float32 (d terms): relative (d + 2) u of C.
+        bound = bound + 5 * EPS[dtype] * (dense.double().abs() / reg).amax(dim)
+    assert torch.isfinite(lse).all()
+    assert ((lse.double().cpu() - ref_lse.cpu()).abs() <= bound.cpu()).all()
+    # mean cost: a convex combination of costs, each weight relative error <= exp(bound) - 1
+    weight_error = torch.expm1(2 * bound) * dense.double().abs().amax(dim)
+    assert ((mean_cost.double() - ref_cost).abs() <= weight_error + 8 * EPS[dtype] * ref_cost.abs()).all()
+
+
+def test_row_lse_active_mask_and_empty(generator):
+    C, _, _, f, g = _problem(3, 5, 4, 1, generator)
+    active = torch.tensor([True, False, True])
+    lse, _ = ot_ops.row_lse(C, None, None, f, g, 0.1, 0, active)
+    ref, _ = reference.ot_row_lse(C, f, g, 0.1)
+    assert torch.equal(lse[1], torch.zeros(5, dtype=F64))
+    assert torch.allclose(lse[[0, 2]], ref[[0, 2]], rtol=0, atol=1e-13)
+    empty = torch.empty(0, 5, 4, dtype=F64)
+    lse, _ = ot_ops.row_lse(empty, None, None, f[:0], g[:0], 0.1, 0)
+    assert lse.shape == (0, 5)
+
+
+@pytest.mark.parametrize("source", ["matrix", "sqeuclidean"])
+def test_histogram_and_sparsify(device, generator, source):
+    C, x, y, f, g = _problem(2, 40, 70, 2, generator, F64, device)
+    reg = 0.02
+    args = (C, None, None) if source == "matrix" else (None, x, y)
+    code = ot_ops.COST_CODES[source]
+    dense = C if source == "matrix" else reference.ot_point_cost(x, y, source)
+    s = reference.ot_log_plan(dense, f, g, reg)
+    hi = s.amax((1, 2)) + 1.0
+    lo = hi - 30.0
+    counts = ot_ops.log_histogram(*args, f, g, reg, code, None, lo, hi, 16)
+    width = (hi - lo) / 16
+    position = ((s - lo[:, None, None]) / width[:, None, None]).floor().clamp(max=15)
+    for b in range(2):
+        inside = position[b][s[b] >= lo[b]].long()
+        assert torch.equal(counts[b].cpu(), torch.bincount(inside.flatten().cpu(), minlength=16))
+    threshold = torch.quantile(s.flatten(1), 0.9, dim=1)
+    row_ptr, col_idx, values = ot_ops.sparsify(*args, f, g, reg, code, None, threshold)
+    kept = s >= threshold[:, None, None]
+    assert int(row_ptr[-1]) == int(kept.sum())
+    rows = torch.repeat_interleave(torch.arange(2 * 40, device=device), row_ptr[1:] - row_ptr[:-1])
+    dense_kept = torch.zeros(2 * 40, 70, dtype=F64, device=device)
+    dense_kept[rows, col_idx] = values
+    ref = torch.where(kept, s.exp(), torch.zeros_like(s)).reshape(2 * 40, 70)
+    assert torch.allclose(dense_kept, ref, rtol=1e-13, atol=0)
+
+
+def test_hessian_matvec(device, generator):
+    C, _, _, f, g = _problem(2, 30, 20, 1, generator, F64, device)
+    s = reference.ot_log_plan(C, f, g, 0.05)
+    threshold = torch.quantile(s.flatten(1), 0.8, dim=1)
+    row_ptr, col_idx, values = ot_ops.sparsify(C, None, None, f, g, 0.05, 0, None, threshold)
+    P_s = torch.where(s >= threshold[:, None, None], s.exp(), torch.zeros_like(s))
+    r, c = torch.rand(2, 30, dtype=F64, device=device), torch.rand(2, 20, dtype=F64, device=device)
+    vx, vy = torch.randn(2, 30, dtype=F64, device=device), torch.randn(2, 20, dtype=F64, device=device)
+    out_x, out_y = ot_ops.hessian_matvec(row_ptr, col_idx, values, r, c, vx, vy)
+    ref_x, ref_y = reference.ot_hessian_matvec(P_s, r, c, vx, vy)
+    assert torch.allclose(out_x, ref_x, rtol=1e-13, atol=1e-13 * float(P_s.abs().max()))
+    assert torch.allclose(out_y, ref_y, rtol=1e-13, atol=1e-13 * float(P_s.abs().max()))
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "l1"])
+def test_row_grad(device, generator, cost):
+    _, x, y, f, g = _problem(2, 15, 25, 3, generator, F64, device)
+    code = ot_ops.COST_CODES[cost]
+    for columns in (False, True):
+        lse, _ = ot_ops.row_lse(None, x, y, f, g, 0.3, code, columns=columns)
+        grad = ot_ops.row_grad(x, y, f, g, 0.3, code, lse, columns=columns)
+        xx, yy = (y, x) if columns else (x, y)
+        ff, gg = (g, f) if columns else (f, g)
+        C = reference.ot_point_cost(xx, yy, cost)
+        weights = torch.softmax(reference.ot_log_plan(C, ff, gg, 0.3), 2)
+        diff = xx.unsqueeze(2) - yy.unsqueeze(1)
+        dcost = 2 * diff if cost == "sqeuclidean" else diff.sign()
+        ref = (weights.unsqueeze(-1) * dcost).sum(2)
+        assert torch.allclose(grad, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck(generator):
+    C, x, y, f, g = _problem(2, 6, 5, 2, generator)
+    ops = torch.ops.lowrank_ops
+    torch.library.opcheck(ops.ot_row_lse, (C, None, None, f, g, 0.1, 0, None, False, True))
+    torch.library.opcheck(ops.ot_row_lse, (None, x, y, f, g, 0.1, 1, torch.tensor([True, False]), True, False))
+    lo = torch.full((2,), -50.0, dtype=F64)
+    torch.library.opcheck(ops.ot_log_histogram, (C, None, None, f, g, 0.1, 0, None, False, lo, lo + 60, 8))
+    threshold = torch.full((2,), -3.0, dtype=F64)
+    torch.library.opcheck(ops.ot_sparsify_count, (C, None, None, f, g, 0.1, 0, None, False, threshold))
+    row_ptr, col_idx, values = ot_ops.sparsify(C, None, None, f, g, 0.1, 0, None, threshold)
+    torch.library.opcheck(ops.ot_sparsify_fill, (C, None, None, f, g, 0.1, 0, None, False, threshold, row_ptr))
+    r, c = f.exp(), g.exp()
+    torch.library.opcheck(ops.ot_hessian_matvec, (row_ptr, col_idx, values, r, c, f, g))
+    lse, _ = ot_ops.row_lse(None, x, y, f, g, 0.1, 2)
+    torch.library.opcheck(ops.ot_row_grad, (None, x, y, f, g, 0.1, 2, None, False, lse))
+
+
+def test_compile_fullgraph(generator):
+    # A fixed number of log-domain Sinkhorn updates: the solvers' data-dependent loops
+    # are plain Python, the kernels must trace.
+    C, _, _, f, g = _problem(1, 12, 9, 1, generator)
+    a, b = _masses((1,), 12, generator), _masses((1,), 9, generator)
+
+    def iterate(C, f, g):
+        for _ in range(3):
+            col, _ = ot_ops.row_lse(C, None, None, f, g, 0.1, 0, columns=True)
+            g = g + 0.1 * (b.log() - col)
+            row, _ = ot_ops.row_lse(C, None, None, f, g, 0.1, 0)
+            f = f + 0.1 * (a.log() - row)
+        return f, g
+
+    compiled = torch.compile(iterate, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(C, f, g), iterate(C, f, g)):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- solvers vs POT
+def _pot_log(a, b, C, reg):
+    P = pot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), reg, method="sinkhorn_log", stopThr=1e-14,
+                     numItermax=100_000)
+    return float((P * C.numpy()).sum())
+
+
+@pytest.mark.parametrize("source", ["matrix", "sqeuclidean", "l1"])
+def test_sinkhorn_matches_pot(generator, source):
+    n, m = 50, 35
+    a, b = _masses((), n, generator), _masses((), m, generator)
+    reg = 0.05
+    if source == "matrix":
+        C = torch.rand(n, m, generator=generator, dtype=F64)
+        result = sinkhorn(a, b, C, reg, tol=1e-12)
+    else:
+        x = torch.randn(n, 2, generator=generator, dtype=F64)
+        y = torch.randn(m, 2, generator=generator, dtype=F64)
+        C = reference.ot_point_cost(x[None], y[None], source)[0]
+        C = C / C.max()
+        x, y = x / math.sqrt(C.max()), y / math.sqrt(C.max())
+        scale = float(reference.ot_point_cost(x[None], y[None], source).max())
+        result = sinkhorn(a, b, reg=reg * scale, x=x, y=y, cost=source, tol=1e-12)
+        C = reference.ot_point_cost(x[None], y[None], source)[0]
+        reg = reg * scale
+    assert isinstance(result, OTResult)
+    assert bool(result.converged) and float(result.marginal_error) <= 1e-9
+    want = _pot_log(a, b, C, reg)
+    assert abs(float(result.cost) - want) <= 1e-8 * abs(want)
+    plan = result.plan()
+    assert torch.allclose(plan.sum(1), a, rtol=0, atol=1e-9)
+    assert torch.allclose(plan.sum(0), b, rtol=0, atol=1e-9)
+    assert abs(float((plan * C).sum()) - float(result.cost)) <= 1e-12
+
+
+@pytest.mark.parametrize("source", ["matrix", "sqeuclidean"])
+def test_sns_agrees_with_sinkhorn(generator, source):
+    n, m = 120, 100
+    a, b = _masses((), n, generator), _masses((), m, generator)
+    reg = 2e-3
+    if source == "matrix":
+        kwargs = dict(C=torch.rand(n, m, generator=generator, dtype=F64))
+    else:
+        kwargs = dict(x=torch.rand(n, 2, generator=generator, dtype=F64),
+                      y=torch.rand(m, 2, generator=generator, dtype=F64), cost="sqeuclidean")
+    newton = sinkhorn_newton_sparse(a, b, reg=reg, tol=1e-10, **kwargs)
+    plain = sinkhorn(a, b, reg=reg, tol=1e-10, max_iter=50_000, **kwargs)
+    assert bool(newton.converged) and bool(plain.converged)
+    assert int(newton.newton_steps) >= 1 and int(newton.iterations) < int(plain.iterations)
+    assert abs(float(newton.cost) - float(plain.cost)) <= 1e-8 * float(plain.cost)
+    assert len(newton.cg_iterations[0]) == len(newton.step_sizes[0]) >= 1
+
+
+def test_emd_limit(generator):
+    # <C, P_reg> - OT <= reg log(n m): the entropy of any plan lies in [-log(nm), 0].
+    n = 40
+    a, b = _masses((), n, generator), _masses((), n, generator)
+    C = torch.rand(n, n, generator=generator, dtype=F64)
+    exact = float(pot.emd2(a.numpy(), b.numpy(), C.numpy()))
+    previous = math.inf
+    for reg in (1e-2, 3e-3, 1e-3):
+        result = sinkhorn_newton_sparse(a, b, C, reg, tol=1e-10, rho=10 / n)
+        assert bool(result.converged)
+        gap = float(result.cost) - exact
+        assert -1e-12 <= gap <= reg * math.log(n * n)
+        assert gap <= previous
+        previous = gap
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sns"])
+def test_batched_matches_one_by_one(generator, solver):
+    batch, n, m = 3, 30, 25
+    C = torch.rand(batch, n, m, generator=generator, dtype=F64)
+    C[1] *= 3.0  # different difficulty: different iteration counts per problem
+    a, b = _masses((batch,), n, generator), _masses((batch,), m, generator)
+    C_strided = C.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous
+    solve = sinkhorn if solver == "sinkhorn" else sinkhorn_newton_sparse
+    together = solve(a, b, C_strided, 0.01, tol=1e-10)
+    assert together.cost.shape == (batch,) and together.f.shape == (batch, n)
+    for i in range(batch):
+        alone = solve(a[i], b[i], C[i], 0.01, tol=1e-10)
+        assert int(alone.iterations) == int(together.iterations[i])
+        assert bool(alone.converged) and bool(together.converged[i])
+        assert abs(float(alone.cost) - float(together.cost[i])) <= 1e-13 * float(alone.cost)
+        assert torch.equal(alone.history[0], together.history[i])
+    assert len(set(together.iterations.tolist())) > 1
+
+
+def test_empty_batch():
+    C = torch.rand(0, 4, 3, dtype=F64)
+    result = sinkhorn(torch.full((0, 4), 0.25, dtype=F64), torch.full((0, 3), 1 / 3, dtype=F64), C, 0.1)
+    assert result.cost.shape == (0,) and result.f.shape == (0, 4) and result.converged.shape == (0,)
+
+
+# ---------------------------------------------------------------------------- gradients
+def test_gradcheck_cost_matrix(generator):
+    n, m = 5, 4
+    C = torch.rand(n, m, generator=generator, dtype=F64, requires_grad=True)
+    a = _masses((), n, generator).requires_grad_()
+    b = _masses((), m, generator).requires_grad_()
+
+    def value(C, a, b):  # masses normalized inside: the gradient lives on the simplex
+        return sinkhorn(a / a.sum(), b / b.sum(), C, 0.3, tol=1e-14, max_iter=100_000).value
+
+    # Finite differences of a solve converged to 1e-14 in the marginals: error O(1e-14 / eps).
+    assert torch.autograd.gradcheck(value, (C, a, b), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cost", ["sqeuclidean", "l1"])
+def test_gradcheck_points(generator, cost):
+    x = torch.randn(5, 2, generator=generator, dtype=F64, requires_grad=True)
+    y = torch.randn(4, 2, generator=generator, dtype=F64, requires_grad=True)
+
+    def value(x, y):
+        return sinkhorn(None, None, reg=0.5, x=x, y=y, cost=cost, tol=1e-14, max_iter=100_000).value
+
+    assert torch.autograd.gradcheck(value, (x, y), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def test_value_gradient_is_the_plan(generator):
+    C = torch.rand(2, 6, 7, generator=generator, dtype=F64, requires_grad=True)
+    result = sinkhorn_newton_sparse(None, None, C, 0.05, tol=1e-12)
+    result.value.sum().backward()
+    assert torch.allclose(C.grad, result.plan(), rtol=1e-14, atol=0)
+
+
+# ---------------------------------------------------------------------------- robustness
+def test_float32_small_reg_no_nan(generator):
+    # reg = 1e-4 of a cost in [0, 1]: exp(-C / reg) underflows float32 ~100 times over.
+    # Whatever the solvers reach, everything is finite and the report is consistent;
+    # converged runs are checked against the exact OT cost (ot.emd2):
+    #   -tol max C <= <C, P> - OT <= reg log(n m) + tol max C  (entropy bound, marginal error tol),
+    # plus the float32 rounding of the n m-term sum of <C, P> (n m u relative).
+    n = 40
+    x = torch.rand(n, 1, generator=generator, dtype=F64)
+    y = torch.rand(n, 1, generator=generator, dtype=F64)
+    C32 = ((x - y.T) ** 2).float()
+    exact = float(pot.emd2(torch.full((n,), 1 / n, dtype=F64).numpy(), torch.full((n,), 1 / n, dtype=F64).numpy(),
+                           C32.double().numpy()))
+    tol, scale = 1e-4, float(C32.max())
+    converged = 0
+    for reg in (1e-3, 1e-4):
+        for solve, options in ((sinkhorn, {}), (sinkhorn_newton_sparse, dict(cg_max_iter=200))):
+            result = solve(None, None, C32, reg, tol=tol, max_iter=100, **options)
+            assert torch.isfinite(result.f).all() and torch.isfinite(result.g).all()
+            assert torch.isfinite(result.cost) and torch.isfinite(result.marginal_error)
+            assert all(torch.isfinite(h).all() for h in result.history)
+            assert bool(result.converged) == (float(result.marginal_error) <= tol)
+            if bool(result.converged):
+                converged += 1
+                gap = float(result.cost) - exact
+                slack = n * n * 2**-24 * float(result.cost)
+                assert -tol * scale - slack <= gap <= reg * math.log(n * n) + tol * scale + slack
+    assert converged >= 2  # SNS at least (Sinkhorn needs more than 100 iterations at these reg)
+
+
+def test_top_plan(generator):
+    C = torch.rand(20, 15, generator=generator, dtype=F64)
+    result = sinkhorn(None, None, C, 0.01, tol=1e-10)
+    sparse = result.plan(top=30)
+    dense = result.plan()
+    values = sparse.values()
+    assert values.numel() >= 30
+    assert torch.allclose(sparse.to_dense(), torch.where(dense >= values.min(), dense, 0), rtol=1e-13, atol=0)
+    top_dense = dense.flatten().sort(descending=True).values[:30]
+    assert torch.allclose(values.sort(descending=True).values[:30], top_dense, rtol=1e-13, atol=0)
+
+
+def test_non_convergence_reported(generator):
+    C = torch.rand(30, 30, generator=generator, dtype=F64)
+    result = sinkhorn(None, None, C, 1e-3, tol=1e-12, max_iter=3)
+    assert not bool(result.converged) and int(result.iterations) == 3 and len(result.history[0]) == 3
+    assert float(result.marginal_error) > 1e-12 and torch.isfinite(result.cost)
+    result = sinkhorn_newton_sparse(None, None, C, 1e-3, tol=1e-14, warmup=2, max_iter=1)
+    assert not bool(result.converged) and int(result.iterations) == 3
+
+
+@pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])
+def test_bad_inputs(solve):
+    C = torch.rand(4, 3, dtype=F64)
+    a, b = torch.full((4,), 0.25, dtype=F64), torch.full((3,), 1 / 3, dtype=F64)
+    with pytest.raises(ValueError, match="a has a non-positive"):
+        solve(torch.tensor([0.5, 0.6, -0.1, 0.0], dtype=F64), b, C, 0.1)
+    with pytest.raises(ValueError, match="b sums to 1.5"):
+        solve(a, b * 1.5, C, 0.1)
+    with pytest.raises(ValueError, match=r"a has shape \(5,\); expected \(4,\)"):
+        solve(torch.full((5,), 0.2, dtype=F64), b, C, 0.1)
+    bad = C.clone()
+    bad[1, 2] = math.inf
+    with pytest.raises(ValueError, match="C has a non-finite entry"):
+        solve(a, b, bad, 0.1)
+    for reg in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="reg must be a finite number > 0"):
+            solve(a, b, C, reg)
+    with pytest.raises(ValueError, match="either a cost matrix C or point clouds"):
+        solve(a, b, C, 0.1, x=torch.rand(4, 2, dtype=F64), y=torch.rand(3, 2, dtype=F64))
+    with pytest.raises(ValueError, match="expected \\(..., n, d\\) and \\(..., m, d\\)"):
+        solve(a, b, reg=0.1, x=torch.rand(4, 2, dtype=F64), y=torch.rand(3, 5, dtype=F64))
+    with pytest.raises(TypeError, match="expected float32 or float64"):
+        solve(a, b, C.half(), 0.1)
+    with pytest.raises(ValueError, match="tol must be"):
+        solve(a, b, C, 0.1, tol=-1.0)
+
+
+# ---------------------------------------------------------------------------- CUDA
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_solvers_match_cpu(cuda_device, generator, dtype):
+    C = torch.rand(2, 64, 48, generator=generator, dtype=F64).to(dtype)
+    for solve in (sinkhorn, sinkhorn_newton_sparse):
+        cpu = solve(None, None, C, 0.01, tol=1e-6 if dtype == torch.float32 else 1e-10)
+        gpu = solve(None, None, C.to(cuda_device), 0.01, tol=1e-6 if dtype == torch.float32 else 1e-10)
+        assert bool(gpu.converged.all())
+        rel = 1e-4 if dtype == torch.float32 else 1e-9
+        assert torch.allclose(gpu.cost.cpu(), cpu.cost, rtol=rel, atol=0)

@@ -13,11 +13,12 @@ Public modules:
   ``effective_rank``
 * :mod:`lowrank_ops.optim`: ``GaLoreAdamW``
 * :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``solve_sequence`` (SKR)
+* :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)
 * :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import krylov, linalg, methods, nn, ops, optim, pde, reference, sparse
+from . import krylov, linalg, methods, nn, ops, optim, ot, pde, reference, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "krylov", "linalg", "methods", "nn", "ops", "optim", "pde", "reference", "sparse"]
+__all__ = ["__version__", "info", "krylov", "linalg", "methods", "nn", "ops", "optim", "ot", "pde", "reference", "sparse"]

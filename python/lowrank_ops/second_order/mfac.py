@@ -84,13 +84,26 @@ class MFACInverse:
         if storage_dtype not in _STORAGE_DTYPES or compute_dtype(storage_dtype) != dtype:
             allowed = "float64" if dtype == torch.float64 else "float32, bfloat16 or float16"
             raise TypeError(f"{op}: storage_dtype must be {allowed} for dtype={dtype}; got {storage_dtype}")
-        self.dim, self.ngrads, self.damp = int(dim), int(ngrads), _check_damp(damp, op)
+        self.dim, self.ngrads = int(dim), int(ngrads)
+        self._damp = _check_damp(damp, op)
         self.dtype, self.storage_dtype = dtype, storage_dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=self.device)
         self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
         self.count = 0  # gradients added since the last reset
         self._factor: Optional[torch.Tensor] = None
+
+    @property
+    def damp(self) -> float:
+        """The damping ``lambda``; setting it keeps the window and refactors lazily."""
+        return self._damp
+
+    @damp.setter
+    def damp(self, value: float) -> None:
+        value = _check_damp(value, "MFACInverse.damp")
+        if value != self._damp:
+            self._damp = value
+            self._factor = None
 
     # ------------------------------------------------------------------ window
     @property
@@ -243,7 +256,7 @@ class MFACInverse:
         for key in ("dim", "ngrads", "dtype", "storage_dtype"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"MFACInverse.load_state_dict: {key} is {state[key]}; expected {getattr(self, key)}")
-        self.damp = _check_damp(state["damp"], "MFACInverse.load_state_dict")
+        self.damp = state["damp"]
         self.grads.copy_(state["grads"])
         self.gram.copy_(state["gram"])
         self.count = int(state["count"])

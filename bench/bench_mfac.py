@@ -54,7 +54,7 @@ import torch
 from lowrank_ops.reference import MFACInverseTorch, MFACShermanMorrison
 from lowrank_ops.second_order import MFACInverse
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, require_device
+from _harness import FULL, Case, grid_cases, measure, params, require_device
 
 FAMILY = "mfac"
 SEED = 0

@@ -8,11 +8,13 @@
 // the rows' chunks are streamed from memory once, so x is read once per pass instead of
 // once per row (which would double the traffic for fp32 storage at k = 1).
 //
-// Accuracy: each chunk's dot product runs over kWays independent partial sums; chunk
-// sums are accumulated per thread and the threads' partials summed at the end, so the
-// rounding error grows with kChunk / kWays + dim / kChunk + threads, not with dim.
+// Accuracy: each chunk's dot product runs over 2 * SIMD-lanes independent partial sums
+// (16 for fp32); chunk sums are accumulated per thread and the threads' partials summed
+// at the end, so the rounding error grows with kChunk / 16 + dim / kChunk + threads,
+// not with dim.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "lowrank_ops/mfac.h"
@@ -24,35 +26,117 @@ namespace lowrank_ops {
 namespace {
 
 constexpr int64_t kChunk = 2048;          // columns per chunk: 8 KB of fp32 x, in L1
-constexpr int kWays = 16;                 // independent partial sums (one 64-byte line of fp32)
+constexpr int64_t kAlign = 16;            // column-range boundaries: one 64-byte line of fp32
 constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads cost more than they save
 
-// sum_c a[c] * b[c] over n elements.  The kWays-wide accumulator array is elementwise
-// arithmetic the compiler turns into SIMD registers (a scalar running sum would be
-// bound by FMA latency and could not be vectorized without reassociation).
+// 32-byte SIMD vectors through GCC/Clang vector extensions (one ymm register under the
+// AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage types with a vector
+// load: float, double and bf16 (widened exactly by a 16-bit shift); fp16 takes the
+// scalar path.  Written out because the auto-vectorizer handles the multi-row loops
+// below poorly (measured 2x slower than this in cache).
+typedef float VecF __attribute__((vector_size(32)));
+typedef float VecFU __attribute__((vector_size(32), aligned(4)));
+typedef double VecD __attribute__((vector_size(32)));
+typedef double VecDU __attribute__((vector_size(32), aligned(8)));
+typedef uint16_t VecH8U __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t VecU8 __attribute__((vector_size(32)));
+
 template <class T>
-LOWRANK_CPU_CLONES acc_t<T> dot(const T* a, const acc_t<T>* b, int64_t n) {
+struct Simd {
+  static constexpr bool kEnabled = false;
+};
+template <>
+struct Simd<float> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 8;
+  using Vec = VecF;
+  static Vec load(const float* p) { return *reinterpret_cast<const VecFU*>(p); }
+  static Vec load_acc(const float* p) { return load(p); }
+  static void store(float* p, Vec v) { *reinterpret_cast<VecFU*>(p) = v; }
+};
+template <>
+struct Simd<double> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 4;
+  using Vec = VecD;
+  static Vec load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
+  static Vec load_acc(const double* p) { return load(p); }
+  static void store(double* p, Vec v) { *reinterpret_cast<VecDU*>(p) = v; }
+};
+template <>
+struct Simd<BFloat16Host> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 8;
+  using Vec = VecF;
+  static Vec load(const BFloat16Host* p) {
+    const VecU8 bits = __builtin_convertvector(*reinterpret_cast<const VecH8U*>(p), VecU8) << 16;
+    Vec v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+  static Vec load_acc(const float* p) { return Simd<float>::load(p); }
+  static void store(float* p, Vec v) { Simd<float>::store(p, v); }
+};
+
+template <class V, int kLanes>
+inline auto horizontal_sum(V v) {
+  auto sum = v[0];
+  for (int lane = 1; lane < kLanes; ++lane) sum += v[lane];
+  return sum;
+}
+
+// out[r] = sum_c a[r][c] * b[c] over n elements, for kRows rows at once: each load of
+// b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators hide the
+// FMA latency.  Every row is summed over 2 * lanes partial sums (16 for fp32).
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const acc_t<T>* b, int64_t n, acc_t<T>* out) {
   using A = acc_t<T>;
-  A partial[kWays] = {};
   int64_t c = 0;
-  for (; c + kWays <= n; c += kWays)
-    for (int s = 0; s < kWays; ++s) partial[s] += to_acc(a[c + s]) * b[c + s];
-  for (int s = 0; c < n; ++c, ++s) partial[s] += to_acc(a[c]) * b[c];
-  for (int width = kWays / 2; width > 0; width /= 2)
-    for (int s = 0; s < width; ++s) partial[s] += partial[s + width];
-  return partial[0];
+  A tail[kRows] = {};
+  if constexpr (Simd<T>::kEnabled) {
+    using S = Simd<T>;
+    constexpr int L = S::kLanes;
+    typename S::Vec acc0[kRows] = {}, acc1[kRows] = {};
+    for (; c + 2 * L <= n; c += 2 * L) {
+      const auto b0 = S::load_acc(b + c), b1 = S::load_acc(b + c + L);
+      for (int r = 0; r < kRows; ++r) {
+        acc0[r] += S::load(a[r] + c) * b0;
+        acc1[r] += S::load(a[r] + c + L) * b1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<typename S::Vec, L>(acc0[r] + acc1[r]);
+  }
+  for (; c < n; ++c)
+    for (int r = 0; r < kRows; ++r) tail[r] += to_acc(a[r][c]) * b[c];
+  for (int r = 0; r < kRows; ++r) out[r] = tail[r];
 }
 
-// acc[c] += w * a[c] over n elements.
-template <class T>
-LOWRANK_CPU_CLONES void axpy(acc_t<T> w, const T* a, acc_t<T>* acc, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) acc[c] += w * to_acc(a[c]);
+// acc[c] += sum_r w[r] * a[r][c] over n elements, kRows rows per load and store of acc.
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void axpy_rows(const acc_t<T>* w, const T* const* a, acc_t<T>* acc, int64_t n) {
+  int64_t c = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using S = Simd<T>;
+    constexpr int L = S::kLanes;
+    for (; c + L <= n; c += L) {
+      auto sum = S::load_acc(acc + c);
+      for (int r = 0; r < kRows; ++r) sum += w[r] * S::load(a[r] + c);
+      S::store(acc + c, sum);
+    }
+  }
+  for (; c < n; ++c) {
+    acc_t<T> sum = acc[c];
+    for (int r = 0; r < kRows; ++r) sum += w[r] * to_acc(a[r][c]);
+    acc[c] = sum;
+  }
 }
 
-// Splits [0, dim) into n_tasks ranges whose boundaries are multiples of kWays.
+constexpr int kRowGroup = 4;  // rows per dot_rows / axpy_rows call
+
+// Splits [0, dim) into n_tasks ranges whose boundaries are multiples of kAlign.
 inline int64_t range_begin(int64_t task, int64_t n_tasks, int64_t dim) {
-  const int64_t units = (dim + kWays - 1) / kWays;
-  return std::min(dim, (units * task / n_tasks) * kWays);
+  const int64_t units = (dim + kAlign - 1) / kAlign;
+  return std::min(dim, (units * task / n_tasks) * kAlign);
 }
 
 inline int threads_for(int64_t elements, int num_threads, int64_t dim) {
@@ -85,11 +169,21 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
           rounded[static_cast<size_t>(c)] = to_acc(row[c]);
         }
       }
-      for (int64_t i = 0; i < p.n_rows; ++i) {
-        const T* row = grads + i * p.grads_ld + c0;
+      // Row groups outer, vectors inner: a group's chunks are read from memory once and
+      // reused from L1 for every vector.
+      for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
+        const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
+        const T* rows[kRowGroup];
+        for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
           const A* xj = (j == 0 && p.write_slot >= 0) ? rounded.data() : x + j * p.x_ld + c0;
-          acc[j * p.n_rows + i] += dot(row, xj, n);
+          A sums[kRowGroup];
+          if (group == kRowGroup) {
+            dot_rows<T, kRowGroup>(rows, xj, n, sums);
+          } else {
+            for (int64_t r = 0; r < group; ++r) dot_rows<T, 1>(rows + r, xj, n, sums + r);
+          }
+          for (int64_t r = 0; r < group; ++r) acc[j * p.n_rows + i + r] += sums[r];
         }
       }
     }
@@ -111,16 +205,26 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
   const A alpha = static_cast<A>(p.alpha), beta = static_cast<A>(p.beta);
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   // Chunk width so that the k accumulator rows fit in L1 (32 KB of fp32).
-  const int64_t chunk = std::max<int64_t>(kWays, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kWays * kWays));
+  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
   parallel_for(threads, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, threads, p.dim), end = range_begin(task + 1, threads, p.dim);
     std::vector<A> acc(static_cast<size_t>(p.k * chunk));
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t n = std::min(chunk, end - c0);
       std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t i = 0; i < p.n_rows; ++i) {
-        const T* row = grads + i * p.grads_ld + c0;
-        for (int64_t j = 0; j < p.k; ++j) axpy(coef[j * p.n_rows + i], row, acc.data() + j * chunk, n);
+      for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
+        const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
+        const T* rows[kRowGroup];
+        for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
+        for (int64_t j = 0; j < p.k; ++j) {
+          const A* w = coef + j * p.n_rows + i;
+          A* acc_j = acc.data() + j * chunk;
+          if (group == kRowGroup) {
+            axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
+          } else {
+            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(w + r, rows + r, acc_j, n);
+          }
+        }
       }
       for (int64_t j = 0; j < p.k; ++j) {
         A* y = out + j * p.out_ld + c0;

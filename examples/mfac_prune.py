@@ -4,7 +4,7 @@ Trains a small MLP with the MFAC optimizer on a synthetic 10-class problem, coll
 128 mini-batch gradients, and prunes the two weight matrices to 70 % sparsity three
 ways: by magnitude, by OBS saliency alone, and by OBS with the weight update (one Fisher
 over all 2688 weights, through MFACInverse).  Prints the training loss after each.
-About ten seconds on an idle 2-core CPU:
+Under a minute on a 2-core CPU:
 
     python examples/mfac_prune.py
 """

@@ -89,4 +89,20 @@ def ot_hessian_matvec_cpu(
 def ot_hessian_matvec_cuda(
     *, row_ptr: int, col_idx: int, values: int, r: int, c: int, vx: int, vy: int, out_x: int, out_y: int, batch: int,
     rows: int, cols: int, dtype: int, device: int, stream: int,
+def mfac_dots_cpu(
+    *, grads: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int, write_slot: int,
+    dtype: int, num_threads: int,
+) -> None: ...
+def mfac_dots_cuda_segments(*, n_rows: int, dim: int, k: int) -> int: ...
+def mfac_dots_cuda(
+    *, grads: int, x: int, out: int, workspace: int, workspace_elems: int, n_rows: int, dim: int, k: int,
+    grads_ld: int, x_ld: int, write_slot: int, dtype: int, device: int, stream: int,
+) -> None: ...
+def mfac_combine_cpu(
+    *, grads: int, coef: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int,
+    out_ld: int, alpha: float, beta: float, dtype: int, num_threads: int,
+) -> None: ...
+def mfac_combine_cuda(
+    *, grads: int, coef: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int,
+    out_ld: int, alpha: float, beta: float, dtype: int, device: int, stream: int,
 ) -> None: ...

@@ -87,3 +87,82 @@ def ot_hessian_matvec(P_sparse: torch.Tensor, r, c, vx, vy):
     out_x = r * vx + (P_sparse @ vy.unsqueeze(-1)).squeeze(-1)
     out_y = c * vy + (P_sparse.transpose(1, 2) @ vx.unsqueeze(-1)).squeeze(-1)
     return out_x, out_y
+# ---- M-FAC ----
+__all__ += ["mfac_fisher", "mfac_ihvp", "mfac_inverse_diag", "MFACShermanMorrison", "MFACInverseTorch"]
+
+
+def mfac_fisher(G: torch.Tensor, damp: float) -> torch.Tensor:
+    """The dense damped empirical Fisher ``damp I + G^T G / m`` ``[d, d]`` (float64), G ``[m, d]``."""
+    G = G.to(torch.float64)
+    return damp * torch.eye(G.shape[1], dtype=torch.float64, device=G.device) + G.T @ G / G.shape[0]
+
+
+def mfac_ihvp(G: torch.Tensor, damp: float, x: torch.Tensor) -> torch.Tensor:
+    """``F^-1 x`` by a dense float64 solve; x ``[d]`` or ``[k, d]``."""
+    F = mfac_fisher(G, damp)
+    return torch.linalg.solve(F, x.to(torch.float64).unsqueeze(-1)).squeeze(-1)
+
+
+def mfac_inverse_diag(G: torch.Tensor, damp: float) -> torch.Tensor:
+    """Diagonal of the dense ``F^-1`` (float64)."""
+    return torch.linalg.inv(mfac_fisher(G, damp)).diagonal()
+
+
+class MFACShermanMorrison:
+    """The M-FAC paper's static algorithm (official ``prun.py: HInvFastBatch``): ``F^-1`` as
+    ``m`` Sherman-Morrison rank-1 corrections, ``O(m^2 d)`` to build, two passes per IHVP.
+
+    ``v_i = F_{i-1}^-1 g_i = g_i / damp - sum_{j<i} (v_j . g_i / q_j) v_j``,
+    ``q_i = m + g_i . v_i``, and ``F^-1 x = x / damp - sum_i (v_i . x / q_i) v_i``.
+    A new gradient in a sliding window changes every ``v_i``: the build is the update cost.
+    """
+
+    def __init__(self, G: torch.Tensor, damp: float):
+        m = G.shape[0]
+        self.damp = damp
+        self.V = G / damp  # row i becomes v_i; rows are finished in order
+        self.q = G.new_empty(m)
+        for i in range(m):
+            if i > 0:
+                coef = (self.V[:i] @ G[i]) / self.q[:i]
+                self.V[i] -= coef @ self.V[:i]
+            self.q[i] = m + G[i] @ self.V[i]
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.damp - ((x @ self.V.T) / self.q) @ self.V
+
+
+class MFACInverseTorch:
+    """The same formulas as :class:`lowrank_ops.second_order.MFACInverse` in plain torch ops
+    (GEMV for ``G g``, ``index_copy_`` for the ring write, ``addmm`` for ``x - G^T c``,
+    Cholesky of the float64 ``K`` recomputed per update): the benchmarks' dense peer."""
+
+    def __init__(self, dim: int, ngrads: int, damp: float, dtype=torch.float32, device=None):
+        self.damp, self.ngrads, self.count = damp, ngrads, 0
+        self.grads = torch.zeros(ngrads, dim, dtype=dtype, device=device)
+        self.gram = torch.zeros(ngrads, ngrads, dtype=torch.float64, device=device)
+        self.factor = None
+
+    def update(self, g: torch.Tensor) -> torch.Tensor:
+        slot, n = self.count % self.ngrads, min(self.count + 1, self.ngrads)
+        self.grads[slot] = g
+        dots = self.grads[:n] @ g
+        self.gram[slot, :n] = dots
+        self.gram[:n, slot] = dots
+        self.count += 1
+        K = self.gram[:n, :n].clone()
+        K.diagonal().add_(n * self.damp)
+        self.factor = torch.linalg.cholesky(K)
+        return dots
+
+    def _apply(self, x: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+        n = min(self.count, self.ngrads)
+        coef = torch.cholesky_solve(dots.to(torch.float64).unsqueeze(-1), self.factor).squeeze(-1).to(x.dtype)
+        return torch.addmv(x, self.grads[:n].T, coef, alpha=-1.0) / self.damp
+
+    def update_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        return self._apply(g, self.update(g))
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        n = min(self.count, self.ngrads)
+        return self._apply(x, self.grads[:n] @ x)

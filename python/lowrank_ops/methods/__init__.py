@@ -2,3 +2,5 @@
 from . import sltrain
 
 __all__ = ["sltrain"]
+from . import mfac_pruning
+__all__ += ["mfac_pruning"]

@@ -5,3 +5,5 @@ from .svd import batched_svd
 
 __all__ = ["fixed_sparse_matmul", "spmv", "sparse_lowrank_linear", "batched_svd"]
 from . import ot  # noqa: E402  (entropic OT kernel ops: lowrank_ops.ops.ot)
+from .mfac import mfac_combine, mfac_dots
+__all__ += ["mfac_dots", "mfac_combine"]

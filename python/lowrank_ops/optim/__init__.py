@@ -2,3 +2,5 @@
 from .galore import GaLoreAdamW, GaLoreProjector
 
 __all__ = ["GaLoreAdamW", "GaLoreProjector"]
+from .mfac import MFAC
+__all__ += ["MFAC"]

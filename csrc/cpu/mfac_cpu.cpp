@@ -1,0 +1,287 @@
+// CPU passes over the M-FAC gradient buffer: G x fused with the ring-buffer write
+// (mfac_dots) and alpha x + beta G^T c (mfac_combine).  See lowrank_ops/mfac.h.
+//
+// Both passes are memory-bound streams over G (2 flops per element read): their floor
+// is n_rows * dim * sizeof(storage) bytes each.  Threads split the columns, never the
+// rows: a thread walks its column range in chunks of kChunk columns, and for each chunk
+// visits every row.  The chunk of x (or of the output accumulators) stays in L1 while
+// the rows' chunks are streamed from memory once, so x is read once per pass instead of
+// once per row (which would double the traffic for fp32 storage at k = 1).
+//
+// Accuracy: each chunk's dot product runs over 2 * SIMD-lanes independent partial sums
+// (16 for fp32); chunk sums are accumulated per thread and the threads' partials summed
+// at the end, so the rounding error grows with kChunk / 16 + dim / kChunk + threads,
+// not with dim.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lowrank_ops/mfac.h"
+#include "lowrank_ops/parallel.h"
+
+#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+namespace lowrank_ops {
+namespace {
+
+constexpr int64_t kChunk = 2048;          // columns per chunk: 8 KB of fp32 x, in L1
+constexpr int64_t kAlign = 16;            // column-range boundaries: one 64-byte line of fp32
+constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads cost more than they save
+
+// 32-byte SIMD vectors through GCC/Clang vector extensions (one ymm register under the
+// AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage types with a vector
+// load: float, double and bf16 (widened exactly by a 16-bit shift); fp16 takes the
+// scalar path.  Written out because the auto-vectorizer handles the multi-row loops
+// below poorly (measured 2x slower than this in cache).
+typedef float VecF __attribute__((vector_size(32)));
+typedef float VecFU __attribute__((vector_size(32), aligned(4)));
+typedef double VecD __attribute__((vector_size(32)));
+typedef double VecDU __attribute__((vector_size(32), aligned(8)));
+typedef uint16_t VecH8U __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t VecU8 __attribute__((vector_size(32)));
+
+template <class T>
+struct Simd {
+  static constexpr bool kEnabled = false;
+};
+template <>
+struct Simd<float> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 8;
+  using Vec = VecF;
+  static Vec load(const float* p) { return *reinterpret_cast<const VecFU*>(p); }
+  static Vec load_acc(const float* p) { return load(p); }
+  static void store(float* p, Vec v) { *reinterpret_cast<VecFU*>(p) = v; }
+};
+template <>
+struct Simd<double> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 4;
+  using Vec = VecD;
+  static Vec load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
+  static Vec load_acc(const double* p) { return load(p); }
+  static void store(double* p, Vec v) { *reinterpret_cast<VecDU*>(p) = v; }
+};
+template <>
+struct Simd<BFloat16Host> {
+  static constexpr bool kEnabled = true;
+  static constexpr int kLanes = 8;
+  using Vec = VecF;
+  static Vec load(const BFloat16Host* p) {
+    const VecU8 bits = __builtin_convertvector(*reinterpret_cast<const VecH8U*>(p), VecU8) << 16;
+    Vec v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+  static Vec load_acc(const float* p) { return Simd<float>::load(p); }
+  static void store(float* p, Vec v) { Simd<float>::store(p, v); }
+};
+
+template <class V, int kLanes>
+inline auto horizontal_sum(V v) {
+  auto sum = v[0];
+  for (int lane = 1; lane < kLanes; ++lane) sum += v[lane];
+  return sum;
+}
+
+// out[r] = sum_c a[r][c] * b[c] over n elements, for kRows rows at once: each load of
+// b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators hide the
+// FMA latency.  Every row is summed over 2 * lanes partial sums (16 for fp32).
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const acc_t<T>* b, int64_t n, acc_t<T>* out) {
+  using A = acc_t<T>;
+  int64_t c = 0;
+  A tail[kRows] = {};
+  if constexpr (Simd<T>::kEnabled) {
+    using S = Simd<T>;
+    constexpr int L = S::kLanes;
+    typename S::Vec acc0[kRows] = {}, acc1[kRows] = {};
+    for (; c + 2 * L <= n; c += 2 * L) {
+      const auto b0 = S::load_acc(b + c), b1 = S::load_acc(b + c + L);
+      for (int r = 0; r < kRows; ++r) {
+        acc0[r] += S::load(a[r] + c) * b0;
+        acc1[r] += S::load(a[r] + c + L) * b1;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<typename S::Vec, L>(acc0[r] + acc1[r]);
+  }
+  for (; c < n; ++c)
+    for (int r = 0; r < kRows; ++r) tail[r] += to_acc(a[r][c]) * b[c];
+  for (int r = 0; r < kRows; ++r) out[r] = tail[r];
+}
+
+// acc[c] += sum_r w[r] * a[r][c] over n elements, kRows rows per load and store of acc.
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void axpy_rows(const acc_t<T>* w, const T* const* a, acc_t<T>* acc, int64_t n) {
+  int64_t c = 0;
+  if constexpr (Simd<T>::kEnabled) {
+    using S = Simd<T>;
+    constexpr int L = S::kLanes;
+    for (; c + L <= n; c += L) {
+      auto sum = S::load_acc(acc + c);
+      for (int r = 0; r < kRows; ++r) sum += w[r] * S::load(a[r] + c);
+      S::store(acc + c, sum);
+    }
+  }
+  for (; c < n; ++c) {
+    acc_t<T> sum = acc[c];
+    for (int r = 0; r < kRows; ++r) sum += w[r] * to_acc(a[r][c]);
+    acc[c] = sum;
+  }
+}
+
+constexpr int kRowGroup = 4;  // rows per dot_rows / axpy_rows call
+
+// Splits [0, dim) into n_tasks ranges whose boundaries are multiples of kAlign.
+inline int64_t range_begin(int64_t task, int64_t n_tasks, int64_t dim) {
+  const int64_t units = (dim + kAlign - 1) / kAlign;
+  return std::min(dim, (units * task / n_tasks) * kAlign);
+}
+
+inline int threads_for(int64_t elements, int num_threads, int64_t dim) {
+  if (elements < kSerialWork) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, dim / kChunk + 1)));
+}
+
+template <class T>
+void dots_typed(const MfacDotsParams& p, int num_threads) {
+  using A = acc_t<T>;
+  T* grads = static_cast<T*>(p.grads);
+  const A* x = static_cast<const A*>(p.x);
+  A* out = static_cast<A*>(p.out);
+  const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
+  const int64_t n_tasks = threads;
+  const int64_t width = p.k * p.n_rows;
+  std::vector<A> partial(static_cast<size_t>(n_tasks * width), A(0));
+  parallel_for(n_tasks, threads, [&](int64_t task) {
+    const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
+    A* acc = partial.data() + task * width;
+    std::vector<A> rounded(p.write_slot >= 0 ? static_cast<size_t>(kChunk) : 0);
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - c0);
+      if (p.write_slot >= 0) {
+        // The ring-buffer write, fused into the pass: the new row is written while its
+        // chunk of x is in cache, and read back rounded for the dots of x[0].
+        T* row = grads + p.write_slot * p.grads_ld + c0;
+        for (int64_t c = 0; c < n; ++c) {
+          row[c] = from_acc<T>(x[c0 + c]);
+          rounded[static_cast<size_t>(c)] = to_acc(row[c]);
+        }
+      }
+      // Row groups outer, vectors inner: a group's chunks are read from memory once and
+      // reused from L1 for every vector.
+      for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
+        const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
+        const T* rows[kRowGroup];
+        for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
+        for (int64_t j = 0; j < p.k; ++j) {
+          const A* xj = (j == 0 && p.write_slot >= 0) ? rounded.data() : x + j * p.x_ld + c0;
+          A sums[kRowGroup];
+          if (group == kRowGroup) {
+            dot_rows<T, kRowGroup>(rows, xj, n, sums);
+          } else {
+            for (int64_t r = 0; r < group; ++r) dot_rows<T, 1>(rows + r, xj, n, sums + r);
+          }
+          for (int64_t r = 0; r < group; ++r) acc[j * p.n_rows + i + r] += sums[r];
+        }
+      }
+    }
+  });
+  for (int64_t e = 0; e < width; ++e) {
+    A sum = 0;
+    for (int64_t t = 0; t < n_tasks; ++t) sum += partial[static_cast<size_t>(t * width + e)];
+    out[e] = sum;
+  }
+}
+
+template <class T>
+void combine_typed(const MfacCombineParams& p, int num_threads) {
+  using A = acc_t<T>;
+  const T* grads = static_cast<const T*>(p.grads);
+  const A* coef = static_cast<const A*>(p.coef);
+  const A* x = static_cast<const A*>(p.x);
+  A* out = static_cast<A*>(p.out);
+  const A alpha = static_cast<A>(p.alpha), beta = static_cast<A>(p.beta);
+  const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
+  // Chunk width so that the k accumulator rows fit in L1 (32 KB of fp32).
+  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
+  parallel_for(threads, threads, [&](int64_t task) {
+    const int64_t begin = range_begin(task, threads, p.dim), end = range_begin(task + 1, threads, p.dim);
+    std::vector<A> acc(static_cast<size_t>(p.k * chunk));
+    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+      const int64_t n = std::min(chunk, end - c0);
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
+        const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
+        const T* rows[kRowGroup];
+        for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
+        for (int64_t j = 0; j < p.k; ++j) {
+          const A* w = coef + j * p.n_rows + i;
+          A* acc_j = acc.data() + j * chunk;
+          if (group == kRowGroup) {
+            axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
+          } else {
+            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(w + r, rows + r, acc_j, n);
+          }
+        }
+      }
+      for (int64_t j = 0; j < p.k; ++j) {
+        A* y = out + j * p.out_ld + c0;
+        const A* a = acc.data() + j * chunk;
+        if (alpha == A(0)) {
+          for (int64_t c = 0; c < n; ++c) y[c] = beta * a[c];
+        } else {
+          const A* xj = x + j * p.x_ld + c0;
+          for (int64_t c = 0; c < n; ++c) y[c] = alpha * xj[c] + beta * a[c];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void check_mfac_dots_params(const MfacDotsParams& p) {
+  LOWRANK_CHECK(p.n_rows >= 0 && p.dim >= 0 && p.k >= 0, "mfac_dots: sizes must be non-negative; got n_rows=",
+                p.n_rows, ", dim=", p.dim, ", k=", p.k);
+  LOWRANK_CHECK(p.write_slot >= -1 && p.write_slot < std::max<int64_t>(p.n_rows, 0),
+                "mfac_dots: write_slot must be -1 or in [0, n_rows) = [0, ", p.n_rows, "); got ", p.write_slot);
+  LOWRANK_CHECK(p.write_slot < 0 || p.k >= 1, "mfac_dots: write_slot needs k >= 1 vectors; got k=", p.k);
+  LOWRANK_CHECK(p.grads_ld >= p.dim && p.x_ld >= p.dim, "mfac_dots: row strides must be >= dim=", p.dim,
+                "; got grads_ld=", p.grads_ld, ", x_ld=", p.x_ld);
+  LOWRANK_CHECK(p.n_rows * p.dim == 0 || p.grads != nullptr, "mfac_dots: grads must not be null");
+  LOWRANK_CHECK(p.k * p.dim == 0 || p.x != nullptr, "mfac_dots: x must not be null");
+  LOWRANK_CHECK(p.k * p.n_rows == 0 || p.out != nullptr, "mfac_dots: out must not be null");
+}
+
+void check_mfac_combine_params(const MfacCombineParams& p) {
+  LOWRANK_CHECK(p.n_rows >= 0 && p.dim >= 0 && p.k >= 0, "mfac_combine: sizes must be non-negative; got n_rows=",
+                p.n_rows, ", dim=", p.dim, ", k=", p.k);
+  LOWRANK_CHECK(p.grads_ld >= p.dim && p.out_ld >= p.dim && (p.alpha == 0.0 || p.x_ld >= p.dim),
+                "mfac_combine: row strides must be >= dim=", p.dim, "; got grads_ld=", p.grads_ld,
+                ", x_ld=", p.x_ld, ", out_ld=", p.out_ld);
+  LOWRANK_CHECK(p.n_rows * p.dim == 0 || p.grads != nullptr, "mfac_combine: grads must not be null");
+  LOWRANK_CHECK(p.k * p.n_rows == 0 || p.coef != nullptr, "mfac_combine: coef must not be null");
+  LOWRANK_CHECK(p.alpha == 0.0 || p.k * p.dim == 0 || p.x != nullptr,
+                "mfac_combine: x must not be null when alpha != 0");
+  LOWRANK_CHECK(p.k * p.dim == 0 || p.out != nullptr, "mfac_combine: out must not be null");
+}
+
+void mfac_dots_cpu(const MfacDotsParams& p, int num_threads) {
+  check_mfac_dots_params(p);
+  if (p.k == 0 || p.n_rows == 0) return;
+  dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
+    dots_typed<typename decltype(tag)::type>(p, std::max(num_threads, 1));
+  });
+}
+
+void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
+  check_mfac_combine_params(p);
+  if (p.k == 0 || p.dim == 0) return;
+  dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
+    combine_typed<typename decltype(tag)::type>(p, std::max(num_threads, 1));
+  });
+}
+
+}  // namespace lowrank_ops

@@ -1,0 +1,68 @@
+// M-FAC passes over the gradient buffer (ALGORITHMS.md section 6).
+//
+// The buffer G is [capacity, dim] row-major in a storage dtype (fp32, fp64, fp16 or
+// bf16); only its first n_rows rows take part.  Vectors, coefficients and outputs are
+// in the accumulation type acc_t<storage> (fp32, or fp64 for fp64 storage), so bf16
+// storage halves the bytes read while every sum runs in fp32.
+//
+//   mfac_dots    : out[j, i] = sum_c G[i, c] * x[j, c]          (G x, the first pass)
+//                  optionally fused with the ring-buffer write: row write_slot is first
+//                  overwritten with x[0] rounded to the storage dtype, and the dots of
+//                  x[0] use that rounded value, so that the new Gram row G round(g)
+//                  matches the stored buffer exactly.  One read of G (plus one row written).
+//   mfac_combine : out[j, c] = alpha * x[j, c] + beta * sum_i coef[j, i] * G[i, c]
+//                  (x - G^T c, the second pass).  One read of G.
+//
+// Memory floor of one optimizer step (update + IHVP of the same gradient): these two
+// passes, 2 * n_rows * dim * sizeof(storage) bytes; everything else is O(dim + n_rows^2).
+//
+// Layout: x and out are [k, dim] with row stride ld (elements), unit column stride;
+// coef is [k, n_rows] contiguous.  Kernels never allocate device memory and never
+// synchronize; CUDA kernels run on the caller's stream.
+#pragma once
+
+#include <cstdint>
+
+#include "lowrank_ops/dtype.h"
+
+namespace lowrank_ops {
+
+struct MfacDotsParams {
+  void* grads = nullptr;      // [>= n_rows, dim], row stride grads_ld, storage dtype (written only at write_slot)
+  const void* x = nullptr;    // [k, dim], row stride x_ld, acc type
+  void* out = nullptr;        // [k, n_rows] contiguous, acc type; fully overwritten
+  int64_t n_rows = 0, dim = 0, k = 0;
+  int64_t grads_ld = 0, x_ld = 0;
+  int64_t write_slot = -1;    // -1: read only; else a row in [0, n_rows)
+  DType dtype = DType::float32;  // storage dtype of grads
+};
+
+struct MfacCombineParams {
+  const void* grads = nullptr;  // [>= n_rows, dim], row stride grads_ld, storage dtype
+  const void* coef = nullptr;   // [k, n_rows] contiguous, acc type
+  const void* x = nullptr;      // [k, dim], row stride x_ld, acc type (may be nullptr when alpha == 0)
+  void* out = nullptr;          // [k, dim], row stride out_ld, acc type; fully overwritten
+  int64_t n_rows = 0, dim = 0, k = 0;
+  int64_t grads_ld = 0, x_ld = 0, out_ld = 0;
+  double alpha = 1.0, beta = -1.0;
+  DType dtype = DType::float32;
+};
+
+// Shape sanity shared by both back ends (throws std::invalid_argument).
+void check_mfac_dots_params(const MfacDotsParams& p);
+void check_mfac_combine_params(const MfacCombineParams& p);
+
+// CPU (csrc/cpu/mfac_cpu.cpp): threads split the columns; each thread streams its
+// column range of every row once.
+void mfac_dots_cpu(const MfacDotsParams& p, int num_threads);
+void mfac_combine_cpu(const MfacCombineParams& p, int num_threads);
+
+// CUDA (csrc/cuda/mfac_cuda.cu).  mfac_dots needs a workspace of
+// mfac_dots_cuda_segments(n_rows, dim, k) * k * n_rows accumulators (partial sums per
+// column segment, reduced in a second kernel: deterministic, no atomics).
+int64_t mfac_dots_cuda_segments(int64_t n_rows, int64_t dim, int64_t k);
+void mfac_dots_cuda(const MfacDotsParams& p, void* workspace, int64_t workspace_elems, int device,
+                    std::uintptr_t stream);
+void mfac_combine_cuda(const MfacCombineParams& p, int device, std::uintptr_t stream);
+
+}  // namespace lowrank_ops

@@ -1,0 +1,247 @@
+"""M-FAC passes over a gradient buffer: ``G x`` (optionally fused with the ring-buffer
+write) and ``alpha x + beta G^T c``.
+
+Layers (DESIGN.md section 1):
+
+* ``torch.ops.lowrank_ops.mfac_dots`` / ``mfac_combine``: the two read passes, pure
+  functions, differentiable (``torch.library.register_autograd``) in every input;
+* ``torch.ops.lowrank_ops.mfac_dots_write_``: ``mfac_dots`` fused with writing ``x[0]``
+  into row ``write_slot`` of the buffer (mutates ``grads``; not differentiable);
+* :func:`mfac_dots`, :func:`mfac_combine`: validated Python entry points.
+
+The buffer ``grads`` is ``[capacity, dim]`` in a storage dtype (float32, float64,
+float16 or bfloat16); only its first ``n_rows`` rows are used.  Vectors and results
+are in the *compute dtype* of the storage, :func:`compute_dtype`: float64 for float64
+storage, float32 otherwise (bf16 storage halves the bytes read, sums stay in fp32).
+
+CPU and CUDA implementations are hand-written (csrc/cpu/mfac_cpu.cpp,
+csrc/cuda/mfac_cuda.cu): each pass reads the buffer exactly once (torch needs a GEMV
+plus an AXPY for ``x - G^T c`` and a separate copy for the write); bench/bench_mfac.py
+measures them against torch's GEMV on the same buffers.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._dtypes import float_code
+from .._extension import cuda_extension, extension
+from ._library import LIBRARY, current_stream
+
+__all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
+
+LIBRARY.define("mfac_dots(Tensor grads, Tensor x, int n_rows) -> Tensor")
+LIBRARY.define("mfac_dots_write_(Tensor(a!) grads, Tensor x, int n_rows, int write_slot) -> Tensor")
+LIBRARY.define("mfac_combine(Tensor grads, Tensor coef, Tensor x, int n_rows, float alpha, float beta) -> Tensor")
+
+
+def compute_dtype(storage_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of vectors and sums for a buffer stored in ``storage_dtype``."""
+    return torch.float64 if storage_dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------- argument checks
+def _check_buffer(op: str, grads: torch.Tensor, n_rows: int) -> None:
+    if grads.dim() != 2:
+        raise ValueError(f"{op}: grads has shape {tuple(grads.shape)}; expected 2-D (capacity, dim)")
+    float_code(grads.dtype, op, "grads")
+    if not 0 <= n_rows <= grads.shape[0]:
+        raise ValueError(f"{op}: n_rows must be in [0, capacity] = [0, {grads.shape[0]}]; got {n_rows}")
+
+
+def _check_vectors(op: str, name: str, grads: torch.Tensor, x: torch.Tensor) -> None:
+    want = compute_dtype(grads.dtype)
+    if x.dim() != 2 or x.shape[1] != grads.shape[1]:
+        raise ValueError(f"{op}: {name} has shape {tuple(x.shape)}; expected (k, dim) = (k, {grads.shape[1]})")
+    if x.dtype != want:
+        raise TypeError(f"{op}: {name} has dtype {x.dtype}; expected {want} (the compute dtype of {grads.dtype} storage)")
+    if x.device != grads.device:
+        raise ValueError(f"{op}: {name} is on {x.device}; expected {grads.device} (the device of grads)")
+
+
+def _rows_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A view with unit column stride (copies only when the columns are strided)."""
+    return tensor if tensor.dim() < 2 or tensor.stride(1) == 1 else tensor.contiguous()
+
+
+def _ld(tensor: torch.Tensor) -> int:
+    return max(tensor.stride(0), tensor.shape[1]) if tensor.shape[0] > 0 else tensor.shape[1]
+
+
+# ---------------------------------------------------------------------------- mfac_dots
+def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int):
+    _check_buffer(op, grads, n_rows)
+    _check_vectors(op, "x", grads, x)
+    if write_slot >= 0 and not (write_slot < n_rows and x.shape[0] >= 1):
+        raise ValueError(f"{op}: write_slot must be in [0, n_rows) = [0, {n_rows}) with k >= 1; got {write_slot}")
+    x = _rows_view(x)
+    k, dim = x.shape
+    out = x.new_empty((k, n_rows))
+    args = dict(
+        grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim, k=k,
+        grads_ld=_ld(grads), x_ld=_ld(x), write_slot=write_slot, dtype=float_code(grads.dtype, op, "grads"),
+    )
+    if grads.device.type == "cuda":
+        module = cuda_extension(op)
+        segments = module.mfac_dots_cuda_segments(n_rows=n_rows, dim=dim, k=k)
+        workspace = x.new_empty((segments * min(k, 4) * n_rows,))
+        module.mfac_dots_cuda(**args, workspace=workspace.data_ptr(), workspace_elems=workspace.numel(),
+                              device=grads.device.index, stream=current_stream(grads))
+    else:
+        extension().mfac_dots_cpu(**args, num_threads=torch.get_num_threads())
+    return out
+
+
+def _mfac_dots(grads, x, n_rows):
+    return _dots_impl("mfac_dots", _rows_view(grads), x, n_rows, -1)
+
+
+def _mfac_dots_write(grads, x, n_rows, write_slot):
+    if grads.dim() == 2 and grads.stride(1) != 1:
+        raise ValueError(f"mfac_dots_write_: grads has strides {grads.stride()}; expected unit column stride (written in place)")
+    return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot)
+
+
+def _mfac_dots_fake(grads, x, n_rows):
+    return x.new_empty((x.shape[0], n_rows))
+
+
+def _mfac_dots_write_fake(grads, x, n_rows, write_slot):
+    return x.new_empty((x.shape[0], n_rows))
+
+
+# ---------------------------------------------------------------------------- mfac_combine
+def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
+    op = "mfac_combine"
+    _check_buffer(op, grads, n_rows)
+    _check_vectors(op, "x", grads, x)
+    if coef.dim() != 2 or tuple(coef.shape) != (x.shape[0], n_rows):
+        raise ValueError(f"{op}: coef has shape {tuple(coef.shape)}; expected (k, n_rows) = ({x.shape[0]}, {n_rows})")
+    if coef.dtype != x.dtype or coef.device != x.device:
+        raise TypeError(f"{op}: coef is {coef.dtype} on {coef.device}; expected {x.dtype} on {x.device} (as x)")
+    grads, x, coef = _rows_view(grads), _rows_view(x), coef.contiguous()
+    k, dim = x.shape
+    out = x.new_empty((k, dim))
+    args = dict(
+        grads=grads.data_ptr(), coef=coef.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim,
+        k=k, grads_ld=_ld(grads), x_ld=_ld(x), out_ld=_ld(out), alpha=float(alpha), beta=float(beta),
+        dtype=float_code(grads.dtype, op, "grads"),
+    )
+    if grads.device.type == "cuda":
+        cuda_extension(op).mfac_combine_cuda(**args, device=grads.device.index, stream=current_stream(grads))
+    else:
+        extension().mfac_combine_cpu(**args, num_threads=torch.get_num_threads())
+    return out
+
+
+def _mfac_combine_fake(grads, coef, x, n_rows, alpha, beta):
+    return x.new_empty(x.shape)
+
+
+for _device in ("CPU", "CUDA"):
+    LIBRARY.impl("mfac_dots", _mfac_dots, _device)
+    LIBRARY.impl("mfac_dots_write_", _mfac_dots_write, _device)
+    LIBRARY.impl("mfac_combine", _mfac_combine, _device)
+torch.library.register_fake("lowrank_ops::mfac_dots", _mfac_dots_fake, lib=LIBRARY)
+torch.library.register_fake("lowrank_ops::mfac_dots_write_", _mfac_dots_write_fake, lib=LIBRARY)
+torch.library.register_fake("lowrank_ops::mfac_combine", _mfac_combine_fake, lib=LIBRARY)
+
+
+# ---------------------------------------------------------------------------- autograd
+def _grads_gradient(grads: torch.Tensor, n_rows: int, rows_grad: torch.Tensor) -> torch.Tensor:
+    """Gradient for the buffer: ``rows_grad`` ``[n_rows, dim]`` in the used rows, 0 below."""
+    full = grads.new_zeros(grads.shape)
+    full[:n_rows] = rows_grad.to(grads.dtype)
+    return full
+
+
+def _dots_setup(ctx, inputs, output):
+    grads, x, n_rows = inputs
+    ctx.n_rows = n_rows
+    ctx.save_for_backward(grads, x)
+
+
+def _dots_backward(ctx, grad_out):
+    # out = x G_n^T:  dx = grad_out G_n (a combine with alpha = 0), dG_n = grad_out^T x.
+    grads, x = ctx.saved_tensors
+    grad_grads = grad_x = None
+    if ctx.needs_input_grad[1]:
+        grad_x = torch.ops.lowrank_ops.mfac_combine(grads, grad_out.contiguous(), x, ctx.n_rows, 0.0, 1.0)
+    if ctx.needs_input_grad[0]:
+        grad_grads = _grads_gradient(grads, ctx.n_rows, grad_out.T @ x)
+    return grad_grads, grad_x, None
+
+
+def _combine_setup(ctx, inputs, output):
+    grads, coef, x, n_rows, alpha, beta = inputs
+    ctx.n_rows, ctx.alpha, ctx.beta = n_rows, alpha, beta
+    ctx.save_for_backward(grads, coef)
+
+
+def _combine_backward(ctx, grad_out):
+    # out = alpha x + beta coef G_n:  dx = alpha grad_out, dcoef = beta grad_out G_n^T, dG_n = beta coef^T grad_out.
+    grads, coef = ctx.saved_tensors
+    grad_grads = grad_coef = grad_x = None
+    if ctx.needs_input_grad[2]:
+        grad_x = ctx.alpha * grad_out
+    if ctx.needs_input_grad[1]:
+        grad_coef = ctx.beta * torch.ops.lowrank_ops.mfac_dots(grads, grad_out.contiguous(), ctx.n_rows)
+    if ctx.needs_input_grad[0]:
+        grad_grads = _grads_gradient(grads, ctx.n_rows, ctx.beta * (coef.T @ grad_out))
+    return grad_grads, grad_coef, grad_x, None, None, None
+
+
+torch.library.register_autograd("lowrank_ops::mfac_dots", _dots_backward, setup_context=_dots_setup, lib=LIBRARY)
+torch.library.register_autograd(
+    "lowrank_ops::mfac_combine", _combine_backward, setup_context=_combine_setup, lib=LIBRARY
+)
+
+
+# ---------------------------------------------------------------------------- public API
+def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -> torch.Tensor:
+    """``G_n x^T``: the dot products of the first ``n_rows`` buffer rows with each vector.
+
+    Parameters
+    ----------
+    grads : Tensor[capacity, dim]
+        The gradient buffer (float32, float64, float16 or bfloat16).
+    x : Tensor[dim] or Tensor[k, dim]
+        In :func:`compute_dtype` of ``grads`` (float64 for float64 storage, else float32).
+    n_rows : int, optional
+        Rows taken part (default: all).
+
+    Returns
+    -------
+    Tensor[n_rows] or Tensor[k, n_rows]
+        In the compute dtype; summed in it.
+    """
+    n = grads.shape[0] if n_rows is None else n_rows
+    squeeze = isinstance(x, torch.Tensor) and x.dim() == 1
+    out = torch.ops.lowrank_ops.mfac_dots(grads, x.unsqueeze(0) if squeeze else x, n)
+    return out.squeeze(0) if squeeze else out
+
+
+def mfac_combine(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, alpha: float = 1.0, beta: float = -1.0,
+                 n_rows: int | None = None) -> torch.Tensor:
+    """``alpha x + beta coef G_n``: for M-FAC, ``(x - G^T c) / lambda``.
+
+    Parameters
+    ----------
+    grads : Tensor[capacity, dim]
+    coef : Tensor[n_rows] or Tensor[k, n_rows]
+        In the compute dtype of ``grads``.
+    x : Tensor[dim] or Tensor[k, dim]
+        In the compute dtype of ``grads``; same number of vectors as ``coef``.
+    alpha, beta : float
+    n_rows : int, optional
+        Rows taken part (default: all).
+
+    Returns
+    -------
+    Tensor[dim] or Tensor[k, dim]
+    """
+    n = grads.shape[0] if n_rows is None else n_rows
+    squeeze = isinstance(x, torch.Tensor) and x.dim() == 1
+    if squeeze:
+        x, coef = x.unsqueeze(0), coef.unsqueeze(0)
+    out = torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n, float(alpha), float(beta))
+    return out.squeeze(0) if squeeze else out

@@ -1,0 +1,139 @@
+"""M-FAC optimizer (Frantar, Kurtic, Alistarh, 2021): SGD preconditioned by the inverse
+empirical Fisher of a sliding window of gradients.
+
+Per parameter group and step, with ``g`` the group's gradients flattened into one
+vector (``+ weight_decay * w``)::
+
+    F^-1 g  = inverse.update_ihvp(g)        # window <- g, then (lambda I + G^T G / n)^-1 g
+    buf     = momentum * buf + F^-1 g        # when momentum > 0
+    w      -= lr * (buf or F^-1 g)
+
+Each group has its own :class:`~lowrank_ops.second_order.MFACInverse` (its own window,
+``ngrads`` and ``damp``), so groups never mix curvature.  One step reads the window
+twice (the fused write + ``G g`` pass and the ``G^T c`` pass).  No global torch flag is
+touched: the ``m x m`` solves run in float64 instead of relying on TF32 being off.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+
+from ..second_order.mfac import MFACInverse
+
+__all__ = ["MFAC"]
+
+
+class MFAC(torch.optim.Optimizer):
+    """M-FAC: ``w -= lr * F^-1 g`` over a window of the last ``ngrads`` gradients.
+
+    Parameters
+    ----------
+    params : iterable of Tensor or dict
+        Parameters or parameter groups (each group may set every option below).
+    lr : float
+        Learning rate (> 0).
+    ngrads : int
+        Window size ``m`` (>= 1, any value).
+    damp : float
+        Fisher damping ``lambda`` (> 0).  Directions outside the window's span are scaled by
+        ``1 / lambda``: ``lr / damp`` is the effective SGD step there.
+    momentum : float
+        Heavy-ball momentum on the preconditioned step, in ``[0, 1)``.
+    weight_decay : float
+        L2 penalty added to the gradient before preconditioning (as the official code).
+    storage_dtype : torch.dtype, optional
+        Dtype of the gradient window: float32 (default for float32 parameters) or bfloat16
+        (half the memory; sums in float32).  float64 parameters use float64 throughout.
+
+    Notes
+    -----
+    ``state_dict()`` holds, per group, the window (gradients, Gram matrix, count) and
+    the momentum buffer; ``load_state_dict`` restores them on the parameters' device.
+    Parameters without a gradient contribute zeros to the flattened gradient.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5,
+                 momentum: float = 0.0, weight_decay: float = 0.0, *, storage_dtype: Optional[torch.dtype] = None):
+        if not lr > 0:
+            raise ValueError(f"MFAC: lr must be > 0; got {lr}")
+        if int(ngrads) != ngrads or ngrads < 1:
+            raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads}")
+        if not damp > 0:
+            raise ValueError(f"MFAC: damp must be > 0; got {damp}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"MFAC: momentum must be in [0, 1); got {momentum}")
+        if not weight_decay >= 0:
+            raise ValueError(f"MFAC: weight_decay must be >= 0; got {weight_decay}")
+        defaults = dict(lr=lr, ngrads=int(ngrads), damp=damp, momentum=momentum, weight_decay=weight_decay,
+                        storage_dtype=storage_dtype)
+        super().__init__(params, defaults)
+
+    def _inverse(self, group: Dict[str, Any]) -> MFACInverse:
+        state = self.state[group["params"][0]]
+        if "inverse" not in state:
+            first = group["params"][0]
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+            dim = sum(p.numel() for p in group["params"])
+            state["inverse"] = MFACInverse(dim, group["ngrads"], group["damp"], dtype=dtype,
+                                           storage_dtype=group["storage_dtype"], device=first.device)
+        inverse = state["inverse"]
+        inverse.damp = group["damp"]  # a schedule may change it
+        return inverse
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        """One M-FAC step per parameter group; ``closure`` re-evaluates the loss (with grad)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = group["params"]
+            if all(p.grad is None for p in params):
+                continue
+            inverse = self._inverse(group)
+            g = torch.cat([
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(inverse.dtype) for p in params
+            ])
+            if group["weight_decay"] != 0:
+                g.add_(torch.cat([p.reshape(-1).to(inverse.dtype) for p in params]), alpha=group["weight_decay"])
+            direction = inverse.update_ihvp(g)
+            if group["momentum"] > 0:
+                state = self.state[params[0]]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = direction.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(direction)
+                direction = buf
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.add_(direction[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += n
+        return loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        state_dict = super().state_dict()
+        # The packed state shares its per-parameter dicts with self.state: copy before replacing.
+        state_dict["state"] = {
+            index: {key: (value.state_dict() if isinstance(value, MFACInverse) else value) for key, value in entry.items()}
+            for index, entry in state_dict["state"].items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # The window keeps its own dtypes (bf16 buffer, float64 Gram): take it out before
+        # the base class casts floating-point state to the parameter's dtype.
+        windows = {index: entry["inverse"] for index, entry in state_dict["state"].items() if "inverse" in entry}
+        stripped = dict(state_dict)
+        stripped["state"] = {
+            index: {key: value for key, value in entry.items() if key != "inverse"}
+            for index, entry in state_dict["state"].items()
+        }
+        super().load_state_dict(stripped)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, window in windows.items():
+            param = params[index]
+            self.state[param]["inverse"] = MFACInverse.from_state_dict(window, device=param.device)

@@ -1,0 +1,273 @@
+"""M-FAC inverse of the empirical Fisher over a window of gradients (ALGORITHMS.md section 6).
+
+With the ``n`` gradients currently held as the rows of ``G [n, d]`` and a damping
+``lambda > 0``::
+
+    F      = lambda I + G^T G / n
+    F^-1 x = (x - G^T K^-1 G x) / lambda,    K = n lambda I_n + G G^T   (Woodbury)
+
+State: the ring buffer ``G`` (``ngrads`` rows, storage dtype), the Gram matrix ``G G^T``
+(float64, updated one row and column per new gradient from the fused pass), and a
+Cholesky factor of ``K`` recomputed lazily, once per change of the window, in float64.
+
+Cost per optimizer step (:meth:`MFACInverse.update_ihvp`): one fused pass over ``G`` that
+writes the new gradient into its slot and returns ``G g`` (the new Gram row, and the
+first half of the IHVP), an ``O(m^3 / 3)`` Cholesky and ``O(m^2)`` solves, and one pass
+``(g - G^T c) / lambda``: ``2 m d`` storage elements read, the floor for any method
+that touches all of ``G``.  The Cholesky is recomputed rather than rank-updated:
+replacing one row/column of ``K`` is a rank-2 indefinite change whose downdate half can
+lose definiteness in floating point, and at ``d >= 10 m`` the factorization costs a few
+percent of the passes (bench/bench_mfac.py records both).
+
+Why float64 for the ``m x m`` work: ``K``'s condition number is up to
+``1 + ||G||^2 / (n lambda)``; holding ``G G^T``, the factor and the solves in float64
+costs ``O(m^2)`` memory and ``O(m^3)`` flops, negligible next to the passes, and keeps a
+float32 buffer's IHVP at float32 accuracy for damping down to about ``1e-4 ||G||^2 / n``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..ops.mfac import compute_dtype
+
+__all__ = ["MFACInverse"]
+
+_STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_damp(damp: float, op: str) -> float:
+    damp = float(damp)
+    if not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
+    return damp
+
+
+class MFACInverse:
+    """Inverse of ``lambda I + G^T G / n`` for the last ``n <= ngrads`` gradients.
+
+    Parameters
+    ----------
+    dim : int
+        Length ``d`` of a gradient (>= 1).
+    ngrads : int
+        Window size ``m`` (>= 1, any value: no multiple-of-32 or 1024 limit).
+    damp : float
+        ``lambda > 0``.
+    dtype : torch.dtype, optional
+        Compute dtype of vectors and results: float32 (default) or float64.
+    storage_dtype : torch.dtype, optional
+        Dtype of the buffer: ``dtype`` (default), or bfloat16 / float16 with float32 compute
+        (half the memory and bytes read; sums in float32).
+    device : torch.device or str, optional
+
+    Notes
+    -----
+    While fewer than ``ngrads`` gradients have been added, ``n`` is the number added (the
+    official code divides by ``m`` from the start, which acts as extra damping).  A
+    gradient stored in bf16/fp16 is the rounded one: ``F`` is built from the stored rows,
+    and :meth:`update_ihvp` uses the rounded gradient in ``G g`` (exact for fp32/fp64).
+    """
+
+    def __init__(self, dim: int, ngrads: int, damp: float, *, dtype: torch.dtype = torch.float32,
+                 storage_dtype: Optional[torch.dtype] = None, device: Any = None):
+        op = "MFACInverse"
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"{op}: dim must be an integer >= 1; got {dim}")
+        if int(ngrads) != ngrads or ngrads < 1:
+            raise ValueError(f"{op}: ngrads must be an integer >= 1; got {ngrads}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{op}: dtype must be torch.float32 or torch.float64; got {dtype}")
+        storage_dtype = dtype if storage_dtype is None else storage_dtype
+        if storage_dtype not in _STORAGE_DTYPES or compute_dtype(storage_dtype) != dtype:
+            allowed = "float64" if dtype == torch.float64 else "float32, bfloat16 or float16"
+            raise TypeError(f"{op}: storage_dtype must be {allowed} for dtype={dtype}; got {storage_dtype}")
+        self.dim, self.ngrads = int(dim), int(ngrads)
+        self._damp = _check_damp(damp, op)
+        self.dtype, self.storage_dtype = dtype, storage_dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=self.device)
+        self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
+        self.count = 0  # gradients added since the last reset
+        self._factor: Optional[torch.Tensor] = None
+
+    @property
+    def damp(self) -> float:
+        """The damping ``lambda``; setting it keeps the window and refactors lazily."""
+        return self._damp
+
+    @damp.setter
+    def damp(self, value: float) -> None:
+        value = _check_damp(value, "MFACInverse.damp")
+        if value != self._damp:
+            self._damp = value
+            self._factor = None
+
+    # ------------------------------------------------------------------ window
+    @property
+    def n(self) -> int:
+        """Number of gradients in the window, ``min(count, ngrads)``."""
+        return min(self.count, self.ngrads)
+
+    def reset(self) -> None:
+        """Empties the window (``F^-1`` becomes ``I / lambda``)."""
+        self.grads.zero_()
+        self.gram.zero_()
+        self.count = 0
+        self._factor = None
+
+    def _check_vectors(self, x: torch.Tensor, name: str, op: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MFACInverse.{op}: {name} must be a tensor; got {type(x).__name__}")
+        if x.dim() not in (1, 2) or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"MFACInverse.{op}: {name} has shape {tuple(x.shape)}; expected (dim,) or (k, dim) with dim = {self.dim}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"MFACInverse.{op}: {name} has dtype {x.dtype}; expected a floating-point tensor")
+        if x.device != self.device:
+            raise ValueError(f"MFACInverse.{op}: {name} is on {x.device}; expected {self.device}")
+        return x.to(self.dtype)
+
+    def _add(self, g: torch.Tensor) -> torch.Tensor:
+        """Writes g into the next slot; returns ``G_new round(g)`` [n] (compute dtype)."""
+        g = self._check_vectors(g, "g", "update")
+        if g.dim() != 1:
+            raise ValueError(f"MFACInverse.update: g has shape {tuple(g.shape)}; expected one gradient (dim,) = ({self.dim},)")
+        # max |g| is nan or inf exactly when some entry is: one reduction, where
+        # torch.isfinite(g).all() makes several passes with temporaries (5x slower at d = 1e6).
+        if not bool(torch.isfinite(g.abs().amax())):
+            raise ValueError("MFACInverse.update: g has non-finite entries (inf or nan); the window is left unchanged")
+        slot = self.count % self.ngrads
+        n_new = min(self.count + 1, self.ngrads)
+        dots = torch.ops.lowrank_ops.mfac_dots_write_(self.grads, g.unsqueeze(0), n_new, slot)[0]
+        row = dots.to(torch.float64)
+        self.gram[slot, :n_new] = row
+        self.gram[:n_new, slot] = row
+        self.count += 1
+        self._factor = None
+        return dots
+
+    def update(self, g: torch.Tensor) -> None:
+        """Adds gradient ``g [dim]`` to the window, replacing the oldest once full.
+
+        One pass over the buffer (the write and the new Gram row ``G g`` in one read).
+        Raises ValueError for a wrong length or non-finite entries (the window is then
+        unchanged).
+        """
+        self._add(g)
+
+    def update_ihvp(self, g: torch.Tensor) -> torch.Tensor:
+        """Adds ``g`` to the window, then returns ``F^-1 g`` with the new window.
+
+        The optimizer step: the pass that writes ``g`` also yields ``G g``, so the whole
+        call reads the buffer twice (the ``2 m d`` floor).
+        """
+        dots = self._add(g)
+        return self._apply(g.to(self.dtype).unsqueeze(0), dots.unsqueeze(0))[0]
+
+    # ------------------------------------------------------------------ products
+    def _cholesky(self) -> torch.Tensor:
+        if self._factor is None:
+            n = self.n
+            K = self.gram[:n, :n].clone()
+            K.diagonal().add_(n * self.damp)
+            factor, info = torch.linalg.cholesky_ex(K)
+            if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
+                raise RuntimeError(
+                    f"MFACInverse: the Cholesky factorization of n*damp*I + G G^T failed at column {int(info)}; "
+                    "the gradients overflow the Gram matrix (rescale them)"
+                )
+            self._factor = factor
+        return self._factor
+
+    def _apply(self, x: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        if n == 0:
+            return x / self.damp
+        coef = torch.cholesky_solve(dots.T.to(torch.float64), self._cholesky()).T.to(self.dtype)
+        return torch.ops.lowrank_ops.mfac_combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
+
+    def ihvp(self, x: torch.Tensor) -> torch.Tensor:
+        """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
+
+        Returns the compute dtype; differentiable in ``x`` (``F^-1`` is symmetric).
+        """
+        x = self._check_vectors(x, "x", "ihvp")
+        squeeze = x.dim() == 1
+        X = x.unsqueeze(0) if squeeze else x
+        out = self._apply(X, torch.ops.lowrank_ops.mfac_dots(self.grads, X, self.n))
+        return out[0] if squeeze else out
+
+    def diag(self, block_size: Optional[int] = None) -> torch.Tensor:
+        """Diagonal of ``F^-1`` ``[dim]``: ``(1 - ||L^-1 G[:, j]||^2) / lambda`` with ``K = L L^T``.
+
+        Blocked over ``d``: columns are processed ``block_size`` at a time (default: about
+        32 MB of float64 work per block), so memory stays ``O(m * block_size)``.  Cost
+        ``O(m^2 d)`` (triangular solves, float64).
+        """
+        n = self.n
+        if n == 0:
+            return torch.full((self.dim,), 1.0 / self.damp, dtype=self.dtype, device=self.device)
+        if block_size is None:
+            block_size = max(1, (4 << 20) // n)
+        if int(block_size) != block_size or block_size < 1:
+            raise ValueError(f"MFACInverse.diag: block_size must be an integer >= 1; got {block_size}")
+        L = self._cholesky()
+        out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        for c0 in range(0, self.dim, block_size):
+            block = self.grads[:n, c0:c0 + block_size].to(torch.float64)
+            Q = torch.linalg.solve_triangular(L, block, upper=False)
+            out[c0:c0 + block_size] = ((1.0 - Q.square().sum(0)) / self.damp).to(self.dtype)
+        return out
+
+    # ------------------------------------------------------------------ construction, state
+    @classmethod
+    def from_gradients(cls, G: torch.Tensor, damp: float, *, dtype: Optional[torch.dtype] = None,
+                       storage_dtype: Optional[torch.dtype] = None) -> "MFACInverse":
+        """The static case (pruning): ``F^-1`` for the fixed set of gradients ``G [m, d]``.
+
+        The Gram matrix is one ``G G^T`` (a GEMM through torch, in the compute dtype);
+        ``dtype`` defaults to float64 for float64 ``G``, else float32.
+        """
+        if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] < 1 or G.shape[1] < 1:
+            shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
+            raise ValueError(f"MFACInverse.from_gradients: G has shape {shape}; expected (m, d) with m, d >= 1")
+        dtype = compute_dtype(G.dtype) if dtype is None else dtype
+        inverse = cls(G.shape[1], G.shape[0], damp, dtype=dtype, storage_dtype=storage_dtype, device=G.device)
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError("MFACInverse.from_gradients: G has non-finite entries (inf or nan)")
+        inverse.grads.copy_(G)
+        stored = inverse.grads.to(dtype)
+        inverse.gram.copy_(stored @ stored.T)
+        inverse.count = G.shape[0]
+        return inverse
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume: sizes, damping, dtypes, the buffer, Gram and count."""
+        return {
+            "dim": self.dim, "ngrads": self.ngrads, "damp": self.damp, "count": self.count,
+            "dtype": self.dtype, "storage_dtype": self.storage_dtype,
+            "grads": self.grads.clone(), "gram": self.gram.clone(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`'s output (moved to this object's device)."""
+        for key in ("dim", "ngrads", "dtype", "storage_dtype"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"MFACInverse.load_state_dict: {key} is {state[key]}; expected {getattr(self, key)}")
+        self.damp = state["damp"]
+        self.grads.copy_(state["grads"])
+        self.gram.copy_(state["gram"])
+        self.count = int(state["count"])
+        self._factor = None
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, Any], device: Any = None) -> "MFACInverse":
+        """A new object restored from :meth:`state_dict`'s output."""
+        inverse = cls(state["dim"], state["ngrads"], state["damp"], dtype=state["dtype"],
+                      storage_dtype=state["storage_dtype"], device=device if device is not None else state["grads"].device)
+        inverse.load_state_dict(state)
+        return inverse

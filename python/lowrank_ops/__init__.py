@@ -11,14 +11,15 @@ Public modules:
 * :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``)
 * :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
   ``effective_rank``
-* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``
+* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``
+* :mod:`lowrank_ops.second_order`: ``MFACInverse`` (M-FAC inverse-Hessian-vector products)
 * :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``solve_sequence`` (SKR)
 * :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)
 * :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
 * :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
 """
-from . import krylov, linalg, methods, nn, ops, optim, ot, pde, reference, sparse
+from . import krylov, linalg, methods, nn, ops, optim, ot, pde, reference, second_order, sparse
 from .info import __version__, info
 
-__all__ = ["__version__", "info", "krylov", "linalg", "methods", "nn", "ops", "optim", "ot", "pde", "reference", "sparse"]
+__all__ = ["__version__", "info", "krylov", "linalg", "methods", "nn", "ops", "optim", "ot", "pde", "reference", "second_order", "sparse"]

@@ -1,6 +1,4 @@
-"""Method modules built on the ops: one module per method (SLTrain, ...)."""
-from . import sltrain
+"""Method modules built on the ops: one module per method (SLTrain, M-FAC pruning, ...)."""
+from . import mfac_pruning, sltrain
 
-__all__ = ["sltrain"]
-from . import mfac_pruning
-__all__ += ["mfac_pruning"]
+__all__ = ["mfac_pruning", "sltrain"]

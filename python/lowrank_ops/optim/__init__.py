@@ -1,6 +1,5 @@
 """Optimizers built on lowrank_ops' linear algebra."""
 from .galore import GaLoreAdamW, GaLoreProjector
-
-__all__ = ["GaLoreAdamW", "GaLoreProjector"]
 from .mfac import MFAC
-__all__ += ["MFAC"]
+
+__all__ = ["GaLoreAdamW", "GaLoreProjector", "MFAC"]

@@ -4,3 +4,5 @@ from .sparse_lowrank import sparse_lowrank_linear
 from .svd import batched_svd
 
 __all__ = ["fixed_sparse_matmul", "spmv", "sparse_lowrank_linear", "batched_svd"]
+from .lora import lora_linear, lora_merge, lora_unmerge
+__all__ += ["lora_linear", "lora_merge", "lora_unmerge"]

@@ -6,3 +6,5 @@ from .svd import batched_svd
 __all__ = ["fixed_sparse_matmul", "spmv", "sparse_lowrank_linear", "batched_svd"]
 from .lora import lora_linear, lora_merge, lora_unmerge
 __all__ += ["lora_linear", "lora_merge", "lora_unmerge"]
+from .dora import dora_linear, dora_row_norm
+__all__ += ["dora_linear", "dora_row_norm"]

@@ -45,3 +45,11 @@ def jacobi_svd_cuda(
     v_stride_r: int, v_stride_c: int, dtype: int, tol: float, max_sweeps: int, sign_from_v: bool, device: int,
     stream: int,
 ) -> None: ...
+def dora_row_norm_cpu(
+    *, weight: int, proj: int, gram: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, scale: float, dtype: int, num_threads: int,
+) -> None: ...
+def dora_row_norm_cuda(
+    *, weight: int, proj: int, gram: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, scale: float, dtype: int, device: int, stream: int,
+) -> None: ...

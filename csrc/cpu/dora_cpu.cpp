@@ -1,10 +1,9 @@
 // CPU kernel of the DoRA row norms (see lowrank_ops/dora.h for the identity and layouts).
 //
 // Roofline per call: the pass over W dominates: out * in elements read once
-// (2 flops each), against out * r (r + 2) flops for the low-rank terms.  At
-// 4096 x 4096 fp32 that is 64 MB read, so the kernel is memory-bound and its floor is
-// out * in * sizeof(T) / bandwidth.  The GEMMs P = W A^T (2 out in r flops, another
-// pass over W) and G = A A^T are the caller's.
+// (2 flops each), against 2 out r flops for B_o . C_o.  At 4096 x 4096 fp32 that is
+// 64 MB read, so the kernel is memory-bound and its floor is out * in * sizeof(T) /
+// bandwidth.  The GEMM W A^T in C (2 out in r flops, another pass over W) is the caller's.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,11 +50,9 @@ template <class T>
 void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
   using A = acc_t<T>;
   const T* weight = static_cast<const T*>(p.weight);
-  const A* proj = static_cast<const A*>(p.proj);
-  const A* gram = static_cast<const A*>(p.gram);
+  const A* coef = static_cast<const A*>(p.coef);
   const A* lora_B = static_cast<const A*>(p.lora_B);
   A* out = static_cast<A*>(p.out);
-  const A scale = static_cast<A>(p.scale);
   const int64_t r = p.rank;
   const int threads = p.out_features * p.in_features < kSerialElements ? 1 : num_threads;
   const int64_t n_blocks = std::min<int64_t>(p.out_features, 4 * static_cast<int64_t>(threads));
@@ -63,16 +60,9 @@ void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
     const int64_t begin = p.out_features * block / n_blocks, end = p.out_features * (block + 1) / n_blocks;
     for (int64_t o = begin; o < end; ++o) {
       const A squares = row_sum_squares(weight + o * p.weight_stride_o, p.in_features, p.weight_stride_i);
-      const A* b = lora_B + o * r;
-      A cross = 0, quadratic = 0;
-      for (int64_t k = 0; k < r; ++k) {
-        const A* g = gram + k * r;
-        A gb = 0;  // (G B_o^T)_k
-        for (int64_t l = 0; l < r; ++l) gb += g[l] * b[l];
-        cross += b[k] * proj[o * r + k];
-        quadratic += b[k] * gb;
-      }
-      const A total = squares + 2 * scale * cross + scale * scale * quadratic;
+      A low_rank = 0;  // B_o . C_o
+      for (int64_t k = 0; k < r; ++k) low_rank += lora_B[o * r + k] * coef[o * r + k];
+      const A total = squares + low_rank;
       out[o] = std::sqrt(std::max(total, A(0)));
     }
   });
@@ -86,8 +76,8 @@ void check_dora_norm_params(const DoraNormParams& p) {
                 ", in_features=", p.in_features, ", rank=", p.rank);
   LOWRANK_CHECK(p.out_features == 0 || p.out != nullptr, "dora_row_norm: out must not be null");
   LOWRANK_CHECK(p.out_features * p.in_features == 0 || p.weight != nullptr, "dora_row_norm: weight must not be null");
-  LOWRANK_CHECK(p.out_features * p.rank == 0 || (p.proj != nullptr && p.gram != nullptr && p.lora_B != nullptr),
-                "dora_row_norm: proj, gram and lora_B must not be null when rank=", p.rank, " > 0");
+  LOWRANK_CHECK(p.out_features * p.rank == 0 || (p.coef != nullptr && p.lora_B != nullptr),
+                "dora_row_norm: coef and lora_B must not be null when rank=", p.rank, " > 0");
 }
 
 void dora_row_norm_cpu(const DoraNormParams& p, int num_threads) {

@@ -3,8 +3,7 @@
 // One warp per row of W, rows handed out by a grid-stride loop: the lanes stream the row
 // (coalesced when stride_i == 1) for ||W_o||^2, then split the r ranks of the low-rank
 // terms; two warp reductions.  Memory-bound on the pass over W (out * in * sizeof(T)
-// bytes, e.g. 32 MB for 4096 x 4096 bf16: ~10 us at an H100's ~3 TB/s); the r^2 work per
-// row reads G from L1/L2.
+// bytes, e.g. 32 MB for 4096 x 4096 bf16: ~10 us at an H100's ~3 TB/s).
 #include <cuda_runtime.h>
 
 #include "cuda_utils.cuh"
@@ -21,31 +20,22 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams p) {
   using A = acc_t<T>;
   const T* weight = static_cast<const T*>(p.weight);
-  const A* proj = static_cast<const A*>(p.proj);
-  const A* gram = static_cast<const A*>(p.gram);
+  const A* coef = static_cast<const A*>(p.coef);
   const A* lora_B = static_cast<const A*>(p.lora_B);
   A* out = static_cast<A*>(p.out);
-  const A scale = static_cast<A>(p.scale);
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   const int64_t r = p.rank;
   for (int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; o < p.out_features;
        o += warps) {
     const T* row = weight + o * p.weight_stride_o;
-    A squares = 0;
+    A partial = 0;  // this lane's share of ||W_o||^2 + B_o . C_o
     for (int64_t i = lane; i < p.in_features; i += kWarp) {
       const A v = to_acc(row[i * p.weight_stride_i]);
-      squares += v * v;
+      partial += v * v;
     }
-    const A* b = lora_B + o * r;
-    A low_rank = 0;  // sum over this lane's ranks k of b_k (2 s P_ok + s^2 (G b)_k)
-    for (int64_t k = lane; k < r; k += kWarp) {
-      const A* g = gram + k * r;
-      A gb = 0;
-      for (int64_t l = 0; l < r; ++l) gb += g[l] * b[l];
-      low_rank += b[k] * (2 * scale * proj[o * r + k] + scale * scale * gb);
-    }
-    const A total = warp_sum(squares) + warp_sum(low_rank);
+    for (int64_t k = lane; k < r; k += kWarp) partial += lora_B[o * r + k] * coef[o * r + k];
+    const A total = warp_sum(partial);
     if (lane == 0) out[o] = sqrt(total > A(0) ? total : A(0));
   }
 }

@@ -46,10 +46,10 @@ def jacobi_svd_cuda(
     stream: int,
 ) -> None: ...
 def dora_row_norm_cpu(
-    *, weight: int, proj: int, gram: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
-    weight_stride_o: int, weight_stride_i: int, scale: float, dtype: int, num_threads: int,
+    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, num_threads: int,
 ) -> None: ...
 def dora_row_norm_cuda(
-    *, weight: int, proj: int, gram: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
-    weight_stride_o: int, weight_stride_i: int, scale: float, dtype: int, device: int, stream: int,
+    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
 ) -> None: ...

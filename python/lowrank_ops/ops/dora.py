@@ -9,11 +9,15 @@ its dropout convention: the base path sees x, the rescaled path D(x).
 Layers:
 
 * ``torch.ops.lowrank_ops.dora_row_norm``: ``n_o = ||W_o + s B_o A||`` by the low-rank
-  identity ``||W_o||^2 + 2 s B_o (W A^T)_o + s^2 B_o (A A^T) B_o^T`` (ALGORITHMS.md
-  section 2): two small GEMMs (``W A^T`` ``[out, r]``, ``A A^T`` ``[r, r]``) by torch, then
-  a hand-written kernel (csrc/cpu/dora_cpu.cpp, csrc/cuda/dora_cuda.cu) that streams W
-  once for ``||W_o||^2`` and combines the terms per row.  ``B A`` (``[out, in]``) is never
-  formed; PEFT forms it through ``lora_B(lora_A(eye(in)))`` on every forward.
+  identity ``||W_o||^2 + 2 s B_o (W A^T)_o + s^2 B_o (A A^T) B_o^T = ||W_o||^2 + B_o . C_o``
+  (ALGORITHMS.md section 2).  The GEMMs building ``C = 2 s W A^T + s^2 B (A A^T)``
+  (``[out, r]``) run in torch (BLAS); a hand-written kernel (csrc/cpu/dora_cpu.cpp,
+  csrc/cuda/dora_cuda.cu) streams W once for ``||W_o||^2`` and adds ``B_o . C_o``, clamp
+  and square root in the same pass.  ``B A`` (``[out, in]``) is never formed; PEFT forms
+  it through ``lora_B(lora_A(eye(in)))`` on every forward.  Measured against the same
+  identity composed of torch ops (bench/bench_dora.py, ``torch_identity``): see the
+  report of the branch that added this file; the whole op is dominated by the ``W A^T``
+  GEMM and the pass over W, so the fusion saves the small ops' launches and passes only.
 * ``torch.ops.lowrank_ops.dora_linear_fwd``: the forward (composed GEMMs, as lora_linear).
 * ``_DoRALinear``: the autograd Function; :func:`dora_linear`: the validated entry point.
 
@@ -54,17 +58,18 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _norm_operands(weight, lora_A, lora_B):
-    """The kernel's small operands: ``W A^T``, ``A A^T`` and B, contiguous in the accumulation type.
+def _norm_operands(weight, lora_A, lora_B, scale: float):
+    """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)`` and B, ``[out, r]``,
+    contiguous in the accumulation type.
 
     ``W A^T`` is one GEMM in W's dtype (float32 accumulation in BLAS; for a half W the
     ``[out, r]`` result is rounded once to the half type, instead of a float32 copy of W).
     """
     accumulate = _accumulate_dtype(weight.dtype)
-    proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate).contiguous()
-    factor = lora_A.to(accumulate)
-    gram = (factor @ factor.T).contiguous()
-    return proj, gram, lora_B.to(accumulate).contiguous()
+    factor_A, factor_B = lora_A.to(accumulate), lora_B.to(accumulate).contiguous()
+    proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate)
+    coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
+    return coef, factor_B
 
 
 def _check_norm_args(weight, lora_A, lora_B) -> None:
@@ -73,15 +78,15 @@ def _check_norm_args(weight, lora_A, lora_B) -> None:
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
-    proj, gram, factor_B = _norm_operands(weight, lora_A, lora_B)
-    out = torch.empty(weight.shape[0], dtype=proj.dtype, device=weight.device)
+    coef, factor_B = _norm_operands(weight, lora_A, lora_B, scale)
+    out = torch.empty(weight.shape[0], dtype=coef.dtype, device=weight.device)
     args = dict(
-        weight=weight.data_ptr(), proj=proj.data_ptr(), gram=gram.data_ptr(), lora_B=factor_B.data_ptr(),
-        out=out.data_ptr(), out_features=weight.shape[0], in_features=weight.shape[1], rank=lora_A.shape[0],
-        weight_stride_o=weight.stride(0), weight_stride_i=weight.stride(1), scale=float(scale),
+        weight=weight.data_ptr(), coef=coef.data_ptr(), lora_B=factor_B.data_ptr(), out=out.data_ptr(),
+        out_features=weight.shape[0], in_features=weight.shape[1], rank=lora_A.shape[0],
+        weight_stride_o=weight.stride(0), weight_stride_i=weight.stride(1),
         dtype=float_code(weight.dtype, "dora_row_norm", "weight"),
     )
-    return out, (proj, gram, factor_B), args
+    return out, (coef, factor_B), args
 
 
 def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):

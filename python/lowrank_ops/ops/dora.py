@@ -284,7 +284,7 @@ def dora_linear(
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     p = check_dropout(op, dropout_p)
-    seed = draw_seed(generator).to(x.device) if p > 0.0 else None
+    seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     y = _DoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed, scale, p, eps)
     return y.reshape(*batch_shape, weight.shape[0])

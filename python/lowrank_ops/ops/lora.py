@@ -283,7 +283,7 @@ def lora_linear(
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
-    seed = draw_seed(generator).to(x.device) if p > 0.0 else None
+    seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     y = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
     return y.reshape(*batch_shape, weight.shape[0])

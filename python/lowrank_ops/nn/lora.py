@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.dora import dora_linear, dora_row_norm
+from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 
 __all__ = ["LoRALinear"]
@@ -143,8 +143,8 @@ class LoRALinear(torch.nn.Module):
         if self.use_dora:
             norm = dora_row_norm(weight, lora_A, lora_B, self.scaling)
             lora_merge(weight, lora_A, lora_B, self.scaling, inplace=True)
-            # clamp_min: the forward's zero-norm floor (dora_linear's eps)
-            weight.mul_((self.lora_magnitude_vector.to(norm.dtype) / norm.clamp_min(1e-6)).to(weight.dtype)[:, None])
+            factor = self.lora_magnitude_vector.to(norm.dtype) / norm.clamp_min(DEFAULT_EPS)  # the forward's floor
+            weight.mul_(factor.to(weight.dtype)[:, None])
             self._merged_norm = norm
         else:
             lora_merge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
@@ -158,7 +158,7 @@ class LoRALinear(torch.nn.Module):
         lora_A, lora_B, gate = self._factors()
         weight = self.base_layer.weight
         if self.use_dora:
-            factor = self.lora_magnitude_vector.to(self._merged_norm.dtype) / self._merged_norm.clamp_min(1e-6)
+            factor = self.lora_magnitude_vector.to(self._merged_norm.dtype) / self._merged_norm.clamp_min(DEFAULT_EPS)
             weight.div_(factor.to(weight.dtype)[:, None])
             self._merged_norm = None
             lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True)

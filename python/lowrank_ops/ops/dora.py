@@ -23,11 +23,11 @@ Layers:
 
 The norm is detached, as the DoRA paper (section 4.3) and PEFT do: it receives no gradient,
 so ``dm = sum_n dy * z / n``, ``dx``, ``dA``, ``dB`` treat ``c = m / n`` as a constant.
-Zero-norm rows: n is floored at ``eps`` (default 1e-6), so a row with ``W_o + s B_o A = 0``
-gives ``y_o = b_o`` and finite gradients instead of PEFT 0.21.2's inf/NaN.  Accuracy:
-the identity cancels for rows whose norm is far below ``||W_o||`` (relative error of
-``n_o^2`` about ``u ||W_o||^2 / n_o^2``); for the trained adapters DoRA meets, ``s B A``
-is a small correction of W and the three terms do not cancel.
+Zero-norm rows: n is floored at ``eps`` (default ``DEFAULT_EPS`` = 1e-6), so a row with
+``W_o + s B_o A = 0`` gives ``y_o = b_o`` and finite gradients instead of PEFT 0.21.2's
+inf/NaN.  Accuracy: the identity cancels for rows whose norm is far below ``||W_o||``
+(relative error of ``n_o^2`` about ``u ||W_o||^2 / n_o^2``); for the trained adapters DoRA
+meets, ``s B A`` is a small correction of W and the terms do not cancel.
 
 Saved for backward: x, W, A, B, m, ``u = D(x) A^T`` ``[N, r]``, ``1 / n`` ``[out]`` and
 ``z = D(x) (W + s B A)^T``, the one ``[N, out]`` tensor, needed for ``dm`` (PEFT keeps
@@ -44,7 +44,11 @@ from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
-__all__ = ["dora_linear", "dora_row_norm"]
+__all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
+
+#: Floor of the row norm: zero-norm rows (511 in Llama-3.1-8B's o_proj, peft#2049) give
+#: finite outputs and gradients.  Far below the norms of trained weights' rows.
+DEFAULT_EPS = 1e-6
 
 LIBRARY.define("dora_row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor")
 LIBRARY.define(
@@ -73,8 +77,7 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
 
 
 def _check_norm_args(weight, lora_A, lora_B) -> None:
-    op = "dora_row_norm"
-    check_adapter(op, weight.new_empty((0, weight.shape[-1] if weight.dim() else 0)), weight, lora_A, lora_B)
+    check_adapter("dora_row_norm", None, weight, lora_A, lora_B)
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
@@ -243,7 +246,7 @@ def dora_linear(
     scale: float = 1.0,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
-    eps: float = 1e-6,
+    eps: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """DoRA linear, PEFT's numerics: ``y = (m / ||W + s B A||_row) * (x (W + s B A)^T) + b``.
 

@@ -163,7 +163,7 @@ def _check_tensor(op: str, name: str, tensor, dtypes, device) -> None:
         wanted = " or ".join(str(d) for d in dict.fromkeys(dtypes))
         raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected {wanted}")
     if tensor.device != device:
-        raise ValueError(f"{op}: {name} is on {tensor.device}; expected the device of x, {device}")
+        raise ValueError(f"{op}: {name} is on {tensor.device}; expected {device} (the device of x or weight)")
 
 
 def _check_number(op: str, name: str, value) -> float:
@@ -175,21 +175,24 @@ def _check_number(op: str, name: str, value) -> float:
 def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank=None) -> int:
     """Validates a LoRA call's tensors; returns the rank used (``rank`` or r).
 
-    x and weight share a dtype (float32/float64/float16/bfloat16) and device; the adapters
-    (lora_A, lora_B, gate) share one dtype, the weight's or float32; bias has the weight's.
+    x (None for weight-only ops such as merging) and weight share a dtype
+    (float32/float64/float16/bfloat16) and device; the adapters (lora_A, lora_B, gate) share
+    one dtype, the weight's or float32; bias has the weight's.
     """
-    for name, tensor in (("x", x), ("weight", weight)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
-    float_code(x.dtype, op, "x")
-    device, dtype = x.device, x.dtype
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a tensor; got {type(weight).__name__}")
+    reference_name, reference = ("weight", weight) if x is None else ("x", x)
+    if not isinstance(reference, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor; got {type(reference).__name__}")
+    float_code(reference.dtype, op, reference_name)
+    device, dtype = reference.device, reference.dtype
     _check_tensor(op, "weight", weight, (dtype,), device)
     _check_tensor(op, "lora_A", lora_A, (dtype, torch.float32), device)
     _check_tensor(op, "lora_B", lora_B, (lora_A.dtype,), device)
     if weight.dim() != 2:
         raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}; expected 2-D (out_features, in_features)")
     out_features, in_features = weight.shape
-    if x.dim() < 1 or x.shape[-1] != in_features:
+    if x is not None and (x.dim() < 1 or x.shape[-1] != in_features):
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
         raise ValueError(
@@ -295,10 +298,7 @@ _MERGE_ROWS = 1024
 
 
 def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{op}: weight must be a tensor; got {type(weight).__name__}")
-    dummy_x = weight.new_empty((0, weight.shape[-1] if weight.dim() else 0))
-    k = check_adapter(op, dummy_x, weight, lora_A, lora_B, None, gate, rank)
+    k = check_adapter(op, None, weight, lora_A, lora_B, None, gate, rank)
     scale = _check_number(op, "scale", scale)
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():

@@ -164,7 +164,7 @@ def test_opcheck(device, generator):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_torch_compile_fullgraph(device, dropout, generator):
-    layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_gate=True, lora_dropout=dropout).to(device)
+    layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_gate=True, lora_dropout=dropout, generator=generator).to(device)
     with torch.no_grad():
         layer.lora_B.normal_(generator=generator)
     layer.active_rank = 4

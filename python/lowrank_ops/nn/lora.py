@@ -38,7 +38,9 @@ class LoRALinear(torch.nn.Module):
     dtype : torch.dtype, optional
         Of the adapter parameters: the base weight's (default) or float32.
     generator : torch.Generator, optional
-        Makes the initialization reproducible (and is the default source of dropout seeds).
+        Makes the initialization reproducible.  Dropout masks come from torch's default
+        generator (reproducible with ``torch.manual_seed``), because a Generator object
+        cannot be traced by ``torch.compile(fullgraph=True)``.
 
     Attributes
     ----------
@@ -87,7 +89,6 @@ class LoRALinear(torch.nn.Module):
         self.use_rslora, self.use_dora = use_rslora, use_dora
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout = float(lora_dropout)
-        self.generator = generator
         self.active_rank: Optional[int] = None
         self.merged = False
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
@@ -98,13 +99,13 @@ class LoRALinear(torch.nn.Module):
         self.lora_magnitude_vector = (
             torch.nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         )
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """A Kaiming-uniform (a = sqrt(5)), B = 0, gate = 1, magnitude = row norms of W + s B A."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
         with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=self.generator)
+            self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
             if self.lora_gate is not None:
                 self.lora_gate.fill_(1.0)
@@ -125,9 +126,9 @@ class LoRALinear(torch.nn.Module):
         if self.use_dora:
             lora_A, lora_B, _ = self._factors()
             return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector, bias, scale=self.scaling,
-                               dropout_p=p, generator=self.generator)
+                               dropout_p=p)
         return lora_linear(x, weight, self.lora_A, self.lora_B, bias, scale=self.scaling, gate=self.lora_gate,
-                           rank=self.active_rank, dropout_p=p, generator=self.generator)
+                           rank=self.active_rank, dropout_p=p)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -267,6 +267,8 @@ def lora_linear(
         Dropout probability on the adapter input only, in ``[0, 1)``.
     generator : torch.Generator, optional
         Source of the dropout seed (CPU generator); the same state gives the same mask.
+        Default: torch's default generator (the one to use under ``torch.compile``, which
+        cannot trace a Generator argument).
 
     Returns
     -------

@@ -105,4 +105,11 @@ def mfac_combine_cpu(
 def mfac_combine_cuda(
     *, grads: int, coef: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int,
     out_ld: int, alpha: float, beta: float, dtype: int, device: int, stream: int,
+def dora_row_norm_cpu(
+    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, num_threads: int,
+) -> None: ...
+def dora_row_norm_cuda(
+    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
 ) -> None: ...

@@ -166,3 +166,37 @@ class MFACInverseTorch:
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         n = min(self.count, self.ngrads)
         return self._apply(x, self.grads[:n] @ x)
+# ---- LoRA family ----
+__all__ += ["lora_linear", "lora_merge", "dora_row_norm", "dora_linear"]
+
+
+def lora_linear(x, weight, lora_A, lora_B, bias=None, gate=None, *, scale=1.0, rank=None, keep=None, dropout_p=0.0):
+    """``x W^T + b + scale ((D(x) A^T) g) B^T`` on the first ``rank`` ranks; ``D(x) = x keep / (1 - p)``."""
+    k = lora_A.shape[0] if rank is None else rank
+    adapter_input = x if keep is None else x * keep / (1 - dropout_p)
+    shrunk = adapter_input @ lora_A[:k].T
+    if gate is not None:
+        shrunk = shrunk * gate[:k]
+    y = x @ weight.T + scale * (shrunk @ lora_B[:, :k].T)
+    return y if bias is None else y + bias
+
+
+def lora_merge(weight, lora_A, lora_B, scale=1.0, gate=None, *, rank=None):
+    """``W + scale B[:, :k] diag(g[:k]) A[:k]``."""
+    k = lora_A.shape[0] if rank is None else rank
+    lora_B = lora_B[:, :k] if gate is None else lora_B[:, :k] * gate[:k]
+    return weight + scale * (lora_B @ lora_A[:k])
+
+
+def dora_row_norm(weight, lora_A, lora_B, scale=1.0):
+    """``||W_o + scale B_o A||`` through the dense ``[out, in]`` matrix."""
+    return torch.linalg.vector_norm(weight + scale * (lora_B @ lora_A), dim=1)
+
+
+def dora_linear(x, weight, lora_A, lora_B, magnitude, bias=None, *, scale=1.0, keep=None, dropout_p=0.0, eps=1e-6):
+    """PEFT's DoRA with the norm detached: ``x W^T + b + (m / n - 1) D(x) W^T + (m / n) s D(x) (B A)^T``."""
+    norm = dora_row_norm(weight, lora_A, lora_B, scale).detach().clamp_min(eps)
+    adapter_input = x if keep is None else x * keep / (1 - dropout_p)
+    factor = magnitude / norm
+    y = x @ weight.T + (factor - 1) * (adapter_input @ weight.T) + factor * scale * ((adapter_input @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias

@@ -2,3 +2,5 @@
 from .sparse_lowrank import SparseLowRankLinear
 
 __all__ = ["SparseLowRankLinear"]
+from .lora import LoRALinear
+__all__ += ["LoRALinear"]

@@ -1,0 +1,91 @@
+// CPU kernel of the DoRA row norms (see lowrank_ops/dora.h for the identity and layouts).
+//
+// Roofline per call: the pass over W dominates: out * in elements read once
+// (2 flops each), against 2 out r flops for B_o . C_o.  At 4096 x 4096 fp32 that is
+// 64 MB read, so the kernel is memory-bound and its floor is out * in * sizeof(T) /
+// bandwidth.  The GEMM W A^T in C (2 out in r flops, another pass over W) is the caller's.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "lowrank_ops/dora.h"
+#include "lowrank_ops/parallel.h"
+
+// Feature-level clones, as in sparse_cpu.cpp: the sum-of-squares loop vectorizes to the
+// widest ISA the CPU has.
+#define LOWRANK_DORA_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+
+namespace lowrank_ops {
+namespace {
+
+constexpr int64_t kSerialElements = 1 << 16;  // below this many weight elements, threads cost more than they save
+
+// sum_i row[i * stride]^2 in the accumulation type.  16 partial sums: independent
+// multiply-add chains the compiler turns into SIMD lanes, and a smaller rounding error
+// than one running sum.
+template <class T>
+LOWRANK_DORA_CLONES acc_t<T> row_sum_squares(const T* row, int64_t n, int64_t stride) {
+  using A = acc_t<T>;
+  constexpr int kWays = 16;
+  A partial[kWays] = {};
+  int64_t i = 0;
+  if (stride == 1) {
+    for (; i + kWays <= n; i += kWays) {
+      for (int s = 0; s < kWays; ++s) {
+        const A v = to_acc(row[i + s]);
+        partial[s] += v * v;
+      }
+    }
+  }
+  for (int s = 0; i < n; ++i, s = (s + 1) % kWays) {
+    const A v = to_acc(row[i * stride]);
+    partial[s] += v * v;
+  }
+  for (int width = kWays / 2; width > 0; width /= 2)
+    for (int s = 0; s < width; ++s) partial[s] += partial[s + width];
+  return partial[0];
+}
+
+template <class T>
+void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
+  using A = acc_t<T>;
+  const T* weight = static_cast<const T*>(p.weight);
+  const A* coef = static_cast<const A*>(p.coef);
+  const A* lora_B = static_cast<const A*>(p.lora_B);
+  A* out = static_cast<A*>(p.out);
+  const int64_t r = p.rank;
+  const int threads = p.out_features * p.in_features < kSerialElements ? 1 : num_threads;
+  const int64_t n_blocks = std::min<int64_t>(p.out_features, 4 * static_cast<int64_t>(threads));
+  parallel_for(n_blocks, threads, [&](int64_t block) {
+    const int64_t begin = p.out_features * block / n_blocks, end = p.out_features * (block + 1) / n_blocks;
+    for (int64_t o = begin; o < end; ++o) {
+      const A squares = row_sum_squares(weight + o * p.weight_stride_o, p.in_features, p.weight_stride_i);
+      A low_rank = 0;  // B_o . C_o
+      for (int64_t k = 0; k < r; ++k) low_rank += lora_B[o * r + k] * coef[o * r + k];
+      const A total = squares + low_rank;
+      out[o] = std::sqrt(std::max(total, A(0)));
+    }
+  });
+}
+
+}  // namespace
+
+void check_dora_norm_params(const DoraNormParams& p) {
+  LOWRANK_CHECK(p.out_features >= 0 && p.in_features >= 0 && p.rank >= 0,
+                "dora_row_norm: sizes must be non-negative; got out_features=", p.out_features,
+                ", in_features=", p.in_features, ", rank=", p.rank);
+  LOWRANK_CHECK(p.out_features == 0 || p.out != nullptr, "dora_row_norm: out must not be null");
+  LOWRANK_CHECK(p.out_features * p.in_features == 0 || p.weight != nullptr, "dora_row_norm: weight must not be null");
+  LOWRANK_CHECK(p.out_features * p.rank == 0 || (p.coef != nullptr && p.lora_B != nullptr),
+                "dora_row_norm: coef and lora_B must not be null when rank=", p.rank, " > 0");
+}
+
+void dora_row_norm_cpu(const DoraNormParams& p, int num_threads) {
+  check_dora_norm_params(p);
+  if (p.out_features == 0) return;
+  dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
+    dora_row_norm_typed<typename decltype(tag)::type>(p, num_threads);
+  });
+}
+
+}  // namespace lowrank_ops

@@ -1,0 +1,175 @@
+"""LoRA adapter around a frozen ``nn.Linear`` (LoRA, rsLoRA, DyLoRA, SoRA gate, DoRA)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
+from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(torch.nn.Module):
+    """``y = base(x) + scaling * ((dropout(x) A^T) * g) B^T`` around a frozen ``nn.Linear``.
+
+    Names follow PEFT's LoRA layer: ``base_layer`` (the wrapped linear, frozen),
+    ``lora_A [r, in]``, ``lora_B [out, r]``, ``scaling``, ``lora_dropout`` (the probability)
+    and, with ``use_dora``, ``lora_magnitude_vector [out]``.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear
+        Wrapped as is (not copied); its parameters are set to ``requires_grad=False``.
+    r : int
+        Adapter rank, ``>= 1``.
+    lora_alpha : float
+        ``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+    lora_dropout : float
+        Dropout probability on the adapter input (training mode only).
+    use_rslora : bool
+    use_gate : bool
+        Adds SoRA's trainable gate ``lora_gate [r]`` (initialized to ones).
+    use_dora : bool
+        DoRA: trainable ``lora_magnitude_vector`` initialized to the row norms of
+        ``W + scaling B A``; the forward is :func:`lowrank_ops.ops.dora_linear`.
+    dtype : torch.dtype, optional
+        Of the adapter parameters: the base weight's (default) or float32.
+    generator : torch.Generator, optional
+        Makes the initialization reproducible.  Dropout masks come from torch's default
+        generator (reproducible with ``torch.manual_seed``), because a Generator object
+        cannot be traced by ``torch.compile(fullgraph=True)``.
+
+    Attributes
+    ----------
+    active_rank : int or None
+        DyLoRA: the number of leading ranks used by forward (None: all r); set it between
+        steps, e.g. to a sampled rank; nothing is copied.
+    merged : bool
+        Whether the adapter is currently merged into the base weight.
+
+    Notes
+    -----
+    Initialization as PEFT's default: ``A`` Kaiming-uniform (a = sqrt(5)), ``B = 0``, so the
+    layer starts as the base layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Linear,
+        r: int,
+        lora_alpha: float = 8.0,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_gate: bool = False,
+        use_dora: bool = False,
+        dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, torch.nn.Linear):
+            raise TypeError(f"LoRALinear: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
+        if use_gate and use_dora:
+            raise ValueError("LoRALinear: use_gate and use_dora cannot be combined (dora_linear has no gate)")
+        weight = base_layer.weight
+        dtype = weight.dtype if dtype is None else dtype
+        if dtype not in (weight.dtype, torch.float32):
+            raise TypeError(f"LoRALinear: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.lora_alpha = r, float(lora_alpha)
+        self.use_rslora, self.use_dora = use_rslora, use_dora
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        self.active_rank: Optional[int] = None
+        self.merged = False
+        self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
+        factory = {"device": weight.device, "dtype": dtype}
+        self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        self.lora_gate = torch.nn.Parameter(torch.ones(r, **factory)) if use_gate else None
+        self.lora_magnitude_vector = (
+            torch.nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
+        )
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """A Kaiming-uniform (a = sqrt(5)), B = 0, gate = 1, magnitude = row norms of W + s B A."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+            if self.lora_gate is not None:
+                self.lora_gate.fill_(1.0)
+            if self.lora_magnitude_vector is not None:
+                norm = dora_row_norm(self.base_layer.weight, self.lora_A, self.lora_B, self.scaling)
+                self.lora_magnitude_vector.copy_(norm)
+
+    def _factors(self):
+        k = self.r if self.active_rank is None else self.active_rank
+        gate = None if self.lora_gate is None else self.lora_gate[:k]
+        return self.lora_A[:k], self.lora_B[:, :k], gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        p = self.lora_dropout if self.training else 0.0
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if self.use_dora:
+            lora_A, lora_B, _ = self._factors()
+            return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector, bias, scale=self.scaling,
+                               dropout_p=p)
+        return lora_linear(x, weight, self.lora_A, self.lora_B, bias, scale=self.scaling, gate=self.lora_gate,
+                           rank=self.active_rank, dropout_p=p)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the adapter into the base weight in place (float32 accumulation, one rounding).
+
+        LoRA: ``W <- W + s B diag(g) A``.  DoRA: ``W <- (m / n) (W + s B A)`` with n the row
+        norms before merging (kept for :meth:`unmerge`).
+        """
+        if self.merged:
+            return
+        lora_A, lora_B, gate = self._factors()
+        weight = self.base_layer.weight
+        if self.use_dora:
+            norm = dora_row_norm(weight, lora_A, lora_B, self.scaling)
+            lora_merge(weight, lora_A, lora_B, self.scaling, inplace=True)
+            factor = self.lora_magnitude_vector.to(norm.dtype) / norm.clamp_min(DEFAULT_EPS)  # the forward's floor
+            weight.mul_(factor.to(weight.dtype)[:, None])
+            self._merged_norm = norm
+        else:
+            lora_merge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
+        if not self.merged:
+            return
+        lora_A, lora_B, gate = self._factors()
+        weight = self.base_layer.weight
+        if self.use_dora:
+            factor = self.lora_magnitude_vector.to(self._merged_norm.dtype) / self._merged_norm.clamp_min(DEFAULT_EPS)
+            weight.div_(factor.to(weight.dtype)[:, None])
+            self._merged_norm = None
+            lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True)
+        else:
+            lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        extras = [f"r={self.r}", f"scaling={self.scaling:g}", f"lora_dropout={self.lora_dropout:g}"]
+        extras += [name for name in ("use_rslora", "use_dora") if getattr(self, name)]
+        if self.lora_gate is not None:
+            extras.append("use_gate")
+        return ", ".join(extras)

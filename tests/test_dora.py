@@ -1,0 +1,213 @@
+"""DoRA: the row-norm kernel (low-rank identity), dora_linear forward/backward, PEFT parity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_ops import reference
+from lowrank_ops.nn import LoRALinear
+from lowrank_ops.ops import dora_linear, dora_row_norm
+from lowrank_ops.ops.lora import draw_seed
+
+from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
+
+NAMES = ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
+
+
+def make_problem(out_features, in_features, rank, batch_shape, dtype, device, generator):
+    t = dict(
+        x=randn(*batch_shape, in_features, dtype=dtype, device=device, generator=generator),
+        weight=randn(out_features, in_features, dtype=dtype, device=device, generator=generator),
+        lora_A=randn(rank, in_features, dtype=dtype, device=device, generator=generator),
+        lora_B=randn(out_features, rank, dtype=dtype, device=device, generator=generator),
+        bias=randn(out_features, dtype=dtype, device=device, generator=generator),
+    )
+    t["magnitude"] = randn(out_features, dtype=dtype, device=device, generator=generator).abs() + 0.5
+    return t
+
+
+def norm_bound(weight, lora_A, lora_B, scale, exact, dtype):
+    """Error bound of the identity's row norm.  Every term of ``n^2`` is a sum of products of
+    the entries of ``|W_o| + |s| |B_o| |A|``, so the float-accumulated ``n^2`` is off by at
+    most ``gamma * M_o`` with ``M_o = || |W_o| + |s| |B_o| |A| ||^2`` (in + r^2 + 4 roundings
+    deep); then ``|sqrt(a) - sqrt(b)| <= min(|a - b| / sqrt(b), sqrt(|a - b|))``."""
+    n = weight.shape[1] + lora_A.shape[0] ** 2 + 4
+    u = ACCUMULATE_UNIT[dtype]
+    gamma = n * u / (1 - n * u)
+    majorant = reference.dora_row_norm(weight.abs(), lora_A.abs(), lora_B.abs(), abs(scale)) ** 2
+    squared_error = gamma * majorant
+    return torch.minimum(squared_error / exact.clamp_min(1e-300), squared_error.sqrt()) + u * exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_row_norm_matches_dense_reference(device, dtype, generator):
+    for out_features, in_features, rank in [(37, 300, 8), (5, 17, 33), (64, 1, 2), (3, 8, 0), (0, 5, 2)]:
+        t = make_problem(out_features, in_features, rank, (1,), dtype, device, generator)
+        weight, lora_A, lora_B = t["weight"], t["lora_A"], t["lora_B"]
+        if out_features > 3:  # zero rows: W_o = 0 and B_o = 0 give an exact 0, no NaN
+            weight[2] = 0
+            lora_B[2] = 0
+        for w in (weight, weight.T.contiguous().T):  # row- and column-major W
+            norm = dora_row_norm(w, lora_A, lora_B, 0.6)
+            exact = reference.dora_row_norm(*(v.double() for v in (weight, lora_A, lora_B)), 0.6)
+            assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            bound = norm_bound(*(v.double() for v in (weight, lora_A, lora_B)), 0.6, exact, dtype)
+            assert_within(norm, exact, bound, f"norm {out_features}x{in_features} r={rank}")
+            if out_features > 3:
+                assert norm[2] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_row_norm_half_error_at_most_twice_torch(device, dtype, generator):
+    t = make_problem(128, 512, 16, (1,), dtype, device, generator)
+    weight, lora_A, lora_B = t["weight"], t["lora_A"], t["lora_B"] * 0.1
+    exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double(), 0.5)
+    ours = dora_row_norm(weight, lora_A, lora_B, 0.5)
+    theirs = torch.linalg.vector_norm(weight + 0.5 * (lora_B @ lora_A), dim=1)  # PEFT's, in the half type
+    ours_error, torch_error = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_forward_and_backward_match_float64_reference(device, dtype, dropout, generator):
+    scale = 0.45
+    for out_features, in_features, rank, batch_shape in [(24, 40, 6, (9,)), (17, 33, 4, (2, 5)), (8, 12, 3, (0,))]:
+        t = make_problem(out_features, in_features, rank, batch_shape, dtype, device, generator)
+        t["weight"][1] = 0  # a zero-norm row: output b_1, finite gradients
+        t["lora_B"][1] = 0
+        leaves = {name: v.clone().requires_grad_() for name, v in t.items()}
+        kwargs = dict(dropout_p=dropout, generator=torch.Generator().manual_seed(7)) if dropout else {}
+        y = dora_linear(*(leaves[name] for name in NAMES), scale=scale, **kwargs)
+        keep = None
+        if dropout:
+            ones = torch.ones(*batch_shape, in_features, dtype=torch.float64, device=device)
+            seed = draw_seed(torch.Generator().manual_seed(7)).to(device)
+            keep = torch.ops.lowrank_ops.lora_dropout(ones, seed, dropout) * (1 - dropout)
+
+        def ref(*tensors, scale=scale):
+            return reference.dora_linear(*tensors, scale=scale, keep=keep, dropout_p=dropout)
+
+        args = [t[name] for name in NAMES]
+        expected = ref(*(a.double() for a in args))
+        if t["x"].numel():
+            assert_within(y[..., 1], t["bias"][1].double().expand_as(y[..., 1]), torch.zeros(()), "zero row")
+        norm = reference.dora_row_norm(*(a.double() for a in args[1:4]), scale).clamp_min(1e-6)
+
+        def majorant(x, weight, lora_A, lora_B, magnitude, bias):
+            """y's terms in absolute value (1 / n exact and detached), multilinear in the inputs."""
+            dropped = x if keep is None else x * keep / (1 - dropout)
+            rescaled = dropped @ weight.T + abs(scale) * ((dropped @ lora_A.T) @ lora_B.T)
+            return x @ weight.T + dropped @ weight.T + magnitude / norm * rescaled + bias
+
+        absolute = [a.double().abs().requires_grad_() for a in args]
+        magnitude = majorant(*absolute)
+        # Roundings behind one entry: the base and rescaled dot products (in), the adapter's
+        # shrink and expand (in + r), the norm (whose relative error ~ gamma_(in + r^2)
+        # multiplies the rescaled term) and a handful of scalings and adds.
+        terms = 2 * in_features + rank * rank + rank + 10
+        assert_within(y, expected, summation_bound(magnitude.detach(), expected, terms, dtype), "y")
+        grad_y = randn(*y.shape, dtype=dtype, device=device, generator=generator)
+        y.backward(grad_y)
+        doubles = [a.double().requires_grad_() for a in args]
+        wants = torch.autograd.grad(ref(*doubles), doubles, grad_y.double())
+        scales = torch.autograd.grad(magnitude, absolute, grad_y.double().abs())
+        rows = grad_y.numel() // out_features
+        for name, want, scale_of in zip(NAMES, wants, scales):
+            bound = summation_bound(scale_of, want, terms + out_features + rows, dtype)
+            assert_within(leaves[name].grad, want, bound, f"d{name} p={dropout} {batch_shape}")
+
+
+def test_gradcheck_x_magnitude_bias(device, generator):
+    # The norm is detached (PEFT / DoRA paper), so finite differences in A, B or W, which move
+    # the norm, do not match the gradients by design; those are checked against the detached
+    # float64 reference above.  x, m and b do not move the norm: full gradcheck.
+    t = make_problem(7, 9, 3, (2, 3), torch.float64, device, generator)
+    for kwargs in (dict(), dict(dropout_p=0.4)):
+        def fn(x, magnitude, bias):
+            return dora_linear(x, t["weight"], t["lora_A"], t["lora_B"], magnitude, bias, scale=0.8,
+                               generator=torch.Generator().manual_seed(3), **kwargs)
+
+        inputs = (t["x"].requires_grad_(), t["magnitude"].requires_grad_(), t["bias"].requires_grad_())
+        assert torch.autograd.gradcheck(fn, inputs), kwargs
+
+
+def test_opcheck(device, generator):
+    t = make_problem(12, 16, 4, (6,), torch.float32, device, generator)
+    seed = draw_seed(generator).to(device)
+    torch.library.opcheck(torch.ops.lowrank_ops.dora_row_norm.default, (t["weight"], t["lora_A"], t["lora_B"], 0.5))
+    fwd = torch.ops.lowrank_ops.dora_linear_fwd.default
+    args = [t[name] for name in NAMES]
+    torch.library.opcheck(fwd, (*args, seed, 0.5, 0.25, 1e-6))
+    torch.library.opcheck(fwd, (*args[:5], None, None, 2.0, 0.0, 1e-6))
+
+
+def test_torch_compile_fullgraph(device, generator):
+    layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_dora=True).to(device)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=generator)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = randn(3, 5, 24, device=device, generator=generator)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    eager = layer(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in params]
+    layer.zero_grad()
+    now = compiled(x)
+    now.square().sum().backward()
+    torch.testing.assert_close(now, eager)
+    for want, p in zip(eager_grads, params):
+        torch.testing.assert_close(p.grad, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_error_at_most_twice_peft_style(device, dtype, generator):
+    t = make_problem(96, 128, 8, (32,), dtype, device, generator)
+    t["lora_B"] = t["lora_B"] * 0.05
+    args = [t[name] for name in NAMES]
+    expected = reference.dora_linear(*(a.double() for a in args), scale=0.5)
+    ours = dora_linear(*args, scale=0.5)
+    x, weight, lora_A, lora_B, magnitude, bias = args
+    # PEFT's DoraLinearLayer.forward in the half type.
+    factor = magnitude / torch.linalg.vector_norm(weight + 0.5 * (lora_B @ lora_A), dim=1)
+    base = torch.nn.functional.linear(x, weight)
+    theirs = base + bias + (factor - 1) * base + factor * ((x @ lora_A.T) @ lora_B.T) * 0.5
+    ours_error, torch_error = (ours.double() - expected).abs().max(), (theirs.double() - expected).abs().max()
+    assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
+
+
+def test_matches_peft_dora_layer(generator):
+    peft = pytest.importorskip("peft")
+    base = torch.nn.Linear(40, 24)
+    config = peft.LoraConfig(r=6, lora_alpha=12, use_dora=True, target_modules=["0"], init_lora_weights=False)
+    model = peft.get_peft_model(torch.nn.Sequential(base), config)
+    layer = model.base_model.model[0]
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        magnitude.mul_(torch.rand(24, generator=generator) + 0.5)
+    x = torch.randn(11, 40, generator=generator)
+    theirs = layer(x)
+    grads_theirs = torch.autograd.grad(theirs.square().sum(), (lora_A, lora_B, magnitude))
+    ours = dora_linear(x, base.weight, lora_A, lora_B, magnitude, base.bias, scale=layer.scaling["default"])
+    grads_ours = torch.autograd.grad(ours.square().sum(), (lora_A, lora_B, magnitude))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for want, got in zip(grads_theirs, grads_ours):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_errors(generator):
+    t = make_problem(10, 12, 4, (3,), torch.float32, "cpu", generator)
+    args = [t[name] for name in NAMES]
+    with pytest.raises(ValueError, match=r"magnitude has shape \(9,\); expected \(out_features,\) = \(10,\)"):
+        dora_linear(*args[:4], args[4][:9])
+    with pytest.raises(TypeError, match="magnitude has dtype torch.float64"):
+        dora_linear(*args[:4], args[4].double())
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        dora_linear(*args, eps=0.0)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(10, 3\)"):
+        dora_linear(args[0], args[1], args[2], args[3][:, :3], args[4])
+    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 11\)"):
+        dora_row_norm(args[1], args[2][:, :11], args[3])
+    with pytest.raises(ValueError, match="magnitude is on meta"):
+        dora_linear(*args[:4], args[4].to("meta"))

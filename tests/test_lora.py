@@ -1,0 +1,320 @@
+"""LoRA linear (gate, rank truncation, seeded dropout), merge/unmerge and the LoRALinear module."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lowrank_ops import reference
+from lowrank_ops.nn import LoRALinear
+from lowrank_ops.ops import lora_linear, lora_merge, lora_unmerge
+from lowrank_ops.ops.lora import draw_seed
+
+from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound
+
+NAMES = ("x", "weight", "lora_A", "lora_B", "bias", "gate")
+
+
+def make_problem(out_features, in_features, rank, batch_shape, dtype, device, generator, adapter_dtype=None):
+    adapter_dtype = adapter_dtype or dtype
+    return dict(
+        x=randn(*batch_shape, in_features, dtype=dtype, device=device, generator=generator),
+        weight=randn(out_features, in_features, dtype=dtype, device=device, generator=generator),
+        lora_A=randn(rank, in_features, dtype=adapter_dtype, device=device, generator=generator),
+        lora_B=randn(out_features, rank, dtype=adapter_dtype, device=device, generator=generator),
+        bias=randn(out_features, dtype=dtype, device=device, generator=generator),
+        gate=randn(rank, dtype=adapter_dtype, device=device, generator=generator),
+    )
+
+
+def keep_mask(shape, seed, p, device):
+    """The op's dropout keep mask (0/1, float64) for ``seed``: D(ones) * (1 - p)."""
+    ones = torch.ones(shape, dtype=torch.float64, device=device)
+    return torch.ops.lowrank_ops.lora_dropout(ones, seed.to(device), p) * (1 - p)
+
+
+def n_terms(in_features, out_features, rank, rows=0):
+    """Longest chain of roundings behind one output or gradient entry: the base dot product
+    (in or out terms), the shrink (in) and expand (r) products, the scale, gate, dropout and
+    bias multiplications/adds, and for weight gradients the batch sum."""
+    return in_features + out_features + rank + rows + 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", ["plain", "bias_gate", "rank", "dropout"])
+def test_forward_and_backward_match_float64_reference(device, dtype, variant, generator):
+    scale = 0.37
+    for out_features, in_features, rank, batch_shape in [(24, 40, 6, (9,)), (17, 33, 16, (2, 5)), (8, 12, 3, (0,))]:
+        t = make_problem(out_features, in_features, rank, batch_shape, dtype, device, generator)
+        if variant == "plain":
+            t["bias"] = t["gate"] = None
+        kwargs = dict(scale=scale)
+        k, p, seed = rank, 0.0, None
+        if variant == "rank":
+            k = rank // 2
+            kwargs["rank"] = k
+        if variant == "dropout":
+            p = 0.3
+            kwargs.update(dropout_p=p, generator=torch.Generator().manual_seed(11))
+            seed = draw_seed(torch.Generator().manual_seed(11))
+        leaves = {name: None if v is None else v.clone().requires_grad_() for name, v in t.items()}
+        y = lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"],
+                        gate=leaves["gate"], **kwargs)
+        mask = None if seed is None else keep_mask((*batch_shape, in_features), seed, p, device)
+        args = [t[name] for name in NAMES]
+
+        def ref(*tensors):
+            return reference.lora_linear(*tensors, scale=scale, rank=k, keep=mask, dropout_p=p)
+
+        expected = ref(*(None if a is None else a.double() for a in args))
+        absolute = [None if a is None else a.double().abs().requires_grad_() for a in args]
+        magnitude = reference.lora_linear(*absolute, scale=abs(scale), rank=k, keep=mask, dropout_p=p)
+        terms = n_terms(in_features, out_features, rank)
+        assert_within(y, expected, summation_bound(magnitude.detach(), expected, terms, dtype), f"y {variant}")
+
+        grad_y = randn(*y.shape, dtype=dtype, device=device, generator=generator)
+        y.backward(grad_y)
+        doubles = [None if a is None else a.double().requires_grad_() for a in args]
+        present = [i for i, a in enumerate(doubles) if a is not None]
+        wants = torch.autograd.grad(ref(*doubles), [doubles[i] for i in present], grad_y.double())
+        bounds = torch.autograd.grad(magnitude, [absolute[i] for i in present], grad_y.double().abs())
+        rows = grad_y.numel() // out_features
+        for i, want, scale_of in zip(present, wants, bounds):
+            bound = summation_bound(scale_of, want, n_terms(in_features, out_features, rank, rows), dtype)
+            assert_within(leaves[NAMES[i]].grad, want, bound, f"d{NAMES[i]} {variant} {batch_shape}")
+
+
+def test_non_contiguous_inputs(device, generator):
+    t = make_problem(20, 24, 4, (24,), torch.float64, device, generator)
+    x = t["x"].T.contiguous().T  # column-major [24, 24]
+    weight = t["weight"].T.contiguous().T
+    lora_B = t["lora_B"].T.contiguous().T
+    y = lora_linear(x, weight, t["lora_A"], lora_B, t["bias"], scale=0.5, gate=t["gate"])
+    expected = reference.lora_linear(x, weight, t["lora_A"], lora_B, t["bias"], t["gate"], scale=0.5)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rank_truncation_is_a_view_and_ignores_later_ranks(device, generator):
+    t = make_problem(16, 20, 8, (5,), torch.float32, device, generator)
+    lora_A, lora_B = t["lora_A"].clone().requires_grad_(), t["lora_B"].clone().requires_grad_()
+    y = lora_linear(t["x"], t["weight"], lora_A, lora_B, scale=0.5, rank=3)
+    changed_A, changed_B = t["lora_A"].clone(), t["lora_B"].clone()
+    changed_A[3:] = 1e6
+    changed_B[:, 3:] = 1e6
+    torch.testing.assert_close(lora_linear(t["x"], t["weight"], changed_A, changed_B, scale=0.5, rank=3), y)
+    y.sum().backward()
+    assert (lora_A.grad[3:] == 0).all() and (lora_B.grad[:, 3:] == 0).all()
+    assert lora_A.grad[:3].abs().sum() > 0
+    base = t["x"] @ t["weight"].T
+    torch.testing.assert_close(lora_linear(t["x"], t["weight"], lora_A, lora_B, rank=0), base)
+
+
+def test_dropout_is_reproducible_and_adapter_only(device, generator):
+    t = make_problem(16, 64, 4, (32,), torch.float32, device, generator)
+    call = lambda seed, p=0.5: lora_linear(t["x"], t["weight"], t["lora_A"], t["lora_B"], scale=1.0, dropout_p=p,
+                                           generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(call(3), call(3), rtol=0, atol=0)
+    assert not torch.equal(call(3), call(4))
+    mask = keep_mask((32, 64), draw_seed(torch.Generator().manual_seed(3)), 0.5, device)
+    assert 0.4 < mask.mean().item() < 0.6  # 2048 Bernoulli(0.5) draws: 0.5 +- 4.5 sigma
+    # Only the adapter input is dropped: with B = 0 the output is the base output exactly.
+    zero_B = torch.zeros_like(t["lora_B"])
+    y = lora_linear(t["x"], t["weight"], t["lora_A"], zero_B, dropout_p=0.9, generator=generator)
+    torch.testing.assert_close(y, t["x"] @ t["weight"].T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("adapter", ["same", "float32"])
+def test_half_precision_error_at_most_twice_torch(device, dtype, adapter, generator):
+    adapter_dtype = torch.float32 if adapter == "float32" else dtype
+    t = make_problem(96, 128, 16, (64,), dtype, device, generator, adapter_dtype)
+    args = [t[name] for name in NAMES]
+    expected = reference.lora_linear(*(a.double() for a in args), scale=0.5)
+    ours = lora_linear(*args[:5], scale=0.5, gate=t["gate"])
+    # torch's own: PEFT's composition in the half type (base linear + separate adapter GEMMs).
+    x, weight, lora_A, lora_B, bias, gate = args
+    shrunk = (x.to(adapter_dtype) @ lora_A.T) * gate
+    theirs = (torch.nn.functional.linear(x, weight, bias) + (shrunk @ lora_B.T) * 0.5).to(dtype)
+    ours_error = (ours.double() - expected).abs().max()
+    torch_error = (theirs.double() - expected).abs().max()
+    assert ours.dtype == dtype
+    assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
+
+
+def test_gradcheck(device, generator):
+    t = make_problem(7, 9, 4, (2, 3), torch.float64, device, generator)
+    inputs = tuple(t[name].requires_grad_() for name in NAMES)
+    for kwargs in (dict(), dict(rank=2), dict(dropout_p=0.4)):
+        def fn(x, weight, lora_A, lora_B, bias, gate):
+            return lora_linear(x, weight, lora_A, lora_B, bias, scale=0.8, gate=gate,
+                               generator=torch.Generator().manual_seed(5), **kwargs)
+
+        assert torch.autograd.gradcheck(fn, inputs), kwargs
+
+
+def test_opcheck(device, generator):
+    t = make_problem(12, 16, 4, (6,), torch.float32, device, generator)
+    seed = draw_seed(generator).to(device)
+    torch.library.opcheck(torch.ops.lowrank_ops.lora_dropout.default, (t["x"], seed, 0.25))
+    fwd = torch.ops.lowrank_ops.lora_linear_fwd.default
+    torch.library.opcheck(fwd, (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], t["gate"], seed, 0.5, 0.25))
+    torch.library.opcheck(fwd, (t["x"], t["weight"], t["lora_A"], t["lora_B"], None, None, None, 2.0, 0.0))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_torch_compile_fullgraph(device, dropout, generator):
+    layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_gate=True, lora_dropout=dropout, generator=generator).to(device)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=generator)
+    layer.active_rank = 4
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = randn(3, 5, 24, device=device, generator=generator)
+    if dropout:  # masks differ between calls: check it traces, runs and has the right gradients' shapes
+        compiled(x).sum().backward()
+        assert layer.lora_A.grad.shape == layer.lora_A.shape and torch.isfinite(layer.lora_A.grad).all()
+        return
+    eager = layer(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad()
+    now = compiled(x)
+    now.square().sum().backward()
+    torch.testing.assert_close(now, eager)
+    for want, p in zip(eager_grads, [p for p in layer.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, want)
+
+
+# --------------------------------------------------------------------------- merge
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_merge_rounds_once(device, dtype, generator):
+    out_features, in_features, rank = 40, 2000, 8
+    t = make_problem(out_features, in_features, rank, (1,), dtype, device, generator, adapter_dtype=torch.float32)
+    merged = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 0.3, gate=t["gate"], rank=6)
+    exact = reference.lora_merge(t["weight"].double(), t["lora_A"].double(), t["lora_B"].double(), 0.3,
+                                 t["gate"].double(), rank=6)
+    magnitude = reference.lora_merge(t["weight"].double().abs(), t["lora_A"].double().abs(),
+                                     t["lora_B"].double().abs(), 0.3, t["gate"].double().abs(), rank=6)
+    assert merged.dtype == dtype
+    assert_within(merged, exact, summation_bound(magnitude, exact, rank + 3, dtype), "merge")
+    restored = lora_unmerge(merged, t["lora_A"], t["lora_B"], 0.3, gate=t["gate"], rank=6)
+    # Unmerge undoes the merge up to two roundings to W's dtype: the merged weight's
+    # (one output unit of |W + s B A|) and the restored weight's (one of |W|), plus the
+    # float32 accumulation of both products.
+    slack = summation_bound(2 * magnitude, t["weight"].double(), 2 * rank + 6, dtype)
+    slack = slack + OUTPUT_UNIT[dtype] * exact.abs() * (1 + OUTPUT_UNIT[dtype])
+    assert_within(restored, t["weight"].double(), slack, "unmerge")
+
+
+def test_merge_inplace_and_in_blocks(generator):
+    t = make_problem(2500, 16, 3, (1,), torch.float32, "cpu", generator)  # > one 1024-row block
+    weight = t["weight"].clone()
+    returned = lora_merge(weight, t["lora_A"], t["lora_B"], 2.0, inplace=True)
+    assert returned is weight
+    torch.testing.assert_close(weight, t["weight"] + 2.0 * t["lora_B"] @ t["lora_A"])
+
+
+# --------------------------------------------------------------------------- module
+def test_module_init_names_and_scaling(generator):
+    base = torch.nn.Linear(30, 20)
+    layer = LoRALinear(base, 8, 16, generator=generator)
+    assert {name for name, _ in layer.named_parameters()} == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
+    assert not base.weight.requires_grad and layer.lora_A.requires_grad
+    assert layer.scaling == 2.0
+    assert LoRALinear(torch.nn.Linear(30, 20), 16, 16, use_rslora=True).scaling == pytest.approx(16 / math.sqrt(16))
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(30) and torch.equal(layer.lora_B, torch.zeros(20, 8))
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    gated = LoRALinear(torch.nn.Linear(30, 20), 4, use_gate=True, use_dora=False)
+    assert "lora_gate" in dict(gated.named_parameters())
+
+
+@pytest.mark.parametrize("config", ["plain", "gate_rank", "dora", "bf16_fp32_adapters"])
+def test_module_matches_reference_and_merge(device, config, generator):
+    dtype = torch.bfloat16 if config == "bf16_fp32_adapters" else torch.float32
+    base = torch.nn.Linear(48, 40).to(device=device, dtype=dtype)
+    layer = LoRALinear(base, 8, 16, use_gate=config == "gate_rank", use_dora=config == "dora",
+                       dtype=torch.float32, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=None)
+        if layer.lora_gate is not None:
+            layer.lora_gate.uniform_(0.5, 1.5)
+        if layer.lora_magnitude_vector is not None:
+            layer.lora_magnitude_vector.mul_(1.2)
+    if config == "gate_rank":
+        layer.active_rank = 5
+    layer.eval()
+    x = randn(6, 48, dtype=dtype, device=device, generator=generator)
+    y = layer(x)
+    k = layer.active_rank or 8
+    lora_A, lora_B = layer.lora_A[:k].double(), layer.lora_B[:, :k].double()
+    if layer.lora_gate is not None:
+        lora_B = lora_B * layer.lora_gate[:k].double()
+    dense = base.weight.double() + layer.scaling * lora_B @ lora_A
+    if config == "dora":
+        dense = dense * (layer.lora_magnitude_vector.double() / dense.norm(dim=1))[:, None]
+    expected = x.double() @ dense.T + base.bias.double()
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4  # bf16: ~2^-8 relative of |y| ~ 7
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)
+    before = base.weight.detach().clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x).double(), expected, rtol=tolerance, atol=tolerance)
+    merged_max = base.weight.abs().max().item()
+    layer.unmerge()
+    # bf16: the merged weight was rounded once (half an ulp of |W + s B A|), the restored one once more.
+    atol = 2**-8 * (merged_max + before.abs().max().item()) if dtype == torch.bfloat16 else 1e-5 * merged_max
+    torch.testing.assert_close(base.weight, before, rtol=0, atol=atol)
+
+
+def test_module_dropout_only_in_training(generator):
+    layer = LoRALinear(torch.nn.Linear(32, 16), 4, lora_dropout=0.5, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 32)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_errors(generator):
+    t = make_problem(10, 12, 4, (3,), torch.float32, "cpu", generator)
+    x, w, a, b, bias, g = (t[name] for name in NAMES)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, r\] = \[0, 4\]; got 5"):
+        lora_linear(x, w, a, b, rank=5)
+    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 11\); expected \(r, in_features\) = \(r, 12\)"):
+        lora_linear(x, w, a[:, :11], b)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(10, 3\); expected \(out_features, r\) = \(10, 4\)"):
+        lora_linear(x, w, a, b[:, :3])
+    with pytest.raises(ValueError, match=r"x has shape \(3, 13\); expected \(\.\.\., in_features\) = \(\.\.\., 12\)"):
+        lora_linear(torch.randn(3, 13), w, a, b)
+    with pytest.raises(ValueError, match=r"gate has shape \(3,\); expected \(r,\) = \(4,\)"):
+        lora_linear(x, w, a, b, gate=g[:3])
+    with pytest.raises(ValueError, match=r"bias has shape \(9,\)"):
+        lora_linear(x, w, a, b, bias[:9])
+    with pytest.raises(TypeError, match="weight has dtype torch.float64; expected torch.float32"):
+        lora_linear(x, w.double(), a, b)
+    with pytest.raises(TypeError, match="lora_A has dtype torch.float64; expected torch.float32"):
+        lora_linear(x, w, a.double(), b)
+    with pytest.raises(TypeError, match="lora_B has dtype torch.bfloat16; expected torch.float32"):
+        lora_linear(x, w, a, b.bfloat16())
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        lora_linear(x.long(), w, a, b)
+    with pytest.raises(ValueError, match="lora_B is on meta"):
+        lora_linear(x, w, a, b.to("meta"))
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.0"):
+        lora_linear(x, w, a, b, dropout_p=1.0)
+    with pytest.raises(TypeError, match="scale must be a Python number"):
+        lora_linear(x, w, a, b, scale=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="rank must be an int"):
+        lora_linear(x, w, a, b, rank=2.0)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, r\]"):
+        lora_merge(w, a, b, 1.0, rank=-1)
+    with pytest.raises(ValueError, match="r must be an int >= 1"):
+        LoRALinear(torch.nn.Linear(4, 4), 0)
+    with pytest.raises(TypeError, match="base_layer must be a torch.nn.Linear"):
+        LoRALinear(torch.nn.Conv1d(4, 4, 1), 2)
+    with pytest.raises(ValueError, match="use_gate and use_dora cannot be combined"):
+        LoRALinear(torch.nn.Linear(4, 4), 2, use_gate=True, use_dora=True)

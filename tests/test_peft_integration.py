@@ -1,0 +1,139 @@
+"""lowrank_ops as PEFT's LoRA backend: train, save, load into plain PEFT, merge (peft 0.21.2)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import lowrank_ops.integrations.peft as backend  # noqa: E402
+from lowrank_ops.integrations.peft import LowrankLoraLinear, use_lowrank_ops  # noqa: E402
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused ops made by the backend (proves the fast path ran)."""
+    calls = {"lora_linear": 0, "dora_linear": 0}
+    for name in calls:
+        op = getattr(backend, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(backend, name, counted)
+    return calls
+
+
+class TinyModel(torch.nn.Module):
+    """Two projections and an MLP, named like a transformer block's linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(24, 32)
+        self.v_proj = torch.nn.Linear(24, 32, bias=False)
+        self.up_proj = torch.nn.Linear(32, 48)
+        self.down_proj = torch.nn.Linear(48, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.q_proj(x)) * self.v_proj(x)
+        return self.down_proj(torch.nn.functional.gelu(self.up_proj(h)))
+
+
+def make_config(use_dora: bool, dropout: float = 0.1):
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=use_dora,
+                           target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_train_save_load_into_plain_peft_and_merge(tmp_path, use_dora, fused_calls):
+    torch.manual_seed(0)
+    base = TinyModel()
+    model = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(make_config(use_dora)))
+    assert isinstance(model.base_model.model.q_proj, LowrankLoraLinear)
+    x, target = torch.randn(16, 5, 24), torch.randn(16, 5, 8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert fused_calls["dora_linear" if use_dora else "lora_linear"] == 5 * 4  # every step, every target
+    trained = model.base_model.model.up_proj.lora_B["default"].weight
+    assert trained.abs().sum() > 0  # B left its zero init: the fused backward reached it
+    model.eval()
+    with torch.no_grad():
+        ours = model(x)
+    model.save_pretrained(tmp_path)
+
+    plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # no lowrank_ops mapping
+    assert type(plain.base_model.model.q_proj) is peft.tuners.lora.Linear
+    plain.eval()
+    with torch.no_grad():
+        theirs = plain(x)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        merged = plain.merge_and_unload()(x)
+        torch.testing.assert_close(merged, theirs, rtol=1e-5, atol=1e-5)
+
+    # Loading back with our backend (the mapping is not saved: register it again).
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path,
+                                           config=use_lowrank_ops(peft.LoraConfig.from_pretrained(tmp_path)))
+    assert isinstance(again.base_model.model.down_proj, LowrankLoraLinear)
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours, rtol=1e-5, atol=1e-5)
+        again.merge_adapter()  # PEFT's own merge on our layer
+        torch.testing.assert_close(again(x), ours, rtol=1e-5, atol=1e-5)
+        again.unmerge_adapter()
+        torch.testing.assert_close(again(x), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_same_training_step_as_peft_without_dropout(use_dora):
+    torch.manual_seed(1)
+    base = TinyModel()
+    config = make_config(use_dora, dropout=0.0)
+    config.init_lora_weights = False  # random B: the adapter path contributes from step 0
+    ours = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(copy.deepcopy(config)))
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(copy.deepcopy(base), make_config(use_dora, dropout=0.0))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 24)
+    for model in (ours, theirs):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    grads = {name: p.grad for name, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_falls_back_to_peft_for_mixed_batches_and_disabled_adapters():
+    torch.manual_seed(3)
+    base = TinyModel()
+    model = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(make_config(False, dropout=0.0)))
+    model.add_adapter("other", use_lowrank_ops(make_config(False, dropout=0.0)))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    model.eval()
+    x = torch.randn(4, 24)
+    mixed = model(x, adapter_names=["default", "other", "__base__", "default"])
+    model.set_adapter("other")
+    torch.testing.assert_close(mixed[1], model(x)[1])
+    with model.disable_adapter():
+        torch.testing.assert_close(mixed[2], model(x)[2])
+        torch.testing.assert_close(model(x), base(x))
+
+
+def test_rejects_bad_config():
+    with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
+        use_lowrank_ops({"r": 4})
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        use_lowrank_ops(peft.LoraConfig(r=4, fan_in_fan_out=True))

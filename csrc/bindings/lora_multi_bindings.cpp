@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "registry.h"
 #include "lowrank_ops/lora_multi.h"
@@ -119,6 +120,15 @@ LOWRANK_OPS_BINDINGS(lora_multi) {
 #endif
     };
   };
+
+  m.def(
+      "check_segment_routing_cpu",
+      [](std::uintptr_t offsets, std::uintptr_t ids, std::uintptr_t ranks, std::uintptr_t scales, int64_t n_rows,
+         int64_t n_segments, int64_t n_adapters, int64_t r_max, const std::string& op) {
+        check_segment_routing(routing(offsets, ids, ranks, scales, n_rows, n_segments, n_adapters, r_max), op.c_str());
+      },
+      "Checks the routing contents (host memory); raises ValueError naming the argument.", py::kw_only(),
+      "offsets"_a, "ids"_a, "ranks"_a, "scales"_a, "n_rows"_a, "n_segments"_a, "n_adapters"_a, "r_max"_a, "op"_a);
 
   for (const bool cuda : {false, true}) {
     m.def(cuda ? "segment_matmul_cuda" : "segment_matmul_cpu", matmul(cuda), matmul_doc, py::kw_only(), "offsets"_a,

@@ -23,6 +23,7 @@
 // both are memory-bound on a GPU and compute-bound (about r/2 flops per byte of x) on
 // this CPU.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -38,6 +39,8 @@ namespace {
 constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which threads cost more than they save
 constexpr int64_t kPackElems = 1 << 16;   // packed weight block: 256 KB of fp32, L2-resident
 constexpr int64_t kTileRows = 4;
+constexpr int64_t kPackBlock = 32;        // weight rows per step of the packing transpose
+constexpr int64_t kPackMinRows = 16;      // tasks with fewer rows use dot products instead of packing
 constexpr int64_t kOuterColumns = 256;    // segment_outer column block per task
 constexpr int64_t kOuterRanks = 16;       // segment_outer rank block per task
 
@@ -84,8 +87,27 @@ inline Vec<A> load_partial(const T* p, int64_t valid) {
 template <class A>
 struct Tile {
   Vec<A> v[kTileRows][2];
-  A at(int64_t q, int64_t col) const { return v[q][col / kLanes<A>][col % kLanes<A>]; }
 };
+
+// dst[0:count] (+)= scale * row, count <= 2 * kLanes; whole vectors when T is the
+// accumulation type and the row is full, scalars otherwise.
+template <class A, class T>
+inline void store_row(T* dst, const Vec<A>* row, A scale, int64_t count, bool accumulate) {
+  constexpr int64_t L = kLanes<A>;
+  if constexpr (std::is_same_v<A, T>) {
+    if (count == 2 * L) {
+      using U = typename VecTraits<A>::unaligned;
+      U* d = reinterpret_cast<U*>(dst);
+      d[0] = accumulate ? d[0] + scale * row[0] : scale * row[0];
+      d[1] = accumulate ? d[1] + scale * row[1] : scale * row[1];
+      return;
+    }
+  }
+  for (int64_t l = 0; l < count; ++l) {
+    const A value = scale * row[l / L][l % L];
+    dst[l] = from_acc<T>(accumulate ? to_acc(dst[l]) + value : value);
+  }
+}
 
 // tile.v[q][:] += sum_{t < count} a[q][t * a_step] * b[t * b_step + (0 .. 2 * kLanes))
 // Only the first b_valid columns of b are read (the rest count as 0).
@@ -119,6 +141,31 @@ LOWRANK_CPU_CLONES void tile_fma(Tile<A>& tile, const TA* const* a, int64_t a_st
     }
   }
   tile = acc;
+}
+
+template <class A>
+inline A horizontal_sum(Vec<A> v) {
+  A sum = 0;
+  for (int64_t l = 0; l < kLanes<A>; ++l) sum += v[l];
+  return sum;
+}
+
+// result[q] = sum_{j < count} x[j] * w[q][j] for q < 4: four dot products of unit-stride
+// rows sharing x, for the few-row segments where packing the weight would cost more
+// than the products.
+template <class A, class T>
+LOWRANK_CPU_CLONES void dot4(const T* x, const T* const* w, int64_t count, A* result) {
+  constexpr int64_t L = kLanes<A>;
+  Vec<A> acc[4] = {};
+  int64_t j = 0;
+  for (; j + L <= count; j += L) {
+    const Vec<A> xv = load_vec<A>(x + j);
+    for (int q = 0; q < 4; ++q) acc[q] += xv * load_vec<A>(w[q] + j);
+  }
+  A tail[4] = {};
+  for (; j < count; ++j)
+    for (int q = 0; q < 4; ++q) tail[q] += to_acc(x[j]) * to_acc(w[q][j]);
+  for (int q = 0; q < 4; ++q) result[q] = horizontal_sum<A>(acc[q]) + tail[q];
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -172,14 +219,56 @@ void segment_matmul_typed(const SegmentMatmulParams& p, int num_threads) {
     effective(task.segment, j_eff, c_eff);
     const int64_t id = rt.ids[task.segment];
     const A scale = static_cast<A>(rt.scales ? rt.scales[id] : 1.0);
-    const int64_t n_cols = task.c1 - task.c0, width = round_up(n_cols, TC);
+    const int64_t n_cols = task.c1 - task.c0;
+    const T* w = w_all + id * p.w_stride_a + task.c0 * p.w_stride_c;
+    auto row_pointers = [&](int64_t n0, int64_t n_here, const T** rows) {
+      for (int64_t q = 0; q < kTileRows; ++q) rows[q] = in + (n0 + std::min(q, n_here - 1)) * p.in_stride_n;
+    };
+    if (p.w_stride_c == 1) {
+      // W's rows are unit-stride along c already: stream them in place.
+      for (int64_t n0 = task.r0; n0 < task.r1; n0 += kTileRows) {
+        const int64_t n_here = std::min(kTileRows, task.r1 - n0);
+        const T* rows[kTileRows];
+        row_pointers(n0, n_here, rows);
+        for (int64_t cc = 0; cc < n_cols; cc += TC) {
+          const int64_t c_here = std::min(TC, n_cols - cc);
+          Tile<A> tile{};
+          tile_fma<A, T, T>(tile, rows, 1, w + cc, p.w_stride_j, j_eff, c_here);
+          for (int64_t q = 0; q < n_here; ++q)
+            store_row<A, T>(out + (n0 + q) * p.out_stride_n + task.c0 + cc, tile.v[q], scale, c_here, p.accumulate);
+        }
+      }
+      return;
+    }
+    if (p.w_stride_j == 1 && task.r1 - task.r0 < kPackMinRows) {
+      // Few rows: dot products along j, reading W in place.
+      for (int64_t n = task.r0; n < task.r1; ++n) {
+        T* dst = out + n * p.out_stride_n + task.c0;
+        for (int64_t c0 = 0; c0 < n_cols; c0 += 4) {
+          const T* w_rows[4];
+          for (int64_t q = 0; q < 4; ++q) w_rows[q] = w + std::min(c0 + q, n_cols - 1) * p.w_stride_c;
+          A result[4];
+          dot4<A, T>(in + n * p.in_stride_n, w_rows, j_eff, result);
+          for (int64_t q = 0; q < 4 && c0 + q < n_cols; ++q) {
+            const A value = scale * result[q];
+            dst[c0 + q] = from_acc<T>(p.accumulate ? to_acc(dst[c0 + q]) + value : value);
+          }
+        }
+      }
+      return;
+    }
+    const int64_t width = round_up(n_cols, TC);
     thread_local std::vector<A> packed;
     packed.assign(static_cast<size_t>(j_eff * width), A(0));
-    // packed[j, c - c0] = scale * W(id, j, c); read along whichever stride is unit.
-    const T* w = w_all + id * p.w_stride_a + task.c0 * p.w_stride_c;
+    // packed[j, c - c0] = scale * W(id, j, c)
     if (p.w_stride_j == 1) {
-      for (int64_t c = 0; c < n_cols; ++c)
-        for (int64_t j = 0; j < j_eff; ++j) packed[j * width + c] = scale * to_acc(w[j + c * p.w_stride_c]);
+      // A blocked transpose: kPackBlock source rows (c) stay in L1 and in the TLB while
+      // j runs along them, and every write is contiguous.
+      for (int64_t c0 = 0; c0 < n_cols; c0 += kPackBlock) {
+        const int64_t c1 = std::min(n_cols, c0 + kPackBlock);
+        for (int64_t j = 0; j < j_eff; ++j)
+          for (int64_t c = c0; c < c1; ++c) packed[j * width + c] = scale * to_acc(w[j + c * p.w_stride_c]);
+      }
     } else {
       for (int64_t j = 0; j < j_eff; ++j)
         for (int64_t c = 0; c < n_cols; ++c)
@@ -188,16 +277,13 @@ void segment_matmul_typed(const SegmentMatmulParams& p, int num_threads) {
     for (int64_t n0 = task.r0; n0 < task.r1; n0 += kTileRows) {
       const int64_t n_here = std::min(kTileRows, task.r1 - n0);
       const T* rows[kTileRows];
-      for (int64_t q = 0; q < kTileRows; ++q) rows[q] = in + (n0 + std::min(q, n_here - 1)) * p.in_stride_n;
+      row_pointers(n0, n_here, rows);
       for (int64_t cc = 0; cc < n_cols; cc += TC) {
         Tile<A> tile{};
         tile_fma<A, T, A>(tile, rows, 1, packed.data() + cc, width, j_eff, TC);
         const int64_t c_here = std::min(TC, n_cols - cc);
-        for (int64_t q = 0; q < n_here; ++q) {
-          T* dst = out + (n0 + q) * p.out_stride_n + task.c0 + cc;
-          for (int64_t l = 0; l < c_here; ++l)
-            dst[l] = from_acc<T>(p.accumulate ? to_acc(dst[l]) + tile.at(q, l) : tile.at(q, l));
-        }
+        for (int64_t q = 0; q < n_here; ++q)
+          store_row<A, T>(out + (n0 + q) * p.out_stride_n + task.c0 + cc, tile.v[q], A(1), c_here, p.accumulate);
       }
     }
   });
@@ -259,7 +345,12 @@ void segment_outer_typed(const SegmentOuterParams& p, int num_threads) {
         }
         for (int64_t q = 0; q < k_here; ++q) {
           T* dst = out + a * p.out_stride_a + (k0 + q) * p.out_stride_k + j0 * p.out_stride_j;
-          for (int64_t l = 0; l < j_here; ++l) dst[l * p.out_stride_j] = from_acc<T>(scale * tile.at(q, l));
+          if (p.out_stride_j == 1) {
+            store_row<A, T>(dst, tile.v[q], scale, j_here, false);
+          } else {
+            for (int64_t l = 0; l < j_here; ++l)
+              dst[l * p.out_stride_j] = from_acc<T>(scale * tile.v[q][l / kLanes<A>][l % kLanes<A>]);
+          }
         }
       }
     }
@@ -283,9 +374,12 @@ void check_segment_routing(const SegmentRouting& rt, const char* op) {
     LOWRANK_CHECK(rt.ids[s] >= -1 && rt.ids[s] < rt.n_adapters, op, ": adapter_ids[", s, "] = ", rt.ids[s],
                   "; expected -1 (no adapter) or an adapter in [0, ", rt.n_adapters, ")");
   }
-  for (int64_t a = 0; a < rt.n_adapters; ++a)
+  for (int64_t a = 0; a < rt.n_adapters; ++a) {
     LOWRANK_CHECK(rt.ranks[a] >= 0 && rt.ranks[a] <= rt.r_max, op, ": ranks[", a, "] = ", rt.ranks[a],
                   "; expected 0 <= rank <= r_max = ", rt.r_max);
+    LOWRANK_CHECK(rt.scales == nullptr || std::isfinite(rt.scales[a]), op, ": scales[", a, "] = ", rt.scales[a],
+                  "; expected a finite number");
+  }
 }
 
 void segment_matmul_cpu(const SegmentMatmulParams& p, int num_threads) {

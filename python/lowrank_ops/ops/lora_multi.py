@@ -24,7 +24,7 @@ gained by hand-writing it.  The gathered low-rank parts are hand-written kernels
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,14 @@ FloatsLike = Union[torch.Tensor, Sequence[float]]
 
 # ---------------------------------------------------------------------------- routing checks
 def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torch.Tensor,
-                  scales: Optional[torch.Tensor], n_rows: int, n_adapters: int, r_max: int) -> None:
-    """Shapes, dtypes and contents of the routing tensors (contents: one host copy on CUDA)."""
+                  scales: Optional[torch.Tensor], n_rows: int, n_adapters: int, r_max: int,
+                  contents: bool = True) -> None:
+    """Shapes and dtypes of the routing tensors; on CUDA also their contents (a host copy).
+
+    On CPU the contents are checked by the C++ entry points, with the same messages,
+    before any kernel reads them; checking them here too would double the overhead of
+    small calls (about 0.1 ms of torch ops per call).
+    """
     for name, tensor, dtype in (("segment_offsets", offsets, torch.int64), ("adapter_ids", ids, torch.int64),
                                 ("ranks", ranks, torch.int64), ("scales", scales, torch.float64)):
         if tensor is not None and tensor.dtype != dtype:
@@ -62,6 +68,8 @@ def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torc
     for name, tensor in (("ranks", ranks), ("scales", scales)):
         if tensor is not None and tuple(tensor.shape) != (n_adapters,):
             raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; expected (n_adapters,) = ({n_adapters},)")
+    if not contents or offsets.device.type == "cpu":
+        return  # the C++ kernels check the contents (csrc/cpu/lora_multi_cpu.cpp, check_segment_routing)
     host = [t.detach().to("cpu") for t in (offsets, ids, ranks)]
     offsets_h, ids_h, ranks_h = host
     if offsets_h[0].item() != 0 or offsets_h[-1].item() != n_rows:
@@ -132,6 +140,51 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
     return weight.shape[0], weight.shape[1], weight.shape[2], weight.stride(0), weight.stride(1), weight.stride(2)
 
 
+# CPU: segments with at least this many rows run as one torch GEMM each (MKL), the rest
+# in one call of the C++ kernel.  Measured (float32, 4096 x 4096, r = 16, 8 adapters,
+# one thread of the 2-core Xeon, contended): per-segment torch.mm beat the C++ kernels
+# from about 4 rows per segment on (e.g. 16 rows: shrink 0.42 vs 0.52 ms, expand 0.39
+# vs 0.84 ms; 64 rows: 1.1-1.5 vs 2.2-6.8 ms), while for one-row segments (decode) the
+# C++ call replaces one Python-level GEMM call per segment.
+_CPU_GEMM_MIN_ROWS = 8
+
+
+class _CpuSegment(NamedTuple):
+    lo: int
+    hi: int
+    adapter: int
+    rank: int
+    scale: float
+
+
+def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max):
+    """Validates the routing (C++) and splits it: (large segments for torch GEMMs, ids for the kernel).
+
+    The kernel's ids are ``adapter_ids`` with the large segments set to -1, or None when
+    no small segment has work (the kernel call is then skipped).
+    """
+    extension().check_segment_routing_cpu(**_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
+                                          op=op)
+    bounds, id_list, rank_list = offsets.tolist(), ids.tolist(), ranks.tolist()
+    scale_list = scales.tolist() if scales is not None else [1.0] * n_adapters
+    large, kernel_ids, kernel_work = [], list(id_list), False
+    for s, adapter in enumerate(id_list):
+        rows = bounds[s + 1] - bounds[s]
+        if adapter < 0 or rows == 0 or rank_list[adapter] == 0:
+            continue
+        if rows >= _CPU_GEMM_MIN_ROWS:
+            large.append(_CpuSegment(bounds[s], bounds[s + 1], adapter, rank_list[adapter], scale_list[adapter]))
+            kernel_ids[s] = -1
+        else:
+            kernel_work = True
+    return large, (torch.tensor(kernel_ids, dtype=torch.int64) if kernel_work else None)
+
+
+def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool) -> torch.Tensor:
+    """Adapter ``adapter``'s first ``rank`` ranks as a ``[features, rank]`` view."""
+    return weight[adapter, :, :rank] if rank_last else weight[adapter, :rank].T
+
+
 # ---------------------------------------------------------------------------- lora_multi_shrink
 def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
     op = "lora_multi_shrink"
@@ -144,6 +197,13 @@ def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
     check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
     input = _unit_columns(input)
     out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
+    if input.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+        for seg in large:
+            block = torch.mm(input[seg.lo:seg.hi], _rank_columns(weight, seg.adapter, seg.rank, rank_last))
+            out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(seg.scale)
+        if ids is None:
+            return out
     getattr(_kernels(input, op), f"segment_matmul_{input.device.type}")(
         **_routing_args(offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max),
         in_=input.data_ptr(), w=weight.data_ptr(), out=out.data_ptr(), J=features, C=r_max,
@@ -174,6 +234,13 @@ def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
         raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides {out.stride()}")
     check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
     h = _unit_columns(h)
+    if out.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+        for seg in large:
+            out[seg.lo:seg.hi].addmm_(h[seg.lo:seg.hi, :seg.rank],
+                                      _rank_columns(weight, seg.adapter, seg.rank, rank_last).T, alpha=seg.scale)
+        if ids is None:
+            return
     getattr(_kernels(out, op), f"segment_matmul_{out.device.type}")(
         **_routing_args(offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max),
         in_=h.data_ptr(), w=weight.data_ptr(), out=out.data_ptr(), J=r_max, C=features,
@@ -202,13 +269,23 @@ def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last)
     shape = (n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features)
     out = left.new_zeros(shape)  # ranks beyond an adapter's rank, and unused adapters, get 0
     stride_k, stride_j = (out.stride(2), out.stride(1)) if rank_last else (out.stride(1), out.stride(2))
-    getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
-        **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
-        left=left.data_ptr(), right=right.data_ptr(), out=out.data_ptr(), J=features,
-        left_stride_n=left.stride(0), right_stride_n=right.stride(0),
-        out_stride_a=out.stride(0), out_stride_k=stride_k, out_stride_j=stride_j,
-        dtype=float_code(left.dtype, op, "left"), **_device_args(left),
-    )
+    large = []
+    if left.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+    if ids is not None:  # first: the kernel overwrites the blocks of the adapters it handles
+        getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
+            **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
+            left=left.data_ptr(), right=right.data_ptr(), out=out.data_ptr(), J=features,
+            left_stride_n=left.stride(0), right_stride_n=right.stride(0),
+            out_stride_a=out.stride(0), out_stride_k=stride_k, out_stride_j=stride_j,
+            dtype=float_code(left.dtype, op, "left"), **_device_args(left),
+        )
+    for seg in large:
+        rows = slice(seg.lo, seg.hi)
+        if rank_last:
+            out[seg.adapter, :, :seg.rank].addmm_(right[rows].T, left[rows, :seg.rank], alpha=seg.scale)
+        else:
+            out[seg.adapter, :seg.rank].addmm_(left[rows, :seg.rank].T, right[rows], alpha=seg.scale)
     return out
 
 
@@ -360,12 +437,14 @@ def lora_linear_multi(
     ``2 r (in + out)`` (the gathered shrink and expand, hand-written kernels); backward
     twice that.  Memory saved for backward: ``h = x A^T`` (``[N, r_max]``) besides x.
 
-    Validation reads the routing tensors' contents, which costs one device-to-host copy
-    on CUDA; inside ``torch.compile`` the contents are checked by the ops at run time.
+    The routing tensors' contents are validated by every kernel call: in C++ on CPU,
+    by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
+    contents, but cannot raise).
 
-    CPU: the gathered parts run in the C++ kernels at every segment size.  Against
-    per-segment ``torch.mm`` calls (MKL) on a 2-core AVX-512 Xeon, see
-    bench/bench_lora_multi.py (impl ``loop``) for the measured ratio.
+    CPU: segments of at least 8 rows run their shrink, expand and gradient products as
+    one torch GEMM each (MKL beat our C++ kernels there, see ``_CPU_GEMM_MIN_ROWS``);
+    the C++ kernels take the smaller segments (decode-like batches) in one call, with
+    no per-segment Python work.  CUDA: the hand-written kernels at every size.
     """
     _validate(x, weight, A_stack, B_stack, bias)
     device = x.device
@@ -376,8 +455,9 @@ def lora_linear_multi(
                else _as_tensor(ranks, torch.int64, device, "ranks"))
     scales_t = None if scales is None else _as_tensor(scales, torch.float64, device, "scales")
     rows = x.reshape(-1, weight.shape[1])
-    if not torch.compiler.is_compiling():
-        check_routing("lora_linear_multi", offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max)
+    # Contents (offsets cover the rows, ids and ranks in range) are checked where the kernels run.
+    check_routing("lora_linear_multi", offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max,
+                  contents=False)
     y = _LoRALinearMulti.apply(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -45,3 +45,31 @@ def jacobi_svd_cuda(
     v_stride_r: int, v_stride_c: int, dtype: int, tol: float, max_sweeps: int, sign_from_v: bool, device: int,
     stream: int,
 ) -> None: ...
+def check_segment_routing_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, n_rows: int, n_segments: int, n_adapters: int, r_max: int,
+    op: str,
+) -> None: ...
+def segment_matmul_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, in_: int, w: int, out: int, n_rows: int, n_segments: int,
+    n_adapters: int, r_max: int, J: int, C: int, in_stride_n: int, out_stride_n: int, w_stride_a: int,
+    w_stride_j: int, w_stride_c: int, rank_on_c: bool, accumulate: bool, dtype: int, num_threads: int = 1,
+    device: int = 0, stream: int = 0,
+) -> None: ...
+def segment_matmul_cuda(
+    *, offsets: int, ids: int, ranks: int, scales: int, in_: int, w: int, out: int, n_rows: int, n_segments: int,
+    n_adapters: int, r_max: int, J: int, C: int, in_stride_n: int, out_stride_n: int, w_stride_a: int,
+    w_stride_j: int, w_stride_c: int, rank_on_c: bool, accumulate: bool, dtype: int, num_threads: int = 1,
+    device: int = 0, stream: int = 0,
+) -> None: ...
+def segment_outer_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, left: int, right: int, out: int, n_rows: int,
+    n_segments: int, n_adapters: int, r_max: int, J: int, left_stride_n: int, right_stride_n: int,
+    out_stride_a: int, out_stride_k: int, out_stride_j: int, dtype: int, num_threads: int = 1, device: int = 0,
+    stream: int = 0,
+) -> None: ...
+def segment_outer_cuda(
+    *, offsets: int, ids: int, ranks: int, scales: int, left: int, right: int, out: int, n_rows: int,
+    n_segments: int, n_adapters: int, r_max: int, J: int, left_stride_n: int, right_stride_n: int,
+    out_stride_a: int, out_stride_k: int, out_stride_j: int, dtype: int, num_threads: int = 1, device: int = 0,
+    stream: int = 0,
+) -> None: ...

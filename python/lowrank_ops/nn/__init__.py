@@ -2,3 +2,5 @@
 from .sparse_lowrank import SparseLowRankLinear
 
 __all__ = ["SparseLowRankLinear"]
+from .multi_lora import MultiLoRALinear
+__all__ += ["MultiLoRALinear"]

@@ -363,8 +363,10 @@ void check_segment_routing(const SegmentRouting& rt, const char* op) {
   LOWRANK_CHECK(rt.n_rows >= 0 && rt.n_segments >= 0 && rt.n_adapters >= 0 && rt.r_max >= 0, op,
                 ": sizes must be >= 0; got n_rows = ", rt.n_rows, ", n_segments = ", rt.n_segments,
                 ", n_adapters = ", rt.n_adapters, ", r_max = ", rt.r_max);
-  LOWRANK_CHECK(rt.offsets != nullptr && rt.ids != nullptr && rt.ranks != nullptr, op,
-                ": segment_offsets, adapter_ids and ranks must not be null");
+  // Empty tensors may have null data pointers; only the entries that exist are read.
+  LOWRANK_CHECK(rt.offsets != nullptr && (rt.ids != nullptr || rt.n_segments == 0) &&
+                    (rt.ranks != nullptr || rt.n_adapters == 0),
+                op, ": segment_offsets, adapter_ids and ranks must not be null");
   LOWRANK_CHECK(rt.offsets[0] == 0, op, ": segment_offsets[0] must be 0; got ", rt.offsets[0]);
   LOWRANK_CHECK(rt.offsets[rt.n_segments] == rt.n_rows, op, ": segment_offsets[-1] must equal the number of rows (",
                 rt.n_rows, "); got ", rt.offsets[rt.n_segments]);

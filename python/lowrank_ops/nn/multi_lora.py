@@ -187,7 +187,7 @@ class MultiLoRALinear(nn.Module):
             if adapter_names is not None or adapter_ids is None:
                 raise ValueError("MultiLoRALinear: segment_offsets needs adapter_ids (one per segment) "
                                  "and no adapter_names")
-            y = self._apply(rows, segment_offsets, adapter_ids)
+            y = self._lora_forward(rows, segment_offsets, adapter_ids)
             return y.reshape(*x.shape[:-1], self.out_features)
         if adapter_names is not None:
             if adapter_ids is not None:
@@ -203,10 +203,10 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRALinear: adapter_ids has {row_ids.numel()} entries; expected one per row "
                              f"({n_rows}) (or pass segment_offsets)")
         order, offsets, segment_ids = group_rows(row_ids)
-        y = restore_rows(self._apply(rows.index_select(0, order), offsets, segment_ids), order)
+        y = restore_rows(self._lora_forward(rows.index_select(0, order), offsets, segment_ids), order)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _apply(self, rows: torch.Tensor, segment_offsets, adapter_ids) -> torch.Tensor:
+    def _lora_forward(self, rows: torch.Tensor, segment_offsets, adapter_ids) -> torch.Tensor:
         # scales in float64 even after module.to(dtype), which casts floating buffers too
         return lora_linear_multi(rows, self.base.weight, self.lora_A, self.lora_B, segment_offsets, adapter_ids,
                                  ranks=self.ranks, scales=self.scales.double(), bias=self.base.bias)

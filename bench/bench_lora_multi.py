@@ -57,10 +57,15 @@ if FULL:
 else:
     _ROWS = {device: (256,) for device in DEVICES}
     _SHAPE = (256, 256)
+# Every adapter count with even segments, the skewed split for 8 and 32 adapters; the
+# kernels alone at 8 adapters (quick) or every problem (full).
 _PROBLEMS = {
     device: [(*_SHAPE, n_adapters, n, skew) for n in _ROWS[device] for n_adapters in _ADAPTERS
-             for skew in ("even", "skewed")]
+             for skew in ("even", "skewed") if skew == "even" or n_adapters > 1]
     for device in DEVICES
+}
+_KERNEL_PROBLEMS = {
+    device: [problem for problem in problems if FULL or problem[2] == 8] for device, problems in _PROBLEMS.items()
 }
 
 
@@ -71,10 +76,8 @@ def _label(problem: tuple) -> str:
 
 CASES_FWD = grid_cases(FAMILY, "lora_linear_multi.fwd", _PROBLEMS, {"float32": ("ours", "peft", "loop")}, _label)
 CASES_FWD_BWD = grid_cases(FAMILY, "lora_linear_multi.fwd+bwd", _PROBLEMS, {"float32": ("ours", "loop")}, _label)
-CASES_KERNELS = [
-    case for op in ("lora_multi_shrink", "lora_multi_expand")
-    for case in grid_cases(FAMILY, op, _PROBLEMS, {"float32": ("ours", "loop")}, _label)
-]
+CASES_SHRINK = grid_cases(FAMILY, "lora_multi_shrink", _KERNEL_PROBLEMS, {"float32": ("ours", "loop")}, _label)
+CASES_EXPAND = grid_cases(FAMILY, "lora_multi_expand", _KERNEL_PROBLEMS, {"float32": ("ours", "loop")}, _label)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -273,9 +276,28 @@ def _check(case: Case, inp: Inputs):
     return lambda out: rel_error(out if backward else [out], refs)
 
 
-@pytest.mark.parametrize("case", params(CASES_FWD + CASES_FWD_BWD + CASES_KERNELS))
-def test_lora_multi(benchmark, case: Case):
+def _run(benchmark, case: Case) -> None:
     require_device(case.device)
     inp = _inputs(case.problem, case.device)
     flops, moved = _roofline(inp, case.op)
     measure(benchmark, case, _build(case, inp), _check(case, inp), flops=flops, bytes=moved)
+
+
+@pytest.mark.parametrize("case", params(CASES_FWD))
+def test_forward(benchmark, case: Case):
+    _run(benchmark, case)
+
+
+@pytest.mark.parametrize("case", params(CASES_FWD_BWD))
+def test_forward_backward(benchmark, case: Case):
+    _run(benchmark, case)
+
+
+@pytest.mark.parametrize("case", params(CASES_SHRINK))
+def test_shrink(benchmark, case: Case):
+    _run(benchmark, case)
+
+
+@pytest.mark.parametrize("case", params(CASES_EXPAND))
+def test_expand(benchmark, case: Case):
+    _run(benchmark, case)

@@ -24,7 +24,7 @@ IN, OUT, N_ADAPTERS, R_MAX = 37, 29, 4, 9
 
 # (segment sizes, adapter ids, ranks): mixed ranks (one 0, one r_max), an empty segment,
 # id -1, an adapter used by two segments, an unused adapter; segments above and below
-# the CPU GEMM threshold.
+# the CPU GEMM threshold (the cpu_path fixture forces either path).
 ROUTINGS = {
     "mixed": ([5, 0, 19, 3, 11, 2], [1, 2, -1, 1, 0, 3], [4, R_MAX, 0, 1]),
     "decode": ([1] * 12, [0, 1, 2, 3, -1, 0, 1, 1, 3, 3, 0, -1], [9, 3, 5, 2]),
@@ -37,8 +37,8 @@ ROUTINGS = {
 @pytest.fixture(params=["auto", "kernel", "gemm"])
 def cpu_path(request, monkeypatch):
     """Forces the CPU op's split between the C++ kernels and per-segment torch GEMMs."""
-    threshold = {"auto": lora_multi_module._CPU_GEMM_MIN_ROWS, "kernel": 10**9, "gemm": 1}[request.param]
-    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_ROWS", threshold)
+    threshold = {"auto": lora_multi_module._CPU_GEMM_MIN_WORK, "kernel": 10**18, "gemm": 1}[request.param]
+    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_WORK", threshold)
     return request.param
 
 
@@ -167,7 +167,7 @@ def test_defaults_rank_r_max_and_scale_one(device, generator):
 
 def test_gradcheck(cpu_path, generator):
     # Small sizes (gradcheck perturbs every input entry); segments below and above the
-    # CPU GEMM threshold of the "auto" path, an empty one, id -1, rank 0 and a repeated adapter.
+    # CPU GEMM threshold (cpu_path forces either path), an empty one, id -1, rank 0 and a repeated adapter.
     n_rows, in_features, out_features = 12, 5, 4
     offsets, ids, ranks, scales = [0, 2, 2, 10, 11, 12], [1, 2, -1, 0, 1], [2, 3, 0], [0.7, -1.3, 2.0]
     x, weight, A_stack, B_stack, bias = (

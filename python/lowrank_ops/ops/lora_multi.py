@@ -140,13 +140,14 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
     return weight.shape[0], weight.shape[1], weight.shape[2], weight.stride(0), weight.stride(1), weight.stride(2)
 
 
-# CPU: segments with at least this many rows run as one torch GEMM each (MKL), the rest
-# in one call of the C++ kernel.  Measured (float32, 4096 x 4096, r = 16, 8 adapters,
-# one thread of the 2-core Xeon, contended): per-segment torch.mm beat the C++ kernels
-# from about 4 rows per segment on (e.g. 16 rows: shrink 0.42 vs 0.52 ms, expand 0.39
-# vs 0.84 ms; 64 rows: 1.1-1.5 vs 2.2-6.8 ms), while for one-row segments (decode) the
-# C++ call replaces one Python-level GEMM call per segment.
-_CPU_GEMM_MIN_ROWS = 8
+# CPU: a segment whose product has at least this many multiply-adds (rows x features x
+# rank) runs as one torch GEMM (MKL); the rest go to the C++ kernels in one call.  Why:
+# MKL ran the per-segment products 1.2-5x faster than our kernels once segments are
+# large (float32, 4096 x 4096, r = 16, 8 adapters, one thread of the 2-core Xeon,
+# contended: 64-row segments, shrink 1.1 vs 2.2 ms, expand 1.3 vs 6.8 ms), but each
+# torch call costs 10-20 us of dispatch, more than our kernel spends on a small
+# segment (decode rows, or the bench's 256-wide layers).
+_CPU_GEMM_MIN_WORK = 1 << 18
 
 
 class _CpuSegment(NamedTuple):
@@ -157,7 +158,7 @@ class _CpuSegment(NamedTuple):
     scale: float
 
 
-def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max):
+def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features):
     """Validates the routing (C++) and splits it: (large segments for torch GEMMs, ids for the kernel).
 
     The kernel's ids are ``adapter_ids`` with the large segments set to -1, or None when
@@ -172,7 +173,7 @@ def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max):
         rows = bounds[s + 1] - bounds[s]
         if adapter < 0 or rows == 0 or rank_list[adapter] == 0:
             continue
-        if rows >= _CPU_GEMM_MIN_ROWS:
+        if rows * features * rank_list[adapter] >= _CPU_GEMM_MIN_WORK:
             large.append(_CpuSegment(bounds[s], bounds[s + 1], adapter, rank_list[adapter], scale_list[adapter]))
             kernel_ids[s] = -1
         else:
@@ -198,7 +199,7 @@ def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
     input = _unit_columns(input)
     out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
     if input.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max, features)
         for seg in large:
             block = torch.mm(input[seg.lo:seg.hi], _rank_columns(weight, seg.adapter, seg.rank, rank_last))
             out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(seg.scale)
@@ -235,7 +236,7 @@ def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
     check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
     h = _unit_columns(h)
     if out.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max, features)
         for seg in large:
             out[seg.lo:seg.hi].addmm_(h[seg.lo:seg.hi, :seg.rank],
                                       _rank_columns(weight, seg.adapter, seg.rank, rank_last).T, alpha=seg.scale)
@@ -271,7 +272,7 @@ def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last)
     stride_k, stride_j = (out.stride(2), out.stride(1)) if rank_last else (out.stride(1), out.stride(2))
     large = []
     if left.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features)
     if ids is not None:  # first: the kernel overwrites the blocks of the adapters it handles
         getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
             **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
@@ -441,10 +442,10 @@ def lora_linear_multi(
     by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
     contents, but cannot raise).
 
-    CPU: segments of at least 8 rows run their shrink, expand and gradient products as
-    one torch GEMM each (MKL beat our C++ kernels there, see ``_CPU_GEMM_MIN_ROWS``);
-    the C++ kernels take the smaller segments (decode-like batches) in one call, with
-    no per-segment Python work.  CUDA: the hand-written kernels at every size.
+    CPU: segments with at least 2^18 multiply-adds per product run their shrink, expand
+    and gradient products as one torch GEMM each (MKL beat our C++ kernels there, see
+    ``_CPU_GEMM_MIN_WORK``); the C++ kernels take the smaller segments (decode-like
+    batches, narrow layers) in one call, with no per-segment torch call.  CUDA: the hand-written kernels at every size.
     """
     _validate(x, weight, A_stack, B_stack, bias)
     device = x.device

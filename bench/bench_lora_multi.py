@@ -58,14 +58,14 @@ else:
     _ROWS = {device: (256,) for device in DEVICES}
     _SHAPE = (256, 256)
 # Every adapter count with even segments, the skewed split for 8 and 32 adapters; the
-# kernels alone at 8 adapters (quick) or every problem (full).
+# kernels alone at 8 adapters, even (quick) or every problem (full).
 _PROBLEMS = {
     device: [(*_SHAPE, n_adapters, n, skew) for n in _ROWS[device] for n_adapters in _ADAPTERS
              for skew in ("even", "skewed") if skew == "even" or n_adapters > 1]
     for device in DEVICES
 }
 _KERNEL_PROBLEMS = {
-    device: [problem for problem in problems if FULL or problem[2] == 8] for device, problems in _PROBLEMS.items()
+    device: [p for p in problems if FULL or (p[2] == 8 and p[4] == "even")] for device, problems in _PROBLEMS.items()
 }
 
 

@@ -36,7 +36,7 @@
 namespace lowrank_ops {
 namespace {
 
-constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which threads cost more than they save
+constexpr int64_t kSerialWork = 1 << 19;  // multiply-adds (~50 us) below which waking threads costs more than it saves
 constexpr int64_t kPackElems = 1 << 16;   // packed weight block: 256 KB of fp32, L2-resident
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kPackBlock = 32;        // weight rows per step of the packing transpose

@@ -165,12 +165,23 @@ def _roofline(inp: Inputs, op: str) -> Tuple[float, float]:
 
 # ---------------------------------------------------------------------------- implementations
 def _loop_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:
-    """The plain-torch peer: base GEMM, then two GEMMs per adapter on its rows' slice."""
+    """The plain-torch peer: base GEMM, then two GEMMs per adapter on its rows' slice.
+
+    Without autograd the updates are added in place (no temporary); with autograd they
+    are concatenated and added once, because in-place adds into slices of y would make
+    autograd copy the whole ``[N, out]`` gradient once per segment (CopySlices).
+    Every row belongs to a segment in this suite, so the concatenation covers y.
+    """
     y = F.linear(x, inp.weight, inp.bias)
+    updates = []
     for a, lo, hi in inp.segments:
         r = inp.ranks[a]
-        y[lo:hi].add_((x[lo:hi] @ A_stack[a, :r].T) @ B_stack[a, :, :r].T, alpha=inp.scales[a])
-    return y
+        update = (x[lo:hi] @ A_stack[a, :r].T) @ B_stack[a, :, :r].T
+        if torch.is_grad_enabled() and x.requires_grad:
+            updates.append(update * inp.scales[a])
+        else:
+            y[lo:hi].add_(update, alpha=inp.scales[a])
+    return y + torch.cat(updates) if updates else y
 
 
 def _ours_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:

@@ -7,7 +7,8 @@ Rows are grouped by adapter (one segment per adapter), with ``even`` segment siz
 
 Ops and implementations (same inputs, same run):
 
-* ``lora_linear_multi.fwd``: ``ours`` (:func:`lowrank_ops.ops.lora_linear_multi`);
+* ``lora_linear_multi.fwd``: ``ours`` (:func:`lowrank_ops.ops.lora_linear_multi`, routing
+  tensors built once per batch, as a server shares them across a model's layers);
   ``peft`` (a PEFT 0.21 LoRA model on one ``nn.Linear`` holding the same adapters,
   called with ``adapter_names=[...]`` per row: its mixed-batch inference path);
   ``loop`` (torch: the base GEMM, then per adapter two GEMMs on the segment's rows
@@ -129,10 +130,6 @@ def _inputs(problem: tuple, device: str) -> Inputs:
     return Inputs(*(t.to(device) for t in tensors), offsets, ranks, [ALPHA / r for r in ranks])
 
 
-def _routing(inp: Inputs) -> dict:
-    return dict(ranks=inp.ranks, scales=inp.scales, bias=inp.bias)
-
-
 @functools.lru_cache(maxsize=4)
 def _reference(problem: tuple, device: str, backward: bool) -> Tuple[torch.Tensor, ...]:
     """float64 ``(y,)`` or ``(y, dx, dA, dB)``: the per-segment loop of lowrank_ops.reference."""
@@ -164,8 +161,12 @@ def _roofline(inp: Inputs, op: str) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- implementations
-def _loop_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:
+def _loop_forward(inp: Inputs, x, As, Bs) -> torch.Tensor:
     """The plain-torch peer: base GEMM, then two GEMMs per adapter on its rows' slice.
+
+    ``As[a]`` ``[r_a, in]`` and ``Bs[a]`` ``[out, r_a]`` are separate tensors per adapter,
+    as PEFT holds them: slices of one stacked leaf would make autograd accumulate a
+    zero-padded full-stack gradient per adapter.
 
     Without autograd the updates are added in place (no temporary); with autograd they
     are concatenated and added once, because in-place adds into slices of y would make
@@ -175,8 +176,7 @@ def _loop_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:
     y = F.linear(x, inp.weight, inp.bias)
     updates = []
     for a, lo, hi in inp.segments:
-        r = inp.ranks[a]
-        update = (x[lo:hi] @ A_stack[a, :r].T) @ B_stack[a, :, :r].T
+        update = (x[lo:hi] @ As[a].T) @ Bs[a].T
         if torch.is_grad_enabled() and x.requires_grad:
             updates.append(update * inp.scales[a])
         else:
@@ -184,9 +184,27 @@ def _loop_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:
     return y + torch.cat(updates) if updates else y
 
 
-def _ours_forward(inp: Inputs, x, A_stack, B_stack) -> torch.Tensor:
-    return lora_linear_multi(x, inp.weight, A_stack, B_stack, inp.offsets, list(range(len(inp.ranks))),
-                             **_routing(inp))
+def _per_adapter(inp: Inputs, A_stack, B_stack, grad: bool):
+    """Each adapter's used factors as separate tensors (leaves when ``grad``)."""
+    As = [A_stack[a, :r].detach().clone().requires_grad_(grad) for a, r in enumerate(inp.ranks)]
+    Bs = [B_stack[a, :, :r].detach().clone().requires_grad_(grad) for a, r in enumerate(inp.ranks)]
+    return As, Bs
+
+
+@functools.lru_cache(maxsize=2)
+def _routing_tensors(problem: tuple, device: str) -> dict:
+    """The routing as tensors, built once per batch (a server shares them across all layers)."""
+    inp = _inputs(problem, device)
+    return dict(
+        segment_offsets=torch.tensor(inp.offsets, device=device),
+        adapter_ids=torch.arange(len(inp.ranks), device=device),
+        ranks=torch.tensor(inp.ranks, device=device),
+        scales=torch.tensor(inp.scales, dtype=torch.float64, device=device),
+    )
+
+
+def _ours_forward(inp: Inputs, routing: dict, x, A_stack, B_stack) -> torch.Tensor:
+    return lora_linear_multi(x, inp.weight, A_stack, B_stack, bias=inp.bias, **routing)
 
 
 @functools.lru_cache(maxsize=1)
@@ -222,20 +240,37 @@ def _build(case: Case, inp: Inputs) -> Callable[[], Callable]:
         if case.impl == "peft":
             model, names = _peft_model(case.problem, case.device)
             return lambda: torch.no_grad()(lambda: model(inp.x, adapter_names=names))
-        forward = _ours_forward if case.impl == "ours" else _loop_forward
-        return lambda: (lambda: forward(inp, inp.x, inp.A_stack, inp.B_stack))
+        if case.impl == "ours":
+            routing = _routing_tensors(case.problem, case.device)
+            return lambda: (lambda: _ours_forward(inp, routing, inp.x, inp.A_stack, inp.B_stack))
+
+        def build_loop():
+            As, Bs = _per_adapter(inp, inp.A_stack, inp.B_stack, grad=False)
+            return lambda: _loop_forward(inp, inp.x, As, Bs)
+
+        return build_loop
 
     if op == "lora_linear_multi.fwd+bwd":
-        forward = _ours_forward if case.impl == "ours" else _loop_forward
 
         def build():
-            x, A, B = (t.detach().clone().requires_grad_() for t in (inp.x, inp.A_stack, inp.B_stack))
+            x = inp.x.detach().clone().requires_grad_()
+            if case.impl == "ours":
+                A, B = (t.detach().clone().requires_grad_() for t in (inp.A_stack, inp.B_stack))
+                routing = _routing_tensors(case.problem, case.device)
 
-            def run():
-                y = forward(inp, x, A, B)
-                return (y,) + torch.autograd.grad(y, (x, A, B), inp.dy)
+                def run():
+                    y = _ours_forward(inp, routing, x, A, B)
+                    return (y,) + torch.autograd.grad(y, (x, A, B), inp.dy)
 
-            return run
+                return run
+            As, Bs = _per_adapter(inp, inp.A_stack, inp.B_stack, grad=True)
+
+            def run_loop():
+                y = _loop_forward(inp, x, As, Bs)
+                grads = torch.autograd.grad(y, (x, *As, *Bs), inp.dy, allow_unused=True)
+                return y, grads[0], grads[1:1 + len(As)], grads[1 + len(As):]
+
+            return run_loop
 
         return build
 
@@ -284,7 +319,21 @@ def _check(case: Case, inp: Inputs):
         return lambda out: rel_error([out], [expected])
     backward = case.op.endswith("fwd+bwd")
     refs = _reference(case.problem, case.device, backward)
-    return lambda out: rel_error(out if backward else [out], refs)
+
+    def stacked(grads, like):
+        """Per-adapter gradients (the loop's) zero-padded into the stack's shape."""
+        if isinstance(grads, torch.Tensor):
+            return grads
+        out = torch.zeros_like(like, dtype=grads[0].dtype if grads else like.dtype)
+        for a, (g, r) in enumerate(zip(grads, inp.ranks)):
+            if g is not None:
+                (out[a, :r] if like is inp.A_stack else out[a, :, :r]).copy_(g)
+        return out
+
+    if backward:
+        return lambda out: rel_error(
+            [out[0], out[1], stacked(out[2], inp.A_stack), stacked(out[3], inp.B_stack)], refs)
+    return lambda out: rel_error([out], refs)
 
 
 def _run(benchmark, case: Case) -> None:

@@ -112,4 +112,31 @@ def dora_row_norm_cpu(
 def dora_row_norm_cuda(
     *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
     weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
+def check_segment_routing_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, n_rows: int, n_segments: int, n_adapters: int, r_max: int,
+    op: str,
+) -> None: ...
+def segment_matmul_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, in_: int, w: int, out: int, n_rows: int, n_segments: int,
+    n_adapters: int, r_max: int, J: int, C: int, in_stride_n: int, out_stride_n: int, w_stride_a: int,
+    w_stride_j: int, w_stride_c: int, rank_on_c: bool, accumulate: bool, dtype: int, num_threads: int = 1,
+    device: int = 0, stream: int = 0,
+) -> None: ...
+def segment_matmul_cuda(
+    *, offsets: int, ids: int, ranks: int, scales: int, in_: int, w: int, out: int, n_rows: int, n_segments: int,
+    n_adapters: int, r_max: int, J: int, C: int, in_stride_n: int, out_stride_n: int, w_stride_a: int,
+    w_stride_j: int, w_stride_c: int, rank_on_c: bool, accumulate: bool, dtype: int, num_threads: int = 1,
+    device: int = 0, stream: int = 0,
+) -> None: ...
+def segment_outer_cpu(
+    *, offsets: int, ids: int, ranks: int, scales: int, left: int, right: int, out: int, n_rows: int,
+    n_segments: int, n_adapters: int, r_max: int, J: int, left_stride_n: int, right_stride_n: int,
+    out_stride_a: int, out_stride_k: int, out_stride_j: int, dtype: int, num_threads: int = 1, device: int = 0,
+    stream: int = 0,
+) -> None: ...
+def segment_outer_cuda(
+    *, offsets: int, ids: int, ranks: int, scales: int, left: int, right: int, out: int, n_rows: int,
+    n_segments: int, n_adapters: int, r_max: int, J: int, left_stride_n: int, right_stride_n: int,
+    out_stride_a: int, out_stride_k: int, out_stride_j: int, dtype: int, num_threads: int = 1, device: int = 0,
+    stream: int = 0,
 ) -> None: ...

@@ -200,3 +200,28 @@ def dora_linear(x, weight, lora_A, lora_B, magnitude, bias=None, *, scale=1.0, k
     factor = magnitude / norm
     y = x @ weight.T + (factor - 1) * (adapter_input @ weight.T) + factor * scale * ((adapter_input @ lora_A.T) @ lora_B.T)
     return y if bias is None else y + bias
+# ---- multi-adapter LoRA ----
+__all__ += ["lora_linear_multi"]
+
+
+def lora_linear_multi(x, weight, A_stack, B_stack, segment_offsets, adapter_ids, *, ranks=None, scales=None,
+                      bias=None) -> torch.Tensor:
+    """Reference of :func:`lowrank_ops.ops.lora_linear_multi`: a loop of per-segment matmuls.
+
+    Differentiable through plain autograd (the oracle of the gradient tests too).
+    """
+    n_adapters, r_max = A_stack.shape[:2]
+    rows = x.reshape(-1, weight.shape[1])
+    y = torch.nn.functional.linear(rows, weight, bias)
+    offsets = [int(v) for v in segment_offsets]
+    pieces = []
+    for s, adapter in enumerate(int(v) for v in adapter_ids):
+        y_s = y[offsets[s]:offsets[s + 1]]
+        if adapter >= 0:
+            rank = r_max if ranks is None else int(ranks[adapter])
+            scale = 1.0 if scales is None else float(scales[adapter])
+            x_s = rows[offsets[s]:offsets[s + 1]]
+            y_s = y_s + scale * (x_s @ A_stack[adapter, :rank].T) @ B_stack[adapter, :, :rank].T
+        pieces.append(y_s)
+    y = torch.cat(pieces) if pieces else y
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -11,3 +11,5 @@ from .lora import lora_linear, lora_merge, lora_unmerge
 __all__ += ["lora_linear", "lora_merge", "lora_unmerge"]
 from .dora import dora_linear, dora_row_norm
 __all__ += ["dora_linear", "dora_row_norm"]
+from .lora_multi import lora_linear_multi
+__all__ += ["lora_linear_multi"]

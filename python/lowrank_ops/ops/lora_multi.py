@@ -1,0 +1,464 @@
+"""Multi-adapter LoRA linear (punica/S-LoRA SGMV, trainable): :func:`lora_linear_multi`.
+
+Rows are grouped into segments; segment ``s`` (rows ``segment_offsets[s]:segment_offsets[s+1]``)
+uses adapter ``adapter_ids[s]`` (``-1``: none), with that adapter's rank and scale::
+
+    y = x W^T + b + sum_s scales[a_s] * (x_s A[a_s, :r]^T) B[a_s, :, :r]^T,   r = ranks[a_s]
+
+Layers (DESIGN.md section 1):
+
+* ``torch.ops.lowrank_ops.lora_multi_shrink`` (``h = x A^T`` gathered per segment, or
+  ``g = s dy B`` in the backward), ``lora_multi_expand_`` (``y += s h B^T``, or
+  ``dx += g A``; in place, so no second ``[N, out]`` buffer) and
+  ``lora_multi_segment_outer`` (per-adapter ``g^T x`` and ``s h^T dy``): the kernels,
+  declared once with ``torch.library`` (CPU impl, CUDA impl, fake impl).
+* ``_LoRALinearMulti``: the autograd Function.  It saves ``x`` and ``h = x A^T``
+  (``[N, r_max]``), never an ``[N, out]`` intermediate.
+* :func:`lora_linear_multi`: the public, validated entry point.
+
+The frozen base ``x W^T + b`` is one dense GEMM through torch (BLAS / cuBLAS): it
+dominates the flops (``in * out`` against ``r * (in + out)`` per row) and nothing is
+gained by hand-writing it.  The gathered low-rank parts are hand-written kernels
+(csrc/cpu/lora_multi_cpu.cpp, csrc/cuda/lora_multi_cuda.cu); see
+:func:`lora_linear_multi`'s notes for the CPU measurements.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._dtypes import float_code
+from .._extension import cuda_extension, extension
+from ._library import LIBRARY, current_stream
+
+__all__ = ["lora_linear_multi"]
+
+_ROUTING = "Tensor offsets, Tensor ids, Tensor ranks, Tensor? scales"
+LIBRARY.define(f"lora_multi_shrink(Tensor input, Tensor weight, {_ROUTING}, bool rank_last) -> Tensor")
+LIBRARY.define(f"lora_multi_expand_(Tensor(a!) out, Tensor h, Tensor weight, {_ROUTING}, bool rank_last) -> ()")
+LIBRARY.define(
+    f"lora_multi_segment_outer(Tensor left, Tensor right, {_ROUTING}, int n_adapters, bool rank_last) -> Tensor"
+)
+
+IntsLike = Union[torch.Tensor, Sequence[int]]
+FloatsLike = Union[torch.Tensor, Sequence[float]]
+
+
+# ---------------------------------------------------------------------------- routing checks
+def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torch.Tensor,
+                  scales: Optional[torch.Tensor], n_rows: int, n_adapters: int, r_max: int,
+                  contents: bool = True) -> None:
+    """Shapes and dtypes of the routing tensors; on CUDA also their contents (a host copy).
+
+    On CPU the contents are checked by the C++ entry points, with the same messages,
+    before any kernel reads them; checking them here too would double the overhead of
+    small calls (about 0.1 ms of torch ops per call).
+    """
+    for name, tensor, dtype in (("segment_offsets", offsets, torch.int64), ("adapter_ids", ids, torch.int64),
+                                ("ranks", ranks, torch.int64), ("scales", scales, torch.float64)):
+        if tensor is not None and tensor.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected {dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{op}: segment_offsets has shape {tuple(offsets.shape)}; expected (n_segments + 1,)")
+    n_segments = offsets.numel() - 1
+    if tuple(ids.shape) != (n_segments,):
+        raise ValueError(f"{op}: adapter_ids has shape {tuple(ids.shape)}; expected (n_segments,) = ({n_segments},)")
+    for name, tensor in (("ranks", ranks), ("scales", scales)):
+        if tensor is not None and tuple(tensor.shape) != (n_adapters,):
+            raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; expected (n_adapters,) = ({n_adapters},)")
+    if not contents or offsets.device.type == "cpu":
+        return  # the C++ kernels check the contents (csrc/cpu/lora_multi_cpu.cpp, check_segment_routing)
+    host = [t.detach().to("cpu") for t in (offsets, ids, ranks)]
+    offsets_h, ids_h, ranks_h = host
+    if offsets_h[0].item() != 0 or offsets_h[-1].item() != n_rows:
+        raise ValueError(
+            f"{op}: segment_offsets must start at 0 and end at the number of rows ({n_rows}); "
+            f"got segment_offsets[0] = {offsets_h[0].item()}, segment_offsets[-1] = {offsets_h[-1].item()}"
+        )
+    steps = offsets_h[1:] - offsets_h[:-1]
+    if (steps < 0).any():
+        s = int((steps < 0).nonzero()[0])
+        raise ValueError(
+            f"{op}: segment_offsets must be non-decreasing; got segment_offsets[{s}] = {offsets_h[s].item()} > "
+            f"segment_offsets[{s + 1}] = {offsets_h[s + 1].item()}"
+        )
+    bad = (ids_h < -1) | (ids_h >= n_adapters)
+    if bad.any():
+        s = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{op}: adapter_ids[{s}] = {ids_h[s].item()}; expected -1 (no adapter) or an adapter in [0, {n_adapters})"
+        )
+    bad = (ranks_h < 0) | (ranks_h > r_max)
+    if bad.any():
+        a = int(bad.nonzero()[0])
+        raise ValueError(f"{op}: ranks[{a}] = {ranks_h[a].item()}; expected 0 <= rank <= r_max = {r_max}")
+    if scales is not None and not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"{op}: scales must be finite; got {scales.detach().cpu().tolist()}")
+
+
+def _routing_args(offsets, ids, ranks, scales, n_rows: int, n_adapters: int, r_max: int) -> dict:
+    return dict(
+        offsets=offsets.data_ptr(), ids=ids.data_ptr(), ranks=ranks.data_ptr(),
+        scales=0 if scales is None else scales.data_ptr(),
+        n_rows=n_rows, n_segments=offsets.numel() - 1, n_adapters=n_adapters, r_max=r_max,
+    )
+
+
+def _device_args(tensor: torch.Tensor) -> dict:
+    if tensor.device.type == "cuda":
+        return dict(device=tensor.device.index, stream=current_stream(tensor))
+    return dict(num_threads=torch.get_num_threads())
+
+
+def _kernels(tensor: torch.Tensor, op: str):
+    return cuda_extension(op) if tensor.device.type == "cuda" else extension()
+
+
+def _unit_columns(tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D view with unit column stride (what the kernels read rows from)."""
+    return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] <= 1 else tensor.contiguous()
+
+
+def _check_operands(op: str, reference: torch.Tensor, operands: dict, routing: tuple) -> None:
+    """Float operands share the reference's dtype and device; routing tensors its device."""
+    float_code(reference.dtype, op, "input")
+    for name, tensor in operands.items():
+        if tensor.dtype != reference.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected {reference.dtype}")
+    named_routing = zip(("segment_offsets", "adapter_ids", "ranks", "scales"), routing)
+    for name, tensor in list(operands.items()) + [(n, t) for n, t in named_routing if t is not None]:
+        if tensor.device != reference.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}; expected {reference.device}")
+
+
+def _weight_layout(weight: torch.Tensor, rank_last: bool):
+    """(n_adapters, r_max, features, stride_a, stride_rank, stride_feature) of an A- or B-like stack."""
+    if rank_last:  # [n_adapters, features, r_max]
+        return weight.shape[0], weight.shape[2], weight.shape[1], weight.stride(0), weight.stride(2), weight.stride(1)
+    return weight.shape[0], weight.shape[1], weight.shape[2], weight.stride(0), weight.stride(1), weight.stride(2)
+
+
+# CPU: a segment whose product has at least this many multiply-adds (rows x features x
+# rank) runs as one torch GEMM (MKL); the rest go to the C++ kernels in one call.  Why:
+# MKL ran the per-segment products 1.2-5x faster than our kernels once segments are
+# large (float32, 4096 x 4096, r = 16, 8 adapters, one thread of the 2-core Xeon,
+# contended: 64-row segments, shrink 1.1 vs 2.2 ms, expand 1.3 vs 6.8 ms), but each
+# torch call costs 10-20 us of dispatch, more than our kernel spends on a small
+# segment (decode rows, or the bench's 256-wide layers).
+_CPU_GEMM_MIN_WORK = 1 << 18
+
+
+class _CpuSegment(NamedTuple):
+    lo: int
+    hi: int
+    adapter: int
+    rank: int
+    scale: float
+
+
+def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features):
+    """Validates the routing (C++) and splits it: (large segments for torch GEMMs, ids for the kernel).
+
+    The kernel's ids are ``adapter_ids`` with the large segments set to -1, or None when
+    no small segment has work (the kernel call is then skipped).
+    """
+    extension().check_segment_routing_cpu(**_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
+                                          op=op)
+    bounds, id_list, rank_list = offsets.tolist(), ids.tolist(), ranks.tolist()
+    scale_list = scales.tolist() if scales is not None else [1.0] * n_adapters
+    large, kernel_ids, kernel_work = [], list(id_list), False
+    for s, adapter in enumerate(id_list):
+        rows = bounds[s + 1] - bounds[s]
+        if adapter < 0 or rows == 0 or rank_list[adapter] == 0:
+            continue
+        if rows * features * rank_list[adapter] >= _CPU_GEMM_MIN_WORK:
+            large.append(_CpuSegment(bounds[s], bounds[s + 1], adapter, rank_list[adapter], scale_list[adapter]))
+            kernel_ids[s] = -1
+        else:
+            kernel_work = True
+    return large, (torch.tensor(kernel_ids, dtype=torch.int64) if kernel_work else None)
+
+
+def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool) -> torch.Tensor:
+    """Adapter ``adapter``'s first ``rank`` ranks as a ``[features, rank]`` view."""
+    return weight[adapter, :, :rank] if rank_last else weight[adapter, :rank].T
+
+
+# ---------------------------------------------------------------------------- lora_multi_shrink
+def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
+    op = "lora_multi_shrink"
+    _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
+    if input.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
+    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
+    if input.shape[1] != features:
+        raise ValueError(f"{op}: input has shape {tuple(input.shape)}; expected (N, {features})")
+    check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+    input = _unit_columns(input)
+    out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
+    if input.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max, features)
+        for seg in large:
+            block = torch.mm(input[seg.lo:seg.hi], _rank_columns(weight, seg.adapter, seg.rank, rank_last))
+            out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(seg.scale)
+        if ids is None:
+            return out
+    getattr(_kernels(input, op), f"segment_matmul_{input.device.type}")(
+        **_routing_args(offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max),
+        in_=input.data_ptr(), w=weight.data_ptr(), out=out.data_ptr(), J=features, C=r_max,
+        in_stride_n=input.stride(0), out_stride_n=out.stride(0),
+        w_stride_a=stride_a, w_stride_j=stride_feature, w_stride_c=stride_rank,
+        rank_on_c=True, accumulate=False, dtype=float_code(input.dtype, op, "input"), **_device_args(input),
+    )
+    return out
+
+
+def _shrink_fake(input, weight, offsets, ids, ranks, scales, rank_last):
+    r_max = weight.shape[2] if rank_last else weight.shape[1]
+    return input.new_empty((input.shape[0], r_max))
+
+
+# ---------------------------------------------------------------------------- lora_multi_expand_
+def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
+    op = "lora_multi_expand_"
+    _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
+    if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
+    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
+    if tuple(h.shape) != (out.shape[0], r_max) or out.shape[1] != features:
+        raise ValueError(
+            f"{op}: out has shape {tuple(out.shape)} and h {tuple(h.shape)}; expected (N, {features}) and (N, {r_max})"
+        )
+    if out.stride(-1) != 1 and out.shape[1] > 1:
+        raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides {out.stride()}")
+    check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+    h = _unit_columns(h)
+    if out.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max, features)
+        for seg in large:
+            out[seg.lo:seg.hi].addmm_(h[seg.lo:seg.hi, :seg.rank],
+                                      _rank_columns(weight, seg.adapter, seg.rank, rank_last).T, alpha=seg.scale)
+        if ids is None:
+            return
+    getattr(_kernels(out, op), f"segment_matmul_{out.device.type}")(
+        **_routing_args(offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max),
+        in_=h.data_ptr(), w=weight.data_ptr(), out=out.data_ptr(), J=r_max, C=features,
+        in_stride_n=h.stride(0), out_stride_n=out.stride(0),
+        w_stride_a=stride_a, w_stride_j=stride_rank, w_stride_c=stride_feature,
+        rank_on_c=False, accumulate=True, dtype=float_code(out.dtype, op, "out"), **_device_args(out),
+    )
+
+
+def _expand_fake(out, h, weight, offsets, ids, ranks, scales, rank_last):
+    return None
+
+
+# ---------------------------------------------------------------------------- lora_multi_segment_outer
+def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
+    op = "lora_multi_segment_outer"
+    _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
+    if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
+        raise ValueError(
+            f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) and (N, J)"
+        )
+    n_rows, r_max = left.shape
+    features = right.shape[1]
+    check_routing(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+    left, right = _unit_columns(left), _unit_columns(right)
+    shape = (n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features)
+    out = left.new_zeros(shape)  # ranks beyond an adapter's rank, and unused adapters, get 0
+    stride_k, stride_j = (out.stride(2), out.stride(1)) if rank_last else (out.stride(1), out.stride(2))
+    large = []
+    if left.device.type == "cpu":
+        large, ids = _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features)
+    if ids is not None:  # first: the kernel overwrites the blocks of the adapters it handles
+        getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
+            **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
+            left=left.data_ptr(), right=right.data_ptr(), out=out.data_ptr(), J=features,
+            left_stride_n=left.stride(0), right_stride_n=right.stride(0),
+            out_stride_a=out.stride(0), out_stride_k=stride_k, out_stride_j=stride_j,
+            dtype=float_code(left.dtype, op, "left"), **_device_args(left),
+        )
+    for seg in large:
+        rows = slice(seg.lo, seg.hi)
+        if rank_last:
+            out[seg.adapter, :, :seg.rank].addmm_(right[rows].T, left[rows, :seg.rank], alpha=seg.scale)
+        else:
+            out[seg.adapter, :seg.rank].addmm_(left[rows, :seg.rank].T, right[rows], alpha=seg.scale)
+    return out
+
+
+def _outer_fake(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
+    r_max, features = left.shape[1], right.shape[1]
+    return left.new_empty((n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features))
+
+
+for _name, _impl, _fake in (("lora_multi_shrink", _shrink_impl, _shrink_fake),
+                            ("lora_multi_expand_", _expand_impl, _expand_fake),
+                            ("lora_multi_segment_outer", _outer_impl, _outer_fake)):
+    LIBRARY.impl(_name, _impl, "CPU")
+    LIBRARY.impl(_name, _impl, "CUDA")
+    torch.library.register_fake(f"lowrank_ops::{_name}", _fake, lib=LIBRARY)
+
+
+# ---------------------------------------------------------------------------- autograd
+class _LoRALinearMulti(torch.autograd.Function):
+    """``y = x W^T + b + s_a (x A_a^T) B_a^T`` per segment; x ``[N, in]``.  Backward with
+    ``h = x A^T`` (saved) and ``g = s dy B`` (per segment):
+    ``dx = dy W + g A``, ``dA_a = g_a^T x_a``, ``dB_a = s_a dy_a^T h_a``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
+        ops = torch.ops.lowrank_ops
+        y = F.linear(x, weight, bias)
+        h = ops.lora_multi_shrink(x, A_stack, offsets, ids, ranks, None, False)
+        ops.lora_multi_expand_(y, h, B_stack, offsets, ids, ranks, scales, True)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        ops = torch.ops.lowrank_ops
+        x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales = ctx.saved_tensors
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need_x or need_A:
+            g = ops.lora_multi_shrink(grad_y, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
+        if need_x:
+            grad_x = grad_y @ weight
+            ops.lora_multi_expand_(grad_x, g, A_stack, offsets, ids, ranks, None, False)
+        if need_A:
+            grad_A = ops.lora_multi_segment_outer(g, x, offsets, ids, ranks, None, A_stack.shape[0], False)
+        if need_B:
+            grad_B = ops.lora_multi_segment_outer(h, grad_y, offsets, ids, ranks, scales, B_stack.shape[0], True)
+        if need_w:
+            grad_w = grad_y.T @ x
+        if need_b and ctx.has_bias:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- public API
+def _as_tensor(value, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point != dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"lora_linear_multi: {name} has dtype {value.dtype}; expected an "
+                            f"{'floating' if dtype.is_floating_point else 'integer'} tensor")
+        return value.to(device=device, dtype=dtype)
+    return torch.tensor(list(value), dtype=dtype, device=device)
+
+
+def _validate(x, weight, A_stack, B_stack, bias) -> None:
+    op = "lora_linear_multi"
+    for name, tensor in (("x", x), ("weight", weight), ("A_stack", A_stack), ("B_stack", B_stack), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
+        float_code(tensor.dtype, op, name)
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected the dtype of x, {x.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device}; expected the device of x, {x.device}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight has shape {tuple(weight.shape)}; expected (out_features, in_features)")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
+    if A_stack.dim() != 3 or A_stack.shape[2] != in_features:
+        raise ValueError(
+            f"{op}: A_stack has shape {tuple(A_stack.shape)}; expected (n_adapters, r_max, in_features) = "
+            f"(n_adapters, r_max, {in_features})"
+        )
+    n_adapters, r_max = A_stack.shape[:2]
+    if tuple(B_stack.shape) != (n_adapters, out_features, r_max):
+        raise ValueError(
+            f"{op}: B_stack has shape {tuple(B_stack.shape)}; expected (n_adapters, out_features, r_max) = "
+            f"({n_adapters}, {out_features}, {r_max})"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (out_features,) = ({out_features},)")
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    segment_offsets: IntsLike,
+    adapter_ids: IntsLike,
+    *,
+    ranks: Optional[IntsLike] = None,
+    scales: Optional[FloatsLike] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Linear layer with a different LoRA adapter per segment of rows (mixed-adapter batch).
+
+    ``y = x W^T + b``, plus, for every segment ``s`` with adapter ``a = adapter_ids[s] >= 0``
+    and rank ``r = ranks[a]``: ``y_s += scales[a] * (x_s A[a, :r]^T) B[a, :, :r]^T``.
+    Differentiable in x, A_stack and B_stack (and in weight and bias if they require grad),
+    so mixed-adapter batches can be trained, not only served.
+
+    Parameters
+    ----------
+    x : Tensor[..., in_features]
+        float32, float64, float16 or bfloat16; any strides.  Rows are the flattened
+        leading dimensions, in order.
+    weight : Tensor[out_features, in_features]
+        The frozen base weight; same dtype and device as x.
+    A_stack : Tensor[n_adapters, r_max, in_features]
+    B_stack : Tensor[n_adapters, out_features, r_max]
+        Adapter factors; adapter ``a`` uses ``A_stack[a, :ranks[a]]`` and
+        ``B_stack[a, :, :ranks[a]]`` (read in place, no copies).
+    segment_offsets : Tensor[n_segments + 1] or sequence of int
+        Non-decreasing, from 0 to the number of rows; empty segments are allowed.
+    adapter_ids : Tensor[n_segments] or sequence of int
+        Adapter of each segment, in ``[0, n_adapters)``, or -1 for no adapter.
+        Several segments may use the same adapter.
+    ranks : Tensor[n_adapters] or sequence of int, optional
+        Rank of each adapter, ``0 <= ranks[a] <= r_max``; default ``r_max`` for all.
+    scales : Tensor[n_adapters] or sequence of float, optional
+        Scale of each adapter (LoRA ``alpha / r``, rsLoRA ``alpha / sqrt(r)``); default 1.
+    bias : Tensor[out_features], optional
+
+    Returns
+    -------
+    Tensor[..., out_features]
+        Same dtype as x.  The low-rank parts accumulate in float32 (float64 for float64)
+        and are added to the base result with one rounding.
+
+    Notes
+    -----
+    Cost per row: ``2 in out`` flops (the base GEMM, through torch) plus
+    ``2 r (in + out)`` (the gathered shrink and expand, hand-written kernels); backward
+    twice that.  Memory saved for backward: ``h = x A^T`` (``[N, r_max]``) besides x.
+
+    The routing tensors' contents are validated by every kernel call: in C++ on CPU,
+    by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
+    contents, but cannot raise).
+
+    CPU: segments with at least 2^18 multiply-adds per product run their shrink, expand
+    and gradient products as one torch GEMM each (MKL beat our C++ kernels there, see
+    ``_CPU_GEMM_MIN_WORK``); the C++ kernels take the smaller segments (decode-like
+    batches, narrow layers) in one call, with no per-segment torch call.  CUDA: the hand-written kernels at every size.
+    """
+    _validate(x, weight, A_stack, B_stack, bias)
+    device = x.device
+    n_adapters, r_max = A_stack.shape[:2]
+    offsets = _as_tensor(segment_offsets, torch.int64, device, "segment_offsets")
+    ids = _as_tensor(adapter_ids, torch.int64, device, "adapter_ids")
+    ranks_t = (torch.full((n_adapters,), r_max, dtype=torch.int64, device=device) if ranks is None
+               else _as_tensor(ranks, torch.int64, device, "ranks"))
+    scales_t = None if scales is None else _as_tensor(scales, torch.float64, device, "scales")
+    rows = x.reshape(-1, weight.shape[1])
+    # Contents (offsets cover the rows, ids and ranks in range) are checked where the kernels run.
+    check_routing("lora_linear_multi", offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max,
+                  contents=False)
+    y = _LoRALinearMulti.apply(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+

@@ -1,0 +1,419 @@
+"""Multi-adapter LoRA: lora_linear_multi, its three kernels' ops, nn.MultiLoRALinear.
+
+Every numerical check compares against the float64 reference (a loop of per-segment
+matmuls, lowrank_ops.reference.lora_linear_multi) on fresh random data, with the
+rigorous error bound described in ``error_bound``.  The CPU op runs large segments as
+torch GEMMs and small ones in the C++ kernels; the ``cpu_path`` fixture forces each
+path (and the automatic mix) so that both are tested at every shape.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_ops.ops.lora_multi as lora_multi_module
+from lowrank_ops import reference
+from lowrank_ops._extension import extension
+from lowrank_ops.nn import MultiLoRALinear
+from lowrank_ops.nn.multi_lora import group_rows, restore_rows
+from lowrank_ops.ops import lora_linear_multi
+
+from helpers import FLOAT_DTYPES, OUTPUT_UNIT, assert_within, randn, summation_bound
+
+IN, OUT, N_ADAPTERS, R_MAX = 37, 29, 4, 9
+
+# (segment sizes, adapter ids, ranks): mixed ranks (one 0, one r_max), an empty segment,
+# id -1, an adapter used by two segments, an unused adapter; segments above and below
+# the CPU GEMM threshold (the cpu_path fixture forces either path).
+ROUTINGS = {
+    "mixed": ([5, 0, 19, 3, 11, 2], [1, 2, -1, 1, 0, 3], [4, R_MAX, 0, 1]),
+    "decode": ([1] * 12, [0, 1, 2, 3, -1, 0, 1, 1, 3, 3, 0, -1], [9, 3, 5, 2]),
+    "one_adapter": ([40], [2], [9, 9, 7, 9]),
+    "all_base": ([6, 4], [-1, -1], [9, 9, 9, 9]),
+    "empty": ([], [], [3, 3, 3, 3]),
+}
+
+
+@pytest.fixture(params=["auto", "kernel", "gemm"])
+def cpu_path(request, monkeypatch):
+    """Forces the CPU op's split between the C++ kernels and per-segment torch GEMMs."""
+    threshold = {"auto": lora_multi_module._CPU_GEMM_MIN_WORK, "kernel": 10**18, "gemm": 1}[request.param]
+    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_WORK", threshold)
+    return request.param
+
+
+def make_problem(routing: str, dtype, device, generator, batch_shape=None, bias=True):
+    sizes, ids, ranks = ROUTINGS[routing]
+    n_rows = sum(sizes)
+    offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
+    shape = batch_shape if batch_shape is not None else (n_rows,)
+    assert torch.Size(shape).numel() == n_rows
+    tensors = dict(
+        x=randn(*shape, IN, dtype=dtype, device=device, generator=generator),
+        weight=randn(OUT, IN, dtype=dtype, device=device, generator=generator),
+        A_stack=randn(N_ADAPTERS, R_MAX, IN, dtype=dtype, device=device, generator=generator),
+        B_stack=randn(N_ADAPTERS, OUT, R_MAX, dtype=dtype, device=device, generator=generator),
+        bias=randn(OUT, dtype=dtype, device=device, generator=generator) if bias else None,
+    )
+    scales = (torch.rand(N_ADAPTERS, generator=generator, dtype=torch.float64) * 2 - 0.5).tolist()
+    routing_args = dict(segment_offsets=offsets, adapter_ids=ids, ranks=ranks, scales=scales)
+    return tensors, routing_args
+
+
+def run(tensors, routing_args, fn=lora_linear_multi):
+    t = tensors
+    return fn(t["x"], t["weight"], t["A_stack"], t["B_stack"], routing_args["segment_offsets"],
+              routing_args["adapter_ids"], ranks=routing_args["ranks"], scales=routing_args["scales"], bias=t["bias"])
+
+
+def error_bound(abs_value, ref, dtype):
+    """Rigorous bound for every output and gradient (all are sums of products).
+
+    ``abs_value`` is the same multilinear expression evaluated on |inputs| (float64), i.e.
+    the sum of the absolute values of every product term.  fp32 accumulation of at most
+    ``IN + OUT + R_MAX + N + 3`` terms (the longest chain: base GEMM, shrink, expand, the
+    additions) gives Higham's gamma_n * abs_value; the result is rounded once to the
+    output dtype.  Half types round twice more in between (the intermediate ``h = x A^T``
+    or ``g = s dy B`` is stored in the input dtype, and the base result ``x W^T + b`` is
+    rounded before the low-rank part is added), each at most one output unit of abs_value.
+    """
+    terms = IN + OUT + R_MAX + ref.shape[0] + 3 if ref.dim() else 1
+    return summation_bound(abs_value, ref, terms, dtype) + 2 * OUTPUT_UNIT[dtype] * abs_value
+
+
+def reference_and_bounds(tensors, routing_args, grad_y=None):
+    """float64 reference (and gradients) plus their abs-value counterparts."""
+    names = ("x", "A_stack", "B_stack")
+    exact = {k: (v.detach().double().cpu().requires_grad_(k in names) if v is not None else None)
+             for k, v in tensors.items()}
+    absolute = {k: (v.abs().detach().requires_grad_(k in names) if v is not None else None) for k, v in exact.items()}
+    abs_routing = dict(routing_args, scales=[abs(s) for s in routing_args["scales"]])
+    y = run(exact, routing_args, reference.lora_linear_multi)
+    y_abs = run(absolute, abs_routing, reference.lora_linear_multi)
+    if grad_y is None:
+        return (y.detach(),), (y_abs.detach(),)
+    dy = grad_y.double().cpu()
+    # allow_unused: with no segment, the stacks are not in the graph (their gradient is 0).
+    grads = [torch.zeros_like(exact[k]) if g is None else g
+             for k, g in zip(names, torch.autograd.grad(y, [exact[k] for k in names], dy, allow_unused=True))]
+    abs_grads = [torch.zeros_like(exact[k]) if g is None else g
+                 for k, g in zip(names, torch.autograd.grad(y_abs, [absolute[k] for k in names], dy.abs(),
+                                                            allow_unused=True))]
+    return (y.detach(), *grads), (y_abs.detach(), *abs_grads)
+
+
+# --------------------------------------------------------------------------- forward / backward
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_forward_matches_reference(device, dtype, routing, cpu_path, generator):
+    tensors, routing_args = make_problem(routing, dtype, device, generator)
+    y = run(tensors, routing_args)
+    assert y.dtype == dtype and y.shape == (tensors["x"].shape[0], OUT)
+    (ref,), (abs_ref,) = reference_and_bounds(tensors, routing_args)
+    assert_within(y.cpu(), ref, error_bound(abs_ref, ref, dtype), f"y {routing} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("routing", ["mixed", "decode", "one_adapter", "empty"])
+def test_backward_matches_reference(device, dtype, routing, cpu_path, generator):
+    tensors, routing_args = make_problem(routing, dtype, device, generator)
+    for name in ("x", "A_stack", "B_stack"):
+        tensors[name].requires_grad_(True)
+    y = run(tensors, routing_args)
+    grad_y = randn(*y.shape, dtype=dtype, device=device, generator=generator)
+    y.backward(grad_y)
+    refs, abs_refs = reference_and_bounds(tensors, routing_args, grad_y)
+    ours = (y.detach(), tensors["x"].grad, tensors["A_stack"].grad, tensors["B_stack"].grad)
+    for what, value, ref, abs_ref in zip(("y", "dx", "dA", "dB"), ours, refs, abs_refs):
+        assert value.dtype == dtype and value.shape == ref.shape, what
+        assert_within(value.cpu(), ref, error_bound(abs_ref, ref, dtype), f"{what} {routing} {dtype}")
+    # Ranks an adapter does not use, and adapters no segment uses, get exactly zero gradient.
+    sizes, ids, ranks = ROUTINGS[routing]
+    used = {a for a, size in zip(ids, sizes) if a >= 0 and size > 0}
+    for a in range(N_ADAPTERS):
+        r = ranks[a] if a in used else 0
+        assert (tensors["A_stack"].grad[a, r:] == 0).all() and (tensors["B_stack"].grad[a, :, r:] == 0).all()
+
+
+def test_batched_and_non_contiguous_x(device, cpu_path, generator):
+    tensors, routing_args = make_problem("mixed", torch.float32, device, generator, batch_shape=(8, 5))
+    (ref,), (abs_ref,) = reference_and_bounds(tensors, routing_args)
+    ref, abs_ref = ref.reshape(-1, OUT), abs_ref.reshape(-1, OUT)
+    y = run(tensors, routing_args)
+    assert y.shape == (8, 5, OUT)
+    bound = error_bound(abs_ref, ref, torch.float32)
+    assert_within(y.reshape(-1, OUT).cpu(), ref, bound, "batched")
+    # The same values in transposed storage, and a sliced (strided-row) view.
+    transposed = dict(tensors, x=tensors["x"].transpose(0, 1).contiguous().transpose(0, 1))
+    assert not transposed["x"].is_contiguous()
+    assert_within(run(transposed, routing_args).reshape(-1, OUT).cpu(), ref, bound, "transposed x")
+    wide = torch.cat([tensors["x"], tensors["x"]], dim=-1)[..., :IN]
+    assert_within(run(dict(tensors, x=wide), routing_args).reshape(-1, OUT).cpu(), ref, bound, "sliced x")
+    # Non-contiguous adapter stacks are read in place.
+    stacks = dict(tensors, A_stack=tensors["A_stack"].transpose(1, 2).contiguous().transpose(1, 2),
+                  B_stack=tensors["B_stack"].transpose(0, 1).contiguous().transpose(0, 1))
+    assert_within(run(stacks, routing_args).reshape(-1, OUT).cpu(), ref, bound, "strided stacks")
+
+
+def test_defaults_rank_r_max_and_scale_one(device, generator):
+    tensors, routing_args = make_problem("mixed", torch.float64, device, generator, bias=False)
+    t = tensors
+    y = lora_linear_multi(t["x"], t["weight"], t["A_stack"], t["B_stack"], routing_args["segment_offsets"],
+                          routing_args["adapter_ids"])
+    ref = reference.lora_linear_multi(t["x"], t["weight"], t["A_stack"], t["B_stack"],
+                                      routing_args["segment_offsets"], routing_args["adapter_ids"])
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck(cpu_path, generator):
+    # Small sizes (gradcheck perturbs every input entry); segments below and above the
+    # CPU GEMM threshold (cpu_path forces either path), an empty one, id -1, rank 0 and a repeated adapter.
+    n_rows, in_features, out_features = 12, 5, 4
+    offsets, ids, ranks, scales = [0, 2, 2, 10, 11, 12], [1, 2, -1, 0, 1], [2, 3, 0], [0.7, -1.3, 2.0]
+    x, weight, A_stack, B_stack, bias = (
+        randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(True)
+        for shape in ((n_rows, in_features), (out_features, in_features), (3, 3, in_features),
+                      (3, out_features, 3), (out_features,))
+    )
+
+    def fn(x, A_stack, B_stack, weight, bias):
+        return lora_linear_multi(x, weight, A_stack, B_stack, offsets, ids, ranks=ranks, scales=scales, bias=bias)
+
+    assert torch.autograd.gradcheck(fn, (x, A_stack, B_stack, weight, bias))
+
+
+# --------------------------------------------------------------------------- torch.library / compile
+def _op_samples(device, generator):
+    tensors, routing_args = make_problem("mixed", torch.float32, device, generator)
+    offsets = torch.tensor(routing_args["segment_offsets"], device=device)
+    ids = torch.tensor(routing_args["adapter_ids"], device=device)
+    ranks = torch.tensor(routing_args["ranks"], device=device)
+    scales = torch.tensor(routing_args["scales"], dtype=torch.float64, device=device)
+    x, A, B = tensors["x"], tensors["A_stack"], tensors["B_stack"]
+    n = x.shape[0]
+    h = randn(n, R_MAX, dtype=torch.float32, device=device, generator=generator)
+    dy = randn(n, OUT, dtype=torch.float32, device=device, generator=generator)
+    ops = torch.ops.lowrank_ops
+    return [
+        (ops.lora_multi_shrink.default, (x, A, offsets, ids, ranks, None, False)),
+        (ops.lora_multi_shrink.default, (dy, B, offsets, ids, ranks, scales, True)),
+        (ops.lora_multi_expand_.default, (dy.clone(), h, B, offsets, ids, ranks, scales, True)),
+        (ops.lora_multi_expand_.default, (x.clone(), h, A, offsets, ids, ranks, None, False)),
+        (ops.lora_multi_segment_outer.default, (h, x, offsets, ids, ranks, None, N_ADAPTERS, False)),
+        (ops.lora_multi_segment_outer.default, (h, dy, offsets, ids, ranks, scales, N_ADAPTERS, True)),
+    ]
+
+
+def test_opcheck(device, cpu_path, generator):
+    for op, args in _op_samples(device, generator):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_forward_backward(device, generator):
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=R_MAX).to(device)
+    for name, rank in (("a", 4), ("b", 9), ("c", 2)):
+        layer.add_adapter(name, rank, alpha=2.0 * rank, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=None)
+    offsets = torch.tensor([0, 7, 7, 20, 26], device=device)
+    ids = torch.tensor([1, 0, -1, 2], device=device)
+    x = randn(26, IN, device=device, generator=generator)
+
+    def step(x):
+        return layer(x, adapter_ids=ids, segment_offsets=offsets).square().sum()
+
+    eager_loss = step(x)
+    eager_grads = torch.autograd.grad(eager_loss, (layer.lora_A, layer.lora_B))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, (layer.lora_A, layer.lora_B))
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# --------------------------------------------------------------------------- bad input
+class TestBadInput:
+    def setup_method(self):
+        g = torch.Generator().manual_seed(5)
+        self.tensors, self.routing = make_problem("mixed", torch.float32, "cpu", g)
+
+    def call(self, **overrides):
+        tensors = {k: overrides.pop(k, v) for k, v in self.tensors.items()}
+        return run(tensors, dict(self.routing, **overrides))
+
+    @pytest.mark.parametrize("offsets, message", [
+        ([0, 5, 3, 24, 27, 38, 40], r"segment_offsets must be non-decreasing; got segment_offsets\[1\] = 5 > "),
+        ([0, 5, 5, 24, 27, 38, 39], r"segment_offsets\[-1\] .*40.*39"),
+        ([1, 5, 5, 24, 27, 38, 40], r"segment_offsets\[0\] .*1"),
+        ([0, 5, 5, 24, 27, 38, 400], r"segment_offsets\[-1\]"),
+    ])
+    def test_bad_offsets(self, offsets, message, cpu_path):
+        with pytest.raises(ValueError, match=message):
+            self.call(segment_offsets=offsets)
+
+    def test_offsets_and_ids_lengths(self):
+        with pytest.raises(ValueError, match=r"adapter_ids has shape \(5,\); expected \(n_segments,\) = \(6,\)"):
+            self.call(adapter_ids=[1, 2, -1, 1, 0])
+        with pytest.raises(ValueError, match=r"segment_offsets has shape \(0,\)"):
+            self.call(segment_offsets=[], adapter_ids=[])
+
+    @pytest.mark.parametrize("bad_id", [4, -2, 10**12])
+    def test_bad_adapter_ids(self, bad_id, cpu_path):
+        with pytest.raises(ValueError, match=rf"adapter_ids\[3\] = {bad_id}; expected -1 \(no adapter\) or an adapter in \[0, 4\)"):
+            self.call(adapter_ids=[1, 2, -1, bad_id, 0, 3])
+
+    @pytest.mark.parametrize("bad_rank", [R_MAX + 1, -1])
+    def test_bad_ranks(self, bad_rank, cpu_path):
+        with pytest.raises(ValueError, match=rf"ranks\[2\] = {bad_rank}; expected 0 <= rank <= r_max = {R_MAX}"):
+            self.call(ranks=[4, 9, bad_rank, 1])
+        with pytest.raises(ValueError, match=r"ranks has shape \(3,\); expected \(n_adapters,\) = \(4,\)"):
+            self.call(ranks=[4, 9, 1])
+
+    def test_non_finite_scale(self, cpu_path):
+        with pytest.raises(ValueError, match="scales"):
+            self.call(scales=[1.0, float("nan"), 1.0, 1.0])
+
+    def test_shape_mismatches(self):
+        t = self.tensors
+        with pytest.raises(ValueError, match=r"A_stack has shape \(4, 9, 36\); expected \(n_adapters, r_max, in_features\) = \(n_adapters, r_max, 37\)"):
+            self.call(A_stack=t["A_stack"][..., :36])
+        with pytest.raises(ValueError, match=r"B_stack has shape \(4, 29, 8\); expected \(n_adapters, out_features, r_max\) = \(4, 29, 9\)"):
+            self.call(B_stack=t["B_stack"][..., :8])
+        with pytest.raises(ValueError, match=r"x has shape \(40, 36\); expected \(\.\.\., in_features\) = \(\.\.\., 37\)"):
+            self.call(x=t["x"][:, :36])
+        with pytest.raises(ValueError, match=r"bias has shape \(28,\); expected \(out_features,\) = \(29,\)"):
+            self.call(bias=t["bias"][:28])
+        with pytest.raises(ValueError, match=r"segment_offsets\[-1\] .*39"):  # rows no longer covered
+            self.call(x=t["x"][:39])
+
+    def test_dtype_and_device_mismatches(self):
+        t = self.tensors
+        with pytest.raises(TypeError, match=r"A_stack has dtype torch.float64; expected the dtype of x, torch.float32"):
+            self.call(A_stack=t["A_stack"].double())
+        with pytest.raises(TypeError, match=r"x has dtype torch.int32; expected one of"):
+            self.call(x=t["x"].int(), weight=t["weight"].int())
+        with pytest.raises(ValueError, match=r"B_stack is on meta; expected the device of x, cpu"):
+            self.call(B_stack=t["B_stack"].to("meta"))
+        with pytest.raises(TypeError, match=r"segment_offsets has dtype torch.float32; expected an integer tensor"):
+            self.call(segment_offsets=torch.tensor([0.0, 5, 5, 24, 27, 38, 40]))
+
+    def test_cpp_rechecks_routing(self):
+        """The C++ entry point validates on its own: garbage routing raises, never reads out of bounds."""
+        x = torch.randn(4, 3)
+        A = torch.randn(2, 2, 3)
+        out = torch.zeros(4, 2)
+        ranks = torch.tensor([2, 2])
+
+        def call(offsets, ids):
+            extension().segment_matmul_cpu(
+                offsets=offsets.data_ptr(), ids=ids.data_ptr(), ranks=ranks.data_ptr(), scales=0, in_=x.data_ptr(),
+                w=A.data_ptr(), out=out.data_ptr(), n_rows=4, n_segments=ids.numel(), n_adapters=2, r_max=2, J=3,
+                C=2, in_stride_n=3, out_stride_n=2, w_stride_a=6, w_stride_j=1, w_stride_c=3, rank_on_c=True,
+                accumulate=False, dtype=0, num_threads=1)
+
+        with pytest.raises(ValueError, match=r"segment_offsets must be non-decreasing"):
+            call(torch.tensor([0, 3, 1, 4]), torch.tensor([0, 1, 0]))
+        with pytest.raises(ValueError, match=r"adapter_ids\[1\] = 7"):
+            call(torch.tensor([0, 1, 4]), torch.tensor([0, 7]))
+        with pytest.raises(ValueError, match=r"segment_offsets\[-1\] must equal the number of rows \(4\); got 9"):
+            call(torch.tensor([0, 1, 9]), torch.tensor([0, 1]))
+        assert (out == 0).all()
+
+
+# --------------------------------------------------------------------------- nn.MultiLoRALinear
+def make_layer(device, generator, dtype=torch.float32):
+    base = torch.nn.Linear(IN, OUT).to(device=device, dtype=dtype)
+    layer = MultiLoRALinear(base, max_rank=R_MAX)
+    for name, rank, alpha in (("fr", 4, 8.0), ("de", 9, 4.0), ("es", 1, 1.0)):
+        B = randn(OUT, rank, dtype=dtype, device=device, generator=generator)
+        layer.add_adapter(name, rank, alpha, lora_B=B, generator=generator)
+    return layer
+
+
+def test_group_rows_round_trip(generator):
+    ids = torch.randint(-1, 5, (50,), generator=generator)
+    order, offsets, segment_ids = group_rows(ids)
+    grouped = ids[order]
+    assert offsets[0] == 0 and offsets[-1] == 50 and bool((offsets[1:] > offsets[:-1]).all())
+    for s, a in enumerate(segment_ids.tolist()):
+        assert (grouped[offsets[s]:offsets[s + 1]] == a).all()
+    assert segment_ids.tolist() == sorted(set(ids.tolist()))
+    assert torch.equal(restore_rows(grouped, order), ids)
+    assert torch.equal(order[grouped == 2], (ids == 2).nonzero().flatten())  # stable
+
+
+def test_multi_lora_linear_routes_rows_by_name(device, generator):
+    layer = make_layer(device, generator)
+    x = randn(3, 7, IN, device=device, generator=generator)
+    names = [[None, "fr", "de", "es"][int(i)] for i in torch.randint(0, 4, (21,), generator=generator)]
+    y = layer(x, names)
+    assert y.shape == (3, 7, OUT)
+    rows = x.reshape(-1, IN)
+    expected = []
+    for row, name in zip(rows, names):  # each row alone through its own adapter
+        out = layer.base(row)
+        if name is not None:
+            a = layer.adapter_id(name)
+            r, s = int(layer.ranks[a]), float(layer.scales[a])
+            out = out + s * (row @ layer.lora_A[a, :r].T) @ layer.lora_B[a, :, :r].T
+        expected.append(out)
+    torch.testing.assert_close(y.reshape(-1, OUT), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([layer.adapter_id(n) for n in names])
+    torch.testing.assert_close(layer(x, adapter_ids=ids), y, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+    assert layer.scales.tolist() == [2.0, 4.0 / 9.0, 1.0]
+
+
+def test_multi_lora_linear_trains_only_used_adapters(device, generator):
+    layer = make_layer(device, generator)
+    assert not layer.base.weight.requires_grad
+    x = randn(10, IN, device=device, generator=generator)
+    names = ["fr", "es", "fr", None, "es", "es", "fr", None, "fr", "es"]
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    layer(x, names).square().mean().backward()
+    optimizer.step()
+    de = layer.adapter_id("de")
+    assert torch.equal(layer.lora_A[de], before[0][de]) and torch.equal(layer.lora_B[de], before[1][de])
+    assert not torch.equal(layer.lora_A[layer.adapter_id("fr")], before[0][layer.adapter_id("fr")])
+
+
+def test_multi_lora_linear_bad_routing(generator):
+    layer = make_layer("cpu", generator)
+    x = torch.randn(4, IN)
+    with pytest.raises(ValueError, match=r"unknown adapter 'xx'; known: \['fr', 'de', 'es'\]"):
+        layer(x, ["fr", "xx", None, None])
+    with pytest.raises(ValueError, match=r"adapter_names has 3 entries; expected one per row \(4\)"):
+        layer(x, ["fr", None, None])
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, max_rank = 9\]; got 10"):
+        layer.add_adapter("big", 10)
+    with pytest.raises(ValueError, match="name must be a new string"):
+        layer.add_adapter("fr", 2)
+
+
+def test_multi_lora_linear_matches_peft_mixed_batch(generator):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT))
+    names, ranks = ["a0", "a1", "a2"], [4, 8, 2]
+    peft_model = None
+    for name, rank in zip(names, ranks):
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"], init_lora_weights=False)
+        if peft_model is None:
+            peft_model = peft.get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+    peft_layer = peft_model.base_model.model[0]
+    ours = MultiLoRALinear(peft_layer.base_layer, max_rank=8)
+    for name, rank in zip(names, ranks):
+        ours.add_adapter(name, rank, 2 * rank, lora_A=peft_layer.lora_A[name].weight.detach(),
+                         lora_B=peft_layer.lora_B[name].weight.detach())
+    x = torch.randn(12, IN, generator=generator)
+    routing = ["a1", "__base__", "a0", "a2", "a1", "a0", "__base__", "a2", "a2", "a0", "a1", "a1"]
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(x, adapter_names=routing)
+        y = ours(x, [None if n == "__base__" else n for n in routing])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

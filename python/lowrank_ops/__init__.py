@@ -5,10 +5,12 @@ compiled (CPU kernels, CUDA kernels and their architectures) and what is usable 
 
 Public modules:
 
-* :mod:`lowrank_ops.ops`: differentiable ops (``fixed_sparse_matmul``, ``spmv``,
-  ``sparse_lowrank_linear``, ...)
-* :mod:`lowrank_ops.nn`: modules (``SparseLowRankLinear``)
-* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``)
+* :mod:`lowrank_ops.ops`: differentiable ops (``lora_linear``, ``lora_linear_multi``,
+  ``dora_linear``, ``fixed_sparse_matmul``, ``spmv``, ``sparse_lowrank_linear``, ...)
+* :mod:`lowrank_ops.nn`: modules (``LoRALinear``, ``MultiLoRALinear``, ``SparseLowRankLinear``)
+* :mod:`lowrank_ops.integrations.peft`: ``use_lowrank_ops`` (PEFT's LoRA on our fused layer;
+  imported on demand, PEFT is optional)
+* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``)
 * :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
   ``effective_rank``
 * :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``

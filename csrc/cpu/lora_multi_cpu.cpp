@@ -30,6 +30,7 @@
 
 #include "lowrank_ops/lora_multi.h"
 #include "lowrank_ops/parallel.h"
+#include "lowrank_ops/simd.h"
 
 #define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
@@ -44,22 +45,7 @@ constexpr int64_t kPackMinRows = 16;      // tasks with fewer rows use dot produ
 constexpr int64_t kOuterColumns = 256;    // segment_outer column block per task
 constexpr int64_t kOuterRanks = 16;       // segment_outer rank block per task
 
-// 32-byte SIMD vectors (GCC/Clang vector extensions): one ymm register under the
-// AVX2/AVX-512 clones, two xmm registers on the baseline.
-template <class A>
-struct VecTraits;
-template <>
-struct VecTraits<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
-};
-template <>
-struct VecTraits<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
-};
-template <class A>
-using Vec = typename VecTraits<A>::type;
+// SIMD vectors: lowrank_ops/simd.h.
 template <class A>
 constexpr int64_t kLanes = static_cast<int64_t>(32 / sizeof(A));
 template <class A>

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "lowrank_ops/parallel.h"
+#include "lowrank_ops/simd.h"
 #include "lowrank_ops/sparse.h"
 
 // Feature-level clones ("arch=haswell" would dispatch on the exact CPU model and fall
@@ -79,23 +80,7 @@ void pack_transposed(const T* dense, int64_t stride_b, int64_t stride_c, int64_t
   }
 }
 
-// 32-byte SIMD vectors through GCC/Clang vector extensions: one ymm register under
-// AVX2/AVX-512 clones, two xmm registers on the baseline.  The unaligned variant is
-// for loads from buffers only aligned to the element.
-template <class A>
-struct VecTraits;
-template <>
-struct VecTraits<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef float unaligned __attribute__((vector_size(32), aligned(4)));
-};
-template <>
-struct VecTraits<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef double unaligned __attribute__((vector_size(32), aligned(8)));
-};
-template <class A>
-using Vec = typename VecTraits<A>::type;
+// SIMD vectors: lowrank_ops/simd.h.
 template <class A>
 constexpr int kLanes = static_cast<int>(32 / sizeof(A));
 

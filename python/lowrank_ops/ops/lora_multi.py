@@ -146,8 +146,11 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
 # large (float32, 4096 x 4096, r = 16, 8 adapters, one thread of the 2-core Xeon,
 # contended: 64-row segments, shrink 1.1 vs 2.2 ms, expand 1.3 vs 6.8 ms), but each
 # torch call costs 10-20 us of dispatch, more than our kernel spends on a small
-# segment (decode rows, or the bench's 256-wide layers).
-_CPU_GEMM_MIN_WORK = 1 << 18
+# segment (decode rows).  Crossover measured on a quiet machine (2 threads, float32,
+# 256 x 256, N = 256, 8 adapters, ranks 8-64): forward 0.57 / 0.61 / 0.61 ms (even
+# segments) and 0.96 / 0.68 / 0.60 ms (skewed: 137 ... 5 rows) at 2^18 / 2^15 / 2^14
+# multiply-adds; 2^12 is no faster.
+_CPU_GEMM_MIN_WORK = 1 << 14
 
 
 class _CpuSegment(NamedTuple):
@@ -442,7 +445,7 @@ def lora_linear_multi(
     by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
     contents, but cannot raise).
 
-    CPU: segments with at least 2^18 multiply-adds per product run their shrink, expand
+    CPU: segments with at least 2^14 multiply-adds per product run their shrink, expand
     and gradient products as one torch GEMM each (MKL beat our C++ kernels there, see
     ``_CPU_GEMM_MIN_WORK``); the C++ kernels take the smaller segments (decode-like
     batches, narrow layers) in one call, with no per-segment torch call.  CUDA: the hand-written kernels at every size.

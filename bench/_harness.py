@@ -147,6 +147,24 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_pass(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor], grad_output: torch.Tensor,
+               backward: bool) -> Callable[[], tuple]:
+    """The callable a suite times: ``forward()`` alone without an autograd graph, or
+    forward plus the gradients of ``leaves`` for ``grad_output``; returns a tuple of
+    tensors (the output, then the gradients) for the accuracy check."""
+    if not backward:
+        def run_forward():
+            with torch.no_grad():
+                return (forward(),)
+        return run_forward
+
+    def run_backward():
+        y = forward()
+        return (y,) + torch.autograd.grad(y, leaves, grad_output)
+
+    return run_backward
+
+
 def rel_error(outputs: Sequence[torch.Tensor], references: Sequence[torch.Tensor]) -> float:
     """Largest of ``max|out - ref| / max|ref|`` over the tensors (each compared in float64).
 

@@ -32,7 +32,7 @@ import torch
 
 import lowrank_ops
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
+from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device, timed_pass
 
 FAMILY = "dora"
 SEED = 0
@@ -189,17 +189,7 @@ def _build_linear(case: Case, inp: Inputs, backward: bool) -> Callable[[], Calla
             forward = lambda: lowrank_ops.ops.dora_linear(x, inp.weight, lora_A, lora_B, magnitude, inp.bias,
                                                           scale=inp.scale)
             leaves = (x, lora_A, lora_B, magnitude)
-        if not backward:
-            def run():
-                with torch.no_grad():
-                    return (forward(),)
-            return run
-
-        def run_backward():
-            y = forward()
-            return (y,) + torch.autograd.grad(y, leaves, inp.dy)
-
-        return run_backward
+        return timed_pass(forward, leaves, inp.dy, backward)
 
     return build
 

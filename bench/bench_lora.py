@@ -33,7 +33,7 @@ import torch
 
 import lowrank_ops
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
+from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device, timed_pass
 
 FAMILY = "lora"
 SEED = 0
@@ -146,17 +146,7 @@ def _build(case: Case, inp: Inputs, backward: bool) -> Callable[[], Callable]:
             lora_A, lora_B = (t.detach().clone().requires_grad_(backward) for t in (inp.lora_A, inp.lora_B))
             forward = lambda: lowrank_ops.ops.lora_linear(x, inp.weight, lora_A, lora_B, inp.bias, scale=inp.scale)
             leaves = (x, lora_A, lora_B)
-        if not backward:
-            def run():
-                with torch.no_grad():
-                    return (forward(),)
-            return run
-
-        def run_backward():
-            y = forward()
-            return (y,) + torch.autograd.grad(y, leaves, inp.dy)
-
-        return run_backward
+        return timed_pass(forward, leaves, inp.dy, backward)
 
     return build
 

@@ -25,7 +25,7 @@
 namespace lowrank_ops {
 namespace {
 
-constexpr int64_t kChunk = 2048;          // columns per chunk: 8 KB of fp32 x, in L1
+constexpr int64_t kChunk = 16384;         // columns per chunk: 64 KB of fp32 x, in L2
 constexpr int64_t kAlign = 16;            // column-range boundaries: one 64-byte line of fp32
 constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads cost more than they save
 

@@ -121,6 +121,14 @@ LOWRANK_OPS_BINDINGS(mfac) {
       },
       combine_doc, py::kw_only(), "grads"_a, "coef"_a, "x"_a, "out"_a, "n_rows"_a, "dim"_a, "k"_a, "grads_ld"_a,
       "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "device"_a, "stream"_a);
+  m.def(
+      "mfac_cholesky_solve_cpu",
+      [](std::uintptr_t L, int64_t l_ld, std::uintptr_t b, int64_t b_ld, int64_t n, int64_t k) {
+        py::gil_scoped_release release;
+        mfac_cholesky_solve_cpu(reinterpret_cast<const double*>(L), l_ld, reinterpret_cast<double*>(b), b_ld, n, k);
+      },
+      "Solves (L L^T) x = b in place for the k rows of B [k, n] (float64, L lower triangular [n, n]).",
+      py::kw_only(), "L"_a, "l_ld"_a, "b"_a, "b_ld"_a, "n"_a, "k"_a);
 }
 
 }  // namespace lowrank_ops

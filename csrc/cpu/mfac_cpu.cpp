@@ -284,4 +284,29 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
   });
 }
 
+void mfac_cholesky_solve_cpu(const double* L, int64_t l_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {
+  LOWRANK_CHECK(n >= 0 && k >= 0, "mfac_cholesky_solve: sizes must be non-negative; got n = ", n, ", k = ", k);
+  if (n == 0 || k == 0) return;
+  LOWRANK_CHECK(L != nullptr && B != nullptr, "mfac_cholesky_solve: null pointer");
+  LOWRANK_CHECK(l_ld >= n && b_ld >= n, "mfac_cholesky_solve: row strides must be >= n = ", n, "; got l_ld = ", l_ld,
+                ", b_ld = ", b_ld);
+  for (int64_t row = 0; row < k; ++row) {
+    double* b = B + row * b_ld;
+    // L y = b: row i of L is contiguous.
+    for (int64_t i = 0; i < n; ++i) {
+      const double* l = L + i * l_ld;
+      double sum = b[i];
+      for (int64_t j = 0; j < i; ++j) sum -= l[j] * b[j];
+      b[i] = sum / l[i];
+    }
+    // L^T x = y, column-oriented so that L is still read by rows.
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const double* l = L + i * l_ld;
+      b[i] /= l[i];
+      const double xi = b[i];
+      for (int64_t j = 0; j < i; ++j) b[j] -= l[j] * xi;
+    }
+  }
+}
+
 }  // namespace lowrank_ops

@@ -57,6 +57,13 @@ void check_mfac_combine_params(const MfacCombineParams& p);
 void mfac_dots_cpu(const MfacDotsParams& p, int num_threads);
 void mfac_combine_cpu(const MfacCombineParams& p, int num_threads);
 
+// Solves (L L^T) x = b in place for each of the k rows b of B [k, n] (row stride b_ld),
+// with L [n, n] lower triangular, float64, row stride l_ld: the m x m step of an IHVP
+// between the two passes.  Single-threaded on purpose: a threaded LAPACK call there
+// leaves OpenMP workers spinning on the cores the next pass's threads need (measured:
+// the following pass took 3.8 ms longer at m = 256, d = 1e5 on 2 cores).  O(k n^2).
+void mfac_cholesky_solve_cpu(const double* L, int64_t l_ld, double* B, int64_t b_ld, int64_t n, int64_t k);
+
 // CUDA (csrc/cuda/mfac_cuda.cu).  mfac_dots needs a workspace of
 // mfac_dots_cuda_segments(n_rows, dim, k) * k * n_rows accumulators (partial sums per
 // column segment, reduced in a second kernel: deterministic, no atomics).

@@ -10,8 +10,8 @@ when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
   ``Y_i = orth(M (M^T Y_(i-1)))``, then the same Rayleigh-Ritz step; more accurate per
   pass, ``(q + 1) l`` columns.
 
-Orthonormalization inside the iterations is CholeskyQR2 with a shifted pre-pass
-(``"cholqr2"``, GEMM-only), Householder QR (``"qr"``) or LU with partial pivoting
+Orthonormalization inside the iterations is a shifted CholeskyQR pass followed by one
+plain pass (``"cholqr2"``, GEMM-only: a well-conditioned basis, see ``_orthonormalize``), Householder QR (``"qr"``) or LU with partial pivoting
 (``"lu"``, as scikit-learn: cheapest, not orthonormal but well conditioned); the final
 basis always uses Householder QR so that ``U`` is orthonormal even for rank-deficient
 ``A``.  Flops: ``2 m n l (2 n_iter + 2)`` for the products with A (the dominant term) plus

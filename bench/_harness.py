@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Sequence
@@ -265,3 +266,22 @@ def measure(
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(seconds, 1e-6))))
     warmup = 1 if seconds < 0.1 else 0
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    _log_case(benchmark)
+
+
+def _log_case(benchmark) -> None:
+    """Append the case to ``LOWRANK_OPS_BENCH_LOG`` (JSON lines; set by ``lowrank-ops bench``).
+
+    pytest-benchmark writes its JSON only when the whole session ends; this log keeps
+    every finished case of a run that is killed at a time limit (a GPU lease), and
+    ``lowrank-ops bench --from-log`` renders it.
+    """
+    path = os.environ.get("LOWRANK_OPS_BENCH_LOG")
+    if not path:
+        return
+    stats = benchmark.stats.stats
+    keys = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
+    line = {"name": benchmark.name, "extra_info": dict(benchmark.extra_info),
+            "stats": {key: getattr(stats, key) for key in keys}}
+    with open(path, "a") as log:
+        log.write(json.dumps(line) + "\n")

@@ -145,7 +145,7 @@ def test_opcheck(device, generator):
 def test_torch_compile_fullgraph(device, generator):
     layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_dora=True).to(device)
     with torch.no_grad():
-        layer.lora_B.normal_(generator=generator)
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = randn(3, 5, 24, device=device, generator=generator)
     params = [p for p in layer.parameters() if p.requires_grad]

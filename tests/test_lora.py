@@ -166,7 +166,7 @@ def test_opcheck(device, generator):
 def test_torch_compile_fullgraph(device, dropout, generator):
     layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_gate=True, lora_dropout=dropout, generator=generator).to(device)
     with torch.no_grad():
-        layer.lora_B.normal_(generator=generator)
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
     layer.active_rank = 4
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = randn(3, 5, 24, device=device, generator=generator)
@@ -236,7 +236,7 @@ def test_module_matches_reference_and_merge(device, config, generator):
     layer = LoRALinear(base, 8, 16, use_gate=config == "gate_rank", use_dora=config == "dora",
                        dtype=torch.float32, generator=generator)
     with torch.no_grad():
-        layer.lora_B.normal_(generator=None)
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
         if layer.lora_gate is not None:
             layer.lora_gate.uniform_(0.5, 1.5)
         if layer.lora_magnitude_vector is not None:

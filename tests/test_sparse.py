@@ -312,6 +312,11 @@ def test_opcheck(device, generator):
             torch.ops.lowrank_ops.csr_sddmm.default,
             (support.row_ptr, support.col_idx, support.row_order, grad_y, x),
         )
+        addend = randn(rows, 19, device=device, generator=generator)
+        torch.library.opcheck(
+            torch.ops.lowrank_ops.csr_spmm.default,
+            (support.row_ptr, support.col_idx, values, support.row_order, x, 19, addend),
+        )
 
 
 def test_raw_ops_match_reference(device, generator):
@@ -323,6 +328,31 @@ def test_raw_ops_match_reference(device, generator):
     torch.testing.assert_close(out, reference.csr_spmm(support.row_ptr, support.col_idx, values, x, 31), rtol=1e-13, atol=1e-13)
     dv = torch.ops.lowrank_ops.csr_sddmm(support.row_ptr, support.col_idx, None, left, x)
     torch.testing.assert_close(dv, reference.csr_sddmm(support.row_ptr, support.col_idx, left, x), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [3, 40])  # both CUDA kernels: lanes over nnz, lanes over the batch
+def test_spmm_addend_is_added_before_the_one_rounding(device, dtype, rows, generator):
+    support = make_support((31, 29, 0.2), generator, device)
+    values = randn(support.nnz, dtype=dtype, device=device, generator=generator)
+    x = randn(rows, 29, dtype=dtype, device=device, generator=generator)
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    # A transposed (non-contiguous) addend of the accumulation dtype, larger than one half ulp.
+    addend = randn(31, rows, dtype=accumulate, device=device, generator=generator).T * 1000
+    out = torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, support.row_order, x, 31, addend)
+    exact = addend.double() + reference.csr_spmm(support.row_ptr, support.col_idx, values.double(), x.double(), 31)
+    # One rounding of the float32 (float64) sum to dtype: within one ulp of the exact value
+    # plus the accumulation's own error (|terms| * row length * u_acc).
+    u_acc = torch.finfo(accumulate).eps
+    terms = reference.csr_spmm(support.row_ptr, support.col_idx, values.double().abs(), x.double().abs(), 31)
+    bound = exact.abs() * torch.finfo(dtype).eps + (terms + addend.double().abs()) * 29 * u_acc
+    assert out.dtype == dtype
+    assert ((out.double() - exact).abs() <= bound).all()
+    with pytest.raises(TypeError, match="addend has dtype"):
+        torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, None, x, 31,
+                                       addend.to(torch.float16))
+    with pytest.raises(ValueError, match=r"addend has shape \(31, %d\); expected \(batch, n_rows\)" % rows):
+        torch.ops.lowrank_ops.csr_spmm(support.row_ptr, support.col_idx, values, None, x, 31, addend.T)
 
 
 class SparseLinear(torch.nn.Module):

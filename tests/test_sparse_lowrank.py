@@ -143,18 +143,18 @@ def test_opcheck_at_sltrain_shapes(device, generator):
 def test_torch_compile_fullgraph(device, strategy, generator):
     layer = SparseLowRankLinear(32, 24, 4, 0.2, strategy=strategy, generator=generator).to(device)
     with torch.no_grad():
-        layer.lora_B.normal_(generator=None)
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = randn(3, 5, 32, device=device, generator=generator)
     eager = layer(x)
     eager.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in layer.parameters()]
+    eager_grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
     layer.zero_grad()
     now = compiled(x)
     now.square().sum().backward()
     torch.testing.assert_close(now, eager)
-    for want, p in zip(eager_grads, layer.parameters()):
-        torch.testing.assert_close(p.grad, want)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], msg=lambda m, name=name: f"d{name}: {m}")
 
 
 # --------------------------------------------------------------------------- module

@@ -15,7 +15,7 @@ namespace {
 CsrSpmmParams spmm_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t row_order, std::uintptr_t dense, std::uintptr_t out,
                           int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch, int64_t dense_stride_b,
                           int64_t dense_stride_c, int64_t out_stride_b, int64_t out_stride_r, int dtype,
-                          int index_type) {
+                          int index_type, std::uintptr_t addend, int64_t addend_stride_b, int64_t addend_stride_r) {
   CsrSpmmParams p;
   p.row_ptr = reinterpret_cast<const void*>(row_ptr);
   p.col_idx = reinterpret_cast<const void*>(col_idx);
@@ -31,6 +31,9 @@ CsrSpmmParams spmm_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::u
   p.dense_stride_c = dense_stride_c;
   p.out_stride_b = out_stride_b;
   p.out_stride_r = out_stride_r;
+  p.addend = reinterpret_cast<const void*>(addend);
+  p.addend_stride_b = addend_stride_b;
+  p.addend_stride_r = addend_stride_r;
   p.dtype = static_cast<DType>(dtype);
   p.index_type = static_cast<IndexType>(index_type);
   return p;
@@ -71,26 +74,28 @@ LOWRANK_OPS_BINDINGS(sparse) {
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
          std::uintptr_t dense, std::uintptr_t out, int64_t n_rows, int64_t n_cols, int64_t nnz, int64_t batch,
          int64_t dense_stride_b, int64_t dense_stride_c, int64_t out_stride_b, int64_t out_stride_r, int dtype,
-         int index_type, int num_threads) {
+         int index_type, int num_threads, std::uintptr_t addend, int64_t addend_stride_b, int64_t addend_stride_r) {
         const CsrSpmmParams p = spmm_params(row_ptr, col_idx, values, 0, dense, out, n_rows, n_cols, nnz,
                                             batch, dense_stride_b, dense_stride_c, out_stride_b, out_stride_r, dtype,
-                                            index_type);
+                                            index_type, addend, addend_stride_b, addend_stride_r);
         py::gil_scoped_release release;
         csr_spmm_cpu(p, num_threads);
       },
       spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "dense"_a, "out"_a, "n_rows"_a,
       "n_cols"_a, "nnz"_a, "batch"_a, "dense_stride_b"_a, "dense_stride_c"_a, "out_stride_b"_a, "out_stride_r"_a,
-      "dtype"_a, "index_type"_a, "num_threads"_a);
+      "dtype"_a, "index_type"_a, "num_threads"_a, "addend"_a = 0, "addend_stride_b"_a = 0,
+      "addend_stride_r"_a = 0);
   m.def(
       "csr_spmm_cuda",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
          std::uintptr_t row_order, std::uintptr_t dense, std::uintptr_t out, int64_t n_rows, int64_t n_cols,
          int64_t nnz, int64_t batch, int64_t dense_stride_b, int64_t dense_stride_c, int64_t out_stride_b,
-         int64_t out_stride_r, int dtype, int index_type, int device, std::uintptr_t stream) {
+         int64_t out_stride_r, int dtype, int index_type, int device, std::uintptr_t stream, std::uintptr_t addend,
+         int64_t addend_stride_b, int64_t addend_stride_r) {
 #ifdef LOWRANK_OPS_WITH_CUDA
         const CsrSpmmParams p = spmm_params(row_ptr, col_idx, values, row_order, dense, out, n_rows,
                                             n_cols, nnz, batch, dense_stride_b, dense_stride_c, out_stride_b,
-                                            out_stride_r, dtype, index_type);
+                                            out_stride_r, dtype, index_type, addend, addend_stride_b, addend_stride_r);
         py::gil_scoped_release release;
         csr_spmm_cuda(p, device, stream);
 #else
@@ -99,7 +104,8 @@ LOWRANK_OPS_BINDINGS(sparse) {
       },
       spmm_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "row_order"_a, "dense"_a,
       "out"_a, "n_rows"_a, "n_cols"_a, "nnz"_a, "batch"_a, "dense_stride_b"_a, "dense_stride_c"_a, "out_stride_b"_a,
-      "out_stride_r"_a, "dtype"_a, "index_type"_a, "device"_a, "stream"_a);
+      "out_stride_r"_a, "dtype"_a, "index_type"_a, "device"_a, "stream"_a, "addend"_a = 0, "addend_stride_b"_a = 0,
+      "addend_stride_r"_a = 0);
 
   const char* sddmm_doc =
       "out[k] = sum_b left[b, row(k)] * dense[b, col_idx[k]] for every stored entry k.\n"

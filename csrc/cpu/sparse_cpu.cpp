@@ -167,6 +167,12 @@ LOWRANK_CPU_CLONES acc_t<T> gathered_dot(const I* col_idx, const T* values, cons
   return (sum[0] + sum[2]) + (sum[1] + sum[3]);
 }
 
+// The addend of output (b, r), or 0 without one.
+template <class A>
+inline A addend_at(const CsrSpmmParams& p, int64_t b, int64_t r) {
+  return p.addend ? static_cast<const A*>(p.addend)[b * p.addend_stride_b + r * p.addend_stride_r] : A(0);
+}
+
 template <class T, class I>
 void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
   using A = acc_t<T>;
@@ -189,7 +195,7 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
         for (int64_t b = 0; b < p.batch; ++b) {
           const A acc = gathered_dot(col_idx, values, dense + b * p.dense_stride_b, p.dense_stride_c, p.n_cols,
                                      k_begin, k_end);
-          out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc);
+          out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(addend_at<A>(p, b, r) + acc);
         }
       }
     });
@@ -216,7 +222,8 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
       // Write back row-major in batch so each output row is touched contiguously in r.
       for (int64_t j = 0; j < nb; ++j) {
         T* y = out + (b0 + j) * p.out_stride_b;
-        for (int64_t r = r0; r < r1; ++r) y[r * p.out_stride_r] = from_acc<T>(acc[(r - r0) * kTile + j]);
+        for (int64_t r = r0; r < r1; ++r)
+          y[r * p.out_stride_r] = from_acc<T>(addend_at<A>(p, b0 + j, r) + acc[(r - r0) * kTile + j]);
       }
     }
   });

@@ -45,6 +45,12 @@ __device__ __forceinline__ int64_t row_at(const I* row_order, int64_t i, int64_t
   return (r >= 0 && r < n_rows) ? r : -1;
 }
 
+// The addend of output (b, r), or 0 without one.
+template <class A>
+__device__ __forceinline__ A addend_at(const CsrSpmmParams& p, int64_t b, int64_t r) {
+  return p.addend ? static_cast<const A*>(p.addend)[b * p.addend_stride_b + r * p.addend_stride_r] : A(0);
+}
+
 template <class T, class I>
 __global__ void __launch_bounds__(kThreads) spmm_lanes_over_batch(CsrSpmmParams p, int64_t n_chunks) {
   using A = acc_t<T>;
@@ -89,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) spmm_lanes_over_batch(CsrSpmmParams 
 #pragma unroll
     for (int i = 0; i < kColsPerLane; ++i) {
       const int64_t b = b0 + lane + i * kWarp;
-      if (b < p.batch) out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc[i]);
+      if (b < p.batch) out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(addend_at<A>(p, b, r) + acc[i]);
     }
   }
 }
@@ -117,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) spmm_lanes_over_nnz(CsrSpmmParams p)
           acc += to_acc(values[k]) * to_acc(x[static_cast<int64_t>(c) * p.dense_stride_c]);
       }
       acc = warp_sum(acc);
-      if (lane == 0) out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(acc);
+      if (lane == 0) out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(addend_at<A>(p, b, r) + acc);
     }
   }
 }

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("cpu", "cuda", "all"), default="all", help="devices to run (default: all usable)")
     bench.add_argument("--no-plot", action="store_true", help="do not write <family>.png")
     bench.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
+    bench.add_argument("--from-log", type=Path, metavar="cases.jsonl",
+                       help="run nothing: render the cases a run logged (its results directory's cases.jsonl, "
+                            "kept even when the run was killed)")
     bench.set_defaults(handler=_cmd_bench)
 
     from .generate import add_parser as add_generate_parser
@@ -100,20 +103,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     now = _datetime.datetime.now().astimezone()
     out_dir = (args.out or bench_dir / "results" / "local" / now.strftime("%Y%m%d-%H%M%S")).resolve()
-    machine = machine_info(bench_dir, now)  # before the run: how busy the CPU is without us
-    if (machine["cpu_busy_before"] or 0.0) > 0.25:
-        print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
-    with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
-        raw_path = Path(tmp) / "pytest-benchmark.json"
-        machine_before, ours_before = _cpu_seconds(), os.times()
-        code = _run_pytest(bench_dir, families, raw_path, args)
-        machine["cpu_busy_others_during"] = _others_busy(machine_before, _cpu_seconds(), ours_before, os.times())
-        # pytest-benchmark leaves an empty file when no case was timed (all skipped/deselected).
-        text = raw_path.read_text() if raw_path.exists() else ""
-    if not text.strip():
-        print(f"\nno case was timed (pytest exit status {code}; cases skipped, deselected or failed)")
-        return code
-    raw = json.loads(text)
+    if args.from_log is not None:
+        try:
+            machine, raw = _read_case_log(args.from_log)
+        except (OSError, ValueError, KeyError) as error:
+            return _fail(f"--from-log {args.from_log}: cannot read it as a case log ({error})")
+        code = 0
+    else:
+        machine = machine_info(bench_dir, now)  # before the run: how busy the CPU is without us
+        if (machine["cpu_busy_before"] or 0.0) > 0.25:
+            print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / "cases.jsonl"
+        log_path.write_text(json.dumps({"machine": machine}) + "\n")
+        with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
+            raw_path = Path(tmp) / "pytest-benchmark.json"
+            machine_before, ours_before = _cpu_seconds(), os.times()
+            code = _run_pytest(bench_dir, families, raw_path, log_path, args)
+            machine["cpu_busy_others_during"] = _others_busy(machine_before, _cpu_seconds(), ours_before, os.times())
+            # pytest-benchmark leaves an empty file when no case was timed (all skipped/deselected).
+            text = raw_path.read_text() if raw_path.exists() else ""
+        if not text.strip():
+            print(f"\nno case was timed (pytest exit status {code}; cases skipped, deselected or failed)")
+            return code
+        raw = json.loads(text)
 
     records = records_from_pytest_json(raw)
     unsupported = raw.get("lowrank_ops", {}).get("unsupported", [])
@@ -133,7 +146,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     _write_results(out_dir, args, families, machine, code, rows, records, unsupported, notes, comparison)
     print(f"\nresults: {out_dir}")
-    if (machine["cpu_busy_others_during"] or 0.0) > 0.1:
+    if (machine.get("cpu_busy_others_during") or 0.0) > 0.1:
         print(
             f"warning: other processes used {machine['cpu_busy_others_during']:.0%} of the CPU during the run; "
             "CPU timings are skewed (rerun on a quiet machine before recording them)"
@@ -162,7 +175,15 @@ def _write_results(out_dir: Path, args, families, machine, code, rows, records, 
             plot_family(rows, family, out_dir / f"{family}.png", _machine_line(machine))
 
 
-def _run_pytest(bench_dir: Path, families: List[str], raw_path: Path, args: argparse.Namespace) -> int:
+def _read_case_log(path: Path):
+    """(machine, pytest-benchmark-like JSON) from a run's ``cases.jsonl``."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or "machine" not in lines[0]:
+        raise ValueError("its first line is not the run's machine record")
+    return lines[0]["machine"], {"benchmarks": lines[1:]}
+
+
+def _run_pytest(bench_dir: Path, families: List[str], raw_path: Path, log_path: Path, args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "pytest", *(str(bench_dir / f"bench_{name}.py") for name in families),
         "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", "--benchmark-disable-gc",
@@ -171,7 +192,7 @@ def _run_pytest(bench_dir: Path, families: List[str], raw_path: Path, args: argp
     ]
     if args.keyword:
         command += ["-k", args.keyword]
-    env = dict(os.environ, **{_FULL_ENV: "1" if args.full else "0"})
+    env = dict(os.environ, **{_FULL_ENV: "1" if args.full else "0", "LOWRANK_OPS_BENCH_LOG": str(log_path)})
     print("running:", " ".join(command), f"({_FULL_ENV}={env[_FULL_ENV]})", flush=True)
     # cwd = the bench directory so that pytest-benchmark's storage and anything else relative stays there.
     return subprocess.run(command, cwd=bench_dir, env=env).returncode

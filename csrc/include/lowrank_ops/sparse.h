@@ -23,8 +23,10 @@
 
 namespace lowrank_ops {
 
-// out[b, r] = sum_{k in [row_ptr[r], row_ptr[r+1])} values[k] * dense[b, col_idx[k]]
+// out[b, r] = addend[b, r] + sum_{k in [row_ptr[r], row_ptr[r+1])} values[k] * dense[b, col_idx[k]]
 // for b < batch, r < n_rows.  Accumulation in acc_t<dtype> (fp32, or fp64 for fp64).
+// The optional addend is in acc_t<dtype> too: a half-precision output is then rounded
+// once, however its terms were computed (the SLTrain layer passes its low-rank part).
 struct CsrSpmmParams {
   const void* row_ptr = nullptr;     // [n_rows + 1], index_type
   const void* col_idx = nullptr;     // [nnz], index_type
@@ -32,9 +34,11 @@ struct CsrSpmmParams {
   const void* row_order = nullptr;   // [n_rows], index_type, or nullptr (see below)
   const void* dense = nullptr;       // [batch, n_cols] strided, dtype
   void* out = nullptr;               // [batch, n_rows] strided, dtype; fully overwritten
+  const void* addend = nullptr;      // [batch, n_rows] strided, acc_t<dtype>, or nullptr (0)
   int64_t n_rows = 0, n_cols = 0, nnz = 0, batch = 0;
   int64_t dense_stride_b = 0, dense_stride_c = 0;
   int64_t out_stride_b = 0, out_stride_r = 0;
+  int64_t addend_stride_b = 0, addend_stride_r = 0;
   DType dtype = DType::float32;
   IndexType index_type = IndexType::int32;
 };

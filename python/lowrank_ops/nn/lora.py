@@ -8,6 +8,7 @@ import torch
 
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ._init import uniform_
 
 __all__ = ["LoRALinear"]
 
@@ -105,7 +106,7 @@ class LoRALinear(torch.nn.Module):
         """A Kaiming-uniform (a = sqrt(5)), B = 0, gate = 1, magnitude = row norms of W + s B A."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
         with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+            uniform_(self.lora_A, bound, generator)
             self.lora_B.zero_()
             if self.lora_gate is not None:
                 self.lora_gate.fill_(1.0)

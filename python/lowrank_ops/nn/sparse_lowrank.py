@@ -8,6 +8,7 @@ import torch
 
 from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
 from ..sparse import FixedSupport
+from ._init import uniform_
 
 __all__ = ["SparseLowRankLinear"]
 
@@ -78,11 +79,11 @@ class SparseLowRankLinear(torch.nn.Module):
         """SLTrain's initialization (see the class notes)."""
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
-            _uniform_(self.lora_A, bound, generator)
+            uniform_(self.lora_A, bound, generator)
             self.lora_B.zero_()
-            _uniform_(self.values, bound, generator)
+            uniform_(self.values, bound, generator)
             if self.bias is not None:
-                _uniform_(self.bias, 1.0 / math.sqrt(self.out_features), generator)
+                uniform_(self.bias, 1.0 / math.sqrt(self.out_features), generator)
 
     @classmethod
     def from_linear(
@@ -146,13 +147,6 @@ class SparseLowRankLinear(torch.nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.scale, self.rank, self.strategy = float(state["scale"]), int(state["rank"]), state["strategy"]
-
-
-def _uniform_(tensor: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
-    if generator is None or generator.device == tensor.device:
-        tensor.uniform_(-bound, bound, generator=generator)
-    else:  # draw on the generator's device so a CPU generator also seeds CUDA layers
-        tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator))
 
 
 def _check_config(in_features, out_features, rank, density, strategy) -> None:

@@ -35,7 +35,8 @@ __all__ = ["fixed_sparse_matmul", "spmv"]
 _CUDA_TRANSPOSE_MIN_BATCH = 8
 
 LIBRARY.define(
-    "csr_spmm(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? row_order, Tensor dense, int n_rows) -> Tensor"
+    "csr_spmm(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? row_order, Tensor dense, int n_rows, "
+    "Tensor? addend=None) -> Tensor"
 )
 LIBRARY.define("csr_sddmm(Tensor row_ptr, Tensor col_idx, Tensor? row_order, Tensor left, Tensor dense) -> Tensor")
 
@@ -62,7 +63,12 @@ def _check_same_device(op: str, reference: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{op}: {name} is on {tensor.device}; expected {reference.device} (the device of the dense input)")
 
 
-def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows) -> None:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation dtype: float64 for float64, else float32 (csr_spmm's addend)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows, addend=None) -> None:
     op = "csr_spmm"
     if n_rows < 0:
         raise ValueError(f"{op}: n_rows must be >= 0; got {n_rows}")
@@ -75,7 +81,15 @@ def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows) -> None
         raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of dense, {dense.dtype}")
     if values.dim() != 1 or values.numel() != nnz:
         raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({nnz},)")
-    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, values=values, row_order=row_order)
+    if addend is not None:
+        if tuple(addend.shape) != (dense.shape[0], n_rows):
+            raise ValueError(f"{op}: addend has shape {tuple(addend.shape)}; expected (batch, n_rows) = "
+                             f"({dense.shape[0]}, {n_rows})")
+        if addend.dtype != accumulate_dtype(dense.dtype):
+            raise TypeError(f"{op}: addend has dtype {addend.dtype}; expected {accumulate_dtype(dense.dtype)} "
+                            f"(the accumulation dtype of {dense.dtype})")
+    _check_same_device(op, dense, row_ptr=row_ptr, col_idx=col_idx, values=values, row_order=row_order,
+                       addend=addend)
 
 
 def _check_sddmm_args(row_ptr, col_idx, row_order, left, dense) -> None:
@@ -102,8 +116,14 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------- csr_spmm
-def _csr_spmm_cpu(row_ptr, col_idx, values, row_order, dense, n_rows):
-    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows)
+def _addend_args(addend: Optional[torch.Tensor]) -> dict:
+    if addend is None:
+        return {}
+    return dict(addend=addend.data_ptr(), addend_stride_b=addend.stride(0), addend_stride_r=addend.stride(1))
+
+
+def _csr_spmm_cpu(row_ptr, col_idx, values, row_order, dense, n_rows, addend=None):
+    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows, addend)
     row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.contiguous()
     batch, n_cols = dense.shape
     out = dense.new_empty((batch, n_rows))
@@ -114,14 +134,14 @@ def _csr_spmm_cpu(row_ptr, col_idx, values, row_order, dense, n_rows):
         dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
         out_stride_b=out.stride(0), out_stride_r=out.stride(1),
         dtype=float_code(dense.dtype, "csr_spmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_spmm", "row_ptr"),
-        num_threads=torch.get_num_threads(),
+        num_threads=torch.get_num_threads(), **_addend_args(addend),
     )
     return out
 
 
-def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows):
+def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows, addend=None):
     module = cuda_extension("csr_spmm")
-    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows)
+    _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows, addend)
     row_ptr, col_idx, values, row_order = (_contiguous(t) for t in (row_ptr, col_idx, values, row_order))
     batch, n_cols = dense.shape
     transposed = batch >= _CUDA_TRANSPOSE_MIN_BATCH
@@ -139,12 +159,12 @@ def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows):
         dense_stride_b=dense.stride(0), dense_stride_c=dense.stride(1),
         out_stride_b=out.stride(0), out_stride_r=out.stride(1),
         dtype=float_code(dense.dtype, "csr_spmm", "dense"), index_type=index_code(row_ptr.dtype, "csr_spmm", "row_ptr"),
-        device=dense.device.index, stream=current_stream(dense),
+        device=dense.device.index, stream=current_stream(dense), **_addend_args(addend),
     )
     return out.contiguous()
 
 
-def _csr_spmm_fake(row_ptr, col_idx, values, row_order, dense, n_rows):
+def _csr_spmm_fake(row_ptr, col_idx, values, row_order, dense, n_rows, addend=None):
     torch._check(dense.dim() == 2, lambda: f"csr_spmm: dense must be 2-D; got {dense.dim()}-D")
     torch._check(values.dtype == dense.dtype, lambda: "csr_spmm: values and dense must share a dtype")
     return dense.new_empty((dense.shape[0], n_rows))

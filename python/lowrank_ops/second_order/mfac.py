@@ -104,8 +104,9 @@ class MFACInverse:
         self.dim, self.ngrads = int(dim), int(ngrads)
         self._damp = _check_damp(damp, op)
         self.dtype, self.storage_dtype = dtype, storage_dtype
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=self.device)
+        self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=device)
+        # The storage's device: "cuda" resolves to "cuda:<current>", what inputs report.
+        self.device = self.grads.device
         self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
         self.count = 0  # gradients added since the last reset
         self._factor: Optional[torch.Tensor] = None

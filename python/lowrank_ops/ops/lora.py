@@ -122,6 +122,15 @@ LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd, "CUDA")
 torch.library.register_fake("lowrank_ops::lora_linear_fwd", _lora_linear_fwd_fake, lib=LIBRARY)
 
 
+def _forward_op():
+    """The forward as the registered op while torch.compile traces (its fake impl is what
+    the compiler sees), else the implementation itself: eager calls skip the dispatcher
+    (~5 us of the ~35 us fixed cost of a call, measured at 16 x 64 x 64)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lowrank_ops.lora_linear_fwd
+    return _lora_linear_fwd
+
+
 # ---------------------------------------------------------------------------- autograd
 class _LoRALinear(torch.autograd.Function):
     """Autograd of ``y = x W^T + b + s ((D(x) A^T) g) B^T`` with x ``[N, in]``.
@@ -134,7 +143,7 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p):
-        y, shrunk = torch.ops.lowrank_ops.lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p)
+        y, shrunk = _forward_op()(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.save_for_backward(x, weight, lora_A, lora_B, gate, seed, shrunk)
         return y
@@ -307,7 +316,11 @@ def lora_linear(
         gate = None if gate is None else gate[:k]
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    y = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
+    args = (x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
+        y = _LoRALinear.apply(*args)
+    else:  # inference: no autograd Function, no saved tensors (~15 us less per call)
+        y = _forward_op()(*args)[0]
     return y.reshape(*batch_shape, weight.shape[0])
 
 

@@ -37,8 +37,9 @@ __all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
 STRATEGIES = ("auto", "sparse", "dense")
 
 # Crossover constant k of choose_strategy's rule, per device type; None: always sparse.
-# CPU: measured (see choose_strategy).  CUDA: not measured yet (no GPU run so far), so
-# the memory-saving sparse strategy is used until bench/gpu_check.sh's sweep sets it.
+# CPU: measured (see choose_strategy).  CUDA: not measured yet (the first GPU lease,
+# bench/results/nvidia-h100-80gb/, ran the tests but its benchmark runs did not finish),
+# so the memory-saving sparse strategy is used until bench/gpu_check.sh's sweep sets it.
 _CROSSOVER_K = {"cpu": 0.2, "cuda": None}
 
 

@@ -47,7 +47,7 @@ step() {  # step NAME TIMEOUT_SECONDS COMMAND...
 
 step machine 20 bash -c "nvidia-smi; nvcc --version; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'"
 step build 90 env LOWRANK_OPS_CUDA=AUTO CMAKE_BUILD_PARALLEL_LEVEL=16 \
-  SKBUILD_CMAKE_DEFINE="LOWRANK_OPS_CUDA_ARCHS=${GPU_CHECK_ARCHS:-90}" \
+  LOWRANK_OPS_CUDA_ARCHS="${GPU_CHECK_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -v . || {
   echo "build failed: see build.log" | tee -a "$SUMMARY"; exit 1; }
 step info 20 "$PY" -c "import json, lowrank_ops; print(json.dumps(lowrank_ops.info(), indent=1))"

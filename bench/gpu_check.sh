@@ -46,6 +46,8 @@ step() {  # step NAME TIMEOUT_SECONDS COMMAND...
 }
 
 step machine 20 bash -c "nvidia-smi; nvcc --version; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'"
+# The card's copy bandwidth: the roof the memory-bound kernels' GB/s are compared with.
+step copy_bandwidth 20 "$PY" bench/copy_bandwidth.py
 step build 90 env LOWRANK_OPS_CUDA=AUTO CMAKE_BUILD_PARALLEL_LEVEL=16 \
   LOWRANK_OPS_CUDA_ARCHS="${GPU_CHECK_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -v . || {

@@ -24,7 +24,8 @@ gained by hand-writing it.  The gathered low-rank parts are hand-written kernels
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+import functools
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -158,30 +159,47 @@ class _CpuSegment(NamedTuple):
     hi: int
     adapter: int
     rank: int
-    scale: float
 
 
-def _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features):
-    """Validates the routing (C++) and splits it: (large segments for torch GEMMs, ids for the kernel).
-
-    The kernel's ids are ``adapter_ids`` with the large segments set to -1, or None when
-    no small segment has work (the kernel call is then skipped).
+class _CpuPlan:
+    """The routing's contents on the host, validated once (C++), and per feature size the
+    split into large segments (one torch GEMM each) and the kernel's adapter ids (the
+    original ones with the large segments set to -1; None when no small segment has
+    work, and the kernel call is skipped).  One plan serves every kernel call of a
+    forward and its backward (eager CPU calls), so the routing is read and checked once.
     """
-    extension().check_segment_routing_cpu(**_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
-                                          op=op)
-    bounds, id_list, rank_list = offsets.tolist(), ids.tolist(), ranks.tolist()
-    scale_list = scales.tolist() if scales is not None else [1.0] * n_adapters
-    large, kernel_ids, kernel_work = [], list(id_list), False
-    for s, adapter in enumerate(id_list):
-        rows = bounds[s + 1] - bounds[s]
-        if adapter < 0 or rows == 0 or rank_list[adapter] == 0:
-            continue
-        if rows * features * rank_list[adapter] >= _CPU_GEMM_MIN_WORK:
-            large.append(_CpuSegment(bounds[s], bounds[s + 1], adapter, rank_list[adapter], scale_list[adapter]))
-            kernel_ids[s] = -1
-        else:
-            kernel_work = True
-    return large, (torch.tensor(kernel_ids, dtype=torch.int64) if kernel_work else None)
+
+    def __init__(self, op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max):
+        extension().check_segment_routing_cpu(
+            **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max), op=op)
+        self.bounds, self.ids, self.ranks = offsets.tolist(), ids.tolist(), ranks.tolist()
+        self.scales = scales.tolist() if scales is not None else None
+        self._splits = {}
+
+    def split(self, features: int):
+        if features not in self._splits:
+            large, kernel_ids, kernel_work = [], list(self.ids), False
+            for s, adapter in enumerate(self.ids):
+                rows = self.bounds[s + 1] - self.bounds[s]
+                if adapter < 0 or rows == 0 or self.ranks[adapter] == 0:
+                    continue
+                if rows * features * self.ranks[adapter] >= _CPU_GEMM_MIN_WORK:
+                    large.append(_CpuSegment(self.bounds[s], self.bounds[s + 1], adapter, self.ranks[adapter]))
+                    kernel_ids[s] = -1
+                else:
+                    kernel_work = True
+            self._splits[features] = (large, torch.tensor(kernel_ids, dtype=torch.int64) if kernel_work else None)
+        return self._splits[features]
+
+    def scale(self, adapter: int, scaled: bool) -> float:
+        return self.scales[adapter] if scaled and self.scales is not None else 1.0
+
+
+def _cpu_plan(op, input, offsets, ids, ranks, scales, n_adapters, r_max, plan):
+    """The given plan, a new one for a CPU call without one, None on CUDA."""
+    if plan is not None or input.device.type != "cpu":
+        return plan
+    return _CpuPlan(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
 
 
 def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool) -> torch.Tensor:
@@ -190,22 +208,25 @@ def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool
 
 
 # ---------------------------------------------------------------------------- lora_multi_shrink
-def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
+def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last, plan=None):
     op = "lora_multi_shrink"
-    _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
-    if input.dim() != 2 or weight.dim() != 3:
-        raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
+    if plan is None:  # the registered op: validate (an eager call with a plan was validated once)
+        _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
+        if input.dim() != 2 or weight.dim() != 3:
+            raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
     n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
-    if input.shape[1] != features:
-        raise ValueError(f"{op}: input has shape {tuple(input.shape)}; expected (N, {features})")
-    check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+    if plan is None:
+        if input.shape[1] != features:
+            raise ValueError(f"{op}: input has shape {tuple(input.shape)}; expected (N, {features})")
+        check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+    plan = _cpu_plan(op, input, offsets, ids, ranks, scales, n_adapters, r_max, plan)
     input = _unit_columns(input)
     out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
-    if input.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max, features)
+    if plan is not None:
+        large, ids = plan.split(features)
         for seg in large:
             block = torch.mm(input[seg.lo:seg.hi], _rank_columns(weight, seg.adapter, seg.rank, rank_last))
-            out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(seg.scale)
+            out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(plan.scale(seg.adapter, True))
         if ids is None:
             return out
     getattr(_kernels(input, op), f"segment_matmul_{input.device.type}")(
@@ -224,25 +245,31 @@ def _shrink_fake(input, weight, offsets, ids, ranks, scales, rank_last):
 
 
 # ---------------------------------------------------------------------------- lora_multi_expand_
-def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
+def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last, plan=None):
     op = "lora_multi_expand_"
-    _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
-    if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
-        raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
-    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
-    if tuple(h.shape) != (out.shape[0], r_max) or out.shape[1] != features:
-        raise ValueError(
-            f"{op}: out has shape {tuple(out.shape)} and h {tuple(h.shape)}; expected (N, {features}) and (N, {r_max})"
-        )
-    if out.stride(-1) != 1 and out.shape[1] > 1:
-        raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides {out.stride()}")
-    check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = (
+        _weight_layout(weight, rank_last) if weight.dim() == 3 else (None,) * 6)
+    if plan is None:
+        _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
+        if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
+            raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
+        if tuple(h.shape) != (out.shape[0], r_max) or out.shape[1] != features:
+            raise ValueError(
+                f"{op}: out has shape {tuple(out.shape)} and h {tuple(h.shape)}; expected (N, {features}) and "
+                f"(N, {r_max})"
+            )
+        if out.stride(-1) != 1 and out.shape[1] > 1:
+            raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides "
+                             f"{out.stride()}")
+        check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+    plan = _cpu_plan(op, out, offsets, ids, ranks, scales, n_adapters, r_max, plan)
     h = _unit_columns(h)
-    if out.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max, features)
+    if plan is not None:
+        large, ids = plan.split(features)
         for seg in large:
             out[seg.lo:seg.hi].addmm_(h[seg.lo:seg.hi, :seg.rank],
-                                      _rank_columns(weight, seg.adapter, seg.rank, rank_last).T, alpha=seg.scale)
+                                      _rank_columns(weight, seg.adapter, seg.rank, rank_last).T,
+                                      alpha=plan.scale(seg.adapter, scales is not None))
         if ids is None:
             return
     getattr(_kernels(out, op), f"segment_matmul_{out.device.type}")(
@@ -259,23 +286,27 @@ def _expand_fake(out, h, weight, offsets, ids, ranks, scales, rank_last):
 
 
 # ---------------------------------------------------------------------------- lora_multi_segment_outer
-def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
+def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan=None):
     op = "lora_multi_segment_outer"
-    _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
-    if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
-        raise ValueError(
-            f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) and (N, J)"
-        )
+    if plan is None:
+        _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
+        if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
+            raise ValueError(
+                f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) "
+                "and (N, J)"
+            )
     n_rows, r_max = left.shape
     features = right.shape[1]
-    check_routing(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+    if plan is None:
+        check_routing(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+    plan = _cpu_plan(op, left, offsets, ids, ranks, scales, n_adapters, r_max, plan)
     left, right = _unit_columns(left), _unit_columns(right)
     shape = (n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features)
     out = left.new_zeros(shape)  # ranks beyond an adapter's rank, and unused adapters, get 0
     stride_k, stride_j = (out.stride(2), out.stride(1)) if rank_last else (out.stride(1), out.stride(2))
     large = []
-    if left.device.type == "cpu":
-        large, ids = _split_cpu(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max, features)
+    if plan is not None:
+        large, ids = plan.split(features)
     if ids is not None:  # first: the kernel overwrites the blocks of the adapters it handles
         getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
             **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
@@ -286,10 +317,11 @@ def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last)
         )
     for seg in large:
         rows = slice(seg.lo, seg.hi)
+        alpha = plan.scale(seg.adapter, scales is not None)
         if rank_last:
-            out[seg.adapter, :, :seg.rank].addmm_(right[rows].T, left[rows, :seg.rank], alpha=seg.scale)
+            out[seg.adapter, :, :seg.rank].addmm_(right[rows].T, left[rows, :seg.rank], alpha=alpha)
         else:
-            out[seg.adapter, :seg.rank].addmm_(left[rows, :seg.rank].T, right[rows], alpha=seg.scale)
+            out[seg.adapter, :seg.rank].addmm_(left[rows, :seg.rank].T, right[rows], alpha=alpha)
     return out
 
 
@@ -307,6 +339,33 @@ for _name, _impl, _fake in (("lora_multi_shrink", _shrink_impl, _shrink_fake),
 
 
 # ---------------------------------------------------------------------------- autograd
+class _Kernels(NamedTuple):
+    """The three kernels as called by one forward and its backward."""
+    shrink: Callable
+    expand_: Callable
+    outer: Callable
+
+
+def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, r_max: int) -> _Kernels:
+    """The registered ops while torch.compile traces (their fake impls are what it sees);
+    for eager calls the implementations, sharing one routing plan on the CPU (validated
+    and split once, not once per kernel call: about 0.1 ms less per forward+backward)."""
+    if torch.compiler.is_compiling():
+        ops = torch.ops.lowrank_ops
+        return _Kernels(ops.lora_multi_shrink, ops.lora_multi_expand_, ops.lora_multi_segment_outer)
+    plan = _cpu_plan("lora_linear_multi", x, offsets, ids, ranks, scales, n_adapters, r_max, None)
+    return _Kernels(functools.partial(_shrink_impl, plan=plan), functools.partial(_expand_impl, plan=plan),
+                    functools.partial(_outer_impl, plan=plan))
+
+
+def _forward(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
+    """``(y, h)`` with ``h = x A^T`` per segment (what the backward needs)."""
+    y = F.linear(x, weight, bias)
+    h = kernels.shrink(x, A_stack, offsets, ids, ranks, None, False)
+    kernels.expand_(y, h, B_stack, offsets, ids, ranks, scales, True)
+    return y, h
+
+
 class _LoRALinearMulti(torch.autograd.Function):
     """``y = x W^T + b + s_a (x A_a^T) B_a^T`` per segment; x ``[N, in]``.  Backward with
     ``h = x A^T`` (saved) and ``g = s dy B`` (per segment):
@@ -314,31 +373,29 @@ class _LoRALinearMulti(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
-        ops = torch.ops.lowrank_ops
-        y = F.linear(x, weight, bias)
-        h = ops.lora_multi_shrink(x, A_stack, offsets, ids, ranks, None, False)
-        ops.lora_multi_expand_(y, h, B_stack, offsets, ids, ranks, scales, True)
-        ctx.has_bias = bias is not None
+        kernels = _kernels_for(x, offsets, ids, ranks, scales, *A_stack.shape[:2])
+        y, h = _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)
+        ctx.has_bias, ctx.kernels = bias is not None, kernels
         ctx.save_for_backward(x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        ops = torch.ops.lowrank_ops
+        kernels = ctx.kernels
         x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_y = grad_y.contiguous()
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_x or need_A:
-            g = ops.lora_multi_shrink(grad_y, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
+            g = kernels.shrink(grad_y, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
         if need_x:
             grad_x = grad_y @ weight
-            ops.lora_multi_expand_(grad_x, g, A_stack, offsets, ids, ranks, None, False)
+            kernels.expand_(grad_x, g, A_stack, offsets, ids, ranks, None, False)
         if need_A:
-            grad_A = ops.lora_multi_segment_outer(g, x, offsets, ids, ranks, None, A_stack.shape[0], False)
+            grad_A = kernels.outer(g, x, offsets, ids, ranks, None, A_stack.shape[0], False)
         if need_B:
-            grad_B = ops.lora_multi_segment_outer(h, grad_y, offsets, ids, ranks, scales, B_stack.shape[0], True)
+            grad_B = kernels.outer(h, grad_y, offsets, ids, ranks, scales, B_stack.shape[0], True)
         if need_w:
             grad_w = grad_y.T @ x
         if need_b and ctx.has_bias:
@@ -462,6 +519,10 @@ def lora_linear_multi(
     # Contents (offsets cover the rows, ids and ranks in range) are checked where the kernels run.
     check_routing("lora_linear_multi", offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max,
                   contents=False)
-    y = _LoRALinearMulti.apply(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
+    args = (rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y = _LoRALinearMulti.apply(*args)
+    else:  # inference: no autograd Function, nothing saved
+        y = _forward(_kernels_for(rows, offsets, ids, ranks_t, scales_t, n_adapters, r_max), *args)[0]
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -135,7 +135,7 @@ class GCRODR:
             for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
                 basis[row].copy_(C[row])
             steps = min(self.m - kc, maxiter - iterations)
-            cycle = arnoldi_cycle(system.apply, basis, kc, r, rnorm, steps, target, history, bnorm)
+            cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
             y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)

@@ -23,7 +23,6 @@ the same kernels and the same arithmetic as the loop here, which serves callable
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import List
 
 import numpy as np
@@ -131,7 +130,7 @@ def _python_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
             a, b = hcol[i], hcol[i + 1]
             hcol[i], hcol[i + 1] = cosines[i] * a + sines[i] * b, -sines[i] * a + cosines[i] * b
         a, b = hcol[j], norm_out
-        radius = math.hypot(a, b)
+        radius = float(np.hypot(a, b))  # libm's hypot, as the C++ cycle (CPython's math.hypot rounds differently)
         c, s = (1.0, 0.0) if radius == 0.0 else (a / radius, b / radius)
         cosines.append(c)
         sines.append(s)

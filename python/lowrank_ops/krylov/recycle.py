@@ -83,7 +83,8 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     """
     j = cycle.steps
     V = basis[kc: kc + j + 1]
-    scale = np.array([1.0 / float(torch.linalg.vector_norm(u)) for u in U])  # D: unit columns keep G well scaled
+    # D: unit columns keep G well scaled (one reduction for all rows, not one call per row).
+    scale = 1.0 / torch.linalg.vector_norm(U, dim=1).to("cpu", torch.float64).numpy()
     size = kc + j
     G = np.zeros((size + 1, size))
     G[:kc, :kc] = np.diag(scale)

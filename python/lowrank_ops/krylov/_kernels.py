@@ -23,7 +23,7 @@ import torch
 from .._dtypes import FLOAT_CODES, INDEX_CODES
 from .._extension import cuda_extension, extension
 
-__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows", "arnoldi", "ArnoldiOutput"]
+__all__ = ["spmv", "row_norms", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows", "arnoldi", "ArnoldiOutput"]
 
 # Split a CPU kernel over threads only from this much work per task (entries touched):
 # below it the hand-offs cost more than the loop.  Measured on the shared 2-core machine,
@@ -50,6 +50,19 @@ def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: 
     else:
         extension().krylov_spmv_cpu(**common, num_threads=torch.get_num_threads())
     return out
+
+
+def row_norms(rows: torch.Tensor) -> np.ndarray:
+    """Euclidean norms of the rows of ``[k, n]`` (float64 numpy ``[k]``).
+
+    CPU: numpy on the tensor's memory.  ``torch.linalg.vector_norm(rows, dim=1)`` splits a
+    10 x 4096 reduction over torch's OpenMP team: 2.1 ms per call on the shared 2-core
+    machine, against ~20 us here.
+    """
+    if rows.is_cuda:
+        return torch.linalg.vector_norm(rows, dim=1).to("cpu", torch.float64).numpy()
+    values = rows.detach().numpy()
+    return np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
 
 
 _BUFFERS: Dict[tuple, torch.Tensor] = {}

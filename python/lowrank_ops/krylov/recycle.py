@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ._arnoldi import Cycle
-from ._kernels import combine_rows, gram
+from ._kernels import combine_rows, gram, row_norms
 
 __all__ = ["refresh", "harmonic_ritz"]
 
@@ -83,8 +83,7 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     """
     j = cycle.steps
     V = basis[kc: kc + j + 1]
-    # D: unit columns keep G well scaled (one reduction for all rows, not one call per row).
-    scale = 1.0 / torch.linalg.vector_norm(U, dim=1).to("cpu", torch.float64).numpy()
+    scale = 1.0 / row_norms(U)  # D: unit columns keep G well scaled
     size = kc + j
     G = np.zeros((size + 1, size))
     G[:kc, :kc] = np.diag(scale)

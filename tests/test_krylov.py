@@ -516,6 +516,8 @@ def test_native_cycle_bad_input_errors(generator):
         _kernels.arnoldi(matrix, basis, 2, r[::2], beta, 5, 0.0, 1.0)
     with pytest.raises(ValueError, match="arnoldi: r must be a 1-D tensor; got \\(1, 100\\)"):
         _kernels.arnoldi(matrix, basis, 2, r[None], beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: r must not share memory with basis"):
+        _kernels.arnoldi(matrix, basis, 2, basis[3], beta, 5, 0.0, 1.0)
     with pytest.raises(ValueError, match="arnoldi: beta must be a positive finite number; got 0.0"):
         _kernels.arnoldi(matrix, basis, 2, r, 0.0, 5, 0.0, 1.0)
     with pytest.raises(ValueError, match="arnoldi: bnorm must be a positive finite number; got nan"):

@@ -1,5 +1,6 @@
-// Kernels of the Krylov solvers (ALGORITHMS.md section 7): single-vector CSR SpMV and
-// one fused classical Gram-Schmidt pass over an Arnoldi basis.
+// Kernels of the Krylov solvers (ALGORITHMS.md section 7): single-vector CSR SpMV, one
+// fused classical Gram-Schmidt pass over an Arnoldi basis, the block updates of the
+// recycled space, and (CPU) a whole Arnoldi cycle in one call.
 //
 // Why own kernels: a restarted GMRES on a 4096..16384-unknown PDE system spends its
 // time in these two operations, each a few microseconds of work, called thousands of
@@ -47,9 +48,11 @@
 //   stops with the exact minimizer); Givens rotations of the Hessenberg column; stop
 //   when |g_{j+1}| <= target.  The arithmetic is that of krylov_spmv and krylov_cgs_pass
 //   (same functions), so the cycle reproduces the Python loop over those kernels.
-//   row_ptr / col_idx / values: CSR [n, n] (as krylov_spmv); basis [kc + steps + 1, n],
-//   row stride q_stride, rows [0, kc) hold C on entry, rows kc.. receive V; r [n]: the
-//   starting residual (orthogonal to C), beta = ||r|| > 0.
+//   row_ptr / col_idx / values: CSR [n, n] (as krylov_spmv); basis [kc + steps + 1, n]
+//   (at least that many rows: the caller checks), row stride q_stride, rows [0, kc) hold C
+//   on entry, rows kc.. receive V (after a breakdown, row kc + j + 1 holds the unnormalized
+//   remainder); r [n]: the starting residual (orthogonal to C, not inside the basis),
+//   beta = ||r|| > 0.  Single-threaded when n_chunks = 1 (no pool hand-offs at all).
 //   Outputs (float64, row-major, caller-zeroed): hessenberg [kc + steps + 1, steps]
 //   (rows [0, kc): B = C^T A V, rows kc..: the unrotated Hbar), rotated [steps, steps]
 //   (the upper-triangular Givens factor R), g [steps + 1] (rotated beta e1), givens

@@ -283,6 +283,8 @@ def arnoldi(matrix, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, 
                          f"(>= {kc + steps + 1}, {n})")
     if basis.stride(1) != 1 or basis.stride(0) < n:
         raise ValueError(f"arnoldi: basis must have contiguous rows; got strides {basis.stride()}")
+    if r.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
+        raise ValueError("arnoldi: r must not share memory with basis (the cycle overwrites the basis rows)")
     if r.shape != (n,) or not r.is_contiguous():
         raise ValueError(f"arnoldi: r has shape {tuple(r.shape)} (contiguous: {r.is_contiguous()}); "
                          f"expected a contiguous ({n},)")

@@ -129,20 +129,25 @@ LOWRANK_KRYLOV_CLONES void multi_dot(const T* Q, int64_t stride, int64_t rows, c
   }
 }
 
-// y += sum_i c[i] Q_i over the entries [begin, end); returns y . y over them.
+// y += sum_i c[i] Q_i over the entries [begin, end); returns y . y over them.  The rows
+// go last to first, the reverse of multi_dot's order: when the basis outgrows L2 (5 MB at
+// Darcy 128 x 128 against 2 MB per core), the rows the dots read last are still cached
+// for the update, and the rows the update reads last are the first the next step's dots
+// need.  Measured on one Arnoldi cycle at 128 x 128 (contended machine): median 462-466
+// against 474-478 us per step; the SpMV's own 1.2 MB evicts much of the rest.
 template <class T>
 LOWRANK_KRYLOV_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, const T* c, T* y, int64_t begin,
                                    int64_t end) {
   const int64_t n = end - begin;
   const T* q[kGroup];
-  int64_t i = 0;
-  for (; i + kGroup <= rows; i += kGroup) {
-    for (int r = 0; r < kGroup; ++r) q[r] = Q + (i + r) * stride + begin;
-    axpy_group<kGroup>(q, c + i, y + begin, n);
+  int64_t i = rows;
+  for (; i >= kGroup; i -= kGroup) {
+    for (int r = 0; r < kGroup; ++r) q[r] = Q + (i - kGroup + r) * stride + begin;
+    axpy_group<kGroup>(q, c + i - kGroup, y + begin, n);
   }
-  for (; i < rows; ++i) {
-    q[0] = Q + i * stride + begin;
-    axpy_group<1>(q, c + i, y + begin, n);
+  for (; i > 0; --i) {
+    q[0] = Q + (i - 1) * stride + begin;
+    axpy_group<1>(q, c + i - 1, y + begin, n);
   }
   T norm2;
   q[0] = y + begin;

@@ -9,7 +9,7 @@ import torch
 
 from lowrank_ops import pde, reference
 from lowrank_ops.krylov import CSRMatrix, GCRODR, cg, gmres, greedy_order, solve_sequence
-from lowrank_ops.krylov import _kernels
+from lowrank_ops.krylov import _arnoldi, _kernels
 
 
 # ---------------------------------------------------------------------------- systems
@@ -359,6 +359,184 @@ def test_block_kernels_against_reference(device, dtype, rows, cols, n, generator
     start = other.clone()
     _kernels.combine_rows(basis, coefficients.numpy(), out=start)  # accumulate
     assert ((start.cpu().double() - (w + expected)).abs() <= bound).all()
+
+
+# ---------------------------------------------------------------------------- the fused C++ Arnoldi cycle
+def _solve_pair(kind: str, M, k: int, dtype: torch.dtype, generator):
+    """GCRO-DR(m, k) on two related systems (the second starts from the recycled space).
+
+    m = 80 on the indefinite system, where GMRES(30) (k = 0) stagnates.
+    """
+    A, b = _system(kind, generator)
+    A2 = (A + sp.diags(0.05 * np.abs(A.diagonal()))).tocsr()  # a nearby matrix: C = A U is refreshed
+    solver = GCRODR(80 if kind == "indefinite" else 30, k, M=M)
+    out = []
+    for matrix in (A, A2):
+        operator = CSRMatrix.from_scipy(matrix, dtype)
+        out.append(solver.solve(operator, torch.as_tensor(b, dtype=dtype), tol=1e-9 if dtype == torch.float64 else 1e-5))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["spd", "nonsymmetric", "indefinite"])
+@pytest.mark.parametrize("M", [None, "jacobi"])
+@pytest.mark.parametrize("k", [0, 4])
+def test_native_cycle_matches_python_loop(kind, M, k, generator, monkeypatch):
+    # Same kernels in the same order (SpMV, CGS passes, division by the norm); only the
+    # Givens radius may differ in its last bit (CPython's math.hypot against glibc's), so
+    # the iteration counts are identical and the solutions agree to rounding: relative
+    # 1e-12, ~1e4 ulps for the amplification through the small triangular solves.
+    seed = generator.initial_seed()
+    native = _solve_pair(kind, M, k, torch.float64, torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(_arnoldi, "NATIVE", False)
+    python = _solve_pair(kind, M, k, torch.float64, torch.Generator().manual_seed(seed))
+    for (x_native, info_native), (x_python, info_python) in zip(native, python):
+        assert info_native.converged and info_python.converged
+        assert info_native.iterations == info_python.iterations
+        assert info_native.matvecs == info_python.matvecs
+        np.testing.assert_allclose(info_native.residuals, info_python.residuals, rtol=1e-6, atol=1e-14)
+        torch.testing.assert_close(x_native, x_python, rtol=0, atol=1e-12 * float(x_python.abs().max()))
+
+
+def test_native_cycle_matches_python_loop_float32(generator, monkeypatch):
+    # float32: same kernels, so the same counts; solutions to float32 rounding of the
+    # tolerance-level differences (1e-4 relative, the tolerance 1e-5 times cond ~ 10).
+    seed = generator.initial_seed()
+    native = _solve_pair("nonsymmetric", None, 4, torch.float32, torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(_arnoldi, "NATIVE", False)
+    python = _solve_pair("nonsymmetric", None, 4, torch.float32, torch.Generator().manual_seed(seed))
+    for (x_native, info_native), (x_python, info_python) in zip(native, python):
+        assert x_native.dtype == torch.float32
+        assert info_native.iterations == info_python.iterations
+        torch.testing.assert_close(x_native, x_python, rtol=0, atol=1e-4 * float(x_python.abs().max()))
+
+
+def _cycle_inputs(generator, n: int = 324, kc: int = 3, dtype=torch.float64):
+    """A nonsymmetric CSR matrix (n a square), a basis holding an orthonormal C in its first kc rows, r orthogonal to C."""
+    A = _convection_diffusion(int(n**0.5)) + sp.random(n, n, density=0.01, random_state=int(generator.initial_seed() % 2**31))
+    A = A.tocsr()
+    matrix = CSRMatrix.from_scipy(A, dtype)
+    basis = torch.full((kc + 41, n), float("nan"), dtype=dtype)  # poison: every row the cycle reads is written first
+    C = torch.linalg.qr(torch.randn(n, kc, generator=generator, dtype=torch.float64))[0].T
+    basis[:kc] = C.to(dtype)
+    r = torch.randn(n, generator=generator, dtype=torch.float64)
+    r = (r - C.T @ (C @ r)).to(dtype)
+    return A, matrix, basis, C, r
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_native_cycle_against_arnoldi_relation(generator, n_chunks):
+    A, matrix, basis, C, r = _cycle_inputs(generator)
+    kc, steps, n = 3, 40, A.shape[0]
+    beta = float(r.norm())
+    out = _kernels.arnoldi(matrix, basis, kc, r, beta, steps, 0.0, 2.0, n_chunks=n_chunks)
+    j = out.steps
+    assert j == steps and not out.breakdown
+    V = basis[kc: kc + j + 1].double().numpy()
+    Hbar, B = out.hessenberg[kc: kc + j + 1, :j], out.hessenberg[:kc, :j]
+    # (I - C C^T) A V_j = V_{j+1} Hbar and C^T A V_j = B, to rounding of O(j) inner products of
+    # length n.  Orthogonality: a CGS pass that kept a fraction f >= 0.1 of ||w|| (below it a
+    # second pass runs) loses about n eps / f, accumulated over the j + 1 steps.
+    AV = (A @ V[:j].T)
+    norm = np.linalg.norm(A.toarray(), 2)
+    n_eps = n * 2.0**-52
+    assert np.abs(AV - C.numpy().T @ B - V.T @ Hbar).max() <= (j + 1) * n_eps * norm
+    assert np.abs(V @ V.T - np.eye(j + 1)).max() <= (j + 1) * n_eps / 0.1
+    assert np.abs(C.numpy() @ V.T).max() <= (j + 1) * n_eps / 0.1
+    np.testing.assert_allclose(V[0], r.numpy() / beta, rtol=0, atol=1e-15)
+    # R is the triangular factor of Hbar's QR and g the rotated beta e1: R y = g[:j] is the
+    # least-squares solution, |g[j]| its residual; the history holds the minimal residual
+    # over the first i directions after step i.
+    R = out.rotated[:j, :j]
+    assert np.abs(np.tril(R, -1)).max() == 0
+    np.testing.assert_allclose(R.T @ R, Hbar.T @ Hbar, rtol=0, atol=1e-12 * np.abs(Hbar).max() ** 2)
+    for i in (1, 10, j):
+        e1 = np.zeros(i + 1)
+        e1[0] = beta
+        minimum = np.linalg.norm(e1 - Hbar[: i + 1, :i] @ np.linalg.lstsq(Hbar[: i + 1, :i], e1, rcond=None)[0])
+        assert out.history[i - 1] == pytest.approx(minimum / 2.0, rel=1e-8, abs=1e-15 * beta)
+    e1 = np.zeros(j + 1)
+    e1[0] = beta
+    y = np.linalg.lstsq(Hbar, e1, rcond=None)[0]
+    np.testing.assert_allclose(np.linalg.solve(R, out.g[:j]), y, rtol=1e-8, atol=1e-8 * np.abs(y).max())
+    assert abs(out.g[j]) == pytest.approx(np.linalg.norm(e1 - Hbar @ y), rel=1e-8)
+
+
+def test_native_cycle_chunks_agree(generator):
+    # Chunked partial sums only regroup the additions: the same cycle to rounding.
+    A, matrix, basis, C, r = _cycle_inputs(generator)
+    other = basis.clone()
+    one = _kernels.arnoldi(matrix, basis, 3, r, float(r.norm()), 30, 0.0, 1.0, n_chunks=1)
+    three = _kernels.arnoldi(matrix, other, 3, r, float(r.norm()), 30, 0.0, 1.0, n_chunks=3)
+    assert one.steps == three.steps
+    np.testing.assert_allclose(one.hessenberg, three.hessenberg, rtol=0, atol=1e-12 * np.abs(one.hessenberg).max())
+    torch.testing.assert_close(basis[:34], other[:34], rtol=0, atol=1e-12)
+
+
+def test_native_cycle_stops_early_at_the_target(generator):
+    A, matrix, basis, C, r = _cycle_inputs(generator)
+    beta = float(r.norm())
+    full = _kernels.arnoldi(matrix, basis.clone(), 3, r, beta, 40, 0.0, 1.0)
+    target = 0.5 * (full.history[11] + full.history[12])  # between the estimates after steps 12 and 13
+    early = _kernels.arnoldi(matrix, basis, 3, r, beta, 40, target, 1.0)
+    assert early.steps == 13 and not early.breakdown
+    np.testing.assert_array_equal(early.history[:13], full.history[:13])
+    assert early.history[12] <= target < early.history[11]
+
+
+def test_native_cycle_happy_breakdown():
+    # diag(1, 2, 3) repeated: the Krylov space of any r has dimension 3, so step 3 finds the
+    # exact solution and reports a breakdown instead of dividing by ~0.
+    n = 30
+    diagonal = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).repeat(n // 3)
+    matrix = CSRMatrix.from_scipy(sp.diags(diagonal.numpy()))
+    basis = torch.zeros(12, n, dtype=torch.float64)
+    r = torch.linspace(1.0, 2.0, n, dtype=torch.float64)
+    out = _kernels.arnoldi(matrix, basis, 0, r, float(r.norm()), 10, 0.0, float(r.norm()))
+    assert out.breakdown and out.steps == 3
+    assert out.history[2] <= 1e-13
+    x, info = gmres(matrix, r, tol=1e-12, restart=10)
+    assert info.converged and info.iterations == 3
+    torch.testing.assert_close(x, r / diagonal, rtol=1e-12, atol=0)
+
+
+def test_native_cycle_bad_input_errors(generator):
+    A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)
+    beta = float(r.norm())
+    with pytest.raises(TypeError, match="arnoldi: matrix must be a CSRMatrix; got csr_matrix"):
+        _kernels.arnoldi(A, basis, 2, r, beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"arnoldi: matrix has shape \(100, 99\)"):
+        _kernels.arnoldi(CSRMatrix.from_scipy(A[:, :99]), basis, 2, r, beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"arnoldi: basis has shape \(43, 100\); expected \(>= kc \+ steps \+ 1, n\) = \(>= 48, 100\)"):
+        _kernels.arnoldi(matrix, basis, 2, r, beta, 45, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: basis has dtype torch.float32 on cpu; expected the matrix's torch.float64"):
+        _kernels.arnoldi(matrix, basis.float(), 2, r, beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: basis must have contiguous rows"):
+        _kernels.arnoldi(matrix, basis.T.contiguous().T, 2, r, beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"arnoldi: r has shape \(50,\)"):
+        _kernels.arnoldi(matrix, basis, 2, r[::2], beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: r must be a 1-D tensor; got \\(1, 100\\)"):
+        _kernels.arnoldi(matrix, basis, 2, r[None], beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: r must not share memory with basis"):
+        _kernels.arnoldi(matrix, basis, 2, basis[3], beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: beta must be a positive finite number; got 0.0"):
+        _kernels.arnoldi(matrix, basis, 2, r, 0.0, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: bnorm must be a positive finite number; got nan"):
+        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, 0.0, float("nan"))
+    with pytest.raises(ValueError, match="arnoldi: target must be a non-negative finite number; got -1.0"):
+        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, -1.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: steps must be an integer >= 1; got 0"):
+        _kernels.arnoldi(matrix, basis, 2, r, beta, 0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="arnoldi: kc must be an integer >= 0; got -1"):
+        _kernels.arnoldi(matrix, basis, -1, r, beta, 5, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"arnoldi: n_chunks must be in \[1, n\] = \[1, 100\]; got 101"):
+        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, 0.0, 1.0, n_chunks=101)
+    from lowrank_ops import _extension
+    with pytest.raises(ValueError, match="krylov_arnoldi: q_stride must be >= n = 100; got 50"):
+        _extension.extension().krylov_arnoldi_cpu(  # the C++ check behind the wrapper
+            row_ptr=matrix.row_ptr.data_ptr(), col_idx=matrix.col_idx.data_ptr(), values=matrix.values.data_ptr(),
+            basis=basis.data_ptr(), r=r.data_ptr(), hessenberg=1, rotated=1, g=1, givens=1, history=1, workspace=1,
+            n=100, q_stride=50, kc=2, steps=5, n_chunks=1, beta=beta, target=0.0, bnorm=1.0, dtype=1, index_type=0,
+            num_threads=1)
 
 
 def test_cuda_gmres_matches_cpu(cuda_device, generator):

@@ -1,4 +1,5 @@
-// lowrank_ops._C: Krylov solver kernels (single-vector SpMV, fused Gram-Schmidt pass).
+// lowrank_ops._C: Krylov solver kernels (single-vector SpMV, fused Gram-Schmidt pass, block
+// updates, a whole Arnoldi cycle).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -69,6 +70,48 @@ KrylovBlockParams block_params(std::uintptr_t basis, std::uintptr_t other, std::
 }  // namespace
 
 LOWRANK_OPS_BINDINGS(krylov) {
+  m.def(
+      "krylov_arnoldi_cpu",
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t basis, std::uintptr_t r,
+         std::uintptr_t hessenberg, std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
+         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride, int64_t kc, int64_t steps,
+         int64_t n_chunks, double beta, double target, double bnorm, int dtype, int index_type, int num_threads) {
+        KrylovArnoldiParams p;
+        p.row_ptr = reinterpret_cast<const void*>(row_ptr);
+        p.col_idx = reinterpret_cast<const void*>(col_idx);
+        p.values = reinterpret_cast<const void*>(values);
+        p.basis = reinterpret_cast<void*>(basis);
+        p.r = reinterpret_cast<const void*>(r);
+        p.hessenberg = reinterpret_cast<double*>(hessenberg);
+        p.rotated = reinterpret_cast<double*>(rotated);
+        p.g = reinterpret_cast<double*>(g);
+        p.givens = reinterpret_cast<double*>(givens);
+        p.history = reinterpret_cast<double*>(history);
+        p.workspace = reinterpret_cast<void*>(workspace);
+        p.n = n;
+        p.q_stride = q_stride;
+        p.kc = kc;
+        p.steps = steps;
+        p.n_chunks = n_chunks;
+        p.beta = beta;
+        p.target = target;
+        p.bnorm = bnorm;
+        p.dtype = static_cast<DType>(dtype);
+        p.index_type = static_cast<IndexType>(index_type);
+        KrylovArnoldiResult result;
+        {
+          py::gil_scoped_release release;
+          result = krylov_arnoldi_cpu(p, num_threads);
+        }
+        return py::make_tuple(result.steps, result.breakdown);
+      },
+      "One Arnoldi cycle of GMRES / GCRO-DR on a CSR operator; returns (steps taken, breakdown).\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.",
+      py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "basis"_a, "r"_a, "hessenberg"_a, "rotated"_a, "g"_a,
+      "givens"_a, "history"_a, "workspace"_a, "n"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
+      "target"_a, "bnorm"_a, "dtype"_a, "index_type"_a, "num_threads"_a);
+  m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
+        "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
   const char* block_doc =
       "mode 0: out = Q W^T (gram); mode 1: Y (+)= coef^T Q (combine), one sweep over the basis Q.\n"
       "See csrc/include/lowrank_ops/krylov.h for the layout contract.";

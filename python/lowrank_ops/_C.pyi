@@ -62,6 +62,12 @@ def krylov_cgs_pass_cuda(
     *, basis: int, w: int, h: int, norms: int, workspace: int, rows: int, n: int, q_stride: int, mode: int,
     dtype: int, device: int, stream: int,
 ) -> None: ...
+def krylov_arnoldi_cpu(
+    *, row_ptr: int, col_idx: int, values: int, basis: int, r: int, hessenberg: int, rotated: int, g: int,
+    givens: int, history: int, workspace: int, n: int, q_stride: int, kc: int, steps: int, n_chunks: int,
+    beta: float, target: float, bnorm: float, dtype: int, index_type: int, num_threads: int,
+) -> tuple[int, bool]: ...
+def krylov_arnoldi_workspace(*, kc: int, steps: int, n_chunks: int) -> int: ...
 def krylov_block_cpu(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
     other_stride: int, n_chunks: int, mode: int, accumulate: bool, dtype: int, num_threads: int,

@@ -1,5 +1,6 @@
-// Kernels of the Krylov solvers (ALGORITHMS.md section 7): single-vector CSR SpMV and
-// one fused classical Gram-Schmidt pass over an Arnoldi basis.
+// Kernels of the Krylov solvers (ALGORITHMS.md section 7): single-vector CSR SpMV, one
+// fused classical Gram-Schmidt pass over an Arnoldi basis, the block updates of the
+// recycled space, and (CPU) a whole Arnoldi cycle in one call.
 //
 // Why own kernels: a restarted GMRES on a 4096..16384-unknown PDE system spends its
 // time in these two operations, each a few microseconds of work, called thousands of
@@ -23,7 +24,7 @@
 //   mode 2 (update):    w -= Q^T h with h given (w += Q^T c is mode 2 with h = -c);
 //   norms [2] out (acc type): ||w||^2 before (modes 0, 1) and after (modes 0, 2) the update.
 //   CPU: the n entries are split into n_chunks contiguous chunks (one task each);
-//   workspace holds n_chunks * (rows + 1) acc values of partial sums.  Partial sums are
+//   workspace holds n_chunks * (rows + 1) + rows acc values (partial sums, then -h).  Partial sums are
 //   reduced in chunk order, so the result depends on n_chunks, not on thread timing.
 //   CUDA: workspace is unused (may be null); h and norms are produced by block
 //   reductions and atomics on the caller's stream (norms' order of summation varies).
@@ -36,6 +37,28 @@
 //   instead of overwriting it.  CPU: chunks of the n entries, one task each; gram partial
 //   sums in workspace [n_chunks * rows * cols] (acc type), reduced in chunk order.  CUDA:
 //   gram is one block per (r, c), combine one thread per entry e.
+//
+// krylov_arnoldi (CPU only):  a whole restart cycle of (projected) Arnoldi for GMRES /
+//   GCRO-DR on a CSR operator, in one call instead of ~10 Python/torch calls per step.
+//   Step j: w = A v_j (SpMV into basis row kc + j + 1); one classical Gram-Schmidt pass of
+//   w against basis rows [0, kc + j + 1) (the recycled C and V_0..V_j: the projection
+//   (I - C C^T) and the Arnoldi orthogonalization in one pass), repeated when it cancelled
+//   more than 90% of ||w|| (selective CGS2); h_{j+1,j} = ||w||; v_{j+1} = w / h_{j+1,j}
+//   unless ||w|| <= 1e-14 ||A v_j|| (breakdown: the Krylov space is invariant, the cycle
+//   stops with the exact minimizer); Givens rotations of the Hessenberg column; stop
+//   when |g_{j+1}| <= target.  The arithmetic is that of krylov_spmv and krylov_cgs_pass
+//   (same functions), so the cycle reproduces the Python loop over those kernels.
+//   row_ptr / col_idx / values: CSR [n, n] (as krylov_spmv); basis [kc + steps + 1, n]
+//   (at least that many rows: the caller checks), row stride q_stride, rows [0, kc) hold C
+//   on entry, rows kc.. receive V (after a breakdown, row kc + j + 1 holds the unnormalized
+//   remainder); r [n]: the starting residual (orthogonal to C, not inside the basis),
+//   beta = ||r|| > 0.  Single-threaded when n_chunks = 1 (no pool hand-offs at all).
+//   Outputs (float64, row-major, caller-zeroed): hessenberg [kc + steps + 1, steps]
+//   (rows [0, kc): B = C^T A V, rows kc..: the unrotated Hbar), rotated [steps, steps]
+//   (the upper-triangular Givens factor R), g [steps + 1] (rotated beta e1), givens
+//   [2, steps] (cosines, sines), history [steps] (|g_{j+1}| / bnorm after each step).
+//   workspace: krylov_arnoldi_workspace(kc, steps, n_chunks) elements of the storage type.  The n entries are split into n_chunks chunks (one task each), reduced in chunk
+//   order (deterministic for a given n_chunks).  Returns the steps taken and breakdown.
 #pragma once
 
 #include <cstdint>
@@ -87,6 +110,40 @@ struct KrylovBlockParams {
   DType dtype = DType::float64;
 };
 
+struct KrylovArnoldiParams {
+  const void* row_ptr = nullptr;
+  const void* col_idx = nullptr;
+  const void* values = nullptr;
+  void* basis = nullptr;
+  const void* r = nullptr;
+  double* hessenberg = nullptr;
+  double* rotated = nullptr;
+  double* g = nullptr;
+  double* givens = nullptr;
+  double* history = nullptr;
+  void* workspace = nullptr;
+  int64_t n = 0;
+  int64_t q_stride = 0;
+  int64_t kc = 0;
+  int64_t steps = 0;
+  int64_t n_chunks = 1;
+  double beta = 0;
+  double target = 0;
+  double bnorm = 1;
+  DType dtype = DType::float64;
+  IndexType index_type = IndexType::int32;
+};
+
+struct KrylovArnoldiResult {
+  int64_t steps = 0;
+  bool breakdown = false;
+};
+
+// Workspace elements krylov_arnoldi_cpu needs (storage type).
+inline int64_t krylov_arnoldi_workspace(int64_t kc, int64_t steps, int64_t n_chunks) {
+  return n_chunks * (kc + steps + 1) + 3 * (kc + steps);
+}
+
 // Validation shared by both back ends (std::invalid_argument -> ValueError).
 void check_krylov_spmv_params(const KrylovSpmvParams& p);
 void check_krylov_cgs_params(const KrylovCgsParams& p, bool needs_workspace);
@@ -96,6 +153,8 @@ void check_krylov_block_params(const KrylovBlockParams& p, bool needs_workspace)
 void krylov_spmv_cpu(const KrylovSpmvParams& p, int num_threads);
 void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads);
 void krylov_block_cpu(const KrylovBlockParams& p, int num_threads);
+void check_krylov_arnoldi_params(const KrylovArnoldiParams& p);
+KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_threads);
 
 // CUDA (csrc/cuda/krylov_cuda.cu): asynchronous on `stream` (a cudaStream_t) of `device`.
 void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream);

@@ -15,19 +15,25 @@ For GCRO-DR the recycled space's ``C`` (orthonormal, ``A U = C``) sits in the fi
 ``kc`` rows of the same buffer, so the projection ``(I - C C^T)`` and the Arnoldi
 orthogonalization are one pass: the first ``kc`` coefficients are the column of
 ``B = C^T A V``, the rest the column of the Hessenberg matrix.
+
+On the CPU with a CSR operator (the matrix, or the matrix with a Jacobi scaling folded
+in) the whole cycle is one C++ call (:func:`~lowrank_ops.krylov._kernels.arnoldi`), with
+the same kernels and the same arithmetic as the loop here, which serves callables and CUDA.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import List
 
 import numpy as np
 import torch
 
-from ._kernels import gram_schmidt
+from ._kernels import arnoldi, gram_schmidt
 
 __all__ = ["Cycle", "arnoldi_cycle"]
+
+#: Use the fused C++ cycle where it applies (tests switch it off to compare with the loop).
+NATIVE = True
 
 _REORTHOGONALIZE = 0.1  # a second pass when ||w|| fell below this fraction of ||A v_j||
 _BREAKDOWN = 1e-14  # h_{j+1,j} below this fraction of ||A v_j||: the Krylov space is invariant
@@ -56,14 +62,15 @@ class Cycle:
     breakdown: bool
 
 
-def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, steps: int,
+def arnoldi_cycle(system, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, steps: int,
                   target: float, history: List[float], bnorm: float) -> Cycle:
     """Run up to ``steps`` Arnoldi steps on ``(I - C C^T) A`` from ``v1 = r / beta``.
 
     Parameters
     ----------
-    apply : callable
-        ``v -> A v`` (the preconditioned operator), Tensor[n] -> Tensor[n].
+    system : System
+        The preconditioned operator: ``system.apply`` (``v -> A v``, counting products),
+        and ``system.csr``, its CSR matrix when it is one (None for callables).
     basis : Tensor[kc + steps + 1, n]
         Workspace: rows ``[:kc]`` hold ``C`` on entry; rows ``kc:`` receive ``V``.
     kc : int
@@ -79,10 +86,24 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
     bnorm : float
         ``||b||``, to make the estimates relative.
     """
+    if NATIVE and system.csr is not None and not basis.is_cuda:
+        out = arnoldi(system.csr, basis, kc, r.contiguous(), beta, steps, target, bnorm)
+        system.matvecs += out.steps
+        j = out.steps
+        history.extend(out.history[:j].tolist())
+        hbar = out.hessenberg[kc: kc + j + 1, :j]
+        y = _least_squares(out.rotated[:j, :j], out.g[: j + 1], hbar, beta)
+        return Cycle(j, y, hbar, out.hessenberg[:kc, :j], out.breakdown)
+    return _python_cycle(system.apply, basis, kc, r, beta, steps, target, history, bnorm)
+
+
+def _python_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, steps: int, target: float,
+                  history: List[float], bnorm: float) -> Cycle:
+    """:func:`arnoldi_cycle` step by step: one SpMV (or callable) and one or two kernel passes per step."""
     V = basis[kc:]
     torch.div(r, beta, out=V[0])
     hfull = np.zeros((kc + steps + 1, steps))  # [B; Hbar], unrotated
-    rotated: List[List[float]] = []  # columns of the triangular factor R
+    R = np.zeros((steps, steps))  # the triangular factor of the Givens QR of Hbar
     cosines: List[float] = []
     sines: List[float] = []
     g = [beta]
@@ -109,12 +130,12 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
             a, b = hcol[i], hcol[i + 1]
             hcol[i], hcol[i + 1] = cosines[i] * a + sines[i] * b, -sines[i] * a + cosines[i] * b
         a, b = hcol[j], norm_out
-        radius = math.hypot(a, b)
+        radius = float(np.hypot(a, b))  # libm's hypot, as the C++ cycle (CPython's math.hypot rounds differently)
         c, s = (1.0, 0.0) if radius == 0.0 else (a / radius, b / radius)
         cosines.append(c)
         sines.append(s)
         hcol[j] = radius
-        rotated.append(hcol[: j + 1])
+        R[: j + 1, j] = hcol[: j + 1]
         g.append(-s * g[j])
         g[j] = c * g[j]
         j += 1
@@ -122,26 +143,22 @@ def arnoldi_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
         if breakdown or abs(g[j]) <= target:
             break
     hbar = hfull[kc: kc + j + 1, :j]
-    return Cycle(j, _least_squares(rotated, g, hbar, beta), hbar, hfull[:kc, :j], breakdown)
+    return Cycle(j, _least_squares(R[:j, :j], np.array(g), hbar, beta), hbar, hfull[:kc, :j], breakdown)
 
 
-def _least_squares(rotated: List[List[float]], g: List[float], hbar: np.ndarray, beta: float) -> np.ndarray:
-    """``argmin_y || beta e1 - Hbar y ||`` from the Givens factor; lstsq when it is singular.
+def _least_squares(R: np.ndarray, g: np.ndarray, hbar: np.ndarray, beta: float) -> np.ndarray:
+    """``argmin_y || beta e1 - Hbar y ||`` from the Givens factor ``R`` ``[j, j]``; lstsq when it is singular.
 
     The triangular factor is singular only when the cycle broke down on a singular
     operator; the least-squares fallback then returns the minimum-norm minimizer
     instead of an infinite one.  (numpy: see recycle.py on small LAPACK calls.)
     """
-    j = len(rotated)
-    R = np.zeros((j, j))
-    for column, values in enumerate(rotated):
-        R[: len(values), column] = values
+    j = R.shape[0]
     diagonal = np.abs(np.diag(R))
     if j and diagonal.min() > 1e-14 * diagonal.max():
         y = np.zeros(j)
-        rhs = g[:j]
         for row in range(j - 1, -1, -1):  # back substitution (j <= m: a few hundred flops)
-            y[row] = (rhs[row] - R[row, row + 1:] @ y[row + 1:]) / R[row, row]
+            y[row] = (g[row] - R[row, row + 1:] @ y[row + 1:]) / R[row, row]
         return y
     rhs = np.zeros(hbar.shape[0])
     rhs[0] = beta

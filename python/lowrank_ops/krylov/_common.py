@@ -33,6 +33,9 @@ class System:
         ``y -> A M^{-1} y`` (counts products in ``matvecs``).
     precondition : callable or None
         ``y -> M^{-1} y`` (None: identity).
+    csr : CSRMatrix or None
+        ``A M^{-1}`` as a CSR matrix when it is one (no or diagonal ``M`` on a matrix):
+        the Arnoldi cycle then runs as one C++ call on the CPU.
     b, x0 : Tensor[n]
     bnorm : float
     matvecs : int
@@ -46,10 +49,11 @@ class System:
         self.bnorm = float(torch.linalg.vector_norm(b))
         self.matvecs = 0
         self.precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.csr = None
         scale = _diagonal_preconditioner(op, A, M)
         if scale is not None and A.matrix is not None:
-            scaled = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
-            self._apply_raw = scaled.matvec
+            self.csr = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
+            self._apply_raw = self.csr.matvec
             self.precondition = lambda y: y * scale
         elif scale is not None:
             self._apply_raw = lambda y: A(y * scale)
@@ -60,6 +64,7 @@ class System:
             self._apply_raw = lambda y: A(self.precondition(y))
         else:
             self._apply_raw = A
+            self.csr = A.matrix
         self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:

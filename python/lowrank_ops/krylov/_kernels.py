@@ -1,6 +1,6 @@
 """Thin callers of the Krylov kernels in ``lowrank_ops._C`` (csrc/cpu/krylov_cpu.cpp, csrc/cuda/krylov_cuda.cu).
 
-No validation happens here: the callers (:class:`~lowrank_ops.krylov.CSRMatrix`, the
+No validation happens here (except in :func:`arnoldi`, one call per restart cycle): the callers (:class:`~lowrank_ops.krylov.CSRMatrix`, the
 solvers) own tensors whose shapes, dtypes and devices they checked once.
 
 Why kernels instead of ``torch.mv`` / ``torch.dot``: these are called thousands of times
@@ -13,6 +13,8 @@ goes through these three functions or through torch's native elementwise ops.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Dict, Optional
 
 import numpy as np
@@ -21,11 +23,15 @@ import torch
 from .._dtypes import FLOAT_CODES, INDEX_CODES
 from .._extension import cuda_extension, extension
 
-__all__ = ["spmv", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows"]
+__all__ = ["spmv", "row_norms", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows", "arnoldi", "ArnoldiOutput"]
 
 # Split a CPU kernel over threads only from this much work per task (entries touched):
-# below it the hand-off costs more than the loop.
-_WORK_PER_TASK = 1 << 17
+# below it the hand-offs cost more than the loop.  Measured on the shared 2-core machine,
+# one Arnoldi cycle (30 steps, 10 recycled vectors) of Darcy 128 x 128 (n = 16384, 0.8M
+# basis entries): 295 us per step on one thread against 303 on two (min of 20), and a
+# median of 388 against 1343 us while another process kept a core busy; at 64 x 64,
+# 49 against 820 us.  So the kernels stay on one thread up to ~1M entries per task.
+_WORK_PER_TASK = 1 << 20
 _FULL, _DOTS, _UPDATE = 0, 1, 2
 
 
@@ -44,6 +50,19 @@ def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: 
     else:
         extension().krylov_spmv_cpu(**common, num_threads=torch.get_num_threads())
     return out
+
+
+def row_norms(rows: torch.Tensor) -> np.ndarray:
+    """Euclidean norms of the rows of ``[k, n]`` (float64 numpy ``[k]``).
+
+    CPU: numpy on the tensor's memory.  ``torch.linalg.vector_norm(rows, dim=1)`` splits a
+    10 x 4096 reduction over torch's OpenMP team: 2.1 ms per call on the shared 2-core
+    machine, against ~20 us here.
+    """
+    if rows.is_cuda:
+        return torch.linalg.vector_norm(rows, dim=1).to("cpu", torch.float64).numpy()
+    values = rows.detach().numpy()
+    return np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
 
 
 _BUFFERS: Dict[tuple, torch.Tensor] = {}
@@ -76,7 +95,7 @@ def _pass(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
             **common, norms=norms.data_ptr(), workspace=0, device=w.device.index, stream=_stream(w))
     else:
         n_chunks = max(1, min(torch.get_num_threads(), (rows + 1) * n // _WORK_PER_TASK))
-        scratch = _buffer(w.device, accumulate, 2 + n_chunks * (rows + 1))
+        scratch = _buffer(w.device, accumulate, 2 + n_chunks * (rows + 1) + rows)
         norms = scratch[:2]
         extension().krylov_cgs_pass_cpu(**common, norms=norms.data_ptr(), workspace=scratch[2:].data_ptr(),
                                         n_chunks=n_chunks, num_threads=torch.get_num_threads())
@@ -85,8 +104,8 @@ def _pass(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
 
 def gram_schmidt(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor):
     """``h = Q w; w -= Q^T h`` with ``Q = basis``; returns ``(||w|| before, ||w|| after)``."""
-    before, after = _pass(_FULL, basis, w, h)
-    return max(before, 0.0) ** 0.5, max(after, 0.0) ** 0.5
+    before, after = _pass(_FULL, basis, w, h)  # math.sqrt, as the C++ cycle (x ** 0.5 is pow: 1 ulp off)
+    return math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
 
 
 def dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -98,7 +117,7 @@ def dots(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def subtract(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
     """``w -= Q^T h`` in place; returns ``||w||`` after."""
-    return max(_pass(_UPDATE, basis, w, h.contiguous())[1], 0.0) ** 0.5
+    return math.sqrt(max(_pass(_UPDATE, basis, w, h.contiguous())[1], 0.0))
 
 
 def combine(basis: torch.Tensor, coefficients, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -156,3 +175,136 @@ def combine_rows(basis: torch.Tensor, coefficients: np.ndarray, out: Optional[to
         n_chunks = max(1, min(torch.get_num_threads(), (rows + cols) * n // _WORK_PER_TASK))
         extension().krylov_block_cpu(**common, workspace=0, n_chunks=n_chunks, num_threads=torch.get_num_threads())
     return out
+
+
+@dataclasses.dataclass
+class ArnoldiOutput:
+    """What :func:`arnoldi` returns (float64 numpy arrays, sized for the ``steps`` requested).
+
+    steps : int
+        Arnoldi steps taken, ``j``.
+    breakdown : bool
+        The Krylov space became invariant at step ``j``.
+    hessenberg : ndarray[kc + steps + 1, steps]
+        Columns ``[:j]``: ``B = C^T A V`` in rows ``[:kc]``, the unrotated ``Hbar`` below.
+    rotated : ndarray[steps, steps]
+        ``[:j, :j]``: the upper-triangular Givens factor ``R`` of ``Hbar``.
+    g : ndarray[steps + 1]
+        ``[:j + 1]``: ``beta e1`` rotated (``|g[j]|`` is the residual estimate).
+    history : ndarray[steps]
+        ``[:j]``: ``|g[i + 1]| / bnorm`` after each step.
+    """
+
+    steps: int
+    breakdown: bool
+    hessenberg: np.ndarray
+    rotated: np.ndarray
+    g: np.ndarray
+    history: np.ndarray
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"arnoldi: {name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value, positive: bool) -> float:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"arnoldi: {name} must be a {'positive' if positive else 'non-negative'} finite number; got {value!r}")
+    return float(value)
+
+
+def arnoldi(matrix, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, steps: int, target: float,
+            bnorm: float, n_chunks: Optional[int] = None) -> ArnoldiOutput:
+    """One Arnoldi cycle of GMRES / GCRO-DR on a CPU CSR matrix, in one kernel call.
+
+    The C++ loop (``krylov_arnoldi_cpu``, csrc/cpu/krylov_cpu.cpp) does per step what
+    :func:`lowrank_ops.krylov._arnoldi.arnoldi_cycle` does with one SpMV and one or two
+    Gram-Schmidt kernel calls: ``w = A v_j``, CGS against ``[C; V_0..V_j]`` (a second pass
+    on strong cancellation), ``v_{j+1} = w / ||w||``, Givens rotations of the Hessenberg
+    column, and a stop on ``|g_{j+1}| <= target`` or breakdown.  It saves the ~10 Python
+    and torch calls per step (5-20 us each), which cost as much as the arithmetic at
+    n = 4096.
+
+    Parameters
+    ----------
+    matrix : CSRMatrix
+        The (preconditioned) operator, square ``[n, n]``, on the CPU.
+    basis : Tensor[rows >= kc + steps + 1, n]
+        Same dtype as ``matrix``, rows contiguous: rows ``[:kc]`` hold the orthonormal
+        recycled ``C``; rows ``kc:kc + j + 1`` receive ``V`` (row ``kc + j + 1`` holds the
+        unnormalized remainder after a breakdown).
+    kc : int
+        Recycled vectors (>= 0).
+    r : Tensor[n]
+        Starting residual (orthogonal to ``C``), contiguous, the matrix's dtype.
+    beta : float
+        ``||r||`` (> 0).
+    steps : int
+        Maximum number of steps (>= 1).
+    target : float
+        Stop once ``|g_{j+1}| <= target`` (>= 0).
+    bnorm : float
+        ``||b||`` (> 0), to make the history relative.
+    n_chunks : int, optional
+        Split the n entries into this many tasks (default: by work, at most
+        ``torch.get_num_threads()``); results depend on it at rounding level only.
+
+    Raises
+    ------
+    ValueError
+        An argument of the wrong shape, dtype, device or layout, or out of range.
+    """
+    from .operators import CSRMatrix  # operators imports this module
+
+    if not isinstance(matrix, CSRMatrix):
+        raise TypeError(f"arnoldi: matrix must be a CSRMatrix; got {type(matrix).__name__}")
+    n = matrix.shape[0]
+    if matrix.shape[1] != n or n == 0:
+        raise ValueError(f"arnoldi: matrix has shape {matrix.shape}; expected a non-empty square matrix (n, n)")
+    if matrix.device.type != "cpu":
+        raise ValueError(f"arnoldi: matrix is on {matrix.device}; the fused cycle runs on the CPU")
+    kc = _check_int("kc", kc, 0)
+    steps = _check_int("steps", steps, 1)
+    beta = _check_float("beta", beta, positive=True)
+    target = _check_float("target", target, positive=False)
+    bnorm = _check_float("bnorm", bnorm, positive=True)
+    for name, tensor, dim in (("basis", basis, 2), ("r", r, 1)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != dim:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"arnoldi: {name} must be a {dim}-D tensor; got {got}")
+        if tensor.dtype != matrix.dtype or tensor.device != matrix.device:
+            raise ValueError(f"arnoldi: {name} has dtype {tensor.dtype} on {tensor.device}; expected the matrix's "
+                             f"{matrix.dtype} on {matrix.device}")
+    if basis.shape[0] < kc + steps + 1 or basis.shape[1] != n:
+        raise ValueError(f"arnoldi: basis has shape {tuple(basis.shape)}; expected (>= kc + steps + 1, n) = "
+                         f"(>= {kc + steps + 1}, {n})")
+    if basis.stride(1) != 1 or basis.stride(0) < n:
+        raise ValueError(f"arnoldi: basis must have contiguous rows; got strides {basis.stride()}")
+    if r.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
+        raise ValueError("arnoldi: r must not share memory with basis (the cycle overwrites the basis rows)")
+    if r.shape != (n,) or not r.is_contiguous():
+        raise ValueError(f"arnoldi: r has shape {tuple(r.shape)} (contiguous: {r.is_contiguous()}); "
+                         f"expected a contiguous ({n},)")
+    threads = torch.get_num_threads()
+    if n_chunks is None:
+        n_chunks = max(1, min(threads, (kc + steps + 1) * n // _WORK_PER_TASK))
+    n_chunks = _check_int("n_chunks", n_chunks, 1)
+    if n_chunks > n:
+        raise ValueError(f"arnoldi: n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
+    hessenberg = np.zeros((kc + steps + 1, steps))
+    rotated = np.zeros((steps, steps))
+    g = np.zeros(steps + 1)
+    givens = np.empty(2 * steps)
+    history = np.zeros(steps)
+    ext = extension()
+    workspace = _buffer(basis.device, basis.dtype, ext.krylov_arnoldi_workspace(kc=kc, steps=steps, n_chunks=n_chunks))
+    taken, breakdown = ext.krylov_arnoldi_cpu(
+        row_ptr=matrix.row_ptr.data_ptr(), col_idx=matrix.col_idx.data_ptr(), values=matrix.values.data_ptr(),
+        basis=basis.data_ptr(), r=r.data_ptr(), hessenberg=hessenberg.ctypes.data, rotated=rotated.ctypes.data,
+        g=g.ctypes.data, givens=givens.ctypes.data, history=history.ctypes.data, workspace=workspace.data_ptr(),
+        n=n, q_stride=basis.stride(0), kc=kc, steps=steps, n_chunks=n_chunks, beta=beta, target=target, bnorm=bnorm,
+        dtype=FLOAT_CODES[basis.dtype], index_type=INDEX_CODES[matrix.row_ptr.dtype], num_threads=threads)
+    return ArnoldiOutput(taken, breakdown, hessenberg, rotated, g, history)

@@ -60,6 +60,7 @@ class GCRODR:
             raise ValueError(f"GCRODR: k must be smaller than m; got m = {self.m}, k = {self.k}")
         self.maxiter = None if maxiter is None else check_positive_int("GCRODR", "maxiter", maxiter)
         self.M = M
+        self._basis: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self) -> None:
@@ -105,7 +106,7 @@ class GCRODR:
         U, C = self.U, self.C
         if U is not None and (C is None or system.key != self._key):
             C, U = refresh(system.apply, U)
-        basis = torch.empty(self.m + 1, n, dtype=system.b.dtype, device=system.b.device)
+        basis = self._workspace(n, system.b)
         x = system.x0
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
@@ -135,7 +136,7 @@ class GCRODR:
             for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
                 basis[row].copy_(C[row])
             steps = min(self.m - kc, maxiter - iterations)
-            cycle = arnoldi_cycle(system.apply, basis, kc, r, rnorm, steps, target, history, bnorm)
+            cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
             y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
@@ -159,6 +160,17 @@ class GCRODR:
         if converged:
             status = "converged"
         return x, SolveInfo(converged, iterations, system.matvecs, history, true_residual, status, cycles)
+
+    def _workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The ``[m + 1, n]`` basis buffer, kept between solves of one size, dtype and device.
+
+        A fresh 1.3 MB (Darcy 64 x 64) to 5.4 MB (128 x 128) buffer per solve costs its page
+        faults every time; the recycled U and C never live in it (they are separate tensors).
+        """
+        basis = self._basis
+        if basis is None or basis.shape[1] != n or basis.dtype != like.dtype or basis.device != like.device:
+            basis = self._basis = torch.empty(self.m + 1, n, dtype=like.dtype, device=like.device)
+        return basis
 
     @staticmethod
     def _true_residual(system: System, x: torch.Tensor):

@@ -19,6 +19,8 @@ def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optio
     Arnoldi with classical Gram-Schmidt and selective reorthogonalization (BLAS-2),
     Givens rotations for the running residual, the residual recomputed from ``x`` at
     every restart.  It is GCRO-DR with no recycled vectors (:class:`GCRODR` ``(m, 0)``).
+    On the CPU, with a matrix (or a matrix and ``M='jacobi'`` or a diagonal ``M``), each
+    restart cycle runs as one C++ call; with a callable ``A`` or ``M``, or on CUDA, step by step.
 
     Parameters
     ----------

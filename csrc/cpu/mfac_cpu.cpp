@@ -13,6 +13,7 @@
 // at the end, so the rounding error grows with kChunk / 16 + dim / kChunk + threads,
 // not with dim.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -284,29 +285,98 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
   });
 }
 
-void mfac_cholesky_solve_cpu(const double* L, int64_t l_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {
+void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {
   LOWRANK_CHECK(n >= 0 && k >= 0, "mfac_cholesky_solve: sizes must be non-negative; got n = ", n, ", k = ", k);
   if (n == 0 || k == 0) return;
-  LOWRANK_CHECK(L != nullptr && B != nullptr, "mfac_cholesky_solve: null pointer");
-  LOWRANK_CHECK(l_ld >= n && b_ld >= n, "mfac_cholesky_solve: row strides must be >= n = ", n, "; got l_ld = ", l_ld,
+  LOWRANK_CHECK(U != nullptr && B != nullptr, "mfac_cholesky_solve: null pointer");
+  LOWRANK_CHECK(u_ld >= n && b_ld >= n, "mfac_cholesky_solve: row strides must be >= n = ", n, "; got u_ld = ", u_ld,
                 ", b_ld = ", b_ld);
   for (int64_t row = 0; row < k; ++row) {
     double* b = B + row * b_ld;
-    // L y = b: row i of L is contiguous.
-    for (int64_t i = 0; i < n; ++i) {
-      const double* l = L + i * l_ld;
-      double sum = b[i];
-      for (int64_t j = 0; j < i; ++j) sum -= l[j] * b[j];
-      b[i] = sum / l[i];
+    // U^T y = b, column-oriented: row j of U is contiguous.
+    for (int64_t j = 0; j < n; ++j) {
+      const double* u = U + j * u_ld;
+      const double yj = b[j] / u[j];
+      b[j] = yj;
+      for (int64_t i = j + 1; i < n; ++i) b[i] -= u[i] * yj;
     }
-    // L^T x = y, column-oriented so that L is still read by rows.
+    // U x = y, as dot products with the rows of U.
     for (int64_t i = n - 1; i >= 0; --i) {
-      const double* l = L + i * l_ld;
-      b[i] /= l[i];
-      const double xi = b[i];
-      for (int64_t j = 0; j < i; ++j) b[j] -= l[j] * xi;
+      const double* u = U + i * u_ld;
+      double sum = b[i];
+      for (int64_t j = i + 1; j < n; ++j) sum -= u[j] * b[j];
+      b[i] = sum / u[i];
     }
   }
+}
+
+bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work) {
+  LOWRANK_CHECK(n >= 1 && s >= 0 && s < n, "mfac_cholesky_replace: need 0 <= s < n; got s = ", s, ", n = ", n);
+  LOWRANK_CHECK(U != nullptr && row != nullptr && work != nullptr, "mfac_cholesky_replace: null pointer");
+  LOWRANK_CHECK(u_ld >= n, "mfac_cholesky_replace: u_ld must be >= n = ", n, "; got ", u_ld);
+  const int64_t p = n - s - 1;  // size of the trailing block
+  double* y = work;             // [s]: the new column s above the diagonal
+  double* up = work + s;        // [p]: the old row s right of the diagonal (added back)
+  double* down = up + p;        // [p]: the new one (taken out)
+  // y = U11^-T row[:s] (forward substitution, column-oriented on the rows of U11).
+  std::copy(row, row + s, y);
+  for (int64_t j = 0; j < s; ++j) {
+    const double* u = U + j * u_ld;
+    y[j] /= u[j];
+    for (int64_t i = j + 1; i < s; ++i) y[i] -= u[i] * y[j];
+  }
+  double diag = row[s];
+  for (int64_t j = 0; j < s; ++j) diag -= y[j] * y[j];
+  if (!(diag > 0.0)) return false;
+  diag = std::sqrt(diag);
+  // New row s right of the diagonal: (row[s+1:] - U13^T y) / diag, accumulated over the rows of U13.
+  std::copy(row + s + 1, row + n, down);
+  for (int64_t j = 0; j < s; ++j) {
+    const double* u = U + j * u_ld + s + 1;
+    const double yj = y[j];
+    for (int64_t i = 0; i < p; ++i) down[i] -= u[i] * yj;
+  }
+  for (int64_t i = 0; i < p; ++i) down[i] /= diag;
+  double* urow = U + s * u_ld;
+  std::copy(urow + s + 1, urow + n, up);
+  for (int64_t j = 0; j < s; ++j) U[j * u_ld + s] = y[j];
+  urow[s] = diag;
+  std::copy(down, down + p, urow + s + 1);
+  // Trailing block: U33^T U33 + up up^T - down down^T, one sweep of its rows, each row
+  // receiving the update rotation and then the (hyperbolic) downdate rotation of its
+  // column.  Doing the update first keeps every intermediate positive definite, so only
+  // the final matrix's definiteness (K's) can fail the downdate.
+  for (int64_t k = 0; k < p; ++k) {
+    double* u = U + (s + 1 + k) * u_ld + s + 1;
+    const int64_t rest = p - k - 1;
+    {
+      const double r = std::hypot(u[k], up[k]);
+      const double c = r / u[k], sn = up[k] / u[k], inv_c = u[k] / r;
+      u[k] = r;
+      double* a = u + k + 1;
+      double* v = up + k + 1;
+      for (int64_t i = 0; i < rest; ++i) {
+        const double ai = (a[i] + sn * v[i]) * inv_c;
+        v[i] = c * v[i] - sn * ai;
+        a[i] = ai;
+      }
+    }
+    {
+      const double d2 = (u[k] - down[k]) * (u[k] + down[k]);
+      if (!(d2 > 0.0)) return false;
+      const double r = std::sqrt(d2);
+      const double c = r / u[k], sn = down[k] / u[k], inv_c = u[k] / r;
+      u[k] = r;
+      double* a = u + k + 1;
+      double* v = down + k + 1;
+      for (int64_t i = 0; i < rest; ++i) {
+        const double ai = (a[i] - sn * v[i]) * inv_c;
+        v[i] = c * v[i] - sn * ai;
+        a[i] = ai;
+      }
+    }
+  }
+  return true;
 }
 
 }  // namespace lowrank_ops

@@ -119,6 +119,8 @@ class MFACInverse:
         self._factor: Optional[torch.Tensor] = None  # upper U with U^T U = K (float64, contiguous)
         self._updates_since_factor = 0  # rank updates applied to _factor since it was computed
         self._work: Optional[torch.Tensor] = None  # workspace of the rank update, [2 ngrads] float64
+        #: O(m^2) rank updates of the factor applied so far (CPU, full window).
+        self.rank_updates = 0
         #: Rank updates abandoned because the downdate found ``K`` not numerically positive
         #: definite (the factor is then recomputed from the Gram matrix).
         self.downdate_fallbacks = 0
@@ -201,6 +203,7 @@ class MFACInverse:
                                                    row=k_row.data_ptr(), work=self._work.data_ptr())
         if ok:
             self._updates_since_factor += 1
+            self.rank_updates += 1
         else:
             self.downdate_fallbacks += 1
             self._factor = None

@@ -130,6 +130,14 @@ LOWRANK_OPS_BINDINGS(mfac) {
       "Solves (U^T U) x = b in place for the k rows of B [k, n] (float64, U upper triangular [n, n]).",
       py::kw_only(), "U"_a, "u_ld"_a, "b"_a, "b_ld"_a, "n"_a, "k"_a);
   m.def(
+      "mfac_cholesky_factor_cpu",
+      [](std::uintptr_t A, int64_t a_ld, int64_t n) -> int64_t {
+        py::gil_scoped_release release;
+        return mfac_cholesky_factor_cpu(reinterpret_cast<double*>(A), a_ld, n);
+      },
+      "In-place upper Cholesky factor of A [n, n] (float64); returns 0 or the 1-based failing column.",
+      py::kw_only(), "A"_a, "a_ld"_a, "n"_a);
+  m.def(
       "mfac_cholesky_replace_cpu",
       [](std::uintptr_t U, int64_t u_ld, int64_t n, int64_t s, std::uintptr_t row, std::uintptr_t work) -> bool {
         py::gil_scoped_release release;

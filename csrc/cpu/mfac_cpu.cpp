@@ -310,6 +310,30 @@ void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b
   }
 }
 
+int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n) {
+  LOWRANK_CHECK(n >= 0, "mfac_cholesky_factor: n must be non-negative; got ", n);
+  if (n == 0) return 0;
+  LOWRANK_CHECK(A != nullptr, "mfac_cholesky_factor: null pointer");
+  LOWRANK_CHECK(a_ld >= n, "mfac_cholesky_factor: a_ld must be >= n = ", n, "; got ", a_ld);
+  // Right-looking, by rows of U: row k of U is row k of the updated trailing matrix over
+  // its pivot; then every later row i takes away U[k, i] * U[k, i:] (contiguous axpys).
+  for (int64_t k = 0; k < n; ++k) {
+    double* uk = A + k * a_ld;
+    if (!(uk[k] > 0.0)) return k + 1;
+    const double pivot = std::sqrt(uk[k]);
+    const double inv = 1.0 / pivot;
+    uk[k] = pivot;
+    for (int64_t j = k + 1; j < n; ++j) uk[j] *= inv;
+    for (int64_t i = k + 1; i < n; ++i) {
+      double* ai = A + i * a_ld;
+      const double f = uk[i];
+      for (int64_t j = i; j < n; ++j) ai[j] -= f * uk[j];
+    }
+  }
+  for (int64_t i = 1; i < n; ++i) std::fill(A + i * a_ld, A + i * a_ld + i, 0.0);
+  return 0;
+}
+
 bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work) {
   LOWRANK_CHECK(n >= 1 && s >= 0 && s < n, "mfac_cholesky_replace: need 0 <= s < n; got s = ", s, ", n = ", n);
   LOWRANK_CHECK(U != nullptr && row != nullptr && work != nullptr, "mfac_cholesky_replace: null pointer");

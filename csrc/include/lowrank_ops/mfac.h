@@ -66,6 +66,13 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads);
 // O(k n^2).
 void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k);
 
+// Cholesky factorization in place: A [n, n] (float64, row stride a_ld; only its upper
+// triangle is read) becomes U, upper triangular with U^T U = A, zeros below the
+// diagonal.  Returns 0, or the 1-based column whose pivot was not positive (A not
+// numerically positive definite).  O(n^3 / 3), single-threaded for the reason above:
+// the CPU path refactors K with it for n <= a few hundred (where it takes milliseconds).
+int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
+
 // Rank update of the factor after the window replaced one gradient: U^T U = K on entry;
 // on success U^T U = K' where K' is K with row and column s replaced by row [n] (the new
 // row of K, diagonal included).  O(n^2): a forward substitution for the new column s,

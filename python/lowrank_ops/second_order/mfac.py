@@ -45,6 +45,10 @@ from ..ops.mfac import compute_dtype
 __all__ = ["MFACInverse"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Up to this window size the CPU factors K with _C's single-threaded Cholesky (under
+# 10 ms): torch's threaded LAPACK call leaves its OpenMP workers spinning on the cores
+# the next pass needs (a 32 x 32 factorization cost 6 ms per call that way, on 2 cores).
+_SERIAL_CHOLESKY_MAX = 512
 
 
 def _check_damp(damp: float, op: str) -> float:
@@ -233,7 +237,11 @@ class MFACInverse:
             n = self.n
             K = self.gram[:n, :n].clone()
             K.diagonal().add_(n * self.damp)
-            factor, info = torch.linalg.cholesky_ex(K, upper=True)
+            if K.device.type == "cpu" and n <= _SERIAL_CHOLESKY_MAX:
+                factor = K  # factored in place, single-threaded (see _SERIAL_CHOLESKY_MAX)
+                info = extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.stride(0), n=n)
+            else:
+                factor, info = torch.linalg.cholesky_ex(K, upper=True)
             if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
                 raise RuntimeError(
                     f"MFACInverse: the Cholesky factorization of n*damp*I + G G^T failed at column {int(info)}; "

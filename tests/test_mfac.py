@@ -253,6 +253,9 @@ def test_factor_rank_update_fallback(generator):
     K = torch.eye(3, dtype=torch.float64)
     K[0], K[:, 0] = good, good
     torch.testing.assert_close(U, torch.linalg.cholesky(K, upper=True), rtol=0, atol=1e-15)
+    # The single-threaded factorization reports the first non-positive pivot (1-based).
+    K = torch.tensor([[4.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert ext.mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=3, n=3) == 2
     with pytest.raises(ValueError, match="need 0 <= s < n; got s = 3, n = 3"):
         ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=3, row=good.data_ptr(), work=work.data_ptr())
 

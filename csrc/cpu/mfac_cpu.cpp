@@ -161,6 +161,18 @@ inline int threads_for(int64_t elements, int num_threads, int64_t dim) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, dim / kChunk + 1)));
 }
 
+// Column ranges per pass: up to kTasksPerThread per thread (at least kChunk columns
+// each), claimed dynamically.  The buffer is streamed once per pass, so no range gains
+// from staying on one core; what matters is that a thread kept off its core (by another
+// process, or torch's OpenMP team spinning after its last op) delays the pass by one
+// small range at most, the others taking the rest (parallel.h).
+constexpr int64_t kTasksPerThread = 4;
+
+inline int64_t tasks_for(int threads, int64_t dim) {
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(threads, std::min<int64_t>(kTasksPerThread * threads, dim / kChunk));
+}
+
 template <class T>
 void dots_typed(const MfacDotsParams& p, int num_threads) {
   using A = acc_t<T>;
@@ -168,7 +180,7 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
   const A* x = static_cast<const A*>(p.x);
   A* out = static_cast<A*>(p.out);
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
-  const int64_t n_tasks = threads;
+  const int64_t n_tasks = tasks_for(threads, p.dim);
   const int64_t width = p.k * p.n_rows;
   std::vector<A> partial(static_cast<size_t>(n_tasks * width), A(0));
   parallel_for(n_tasks, threads, [&](int64_t task) {
@@ -230,8 +242,9 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   // Chunk width so that the k accumulator rows fit in L1 (32 KB of fp32).
   const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
-  parallel_for(threads, threads, [&](int64_t task) {
-    const int64_t begin = range_begin(task, threads, p.dim), end = range_begin(task + 1, threads, p.dim);
+  const int64_t n_tasks = tasks_for(threads, p.dim);
+  parallel_for(n_tasks, threads, [&](int64_t task) {
+    const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
     std::vector<A> acc(static_cast<size_t>(p.k * chunk));
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t n = std::min(chunk, end - c0);

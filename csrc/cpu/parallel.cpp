@@ -17,10 +17,15 @@ namespace {
 
 thread_local bool in_parallel_region = false;
 
-// How long an idle worker polls for the next region before sleeping.  Waking a
+// How long an idle worker polls for the next region before sleeping: busy for
+// kSpinWindow, then yielding its core at every poll (so that any other runnable thread
+// there, e.g. one of torch's OpenMP workers, runs first) until kYieldWindow.  Waking a
 // sleeping thread costs tens of microseconds on virtual machines, as much as a whole
-// SpMV; back-to-back calls (solver iterations) arrive well within this window.
+// SpMV, and on a loaded machine the woken thread may wait for a core much longer;
+// back-to-back calls (solver iterations, the two passes of an M-FAC step around
+// Python-side work) arrive within these windows.
 constexpr auto kSpinWindow = std::chrono::microseconds(200);
+constexpr auto kYieldWindow = std::chrono::microseconds(2000);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -108,12 +113,19 @@ class ThreadPool {
 
   // Waits for a region word of a generation other than `seen`; returns that word.
   uint64_t wait_for_region(uint64_t seen) {
-    const auto deadline = std::chrono::steady_clock::now() + kSpinWindow;
+    const auto start = std::chrono::steady_clock::now();
+    bool yielding = false;
     for (int spins = 0;; ++spins) {
       const uint64_t word = region_.load(std::memory_order_acquire);
       if (generation_of(word) != seen) return word;
-      if ((spins & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
-      cpu_relax();
+      if (yielding) {
+        std::this_thread::yield();
+        if (std::chrono::steady_clock::now() - start > kYieldWindow) break;
+      } else if ((spins & 63) == 63) {
+        yielding = std::chrono::steady_clock::now() - start > kSpinWindow;
+      } else {
+        cpu_relax();
+      }
     }
     std::unique_lock<std::mutex> lock(mutex_);
     work_cv_.wait(lock, [&] { return generation_of(region_.load(std::memory_order_acquire)) != seen; });

@@ -2,16 +2,16 @@
 // (mfac_dots) and alpha x + beta G^T c (mfac_combine).  See lowrank_ops/mfac.h.
 //
 // Both passes are memory-bound streams over G (2 flops per element read): their floor
-// is n_rows * dim * sizeof(storage) bytes each.  Threads split the columns, never the
-// rows: a thread walks its column range in chunks of kChunk columns, and for each chunk
-// visits every row.  The chunk of x (or of the output accumulators) stays in L1 while
+// is n_rows * dim * sizeof(storage) bytes each.  Tasks split the columns, never the
+// rows: a task walks its column range in chunks of kChunk columns, and for each chunk
+// visits every row.  The chunk of x (or of the output accumulators) stays in L1/L2 while
 // the rows' chunks are streamed from memory once, so x is read once per pass instead of
 // once per row (which would double the traffic for fp32 storage at k = 1).
 //
 // Accuracy: each chunk's dot product runs over 2 * SIMD-lanes independent partial sums
-// (16 for fp32); chunk sums are accumulated per thread and the threads' partials summed
-// at the end, so the rounding error grows with kChunk / 16 + dim / kChunk + threads,
-// not with dim.
+// (16 for fp32); chunk sums are accumulated per task and the tasks' partials summed in
+// task order at the end (deterministic whichever thread ran a task), so the rounding
+// error grows with kChunk / 16 + dim / kChunk + tasks, not with dim.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -89,8 +89,9 @@ inline auto horizontal_sum(V v) {
 
 // Software prefetch of a buffer row kPrefetchBytes ahead of the loads: the hardware
 // streamers stop at every 4 KB page and the kernels interleave several row streams, so
-// without it each page starts with demand misses (measured on 2 Sapphire Rapids cores,
-// buffer in L3: 30 -> ... GB/s per pass).  Harmless past the end (prefetches never fault).
+// without it each page starts with demand misses.  Measured on 2 Sapphire Rapids cores
+// (m = 256, d = 1e5, buffer in L3), against torch's MKL GEMV in the same run: G x went
+// from 0.83x to 1.04x its speed.  Harmless past the end (prefetches never fault).
 constexpr int kPrefetchBytes = 2048;
 
 template <class T>

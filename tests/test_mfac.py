@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lowrank_ops import reference
+from lowrank_ops._extension import extension
 from lowrank_ops.methods.mfac_pruning import collect_gradients, obs_prune, obs_scores
 from lowrank_ops.ops.mfac import mfac_combine, mfac_dots
 from lowrank_ops.optim import MFAC
@@ -187,6 +188,87 @@ def test_ihvp_matches_dense_solve(device, dtype, window):
     assert rel(inverse.ihvp(x[1].to(device, dtype)), out[1]) <= REL_BAR[dtype]
     if inverse_diag is not None:
         assert rel(inverse.diag(block_size=97), inverse_diag) <= REL_BAR[dtype]
+
+
+def _k_matrix(inverse):
+    n = inverse.n
+    K = inverse.gram[:n, :n].clone()
+    K.diagonal().add_(n * inverse.damp)
+    return K
+
+
+@pytest.mark.parametrize("ngrads, dim, updates", [(1, 9, 12), (4, 30, 41), (37, 300, 200), (64, 48, 260)])
+def test_factor_rank_update_matches_fresh_cholesky(generator, ngrads, dim, updates):
+    """The O(m^2) factor update, after every replacement, against a fresh float64 Cholesky.
+
+    Covers m = 1, every slot of the ring (several wraps), m > d (K's Gram part singular:
+    only the damping keeps it definite) and chains of up to ngrads updates between
+    refreshes.  Bounds: a Cholesky factor and each rotation sweep are backward stable,
+    ``|U^T U - K| <= c n u |K|`` per operation (Higham, ch. 10; Stewart 1979 for the
+    up/downdate), so after j <= ngrads updates the backward error is <= (j + 1) c n u
+    with c = 4 here; the forward error of U against the fresh factor is bounded by the
+    backward error times cond(K) (Sun's perturbation bound for Cholesky, up to a factor
+    of order 1), measured here per step.
+    """
+    u = 2.0**-53
+    # Small damping: cond(K) ~ 300 in the m > d case.
+    inverse = MFACInverse(dim, ngrads, 1e-3, dtype=torch.float64)
+    for step in range(updates):
+        inverse.update(randn(dim, dtype=torch.float64, generator=generator) * 0.3)
+        U = inverse._cholesky()
+        K = _k_matrix(inverse)
+        n = inverse.n
+        chain = inverse._updates_since_factor
+        backward = float((U.T @ U - K).abs().max() / K.abs().max())
+        assert backward <= 4 * n * u * (chain + 1), (step, chain, backward)
+        fresh = torch.linalg.cholesky(K, upper=True)
+        cond = float(torch.linalg.cond(K))
+        forward = float((U - fresh).abs().max() / fresh.abs().max())
+        assert forward <= 4 * n * u * (chain + 1) * cond, (step, chain, forward, cond)
+    # Every replacement after the window filled went through the rank update, except one
+    # refresh after each chain of ngrads updates (the factor is rebuilt every step here).
+    replacements = updates - ngrads
+    assert inverse.downdate_fallbacks == 0
+    assert inverse.rank_updates == replacements - replacements // (ngrads + 1) > 0
+
+
+def test_factor_rank_update_fallback(generator):
+    """A replacement row that makes K indefinite fails the update; the factor is then rebuilt."""
+    U = torch.eye(3, dtype=torch.float64)
+    work = torch.empty(6, dtype=torch.float64)
+    ext = extension()
+    # New diagonal not positive after the substitution: row (0.5, 2, 0) in slot 0 of K = I.
+    bad_pivot = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
+    assert not ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=0, row=bad_pivot.data_ptr(),
+                                             work=work.data_ptr())
+    # Slot 0's own pivot fine (row 0 of K' = (4, 3, 0)), but the trailing block 1 - 9/4 < 0: the downdate fails.
+    U = torch.eye(3, dtype=torch.float64)
+    bad_downdate = torch.tensor([4.0, 3.0, 0.0], dtype=torch.float64)
+    assert not ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=0, row=bad_downdate.data_ptr(),
+                                             work=work.data_ptr())
+    # A definite replacement succeeds and matches a fresh factor.
+    U = torch.eye(3, dtype=torch.float64)
+    good = torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64)
+    assert ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=0, row=good.data_ptr(), work=work.data_ptr())
+    K = torch.eye(3, dtype=torch.float64)
+    K[0], K[:, 0] = good, good
+    torch.testing.assert_close(U, torch.linalg.cholesky(K, upper=True), rtol=0, atol=1e-15)
+    # The single-threaded factorization reports the first non-positive pivot (1-based).
+    K = torch.tensor([[4.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    assert ext.mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=3, n=3) == 2
+    with pytest.raises(ValueError, match="need 0 <= s < n; got s = 3, n = 3"):
+        ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=3, row=good.data_ptr(), work=work.data_ptr())
+
+    # Through MFACInverse: an indefinite row (what rounding can produce for a nearly
+    # singular K) is counted, the factor dropped and rebuilt from the Gram matrix.
+    inverse = MFACInverse(20, 3, 0.5, dtype=torch.float64)
+    for g in gradients(4, 20, generator):
+        inverse.update(g)
+    inverse._cholesky()
+    inverse._replace_factor_row(1, -inverse.gram[1, :3])
+    assert inverse.downdate_fallbacks == 1 and inverse._factor is None
+    x = randn(20, dtype=torch.float64, generator=generator)
+    assert rel(inverse.ihvp(x), reference.mfac_ihvp(inverse.grads, 0.5, x)) <= 1e-10
 
 
 def test_bf16_storage(device, generator):

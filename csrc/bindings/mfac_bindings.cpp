@@ -123,12 +123,30 @@ LOWRANK_OPS_BINDINGS(mfac) {
       "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "device"_a, "stream"_a);
   m.def(
       "mfac_cholesky_solve_cpu",
-      [](std::uintptr_t L, int64_t l_ld, std::uintptr_t b, int64_t b_ld, int64_t n, int64_t k) {
+      [](std::uintptr_t U, int64_t u_ld, std::uintptr_t b, int64_t b_ld, int64_t n, int64_t k) {
         py::gil_scoped_release release;
-        mfac_cholesky_solve_cpu(reinterpret_cast<const double*>(L), l_ld, reinterpret_cast<double*>(b), b_ld, n, k);
+        mfac_cholesky_solve_cpu(reinterpret_cast<const double*>(U), u_ld, reinterpret_cast<double*>(b), b_ld, n, k);
       },
-      "Solves (L L^T) x = b in place for the k rows of B [k, n] (float64, L lower triangular [n, n]).",
-      py::kw_only(), "L"_a, "l_ld"_a, "b"_a, "b_ld"_a, "n"_a, "k"_a);
+      "Solves (U^T U) x = b in place for the k rows of B [k, n] (float64, U upper triangular [n, n]).",
+      py::kw_only(), "U"_a, "u_ld"_a, "b"_a, "b_ld"_a, "n"_a, "k"_a);
+  m.def(
+      "mfac_cholesky_factor_cpu",
+      [](std::uintptr_t A, int64_t a_ld, int64_t n) -> int64_t {
+        py::gil_scoped_release release;
+        return mfac_cholesky_factor_cpu(reinterpret_cast<double*>(A), a_ld, n);
+      },
+      "In-place upper Cholesky factor of A [n, n] (float64); returns 0 or the 1-based failing column.",
+      py::kw_only(), "A"_a, "a_ld"_a, "n"_a);
+  m.def(
+      "mfac_cholesky_replace_cpu",
+      [](std::uintptr_t U, int64_t u_ld, int64_t n, int64_t s, std::uintptr_t row, std::uintptr_t work) -> bool {
+        py::gil_scoped_release release;
+        return mfac_cholesky_replace_cpu(reinterpret_cast<double*>(U), u_ld, n, s, reinterpret_cast<const double*>(row),
+                                         reinterpret_cast<double*>(work));
+      },
+      "O(n^2) update of the upper Cholesky factor U (float64, in place) after row/column s of K became row [n];\n"
+      "False when K' is not numerically positive definite (U is then invalid: refactor).",
+      py::kw_only(), "U"_a, "u_ld"_a, "n"_a, "s"_a, "row"_a, "work"_a);
 }
 
 }  // namespace lowrank_ops

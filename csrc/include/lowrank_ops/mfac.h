@@ -57,12 +57,32 @@ void check_mfac_combine_params(const MfacCombineParams& p);
 void mfac_dots_cpu(const MfacDotsParams& p, int num_threads);
 void mfac_combine_cpu(const MfacCombineParams& p, int num_threads);
 
-// Solves (L L^T) x = b in place for each of the k rows b of B [k, n] (row stride b_ld),
-// with L [n, n] lower triangular, float64, row stride l_ld: the m x m step of an IHVP
-// between the two passes.  Single-threaded on purpose: a threaded LAPACK call there
-// leaves OpenMP workers spinning on the cores the next pass's threads need (measured:
-// the following pass took 3.8 ms longer at m = 256, d = 1e5 on 2 cores).  O(k n^2).
-void mfac_cholesky_solve_cpu(const double* L, int64_t l_ld, double* B, int64_t b_ld, int64_t n, int64_t k);
+// Solves (U^T U) x = b in place for each of the k rows b of B [k, n] (row stride b_ld),
+// with U [n, n] upper triangular, float64, row stride u_ld (the Cholesky factor of K,
+// stored upper so that its columns in the lower view are contiguous rows here): the
+// m x m step of an IHVP between the two passes.  Single-threaded on purpose: a threaded
+// LAPACK call there leaves OpenMP workers spinning on the cores the next pass's threads
+// need (measured: the following pass took 3.8 ms longer at m = 256, d = 1e5 on 2 cores).
+// O(k n^2).
+void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k);
+
+// Cholesky factorization in place: A [n, n] (float64, row stride a_ld; only its upper
+// triangle is read) becomes U, upper triangular with U^T U = A, zeros below the
+// diagonal.  Returns 0, or the 1-based column whose pivot was not positive (A not
+// numerically positive definite).  O(n^3 / 3), single-threaded for the reason above:
+// the CPU path refactors K with it for n <= a few hundred (where it takes milliseconds).
+int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
+
+// Rank update of the factor after the window replaced one gradient: U^T U = K on entry;
+// on success U^T U = K' where K' is K with row and column s replaced by row [n] (the new
+// row of K, diagonal included).  O(n^2): a forward substitution for the new column s,
+// then one sweep of the trailing block applying, per column, the rank-1 update with the
+// old row s of U and the rank-1 downdate with the new one (LINPACK dchud/dchdd-style
+// rotations; the update first, so every intermediate matrix stays positive definite).
+// Returns false when the new diagonal or a downdate pivot is not positive (K' not
+// numerically positive definite at working precision): U is then partly modified and
+// the caller must refactor K' from scratch.  work: 2 n doubles.  Single-threaded.
+bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work);
 
 // CUDA (csrc/cuda/mfac_cuda.cu).  mfac_dots needs a workspace of
 // mfac_dots_cuda_segments(n_rows, dim, k) * k * n_rows accumulators (partial sums per

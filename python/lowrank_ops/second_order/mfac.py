@@ -7,17 +7,24 @@ With the ``n`` gradients currently held as the rows of ``G [n, d]`` and a dampin
     F^-1 x = (x - G^T K^-1 G x) / lambda,    K = n lambda I_n + G G^T   (Woodbury)
 
 State: the ring buffer ``G`` (``ngrads`` rows, storage dtype), the Gram matrix ``G G^T``
-(float64, updated one row and column per new gradient from the fused pass), and a
-Cholesky factor of ``K`` recomputed lazily, once per change of the window, in float64.
+(float64, updated one row and column per new gradient from the fused pass), and the
+upper Cholesky factor ``U`` of ``K = U^T U`` in float64.
 
 Cost per optimizer step (:meth:`MFACInverse.update_ihvp`): one fused pass over ``G`` that
 writes the new gradient into its slot and returns ``G g`` (the new Gram row, and the
-first half of the IHVP), an ``O(m^3 / 3)`` Cholesky and ``O(m^2)`` solves, and one pass
+first half of the IHVP), an ``O(m^2)`` update of the factor and solves, and one pass
 ``(g - G^T c) / lambda``: ``2 m d`` storage elements read, the floor for any method
-that touches all of ``G``.  The Cholesky is recomputed rather than rank-updated:
-replacing one row/column of ``K`` is a rank-2 indefinite change whose downdate half can
-lose definiteness in floating point, and at ``d >= 10 m`` the factorization costs a few
-percent of the passes (bench/bench_mfac.py records both).
+that touches all of ``G``.
+
+The factor: once the window is full, replacing gradient ``s`` replaces row and column
+``s`` of ``K``, a rank-2 symmetric change; the CPU updates ``U`` in ``O(m^2)`` (a
+triangular solve for the new column, then a rank-1 update and a rank-1 downdate of the
+trailing block, ``_C.mfac_cholesky_replace_cpu``, single-threaded) instead of the
+``O(m^3 / 3)`` refactorization.  ``U`` is refactored from the Gram matrix when the
+window size ``n`` or ``lambda`` changes (every diagonal entry moves), on CUDA, once every
+``ngrads`` rank updates (so rounding errors of the updates cannot accumulate beyond one
+ring cycle), and when a downdate finds the new ``K`` not numerically positive definite
+(counted in :attr:`MFACInverse.downdate_fallbacks`).
 
 Why float64 for the ``m x m`` work: ``K``'s condition number is up to
 ``1 + ||G||^2 / (n lambda)``; holding ``G G^T``, the factor and the solves in float64
@@ -33,11 +40,26 @@ import numpy as np
 import torch
 
 from .._extension import extension
-from ..ops.mfac import compute_dtype
+from ..ops.mfac import _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
 
 __all__ = ["MFACInverse"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Up to this window size the CPU factors K with _C's single-threaded Cholesky (under
+# 10 ms): torch's threaded LAPACK call leaves its OpenMP workers spinning on the cores
+# the next pass needs (a 32 x 32 factorization cost 6 ms per call that way, on 2 cores).
+_SERIAL_CHOLESKY_MAX = 512
+
+
+def _direct(*tensors: torch.Tensor) -> bool:
+    """Whether the passes may skip the dispatcher: CPU tensors and nothing to differentiate.
+
+    The ops' CPU implementations are then called directly, which saves the ~14 us per
+    call that torch's dispatcher spends on a Python-implemented op (measured on this
+    2-core machine; a step makes two calls, about 3 % of one at m = 32, d = 1e5).
+    """
+    grad = torch.is_grad_enabled()
+    return all(t.device.type == "cpu" and not (grad and t.requires_grad) for t in tensors)
 
 
 def _check_damp(damp: float, op: str) -> float:
@@ -109,7 +131,14 @@ class MFACInverse:
         self.device = self.grads.device
         self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
         self.count = 0  # gradients added since the last reset
-        self._factor: Optional[torch.Tensor] = None
+        self._factor: Optional[torch.Tensor] = None  # upper U with U^T U = K (float64, contiguous)
+        self._updates_since_factor = 0  # rank updates applied to _factor since it was computed
+        self._work: Optional[torch.Tensor] = None  # workspace of the rank update, [2 ngrads] float64
+        #: O(m^2) rank updates of the factor applied so far (CPU, full window).
+        self.rank_updates = 0
+        #: Rank updates abandoned because the downdate found ``K`` not numerically positive
+        #: definite (the factor is then recomputed from the Gram matrix).
+        self.downdate_fallbacks = 0
 
     @property
     def damp(self) -> float:
@@ -158,13 +187,42 @@ class MFACInverse:
             raise ValueError("MFACInverse.update: g has non-finite entries (inf or nan); the window is left unchanged")
         slot = self.count % self.ngrads
         n_new = min(self.count + 1, self.ngrads)
-        dots = torch.ops.lowrank_ops.mfac_dots_write_(self.grads, g.unsqueeze(0), n_new, slot)[0]
+        write = _mfac_dots_write if _direct(g) else torch.ops.lowrank_ops.mfac_dots_write_
+        dots = write(self.grads, g.unsqueeze(0), n_new, slot)[0]
         row = dots.to(torch.float64)
         self.gram[slot, :n_new] = row
         self.gram[:n_new, slot] = row
+        full = self.count >= self.ngrads  # n stays ngrads: only row/column slot of K changes
         self.count += 1
-        self._factor = None
+        if full:
+            self._replace_factor_row(slot, row)
+        else:  # n grew: every diagonal entry n * damp of K moved
+            self._factor = None
         return dots
+
+    def _replace_factor_row(self, slot: int, row: torch.Tensor) -> None:
+        """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)`` (CPU).
+
+        Falls back to a lazy refactorization on CUDA, without a factor yet, after
+        ``ngrads`` updates, and when the downdate fails (``downdate_fallbacks``).
+        """
+        factor = self._factor
+        if factor is None or factor.device.type != "cpu" or self._updates_since_factor >= self.ngrads:
+            self._factor = None
+            return
+        n = self.ngrads
+        k_row = row.clone()
+        k_row[slot] += n * self.damp
+        if self._work is None:
+            self._work = torch.empty(2 * n, dtype=torch.float64)
+        ok = extension().mfac_cholesky_replace_cpu(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot,
+                                                   row=k_row.data_ptr(), work=self._work.data_ptr())
+        if ok:
+            self._updates_since_factor += 1
+            self.rank_updates += 1
+        else:
+            self.downdate_fallbacks += 1
+            self._factor = None
 
     def update(self, g: torch.Tensor) -> None:
         """Adds gradient ``g [dim]`` to the window, replacing the oldest once full.
@@ -186,17 +244,23 @@ class MFACInverse:
 
     # ------------------------------------------------------------------ products
     def _cholesky(self) -> torch.Tensor:
+        """The upper factor ``U`` of ``K = U^T U`` (float64 ``[n, n]``, contiguous), computed if needed."""
         if self._factor is None:
             n = self.n
             K = self.gram[:n, :n].clone()
             K.diagonal().add_(n * self.damp)
-            factor, info = torch.linalg.cholesky_ex(K)
+            if K.device.type == "cpu" and n <= _SERIAL_CHOLESKY_MAX:
+                factor = K  # factored in place, single-threaded (see _SERIAL_CHOLESKY_MAX)
+                info = extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.stride(0), n=n)
+            else:
+                factor, info = torch.linalg.cholesky_ex(K, upper=True)
             if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
                 raise RuntimeError(
                     f"MFACInverse: the Cholesky factorization of n*damp*I + G G^T failed at column {int(info)}; "
                     "the gradients overflow the Gram matrix (rescale them)"
                 )
-            self._factor = factor.contiguous()  # row-major, as the CPU substitution reads it
+            self._factor = factor.contiguous()  # row-major, as the CPU substitution and update read it
+            self._updates_since_factor = 0
         return self._factor
 
     def _apply(self, x: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
@@ -204,7 +268,8 @@ class MFACInverse:
         if n == 0:
             return x / self.damp
         coef = self._solve_gram(dots)
-        return torch.ops.lowrank_ops.mfac_combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
+        combine = _mfac_combine if _direct(coef, x) else torch.ops.lowrank_ops.mfac_combine
+        return combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
 
     def _solve_gram(self, dots: torch.Tensor) -> torch.Tensor:
         """``K^-1 dots^T`` as rows ``[k, n]`` (compute dtype), ``K = n damp I + G G^T``.
@@ -217,10 +282,10 @@ class MFACInverse:
         factor = self._cholesky()
         if dots.device.type == "cpu" and not (torch.is_grad_enabled() and dots.requires_grad):
             rows = dots.to(torch.float64, copy=True).contiguous()
-            extension().mfac_cholesky_solve_cpu(L=factor.data_ptr(), l_ld=factor.stride(0), b=rows.data_ptr(),
+            extension().mfac_cholesky_solve_cpu(U=factor.data_ptr(), u_ld=factor.stride(0), b=rows.data_ptr(),
                                                 b_ld=rows.stride(0), n=rows.shape[1], k=rows.shape[0])
             return rows.to(self.dtype)
-        return torch.cholesky_solve(dots.T.to(torch.float64), factor).T.to(self.dtype)
+        return torch.cholesky_solve(dots.T.to(torch.float64), factor, upper=True).T.to(self.dtype)
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
@@ -230,7 +295,8 @@ class MFACInverse:
         x = self._check_vectors(x, "x", "ihvp")
         squeeze = x.dim() == 1
         X = x.unsqueeze(0) if squeeze else x
-        out = self._apply(X, torch.ops.lowrank_ops.mfac_dots(self.grads, X, self.n))
+        dots = _mfac_dots if _direct(X) else torch.ops.lowrank_ops.mfac_dots
+        out = self._apply(X, dots(self.grads, X, self.n))
         return out[0] if squeeze else out
 
     def diag(self, block_size: Optional[int] = None) -> torch.Tensor:
@@ -247,11 +313,11 @@ class MFACInverse:
             block_size = max(1, (4 << 20) // n)
         if int(block_size) != block_size or block_size < 1:
             raise ValueError(f"MFACInverse.diag: block_size must be an integer >= 1; got {block_size}")
-        L = self._cholesky()
+        U = self._cholesky()
         out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
         for c0 in range(0, self.dim, block_size):
             block = self.grads[:n, c0:c0 + block_size].to(torch.float64)
-            Q = torch.linalg.solve_triangular(L, block, upper=False)
+            Q = torch.linalg.solve_triangular(U.T, block, upper=False)
             out[c0:c0 + block_size] = ((1.0 - Q.square().sum(0)) / self.damp).to(self.dtype)
         return out
 

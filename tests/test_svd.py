@@ -47,7 +47,9 @@ import pytest
 import torch
 
 import lowrank_ops
-from lowrank_ops.ops.svd import MAX_JACOBI_SIZE, BatchedSVDResult, batched_svd, default_max_sweeps, default_tol
+from lowrank_ops.ops.svd import (
+    CPU_MAX_JACOBI_SIZE, MAX_JACOBI_SIZE, BatchedSVDResult, batched_svd, default_max_sweeps, default_tol, jacobi_size_limit,
+)
 
 from helpers import FLOAT_DTYPES, randn
 
@@ -66,9 +68,10 @@ def gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
 
 
-def preconditioned(A: torch.Tensor) -> bool:
-    """Whether the CPU kernel runs on R^T of a pivoted QR of A (module docstring)."""
-    return A.device.type == "cpu" and PRECONDITION_MIN_COLS <= min(A.shape[-2:]) <= MAX_JACOBI_SIZE
+def preconditioned(A: torch.Tensor, result: BatchedSVDResult) -> bool:
+    """Whether the CPU kernel ran on R^T of a pivoted QR of A (module docstring)."""
+    jacobi = bool((result.sweeps > 0).all())  # delegated matrices report 0 sweeps
+    return A.device.type == "cpu" and min(A.shape[-2:]) >= PRECONDITION_MIN_COLS and jacobi
 
 
 def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=True, what=""):
@@ -93,7 +96,7 @@ def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=
     U64, S64, Vh64 = U.double(), S.double(), Vh.double()
     sweeps = result.sweeps.double().clamp_min(1).unsqueeze(-1).unsqueeze(-1)
     rotation_bound = ROTATION_CONSTANT * sweeps * max(k - 1, 1) * u
-    if preconditioned(A):  # the k reflectors of the QR
+    if preconditioned(A, result):  # the k reflectors of the QR
         rotation_bound = rotation_bound + k * gamma(ROTATION_CONSTANT * max(m, n), u)
     norm_A = torch.linalg.matrix_norm(A64).unsqueeze(-1).unsqueeze(-1)
 
@@ -108,7 +111,7 @@ def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=
     eye_k = torch.eye(k, dtype=torch.float64, device=A.device)
     rotated, normalized = (Vh64.mT, U64) if m >= n else (U64, Vh64.mT)
     normalized_length = max(m, n)  # entries of the normalized columns
-    if preconditioned(A):
+    if preconditioned(A, result):
         rotated, normalized, normalized_length = normalized, rotated, k
     rotated_error = (rotated.mT @ rotated - eye_k).abs().amax((-2, -1), keepdim=True)
     assert bool((rotated_error <= rotation_bound).all()), f"{what}: rotated factor |Q^T Q - I| = {rotated_error.max():.3e}"
@@ -155,19 +158,37 @@ def test_matches_float64_reference(device, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_256_columns(device, dtype, generator):
+def test_jacobi_kernel_at_256_columns(device, dtype, generator):
+    # The op itself (batched_svd delegates these sizes on CPU): the kernels stay exact there.
     for shape in [(256, 256), (300, 256), (256, 300)]:
         A = randn(1, *shape, dtype=dtype, device=device, generator=generator)
-        result = batched_svd(A)
+        U, S, Vh, sweeps, converged, off_diagonal = torch.ops.lowrank_ops.jacobi_svd(
+            A, default_tol(*shape, dtype), default_max_sweeps(dtype), True
+        )
+        result = BatchedSVDResult(U, S, Vh, converged, sweeps, off_diagonal)
         check_svd(A, result, what=f"{dtype} {shape}")
-        assert bool((result.sweeps >= 2).all()), "the Jacobi kernel ran (not the delegation)"
+        assert bool((result.sweeps >= 2).all()), "the Jacobi kernel ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_delegation_at_the_crossover(device, dtype, generator):
+    limit = jacobi_size_limit(dtype, device)
+    assert limit == (CPU_MAX_JACOBI_SIZE[dtype] if device == "cpu" else MAX_JACOBI_SIZE)
+    for k, jacobi in ((limit, True), (limit + 1, False)):
+        for shape in [(k, k), (k + 3, k), (k, k + 3)]:
+            A = randn(2, *shape, dtype=dtype, device=device, generator=generator)
+            result = batched_svd(A)
+            # The same accuracy bounds on either side of the limit.
+            check_svd(A, result, what=f"{dtype} {shape}")
+            assert bool((result.sweeps > 0).all()) == jacobi, (shape, result.sweeps.tolist())
+            assert bool((result.sweeps == 0).all()) != jacobi, (shape, result.sweeps.tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_qr_preconditioned_sizes(device, dtype, generator):
     # Around PRECONDITION_MIN_COLS (both paths), odd sizes, tall, wide, vectors of odd
     # length, batches, non-contiguous views, compute_uv=False.
-    for shape in [(39, 39), (40, 40), (41, 40), (47, 131), (131, 47), (97, 97), (64, 64)]:
+    for shape in [(39, 39), (40, 40), (41, 40), (47, 131), (131, 47), (89, 89), (64, 64)]:
         A = randn(3, *shape, dtype=dtype, device=device, generator=generator)
         result = batched_svd(A)
         check_svd(A, result, what=f"{dtype} {shape}")

@@ -10,7 +10,9 @@
 //   rows), 2. the decisions for all pairs at once (round_decisions: a branch-free loop
 //   that GCC vectorizes over pairs, divisions included), 3. a scalar pass that writes
 //   the new column norms back and lists the pairs to rotate, 4. the rotations, 5. rare
-//   norm recomputations.
+//   norm recomputations.  From kPreconditionMinCols columns on, the swept matrix is not
+//   X but R^T of a column-pivoted QR of X, with V starting as Q (pivoted_qr, form_q:
+//   fewer sweeps; the left and right factors then swap roles, see jacobi_svd_one).
 // * kGroup matrices per task in the lanes of one SIMD vector (small matrices): every
 //   per-pair quantity is a vector over the group, so the per-pair bookkeeping is paid
 //   once per kGroup matrices (group_sweeps).
@@ -600,13 +602,12 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
     const int64_t side = p.sign_from_v ? m.ld_w : 0, side_len = p.sign_from_v ? cols : rows;
     for (int64_t c = 0; c < cols; ++c) {
       A* column = x + c * m.ld;
+      // The first entry of largest magnitude: the largest |x| as an integer max (it
+      // vectorizes), then a search for it.
+      Bits<A> best = 0;
+      for (int64_t r = 0; r < side_len; ++r) best = std::max(best, abs_bits(column[side + r]));
       int64_t arg = 0;
-      Bits<A> best = abs_bits(column[side]);
-      for (int64_t r = 1; r < side_len; ++r) {  // branch-free: the comparisons are unpredictable
-        const Bits<A> bits = abs_bits(column[side + r]);
-        arg = bits > best ? r : arg;
-        best = bits > best ? bits : best;
-      }
+      while (abs_bits(column[side + arg]) != best) ++arg;
       if (!(column[side + arg] < 0)) continue;
       for (int64_t r = 0; r < rows; ++r) column[r] = -column[r];
       for (int64_t r = 0; r < cols; ++r) column[m.ld_w + r] = -column[m.ld_w + r];

@@ -512,34 +512,34 @@ LOWRANK_INLINE Bits<A> abs_bits(A x) {
 template <class A>
 constexpr Bits<A> kInfinityBits = sizeof(A) == 8 ? Bits<A>(0x7ff0000000000000LL) : Bits<A>(0x7f800000);
 
-// Copies A[b] into m and scales it exactly by a power of two so that max |X| lies in
-// [0.5, 1); returns the exponent to scale the singular values back.  Throws naming A[b]
-// when it holds inf or NaN.
+// Copies A[b] (rows x cols) to dst[r * dst_r + c * dst_c] in the accumulation type and
+// scales it exactly by a power of two so that max |X| lies in [0.5, 1); returns the
+// exponent to scale the singular values back.  Throws naming A[b] when it holds inf or
+// NaN.  Every loop runs along the smaller stride of the array it reads or writes.
 template <class T, class A>
-int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
+int load_scaled(const JacobiSvdParams& p, int64_t b, A* dst, int64_t dst_r, int64_t dst_c) {
   const int64_t rows = p.rows, cols = p.cols;
   const T* a = static_cast<const T*>(p.a) + b * p.a_stride_b;
-  // Read along the smaller stride (row-major input: rows outer), write columns.
-  if (std::abs(p.a_stride_c) <= std::abs(p.a_stride_r)) {
+  const bool input_rows = std::abs(p.a_stride_c) <= std::abs(p.a_stride_r);  // rows outer
+  Bits<A> largest = 0;
+  auto copy = [&](int64_t r, int64_t c) {
+    const A value = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
+    dst[r * dst_r + c * dst_c] = value;
+    largest = std::max(largest, abs_bits(value));
+  };
+  if (input_rows) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) m.x[c * m.ld + r] = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
+      for (int64_t c = 0; c < cols; ++c) copy(r, c);
   } else {
     for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = 0; r < rows; ++r) m.x[c * m.ld + r] = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
-  }
-  Bits<A> largest = 0;
-  for (int64_t c = 0; c < cols; ++c) {
-    A* column = m.x + c * m.ld;
-    for (int64_t r = 0; r < rows; ++r) largest = std::max(largest, abs_bits(column[r]));
-    std::fill(column + rows, column + m.ld, A(0));
-    if (m.ld_v > 0) column[m.ld_w + c] = 1;
+      for (int64_t r = 0; r < rows; ++r) copy(r, c);
   }
   if (largest >= kInfinityBits<A>) {  // inf or NaN somewhere: find the first one for the message
     for (int64_t c = 0; c < cols; ++c)
       for (int64_t r = 0; r < rows; ++r)
-        if (abs_bits(m.x[c * m.ld + r]) >= kInfinityBits<A>)
+        if (abs_bits(dst[r * dst_r + c * dst_c]) >= kInfinityBits<A>)
           throw std::invalid_argument(detail::concat("batched_svd: A[", b, "] has a non-finite entry (",
-                                                     m.x[c * m.ld + r], ") at (", r, ", ", c,
+                                                     dst[r * dst_r + c * dst_c], ") at (", r, ", ", c,
                                                      ") of the (transposed if wide) matrix; expected finite values"));
   }
   A amax;
@@ -549,14 +549,29 @@ int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
   if (amax > 0 && exponent != 0) {
     const bool one_factor = std::abs(exponent) < std::numeric_limits<A>::max_exponent - 2;
     const A factor = std::ldexp(A(1), -exponent);
-    for (int64_t c = 0; c < cols; ++c) {
-      A* column = m.x + c * m.ld;
+    const bool dst_rows = dst_c <= dst_r;  // the destination's contiguous direction
+    const int64_t outer = dst_rows ? rows : cols, inner = dst_rows ? cols : rows;
+    const int64_t outer_stride = dst_rows ? dst_r : dst_c, inner_stride = dst_rows ? dst_c : dst_r;
+    for (int64_t o = 0; o < outer; ++o) {
+      A* line = dst + o * outer_stride;
       if (one_factor) {
-        for (int64_t r = 0; r < rows; ++r) column[r] *= factor;
+        for (int64_t i = 0; i < inner; ++i) line[i * inner_stride] *= factor;
       } else {
-        for (int64_t r = 0; r < rows; ++r) column[r] = std::ldexp(column[r], -exponent);
+        for (int64_t i = 0; i < inner; ++i) line[i * inner_stride] = std::ldexp(line[i * inner_stride], -exponent);
       }
     }
+  }
+  return exponent;
+}
+
+// load_scaled into the columns of m, zero padding, V = I.
+template <class T, class A>
+int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
+  const int exponent = load_scaled<T>(p, b, m.x, 1, m.ld);
+  for (int64_t c = 0; c < p.cols; ++c) {
+    A* column = m.x + c * m.ld;
+    std::fill(column + p.rows, column + m.ld, A(0));
+    if (m.ld_v > 0) column[m.ld_w + c] = 1;
   }
   return exponent;
 }
@@ -817,8 +832,8 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
   scratch.dot_lanes = arena.take<Vec<A>>(max_round);
   scratch.rotated = arena.take<int32_t>(max_round);
 
-  const int exponent = load_matrix<T>(p, b, m);
   if (!precondition) {
+    const int exponent = load_matrix<T>(p, b, m);
     finish_matrix(p, b, m, run_sweeps(p, m, cols, schedule, scratch), exponent);
     return;
   }
@@ -831,10 +846,8 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
   A* norm2 = arena.take<A>(cols);
   A* norm2_ref = arena.take<A>(cols);
   int64_t* qr_perm = arena.take<int64_t>(cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) xr[r * ldc + c] = m.x[c * m.ld + r];
-    std::fill(xr + r * ldc + cols, xr + (r + 1) * ldc, A(0));
-  }
+  const int exponent = load_scaled<T>(p, b, xr, ldc, 1);
+  for (int64_t r = 0; r < rows; ++r) std::fill(xr + r * ldc + cols, xr + (r + 1) * ldc, A(0));
   pivoted_qr(xr, ldc, rows, cols, h, tau, norm2, norm2_ref, qr_perm);
   for (int64_t c = 0; c < cols; ++c) {  // column c of R^T: row c of R (zero left of the diagonal)
     A* col = r.x + c * r.ld;

@@ -382,6 +382,26 @@ def test_half_inputs_compute_and_return_float32(device, generator):
             assert torch.equal(getattr(result, field), getattr(as_float, field)), f"{dtype} {field}"
 
 
+def test_delegated_gradient_and_signs(device, generator):
+    # Beyond the limit with autograd recording: the sign flips must not modify
+    # torch.linalg.svd's saved outputs in place (backward would raise), and the gradient
+    # of a sign-invariant loss is torch's.
+    k = jacobi_size_limit(torch.float64, device) + 4
+    A = randn(2, k + 2, k, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+
+    def loss(U, S, Vh):  # the rank-3 truncation and the singular values: no sign gauge
+        return ((U[..., :3] * S[..., None, :3]) @ Vh[..., :3, :]).square().sum() + S.sum()
+
+    result = batched_svd(A)
+    assert bool((result.sweeps == 0).all())
+    check_signs(result.U)
+    (ours,) = torch.autograd.grad(loss(result.U, result.S, result.Vh), A)
+    (reference,) = torch.autograd.grad(loss(*torch.linalg.svd(A, full_matrices=False)), A)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-10)  # the same LAPACK call: rounding only
+    no_grad = batched_svd(A.detach())  # the in-place path: the same factors
+    assert torch.equal(no_grad.U, result.U.detach()) and torch.equal(no_grad.Vh, result.Vh.detach())
+
+
 def test_delegation_above_256_columns(device, generator):
     A = randn(2, 300, 260, dtype=torch.float64, device=device, generator=generator)
     result = batched_svd(A)

@@ -20,9 +20,10 @@ the optimal rank-k error ``sqrt(sum_{i>k} s_i^2)`` is known exactly.  The error 
 is the *excess* error: ``||A - U S Vh||_F / optimal - 1`` (0 is optimal; the ALGORITHMS.md
 bar is 0.01); for ``galore_refresh`` it is ``1 - ||P^T G|| / ||P_opt^T G||``, the share of
 the optimal projection's gradient norm that the projector misses.
-For ``rsvd`` the error is the median over ``SEEDS`` test-matrix seeds (5; 3 in the quick run: the spread from one
-seed to the next, up to 2x at 4096 x 11008, would otherwise decide the comparison), on
-the same A, with common random numbers: seed s draws the same Gaussian test matrix for
+For ``rsvd`` the error is the median over ``SEEDS`` test-matrix seeds (5; 3 in the quick
+run; the spread from one seed to the next, up to 2x at 4096 x 11008, would otherwise
+decide the comparison), on the same A, with common random numbers: seed s draws the
+same Gaussian test matrix for
 ours (``generator``) and for ``torch.svd_lowrank`` (the global generator, seeded inside
 ``torch.random.fork_rng``), and is scikit-learn's ``random_state``.  The per-seed errors
 are recorded in ``extra_info["errors"]``.

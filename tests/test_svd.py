@@ -22,6 +22,14 @@ observed errors):
   |U^T U - I| <= tol + gamma_(m + 4) (4 more roundings: the norm, its square root, the
   division, the product).  Rank-deficient inputs: the completed columns (zero singular
   values) are orthonormalized explicitly, to the same bound.
+* QR preconditioning (CPU, min(m, n) >= PRECONDITION_MIN_COLS): the kernel first
+  factors the (transposed if wide) matrix X P = Q R by Householder QR and rotates the
+  columns of R^T (k x k); then X = (Q V1) S (P U1)^T.  The roles of the factors swap:
+  the left one (Q V1) is the product of the k reflectors and the rotations, the right
+  one holds the normalized final columns of R^T (k entries: gamma_(k + 4)).  A computed
+  reflector applied to a vector perturbs it by at most gamma_(c m) times its norm
+  (Higham Lemma 19.2, same c), so the k reflectors add ``k gamma_(c m)`` to the bound of
+  the rotated factor and to the backward error.
 * Singular values: Weyl's inequality, |sigma_i(U S V^T) - sigma_i(A)| <= ||U S V^T - A||_2,
   plus the distance of sigma(U S V^T) from S due to the measured loss of orthogonality
   of U and V (and the float64 reference's own error).
@@ -39,12 +47,17 @@ import pytest
 import torch
 
 import lowrank_ops
-from lowrank_ops.ops.svd import MAX_JACOBI_SIZE, BatchedSVDResult, batched_svd, default_max_sweeps, default_tol
+from lowrank_ops.ops.svd import (
+    CPU_MAX_JACOBI_SIZE, MAX_JACOBI_SIZE, BatchedSVDResult, batched_svd, default_max_sweeps, default_tol, jacobi_size_limit,
+)
 
 from helpers import FLOAT_DTYPES, randn
 
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 ROTATION_CONSTANT = 10
+# csrc/cpu/svd_cpu.cpp's kPreconditionMinCols: the CPU kernel sweeps R^T of a pivoted QR
+# from this min(m, n) on.
+PRECONDITION_MIN_COLS = 40
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +66,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def gamma(n: int, u: float) -> float:
     return n * u / (1 - n * u)
+
+
+def preconditioned(A: torch.Tensor, result: BatchedSVDResult) -> bool:
+    """Whether the CPU kernel ran on R^T of a pivoted QR of A (module docstring)."""
+    jacobi = bool((result.sweeps > 0).all())  # delegated matrices report 0 sweeps
+    return A.device.type == "cpu" and min(A.shape[-2:]) >= PRECONDITION_MIN_COLS and jacobi
 
 
 def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=True, what=""):
@@ -77,6 +96,8 @@ def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=
     U64, S64, Vh64 = U.double(), S.double(), Vh.double()
     sweeps = result.sweeps.double().clamp_min(1).unsqueeze(-1).unsqueeze(-1)
     rotation_bound = ROTATION_CONSTANT * sweeps * max(k - 1, 1) * u
+    if preconditioned(A, result):  # the k reflectors of the QR
+        rotation_bound = rotation_bound + k * gamma(ROTATION_CONSTANT * max(m, n), u)
     norm_A = torch.linalg.matrix_norm(A64).unsqueeze(-1).unsqueeze(-1)
 
     # Backward error.
@@ -89,12 +110,15 @@ def check_svd(A: torch.Tensor, result: BatchedSVDResult, *, tol=None, converged=
     # it rotates is a product of rotations, the other one the normalized final columns.
     eye_k = torch.eye(k, dtype=torch.float64, device=A.device)
     rotated, normalized = (Vh64.mT, U64) if m >= n else (U64, Vh64.mT)
+    normalized_length = max(m, n)  # entries of the normalized columns
+    if preconditioned(A, result):
+        rotated, normalized, normalized_length = normalized, rotated, k
     rotated_error = (rotated.mT @ rotated - eye_k).abs().amax((-2, -1), keepdim=True)
     assert bool((rotated_error <= rotation_bound).all()), f"{what}: rotated factor |Q^T Q - I| = {rotated_error.max():.3e}"
     if converged:
         tol_value = default_tol(m, n, A.dtype) if tol is None else tol
         normalized_error = (normalized.mT @ normalized - eye_k).abs().amax()
-        assert normalized_error <= tol_value + gamma(max(m, n) + 4, u), (
+        assert normalized_error <= tol_value + gamma(normalized_length + 4, u), (
             f"{what}: normalized factor |Q^T Q - I| = {normalized_error.item():.3e}"
         )
         assert bool((result.off_diagonal <= tol_value).all()), what
@@ -134,12 +158,75 @@ def test_matches_float64_reference(device, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_256_columns(device, dtype, generator):
+def test_jacobi_kernel_at_256_columns(device, dtype, generator):
+    # The op itself (batched_svd delegates these sizes on CPU): the kernels stay exact there.
     for shape in [(256, 256), (300, 256), (256, 300)]:
         A = randn(1, *shape, dtype=dtype, device=device, generator=generator)
+        U, S, Vh, sweeps, converged, off_diagonal = torch.ops.lowrank_ops.jacobi_svd(
+            A, default_tol(*shape, dtype), default_max_sweeps(dtype), True
+        )
+        result = BatchedSVDResult(U, S, Vh, converged, sweeps, off_diagonal)
+        check_svd(A, result, what=f"{dtype} {shape}")
+        assert bool((result.sweeps >= 2).all()), "the Jacobi kernel ran"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_delegation_at_the_crossover(device, dtype, generator):
+    limit = jacobi_size_limit(dtype, device)
+    assert limit == (CPU_MAX_JACOBI_SIZE[dtype] if device == "cpu" else MAX_JACOBI_SIZE)
+    for k, jacobi in ((limit, True), (limit + 1, False)):
+        for shape in [(k, k), (k + 3, k), (k, k + 3)]:
+            A = randn(2, *shape, dtype=dtype, device=device, generator=generator)
+            result = batched_svd(A)
+            # The same accuracy bounds on either side of the limit.
+            check_svd(A, result, what=f"{dtype} {shape}")
+            assert bool((result.sweeps > 0).all()) == jacobi, (shape, result.sweeps.tolist())
+            assert bool((result.sweeps == 0).all()) != jacobi, (shape, result.sweeps.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_qr_preconditioned_sizes(device, dtype, generator):
+    # Around PRECONDITION_MIN_COLS (both paths), odd sizes, tall, wide, vectors of odd
+    # length, batches, non-contiguous views, compute_uv=False.
+    for shape in [(39, 39), (40, 40), (41, 40), (47, 131), (131, 47), (89, 89), (64, 64)]:
+        A = randn(3, *shape, dtype=dtype, device=device, generator=generator)
         result = batched_svd(A)
         check_svd(A, result, what=f"{dtype} {shape}")
-        assert bool((result.sweeps >= 2).all()), "the Jacobi kernel ran (not the delegation)"
+        values = batched_svd(A, compute_uv=False)
+        # Both are singular values of A + E with ||E||_F within the backward error bound
+        # of check_svd (Weyl): they differ by at most twice that bound.
+        m, n = shape
+        k, u = min(m, n), UNIT[compute_dtype(dtype)]
+        sweeps = float(torch.maximum(values.sweeps, result.sweeps).max())
+        bound = ROTATION_CONSTANT * sweeps * (k - 1) * u + k * gamma(ROTATION_CONSTANT * max(m, n), u)
+        norm_A = float(torch.linalg.matrix_norm(A.double()).max())
+        assert float((values.S.double() - result.S.double()).abs().max()) <= 2 * bound * norm_A, shape
+    base = randn(2, 90, 120, dtype=dtype, device=device, generator=generator)
+    for name, view in {"transposed": base.mT, "strided": base[:, ::2, 1::2], "batch stride": base[::2]}.items():
+        result = batched_svd(view)
+        check_svd(view, result, what=f"{dtype} {name}")
+        contiguous = batched_svd(view.contiguous())
+        for field in ("U", "S", "Vh"):
+            assert torch.equal(getattr(result, field), getattr(contiguous, field)), f"{name} {field}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_qr_preconditioned_rank_deficient(device, dtype, generator):
+    # Exactly zero singular values on the preconditioned path: zero rows of R, zero
+    # columns of R^T; the right factor (normalized side there) is completed, the left one
+    # (Q V1) stays orthonormal.
+    kwargs = dict(dtype=torch.float64, device=device, generator=generator)
+    few_columns = torch.zeros(2, 60, 45, **{k: v for k, v in kwargs.items() if k != "generator"})
+    few_columns[..., [3, 17, 40]] = randn(2, 60, 3, **kwargs)
+    cases = {
+        "zero": torch.zeros(2, 50, 45, dtype=dtype, device=device),
+        "three nonzero columns": few_columns.to(dtype),
+        "three nonzero columns, wide": few_columns.mT.to(dtype),
+        "rank 5": (randn(2, 70, 5, **kwargs) @ randn(2, 5, 48, **kwargs)).to(dtype),
+    }
+    for name, A in cases.items():
+        check_svd(A, batched_svd(A), what=name)  # both factors orthonormal, completed columns included
+    assert torch.equal(batched_svd(cases["zero"]).S, torch.zeros(2, 45, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -293,6 +380,26 @@ def test_half_inputs_compute_and_return_float32(device, generator):
         as_float = batched_svd(A.float())
         for field in ("U", "S", "Vh", "sweeps"):
             assert torch.equal(getattr(result, field), getattr(as_float, field)), f"{dtype} {field}"
+
+
+def test_delegated_gradient_and_signs(device, generator):
+    # Beyond the limit with autograd recording: the sign flips must not modify
+    # torch.linalg.svd's saved outputs in place (backward would raise), and the gradient
+    # of a sign-invariant loss is torch's.
+    k = jacobi_size_limit(torch.float64, device) + 4
+    A = randn(2, k + 2, k, dtype=torch.float64, device=device, generator=generator).requires_grad_()
+
+    def loss(U, S, Vh):  # the rank-3 truncation and the singular values: no sign gauge
+        return ((U[..., :3] * S[..., None, :3]) @ Vh[..., :3, :]).square().sum() + S.sum()
+
+    result = batched_svd(A)
+    assert bool((result.sweeps == 0).all())
+    check_signs(result.U)
+    (ours,) = torch.autograd.grad(loss(result.U, result.S, result.Vh), A)
+    (reference,) = torch.autograd.grad(loss(*torch.linalg.svd(A, full_matrices=False)), A)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-10)  # the same LAPACK call: rounding only
+    no_grad = batched_svd(A.detach())  # the in-place path: the same factors
+    assert torch.equal(no_grad.U, result.U.detach()) and torch.equal(no_grad.Vh, result.Vh.detach())
 
 
 def test_delegation_above_256_columns(device, generator):

@@ -10,7 +10,9 @@
 //   rows), 2. the decisions for all pairs at once (round_decisions: a branch-free loop
 //   that GCC vectorizes over pairs, divisions included), 3. a scalar pass that writes
 //   the new column norms back and lists the pairs to rotate, 4. the rotations, 5. rare
-//   norm recomputations.
+//   norm recomputations.  From kPreconditionMinCols columns on, the swept matrix is not
+//   X but R^T of a column-pivoted QR of X, with V starting as Q (pivoted_qr, form_q:
+//   fewer sweeps; the left and right factors then swap roles, see jacobi_svd_one).
 // * kGroup matrices per task in the lanes of one SIMD vector (small matrices): every
 //   per-pair quantity is a vector over the group, so the per-pair bookkeeping is paid
 //   once per kGroup matrices (group_sweeps).
@@ -49,7 +51,7 @@ namespace lowrank_ops {
 namespace {
 
 constexpr int64_t kVectorBytes = 64;
-constexpr int64_t kRoundPad = 16;          // rounds are padded to whole vectors of the decision loop
+constexpr int64_t kRoundPad = 16;          // rounds are padded to whole vectors of the decision loop and sum_lanes
 constexpr int64_t kSerialWork = 1 << 15;   // batch * rows * cols^2 below which one thread is faster
 constexpr int64_t kBlockBytes = 32 << 10;  // columns (W and V) of two column blocks: fits L1 (32-48 KB)
 // Largest working set of a group (kGroup matrices, W and V) for the matrices-in-lanes
@@ -61,6 +63,12 @@ constexpr int64_t kBlockBytes = 32 << 10;  // columns (W and V) of two column bl
 // 64x64 (256 KB) 0.222 / 0.286.  Beyond L1 the group's columns stream from L2, and its
 // small column blocks cost it extra sweeps.
 constexpr int64_t kGroupMaxBytes = 48 << 10;
+// Smallest cols for which the one-matrix path sweeps R^T of a pivoted QR instead of X
+// (see pivoted_qr).  Measured on the same Xeon, one thread, N(0, 1) square matrices, ms
+// per matrix, X / R^T, fp32: 48 0.133 / 0.123, 64 0.204 / 0.198 (mean of 5), 80 0.454 /
+// 0.408, 128 1.40 / 1.25; fp64: 32 0.0637 / 0.0635, 40 0.136 / 0.128, 64 0.450 / 0.416,
+// 128 3.81 / 3.56.
+constexpr int64_t kPreconditionMinCols = 40;
 
 // 64-byte SIMD vectors through GCC/Clang vector extensions: one zmm register in the
 // AVX-512 clone, two ymm in the AVX2 clone, four xmm on the baseline.
@@ -93,10 +101,45 @@ LOWRANK_INLINE A tree_sum(const typename VecOf<A, kBytes>::type& v) {
   }
 }
 
-// x . y over n vectors (kN when kN > 0: a compile-time trip count, fully unrolled);
-// two accumulators so consecutive multiply-adds overlap.
+// The lane sums of kLanes vectors at once: lane i of the result is tree_sum(v[i]),
+// bit for bit (the same additions in the same order), through log2(kLanes) levels that
+// each add two shuffles of two vectors: 2 (kLanes - 1) shuffles and kLanes - 1 additions
+// in all, against kLanes log2(kLanes) of each for kLanes separate tree sums.
+// Level with half-width h: lanes [0, h) of every 2h-lane group come from the
+// group's first half, [h, 2h) from its second, one vector of groups after the other.
+template <class A>
+LOWRANK_INLINE Vec<A> sum_lanes(const Vec<A>* v) {
+  if constexpr (kLanes<A> == 16) {
+    Vec<A> a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+      a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+             __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+      b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+      c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+             __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  } else {
+    static_assert(kLanes<A> == 8, "sum_lanes: 64-byte vectors of float or double");
+    Vec<A> a[4], b[2];
+    for (int i = 0; i < 4; ++i)
+      a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+             __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int i = 0; i < 2; ++i)
+      b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+  }
+}
+
+// x . y over n vectors as lane partial sums (kN when kN > 0: a compile-time trip
+// count, fully unrolled); two accumulators so consecutive multiply-adds overlap.
 template <int64_t kN, class A>
-LOWRANK_INLINE A dot(const A* x, const A* y, int64_t n) {
+LOWRANK_INLINE Vec<A> dot_lanes(const A* x, const A* y, int64_t n) {
   const int64_t n_vec = kN > 0 ? kN : n;
   const Vec<A>* xv = reinterpret_cast<const Vec<A>*>(x);
   const Vec<A>* yv = reinterpret_cast<const Vec<A>*>(y);
@@ -107,7 +150,13 @@ LOWRANK_INLINE A dot(const A* x, const A* y, int64_t n) {
     acc1 += xv[q + 1] * yv[q + 1];
   }
   if (q < n_vec) acc0 += xv[q] * yv[q];
-  return tree_sum<A, kVectorBytes>(acc0 + acc1);
+  return acc0 + acc1;
+}
+
+// x . y over n vectors (kN as for dot_lanes).
+template <int64_t kN, class A>
+LOWRANK_INLINE A dot(const A* x, const A* y, int64_t n) {
+  return tree_sum<A, kVectorBytes>(dot_lanes<kN>(x, y, n));
 }
 
 // (x, y) <- (c x - s y, s x + c y) over n vectors (kN as for dot).
@@ -206,7 +255,8 @@ struct SweepResult {
 template <class A>
 struct RoundScratch {
   A *dot, *off2, *action, *c, *s, *norm2_i, *norm2_j;
-  int32_t* rotated;  // indices (into the round) of the pairs to rotate
+  Vec<A>* dot_lanes;  // the dot products' lane partial sums, summed kLanes pairs at a time
+  int32_t* rotated;   // indices (into the round) of the pairs to rotate
 };
 
 // 1 / sqrt(y) for y in [1, 2] (jacobi_rotation's only square roots) with a few ulps of
@@ -228,18 +278,19 @@ struct Rsqrt12 {
 // For pair k = (i, j): off2[k], the squared relative off-diagonal; action[k] = 0 (keep),
 // 1 (rotate) or 2 (rotate, then recompute the two norms: an updated norm cancelled
 // below a quarter of its old value); c[k], s[k], the rotation (1, 0 when kept); and the
-// columns' new squared norms alpha - t gamma, beta + t gamma (the old ones when kept).
+// columns' new squared norms alpha - t gamma, beta + t gamma (the old ones when kept),
+// written over the old ones norm2_i[k] = alpha, norm2_j[k] = beta (copied there by the
+// dot product loop: contiguous loads instead of two gathers per vector of pairs,
+// measured 6 % faster at 64 x 64 fp32).
 // A function of its own, called once per round, with every array a restrict parameter:
 // inlined into the sweep loop, or written with explicit vectors, it is slower (GCC 12
 // then neither vectorizes nor gathers well).
 template <class A>
-LOWRANK_CPU_CLONES void round_decisions(int64_t n_pairs, A tol2, const uint16_t* __restrict pi,
-                                        const uint16_t* __restrict pj, const A* __restrict dot,
-                                        const A* __restrict norm2, A* __restrict off2, A* __restrict action,
-                                        A* __restrict c_out, A* __restrict s_out, A* __restrict norm2_i,
-                                        A* __restrict norm2_j) {
+LOWRANK_CPU_CLONES void round_decisions(int64_t n_pairs, A tol2, const A* __restrict dot, A* __restrict off2,
+                                        A* __restrict action, A* __restrict c_out, A* __restrict s_out,
+                                        A* __restrict norm2_i, A* __restrict norm2_j) {
   for (int64_t k = 0; k < n_pairs; ++k) {
-    const A alpha = norm2[pi[k]], beta = norm2[pj[k]], gamma = dot[k];
+    const A alpha = norm2_i[k], beta = norm2_j[k], gamma = dot[k];
     const A o2 = jacobi_off2(alpha, beta, gamma);
     A t, c;
     jacobi_rotation(alpha, beta, gamma, t, c, Rsqrt12<A, A>{});
@@ -302,9 +353,20 @@ LOWRANK_CPU_CLONES SweepResult<A> jacobi_sweeps(A* x, int64_t ld_w, int64_t ld_v
       const int64_t n_pairs = schedule.round_size[round];
       const uint16_t* pi = schedule.first.data() + begin;
       const uint16_t* pj = schedule.second.data() + begin;
-      for (int64_t k = 0; k < n_pairs; ++k) s.dot[k] = dot<kW>(x + pi[k] * ld, x + pj[k] * ld, w_vec);
-      for (int64_t k = n_pairs; k < n_padded; ++k) s.dot[k] = 0;
-      round_decisions(n_padded, tol2, pi, pj, s.dot, norm2, s.off2, s.action, s.c, s.s, s.norm2_i, s.norm2_j);
+      for (int64_t k = 0; k < n_pairs; ++k) {
+        s.dot_lanes[k] = dot_lanes<kW>(x + pi[k] * ld, x + pj[k] * ld, w_vec);
+        s.norm2_i[k] = norm2[pi[k]];
+        s.norm2_j[k] = norm2[pj[k]];
+      }
+      for (int64_t k = n_pairs; k < n_padded; ++k) {  // padding: pair (0, 0), dot 0, never rotated
+        s.dot_lanes[k] = Vec<A>{};
+        s.norm2_i[k] = s.norm2_j[k] = norm2[0];
+      }
+      for (int64_t k = 0; k < n_padded; k += kLanes<A>) {  // n_padded: a multiple of kRoundPad >= kLanes
+        const Vec<A> sums = sum_lanes<A>(s.dot_lanes + k);
+        std::memcpy(s.dot + k, &sums, sizeof sums);
+      }
+      round_decisions(n_padded, tol2, s.dot, s.off2, s.action, s.c, s.s, s.norm2_i, s.norm2_j);
       off2 = std::max(off2, round_max(s.off2, n_padded));
       int64_t n_rot = 0;
       bool any_refresh = false;
@@ -414,21 +476,27 @@ struct MatrixBuffer {
   A* sigma;  // [cols]
   int64_t* perm;  // [cols]
 
-  static MatrixBuffer take(Arena& arena, int64_t rows, int64_t cols, bool compute_uv) {
+  // W rows padded to ld_w, V rows to ld_v (0: no V).
+  static MatrixBuffer take_padded(Arena& arena, int64_t ld_w, int64_t ld_v, int64_t cols) {
     MatrixBuffer m;
-    m.ld_w = padded_rows<A>(rows);
-    m.ld_v = compute_uv ? padded_rows<A>(cols) : 0;
-    m.ld = m.ld_w + m.ld_v;
+    m.ld_w = ld_w;
+    m.ld_v = ld_v;
+    m.ld = ld_w + ld_v;
     m.x = arena.take<A>(cols * m.ld);
     m.norm2 = arena.take<A>(cols);
     m.sigma = arena.take<A>(cols);
     m.perm = arena.take<int64_t>(cols);
     return m;
   }
-  static int64_t bytes(int64_t rows, int64_t cols, bool compute_uv) {
-    const int64_t ld = padded_rows<A>(rows) + (compute_uv ? padded_rows<A>(cols) : 0);
+  static int64_t bytes_padded(int64_t ld, int64_t cols) {
     return Arena::round_up(cols * ld * static_cast<int64_t>(sizeof(A))) +
            2 * Arena::round_up(cols * static_cast<int64_t>(sizeof(A))) + Arena::round_up(cols * 8);
+  }
+  static MatrixBuffer take(Arena& arena, int64_t rows, int64_t cols, bool compute_uv) {
+    return take_padded(arena, padded_rows<A>(rows), compute_uv ? padded_rows<A>(cols) : 0, cols);
+  }
+  static int64_t bytes(int64_t rows, int64_t cols, bool compute_uv) {
+    return bytes_padded(padded_rows<A>(rows) + (compute_uv ? padded_rows<A>(cols) : 0), cols);
   }
 };
 
@@ -444,34 +512,34 @@ LOWRANK_INLINE Bits<A> abs_bits(A x) {
 template <class A>
 constexpr Bits<A> kInfinityBits = sizeof(A) == 8 ? Bits<A>(0x7ff0000000000000LL) : Bits<A>(0x7f800000);
 
-// Copies A[b] into m and scales it exactly by a power of two so that max |X| lies in
-// [0.5, 1); returns the exponent to scale the singular values back.  Throws naming A[b]
-// when it holds inf or NaN.
+// Copies A[b] (rows x cols) to dst[r * dst_r + c * dst_c] in the accumulation type and
+// scales it exactly by a power of two so that max |X| lies in [0.5, 1); returns the
+// exponent to scale the singular values back.  Throws naming A[b] when it holds inf or
+// NaN.  Every loop runs along the smaller stride of the array it reads or writes.
 template <class T, class A>
-int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
+int load_scaled(const JacobiSvdParams& p, int64_t b, A* dst, int64_t dst_r, int64_t dst_c) {
   const int64_t rows = p.rows, cols = p.cols;
   const T* a = static_cast<const T*>(p.a) + b * p.a_stride_b;
-  // Read along the smaller stride (row-major input: rows outer), write columns.
-  if (std::abs(p.a_stride_c) <= std::abs(p.a_stride_r)) {
+  const bool input_rows = std::abs(p.a_stride_c) <= std::abs(p.a_stride_r);  // rows outer
+  Bits<A> largest = 0;
+  auto copy = [&](int64_t r, int64_t c) {
+    const A value = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
+    dst[r * dst_r + c * dst_c] = value;
+    largest = std::max(largest, abs_bits(value));
+  };
+  if (input_rows) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) m.x[c * m.ld + r] = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
+      for (int64_t c = 0; c < cols; ++c) copy(r, c);
   } else {
     for (int64_t c = 0; c < cols; ++c)
-      for (int64_t r = 0; r < rows; ++r) m.x[c * m.ld + r] = to_acc(a[r * p.a_stride_r + c * p.a_stride_c]);
-  }
-  Bits<A> largest = 0;
-  for (int64_t c = 0; c < cols; ++c) {
-    A* column = m.x + c * m.ld;
-    for (int64_t r = 0; r < rows; ++r) largest = std::max(largest, abs_bits(column[r]));
-    std::fill(column + rows, column + m.ld, A(0));
-    if (m.ld_v > 0) column[m.ld_w + c] = 1;
+      for (int64_t r = 0; r < rows; ++r) copy(r, c);
   }
   if (largest >= kInfinityBits<A>) {  // inf or NaN somewhere: find the first one for the message
     for (int64_t c = 0; c < cols; ++c)
       for (int64_t r = 0; r < rows; ++r)
-        if (abs_bits(m.x[c * m.ld + r]) >= kInfinityBits<A>)
+        if (abs_bits(dst[r * dst_r + c * dst_c]) >= kInfinityBits<A>)
           throw std::invalid_argument(detail::concat("batched_svd: A[", b, "] has a non-finite entry (",
-                                                     m.x[c * m.ld + r], ") at (", r, ", ", c,
+                                                     dst[r * dst_r + c * dst_c], ") at (", r, ", ", c,
                                                      ") of the (transposed if wide) matrix; expected finite values"));
   }
   A amax;
@@ -481,23 +549,41 @@ int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
   if (amax > 0 && exponent != 0) {
     const bool one_factor = std::abs(exponent) < std::numeric_limits<A>::max_exponent - 2;
     const A factor = std::ldexp(A(1), -exponent);
-    for (int64_t c = 0; c < cols; ++c) {
-      A* column = m.x + c * m.ld;
+    const bool dst_rows = dst_c <= dst_r;  // the destination's contiguous direction
+    const int64_t outer = dst_rows ? rows : cols, inner = dst_rows ? cols : rows;
+    const int64_t outer_stride = dst_rows ? dst_r : dst_c, inner_stride = dst_rows ? dst_c : dst_r;
+    for (int64_t o = 0; o < outer; ++o) {
+      A* line = dst + o * outer_stride;
       if (one_factor) {
-        for (int64_t r = 0; r < rows; ++r) column[r] *= factor;
+        for (int64_t i = 0; i < inner; ++i) line[i * inner_stride] *= factor;
       } else {
-        for (int64_t r = 0; r < rows; ++r) column[r] = std::ldexp(column[r], -exponent);
+        for (int64_t i = 0; i < inner; ++i) line[i * inner_stride] = std::ldexp(line[i * inner_stride], -exponent);
       }
     }
   }
   return exponent;
 }
 
+// load_scaled into the columns of m, zero padding, V = I.
+template <class T, class A>
+int load_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m) {
+  const int exponent = load_scaled<T>(p, b, m.x, 1, m.ld);
+  for (int64_t c = 0; c < p.cols; ++c) {
+    A* column = m.x + c * m.ld;
+    std::fill(column + p.rows, column + m.ld, A(0));
+    if (m.ld_v > 0) column[m.ld_w + c] = 1;
+  }
+  return exponent;
+}
+
 // From converged columns (m.norm2 exact) to the outputs of matrix b: singular values,
-// their order, U (normalized, completed), signs, V, the report.
+// their order, U (normalized, completed), signs, V, the report.  With right_from_w
+// (the QR-preconditioned path), the V part holds sigma_c times the right singular
+// vectors and the W part the left ones, already orthonormal: the V part is the one
+// normalized and completed.
 template <class A>
 void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m, const SweepResult<A>& result,
-                   int exponent) {
+                   int exponent, bool right_from_w = false) {
   const int64_t rows = p.rows, cols = p.cols;
   A* x = m.x;
   A* sigma = m.sigma;
@@ -518,24 +604,25 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
   });
 
   if (p.u != nullptr) {
+    // The side scaled by sigma: normalized, then its zero columns completed.
+    const int64_t scaled = right_from_w ? m.ld_w : 0, scaled_len = right_from_w ? cols : rows;
     int64_t n_valid = 0;
     for (; n_valid < cols && sigma[perm[n_valid]] > 0; ++n_valid) {
-      A* u = x + perm[n_valid] * m.ld;
+      A* u = x + perm[n_valid] * m.ld + scaled;
       const A inv = A(1) / sigma[perm[n_valid]];
-      for (int64_t r = 0; r < rows; ++r) u[r] *= inv;
+      for (int64_t r = 0; r < scaled_len; ++r) u[r] *= inv;
     }
-    complete_basis(x, m.ld, rows, cols, perm, n_valid);
+    complete_basis(x + scaled, m.ld, scaled_len, cols, perm, n_valid);
     // Sign rule on the output U: the W part, or the V part for a transposed problem.
     const int64_t side = p.sign_from_v ? m.ld_w : 0, side_len = p.sign_from_v ? cols : rows;
     for (int64_t c = 0; c < cols; ++c) {
       A* column = x + c * m.ld;
+      // The first entry of largest magnitude: the largest |x| as an integer max (it
+      // vectorizes), then a search for it.
+      Bits<A> best = 0;
+      for (int64_t r = 0; r < side_len; ++r) best = std::max(best, abs_bits(column[side + r]));
       int64_t arg = 0;
-      Bits<A> best = abs_bits(column[side]);
-      for (int64_t r = 1; r < side_len; ++r) {  // branch-free: the comparisons are unpredictable
-        const Bits<A> bits = abs_bits(column[side + r]);
-        arg = bits > best ? r : arg;
-        best = bits > best ? bits : best;
-      }
+      while (abs_bits(column[side + arg]) != best) ++arg;
       if (!(column[side + arg] < 0)) continue;
       for (int64_t r = 0; r < rows; ++r) column[r] = -column[r];
       for (int64_t r = 0; r < cols; ++r) column[m.ld_w + r] = -column[m.ld_w + r];
@@ -561,33 +648,234 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
   static_cast<A*>(p.off_diagonal)[b] = result.off;
 }
 
+// ---------------------------------------------------------------------------- QR preconditioning
+// Jacobi on R^T of a column-pivoted QR of X (Drmac & Veselic 2008): X P = Q R, then the
+// sweeps orthogonalize the columns of W = R^T (cols x cols), R^T V1 = U1 Sigma, and
+//   X = (Q V1) Sigma (P U1)^T:  left vectors Q V1, right vectors P U1.
+// The pivoted R is graded (|R_jj| decreasing, rows dominated by their diagonal), so R^T's
+// columns start closer to orthogonal: fewer sweeps (N(0, 1) matrices, mean sweeps on
+// R^T against X: fp32 64 x 64 7.0 / 8.3, 128 x 128 7.1 / 9.8; fp64 64 x 64 8.0 / 9.4)
+// for O(rows cols^2) extra flops (the QR and forming Q).  Any pivot order gives a valid factorization; the pivots
+// only steer the sweep count, so the partial column norms are downdated cheaply and
+// recomputed only when the downdate cancels.
+
+// Both work on row-major copies (row r at x[r * ldc], ldc = cols padded to whole
+// vectors): a reflector then updates the rows as whole vectors over columns, w^T =
+// v^T X and X -= tau v w^T, two multiply-adds per element and no horizontal sums
+// (measured at 64 x 64 fp32: the QR about 14 us and Q 6 us per matrix, a tenth of the
+// solve; with column dot products and updates, Q alone took 14 us).
+
+// w^T = tau v[j:rows)^T x[j:rows, :] and x[j:rows, :] -= v w^T over the column vectors
+// [q, q + K), w zero in the columns < keep_from (outside the trailing matrix); K
+// accumulators in registers.
+template <int K, class A>
+LOWRANK_INLINE void reflect_block(A* __restrict x, int64_t ldc, int64_t j, int64_t rows, int64_t q,
+                                  const A* __restrict v, A tau, int64_t keep_from) {
+  Vec<A> w[K] = {}, w_odd[K] = {};  // two rows per step: 2K independent multiply-add chains
+  int64_t r = j;
+  for (; r + 2 <= rows; r += 2) {
+    const Vec<A>* row = reinterpret_cast<const Vec<A>*>(x + r * ldc) + q;
+    const Vec<A>* next = reinterpret_cast<const Vec<A>*>(x + (r + 1) * ldc) + q;
+    const A vr = v[r], vn = v[r + 1];
+    for (int k = 0; k < K; ++k) {
+      w[k] += vr * row[k];
+      w_odd[k] += vn * next[k];
+    }
+  }
+  if (r < rows) {
+    const Vec<A>* row = reinterpret_cast<const Vec<A>*>(x + r * ldc) + q;
+    for (int k = 0; k < K; ++k) w[k] += v[r] * row[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    w[k] = (w[k] + w_odd[k]) * tau;
+    for (int64_t lane = 0; lane < kLanes<A>; ++lane)
+      if ((q + k) * kLanes<A> + lane < keep_from) w[k][lane] = 0;
+  }
+  for (int64_t r = j; r < rows; ++r) {
+    Vec<A>* row = reinterpret_cast<Vec<A>*>(x + r * ldc) + q;
+    const A vr = v[r];
+    for (int k = 0; k < K; ++k) row[k] -= vr * w[k];
+  }
+}
+
+// H_j applied to the columns [keep_from, ldc) of x (rows [j, rows)), four column
+// vectors at a time.
+template <class A>
+LOWRANK_INLINE void reflect_rows(A* x, int64_t ldc, int64_t j, int64_t rows, const A* v, A tau, int64_t keep_from) {
+  const int64_t nc_vec = ldc / kLanes<A>;
+  int64_t q = keep_from / kLanes<A>;
+  for (; q + 4 <= nc_vec; q += 4) reflect_block<4>(x, ldc, j, rows, q, v, tau, keep_from);
+  if (nc_vec - q == 3) reflect_block<3>(x, ldc, j, rows, q, v, tau, keep_from);
+  if (nc_vec - q == 2) reflect_block<2>(x, ldc, j, rows, q, v, tau, keep_from);
+  if (nc_vec - q == 1) reflect_block<1>(x, ldc, j, rows, q, v, tau, keep_from);
+}
+
+// Sum of x[r * ldc]^2 over r in [begin, end): four partial sums, so that the additions
+// overlap instead of waiting for each other.
+template <class A>
+LOWRANK_INLINE A column_norm2(const A* x, int64_t ldc, int64_t begin, int64_t end) {
+  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    s0 += x[r * ldc] * x[r * ldc];
+    s1 += x[(r + 1) * ldc] * x[(r + 1) * ldc];
+    s2 += x[(r + 2) * ldc] * x[(r + 2) * ldc];
+    s3 += x[(r + 3) * ldc] * x[(r + 3) * ldc];
+  }
+  for (; r < end; ++r) s0 += x[r * ldc] * x[r * ldc];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// Householder QR with column pivoting of x (row-major, rows x cols, stride ldc, padding
+// columns zero).  On exit the upper triangle of x holds R (zeros below it), h[j * rows
+// + r] the reflector v_j (zero above row j, 1 at row j; H_j = I - tau_j v_j v_j^T,
+// Q = H_0 ... H_(cols-1)), perm[j] the column of X at position j of X P.
+template <class A>
+LOWRANK_CPU_CLONES void pivoted_qr(A* x, int64_t ldc, int64_t rows, int64_t cols, A* h, A* tau, A* norm2,
+                                   A* norm2_ref, int64_t* perm) {
+  for (int64_t c = 0; c < cols; ++c) {
+    norm2[c] = 0;
+    perm[c] = c;
+  }
+  for (int64_t r = 0; r < rows; ++r)  // vectorizes over c
+    for (int64_t c = 0; c < cols; ++c) norm2[c] += x[r * ldc + c] * x[r * ldc + c];
+  std::copy(norm2, norm2 + cols, norm2_ref);
+  for (int64_t j = 0; j < cols; ++j) {
+    // The first column of largest partial norm (norms >= 0: compared as integers, a
+    // vectorizable max, then a search).
+    const A largest = round_max(norm2 + j, cols - j);
+    int64_t pivot = j;
+    while (norm2[pivot] != largest) ++pivot;
+    if (pivot != j) {
+      for (int64_t r = 0; r < rows; ++r) std::swap(x[r * ldc + j], x[r * ldc + pivot]);
+      std::swap(norm2[j], norm2[pivot]);
+      std::swap(norm2_ref[j], norm2_ref[pivot]);
+      std::swap(perm[j], perm[pivot]);
+    }
+    A* v = h + j * rows;
+    const A below = column_norm2(x + j, ldc, j + 1, rows);  // squared norm of column j below row j
+    const A alpha = x[j * ldc + j];
+    std::fill(v, v + rows, A(0));
+    v[j] = 1;
+    if (below == 0) {
+      tau[j] = 0;  // already triangular in this column: H_j = I
+      continue;
+    }
+    const A beta = -std::copysign(std::sqrt(alpha * alpha + below), alpha);
+    tau[j] = (beta - alpha) / beta;
+    const A scale = A(1) / (alpha - beta);
+    for (int64_t r = j + 1; r < rows; ++r) {
+      v[r] = x[r * ldc + j] * scale;
+      x[r * ldc + j] = 0;
+    }
+    x[j * ldc + j] = beta;
+    reflect_rows(x, ldc, j, rows, v, tau[j], j + 1);
+    // Partial norms of rows (j, rows): downdated, and recomputed once one has fallen
+    // below sqrt(eps) of its value at its last recomputation (LAPACK's xGEQP3 rule: the
+    // downdate's absolute error would then be large relative to it).
+    const A recompute = std::sqrt(std::numeric_limits<A>::epsilon());
+    for (int64_t c = j + 1; c < cols; ++c) {
+      norm2[c] = std::max(A(0), norm2[c] - x[j * ldc + c] * x[j * ldc + c]);
+      if (norm2[c] <= recompute * norm2_ref[c]) {
+        norm2[c] = norm2_ref[c] = column_norm2(x + c, ldc, j + 1, rows);
+      }
+    }
+  }
+}
+
+// The first cols columns of Q into y (row-major, rows x ldc): Q e_c = H_0 ... H_c e_c
+// (H_j e_c = e_c for j > c), the reflectors applied last to first; columns c < j are
+// still e_c, zero in rows >= j, when H_j is applied, so whole rows may be updated.
+template <class A>
+LOWRANK_CPU_CLONES void form_q(const A* h, const A* tau, int64_t rows, int64_t cols, A* y, int64_t ldc) {
+  std::fill(y, y + rows * ldc, A(0));
+  for (int64_t c = 0; c < cols; ++c) y[c * ldc + c] = 1;
+  for (int64_t j = cols - 1; j >= 0; --j)
+    if (tau[j] != 0) reflect_rows(y, ldc, j, rows, h + j * rows, tau[j], j);
+}
+
 // ---------------------------------------------------------------------------- one matrix per task
+// Columns (rows, cols) of the Jacobi problem of the one-matrix path: X itself, or R^T
+// (cols x cols) when preconditioned.
+template <class A>
+SweepResult<A> run_sweeps(const JacobiSvdParams& p, const MatrixBuffer<A>& m, int64_t cols, const Schedule& schedule,
+                          RoundScratch<A> scratch) {
+  // Column lengths of 64 and 128 fp32 rows, 32 and 64 fp64 (4 and 8 vectors), with V:
+  // unrolled column loops, measured 8 % faster at 64 x 64 fp32.
+  const int64_t w_vec = m.ld_w / kLanes<A>, all_vec = m.ld / kLanes<A>;
+  const A tol2 = static_cast<A>(p.tol * p.tol);
+  if (w_vec == 4 && all_vec == 8)
+    return jacobi_sweeps<A, 4, 8>(m.x, m.ld_w, m.ld_v, cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
+  if (w_vec == 8 && all_vec == 16)
+    return jacobi_sweeps<A, 8, 16>(m.x, m.ld_w, m.ld_v, cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
+  return jacobi_sweeps<A, 0, 0>(m.x, m.ld_w, m.ld_v, cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
+}
+
 template <class T>
-void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t b) {
+void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t b, bool precondition) {
   using A = acc_t<T>;
+  const bool uv = p.u != nullptr;
+  const int64_t rows = p.rows, cols = p.cols;
   const int64_t max_round = std::max<int64_t>(schedule.max_round, 1), acc = static_cast<int64_t>(sizeof(A));
-  Arena arena(MatrixBuffer<A>::bytes(p.rows, p.cols, p.u != nullptr) + 7 * Arena::round_up(max_round * acc) +
-              Arena::round_up(max_round * 4));
-  const MatrixBuffer<A> m = MatrixBuffer<A>::take(arena, p.rows, p.cols, p.u != nullptr);
+  const int64_t ld_w = padded_rows<A>(rows);
+  const int64_t qr_bytes = precondition ? MatrixBuffer<A>::bytes_padded(padded_rows<A>(cols) + (uv ? ld_w : 0), cols) +
+                                              Arena::round_up(rows * padded_rows<A>(cols) * acc) +
+                                              Arena::round_up(cols * rows * acc) + 3 * Arena::round_up(cols * acc) +
+                                              Arena::round_up(cols * 8)
+                                        : 0;
+  Arena arena(MatrixBuffer<A>::bytes(rows, cols, uv) + 7 * Arena::round_up(max_round * acc) +
+              max_round * kVectorBytes + Arena::round_up(max_round * 4) + qr_bytes);
+  const MatrixBuffer<A> m = MatrixBuffer<A>::take(arena, rows, cols, uv);
   RoundScratch<A> scratch;
   for (A** array : {&scratch.dot, &scratch.off2, &scratch.action, &scratch.c, &scratch.s, &scratch.norm2_i,
                     &scratch.norm2_j})
     *array = arena.take<A>(max_round);
+  scratch.dot_lanes = arena.take<Vec<A>>(max_round);
   scratch.rotated = arena.take<int32_t>(max_round);
 
-  const int exponent = load_matrix<T>(p, b, m);
-  // Square matrices of 64 and 128 fp32 rows, 32 and 64 fp64 (4 and 8 vectors), with V:
-  // unrolled column loops, measured 8 % faster at 64 x 64 fp32.
-  const int64_t w_vec = m.ld_w / kLanes<A>, all_vec = m.ld / kLanes<A>;
-  const A tol2 = static_cast<A>(p.tol * p.tol);
-  SweepResult<A> result;
-  if (w_vec == 4 && all_vec == 8)
-    result = jacobi_sweeps<A, 4, 8>(m.x, m.ld_w, m.ld_v, p.cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
-  else if (w_vec == 8 && all_vec == 16)
-    result = jacobi_sweeps<A, 8, 16>(m.x, m.ld_w, m.ld_v, p.cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
-  else
-    result = jacobi_sweeps<A, 0, 0>(m.x, m.ld_w, m.ld_v, p.cols, m.norm2, schedule, scratch, tol2, p.max_sweeps);
-  finish_matrix(p, b, m, result, exponent);
+  if (!precondition) {
+    const int exponent = load_matrix<T>(p, b, m);
+    finish_matrix(p, b, m, run_sweeps(p, m, cols, schedule, scratch), exponent);
+    return;
+  }
+  // [W; V] = [R^T; Q]: the rotations accumulate Q V1, the left singular vectors, directly.
+  const MatrixBuffer<A> r = MatrixBuffer<A>::take_padded(arena, padded_rows<A>(cols), uv ? ld_w : 0, cols);
+  const int64_t ldc = padded_rows<A>(cols);
+  A* xr = arena.take<A>(rows * ldc);  // X, then Q, row-major
+  A* h = arena.take<A>(cols * rows);
+  A* tau = arena.take<A>(cols);
+  A* norm2 = arena.take<A>(cols);
+  A* norm2_ref = arena.take<A>(cols);
+  int64_t* qr_perm = arena.take<int64_t>(cols);
+  const int exponent = load_scaled<T>(p, b, xr, ldc, 1);
+  for (int64_t r = 0; r < rows; ++r) std::fill(xr + r * ldc + cols, xr + (r + 1) * ldc, A(0));
+  pivoted_qr(xr, ldc, rows, cols, h, tau, norm2, norm2_ref, qr_perm);
+  for (int64_t c = 0; c < cols; ++c) {  // column c of R^T: row c of R (zero left of the diagonal)
+    A* col = r.x + c * r.ld;
+    std::copy(xr + c * ldc, xr + c * ldc + cols, col);
+    std::fill(col + cols, col + r.ld_w, A(0));
+  }
+  if (uv) {
+    form_q(h, tau, rows, cols, xr, ldc);
+    for (int64_t c = 0; c < cols; ++c) {
+      A* col = r.x + c * r.ld + r.ld_w;
+      for (int64_t q = 0; q < rows; ++q) col[q] = xr[q * ldc + c];
+      std::fill(col + rows, col + r.ld_v, A(0));
+    }
+  }
+  const SweepResult<A> result = run_sweeps(p, r, cols, schedule, scratch);
+  if (!uv) {
+    finish_matrix(p, b, r, result, exponent);
+    return;
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    A* out = m.x + c * m.ld;
+    const A* w = r.x + c * r.ld;
+    std::copy(w + r.ld_w, w + r.ld, out);                                  // left: (Q V1)[:, c]
+    for (int64_t q = 0; q < cols; ++q) out[m.ld_w + qr_perm[q]] = w[q];  // right, times sigma_c: P W[:, c]
+    m.norm2[c] = r.norm2[c];
+  }
+  finish_matrix(p, b, m, result, exponent, /*right_from_w=*/true);
 }
 
 // ---------------------------------------------------------------------------- matrices in SIMD lanes
@@ -786,9 +1074,12 @@ void jacobi_svd_cpu(const JacobiSvdParams& p, int num_threads) {
       const int64_t n_groups = (p.batch + kGroup<A> - 1) / kGroup<A>;
       parallel_for(n_groups, threads, [&](int64_t g) { jacobi_svd_group<T>(p, schedule, g * kGroup<A>); });
     } else {
-      const int64_t column = (padded_rows<A>(p.rows) + (compute_uv ? padded_rows<A>(p.cols) : 0)) * sizeof(A);
+      const bool precondition = p.cols >= kPreconditionMinCols;
+      // Column of the swept problem: [X; V] ([rows + cols]), or [R^T; Q V1] ([cols + rows]).
+      const int64_t w_rows = precondition ? p.cols : p.rows, v_rows = precondition ? p.rows : p.cols;
+      const int64_t column = (padded_rows<A>(w_rows) + (compute_uv ? padded_rows<A>(v_rows) : 0)) * sizeof(A);
       const Schedule schedule = make_schedule(p.cols, std::max<int64_t>(2, kBlockBytes / (2 * column)));
-      parallel_for(p.batch, threads, [&](int64_t b) { jacobi_svd_one<T>(p, schedule, b); });
+      parallel_for(p.batch, threads, [&](int64_t b) { jacobi_svd_one<T>(p, schedule, b, precondition); });
     }
   });
 }

@@ -21,6 +21,11 @@
 //     Columns whose squared norm is below the smallest normal number (after scaling:
 //     below 1e-19 * max|X| in fp32) count as zero and are never rotated.  The test is
 //     evaluated squared (jacobi_off2 > tol^2), without square roots.
+//   * CPU, from 40 columns on (csrc/cpu/svd_cpu.cpp, kPreconditionMinCols): the sweeps
+//     run on R^T of a column-pivoted Householder QR, X P = Q R (Drmac & Veselic 2008:
+//     fewer sweeps), with the rotations accumulated onto Q; then X = (Q V1) S (P U1)^T,
+//     U1 the normalized final columns of R^T.  The tolerance, the report and the output
+//     conventions below are the same.
 //   * A sweep without any rotation proves convergence.  Each matrix reports the sweeps
 //     it used (the final, rotation-free sweep included), whether it converged within
 //     max_sweeps, and the largest |w_i . w_j| / (||w_i|| ||w_j||) measured in its last
@@ -33,7 +38,9 @@
 //   * Zero columns (sigma = 0): u_k is completed deterministically, from the unit
 //     vector e_q whose component outside the span of the previous columns of U is
 //     largest, orthogonalized twice (Gram-Schmidt) and normalized; U stays orthonormal
-//     for rank-deficient and zero matrices, and no NaN is produced.
+//     for rank-deficient and zero matrices, and no NaN is produced.  (On the
+//     QR-preconditioned CPU path the kernel's V is the normalized side, completed the
+//     same way; its U = Q V1 is orthonormal by construction.)
 //   * Each matrix's result depends only on that matrix, the shape and the dtype: not on
 //     the rest of the batch, nor on the number of threads (bit for bit).  CPU and CUDA
 //     visit pairs in different orders and round differently.

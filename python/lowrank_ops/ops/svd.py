@@ -19,15 +19,24 @@ A wide matrix (m < n) is processed as its transpose, read in place through strid
 
 CPU implementation: hand-written C++ (csrc/cpu/svd_cpu.cpp), matrices in parallel over
 the batch (several small matrices per SIMD vector, larger ones one per thread, SIMD over
-rows).  Measured against ``torch.linalg.svd`` (LAPACK ``gesdd`` matrix by matrix) on a
-2-core AVX-512 Xeon, batches of N(0, 1) matrices, 2 threads (bench/bench_svd.py):
-16 x 16 about 4-7x faster (float32 and float64), 64 x 64 2.8-3.0x (float32) and 1.6x
-(float64); the crossover lies near 170 columns in float32 and 90 in float64, and at
-256 x 256 torch is faster (0.8x and 0.4x).  CUDA implementation: csrc/cuda/svd_cuda.cu,
-one thread block per matrix, the matrix in shared memory when it fits, else in a global
-workspace allocated here.  Matrices with ``min(m, n) > 256`` are delegated to
-``torch.linalg.svd`` (Jacobi's ``O(n^3)`` work per sweep, several sweeps, loses to
-LAPACK there).
+rows; from ``min(m, n) = 40`` on, the sweeps run on ``R^T`` of a pivoted QR, which needs
+fewer sweeps).  CUDA implementation: csrc/cuda/svd_cuda.cu, one thread block per matrix,
+the matrix in shared memory when it fits, else in a global workspace allocated here.
+
+Delegation to ``torch.linalg.svd`` (Jacobi's ``O(n^3)`` work per sweep, over several
+sweeps, loses to LAPACK's bidiagonalization as n grows): on CPU above the measured
+crossover :data:`CPU_MAX_JACOBI_SIZE` (192 columns in float32 and the half types, 96 in
+float64), on CUDA above :data:`MAX_JACOBI_SIZE` = 256.  CPU crossover, measured on a
+2-core AVX-512 Xeon against ``torch.linalg.svd`` (LAPACK ``gesdd`` matrix by matrix),
+N(0, 1) square matrices, one thread each (CPU time), speed-up of Jacobi: float32 32: 2.30,
+48: 1.61, 64: 1.47, 96: 1.01, 128: 0.96, 160: 0.74, 192: 0.57, 224: 0.50, 256: 0.48;
+float64 16: 2.26, 32: 1.54, 48: 1.08, 64: 0.95, 80: 0.75, 96: 0.58, 128: 0.51, 160: 0.37.
+Jacobi parallelizes over the batch and LAPACK does not gain from threads at these sizes
+(measured 8 % with 2 threads at 256), so with 2 threads and a batch the speed-up about
+doubles; the limits keep it >= 1.1 there (float32 192: ~1.14, float64 96: ~1.16).  A
+single matrix between about 96 and 192 columns (float32; 48 and 96 in float64) runs on
+one thread and is up to 2x slower than torch: the limit does not depend on the batch
+size or the thread count, so that a matrix's result never depends on them either.
 """
 from __future__ import annotations
 
@@ -41,10 +50,15 @@ from .._extension import cuda_extension, extension
 from ..linalg.svd_backward import thin_svd_backward
 from ._library import LIBRARY, current_stream
 
-__all__ = ["batched_svd", "BatchedSVDResult", "MAX_JACOBI_SIZE", "default_tol", "default_max_sweeps"]
+__all__ = [
+    "batched_svd", "BatchedSVDResult", "MAX_JACOBI_SIZE", "CPU_MAX_JACOBI_SIZE", "jacobi_size_limit", "default_tol",
+    "default_max_sweeps",
+]
 
-#: Largest ``min(m, n)`` solved by the Jacobi kernels; larger matrices go to torch.linalg.svd.
+#: Largest ``min(m, n)`` solved by the Jacobi kernels on CUDA; larger matrices go to torch.linalg.svd.
 MAX_JACOBI_SIZE = 256
+#: The same on CPU, per compute dtype: the measured crossover with LAPACK (module docstring).
+CPU_MAX_JACOBI_SIZE = {torch.float32: 192, torch.float64: 96}
 # The kernels' own bound (csrc/include/lowrank_ops/svd.h: kJacobiMaxCols).
 _KERNEL_MAX_COLS = 1024
 # Quadratic convergence: fp32 needs fewer sweeps than fp64 (measured means on N(0, 1)
@@ -102,6 +116,15 @@ def default_tol(m: int, n: int, dtype: torch.dtype) -> float:
     the last rotating sweep leaves the pairs far below it (quadratic convergence).
     """
     return max(m, n, 1) * torch.finfo(_compute_dtype(dtype)).eps
+
+
+def jacobi_size_limit(dtype: torch.dtype, device: torch.device) -> int:
+    """Largest ``min(m, n)`` that :func:`batched_svd` solves by Jacobi on this device type
+    (beyond it: ``torch.linalg.svd``): :data:`CPU_MAX_JACOBI_SIZE` on CPU, else
+    :data:`MAX_JACOBI_SIZE`."""
+    if torch.device(device).type == "cpu":
+        return CPU_MAX_JACOBI_SIZE[_compute_dtype(dtype)]
+    return MAX_JACOBI_SIZE
 
 
 def default_max_sweeps(dtype: torch.dtype) -> int:
@@ -248,11 +271,14 @@ class _JacobiSVD(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- delegation and completion
-def _normalize_signs(U: torch.Tensor, Vh: torch.Tensor):
-    """The library's sign rule: the largest-magnitude entry (first on ties) of every column of U positive."""
+def _normalize_signs(U: torch.Tensor, Vh: torch.Tensor, inplace: bool = False):
+    """The library's sign rule: the largest-magnitude entry (first on ties) of every column of U positive.
+
+    ``inplace`` flips the given tensors (fresh outputs that nothing records for autograd)."""
     index = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.gather(U, -2, index).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = torch.where(torch.gather(U, -2, index) < 0, -1.0, 1.0).to(U.dtype)  # an all-zero column keeps +1
+    if inplace:
+        return U.mul_(sign), Vh.mul_(sign.transpose(-2, -1))
     return U * sign, Vh * sign.transpose(-2, -1)
 
 
@@ -268,13 +294,16 @@ def _complete_columns(Q: torch.Tensor) -> torch.Tensor:
 
 
 def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
-    """torch.linalg.svd for matrices beyond MAX_JACOBI_SIZE, with our dtypes, signs and report."""
+    """torch.linalg.svd for matrices beyond jacobi_size_limit, with our dtypes, signs and report."""
     X = A3 if A3.dtype in (torch.float32, torch.float64) else A3.float()
+    # Checked first (about 3 % of the call at 256 x 256): LAPACK (MKL) would print errors
+    # to stderr on non-finite input.
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(X).all()):
         raise ValueError("batched_svd: A has a non-finite entry (inf or nan); expected finite values")
     if compute_uv:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        U, Vh = _normalize_signs(U, Vh)
+        # torch.linalg.svd's fresh outputs: flipped in place unless autograd records them.
+        U, Vh = _normalize_signs(U, Vh, inplace=not needs_grad)
     else:
         U = Vh = None
         S = torch.linalg.svdvals(X)
@@ -327,8 +356,9 @@ def batched_svd(
 
     Notes
     -----
-    Matrices with ``min(m, n) > 256`` are delegated to ``torch.linalg.svd`` (same sign
-    rule and dtypes; ``sweeps = 0``, ``converged = True``).  Backward:
+    Matrices with ``min(m, n)`` above :func:`jacobi_size_limit` (CPU: 192 in float32 and
+    the half types, 96 in float64, the measured crossover; CUDA: 256) are delegated to
+    ``torch.linalg.svd`` (same sign rule and dtypes; ``sweeps = 0``, ``converged = True``).  Backward:
     :func:`lowrank_ops.linalg.svd_backward.thin_svd_backward` (ill-posed for repeated
     singular values when the loss depends on U or V; stable through S alone).  On CUDA
     the finiteness check of ``A`` synchronizes with the device once per call.
@@ -360,7 +390,7 @@ def batched_svd(
 
     lead = A.shape[:-2]
     A3 = A.reshape(math.prod(lead), m, n)
-    if k > MAX_JACOBI_SIZE:
+    if k > jacobi_size_limit(A.dtype, A.device):
         U, S, Vh, sweeps, converged, off_diagonal = _delegate(A3, compute_uv, needs_grad)
     elif needs_grad:
         U, S, Vh, sweeps, converged, off_diagonal = _JacobiSVD.apply(A3, float(tol), int(max_sweeps))

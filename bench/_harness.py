@@ -266,10 +266,10 @@ def measure(
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(seconds, 1e-6))))
     warmup = 1 if seconds < 0.1 else 0
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    _log_case(benchmark)
+    log_case(benchmark)
 
 
-def _log_case(benchmark) -> None:
+def log_case(benchmark) -> None:
     """Append the case to ``LOWRANK_OPS_BENCH_LOG`` (JSON lines; set by ``lowrank-ops bench``).
 
     pytest-benchmark writes its JSON only when the whole session ends; this log keeps

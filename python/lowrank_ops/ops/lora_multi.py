@@ -195,10 +195,10 @@ class _CpuPlan:
         return self.scales[adapter] if scaled and self.scales is not None else 1.0
 
 
-def _cpu_plan(op, input, offsets, ids, ranks, scales, n_adapters, r_max, plan):
-    """The given plan, a new one for a CPU call without one, None on CUDA."""
-    if plan is not None or input.device.type != "cpu":
-        return plan
+def _cpu_plan(op, input, offsets, ids, ranks, scales, n_adapters, r_max) -> Optional[_CpuPlan]:
+    """A plan for a CPU call (its rows are ``input``'s), None on CUDA (the kernels take every segment)."""
+    if input.device.type != "cpu":
+        return None
     return _CpuPlan(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
 
 
@@ -208,18 +208,21 @@ def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool
 
 
 # ---------------------------------------------------------------------------- lora_multi_shrink
-def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last, plan=None):
+def _check_shrink(input, weight, offsets, ids, ranks, scales, rank_last) -> None:
     op = "lora_multi_shrink"
-    if plan is None:  # the registered op: validate (an eager call with a plan was validated once)
-        _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
-        if input.dim() != 2 or weight.dim() != 3:
-            raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
+    _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
+    if input.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
+    n_adapters, r_max, features = _weight_layout(weight, rank_last)[:3]
+    if input.shape[1] != features:
+        raise ValueError(f"{op}: input has shape {tuple(input.shape)}; expected (N, {features})")
+    check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
+
+
+def _shrink(input, weight, offsets, ids, ranks, scales, rank_last, plan: Optional[_CpuPlan]):
+    """``h = x A^T`` per segment (scaled when ``scales`` is given); arguments already checked."""
+    op = "lora_multi_shrink"
     n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
-    if plan is None:
-        if input.shape[1] != features:
-            raise ValueError(f"{op}: input has shape {tuple(input.shape)}; expected (N, {features})")
-        check_routing(op, offsets, ids, ranks, scales, input.shape[0], n_adapters, r_max)
-    plan = _cpu_plan(op, input, offsets, ids, ranks, scales, n_adapters, r_max, plan)
     input = _unit_columns(input)
     out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
     if plan is not None:
@@ -239,30 +242,37 @@ def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last, plan=Non
     return out
 
 
+def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
+    _check_shrink(input, weight, offsets, ids, ranks, scales, rank_last)
+    plan = _cpu_plan("lora_multi_shrink", input, offsets, ids, ranks, scales, *_weight_layout(weight, rank_last)[:2])
+    return _shrink(input, weight, offsets, ids, ranks, scales, rank_last, plan)
+
+
 def _shrink_fake(input, weight, offsets, ids, ranks, scales, rank_last):
     r_max = weight.shape[2] if rank_last else weight.shape[1]
     return input.new_empty((input.shape[0], r_max))
 
 
 # ---------------------------------------------------------------------------- lora_multi_expand_
-def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last, plan=None):
+def _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last) -> None:
     op = "lora_multi_expand_"
-    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = (
-        _weight_layout(weight, rank_last) if weight.dim() == 3 else (None,) * 6)
-    if plan is None:
-        _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
-        if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
-            raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
-        if tuple(h.shape) != (out.shape[0], r_max) or out.shape[1] != features:
-            raise ValueError(
-                f"{op}: out has shape {tuple(out.shape)} and h {tuple(h.shape)}; expected (N, {features}) and "
-                f"(N, {r_max})"
-            )
-        if out.stride(-1) != 1 and out.shape[1] > 1:
-            raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides "
-                             f"{out.stride()}")
-        check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
-    plan = _cpu_plan(op, out, offsets, ids, ranks, scales, n_adapters, r_max, plan)
+    _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
+    if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
+        raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
+    n_adapters, r_max, features = _weight_layout(weight, rank_last)[:3]
+    if tuple(h.shape) != (out.shape[0], r_max) or out.shape[1] != features:
+        raise ValueError(
+            f"{op}: out has shape {tuple(out.shape)} and h {tuple(h.shape)}; expected (N, {features}) and (N, {r_max})"
+        )
+    if out.stride(-1) != 1 and out.shape[1] > 1:
+        raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides {out.stride()}")
+    check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
+
+
+def _expand_(out, h, weight, offsets, ids, ranks, scales, rank_last, plan: Optional[_CpuPlan]) -> None:
+    """``out += s h B^T`` per segment, in place; arguments already checked."""
+    op = "lora_multi_expand_"
+    n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
     h = _unit_columns(h)
     if plan is not None:
         large, ids = plan.split(features)
@@ -281,25 +291,32 @@ def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last, plan=No
     )
 
 
+def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
+    _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last)
+    plan = _cpu_plan("lora_multi_expand_", out, offsets, ids, ranks, scales, *_weight_layout(weight, rank_last)[:2])
+    _expand_(out, h, weight, offsets, ids, ranks, scales, rank_last, plan)
+
+
 def _expand_fake(out, h, weight, offsets, ids, ranks, scales, rank_last):
     return None
 
 
 # ---------------------------------------------------------------------------- lora_multi_segment_outer
-def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan=None):
+def _check_outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last) -> None:
     op = "lora_multi_segment_outer"
-    if plan is None:
-        _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
-        if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
-            raise ValueError(
-                f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) "
-                "and (N, J)"
-            )
+    _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
+    if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
+        raise ValueError(
+            f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) and (N, J)"
+        )
+    check_routing(op, offsets, ids, ranks, scales, left.shape[0], n_adapters, left.shape[1])
+
+
+def _outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan: Optional[_CpuPlan]):
+    """Per-adapter ``s left_a^T right_a`` stacked like A (or B with ``rank_last``); arguments already checked."""
+    op = "lora_multi_segment_outer"
     n_rows, r_max = left.shape
     features = right.shape[1]
-    if plan is None:
-        check_routing(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
-    plan = _cpu_plan(op, left, offsets, ids, ranks, scales, n_adapters, r_max, plan)
     left, right = _unit_columns(left), _unit_columns(right)
     shape = (n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features)
     out = left.new_zeros(shape)  # ranks beyond an adapter's rank, and unused adapters, get 0
@@ -325,6 +342,12 @@ def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last,
     return out
 
 
+def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
+    _check_outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last)
+    plan = _cpu_plan("lora_multi_segment_outer", left, offsets, ids, ranks, scales, n_adapters, left.shape[1])
+    return _outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan)
+
+
 def _outer_fake(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
     r_max, features = left.shape[1], right.shape[1]
     return left.new_empty((n_adapters, features, r_max) if rank_last else (n_adapters, r_max, features))
@@ -348,14 +371,17 @@ class _Kernels(NamedTuple):
 
 def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, r_max: int) -> _Kernels:
     """The registered ops while torch.compile traces (their fake impls are what it sees);
-    for eager calls the implementations, sharing one routing plan on the CPU (validated
-    and split once, not once per kernel call: about 0.1 ms less per forward+backward)."""
+    for eager calls the implementations with the routing validated once (on the CPU one
+    plan, split once per feature size, serves every kernel call: about 0.1 ms less per
+    forward+backward than validating in each op)."""
     if torch.compiler.is_compiling():
         ops = torch.ops.lowrank_ops
         return _Kernels(ops.lora_multi_shrink, ops.lora_multi_expand_, ops.lora_multi_segment_outer)
-    plan = _cpu_plan("lora_linear_multi", x, offsets, ids, ranks, scales, n_adapters, r_max, None)
-    return _Kernels(functools.partial(_shrink_impl, plan=plan), functools.partial(_expand_impl, plan=plan),
-                    functools.partial(_outer_impl, plan=plan))
+    plan = _cpu_plan("lora_linear_multi", x, offsets, ids, ranks, scales, n_adapters, r_max)
+    if plan is None:  # CUDA: the routing's contents, checked once on the host (the kernels cannot raise)
+        check_routing("lora_linear_multi", offsets, ids, ranks, scales, x.shape[0], n_adapters, r_max)
+    return _Kernels(functools.partial(_shrink, plan=plan), functools.partial(_expand_, plan=plan),
+                    functools.partial(_outer, plan=plan))
 
 
 def _forward(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):

@@ -16,7 +16,8 @@ op is GEMM-dominated: per call ``2 N in out`` flops for the base against
 ``2 N r (in + out)`` for the adapter (r = 16 at 4096 x 4096: 0.8 % of the work).  What a
 fused op can still save is memory traffic and temporaries, and the composition does that:
 the base product is written straight into ``y`` (``addmm`` with the bias), the adapter's
-expand is accumulated into the same buffer (``addmm_``, no second ``[N, out]`` tensor),
+expand is accumulated into the same buffer (``addmm_``, no second ``[N, out]`` tensor;
+float32 adapters on a half weight excepted, see ``_addmm_adapter_``),
 and the scale and the gate are folded into the small ``[N, r]`` intermediate.  Backward
 saves ``x``, the frozen weight (a reference, not a copy), the factors and ``u``; never an
 ``[N, out]`` tensor.  A hand-written kernel for the remaining non-GEMM work (scaling

@@ -144,7 +144,10 @@ def _build(case: Case, inp: Inputs, backward: bool) -> Callable[[], Callable]:
             forward, leaves = (lambda: layer(x)), (x, lora_A, lora_B)
         else:
             lora_A, lora_B = (t.detach().clone().requires_grad_(backward) for t in (inp.lora_A, inp.lora_B))
-            forward = lambda: lowrank_ops.ops.lora_linear(x, inp.weight, lora_A, lora_B, inp.bias, scale=inp.scale)
+            # Its own copy of the frozen weight, as each peer's layer holds one: at small N the
+            # op streams W, and a long-lived tensor measured slower to stream than a fresh copy.
+            weight, bias = inp.weight.clone(), inp.bias.clone()
+            forward = lambda: lowrank_ops.ops.lora_linear(x, weight, lora_A, lora_B, bias, scale=inp.scale)
             leaves = (x, lora_A, lora_B)
         return timed_pass(forward, leaves, inp.dy, backward)
 

@@ -318,3 +318,13 @@ def test_bad_input_errors(generator):
         LoRALinear(torch.nn.Conv1d(4, 4, 1), 2)
     with pytest.raises(ValueError, match="use_gate and use_dora cannot be combined"):
         LoRALinear(torch.nn.Linear(4, 4), 2, use_gate=True, use_dora=True)
+
+
+def test_torch_compile_inference_path(device, generator):
+    # Without autograd lora_linear skips the autograd Function: the compiled graph then
+    # holds the registered forward op (its fake impl), and must give the eager result.
+    t = make_problem(5, 24, 4, (5,), torch.float32, device, generator)
+    args = [t[name] for name in NAMES]
+    compiled = torch.compile(lambda *a: lora_linear(*a[:5], scale=0.5, gate=a[5]), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), lora_linear(*args[:5], scale=0.5, gate=args[5]), rtol=0, atol=0)

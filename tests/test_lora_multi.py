@@ -417,3 +417,18 @@ def test_multi_lora_linear_matches_peft_mixed_batch(generator):
         expected = peft_model(x, adapter_names=routing)
         y = ours(x, [None if n == "__base__" else n for n in routing])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_inference_path(device, generator):
+    # Without autograd the op skips the autograd Function; compiled, it runs the registered
+    # kernels' ops and must match the eager result (which shares one routing plan).
+    x = randn(7, IN, device=device, generator=generator)
+    weight = randn(OUT, IN, device=device, generator=generator)
+    A_stack = randn(3, R_MAX, IN, device=device, generator=generator)
+    B_stack = randn(3, OUT, R_MAX, device=device, generator=generator)
+    offsets, ids = torch.tensor([0, 2, 2, 7], device=device), torch.tensor([1, -1, 2], device=device)
+    call = lambda x: lora_linear_multi(x, weight, A_stack, B_stack, offsets, ids, ranks=[R_MAX, 2, 5],
+                                       scales=[0.5, 2.0, 1.5])
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), call(x), rtol=0, atol=0)

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "lowrank_ops/parallel.h"
+#include "lowrank_ops/simd.h"
 #include "lowrank_ops/svd.h"
 
 // Feature-level clones ("arch=haswell" would dispatch on the exact CPU model and fall
@@ -51,7 +52,7 @@ namespace lowrank_ops {
 namespace {
 
 constexpr int64_t kVectorBytes = 64;
-constexpr int64_t kRoundPad = 16;          // rounds are padded to whole vectors of the decision loop and sum_lanes
+constexpr int64_t kRoundPad = 16;          // rounds are padded to whole vectors of the decision loop and wide_lane_sums
 constexpr int64_t kSerialWork = 1 << 15;   // batch * rows * cols^2 below which one thread is faster
 constexpr int64_t kBlockBytes = 32 << 10;  // columns (W and V) of two column blocks: fits L1 (32-48 KB)
 // Largest working set of a group (kGroup matrices, W and V) for the matrices-in-lanes
@@ -98,41 +99,6 @@ LOWRANK_INLINE A tree_sum(const typename VecOf<A, kBytes>::type& v) {
     std::memcpy(&low, &v, kBytes / 2);
     std::memcpy(&high, reinterpret_cast<const unsigned char*>(&v) + kBytes / 2, kBytes / 2);
     return tree_sum<A, kBytes / 2>(low + high);
-  }
-}
-
-// The lane sums of kLanes vectors at once: lane i of the result is tree_sum(v[i]),
-// bit for bit (the same additions in the same order), through log2(kLanes) levels that
-// each add two shuffles of two vectors: 2 (kLanes - 1) shuffles and kLanes - 1 additions
-// in all, against kLanes log2(kLanes) of each for kLanes separate tree sums.
-// Level with half-width h: lanes [0, h) of every 2h-lane group come from the
-// group's first half, [h, 2h) from its second, one vector of groups after the other.
-template <class A>
-LOWRANK_INLINE Vec<A> sum_lanes(const Vec<A>* v) {
-  if constexpr (kLanes<A> == 16) {
-    Vec<A> a[8], b[4], c[2];
-    for (int i = 0; i < 8; ++i)
-      a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-             __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; ++i)
-      b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; ++i)
-      c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-             __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  } else {
-    static_assert(kLanes<A> == 8, "sum_lanes: 64-byte vectors of float or double");
-    Vec<A> a[4], b[2];
-    for (int i = 0; i < 4; ++i)
-      a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-             __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int i = 0; i < 2; ++i)
-      b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
-             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-    return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
-           __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
   }
 }
 
@@ -363,7 +329,7 @@ LOWRANK_CPU_CLONES SweepResult<A> jacobi_sweeps(A* x, int64_t ld_w, int64_t ld_v
         s.norm2_i[k] = s.norm2_j[k] = norm2[0];
       }
       for (int64_t k = 0; k < n_padded; k += kLanes<A>) {  // n_padded: a multiple of kRoundPad >= kLanes
-        const Vec<A> sums = sum_lanes<A>(s.dot_lanes + k);
+        const Vec<A> sums = wide_lane_sums<A>(s.dot_lanes + k);  // lane i: tree_sum of pair i's lanes
         std::memcpy(s.dot + k, &sums, sizeof sums);
       }
       round_decisions(n_padded, tol2, s.dot, s.off2, s.action, s.c, s.s, s.norm2_i, s.norm2_j);

@@ -118,6 +118,15 @@ def dora_row_norm_cpu(
 def dora_row_norm_cuda(
     *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
     weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
+SMALL_BATCH_MAX_ROWS: int
+def small_batch_linear_cpu(
+    *, x: int, weight: int, bias: int, y: int, rows: int, in_features: int, out_features: int, x_ld: int,
+    w_ld: int, y_ld: int, num_threads: int,
+) -> None: ...
+def small_batch_linear_grad_input_cpu(
+    *, grad_y: int, weight: int, grad_x: int, rows: int, in_features: int, out_features: int, gy_ld: int,
+    w_ld: int, gx_ld: int, num_threads: int,
+) -> None: ...
 def check_segment_routing_cpu(
     *, offsets: int, ids: int, ranks: int, scales: int, n_rows: int, n_segments: int, n_adapters: int, r_max: int,
     op: str,

@@ -1,0 +1,48 @@
+// Small-batch products with the frozen base weight of a LoRA layer (CPU, float32):
+//
+//   forward      y  = x W^T + b      x [rows, in],  W [out, in], b [out], y [rows, out]
+//   grad input   dx = dy W           dy [rows, out],                      dx [rows, in]
+//
+// for rows <= kSmallBatchMaxRows.  At such batch sizes (decoding, small micro-batches,
+// the N = 16 benchmark shapes) a BLAS GEMM is neither bound by its flops nor by the
+// bytes of W: MKL's sgemm measured 5.0 ms for 16 x 4096 x 4096 on the 2-core AVX-512
+// machine, where reading W once takes 1.5 ms and the flops 1.6 ms at that machine's
+// measured peak.  These kernels stream W once, with every element of W used for all
+// rows from registers (see lora_cpu.cpp for the tiles and the measured times).
+//
+// Layouts: every matrix row-major with unit column stride and the given row stride
+// (ld), float32.  The kernels never allocate and read nothing outside the given shapes.
+#pragma once
+
+#include <cstdint>
+
+namespace lowrank_ops {
+
+// Largest batch the small-batch kernels accept (their per-task accumulators live on
+// the stack); the Python op uses them only up to its own measured crossover.
+constexpr int64_t kSmallBatchMaxRows = 64;
+
+struct SmallBatchLinearParams {
+  const float* x = nullptr;       // [rows, in], row stride x_ld
+  const float* weight = nullptr;  // [out, in], row stride w_ld
+  const float* bias = nullptr;    // [out] or null
+  float* y = nullptr;             // [rows, out], row stride y_ld
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  int64_t x_ld = 0, w_ld = 0, y_ld = 0;
+};
+
+struct SmallBatchGradInputParams {
+  const float* grad_y = nullptr;  // [rows, out], row stride gy_ld
+  const float* weight = nullptr;  // [out, in], row stride w_ld
+  float* grad_x = nullptr;        // [rows, in], row stride gx_ld (written, not accumulated)
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  int64_t gy_ld = 0, w_ld = 0, gx_ld = 0;
+};
+
+// y = x W^T + b (throws std::invalid_argument on bad sizes or pointers).
+void small_batch_linear_cpu(const SmallBatchLinearParams& p, int num_threads);
+
+// grad_x = grad_y W.
+void small_batch_linear_grad_input_cpu(const SmallBatchGradInputParams& p, int num_threads);
+
+}  // namespace lowrank_ops

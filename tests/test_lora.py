@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lowrank_ops import reference
-from lowrank_ops._extension import extension
 from lowrank_ops.nn import LoRALinear
 from lowrank_ops.ops import lora_linear, lora_merge, lora_unmerge
 from lowrank_ops.ops.lora import draw_seed
@@ -186,75 +185,6 @@ def test_torch_compile_fullgraph(device, dropout, generator):
     torch.testing.assert_close(now, eager)
     for want, p in zip(eager_grads, [p for p in layer.parameters() if p.requires_grad] + [x]):
         torch.testing.assert_close(p.grad, want)
-
-
-# --------------------------------------------------------------------------- small-batch base products
-def _small_batch_case(rows, in_features, out_features, generator, pad=0):
-    """x, W, bias, dy as row-strided views (row stride = columns + pad) into larger buffers."""
-    def strided(n_rows, n_cols):
-        buffer = randn(n_rows, n_cols + pad, generator=generator)
-        return buffer[:, :n_cols]
-    return strided(rows, in_features), strided(out_features, in_features), randn(out_features, generator=generator), \
-        strided(rows, out_features)
-
-
-@pytest.mark.parametrize("pad", [0, 3])
-def test_small_batch_kernels_match_float64(pad, generator):
-    """_C's small-batch kernels on every tail: rows 1-5 (row tiles of 4), in not a multiple
-    of 16 (scalar columns), out not a multiple of 4 (a partial tile of W's rows), strided rows."""
-    kernels = extension()
-    for rows, in_features, out_features in [(1, 16, 4), (3, 33, 5), (5, 300, 37), (16, 64, 130), (64, 17, 1),
-                                            (2, 1, 9), (4, 0, 3), (7, 12, 0), (0, 8, 8)]:
-        x, weight, bias, grad_y = _small_batch_case(rows, in_features, out_features, generator, pad)
-        for with_bias in (True, False):
-            y = torch.full((rows, out_features + pad), float("nan"))
-            kernels.small_batch_linear_cpu(
-                x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr() if with_bias else 0, y=y.data_ptr(),
-                rows=rows, in_features=in_features, out_features=out_features, x_ld=x.stride(0),
-                w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=2)
-            b = bias.double() if with_bias else torch.zeros(out_features, dtype=torch.float64)
-            want = x.double() @ weight.double().T + b
-            magnitude = x.double().abs() @ weight.double().abs().T + b.abs()
-            assert_within(y[:, :out_features], want, summation_bound(magnitude, want, in_features + 1, torch.float32),
-                          f"y {rows}x{in_features}x{out_features}")
-            assert torch.isnan(y[:, out_features:]).all(), "wrote past out_features"
-        grad_x = torch.full((rows, in_features + pad), float("nan"))
-        kernels.small_batch_linear_grad_input_cpu(
-            grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=rows,
-            in_features=in_features, out_features=out_features, gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-            gx_ld=grad_x.stride(0), num_threads=2)
-        want = grad_y.double() @ weight.double()
-        magnitude = grad_y.double().abs() @ weight.double().abs()
-        assert_within(grad_x[:, :in_features], want, summation_bound(magnitude, want, out_features, torch.float32),
-                      f"dx {rows}x{in_features}x{out_features}")
-        assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
-
-
-def test_small_batch_kernels_reject_bad_sizes(generator):
-    kernels = extension()
-    x, weight, _, _ = _small_batch_case(4, 8, 8, generator)
-    y = torch.empty(65, 8)
-    common = dict(x=x.data_ptr(), weight=weight.data_ptr(), bias=0, y=y.data_ptr(), in_features=8, out_features=8,
-                  w_ld=8, y_ld=8, num_threads=1)
-    with pytest.raises(ValueError, match=r"rows must be in \[0, 64\]; got 65"):
-        kernels.small_batch_linear_cpu(rows=65, x_ld=8, **common)
-    with pytest.raises(ValueError, match="x row stride must be >= its 8 columns; got 4"):
-        kernels.small_batch_linear_cpu(rows=4, x_ld=4, **common)
-    with pytest.raises(ValueError, match="weight must not be null"):
-        kernels.small_batch_linear_grad_input_cpu(grad_y=y.data_ptr(), weight=0, grad_x=x.data_ptr(), rows=4,
-                                                  in_features=8, out_features=8, gy_ld=8, w_ld=8, gx_ld=8,
-                                                  num_threads=1)
-
-
-@pytest.mark.parametrize("rows", [1, 16, 40])
-def test_base_grad_input_op(device, rows, generator):
-    """The registered grad-input op (small-batch kernel or GEMM by size): opcheck and value."""
-    grad_y, weight = randn(rows, 24, device=device, generator=generator), randn(24, 40, device=device, generator=generator)
-    op = torch.ops.lowrank_ops.lora_base_grad_input.default
-    torch.library.opcheck(op, (grad_y, weight))
-    want = grad_y.double() @ weight.double()
-    bound = summation_bound(grad_y.double().abs() @ weight.double().abs(), want, 24, torch.float32)
-    assert_within(op(grad_y, weight), want, bound, "lora_base_grad_input")
 
 
 # --------------------------------------------------------------------------- merge

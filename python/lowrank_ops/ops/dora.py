@@ -21,7 +21,8 @@ Layers:
   0.98 ms at 1024 x 1024, r = 16; 67 vs 76 ms and 148 vs 143 ms at 4096 x 4096, r = 16
   and 64), because the ``W A^T`` GEMM and the pass over W dominate; against PEFT's dense
   norm it is ~30x faster (33.7 ms at 1024 x 1024).
-* ``torch.ops.lowrank_ops.dora_linear_fwd``: the forward (composed GEMMs, as lora_linear).
+* ``torch.ops.lowrank_ops.dora_linear_fwd``: the forward (composed GEMMs, the base products
+  through :mod:`~lowrank_ops.ops.base_linear`, as lora_linear).
 * ``_DoRALinear``: the autograd Function; :func:`dora_linear`: the validated entry point.
 
 The norm is detached, as the DoRA paper (section 4.3) and PEFT do: it receives no gradient,
@@ -45,6 +46,7 @@ import torch
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream
+from .base_linear import base_linear, grad_input_op
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
@@ -152,11 +154,11 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
     factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
-    product = adapter_input @ weight.T
+    product = base_linear(adapter_input, weight)
     if adapter_input is x:
         y = None
     else:  # PEFT: the base path sees x, the rescaled one D(x): y = x W^T + b - D(x) W^T + c z
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+        y = base_linear(x, weight, bias)
         y.sub_(product)
     product.addmm_((shrunk * scale).to(dtype), lora_B.T.to(dtype))  # z = D(x) (W + s B A)^T, in place
     if y is None:
@@ -222,11 +224,11 @@ class _DoRALinear(torch.autograd.Function):
                 grad_A = expanded.T @ adapter_input.to(adapter_dtype)
             if need_x:
                 if dropout:
-                    inner = (scaled_grad - grad_y) @ weight
+                    inner = grad_input_op()(scaled_grad - grad_y, weight)
                     inner.addmm_(expanded.to(dtype), lora_A.to(dtype))
-                    grad_x = (grad_y @ weight).add_(_adapter_input(inner, seed, p))
+                    grad_x = grad_input_op()(grad_y, weight).add_(_adapter_input(inner, seed, p))
                 else:
-                    grad_x = (scaled_grad @ weight).addmm_(expanded.to(dtype), lora_A.to(dtype))
+                    grad_x = grad_input_op()(scaled_grad, weight).addmm_(expanded.to(dtype), lora_A.to(dtype))
         if need_W:
             if dropout:
                 grad_W = (grad_y.T @ x).addmm_((scaled_grad - grad_y).T, adapter_input)

@@ -21,13 +21,9 @@ scale and the gate are folded into the small ``[N, r]`` intermediate.  Backward 
 ``x``, the frozen weight (a reference, not a copy), the factors and ``u``; never an
 ``[N, out]`` tensor.
 
-The base products themselves (``x W^T + b`` forward, ``dy W`` backward) use BLAS except
-for small float32 batches on CPUs with AVX-512 (``SMALL_BATCH_ROWS``), where
-``_C.small_batch_linear_cpu`` / ``_C.small_batch_linear_grad_input_cpu``
-(csrc/cpu/lora_cpu.cpp) stream W once with every element used for all rows from
-registers: at N = 16 MKL's sgemm is neither flop- nor bandwidth-bound (5.0 ms at
-16 x 4096 x 4096 where reading W takes 1.5 ms); ours 2.8 ms forward, 2.9 against 3.1 ms
-backward (2-core Xeon, 2 threads; more shapes in lora_cpu.cpp and bench/README.md).
+The base products (``x W^T + b`` forward, ``dy W`` backward) are
+:mod:`~lowrank_ops.ops.base_linear`'s: BLAS, or hand-written small-batch kernels for
+float32 batches of 2-32 rows on AVX-512 CPUs (1.3-2.3x MKL there).
 
 Dropout (``dropout_p > 0``) applies to the adapter input only.  The mask is drawn from an
 int64 seed, itself drawn from ``generator`` (or torch's default generator): the same
@@ -36,23 +32,21 @@ nothing of size ``[N, in]`` is saved for it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from .._dtypes import float_code
-from .._extension import extension
 from ._library import LIBRARY
+from .base_linear import base_linear, grad_input_op
 
-__all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed", "SMALL_BATCH_ROWS"]
+__all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
 
 LIBRARY.define("lora_dropout(Tensor x, Tensor seed, float p) -> Tensor")
 LIBRARY.define(
     "lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? gate, "
     "Tensor? seed, float scale, float dropout_p) -> (Tensor, Tensor)"
 )
-LIBRARY.define("lora_base_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
 
 _SEED_HIGH = 2**62
 
@@ -107,70 +101,12 @@ def _addmm_adapter_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
     return out.add_(left @ right)
 
 
-# ---------------------------------------------------------------------------- base products
-#: Batch sizes (rows of x) for which the CPU base products use _C's small-batch kernels
-#: (float32, AVX-512) instead of BLAS.  Measured crossover on the 2-core AVX-512 Xeon
-#: (bench/README.md): at one row MKL's GEMV is as fast (0.88-1.00x forward, 0.55-0.81x
-#: backward) and from about 48 rows its GEMM is (0.57-1.5x forward, 0.9x backward).
-SMALL_BATCH_ROWS = (2, 32)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_has_avx512() -> bool:
-    return bool(extension().cpu_features()["avx512f"])
-
-
-def _small_batch(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``rows`` [N, *] with ``weight`` [out, in] runs on the small-batch kernels."""
-    low, high = SMALL_BATCH_ROWS
-    return (
-        rows.device.type == "cpu" and rows.dtype == torch.float32 and weight.dtype == torch.float32
-        and low <= rows.shape[0] <= high and rows.stride(-1) == 1 and weight.stride(-1) == 1
-        and weight.stride(0) >= weight.shape[1] and weight.numel() > 0 and _cpu_has_avx512()
-    )
-
-
-def _base_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x W^T + b`` ``[N, out]``: the small-batch kernel (see SMALL_BATCH_ROWS) or ``addmm``."""
-    if _small_batch(x, weight) and (bias is None or bias.stride(0) == 1):
-        y = x.new_empty((x.shape[0], weight.shape[0]))
-        extension().small_batch_linear_cpu(
-            x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
-            rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
-            w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
-        )
-        return y
-    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-
-
-def _lora_base_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``dy W`` ``[N, in]``: the small-batch kernel (see SMALL_BATCH_ROWS) or a GEMM."""
-    if not _small_batch(grad_y, weight):
-        return grad_y @ weight
-    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
-    extension().small_batch_linear_grad_input_cpu(
-        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
-        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads(),
-    )
-    return grad_x
-
-
-def _lora_base_grad_input_fake(grad_y, weight):
-    return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
-
-
-LIBRARY.impl("lora_base_grad_input", _lora_base_grad_input, "CPU")
-LIBRARY.impl("lora_base_grad_input", _lora_base_grad_input, "CUDA")
-torch.library.register_fake("lowrank_ops::lora_base_grad_input", _lora_base_grad_input_fake, lib=LIBRARY)
-
-
 # ---------------------------------------------------------------------------- forward
 def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p):
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T, [N, r], in the adapters' dtype
     scaled = shrunk * _gate_scale(gate, scale)  # s * (u * g): the scale rides on the small tensor
-    y = _base_product(x, weight, bias)
+    y = base_linear(x, weight, bias)
     _addmm_adapter_(y, scaled, lora_B.T)  # in place: no second [N, out] tensor
     return y, shrunk
 
@@ -191,14 +127,6 @@ def _forward_op():
     if torch.compiler.is_compiling():
         return torch.ops.lowrank_ops.lora_linear_fwd
     return _lora_linear_fwd
-
-
-def _grad_input_op():
-    """``dy W`` as the registered op while torch.compile traces this backward (fake
-    tensors, which the kernel's raw pointers cannot take), else its implementation."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lowrank_ops.lora_base_grad_input
-    return _lora_base_grad_input
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -238,7 +166,7 @@ class _LoRALinear(torch.autograd.Function):
             if need_A:
                 grad_A = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)
             if need_x:
-                grad_x = _grad_input_op()(grad_y, weight)
+                grad_x = grad_input_op()(grad_y, weight)
                 if seed is None or p == 0.0:
                     _addmm_adapter_(grad_x, expanded, lora_A)
                 else:  # D' is D (same mask, same 1 / (1 - p))

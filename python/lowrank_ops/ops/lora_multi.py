@@ -28,11 +28,11 @@ import functools
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream
+from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
 
@@ -386,7 +386,7 @@ def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, 
 
 def _forward(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
     """``(y, h)`` with ``h = x A^T`` per segment (what the backward needs)."""
-    y = F.linear(x, weight, bias)
+    y = forward_op()(x, weight, bias)
     h = kernels.shrink(x, A_stack, offsets, ids, ranks, None, False)
     kernels.expand_(y, h, B_stack, offsets, ids, ranks, scales, True)
     return y, h
@@ -416,7 +416,7 @@ class _LoRALinearMulti(torch.autograd.Function):
         if need_x or need_A:
             g = kernels.shrink(grad_y, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
         if need_x:
-            grad_x = grad_y @ weight
+            grad_x = grad_input_op()(grad_y, weight)
             kernels.expand_(grad_x, g, A_stack, offsets, ids, ranks, None, False)
         if need_A:
             grad_A = kernels.outer(g, x, offsets, ids, ranks, None, A_stack.shape[0], False)

@@ -1,17 +1,17 @@
-// lowrank_ops._C: small-batch base products of the LoRA layer (CPU, float32; lora.h).
+// lowrank_ops._C: small-batch products with a frozen base weight (CPU, float32; base_linear.h).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 
 #include "registry.h"
-#include "lowrank_ops/lora.h"
+#include "lowrank_ops/base_linear.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
 
 namespace lowrank_ops {
 
-LOWRANK_OPS_BINDINGS(lora) {
+LOWRANK_OPS_BINDINGS(base_linear) {
   m.attr("SMALL_BATCH_MAX_ROWS") = kSmallBatchMaxRows;
   m.def(
       "small_batch_linear_cpu",

@@ -1,4 +1,4 @@
-// Small-batch products with the frozen base weight of a LoRA layer (CPU, float32):
+// Small-batch products with a frozen base weight (LoRA, DoRA, multi-adapter layers; CPU, float32):
 //
 //   forward      y  = x W^T + b      x [rows, in],  W [out, in], b [out], y [rows, out]
 //   grad input   dx = dy W           dy [rows, out],                      dx [rows, in]
@@ -8,7 +8,7 @@
 // bytes of W: MKL's sgemm measured 5.0 ms for 16 x 4096 x 4096 on the 2-core AVX-512
 // machine, where reading W once takes 1.5 ms and the flops 1.6 ms at that machine's
 // measured peak.  These kernels stream W once, with every element of W used for all
-// rows from registers (see lora_cpu.cpp for the tiles and the measured times).
+// rows from registers (see base_linear_cpu.cpp for the tiles and the measured times).
 //
 // Layouts: every matrix row-major with unit column stride and the given row stride
 // (ld), float32.  The kernels never allocate and read nothing outside the given shapes.

@@ -1,0 +1,111 @@
+"""Benchmarks of the small-batch base products (python/lowrank_ops/ops/base_linear.py).
+
+Ops, on a frozen ``W [out, in]`` (float32, CPU):
+
+* ``base_linear``: ``y = x W^T + b``, x ``[N, in]``;
+* ``base_linear_grad_input``: ``dx = dy W``, dy ``[N, out]``.
+
+Impls: ``ours`` (:func:`~lowrank_ops.ops.base_linear.base_linear` and
+``base_linear_grad_input``: the small-batch kernels for N in ``SMALL_BATCH_ROWS``, BLAS
+elsewhere), ``torch`` (``torch.addmm`` / ``dy @ W``: MKL, what PEFT's and nn.Linear's
+layers run) and ``kernel`` (the small-batch kernel called directly at every N <= 64: the
+evidence for where ``SMALL_BATCH_ROWS`` ends).  CPU only: on CUDA ours is cuBLAS.
+
+Sizes: quick default 1024 x 1024 at N = 1, 4, 16, 32, 64.  ``LOWRANK_OPS_BENCH_FULL=1``:
+the LLaMA shapes 4096 x 4096, 11008 x 4096 and 4096 x 11008 at N = 1, 2, 4, 8, 16, 32,
+48, 64.
+
+Roofline: ``2 N in out`` flops; bytes: W once (``4 in out``) plus x and y (or dy and dx).
+At N <= 64 and in, out >= 1024 the W term dominates: the floor is W read once at the
+machine's read bandwidth, or the flops at its GEMM peak, whichever is larger.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import pytest
+import torch
+
+from lowrank_ops._extension import extension
+from lowrank_ops.ops import base_linear as base
+
+from _harness import FULL, Case, grid_cases, measure, params, rel_error, require_device
+
+FAMILY = "base_linear"
+SEED = 0
+_IMPLS = ("ours", "torch", "kernel")
+
+if FULL:
+    _PROBLEMS = [(o, i, n) for o, i in [(4096, 4096), (11008, 4096), (4096, 11008)]
+                 for n in (1, 2, 4, 8, 16, 32, 48, 64)]
+else:
+    _PROBLEMS = [(1024, 1024, n) for n in (1, 4, 16, 32, 64)]
+
+
+def _label(problem) -> str:
+    out_features, in_features, n = problem
+    return f"{out_features}x{in_features} N={n}"
+
+
+def _cases(op: str):
+    return grid_cases(FAMILY, op, {"cpu": _PROBLEMS, "cuda": []}, {"float32": _IMPLS}, _label)
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs(problem: tuple):
+    out_features, in_features, n = problem
+    generator = torch.Generator().manual_seed(SEED)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    return (torch.randn(n, in_features, generator=generator), weight, torch.randn(out_features, generator=generator),
+            torch.randn(n, out_features, generator=generator))
+
+
+def _kernel_forward(x, weight, bias):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    extension().small_batch_linear_cpu(
+        x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr(), y=y.data_ptr(), rows=x.shape[0],
+        in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0), w_ld=weight.stride(0),
+        y_ld=y.stride(0), num_threads=torch.get_num_threads())
+    return y
+
+
+def _kernel_grad_input(grad_y, weight):
+    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+    extension().small_batch_linear_grad_input_cpu(
+        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
+        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
+        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads())
+    return grad_x
+
+
+_FORWARD = {"ours": base.base_linear, "torch": torch.addmm, "kernel": _kernel_forward}
+_GRAD_INPUT = {"ours": base.base_linear_grad_input, "torch": torch.mm, "kernel": _kernel_grad_input}
+
+
+def _run(benchmark, case: Case, grad_input: bool) -> None:
+    require_device(case.device)
+    x, weight, bias, grad_y = _inputs(case.problem)
+    out_features, in_features, n = case.problem
+    if grad_input:
+        fn = _GRAD_INPUT[case.impl]
+        call: Callable = lambda: fn(grad_y, weight)
+        reference = grad_y.double() @ weight.double()
+        moved = 4.0 * (in_features * out_features + n * (in_features + out_features))
+    else:
+        fn = _FORWARD[case.impl]
+        call = (lambda: fn(bias, x, weight.T)) if case.impl == "torch" else (lambda: fn(x, weight, bias))
+        reference = x.double() @ weight.double().T + bias.double()
+        moved = 4.0 * (in_features * out_features + n * (in_features + out_features) + out_features)
+    measure(benchmark, case, lambda: call, lambda result: rel_error([result], [reference]),
+            flops=2.0 * n * in_features * out_features, bytes=moved)
+
+
+@pytest.mark.parametrize("case", params(_cases("base_linear")))
+def test_base_linear(benchmark, case: Case):
+    _run(benchmark, case, grad_input=False)
+
+
+@pytest.mark.parametrize("case", params(_cases("base_linear_grad_input")))
+def test_base_linear_grad_input(benchmark, case: Case):
+    _run(benchmark, case, grad_input=True)

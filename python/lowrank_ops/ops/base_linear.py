@@ -1,0 +1,122 @@
+"""Products with a frozen base weight, shared by the adapter layers (LoRA, DoRA, multi-adapter).
+
+* :func:`base_linear`: ``y = x W^T + b`` ``[N, out]``;
+* :func:`base_linear_grad_input`: ``dx = dy W`` ``[N, in]``.
+
+Both are also registered ops (``torch.ops.lowrank_ops.base_linear``,
+``base_linear_grad_input``), which is what torch.compile traces when they are called from
+an autograd Function (see :func:`forward_op`, :func:`grad_input_op`); callers that are
+themselves op implementations call the functions directly.
+
+Both use BLAS except for small float32 CPU batches on CPUs with AVX-512
+(:data:`SMALL_BATCH_ROWS`), where ``_C.small_batch_linear_cpu`` and
+``_C.small_batch_linear_grad_input_cpu`` (csrc/cpu/base_linear_cpu.cpp) stream W once
+with every element used for all rows from registers.  At such batch sizes MKL's sgemm is
+neither flop- nor bandwidth-bound: 5.0 ms for 16 x 4096 x 4096 where reading W takes
+1.5 ms (2-core AVX-512 Xeon, 2 threads); ours 2.8 ms forward, 2.9 ms (MKL 3.1)
+backward.  Measured ratios for more shapes: bench/bench_base_linear.py, bench/README.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from .._extension import extension
+from ._library import LIBRARY
+
+__all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward_op", "grad_input_op"]
+
+LIBRARY.define("base_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+LIBRARY.define("base_linear_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
+
+#: Batch sizes (rows of x) for which the CPU products use _C's small-batch kernels
+#: (float32, AVX-512) instead of BLAS: the measured crossover on the 2-core AVX-512 Xeon
+#: (bench/README.md).  At one row MKL's GEMV is as fast (0.88-1.00x forward, 0.55-0.81x
+#: backward); from about 48 rows its GEMM is (0.57-1.5x forward, 0.9x backward).
+SMALL_BATCH_ROWS = (2, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_avx512() -> bool:
+    return bool(extension().cpu_features()["avx512f"])
+
+
+def _small_batch(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the product of ``rows`` [N, *] with ``weight`` [out, in] runs on the small-batch kernels."""
+    low, high = SMALL_BATCH_ROWS
+    return (
+        rows.device.type == "cpu" and rows.dtype == torch.float32 and weight.dtype == torch.float32
+        and low <= rows.shape[0] <= high and rows.stride(-1) == 1 and weight.stride(-1) == 1
+        and weight.stride(0) >= weight.shape[1] and weight.numel() > 0 and _cpu_has_avx512()
+    )
+
+
+def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b``.
+
+    Parameters
+    ----------
+    x : Tensor[N, in]
+    weight : Tensor[out, in]
+        x's dtype and device.
+    bias : Tensor[out], optional
+
+    Returns
+    -------
+    Tensor[N, out]
+        The small-batch kernel's result (see :data:`SMALL_BATCH_ROWS`) or ``addmm``'s.
+        Not differentiable by itself: the callers are the forward implementations of ops
+        with their own backward.
+    """
+    if _small_batch(x, weight) and (bias is None or bias.stride(0) == 1):
+        y = x.new_empty((x.shape[0], weight.shape[0]))
+        extension().small_batch_linear_cpu(
+            x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
+            rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
+            w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
+        )
+        return y
+    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+
+
+def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy W``: grad_y ``[N, out]``, weight ``[out, in]`` -> ``[N, in]`` (small-batch kernel or GEMM)."""
+    if not _small_batch(grad_y, weight):
+        return grad_y @ weight
+    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+    extension().small_batch_linear_grad_input_cpu(
+        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
+        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
+        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads(),
+    )
+    return grad_x
+
+
+def _base_linear_fake(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _base_linear_grad_input_fake(grad_y, weight):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+
+
+for _name, _impl, _fake in [("base_linear", base_linear, _base_linear_fake),
+                            ("base_linear_grad_input", base_linear_grad_input, _base_linear_grad_input_fake)]:
+    LIBRARY.impl(_name, _impl, "CPU")
+    LIBRARY.impl(_name, _impl, "CUDA")
+    torch.library.register_fake(f"lowrank_ops::{_name}", _fake, lib=LIBRARY)
+
+
+# While torch.compile traces an autograd Function (its tensors are fake, which the
+# kernels' raw pointers cannot take) the registered ops; in eager the functions
+# themselves (no dispatcher).
+def forward_op():
+    """:func:`base_linear`, or its registered op while torch.compile traces."""
+    return torch.ops.lowrank_ops.base_linear if torch.compiler.is_compiling() else base_linear
+
+
+def grad_input_op():
+    """:func:`base_linear_grad_input`, or its registered op while torch.compile traces."""
+    return torch.ops.lowrank_ops.base_linear_grad_input if torch.compiler.is_compiling() else base_linear_grad_input

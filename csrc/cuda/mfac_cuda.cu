@@ -301,14 +301,17 @@ __global__ void __launch_bounds__(kReplaceThreads)
     }
     double* uk = U + (s + 1 + k) * u_ld + s + 1;
     for (int64_t j = first_owned(k + 1, t, threads); j < p; j += threads) {
+      const bool leads = j == k + 1;  // this thread forms row k + 1's rotations
+      double* dj = U + (s + 1 + j) * u_ld + s + 1 + j;
+      // Row k + 1's diagonal, loaded with row k's entry (after the stores below the
+      // compiler would have to assume they alias): one memory latency per row, not two.
+      double d = leads ? *dj : 0.0;
       double a = uk[j], vu = up[j], vd = down[j];
       rotate(a, vu, vd, r);
       uk[j] = a;
       up[j] = vu;
       down[j] = vd;
-      if (j == k + 1) {
-        double* dj = U + (s + 1 + j) * u_ld + s + 1 + j;
-        double d = *dj;
+      if (leads) {
         rotations[j & 1] = row_rotations(d, vu, vd);
         *dj = d;
       }

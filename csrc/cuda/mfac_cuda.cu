@@ -29,8 +29,9 @@
 // column right after it updated it, and handed over in a double-buffered shared slot, so
 // one barrier per row suffices.  The vectors (y, the update and downdate rows) live in
 // shared memory when they fit (n <= kReplaceSmemDoubles / 2), else in the caller's work.
-// Cost: n - 1 barriers in sequence plus ~3 n^2 flops and one read and write of U's
-// affected part: latency-bound (one SM), against potrf's n^3 / 3 flops.
+// Cost: about n barriers in sequence (s substitution steps, p = n - s - 1 rows, 3 more),
+// at most ~6 n^2 flops (s^2 + 2 s p + 6 p^2) and one read and write of U's affected
+// part: latency-bound on one SM, against potrf's n^3 / 3 flops.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -198,12 +198,13 @@ def _k_matrix(inverse):
 
 
 @pytest.mark.parametrize("ngrads, dim, updates", [(1, 9, 12), (4, 30, 41), (37, 300, 200), (64, 48, 260)])
-def test_factor_rank_update_matches_fresh_cholesky(generator, ngrads, dim, updates):
+def test_factor_rank_update_matches_fresh_cholesky(device, generator, ngrads, dim, updates):
     """The O(m^2) factor update, after every replacement, against a fresh float64 Cholesky.
 
-    Covers m = 1, every slot of the ring (several wraps), m > d (K's Gram part singular:
-    only the damping keeps it definite) and chains of up to ngrads updates between
-    refreshes.  Bounds: a Cholesky factor and each rotation sweep are backward stable,
+    On each device's kernel (mfac_cholesky_replace_cpu / _cuda).  Covers m = 1, m = 37
+    (not a multiple of 32), every slot of the ring (several wraps, slots 0 and m - 1
+    included), m > d (K's Gram part singular: only the damping keeps it definite) and
+    chains of up to ngrads updates between refreshes.  Bounds: a Cholesky factor and each rotation sweep are backward stable,
     ``|U^T U - K| <= c n u |K|`` per operation (Higham, ch. 10; Stewart 1979 for the
     up/downdate), so after j <= ngrads updates the backward error is <= (j + 1) c n u
     with c = 4 here; the forward error of U against the fresh factor is bounded by the
@@ -212,11 +213,12 @@ def test_factor_rank_update_matches_fresh_cholesky(generator, ngrads, dim, updat
     """
     u = 2.0**-53
     # Small damping: cond(K) ~ 300 in the m > d case.
-    inverse = MFACInverse(dim, ngrads, 1e-3, dtype=torch.float64)
+    inverse = MFACInverse(dim, ngrads, 1e-3, dtype=torch.float64, device=device)
     for step in range(updates):
-        inverse.update(randn(dim, dtype=torch.float64, generator=generator) * 0.3)
+        inverse.update(randn(dim, dtype=torch.float64, generator=generator).to(device) * 0.3)
         U = inverse._cholesky()
-        K = _k_matrix(inverse)
+        assert U.device == inverse.device
+        U, K = U.cpu(), _k_matrix(inverse).cpu()
         n = inverse.n
         chain = inverse._updates_since_factor
         backward = float((U.T @ U - K).abs().max() / K.abs().max())
@@ -269,6 +271,146 @@ def test_factor_rank_update_fallback(generator):
     assert inverse.downdate_fallbacks == 1 and inverse._factor is None
     x = randn(20, dtype=torch.float64, generator=generator)
     assert rel(inverse.ihvp(x), reference.mfac_ihvp(inverse.grads, 0.5, x)) <= 1e-10
+
+
+def _replace_factor(U, s, row):
+    """Runs the rank update kernel of ``U``'s device on ``U`` in place; returns its flag.
+
+    ``U`` may be a view with row stride > n; the CUDA flag starts at -1, so a kernel that
+    left it unwritten fails the check.
+    """
+    n = U.shape[0]
+    work = torch.full((2 * n,), float("nan"), dtype=torch.float64, device=U.device)
+    args = dict(U=U.data_ptr(), u_ld=U.stride(0), n=n, s=s, row=row.data_ptr(), work=work.data_ptr())
+    if U.device.type == "cpu":
+        return extension().mfac_cholesky_replace_cpu(**args)
+    ok = torch.full((1,), -1, dtype=torch.int32, device=U.device)
+    extension().mfac_cholesky_replace_cuda(**args, ok=ok.data_ptr(), device=U.device.index,
+                                           stream=torch.cuda.current_stream(U.device).cuda_stream)
+    flag = int(ok.item())
+    assert flag in (0, 1), flag
+    return bool(flag)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, slot", [(1, 0), (37, 0), (37, 17), (37, 36), (2048, 0), (2048, 1023), (2048, 2047),
+                                     (3000, 0), (3000, 2999)])
+def test_cuda_cholesky_replace_matches_cpu(cuda_device, generator, n, slot):
+    """The CUDA rank update against the CPU one on the same factor, and against K'.
+
+    n = 37 and 3000 are not multiples of 32; n = 3000 with slot 0 keeps the vectors in
+    the work buffer (over the kernel's shared-memory budget), slot n - 1 in shared
+    memory.  The factor is a view with row stride n + 3, whose padding must stay untouched.
+    Bounds as in test_factor_rank_update_matches_fresh_cholesky with one update
+    (chain = 1): backward |U^T U - K'| <= 4 n u (1 + 1) |K'|, and each factor within
+    that times cond(K') of the exact one, so the two within twice that of each other.
+    """
+    u = 2.0**-53
+    d = n // 2 + 1  # m > d: only the damping keeps K definite
+    damp = 1e-3
+    G = (randn(n, d, dtype=torch.float64, generator=generator) * 0.3).to(cuda_device)
+    eye = torch.eye(n, dtype=torch.float64, device=cuda_device)
+    K = G @ G.T + n * damp * eye
+    buffer = torch.full((n, n + 3), 7.0, dtype=torch.float64, device=cuda_device)
+    buffer[:, :n] = torch.linalg.cholesky(K, upper=True)
+    G[slot] = (randn(d, dtype=torch.float64, generator=generator) * 0.3).to(cuda_device)
+    K_new = G @ G.T + n * damp * eye
+    row = K_new[slot].clone()
+
+    on_cpu = buffer.cpu()
+    assert _replace_factor(on_cpu[:, :n], slot, row.cpu())
+    assert _replace_factor(buffer[:, :n], slot, row)
+    assert torch.equal(buffer[:, n:].cpu(), torch.full((n, 3), 7.0, dtype=torch.float64))
+    U = buffer[:, :n]
+    assert torch.equal(torch.tril(U, -1), torch.zeros_like(U))
+    backward = float((U.T @ U - K_new).abs().max() / K_new.abs().max())
+    assert backward <= 4 * n * u * 2, backward
+    eigenvalues = torch.linalg.eigvalsh(K_new)
+    cond = float(eigenvalues[-1] / eigenvalues[0])
+    agreement = float((U.cpu() - on_cpu[:, :n]).abs().max() / on_cpu[:, :n].abs().max())
+    assert agreement <= 2 * 4 * n * u * 2 * cond, (agreement, cond)
+
+
+@pytest.mark.cuda
+def test_cuda_factor_rank_update_fallback(cuda_device, generator):
+    """The CUDA kernel reports an indefinite K' (flag 0) where the CPU one returns False."""
+    def identity(n):
+        return torch.eye(n, dtype=torch.float64, device=cuda_device)
+
+    def rows(*values):
+        return torch.tensor(values, dtype=torch.float64, device=cuda_device)
+
+    # The new pivot fails (row (0.5, 2, 0) in slot 0 of K = I), then the downdate in the
+    # trailing block (1 - 9/4 < 0), then a downdate failing in the sweep's last row only
+    # (K = I_6, slot 1: the new row's part right of the diagonal is (0, 0, 0, 1.25)).
+    assert not _replace_factor(identity(3), 0, rows(0.5, 2.0, 0.0))
+    assert not _replace_factor(identity(3), 0, rows(4.0, 3.0, 0.0))
+    assert not _replace_factor(identity(6), 1, rows(0.0, 4.0, 0.0, 0.0, 0.0, 2.5))
+    U = identity(3)
+    good = rows(4.0, 1.0, 0.5)
+    assert _replace_factor(U, 0, good)
+    K = torch.eye(3, dtype=torch.float64)
+    K[0], K[:, 0] = good.cpu(), good.cpu()
+    torch.testing.assert_close(U.cpu(), torch.linalg.cholesky(K, upper=True), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="need 0 <= s < n; got s = 3, n = 3"):
+        _replace_factor(U, 3, good)
+
+    # Through MFACInverse on CUDA: counted, the factor dropped and rebuilt from the Gram matrix.
+    inverse = MFACInverse(20, 3, 0.5, dtype=torch.float64, device=cuda_device)
+    for g in gradients(4, 20, generator):
+        inverse.update(g.to(cuda_device))
+    inverse._cholesky()
+    inverse._replace_factor_row(1, -inverse.gram[1, :3])
+    assert inverse.downdate_fallbacks == 1 and inverse._factor is None and inverse.rank_updates == 0
+    x = randn(20, dtype=torch.float64, generator=generator)
+    assert rel(inverse.ihvp(x.to(cuda_device)), reference.mfac_ihvp(inverse.grads.cpu(), 0.5, x)) <= 1e-10
+
+
+@pytest.mark.cuda
+def test_cuda_factor_agrees_with_cpu(cuda_device, generator):
+    """The same gradients through CPU and CUDA objects: the same refresh schedule, factors
+    within twice the per-object forward bound of test_factor_rank_update_matches_fresh_cholesky."""
+    u = 2.0**-53
+    ngrads, dim = 37, 300
+    on_cpu = MFACInverse(dim, ngrads, 1e-3, dtype=torch.float64)
+    on_gpu = MFACInverse(dim, ngrads, 1e-3, dtype=torch.float64, device=cuda_device)
+    for _ in range(150):
+        g = randn(dim, dtype=torch.float64, generator=generator) * 0.3
+        on_cpu.update(g)
+        on_gpu.update(g.to(cuda_device))
+        U_cpu, U_gpu = on_cpu._cholesky(), on_gpu._cholesky().cpu()
+        assert on_gpu._updates_since_factor == on_cpu._updates_since_factor
+        chain = on_cpu._updates_since_factor
+        cond = float(torch.linalg.cond(_k_matrix(on_cpu)))
+        agreement = float((U_gpu - U_cpu).abs().max() / U_cpu.abs().max())
+        assert agreement <= 2 * 4 * ngrads * u * (chain + 1) * cond, (chain, agreement, cond)
+    assert on_gpu.rank_updates == on_cpu.rank_updates > 0
+    assert on_gpu.downdate_fallbacks == on_cpu.downdate_fallbacks == 0
+
+
+# (ngrads, dim, damp, updates): several ring cycles of rank updates; m > d in the second.
+UPDATED_WINDOWS = [(37, 500, 0.1, 200), (64, 48, 1.0, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("window", UPDATED_WINDOWS, ids=lambda w: "m{}-d{}-lam{}-u{}".format(*w))
+def test_ihvp_after_rank_updates_matches_dense_solve(device, dtype, window):
+    """F^-1 g from update_ihvp at every step (so the factor is carried by rank updates,
+    refreshed once per ring cycle) against the float64 dense solve, to the issue's bars."""
+    ngrads, dim, damp, updates = window
+    history, x, rows, factor, _ = _window_problem(window)
+
+    def dense_solve(v):
+        return torch.cholesky_solve(v.reshape(-1, dim).T, factor).T.reshape(v.shape)
+
+    inverse = MFACInverse(dim, ngrads, damp, dtype=dtype, device=device)
+    for g in history:
+        last = inverse.update_ihvp(g.to(device, dtype))
+    replacements = updates - ngrads
+    assert inverse.rank_updates == replacements - replacements // (ngrads + 1) > 0
+    assert inverse.downdate_fallbacks == 0 and inverse._updates_since_factor > 0
+    assert rel(last, dense_solve(history[-1])) <= REL_BAR[dtype]
+    assert rel(inverse.ihvp(x.to(device, dtype)), dense_solve(x)) <= REL_BAR[dtype]
 
 
 def test_bf16_storage(device, generator):

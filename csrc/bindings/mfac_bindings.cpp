@@ -1,4 +1,5 @@
-// lowrank_ops._C: M-FAC passes over the gradient buffer (mfac_dots, mfac_combine).
+// lowrank_ops._C: M-FAC passes over the gradient buffer (mfac_dots, mfac_combine) and the
+// float64 Cholesky work on K (solve, factor, rank update of the factor).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -147,6 +148,21 @@ LOWRANK_OPS_BINDINGS(mfac) {
       "O(n^2) update of the upper Cholesky factor U (float64, in place) after row/column s of K became row [n];\n"
       "False when K' is not numerically positive definite (U is then invalid: refactor).",
       py::kw_only(), "U"_a, "u_ld"_a, "n"_a, "s"_a, "row"_a, "work"_a);
+  m.def(
+      "mfac_cholesky_replace_cuda",
+      [](std::uintptr_t U, int64_t u_ld, int64_t n, int64_t s, std::uintptr_t row, std::uintptr_t work,
+         std::uintptr_t ok, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        py::gil_scoped_release release;
+        mfac_cholesky_replace_cuda(reinterpret_cast<double*>(U), u_ld, n, s, reinterpret_cast<const double*>(row),
+                                   reinterpret_cast<double*>(work), reinterpret_cast<int*>(ok), device, stream);
+#else
+        bindings::no_cuda("mfac_cholesky_replace");
+#endif
+      },
+      "CUDA twin of mfac_cholesky_replace_cpu on device pointers (work: 2 n float64); writes 1 (updated) or 0\n"
+      "(K' not numerically positive definite: refactor) to the device int `ok`, asynchronously on `stream`.",
+      py::kw_only(), "U"_a, "u_ld"_a, "n"_a, "s"_a, "row"_a, "work"_a, "ok"_a, "device"_a, "stream"_a);
 }
 
 }  // namespace lowrank_ops

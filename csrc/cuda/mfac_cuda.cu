@@ -18,6 +18,20 @@
 //
 // Vectors are handled kMaxVectors at a time; larger k loops on the host side of this
 // file (another pass over G per group of kMaxVectors).
+//
+// replace_factor_row: the O(n^2) update of the float64 Cholesky factor U of K after the
+// window replaced gradient s (mfac_cholesky_replace_cpu's algorithm, see mfac.h), on one
+// block of up to kReplaceThreads threads.  Its two sequential sweeps (the forward
+// substitution over the rows above s, the rotations over the rows below) keep the
+// row-by-row dependency with one __syncthreads per row; the O(n) work of a row is spread
+// over the threads, thread t owning the columns j = t (mod blockDim).  The scalars of the
+// next row (y[j+1], or the next pair of rotations) are computed by the owner of that row's
+// column right after it updated it, and handed over in a double-buffered shared slot, so
+// one barrier per row suffices.  The vectors (y, the update and downdate rows) live in
+// shared memory when they fit (n <= kReplaceSmemDoubles / 2), else in the caller's work.
+// Cost: about n barriers in sequence (s substitution steps, p = n - s - 1 rows, 3 more),
+// at most ~6 n^2 flops (s^2 + 2 s p + 6 p^2) and one read and write of U's affected
+// part: latency-bound on one SM, against potrf's n^3 / 3 flops.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -142,6 +156,172 @@ __global__ void __launch_bounds__(kThreads) combine(MfacCombineParams p, int64_t
   }
 }
 
+// ---------------------------------------------------------------- factor rank update
+constexpr int kReplaceThreads = 1024;
+// Shared-memory budget for the vectors: 45 KB, under the 48 KB a launch gets without
+// opting in, next to the few hundred bytes of static shared memory below.
+constexpr int64_t kReplaceSmemDoubles = 5760;
+
+// The two rotations of one row of the trailing block (update with the old row s, then
+// downdate with the new one), as mfac_cholesky_replace_cpu forms them.
+struct RowRotations {
+  double cu, su, iu;  // update: cosine, sine (both over the old diagonal), 1 / cosine
+  double cd, sd, id;  // downdate (hyperbolic)
+  int ok;             // 0: the downdate's pivot was not positive (K' not positive definite)
+};
+
+// Forms the rotations of a row from its diagonal and its entries of the two vectors;
+// diag becomes the row's new diagonal.  The very formulas of the CPU sweep.
+__device__ __forceinline__ RowRotations row_rotations(double& diag, double up, double down) {
+  RowRotations r{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0};
+  double norm = hypot(diag, up);
+  r.cu = norm / diag;
+  r.su = up / diag;
+  r.iu = diag / norm;
+  diag = norm;
+  const double d2 = (diag - down) * (diag + down);
+  if (!(d2 > 0.0)) return r;
+  norm = sqrt(d2);
+  r.cd = norm / diag;
+  r.sd = down / diag;
+  r.id = diag / norm;
+  diag = norm;
+  r.ok = 1;
+  return r;
+}
+
+// One entry a of a row and the matching entries of the two vectors, through both rotations.
+__device__ __forceinline__ void rotate(double& a, double& up, double& down, const RowRotations& r) {
+  double rotated = (a + r.su * up) * r.iu;
+  up = r.cu * up - r.su * rotated;
+  a = rotated;
+  rotated = (a - r.sd * down) * r.id;
+  down = r.cd * down - r.sd * rotated;
+  a = rotated;
+}
+
+// The first index >= lo that thread t owns (index % threads == t).
+__device__ __forceinline__ int64_t first_owned(int64_t lo, int64_t t, int64_t threads) {
+  return lo <= t ? t : t + (lo - t + threads - 1) / threads * threads;
+}
+
+// blockDim.x is a multiple of kWarp (the warp reduction) and at most kReplaceThreads.
+__global__ void __launch_bounds__(kReplaceThreads)
+    replace_factor_row(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work,
+                       bool vectors_in_shared, int* ok) {
+  extern __shared__ double shared_vectors[];
+  __shared__ RowRotations rotations[2];  // double-buffered: row k's and row k + 1's
+  __shared__ double y_next[2];           // double-buffered: y[j] for step j
+  __shared__ double warp_sums[kReplaceThreads / kWarp];
+  __shared__ double new_diag;
+  const int64_t t = threadIdx.x, threads = blockDim.x;
+  const int64_t p = n - s - 1;  // size of the trailing block
+  double* y = vectors_in_shared ? shared_vectors : work;  // [s]
+  double* up = y + s;                                     // [p]: the old row s (added back)
+  double* down = up + p;                                  // [p]: the new one (taken out)
+
+  // 1. y = U11^-T row[:s]: step j subtracts U[j, i] y[j] from the y[i], i > j; the owner
+  //    of i = j + 1 then divides it by U[i, i] and hands it to step j + 1.
+  for (int64_t i = t; i < s; i += threads) {
+    double v = row[i];
+    if (i == 0) {
+      v /= U[0];
+      y_next[0] = v;
+    }
+    y[i] = v;
+  }
+  __syncthreads();
+  for (int64_t j = 0; j + 1 < s; ++j) {
+    const double yj = y_next[j & 1];
+    const double* uj = U + j * u_ld;
+    for (int64_t i = first_owned(j + 1, t, threads); i < s; i += threads) {
+      double v = y[i] - uj[i] * yj;
+      if (i == j + 1) {
+        v /= U[i * u_ld + i];
+        y_next[(j + 1) & 1] = v;
+      }
+      y[i] = v;
+    }
+    __syncthreads();
+  }
+
+  // 2. The new diagonal sqrt(row[s] - |y|^2) (a block reduction: the order of the sum
+  //    differs from the CPU's, by rounding only).
+  double partial = 0.0;
+  for (int64_t i = t; i < s; i += threads) partial += y[i] * y[i];
+  partial = warp_sum(partial);
+  if (t % kWarp == 0) warp_sums[t / kWarp] = partial;
+  __syncthreads();
+  if (t == 0) {
+    double sum = 0.0;
+    for (int64_t w = 0; w < threads / kWarp; ++w) sum += warp_sums[w];
+    const double d2 = row[s] - sum;
+    new_diag = d2 > 0.0 ? sqrt(d2) : 0.0;
+  }
+  __syncthreads();
+  const double diag = new_diag;
+  if (!(diag > 0.0)) {  // read by every thread after the barrier: a uniform exit
+    if (t == 0) *ok = 0;
+    return;
+  }
+
+  // 3. Row s: the new column above the diagonal, the diagonal, and right of it
+  //    (row[s+1:] - U13^T y) / diag; the old right part is kept as the update vector.
+  for (int64_t i = t; i < s; i += threads) U[i * u_ld + s] = y[i];
+  if (t == 0) U[s * u_ld + s] = diag;
+  for (int64_t i = t; i < p; i += threads) {
+    const int64_t c = s + 1 + i;
+    double v = row[c];
+    for (int64_t j = 0; j < s; ++j) v -= U[j * u_ld + c] * y[j];
+    v /= diag;
+    up[i] = U[s * u_ld + c];
+    U[s * u_ld + c] = v;
+    down[i] = v;
+  }
+  if (p == 0) {
+    if (t == 0) *ok = 1;
+    return;
+  }
+  // Row 0 of the trailing block: its column 0 is thread 0's (which also wrote up[0], down[0]).
+  if (t == 0) {
+    double* d0 = U + (s + 1) * u_ld + s + 1;
+    double d = *d0;
+    rotations[0] = row_rotations(d, up[0], down[0]);
+    *d0 = d;
+  }
+  __syncthreads();
+
+  // 4. Trailing block U33^T U33 + up up^T - down down^T, row k at a time: every entry
+  //    right of the diagonal through row k's two rotations; the owner of column k + 1
+  //    then forms row k + 1's rotations from its diagonal and the updated vectors.
+  for (int64_t k = 0; k < p; ++k) {
+    const RowRotations r = rotations[k & 1];
+    if (!r.ok) {  // every thread reads the same slot after the barrier: a uniform exit
+      if (t == 0) *ok = 0;
+      return;
+    }
+    double* uk = U + (s + 1 + k) * u_ld + s + 1;
+    for (int64_t j = first_owned(k + 1, t, threads); j < p; j += threads) {
+      const bool leads = j == k + 1;  // this thread forms row k + 1's rotations
+      double* dj = U + (s + 1 + j) * u_ld + s + 1 + j;
+      // Row k + 1's diagonal, loaded with row k's entry (after the stores below the
+      // compiler would have to assume they alias): one memory latency per row, not two.
+      double d = leads ? *dj : 0.0;
+      double a = uk[j], vu = up[j], vd = down[j];
+      rotate(a, vu, vd, r);
+      uk[j] = a;
+      up[j] = vu;
+      down[j] = vd;
+      if (leads) {
+        rotations[j & 1] = row_rotations(d, vu, vd);
+        *dj = d;
+      }
+    }
+    __syncthreads();
+  }
+  if (t == 0) *ok = 1;
+}
+
 int64_t segment_length(int64_t n_rows, int64_t dim) {
   const int64_t row_groups = std::max<int64_t>(1, (n_rows + kRowsPerBlock - 1) / kRowsPerBlock);
   const int64_t want_segments = std::max<int64_t>(1, kTargetBlocks / row_groups);
@@ -201,6 +381,26 @@ void mfac_combine_cuda(const MfacCombineParams& p, int device, std::uintptr_t st
       LOWRANK_CUDA_LAUNCH_CHECK();
     }
   });
+}
+
+void mfac_cholesky_replace_cuda(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work,
+                                int* ok, int device, std::uintptr_t stream) {
+  using namespace cuda;
+  LOWRANK_CHECK(n >= 1 && s >= 0 && s < n, "mfac_cholesky_replace: need 0 <= s < n; got s = ", s, ", n = ", n);
+  LOWRANK_CHECK(U != nullptr && row != nullptr && work != nullptr && ok != nullptr,
+                "mfac_cholesky_replace: null pointer");
+  LOWRANK_CHECK(u_ld >= n, "mfac_cholesky_replace: u_ld must be >= n = ", n, "; got ", u_ld);
+  // The vectors: s entries of y, then 2 (n - s - 1) of the update and downdate rows.
+  const int64_t vector_doubles = 2 * n - s - 2;
+  const bool in_shared = vector_doubles <= kReplaceSmemDoubles;
+  const size_t shared_bytes = in_shared ? static_cast<size_t>(vector_doubles) * sizeof(double) : 0;
+  // Enough threads for the longer sweep (one column each up to kReplaceThreads), whole warps.
+  const int64_t widest = std::max<int64_t>(1, std::max(s, n - s - 1));
+  const int threads = static_cast<int>(std::min<int64_t>(kReplaceThreads, (widest + kWarp - 1) / kWarp * kWarp));
+  set_device(device);
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  replace_factor_row<<<1, threads, shared_bytes, st>>>(U, u_ld, n, s, row, work, in_shared, ok);
+  LOWRANK_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace lowrank_ops

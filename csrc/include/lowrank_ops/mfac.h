@@ -84,6 +84,15 @@ int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
 // the caller must refactor K' from scratch.  work: 2 n doubles.  Single-threaded.
 bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work);
 
+// CUDA twin of mfac_cholesky_replace_cpu (csrc/cuda/mfac_cuda.cu): the same contract,
+// substitution and rotations (the two back ends agree to rounding), on one thread block
+// in device memory.  U (row stride u_ld), row [n] and work (2 n doubles, used when the
+// vectors do not fit in shared memory) are float64 device pointers; *ok (a device int)
+// receives 1 on success and 0 when K' is not numerically positive definite (U is then
+// invalid: refactor).  Runs on `stream` and does not synchronize: the caller reads *ok.
+void mfac_cholesky_replace_cuda(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work,
+                                int* ok, int device, std::uintptr_t stream);
+
 // CUDA (csrc/cuda/mfac_cuda.cu).  mfac_dots needs a workspace of
 // mfac_dots_cuda_segments(n_rows, dim, k) * k * n_rows accumulators (partial sums per
 // column segment, reduced in a second kernel: deterministic, no atomics).

@@ -17,14 +17,16 @@ first half of the IHVP), an ``O(m^2)`` update of the factor and solves, and one 
 that touches all of ``G``.
 
 The factor: once the window is full, replacing gradient ``s`` replaces row and column
-``s`` of ``K``, a rank-2 symmetric change; the CPU updates ``U`` in ``O(m^2)`` (a
+``s`` of ``K``, a rank-2 symmetric change; ``U`` is then updated in ``O(m^2)`` (a
 triangular solve for the new column, then a rank-1 update and a rank-1 downdate of the
-trailing block, ``_C.mfac_cholesky_replace_cpu``, single-threaded) instead of the
-``O(m^3 / 3)`` refactorization.  ``U`` is refactored from the Gram matrix when the
-window size ``n`` or ``lambda`` changes (every diagonal entry moves), on CUDA, once every
-``ngrads`` rank updates (so rounding errors of the updates cannot accumulate beyond one
-ring cycle), and when a downdate finds the new ``K`` not numerically positive definite
-(counted in :attr:`MFACInverse.downdate_fallbacks`).
+trailing block) instead of the ``O(m^3 / 3)`` refactorization: on the CPU by
+``_C.mfac_cholesky_replace_cpu`` (single-threaded), on CUDA by its twin
+``_C.mfac_cholesky_replace_cuda`` (the same rotations on one thread block, one barrier
+per row; the official M-FAC code refactors every step instead).  ``U`` is refactored
+from the Gram matrix when the window size ``n`` or ``lambda`` changes (every diagonal
+entry moves), once every ``ngrads`` rank updates (so rounding errors of the updates
+cannot accumulate beyond one ring cycle), and when a downdate finds the new ``K`` not
+numerically positive definite (counted in :attr:`MFACInverse.downdate_fallbacks`).
 
 Why float64 for the ``m x m`` work: ``K``'s condition number is up to
 ``1 + ||G||^2 / (n lambda)``; holding ``G G^T``, the factor and the solves in float64
@@ -39,7 +41,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from .._extension import extension
+from .._extension import cuda_extension, extension
+from ..ops._library import current_stream
 from ..ops.mfac import _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
 
 __all__ = ["MFACInverse"]
@@ -134,7 +137,8 @@ class MFACInverse:
         self._factor: Optional[torch.Tensor] = None  # upper U with U^T U = K (float64, contiguous)
         self._updates_since_factor = 0  # rank updates applied to _factor since it was computed
         self._work: Optional[torch.Tensor] = None  # workspace of the rank update, [2 ngrads] float64
-        #: O(m^2) rank updates of the factor applied so far (CPU, full window).
+        self._update_ok: Optional[torch.Tensor] = None  # the CUDA rank update's success flag, [1] int32
+        #: O(m^2) rank updates of the factor applied so far (full window; CPU and CUDA).
         self.rank_updates = 0
         #: Rank updates abandoned because the downdate found ``K`` not numerically positive
         #: definite (the factor is then recomputed from the Gram matrix).
@@ -201,22 +205,34 @@ class MFACInverse:
         return dots
 
     def _replace_factor_row(self, slot: int, row: torch.Tensor) -> None:
-        """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)`` (CPU).
+        """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)``.
 
-        Falls back to a lazy refactorization on CUDA, without a factor yet, after
-        ``ngrads`` updates, and when the downdate fails (``downdate_fallbacks``).
+        CPU: ``_C.mfac_cholesky_replace_cpu``.  CUDA: ``_C.mfac_cholesky_replace_cuda`` on
+        the current stream, whose success flag (a device int) is read back here: one host
+        synchronization per replacement, as the refactorization it replaces already made one
+        (reading ``cholesky_ex``'s ``info``).  Falls back to a lazy refactorization without a
+        factor yet, after ``ngrads`` updates, and when the downdate fails
+        (``downdate_fallbacks``).
         """
         factor = self._factor
-        if factor is None or factor.device.type != "cpu" or self._updates_since_factor >= self.ngrads:
+        if factor is None or self._updates_since_factor >= self.ngrads:
             self._factor = None
             return
         n = self.ngrads
         k_row = row.clone()
         k_row[slot] += n * self.damp
         if self._work is None:
-            self._work = torch.empty(2 * n, dtype=torch.float64)
-        ok = extension().mfac_cholesky_replace_cpu(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot,
-                                                   row=k_row.data_ptr(), work=self._work.data_ptr())
+            self._work = torch.empty(2 * n, dtype=torch.float64, device=self.device)
+        args = dict(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot, row=k_row.data_ptr(),
+                    work=self._work.data_ptr())
+        if factor.device.type == "cuda":
+            if self._update_ok is None:
+                self._update_ok = torch.empty(1, dtype=torch.int32, device=self.device)
+            cuda_extension("MFACInverse.update").mfac_cholesky_replace_cuda(
+                **args, ok=self._update_ok.data_ptr(), device=factor.device.index, stream=current_stream(factor))
+            ok = bool(self._update_ok.item())
+        else:
+            ok = extension().mfac_cholesky_replace_cpu(**args)
         if ok:
             self._updates_since_factor += 1
             self.rank_updates += 1

@@ -47,6 +47,20 @@ def test_extension_imports_and_reports():
         assert facts["cuda_available"] is False and facts["devices"] == []
 
 
+def test_type_stub_parses_and_lists_every_function():
+    """python/lowrank_ops/_C.pyi: valid Python, one stub per function of the compiled module."""
+    import ast
+    import pathlib
+
+    stub = pathlib.Path(lowrank_ops.__file__).with_name("_C.pyi")
+    tree = ast.parse(stub.read_text())
+    stubbed = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    compiled = {name for name in dir(_extension.extension()) if not name.startswith("_")
+                and callable(getattr(_extension.extension(), name))}
+    assert compiled - stubbed == set(), f"functions of _C without a stub: {sorted(compiled - stubbed)}"
+    assert stubbed - compiled == set(), f"stubs without a function in _C: {sorted(stubbed - compiled)}"
+
+
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc is not installed: CUDA kernels are not expected")
 @pytest.mark.skipif(os.environ.get("LOWRANK_OPS_CUDA", "AUTO").upper() == "OFF", reason="CUDA disabled by LOWRANK_OPS_CUDA=OFF")
 def test_cuda_kernels_compiled_whenever_nvcc_is_present():

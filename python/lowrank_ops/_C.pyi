@@ -76,6 +76,7 @@ def krylov_block_cuda(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
     other_stride: int, mode: int, accumulate: bool, dtype: int, device: int, stream: int,
 # ---- optimal transport (csrc/include/lowrank_ops/ot.h); src: the OtSource dict built by ops/ot.py
+) -> None: ...
 def ot_row_lse_cpu(*, src: dict, lse: int, mean_cost: int, num_threads: int) -> None: ...
 def ot_row_lse_cuda(*, src: dict, lse: int, mean_cost: int, device: int, stream: int) -> None: ...
 def ot_log_histogram_cpu(*, src: dict, lo: int, hi: int, n_bins: int, counts: int, num_threads: int) -> None: ...
@@ -95,6 +96,7 @@ def ot_hessian_matvec_cpu(
 def ot_hessian_matvec_cuda(
     *, row_ptr: int, col_idx: int, values: int, r: int, c: int, vx: int, vy: int, out_x: int, out_y: int, batch: int,
     rows: int, cols: int, dtype: int, device: int, stream: int,
+) -> None: ...
 def mfac_dots_cpu(
     *, grads: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int, write_slot: int,
     dtype: int, num_threads: int,
@@ -119,6 +121,7 @@ def dora_row_norm_cpu(
 def dora_row_norm_cuda(
     *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
     weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
+) -> None: ...
 SMALL_BATCH_MAX_ROWS: int
 def small_batch_linear_cpu(
     *, x: int, weight: int, bias: int, y: int, rows: int, in_features: int, out_features: int, x_ld: int,

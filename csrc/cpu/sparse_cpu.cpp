@@ -16,10 +16,20 @@
 //
 // Threads: rows are split into blocks of about equal work (nnz + rows), so skewed
 // patterns (one long row) do not leave a thread idle; tiles x row blocks are the tasks.
+// gather16 returns a 64-byte vector; it is inlined into its AVX-512 caller, never called across the ABI.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "lowrank_ops/cpu_features.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
 #include "lowrank_ops/sparse.h"
@@ -143,28 +153,84 @@ LOWRANK_CPU_CLONES void spmm_rows_tile(const I* row_ptr, const I* col_idx, const
 
 // sum_k values[k] * x[col_idx[k] * stride] over [k_begin, k_end), the SpMV inner loop.
 // kWays partial sums: independent multiply-add chains (one running sum is bound by FMA
-// latency) and a smaller rounding error.  Scalar on purpose: a branch-free version
-// with AVX-512 gathers measured slower (280 vs 230 us at 2048 x 5461, density 0.03).
-template <class T, class I>
+// latency) and a smaller rounding error.  kUnitStride: x contiguous, so the address is
+// x + c (a runtime stride costs an integer multiply per entry: measured 1.7x slower).
+template <bool kUnitStride, class T, class I>
 LOWRANK_CPU_CLONES acc_t<T> gathered_dot(const I* col_idx, const T* values, const T* x, int64_t stride,
                                          int64_t n_cols, int64_t k_begin, int64_t k_end) {
   using A = acc_t<T>;
   constexpr int kWays = 16;
   A partial[kWays] = {};
-  int64_t k = k_begin;
-  for (; k + kWays <= k_end; k += kWays) {
-    for (int s = 0; s < kWays; ++s) {
-      const uint64_t c = static_cast<uint64_t>(col_idx[k + s]);
-      if (c < static_cast<uint64_t>(n_cols)) partial[s] += to_acc(values[k + s]) * to_acc(x[c * stride]);
-    }
-  }
-  for (int s = 0; k < k_end; ++k, ++s) {
+  auto add = [&](int s, int64_t k) {
     const uint64_t c = static_cast<uint64_t>(col_idx[k]);
-    if (c < static_cast<uint64_t>(n_cols)) partial[s] += to_acc(values[k]) * to_acc(x[c * stride]);
-  }
+    if (c < static_cast<uint64_t>(n_cols)) partial[s] += to_acc(values[k]) * to_acc(x[kUnitStride ? c : c * stride]);
+  };
+  int64_t k = k_begin;
+  for (; k + kWays <= k_end; k += kWays)
+    for (int s = 0; s < kWays; ++s) add(s, k + s);
+  for (int s = 0; k < k_end; ++k, ++s) add(s, k);
   A sum[4];
   for (int s = 0; s < 4; ++s) sum[s] = (partial[s] + partial[s + 4]) + (partial[s + 8] + partial[s + 12]);
   return (sum[0] + sum[2]) + (sum[1] + sum[3]);
+}
+
+#if defined(__x86_64__)
+// 16 entries' x values (out-of-range columns masked off: 0, never read) for int32 or
+// int64 column indices; the same lanes either way, so both index types give the same sums.
+__attribute__((target("avx512f"))) inline __m512 gather16(const int32_t* col_idx, const float* x, __m512i limit,
+                                                           __mmask16 active) {
+  const __m512i index = _mm512_maskz_loadu_epi32(active, col_idx);
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), _mm512_mask_cmplt_epu32_mask(active, index, limit), index, x, 4);
+}
+__attribute__((target("avx512f"))) inline __m512 gather16(const int64_t* col_idx, const float* x, __m512i limit,
+                                                           __mmask16 active) {
+  const __m512i wide_limit = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(limit));
+  __m256 halves[2];
+  for (int h = 0; h < 2; ++h) {
+    const __mmask8 part = static_cast<__mmask8>(active >> (8 * h));
+    const __m512i index = _mm512_maskz_loadu_epi64(part, col_idx + 8 * h);
+    halves[h] = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), _mm512_mask_cmplt_epu64_mask(part, index, wide_limit),
+                                         index, x, 4);
+  }
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(halves[0])),
+                                             _mm256_castps_pd(halves[1]), 1));
+}
+
+// The same dot product with AVX-512 gathers, for float32 values and a contiguous x: 16
+// entries per gather, two accumulators of 16 lanes.  Measured at 2048 x 5461, density
+// 0.03, one thread: 154 us against 175 for the scalar loop and 195 for torch's CSR SpMV
+// (MKL) in the same run.
+template <class I>
+__attribute__((target("avx512f"))) float gathered_dot_avx512(const I* col_idx, const float* values, const float* x,
+                                                              int64_t n_cols, int64_t k_begin, int64_t k_end) {
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(n_cols, INT32_MAX)));
+  const __mmask16 all = 0xFFFF;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = k_begin;
+  for (; k + 32 <= k_end; k += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k), gather16(col_idx + k, x, limit, all), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k + 16), gather16(col_idx + k + 16, x, limit, all), acc1);
+  }
+  for (; k < k_end; k += 16) {
+    const __mmask16 tail = k_end - k >= 16 ? all : static_cast<__mmask16>((1u << (k_end - k)) - 1);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, values + k), gather16(col_idx + k, x, limit, tail), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#endif
+
+// One output of the SpMV path: the gather kernel where it applies, else the scalar loop.
+template <class T, class I>
+acc_t<T> row_dot(const I* col_idx, const T* values, const T* x, int64_t stride, int64_t n_cols, int64_t k_begin,
+                 int64_t k_end, bool avx512) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512 && stride == 1) return gathered_dot_avx512(col_idx, values, x, n_cols, k_begin, k_end);
+  }
+#endif
+  (void)avx512;
+  if (stride == 1) return gathered_dot<true>(col_idx, values, x, stride, n_cols, k_begin, k_end);
+  return gathered_dot<false>(col_idx, values, x, stride, n_cols, k_begin, k_end);
 }
 
 // The addend of output (b, r), or 0 without one.
@@ -189,12 +255,13 @@ void spmm_cpu_typed(const CsrSpmmParams& p, int num_threads) {
     // always the same block for the same thread, so repeated products (solver
     // iterations) find their slice of the pattern in that core's cache.
     const auto bounds = balanced_row_blocks(row_ptr, p.n_rows, p.nnz, threads);
+    static const bool avx512 = detect_cpu_features().avx512f;
     parallel_for(static_cast<int64_t>(bounds.size()) - 1, threads, [&](int64_t block) {
       for (int64_t r = bounds[block]; r < bounds[block + 1]; ++r) {
-        const int64_t k_begin = clamped(row_ptr[r], p.nnz), k_end = clamped(row_ptr[r + 1], p.nnz);
+        const int64_t k_begin = clamped(row_ptr[r], p.nnz), k_end = std::max(k_begin, clamped(row_ptr[r + 1], p.nnz));
         for (int64_t b = 0; b < p.batch; ++b) {
-          const A acc = gathered_dot(col_idx, values, dense + b * p.dense_stride_b, p.dense_stride_c, p.n_cols,
-                                     k_begin, k_end);
+          const A acc = row_dot(col_idx, values, dense + b * p.dense_stride_b, p.dense_stride_c, p.n_cols,
+                                k_begin, k_end, avx512);
           out[b * p.out_stride_b + r * p.out_stride_r] = from_acc<T>(addend_at<A>(p, b, r) + acc);
         }
       }

@@ -184,7 +184,8 @@ LOWRANK_OPS_BINDINGS(ot) {
       "src"_a, "lse"_a, "grad"_a);
 
   bindings::def_cpu_cuda(
-      m, "ot_hessian_matvec", "SNS Newton matrix times (vx, vy): (r vx + P_s vy, c vy + P_s^T vx); see lowrank_ops/ot.h.",
+      m, "ot_hessian_matvec",
+      "SNS Newton matrix times (vx, vy): (r vx + P_s vy, c vy + P_s^T vx); see lowrank_ops/ot.h.",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r, std::uintptr_t c,
          std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x, std::uintptr_t out_y, int64_t batch,
          int64_t rows, int64_t cols, int dtype, int num_threads) {

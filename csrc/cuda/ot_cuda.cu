@@ -319,7 +319,6 @@ void dispatch_ot(DType dtype, F&& f) {
   }
 }
 
-
 // The launches of one entry point: makes `device` current (our runtime's own current
 // device, see set_device), launches on the caller's stream and checks every launch.
 class Launcher {

@@ -174,95 +174,99 @@ def _sherman_morrison(window: _Window, limit: float) -> MFACShermanMorrison:
     return MFACShermanMorrison(window.grads, window.damp)
 
 
-@pytest.mark.parametrize("case", params(_cases("mfac.step")))
-def test_mfac_step(benchmark, case: Case):
+def _impl(case: Case, window: _Window, sm_limit: float):
+    """The object ``case.impl`` works with on ``window``; the Sherman-Morrison build is
+    skipped (recorded as unsupported) above ``sm_limit`` multiply-adds."""
+    if case.impl in ("ours", "ours_bf16"):
+        return _ours(window, torch.bfloat16 if case.impl == "ours_bf16" else torch.float32)
+    if case.impl == "torch":
+        return _torch_peer(window)
+    return _sherman_morrison(window, sm_limit)
+
+
+def _measure_op(benchmark, case: Case, timed_call, solution, *, sm_limit: float, passes: int) -> None:
+    """The scaffolding of every op: the shared window, the impl built on it (:func:`_impl`),
+    the timed callable ``timed_call(impl, window)``, and the residual of the solution
+    ``(y, x) = solution(window, result)`` of one call's result, recorded by :func:`measure`.
+
+    ``passes`` over the float32 window per call give the roofline: ``flops = 2 passes m d``,
+    ``bytes = 4 passes m d``.
+    """
     require_device(case.device)
     m, d = case.problem
     window = _window(m, d, case.device)
 
     def build():
+        return timed_call(_impl(case, window, sm_limit), window)
+
+    def check(result) -> float:
+        return _residual(window, _rows(case, window), *solution(window, result))
+
+    measure(benchmark, case, build, check, flops=2.0 * passes * m * d, bytes=4.0 * passes * m * d)
+
+
+@pytest.mark.parametrize("case", params(_cases("mfac.step")))
+def test_mfac_step(benchmark, case: Case):
+    def timed_call(impl, window: _Window):
+        m = window.m
         if case.impl in ("ours", "ours_bf16"):
-            inverse = _ours(window, torch.bfloat16 if case.impl == "ours_bf16" else torch.float32)
-            grads = inverse.grads
+            grads = impl.grads
 
             def step():
-                g = grads[inverse.count % m].float()  # the row it replaces: the window stays the same
-                return inverse.update_ihvp(g), g
+                g = grads[impl.count % m].float()  # the row it replaces: the window stays the same
+                return impl.update_ihvp(g), g
             return step
         if case.impl == "torch":
-            peer = _torch_peer(window)
-
             def step():
-                g = window.grads[peer.count % m].clone()
-                return peer.update_ihvp(g), g
+                g = window.grads[impl.count % m].clone()
+                return impl.update_ihvp(g), g
             return step
-        _sherman_morrison(window, _SM_REBUILD_LIMIT)
 
-        def step():
+        def step():  # Sherman-Morrison: the window changed, so the recursion is rebuilt
             g = window.grads[0].clone()
             return MFACShermanMorrison(window.grads, window.damp).ihvp(g), g
         return step
 
-    def check(result) -> float:
-        y, g = result
-        if case.impl == "ours":
-            inverse = _ours(window, torch.float32)
-            K = inverse.gram.clone()
-            K.diagonal().add_(m * window.damp)
+    def solution(window: _Window, result):
+        if case.impl == "ours":  # what the rank update avoids: a float64 Cholesky of K alone
+            K = _ours(window, torch.float32).gram.clone()
+            K.diagonal().add_(window.m * window.damp)
             torch.linalg.cholesky_ex(K)
             start = time.perf_counter()
             torch.linalg.cholesky_ex(K)
             benchmark.extra_info["cholesky_ms"] = 1e3 * (time.perf_counter() - start)
-        return _residual(window, _rows(case, window), y, g)
+        return result  # (F^-1 g, g)
 
-    measure(benchmark, case, build, check, flops=4.0 * m * d, bytes=8.0 * m * d)
+    _measure_op(benchmark, case, timed_call, solution, sm_limit=_SM_REBUILD_LIMIT, passes=2)
 
 
 @pytest.mark.parametrize("case", params(_cases("mfac.ihvp")))
 def test_mfac_ihvp(benchmark, case: Case):
-    require_device(case.device)
-    m, d = case.problem
-    window = _window(m, d, case.device)
+    def timed_call(impl, window: _Window):
+        return lambda: impl.ihvp(window.x)  # the same call for every impl
 
-    def build():
-        if case.impl in ("ours", "ours_bf16"):
-            inverse = _ours(window, torch.bfloat16 if case.impl == "ours_bf16" else torch.float32)
-            return lambda: inverse.ihvp(window.x)
-        if case.impl == "torch":
-            peer = _torch_peer(window)
-            return lambda: peer.ihvp(window.x)
-        recursion = _sherman_morrison(window, 1e10)
-        return lambda: recursion.ihvp(window.x)
-
-    measure(benchmark, case, build, lambda y: _residual(window, _rows(case, window), y, window.x),
-            flops=4.0 * m * d, bytes=8.0 * m * d)
+    _measure_op(benchmark, case, timed_call, lambda window, y: (y, window.x), sm_limit=1e10, passes=2)
 
 
 @pytest.mark.parametrize("case", params(_cases("mfac.update")))
 def test_mfac_update(benchmark, case: Case):
-    require_device(case.device)
-    m, d = case.problem
-    window = _window(m, d, case.device)
-
-    def build():
+    def timed_call(impl, window: _Window):
+        m = window.m
         if case.impl in ("ours", "ours_bf16"):
-            inverse = _ours(window, torch.bfloat16 if case.impl == "ours_bf16" else torch.float32)
-            grads = inverse.grads
+            grads = impl.grads
 
             def update():
-                inverse.update(grads[inverse.count % m].float())
-                inverse._cholesky()  # a no-op after the rank update; times a lazy refactorization if one is due
-                return inverse.ihvp
+                impl.update(grads[impl.count % m].float())
+                impl._cholesky()  # a no-op after the rank update; times a lazy refactorization if one is due
+                return impl.ihvp
             return update
         if case.impl == "torch":
-            peer = _torch_peer(window)
-
             def update():
-                peer.update(window.grads[peer.count % m].clone())
-                return peer.ihvp
+                impl.update(window.grads[impl.count % m].clone())
+                return impl.ihvp
             return update
-        _sherman_morrison(window, _SM_REBUILD_LIMIT)
-        return lambda: MFACShermanMorrison(window.grads, window.damp).ihvp
+        return lambda: MFACShermanMorrison(window.grads, window.damp).ihvp  # a full rebuild
 
-    measure(benchmark, case, build, lambda ihvp: _residual(window, _rows(case, window), ihvp(window.x), window.x),
-            flops=2.0 * m * d, bytes=4.0 * m * d)
+    # The error of an update is that of the IHVP computed right after it.
+    _measure_op(benchmark, case, timed_call, lambda window, ihvp: (ihvp(window.x), window.x),
+                sm_limit=_SM_REBUILD_LIMIT, passes=1)

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "backends.h"
 #include "registry.h"
 #include "lowrank_ops/krylov.h"
 
@@ -67,54 +68,94 @@ KrylovBlockParams block_params(std::uintptr_t basis, std::uintptr_t other, std::
   return p;
 }
 
+KrylovArnoldiParams arnoldi_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
+                                   std::uintptr_t basis, std::uintptr_t r, std::uintptr_t hessenberg,
+                                   std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
+                                   std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride,
+                                   int64_t kc, int64_t steps, int64_t n_chunks, double beta, double target,
+                                   double bnorm, int dtype, int index_type) {
+  KrylovArnoldiParams p;
+  p.row_ptr = reinterpret_cast<const void*>(row_ptr);
+  p.col_idx = reinterpret_cast<const void*>(col_idx);
+  p.values = reinterpret_cast<const void*>(values);
+  p.basis = reinterpret_cast<void*>(basis);
+  p.r = reinterpret_cast<const void*>(r);
+  p.hessenberg = reinterpret_cast<double*>(hessenberg);
+  p.rotated = reinterpret_cast<double*>(rotated);
+  p.g = reinterpret_cast<double*>(g);
+  p.givens = reinterpret_cast<double*>(givens);
+  p.history = reinterpret_cast<double*>(history);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.n = n;
+  p.q_stride = q_stride;
+  p.kc = kc;
+  p.steps = steps;
+  p.n_chunks = n_chunks;
+  p.beta = beta;
+  p.target = target;
+  p.bnorm = bnorm;
+  p.dtype = static_cast<DType>(dtype);
+  p.index_type = static_cast<IndexType>(index_type);
+  return p;
+}
+
 }  // namespace
 
 LOWRANK_OPS_BINDINGS(krylov) {
-  m.def(
-      "krylov_arnoldi_cpu",
-      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t basis, std::uintptr_t r,
-         std::uintptr_t hessenberg, std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
-         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride, int64_t kc, int64_t steps,
-         int64_t n_chunks, double beta, double target, double bnorm, int dtype, int index_type, int num_threads) {
-        KrylovArnoldiParams p;
-        p.row_ptr = reinterpret_cast<const void*>(row_ptr);
-        p.col_idx = reinterpret_cast<const void*>(col_idx);
-        p.values = reinterpret_cast<const void*>(values);
-        p.basis = reinterpret_cast<void*>(basis);
-        p.r = reinterpret_cast<const void*>(r);
-        p.hessenberg = reinterpret_cast<double*>(hessenberg);
-        p.rotated = reinterpret_cast<double*>(rotated);
-        p.g = reinterpret_cast<double*>(g);
-        p.givens = reinterpret_cast<double*>(givens);
-        p.history = reinterpret_cast<double*>(history);
-        p.workspace = reinterpret_cast<void*>(workspace);
-        p.n = n;
-        p.q_stride = q_stride;
-        p.kc = kc;
-        p.steps = steps;
-        p.n_chunks = n_chunks;
-        p.beta = beta;
-        p.target = target;
-        p.bnorm = bnorm;
-        p.dtype = static_cast<DType>(dtype);
-        p.index_type = static_cast<IndexType>(index_type);
-        KrylovArnoldiResult result;
-        {
-          py::gil_scoped_release release;
-          result = krylov_arnoldi_cpu(p, num_threads);
-        }
-        return py::make_tuple(result.steps, result.breakdown);
-      },
-      "One Arnoldi cycle of GMRES / GCRO-DR on a CSR operator; returns (steps taken, breakdown).\n"
-      "See csrc/include/lowrank_ops/krylov.h for the layout contract.",
-      py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "basis"_a, "r"_a, "hessenberg"_a, "rotated"_a, "g"_a,
-      "givens"_a, "history"_a, "workspace"_a, "n"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
-      "target"_a, "bnorm"_a, "dtype"_a, "index_type"_a, "num_threads"_a);
-  m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
-        "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
+  const char* spmv_doc =
+      "y[r] = sum_k values[k] * x[col_idx[k]] over the CSR row r (one vector).\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  const char* cgs_doc =
+      "One classical Gram-Schmidt pass (mode 0: h = Q w; w -= Q^T h), or its dots (1) or update (2) alone.\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
   const char* block_doc =
       "mode 0: out = Q W^T (gram); mode 1: Y (+)= coef^T Q (combine), one sweep over the basis Q.\n"
       "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
+  bindings::def_cpu_cuda(
+      m, "krylov_spmv", spmv_doc,
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
+         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int num_threads) {
+        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+        py::gil_scoped_release release;
+        krylov_spmv_cpu(p, num_threads);
+      },
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
+         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+        py::gil_scoped_release release;
+        krylov_spmv_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_spmv");
+#endif
+      },
+      "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a, "index_type"_a);
+  // cgs_pass and block: the CPU entry takes n_chunks before mode (the CUDA one has no
+  // chunks), so each back end keeps its own keyword list.
+  m.def(
+      "krylov_cgs_pass_cpu",
+      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
+         int64_t rows, int64_t n, int64_t q_stride, int64_t n_chunks, int mode, int dtype, int num_threads) {
+        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, n_chunks, mode, dtype);
+        py::gil_scoped_release release;
+        krylov_cgs_pass_cpu(p, num_threads);
+      },
+      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
+      "n_chunks"_a, "mode"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "krylov_cgs_pass_cuda",
+      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
+         int64_t rows, int64_t n, int64_t q_stride, int mode, int dtype, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, 1, mode, dtype);
+        py::gil_scoped_release release;
+        krylov_cgs_pass_cuda(p, device, stream);
+#else
+        bindings::no_cuda("krylov_cgs_pass");
+#endif
+      },
+      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
+      "mode"_a, "dtype"_a, "device"_a, "stream"_a);
   m.def(
       "krylov_block_cpu",
       [](std::uintptr_t basis, std::uintptr_t other, std::uintptr_t coef, std::uintptr_t out, std::uintptr_t workspace,
@@ -143,60 +184,29 @@ LOWRANK_OPS_BINDINGS(krylov) {
       },
       block_doc, py::kw_only(), "basis"_a, "other"_a, "coef"_a, "out"_a, "workspace"_a, "rows"_a, "cols"_a, "n"_a,
       "q_stride"_a, "other_stride"_a, "mode"_a, "accumulate"_a, "dtype"_a, "device"_a, "stream"_a);
-  const char* spmv_doc =
-      "y[r] = sum_k values[k] * x[col_idx[k]] over the CSR row r (one vector).\n"
-      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
-  const char* cgs_doc =
-      "One classical Gram-Schmidt pass (mode 0: h = Q w; w -= Q^T h), or its dots (1) or update (2) alone.\n"
-      "See csrc/include/lowrank_ops/krylov.h for the layout contract.";
   m.def(
-      "krylov_spmv_cpu",
-      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
-         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int num_threads) {
-        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
-        py::gil_scoped_release release;
-        krylov_spmv_cpu(p, num_threads);
+      "krylov_arnoldi_cpu",
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t basis, std::uintptr_t r,
+         std::uintptr_t hessenberg, std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
+         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride, int64_t kc, int64_t steps,
+         int64_t n_chunks, double beta, double target, double bnorm, int dtype, int index_type, int num_threads) {
+        const KrylovArnoldiParams p =
+            arnoldi_params(row_ptr, col_idx, values, basis, r, hessenberg, rotated, g, givens, history, workspace,
+                           n, q_stride, kc, steps, n_chunks, beta, target, bnorm, dtype, index_type);
+        KrylovArnoldiResult result;
+        {
+          py::gil_scoped_release release;
+          result = krylov_arnoldi_cpu(p, num_threads);
+        }
+        return py::make_tuple(result.steps, result.breakdown);
       },
-      spmv_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a,
-      "index_type"_a, "num_threads"_a);
-  m.def(
-      "krylov_spmv_cuda",
-      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
-         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int device, std::uintptr_t stream) {
-#ifdef LOWRANK_OPS_WITH_CUDA
-        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
-        py::gil_scoped_release release;
-        krylov_spmv_cuda(p, device, stream);
-#else
-        bindings::no_cuda("krylov_spmv");
-#endif
-      },
-      spmv_doc, py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a,
-      "index_type"_a, "device"_a, "stream"_a);
-  m.def(
-      "krylov_cgs_pass_cpu",
-      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
-         int64_t rows, int64_t n, int64_t q_stride, int64_t n_chunks, int mode, int dtype, int num_threads) {
-        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, n_chunks, mode, dtype);
-        py::gil_scoped_release release;
-        krylov_cgs_pass_cpu(p, num_threads);
-      },
-      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
-      "n_chunks"_a, "mode"_a, "dtype"_a, "num_threads"_a);
-  m.def(
-      "krylov_cgs_pass_cuda",
-      [](std::uintptr_t basis, std::uintptr_t w, std::uintptr_t h, std::uintptr_t norms, std::uintptr_t workspace,
-         int64_t rows, int64_t n, int64_t q_stride, int mode, int dtype, int device, std::uintptr_t stream) {
-#ifdef LOWRANK_OPS_WITH_CUDA
-        const KrylovCgsParams p = cgs_params(basis, w, h, norms, workspace, rows, n, q_stride, 1, mode, dtype);
-        py::gil_scoped_release release;
-        krylov_cgs_pass_cuda(p, device, stream);
-#else
-        bindings::no_cuda("krylov_cgs_pass");
-#endif
-      },
-      cgs_doc, py::kw_only(), "basis"_a, "w"_a, "h"_a, "norms"_a, "workspace"_a, "rows"_a, "n"_a, "q_stride"_a,
-      "mode"_a, "dtype"_a, "device"_a, "stream"_a);
+      "One Arnoldi cycle of GMRES / GCRO-DR on a CSR operator; returns (steps taken, breakdown).\n"
+      "See csrc/include/lowrank_ops/krylov.h for the layout contract.",
+      py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "basis"_a, "r"_a, "hessenberg"_a, "rotated"_a, "g"_a,
+      "givens"_a, "history"_a, "workspace"_a, "n"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
+      "target"_a, "bnorm"_a, "dtype"_a, "index_type"_a, "num_threads"_a);
+  m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
+        "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
 }
 
 }  // namespace lowrank_ops

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "backends.h"
 #include "registry.h"
 #include "lowrank_ops/ot.h"
 
@@ -62,135 +63,129 @@ OtHessianParams hessian_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, s
   return p;
 }
 
-#ifdef LOWRANK_OPS_WITH_CUDA
-#define LOWRANK_OT_CUDA(call) call
-#else
-#define LOWRANK_OT_CUDA(call) bindings::no_cuda("lowrank_ops.ot")
-#endif
+OtRowLseParams row_lse_params(const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost) {
+  OtRowLseParams p;
+  p.src = source(src);
+  p.lse = ptr<void>(lse);
+  p.mean_cost = ptr<void>(mean_cost);
+  return p;
+}
+
+OtHistogramParams histogram_params(const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins,
+                                   std::uintptr_t counts) {
+  OtHistogramParams p;
+  p.src = source(src);
+  p.lo = ptr<const void>(lo);
+  p.hi = ptr<const void>(hi);
+  p.n_bins = n_bins;
+  p.counts = ptr<int64_t>(counts);
+  return p;
+}
+
+OtSparsifyParams sparsify_params(const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts,
+                                 std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values) {
+  OtSparsifyParams p;
+  p.src = source(src);
+  p.threshold = ptr<const void>(threshold);
+  p.row_counts = ptr<int64_t>(row_counts);
+  p.row_ptr = ptr<const int64_t>(row_ptr);
+  p.col_idx = ptr<int64_t>(col_idx);
+  p.values = ptr<void>(values);
+  return p;
+}
+
+OtRowGradParams row_grad_params(const py::dict& src, std::uintptr_t lse, std::uintptr_t grad) {
+  OtRowGradParams p;
+  p.src = source(src);
+  p.lse = ptr<const void>(lse);
+  p.grad = ptr<void>(grad);
+  return p;
+}
 
 }  // namespace
 
 LOWRANK_OPS_BINDINGS(ot) {
-  // ---- ot_row_lse
-  auto row_lse = [](const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost) {
-    OtRowLseParams p;
-    p.src = source(src);
-    p.lse = ptr<void>(lse);
-    p.mean_cost = ptr<void>(mean_cost);
-    return p;
-  };
-  m.def(
-      "ot_row_lse_cpu",
-      [row_lse](const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost, int num_threads) {
-        const OtRowLseParams p = row_lse(src, lse, mean_cost);
+  bindings::def_cpu_cuda(
+      m, "ot_row_lse",
+      "Row log-sum-exp of (f_i + g_j - C_ij) / reg (and the P-weighted mean cost); see lowrank_ops/ot.h.",
+      [](const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost, int num_threads) {
+        const OtRowLseParams p = row_lse_params(src, lse, mean_cost);
         py::gil_scoped_release release;
         ot_row_lse_cpu(p, num_threads);
       },
-      "Row log-sum-exp of (f_i + g_j - C_ij) / reg (and the P-weighted mean cost); see lowrank_ops/ot.h.",
-      py::kw_only(), "src"_a, "lse"_a, "mean_cost"_a, "num_threads"_a);
-  m.def(
-      "ot_row_lse_cuda",
-      [row_lse](const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost, int device, std::uintptr_t stream) {
-        const OtRowLseParams p = row_lse(src, lse, mean_cost);
+      [](const py::dict& src, std::uintptr_t lse, std::uintptr_t mean_cost, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const OtRowLseParams p = row_lse_params(src, lse, mean_cost);
         py::gil_scoped_release release;
-        LOWRANK_OT_CUDA(ot_row_lse_cuda(p, device, stream));
+        ot_row_lse_cuda(p, device, stream);
+#else
+        bindings::no_cuda("ot_row_lse");
+#endif
       },
-      "CUDA ot_row_lse.", py::kw_only(), "src"_a, "lse"_a, "mean_cost"_a, "device"_a, "stream"_a);
+      "src"_a, "lse"_a, "mean_cost"_a);
 
-  // ---- ot_log_histogram
-  auto histogram = [](const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins,
-                      std::uintptr_t counts) {
-    OtHistogramParams p;
-    p.src = source(src);
-    p.lo = ptr<const void>(lo);
-    p.hi = ptr<const void>(hi);
-    p.n_bins = n_bins;
-    p.counts = ptr<int64_t>(counts);
-    return p;
-  };
-  m.def(
-      "ot_log_histogram_cpu",
-      [histogram](const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins, std::uintptr_t counts,
-                  int num_threads) {
-        const OtHistogramParams p = histogram(src, lo, hi, n_bins, counts);
+  bindings::def_cpu_cuda(
+      m, "ot_log_histogram", "Histogram of the log-plan entries over [lo, hi) per problem; see lowrank_ops/ot.h.",
+      [](const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins, std::uintptr_t counts,
+         int num_threads) {
+        const OtHistogramParams p = histogram_params(src, lo, hi, n_bins, counts);
         py::gil_scoped_release release;
         ot_log_histogram_cpu(p, num_threads);
       },
-      "Histogram of the log-plan entries over [lo, hi) per problem; see lowrank_ops/ot.h.", py::kw_only(), "src"_a,
-      "lo"_a, "hi"_a, "n_bins"_a, "counts"_a, "num_threads"_a);
-  m.def(
-      "ot_log_histogram_cuda",
-      [histogram](const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins, std::uintptr_t counts,
-                  int device, std::uintptr_t stream) {
-        const OtHistogramParams p = histogram(src, lo, hi, n_bins, counts);
+      [](const py::dict& src, std::uintptr_t lo, std::uintptr_t hi, int64_t n_bins, std::uintptr_t counts,
+         int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const OtHistogramParams p = histogram_params(src, lo, hi, n_bins, counts);
         py::gil_scoped_release release;
-        LOWRANK_OT_CUDA(ot_log_histogram_cuda(p, device, stream));
+        ot_log_histogram_cuda(p, device, stream);
+#else
+        bindings::no_cuda("ot_log_histogram");
+#endif
       },
-      "CUDA ot_log_histogram.", py::kw_only(), "src"_a, "lo"_a, "hi"_a, "n_bins"_a, "counts"_a, "device"_a,
-      "stream"_a);
+      "src"_a, "lo"_a, "hi"_a, "n_bins"_a, "counts"_a);
 
-  // ---- ot_sparsify
-  auto sparsify = [](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts,
-                     std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values) {
-    OtSparsifyParams p;
-    p.src = source(src);
-    p.threshold = ptr<const void>(threshold);
-    p.row_counts = ptr<int64_t>(row_counts);
-    p.row_ptr = ptr<const int64_t>(row_ptr);
-    p.col_idx = ptr<int64_t>(col_idx);
-    p.values = ptr<void>(values);
-    return p;
-  };
-  m.def(
-      "ot_sparsify_cpu",
-      [sparsify](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
-                 std::uintptr_t col_idx, std::uintptr_t values, int num_threads) {
-        const OtSparsifyParams p = sparsify(src, threshold, row_counts, row_ptr, col_idx, values);
+  bindings::def_cpu_cuda(
+      m, "ot_sparsify",
+      "Count (col_idx = 0) or gather (CSR) the plan entries with log value >= threshold; see lowrank_ops/ot.h.",
+      [](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
+         std::uintptr_t col_idx, std::uintptr_t values, int num_threads) {
+        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values);
         py::gil_scoped_release release;
         ot_sparsify_cpu(p, num_threads);
       },
-      "Count (col_idx = 0) or gather (CSR) the plan entries with log value >= threshold; see lowrank_ops/ot.h.",
-      py::kw_only(), "src"_a, "threshold"_a, "row_counts"_a, "row_ptr"_a, "col_idx"_a, "values"_a, "num_threads"_a);
-  m.def(
-      "ot_sparsify_cuda",
-      [sparsify](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
-                 std::uintptr_t col_idx, std::uintptr_t values, int device, std::uintptr_t stream) {
-        const OtSparsifyParams p = sparsify(src, threshold, row_counts, row_ptr, col_idx, values);
+      [](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
+         std::uintptr_t col_idx, std::uintptr_t values, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values);
         py::gil_scoped_release release;
-        LOWRANK_OT_CUDA(ot_sparsify_cuda(p, device, stream));
+        ot_sparsify_cuda(p, device, stream);
+#else
+        bindings::no_cuda("ot_sparsify");
+#endif
       },
-      "CUDA ot_sparsify.", py::kw_only(), "src"_a, "threshold"_a, "row_counts"_a, "row_ptr"_a, "col_idx"_a,
-      "values"_a, "device"_a, "stream"_a);
+      "src"_a, "threshold"_a, "row_counts"_a, "row_ptr"_a, "col_idx"_a, "values"_a);
 
-  // ---- ot_row_grad
-  auto row_grad = [](const py::dict& src, std::uintptr_t lse, std::uintptr_t grad) {
-    OtRowGradParams p;
-    p.src = source(src);
-    p.lse = ptr<const void>(lse);
-    p.grad = ptr<void>(grad);
-    return p;
-  };
-  m.def(
-      "ot_row_grad_cpu",
-      [row_grad](const py::dict& src, std::uintptr_t lse, std::uintptr_t grad, int num_threads) {
-        const OtRowGradParams p = row_grad(src, lse, grad);
+  bindings::def_cpu_cuda(
+      m, "ot_row_grad", "Plan-weighted gradient of a point cost with respect to the row points; see lowrank_ops/ot.h.",
+      [](const py::dict& src, std::uintptr_t lse, std::uintptr_t grad, int num_threads) {
+        const OtRowGradParams p = row_grad_params(src, lse, grad);
         py::gil_scoped_release release;
         ot_row_grad_cpu(p, num_threads);
       },
-      "Plan-weighted gradient of a point cost with respect to the row points; see lowrank_ops/ot.h.", py::kw_only(),
-      "src"_a, "lse"_a, "grad"_a, "num_threads"_a);
-  m.def(
-      "ot_row_grad_cuda",
-      [row_grad](const py::dict& src, std::uintptr_t lse, std::uintptr_t grad, int device, std::uintptr_t stream) {
-        const OtRowGradParams p = row_grad(src, lse, grad);
+      [](const py::dict& src, std::uintptr_t lse, std::uintptr_t grad, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
+        const OtRowGradParams p = row_grad_params(src, lse, grad);
         py::gil_scoped_release release;
-        LOWRANK_OT_CUDA(ot_row_grad_cuda(p, device, stream));
+        ot_row_grad_cuda(p, device, stream);
+#else
+        bindings::no_cuda("ot_row_grad");
+#endif
       },
-      "CUDA ot_row_grad.", py::kw_only(), "src"_a, "lse"_a, "grad"_a, "device"_a, "stream"_a);
+      "src"_a, "lse"_a, "grad"_a);
 
-  // ---- ot_hessian_matvec
-  m.def(
-      "ot_hessian_matvec_cpu",
+  bindings::def_cpu_cuda(
+      m, "ot_hessian_matvec",
+      "SNS Newton matrix times (vx, vy): (r vx + P_s vy, c vy + P_s^T vx); see lowrank_ops/ot.h.",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r, std::uintptr_t c,
          std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x, std::uintptr_t out_y, int64_t batch,
          int64_t rows, int64_t cols, int dtype, int num_threads) {
@@ -199,21 +194,20 @@ LOWRANK_OPS_BINDINGS(ot) {
         py::gil_scoped_release release;
         ot_hessian_matvec_cpu(p, num_threads);
       },
-      "SNS Newton matrix times (vx, vy): (r vx + P_s vy, c vy + P_s^T vx); see lowrank_ops/ot.h.", py::kw_only(),
-      "row_ptr"_a, "col_idx"_a, "values"_a, "r"_a, "c"_a, "vx"_a, "vy"_a, "out_x"_a, "out_y"_a, "batch"_a, "rows"_a,
-      "cols"_a, "dtype"_a, "num_threads"_a);
-  m.def(
-      "ot_hessian_matvec_cuda",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r, std::uintptr_t c,
          std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x, std::uintptr_t out_y, int64_t batch,
          int64_t rows, int64_t cols, int dtype, int device, std::uintptr_t stream) {
+#ifdef LOWRANK_OPS_WITH_CUDA
         const OtHessianParams p =
             hessian_params(row_ptr, col_idx, values, r, c, vx, vy, out_x, out_y, batch, rows, cols, dtype);
         py::gil_scoped_release release;
-        LOWRANK_OT_CUDA(ot_hessian_matvec_cuda(p, device, stream));
+        ot_hessian_matvec_cuda(p, device, stream);
+#else
+        bindings::no_cuda("ot_hessian_matvec");
+#endif
       },
-      "CUDA ot_hessian_matvec.", py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "r"_a, "c"_a, "vx"_a, "vy"_a,
-      "out_x"_a, "out_y"_a, "batch"_a, "rows"_a, "cols"_a, "dtype"_a, "device"_a, "stream"_a);
+      "row_ptr"_a, "col_idx"_a, "values"_a, "r"_a, "c"_a, "vx"_a, "vy"_a, "out_x"_a, "out_y"_a, "batch"_a, "rows"_a,
+      "cols"_a, "dtype"_a);
 }
 
 }  // namespace lowrank_ops

@@ -319,6 +319,31 @@ void dispatch_ot(DType dtype, F&& f) {
   }
 }
 
+// The launches of one entry point: makes `device` current (our runtime's own current
+// device, see set_device), launches on the caller's stream and checks every launch.
+class Launcher {
+ public:
+  Launcher(int device, std::uintptr_t stream) : stream_(reinterpret_cast<cudaStream_t>(stream)) {
+    set_device(device);
+  }
+
+  // kernel<<<grid, block, shared_bytes, stream>>>(args...), then the launch check.
+  template <class... Params, class... Args>
+  void operator()(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, const Args&... args) const {
+    kernel<<<grid, block, shared_bytes, stream_>>>(args...);
+    LOWRANK_CUDA_LAUNCH_CHECK();
+  }
+
+  // One warp per row (grid-stride over n_rows rows), kWarpsPerBlock warps per block.
+  template <class P>
+  void warp_per_row(void (*kernel)(P), int64_t n_rows, const P& p) const {
+    (*this)(kernel, grid_for(n_rows, kWarpsPerBlock), kThreads, 0, p);
+  }
+
+ private:
+  cudaStream_t stream_;
+};
+
 }  // namespace
 }  // namespace cuda
 
@@ -327,17 +352,15 @@ void ot_row_lse_cuda(const OtRowLseParams& p, int device, std::uintptr_t stream)
   check_ot_source(p.src, "ot_row_lse");
   const OtSource& s = p.src;
   if (s.batch * s.rows == 0) return;
-  set_device(device);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Launcher launch(device, stream);
   dispatch_ot(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (s.cost == OtCost::matrix && (s.c_stride_i == 1 || s.c_stride_i == -1) && s.c_stride_j != 1) {
       const int64_t groups = (s.rows + kWarp - 1) / kWarp;
-      row_lse_lanes_over_rows<T><<<grid_for(s.batch * groups, 1), dim3(kWarp, kSplit), 0, st>>>(p, groups);
+      launch(row_lse_lanes_over_rows<T>, grid_for(s.batch * groups, 1), dim3(kWarp, kSplit), 0, p, groups);
     } else {
-      row_lse_warp<T><<<grid_for(s.batch * s.rows, kWarpsPerBlock), kThreads, 0, st>>>(p);
+      launch.warp_per_row(row_lse_warp<T>, s.batch * s.rows, p);
     }
-    LOWRANK_CUDA_LAUNCH_CHECK();
   });
 }
 
@@ -349,15 +372,13 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
   const OtSource& s = p.src;
   if (s.batch * s.rows * s.cols == 0) return;
   LOWRANK_CHECK(s.batch <= 65535, "ot_log_histogram: batch must be <= 65535 on CUDA; got ", s.batch);
-  set_device(device);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Launcher launch(device, stream);
   dispatch_ot(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Enough blocks per problem to fill the GPU, few enough that the flushes stay cheap.
     const unsigned per_problem = std::min<unsigned>(grid_for(s.rows * s.cols, kThreads * 16), 1024u);
-    log_histogram<T><<<dim3(per_problem, static_cast<unsigned>(s.batch)), kThreads,
-                       static_cast<size_t>(p.n_bins) * sizeof(unsigned int), st>>>(p);
-    LOWRANK_CUDA_LAUNCH_CHECK();
+    launch(log_histogram<T>, dim3(per_problem, static_cast<unsigned>(s.batch)), kThreads,
+           static_cast<size_t>(p.n_bins) * sizeof(unsigned int), p);
   });
 }
 
@@ -366,12 +387,10 @@ void ot_sparsify_cuda(const OtSparsifyParams& p, int device, std::uintptr_t stre
   check_ot_source(p.src, "ot_sparsify");
   const OtSource& s = p.src;
   if (s.batch * s.rows == 0) return;
-  set_device(device);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Launcher launch(device, stream);
   dispatch_ot(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    sparsify<T><<<grid_for(s.batch * s.rows, kWarpsPerBlock), kThreads, 0, st>>>(p);
-    LOWRANK_CUDA_LAUNCH_CHECK();
+    launch.warp_per_row(sparsify<T>, s.batch * s.rows, p);
   });
 }
 
@@ -381,12 +400,10 @@ void ot_row_grad_cuda(const OtRowGradParams& p, int device, std::uintptr_t strea
   const OtSource& s = p.src;
   LOWRANK_CHECK(s.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2)");
   if (s.batch * s.rows == 0) return;
-  set_device(device);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Launcher launch(device, stream);
   dispatch_ot(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    row_grad<T><<<grid_for(s.batch * s.rows, kWarpsPerBlock), kThreads, 0, st>>>(p);
-    LOWRANK_CUDA_LAUNCH_CHECK();
+    launch.warp_per_row(row_grad<T>, s.batch * s.rows, p);
   });
 }
 
@@ -396,18 +413,11 @@ void ot_hessian_matvec_cuda(const OtHessianParams& p, int device, std::uintptr_t
   LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
                 "ot_hessian_matvec: dtype must be float32 or float64");
   if (p.batch * (p.rows + p.cols) == 0) return;
-  set_device(device);
-  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const Launcher launch(device, stream);
   dispatch_ot(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.batch * p.cols > 0) {
-      hessian_diagonal_y<T><<<grid_for(p.batch * p.cols, kThreads), kThreads, 0, st>>>(p);
-      LOWRANK_CUDA_LAUNCH_CHECK();
-    }
-    if (p.batch * p.rows > 0) {
-      hessian_rows<T><<<grid_for(p.batch * p.rows, kWarpsPerBlock), kThreads, 0, st>>>(p);
-      LOWRANK_CUDA_LAUNCH_CHECK();
-    }
+    if (p.batch * p.cols > 0) launch(hessian_diagonal_y<T>, grid_for(p.batch * p.cols, kThreads), kThreads, 0, p);
+    if (p.batch * p.rows > 0) launch.warp_per_row(hessian_rows<T>, p.batch * p.rows, p);
   });
 }
 

@@ -86,16 +86,17 @@ def test_ops_match_float64_and_pass_opcheck(device, rows, with_bias, generator):
     assert_within(grad_input(grad_y, weight), want, bound, "base_linear_grad_input")
 
 
-def test_dispatch_follows_small_batch_rows(generator):
-    """The kernels serve exactly SMALL_BATCH_ROWS (float32, CPU, unit column stride, AVX-512);
-    everything else goes to BLAS."""
-    low, high = SMALL_BATCH_ROWS
+@pytest.mark.parametrize("product", sorted(SMALL_BATCH_ROWS))
+def test_dispatch_follows_small_batch_rows(product, generator):
+    """The kernels serve exactly SMALL_BATCH_ROWS[product] (float32, CPU, unit column
+    stride, AVX-512); everything else goes to BLAS."""
+    low, high = SMALL_BATCH_ROWS[product]
     weight = randn(8, 16, generator=generator)
     expected = extension().cpu_features()["avx512f"]
-    assert _small_batch(randn(low, 16, generator=generator), weight) == expected
-    assert _small_batch(randn(high, 16, generator=generator), weight) == expected
-    assert not _small_batch(randn(low - 1, 16, generator=generator), weight)
-    assert not _small_batch(randn(high + 1, 16, generator=generator), weight)
-    assert not _small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double())
-    assert not _small_batch(randn(16, 4, generator=generator).T, weight)  # column stride 2... of a transpose
-    assert not _small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T)
+    assert _small_batch(randn(low, 16, generator=generator), weight, product) == expected
+    assert _small_batch(randn(high, 16, generator=generator), weight, product) == expected
+    assert not _small_batch(randn(low - 1, 16, generator=generator), weight, product)
+    assert not _small_batch(randn(high + 1, 16, generator=generator), weight, product)
+    assert not _small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double(), product)
+    assert not _small_batch(randn(32, 4, generator=generator).T[:4], weight, product)  # column stride 4
+    assert not _small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T, product)

@@ -227,7 +227,7 @@ def test_module_init_names_and_scaling(generator):
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(30) and torch.equal(layer.lora_B, torch.zeros(20, 8))
     x = torch.randn(4, 30)
     # B = 0: the layer is the base product (ours may sum in another order than nn.Linear's
-    # BLAS call, see SMALL_BATCH_ROWS): within the float64-derived bound of a 30-term sum.
+    # BLAS call, see ops.base_linear): within the float64-derived bound of a 30-term sum.
     reference_y = x.double() @ base.weight.double().T + base.bias.double()
     abs_sum = x.double().abs() @ base.weight.double().abs().T + base.bias.double().abs()
     assert_within(layer(x), reference_y, summation_bound(abs_sum, reference_y, 31, torch.float32), "B = 0 layer")

@@ -1,18 +1,27 @@
-"""The shared CPU thread pool (csrc/cpu/parallel.cpp), through a threaded kernel.
+"""The CPU kernels' parallel regions (csrc/cpu/parallel.cpp), through threaded kernels.
 
-The pool's threaded kernels share the cores with torch's OpenMP team.  These tests run
-a parallel torch op right before each threaded pass (the OpenMP workers then keep
-spinning on the cores our workers need, which once made the pool's caller wait for a
-worker that had not started) and use the pool from several Python threads at once (the
-pool runs one region at a time; a caller that finds it busy runs its tasks serially).
-Results are checked against float64 products with Higham's summation bound, on every
-iteration, so a lost, repeated or half-run task fails.
+Regions run on torch's OpenMP team when the process has one (``cpu_threading ==
+"openmp"``), else (``LOWRANK_OPS_THREADS=pool``, a forked child, no OpenMP runtime) on
+our own pool.  These tests run a parallel torch op right before each threaded pass (the
+OpenMP workers then keep spinning on the cores, which once made the pool's caller wait
+for a worker that had not started), use the regions from several Python threads at once
+(one region at a time; a caller that finds them busy runs its tasks serially), and run
+the same kernels on the pool in a subprocess and in a forked child.  Results are checked
+against float64 products with Higham's summation bound, on every iteration, so a lost,
+repeated or half-run task fails; the two threading modes must agree bit for bit (the
+tasks partition the outputs, whichever thread runs them).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
+import pytest
 import torch
+
+import lowrank_ops
 
 from lowrank_ops.ops.mfac import mfac_combine, mfac_dots
 
@@ -77,3 +86,56 @@ def test_pool_from_two_python_threads(generator):
     for thread in threads:
         thread.join()
     assert not errors, errors[0]
+
+
+_POOL_SCRIPT = """
+import sys, torch, lowrank_ops
+from lowrank_ops.ops.mfac import mfac_combine, mfac_dots
+assert lowrank_ops.info()["cpu_threading"] == "pool", lowrank_ops.info()["cpu_threading"]
+G, x, coef = torch.load(sys.argv[1])
+torch.save((mfac_dots(G, x, G.shape[0]), mfac_combine(G, coef, x, 1.0, -1.0, G.shape[0])), sys.argv[2])
+"""
+
+
+def test_threading_mode_reported():
+    expected = "openmp" if "OpenMP" in torch.__config__.parallel_info() else None
+    mode = lowrank_ops.info()["cpu_threading"]
+    assert mode in ("openmp", "pool")
+    if expected and os.environ.get("LOWRANK_OPS_THREADS") != "pool":
+        assert mode == expected, "torch runs on OpenMP but our kernels do not use its team"
+
+
+def test_pool_and_openmp_agree_bit_for_bit(tmp_path, generator):
+    G, x, coef, dots, comb = _problem(generator)
+    torch.save((G, x, coef), tmp_path / "inputs.pt")
+    env = dict(os.environ, LOWRANK_OPS_THREADS="pool")
+    subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=120)
+    pool_dots, pool_comb = torch.load(tmp_path / "out.pt")
+    assert_within(pool_dots, *dots, "pool: mfac_dots")
+    assert_within(pool_comb, *comb, "pool: mfac_combine")
+    assert torch.equal(pool_dots, mfac_dots(G, x, ROWS)) and torch.equal(pool_comb, mfac_combine(G, coef, x, 1.0, -1.0, ROWS))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_in_a_forked_child(tmp_path, generator):
+    """After the parent used the OpenMP team, a forked child (its team threads were not
+    forked) runs the kernels on its own fresh pool, without hanging."""
+    G, x, coef, dots, comb = _problem(generator)
+    _check(G, x, coef, dots, comb, "parent")
+    out = tmp_path / "child.pt"
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, leave through os._exit only
+        code = 1
+        try:
+            torch.save((lowrank_ops.info()["cpu_threading"], mfac_dots(G, x, ROWS),
+                        mfac_combine(G, coef, x, 1.0, -1.0, ROWS)), out)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+    mode, child_dots, child_comb = torch.load(out)
+    assert mode == "pool"
+    assert_within(child_dots, *dots, "forked child: mfac_dots")
+    assert_within(child_comb, *comb, "forked child: mfac_combine")

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "lowrank_ops/cpu_features.h"
+#include "lowrank_ops/parallel.h"
 #include "registry.h"
 #ifdef LOWRANK_OPS_WITH_CUDA
 #include "lowrank_ops/cuda_runtime_info.h"
@@ -55,6 +56,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Instruction sets this CPU has and the OS enabled (all False off x86).");
+  m.def(
+      "cpu_threading", []() { return std::string(parallel_uses_openmp() ? "openmp" : "pool"); },
+      "Where the CPU kernels' parallel regions run: 'openmp' (the OpenMP team torch uses) or 'pool' (our own).");
   m.def(
       "cuda_device_count",
       []() {

@@ -19,13 +19,14 @@
 // rows are 128 interleaved streams, more than the hardware prefetcher follows).
 //
 // Roofline, float32, N rows (N <= 64): 2 N in out flops and 4 in out bytes of W (x, y
-// and dx are N / out or N / in of that).  Measured on the 2-core AVX-512 Xeon (one
-// process, 2 threads, N = 16, median of 30), ours / torch (MKL) ms:
-//   forward   4096 x 4096 2.8 / 4.8,  11008 x 4096 9.3 / 17.3,  4096 x 11008 10.1 / 16.4
-//   grad in   4096 x 4096 2.9 / 3.1,  11008 x 4096 9.8 / 12.3,  4096 x 11008 13.1 / 12.2
+// and dx are N / out or N / in of that).  Measured on the 2-core AVX-512 Xeon (quiet,
+// 2 threads, N = 16, bench/results/cpu-intel-xeon-2core/base_linear-full), ours / MKL ms:
+//   forward   4096 x 4096 2.78 / 5.09,  11008 x 4096 8.69 / 15.4,  4096 x 11008 8.87 / 14.3
+//   grad in   4096 x 4096 2.88 / 3.44,  11008 x 4096 8.79 / 12.0,  4096 x 11008 11.4 / 12.1
 // Floors there: W read once at the measured read bandwidth (41 GB/s for 64 MB resident
 // in L3, 22 GB/s for 172 MB) = 1.5 / 7.8 / 7.8 ms; the flops at the measured GEMM peak
-// (~300 GFLOP/s) = 1.8 / 4.8 / 4.8 ms.  The forward reaches 55-85 % of the larger floor.
+// (~300 GFLOP/s) = 1.8 / 4.8 / 4.8 ms.  So the forward runs at 65-90 % of the larger
+// floor, the grad input at 62-89 %.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>

@@ -1,10 +1,13 @@
 #include "lowrank_ops/parallel.h"
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -46,6 +49,75 @@ constexpr int kGenShift = 21;
 
 inline uint64_t generation_of(uint64_t word) { return word >> kGenShift; }
 
+// The tasks of one region and how they are claimed, shared by both ways of running a
+// region (the pool below and the process's OpenMP team, see run_on_openmp).  Under the
+// static schedule (n_tasks == threads) participant p first claims task p, so repeated
+// calls on the same data find their part in the same core's cache whenever every thread
+// shows up; then, as otherwise, any task left is claimed by whoever is free.  The first
+// exception a task throws is kept (rethrown by the caller) and stops handing out work.
+class TaskQueue {
+ public:
+  void reset(int64_t n_tasks, int n_threads, const std::function<void(int64_t)>& fn) {
+    fn_ = &fn;
+    n_tasks_ = n_tasks;
+    static_schedule_ = n_tasks == n_threads;
+    if (static_schedule_) {
+      if (static_cast<int64_t>(claimed_size_) < n_tasks) {
+        claimed_.reset(new std::atomic<bool>[static_cast<size_t>(n_tasks)]);
+        claimed_size_ = static_cast<size_t>(n_tasks);
+      }
+      for (int64_t t = 0; t < n_tasks; ++t) claimed_[t].store(false, std::memory_order_relaxed);
+    }
+    next_task_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+  }
+
+  // Runs tasks until none is left (participant: 0 for the caller, then 1, 2, ...).
+  void work(int participant) {
+    const bool was_nested = in_parallel_region;
+    in_parallel_region = true;
+    if (static_schedule_) {
+      if (participant < n_tasks_ && !claimed_[participant].exchange(true, std::memory_order_acq_rel))
+        run_task(participant);
+      for (int64_t task = 0; task < n_tasks_; ++task)
+        if (!claimed_[task].load(std::memory_order_relaxed) && !claimed_[task].exchange(true, std::memory_order_acq_rel))
+          run_task(task);
+    } else {
+      for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1)) run_task(task);
+    }
+    in_parallel_region = was_nested;
+  }
+
+  void finish() {
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void run_task(int64_t task) {
+    try {
+      (*fn_)(task);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_task_.store(n_tasks_);
+      if (static_schedule_)
+        for (int64_t t = 0; t < n_tasks_; ++t) claimed_[t].store(true, std::memory_order_relaxed);
+    }
+  }
+
+  // Written by the caller before the region opens, read by the participants after they
+  // joined it; never rewritten while a participant may read them.
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_tasks_ = 0;
+  bool static_schedule_ = false;
+  std::unique_ptr<std::atomic<bool>[]> claimed_;
+  size_t claimed_size_ = 0;
+  std::atomic<int64_t> next_task_{0};
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+};
+
 class ThreadPool {
  public:
   // The pool is created per process (a forked child starts a fresh one: the parent's
@@ -64,39 +136,23 @@ class ThreadPool {
     if (!busy.owns_lock()) return false;
     const int helpers = n_threads - 1;
     grow(helpers);
-    fn_ = &fn;
-    n_tasks_ = n_tasks;
-    // One task per thread: participant p first claims task p, so repeated calls on the
-    // same data find their part in the same core's cache (as OpenMP's static schedule)
-    // whenever every thread shows up; a task whose thread has not started yet is taken
-    // by whoever finishes first.  Otherwise tasks are claimed one at a time.
-    static_schedule_ = n_tasks == n_threads;
-    if (static_schedule_) {
-      if (static_cast<int64_t>(claimed_size_) < n_tasks) {
-        claimed_.reset(new std::atomic<bool>[static_cast<size_t>(n_tasks)]);
-        claimed_size_ = static_cast<size_t>(n_tasks);
-      }
-      for (int64_t t = 0; t < n_tasks; ++t) claimed_[t].store(false, std::memory_order_relaxed);
-    }
-    next_task_.store(0, std::memory_order_relaxed);
+    queue_.reset(n_tasks, n_threads, fn);
     wanted_ = helpers;
     finished_.store(0, std::memory_order_relaxed);
-    error_ = nullptr;
     const uint64_t generation = generation_of(region_.load(std::memory_order_relaxed)) + 1;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       region_.store((generation << kGenShift) | kOpenBit, std::memory_order_release);
     }
     work_cv_.notify_all();
-    work(0);
+    queue_.work(0);
     // Every task is claimed: close the region to late workers and wait for those that joined.
     uint64_t word = region_.load(std::memory_order_acquire);
     while (!region_.compare_exchange_weak(word, generation << kGenShift, std::memory_order_acq_rel)) {
     }
     const uint64_t joined = word & kJoinedMask;
     while (finished_.load(std::memory_order_acquire) != joined) cpu_relax();
-    fn_ = nullptr;
-    if (error_) std::rethrow_exception(error_);
+    queue_.finish();
     return true;
   }
 
@@ -149,66 +205,88 @@ class ThreadPool {
       seen = generation_of(word);
       // wanted_ is read only after joining: before, it may belong to another region.
       if (!join(word)) continue;
-      if (index < wanted_) work(index + 1);
+      if (index < wanted_) queue_.work(index + 1);
       finished_.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-
-  // Runs tasks until none is left: under the static schedule the participant's own
-  // task first, then any unclaimed one; otherwise tasks claimed one at a time.
-  void work(int participant) {
-    const bool was_nested = in_parallel_region;
-    in_parallel_region = true;
-    if (static_schedule_) {
-      if (!claimed_[participant].exchange(true, std::memory_order_acq_rel)) run_task(participant);
-      for (int64_t task = 0; task < n_tasks_; ++task)
-        if (!claimed_[task].load(std::memory_order_relaxed) && !claimed_[task].exchange(true, std::memory_order_acq_rel))
-          run_task(task);
-    } else {
-      for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1)) run_task(task);
-    }
-    in_parallel_region = was_nested;
-  }
-
-  void run_task(int64_t task) {
-    try {
-      (*fn_)(task);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
-      // Stop handing out work.
-      next_task_.store(n_tasks_);
-      if (static_schedule_)
-        for (int64_t t = 0; t < n_tasks_; ++t) claimed_[t].store(true, std::memory_order_relaxed);
     }
   }
 
   const pid_t owner_pid_;
   std::mutex busy_;   // one region at a time
-  std::mutex mutex_;  // guards sleeping and error_
+  std::mutex mutex_;  // guards sleeping
   std::condition_variable work_cv_;
   std::vector<std::thread> workers_;
-  // Written by the caller before the region opens (release), read by workers after
-  // they join it (acquire); never rewritten while a joined worker may read them.
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t n_tasks_ = 0;
-  bool static_schedule_ = false;
-  int wanted_ = 0;
-  std::unique_ptr<std::atomic<bool>[]> claimed_;
-  size_t claimed_size_ = 0;
-  std::atomic<int64_t> next_task_{0};
+  TaskQueue queue_;
+  int wanted_ = 0;  // written before the region opens, read by workers after they joined it
   std::atomic<uint64_t> finished_{0};
   std::atomic<uint64_t> region_{0};
-  std::exception_ptr error_;
 };
 
+// The OpenMP runtime torch's CPU ops run on, when the process has loaded one with its
+// symbols global (torch's Linux wheels load GNU OpenMP's libgomp that way; Intel's
+// runtime exports the same GOMP_ entry points).  Our regions then run on torch's own
+// team instead of a second set of threads: after every parallel torch op that team spins
+// on all cores for milliseconds, and a pool of our own then finds no free core (measured:
+// the small-batch linear kernel took 3.8 ms right after a 16 x 4096 x 16 torch matmul
+// against 2.7 ms alone, on 2 cores).  LOWRANK_OPS_THREADS=pool forces the pool.
+struct OpenMp {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel(fn, data, threads, flags)
+  int (*thread_num)() = nullptr;                                          // omp_get_thread_num
+  pid_t pid = 0;  // a forked child does not use it (its team's threads were not forked)
+};
+
+const OpenMp& process_openmp() {
+  static const OpenMp runtime = [] {
+    OpenMp found;
+    const char* choice = std::getenv("LOWRANK_OPS_THREADS");
+    if (choice != nullptr && std::strcmp(choice, "pool") == 0) return found;
+    found.parallel = reinterpret_cast<decltype(found.parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    found.thread_num = reinterpret_cast<decltype(found.thread_num)>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    found.pid = getpid();
+    if (found.parallel == nullptr || found.thread_num == nullptr) found = OpenMp{};
+    return found;
+  }();
+  return runtime;
+}
+
+struct OpenMpRegion {
+  TaskQueue* queue;
+  int (*thread_num)();
+  static void body(void* data) {
+    auto* region = static_cast<OpenMpRegion*>(data);
+    region->queue->work(region->thread_num());
+  }
+};
+
+// Runs the region on the OpenMP team; false (nothing run) while another of our regions
+// uses it (a second Python thread then runs its tasks serially, as with the pool).
+bool run_on_openmp(const OpenMp& omp, int64_t n_tasks, int n_threads, const std::function<void(int64_t)>& fn) {
+  static std::mutex busy;
+  std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  static TaskQueue queue;
+  queue.reset(n_tasks, n_threads, fn);
+  OpenMpRegion region{&queue, omp.thread_num};
+  omp.parallel(&OpenMpRegion::body, &region, static_cast<unsigned>(n_threads), 0);
+  queue.finish();
+  return true;
+}
+
 }  // namespace
+
+bool parallel_uses_openmp() {
+  const OpenMp& omp = process_openmp();
+  return omp.parallel != nullptr && omp.pid == getpid();  // not in a forked child
+}
 
 void parallel_for(int64_t n_tasks, int num_threads, const std::function<void(int64_t)>& fn) {
   if (n_tasks <= 0) return;
   const int hardware = std::max(1u, std::thread::hardware_concurrency());
   const int n_threads = static_cast<int>(std::min<int64_t>({n_tasks, num_threads, 4 * hardware}));
-  if (n_threads > 1 && !in_parallel_region && ThreadPool::instance().try_run(n_tasks, n_threads, fn)) return;
+  if (n_threads > 1 && !in_parallel_region) {
+    const bool ran = parallel_uses_openmp() ? run_on_openmp(process_openmp(), n_tasks, n_threads, fn)
+                                            : ThreadPool::instance().try_run(n_tasks, n_threads, fn);
+    if (ran) return;
+  }
   for (int64_t task = 0; task < n_tasks; ++task) fn(task);
 }
 

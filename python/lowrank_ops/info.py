@@ -22,7 +22,9 @@ def info() -> Dict[str, Any]:
         ``devices`` (names of the usable GPUs); ``cuda_runtime_version`` /
         ``cuda_driver_version`` as seen by our kernels; ``torch_version``,
         ``torch_cuda_version``; ``cpu_threads`` (``torch.get_num_threads()``);
-        ``cpu_features`` (instruction sets that choose algorithms, e.g. ``amx_bf16``).
+        ``cpu_features`` (instruction sets that choose algorithms, e.g. ``amx_bf16``);
+        ``cpu_threading`` (``"openmp"``: the CPU kernels run on torch's OpenMP team;
+        ``"pool"``: on our own threads, see csrc/include/lowrank_ops/parallel.h).
     """
     result: Dict[str, Any] = {
         "version": __version__,
@@ -38,6 +40,7 @@ def info() -> Dict[str, Any]:
         "torch_cuda_version": torch.version.cuda,
         "cpu_threads": torch.get_num_threads(),
         "cpu_features": [],
+        "cpu_threading": None,
     }
     if _extension.import_error() is not None:
         result["extension_error"] = str(_extension.import_error())
@@ -46,6 +49,7 @@ def info() -> Dict[str, Any]:
     build = module.build_info()
     result["version"] = build["version"]
     result["cpu_features"] = [name for name, present in module.cpu_features().items() if present]
+    result["cpu_threading"] = module.cpu_threading()
     result["cuda_compiled"] = bool(build["cuda_compiled"])
     if result["cuda_compiled"]:
         result["cuda_archs"] = [f"sm_{arch}" for arch in build["cuda_archs"].split(",") if arch]

@@ -1,8 +1,11 @@
-// A small persistent thread pool for the CPU kernels.
+// Parallel regions of the CPU kernels.
 //
-// Why not OpenMP: torch ships its own OpenMP runtime; linking a second one into the
-// same process oversubscribes cores and can deadlock after fork.  The Python op
-// passes torch.get_num_threads(), so our kernels follow torch's thread setting.
+// Regions run on the OpenMP team torch's own CPU ops use, found at run time in the
+// process (GOMP_parallel), so our kernels and torch's share one set of threads; without
+// such a runtime (or with LOWRANK_OPS_THREADS=pool, or in a forked child) on a small
+// persistent pool of our own.  We never link an OpenMP runtime ourselves: a second one
+// in the process would oversubscribe the cores and can deadlock after fork.  The Python
+// ops pass torch.get_num_threads(), so our kernels follow torch's thread setting.
 #pragma once
 
 #include <cstdint>
@@ -18,11 +21,13 @@ namespace lowrank_ops {
 // Scheduling: with n_tasks == threads, participant p (the caller is 0) first takes task
 // p, so repeated calls find their data in the same core's cache; otherwise tasks are
 // claimed one at a time.  Either way a task whose worker has not started yet is run by
-// whichever participant is free, and the caller never waits for a worker that has not
-// joined: a worker can be kept off its core for milliseconds (torch's OpenMP threads
-// spin after every parallel torch op; 4 ms per region measured on 2 cores).  So which
+// whichever participant is free (on our own pool the caller never waits for a worker
+// that has not joined: a worker can be kept off its core for milliseconds).  So which
 // thread runs a task is a cache-locality preference only, never a guarantee: fn must
 // not depend on it.
 void parallel_for(int64_t n_tasks, int num_threads, const std::function<void(int64_t)>& fn);
+
+// Whether parallel_for runs on the process's OpenMP team (true) or on our own pool.
+bool parallel_uses_openmp();
 
 }  // namespace lowrank_ops

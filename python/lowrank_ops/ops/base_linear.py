@@ -12,9 +12,9 @@ Both use BLAS except for small float32 CPU batches on CPUs with AVX-512
 (:data:`SMALL_BATCH_ROWS`), where ``_C.small_batch_linear_cpu`` and
 ``_C.small_batch_linear_grad_input_cpu`` (csrc/cpu/base_linear_cpu.cpp) stream W once
 with every element used for all rows from registers.  At such batch sizes MKL's sgemm is
-neither flop- nor bandwidth-bound: 5.0 ms for 16 x 4096 x 4096 where reading W takes
-1.5 ms (2-core AVX-512 Xeon, 2 threads); ours 2.8 ms forward, 2.9 ms (MKL 3.1)
-backward.  Measured ratios for more shapes: bench/bench_base_linear.py, bench/README.md.
+neither flop- nor bandwidth-bound: 5.1 ms for 16 x 4096 x 4096 where reading W takes
+1.5 ms (2-core AVX-512 Xeon, 2 threads); ours 2.8 ms forward, 2.9 ms (MKL 3.4) for the
+input gradient.  Ratios for every size: :data:`SMALL_BATCH_ROWS`, bench/bench_base_linear.py.
 """
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward
 LIBRARY.define("base_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 LIBRARY.define("base_linear_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
 
-#: Batch sizes (rows of x) for which the CPU products use _C's small-batch kernels
-#: (float32, AVX-512) instead of BLAS: the measured crossover on the 2-core AVX-512 Xeon
-#: (bench/README.md).  At one row MKL's GEMV is as fast (0.88-1.00x forward, 0.55-0.81x
-#: backward); from about 48 rows its GEMM is (0.57-1.5x forward, 0.9x backward).
-SMALL_BATCH_ROWS = (2, 32)
+#: Batch sizes (rows) for which the CPU products use _C's small-batch kernels (float32,
+#: AVX-512) instead of BLAS, per product: the measured crossovers on the 2-core AVX-512
+#: Xeon (bench/results/cpu-intel-xeon-2core/base_linear-full, the ``kernel`` rows against
+#: ``torch``, at 4096 x 4096, 11008 x 4096 and 4096 x 11008).  Forward: 0.90-0.98x MKL at
+#: 2 rows (its GEMV-like path), 1.56-2.22x at 4-16, 1.13-1.31x at 32, 0.89-1.05x at 48.
+#: Grad input: 1.14-1.82x at 2 rows, 1.06-1.57x at 4-16, 0.98-1.22x at 32, 0.93-1.08x at 48.
+#: At one row MKL's GEMV is as fast for both.
+SMALL_BATCH_ROWS = {"forward": (4, 32), "grad_input": (2, 32)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,9 +46,10 @@ def _cpu_has_avx512() -> bool:
     return bool(extension().cpu_features()["avx512f"])
 
 
-def _small_batch(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``rows`` [N, *] with ``weight`` [out, in] runs on the small-batch kernels."""
-    low, high = SMALL_BATCH_ROWS
+def _small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool:
+    """Whether ``product`` (a key of SMALL_BATCH_ROWS) of ``rows`` [N, *] with ``weight``
+    [out, in] runs on the small-batch kernels."""
+    low, high = SMALL_BATCH_ROWS[product]
     return (
         rows.device.type == "cpu" and rows.dtype == torch.float32 and weight.dtype == torch.float32
         and low <= rows.shape[0] <= high and rows.stride(-1) == 1 and weight.stride(-1) == 1
@@ -70,7 +74,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         Not differentiable by itself: the callers are the forward implementations of ops
         with their own backward.
     """
-    if _small_batch(x, weight) and (bias is None or bias.stride(0) == 1):
+    if _small_batch(x, weight, "forward") and (bias is None or bias.stride(0) == 1):
         y = x.new_empty((x.shape[0], weight.shape[0]))
         extension().small_batch_linear_cpu(
             x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
@@ -83,7 +87,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dy W``: grad_y ``[N, out]``, weight ``[out, in]`` -> ``[N, in]`` (small-batch kernel or GEMM)."""
-    if not _small_batch(grad_y, weight):
+    if not _small_batch(grad_y, weight, "grad_input"):
         return grad_y @ weight
     grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
     extension().small_batch_linear_grad_input_cpu(

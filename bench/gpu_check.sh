@@ -12,6 +12,12 @@
 # and the exit code is non-zero if any step failed.  GPU_CHECK_ARCHS (default 90, the
 # H100/H200) limits the CUDA architectures built, which halves the nvcc time there.
 # Dry run on a CPU machine: `OUT=/tmp/gpu bash bench/gpu_check.sh` (CUDA steps skip).
+# What the open issues still need from a GPU (3: fp32-adapter LoRA fix, adapter overhead,
+# multi-adapter bandwidth; 5: batched_svd against cuSOLVER; 7: the CUDA rank update of the
+# M-FAC factor, GB/s against the copy bandwidth), in one call of the device tool (about
+# 95 s machine start + 25 s build + 65 s tests + 120 s memcheck + 4 x 60 s benchmarks):
+#   GPU_CHECK_MEMCHECK="tests/test_mfac.py tests/test_svd.py tests/test_sparse_lowrank.py tests/test_sparse.py"
+#   GPU_CHECK_BENCH_FAMILIES="lora lora_multi svd mfac" GPU_CHECK_BENCH_FULL=0 GPU_CHECK_BENCH_SECONDS=60
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"

@@ -344,9 +344,26 @@ def test_tolerance_controls_the_work(device, generator):
 
 
 def test_defaults():
-    assert default_tol(64, 32, torch.float32) == 64 * torch.finfo(torch.float32).eps
-    assert default_tol(3, 5, torch.bfloat16) == 5 * torch.finfo(torch.float32).eps
+    assert default_tol(64, 32, torch.float32) == 32 * torch.finfo(torch.float32).eps
+    assert default_tol(3, 5, torch.bfloat16) == 3 * torch.finfo(torch.float32).eps
     assert default_tol(10, 10, torch.float64) == 10 * torch.finfo(torch.float64).eps
+    assert default_tol(2500, 16, torch.float32) == 50 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("shape", [(2000, 64), (200, 32), (2500, 16), (16, 600)])
+def test_tall_inputs_keep_the_default_accuracy(device, shape, generator):
+    """The default tolerance does not grow with the long side: singular values within
+    tol (relative to the largest) and orthonormal factors within 4 tol of float64."""
+    A = randn(4, *shape, device=device, generator=generator)
+    result = batched_svd(A)
+    tol = default_tol(*shape, torch.float32)
+    exact = torch.linalg.svdvals(A.double())
+    assert bool(result.converged.all())
+    assert ((result.S.double() - exact).abs() / exact[..., :1]).max() <= tol
+    k = min(shape)
+    eye = torch.eye(k, dtype=torch.float64, device=device)
+    for factor in (result.U.double().mT @ result.U.double(), result.Vh.double() @ result.Vh.double().mT):
+        assert (factor - eye).abs().max() <= 4 * tol
     assert default_max_sweeps(torch.float64) == 30 and default_max_sweeps(torch.float16) == 20
 
 

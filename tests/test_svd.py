@@ -637,3 +637,21 @@ def test_cuda_runs_on_the_current_stream(generator):
     torch.cuda.current_stream().wait_stream(stream)
     for field in ("U", "S", "Vh", "sweeps"):
         assert torch.equal(getattr(result, field), getattr(expected, field)), field
+
+
+def test_sign_rule_fast_path_matches_the_general_rule(generator):
+    """_normalize_signs' CPU path (column max and min) against the rule itself: the first
+    entry of largest magnitude made positive, including exact +a / -a ties and zero columns."""
+    from lowrank_ops.ops.svd import _normalize_signs
+
+    U = randn(3, 7, 5, generator=generator)
+    U[0, :, 1] = 0.0                                  # zero column: keeps +1
+    U[1, 2, 2], U[1, 5, 2] = -4.0, 4.0                # tie, the negative first: flipped
+    U[2, 1, 3], U[2, 6, 3] = 4.0, -4.0                # tie, the positive first: kept
+    Vh = randn(3, 5, 5, generator=generator)
+    index = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.where(torch.gather(U, -2, index) < 0, -1.0, 1.0)
+    for tensors in ((U, Vh), (U[:, :, [0, 4]].contiguous(), Vh[:, [0, 4]].contiguous())):
+        got_U, got_Vh = _normalize_signs(*tensors)
+        s = sign if tensors[0].shape == U.shape else sign[..., [0, 4]]
+        assert torch.equal(got_U, tensors[0] * s) and torch.equal(got_Vh, tensors[1] * s.transpose(-2, -1))

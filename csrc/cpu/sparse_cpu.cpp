@@ -199,7 +199,10 @@ __attribute__((target("avx512f"))) inline __m512 gather16(const int64_t* col_idx
 // The same dot product with AVX-512 gathers, for float32 values and a contiguous x: 16
 // entries per gather, two accumulators of 16 lanes.  Measured at 2048 x 5461, density
 // 0.03, one thread: 154 us against 175 for the scalar loop and 195 for torch's CSR SpMV
-// (MKL) in the same run.
+// (MKL) in the same run.  Prefetches past a row's end are hints into the next rows'
+// entries (or past the arrays: prefetches never fault).
+constexpr int64_t kPrefetchAhead = 256;  // entries (1 KB of float32 values)
+
 template <class I>
 __attribute__((target("avx512f"))) float gathered_dot_avx512(const I* col_idx, const float* values, const float* x,
                                                               int64_t n_cols, int64_t k_begin, int64_t k_end) {
@@ -208,6 +211,13 @@ __attribute__((target("avx512f"))) float gathered_dot_avx512(const I* col_idx, c
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = k_begin;
   for (; k + 32 <= k_end; k += 32) {
+    // The index and value streams kPrefetchAhead entries ahead: the gathers keep the
+    // hardware prefetcher from running far enough ahead on its own (measured 4096 x 11008,
+    // density 0.05, one thread: 767 us against 984 without, torch's MKL SpMV 877).
+    for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(I)); line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(col_idx + k + kPrefetchAhead) + line);
+    for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(float)); line += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(values + k + kPrefetchAhead) + line);
     acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k), gather16(col_idx + k, x, limit, all), acc0);
     acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k + 16), gather16(col_idx + k + 16, x, limit, all), acc1);
   }

@@ -100,3 +100,14 @@ def test_dispatch_follows_small_batch_rows(product, generator):
     assert not _small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double(), product)
     assert not _small_batch(randn(32, 4, generator=generator).T[:4], weight, product)  # column stride 4
     assert not _small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T, product)
+    assert not _small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
+
+
+def test_expanded_operands(generator):
+    """Row-stride-0 operands (an expanded x; the gradient of y.sum(0)) take the BLAS path."""
+    weight = randn(24, 40, generator=generator)
+    x = randn(40, generator=generator).expand(8, 40).requires_grad_()
+    y = torch.ops.lowrank_ops.base_linear(x, weight, None)
+    torch.testing.assert_close(y, x.detach() @ weight.T)
+    grad_y = randn(24, generator=generator).expand(8, 24)
+    torch.testing.assert_close(torch.ops.lowrank_ops.base_linear_grad_input(grad_y, weight), grad_y @ weight)

@@ -85,6 +85,23 @@ def test_forward_and_backward_match_float64_reference(device, dtype, variant, ge
             assert_within(leaves[NAMES[i]].grad, want, bound, f"d{NAMES[i]} {variant} {batch_shape}")
 
 
+def test_expanded_gradient_of_a_row_sum(device, generator):
+    """y.sum(0) gives every row the same gradient, an expanded (row stride 0) tensor."""
+    t = make_problem(20, 24, 4, (8,), torch.float32, device, generator)
+    leaves = {name: v.clone().requires_grad_() for name, v in t.items()}
+    y = lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], leaves["bias"], scale=0.5)
+    y.sum(0).square().sum().backward()
+    doubles = {name: v.double().requires_grad_() for name, v in t.items()}
+    want = reference.lora_linear(doubles["x"], doubles["weight"], doubles["lora_A"], doubles["lora_B"],
+                                 doubles["bias"], None, scale=0.5)
+    want.sum(0).square().sum().backward()
+    # The path is under test here (it used to reach a kernel that rejects row stride 0);
+    # accuracy is test_forward_and_backward_match_float64_reference's: 1e-4 is far above
+    # float32's error for these sums of <= 52 terms and far below any wrong gradient.
+    for name in ("x", "lora_A", "lora_B"):
+        torch.testing.assert_close(leaves[name].grad.double(), doubles[name].grad, rtol=1e-4, atol=1e-4)
+
+
 def test_non_contiguous_inputs(device, generator):
     t = make_problem(20, 24, 4, (24,), torch.float64, device, generator)
     x = t["x"].T.contiguous().T  # column-major [24, 24]

@@ -48,12 +48,14 @@ def _cpu_has_avx512() -> bool:
 
 def _small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool:
     """Whether ``product`` (a key of SMALL_BATCH_ROWS) of ``rows`` [N, *] with ``weight``
-    [out, in] runs on the small-batch kernels."""
+    [out, in] runs on the small-batch kernels: row-major operands only (an expanded
+    operand, e.g. the gradient of a ``sum(0)``, has row stride 0 and goes to BLAS)."""
     low, high = SMALL_BATCH_ROWS[product]
     return (
         rows.device.type == "cpu" and rows.dtype == torch.float32 and weight.dtype == torch.float32
-        and low <= rows.shape[0] <= high and rows.stride(-1) == 1 and weight.stride(-1) == 1
-        and weight.stride(0) >= weight.shape[1] and weight.numel() > 0 and _cpu_has_avx512()
+        and low <= rows.shape[0] <= high and rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]
+        and weight.stride(-1) == 1 and weight.stride(0) >= weight.shape[1] and weight.numel() > 0
+        and _cpu_has_avx512()
     )
 
 

@@ -16,6 +16,7 @@
 //
 // Threads: rows are split into blocks of about equal work (nnz + rows), so skewed
 // patterns (one long row) do not leave a thread idle; tiles x row blocks are the tasks.
+
 // gather16 returns a 64-byte vector; it is inlined into its AVX-512 caller, never called across the ABI.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -177,53 +178,54 @@ LOWRANK_CPU_CLONES acc_t<T> gathered_dot(const I* col_idx, const T* values, cons
 #if defined(__x86_64__)
 // 16 entries' x values (out-of-range columns masked off: 0, never read) for int32 or
 // int64 column indices; the same lanes either way, so both index types give the same sums.
-__attribute__((target("avx512f"))) inline __m512 gather16(const int32_t* col_idx, const float* x, __m512i limit,
+__attribute__((target("avx512f"))) inline __m512 gather16(const int32_t* col_idx, const float* x, int64_t n_cols,
                                                            __mmask16 active) {
+  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(n_cols, INT32_MAX)));
   const __m512i index = _mm512_maskz_loadu_epi32(active, col_idx);
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), _mm512_mask_cmplt_epu32_mask(active, index, limit), index, x, 4);
 }
-__attribute__((target("avx512f"))) inline __m512 gather16(const int64_t* col_idx, const float* x, __m512i limit,
+__attribute__((target("avx512f"))) inline __m512 gather16(const int64_t* col_idx, const float* x, int64_t n_cols,
                                                            __mmask16 active) {
-  const __m512i wide_limit = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(limit));
+  const __m512i limit = _mm512_set1_epi64(n_cols);
   __m256 halves[2];
   for (int h = 0; h < 2; ++h) {
     const __mmask8 part = static_cast<__mmask8>(active >> (8 * h));
     const __m512i index = _mm512_maskz_loadu_epi64(part, col_idx + 8 * h);
-    halves[h] = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), _mm512_mask_cmplt_epu64_mask(part, index, wide_limit),
+    halves[h] = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), _mm512_mask_cmplt_epu64_mask(part, index, limit),
                                          index, x, 4);
   }
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(halves[0])),
                                              _mm256_castps_pd(halves[1]), 1));
 }
 
-// The same dot product with AVX-512 gathers, for float32 values and a contiguous x: 16
+// How far ahead of the gathers the index and value streams are prefetched, in entries
+// (1 KB of float32 values): the gathers keep the hardware prefetcher from running far
+// enough ahead on its own (measured 4096 x 11008, density 0.05, one thread: 767 us
+// against 984 without, torch's MKL SpMV 877).  Prefetches past a row's end are hints into
+// the next rows' entries (or past the arrays: prefetches never fault).
+constexpr int64_t kPrefetchAhead = 256;
+
+// The dot product with AVX-512 gathers, for float32 values and a contiguous x: 16
 // entries per gather, two accumulators of 16 lanes.  Measured at 2048 x 5461, density
 // 0.03, one thread: 154 us against 175 for the scalar loop and 195 for torch's CSR SpMV
-// (MKL) in the same run.  Prefetches past a row's end are hints into the next rows'
-// entries (or past the arrays: prefetches never fault).
-constexpr int64_t kPrefetchAhead = 256;  // entries (1 KB of float32 values)
-
+// (MKL) in the same run.
 template <class I>
 __attribute__((target("avx512f"))) float gathered_dot_avx512(const I* col_idx, const float* values, const float* x,
                                                               int64_t n_cols, int64_t k_begin, int64_t k_end) {
-  const __m512i limit = _mm512_set1_epi32(static_cast<int32_t>(std::min<int64_t>(n_cols, INT32_MAX)));
   const __mmask16 all = 0xFFFF;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = k_begin;
   for (; k + 32 <= k_end; k += 32) {
-    // The index and value streams kPrefetchAhead entries ahead: the gathers keep the
-    // hardware prefetcher from running far enough ahead on its own (measured 4096 x 11008,
-    // density 0.05, one thread: 767 us against 984 without, torch's MKL SpMV 877).
     for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(I)); line += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(col_idx + k + kPrefetchAhead) + line);
     for (int64_t line = 0; line < 32 * static_cast<int64_t>(sizeof(float)); line += 64)
       __builtin_prefetch(reinterpret_cast<const char*>(values + k + kPrefetchAhead) + line);
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k), gather16(col_idx + k, x, limit, all), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k + 16), gather16(col_idx + k + 16, x, limit, all), acc1);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k), gather16(col_idx + k, x, n_cols, all), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + k + 16), gather16(col_idx + k + 16, x, n_cols, all), acc1);
   }
   for (; k < k_end; k += 16) {
     const __mmask16 tail = k_end - k >= 16 ? all : static_cast<__mmask16>((1u << (k_end - k)) - 1);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, values + k), gather16(col_idx + k, x, limit, tail), acc0);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, values + k), gather16(col_idx + k, x, n_cols, tail), acc0);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }

@@ -323,7 +323,7 @@ def _complete_columns(Q: torch.Tensor) -> torch.Tensor:
 def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
     """torch.linalg.svd for matrices beyond jacobi_size_limit, with our dtypes, signs and report."""
     X = A3 if A3.dtype in (torch.float32, torch.float64) else A3.float()
-    # Checked first (about 3 % of the call at 256 x 256): LAPACK (MKL) would print errors
+    # Checked first (_all_finite: 0.1 % of the call at 256 x 256): LAPACK (MKL) would print errors
     # to stderr on non-finite input.
     if not torch.compiler.is_compiling() and not _all_finite(X):
         raise ValueError("batched_svd: A has a non-finite entry (inf or nan); expected finite values")

@@ -113,6 +113,17 @@ def test_forward_matches_reference(device, dtype, routing, cpu_path, generator):
     assert_within(y.cpu(), ref, error_bound(abs_ref, ref, dtype), f"y {routing} {dtype}")
 
 
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_inference_path_equals_training_forward(device, routing, cpu_path, generator):
+    """Without autograd the CPU may add each segment's products straight into y (no h
+    buffer, see _infer): the same products in the same order, so the same bits."""
+    tensors, routing_args = make_problem(routing, torch.float32, device, generator)
+    with torch.no_grad():
+        inferred = run(tensors, routing_args)
+    trained = run(dict(tensors, x=tensors["x"].clone().requires_grad_()), routing_args)
+    assert torch.equal(inferred, trained.detach())
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("routing", ["mixed", "decode", "one_adapter", "empty"])
 def test_backward_matches_reference(device, dtype, routing, cpu_path, generator):

@@ -484,6 +484,7 @@ void check_krylov_arnoldi_params(const KrylovArnoldiParams& p) {
 }
 
 KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_threads) {
+  const PreferOwnPool own_pool;  // several tiny regions per step, no torch op in between (parallel.h)
   check_krylov_arnoldi_params(p);
   KrylovArnoldiResult result;
   dispatch_real(p.dtype, [&](auto tag) {

@@ -19,6 +19,7 @@ namespace lowrank_ops {
 namespace {
 
 thread_local bool in_parallel_region = false;
+thread_local bool prefer_own_pool = false;  // see PreferOwnPool
 
 // How long an idle worker polls for the next region before sleeping: busy for
 // kSpinWindow, then yielding its core at every poll (so that any other runnable thread
@@ -273,6 +274,9 @@ bool run_on_openmp(const OpenMp& omp, int64_t n_tasks, int n_threads, const std:
 
 }  // namespace
 
+PreferOwnPool::PreferOwnPool() : previous_(prefer_own_pool) { prefer_own_pool = true; }
+PreferOwnPool::~PreferOwnPool() { prefer_own_pool = previous_; }
+
 bool parallel_uses_openmp() {
   const OpenMp& omp = process_openmp();
   return omp.parallel != nullptr && omp.pid == getpid();  // not in a forked child
@@ -283,8 +287,9 @@ void parallel_for(int64_t n_tasks, int num_threads, const std::function<void(int
   const int hardware = std::max(1u, std::thread::hardware_concurrency());
   const int n_threads = static_cast<int>(std::min<int64_t>({n_tasks, num_threads, 4 * hardware}));
   if (n_threads > 1 && !in_parallel_region) {
-    const bool ran = parallel_uses_openmp() ? run_on_openmp(process_openmp(), n_tasks, n_threads, fn)
-                                            : ThreadPool::instance().try_run(n_tasks, n_threads, fn);
+    const bool ran = parallel_uses_openmp() && !prefer_own_pool
+                         ? run_on_openmp(process_openmp(), n_tasks, n_threads, fn)
+                         : ThreadPool::instance().try_run(n_tasks, n_threads, fn);
     if (ran) return;
   }
   for (int64_t task = 0; task < n_tasks; ++task) fn(task);

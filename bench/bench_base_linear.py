@@ -27,7 +27,6 @@ from typing import Callable
 import pytest
 import torch
 
-from lowrank_ops._extension import extension
 from lowrank_ops.ops import base_linear as base
 
 from _harness import FULL, Case, grid_cases, measure, params, rel_error, require_device
@@ -61,26 +60,8 @@ def _inputs(problem: tuple):
             torch.randn(n, out_features, generator=generator))
 
 
-def _kernel_forward(x, weight, bias):
-    y = x.new_empty((x.shape[0], weight.shape[0]))
-    extension().small_batch_linear_cpu(
-        x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr(), y=y.data_ptr(), rows=x.shape[0],
-        in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0), w_ld=weight.stride(0),
-        y_ld=y.stride(0), num_threads=torch.get_num_threads())
-    return y
-
-
-def _kernel_grad_input(grad_y, weight):
-    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
-    extension().small_batch_linear_grad_input_cpu(
-        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
-        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads())
-    return grad_x
-
-
-_FORWARD = {"ours": base.base_linear, "torch": torch.addmm, "kernel": _kernel_forward}
-_GRAD_INPUT = {"ours": base.base_linear_grad_input, "torch": torch.mm, "kernel": _kernel_grad_input}
+_FORWARD = {"ours": base.base_linear, "torch": torch.addmm, "kernel": base.small_batch_kernel}
+_GRAD_INPUT = {"ours": base.base_linear_grad_input, "torch": torch.mm, "kernel": base.small_batch_grad_input_kernel}
 
 
 def _run(benchmark, case: Case, grad_input: bool) -> None:

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .. import _extension
+from .._finite import all_finite
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
 
@@ -291,7 +292,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
             raise ValueError(f"{op}: init is on {init.device}; expected the device of A, {A.device}")
     if check_finite is None:
         check_finite = A.device.type == "cpu"
-    if check_finite and A.numel() and not bool(torch.isfinite(A).all()):
+    if check_finite and not all_finite(A):
         raise ValueError(f"{op}: A contains NaN or infinite values")
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
-from ._library import LIBRARY
+from ._library import LIBRARY, eager_or_op
 
 __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward_op", "grad_input_op"]
 
@@ -59,6 +59,30 @@ def _small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool
     )
 
 
+def small_batch_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b`` on ``_C.small_batch_linear_cpu`` whatever the size (up to its 64 rows):
+    float32 CPU tensors with unit column stride; what :func:`base_linear` runs inside
+    :data:`SMALL_BATCH_ROWS` (and the benchmark's ``kernel`` rows everywhere)."""
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    extension().small_batch_linear_cpu(
+        x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
+        rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
+        w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
+    )
+    return y
+
+
+def small_batch_grad_input_kernel(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy W`` on ``_C.small_batch_linear_grad_input_cpu`` whatever the size (see small_batch_kernel)."""
+    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
+    extension().small_batch_linear_grad_input_cpu(
+        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
+        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
+        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads(),
+    )
+    return grad_x
+
+
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x W^T + b``.
 
@@ -77,27 +101,15 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         with their own backward.
     """
     if _small_batch(x, weight, "forward") and (bias is None or bias.stride(0) == 1):
-        y = x.new_empty((x.shape[0], weight.shape[0]))
-        extension().small_batch_linear_cpu(
-            x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
-            rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
-            w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
-        )
-        return y
+        return small_batch_kernel(x, weight, bias)
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 
 
 def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dy W``: grad_y ``[N, out]``, weight ``[out, in]`` -> ``[N, in]`` (small-batch kernel or GEMM)."""
-    if not _small_batch(grad_y, weight, "grad_input"):
-        return grad_y @ weight
-    grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
-    extension().small_batch_linear_grad_input_cpu(
-        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],
-        in_features=weight.shape[1], out_features=weight.shape[0], gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-        gx_ld=grad_x.stride(0), num_threads=torch.get_num_threads(),
-    )
-    return grad_x
+    if _small_batch(grad_y, weight, "grad_input"):
+        return small_batch_grad_input_kernel(grad_y, weight)
+    return grad_y @ weight
 
 
 def _base_linear_fake(x, weight, bias):
@@ -115,14 +127,11 @@ for _name, _impl, _fake in [("base_linear", base_linear, _base_linear_fake),
     torch.library.register_fake(f"lowrank_ops::{_name}", _fake, lib=LIBRARY)
 
 
-# While torch.compile traces an autograd Function (its tensors are fake, which the
-# kernels' raw pointers cannot take) the registered ops; in eager the functions
-# themselves (no dispatcher).
 def forward_op():
-    """:func:`base_linear`, or its registered op while torch.compile traces."""
-    return torch.ops.lowrank_ops.base_linear if torch.compiler.is_compiling() else base_linear
+    """:func:`base_linear` for an autograd Function: the registered op under torch.compile (eager_or_op)."""
+    return eager_or_op("base_linear", base_linear)
 
 
 def grad_input_op():
-    """:func:`base_linear_grad_input`, or its registered op while torch.compile traces."""
-    return torch.ops.lowrank_ops.base_linear_grad_input if torch.compiler.is_compiling() else base_linear_grad_input
+    """:func:`base_linear_grad_input` for an autograd backward: the registered op under torch.compile."""
+    return eager_or_op("base_linear_grad_input", base_linear_grad_input)

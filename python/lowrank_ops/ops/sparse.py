@@ -26,7 +26,7 @@ import torch
 from .._dtypes import float_code, index_code
 from .._extension import cuda_extension, extension
 from ..sparse import FixedSupport
-from ._library import LIBRARY, current_stream
+from ._library import LIBRARY, current_stream, eager_or_op
 
 __all__ = ["fixed_sparse_matmul", "spmv"]
 
@@ -223,12 +223,10 @@ torch.library.register_fake("lowrank_ops::csr_sddmm", _csr_sddmm_fake, lib=LIBRA
 
 # ---------------------------------------------------------------------------- autograd
 def _spmm_op(device: torch.device):
-    """csr_spmm as the registered op while torch.compile traces, else its implementation for
-    ``device`` (no dispatcher: ~40 us of a 180 us SpMV at 2048 x 5461, density 0.03, on the
-    2-core Xeon, where the kernel itself takes 66 us)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lowrank_ops.csr_spmm
-    return _csr_spmm_cpu if device.type == "cpu" else _csr_spmm_cuda
+    """csr_spmm for ``device``: the registered op under torch.compile, else its implementation
+    (eager_or_op; the dispatcher was ~40 us of a 180 us SpMV at 2048 x 5461, density 0.03,
+    where the kernel takes 66 us)."""
+    return eager_or_op("csr_spmm", _csr_spmm_cpu if device.type == "cpu" else _csr_spmm_cuda)
 
 
 class _FixedSparseMatmul(torch.autograd.Function):

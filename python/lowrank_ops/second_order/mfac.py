@@ -38,10 +38,10 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from .._extension import cuda_extension, extension
+from .._finite import all_finite
 from ..ops._library import current_stream
 from ..ops.mfac import _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
 
@@ -70,21 +70,6 @@ def _check_damp(damp: float, op: str) -> float:
     if not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
     return damp
-
-
-def _all_finite(g: torch.Tensor) -> bool:
-    """Whether every entry of ``g`` is finite, in single passes without temporaries.
-
-    On the CPU through NumPy's (single-threaded) min and max, which propagate NaN and
-    show infinities: a torch reduction here wakes torch's OpenMP team, whose worker keeps
-    spinning on the second core while our kernels' pool needs it, which measured 3.3 ms ->
-    7.5 ms for the next fused pass (m = 32, d = 1e6, 2 cores).  On CUDA: max |g| is NaN
-    or inf exactly when some entry is (``torch.isfinite(g).all()`` makes several passes).
-    """
-    if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and g.numel():
-        values = g.detach().numpy()
-        return bool(np.isfinite(values.max()) and np.isfinite(values.min()))
-    return bool(torch.isfinite(g.abs().amax())) if g.numel() else True
 
 
 class MFACInverse:
@@ -187,7 +172,7 @@ class MFACInverse:
         g = self._check_vectors(g, "g", "update")
         if g.dim() != 1:
             raise ValueError(f"MFACInverse.update: g has shape {tuple(g.shape)}; expected one gradient (dim,) = ({self.dim},)")
-        if not _all_finite(g):
+        if not all_finite(g):
             raise ValueError("MFACInverse.update: g has non-finite entries (inf or nan); the window is left unchanged")
         slot = self.count % self.ngrads
         n_new = min(self.count + 1, self.ngrads)

@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,24 @@ def test_import_needs_no_gpu_or_driver():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts["cuda_available"] is False and facts["extension_loaded"] is True
+
+
+def test_kernels_without_avx512():
+    """The AVX2 / generic paths that CPU-feature checks choose on machines without AVX-512
+    (32-byte tiles of the multi-adapter kernels, the scalar SpMV loop, BLAS for the small-batch
+    base products), run here by hiding AVX-512 (LOWRANK_OPS_DISABLE_AVX512) in a subprocess."""
+    if "avx512f" not in lowrank_ops.info()["cpu_features"]:
+        pytest.skip("no AVX-512 on this CPU: the default run already takes these paths")
+    tests = Path(__file__).parent
+    env = dict(os.environ, LOWRANK_OPS_DISABLE_AVX512="1")
+    code = "import lowrank_ops; assert 'avx512f' not in lowrank_ops.info()['cpu_features']"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+               str(tests / "test_lora_multi.py"), str(tests / "test_sparse.py"), str(tests / "test_base_linear.py"),
+               "-k", "not cuda and (kernel_tiles or matches_reference or spmv or small_batch or dispatch)"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
 
 
 def test_import_does_not_change_torch_global_flags():

@@ -34,28 +34,33 @@ ROUTINGS = {
 }
 
 
-@pytest.fixture(params=["auto", "kernel", "gemm"])
+@pytest.fixture(params=["mixed", "kernel", "gemm"])
 def cpu_path(request, monkeypatch):
-    """Forces the CPU op's split between the C++ kernels and per-segment torch GEMMs."""
-    threshold = {"auto": lora_multi_module._CPU_GEMM_MIN_WORK, "kernel": 10**18, "gemm": 1}[request.param]
-    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_WORK", threshold)
+    """Forces the CPU op's split between the C++ kernels and per-segment torch GEMMs
+    ("mixed": segments of 10+ rows to torch, the shorter ones to the kernels, in one call;
+    the default threshold sends every segment of these small problems to the kernels)."""
+    min_rows = {"mixed": 10, "kernel": 10**18, "gemm": 1}[request.param]
+    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_ROWS", min_rows)
     return request.param
 
 
-def make_problem(routing: str, dtype, device, generator, batch_shape=None, bias=True):
-    sizes, ids, ranks = ROUTINGS[routing]
-    n_rows = sum(sizes)
+def make_problem(routing, dtype, device, generator, batch_shape=None, bias=True, dims=(IN, OUT, R_MAX)):
+    """Random layer inputs for ``routing`` (a key of ROUTINGS or a (sizes, ids, ranks) triple)
+    with ``dims`` = (in_features, out_features, r_max)."""
+    sizes, ids, ranks = ROUTINGS[routing] if isinstance(routing, str) else routing
+    in_features, out_features, r_max = dims
+    n_rows, n_adapters = sum(sizes), len(ranks)
     offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
     shape = batch_shape if batch_shape is not None else (n_rows,)
     assert torch.Size(shape).numel() == n_rows
     tensors = dict(
-        x=randn(*shape, IN, dtype=dtype, device=device, generator=generator),
-        weight=randn(OUT, IN, dtype=dtype, device=device, generator=generator),
-        A_stack=randn(N_ADAPTERS, R_MAX, IN, dtype=dtype, device=device, generator=generator),
-        B_stack=randn(N_ADAPTERS, OUT, R_MAX, dtype=dtype, device=device, generator=generator),
-        bias=randn(OUT, dtype=dtype, device=device, generator=generator) if bias else None,
+        x=randn(*shape, in_features, dtype=dtype, device=device, generator=generator),
+        weight=randn(out_features, in_features, dtype=dtype, device=device, generator=generator),
+        A_stack=randn(n_adapters, r_max, in_features, dtype=dtype, device=device, generator=generator),
+        B_stack=randn(n_adapters, out_features, r_max, dtype=dtype, device=device, generator=generator),
+        bias=randn(out_features, dtype=dtype, device=device, generator=generator) if bias else None,
     )
-    scales = (torch.rand(N_ADAPTERS, generator=generator, dtype=torch.float64) * 2 - 0.5).tolist()
+    scales = (torch.rand(n_adapters, generator=generator, dtype=torch.float64) * 2 - 0.5).tolist()
     routing_args = dict(segment_offsets=offsets, adapter_ids=ids, ranks=ranks, scales=scales)
     return tensors, routing_args
 
@@ -66,18 +71,18 @@ def run(tensors, routing_args, fn=lora_linear_multi):
               routing_args["adapter_ids"], ranks=routing_args["ranks"], scales=routing_args["scales"], bias=t["bias"])
 
 
-def error_bound(abs_value, ref, dtype):
+def error_bound(abs_value, ref, dtype, dims=(IN, OUT, R_MAX)):
     """Rigorous bound for every output and gradient (all are sums of products).
 
     ``abs_value`` is the same multilinear expression evaluated on |inputs| (float64), i.e.
     the sum of the absolute values of every product term.  fp32 accumulation of at most
-    ``IN + OUT + R_MAX + N + 3`` terms (the longest chain: base GEMM, shrink, expand, the
+    ``in + out + r_max + N + 3`` terms (``dims``; the longest chain: base GEMM, shrink, expand, the
     additions) gives Higham's gamma_n * abs_value; the result is rounded once to the
     output dtype.  Half types round twice more in between (the intermediate ``h = x A^T``
     or ``g = s dy B`` is stored in the input dtype, and the base result ``x W^T + b`` is
     rounded before the low-rank part is added), each at most one output unit of abs_value.
     """
-    terms = IN + OUT + R_MAX + ref.shape[0] + 3 if ref.dim() else 1
+    terms = sum(dims) + ref.shape[0] + 3 if ref.dim() else 1
     return summation_bound(abs_value, ref, terms, dtype) + 2 * OUTPUT_UNIT[dtype] * abs_value
 
 
@@ -145,6 +150,33 @@ def test_backward_matches_reference(device, dtype, routing, cpu_path, generator)
         r = ranks[a] if a in used else 0
         assert (tensors["A_stack"].grad[a, r:] == 0).all() and (tensors["B_stack"].grad[a, :, r:] == 0).all()
 
+
+
+# Sizes that reach every register tile of the CPU kernels (16 float / 8 double lanes with
+# AVX-512): adapter 0 (rank 40, 37 rows) packs its expand weight and splits its weight
+# gradients into rank blocks of 32 and 8 (whole vectors of ranks, then rank rows);
+# adapter 1 (rank 17, 5 rows) reads its weights by dot products; adapter 2 (rank 16,
+# two segments of 20 rows) uses the 8-row tiles; adapter 3 (rank 3) the partial loads.
+# Feature counts are not multiples of any vector width.
+TILE_DIMS = (70, 67, 40)
+TILE_ROUTING = ([30, 5, 11, 0, 7, 9, 18, 3], [0, 1, 2, 1, 0, 2, 3, -1], [40, 17, 16, 3])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_kernel_tiles_forward_backward(dtype, generator, monkeypatch):
+    monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_ROWS", 10**18)
+    tensors, routing_args = make_problem(TILE_ROUTING, dtype, "cpu", generator, dims=TILE_DIMS)
+    for name in ("x", "A_stack", "B_stack"):
+        tensors[name].requires_grad_(True)
+    y = run(tensors, routing_args)
+    grad_y = randn(*y.shape, dtype=dtype, generator=generator)
+    y.backward(grad_y)
+    refs, abs_refs = reference_and_bounds(tensors, routing_args, grad_y)
+    ours = (y.detach(), tensors["x"].grad, tensors["A_stack"].grad, tensors["B_stack"].grad)
+    for what, value, ref, abs_ref in zip(("y", "dx", "dA", "dB"), ours, refs, abs_refs):
+        assert_within(value, ref, error_bound(abs_ref, ref, dtype, TILE_DIMS), f"{what} {dtype}")
+    for a, r in enumerate(TILE_ROUTING[2]):
+        assert (tensors["A_stack"].grad[a, r:] == 0).all() and (tensors["B_stack"].grad[a, :, r:] == 0).all()
 
 def test_batched_and_non_contiguous_x(device, cpu_path, generator):
     tensors, routing_args = make_problem("mixed", torch.float32, device, generator, batch_shape=(8, 5))

@@ -1,11 +1,22 @@
 #include "lowrank_ops/cpu_features.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #include <cstdint>
 #endif
 
 namespace lowrank_ops {
+namespace {
+
+bool avx512_disabled() {
+  const char* value = std::getenv("LOWRANK_OPS_DISABLE_AVX512");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+}  // namespace
 
 #if defined(__x86_64__) || defined(__i386__)
 namespace {
@@ -36,6 +47,7 @@ CpuFeatures detect_cpu_features() {
   features.avx512f = zmm_state && ((ebx >> 16) & 1);
   features.amx_bf16 = tile_state && ((edx >> 22) & 1);
   if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) features.avx512_bf16 = features.avx512f && ((eax >> 5) & 1);
+  if (avx512_disabled()) features.avx512f = features.avx512_bf16 = false;
   return features;
 }
 #else

@@ -12,6 +12,9 @@ struct CpuFeatures {
 };
 
 // What this CPU supports and the OS has enabled; all false on non-x86 machines.
+// LOWRANK_OPS_DISABLE_AVX512 (set and not "0") reports no AVX-512, so every choice made
+// from these facts takes its AVX2 / generic path: how the tests reach those paths on an
+// AVX-512 machine.  Kernels cloned per ISA by the compiler (target_clones) are not affected.
 CpuFeatures detect_cpu_features();
 
 }  // namespace lowrank_ops

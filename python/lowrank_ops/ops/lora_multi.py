@@ -142,17 +142,21 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
     return weight.shape[0], weight.shape[1], weight.shape[2], weight.stride(0), weight.stride(1), weight.stride(2)
 
 
-# CPU: a segment whose product has at least this many multiply-adds (rows x features x
-# rank) runs as one torch GEMM (MKL); the rest go to the C++ kernels in one call.  Why:
-# MKL ran the per-segment products 1.2-5x faster than our kernels once segments are
-# large (float32, 4096 x 4096, r = 16, 8 adapters, one thread of the 2-core Xeon,
-# contended: 64-row segments, shrink 1.1 vs 2.2 ms, expand 1.3 vs 6.8 ms), but each
-# torch call costs 10-20 us of dispatch, more than our kernel spends on a small
-# segment (decode rows).  Crossover measured on a quiet machine (2 threads, float32,
-# 256 x 256, N = 256, 8 adapters, ranks 8-64): forward 0.57 / 0.61 / 0.61 ms (even
-# segments) and 0.96 / 0.68 / 0.60 ms (skewed: 137 ... 5 rows) at 2^18 / 2^15 / 2^14
-# multiply-adds; 2^12 is no faster.
-_CPU_GEMM_MIN_WORK = 1 << 14
+# CPU: a segment of at least this many rows runs each of its products as one torch GEMM
+# (MKL); the rest go to the C++ kernels in one call per product.  Why rows: the kernels
+# beat a loop of per-segment MKL calls while segments are short (they save a 10-20 us
+# torch call per segment and product, and MKL's packing is not amortized over few
+# rows), and lose once a segment is long enough for MKL's blocking.  Measured on the
+# 2-core AVX-512 Xeon (float32, 2 threads; kernels / per-segment MKL):
+#   256 x 256, N = 256, 8 adapters of 32 rows (ranks 8-64): shrink 68 / 138 us, expand
+#     110 / 125 us, dA or dB 106 / 152 us; 32 adapters of 8 rows: 80 / 395, 141 / 439, 242 / 552 us;
+#   4096 x 4096, N = 512, 8 adapters of 64 rows: shrink 0.88-1.02 / 1.09-1.25 ms, expand
+#     1.37-1.47 / 0.98-1.11 ms, dA or dB 1.35 / 1.66 ms;
+#   256 x 256, one adapter of 256 rows, rank 8: shrink 32 / 24 us, expand 37 / 12 us, dB 34 / 25 us.
+# Whole layer, 256 x 256, N = 256 (forward / forward+backward, us): all segments to MKL,
+# this threshold, all to the kernels: 8 adapters skewed (137 ... 5 rows) 545 / 1981,
+# 430 / 1326, 445 / 1416; one adapter of 256 rows 264 / 950, 255 / 957, 326 / 1009.
+_CPU_GEMM_MIN_ROWS = 256
 
 
 class _CpuSegment(NamedTuple):
@@ -163,34 +167,35 @@ class _CpuSegment(NamedTuple):
 
 
 class _CpuPlan:
-    """The routing's contents on the host, validated once (C++), and per feature size the
-    split into large segments (one torch GEMM each) and the kernel's adapter ids (the
-    original ones with the large segments set to -1; None when no small segment has
-    work, and the kernel call is skipped).  One plan serves every kernel call of a
-    forward and its backward (eager CPU calls), so the routing is read and checked once.
+    """The routing's contents on the host, validated once (C++), split into the long
+    segments (``large``: one torch GEMM per product each) and the kernels' adapter ids
+    (``kernel_ids``: the original ones with the long segments set to -1; None when no
+    short segment has work, and the kernel calls are skipped).  One plan serves every
+    kernel call of a forward and its backward (eager CPU calls), so the routing is read
+    and checked once.
     """
 
     def __init__(self, op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max):
         extension().check_segment_routing_cpu(
             **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max), op=op)
-        self.bounds, self.ids, self.ranks = offsets.tolist(), ids.tolist(), ranks.tolist()
+        bounds, id_list, rank_list = offsets.tolist(), ids.tolist(), ranks.tolist()
         self.scales = scales.tolist() if scales is not None else None
-        self._splits = {}
-
-    def split(self, features: int):
-        if features not in self._splits:
-            large, kernel_ids, kernel_work = [], list(self.ids), False
-            for s, adapter in enumerate(self.ids):
-                rows = self.bounds[s + 1] - self.bounds[s]
-                if adapter < 0 or rows == 0 or self.ranks[adapter] == 0:
-                    continue
-                if rows * features * self.ranks[adapter] >= _CPU_GEMM_MIN_WORK:
-                    large.append(_CpuSegment(self.bounds[s], self.bounds[s + 1], adapter, self.ranks[adapter]))
-                    kernel_ids[s] = -1
-                else:
-                    kernel_work = True
-            self._splits[features] = (large, torch.tensor(kernel_ids, dtype=torch.int64) if kernel_work else None)
-        return self._splits[features]
+        self.large, kernel_ids, kernel_work = [], list(id_list), False
+        for s, adapter in enumerate(id_list):
+            rows = bounds[s + 1] - bounds[s]
+            if adapter < 0 or rows == 0 or rank_list[adapter] == 0:
+                continue
+            if rows >= _CPU_GEMM_MIN_ROWS:
+                self.large.append(_CpuSegment(bounds[s], bounds[s + 1], adapter, rank_list[adapter]))
+                kernel_ids[s] = -1
+            else:
+                kernel_work = True
+        if not kernel_work:
+            self.kernel_ids = None
+        elif not self.large:
+            self.kernel_ids = ids  # the caller's tensor: no list-to-tensor copy (~10 us)
+        else:
+            self.kernel_ids = torch.tensor(kernel_ids, dtype=torch.int64)
 
     def scale(self, adapter: int, scaled: bool) -> float:
         return self.scales[adapter] if scaled and self.scales is not None else 1.0
@@ -227,7 +232,7 @@ def _shrink(input, weight, offsets, ids, ranks, scales, rank_last, plan: Optiona
     input = _unit_columns(input)
     out = input.new_zeros((input.shape[0], r_max))  # entries no segment owns stay 0
     if plan is not None:
-        large, ids = plan.split(features)
+        large, ids = plan.large, plan.kernel_ids
         for seg in large:
             block = torch.mm(input[seg.lo:seg.hi], _rank_columns(weight, seg.adapter, seg.rank, rank_last))
             out[seg.lo:seg.hi, :seg.rank] = block if scales is None else block.mul_(plan.scale(seg.adapter, True))
@@ -276,7 +281,7 @@ def _expand_(out, h, weight, offsets, ids, ranks, scales, rank_last, plan: Optio
     n_adapters, r_max, features, stride_a, stride_rank, stride_feature = _weight_layout(weight, rank_last)
     h = _unit_columns(h)
     if plan is not None:
-        large, ids = plan.split(features)
+        large, ids = plan.large, plan.kernel_ids
         for seg in large:
             out[seg.lo:seg.hi].addmm_(h[seg.lo:seg.hi, :seg.rank],
                                       _rank_columns(weight, seg.adapter, seg.rank, rank_last).T,
@@ -324,7 +329,7 @@ def _outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan
     stride_k, stride_j = (out.stride(2), out.stride(1)) if rank_last else (out.stride(1), out.stride(2))
     large = []
     if plan is not None:
-        large, ids = plan.split(features)
+        large, ids = plan.large, plan.kernel_ids
     if ids is not None:  # first: the kernel overwrites the blocks of the adapters it handles
         getattr(_kernels(left, op), f"segment_outer_{left.device.type}")(
             **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max),
@@ -396,7 +401,7 @@ def _forward(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids,
 
 def _infer(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
     """``y`` alone (inference).  On the CPU, when the plan gives every segment's two products
-    to MKL (both large enough, see _CPU_GEMM_MIN_WORK), each segment's ``s (x A^T) B^T`` goes
+    to MKL (long segments, see _CPU_GEMM_MIN_ROWS), each segment's ``s (x A^T) B^T`` goes
     straight into its rows of y: no ``[N, r_max]`` h buffer and no copies into it, the same
     products in the same order as ``_forward`` (so the same result).  Measured at 256 x 256,
     N = 256, 8 even segments (2-core Xeon, 2 threads): 0.52-0.54 against 0.59-0.65 ms
@@ -404,11 +409,10 @@ def _infer(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, r
     plan = kernels.plan
     if plan is None:
         return _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)[0]
-    (shrink_large, shrink_ids), (expand_large, expand_ids) = plan.split(x.shape[1]), plan.split(weight.shape[0])
-    if shrink_ids is not None or expand_ids is not None or shrink_large != expand_large:
+    if plan.kernel_ids is not None:
         return _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)[0]
     y = forward_op()(x, weight, bias)
-    for seg in shrink_large:
+    for seg in plan.large:
         shrunk = torch.mm(x[seg.lo:seg.hi], _rank_columns(A_stack, seg.adapter, seg.rank, False))
         y[seg.lo:seg.hi].addmm_(shrunk, _rank_columns(B_stack, seg.adapter, seg.rank, True).T,
                                 alpha=plan.scale(seg.adapter, scales is not None))
@@ -551,10 +555,11 @@ def lora_linear_multi(
     by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
     contents, but cannot raise).
 
-    CPU: segments with at least 2^14 multiply-adds per product run their shrink, expand
-    and gradient products as one torch GEMM each (MKL beat our C++ kernels there, see
-    ``_CPU_GEMM_MIN_WORK``); the C++ kernels take the smaller segments (decode-like
-    batches, narrow layers) in one call, with no per-segment torch call.  CUDA: the hand-written kernels at every size.
+    CPU: the C++ kernels take every segment of fewer than 256 rows (decode-like and
+    mixed-adapter batches) in one call per product, with no per-segment torch call;
+    longer segments run their shrink, expand and gradient products as one torch GEMM
+    each, where MKL's blocking wins (``_CPU_GEMM_MIN_ROWS``).  CUDA: the hand-written
+    kernels at every size.
     """
     _validate(x, weight, A_stack, B_stack, bias)
     device = x.device

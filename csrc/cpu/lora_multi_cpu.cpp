@@ -96,6 +96,19 @@ inline bool use_avx512() {
 template <class A, int kBytes>
 constexpr int64_t kTileCols = 2 * Simd<A, kBytes>::L;
 
+// Zeroed accumulators, one element at a time: a `= {}` initializer of the whole array is
+// compiled into a `rep stos` block clear whose start-up (~35 cycles) cost as much as the
+// multiply-adds of a short (rank-long) tile.
+template <class V, int kCount>
+LOWRANK_INLINE void zero(V (&acc)[kCount]) {
+  for (int i = 0; i < kCount; ++i) acc[i] = V{};
+}
+
+template <class V, int kRows, int kVecs>
+LOWRANK_INLINE void zero(V (&acc)[kRows][kVecs]) {
+  for (int q = 0; q < kRows; ++q) zero(acc[q]);
+}
+
 // L elements from p (storage type T) widened to A.
 template <class A, int kBytes, class T>
 LOWRANK_INLINE typename Simd<A, kBytes>::V load_vec(const T* p) {
@@ -176,7 +189,8 @@ LOWRANK_INLINE void tile_fma(typename Simd<A, kBytes>::V (&acc)[kRows][kVecs], c
 template <class A, int kBytes, int kRows, class T>
 LOWRANK_INLINE void dot_tile(const T* const* x, const T* const* w, int64_t count, A (&result)[kRows][kDotWeights]) {
   using S = Simd<A, kBytes>;
-  typename S::V acc[kRows * kDotWeights] = {};
+  typename S::V acc[kRows * kDotWeights];
+  zero(acc);
   int64_t j = 0;
   for (; j + S::L <= count; j += S::L) {
     typename S::V wv[kDotWeights];
@@ -254,7 +268,8 @@ LOWRANK_INLINE void broadcast_tiles(const SegmentMatmulParams& p, const MatmulTa
       const int64_t n_here = std::min<int64_t>(kRows, task.r1 - n0);
       const T* rows[kRows];
       for (int q = 0; q < kRows; ++q) rows[q] = in + (n0 + std::min<int64_t>(q, n_here - 1)) * p.in_stride_n;
-      typename Simd<A, kBytes>::V acc[kRows][kVecs] = {};
+      typename Simd<A, kBytes>::V acc[kRows][kVecs];
+      zero(acc);
       tile_fma<A, kBytes, kRows, kVecs, T, TB>(acc, rows, 1, b + cc, b_step, count, b_columns - cc);
       for (int64_t q = 0; q < n_here; ++q)
         store_row<A, kBytes, kVecs, T>(out + (n0 + q) * p.out_stride_n + task.c0 + cc, acc[q], scale, c_here,
@@ -462,7 +477,8 @@ LOWRANK_INLINE void outer_tiles(const OuterContext& ctx, int64_t a, const T* row
     const int64_t i_here = std::min<int64_t>(kRows, r1 - i0);
     for (int64_t cc = c0; cc < c1; cc += cols) {
       const int64_t c_here = std::min(cols, c1 - cc);
-      typename S::V acc[kRows][kVecs] = {};
+      typename S::V acc[kRows][kVecs];
+      zero(acc);
       for (int64_t o = ctx.first[a]; o < ctx.first[a + 1]; ++o) {
         const int64_t n0 = rt.offsets[ctx.order[o]], n1 = rt.offsets[ctx.order[o] + 1];
         if (n1 == n0) continue;

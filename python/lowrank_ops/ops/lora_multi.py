@@ -147,15 +147,15 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
 # beat a loop of per-segment MKL calls while segments are short (they save a 10-20 us
 # torch call per segment and product, and MKL's packing is not amortized over few
 # rows), and lose once a segment is long enough for MKL's blocking.  Measured on the
-# 2-core AVX-512 Xeon (float32, 2 threads; kernels / per-segment MKL):
-#   256 x 256, N = 256, 8 adapters of 32 rows (ranks 8-64): shrink 68 / 138 us, expand
-#     110 / 125 us, dA or dB 106 / 152 us; 32 adapters of 8 rows: 80 / 395, 141 / 439, 242 / 552 us;
-#   4096 x 4096, N = 512, 8 adapters of 64 rows: shrink 0.88-1.02 / 1.09-1.25 ms, expand
-#     1.37-1.47 / 0.98-1.11 ms, dA or dB 1.35 / 1.66 ms;
-#   256 x 256, one adapter of 256 rows, rank 8: shrink 32 / 24 us, expand 37 / 12 us, dB 34 / 25 us.
-# Whole layer, 256 x 256, N = 256 (forward / forward+backward, us): all segments to MKL,
-# this threshold, all to the kernels: 8 adapters skewed (137 ... 5 rows) 545 / 1981,
-# 430 / 1326, 445 / 1416; one adapter of 256 rows 264 / 950, 255 / 957, 326 / 1009.
+# 2-core AVX-512 Xeon (float32, 2 threads; kernels / per-segment MKL, each op alone):
+#   256 x 256, N = 256, 8 adapters of 32 rows (ranks 8-64): shrink 52 / 118 us, expand
+#     85 / 110 us, dA or dB 65 / 130 us;
+#   4096 x 4096, N = 512, 8 adapters of 64 rows: shrink 0.94 / 1.13 ms, expand 1.18 / 0.97 ms,
+#     dA or dB 1.29 / 1.43 ms;
+#   256 x 256, one adapter of 256 rows, rank 8: shrink 25 / 15 us, expand 17 / 10 us, dB 28 / 18 us.
+# Whole layer, 256 x 256, N = 256 (forward / forward+backward, us), every segment to MKL,
+# this threshold, every segment to the kernels: 8 adapters skewed (136 ... 5 rows)
+# 422 / 1576, 314 / 1042, 320 / 1015; one adapter of 256 rows 216 / 804, 210 / 808, 259 / 862.
 _CPU_GEMM_MIN_ROWS = 256
 
 

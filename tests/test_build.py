@@ -126,3 +126,17 @@ def test_console_script_is_installed():
         pytest.skip("lowrank-ops is not on PATH (package not installed as a distribution)")
     result = subprocess.run([executable, "info"], capture_output=True, text=True, check=True)
     assert "version" in result.stdout
+
+
+def test_bench_table_bounds_ratios_of_truncated_solvers():
+    from lowrank_ops.cli import comparison_rows, format_table
+
+    case = dict(family="ot", op="ot.images", shape="images", dtype="float64", device="cpu", flops=0.0, bytes=0.0)
+    records = [dict(case, impl="ours", median_s=0.4, max_error=1e-9),
+               dict(case, impl="capped_peer", median_s=0.2, max_error=0.5, truncated=True),
+               dict(case, impl="converged_peer", median_s=0.8, max_error=1e-9, truncated=False)]
+    table = format_table(comparison_rows(records, []))
+    lines = {line.split()[6]: line for line in table.splitlines() if "peer" in line and "ot.images" in line}
+    assert ">=0.50x" in lines["capped_peer"] and " 2.00x" in lines["converged_peer"]
+    ours_capped = [dict(records[0], truncated=True), records[2]]
+    assert "<=2.00x" in format_table(comparison_rows(ours_capped, []))

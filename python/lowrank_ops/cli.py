@@ -236,6 +236,10 @@ def comparison_rows(records: List[Dict[str, Any]], unsupported: List[Dict[str, A
                 ours_mem_mb=ours.get("peak_mem_MB") if ours else None,
                 peer_mem_mb=peer.get("peak_mem_MB") if peer else None, mem_ratio=None,
                 unsupported=peer.get("reason") if peer and peer.get("unsupported") else None,
+                # Solvers stopped at an iteration cap before their tolerance (extra_info
+                # "truncated"): their time is a lower bound of the time to the tolerance.
+                peer_truncated=bool(peer and peer.get("truncated")),
+                ours_truncated=bool(ours and ours.get("truncated")),
             )
             if row["ours_ms"] and row["peer_ms"]:
                 row["ratio"] = row["peer_ms"] / row["ours_ms"]
@@ -277,7 +281,11 @@ def _cell(row: Dict[str, Any], key: str) -> str:
     if key in ("ours_ms", "peer_ms"):
         return _format_ms(value)
     if key == "ratio":
-        return f"{value:.2f}x"
+        # A truncated peer: its time to the tolerance is longer, the ratio a lower bound;
+        # ours truncated: an upper bound (both truncated: no bound).
+        bound = {(True, False): ">=", (False, True): "<="}.get((row.get("peer_truncated"), row.get("ours_truncated")), "")
+        mark = "*" if row.get("peer_truncated") and row.get("ours_truncated") else ""
+        return f"{bound}{value:.2f}x{mark}"
     if key in ("ours_error", "peer_error"):
         return f"{value:.1e}"
     if key in ("ours_gflops", "ours_gbps", "ours_mem_mb", "peer_mem_mb"):
@@ -442,7 +450,10 @@ def _markdown(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, c
         "ours/peer ms: median wall time of one call; ratio = peer / ours (> 1: ours faster); "
         "err: max abs error / max abs of the float64 reference; GFLOP/s, GB/s: ours, on the op's "
         "useful flops and compulsory bytes (see bench/README.md); ours/peer MB (suites that record it): "
-        "peak extra memory of one call, mem ratio = peer / ours (> 1: ours uses less).", "",
+        "peak extra memory of one call, mem ratio = peer / ours (> 1: ours uses less). "
+        "Iterative solvers stopped at an iteration cap before their tolerance (the error column "
+        "shows where they stopped): >= marks a ratio that is a lower bound (the peer was stopped), "
+        "<= an upper bound (ours was), * both.", "",
         format_table(rows, markdown=True), "",
     ]
     if notes:

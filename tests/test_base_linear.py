@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowrank_ops._extension import extension
-from lowrank_ops.ops.base_linear import SMALL_BATCH_ROWS, _small_batch
+from lowrank_ops.ops.base_linear import SMALL_BATCH_ROWS, small_batch
 
 from helpers import assert_within, randn, summation_bound
 
@@ -29,10 +29,18 @@ def test_small_batch_kernels_match_float64(pad, generator):
         x, weight, bias, grad_y = _small_batch_case(rows, in_features, out_features, generator, pad)
         for with_bias in (True, False):
             y = torch.full((rows, out_features + pad), float("nan"))
+            squares = torch.full((out_features + 1,), float("nan"))  # only with the bias (both paths run)
             kernels.small_batch_linear_cpu(
                 x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr() if with_bias else 0, y=y.data_ptr(),
                 rows=rows, in_features=in_features, out_features=out_features, x_ld=x.stride(0),
-                w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=2)
+                w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=2,
+                weight_sumsq=squares.data_ptr() if with_bias else 0)
+            if with_bias:  # the squared row norms of W, from the same pass (rows = 0 included)
+                want_squares = (weight.double() ** 2).sum(1)
+                assert_within(squares[:out_features], want_squares,
+                              summation_bound(want_squares, want_squares, in_features, torch.float32),
+                              f"sumsq {rows}x{in_features}x{out_features}")
+                assert torch.isnan(squares[out_features]), "wrote past out_features"
             b = bias.double() if with_bias else torch.zeros(out_features, dtype=torch.float64)
             want = x.double() @ weight.double().T + b
             magnitude = x.double().abs() @ weight.double().abs().T + b.abs()
@@ -93,14 +101,14 @@ def test_dispatch_follows_small_batch_rows(product, generator):
     low, high = SMALL_BATCH_ROWS[product]
     weight = randn(8, 16, generator=generator)
     expected = extension().cpu_features()["avx512f"]
-    assert _small_batch(randn(low, 16, generator=generator), weight, product) == expected
-    assert _small_batch(randn(high, 16, generator=generator), weight, product) == expected
-    assert not _small_batch(randn(low - 1, 16, generator=generator), weight, product)
-    assert not _small_batch(randn(high + 1, 16, generator=generator), weight, product)
-    assert not _small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double(), product)
-    assert not _small_batch(randn(32, 4, generator=generator).T[:4], weight, product)  # column stride 4
-    assert not _small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T, product)
-    assert not _small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
+    assert small_batch(randn(low, 16, generator=generator), weight, product) == expected
+    assert small_batch(randn(high, 16, generator=generator), weight, product) == expected
+    assert not small_batch(randn(low - 1, 16, generator=generator), weight, product)
+    assert not small_batch(randn(high + 1, 16, generator=generator), weight, product)
+    assert not small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double(), product)
+    assert not small_batch(randn(32, 4, generator=generator).T[:4], weight, product)  # column stride 4
+    assert not small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T, product)
+    assert not small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
 
 
 def test_expanded_operands(generator):

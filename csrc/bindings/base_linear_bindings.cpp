@@ -16,12 +16,14 @@ LOWRANK_OPS_BINDINGS(base_linear) {
   m.def(
       "small_batch_linear_cpu",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, int64_t rows,
-         int64_t in_features, int64_t out_features, int64_t x_ld, int64_t w_ld, int64_t y_ld, int num_threads) {
+         int64_t in_features, int64_t out_features, int64_t x_ld, int64_t w_ld, int64_t y_ld, int num_threads,
+         std::uintptr_t weight_sumsq) {
         SmallBatchLinearParams p;
         p.x = reinterpret_cast<const float*>(x);
         p.weight = reinterpret_cast<const float*>(weight);
         p.bias = reinterpret_cast<const float*>(bias);
         p.y = reinterpret_cast<float*>(y);
+        p.weight_sumsq = reinterpret_cast<float*>(weight_sumsq);
         p.rows = rows;
         p.in_features = in_features;
         p.out_features = out_features;
@@ -31,9 +33,10 @@ LOWRANK_OPS_BINDINGS(base_linear) {
         py::gil_scoped_release release;
         small_batch_linear_cpu(p, num_threads);
       },
-      "y = x W^T + b for rows <= SMALL_BATCH_MAX_ROWS (float32, row-major, unit column stride; bias 0 = none).",
+      "y = x W^T + b for rows <= SMALL_BATCH_MAX_ROWS (float32, row-major, unit column stride; bias 0 = none); "
+      "weight_sumsq (0 = none): [out] squared row norms of W from the same pass.",
       py::kw_only(), "x"_a, "weight"_a, "bias"_a, "y"_a, "rows"_a, "in_features"_a, "out_features"_a, "x_ld"_a,
-      "w_ld"_a, "y_ld"_a, "num_threads"_a);
+      "w_ld"_a, "y_ld"_a, "num_threads"_a, "weight_sumsq"_a = 0);
   m.def(
       "small_batch_linear_grad_input_cpu",
       [](std::uintptr_t grad_y, std::uintptr_t weight, std::uintptr_t grad_x, int64_t rows, int64_t in_features,

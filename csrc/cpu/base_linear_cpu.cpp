@@ -8,6 +8,10 @@
 // the 16 lane sums of a tile are reduced at once (wide_lane_sums) when its rows are
 // done.  Tasks are blocks of W's rows.
 //
+// Optionally (weight_sumsq) the squared row norms of W come from the same pass: each
+// chunk of a tile's 4 rows of W is squared into 4 more accumulators while it is in L1
+// (the DoRA row norm needs ||W_o||^2 next to W A^T).
+//
 // Grad input dx = dy W: axpy form along the rows of W.  A tile of 4 rows of dx x 4
 // vectors (64 columns) accumulates sum_o dy[n, o] W[o, k0:k0+64] over a chunk of
 // kGradRowChunk rows of W, then adds the chunk's sum into dx: every W vector serves 4
@@ -89,8 +93,15 @@ LOWRANK_BASE_LINEAR_CLONES void forward_rows(const SmallBatchLinearParams& p, in
     for (int64_t i = 0; i < kTile; ++i) w[i] = p.weight + std::min(o + i, out - 1) * p.w_ld;  // past the end: a repeat, discarded
     for (int64_t t = 0; t < n_tiles; ++t)
       for (Wide& v : acc[t]) v = Wide{};
+    Wide squares[kTile] = {};
     for (int64_t k0 = 0; k0 < k_vec; k0 += kChunk) {
       const int64_t k1 = std::min(k_vec, k0 + kChunk);
+      if (p.weight_sumsq != nullptr)  // the chunk of W stays in L1 for the products below
+        for (int64_t k = k0; k < k1; k += kLanes)
+          for (int i = 0; i < kTile; ++i) {
+            const Wide v = load(w[i] + k);
+            squares[i] += v * v;
+          }
       for (int64_t t = 0; t < n_tiles; ++t) {
         const float* x = p.x + t * kTile * p.x_ld;
         switch (std::min(kTile, n_rows - t * kTile)) {
@@ -112,6 +123,14 @@ LOWRANK_BASE_LINEAR_CLONES void forward_rows(const SmallBatchLinearParams& p, in
           if (p.bias != nullptr) value += p.bias[o + i];
           p.y[n * p.y_ld + o + i] = value;
         }
+      }
+    }
+    if (p.weight_sumsq != nullptr) {
+      for (int64_t i = 0; i < std::min(kTile, out - o); ++i) {
+        float value = 0;
+        for (int64_t l = 0; l < kLanes; ++l) value += squares[i][l];
+        for (int64_t k = k_vec; k < in; ++k) value += w[i][k] * w[i][k];
+        p.weight_sumsq[o + i] = value;
       }
     }
   }
@@ -202,8 +221,8 @@ void small_batch_linear_cpu(const SmallBatchLinearParams& p, int num_threads) {
   check_matrix(op, "x", p.x, p.rows, p.in_features, p.x_ld);
   check_matrix(op, "weight", p.weight, p.out_features, p.in_features, p.w_ld);
   check_matrix(op, "y", p.y, p.rows, p.out_features, p.y_ld);
-  if (p.rows == 0 || p.out_features == 0) return;
-  const int threads = threads_for(p.rows * p.in_features * p.out_features, num_threads);
+  if (p.out_features == 0 || (p.rows == 0 && p.weight_sumsq == nullptr)) return;
+  const int threads = threads_for(std::max<int64_t>(p.rows, 1) * p.in_features * p.out_features, num_threads);
   const int64_t n_blocks = (p.out_features + kTile - 1) / kTile;
   const int64_t n_tasks = std::min<int64_t>(n_blocks, 8 * static_cast<int64_t>(threads));
   parallel_for(n_tasks, threads, [&](int64_t task) {

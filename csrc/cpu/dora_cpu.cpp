@@ -4,6 +4,8 @@
 // (2 flops each), against 2 out r flops for B_o . C_o.  At 4096 x 4096 fp32 that is
 // 64 MB read, so the kernel is memory-bound and its floor is out * in * sizeof(T) /
 // bandwidth.  The GEMM W A^T in C (2 out in r flops, another pass over W) is the caller's.
+// (For float32 with r = 4-32 on AVX-512 CPUs the op skips this kernel: the small-batch
+// kernel of base_linear_cpu.cpp gives W A^T and ||W_o||^2 from one pass over W.)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

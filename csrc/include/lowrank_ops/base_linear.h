@@ -27,6 +27,7 @@ struct SmallBatchLinearParams {
   const float* weight = nullptr;  // [out, in], row stride w_ld
   const float* bias = nullptr;    // [out] or null
   float* y = nullptr;             // [rows, out], row stride y_ld
+  float* weight_sumsq = nullptr;  // [out] or null: sum_i W[o, i]^2, from the same pass over W
   int64_t rows = 0, in_features = 0, out_features = 0;
   int64_t x_ld = 0, w_ld = 0, y_ld = 0;
 };

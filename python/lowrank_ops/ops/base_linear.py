@@ -46,7 +46,7 @@ def _cpu_has_avx512() -> bool:
     return bool(extension().cpu_features()["avx512f"])
 
 
-def _small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool:
+def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool:
     """Whether ``product`` (a key of SMALL_BATCH_ROWS) of ``rows`` [N, *] with ``weight``
     [out, in] runs on the small-batch kernels: row-major operands only (an expanded
     operand, e.g. the gradient of a ``sum(0)``, has row stride 0 and goes to BLAS)."""
@@ -59,15 +59,20 @@ def _small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str) -> bool
     )
 
 
-def small_batch_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def small_batch_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       weight_sumsq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x W^T + b`` on ``_C.small_batch_linear_cpu`` whatever the size (up to its 64 rows):
     float32 CPU tensors with unit column stride; what :func:`base_linear` runs inside
-    :data:`SMALL_BATCH_ROWS` (and the benchmark's ``kernel`` rows everywhere)."""
+    :data:`SMALL_BATCH_ROWS` (and the benchmark's ``kernel`` rows everywhere).
+
+    ``weight_sumsq`` (a contiguous float32 ``[out]`` tensor, optional) receives the squared
+    row norms ``sum_i W[o, i]^2``, computed in the same pass over W."""
     y = x.new_empty((x.shape[0], weight.shape[0]))
     extension().small_batch_linear_cpu(
         x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
         rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
         w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
+        weight_sumsq=0 if weight_sumsq is None else weight_sumsq.data_ptr(),
     )
     return y
 
@@ -100,14 +105,14 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         Not differentiable by itself: the callers are the forward implementations of ops
         with their own backward.
     """
-    if _small_batch(x, weight, "forward") and (bias is None or bias.stride(0) == 1):
+    if small_batch(x, weight, "forward") and (bias is None or bias.stride(0) == 1):
         return small_batch_kernel(x, weight, bias)
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 
 
 def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``dy W``: grad_y ``[N, out]``, weight ``[out, in]`` -> ``[N, in]`` (small-batch kernel or GEMM)."""
-    if _small_batch(grad_y, weight, "grad_input"):
+    if small_batch(grad_y, weight, "grad_input"):
         return small_batch_grad_input_kernel(grad_y, weight)
     return grad_y @ weight
 

@@ -21,6 +21,12 @@ Layers:
   0.98 ms at 1024 x 1024, r = 16; 67 vs 76 ms and 148 vs 143 ms at 4096 x 4096, r = 16
   and 64), because the ``W A^T`` GEMM and the pass over W dominate; against PEFT's dense
   norm it is ~30x faster (33.7 ms at 1024 x 1024).
+  On AVX-512 CPUs with float32 and r = 4-32 (:data:`~lowrank_ops.ops.base_linear.SMALL_BATCH_ROWS`)
+  W is read once: the small-batch kernel computes ``A W^T`` and ``||W_o||^2`` in the same
+  pass, where MKL's GEMM with an r-column output reaches neither its flop nor its bandwidth
+  floor.  2 threads, quiet, against ``torch_identity``: 4096 x 4096 r = 8 / 16: 1.94-2.12x /
+  1.26-1.47x (was 1.11x at r = 16 with the GEMM and the kernel's pass); 11008 x 4096:
+  2.15-2.29x / 1.69-1.76x; r = 64 (GEMM path) 1.00-1.05x.
 * ``torch.ops.lowrank_ops.dora_linear_fwd``: the forward (composed GEMMs, the base products
   through :mod:`~lowrank_ops.ops.base_linear`, as lora_linear).
 * ``_DoRALinear``: the autograd Function; :func:`dora_linear`: the validated entry point.
@@ -45,8 +51,8 @@ import torch
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream
-from .base_linear import base_linear, grad_input_op
+from ._library import LIBRARY, current_stream, eager_or_op
+from .base_linear import base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
@@ -71,12 +77,16 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)`` and B, ``[out, r]``,
     contiguous in the accumulation type.
 
-    ``W A^T`` is one GEMM in W's dtype (float32 accumulation in BLAS; for a half W the
-    ``[out, r]`` result is rounded once to the half type, instead of a float32 copy of W).
+    ``W A^T`` is one product in W's dtype (float32 accumulation; for a half W the ``[out, r]``
+    result is rounded once to the half type, instead of a float32 copy of W), computed as
+    ``(A W^T)^T`` by :func:`~lowrank_ops.ops.base_linear.base_linear`: with r = 4-32 rows of A
+    that is the small-batch kernel on AVX-512 CPUs, which streams W once where MKL's GEMM
+    with an r-column output reaches neither its flop nor its bandwidth floor (whole row
+    norm at 4096 x 4096, r = 16, float32, 2-core Xeon: see the note in bench_dora.py).
     """
     accumulate = _accumulate_dtype(weight.dtype)
     factor_A, factor_B = lora_A.to(accumulate), lora_B.to(accumulate).contiguous()
-    proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate)
+    proj = base_linear(lora_A.to(weight.dtype), weight).T.to(accumulate)
     coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
     return coef, factor_B
 
@@ -97,8 +107,22 @@ def _kernel_args(weight, lora_A, lora_B, scale):
     return out, (coef, factor_B), args
 
 
+def _fused_row_norm(weight, lora_A, lora_B, scale):
+    """The row norms from one pass over W (float32, AVX-512 CPUs, r = 4-32): the small-batch
+    kernel computes ``A W^T`` and ``||W_o||^2`` together, and the identity's remaining
+    ``[out, r]`` terms are torch ops.  The other path reads W twice (the ``W A^T`` product,
+    then _C's norm kernel): 4.07 against ~3 ms at 4096 x 4096, r = 16 (2-core Xeon)."""
+    squares = weight.new_empty(weight.shape[0])
+    proj = small_batch_kernel(lora_A, weight, weight_sumsq=squares).T  # W A^T
+    B = lora_B.contiguous()
+    coef = torch.addmm(proj, B, lora_A @ lora_A.T, beta=2 * scale, alpha=scale * scale)
+    return (squares + (B * coef).sum(1)).clamp_min_(0).sqrt_()
+
+
 def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
     _check_norm_args(weight, lora_A, lora_B)
+    if lora_A.dtype == lora_B.dtype == torch.float32 and small_batch(lora_A, weight, "forward"):
+        return _fused_row_norm(weight, lora_A, lora_B, scale)
     out, keep_alive, args = _kernel_args(weight, lora_A, lora_B, scale)
     extension().dora_row_norm_cpu(**args, num_threads=torch.get_num_threads())
     del keep_alive
@@ -119,6 +143,12 @@ def _dora_row_norm_cuda(weight, lora_A, lora_B, scale):
 
 def _dora_row_norm_fake(weight, lora_A, lora_B, scale):
     return weight.new_empty((weight.shape[0],), dtype=_accumulate_dtype(weight.dtype))
+
+
+def _row_norm_op(weight: torch.Tensor):
+    """dora_row_norm for ``weight``'s device: the registered op under torch.compile, else its
+    implementation called directly (eager_or_op)."""
+    return eager_or_op("dora_row_norm", _dora_row_norm_cpu if weight.device.type == "cpu" else _dora_row_norm_cuda)
 
 
 LIBRARY.impl("dora_row_norm", _dora_row_norm_cpu, "CPU")
@@ -144,13 +174,13 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         float32 (float64 for a float64 weight); exact zeros for zero rows.
     """
     scale = _check_number("dora_row_norm", "scale", scale)
-    return torch.ops.lowrank_ops.dora_row_norm(weight, lora_A.detach(), lora_B.detach(), scale)
+    return _row_norm_op(weight)(weight, lora_A.detach(), lora_B.detach(), scale)
 
 
 # ---------------------------------------------------------------------------- forward
 def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps):
     dtype = x.dtype
-    inv_norm = torch.ops.lowrank_ops.dora_row_norm(weight, lora_A, lora_B, scale).clamp_min_(eps).reciprocal_()
+    inv_norm = _row_norm_op(weight)(weight, lora_A, lora_B, scale).clamp_min_(eps).reciprocal_()
     factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
@@ -194,7 +224,7 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps):
-        y, product, shrunk, inv_norm = torch.ops.lowrank_ops.dora_linear_fwd(
+        y, product, shrunk, inv_norm = eager_or_op("dora_linear_fwd", _dora_linear_fwd)(
             x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps
         )
         ctx.scale, ctx.dropout_p = scale, dropout_p

@@ -23,10 +23,9 @@ Layers:
   norm it is ~30x faster (33.7 ms at 1024 x 1024).
   On AVX-512 CPUs with float32 and r = 4-32 (:data:`~lowrank_ops.ops.base_linear.SMALL_BATCH_ROWS`)
   W is read once: the small-batch kernel computes ``A W^T`` and ``||W_o||^2`` in the same
-  pass, where MKL's GEMM with an r-column output reaches neither its flop nor its bandwidth
-  floor.  2 threads, quiet, against ``torch_identity``: 4096 x 4096 r = 8 / 16: 1.94-2.12x /
-  1.26-1.47x (was 1.11x at r = 16 with the GEMM and the kernel's pass); 11008 x 4096:
-  2.15-2.29x / 1.69-1.76x; r = 64 (GEMM path) 1.00-1.05x.
+  pass (``_fused_row_norm``).  2 threads, quiet, against ``torch_identity``: 4096 x 4096
+  r = 8 / 16: 1.94-2.12x / 1.26-1.47x; 11008 x 4096: 2.15-2.29x / 1.69-1.76x; r = 64
+  (the GEMM and the kernel's pass) 1.00-1.05x.
 * ``torch.ops.lowrank_ops.dora_linear_fwd``: the forward (composed GEMMs, the base products
   through :mod:`~lowrank_ops.ops.base_linear`, as lora_linear).
 * ``_DoRALinear``: the autograd Function; :func:`dora_linear`: the validated entry point.
@@ -78,15 +77,11 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     contiguous in the accumulation type.
 
     ``W A^T`` is one product in W's dtype (float32 accumulation; for a half W the ``[out, r]``
-    result is rounded once to the half type, instead of a float32 copy of W), computed as
-    ``(A W^T)^T`` by :func:`~lowrank_ops.ops.base_linear.base_linear`: with r = 4-32 rows of A
-    that is the small-batch kernel on AVX-512 CPUs, which streams W once where MKL's GEMM
-    with an r-column output reaches neither its flop nor its bandwidth floor (whole row
-    norm at 4096 x 4096, r = 16, float32, 2-core Xeon: see the note in bench_dora.py).
+    result is rounded once to the half type, instead of a float32 copy of W).
     """
     accumulate = _accumulate_dtype(weight.dtype)
     factor_A, factor_B = lora_A.to(accumulate), lora_B.to(accumulate).contiguous()
-    proj = base_linear(lora_A.to(weight.dtype), weight).T.to(accumulate)
+    proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate)
     coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
     return coef, factor_B
 
@@ -110,8 +105,9 @@ def _kernel_args(weight, lora_A, lora_B, scale):
 def _fused_row_norm(weight, lora_A, lora_B, scale):
     """The row norms from one pass over W (float32, AVX-512 CPUs, r = 4-32): the small-batch
     kernel computes ``A W^T`` and ``||W_o||^2`` together, and the identity's remaining
-    ``[out, r]`` terms are torch ops.  The other path reads W twice (the ``W A^T`` product,
-    then _C's norm kernel): 4.07 against ~3 ms at 4096 x 4096, r = 16 (2-core Xeon)."""
+    ``[out, r]`` terms are torch ops.  The other path reads W twice (MKL's ``W A^T``, then
+    _C's norm kernel).  4096 x 4096 float32, 2-core Xeon, one run: r = 8 2.4 against 4.8 ms
+    (MKL's GEMM alone 3.2 ms, the small-batch product 2.0), r = 16 3.4-3.9 against 4.8 ms."""
     squares = weight.new_empty(weight.shape[0])
     proj = small_batch_kernel(lora_A, weight, weight_sumsq=squares).T  # W A^T
     B = lora_B.contiguous()

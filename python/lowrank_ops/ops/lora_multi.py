@@ -403,9 +403,9 @@ def _infer(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, r
     """``y`` alone (inference).  On the CPU, when the plan gives every segment's two products
     to MKL (long segments, see _CPU_GEMM_MIN_ROWS), each segment's ``s (x A^T) B^T`` goes
     straight into its rows of y: no ``[N, r_max]`` h buffer and no copies into it, the same
-    products in the same order as ``_forward`` (so the same result).  Measured at 256 x 256,
-    N = 256, 8 even segments (2-core Xeon, 2 threads): 0.52-0.54 against 0.59-0.65 ms
-    through h; a plain loop of torch GEMMs (no validation, factors pre-sliced) 0.40 ms."""
+    products in the same order as ``_forward`` (so the same result).  Measured when 8
+    segments of 32 rows still went to MKL (256 x 256, 2-core Xeon): 0.52-0.54 against
+    0.59-0.65 ms through h."""
     plan = kernels.plan
     if plan is None:
         return _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)[0]

@@ -44,6 +44,16 @@ def generator(request) -> torch.Generator:
 
 
 
+@pytest.fixture(autouse=True)
+def small_batch_kernels_at_every_size(monkeypatch):
+    """The tests' layers are small: below SMALL_BATCH_MIN_WEIGHT (a speed policy, tested
+    on its own in test_base_linear.py) the ops would use BLAS, and the small-batch kernels
+    would never run through them.  Here they run at every size."""
+    from lowrank_ops.ops import base_linear
+
+    monkeypatch.setattr(base_linear, "SMALL_BATCH_MIN_WEIGHT", 0)
+
+
 @pytest.fixture
 def cpu_only_build(monkeypatch):
     """Makes lowrank_ops behave as a build without CUDA kernels (for the error paths)."""

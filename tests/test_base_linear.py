@@ -111,6 +111,18 @@ def test_dispatch_follows_small_batch_rows(product, generator):
     assert not small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
 
 
+def test_dispatch_needs_a_large_enough_weight(monkeypatch, generator):
+    """Below SMALL_BATCH_MIN_WEIGHT elements of W the products go to BLAS (W in cache)."""
+    import lowrank_ops.ops.base_linear as module
+
+    monkeypatch.setattr(module, "SMALL_BATCH_MIN_WEIGHT", 128)
+    x = randn(8, 16, generator=generator)
+    expected = extension().cpu_features()["avx512f"]
+    assert small_batch(x, randn(8, 16, generator=generator), "forward") == expected  # 128 elements
+    assert not small_batch(x, randn(7, 16, generator=generator), "forward")  # 112
+    assert small_batch(x, randn(7, 16, generator=generator), "forward", min_weight=0) == expected
+
+
 def test_expanded_operands(generator):
     """Row-stride-0 operands (an expanded x; the gradient of y.sum(0)) take the BLAS path."""
     weight = randn(24, 40, generator=generator)

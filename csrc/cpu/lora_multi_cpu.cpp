@@ -11,9 +11,13 @@
 //     segment_matmul: a = the input rows, b = the adapter's weight, read in place when its
 //       rows are unit-stride along c (dx += g A, g = s dy B), else from a copy packed
 //       once per (adapter, column block) per call, the scale folded in (y += s h B^T).
-//     segment_outer: a = a column of `left` (t = row n), b = the row n of `right`; rows
-//       of every segment of the adapter are summed in the same registers, in segment
-//       order, so the result is deterministic and no atomics are needed.
+//     segment_outer: t = row n of the adapter's segments, a and b a column and a row of
+//       `left` / `right` (or, for dB, whose ranks are the output's unit-stride dimension,
+//       of `right` / `left` once a block has a vector of ranks, so that every store is a
+//       vector store); rows of every segment of the adapter are summed in the same
+//       registers, in segment order, so the result is deterministic and no atomics are needed.
+//   b is loaded in whole vectors wherever its rows hold that many readable columns (lanes
+//   past the output's columns are computed and never stored), element by element otherwise.
 // * dot form (dot_tile): 4 (AVX-512; 2 otherwise) input rows x 4 weight rows of
 //   length-J dot products, lane partial sums reduced once at the end.  Used where W's
 //   rows are unit-stride along j: always for h = x A^T (no packing, and any rank in

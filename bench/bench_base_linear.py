@@ -6,12 +6,13 @@ Ops, on a frozen ``W [out, in]`` (float32, CPU):
 * ``base_linear_grad_input``: ``dx = dy W``, dy ``[N, out]``.
 
 Impls: ``ours`` (:func:`~lowrank_ops.ops.base_linear.base_linear` and
-``base_linear_grad_input``: the small-batch kernels for N in ``SMALL_BATCH_ROWS``, BLAS
-elsewhere), ``torch`` (``torch.addmm`` / ``dy @ W``: MKL, what PEFT's and nn.Linear's
+``base_linear_grad_input``: the small-batch kernels for N in ``SMALL_BATCH_ROWS`` and
+weights of at least ``SMALL_BATCH_MIN_WEIGHT`` elements, BLAS elsewhere), ``torch`` (``torch.addmm`` / ``dy @ W``: MKL, what PEFT's and nn.Linear's
 layers run) and ``kernel`` (the small-batch kernel called directly at every N <= 64: the
 evidence for where ``SMALL_BATCH_ROWS`` ends).  CPU only: on CUDA ours is cuBLAS.
 
-Sizes: quick default 1024 x 1024 at N = 1, 4, 16, 32, 64.  ``LOWRANK_OPS_BENCH_FULL=1``:
+Sizes: quick default 2048 x 2048 (the smallest square weight the kernels take) at
+N = 1, 4, 16, 32, 64.  ``LOWRANK_OPS_BENCH_FULL=1``:
 the LLaMA shapes 4096 x 4096, 11008 x 4096 and 4096 x 11008 at N = 1, 2, 4, 8, 16, 32,
 48, 64.
 
@@ -39,7 +40,7 @@ if FULL:
     _PROBLEMS = [(o, i, n) for o, i in [(4096, 4096), (11008, 4096), (4096, 11008)]
                  for n in (1, 2, 4, 8, 16, 32, 48, 64)]
 else:
-    _PROBLEMS = [(1024, 1024, n) for n in (1, 4, 16, 32, 64)]
+    _PROBLEMS = [(2048, 2048, n) for n in (1, 4, 16, 32, 64)]
 
 
 def _label(problem) -> str:

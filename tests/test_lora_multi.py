@@ -162,10 +162,26 @@ TILE_DIMS = (70, 67, 40)
 TILE_ROUTING = ([30, 5, 11, 0, 7, 9, 18, 3], [0, 1, 2, 1, 0, 2, 3, -1], [40, 17, 16, 3])
 
 
+def _stack_layout(stack: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another storage: "transposed" swaps the strides of the last two
+    dimensions (A read along ranks, B along features), "strided" leaves a gap after every
+    element (no unit stride at all: the kernels' general packing path)."""
+    if layout == "transposed":
+        return stack.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":
+        spread = stack.new_zeros((*stack.shape[:2], 2 * stack.shape[2]))
+        spread[..., ::2] = stack
+        return spread[..., ::2]
+    return stack
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_kernel_tiles_forward_backward(dtype, generator, monkeypatch):
+def test_kernel_tiles_forward_backward(dtype, layout, generator, monkeypatch):
     monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_ROWS", 10**18)
     tensors, routing_args = make_problem(TILE_ROUTING, dtype, "cpu", generator, dims=TILE_DIMS)
+    tensors["A_stack"] = _stack_layout(tensors["A_stack"], layout)
+    tensors["B_stack"] = _stack_layout(tensors["B_stack"], layout)
     for name in ("x", "A_stack", "B_stack"):
         tensors[name].requires_grad_(True)
     y = run(tensors, routing_args)

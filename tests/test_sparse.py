@@ -487,3 +487,16 @@ def test_cuda_graph_capture(cuda_device, generator):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_inference_fast_path_rejects_a_replaced_pattern(generator):
+    # Eager CPU inference skips csr_spmm's argument checks (the support was validated when
+    # built); buffers replaced afterwards must still give an error, not a wild read.
+    support = make_support((8, 10, 0.5), generator, "cpu")
+    values = randn(support.nnz, generator=generator)
+    x = randn(4, 10, generator=generator)
+    support.row_ptr = support.row_ptr[:-2].clone()
+    with pytest.raises(ValueError, match=r"row_ptr has shape \(7,\); expected \(n_rows \+ 1,\) = \(9,\)"):
+        fixed_sparse_matmul(x, values, support)
+    with pytest.raises(ValueError, match=r"row_ptr has shape \(7,\)"):
+        spmv(support, values, x[0])

@@ -8,7 +8,8 @@ Rows are grouped by adapter (one segment per adapter), with ``even`` segment siz
 Ops and implementations (same inputs, same run):
 
 * ``lora_linear_multi.fwd``: ``ours`` (:func:`lowrank_ops.ops.lora_linear_multi`, routing
-  tensors built once per batch, as a server shares them across a model's layers);
+  tensors built once per batch, as a server shares them across a model's layers; B_stack
+  in the rank-major storage :class:`~lowrank_ops.nn.MultiLoRALinear` keeps, same values);
   ``peft`` (a PEFT 0.21 LoRA model on one ``nn.Linear`` holding the same adapters,
   called with ``adapter_names=[...]`` per row: its mixed-batch inference path);
   ``loop`` (torch: the base GEMM, then per adapter two GEMMs on the segment's rows
@@ -203,6 +204,12 @@ def _routing_tensors(problem: tuple, device: str) -> dict:
     )
 
 
+def _rank_major(B_stack: torch.Tensor) -> torch.Tensor:
+    """B_stack with the storage MultiLoRALinear keeps its lora_B in (rank-major: the CPU
+    kernels read B^T rows in place instead of packing them per call); same values."""
+    return B_stack.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _ours_forward(inp: Inputs, routing: dict, x, A_stack, B_stack) -> torch.Tensor:
     return lora_linear_multi(x, inp.weight, A_stack, B_stack, bias=inp.bias, **routing)
 
@@ -242,7 +249,8 @@ def _build(case: Case, inp: Inputs) -> Callable[[], Callable]:
             return lambda: torch.no_grad()(lambda: model(inp.x, adapter_names=names))
         if case.impl == "ours":
             routing = _routing_tensors(case.problem, case.device)
-            return lambda: (lambda: _ours_forward(inp, routing, inp.x, inp.A_stack, inp.B_stack))
+            B_stack = _rank_major(inp.B_stack)
+            return lambda: (lambda: _ours_forward(inp, routing, inp.x, inp.A_stack, B_stack))
 
         def build_loop():
             As, Bs = _per_adapter(inp, inp.A_stack, inp.B_stack, grad=False)
@@ -255,7 +263,7 @@ def _build(case: Case, inp: Inputs) -> Callable[[], Callable]:
         def build():
             x = inp.x.detach().clone().requires_grad_()
             if case.impl == "ours":
-                A, B = (t.detach().clone().requires_grad_() for t in (inp.A_stack, inp.B_stack))
+                A, B = (t.detach().clone().requires_grad_() for t in (inp.A_stack, _rank_major(inp.B_stack)))
                 routing = _routing_tensors(case.problem, case.device)
 
                 def run():
@@ -293,7 +301,8 @@ def _build(case: Case, inp: Inputs) -> Callable[[], Callable]:
         return lambda: shrink_loop
     y = torch.zeros_like(inp.dy)
     if case.impl == "ours":
-        return lambda: (lambda: (ops.lora_multi_expand_(y, h, inp.B_stack, offsets, ids, ranks, scales, True), y)[1])
+        B_stack = _rank_major(inp.B_stack)
+        return lambda: (lambda: (ops.lora_multi_expand_(y, h, B_stack, offsets, ids, ranks, scales, True), y)[1])
 
     def expand_loop():
         for a, lo, hi in inp.segments:

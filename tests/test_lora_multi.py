@@ -425,6 +425,20 @@ def test_multi_lora_linear_routes_rows_by_name(device, generator):
     assert layer.scales.tolist() == [2.0, 4.0 / 9.0, 1.0]
 
 
+def test_multi_lora_linear_keeps_lora_B_rank_major(device, generator):
+    """lora_B lives in a rank-major buffer (the CPU kernels read B^T in place) through
+    add_adapter, training and state-dict round trips, with PEFT's shape."""
+    layer = make_layer(device, generator)
+    n = len(layer.adapter_names)
+    assert layer.lora_B.shape == (n, OUT, R_MAX) and layer.lora_B.stride() == (R_MAX * OUT, 1, OUT)
+    x = randn(6, IN, device=device, generator=generator)
+    layer(x, ["fr", "de", "es", "fr", None, "de"]).square().sum().backward()
+    assert layer.lora_B.grad.stride() == layer.lora_B.stride()
+    copy = make_layer(device, generator)
+    copy.load_state_dict(layer.state_dict())
+    assert torch.equal(copy.lora_B, layer.lora_B) and copy.lora_B.stride() == layer.lora_B.stride()
+
+
 def test_multi_lora_linear_trains_only_used_adapters(device, generator):
     layer = make_layer(device, generator)
     assert not layer.base.weight.requires_grad

@@ -150,8 +150,8 @@ def _weight_layout(weight: torch.Tensor, rank_last: bool):
 # 2-core AVX-512 Xeon (float32, 2 threads; kernels / per-segment MKL, each op alone):
 #   256 x 256, N = 256, 8 adapters of 32 rows (ranks 8-64): shrink 52 / 118 us, expand
 #     85 / 110 us, dA or dB 65 / 130 us;
-#   4096 x 4096, N = 512, 8 adapters of 64 rows: shrink 0.94 / 1.13 ms, expand 1.18 / 0.97 ms,
-#     dA or dB 1.29 / 1.43 ms;
+#   4096 x 4096, N = 512, 8 adapters of 64 rows: shrink 0.94 / 1.13 ms, expand 1.18 / 0.97 ms
+#     (0.77 ms with a rank-major B_stack, as MultiLoRALinear stores it), dA or dB 1.29 / 1.43 ms;
 #   256 x 256, one adapter of 256 rows, rank 8: shrink 25 / 15 us, expand 17 / 10 us, dB 28 / 18 us.
 # Whole layer, 256 x 256, N = 256 (forward / forward+backward, us), every segment to MKL,
 # this threshold, every segment to the kernels: 8 adapters skewed (136 ... 5 rows)

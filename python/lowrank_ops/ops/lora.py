@@ -23,7 +23,8 @@ scale and the gate are folded into the small ``[N, r]`` intermediate.  Backward 
 
 The base products (``x W^T + b`` forward, ``dy W`` backward) are
 :mod:`~lowrank_ops.ops.base_linear`'s: BLAS, or hand-written small-batch kernels for
-float32 batches of a few to 32 rows on AVX-512 CPUs (up to 2.2x MKL there).
+float32 batches of a few to 32 rows on AVX-512 CPUs and weights of 4M+ elements (up to
+2.2x MKL there).
 
 Dropout (``dropout_p > 0``) applies to the adapter input only.  The mask is drawn from an
 int64 seed, itself drawn from ``generator`` (or torch's default generator): the same

@@ -18,8 +18,9 @@ Layers (DESIGN.md section 1):
 
 The frozen base ``x W^T + b`` (and ``dy W``) is :mod:`~lowrank_ops.ops.base_linear`'s: one
 dense GEMM through BLAS / cuBLAS, or on CPUs with AVX-512 the small-batch kernels for a
-few to 32 rows, where MKL's GEMM is neither flop- nor bandwidth-bound.  It dominates the
-flops (``in * out`` against ``r * (in + out)`` per row).  The gathered low-rank parts are hand-written kernels
+few to 32 rows and weights of 4M+ elements, where MKL's GEMM is neither flop- nor
+bandwidth-bound.  It dominates the flops (``in * out`` against ``r * (in + out)`` per
+row).  The gathered low-rank parts are hand-written kernels
 (csrc/cpu/lora_multi_cpu.cpp, csrc/cuda/lora_multi_cuda.cu); see
 :func:`lora_linear_multi`'s notes for the CPU measurements.
 """

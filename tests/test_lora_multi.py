@@ -268,6 +268,34 @@ def test_opcheck(device, cpu_path, generator):
         torch.library.opcheck(op, args)
 
 
+def _strided(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values with stride 2 (every other element of a buffer twice as long)."""
+    spread = tensor.new_zeros(2 * tensor.numel())
+    spread[::2] = tensor
+    return spread[::2]
+
+
+def test_strided_routing_tensors(device, cpu_path, generator):
+    """Routing tensors are read through raw pointers: strided ones must be read by value."""
+    tensors, routing_args = make_problem("mixed", torch.float32, device, generator)
+    (ref,), (abs_ref,) = reference_and_bounds(tensors, routing_args)
+    strided = {name: _strided(torch.tensor(value, device=device, dtype=torch.float64 if name == "scales" else None))
+               for name, value in routing_args.items()}
+    assert not any(t.is_contiguous() for t in strided.values())
+    y = run(tensors, strided)
+    assert_within(y.cpu(), ref, error_bound(abs_ref, ref, torch.float32), "strided routing")
+    # The raw ops, with every routing tensor strided, against the contiguous ones.
+    for op, args in _op_samples(device, generator):
+        routed = [_strided(a) if isinstance(a, torch.Tensor) and a.dtype in (torch.int64, torch.float64) else a
+                  for a in args]
+        fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        strided_fresh = [a.clone() if isinstance(a, torch.Tensor) and a.is_contiguous() else a for a in routed]
+        want, got = op(*fresh), op(*strided_fresh)
+        if want is None:  # in place: compare the mutated first argument
+            want, got = fresh[0], strided_fresh[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_compile_fullgraph_forward_backward(device, generator):
     torch.manual_seed(0)
     layer = MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=R_MAX).to(device)

@@ -101,6 +101,11 @@ def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torc
         raise ValueError(f"{op}: scales must be finite; got {scales.detach().cpu().tolist()}")
 
 
+def _contiguous_routing(offsets, ids, ranks, scales):
+    """The routing tensors with unit stride: the kernels read them through raw pointers."""
+    return tuple(None if t is None else t.contiguous() for t in (offsets, ids, ranks, scales))
+
+
 def _routing_args(offsets, ids, ranks, scales, n_rows: int, n_adapters: int, r_max: int) -> dict:
     return dict(
         offsets=offsets.data_ptr(), ids=ids.data_ptr(), ranks=ranks.data_ptr(),
@@ -250,6 +255,7 @@ def _shrink(input, weight, offsets, ids, ranks, scales, rank_last, plan: Optiona
 
 
 def _shrink_impl(input, weight, offsets, ids, ranks, scales, rank_last):
+    offsets, ids, ranks, scales = _contiguous_routing(offsets, ids, ranks, scales)
     _check_shrink(input, weight, offsets, ids, ranks, scales, rank_last)
     plan = _cpu_plan("lora_multi_shrink", input, offsets, ids, ranks, scales, *_weight_layout(weight, rank_last)[:2])
     return _shrink(input, weight, offsets, ids, ranks, scales, rank_last, plan)
@@ -299,6 +305,7 @@ def _expand_(out, h, weight, offsets, ids, ranks, scales, rank_last, plan: Optio
 
 
 def _expand_impl(out, h, weight, offsets, ids, ranks, scales, rank_last):
+    offsets, ids, ranks, scales = _contiguous_routing(offsets, ids, ranks, scales)
     _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last)
     plan = _cpu_plan("lora_multi_expand_", out, offsets, ids, ranks, scales, *_weight_layout(weight, rank_last)[:2])
     _expand_(out, h, weight, offsets, ids, ranks, scales, rank_last, plan)
@@ -350,6 +357,7 @@ def _outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan
 
 
 def _outer_impl(left, right, offsets, ids, ranks, scales, n_adapters, rank_last):
+    offsets, ids, ranks, scales = _contiguous_routing(offsets, ids, ranks, scales)
     _check_outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last)
     plan = _cpu_plan("lora_multi_segment_outer", left, offsets, ids, ranks, scales, n_adapters, left.shape[1])
     return _outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last, plan)
@@ -463,7 +471,7 @@ def _as_tensor(value, dtype: torch.dtype, device: torch.device, name: str) -> to
         if value.dtype.is_floating_point != dtype.is_floating_point or value.dtype == torch.bool:
             raise TypeError(f"lora_linear_multi: {name} has dtype {value.dtype}; expected an "
                             f"{'floating' if dtype.is_floating_point else 'integer'} tensor")
-        return value.to(device=device, dtype=dtype)
+        return value.to(device=device, dtype=dtype).contiguous()  # read through raw pointers
     return torch.tensor(list(value), dtype=dtype, device=device)
 
 

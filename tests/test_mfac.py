@@ -71,6 +71,16 @@ def test_passes_strided_and_empty(device, generator):
     torch.testing.assert_close(mfac_combine(G, coef, x), mfac_combine(G, coef.contiguous(), x.contiguous()))
     Gt = randn(300, 9, device=device, generator=generator).T  # column-strided buffer
     torch.testing.assert_close(mfac_dots(Gt, x), x @ Gt.T, rtol=1e-5, atol=1e-4)
+    # Expanded operands (row stride 0: every row is the same memory) are read by value.
+    v = randn(300, device=device, generator=generator)
+    torch.testing.assert_close(mfac_dots(G, v.expand(3, 300)), mfac_dots(G, v.expand(3, 300).contiguous()),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(mfac_combine(G, coef, v.expand(3, 300)),
+                               mfac_combine(G, coef, v.expand(3, 300).contiguous()), rtol=0, atol=0)
+    torch.testing.assert_close(mfac_dots(G[:1].expand(9, 300), x), mfac_dots(G[:1].expand(9, 300).contiguous(), x),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows that do not overlap"):
+        torch.ops.lowrank_ops.mfac_dots_write_(G[:1].expand(9, 300), x, 9, 0)
     assert mfac_dots(G, x, 0).shape == (3, 0)
     assert mfac_dots(G, x[:0]).shape == (0, 9)
     torch.testing.assert_close(mfac_combine(G, coef[:, :0], x, 2.0, 1.0, 0), 2.0 * x)

@@ -59,8 +59,13 @@ def _check_vectors(op: str, name: str, grads: torch.Tensor, x: torch.Tensor) -> 
 
 
 def _rows_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A view with unit column stride (copies only when the columns are strided)."""
-    return tensor if tensor.dim() < 2 or tensor.stride(1) == 1 else tensor.contiguous()
+    """A view with unit column stride and rows that do not overlap (the kernels read row i
+    at i * _ld(tensor)); copies only otherwise (strided columns, or an expanded tensor
+    whose rows share memory: row stride 0)."""
+    if tensor.dim() < 2:
+        return tensor
+    rows_apart = tensor.shape[0] <= 1 or tensor.stride(0) >= tensor.shape[1]
+    return tensor if tensor.stride(1) == 1 and rows_apart else tensor.contiguous()
 
 
 def _ld(tensor: torch.Tensor) -> int:
@@ -96,8 +101,9 @@ def _mfac_dots(grads, x, n_rows):
 
 
 def _mfac_dots_write(grads, x, n_rows, write_slot):
-    if grads.dim() == 2 and grads.stride(1) != 1:
-        raise ValueError(f"mfac_dots_write_: grads has strides {grads.stride()}; expected unit column stride (written in place)")
+    if grads.dim() == 2 and (grads.stride(1) != 1 or (grads.shape[0] > 1 and grads.stride(0) < grads.shape[1])):
+        raise ValueError(f"mfac_dots_write_: grads has strides {grads.stride()}; expected unit column stride and "
+                         "rows that do not overlap (it is written in place)")
     return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot)
 
 

@@ -268,6 +268,14 @@ def test_opcheck(device, cpu_path, generator):
         torch.library.opcheck(op, args)
 
 
+def test_expand_rejects_overlapping_out(generator):
+    offsets, ids, ranks = torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([2])
+    h, B = randn(3, 2, generator=generator), randn(1, 5, 2, generator=generator)
+    out = randn(5, generator=generator).expand(3, 5)
+    with pytest.raises(ValueError, match="out has overlapping rows"):
+        torch.ops.lowrank_ops.lora_multi_expand_(out, h, B, offsets, ids, ranks, None, True)
+
+
 def _strided(tensor: torch.Tensor) -> torch.Tensor:
     """The same values with stride 2 (every other element of a buffer twice as long)."""
     spread = tensor.new_zeros(2 * tensor.numel())

@@ -279,6 +279,9 @@ def _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last) -> Non
         )
     if out.stride(-1) != 1 and out.shape[1] > 1:
         raise ValueError(f"{op}: out must have unit column stride (it is written in place); got strides {out.stride()}")
+    if out.shape[0] > 1 and out.stride(0) < out.shape[1]:
+        raise ValueError(f"{op}: out has overlapping rows (strides {out.stride()}, shape {tuple(out.shape)}); "
+                         "it is written in place, so every element needs its own memory")
     check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
 
 

@@ -156,6 +156,28 @@ LOWRANK_INLINE void store_row(T* dst, const typename Simd<A, kBytes>::V* row, A 
   }
 }
 
+// L elements of p when kWhole, else its first `valid` ones (the rest 0).
+template <class A, int kBytes, bool kWhole, class T>
+LOWRANK_INLINE typename Simd<A, kBytes>::V load_cols(const T* p, int64_t valid) {
+  if constexpr (kWhole) return load_vec<A, kBytes>(p);
+  else return load_partial<A, kBytes>(p, valid);
+}
+
+template <class A, int kBytes, int kRows, int kVecs, bool kWhole, class TA, class TB>
+LOWRANK_INLINE void tile_fma_loop(typename Simd<A, kBytes>::V (&acc)[kRows][kVecs], const TA* const* a,
+                                  int64_t a_step, const TB* b, int64_t b_step, int64_t count, int64_t b_readable) {
+  using S = Simd<A, kBytes>;
+  for (int64_t t = 0; t < count; ++t) {
+    const TB* row = b + t * b_step;
+    typename S::V bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) bv[v] = load_cols<A, kBytes, kWhole>(row + v * S::L, b_readable - v * S::L);
+    for (int q = 0; q < kRows; ++q) {
+      const A s = to_acc(a[q][t * a_step]);
+      for (int v = 0; v < kVecs; ++v) acc[q][v] += s * bv[v];
+    }
+  }
+}
+
 // acc[q][v] += sum_{t < count} a[q][t * a_step] * b[t * b_step + v * L + (0 .. L)] for
 // q < kRows, v < kVecs.  b_readable: how many columns of each b row may be read.  With
 // whole tiles readable the loads are full vectors, whatever columns the caller keeps
@@ -164,27 +186,22 @@ LOWRANK_INLINE void store_row(T* dst, const typename Simd<A, kBytes>::V* row, A 
 template <class A, int kBytes, int kRows, int kVecs, class TA, class TB>
 LOWRANK_INLINE void tile_fma(typename Simd<A, kBytes>::V (&acc)[kRows][kVecs], const TA* const* a, int64_t a_step,
                              const TB* b, int64_t b_step, int64_t count, int64_t b_readable) {
-  using S = Simd<A, kBytes>;
-  if (b_readable >= kVecs * S::L) {
-    for (int64_t t = 0; t < count; ++t) {
-      const TB* row = b + t * b_step;
-      typename S::V bv[kVecs];
-      for (int v = 0; v < kVecs; ++v) bv[v] = load_vec<A, kBytes>(row + v * S::L);
-      for (int q = 0; q < kRows; ++q) {
-        const A s = to_acc(a[q][t * a_step]);
-        for (int v = 0; v < kVecs; ++v) acc[q][v] += s * bv[v];
-      }
-    }
-  } else {
-    for (int64_t t = 0; t < count; ++t) {
-      const TB* row = b + t * b_step;
-      typename S::V bv[kVecs];
-      for (int v = 0; v < kVecs; ++v) bv[v] = load_partial<A, kBytes>(row + v * S::L, b_readable - v * S::L);
-      for (int q = 0; q < kRows; ++q) {
-        const A s = to_acc(a[q][t * a_step]);
-        for (int v = 0; v < kVecs; ++v) acc[q][v] += s * bv[v];
-      }
-    }
+  if (b_readable >= kVecs * Simd<A, kBytes>::L)
+    tile_fma_loop<A, kBytes, kRows, kVecs, true>(acc, a, a_step, b, b_step, count, b_readable);
+  else
+    tile_fma_loop<A, kBytes, kRows, kVecs, false>(acc, a, a_step, b, b_step, count, b_readable);
+}
+
+// acc[q * 4 + k] += x[q][j0 : j0 + L] * w[k][j0 : j0 + L] (lane partial sums); a whole
+// vector when kWhole, else the first `valid` elements.
+template <class A, int kBytes, int kRows, bool kWhole, class T>
+LOWRANK_INLINE void dot_step(const T* const* x, const T* const* w, int64_t j0, int64_t valid,
+                             typename Simd<A, kBytes>::V* acc) {
+  typename Simd<A, kBytes>::V wv[kDotWeights];
+  for (int k = 0; k < kDotWeights; ++k) wv[k] = load_cols<A, kBytes, kWhole>(w[k] + j0, valid);
+  for (int q = 0; q < kRows; ++q) {
+    const typename Simd<A, kBytes>::V xv = load_cols<A, kBytes, kWhole>(x[q] + j0, valid);
+    for (int k = 0; k < kDotWeights; ++k) acc[q * kDotWeights + k] += xv * wv[k];
   }
 }
 
@@ -196,22 +213,8 @@ LOWRANK_INLINE void dot_tile(const T* const* x, const T* const* w, int64_t count
   typename S::V acc[kRows * kDotWeights];
   zero(acc);
   int64_t j = 0;
-  for (; j + S::L <= count; j += S::L) {
-    typename S::V wv[kDotWeights];
-    for (int k = 0; k < kDotWeights; ++k) wv[k] = load_vec<A, kBytes>(w[k] + j);
-    for (int q = 0; q < kRows; ++q) {
-      const typename S::V xv = load_vec<A, kBytes>(x[q] + j);
-      for (int k = 0; k < kDotWeights; ++k) acc[q * kDotWeights + k] += xv * wv[k];
-    }
-  }
-  if (j < count) {
-    typename S::V wv[kDotWeights];
-    for (int k = 0; k < kDotWeights; ++k) wv[k] = load_partial<A, kBytes>(w[k] + j, count - j);
-    for (int q = 0; q < kRows; ++q) {
-      const typename S::V xv = load_partial<A, kBytes>(x[q] + j, count - j);
-      for (int k = 0; k < kDotWeights; ++k) acc[q * kDotWeights + k] += xv * wv[k];
-    }
-  }
+  for (; j + S::L <= count; j += S::L) dot_step<A, kBytes, kRows, true>(x, w, j, S::L, acc);
+  if (j < count) dot_step<A, kBytes, kRows, false>(x, w, j, count - j, acc);
   constexpr int kAcc = kRows * kDotWeights;
   if constexpr (kBytes == 64 && kAcc % S::L == 0) {
     // Groups of L accumulators reduced together (2 (L - 1) shuffles per group, simd.h).

@@ -128,9 +128,7 @@ def _csr_spmm_cpu(row_ptr, col_idx, values, row_order, dense, n_rows, addend=Non
 
 
 def _csr_spmm_cpu_unchecked(row_ptr, col_idx, values, dense, n_rows, addend=None):
-    """The CPU kernel call of csr_spmm, arguments already checked (by _check_spmm_args, or
-    by :func:`_matmul`'s validation against a FixedSupport, whose pattern was checked when
-    it was built)."""
+    """The CPU kernel call of csr_spmm, arguments already checked."""
     row_ptr, col_idx, values = row_ptr.contiguous(), col_idx.contiguous(), values.contiguous()
     batch, n_cols = dense.shape
     out = dense.new_empty((batch, n_rows))
@@ -229,11 +227,21 @@ torch.library.register_fake("lowrank_ops::csr_sddmm", _csr_sddmm_fake, lib=LIBRA
 
 
 # ---------------------------------------------------------------------------- autograd
+def _csr_spmm_cpu_for_support(row_ptr, col_idx, values, row_order, dense, n_rows):
+    """csr_spmm's CPU kernel call for :func:`_matmul`, whose arguments were validated against
+    a FixedSupport (its pattern checked when it was built): only the two facts the C++ loop
+    bounds rely on are checked again, in case the support's buffers were replaced; the full
+    check cost ~10 us of a 95 us SpMV at 2048 x 5461, density 0.03."""
+    if row_ptr.numel() != n_rows + 1 or row_ptr.dtype != col_idx.dtype:
+        _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows)
+    return _csr_spmm_cpu_unchecked(row_ptr, col_idx, values, dense, n_rows)
+
+
 def _spmm_op(device: torch.device):
-    """csr_spmm for ``device``: the registered op under torch.compile, else its implementation
-    (eager_or_op; the dispatcher was ~40 us of a 180 us SpMV at 2048 x 5461, density 0.03,
-    where the kernel takes 66 us)."""
-    return eager_or_op("csr_spmm", _csr_spmm_cpu if device.type == "cpu" else _csr_spmm_cuda)
+    """csr_spmm for ``device``, called by _matmul's paths after validation: the registered op
+    under torch.compile, else the kernel call directly (eager_or_op; the dispatcher was ~40 us
+    of a 180 us SpMV at 2048 x 5461, density 0.03, where the kernel takes 66 us)."""
+    return eager_or_op("csr_spmm", _csr_spmm_cpu_for_support if device.type == "cpu" else _csr_spmm_cuda)
 
 
 class _FixedSparseMatmul(torch.autograd.Function):
@@ -328,14 +336,6 @@ def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSuppor
             support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
             support.out_features, support.in_features,
         )
-    elif x.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Eager CPU inference: validated above, so the kernel call skips csr_spmm's own
-        # checks (about 10 us of a 95 us SpMV at 2048 x 5461, density 0.03) but the two
-        # the C++ loop bounds rely on, in case the support's buffers were replaced.
-        row_ptr, col_idx = support.row_ptr, support.col_idx
-        if row_ptr.numel() != support.out_features + 1 or row_ptr.dtype != col_idx.dtype:
-            _check_spmm_args(row_ptr, col_idx, values, support.row_order, x2, support.out_features)
-        y = _csr_spmm_cpu_unchecked(row_ptr, col_idx, values, x2, support.out_features)
     else:  # nothing to differentiate: no autograd Function, no saved tensors
         y = _spmm_op(x.device)(support.row_ptr, support.col_idx, values, support.row_order, x2, support.out_features)
     return y.reshape(*batch_shape, support.out_features)

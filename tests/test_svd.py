@@ -211,6 +211,25 @@ def test_qr_preconditioned_sizes(device, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [48, 64])
+def test_threshold_sweeps_keep_the_convergence_test(device, dtype, n, generator):
+    # Up to 64 columns the CPU kernel's first sweeps skip pairs below 10^-k (threshold
+    # Jacobi).  Columns already orthogonal: converged in the first sweep, as without
+    # thresholds.  Columns 1e-3 from orthogonal: the first sweep (threshold 0.1) rotates
+    # nothing, yet the kernel must not stop there: it sweeps on at tol and converges.
+    Q = torch.linalg.qr(randn(2, n, n, dtype=torch.float64, device=device, generator=generator)).Q
+    scales = torch.logspace(0, -2, n, dtype=torch.float64, device=device)
+    orthogonal = (Q * scales).to(dtype)
+    result = batched_svd(orthogonal)
+    check_svd(orthogonal, result, what="orthogonal columns")
+    assert result.sweeps.tolist() == [1, 1]
+    nearly = (Q * scales + 1e-3 * randn(2, n, n, dtype=torch.float64, device=device, generator=generator) / n).to(dtype)
+    result = batched_svd(nearly)
+    check_svd(nearly, result, what="nearly orthogonal columns")
+    assert bool((result.sweeps >= 3).all()), result.sweeps.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_qr_preconditioned_rank_deficient(device, dtype, generator):
     # Exactly zero singular values on the preconditioned path: zero rows of R, zero
     # columns of R^T; the right factor (normalized side there) is completed, the left one

@@ -26,7 +26,9 @@
 //     fewer sweeps), with the rotations accumulated onto Q; then X = (Q V1) S (P U1)^T,
 //     U1 the normalized final columns of R^T.  The tolerance, the report and the output
 //     conventions below are the same.
-//   * A sweep without any rotation proves convergence.  Each matrix reports the sweeps
+//   * CPU, one matrix per task, up to 64 columns (kThresholdMaxCols): sweeps 1 to 3 rotate
+//     only pairs above max(tol, 10^-k) in sweep k (threshold Jacobi: fewer rotations).
+//   * A sweep in which no pair exceeds tol (so without any rotation) proves convergence.  Each matrix reports the sweeps
 //     it used (the final, rotation-free sweep included), whether it converged within
 //     max_sweeps, and the largest |w_i . w_j| / (||w_i|| ||w_j||) measured in its last
 //     sweep (<= tol when converged).  A non-finite sigma (only possible from non-finite

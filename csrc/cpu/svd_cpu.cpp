@@ -309,10 +309,11 @@ LOWRANK_INLINE A round_max(const A* values, int64_t n) {
 // the rotations are then bound by the stores, and the scale bookkeeping costs as much
 // as it saves); deferring the V part of each round's rotations behind the next round's
 // decisions; sweeping two matrices together (their 64 KB no longer fit L1).
-// Threshold sweeps (as in Rutishauser's Jacobi eigenvalue routine): sweeps k = 1 .. threshold_sweeps rotate only the pairs
-// whose relative off-diagonal exceeds max(tol, 10^-k).  Early rotations of pairs that are
-// already nearly orthogonal are undone by later ones anyway; skipping them saves 13 % of
-// the rotations at 64 x 64 (N(0, 1), fp32) for about the same number of sweeps.  Only a
+// Threshold sweeps (as in Rutishauser's Jacobi eigenvalue routine): sweeps k = 1 ..
+// threshold_sweeps rotate only the pairs whose relative off-diagonal exceeds
+// max(tol, 10^-k).  Early rotations of pairs that are already nearly orthogonal are
+// undone by later ones anyway; skipping them saves 13 % of the rotations at 64 x 64
+// (N(0, 1), fp32; a numpy model) for about the same number of sweeps.  Only a
 // sweep in which no pair exceeds tol itself proves convergence, so the result and the
 // report keep their meaning; a sweep that rotates nothing ends the thresholds.
 // kW, kAll > 0: the column lengths in vectors (W, and W and V) known at compile time.

@@ -1,5 +1,5 @@
-// lowrank_ops._C: M-FAC passes over the gradient buffer (mfac_dots, mfac_combine) and the
-// float64 Cholesky work on K (solve, factor, rank update of the factor).
+// lowrank_ops._C: M-FAC passes over the gradient buffer (mfac_dots, mfac_combine, and both with
+// the float64 solve between them: mfac_apply) and the Cholesky factor of K (factor, rank update).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -123,13 +123,20 @@ LOWRANK_OPS_BINDINGS(mfac) {
       combine_doc, py::kw_only(), "grads"_a, "coef"_a, "x"_a, "out"_a, "n_rows"_a, "dim"_a, "k"_a, "grads_ld"_a,
       "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "device"_a, "stream"_a);
   m.def(
-      "mfac_cholesky_solve_cpu",
-      [](std::uintptr_t U, int64_t u_ld, std::uintptr_t b, int64_t b_ld, int64_t n, int64_t k) {
+      "mfac_apply_cpu",
+      [](std::uintptr_t grads, std::uintptr_t x, std::uintptr_t out, std::uintptr_t U, int64_t u_ld,
+         std::uintptr_t products, int64_t n_rows, int64_t dim, int64_t k, int64_t grads_ld, int64_t x_ld,
+         int64_t out_ld, double alpha, double beta, int dtype, int num_threads) {
+        const MfacCombineParams p =
+            combine_params(grads, 0, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype);
         py::gil_scoped_release release;
-        mfac_cholesky_solve_cpu(reinterpret_cast<const double*>(U), u_ld, reinterpret_cast<double*>(b), b_ld, n, k);
+        mfac_apply_cpu(p, reinterpret_cast<const double*>(U), u_ld, reinterpret_cast<const void*>(products),
+                       num_threads);
       },
-      "Solves (U^T U) x = b in place for the k rows of B [k, n] (float64, U upper triangular [n, n]).",
-      py::kw_only(), "U"_a, "u_ld"_a, "b"_a, "b_ld"_a, "n"_a, "k"_a);
+      "out = alpha * x + beta * coef G_n with coef = (U^T U)^-1 products (float64 solve), products = G_n x when 0;\n"
+      "dots, solve and combine in one call.  See csrc/include/lowrank_ops/mfac.h.",
+      py::kw_only(), "grads"_a, "x"_a, "out"_a, "U"_a, "u_ld"_a, "products"_a, "n_rows"_a, "dim"_a, "k"_a,
+      "grads_ld"_a, "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "num_threads"_a);
   m.def(
       "mfac_cholesky_factor_cpu",
       [](std::uintptr_t A, int64_t a_ld, int64_t n) -> int64_t {

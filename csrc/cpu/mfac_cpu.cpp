@@ -250,7 +250,8 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
   const int64_t n_tasks = tasks_for(threads, p.dim);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
-    std::vector<A> acc(static_cast<size_t>(p.k * chunk));
+    const int64_t width = std::min(chunk, end - begin);  // accumulator row length: no more than the range
+    std::vector<A> acc(static_cast<size_t>(p.k * width));
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t n = std::min(chunk, end - c0);
       std::fill(acc.begin(), acc.end(), A(0));
@@ -260,7 +261,7 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
         for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
           const A* w = coef + j * p.n_rows + i;
-          A* acc_j = acc.data() + j * chunk;
+          A* acc_j = acc.data() + j * width;
           if (group == kRowGroup) {
             axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
           } else {
@@ -270,7 +271,7 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
       }
       for (int64_t j = 0; j < p.k; ++j) {
         A* y = out + j * p.out_ld + c0;
-        const A* a = acc.data() + j * chunk;
+        const A* a = acc.data() + j * width;
         if (alpha == A(0)) {
           for (int64_t c = 0; c < n; ++c) y[c] = beta * a[c];
         } else {
@@ -324,6 +325,42 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
   dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
     combine_typed<typename decltype(tag)::type>(p, std::max(num_threads, 1));
   });
+}
+
+void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads) {
+  LOWRANK_CHECK(p.n_rows >= 0 && p.k >= 0, "mfac_apply: sizes must be non-negative; got n_rows=", p.n_rows, ", k=", p.k);
+  LOWRANK_CHECK(products != nullptr || p.alpha == 0.0 || p.x != nullptr, "mfac_apply: x must not be null");
+  auto run = [&](auto acc_tag) {
+    using A = decltype(acc_tag);
+    const int64_t count = p.k * p.n_rows;
+    std::vector<A> dots(static_cast<size_t>(count));
+    if (products == nullptr) {
+      MfacDotsParams d;
+      d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
+      d.x = p.x;
+      d.out = dots.data();
+      d.n_rows = p.n_rows;
+      d.dim = p.dim;
+      d.k = p.k;
+      d.grads_ld = p.grads_ld;
+      d.x_ld = p.x_ld;
+      d.dtype = p.dtype;
+      mfac_dots_cpu(d, num_threads);
+    } else if (count > 0) {
+      std::memcpy(dots.data(), products, static_cast<size_t>(count) * sizeof(A));
+    }
+    std::vector<double> rows(dots.begin(), dots.end());
+    mfac_cholesky_solve_cpu(U, u_ld, rows.data(), p.n_rows, p.n_rows, p.k);
+    for (int64_t e = 0; e < count; ++e) dots[static_cast<size_t>(e)] = static_cast<A>(rows[static_cast<size_t>(e)]);
+    MfacCombineParams c = p;
+    c.coef = dots.data();
+    mfac_combine_cpu(c, num_threads);
+  };
+  if (p.dtype == DType::float64) {
+    run(double{});
+  } else {
+    run(float{});
+  }
 }
 
 void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {

@@ -139,6 +139,29 @@ def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
     return out
 
 
+def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
+    """``alpha x + beta ((U^T U)^-1 p)^T G_n`` per row of ``x`` on the CPU, in one extension
+    call (``_C.mfac_apply_cpu``: mfac_dots, a float64 solve and mfac_combine, with no
+    Python work or tensors between them).  ``p = products`` (``[k, n_rows]``, compute
+    dtype, contiguous) or ``G_n x`` computed in the same call; ``factor`` is the upper
+    Cholesky factor ``U`` (float64 ``[n_rows, n_rows]``, contiguous).
+
+    Not an op and not differentiable: :class:`lowrank_ops.second_order.MFACInverse` calls
+    it for its own buffer and factor with vectors it has validated (CPU, compute dtype,
+    ``[k, dim]``, nothing requiring a gradient), so only the layout is settled here.
+    """
+    x = _rows_view(x)
+    k, dim = x.shape
+    out = x.new_empty((k, dim))
+    extension().mfac_apply_cpu(
+        grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), U=factor.data_ptr(), u_ld=n_rows,
+        products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k,
+        grads_ld=_ld(grads), x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "", ""),
+        num_threads=torch.get_num_threads(),
+    )
+    return out
+
+
 def _mfac_combine_fake(grads, coef, x, n_rows, alpha, beta):
     return x.new_empty(x.shape)
 

@@ -43,7 +43,7 @@ import torch
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from ..ops._library import current_stream
-from ..ops.mfac import _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
+from ..ops.mfac import _mfac_apply_cpu, _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
 
 __all__ = ["MFACInverse"]
 
@@ -264,29 +264,27 @@ class MFACInverse:
             self._updates_since_factor = 0
         return self._factor
 
-    def _apply(self, x: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, dots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F^-1 x`` for rows ``x [k, dim]``, from ``dots = G_n x^T`` rows ``[k, n]`` when given.
+
+        On the CPU without autograd: one extension call for the passes and the solve
+        (``_mfac_apply_cpu``): no Python work or tensors between the passes, and a
+        single-threaded float64 substitution instead of a threaded LAPACK solve, which
+        leaves OpenMP workers spinning on the cores the next pass needs (2.6 + 2.6 ms
+        passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  Elsewhere the ops
+        (differentiable) and torch's ``cholesky_solve``.
+        """
         n = self.n
         if n == 0:
             return x / self.damp
-        coef = self._solve_gram(dots)
+        if x.device.type == "cpu" and _direct(x) and (dots is None or _direct(dots)):
+            products = None if dots is None else dots.contiguous()
+            return _mfac_apply_cpu(self.grads, x, n, self._cholesky(), 1.0 / self.damp, -1.0 / self.damp, products)
+        if dots is None:
+            dots = (_mfac_dots if _direct(x) else torch.ops.lowrank_ops.mfac_dots)(self.grads, x, n)
+        coef = torch.cholesky_solve(dots.T.to(torch.float64), self._cholesky(), upper=True).T.to(self.dtype)
         combine = _mfac_combine if _direct(coef, x) else torch.ops.lowrank_ops.mfac_combine
         return combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
-
-    def _solve_gram(self, dots: torch.Tensor) -> torch.Tensor:
-        """``K^-1 dots^T`` as rows ``[k, n]`` (compute dtype), ``K = n damp I + G G^T``.
-
-        On the CPU without autograd: our single-threaded substitution (``_C``), because a
-        threaded LAPACK solve between the two passes leaves OpenMP workers spinning on
-        the cores the next pass needs (2.6 + 2.6 ms passes took 9.0 ms in sequence at
-        m = 256, d = 1e5 on 2 cores).  Elsewhere torch's ``cholesky_solve``.
-        """
-        factor = self._cholesky()
-        if dots.device.type == "cpu" and not (torch.is_grad_enabled() and dots.requires_grad):
-            rows = dots.to(torch.float64, copy=True).contiguous()
-            extension().mfac_cholesky_solve_cpu(U=factor.data_ptr(), u_ld=factor.stride(0), b=rows.data_ptr(),
-                                                b_ld=rows.stride(0), n=rows.shape[1], k=rows.shape[0])
-            return rows.to(self.dtype)
-        return torch.cholesky_solve(dots.T.to(torch.float64), factor, upper=True).T.to(self.dtype)
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
@@ -296,8 +294,7 @@ class MFACInverse:
         x = self._check_vectors(x, "x", "ihvp")
         squeeze = x.dim() == 1
         X = x.unsqueeze(0) if squeeze else x
-        dots = _mfac_dots if _direct(X) else torch.ops.lowrank_ops.mfac_dots
-        out = self._apply(X, dots(self.grads, X, self.n))
+        out = self._apply(X)
         return out[0] if squeeze else out
 
     def diag(self, block_size: Optional[int] = None) -> torch.Tensor:

@@ -141,6 +141,26 @@ def test_ihvp_differentiable(generator):
     assert torch.autograd.gradcheck(inverse.ihvp, (x,))
 
 
+def test_cpu_one_call_apply_matches_the_op_path(generator):
+    # Without autograd, ihvp and update_ihvp on the CPU run both passes and the solve in
+    # one extension call (_C.mfac_apply_cpu); with autograd, the differentiable ops and
+    # torch's cholesky_solve.  The passes are the same kernels, so the two differ only by
+    # the float64 solves' rounding, carried into float32 coefficients (<= 1 ulp each):
+    # rtol 1e-5.  update_ihvp (dots from the write pass) equals update then ihvp bitwise.
+    one, other = MFACInverse(300, 7, 0.1), MFACInverse(300, 7, 0.1)
+    for g in gradients(9, 300, generator):
+        one.update(g.float())
+        other.update(g.float())
+    x = randn(3, 600, generator=generator)[:, ::2]  # strided rows
+    fused = one.ihvp(x)
+    ops_path = one.ihvp(x.clone().requires_grad_()).detach()
+    torch.testing.assert_close(fused, ops_path, rtol=1e-5, atol=1e-5 * float(ops_path.abs().max()))
+    g = randn(300, generator=generator)
+    stepped = one.update_ihvp(g)
+    other.update(g)
+    assert torch.equal(stepped, other.ihvp(g))
+
+
 def test_torch_compile_fullgraph(device, generator):
     G = randn(6, 50, device=device, generator=generator)
     x = randn(3, 50, device=device, generator=generator)

@@ -154,9 +154,9 @@ def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
     k, dim = x.shape
     out = x.new_empty((k, dim))
     extension().mfac_apply_cpu(
-        grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), U=factor.data_ptr(), u_ld=n_rows,
-        products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k,
-        grads_ld=_ld(grads), x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "", ""),
+        grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), U=factor.data_ptr(), u_ld=factor.stride(0),
+        products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k, grads_ld=_ld(grads),
+        x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "MFACInverse", "grads"),
         num_threads=torch.get_num_threads(),
     )
     return out

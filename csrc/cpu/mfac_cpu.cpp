@@ -328,8 +328,8 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
 }
 
 void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads) {
+  // The passes and the solve check their own arguments; only the buffers' sizes are needed first.
   LOWRANK_CHECK(p.n_rows >= 0 && p.k >= 0, "mfac_apply: sizes must be non-negative; got n_rows=", p.n_rows, ", k=", p.k);
-  LOWRANK_CHECK(products != nullptr || p.alpha == 0.0 || p.x != nullptr, "mfac_apply: x must not be null");
   auto run = [&](auto acc_tag) {
     using A = decltype(acc_tag);
     const int64_t count = p.k * p.n_rows;

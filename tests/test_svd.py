@@ -217,7 +217,9 @@ def test_threshold_sweeps_keep_the_convergence_test(device, dtype, n, generator)
     # Jacobi).  Columns already orthogonal: converged in the first sweep, as without
     # thresholds.  Columns 1e-3 from orthogonal: the first sweep (threshold 0.1) rotates
     # nothing, yet the kernel must not stop there: it sweeps on at tol and converges.
-    Q = torch.linalg.qr(randn(2, n, n, dtype=torch.float64, device=device, generator=generator)).Q
+    # Exactly orthogonal columns on any device: signed permutations, scaled.
+    Q = torch.stack([torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=generator)] for _ in range(2)])
+    Q = (Q * torch.randn(2, 1, n, dtype=torch.float64, generator=generator).sign()).to(device)
     scales = torch.logspace(0, -2, n, dtype=torch.float64, device=device)
     orthogonal = (Q * scales).to(dtype)
     result = batched_svd(orthogonal)

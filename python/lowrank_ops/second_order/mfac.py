@@ -14,7 +14,9 @@ Cost per optimizer step (:meth:`MFACInverse.update_ihvp`): one fused pass over `
 writes the new gradient into its slot and returns ``G g`` (the new Gram row, and the
 first half of the IHVP), an ``O(m^2)`` update of the factor and solves, and one pass
 ``(g - G^T c) / lambda``: ``2 m d`` storage elements read, the floor for any method
-that touches all of ``G``.
+that touches all of ``G``.  On the CPU without autograd, the solve and the second pass
+(and for :meth:`MFACInverse.ihvp` also the first) run in one extension call
+(``_C.mfac_apply_cpu``), with no Python work or tensors between the passes.
 
 The factor: once the window is full, replacing gradient ``s`` replaces row and column
 ``s`` of ``K``, a rank-2 symmetric change; ``U`` is then updated in ``O(m^2)`` (a

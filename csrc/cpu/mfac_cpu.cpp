@@ -333,12 +333,12 @@ void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, c
   auto run = [&](auto acc_tag) {
     using A = decltype(acc_tag);
     const int64_t count = p.k * p.n_rows;
-    std::vector<A> dots(static_cast<size_t>(count));
+    std::vector<A> coef(static_cast<size_t>(count));  // G_n x first, when computed here
     if (products == nullptr) {
       MfacDotsParams d;
       d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
       d.x = p.x;
-      d.out = dots.data();
+      d.out = coef.data();
       d.n_rows = p.n_rows;
       d.dim = p.dim;
       d.k = p.k;
@@ -346,14 +346,14 @@ void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, c
       d.x_ld = p.x_ld;
       d.dtype = p.dtype;
       mfac_dots_cpu(d, num_threads);
-    } else if (count > 0) {
-      std::memcpy(dots.data(), products, static_cast<size_t>(count) * sizeof(A));
+      products = coef.data();
     }
-    std::vector<double> rows(dots.begin(), dots.end());
+    const A* given = static_cast<const A*>(products);
+    std::vector<double> rows(given, given + count);
     mfac_cholesky_solve_cpu(U, u_ld, rows.data(), p.n_rows, p.n_rows, p.k);
-    for (int64_t e = 0; e < count; ++e) dots[static_cast<size_t>(e)] = static_cast<A>(rows[static_cast<size_t>(e)]);
+    for (int64_t e = 0; e < count; ++e) coef[static_cast<size_t>(e)] = static_cast<A>(rows[static_cast<size_t>(e)]);
     MfacCombineParams c = p;
-    c.coef = dots.data();
+    c.coef = coef.data();
     mfac_combine_cpu(c, num_threads);
   };
   if (p.dtype == DType::float64) {

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
+from .._finite import all_finite
 from ..second_order.mfac import MFACInverse
 
 __all__ = ["obs_scores", "obs_prune", "collect_gradients"]
@@ -40,7 +41,7 @@ def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: 
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
     if block_size is not None and (int(block_size) != block_size or block_size < 1):
         raise ValueError(f"{op}: block_size must be None or an integer >= 1; got {block_size}")
-    if not bool(torch.isfinite(grads).all()):
+    if not all_finite(grads):
         raise ValueError(f"{op}: grads has non-finite entries (inf or nan)")
 
 

@@ -20,9 +20,10 @@ A wide matrix (m < n) is processed as its transpose, read in place through strid
 CPU implementation: hand-written C++ (csrc/cpu/svd_cpu.cpp), matrices in parallel over
 the batch (several small matrices per SIMD vector, larger ones one per thread, SIMD over
 rows; from ``min(m, n) = 40`` on, the sweeps run on ``R^T`` of a pivoted QR, which needs
-fewer sweeps; up to 64 columns, sweeps 1 to 3 skip the pairs whose relative off-diagonal is
-below 10^-k in sweep k, which saves rotations without changing the convergence test).  CUDA implementation: csrc/cuda/svd_cuda.cu, one thread block per matrix,
-the matrix in shared memory when it fits, else in a global workspace allocated here.
+fewer sweeps; up to 64 columns, sweeps 1 to 3 skip the pairs whose relative off-diagonal
+is below 10^-k in sweep k, which saves rotations without changing the convergence test).
+CUDA implementation: csrc/cuda/svd_cuda.cu, one thread block per matrix, the matrix in
+shared memory when it fits, else in a global workspace allocated here.
 
 Delegation to ``torch.linalg.svd`` (Jacobi's ``O(n^3)`` work per sweep, over several
 sweeps, loses to LAPACK's bidiagonalization as n grows): on CPU above the measured

@@ -335,7 +335,7 @@ class MFACInverse:
             raise ValueError(f"MFACInverse.from_gradients: G has shape {shape}; expected (m, d) with m, d >= 1")
         dtype = compute_dtype(G.dtype) if dtype is None else dtype
         inverse = cls(G.shape[1], G.shape[0], damp, dtype=dtype, storage_dtype=storage_dtype, device=G.device)
-        if not bool(torch.isfinite(G).all()):
+        if not all_finite(G):
             raise ValueError("MFACInverse.from_gradients: G has non-finite entries (inf or nan)")
         inverse.grads.copy_(G)
         stored = inverse.grads.to(dtype)

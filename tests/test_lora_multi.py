@@ -177,18 +177,21 @@ def _stack_layout(stack: torch.Tensor, layout: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_kernel_tiles_forward_backward(dtype, layout, generator, monkeypatch):
+def test_kernel_tiles_forward_backward(device, dtype, layout, generator, monkeypatch):
+    """Several tiles and K-steps of the shrink / expand kernels (forward and every
+    gradient) for each adapter-stack layout; "transposed" is MultiLoRALinear's
+    rank-major lora_B."""
     monkeypatch.setattr(lora_multi_module, "_CPU_GEMM_MIN_ROWS", 10**18)
-    tensors, routing_args = make_problem(TILE_ROUTING, dtype, "cpu", generator, dims=TILE_DIMS)
+    tensors, routing_args = make_problem(TILE_ROUTING, dtype, device, generator, dims=TILE_DIMS)
     tensors["A_stack"] = _stack_layout(tensors["A_stack"], layout)
     tensors["B_stack"] = _stack_layout(tensors["B_stack"], layout)
     for name in ("x", "A_stack", "B_stack"):
         tensors[name].requires_grad_(True)
     y = run(tensors, routing_args)
-    grad_y = randn(*y.shape, dtype=dtype, generator=generator)
+    grad_y = randn(*y.shape, dtype=dtype, device=device, generator=generator)
     y.backward(grad_y)
     refs, abs_refs = reference_and_bounds(tensors, routing_args, grad_y)
-    ours = (y.detach(), tensors["x"].grad, tensors["A_stack"].grad, tensors["B_stack"].grad)
+    ours = (y.detach().cpu(), tensors["x"].grad.cpu(), tensors["A_stack"].grad.cpu(), tensors["B_stack"].grad.cpu())
     for what, value, ref, abs_ref in zip(("y", "dx", "dA", "dB"), ours, refs, abs_refs):
         assert_within(value, ref, error_bound(abs_ref, ref, dtype, TILE_DIMS), f"{what} {dtype}")
     for a, r in enumerate(TILE_ROUTING[2]):

@@ -324,13 +324,14 @@ def _replace_factor(U, s, row):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n, slot", [(1, 0), (37, 0), (37, 17), (37, 36), (2048, 0), (2048, 1023), (2048, 2047),
-                                     (3000, 0), (3000, 2999)])
+                                     (2881, 0), (3000, 0), (3000, 100), (3000, 2999)])
 def test_cuda_cholesky_replace_matches_cpu(cuda_device, generator, n, slot):
     """The CUDA rank update against the CPU one on the same factor, and against K'.
 
-    n = 37 and 3000 are not multiples of 32; n = 3000 with slot 0 keeps the vectors in
-    the work buffer (over the kernel's shared-memory budget), slot n - 1 in shared
-    memory.  The factor is a view with row stride n + 3, whose padding must stay untouched.
+    n = 37 and 3000 are not multiples of 32.  The kernel keeps its 2n - s - 2 vector
+    entries in shared memory up to 5760 doubles: n = 2881 with slot 0 is exactly that
+    budget; n = 3000 with slots 0 and 100 keeps them in the work buffer (the second with
+    a forward substitution through it), slot n - 1 in shared memory.  The factor is a view with row stride n + 3, whose padding must stay untouched.
     Bounds as in test_factor_rank_update_matches_fresh_cholesky with one update
     (chain = 1): backward |U^T U - K'| <= 4 n u (1 + 1) |K'|, and each factor within
     that times cond(K') of the exact one, so the two within twice that of each other.

@@ -78,6 +78,31 @@ def test_row_lse_matches_reference(device, generator, dtype, source, columns):
     assert ((mean_cost.double() - ref_cost).abs() <= weight_error + 8 * EPS[dtype] * ref_cost.abs()).all()
 
 
+@pytest.mark.parametrize("columns", [False, True])
+def test_row_lse_skips_entries_that_underflow_to_zero(device, generator, columns):
+    """Log-plan entries (f + g - C) / reg that overflow to -inf in float32 (finite costs
+    of 3e38 at reg = 0.01) add exp(-inf) = 0, also when they fill the first column block
+    of a row or column or the first entries of a warp's lanes (the online maximum is then
+    still -inf: exp(-inf - (-inf)) must not be taken).  Every row and column keeps a
+    finite entry.  The float64 reference sees them as finite (about -3e40) and equally
+    negligible."""
+    C, _, _, f, g = _problem(1, 300, 300, 1, generator, torch.float32, device)
+    C[:, :, :260] = 3e38  # more than the CPU kernel's 256-column block
+    C[:, 290, :260] = 0.5
+    C[:, :260, :] = 3e38
+    C[:, :260, 295] = 0.5
+    lse, mean_cost = ot_ops.row_lse(C, None, None, f, g, 0.01, 0, columns=columns, with_cost=True)
+    s = reference.ot_log_plan(C.double(), f.double(), g.double(), 0.01)
+    ref_lse, ref_cost = reference.ot_row_lse(C.double(), f.double(), g.double(), 0.01, columns)
+    dim = 1 if columns else 2
+    bound = _lse_bound(s.where(C.cpu() < 1e38, 0), dim, torch.float32)  # the huge entries add exactly 0
+    assert torch.isfinite(lse).all() and torch.isfinite(mean_cost).all()
+    assert ((lse.double().cpu() - ref_lse.cpu()).abs() <= bound.cpu()).all()
+    finite_cost = C.double().cpu().where(C.cpu() < 1e38, 0).abs().amax(dim)  # the huge costs' weights are 0
+    assert ((mean_cost.double().cpu() - ref_cost.cpu()).abs()
+            <= (torch.expm1(2 * bound) * finite_cost + 8 * EPS[torch.float32] * ref_cost.abs()).cpu()).all()
+
+
 def test_row_lse_active_mask_and_empty(generator):
     C, _, _, f, g = _problem(3, 5, 4, 1, generator)
     active = torch.tensor([True, False, True])

@@ -144,6 +144,9 @@ LOWRANK_OT_INLINE void row_lse_tile(const OtRowLseParams& p, int64_t b, int64_t 
       const T* sr = sbuf[r];
       const T* cr = cbuf[r];
       const T new_max = std::max(m[r], block_max(sr, nj));
+      // Nothing but exp(-inf) = 0 so far (entries that overflowed to -inf): skipped, as
+      // shifting by -inf would give exp(-inf - (-inf)) = NaN.
+      if (new_max == -std::numeric_limits<T>::infinity()) continue;
       const T rescale = m[r] == -std::numeric_limits<T>::infinity() ? T(0) : ot_exp(m[r] - new_max);
       T acc = T(0), wacc = T(0);
       shifted_sums(sr, cr, nj, new_max, acc, wacc);
@@ -155,9 +158,10 @@ LOWRANK_OT_INLINE void row_lse_tile(const OtRowLseParams& p, int64_t b, int64_t 
   T* lse = static_cast<T*>(p.lse) + b * s.rows + i0;
   T* mean_cost = p.mean_cost ? static_cast<T*>(p.mean_cost) + b * s.rows + i0 : nullptr;
   for (int64_t r = 0; r < nr; ++r) {
-    // cols == 0: an empty row has marginal 0 (lse = -inf) and no cost.
-    lse[r] = s.cols == 0 ? -std::numeric_limits<T>::infinity() : m[r] + std::log(sum[r]);
-    if (mean_cost) mean_cost[r] = s.cols == 0 ? T(0) : wsum[r] / sum[r];
+    // A row of marginal 0 (no columns, or every entry exp(-inf)): lse = -inf, no cost.
+    // (NaN propagates.)
+    lse[r] = sum[r] == 0 ? -std::numeric_limits<T>::infinity() : m[r] + std::log(sum[r]);
+    if (mean_cost) mean_cost[r] = sum[r] == 0 ? T(0) : wsum[r] / sum[r];
   }
 }
 

@@ -5,6 +5,9 @@
 // krylov_cgs_pass: one block per basis row for the dots (plus one for ||w||^2), then a
 // grid-stride update w -= Q^T h with a block reduction and one atomic per block for
 // the new ||w||^2.
+#include <cstdint>
+#include <limits>
+
 #include "cuda_utils.cuh"
 #include "lowrank_ops/krylov.h"
 
@@ -139,6 +142,8 @@ void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t st
         LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.out, 0, p.rows * p.cols * sizeof(A), s));
         return;
       }
+      LOWRANK_CHECK(p.rows * p.cols <= std::numeric_limits<int32_t>::max(), "krylov_block: rows * cols = ",
+                    p.rows * p.cols, " dot products; the CUDA kernel takes at most 2^31 - 1 (one block each)");
       block_gram_kernel<T><<<static_cast<unsigned>(p.rows * p.cols), kThreads, 0, s>>>(p);
     } else {
       if (p.n == 0) return;

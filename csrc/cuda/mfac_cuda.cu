@@ -48,16 +48,18 @@ constexpr int kRowsPerBlock = 16;
 constexpr int kMaxVectors = 4;
 constexpr int kCoefTile = 256;
 constexpr int64_t kTargetBlocks = 2048;  // enough blocks to fill any current GPU several times over
+constexpr int64_t kMaxGridY = 65535;
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    dots_partial(MfacDotsParams p, int64_t k_begin, int64_t k_count, int64_t segment_len, acc_t<T>* partial) {
+    dots_partial(MfacDotsParams p, int64_t k_begin, int64_t k_count, int64_t segment_len, int64_t group_begin,
+                 acc_t<T>* partial) {
   using A = acc_t<T>;
   __shared__ A reduce[kThreads / kWarp][kRowsPerBlock * kMaxVectors];
   T* grads = static_cast<T*>(p.grads);
   const A* x = static_cast<const A*>(p.x) + k_begin * p.x_ld;
   const int64_t segment = blockIdx.x;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kRowsPerBlock;
+  const int64_t row0 = (group_begin + blockIdx.y) * kRowsPerBlock;
   const int64_t rows = min(static_cast<int64_t>(kRowsPerBlock), p.n_rows - row0);
   const int64_t c_begin = segment * segment_len;
   const int64_t c_end = min(p.dim, c_begin + segment_len);
@@ -354,12 +356,15 @@ void mfac_dots_cuda(const MfacDotsParams& p, void* workspace, int64_t workspace_
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const int64_t len = segment_length(p.n_rows, p.dim);
-    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>((p.n_rows + kRowsPerBlock - 1) / kRowsPerBlock));
+    const int64_t groups = (p.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
     for (int64_t k0 = 0; k0 < p.k; k0 += kMaxVectors) {
       const int64_t count = std::min<int64_t>(kMaxVectors, p.k - k0);
       A* partial = static_cast<A*>(workspace);
-      dots_partial<T><<<grid, kThreads, 0, s>>>(p, k0, count, len, partial);
-      LOWRANK_CUDA_LAUNCH_CHECK();
+      for (int64_t g0 = 0; g0 < groups; g0 += kMaxGridY) {  // grid.y is limited to 65535
+        const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min(kMaxGridY, groups - g0)));
+        dots_partial<T><<<grid, kThreads, 0, s>>>(p, k0, count, len, g0, partial);
+        LOWRANK_CUDA_LAUNCH_CHECK();
+      }
       dots_reduce<A><<<grid_for(count * p.n_rows, kThreads), kThreads, 0, s>>>(partial, segments, k0, count,
                                                                              p.n_rows, static_cast<A*>(p.out));
       LOWRANK_CUDA_LAUNCH_CHECK();

@@ -75,6 +75,10 @@ struct Lse {
 
 template <class T>
 __device__ __forceinline__ void lse_add(Lse<T>& a, T v, T cost) {
+  // exp(-inf) adds nothing; skipped, because while a.m is still -inf the update below
+  // would compute exp(-inf - (-inf)) = NaN (an infinite cost, or (f + g - C) / reg
+  // overflowing).  NaN still propagates.
+  if (v == neg_inf<T>()) return;
   if (v > a.m) {
     const T r = dexp(a.m - v);  // 0 when a.m = -inf
     a.sum = a.sum * r + T(1);
@@ -109,8 +113,10 @@ __device__ __forceinline__ Lse<T> warp_merge(Lse<T> a) {
 template <class T>
 __device__ __forceinline__ void write_lse(const OtRowLseParams& p, int64_t row, Lse<T> a) {
   T* lse = static_cast<T*>(p.lse);
-  lse[row] = p.src.cols == 0 ? neg_inf<T>() : a.m + dlog(a.sum);
-  if (p.mean_cost) static_cast<T*>(p.mean_cost)[row] = p.src.cols == 0 ? T(0) : a.wsum / a.sum;
+  // A row of marginal 0 (no columns, or every entry exp(-inf)): lse = -inf, no cost.
+  // (NaN propagates.)
+  lse[row] = a.sum == T(0) ? neg_inf<T>() : a.m + dlog(a.sum);
+  if (p.mean_cost) static_cast<T*>(p.mean_cost)[row] = a.sum == T(0) ? T(0) : a.wsum / a.sum;
 }
 
 // ---------------------------------------------------------------------------- ot_row_lse

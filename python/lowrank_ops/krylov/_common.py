@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
+from .._finite import all_finite
 from .operators import LinearOperator, as_operator
 
 __all__ = ["System", "setup_system", "check_positive_int"]
@@ -113,7 +114,7 @@ def _diagonal_preconditioner(op: str, A: LinearOperator, M: Preconditioner) -> O
         if M.shape != (A.n,):
             raise ValueError(f"{op}: M has shape {tuple(M.shape)}; expected (n,) = ({A.n},) (the diagonal of M^-1)")
         scale = M.to(device=A.device, dtype=A.dtype)
-        if not bool(torch.isfinite(scale).all()):
+        if not all_finite(scale):
             raise ValueError(f"{op}: M holds non-finite entries")
         return scale
     raise TypeError(f"{op}: M must be None, 'jacobi', a Tensor[n] or a callable; got {type(M).__name__}")
@@ -134,7 +135,7 @@ def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device,
     tensor = tensor.to(device=device, dtype=dtype)
     if tensor.dim() != 1 or tensor.numel() != n:
         raise ValueError(f"{op}: {name} has shape {tuple(torch.as_tensor(value).shape)}; expected (n,) = ({n},) to match A")
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"{op}: {name} holds {int((~torch.isfinite(tensor)).sum())} non-finite (NaN or inf) entries")
     return tensor.contiguous().clone()
 

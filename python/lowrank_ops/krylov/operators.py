@@ -20,6 +20,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._finite import all_finite
 from ._kernels import spmv
 
 __all__ = ["CSRMatrix", "LinearOperator", "as_operator"]
@@ -76,7 +77,7 @@ class CSRMatrix:
             raise ValueError(
                 f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{int(col_idx.min())}, {int(col_idx.max())}]"
             )
-        if not bool(torch.isfinite(values).all()):
+        if not all_finite(values):
             raise ValueError(f"{where}: values holds {int((~torch.isfinite(values)).sum())} non-finite entries")
         self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values.contiguous()
         self.shape = (n_rows, n_cols)

@@ -62,7 +62,8 @@ def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str, min_weig
     min_weight = max(SMALL_BATCH_MIN_WEIGHT if min_weight is None else min_weight, 1)
     return (  # cheapest tests first: most calls fail on the row count or the size
         low <= rows.shape[0] <= high and weight.numel() >= min_weight
-        and rows.dtype == torch.float32 and weight.dtype == torch.float32 and rows.device.type == "cpu"
+        and rows.dtype == torch.float32 and weight.dtype == torch.float32
+        and rows.device.type == "cpu" and weight.device.type == "cpu"
         and rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]
         and weight.stride(-1) == 1 and weight.stride(0) >= weight.shape[1] and _cpu_has_avx512()
     )
@@ -97,6 +98,14 @@ def small_batch_grad_input_kernel(grad_y: torch.Tensor, weight: torch.Tensor) ->
     return grad_x
 
 
+def _kernel_bias(bias: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel can read ``bias`` as a dense ``[out]`` vector of W's dtype and
+    device; anything else (a broadcast bias, another dtype) goes to ``addmm``, which
+    broadcasts it or raises."""
+    return (bias.shape == weight.shape[:1] and bias.stride(0) == 1 and bias.dtype == weight.dtype
+            and bias.device == weight.device)
+
+
 def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x W^T + b``.
 
@@ -114,7 +123,7 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         Not differentiable by itself: the callers are the forward implementations of ops
         with their own backward.
     """
-    if small_batch(x, weight, "forward") and (bias is None or bias.stride(0) == 1):
+    if small_batch(x, weight, "forward") and (bias is None or _kernel_bias(bias, weight)):
         return small_batch_kernel(x, weight, bias)
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 

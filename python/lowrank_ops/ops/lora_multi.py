@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .._finite import all_finite
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream
@@ -97,7 +98,7 @@ def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torc
     if bad.any():
         a = int(bad.nonzero()[0])
         raise ValueError(f"{op}: ranks[{a}] = {ranks_h[a].item()}; expected 0 <= rank <= r_max = {r_max}")
-    if scales is not None and not bool(torch.isfinite(scales).all()):
+    if scales is not None and not all_finite(scales):
         raise ValueError(f"{op}: scales must be finite; got {scales.detach().cpu().tolist()}")
 
 

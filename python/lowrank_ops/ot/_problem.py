@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._finite import all_finite
 from ..ops import ot as ot_ops
 
 __all__ = ["Problem"]
@@ -61,7 +62,7 @@ class Problem:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32 or float64")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}: {name} is on {t.device}; expected a cpu or cuda tensor")
-        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+        if not all_finite(t):
             raise ValueError(f"{op}: {name} has a non-finite entry (inf or nan); expected finite values")
         return t
 
@@ -113,7 +114,7 @@ class Problem:
         w = w.to(self.dtype).reshape(self.batch, size)
         if self.batch:
             detached = w.detach()
-            if not bool(torch.isfinite(detached).all()) or bool((detached <= 0).any()):
+            if not all_finite(detached) or bool((detached <= 0).any()):
                 raise ValueError(f"{op}: {name} has a non-positive or non-finite entry (min "
                                  f"{float(detached.min()):.3g}); expected positive masses (drop zero-mass points)")
             total = detached.double().sum(-1)

@@ -131,3 +131,20 @@ def test_expanded_operands(generator):
     torch.testing.assert_close(y, x.detach() @ weight.T)
     grad_y = randn(24, generator=generator).expand(8, 24)
     torch.testing.assert_close(torch.ops.lowrank_ops.base_linear_grad_input(grad_y, weight), grad_y @ weight)
+
+
+def test_kernel_reads_only_a_dense_out_bias(monkeypatch, generator):
+    """Inside SMALL_BATCH_ROWS, a bias the kernel cannot read as a dense ``[out]`` vector
+    of W's dtype (a broadcast ``[1]`` bias, another dtype) goes to ``addmm``, which
+    broadcasts it or raises, instead of the kernel reading past it or misreading it."""
+    import lowrank_ops.ops.base_linear as module
+
+    monkeypatch.setattr(module, "SMALL_BATCH_MIN_WEIGHT", 1)
+    x, weight = randn(8, 16, generator=generator), randn(24, 16, generator=generator)
+    forward = torch.ops.lowrank_ops.base_linear
+    broadcast = randn(1, generator=generator)
+    torch.testing.assert_close(forward(x, weight, broadcast), torch.addmm(broadcast, x, weight.T))
+    with pytest.raises(RuntimeError):
+        forward(x, weight, randn(24, dtype=torch.float64, generator=generator))
+    bias = randn(24, generator=generator)  # the kernel's case: same result as addmm
+    torch.testing.assert_close(forward(x, weight, bias), torch.addmm(bias, x, weight.T))

@@ -1,4 +1,6 @@
 """The one ``torch.library`` namespace that every op family defines its ops in."""
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -18,3 +20,31 @@ def eager_or_op(name: str, impl: Callable) -> Callable:
     ``impl``, its implementation, called directly: eager calls skip the dispatcher (5-40 us
     a call: ~5 of lora_linear's 35 us at 16 x 64 x 64, ~40 of a 180 us SpMV)."""
     return getattr(torch.ops.lowrank_ops, name) if torch.compiler.is_compiling() else impl
+
+
+def register_fake(name: str, fake: Callable) -> None:
+    """Registers ``fake`` as the fake (meta) impl of ``lowrank_ops::<name>``.
+
+    One meta tensor among real ones sends a call to the fake impl (the dispatcher's Meta
+    key outranks CPU and CUDA), which would hand back uninitialized memory on the real
+    tensors' device; such a call raises instead, naming the arguments.  Under
+    torch.compile the fake tensors report their real devices, so the check never fires.
+    """
+    signature = inspect.signature(fake)
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        on_meta, elsewhere = None, None
+        for arg, value in signature.bind(*args, **kwargs).arguments.items():
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    if tensor.device.type == "meta":
+                        on_meta = on_meta or arg
+                    else:
+                        elsewhere = elsewhere or (arg, tensor.device)
+        if on_meta and elsewhere:
+            raise ValueError(f"{name}: {on_meta} is on meta; expected {elsewhere[1]} (the device of {elsewhere[0]}): "
+                             "every tensor argument on one device")
+        return fake(*args, **kwargs)
+
+    torch.library.register_fake(f"{NAMESPACE}::{name}", checked, lib=LIBRARY)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
-from ._library import LIBRARY, eager_or_op
+from ._library import LIBRARY, eager_or_op, register_fake
 
 __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward_op", "grad_input_op"]
 
@@ -147,7 +147,7 @@ for _name, _impl, _fake in [("base_linear", base_linear, _base_linear_fake),
                             ("base_linear_grad_input", base_linear_grad_input, _base_linear_grad_input_fake)]:
     LIBRARY.impl(_name, _impl, "CPU")
     LIBRARY.impl(_name, _impl, "CUDA")
-    torch.library.register_fake(f"lowrank_ops::{_name}", _fake, lib=LIBRARY)
+    register_fake(_name, _fake)
 
 
 def forward_op():

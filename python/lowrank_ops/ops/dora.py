@@ -50,7 +50,7 @@ import torch
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream, eager_or_op
+from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
@@ -151,7 +151,7 @@ def _row_norm_op(weight: torch.Tensor):
 
 LIBRARY.impl("dora_row_norm", _dora_row_norm_cpu, "CPU")
 LIBRARY.impl("dora_row_norm", _dora_row_norm_cuda, "CUDA")
-torch.library.register_fake("lowrank_ops::dora_row_norm", _dora_row_norm_fake, lib=LIBRARY)
+register_fake("dora_row_norm", _dora_row_norm_fake)
 
 
 def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -207,7 +207,7 @@ def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scal
 
 LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd, "CPU")
 LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd, "CUDA")
-torch.library.register_fake("lowrank_ops::dora_linear_fwd", _dora_linear_fwd_fake, lib=LIBRARY)
+register_fake("dora_linear_fwd", _dora_linear_fwd_fake)
 
 
 # ---------------------------------------------------------------------------- autograd

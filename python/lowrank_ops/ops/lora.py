@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from .._dtypes import float_code
-from ._library import LIBRARY, eager_or_op
+from ._library import LIBRARY, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -74,7 +74,7 @@ def _lora_dropout_fake(x, seed, p):
 
 LIBRARY.impl("lora_dropout", _lora_dropout, "CPU")
 LIBRARY.impl("lora_dropout", _lora_dropout, "CUDA")
-torch.library.register_fake("lowrank_ops::lora_dropout", _lora_dropout_fake, lib=LIBRARY)
+register_fake("lora_dropout", _lora_dropout_fake)
 
 
 def _adapter_input(x: torch.Tensor, seed: Optional[torch.Tensor], p: float) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dr
 
 LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd, "CPU")
 LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd, "CUDA")
-torch.library.register_fake("lowrank_ops::lora_linear_fwd", _lora_linear_fwd_fake, lib=LIBRARY)
+register_fake("lora_linear_fwd", _lora_linear_fwd_fake)
 
 
 def _forward_op():

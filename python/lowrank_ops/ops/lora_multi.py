@@ -34,7 +34,7 @@ import torch
 from .._finite import all_finite
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream
+from ._library import LIBRARY, current_stream, register_fake
 from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
@@ -377,7 +377,7 @@ for _name, _impl, _fake in (("lora_multi_shrink", _shrink_impl, _shrink_fake),
                             ("lora_multi_segment_outer", _outer_impl, _outer_fake)):
     LIBRARY.impl(_name, _impl, "CPU")
     LIBRARY.impl(_name, _impl, "CUDA")
-    torch.library.register_fake(f"lowrank_ops::{_name}", _fake, lib=LIBRARY)
+    register_fake(_name, _fake)
 
 
 # ---------------------------------------------------------------------------- autograd

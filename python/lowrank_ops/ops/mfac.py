@@ -25,7 +25,7 @@ import torch
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream
+from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
 
@@ -170,9 +170,9 @@ for _device in ("CPU", "CUDA"):
     LIBRARY.impl("mfac_dots", _mfac_dots, _device)
     LIBRARY.impl("mfac_dots_write_", _mfac_dots_write, _device)
     LIBRARY.impl("mfac_combine", _mfac_combine, _device)
-torch.library.register_fake("lowrank_ops::mfac_dots", _mfac_dots_fake, lib=LIBRARY)
-torch.library.register_fake("lowrank_ops::mfac_dots_write_", _mfac_dots_write_fake, lib=LIBRARY)
-torch.library.register_fake("lowrank_ops::mfac_combine", _mfac_combine_fake, lib=LIBRARY)
+register_fake("mfac_dots", _mfac_dots_fake)
+register_fake("mfac_dots_write_", _mfac_dots_write_fake)
+register_fake("mfac_combine", _mfac_combine_fake)
 
 
 # ---------------------------------------------------------------------------- autograd

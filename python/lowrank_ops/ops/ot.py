@@ -33,7 +33,7 @@ import torch
 
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY
+from ._library import LIBRARY, register_fake
 
 __all__ = [
     "COST_CODES",
@@ -152,7 +152,7 @@ def _row_lse_fake(C, x, y, f, g, reg, cost, active, columns, with_cost):
 
 LIBRARY.impl("ot_row_lse", _row_lse_impl, "CPU")
 LIBRARY.impl("ot_row_lse", _row_lse_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_row_lse", _row_lse_fake, lib=LIBRARY)
+register_fake("ot_row_lse", _row_lse_fake)
 
 
 def row_lse(C: Optional[torch.Tensor], x: Optional[torch.Tensor], y: Optional[torch.Tensor], f: torch.Tensor,
@@ -195,7 +195,7 @@ def _histogram_fake(C, x, y, f, g, reg, cost, active, columns, lo, hi, n_bins):
 
 LIBRARY.impl("ot_log_histogram", _histogram_impl, "CPU")
 LIBRARY.impl("ot_log_histogram", _histogram_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_log_histogram", _histogram_fake, lib=LIBRARY)
+register_fake("ot_log_histogram", _histogram_fake)
 
 
 def log_histogram(C, x, y, f, g, reg: float, cost: int, active, lo: torch.Tensor, hi: torch.Tensor,
@@ -253,10 +253,10 @@ def _fill_fake(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
 
 LIBRARY.impl("ot_sparsify_count", _count_impl, "CPU")
 LIBRARY.impl("ot_sparsify_count", _count_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_sparsify_count", _count_fake, lib=LIBRARY)
+register_fake("ot_sparsify_count", _count_fake)
 LIBRARY.impl("ot_sparsify_fill", _fill_impl, "CPU")
 LIBRARY.impl("ot_sparsify_fill", _fill_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_sparsify_fill", _fill_fake, lib=LIBRARY)
+register_fake("ot_sparsify_fill", _fill_fake)
 
 
 def sparsify(C, x, y, f, g, reg: float, cost: int, active, threshold: torch.Tensor):
@@ -309,7 +309,7 @@ def _matvec_fake(row_ptr, col_idx, values, r, c, vx, vy):
 
 LIBRARY.impl("ot_hessian_matvec", _matvec_impl, "CPU")
 LIBRARY.impl("ot_hessian_matvec", _matvec_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_hessian_matvec", _matvec_fake, lib=LIBRARY)
+register_fake("ot_hessian_matvec", _matvec_fake)
 
 
 def hessian_matvec(row_ptr, col_idx, values, r, c, vx, vy) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +339,7 @@ def _row_grad_fake(C, x, y, f, g, reg, cost, active, columns, lse):
 
 LIBRARY.impl("ot_row_grad", _row_grad_impl, "CPU")
 LIBRARY.impl("ot_row_grad", _row_grad_impl, "CUDA")
-torch.library.register_fake("lowrank_ops::ot_row_grad", _row_grad_fake, lib=LIBRARY)
+register_fake("ot_row_grad", _row_grad_fake)
 
 
 def row_grad(x, y, f, g, reg: float, cost: int, lse: torch.Tensor, *, columns: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from .._dtypes import float_code, index_code
 from .._extension import cuda_extension, extension
 from ..sparse import FixedSupport
-from ._library import LIBRARY, current_stream, eager_or_op
+from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
 __all__ = ["fixed_sparse_matmul", "spmv"]
 
@@ -220,10 +220,10 @@ def _csr_sddmm_fake(row_ptr, col_idx, row_order, left, dense):
 
 LIBRARY.impl("csr_spmm", _csr_spmm_cpu, "CPU")
 LIBRARY.impl("csr_spmm", _csr_spmm_cuda, "CUDA")
-torch.library.register_fake("lowrank_ops::csr_spmm", _csr_spmm_fake, lib=LIBRARY)
+register_fake("csr_spmm", _csr_spmm_fake)
 LIBRARY.impl("csr_sddmm", _csr_sddmm_cpu, "CPU")
 LIBRARY.impl("csr_sddmm", _csr_sddmm_cuda, "CUDA")
-torch.library.register_fake("lowrank_ops::csr_sddmm", _csr_sddmm_fake, lib=LIBRARY)
+register_fake("csr_sddmm", _csr_sddmm_fake)
 
 
 # ---------------------------------------------------------------------------- autograd

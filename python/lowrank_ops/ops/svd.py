@@ -51,7 +51,7 @@ from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from ..linalg.svd_backward import thin_svd_backward
-from ._library import LIBRARY, current_stream
+from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
     "batched_svd", "BatchedSVDResult", "MAX_JACOBI_SIZE", "CPU_MAX_JACOBI_SIZE", "jacobi_size_limit", "default_tol",
@@ -252,7 +252,7 @@ def _jacobi_svd_fake(A, tol, max_sweeps, compute_uv):
 
 LIBRARY.impl("jacobi_svd", _jacobi_svd_cpu, "CPU")
 LIBRARY.impl("jacobi_svd", _jacobi_svd_cuda, "CUDA")
-torch.library.register_fake("lowrank_ops::jacobi_svd", _jacobi_svd_fake, lib=LIBRARY)
+register_fake("jacobi_svd", _jacobi_svd_fake)
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -1,0 +1,34 @@
+"""The shared torch.library plumbing of the ops (lowrank_ops/ops/_library.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_ops.ops  # noqa: F401  (registers the ops)
+
+ops = torch.ops.lowrank_ops
+
+
+def _calls(device_of):
+    """Calls of ops from three families; ``device_of(name)`` places each tensor argument."""
+    def tensor(name, *shape):
+        return torch.randn(*shape, device=device_of(name))
+
+    return {
+        "mfac_dots": lambda: ops.mfac_dots(tensor("grads", 5, 16), tensor("x", 3, 16), 5),
+        "base_linear": lambda: ops.base_linear(tensor("x", 4, 8), tensor("weight", 6, 8), tensor("bias", 6)),
+        "dora_row_norm": lambda: ops.dora_row_norm(tensor("weight", 6, 8), tensor("lora_A", 2, 8),
+                                                   tensor("lora_B", 6, 2), 0.5),
+    }
+
+
+@pytest.mark.parametrize("op", ["mfac_dots", "base_linear", "dora_row_norm"])
+def test_meta_tensor_among_real_ones_is_rejected(op):
+    """One meta argument sends a call to the fake impl, which must raise instead of
+    returning uninitialized memory on the other arguments' device."""
+    meta_arg = {"mfac_dots": "grads", "base_linear": "x", "dora_row_norm": "lora_A"}[op]
+    call = _calls(lambda name: "meta" if name == meta_arg else "cpu")[op]
+    with pytest.raises(ValueError, match=f"{meta_arg} is on meta; expected cpu"):
+        call()
+    out = _calls(lambda name: "meta")[op]()  # all on meta: shape inference works
+    assert all(t.device.type == "meta" for t in (out if isinstance(out, (tuple, list)) else (out,)))

@@ -1,6 +1,8 @@
 """DoRA: the row-norm kernel (low-rank identity), dora_linear forward/backward, PEFT parity."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -205,6 +207,10 @@ def test_bad_input_errors(generator):
         dora_linear(*args[:4], args[4].double())
     with pytest.raises(ValueError, match="eps must be > 0"):
         dora_linear(*args, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be finite; got inf"):
+        dora_linear(*args, eps=math.inf)
+    with pytest.raises(TypeError, match="dora_row_norm: weight must be a tensor; got list"):
+        dora_row_norm(args[1].tolist(), args[2], args[3])
     with pytest.raises(ValueError, match=r"lora_B has shape \(10, 3\)"):
         dora_linear(args[0], args[1], args[2], args[3][:, :3], args[4])
     with pytest.raises(ValueError, match=r"lora_A has shape \(4, 11\)"):

@@ -3,6 +3,7 @@ setting, the rsvd refresh, plain AdamW for vectors, state dict, bad input."""
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -121,3 +122,22 @@ def test_bad_input_errors():
         GaLoreAdamW(params, rank=2, update_proj_gap=0)
     with pytest.raises(ValueError, match="lr must be >= 0"):
         GaLoreAdamW(params, lr=-1.0)
+    for name in ("lr", "eps", "weight_decay", "scale"):
+        with pytest.raises(ValueError, match=f"GaLoreAdamW: {name} must be >= 0 and finite; got nan"):
+            GaLoreAdamW(params, **{name: math.nan})
+    with pytest.raises(ValueError, match=r"betas must be in \[0, 1\); got 1.0"):
+        GaLoreAdamW(params, betas=(0.9, 1.0))
+    optimizer = GaLoreAdamW(params, rank=2)
+    with pytest.raises(ValueError, match="rank must be an int >= 1 or None; got -3"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": -3})
+    assert len(optimizer.param_groups) == 1  # the rejected group was not kept
+
+
+def test_empty_parameter_is_not_projected():
+    empty, full = torch.nn.Parameter(torch.randn(0, 5)), torch.nn.Parameter(torch.randn(6, 5))
+    optimizer = GaLoreAdamW([empty, full], rank=2, lr=0.1)
+    (empty.sum() + full.square().sum()).backward()
+    before = full.detach().clone()
+    optimizer.step()
+    assert empty.shape == (0, 5) and "projector" not in optimizer.state[empty]
+    assert not torch.equal(full, before)

@@ -331,6 +331,11 @@ def test_bad_input_errors(generator):
         lora_linear(x, w, a, b, dropout_p=1.0)
     with pytest.raises(TypeError, match="scale must be a Python number"):
         lora_linear(x, w, a, b, scale=torch.tensor(1.0))
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"lora_linear: scale must be finite; got {bad}"):
+            lora_linear(x, w, a, b, scale=bad)
+        with pytest.raises(ValueError, match=f"lora_alpha must be a finite number; got {bad}"):
+            LoRALinear(torch.nn.Linear(4, 4), 2, bad)
     with pytest.raises(TypeError, match="rank must be an int"):
         lora_linear(x, w, a, b, rank=2.0)
     with pytest.raises(ValueError, match=r"rank must be in \[0, r\]"):
@@ -341,6 +346,16 @@ def test_bad_input_errors(generator):
         LoRALinear(torch.nn.Conv1d(4, 4, 1), 2)
     with pytest.raises(ValueError, match="use_gate and use_dora cannot be combined"):
         LoRALinear(torch.nn.Linear(4, 4), 2, use_gate=True, use_dora=True)
+
+
+def test_no_input_features(generator):
+    """in_features = 0 (an empty product): the bias alone, like nn.Linear; the layer's
+    Kaiming bound is 0 there, as torch's own init."""
+    w, a, b = torch.randn(3, 0), torch.randn(2, 0), torch.randn(3, 2)
+    bias = torch.randn(3)
+    torch.testing.assert_close(lora_linear(torch.randn(4, 5, 0), w, a, b, bias), bias.expand(4, 5, 3))
+    layer = LoRALinear(torch.nn.Linear(0, 3), 2)
+    torch.testing.assert_close(layer(torch.randn(6, 0)), layer.base_layer.bias.detach().expand(6, 3))
 
 
 def test_torch_compile_inference_path(device, generator):

@@ -8,6 +8,8 @@ path (and the automatic mix) so that both are tested at every shape.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -503,6 +505,38 @@ def test_multi_lora_linear_bad_routing(generator):
         layer.add_adapter("big", 10)
     with pytest.raises(ValueError, match="name must be a new string"):
         layer.add_adapter("fr", 2)
+    with pytest.raises(ValueError, match="alpha must be a finite number or None; got nan"):
+        layer.add_adapter("nan", 2, alpha=math.nan)
+    with pytest.raises(TypeError, match=r"MultiLoRALinear: adapter_ids\[1\] = 0.9; expected an integer"):
+        layer(x, adapter_ids=[0, 0.9, 1, 1])
+    with pytest.raises(ValueError, match=r"x has shape \(4, 7\); expected \(\.\.\., in_features\) = \(\.\.\., 37\)"):
+        layer(torch.randn(4, 7), adapter_ids=[0, 0, 1, 1])
+
+
+def test_routing_must_be_integers_and_constant(generator):
+    """Float offsets are an error, not truncated; scales that require grad are an error,
+    not a gradient silently dropped."""
+    tensors, routing_args = make_problem("mixed", torch.float32, "cpu", generator)
+    offsets = list(routing_args["segment_offsets"])
+    offsets[1] += 0.5
+    with pytest.raises(TypeError, match=r"lora_linear_multi: segment_offsets\[1\] = .*; expected an integer"):
+        run(tensors, dict(routing_args, segment_offsets=offsets))
+    with pytest.raises(TypeError, match="segment_offsets has dtype torch.float32; expected an integer tensor"):
+        run(tensors, dict(routing_args, segment_offsets=torch.tensor(routing_args["segment_offsets"], dtype=torch.float32)))
+    scales = torch.tensor(routing_args["scales"], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="scales requires grad; expected a constant"):
+        run(tensors, dict(routing_args, scales=scales))
+
+
+def test_no_input_features():
+    """in_features = 0: every row gets the bias alone (an empty product)."""
+    weight, bias = torch.randn(3, 0), torch.randn(3)
+    y = lora_linear_multi(torch.randn(2, 2, 0), weight, torch.randn(2, 4, 0), torch.randn(2, 3, 4), [0, 1, 4], [0, 1],
+                          bias=bias)
+    torch.testing.assert_close(y, bias.expand(2, 2, 3))
+    layer = MultiLoRALinear(torch.nn.Linear(0, 3), max_rank=2)
+    layer.add_adapter("a", 2)
+    torch.testing.assert_close(layer(torch.randn(5, 0), adapter_ids=[0] * 5), layer.base.bias.detach().expand(5, 3))
 
 
 def test_multi_lora_linear_matches_peft_mixed_batch(generator):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -113,6 +114,12 @@ def test_pass_errors(generator):
         torch.ops.lowrank_ops.mfac_dots_write_(G, torch.zeros(1, 10), 2, 2)
     with pytest.raises(ValueError, match=r"coef has shape \(2, 3\); expected \(k, n_rows\) = \(2, 4\)"):
         mfac_combine(G, torch.zeros(2, 3), torch.zeros(2, 10))
+    with pytest.raises(TypeError, match="mfac_dots: grads must be a tensor; got list"):
+        mfac_dots(G.tolist(), torch.zeros(2, 10))
+    with pytest.raises(TypeError, match="mfac_combine: alpha must be a Python number; got str"):
+        mfac_combine(G, torch.zeros(2, 4), torch.zeros(2, 10), alpha="a")
+    with pytest.raises(ValueError, match="mfac_combine: beta must be finite; got nan"):
+        mfac_combine(G, torch.zeros(2, 4), torch.zeros(2, 10), beta=math.nan)
 
 
 def test_opcheck(device, generator):
@@ -618,9 +625,15 @@ def test_optimizer_groups_closure_state_dict(generator):
 def test_optimizer_bad_arguments():
     p = [torch.nn.Parameter(torch.zeros(3))]
     for kwargs, message in (({"lr": 0}, "lr must be > 0"), ({"damp": 0}, "damp must be > 0"),
-                            ({"ngrads": 0}, "ngrads must be an integer >= 1"), ({"momentum": 1.0}, "momentum")):
+                            ({"ngrads": 0}, "ngrads must be an integer >= 1"), ({"momentum": 1.0}, "momentum"),
+                            ({"lr": math.inf}, "lr must be > 0 and finite; got inf"),
+                            ({"weight_decay": math.nan}, "weight_decay must be >= 0 and finite; got nan")):
         with pytest.raises(ValueError, match=message):
             MFAC(p, **kwargs)
+    optimizer = MFAC(p)
+    with pytest.raises(ValueError, match="damp must be > 0 and finite; got -1"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "damp": -1})
+    assert len(optimizer.param_groups) == 1  # the rejected group was not kept
 
 
 # ---------------------------------------------------------------------------- pruning

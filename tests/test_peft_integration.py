@@ -132,6 +132,26 @@ def test_falls_back_to_peft_for_mixed_batches_and_disabled_adapters():
         torch.testing.assert_close(model(x), base(x))
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapters_of_another_dtype_fall_back_to_peft(use_dora, fused_calls):
+    """float64 adapters on a float32 model (a dtype the fused ops do not take) run PEFT's
+    own path: the same outputs as plain PEFT, no fused call, no error."""
+    torch.manual_seed(4)
+    base = TinyModel()
+    config = make_config(use_dora, dropout=0.0)
+    config.init_lora_weights = False
+    ours = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(copy.deepcopy(config)))
+    theirs = peft.get_peft_model(copy.deepcopy(base), make_config(use_dora, dropout=0.0))
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.double()
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    assert fused_calls == {"lora_linear": 0, "dora_linear": 0}
+
+
 def test_rejects_bad_config():
     with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
         use_lowrank_ops({"r": 4})

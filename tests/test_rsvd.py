@@ -295,6 +295,10 @@ def test_bad_input_errors():
         cholesky_qr2(torch.randn(3, 5))
     with pytest.raises(ValueError, match="norm must be 'fro' or '2'"):
         lowrank_error(A, *rsvd(A, 2), norm="nuc")
+    with pytest.raises(TypeError, match="lowrank_error: A must be a tensor; got list"):
+        lowrank_error(A.tolist(), *rsvd(A, 2))
+    with pytest.raises(TypeError, match="lowrank_error: A has dtype torch.int64"):
+        lowrank_error(A.long(), *rsvd(A, 2))
     with pytest.raises(ValueError, match="do not factor"):
         U, S, Vh = rsvd(A, 2)
         lowrank_error(A, U[:5], S, Vh)

@@ -251,6 +251,12 @@ def test_bad_input_errors(generator):
         sparse_lowrank_linear(x, a, b, v[:-1], support)
     with pytest.raises(ValueError, match="strategy must be one of"):
         sparse_lowrank_linear(x, a, b, v, support, strategy="fast")
+    with pytest.raises(ValueError, match="scale must be finite; got inf"):
+        sparse_lowrank_linear(x, a, b, v, support, scale=math.inf)
+    with pytest.raises(TypeError, match="SparseLowRankLinear: rank must be an integer; got 2.5"):
+        SparseLowRankLinear(8, 20, 2.5, 0.1)
+    with pytest.raises(TypeError, match="convert: model must be a torch.nn.Module; got int"):
+        sltrain.convert(5, 2, 0.5)
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 8\]; got 9"):
         SparseLowRankLinear(8, 20, 9, 0.1)
     with pytest.raises(ValueError, match=r"rank must be in \[1, .*got 0"):

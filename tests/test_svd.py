@@ -606,6 +606,8 @@ def test_bad_input_errors(device, generator):
         batched_svd(A, max_sweeps=0)
     with pytest.raises(ValueError, match="max_sweeps must be an integer >= 1; got 2.5"):
         batched_svd(A, max_sweeps=2.5)
+    with pytest.raises(ValueError, match=r"max_sweeps must be below 2\^31 \(the kernels' int\); got 1099511627776"):
+        batched_svd(A, max_sweeps=2**40)
     with pytest.raises(ValueError, match="batched_svd: A is on meta; expected a cpu or cuda tensor"):
         batched_svd(A.to("meta"))
     for bad in (math.nan, math.inf, -math.inf):

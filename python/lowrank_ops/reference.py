@@ -211,7 +211,7 @@ def lora_linear_multi(x, weight, A_stack, B_stack, segment_offsets, adapter_ids,
     Differentiable through plain autograd (the oracle of the gradient tests too).
     """
     n_adapters, r_max = A_stack.shape[:2]
-    rows = x.reshape(-1, weight.shape[1])
+    rows = x.reshape(x.shape[:-1].numel(), weight.shape[1])
     y = torch.nn.functional.linear(rows, weight, bias)
     offsets = [int(v) for v in segment_offsets]
     pieces = []

@@ -68,6 +68,13 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         if not isinstance(self.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)):
             return None
+        # Adapters in the weight's dtype or float32 (what the fused ops take); others, e.g.
+        # float64 adapters on a float32 model, run PEFT's own path.
+        dtype = self.lora_A[name].weight.dtype
+        if dtype not in (x.dtype, torch.float32) or self.lora_B[name].weight.dtype != dtype:
+            return None
+        if variant is not None and self.lora_magnitude_vector[name].weight.dtype != dtype:
+            return None
         return name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

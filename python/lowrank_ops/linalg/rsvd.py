@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from .. import _extension
+from .._args import require_tensors
 from .._finite import all_finite
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
@@ -325,6 +326,10 @@ def lowrank_error(
         The estimate per matrix of the batch, in A's dtype (float32 for half types); no
         host synchronization.  Cost: ``4 m n n_probes`` flops.
     """
+    require_tensors("lowrank_error", A=A, U=U, S=S, Vh=Vh)
+    if not A.dtype.is_floating_point or A.dim() < 2:
+        raise TypeError(f"lowrank_error: A has dtype {A.dtype} and shape {tuple(A.shape)}; expected a floating "
+                        "tensor [..., m, n]")
     if norm not in ("fro", "2"):
         raise ValueError(f"lowrank_error: norm must be 'fro' or '2'; got {norm!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
+from .._args import require_tensors
 from .._finite import all_finite
 from ..second_order.mfac import MFACInverse
 
@@ -33,6 +34,7 @@ _BLOCK_GROUP_BYTES = 64 << 20  # float64 working set of one group of blocks
 
 
 def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: Optional[int], op: str) -> None:
+    require_tensors(op, weights=weights, grads=grads)
     if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError(f"{op}: grads has shape {tuple(getattr(grads, 'shape', ()))}; expected (m, d) with m >= 1")
     if weights.dim() != 1 or weights.numel() != grads.shape[1]:

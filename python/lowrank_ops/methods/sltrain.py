@@ -79,6 +79,8 @@ def convert(
     ConversionReport
         The replaced module names and the trainable parameter counts before and after.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module; got {type(model).__name__}")
     if init not in ("random", "svd"):
         raise ValueError(f"convert: init must be 'random' or 'svd'; got {init!r}")
     if isinstance(target_modules, str):

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+
+
+def fan_in_bound(fan_in: int) -> float:
+    """``1 / sqrt(fan_in)``: the bound of ``kaiming_uniform_(a=sqrt(5))`` (nn.Linear's and
+    PEFT's init of lora_A); 0 for no inputs, as torch's own init."""
+    return 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
 
 def uniform_(tensor: torch.Tensor, bound: float, generator: Optional[torch.Generator]) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
-from ._init import uniform_
+from ._init import fan_in_bound, uniform_
 
 __all__ = ["LoRALinear"]
 
@@ -75,6 +75,8 @@ class LoRALinear(torch.nn.Module):
             raise TypeError(f"LoRALinear: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"LoRALinear: lora_alpha must be a finite number; got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
         if use_gate and use_dora:
@@ -104,7 +106,7 @@ class LoRALinear(torch.nn.Module):
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """A Kaiming-uniform (a = sqrt(5)), B = 0, gate = 1, magnitude = row norms of W + s B A."""
-        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
+        bound = fan_in_bound(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
         with torch.no_grad():
             uniform_(self.lora_A, bound, generator)
             self.lora_B.zero_()

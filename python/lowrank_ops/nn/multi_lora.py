@@ -7,7 +7,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..ops.lora_multi import lora_linear_multi
+from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
+from ._init import fan_in_bound
 
 __all__ = ["MultiLoRALinear", "group_rows", "restore_rows"]
 
@@ -127,6 +128,9 @@ class MultiLoRALinear(nn.Module):
         if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
             raise ValueError(f"MultiLoRALinear.add_adapter: rank must be an int in [1, max_rank = {self.max_rank}]; "
                              f"got {rank!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not math.isfinite(alpha)):
+            raise ValueError(f"MultiLoRALinear.add_adapter: alpha must be a finite number or None; got {alpha!r}")
         alpha = float(rank if alpha is None else alpha)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         weight = self.base.weight
@@ -134,7 +138,7 @@ class MultiLoRALinear(nn.Module):
         new_B = weight.new_zeros((1, self.max_rank, self.out_features)).transpose(1, 2)  # rank-major, see the class
         with torch.no_grad():
             if lora_A is None:
-                bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+                bound = fan_in_bound(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
                 values = torch.rand((rank, self.in_features), generator=generator, dtype=torch.float64) * 2 - 1
                 new_A[0, :rank] = (values * bound).to(weight.dtype)
             else:
@@ -187,7 +191,10 @@ class MultiLoRALinear(nn.Module):
         Per-row routing sorts the rows by adapter (:func:`group_rows`), runs one batched
         call and restores the order.  With no routing, only the base layer runs.
         """
-        rows = x.reshape(-1, self.in_features)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"MultiLoRALinear: x has shape {tuple(getattr(x, 'shape', ()))}; expected "
+                             f"(..., in_features) = (..., {self.in_features})")
+        rows = x.reshape(x.shape[:-1].numel(), self.in_features)
         n_rows = rows.shape[0]
         if segment_offsets is not None:
             if adapter_names is not None or adapter_ids is None:
@@ -204,7 +211,7 @@ class MultiLoRALinear(nn.Module):
             adapter_ids = torch.tensor([self.adapter_id(name) for name in adapter_names], dtype=torch.int64)
         if adapter_ids is None:
             return self.base(x)
-        row_ids = torch.as_tensor(adapter_ids, dtype=torch.int64, device=x.device).reshape(-1)
+        row_ids = as_routing_tensor("MultiLoRALinear", adapter_ids, torch.int64, x.device, "adapter_ids").reshape(-1)
         if row_ids.numel() != n_rows:
             raise ValueError(f"MultiLoRALinear: adapter_ids has {row_ids.numel()} entries; expected one per row "
                              f"({n_rows}) (or pass segment_offsets)")

@@ -1,14 +1,14 @@
 """SLTrain's sparse-plus-low-rank linear layer."""
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Optional, Union
 
 import torch
 
 from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
 from ..sparse import FixedSupport
-from ._init import uniform_
+from ._init import fan_in_bound, uniform_
 
 __all__ = ["SparseLowRankLinear"]
 
@@ -77,13 +77,13 @@ class SparseLowRankLinear(torch.nn.Module):
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """SLTrain's initialization (see the class notes)."""
-        bound = 1.0 / math.sqrt(self.in_features)
+        bound = fan_in_bound(self.in_features)
         with torch.no_grad():
             uniform_(self.lora_A, bound, generator)
             self.lora_B.zero_()
             uniform_(self.values, bound, generator)
             if self.bias is not None:
-                uniform_(self.bias, 1.0 / math.sqrt(self.out_features), generator)
+                uniform_(self.bias, fan_in_bound(self.out_features), generator)
 
     @classmethod
     def from_linear(
@@ -151,6 +151,9 @@ class SparseLowRankLinear(torch.nn.Module):
 
 def _check_config(in_features, out_features, rank, density, strategy) -> None:
     where = "SparseLowRankLinear"
+    for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where}: {name} must be an integer; got {value!r}")
     if int(in_features) < 1 or int(out_features) < 1:
         raise ValueError(f"{where}: in_features and out_features must be >= 1; got ({in_features}, {out_features})")
     if not 1 <= int(rank) <= min(int(in_features), int(out_features)):

@@ -48,6 +48,7 @@ from typing import Optional
 
 import torch
 
+from .._args import require_tensors
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
@@ -171,6 +172,7 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     Tensor[out_features]
         float32 (float64 for a float64 weight); exact zeros for zero rows.
     """
+    require_tensors("dora_row_norm", weight=weight, lora_A=lora_A, lora_B=lora_B)
     scale = _check_number("dora_row_norm", "scale", scale)
     return _row_norm_op(weight)(weight, lora_A.detach(), lora_B.detach(), scale)
 
@@ -322,5 +324,5 @@ def dora_linear(
     p = check_dropout(op, dropout_p)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    y = _DoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed, scale, p, eps)
+    y = _DoRALinear.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed, scale, p, eps)
     return y.reshape(*batch_shape, weight.shape[0])

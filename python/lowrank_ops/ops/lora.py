@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from .._args import require_finite_number
 from .._dtypes import float_code
 from ._library import LIBRARY, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op
@@ -187,10 +188,8 @@ def _check_tensor(op: str, name: str, tensor, dtypes, device) -> None:
         raise ValueError(f"{op}: {name} is on {tensor.device}; expected {device} (the device of x or weight)")
 
 
-def _check_number(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python number; got {type(value).__name__}")
-    return float(value)
+# A NaN or infinite scale would turn every output into NaN or inf.
+_check_number = require_finite_number
 
 
 def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank=None) -> int:
@@ -311,7 +310,7 @@ def lora_linear(
         gate = None if gate is None else gate[:k]
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    args = (x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
+    args = (x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
         y = _LoRALinear.apply(*args)
     else:  # inference: no autograd Function, no saved tensors (~15 us less per call)

@@ -27,6 +27,7 @@ row).  The gathered low-rank parts are hand-written kernels
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -470,13 +471,27 @@ class _LoRALinearMulti(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
-def _as_tensor(value, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+def as_routing_tensor(op: str, value, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    """``value`` (a tensor or a sequence) as a contiguous ``dtype`` tensor on ``device``.
+
+    Integer routing (offsets, ids, ranks) must hold integers: a float is an error, not
+    truncated.  Routing is not differentiable, so a tensor that requires grad is an error
+    rather than a gradient silently dropped.
+    """
+    integral = not dtype.is_floating_point
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point != dtype.is_floating_point or value.dtype == torch.bool:
-            raise TypeError(f"lora_linear_multi: {name} has dtype {value.dtype}; expected an "
-                            f"{'floating' if dtype.is_floating_point else 'integer'} tensor")
+        if value.dtype.is_floating_point == integral or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{op}: {name} has dtype {value.dtype}; expected an "
+                            f"{'integer' if integral else 'floating'} tensor")
+        if value.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad; expected a constant ({name} is not differentiable)")
         return value.to(device=device, dtype=dtype).contiguous()  # read through raw pointers
-    return torch.tensor(list(value), dtype=dtype, device=device)
+    values = list(value)
+    if integral:
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{op}: {name}[{i}] = {v!r}; expected an integer")
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _validate(x, weight, A_stack, B_stack, bias) -> None:
@@ -577,18 +592,18 @@ def lora_linear_multi(
     each, where MKL's blocking wins (``_CPU_GEMM_MIN_ROWS``).  CUDA: the hand-written
     kernels at every size.
     """
+    op = "lora_linear_multi"
     _validate(x, weight, A_stack, B_stack, bias)
     device = x.device
     n_adapters, r_max = A_stack.shape[:2]
-    offsets = _as_tensor(segment_offsets, torch.int64, device, "segment_offsets")
-    ids = _as_tensor(adapter_ids, torch.int64, device, "adapter_ids")
+    offsets = as_routing_tensor(op, segment_offsets, torch.int64, device, "segment_offsets")
+    ids = as_routing_tensor(op, adapter_ids, torch.int64, device, "adapter_ids")
     ranks_t = (torch.full((n_adapters,), r_max, dtype=torch.int64, device=device) if ranks is None
-               else _as_tensor(ranks, torch.int64, device, "ranks"))
-    scales_t = None if scales is None else _as_tensor(scales, torch.float64, device, "scales")
-    rows = x.reshape(-1, weight.shape[1])
+               else as_routing_tensor(op, ranks, torch.int64, device, "ranks"))
+    scales_t = None if scales is None else as_routing_tensor(op, scales, torch.float64, device, "scales")
+    rows = x.reshape(x.shape[:-1].numel(), weight.shape[1])
     # Contents (offsets cover the rows, ids and ranks in range) are checked where the kernels run.
-    check_routing("lora_linear_multi", offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max,
-                  contents=False)
+    check_routing(op, offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max, contents=False)
     args = (rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         y = _LoRALinearMulti.apply(*args)

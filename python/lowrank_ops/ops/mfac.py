@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .._args import require_finite_number, require_tensors
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, register_fake
@@ -243,8 +244,9 @@ def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -
     Tensor[n_rows] or Tensor[k, n_rows]
         In the compute dtype; summed in it.
     """
+    require_tensors("mfac_dots", grads=grads, x=x)
     n = grads.shape[0] if n_rows is None else n_rows
-    squeeze = isinstance(x, torch.Tensor) and x.dim() == 1
+    squeeze = x.dim() == 1
     out = torch.ops.lowrank_ops.mfac_dots(grads, x.unsqueeze(0) if squeeze else x, n)
     return out.squeeze(0) if squeeze else out
 
@@ -268,9 +270,12 @@ def mfac_combine(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, alpha
     -------
     Tensor[dim] or Tensor[k, dim]
     """
+    require_tensors("mfac_combine", grads=grads, coef=coef, x=x)
+    alpha = require_finite_number("mfac_combine", "alpha", alpha)
+    beta = require_finite_number("mfac_combine", "beta", beta)
     n = grads.shape[0] if n_rows is None else n_rows
-    squeeze = isinstance(x, torch.Tensor) and x.dim() == 1
+    squeeze = x.dim() == 1
     if squeeze:
         x, coef = x.unsqueeze(0), coef.unsqueeze(0)
-    out = torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n, float(alpha), float(beta))
+    out = torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n, alpha, beta)
     return out.squeeze(0) if squeeze else out

@@ -329,7 +329,7 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
 def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
     _validate(op, x, values, support)
     batch_shape = x.shape[:-1]
-    x2 = x.reshape(-1, support.in_features)
+    x2 = x.reshape(x.shape[:-1].numel(), support.in_features)
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
         y = _FixedSparseMatmul.apply(
             x2, values, support.row_ptr, support.col_idx, support.row_order,

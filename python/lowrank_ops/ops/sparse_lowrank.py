@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .._args import require_finite_number
 from .._dtypes import float_code
 from ..sparse import FixedSupport
 from .sparse import _validate as _validate_sparse
@@ -187,8 +188,7 @@ def _validate(x, lora_A, lora_B, values, support, bias, scale, strategy) -> None
         )
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (out_features,) = ({out_features},)")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"{op}: scale must be a Python number; got {type(scale).__name__}")
+    require_finite_number(op, "scale", scale)
     if strategy not in STRATEGIES:
         raise ValueError(f"{op}: strategy must be one of {STRATEGIES}; got {strategy!r}")
 
@@ -234,7 +234,7 @@ def sparse_lowrank_linear(
     dense = strategy == "dense"
     batch_shape = x.shape[:-1]
     y = _SparseLowRankLinear.apply(
-        x.reshape(-1, support.in_features), lora_A, lora_B, values, bias, float(scale), dense,
+        x.reshape(x.shape[:-1].numel(), support.in_features), lora_A, lora_B, values, bias, float(scale), dense,
         support.row_ptr, support.col_idx, support.row_order,
         support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
         _flat_index(support) if dense else None,

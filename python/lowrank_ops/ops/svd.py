@@ -153,8 +153,10 @@ def _check_op_args(A: torch.Tensor, tol: float, max_sweeps: int) -> None:
         raise ValueError(f"{op}: A has shape {tuple(A.shape)}; expected min(m, n) <= {_KERNEL_MAX_COLS}")
     if not (tol >= 0 and tol != float("inf")):
         raise ValueError(f"{op}: tol must be finite and >= 0; got {tol}")
-    if max_sweeps < 1:
-        raise ValueError(f"{op}: max_sweeps must be >= 1; got {max_sweeps}")
+    if isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
+        raise ValueError(f"{op}: max_sweeps must be >= 1; got {max_sweeps!r}")
+    if max_sweeps >= 2**31:
+        raise ValueError(f"{op}: max_sweeps must be below 2^31 (the kernels' int); got {max_sweeps}")
 
 
 def _outputs(A: torch.Tensor, compute_uv: bool):
@@ -403,6 +405,8 @@ def batched_svd(
         max_sweeps = default_max_sweeps(A.dtype)
     elif isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
         raise ValueError(f"{op}: max_sweeps must be an integer >= 1; got {max_sweeps!r}")
+    elif max_sweeps >= 2**31:
+        raise ValueError(f"{op}: max_sweeps must be below 2^31 (the kernels' int); got {max_sweeps}")
     needs_grad = A.requires_grad and torch.is_grad_enabled()
     if full_matrices and compute_uv and needs_grad and m != n:
         raise ValueError(

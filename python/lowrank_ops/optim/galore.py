@@ -17,11 +17,12 @@ warm-started from the previous projector, instead of a full ``torch.linalg.svd``
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
 from ..linalg.rsvd import rsvd
+from ._checks import check_number
 
 __all__ = ["GaLoreAdamW", "GaLoreProjector"]
 
@@ -133,19 +134,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         rsvd_oversample: int = 10,
         generator: Optional[torch.Generator] = None,
     ):
-        if lr < 0.0:
-            raise ValueError(f"GaLoreAdamW: lr must be >= 0; got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"GaLoreAdamW: betas must be in [0, 1); got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"GaLoreAdamW: eps must be >= 0; got {eps}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         rsvd_n_iter=rsvd_n_iter, rsvd_oversample=rsvd_oversample)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_group(group)
         self.generator = generator
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (missing settings from the defaults), then the checks
+        of every setting, so a group added later is validated like the first."""
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,7 +167,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = 0
-                projected = group["rank"] is not None and p.dim() >= 2
+                projected = group["rank"] is not None and p.dim() >= 2 and p.numel() > 0  # empty: nothing to project
                 if projected:
                     if "projector" not in state:
                         state["projector"] = GaLoreProjector(
@@ -223,6 +226,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 def _check_group(group) -> None:
     where = "GaLoreAdamW"
+    for name in ("lr", "eps", "weight_decay", "scale"):
+        group[name] = check_number(where, name, group[name], 0.0)
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1); got {betas!r}")
+    group["betas"] = tuple(check_number(where, "betas", b, 0.0, 1.0) for b in betas)
     rank = group["rank"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{where}: rank must be an int >= 1 or None; got {rank!r}")

@@ -15,11 +15,13 @@ touched: the ``m x m`` solves run in float64 instead of relying on TF32 being of
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
 from ..second_order.mfac import MFACInverse
+from ._checks import check_number
 
 __all__ = ["MFAC"]
 
@@ -55,19 +57,20 @@ class MFAC(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5,
                  momentum: float = 0.0, weight_decay: float = 0.0, *, storage_dtype: Optional[torch.dtype] = None):
-        if not lr > 0:
-            raise ValueError(f"MFAC: lr must be > 0; got {lr}")
-        if int(ngrads) != ngrads or ngrads < 1:
-            raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads}")
-        if not damp > 0:
-            raise ValueError(f"MFAC: damp must be > 0; got {damp}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"MFAC: momentum must be in [0, 1); got {momentum}")
-        if not weight_decay >= 0:
-            raise ValueError(f"MFAC: weight_decay must be >= 0; got {weight_decay}")
-        defaults = dict(lr=lr, ngrads=int(ngrads), damp=damp, momentum=momentum, weight_decay=weight_decay,
+        defaults = dict(lr=lr, ngrads=ngrads, damp=damp, momentum=momentum, weight_decay=weight_decay,
                         storage_dtype=storage_dtype)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group`` (missing settings from the defaults), then the checks
+        of every setting, so a group added later is validated like the first."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
     def _inverse(self, group: Dict[str, Any]) -> MFACInverse:
         state = self.state[group["params"][0]]
@@ -137,3 +140,14 @@ class MFAC(torch.optim.Optimizer):
         for index, window in windows.items():
             param = params[index]
             self.state[param]["inverse"] = MFACInverse.from_state_dict(window, device=param.device)
+
+
+def _check_group(group: Dict[str, Any]) -> None:
+    group["lr"] = check_number("MFAC", "lr", group["lr"], 0.0, low_open=True)
+    group["damp"] = check_number("MFAC", "damp", group["damp"], 0.0, low_open=True)
+    group["momentum"] = check_number("MFAC", "momentum", group["momentum"], 0.0, 1.0)
+    group["weight_decay"] = check_number("MFAC", "weight_decay", group["weight_decay"], 0.0)
+    ngrads = group["ngrads"]
+    if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral) or ngrads < 1:
+        raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads!r}")
+    group["ngrads"] = int(ngrads)

@@ -234,9 +234,9 @@ def test_threshold_sweeps_keep_the_convergence_test(device, dtype, n, generator)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_qr_preconditioned_rank_deficient(device, dtype, generator):
-    # Exactly zero singular values on the preconditioned path: zero rows of R, zero
-    # columns of R^T; the right factor (normalized side there) is completed, the left one
-    # (Q V1) stays orthonormal.
+    # Exactly zero (or tiny) singular values on the preconditioned path: zero rows of R,
+    # zero columns of R^T; the right factor (normalized side there) is completed, the left
+    # one (Q V1) stays orthonormal.
     kwargs = dict(dtype=torch.float64, device=device, generator=generator)
     few_columns = torch.zeros(2, 60, 45, **{k: v for k, v in kwargs.items() if k != "generator"})
     few_columns[..., [3, 17, 40]] = randn(2, 60, 3, **kwargs)
@@ -246,6 +246,12 @@ def test_qr_preconditioned_rank_deficient(device, dtype, generator):
         "three nonzero columns, wide": few_columns.mT.to(dtype),
         "rank 5": (randn(2, 70, 5, **kwargs) @ randn(2, 5, 48, **kwargs)).to(dtype),
     }
+    # Exactly structured rank 1 (the QR's trailing columns shrink geometrically, towards
+    # and below sqrt(min normal): its reflectors must rescale them), tall, square, wide.
+    ramp = torch.arange(1.0, 101.0, dtype=torch.float64, device=device)
+    for rows, cols in [(40, 40), (64, 64), (100, 51), (51, 100), (90, 90)]:
+        cases[f"outer {rows} x {cols}"] = torch.outer(ramp[:rows], ramp[:cols]).to(dtype).expand(2, rows, cols)
+    cases["ones 64 x 64"] = torch.ones(2, 64, 64, dtype=dtype, device=device)
     for name, A in cases.items():
         check_svd(A, batched_svd(A), what=name)  # both factors orthonormal, completed columns included
     assert torch.equal(batched_svd(cases["zero"]).S, torch.zeros(2, 45, dtype=dtype))

@@ -714,6 +714,13 @@ LOWRANK_INLINE A column_norm2(const A* x, int64_t ldc, int64_t begin, int64_t en
   return (s0 + s1) + (s2 + s3);
 }
 
+// Largest column magnitude below which pivoted_qr rescales a column before its
+// reflector: sqrt(min normal) / eps, so that squares of entries down to eps times the
+// column's largest stay normal.
+template <class A>
+constexpr A kReflectorRescaleBelow =
+    sizeof(A) == 8 ? A(1.4916681462400413e-154 / 2.220446049250313e-16) : A(1.0842022e-19f / 1.1920929e-7f);
+
 // Householder QR with column pivoting of x (row-major, rows x cols, stride ldc, padding
 // columns zero).  On exit the upper triangle of x holds R (zeros below it), h[j * rows
 // + r] the reflector v_j (zero above row j, 1 at row j; H_j = I - tau_j v_j v_j^T,
@@ -733,7 +740,7 @@ LOWRANK_CPU_CLONES void pivoted_qr(A* x, int64_t ldc, int64_t rows, int64_t cols
     // vectorizable max, then a search).
     const A largest = round_max(norm2 + j, cols - j);
     int64_t pivot = j;
-    while (norm2[pivot] != largest) ++pivot;
+    while (pivot + 1 < cols && norm2[pivot] != largest) ++pivot;
     if (pivot != j) {
       for (int64_t r = 0; r < rows; ++r) std::swap(x[r * ldc + j], x[r * ldc + pivot]);
       std::swap(norm2[j], norm2[pivot]);
@@ -741,22 +748,44 @@ LOWRANK_CPU_CLONES void pivoted_qr(A* x, int64_t ldc, int64_t rows, int64_t cols
       std::swap(perm[j], perm[pivot]);
     }
     A* v = h + j * rows;
-    const A below = column_norm2(x + j, ldc, j + 1, rows);  // squared norm of column j below row j
-    const A alpha = x[j * ldc + j];
     std::fill(v, v + rows, A(0));
     v[j] = 1;
+    // A column whose entries are all below sqrt(min normal) / eps (exactly structured
+    // inputs: the trailing columns of a rank-deficient X shrink geometrically) is scaled
+    // by a power of two first, as LAPACK's xLARFG does: its squares would underflow, and
+    // beta and tau computed from subnormals leave H_j far from orthogonal.
+    // The partial norm tells when the column cannot need it (its largest entry is at least
+    // its norm / sqrt(rows); the factor 16 covers the downdate's error), which saves the
+    // scan in the common case.
+    int exponent = 0;
+    if (norm2[j] < A(16) * static_cast<A>(rows) * kReflectorRescaleBelow<A> * kReflectorRescaleBelow<A>) {
+      Bits<A> amax_bits = 0;
+      for (int64_t r = j; r < rows; ++r) amax_bits = std::max(amax_bits, abs_bits(x[r * ldc + j]));
+      A amax;
+      std::memcpy(&amax, &amax_bits, sizeof amax);
+      if (amax < kReflectorRescaleBelow<A>) std::frexp(amax, &exponent);
+    }
+    // x * 2^-exponent, exact (ldexp: 2^-exponent itself may overflow for a subnormal amax).
+    auto scaled = [&](int64_t r) { return exponent == 0 ? x[r * ldc + j] : std::ldexp(x[r * ldc + j], -exponent); };
+    A below = 0;  // squared norm of the (scaled) column j below row j
+    if (exponent == 0) {
+      below = column_norm2(x + j, ldc, j + 1, rows);
+    } else {
+      for (int64_t r = j + 1; r < rows; ++r) below += scaled(r) * scaled(r);
+    }
+    const A alpha = scaled(j);
     if (below == 0) {
       tau[j] = 0;  // already triangular in this column: H_j = I
       continue;
     }
     const A beta = -std::copysign(std::sqrt(alpha * alpha + below), alpha);
     tau[j] = (beta - alpha) / beta;
-    const A scale = A(1) / (alpha - beta);
+    const A inv = A(1) / (alpha - beta);
     for (int64_t r = j + 1; r < rows; ++r) {
-      v[r] = x[r * ldc + j] * scale;
+      v[r] = scaled(r) * inv;
       x[r * ldc + j] = 0;
     }
-    x[j * ldc + j] = beta;
+    x[j * ldc + j] = std::ldexp(beta, exponent);
     reflect_rows(x, ldc, j, rows, v, tau[j], j + 1);
     // Partial norms of rows (j, rows): downdated, and recomputed once one has fallen
     // below sqrt(eps) of its value at its last recomputation (LAPACK's xGEQP3 rule: the
@@ -782,7 +811,24 @@ LOWRANK_CPU_CLONES void form_q(const A* h, const A* tau, int64_t rows, int64_t c
     if (tau[j] != 0) reflect_rows(y, ldc, j, rows, h + j * rows, tau[j], j);
 }
 
+// Q Y into y, for y (row-major, rows x ldc) holding Y = [V1; 0] (V1 cols x cols): the
+// reflectors applied last to first to every column.  Forms the left singular vectors
+// Q V1 after the sweeps when V1 was swept instead of Q (see jacobi_svd_one).
+template <class A>
+LOWRANK_CPU_CLONES void apply_q(const A* h, const A* tau, int64_t rows, int64_t cols, A* y, int64_t ldc) {
+  for (int64_t j = cols - 1; j >= 0; --j)
+    if (tau[j] != 0) reflect_rows(y, ldc, j, rows, h + j * rows, tau[j], 0);
+}
+
 // ---------------------------------------------------------------------------- one matrix per task
+// Whether the preconditioned path sweeps V1 (V = I, cols rows) and forms Q V1 after the
+// sweeps, rather than sweeping Q V1 (rows rows) directly: when X has more padded rows
+// than R^T (see jacobi_svd_one).
+template <class A>
+bool defers_q(int64_t rows, int64_t cols) {
+  return padded_rows<A>(rows) > padded_rows<A>(cols);
+}
+
 // Columns (rows, cols) of the Jacobi problem of the one-matrix path: X itself, or R^T
 // (cols x cols) when preconditioned.
 template <class A>
@@ -829,8 +875,12 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
     return;
   }
   // [W; V] = [R^T; Q]: the rotations accumulate Q V1, the left singular vectors, directly.
-  const MatrixBuffer<A> r = MatrixBuffer<A>::take_padded(arena, padded_rows<A>(cols), uv ? ld_w : 0, cols);
+  // For tall X (more padded rows than R^T has) V starts as I instead: the rotations then
+  // touch cols rather than rows entries of V, and Q V1 is formed once after the sweeps
+  // (apply_q: 2 rows cols^2 multiply-adds, the price of a few dozen rotations).
   const int64_t ldc = padded_rows<A>(cols);
+  const bool defer_q = uv && defers_q<A>(rows, cols);
+  const MatrixBuffer<A> r = MatrixBuffer<A>::take_padded(arena, ldc, uv ? (defer_q ? ldc : ld_w) : 0, cols);
   A* xr = arena.take<A>(rows * ldc);  // X, then Q, row-major
   A* h = arena.take<A>(cols * rows);
   A* tau = arena.take<A>(cols);
@@ -845,7 +895,13 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
     std::copy(xr + c * ldc, xr + c * ldc + cols, col);
     std::fill(col + cols, col + r.ld_w, A(0));
   }
-  if (uv) {
+  if (defer_q) {
+    for (int64_t c = 0; c < cols; ++c) {
+      A* col = r.x + c * r.ld + r.ld_w;
+      std::fill(col, col + r.ld_v, A(0));
+      col[c] = 1;
+    }
+  } else if (uv) {
     form_q(h, tau, rows, cols, xr, ldc);
     for (int64_t c = 0; c < cols; ++c) {
       A* col = r.x + c * r.ld + r.ld_w;
@@ -858,10 +914,21 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
     finish_matrix(p, b, r, result, exponent);
     return;
   }
+  if (defer_q) {  // xr = Q [V1; 0], row-major
+    std::fill(xr, xr + rows * ldc, A(0));
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t q = 0; q < cols; ++q) xr[q * ldc + c] = r.x[c * r.ld + r.ld_w + q];
+    apply_q(h, tau, rows, cols, xr, ldc);
+  }
   for (int64_t c = 0; c < cols; ++c) {
     A* out = m.x + c * m.ld;
     const A* w = r.x + c * r.ld;
-    std::copy(w + r.ld_w, w + r.ld, out);                                  // left: (Q V1)[:, c]
+    if (defer_q) {  // left: (Q V1)[:, c]
+      for (int64_t q = 0; q < rows; ++q) out[q] = xr[q * ldc + c];
+      std::fill(out + rows, out + m.ld_w, A(0));
+    } else {
+      std::copy(w + r.ld_w, w + r.ld, out);
+    }
     for (int64_t q = 0; q < cols; ++q) out[m.ld_w + qr_perm[q]] = w[q];  // right, times sigma_c: P W[:, c]
     m.norm2[c] = r.norm2[c];
   }
@@ -1065,8 +1132,10 @@ void jacobi_svd_cpu(const JacobiSvdParams& p, int num_threads) {
       parallel_for(n_groups, threads, [&](int64_t g) { jacobi_svd_group<T>(p, schedule, g * kGroup<A>); });
     } else {
       const bool precondition = p.cols >= kPreconditionMinCols;
-      // Column of the swept problem: [X; V] ([rows + cols]), or [R^T; Q V1] ([cols + rows]).
-      const int64_t w_rows = precondition ? p.cols : p.rows, v_rows = precondition ? p.rows : p.cols;
+      // Column of the swept problem: [X; V] ([rows + cols]), [R^T; Q V1] ([cols + rows]) or
+      // [R^T; V1] ([cols + cols]).
+      const int64_t w_rows = precondition ? p.cols : p.rows;
+      const int64_t v_rows = precondition && !defers_q<A>(p.rows, p.cols) ? p.rows : p.cols;
       const int64_t column = (padded_rows<A>(w_rows) + (compute_uv ? padded_rows<A>(v_rows) : 0)) * sizeof(A);
       const Schedule schedule = make_schedule(p.cols, std::max<int64_t>(2, kBlockBytes / (2 * column)));
       parallel_for(p.batch, threads, [&](int64_t b) { jacobi_svd_one<T>(p, schedule, b, precondition); });

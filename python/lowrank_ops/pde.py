@@ -1,4 +1,4 @@
-"""Seeded generators of the PDE problem families of ALGORITHMS.md section 7.
+"""Seeded generators of the PDE problem families of SKR (Wang et al., ICLR 2024).
 
 Every family is discretized with 5-point finite differences on the ``n x n`` interior
 nodes of the unit square (mesh width ``h = 1 / (n + 1)``, homogeneous Dirichlet

@@ -1,7 +1,7 @@
 """Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015) and a
 cheap estimate of the approximation error.
 
-Algorithm (ALGORITHMS.md section 4), on the tall orientation ``M`` of ``A`` (``A`` itself
+Algorithm, on the tall orientation ``M`` of ``A`` (``A`` itself
 when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
 
 * subspace iteration: ``Q = orth(M Omega)``; ``n_iter`` times ``Z = orth(M^T Q)``,

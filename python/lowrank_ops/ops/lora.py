@@ -1,8 +1,8 @@
 """Fused low-rank adapter linear (LoRA, rsLoRA, DyLoRA rank truncation, SoRA gate) and merge.
 
-``y = x W^T + b + s * ((D(x) A^T) * g) B^T``  (ALGORITHMS.md section 2)
+``y = x W^T + b + s * ((D(x) A^T) * g) B^T``
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.lora_dropout``: ``D(x) = x * keep / (1 - p)`` with the keep
   mask drawn from a seed, so backward regenerates the mask instead of saving it.

@@ -1,6 +1,6 @@
 """Sparse-plus-low-rank linear (SLTrain): ``y = x (scale * B A + S)^T + b``.
 
-Two backward strategies (ALGORITHMS.md section 3):
+Two backward strategies:
 
 * ``"sparse"``: never forms a dense ``[out, in]`` matrix.  Forward
   ``y = SpMM(x, S) + scale * (x A^T) B^T + b``; backward with ``u = x A^T`` (saved,

@@ -1,4 +1,4 @@
-"""Log-domain Sinkhorn, batched with per-problem convergence (ALGORITHMS.md section 5)."""
+"""Log-domain Sinkhorn (Cuturi, NeurIPS 2013), batched with per-problem convergence."""
 from __future__ import annotations
 
 from typing import List, Optional

@@ -1,4 +1,4 @@
-"""M-FAC inverse of the empirical Fisher over a window of gradients (ALGORITHMS.md section 6).
+"""M-FAC inverse of the empirical Fisher over a window of gradients (Frantar et al., NeurIPS 2021).
 
 With the ``n`` gradients currently held as the rows of ``G [n, d]`` and a damping
 ``lambda > 0``::

@@ -81,6 +81,20 @@ def test_progress_bar_reports_speed(tmp_path, capsys):
     assert "4/4" in err and "samples/s" in err and "ETA" in err
 
 
+def test_rerun_of_a_finished_command_is_done(tmp_path, capsys):
+    out = tmp_path / "p.npz"
+    command = ["generate", "poisson", "--grid", "8", "--num", "3", "--out", str(out)]
+    assert cli_main(command + ["--quiet"]) == 0
+    written = out.read_bytes()
+    capsys.readouterr()
+    assert cli_main(command) == 0
+    assert "is complete (3 samples, same settings): nothing to do" in capsys.readouterr().err
+    assert out.read_bytes() == written
+    assert cli_main(command[:5] + ["4", "--out", str(out), "--quiet"]) == 2  # other settings: refused
+    assert "exists; remove it" in capsys.readouterr().err
+    assert out.read_bytes() == written
+
+
 def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
     out = tmp_path / "d.npz"
     parts = tmp_path / "d.npz.parts"

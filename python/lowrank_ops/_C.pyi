@@ -2,7 +2,7 @@
 
 Every kernel entry point takes addresses (``tensor.data_ptr()``), sizes, strides in
 elements, dtype codes (``lowrank_ops._dtypes``) and, for CUDA, a device index and a
-raw ``cudaStream_t``; all arguments are keyword-only.
+raw ``cudaStream_t``; the kernel entry points take keyword-only arguments.
 """
 
 def build_info() -> dict: ...
@@ -14,12 +14,13 @@ def cuda_versions() -> tuple[int, int]: ...
 def csr_spmm_cpu(
     *, row_ptr: int, col_idx: int, values: int, dense: int, out: int, n_rows: int, n_cols: int, nnz: int,
     batch: int, dense_stride_b: int, dense_stride_c: int, out_stride_b: int, out_stride_r: int, dtype: int,
-    index_type: int, num_threads: int,
+    index_type: int, num_threads: int, addend: int = 0, addend_stride_b: int = 0, addend_stride_r: int = 0,
 ) -> None: ...
 def csr_spmm_cuda(
     *, row_ptr: int, col_idx: int, values: int, row_order: int, dense: int, out: int, n_rows: int, n_cols: int,
     nnz: int, batch: int, dense_stride_b: int, dense_stride_c: int, out_stride_b: int, out_stride_r: int,
-    dtype: int, index_type: int, device: int, stream: int,
+    dtype: int, index_type: int, device: int, stream: int, addend: int = 0, addend_stride_b: int = 0,
+    addend_stride_r: int = 0,
 ) -> None: ...
 def csr_sddmm_cpu(
     *, row_ptr: int, col_idx: int, left: int, dense: int, out: int, n_rows: int, n_cols: int, nnz: int, batch: int,
@@ -76,8 +77,8 @@ def krylov_block_cpu(
 def krylov_block_cuda(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
     other_stride: int, mode: int, accumulate: bool, dtype: int, device: int, stream: int,
-# ---- optimal transport (csrc/include/lowrank_ops/ot.h); src: the OtSource dict built by ops/ot.py
 ) -> None: ...
+# ---- optimal transport (csrc/include/lowrank_ops/ot.h); src: the OtSource dict built by ops/ot.py
 def ot_row_lse_cpu(*, src: dict, lse: int, mean_cost: int, num_threads: int) -> None: ...
 def ot_row_lse_cuda(*, src: dict, lse: int, mean_cost: int, device: int, stream: int) -> None: ...
 def ot_log_histogram_cpu(*, src: dict, lo: int, hi: int, n_bins: int, counts: int, num_threads: int) -> None: ...

@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-ops", description="lowrank_ops command line: build facts and benchmarks.")
+    parser = argparse.ArgumentParser(prog="lowrank-ops", description="lowrank_ops command line: build facts, benchmarks and PDE data-set generation.")
     commands = parser.add_subparsers(dest="command", metavar="{info,bench,generate}")
 
     info = commands.add_parser("info", help="what was compiled and what is usable now")

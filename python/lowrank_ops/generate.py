@@ -17,6 +17,8 @@ Crash safety and resuming:
   sample is lost, duplicated or different.
 * When every shard exists, the shards are assembled (checking each index occurs once)
   into ``<out>`` (temporary name + rename), and ``<out>.parts/`` is removed.
+* Rerunning a finished command (``<out>`` holds a data set of the same settings) does
+  nothing and succeeds; any other existing ``<out>`` is refused, never overwritten.
 
 Sample ``i`` depends only on ``(seed, i)`` (see :func:`lowrank_ops.pde.sample_generator`).
 """
@@ -30,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, TextIO
 
@@ -50,7 +53,8 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "generate", help="generate a PDE data set with SKR (resumable)",
         description="Generate (coefficient, solution) pairs of a PDE family, solved with SKR (sorted + recycled "
-                    "GCRO-DR). Interrupt it at any time; rerunning the same command resumes.")
+                    "GCRO-DR). Interrupt it at any time; rerunning the same command resumes (and, once the "
+                    "data set is complete, reports it as done).")
     parser.add_argument("family", choices=sorted(pde.FAMILIES), help="problem family")
     parser.add_argument("--grid", type=int, default=64, help="interior nodes per side (default 64)")
     parser.add_argument("--num", type=int, required=True, help="number of samples")
@@ -217,12 +221,13 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
     Returns
     -------
     Path
-        ``out``.
+        ``out``.  When ``out`` already holds a finished data set of the same settings
+        (a rerun of a completed command), it is returned as it is: nothing is solved.
 
     Raises
     ------
     FileExistsError
-        ``out`` exists already.
+        ``out`` exists and is not a finished data set of these settings.
     ValueError
         Bad arguments, or an unfinished run with other settings in ``<out>.parts``.
     RuntimeError
@@ -238,11 +243,15 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0; got {seed}")
-    if out.exists():
-        raise FileExistsError(f"{out} exists; remove it or choose another --out")
-    solver = GCRODR(m, k, M="jacobi" if jacobi else None, maxiter=20 * grid * grid)  # validates m > k
     settings = {"family": family, "grid": grid, "num": num, "seed": seed, "tol": tol, "m": m, "k": k,
                 "shard_size": shard_size, "jacobi": jacobi}
+    if out.exists():
+        if _finished_settings(out) != settings:
+            raise FileExistsError(f"{out} exists; remove it or choose another --out")
+        if progress is not None:
+            progress.write(f"{out} is complete ({num} samples, same settings): nothing to do\n")
+        return out
+    solver = GCRODR(m, k, M="jacobi" if jacobi else None, maxiter=20 * grid * grid)  # validates m > k
     parts = out.with_name(out.name + ".parts")
     order = _open_run(parts, settings, family, grid, num, seed)
     shards = [order[start: start + shard_size] for start in range(0, num, shard_size)]
@@ -265,6 +274,15 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
     _assemble(parts, out, len(shards), num, order, settings)
     shutil.rmtree(parts)
     return out
+
+
+def _finished_settings(out: Path) -> Optional[dict]:
+    """The settings stored in ``out`` when it is a data set this job wrote, else None."""
+    try:
+        with np.load(out) as data:
+            return json.loads(data["settings"].item())
+    except (OSError, EOFError, TypeError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def _assemble(parts: Path, out: Path, n_shards: int, num: int, order: List[int], settings: dict) -> None:

@@ -1,4 +1,4 @@
-"""Seeded generators of the PDE problem families of ALGORITHMS.md section 7.
+"""Seeded generators of the PDE problem families of SKR (Wang et al., ICLR 2024).
 
 Every family is discretized with 5-point finite differences on the ``n x n`` interior
 nodes of the unit square (mesh width ``h = 1 / (n + 1)``, homogeneous Dirichlet
@@ -150,7 +150,31 @@ def _grid_points(n: int):
 
 
 def darcy(grid: int, *, seed: int = 0, index: int = 0, low: float = 3.0, high: float = 12.0) -> PDEProblem:
-    """Darcy flow ``-div(a grad u) = 1`` with ``a`` in {low, high} from a thresholded random field."""
+    """Darcy flow ``-div(a grad u) = 1`` with ``a`` in {low, high} from a thresholded random field.
+
+    Parameters
+    ----------
+    grid : int
+        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
+    seed, index : int
+        The run and the sample in it, both >= 0: the sample's randomness depends on
+        these only (:func:`sample_generator`).
+    low, high : float
+        The permeability where the unit-variance Gaussian random field
+        (:func:`gaussian_random_field`) is negative, resp. non-negative; both > 0.
+
+    Returns
+    -------
+    PDEProblem
+        ``matrix`` ``[n^2, n^2]`` (float64 CSR, symmetric positive definite), ``rhs`` all
+        ones ``[n^2]`` float64, ``coefficient`` ``a`` ``[n, n]`` float64; on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``grid`` not an integer >= 1, a negative ``seed`` or ``index``, or a ``low`` or
+        ``high`` <= 0 where the field selects it.
+    """
     grid = _check_grid("darcy", grid)
     field = gaussian_random_field(grid, sample_generator(seed, index))
     a = torch.where(field >= 0, torch.tensor(high, dtype=torch.float64), torch.tensor(low, dtype=torch.float64))
@@ -158,7 +182,28 @@ def darcy(grid: int, *, seed: int = 0, index: int = 0, low: float = 3.0, high: f
 
 
 def poisson(grid: int, *, seed: int = 0, index: int = 0) -> PDEProblem:
-    """Poisson ``-lap u = f`` with a random-field right-hand side ``f`` (same matrix for every sample)."""
+    """Poisson ``-lap u = f`` with a random-field right-hand side ``f`` (same matrix for every sample).
+
+    Parameters
+    ----------
+    grid : int
+        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
+    seed, index : int
+        The run and the sample in it, both >= 0: the sample's randomness depends on
+        these only (:func:`sample_generator`).
+
+    Returns
+    -------
+    PDEProblem
+        ``matrix`` the 5-point Laplacian ``[n^2, n^2]`` (float64 CSR, symmetric positive
+        definite), ``rhs`` ``f`` flattened ``[n^2]`` float64, ``coefficient`` ``f`` ``[n, n]``
+        float64 (a unit-variance Gaussian random field); on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``grid`` not an integer >= 1, or a negative ``seed`` or ``index``.
+    """
     grid = _check_grid("poisson", grid)
     f = gaussian_random_field(grid, sample_generator(seed, index))
     return PDEProblem("poisson", grid, index, seed, diffusion_matrix(torch.ones(grid, grid, dtype=torch.float64)),
@@ -170,6 +215,31 @@ def helmholtz(grid: int, *, seed: int = 0, index: int = 0, wavenumber: float = 1
     """Helmholtz ``-lap u - k^2 u = f``, ``k = wavenumber (1 + contrast tanh(g))``, Gaussian source at the centre.
 
     Indefinite for ``wavenumber^2 > 2 pi^2`` (about 19.7).
+
+    Parameters
+    ----------
+    grid : int
+        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
+    seed, index : int
+        The run and the sample in it, both >= 0: the sample's randomness depends on
+        these only (:func:`sample_generator`).
+    wavenumber : float
+        The mean wavenumber ``k_0``.
+    contrast : float
+        Relative variation of ``k``: ``k`` lies in ``k_0 (1 +/- contrast)``, modulated by
+        ``tanh`` of a unit-variance Gaussian random field ``g``.
+
+    Returns
+    -------
+    PDEProblem
+        ``matrix`` ``[n^2, n^2]`` (float64 CSR, symmetric, indefinite for large ``k``),
+        ``rhs`` a Gaussian bump of height 1 and standard deviation 0.05 at the centre
+        ``[n^2]`` float64, ``coefficient`` ``k`` ``[n, n]`` float64; on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``grid`` not an integer >= 1, or a negative ``seed`` or ``index``.
     """
     grid = _check_grid("helmholtz", grid)
     k = wavenumber * (1 + contrast * torch.tanh(gaussian_random_field(grid, sample_generator(seed, index))))
@@ -180,7 +250,29 @@ def helmholtz(grid: int, *, seed: int = 0, index: int = 0, wavenumber: float = 1
 
 
 def thermal(grid: int, *, seed: int = 0, index: int = 0) -> PDEProblem:
-    """Steady heat conduction ``-div(kappa grad T) = q``, ``kappa = exp(g)``, Gaussian source at a random point."""
+    """Steady heat conduction ``-div(kappa grad T) = q``, ``kappa = exp(g)``, Gaussian source at a random point.
+
+    Parameters
+    ----------
+    grid : int
+        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
+    seed, index : int
+        The run and the sample in it, both >= 0: the sample's randomness depends on
+        these only (:func:`sample_generator`).
+
+    Returns
+    -------
+    PDEProblem
+        ``matrix`` ``[n^2, n^2]`` (float64 CSR, symmetric positive definite), ``rhs`` a
+        Gaussian source of height 10 and standard deviation 0.1 centred at a random point of
+        ``[0.2, 0.8]^2`` ``[n^2]`` float64, ``coefficient`` ``kappa = exp(g)`` ``[n, n]``
+        float64 (``g`` a unit-variance Gaussian random field); on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``grid`` not an integer >= 1, or a negative ``seed`` or ``index``.
+    """
     grid = _check_grid("thermal", grid)
     generator = sample_generator(seed, index)
     kappa = torch.exp(gaussian_random_field(grid, generator))
@@ -199,7 +291,34 @@ FAMILIES: Dict[str, Callable[..., PDEProblem]] = {
 def generate(family: str, grid: int, num: int, *, seed: int = 0, start: int = 0, **options) -> List[PDEProblem]:
     """Samples ``start, ..., start + num - 1`` of ``family`` on a ``grid x grid`` mesh.
 
-    ``options`` go to the family's generator (e.g. ``wavenumber`` for Helmholtz).
+    Parameters
+    ----------
+    family : {"darcy", "poisson", "helmholtz", "thermal"}
+        The generator (:data:`FAMILIES`).
+    grid : int
+        Interior nodes per side, >= 1.
+    num : int
+        Number of samples, >= 0.
+    seed : int
+        The run seed, >= 0.
+    start : int
+        Index of the first sample, >= 0.
+    **options
+        Passed to the family's generator (``low``, ``high`` for Darcy; ``wavenumber``,
+        ``contrast`` for Helmholtz).
+
+    Returns
+    -------
+    list of PDEProblem
+        ``num`` problems (see :func:`darcy`, :func:`poisson`, :func:`helmholtz`,
+        :func:`thermal`), in index order; float64 on the CPU.
+
+    Raises
+    ------
+    ValueError
+        An unknown family, ``num`` not an integer >= 0, or what the generator raises.
+    TypeError
+        An option the family's generator does not take.
     """
     if family not in FAMILIES:
         raise ValueError(f"generate: family must be one of {sorted(FAMILIES)}; got {family!r}")

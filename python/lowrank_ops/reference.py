@@ -1,6 +1,6 @@
-"""Pure-torch references of every op, float64-capable; the oracles of the tests and the
-accuracy baseline of the benchmarks.  Slow and simple on purpose: dense matrices,
-plain matmuls, no custom kernels.
+"""Pure-torch references of the fused ops (sparse, Krylov, optimal transport, M-FAC, LoRA
+family), float64-capable; the oracles of the tests and the accuracy baseline of the
+benchmarks.  Slow and simple on purpose: dense matrices, plain matmuls, no custom kernels.
 """
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def krylov_combine(basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Ten
     """Reference of the block kernel's combine mode: ``C^T Q``, ``[cols, n]``."""
     return coefficients.T @ basis
 # ---- optimal transport ----
+__all__ += ["ot_point_cost", "ot_log_plan", "ot_row_lse", "ot_hessian_matvec"]
+
+
 def ot_point_cost(x: torch.Tensor, y: torch.Tensor, cost: str) -> torch.Tensor:
     """Cost matrices ``[B, n, m]`` of point clouds x ``[B, n, d]``, y ``[B, m, d]`` (``"sqeuclidean"`` or ``"l1"``)."""
     diff = x.unsqueeze(2) - y.unsqueeze(1)

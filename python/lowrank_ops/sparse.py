@@ -95,6 +95,17 @@ class FixedSupport(torch.nn.Module):
             Device of the returned pattern (default: the generator's device, else CPU).
         index_dtype : torch.int32 or torch.int64, optional
             Index dtype of the buffers (default: int32 when every index fits).
+
+        Returns
+        -------
+        FixedSupport
+            The pattern, sorted by (row, column), with its buffers on ``device``.
+
+        Raises
+        ------
+        ValueError
+            A negative shape, ``density`` outside ``[0, 1]``, or an ``index_dtype`` that
+            is neither int64 nor an int32 that fits.
         """
         out_features, in_features = _check_shape((out_features, in_features), "FixedSupport.random")
         density = float(density)
@@ -124,18 +135,28 @@ class FixedSupport(torch.nn.Module):
     ) -> Tuple["FixedSupport", torch.Tensor]: ...
 
     @classmethod
-    def from_indices(cls, rows, cols, shape, values=None):
+    def from_indices(
+        cls, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], values: Optional[torch.Tensor] = None
+    ) -> Union["FixedSupport", Tuple["FixedSupport", torch.Tensor]]:
         """A pattern from coordinate lists, in any order.
 
         Parameters
         ----------
         rows, cols : Tensor[nnz], integer
-            Coordinates of the stored entries; each pair at most once.
+            Coordinates of the stored entries (any integer dtype, one device; sequences
+            are converted); each pair at most once.
         shape : (int, int)
             ``(out_features, in_features)``.
         values : Tensor[nnz], optional
-            Values in the order of ``rows``/``cols``.  When given, the method returns
-            ``(support, values_in_support_order)``.
+            Values in the order of ``rows``/``cols`` (any dtype and device).
+
+        Returns
+        -------
+        FixedSupport or (FixedSupport, Tensor[nnz])
+            The pattern, on the device of ``rows``, index dtype int32 when every index
+            fits (else int64).  With ``values``: also the values permuted into the
+            support's CSR order, same dtype and device as ``values`` (differentiable:
+            an indexing of ``values``).
 
         Raises
         ------
@@ -172,6 +193,22 @@ class FixedSupport(torch.nn.Module):
     @classmethod
     def from_csr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape: Tuple[int, int]) -> "FixedSupport":
         """A pattern from CSR arrays, validated (columns strictly increasing within each row).
+
+        Parameters
+        ----------
+        row_ptr : Tensor[out_features + 1], integer
+            Row pointers: the entries of row ``i`` are ``col_idx[row_ptr[i]:row_ptr[i + 1]]``.
+        col_idx : Tensor[nnz], integer
+            Column of every entry, sorted within each row; on the device of ``row_ptr``.
+            Both arrays may have any integer dtype (sequences are converted).
+        shape : (int, int)
+            ``(out_features, in_features)``.
+
+        Returns
+        -------
+        FixedSupport
+            The pattern (the same entry order, so values in CSR order stay valid), on the
+            device of the arrays, index dtype int32 when every index fits (else int64).
 
         Raises
         ------
@@ -270,14 +307,50 @@ class FixedSupport(torch.nn.Module):
         return torch.searchsorted(self.row_ptr, entries, right=True).to(torch.int64) - 1
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
-        """The ``[out_features, in_features]`` matrix with ``values`` ([nnz], CSR order) at the support."""
+        """The ``[out_features, in_features]`` matrix with ``values`` at the support.
+
+        Parameters
+        ----------
+        values : Tensor[nnz]
+            The entries in CSR order, any dtype, on the support's device.
+
+        Returns
+        -------
+        Tensor[out_features, in_features]
+            Dense, zero off the support, in the dtype and on the device of ``values``;
+            differentiable in ``values``.
+
+        Raises
+        ------
+        TypeError
+            ``values`` is not a tensor.
+        ValueError
+            ``values`` is not of shape ``(nnz,)``.
+        """
         _check_values(self, values, "FixedSupport.to_dense")
         dense = values.new_zeros(self.shape)
         dense.index_put_((self.rows(), self.col_idx.to(torch.int64)), values)
         return dense
 
     def values_from_dense(self, dense: torch.Tensor) -> torch.Tensor:
-        """The entries of a ``[out_features, in_features]`` matrix at the support, ``[nnz]`` in CSR order."""
+        """The entries of a dense matrix at the support (the inverse of :meth:`to_dense`).
+
+        Parameters
+        ----------
+        dense : Tensor[out_features, in_features]
+            Any dtype, on any device (the indices are moved to it).
+
+        Returns
+        -------
+        Tensor[nnz]
+            The entries at the support in CSR order, in the dtype and on the device of
+            ``dense``; differentiable in ``dense``.
+
+        Raises
+        ------
+        ValueError
+            ``dense`` is not of shape ``(out_features, in_features)``.
+        """
         if tuple(dense.shape) != self.shape:
             raise ValueError(
                 f"FixedSupport.values_from_dense: dense has shape {tuple(dense.shape)}; expected {self.shape}"

@@ -7,7 +7,7 @@
 * :class:`CSRMatrix`: the sparse matrix the solvers (and :mod:`lowrank_ops.pde`) use;
 * :class:`SolveInfo`, :class:`SequenceResult`: what the solvers report.
 
-ALGORITHMS.md section 7 has the math and the bars.
+GCRO-DR follows Parks, de Sturler et al. (SIAM J. Sci. Comput. 2006).
 """
 from .cg import cg
 from .gcrodr import GCRODR

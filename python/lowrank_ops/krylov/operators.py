@@ -98,7 +98,26 @@ class CSRMatrix:
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "CSRMatrix":
-        """The non-zero entries of a 2-D dense tensor."""
+        """The non-zero entries of a 2-D dense tensor.
+
+        Parameters
+        ----------
+        dense : Tensor[n_rows, n_cols]
+            float32 or float64, finite, on any device.
+
+        Returns
+        -------
+        CSRMatrix
+            ``dense``'s non-zero entries (exact zeros are not stored), in its dtype and on
+            its device; int32 indices when they fit, else int64.
+
+        Raises
+        ------
+        ValueError
+            ``dense`` is not a 2-D tensor, or has non-finite entries.
+        TypeError
+            A dtype other than float32 or float64.
+        """
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             raise ValueError("CSRMatrix.from_dense: expected a 2-D tensor")
         csr = dense.to_sparse_csr()
@@ -106,7 +125,28 @@ class CSRMatrix:
 
     @classmethod
     def from_scipy(cls, matrix, dtype: torch.dtype = torch.float64) -> "CSRMatrix":
-        """From any scipy.sparse matrix or array (converted to CSR; real dtypes only)."""
+        """From any scipy.sparse matrix or array (converted to CSR; real dtypes only).
+
+        Parameters
+        ----------
+        matrix : scipy.sparse matrix or array, shape (n_rows, n_cols)
+            Any format (converted with ``tocsr()``); real, finite entries.
+        dtype : torch.dtype
+            Values dtype of the result: float64 (default) or float32.
+
+        Returns
+        -------
+        CSRMatrix
+            The stored entries (explicit zeros included) on the CPU, in ``dtype``; int32
+            indices when they fit, else int64.
+
+        Raises
+        ------
+        TypeError
+            Complex entries, or ``dtype`` not float32 or float64.
+        ValueError
+            Non-finite entries.
+        """
         csr = matrix.tocsr()
         if np.iscomplexobj(csr.data):
             raise TypeError("CSRMatrix.from_scipy: complex matrices are not supported; expected a real dtype")
@@ -119,7 +159,27 @@ class CSRMatrix:
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> "CSRMatrix":
-        """From a torch sparse CSR or COO tensor."""
+        """From a torch sparse CSR or COO tensor.
+
+        Parameters
+        ----------
+        tensor : Tensor[n_rows, n_cols], sparse CSR or COO layout
+            float32 or float64 values, finite; a COO tensor is coalesced first
+            (duplicate entries summed).
+
+        Returns
+        -------
+        CSRMatrix
+            The stored entries in the tensor's dtype and on its device; int32 indices
+            when they fit, else int64.
+
+        Raises
+        ------
+        TypeError
+            Another layout, or values not float32 or float64.
+        ValueError
+            Non-finite values.
+        """
         if tensor.layout == torch.sparse_coo:
             tensor = tensor.coalesce().to_sparse_csr()
         if tensor.layout != torch.sparse_csr:
@@ -127,7 +187,21 @@ class CSRMatrix:
         return cls(tensor.crow_indices(), tensor.col_indices(), tensor.values(), tuple(tensor.shape))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSRMatrix":
-        """A copy on ``device`` with values of ``dtype`` (self when nothing changes)."""
+        """A copy on ``device`` with values of ``dtype`` (self when nothing changes).
+
+        Parameters
+        ----------
+        device : torch.device or str, optional
+            Target device; default the current one.
+        dtype : torch.dtype, optional
+            Values dtype, float32 or float64; default the current one.
+
+        Returns
+        -------
+        CSRMatrix
+            ``self`` when neither changes, else a new matrix with the same pattern (index
+            arrays copied to ``device``) and converted values.
+        """
         device = self.device if device is None else torch.device(device)
         dtype = self.dtype if dtype is None else dtype
         if device == self.device and dtype == self.dtype:
@@ -249,6 +323,26 @@ def as_operator(op: str, A, dtype: torch.dtype, device: Union[str, torch.device]
     A : CSRMatrix, torch sparse CSR/COO tensor, dense 2-D tensor or ndarray, scipy.sparse
         matrix, or a callable with ``.shape == (n, n)`` (called as ``A(x)`` or
         ``A.matvec(x)`` on a torch vector).
+    dtype : torch.dtype
+        The solver's working dtype, float32 or float64: a matrix is converted to it, a
+        callable's output is cast to it.
+    device : torch.device or str
+        The solver's device: a matrix is moved there, a callable's output is moved there.
+
+    Returns
+    -------
+    LinearOperator
+        ``x -> A x`` on vectors ``[n]`` of ``dtype`` on ``device``.  For a matrix input,
+        ``operator.matrix`` is the converted :class:`CSRMatrix` (a dense matrix keeps its
+        non-zero entries only); for a callable, ``operator.matrix`` is None.
+
+    Raises
+    ------
+    ValueError
+        ``A`` not square (or a callable without a 2-D ``.shape``), or malformed / non-finite
+        matrix entries.
+    TypeError
+        ``A`` of an unsupported kind, or complex entries.
     """
     device = torch.device(device)
     if isinstance(A, CSRMatrix):

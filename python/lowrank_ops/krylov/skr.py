@@ -74,6 +74,25 @@ def greedy_order(features: torch.Tensor, start: int = 0) -> List[int]:
 
     Starts at ``start`` and repeatedly moves to the closest (Euclidean) unvisited row.
     O(N^2 d) for the distances plus O(N^2) for the chain.
+
+    Parameters
+    ----------
+    features : Tensor[N, d]
+        One feature vector per system (e.g. its coefficient field, flattened); any real
+        dtype (the distances are computed in float64, an ``[N, N]`` matrix) and device.
+    start : int
+        Index of the first row, ``0 <= start < N``.
+
+    Returns
+    -------
+    list of int
+        A permutation of ``range(N)`` beginning with ``start`` (ties go to the lower
+        index); empty for ``N = 0``.
+
+    Raises
+    ------
+    ValueError
+        ``features`` not 2-D, or ``start`` out of range.
     """
     if features.dim() != 2:
         raise ValueError(f"greedy_order: features has shape {tuple(features.shape)}; expected (N, d)")

@@ -1,7 +1,7 @@
 """Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015) and a
 cheap estimate of the approximation error.
 
-Algorithm (ALGORITHMS.md section 4), on the tall orientation ``M`` of ``A`` (``A`` itself
+Algorithm, on the tall orientation ``M`` of ``A`` (``A`` itself
 when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
 
 * subspace iteration: ``Q = orth(M Omega)``; ``n_iter`` times ``Z = orth(M^T Q)``,
@@ -311,20 +311,39 @@ def lowrank_error(
 
     Parameters
     ----------
-    A : Tensor[..., m, n]; U : Tensor[..., m, k]; S : Tensor[..., k]; Vh : Tensor[..., k, n]
+    A : Tensor[..., m, n]
+        The matrices, any leading batch shape; float32 or float64 (float16 and bfloat16
+        are computed in float32).
+    U : Tensor[..., m, k]
+        Left factor (e.g. ``rsvd(A, k).U``).
+    S : Tensor[..., k]
+        The diagonal of the middle factor (singular values).
+    Vh : Tensor[..., k, n]
+        Right factor (right singular vectors as rows).  U, S and Vh are cast to A's
+        compute dtype; they must be on A's device, with batch shapes that broadcast
+        against A's.
     n_probes : int
-        ``"fro"``: Gaussian probes ``w``, ``||E||_F^2 = E ||E w||^2`` (Hutchinson), relative
-        standard deviation about ``sqrt(2 / n_probes)`` at worst, much less when many
-        singular values of E matter.  ``"2"``: power iterations on ``E^T E`` (a lower
-        bound that converges to ``||E||_2``).
+        ``norm="fro"``: the number of Gaussian probe vectors ``w``; the estimate is the
+        Hutchinson mean ``||E||_F^2 ~ mean ||E w||^2`` with ``E = A - U diag(S) Vh``, of
+        relative standard deviation about ``sqrt(2 / n_probes)`` at worst (much less when
+        many singular values of E matter); about ``2 m n n_probes`` flops.
+        ``norm="2"``: the number of power iterations on ``E^T E`` from one Gaussian start
+        vector (a lower bound that converges to ``||E||_2``); about ``4 m n n_probes`` flops.
     norm : {"fro", "2"}
+        Frobenius or spectral norm of E.
     generator : torch.Generator, optional
+        Draws the Gaussian probes (a generator of A's device); fixes the estimate.
 
     Returns
     -------
     Tensor[...]
         The estimate per matrix of the batch, in A's dtype (float32 for half types); no
-        host synchronization.  Cost: ``4 m n n_probes`` flops.
+        host synchronization.  Cost: at most ``4 m n n_probes`` flops (see ``n_probes``).
+
+    Raises
+    ------
+    ValueError
+        ``norm`` or ``n_probes`` out of range, or factor shapes that do not match A.
     """
     require_tensors("lowrank_error", A=A, U=U, S=S, Vh=Vh)
     if not A.dtype.is_floating_point or A.dim() < 2:

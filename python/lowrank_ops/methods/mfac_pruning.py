@@ -181,6 +181,27 @@ def collect_gradients(params: Sequence[torch.Tensor], loss_fn: Callable[..., tor
     ``loss_fn(batch)`` returns a scalar loss; the gradients of ``params`` are taken with
     ``torch.autograd.grad`` (``.grad`` fields are left untouched).  Parameters the loss
     does not reach get zeros.
+
+    Parameters
+    ----------
+    params : sequence of Tensor
+        The parameters (at least one, all requiring grad, on one device); their
+        gradients are flattened and concatenated in this order.
+    loss_fn : callable
+        ``loss_fn(batch) -> Tensor[]``, a scalar loss differentiable in ``params``.
+    batches : iterable
+        The batches, one gradient each (consumed once).
+
+    Returns
+    -------
+    Tensor[m, d]
+        ``m`` = number of batches, ``d`` = total number of elements of ``params``; float64
+        when the first parameter is float64, else float32; on the parameters' device.
+
+    Raises
+    ------
+    ValueError
+        ``batches`` is empty.
     """
     params = list(params)
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32

@@ -33,6 +33,19 @@ class ConversionReport:
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
+    """The number of parameter elements of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    trainable_only : bool
+        Count only the parameters with ``requires_grad`` (default); False: all of them.
+
+    Returns
+    -------
+    int
+        The sum of ``numel()`` over the counted parameters (each shared parameter once).
+    """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 

@@ -122,6 +122,23 @@ class LoRALinear(torch.nn.Module):
         return self.lora_A[:k], self.lora_B[:, :k], gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus the adapter (or, after :meth:`merge`, the merged base layer).
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the base weight's dtype (float32, float64, float16 or bfloat16) and on its
+            device.  In training mode the adapter input goes through dropout with
+            probability ``lora_dropout``; eval mode uses none.
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            ``base(x) + scaling * ((dropout(x) A^T) * g) B^T`` on the first ``active_rank``
+            ranks (:func:`lowrank_ops.ops.lora_linear`), or DoRA's output
+            (:func:`lowrank_ops.ops.dora_linear`) with ``use_dora``; in x's dtype,
+            differentiable in x and the adapter parameters.
+        """
         if self.merged:
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0

@@ -121,6 +121,18 @@ class MultiLoRALinear(nn.Module):
             initialization, A Kaiming-uniform (``a = sqrt(5)``) and B zero.
         generator : torch.Generator, optional
             For the default initialization of A.
+
+        Returns
+        -------
+        int
+            The new adapter's id (its index in ``adapter_names`` and the stacks), for
+            ``adapter_ids`` routing.
+
+        Raises
+        ------
+        ValueError
+            A name already used (or not a string), a rank outside ``[1, max_rank]``, or
+            factors of the wrong shape.
         """
         if not isinstance(name, str) or name in self.adapter_names:
             raise ValueError(f"MultiLoRALinear.add_adapter: name must be a new string; got {name!r} "
@@ -190,6 +202,30 @@ class MultiLoRALinear(nn.Module):
 
         Per-row routing sorts the rows by adapter (:func:`group_rows`), runs one batched
         call and restores the order.  With no routing, only the base layer runs.
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the base weight's dtype (float32, float64, float16 or bfloat16) and on its
+            device; rows are the flattened leading dimensions.
+        adapter_names : sequence of (str or None), optional
+            One per row.
+        adapter_ids : Tensor[N] or Tensor[n_segments] of int, or sequence of int, optional
+            One id per row (-1: none), or one per segment with ``segment_offsets``.
+        segment_offsets : Tensor[n_segments + 1] or sequence of int, optional
+            Non-decreasing row offsets from 0 to the number of rows.
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            In x's dtype; differentiable in x and the adapter stacks
+            (:func:`~lowrank_ops.ops.lora_linear_multi`).
+
+        Raises
+        ------
+        ValueError
+            An unknown adapter name, routing of the wrong length, or a conflicting
+            combination of routing arguments.
         """
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"MultiLoRALinear: x has shape {tuple(getattr(x, 'shape', ()))}; expected "

@@ -124,6 +124,20 @@ class SparseLowRankLinear(torch.nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = x (scale B A + S)^T + b`` (:func:`lowrank_ops.ops.sparse_lowrank.sparse_lowrank_linear`).
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the parameters' dtype (float32, float64, float16 or bfloat16) and on their
+            device.
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            In x's dtype; differentiable in x, ``lora_A``, ``lora_B``, ``values`` and ``bias``
+            (backward by the layer's ``strategy``).
+        """
         return sparse_lowrank_linear(
             x, self.lora_A, self.lora_B, self.values, self.support, self.bias, scale=self.scale, strategy=self.strategy
         )

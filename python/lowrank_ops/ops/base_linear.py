@@ -129,7 +129,24 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``dy W``: grad_y ``[N, out]``, weight ``[out, in]`` -> ``[N, in]`` (small-batch kernel or GEMM)."""
+    """``dy W``: the input gradient of ``x W^T + b`` (small-batch kernel or GEMM).
+
+    Parameters
+    ----------
+    grad_y : Tensor[N, out]
+        The output gradient; any floating dtype.
+    weight : Tensor[out, in]
+        grad_y's dtype and device.
+
+    Returns
+    -------
+    Tensor[N, in]
+        In grad_y's dtype, on its device: ``_C.small_batch_linear_grad_input_cpu``'s
+        result for float32 CPU batches within :data:`SMALL_BATCH_ROWS` ``["grad_input"]``
+        (row-major operands, a weight of at least :data:`SMALL_BATCH_MIN_WEIGHT`
+        elements, AVX-512), else ``grad_y @ weight``.  Not differentiable by itself: the
+        callers are backward implementations.
+    """
     if small_batch(grad_y, weight, "grad_input"):
         return small_batch_grad_input_kernel(grad_y, weight)
     return grad_y @ weight

@@ -10,7 +10,7 @@ Layers:
 
 * ``torch.ops.lowrank_ops.dora_row_norm``: ``n_o = ||W_o + s B_o A||`` by the low-rank
   identity ``||W_o||^2 + 2 s B_o (W A^T)_o + s^2 B_o (A A^T) B_o^T = ||W_o||^2 + B_o . C_o``
-  (ALGORITHMS.md section 2).  The GEMMs building ``C = 2 s W A^T + s^2 B (A A^T)``
+  (expand the squared norm of ``W_o + s B_o A``).  The GEMMs building ``C = 2 s W A^T + s^2 B (A A^T)``
   (``[out, r]``) run in torch (BLAS); a hand-written kernel (csrc/cpu/dora_cpu.cpp,
   csrc/cuda/dora_cuda.cu) streams W once for ``||W_o||^2`` and adds ``B_o . C_o``, clamp
   and square root in the same pass.  ``B A`` (``[out, in]``) is never formed; PEFT forms

@@ -1,8 +1,8 @@
 """Fused low-rank adapter linear (LoRA, rsLoRA, DyLoRA rank truncation, SoRA gate) and merge.
 
-``y = x W^T + b + s * ((D(x) A^T) * g) B^T``  (ALGORITHMS.md section 2)
+``y = x W^T + b + s * ((D(x) A^T) * g) B^T``
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.lora_dropout``: ``D(x) = x * keep / (1 - p)`` with the keep
   mask drawn from a seed, so backward regenerates the mask instead of saving it.
@@ -339,8 +339,8 @@ def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, si
     return out
 
 
-def lora_merge(weight, lora_A, lora_B, scale: float = 1.0, *, gate=None, rank: Optional[int] = None,
-               inplace: bool = False) -> torch.Tensor:
+def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
+               gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
     """``W + scale * B diag(g) A`` with float32 accumulation, rounded to W's dtype once.
 
     Parameters
@@ -348,19 +348,31 @@ def lora_merge(weight, lora_A, lora_B, scale: float = 1.0, *, gate=None, rank: O
     weight : Tensor[out_features, in_features]
         float32, float64, float16 or bfloat16.
     lora_A : Tensor[r, in_features]
+        W's dtype or float32, on W's device.
     lora_B : Tensor[out_features, r]
-        W's dtype or float32.
+        The dtype of ``lora_A``, on W's device.
     scale : float
+        The adapter scaling ``s`` (``lora_alpha / r`` in PEFT).
     gate : Tensor[r], optional
+        Per-rank gate ``g`` (SoRA), the dtype of ``lora_A``; None: all ones.
     rank : int, optional
-        Merge only the first ``rank`` ranks.
+        Merge only the first ``rank`` ranks (DyLoRA), ``0 <= rank <= r``; None: all r.
     inplace : bool
         Write into ``weight`` (no new ``[out, in]`` tensor); otherwise return a new one.
 
     Returns
     -------
     Tensor[out_features, in_features]
-        The merged weight (``weight`` itself when ``inplace``); not differentiable.
+        The merged weight in W's dtype on W's device (``weight`` itself when
+        ``inplace``, else a new contiguous tensor); not differentiable.
+
+    Raises
+    ------
+    TypeError
+        A tensor argument that is not a tensor or has an unsupported dtype, a
+        ``scale`` that is not a number, a ``rank`` that is not an int.
+    ValueError
+        Shapes that do not fit W, tensors on another device, ``rank`` out of range.
 
     Notes
     -----
@@ -371,12 +383,40 @@ def lora_merge(weight, lora_A, lora_B, scale: float = 1.0, *, gate=None, rank: O
     return _merge("lora_merge", weight, lora_A, lora_B, scale, gate, rank, inplace, 1.0)
 
 
-def lora_unmerge(weight, lora_A, lora_B, scale: float = 1.0, *, gate=None, rank: Optional[int] = None,
-                 inplace: bool = False) -> torch.Tensor:
+def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
+                 gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
     """``W - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same arguments, same accumulation).
 
     For float32/float64 weights unmerge(merge(W)) returns W up to one rounding per entry;
     for bf16/fp16 the merged weight was rounded once to the half type, so W comes back to
     within that rounding (``2^-8 |W + s B A|`` for bf16).
+
+    Parameters
+    ----------
+    weight : Tensor[out_features, in_features]
+        The merged weight; float32, float64, float16 or bfloat16.
+    lora_A : Tensor[r, in_features]
+        W's dtype or float32, on W's device.
+    lora_B : Tensor[out_features, r]
+        The dtype of ``lora_A``, on W's device.
+    scale : float
+        The scaling the adapter was merged with.
+    gate : Tensor[r], optional
+        Per-rank gate (SoRA), the dtype of ``lora_A``; None: all ones.
+    rank : int, optional
+        Remove only the first ``rank`` ranks, ``0 <= rank <= r``; None: all r.
+    inplace : bool
+        Write into ``weight``; otherwise return a new tensor.
+
+    Returns
+    -------
+    Tensor[out_features, in_features]
+        The base weight in W's dtype on W's device (``weight`` itself when ``inplace``,
+        else a new contiguous tensor); not differentiable.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`lora_merge`.
     """
     return _merge("lora_unmerge", weight, lora_A, lora_B, scale, gate, rank, inplace, -1.0)

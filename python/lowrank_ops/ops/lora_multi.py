@@ -5,7 +5,7 @@ uses adapter ``adapter_ids[s]`` (``-1``: none), with that adapter's rank and sca
 
     y = x W^T + b + sum_s scales[a_s] * (x_s A[a_s, :r]^T) B[a_s, :, :r]^T,   r = ranks[a_s]
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.lora_multi_shrink`` (``h = x A^T`` gathered per segment, or
   ``g = s dy B`` in the backward), ``lora_multi_expand_`` (``y += s h B^T``, or

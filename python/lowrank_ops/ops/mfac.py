@@ -1,7 +1,7 @@
 """M-FAC passes over a gradient buffer: ``G x`` (optionally fused with the ring-buffer
 write) and ``alpha x + beta G^T c``.
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.mfac_dots`` / ``mfac_combine``: the two read passes, pure
   functions, differentiable (``torch.library.register_autograd``) in every input;

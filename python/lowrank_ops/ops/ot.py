@@ -1,4 +1,4 @@
-"""Kernel ops of the entropic optimal transport family (ALGORITHMS.md section 5).
+"""Kernel ops of the entropic optimal transport family (Sinkhorn, Sinkhorn-Newton-Sparse).
 
 Every op works on a batch of ``B`` problems with scaled log-plan entries
 ``s_ij = (f_i + g_j - C_ij) / reg`` (``P = exp(s)``), where the cost ``C`` is either a

@@ -1,6 +1,6 @@
 """Fixed-support sparse matmul ops: ``y = x S^T`` and its backward, SpMV.
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.csr_spmm`` / ``csr_sddmm``: the kernels, declared once with
   ``torch.library`` (CPU impl, CUDA impl, fake impl).  They validate what the C++ relies

@@ -1,6 +1,6 @@
 """Sparse-plus-low-rank linear (SLTrain): ``y = x (scale * B A + S)^T + b``.
 
-Two backward strategies (ALGORITHMS.md section 3):
+Two backward strategies:
 
 * ``"sparse"``: never forms a dense ``[out, in]`` matrix.  Forward
   ``y = SpMM(x, S) + scale * (x A^T) B^T + b``; backward with ``u = x A^T`` (saved,
@@ -66,6 +66,24 @@ def choose_strategy(support: FixedSupport, rank: int, n_rows: int, device) -> st
     within the run-to-run noise (about 10 %) of the rule.  At SLTrain's densities
     (0.03-0.05) the sparse strategy is chosen at every N measured; it also never
     allocates ``[out, in]`` temporaries.
+
+    Other device types always get ``"sparse"`` (CUDA: no crossover measured yet).
+
+    Parameters
+    ----------
+    support : FixedSupport
+        The pattern of S, ``[out_features, in_features]``; its density enters the rule.
+    rank : int
+        ``r``, the rank of the low-rank part.
+    n_rows : int
+        ``N``, the rows of the call (x's leading dimensions flattened); 0 gives ``"sparse"``.
+    device : torch.device or str
+        The device the call runs on; picks ``k``.
+
+    Returns
+    -------
+    str
+        ``"dense"`` or ``"sparse"``, for ``sparse_lowrank_linear(..., strategy=...)``.
     """
     k = _CROSSOVER_K.get(torch.device(device).type)
     if k is None or n_rows == 0:

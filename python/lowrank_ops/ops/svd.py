@@ -1,6 +1,6 @@
 """Batched exact SVD of many small matrices by one-sided Jacobi (Hestenes).
 
-Layers (DESIGN.md section 1):
+Layers:
 
 * ``torch.ops.lowrank_ops.jacobi_svd``: the kernel, declared once with ``torch.library``
   (CPU impl, CUDA impl, fake impl), on a 3-D batch ``A [batch, m, n]``.

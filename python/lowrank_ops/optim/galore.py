@@ -76,11 +76,42 @@ class GaLoreProjector:
         self.matrix = basis.to(grad.dtype).contiguous()
 
     def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
+        """The low-rank gradient, refreshing the projector first when it is due.
+
+        Parameters
+        ----------
+        grad : Tensor[m, n]
+            The gradient (a higher-dimensional one viewed as ``[shape[0], -1]`` by the
+            optimizer), floating point.
+        step : int
+            The parameter's step count; the projector is recomputed from ``grad`` when
+            there is none yet or ``step % update_proj_gap == 0``.
+
+        Returns
+        -------
+        Tensor[rank', n] or Tensor[m, rank']
+            ``P^T G`` (side ``"left"``) or ``G P^T`` (``"right"``), with
+            ``rank' = min(rank, m, n)``; in grad's dtype (the projector is stored in the
+            dtype of the gradient it was computed from), on grad's device.
+        """
         if self.matrix is None or step % self.update_proj_gap == 0:
             self.refresh(grad)
         return self.matrix.T @ grad if self.side == "left" else grad @ self.matrix.T
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """The full-size update ``scale * P N`` (left) or ``scale * N P`` (right).
+
+        Parameters
+        ----------
+        low_rank : Tensor[rank', n] or Tensor[m, rank']
+            A tensor shaped as :meth:`project`'s output (the normalized Adam update).
+
+        Returns
+        -------
+        Tensor[m, n]
+            Projected back with the current projector and multiplied by ``scale``; in the
+            promoted dtype of ``low_rank`` and the projector, on their device.
+        """
         full = self.matrix @ low_rank if self.side == "left" else low_rank @ self.matrix
         return full * self.scale
 

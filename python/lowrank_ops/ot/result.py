@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import List, Optional
 
 import torch
@@ -121,6 +122,14 @@ class OTResult:
             selection threshold may add a few) as a ``torch.sparse_csr_tensor`` of shape
             ``[n, m]``, or a list of them for a batch; found by the selection kernels,
             without forming the dense plan.
+
+        Returns
+        -------
+        Tensor or list of Tensor
+            ``top=None``: the dense plan ``[..., n, m]``.  Else a sparse CSR tensor
+            ``[n, m]`` for a single problem, a list of ``batch`` of them (the batch
+            flattened) otherwise.  In the potentials' dtype (float32 or float64), on their
+            device; not differentiable (computed under ``torch.no_grad``).
         """
         problem = self._problem
         f = self.f.reshape(problem.batch, problem.n)
@@ -142,8 +151,11 @@ class OTResult:
         for bi in range(problem.batch):
             lo, hi = int(row_ptr[bi * problem.n]), int(row_ptr[(bi + 1) * problem.n])
             local_ptr = row_ptr[bi * problem.n:(bi + 1) * problem.n + 1] - lo
-            plans.append(torch.sparse_csr_tensor(local_ptr, col_idx[lo:hi], values[lo:hi],
-                                                 size=(problem.n, problem.m), check_invariants=True))
+            with warnings.catch_warnings():  # torch's "support is in beta" notice on every first use
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state",
+                                        category=UserWarning)
+                plans.append(torch.sparse_csr_tensor(local_ptr, col_idx[lo:hi], values[lo:hi],
+                                                     size=(problem.n, problem.m), check_invariants=True))
         return plans[0] if problem.lead == () else plans
 
 

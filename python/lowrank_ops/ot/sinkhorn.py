@@ -1,4 +1,4 @@
-"""Log-domain Sinkhorn, batched with per-problem convergence (ALGORITHMS.md section 5)."""
+"""Log-domain Sinkhorn (Cuturi, NeurIPS 2013), batched with per-problem convergence."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -106,9 +106,11 @@ def sinkhorn(
     reg : float
         Entropic regularization (> 0); ``eta = 1 / reg`` in the SNS paper.
     x, y : Tensor[..., n, d], Tensor[..., m, d], optional
-        Point clouds instead of C; the cost (``cost``: ``"sqeuclidean"``
-        ``||x_i - y_j||^2`` or ``"l1"`` ``||x_i - y_j||_1``) is computed inside the kernels
-        and the ``n x m`` matrix is never stored.
+        Point clouds instead of C (float32 or float64); the cost is computed inside the
+        kernels and the ``n x m`` matrix is never stored.
+    cost : {"sqeuclidean", "l1"}
+        The ground cost between point clouds: ``||x_i - y_j||^2`` or ``||x_i - y_j||_1``.
+        Used only with ``x`` and ``y``.
     tol : float
         Stop a problem when ``||P 1 - a||_1 + ||P^T 1 - b||_1 <= tol`` (the column
         marginals are exact after each iteration).

@@ -1,4 +1,4 @@
-"""Sinkhorn-Newton-Sparse (Tang et al., ICLR 2024; ALGORITHMS.md section 5), batched.
+"""Sinkhorn-Newton-Sparse (Tang et al., ICLR 2024), batched.
 
 Sinkhorn warm-up, then Newton steps on the concave dual
 ``F(f, g) = <a, f> + <b, g> - reg sum_ij P_ij``, whose negated Hessian is

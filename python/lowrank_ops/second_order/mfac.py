@@ -1,4 +1,4 @@
-"""M-FAC inverse of the empirical Fisher over a window of gradients (ALGORITHMS.md section 6).
+"""M-FAC inverse of the empirical Fisher over a window of gradients (Frantar et al., NeurIPS 2021).
 
 With the ``n`` gradients currently held as the rows of ``G [n, d]`` and a damping
 ``lambda > 0``::
@@ -230,6 +230,21 @@ class MFACInverse:
     def update(self, g: torch.Tensor) -> None:
         """Adds gradient ``g [dim]`` to the window, replacing the oldest once full.
 
+        Parameters
+        ----------
+        g : Tensor[dim]
+            A floating-point gradient on the object's device, finite; cast to the compute
+            dtype and stored in the storage dtype.
+
+        Raises
+        ------
+        TypeError
+            ``g`` is not a floating-point tensor.
+        ValueError
+            ``g`` of another shape or device, or with non-finite entries.
+
+        Notes
+        -----
         One pass over the buffer (the write and the new Gram row ``G g`` in one read).
         Raises ValueError for a wrong length or non-finite entries (the window is then
         unchanged).
@@ -239,6 +254,18 @@ class MFACInverse:
     def update_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Adds ``g`` to the window, then returns ``F^-1 g`` with the new window.
 
+        Parameters
+        ----------
+        g : Tensor[dim]
+            As :meth:`update`.
+
+        Returns
+        -------
+        Tensor[dim]
+            ``F^-1 g`` in the compute dtype (float32 or float64), on the object's device.
+
+        Notes
+        -----
         The optimizer step: the pass that writes ``g`` also yields ``G g``, so the whole
         call reads the buffer twice (the ``2 m d`` floor).
         """
@@ -291,7 +318,26 @@ class MFACInverse:
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
 
-        Returns the compute dtype; differentiable in ``x`` (``F^-1`` is symmetric).
+        Parameters
+        ----------
+        x : Tensor[dim] or Tensor[k, dim]
+            Floating point, on the object's device; cast to the compute dtype.
+
+        Returns
+        -------
+        Tensor[dim] or Tensor[k, dim]
+            ``F^-1 x`` (row by row for a batch), in the compute dtype (float32 or float64)
+            on the object's device; differentiable in ``x`` (``F^-1`` is symmetric).  An
+            empty window gives ``x / lambda``.
+
+        Raises
+        ------
+        TypeError
+            ``x`` is not a floating-point tensor.
+        ValueError
+            ``x`` of another length or on another device.
+        RuntimeError
+            The gradients overflow the Gram matrix (its Cholesky factorization fails).
         """
         x = self._check_vectors(x, "x", "ihvp")
         squeeze = x.dim() == 1
@@ -305,6 +351,23 @@ class MFACInverse:
         Blocked over ``d``: columns are processed ``block_size`` at a time (default: about
         32 MB of float64 work per block), so memory stays ``O(m * block_size)``.  Cost
         ``O(m^2 d)`` (triangular solves, float64).
+
+        Parameters
+        ----------
+        block_size : int, optional
+            Columns of ``G`` per block (>= 1); default ``4 * 2^20 / n``.
+
+        Returns
+        -------
+        Tensor[dim]
+            The diagonal of ``F^-1`` in the compute dtype (float32 or float64), on the
+            object's device; ``1 / lambda`` everywhere for an empty window.  Not
+            differentiable.
+
+        Raises
+        ------
+        ValueError
+            ``block_size`` not an integer >= 1.
         """
         n = self.n
         if n == 0:
@@ -327,6 +390,32 @@ class MFACInverse:
                        storage_dtype: Optional[torch.dtype] = None) -> "MFACInverse":
         """The static case (pruning): ``F^-1`` for the fixed set of gradients ``G [m, d]``.
 
+        Parameters
+        ----------
+        G : Tensor[m, d]
+            The gradients as rows (``m, d >= 1``), floating point, finite; the object is
+            created on G's device.
+        damp : float
+            ``lambda``, finite and > 0.
+        dtype : torch.dtype, optional
+            Compute dtype, float32 or float64.
+        storage_dtype : torch.dtype, optional
+            Dtype of the buffer (default ``dtype``; bfloat16 or float16 with float32).
+
+        Returns
+        -------
+        MFACInverse
+            With ``dim = d``, ``ngrads = m`` and a full window holding ``G``.
+
+        Raises
+        ------
+        ValueError
+            ``G`` not 2-D with ``m, d >= 1``, non-finite entries, or a bad ``damp``.
+        TypeError
+            An unsupported ``dtype`` / ``storage_dtype`` combination.
+
+        Notes
+        -----
         The Gram matrix is one ``G G^T`` (a GEMM through torch, in the compute dtype);
         ``dtype`` defaults to float64 for float64 ``G``, else float32.
         """
@@ -364,7 +453,27 @@ class MFACInverse:
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any], device: Any = None) -> "MFACInverse":
-        """A new object restored from :meth:`state_dict`'s output."""
+        """A new object restored from :meth:`state_dict`'s output.
+
+        Parameters
+        ----------
+        state : dict
+            What :meth:`state_dict` returned (possibly through ``torch.save`` / ``torch.load``).
+        device : torch.device or str, optional
+            Where to put the new object; default the device of ``state["grads"]``.
+
+        Returns
+        -------
+        MFACInverse
+            The same sizes, damping, dtypes, window and count; the factor is recomputed on
+            first use.
+
+        Raises
+        ------
+        KeyError, ValueError, TypeError
+            A ``state`` that is not :meth:`state_dict`'s output (a missing key, invalid
+            sizes, damping or dtypes; see :meth:`load_state_dict`).
+        """
         inverse = cls(state["dim"], state["ngrads"], state["damp"], dtype=state["dtype"],
                       storage_dtype=state["storage_dtype"], device=device if device is not None else state["grads"].device)
         inverse.load_state_dict(state)

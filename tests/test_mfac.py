@@ -322,6 +322,21 @@ def _replace_factor(U, s, row):
     return bool(flag)
 
 
+def test_factor_and_rank_update_fail_non_finite_entries(device):
+    """An overflowed Gram entry (inf) fails the factorization and the rank update: a
+    positive but infinite pivot is no success.  Non-finite entries of the new row on, left
+    and right of the diagonal, and in the last slot (no trailing block)."""
+    inf, nan = float("inf"), float("nan")
+    for slot, row in [(0, (inf, 0.0, 0.0)), (1, (0.0, inf, 0.0)), (2, (0.0, 0.0, inf)), (1, (inf, 4.0, 0.0)),
+                      (0, (4.0, inf, 1.0)), (0, (4.0, 0.0, inf)), (1, (0.0, 4.0, nan))]:
+        U = torch.eye(3, dtype=torch.float64, device=device)
+        assert not _replace_factor(U, slot, torch.tensor(row, dtype=torch.float64, device=device)), (slot, row)
+    if device == "cpu":
+        for K in ([[inf]], [[1.0, 0.0], [0.0, inf]], [[1.0, inf], [inf, 1.0]]):
+            K = torch.tensor(K, dtype=torch.float64)
+            assert extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.shape[0], n=K.shape[0]) != 0, K
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n, slot", [(1, 0), (37, 0), (37, 17), (37, 36), (2048, 0), (2048, 1023), (2048, 2047),
                                      (2881, 0), (3000, 0), (3000, 100), (3000, 2999)])
@@ -497,6 +512,41 @@ def test_state_dict_round_trip(generator):
     assert torch.equal(restored.ihvp(x), inverse.ihvp(x))
     with pytest.raises(ValueError, match="ngrads is 5; expected 6"):
         MFACInverse(64, 6, 0.3, storage_dtype=torch.bfloat16).load_state_dict(state)
+
+
+def test_gram_overflow_raises(device, generator):
+    """A finite gradient whose products overflow the compute dtype raises the documented
+    RuntimeError (it used to give an inf factor and wrong or NaN products), and leaves a
+    consistent window: unchanged while not full, emptied once g has replaced a gradient."""
+    x = randn(16, device=device, generator=generator)
+    huge = torch.full((16,), 1e20, device=device)  # |g|^2 = 1.6e41 > float32's max
+    inverse = MFACInverse(16, 4, 1e-3, device=device)
+    inverse.update(randn(16, device=device, generator=generator))
+    before = inverse.state_dict()
+    with pytest.raises(RuntimeError, match=r"overflow torch.float32; the gradients overflow the Gram matrix"):
+        inverse.update(huge)
+    after = inverse.state_dict()
+    assert after["count"] == 1
+    assert torch.equal(after["grads"], before["grads"]) and torch.equal(after["gram"], before["gram"])
+    # Full window with a factor: the rank update refuses the row, the window is emptied.
+    full = MFACInverse(16, 2, 1e-3, device=device)
+    for g in gradients(3, 16, generator):
+        full.update(g.float().to(device))
+    full.ihvp(x)
+    with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):
+        full.update_ihvp(huge)
+    assert full.count == 0 and not full.grads.any() and not full.gram.any()
+    torch.testing.assert_close(full.ihvp(x), x / 1e-3)
+    # float16 storage: an entry beyond its range; the static case; float64 holds the same gradient.
+    with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):
+        MFACInverse(16, 4, 1e-3, storage_dtype=torch.float16, device=device).update(torch.full((16,), 1e5, device=device))
+    with pytest.raises(RuntimeError, match=r"from_gradients: G G\^T overflows torch.float32"):
+        MFACInverse.from_gradients(huge.expand(2, 16), 1e-3)
+    wide = MFACInverse(16, 4, 1e-3, dtype=torch.float64, device=device)
+    wide.update(huge.double())
+    ghat = torch.ones(16, dtype=torch.float64) / 4
+    x64 = x.double().cpu()
+    assert rel(wide.ihvp(x.double()), (x64 - ghat * (ghat @ x64)) / 1e-3) <= REL_BAR[torch.float64]
 
 
 def test_inverse_bad_input(generator):

@@ -549,6 +549,22 @@ def test_gram_overflow_raises(device, generator):
     assert rel(wide.ihvp(x.double()), (x64 - ghat * (ghat @ x64)) / 1e-3) <= REL_BAR[torch.float64]
 
 
+def test_update_ihvp_refuses_a_g_that_requires_grad(generator):
+    """update_ihvp has no derivative through the new window: it raises instead of returning
+    a wrong gradient, and runs as usual under no_grad (as optimizers call it)."""
+    inverse = MFACInverse(16, 4, 0.1)
+    for g in gradients(2, 16, generator):
+        inverse.update(g.float())
+    g = randn(16, generator=generator).requires_grad_()
+    with pytest.raises(RuntimeError, match="update_ihvp: g requires grad"):
+        inverse.update_ihvp(g)
+    assert inverse.count == 2
+    with torch.no_grad():
+        out = inverse.update_ihvp(g)
+    assert inverse.count == 3 and not out.requires_grad
+    assert rel(out, reference.mfac_ihvp(inverse.grads[:3], 0.1, g.detach())) <= REL_BAR[torch.float32]
+
+
 def test_inverse_bad_input(generator):
     with pytest.raises(ValueError, match="damp must be a finite number > 0; got 0.0"):
         MFACInverse(10, 3, 0.0)

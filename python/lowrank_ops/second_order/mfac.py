@@ -255,7 +255,18 @@ class MFACInverse:
 
         The optimizer step: the pass that writes ``g`` also yields ``G g``, so the whole
         call reads the buffer twice (the ``2 m d`` floor).  Errors as :meth:`update`.
+
+        Not differentiable: a ``g`` that requires grad while grad mode is on raises
+        RuntimeError (the window is then unchanged), as its derivative through the new
+        window is not computed.  Call it under ``torch.no_grad()`` (as optimizers do) or
+        with ``g.detach()``; for a product differentiable in ``x`` with the window held
+        fixed, call :meth:`update` then :meth:`ihvp`.
         """
+        if isinstance(g, torch.Tensor) and g.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "MFACInverse.update_ihvp: g requires grad, but the result is not differentiable; pass g.detach() "
+                "or call it under torch.no_grad() (update(g) then ihvp(x) is differentiable in x)"
+            )
         dots = self._add(g)
         return self._apply(g.to(self.dtype).unsqueeze(0), dots.unsqueeze(0))[0]
 

@@ -565,6 +565,42 @@ def test_update_ihvp_refuses_a_g_that_requires_grad(generator):
     assert rel(out, reference.mfac_ihvp(inverse.grads[:3], 0.1, g.detach())) <= REL_BAR[torch.float32]
 
 
+def test_load_state_dict_validates(generator):
+    """A corrupt state raises ValueError naming the key and leaves the object unchanged."""
+    source = MFACInverse(16, 4, 1e-3)
+    for g in gradients(2, 16, generator):
+        source.update(g.float())
+    nan_grads = source.grads.clone()
+    nan_grads[0, 0] = float("nan")
+    inf_gram = source.gram.clone()
+    inf_gram[1, 1] = float("inf")
+    cases = [
+        ("count", -3, "count must be an integer >= 0; got -3"),
+        ("count", 2.5, "count must be an integer >= 0; got 2.5"),
+        ("damp", float("nan"), "damp must be a finite number > 0; got nan"),
+        ("grads", nan_grads, r"grads has non-finite entries \(inf or nan\)"),
+        ("grads", source.grads.double(),
+         r"grads has shape \(4, 16\) and dtype torch.float64; expected \(4, 16\) and torch.float32"),
+        ("gram", inf_gram, "gram has non-finite entries"),
+        ("gram", source.gram[:3], r"gram has shape \(3, 4\) and dtype torch.float64; expected \(4, 4\)"),
+        ("gram", source.gram.tolist(), "gram must be a tensor; got list"),
+        ("grads", None, "state has no grads"),
+    ]
+    target = MFACInverse(16, 4, 1e-3)
+    for key, value, message in cases:
+        state = source.state_dict()
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(state)
+        assert target.count == 0 and target.damp == 1e-3 and not target.grads.any() and not target.gram.any(), key
+    target.load_state_dict(source.state_dict())
+    x = randn(16, generator=generator)
+    assert torch.equal(target.ihvp(x), source.ihvp(x))
+
+
 def test_inverse_bad_input(generator):
     with pytest.raises(ValueError, match="damp must be a finite number > 0; got 0.0"):
         MFACInverse(10, 3, 0.0)

@@ -49,6 +49,8 @@ from ..ops.mfac import _mfac_apply_cpu, _mfac_combine, _mfac_dots, _mfac_dots_wr
 
 __all__ = ["MFACInverse"]
 
+_STATE_KEYS = ("dim", "ngrads", "damp", "count", "dtype", "storage_dtype", "grads", "gram")
+
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Up to this window size the CPU factors K with _C's single-threaded Cholesky (under
 # 10 ms): torch's threaded LAPACK call leaves its OpenMP workers spinning on the cores
@@ -380,14 +382,39 @@ class MFACInverse:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output (moved to this object's device)."""
+        """Restores :meth:`state_dict`'s output (moved to this object's device).
+
+        Raises ValueError naming the key for a missing key, another ``dim``, ``ngrads`` or
+        dtype, a ``damp`` that is not a finite number > 0, a ``count`` that is not an
+        integer >= 0, and a ``grads`` or ``gram`` of another shape or dtype or with
+        non-finite entries; the object is then unchanged.
+        """
+        op = "MFACInverse.load_state_dict"
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"{op}: state has no {', '.join(missing)}; expected the keys {', '.join(_STATE_KEYS)}")
         for key in ("dim", "ngrads", "dtype", "storage_dtype"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"MFACInverse.load_state_dict: {key} is {state[key]}; expected {getattr(self, key)}")
-        self.damp = state["damp"]
+                raise ValueError(f"{op}: {key} is {state[key]}; expected {getattr(self, key)}")
+        damp = _check_damp(state["damp"], op)
+        count = state["count"]
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"{op}: count must be an integer >= 0; got {count!r}")
+        for key, shape, dtype in (("grads", (self.ngrads, self.dim), self.storage_dtype),
+                                  ("gram", (self.ngrads, self.ngrads), torch.float64)):
+            tensor = state[key]
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{op}: {key} must be a tensor; got {type(tensor).__name__}")
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(
+                    f"{op}: {key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected {shape} and {dtype}"
+                )
+            if not all_finite(tensor):
+                raise ValueError(f"{op}: {key} has non-finite entries (inf or nan)")
+        self.damp = damp
         self.grads.copy_(state["grads"])
         self.gram.copy_(state["gram"])
-        self.count = int(state["count"])
+        self.count = count
         self._factor = None
 
     @classmethod

@@ -75,6 +75,28 @@ def test_small_batch_kernels_reject_bad_sizes(generator):
                                                   num_threads=1)
 
 
+def test_small_batch_kernels_run_one_thread_for_num_threads_below_one(generator):
+    """num_threads <= 0 runs one thread: the forward kernel used to split its work into no
+    tasks and leave y unwritten.  1024 x 1024: above the size that runs serially anyway."""
+    kernels = extension()
+    x, weight, _, grad_y = _small_batch_case(8, 1024, 1024, generator)
+    want_y, want_dx = x.double() @ weight.double().T, grad_y.double() @ weight.double()
+    for num_threads in (0, -1):
+        y = torch.full((8, 1024), float("nan"))
+        kernels.small_batch_linear_cpu(x=x.data_ptr(), weight=weight.data_ptr(), bias=0, y=y.data_ptr(), rows=8,
+                                       in_features=1024, out_features=1024, x_ld=1024, w_ld=1024, y_ld=1024,
+                                       num_threads=num_threads)
+        assert_within(y, want_y, summation_bound(x.double().abs() @ weight.double().abs().T, want_y, 1024,
+                                                 torch.float32), f"y, num_threads={num_threads}")
+        grad_x = torch.full((8, 1024), float("nan"))
+        kernels.small_batch_linear_grad_input_cpu(grad_y=grad_y.data_ptr(), weight=weight.data_ptr(),
+                                                  grad_x=grad_x.data_ptr(), rows=8, in_features=1024,
+                                                  out_features=1024, gy_ld=1024, w_ld=1024, gx_ld=1024,
+                                                  num_threads=num_threads)
+        assert_within(grad_x, want_dx, summation_bound(grad_y.double().abs() @ weight.double().abs(), want_dx, 1024,
+                                                       torch.float32), f"dx, num_threads={num_threads}")
+
+
 @pytest.mark.parametrize("rows", [1, 2, 16, 32, 40])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_ops_match_float64_and_pass_opcheck(device, rows, with_bias, generator):

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from lowrank_ops import reference
+from lowrank_ops._extension import extension
 from lowrank_ops.nn import LoRALinear
 from lowrank_ops.ops import dora_linear, dora_row_norm
+from lowrank_ops.ops.dora import _kernel_args
 from lowrank_ops.ops.lora import draw_seed
 
 from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
@@ -196,6 +198,20 @@ def test_matches_peft_dora_layer(generator):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for want, got in zip(grads_theirs, grads_ours):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_row_norm_kernel_runs_one_thread_for_num_threads_below_one(generator):
+    """num_threads <= 0 runs one thread: the kernel used to split its rows into no blocks
+    and leave the output unwritten.  300 x 256: above the size that runs serially anyway."""
+    t = make_problem(300, 256, 4, (1,), torch.float32, "cpu", generator)
+    weight, lora_A, lora_B = t["weight"], t["lora_A"], t["lora_B"]
+    exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double(), 0.6)
+    bound = norm_bound(weight.double(), lora_A.double(), lora_B.double(), 0.6, exact, torch.float32)
+    out, keep_alive, args = _kernel_args(weight, lora_A, lora_B, 0.6)
+    for num_threads in (0, -1):
+        out.fill_(float("nan"))
+        extension().dora_row_norm_cpu(**args, num_threads=num_threads)
+        assert_within(out, exact, bound, f"num_threads={num_threads}")
 
 
 def test_bad_input_errors(generator):

@@ -329,6 +329,21 @@ def _replace_factor(U, s, row):
     return bool(flag)
 
 
+def test_factor_and_rank_update_fail_non_finite_entries(device):
+    """An overflowed Gram entry (inf) fails the factorization and the rank update: a
+    positive but infinite pivot is no success.  Non-finite entries of the new row on, left
+    and right of the diagonal, and in the last slot (no trailing block)."""
+    inf, nan = float("inf"), float("nan")
+    for slot, row in [(0, (inf, 0.0, 0.0)), (1, (0.0, inf, 0.0)), (2, (0.0, 0.0, inf)), (1, (inf, 4.0, 0.0)),
+                      (0, (4.0, inf, 1.0)), (0, (4.0, 0.0, inf)), (1, (0.0, 4.0, nan))]:
+        U = torch.eye(3, dtype=torch.float64, device=device)
+        assert not _replace_factor(U, slot, torch.tensor(row, dtype=torch.float64, device=device)), (slot, row)
+    if device == "cpu":
+        for K in ([[inf]], [[1.0, 0.0], [0.0, inf]], [[1.0, inf], [inf, 1.0]]):
+            K = torch.tensor(K, dtype=torch.float64)
+            assert extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.shape[0], n=K.shape[0]) != 0, K
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n, slot", [(1, 0), (37, 0), (37, 17), (37, 36), (2048, 0), (2048, 1023), (2048, 2047),
                                      (2881, 0), (3000, 0), (3000, 100), (3000, 2999)])
@@ -504,6 +519,93 @@ def test_state_dict_round_trip(generator):
     assert torch.equal(restored.ihvp(x), inverse.ihvp(x))
     with pytest.raises(ValueError, match="ngrads is 5; expected 6"):
         MFACInverse(64, 6, 0.3, storage_dtype=torch.bfloat16).load_state_dict(state)
+
+
+def test_gram_overflow_raises(device, generator):
+    """A finite gradient whose products overflow the compute dtype raises the documented
+    RuntimeError (it used to give an inf factor and wrong or NaN products), and leaves a
+    consistent window: unchanged while not full, emptied once g has replaced a gradient."""
+    x = randn(16, device=device, generator=generator)
+    huge = torch.full((16,), 1e20, device=device)  # |g|^2 = 1.6e41 > float32's max
+    inverse = MFACInverse(16, 4, 1e-3, device=device)
+    inverse.update(randn(16, device=device, generator=generator))
+    before = inverse.state_dict()
+    with pytest.raises(RuntimeError, match=r"overflow torch.float32; the gradients overflow the Gram matrix"):
+        inverse.update(huge)
+    after = inverse.state_dict()
+    assert after["count"] == 1
+    assert torch.equal(after["grads"], before["grads"]) and torch.equal(after["gram"], before["gram"])
+    # Full window with a factor: the rank update refuses the row, the window is emptied.
+    full = MFACInverse(16, 2, 1e-3, device=device)
+    for g in gradients(3, 16, generator):
+        full.update(g.float().to(device))
+    full.ihvp(x)
+    with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):
+        full.update_ihvp(huge)
+    assert full.count == 0 and not full.grads.any() and not full.gram.any()
+    torch.testing.assert_close(full.ihvp(x), x / 1e-3)
+    # float16 storage: an entry beyond its range; the static case; float64 holds the same gradient.
+    with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):
+        MFACInverse(16, 4, 1e-3, storage_dtype=torch.float16, device=device).update(torch.full((16,), 1e5, device=device))
+    with pytest.raises(RuntimeError, match=r"from_gradients: G G\^T overflows torch.float32"):
+        MFACInverse.from_gradients(huge.expand(2, 16), 1e-3)
+    wide = MFACInverse(16, 4, 1e-3, dtype=torch.float64, device=device)
+    wide.update(huge.double())
+    ghat = torch.ones(16, dtype=torch.float64) / 4
+    x64 = x.double().cpu()
+    assert rel(wide.ihvp(x.double()), (x64 - ghat * (ghat @ x64)) / 1e-3) <= REL_BAR[torch.float64]
+
+
+def test_update_ihvp_refuses_a_g_that_requires_grad(generator):
+    """update_ihvp has no derivative through the new window: it raises instead of returning
+    a wrong gradient, and runs as usual under no_grad (as optimizers call it)."""
+    inverse = MFACInverse(16, 4, 0.1)
+    for g in gradients(2, 16, generator):
+        inverse.update(g.float())
+    g = randn(16, generator=generator).requires_grad_()
+    with pytest.raises(RuntimeError, match="update_ihvp: g requires grad"):
+        inverse.update_ihvp(g)
+    assert inverse.count == 2
+    with torch.no_grad():
+        out = inverse.update_ihvp(g)
+    assert inverse.count == 3 and not out.requires_grad
+    assert rel(out, reference.mfac_ihvp(inverse.grads[:3], 0.1, g.detach())) <= REL_BAR[torch.float32]
+
+
+def test_load_state_dict_validates(generator):
+    """A corrupt state raises ValueError naming the key and leaves the object unchanged."""
+    source = MFACInverse(16, 4, 1e-3)
+    for g in gradients(2, 16, generator):
+        source.update(g.float())
+    nan_grads = source.grads.clone()
+    nan_grads[0, 0] = float("nan")
+    inf_gram = source.gram.clone()
+    inf_gram[1, 1] = float("inf")
+    cases = [
+        ("count", -3, "count must be an integer >= 0; got -3"),
+        ("count", 2.5, "count must be an integer >= 0; got 2.5"),
+        ("damp", float("nan"), "damp must be a finite number > 0; got nan"),
+        ("grads", nan_grads, r"grads has non-finite entries \(inf or nan\)"),
+        ("grads", source.grads.double(),
+         r"grads has shape \(4, 16\) and dtype torch.float64; expected \(4, 16\) and torch.float32"),
+        ("gram", inf_gram, "gram has non-finite entries"),
+        ("gram", source.gram[:3], r"gram has shape \(3, 4\) and dtype torch.float64; expected \(4, 4\)"),
+        ("gram", source.gram.tolist(), "gram must be a tensor; got list"),
+        ("grads", None, "state has no grads"),
+    ]
+    target = MFACInverse(16, 4, 1e-3)
+    for key, value, message in cases:
+        state = source.state_dict()
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(state)
+        assert target.count == 0 and target.damp == 1e-3 and not target.grads.any() and not target.gram.any(), key
+    target.load_state_dict(source.state_dict())
+    x = randn(16, generator=generator)
+    assert torch.equal(target.ihvp(x), source.ihvp(x))
 
 
 def test_inverse_bad_input(generator):

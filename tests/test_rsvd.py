@@ -250,6 +250,24 @@ def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, t
     assert_orthonormal(Q2.double(), tol)
 
 
+@pytest.mark.parametrize("dtype,exponent", [(torch.float32, 66), (torch.float32, -80), (torch.float64, 520)], ids=str)
+def test_cholesky_qr2_scales_finite_blocks_whose_gram_overflows(dtype, exponent, generator):
+    """A finite block whose Gram matrix overflows (or underflows) in its dtype: the Gram
+    matrices are formed from the block scaled by a power of two, so Q is exactly that of
+    the unscaled block and R exactly scaled (it used to be all NaN).  Batched, with one
+    scale per matrix; rsvd through it."""
+    Y = torch.randn(30, 5, dtype=dtype, generator=generator)
+    Q, R = cholesky_qr2(Y)
+    Q_big, R_big = cholesky_qr2(Y * 2.0**exponent)
+    assert torch.equal(Q_big, Q) and torch.equal(R_big, R * 2.0**exponent)
+    Q_both, R_both = cholesky_qr2(torch.stack([Y, Y * 2.0**exponent]))
+    assert torch.equal(Q_both[1], Q_both[0]) and torch.equal(R_both[1], R_both[0] * 2.0**exponent)
+    A = torch.randn(60, 40, dtype=dtype, generator=generator)
+    S = rsvd(A, 5, generator=torch.Generator().manual_seed(0)).S
+    S_big = rsvd(A * 2.0**exponent, 5, generator=torch.Generator().manual_seed(0)).S
+    torch.testing.assert_close(S_big / 2.0**exponent, S)
+
+
 def test_effective_rank(generator):
     isotropic = torch.linalg.qr(torch.randn(200, 8, generator=generator, dtype=torch.float64)).Q * 3.0
     assert effective_rank(isotropic).item() == pytest.approx(8.0, rel=1e-5)

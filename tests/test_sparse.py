@@ -13,7 +13,7 @@ import torch
 
 from lowrank_ops import reference
 from lowrank_ops.ops import fixed_sparse_matmul, spmv
-from lowrank_ops.sparse import FixedSupport
+from lowrank_ops.sparse import _BUFFERS, FixedSupport
 
 from helpers import FLOAT_DTYPES, assert_within, randn, summation_bound
 
@@ -124,6 +124,37 @@ class TestFixedSupport:
         assert target.support.shape == (12, 9) and target.support.nnz == source.support.nnz
         for name in ("row_ptr", "col_idx", "col_ptr", "row_idx", "csc_to_csr", "row_order", "col_order"):
             assert torch.equal(getattr(target.support, name), getattr(source.support, name)), name
+
+    def test_load_state_dict_rejects_corrupt_buffers(self, generator):
+        """The kernels index with the buffers unchecked: a corrupt one is refused, naming it
+        (as from_csr refuses bad CSR arrays), and the previous pattern is kept."""
+        source = torch.nn.Module()
+        source.support = FixedSupport.random(6, 8, 0.3, generator=generator)
+        target = torch.nn.Module()
+        target.support = FixedSupport.random(5, 4, 0.5, generator=generator)
+        before = {name: getattr(target.support, name).clone() for name in _BUFFERS}
+        nnz = source.support.nnz
+
+        def set_row_ptr_1(t):
+            t[1] = 10**6
+            return t
+
+        cases = [
+            ("col_idx", lambda t: t.fill_(10**6), r"support.col_idx must lie in \[0, 8\); got 1000000"),
+            ("row_ptr", set_row_ptr_1, r"support.row_ptr must be non-decreasing; support.row_ptr\[2\] < "),
+            ("csc_to_csr", lambda t: t + nnz, rf"support.csc_to_csr \(torch.int32, {nnz} entries\) does not match"),
+            ("row_idx", lambda t: t.flip(0), "support.row_idx .* that support.row_ptr and support.col_idx determine"),
+            ("col_order", lambda t: t[:-1], r"col_order \(torch.int32, 7 entries\) .* torch.int32 tensor of 8 entries"),
+            ("row_ptr", lambda t: t.long(), r"support.row_ptr \(torch.int64, 7 entries\) does not match the torch.int32"),
+        ]
+        for name, edit, message in cases:
+            state = source.state_dict()
+            state["support." + name] = edit(state["support." + name].clone())
+            with pytest.raises(RuntimeError, match=message):
+                target.load_state_dict(state)
+            assert target.support.shape == (5, 4), name
+            for kept in _BUFFERS:
+                assert torch.equal(getattr(target.support, kept), before[kept]), (name, kept)
 
     def test_to_device_and_repr(self, generator):
         support = FixedSupport.random(8, 6, 0.5, generator=generator)

@@ -60,7 +60,9 @@ constexpr int64_t kSerialWork = 1 << 18;       // multiply-adds (~30 us) below w
 LOWRANK_INLINE Wide load(const float* p) { return *reinterpret_cast<const WideUnaligned<float>*>(p); }
 LOWRANK_INLINE void store(float* p, Wide v) { *reinterpret_cast<WideUnaligned<float>*>(p) = v; }
 
-int threads_for(int64_t multiply_adds, int num_threads) { return multiply_adds < kSerialWork ? 1 : num_threads; }
+int threads_for(int64_t multiply_adds, int num_threads) {
+  return multiply_adds < kSerialWork ? 1 : std::max(num_threads, 1);
+}
 
 // ---------------------------------------------------------------------------- forward
 // acc[4 j + i] += x[j, k0:k1] * w_i[k0:k1] (lane partial sums), j < kRows, i < 4.

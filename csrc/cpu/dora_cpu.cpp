@@ -56,7 +56,7 @@ void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
   const A* lora_B = static_cast<const A*>(p.lora_B);
   A* out = static_cast<A*>(p.out);
   const int64_t r = p.rank;
-  const int threads = p.out_features * p.in_features < kSerialElements ? 1 : num_threads;
+  const int threads = p.out_features * p.in_features < kSerialElements ? 1 : std::max(num_threads, 1);
   const int64_t n_blocks = std::min<int64_t>(p.out_features, 4 * static_cast<int64_t>(threads));
   parallel_for(n_blocks, threads, [&](int64_t block) {
     const int64_t begin = p.out_features * block / n_blocks, end = p.out_features * (block + 1) / n_blocks;

@@ -169,7 +169,7 @@ constexpr int64_t kReplaceSmemDoubles = 5760;
 struct RowRotations {
   double cu, su, iu;  // update: cosine, sine (both over the old diagonal), 1 / cosine
   double cd, sd, id;  // downdate (hyperbolic)
-  int ok;             // 0: the downdate's pivot was not positive (K' not positive definite)
+  int ok;             // 0: the downdate's pivot was not positive and finite (K' not positive definite or not finite)
 };
 
 // Forms the rotations of a row from its diagonal and its entries of the two vectors;
@@ -182,7 +182,7 @@ __device__ __forceinline__ RowRotations row_rotations(double& diag, double up, d
   r.iu = diag / norm;
   diag = norm;
   const double d2 = (diag - down) * (diag + down);
-  if (!(d2 > 0.0)) return r;
+  if (!(d2 > 0.0 && isfinite(d2))) return r;
   norm = sqrt(d2);
   r.cd = norm / diag;
   r.sd = down / diag;
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(kReplaceThreads)
     double sum = 0.0;
     for (int64_t w = 0; w < threads / kWarp; ++w) sum += warp_sums[w];
     const double d2 = row[s] - sum;
-    new_diag = d2 > 0.0 ? sqrt(d2) : 0.0;
+    new_diag = d2 > 0.0 && isfinite(d2) ? sqrt(d2) : 0.0;  // as the CPU's valid_pivot
   }
   __syncthreads();
   const double diag = new_diag;

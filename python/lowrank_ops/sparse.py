@@ -18,7 +18,7 @@ too: the buffers are replaced, not copied into).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union, overload
+from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
 
@@ -220,61 +220,14 @@ class FixedSupport(torch.nn.Module):
         out_features, in_features = _check_shape(shape, where)
         row_ptr = _as_index_vector(row_ptr, "row_ptr", where)
         col_idx = _as_index_vector(col_idx, "col_idx", where)
-        if row_ptr.numel() != out_features + 1:
-            raise ValueError(
-                f"{where}: row_ptr has length {row_ptr.numel()}; expected out_features + 1 = {out_features + 1}"
-            )
-        nnz = col_idx.numel()
-        if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
-            raise ValueError(
-                f"{where}: row_ptr must start at 0 and end at nnz = {nnz}; got {int(row_ptr[0])} ... {int(row_ptr[-1])}"
-            )
-        steps = row_ptr[1:] - row_ptr[:-1]
-        if bool((steps < 0).any()):
-            row = int(torch.nonzero(steps < 0)[0])
-            raise ValueError(f"{where}: row_ptr must be non-decreasing; row_ptr[{row + 1}] < row_ptr[{row}]")
-        _check_range(col_idx, in_features, "col_idx", where)
-        rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), steps)
-        same_row = rows[1:] == rows[:-1]
-        bad = same_row & (col_idx[1:] <= col_idx[:-1])
-        if bool(bad.any()):
-            k = int(torch.nonzero(bad)[0]) + 1
-            raise ValueError(
-                f"{where}: col_idx must be strictly increasing within each row (sorted, no duplicates); "
-                f"row {int(rows[k])} has col_idx[{k - 1}] = {int(col_idx[k - 1])} then col_idx[{k}] = {int(col_idx[k])}"
-            )
+        rows = _csr_rows(row_ptr, col_idx, out_features, in_features, where)
         return cls(rows, col_idx, (out_features, in_features))
 
     # ------------------------------------------------------------------ pattern
     def _set_pattern(self, rows: torch.Tensor, cols: torch.Tensor, index_dtype: Optional[torch.dtype]) -> None:
         """Builds every buffer from coordinates sorted by (row, col), already validated."""
-        out_features, in_features = self.out_features, self.in_features
-        nnz = rows.numel()
-        smallest = _index_dtype(nnz, out_features, in_features)
-        if index_dtype is None:
-            index_dtype = smallest
-        elif index_dtype not in (torch.int32, torch.int64) or (index_dtype == torch.int32 and smallest == torch.int64):
-            raise ValueError(
-                f"FixedSupport: index_dtype must be int64, or int32 when every index fits; got {index_dtype} "
-                f"(nnz={nnz}, shape=({out_features}, {in_features}))"
-            )
-        rows = rows.to(torch.int64)
-        cols = cols.to(torch.int64)
-        row_counts = torch.bincount(rows, minlength=out_features)
-        col_counts = torch.bincount(cols, minlength=in_features)
-        csc_to_csr = torch.sort(cols * max(out_features, 1) + rows, stable=True).indices
-        zero = torch.zeros(1, dtype=torch.int64, device=rows.device)
-        buffers = {
-            "row_ptr": torch.cat([zero, row_counts.cumsum(0)]),
-            "col_idx": cols,
-            "col_ptr": torch.cat([zero, col_counts.cumsum(0)]),
-            "row_idx": rows[csc_to_csr],
-            "csc_to_csr": csc_to_csr,
-            "row_order": torch.sort(row_counts, descending=True, stable=True).indices,
-            "col_order": torch.sort(col_counts, descending=True, stable=True).indices,
-        }
-        for name, tensor in buffers.items():
-            self.register_buffer(name, tensor.to(index_dtype).contiguous())
+        for name, tensor in _pattern_buffers(rows, cols, self.shape, index_dtype).items():
+            self.register_buffer(name, tensor)
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -372,7 +325,11 @@ class FixedSupport(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A saved support may have another nnz or index dtype than this one: replace the
-        # buffers instead of copying into them (nn.Module's default would refuse).
+        # buffers instead of copying into them (nn.Module's default would refuse).  The
+        # kernels index with them unchecked, so the loaded pattern is validated as the
+        # builders validate theirs; a bad one is reported and the previous one kept.
+        previous = (self.shape, {name: self._buffers[name] for name in _BUFFERS})
+        errors_before = len(error_msgs)
         for name in _BUFFERS:
             key = prefix + name
             if key in state_dict:
@@ -382,6 +339,29 @@ class FixedSupport(torch.nn.Module):
                     continue
                 self._buffers[name] = saved.to(self.device).clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if len(error_msgs) == errors_before:
+            try:
+                self._check_pattern(prefix)
+            except ValueError as error:
+                error_msgs.append(str(error))
+        if len(error_msgs) > errors_before:
+            (self.out_features, self.in_features), buffers = previous
+            self._buffers.update(buffers)
+
+    def _check_pattern(self, prefix: str) -> None:
+        """Raises ValueError unless the buffers are the pattern that from_csr builds from row_ptr and col_idx."""
+        where = "FixedSupport.load_state_dict"
+        rows = _csr_rows(self.row_ptr.to(torch.int64), self.col_idx.to(torch.int64), self.out_features,
+                         self.in_features, where, prefix)
+        expected = _pattern_buffers(rows, self.col_idx, self.shape, self.index_dtype)
+        for name in _BUFFERS:
+            buffer = self._buffers[name]
+            want = expected[name]
+            if buffer.dtype != want.dtype or not torch.equal(buffer, want):
+                raise ValueError(
+                    f"{where}: {prefix}{name} ({buffer.dtype}, {buffer.numel()} entries) does not match the "
+                    f"{want.dtype} tensor of {want.numel()} entries that {prefix}row_ptr and {prefix}col_idx determine"
+                )
 
 
 def _sample_distinct(total: int, count: int, generator, device) -> torch.Tensor:
@@ -399,6 +379,73 @@ def _sample_distinct(total: int, count: int, generator, device) -> torch.Tensor:
         seen = torch.unique(torch.cat([seen, fresh]))
     keep = torch.randperm(seen.numel(), generator=generator, device=device)[:count]
     return seen[keep]
+
+
+def _csr_rows(row_ptr: torch.Tensor, col_idx: torch.Tensor, out_features: int, in_features: int, where: str,
+              prefix: str = "") -> torch.Tensor:
+    """The row of every entry of validated int64 CSR arrays (names in errors start with ``prefix``).
+
+    Raises ValueError for row pointers not starting at 0, decreasing, or not ending at
+    ``len(col_idx)``, and for columns out of range, unsorted or duplicated within a row.
+    """
+    if row_ptr.numel() != out_features + 1:
+        raise ValueError(
+            f"{where}: {prefix}row_ptr has length {row_ptr.numel()}; expected out_features + 1 = {out_features + 1}"
+        )
+    nnz = col_idx.numel()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        raise ValueError(
+            f"{where}: {prefix}row_ptr must start at 0 and end at nnz = {nnz}; "
+            f"got {int(row_ptr[0])} ... {int(row_ptr[-1])}"
+        )
+    steps = row_ptr[1:] - row_ptr[:-1]
+    if bool((steps < 0).any()):
+        row = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(
+            f"{where}: {prefix}row_ptr must be non-decreasing; {prefix}row_ptr[{row + 1}] < {prefix}row_ptr[{row}]"
+        )
+    _check_range(col_idx, in_features, prefix + "col_idx", where)
+    rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), steps)
+    same_row = rows[1:] == rows[:-1]
+    bad = same_row & (col_idx[1:] <= col_idx[:-1])
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0]) + 1
+        raise ValueError(
+            f"{where}: {prefix}col_idx must be strictly increasing within each row (sorted, no duplicates); "
+            f"row {int(rows[k])} has col_idx[{k - 1}] = {int(col_idx[k - 1])} then col_idx[{k}] = {int(col_idx[k])}"
+        )
+    return rows
+
+
+def _pattern_buffers(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int],
+                     index_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Every buffer of the pattern (name -> contiguous tensor) from coordinates sorted by (row, col)."""
+    out_features, in_features = shape
+    nnz = rows.numel()
+    smallest = _index_dtype(nnz, out_features, in_features)
+    if index_dtype is None:
+        index_dtype = smallest
+    elif index_dtype not in (torch.int32, torch.int64) or (index_dtype == torch.int32 and smallest == torch.int64):
+        raise ValueError(
+            f"FixedSupport: index_dtype must be int64, or int32 when every index fits; got {index_dtype} "
+            f"(nnz={nnz}, shape=({out_features}, {in_features}))"
+        )
+    rows = rows.to(torch.int64)
+    cols = cols.to(torch.int64)
+    row_counts = torch.bincount(rows, minlength=out_features)
+    col_counts = torch.bincount(cols, minlength=in_features)
+    csc_to_csr = torch.sort(cols * max(out_features, 1) + rows, stable=True).indices
+    zero = torch.zeros(1, dtype=torch.int64, device=rows.device)
+    buffers = {
+        "row_ptr": torch.cat([zero, row_counts.cumsum(0)]),
+        "col_idx": cols,
+        "col_ptr": torch.cat([zero, col_counts.cumsum(0)]),
+        "row_idx": rows[csc_to_csr],
+        "csc_to_csr": csc_to_csr,
+        "row_order": torch.sort(row_counts, descending=True, stable=True).indices,
+        "col_order": torch.sort(col_counts, descending=True, stable=True).indices,
+    }
+    return {name: tensor.to(index_dtype).contiguous() for name, tensor in buffers.items()}
 
 
 def _as_index_vector(tensor, name: str, where: str) -> torch.Tensor:

@@ -79,9 +79,10 @@ void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, c
 
 // Cholesky factorization in place: A [n, n] (float64, row stride a_ld; only its upper
 // triangle is read) becomes U, upper triangular with U^T U = A, zeros below the
-// diagonal.  Returns 0, or the 1-based column whose pivot was not positive (A not
-// numerically positive definite).  O(n^3 / 3), single-threaded for the reason above:
-// the CPU path refactors K with it for n <= a few hundred (where it takes milliseconds).
+// diagonal.  Returns 0, or the 1-based column whose pivot was not positive and finite
+// (A not numerically positive definite, or with a non-finite entry).  O(n^3 / 3),
+// single-threaded for the reason above: the CPU path refactors K with it for n <= a few
+// hundred (where it takes milliseconds).
 int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
 
 // Rank update of the factor after the window replaced one gradient: U^T U = K on entry;
@@ -90,17 +91,19 @@ int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
 // then one sweep of the trailing block applying, per column, the rank-1 update with the
 // old row s of U and the rank-1 downdate with the new one (LINPACK dchud/dchdd-style
 // rotations; the update first, so every intermediate matrix stays positive definite).
-// Returns false when the new diagonal or a downdate pivot is not positive (K' not
-// numerically positive definite at working precision): U is then partly modified and
-// the caller must refactor K' from scratch.  work: 2 n doubles.  Single-threaded.
+// Returns false when the new diagonal or a downdate pivot is not positive and finite (K'
+// not numerically positive definite at working precision, or a non-finite row: an
+// overflowed Gram row): U is then partly modified and the caller must refactor K' from
+// scratch.  work: 2 n doubles.  Single-threaded.
 bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work);
 
 // CUDA twin of mfac_cholesky_replace_cpu (csrc/cuda/mfac_cuda.cu): the same contract,
 // substitution and rotations (the two back ends agree to rounding), on one thread block
 // in device memory.  U (row stride u_ld), row [n] and work (2 n doubles, used when the
 // vectors do not fit in shared memory) are float64 device pointers; *ok (a device int)
-// receives 1 on success and 0 when K' is not numerically positive definite (U is then
-// invalid: refactor).  Runs on `stream` and does not synchronize: the caller reads *ok.
+// receives 1 on success and 0 when K' is not numerically positive definite or not finite
+// (U is then invalid: refactor).  Runs on `stream` and does not synchronize: the caller
+// reads *ok.
 void mfac_cholesky_replace_cuda(double* U, int64_t u_ld, int64_t n, int64_t s, const double* row, double* work,
                                 int* ok, int device, std::uintptr_t stream);
 

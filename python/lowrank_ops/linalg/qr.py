@@ -19,6 +19,22 @@ import torch
 __all__ = ["cholesky_qr2"]
 
 
+def _power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
+    """``2^(e - 1)`` per matrix ``[..., 1, 1]``, ``e`` the binary exponent of ``max |Y|`` (1 for zeros).
+
+    ``Y`` divided by it has its largest entry in ``[1, 2)``, exactly (a power of two), so
+    ``Y^T Y`` can neither overflow nor lose ``Y``'s largest entries to underflow.  Formed
+    as ``max |Y| / (2 mantissa)``: a correctly rounded quotient whose exact value is
+    representable, so no ``pow`` (not exact on every device) and no float32 overflow at
+    ``2^128``.
+    """
+    if Y.numel() == 0:
+        return Y.new_ones(*Y.shape[:-2], 1, 1)
+    largest = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    mantissa, _ = torch.frexp(largest)
+    return torch.where(largest > 0, largest / (2 * mantissa), torch.ones_like(largest))
+
+
 def _cholesky_pass(Y: torch.Tensor, shift: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     gram = Y.transpose(-2, -1) @ Y
     m, n = Y.shape[-2:]
@@ -61,9 +77,10 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
     -------
     (Q, R) : Tensor[..., m, n], Tensor[..., n, n]
         ``Q`` with orthonormal columns and upper-triangular ``R`` with ``Y = Q R``, to
-        working precision when ``cond(Y)`` is within the limits above.  Columns of a
-        rank-deficient block beyond its rank are not orthonormal; use
-        ``torch.linalg.qr`` there.
+        working precision when ``cond(Y)`` is within the limits above, for any finite
+        ``Y`` (the Gram matrices are formed from ``Y`` scaled by a power of two, so they
+        cannot overflow).  Columns of a rank-deficient block beyond its rank are not
+        orthonormal; use ``torch.linalg.qr`` there.
 
     Raises
     ------
@@ -83,8 +100,13 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         )
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y = Y.float()
+    # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
+    # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
+    # exact power-of-two scaling: Q is unchanged, R scales back exactly).
+    scale = _power_of_two_scale(Y)
+    Y = Y / scale
     R_total = None
     for shifted in (True,) * shift + (False,) * plain_passes:
         Y, R = _cholesky_pass(Y, shifted)
         R_total = R if R_total is None else R @ R_total
-    return Y, R_total
+    return Y, R_total * scale

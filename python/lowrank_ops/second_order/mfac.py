@@ -49,11 +49,15 @@ from ..ops.mfac import _mfac_apply_cpu, _mfac_combine, _mfac_dots, _mfac_dots_wr
 
 __all__ = ["MFACInverse"]
 
+_STATE_KEYS = ("dim", "ngrads", "damp", "count", "dtype", "storage_dtype", "grads", "gram")
+
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Up to this window size the CPU factors K with _C's single-threaded Cholesky (under
 # 10 ms): torch's threaded LAPACK call leaves its OpenMP workers spinning on the cores
 # the next pass needs (a 32 x 32 factorization cost 6 ms per call that way, on 2 cores).
 _SERIAL_CHOLESKY_MAX = 512
+# The end of the errors for a Gram matrix that is not finite (G's products overflow).
+_OVERFLOW = "the gradients overflow the Gram matrix (rescale them)"
 
 
 def _direct(*tensors: torch.Tensor) -> bool:
@@ -181,30 +185,38 @@ class MFACInverse:
         write = _mfac_dots_write if _direct(g) else torch.ops.lowrank_ops.mfac_dots_write_
         dots = write(self.grads, g.unsqueeze(0), n_new, slot)[0]
         row = dots.to(torch.float64)
+        full = self.count >= self.ngrads  # n stays ngrads: only row/column slot of K changes
+        # A rank update that succeeded has checked the row (a non-finite one fails it);
+        # otherwise it is tested here, one host read on CUDA.
+        if not (full and self._replace_factor_row(slot, row)) and not all_finite(row):
+            if full:
+                self.reset()  # g has overwritten the oldest gradient: no consistent window is left
+            else:
+                self.grads[slot].zero_()  # outside the window (n < ngrads): back to the zeros it held
+            raise RuntimeError(
+                f"MFACInverse.update: the products of g with the window overflow {self.dtype}; {_OVERFLOW}"
+            )
         self.gram[slot, :n_new] = row
         self.gram[:n_new, slot] = row
-        full = self.count >= self.ngrads  # n stays ngrads: only row/column slot of K changes
         self.count += 1
-        if full:
-            self._replace_factor_row(slot, row)
-        else:  # n grew: every diagonal entry n * damp of K moved
+        if not full:  # n grew: every diagonal entry n * damp of K moved
             self._factor = None
         return dots
 
-    def _replace_factor_row(self, slot: int, row: torch.Tensor) -> None:
-        """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)``.
+    def _replace_factor_row(self, slot: int, row: torch.Tensor) -> bool:
+        """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)``; whether it did.
 
         CPU: ``_C.mfac_cholesky_replace_cpu``.  CUDA: ``_C.mfac_cholesky_replace_cuda`` on
         the current stream, whose success flag (a device int) is read back here: one host
         synchronization per replacement, as the refactorization it replaces already made one
         (reading ``cholesky_ex``'s ``info``).  Falls back to a lazy refactorization without a
         factor yet, after ``ngrads`` updates, and when the downdate fails
-        (``downdate_fallbacks``).
+        (``downdate_fallbacks``; a non-finite row fails the update too).
         """
         factor = self._factor
         if factor is None or self._updates_since_factor >= self.ngrads:
             self._factor = None
-            return
+            return False
         n = self.ngrads
         k_row = row.clone()
         k_row[slot] += n * self.damp
@@ -226,6 +238,7 @@ class MFACInverse:
         else:
             self.downdate_fallbacks += 1
             self._factor = None
+        return ok
 
     def update(self, g: torch.Tensor) -> None:
         """Adds gradient ``g [dim]`` to the window, replacing the oldest once full.
@@ -247,7 +260,10 @@ class MFACInverse:
         -----
         One pass over the buffer (the write and the new Gram row ``G g`` in one read).
         Raises ValueError for a wrong length or non-finite entries (the window is then
-        unchanged).
+        unchanged), and RuntimeError when the products of ``g`` with the window overflow
+        the compute dtype (in float32 from ``||g|| > ~1.8e19``; in float16 storage from an
+        entry > 65504): a window not yet full is then unchanged, a full one has lost the
+        gradient ``g`` replaced and is emptied (:meth:`reset`).
         """
         self._add(g)
 
@@ -267,8 +283,19 @@ class MFACInverse:
         Notes
         -----
         The optimizer step: the pass that writes ``g`` also yields ``G g``, so the whole
-        call reads the buffer twice (the ``2 m d`` floor).
+        call reads the buffer twice (the ``2 m d`` floor).  Errors as :meth:`update`.
+
+        Not differentiable: a ``g`` that requires grad while grad mode is on raises
+        RuntimeError (the window is then unchanged), as its derivative through the new
+        window is not computed.  Call it under ``torch.no_grad()`` (as optimizers do) or
+        with ``g.detach()``; for a product differentiable in ``x`` with the window held
+        fixed, call :meth:`update` then :meth:`ihvp`.
         """
+        if isinstance(g, torch.Tensor) and g.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "MFACInverse.update_ihvp: g requires grad, but the result is not differentiable; pass g.detach() "
+                "or call it under torch.no_grad() (update(g) then ihvp(x) is differentiable in x)"
+            )
         dots = self._add(g)
         return self._apply(g.to(self.dtype).unsqueeze(0), dots.unsqueeze(0))[0]
 
@@ -287,7 +314,7 @@ class MFACInverse:
             if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
                 raise RuntimeError(
                     f"MFACInverse: the Cholesky factorization of n*damp*I + G G^T failed at column {int(info)}; "
-                    "the gradients overflow the Gram matrix (rescale them)"
+                    f"{_OVERFLOW}"
                 )
             self._factor = factor.contiguous()  # row-major, as the CPU substitution and update read it
             self._updates_since_factor = 0
@@ -417,7 +444,8 @@ class MFACInverse:
         Notes
         -----
         The Gram matrix is one ``G G^T`` (a GEMM through torch, in the compute dtype);
-        ``dtype`` defaults to float64 for float64 ``G``, else float32.
+        ``dtype`` defaults to float64 for float64 ``G``, else float32.  Raises ValueError
+        for non-finite entries, RuntimeError when ``G G^T`` overflows the compute dtype.
         """
         if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] < 1 or G.shape[1] < 1:
             shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
@@ -429,6 +457,8 @@ class MFACInverse:
         inverse.grads.copy_(G)
         stored = inverse.grads.to(dtype)
         inverse.gram.copy_(stored @ stored.T)
+        if not all_finite(inverse.gram):
+            raise RuntimeError(f"MFACInverse.from_gradients: G G^T overflows {dtype}; {_OVERFLOW}")
         inverse.count = G.shape[0]
         return inverse
 
@@ -441,14 +471,39 @@ class MFACInverse:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores :meth:`state_dict`'s output (moved to this object's device)."""
+        """Restores :meth:`state_dict`'s output (moved to this object's device).
+
+        Raises ValueError naming the key for a missing key, another ``dim``, ``ngrads`` or
+        dtype, a ``damp`` that is not a finite number > 0, a ``count`` that is not an
+        integer >= 0, and a ``grads`` or ``gram`` of another shape or dtype or with
+        non-finite entries; the object is then unchanged.
+        """
+        op = "MFACInverse.load_state_dict"
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"{op}: state has no {', '.join(missing)}; expected the keys {', '.join(_STATE_KEYS)}")
         for key in ("dim", "ngrads", "dtype", "storage_dtype"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"MFACInverse.load_state_dict: {key} is {state[key]}; expected {getattr(self, key)}")
-        self.damp = state["damp"]
+                raise ValueError(f"{op}: {key} is {state[key]}; expected {getattr(self, key)}")
+        damp = _check_damp(state["damp"], op)
+        count = state["count"]
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"{op}: count must be an integer >= 0; got {count!r}")
+        for key, shape, dtype in (("grads", (self.ngrads, self.dim), self.storage_dtype),
+                                  ("gram", (self.ngrads, self.ngrads), torch.float64)):
+            tensor = state[key]
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{op}: {key} must be a tensor; got {type(tensor).__name__}")
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(
+                    f"{op}: {key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected {shape} and {dtype}"
+                )
+            if not all_finite(tensor):
+                raise ValueError(f"{op}: {key} has non-finite entries (inf or nan)")
+        self.damp = damp
         self.grads.copy_(state["grads"])
         self.gram.copy_(state["gram"])
-        self.count = int(state["count"])
+        self.count = count
         self._factor = None
 
     @classmethod

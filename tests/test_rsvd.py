@@ -63,14 +63,16 @@ def test_accuracy_bar_at_2048(decaying_2048, kind, method):
     assert_orthonormal(Vh.T, 1e-12)
 
 
+@pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])
 @pytest.mark.parametrize("kind", ["decay1", "decay2"])
-def test_float32_defaults_meet_the_bar_at_2048(decaying_2048, kind):
+def test_float32_defaults_meet_the_bar_at_2048(decaying_2048, kind, orthonormalize):
     # float32 takes the "auto" sketch dtype: bfloat16 power iterations on CPUs with
-    # AMX / AVX512-BF16 (and CUDA), float32 elsewhere.  The bar holds either way.
+    # AMX / AVX512-BF16 (and CUDA) for the orthonormal bases, float32 elsewhere and for
+    # LU bases.  The bar holds either way.
     A64, s = decaying_2048[kind]
     A = A64.float()
     k = 64
-    U, S, Vh = rsvd(A, k, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = rsvd(A, k, orthonormalize=orthonormalize, generator=torch.Generator().manual_seed(0))
     ratio = torch.linalg.norm(A.double() - (U.double() * S.double()) @ Vh.double()) / optimal_error(s, k)
     # A's float32 rounding is ~1e-7 ||A||_F, far below the optimal error (0.02 ||A||_F).
     assert ratio <= 1.01, ratio.item()
@@ -84,13 +86,15 @@ def test_auto_sketch_dtype_policy(generator):
 
     big = torch.empty(1024, 1024)
     fast = _has_fast_bfloat16("cpu", None)
-    assert _resolve_sketch_dtype("auto", big, "subspace", 7) == (torch.bfloat16 if fast else None)
-    assert _resolve_sketch_dtype("auto", big.double(), "subspace", 7) is None  # float64 stays exact
-    assert _resolve_sketch_dtype("auto", big[:512, :512], "subspace", 7) is None  # copy would not pay
-    assert _resolve_sketch_dtype("auto", big, "block_krylov", 7) is None
-    assert _resolve_sketch_dtype("auto", big, "subspace", 0) is None  # no power iteration to speed up
-    assert _resolve_sketch_dtype(None, big, "subspace", 7) is None
-    assert _resolve_sketch_dtype(torch.float16, big, "subspace", 7) == torch.float16
+    assert _resolve_sketch_dtype("auto", big, "subspace", "cholqr2", 7) == (torch.bfloat16 if fast else None)
+    assert _resolve_sketch_dtype("auto", big.double(), "subspace", "cholqr2", 7) is None  # float64 stays exact
+    assert _resolve_sketch_dtype("auto", big[:512, :512], "subspace", "cholqr2", 7) is None  # copy would not pay
+    assert _resolve_sketch_dtype("auto", big, "block_krylov", "cholqr2", 7) is None
+    assert _resolve_sketch_dtype("auto", big, "subspace", "cholqr2", 0) is None  # no power iteration to speed up
+    assert _resolve_sketch_dtype("auto", big, "subspace", "qr", 7) == (torch.bfloat16 if fast else None)
+    assert _resolve_sketch_dtype("auto", big, "subspace", "lu", 7) is None  # LU bases amplify the rounding
+    assert _resolve_sketch_dtype(None, big, "subspace", "cholqr2", 7) is None
+    assert _resolve_sketch_dtype(torch.float16, big, "subspace", "cholqr2", 7) == torch.float16
 
 
 @pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])

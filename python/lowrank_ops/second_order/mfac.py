@@ -32,8 +32,13 @@ numerically positive definite (counted in :attr:`MFACInverse.downdate_fallbacks`
 
 Why float64 for the ``m x m`` work: ``K``'s condition number is up to
 ``1 + ||G||^2 / (n lambda)``; holding ``G G^T``, the factor and the solves in float64
-costs ``O(m^2)`` memory and ``O(m^3)`` flops, negligible next to the passes, and keeps a
-float32 buffer's IHVP at float32 accuracy for damping down to about ``1e-4 ||G||^2 / n``.
+costs ``O(m^2)`` memory and ``O(m^3)`` flops, negligible next to the passes.  What
+remains is the float32 passes' rounding, amplified by the cancellation in
+``x - G^T c`` for x in the gradients' span (up to ``cond(F) = 1 + ||G||^2 / (n lambda)``).
+Measured relative errors of a float32 buffer's IHVP against float64 (d = 2049, n = 8, x a
+stored gradient plus 0.1 % noise; median of 10): 1.2e-6, 1.8e-5 and 8.5e-5 for
+``lambda = 1e-2, 1e-3, 1e-4 ||G||^2 / n``; up to 5e-4 at ``1e-4`` for x equal to the
+only stored gradient; 4e-8 for a random x at every damping.  Float64 buffers keep 1e-10.
 """
 from __future__ import annotations
 

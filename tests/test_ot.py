@@ -336,6 +336,21 @@ def test_value_gradient_is_the_plan(generator):
 
 
 # ---------------------------------------------------------------------------- robustness
+@pytest.mark.parametrize("seed", [19, 20])
+def test_sns_does_not_stall_on_steps_lost_in_rounding(seed):
+    """Near the optimum of these dense plans (reg = 1: the sparsified Hessian is poor) the
+    line search used to accept steps of 2^-27 to 2^-31 that changed nothing or too
+    little, for 200 iterations, stuck at a marginal error of 2e-9 (> tol) while Sinkhorn
+    alone converges in 28.  A Newton step that does not lower the error is now followed
+    by a Sinkhorn step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 17, generator=g, dtype=F64) * 0.5
+    y = torch.randn(33, 17, generator=g, dtype=F64) * 0.5
+    result = sinkhorn_newton_sparse(None, None, x=x, y=y, reg=1.0, tol=1e-9)
+    assert bool(result.converged) and float(result.marginal_error) <= 1e-9
+    assert int(result.iterations) <= 60, int(result.iterations)
+
+
 def test_float32_small_reg_no_nan(pot, generator):
     # reg = 1e-4 of a cost in [0, 1]: exp(-C / reg) underflows float32 ~100 times over.
     # Whatever the solvers reach, everything is finite and the report is consistent;

@@ -1,6 +1,7 @@
 """Log-domain Sinkhorn (Cuturi, NeurIPS 2013), batched with per-problem convergence."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -41,10 +42,12 @@ class SinkhornState:
         self.errors: List[torch.Tensor] = []  # [B] per recorded iteration (NaN-free; inactive entries unused)
         self.recorded: List[torch.Tensor] = []  # [B] bool: which problems the entry belongs to
         self.row_lse: Optional[torch.Tensor] = None
+        self.last_error = torch.full((problem.batch,), math.inf, dtype=problem.dtype, device=problem.device)
 
     def record(self, error: torch.Tensor, who: torch.Tensor) -> None:
         self.errors.append(error)
         self.recorded.append(who)
+        self.last_error = torch.where(who, error, self.last_error)
         self.iterations += who.to(torch.int64)
         newly = who & (error <= self.tol)
         self.converged |= newly

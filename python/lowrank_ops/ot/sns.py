@@ -151,6 +151,11 @@ def _newton_step(problem: Problem, state: SinkhornState, col_lse, active, k: int
         if not bool(pending.any()):
             break
         trial_f, trial_g = f + alpha[:, None] * dx, g + alpha[:, None] * dy
+        # A step too small to change f or g (near the optimum, where the gain drops below
+        # the rounding of the lse terms) would pass the test below with a gain of exactly
+        # alpha * linear and stall the solve: it ends the halving, rejected, and the
+        # problem takes a Sinkhorn step instead.
+        pending &= (trial_f != f).any(-1) | (trial_g != g).any(-1)
         trial_row, _ = p.lse(trial_f, trial_g, pending)
         gain = alpha * linear - p.reg * (r * torch.expm1(trial_row - row_lse)).sum(-1)
         ok = pending & (gain >= _ARMIJO * alpha * slope)
@@ -239,19 +244,30 @@ def sinkhorn_newton_sparse(
         log = _NewtonLog()
         newton_steps = torch.zeros_like(state.iterations)
         just_newton = torch.zeros_like(state.active)
+        before_newton = state.last_error.clone()  # each problem's error before its last Newton step
         for step in range(max_iter + 1):
             if not bool(state.active.any()):
                 break
             col_lse, _ = problem.lse(state.f, state.g, state.active, columns=True)
+            stalled = torch.zeros_like(just_newton)
             if bool(just_newton.any()):
                 error = (state.row_lse.exp() - problem.a).abs().sum(-1) + (col_lse.exp() - problem.b).abs().sum(-1)
                 state.record(error, just_newton)
+                # A Newton step that did not lower the marginal error (an accepted step
+                # whose line search ran into rounding, or a poor sparsified Hessian) is
+                # followed by a Sinkhorn step, which always makes progress.
+                stalled = just_newton & ~(error < before_newton)
             active = state.active.clone()
             if step == max_iter or not bool(active.any()):
                 break
-            accepted, cg_iterations, alpha = _newton_step(problem, state, col_lse, active, keep, cg_tol, cg_max_iter)
-            log.add(cg_iterations, alpha, active)
-            newton_steps += accepted.to(torch.int64)
+            newton = active & ~stalled
+            before_newton = torch.where(newton, state.last_error, before_newton)
+            accepted = torch.zeros_like(newton)
+            if bool(newton.any()):
+                accepted, cg_iterations, alpha = _newton_step(problem, state, col_lse, newton, keep, cg_tol,
+                                                              cg_max_iter)
+                log.add(cg_iterations, alpha, newton)
+                newton_steps += accepted.to(torch.int64)
             rejected = active & ~accepted
             if bool(rejected.any()):
                 state.step(rejected)

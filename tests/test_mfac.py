@@ -131,6 +131,37 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.lowrank_ops.mfac_dots_write_.default, (G.clone(), x, 4, 1))
 
 
+def test_apply_and_factor_ops(device, generator):
+    """The ops behind MFACInverse: values against torch, and opcheck (schemas, mutations,
+    fake impls)."""
+    n, dim, lam = 5, 70, 0.1
+    G = randn(n, dim, device=device, generator=generator)
+    x = randn(2, dim, device=device, generator=generator)
+    K = G.double() @ G.double().T + n * lam * torch.eye(n, dtype=torch.float64, device=device)
+    U = torch.linalg.cholesky(K, upper=True).contiguous()  # row-major: the in-place ops want rows contiguous
+    want = x.double() / lam - torch.linalg.solve(K, G.double() @ x.double().T).T @ G.double() / lam
+    for products in (None, x @ G.T):
+        got = torch.ops.lowrank_ops.mfac_apply(G, x, n, U, 1.0 / lam, -1.0 / lam, products)
+        assert rel(got, want) <= 1e-5
+        torch.library.opcheck(torch.ops.lowrank_ops.mfac_apply.default, (G, x, n, U, 1.0 / lam, -1.0 / lam, products))
+    factored = K.clone()
+    assert int(torch.ops.lowrank_ops.mfac_cholesky_factor_(factored).item()) == 0
+    assert rel(torch.triu(factored), U) <= 1e-12
+    torch.library.opcheck(torch.ops.lowrank_ops.mfac_cholesky_factor_.default, (K.clone(),))
+    G2 = G.double().clone()
+    G2[3] = randn(dim, dtype=torch.float64, device=device, generator=generator)
+    K2 = G2 @ G2.T + n * lam * torch.eye(n, dtype=torch.float64, device=device)
+    work = torch.empty(2 * n, dtype=torch.float64, device=device)
+    updated = U.clone()
+    assert int(torch.ops.lowrank_ops.mfac_cholesky_replace_(updated, 3, K2[3].clone(), work).item()) == 1
+    assert rel(updated.T @ updated, K2) <= 1e-12
+    torch.library.opcheck(torch.ops.lowrank_ops.mfac_cholesky_replace_.default, (U.clone(), 3, K2[3].clone(), work))
+    with pytest.raises(ValueError, match=r"factor is torch.float32 \(5, 5\)"):
+        torch.ops.lowrank_ops.mfac_apply(G, x, n, U.float(), 1.0, -1.0, None)
+    with pytest.raises(ValueError, match=r"slot must be in \[0, n\) = \[0, 5\); got 5"):
+        torch.ops.lowrank_ops.mfac_cholesky_replace_(U.clone(), 5, K2[3].clone(), work)
+
+
 def test_gradcheck(generator):
     G = randn(5, 40, dtype=torch.float64, generator=generator).requires_grad_()
     x = randn(2, 40, dtype=torch.float64, generator=generator).requires_grad_()

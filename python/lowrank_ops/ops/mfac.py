@@ -7,6 +7,14 @@ Layers:
   functions, differentiable (``torch.library.register_autograd``) in every input;
 * ``torch.ops.lowrank_ops.mfac_dots_write_``: ``mfac_dots`` fused with writing ``x[0]``
   into row ``write_slot`` of the buffer (mutates ``grads``; not differentiable);
+* ``torch.ops.lowrank_ops.mfac_apply``: ``alpha x + beta ((U^T U)^-1 G_n x)^T G_n``, the
+  whole ``F^-1 x`` of :class:`~lowrank_ops.second_order.MFACInverse` from its Cholesky
+  factor ``U`` (on the CPU one extension call: both passes and the float64 solve);
+  not differentiable;
+* ``torch.ops.lowrank_ops.mfac_cholesky_factor_`` / ``mfac_cholesky_replace_``: the
+  factor of ``K = n lambda I + G_n G_n^T`` in place, and its rank update when one row
+  and column of ``K`` change (a ring-buffer slot overwritten); each returns a status
+  tensor, on the factor's device (read it to synchronize);
 * :func:`mfac_dots`, :func:`mfac_combine`: validated Python entry points.
 
 The buffer ``grads`` is ``[capacity, dim]`` in a storage dtype (float32, float64,
@@ -26,13 +34,17 @@ import torch
 from .._args import require_finite_number, require_tensors
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, current_stream, register_fake
+from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
 
 LIBRARY.define("mfac_dots(Tensor grads, Tensor x, int n_rows) -> Tensor")
 LIBRARY.define("mfac_dots_write_(Tensor(a!) grads, Tensor x, int n_rows, int write_slot) -> Tensor")
 LIBRARY.define("mfac_combine(Tensor grads, Tensor coef, Tensor x, int n_rows, float alpha, float beta) -> Tensor")
+LIBRARY.define("mfac_apply(Tensor grads, Tensor x, int n_rows, Tensor factor, float alpha, float beta, "
+               "Tensor? products) -> Tensor")
+LIBRARY.define("mfac_cholesky_factor_(Tensor(a!) K) -> Tensor")
+LIBRARY.define("mfac_cholesky_replace_(Tensor(a!) factor, int slot, Tensor row, Tensor(b!) work) -> Tensor")
 
 
 def compute_dtype(storage_dtype: torch.dtype) -> torch.dtype:
@@ -140,27 +152,121 @@ def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
     return out
 
 
-def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
-    """``alpha x + beta ((U^T U)^-1 p)^T G_n`` per row of ``x`` on the CPU, in one extension
-    call (``_C.mfac_apply_cpu``: mfac_dots, a float64 solve and mfac_combine, with no
-    Python work or tensors between them).  ``p = products`` (``[k, n_rows]``, compute
-    dtype, contiguous) or ``G_n x`` computed in the same call; ``factor`` is the upper
-    Cholesky factor ``U`` (float64 ``[n_rows, n_rows]``, contiguous).
+# ---------------------------------------------------------------------------- mfac_apply
+def _check_apply(grads, x, n_rows, factor, products) -> None:
+    op = "mfac_apply"
+    _check_buffer(op, grads, n_rows)
+    _check_vectors(op, "x", grads, x)
+    if factor.dtype != torch.float64 or tuple(factor.shape) != (n_rows, n_rows) or factor.device != grads.device:
+        raise ValueError(f"{op}: factor is {factor.dtype} {tuple(factor.shape)} on {factor.device}; expected "
+                         f"float64 (n_rows, n_rows) = ({n_rows}, {n_rows}) on {grads.device}")
+    if products is not None and (products.dtype != x.dtype or tuple(products.shape) != (x.shape[0], n_rows)
+                                 or products.device != x.device):
+        raise ValueError(f"{op}: products is {products.dtype} {tuple(products.shape)} on {products.device}; "
+                         f"expected {x.dtype} (k, n_rows) = ({x.shape[0]}, {n_rows}) on {x.device}")
 
-    Not an op and not differentiable: :class:`lowrank_ops.second_order.MFACInverse` calls
-    it for its own buffer and factor with vectors it has validated (CPU, compute dtype,
-    ``[k, dim]``, nothing requiring a gradient), so only the layout is settled here.
-    """
-    x = _rows_view(x)
+
+def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
+    """CPU impl of ``mfac_apply``: one extension call (``_C.mfac_apply_cpu``: mfac_dots,
+    a single-threaded float64 substitution and mfac_combine, with no Python work or
+    tensors between them)."""
+    _check_apply(grads, x, n_rows, factor, products)
+    x, grads = _rows_view(x), _rows_view(grads)
+    factor = factor.contiguous()
+    products = None if products is None else products.contiguous()
     k, dim = x.shape
     out = x.new_empty((k, dim))
     extension().mfac_apply_cpu(
         grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), U=factor.data_ptr(), u_ld=factor.stride(0),
         products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k, grads_ld=_ld(grads),
-        x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "MFACInverse", "grads"),
+        x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "mfac_apply", "grads"),
         num_threads=torch.get_num_threads(),
     )
     return out
+
+
+def _mfac_apply_cuda(grads, x, n_rows, factor, alpha, beta, products=None):
+    """CUDA impl of ``mfac_apply``: the two pass kernels around torch's ``cholesky_solve``."""
+    _check_apply(grads, x, n_rows, factor, products)
+    if products is None:
+        products = _mfac_dots(grads, x, n_rows)
+    coef = torch.cholesky_solve(products.T.to(torch.float64), factor, upper=True).T.to(x.dtype)
+    return _mfac_combine(grads, coef.contiguous(), x, n_rows, alpha, beta)
+
+
+def _mfac_apply_fake(grads, x, n_rows, factor, alpha, beta, products=None):
+    return x.new_empty(x.shape)
+
+
+def mfac_apply_op(device_type: str):
+    """``mfac_apply``'s implementation for eager calls on ``device_type``, the op itself under
+    torch.compile (see :func:`~lowrank_ops.ops._library.eager_or_op`)."""
+    return eager_or_op("mfac_apply", _mfac_apply_cpu if device_type == "cpu" else _mfac_apply_cuda)
+
+
+# ---------------------------------------------------------------------------- the factor of K
+def _check_square(op: str, name: str, tensor: torch.Tensor) -> int:
+    if tensor.dtype != torch.float64 or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
+        raise ValueError(f"{op}: {name} is {tensor.dtype} {tuple(tensor.shape)}; expected float64 (n, n)")
+    if tensor.shape[0] > 0 and tensor.stride(1) != 1:
+        raise ValueError(f"{op}: {name} has strides {tensor.stride()}; expected unit column stride (rows contiguous)")
+    return tensor.shape[0]
+
+
+def _cholesky_factor_cpu(K):
+    """``K = U^T U`` in place (U upper, single-threaded); returns int32 ``[1]``: 0, or the
+    1-based column where K was not numerically positive definite (or overflowed)."""
+    n = _check_square("mfac_cholesky_factor_", "K", K)
+    info = extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.stride(0), n=n)
+    return torch.tensor([info], dtype=torch.int32)
+
+
+def _cholesky_factor_cuda(K):
+    """The same through torch (cuSOLVER); the status stays on the device."""
+    _check_square("mfac_cholesky_factor_", "K", K)
+    factor, info = torch.linalg.cholesky_ex(K, upper=True)
+    K.copy_(factor)
+    return info.reshape(1).to(torch.int32)
+
+
+def _cholesky_factor_fake(K):
+    return K.new_empty((1,), dtype=torch.int32)
+
+
+def _cholesky_replace(factor, slot, row, work):
+    """The factor of ``K'``, K with row and column ``slot`` replaced by ``row`` (float64
+    ``[n]``, diagonal included), in place of ``U``; ``work`` is float64 scratch of ``2 n``.
+    Returns int32 ``[1]`` on the factor's device: 1 on success, 0 when ``K'`` is not
+    numerically positive definite (``U`` is then garbage: refactor)."""
+    op = "mfac_cholesky_replace_"
+    n = _check_square(op, "factor", factor)
+    if not 0 <= slot < n:
+        raise ValueError(f"{op}: slot must be in [0, n) = [0, {n}); got {slot}")
+    for name, tensor, size in (("row", row, n), ("work", work, 2 * n)):
+        if tensor.dtype != torch.float64 or tensor.shape != (size,) or not tensor.is_contiguous() \
+                or tensor.device != factor.device:
+            raise ValueError(f"{op}: {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; expected "
+                             f"contiguous float64 ({size},) on {factor.device}")
+    args = dict(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot, row=row.data_ptr(), work=work.data_ptr())
+    if factor.device.type == "cuda":
+        ok = torch.empty(1, dtype=torch.int32, device=factor.device)
+        cuda_extension(op).mfac_cholesky_replace_cuda(**args, ok=ok.data_ptr(), device=factor.device.index,
+                                                      stream=current_stream(factor))
+        return ok
+    return torch.tensor([int(extension().mfac_cholesky_replace_cpu(**args))], dtype=torch.int32)
+
+
+def _cholesky_replace_fake(factor, slot, row, work):
+    return factor.new_empty((1,), dtype=torch.int32)
+
+
+def cholesky_factor_op():
+    return eager_or_op("mfac_cholesky_factor_", lambda K: (_cholesky_factor_cpu if K.device.type == "cpu"
+                                                           else _cholesky_factor_cuda)(K))
+
+
+def cholesky_replace_op():
+    return eager_or_op("mfac_cholesky_replace_", _cholesky_replace)
 
 
 def _mfac_combine_fake(grads, coef, x, n_rows, alpha, beta):
@@ -171,9 +277,17 @@ for _device in ("CPU", "CUDA"):
     LIBRARY.impl("mfac_dots", _mfac_dots, _device)
     LIBRARY.impl("mfac_dots_write_", _mfac_dots_write, _device)
     LIBRARY.impl("mfac_combine", _mfac_combine, _device)
+    LIBRARY.impl("mfac_cholesky_replace_", _cholesky_replace, _device)
+LIBRARY.impl("mfac_apply", _mfac_apply_cpu, "CPU")
+LIBRARY.impl("mfac_apply", _mfac_apply_cuda, "CUDA")
+LIBRARY.impl("mfac_cholesky_factor_", _cholesky_factor_cpu, "CPU")
+LIBRARY.impl("mfac_cholesky_factor_", _cholesky_factor_cuda, "CUDA")
 register_fake("mfac_dots", _mfac_dots_fake)
 register_fake("mfac_dots_write_", _mfac_dots_write_fake)
 register_fake("mfac_combine", _mfac_combine_fake)
+register_fake("mfac_apply", _mfac_apply_fake)
+register_fake("mfac_cholesky_factor_", _cholesky_factor_fake)
+register_fake("mfac_cholesky_replace_", _cholesky_replace_fake)
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -47,10 +47,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._extension import cuda_extension, extension
 from .._finite import all_finite
-from ..ops._library import current_stream
-from ..ops.mfac import _mfac_apply_cpu, _mfac_combine, _mfac_dots, _mfac_dots_write, compute_dtype
+from ..ops.mfac import (_mfac_combine, _mfac_dots, _mfac_dots_write, cholesky_factor_op, cholesky_replace_op,
+                        compute_dtype, mfac_apply_op)
 
 __all__ = ["MFACInverse"]
 
@@ -133,7 +132,6 @@ class MFACInverse:
         self._factor: Optional[torch.Tensor] = None  # upper U with U^T U = K (float64, contiguous)
         self._updates_since_factor = 0  # rank updates applied to _factor since it was computed
         self._work: Optional[torch.Tensor] = None  # workspace of the rank update, [2 ngrads] float64
-        self._update_ok: Optional[torch.Tensor] = None  # the CUDA rank update's success flag, [1] int32
         #: O(m^2) rank updates of the factor applied so far (full window; CPU and CUDA).
         self.rank_updates = 0
         #: Rank updates abandoned because the downdate found ``K`` not numerically positive
@@ -227,16 +225,7 @@ class MFACInverse:
         k_row[slot] += n * self.damp
         if self._work is None:
             self._work = torch.empty(2 * n, dtype=torch.float64, device=self.device)
-        args = dict(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot, row=k_row.data_ptr(),
-                    work=self._work.data_ptr())
-        if factor.device.type == "cuda":
-            if self._update_ok is None:
-                self._update_ok = torch.empty(1, dtype=torch.int32, device=self.device)
-            cuda_extension("MFACInverse.update").mfac_cholesky_replace_cuda(
-                **args, ok=self._update_ok.data_ptr(), device=factor.device.index, stream=current_stream(factor))
-            ok = bool(self._update_ok.item())
-        else:
-            ok = extension().mfac_cholesky_replace_cpu(**args)
+        ok = bool(cholesky_replace_op()(factor, slot, k_row, self._work).item())
         if ok:
             self._updates_since_factor += 1
             self.rank_updates += 1
@@ -313,7 +302,7 @@ class MFACInverse:
             K.diagonal().add_(n * self.damp)
             if K.device.type == "cpu" and n <= _SERIAL_CHOLESKY_MAX:
                 factor = K  # factored in place, single-threaded (see _SERIAL_CHOLESKY_MAX)
-                info = extension().mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=K.stride(0), n=n)
+                info = cholesky_factor_op()(K)
             else:
                 factor, info = torch.linalg.cholesky_ex(K, upper=True)
             if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
@@ -328,19 +317,19 @@ class MFACInverse:
     def _apply(self, x: torch.Tensor, dots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``F^-1 x`` for rows ``x [k, dim]``, from ``dots = G_n x^T`` rows ``[k, n]`` when given.
 
-        On the CPU without autograd: one extension call for the passes and the solve
-        (``_mfac_apply_cpu``): no Python work or tensors between the passes, and a
+        Without autograd: the ``mfac_apply`` op; on the CPU that is one extension call for
+        the passes and the solve: no Python work or tensors between the passes, and a
         single-threaded float64 substitution instead of a threaded LAPACK solve, which
         leaves OpenMP workers spinning on the cores the next pass needs (2.6 + 2.6 ms
-        passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  Elsewhere the ops
-        (differentiable) and torch's ``cholesky_solve``.
+        passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  With autograd the
+        differentiable pass ops and torch's ``cholesky_solve``.
         """
         n = self.n
         if n == 0:
             return x / self.damp
-        if x.device.type == "cpu" and _direct(x) and (dots is None or _direct(dots)):
-            products = None if dots is None else dots.contiguous()
-            return _mfac_apply_cpu(self.grads, x, n, self._cholesky(), 1.0 / self.damp, -1.0 / self.damp, products)
+        if _direct(x) and (dots is None or _direct(dots)):
+            return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), 1.0 / self.damp,
+                                                -1.0 / self.damp, dots)
         if dots is None:
             dots = (_mfac_dots if _direct(x) else torch.ops.lowrank_ops.mfac_dots)(self.grads, x, n)
         coef = torch.cholesky_solve(dots.T.to(torch.float64), self._cholesky(), upper=True).T.to(self.dtype)

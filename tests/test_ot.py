@@ -503,6 +503,24 @@ def test_bad_inputs(solve):
         solve(a, b, C, 0.1, tol=-1.0)
 
 
+@pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])
+def test_empty_side_is_rejected_with_or_without_masses(solve, generator):
+    # An empty side has no coupling: the default masses (None) used to give 1 / max(0, 1)
+    # and an infinite "converged" result instead of the error explicit masses give.
+    for n, m in ((0, 4), (3, 0)):
+        C = torch.rand(n, m, generator=generator, dtype=F64)
+        side = "a" if n == 0 else "b"
+        a, b = _masses((), max(n, 1), generator)[:n], _masses((), max(m, 1), generator)[:m]
+        for masses in ((None, None), (a, b)):
+            with pytest.raises(ValueError, match=f"{side} is empty; expected at least one point on each side"):
+                solve(*masses, C, 0.1)
+        x, y = torch.randn(n, 2, generator=generator, dtype=F64), torch.randn(m, 2, generator=generator, dtype=F64)
+        with pytest.raises(ValueError, match=f"{side} is empty"):
+            solve(None, None, reg=0.1, x=x, y=y)
+    with pytest.raises(ValueError, match="a is empty"):  # batched
+        solve(None, None, torch.rand(2, 0, 4, generator=generator, dtype=F64), 0.1)
+
+
 # ---------------------------------------------------------------------------- CUDA
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_solvers_match_cpu(cuda_device, generator, dtype):

@@ -256,6 +256,26 @@ def test_cg_reports_indefinite_breakdown(generator):
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_zero_matrix_reports_non_convergence(solver, generator):
+    # nnz = 0 is a valid matrix (the kernels got null col_idx / values pointers and refused it).
+    b = torch.randn(9, generator=generator, dtype=torch.float64)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b: GCRODR(6, 2).solve(A, b)}[solver]
+    for A in (torch.zeros(9, 9, dtype=torch.float64), sp.csr_matrix((9, 9))):
+        x, info = run(A, b)
+        assert not info.converged and info.status in ("stagnation", "breakdown")
+        assert torch.equal(x, torch.zeros(9, dtype=torch.float64)) and info.true_residual == 1.0
+    # A recycled space meets the zero matrix: every direction dropped (matrices kept alive:
+    # the recycler tells matrices apart by id).
+    laplacian, zero = _laplacian(3), sp.csr_matrix((9, 9))
+    recycler = GCRODR(6, 2)
+    recycler.solve(laplacian, b)
+    x, info = recycler.solve(zero, b)
+    assert not info.converged and info.status == "stagnation" and recycler.U.shape == (0, 9)
+    x, info = recycler.solve(laplacian, b)
+    assert info.converged
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     A = _laplacian(4)
@@ -298,6 +318,25 @@ def test_bad_input_gives_clear_errors():
 
 
 # ---------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_spmv_kernel_memory_safe_on_any_row_ptr(device, index_dtype, generator):
+    # The kernels clamp each row's range to [0, nnz]: no read outside col_idx / values.
+    col_idx = torch.tensor([0, 2, 1, 3], dtype=index_dtype)
+    values = torch.randn(4, generator=generator, dtype=torch.float64)
+    x = torch.randn(4, generator=generator, dtype=torch.float64)
+    big = 2**31 - 1 if index_dtype == torch.int32 else 10**12
+    for row_ptr in ([-big, 1, big], [big, 3, -big], [0, big - 5, 2]):
+        expected = []
+        for i in range(2):
+            begin = min(max(row_ptr[i], 0), 4)
+            entries = range(begin, min(max(row_ptr[i + 1], begin), 4))
+            expected.append(sum(float(values[k] * x[col_idx[k]]) for k in entries))
+        out = torch.full((2,), 7.0, dtype=torch.float64, device=device)
+        _kernels.spmv(torch.tensor(row_ptr, dtype=index_dtype, device=device), col_idx.to(device), values.to(device),
+                      x.to(device), out, 4)
+        torch.testing.assert_close(out.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_rows", [0, 1, 300])
 def test_spmv_kernel_against_reference(device, dtype, n_rows, generator):
@@ -535,7 +574,7 @@ def test_native_cycle_bad_input_errors(generator):
         _extension.extension().krylov_arnoldi_cpu(  # the C++ check behind the wrapper
             row_ptr=matrix.row_ptr.data_ptr(), col_idx=matrix.col_idx.data_ptr(), values=matrix.values.data_ptr(),
             basis=basis.data_ptr(), r=r.data_ptr(), hessenberg=1, rotated=1, g=1, givens=1, history=1, workspace=1,
-            n=100, q_stride=50, kc=2, steps=5, n_chunks=1, beta=beta, target=0.0, bnorm=1.0, dtype=1, index_type=0,
+            n=100, nnz=matrix.nnz, q_stride=50, kc=2, steps=5, n_chunks=1, beta=beta, target=0.0, bnorm=1.0, dtype=1, index_type=0,
             num_threads=1)
 
 

@@ -48,11 +48,11 @@ def jacobi_svd_cuda(
     stream: int,
 ) -> None: ...
 def krylov_spmv_cpu(
-    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, nnz: int, dtype: int,
     index_type: int, num_threads: int,
 ) -> None: ...
 def krylov_spmv_cuda(
-    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, nnz: int, dtype: int,
     index_type: int, device: int, stream: int,
 ) -> None: ...
 def krylov_cgs_pass_cpu(
@@ -65,7 +65,7 @@ def krylov_cgs_pass_cuda(
 ) -> None: ...
 def krylov_arnoldi_cpu(
     *, row_ptr: int, col_idx: int, values: int, basis: int, r: int, hessenberg: int, rotated: int, g: int,
-    givens: int, history: int, workspace: int, n: int, q_stride: int, kc: int, steps: int, n_chunks: int,
+    givens: int, history: int, workspace: int, n: int, nnz: int, q_stride: int, kc: int, steps: int, n_chunks: int,
     beta: float, target: float, bnorm: float, dtype: int, index_type: int, num_threads: int,
 ) -> tuple[int, bool]: ...
 def krylov_arnoldi_workspace(*, kc: int, steps: int, n_chunks: int) -> int: ...

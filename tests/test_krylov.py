@@ -10,6 +10,7 @@ import torch
 from lowrank_ops import pde, reference
 from lowrank_ops.krylov import CSRMatrix, GCRODR, cg, gmres, greedy_order, solve_sequence
 from lowrank_ops.krylov import _arnoldi, _kernels
+from lowrank_ops.krylov.operators import as_operator
 
 
 # ---------------------------------------------------------------------------- systems
@@ -318,6 +319,54 @@ def test_bad_input_gives_clear_errors():
 
 
 # ---------------------------------------------------------------------------- kernels
+def test_csr_matvec_checks_its_vectors(generator):
+    dense = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    dense[dense.abs() < 0.5] = 0
+    matrix = CSRMatrix.from_dense(dense)
+    x = torch.randn(14, generator=generator, dtype=torch.float64)[::2]  # strided: copied, not misread
+    torch.testing.assert_close(matrix.matvec(x), dense @ x, rtol=1e-14, atol=1e-14)
+    out = torch.empty(5, dtype=torch.float64)
+    assert matrix.matvec(x, out=out) is out
+    torch.testing.assert_close(out, dense @ x, rtol=1e-14, atol=1e-14)
+    with pytest.raises(TypeError, match="CSRMatrix.matvec: x has dtype torch.float32; expected torch.float64"):
+        matrix.matvec(x.float())
+    with pytest.raises(ValueError, match=r"CSRMatrix.matvec: x has shape \(6,\); expected \(7,\)"):
+        matrix.matvec(x[:6].contiguous())
+    with pytest.raises(ValueError, match=r"x has shape \(1, 7\); expected \(7,\)"):
+        matrix.matvec(x[None])
+    with pytest.raises(ValueError, match="x is on meta; expected cpu"):
+        matrix.matvec(torch.empty(7, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor; got list"):
+        matrix.matvec(x.tolist())
+    with pytest.raises(ValueError, match=r"CSRMatrix.matvec: out has shape \(4,\); expected \(5,\)"):
+        matrix.matvec(x, out=torch.empty(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out has dtype torch.float32"):
+        matrix.matvec(x, out=torch.empty(5))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        matrix.matvec(x, out=torch.empty(10, dtype=torch.float64)[::2])
+    square = CSRMatrix.from_dense(dense[:, :5])
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        square.matvec(out, out=out)
+    huge = CSRMatrix(torch.tensor([0, 1]), torch.tensor([10**8 - 1]), torch.ones(1, dtype=torch.float64), (1, 10**8))
+    with pytest.raises(ValueError, match=r"x has shape \(1,\); expected \(100000000,\)"):
+        huge.matvec(torch.ones(1, dtype=torch.float64))  # read 10^8 - 1 entries past x
+    # The solvers' operator checks what it is called with the same way.
+    operator = as_operator("test", square, torch.float64, "cpu")
+    torch.testing.assert_close(operator(x[:5]), dense[:, :5] @ x[:5], rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match=r"LinearOperator: x has shape \(4,\); expected \(5,\)"):
+        operator(x[:4])
+    with pytest.raises(TypeError, match="LinearOperator: x has dtype torch.float32"):
+        operator(x[:5].float())
+
+
+def test_csr_matrix_rejects_indices_that_wrap_in_int32():
+    # The pattern is stored in int32 when it fits: indices were converted before the checks.
+    with pytest.raises(ValueError, match=r"row_ptr must start at 0 and end at nnz = 1; got 0 \.\.\. 4294967297"):
+        CSRMatrix(torch.tensor([0, 2**32 + 1]), torch.tensor([0]), torch.ones(1, dtype=torch.float64), (1, 2))
+    with pytest.raises(ValueError, match=r"col_idx must lie in \[0, n_cols\) = \[0, 2\); got \[4294967296, "):
+        CSRMatrix(torch.tensor([0, 1]), torch.tensor([2**32]), torch.ones(1, dtype=torch.float64), (1, 2))
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_spmv_kernel_memory_safe_on_any_row_ptr(device, index_dtype, generator):
     # The kernels clamp each row's range to [0, nnz]: no read outside col_idx / values.

@@ -54,17 +54,17 @@ class System:
         scale = _diagonal_preconditioner(op, A, M)
         if scale is not None and A.matrix is not None:
             self.csr = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
-            self._apply_raw = self.csr.matvec
+            self._apply_raw = self.csr.matvec_unchecked
             self.precondition = lambda y: y * scale
         elif scale is not None:
-            self._apply_raw = lambda y: A(y * scale)
+            self._apply_raw = lambda y: A.apply(y * scale)
             self.precondition = lambda y: y * scale
         elif callable(M):
             function = M
             self.precondition = lambda y: torch.as_tensor(function(y), dtype=b.dtype, device=b.device).reshape(-1)
-            self._apply_raw = lambda y: A(self.precondition(y))
+            self._apply_raw = lambda y: A.apply(self.precondition(y).contiguous())  # M may return strided views
         else:
-            self._apply_raw = A
+            self._apply_raw = A.apply
             self.csr = A.matrix
         self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
 
@@ -75,7 +75,7 @@ class System:
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """``b - A x`` with the unpreconditioned operator (one product)."""
         self.matvecs += 1
-        return self.b - self.A(x)
+        return self.b - self.A.apply(x)
 
     def unprecondition(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.precondition is None else self.precondition(y)

@@ -70,7 +70,7 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
             z = system.unprecondition(r)
             p = z.clone()
             rz = _dot(r, z)
-        q = system.A(p)
+        q = system.A.apply(p)
         system.matvecs += 1
         curvature = _dot(p, q)
         if not curvature > 0.0 or rz <= 0.0:

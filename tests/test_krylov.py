@@ -258,6 +258,24 @@ def test_cg_reports_indefinite_breakdown(generator):
 
 
 @pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float64, 1e160), (torch.float64, 1e-170), (torch.float32, 1e20),
+                                             (torch.float32, 1e-30)])
+def test_huge_and_tiny_rhs_are_solved(solver, dtype, magnitude, generator):
+    # ||b||^2 overflows (or underflows) the working precision: the solvers used to return
+    # x = 0 with status "converged" but converged = False (or "zero_rhs" for a tiny b).
+    A = _laplacian(5)
+    b = torch.randn(25, generator=generator, dtype=torch.float64)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol)}[solver]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    x, info = run(CSRMatrix.from_scipy(A, dtype), (b * magnitude).to(dtype), tol=tol)
+    assert info.converged and info.status == "converged" and info.true_residual <= tol
+    assert torch.isfinite(x).all()
+    expected = np.linalg.solve(A.toarray(), (b * magnitude).to(dtype).double().numpy() / magnitude)
+    error = np.abs(x.double().numpy() / magnitude - expected).max() / np.abs(expected).max()
+    assert error <= (1e-8 if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
 def test_zero_matrix_reports_non_convergence(solver, generator):
     # nnz = 0 is a valid matrix (the kernels got null col_idx / values pointers and refused it).
     b = torch.randn(9, generator=generator, dtype=torch.float64)

@@ -22,7 +22,7 @@ import torch
 
 from ._arnoldi import arnoldi_cycle
 from ._kernels import combine, dots, subtract
-from ._common import Preconditioner, System, check_positive_int, setup_system
+from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
 from .info import SolveInfo
 from .recycle import harmonic_ritz, refresh
 
@@ -155,11 +155,9 @@ class GCRODR:
         if not r_is_true:
             r, rnorm, r_is_true = self._true_residual(system, x)
         self.U, self.C, self._key = U, C, system.key
-        true_residual = rnorm / bnorm
-        converged = true_residual <= tol
-        if converged:
-            status = "converged"
-        return x, SolveInfo(converged, iterations, system.matvecs, history, true_residual, status, cycles)
+        converged, status = conclude(status, rnorm, target)
+        return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status,
+                                             cycles)
 
     def _workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """The ``[m + 1, n]`` basis buffer, kept between solves of one size, dtype and device.

@@ -14,7 +14,8 @@ class SolveInfo:
     Attributes
     ----------
     converged : bool
-        True when the final true residual ``||b - A x|| / ||b||`` is at most ``tol``.
+        True when the final true residual meets the tolerance, ``||b - A x|| <= tol ||b||``:
+        exactly when ``status`` is ``"converged"`` or ``"zero_rhs"``.
     iterations : int
         Krylov iterations (Arnoldi steps, or CG steps) over all restart cycles.
     matvecs : int

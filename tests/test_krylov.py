@@ -295,6 +295,47 @@ def test_zero_matrix_reports_non_convergence(solver, generator):
     assert info.converged
 
 
+class _NonFinite:
+    """``A x`` for the first ``good`` products, then NaN (or inf) entries."""
+
+    def __init__(self, A, good: int, bad: float = float("nan")):
+        self.A, self.good, self.bad, self.shape = A, good, bad, A.shape
+
+    def __call__(self, x):
+        self.good -= 1
+        y = torch.from_numpy(self.A @ x.numpy())
+        if self.good < 0:
+            y[3] = self.bad
+        return y
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator, capfd):
+    # gmres used to hand the NaN Hessenberg matrix to LAPACK (stderr: "On entry to DLASCL
+    # parameter number 4 had an illegal value", then numpy's LinAlgError).
+    A, b = _system("spd", generator)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, M=None: GCRODR(20, 4, M=M).solve(A, b)}[solver]
+    for good, bad in ((0, float("nan")), (6, float("nan")), (6, float("inf"))):
+        x, info = run(_NonFinite(A, good, bad), b)
+        assert not info.converged and info.status == "breakdown"
+        assert torch.isfinite(x).all() and not np.isfinite(info.true_residual)
+        if good:  # the steps before the bad product were used
+            assert 1 <= info.iterations <= good and np.isfinite(info.residuals[:-1]).all()
+    x, info = run(A, b, M=lambda y: y * float("nan"))
+    assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    assert info.true_residual == pytest.approx(1.0)  # x0 = 0 kept
+    if solver != "cg":  # the fused C++ cycle on a matrix whose products overflow the squared norms
+        x, info = run(A * 1e300, b)
+        assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    assert capfd.readouterr().err == ""
+    if solver == "gcrodr":  # a recycled space meets a NaN operator: nothing recycled, no LAPACK call on NaN
+        recycler = GCRODR(20, 4)
+        recycler.solve(A, b)
+        x, info = recycler.solve(_NonFinite(A, 0), b)
+        assert info.status == "breakdown" and recycler.U.shape[0] == 0 and torch.isfinite(x).all()
+        assert capfd.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     A = _laplacian(4)

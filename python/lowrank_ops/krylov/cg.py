@@ -41,7 +41,8 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     -------
     x : Tensor[n]
     info : SolveInfo
-        ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite).
+        ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite) or A or M
+        returned non-finite values.
     """
     if maxiter is not None:
         check_positive_int("cg", "maxiter", maxiter)

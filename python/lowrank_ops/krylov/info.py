@@ -30,7 +30,7 @@ class SolveInfo:
         ``"converged"``, ``"zero_rhs"`` (b = 0, x = 0 returned), ``"maxiter"`` (iteration
         budget spent), ``"stagnation"`` (a restart cycle made no progress, e.g. an
         inconsistent singular system) or ``"breakdown"`` (CG on a matrix that is not
-        positive definite).
+        positive definite, or A or M returned NaN or inf).
     restarts : int
         Restart cycles run (GMRES / GCRO-DR); 0 for CG.
     """

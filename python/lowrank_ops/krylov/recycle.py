@@ -27,6 +27,7 @@ from typing import Callable, Tuple
 import numpy as np
 import torch
 
+from .._finite import all_finite
 from ._arnoldi import Cycle
 from ._kernels import combine_rows, gram, row_norms
 
@@ -64,6 +65,8 @@ def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> T
     if U.shape[0] == 0:  # nothing recycled (every direction dropped earlier)
         return U, U
     image = torch.stack([apply(u.contiguous()) for u in U])
+    if not all_finite(image):  # A or M returned NaN or inf: nothing to recycle (the solve reports the breakdown)
+        return image[:0], U[:0]
     for _ in range(2):
         image, U = _orthonormalize(image, U)
     return image, U

@@ -10,6 +10,7 @@ import torch
 from lowrank_ops import pde, reference
 from lowrank_ops.krylov import CSRMatrix, GCRODR, cg, gmres, greedy_order, solve_sequence
 from lowrank_ops.krylov import _arnoldi, _kernels
+from lowrank_ops.krylov.operators import as_operator
 
 
 # ---------------------------------------------------------------------------- systems
@@ -256,6 +257,85 @@ def test_cg_reports_indefinite_breakdown(generator):
     assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float64, 1e160), (torch.float64, 1e-170), (torch.float32, 1e20),
+                                             (torch.float32, 1e-30)])
+def test_huge_and_tiny_rhs_are_solved(solver, dtype, magnitude, generator):
+    # ||b||^2 overflows (or underflows) the working precision: the solvers used to return
+    # x = 0 with status "converged" but converged = False (or "zero_rhs" for a tiny b).
+    A = _laplacian(5)
+    b = torch.randn(25, generator=generator, dtype=torch.float64)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol)}[solver]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    x, info = run(CSRMatrix.from_scipy(A, dtype), (b * magnitude).to(dtype), tol=tol)
+    assert info.converged and info.status == "converged" and info.true_residual <= tol
+    assert torch.isfinite(x).all()
+    expected = np.linalg.solve(A.toarray(), (b * magnitude).to(dtype).double().numpy() / magnitude)
+    error = np.abs(x.double().numpy() / magnitude - expected).max() / np.abs(expected).max()
+    assert error <= (1e-8 if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_zero_matrix_reports_non_convergence(solver, generator):
+    # nnz = 0 is a valid matrix (the kernels got null col_idx / values pointers and refused it).
+    b = torch.randn(9, generator=generator, dtype=torch.float64)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b: GCRODR(6, 2).solve(A, b)}[solver]
+    for A in (torch.zeros(9, 9, dtype=torch.float64), sp.csr_matrix((9, 9))):
+        x, info = run(A, b)
+        assert not info.converged and info.status in ("stagnation", "breakdown")
+        assert torch.equal(x, torch.zeros(9, dtype=torch.float64)) and info.true_residual == 1.0
+    # A recycled space meets the zero matrix: every direction dropped (matrices kept alive:
+    # the recycler tells matrices apart by id).
+    laplacian, zero = _laplacian(3), sp.csr_matrix((9, 9))
+    recycler = GCRODR(6, 2)
+    recycler.solve(laplacian, b)
+    x, info = recycler.solve(zero, b)
+    assert not info.converged and info.status == "stagnation" and recycler.U.shape == (0, 9)
+    x, info = recycler.solve(laplacian, b)
+    assert info.converged
+
+
+class _NonFinite:
+    """``A x`` for the first ``good`` products, then NaN (or inf) entries."""
+
+    def __init__(self, A, good: int, bad: float = float("nan")):
+        self.A, self.good, self.bad, self.shape = A, good, bad, A.shape
+
+    def __call__(self, x):
+        self.good -= 1
+        y = torch.from_numpy(self.A @ x.numpy())
+        if self.good < 0:
+            y[3] = self.bad
+        return y
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator, capfd):
+    # gmres used to hand the NaN Hessenberg matrix to LAPACK (stderr: "On entry to DLASCL
+    # parameter number 4 had an illegal value", then numpy's LinAlgError).
+    A, b = _system("spd", generator)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, M=None: GCRODR(20, 4, M=M).solve(A, b)}[solver]
+    for good, bad in ((0, float("nan")), (6, float("nan")), (6, float("inf"))):
+        x, info = run(_NonFinite(A, good, bad), b)
+        assert not info.converged and info.status == "breakdown"
+        assert torch.isfinite(x).all() and not np.isfinite(info.true_residual)
+        if good:  # the steps before the bad product were used
+            assert 1 <= info.iterations <= good and np.isfinite(info.residuals[:-1]).all()
+    x, info = run(A, b, M=lambda y: y * float("nan"))
+    assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    assert info.true_residual == pytest.approx(1.0)  # x0 = 0 kept
+    if solver != "cg":  # the fused C++ cycle on a matrix whose products overflow the squared norms
+        x, info = run(A * 1e300, b)
+        assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    assert capfd.readouterr().err == ""
+    if solver == "gcrodr":  # a recycled space meets a NaN operator: nothing recycled, no LAPACK call on NaN
+        recycler = GCRODR(20, 4)
+        recycler.solve(A, b)
+        x, info = recycler.solve(_NonFinite(A, 0), b)
+        assert info.status == "breakdown" and recycler.U.shape[0] == 0 and torch.isfinite(x).all()
+        assert capfd.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     A = _laplacian(4)
@@ -298,6 +378,73 @@ def test_bad_input_gives_clear_errors():
 
 
 # ---------------------------------------------------------------------------- kernels
+def test_csr_matvec_checks_its_vectors(generator):
+    dense = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    dense[dense.abs() < 0.5] = 0
+    matrix = CSRMatrix.from_dense(dense)
+    x = torch.randn(14, generator=generator, dtype=torch.float64)[::2]  # strided: copied, not misread
+    torch.testing.assert_close(matrix.matvec(x), dense @ x, rtol=1e-14, atol=1e-14)
+    out = torch.empty(5, dtype=torch.float64)
+    assert matrix.matvec(x, out=out) is out
+    torch.testing.assert_close(out, dense @ x, rtol=1e-14, atol=1e-14)
+    with pytest.raises(TypeError, match="CSRMatrix.matvec: x has dtype torch.float32; expected torch.float64"):
+        matrix.matvec(x.float())
+    with pytest.raises(ValueError, match=r"CSRMatrix.matvec: x has shape \(6,\); expected \(7,\)"):
+        matrix.matvec(x[:6].contiguous())
+    with pytest.raises(ValueError, match=r"x has shape \(1, 7\); expected \(7,\)"):
+        matrix.matvec(x[None])
+    with pytest.raises(ValueError, match="x is on meta; expected cpu"):
+        matrix.matvec(torch.empty(7, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor; got list"):
+        matrix.matvec(x.tolist())
+    with pytest.raises(ValueError, match=r"CSRMatrix.matvec: out has shape \(4,\); expected \(5,\)"):
+        matrix.matvec(x, out=torch.empty(4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out has dtype torch.float32"):
+        matrix.matvec(x, out=torch.empty(5))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        matrix.matvec(x, out=torch.empty(10, dtype=torch.float64)[::2])
+    square = CSRMatrix.from_dense(dense[:, :5])
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        square.matvec(out, out=out)
+    huge = CSRMatrix(torch.tensor([0, 1]), torch.tensor([10**8 - 1]), torch.ones(1, dtype=torch.float64), (1, 10**8))
+    with pytest.raises(ValueError, match=r"x has shape \(1,\); expected \(100000000,\)"):
+        huge.matvec(torch.ones(1, dtype=torch.float64))  # read 10^8 - 1 entries past x
+    # The solvers' operator checks what it is called with the same way.
+    operator = as_operator("test", square, torch.float64, "cpu")
+    torch.testing.assert_close(operator(x[:5]), dense[:, :5] @ x[:5], rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match=r"LinearOperator: x has shape \(4,\); expected \(5,\)"):
+        operator(x[:4])
+    with pytest.raises(TypeError, match="LinearOperator: x has dtype torch.float32"):
+        operator(x[:5].float())
+
+
+def test_csr_matrix_rejects_indices_that_wrap_in_int32():
+    # The pattern is stored in int32 when it fits: indices were converted before the checks.
+    with pytest.raises(ValueError, match=r"row_ptr must start at 0 and end at nnz = 1; got 0 \.\.\. 4294967297"):
+        CSRMatrix(torch.tensor([0, 2**32 + 1]), torch.tensor([0]), torch.ones(1, dtype=torch.float64), (1, 2))
+    with pytest.raises(ValueError, match=r"col_idx must lie in \[0, n_cols\) = \[0, 2\); got \[4294967296, "):
+        CSRMatrix(torch.tensor([0, 1]), torch.tensor([2**32]), torch.ones(1, dtype=torch.float64), (1, 2))
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_spmv_kernel_memory_safe_on_any_row_ptr(device, index_dtype, generator):
+    # The kernels clamp each row's range to [0, nnz]: no read outside col_idx / values.
+    col_idx = torch.tensor([0, 2, 1, 3], dtype=index_dtype)
+    values = torch.randn(4, generator=generator, dtype=torch.float64)
+    x = torch.randn(4, generator=generator, dtype=torch.float64)
+    big = 2**31 - 1 if index_dtype == torch.int32 else 10**12
+    for row_ptr in ([-big, 1, big], [big, 3, -big], [0, big - 5, 2]):
+        expected = []
+        for i in range(2):
+            begin = min(max(row_ptr[i], 0), 4)
+            entries = range(begin, min(max(row_ptr[i + 1], begin), 4))
+            expected.append(sum(float(values[k] * x[col_idx[k]]) for k in entries))
+        out = torch.full((2,), 7.0, dtype=torch.float64, device=device)
+        _kernels.spmv(torch.tensor(row_ptr, dtype=index_dtype, device=device), col_idx.to(device), values.to(device),
+                      x.to(device), out, 4)
+        torch.testing.assert_close(out.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_rows", [0, 1, 300])
 def test_spmv_kernel_against_reference(device, dtype, n_rows, generator):
@@ -535,7 +682,7 @@ def test_native_cycle_bad_input_errors(generator):
         _extension.extension().krylov_arnoldi_cpu(  # the C++ check behind the wrapper
             row_ptr=matrix.row_ptr.data_ptr(), col_idx=matrix.col_idx.data_ptr(), values=matrix.values.data_ptr(),
             basis=basis.data_ptr(), r=r.data_ptr(), hessenberg=1, rotated=1, g=1, givens=1, history=1, workspace=1,
-            n=100, q_stride=50, kc=2, steps=5, n_chunks=1, beta=beta, target=0.0, bnorm=1.0, dtype=1, index_type=0,
+            n=100, nnz=matrix.nnz, q_stride=50, kc=2, steps=5, n_chunks=1, beta=beta, target=0.0, bnorm=1.0, dtype=1, index_type=0,
             num_threads=1)
 
 

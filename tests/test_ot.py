@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lowrank_ops import reference
+from lowrank_ops._extension import extension
 from lowrank_ops.ops import ot as ot_ops
 from lowrank_ops.ot import OTResult, sinkhorn, sinkhorn_newton_sparse
 
@@ -154,6 +155,95 @@ def test_hessian_matvec(device, generator):
     ref_x, ref_y = reference.ot_hessian_matvec(P_s, r, c, vx, vy)
     assert torch.allclose(out_x, ref_x, rtol=1e-13, atol=1e-13 * float(P_s.abs().max()))
     assert torch.allclose(out_y, ref_y, rtol=1e-13, atol=1e-13 * float(P_s.abs().max()))
+
+
+def _random_pattern(batch, n, m, generator, device):
+    """A random CSR pattern [batch * n, m] (some rows empty), its values and the dense matrix [batch, n, m]."""
+    kept = torch.rand(batch, n, m, generator=generator) < 0.3
+    dense = torch.where(kept, torch.rand(batch, n, m, generator=generator, dtype=F64) + 0.1, torch.zeros((), dtype=F64))
+    rows = dense.reshape(batch * n, m)
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum((rows != 0).sum(1), 0)])
+    col_idx = torch.nonzero(rows)[:, 1].contiguous()
+    return row_ptr.to(device), col_idx.to(device), rows[rows != 0].to(device), dense.to(device)
+
+
+def test_hessian_matvec_rejects_malformed_patterns(generator):
+    row_ptr, col_idx, values, _ = _random_pattern(2, 6, 5, generator, "cpu")
+    r, vx = torch.rand(2, 6, generator=generator, dtype=F64), torch.randn(2, 6, generator=generator, dtype=F64)
+    c, vy = torch.rand(2, 5, generator=generator, dtype=F64), torch.randn(2, 5, generator=generator, dtype=F64)
+    nnz = col_idx.numel()
+
+    def call(row_ptr=row_ptr, col_idx=col_idx):
+        return ot_ops.hessian_matvec(row_ptr, col_idx, values[: col_idx.numel()], r, c, vx, vy)
+
+    bad = row_ptr.clone()
+    bad[0] = -10**12  # the start sent the kernel 10^12 entries before the arrays
+    with pytest.raises(ValueError, match=rf"ot_hessian_matvec: row_ptr must start at 0 and end at nnz = {nnz}; "
+                                         rf"got -1000000000000 \.\.\. {nnz}"):
+        call(bad)
+    bad = row_ptr.clone()
+    bad[1] = 10**7  # read 10^7 entries past the end of col_idx
+    with pytest.raises(ValueError, match=rf"row_ptr must be non-decreasing; row_ptr\[2\] = {int(row_ptr[2])} < "
+                                         r"row_ptr\[1\] = 10000000"):
+        call(bad)
+    with pytest.raises(ValueError, match=f"must start at 0 and end at nnz = {nnz - 1}"):
+        call(col_idx=col_idx[:-1])  # row_ptr ends past the entries
+    bad = col_idx.clone()
+    bad[nnz // 2] = 5
+    with pytest.raises(ValueError, match=r"ot_hessian_matvec: col_idx must lie in \[0, n_cols\) = \[0, 5\); "
+                                         r"got \[0, 5\]"):
+        call(col_idx=bad)
+    bad[nnz // 2] = -3
+    with pytest.raises(ValueError, match=r"got \[-3, "):
+        call(col_idx=bad)
+    with pytest.raises(ValueError, match=r"row_ptr has shape \(12,\); expected \(13,\) int64"):
+        call(row_ptr[:-1])
+
+
+def test_hessian_matvec_kernel_memory_safe_on_any_row_ptr(device, generator):
+    # The unchecked entry (SNS's patterns come from sparsify) runs the kernels on any
+    # row_ptr: each row's range is clamped to [0, nnz], never read outside the arrays.
+    row_ptr, col_idx, values, _ = _random_pattern(1, 4, 6, generator, "cpu")
+    nnz = col_idx.numel()
+    assert nnz > 2
+    r, vx = torch.rand(1, 4, generator=generator, dtype=F64), torch.randn(1, 4, generator=generator, dtype=F64)
+    c, vy = torch.rand(1, 6, generator=generator, dtype=F64), torch.randn(1, 6, generator=generator, dtype=F64)
+    for bad in ([-10**12, 10**12, 0, nnz, 10**7], [nnz, 2, -5, 10**15, 1]):
+        clamped = torch.zeros(1, 4, 6, dtype=F64)  # the pattern the clamped ranges describe
+        for i in range(4):
+            begin = min(max(bad[i], 0), nnz)
+            for k in range(begin, min(max(bad[i + 1], begin), nnz)):
+                clamped[0, i, col_idx[k]] += values[k]
+        ref_x, ref_y = reference.ot_hessian_matvec(clamped, r, c, vx, vy)
+        args = [t.to(device) for t in (torch.tensor(bad), col_idx, values, r, c, vx, vy)]
+        out_x, out_y = ot_ops.hessian_matvec_sparsified(*args)
+        assert torch.allclose(out_x.cpu(), ref_x, rtol=1e-14, atol=1e-14)
+        assert torch.allclose(out_y.cpu(), ref_y, rtol=1e-14, atol=1e-14)
+        with pytest.raises(ValueError, match="ot_hessian_matvec: row_ptr must"):
+            ot_ops.hessian_matvec(*args)
+
+
+def test_sparsify_fill_rejects_malformed_row_ptr(generator):
+    C, _, _, f, g = _problem(1, 2, 16, 1, generator)
+    threshold = torch.full((1,), -1e30, dtype=F64)  # every entry kept: 16 per row
+    fill = torch.ops.lowrank_ops.ot_sparsify_fill
+    with pytest.raises(ValueError, match=r"ot_sparsify_fill: row_ptr must be non-decreasing; row_ptr\[2\] = 1 < "
+                                         r"row_ptr\[1\] = 16"):
+        fill(C, None, None, f, g, 0.1, 0, None, False, threshold, torch.tensor([0, 16, 1]))
+    with pytest.raises(ValueError, match=r"ot_sparsify_fill: row_ptr must start at 0 and end at nnz = 1; "
+                                         r"got -1000000000 \.\.\. 1"):
+        fill(C, None, None, f, g, 0.1, 0, None, False, threshold, torch.tensor([-10**9, -10**9 + 16, 1]))
+    # The C++ kernel checks the ranges before its first write (the op allocates nnz = row_ptr[-1] entries).
+    src, _keep = ot_ops._source("test", C, None, None, f, g, 0.1, 0, None, False)
+    col_idx = torch.full((20,), -7, dtype=torch.int64)
+    values = torch.full((20,), -7.0, dtype=F64)
+    for row_ptr, nnz in (([0, 16, 1], 1), ([-10**9, -10**9 + 16, 1], 1), ([0, 16, 32], 20)):
+        row_ptr = torch.tensor(row_ptr)
+        with pytest.raises(ValueError, match=rf"ot_sparsify: row_ptr must be non-decreasing in \[0, nnz = {nnz}\]"):
+            extension().ot_sparsify_cpu(src=src, threshold=threshold.data_ptr(), row_counts=0,
+                                        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(),
+                                        values=values.data_ptr(), nnz=nnz, num_threads=1)
+        assert (col_idx == -7).all() and (values == -7.0).all()
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "l1"])
@@ -426,6 +516,24 @@ def test_bad_inputs(solve):
         solve(a, b, C.half(), 0.1)
     with pytest.raises(ValueError, match="tol must be"):
         solve(a, b, C, 0.1, tol=-1.0)
+
+
+@pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])
+def test_empty_side_is_rejected_with_or_without_masses(solve, generator):
+    # An empty side has no coupling: the default masses (None) used to give 1 / max(0, 1)
+    # and an infinite "converged" result instead of the error explicit masses give.
+    for n, m in ((0, 4), (3, 0)):
+        C = torch.rand(n, m, generator=generator, dtype=F64)
+        side = "a" if n == 0 else "b"
+        a, b = _masses((), max(n, 1), generator)[:n], _masses((), max(m, 1), generator)[:m]
+        for masses in ((None, None), (a, b)):
+            with pytest.raises(ValueError, match=f"{side} is empty; expected at least one point on each side"):
+                solve(*masses, C, 0.1)
+        x, y = torch.randn(n, 2, generator=generator, dtype=F64), torch.randn(m, 2, generator=generator, dtype=F64)
+        with pytest.raises(ValueError, match=f"{side} is empty"):
+            solve(None, None, reg=0.1, x=x, y=y)
+    with pytest.raises(ValueError, match="a is empty"):  # batched
+        solve(None, None, torch.rand(2, 0, 4, generator=generator, dtype=F64), 0.1)
 
 
 # ---------------------------------------------------------------------------- CUDA

@@ -15,7 +15,8 @@ namespace lowrank_ops {
 namespace {
 
 KrylovSpmvParams spmv_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x,
-                             std::uintptr_t y, int64_t n_rows, int64_t n_cols, int dtype, int index_type) {
+                             std::uintptr_t y, int64_t n_rows, int64_t n_cols, int64_t nnz, int dtype,
+                             int index_type) {
   KrylovSpmvParams p;
   p.row_ptr = reinterpret_cast<const void*>(row_ptr);
   p.col_idx = reinterpret_cast<const void*>(col_idx);
@@ -24,6 +25,7 @@ KrylovSpmvParams spmv_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std
   p.y = reinterpret_cast<void*>(y);
   p.n_rows = n_rows;
   p.n_cols = n_cols;
+  p.nnz = nnz;
   p.dtype = static_cast<DType>(dtype);
   p.index_type = static_cast<IndexType>(index_type);
   return p;
@@ -71,7 +73,8 @@ KrylovBlockParams block_params(std::uintptr_t basis, std::uintptr_t other, std::
 KrylovArnoldiParams arnoldi_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
                                    std::uintptr_t basis, std::uintptr_t r, std::uintptr_t hessenberg,
                                    std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
-                                   std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride,
+                                   std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t nnz,
+                                   int64_t q_stride,
                                    int64_t kc, int64_t steps, int64_t n_chunks, double beta, double target,
                                    double bnorm, int dtype, int index_type) {
   KrylovArnoldiParams p;
@@ -87,6 +90,7 @@ KrylovArnoldiParams arnoldi_params(std::uintptr_t row_ptr, std::uintptr_t col_id
   p.history = reinterpret_cast<double*>(history);
   p.workspace = reinterpret_cast<void*>(workspace);
   p.n = n;
+  p.nnz = nnz;
   p.q_stride = q_stride;
   p.kc = kc;
   p.steps = steps;
@@ -114,22 +118,26 @@ LOWRANK_OPS_BINDINGS(krylov) {
   bindings::def_cpu_cuda(
       m, "krylov_spmv", spmv_doc,
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
-         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int num_threads) {
-        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+         int64_t n_rows, int64_t n_cols, int64_t nnz, int dtype, int index_type, int num_threads) {
+        const KrylovSpmvParams p =
+            spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, nnz, dtype, index_type);
         py::gil_scoped_release release;
         krylov_spmv_cpu(p, num_threads);
       },
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t x, std::uintptr_t y,
-         int64_t n_rows, int64_t n_cols, int dtype, int index_type, int device, std::uintptr_t stream) {
+         int64_t n_rows, int64_t n_cols, int64_t nnz, int dtype, int index_type, int device,
+         std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
-        const KrylovSpmvParams p = spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, dtype, index_type);
+        const KrylovSpmvParams p =
+            spmv_params(row_ptr, col_idx, values, x, y, n_rows, n_cols, nnz, dtype, index_type);
         py::gil_scoped_release release;
         krylov_spmv_cuda(p, device, stream);
 #else
         bindings::no_cuda("krylov_spmv");
 #endif
       },
-      "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "dtype"_a, "index_type"_a);
+      "row_ptr"_a, "col_idx"_a, "values"_a, "x"_a, "y"_a, "n_rows"_a, "n_cols"_a, "nnz"_a, "dtype"_a,
+      "index_type"_a);
   // cgs_pass and block: the CPU entry takes n_chunks before mode (the CUDA one has no
   // chunks), so each back end keeps its own keyword list.
   m.def(
@@ -188,11 +196,12 @@ LOWRANK_OPS_BINDINGS(krylov) {
       "krylov_arnoldi_cpu",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t basis, std::uintptr_t r,
          std::uintptr_t hessenberg, std::uintptr_t rotated, std::uintptr_t g, std::uintptr_t givens,
-         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t q_stride, int64_t kc, int64_t steps,
-         int64_t n_chunks, double beta, double target, double bnorm, int dtype, int index_type, int num_threads) {
+         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t nnz, int64_t q_stride, int64_t kc,
+         int64_t steps, int64_t n_chunks, double beta, double target, double bnorm, int dtype, int index_type,
+         int num_threads) {
         const KrylovArnoldiParams p =
             arnoldi_params(row_ptr, col_idx, values, basis, r, hessenberg, rotated, g, givens, history, workspace,
-                           n, q_stride, kc, steps, n_chunks, beta, target, bnorm, dtype, index_type);
+                           n, nnz, q_stride, kc, steps, n_chunks, beta, target, bnorm, dtype, index_type);
         KrylovArnoldiResult result;
         {
           py::gil_scoped_release release;
@@ -203,7 +212,7 @@ LOWRANK_OPS_BINDINGS(krylov) {
       "One Arnoldi cycle of GMRES / GCRO-DR on a CSR operator; returns (steps taken, breakdown).\n"
       "See csrc/include/lowrank_ops/krylov.h for the layout contract.",
       py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "basis"_a, "r"_a, "hessenberg"_a, "rotated"_a, "g"_a,
-      "givens"_a, "history"_a, "workspace"_a, "n"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
+      "givens"_a, "history"_a, "workspace"_a, "n"_a, "nnz"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
       "target"_a, "bnorm"_a, "dtype"_a, "index_type"_a, "num_threads"_a);
   m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
         "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);

@@ -45,7 +45,8 @@ T* ptr(std::uintptr_t address) {
 
 OtHessianParams hessian_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r,
                                std::uintptr_t c, std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x,
-                               std::uintptr_t out_y, int64_t batch, int64_t rows, int64_t cols, int dtype) {
+                               std::uintptr_t out_y, int64_t batch, int64_t rows, int64_t cols, int64_t nnz,
+                               int dtype) {
   OtHessianParams p;
   p.row_ptr = ptr<const int64_t>(row_ptr);
   p.col_idx = ptr<const int64_t>(col_idx);
@@ -59,6 +60,7 @@ OtHessianParams hessian_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, s
   p.batch = batch;
   p.rows = rows;
   p.cols = cols;
+  p.nnz = nnz;
   p.dtype = static_cast<DType>(dtype);
   return p;
 }
@@ -83,7 +85,8 @@ OtHistogramParams histogram_params(const py::dict& src, std::uintptr_t lo, std::
 }
 
 OtSparsifyParams sparsify_params(const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts,
-                                 std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values) {
+                                 std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
+                                 int64_t nnz) {
   OtSparsifyParams p;
   p.src = source(src);
   p.threshold = ptr<const void>(threshold);
@@ -91,6 +94,7 @@ OtSparsifyParams sparsify_params(const py::dict& src, std::uintptr_t threshold, 
   p.row_ptr = ptr<const int64_t>(row_ptr);
   p.col_idx = ptr<int64_t>(col_idx);
   p.values = ptr<void>(values);
+  p.nnz = nnz;
   return p;
 }
 
@@ -148,22 +152,22 @@ LOWRANK_OPS_BINDINGS(ot) {
       m, "ot_sparsify",
       "Count (col_idx = 0) or gather (CSR) the plan entries with log value >= threshold; see lowrank_ops/ot.h.",
       [](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
-         std::uintptr_t col_idx, std::uintptr_t values, int num_threads) {
-        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values);
+         std::uintptr_t col_idx, std::uintptr_t values, int64_t nnz, int num_threads) {
+        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values, nnz);
         py::gil_scoped_release release;
         ot_sparsify_cpu(p, num_threads);
       },
       [](const py::dict& src, std::uintptr_t threshold, std::uintptr_t row_counts, std::uintptr_t row_ptr,
-         std::uintptr_t col_idx, std::uintptr_t values, int device, std::uintptr_t stream) {
+         std::uintptr_t col_idx, std::uintptr_t values, int64_t nnz, int device, std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
-        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values);
+        const OtSparsifyParams p = sparsify_params(src, threshold, row_counts, row_ptr, col_idx, values, nnz);
         py::gil_scoped_release release;
         ot_sparsify_cuda(p, device, stream);
 #else
         bindings::no_cuda("ot_sparsify");
 #endif
       },
-      "src"_a, "threshold"_a, "row_counts"_a, "row_ptr"_a, "col_idx"_a, "values"_a);
+      "src"_a, "threshold"_a, "row_counts"_a, "row_ptr"_a, "col_idx"_a, "values"_a, "nnz"_a);
 
   bindings::def_cpu_cuda(
       m, "ot_row_grad", "Plan-weighted gradient of a point cost with respect to the row points; see lowrank_ops/ot.h.",
@@ -188,18 +192,18 @@ LOWRANK_OPS_BINDINGS(ot) {
       "SNS Newton matrix times (vx, vy): (r vx + P_s vy, c vy + P_s^T vx); see lowrank_ops/ot.h.",
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r, std::uintptr_t c,
          std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x, std::uintptr_t out_y, int64_t batch,
-         int64_t rows, int64_t cols, int dtype, int num_threads) {
+         int64_t rows, int64_t cols, int64_t nnz, int dtype, int num_threads) {
         const OtHessianParams p =
-            hessian_params(row_ptr, col_idx, values, r, c, vx, vy, out_x, out_y, batch, rows, cols, dtype);
+            hessian_params(row_ptr, col_idx, values, r, c, vx, vy, out_x, out_y, batch, rows, cols, nnz, dtype);
         py::gil_scoped_release release;
         ot_hessian_matvec_cpu(p, num_threads);
       },
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t r, std::uintptr_t c,
          std::uintptr_t vx, std::uintptr_t vy, std::uintptr_t out_x, std::uintptr_t out_y, int64_t batch,
-         int64_t rows, int64_t cols, int dtype, int device, std::uintptr_t stream) {
+         int64_t rows, int64_t cols, int64_t nnz, int dtype, int device, std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
         const OtHessianParams p =
-            hessian_params(row_ptr, col_idx, values, r, c, vx, vy, out_x, out_y, batch, rows, cols, dtype);
+            hessian_params(row_ptr, col_idx, values, r, c, vx, vy, out_x, out_y, batch, rows, cols, nnz, dtype);
         py::gil_scoped_release release;
         ot_hessian_matvec_cuda(p, device, stream);
 #else
@@ -207,7 +211,7 @@ LOWRANK_OPS_BINDINGS(ot) {
 #endif
       },
       "row_ptr"_a, "col_idx"_a, "values"_a, "r"_a, "c"_a, "vx"_a, "vy"_a, "out_x"_a, "out_y"_a, "batch"_a, "rows"_a,
-      "cols"_a, "dtype"_a);
+      "cols"_a, "nnz"_a, "dtype"_a);
 }
 
 }  // namespace lowrank_ops

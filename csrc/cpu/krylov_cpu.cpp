@@ -289,10 +289,12 @@ LOWRANK_KRYLOV_CLONES void combine_chunk(const T* Q, int64_t q_stride, int64_t r
 
 template <class T, class I>
 LOWRANK_KRYLOV_CLONES void spmv_rows(const I* row_ptr, const I* col_idx, const T* values, const T* x, T* y,
-                                     int64_t n_cols, int64_t begin, int64_t end) {
+                                     int64_t n_cols, int64_t nnz, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     T sum = 0;
-    for (int64_t k = static_cast<int64_t>(row_ptr[r]); k < static_cast<int64_t>(row_ptr[r + 1]); ++k) {
+    const int64_t k_begin = std::clamp<int64_t>(row_ptr[r], 0, nnz);
+    const int64_t k_end = std::clamp<int64_t>(row_ptr[r + 1], k_begin, nnz);
+    for (int64_t k = k_begin; k < k_end; ++k) {
       const int64_t c = static_cast<int64_t>(col_idx[k]);
       if (c >= 0 && c < n_cols) sum += values[k] * x[c];
     }
@@ -365,7 +367,8 @@ void check_krylov_spmv_params(const KrylovSpmvParams& p) {
                 ", n_cols = ", p.n_cols);
   LOWRANK_CHECK(is_real_float(p.dtype), "krylov_spmv: dtype must be float32 or float64; got code ",
                 static_cast<int>(p.dtype));
-  LOWRANK_CHECK(p.n_rows == 0 || (p.row_ptr && p.col_idx && p.values && p.x && p.y),
+  LOWRANK_CHECK(p.nnz >= 0, "krylov_spmv: nnz must be non-negative; got ", p.nnz);
+  LOWRANK_CHECK(p.n_rows == 0 || (p.row_ptr && p.y && (p.nnz == 0 || (p.col_idx && p.values && p.x))),
                 "krylov_spmv: null pointer for a non-empty matrix");
 }
 
@@ -390,13 +393,13 @@ void krylov_spmv_cpu(const KrylovSpmvParams& p, int num_threads) {
     dispatch_index(p.index_type, [&](auto index_tag) {
       using I = typename decltype(index_tag)::type;
       const I* row_ptr = static_cast<const I*>(p.row_ptr);
-      const int64_t nnz = static_cast<int64_t>(row_ptr[p.n_rows]);
-      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, nnz / kMinWorkPerTask));
+      const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, p.nnz / kMinWorkPerTask));
       const int64_t rows_per_task = (p.n_rows + tasks - 1) / tasks;
       parallel_for(tasks, num_threads, [&](int64_t task) {
         const Range range = chunk_range(task, rows_per_task, p.n_rows);
         spmv_rows<T, I>(row_ptr, static_cast<const I*>(p.col_idx), static_cast<const T*>(p.values),
-                        static_cast<const T*>(p.x), static_cast<T*>(p.y), p.n_cols, range.begin, range.end);
+                        static_cast<const T*>(p.x), static_cast<T*>(p.y), p.n_cols, p.nnz, range.begin,
+                        range.end);
       });
     });
   });
@@ -478,8 +481,9 @@ void check_krylov_arnoldi_params(const KrylovArnoldiParams& p) {
   LOWRANK_CHECK(std::isfinite(p.bnorm) && p.bnorm > 0, "krylov_arnoldi: bnorm must be a positive finite number; got ",
                 p.bnorm);
   LOWRANK_CHECK(p.target >= 0, "krylov_arnoldi: target must be >= 0; got ", p.target);
-  LOWRANK_CHECK(p.row_ptr && p.col_idx && p.values && p.basis && p.r && p.hessenberg && p.rotated && p.g &&
-                    p.givens && p.history && p.workspace,
+  LOWRANK_CHECK(p.nnz >= 0, "krylov_arnoldi: nnz must be non-negative; got ", p.nnz);
+  LOWRANK_CHECK(p.row_ptr && (p.nnz == 0 || (p.col_idx && p.values)) && p.basis && p.r && p.hessenberg &&
+                    p.rotated && p.g && p.givens && p.history && p.workspace,
                 "krylov_arnoldi: null pointer");
 }
 
@@ -517,7 +521,7 @@ KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_thr
         const int64_t rows = kc + j + 1;
         T norms[2];
         cgs_pass<T>(basis, stride, rows, w, h, n, p.n_chunks, threads, 0, partial, norms, [&](Range range) {
-          spmv_rows<T, I>(row_ptr, col_idx, values, v, w, n, range.begin, range.end);
+          spmv_rows<T, I>(row_ptr, col_idx, values, v, w, n, p.nnz, range.begin, range.end);
         });
         const double norm_in = std::sqrt(std::max(static_cast<double>(norms[0]), 0.0));
         double norm_out = std::sqrt(std::max(static_cast<double>(norms[1]), 0.0));

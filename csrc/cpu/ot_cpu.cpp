@@ -231,8 +231,8 @@ LOWRANK_OT_INLINE void sparsify_tile(const OtSparsifyParams& p, int64_t b, int64
       for (int64_t jj = 0; jj < nj; ++jj) {
         if (!(sbuf[r][jj] >= threshold)) continue;
         const int64_t at = begin + kept[r]++;
-        // The counts came from the same arithmetic, so this holds; the check keeps a
-        // malformed row_ptr from writing out of bounds.
+        // The counts came from the same arithmetic, so this holds; with row_ptr checked
+        // (ot_sparsify_cpu), it keeps a row that does not match its count inside its range.
         LOWRANK_CHECK(at < end, "ot_sparsify: row_ptr does not match the counts of row ", row);
         p.col_idx[at] = j0 + jj;
         values[at] = ot_exp(sbuf[r][jj]);
@@ -335,6 +335,16 @@ void ot_log_histogram_cpu(const OtHistogramParams& p, int num_threads) {
 void ot_sparsify_cpu(const OtSparsifyParams& p, int num_threads) {
   check_ot_source(p.src, "ot_sparsify");
   const OtSource& s = p.src;
+  if (p.col_idx != nullptr) {  // filling: every row's range inside [0, nnz) before the first write
+    const int64_t rows = s.batch * s.rows;
+    LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
+    LOWRANK_CHECK(p.row_ptr != nullptr && (p.nnz == 0 || p.values != nullptr), "ot_sparsify: null pointer");
+    for (int64_t r = 0; r < rows; ++r) {
+      LOWRANK_CHECK(p.row_ptr[r] >= 0 && p.row_ptr[r] <= p.row_ptr[r + 1] && p.row_ptr[r + 1] <= p.nnz,
+                    "ot_sparsify: row_ptr must be non-decreasing in [0, nnz = ", p.nnz, "]; got row_ptr[", r,
+                    "] = ", p.row_ptr[r], ", row_ptr[", r + 1, "] = ", p.row_ptr[r + 1]);
+    }
+  }
   const bool f64 = s.dtype == DType::float64;
   auto zero = [&](int64_t b) {
     if (p.col_idx == nullptr) std::fill(p.row_counts + b * s.rows, p.row_counts + (b + 1) * s.rows, int64_t(0));
@@ -373,7 +383,9 @@ void hessian_problem(const OtHessianParams& p, int64_t b) {
   for (int64_t i = 0; i < p.rows; ++i) {
     const int64_t row = b * p.rows + i;
     T acc = r[i] * vx[i];
-    for (int64_t k = p.row_ptr[row]; k < p.row_ptr[row + 1]; ++k) {
+    const int64_t begin = std::clamp<int64_t>(p.row_ptr[row], 0, p.nnz);
+    const int64_t end = std::clamp<int64_t>(p.row_ptr[row + 1], begin, p.nnz);
+    for (int64_t k = begin; k < end; ++k) {
       const int64_t j = p.col_idx[k];
       LOWRANK_CHECK(j >= 0 && j < p.cols, "ot_hessian_matvec: col_idx[", k, "] = ", j, "; expected in [0, ",
                     p.cols, ")");
@@ -390,8 +402,8 @@ void ot_hessian_matvec_cpu(const OtHessianParams& p, int num_threads) {
   LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0");
   LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
                 "ot_hessian_matvec: dtype must be float32 or float64");
-  const int64_t nnz = p.batch * p.rows > 0 ? p.row_ptr[p.batch * p.rows] : 0;
-  const int threads = nnz + p.batch * (p.rows + p.cols) < kSerialEntries ? 1 : num_threads;
+  LOWRANK_CHECK(p.nnz >= 0, "ot_hessian_matvec: nnz must be >= 0; got ", p.nnz);
+  const int threads = p.nnz + p.batch * (p.rows + p.cols) < kSerialEntries ? 1 : num_threads;
   parallel_for(p.batch, threads, [&](int64_t b) {
     p.dtype == DType::float64 ? hessian_problem<double>(p, b) : hessian_problem<float>(p, b);
   });

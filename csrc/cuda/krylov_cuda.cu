@@ -53,7 +53,8 @@ __global__ void spmv_kernel(KrylovSpmvParams p) {
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < p.n_rows;
        r += int64_t(gridDim.x) * blockDim.x) {
     T sum = 0;
-    for (int64_t k = static_cast<int64_t>(row_ptr[r]); k < static_cast<int64_t>(row_ptr[r + 1]); ++k) {
+    const int64_t k_end = clamped(row_ptr[r + 1], p.nnz);  // k_end < k_begin: an empty row
+    for (int64_t k = clamped(row_ptr[r], p.nnz); k < k_end; ++k) {
       const int64_t c = static_cast<int64_t>(col_idx[k]);
       if (c >= 0 && c < p.n_cols) sum += values[k] * x[c];
     }

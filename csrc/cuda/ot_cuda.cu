@@ -227,7 +227,9 @@ __global__ void __launch_bounds__(kThreads) sparsify(OtSparsifyParams p) {
       if (lane == 0) p.row_counts[row] = count;
       continue;
     }
-    const int64_t begin = p.row_ptr[row], end = p.row_ptr[row + 1];
+    // Clamped: a malformed row_ptr never sends a write outside [0, nnz).
+    const int64_t begin = clamped(p.row_ptr[row], p.nnz);
+    const int64_t end = clamped(p.row_ptr[row + 1], p.nnz);  // end < begin: an empty row
     int64_t at = begin;
     for (int64_t j0 = 0; j0 < s.cols && at < end; j0 += kWarp) {
       const int64_t j = j0 + lane;
@@ -239,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) sparsify(OtSparsifyParams p) {
       }
       const unsigned ballot = __ballot_sync(kFullMask, keep);
       const int64_t slot = at + __popc(ballot & ((1u << lane) - 1u));
-      if (keep && slot < end) {  // never past the row's range, even for a malformed row_ptr
+      if (keep && slot < end) {  // never past the row's range, even when it does not match the count
         p.col_idx[slot] = j;
         static_cast<T*>(p.values)[slot] = dexp(v);
       }
@@ -305,7 +307,9 @@ __global__ void __launch_bounds__(kThreads) hessian_rows(OtHessianParams p) {
     const int64_t b = row / p.rows;
     const T x = vx[row];
     T acc = T(0);
-    for (int64_t k = p.row_ptr[row] + lane; k < p.row_ptr[row + 1]; k += kWarp) {
+    const int64_t begin = clamped(p.row_ptr[row], p.nnz);
+    const int64_t end = clamped(p.row_ptr[row + 1], p.nnz);  // end < begin: an empty row
+    for (int64_t k = begin + lane; k < end; k += kWarp) {
       const int64_t j = p.col_idx[k];
       if (j < 0 || j >= p.cols) continue;  // malformed index: skipped, never out of bounds
       acc += values[k] * vy[b * p.cols + j];
@@ -391,6 +395,7 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
 void ot_sparsify_cuda(const OtSparsifyParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
   check_ot_source(p.src, "ot_sparsify");
+  LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
   const OtSource& s = p.src;
   if (s.batch * s.rows == 0) return;
   const Launcher launch(device, stream);
@@ -418,6 +423,7 @@ void ot_hessian_matvec_cuda(const OtHessianParams& p, int device, std::uintptr_t
   LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0");
   LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
                 "ot_hessian_matvec: dtype must be float32 or float64");
+  LOWRANK_CHECK(p.nnz >= 0, "ot_hessian_matvec: nnz must be >= 0; got ", p.nnz);
   if (p.batch * (p.rows + p.cols) == 0) return;
   const Launcher launch(device, stream);
   dispatch_ot(p.dtype, [&](auto tag) {

@@ -49,11 +49,11 @@ def jacobi_svd_cuda(
     stream: int,
 ) -> None: ...
 def krylov_spmv_cpu(
-    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, nnz: int, dtype: int,
     index_type: int, num_threads: int,
 ) -> None: ...
 def krylov_spmv_cuda(
-    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, dtype: int,
+    *, row_ptr: int, col_idx: int, values: int, x: int, y: int, n_rows: int, n_cols: int, nnz: int, dtype: int,
     index_type: int, device: int, stream: int,
 ) -> None: ...
 def krylov_cgs_pass_cpu(
@@ -66,7 +66,7 @@ def krylov_cgs_pass_cuda(
 ) -> None: ...
 def krylov_arnoldi_cpu(
     *, row_ptr: int, col_idx: int, values: int, basis: int, r: int, hessenberg: int, rotated: int, g: int,
-    givens: int, history: int, workspace: int, n: int, q_stride: int, kc: int, steps: int, n_chunks: int,
+    givens: int, history: int, workspace: int, n: int, nnz: int, q_stride: int, kc: int, steps: int, n_chunks: int,
     beta: float, target: float, bnorm: float, dtype: int, index_type: int, num_threads: int,
 ) -> tuple[int, bool]: ...
 def krylov_arnoldi_workspace(*, kc: int, steps: int, n_chunks: int) -> int: ...
@@ -84,20 +84,22 @@ def ot_row_lse_cuda(*, src: dict, lse: int, mean_cost: int, device: int, stream:
 def ot_log_histogram_cpu(*, src: dict, lo: int, hi: int, n_bins: int, counts: int, num_threads: int) -> None: ...
 def ot_log_histogram_cuda(*, src: dict, lo: int, hi: int, n_bins: int, counts: int, device: int, stream: int) -> None: ...
 def ot_sparsify_cpu(
-    *, src: dict, threshold: int, row_counts: int, row_ptr: int, col_idx: int, values: int, num_threads: int,
+    *, src: dict, threshold: int, row_counts: int, row_ptr: int, col_idx: int, values: int, nnz: int,
+    num_threads: int,
 ) -> None: ...
 def ot_sparsify_cuda(
-    *, src: dict, threshold: int, row_counts: int, row_ptr: int, col_idx: int, values: int, device: int, stream: int,
+    *, src: dict, threshold: int, row_counts: int, row_ptr: int, col_idx: int, values: int, nnz: int, device: int,
+    stream: int,
 ) -> None: ...
 def ot_row_grad_cpu(*, src: dict, lse: int, grad: int, num_threads: int) -> None: ...
 def ot_row_grad_cuda(*, src: dict, lse: int, grad: int, device: int, stream: int) -> None: ...
 def ot_hessian_matvec_cpu(
     *, row_ptr: int, col_idx: int, values: int, r: int, c: int, vx: int, vy: int, out_x: int, out_y: int, batch: int,
-    rows: int, cols: int, dtype: int, num_threads: int,
+    rows: int, cols: int, nnz: int, dtype: int, num_threads: int,
 ) -> None: ...
 def ot_hessian_matvec_cuda(
     *, row_ptr: int, col_idx: int, values: int, r: int, c: int, vx: int, vy: int, out_x: int, out_y: int, batch: int,
-    rows: int, cols: int, dtype: int, device: int, stream: int,
+    rows: int, cols: int, nnz: int, dtype: int, device: int, stream: int,
 ) -> None: ...
 def mfac_dots_cpu(
     *, grads: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int, write_slot: int,

@@ -13,8 +13,9 @@
 // krylov_spmv:  y[r] = sum_{k in row r} values[k] * x[col_idx[k]]
 //   row_ptr [n_rows + 1], col_idx [nnz] (int32 or int64), values [nnz], x [n_cols], y [n_rows];
 //   all contiguous, float32 or float64 (accumulated in the same type: fp64 for fp64).
-//   Entries with a column outside [0, n_cols) are skipped (memory-safe on any indices);
-//   row pointers must be valid (the Python CSRMatrix checks them once).
+//   Memory-safe on any indices: row ranges are clamped to [0, nnz] and entries with a
+//   column outside [0, n_cols) are skipped (the Python CSRMatrix checks both once, with
+//   clear errors).  col_idx, values and x may be null when nnz = 0 (a zero matrix).
 //
 // krylov_cgs_pass:  one classical Gram-Schmidt pass of w against the rows of a basis Q,
 //   or either half of it (mode):
@@ -48,7 +49,7 @@
 //   stops with the exact minimizer); Givens rotations of the Hessenberg column; stop
 //   when |g_{j+1}| <= target.  The arithmetic is that of krylov_spmv and krylov_cgs_pass
 //   (same functions), so the cycle reproduces the Python loop over those kernels.
-//   row_ptr / col_idx / values: CSR [n, n] (as krylov_spmv); basis [kc + steps + 1, n]
+//   row_ptr / col_idx / values: CSR [n, n] with nnz entries (as krylov_spmv); basis [kc + steps + 1, n]
 //   (at least that many rows: the caller checks), row stride q_stride, rows [0, kc) hold C
 //   on entry, rows kc.. receive V (after a breakdown, row kc + j + 1 holds the unnormalized
 //   remainder); r [n]: the starting residual (orthogonal to C, not inside the basis),
@@ -75,6 +76,7 @@ struct KrylovSpmvParams {
   void* y = nullptr;
   int64_t n_rows = 0;
   int64_t n_cols = 0;
+  int64_t nnz = 0;
   DType dtype = DType::float64;
   IndexType index_type = IndexType::int32;
 };
@@ -123,6 +125,7 @@ struct KrylovArnoldiParams {
   double* history = nullptr;
   void* workspace = nullptr;
   int64_t n = 0;
+  int64_t nnz = 0;
   int64_t q_stride = 0;
   int64_t kc = 0;
   int64_t steps = 0;

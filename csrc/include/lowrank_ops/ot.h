@@ -88,7 +88,9 @@ struct OtHistogramParams {
 //   filling: for row r = b * rows + i, in column order, col_idx[row_ptr[r] + k] = j and
 //            values[row_ptr[r] + k] = exp(s_ij) for the k-th kept entry of the row.
 // row_ptr [batch * rows + 1] int64 is the exclusive prefix sum of the counts; inactive
-// problems must have zero counts.
+// problems must have zero counts.  col_idx and values hold nnz entries.  Filling never
+// writes outside [0, nnz): the CPU kernel checks row_ptr (0 <= row_ptr[r] <= row_ptr[r + 1]
+// <= nnz) before writing anything, the CUDA kernel clamps each row's range to [0, nnz].
 struct OtSparsifyParams {
   OtSource src;
   const void* threshold = nullptr;
@@ -96,15 +98,18 @@ struct OtSparsifyParams {
   const int64_t* row_ptr = nullptr;
   int64_t* col_idx = nullptr;
   void* values = nullptr;
+  int64_t nnz = 0;
 };
 
 // ot_hessian_matvec: the SNS Newton matrix (the negated dual Hessian times reg) applied
 // to v = (vx, vy):
 //   out_x = r * vx + P_s vy,     out_y = c * vy + P_s^T vx
 // with P_s the kept entries (CSR over batch * rows rows: row_ptr [batch * rows + 1],
-// col_idx, values, columns in [0, cols)), r [batch, rows], c [batch, cols] the exact
-// marginals of P.  All contiguous, dtype of values.  out_* fully overwritten.  On CUDA
-// the P_s^T part adds with atomics (summation order not deterministic).
+// col_idx [nnz], values [nnz], columns in [0, cols)), r [batch, rows], c [batch, cols]
+// the exact marginals of P.  All contiguous, dtype of values.  out_* fully overwritten.
+// On CUDA the P_s^T part adds with atomics (summation order not deterministic).
+// Memory-safe on any indices: row ranges are clamped to [0, nnz]; a column outside
+// [0, cols) is an error on the CPU and skipped on CUDA (the Python op checks both).
 struct OtHessianParams {
   const int64_t* row_ptr = nullptr;
   const int64_t* col_idx = nullptr;
@@ -115,7 +120,7 @@ struct OtHessianParams {
   const void* vy = nullptr;
   void* out_x = nullptr;
   void* out_y = nullptr;
-  int64_t batch = 0, rows = 0, cols = 0;
+  int64_t batch = 0, rows = 0, cols = 0, nnz = 0;
   DType dtype = DType::float64;
 };
 

@@ -23,6 +23,7 @@ the same kernels and the same arithmetic as the loop here, which serves callable
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List
 
 import numpy as np
@@ -53,6 +54,10 @@ class Cycle:
         ``C^T A V_j`` (empty when ``kc = 0``).
     breakdown : bool
         The Krylov space became invariant (``h_{j+1,j}`` numerically zero).
+    finite : bool
+        False when step ``j + 1`` met a non-finite ``A v`` (the operator or preconditioner
+        returned NaN or inf, or the product overflowed): the cycle stopped after the ``j``
+        finite steps, and nothing above comes from the failed one.
     """
 
     steps: int
@@ -60,6 +65,7 @@ class Cycle:
     hbar: np.ndarray
     b: np.ndarray
     breakdown: bool
+    finite: bool = True
 
 
 def arnoldi_cycle(system, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, steps: int,
@@ -90,10 +96,16 @@ def arnoldi_cycle(system, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: f
         out = arnoldi(system.csr, basis, kc, r.contiguous(), beta, steps, target, bnorm)
         system.matvecs += out.steps
         j = out.steps
+        # A non-finite product makes that step's norms non-finite, which the kernel takes for a
+        # breakdown: it can only be the last step.  g[j - 1] was rotated by it, but the solution
+        # of the first j - 1 steps reads g[:j - 1] only.
+        finite = bool(np.isfinite(out.hessenberg[: kc + j + 1, j - 1]).all()) if j else True
+        if not finite:
+            j -= 1
         history.extend(out.history[:j].tolist())
         hbar = out.hessenberg[kc: kc + j + 1, :j]
         y = _least_squares(out.rotated[:j, :j], out.g[: j + 1], hbar, beta)
-        return Cycle(j, y, hbar, out.hessenberg[:kc, :j], out.breakdown)
+        return Cycle(j, y, hbar, out.hessenberg[:kc, :j], out.breakdown and finite, finite)
     return _python_cycle(system.apply, basis, kc, r, beta, steps, target, history, bnorm)
 
 
@@ -108,12 +120,16 @@ def _python_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
     sines: List[float] = []
     g = [beta]
     breakdown = False
+    finite = True
     j = 0
     while j < steps:
         w = apply(V[j])
         rows = kc + j + 1
         h = torch.empty(rows, dtype=w.dtype, device=w.device)
         norm_in, norm_out = gram_schmidt(basis[:rows], w, h)
+        if not (math.isfinite(norm_in) and math.isfinite(norm_out)):  # NaN or inf in A v_j: stop before it
+            finite = False
+            break
         if norm_out < _REORTHOGONALIZE * norm_in:
             correction = torch.empty_like(h)
             _, norm_out = gram_schmidt(basis[:rows], w, correction)
@@ -143,7 +159,7 @@ def _python_cycle(apply, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: fl
         if breakdown or abs(g[j]) <= target:
             break
     hbar = hfull[kc: kc + j + 1, :j]
-    return Cycle(j, _least_squares(R[:j, :j], np.array(g), hbar, beta), hbar, hfull[:kc, :j], breakdown)
+    return Cycle(j, _least_squares(R[:j, :j], np.array(g), hbar, beta), hbar, hfull[:kc, :j], breakdown, finite)
 
 
 def _least_squares(R: np.ndarray, g: np.ndarray, hbar: np.ndarray, beta: float) -> np.ndarray:

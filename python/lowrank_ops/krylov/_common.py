@@ -10,7 +10,7 @@ the preconditioned product costs one plain SpMV.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from .._finite import all_finite
 from .operators import LinearOperator, as_operator
 
-__all__ = ["System", "setup_system", "check_positive_int"]
+__all__ = ["System", "setup_system", "check_positive_int", "conclude"]
 
 Preconditioner = Union[None, str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -38,7 +38,14 @@ class System:
         ``A M^{-1}`` as a CSR matrix when it is one (no or diagonal ``M`` on a matrix):
         the Arnoldi cycle then runs as one C++ call on the CPU.
     b, x0 : Tensor[n]
+        The right-hand side and initial guess divided by ``scale``: the solvers solve
+        ``A (x / scale) = b / scale`` and return :meth:`solution` of their iterate.
+    scale : float
+        A power of two within a factor 2 of ``max |b|`` (1 for ``b = 0``): dividing by it
+        is exact, and ``||b||`` and the kernels' squared norms then neither overflow nor
+        underflow (``|b| ~ 1e160`` in float64 or ``1e20`` in float32 would make them inf).
     bnorm : float
+        ``||b / scale||``.
     matvecs : int
         Products with ``A`` so far.
     key : tuple
@@ -46,25 +53,26 @@ class System:
     """
 
     def __init__(self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor, M: Preconditioner, op: str):
-        self.A, self.b, self.x0 = A, b, x0
-        self.bnorm = float(torch.linalg.vector_norm(b))
+        self.scale = _scale(b)
+        self.A, self.b, self.x0 = A, b.div_(self.scale), x0.div_(self.scale)  # b, x0: the solver's own copies
+        self.bnorm = float(torch.linalg.vector_norm(self.b))
         self.matvecs = 0
         self.precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.csr = None
         scale = _diagonal_preconditioner(op, A, M)
         if scale is not None and A.matrix is not None:
             self.csr = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
-            self._apply_raw = self.csr.matvec
+            self._apply_raw = self.csr.matvec_unchecked
             self.precondition = lambda y: y * scale
         elif scale is not None:
-            self._apply_raw = lambda y: A(y * scale)
+            self._apply_raw = lambda y: A.apply(y * scale)
             self.precondition = lambda y: y * scale
         elif callable(M):
             function = M
             self.precondition = lambda y: torch.as_tensor(function(y), dtype=b.dtype, device=b.device).reshape(-1)
-            self._apply_raw = lambda y: A(self.precondition(y))
+            self._apply_raw = lambda y: A.apply(self.precondition(y).contiguous())  # M may return strided views
         else:
-            self._apply_raw = A
+            self._apply_raw = A.apply
             self.csr = A.matrix
         self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
 
@@ -75,10 +83,39 @@ class System:
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """``b - A x`` with the unpreconditioned operator (one product)."""
         self.matvecs += 1
-        return self.b - self.A(x)
+        return self.b - self.A.apply(x)
 
     def unprecondition(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.precondition is None else self.precondition(y)
+
+    def solution(self, x: torch.Tensor) -> torch.Tensor:
+        """The solution of the user's system from the solver's iterate ``x`` (scaled back in place)."""
+        return x.mul_(self.scale)
+
+
+def _scale(b: torch.Tensor) -> float:
+    """``2^e`` with ``2^e <= max |b| < 2^(e + 1)`` (1 for ``b = 0``); ``e`` is kept at or above the
+    smallest normal number's exponent, so that ``1 / 2^e`` is finite too (torch may divide by
+    a scalar as a multiplication by its reciprocal)."""
+    largest = float(b.abs().max()) if b.numel() else 0.0
+    if largest == 0.0:
+        return 1.0
+    exponent = max(math.frexp(largest)[1], math.frexp(torch.finfo(b.dtype).tiny)[1]) - 1
+    return math.ldexp(1.0, exponent)
+
+
+def conclude(status: str, rnorm: float, target: float) -> Tuple[bool, str]:
+    """``(converged, status)`` of a finished solve from its final true residual norm: the two always agree.
+
+    Converged is the loops' own test, ``rnorm <= target`` (``tol ||b||``).  Otherwise a
+    non-finite ``rnorm`` (A or M returned NaN or inf), or a loop that stopped as converged
+    on the same test (an operator that is not a fixed linear map), is a ``"breakdown"``.
+    """
+    if rnorm <= target:
+        return True, "converged"
+    if status == "converged" or not math.isfinite(rnorm):
+        return False, "breakdown"
+    return False, status
 
 
 def _version(source) -> Optional[int]:

@@ -43,8 +43,8 @@ def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: 
          n_cols: int) -> torch.Tensor:
     """``out = A x`` for a CSR matrix (contiguous tensors on one device, validated by the caller)."""
     common = dict(row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), x=x.data_ptr(),
-                  y=out.data_ptr(), n_rows=out.numel(), n_cols=n_cols, dtype=FLOAT_CODES[values.dtype],
-                  index_type=INDEX_CODES[row_ptr.dtype])
+                  y=out.data_ptr(), n_rows=out.numel(), n_cols=n_cols, nnz=col_idx.numel(),
+                  dtype=FLOAT_CODES[values.dtype], index_type=INDEX_CODES[row_ptr.dtype])
     if values.is_cuda:
         cuda_extension("krylov spmv").krylov_spmv_cuda(**common, device=values.device.index, stream=_stream(values))
     else:
@@ -305,6 +305,6 @@ def arnoldi(matrix, basis: torch.Tensor, kc: int, r: torch.Tensor, beta: float, 
         row_ptr=matrix.row_ptr.data_ptr(), col_idx=matrix.col_idx.data_ptr(), values=matrix.values.data_ptr(),
         basis=basis.data_ptr(), r=r.data_ptr(), hessenberg=hessenberg.ctypes.data, rotated=rotated.ctypes.data,
         g=g.ctypes.data, givens=givens.ctypes.data, history=history.ctypes.data, workspace=workspace.data_ptr(),
-        n=n, q_stride=basis.stride(0), kc=kc, steps=steps, n_chunks=n_chunks, beta=beta, target=target, bnorm=bnorm,
-        dtype=FLOAT_CODES[basis.dtype], index_type=INDEX_CODES[matrix.row_ptr.dtype], num_threads=threads)
+        n=n, nnz=matrix.nnz, q_stride=basis.stride(0), kc=kc, steps=steps, n_chunks=n_chunks, beta=beta, target=target,
+        bnorm=bnorm, dtype=FLOAT_CODES[basis.dtype], index_type=INDEX_CODES[matrix.row_ptr.dtype], num_threads=threads)
     return ArnoldiOutput(taken, breakdown, hessenberg, rotated, g, history)

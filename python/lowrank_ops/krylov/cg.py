@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import Preconditioner, check_positive_int, setup_system
+from ._common import Preconditioner, check_positive_int, conclude, setup_system
 from ._kernels import dots
 from .info import SolveInfo
 
@@ -41,7 +41,8 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     -------
     x : Tensor[n]
     info : SolveInfo
-        ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite).
+        ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite) or A or M
+        returned non-finite values.
     """
     if maxiter is not None:
         check_positive_int("cg", "maxiter", maxiter)
@@ -70,7 +71,7 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
             z = system.unprecondition(r)
             p = z.clone()
             rz = _dot(r, z)
-        q = system.A(p)
+        q = system.A.apply(p)
         system.matvecs += 1
         curvature = _dot(p, q)
         if not curvature > 0.0 or rz <= 0.0:
@@ -86,9 +87,6 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
         rz_new = _dot(r, z)
         p.mul_(rz_new / rz).add_(z)
         rz = rz_new
-    r = system.residual(x)
-    true_residual = float(torch.linalg.vector_norm(r)) / bnorm
-    converged = true_residual <= tol
-    if converged:
-        status = "converged"
-    return x, SolveInfo(converged, iterations, system.matvecs, history, true_residual, status)
+    rnorm = float(torch.linalg.vector_norm(system.residual(x)))
+    converged, status = conclude(status, rnorm, target)
+    return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)

@@ -16,13 +16,14 @@ GMRES problem ``min ||beta e1 - Hbar y||``; the update is ``x += V y - U (B y)``
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 
 from ._arnoldi import arnoldi_cycle
 from ._kernels import combine, dots, subtract
-from ._common import Preconditioner, System, check_positive_int, setup_system
+from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
 from .info import SolveInfo
 from .recycle import harmonic_ritz, refresh
 
@@ -115,6 +116,9 @@ class GCRODR:
         status = "maxiter"
         r_is_true = True
         while True:
+            if not math.isfinite(rnorm):  # A or M returned NaN or inf: nothing sound to iterate on
+                status = "breakdown"
+                break
             kc = 0 if U is None else U.shape[0]
             if kc:  # x += U C^T r, r -= C C^T r: the best correction from the recycled space
                 coefficients = dots(C, r)
@@ -139,27 +143,29 @@ class GCRODR:
             cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
-            y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
-            correction = combine(basis[kc: kc + cycle.steps], y)
-            if kc:
-                subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
-            x += system.unprecondition(correction)
-            if self.k:
+            if cycle.steps:  # 0 only when the first product was not finite (cycle.finite False)
+                y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
+                correction = combine(basis[kc: kc + cycle.steps], y)
+                if kc:
+                    subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
+                x += system.unprecondition(correction)
+            if self.k and cycle.finite:
                 U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, self.k)
             previous = rnorm
             r, rnorm, r_is_true = self._true_residual(system, x)
             history[-1] = rnorm / bnorm
+            if not cycle.finite:
+                status = "breakdown"
+                break
             if rnorm > target and rnorm >= (1.0 - _STAGNATION) * previous:
                 status = "stagnation"
                 break
         if not r_is_true:
             r, rnorm, r_is_true = self._true_residual(system, x)
         self.U, self.C, self._key = U, C, system.key
-        true_residual = rnorm / bnorm
-        converged = true_residual <= tol
-        if converged:
-            status = "converged"
-        return x, SolveInfo(converged, iterations, system.matvecs, history, true_residual, status, cycles)
+        converged, status = conclude(status, rnorm, target)
+        return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status,
+                                             cycles)
 
     def _workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """The ``[m + 1, n]`` basis buffer, kept between solves of one size, dtype and device.

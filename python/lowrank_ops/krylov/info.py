@@ -14,7 +14,8 @@ class SolveInfo:
     Attributes
     ----------
     converged : bool
-        True when the final true residual ``||b - A x|| / ||b||`` is at most ``tol``.
+        True when the final true residual meets the tolerance, ``||b - A x|| <= tol ||b||``:
+        exactly when ``status`` is ``"converged"`` or ``"zero_rhs"``.
     iterations : int
         Krylov iterations (Arnoldi steps, or CG steps) over all restart cycles.
     matvecs : int
@@ -29,7 +30,7 @@ class SolveInfo:
         ``"converged"``, ``"zero_rhs"`` (b = 0, x = 0 returned), ``"maxiter"`` (iteration
         budget spent), ``"stagnation"`` (a restart cycle made no progress, e.g. an
         inconsistent singular system) or ``"breakdown"`` (CG on a matrix that is not
-        positive definite).
+        positive definite, or A or M returned NaN or inf).
     restarts : int
         Restart cycles run (GMRES / GCRO-DR); 0 for CG.
     """

@@ -27,6 +27,7 @@ from typing import Callable, Tuple
 import numpy as np
 import torch
 
+from .._finite import all_finite
 from ._arnoldi import Cycle
 from ._kernels import combine_rows, gram, row_norms
 
@@ -41,8 +42,11 @@ def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor,
 
     ``T = Lambda^{-1/2} Z^T`` from the eigendecomposition of the ``kc x kc`` Gram matrix
     ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
-    values below ``1e-7 * max``: numerically dependent directions) are dropped.
+    values below ``1e-7 * max``: numerically dependent directions) are dropped, all of them
+    when ``A U = 0`` (a zero matrix).
     """
+    if image.shape[0] == 0:  # every direction dropped by a first pass
+        return image, U
     products = gram(image, image)
     values, vectors = np.linalg.eigh((products + products.T) / 2)
     keep = values > _GRAM_TOLERANCE * values.max()
@@ -58,7 +62,11 @@ def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> T
     milliseconds on shared cores; the second pass restores orthogonality to working
     precision after the first (which is accurate to ``eps * cond^2``).
     """
+    if U.shape[0] == 0:  # nothing recycled (every direction dropped earlier)
+        return U, U
     image = torch.stack([apply(u.contiguous()) for u in U])
+    if not all_finite(image):  # A or M returned NaN or inf: nothing to recycle (the solve reports the breakdown)
+        return image[:0], U[:0]
     for _ in range(2):
         image, U = _orthonormalize(image, U)
     return image, U

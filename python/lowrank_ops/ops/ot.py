@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._csr import check_col_idx, check_row_ptr
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, register_fake
@@ -41,6 +42,7 @@ __all__ = [
     "log_histogram",
     "sparsify",
     "hessian_matvec",
+    "hessian_matvec_sparsified",
     "row_grad",
 ]
 
@@ -220,7 +222,7 @@ def _count_impl(C, x, y, f, g, reg, cost, active, columns, threshold):
     counts = torch.zeros((f.shape[0] * rows,), dtype=torch.int64, device=f.device)
     if counts.numel():
         _run("ot_sparsify", f.device, src=src, threshold=threshold.data_ptr(), row_counts=counts.data_ptr(),
-             row_ptr=0, col_idx=0, values=0)
+             row_ptr=0, col_idx=0, values=0, nnz=0)
     return counts
 
 
@@ -236,13 +238,16 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     if row_ptr.dtype != torch.int64 or tuple(row_ptr.shape) != (f.shape[0] * rows + 1,):
         _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}, dtype {row_ptr.dtype}; expected "
                   f"({f.shape[0] * rows + 1},) int64")
+    if row_ptr.device != f.device:
+        _fail(op, f"row_ptr is on {row_ptr.device}; expected {f.device} (the device of f)")
     row_ptr = row_ptr.contiguous()
     nnz = int(row_ptr[-1])
+    check_row_ptr(op, row_ptr, nnz)
     col_idx = torch.empty((nnz,), dtype=torch.int64, device=f.device)
     values = f.new_empty((nnz,))
     if nnz:
         _run("ot_sparsify", f.device, src=src, threshold=threshold.data_ptr(), row_counts=0,
-             row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr())
+             row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), nnz=nnz)
     return col_idx, values
 
 
@@ -276,7 +281,7 @@ def sparsify(C, x, y, f, g, reg: float, cost: int, active, threshold: torch.Tens
 
 
 # ---------------------------------------------------------------------------- Hessian matvec
-def _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy):
+def _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy, check_pattern: bool = True):
     op = "ot_hessian_matvec"
     if r.dim() != 2 or c.dim() != 2 or tuple(vx.shape) != tuple(r.shape) or tuple(vy.shape) != tuple(c.shape):
         _fail(op, f"r {tuple(r.shape)}, c {tuple(c.shape)}, vx {tuple(vx.shape)}, vy {tuple(vy.shape)}; "
@@ -288,18 +293,24 @@ def _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy):
     if col_idx.dtype != torch.int64 or col_idx.dim() != 1 or tuple(values.shape) != tuple(col_idx.shape):
         _fail(op, f"col_idx {tuple(col_idx.shape)} {col_idx.dtype} and values {tuple(values.shape)}; "
                   "expected equal 1-D shapes, col_idx int64")
+    for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if t.device != r.device:
+            _fail(op, f"{name} is on {t.device}; expected {r.device} (the device of r)")
     for name, t in (("values", values), ("c", c), ("vx", vx), ("vy", vy)):
         if t.dtype != r.dtype or t.device != r.device:
             _fail(op, f"{name} has dtype {t.dtype} on {t.device}; expected {r.dtype} on {r.device}")
     if r.dtype not in (torch.float32, torch.float64):
         _fail(op, f"dtype {r.dtype}; expected float32 or float64")
+    if check_pattern:
+        check_row_ptr(op, row_ptr, col_idx.numel())
+        check_col_idx(op, col_idx, m)
     tensors = [t.contiguous() for t in (row_ptr, col_idx, values, r, c, vx, vy)]
     out_x, out_y = torch.empty_like(tensors[3]), torch.empty_like(tensors[4])
     if batch * (n + m):
         _run("ot_hessian_matvec", r.device, row_ptr=tensors[0].data_ptr(), col_idx=tensors[1].data_ptr(),
              values=tensors[2].data_ptr(), r=tensors[3].data_ptr(), c=tensors[4].data_ptr(),
              vx=tensors[5].data_ptr(), vy=tensors[6].data_ptr(), out_x=out_x.data_ptr(), out_y=out_y.data_ptr(),
-             batch=batch, rows=n, cols=m, dtype=float_code(r.dtype, op, "r"))
+             batch=batch, rows=n, cols=m, nnz=col_idx.numel(), dtype=float_code(r.dtype, op, "r"))
     return out_x, out_y
 
 
@@ -313,8 +324,26 @@ register_fake("ot_hessian_matvec", _matvec_fake)
 
 
 def hessian_matvec(row_ptr, col_idx, values, r, c, vx, vy) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(r * vx + P_s vy, c * vy + P_s^T vx)`` with ``P_s`` the CSR matrix ``[B * n, m]``."""
+    """``(r * vx + P_s vy, c * vy + P_s^T vx)`` with ``P_s`` the CSR matrix ``[B * n, m]``.
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes, dtypes or devices; ``row_ptr`` not starting at 0, decreasing or
+        not ending at ``len(col_idx)``; a column outside ``[0, m)``.
+    """
     return torch.ops.lowrank_ops.ot_hessian_matvec(row_ptr, col_idx, values, r, c, vx, vy)
+
+
+def hessian_matvec_sparsified(row_ptr, col_idx, values, r, c, vx, vy) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hessian_matvec` for a pattern straight from :func:`sparsify` (the SNS conjugate gradients).
+
+    Skips the checks of ``row_ptr``'s and ``col_idx``'s contents, which read them on every
+    call (host synchronizations on CUDA, about as long as the product itself on the CPU at
+    500 x 500); shapes, dtypes and devices are still checked, and the kernels stay
+    memory-safe on any contents (row ranges clamped to ``[0, nnz]``).
+    """
+    return _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy, check_pattern=False)
 
 
 # ---------------------------------------------------------------------------- row gradient

@@ -100,8 +100,10 @@ class Problem:
 
     def _masses(self, op: str, name: str, w, size: int) -> torch.Tensor:
         expected = self.lead + (size,)
+        if size == 0:  # with or without masses: an empty side has no coupling
+            raise ValueError(f"{op}: {name} is empty; expected at least one point on each side")
         if w is None:
-            return torch.full((self.batch, size), 1.0 / max(size, 1), dtype=self.dtype, device=self.device)
+            return torch.full((self.batch, size), 1.0 / size, dtype=self.dtype, device=self.device)
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor; got {type(w).__name__}")
         if tuple(w.shape) != expected:
@@ -109,8 +111,6 @@ class Problem:
                              f"{'n' if name == 'a' else 'm'})")
         if w.device != self.device:
             raise ValueError(f"{op}: {name} is on {w.device}; expected {self.device}")
-        if size == 0:
-            raise ValueError(f"{op}: {name} is empty; expected at least one point on each side")
         w = w.to(self.dtype).reshape(self.batch, size)
         if self.batch:
             detached = w.detach()

@@ -133,7 +133,7 @@ def _newton_step(problem: Problem, state: SinkhornState, col_lse, active, k: int
     row_ptr, col_idx, values = ot_ops.sparsify(p.C, p.x, p.y, f, g, p.reg, p.code, active, threshold)
 
     def matvec(v, _running):
-        out_x, out_y = ot_ops.hessian_matvec(row_ptr, col_idx, values, r, c, v[:, :n], v[:, n:])
+        out_x, out_y = ot_ops.hessian_matvec_sparsified(row_ptr, col_idx, values, r, c, v[:, :n], v[:, n:])
         return torch.cat([out_x, out_y], -1)
 
     direction, cg_iterations = _pcg(matvec, p.reg * grad, torch.cat([r, c], -1), active, cg_tol, cg_max_iter)

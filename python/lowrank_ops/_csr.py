@@ -1,0 +1,32 @@
+"""The checks of a CSR pattern's contents shared by the Python layer (clear errors before a kernel runs).
+
+The kernels are memory-safe on any indices (row ranges clamped to ``[0, nnz]``, columns
+out of range skipped or rejected), so these checks are about telling the user what is
+wrong instead of computing with a malformed pattern.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_row_ptr", "check_col_idx"]
+
+
+def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int) -> None:
+    """Raises ValueError unless the non-empty 1-D ``row_ptr`` starts at 0, never decreases and ends at ``nnz``."""
+    first, last = int(row_ptr[0]), int(row_ptr[-1])
+    if first != 0 or last != nnz:
+        raise ValueError(f"{where}: row_ptr must start at 0 and end at nnz = {nnz}; got {first} ... {last}")
+    decreasing = row_ptr[1:] < row_ptr[:-1]  # compared, not subtracted: no int64 overflow
+    if bool(decreasing.any()):
+        row = int(torch.nonzero(decreasing)[0])
+        raise ValueError(f"{where}: row_ptr must be non-decreasing; row_ptr[{row + 1}] = {int(row_ptr[row + 1])} < "
+                         f"row_ptr[{row}] = {int(row_ptr[row])}")
+
+
+def check_col_idx(where: str, col_idx: torch.Tensor, n_cols: int) -> None:
+    """Raises ValueError unless every entry of ``col_idx`` lies in ``[0, n_cols)``."""
+    if col_idx.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(col_idx))
+    if low < 0 or high >= n_cols:
+        raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{low}, {high}]")

@@ -12,7 +12,8 @@
 //   the new column norms back and lists the pairs to rotate, 4. the rotations, 5. rare
 //   norm recomputations.  From kPreconditionMinCols columns on, the swept matrix is not
 //   X but R^T of a column-pivoted QR of X, with V starting as Q (pivoted_qr, form_q:
-//   fewer sweeps; the left and right factors then swap roles, see jacobi_svd_one).
+//   fewer sweeps; the left and right factors then swap roles, see jacobi_svd_one), or,
+//   for tall X, as I with Q applied after the sweeps (apply_q).
 // * kGroup matrices per task in the lanes of one SIMD vector (small matrices): every
 //   per-pair quantity is a vector over the group, so the per-pair bookkeeping is paid
 //   once per kGroup matrices (group_sweeps).

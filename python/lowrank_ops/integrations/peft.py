@@ -78,6 +78,24 @@ class LowrankLoraLinear(PeftLoraLinear):
         return name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """PEFT's LoRA (or DoRA) forward, on the fused ops when they apply.
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the base weight's dtype.
+        *args, **kwargs
+            PEFT's extra forward arguments (e.g. ``adapter_names`` for mixed batches).
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            In x's dtype.  One active adapter, no extra arguments, an ``nn.Linear`` base
+            without ``fan_in_fan_out`` or an adapter bias, unmerged, dropout or none, and
+            adapters in the weight's dtype or float32: :func:`~lowrank_ops.ops.lora_linear`
+            (or :func:`~lowrank_ops.ops.dora_linear` for DoRA); anything else: PEFT's own
+            forward, unchanged.
+        """
         name = self._fast_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)

@@ -1,6 +1,8 @@
 """Krylov solvers (ALGORITHMS.md section 7): GMRES, CG, GCRO-DR, SKR sequences and their kernels."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -197,6 +199,59 @@ def test_same_matrix_twice_skips_the_refresh(generator, monkeypatch):
     solver.solve(copy, problem.rhs, tol=1e-9)
     solver.solve(copy, problem.rhs, tol=1e-9)
     assert len(refreshes) == 2  # another matrix object: recomputed once
+
+
+def test_new_matrix_at_a_dead_matrix_id_is_refreshed(monkeypatch):
+    """A new matrix that gets the id() of a garbage-collected one (CPython reuses freed
+    addresses) is a new operator: C = A U is recomputed.  id() is made to return one value
+    for every object, as if each new matrix landed where the last one died."""
+    from lowrank_ops.krylov import _common, gcrodr as gcrodr_module
+
+    refreshes = []
+    original = gcrodr_module.refresh
+    monkeypatch.setattr(gcrodr_module, "refresh", lambda apply, U: refreshes.append(U.shape[0]) or original(apply, U))
+    monkeypatch.setattr(_common, "id", lambda obj: 1, raising=False)  # shadows the builtin where it was used
+
+    def fresh(problem):  # values version 0 in both: only identity tells the matrices apart
+        m = problem.matrix
+        return CSRMatrix(m.row_ptr, m.col_idx, m.values.clone(), m.shape)
+
+    first, second = pde.darcy(16, index=0), pde.darcy(16, index=1)
+    solver = GCRODR(30, 6)
+    matrix = fresh(first)
+    solver.solve(matrix, first.rhs, tol=1e-9)
+    del matrix
+    gc.collect()
+    matrix = fresh(second)
+    _, info = solver.solve(matrix, second.rhs, tol=1e-9)
+    assert refreshes == [6]
+    assert info.converged
+    image = torch.stack([matrix @ u for u in solver.U])  # the new pair satisfies A U = C for the new matrix
+    torch.testing.assert_close(image, solver.C, rtol=0, atol=1e-8 * float(image.abs().max()))
+    solver.solve(matrix, second.rhs, tol=1e-9)  # the same live matrix again: no refresh
+    assert refreshes == [6]
+
+
+def test_operator_identity_key():
+    """The solvers' operator key: equal only while both sides refer to one live object; a bound
+    method (a new object at every access) by its instance and function."""
+    from lowrank_ops.krylov._common import _identity
+
+    class Operator:
+        shape = (2, 2)
+
+        def matvec(self, x):
+            return x
+
+    a, b = Operator(), Operator()
+    assert _identity(a) == _identity(a) and _identity(a) != _identity(b)
+    assert _identity(a.matvec) == _identity(a.matvec) and _identity(a.matvec) != _identity(b.matvec)
+    key = _identity(a)
+    del a
+    gc.collect()
+    assert key != key  # its object died: equal to nothing, itself included
+    unreferenceable = (1, 2)  # tuples take no weak references: held, so the key stays valid
+    assert _identity(unreferenceable) == _identity(unreferenceable)
 
 
 def test_skr_order_and_caller_order():

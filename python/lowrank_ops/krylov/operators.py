@@ -253,17 +253,30 @@ class CSRMatrix:
         return matrix
 
     def matvec(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``A x`` for ``x`` of shape ``[n_cols]`` (any strides), the matrix's dtype and device.
+        """``A x``, the matrix times one vector (the Krylov SpMV kernel, with the vectors checked).
 
-        ``out`` (``[n_rows]``, contiguous, the matrix's dtype and device, not sharing memory
-        with ``x``), when given, receives the product.
+        Parameters
+        ----------
+        x : Tensor[n_cols]
+            The matrix's dtype (float32 or float64) and device; any strides (a strided
+            ``x`` is copied to a contiguous one first).
+        out : Tensor[n_rows], optional
+            Receives the product: the matrix's dtype and device, contiguous, sharing no
+            memory with ``x``.  Default: a new tensor.
+
+        Returns
+        -------
+        Tensor[n_rows]
+            ``A x`` in the matrix's dtype, on its device (``out`` itself when given), each
+            entry summed in that dtype.
 
         Raises
         ------
         TypeError
             ``x`` or ``out`` is not a tensor, or not of the matrix's dtype.
         ValueError
-            ``x`` or ``out`` of the wrong shape or device, ``out`` not contiguous or overlapping ``x``.
+            ``x`` or ``out`` of the wrong shape or on another device, ``out`` not
+            contiguous or sharing memory with ``x``.
         """
         where = "CSRMatrix.matvec"
         _check_vector(where, "x", x, self.shape[1], self.dtype, self.device)

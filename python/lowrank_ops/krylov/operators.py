@@ -1,14 +1,15 @@
 """Linear operators for the Krylov solvers: a validated CSR matrix with a low-overhead SpMV.
 
 :class:`CSRMatrix` holds ``row_ptr``, ``col_idx`` and ``values`` as torch tensors and
-multiplies single vectors with the Krylov SpMV kernel (``krylov_spmv_cpu`` /
-``krylov_spmv_cuda`` of ``lowrank_ops._C``).  The public :func:`lowrank_ops.ops.spmv`
-validates its arguments and goes through the torch.library dispatcher on every call
-(about 25 us), and its kernel is tiled for batches of vectors (62 us for one vector
-of a 4096-row Darcy matrix, against 13 us for scipy); inside a solver the same matrix
-is applied thousands of times, so the matrix is validated once, at construction, and
-the solvers call the one-vector kernel directly (:meth:`CSRMatrix.matvec_unchecked`:
-their vectors are valid by construction).  :meth:`CSRMatrix.matvec`, for users, checks
+multiplies single vectors with the Krylov SpMV op (``torch.ops.lowrank_ops.krylov_spmv_``,
+:mod:`lowrank_ops.ops.krylov`).  The public :func:`lowrank_ops.ops.spmv` validates its
+arguments and goes through the torch.library dispatcher on every call (about 25 us),
+and its kernel is tiled for batches of vectors (62 us for one vector of a 4096-row
+Darcy matrix, against 13 us for scipy); inside a solver the same matrix is applied
+thousands of times, so the matrix is validated once, at construction, and the solvers
+call the one-vector kernel without the dispatcher or per-call checks
+(:meth:`CSRMatrix.matvec_unchecked`: their vectors are valid by construction; under
+torch.compile it is the op).  :meth:`CSRMatrix.matvec`, for users, checks
 the vectors it is given (a few attribute reads, no pass over the data).
 
 :func:`as_operator` turns what a user passes (a :class:`CSRMatrix`, a torch sparse CSR
@@ -293,7 +294,7 @@ class CSRMatrix:
         of the matrix's dtype and device by construction; ``out`` likewise ``[n_rows]``)."""
         if out is None:
             out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
-        spmv(self.row_ptr, self.col_idx, self.values, x, out, self.shape[1])
+        spmv(self.row_ptr, self.col_idx, self.values, x, out)
         return out
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Krylov solvers (ALGORITHMS.md section 7): GMRES, CG, GCRO-DR, SKR sequences and their kernels."""
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -197,6 +199,59 @@ def test_same_matrix_twice_skips_the_refresh(generator, monkeypatch):
     solver.solve(copy, problem.rhs, tol=1e-9)
     solver.solve(copy, problem.rhs, tol=1e-9)
     assert len(refreshes) == 2  # another matrix object: recomputed once
+
+
+def test_new_matrix_at_a_dead_matrix_id_is_refreshed(monkeypatch):
+    """A new matrix that gets the id() of a garbage-collected one (CPython reuses freed
+    addresses) is a new operator: C = A U is recomputed.  id() is made to return one value
+    for every object, as if each new matrix landed where the last one died."""
+    from lowrank_ops.krylov import _common, gcrodr as gcrodr_module
+
+    refreshes = []
+    original = gcrodr_module.refresh
+    monkeypatch.setattr(gcrodr_module, "refresh", lambda apply, U: refreshes.append(U.shape[0]) or original(apply, U))
+    monkeypatch.setattr(_common, "id", lambda obj: 1, raising=False)  # shadows the builtin where it was used
+
+    def fresh(problem):  # values version 0 in both: only identity tells the matrices apart
+        m = problem.matrix
+        return CSRMatrix(m.row_ptr, m.col_idx, m.values.clone(), m.shape)
+
+    first, second = pde.darcy(16, index=0), pde.darcy(16, index=1)
+    solver = GCRODR(30, 6)
+    matrix = fresh(first)
+    solver.solve(matrix, first.rhs, tol=1e-9)
+    del matrix
+    gc.collect()
+    matrix = fresh(second)
+    _, info = solver.solve(matrix, second.rhs, tol=1e-9)
+    assert refreshes == [6]
+    assert info.converged
+    image = torch.stack([matrix @ u for u in solver.U])  # the new pair satisfies A U = C for the new matrix
+    torch.testing.assert_close(image, solver.C, rtol=0, atol=1e-8 * float(image.abs().max()))
+    solver.solve(matrix, second.rhs, tol=1e-9)  # the same live matrix again: no refresh
+    assert refreshes == [6]
+
+
+def test_operator_identity_key():
+    """The solvers' operator key: equal only while both sides refer to one live object; a bound
+    method (a new object at every access) by its instance and function."""
+    from lowrank_ops.krylov._common import _identity
+
+    class Operator:
+        shape = (2, 2)
+
+        def matvec(self, x):
+            return x
+
+    a, b = Operator(), Operator()
+    assert _identity(a) == _identity(a) and _identity(a) != _identity(b)
+    assert _identity(a.matvec) == _identity(a.matvec) and _identity(a.matvec) != _identity(b.matvec)
+    key = _identity(a)
+    del a
+    gc.collect()
+    assert key != key  # its object died: equal to nothing, itself included
+    unreferenceable = (1, 2)  # tuples take no weak references: held, so the key stays valid
+    assert _identity(unreferenceable) == _identity(unreferenceable)
 
 
 def test_skr_order_and_caller_order():
@@ -439,10 +494,12 @@ def test_spmv_kernel_memory_safe_on_any_row_ptr(device, index_dtype, generator):
             begin = min(max(row_ptr[i], 0), 4)
             entries = range(begin, min(max(row_ptr[i + 1], begin), 4))
             expected.append(sum(float(values[k] * x[col_idx[k]]) for k in entries))
-        out = torch.full((2,), 7.0, dtype=torch.float64, device=device)
-        _kernels.spmv(torch.tensor(row_ptr, dtype=index_dtype, device=device), col_idx.to(device), values.to(device),
-                      x.to(device), out, 4)
-        torch.testing.assert_close(out.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=1e-15)
+        args = (torch.tensor(row_ptr, dtype=index_dtype, device=device), col_idx.to(device), values.to(device),
+                x.to(device))
+        for spmv in (_kernels.spmv, torch.ops.lowrank_ops.krylov_spmv_):  # the solvers' path and the checked op
+            out = torch.full((2,), 7.0, dtype=torch.float64, device=device)
+            spmv(*args, out)
+            torch.testing.assert_close(out.cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -506,6 +563,169 @@ def test_block_kernels_against_reference(device, dtype, rows, cols, n, generator
     start = other.clone()
     _kernels.combine_rows(basis, coefficients.numpy(), out=start)  # accumulate
     assert ((start.cpu().double() - (w + expected)).abs() <= bound).all()
+
+
+# ---------------------------------------------------------------------------- the torch.library ops (ops/krylov.py)
+ops = torch.ops.lowrank_ops
+
+
+def _op_inputs(device, dtype, generator, rows=7, cols=3, n=300):
+    """A random CSR matrix [50, n] (~10% stored), and a basis [rows, n] with strided rows, W [cols, n], w, h, coef."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    dense = randn(50, n)
+    dense[torch.rand(50, n, generator=generator) < 0.9] = 0
+    sparse = dense.to(dtype).to_sparse_csr()  # plain tensors, not views into a sparse tensor (opcheck fakifies them)
+    matrix = CSRMatrix(sparse.crow_indices().clone(), sparse.col_indices().clone(), sparse.values().clone(),
+                       (50, n)).to(device)
+    basis = randn(rows, n + 5)[:, :n].to(device=device, dtype=dtype)  # rows strided by n + 5
+    return dict(matrix=matrix, basis=basis, other=randn(cols, n).to(device=device, dtype=dtype),
+                x=randn(n).to(device=device, dtype=dtype), w=randn(n).to(device=device, dtype=dtype),
+                h=randn(rows).to(device=device, dtype=dtype), coef=randn(rows, cols).to(device=device, dtype=dtype))
+
+
+def _gamma(terms: int, dtype) -> float:
+    """Higham's gamma_k for sums of ``terms`` products in ``dtype``'s accumulation."""
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    return terms * unit / (1 - terms * unit)
+
+
+def test_ops_opcheck(device, generator):
+    t = _op_inputs(device, torch.float64, generator)
+    m = t["matrix"]
+    torch.library.opcheck(ops.krylov_spmv_.default, (m.row_ptr, m.col_idx, m.values, t["x"], t["x"].new_empty(50)))
+    torch.library.opcheck(ops.krylov_cgs_pass_.default, (t["basis"], t["w"].clone(), t["h"].clone()))
+    torch.library.opcheck(ops.krylov_cgs_dots.default, (t["basis"], t["w"]))
+    torch.library.opcheck(ops.krylov_cgs_update_.default, (t["basis"], t["w"].clone(), t["h"]))
+    torch.library.opcheck(ops.krylov_gram.default, (t["basis"], t["other"]))
+    for accumulate in (False, True):
+        torch.library.opcheck(ops.krylov_combine_rows_.default, (t["basis"], t["coef"], t["other"].clone(), accumulate))
+    if device == "cpu":  # the fused cycle has a CPU kernel only
+        A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)
+        basis[2:] = 0  # opcheck compares runs: no NaN poison in rows the cycle may leave unwritten
+        for n_chunks in (None, 3):
+            torch.library.opcheck(ops.krylov_arnoldi_.default, (matrix.row_ptr, matrix.col_idx, matrix.values,
+                                                                basis.clone(), r, 2, 12, float(r.norm()), 0.0, 1.0,
+                                                                n_chunks))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ops_against_torch(device, dtype, generator):
+    """Each op through the dispatcher (the checked impls) against dense float64 torch, within
+    Higham's bounds for sums in the accumulation dtype."""
+    t = _op_inputs(device, dtype, generator)
+    m, basis, other, x, w, h, coef = (t[k] for k in ("matrix", "basis", "other", "x", "w", "h", "coef"))
+    q, W, x64, w64 = basis.double(), other.double(), x.double(), w.double()
+    dense = m.to_dense().double()
+    rows, n = basis.shape
+    cols = other.shape[0]
+
+    out = torch.full((50,), float("nan"), dtype=dtype, device=device)
+    assert ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x, out) is None
+    assert ((out.double() - dense @ x64).abs() <= _gamma(n + 1, dtype) * (dense.abs() @ x64.abs())).all()
+
+    h_out, w_out = torch.empty_like(h), w.clone()
+    norms = ops.krylov_cgs_pass_(basis, w_out, h_out)
+    assert norms.shape == (2,) and norms.dtype == dtype and norms.device == w.device
+    assert ((h_out.double() - q @ w64).abs() <= _gamma(n + 1, dtype) * (q.abs() @ w64.abs())).all()
+    expected_w = w64 - q.T @ h_out.double()  # the update with the h the kernel computed
+    assert ((w_out.double() - expected_w).abs() <= _gamma(rows + 2, dtype) * (w64.abs() + q.abs().T @ h_out.double().abs())).all()
+    assert abs(float(norms[0]) - float(w64 @ w64)) <= _gamma(n + 1, dtype) * float(w64 @ w64)
+    updated = w_out.double()
+    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, dtype) * float(updated @ updated)
+
+    dots = ops.krylov_cgs_dots(basis, w)
+    assert dots.shape == (rows,) and dots.dtype == dtype
+    torch.testing.assert_close(dots, h_out, rtol=0, atol=0)  # the same sums as the full pass
+
+    w_update = w.clone()
+    norms = ops.krylov_cgs_update_(basis, w_update, h)
+    expected_w = w64 - q.T @ h.double()
+    assert ((w_update.double() - expected_w).abs() <= _gamma(rows + 2, dtype) * (w64.abs() + q.abs().T @ h.double().abs())).all()
+    updated = w_update.double()
+    assert float(norms[0]) == 0.0
+    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, dtype) * float(updated @ updated)
+
+    gram = ops.krylov_gram(basis, other)
+    assert gram.shape == (rows, cols) and gram.dtype == dtype
+    assert ((gram.double() - q @ W.T).abs() <= _gamma(n + 1, dtype) * (q.abs() @ W.abs().T)).all()
+
+    c64 = coef.double()
+    combined = torch.full((cols, n), float("nan"), dtype=dtype, device=device)
+    ops.krylov_combine_rows_(basis, coef, combined, False)
+    bound = _gamma(rows + 2, dtype) * (c64.abs().T @ q.abs())
+    assert ((combined.double() - c64.T @ q).abs() <= bound).all()
+    accumulated = other.clone()
+    ops.krylov_combine_rows_(basis, coef, accumulated, True)
+    assert ((accumulated.double() - (W + c64.T @ q)).abs() <= bound + _gamma(rows + 2, dtype) * W.abs()).all()
+
+
+def test_ops_reject_bad_arguments(generator):
+    t = _op_inputs("cpu", torch.float64, generator)
+    m, basis, other, x, w, h, coef = (t[k] for k in ("matrix", "basis", "other", "x", "w", "h", "coef"))
+    out = torch.empty(50, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"krylov_spmv_: row_ptr has shape \(51,\); expected \(n_rows \+ 1,\) = \(41,\)"):
+        ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x, out[:40])
+    with pytest.raises(TypeError, match="krylov_spmv_: col_idx has dtype torch.int64; expected the dtype of row_ptr"):
+        ops.krylov_spmv_(m.row_ptr, m.col_idx.long(), m.values, x, out)
+    with pytest.raises(ValueError, match=r"krylov_spmv_: x has dtype torch.float32 on cpu; expected torch.float64 on cpu \(as values\)"):
+        ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x.float(), out)
+    with pytest.raises(ValueError, match=r"krylov_spmv_: out has strides \(2,\); expected a contiguous tensor"):
+        ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x, torch.empty(100, dtype=torch.float64)[::2])
+    square = torch.empty(50, dtype=torch.float64)
+    with pytest.raises(ValueError, match="krylov_spmv_: out must not share memory with x"):
+        ops.krylov_spmv_(m.row_ptr[:51], m.col_idx, m.values, square, square)
+    with pytest.raises(ValueError, match=r"krylov_cgs_pass_: w has shape \(299,\); expected \(n,\) = \(300,\)"):
+        ops.krylov_cgs_pass_(basis, w[:299].clone(), h.clone())
+    with pytest.raises(ValueError, match=r"krylov_cgs_pass_: h has shape \(6,\); expected \(rows,\) = \(7,\)"):
+        ops.krylov_cgs_pass_(basis, w.clone(), h[:6].clone())
+    with pytest.raises(ValueError, match="krylov_cgs_pass_: w must not share memory with basis"):
+        ops.krylov_cgs_pass_(basis, basis[3], h.clone())
+    with pytest.raises(TypeError, match="krylov_cgs_dots: basis has dtype torch.float16; expected float32 or float64"):
+        ops.krylov_cgs_dots(basis.half(), w.half())
+    with pytest.raises(ValueError, match=r"krylov_cgs_update_: w has strides \(2,\); expected a contiguous tensor"):
+        ops.krylov_cgs_update_(basis, torch.empty(600, dtype=torch.float64)[::2], h)
+    with pytest.raises(ValueError, match=r"krylov_gram: other has shape \(3, 299\); expected \(cols, n\) = \(cols, 300\)"):
+        ops.krylov_gram(basis, other[:, :299])
+    with pytest.raises(ValueError, match=r"krylov_combine_rows_: coef has shape \(7, 2\); expected \(rows, cols\) = \(7, 3\)"):
+        ops.krylov_combine_rows_(basis, coef[:, :2], other.clone(), False)
+    with pytest.raises(ValueError, match="krylov_combine_rows_: out has strides .*; expected unit column stride"):
+        ops.krylov_combine_rows_(basis, coef, other.T.contiguous().T, False)
+    with pytest.raises(ValueError, match="krylov_combine_rows_: out must not share memory with basis"):
+        ops.krylov_combine_rows_(basis, coef[:, :1], basis[:1], True)
+    # Read-only arguments of any layout are copied, not misread.
+    transposed = basis.T.contiguous().T
+    torch.testing.assert_close(ops.krylov_gram(transposed, other), ops.krylov_gram(basis, other), rtol=0, atol=0)
+
+
+def test_ops_torch_compile_fullgraph(device, generator):
+    """Under torch.compile the solvers' callers (CSRMatrix.matvec_unchecked, _kernels) trace the
+    ops (eager_or_op), whose fake impls give the graph its shapes."""
+    t = _op_inputs(device, torch.float64, generator)
+    m, basis, x = t["matrix"], t["basis"], t["x"]
+    square = CSRMatrix(m.row_ptr[:51].cpu(), m.col_idx[: int(m.row_ptr[50])].cpu() % 50,
+                       m.values[: int(m.row_ptr[50])].cpu(), (50, 50)).to(device)
+
+    def step(v, rows):
+        w = square.matvec_unchecked(v)  # krylov_spmv_
+        h = _kernels.dots(rows, w)  # krylov_cgs_dots
+        norms = ops.krylov_cgs_update_(rows, w, h)  # w -= Q^T h (mutates a graph intermediate)
+        return w * 2.0, h, norms
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    v, rows = x[:50].contiguous(), basis[:, :50]
+    for got, want in zip(compiled(v, rows), step(v, rows)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_arnoldi_op_has_no_cuda_kernel(cuda_device, generator):
+    # The fused cycle is CPU only; on CUDA the solvers run it step by step (test_cuda_gmres_matches_cpu).
+    A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)
+    matrix = matrix.to(cuda_device)
+    with pytest.raises(NotImplementedError, match="krylov_arnoldi_"):
+        ops.krylov_arnoldi_(matrix.row_ptr, matrix.col_idx, matrix.values, basis.to(cuda_device), r.to(cuda_device),
+                            2, 5, float(r.norm()), 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- the fused C++ Arnoldi cycle
@@ -647,36 +867,44 @@ def test_native_cycle_happy_breakdown():
 
 
 def test_native_cycle_bad_input_errors(generator):
+    # The solvers' caller (_kernels.arnoldi) checks only the matrix's type; the op checks the rest.
     A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)
     beta = float(r.norm())
     with pytest.raises(TypeError, match="arnoldi: matrix must be a CSRMatrix; got csr_matrix"):
         _kernels.arnoldi(A, basis, 2, r, beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"arnoldi: matrix has shape \(100, 99\)"):
-        _kernels.arnoldi(CSRMatrix.from_scipy(A[:, :99]), basis, 2, r, beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"arnoldi: basis has shape \(43, 100\); expected \(>= kc \+ steps \+ 1, n\) = \(>= 48, 100\)"):
-        _kernels.arnoldi(matrix, basis, 2, r, beta, 45, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: basis has dtype torch.float32 on cpu; expected the matrix's torch.float64"):
-        _kernels.arnoldi(matrix, basis.float(), 2, r, beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: basis must have contiguous rows"):
-        _kernels.arnoldi(matrix, basis.T.contiguous().T, 2, r, beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"arnoldi: r has shape \(50,\)"):
-        _kernels.arnoldi(matrix, basis, 2, r[::2], beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: r must be a 1-D tensor; got \\(1, 100\\)"):
-        _kernels.arnoldi(matrix, basis, 2, r[None], beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: r must not share memory with basis"):
-        _kernels.arnoldi(matrix, basis, 2, basis[3], beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: beta must be a positive finite number; got 0.0"):
-        _kernels.arnoldi(matrix, basis, 2, r, 0.0, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: bnorm must be a positive finite number; got nan"):
-        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, 0.0, float("nan"))
-    with pytest.raises(ValueError, match="arnoldi: target must be a non-negative finite number; got -1.0"):
-        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, -1.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: steps must be an integer >= 1; got 0"):
-        _kernels.arnoldi(matrix, basis, 2, r, beta, 0, 0.0, 1.0)
-    with pytest.raises(ValueError, match="arnoldi: kc must be an integer >= 0; got -1"):
-        _kernels.arnoldi(matrix, basis, -1, r, beta, 5, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"arnoldi: n_chunks must be in \[1, n\] = \[1, 100\]; got 101"):
-        _kernels.arnoldi(matrix, basis, 2, r, beta, 5, 0.0, 1.0, n_chunks=101)
+    pattern = (matrix.row_ptr, matrix.col_idx, matrix.values)
+
+    def cycle(*args, basis=basis, r=r, pattern=pattern):
+        return torch.ops.lowrank_ops.krylov_arnoldi_(*pattern, basis, r, *args)
+
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: row_ptr has shape \(1,\); expected \(n \+ 1,\) with n >= 1"):
+        cycle(2, 5, beta, 0.0, 1.0, pattern=(matrix.row_ptr[:1], matrix.col_idx[:0], matrix.values[:0]))
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: values has shape \(3,\); expected \(nnz,\)"):
+        cycle(2, 5, beta, 0.0, 1.0, pattern=(matrix.row_ptr, matrix.col_idx, matrix.values[:3]))
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: basis has shape \(43, 100\); expected \(>= kc \+ steps \+ 1, n\) = \(>= 48, 100\)"):
+        cycle(2, 45, beta, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: basis has dtype torch.float32 on cpu; expected torch.float64 on cpu \(as values\)"):
+        cycle(2, 5, beta, 0.0, 1.0, basis=basis.float())
+    with pytest.raises(ValueError, match="krylov_arnoldi_: basis must have contiguous rows"):
+        cycle(2, 5, beta, 0.0, 1.0, basis=basis.T.contiguous().T)
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: r has shape \(50,\)"):
+        cycle(2, 5, beta, 0.0, 1.0, r=r[::2])
+    with pytest.raises(ValueError, match="krylov_arnoldi_: r must be a 1-D tensor; got \\(1, 100\\)"):
+        cycle(2, 5, beta, 0.0, 1.0, r=r[None])
+    with pytest.raises(ValueError, match="krylov_arnoldi_: r must not share memory with basis"):
+        cycle(2, 5, beta, 0.0, 1.0, r=basis[3])
+    with pytest.raises(ValueError, match="krylov_arnoldi_: beta must be a positive finite number; got 0.0"):
+        cycle(2, 5, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="krylov_arnoldi_: bnorm must be a positive finite number; got nan"):
+        cycle(2, 5, beta, 0.0, float("nan"))
+    with pytest.raises(ValueError, match="krylov_arnoldi_: target must be a non-negative finite number; got -1.0"):
+        cycle(2, 5, beta, -1.0, 1.0)
+    with pytest.raises(ValueError, match="krylov_arnoldi_: steps must be an integer >= 1; got 0"):
+        cycle(2, 0, beta, 0.0, 1.0)
+    with pytest.raises(ValueError, match="krylov_arnoldi_: kc must be an integer >= 0; got -1"):
+        cycle(-1, 5, beta, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"krylov_arnoldi_: n_chunks must be in \[1, n\] = \[1, 100\]; got 101"):
+        cycle(2, 5, beta, 0.0, 1.0, 101)
     from lowrank_ops import _extension
     with pytest.raises(ValueError, match="krylov_arnoldi: q_stride must be >= n = 100; got 50"):
         _extension.extension().krylov_arnoldi_cpu(  # the C++ check behind the wrapper

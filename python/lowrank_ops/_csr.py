@@ -11,16 +11,19 @@ import torch
 __all__ = ["check_row_ptr", "check_col_idx"]
 
 
-def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int) -> None:
-    """Raises ValueError unless the non-empty 1-D ``row_ptr`` starts at 0, never decreases and ends at ``nnz``."""
+def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:
+    """Raises ValueError unless the non-empty 1-D ``row_ptr`` starts at 0, never decreases and ends at ``nnz``.
+
+    ``name`` is the argument's name in the messages (e.g. ``"support.row_ptr"`` for a buffer).
+    """
     first, last = int(row_ptr[0]), int(row_ptr[-1])
     if first != 0 or last != nnz:
-        raise ValueError(f"{where}: row_ptr must start at 0 and end at nnz = {nnz}; got {first} ... {last}")
+        raise ValueError(f"{where}: {name} must start at 0 and end at nnz = {nnz}; got {first} ... {last}")
     decreasing = row_ptr[1:] < row_ptr[:-1]  # compared, not subtracted: no int64 overflow
     if bool(decreasing.any()):
         row = int(torch.nonzero(decreasing)[0])
-        raise ValueError(f"{where}: row_ptr must be non-decreasing; row_ptr[{row + 1}] = {int(row_ptr[row + 1])} < "
-                         f"row_ptr[{row}] = {int(row_ptr[row])}")
+        raise ValueError(f"{where}: {name} must be non-decreasing; {name}[{row + 1}] = {int(row_ptr[row + 1])} < "
+                         f"{name}[{row}] = {int(row_ptr[row])}")
 
 
 def check_col_idx(where: str, col_idx: torch.Tensor, n_cols: int) -> None:

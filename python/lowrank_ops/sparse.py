@@ -22,6 +22,8 @@ from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
 
+from ._csr import check_row_ptr
+
 __all__ = ["FixedSupport"]
 
 _INT32_MAX = 2**31 - 1
@@ -392,20 +394,9 @@ def _csr_rows(row_ptr: torch.Tensor, col_idx: torch.Tensor, out_features: int, i
         raise ValueError(
             f"{where}: {prefix}row_ptr has length {row_ptr.numel()}; expected out_features + 1 = {out_features + 1}"
         )
-    nnz = col_idx.numel()
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
-        raise ValueError(
-            f"{where}: {prefix}row_ptr must start at 0 and end at nnz = {nnz}; "
-            f"got {int(row_ptr[0])} ... {int(row_ptr[-1])}"
-        )
-    steps = row_ptr[1:] - row_ptr[:-1]
-    if bool((steps < 0).any()):
-        row = int(torch.nonzero(steps < 0)[0])
-        raise ValueError(
-            f"{where}: {prefix}row_ptr must be non-decreasing; {prefix}row_ptr[{row + 1}] < {prefix}row_ptr[{row}]"
-        )
+    check_row_ptr(where, row_ptr, col_idx.numel(), prefix + "row_ptr")
     _check_range(col_idx, in_features, prefix + "col_idx", where)
-    rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), steps)
+    rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
     same_row = rows[1:] == rows[:-1]
     bad = same_row & (col_idx[1:] <= col_idx[:-1])
     if bool(bad.any()):

@@ -10,6 +10,8 @@ the preconditioned product costs one plain SpMV.
 from __future__ import annotations
 
 import math
+import types
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -49,7 +51,9 @@ class System:
     matvecs : int
         Products with ``A`` so far.
     key : tuple
-        Identifies the preconditioned operator (what the user passed and ``M``).
+        Identifies the preconditioned operator (what the user passed and ``M``, by
+        identity and in-place version); equal to another system's key only while both
+        refer to the same live objects.
     """
 
     def __init__(self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor, M: Preconditioner, op: str):
@@ -74,7 +78,7 @@ class System:
         else:
             self._apply_raw = A.apply
             self.csr = A.matrix
-        self.key = (id(A.source), _version(A.source), _preconditioner_key(M))
+        self.key = (_identity(A.source), _version(A.source), _preconditioner_key(M))
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         self.matvecs += 1
@@ -130,10 +134,45 @@ def _version(source) -> Optional[int]:
     return getattr(source, "_version", None)
 
 
+class _Identity:
+    """Stands for one object in a key: equal to another ``_Identity`` only while both refer
+    to the very same live object.
+
+    Not ``id(obj)``: once an object is garbage-collected its id may be handed to a new
+    one, which would then pass for the old (GCRODR would keep ``C = A U`` of a matrix that
+    no longer exists).  A weak reference dies with its object; an object that does not
+    support weak references is held strongly instead (kept alive as long as the key).
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, obj: object):
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:
+            self._ref = lambda: obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Identity):
+            return NotImplemented
+        target = self._ref()
+        return target is not None and target is other._ref()
+
+    __hash__ = None  # equality changes when the object dies: not usable as a dict key
+
+
+def _identity(obj: object):
+    """What identifies ``obj`` in a key: a bound method is a new object at every attribute
+    access, so it is identified by its instance and function."""
+    if isinstance(obj, types.MethodType):
+        return (_Identity(obj.__self__), _Identity(obj.__func__))
+    return _Identity(obj)
+
+
 def _preconditioner_key(M: Preconditioner):
     if M is None or isinstance(M, str):
         return M
-    return (id(M), getattr(M, "_version", None))
+    return (_identity(M), getattr(M, "_version", None))
 
 
 def _diagonal_preconditioner(op: str, A: LinearOperator, M: Preconditioner) -> Optional[torch.Tensor]:

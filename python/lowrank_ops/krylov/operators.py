@@ -1,14 +1,15 @@
 """Linear operators for the Krylov solvers: a validated CSR matrix with a low-overhead SpMV.
 
 :class:`CSRMatrix` holds ``row_ptr``, ``col_idx`` and ``values`` as torch tensors and
-multiplies single vectors with the Krylov SpMV kernel (``krylov_spmv_cpu`` /
-``krylov_spmv_cuda`` of ``lowrank_ops._C``).  The public :func:`lowrank_ops.ops.spmv`
-validates its arguments and goes through the torch.library dispatcher on every call
-(about 25 us), and its kernel is tiled for batches of vectors (62 us for one vector
-of a 4096-row Darcy matrix, against 13 us for scipy); inside a solver the same matrix
-is applied thousands of times, so the matrix is validated once, at construction, and
-the solvers call the one-vector kernel directly (:meth:`CSRMatrix.matvec_unchecked`:
-their vectors are valid by construction).  :meth:`CSRMatrix.matvec`, for users, checks
+multiplies single vectors with the Krylov SpMV op (``torch.ops.lowrank_ops.krylov_spmv_``,
+:mod:`lowrank_ops.ops.krylov`).  The public :func:`lowrank_ops.ops.spmv` validates its
+arguments and goes through the torch.library dispatcher on every call (about 25 us),
+and its kernel is tiled for batches of vectors (62 us for one vector of a 4096-row
+Darcy matrix, against 13 us for scipy); inside a solver the same matrix is applied
+thousands of times, so the matrix is validated once, at construction, and the solvers
+call the one-vector kernel without the dispatcher or per-call checks
+(:meth:`CSRMatrix.matvec_unchecked`: their vectors are valid by construction; under
+torch.compile it is the op).  :meth:`CSRMatrix.matvec`, for users, checks
 the vectors it is given (a few attribute reads, no pass over the data).
 
 :func:`as_operator` turns what a user passes (a :class:`CSRMatrix`, a torch sparse CSR
@@ -253,17 +254,30 @@ class CSRMatrix:
         return matrix
 
     def matvec(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``A x`` for ``x`` of shape ``[n_cols]`` (any strides), the matrix's dtype and device.
+        """``A x``, the matrix times one vector (the Krylov SpMV kernel, with the vectors checked).
 
-        ``out`` (``[n_rows]``, contiguous, the matrix's dtype and device, not sharing memory
-        with ``x``), when given, receives the product.
+        Parameters
+        ----------
+        x : Tensor[n_cols]
+            The matrix's dtype (float32 or float64) and device; any strides (a strided
+            ``x`` is copied to a contiguous one first).
+        out : Tensor[n_rows], optional
+            Receives the product: the matrix's dtype and device, contiguous, sharing no
+            memory with ``x``.  Default: a new tensor.
+
+        Returns
+        -------
+        Tensor[n_rows]
+            ``A x`` in the matrix's dtype, on its device (``out`` itself when given), each
+            entry summed in that dtype.
 
         Raises
         ------
         TypeError
             ``x`` or ``out`` is not a tensor, or not of the matrix's dtype.
         ValueError
-            ``x`` or ``out`` of the wrong shape or device, ``out`` not contiguous or overlapping ``x``.
+            ``x`` or ``out`` of the wrong shape or on another device, ``out`` not
+            contiguous or sharing memory with ``x``.
         """
         where = "CSRMatrix.matvec"
         _check_vector(where, "x", x, self.shape[1], self.dtype, self.device)
@@ -280,7 +294,7 @@ class CSRMatrix:
         of the matrix's dtype and device by construction; ``out`` likewise ``[n_rows]``)."""
         if out is None:
             out = torch.empty(self.shape[0], dtype=self.dtype, device=self.device)
-        spmv(self.row_ptr, self.col_idx, self.values, x, out, self.shape[1])
+        spmv(self.row_ptr, self.col_idx, self.values, x, out)
         return out
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Differentiable ops (torch tensors in, torch tensors out), one module per op family.
 
 The optimal-transport kernel ops live in :mod:`lowrank_ops.ops.ot` (used by
-:mod:`lowrank_ops.ot`'s solvers).
+:mod:`lowrank_ops.ot`'s solvers), the Krylov kernel ops in :mod:`lowrank_ops.ops.krylov`
+(used by :mod:`lowrank_ops.krylov`'s solvers).
 """
-from . import ot
+from . import krylov, ot
 from .dora import dora_linear, dora_row_norm
 from .lora import lora_linear, lora_merge, lora_unmerge
 from .lora_multi import lora_linear_multi
@@ -13,6 +14,6 @@ from .sparse_lowrank import sparse_lowrank_linear
 from .svd import batched_svd
 
 __all__ = [
-    "batched_svd", "dora_linear", "dora_row_norm", "fixed_sparse_matmul", "lora_linear", "lora_linear_multi",
+    "batched_svd", "dora_linear", "dora_row_norm", "fixed_sparse_matmul", "krylov", "lora_linear", "lora_linear_multi",
     "lora_merge", "lora_unmerge", "mfac_combine", "mfac_dots", "ot", "sparse_lowrank_linear", "spmv",
 ]

@@ -50,7 +50,6 @@ import torch
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
-from ..linalg.svd_backward import thin_svd_backward
 from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
@@ -278,6 +277,10 @@ class _JacobiSVD(torch.autograd.Function):
     def backward(ctx, grad_U, grad_S, grad_Vh, _sweeps, _converged, _off_diagonal):
         if grad_U is None and grad_S is None and grad_Vh is None:
             return None, None, None
+        # Imported here: lowrank_ops.linalg imports this module, so a module-level import
+        # would fail whenever the ops are imported first (lowrank_ops.krylov does).
+        from ..linalg.svd_backward import thin_svd_backward
+
         U, S, Vh = ctx.saved_tensors
         grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
         return grad_A.to(ctx.input_dtype), None, None

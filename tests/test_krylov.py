@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 
 import numpy as np
 import pytest
@@ -924,3 +925,18 @@ def test_cuda_gmres_matches_cpu(cuda_device, generator):
     assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_gpu) <= 1e-9 * (1 + 1e-6)
     x_cg, info_cg = cg(matrix, problem.rhs.to(cuda_device), tol=1e-9, M="jacobi")
     assert info_cg.converged and _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_cg) <= 1e-9 * (1 + 1e-6)
+
+
+def test_csr_from_dense_and_torch_hold_plain_tensors():
+    """Built from a dense or torch sparse tensor, the matrix owns plain tensors (no views
+    into a sparse tensor, which opcheck and torch.compile reject) and prints no warning."""
+    dense = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [4.0, 0.0, 5.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        matrices = [CSRMatrix.from_dense(dense), CSRMatrix.from_torch(dense.to_sparse()),
+                    CSRMatrix.from_torch(dense.to_sparse_csr())]
+    x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    for matrix in matrices:
+        assert all(t._base is None and t.layout == torch.strided for t in (matrix.row_ptr, matrix.col_idx, matrix.values))
+        torch.testing.assert_close(matrix.matvec(x), dense @ x)
+

@@ -18,6 +18,7 @@ shape) into a :class:`LinearOperator`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
@@ -129,8 +130,11 @@ class CSRMatrix:
         """
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             raise ValueError("CSRMatrix.from_dense: expected a 2-D tensor")
-        csr = dense.to_sparse_csr()
-        return cls(csr.crow_indices(), csr.col_indices(), csr.values(), tuple(dense.shape))
+        with warnings.catch_warnings():  # torch's "support is in beta" notice on every first use
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+            csr = dense.to_sparse_csr()
+        # Plain tensors, not views into the sparse tensor (which torch.compile and opcheck reject).
+        return cls(csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), tuple(dense.shape))
 
     @classmethod
     def from_scipy(cls, matrix, dtype: torch.dtype = torch.float64) -> "CSRMatrix":
@@ -190,10 +194,14 @@ class CSRMatrix:
             Non-finite values.
         """
         if tensor.layout == torch.sparse_coo:
-            tensor = tensor.coalesce().to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state",
+                                        category=UserWarning)
+                tensor = tensor.coalesce().to_sparse_csr()
         if tensor.layout != torch.sparse_csr:
             raise TypeError(f"CSRMatrix.from_torch: expected a sparse CSR or COO tensor; got layout {tensor.layout}")
-        return cls(tensor.crow_indices(), tensor.col_indices(), tensor.values(), tuple(tensor.shape))
+        return cls(tensor.crow_indices().clone(), tensor.col_indices().clone(), tensor.values().clone(),
+                   tuple(tensor.shape))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CSRMatrix":
         """A copy on ``device`` with values of ``dtype`` (self when nothing changes).

@@ -32,3 +32,15 @@ def test_meta_tensor_among_real_ones_is_rejected(op):
         call()
     out = _calls(lambda name: "meta")[op]()  # all on meta: shape inference works
     assert all(t.device.type == "meta" for t in (out if isinstance(out, (tuple, list)) else (out,)))
+
+
+def test_cpu_scalar_tensors_go_with_meta_ones():
+    """A 0-d CPU tensor (lora_linear's dropout seed) may accompany meta tensors, as CPU
+    scalars accompany any device in torch: shape inference on meta still works."""
+    from lowrank_ops.ops import lora_linear
+
+    meta = {"device": "meta"}
+    y = lora_linear(torch.randn(4, 8, **meta), torch.randn(6, 8, **meta), torch.randn(2, 8, **meta),
+                    torch.randn(6, 2, **meta), dropout_p=0.1)
+    assert y.device.type == "meta" and y.shape == (4, 6)
+

@@ -37,7 +37,8 @@ def register_fake(name: str, fake: Callable) -> None:
         on_meta, elsewhere = None, None
         for arg, value in signature.bind(*args, **kwargs).arguments.items():
             for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(tensor, torch.Tensor):
+                # 0-d CPU tensors (e.g. lora_linear's dropout seed) go with any device, as in torch.
+                if isinstance(tensor, torch.Tensor) and not (tensor.dim() == 0 and tensor.device.type == "cpu"):
                     if tensor.device.type == "meta":
                         on_meta = on_meta or arg
                     else:

@@ -208,8 +208,9 @@ def mfac_apply_op(device_type: str):
 def _check_square(op: str, name: str, tensor: torch.Tensor) -> int:
     if tensor.dtype != torch.float64 or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
         raise ValueError(f"{op}: {name} is {tensor.dtype} {tuple(tensor.shape)}; expected float64 (n, n)")
-    if tensor.shape[0] > 0 and tensor.stride(1) != 1:
-        raise ValueError(f"{op}: {name} has strides {tensor.stride()}; expected unit column stride (rows contiguous)")
+    if tensor.shape[0] > 0 and (tensor.stride(1) != 1 or tensor.stride(0) < tensor.shape[1]):
+        raise ValueError(f"{op}: {name} has strides {tensor.stride()}; expected unit column stride and rows that do "
+                         "not overlap (it is written in place)")
     return tensor.shape[0]
 
 

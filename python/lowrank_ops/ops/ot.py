@@ -27,6 +27,7 @@ on one thread, the torch composition 37-56 ms.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ import torch
 from .._csr import check_col_idx, check_row_ptr
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
-from ._library import LIBRARY, register_fake
+from ._library import LIBRARY, eager_or_op, register_fake
 
 __all__ = [
     "COST_CODES",
@@ -343,7 +344,8 @@ def hessian_matvec_sparsified(row_ptr, col_idx, values, r, c, vx, vy) -> Tuple[t
     500 x 500); shapes, dtypes and devices are still checked, and the kernels stay
     memory-safe on any contents (row ranges clamped to ``[0, nnz]``).
     """
-    return _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy, check_pattern=False)
+    impl = functools.partial(_matvec_impl, check_pattern=False)
+    return eager_or_op("ot_hessian_matvec", impl)(row_ptr, col_idx, values, r, c, vx, vy)
 
 
 # ---------------------------------------------------------------------------- row gradient

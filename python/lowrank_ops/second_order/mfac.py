@@ -48,8 +48,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .._finite import all_finite
-from ..ops.mfac import (_mfac_combine, _mfac_dots, _mfac_dots_write, cholesky_factor_op, cholesky_replace_op,
-                        compute_dtype, mfac_apply_op)
+from ..ops.mfac import _mfac_dots_write, cholesky_factor_op, cholesky_replace_op, compute_dtype, mfac_apply_op
 
 __all__ = ["MFACInverse"]
 
@@ -317,24 +316,24 @@ class MFACInverse:
     def _apply(self, x: torch.Tensor, dots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``F^-1 x`` for rows ``x [k, dim]``, from ``dots = G_n x^T`` rows ``[k, n]`` when given.
 
-        Without autograd: the ``mfac_apply`` op; on the CPU that is one extension call for
-        the passes and the solve: no Python work or tensors between the passes, and a
-        single-threaded float64 substitution instead of a threaded LAPACK solve, which
-        leaves OpenMP workers spinning on the cores the next pass needs (2.6 + 2.6 ms
-        passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  With autograd the
-        differentiable pass ops and torch's ``cholesky_solve``.
+        Without autograd, on every device: the ``mfac_apply`` op.  On the CPU that is one
+        extension call for the passes and the solve: no Python work or tensors between the
+        passes, and a single-threaded float64 substitution instead of a threaded LAPACK
+        solve, which leaves OpenMP workers spinning on the cores the next pass needs (2.6 +
+        2.6 ms passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  With
+        autograd: the differentiable pass ops and torch's ``cholesky_solve``.
         """
         n = self.n
         if n == 0:
             return x / self.damp
-        if _direct(x) and (dots is None or _direct(dots)):
+        if not (torch.is_grad_enabled() and (x.requires_grad or (dots is not None and dots.requires_grad))):
             return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), 1.0 / self.damp,
                                                 -1.0 / self.damp, dots)
         if dots is None:
-            dots = (_mfac_dots if _direct(x) else torch.ops.lowrank_ops.mfac_dots)(self.grads, x, n)
+            dots = torch.ops.lowrank_ops.mfac_dots(self.grads, x, n)
         coef = torch.cholesky_solve(dots.T.to(torch.float64), self._cholesky(), upper=True).T.to(self.dtype)
-        combine = _mfac_combine if _direct(coef, x) else torch.ops.lowrank_ops.mfac_combine
-        return combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
+        return torch.ops.lowrank_ops.mfac_combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp,
+                                                  -1.0 / self.damp)
 
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
@@ -481,7 +480,7 @@ class MFACInverse:
                 raise ValueError(f"{op}: {key} is {state[key]}; expected {getattr(self, key)}")
         damp = _check_damp(state["damp"], op)
         count = state["count"]
-        if not isinstance(count, int) or count < 0:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"{op}: count must be an integer >= 0; got {count!r}")
         for key, shape, dtype in (("grads", (self.ngrads, self.dim), self.storage_dtype),
                                   ("gram", (self.ngrads, self.ngrads), torch.float64)):

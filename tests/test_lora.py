@@ -334,7 +334,7 @@ def test_bad_input_errors(generator):
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"lora_linear: scale must be finite; got {bad}"):
             lora_linear(x, w, a, b, scale=bad)
-        with pytest.raises(ValueError, match=f"lora_alpha must be a finite number; got {bad}"):
+        with pytest.raises(ValueError, match=f"LoRALinear: lora_alpha must be finite; got {bad}"):
             LoRALinear(torch.nn.Linear(4, 4), 2, bad)
     with pytest.raises(TypeError, match="rank must be an int"):
         lora_linear(x, w, a, b, rank=2.0)

@@ -21,3 +21,18 @@ def require_finite_number(op: str, name: str, value) -> float:
     if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile traces comparisons, not it
         raise ValueError(f"{op}: {name} must be finite; got {value}")
     return float(value)
+
+
+def require_number(op: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high)`` (``(low, high)`` with ``low_open``);
+    a ValueError naming the setting otherwise (NaN, inf and non-numbers included)."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and -math.inf < value < math.inf
+          and (value > low if low_open else value >= low) and value < high)
+    if not ok:
+        if high < math.inf:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:g})"
+        else:
+            wanted = f"{'>' if low_open else '>='} {low:g} and finite"
+        raise ValueError(f"{op}: {name} must be {wanted}; got {value!r}")
+    return float(value)
+

@@ -1,4 +1,5 @@
-"""The checks of a CSR pattern's contents shared by the Python layer (clear errors before a kernel runs).
+"""The checks of a CSR pattern's contents shared by the Python layer (clear errors before a kernel runs),
+and the quiet construction of torch CSR tensors.
 
 The kernels are memory-safe on any indices (row ranges clamped to ``[0, nnz]``, columns
 out of range skipped or rejected), so these checks are about telling the user what is
@@ -6,9 +7,12 @@ wrong instead of computing with a malformed pattern.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
-__all__ = ["check_row_ptr", "check_col_idx"]
+__all__ = ["check_row_ptr", "check_col_idx", "quiet_sparse_csr_beta"]
 
 
 def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:
@@ -33,3 +37,13 @@ def check_col_idx(where: str, col_idx: torch.Tensor, n_cols: int) -> None:
     low, high = (int(v) for v in torch.aminmax(col_idx))
     if low < 0 or high >= n_cols:
         raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{low}, {high}]")
+
+
+@contextlib.contextmanager
+def quiet_sparse_csr_beta():
+    """Silences torch's "Sparse CSR tensor support is in beta state" notice (printed on the
+    first CSR construction of a process) around the library's own conversions."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        yield
+

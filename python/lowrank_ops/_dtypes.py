@@ -9,6 +9,11 @@ INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 SUPPORTED_FLOATS = tuple(FLOAT_CODES)
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (and M-FAC's compute) dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def float_code(dtype: torch.dtype, op: str, name: str) -> int:
     try:
         return FLOAT_CODES[dtype]

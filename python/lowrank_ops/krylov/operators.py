@@ -18,13 +18,12 @@ shape) into a :class:`LinearOperator`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from .._csr import check_col_idx, check_row_ptr
+from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta
 from .._finite import all_finite
 from ._kernels import spmv
 
@@ -130,8 +129,7 @@ class CSRMatrix:
         """
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             raise ValueError("CSRMatrix.from_dense: expected a 2-D tensor")
-        with warnings.catch_warnings():  # torch's "support is in beta" notice on every first use
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
+        with quiet_sparse_csr_beta():
             csr = dense.to_sparse_csr()
         # Plain tensors, not views into the sparse tensor (which torch.compile and opcheck reject).
         return cls(csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), tuple(dense.shape))
@@ -194,9 +192,7 @@ class CSRMatrix:
             Non-finite values.
         """
         if tensor.layout == torch.sparse_coo:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state",
-                                        category=UserWarning)
+            with quiet_sparse_csr_beta():
                 tensor = tensor.coalesce().to_sparse_csr()
         if tensor.layout != torch.sparse_csr:
             raise TypeError(f"CSRMatrix.from_torch: expected a sparse CSR or COO tensor; got layout {tensor.layout}")

@@ -1,9 +1,9 @@
 """Effective rank (RankMe; Garrido et al., 2023) from singular values only."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .._args import require_number
 
 __all__ = ["effective_rank"]
 
@@ -30,8 +30,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
         raise ValueError(f"effective_rank: Z must be a tensor [..., N, d]; got {getattr(Z, 'shape', type(Z).__name__)}")
     if not Z.dtype.is_floating_point:
         raise TypeError(f"effective_rank: Z has dtype {Z.dtype}; expected a floating dtype")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
-        raise ValueError(f"effective_rank: eps must be a finite number > 0 (it keeps log p finite); got {eps!r}")
+    eps = require_number("effective_rank", "eps", eps, 0.0, low_open=True)  # keeps log p finite
     work = Z.float() if Z.dtype in (torch.float16, torch.bfloat16) else Z
     sigma = torch.linalg.svdvals(work)
     total = sigma.sum(-1, keepdim=True)

@@ -35,8 +35,8 @@ _BLOCK_GROUP_BYTES = 64 << 20  # float64 working set of one group of blocks
 
 def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: Optional[int], op: str) -> None:
     require_tensors(op, weights=weights, grads=grads)
-    if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or grads.shape[0] < 1:
-        raise ValueError(f"{op}: grads has shape {tuple(getattr(grads, 'shape', ()))}; expected (m, d) with m >= 1")
+    if grads.dim() != 2 or grads.shape[0] < 1:
+        raise ValueError(f"{op}: grads has shape {tuple(grads.shape)}; expected (m, d) with m >= 1")
     if weights.dim() != 1 or weights.numel() != grads.shape[1]:
         raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; expected (d,) = ({grads.shape[1]},)")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from .._args import require_finite_number
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._init import fan_in_bound, uniform_
@@ -75,8 +76,7 @@ class LoRALinear(torch.nn.Module):
             raise TypeError(f"LoRALinear: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
-            raise ValueError(f"LoRALinear: lora_alpha must be a finite number; got {lora_alpha!r}")
+        require_finite_number("LoRALinear", "lora_alpha", lora_alpha)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
         if use_gate and use_dora:

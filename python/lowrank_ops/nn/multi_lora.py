@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .._args import require_finite_number
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
 from ._init import fan_in_bound
 
@@ -140,9 +141,8 @@ class MultiLoRALinear(nn.Module):
         if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
             raise ValueError(f"MultiLoRALinear.add_adapter: rank must be an int in [1, max_rank = {self.max_rank}]; "
                              f"got {rank!r}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                                  or not math.isfinite(alpha)):
-            raise ValueError(f"MultiLoRALinear.add_adapter: alpha must be a finite number or None; got {alpha!r}")
+        if alpha is not None:
+            require_finite_number("MultiLoRALinear.add_adapter", "alpha", alpha)
         alpha = float(rank if alpha is None else alpha)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         weight = self.base.weight

@@ -59,7 +59,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .._dtypes import FLOAT_CODES, INDEX_CODES
+from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, register_fake
 
@@ -88,10 +88,6 @@ LIBRARY.define("krylov_arnoldi_(Tensor row_ptr, Tensor col_idx, Tensor values, T
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _accumulate(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _row_stride(tensor: torch.Tensor) -> int:
     return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
 
@@ -114,7 +110,7 @@ def spmv_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.T
 def _cgs(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """One ``krylov_cgs_pass`` kernel call; returns the norms ``[2]`` (accumulation dtype)."""
     rows, n = basis.shape
-    accumulate = _accumulate(w.dtype)
+    accumulate = accumulate_dtype(w.dtype)
     if n == 0:  # nothing to read (the kernels want a non-null w): Q w = 0, and w has no entries
         if mode != _UPDATE:
             h.zero_()
@@ -159,7 +155,7 @@ def gram_unchecked(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     contiguous rows, one float dtype and device."""
     rows, n = basis.shape
     cols = other.shape[0]
-    accumulate = _accumulate(basis.dtype)
+    accumulate = accumulate_dtype(basis.dtype)
     out = torch.empty(rows, cols, dtype=accumulate, device=basis.device)
     if n == 0:
         return out.zero_()
@@ -352,7 +348,7 @@ def _spmv_fake(row_ptr, col_idx, values, x, out):
 
 
 def _cgs_pass_fake(basis, w, h):
-    return w.new_empty((2,), dtype=_accumulate(w.dtype))
+    return w.new_empty((2,), dtype=accumulate_dtype(w.dtype))
 
 
 def _cgs_dots_fake(basis, w):
@@ -360,11 +356,11 @@ def _cgs_dots_fake(basis, w):
 
 
 def _cgs_update_fake(basis, w, h):
-    return w.new_empty((2,), dtype=_accumulate(w.dtype))
+    return w.new_empty((2,), dtype=accumulate_dtype(w.dtype))
 
 
 def _gram_fake(basis, other):
-    return basis.new_empty((basis.shape[0], other.shape[0]), dtype=_accumulate(basis.dtype))
+    return basis.new_empty((basis.shape[0], other.shape[0]), dtype=accumulate_dtype(basis.dtype))
 
 
 def _combine_rows_fake(basis, coef, out, accumulate):

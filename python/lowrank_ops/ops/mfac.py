@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .._args import require_finite_number, require_tensors
-from .._dtypes import float_code
+from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
@@ -47,9 +47,8 @@ LIBRARY.define("mfac_cholesky_factor_(Tensor(a!) K) -> Tensor")
 LIBRARY.define("mfac_cholesky_replace_(Tensor(a!) factor, int slot, Tensor row, Tensor(b!) work) -> Tensor")
 
 
-def compute_dtype(storage_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of vectors and sums for a buffer stored in ``storage_dtype``."""
-    return torch.float64 if storage_dtype == torch.float64 else torch.float32
+#: The dtype of vectors and sums for a buffer stored in a given storage dtype.
+compute_dtype = accumulate_dtype
 
 
 # ---------------------------------------------------------------------------- argument checks

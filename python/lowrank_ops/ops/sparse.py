@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .._dtypes import float_code, index_code
+from .._dtypes import accumulate_dtype, float_code, index_code
 from .._extension import cuda_extension, extension
 from ..sparse import FixedSupport
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
@@ -61,11 +61,6 @@ def _check_same_device(op: str, reference: torch.Tensor, **tensors) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != reference.device:
             raise ValueError(f"{op}: {name} is on {tensor.device}; expected {reference.device} (the device of the dense input)")
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' accumulation dtype: float64 for float64, else float32 (csr_spmm's addend)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows, addend=None) -> None:

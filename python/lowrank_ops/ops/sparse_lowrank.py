@@ -28,10 +28,9 @@ from typing import Optional
 import torch
 
 from .._args import require_finite_number
-from .._dtypes import float_code
+from .._dtypes import accumulate_dtype, float_code
 from ..sparse import FixedSupport
 from .sparse import _validate as _validate_sparse
-from .sparse import accumulate_dtype
 
 __all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
 

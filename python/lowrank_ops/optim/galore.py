@@ -21,8 +21,9 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from .._args import require_number
 from ..linalg.rsvd import rsvd
-from ._checks import check_number
+from ._checks import add_checked_group
 
 __all__ = ["GaLoreAdamW", "GaLoreProjector"]
 
@@ -172,14 +173,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.generator = generator
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """torch's ``add_param_group`` (missing settings from the defaults), then the checks
-        of every setting, so a group added later is validated like the first."""
-        super().add_param_group(param_group)
-        try:
-            _check_group(self.param_groups[-1])
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
+        """torch's ``add_param_group``, then the checks of every setting."""
+        add_checked_group(self, super().add_param_group, param_group, _check_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -258,11 +253,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 def _check_group(group) -> None:
     where = "GaLoreAdamW"
     for name in ("lr", "eps", "weight_decay", "scale"):
-        group[name] = check_number(where, name, group[name], 0.0)
+        group[name] = require_number(where, name, group[name], 0.0)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be two numbers in [0, 1); got {betas!r}")
-    group["betas"] = tuple(check_number(where, "betas", b, 0.0, 1.0) for b in betas)
+    group["betas"] = tuple(require_number(where, "betas", b, 0.0, 1.0) for b in betas)
     rank = group["rank"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{where}: rank must be an int >= 1 or None; got {rank!r}")

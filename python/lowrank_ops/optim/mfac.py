@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from .._args import require_number
 from ..second_order.mfac import MFACInverse
-from ._checks import check_number
+from ._checks import add_checked_group
 
 __all__ = ["MFAC"]
 
@@ -62,15 +63,8 @@ class MFAC(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """torch's ``add_param_group`` (missing settings from the defaults), then the checks
-        of every setting, so a group added later is validated like the first."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_group(group)
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
+        """torch's ``add_param_group``, then the checks of every setting."""
+        add_checked_group(self, super().add_param_group, param_group, _check_group)
 
     def _inverse(self, group: Dict[str, Any]) -> MFACInverse:
         state = self.state[group["params"][0]]
@@ -143,10 +137,10 @@ class MFAC(torch.optim.Optimizer):
 
 
 def _check_group(group: Dict[str, Any]) -> None:
-    group["lr"] = check_number("MFAC", "lr", group["lr"], 0.0, low_open=True)
-    group["damp"] = check_number("MFAC", "damp", group["damp"], 0.0, low_open=True)
-    group["momentum"] = check_number("MFAC", "momentum", group["momentum"], 0.0, 1.0)
-    group["weight_decay"] = check_number("MFAC", "weight_decay", group["weight_decay"], 0.0)
+    group["lr"] = require_number("MFAC", "lr", group["lr"], 0.0, low_open=True)
+    group["damp"] = require_number("MFAC", "damp", group["damp"], 0.0, low_open=True)
+    group["momentum"] = require_number("MFAC", "momentum", group["momentum"], 0.0, 1.0)
+    group["weight_decay"] = require_number("MFAC", "weight_decay", group["weight_decay"], 0.0)
     ngrads = group["ngrads"]
     if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral) or ngrads < 1:
         raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads!r}")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import List, Optional
 
 import torch
 
+from .._csr import quiet_sparse_csr_beta
 from ..ops import ot as ot_ops
 from ._problem import Problem
 
@@ -151,9 +151,7 @@ class OTResult:
         for bi in range(problem.batch):
             lo, hi = int(row_ptr[bi * problem.n]), int(row_ptr[(bi + 1) * problem.n])
             local_ptr = row_ptr[bi * problem.n:(bi + 1) * problem.n + 1] - lo
-            with warnings.catch_warnings():  # torch's "support is in beta" notice on every first use
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state",
-                                        category=UserWarning)
+            with quiet_sparse_csr_beta():
                 plans.append(torch.sparse_csr_tensor(local_ptr, col_idx[lo:hi], values[lo:hi],
                                                      size=(problem.n, problem.m), check_invariants=True))
         return plans[0] if problem.lead == () else plans

@@ -1,6 +1,8 @@
 """Thin callers of the Krylov kernel ops (:mod:`lowrank_ops.ops.krylov`) for the solvers.
 
-Each function calls one op through :func:`~lowrank_ops.ops._library.eager_or_op`: in
+Each function (but :func:`row_norms`, numpy on the CPU, and :func:`combine`, a
+:func:`subtract` with negated coefficients) calls one op through
+:func:`~lowrank_ops.ops._library.eager_or_op`: in
 eager mode the op's unchecked kernel call directly (no dispatcher, no per-call checks:
 these run thousands of times per solve at a few microseconds each; the op module's
 docstring says why they are kernels at all), under torch.compile the op itself.  No

@@ -347,13 +347,17 @@ def lowrank_error(
 
     Raises
     ------
+    TypeError
+        A non-tensor argument, or A not floating point.
     ValueError
-        ``norm`` or ``n_probes`` out of range, or factor shapes that do not match A.
+        A of fewer than 2 dims, ``norm`` or ``n_probes`` out of range, or factor shapes
+        that do not match A.
     """
     require_tensors("lowrank_error", A=A, U=U, S=S, Vh=Vh)
-    if not A.dtype.is_floating_point or A.dim() < 2:
-        raise TypeError(f"lowrank_error: A has dtype {A.dtype} and shape {tuple(A.shape)}; expected a floating "
-                        "tensor [..., m, n]")
+    if not A.dtype.is_floating_point:
+        raise TypeError(f"lowrank_error: A has dtype {A.dtype}; expected a floating dtype")
+    if A.dim() < 2:
+        raise ValueError(f"lowrank_error: A has shape {tuple(A.shape)}; expected [..., m, n]")
     if norm not in ("fro", "2"):
         raise ValueError(f"lowrank_error: norm must be 'fro' or '2'; got {norm!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:

@@ -208,10 +208,9 @@ class MFACInverse:
     def _replace_factor_row(self, slot: int, row: torch.Tensor) -> bool:
         """Updates the factor for the new row/column ``slot`` of ``K`` in ``O(m^2)``; whether it did.
 
-        CPU: ``_C.mfac_cholesky_replace_cpu``.  CUDA: ``_C.mfac_cholesky_replace_cuda`` on
-        the current stream, whose success flag (a device int) is read back here: one host
-        synchronization per replacement, as the refactorization it replaces already made one
-        (reading ``cholesky_ex``'s ``info``).  Falls back to a lazy refactorization without a
+        The ``mfac_cholesky_replace_`` op (on CUDA on the current stream, its success flag a
+        device int read back here: one host synchronization per replacement, as the
+        refactorization it replaces already made one, reading ``cholesky_ex``'s ``info``).  Falls back to a lazy refactorization without a
         factor yet, after ``ngrads`` updates, and when the downdate fails
         (``downdate_fallbacks``; a non-finite row fails the update too).
         """

@@ -25,6 +25,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import torch
 
 from .._args import require_tensors
+from .._dtypes import accumulate_dtype
 from .._finite import all_finite
 from ..second_order.mfac import MFACInverse
 
@@ -117,7 +118,7 @@ def obs_scores(weights: torch.Tensor, grads: torch.Tensor, damp: float, *,
     """
     _check(weights, grads, damp, block_size, "obs_scores")
     diag = _fisher(grads, damp, block_size).diag()
-    out_dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    out_dtype = accumulate_dtype(grads.dtype)
     return (weights.to(torch.float64).square() / (2.0 * diag.to(torch.float64))).to(out_dtype)
 
 
@@ -204,7 +205,7 @@ def collect_gradients(params: Sequence[torch.Tensor], loss_fn: Callable[..., tor
         ``batches`` is empty.
     """
     params = list(params)
-    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    dtype = accumulate_dtype(params[0].dtype)
     rows = []
     for batch in batches:
         loss = loss_fn(batch)

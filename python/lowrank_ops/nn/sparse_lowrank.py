@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._dtypes import accumulate_dtype
 from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
 from ..sparse import FixedSupport
 from ._init import fan_in_bound, uniform_
@@ -109,7 +110,7 @@ class SparseLowRankLinear(torch.nn.Module):
             in_features, out_features, rank, density, linear.bias is not None, scale=scale, strategy=strategy,
             generator=generator, device=weight.device, dtype=weight.dtype,
         )
-        work = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        work = weight.to(accumulate_dtype(weight.dtype))
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         root = (s[:rank] / layer.scale).sqrt()  # scale * B A = U_k diag(s_k) V_k^T, split evenly
         lora_B = u[:, :rank] * root

@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 
 from .._args import require_tensors
-from .._dtypes import float_code
+from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op, small_batch, small_batch_kernel
@@ -69,10 +69,6 @@ LIBRARY.define(
 
 
 # ---------------------------------------------------------------------------- row norms
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _norm_operands(weight, lora_A, lora_B, scale: float):
     """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)`` and B, ``[out, r]``,
     contiguous in the accumulation type.
@@ -80,7 +76,7 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     ``W A^T`` is one product in W's dtype (float32 accumulation; for a half W the ``[out, r]``
     result is rounded once to the half type, instead of a float32 copy of W).
     """
-    accumulate = _accumulate_dtype(weight.dtype)
+    accumulate = accumulate_dtype(weight.dtype)
     factor_A, factor_B = lora_A.to(accumulate), lora_B.to(accumulate).contiguous()
     proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate)
     coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
@@ -141,7 +137,7 @@ def _dora_row_norm_cuda(weight, lora_A, lora_B, scale):
 
 
 def _dora_row_norm_fake(weight, lora_A, lora_B, scale):
-    return weight.new_empty((weight.shape[0],), dtype=_accumulate_dtype(weight.dtype))
+    return weight.new_empty((weight.shape[0],), dtype=accumulate_dtype(weight.dtype))
 
 
 def _row_norm_op(weight: torch.Tensor):
@@ -203,7 +199,7 @@ def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scal
     return (
         x.new_empty((n, out_features)), x.new_empty((n, out_features)),
         x.new_empty((n, lora_A.shape[0]), dtype=lora_A.dtype),
-        x.new_empty((out_features,), dtype=_accumulate_dtype(weight.dtype)),
+        x.new_empty((out_features,), dtype=accumulate_dtype(weight.dtype)),
     )
 
 

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._dtypes import float_code
+from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from ._library import LIBRARY, current_stream, register_fake
@@ -106,10 +106,6 @@ class BatchedSVDResult(NamedTuple):
     off_diagonal: torch.Tensor
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_tol(m: int, n: int, dtype: torch.dtype) -> float:
     """Default orthogonality tolerance: ``max(min(m, n), sqrt(max(m, n))) * eps`` of the compute dtype.
 
@@ -125,7 +121,7 @@ def default_tol(m: int, n: int, dtype: torch.dtype) -> float:
     former ``max(m, n) eps``; LAPACK 1.8e-6), 200 x 32 orthogonality of U 3.8e-6 (was
     2.4e-5), for 0.25 more sweeps.
     """
-    return max(min(m, n), math.sqrt(max(m, n)), 1) * torch.finfo(_compute_dtype(dtype)).eps
+    return max(min(m, n), math.sqrt(max(m, n)), 1) * torch.finfo(accumulate_dtype(dtype)).eps
 
 
 def jacobi_size_limit(dtype: torch.dtype, device: torch.device) -> int:
@@ -133,13 +129,13 @@ def jacobi_size_limit(dtype: torch.dtype, device: torch.device) -> int:
     (beyond it: ``torch.linalg.svd``): :data:`CPU_MAX_JACOBI_SIZE` on CPU, else
     :data:`MAX_JACOBI_SIZE`."""
     if torch.device(device).type == "cpu":
-        return CPU_MAX_JACOBI_SIZE[_compute_dtype(dtype)]
+        return CPU_MAX_JACOBI_SIZE[accumulate_dtype(dtype)]
     return MAX_JACOBI_SIZE
 
 
 def default_max_sweeps(dtype: torch.dtype) -> int:
     """Default sweep limit: 30 for float64, 20 for float32 and the half types."""
-    return _DEFAULT_MAX_SWEEPS[_compute_dtype(dtype)]
+    return _DEFAULT_MAX_SWEEPS[accumulate_dtype(dtype)]
 
 
 # ---------------------------------------------------------------------------- the op
@@ -161,7 +157,7 @@ def _check_op_args(A: torch.Tensor, tol: float, max_sweeps: int) -> None:
 def _outputs(A: torch.Tensor, compute_uv: bool):
     batch, m, n = A.shape
     k = min(m, n)
-    dtype = _compute_dtype(A.dtype)
+    dtype = accumulate_dtype(A.dtype)
     if compute_uv:
         U = A.new_empty((batch, m, k), dtype=dtype)
         Vh = A.new_empty((batch, k, n), dtype=dtype)
@@ -240,7 +236,7 @@ def _jacobi_svd_fake(A, tol, max_sweeps, compute_uv):
     torch._check(A.dim() == 3, lambda: f"jacobi_svd: A must be 3-D (batch, m, n); got {A.dim()}-D")
     batch, m, n = A.shape
     k = torch.sym_min(m, n)
-    dtype = _compute_dtype(A.dtype)
+    dtype = accumulate_dtype(A.dtype)
     if compute_uv:
         U = A.new_empty((batch, m, k), dtype=dtype)
         Vh = A.new_empty((batch, k, n), dtype=dtype)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 
 from .._args import require_number
+from .._dtypes import accumulate_dtype
 from ..second_order.mfac import MFACInverse
 from ._checks import add_checked_group
 
@@ -70,7 +71,7 @@ class MFAC(torch.optim.Optimizer):
         state = self.state[group["params"][0]]
         if "inverse" not in state:
             first = group["params"][0]
-            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+            dtype = accumulate_dtype(first.dtype)
             dim = sum(p.numel() for p in group["params"])
             state["inverse"] = MFACInverse(dim, group["ngrads"], group["damp"], dtype=dtype,
                                            storage_dtype=group["storage_dtype"], device=first.device)

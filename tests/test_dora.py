@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import lowrank_ops.ops.dora as dora_module
 from lowrank_ops import reference
 from lowrank_ops._extension import extension
 from lowrank_ops.nn import LoRALinear
@@ -43,8 +44,13 @@ def norm_bound(weight, lora_A, lora_B, scale, exact, dtype):
     return torch.minimum(squared_error / exact.clamp_min(1e-300), squared_error.sqrt()) + u * exact
 
 
+@pytest.mark.parametrize("in_cache_path", [True, False], ids=["torch-in-cache", "kernels"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_row_norm_matches_dense_reference(device, dtype, generator):
+def test_row_norm_matches_dense_reference(device, dtype, in_cache_path, generator, monkeypatch):
+    """Every CPU path: float32 weights below SMALL_BATCH_MIN_WEIGHT elements take torch's
+    ops; with the limit at 0 they take the one-pass or the two-pass kernel."""
+    if not in_cache_path:
+        monkeypatch.setattr(dora_module, "SMALL_BATCH_MIN_WEIGHT", 0)
     for out_features, in_features, rank in [(37, 300, 8), (5, 17, 33), (64, 1, 2), (3, 8, 0), (0, 5, 2)]:
         t = make_problem(out_features, in_features, rank, (1,), dtype, device, generator)
         weight, lora_A, lora_B = t["weight"], t["lora_A"], t["lora_B"]

@@ -571,9 +571,11 @@ def test_gram_overflow_raises(device, generator):
     for g in gradients(3, 16, generator):
         full.update(g.float().to(device))
     full.ihvp(x)
+    fallbacks = full.downdate_fallbacks
     with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):
         full.update_ihvp(huge)
     assert full.count == 0 and not full.grads.any() and not full.gram.any()
+    assert full.downdate_fallbacks == fallbacks  # an overflow, not an indefinite downdate
     torch.testing.assert_close(full.ihvp(x), x / 1e-3)
     # float16 storage: an entry beyond its range; the static case; float64 holds the same gradient.
     with pytest.raises(RuntimeError, match="the gradients overflow the Gram matrix"):

@@ -190,7 +190,9 @@ class MFACInverse:
         full = self.count >= self.ngrads  # n stays ngrads: only row/column slot of K changes
         # A rank update that succeeded has checked the row (a non-finite one fails it);
         # otherwise it is tested here, one host read on CUDA.
+        fallbacks = self.downdate_fallbacks
         if not (full and self._replace_factor_row(slot, row)) and not all_finite(row):
+            self.downdate_fallbacks = fallbacks  # the update failed on the overflow, not on a downdate
             if full:
                 self.reset()  # g has overwritten the oldest gradient: no consistent window is left
             else:

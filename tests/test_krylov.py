@@ -396,6 +396,10 @@ def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator,
 def test_bad_input_gives_clear_errors():
     A = _laplacian(4)
     b = np.ones(16)
+    with pytest.raises(TypeError, match="CSRMatrix: row_ptr must be a tensor; got list"):
+        CSRMatrix([0, 1], torch.tensor([0]), torch.tensor([1.0]), (1, 1))
+    with pytest.raises(TypeError, match="CSRMatrix.from_dense: dense must be a tensor; got list"):
+        CSRMatrix.from_dense([[1.0]])
     with pytest.raises(ValueError, match=r"A has shape \(16, 15\); expected a square matrix"):
         gmres(A[:, :15], b)
     with pytest.raises(ValueError, match=r"b has shape \(15,\); expected \(n,\) = \(16,\)"):
@@ -451,7 +455,7 @@ def test_csr_matvec_checks_its_vectors(generator):
         matrix.matvec(x[None])
     with pytest.raises(ValueError, match="x is on meta; expected cpu"):
         matrix.matvec(torch.empty(7, dtype=torch.float64, device="meta"))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor; got list"):
+    with pytest.raises(TypeError, match="CSRMatrix.matvec: x must be a tensor; got list"):
         matrix.matvec(x.tolist())
     with pytest.raises(ValueError, match=r"CSRMatrix.matvec: out has shape \(4,\); expected \(5,\)"):
         matrix.matvec(x, out=torch.empty(4, dtype=torch.float64))
@@ -577,9 +581,7 @@ def _op_inputs(device, dtype, generator, rows=7, cols=3, n=300):
 
     dense = randn(50, n)
     dense[torch.rand(50, n, generator=generator) < 0.9] = 0
-    sparse = dense.to(dtype).to_sparse_csr()  # plain tensors, not views into a sparse tensor (opcheck fakifies them)
-    matrix = CSRMatrix(sparse.crow_indices().clone(), sparse.col_indices().clone(), sparse.values().clone(),
-                       (50, n)).to(device)
+    matrix = CSRMatrix.from_dense(dense.to(dtype)).to(device)  # plain tensors (opcheck fakifies them)
     basis = randn(rows, n + 5)[:, :n].to(device=device, dtype=dtype)  # rows strided by n + 5
     return dict(matrix=matrix, basis=basis, other=randn(cols, n).to(device=device, dtype=dtype),
                 x=randn(n).to(device=device, dtype=dtype), w=randn(n).to(device=device, dtype=dtype),

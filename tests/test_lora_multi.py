@@ -509,6 +509,8 @@ def test_multi_lora_linear_bad_routing(generator):
         layer.add_adapter("nan", 2, alpha=math.nan)
     with pytest.raises(TypeError, match=r"MultiLoRALinear: adapter_ids\[1\] = 0.9; expected an integer"):
         layer(x, adapter_ids=[0, 0.9, 1, 1])
+    with pytest.raises(TypeError, match="MultiLoRALinear: x must be a tensor; got list"):
+        layer(x.tolist(), adapter_ids=[0, 0, 1, 1])
     with pytest.raises(ValueError, match=r"x has shape \(4, 7\); expected \(\.\.\., in_features\) = \(\.\.\., 37\)"):
         layer(torch.randn(4, 7), adapter_ids=[0, 0, 1, 1])
 

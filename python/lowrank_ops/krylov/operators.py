@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._args import require_tensors
 from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta
 from .._finite import all_finite
 from ._kernels import spmv
@@ -34,8 +35,7 @@ _INT32_MAX = 2**31 - 1
 
 def _check_vector(where: str, name: str, x, n: int, dtype: torch.dtype, device: torch.device) -> None:
     """Raises unless ``x`` is a tensor of shape ``(n,)``, ``dtype`` and ``device`` (TypeError for the kind or dtype)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor; got {type(x).__name__}")
+    require_tensors(where, **{name: x})
     if x.shape != (n,):
         raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}; expected ({n},)")
     if x.dtype != dtype:
@@ -69,10 +69,10 @@ class CSRMatrix:
         n_rows, n_cols = (int(s) for s in shape)
         if n_rows < 0 or n_cols < 0:
             raise ValueError(f"{where}: shape must be non-negative; got {tuple(shape)}")
+        require_tensors(where, row_ptr=row_ptr, col_idx=col_idx, values=values)
         for name, tensor in (("row_ptr", row_ptr), ("col_idx", col_idx), ("values", values)):
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
-                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise ValueError(f"{where}: {name} must be a 1-D tensor; got {got}")
+            if tensor.dim() != 1:
+                raise ValueError(f"{where}: {name} must be a 1-D tensor; got {tuple(tensor.shape)}")
         if values.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: values has dtype {values.dtype}; expected float32 or float64")
         nnz = col_idx.numel()
@@ -127,8 +127,9 @@ class CSRMatrix:
         TypeError
             A dtype other than float32 or float64.
         """
-        if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
-            raise ValueError("CSRMatrix.from_dense: expected a 2-D tensor")
+        require_tensors("CSRMatrix.from_dense", dense=dense)
+        if dense.dim() != 2:
+            raise ValueError(f"CSRMatrix.from_dense: dense has shape {tuple(dense.shape)}; expected a 2-D tensor")
         with quiet_sparse_csr_beta():
             csr = dense.to_sparse_csr()
         # Plain tensors, not views into the sparse tensor (which torch.compile and opcheck reject).
@@ -302,9 +303,9 @@ class CSRMatrix:
         return out
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.shape != (self.shape[1],):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"CSRMatrix @ x: x has shape {got}; expected ({self.shape[1]},)")
+        require_tensors("CSRMatrix @ x", x=x)
+        if x.shape != (self.shape[1],):
+            raise ValueError(f"CSRMatrix @ x: x has shape {tuple(x.shape)}; expected ({self.shape[1]},)")
         return self.matvec(x.to(device=self.device, dtype=self.dtype).contiguous())
 
     def __repr__(self) -> str:

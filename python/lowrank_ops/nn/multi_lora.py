@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .._args import require_finite_number
+from .._args import require_finite_number, require_tensors
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
 from ._init import fan_in_bound
 
@@ -227,8 +227,9 @@ class MultiLoRALinear(nn.Module):
             An unknown adapter name, routing of the wrong length, or a conflicting
             combination of routing arguments.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"MultiLoRALinear: x has shape {tuple(getattr(x, 'shape', ()))}; expected "
+        require_tensors("MultiLoRALinear", x=x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"MultiLoRALinear: x has shape {tuple(x.shape)}; expected "
                              f"(..., in_features) = (..., {self.in_features})")
         rows = x.reshape(x.shape[:-1].numel(), self.in_features)
         n_rows = rows.shape[0]

@@ -59,6 +59,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._args import require_tensors
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, register_fake
@@ -196,9 +197,9 @@ def _fail(op: str, message: str):
 
 
 def _check_float_tensor(op: str, name: str, tensor, dim: int) -> None:
-    if not isinstance(tensor, torch.Tensor) or tensor.dim() != dim:
-        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        _fail(op, f"{name} must be a {dim}-D tensor; got {got}")
+    require_tensors(op, **{name: tensor})
+    if tensor.dim() != dim:
+        _fail(op, f"{name} must be a {dim}-D tensor; got {tuple(tensor.shape)}")
     if tensor.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected float32 or float64")
 
@@ -245,10 +246,10 @@ def _require_apart(op: str, written: str, tensor: torch.Tensor, **read) -> None:
 
 
 def _check_pattern(op: str, row_ptr, col_idx, values, n_rows: int) -> None:
+    require_tensors(op, row_ptr=row_ptr, col_idx=col_idx)
     for name, tensor in (("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            _fail(op, f"{name} must be a 1-D tensor; got {got}")
+        if tensor.dim() != 1:
+            _fail(op, f"{name} must be a 1-D tensor; got {tuple(tensor.shape)}")
     if row_ptr.dtype not in INDEX_CODES:
         raise TypeError(f"{op}: row_ptr has dtype {row_ptr.dtype}; expected int32 or int64")
     if col_idx.dtype != row_ptr.dtype:
@@ -456,9 +457,9 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
     beta = _check_float(op, "beta", beta, positive=True)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
-    if not isinstance(row_ptr, torch.Tensor) or row_ptr.dim() != 1 or row_ptr.numel() < 2:
-        got = tuple(row_ptr.shape) if isinstance(row_ptr, torch.Tensor) else type(row_ptr).__name__
-        _fail(op, f"row_ptr has shape {got}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
+    require_tensors(op, row_ptr=row_ptr)
+    if row_ptr.dim() != 1 or row_ptr.numel() < 2:
+        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
     n = row_ptr.numel() - 1
     _check_pattern(op, row_ptr, col_idx, values, n)
     _check_float_tensor(op, "basis", basis, 2)

@@ -47,6 +47,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .._args import require_tensors
 from .._finite import all_finite
 from ..ops.mfac import _mfac_dots_write, cholesky_factor_op, cholesky_replace_op, compute_dtype, mfac_apply_op
 
@@ -441,9 +442,9 @@ class MFACInverse:
         ``dtype`` defaults to float64 for float64 ``G``, else float32.  Raises ValueError
         for non-finite entries, RuntimeError when ``G G^T`` overflows the compute dtype.
         """
-        if not isinstance(G, torch.Tensor) or G.dim() != 2 or G.shape[0] < 1 or G.shape[1] < 1:
-            shape = tuple(G.shape) if isinstance(G, torch.Tensor) else type(G).__name__
-            raise ValueError(f"MFACInverse.from_gradients: G has shape {shape}; expected (m, d) with m, d >= 1")
+        require_tensors("MFACInverse.from_gradients", G=G)
+        if G.dim() != 2 or G.shape[0] < 1 or G.shape[1] < 1:
+            raise ValueError(f"MFACInverse.from_gradients: G has shape {tuple(G.shape)}; expected (m, d) with m, d >= 1")
         dtype = compute_dtype(G.dtype) if dtype is None else dtype
         inverse = cls(G.shape[1], G.shape[0], damp, dtype=dtype, storage_dtype=storage_dtype, device=G.device)
         if not all_finite(G):
@@ -486,8 +487,7 @@ class MFACInverse:
         for key, shape, dtype in (("grads", (self.ngrads, self.dim), self.storage_dtype),
                                   ("gram", (self.ngrads, self.ngrads), torch.float64)):
             tensor = state[key]
-            if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"{op}: {key} must be a tensor; got {type(tensor).__name__}")
+            require_tensors(op, **{key: tensor})
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise ValueError(
                     f"{op}: {key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; expected {shape} and {dtype}"

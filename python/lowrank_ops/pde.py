@@ -186,11 +186,8 @@ def poisson(grid: int, *, seed: int = 0, index: int = 0) -> PDEProblem:
 
     Parameters
     ----------
-    grid : int
-        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
-    seed, index : int
-        The run and the sample in it, both >= 0: the sample's randomness depends on
-        these only (:func:`sample_generator`).
+    grid, seed, index : int
+        As in :func:`darcy`.
 
     Returns
     -------
@@ -218,11 +215,8 @@ def helmholtz(grid: int, *, seed: int = 0, index: int = 0, wavenumber: float = 1
 
     Parameters
     ----------
-    grid : int
-        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
-    seed, index : int
-        The run and the sample in it, both >= 0: the sample's randomness depends on
-        these only (:func:`sample_generator`).
+    grid, seed, index : int
+        As in :func:`darcy`.
     wavenumber : float
         The mean wavenumber ``k_0``.
     contrast : float
@@ -239,7 +233,7 @@ def helmholtz(grid: int, *, seed: int = 0, index: int = 0, wavenumber: float = 1
     Raises
     ------
     ValueError
-        ``grid`` not an integer >= 1, or a negative ``seed`` or ``index``.
+        As in :func:`darcy`.
     """
     grid = _check_grid("helmholtz", grid)
     k = wavenumber * (1 + contrast * torch.tanh(gaussian_random_field(grid, sample_generator(seed, index))))
@@ -254,11 +248,8 @@ def thermal(grid: int, *, seed: int = 0, index: int = 0) -> PDEProblem:
 
     Parameters
     ----------
-    grid : int
-        ``n``, the interior nodes per side (``n * n`` unknowns), >= 1.
-    seed, index : int
-        The run and the sample in it, both >= 0: the sample's randomness depends on
-        these only (:func:`sample_generator`).
+    grid, seed, index : int
+        As in :func:`darcy`.
 
     Returns
     -------
@@ -271,7 +262,7 @@ def thermal(grid: int, *, seed: int = 0, index: int = 0) -> PDEProblem:
     Raises
     ------
     ValueError
-        ``grid`` not an integer >= 1, or a negative ``seed`` or ``index``.
+        As in :func:`darcy`.
     """
     grid = _check_grid("thermal", grid)
     generator = sample_generator(seed, index)

@@ -62,6 +62,7 @@ import torch
 from .._args import require_tensors
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
+from ._layout import require_rows_apart, row_stride, rows_view
 from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
@@ -89,10 +90,6 @@ LIBRARY.define("krylov_arnoldi_(Tensor row_ptr, Tensor col_idx, Tensor values, T
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _row_stride(tensor: torch.Tensor) -> int:
-    return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
-
-
 # ---------------------------------------------------------------------------- kernel calls (no checks)
 def spmv_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
                    out: torch.Tensor) -> None:
@@ -116,7 +113,7 @@ def _cgs(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> to
         if mode != _UPDATE:
             h.zero_()
         return torch.zeros(2, dtype=accumulate, device=w.device)
-    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), rows=rows, n=n, q_stride=_row_stride(basis),
+    common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), rows=rows, n=n, q_stride=row_stride(basis),
                   mode=mode, dtype=FLOAT_CODES[w.dtype])
     if w.is_cuda:
         norms = torch.empty(2, dtype=accumulate, device=w.device)
@@ -151,6 +148,23 @@ def cgs_update_unchecked(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) 
     return _cgs(_UPDATE, basis, w, h)
 
 
+def _block(op: str, basis: torch.Tensor, common: dict, cols: int, workspace_dtype: Optional[torch.dtype] = None):
+    """``krylov_block`` on ``basis``'s device.  On the CPU the ``n`` entries are split in up
+    to one chunk per thread (``_WORK_PER_TASK`` entries at least); the Gram mode
+    (``workspace_dtype`` given) sums the chunks' partial ``[rows, cols]`` products in a
+    workspace."""
+    if basis.is_cuda:
+        cuda_extension(op).krylov_block_cuda(**common, workspace=0, device=basis.device.index,
+                                             stream=current_stream(basis))
+        return
+    rows, n = basis.shape
+    threads = torch.get_num_threads()
+    n_chunks = max(1, min(threads, (rows + cols) * n // _WORK_PER_TASK))
+    workspace = None if workspace_dtype is None else torch.empty(n_chunks * rows * cols, dtype=workspace_dtype)
+    extension().krylov_block_cpu(**common, workspace=0 if workspace is None else workspace.data_ptr(),
+                                 n_chunks=n_chunks, num_threads=threads)
+
+
 def gram_unchecked(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``krylov_gram`` for valid arguments: ``basis`` ``[rows, n]`` and ``other`` ``[cols, n]`` with
     contiguous rows, one float dtype and device."""
@@ -161,16 +175,9 @@ def gram_unchecked(basis: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out.zero_()
     common = dict(basis=basis.data_ptr(), other=other.data_ptr(), coef=0, out=out.data_ptr(), rows=rows, cols=cols,
-                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(other), mode=0, accumulate=False,
+                  n=n, q_stride=row_stride(basis), other_stride=row_stride(other), mode=0, accumulate=False,
                   dtype=FLOAT_CODES[basis.dtype])
-    if basis.is_cuda:
-        cuda_extension("krylov_gram").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
-                                                        stream=current_stream(basis))
-    else:
-        threads = torch.get_num_threads()
-        n_chunks = max(1, min(threads, (rows + cols) * n // _WORK_PER_TASK))
-        workspace = torch.empty(n_chunks * rows * cols, dtype=accumulate)
-        extension().krylov_block_cpu(**common, workspace=workspace.data_ptr(), n_chunks=n_chunks, num_threads=threads)
+    _block("krylov_gram", basis, common, cols, workspace_dtype=accumulate)
     return out
 
 
@@ -180,15 +187,9 @@ def combine_rows_unchecked(basis: torch.Tensor, coef: torch.Tensor, out: torch.T
     rows, n = basis.shape
     cols = out.shape[0]
     common = dict(basis=basis.data_ptr(), other=out.data_ptr(), coef=coef.data_ptr(), out=0, rows=rows, cols=cols,
-                  n=n, q_stride=_row_stride(basis), other_stride=_row_stride(out), mode=1, accumulate=accumulate,
+                  n=n, q_stride=row_stride(basis), other_stride=row_stride(out), mode=1, accumulate=accumulate,
                   dtype=FLOAT_CODES[basis.dtype])
-    if basis.is_cuda:
-        cuda_extension("krylov_combine_rows_").krylov_block_cuda(**common, workspace=0, device=basis.device.index,
-                                                                 stream=current_stream(basis))
-    else:
-        threads = torch.get_num_threads()
-        n_chunks = max(1, min(threads, (rows + cols) * n // _WORK_PER_TASK))
-        extension().krylov_block_cpu(**common, workspace=0, n_chunks=n_chunks, num_threads=threads)
+    _block("krylov_combine_rows_", basis, common, cols)
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -210,24 +211,6 @@ def _check_like(op: str, reference_name: str, reference: torch.Tensor, **tensors
         if tensor.dtype != reference.dtype or tensor.device != reference.device:
             _fail(op, f"{name} has dtype {tensor.dtype} on {tensor.device}; expected {reference.dtype} on "
                       f"{reference.device} (as {reference_name})")
-
-
-def _rows_apart(tensor: torch.Tensor) -> bool:
-    """Unit column stride and rows that do not overlap: the layout the kernels read ``[rows, n]`` in."""
-    rows, n = tensor.shape
-    return (n <= 1 or tensor.stride(1) == 1) and (rows <= 1 or tensor.stride(0) >= n)
-
-
-def _rows_view(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` when its rows are apart, else a contiguous copy (for arguments only read)."""
-    return tensor if _rows_apart(tensor) else tensor.contiguous()
-
-
-def _require_rows(op: str, name: str, tensor: torch.Tensor) -> None:
-    """For written arguments, which cannot be copied."""
-    if not _rows_apart(tensor):
-        _fail(op, f"{name} has strides {tensor.stride()}; expected unit column stride and rows that do not overlap "
-                  "(it is written in place)")
 
 
 def _require_contiguous(op: str, name: str, tensor: torch.Tensor) -> None:
@@ -278,7 +261,7 @@ def _check_basis_and_vector(op: str, basis, w, h=None) -> Tuple[torch.Tensor, Op
         _check_like(op, "basis", basis, h=h)
         if h.shape != (rows,):
             _fail(op, f"h has shape {tuple(h.shape)}; expected (rows,) = ({rows},) (basis is {tuple(basis.shape)})")
-    return _rows_view(basis), h
+    return rows_view(basis), h
 
 
 # ---------------------------------------------------------------------------- registered impls
@@ -324,7 +307,7 @@ def _gram(basis, other):
     if other.shape[1] != basis.shape[1]:
         _fail(op, f"other has shape {tuple(other.shape)}; expected (cols, n) = (cols, {basis.shape[1]}) "
                   f"(basis is {tuple(basis.shape)})")
-    return gram_unchecked(_rows_view(basis), _rows_view(other))
+    return gram_unchecked(rows_view(basis), rows_view(other))
 
 
 def _combine_rows(basis, coef, out, accumulate):
@@ -339,9 +322,9 @@ def _combine_rows(basis, coef, out, accumulate):
         _fail(op, f"out has shape {tuple(out.shape)}; expected (cols, n) = (cols, {n}) (basis is {tuple(basis.shape)})")
     if coef.shape != (rows, cols):
         _fail(op, f"coef has shape {tuple(coef.shape)}; expected (rows, cols) = ({rows}, {cols})")
-    _require_rows(op, "out", out)
+    require_rows_apart(op, "out", out)
     _require_apart(op, "out", out, basis=basis, coef=coef)
-    combine_rows_unchecked(_rows_view(basis), coef.contiguous(), out, bool(accumulate))
+    combine_rows_unchecked(rows_view(basis), coef.contiguous(), out, bool(accumulate))
 
 
 def _spmv_fake(row_ptr, col_idx, values, x, out):
@@ -470,8 +453,7 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
     _check_like(op, "values", values, basis=basis, r=r)
     if basis.shape[0] < kc + steps + 1 or basis.shape[1] != n:
         _fail(op, f"basis has shape {tuple(basis.shape)}; expected (>= kc + steps + 1, n) = (>= {kc + steps + 1}, {n})")
-    if basis.stride(1) != 1 or basis.stride(0) < n:
-        _fail(op, f"basis must have contiguous rows; got strides {basis.stride()}")
+    require_rows_apart(op, "basis", basis)
     if r.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
         _fail(op, "r must not share memory with basis (the cycle overwrites the basis rows)")
     if r.shape != (n,) or not r.is_contiguous():

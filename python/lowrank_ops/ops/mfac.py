@@ -34,6 +34,7 @@ import torch
 from .._args import require_finite_number, require_tensors
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
+from ._layout import require_rows_apart, row_stride, rows_view
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
@@ -70,32 +71,18 @@ def _check_vectors(op: str, name: str, grads: torch.Tensor, x: torch.Tensor) -> 
         raise ValueError(f"{op}: {name} is on {x.device}; expected {grads.device} (the device of grads)")
 
 
-def _rows_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A view with unit column stride and rows that do not overlap (the kernels read row i
-    at i * _ld(tensor)); copies only otherwise (strided columns, or an expanded tensor
-    whose rows share memory: row stride 0)."""
-    if tensor.dim() < 2:
-        return tensor
-    rows_apart = tensor.shape[0] <= 1 or tensor.stride(0) >= tensor.shape[1]
-    return tensor if tensor.stride(1) == 1 and rows_apart else tensor.contiguous()
-
-
-def _ld(tensor: torch.Tensor) -> int:
-    return max(tensor.stride(0), tensor.shape[1]) if tensor.shape[0] > 0 else tensor.shape[1]
-
-
 # ---------------------------------------------------------------------------- mfac_dots
 def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int):
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if write_slot >= 0 and not (write_slot < n_rows and x.shape[0] >= 1):
         raise ValueError(f"{op}: write_slot must be in [0, n_rows) = [0, {n_rows}) with k >= 1; got {write_slot}")
-    x = _rows_view(x)
+    x = rows_view(x)
     k, dim = x.shape
     out = x.new_empty((k, n_rows))
     args = dict(
         grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim, k=k,
-        grads_ld=_ld(grads), x_ld=_ld(x), write_slot=write_slot, dtype=float_code(grads.dtype, op, "grads"),
+        grads_ld=row_stride(grads), x_ld=row_stride(x), write_slot=write_slot, dtype=float_code(grads.dtype, op, "grads"),
     )
     if grads.device.type == "cuda":
         module = cuda_extension(op)
@@ -109,13 +96,12 @@ def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int):
 
 
 def _mfac_dots(grads, x, n_rows):
-    return _dots_impl("mfac_dots", _rows_view(grads), x, n_rows, -1)
+    return _dots_impl("mfac_dots", rows_view(grads), x, n_rows, -1)
 
 
 def _mfac_dots_write(grads, x, n_rows, write_slot):
-    if grads.dim() == 2 and (grads.stride(1) != 1 or (grads.shape[0] > 1 and grads.stride(0) < grads.shape[1])):
-        raise ValueError(f"mfac_dots_write_: grads has strides {grads.stride()}; expected unit column stride and "
-                         "rows that do not overlap (it is written in place)")
+    if grads.dim() == 2:
+        require_rows_apart("mfac_dots_write_", "grads", grads)
     return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot)
 
 
@@ -136,12 +122,12 @@ def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
         raise ValueError(f"{op}: coef has shape {tuple(coef.shape)}; expected (k, n_rows) = ({x.shape[0]}, {n_rows})")
     if coef.dtype != x.dtype or coef.device != x.device:
         raise TypeError(f"{op}: coef is {coef.dtype} on {coef.device}; expected {x.dtype} on {x.device} (as x)")
-    grads, x, coef = _rows_view(grads), _rows_view(x), coef.contiguous()
+    grads, x, coef = rows_view(grads), rows_view(x), coef.contiguous()
     k, dim = x.shape
     out = x.new_empty((k, dim))
     args = dict(
         grads=grads.data_ptr(), coef=coef.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim,
-        k=k, grads_ld=_ld(grads), x_ld=_ld(x), out_ld=_ld(out), alpha=float(alpha), beta=float(beta),
+        k=k, grads_ld=row_stride(grads), x_ld=row_stride(x), out_ld=row_stride(out), alpha=float(alpha), beta=float(beta),
         dtype=float_code(grads.dtype, op, "grads"),
     )
     if grads.device.type == "cuda":
@@ -170,15 +156,15 @@ def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
     a single-threaded float64 substitution and mfac_combine, with no Python work or
     tensors between them)."""
     _check_apply(grads, x, n_rows, factor, products)
-    x, grads = _rows_view(x), _rows_view(grads)
+    x, grads = rows_view(x), rows_view(grads)
     factor = factor.contiguous()
     products = None if products is None else products.contiguous()
     k, dim = x.shape
     out = x.new_empty((k, dim))
     extension().mfac_apply_cpu(
         grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), U=factor.data_ptr(), u_ld=factor.stride(0),
-        products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k, grads_ld=_ld(grads),
-        x_ld=_ld(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "mfac_apply", "grads"),
+        products=0 if products is None else products.data_ptr(), n_rows=n_rows, dim=dim, k=k, grads_ld=row_stride(grads),
+        x_ld=row_stride(x), out_ld=dim, alpha=alpha, beta=beta, dtype=float_code(grads.dtype, "mfac_apply", "grads"),
         num_threads=torch.get_num_threads(),
     )
     return out
@@ -207,9 +193,7 @@ def mfac_apply_op(device_type: str):
 def _check_square(op: str, name: str, tensor: torch.Tensor) -> int:
     if tensor.dtype != torch.float64 or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
         raise ValueError(f"{op}: {name} is {tensor.dtype} {tuple(tensor.shape)}; expected float64 (n, n)")
-    if tensor.shape[0] > 0 and (tensor.stride(1) != 1 or tensor.stride(0) < tensor.shape[1]):
-        raise ValueError(f"{op}: {name} has strides {tensor.stride()}; expected unit column stride and rows that do "
-                         "not overlap (it is written in place)")
+    require_rows_apart(op, name, tensor)
     return tensor.shape[0]
 
 

@@ -1,0 +1,29 @@
+"""The one memory layout the row-streaming kernels (M-FAC passes, Krylov blocks) read
+``[rows, n]`` tensors in: unit column stride, and rows that do not overlap, row ``i`` at
+``i * row_stride(tensor)``."""
+from __future__ import annotations
+
+import torch
+
+
+def rows_apart(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` ``[rows, n]`` has that layout (an expanded tensor, row stride 0, has not)."""
+    rows, n = tensor.shape
+    return (n <= 1 or tensor.stride(1) == 1) and (rows <= 1 or tensor.stride(0) >= n)
+
+
+def rows_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` when it has the layout (or is not 2-D), else a contiguous copy: for arguments only read."""
+    return tensor if tensor.dim() != 2 or rows_apart(tensor) else tensor.contiguous()
+
+
+def require_rows_apart(op: str, name: str, tensor: torch.Tensor) -> None:
+    """For arguments written in place, which cannot be copied: ValueError unless they have the layout."""
+    if not rows_apart(tensor):
+        raise ValueError(f"{op}: {name} has strides {tensor.stride()}; expected unit column stride and rows that do "
+                         "not overlap (it is written in place)")
+
+
+def row_stride(tensor: torch.Tensor) -> int:
+    """The distance between rows in elements (``n`` when there is at most one row)."""
+    return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]

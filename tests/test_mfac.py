@@ -156,6 +156,9 @@ def test_apply_and_factor_ops(device, generator):
     assert int(torch.ops.lowrank_ops.mfac_cholesky_replace_(updated, 3, K2[3].clone(), work).item()) == 1
     assert rel(updated.T @ updated, K2) <= 1e-12
     torch.library.opcheck(torch.ops.lowrank_ops.mfac_cholesky_replace_.default, (U.clone(), 3, K2[3].clone(), work))
+    compiled = torch.compile(lambda G, x, U: torch.ops.lowrank_ops.mfac_apply(G, x, n, U, 1.0 / lam, -1.0 / lam, None),
+                             fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(G, x, U), torch.ops.lowrank_ops.mfac_apply(G, x, n, U, 1.0 / lam, -1.0 / lam, None))
     with pytest.raises(ValueError, match=r"factor is torch.float32 \(5, 5\)"):
         torch.ops.lowrank_ops.mfac_apply(G, x, n, U.float(), 1.0, -1.0, None)
     with pytest.raises(ValueError, match=r"slot must be in \[0, n\) = \[0, 5\); got 5"):

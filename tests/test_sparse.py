@@ -476,6 +476,58 @@ def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(generator):
     torch.testing.assert_close(dv[3], (left[:, 2] * x[:, 2]).sum())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_skewed_rows_split_across_threads(threads, generator):
+    """Enough work for several row blocks (the CPU kernels split rows by nnz + rows): one
+    row holding every column, long empty stretches, and the SpMV, SpMM and SDDMM paths."""
+    out_features, in_features = 3000, 400
+    rows = [torch.full((in_features,), 7), torch.randint(1500, 3000, (6000,), generator=generator)]
+    cols = [torch.arange(in_features), torch.randint(0, in_features, (6000,), generator=generator)]
+    pairs = torch.unique(torch.stack([torch.cat(rows), torch.cat(cols)]), dim=1)
+    support = FixedSupport.from_indices(pairs[0], pairs[1], (out_features, in_features))
+    values = randn(support.nnz, generator=generator)
+    dense = support.to_dense(values).double()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 40):
+            x = randn(batch, in_features, generator=generator)
+            torch.testing.assert_close(fixed_sparse_matmul(x, values, support), (x.double() @ dense.T).float(),
+                                       rtol=1e-5, atol=1e-4)
+            grad_y = randn(batch, out_features, generator=generator)
+            dv = torch.ops.lowrank_ops.csr_sddmm(support.row_ptr, support.col_idx, None, grad_y, x)
+            expected = (grad_y.double().T @ x.double())[support.rows(), support.col_idx.long()]
+            torch.testing.assert_close(dv, expected.float(), rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_non_monotone_row_pointers_at_threaded_sizes(generator):
+    """A decreasing stretch of row_ptr (raw op, no FixedSupport check) at a size that splits
+    rows across threads: every row still sums entries [clamp(row_ptr[r]), max(that,
+    clamp(row_ptr[r + 1]))) and nothing is read or written out of bounds."""
+    n_rows, n_cols, nnz = 4000, 64, 40000
+    row_ptr = torch.arange(0, 10 * (n_rows + 1), 10, dtype=torch.int32)
+    row_ptr[1000:1500] = 5  # decreasing, then jumping back up
+    row_ptr[-1] = nnz + 999  # past nnz: clamped
+    col_idx = torch.randint(0, n_cols, (nnz,), dtype=torch.int32, generator=generator)
+    values = randn(nnz, generator=generator)
+    x = randn(1, n_cols, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, None, x, n_rows)
+    finally:
+        torch.set_num_threads(previous)
+    products = values.double() * x[0, col_idx.long()].double()
+    expected = torch.empty(n_rows, dtype=torch.float64)
+    for r in range(n_rows):
+        begin = min(max(int(row_ptr[r]), 0), nnz)
+        end = max(begin, min(max(int(row_ptr[r + 1]), 0), nnz))
+        expected[r] = products[begin:end].sum()
+    torch.testing.assert_close(out[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_tensor_on_cpu_only_build_names_the_fix(cpu_only_build):
     from lowrank_ops.ops import sparse as sparse_ops
 

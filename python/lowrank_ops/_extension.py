@@ -6,6 +6,8 @@ when the needed part is missing.
 """
 from __future__ import annotations
 
+import functools
+
 from types import ModuleType
 from typing import Optional
 
@@ -26,7 +28,13 @@ def import_error() -> Optional[BaseException]:
 
 def cuda_compiled() -> bool:
     """True when ``_C`` was built with the CUDA kernels."""
-    return _compiled is not None and bool(_compiled.build_info()["cuda_compiled"])
+    return _compiled is not None and _has_cuda_kernels(_compiled)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cuda_kernels(module) -> bool:
+    # Asked once per module: every CUDA op call checks it, and build_info builds a dict.
+    return bool(module.build_info()["cuda_compiled"])
 
 
 def extension() -> ModuleType:
@@ -42,7 +50,7 @@ def extension() -> ModuleType:
 def cuda_extension(op: str) -> ModuleType:
     """The compiled module, checked to hold CUDA kernels; raises RuntimeError otherwise."""
     module = extension()
-    if not module.build_info()["cuda_compiled"]:
+    if not cuda_compiled():
         raise RuntimeError(
             f"{op}: got CUDA tensors, but lowrank_ops was built without CUDA kernels; rebuild with "
             "nvcc on PATH: `LOWRANK_OPS_CUDA=ON pip install --no-build-isolation .`"

@@ -272,27 +272,30 @@ class _FixedSparseMatmul(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
-def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> None:
+def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> dict:
+    """Checks a call's arguments; returns the support's pattern buffers by name
+    (:meth:`FixedSupport.pattern`, read once per call)."""
     if not isinstance(support, FixedSupport):
         raise TypeError(f"{op}: support must be a lowrank_ops.sparse.FixedSupport; got {type(support).__name__}")
     for name, tensor in (("x", x), ("values", values)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
         float_code(tensor.dtype, op, name)
-    if x.dim() < 1 or x.shape[-1] != support.in_features:
-        raise ValueError(
-            f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {support.in_features})"
-        )
-    if values.dim() != 1 or values.numel() != support.nnz:
-        raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({support.nnz},)")
+    pattern = support.pattern()
+    in_features, nnz, device = support.in_features, pattern["col_idx"].numel(), x.device
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
+    if values.dim() != 1 or values.numel() != nnz:
+        raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({nnz},)")
     if values.dtype != x.dtype:
         raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of x, {x.dtype}")
-    if values.device != x.device:
-        raise ValueError(f"{op}: values is on {values.device}; expected the device of x, {x.device}")
-    if support.device != x.device:
+    if values.device != device:
+        raise ValueError(f"{op}: values is on {values.device}; expected the device of x, {device}")
+    if pattern["col_idx"].device != device:
         raise ValueError(
-            f"{op}: support is on {support.device}; expected the device of x, {x.device} (use support.to(x.device))"
+            f"{op}: support is on {support.device}; expected the device of x, {device} (use support.to(x.device))"
         )
+    return pattern
 
 
 def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
@@ -322,18 +325,18 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
 
 
 def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
-    _validate(op, x, values, support)
-    batch_shape = x.shape[:-1]
-    x2 = x.reshape(x.shape[:-1].numel(), support.in_features)
+    pattern = _validate(op, x, values, support)
+    batch_shape, out_features = x.shape[:-1], support.out_features
+    x2 = x.reshape(batch_shape.numel(), support.in_features)
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
         y = _FixedSparseMatmul.apply(
-            x2, values, support.row_ptr, support.col_idx, support.row_order,
-            support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
-            support.out_features, support.in_features,
+            x2, values, pattern["row_ptr"], pattern["col_idx"], pattern["row_order"],
+            pattern["col_ptr"], pattern["row_idx"], pattern["csc_to_csr"], pattern["col_order"],
+            out_features, support.in_features,
         )
     else:  # nothing to differentiate: no autograd Function, no saved tensors
-        y = _spmm_op(x.device)(support.row_ptr, support.col_idx, values, support.row_order, x2, support.out_features)
-    return y.reshape(*batch_shape, support.out_features)
+        y = _spmm_op(x.device)(pattern["row_ptr"], pattern["col_idx"], values, pattern["row_order"], x2, out_features)
+    return y.reshape(*batch_shape, out_features)
 
 
 def spmv(support: FixedSupport, values: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,21 @@ def seeded_support(out_features: int, in_features: int, density: float, device: 
     return FixedSupport.random(out_features, in_features, density, generator=generator).to(device)
 
 
+@functools.lru_cache(maxsize=1)
+def spectral_matrix(batch: int, m: int, n: int, device: str):
+    """``(A, spectrum)``: A ``[batch?, m, n]`` float32 with singular values ``1 / i``
+    (random orthonormal factors, fixed seed; cached: every impl of a case shares it) and
+    that spectrum ``[min(m, n)]`` float64, so the optimal rank-k error is known exactly."""
+    generator = torch.Generator().manual_seed(0)
+    k = min(m, n)
+    spectrum = torch.arange(1, k + 1, dtype=torch.float64).reciprocal()
+    shape = (batch,) if batch else ()
+    U = torch.linalg.qr(torch.randn(*shape, m, k, generator=generator)).Q
+    V = torch.linalg.qr(torch.randn(*shape, n, k, generator=generator)).Q
+    A = (U * spectrum.float()) @ V.transpose(-2, -1)
+    return A.contiguous().to(device), spectrum
+
+
 def params(cases: Sequence[Case]) -> List[Any]:
     """``pytest.param`` objects for ``@pytest.mark.parametrize("case", params(cases))``."""
     return [pytest.param(case, id=case.id) for case in cases]

@@ -32,7 +32,6 @@ passes of our default; the GFLOP/s column is therefore ours' useful rate.
 """
 from __future__ import annotations
 
-import functools
 import statistics
 import warnings
 from typing import List
@@ -42,7 +41,7 @@ import torch
 
 from lowrank_ops.linalg import rsvd
 
-from _harness import DEVICES, FULL, Case, measure, params, require_device
+from _harness import DEVICES, FULL, Case, measure, params, require_device, spectral_matrix
 
 FAMILY = "rsvd"
 OVERSAMPLE = 10
@@ -88,19 +87,6 @@ def _rsvd_cases() -> List[Case]:
 
 
 # ---------------------------------------------------------------------------- inputs
-@functools.lru_cache(maxsize=1)
-def _matrix(batch: int, m: int, n: int, device: str):
-    """(A [batch?, m, n] float32 with spectrum 1/i, the spectrum [min(m, n)] float64)."""
-    generator = torch.Generator().manual_seed(0)
-    k = min(m, n)
-    spectrum = torch.arange(1, k + 1, dtype=torch.float64).reciprocal()
-    shape = (batch,) if batch else ()
-    U = torch.linalg.qr(torch.randn(*shape, m, k, generator=generator)).Q
-    V = torch.linalg.qr(torch.randn(*shape, n, k, generator=generator)).Q
-    A = (U * spectrum.float()) @ V.transpose(-2, -1)
-    return A.contiguous().to(device), spectrum
-
-
 def _excess_error(A: torch.Tensor, U, S, Vh, spectrum: torch.Tensor, k: int) -> float:
     optimal = spectrum[k:].square().sum().sqrt()
     A64 = A.double()
@@ -152,7 +138,7 @@ def _rsvd_runner(case: Case, A: torch.Tensor, k: int, passes: int):
 def test_rsvd(benchmark, case: Case):
     require_device(case.device)
     m, n, k = case.problem
-    A, spectrum = _matrix(0, m, n, case.device)
+    A, spectrum = spectral_matrix(0, m, n, case.device)
     passes = _default_passes(m, n, k)
 
     def build():
@@ -180,7 +166,7 @@ def test_rsvd(benchmark, case: Case):
 def test_rsvd_batched(benchmark, case: Case):
     require_device(case.device)
     b, m, n, k = case.problem
-    A, spectrum = _matrix(b, m, n, case.device)
+    A, spectrum = spectral_matrix(b, m, n, case.device)
     passes = _default_passes(m, n, k)
 
     def build():
@@ -205,7 +191,7 @@ def test_rsvd_batched(benchmark, case: Case):
 def test_galore_refresh(benchmark, case: Case):
     require_device(case.device)
     m, n, r = case.problem
-    G0, _ = _matrix(0, m, n, case.device)
+    G0, _ = spectral_matrix(0, m, n, case.device)
     generator = torch.Generator().manual_seed(3)
     # The gradient update_proj_gap steps later: the same dominant subspace, perturbed.
     G1 = G0 + 0.05 * G0.norm() / (m * n) ** 0.5 * torch.randn(G0.shape, generator=generator).to(case.device)

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .._args import require_finite_number
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
-from ._init import fan_in_bound, uniform_
+from ._init import ZERO_B_INITS, fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
 
 __all__ = ["LoRALinear"]
 
@@ -39,6 +39,23 @@ class LoRALinear(torch.nn.Module):
         ``W + scaling B A``; the forward is :func:`lowrank_ops.ops.dora_linear`.
     dtype : torch.dtype, optional
         Of the adapter parameters: the base weight's (default) or float32.
+    init_lora_weights : bool or str
+        PEFT's names and meanings:
+
+        * ``True`` (default): A Kaiming-uniform (a = sqrt(5)), B = 0: the layer starts as
+          the base layer;
+        * ``"gaussian"``: A ~ N(0, 1 / r^2), B = 0;
+        * ``False``: A and B both Kaiming-uniform (not a no-op; for tests);
+        * ``"pissa"``: PiSSA: ``s B A`` is the best rank-r approximation of the base
+          weight (exact SVD) and the base weight becomes the residual, so the layer's
+          function is unchanged up to rounding; needs ``r <= min(in, out)`` and
+          ``scaling > 0``;
+        * ``"pissa_niter_K"``: the same from :func:`lowrank_ops.linalg.rsvd` with K power
+          iterations (seconds faster than the exact SVD at LLaMA shapes);
+        * ``"olora"``: OLoRA: ``B = Q[:, :r]``, ``A = R[:r]`` from the QR factorization
+          of the base weight, the residual left in the base.
+
+        The SVD and QR run in float32 (float64 for float64 weights).
     generator : torch.Generator, optional
         Makes the initialization reproducible.  Dropout masks come from torch's default
         generator (reproducible with ``torch.manual_seed``), because a Generator object
@@ -55,7 +72,7 @@ class LoRALinear(torch.nn.Module):
     Notes
     -----
     Initialization as PEFT's default: ``A`` Kaiming-uniform (a = sqrt(5)), ``B = 0``, so the
-    layer starts as the base layer.
+    layer starts as the base layer (see ``init_lora_weights`` for the others).
     """
 
     def __init__(
@@ -69,6 +86,7 @@ class LoRALinear(torch.nn.Module):
         use_gate: bool = False,
         use_dora: bool = False,
         dtype: Optional[torch.dtype] = None,
+        init_lora_weights: Union[bool, str] = True,
         generator: Optional[torch.Generator] = None,
     ):
         super().__init__()
@@ -81,6 +99,7 @@ class LoRALinear(torch.nn.Module):
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
         if use_gate and use_dora:
             raise ValueError("LoRALinear: use_gate and use_dora cannot be combined (dora_linear has no gate)")
+        self.init_lora_weights, self._init_iterations = parse_lora_init("LoRALinear", init_lora_weights)
         weight = base_layer.weight
         dtype = weight.dtype if dtype is None else dtype
         if dtype not in (weight.dtype, torch.float32):
@@ -91,6 +110,13 @@ class LoRALinear(torch.nn.Module):
         self.r, self.lora_alpha = r, float(lora_alpha)
         self.use_rslora, self.use_dora = use_rslora, use_dora
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        if self.init_lora_weights in ("pissa", "olora"):
+            if r > min(self.in_features, self.out_features):
+                raise ValueError(f"LoRALinear: init_lora_weights={init_lora_weights!r} needs r <= min(in_features, "
+                                 f"out_features) = {min(self.in_features, self.out_features)}; got r = {r}")
+            if self.init_lora_weights == "pissa" and not self.scaling > 0:
+                raise ValueError(f"LoRALinear: init_lora_weights={init_lora_weights!r} needs scaling > 0 (it splits "
+                                 f"the singular values as sqrt(S / scaling)); got lora_alpha = {lora_alpha}")
         self.lora_dropout = float(lora_dropout)
         self.active_rank: Optional[int] = None
         self.merged = False
@@ -102,19 +128,62 @@ class LoRALinear(torch.nn.Module):
         self.lora_magnitude_vector = (
             torch.nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         )
-        self.reset_parameters(generator)
+        self._initialize(None, generator)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """A Kaiming-uniform (a = sqrt(5)), B = 0, gate = 1, magnitude = row norms of W + s B A."""
-        bound = fan_in_bound(self.in_features)  # kaiming_uniform_ with a = sqrt(5) on [r, in]
-        with torch.no_grad():
-            uniform_(self.lora_A, bound, generator)
+        """Re-initializes the adapter as ``init_lora_weights`` says; gate = 1, magnitude = row
+        norms of ``W + s B A``.
+
+        PiSSA and OLoRA split the layer's current effective weight (base plus adapter, as
+        :meth:`merge` would fold it) again, so the layer's function is kept and its
+        principal part moves back into the adapter.  Raises RuntimeError while merged.
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear.reset_parameters: the adapter is merged into the base weight; unmerge() first")
+        effective = self._effective_weight() if self.init_lora_weights in ("pissa", "olora") else None
+        self._initialize(effective, generator)
+
+    @torch.no_grad()
+    def _initialize(self, effective: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> None:
+        """Sets every adapter parameter; PiSSA and OLoRA split ``effective`` (default: the base
+        weight) and write the residual into the base weight (rounded once)."""
+        kind = self.init_lora_weights
+        if kind in ("pissa", "olora"):
+            weight = self.base_layer.weight
+            if effective is None:
+                effective = weight.to(torch.promote_types(weight.dtype, torch.float32))
+            A, B, residual = split_weight(effective, self.r, self.scaling, kind, self._init_iterations,
+                                          self.lora_A.dtype, generator)
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            weight.copy_(residual)
+        elif kind == "gaussian":
+            normal_(self.lora_A, 1.0 / self.r, generator)
             self.lora_B.zero_()
-            if self.lora_gate is not None:
-                self.lora_gate.fill_(1.0)
-            if self.lora_magnitude_vector is not None:
-                norm = dora_row_norm(self.base_layer.weight, self.lora_A, self.lora_B, self.scaling)
-                self.lora_magnitude_vector.copy_(norm)
+        else:
+            uniform_(self.lora_A, fan_in_bound(self.in_features), generator)  # kaiming_uniform_, a = sqrt(5)
+            if kind in ZERO_B_INITS:
+                self.lora_B.zero_()
+            else:  # False: B as nn.Linear would initialize a [out, r] weight
+                uniform_(self.lora_B, fan_in_bound(self.r), generator)
+        if self.lora_gate is not None:
+            self.lora_gate.fill_(1.0)
+        if self.lora_magnitude_vector is not None:
+            norm = dora_row_norm(self.base_layer.weight, self.lora_A, self.lora_B, self.scaling)
+            self.lora_magnitude_vector.copy_(norm)
+
+    def _effective_weight(self) -> torch.Tensor:
+        """The weight the forward applies, ``W + s B diag(g) A`` (DoRA: its rows scaled to the
+        magnitudes), in float32 (float64 for float64 weights)."""
+        lora_A, lora_B, gate = self._factors()
+        weight = self.base_layer.weight
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        expand = lora_B.to(accumulate) if gate is None else lora_B.to(accumulate) * gate.to(accumulate)
+        effective = torch.addmm(weight.to(accumulate), expand, lora_A.to(accumulate), alpha=self.scaling)
+        if self.use_dora:
+            norm = effective.norm(dim=1).clamp_min(DEFAULT_EPS)  # the forward's floor
+            effective *= (self.lora_magnitude_vector.to(accumulate) / norm)[:, None]
+        return effective
 
     def _factors(self):
         k = self.r if self.active_rank is None else self.active_rank
@@ -189,6 +258,11 @@ class LoRALinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         extras = [f"r={self.r}", f"scaling={self.scaling:g}", f"lora_dropout={self.lora_dropout:g}"]
+        if self.init_lora_weights is not True:
+            name = self.init_lora_weights
+            if name == "pissa" and self._init_iterations is not None:
+                name = f"pissa_niter_{self._init_iterations}"
+            extras.append(f"init_lora_weights={name!r}")
         extras += [name for name in ("use_rslora", "use_dora") if getattr(self, name)]
         if self.lora_gate is not None:
             extras.append("use_gate")

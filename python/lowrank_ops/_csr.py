@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["check_row_ptr", "check_col_idx", "quiet_sparse_csr_beta"]
+__all__ = ["check_row_ptr", "check_col_idx", "check_index_range", "quiet_sparse_csr_beta"]
 
 
 def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:
@@ -30,13 +31,30 @@ def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_
                          f"{name}[{row}] = {int(row_ptr[row])}")
 
 
+def _out_of_range(index: torch.Tensor, extent: int) -> Optional[Tuple[int, int]]:
+    """``(min, max)`` of the integer tensor ``index`` when an entry lies outside ``[0, extent)``, else None."""
+    if index.numel() == 0:
+        return None
+    low, high = (int(v) for v in torch.aminmax(index))
+    return (low, high) if low < 0 or high >= extent else None
+
+
 def check_col_idx(where: str, col_idx: torch.Tensor, n_cols: int) -> None:
-    """Raises ValueError unless every entry of ``col_idx`` lies in ``[0, n_cols)``."""
-    if col_idx.numel() == 0:
-        return
-    low, high = (int(v) for v in torch.aminmax(col_idx))
-    if low < 0 or high >= n_cols:
-        raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{low}, {high}]")
+    """Raises ValueError unless every entry of ``col_idx`` lies in ``[0, n_cols)``; the message
+    gives the observed range ``[min, max]`` (CSRMatrix's and the OT ops' wording)."""
+    bad = _out_of_range(col_idx, n_cols)
+    if bad is not None:
+        raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{bad[0]}, {bad[1]}]")
+
+
+def check_index_range(where: str, index: torch.Tensor, extent: int, name: str) -> None:
+    """Raises ValueError unless every entry of the integer tensor ``index`` (any shape) lies in
+    ``[0, extent)``; the message names the offending extreme (the minimum when negative, else
+    the maximum), FixedSupport's wording for its coordinates and buffers."""
+    bad = _out_of_range(index, extent)
+    if bad is not None:
+        low, high = bad
+        raise ValueError(f"{where}: {name} must lie in [0, {extent}); got {low if low < 0 else high}")
 
 
 @contextlib.contextmanager

@@ -1,8 +1,12 @@
-"""The checks of a CSR pattern's contents shared by the Python layer (clear errors before a kernel runs),
+"""The checks of a CSR pattern shared by the Python layer (clear errors before a kernel runs),
 and the quiet construction of torch CSR tensors.
 
-The kernels are memory-safe on any indices (row ranges clamped to ``[0, nnz]``, columns
-out of range skipped or rejected), so these checks are about telling the user what is
+Two kinds of check: the arguments of the raw CSR ops (:func:`check_row_ptr_shape`,
+:func:`check_index_dtypes`: what the C++ entry points rely on, checked on every call), and
+a pattern's contents (:func:`check_row_ptr`, :func:`check_col_idx`,
+:func:`check_index_range`: a pass over the data, done once when a pattern is built).  The
+kernels are memory-safe on any contents (row ranges clamped to ``[0, nnz]``, columns out
+of range skipped or rejected), so the content checks are about telling the user what is
 wrong instead of computing with a malformed pattern.
 """
 from __future__ import annotations
@@ -13,7 +17,28 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["check_row_ptr", "check_col_idx", "check_index_range", "quiet_sparse_csr_beta"]
+from ._dtypes import index_code
+
+__all__ = [
+    "check_row_ptr_shape", "check_index_dtypes", "check_row_ptr", "check_col_idx", "check_index_range",
+    "quiet_sparse_csr_beta",
+]
+
+
+def check_row_ptr_shape(where: str, row_ptr: torch.Tensor, n_rows: int) -> None:
+    """Raises ValueError unless ``row_ptr`` has shape ``(n_rows + 1,)``."""
+    if row_ptr.dim() != 1 or row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"{where}: row_ptr has shape {tuple(row_ptr.shape)}; expected (n_rows + 1,) = ({n_rows + 1},)")
+
+
+def check_index_dtypes(where: str, row_ptr: torch.Tensor, **indices: Optional[torch.Tensor]) -> None:
+    """Raises TypeError unless ``row_ptr`` is int32 or int64 and every tensor of ``indices``
+    (name=tensor; None skipped) has its dtype: the kernels read every index array with one
+    index type."""
+    index_code(row_ptr.dtype, where, "row_ptr")
+    for name, tensor in indices.items():
+        if tensor is not None and tensor.dtype != row_ptr.dtype:
+            raise TypeError(f"{where}: {name} has dtype {tensor.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
 
 
 def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:

@@ -672,6 +672,8 @@ def test_ops_reject_bad_arguments(generator):
         ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x, out[:40])
     with pytest.raises(TypeError, match="krylov_spmv_: col_idx has dtype torch.int64; expected the dtype of row_ptr"):
         ops.krylov_spmv_(m.row_ptr, m.col_idx.long(), m.values, x, out)
+    with pytest.raises(TypeError, match="krylov_spmv_: row_ptr has dtype torch.int16; expected int32 or int64"):
+        ops.krylov_spmv_(m.row_ptr.short(), m.col_idx.short(), m.values, x, out)
     with pytest.raises(ValueError, match=r"krylov_spmv_: x has dtype torch.float32 on cpu; expected torch.float64 on cpu \(as values\)"):
         ops.krylov_spmv_(m.row_ptr, m.col_idx, m.values, x.float(), out)
     with pytest.raises(ValueError, match=r"krylov_spmv_: out has strides \(2,\); expected a contiguous tensor"):

@@ -458,6 +458,29 @@ def test_raw_op_rejects_bad_arguments(generator):
         torch.ops.lowrank_ops.csr_sddmm(support.row_ptr, support.col_idx, None, randn(3, 8), x)
 
 
+def test_raw_ops_reject_bad_index_arrays(generator):
+    # The pattern checks shared with the Krylov ops (lowrank_ops._csr), reached through both raw ops.
+    support = make_support((8, 10, 0.5), generator, "cpu")
+    row_ptr, col_idx, row_order = support.row_ptr, support.col_idx, support.row_order
+    values = randn(support.nnz, generator=generator)
+    x, left = randn(4, 10, generator=generator), randn(4, 8, generator=generator)
+    spmm, sddmm = torch.ops.lowrank_ops.csr_spmm, torch.ops.lowrank_ops.csr_sddmm
+    with pytest.raises(ValueError, match=r"csr_spmm: row_ptr has shape \(1, 9\); expected \(n_rows \+ 1,\) = \(9,\)"):
+        spmm(row_ptr[None], col_idx, values, None, x, 8)
+    with pytest.raises(ValueError, match=r"csr_sddmm: row_ptr has shape \(8,\); expected \(n_rows \+ 1,\) = \(9,\)"):
+        sddmm(row_ptr[:-1], col_idx, None, left, x)
+    with pytest.raises(ValueError, match=r"csr_spmm: col_idx has shape \(1, \d+\); expected 1-D \(nnz,\)"):
+        spmm(row_ptr, col_idx[None], values, None, x, 8)
+    with pytest.raises(TypeError, match="csr_spmm: row_ptr has dtype torch.int16; expected int32 or int64"):
+        spmm(row_ptr.short(), col_idx.short(), values, None, x, 8)
+    with pytest.raises(TypeError, match="csr_sddmm: col_idx has dtype torch.int64; expected the dtype of row_ptr"):
+        sddmm(row_ptr, col_idx.long(), None, left, x)
+    with pytest.raises(TypeError, match="csr_spmm: row_order has dtype torch.int64; expected the dtype of row_ptr"):
+        spmm(row_ptr, col_idx, values, row_order.long(), x, 8)
+    with pytest.raises(ValueError, match=r"csr_sddmm: row_order has shape \(7,\); expected \(8,\)"):
+        sddmm(row_ptr, col_idx, row_order[:-1], left, x)
+
+
 def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(generator):
     # Raw ops bypass FixedSupport's validation; out-of-range columns and row pointers
     # must be skipped (clamped), never dereferenced.

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "lowrank_ops/check.h"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/krylov.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
@@ -292,8 +293,7 @@ LOWRANK_KRYLOV_CLONES void spmv_rows(const I* row_ptr, const I* col_idx, const T
                                      int64_t n_cols, int64_t nnz, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     T sum = 0;
-    const int64_t k_begin = std::clamp<int64_t>(row_ptr[r], 0, nnz);
-    const int64_t k_end = std::clamp<int64_t>(row_ptr[r + 1], k_begin, nnz);
+    const int64_t k_begin = clamped(row_ptr[r], nnz), k_end = std::max(k_begin, clamped(row_ptr[r + 1], nnz));
     for (int64_t k = k_begin; k < k_end; ++k) {
       const int64_t c = static_cast<int64_t>(col_idx[k]);
       if (c >= 0 && c < n_cols) sum += values[k] * x[c];

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <vector>
 
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/ot.h"
 #include "lowrank_ops/parallel.h"
 
@@ -383,8 +384,7 @@ void hessian_problem(const OtHessianParams& p, int64_t b) {
   for (int64_t i = 0; i < p.rows; ++i) {
     const int64_t row = b * p.rows + i;
     T acc = r[i] * vx[i];
-    const int64_t begin = std::clamp<int64_t>(p.row_ptr[row], 0, p.nnz);
-    const int64_t end = std::clamp<int64_t>(p.row_ptr[row + 1], begin, p.nnz);
+    const int64_t begin = clamped(p.row_ptr[row], p.nnz), end = std::max(begin, clamped(p.row_ptr[row + 1], p.nnz));
     for (int64_t k = begin; k < end; ++k) {
       const int64_t j = p.col_idx[k];
       LOWRANK_CHECK(j >= 0 && j < p.cols, "ot_hessian_matvec: col_idx[", k, "] = ", j, "; expected in [0, ",

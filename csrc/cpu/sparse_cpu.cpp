@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #endif
 
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/cpu_features.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
@@ -46,11 +47,6 @@ constexpr int64_t kTile = 16;       // batch rows per SpMM tile (one 64-byte lin
 constexpr int64_t kSddmmTile = 32;  // batch rows per SDDMM tile (amortizes the horizontal sum)
 constexpr int64_t kSmallBatch = 4;  // below this, tiles would be mostly padding: gather directly
 constexpr int64_t kSerialWork = 1 << 16;  // multiply-adds below which threads cost more than they save
-
-template <class I>
-inline int64_t clamped(I value, int64_t hi) {
-  return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(value), 0), hi);
-}
 
 // Splits [0, n_rows) into at most n_blocks contiguous ranges of about equal cost,
 // cost(row) = 1 + its nnz.  Returns n_blocks' + 1 boundaries.  Each boundary is a binary

@@ -54,12 +54,6 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-template <class I>
-__device__ __forceinline__ int64_t clamped(I value, int64_t hi) {
-  const int64_t v = static_cast<int64_t>(value);
-  return v < 0 ? 0 : (v > hi ? hi : v);
-}
-
 // Makes `device` current for this thread in our (statically linked) CUDA runtime.
 // Our runtime keeps its own current device, separate from torch's, so every entry
 // point sets it explicitly.

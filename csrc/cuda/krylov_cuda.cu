@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "cuda_utils.cuh"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/krylov.h"
 
 namespace lowrank_ops {

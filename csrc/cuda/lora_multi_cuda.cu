@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_utils.cuh"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/lora_multi.h"
 
 namespace lowrank_ops {

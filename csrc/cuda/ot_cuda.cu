@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cuda_utils.cuh"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/ot.h"
 
 namespace lowrank_ops {

@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda_utils.cuh"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/sparse.h"
 
 namespace lowrank_ops {

@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "cuda_utils.cuh"
+#include "lowrank_ops/clamp.h"
 #include "lowrank_ops/svd.h"
 
 namespace lowrank_ops {
@@ -56,7 +57,6 @@ __host__ __device__ inline int64_t state_acc_bytes(int64_t cols, int64_t acc_siz
 __host__ __device__ inline int64_t small_shared_bytes(int64_t cols, int64_t acc_size) {
   return state_acc_bytes(cols, acc_size) + align16((cols + (cols & 1)) * 4 + kWarp * 8 + kWarp * 4);
 }
-__device__ __forceinline__ int64_t clamp_index(int64_t x, int64_t hi) { return x < 0 ? 0 : (x > hi ? hi : x); }
 
 struct LaunchPlan {
   bool in_shared = true;
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_svd_kernel(JacobiSvdParams
                                (p.u_stride_c < 0 ? -p.u_stride_c : p.u_stride_c);
       for (int64_t e = threadIdx.x; e < n_elem; e += blockDim.x) {
         const int64_t r = u_rows_fast ? e % rows : e / cols, pos = u_rows_fast ? e / rows : e % cols;
-        const int64_t src = clamp_index(perm[pos], cols - 1);
+        const int64_t src = clamped(perm[pos], cols - 1);
         u_out[r * p.u_stride_r + pos * p.u_stride_c] = w[src * rows + r];
       }
       A* v_out = static_cast<A*>(p.v) + b * p.v_stride_b;
@@ -382,14 +382,14 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_svd_kernel(JacobiSvdParams
                                (p.v_stride_c < 0 ? -p.v_stride_c : p.v_stride_c);
       for (int64_t e = threadIdx.x; e < cols * cols; e += blockDim.x) {
         const int64_t r = v_rows_fast ? e % cols : e / cols, pos = v_rows_fast ? e / cols : e % cols;
-        const int64_t src = clamp_index(perm[pos], cols - 1);
+        const int64_t src = clamped(perm[pos], cols - 1);
         v_out[r * p.v_stride_r + pos * p.v_stride_c] = v[src * cols + r];
       }
     }
 
     A* s_out = static_cast<A*>(p.s) + b * p.s_stride_b;
     for (int64_t pos = threadIdx.x; pos < cols; pos += blockDim.x) {
-      const int64_t src = clamp_index(perm[pos], cols - 1);
+      const int64_t src = clamped(perm[pos], cols - 1);
       s_out[pos * p.s_stride_k] = ldexp_of(sigma[src], exponent);
     }
     if (threadIdx.x == 0) {

@@ -1,18 +1,44 @@
-"""The checks of a CSR pattern's contents shared by the Python layer (clear errors before a kernel runs),
+"""The checks of a CSR pattern shared by the Python layer (clear errors before a kernel runs),
 and the quiet construction of torch CSR tensors.
 
-The kernels are memory-safe on any indices (row ranges clamped to ``[0, nnz]``, columns
-out of range skipped or rejected), so these checks are about telling the user what is
+Two kinds of check: the arguments of the raw CSR ops (:func:`check_row_ptr_shape`,
+:func:`check_index_dtypes`: what the C++ entry points rely on, checked on every call), and
+a pattern's contents (:func:`check_row_ptr`, :func:`check_col_idx`,
+:func:`check_index_range`: a pass over the data, done once when a pattern is built).  The
+kernels are memory-safe on any contents (row ranges clamped to ``[0, nnz]``, columns out
+of range skipped or rejected), so the content checks are about telling the user what is
 wrong instead of computing with a malformed pattern.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["check_row_ptr", "check_col_idx", "quiet_sparse_csr_beta"]
+from ._dtypes import index_code
+
+__all__ = [
+    "check_row_ptr_shape", "check_index_dtypes", "check_row_ptr", "check_col_idx", "check_index_range",
+    "quiet_sparse_csr_beta",
+]
+
+
+def check_row_ptr_shape(where: str, row_ptr: torch.Tensor, n_rows: int) -> None:
+    """Raises ValueError unless ``row_ptr`` has shape ``(n_rows + 1,)``."""
+    if row_ptr.dim() != 1 or row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"{where}: row_ptr has shape {tuple(row_ptr.shape)}; expected (n_rows + 1,) = ({n_rows + 1},)")
+
+
+def check_index_dtypes(where: str, row_ptr: torch.Tensor, **indices: Optional[torch.Tensor]) -> None:
+    """Raises TypeError unless ``row_ptr`` is int32 or int64 and every tensor of ``indices``
+    (name=tensor; None skipped) has its dtype: the kernels read every index array with one
+    index type."""
+    index_code(row_ptr.dtype, where, "row_ptr")
+    for name, tensor in indices.items():
+        if tensor is not None and tensor.dtype != row_ptr.dtype:
+            raise TypeError(f"{where}: {name} has dtype {tensor.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
 
 
 def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:
@@ -30,13 +56,30 @@ def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_
                          f"{name}[{row}] = {int(row_ptr[row])}")
 
 
+def _out_of_range(index: torch.Tensor, extent: int) -> Optional[Tuple[int, int]]:
+    """``(min, max)`` of the integer tensor ``index`` when an entry lies outside ``[0, extent)``, else None."""
+    if index.numel() == 0:
+        return None
+    low, high = (int(v) for v in torch.aminmax(index))
+    return (low, high) if low < 0 or high >= extent else None
+
+
 def check_col_idx(where: str, col_idx: torch.Tensor, n_cols: int) -> None:
-    """Raises ValueError unless every entry of ``col_idx`` lies in ``[0, n_cols)``."""
-    if col_idx.numel() == 0:
-        return
-    low, high = (int(v) for v in torch.aminmax(col_idx))
-    if low < 0 or high >= n_cols:
-        raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{low}, {high}]")
+    """Raises ValueError unless every entry of ``col_idx`` lies in ``[0, n_cols)``; the message
+    gives the observed range ``[min, max]`` (CSRMatrix's and the OT ops' wording)."""
+    bad = _out_of_range(col_idx, n_cols)
+    if bad is not None:
+        raise ValueError(f"{where}: col_idx must lie in [0, n_cols) = [0, {n_cols}); got [{bad[0]}, {bad[1]}]")
+
+
+def check_index_range(where: str, index: torch.Tensor, extent: int, name: str) -> None:
+    """Raises ValueError unless every entry of the integer tensor ``index`` (any shape) lies in
+    ``[0, extent)``; the message names the offending extreme (the minimum when negative, else
+    the maximum), FixedSupport's wording for its coordinates and buffers."""
+    bad = _out_of_range(index, extent)
+    if bad is not None:
+        low, high = bad
+        raise ValueError(f"{where}: {name} must lie in [0, {extent}); got {low if low < 0 else high}")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
 
-from ._csr import check_row_ptr
+from ._csr import check_index_range, check_row_ptr
 
 __all__ = ["FixedSupport"]
 
@@ -173,8 +173,8 @@ class FixedSupport(torch.nn.Module):
                 f"FixedSupport.from_indices: rows has shape {tuple(rows.shape)} on {rows.device}; expected the "
                 f"shape and device of cols, {tuple(cols.shape)} on {cols.device}"
             )
-        _check_range(rows, out_features, "rows", "FixedSupport.from_indices")
-        _check_range(cols, in_features, "cols", "FixedSupport.from_indices")
+        check_index_range("FixedSupport.from_indices", rows, out_features, "rows")
+        check_index_range("FixedSupport.from_indices", cols, in_features, "cols")
         keys = rows * in_features + cols
         keys, order = keys.sort()
         duplicate = keys[1:] == keys[:-1]
@@ -404,7 +404,7 @@ def _csr_rows(row_ptr: torch.Tensor, col_idx: torch.Tensor, out_features: int, i
             f"{where}: {prefix}row_ptr has length {row_ptr.numel()}; expected out_features + 1 = {out_features + 1}"
         )
     check_row_ptr(where, row_ptr, col_idx.numel(), prefix + "row_ptr")
-    _check_range(col_idx, in_features, prefix + "col_idx", where)
+    check_index_range(where, col_idx, in_features, prefix + "col_idx")
     rows = torch.repeat_interleave(torch.arange(out_features, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
     same_row = rows[1:] == rows[:-1]
     bad = same_row & (col_idx[1:] <= col_idx[:-1])
@@ -454,15 +454,6 @@ def _as_index_vector(tensor, name: str, where: str) -> torch.Tensor:
     if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise ValueError(f"{where}: {name} must be a 1-D integer tensor; got shape {tuple(tensor.shape)}, dtype {tensor.dtype}")
     return tensor.to(torch.int64)
-
-
-def _check_range(index: torch.Tensor, extent: int, name: str, where: str) -> None:
-    if index.numel() == 0:
-        return
-    low, high = int(index.min()), int(index.max())
-    if low < 0 or high >= extent:
-        bad = low if low < 0 else high
-        raise ValueError(f"{where}: {name} must lie in [0, {extent}); got {bad}")
 
 
 def _check_values(support: FixedSupport, values: torch.Tensor, where: str) -> None:

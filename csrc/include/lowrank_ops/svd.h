@@ -61,12 +61,7 @@
 #include <cstdint>
 
 #include "lowrank_ops/dtype.h"
-
-#ifdef __CUDACC__
-#define LOWRANK_HOST_DEVICE __host__ __device__
-#else
-#define LOWRANK_HOST_DEVICE
-#endif
+#include "lowrank_ops/host_device.h"
 
 namespace lowrank_ops {
 

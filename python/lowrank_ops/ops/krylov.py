@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from .._args import require_tensors
+from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
 from ._layout import require_rows_apart, row_stride, rows_view
@@ -229,16 +230,14 @@ def _require_apart(op: str, written: str, tensor: torch.Tensor, **read) -> None:
 
 
 def _check_pattern(op: str, row_ptr, col_idx, values, n_rows: int) -> None:
+    """``row_ptr`` ``[n_rows + 1]`` and ``col_idx`` ``[nnz]`` of one index dtype (int32 or int64),
+    ``values`` ``[nnz]`` float32 or float64, all on one device."""
     require_tensors(op, row_ptr=row_ptr, col_idx=col_idx)
     for name, tensor in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if tensor.dim() != 1:
             _fail(op, f"{name} must be a 1-D tensor; got {tuple(tensor.shape)}")
-    if row_ptr.dtype not in INDEX_CODES:
-        raise TypeError(f"{op}: row_ptr has dtype {row_ptr.dtype}; expected int32 or int64")
-    if col_idx.dtype != row_ptr.dtype:
-        raise TypeError(f"{op}: col_idx has dtype {col_idx.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
-    if row_ptr.numel() != n_rows + 1:
-        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n_rows + 1,) = ({n_rows + 1},)")
+    check_index_dtypes(op, row_ptr, col_idx=col_idx)
+    check_row_ptr_shape(op, row_ptr, n_rows)
     _check_float_tensor(op, "values", values, 1)
     if values.numel() != col_idx.numel():
         _fail(op, f"values has shape {tuple(values.shape)}; expected (nnz,) = ({col_idx.numel()},) (as col_idx)")

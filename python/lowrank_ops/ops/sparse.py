@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import accumulate_dtype, float_code, index_code
 from .._extension import cuda_extension, extension
 from ..sparse import FixedSupport
@@ -42,19 +43,15 @@ LIBRARY.define("csr_sddmm(Tensor row_ptr, Tensor col_idx, Tensor? row_order, Ten
 
 
 # ---------------------------------------------------------------------------- argument checks
-def _check_pattern(op: str, row_ptr, col_idx, n_rows: int, extra=()) -> None:
-    if row_ptr.dim() != 1 or row_ptr.numel() != n_rows + 1:
-        raise ValueError(f"{op}: row_ptr has shape {tuple(row_ptr.shape)}; expected (n_rows + 1,) = ({n_rows + 1},)")
+def _check_pattern(op: str, row_ptr, col_idx, row_order, n_rows: int) -> None:
+    """``row_ptr`` ``[n_rows + 1]``, ``col_idx`` 1-D and ``row_order`` ``[n_rows]`` (or None), one
+    index dtype (int32 or int64)."""
+    check_row_ptr_shape(op, row_ptr, n_rows)
     if col_idx.dim() != 1:
         raise ValueError(f"{op}: col_idx has shape {tuple(col_idx.shape)}; expected 1-D (nnz,)")
-    index_code(row_ptr.dtype, op, "row_ptr")
-    for name, tensor, length in (("col_idx", col_idx, None),) + tuple(extra):
-        if tensor is None:
-            continue
-        if tensor.dtype != row_ptr.dtype:
-            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
-        if length is not None and (tensor.dim() != 1 or tensor.numel() != length):
-            raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; expected ({length},)")
+    check_index_dtypes(op, row_ptr, col_idx=col_idx, row_order=row_order)
+    if row_order is not None and (row_order.dim() != 1 or row_order.numel() != n_rows):
+        raise ValueError(f"{op}: row_order has shape {tuple(row_order.shape)}; expected ({n_rows},)")
 
 
 def _check_same_device(op: str, reference: torch.Tensor, **tensors) -> None:
@@ -68,7 +65,7 @@ def _check_spmm_args(row_ptr, col_idx, values, row_order, dense, n_rows, addend=
     if n_rows < 0:
         raise ValueError(f"{op}: n_rows must be >= 0; got {n_rows}")
     nnz = col_idx.numel()
-    _check_pattern(op, row_ptr, col_idx, n_rows, (("row_order", row_order, n_rows),))
+    _check_pattern(op, row_ptr, col_idx, row_order, n_rows)
     if dense.dim() != 2:
         raise ValueError(f"{op}: dense has shape {tuple(dense.shape)}; expected 2-D (batch, n_cols)")
     float_code(dense.dtype, op, "dense")
@@ -95,7 +92,7 @@ def _check_sddmm_args(row_ptr, col_idx, row_order, left, dense) -> None:
             "expected 2-D (batch, n_rows) and (batch, n_cols) with the same batch"
         )
     n_rows = left.shape[1]
-    _check_pattern(op, row_ptr, col_idx, n_rows, (("row_order", row_order, n_rows),))
+    _check_pattern(op, row_ptr, col_idx, row_order, n_rows)
     float_code(dense.dtype, op, "dense")
     if left.dtype != dense.dtype:
         raise TypeError(f"{op}: left has dtype {left.dtype}; expected the dtype of dense, {dense.dtype}")

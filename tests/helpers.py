@@ -9,7 +9,6 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # output dtype (the one final rounding of each result).
 ACCUMULATE_UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
 OUTPUT_UNIT = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 def summation_bound(abs_sum: torch.Tensor, reference: torch.Tensor, terms: int, dtype: torch.dtype) -> torch.Tensor:

@@ -486,6 +486,19 @@ def test_csr_matrix_rejects_indices_that_wrap_in_int32():
         CSRMatrix(torch.tensor([0, 1]), torch.tensor([2**32]), torch.ones(1, dtype=torch.float64), (1, 2))
 
 
+def test_csr_matrix_rejects_non_integer_indices():
+    # A float index would be truncated silently by the conversion to the int32/int64 pattern.
+    values = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"CSRMatrix: row_ptr has dtype torch.float32; expected an integer dtype"):
+        CSRMatrix(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0, 1]), values, (2, 2))
+    with pytest.raises(TypeError, match=r"CSRMatrix: col_idx has dtype torch.float64; expected an integer dtype"):
+        CSRMatrix(torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.7], dtype=torch.float64), values, (2, 2))
+    with pytest.raises(TypeError, match=r"CSRMatrix: col_idx has dtype torch.bool; expected an integer dtype"):
+        CSRMatrix(torch.tensor([0, 1, 2]), torch.tensor([True, False]), values, (2, 2))
+    small = CSRMatrix(torch.tensor([0, 1, 2], dtype=torch.int16), torch.tensor([1, 0], dtype=torch.uint8), values, (2, 2))
+    assert small.row_ptr.dtype == torch.int32 and small.col_idx.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_spmv_kernel_memory_safe_on_any_row_ptr(device, index_dtype, generator):
     # The kernels clamp each row's range to [0, nnz]: no read outside col_idx / values.

@@ -20,7 +20,7 @@ import torch
 from ._dtypes import index_code
 
 __all__ = [
-    "check_row_ptr_shape", "check_index_dtypes", "check_row_ptr", "check_col_idx", "check_index_range",
+    "check_row_ptr_shape", "check_index_dtypes", "require_integer", "check_row_ptr", "check_col_idx", "check_index_range",
     "quiet_sparse_csr_beta",
 ]
 
@@ -39,6 +39,17 @@ def check_index_dtypes(where: str, row_ptr: torch.Tensor, **indices: Optional[to
     for name, tensor in indices.items():
         if tensor is not None and tensor.dtype != row_ptr.dtype:
             raise TypeError(f"{where}: {name} has dtype {tensor.dtype}; expected the dtype of row_ptr, {row_ptr.dtype}")
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def require_integer(where: str, **indices: torch.Tensor) -> None:
+    """Raises TypeError unless every index tensor (name=tensor) has an integer dtype: a float
+    (or bool) index would otherwise be truncated silently by the conversion to int32/int64."""
+    for name, tensor in indices.items():
+        if tensor.dtype not in _INTEGER_DTYPES:
+            raise TypeError(f"{where}: {name} has dtype {tensor.dtype}; expected an integer dtype (int32 or int64)")
 
 
 def check_row_ptr(where: str, row_ptr: torch.Tensor, nnz: int, name: str = "row_ptr") -> None:

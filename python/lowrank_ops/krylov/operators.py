@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._args import require_tensors
-from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta
+from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta, require_integer
 from .._finite import all_finite
 from ._kernels import spmv
 
@@ -75,6 +75,7 @@ class CSRMatrix:
                 raise ValueError(f"{where}: {name} must be a 1-D tensor; got {tuple(tensor.shape)}")
         if values.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: values has dtype {values.dtype}; expected float32 or float64")
+        require_integer(where, row_ptr=row_ptr, col_idx=col_idx)
         nnz = col_idx.numel()
         if row_ptr.numel() != n_rows + 1:
             raise ValueError(f"{where}: row_ptr has length {row_ptr.numel()}; expected n_rows + 1 = {n_rows + 1}")

@@ -83,7 +83,10 @@ def _build(case: Case, weight: torch.Tensor, r: int):
         config = peft.LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=name)
 
         def init():
-            layer = peft.tuners.lora.Linear(_fresh_layer(weight), "default", config=config, r=r, lora_alpha=2 * r)
+            # torch.svd_lowrank draws from the global generator: a fixed seed per call, as ours.
+            with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                layer = peft.tuners.lora.Linear(_fresh_layer(weight), "default", config=config, r=r, lora_alpha=2 * r)
             product = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
             return layer.base_layer.weight, product
 

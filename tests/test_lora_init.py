@@ -67,10 +67,11 @@ def test_pissa_factors_split_singular_values_evenly(generator):
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_split_keeps_the_layer_function(init, use_dora, generator):
-    base = spectral_linear(24, 40, decaying(24), generator)
-    x = torch.randn(7, 40, generator=generator)
+def test_split_keeps_the_layer_function(device, init, use_dora, generator):
+    base = spectral_linear(24, 40, decaying(24), generator).to(device)
+    x = torch.randn(7, 40, generator=generator).to(device)
     expected = base(x).detach().double()
+    # A CPU generator for a layer on any device, as for the default init.
     layer = LoRALinear(base, 6, 12, init_lora_weights=init, use_dora=use_dora, generator=generator)
     # float32 layer: one rounding of the residual plus the forward's own float32 sums.
     torch.testing.assert_close(layer(x).double(), expected, rtol=0, atol=1e-5)

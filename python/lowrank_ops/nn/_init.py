@@ -39,10 +39,6 @@ def _draw_(tensor: torch.Tensor, generator: Optional[torch.Generator], fill) -> 
 
 
 # ---------------------------------------------------------------------------- LoRA inits
-#: ``init_lora_weights`` values that start the layer as the base layer (B = 0).
-ZERO_B_INITS = (True, "gaussian")
-
-
 def parse_lora_init(where: str, init_lora_weights) -> Tuple[object, Optional[int]]:
     """Normalizes PEFT's ``init_lora_weights`` to ``(kind, n_iter)``.
 
@@ -96,6 +92,10 @@ def split_weight(weight: torch.Tensor, r: int, scaling: float, kind: str, n_iter
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
             U, S, Vh = U[:, :r], S[:r], Vh[:r]
         else:
+            if generator is not None and generator.device.type != weight.device.type:
+                # rsvd draws on A's device: seed a generator there from the given one.
+                seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+                generator = torch.Generator(device=weight.device).manual_seed(seed)
             U, S, Vh = rsvd(weight, r, n_iter=n_iter, generator=generator)
         root = (S / scaling).sqrt()
         B, A = U * root, root[:, None] * Vh

@@ -9,7 +9,7 @@ import torch
 from .._args import require_finite_number
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
-from ._init import ZERO_B_INITS, fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
+from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
 
 __all__ = ["LoRALinear"]
 
@@ -162,7 +162,7 @@ class LoRALinear(torch.nn.Module):
             self.lora_B.zero_()
         else:
             uniform_(self.lora_A, fan_in_bound(self.in_features), generator)  # kaiming_uniform_, a = sqrt(5)
-            if kind in ZERO_B_INITS:
+            if kind is True:
                 self.lora_B.zero_()
             else:  # False: B as nn.Linear would initialize a [out, r] weight
                 uniform_(self.lora_B, fan_in_bound(self.r), generator)
@@ -172,6 +172,7 @@ class LoRALinear(torch.nn.Module):
             norm = dora_row_norm(self.base_layer.weight, self.lora_A, self.lora_B, self.scaling)
             self.lora_magnitude_vector.copy_(norm)
 
+    @torch.no_grad()
     def _effective_weight(self) -> torch.Tensor:
         """The weight the forward applies, ``W + s B diag(g) A`` (DoRA: its rows scaled to the
         magnitudes), in float32 (float64 for float64 weights)."""

@@ -147,6 +147,18 @@ def test_bad_init_arguments():
         LoRALinear(torch.nn.Linear(8, 8), 2, -2, init_lora_weights="pissa_niter_2")
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_non_finite_weight_is_refused_before_any_change(init):
+    base = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        base.weight[3, 5] = float("inf")
+    before = base.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"LoRALinear: init_lora_weights='\w+' splits the layer's weight, which "
+                                         r"holds 1 non-finite entries"):
+        LoRALinear(base, 2, init_lora_weights=init)
+    assert torch.equal(base.weight, before)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
 def test_matches_peft(init, generator):
     """PEFT's own init on a copy of the same model: the same adapter product and residual

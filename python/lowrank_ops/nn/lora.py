@@ -152,6 +152,9 @@ class LoRALinear(torch.nn.Module):
             weight = self.base_layer.weight
             if effective is None:
                 effective = weight.to(torch.promote_types(weight.dtype, torch.float32))
+            if not bool(torch.isfinite(effective).all()):  # the SVD would fail, the QR spread NaN
+                raise ValueError(f"LoRALinear: init_lora_weights={self.init_lora_weights!r} splits the layer's weight, "
+                                 f"which holds {int((~torch.isfinite(effective)).sum())} non-finite entries")
             A, B, residual = split_weight(effective, self.r, self.scaling, kind, self._init_iterations,
                                           self.lora_A.dtype, generator)
             self.lora_A.copy_(A)

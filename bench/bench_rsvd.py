@@ -11,6 +11,12 @@ Ops and peers, on the same matrices in the same run:
   float32 array); ``torch.linalg.svd`` truncated to k (``linalg_svd``).
 * ``rsvd.batched``: 8 same-shape layers in one call (ours, svd_lowrank), against a
   Python loop of single calls (``ours_loop``).
+* ``range_finder`` (projector-only mode: an orthonormal basis Q of ``k + 10`` columns, no
+  Rayleigh-Ritz step): ours against torch's own range finder behind svd_lowrank
+  (``torch._lowrank.get_approximate_basis``, ``torch_basis``) and scikit-learn's
+  ``randomized_range_finder`` (``sklearn``), with the same iteration count; the error is
+  the excess of ``||A - Q Q^T A||_F`` over the optimal error of rank ``k + 10`` (its
+  column count).
 * ``galore_refresh``: a GaLore projector refresh for a gradient that drifted since the
   last one: ours = rsvd warm-started from the previous projector (one pass, as
   :class:`lowrank_ops.optim.GaLoreAdamW` does), peer = GaLore's full ``torch.linalg.svd``.
@@ -39,7 +45,7 @@ from typing import List
 import pytest
 import torch
 
-from lowrank_ops.linalg import rsvd
+from lowrank_ops.linalg import range_finder, rsvd
 
 from _harness import DEVICES, FULL, Case, measure, params, require_device, spectral_matrix
 
@@ -73,6 +79,9 @@ def _rsvd_cases() -> List[Case]:
         for m, n, k in _RSVD:
             impls = _RSVD_IMPLS + (("linalg_svd",) if (m, n, k) in _FULL_SVD else ())
             cases += [Case(FAMILY, "rsvd", impl, device, "float32", f"{m}x{n} k={k}", (m, n, k)) for impl in impls]
+        for m, n, k in _RSVD[:1] + _RSVD[2:3]:
+            cases += [Case(FAMILY, "range_finder", impl, device, "float32", f"{m}x{n} k={k}", (m, n, k))
+                      for impl in ("ours", "torch_basis", "sklearn")]
         for b, m, n, k in _BATCHED:
             cases += [
                 Case(FAMILY, "rsvd.batched", impl, device, "float32", f"{b}x{m}x{n} k={k}", (b, m, n, k))
@@ -160,6 +169,43 @@ def test_rsvd(benchmark, case: Case):
         benchmark, case, build, check,
         flops=2.0 * m * n * l * (2 * passes + 2), bytes=4.0 * m * n * (2 * passes + 2),
     )
+
+
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "range_finder"]))
+def test_range_finder(benchmark, case: Case):
+    require_device(case.device)
+    m, n, k = case.problem
+    A, spectrum = spectral_matrix(0, m, n, case.device)
+    passes, l = _default_passes(m, n, k), min(k + OVERSAMPLE, m, n)
+
+    def build():
+        if case.impl == "ours":
+            generator = torch.Generator(device=case.device)
+            return lambda: range_finder(A, l, n_iter=passes, generator=generator.manual_seed(1), check_finite=False)
+        if case.impl == "torch_basis":
+            from torch._lowrank import get_approximate_basis  # svd_lowrank's own range finder
+
+            def basis():
+                with torch.random.fork_rng(devices=[A.device] if A.device.type == "cuda" else []):
+                    torch.manual_seed(1)
+                    return get_approximate_basis(A, l, niter=passes)
+            return basis
+        if case.device != "cpu":
+            raise RuntimeError("scikit-learn runs on the CPU only")
+        try:
+            from sklearn.utils.extmath import randomized_range_finder
+        except ImportError as error:
+            raise RuntimeError(f"scikit-learn is not installed ({error})") from None
+        array = A.cpu().numpy()
+        return lambda: torch.from_numpy(randomized_range_finder(array, size=l, n_iter=passes, random_state=1))
+
+    def check(Q) -> float:
+        Q = Q.double()
+        residual = A.double() - Q @ (Q.transpose(-2, -1) @ A.double())
+        return float(torch.linalg.matrix_norm(residual) / spectrum[l:].square().sum().sqrt() - 1)
+
+    measure(benchmark, case, build, check,
+            flops=2.0 * m * n * l * (2 * passes + 1), bytes=4.0 * m * n * (2 * passes + 1))
 
 
 @pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "rsvd.batched"]))

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lowrank_ops.linalg import cholesky_qr2, effective_rank, lowrank_error, rsvd
+from lowrank_ops.linalg import cholesky_qr2, effective_rank, lowrank_error, range_finder, rsvd
 
 
 def spectrum(kind: str, k: int) -> torch.Tensor:
@@ -200,6 +200,57 @@ def test_warm_start_needs_one_pass(generator):
     assert torch.linalg.norm(drifted.T - (wide.U * wide.S) @ wide.Vh) / best <= 1.01
 
 
+# --------------------------------------------------------------------------- range finder
+def test_range_finder_is_rsvd_without_the_rayleigh_ritz_step(generator):
+    s = spectrum("decay1", 100)
+    A = with_spectrum(150, 100, s, generator)
+    Q = range_finder(A, 12, n_iter=3, generator=torch.Generator().manual_seed(4))
+    assert Q.shape == (150, 12) and Q.dtype == torch.float64
+    assert_orthonormal(Q, 1e-13)
+    # The same test matrix: rsvd's factors at rank = size are exactly Q Q^T A.
+    U, S, Vh = rsvd(A, 12, oversample=0, n_iter=3, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(Q @ (Q.T @ A), (U * S) @ Vh, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["subspace", "block_krylov"])
+def test_range_finder_accuracy_wide_batched_non_contiguous(method, generator):
+    s = spectrum("decay2", 60)
+    wide = with_spectrum(90, 60, s, generator, batch=(2, 3)).transpose(-2, -1)  # [2, 3, 60, 90], non-contiguous
+    # size = k + 10 (the oversampling is the caller's): within 1 % of the optimal rank-k error, rsvd's bar.
+    Q = range_finder(wide, 20, method=method, generator=torch.Generator().manual_seed(1))
+    # block Krylov: min(m, (n_iter + 1) size) columns, auto n_iter = 4 from 10 % of min(m, n) up
+    columns = 20 if method == "subspace" else min(60, 20 * (1 + 4))
+    assert Q.shape == (2, 3, 60, columns)
+    assert_orthonormal(Q, 1e-12)
+    for index in [(0, 0), (1, 2)]:
+        residual = torch.linalg.norm(wide[index] - Q[index] @ (Q[index].transpose(-2, -1) @ wide[index]))
+        assert residual / optimal_error(s, 10) <= 1.01
+
+
+def test_range_finder_half_inputs_warm_start_and_determinism(generator):
+    s = spectrum("decay1", 120)
+    A = with_spectrum(200, 120, s, generator)
+    half = range_finder(A.to(torch.bfloat16), 20, generator=torch.Generator().manual_seed(2))
+    assert half.dtype == torch.float32
+    assert_orthonormal(half.double(), 1e-5)
+    first = range_finder(A.float(), 20, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, range_finder(A.float(), 20, generator=torch.Generator().manual_seed(3)))
+    drifted = A + 1e-4 * torch.randn(A.shape, generator=generator, dtype=A.dtype)
+    warm = range_finder(drifted, 20, n_iter=1, init=rsvd(A, 20, generator=torch.Generator().manual_seed(5)).U)
+    best = torch.linalg.svdvals(drifted)[20:].square().sum().sqrt()
+    assert torch.linalg.norm(drifted - warm @ (warm.T @ drifted)) / best <= 1.01
+
+
+def test_range_finder_gradcheck(generator):
+    A = torch.randn(9, 6, generator=generator, dtype=torch.float64).requires_grad_()
+
+    def projected(A):  # Q Q^T A: invariant to the basis's rotation
+        Q = range_finder(A, 3, n_iter=1, orthonormalize="qr", generator=torch.Generator().manual_seed(0))
+        return Q @ (Q.T @ A)
+
+    assert torch.autograd.gradcheck(projected, (A,))
+
+
 # --------------------------------------------------------------------------- autograd
 def test_gradcheck_on_exactly_low_rank_input(generator):
     left = torch.randn(9, 3, generator=generator, dtype=torch.float64)
@@ -309,6 +360,12 @@ def test_bad_input_errors():
         rsvd(A, 2, n_iter=-1)
     with pytest.raises(ValueError, match="sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16"):
         rsvd(A, 2, sketch_dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"range_finder: size must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 11"):
+        range_finder(A, 11)
+    with pytest.raises(ValueError, match="range_finder: A contains NaN or infinite values"):
+        range_finder(torch.full((5, 5), float("inf")), 2)
+    with pytest.raises(ValueError, match="range_finder: sketch_dtype must be"):
+        range_finder(A, 2, sketch_dtype=torch.float64)
     with pytest.raises(ValueError, match="plain_passes must be an int >= 1 with shift=False; got 0"):
         cholesky_qr2(torch.randn(5, 3), shift=False, plain_passes=0)
     with pytest.raises(ValueError, match="with method='subspace'"):

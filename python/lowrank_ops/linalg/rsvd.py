@@ -1,5 +1,6 @@
-"""Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015) and a
-cheap estimate of the approximation error.
+"""Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015), its
+first stage alone (:func:`range_finder`, the projector-only mode) and a cheap estimate of
+the approximation error.
 
 Algorithm, on the tall orientation ``M`` of ``A`` (``A`` itself
 when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
@@ -33,7 +34,7 @@ from .._finite import all_finite
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
 
-__all__ = ["rsvd", "lowrank_error", "RSVDResult"]
+__all__ = ["rsvd", "range_finder", "lowrank_error", "RSVDResult"]
 
 _METHODS = ("subspace", "block_krylov")
 _ORTHONORMALIZERS = ("cholqr2", "qr", "lu")
@@ -253,16 +254,8 @@ def rsvd(
         (exact when A has rank <= ``rank``).
     """
     _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite)
-    if sketch_dtype not in ("auto", None) and (
-        sketch_dtype not in (torch.bfloat16, torch.float16) or method != "subspace"
-    ):
-        raise ValueError(
-            f"rsvd: sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16 (the last two with "
-            f"method='subspace'); got {sketch_dtype} with method={method!r}"
-        )
-    m, n = A.shape[-2:]
-    if n_iter == "auto":
-        n_iter = 1 if init is not None else (7 if rank < 0.1 * min(m, n) else 4)
+    _check_sketch_dtype("rsvd", sketch_dtype, method)
+    n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
     U, S, Vh = _RSVDFunction.apply(
         A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype
@@ -270,8 +263,71 @@ def rsvd(
     return RSVDResult(U, S, Vh) if compute_uv else S
 
 
-def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite) -> None:
-    op = "rsvd"
+def range_finder(
+    A: torch.Tensor,
+    size: int,
+    *,
+    n_iter: Union[int, str] = "auto",
+    method: str = "subspace",
+    orthonormalize: str = "cholqr2",
+    init: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    check_finite: Optional[bool] = None,
+    sketch_dtype: Union[str, torch.dtype, None] = "auto",
+) -> torch.Tensor:
+    """Orthonormal basis ``Q`` of the approximate dominant column space of ``A`` (projector-only mode).
+
+    The first stage of :func:`rsvd` alone (Halko et al.'s randomized range finder): the
+    sketch ``A Omega`` refined by ``n_iter`` power (or block Krylov) iterations, without
+    the Rayleigh-Ritz step (``Q^T A`` and its SVD).  ``Q Q^T A`` approximates ``A`` as
+    well as the rank-``size`` factors of ``rsvd(A, size, oversample=0)`` do, for one pass
+    over ``A`` fewer; use it where a subspace is enough (a projector, a preconditioner, a
+    warm start), not individual singular vectors.
+
+    Parameters
+    ----------
+    A : Tensor[..., m, n]
+        float32, float64, float16 or bfloat16 (half types computed in float32).
+    size : int
+        Columns of the basis, ``1 <= size <= min(m, n)`` (include any oversampling).
+    n_iter, method, orthonormalize, init, generator, check_finite, sketch_dtype
+        As :func:`rsvd` (``"auto"`` iterations from ``size``); ``init [..., m, j]``
+        starts the iteration from a previous basis.
+
+    Returns
+    -------
+    Tensor[..., m, size] (``min(m, (n_iter + 1) size)`` columns with ``method="block_krylov"``)
+        Orthonormal columns, float32 for half inputs, else A's dtype; differentiable
+        through the iteration (the random test matrix is a constant).
+    """
+    _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite, op="range_finder", rank_name="size")
+    _check_sketch_dtype("range_finder", sketch_dtype, method)
+    n_iter = _auto_iterations(n_iter, size, A, init)
+    sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
+    work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
+    return _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype)
+
+
+def _check_sketch_dtype(op: str, sketch_dtype, method: str) -> None:
+    if sketch_dtype not in ("auto", None) and (
+        sketch_dtype not in (torch.bfloat16, torch.float16) or method != "subspace"
+    ):
+        raise ValueError(
+            f"{op}: sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16 (the last two with "
+            f"method='subspace'); got {sketch_dtype} with method={method!r}"
+        )
+
+
+def _auto_iterations(n_iter, columns: int, A: torch.Tensor, init) -> int:
+    """``n_iter``, or for ``"auto"`` scikit-learn's rule (1 with a warm start)."""
+    if n_iter != "auto":
+        return n_iter
+    m, n = A.shape[-2:]
+    return 1 if init is not None else (7 if columns < 0.1 * min(m, n) else 4)
+
+
+def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, op: str = "rsvd",
+              rank_name: str = "rank") -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
     if A.dim() < 2:
@@ -280,7 +336,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise TypeError(f"{op}: A has dtype {A.dtype}; expected float32, float64, float16 or bfloat16")
     m, n = A.shape[-2:]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
-        raise ValueError(f"{op}: rank must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
+        raise ValueError(f"{op}: {rank_name} must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"{op}: oversample must be an int >= 0; got {oversample!r}")
     if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):

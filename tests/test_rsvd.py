@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from lowrank_ops.linalg import cholesky_qr2, effective_rank, lowrank_error, range_finder, rsvd
+from lowrank_ops.linalg import RSVDResult, RSVDResultWithError, cholesky_qr2, effective_rank, lowrank_error, range_finder, rsvd
 
 
 def spectrum(kind: str, k: int) -> torch.Tensor:
@@ -251,6 +251,107 @@ def test_range_finder_gradcheck(generator):
     assert torch.autograd.gradcheck(projected, (A,))
 
 
+# --------------------------------------------------------------------------- error estimate
+def assert_estimates(estimate: torch.Tensor, residual: torch.Tensor, probes: int) -> None:
+    """``estimate [...]`` estimates ``||residual [..., m, n]||_F`` per matrix from ``probes`` probes.
+
+    The squared estimate is the mean of ``probes`` independent copies of
+    ``sum_i sigma_i^2 g_i^2`` (sigma_i: the residual's singular values, g_i standard
+    Gaussian): unbiased, of relative standard deviation
+    ``sd = sqrt(2 sum sigma_i^4 / probes) / sum sigma_i^2``; at most ``sqrt(2 / probes)``
+    (0.35 for 16 probes, one dominant sigma) and 0.06-0.2 for the residuals here, which
+    spread over many sigma_i.  Within 4 sd: the seeds are fixed (no flaky
+    runs), and a bias of a few sd, e.g. probes that leak into the sketch, shows.
+    """
+    s2 = torch.linalg.svdvals(residual.double()).square()
+    sd = (2 * s2.square().sum(-1) / probes).sqrt() / s2.sum(-1)
+    ratio = estimate.double().square() / s2.sum(-1)
+    assert estimate.shape == residual.shape[:-2]
+    assert ((ratio - 1).abs() <= 4 * sd).all(), (ratio, sd)
+
+
+def rsvd_residual(A: torch.Tensor, result) -> torch.Tensor:
+    return A.double() - (result.U.double() * result.S.double().unsqueeze(-2)) @ result.Vh.double()
+
+
+@pytest.mark.parametrize("case", ["tall", "wide_batched", "block_krylov", "bfloat16", "n_iter0", "warm_full_basis"])
+def test_error_probes_estimate_the_frobenius_error(case, generator):
+    s = spectrum("decay1", 120)
+    A = with_spectrum(160, 120, s, generator)
+    kwargs = {}
+    if case == "wide_batched":  # [2, 3, 60, 90], non-contiguous: probed in the tall orientation
+        A = with_spectrum(90, 60, spectrum("decay1", 60), generator, batch=(2, 3)).transpose(-2, -1)
+    elif case == "block_krylov":
+        kwargs = dict(method="block_krylov", n_iter=2)
+    elif case == "bfloat16":
+        A = A.to(torch.bfloat16)
+    elif case == "n_iter0":
+        kwargs = dict(n_iter=0)
+    elif case == "warm_full_basis":  # init fills all rank + oversample columns: no product with A is shared
+        kwargs = dict(n_iter=0, init=rsvd(A, 22, generator=torch.Generator().manual_seed(3)).U)
+    result = rsvd(A, 12, error_probes=16, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert isinstance(result, RSVDResultWithError)
+    assert result.error.dtype == result.U.dtype == (torch.float32 if case == "bfloat16" else torch.float64)
+    assert_estimates(result.error, rsvd_residual(A, result), 16)
+    # The same factors as without the estimate (the probes are drawn after the test
+    # matrix and kept out of the basis); bit-identical with CPU BLAS, not promised.
+    plain = rsvd(A, 12, generator=torch.Generator().manual_seed(1), **kwargs)
+    for with_error, without in zip(result, plain):
+        torch.testing.assert_close(with_error, without, rtol=0, atol=1e-6 if case == "bfloat16" else 1e-13)
+    S, error = rsvd(A, 12, compute_uv=False, error_probes=16, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(S, result.S) and torch.equal(error, result.error)
+
+
+def test_error_probes_are_unbiased(generator):
+    # 512 probes: sd ~0.01, so a bias over ~5 % (a wrong normalization, probes that leak
+    # into the basis) fails, which 16 probes cannot resolve.
+    A = with_spectrum(160, 120, spectrum("decay1", 120), generator)
+    result = rsvd(A, 12, error_probes=512, generator=torch.Generator().manual_seed(7))
+    assert_estimates(result.error, rsvd_residual(A, result), 512)
+
+
+def test_error_probes_exact_low_rank_and_range_finder(generator):
+    exact = with_spectrum(100, 80, spectrum("rank10", 80), generator)
+    assert rsvd(exact, 16, error_probes=8, generator=torch.Generator().manual_seed(0)).error <= 1e-13
+    s = spectrum("decay2", 60)
+    for A in (with_spectrum(150, 100, spectrum("decay1", 100), generator),
+              with_spectrum(90, 60, s, generator, batch=(2,)).transpose(-2, -1)):  # wide, batched
+        for method in ("subspace", "block_krylov"):
+            # n_iter=1: block Krylov's 2 x 20 columns leave a residual well above rounding.
+            Q, error = range_finder(A, 20, n_iter=1, method=method, error_probes=16,
+                                    generator=torch.Generator().manual_seed(2))
+            assert torch.equal(Q, range_finder(A, 20, n_iter=1, method=method, generator=torch.Generator().manual_seed(2)))
+            assert_estimates(error, A - Q @ (Q.transpose(-2, -1) @ A), 16)
+
+
+def test_error_probes_zero_is_the_algorithm_as_before(generator):
+    """``error_probes=0`` keeps the result type and every bit: against the algorithm
+    written out (n_iter=0: Q = qr(A Omega), Rayleigh-Ritz), with the same draws."""
+    A = with_spectrum(70, 50, spectrum("decay1", 50), generator)
+    result = rsvd(A, 6, n_iter=0, error_probes=0, generator=torch.Generator().manual_seed(4))
+    assert type(result) is RSVDResult
+    omega = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=A.dtype)
+    Q = torch.linalg.qr(A @ omega).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    for ours, written_out in zip(result, ((Q @ Ub[:, :6]).contiguous(), S[:6].contiguous(), Vh[:6].contiguous())):
+        assert torch.equal(ours, written_out)
+    assert torch.equal(rsvd(A, 6, n_iter=0, compute_uv=False, generator=torch.Generator().manual_seed(4)), S[:6])
+    assert type(range_finder(A, 6, error_probes=0)) is torch.Tensor
+
+
+def test_error_probes_are_deterministic_detached_and_differentiable_around(generator):
+    A = with_spectrum(80, 60, spectrum("decay1", 60), generator).requires_grad_()
+    first = rsvd(A, 8, error_probes=8, generator=torch.Generator().manual_seed(5))
+    again = rsvd(A, 8, error_probes=8, generator=torch.Generator().manual_seed(5))
+    other = rsvd(A, 8, error_probes=8, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(first.error, again.error) and not torch.equal(first.error, other.error)
+    assert not first.error.requires_grad and first.S.requires_grad
+    first.S.sum().backward()  # the factors stay differentiable
+    assert torch.isfinite(A.grad).all()
+    Q, error = range_finder(A, 10, error_probes=8, generator=torch.Generator().manual_seed(5))
+    assert Q.requires_grad and not error.requires_grad
+
+
 # --------------------------------------------------------------------------- autograd
 def test_gradcheck_on_exactly_low_rank_input(generator):
     left = torch.randn(9, 3, generator=generator, dtype=torch.float64)
@@ -360,6 +461,11 @@ def test_bad_input_errors():
         rsvd(A, 2, n_iter=-1)
     with pytest.raises(ValueError, match="sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16"):
         rsvd(A, 2, sketch_dtype=torch.float64)
+    for bad in (-1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match=f"rsvd: error_probes must be an int >= 0; got {bad!r}"):
+            rsvd(A, 2, error_probes=bad)
+    with pytest.raises(ValueError, match="range_finder: error_probes must be an int >= 0; got -3"):
+        range_finder(A, 2, error_probes=-3)
     with pytest.raises(ValueError, match=r"range_finder: size must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 11"):
         range_finder(A, 11)
     with pytest.raises(ValueError, match="range_finder: A contains NaN or infinite values"):

@@ -1,6 +1,7 @@
 """Randomized SVD (Halko, Martinsson & Tropp 2011; block Krylov: Musco & Musco 2015), its
 first stage alone (:func:`range_finder`, the projector-only mode) and a cheap estimate of
-the approximation error.
+the approximation error (:func:`lowrank_error`, or ``error_probes`` of :func:`rsvd` and
+:func:`range_finder`, nearly free: the probes ride along in the last product with A).
 
 Algorithm, on the tall orientation ``M`` of ``A`` (``A`` itself
 when ``m >= n``, else ``A^T``), with ``l = rank + oversample`` columns:
@@ -24,7 +25,7 @@ static and every decision is made from shapes.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -34,7 +35,7 @@ from .._finite import all_finite
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
 
-__all__ = ["rsvd", "range_finder", "lowrank_error", "RSVDResult"]
+__all__ = ["rsvd", "range_finder", "lowrank_error", "RSVDResult", "RSVDResultWithError"]
 
 _METHODS = ("subspace", "block_krylov")
 _ORTHONORMALIZERS = ("cholqr2", "qr", "lu")
@@ -46,6 +47,26 @@ class RSVDResult(NamedTuple):
     U: torch.Tensor
     S: torch.Tensor
     Vh: torch.Tensor
+
+
+class RSVDResultWithError(NamedTuple):
+    """:class:`RSVDResult` plus ``error [...]``, an estimate of ``||A - U diag(S) Vh||_F``
+    (``rsvd(..., error_probes=p)`` with ``p > 0``)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    error: torch.Tensor
+
+
+def _probe_norm(EW: torch.Tensor) -> torch.Tensor:
+    """Hutchinson's estimate of ``||E||_F`` per matrix from ``EW = E W [..., rows, p]``.
+
+    ``W`` holds ``p`` standard Gaussian probes: ``E ||E w||^2 = ||E||_F^2``, so the mean
+    over probes is unbiased for the squared norm; its relative standard deviation is
+    ``sqrt(2 sum sigma_i^4 / p) / sum sigma_i^2 <= sqrt(2 / p)`` over E's singular values.
+    """
+    return EW.square().sum((-2, -1)).div(EW.shape[-1]).sqrt()
 
 
 def _orthonormalize(Y: torch.Tensor, how: str) -> torch.Tensor:
@@ -106,10 +127,20 @@ def _resolve_sketch_dtype(sketch_dtype, A: torch.Tensor, method: str, orthonorma
     return torch.bfloat16
 
 
-def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype):
-    """Orthonormal ``[..., p, l']`` basis approximating the range of ``M [..., p, q]``."""
+def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes=0):
+    """``(Q, probe)``: an orthonormal basis ``Q [..., p, l']`` approximating the range of
+    ``M [..., p, q]``, and ``probe = (W, M W)`` for ``probes > 0`` (else None).
+
+    ``W [..., q, probes]`` are standard Gaussian probes in M's dtype, drawn after every
+    random number of the sketch (the basis is the one drawn without them) and independent
+    of it.  ``M W`` is computed with the last full-precision product with M, by appending
+    W to its right-hand block: no extra pass over M.  Measured (2-core AMX Xeon, float32,
+    8 probes, paired medians): rsvd +1.2 % at 2048 x 2048 rank 64 and +0.9 % at 1024 x 2730
+    rank 32, against +3.0 % and +3.7 % for a separate ``lowrank_error`` (one more pass).
+    """
     p, q = M.shape[-2:]
     batch = M.shape[:-2]
+    probe = None
     # Products of the power iterations may run in a lower precision (sketch_dtype): the
     # subspace they find is then refined by one last full-precision product M Z, whose
     # damping of the trailing directions (by sigma_(l+1) / sigma_i) removes the low
@@ -117,9 +148,28 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
     low = M if sketch_dtype is None or n_iter == 0 else M.to(sketch_dtype)
 
     def product(matrix, block, final=False):
-        if final or matrix.dtype == M.dtype:
-            return (M if final else matrix) @ block.to(M.dtype)
+        if final:
+            return last_product(block)
+        if matrix.dtype == M.dtype:
+            return matrix @ block.to(M.dtype)
         return (matrix @ block.to(matrix.dtype)).to(M.dtype)
+
+    def last_product(block):
+        """``M @ block``, the last full-precision product with M: the probes ride along."""
+        nonlocal probe
+        block = block.to(M.dtype)
+        if probes == 0:
+            return M @ block
+        W = torch.randn(*batch, q, probes, generator=generator, device=M.device, dtype=M.dtype)
+        # [block, W] in block's memory layout (the orthonormalizers return column-major
+        # blocks): the GEMM then takes the same path, and block's columns of the product
+        # keep the bits they have without probes (seen with CPU BLAS; not promised).
+        if block.transpose(-2, -1).is_contiguous() and not block.is_contiguous():
+            both = M @ torch.cat([block.transpose(-2, -1), W.transpose(-2, -1)], dim=-2).transpose(-2, -1)
+        else:
+            both = M @ torch.cat([block, W], dim=-1)
+        probe = (W, both[..., block.shape[-1]:])
+        return both[..., : block.shape[-1]]
 
     if init is not None and not transposed:
         # init approximates range(A) = range(M): start from it, plus fresh directions.
@@ -141,52 +191,63 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         else:
             omega = torch.randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
         Y = product(low, omega, final=n_iter == 0)
+    if probes and n_iter == 0 and probe is None:
+        last_product(Y.new_empty(*batch, q, 0))  # init filled the whole basis: no product with M to share
     low_t = low.transpose(-2, -1)
     if method == "block_krylov":
         blocks = [_orthonormalize(Y, how)]
-        for _ in range(n_iter):
-            blocks.append(_orthonormalize(M @ (M.transpose(-2, -1) @ blocks[-1]), how))
-        return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q
+        for i in range(n_iter):
+            blocks.append(_orthonormalize(product(M, M.transpose(-2, -1) @ blocks[-1], final=i == n_iter - 1), how))
+        return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q, probe
     Q = Y
     for i in range(n_iter):
         Q = _orthonormalize(Q, how)
         Z = _orthonormalize(product(low_t, Q), how)
         Q = product(low, Z, final=i == n_iter - 1)
-    return torch.linalg.qr(Q).Q
+    return torch.linalg.qr(Q).Q, probe
 
 
 class _RSVDFunction(torch.autograd.Function):
     """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh)."""
 
     @staticmethod
-    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype):
-        U, S, Vh = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype)
+    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
+                error_probes):
+        U, S, Vh, error = _rsvd_factors(
+            A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes
+        )
         ctx.save_for_backward(U, S, Vh)
         ctx.input_dtype = A.dtype
-        ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)))
-        return U, S, Vh
+        ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)), *(() if error is None else (error,)))
+        return U, S, Vh, error
 
     @staticmethod
-    def backward(ctx, grad_U, grad_S, grad_Vh):
+    def backward(ctx, grad_U, grad_S, grad_Vh, grad_error):
         U, S, Vh = ctx.saved_tensors
         grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
-        return grad_A.to(ctx.input_dtype), *([None] * 9)
+        return grad_A.to(ctx.input_dtype), *([None] * 10)
 
 
-def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype):
+def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes):
+    """``(U, S, Vh, error)``; ``error`` (None when ``error_probes == 0``) estimates ``||A - U S Vh||_F``."""
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     m, n = work.shape[-2:]
     transposed = m < n
     M = work.transpose(-2, -1) if transposed else work
     l = min(rank + oversample, min(m, n))
-    Q = _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype)
+    Q, probe = _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, error_probes)
     B = Q.transpose(-2, -1) @ M
     Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
     U = Q @ Ub[..., :, :rank]
     S, Vh = S[..., :rank], Vh[..., :rank, :]
+    error = None
+    if probe is not None:
+        # Probed in M's orientation: ||E||_F is the same for E = A - U S Vh and for E^T.
+        W, MW = probe
+        error = _probe_norm(MW - U @ (S.unsqueeze(-1) * (Vh @ W)))
     if transposed:
         U, Vh = Vh.transpose(-2, -1), U.transpose(-2, -1)
-    return U.contiguous(), S.contiguous(), Vh.contiguous()
+    return U.contiguous(), S.contiguous(), Vh.contiguous(), error
 
 
 def rsvd(
@@ -202,6 +263,7 @@ def rsvd(
     compute_uv: bool = True,
     check_finite: Optional[bool] = None,
     sketch_dtype: Union[str, torch.dtype, None] = "auto",
+    error_probes: int = 0,
 ):
     """Randomized truncated SVD: the top ``rank`` singular triplets of ``A``.
 
@@ -245,22 +307,41 @@ def rsvd(
         sm_80+, CPUs with AMX or AVX512-BF16: ``lowrank_ops.info()["cpu_features"]``),
         with orthonormal bases ("cholqr2", "qr"), else None.  float64 inputs are never sketched in low precision under "auto";
         ``None`` keeps every product in A's precision.
+    error_probes : int
+        ``p > 0`` also returns ``error``, an estimate of ``||A - U diag(S) Vh||_F`` from
+        ``p`` Gaussian probes (the estimator of :func:`lowrank_error` with ``norm="fro"``:
+        unbiased for the squared norm, relative standard deviation at most ``sqrt(2 / p)``
+        for it and about half that for the norm, much less when the error spreads over
+        many singular values).  Nearly free: the probes ride along in the last
+        full-precision product with A (``p`` more columns in one of ``2 n_iter + 2``
+        products of ``rank + oversample`` columns) plus ``O((m + n) rank p)`` flops.  They
+        are drawn from ``generator`` after the test matrix, so the factors are those of
+        ``error_probes=0`` (up to the rounding of the wider product on some BLAS).  Default
+        0: no estimate, and the result type is unchanged.
 
     Returns
     -------
-    RSVDResult (U, S, Vh) or Tensor[..., rank]
+    RSVDResult (U, S, Vh), or RSVDResultWithError (U, S, Vh, error) when ``error_probes > 0``
         Factors with ``U [..., m, rank]`` and ``Vh [..., rank, n]`` orthonormal, ``S``
-        descending.  Differentiable: the thin-SVD backward on the returned factors
-        (exact when A has rank <= ``rank``).
+        descending, float32 for half inputs, else A's dtype.  Differentiable: the thin-SVD
+        backward on the returned factors (exact when A has rank <= ``rank``).  ``error
+        [...]`` (one per matrix of the batch, the factors' dtype) is detached and computed
+        without a host synchronization.
+    Tensor[..., rank], or the pair (S, error) when ``error_probes > 0``
+        With ``compute_uv=False``.
     """
-    _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite)
+    _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, error_probes=error_probes)
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
-    U, S, Vh = _RSVDFunction.apply(
-        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype
+    U, S, Vh, error = _RSVDFunction.apply(
+        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype, error_probes
     )
-    return RSVDResult(U, S, Vh) if compute_uv else S
+    # A separate result type, not a fourth field on RSVDResult: existing callers unpack
+    # exactly three values, and a caller who asks for the estimate unpacks four.
+    if error is None:
+        return RSVDResult(U, S, Vh) if compute_uv else S
+    return RSVDResultWithError(U, S, Vh, error) if compute_uv else (S, error)
 
 
 def range_finder(
@@ -274,7 +355,8 @@ def range_finder(
     generator: Optional[torch.Generator] = None,
     check_finite: Optional[bool] = None,
     sketch_dtype: Union[str, torch.dtype, None] = "auto",
-) -> torch.Tensor:
+    error_probes: int = 0,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Orthonormal basis ``Q`` of the approximate dominant column space of ``A`` (projector-only mode).
 
     The first stage of :func:`rsvd` alone (Halko et al.'s randomized range finder): the
@@ -293,19 +375,33 @@ def range_finder(
     n_iter, method, orthonormalize, init, generator, check_finite, sketch_dtype
         As :func:`rsvd` (``"auto"`` iterations from ``size``); ``init [..., m, j]``
         starts the iteration from a previous basis.
+    error_probes : int
+        ``p > 0`` also returns an estimate of ``||A - Q Q^T A||_F`` from ``p`` Gaussian
+        probes ``W [..., n, p]`` (as :func:`rsvd`'s ``error_probes``: ``A W`` rides along
+        in the last full-precision product with A, then ``O(m size p)`` flops).
 
     Returns
     -------
     Tensor[..., m, size] (``min(m, (n_iter + 1) size)`` columns with ``method="block_krylov"``)
         Orthonormal columns, float32 for half inputs, else A's dtype; differentiable
         through the iteration (the random test matrix is a constant).
+    (Q, error) when ``error_probes > 0``
+        ``error [...]``: one estimate per matrix of the batch, in Q's dtype, detached, no
+        host synchronization.
     """
-    _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite, op="range_finder", rank_name="size")
+    _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite, op="range_finder", rank_name="size",
+              error_probes=error_probes)
     _check_sketch_dtype("range_finder", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, size, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
-    return _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype)
+    Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
+                            error_probes)
+    if probe is None:
+        return Q
+    _, AW = probe
+    with torch.no_grad():  # an estimate, not part of the differentiable result
+        return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
 
 
 def _check_sketch_dtype(op: str, sketch_dtype, method: str) -> None:
@@ -327,7 +423,7 @@ def _auto_iterations(n_iter, columns: int, A: torch.Tensor, init) -> int:
 
 
 def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, op: str = "rsvd",
-              rank_name: str = "rank") -> None:
+              rank_name: str = "rank", error_probes: int = 0) -> None:
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
     if A.dim() < 2:
@@ -341,6 +437,8 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise ValueError(f"{op}: oversample must be an int >= 0; got {oversample!r}")
     if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
         raise ValueError(f"{op}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
+    if isinstance(error_probes, bool) or not isinstance(error_probes, int) or error_probes < 0:
+        raise ValueError(f"{op}: error_probes must be an int >= 0; got {error_probes!r}")
     if method not in _METHODS:
         raise ValueError(f"{op}: method must be one of {_METHODS}; got {method!r}")
     if orthonormalize not in _ORTHONORMALIZERS:
@@ -435,7 +533,7 @@ def lowrank_error(
 
     probes = torch.randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
     if norm == "fro":
-        return apply_error(probes).square().sum((-2, -1)).div(n_probes).sqrt()
+        return _probe_norm(apply_error(probes))
     w = probes[..., :1]
     for _ in range(n_probes):
         w = apply_error_t(apply_error(w))

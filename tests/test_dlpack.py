@@ -49,6 +49,8 @@ def test_rsvd_strided_input_and_keywords():
     expected = lowrank_ops.linalg.rsvd(torch.from_numpy(A), 6, generator=torch.Generator().manual_seed(0))
     assert isinstance(U, np.ndarray) and U.shape == (80, 6)
     np.testing.assert_array_equal(S, expected.S.numpy())
+    with_error = wrap(lowrank_ops.linalg.rsvd)(A, 6, error_probes=4, generator=torch.Generator().manual_seed(0))
+    assert type(with_error).__name__ == "RSVDResultWithError" and isinstance(with_error.error, np.ndarray)
 
 
 def test_ops_with_torch_objects_and_numpy_arrays():

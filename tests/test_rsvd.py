@@ -150,6 +150,21 @@ def test_flat_spectrum_is_reported_not_hidden(generator):
     assert (S - 1).abs().max() <= 1e-12
 
 
+def test_nearly_flat_spectrum_meets_the_error_bar_but_not_the_singular_value_bar(generator):
+    """sigma_i = i^-0.1 (512 x 512, k = 32): the defaults keep the Frobenius bar (ratio
+    1.0011) but the top-k/2 singular values are ~1e-2 off, above ALGORITHMS.md's 1e-3; 20
+    power iterations bring them to ~2e-5.  The rsvd docstring states these numbers."""
+    s = torch.arange(1, 513, dtype=torch.float64).pow(-0.1)
+    A = with_spectrum(512, 512, s, generator)
+    for n_iter, (low, high) in (("auto", (1e-3, 3e-2)), (20, (0.0, 1e-4))):
+        U, S, Vh = rsvd(A, 32, n_iter=n_iter, generator=torch.Generator().manual_seed(1))
+        assert torch.linalg.norm(A - (U * S) @ Vh) / optimal_error(s, 32) <= 1.01
+        values_error = ((S[:16] - s[:16]) / s[:16]).abs().max().item()
+        assert low <= values_error <= high, (n_iter, values_error)
+    S = rsvd(A, 32, method="block_krylov", compute_uv=False, generator=torch.Generator().manual_seed(1))
+    assert ((S[:16] - s[:16]) / s[:16]).abs().max().item() <= 1e-9
+
+
 @pytest.mark.parametrize("kind", ["rank10", "zero"])
 def test_rank_deficient_and_zero_inputs_give_orthonormal_finite_factors(kind, generator):
     s = spectrum(kind, 80)

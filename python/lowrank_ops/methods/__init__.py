@@ -1,4 +1,4 @@
-"""Method modules built on the ops: one module per method (SLTrain, M-FAC pruning, ...)."""
-from . import mfac_pruning, sltrain
+"""Method modules built on the ops: one module per method (SLTrain, M-FAC pruning, SoRA, ...)."""
+from . import mfac_pruning, sltrain, sora
 
-__all__ = ["mfac_pruning", "sltrain"]
+__all__ = ["mfac_pruning", "sltrain", "sora"]

@@ -33,7 +33,9 @@ class LoRALinear(torch.nn.Module):
         Dropout probability on the adapter input (training mode only).
     use_rslora : bool
     use_gate : bool
-        Adds SoRA's trainable gate ``lora_gate [r]`` (initialized to ones).
+        Adds SoRA's trainable gate ``lora_gate [r]`` (initialized to ones); train it with
+        :class:`lowrank_ops.methods.sora.SparseAdamW`, then prune the zeroed ranks with
+        :func:`lowrank_ops.methods.sora.prune_gated_ranks`.
     use_dora : bool
         DoRA: trainable ``lora_magnitude_vector`` initialized to the row norms of
         ``W + scaling B A``; the forward is :func:`lowrank_ops.ops.dora_linear`.

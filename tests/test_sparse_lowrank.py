@@ -224,6 +224,13 @@ def test_convert_replaces_targets_and_reports_parameters(generator):
     assert model(torch.randn(2, 64)).shape == (2, 64)
 
 
+def test_convert_refuses_a_bare_linear():
+    # A model that is itself the nn.Linear has no parent to put the new layer in: convert
+    # used to report it as replaced while the caller kept computing with the original.
+    with pytest.raises(TypeError, match=r"convert: model is itself an nn.Linear, which cannot be replaced in place"):
+        sltrain.convert(torch.nn.Linear(32, 16), 4, 0.05)
+
+
 def test_convert_svd_init_preserves_outputs(generator):
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 24))
     x = torch.randn(10, 32)

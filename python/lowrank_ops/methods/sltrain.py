@@ -96,6 +96,9 @@ def convert(
         raise TypeError(f"convert: model must be a torch.nn.Module; got {type(model).__name__}")
     if init not in ("random", "svd"):
         raise ValueError(f"convert: init must be 'random' or 'svd'; got {init!r}")
+    if isinstance(model, torch.nn.Linear):  # no parent to replace it in: it would be kept, silently
+        raise TypeError("convert: model is itself an nn.Linear, which cannot be replaced in place; use "
+                        "SparseLowRankLinear.from_linear(linear, rank, density) (or SparseLowRankLinear(...)) instead")
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     patterns = list(target_modules) if target_modules is not None else None

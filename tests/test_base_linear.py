@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowrank_ops import reference
 from lowrank_ops._extension import extension
 from lowrank_ops.ops.base_linear import SMALL_BATCH_ROWS, small_batch
 
@@ -108,12 +109,28 @@ def test_ops_match_float64_and_pass_opcheck(device, rows, with_bias, generator):
     torch.library.opcheck(forward, (x, weight, bias))
     torch.library.opcheck(grad_input, (grad_y, weight))
     b = torch.zeros(24, dtype=torch.float64, device=device) if bias is None else bias.double()
-    want = x.double() @ weight.double().T + b
+    want = reference.base_linear(x.double(), weight.double(), b)
     bound = summation_bound(x.double().abs() @ weight.double().abs().T + b.abs(), want, 41, torch.float32)
     assert_within(forward(x, weight, bias), want, bound, "base_linear")
-    want = grad_y.double() @ weight.double()
+    want = reference.base_linear_grad_input(grad_y.double(), weight.double())
     bound = summation_bound(grad_y.double().abs() @ weight.double().abs(), want, 24, torch.float32)
     assert_within(grad_input(grad_y, weight), want, bound, "base_linear_grad_input")
+
+
+@pytest.mark.parametrize("rows", [4, 40])
+def test_torch_compile_fullgraph(device, rows, generator):
+    """Both ops traced by torch.compile(fullgraph=True) (their fake impls), the kernel's
+    batch size and BLAS's: the same values as eager."""
+    x, weight = randn(rows, 64, device=device, generator=generator), randn(48, 64, device=device, generator=generator)
+    bias, grad_y = randn(48, device=device, generator=generator), randn(rows, 48, device=device, generator=generator)
+
+    def products(x, weight, bias, grad_y):
+        return (torch.ops.lowrank_ops.base_linear(x, weight, bias),
+                torch.ops.lowrank_ops.base_linear_grad_input(grad_y, weight))
+
+    compiled = torch.compile(products, fullgraph=True, backend="aot_eager")
+    for ours, eager in zip(compiled(x, weight, bias, grad_y), products(x, weight, bias, grad_y)):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("product", sorted(SMALL_BATCH_ROWS))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lowrank_ops import reference as lowrank_reference
 from lowrank_ops.methods import sltrain
 from lowrank_ops.nn import SparseLowRankLinear
 from lowrank_ops.ops import sparse_lowrank_linear
@@ -31,11 +32,7 @@ def make_problem(out_features, in_features, rank, density, batch_shape, dtype, d
     return support, tensors
 
 
-def reference(x, lora_A, lora_B, values, bias, support, scale):
-    """float64 ``x (scale B A + S)^T + b`` through a dense weight."""
-    weight = scale * lora_B.double() @ lora_A.double() + support.to_dense(values.double())
-    y = x.double() @ weight.T
-    return y if bias is None else y + bias.double()
+reference = lowrank_reference.sparse_lowrank_linear  # float64, through a dense weight
 
 
 def magnitudes(t, support, scale, grad_y=None):

@@ -169,6 +169,28 @@ class MFACInverseTorch:
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         n = min(self.count, self.ngrads)
         return self._apply(x, self.grads[:n] @ x)
+# ---- frozen-weight products (ops/base_linear.py) and SLTrain (ops/sparse_lowrank.py) ----
+__all__ += ["base_linear", "base_linear_grad_input", "sparse_lowrank_linear"]
+
+
+def base_linear(x, weight, bias=None):
+    """``x W^T + b`` for x ``[N, in]``, W ``[out, in]``."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def base_linear_grad_input(grad_y, weight):
+    """``dy W``: the input gradient of :func:`base_linear`."""
+    return grad_y @ weight
+
+
+def sparse_lowrank_linear(x, lora_A, lora_B, values, bias, support, scale):
+    """``x (scale B A + S)^T + b`` through a dense float64 weight (S: ``values`` on ``support``)."""
+    weight = scale * lora_B.double() @ lora_A.double() + support.to_dense(values.double())
+    y = x.double() @ weight.T
+    return y if bias is None else y + bias.double()
+
+
 # ---- LoRA family ----
 __all__ += ["lora_linear", "lora_merge", "dora_row_norm", "dora_linear"]
 

@@ -164,8 +164,9 @@ def compress(
     ``k`` that does; once the rank would pass ``min(in, out) / 2``, the full SVD.  rsvd's
     values never exceed the exact ones, so its ``k`` is at least the exact smallest one
     (equal on decaying spectra) and the stored factors always capture the target energy.
-    Energies within the spectrum's rounding (``4 sqrt(min(in, out)) eps ||W||_F^2``) of
-    the target count as reaching it, so that ``energy=1`` stops at the numerical rank.
+    Energies within the spectrum's rounding (``2 eps s_1 sum_i s_i``, eps of the compute
+    dtype) of the target count as reaching it, so that ``energy=1`` stops at the numerical
+    rank.
     The error is exact (the tail of the full spectrum) on the SVD path and an estimate on
     the rsvd path: rsvd's probes estimate ``||W - U_r S_r Vh_r||_F`` and, truncating to
     ``k < r``, the discarded ``sum_{k < i <= r} S_i^2`` adds to its square (orthogonal parts).
@@ -268,24 +269,29 @@ def _energy_factors(W: torch.Tensor, energy: float, norm_sq: float, k_max: int, 
     """As :func:`_rank_factors` at the smallest rank capturing ``energy``, or the reason
     (a str) when that rank exceeds ``k_max``."""
     smallest = min(W.shape)
-    # The captured energy is known to about eps ||W||_2 sum_i s_i <= sqrt(n) eps ||W||_F^2.
-    target = energy * norm_sq - 4.0 * math.sqrt(smallest) * torch.finfo(W.dtype).eps * norm_sq
+    eps = torch.finfo(W.dtype).eps
     r = min(_FIRST_SEARCH_RANK, k_max)
     while True:
-        if r > smallest / 2:
+        exact = r > smallest / 2
+        if exact:
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            captured = S.double().square().cumsum(0)
-            k = min(int(torch.searchsorted(captured, torch.tensor([target], dtype=torch.float64))) + 1, smallest)
+        else:
+            U, S, Vh, error = rsvd(W, r, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
+                                   check_finite=False)
+        s = S.double()
+        captured = s.square().cumsum(0)
+        # Each computed s_i is off by about eps s_1 (a backward-stable SVD, Weyl), so each
+        # partial sum of s_i^2 by 2 eps s_1 sum_i s_i: energies that close count as reached.
+        target = energy * norm_sq - 2.0 * eps * (s[0] * s.sum()).item()
+        k = int(torch.searchsorted(captured, torch.tensor([target], dtype=torch.float64))) + 1
+        if exact:
+            k = min(k, smallest)
             if k > k_max:
                 return f"energy {energy:g} needs rank {k}, which saves less than min_saving (ranks <= {k_max} do)"
-            return U[:, :k], S[:k], Vh[:k], S[k:].double().square().sum().item(), False
-        U, S, Vh, error = rsvd(W, r, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
-                               check_finite=False)
-        captured = S.double().square().cumsum(0)
-        if captured[-1].item() >= target:
-            k = int(torch.searchsorted(captured, torch.tensor([target], dtype=torch.float64))) + 1
-            dropped = S[k:].double().square().sum().item()  # orthogonal to rsvd's own residual
-            return U[:, :k], S[:k], Vh[:k], float(error) ** 2 + dropped, True
+            return U[:, :k], S[:k], Vh[:k], s[k:].square().sum().item(), False
+        if k <= r:
+            # rsvd's residual is orthogonal to the dropped part U_(k:r) S_(k:r) Vh_(k:r).
+            return U[:, :k], S[:k], Vh[:k], float(error) ** 2 + s[k:].square().sum().item(), True
         if r >= k_max:
             return f"energy {energy:g} needs rank > {k_max}, which saves less than min_saving (ranks <= {k_max} do)"
         r = min(2 * r, k_max)

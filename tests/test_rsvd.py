@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from helpers import with_spectrum
 from lowrank_ops.linalg import RSVDResult, RSVDResultWithError, cholesky_qr2, effective_rank, lowrank_error, range_finder, rsvd
 
 
@@ -23,13 +24,6 @@ def spectrum(kind: str, k: int) -> torch.Tensor:
         "rank10": torch.where(i <= 10, i.reciprocal(), torch.zeros_like(i)),
         "zero": torch.zeros(k, dtype=torch.float64),
     }[kind]
-
-
-def with_spectrum(m: int, n: int, s: torch.Tensor, generator, batch=()) -> torch.Tensor:
-    k = s.shape[-1]
-    U = torch.linalg.qr(torch.randn(*batch, m, k, generator=generator, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(*batch, n, k, generator=generator, dtype=torch.float64)).Q
-    return (U * s) @ V.transpose(-2, -1)
 
 
 def optimal_error(s: torch.Tensor, k: int) -> torch.Tensor:

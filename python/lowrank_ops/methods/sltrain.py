@@ -111,7 +111,7 @@ def convert(
     if patterns is not None and not targets:
         raise ValueError(f"convert: no nn.Linear module matches target_modules={patterns}")
     for name, linear in targets:
-        layer_rank = _resolve_rank(rank, linear, name)
+        layer_rank = _resolve_rank(rank, linear, name, "convert")
         if init == "svd":
             layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
                                                     strategy=strategy, generator=generator)
@@ -128,10 +128,12 @@ def convert(
     return report
 
 
-def _resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str) -> int:
+def _resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op: str) -> int:
+    """``rank`` for ``linear``: an int in ``[1, min(in, out)]``, or a fraction in ``(0, 1)``
+    of ``min(in, out)`` (rounded, at least 1); ``op`` names the caller in the error."""
     smallest = min(linear.in_features, linear.out_features)
     if isinstance(rank, float) and 0.0 < rank < 1.0:
         return max(1, round(rank * smallest))
     if isinstance(rank, bool) or int(rank) != rank or not 1 <= int(rank) <= smallest:
-        raise ValueError(f"convert: rank for {name or 'model'} must be in [1, {smallest}] or a fraction in (0, 1); got {rank}")
+        raise ValueError(f"{op}: rank for {name or 'model'} must be in [1, {smallest}] or a fraction in (0, 1); got {rank}")
     return int(rank)

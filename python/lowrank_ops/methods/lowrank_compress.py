@@ -33,7 +33,7 @@ import torch
 
 from .._finite import all_finite
 from ..linalg.rsvd import rsvd
-from .sltrain import _matches, _resolve_rank, count_parameters
+from ._layers import count_parameters, matches, resolve_rank
 
 __all__ = ["compress", "CompressionReport", "LayerCompression"]
 
@@ -175,12 +175,12 @@ def compress(
     # All names of every target (a module registered twice is replaced everywhere, once).
     targets: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is torch.nn.Linear and _matches(name, patterns):
+        if type(module) is torch.nn.Linear and matches(name, patterns):
             targets.setdefault(id(module), (module, []))[1].append(name)
     if patterns is not None and not targets:
         raise ValueError(f"{_OP}: no nn.Linear module matches target_modules={patterns}")
     # Resolve every rank first, so that a bad one leaves the model untouched.
-    ranks = {key: None if rank is None else _resolve_rank(rank, linear, names[0], _OP)
+    ranks = {key: None if rank is None else resolve_rank(rank, linear, names[0], _OP)
              for key, (linear, names) in targets.items()}
     for linear, names in targets.values():
         if not all_finite(linear.weight):

@@ -1,13 +1,13 @@
 """SLTrain: replace a model's ``nn.Linear`` layers by sparse-plus-low-rank layers."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Union
 
 import torch
 
 from ..nn.sparse_lowrank import SparseLowRankLinear
+from ._layers import count_parameters, matches, resolve_rank
 
 __all__ = ["convert", "ConversionReport", "count_parameters"]
 
@@ -30,30 +30,6 @@ class ConversionReport:
             f"SLTrain: replaced {len(self.replaced)} linear layer(s); trainable parameters "
             f"{self.parameters_before:,} -> {self.parameters_after:,} ({100 * self.ratio:.1f}%)"
         )
-
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
-    """The number of parameter elements of ``model``.
-
-    Parameters
-    ----------
-    model : nn.Module
-    trainable_only : bool
-        Count only the parameters with ``requires_grad`` (default); False: all of them.
-
-    Returns
-    -------
-    int
-        The sum of ``numel()`` over the counted parameters (each shared parameter once).
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
-    if patterns is None:
-        return True
-    leaf = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
 def convert(
@@ -106,12 +82,12 @@ def convert(
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not isinstance(module, SparseLowRankLinear) and _matches(name, patterns)
+        if isinstance(module, torch.nn.Linear) and not isinstance(module, SparseLowRankLinear) and matches(name, patterns)
     ]
     if patterns is not None and not targets:
         raise ValueError(f"convert: no nn.Linear module matches target_modules={patterns}")
     for name, linear in targets:
-        layer_rank = _resolve_rank(rank, linear, name, "convert")
+        layer_rank = resolve_rank(rank, linear, name, "convert")
         if init == "svd":
             layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
                                                     strategy=strategy, generator=generator)
@@ -126,14 +102,3 @@ def convert(
         report.replaced.append(name)
     report.parameters_after = count_parameters(model)
     return report
-
-
-def _resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op: str) -> int:
-    """``rank`` for ``linear``: an int in ``[1, min(in, out)]``, or a fraction in ``(0, 1)``
-    of ``min(in, out)`` (rounded, at least 1); ``op`` names the caller in the error."""
-    smallest = min(linear.in_features, linear.out_features)
-    if isinstance(rank, float) and 0.0 < rank < 1.0:
-        return max(1, round(rank * smallest))
-    if isinstance(rank, bool) or int(rank) != rank or not 1 <= int(rank) <= smallest:
-        raise ValueError(f"{op}: rank for {name or 'model'} must be in [1, {smallest}] or a fraction in (0, 1); got {rank}")
-    return int(rank)

@@ -37,7 +37,7 @@ from .._args import require_number
 from .._finite import all_finite
 from ..nn.lora import LoRALinear
 from ..optim._checks import add_checked_group
-from .sltrain import count_parameters
+from ._layers import count_parameters
 
 __all__ = ["gate_parameters", "proximal_step_", "SparseAdamW", "lambda_schedule", "pruned_layer",
            "prune_gated_ranks", "PruneReport"]

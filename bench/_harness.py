@@ -134,6 +134,21 @@ def spectral_matrix(batch: int, m: int, n: int, device: str):
     return A.contiguous().to(device), spectrum
 
 
+def rsvd_auto_passes(m: int, n: int, k: int) -> int:
+    """The power iterations of rsvd's ``n_iter="auto"`` (scikit-learn's rule), for peers run
+    with the same pass count."""
+    return 7 if k < 0.1 * min(m, n) else 4
+
+
+def linear_with_weight(weight: torch.Tensor) -> torch.nn.Linear:
+    """A fresh bias-free ``nn.Linear`` holding a copy of ``weight [out, in]`` (on its device)."""
+    out_features, in_features = weight.shape
+    layer = torch.nn.Linear(in_features, out_features, bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
 def params(cases: Sequence[Case]) -> List[Any]:
     """``pytest.param`` objects for ``@pytest.mark.parametrize("case", params(cases))``."""
     return [pytest.param(case, id=case.id) for case in cases]

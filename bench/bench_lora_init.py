@@ -27,7 +27,8 @@ import torch
 
 from lowrank_ops.nn import LoRALinear
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, require_device, spectral_matrix
+from _harness import (DEVICES, FULL, Case, grid_cases, linear_with_weight, measure, params, require_device,
+                      spectral_matrix)
 
 FAMILY = "lora_init"
 N_ITER = 2  # ours' power iterations
@@ -50,19 +51,11 @@ def _label(problem) -> str:
 
 
 def _cases():
-    cases = grid_cases(FAMILY, "pissa_init", {d: _PROBLEMS for d in DEVICES}, {"float32": ("ours", "ours_niter4", "peft_niter4", "peft_niter16")},
-                       _label)
+    impls = {"float32": ("ours", "ours_niter4", "peft_niter4", "peft_niter16")}
+    cases = grid_cases(FAMILY, "pissa_init", {d: _PROBLEMS for d in DEVICES}, impls, _label)
     exact = grid_cases(FAMILY, "pissa_init", {d: sorted(_EXACT) for d in DEVICES}, {"float32": ("peft_exact",)},
                        _label)
     return cases + exact
-
-
-def _fresh_layer(weight: torch.Tensor) -> torch.nn.Linear:
-    out_features, in_features = weight.shape
-    layer = torch.nn.Linear(in_features, out_features, bias=False, device=weight.device)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    return layer
 
 
 def _build(case: Case, weight: torch.Tensor, r: int):
@@ -74,7 +67,7 @@ def _build(case: Case, weight: torch.Tensor, r: int):
             generator = torch.Generator(device=case.device).manual_seed(0)
 
             def init():
-                layer = LoRALinear(_fresh_layer(weight), r, 2 * r, init_lora_weights=name, generator=generator)
+                layer = LoRALinear(linear_with_weight(weight), r, 2 * r, init_lora_weights=name, generator=generator)
                 return layer.base_layer.weight, layer.scaling * layer.lora_B @ layer.lora_A
 
             return init
@@ -86,7 +79,8 @@ def _build(case: Case, weight: torch.Tensor, r: int):
             # torch.svd_lowrank draws from the global generator: a fixed seed per call, as ours.
             with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
                 torch.manual_seed(0)
-                layer = peft.tuners.lora.Linear(_fresh_layer(weight), "default", config=config, r=r, lora_alpha=2 * r)
+                layer = peft.tuners.lora.Linear(linear_with_weight(weight), "default", config=config, r=r,
+                                                lora_alpha=2 * r)
             product = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
             return layer.base_layer.weight, product
 

@@ -24,7 +24,8 @@ import torch
 
 from lowrank_ops.methods import lowrank_compress
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, require_device, spectral_matrix
+from _harness import (DEVICES, FULL, Case, grid_cases, linear_with_weight, measure, params, require_device,
+                      rsvd_auto_passes, spectral_matrix)
 
 FAMILY = "lowrank_compress"
 OVERSAMPLE = 10
@@ -44,21 +45,10 @@ def _label(problem) -> str:
 
 
 def _cases():
-    cases = grid_cases(FAMILY, "compress", {d: _PROBLEMS for d in DEVICES}, {"float32": ("ours", "svd_lowrank")}, _label)
+    impls = {"float32": ("ours", "svd_lowrank")}
+    cases = grid_cases(FAMILY, "compress", {d: _PROBLEMS for d in DEVICES}, impls, _label)
     return cases + grid_cases(FAMILY, "compress", {d: sorted(_FULL_SVD) for d in DEVICES}, {"float32": ("full_svd",)},
                               _label)
-
-
-def _passes(out_features: int, in_features: int, k: int) -> int:
-    return 7 if k < 0.1 * min(out_features, in_features) else 4  # rsvd's n_iter="auto"
-
-
-def _fresh_model(weight: torch.Tensor) -> torch.nn.Sequential:
-    out_features, in_features = weight.shape
-    layer = torch.nn.Linear(in_features, out_features, bias=False, device=weight.device)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-    return torch.nn.Sequential(layer)
 
 
 def _factored(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> torch.nn.Sequential:
@@ -83,19 +73,19 @@ def _build(case: Case, weight: torch.Tensor, k: int, passes: int):
             generator = torch.Generator(device=case.device)
 
             def run():
-                model = _fresh_model(weight)
+                model = torch.nn.Sequential(linear_with_weight(weight))
                 lowrank_compress.compress(model, rank=k, generator=generator.manual_seed(0))
                 return product(model[0])
             return run
         if case.impl == "full_svd":
             def run():
-                model = _fresh_model(weight)
+                model = torch.nn.Sequential(linear_with_weight(weight))
                 U, S, Vh = torch.linalg.svd(model[0].weight.detach(), full_matrices=False)
                 return product(_factored(U[:, :k], S[:k], Vh[:k]))
             return run
 
         def run():
-            model = _fresh_model(weight)
+            model = torch.nn.Sequential(linear_with_weight(weight))
             with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
                 torch.manual_seed(0)  # svd_lowrank draws from the global generator
                 U, S, V = torch.svd_lowrank(model[0].weight.detach(), q=k + OVERSAMPLE, niter=passes)
@@ -110,7 +100,7 @@ def test_compress(benchmark, case: Case):
     require_device(case.device)
     out_features, in_features, k = case.problem
     weight, spectrum = spectral_matrix(0, out_features, in_features, case.device)
-    passes = _passes(out_features, in_features, k)
+    passes = rsvd_auto_passes(out_features, in_features, k)
     optimal = spectrum[k:].square().sum().sqrt()
 
     def check(W_k) -> float:

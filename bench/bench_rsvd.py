@@ -50,7 +50,7 @@ import torch
 
 from lowrank_ops.linalg import range_finder, rsvd
 
-from _harness import DEVICES, FULL, Case, measure, params, require_device, spectral_matrix
+from _harness import DEVICES, FULL, Case, measure, params, require_device, rsvd_auto_passes, spectral_matrix
 
 FAMILY = "rsvd"
 OVERSAMPLE = 10
@@ -71,10 +71,6 @@ else:
 
 _RSVD_IMPLS = ("ours", "ours_fp32", "ours_with_error", "svd_lowrank", "svd_lowrank_matched", "sklearn")
 ERROR_PROBES = 8
-
-
-def _default_passes(m: int, n: int, k: int) -> int:
-    return 7 if k < 0.1 * min(m, n) else 4  # rsvd's n_iter="auto"
 
 
 def _rsvd_cases() -> List[Case]:
@@ -155,7 +151,7 @@ def test_rsvd(benchmark, case: Case):
     require_device(case.device)
     m, n, k = case.problem
     A, spectrum = spectral_matrix(0, m, n, case.device)
-    passes = _default_passes(m, n, k)
+    passes = rsvd_auto_passes(m, n, k)
 
     def build():
         run = _rsvd_runner(case, A, k, passes)
@@ -186,7 +182,7 @@ def test_range_finder(benchmark, case: Case):
     require_device(case.device)
     m, n, k = case.problem
     A, spectrum = spectral_matrix(0, m, n, case.device)
-    passes, l = _default_passes(m, n, k), min(k + OVERSAMPLE, m, n)
+    passes, l = rsvd_auto_passes(m, n, k), min(k + OVERSAMPLE, m, n)
 
     def build():
         if case.impl == "ours":
@@ -223,7 +219,7 @@ def test_rsvd_batched(benchmark, case: Case):
     require_device(case.device)
     b, m, n, k = case.problem
     A, spectrum = spectral_matrix(b, m, n, case.device)
-    passes = _default_passes(m, n, k)
+    passes = rsvd_auto_passes(m, n, k)
 
     def build():
         generator = torch.Generator(device=case.device)

@@ -1,4 +1,6 @@
-"""Shared test fixtures: the device list, tolerances, random data.
+"""Shared test fixtures: the device list, a seeded generator per test, the build switches.
+
+Tolerances and random-data helpers live in ``tests/helpers.py``.
 
 Devices: ``cpu`` always, plus ``cuda`` when torch sees a GPU *and* the CUDA kernels
 were compiled; CUDA parameters carry the ``cuda`` marker so ``-m cuda`` selects them.
@@ -41,7 +43,6 @@ def generator(request) -> torch.Generator:
     # A per-test seed derived from the test id: different data per test, reproducible.
     seed = zlib.crc32(request.node.nodeid.encode())
     return torch.Generator().manual_seed(seed)
-
 
 
 @pytest.fixture(autouse=True)

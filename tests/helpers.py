@@ -42,8 +42,6 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Te
     return torch.randn(*shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)
 
 
-
-
 def with_spectrum(m: int, n: int, s: torch.Tensor, generator, batch=()) -> torch.Tensor:
     """``A [*batch, m, n] = U diag(s) V^T`` in float64 from random orthonormal ``U [m, k]``,
     ``V [n, k]`` (``k = len(s)``): a matrix with exactly the singular values ``s``."""

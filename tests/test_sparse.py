@@ -278,6 +278,13 @@ def test_spmv(device, generator):
     torch.testing.assert_close(spmv(support, values, block), block @ support.to_dense(values).T, rtol=1e-13, atol=1e-13)
     with pytest.raises(ValueError, match=r"spmv: v has shape \(2, 3, 60\)"):
         spmv(support, values, torch.zeros(2, 3, 60, dtype=torch.float64, device=device))
+    # spmv's vector is named v in every message, as in its signature
+    with pytest.raises(ValueError, match=r"spmv: v has shape \(59,\); expected \(\.\.\., in_features\) = \(\.\.\., 60\)"):
+        spmv(support, values, v[:59])
+    with pytest.raises(TypeError, match="spmv: v must be a tensor; got list"):
+        spmv(support, values, v.tolist())
+    with pytest.raises(TypeError, match="spmv: values has dtype torch.float32; expected the dtype of v, torch.float64"):
+        spmv(support, values.float(), v)
 
 
 # --------------------------------------------------------------------------- backward

@@ -19,7 +19,8 @@ Public modules:
 * :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)
 * :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns
-* :mod:`lowrank_ops.reference`: pure-torch float64-capable references of every op
+* :mod:`lowrank_ops.reference`: pure-torch float64-capable references of the public ops
+  (the kernel-level passes, e.g. M-FAC's, are checked against torch formulas in their tests)
 """
 from . import krylov, linalg, methods, nn, ops, optim, ot, pde, reference, second_order, sparse
 from .info import __version__, info

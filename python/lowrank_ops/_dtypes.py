@@ -6,8 +6,6 @@ import torch
 FLOAT_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 
-SUPPORTED_FLOATS = tuple(FLOAT_CODES)
-
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' accumulation (and M-FAC's compute) dtype: float64 for float64, else float32."""

@@ -269,29 +269,30 @@ class _FixedSparseMatmul(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
-def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> dict:
-    """Checks a call's arguments; returns the support's pattern buffers by name
-    (:meth:`FixedSupport.pattern`, read once per call)."""
+def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport, x_name: str = "x") -> dict:
+    """Checks a call's arguments (``x`` named ``x_name`` in messages: ``v`` for :func:`spmv`);
+    returns the support's pattern buffers by name (:meth:`FixedSupport.pattern`, read once per call)."""
     if not isinstance(support, FixedSupport):
         raise TypeError(f"{op}: support must be a lowrank_ops.sparse.FixedSupport; got {type(support).__name__}")
-    for name, tensor in (("x", x), ("values", values)):
+    for name, tensor in ((x_name, x), ("values", values)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
         float_code(tensor.dtype, op, name)
     pattern = support.pattern()
     in_features, nnz, device = support.in_features, pattern["col_idx"].numel(), x.device
     if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
+        raise ValueError(
+            f"{op}: {x_name} has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})"
+        )
     if values.dim() != 1 or values.numel() != nnz:
         raise ValueError(f"{op}: values has shape {tuple(values.shape)}; expected (nnz,) = ({nnz},)")
     if values.dtype != x.dtype:
-        raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of x, {x.dtype}")
+        raise TypeError(f"{op}: values has dtype {values.dtype}; expected the dtype of {x_name}, {x.dtype}")
     if values.device != device:
-        raise ValueError(f"{op}: values is on {values.device}; expected the device of x, {device}")
+        raise ValueError(f"{op}: values is on {values.device}; expected the device of {x_name}, {device}")
     if pattern["col_idx"].device != device:
-        raise ValueError(
-            f"{op}: support is on {support.device}; expected the device of x, {device} (use support.to(x.device))"
-        )
+        raise ValueError(f"{op}: support is on {support.device}; expected the device of {x_name}, {device} "
+                         f"(use support.to({x_name}.device))")
     return pattern
 
 
@@ -321,8 +322,8 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
     return _matmul("fixed_sparse_matmul", x, values, support)
 
 
-def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport) -> torch.Tensor:
-    pattern = _validate(op, x, values, support)
+def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport, x_name: str = "x") -> torch.Tensor:
+    pattern = _validate(op, x, values, support, x_name)
     batch_shape, out_features = x.shape[:-1], support.out_features
     x2 = x.reshape(batch_shape.numel(), support.in_features)
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
@@ -354,4 +355,4 @@ def spmv(support: FixedSupport, values: torch.Tensor, v: torch.Tensor) -> torch.
     """
     if isinstance(v, torch.Tensor) and v.dim() not in (1, 2):
         raise ValueError(f"spmv: v has shape {tuple(v.shape)}; expected (in_features,) or (k, in_features)")
-    return _matmul("spmv", v, values, support)
+    return _matmul("spmv", v, values, support, "v")

@@ -466,6 +466,32 @@ def test_multi_lora_linear_routes_rows_by_name(device, generator):
     assert layer.scales.tolist() == [2.0, 4.0 / 9.0, 1.0]
 
 
+@pytest.mark.parametrize("routing", ["sorted", "one_adapter", "none"])
+def test_multi_lora_linear_grouped_rows_skip_the_sort(device, generator, routing):
+    """Rows already grouped (ids non-decreasing) go straight to the op; every id -1 is the
+    base layer alone.  Outputs and gradients equal the explicit segment routing's."""
+    layer = make_layer(device, generator)
+    ids = {"sorted": [-1, -1, 0, 0, 0, 1, 2, 2], "one_adapter": [1] * 8, "none": [-1] * 8}[routing]
+    x = randn(8, IN, device=device, generator=generator).requires_grad_()
+    y = layer(x, adapter_ids=ids)
+    dy = randn(8, OUT, device=device, generator=generator)
+    y.backward(dy)
+    grads = [x.grad.clone()] + [None if p.grad is None else p.grad.clone() for p in (layer.lora_A, layer.lora_B)]
+    if routing == "none":
+        torch.testing.assert_close(y, layer.base(x), rtol=0, atol=0)
+        assert grads[1] is None and grads[2] is None  # the stacks are not in the graph
+        return
+    ids_tensor = torch.tensor(ids)
+    segment_ids, counts = torch.unique_consecutive(ids_tensor, return_counts=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+    expected = layer(x, adapter_ids=segment_ids, segment_offsets=offsets)
+    expected.backward(dy)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    for got, want in zip(grads, (x.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_multi_lora_linear_keeps_lora_B_rank_major(device, generator):
     """lora_B lives in a rank-major buffer (the CPU kernels read B^T in place) through
     add_adapter, training and state-dict round trips, with PEFT's shape."""

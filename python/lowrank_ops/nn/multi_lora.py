@@ -34,10 +34,16 @@ def group_rows(row_adapter_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     """
     ids = row_adapter_ids.to(torch.int64).reshape(-1)
     order = torch.argsort(ids, stable=True)
-    segment_ids, counts = torch.unique_consecutive(ids[order], return_counts=True)
-    offsets = torch.zeros(segment_ids.numel() + 1, dtype=torch.int64, device=ids.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    offsets, segment_ids = _segments(ids[order])
     return order, offsets, segment_ids
+
+
+def _segments(grouped_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(segment_offsets, adapter_ids)`` of ids whose equal values are adjacent."""
+    segment_ids, counts = torch.unique_consecutive(grouped_ids, return_counts=True)
+    offsets = torch.zeros(segment_ids.numel() + 1, dtype=torch.int64, device=grouped_ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets, segment_ids
 
 
 def restore_rows(grouped: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -201,7 +207,10 @@ class MultiLoRALinear(nn.Module):
           ``torch.compile`` traces without a graph break).
 
         Per-row routing sorts the rows by adapter (:func:`group_rows`), runs one batched
-        call and restores the order.  With no routing, only the base layer runs.
+        call and restores the order; rows that are already grouped (one adapter, or ids
+        in non-decreasing order) skip the sort, the gather and the restore.  With no
+        routing, or every id -1, only the base layer runs (the stacks then get no
+        gradient: ``grad`` stays None, which optimizers skip).
 
         Parameters
         ----------
@@ -252,8 +261,14 @@ class MultiLoRALinear(nn.Module):
         if row_ids.numel() != n_rows:
             raise ValueError(f"MultiLoRALinear: adapter_ids has {row_ids.numel()} entries; expected one per row "
                              f"({n_rows}) (or pass segment_offsets)")
-        order, offsets, segment_ids = group_rows(row_ids)
-        y = restore_rows(self._lora_forward(rows.index_select(0, order), offsets, segment_ids), order)
+        if bool((row_ids[1:] >= row_ids[:-1]).all()):  # already grouped (one adapter, or sorted): no gather
+            offsets, segment_ids = _segments(row_ids)
+            if bool((segment_ids < 0).all()):  # no row has an adapter: the base layer alone
+                return self.base(x)
+            y = self._lora_forward(rows, offsets, segment_ids)
+        else:
+            order, offsets, segment_ids = group_rows(row_ids)
+            y = restore_rows(self._lora_forward(rows.index_select(0, order), offsets, segment_ids), order)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _lora_forward(self, rows: torch.Tensor, segment_offsets, adapter_ids) -> torch.Tensor:

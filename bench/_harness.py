@@ -222,6 +222,7 @@ def unsupported(case: Case, error: BaseException) -> None:
     record = {key: getattr(case, key) for key in ("family", "op", "shape", "dtype", "device", "impl")}
     record["reason"] = reason
     UNSUPPORTED.append(record)
+    _append_to_log({"unsupported": record})
     pytest.skip(f"{case.impl} unsupported for {case.group}: {reason}")
 
 
@@ -296,22 +297,25 @@ def measure(
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(seconds, 1e-6))))
     warmup = 1 if seconds < 0.1 else 0
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    log_case(benchmark)
 
 
 def log_case(benchmark) -> None:
-    """Append the case to ``LOWRANK_OPS_BENCH_LOG`` (JSON lines; set by ``lowrank-ops bench``).
+    """Append the case to ``LOWRANK_OPS_BENCH_LOG`` (JSON lines; set by ``lowrank-ops bench``),
+    from bench/conftest.py once the case's test has returned.
 
     pytest-benchmark writes its JSON only when the whole session ends; this log keeps
     every finished case of a run that is killed at a time limit (a GPU lease), and
     ``lowrank-ops bench --from-log`` renders it.
     """
-    path = os.environ.get("LOWRANK_OPS_BENCH_LOG")
-    if not path:
-        return
     stats = benchmark.stats.stats
     keys = ("min", "max", "mean", "stddev", "median", "iqr", "rounds")
-    line = {"name": benchmark.name, "extra_info": dict(benchmark.extra_info),
-            "stats": {key: getattr(stats, key) for key in keys}}
-    with open(path, "a") as log:
-        log.write(json.dumps(line) + "\n")
+    _append_to_log({"name": benchmark.name, "extra_info": dict(benchmark.extra_info),
+                    "stats": {key: getattr(stats, key) for key in keys}})
+
+
+def _append_to_log(line: dict) -> None:
+    """One JSON line in ``LOWRANK_OPS_BENCH_LOG`` (nothing when the suites run without it)."""
+    path = os.environ.get("LOWRANK_OPS_BENCH_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(json.dumps(line) + "\n")

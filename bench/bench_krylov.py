@@ -39,7 +39,7 @@ import torch
 from lowrank_ops import pde
 from lowrank_ops.krylov import solve_sequence
 
-from _harness import FULL, Case, grid_cases, log_case, params, require_device, synchronize, unsupported
+from _harness import FULL, Case, grid_cases, params, require_device, synchronize, unsupported
 
 FAMILY = "krylov"
 SEED = 0
@@ -159,7 +159,6 @@ def test_solve_sequence(benchmark, case: Case):
         return result
 
     benchmark.pedantic(timed, rounds=_ROUNDS, warmup_rounds=0, iterations=1)
-    log_case(benchmark)
 
 
 def _curve(family: str, grid: int, count: int) -> None:

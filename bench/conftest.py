@@ -5,7 +5,9 @@
   its ``case.device``);
 * adds the harness's records of unsupported peers, and the size mode, to the
   pytest-benchmark JSON under the key ``"lowrank_ops"``, where ``lowrank-ops bench``
-  reads them.
+  reads them;
+* appends every timed case to the run's case log once its test has returned (so what a
+  suite adds to ``extra_info`` after timing, such as ``peak_mem_MB``, is in it).
 """
 from __future__ import annotations
 
@@ -42,6 +44,14 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    outcome = yield
+    benchmark = getattr(item, "funcargs", {}).get("benchmark")
+    if outcome.excinfo is None and benchmark is not None and benchmark.stats is not None:
+        _harness.log_case(benchmark)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -129,7 +129,7 @@ def test_console_script_is_installed():
 
 
 def test_bench_table_bounds_ratios_of_truncated_solvers():
-    from lowrank_ops.cli import comparison_rows, format_table
+    from lowrank_ops._bench_report import comparison_rows, format_table
 
     case = dict(family="ot", op="ot.images", shape="images", dtype="float64", device="cpu", flops=0.0, bytes=0.0)
     records = [dict(case, impl="ours", median_s=0.4, max_error=1e-9),
@@ -140,3 +140,27 @@ def test_bench_table_bounds_ratios_of_truncated_solvers():
     assert ">=0.50x" in lines["capped_peer"] and " 2.00x" in lines["converged_peer"]
     ours_capped = [dict(records[0], truncated=True), records[2]]
     assert "<=2.00x" in format_table(comparison_rows(ours_capped, []))
+
+
+def test_bench_from_log_renders_timed_cases_memory_and_unsupported_peers(tmp_path, capsys):
+    """``lowrank-ops bench --from-log`` re-renders a run from its case log: timed cases with
+    what the suite recorded after timing (peak memory), and peers that could not run."""
+    from lowrank_ops.cli import main
+
+    machine = dict(timestamp="2026-01-01T00:00:00+00:00", cpu="test cpu", cpu_cores=2, torch_threads=2, gpus=[],
+                   cuda_compiled=False, platform="linux", python="3", torch="2", lowrank_ops="0",
+                   git_sha="0" * 40, git_dirty=False, cpu_busy_before=0.0)
+    case = dict(family="sparse_lowrank", op="sparse_lowrank_linear.fwd", shape="8x8", dtype="float32", device="cpu",
+                flops=1e6, bytes=1e6)
+    stats = dict(min=1e-3, max=1e-3, mean=1e-3, stddev=0.0, median=1e-3, iqr=0.0, rounds=5)
+    lines = [{"machine": machine},
+             {"name": "a", "extra_info": dict(case, impl="ours", max_error=1e-7, peak_mem_MB=1.0), "stats": stats},
+             {"name": "b", "extra_info": dict(case, impl="paper", max_error=1e-7, peak_mem_MB=4.0),
+              "stats": dict(stats, median=2e-3)},
+             {"unsupported": dict(case, impl="old_peer", reason="RuntimeError: too big")}]
+    log = tmp_path / "cases.jsonl"
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["bench", "--from-log", str(log), "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| paper | 2.00 | 2.00x |" in report and "| 1.0 | 4.0 | 4.00x |" in report
+    assert "| old_peer | unsupported |" in report and "old_peer on sparse_lowrank_linear.fwd 8x8" in report

@@ -10,6 +10,11 @@ Ops and implementations (same inputs, same run):
 * ``lora_linear_multi.fwd``: ``ours`` (:func:`lowrank_ops.ops.lora_linear_multi`, routing
   tensors built once per batch, as a server shares them across a model's layers; B_stack
   in the rank-major storage :class:`~lowrank_ops.nn.MultiLoRALinear` keeps, same values);
+  ``ours_per_row`` (the same op reached from one adapter id per row, rows in a fixed
+  random order: :func:`~lowrank_ops.nn.multi_lora.group_rows`, the gather, the op and
+  :func:`~lowrank_ops.nn.multi_lora.restore_rows`, what ``MultiLoRALinear`` does with
+  per-row ids; PEFT's input is a name per row too, so ``peft`` against ``ours_per_row`` is
+  the like-for-like mixed-batch ratio, and ``ours`` against it the price of routing);
   ``peft`` (a PEFT 0.21 LoRA model on one ``nn.Linear`` holding the same adapters,
   called with ``adapter_names=[...]`` per row: its mixed-batch inference path);
   ``loop`` (torch: the base GEMM, then per adapter two GEMMs on the segment's rows
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops import reference
+from lowrank_ops.nn.multi_lora import group_rows, restore_rows
 from lowrank_ops.ops import lora_linear_multi
 
 from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
@@ -76,7 +82,8 @@ def _label(problem: tuple) -> str:
     return f"{out_features}x{in_features} N={n} adapters={n_adapters} {skew}"
 
 
-CASES_FWD = grid_cases(FAMILY, "lora_linear_multi.fwd", _PROBLEMS, {"float32": ("ours", "peft", "loop")}, _label)
+CASES_FWD = grid_cases(FAMILY, "lora_linear_multi.fwd", _PROBLEMS,
+                       {"float32": ("ours", "ours_per_row", "peft", "loop")}, _label)
 CASES_FWD_BWD = grid_cases(FAMILY, "lora_linear_multi.fwd+bwd", _PROBLEMS, {"float32": ("ours", "loop")}, _label)
 CASES_SHRINK = grid_cases(FAMILY, "lora_multi_shrink", _KERNEL_PROBLEMS, {"float32": ("ours", "loop")}, _label)
 CASES_EXPAND = grid_cases(FAMILY, "lora_multi_expand", _KERNEL_PROBLEMS, {"float32": ("ours", "loop")}, _label)
@@ -204,6 +211,22 @@ def _routing_tensors(problem: tuple, device: str) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _row_order(problem: tuple, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, row_ids)``: a fixed random order of the rows and each row's adapter in it."""
+    inp = _inputs(problem, device)
+    ids = torch.cat([torch.full((hi - lo,), a, dtype=torch.int64) for a, lo, hi in inp.segments])
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(SEED + 1))
+    return perm.to(device), ids[perm].to(device)
+
+
+def _ours_per_row(inp: Inputs, routing: dict, x_rows, row_ids, B_stack) -> torch.Tensor:
+    order, offsets, segment_ids = group_rows(row_ids)
+    y = lora_linear_multi(x_rows.index_select(0, order), inp.weight, inp.A_stack, B_stack, offsets, segment_ids,
+                          ranks=routing["ranks"], scales=routing["scales"], bias=inp.bias)
+    return restore_rows(y, order)
+
+
 def _rank_major(B_stack: torch.Tensor) -> torch.Tensor:
     """B_stack with the storage MultiLoRALinear keeps its lora_B in (rank-major: the CPU
     kernels read B^T rows in place instead of packing them per call); same values."""
@@ -251,6 +274,12 @@ def _build(case: Case, inp: Inputs) -> Callable[[], Callable]:
             routing = _routing_tensors(case.problem, case.device)
             B_stack = _rank_major(inp.B_stack)
             return lambda: (lambda: _ours_forward(inp, routing, inp.x, inp.A_stack, B_stack))
+        if case.impl == "ours_per_row":
+            routing = _routing_tensors(case.problem, case.device)
+            B_stack = _rank_major(inp.B_stack)
+            perm, row_ids = _row_order(case.problem, case.device)
+            x_rows = inp.x.index_select(0, perm)
+            return lambda: (lambda: _ours_per_row(inp, routing, x_rows, row_ids, B_stack))
 
         def build_loop():
             As, Bs = _per_adapter(inp, inp.A_stack, inp.B_stack, grad=False)
@@ -342,6 +371,9 @@ def _check(case: Case, inp: Inputs):
     if backward:
         return lambda out: rel_error(
             [out[0], out[1], stacked(out[2], inp.A_stack), stacked(out[3], inp.B_stack)], refs)
+    if case.impl == "ours_per_row":  # its rows come in the random order: put them back first
+        perm, _ = _row_order(case.problem, case.device)
+        return lambda out: rel_error([torch.empty_like(out).index_copy_(0, perm, out)], refs)
     return lambda out: rel_error([out], refs)
 
 

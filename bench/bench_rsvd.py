@@ -7,7 +7,9 @@ Ops and peers, on the same matrices in the same run:
   ``sketch_dtype="auto"``) and with every product in float32 (``ours_fp32``); ours with
   the error estimate (``ours_with_error``: ``error_probes=8``, its ratio to ``ours`` is the
   estimate's overhead, and ``extra_info["estimate_over_true"]`` the estimate over the
-  true ``||A - U S Vh||_F``); ``torch.svd_lowrank`` with its defaults
+  true ``||A - U S Vh||_F``); ours with ``method="block_krylov"`` (``ours_block_krylov``:
+  the Rayleigh-Ritz step over the whole Krylov block ``[Y_0, ..., Y_q]``, more accurate
+  per pass on flat spectra, larger small SVD); ``torch.svd_lowrank`` with its defaults
   (``svd_lowrank``: q = k, niter = 2) and with our oversampling and pass count
   (``svd_lowrank_matched``: q = k + 10, niter = ours); scikit-learn's
   ``randomized_svd`` (``sklearn``, n_oversamples = 10, n_iter = "auto", on the same
@@ -69,7 +71,7 @@ else:
     _BATCHED = [(8, 256, 256, 16)]
     _GALORE = [(1024, 1024, 64)]
 
-_RSVD_IMPLS = ("ours", "ours_fp32", "ours_with_error", "svd_lowrank", "svd_lowrank_matched", "sklearn")
+_RSVD_IMPLS = ("ours", "ours_fp32", "ours_with_error", "ours_block_krylov", "svd_lowrank", "svd_lowrank_matched", "sklearn")
 ERROR_PROBES = 8
 
 
@@ -131,6 +133,8 @@ def _rsvd_runner(case: Case, A: torch.Tensor, k: int, passes: int):
     if case.impl == "ours_with_error":
         return lambda seed: rsvd(A, k, error_probes=ERROR_PROBES, generator=generator.manual_seed(seed),
                                  check_finite=False)
+    if case.impl == "ours_block_krylov":
+        return lambda seed: rsvd(A, k, method="block_krylov", generator=generator.manual_seed(seed), check_finite=False)
     if case.impl == "svd_lowrank":
         return lambda seed: _lowrank_as_factors(_svd_lowrank(A, k, 2, seed), k)
     if case.impl == "svd_lowrank_matched":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import time
@@ -234,6 +235,7 @@ def measure(
     *,
     flops: float,
     bytes: float,  # noqa: A002 - the extra_info key's name
+    peak_memory: bool = False,
 ) -> None:
     """Check an implementation's accuracy, time it, and record ``benchmark.extra_info``.
 
@@ -254,6 +256,9 @@ def measure(
         Useful floating-point operations and compulsory memory traffic of one call,
         the same for every impl of a case, so that GFLOP/s and GB/s compare impls on
         the work the op must do, not on the work an impl chooses to do.
+    peak_memory : bool
+        Also record ``extra_info["peak_mem_MB"]``: :func:`peak_memory_mb` of one more
+        (warm) call after the timing.
 
     Notes
     -----
@@ -297,6 +302,57 @@ def measure(
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(seconds, 1e-6))))
     warmup = 1 if seconds < 0.1 else 0
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    if peak_memory:  # after the timing: lazy initialisation is not a per-call cost
+        benchmark.extra_info["peak_mem_MB"] = peak_memory_mb(timed, case.device)
+
+
+MB = 1e6
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory (MB, 10^6 bytes) allocated during one call ``fn()`` beyond what was live before it.
+
+    Outputs, gradients, saved and temporary tensors count; the inputs and parameters
+    (live before the call) do not.  The result of ``fn`` is dropped inside the window,
+    after it has counted towards the peak.
+
+    CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+    ``memory_allocated()`` before the call (the caching allocator's accounting of live
+    tensors, not its cached reserve).  CPU: torch keeps no allocator statistics on CPU, so
+    the call runs once under ``torch.profiler.profile(profile_memory=True)``, which records
+    every allocation and free of torch's CPU allocator with its size and a nanosecond
+    timestamp; the peak is the largest running sum of those events in time order.  That
+    counts every tensor, ours and torch's, including those our C++ ops allocate through
+    torch; not memory that is not a tensor (our kernels' per-thread scratch, BLAS's
+    packing buffers, numpy arrays).  Process RSS (``ru_maxrss``) was rejected: a
+    high-water mark over the whole process, and glibc reuses freed heap pages, so its
+    delta over one call is not the call's peak (bench_sparse_lowrank.py's docstring has
+    the cross-check).
+    """
+    gc.collect()  # garbage from earlier cases must not be freed inside the window
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del result
+        return peak / MB
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    # The kineto records keep each allocation's signed size and a ns timestamp; the
+    # aggregated prof.events() folds most of them into the ops' totals, losing the order.
+    events = [
+        event for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep record order
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / MB
 
 
 def log_case(benchmark) -> None:

@@ -21,6 +21,9 @@ Roofline (same for every impl): row norm ``2 out in (r + 1) + out r (r + 2)`` fl
 ``W A^T`` GEMM, the pass over W, the per-row terms), bytes ``out in`` elements of W read
 twice (GEMM and norm pass; once is the floor) plus the factors.  DoRA linear: LoRA's
 (bench_lora.py) plus the row norm and ``3 N out`` flops of rescaling.
+
+Memory of ``dora_linear`` (``ours MB`` / ``peer MB``): peak memory of one call beyond its
+inputs (:func:`_harness.peak_memory_mb`), saved tensors and gradients included.
 """
 from __future__ import annotations
 
@@ -214,7 +217,7 @@ def _run_linear(benchmark, case: Case, backward: bool) -> None:
     references = _reference(case.problem, case.torch_dtype, case.device, backward)
     flops, moved = _roofline(inp, backward)
     measure(benchmark, case, _build_linear(case, inp, backward), lambda result: rel_error(result, references),
-            flops=flops, bytes=moved)
+            flops=flops, bytes=moved, peak_memory=True)
 
 
 @pytest.mark.parametrize("case", params(_cases("dora_linear.fwd", _LINEAR_IMPLS, _label)))

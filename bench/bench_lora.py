@@ -22,6 +22,11 @@ Roofline (the same for every impl): forward ``2 N in out`` (base) ``+ 2 N r (in 
 flops; forward+backward ``4 N in out + 6 N r (in + out)`` (dW is not computed: W is frozen).
 Bytes: x, W, A, B, b and y once; with backward also dy, dx, dA, dB and ``u [N, r]``.  On
 CPU both are GEMM-bound (arithmetic intensity ~ N / 2 flops per byte for N << in).
+
+Memory (``ours MB`` / ``peer MB`` columns): peak memory of one call beyond its inputs
+(:func:`_harness.peak_memory_mb`): the output and, with backward, what autograd saved
+and the gradients; what an adapter layer saves for backward is the training-memory
+claim of the fused op (no ``[N, out]`` intermediate besides y; the ``[N, r]`` u only).
 """
 from __future__ import annotations
 
@@ -179,7 +184,7 @@ def _run(benchmark, case: Case, backward: bool) -> None:
         return rel_error(result, full)
 
     flops, moved = _roofline(inp, backward)
-    measure(benchmark, case, _build(case, inp, backward), check, flops=flops, bytes=moved)
+    measure(benchmark, case, _build(case, inp, backward), check, flops=flops, bytes=moved, peak_memory=True)
 
 
 @pytest.mark.parametrize("case", params(_cases("lora_linear.fwd")))

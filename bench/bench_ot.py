@@ -52,13 +52,12 @@ import torch
 
 from lowrank_ops.ot import sinkhorn, sinkhorn_newton_sparse
 
-from _harness import FULL, Case, measure, params, require_device
+from _harness import FULL, MB, Case, measure, params, peak_memory_mb, require_device
 
 ot = pytest.importorskip("ot")
 
 FAMILY = "ot"
 SEED = 0
-MB = 1e6
 
 # (kind, n, option): assignment (n, eta), images (28, cost), points (n, reg)
 _PROBLEMS = [("assignment", 500, 1200.0), ("images", 28, "sqeuclidean"), ("points", 1000, 1.0)]
@@ -188,17 +187,7 @@ def _peak_memory_mb(fn) -> float:
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    gc.collect()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return (peak + numpy_peak) / MB
+    return numpy_peak / MB + peak_memory_mb(fn, "cpu")
 
 
 @pytest.mark.parametrize("case", params(_cases()))

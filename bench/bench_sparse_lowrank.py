@@ -30,20 +30,11 @@ Recorded in ``benchmark.extra_info`` beyond the harness's keys:
 
 ``peak_mem_MB``
     Peak memory (MB, 10^6 bytes) allocated during one call on top of what was allocated
-    before it: outputs, gradients, saved and temporary tensors; the inputs and parameters
-    are excluded (see ``param_MB``).  CUDA: ``torch.cuda.max_memory_allocated()`` after
-    ``reset_peak_memory_stats()``, minus ``memory_allocated()`` before the call (the
-    caching allocator's accounting of live tensors, not its cached reserve).  CPU: torch
-    has no allocator statistics on CPU, so the call runs once under
-    ``torch.profiler.profile(profile_memory=True)``, which records every allocation and
-    free of torch's CPU allocator with its size and a nanosecond timestamp; the peak is the
-    largest running sum of those events in time order.  That counts every tensor, ours
-    and torch's, including those our C++ ops allocate; it does not count memory that is
-    not a tensor: the sparse kernels' per-thread scratch (tile buffers, under 1 MB per
-    thread at these shapes) and BLAS's internal packing buffers.  Process RSS
-    (``ru_maxrss``) was rejected: it is a high-water mark over the whole process (torch's
-    import, building the inputs, the float64 references), and glibc reuses freed heap
-    pages, so its delta over one call is not the call's peak.  (Cross-check at
+    before it (:func:`_harness.peak_memory_mb`: outputs, gradients, saved and temporary
+    tensors; the inputs and parameters are excluded, see ``param_MB``).  Not counted: the
+    sparse kernels' per-thread scratch (tile buffers, under 1 MB per thread at these
+    shapes) and BLAS's internal packing buffers.  Process RSS was rejected: glibc reuses
+    freed heap pages, so its delta over one call is not the call's peak.  (Cross-check at
     2048x5461, N = 256, fwd+bwd, each impl alone in a fresh process warmed on a smaller
     shape, with ``MALLOC_MMAP_THRESHOLD_=65536``: RSS grew 8 MB (ours) to 18 MB (paper)
     more than the profiler's peak, that is the BLAS buffers and code paged in on first
@@ -57,7 +48,6 @@ Recorded in ``benchmark.extra_info`` beyond the harness's keys:
 from __future__ import annotations
 
 import functools
-import gc
 from typing import Callable, List, NamedTuple, Tuple
 
 import pytest
@@ -68,14 +58,14 @@ import lowrank_ops
 from lowrank_ops.ops.sparse_lowrank import choose_strategy
 from lowrank_ops.sparse import FixedSupport
 
-from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device, seeded_support
+from _harness import (DEVICES, FULL, MB, Case, grid_cases, measure, params, peak_memory_mb, rel_error, require_device,
+                      seeded_support)
 
 FAMILY = "sparse_lowrank"
 SEED = 0
 #: Multiplies the low-rank part; not 1, so the timed code takes the scaling path real
 #: training takes (SLTrain uses ``lora_alpha / r``, e.g. 16 / 256 for its 130M model).
 SCALE = 0.0625
-MB = 1e6
 
 _STRATEGY = {"ours": "auto", "ours_sparse": "sparse", "ours_dense": "dense"}
 _ALL_IMPLS = ("ours", "ours_sparse", "ours_dense", "paper", "dense_linear")
@@ -244,39 +234,6 @@ def _roofline(inp: Inputs, backward: bool) -> Tuple[float, float]:
         csc = index * (2 * nnz + in_features + 1)  # row_idx, csc_to_csr, col_ptr
         moved += element * (n * (out_features + in_features) + parameters + 2 * n * rank) + csc
     return flops, moved
-
-
-# ---------------------------------------------------------------------------- memory
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
-    """Peak memory (MB) allocated during one call ``fn()`` beyond what was live before it.
-
-    See the module docstring for the method on each device.  The result of ``fn`` is
-    dropped inside the measurement window, after it has counted towards the peak.
-    """
-    gc.collect()  # garbage from earlier cases must not be freed inside the window
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        del result
-        return peak / MB
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    # The kineto records keep each allocation's signed size and a ns timestamp; the
-    # aggregated prof.events() folds most of them into the ops' totals, losing the order.
-    events = [
-        event for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):  # stable: ties keep record order
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak / MB
 
 
 def _measure(benchmark, case: Case, inp: Inputs, build: Callable[[], Callable], check, *, backward: bool) -> None:

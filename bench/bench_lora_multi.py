@@ -11,8 +11,8 @@ Ops and implementations (same inputs, same run):
   tensors built once per batch, as a server shares them across a model's layers; B_stack
   in the rank-major storage :class:`~lowrank_ops.nn.MultiLoRALinear` keeps, same values);
   ``ours_per_row`` (the same op reached from one adapter id per row, rows in a fixed
-  random order: :func:`~lowrank_ops.nn.multi_lora.group_rows`, the gather, the op and
-  :func:`~lowrank_ops.nn.multi_lora.restore_rows`, what ``MultiLoRALinear`` does with
+  random order: :func:`~lowrank_ops.nn.lora_multi.group_rows`, the gather, the op and
+  :func:`~lowrank_ops.nn.lora_multi.restore_rows`, what ``MultiLoRALinear`` does with
   per-row ids; PEFT's input is a name per row too, so ``peft`` against ``ours_per_row`` is
   the like-for-like mixed-batch ratio, and ``ours`` against it the price of routing);
   ``peft`` (a PEFT 0.21 LoRA model on one ``nn.Linear`` holding the same adapters,
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops import reference
-from lowrank_ops.nn.multi_lora import group_rows, restore_rows
+from lowrank_ops.nn.lora_multi import group_rows, restore_rows
 from lowrank_ops.ops import lora_linear_multi
 
 from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device

@@ -17,7 +17,7 @@ import lowrank_ops.ops.lora_multi as lora_multi_module
 from lowrank_ops import reference
 from lowrank_ops._extension import extension
 from lowrank_ops.nn import MultiLoRALinear
-from lowrank_ops.nn.multi_lora import group_rows, restore_rows
+from lowrank_ops.nn.lora_multi import group_rows, restore_rows
 from lowrank_ops.ops import lora_linear_multi
 
 from helpers import FLOAT_DTYPES, OUTPUT_UNIT, assert_within, randn, summation_bound
@@ -430,6 +430,16 @@ def make_layer(device, generator, dtype=torch.float32):
         B = randn(OUT, rank, dtype=dtype, device=device, generator=generator)
         layer.add_adapter(name, rank, alpha, lora_B=B, generator=generator)
     return layer
+
+
+def test_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("lowrank_ops.nn.multi_lora", None)
+    with pytest.warns(DeprecationWarning, match="lowrank_ops.nn.multi_lora is deprecated"):
+        old = importlib.import_module("lowrank_ops.nn.multi_lora")
+    assert old.MultiLoRALinear is MultiLoRALinear and old.group_rows is group_rows
 
 
 def test_group_rows_round_trip(generator):

@@ -1,6 +1,6 @@
 """``torch.nn`` modules built on lowrank_ops' ops."""
 from .lora import LoRALinear
-from .multi_lora import MultiLoRALinear
+from .lora_multi import MultiLoRALinear
 from .sparse_lowrank import SparseLowRankLinear
 
 __all__ = ["LoRALinear", "MultiLoRALinear", "SparseLowRankLinear"]

@@ -301,6 +301,68 @@ def test_merge_rounds_once(device, dtype, generator):
     assert_within(restored, t["weight"].double(), slack, "unmerge")
 
 
+def assert_rounded_once(actual, exact, error, what):
+    """``actual`` (a half tensor) is ``exact`` (float64) rounded once to its dtype, except where
+    ``exact`` lies within ``error`` (the float32 computation's bound) of a rounding boundary:
+    there any rounding of a value within ``error`` of ``exact`` is a correct single rounding."""
+    low, high = (exact - error).to(actual.dtype), (exact + error).to(actual.dtype)
+    sure = low == high
+    assert sure.float().mean() > 0.95, f"{what}: the bound leaves too many entries undecided"
+    assert torch.equal(actual[sure], low[sure]), (
+        f"{what}: {int((actual[sure] != low[sure]).sum())} of {int(sure.sum())} entries not rounded once")
+    assert ((low <= actual) & (actual <= high)).all(), f"{what}: an undecided entry outside the rounded interval"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dora_merge_and_unmerge_round_once(device, dtype, generator):
+    base = torch.nn.Linear(64, 48).to(device=device, dtype=dtype)
+    layer = LoRALinear(base, 8, 16, use_dora=True, dtype=torch.float32, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator) * 0.1)
+        layer.lora_magnitude_vector.mul_(randn(48, generator=generator).to(device).abs() + 0.5)
+    A, B, m = (p.detach().double() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+    weight = base.weight.detach().double()
+    layer.merge()
+    # The float32 computation: s B A (8 products, float32 accumulation), the add, m / n and
+    # the row product: at most r + 4 roundings of u = 2^-24, relative to |W| + s |B| |A|.
+    factor = m / layer._merged_norm.double()
+    summed = weight + layer.scaling * B @ A
+    magnitude = (weight.abs() + layer.scaling * B.abs() @ A.abs()) * factor.abs()[:, None]
+    assert_rounded_once(base.weight, summed * factor[:, None], 12 * 2.0**-24 * magnitude, "merge")
+    merged = base.weight.detach().double()
+    layer.unmerge()
+    exact = merged / factor[:, None] - layer.scaling * B @ A
+    magnitude = merged.abs() / factor.abs()[:, None] + layer.scaling * B.abs() @ A.abs()
+    assert_rounded_once(base.weight, exact, 12 * 2.0**-24 * magnitude, "unmerge")
+
+
+def test_merge_and_unmerge_with_row_scale(generator):
+    t = make_problem(2500, 16, 3, (1,), torch.float64, "cpu", generator)  # > one 1024-row block
+    row_scale = randn(2500, generator=generator).abs() + 0.5
+    merged = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 2.0, row_scale=row_scale)
+    torch.testing.assert_close(merged, (t["weight"] + 2.0 * t["lora_B"] @ t["lora_A"]) * row_scale[:, None])
+    torch.testing.assert_close(lora_unmerge(merged, t["lora_A"], t["lora_B"], 2.0, row_scale=row_scale), t["weight"])
+    with pytest.raises(ValueError, match=r"row_scale has shape \(3,\); expected \(out_features,\) = \(2500,\)"):
+        lora_merge(t["weight"], t["lora_A"], t["lora_B"], row_scale=row_scale[:3])
+    with pytest.raises(TypeError, match="row_scale must be a tensor; got list"):
+        lora_unmerge(t["weight"], t["lora_A"], t["lora_B"], row_scale=[1.0] * 2500)
+
+
+def test_merge_ignores_autocast(autocast_case, generator):
+    # Merging is a weight update in W's precision: under autocast the float32 products
+    # would come back in the autocast dtype; it runs with autocast disabled.
+    device, dtype = autocast_case
+    t = make_problem(24, 16, 3, (1,), torch.float32, device, generator)
+    row_scale = randn(24, device=device, generator=generator).abs() + 0.5
+    expected = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+    with torch.autocast(device, dtype=dtype):
+        merged = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+        restored = lora_unmerge(merged, t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    torch.testing.assert_close(restored, lora_unmerge(expected, t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale),
+                               rtol=0, atol=0)
+
+
 def test_merge_inplace_and_in_blocks(generator):
     t = make_problem(2500, 16, 3, (1,), torch.float32, "cpu", generator)  # > one 1024-row block
     weight = t["weight"].clone()

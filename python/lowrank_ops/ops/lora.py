@@ -355,25 +355,45 @@ def lora_linear(
 _MERGE_ROWS = 1024
 
 
-def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float) -> torch.Tensor:
+def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float,
+           row_scale=None) -> torch.Tensor:
     k = check_adapter(op, None, weight, lora_A, lora_B, None, gate, rank)
     scale = _check_number(op, "scale", scale)
+    if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor):
+            raise TypeError(f"{op}: row_scale must be a tensor; got {type(row_scale).__name__}")
+        float_code(row_scale.dtype, op, "row_scale")
+        if tuple(row_scale.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: row_scale has shape {tuple(row_scale.shape)}; expected (out_features,) = "
+                             f"({weight.shape[0]},)")
+        if row_scale.device != weight.device:
+            raise ValueError(f"{op}: row_scale is on {row_scale.device}; expected {weight.device} (the device of weight)")
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
         lora_A, lora_B = lora_A[:k].to(accumulate), lora_B[:, :k].to(accumulate)
         if gate is not None:
             lora_B = lora_B * gate[:k].to(accumulate)
+        if row_scale is not None:
+            row_scale = row_scale.to(accumulate)[:, None]
         out = weight if inplace else torch.empty_like(weight, memory_format=torch.contiguous_format)
         for row in range(0, weight.shape[0], _MERGE_ROWS):
             rows = slice(row, row + _MERGE_ROWS)
-            # W + s B A in float32 (float64 for float64 W), rounded to W's dtype once.
-            out[rows] = torch.addmm(weight[rows].to(accumulate), lora_B[rows], lora_A, alpha=sign * scale)
+            # (W + s B A) r, or W / r - s B A, in float32 (float64 for float64 W), rounded to W's dtype once.
+            block = weight[rows].to(accumulate)
+            if row_scale is not None and sign < 0:
+                block = block / row_scale[rows]  # not in place: for a float32 W, block is W itself
+            block = torch.addmm(block, lora_B[rows], lora_A, alpha=sign * scale)
+            if row_scale is not None and sign > 0:
+                block.mul_(row_scale[rows])
+            out[rows] = block
     return out
 
 
+@autocast_entry()
 def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
-               gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
-    """``W + scale * B diag(g) A`` with float32 accumulation, rounded to W's dtype once.
+               gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
+               row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(W + scale * B diag(g) A) diag(row_scale)`` with float32 accumulation, rounded to W's dtype once.
 
     Parameters
     ----------
@@ -391,6 +411,9 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         Merge only the first ``rank`` ranks (DyLoRA), ``0 <= rank <= r``; None: all r.
     inplace : bool
         Write into ``weight`` (no new ``[out, in]`` tensor); otherwise return a new one.
+    row_scale : Tensor[out_features], optional
+        Multiplies row o of the merged weight by ``row_scale[o]`` before the rounding
+        (DoRA's ``m / ||W + s B A||_row``); any floating dtype, on W's device.
 
     Returns
     -------
@@ -411,13 +434,17 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     The product is computed block by block of 1024 rows in float32 (float64 for a float64
     weight) and added to the widened weight before the single rounding, so a bf16 merge
     equals ``(W.float() + s B.float() A.float()).bfloat16()`` exactly (up to GEMM order).
+    Under ``torch.autocast`` it runs with autocast disabled (the same result).
     """
-    return _merge("lora_merge", weight, lora_A, lora_B, scale, gate, rank, inplace, 1.0)
+    return _merge("lora_merge", weight, lora_A, lora_B, scale, gate, rank, inplace, 1.0, row_scale)
 
 
+@autocast_entry()
 def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
-                 gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
-    """``W - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same arguments, same accumulation).
+                 gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
+                 row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W diag(row_scale)^-1 - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same
+    arguments, same accumulation).
 
     For float32/float64 weights unmerge(merge(W)) returns W up to one rounding per entry;
     for bf16/fp16 the merged weight was rounded once to the half type, so W comes back to
@@ -439,6 +466,9 @@ def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         Remove only the first ``rank`` ranks, ``0 <= rank <= r``; None: all r.
     inplace : bool
         Write into ``weight``; otherwise return a new tensor.
+    row_scale : Tensor[out_features], optional
+        The row scaling the adapter was merged with (DoRA); divides row o before the
+        subtraction, in the same accumulation.
 
     Returns
     -------
@@ -451,4 +481,4 @@ def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     TypeError, ValueError
         As :func:`lora_merge`.
     """
-    return _merge("lora_unmerge", weight, lora_A, lora_B, scale, gate, rank, inplace, -1.0)
+    return _merge("lora_unmerge", weight, lora_A, lora_B, scale, gate, rank, inplace, -1.0, row_scale)

@@ -30,6 +30,20 @@ def device(request) -> str:
     return request.param
 
 
+# torch.autocast's (device type, dtype) pairs: CPU bfloat16, CUDA float16 and bfloat16.
+AUTOCAST_CASES = [pytest.param(("cpu", torch.bfloat16), id="cpu-bfloat16"),
+                  pytest.param(("cuda", torch.float16), id="cuda-float16", marks=pytest.mark.cuda),
+                  pytest.param(("cuda", torch.bfloat16), id="cuda-bfloat16", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=AUTOCAST_CASES)
+def autocast_case(request) -> tuple:
+    """``(device, dtype)`` for a ``torch.autocast(device, dtype=dtype)`` test."""
+    if request.param[0] == "cuda" and not cuda_usable():
+        pytest.skip("needs a usable CUDA GPU and a CUDA build of lowrank_ops")
+    return request.param
+
+
 @pytest.fixture
 def cuda_device() -> str:
     """``"cuda"`` for tests that only make sense on a GPU; skips elsewhere."""

@@ -37,6 +37,47 @@ def assert_within(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Te
     )
 
 
+def check_autocast_against_torch(ours, theirs, inputs: dict, device: str, dtype: torch.dtype, generator,
+                                 what: str) -> None:
+    """``ours(**inputs)`` against ``theirs(**inputs)``, the same function composed of torch
+    ops (``F.linear`` ...), both under ``torch.autocast(device, dtype)`` on float32 leaves.
+
+    Asserts: the same output dtype (the autocast dtype); parameter gradients in the
+    parameters' dtype (float32), the same whether ``backward()`` is called inside the
+    autocast region or after it; and, against ``theirs`` evaluated in float64 without
+    autocast, our maximum error at most twice torch's, for the output and every gradient
+    (DESIGN.md section 6's rule for half types: both round the same operands to the
+    autocast dtype, so the bound compares the roundings inside the ops).
+    """
+    leaves = [{k: v.clone().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+              for _ in range(2)]
+    with torch.autocast(device, dtype=dtype):
+        y_ours, y_theirs = ours(**leaves[0]), theirs(**leaves[1])
+    assert y_ours.dtype == y_theirs.dtype == dtype, (what, y_ours.dtype, y_theirs.dtype)
+    doubles = {k: v.double().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+    expected = theirs(**doubles)
+    grad_y = torch.randn(expected.shape, dtype=torch.float64, generator=generator).to(device)
+    torch.autograd.backward(expected, grad_y)
+    y_ours.backward(grad_y.to(dtype))
+    y_theirs.backward(grad_y.to(dtype))
+    pairs = [("y", y_ours, y_theirs, expected)]
+    pairs += [(f"d{k}", leaves[0][k].grad, leaves[1][k].grad, v.grad) for k, v in doubles.items()
+              if v.is_floating_point()]
+    # backward() called inside the autocast region: the same gradients.
+    inside = {k: v.clone().requires_grad_() if v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.autocast(device, dtype=dtype):
+        ours(**inside).backward(grad_y.to(dtype))
+    for k, v in inside.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v.grad, leaves[0][k].grad, rtol=0, atol=0, msg=f"{what} d{k}, backward in autocast")
+    for name, mine, torchs, want in pairs:
+        if name != "y":
+            assert mine.dtype == inputs[name[1:]].dtype, (what, name, mine.dtype)
+        mine_error = (mine.double() - want).abs().max().item()
+        torch_error = (torchs.double() - want).abs().max().item()
+        assert mine_error <= 2 * torch_error, f"{what} {name}: error {mine_error:.3e}, torch's {torch_error:.3e}"
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
     """Fresh N(0, 1) data rounded to ``dtype`` (never zeros)."""
     return torch.randn(*shape, dtype=torch.float64, generator=generator).to(device=device, dtype=dtype)

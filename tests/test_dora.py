@@ -14,7 +14,7 @@ from lowrank_ops.ops import dora_linear, dora_row_norm
 from lowrank_ops.ops.dora import _kernel_args
 from lowrank_ops.ops.lora import draw_seed
 
-from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
+from helpers import ACCUMULATE_UNIT, assert_within, check_autocast_against_torch, randn, summation_bound
 
 NAMES = ("x", "weight", "lora_A", "lora_B", "magnitude", "bias")
 
@@ -184,6 +184,42 @@ def test_half_precision_error_at_most_twice_peft_style(device, dtype, generator)
     theirs = base + bias + (factor - 1) * base + factor * ((x @ lora_A.T) @ lora_B.T) * 0.5
     ours_error, torch_error = (ours.double() - expected).abs().max(), (theirs.double() - expected).abs().max()
     assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
+
+
+def peft_dora(x, weight, lora_A, lora_B, magnitude, bias):
+    """PEFT's LoRA layer with DoRA (peft.tuners.lora.dora.DoraLinearLayer.forward, no dropout,
+    scale 0.5) composed of torch ops, with its final cast to the base result's dtype."""
+    linear = torch.nn.functional.linear
+    base = linear(x, weight, bias)
+    eye = torch.eye(weight.shape[1], dtype=x.dtype, device=x.device)
+    lora_weight = linear(linear(eye, lora_A), lora_B).T
+    factor = magnitude / torch.linalg.vector_norm(weight + 0.5 * lora_weight, dim=1).detach()
+    lora = linear(linear(x, lora_A), lora_B)
+    return (base + (factor - 1) * (base - bias) + factor * lora * 0.5).to(base.dtype)
+
+
+def test_autocast_matches_peft_composition(autocast_case, generator):
+    device, dtype = autocast_case
+    t = make_problem(96, 128, 8, (4, 16), torch.float32, device, generator)
+    t["lora_B"] = t["lora_B"] * 0.05
+
+    def ours(x, weight, lora_A, lora_B, magnitude, bias):
+        return dora_linear(x, weight, lora_A, lora_B, magnitude, bias, scale=0.5)
+
+    check_autocast_against_torch(ours, peft_dora, t, device, dtype, generator, "dora_linear")
+
+
+def test_row_norm_ignores_autocast(autocast_case, generator, monkeypatch):
+    # Under autocast the row norm's products would come back in the autocast dtype, and the
+    # kernel would read them as float32: it runs with autocast disabled (as torch's norms run
+    # in float32), giving the same norms.
+    device, dtype = autocast_case
+    monkeypatch.setattr(dora_module, "SMALL_BATCH_MIN_WEIGHT", 0)  # float32 W: the kernel path at r = 3
+    t = make_problem(40, 64, 3, (1,), torch.float32, device, generator)
+    expected = dora_row_norm(t["weight"], t["lora_A"], t["lora_B"], 0.5)
+    with torch.autocast(device, dtype=dtype):
+        norm = dora_row_norm(t["weight"], t["lora_A"], t["lora_B"], 0.5)
+    torch.testing.assert_close(norm, expected, rtol=0, atol=0)
 
 
 def test_matches_peft_dora_layer(generator):

@@ -11,7 +11,7 @@ from lowrank_ops.nn import LoRALinear
 from lowrank_ops.ops import lora_linear, lora_merge, lora_unmerge
 from lowrank_ops.ops.lora import draw_seed
 
-from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound
+from helpers import OUTPUT_UNIT, assert_within, check_autocast_against_torch, randn, summation_bound
 
 NAMES = ("x", "weight", "lora_A", "lora_B", "bias", "gate")
 
@@ -159,6 +159,79 @@ def test_half_precision_error_at_most_twice_torch(device, dtype, adapter, genera
     assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
 
 
+def lora_composition(x, weight, lora_A, lora_B, bias, gate):
+    """PEFT's LoRA forward composed of torch ops (F.linear), scale 0.5, with a gate."""
+    linear = torch.nn.functional.linear
+    return linear(x, weight, bias) + linear(linear(x, lora_A) * gate, lora_B) * 0.5
+
+
+@pytest.mark.parametrize("adapter", ["float32", "half_base_float32_adapters"])
+def test_autocast_matches_torch_composition(autocast_case, adapter, generator):
+    # Under autocast x, W, bias and the adapters are cast to the autocast dtype, as
+    # F.linear's operands: the result agrees with PEFT's composition under autocast.
+    device, dtype = autocast_case
+    base_dtype = dtype if adapter == "half_base_float32_adapters" else torch.float32
+    t = make_problem(96, 128, 16, (4, 16), base_dtype, device, generator, adapter_dtype=torch.float32)
+
+    def ours(x, weight, lora_A, lora_B, bias, gate):
+        return lora_linear(x, weight, lora_A, lora_B, bias, scale=0.5, gate=gate)
+
+    check_autocast_against_torch(ours, lora_composition, t, device, dtype, generator, f"lora_linear {adapter}")
+    with torch.autocast(device, dtype=dtype), torch.no_grad():  # the inference path (no autograd Function)
+        torch.testing.assert_close(ours(**t), lora_linear(*(t[name].to(dtype) for name in NAMES[:5]), scale=0.5,
+                                                          gate=t["gate"].to(dtype)), rtol=0, atol=0)
+
+
+def test_autocast_torch_compile_fullgraph(autocast_case, generator):
+    device, dtype = autocast_case
+    layer = LoRALinear(torch.nn.Linear(24, 16), 6, 12, use_gate=True, generator=generator).to(device)
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = randn(3, 5, 24, device=device, generator=generator)
+    results = []
+    for model in (layer, compiled):
+        layer.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            y = model(x)
+        y.float().square().sum().backward()
+        results.append([y] + [p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    assert results[1][0].dtype == dtype
+    for name, want, got in zip(["y", "lora_A", "lora_B", "lora_gate"], *results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_tensor_scale_is_read_at_run_time(device, generator):
+    # PEFT's prepare_model_for_compiled_hotswap turns the scalings into 0-d tensors and
+    # changes them in place: same results as the float, and no recompilation.
+    t = make_problem(12, 16, 4, (5,), torch.float32, device, generator)
+    leaves = [{k: v.clone().requires_grad_() for k, v in t.items()} for _ in range(2)]
+    for scale in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64, device=device)):
+        y_float = lora_linear(*(leaves[0][name] for name in NAMES[:5]), scale=0.5, gate=leaves[0]["gate"])
+        y_tensor = lora_linear(*(leaves[1][name] for name in NAMES[:5]), scale=scale, gate=leaves[1]["gate"])
+        torch.testing.assert_close(y_tensor, y_float, rtol=0, atol=0)
+        y_float.square().sum().backward()
+        y_tensor.square().sum().backward()
+        for name in NAMES:
+            torch.testing.assert_close(leaves[1][name].grad, leaves[0][name].grad, rtol=0, atol=0)
+    scale = torch.tensor(0.5, device=device)
+    compiled = torch.compile(lambda *a: lora_linear(*a[:5], scale=scale, gate=a[5]), fullgraph=True,
+                             backend="aot_eager")
+    args = [t[name].clone().requires_grad_() for name in NAMES]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for value in (0.5, -2.0):
+            scale.fill_(value)
+            torch.testing.assert_close(compiled(*args), lora_linear(*args[:5], scale=value, gate=args[5]))
+            compiled(*args).sum().backward()  # the backward reads the tensor too
+    for bad, error, match in [(torch.ones(1), ValueError, r"scale has shape \(1,\); expected a number or a 0-d"),
+                              (torch.tensor(True), TypeError, "scale has dtype torch.bool; expected a real"),
+                              (torch.tensor(1.0, requires_grad=True), ValueError, "scale requires grad"),
+                              (torch.tensor(1j), TypeError, "scale has dtype torch.complex64")]:
+        with pytest.raises(error, match=match):
+            lora_linear(*(t[name] for name in NAMES[:5]), scale=bad)
+
+
 def test_gradcheck(device, generator):
     t = make_problem(7, 9, 4, (2, 3), torch.float64, device, generator)
     inputs = tuple(t[name].requires_grad_() for name in NAMES)
@@ -177,6 +250,9 @@ def test_opcheck(device, generator):
     fwd = torch.ops.lowrank_ops.lora_linear_fwd.default
     torch.library.opcheck(fwd, (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], t["gate"], seed, 0.5, 0.25))
     torch.library.opcheck(fwd, (t["x"], t["weight"], t["lora_A"], t["lora_B"], None, None, None, 2.0, 0.0))
+    scale = torch.tensor(0.5, device=device)
+    torch.library.opcheck(fwd, (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["bias"], t["gate"], seed, 1.0, 0.25,
+                                scale))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -223,6 +299,68 @@ def test_merge_rounds_once(device, dtype, generator):
     slack = summation_bound(2 * magnitude, t["weight"].double(), 2 * rank + 6, dtype)
     slack = slack + OUTPUT_UNIT[dtype] * exact.abs() * (1 + OUTPUT_UNIT[dtype])
     assert_within(restored, t["weight"].double(), slack, "unmerge")
+
+
+def assert_rounded_once(actual, exact, error, what):
+    """``actual`` (a half tensor) is ``exact`` (float64) rounded once to its dtype, except where
+    ``exact`` lies within ``error`` (the float32 computation's bound) of a rounding boundary:
+    there any rounding of a value within ``error`` of ``exact`` is a correct single rounding."""
+    low, high = (exact - error).to(actual.dtype), (exact + error).to(actual.dtype)
+    sure = low == high
+    assert sure.float().mean() > 0.95, f"{what}: the bound leaves too many entries undecided"
+    assert torch.equal(actual[sure], low[sure]), (
+        f"{what}: {int((actual[sure] != low[sure]).sum())} of {int(sure.sum())} entries not rounded once")
+    assert ((low <= actual) & (actual <= high)).all(), f"{what}: an undecided entry outside the rounded interval"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dora_merge_and_unmerge_round_once(device, dtype, generator):
+    base = torch.nn.Linear(64, 48).to(device=device, dtype=dtype)
+    layer = LoRALinear(base, 8, 16, use_dora=True, dtype=torch.float32, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator) * 0.1)
+        layer.lora_magnitude_vector.mul_(randn(48, generator=generator).to(device).abs() + 0.5)
+    A, B, m = (p.detach().double() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+    weight = base.weight.detach().double()
+    layer.merge()
+    # The float32 computation: s B A (8 products, float32 accumulation), the add, m / n and
+    # the row product: at most r + 4 roundings of u = 2^-24, relative to |W| + s |B| |A|.
+    factor = m / layer._merged_norm.double()
+    summed = weight + layer.scaling * B @ A
+    magnitude = (weight.abs() + layer.scaling * B.abs() @ A.abs()) * factor.abs()[:, None]
+    assert_rounded_once(base.weight, summed * factor[:, None], 12 * 2.0**-24 * magnitude, "merge")
+    merged = base.weight.detach().double()
+    layer.unmerge()
+    exact = merged / factor[:, None] - layer.scaling * B @ A
+    magnitude = merged.abs() / factor.abs()[:, None] + layer.scaling * B.abs() @ A.abs()
+    assert_rounded_once(base.weight, exact, 12 * 2.0**-24 * magnitude, "unmerge")
+
+
+def test_merge_and_unmerge_with_row_scale(generator):
+    t = make_problem(2500, 16, 3, (1,), torch.float64, "cpu", generator)  # > one 1024-row block
+    row_scale = randn(2500, generator=generator).abs() + 0.5
+    merged = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 2.0, row_scale=row_scale)
+    torch.testing.assert_close(merged, (t["weight"] + 2.0 * t["lora_B"] @ t["lora_A"]) * row_scale[:, None])
+    torch.testing.assert_close(lora_unmerge(merged, t["lora_A"], t["lora_B"], 2.0, row_scale=row_scale), t["weight"])
+    with pytest.raises(ValueError, match=r"row_scale has shape \(3,\); expected \(out_features,\) = \(2500,\)"):
+        lora_merge(t["weight"], t["lora_A"], t["lora_B"], row_scale=row_scale[:3])
+    with pytest.raises(TypeError, match="row_scale must be a tensor; got list"):
+        lora_unmerge(t["weight"], t["lora_A"], t["lora_B"], row_scale=[1.0] * 2500)
+
+
+def test_merge_ignores_autocast(autocast_case, generator):
+    # Merging is a weight update in W's precision: under autocast the float32 products
+    # would come back in the autocast dtype; it runs with autocast disabled.
+    device, dtype = autocast_case
+    t = make_problem(24, 16, 3, (1,), torch.float32, device, generator)
+    row_scale = randn(24, device=device, generator=generator).abs() + 0.5
+    expected = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+    with torch.autocast(device, dtype=dtype):
+        merged = lora_merge(t["weight"], t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+        restored = lora_unmerge(merged, t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale)
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    torch.testing.assert_close(restored, lora_unmerge(expected, t["lora_A"], t["lora_B"], 0.7, row_scale=row_scale),
+                               rtol=0, atol=0)
 
 
 def test_merge_inplace_and_in_blocks(generator):
@@ -329,8 +467,8 @@ def test_bad_input_errors(generator):
         lora_linear(x, w, a, b.to("meta"))
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.0"):
         lora_linear(x, w, a, b, dropout_p=1.0)
-    with pytest.raises(TypeError, match="scale must be a Python number"):
-        lora_linear(x, w, a, b, scale=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="scale must be a Python number or a 0-d tensor; got str"):
+        lora_linear(x, w, a, b, scale="1.0")
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"lora_linear: scale must be finite; got {bad}"):
             lora_linear(x, w, a, b, scale=bad)

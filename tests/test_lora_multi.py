@@ -20,7 +20,7 @@ from lowrank_ops.nn import MultiLoRALinear
 from lowrank_ops.nn.lora_multi import group_rows, restore_rows
 from lowrank_ops.ops import lora_linear_multi
 
-from helpers import FLOAT_DTYPES, OUTPUT_UNIT, assert_within, randn, summation_bound
+from helpers import FLOAT_DTYPES, OUTPUT_UNIT, assert_within, check_autocast_against_torch, randn, summation_bound
 
 IN, OUT, N_ADAPTERS, R_MAX = 37, 29, 4, 9
 
@@ -198,6 +198,29 @@ def test_kernel_tiles_forward_backward(device, dtype, layout, generator, monkeyp
         assert_within(value, ref, error_bound(abs_ref, ref, dtype, TILE_DIMS), f"{what} {dtype}")
     for a, r in enumerate(TILE_ROUTING[2]):
         assert (tensors["A_stack"].grad[a, r:] == 0).all() and (tensors["B_stack"].grad[a, :, r:] == 0).all()
+
+def test_autocast_matches_torch_composition(autocast_case, cpu_path, generator):
+    device, dtype = autocast_case
+    tensors, routing_args = make_problem("mixed", torch.float32, device, generator, dims=(128, 96, R_MAX))
+    offsets, ids = routing_args["segment_offsets"], routing_args["adapter_ids"]
+    ranks, scales = routing_args["ranks"], routing_args["scales"]
+
+    def theirs(x, weight, A_stack, B_stack, bias):
+        """Per segment, PEFT's adapter composed of F.linear (as its mixed-batch forward)."""
+        linear = torch.nn.functional.linear
+        y = linear(x, weight, bias)
+        parts = []
+        for s, a in enumerate(ids):
+            rows = slice(offsets[s], offsets[s + 1])
+            if a < 0:
+                parts.append(torch.zeros_like(y[rows]))
+            else:
+                parts.append(linear(linear(x[rows], A_stack[a, :ranks[a]]), B_stack[a, :, :ranks[a]]) * scales[a])
+        return y + torch.cat(parts)
+
+    check_autocast_against_torch(lambda **t: run(t, routing_args), theirs, tensors, device, dtype, generator,
+                                 f"lora_linear_multi {cpu_path}")
+
 
 def test_batched_and_non_contiguous_x(device, cpu_path, generator):
     tensors, routing_args = make_problem("mixed", torch.float32, device, generator, batch_shape=(8, 5))

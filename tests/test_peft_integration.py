@@ -157,3 +157,78 @@ def test_rejects_bad_config():
         use_lowrank_ops({"r": 4})
     with pytest.raises(ValueError, match="fan_in_fan_out"):
         use_lowrank_ops(peft.LoraConfig(r=4, fan_in_fan_out=True))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_training_under_autocast_matches_peft(autocast_case, use_dora, fused_calls):
+    """A few SGD steps under torch.autocast: our backend, plain PEFT (both under autocast)
+    and plain PEFT in float32 without autocast (the reference) from the same weights.
+    Each step's output: our error at most twice plain PEFT's (DESIGN.md's half-precision
+    rule against a float32 reference); every layer took the fused path."""
+    device, dtype = autocast_case
+    torch.manual_seed(6)
+    base = TinyModel().to(device)
+    config = make_config(use_dora, dropout=0.0)
+    config.init_lora_weights = False  # random B: the adapter path contributes from step 0
+    ours = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(copy.deepcopy(config)))
+    models = {"ours": ours, "theirs": peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config)),
+              "reference": peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))}
+    for model in models.values():
+        model.load_state_dict(ours.state_dict())
+        model.train()
+    optimizers = {name: torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+                  for name, model in models.items()}
+    x, target = torch.randn(16, 5, 24, device=device), torch.randn(16, 5, 8, device=device)
+    steps = 4
+    for step in range(steps):
+        outputs = {}
+        for name, model in models.items():
+            optimizers[name].zero_grad()
+            with torch.autocast(device, dtype=dtype, enabled=name != "reference"):
+                outputs[name] = model(x)
+            torch.nn.functional.mse_loss(outputs[name].float(), target).backward()
+            optimizers[name].step()
+        assert outputs["ours"].dtype == outputs["theirs"].dtype == dtype
+        ours_error = (outputs["ours"].double() - outputs["reference"].double()).abs().max().item()
+        peft_error = (outputs["theirs"].double() - outputs["reference"].double()).abs().max().item()
+        assert ours_error <= 2 * peft_error, f"step {step}: error {ours_error:.3e}, PEFT's {peft_error:.3e}"
+    assert fused_calls["dora_linear" if use_dora else "lora_linear"] == steps * 4  # every step, every target
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == p.grad.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_compiled_hotswap_tensor_scalings(tmp_path, use_dora):
+    """PEFT's prepare_model_for_compiled_hotswap makes the scalings 0-d tensors: LoRA runs
+    the fused op with the tensor scale (compiled, a hotswap to an adapter of another alpha
+    does not recompile); DoRA falls back to PEFT's forward.  Outputs equal plain PEFT's."""
+    hotswap = pytest.importorskip("peft.utils.hotswap")
+    if not hasattr(hotswap, "prepare_model_for_compiled_hotswap"):
+        pytest.skip(f"peft {peft.__version__} has no prepare_model_for_compiled_hotswap")
+    torch.manual_seed(7)
+    base = TinyModel()
+    for name, alpha in (("first", 8), ("second", 24)):
+        config = peft.LoraConfig(r=4, lora_alpha=alpha, use_dora=use_dora, init_lora_weights=False,
+                                 target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+        peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / name)
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        expected = {name: peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / name)(x)
+                    for name in ("first", "second")}
+    model = peft.PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path / "first", config=use_lowrank_ops(peft.LoraConfig.from_pretrained(tmp_path / "first")))
+    hotswap.prepare_model_for_compiled_hotswap(model)
+    layer = model.base_model.model.q_proj
+    assert isinstance(layer.scaling["default"], torch.Tensor)
+    assert layer._fast_adapter(x, (), {}) == (None if use_dora else "default")  # the fused path (LoRA)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected["first"], rtol=1e-5, atol=1e-5)
+        if use_dora:
+            return
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(compiled(x), expected["first"], rtol=1e-5, atol=1e-5)
+            hotswap.hotswap_adapter(model, str(tmp_path / "second"), adapter_name="default")
+            torch.testing.assert_close(compiled(x), expected["second"], rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from lowrank_ops.ops import sparse_lowrank_linear
 from lowrank_ops.ops.sparse_lowrank import choose_strategy
 from lowrank_ops.sparse import FixedSupport
 
-from helpers import assert_within, randn, summation_bound
+from helpers import assert_within, check_autocast_against_torch, randn, summation_bound
 
 STRATEGIES = ["sparse", "dense"]
 
@@ -94,6 +94,21 @@ def test_half_precision_error_at_most_twice_torch(device, strategy, dtype, gener
     ours_error = (ours.double() - expected).abs().max()
     torch_error = (theirs.double() - expected).abs().max()
     assert ours_error <= 2 * torch_error, (ours_error.item(), torch_error.item())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_autocast_matches_torch_composition(autocast_case, strategy, generator):
+    device, dtype = autocast_case
+    support, t = make_problem(96, 128, 16, 0.1, (4, 16), torch.float32, device, generator)
+
+    def ours(x, lora_A, lora_B, values, bias):
+        return sparse_lowrank_linear(x, lora_A, lora_B, values, support, bias, scale=0.5, strategy=strategy)
+
+    def theirs(x, lora_A, lora_B, values, bias):
+        """SLTrain's layer: the dense weight ``scale B A + S``, then F.linear."""
+        return torch.nn.functional.linear(x, 0.5 * lora_B @ lora_A + support.to_dense(values), bias)
+
+    check_autocast_against_torch(ours, theirs, t, device, dtype, generator, f"sparse_lowrank_linear {strategy}")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -21,14 +21,17 @@ config=config)`` to keep the backend when loading.
 The forward runs :func:`lowrank_ops.ops.lora_linear` (vanilla LoRA) or
 :func:`lowrank_ops.ops.dora_linear` (``use_dora=True``) when the call is the common case:
 one active adapter, not merged, adapters enabled, no ``adapter_names`` or variant
-arguments, a plain ``nn.Linear`` base whose weight has x's dtype, dropout an
-``nn.Dropout`` or ``nn.Identity``, and no other LoRA variant.  Anything else (mixed
-batches, several active adapters, other variants, quantized bases) goes to PEFT's own
-forward unchanged, so behaviour never differs, only speed.  Differences in numerics:
-the adapter term is accumulated into the base output in place (float32 accumulation, one
-rounding) and DoRA's row norm is floored at 1e-6 (PEFT 0.21.2 returns inf/NaN for
-zero-norm rows); the dropout masks come from a different random stream than
-``nn.Dropout``'s.
+arguments, a plain ``nn.Linear`` base whose weight has x's dtype (under ``torch.autocast``
+any dtype but float64: the ops cast x, the weight and the factors to the autocast dtype,
+as autocast casts PEFT's ``F.linear`` calls), dropout an ``nn.Dropout`` or
+``nn.Identity``, and no other LoRA variant.  The scalings may be the 0-d tensors of PEFT's
+``prepare_model_for_compiled_hotswap`` (LoRA only; DoRA with tensor scalings runs PEFT's
+forward).  Anything else (mixed batches, several active adapters, other variants,
+quantized bases) goes to PEFT's own forward unchanged, so behaviour never differs, only
+speed.  Differences in numerics: the adapter term is accumulated into the base output in
+place (float32 accumulation, one rounding) and DoRA's row norm is floored at 1e-6 (PEFT
+0.21.2 returns inf/NaN for zero-norm rows); the dropout masks come from a different
+random stream than ``nn.Dropout``'s.
 
 Tested with peft 0.21.2 and torch 2.13.0 (tests/test_peft_integration.py).
 """
@@ -41,6 +44,7 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 
+from .._autocast import autocast_dtype
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 
@@ -61,10 +65,19 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         name = active[0]
         base = self.get_base_layer()
-        if type(base) is not torch.nn.Linear or x.dtype != base.weight.dtype or self.lora_bias.get(name, False):
+        if type(base) is not torch.nn.Linear or self.lora_bias.get(name, False):
+            return None
+        if autocast_dtype(x) is None:
+            if x.dtype != base.weight.dtype:
+                return None
+        elif torch.float64 in (x.dtype, base.weight.dtype):  # autocast does not cast float64: PEFT's error
             return None
         variant = self.lora_variant.get(name)
         if variant is not None and not isinstance(variant, DoraLinearVariant):
+            return None
+        # PEFT's compiled hotswap makes the scalings 0-d tensors: lora_linear reads them at
+        # run time; dora_linear's row norm takes a number (reading it would sync and recompile).
+        if variant is not None and isinstance(self.scaling[name], torch.Tensor):
             return None
         if not isinstance(self.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)):
             return None
@@ -83,18 +96,19 @@ class LowrankLoraLinear(PeftLoraLinear):
         Parameters
         ----------
         x : Tensor[..., in_features]
-            In the base weight's dtype.
+            In the base weight's dtype (under ``torch.autocast``: any but float64).
         *args, **kwargs
             PEFT's extra forward arguments (e.g. ``adapter_names`` for mixed batches).
 
         Returns
         -------
         Tensor[..., out_features]
-            In x's dtype.  One active adapter, no extra arguments, an ``nn.Linear`` base
-            without ``fan_in_fan_out`` or an adapter bias, unmerged, dropout or none, and
-            adapters in the weight's dtype or float32: :func:`~lowrank_ops.ops.lora_linear`
-            (or :func:`~lowrank_ops.ops.dora_linear` for DoRA); anything else: PEFT's own
-            forward, unchanged.
+            In x's dtype (under autocast: the autocast dtype).  One active adapter, no
+            extra arguments, an ``nn.Linear`` base without ``fan_in_fan_out`` or an
+            adapter bias, unmerged, dropout or none, and adapters in the weight's dtype or
+            float32: :func:`~lowrank_ops.ops.lora_linear` (or
+            :func:`~lowrank_ops.ops.dora_linear` for DoRA with number scalings); anything
+            else: PEFT's own forward, unchanged.
         """
         name = self._fast_adapter(x, args, kwargs)
         if name is None:

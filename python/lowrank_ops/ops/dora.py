@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from .._args import require_tensors
+from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
@@ -158,6 +159,7 @@ LIBRARY.impl("dora_row_norm", _dora_row_norm_cuda, "CUDA")
 register_fake("dora_row_norm", _dora_row_norm_fake)
 
 
+@autocast_entry()
 def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Row norms ``||W_o + scale * B_o A||`` without forming ``B A`` (not differentiable).
 
@@ -173,7 +175,8 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     Returns
     -------
     Tensor[out_features]
-        float32 (float64 for a float64 weight); exact zeros for zero rows.
+        float32 (float64 for a float64 weight); exact zeros for zero rows.  Under
+        ``torch.autocast`` computed as without it (autocast runs norms in float32 too).
     """
     require_tensors("dora_row_norm", weight=weight, lora_A=lora_A, lora_B=lora_B)
     scale = _check_number("dora_row_norm", "scale", scale)
@@ -236,6 +239,7 @@ class _DoRALinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, magnitude, seed, product, shrunk, inv_norm = ctx.saved_tensors
         need_x, need_W, need_A, need_B, need_m, need_bias = ctx.needs_input_grad[:6]
@@ -273,6 +277,7 @@ class _DoRALinear(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- public API
+@autocast_entry("x", "weight", "lora_A", "lora_B", "bias")
 def dora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -297,7 +302,10 @@ def dora_linear(
     lora_A : Tensor[r, in_features]
     lora_B : Tensor[out_features, r]
     magnitude : Tensor[out_features]
-        DoRA's trainable magnitude m (PEFT's ``lora_magnitude_vector``); the adapters' dtype.
+        DoRA's trainable magnitude m (PEFT's ``lora_magnitude_vector``); the adapters' dtype
+        or float32.  Not cast under autocast: it scales the output elementwise (PEFT's
+        ``magnitude / weight_norm``, which autocast leaves in float32), so its gradient is
+        not rounded to the autocast dtype.
     bias : Tensor[out_features], optional
     scale : float
         ``alpha / r`` or ``alpha / sqrt(r)``.
@@ -311,11 +319,13 @@ def dora_linear(
     Returns
     -------
     Tensor[..., out_features]
-        x's dtype.
+        x's dtype; under ``torch.autocast`` the autocast dtype: x, weight, bias and the
+        factors are cast to it (as ``F.linear``'s operands) and the op runs with autocast
+        disabled.
     """
     op = "dora_linear"
     check_adapter(op, x, weight, lora_A, lora_B, bias)
-    _check_tensor(op, "magnitude", magnitude, (lora_A.dtype,), x.device)
+    _check_tensor(op, "magnitude", magnitude, (lora_A.dtype, torch.float32), x.device)
     if tuple(magnitude.shape) != (weight.shape[0],):
         raise ValueError(
             f"{op}: magnitude has shape {tuple(magnitude.shape)}; expected (out_features,) = ({weight.shape[0]},)"

@@ -33,11 +33,12 @@ nothing of size ``[N, in]`` is saved for it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .._args import require_finite_number
+from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from ._library import LIBRARY, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op
@@ -47,8 +48,8 @@ __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
 LIBRARY.define("lora_dropout(Tensor x, Tensor seed, float p) -> Tensor")
 LIBRARY.define(
     "lora_linear_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? gate, "
-    "Tensor? seed, float scale, float dropout_p) -> (Tensor, Tensor)"
-)
+    "Tensor? seed, float scale, float dropout_p, Tensor? scale_tensor=None) -> (Tensor, Tensor)"
+)  # scale_tensor (0-d), when given, replaces scale: a tensor scale changes without recompiling
 
 _SEED_HIGH = 2**62
 
@@ -82,8 +83,8 @@ def _adapter_input(x: torch.Tensor, seed: Optional[torch.Tensor], p: float) -> t
     return x if seed is None or p == 0.0 else torch.ops.lowrank_ops.lora_dropout(x, seed, p)
 
 
-def _gate_scale(gate: Optional[torch.Tensor], scale: float):
-    """The per-rank factor ``s * g`` (a tensor) or ``s`` (a float) when there is no gate."""
+def _gate_scale(gate: Optional[torch.Tensor], scale):
+    """The per-rank factor ``s * g`` (a tensor) or ``s`` (a float or 0-d tensor) when there is no gate."""
     return scale if gate is None else gate * scale
 
 
@@ -104,7 +105,9 @@ def _addmm_adapter_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) 
 
 
 # ---------------------------------------------------------------------------- forward
-def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p):
+def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None):
+    if scale_tensor is not None:
+        scale = scale_tensor
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T, [N, r], in the adapters' dtype
     scaled = shrunk * _gate_scale(gate, scale)  # s * (u * g): the scale rides on the small tensor
@@ -113,7 +116,7 @@ def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout
     return y, shrunk
 
 
-def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p):
+def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
@@ -138,18 +141,19 @@ class _LoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p):
-        y, shrunk = _forward_op()(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p)
+    def forward(ctx, x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor):
+        y, shrunk = _forward_op()(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor)
         ctx.scale, ctx.dropout_p = scale, dropout_p
-        ctx.save_for_backward(x, weight, lora_A, lora_B, gate, seed, shrunk)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, gate, seed, shrunk, scale_tensor)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_B, gate, seed, shrunk = ctx.saved_tensors
+        x, weight, lora_A, lora_B, gate, seed, shrunk, scale_tensor = ctx.saved_tensors
         need_x, need_W, need_A, need_B, need_bias, need_gate = ctx.needs_input_grad[:6]
-        scale, p = ctx.scale, ctx.dropout_p
+        scale, p = ctx.scale if scale_tensor is None else scale_tensor, ctx.dropout_p
         dtype, adapter_dtype = x.dtype, lora_A.dtype
         factor = _gate_scale(gate, scale)
         grad_x = grad_W = grad_A = grad_B = grad_bias = grad_gate = None
@@ -173,7 +177,7 @@ class _LoRALinear(torch.autograd.Function):
             grad_W = grad_y.T @ x
         if need_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_W, grad_A, grad_B, grad_bias, grad_gate, None, None, None
+        return grad_x, grad_W, grad_A, grad_B, grad_bias, grad_gate, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -240,6 +244,26 @@ def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank
     return rank
 
 
+def check_scale(op: str, scale, device: torch.device):
+    """``scale`` as a float, or as itself when it is a 0-d real tensor (PEFT's compiled
+    hotswap stores the scalings as tensors, so that changing them does not recompile) on
+    ``device`` or the CPU, without gradient.  A tensor's finiteness is not checked (reading
+    it would synchronize with the GPU and break a compiled graph)."""
+    if not isinstance(scale, torch.Tensor):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{op}: scale must be a Python number or a 0-d tensor; got {type(scale).__name__}")
+        return _check_number(op, "scale", scale)
+    if scale.dim() != 0:
+        raise ValueError(f"{op}: scale has shape {tuple(scale.shape)}; expected a number or a 0-d tensor")
+    if scale.dtype == torch.bool or scale.is_complex():
+        raise TypeError(f"{op}: scale has dtype {scale.dtype}; expected a real (floating or integer) tensor")
+    if scale.device != device and scale.device.type != "cpu":
+        raise ValueError(f"{op}: scale is on {scale.device}; expected {device} (the device of x) or cpu")
+    if scale.requires_grad:
+        raise ValueError(f"{op}: scale requires grad; expected a constant (no gradient flows to scale)")
+    return scale
+
+
 def check_dropout(op: str, dropout_p) -> float:
     p = _check_number(op, "dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
@@ -248,6 +272,7 @@ def check_dropout(op: str, dropout_p) -> float:
 
 
 # ---------------------------------------------------------------------------- public API
+@autocast_entry("x", "weight", "lora_A", "lora_B", "bias", "gate")
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -255,7 +280,7 @@ def lora_linear(
     lora_B: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    scale: float = 1.0,
+    scale: Union[float, torch.Tensor] = 1.0,
     gate: Optional[torch.Tensor] = None,
     rank: Optional[int] = None,
     dropout_p: float = 0.0,
@@ -276,8 +301,11 @@ def lora_linear(
         the adapter runs in float32 and is added to the half base output with one
         rounding, as PEFT does).
     bias : Tensor[out_features], optional
-    scale : float
-        ``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA).
+    scale : float or 0-d Tensor
+        ``alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA).  A 0-d real tensor (on x's
+        device or the CPU, not requiring grad) is read at run time, so under
+        ``torch.compile`` changing its value in place does not recompile (PEFT's
+        ``prepare_model_for_compiled_hotswap`` stores the scalings so).
     gate : Tensor[r], optional
         Per-rank gate g (SoRA), the adapters' dtype; trainable.
     rank : int, optional
@@ -293,7 +321,9 @@ def lora_linear(
     Returns
     -------
     Tensor[..., out_features]
-        x's dtype.
+        x's dtype; under ``torch.autocast`` the autocast dtype: x, weight, bias and the
+        adapters are cast to it, as ``F.linear``'s operands are, and the op runs with
+        autocast disabled (:mod:`lowrank_ops._autocast`).
 
     Notes
     -----
@@ -303,14 +333,16 @@ def lora_linear(
     """
     op = "lora_linear"
     k = check_adapter(op, x, weight, lora_A, lora_B, bias, gate, rank)
-    scale = _check_number(op, "scale", scale)
+    scale = check_scale(op, scale, x.device)
+    scale, scale_tensor = (1.0, scale) if isinstance(scale, torch.Tensor) else (scale, None)
     p = check_dropout(op, dropout_p)
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    args = (x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p)
+    args = (x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p,
+            scale_tensor)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
         y = _LoRALinear.apply(*args)
     else:  # inference: no autograd Function, no saved tensors (~15 us less per call)
@@ -323,25 +355,45 @@ def lora_linear(
 _MERGE_ROWS = 1024
 
 
-def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float) -> torch.Tensor:
+def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float,
+           row_scale=None) -> torch.Tensor:
     k = check_adapter(op, None, weight, lora_A, lora_B, None, gate, rank)
     scale = _check_number(op, "scale", scale)
+    if row_scale is not None:
+        if not isinstance(row_scale, torch.Tensor):
+            raise TypeError(f"{op}: row_scale must be a tensor; got {type(row_scale).__name__}")
+        float_code(row_scale.dtype, op, "row_scale")
+        if tuple(row_scale.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: row_scale has shape {tuple(row_scale.shape)}; expected (out_features,) = "
+                             f"({weight.shape[0]},)")
+        if row_scale.device != weight.device:
+            raise ValueError(f"{op}: row_scale is on {row_scale.device}; expected {weight.device} (the device of weight)")
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
         lora_A, lora_B = lora_A[:k].to(accumulate), lora_B[:, :k].to(accumulate)
         if gate is not None:
             lora_B = lora_B * gate[:k].to(accumulate)
+        if row_scale is not None:
+            row_scale = row_scale.to(accumulate)[:, None]
         out = weight if inplace else torch.empty_like(weight, memory_format=torch.contiguous_format)
         for row in range(0, weight.shape[0], _MERGE_ROWS):
             rows = slice(row, row + _MERGE_ROWS)
-            # W + s B A in float32 (float64 for float64 W), rounded to W's dtype once.
-            out[rows] = torch.addmm(weight[rows].to(accumulate), lora_B[rows], lora_A, alpha=sign * scale)
+            # (W + s B A) r, or W / r - s B A, in float32 (float64 for float64 W), rounded to W's dtype once.
+            block = weight[rows].to(accumulate)
+            if row_scale is not None and sign < 0:
+                block = block / row_scale[rows]  # not in place: for a float32 W, block is W itself
+            block = torch.addmm(block, lora_B[rows], lora_A, alpha=sign * scale)
+            if row_scale is not None and sign > 0:
+                block.mul_(row_scale[rows])
+            out[rows] = block
     return out
 
 
+@autocast_entry()
 def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
-               gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
-    """``W + scale * B diag(g) A`` with float32 accumulation, rounded to W's dtype once.
+               gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
+               row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(W + scale * B diag(g) A) diag(row_scale)`` with float32 accumulation, rounded to W's dtype once.
 
     Parameters
     ----------
@@ -359,6 +411,9 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         Merge only the first ``rank`` ranks (DyLoRA), ``0 <= rank <= r``; None: all r.
     inplace : bool
         Write into ``weight`` (no new ``[out, in]`` tensor); otherwise return a new one.
+    row_scale : Tensor[out_features], optional
+        Multiplies row o of the merged weight by ``row_scale[o]`` before the rounding
+        (DoRA's ``m / ||W + s B A||_row``); any floating dtype, on W's device.
 
     Returns
     -------
@@ -379,13 +434,17 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     The product is computed block by block of 1024 rows in float32 (float64 for a float64
     weight) and added to the widened weight before the single rounding, so a bf16 merge
     equals ``(W.float() + s B.float() A.float()).bfloat16()`` exactly (up to GEMM order).
+    Under ``torch.autocast`` it runs with autocast disabled (the same result).
     """
-    return _merge("lora_merge", weight, lora_A, lora_B, scale, gate, rank, inplace, 1.0)
+    return _merge("lora_merge", weight, lora_A, lora_B, scale, gate, rank, inplace, 1.0, row_scale)
 
 
+@autocast_entry()
 def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
-                 gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False) -> torch.Tensor:
-    """``W - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same arguments, same accumulation).
+                 gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
+                 row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W diag(row_scale)^-1 - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same
+    arguments, same accumulation).
 
     For float32/float64 weights unmerge(merge(W)) returns W up to one rounding per entry;
     for bf16/fp16 the merged weight was rounded once to the half type, so W comes back to
@@ -407,6 +466,9 @@ def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         Remove only the first ``rank`` ranks, ``0 <= rank <= r``; None: all r.
     inplace : bool
         Write into ``weight``; otherwise return a new tensor.
+    row_scale : Tensor[out_features], optional
+        The row scaling the adapter was merged with (DoRA); divides row o before the
+        subtraction, in the same accumulation.
 
     Returns
     -------
@@ -419,4 +481,4 @@ def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
     TypeError, ValueError
         As :func:`lora_merge`.
     """
-    return _merge("lora_unmerge", weight, lora_A, lora_B, scale, gate, rank, inplace, -1.0)
+    return _merge("lora_unmerge", weight, lora_A, lora_B, scale, gate, rank, inplace, -1.0, row_scale)

@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .._autocast import autocast_entry, autocast_off_backward
 from .._finite import all_finite
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
@@ -448,6 +449,7 @@ class _LoRALinearMulti(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_y):
         kernels = ctx.kernels
         x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales = ctx.saved_tensors
@@ -526,6 +528,7 @@ def _validate(x, weight, A_stack, B_stack, bias) -> None:
         raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (out_features,) = ({out_features},)")
 
 
+@autocast_entry("x", "weight", "A_stack", "B_stack", "bias")
 def lora_linear_multi(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -573,7 +576,9 @@ def lora_linear_multi(
     Returns
     -------
     Tensor[..., out_features]
-        Same dtype as x.  The low-rank parts accumulate in float32 (float64 for float64)
+        Same dtype as x (under ``torch.autocast``: x, weight, the stacks and bias are cast
+        to the autocast dtype, as ``F.linear``'s operands, and the op runs with autocast
+        disabled; ``scales`` is not cast).  The low-rank parts accumulate in float32 (float64 for float64)
         and are added to the base result with one rounding.
 
     Notes

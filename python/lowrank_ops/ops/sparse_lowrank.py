@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .._args import require_finite_number
+from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from ..sparse import FixedSupport
 from .sparse import _validate as _validate_sparse
@@ -144,6 +145,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_y):
         need_x, need_A, need_B, need_values, need_bias = ctx.needs_input_grad[:5]
         scale = ctx.scale
@@ -210,6 +212,7 @@ def _validate(x, lora_A, lora_B, values, support, bias, scale, strategy) -> None
         raise ValueError(f"{op}: strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
+@autocast_entry("x", "lora_A", "lora_B", "values", "bias")
 def sparse_lowrank_linear(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -243,7 +246,9 @@ def sparse_lowrank_linear(
     Returns
     -------
     Tensor[..., out_features]
-        Same dtype as x (all parameters must share it).
+        Same dtype as x (all parameters must share it); under ``torch.autocast`` the
+        autocast dtype (x, A, B, values and bias cast to it, as ``F.linear``'s operands,
+        and the op run with autocast disabled).
     """
     _validate(x, lora_A, lora_B, values, support, bias, scale, strategy)
     if strategy == "auto":

@@ -20,15 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-# torch >= 2.4 takes the device type; older versions had per-device functions.
-if hasattr(torch, "get_autocast_dtype"):
-    _is_enabled, _dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
-else:  # pragma: no cover - torch < 2.4
-    def _is_enabled(device_type: str) -> bool:
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-
-    def _dtype(device_type: str) -> torch.dtype:
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+# torch >= 2.4 (the package's floor) takes the device type in both.
+_is_enabled, _dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
 
 # The device types the ops run on (autocast knows no "meta", which fake-impl tests use).
 _DEVICE_TYPES = ("cpu", "cuda")

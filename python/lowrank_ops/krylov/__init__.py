@@ -3,9 +3,12 @@
 * :func:`gmres`: restarted GMRES(m); :func:`cg`: conjugate gradients (SPD);
 * :class:`GCRODR`: GCRO-DR(m, k), keeps its recycled subspace between ``solve`` calls;
 * :class:`DeflatedCG`: deflated CG for sequences of SPD systems, keeps ``k`` Ritz vectors
-  of the earlier solves as its deflation space (on SPD sequences plain CG already matches
-  GCRO-DR's products at a fraction of its work per product, so this is the recycling
-  solver to use there);
+  of the earlier solves as its deflation space.  On SPD sequences plain CG already needs
+  about GCRO-DR's products at a fraction of its work per product; deflated CG needs
+  1.3-1.5x fewer than CG (Darcy, k = 10), but each step costs ``2 k`` more vector passes
+  and the Lanczos record, so on the CPU with a 5-point SpMV plain CG stayed faster in wall
+  time (bench/results/cpu-intel-xeon-2core/krylov-spd*): it pays where products are
+  expensive;
 * :func:`solve_sequence`: SKR (Wang et al., ICLR 2024): sort the systems by a feature
   (greedy nearest neighbour), then solve them in that order with recycling;
 * :class:`CSRMatrix`: the sparse matrix the solvers (and :mod:`lowrank_ops.pde`) use;

@@ -9,7 +9,16 @@ no preconditioner, and records the total matrix-vector products next to the wall
 * ``scipy_gmres``: ``scipy.sparse.linalg.gmres(restart=40)``, each system from scratch;
 * ``scipy_gcrotmk``: ``scipy.sparse.linalg.gcrotmk(m=30, k=10)`` with its recycling
   (the ``CU`` list carried between systems, ``discard_C=True`` since A changes): the
-  same 30 new directions and 10 recycled ones per cycle as ours.
+  same 30 new directions and 10 recycled ones per cycle as ours;
+* ``ours_defcg``: SKR order + deflated CG (:class:`~lowrank_ops.krylov.DeflatedCG`,
+  10 deflation vectors) carried through the sequence;
+* ``ours_cg``: our CG, each system from scratch;
+* ``scipy_cg``: ``scipy.sparse.linalg.cg``, each system from scratch.
+
+The three CG impls need SPD matrices: Darcy is SPD, Helmholtz is indefinite (CG does not
+apply), so they are recorded unsupported on Helmholtz.  On an SPD sequence plain CG is
+the baseline a recycling solver has to beat: it needs about as many products as
+GCRO-DR(40, 10) at a fraction of the work per product.
 
 ``max_error`` is the largest true relative residual ``||b - A x|| / ||b||`` over the
 sequence (recomputed with scipy); the ``note`` gives each impl's total products and how
@@ -53,7 +62,10 @@ if FULL:
                  "cuda": [("darcy", 128, 100)]}
 else:
     _PROBLEMS = {"cpu": [("darcy", 32, 10), ("helmholtz", 20, 6)], "cuda": [("darcy", 32, 10)]}
-_IMPLS = {"float64": ("ours", "ours_gmres", "ours_unsorted", "scipy_gmres", "scipy_gcrotmk")}
+_IMPLS = {"float64": ("ours", "ours_gmres", "ours_unsorted", "scipy_gmres", "scipy_gcrotmk", "ours_defcg", "ours_cg",
+                      "scipy_cg")}
+_CG_IMPLS = ("ours_defcg", "ours_cg", "scipy_cg")
+_SPD_FAMILIES = ("darcy", "poisson", "thermal")
 
 
 def _label(problem: Tuple[str, int, int]) -> str:
@@ -91,6 +103,8 @@ def _runner(impl: str, systems, device: str) -> Callable[[], Tuple[List, int, Li
     """``run()`` solving the sequence with ``impl``: ``(solutions, total products, per-system seconds)``."""
     if impl.startswith("scipy") and device != "cpu":
         raise RuntimeError("scipy runs on the CPU only")
+    if impl in _CG_IMPLS and systems[0].family not in _SPD_FAMILIES:
+        raise RuntimeError(f"CG needs a symmetric positive definite matrix; {systems[0].family} is not (indefinite)")
     if impl == "ours":
         def run():
             result = solve_sequence(systems, method="gcrodr", order="skr", m=M, k=K, tol=TOL)
@@ -103,6 +117,14 @@ def _runner(impl: str, systems, device: str) -> Callable[[], Tuple[List, int, Li
         def run():
             result = solve_sequence(systems, method="gmres", order="given", m=M, tol=TOL, maxiter=_GMRES_MAXITER)
             return result.solutions, result.matvecs, result.seconds
+    elif impl == "ours_defcg":
+        def run():
+            result = solve_sequence(systems, method="defcg", order="skr", k=K, tol=TOL)
+            return result.solutions, result.matvecs, [result.seconds[i] for i in result.order]
+    elif impl == "ours_cg":
+        def run():
+            result = solve_sequence(systems, method="cg", order="given", tol=TOL)
+            return result.solutions, result.matvecs, result.seconds
     else:
         scipy_systems = _scipy_systems(systems)
 
@@ -113,6 +135,8 @@ def _runner(impl: str, systems, device: str) -> Callable[[], Tuple[List, int, Li
                 start = time.perf_counter()
                 if impl == "scipy_gmres":
                     x, _ = spla.gmres(operator, b, rtol=TOL, atol=0.0, restart=M, maxiter=_GMRES_MAXITER // M)
+                elif impl == "scipy_cg":
+                    x, _ = spla.cg(operator, b, rtol=TOL, atol=0.0, maxiter=10 * b.size)
                 else:
                     x, _ = spla.gcrotmk(operator, b, rtol=TOL, atol=0.0, m=M - K, k=K, CU=recycled, discard_C=True,
                                         maxiter=_GMRES_MAXITER // (M - K))

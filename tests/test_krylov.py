@@ -11,7 +11,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from lowrank_ops import pde, reference
-from lowrank_ops.krylov import CSRMatrix, GCRODR, cg, gmres, greedy_order, solve_sequence
+from lowrank_ops.krylov import CSRMatrix, DeflatedCG, GCRODR, cg, gmres, greedy_order, solve_sequence
 from lowrank_ops.krylov import _arnoldi, _kernels
 from lowrank_ops.krylov.operators import as_operator
 
@@ -264,24 +264,151 @@ def test_skr_order_and_caller_order():
         assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x) <= 1e-10 * (1 + 1e-6)
 
 
+# ---------------------------------------------------------------------------- deflated CG
+@pytest.mark.parametrize("family,grid", [("darcy", 8), ("darcy", 16), ("poisson", 12)])
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_defcg_sequence_matches_dense_solve(family, grid, M):
+    problems = pde.generate(family, grid, 5, seed=4)
+    tol = 1e-10
+    result = solve_sequence(problems, method="defcg", k=6, tol=tol, M=M)
+    assert result.converged
+    for problem, x, info in zip(problems, result.solutions, result.infos):
+        A, b = problem.matrix.to_scipy().toarray(), problem.rhs.numpy()
+        exact = np.linalg.solve(A, b)
+        assert info.status == "converged" and info.true_residual <= tol
+        assert _relative_residual(A, b, x) <= tol * (1 + 1e-6)  # recomputed independently
+        # forward error <= cond(A) * relative residual
+        assert np.linalg.norm(x.numpy() - exact) / np.linalg.norm(exact) <= np.linalg.cond(A) * tol
+
+
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_defcg_k0_is_cg_step_for_step(M):
+    for problem in pde.generate("darcy", 16, 3, seed=5):
+        x_cg, info_cg = cg(problem.matrix, problem.rhs, tol=1e-10, M=M)
+        x, info = DeflatedCG(0, M=M).solve(problem.matrix, problem.rhs, tol=1e-10)
+        assert (info.iterations, info.matvecs, info.status) == (info_cg.iterations, info_cg.matvecs, info_cg.status)
+        assert info.residuals == info_cg.residuals and torch.equal(x, x_cg)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_defcg_recycling_cuts_iterations(dtype, tol, M):
+    # Darcy 16 x 16, 8 systems, seed 0, measured: 784 CG iterations against 602 deflated (0.77x)
+    # in float64, 547 against 377 (0.69x) with Jacobi; 510 against 365 (0.72x) and 369 against
+    # 224 (0.61x) in float32.
+    problems = [(p.matrix.to(dtype=dtype), p.rhs.to(dtype), p.coefficient) for p in pde.generate("darcy", 16, 8, seed=0)]
+    plain = solve_sequence(problems, method="cg", order="skr", tol=tol, M=M)
+    deflated = solve_sequence(problems, method="defcg", order="skr", k=8, tol=tol, M=M)
+    assert plain.converged and deflated.converged
+    assert all(x.dtype == dtype for x in deflated.solutions)
+    # float32: the solver's residual is float32 arithmetic, recomputed here in float64 (as in
+    # test_float32_and_callable_operator, 2 tol).
+    for (A, b, _), x in zip(problems, deflated.solutions):
+        assert _relative_residual(A.to_scipy(), b.double().numpy(), x) <= tol * (1 + (1e-6 if dtype == torch.float64 else 1.0))
+    first = deflated.order[0]  # nothing to deflate with yet: CG's count
+    assert deflated.infos[first].iterations == plain.infos[first].iterations
+    assert deflated.iterations <= 0.9 * plain.iterations  # a real reduction, deterministic
+    assert deflated.matvecs < plain.matvecs  # including the k products per new matrix
+
+
+def test_defcg_lanczos_record_and_deflation_space(monkeypatch):
+    from lowrank_ops.krylov import defcg as defcg_module
+
+    captured = {}
+    refresh, ritz = defcg_module._refresh, defcg_module._Lanczos.ritz
+
+    def capture_refresh(system, W):
+        captured["W"], captured["AW"] = refresh(system, W)
+        return captured["W"], captured["AW"]
+
+    def capture_ritz(self):
+        captured["V"], captured["T"] = self.V[: self.size].clone(), self.T[: self.size, : self.size].copy()
+        return ritz(self)
+
+    monkeypatch.setattr(defcg_module, "_refresh", capture_refresh)
+    monkeypatch.setattr(defcg_module._Lanczos, "ritz", capture_ritz)
+    first, second = pde.darcy(12, index=0), pde.darcy(12, index=1)
+    for M in (None, "jacobi"):
+        solver = DeflatedCG(3, m=200, M=M)  # m > iterations: no restart, the record is plain Lanczos
+        solver.solve(first.matrix, first.rhs, tol=1e-10)
+        x, info = solver.solve(second.matrix, second.rhs, tol=1e-10)
+        assert info.converged
+        A = second.matrix.to_scipy().toarray()
+        W, AW = captured["W"].numpy(), captured["AW"].numpy()
+        np.testing.assert_allclose(AW, W @ A, rtol=0, atol=1e-12 * np.abs(AW).max())  # AW = A W for the new matrix
+        np.testing.assert_allclose(W @ AW.T, np.eye(3), rtol=0, atol=1e-12)  # A-orthonormal
+        V, T = captured["V"].numpy()[:20], captured["T"][:20, :20]
+        metric = np.eye(len(A)) if M is None else np.diag(np.diag(A))
+        np.testing.assert_allclose(V @ metric @ V.T, np.eye(20), rtol=0, atol=1e-12)  # M-orthonormal Lanczos vectors
+        deflated = A - AW.T @ AW  # A_d = A - AW (W^T A W)^{-1} AW^T
+        np.testing.assert_allclose(V @ deflated @ V.T, T, rtol=0, atol=1e-12 * np.abs(T).max())
+        # V^T M W = R^T W / sqrt(rz) = 0: the rounding in W^T A p = 0 meets a shrinking residual, so
+        # the error grows with the step (3e-12 at step 20 measured, float64).
+        np.testing.assert_allclose(V @ metric @ W.T, 0.0, rtol=0, atol=1e-10)
+        assert solver.W.shape == (3, len(A)) and solver.AW is None  # updated from this solve: A W recomputed next time
+
+
+def test_defcg_reports_non_spd_as_breakdown(generator):
+    A, b = _system("indefinite", generator)
+    x, info = DeflatedCG(4).solve(A, b, tol=1e-10)
+    assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    # A deflation space from an SPD solve meets a negative definite matrix: every direction dropped.
+    problem = pde.darcy(12, index=3)
+    solver = DeflatedCG(4)
+    solver.solve(problem.matrix, problem.rhs, tol=1e-10)
+    negative = problem.matrix.to_scipy() * -1.0
+    x, info = solver.solve(negative, problem.rhs, tol=1e-10)
+    assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
+    assert solver.W.shape[0] == 0  # W^T A W < 0: nothing kept
+    x, info = solver.solve(problem.matrix, problem.rhs, tol=1e-10)
+    assert info.converged
+    # A NaN operator: nothing deflated with, no LAPACK call on NaN.
+    solver.solve(problem.matrix, problem.rhs, tol=1e-10)
+    x, info = solver.solve(_NonFinite(problem.matrix.to_scipy(), 0), problem.rhs)
+    assert info.status == "breakdown" and solver.W.shape[0] == 0 and torch.isfinite(x).all()
+
+
+def test_defcg_bad_arguments_give_clear_errors():
+    A, b = _laplacian(4), np.ones(16)
+    with pytest.raises(ValueError, match="DeflatedCG: k must be an integer >= 0; got -1"):
+        DeflatedCG(-1)
+    with pytest.raises(ValueError, match="DeflatedCG: m must be larger than 2 k; got m = 8, k = 4"):
+        DeflatedCG(4, m=8)
+    with pytest.raises(ValueError, match="DeflatedCG: maxiter must be an integer >= 1; got 0"):
+        DeflatedCG(2, maxiter=0)
+    with pytest.raises(TypeError, match="DeflatedCG: M must be None, 'jacobi' or a Tensor"):
+        DeflatedCG(2, M=lambda y: y)
+    with pytest.raises(ValueError, match="DeflatedCG.solve: M must be None, 'jacobi'"):
+        DeflatedCG(2, M="ilu").solve(A, b)
+    with pytest.raises(ValueError, match="DeflatedCG.solve: tol must be a positive finite number"):
+        DeflatedCG(2).solve(A, b, tol=0.0)
+    with pytest.raises(ValueError, match=r"DeflatedCG.solve: b has shape \(15,\); expected \(n,\) = \(16,\)"):
+        DeflatedCG(2).solve(A, np.ones(15))
+    with pytest.raises(TypeError, match="recycler must be a DeflatedCG for method='defcg'; got GCRODR"):
+        solve_sequence([(A, b)], method="defcg", recycler=GCRODR(10, 2))
+    x, info = DeflatedCG(0, M=lambda y: y).solve(A, b)  # a callable M is plain PCG's
+    assert info.converged
+
+
 # ---------------------------------------------------------------------------- breakdown
-@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])
 def test_exact_solution_found_early(solver):
     # b is an eigenvector: the Krylov space is invariant after one step (lucky breakdown).
     A = sp.diags(np.arange(1.0, 101.0)).tocsr()
     b = np.zeros(100)
     b[7] = 3.0
     run = {"gmres": lambda: gmres(A, b, tol=1e-12), "gcrodr": lambda: GCRODR(20, 5).solve(A, b, tol=1e-12),
-           "cg": lambda: cg(A, b, tol=1e-12)}[solver]
+           "cg": lambda: cg(A, b, tol=1e-12), "defcg": lambda: DeflatedCG(5).solve(A, b, tol=1e-12)}[solver]
     x, info = run()
     assert info.converged and info.iterations == 1
     assert torch.isfinite(x).all() and _relative_residual(A, b, x) <= 1e-15
 
 
-@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])
 def test_zero_rhs(solver):
     A = _laplacian(6)
-    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol)}[solver]
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol),
+           "defcg": lambda A, b, tol: DeflatedCG(3).solve(A, b, tol=tol)}[solver]
     x, info = run(A, np.zeros(36), tol=1e-8)
     assert info.converged and info.status == "zero_rhs" and info.matvecs == 0
     assert torch.equal(x, torch.zeros(36, dtype=torch.float64))
@@ -313,7 +440,7 @@ def test_cg_reports_indefinite_breakdown(generator):
     assert torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float64, 1e160), (torch.float64, 1e-170), (torch.float32, 1e20),
                                              (torch.float32, 1e-30)])
 def test_huge_and_tiny_rhs_are_solved(solver, dtype, magnitude, generator):
@@ -321,7 +448,8 @@ def test_huge_and_tiny_rhs_are_solved(solver, dtype, magnitude, generator):
     # x = 0 with status "converged" but converged = False (or "zero_rhs" for a tiny b).
     A = _laplacian(5)
     b = torch.randn(25, generator=generator, dtype=torch.float64)
-    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol)}[solver]
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, tol: GCRODR(10, 3).solve(A, b, tol=tol),
+           "defcg": lambda A, b, tol: DeflatedCG(3).solve(A, b, tol=tol)}[solver]
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     x, info = run(CSRMatrix.from_scipy(A, dtype), (b * magnitude).to(dtype), tol=tol)
     assert info.converged and info.status == "converged" and info.true_residual <= tol
@@ -331,11 +459,12 @@ def test_huge_and_tiny_rhs_are_solved(solver, dtype, magnitude, generator):
     assert error <= (1e-8 if dtype == torch.float64 else 1e-3)
 
 
-@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])
 def test_zero_matrix_reports_non_convergence(solver, generator):
     # nnz = 0 is a valid matrix (the kernels got null col_idx / values pointers and refused it).
     b = torch.randn(9, generator=generator, dtype=torch.float64)
-    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b: GCRODR(6, 2).solve(A, b)}[solver]
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b: GCRODR(6, 2).solve(A, b),
+           "defcg": lambda A, b: DeflatedCG(2).solve(A, b)}[solver]
     for A in (torch.zeros(9, 9, dtype=torch.float64), sp.csr_matrix((9, 9))):
         x, info = run(A, b)
         assert not info.converged and info.status in ("stagnation", "breakdown")
@@ -365,12 +494,13 @@ class _NonFinite:
         return y
 
 
-@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg"])
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])
 def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator, capfd):
     # gmres used to hand the NaN Hessenberg matrix to LAPACK (stderr: "On entry to DLASCL
     # parameter number 4 had an illegal value", then numpy's LinAlgError).
     A, b = _system("spd", generator)
-    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, M=None: GCRODR(20, 4, M=M).solve(A, b)}[solver]
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, M=None: GCRODR(20, 4, M=M).solve(A, b),
+           "defcg": lambda A, b, M=None: DeflatedCG(0 if callable(M) else 4, M=M).solve(A, b)}[solver]
     for good, bad in ((0, float("nan")), (6, float("nan")), (6, float("inf"))):
         x, info = run(_NonFinite(A, good, bad), b)
         assert not info.converged and info.status == "breakdown"
@@ -380,7 +510,7 @@ def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator,
     x, info = run(A, b, M=lambda y: y * float("nan"))
     assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
     assert info.true_residual == pytest.approx(1.0)  # x0 = 0 kept
-    if solver != "cg":  # the fused C++ cycle on a matrix whose products overflow the squared norms
+    if solver in ("gmres", "gcrodr"):  # the fused C++ cycle on a matrix whose products overflow the squared norms
         x, info = run(A * 1e300, b)
         assert not info.converged and info.status == "breakdown" and torch.isfinite(x).all()
     assert capfd.readouterr().err == ""
@@ -431,7 +561,7 @@ def test_bad_input_gives_clear_errors():
         CSRMatrix(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0], dtype=torch.float64), (1, 2))
     with pytest.raises(ValueError, match="row_ptr must be non-decreasing"):
         CSRMatrix(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1]), torch.ones(2, dtype=torch.float64), (3, 2))
-    with pytest.raises(ValueError, match="method must be 'gcrodr', 'gmres' or 'cg'"):
+    with pytest.raises(ValueError, match="method must be 'gcrodr', 'defcg', 'gmres' or 'cg'"):
         solve_sequence([(A, b)], method="bicgstab")
     with pytest.raises(TypeError, match=r"problems\[0\] must be a PDE problem"):
         solve_sequence([A])
@@ -942,6 +1072,17 @@ def test_cuda_gmres_matches_cpu(cuda_device, generator):
     assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_gpu) <= 1e-9 * (1 + 1e-6)
     x_cg, info_cg = cg(matrix, problem.rhs.to(cuda_device), tol=1e-9, M="jacobi")
     assert info_cg.converged and _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x_cg) <= 1e-9 * (1 + 1e-6)
+
+
+def test_cuda_defcg_matches_cpu(cuda_device):
+    problems = pde.generate("darcy", 24, 3, seed=6)
+    solvers = {device: DeflatedCG(6, M="jacobi") for device in ("cpu", cuda_device)}
+    for problem in problems:
+        _, on_cpu = solvers["cpu"].solve(problem.matrix, problem.rhs, tol=1e-9)
+        x, on_gpu = solvers[cuda_device].solve(problem.matrix.to(cuda_device), problem.rhs.to(cuda_device), tol=1e-9)
+        assert on_gpu.converged and x.is_cuda and solvers[cuda_device].W.is_cuda
+        assert abs(on_gpu.iterations - on_cpu.iterations) <= 2
+        assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x) <= 1e-9 * (1 + 1e-6)
 
 
 def test_csr_from_dense_and_torch_hold_plain_tensors():

@@ -15,7 +15,7 @@ Public modules:
   ``effective_rank``
 * :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``
 * :mod:`lowrank_ops.second_order`: ``MFACInverse`` (M-FAC inverse-Hessian-vector products)
-* :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``solve_sequence`` (SKR)
+* :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``DeflatedCG`` (recycling CG, SPD), ``solve_sequence`` (SKR)
 * :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)
 * :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators
 * :mod:`lowrank_ops.sparse`: :class:`~lowrank_ops.sparse.FixedSupport` patterns

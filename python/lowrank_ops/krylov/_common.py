@@ -36,6 +36,8 @@ class System:
         ``y -> A M^{-1} y`` (counts products in ``matvecs``).
     precondition : callable or None
         ``y -> M^{-1} y`` (None: identity).
+    inverse_diagonal : Tensor[n] or None
+        ``M^{-1}`` when it is diagonal (``M='jacobi'`` or a tensor), else None.
     csr : CSRMatrix or None
         ``A M^{-1}`` as a CSR matrix when it is one (no or diagonal ``M`` on a matrix):
         the Arnoldi cycle then runs as one C++ call on the CPU.
@@ -63,7 +65,7 @@ class System:
         self.matvecs = 0
         self.precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.csr = None
-        scale = _diagonal_preconditioner(op, A, M)
+        scale = self.inverse_diagonal = _diagonal_preconditioner(op, A, M)
         if scale is not None and A.matrix is not None:
             self.csr = A.matrix.scale_columns(scale)  # A diag(d): one SpMV per preconditioned product
             self._apply_raw = self.csr.matvec_unchecked

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
 from ._common import check_positive_int
 from .cg import cg
+from .defcg import DeflatedCG
 from .gcrodr import GCRODR
 from .gmres import gmres
 from .info import SolveInfo
@@ -26,6 +27,9 @@ __all__ = ["SequenceResult", "greedy_order", "solve_sequence"]
 #: O(N^2 d) distance computation (128 x 128 fields -> 32 x 32: 16x fewer flops, and the
 #: ordering only needs the fields' coarse structure).
 _FEATURE_SIDE = 32
+
+#: The recycling methods of :func:`solve_sequence` and the type their ``recycler`` must have.
+_RECYCLERS = {"gcrodr": GCRODR, "defcg": DeflatedCG}
 
 
 @dataclasses.dataclass
@@ -139,7 +143,7 @@ def _feature(feature, A, b) -> torch.Tensor:
 
 def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "skr", m: int = 40, k: int = 10,
                    tol: float = 1e-8, M=None, maxiter: Optional[int] = None, features: Optional[torch.Tensor] = None,
-                   recycler: Optional[GCRODR] = None,
+                   recycler: Union[GCRODR, DeflatedCG, None] = None,
                    callback: Optional[Callable[[int, int, torch.Tensor, SolveInfo], None]] = None) -> SequenceResult:
     """Solve a sequence of systems, SKR-style by default.
 
@@ -148,13 +152,16 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     problems : sequence
         Each a PDE problem (``.matrix``, ``.rhs``, optional ``.coefficient``; see
         :mod:`lowrank_ops.pde`) or a tuple ``(A, b)`` / ``(A, b, feature)``.
-    method : {"gcrodr", "gmres", "cg"}
+    method : {"gcrodr", "defcg", "gmres", "cg"}
         ``"gcrodr"``: one GCRO-DR(m, k) solver carried through the sequence (recycling);
+        ``"defcg"``: one deflated CG (:class:`~lowrank_ops.krylov.DeflatedCG`, ``k``
+        deflation vectors) carried through the sequence (SPD systems only);
         ``"gmres"``: independent GMRES(m) solves; ``"cg"``: independent CG solves.
     order : {"skr", "given"}
         ``"skr"``: greedy nearest-neighbour order of the features; ``"given"``: as passed.
     m, k : int
-        Cycle length and recycled vectors (``k`` only for ``"gcrodr"``).
+        Cycle length (GMRES / GCRO-DR) and recycled vectors (``k`` only for ``"gcrodr"``
+        and ``"defcg"``).
     tol : float
         Relative residual tolerance of every solve.
     M : None, 'jacobi', Tensor[n] or callable
@@ -164,9 +171,10 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     features : Tensor[N, d], optional
         Sorting features (default: each problem's coefficient field, pooled to at most
         32 x 32, else its matrix entries, else its right-hand side).
-    recycler : GCRODR, optional
-        For ``"gcrodr"``: the solver to use (and leave updated), e.g. to continue a
-        sequence; default a fresh ``GCRODR(m, k, M=M, maxiter=maxiter)``.
+    recycler : GCRODR or DeflatedCG, optional
+        For ``"gcrodr"`` (a :class:`GCRODR`) or ``"defcg"`` (a :class:`DeflatedCG`): the
+        solver to use (and leave updated), e.g. to continue a sequence; default a fresh
+        ``GCRODR(m, k, M=M, maxiter=maxiter)`` or ``DeflatedCG(k, M=M, maxiter=maxiter)``.
     callback : callable, optional
         ``callback(done, index, x, info)`` after each solve (``done`` = systems solved so far).
 
@@ -175,8 +183,12 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     SequenceResult
         Solutions and per-system statistics in the caller's order.
     """
-    if method not in ("gcrodr", "gmres", "cg"):
-        raise ValueError(f"solve_sequence: method must be 'gcrodr', 'gmres' or 'cg'; got {method!r}")
+    if method not in ("gcrodr", "defcg", "gmres", "cg"):
+        raise ValueError(f"solve_sequence: method must be 'gcrodr', 'defcg', 'gmres' or 'cg'; got {method!r}")
+    expected = _RECYCLERS.get(method)
+    if recycler is not None and expected is not None and not isinstance(recycler, expected):
+        raise TypeError(f"solve_sequence: recycler must be a {expected.__name__} for method={method!r}; "
+                        f"got {type(recycler).__name__}")
     if order not in ("skr", "given"):
         raise ValueError(f"solve_sequence: order must be 'skr' or 'given'; got {order!r}")
     check_positive_int("solve_sequence", "m", m)
@@ -197,6 +209,11 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
 
         def solve(A, b):
             return solver.solve(A, b, tol=tol)
+    elif method == "defcg":
+        deflated = recycler if recycler is not None else DeflatedCG(k, M=M, maxiter=maxiter)
+
+        def solve(A, b):
+            return deflated.solve(A, b, tol=tol)
     elif method == "gmres":
         def solve(A, b):
             return gmres(A, b, tol=tol, restart=m, maxiter=maxiter, M=M)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import lowrank_ops.nn.lora as lora_module
 import lowrank_ops.ops.dora as dora_module
 from lowrank_ops import reference
 from lowrank_ops._extension import extension
@@ -150,6 +151,8 @@ def test_opcheck(device, generator):
     args = [t[name] for name in NAMES]
     torch.library.opcheck(fwd, (*args, seed, 0.5, 0.25, 1e-6))
     torch.library.opcheck(fwd, (*args[:5], None, None, 2.0, 0.0, 1e-6))
+    norm = dora_row_norm(t["weight"], t["lora_A"], t["lora_B"], 2.0)
+    torch.library.opcheck(fwd, (*args[:5], None, None, 2.0, 0.0, 1e-6, norm))
 
 
 def test_torch_compile_fullgraph(device, generator):
@@ -256,6 +259,59 @@ def test_row_norm_kernel_runs_one_thread_for_num_threads_below_one(generator):
         assert_within(out, exact, bound, f"num_threads={num_threads}")
 
 
+def test_given_norm_gives_the_same_outputs_and_gradients(device, generator):
+    """``norm=`` (a cached dora_row_norm) replaces the op's own computation: bit for bit the
+    same forward and backward (the norm is detached either way), and it is not modified."""
+    t = make_problem(24, 20, 5, (3, 4), torch.float32, device, generator)
+    args = [t[name].requires_grad_() for name in NAMES]
+    dy = randn(3, 4, 24, device=device, generator=generator)
+    norm = dora_row_norm(t["weight"].detach(), t["lora_A"].detach(), t["lora_B"].detach(), 0.7)
+    kept = norm.clone()
+    results = []
+    for given in (None, norm):
+        y = dora_linear(*args, scale=0.7, norm=given)
+        results.append((y,) + torch.autograd.grad(y, args, dy))
+    for own, cached in zip(*results):
+        torch.testing.assert_close(cached, own, rtol=0, atol=0)
+    assert torch.equal(norm, kept)
+
+
+def test_lora_linear_caches_dora_norms_in_eval_mode(generator, monkeypatch):
+    """Eval mode computes the row norms once while W, A and B do not change; an in-place
+    update (an optimizer step, copy_, load_state_dict) or another active rank recomputes them;
+    training mode never caches.  Outputs equal the uncached layer's throughout."""
+    layer = LoRALinear(torch.nn.Linear(20, 16), 6, 12, use_dora=True, generator=generator)
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(16, 6, generator=generator))
+    calls = []
+    row_norm = dora_module.dora_row_norm
+    monkeypatch.setattr(lora_module, "dora_row_norm", lambda *a: calls.append(1) or row_norm(*a))
+    x = randn(3, 20, generator=generator)
+
+    def uncached():
+        return dora_linear(x, layer.base_layer.weight, layer.lora_A[:layer.active_rank or 6],
+                           layer.lora_B[:, :layer.active_rank or 6], layer.lora_magnitude_vector,
+                           layer.base_layer.bias, scale=layer.scaling)
+
+    layer.eval()
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), uncached(), rtol=0, atol=0)
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.lora_A.mul_(1.5)  # in place: the version counter moves
+    torch.testing.assert_close(layer(x), uncached(), rtol=0, atol=0)
+    layer.active_rank = 4
+    torch.testing.assert_close(layer(x), uncached(), rtol=0, atol=0)
+    assert len(calls) == 3
+    layer.load_state_dict({k: v * 0.5 if k == "lora_B" else v for k, v in layer.state_dict().items()})
+    torch.testing.assert_close(layer(x), uncached(), rtol=0, atol=0)
+    assert len(calls) == 4
+    layer.train()
+    layer(x).sum().backward()
+    layer(x)
+    assert len(calls) == 4 and layer._norm_cache is None  # training computes the norm inside the op
+
+
 def test_bad_input_errors(generator):
     t = make_problem(10, 12, 4, (3,), torch.float32, "cpu", generator)
     args = [t[name] for name in NAMES]
@@ -275,3 +331,7 @@ def test_bad_input_errors(generator):
         dora_row_norm(args[1], args[2][:, :11], args[3])
     with pytest.raises(ValueError, match="magnitude is on meta"):
         dora_linear(*args[:4], args[4].to("meta"))
+    with pytest.raises(ValueError, match=r"norm has shape \(9,\); expected \(out_features,\) = \(10,\)"):
+        dora_linear(*args, norm=torch.ones(9))
+    with pytest.raises(TypeError, match="norm has dtype torch.float64; expected torch.float32"):
+        dora_linear(*args, norm=torch.ones(10, dtype=torch.float64))

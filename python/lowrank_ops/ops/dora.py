@@ -65,7 +65,7 @@ DEFAULT_EPS = 1e-6
 LIBRARY.define("dora_row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor")
 LIBRARY.define(
     "dora_linear_fwd(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor magnitude, Tensor? bias, "
-    "Tensor? seed, float scale, float dropout_p, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? seed, float scale, float dropout_p, float eps, Tensor? norm=None) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -184,9 +184,13 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 # ---------------------------------------------------------------------------- forward
-def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps):
+def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
     dtype = x.dtype
-    inv_norm = _row_norm_op(weight)(weight, lora_A, lora_B, scale).clamp_min_(eps).reciprocal_()
+    if norm is None:
+        norm = _row_norm_op(weight)(weight, lora_A, lora_B, scale)
+    else:  # given (a cache): not modified in place
+        norm = norm.to(accumulate_dtype(weight.dtype), copy=True)
+    inv_norm = norm.clamp_min_(eps).reciprocal_()
     factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
@@ -204,7 +208,7 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
     return y, product, shrunk, inv_norm
 
 
-def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps):
+def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
     n, out_features = x.shape[0], weight.shape[0]
     return (
         x.new_empty((n, out_features)), x.new_empty((n, out_features)),
@@ -229,9 +233,9 @@ class _DoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps):
+    def forward(ctx, x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm):
         y, product, shrunk, inv_norm = eager_or_op("dora_linear_fwd", _dora_linear_fwd)(
-            x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps
+            x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm
         )
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, seed, product, shrunk, inv_norm)
@@ -273,7 +277,7 @@ class _DoRALinear(torch.autograd.Function):
                 grad_W = scaled_grad.T @ x
         if need_bias:
             grad_bias = grad_y.sum(0)
-        return grad_x, grad_W, grad_A, grad_B, grad_m, grad_bias, None, None, None, None
+        return grad_x, grad_W, grad_A, grad_B, grad_m, grad_bias, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- public API
@@ -290,6 +294,7 @@ def dora_linear(
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
     eps: float = DEFAULT_EPS,
+    norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DoRA linear, PEFT's numerics: ``y = (m / ||W + s B A||_row) * (x (W + s B A)^T) + b``.
 
@@ -315,6 +320,12 @@ def dora_linear(
         Source of the dropout seed.
     eps : float
         Floor of the row norm (zero-norm rows give finite outputs and gradients).
+    norm : Tensor[out_features], optional
+        The row norms ``||W + s B A||_row`` when already known (:func:`dora_row_norm` of
+        these factors, e.g. cached while W, A and B do not change:
+        :class:`~lowrank_ops.nn.LoRALinear` in eval mode); skips their computation, the
+        op's largest cost at small batch.  Used as given (it is detached anyway), floored
+        at ``eps``.
 
     Returns
     -------
@@ -335,7 +346,13 @@ def dora_linear(
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     p = check_dropout(op, dropout_p)
+    if norm is not None:
+        _check_tensor(op, "norm", norm, (accumulate_dtype(weight.dtype),), x.device)
+        if tuple(norm.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
+        norm = norm.detach()
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    y = _DoRALinear.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed, scale, p, eps)
+    y = _DoRALinear.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed,
+                          scale, p, eps, norm)
     return y.reshape(*batch_shape, weight.shape[0])

@@ -114,6 +114,58 @@ def test_same_training_step_as_peft_without_dropout(use_dora):
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5)
 
 
+def test_mixed_batch_under_no_grad_runs_one_lora_linear_multi_call(monkeypatch):
+    """PEFT's mixed batch (one adapter name per sample, "__base__" for none) for
+    inference: one lora_linear_multi call per layer, plain PEFT's outputs; the adapter
+    stacks are cached until an adapter changes; with gradients on, PEFT's own path."""
+    calls = []
+    multi = backend.lora_linear_multi
+    monkeypatch.setattr(backend, "lora_linear_multi", lambda *a, **k: calls.append(1) or multi(*a, **k))
+    torch.manual_seed(5)
+    base = TinyModel()
+    configs = {"default": dict(r=4, lora_alpha=8), "other": dict(r=6, lora_alpha=3), "third": dict(r=2, lora_alpha=4)}
+
+    def build(wrap):
+        model = None
+        for name, kwargs in configs.items():
+            config = peft.LoraConfig(lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                     **kwargs)
+            config = wrap(config)
+            if model is None:
+                model = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+        return model
+
+    ours, theirs = build(use_lowrank_ops), build(lambda config: config)
+    torch.manual_seed(6)
+    for name, p in theirs.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(6, 5, 24)
+    names = ["other", "default", "__base__", "other", "__base__", "third"]
+    with torch.no_grad():
+        expected = theirs(x, adapter_names=names)
+        torch.testing.assert_close(ours(x, adapter_names=names), expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 4  # one per adapted layer
+        layer = ours.base_model.model.q_proj
+        stacks = layer._lowrank_stacks[1]
+        ours(x, adapter_names=names)
+        assert layer._lowrank_stacks[1] is stacks  # nothing changed: no rebuild
+        for model in (ours, theirs):
+            model.base_model.model.q_proj.lora_B["other"].weight.mul_(-2.0)
+        torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names),
+                                   rtol=1e-5, atol=1e-5)
+        assert layer._lowrank_stacks[1] is not stacks
+    calls.clear()
+    torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names), rtol=1e-5, atol=1e-5)
+    assert not calls  # the adapters require grad: PEFT's path, which autograd can follow
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+        ours(x, adapter_names=names[:3])
+
+
 def test_falls_back_to_peft_for_mixed_batches_and_disabled_adapters():
     torch.manual_seed(3)
     base = TinyModel()

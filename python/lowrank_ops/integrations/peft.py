@@ -26,9 +26,15 @@ any dtype but float64: the ops cast x, the weight and the factors to the autocas
 as autocast casts PEFT's ``F.linear`` calls), dropout an ``nn.Dropout`` or
 ``nn.Identity``, and no other LoRA variant.  The scalings may be the 0-d tensors of PEFT's
 ``prepare_model_for_compiled_hotswap`` (LoRA only; DoRA with tensor scalings runs PEFT's
-forward).  Anything else (mixed batches, several active adapters, other variants,
-quantized bases) goes to PEFT's own forward unchanged, so behaviour never differs, only
-speed.  Differences in numerics: the adapter term is accumulated into the base output in
+forward).  PEFT's mixed batches (``adapter_names=[...]``, one name per sample,
+``"__base__"`` for none) run :func:`lowrank_ops.ops.lora_linear_multi` when nothing needs
+a gradient (PEFT's mixed batch is for inference), the named adapters are vanilla LoRA
+with number scalings in x's dtype, and dropout is off: one batched call instead of PEFT's
+gather and two matmuls per adapter; the padded adapter stacks are cached, keyed by the
+factors' version counters, so they are rebuilt only when an adapter changes or another set
+of adapters is named.  Anything else (several active adapters, other variants, quantized
+bases, mixed batches that need gradients) goes to PEFT's own forward unchanged, so
+behaviour never differs, only speed.  Differences in numerics: the adapter term is accumulated into the base output in
 place (float32 accumulation, one rounding) and DoRA's row norm is floored at 1e-6 (PEFT
 0.21.2 returns inf/NaN for zero-norm rows); the dropout masks come from a different
 random stream than ``nn.Dropout``'s.
@@ -37,7 +43,7 @@ Tested with peft 0.21.2 and torch 2.13.0 (tests/test_peft_integration.py).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 from peft import LoraConfig
@@ -45,8 +51,10 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from .._autocast import autocast_dtype
+from ..nn.lora_multi import group_rows, restore_rows
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
+from ..ops.lora_multi import lora_linear_multi
 
 __all__ = ["LowrankLoraLinear", "use_lowrank_ops"]
 
@@ -90,6 +98,66 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         return name
 
+    def _fast_mixed_batch(self, x: torch.Tensor, args, kwargs) -> Optional[List[str]]:
+        """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""
+        names = kwargs.get("adapter_names")
+        if args or names is None or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+            return None
+        base = self.get_base_layer()
+        if (self.disable_adapters or self.merged or self.fan_in_fan_out or type(base) is not torch.nn.Linear
+                or autocast_dtype(x) is not None or x.dtype != base.weight.dtype or x.dim() < 2):
+            return None
+        used = sorted({name for name in names if name in self.lora_A})  # PEFT skips unknown names too
+        for name in used:
+            dropout = self.lora_dropout[name]
+            factors = (self.lora_A[name].weight, self.lora_B[name].weight)
+            if (name in self.lora_variant or self.lora_bias.get(name, False)
+                    or isinstance(self.scaling[name], torch.Tensor)
+                    or any(t.dtype != x.dtype for t in factors)
+                    or (torch.is_grad_enabled() and any(t.requires_grad for t in factors))
+                    or not (isinstance(dropout, torch.nn.Identity)
+                            or (isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)))):
+                return None
+        if torch.is_grad_enabled() and (x.requires_grad or base.weight.requires_grad):
+            return None
+        return used
+
+    def _adapter_stacks(self, used: List[str]):
+        """``(A_stack, B_stack, ranks, scales)`` of the named adapters, rebuilt only when one changed."""
+        factors = [(self.lora_A[name].weight, self.lora_B[name].weight) for name in used]
+        key = tuple((name, A.data_ptr(), A._version, B.data_ptr(), B._version, A.dtype, A.device, self.scaling[name])
+                    for name, (A, B) in zip(used, factors))
+        cached = getattr(self, "_lowrank_stacks", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        A0, B0 = factors[0]
+        r_max = max(A.shape[0] for A, _ in factors)
+        A_stack = A0.new_zeros(len(used), r_max, A0.shape[1])
+        B_rank_major = B0.new_zeros(len(used), r_max, B0.shape[0])  # the layout MultiLoRALinear keeps
+        with torch.no_grad():
+            for a, (A, B) in enumerate(factors):
+                A_stack[a, :A.shape[0]] = A
+                B_rank_major[a, :B.shape[1]] = B.T
+        ranks = torch.tensor([A.shape[0] for A, _ in factors], device=A0.device)
+        scales = torch.tensor([float(self.scaling[name]) for name in used], dtype=torch.float64, device=A0.device)
+        stacks = (A_stack, B_rank_major.transpose(1, 2), ranks, scales)
+        self._lowrank_stacks = (key, stacks)
+        return stacks
+
+    def _mixed_batch_forward_fused(self, x: torch.Tensor, names: List[str], used: List[str]) -> torch.Tensor:
+        """PEFT's mixed batch through one :func:`~lowrank_ops.ops.lora_linear_multi` call."""
+        A_stack, B_stack, ranks, scales = self._adapter_stacks(used)
+        index = {name: a for a, name in enumerate(used)}
+        rows_per_sample = x[0].numel() // x.shape[-1]
+        sample_ids = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64)
+        row_ids = sample_ids.repeat_interleave(rows_per_sample).to(x.device)
+        rows = x.reshape(-1, x.shape[-1])
+        order, offsets, segment_ids = group_rows(row_ids)
+        base = self.get_base_layer()
+        y = lora_linear_multi(rows.index_select(0, order), base.weight, A_stack, B_stack, offsets, segment_ids,
+                              ranks=ranks, scales=scales, bias=base.bias)
+        return restore_rows(y, order).reshape(*x.shape[:-1], y.shape[-1])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """PEFT's LoRA (or DoRA) forward, on the fused ops when they apply.
 
@@ -107,9 +175,17 @@ class LowrankLoraLinear(PeftLoraLinear):
             extra arguments, an ``nn.Linear`` base without ``fan_in_fan_out`` or an
             adapter bias, unmerged, dropout or none, and adapters in the weight's dtype or
             float32: :func:`~lowrank_ops.ops.lora_linear` (or
-            :func:`~lowrank_ops.ops.dora_linear` for DoRA with number scalings); anything
-            else: PEFT's own forward, unchanged.
+            :func:`~lowrank_ops.ops.dora_linear` for DoRA with number scalings); a mixed
+            batch (``adapter_names``) with nothing to differentiate:
+            :func:`~lowrank_ops.ops.lora_linear_multi`; anything else: PEFT's own forward,
+            unchanged.
         """
+        if kwargs.get("adapter_names") is not None:
+            self._check_forward_args(x, *args, **kwargs)  # PEFT's own errors (lengths, merged, DoRA)
+            used = self._fast_mixed_batch(x, args, kwargs)
+            if used:
+                return self._mixed_batch_forward_fused(x, kwargs["adapter_names"], used)
+            return super().forward(x, *args, **kwargs)
         name = self._fast_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)

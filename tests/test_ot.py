@@ -231,6 +231,14 @@ def test_sparsify_cpp_checks_nnz(generator):
     assert (col_idx == -7).all() and (values == -7.0).all() and (row_counts == 0).all()
 
 
+def test_row_grad_cpp_check_names_the_cost(generator):
+    # check_ot_row_grad_params, shared with CUDA; runs before any pointer but the source's is read.
+    C, _, _, f, g = _problem(1, 2, 3, 1, generator)
+    src, _keep = ot_ops._source("test", C, None, None, f, g, 0.1, 0, None, False)
+    with pytest.raises(ValueError, match=r"^ot_row_grad: needs a point cost \(code 1 or 2\); got cost code 0$"):
+        extension().ot_row_grad_cpu(src=src, lse=0, grad=0, num_threads=1)
+
+
 def test_hessian_matvec_kernel_memory_safe_on_any_row_ptr(device, generator):
     # The unchecked entry (SNS's patterns come from sparsify) runs the kernels on any
     # row_ptr: each row's range is clamped to [0, nnz], never read outside the arrays.

@@ -51,6 +51,12 @@ void check_ot_sparsify_params(const OtSparsifyParams& p) {
   LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
 }
 
+void check_ot_row_grad_params(const OtRowGradParams& p) {
+  check_ot_source(p.src, "ot_row_grad");
+  LOWRANK_CHECK(p.src.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2); got cost code ",
+                static_cast<int>(p.src.cost));
+}
+
 void check_ot_hessian_params(const OtHessianParams& p) {
   LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0; got batch=",
                 p.batch, " rows=", p.rows, " cols=", p.cols);
@@ -365,9 +371,8 @@ void ot_sparsify_cpu(const OtSparsifyParams& p, int num_threads) {
 }
 
 void ot_row_grad_cpu(const OtRowGradParams& p, int num_threads) {
-  check_ot_source(p.src, "ot_row_grad");
+  check_ot_row_grad_params(p);
   const OtSource& s = p.src;
-  LOWRANK_CHECK(s.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2)");
   const int64_t elem = dtype_size(s.dtype);
   auto zero = [&](int64_t b) {
     std::memset(static_cast<char*>(p.grad) + b * s.rows * s.dim * elem, 0, s.rows * s.dim * elem);

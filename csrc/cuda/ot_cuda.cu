@@ -398,9 +398,8 @@ void ot_sparsify_cuda(const OtSparsifyParams& p, int device, std::uintptr_t stre
 
 void ot_row_grad_cuda(const OtRowGradParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  check_ot_source(p.src, "ot_row_grad");
+  check_ot_row_grad_params(p);
   const OtSource& s = p.src;
-  LOWRANK_CHECK(s.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2)");
   if (s.batch * s.rows == 0) return;
   const Launcher launch(device, stream);
   dispatch_real(s.dtype, [&](auto tag) {

@@ -444,6 +444,31 @@ class TestBadInput:
             call(torch.tensor([0, 1, 9]), torch.tensor([0, 1]))
         assert (out == 0).all()
 
+    def test_cpp_checks_operand_sizes(self):
+        """The size checks both back ends share (check_segment_matmul_sizes / _outer_sizes in
+        lora_multi_cpu.cpp) name the argument and its actual value; they run before any pointer is read."""
+        routing = dict(offsets=torch.tensor([0, 4]), ids=torch.tensor([0]), ranks=torch.tensor([2]))
+        ptrs = {name: t.data_ptr() for name, t in routing.items()}
+
+        def matmul(J, C, r_max=2):
+            extension().segment_matmul_cpu(
+                **ptrs, scales=0, in_=0, w=0, out=0, n_rows=4, n_segments=1, n_adapters=1, r_max=r_max, J=J, C=C,
+                in_stride_n=0, out_stride_n=0, w_stride_a=0, w_stride_j=0, w_stride_c=0, rank_on_c=True,
+                accumulate=False, dtype=0, num_threads=1)
+
+        with pytest.raises(ValueError, match=r"segment_matmul: J and C must be >= 0; got J = -3, C = 2$"):
+            matmul(J=-3, C=2)
+        with pytest.raises(ValueError, match=r"segment_matmul: the rank dimension \(C = 1\) must be >= r_max = 2$"):
+            matmul(J=3, C=1)
+        with pytest.raises(ValueError, match=r"segment_matmul: sizes must be >= 0; got n_rows = 4, n_segments = 1, "
+                                             r"n_adapters = 1, r_max = -1$"):
+            matmul(J=3, C=2, r_max=-1)
+        with pytest.raises(ValueError, match=r"segment_outer: J must be >= 0; got -5$"):
+            extension().segment_outer_cpu(
+                **ptrs, scales=0, left=0, right=0, out=0, n_rows=4, n_segments=1, n_adapters=1, r_max=2, J=-5,
+                left_stride_n=0, right_stride_n=0, out_stride_a=0, out_stride_k=0, out_stride_j=0, dtype=0,
+                num_threads=1)
+
 
 # --------------------------------------------------------------------------- nn.MultiLoRALinear
 def make_layer(device, generator, dtype=torch.float32):

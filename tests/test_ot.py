@@ -200,6 +200,45 @@ def test_hessian_matvec_rejects_malformed_patterns(generator):
         call(row_ptr[:-1])
 
 
+def test_hessian_matvec_cpp_checks_name_the_values():
+    """The C++ checks both back ends share (check_ot_hessian_params in ot_cpu.cpp) give the
+    actual value; they run before any pointer is read."""
+    def call(batch=1, rows=2, cols=3, nnz=0, dtype=1):
+        extension().ot_hessian_matvec_cpu(row_ptr=0, col_idx=0, values=0, r=0, c=0, vx=0, vy=0, out_x=0, out_y=0,
+                                          batch=batch, rows=rows, cols=cols, nnz=nnz, dtype=dtype, num_threads=1)
+
+    with pytest.raises(ValueError, match=r"^ot_hessian_matvec: sizes must be >= 0; got batch=1 rows=-2 cols=3$"):
+        call(rows=-2)
+    with pytest.raises(ValueError, match=r"^ot_hessian_matvec: dtype must be float32 or float64; got code 2$"):
+        call(dtype=2)
+    with pytest.raises(ValueError, match=r"^ot_hessian_matvec: nnz must be >= 0; got -4$"):
+        call(nnz=-4)
+
+
+def test_sparsify_cpp_checks_nnz(generator):
+    # check_ot_sparsify_params, shared with CUDA: nnz is checked in both passes (the counting
+    # pass is given nnz = 0 by the op).
+    C, _, _, f, g = _problem(1, 2, 16, 1, generator)
+    src, _keep = ot_ops._source("test", C, None, None, f, g, 0.1, 0, None, False)
+    threshold = torch.zeros(1, dtype=F64)
+    row_counts, row_ptr = torch.zeros(2, dtype=torch.int64), torch.tensor([0, 16, 32])
+    col_idx, values = torch.full((32,), -7, dtype=torch.int64), torch.full((32,), -7.0, dtype=F64)
+    for filling in (False, True):
+        with pytest.raises(ValueError, match=r"^ot_sparsify: nnz must be >= 0; got -3$"):
+            extension().ot_sparsify_cpu(src=src, threshold=threshold.data_ptr(), row_counts=row_counts.data_ptr(),
+                                        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr() if filling else 0,
+                                        values=values.data_ptr(), nnz=-3, num_threads=1)
+    assert (col_idx == -7).all() and (values == -7.0).all() and (row_counts == 0).all()
+
+
+def test_row_grad_cpp_check_names_the_cost(generator):
+    # check_ot_row_grad_params, shared with CUDA; runs before any pointer but the source's is read.
+    C, _, _, f, g = _problem(1, 2, 3, 1, generator)
+    src, _keep = ot_ops._source("test", C, None, None, f, g, 0.1, 0, None, False)
+    with pytest.raises(ValueError, match=r"^ot_row_grad: needs a point cost \(code 1 or 2\); got cost code 0$"):
+        extension().ot_row_grad_cpu(src=src, lse=0, grad=0, num_threads=1)
+
+
 def test_hessian_matvec_kernel_memory_safe_on_any_row_ptr(device, generator):
     # The unchecked entry (SNS's patterns come from sparsify) runs the kernels on any
     # row_ptr: each row's range is clamped to [0, nnz], never read outside the arrays.

@@ -38,13 +38,9 @@
 
 #include "lowrank_ops/check.h"
 #include "lowrank_ops/base_linear.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
-
-// The AVX-512 clone is the one the Python op selects (it uses these kernels only where
-// the CPU has AVX-512); the default clone keeps them correct everywhere.
-#define LOWRANK_BASE_LINEAR_CLONES __attribute__((target_clones("default", "arch=x86-64-v4")))
-#define LOWRANK_INLINE inline __attribute__((always_inline))
 
 namespace lowrank_ops {
 namespace {
@@ -85,7 +81,7 @@ LOWRANK_INLINE void forward_chunk(const float* const* w, const float* x, int64_t
 }
 
 // Rows [o_begin, o_end) of y^T, in tiles of 4 rows of W.
-LOWRANK_BASE_LINEAR_CLONES void forward_rows(const SmallBatchLinearParams& p, int64_t o_begin, int64_t o_end) {
+LOWRANK_CPU_CLONES_DEFAULT_V4 void forward_rows(const SmallBatchLinearParams& p, int64_t o_begin, int64_t o_end) {
   const int64_t n_rows = p.rows, in = p.in_features, out = p.out_features;
   const int64_t k_vec = in / kLanes * kLanes;  // columns done with vectors; the rest is a scalar tail
   const int64_t n_tiles = (n_rows + kTile - 1) / kTile;
@@ -177,7 +173,7 @@ LOWRANK_INLINE void grad_tiles(const SmallBatchGradInputParams& p, int64_t o0, i
 }
 
 // Columns [k_begin, k_end) of dx (multiples of 16), all rows.
-LOWRANK_BASE_LINEAR_CLONES void grad_columns(const SmallBatchGradInputParams& p, int64_t k_begin, int64_t k_end) {
+LOWRANK_CPU_CLONES_DEFAULT_V4 void grad_columns(const SmallBatchGradInputParams& p, int64_t k_begin, int64_t k_end) {
   constexpr int64_t kWidth = kGradVecs * kLanes;
   for (int64_t o0 = 0; o0 < p.out_features; o0 += kGradRowChunk) {
     const int64_t o1 = std::min(p.out_features, o0 + kGradRowChunk);

@@ -10,12 +10,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/dora.h"
 #include "lowrank_ops/parallel.h"
-
-// Feature-level clones, as in sparse_cpu.cpp: the sum-of-squares loop vectorizes to the
-// widest ISA the CPU has.
-#define LOWRANK_DORA_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {
@@ -26,7 +23,7 @@ constexpr int64_t kSerialElements = 1 << 16;  // below this many weight elements
 // multiply-add chains the compiler turns into SIMD lanes, and a smaller rounding error
 // than one running sum.
 template <class T>
-LOWRANK_DORA_CLONES acc_t<T> row_sum_squares(const T* row, int64_t n, int64_t stride) {
+LOWRANK_CPU_CLONES acc_t<T> row_sum_squares(const T* row, int64_t n, int64_t stride) {
   using A = acc_t<T>;
   constexpr int kWays = 16;
   A partial[kWays] = {};

@@ -21,13 +21,10 @@
 
 #include "lowrank_ops/check.h"
 #include "lowrank_ops/clamp.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/krylov.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
-
-// Feature-level clones ("arch=haswell" would dispatch on the exact CPU model).
-#define LOWRANK_KRYLOV_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#define LOWRANK_KRYLOV_INLINE inline __attribute__((always_inline))
 
 namespace lowrank_ops {
 
@@ -53,17 +50,17 @@ template <class T>
 constexpr int64_t kLanes = static_cast<int64_t>(sizeof(Vec<T>) / sizeof(T));
 
 template <class T>
-LOWRANK_KRYLOV_INLINE Vec<T> load(const T* p) {
+LOWRANK_INLINE Vec<T> load(const T* p) {
   return *reinterpret_cast<const typename VecTraits<T>::unaligned*>(p);
 }
 
 template <class T>
-LOWRANK_KRYLOV_INLINE void store(T* p, Vec<T> v) {
+LOWRANK_INLINE void store(T* p, Vec<T> v) {
   *reinterpret_cast<typename VecTraits<T>::unaligned*>(p) = v;
 }
 
 template <class T>
-LOWRANK_KRYLOV_INLINE T horizontal_sum(Vec<T> v) {
+LOWRANK_INLINE T horizontal_sum(Vec<T> v) {
   T sum = 0;
   for (int64_t lane = 0; lane < kLanes<T>; ++lane) sum += v[lane];
   return sum;
@@ -71,7 +68,7 @@ LOWRANK_KRYLOV_INLINE T horizontal_sum(Vec<T> v) {
 
 // out[r] = sum_e q[r][e] w[e] over [0, n) for R rows at once (w read once).
 template <int R, class T>
-LOWRANK_KRYLOV_INLINE void dot_group(const T* const* q, const T* w, int64_t n, T* out) {
+LOWRANK_INLINE void dot_group(const T* const* q, const T* w, int64_t n, T* out) {
   constexpr int64_t L = kLanes<T>;
   Vec<T> s0[R], s1[R];
   for (int r = 0; r < R; ++r) s0[r] = s1[r] = Vec<T>{};
@@ -96,7 +93,7 @@ LOWRANK_KRYLOV_INLINE void dot_group(const T* const* q, const T* w, int64_t n, T
 
 // y[e] += sum_r c[r] q[r][e] over [0, n) for R rows at once (y loaded and stored once).
 template <int R, class T>
-LOWRANK_KRYLOV_INLINE void axpy_group(const T* const* q, const T* c, T* y, int64_t n) {
+LOWRANK_INLINE void axpy_group(const T* const* q, const T* c, T* y, int64_t n) {
   constexpr int64_t L = kLanes<T>;
   Vec<T> cv[R];
   for (int r = 0; r < R; ++r) cv[r] = Vec<T>{} + c[r];
@@ -115,8 +112,8 @@ LOWRANK_KRYLOV_INLINE void axpy_group(const T* const* q, const T* c, T* y, int64
 
 // out[i] = Q_i . w for i < rows and out[rows] = w . w, over the entries [begin, end).
 template <class T>
-LOWRANK_KRYLOV_CLONES void multi_dot(const T* Q, int64_t stride, int64_t rows, const T* w, int64_t begin,
-                                     int64_t end, T* out) {
+LOWRANK_CPU_CLONES void multi_dot(const T* Q, int64_t stride, int64_t rows, const T* w, int64_t begin,
+                                  int64_t end, T* out) {
   const int64_t n = end - begin, total = rows + 1;  // the last "row" is w itself
   const T* q[kGroup];
   int64_t i = 0;
@@ -137,8 +134,8 @@ LOWRANK_KRYLOV_CLONES void multi_dot(const T* Q, int64_t stride, int64_t rows, c
 // need.  Measured on one Arnoldi cycle at 128 x 128 (contended machine): median 462-466
 // against 474-478 us per step; the SpMV's own 1.2 MB evicts much of the rest.
 template <class T>
-LOWRANK_KRYLOV_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, const T* c, T* y, int64_t begin,
-                                   int64_t end) {
+LOWRANK_CPU_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, const T* c, T* y, int64_t begin,
+                                int64_t end) {
   const int64_t n = end - begin;
   const T* q[kGroup];
   int64_t i = rows;
@@ -160,7 +157,7 @@ LOWRANK_KRYLOV_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, con
 // vectors loaded once per SIMD step (4 x 3: 7 loads for 12 FMAs, against 5 for 4 with one
 // column at a time).
 template <int R, int K, class T>
-LOWRANK_KRYLOV_INLINE void dot_tile(const T* const* q, const T* const* w, int64_t n, T* sums) {
+LOWRANK_INLINE void dot_tile(const T* const* q, const T* const* w, int64_t n, T* sums) {
   constexpr int64_t L = kLanes<T>;
   Vec<T> s[R][K];
   for (int r = 0; r < R; ++r)
@@ -184,7 +181,7 @@ LOWRANK_KRYLOV_INLINE void dot_tile(const T* const* q, const T* const* w, int64_
 
 // y[k][e] += sum_r c[r * K + k] q[r][e] over [0, n): R rows into K outputs, each loaded once.
 template <int R, int K, class T>
-LOWRANK_KRYLOV_INLINE void axpy_tile(const T* const* q, const T* c, T* const* y, int64_t n) {
+LOWRANK_INLINE void axpy_tile(const T* const* q, const T* c, T* const* y, int64_t n) {
   constexpr int64_t L = kLanes<T>;
   Vec<T> cv[R][K];
   for (int r = 0; r < R; ++r)
@@ -212,8 +209,8 @@ constexpr int kCols = 3;
 
 // out[r * cols + c] += Q_r . W_c for the columns [c0, c0 + K) over [block, block + n).
 template <int K, class T>
-LOWRANK_KRYLOV_INLINE void gram_columns(const T* Q, int64_t q_stride, int64_t rows, const T* W, int64_t w_stride,
-                                        int64_t cols, int64_t c0, int64_t block, int64_t n, T* out) {
+LOWRANK_INLINE void gram_columns(const T* Q, int64_t q_stride, int64_t rows, const T* W, int64_t w_stride,
+                                 int64_t cols, int64_t c0, int64_t block, int64_t n, T* out) {
   const T* q[kGroup];
   const T* w[K];
   T sums[kGroup * K];
@@ -234,8 +231,8 @@ LOWRANK_KRYLOV_INLINE void gram_columns(const T* Q, int64_t q_stride, int64_t ro
 
 // Y_c += sum_r coef[r * cols + c] Q_r for the columns [c0, c0 + K) over [block, block + n).
 template <int K, class T>
-LOWRANK_KRYLOV_INLINE void combine_columns(const T* Q, int64_t q_stride, int64_t rows, const T* coef, T* Y,
-                                           int64_t y_stride, int64_t cols, int64_t c0, int64_t block, int64_t n) {
+LOWRANK_INLINE void combine_columns(const T* Q, int64_t q_stride, int64_t rows, const T* coef, T* Y,
+                                    int64_t y_stride, int64_t cols, int64_t c0, int64_t block, int64_t n) {
   const T* q[kGroup];
   T* y[K];
   T c[kGroup * K];
@@ -260,8 +257,8 @@ LOWRANK_KRYLOV_INLINE void combine_columns(const T* Q, int64_t q_stride, int64_t
 // by all cols x rows products; unblocked, the basis would be streamed once per column of W
 // (10 passes over 5 MB at Darcy 128 x 128).
 template <class T>
-LOWRANK_KRYLOV_CLONES void gram_chunk(const T* Q, int64_t q_stride, int64_t rows, const T* W, int64_t w_stride,
-                                      int64_t cols, int64_t begin, int64_t end, T* out) {
+LOWRANK_CPU_CLONES void gram_chunk(const T* Q, int64_t q_stride, int64_t rows, const T* W, int64_t w_stride,
+                                   int64_t cols, int64_t begin, int64_t end, T* out) {
   std::fill(out, out + rows * cols, T(0));
   for (int64_t block = begin; block < end; block += kBlock) {
     const int64_t n = std::min(kBlock, end - block);
@@ -274,9 +271,9 @@ LOWRANK_KRYLOV_CLONES void gram_chunk(const T* Q, int64_t q_stride, int64_t rows
 
 // Y_c (+)= sum_r coef[r * cols + c] Q_r over [begin, end), blocked over the entries as gram_chunk.
 template <class T>
-LOWRANK_KRYLOV_CLONES void combine_chunk(const T* Q, int64_t q_stride, int64_t rows, const T* coef, T* Y,
-                                         int64_t y_stride, int64_t cols, bool accumulate, int64_t begin,
-                                         int64_t end) {
+LOWRANK_CPU_CLONES void combine_chunk(const T* Q, int64_t q_stride, int64_t rows, const T* coef, T* Y,
+                                      int64_t y_stride, int64_t cols, bool accumulate, int64_t begin,
+                                      int64_t end) {
   for (int64_t block = begin; block < end; block += kBlock) {
     const int64_t n = std::min(kBlock, end - block);
     if (!accumulate)
@@ -289,8 +286,8 @@ LOWRANK_KRYLOV_CLONES void combine_chunk(const T* Q, int64_t q_stride, int64_t r
 }
 
 template <class T, class I>
-LOWRANK_KRYLOV_CLONES void spmv_rows(const I* row_ptr, const I* col_idx, const T* values, const T* x, T* y,
-                                     int64_t n_cols, int64_t nnz, int64_t begin, int64_t end) {
+LOWRANK_CPU_CLONES void spmv_rows(const I* row_ptr, const I* col_idx, const T* values, const T* x, T* y,
+                                  int64_t n_cols, int64_t nnz, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     T sum = 0;
     const int64_t k_begin = clamped(row_ptr[r], nnz), k_end = std::max(k_begin, clamped(row_ptr[r + 1], nnz));
@@ -299,15 +296,6 @@ LOWRANK_KRYLOV_CLONES void spmv_rows(const I* row_ptr, const I* col_idx, const T
       if (c >= 0 && c < n_cols) sum += values[k] * x[c];
     }
     y[r] = sum;
-  }
-}
-
-template <class F>
-void dispatch_real(DType dtype, F&& f) {
-  if (dtype == DType::float32) {
-    f(Tag<float>{});
-  } else {
-    f(Tag<double>{});
   }
 }
 

@@ -43,13 +43,10 @@
 #include <vector>
 
 #include "lowrank_ops/cpu_features.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/lora_multi.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
-
-#define LOWRANK_INLINE inline __attribute__((always_inline))
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3")))
-#define LOWRANK_AVX512 __attribute__((target("arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {
@@ -346,7 +343,7 @@ LOWRANK_AVX512 void matmul_task_avx512(const MatmulContext<T>& ctx, const Matmul
 }
 
 template <class T>
-LOWRANK_CPU_CLONES void matmul_task_avx2(const MatmulContext<T>& ctx, const MatmulTask& task) {
+LOWRANK_CPU_CLONES_DEFAULT_V3 void matmul_task_avx2(const MatmulContext<T>& ctx, const MatmulTask& task) {
   matmul_task<T, 32>(ctx, task);
 }
 
@@ -539,7 +536,7 @@ LOWRANK_AVX512 void outer_task_avx512(const OuterContext& ctx, const OuterTask& 
 }
 
 template <class T>
-LOWRANK_CPU_CLONES void outer_task_avx2(const OuterContext& ctx, const OuterTask& task) {
+LOWRANK_CPU_CLONES_DEFAULT_V3 void outer_task_avx2(const OuterContext& ctx, const OuterTask& task) {
   outer_task<T, 32>(ctx, task);
 }
 
@@ -581,10 +578,14 @@ void segment_outer_typed(const SegmentOuterParams& p, int num_threads) {
 
 }  // namespace
 
-void check_segment_routing(const SegmentRouting& rt, const char* op) {
+void check_segment_sizes(const SegmentRouting& rt, const char* op) {
   LOWRANK_CHECK(rt.n_rows >= 0 && rt.n_segments >= 0 && rt.n_adapters >= 0 && rt.r_max >= 0, op,
                 ": sizes must be >= 0; got n_rows = ", rt.n_rows, ", n_segments = ", rt.n_segments,
                 ", n_adapters = ", rt.n_adapters, ", r_max = ", rt.r_max);
+}
+
+void check_segment_routing(const SegmentRouting& rt, const char* op) {
+  check_segment_sizes(rt, op);
   // Empty tensors may have null data pointers; only the entries that exist are read.
   LOWRANK_CHECK(rt.offsets != nullptr && (rt.ids != nullptr || rt.n_segments == 0) &&
                     (rt.ranks != nullptr || rt.n_adapters == 0),
@@ -606,11 +607,21 @@ void check_segment_routing(const SegmentRouting& rt, const char* op) {
   }
 }
 
-void segment_matmul_cpu(const SegmentMatmulParams& p, int num_threads) {
-  check_segment_routing(p.routing, "segment_matmul");
-  LOWRANK_CHECK(p.J >= 0 && p.C >= 0, "segment_matmul: J and C must be >= 0; got ", p.J, ", ", p.C);
+void check_segment_matmul_sizes(const SegmentMatmulParams& p) {
+  check_segment_sizes(p.routing, "segment_matmul");
+  LOWRANK_CHECK(p.J >= 0 && p.C >= 0, "segment_matmul: J and C must be >= 0; got J = ", p.J, ", C = ", p.C);
   LOWRANK_CHECK(p.rank_on_c ? p.C >= p.routing.r_max : p.J >= p.routing.r_max, "segment_matmul: the rank dimension (",
                 p.rank_on_c ? "C = " : "J = ", p.rank_on_c ? p.C : p.J, ") must be >= r_max = ", p.routing.r_max);
+}
+
+void check_segment_outer_sizes(const SegmentOuterParams& p) {
+  check_segment_sizes(p.routing, "segment_outer");
+  LOWRANK_CHECK(p.J >= 0, "segment_outer: J must be >= 0; got ", p.J);
+}
+
+void segment_matmul_cpu(const SegmentMatmulParams& p, int num_threads) {
+  check_segment_routing(p.routing, "segment_matmul");
+  check_segment_matmul_sizes(p);
   dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (use_avx512())
@@ -622,7 +633,7 @@ void segment_matmul_cpu(const SegmentMatmulParams& p, int num_threads) {
 
 void segment_outer_cpu(const SegmentOuterParams& p, int num_threads) {
   check_segment_routing(p.routing, "segment_outer");
-  LOWRANK_CHECK(p.J >= 0, "segment_outer: J must be >= 0; got ", p.J);
+  check_segment_outer_sizes(p);
   dispatch_dtype<Float16Host, BFloat16Host>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (use_avx512())

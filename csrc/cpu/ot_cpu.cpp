@@ -21,11 +21,9 @@
 #include <vector>
 
 #include "lowrank_ops/clamp.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/ot.h"
 #include "lowrank_ops/parallel.h"
-
-#define LOWRANK_OT_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#define LOWRANK_OT_INLINE inline __attribute__((always_inline))
 
 namespace lowrank_ops {
 
@@ -48,6 +46,25 @@ void check_ot_source(const OtSource& s, const char* op) {
   }
 }
 
+void check_ot_sparsify_params(const OtSparsifyParams& p) {
+  check_ot_source(p.src, "ot_sparsify");
+  LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
+}
+
+void check_ot_row_grad_params(const OtRowGradParams& p) {
+  check_ot_source(p.src, "ot_row_grad");
+  LOWRANK_CHECK(p.src.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2); got cost code ",
+                static_cast<int>(p.src.cost));
+}
+
+void check_ot_hessian_params(const OtHessianParams& p) {
+  LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0; got batch=",
+                p.batch, " rows=", p.rows, " cols=", p.cols);
+  LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
+                "ot_hessian_matvec: dtype must be float32 or float64; got code ", static_cast<int>(p.dtype));
+  LOWRANK_CHECK(p.nnz >= 0, "ot_hessian_matvec: nnz must be >= 0; got ", p.nnz);
+}
+
 namespace {
 
 constexpr int64_t kTileRows = 8;
@@ -60,8 +77,8 @@ bool is_active(const OtSource& s, int64_t b) { return s.active == nullptr || s.a
 
 // Log-plan entries (and costs) of rows [i0, i0 + nr) x columns [j0, j0 + nj) of problem b.
 template <class T>
-LOWRANK_OT_INLINE void fill_block(const OtSource& s, int64_t b, int64_t i0, int64_t nr, int64_t j0, int64_t nj,
-                                  T (*sbuf)[kTileCols], T (*cbuf)[kTileCols]) {
+LOWRANK_INLINE void fill_block(const OtSource& s, int64_t b, int64_t i0, int64_t nr, int64_t j0, int64_t nj,
+                               T (*sbuf)[kTileCols], T (*cbuf)[kTileCols]) {
   const T* f = static_cast<const T*>(s.f) + b * s.rows;
   const T* g = static_cast<const T*>(s.g) + b * s.cols + j0;
   const T inv_reg = T(1) / static_cast<T>(s.reg);
@@ -90,7 +107,7 @@ LOWRANK_OT_INLINE void fill_block(const OtSource& s, int64_t b, int64_t i0, int6
 constexpr int64_t kLanes = 8;
 
 template <class T>
-LOWRANK_OT_INLINE T block_max(const T* v, int64_t n) {
+LOWRANK_INLINE T block_max(const T* v, int64_t n) {
   T lane[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) lane[l] = -std::numeric_limits<T>::infinity();
   int64_t j = 0;
@@ -105,7 +122,7 @@ LOWRANK_OT_INLINE T block_max(const T* v, int64_t n) {
 
 // sum_j exp(s_j - shift) and sum_j c_j exp(s_j - shift).
 template <class T>
-LOWRANK_OT_INLINE void shifted_sums(const T* s, const T* c, int64_t n, T shift, T& sum, T& wsum) {
+LOWRANK_INLINE void shifted_sums(const T* s, const T* c, int64_t n, T shift, T& sum, T& wsum) {
   T lane[kLanes] = {}, wlane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -128,7 +145,7 @@ LOWRANK_OT_INLINE void shifted_sums(const T* s, const T* c, int64_t n, T shift, 
 
 // ---------------------------------------------------------------------------- row log-sum-exp
 template <class T>
-LOWRANK_OT_INLINE void row_lse_tile(const OtRowLseParams& p, int64_t b, int64_t i0) {
+LOWRANK_INLINE void row_lse_tile(const OtRowLseParams& p, int64_t b, int64_t i0) {
   const OtSource& s = p.src;
   const int64_t nr = std::min(kTileRows, s.rows - i0);
   T sbuf[kTileRows][kTileCols], cbuf[kTileRows][kTileCols];
@@ -166,17 +183,19 @@ LOWRANK_OT_INLINE void row_lse_tile(const OtRowLseParams& p, int64_t b, int64_t 
   }
 }
 
-LOWRANK_OT_CLONES void row_lse_tile_f64(const OtRowLseParams& p, int64_t b, int64_t i0) {
+// The cloned entry points: one per element type, overloaded on Tag<T> so that the
+// callers pick one through dispatch_real (GCC clones functions, not templates).
+LOWRANK_CPU_CLONES void row_lse_tile_cloned(Tag<double>, const OtRowLseParams& p, int64_t b, int64_t i0) {
   row_lse_tile<double>(p, b, i0);
 }
-LOWRANK_OT_CLONES void row_lse_tile_f32(const OtRowLseParams& p, int64_t b, int64_t i0) {
+LOWRANK_CPU_CLONES void row_lse_tile_cloned(Tag<float>, const OtRowLseParams& p, int64_t b, int64_t i0) {
   row_lse_tile<float>(p, b, i0);
 }
 
 // ---------------------------------------------------------------------------- histogram
 template <class T>
-LOWRANK_OT_INLINE void histogram_rows(const OtHistogramParams& p, int64_t b, int64_t row_begin, int64_t row_end,
-                                      int64_t* counts) {
+LOWRANK_INLINE void histogram_rows(const OtHistogramParams& p, int64_t b, int64_t row_begin, int64_t row_end,
+                                   int64_t* counts) {
   const OtSource& s = p.src;
   const T lo = static_cast<const T*>(p.lo)[b], hi = static_cast<const T*>(p.hi)[b];
   const T inv_width = static_cast<T>(p.n_bins) / (hi - lo);
@@ -199,18 +218,18 @@ LOWRANK_OT_INLINE void histogram_rows(const OtHistogramParams& p, int64_t b, int
   }
 }
 
-LOWRANK_OT_CLONES void histogram_rows_f64(const OtHistogramParams& p, int64_t b, int64_t r0, int64_t r1,
-                                          int64_t* counts) {
+LOWRANK_CPU_CLONES void histogram_rows_cloned(Tag<double>, const OtHistogramParams& p, int64_t b, int64_t r0,
+                                             int64_t r1, int64_t* counts) {
   histogram_rows<double>(p, b, r0, r1, counts);
 }
-LOWRANK_OT_CLONES void histogram_rows_f32(const OtHistogramParams& p, int64_t b, int64_t r0, int64_t r1,
-                                          int64_t* counts) {
+LOWRANK_CPU_CLONES void histogram_rows_cloned(Tag<float>, const OtHistogramParams& p, int64_t b, int64_t r0,
+                                             int64_t r1, int64_t* counts) {
   histogram_rows<float>(p, b, r0, r1, counts);
 }
 
 // ---------------------------------------------------------------------------- sparsify
 template <class T>
-LOWRANK_OT_INLINE void sparsify_tile(const OtSparsifyParams& p, int64_t b, int64_t i0) {
+LOWRANK_INLINE void sparsify_tile(const OtSparsifyParams& p, int64_t b, int64_t i0) {
   const OtSource& s = p.src;
   const int64_t nr = std::min(kTileRows, s.rows - i0);
   const T threshold = static_cast<const T*>(p.threshold)[b];
@@ -245,16 +264,16 @@ LOWRANK_OT_INLINE void sparsify_tile(const OtSparsifyParams& p, int64_t b, int64
   }
 }
 
-LOWRANK_OT_CLONES void sparsify_tile_f64(const OtSparsifyParams& p, int64_t b, int64_t i0) {
+LOWRANK_CPU_CLONES void sparsify_tile_cloned(Tag<double>, const OtSparsifyParams& p, int64_t b, int64_t i0) {
   sparsify_tile<double>(p, b, i0);
 }
-LOWRANK_OT_CLONES void sparsify_tile_f32(const OtSparsifyParams& p, int64_t b, int64_t i0) {
+LOWRANK_CPU_CLONES void sparsify_tile_cloned(Tag<float>, const OtSparsifyParams& p, int64_t b, int64_t i0) {
   sparsify_tile<float>(p, b, i0);
 }
 
 // ---------------------------------------------------------------------------- row gradient
 template <class T>
-LOWRANK_OT_INLINE void row_grad_tile(const OtRowGradParams& p, int64_t b, int64_t i0) {
+LOWRANK_INLINE void row_grad_tile(const OtRowGradParams& p, int64_t b, int64_t i0) {
   const OtSource& s = p.src;
   const int64_t nr = std::min(kTileRows, s.rows - i0);
   T sbuf[kTileRows][kTileCols], cbuf[kTileRows][kTileCols];
@@ -276,10 +295,10 @@ LOWRANK_OT_INLINE void row_grad_tile(const OtRowGradParams& p, int64_t b, int64_
   }
 }
 
-LOWRANK_OT_CLONES void row_grad_tile_f64(const OtRowGradParams& p, int64_t b, int64_t i0) {
+LOWRANK_CPU_CLONES void row_grad_tile_cloned(Tag<double>, const OtRowGradParams& p, int64_t b, int64_t i0) {
   row_grad_tile<double>(p, b, i0);
 }
-LOWRANK_OT_CLONES void row_grad_tile_f32(const OtRowGradParams& p, int64_t b, int64_t i0) {
+LOWRANK_CPU_CLONES void row_grad_tile_cloned(Tag<float>, const OtRowGradParams& p, int64_t b, int64_t i0) {
   row_grad_tile<float>(p, b, i0);
 }
 
@@ -301,15 +320,14 @@ void over_row_tiles(const OtSource& s, int num_threads, Tile tile, Zero zero) {
 void ot_row_lse_cpu(const OtRowLseParams& p, int num_threads) {
   check_ot_source(p.src, "ot_row_lse");
   const OtSource& s = p.src;
-  const bool f64 = s.dtype == DType::float64;
-  const int64_t elem = f64 ? 8 : 4;
+  const int64_t elem = dtype_size(s.dtype);
   auto zero = [&](int64_t b) {
     std::memset(static_cast<char*>(p.lse) + b * s.rows * elem, 0, s.rows * elem);
     if (p.mean_cost) std::memset(static_cast<char*>(p.mean_cost) + b * s.rows * elem, 0, s.rows * elem);
   };
-  over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) {
-    f64 ? row_lse_tile_f64(p, b, i0) : row_lse_tile_f32(p, b, i0);
-  }, zero);
+  dispatch_real(s.dtype, [&](auto tag) {
+    over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) { row_lse_tile_cloned(tag, p, b, i0); }, zero);
+  });
 }
 
 void ot_log_histogram_cpu(const OtHistogramParams& p, int num_threads) {
@@ -326,19 +344,17 @@ void ot_log_histogram_cpu(const OtHistogramParams& p, int num_threads) {
     const int64_t r1 = std::min(s.rows, r0 + chunk_rows);
     if (!is_active(s, b) || r0 >= r1) return;
     std::vector<int64_t> local(p.n_bins, 0);
-    s.dtype == DType::float64 ? histogram_rows_f64(p, b, r0, r1, local.data())
-                              : histogram_rows_f32(p, b, r0, r1, local.data());
+    dispatch_real(s.dtype, [&](auto tag) { histogram_rows_cloned(tag, p, b, r0, r1, local.data()); });
     std::lock_guard<std::mutex> lock(merge);
     for (int64_t k = 0; k < p.n_bins; ++k) p.counts[b * p.n_bins + k] += local[k];
   });
 }
 
 void ot_sparsify_cpu(const OtSparsifyParams& p, int num_threads) {
-  check_ot_source(p.src, "ot_sparsify");
+  check_ot_sparsify_params(p);
   const OtSource& s = p.src;
   if (p.col_idx != nullptr) {  // filling: every row's range inside [0, nnz) before the first write
     const int64_t rows = s.batch * s.rows;
-    LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
     LOWRANK_CHECK(p.row_ptr != nullptr && (p.nnz == 0 || p.values != nullptr), "ot_sparsify: null pointer");
     for (int64_t r = 0; r < rows; ++r) {
       LOWRANK_CHECK(p.row_ptr[r] >= 0 && p.row_ptr[r] <= p.row_ptr[r + 1] && p.row_ptr[r + 1] <= p.nnz,
@@ -346,27 +362,24 @@ void ot_sparsify_cpu(const OtSparsifyParams& p, int num_threads) {
                     "] = ", p.row_ptr[r], ", row_ptr[", r + 1, "] = ", p.row_ptr[r + 1]);
     }
   }
-  const bool f64 = s.dtype == DType::float64;
   auto zero = [&](int64_t b) {
     if (p.col_idx == nullptr) std::fill(p.row_counts + b * s.rows, p.row_counts + (b + 1) * s.rows, int64_t(0));
   };
-  over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) {
-    f64 ? sparsify_tile_f64(p, b, i0) : sparsify_tile_f32(p, b, i0);
-  }, zero);
+  dispatch_real(s.dtype, [&](auto tag) {
+    over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) { sparsify_tile_cloned(tag, p, b, i0); }, zero);
+  });
 }
 
 void ot_row_grad_cpu(const OtRowGradParams& p, int num_threads) {
-  check_ot_source(p.src, "ot_row_grad");
+  check_ot_row_grad_params(p);
   const OtSource& s = p.src;
-  LOWRANK_CHECK(s.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2)");
-  const bool f64 = s.dtype == DType::float64;
-  const int64_t elem = f64 ? 8 : 4;
+  const int64_t elem = dtype_size(s.dtype);
   auto zero = [&](int64_t b) {
     std::memset(static_cast<char*>(p.grad) + b * s.rows * s.dim * elem, 0, s.rows * s.dim * elem);
   };
-  over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) {
-    f64 ? row_grad_tile_f64(p, b, i0) : row_grad_tile_f32(p, b, i0);
-  }, zero);
+  dispatch_real(s.dtype, [&](auto tag) {
+    over_row_tiles(s, num_threads, [&](int64_t b, int64_t i0) { row_grad_tile_cloned(tag, p, b, i0); }, zero);
+  });
 }
 
 namespace {
@@ -399,13 +412,11 @@ void hessian_problem(const OtHessianParams& p, int64_t b) {
 }  // namespace
 
 void ot_hessian_matvec_cpu(const OtHessianParams& p, int num_threads) {
-  LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0");
-  LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
-                "ot_hessian_matvec: dtype must be float32 or float64");
-  LOWRANK_CHECK(p.nnz >= 0, "ot_hessian_matvec: nnz must be >= 0; got ", p.nnz);
+  check_ot_hessian_params(p);
   const int threads = p.nnz + p.batch * (p.rows + p.cols) < kSerialEntries ? 1 : num_threads;
-  parallel_for(p.batch, threads, [&](int64_t b) {
-    p.dtype == DType::float64 ? hessian_problem<double>(p, b) : hessian_problem<float>(p, b);
+  dispatch_real(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    parallel_for(p.batch, threads, [&](int64_t b) { hessian_problem<T>(p, b); });
   });
 }
 

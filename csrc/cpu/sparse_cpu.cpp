@@ -32,13 +32,10 @@
 
 #include "lowrank_ops/clamp.h"
 #include "lowrank_ops/cpu_features.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
 #include "lowrank_ops/sparse.h"
-
-// Feature-level clones ("arch=haswell" would dispatch on the exact CPU model and fall
-// back to SSE2 on newer ones).
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {

@@ -39,15 +39,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
 #include "lowrank_ops/svd.h"
-
-// Feature-level clones ("arch=haswell" would dispatch on the exact CPU model and fall
-// back to SSE2 on newer ones).
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#define LOWRANK_INLINE inline __attribute__((always_inline))
-
 
 namespace lowrank_ops {
 namespace {
@@ -80,14 +75,14 @@ constexpr int64_t kPreconditionMinCols = 40;
 constexpr int64_t kThresholdMaxCols = 64;
 constexpr int kThresholdSweeps = 3;
 
-// 64-byte SIMD vectors through GCC/Clang vector extensions: one zmm register in the
-// AVX-512 clone, two ymm in the AVX2 clone, four xmm on the baseline.
+// The kernels work on 64-byte vectors, simd.h's WideVec<A> (one zmm register in the
+// AVX-512 clone, two ymm in the AVX2 clone, four xmm on the baseline); VecOf gives the
+// narrower halves that tree_sum reduces through.
+static_assert(sizeof(WideVec<float>) == kVectorBytes && sizeof(WideVec<double>) == kVectorBytes);
 template <class A, int64_t kBytes>
 struct VecOf {
   typedef A type __attribute__((vector_size(kBytes)));
 };
-template <class A>
-using Vec = typename VecOf<A, kVectorBytes>::type;
 template <class A>
 constexpr int64_t kLanes = kVectorBytes / static_cast<int64_t>(sizeof(A));
 // Integer of the size of A, to handle floats through their bit patterns.
@@ -114,11 +109,11 @@ LOWRANK_INLINE A tree_sum(const typename VecOf<A, kBytes>::type& v) {
 // x . y over n vectors as lane partial sums (kN when kN > 0: a compile-time trip
 // count, fully unrolled); two accumulators so consecutive multiply-adds overlap.
 template <int64_t kN, class A>
-LOWRANK_INLINE Vec<A> dot_lanes(const A* x, const A* y, int64_t n) {
+LOWRANK_INLINE WideVec<A> dot_lanes(const A* x, const A* y, int64_t n) {
   const int64_t n_vec = kN > 0 ? kN : n;
-  const Vec<A>* xv = reinterpret_cast<const Vec<A>*>(x);
-  const Vec<A>* yv = reinterpret_cast<const Vec<A>*>(y);
-  Vec<A> acc0 = {}, acc1 = {};
+  const WideVec<A>* xv = reinterpret_cast<const WideVec<A>*>(x);
+  const WideVec<A>* yv = reinterpret_cast<const WideVec<A>*>(y);
+  WideVec<A> acc0 = {}, acc1 = {};
   int64_t q = 0;
   for (; q + 2 <= n_vec; q += 2) {
     acc0 += xv[q] * yv[q];
@@ -138,10 +133,10 @@ LOWRANK_INLINE A dot(const A* x, const A* y, int64_t n) {
 template <int64_t kN, class A>
 LOWRANK_INLINE void rotate(A* x, A* y, int64_t n, A c, A s) {
   const int64_t n_vec = kN > 0 ? kN : n;
-  Vec<A>* xv = reinterpret_cast<Vec<A>*>(x);
-  Vec<A>* yv = reinterpret_cast<Vec<A>*>(y);
+  WideVec<A>* xv = reinterpret_cast<WideVec<A>*>(x);
+  WideVec<A>* yv = reinterpret_cast<WideVec<A>*>(y);
   for (int64_t q = 0; q < n_vec; ++q) {
-    const Vec<A> a = xv[q], b = yv[q];
+    const WideVec<A> a = xv[q], b = yv[q];
     xv[q] = c * a - s * b;
     yv[q] = s * a + c * b;
   }
@@ -230,7 +225,7 @@ struct SweepResult {
 template <class A>
 struct RoundScratch {
   A *dot, *off2, *action, *c, *s, *norm2_i, *norm2_j;
-  Vec<A>* dot_lanes;  // the dot products' lane partial sums, summed kLanes pairs at a time
+  WideVec<A>* dot_lanes;  // the dot products' lane partial sums, summed kLanes pairs at a time
   int32_t* rotated;   // indices (into the round) of the pairs to rotate
 };
 
@@ -345,11 +340,11 @@ LOWRANK_CPU_CLONES SweepResult<A> jacobi_sweeps(A* x, int64_t ld_w, int64_t ld_v
         s.norm2_j[k] = norm2[pj[k]];
       }
       for (int64_t k = n_pairs; k < n_padded; ++k) {  // padding: pair (0, 0), dot 0, never rotated
-        s.dot_lanes[k] = Vec<A>{};
+        s.dot_lanes[k] = WideVec<A>{};
         s.norm2_i[k] = s.norm2_j[k] = norm2[0];
       }
       for (int64_t k = 0; k < n_padded; k += kLanes<A>) {  // n_padded: a multiple of kRoundPad >= kLanes
-        const Vec<A> sums = wide_lane_sums<A>(s.dot_lanes + k);  // lane i: tree_sum of pair i's lanes
+        const WideVec<A> sums = wide_lane_sums<A>(s.dot_lanes + k);  // lane i: tree_sum of pair i's lanes
         std::memcpy(s.dot + k, &sums, sizeof sums);
       }
       round_decisions(n_padded, sweep_tol2, s.dot, s.off2, s.action, s.c, s.s, s.norm2_i, s.norm2_j);
@@ -660,11 +655,11 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
 template <int K, class A>
 LOWRANK_INLINE void reflect_block(A* __restrict x, int64_t ldc, int64_t j, int64_t rows, int64_t q,
                                   const A* __restrict v, A tau, int64_t keep_from) {
-  Vec<A> w[K] = {}, w_odd[K] = {};  // two rows per step: 2K independent multiply-add chains
+  WideVec<A> w[K] = {}, w_odd[K] = {};  // two rows per step: 2K independent multiply-add chains
   int64_t r = j;
   for (; r + 2 <= rows; r += 2) {
-    const Vec<A>* row = reinterpret_cast<const Vec<A>*>(x + r * ldc) + q;
-    const Vec<A>* next = reinterpret_cast<const Vec<A>*>(x + (r + 1) * ldc) + q;
+    const WideVec<A>* row = reinterpret_cast<const WideVec<A>*>(x + r * ldc) + q;
+    const WideVec<A>* next = reinterpret_cast<const WideVec<A>*>(x + (r + 1) * ldc) + q;
     const A vr = v[r], vn = v[r + 1];
     for (int k = 0; k < K; ++k) {
       w[k] += vr * row[k];
@@ -672,7 +667,7 @@ LOWRANK_INLINE void reflect_block(A* __restrict x, int64_t ldc, int64_t j, int64
     }
   }
   if (r < rows) {
-    const Vec<A>* row = reinterpret_cast<const Vec<A>*>(x + r * ldc) + q;
+    const WideVec<A>* row = reinterpret_cast<const WideVec<A>*>(x + r * ldc) + q;
     for (int k = 0; k < K; ++k) w[k] += v[r] * row[k];
   }
   for (int k = 0; k < K; ++k) {
@@ -681,7 +676,7 @@ LOWRANK_INLINE void reflect_block(A* __restrict x, int64_t ldc, int64_t j, int64
       if ((q + k) * kLanes<A> + lane < keep_from) w[k][lane] = 0;
   }
   for (int64_t r = j; r < rows; ++r) {
-    Vec<A>* row = reinterpret_cast<Vec<A>*>(x + r * ldc) + q;
+    WideVec<A>* row = reinterpret_cast<WideVec<A>*>(x + r * ldc) + q;
     const A vr = v[r];
     for (int k = 0; k < K; ++k) row[k] -= vr * w[k];
   }
@@ -867,7 +862,7 @@ void jacobi_svd_one(const JacobiSvdParams& p, const Schedule& schedule, int64_t 
   for (A** array : {&scratch.dot, &scratch.off2, &scratch.action, &scratch.c, &scratch.s, &scratch.norm2_i,
                     &scratch.norm2_j})
     *array = arena.take<A>(max_round);
-  scratch.dot_lanes = arena.take<Vec<A>>(max_round);
+  scratch.dot_lanes = arena.take<WideVec<A>>(max_round);
   scratch.rotated = arena.take<int32_t>(max_round);
 
   if (!precondition) {

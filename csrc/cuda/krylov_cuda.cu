@@ -19,15 +19,6 @@ using namespace cuda;
 
 constexpr int kThreads = 256;
 
-template <class T>
-void dispatch_real_cuda(DType dtype, T&& f) {
-  if (dtype == DType::float32) {
-    f(Tag<float>{});
-  } else {
-    f(Tag<double>{});
-  }
-}
-
 template <class A>
 __device__ A block_reduce(A value) {
   __shared__ A partial[kThreads / kWarp];
@@ -135,7 +126,7 @@ void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t st
   if (p.cols == 0) return;
   set_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_real_cuda(p.dtype, [&](auto tag) {
+  dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (p.mode == 0) {
@@ -160,7 +151,7 @@ void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stre
   if (p.n_rows == 0) return;
   set_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_real_cuda(p.dtype, [&](auto tag) {
+  dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     dispatch_index(p.index_type, [&](auto index_tag) {
       using I = typename decltype(index_tag)::type;
@@ -174,7 +165,7 @@ void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t s
   check_krylov_cgs_params(p, false);
   set_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_real_cuda(p.dtype, [&](auto tag) {
+  dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.norms, 0, 2 * sizeof(A), s));

@@ -182,21 +182,12 @@ __global__ void __launch_bounds__(kThreads) segment_outer_kernel(SegmentOuterPar
   }
 }
 
-void check_sizes(const SegmentRouting& rt, const char* op) {
-  LOWRANK_CHECK(rt.n_rows >= 0 && rt.n_segments >= 0 && rt.n_adapters >= 0 && rt.r_max >= 0, op,
-                ": sizes must be >= 0; got n_rows = ", rt.n_rows, ", n_segments = ", rt.n_segments,
-                ", n_adapters = ", rt.n_adapters, ", r_max = ", rt.r_max);
-}
-
 }  // namespace
 }  // namespace cuda
 
 void segment_matmul_cuda(const SegmentMatmulParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  check_sizes(p.routing, "segment_matmul");
-  LOWRANK_CHECK(p.J >= 0 && p.C >= 0, "segment_matmul: J and C must be >= 0; got ", p.J, ", ", p.C);
-  LOWRANK_CHECK(p.rank_on_c ? p.C >= p.routing.r_max : p.J >= p.routing.r_max,
-                "segment_matmul: the rank dimension must be >= r_max = ", p.routing.r_max);
+  check_segment_matmul_sizes(p);  // the routing's contents are in device memory: checked by the Python op
   if (p.routing.n_rows == 0 || p.routing.n_segments == 0 || p.C == 0) return;
   set_device(device);
   const int64_t n_col_tiles = (p.C + kTileN - 1) / kTileN;
@@ -211,8 +202,7 @@ void segment_matmul_cuda(const SegmentMatmulParams& p, int device, std::uintptr_
 
 void segment_outer_cuda(const SegmentOuterParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  check_sizes(p.routing, "segment_outer");
-  LOWRANK_CHECK(p.J >= 0, "segment_outer: J must be >= 0; got ", p.J);
+  check_segment_outer_sizes(p);
   if (p.routing.n_adapters == 0 || p.routing.r_max == 0 || p.J == 0) return;
   set_device(device);
   const int64_t n_rank_tiles = (p.routing.r_max + kTileM - 1) / kTileM;

@@ -321,15 +321,6 @@ __global__ void __launch_bounds__(kThreads) hessian_rows(OtHessianParams p) {
   }
 }
 
-template <class F>
-void dispatch_ot(DType dtype, F&& f) {
-  if (dtype == DType::float64) {
-    f(Tag<double>{});
-  } else {
-    f(Tag<float>{});
-  }
-}
-
 // The launches of one entry point: makes `device` current (our runtime's own current
 // device, see set_device), launches on the caller's stream and checks every launch.
 class Launcher {
@@ -364,7 +355,7 @@ void ot_row_lse_cuda(const OtRowLseParams& p, int device, std::uintptr_t stream)
   const OtSource& s = p.src;
   if (s.batch * s.rows == 0) return;
   const Launcher launch(device, stream);
-  dispatch_ot(s.dtype, [&](auto tag) {
+  dispatch_real(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (s.cost == OtCost::matrix && (s.c_stride_i == 1 || s.c_stride_i == -1) && s.c_stride_j != 1) {
       const int64_t groups = (s.rows + kWarp - 1) / kWarp;
@@ -384,7 +375,7 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
   if (s.batch * s.rows * s.cols == 0) return;
   LOWRANK_CHECK(s.batch <= 65535, "ot_log_histogram: batch must be <= 65535 on CUDA; got ", s.batch);
   const Launcher launch(device, stream);
-  dispatch_ot(s.dtype, [&](auto tag) {
+  dispatch_real(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Enough blocks per problem to fill the GPU, few enough that the flushes stay cheap.
     const unsigned per_problem = std::min<unsigned>(grid_for(s.rows * s.cols, kThreads * 16), 1024u);
@@ -395,12 +386,11 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
 
 void ot_sparsify_cuda(const OtSparsifyParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  check_ot_source(p.src, "ot_sparsify");
-  LOWRANK_CHECK(p.nnz >= 0, "ot_sparsify: nnz must be >= 0; got ", p.nnz);
+  check_ot_sparsify_params(p);
   const OtSource& s = p.src;
   if (s.batch * s.rows == 0) return;
   const Launcher launch(device, stream);
-  dispatch_ot(s.dtype, [&](auto tag) {
+  dispatch_real(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch.warp_per_row(sparsify<T>, s.batch * s.rows, p);
   });
@@ -408,12 +398,11 @@ void ot_sparsify_cuda(const OtSparsifyParams& p, int device, std::uintptr_t stre
 
 void ot_row_grad_cuda(const OtRowGradParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  check_ot_source(p.src, "ot_row_grad");
+  check_ot_row_grad_params(p);
   const OtSource& s = p.src;
-  LOWRANK_CHECK(s.cost != OtCost::matrix, "ot_row_grad: needs a point cost (code 1 or 2)");
   if (s.batch * s.rows == 0) return;
   const Launcher launch(device, stream);
-  dispatch_ot(s.dtype, [&](auto tag) {
+  dispatch_real(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch.warp_per_row(row_grad<T>, s.batch * s.rows, p);
   });
@@ -421,13 +410,10 @@ void ot_row_grad_cuda(const OtRowGradParams& p, int device, std::uintptr_t strea
 
 void ot_hessian_matvec_cuda(const OtHessianParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
-  LOWRANK_CHECK(p.batch >= 0 && p.rows >= 0 && p.cols >= 0, "ot_hessian_matvec: sizes must be >= 0");
-  LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
-                "ot_hessian_matvec: dtype must be float32 or float64");
-  LOWRANK_CHECK(p.nnz >= 0, "ot_hessian_matvec: nnz must be >= 0; got ", p.nnz);
+  check_ot_hessian_params(p);
   if (p.batch * (p.rows + p.cols) == 0) return;
   const Launcher launch(device, stream);
-  dispatch_ot(p.dtype, [&](auto tag) {
+  dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (p.batch * p.cols > 0) launch(hessian_diagonal_y<T>, grid_for(p.batch * p.cols, kThreads), kThreads, 0, p);
     if (p.batch * p.rows > 0) launch.warp_per_row(hessian_rows<T>, p.batch * p.rows, p);

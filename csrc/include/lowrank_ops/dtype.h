@@ -1,5 +1,5 @@
-// Dtype and index-type codes shared with Python, and the one dispatch helper that
-// turns a runtime code into a template argument.
+// Dtype and index-type codes shared with Python, and the dispatch helpers that turn a
+// runtime code into a template argument (dispatch_dtype, dispatch_real, dispatch_index).
 //
 // Codes are part of the binding contract: python/lowrank_ops/_dtypes.py holds the
 // same numbers.
@@ -35,6 +35,21 @@ decltype(auto) dispatch_dtype(DType dtype, F&& f) {
     case DType::bfloat16: return f(Tag<BFloat16>{});
   }
   throw std::invalid_argument(detail::concat("dtype code must be 0..3; got ", static_cast<int>(dtype)));
+}
+
+// Calls f(Tag<T>{}) with T = float or double, for the kernels that only take fp32 and
+// fp64 (Krylov, OT).  Plain host code, the same template for the CPU and the CUDA back
+// ends (neither has a half type to supply).  Callers check the dtype first, with their
+// own op name in the message; the throw is the backstop for a code that slipped by.
+template <class F>
+decltype(auto) dispatch_real(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::float32: return f(Tag<float>{});
+    case DType::float64: return f(Tag<double>{});
+    default: break;
+  }
+  throw std::invalid_argument(
+      detail::concat("dtype code must be 0 (float32) or 1 (float64); got ", static_cast<int>(dtype)));
 }
 
 template <class F>

@@ -68,9 +68,16 @@ struct SegmentOuterParams {
   DType dtype = DType::float32;
 };
 
-// Sizes and routing contents (host memory only); throws std::invalid_argument naming
-// the offending argument.  The CPU kernels call it first.
+// Checks shared by both back ends (defined in csrc/cpu/lora_multi_cpu.cpp); each throws
+// std::invalid_argument naming the argument, the expected and the actual value.
+// The routing's sizes only (no pointer is read).
+void check_segment_sizes(const SegmentRouting& routing, const char* op);
+// Sizes and routing contents (host memory only).  The CPU kernels call it first; on
+// CUDA the Python op checks the contents.
 void check_segment_routing(const SegmentRouting& routing, const char* op);
+// The routing's sizes, then the operands' (J, C and the rank dimension against r_max).
+void check_segment_matmul_sizes(const SegmentMatmulParams& p);
+void check_segment_outer_sizes(const SegmentOuterParams& p);
 
 // CPU (csrc/cpu/lora_multi_cpu.cpp): multi-threaded over num_threads threads.
 void segment_matmul_cpu(const SegmentMatmulParams& p, int num_threads);

@@ -133,8 +133,12 @@ struct OtRowGradParams {
   void* grad = nullptr;
 };
 
-// Validation shared by both back ends (throws std::invalid_argument).
+// Validation shared by both back ends (throws std::invalid_argument naming the
+// argument, the expected and the actual value); defined in csrc/cpu/ot_cpu.cpp.
 void check_ot_source(const OtSource& s, const char* op);
+void check_ot_sparsify_params(const OtSparsifyParams& p);  // check_ot_source, then nnz
+void check_ot_row_grad_params(const OtRowGradParams& p);   // check_ot_source, then a point cost
+void check_ot_hessian_params(const OtHessianParams& p);
 
 void ot_row_lse_cpu(const OtRowLseParams& p, int num_threads);
 void ot_log_histogram_cpu(const OtHistogramParams& p, int num_threads);

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 from lowrank_ops import pde, reference
 from lowrank_ops.krylov import CSRMatrix, DeflatedCG, GCRODR, cg, gmres, greedy_order, solve_sequence
 from lowrank_ops.krylov import _arnoldi, _kernels
+
+_cg_module = sys.modules["lowrank_ops.krylov.cg"]  # the package's attribute "cg" is the function
 from lowrank_ops.krylov.operators import as_operator
 
 
@@ -282,7 +285,8 @@ def test_defcg_sequence_matches_dense_solve(family, grid, M):
 
 
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_defcg_k0_is_cg_step_for_step(M):
+def test_defcg_k0_is_cg_step_for_step(M, monkeypatch):
+    monkeypatch.setattr(_cg_module, "NATIVE", False)  # DeflatedCG's loop is cg's Python loop, op for op
     for problem in pde.generate("darcy", 16, 3, seed=5):
         x_cg, info_cg = cg(problem.matrix, problem.rhs, tol=1e-10, M=M)
         x, info = DeflatedCG(0, M=M).solve(problem.matrix, problem.rhs, tol=1e-10)
@@ -292,10 +296,12 @@ def test_defcg_k0_is_cg_step_for_step(M):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_defcg_recycling_cuts_iterations(dtype, tol, M):
+def test_defcg_recycling_cuts_iterations(dtype, tol, M, monkeypatch):
     # Darcy 16 x 16, 8 systems, seed 0, measured: 784 CG iterations against 602 deflated (0.77x)
     # in float64, 547 against 377 (0.69x) with Jacobi; 510 against 365 (0.72x) and 369 against
-    # 224 (0.61x) in float32.
+    # 224 (0.61x) in float32.  CG's Python loop, whose arithmetic DeflatedCG's loop repeats
+    # (cg's C++ loop sums in another order: one iteration apart in float32).
+    monkeypatch.setattr(_cg_module, "NATIVE", False)
     problems = [(p.matrix.to(dtype=dtype), p.rhs.to(dtype), p.coefficient) for p in pde.generate("darcy", 16, 8, seed=0)]
     plain = solve_sequence(problems, method="cg", order="skr", tol=tol, M=M)
     deflated = solve_sequence(problems, method="defcg", order="skr", k=8, tol=tol, M=M)
@@ -433,11 +439,75 @@ def test_singular_systems():
         assert torch.isfinite(x).all() and np.isfinite(info.true_residual)
 
 
-def test_cg_reports_indefinite_breakdown(generator):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_cg_reports_indefinite_breakdown(generator, native, monkeypatch):
+    monkeypatch.setattr(_cg_module, "NATIVE", native)
     A, b = _system("indefinite", generator)
     x, info = cg(A, b, tol=1e-10)
     assert not info.converged and info.status == "breakdown"
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("M", [None, "jacobi", "diagonal"])
+def test_native_cg_matches_python_loop(dtype, tol, M, generator, monkeypatch):
+    """The C++ loop (krylov_cg_) against the Python loop over the kernel ops: the same
+    arithmetic with sums grouped otherwise (chunked SIMD sums, torch's norm).  CG amplifies
+    such rounding differences as it loses orthogonality, so the residual histories agree
+    closely only early (20 steps: 1e-8 relative in float64, 1e-3 in float32), the iteration
+    counts within one step (measured: equal in float64, 72 vs 71 in float32 with Jacobi; the
+    float32 runs may confirm on the true residual a different number of times) and the
+    solutions to the tolerance times cond (~1e3)."""
+    problem = pde.darcy(24, seed=3, index=1)
+    matrix, b = problem.matrix.to(dtype=dtype), problem.rhs.to(dtype)
+    preconditioner = {"diagonal": 1.0 / torch.diagonal(torch.as_tensor(matrix.to_scipy().toarray())).to(dtype)}.get(M, M)
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(_cg_module, "NATIVE", native)
+        results[native] = cg(matrix, b, tol=tol, M=preconditioner)
+    (x_native, native), (x_python, python) = results[True], results[False]
+    assert native.converged and python.converged and native.status == python.status == "converged"
+    assert abs(native.iterations - python.iterations) <= 1
+    np.testing.assert_allclose(native.residuals[:20], python.residuals[:20], rtol=1e-3 if dtype == torch.float32 else 1e-8)
+    torch.testing.assert_close(x_native, x_python, rtol=0, atol=1e3 * tol * float(x_python.abs().max()))
+    assert _relative_residual(matrix.to_scipy(), b.double().numpy(), x_native) <= tol * (1 + 1e-6)
+
+
+def test_native_cg_restarts_when_the_true_residual_lags(monkeypatch):
+    """maxiter is honoured across the kernel's calls, and a run cut by it reports maxiter."""
+    problem = pde.darcy(16, seed=1, index=0)
+    x, info = cg(problem.matrix, problem.rhs, tol=1e-12, maxiter=7)
+    assert not info.converged and info.status == "maxiter" and info.iterations == 7
+    assert len(info.residuals) == 8 and info.matvecs == 7 + 2  # the initial and the final true residual
+
+
+def test_cg_op_opcheck_and_bad_input(generator):
+    problem = pde.darcy(8, seed=0, index=0)
+    m, b = problem.matrix, problem.rhs
+    x = torch.zeros_like(b)
+    bnorm = float(b.norm())
+    for diagonal, n_chunks in ((None, None), (1.0 / torch.ones_like(b) * 0.5, 3)):
+        torch.library.opcheck(ops.krylov_cg_.default, (m.row_ptr, m.col_idx, m.values, diagonal, x.clone(), b.clone(),
+                                                      20, 1e-6 * bnorm, bnorm, n_chunks))
+    history, info = ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x.clone(), b.clone(), 500, 1e-10 * bnorm,
+                                   bnorm)
+    assert info[1] == 0 and 0 < info[0] < 500 and history[int(info[0]) - 1] <= 1e-10
+
+    def call(*args, x=x, r=b, diagonal=None, pattern=(m.row_ptr, m.col_idx, m.values)):
+        return ops.krylov_cg_(*pattern, diagonal, x.clone(), r.clone(), *args)
+
+    with pytest.raises(ValueError, match="krylov_cg_: steps must be an integer >= 1; got 0"):
+        call(0, 0.0, bnorm)
+    with pytest.raises(ValueError, match="krylov_cg_: bnorm must be a positive finite number; got nan"):
+        call(5, 0.0, float("nan"))
+    with pytest.raises(ValueError, match=r"krylov_cg_: r has shape \(63,\); expected \(n,\) = \(64,\)"):
+        call(5, 0.0, bnorm, r=b[:63])
+    with pytest.raises(ValueError, match=r"krylov_cg_: x has dtype torch.float32 on cpu; expected torch.float64"):
+        call(5, 0.0, bnorm, x=x.float())
+    with pytest.raises(ValueError, match=r"krylov_cg_: inverse_diagonal has shape \(3,\)"):
+        call(5, 0.0, bnorm, diagonal=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"krylov_cg_: n_chunks must be in \[1, n\] = \[1, 64\]; got 65"):
+        ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x.clone(), b.clone(), 5, 0.0, bnorm, 65)
 
 
 @pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "defcg"])

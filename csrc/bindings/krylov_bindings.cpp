@@ -103,6 +103,34 @@ KrylovArnoldiParams arnoldi_params(std::uintptr_t row_ptr, std::uintptr_t col_id
   return p;
 }
 
+KrylovCgParams cg_params(std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values,
+                         std::uintptr_t inverse_diagonal, std::uintptr_t x, std::uintptr_t r, std::uintptr_t p_,
+                         std::uintptr_t q, std::uintptr_t z, std::uintptr_t history, std::uintptr_t workspace, int64_t n,
+                         int64_t nnz, int64_t steps, int64_t n_chunks, double target, double bnorm, int dtype,
+                         int index_type) {
+  KrylovCgParams p;
+  p.row_ptr = reinterpret_cast<const void*>(row_ptr);
+  p.col_idx = reinterpret_cast<const void*>(col_idx);
+  p.values = reinterpret_cast<const void*>(values);
+  p.inverse_diagonal = reinterpret_cast<const void*>(inverse_diagonal);
+  p.x = reinterpret_cast<void*>(x);
+  p.r = reinterpret_cast<void*>(r);
+  p.p = reinterpret_cast<void*>(p_);
+  p.q = reinterpret_cast<void*>(q);
+  p.z = reinterpret_cast<void*>(z);
+  p.history = reinterpret_cast<double*>(history);
+  p.workspace = reinterpret_cast<void*>(workspace);
+  p.n = n;
+  p.nnz = nnz;
+  p.steps = steps;
+  p.n_chunks = n_chunks;
+  p.target = target;
+  p.bnorm = bnorm;
+  p.dtype = static_cast<DType>(dtype);
+  p.index_type = static_cast<IndexType>(index_type);
+  return p;
+}
+
 }  // namespace
 
 LOWRANK_OPS_BINDINGS(krylov) {
@@ -214,6 +242,26 @@ LOWRANK_OPS_BINDINGS(krylov) {
       py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "basis"_a, "r"_a, "hessenberg"_a, "rotated"_a, "g"_a,
       "givens"_a, "history"_a, "workspace"_a, "n"_a, "nnz"_a, "q_stride"_a, "kc"_a, "steps"_a, "n_chunks"_a, "beta"_a,
       "target"_a, "bnorm"_a, "dtype"_a, "index_type"_a, "num_threads"_a);
+  m.def(
+      "krylov_cg_cpu",
+      [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t inverse_diagonal,
+         std::uintptr_t x, std::uintptr_t r, std::uintptr_t p, std::uintptr_t q, std::uintptr_t z,
+         std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t nnz, int64_t steps, int64_t n_chunks,
+         double target, double bnorm, int dtype, int index_type, int num_threads) {
+        const KrylovCgParams params = cg_params(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history,
+                                                workspace, n, nnz, steps, n_chunks, target, bnorm, dtype, index_type);
+        KrylovCgResult result;
+        {
+          py::gil_scoped_release release;
+          result = krylov_cg_cpu(params, num_threads);
+        }
+        return py::make_tuple(result.steps, result.status);
+      },
+      "Up to `steps` (Jacobi-preconditioned) CG iterations on a CSR operator; returns (steps taken, status:\n"
+      "0 converged, 1 steps exhausted, 2 breakdown).  See csrc/include/lowrank_ops/krylov.h for the layout contract.",
+      py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "inverse_diagonal"_a, "x"_a, "r"_a, "p"_a, "q"_a, "z"_a,
+      "history"_a, "workspace"_a, "n"_a, "nnz"_a, "steps"_a, "n_chunks"_a, "target"_a, "bnorm"_a, "dtype"_a,
+      "index_type"_a, "num_threads"_a);
   m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
         "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
 }

@@ -550,4 +550,152 @@ KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_thr
   return result;
 }
 
+namespace {
+
+// CG's update pass over [begin, end): x += alpha p, r -= alpha q, z = d r (when d is given),
+// sums[0] = r . r and sums[1] = r . z (r . r again without d) of the new r.
+template <class T>
+LOWRANK_CPU_CLONES void cg_update_chunk(T alpha, const T* p, const T* q, const T* d, T* x, T* r, T* z,
+                                        int64_t begin, int64_t end, T* sums) {
+  constexpr int64_t L = kLanes<T>;
+  const Vec<T> a = Vec<T>{} + alpha;
+  Vec<T> rr = Vec<T>{}, rz = Vec<T>{};
+  int64_t e = begin;
+  for (; e + L <= end; e += L) {
+    const Vec<T> re = load(r + e) - a * load(q + e);
+    store(x + e, load(x + e) + a * load(p + e));
+    store(r + e, re);
+    rr += re * re;
+    if (d) {
+      const Vec<T> ze = load(d + e) * re;
+      store(z + e, ze);
+      rz += re * ze;
+    }
+  }
+  T rr_sum = horizontal_sum<T>(rr), rz_sum = horizontal_sum<T>(rz);
+  for (; e < end; ++e) {
+    const T re = r[e] - alpha * q[e];
+    x[e] += alpha * p[e];
+    r[e] = re;
+    rr_sum += re * re;
+    if (d) {
+      z[e] = d[e] * re;
+      rz_sum += re * z[e];
+    }
+  }
+  sums[0] = rr_sum;
+  sums[1] = d ? rz_sum : rr_sum;
+}
+
+// p = z + beta p over [begin, end).
+template <class T>
+LOWRANK_CPU_CLONES void cg_direction_chunk(T beta, const T* z, T* p, int64_t begin, int64_t end) {
+  constexpr int64_t L = kLanes<T>;
+  const Vec<T> b = Vec<T>{} + beta;
+  int64_t e = begin;
+  for (; e + L <= end; e += L) store(p + e, load(z + e) + b * load(p + e));
+  for (; e < end; ++e) p[e] = z[e] + beta * p[e];
+}
+
+}  // namespace
+
+void check_krylov_cg_params(const KrylovCgParams& p) {
+  LOWRANK_CHECK(p.n >= 1, "krylov_cg: n must be >= 1; got ", p.n);
+  LOWRANK_CHECK(p.steps >= 1, "krylov_cg: steps must be >= 1; got ", p.steps);
+  LOWRANK_CHECK(p.n_chunks >= 1 && p.n_chunks <= p.n, "krylov_cg: n_chunks must be in [1, n = ", p.n, "]; got ",
+                p.n_chunks);
+  LOWRANK_CHECK(is_real_float(p.dtype), "krylov_cg: dtype must be float32 or float64; got code ",
+                static_cast<int>(p.dtype));
+  LOWRANK_CHECK(p.target >= 0, "krylov_cg: target must be >= 0; got ", p.target);
+  LOWRANK_CHECK(std::isfinite(p.bnorm) && p.bnorm > 0, "krylov_cg: bnorm must be a positive finite number; got ",
+                p.bnorm);
+  LOWRANK_CHECK(p.nnz >= 0, "krylov_cg: nnz must be non-negative; got ", p.nnz);
+  LOWRANK_CHECK((p.inverse_diagonal == nullptr) == (p.z == nullptr),
+                "krylov_cg: inverse_diagonal and z must be both given or both null");
+  LOWRANK_CHECK(p.row_ptr && (p.nnz == 0 || (p.col_idx && p.values)) && p.x && p.r && p.p && p.q && p.history &&
+                    p.workspace,
+                "krylov_cg: null pointer");
+}
+
+KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
+  const PreferOwnPool own_pool;  // three tiny regions per step, no torch op in between (parallel.h)
+  check_krylov_cg_params(p);
+  KrylovCgResult result;
+  dispatch_real(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_index(p.index_type, [&](auto index_tag) {
+      using I = typename decltype(index_tag)::type;
+      const I* row_ptr = static_cast<const I*>(p.row_ptr);
+      const I* col_idx = static_cast<const I*>(p.col_idx);
+      const T* values = static_cast<const T*>(p.values);
+      const T* d = static_cast<const T*>(p.inverse_diagonal);
+      T* x = static_cast<T*>(p.x);
+      T* r = static_cast<T*>(p.r);
+      T* dir = static_cast<T*>(p.p);
+      T* q = static_cast<T*>(p.q);
+      T* z = d ? static_cast<T*>(p.z) : r;
+      T* partial = static_cast<T*>(p.workspace);  // [n_chunks][2]
+      const int64_t n = p.n, chunk = (n + p.n_chunks - 1) / p.n_chunks;
+      const int threads = chunk_threads(num_threads, p.n_chunks);
+      auto reduce = [&](int slot) {  // chunk order: deterministic for a given n_chunks
+        T sum = 0;
+        for (int64_t task = 0; task < p.n_chunks; ++task) sum += partial[2 * task + slot];
+        return sum;
+      };
+      // z = d r, p = z, rho = r . z
+      parallel_for(p.n_chunks, threads, [&](int64_t task) {
+        const Range range = chunk_range(task, chunk, n);
+        T sum = 0;
+        for (int64_t e = range.begin; e < range.end; ++e) {
+          if (d) z[e] = d[e] * r[e];
+          dir[e] = z[e];
+          sum += r[e] * z[e];
+        }
+        partial[2 * task] = sum;
+      });
+      T rho = reduce(0);
+      result.status = 1;
+      int64_t j = 0;
+      while (j < p.steps) {
+        parallel_for(p.n_chunks, threads, [&](int64_t task) {  // q = A p, p . q
+          const Range range = chunk_range(task, chunk, n);
+          spmv_rows<T, I>(row_ptr, col_idx, values, dir, q, n, p.nnz, range.begin, range.end);
+          T sums[2];
+          multi_dot(dir, 0, 1, q, range.begin, range.end, sums);  // sums[0] = p . q (sums[1]: q . q, unused)
+          partial[2 * task] = sums[0];
+        });
+        const T curvature = reduce(0);
+        if (!(curvature > 0) || !(rho > 0) || !std::isfinite(static_cast<double>(curvature))) {
+          result.status = 2;  // A (or M) is not positive definite, or returned NaN / inf
+          break;
+        }
+        const T alpha = rho / curvature;
+        parallel_for(p.n_chunks, threads, [&](int64_t task) {
+          const Range range = chunk_range(task, chunk, n);
+          cg_update_chunk<T>(alpha, dir, q, d, x, r, z, range.begin, range.end, partial + 2 * task);
+        });
+        const T rr = reduce(0), rho_new = reduce(1);
+        const double rnorm = std::sqrt(static_cast<double>(rr));
+        p.history[j++] = rnorm / p.bnorm;
+        if (!std::isfinite(rnorm)) {
+          result.status = 2;
+          break;
+        }
+        if (rnorm <= p.target) {
+          result.status = 0;
+          break;
+        }
+        const T beta = rho_new / rho;
+        rho = rho_new;
+        parallel_for(p.n_chunks, threads, [&](int64_t task) {
+          const Range range = chunk_range(task, chunk, n);
+          cg_direction_chunk<T>(beta, z, dir, range.begin, range.end);
+        });
+      }
+      result.steps = j;
+    });
+  });
+  return result;
+}
+
 }  // namespace lowrank_ops

@@ -70,6 +70,11 @@ def krylov_arnoldi_cpu(
     beta: float, target: float, bnorm: float, dtype: int, index_type: int, num_threads: int,
 ) -> tuple[int, bool]: ...
 def krylov_arnoldi_workspace(*, kc: int, steps: int, n_chunks: int) -> int: ...
+def krylov_cg_cpu(
+    *, row_ptr: int, col_idx: int, values: int, inverse_diagonal: int, x: int, r: int, p: int, q: int, z: int,
+    history: int, workspace: int, n: int, nnz: int, steps: int, n_chunks: int, target: float, bnorm: float,
+    dtype: int, index_type: int, num_threads: int,
+) -> tuple[int, int]: ...
 def krylov_block_cpu(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,
     other_stride: int, n_chunks: int, mode: int, accumulate: bool, dtype: int, num_threads: int,

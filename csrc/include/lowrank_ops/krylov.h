@@ -60,6 +60,22 @@
 //   [2, steps] (cosines, sines), history [steps] (|g_{j+1}| / bnorm after each step).
 //   workspace: krylov_arnoldi_workspace(kc, steps, n_chunks) elements of the storage type.  The n entries are split into n_chunks chunks (one task each), reduced in chunk
 //   order (deterministic for a given n_chunks).  Returns the steps taken and breakdown.
+//
+// krylov_cg (CPU only):  up to `steps` iterations of conjugate gradients, unpreconditioned
+//   or with a diagonal (Jacobi) preconditioner, on a CSR operator in one call: the
+//   Python loop costs ~10 torch and kernel calls per iteration, several times the
+//   iteration's own work at n ~ 1e3..1e5 (a 5-point stencil).  From x and r = b - A x
+//   (both updated in place): z = d * r (d = inverse_diagonal; z = r when it is null),
+//   p = z, rho = r . z; then per step: q = A p and p . q (one pass over the rows);
+//   breakdown unless p . q > 0 and rho > 0 (finite); alpha = rho / p . q; x += alpha p,
+//   r -= alpha q, z = d * r, ||r||^2 and r . z (one pass); history[j] = ||r|| / bnorm;
+//   stop when ||r|| <= target (status 0) or ||r|| is not finite (status 2); else
+//   p = z + (r . z / rho) p (one pass).  Status 1: `steps` iterations without either.
+//   row_ptr / col_idx / values: CSR [n, n] with nnz entries (as krylov_spmv); x, r, p, q [n]
+//   contiguous, the values' dtype (p, q: workspace; p holds the last direction on return);
+//   inverse_diagonal, z [n] or both null; history [steps] float64 out.  Sums in the storage
+//   type.  The n entries are split into n_chunks chunks (one task each); partial sums in
+//   workspace [2 * n_chunks], reduced in chunk order (deterministic for a given n_chunks).
 #pragma once
 
 #include <cstdint>
@@ -142,6 +158,33 @@ struct KrylovArnoldiResult {
   bool breakdown = false;
 };
 
+struct KrylovCgParams {
+  const void* row_ptr = nullptr;
+  const void* col_idx = nullptr;
+  const void* values = nullptr;
+  const void* inverse_diagonal = nullptr;
+  void* x = nullptr;
+  void* r = nullptr;
+  void* p = nullptr;
+  void* q = nullptr;
+  void* z = nullptr;
+  double* history = nullptr;
+  void* workspace = nullptr;
+  int64_t n = 0;
+  int64_t nnz = 0;
+  int64_t steps = 0;
+  int64_t n_chunks = 1;
+  double target = 0;
+  double bnorm = 1;
+  DType dtype = DType::float64;
+  IndexType index_type = IndexType::int32;
+};
+
+struct KrylovCgResult {
+  int64_t steps = 0;
+  int status = 1;  // 0: ||r|| <= target, 1: steps exhausted, 2: breakdown
+};
+
 // Workspace elements krylov_arnoldi_cpu needs (storage type).
 inline int64_t krylov_arnoldi_workspace(int64_t kc, int64_t steps, int64_t n_chunks) {
   return n_chunks * (kc + steps + 1) + 3 * (kc + steps);
@@ -158,6 +201,8 @@ void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads);
 void krylov_block_cpu(const KrylovBlockParams& p, int num_threads);
 void check_krylov_arnoldi_params(const KrylovArnoldiParams& p);
 KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_threads);
+void check_krylov_cg_params(const KrylovCgParams& p);
+KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads);
 
 // CUDA (csrc/cuda/krylov_cuda.cu): asynchronous on `stream` (a cudaStream_t) of `device`.
 void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream);

@@ -1,15 +1,22 @@
 """Preconditioned conjugate gradients for symmetric positive definite systems."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from ._common import Preconditioner, check_positive_int, conclude, setup_system
+from ..ops import krylov as _ops
+from ..ops._library import eager_or_op
+from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
 from ._kernels import dots
 from .info import SolveInfo
 
 __all__ = ["cg"]
+
+#: Run the C++ loop (``krylov_cg_``) where it applies: a CSR matrix on the CPU, no or a
+#: diagonal preconditioner.  Tests switch it off to compare with the Python loop.
+NATIVE = True
+_NATIVE_STATUS = ("converged", "maxiter", "breakdown")  # krylov_cg's status codes
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,6 +50,17 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     info : SolveInfo
         ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite) or A or M
         returned non-finite values.
+
+    Notes
+    -----
+    On the CPU, with a CSR matrix and no or a diagonal preconditioner, the iterations run
+    in C++ (the op ``krylov_cg_``): one call until the recursive residual meets the
+    tolerance, instead of ~10 torch and kernel calls per iteration.  Darcy, tol 1e-8,
+    2-core Xeon (shared), median of 7: 32 x 32 (178 iterations) 1.0-1.4 ms against 17-20 ms
+    for the Python loop and 4.4-9.6 ms for ``scipy.sparse.linalg.cg``; 64 x 64 (350) 13-20
+    against 50-62 and 21-27 ms; 128 x 128 (698) 85-94 against 252-255 and 1170-1530 ms.
+    Elsewhere (CUDA, callable preconditioners or operators) the same steps run from the
+    kernel ops.
     """
     if maxiter is not None:
         check_positive_int("cg", "maxiter", maxiter)
@@ -52,10 +70,53 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
         return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
     maxiter = maxiter if maxiter is not None else 10 * system.A.n
     target = float(tol) * bnorm
-    x = system.x0
+    x = system.x0.contiguous()  # the C++ loop updates it in place
     r = system.residual(x)
     rnorm = float(torch.linalg.vector_norm(r))
     history = [rnorm / bnorm]
+    matrix = system.A.matrix
+    if (NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
+            and (system.precondition is None or system.inverse_diagonal is not None)):
+        iterations, status = _native_loop(system, x, r, rnorm, maxiter, target, history)
+    else:
+        iterations, status = _python_loop(system, x, r, rnorm, maxiter, target, history)
+    rnorm = float(torch.linalg.vector_norm(system.residual(x)))
+    converged, status = conclude(status, rnorm, target)
+    return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)
+
+
+def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, target: float,
+                 history: List[float]) -> Tuple[int, str]:
+    """CG in C++ (``krylov_cg_``), restarted from the true residual when the recursive one
+    met the target but the true one did not.  Updates ``x`` and ``history``; returns
+    ``(iterations, status)``."""
+    matrix, bnorm = system.A.matrix, system.bnorm
+    diagonal = None if system.inverse_diagonal is None else system.inverse_diagonal.contiguous()
+    kernel = eager_or_op("krylov_cg_", _ops.cg_unchecked)
+    iterations = 0
+    while True:
+        if rnorm <= target:  # r is the true residual here
+            return iterations, "converged"
+        if iterations >= maxiter:
+            return iterations, "maxiter"
+        relative, info = kernel(matrix.row_ptr, matrix.col_idx, matrix.values, diagonal, x, r.contiguous(),
+                                maxiter - iterations, target, bnorm)
+        taken, code = info.tolist()
+        history.extend(relative[:taken].tolist())
+        iterations += taken
+        system.matvecs += taken
+        if _NATIVE_STATUS[code] != "converged":
+            return iterations, _NATIVE_STATUS[code]
+        r = system.residual(x)  # confirm on the true residual
+        rnorm = float(torch.linalg.vector_norm(r))
+        history[-1] = rnorm / bnorm
+
+
+def _python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, target: float,
+                 history: List[float]) -> Tuple[int, str]:
+    """CG step by step from the kernel ops (CUDA, callable preconditioners, operators that
+    are not CSR matrices).  Updates ``x`` and ``history``; returns ``(iterations, status)``."""
+    bnorm = system.bnorm
     z = system.unprecondition(r)
     p = z.clone()
     rz = _dot(r, z)
@@ -87,6 +148,4 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
         rz_new = _dot(r, z)
         p.mul_(rz_new / rz).add_(z)
         rz = rz_new
-    rnorm = float(torch.linalg.vector_norm(system.residual(x)))
-    converged, status = conclude(status, rnorm, target)
-    return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)
+    return iterations, status

@@ -17,6 +17,9 @@ Ops (``torch.ops.lowrank_ops.*``; float32 or float64, every tensor on one device
 * ``krylov_arnoldi_(row_ptr, col_idx, values, basis, r, kc, steps, beta, target, bnorm,
   n_chunks) -> (hessenberg, rotated, g, history, info)``: one restart cycle of
   (projected) Arnoldi with Givens rotations (writes the basis rows it builds).  CPU only.
+* ``krylov_cg_(row_ptr, col_idx, values, inverse_diagonal, x, r, steps, target, bnorm,
+  n_chunks) -> (history, info)``: up to ``steps`` iterations of (Jacobi-)preconditioned
+  conjugate gradients from ``x`` and its residual ``r`` (both updated in place).  CPU only.
 
 ``Q = basis`` ``[rows, n]`` and ``W`` / ``Y`` ``[cols, n]`` need contiguous rows (unit
 column stride), not contiguous tensors: the solvers pass row ranges of one preallocated
@@ -34,12 +37,13 @@ whose hand-offs cost 0.5-5 ms per call when the cores are shared (measured on th
 kernels split work over lowrank_ops' own pool only from ``_WORK_PER_TASK`` entries per
 task.
 
-``krylov_arnoldi_`` has a CPU impl only: it runs the whole cycle's loop (SpMV, one or
-two Gram-Schmidt passes, the breakdown test, Givens rotations, the stopping test) in
-C++ to save the ~10 Python and torch calls per step (5-20 us each, as much as the
-arithmetic at n = 4096).  On a GPU each step's decisions need the norms on the host
-anyway, so the solvers run the same cycle step by step from the SpMV and Gram-Schmidt
-ops (:mod:`lowrank_ops.krylov._arnoldi`), and no CUDA kernel of the loop exists.
+``krylov_arnoldi_`` and ``krylov_cg_`` have a CPU impl only: they run the solver's loop
+(SpMV, the dots and vector updates, the breakdown and stopping tests) in C++ to save
+the ~10 Python and torch calls per step (5-20 us each, as much as the arithmetic at
+n = 4096).  On a GPU each step's decisions need the norms on the host anyway, so the
+solvers run the same steps from the SpMV and Gram-Schmidt ops
+(:mod:`lowrank_ops.krylov._arnoldi`, :func:`lowrank_ops.krylov.cg`), and no CUDA kernel
+of the loops exists.
 
 Eager callers and validation: each registered impl checks its arguments (shapes,
 dtypes, devices, row layout, mutated arguments not overlapping read ones), then calls
@@ -68,7 +72,7 @@ from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
     "spmv_unchecked", "cgs_pass_unchecked", "cgs_dots_unchecked", "cgs_update_unchecked", "gram_unchecked",
-    "combine_rows_unchecked", "arnoldi_unchecked", "arnoldi_cpu",
+    "combine_rows_unchecked", "arnoldi_unchecked", "arnoldi_cpu", "cg_unchecked", "cg_cpu",
 ]
 
 # Split a CPU kernel over threads only from this much work per task (entries touched):
@@ -89,6 +93,8 @@ LIBRARY.define("krylov_combine_rows_(Tensor basis, Tensor coef, Tensor(a!) out, 
 LIBRARY.define("krylov_arnoldi_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor(a!) basis, Tensor r, int kc, "
                "int steps, float beta, float target, float bnorm, int? n_chunks=None) "
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+LIBRARY.define("krylov_cg_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? inverse_diagonal, Tensor(a!) x, "
+               "Tensor(b!) r, int steps, float target, float bnorm, int? n_chunks=None) -> (Tensor, Tensor)")
 
 
 # ---------------------------------------------------------------------------- kernel calls (no checks)
@@ -502,3 +508,111 @@ def _arnoldi_fake(row_ptr, col_idx, values, basis, r, kc, steps, beta, target, b
 
 LIBRARY.impl("krylov_arnoldi_", arnoldi_cpu, "CPU")
 register_fake("krylov_arnoldi_", _arnoldi_fake)
+
+
+# ---------------------------------------------------------------------------- conjugate gradients (CPU)
+def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+           inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, steps: int, target: float,
+           bnorm: float, n_chunks: Optional[int] = None):
+    """CPU impl of ``krylov_cg_``: up to ``steps`` CG iterations on a CSR matrix in one kernel call.
+
+    The C++ loop (``krylov_cg_cpu``, csrc/cpu/krylov_cpu.cpp; contract in
+    csrc/include/lowrank_ops/krylov.h) does per step what :func:`lowrank_ops.krylov.cg`
+    does with ~10 torch and kernel calls: ``q = A p`` with ``p . q``; breakdown unless
+    ``p . q > 0`` and ``r . z > 0``; the updates of x, r and ``z = d r`` with ``||r||^2`` and
+    ``r . z``; the stopping test; the new direction.  It restarts from ``p = z = d r``.
+
+    Parameters
+    ----------
+    row_ptr, col_idx, values : Tensor[n + 1], Tensor[nnz], Tensor[nnz]
+        The square SPD CSR operator ``[n, n]`` (n >= 1) on the CPU: int32 or int64 indices
+        of one dtype, float32 or float64 values.
+    inverse_diagonal : Tensor[n] or None
+        The diagonal of ``M^{-1}`` (values' dtype), or None for no preconditioner.
+    x, r : Tensor[n]
+        The iterate and its residual ``b - A x`` (values' dtype, contiguous, not sharing
+        memory); updated in place.
+    steps : int
+        Maximum number of iterations (>= 1).
+    target : float
+        Stop once ``||r|| <= target`` (>= 0).
+    bnorm : float
+        ``||b||`` (> 0), to make the history relative.
+    n_chunks : int, optional
+        Split the n entries into this many tasks, in ``[1, n]`` (default: by work, at most
+        ``torch.get_num_threads()``); results depend on it at rounding level only.
+
+    Returns
+    -------
+    history : Tensor[steps] float64
+        ``[:j]``: ``||r|| / bnorm`` after each of the j steps taken.
+    info : Tensor[2] int64
+        ``(j, status)``: status 0 when ``||r|| <= target``, 1 when the steps ran out, 2 on
+        breakdown (``p . q <= 0`` or ``r . z <= 0``: not positive definite; or not finite).
+
+    Raises
+    ------
+    ValueError
+        An argument of the wrong shape, dtype, device or layout, or out of range.
+    """
+    op = "krylov_cg_"
+    steps = _check_int(op, "steps", steps, 1)
+    target = _check_float(op, "target", target, positive=False)
+    bnorm = _check_float(op, "bnorm", bnorm, positive=True)
+    require_tensors(op, row_ptr=row_ptr)
+    if row_ptr.dim() != 1 or row_ptr.numel() < 2:
+        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
+    n = row_ptr.numel() - 1
+    _check_pattern(op, row_ptr, col_idx, values, n)
+    if values.device.type != "cpu":
+        _fail(op, f"values is on {values.device}; expected cpu (a CPU kernel: on CUDA cg runs step by step)")
+    vectors = {"x": x, "r": r} if inverse_diagonal is None else {"x": x, "r": r, "inverse_diagonal": inverse_diagonal}
+    for name, tensor in vectors.items():
+        _check_float_tensor(op, name, tensor, 1)
+        _check_like(op, "values", values, **{name: tensor})
+        if tensor.shape != (n,):
+            _fail(op, f"{name} has shape {tuple(tensor.shape)}; expected (n,) = ({n},)")
+    _require_contiguous(op, "x", x)
+    _require_contiguous(op, "r", r)
+    _require_apart(op, "x", x, r=r)
+    _require_apart(op, "r", r, x=x)
+    if n_chunks is not None:
+        n_chunks = _check_int(op, "n_chunks", n_chunks, 1)
+        if n_chunks > n:
+            _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
+    diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
+    return cg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, steps, target,
+                        bnorm, n_chunks)
+
+
+def cg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                 inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, steps: int,
+                 target: float, bnorm: float, n_chunks: Optional[int] = None):
+    """``krylov_cg_`` for valid arguments (what :func:`cg_cpu` checks; contiguous tensors)."""
+    n = x.numel()
+    threads = torch.get_num_threads()
+    if n_chunks is None:  # ~6 vectors and the matrix touched per step
+        n_chunks = max(1, min(threads, (6 * n + col_idx.numel()) // _WORK_PER_TASK, n))
+    p, q = torch.empty(n, dtype=x.dtype), torch.empty(n, dtype=x.dtype)
+    z = None if inverse_diagonal is None else torch.empty(n, dtype=x.dtype)
+    history = torch.zeros(steps, dtype=torch.float64)
+    workspace = torch.empty(2 * n_chunks, dtype=x.dtype)
+    info = torch.empty(2, dtype=torch.int64)
+    info_entries = info.numpy()
+    taken, status = extension().krylov_cg_cpu(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
+        inverse_diagonal=0 if inverse_diagonal is None else inverse_diagonal.data_ptr(), x=x.data_ptr(),
+        r=r.data_ptr(), p=p.data_ptr(), q=q.data_ptr(), z=0 if z is None else z.data_ptr(),
+        history=history.data_ptr(), workspace=workspace.data_ptr(), n=n, nnz=col_idx.numel(), steps=steps,
+        n_chunks=n_chunks, target=target, bnorm=bnorm, dtype=FLOAT_CODES[x.dtype],
+        index_type=INDEX_CODES[row_ptr.dtype], num_threads=threads)
+    info_entries[0], info_entries[1] = taken, status
+    return history, info
+
+
+def _cg_fake(row_ptr, col_idx, values, inverse_diagonal, x, r, steps, target, bnorm, n_chunks=None):
+    return x.new_empty((steps,), dtype=torch.float64), x.new_empty((2,), dtype=torch.int64)
+
+
+LIBRARY.impl("krylov_cg_", cg_cpu, "CPU")
+register_fake("krylov_cg_", _cg_fake)

@@ -141,3 +141,69 @@ def test_empty_parameter_is_not_projected():
     optimizer.step()
     assert empty.shape == (0, 5) and "projector" not in optimizer.state[empty]
     assert not torch.equal(full, before)
+
+
+def _galore_run(grads, svd: str):
+    """A 64 x 32 parameter stepped with the given gradients (update_proj_gap = 2)."""
+    param = torch.nn.Parameter(torch.randn(64, 32, generator=torch.Generator().manual_seed(7)))
+    optimizer = GaLoreAdamW([param], rank=4, update_proj_gap=2, lr=1e-2, weight_decay=0.1, svd=svd,
+                            generator=torch.Generator().manual_seed(8))
+    snapshots = []
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+        state = optimizer.state[param]
+        snapshots.append((param.detach().clone(), {k: v.clone() for k, v in state.items() if torch.is_tensor(v)},
+                          state["step"], state["projector"].matrix))
+    return param, optimizer, snapshots
+
+
+@pytest.mark.parametrize("svd", ["rsvd", "full"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_non_finite_gradient_at_a_refresh_skips_the_step(svd, bad):
+    """The audit's case: one non-finite entry at step 2, a refresh step.  It used to raise
+    torch.linalg.svd's LinAlgError; now that step is skipped for the parameter (moments,
+    step count, projector and the parameter itself unchanged, counted, warned) and the
+    run goes on exactly as the run without that gradient."""
+    generator = torch.Generator().manual_seed(9)
+    grads = [torch.randn(64, 32, generator=generator) for _ in range(5)]
+    poisoned = grads[2].clone()
+    poisoned[3, 5] = bad
+    with pytest.warns(RuntimeWarning, match=r"shape \(64, 32\) has NaN or inf entries .*step 2.*1 so far"):
+        param, optimizer, snapshots = _galore_run(grads[:2] + [poisoned] + grads[2:], svd)
+    before, after = snapshots[1], snapshots[2]
+    assert torch.equal(after[0], before[0]) and after[2] == before[2] == 2 and after[3] is before[3]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(after[1][name], before[1][name])
+    assert optimizer.state[param]["skipped_refreshes"] == 1
+    assert torch.isfinite(param).all()
+    clean, clean_optimizer, _ = _galore_run(grads, svd)
+    assert torch.equal(param, clean) and "skipped_refreshes" not in clean_optimizer.state[clean]
+    # The counter survives a state-dict round trip.
+    restored = GaLoreAdamW([torch.nn.Parameter(param.detach().clone())], rank=4, update_proj_gap=2, svd=svd)
+    restored.load_state_dict(optimizer.state_dict())
+    assert next(iter(restored.state.values()))["skipped_refreshes"] == 1
+
+
+def test_non_finite_gradient_at_the_first_step_and_between_refreshes():
+    """At the first step there is no projector to keep: the step is skipped (no state but
+    the count), and the next step starts as a fresh optimizer's.  Between refreshes the
+    gradient is not tested and poisons the moments as in torch.optim.AdamW (documented)."""
+    generator = torch.Generator().manual_seed(10)
+    grads = [torch.randn(64, 32, generator=generator) for _ in range(4)]
+    first = torch.full((64, 32), math.inf)
+    with pytest.warns(RuntimeWarning, match="step 0"):
+        param, optimizer, _ = _galore_run([first] + grads, "rsvd")
+    fresh, _, _ = _galore_run(grads, "rsvd")
+    assert torch.equal(param, fresh) and optimizer.state[param]["skipped_refreshes"] == 1
+
+    between = grads[1].clone()
+    between[0, 0] = math.inf  # step 1: no refresh with update_proj_gap = 2
+    _, optimizer, snapshots = _galore_run([grads[0], between], "rsvd")
+    assert not torch.isfinite(snapshots[1][1]["exp_avg_sq"]).all()
+    assert not torch.isfinite(snapshots[1][0]).all()
+    reference = torch.nn.Parameter(torch.randn(64, 32))
+    adamw = torch.optim.AdamW([reference])
+    reference.grad = between
+    adamw.step()
+    assert not torch.isfinite(adamw.state[reference]["exp_avg_sq"]).all()

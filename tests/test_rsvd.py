@@ -89,6 +89,10 @@ def test_auto_sketch_dtype_policy(generator):
     assert _resolve_sketch_dtype("auto", big, "subspace", "lu", 7) is None  # LU bases amplify the rounding
     assert _resolve_sketch_dtype(None, big, "subspace", "cholqr2", 7) is None
     assert _resolve_sketch_dtype(torch.float16, big, "subspace", "cholqr2", 7) == torch.float16
+    # Sparse: m n is not the cost, and torch's sparse bfloat16 products are missing (CSR) or slow (COO).
+    sparse = torch.eye(2048).to_sparse()
+    for layout in (sparse, sparse.to_sparse_csr()):
+        assert _resolve_sketch_dtype("auto", layout, "subspace", "cholqr2", 7) is None
 
 
 @pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])
@@ -207,6 +211,103 @@ def test_warm_start_needs_one_pass(generator):
     assert warm_ratio <= 1.01 and warm_ratio < cold_ratio
     wide = rsvd(drifted.T, 16, n_iter=1, init=previous.Vh.T, generator=torch.Generator().manual_seed(7))
     assert torch.linalg.norm(drifted.T - (wide.U * wide.S) @ wide.Vh) / best <= 1.01
+
+
+def test_signs_do_not_depend_on_the_generator(generator):
+    """The sign rule of batched_svd (largest-magnitude entry of each column of U positive,
+    Vh following): two generators used to flip about half the columns; now they agree
+    column by column on a well-separated spectrum (tall, wide, batched), and the rule
+    flips a column of U and the matching row of Vh together."""
+    from lowrank_ops.linalg.rsvd import _rsvd_factors
+
+    s = spectrum("decay2", 100)
+    for A in (with_spectrum(150, 100, s, generator), with_spectrum(150, 100, s, generator).T,
+              with_spectrum(120, 100, s, generator, batch=(2,))):
+        first = rsvd(A, 10, n_iter=4, generator=torch.Generator().manual_seed(1))
+        second = rsvd(A, 10, n_iter=4, generator=torch.Generator().manual_seed(2))
+        cosines = (first.U * second.U).sum(-2)
+        assert cosines.min() > 0.999, cosines
+        assert ((first.Vh * second.Vh).sum(-1)).min() > 0.999
+        index = first.U.abs().argmax(dim=-2, keepdim=True)
+        assert (torch.gather(first.U, -2, index) > 0).all()
+        # Against the same run without the rule: columns of U and rows of Vh flipped together.
+        U, S, Vh, _ = _rsvd_factors(A, 10, 10, 4, "subspace", "cholqr2", None, torch.Generator().manual_seed(1),
+                                    None, 0, signs=False)
+        assert torch.equal(S, first.S)
+        flips = torch.where((U * first.U).sum(-2, keepdim=True) < 0, -1.0, 1.0).double()
+        assert torch.equal(U * flips, first.U) and torch.equal(Vh * flips.transpose(-2, -1), first.Vh)
+
+
+def test_autocast_does_not_lower_the_precision(generator):
+    """Under torch.autocast("cpu", bfloat16) rsvd used to return bfloat16 factors and
+    the top 16 singular values of this matrix 1.7e-3 off (the bar is 1e-3); autocast is
+    now off inside: the same bits as without it, also for the gradient, the range
+    finder, the error estimate and CholeskyQR2."""
+    s = spectrum("decay1", 1024)
+    A = with_spectrum(1024, 1024, s, generator).float()
+    plain = rsvd(A, 32, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", torch.bfloat16):
+        cast = rsvd(A, 32, generator=torch.Generator().manual_seed(3))
+        matmul_dtype = (A @ A).dtype
+    assert matmul_dtype == torch.bfloat16  # autocast is really on around the call
+    for a, b in zip(plain, cast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    assert ((cast.S[:16].double() - s[:16]) / s[:16]).abs().max() <= 1e-3
+
+    small = with_spectrum(200, 120, spectrum("decay1", 120), generator).float()
+    leaf = small.clone().requires_grad_()
+
+    def everything():
+        U, S, Vh = rsvd(leaf, 5, generator=torch.Generator().manual_seed(4))
+        # A loss without products: autocast would run those (the caller's code) in bfloat16.
+        grad, = torch.autograd.grad(S.sum() + U.sum() + Vh.sum(), leaf)
+        Q = range_finder(small, 10, generator=torch.Generator().manual_seed(5))
+        error = lowrank_error(small, U.detach(), S.detach(), Vh.detach(), generator=torch.Generator().manual_seed(6))
+        return (U, S, Vh, grad, Q, error, *cholesky_qr2(small))
+
+    expected = everything()
+    with torch.autocast("cpu", torch.bfloat16):
+        got = everything()
+    for a, b in zip(expected, got):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+def test_sparse_inputs_match_the_dense_result(shape, generator):
+    """COO, CSR and CSC inputs: the dense matrix's factors up to rounding (same
+    generator), also with sketch_dtype="auto" at a size where dense float32 gets a
+    bfloat16 sketch (CSR used to raise NotImplementedError there); the gradient is the
+    dense one, accumulated as a strided tensor."""
+    dense = torch.randn(shape, generator=generator, dtype=torch.float64)
+    dense = dense * (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.05)
+    expected = rsvd(dense, 8, generator=torch.Generator().manual_seed(1))
+    leaf = dense.clone().requires_grad_()
+    rsvd(leaf, 8, generator=torch.Generator().manual_seed(1)).S.sum().backward()
+    for layout in ("to_sparse", "to_sparse_csr", "to_sparse_csc"):
+        sparse = getattr(dense, layout)()
+        got = rsvd(sparse, 8, generator=torch.Generator().manual_seed(1))
+        for a, b in zip(expected, got):
+            assert b.layout == torch.strided
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        sparse.requires_grad_()
+        rsvd(sparse, 8, generator=torch.Generator().manual_seed(1)).S.sum().backward()
+        assert sparse.grad.layout == torch.strided
+        torch.testing.assert_close(sparse.grad, leaf.grad, rtol=0, atol=1e-12)
+        Q = range_finder(sparse.detach(), 8, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(Q, range_finder(dense, 8, generator=torch.Generator().manual_seed(1)),
+                                   rtol=0, atol=1e-12)
+    big = torch.randn(1024, 1024, generator=generator)
+    big = big * (torch.rand(big.shape, generator=generator) < 0.01)
+    reference = rsvd(big, 10, sketch_dtype=None, generator=torch.Generator().manual_seed(2))
+    for sparse in (big.to_sparse(), big.to_sparse_csr()):
+        got = rsvd(sparse, 10, generator=torch.Generator().manual_seed(2))  # "auto"
+        torch.testing.assert_close(got.S, reference.S, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="rsvd: A contains NaN or infinite values"):
+        bad = dense.clone()
+        bad[0, 0] = math.inf
+        rsvd(bad.to_sparse_csr(), 2)
+    with pytest.raises(ValueError, match=r"rsvd: A is a torch.sparse_coo tensor of shape \(2, 30, 20\); expected a 2-D"):
+        rsvd(torch.randn(2, 30, 20).to_sparse(), 2)
 
 
 # --------------------------------------------------------------------------- range finder
@@ -335,14 +436,17 @@ def test_error_probes_exact_low_rank_and_range_finder(generator):
 
 def test_error_probes_zero_is_the_algorithm_as_before(generator):
     """``error_probes=0`` keeps the result type and every bit: against the algorithm
-    written out (n_iter=0: Q = qr(A Omega), Rayleigh-Ritz), with the same draws."""
+    written out (n_iter=0: Q = qr(A Omega), Rayleigh-Ritz, the sign rule), with the same draws."""
+    from lowrank_ops._signs import normalize_signs
+
     A = with_spectrum(70, 50, spectrum("decay1", 50), generator)
     result = rsvd(A, 6, n_iter=0, error_probes=0, generator=torch.Generator().manual_seed(4))
     assert type(result) is RSVDResult
     omega = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=A.dtype)
     Q = torch.linalg.qr(A @ omega).Q
     Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
-    for ours, written_out in zip(result, ((Q @ Ub[:, :6]).contiguous(), S[:6].contiguous(), Vh[:6].contiguous())):
+    U, Vh = normalize_signs(Q @ Ub[:, :6], Vh[:6])
+    for ours, written_out in zip(result, (U.contiguous(), S[:6].contiguous(), Vh.contiguous())):
         assert torch.equal(ours, written_out)
     assert torch.equal(rsvd(A, 6, n_iter=0, compute_uv=False, generator=torch.Generator().manual_seed(4)), S[:6])
     assert type(range_finder(A, 6, error_probes=0)) is torch.Tensor
@@ -445,6 +549,46 @@ def test_effective_rank(generator):
     values.sum().backward()
     assert torch.isfinite(Z.grad).all()
     assert effective_rank(torch.randn(40, 5, generator=generator).bfloat16()).dtype == torch.float32
+
+
+def rankme(sigma: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    p = sigma / sigma.sum(-1, keepdim=True) + eps
+    return torch.exp(-(p * p.log()).sum(-1))
+
+
+def test_effective_rank_gram_path_against_the_float64_svd(generator):
+    """float32 Z with N >= 2 d (or d >= 2 N) takes the float64 Gram path: against RankMe
+    of the float64 SVD of the same (rounded) entries, within 2e-6 relative on every test
+    spectrum (measured at most 6e-7; the float32 SVD it replaces reaches 4e-6 on these
+    matrices, and eps = 1e-7 itself moves the rank-16 case by 2e-5).  A gradient, float64
+    and near-square inputs keep the SVD path."""
+    from lowrank_ops.linalg.rankme import _gram_singular_values
+
+    i = torch.arange(1, 129, dtype=torch.float64)
+    spectra = {"decay1": i.reciprocal(), "decay2": i.pow(-2), "exp": torch.exp(-i / 8),
+               "rank16": torch.where(i <= 16, i.reciprocal(), torch.zeros_like(i)), "flat": torch.ones_like(i),
+               "cliff": torch.where(i <= 32, torch.ones_like(i), torch.full_like(i, 1e-6))}
+    for name, s in spectra.items():
+        Z = with_spectrum(1024, 128, s, generator).float()
+        exact = rankme(torch.linalg.svdvals(Z.double()))
+        for got in (effective_rank(Z), effective_rank(Z.T.contiguous())):
+            assert got.dtype == torch.float32
+            assert abs(got.double() / exact - 1) <= 2e-6, (name, got.item(), exact.item())
+        # The path taken: the Gram matrix's singular values, bit for bit.
+        assert torch.equal(effective_rank(Z), rankme(_gram_singular_values(Z)))
+    batch = torch.randn(2, 3, 300, 40, generator=generator)
+    expected = rankme(torch.linalg.svdvals(batch.double()))
+    torch.testing.assert_close(effective_rank(batch).double(), expected, rtol=2e-6, atol=0)
+    # The SVD path: with a gradient, for float64, for near-square Z.
+    leaf = batch.clone().requires_grad_()
+    with_grad = effective_rank(leaf)
+    assert torch.equal(with_grad.detach(), rankme(torch.linalg.svdvals(leaf)).detach())
+    with_grad.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert torch.equal(effective_rank(batch.double()), rankme(torch.linalg.svdvals(batch.double())))
+    square = batch[..., :70, :40]
+    assert torch.equal(effective_rank(square), rankme(torch.linalg.svdvals(square)))
+    assert effective_rank(torch.zeros(64, 8)).item() == pytest.approx(math.exp(-8e-7 * math.log(1e-7)), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -16,6 +16,8 @@ from typing import Tuple
 
 import torch
 
+from .._dtypes import without_autocast
+
 __all__ = ["cholesky_qr2"]
 
 
@@ -79,8 +81,9 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         ``Q`` with orthonormal columns and upper-triangular ``R`` with ``Y = Q R``, to
         working precision when ``cond(Y)`` is within the limits above, for any finite
         ``Y`` (the Gram matrices are formed from ``Y`` scaled by a power of two, so they
-        cannot overflow).  Columns of a rank-deficient block beyond its rank are not
-        orthonormal; use ``torch.linalg.qr`` there.
+        cannot overflow).  Computed in ``Y``'s precision (float32 for half types) even
+        inside ``torch.autocast``, which is turned off here.  Columns of a rank-deficient
+        block beyond its rank are not orthonormal; use ``torch.linalg.qr`` there.
 
     Raises
     ------
@@ -100,13 +103,14 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         )
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y = Y.float()
-    # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
-    # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
-    # exact power-of-two scaling: Q is unchanged, R scales back exactly).
-    scale = _power_of_two_scale(Y)
-    Y = Y / scale
-    R_total = None
-    for shifted in (True,) * shift + (False,) * plain_passes:
-        Y, R = _cholesky_pass(Y, shifted)
-        R_total = R if R_total is None else R @ R_total
-    return Y, R_total * scale
+    with without_autocast(Y.device):
+        # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
+        # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
+        # exact power-of-two scaling: Q is unchanged, R scales back exactly).
+        scale = _power_of_two_scale(Y)
+        Y = Y / scale
+        R_total = None
+        for shifted in (True,) * shift + (False,) * plain_passes:
+            Y, R = _cholesky_pass(Y, shifted)
+            R_total = R if R_total is None else R @ R_total
+        return Y, R_total * scale

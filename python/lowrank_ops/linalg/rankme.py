@@ -4,8 +4,22 @@ from __future__ import annotations
 import torch
 
 from .._args import require_number
+from .._dtypes import without_autocast
 
 __all__ = ["effective_rank"]
+
+# The Gram path is taken when the long side has at least this many times the short one's
+# length: about break-even there (measured speed-ups in effective_rank's docstring).
+_GRAM_ASPECT = 2
+
+
+def _gram_singular_values(work: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``work [..., N, d]`` (descending) from the eigenvalues of its
+    float64 Gram matrix over the short side (float32 entries: their products are exact in
+    float64)."""
+    wide = work.double()
+    gram = wide.transpose(-2, -1) @ wide if work.shape[-2] >= work.shape[-1] else wide @ wide.transpose(-2, -1)
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1).to(work.dtype)
 
 
 def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
@@ -15,7 +29,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     ----------
     Z : Tensor[..., N, d]
         Embeddings (rows = samples); leading dimensions are a batch.  Half types are
-        computed in float32.
+        computed in float32 (also inside ``torch.autocast``, turned off here).
     eps : float
         RankMe's smoothing constant; keeps the log finite for zero singular values.
 
@@ -25,6 +39,25 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
         Between 1 and ``min(N, d)`` (up to eps); 1 for a zero matrix (all mass on
         eps).  Differentiable through the singular values (``torch.linalg.svdvals``,
         whose gradient ``U V^T`` has no division by singular-value gaps).
+
+    Notes
+    -----
+    Two ways to the singular values.  float32 and half inputs on the CPU whose long side
+    is at least twice the short one, when no gradient is needed: ``sqrt(eigvalsh(G))`` of the
+    float64 Gram matrix ``G`` over the short side (``Z^T Z [d, d]`` for ``N >= 2 d``),
+    which costs ``N d^2`` multiply-adds and a ``d x d`` eigensolver instead of an SVD of
+    ``Z``, and a float64 copy of ``Z``.  Squaring costs the small singular values their
+    relative accuracy (absolute error about ``1e-8 sigma_1``), but they carry little of
+    the entropy: measured against the float64 SVD on 2048 x 256 matrices
+    (``sigma_i = 1/i``, ``i^-2``, ``exp(-i/8)``, rank 16, flat, a 1e-6 cliff after 32),
+    the effective rank is within 6e-7 relative, where the float32 SVD it replaces is
+    within 4e-6 (and eps = 1e-7 itself moves the rank-16 case by 2e-5).  Measured
+    against ``torch.linalg.svdvals`` alone (2-core Xeon shared with other jobs, so
+    noisy; same process, interleaved, medians): 25600 x 2048 3.1x (33 against 102 s),
+    8192 x 512 8x (0.8 against 6.8 s, svdvals ranging 2-9 s), 2048 x 1024 (N = 2 d)
+    1.06x.  Otherwise (float64 inputs, which the SVD keeps exact to rounding;
+    near-square ``Z``; a gradient, whose path through ``sqrt`` would divide by zero
+    singular values; CUDA, not measured): ``torch.linalg.svdvals``.
     """
     if not isinstance(Z, torch.Tensor) or Z.dim() < 2:
         raise ValueError(f"effective_rank: Z must be a tensor [..., N, d]; got {getattr(Z, 'shape', type(Z).__name__)}")
@@ -32,7 +65,11 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
         raise TypeError(f"effective_rank: Z has dtype {Z.dtype}; expected a floating dtype")
     eps = require_number("effective_rank", "eps", eps, 0.0, low_open=True)  # keeps log p finite
     work = Z.float() if Z.dtype in (torch.float16, torch.bfloat16) else Z
-    sigma = torch.linalg.svdvals(work)
-    total = sigma.sum(-1, keepdim=True)
-    p = sigma / total.clamp_min(torch.finfo(work.dtype).tiny) + eps
-    return torch.exp(-(p * p.log()).sum(-1))
+    long_side, short_side = max(work.shape[-2:]), min(work.shape[-2:])
+    gram = (work.dtype == torch.float32 and work.device.type == "cpu" and long_side >= _GRAM_ASPECT * short_side
+            and not (work.requires_grad and torch.is_grad_enabled()))
+    with without_autocast(work.device):
+        sigma = _gram_singular_values(work) if gram else torch.linalg.svdvals(work)
+        total = sigma.sum(-1, keepdim=True)
+        p = sigma / total.clamp_min(torch.finfo(work.dtype).tiny) + eps
+        return torch.exp(-(p * p.log()).sum(-1))

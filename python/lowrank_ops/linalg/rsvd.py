@@ -31,7 +31,9 @@ import torch
 
 from .. import _extension
 from .._args import require_tensors
+from .._dtypes import without_autocast
 from .._finite import all_finite
+from .._signs import normalize_signs
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
 
@@ -114,6 +116,9 @@ def _resolve_sketch_dtype(sketch_dtype, A: torch.Tensor, method: str, orthonorma
     m, n = A.shape[-2:]
     if (
         A.dtype == torch.float64  # asked for double precision: keep it everywhere
+        # Sparse A: m n says nothing about the cost of a product, and sparse bfloat16
+        # products are missing (CSR: NotImplementedError in addmm) or slower (COO).
+        or A.layout != torch.strided
         or method != "subspace"
         # LU bases are not orthonormal: their condition number amplifies the low
         # precision's rounding past what the last full-precision product damps (error
@@ -213,9 +218,11 @@ class _RSVDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
                 error_probes):
-        U, S, Vh, error = _rsvd_factors(
-            A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes
-        )
+        with without_autocast(A.device):
+            U, S, Vh, error = _rsvd_factors(
+                A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes,
+                compute_uv,
+            )
         ctx.save_for_backward(U, S, Vh)
         ctx.input_dtype = A.dtype
         ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)), *(() if error is None else (error,)))
@@ -224,12 +231,17 @@ class _RSVDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_U, grad_S, grad_Vh, grad_error):
         U, S, Vh = ctx.saved_tensors
-        grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
+        with without_autocast(U.device):
+            grad_A = thin_svd_backward(U, S, Vh, grad_U, grad_S, grad_Vh)
         return grad_A.to(ctx.input_dtype), *([None] * 10)
 
 
-def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes):
-    """``(U, S, Vh, error)``; ``error`` (None when ``error_probes == 0``) estimates ``||A - U S Vh||_F``."""
+def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes,
+                  signs=True):
+    """``(U, S, Vh, error)``; ``error`` (None when ``error_probes == 0``) estimates ``||A - U S Vh||_F``.
+
+    ``signs``: apply the library's sign rule (:func:`lowrank_ops._signs.normalize_signs`).
+    """
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     m, n = work.shape[-2:]
     transposed = m < n
@@ -247,6 +259,8 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
         error = _probe_norm(MW - U @ (S.unsqueeze(-1) * (Vh @ W)))
     if transposed:
         U, Vh = Vh.transpose(-2, -1), U.transpose(-2, -1)
+    if signs:
+        U, Vh = normalize_signs(U, Vh)
     return U.contiguous(), S.contiguous(), Vh.contiguous(), error
 
 
@@ -271,7 +285,9 @@ def rsvd(
     ----------
     A : Tensor[..., m, n]
         float32, float64, float16 or bfloat16 (half types are computed in float32 and
-        the factors returned in float32).  Leading dimensions are a batch.
+        the factors returned in float32).  Leading dimensions are a batch.  A 2-D
+        torch sparse matrix (COO, CSR or CSC) is read only through products with dense
+        blocks (see Notes).
     rank : int
         Number of singular triplets, ``1 <= rank <= min(m, n)``.
     oversample : int
@@ -305,8 +321,9 @@ def rsvd(
         A in the sketch dtype.  ``"auto"`` (default): bfloat16 for float32 and half
         inputs of at least 2^20 entries on devices whose bfloat16 matmuls are fast (CUDA
         sm_80+, CPUs with AMX or AVX512-BF16: ``lowrank_ops.info()["cpu_features"]``),
-        with orthonormal bases ("cholqr2", "qr"), else None.  float64 inputs are never sketched in low precision under "auto";
-        ``None`` keeps every product in A's precision.
+        with orthonormal bases ("cholqr2", "qr"), else None.  float64 and sparse inputs
+        are never sketched in low precision under "auto"; ``None`` keeps every product in
+        A's precision.
     error_probes : int
         ``p > 0`` also returns ``error``, an estimate of ``||A - U diag(S) Vh||_F`` from
         ``p`` Gaussian probes (the estimator of :func:`lowrank_error` with ``norm="fro"``:
@@ -323,8 +340,13 @@ def rsvd(
     -------
     RSVDResult (U, S, Vh), or RSVDResultWithError (U, S, Vh, error) when ``error_probes > 0``
         Factors with ``U [..., m, rank]`` and ``Vh [..., rank, n]`` orthonormal, ``S``
-        descending, float32 for half inputs, else A's dtype.  Differentiable: the thin-SVD
-        backward on the returned factors (exact when A has rank <= ``rank``).  ``error
+        descending, float32 for half inputs, else A's dtype (also inside
+        ``torch.autocast``, see Notes).  Signs as :func:`batched_svd`'s: the
+        largest-magnitude entry (first on ties) of every column of ``U`` is positive and
+        the matching row of ``Vh`` follows (``U diag(S) Vh`` is unchanged), so two
+        generators give the same signs wherever they find the same singular vectors
+        (well-separated singular values).  Differentiable: the thin-SVD backward on the
+        returned factors (exact when A has rank <= ``rank``).  ``error
         [...]`` (one per matrix of the batch, the factors' dtype) is detached and computed
         without a host synchronization.
     Tensor[..., rank], or the pair (S, error) when ``error_probes > 0``
@@ -338,6 +360,24 @@ def rsvd(
     is 1e-3); ``n_iter=20`` brings them to about 2e-5, ``method="block_krylov"`` at its
     defaults to 1e-11 (tests/test_rsvd.py).  Where the values themselves matter on such
     spectra, use block Krylov or raise ``n_iter``.
+
+    Autocast: the factorization runs with autocast turned off for A's device, in A's
+    precision (float32 for half types) and the ``sketch_dtype`` chosen above.  Under an
+    enclosing ``torch.autocast("cpu", torch.bfloat16)`` its products used to run in
+    bfloat16: bfloat16 factors, and the top 16 singular values of a 1024 x 1024
+    ``sigma_i = 1 / i`` matrix 1.7e-3 off at ``rank = 32`` (1e-6 without autocast; the
+    bar is 1e-3).
+
+    Sparse A (``torch.sparse_coo``, ``sparse_csr``, ``sparse_csc``; 2-D only): the
+    forward needs only products ``A X`` and ``A^T X`` with dense blocks, so it costs
+    ``O(nnz l)`` per product and never densifies A; the factors are dense and equal to
+    those of the dense matrix up to rounding (same generator).  ``"auto"`` never picks
+    a low-precision sketch for them (torch has no bfloat16 sparse CSR product, and its
+    COO one is slower than float32).  ``check_finite`` tests the stored values.
+    Gradients: with ``A.requires_grad`` the gradient is the dense ``[m, n]`` tensor of
+    the thin-SVD backward (with respect to every entry, implicit zeros included, not
+    masked to A's pattern), which autograd accumulates into ``A.grad`` as a strided
+    tensor: ``m n`` memory.
     """
     _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, error_probes=error_probes)
     _check_sketch_dtype("rsvd", sketch_dtype, method)
@@ -378,7 +418,8 @@ def range_finder(
     Parameters
     ----------
     A : Tensor[..., m, n]
-        float32, float64, float16 or bfloat16 (half types computed in float32).
+        float32, float64, float16 or bfloat16 (half types computed in float32); or a
+        2-D sparse matrix, as :func:`rsvd`.
     size : int
         Columns of the basis, ``1 <= size <= min(m, n)`` (include any oversampling).
     n_iter, method, orthonormalize, init, generator, check_finite, sketch_dtype
@@ -392,8 +433,12 @@ def range_finder(
     Returns
     -------
     Tensor[..., m, size] (``min(m, (n_iter + 1) size)`` columns with ``method="block_krylov"``)
-        Orthonormal columns, float32 for half inputs, else A's dtype; differentiable
-        through the iteration (the random test matrix is a constant).
+        Orthonormal columns, float32 for half inputs, else A's dtype (also inside
+        ``torch.autocast``, turned off here as in :func:`rsvd`); differentiable
+        through the iteration (the random test matrix is a constant).  No sign rule:
+        the columns are not singular vectors, and the bases drawn by two generators
+        differ by a rotation within (nearly) the same subspace, not by column signs, so
+        normalizing signs would not make ``Q`` seed-stable; ``Q Q^T`` is what is.
     (Q, error) when ``error_probes > 0``
         ``error [...]``: one estimate per matrix of the batch, in Q's dtype, detached, no
         host synchronization.
@@ -404,13 +449,14 @@ def range_finder(
     n_iter = _auto_iterations(n_iter, size, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
-    Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
-                            error_probes)
-    if probe is None:
-        return Q
-    _, AW = probe
-    with torch.no_grad():  # an estimate, not part of the differentiable result
-        return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
+    with without_autocast(A.device):
+        Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
+                                error_probes)
+        if probe is None:
+            return Q
+        _, AW = probe
+        with torch.no_grad():  # an estimate, not part of the differentiable result
+            return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
 
 
 def _check_sketch_dtype(op: str, sketch_dtype, method: str) -> None:
@@ -439,6 +485,9 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise ValueError(f"{op}: A has shape {tuple(A.shape)}; expected [..., m, n] with at least 2 dimensions")
     if A.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: A has dtype {A.dtype}; expected float32, float64, float16 or bfloat16")
+    if A.layout != torch.strided and A.dim() != 2:  # torch's sparse @ dense needs a 2-D sparse operand
+        raise ValueError(f"{op}: A is a {A.layout} tensor of shape {tuple(A.shape)}; expected a 2-D matrix "
+                         "(batches of sparse matrices are not supported)")
     m, n = A.shape[-2:]
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"{op}: {rank_name} must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
@@ -505,8 +554,8 @@ def lowrank_error(
     Returns
     -------
     Tensor[...]
-        The estimate per matrix of the batch, in A's dtype (float32 for half types); no
-        host synchronization.  Cost: at most ``4 m n n_probes`` flops (see ``n_probes``).
+        The estimate per matrix of the batch, in A's dtype (float32 for half types, also
+        inside ``torch.autocast``, which is turned off here); no host synchronization.  Cost: at most ``4 m n n_probes`` flops (see ``n_probes``).
 
     Raises
     ------
@@ -541,10 +590,11 @@ def lowrank_error(
         return work.transpose(-2, -1) @ w - Vh.transpose(-2, -1) @ (S.unsqueeze(-1) * (U.transpose(-2, -1) @ w))
 
     probes = torch.randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
-    if norm == "fro":
-        return _probe_norm(apply_error(probes))
-    w = probes[..., :1]
-    for _ in range(n_probes):
-        w = apply_error_t(apply_error(w))
-        w = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
-    return apply_error(w).norm(dim=(-2, -1))
+    with without_autocast(work.device):
+        if norm == "fro":
+            return _probe_norm(apply_error(probes))
+        w = probes[..., :1]
+        for _ in range(n_probes):
+            w = apply_error_t(apply_error(w))
+            w = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
+        return apply_error(w).norm(dim=(-2, -1))

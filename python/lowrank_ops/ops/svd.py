@@ -50,6 +50,7 @@ import torch
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
+from .._signs import normalize_signs
 from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
@@ -283,28 +284,6 @@ class _JacobiSVD(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------- delegation and completion
-def _normalize_signs(U: torch.Tensor, Vh: torch.Tensor, inplace: bool = False):
-    """The library's sign rule: the largest-magnitude entry (first on ties) of every column of U positive.
-
-    ``inplace`` flips the given tensors (fresh outputs that nothing records for autograd).
-    On the CPU the largest and smallest entry of each column decide it (two reductions, no
-    temporary of U's size: 1.2 against 11 ms at 64 x 256 x 256 fp32) unless some column
-    has a positive and a negative entry of equal largest magnitude; the first of them then
-    decides, found by the general path below (the test is a host read, free on the CPU)."""
-    if U.device.type == "cpu" and U.numel() > 0 and not torch.compiler.is_compiling():
-        top, bottom = U.amax(dim=-2, keepdim=True), U.amin(dim=-2, keepdim=True)
-        if not bool(((top == -bottom) & (top != 0)).any()):
-            sign = torch.where(-bottom > top, -1.0, 1.0).to(U.dtype)  # an all-zero column keeps +1
-            if inplace:
-                return U.mul_(sign), Vh.mul_(sign.transpose(-2, -1))
-            return U * sign, Vh * sign.transpose(-2, -1)
-    index = U.abs().argmax(dim=-2, keepdim=True)
-    sign = torch.where(torch.gather(U, -2, index) < 0, -1.0, 1.0).to(U.dtype)  # an all-zero column keeps +1
-    if inplace:
-        return U.mul_(sign), Vh.mul_(sign.transpose(-2, -1))
-    return U * sign, Vh * sign.transpose(-2, -1)
-
-
 def _complete_columns(Q: torch.Tensor) -> torch.Tensor:
     """``[Q, Q_perp]``: Q [..., p, k] with orthonormal columns completed to [..., p, p]."""
     p, k = Q.shape[-2], Q.shape[-1]
@@ -312,7 +291,7 @@ def _complete_columns(Q: torch.Tensor) -> torch.Tensor:
         return Q
     # Householder QR of Q: its last p - k columns are an orthonormal basis of range(Q)^perp.
     extra = torch.linalg.qr(Q, mode="complete").Q[..., k:]
-    extra, _ = _normalize_signs(extra, extra.new_zeros(extra.shape[:-2] + (p - k, 0)))
+    extra, _ = normalize_signs(extra, extra.new_zeros(extra.shape[:-2] + (p - k, 0)))
     return torch.cat([Q, extra], dim=-1)
 
 
@@ -326,7 +305,7 @@ def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
     if compute_uv:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
         # torch.linalg.svd's fresh outputs: flipped in place unless autograd records them.
-        U, Vh = _normalize_signs(U, Vh, inplace=not needs_grad)
+        U, Vh = normalize_signs(U, Vh, inplace=not needs_grad)
     else:
         U = Vh = None
         S = torch.linalg.svdvals(X)

@@ -12,16 +12,20 @@ decoupled weight decay applied after the update, projection side by shape
 (``"std"``: right when ``m >= n``, left otherwise).  The difference is the refresh:
 ``svd="rsvd"`` (default) computes the projector with :func:`lowrank_ops.linalg.rsvd`,
 warm-started from the previous projector, instead of a full ``torch.linalg.svd`` of
-``G``; ``svd="full"`` reproduces the reference exactly.
+``G``; ``svd="full"`` reproduces the reference exactly.  Where the reference stops
+training (a non-finite gradient at a refresh step: ``torch.linalg.svd`` raises), the
+parameter's step is skipped instead (see :class:`GaLoreAdamW`).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
 from .._args import require_number
+from .._finite import all_finite
 from ..linalg.rsvd import rsvd
 from ._checks import add_checked_group
 
@@ -54,8 +58,15 @@ class GaLoreProjector:
             return "left" if tall else "right"
         return self.proj_type
 
-    def refresh(self, grad: torch.Tensor) -> None:
-        """Recomputes the projector from ``grad`` (float32 work, stored in grad's dtype)."""
+    def refresh(self, grad: torch.Tensor) -> bool:
+        """Recomputes the projector from ``grad`` (float32 work, stored in grad's dtype).
+
+        Returns False, keeping the current projector (None before the first refresh),
+        when ``grad`` has a NaN or inf entry: its SVD is undefined (``torch.linalg.svd``
+        raises).  That test reads one value back from the device (once per refresh).
+        """
+        if not all_finite(grad):
+            return False
         side = self._side(grad)
         rank = min(self.rank, *grad.shape)
         if self.svd == "full":  # as the reference: one full SVD of G in float32
@@ -75,6 +86,7 @@ class GaLoreProjector:
             basis = U if side == "left" else U.T
         self.side = side
         self.matrix = basis.to(grad.dtype).contiguous()
+        return True
 
     def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
         """The low-rank gradient, refreshing the projector first when it is due.
@@ -90,13 +102,14 @@ class GaLoreProjector:
 
         Returns
         -------
-        Tensor[rank', n] or Tensor[m, rank']
+        Tensor[rank', n] or Tensor[m, rank'] or None
             ``P^T G`` (side ``"left"``) or ``G P^T`` (``"right"``), with
             ``rank' = min(rank, m, n)``; in grad's dtype (the projector is stored in the
-            dtype of the gradient it was computed from), on grad's device.
+            dtype of the gradient it was computed from), on grad's device.  None when a
+            refresh was due and ``grad`` is not finite (see :meth:`refresh`).
         """
-        if self.matrix is None or step % self.update_proj_gap == 0:
-            self.refresh(grad)
+        if (self.matrix is None or step % self.update_proj_gap == 0) and not self.refresh(grad):
+            return None
         return self.matrix.T @ grad if self.side == "left" else grad @ self.matrix.T
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
@@ -146,6 +159,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
     rsvd_oversample : int
     generator : torch.Generator, optional
         Makes rsvd refreshes deterministic.
+
+    Notes
+    -----
+    Non-finite gradients.  At a step where a parameter's projector is due for a refresh
+    (its first step, then every ``update_proj_gap`` steps), a gradient with a NaN or inf
+    entry has no SVD (galore-torch stops with ``torch.linalg.svd``'s error).  Here that
+    parameter's step is skipped, as ``torch.amp.GradScaler`` skips a whole step: the
+    projector, the Adam moments, the step count and the parameter (weight decay
+    included) stay as they were, so the refresh is retried at its next step and the
+    run continues exactly as if this step had not happened for it.  Each skip warns
+    (``RuntimeWarning``) and increments ``state[p]["skipped_refreshes"]``.  The test
+    reads one value back from the device per refresh.  At other steps the gradient is
+    not tested (that would synchronize every step): a non-finite one enters the moments
+    as it does in ``torch.optim.AdamW``.
     """
 
     def __init__(
@@ -201,6 +228,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                             group["rsvd_n_iter"], group["rsvd_oversample"], self.generator,
                         )
                     grad = state["projector"].project(grad.reshape(grad.shape[0], -1), state["step"])
+                    if grad is None:
+                        state["skipped_refreshes"] = state.get("skipped_refreshes", 0) + 1
+                        warnings.warn(
+                            f"GaLoreAdamW: the gradient of a parameter of shape {tuple(p.shape)} has NaN or inf "
+                            f"entries at a projector refresh (step {state['step']}); its step is skipped "
+                            f"({state['skipped_refreshes']} so far) and the refresh retried at the next step",
+                            RuntimeWarning,
+                        )
+                        continue
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad)
                     state["exp_avg_sq"] = torch.zeros_like(grad)

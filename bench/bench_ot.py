@@ -19,7 +19,10 @@ Implementations (same inputs, same run):
 * ``ours_sinkhorn``: :func:`lowrank_ops.ot.sinkhorn` (assignment, images);
 * ``pot_sinkhorn_log``: ``ot.sinkhorn(a, b, M, reg, method="sinkhorn_log")``, POT's
   log-domain solver, the one that survives these regularizations (``method="sinkhorn"``
-  underflows: ``exp(-1200)``).
+  underflows: ``exp(-1200)``);
+* ``pot_epsilon_scaling``: ``ot.sinkhorn(..., method="sinkhorn_epsilon_scaling",
+  epsilon0=1)`` (assignment, images): POT's reg schedule (epsilon0 = 1, the cost's
+  scale) over its stabilized Sinkhorn, the peer of our default epsilon scaling.
 
 Where a Sinkhorn run to the tolerance does not fit the time budget (the assignment
 problem needs tens of thousands of iterations), it is stopped after ``max_iter``
@@ -69,13 +72,13 @@ _SINKHORN_CAP = {"assignment": 3000 if FULL else 300, "images": 100_000 if FULL 
 _POT_CAP = {"assignment": 300 if FULL else 10, "images": 200 if FULL else 10}
 _TOL = {"assignment": 1e-8, "images": 1e-8, "points": 1e-6}
 _ETA = {"sqeuclidean": 1000.0, "l1": 1000.0}
-# SNS settings: defaults on the assignment problem; on images more entries per row
-# (measured: 21 Newton steps with 30 / n against 82 with the default 10 / n), and for
-# L1 the paper's long warm-up (the plan is not unique: with 300 warm-up steps the
-# Newton steps stall at ||grad||_1 = 3e-2) and rho = 15 / n.
-_SNS = {"assignment": {}, "sqeuclidean": dict(rho=30 / 784), "l1": dict(rho=15 / 784, warmup=700)}
-_IMPLS = {"assignment": ("ours", "ours_sinkhorn", "pot_sinkhorn_log"),
-          "images": ("ours", "ours_sinkhorn", "pot_sinkhorn_log"),
+# SNS settings: the defaults everywhere.  Until the adaptive Hessian sparsity, inexact
+# Newton and epsilon scaling (bench/results/cpu-intel-xeon-2core/ot-sns-defaults/) the
+# images needed rho = 30 / n (21 Newton steps against 82 with the then default 10 / n)
+# and L1 also the paper's 700-step warm-up.
+_SNS = {"assignment": {}, "sqeuclidean": {}, "l1": {}}
+_IMPLS = {"assignment": ("ours", "ours_sinkhorn", "pot_sinkhorn_log", "pot_epsilon_scaling"),
+          "images": ("ours", "ours_sinkhorn", "pot_sinkhorn_log", "pot_epsilon_scaling"),
           "points": ("ours", "pot_sinkhorn_log")}
 
 
@@ -151,6 +154,13 @@ def _build(case: Case, inp: dict):
             # POT tests sum |P^T 1 - b| (row marginals exact after its update): tol / 10 leaves room
             return lambda: ot.sinkhorn(a_np, b_np, M, reg, method="sinkhorn_log", stopThr=tol / 10, numItermax=cap,
                                        warn=False)
+        if case.impl == "pot_epsilon_scaling":
+            # POT's epsilon scaling: reg from epsilon0 down by a factor per outer iteration,
+            # a stabilized (absorbing) Sinkhorn inside; its stopThr is on the marginal of
+            # the last update, like sinkhorn_log's, so tol / 10 again.
+            a_np, b_np, M = a.numpy(), b.numpy(), inp["C"].numpy()
+            return lambda: ot.sinkhorn(a_np, b_np, M, reg, method="sinkhorn_epsilon_scaling", stopThr=tol / 10,
+                                       numItermax=_POT_CAP.get(kind, 100_000), epsilon0=1.0, warn=False)
         raise ValueError(f"unknown impl {case.impl!r}")
 
     return build

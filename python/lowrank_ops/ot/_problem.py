@@ -181,9 +181,9 @@ class Problem:
         """An upper bound of ``max C - min C`` over the batch: one pass over a cost matrix;
         for point clouds, from the bounding box of x and y (O((n + m) d))."""
         if self.C is not None:
-            flat = self.C.reshape(self.batch, -1)
+            flat = self.C.detach().reshape(self.batch, -1)
             return float((flat.amax(-1) - flat.amin(-1)).max()) if self.batch else 0.0
-        points = torch.cat([self.x, self.y], 1)
+        points = torch.cat([self.x.detach(), self.y.detach()], 1)
         span = points.amax(1) - points.amin(1)  # [B, d]
         if self.code == ot_ops.COST_CODES["l1"]:
             return float(span.sum(-1).max()) if self.batch else 0.0

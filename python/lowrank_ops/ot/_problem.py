@@ -149,8 +149,9 @@ class Problem:
         if isinstance(init, OTResult):
             init = (init.f, init.g)
         if not isinstance(init, (tuple, list)) or len(init) != 2:
+            length = f" of length {len(init)}" if isinstance(init, (tuple, list)) else ""
             raise TypeError(f"{op}: init must be a pair (f0, g0) of tensors or an OTResult; got "
-                            f"{type(init).__name__}{f' of length {len(init)}' if isinstance(init, (tuple, list)) else ''}")
+                            f"{type(init).__name__}{length}")
         out = []
         for name, t, size in (("f0", init[0], self.n), ("g0", init[1], self.m)):
             if not isinstance(t, torch.Tensor):

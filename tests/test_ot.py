@@ -553,10 +553,10 @@ def test_sns_does_not_stall_on_steps_lost_in_rounding(seed):
 
 def test_sns_defaults_converge_on_l1_images():
     """L1 ground costs make the plan non-unique and spread out: with the former defaults
-    (a fixed top-10-per-row Hessian, fixed CG tolerance) the 28 x 28 case stalled at a
-    marginal error of 3e-2 after 200 steps.  Keeping the entries that hold all but 1% of
-    the mass, and doubling the kept count after a stalled step, converges (14 x 14 here,
-    two blobs, eta = 1000 as in the bench)."""
+    (a fixed top-10-per-row Hessian, fixed CG tolerance, no epsilon scaling) the bench's
+    28 x 28 case stalled at a marginal error of 3e-2 after 220 iterations, and this
+    14 x 14 one (two blobs, eta = 1000 as in the bench) took 187 (124 Newton steps);
+    the adaptive Hessian and epsilon scaling take 25 (13)."""
     side = 14
     grid = torch.stack(torch.meshgrid(torch.arange(side, dtype=F64), torch.arange(side, dtype=F64),
                                       indexing="ij"), -1).reshape(-1, 2)
@@ -570,16 +570,18 @@ def test_sns_defaults_converge_on_l1_images():
     a, b = blob(3.0, 4.0, 2.0), blob(9.0, 8.0, 1.5)
     result = sinkhorn_newton_sparse(a, b, C, 1e-3, tol=1e-8)
     assert bool(result.converged) and float(result.marginal_error) <= 1e-8
-    assert int(result.newton_steps) >= 1 and int(result.iterations) <= 150, int(result.iterations)
+    assert int(result.newton_steps) >= 1 and int(result.iterations) <= 60, int(result.iterations)
 
 
 def test_sns_defaults_converge_on_small_reg_points():
+    """Points at reg = 1e-2 (costs up to about 40): the former defaults took 131 iterations
+    (60 Newton steps damped to small steps far from the optimum), these 32 (17)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 2, generator=g, dtype=F64)
     y = torch.randn(200, 2, generator=g, dtype=F64) + 1.0
     result = sinkhorn_newton_sparse(None, None, x=x, y=y, reg=1e-2, tol=1e-6)
     assert bool(result.converged) and float(result.marginal_error) <= 1e-6
-    assert int(result.newton_steps) >= 1 and int(result.iterations) <= 100, int(result.iterations)
+    assert int(result.newton_steps) >= 1 and int(result.iterations) <= 60, int(result.iterations)
     # Too few steps for that problem: reported, not hidden.
     short = sinkhorn_newton_sparse(None, None, x=x, y=y, reg=1e-2, tol=1e-6, max_iter=2)
     assert not bool(short.converged) and float(short.marginal_error) > 1e-6

@@ -1,6 +1,7 @@
 """Validation of the solvers' inputs and the batched view of one OT problem family."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional, Tuple
 
@@ -135,6 +136,59 @@ class Problem:
     def dual(self, f: torch.Tensor, g: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
         """Dual objective ``<a, f> + <b, g> - reg sum P`` per problem (row_lse of (f, g))."""
         return (self.a * f).sum(-1) + (self.b * g).sum(-1) - self.reg * row_lse.exp().sum(-1)
+
+    def initial_potentials(self, op: str, init) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The starting potentials ``(f [B, n], g [B, m])``: zeros, or a validated copy of
+        ``init`` = ``(f0, g0)`` or an ``OTResult`` (its ``f``, ``g``), in the convention of
+        ``OTResult.f`` / ``.g``, of shapes batch shape + ``(n,)`` / ``(m,)`` or ``(n,)`` /
+        ``(m,)`` (the same start for every problem of a batch)."""
+        if init is None:
+            return self.zeros()
+        from .result import OTResult  # result imports this module
+
+        if isinstance(init, OTResult):
+            init = (init.f, init.g)
+        if not isinstance(init, (tuple, list)) or len(init) != 2:
+            length = f" of length {len(init)}" if isinstance(init, (tuple, list)) else ""
+            raise TypeError(f"{op}: init must be a pair (f0, g0) of tensors or an OTResult; got "
+                            f"{type(init).__name__}{length}")
+        out = []
+        for name, t, size in (("f0", init[0], self.n), ("g0", init[1], self.m)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: init {name} must be a tensor; got {type(t).__name__}")
+            expected = self.lead + (size,)
+            if tuple(t.shape) not in (expected, (size,)):
+                raise ValueError(f"{op}: init {name} has shape {tuple(t.shape)}; expected {expected} (batch shape + "
+                                 f"{'n' if name == 'f0' else 'm'}) or ({size},)")
+            if t.dtype != self.dtype:
+                raise TypeError(f"{op}: init {name} has dtype {t.dtype}; expected {self.dtype} (the dtype of "
+                                f"{'C' if self.C is not None else 'x'})")
+            if t.device != self.device:
+                raise ValueError(f"{op}: init {name} is on {t.device}; expected {self.device}")
+            t = t.detach()
+            if not all_finite(t):
+                raise ValueError(f"{op}: init {name} has a non-finite entry (inf or nan); expected finite potentials")
+            # A copy: the solvers never write into the user's tensors, and the result must not alias them.
+            out.append(t.expand(*self.lead, size).reshape(self.batch, size).clone())
+        return out[0], out[1]
+
+    def with_reg(self, reg: float) -> "Problem":
+        """The same problems at another regularization (a stage of epsilon scaling)."""
+        other = copy.copy(self)
+        other.reg = float(reg)
+        return other
+
+    def cost_spread(self) -> float:
+        """An upper bound of ``max C - min C`` over the batch: one pass over a cost matrix;
+        for point clouds, from the bounding box of x and y (O((n + m) d))."""
+        if self.C is not None:
+            flat = self.C.detach().reshape(self.batch, -1)
+            return float((flat.amax(-1) - flat.amin(-1)).max()) if self.batch else 0.0
+        points = torch.cat([self.x.detach(), self.y.detach()], 1)
+        span = points.amax(1) - points.amin(1)  # [B, d]
+        if self.code == ot_ops.COST_CODES["l1"]:
+            return float(span.sum(-1).max()) if self.batch else 0.0
+        return float((span * span).sum(-1).max()) if self.batch else 0.0
 
     def zeros(self) -> Tuple[torch.Tensor, torch.Tensor]:
         z = dict(dtype=self.dtype, device=self.device)

@@ -24,6 +24,28 @@ def _check_tol(op: str, tol) -> float:
     return float(tol)
 
 
+#: Epsilon scaling: the stages' regs grow by this factor from the target reg up to the
+#: cost spread, and the stages before the last stop at a marginal error of _STAGE_TOL
+#: (only a start for the next stage: the last stage meets tol).
+_EPS_FACTOR = 4.0
+_STAGE_TOL = 1e-2
+
+
+def reg_schedule(op: str, problem: Problem, epsilon_scaling) -> List[float]:
+    """The regs of the stages, decreasing to ``problem.reg``: ``reg * factor^k`` for
+    ``k = K, ..., 0`` with the first at most the cost spread (where the plan is nearly
+    uniform and a few Sinkhorn steps converge).  ``epsilon_scaling``: False (one stage),
+    True (factor 4) or a factor > 1."""
+    if epsilon_scaling is False:
+        return [problem.reg]
+    factor = _EPS_FACTOR if epsilon_scaling is True else epsilon_scaling
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+        raise ValueError(f"{op}: epsilon_scaling must be True, False or a factor > 1; got {epsilon_scaling!r}")
+    spread = problem.cost_spread()
+    stages = int(math.floor(math.log(spread / problem.reg) / math.log(factor))) if spread > problem.reg else 0
+    return [problem.reg * factor**k for k in range(stages, -1, -1)]
+
+
 class SinkhornState:
     """Potentials, per-problem activity and bookkeeping of a batched solve.
 
@@ -32,10 +54,10 @@ class SinkhornState:
     ``||exp(row_lse) - a||_1``.
     """
 
-    def __init__(self, problem: Problem, tol: float) -> None:
+    def __init__(self, problem: Problem, tol: float, init=None, op: str = "sinkhorn") -> None:
         self.problem = problem
         self.tol = tol
-        self.f, self.g = problem.zeros()
+        self.f, self.g = problem.initial_potentials(op, init)
         self.active = torch.ones(problem.batch, dtype=torch.bool, device=problem.device)
         self.converged = torch.zeros_like(self.active)
         self.iterations = torch.zeros(problem.batch, dtype=torch.int64, device=problem.device)
@@ -43,6 +65,37 @@ class SinkhornState:
         self.recorded: List[torch.Tensor] = []  # [B] bool: which problems the entry belongs to
         self.row_lse: Optional[torch.Tensor] = None
         self.last_error = torch.full((problem.batch,), math.inf, dtype=problem.dtype, device=problem.device)
+        if init is not None:
+            self._check_start()
+
+    def _check_start(self) -> None:
+        """Warm start: a problem whose start already meets ``tol`` stops with 0 iterations;
+        the others begin with the f update (both given potentials are used: starting
+        with the g update, as from zeros, would discard g0)."""
+        p = self.problem
+        self.row_lse, _ = p.lse(self.f, self.g)
+        col_lse, _ = p.lse(self.f, self.g, columns=True)
+        error = (self.row_lse.exp() - p.a).abs().sum(-1) + (col_lse.exp() - p.b).abs().sum(-1)
+        self.last_error = error
+        done = error <= self.tol
+        self.converged |= done
+        # An overflowing error (potentials from another reg) is not a failure: the log-domain
+        # updates start from finite row_lse and repair it.
+        self.active &= ~done
+
+    def restart(self, problem: Problem, tol: float) -> None:
+        """Continue from the current potentials on ``problem`` (the next reg of epsilon
+        scaling; every problem active again), keeping the iteration counts and history."""
+        self.problem, self.tol = problem, tol
+        # Balance the free constant (f + c, g - c: the same plan) between f and g.  Each
+        # stage's Sinkhorn steps shift it by about reg log n, and |f| + |g| sets the
+        # rounding of (f + g - C) / reg: float32 at reg = 1e-4 stalled at a marginal
+        # error of 1e-3 with |f| near 10 (u |f| / reg = 1e-2 relative in P).
+        shift = (self.f.mean(-1, keepdim=True) - self.g.mean(-1, keepdim=True)) / 2
+        self.f, self.g = self.f - shift, self.g + shift
+        self.active = torch.ones_like(self.active)
+        self.converged = torch.zeros_like(self.converged)
+        self._check_start()
 
     def record(self, error: torch.Tensor, who: torch.Tensor) -> None:
         self.errors.append(error)
@@ -92,6 +145,8 @@ def sinkhorn(
     cost: str = "sqeuclidean",
     tol: float = 1e-9,
     max_iter: int = 10_000,
+    init=None,
+    epsilon_scaling=False,
 ) -> OTResult:
     """Entropic optimal transport by log-domain Sinkhorn iterations.
 
@@ -119,6 +174,21 @@ def sinkhorn(
         marginals are exact after each iteration).
     max_iter : int
         Iteration limit per problem.
+    init : (Tensor[..., n], Tensor[..., m]) or OTResult, optional
+        Warm start: initial potentials ``(f0, g0)`` in the convention of ``OTResult.f`` /
+        ``.g`` (``P_ij = exp((f0_i + g0_j - C_ij) / reg)``), of the batch shape of the
+        problem or unbatched ``(n,)`` / ``(m,)`` (shared by every problem), in the dtype
+        and on the device of the cost; or a previous ``OTResult`` (its ``f``, ``g``).
+        E.g. the result of a related problem (a training step earlier) or of a larger
+        ``reg`` (epsilon scaling).  A start already within ``tol`` returns after 0
+        iterations.  Default: zeros.
+    epsilon_scaling : bool or float
+        Solve a sequence of problems with reg decreasing by a factor (True: 4; or the
+        given factor > 1) from the spread of the cost down to ``reg``, each warm-started
+        from the previous one and solved to a marginal error of 1e-2 (the last to
+        ``tol``): at small reg the plain iterations from zeros are slow to leave the
+        start.  ``iterations`` and ``history`` cover all stages; ``max_iter`` applies per
+        stage.  In a batch the stages follow the largest cost spread of the batch.
 
     Returns
     -------
@@ -137,6 +207,14 @@ def sinkhorn(
     problem = Problem(op, a, b, C, x, y, cost, reg)
     tol, max_iter = _check_tol(op, tol), _check_positive_int(op, "max_iter", max_iter)
     with torch.no_grad():  # the iterations are not differentiated: the value's backward is analytic
-        state = SinkhornState(problem, tol)
-        state.run(max_iter)
+        regs = reg_schedule(op, problem, epsilon_scaling)
+        state = None
+        for i, stage_reg in enumerate(regs):
+            stage = problem.with_reg(stage_reg)
+            stage_tol = tol if i == len(regs) - 1 else max(tol, _STAGE_TOL)
+            if state is None:
+                state = SinkhornState(stage, stage_tol, init, op)
+            else:
+                state.restart(stage, stage_tol)
+            state.run(max_iter)
     return make_result(problem, state.f, state.g, state.converged, state.iterations, state.history())

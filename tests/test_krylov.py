@@ -142,7 +142,6 @@ def test_float32_and_callable_operator(generator):
     assert info.converged and _relative_residual(A, b, x) <= 1e-8
 
 
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 def test_inputs_accepted_as_torch_sparse_dense_and_numpy(generator):
     A, b = _system("nonsymmetric", generator)
     dense = torch.from_numpy(A.toarray())

@@ -8,10 +8,12 @@
 // the rows' chunks are streamed from memory once, so x is read once per pass instead of
 // once per row (which would double the traffic for fp32 storage at k = 1).
 //
-// Accuracy: each chunk's dot product runs over 2 * SIMD-lanes independent partial sums
-// (16 for fp32); chunk sums are accumulated per task and the tasks' partials summed in
-// task order at the end (deterministic whichever thread ran a task), so the rounding
-// error grows with kChunk / 16 + dim / kChunk + tasks, not with dim.
+// Accuracy: every sum runs in fp64 (lowrank_ops/mfac.h says why): the stored values and
+// x are widened exactly, their products are exact in fp64 for fp32/bf16/fp16 data, and
+// each chunk's dot product runs over 2 * 4 independent fp64 partial sums; chunk sums are
+// accumulated per task and the tasks' partials summed in task order at the end
+// (deterministic whichever thread ran a task).  The combine rounds its fp64 result to
+// the output type once.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,61 +37,46 @@ constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads c
 // 15 -> 10.5 us, 15000 29.5 -> 13 us (the buffer then fits the two cores' L2 together).
 constexpr int64_t kMinTaskColumns = 2048;
 
-// 32-byte SIMD vectors through GCC/Clang vector extensions (one ymm register under the
-// AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage types with a vector
-// load: float, double and bf16 (widened exactly by a 16-bit shift); fp16 takes the
-// scalar path.  Written out because the auto-vectorizer handles the multi-row loops
-// below poorly (measured 2x slower than this in cache).
-typedef float VecF __attribute__((vector_size(32)));
-typedef float VecFU __attribute__((vector_size(32), aligned(4)));
+// 32-byte SIMD vectors of 4 fp64 lanes through GCC/Clang vector extensions (one ymm
+// register under the AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage
+// types with a vector load widen 4 elements exactly to fp64: float (one vcvtps2pd from
+// memory), double, and bf16 (vpmovzxwd, a 16-bit shift, vcvtps2pd); fp16 takes the
+// scalar path.  The widening loads are written element by element: the vectorizer then
+// emits those single instructions in each clone, where __builtin_convertvector from 4
+// floats came out as two 2-lane conversions and an insert.  Written out because the
+// auto-vectorizer handles the multi-row loops below poorly (measured 2x slower than this
+// in cache).  fp64 sums against the former fp32 ones: 4 lanes per FMA instead of 8, plus
+// one conversion per 4 elements of G; the passes stay close to memory-bound
+// (bench/bench_mfac.py; the measurement is in this branch's commit message).
 typedef double VecD __attribute__((vector_size(32)));
 typedef double VecDU __attribute__((vector_size(32), aligned(8)));
-typedef uint16_t VecH8U __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t VecU8 __attribute__((vector_size(32)));
+
+constexpr int kLanes = 4;  // fp64 lanes of VecD
 
 template <class T>
-struct Simd {
+struct Wide {
   static constexpr bool kEnabled = false;
 };
 template <>
-struct Simd<float> {
+struct Wide<float> {
   static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 8;
-  using Vec = VecF;
-  static Vec load(const float* p) { return *reinterpret_cast<const VecFU*>(p); }
-  static Vec load_acc(const float* p) { return load(p); }
-  static void store(float* p, Vec v) { *reinterpret_cast<VecFU*>(p) = v; }
+  static VecD load(const float* p) { return VecD{p[0], p[1], p[2], p[3]}; }
 };
 template <>
-struct Simd<double> {
+struct Wide<double> {
   static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 4;
-  using Vec = VecD;
-  static Vec load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
-  static Vec load_acc(const double* p) { return load(p); }
-  static void store(double* p, Vec v) { *reinterpret_cast<VecDU*>(p) = v; }
+  static VecD load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
 };
 template <>
-struct Simd<BFloat16Host> {
+struct Wide<BFloat16Host> {
   static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 8;
-  using Vec = VecF;
-  static Vec load(const BFloat16Host* p) {
-    const VecU8 bits = __builtin_convertvector(*reinterpret_cast<const VecH8U*>(p), VecU8) << 16;
-    Vec v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-  }
-  static Vec load_acc(const float* p) { return Simd<float>::load(p); }
-  static void store(float* p, Vec v) { Simd<float>::store(p, v); }
+  static VecD load(const BFloat16Host* p) { return VecD{to_acc(p[0]), to_acc(p[1]), to_acc(p[2]), to_acc(p[3])}; }
 };
 
-template <class V, int kLanes>
-inline auto horizontal_sum(V v) {
-  auto sum = v[0];
-  for (int lane = 1; lane < kLanes; ++lane) sum += v[lane];
-  return sum;
-}
+inline VecD load_acc(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
+inline void store_acc(double* p, VecD v) { *reinterpret_cast<VecDU*>(p) = v; }
+
+inline double horizontal_sum(VecD v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 // Software prefetch of a buffer row kPrefetchBytes ahead of the loads: the hardware
 // streamers stop at every 4 KB page and the kernels interleave several row streams, so
@@ -103,52 +90,50 @@ inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
 }
 
-// out[r] = sum_c a[r][c] * b[c] over n elements, for kRows rows at once: each load of
-// b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators hide the
-// FMA latency.  Every row is summed over 2 * lanes partial sums (16 for fp32).
-template <class T, int kRows>
-LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const acc_t<T>* b, int64_t n, acc_t<T>* out) {
-  using A = acc_t<T>;
+// out[r] = sum_c a[r][c] * b[c] over n elements in fp64, for kRows rows at once: each
+// load of b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators
+// hide the FMA latency.  Every row is summed over 2 * 4 fp64 partial sums.  X: the type
+// of b (the compute type: float or double).
+template <class T, class X, int kRows>
+LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const X* b, int64_t n, double* out) {
   int64_t c = 0;
-  A tail[kRows] = {};
-  if constexpr (Simd<T>::kEnabled) {
-    using S = Simd<T>;
-    constexpr int L = S::kLanes;
-    typename S::Vec acc0[kRows] = {}, acc1[kRows] = {};
+  double tail[kRows] = {};
+  if constexpr (Wide<T>::kEnabled) {
+    constexpr int L = kLanes;
+    VecD acc0[kRows] = {}, acc1[kRows] = {};
     for (; c + 2 * L <= n; c += 2 * L) {
-      const auto b0 = S::load_acc(b + c), b1 = S::load_acc(b + c + L);
+      const VecD b0 = Wide<X>::load(b + c), b1 = Wide<X>::load(b + c + L);
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        acc0[r] += S::load(a[r] + c) * b0;
-        acc1[r] += S::load(a[r] + c + L) * b1;
+        acc0[r] += Wide<T>::load(a[r] + c) * b0;
+        acc1[r] += Wide<T>::load(a[r] + c + L) * b1;
       }
     }
-    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<typename S::Vec, L>(acc0[r] + acc1[r]);
+    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum(acc0[r] + acc1[r]);
   }
   for (; c < n; ++c)
-    for (int r = 0; r < kRows; ++r) tail[r] += to_acc(a[r][c]) * b[c];
+    for (int r = 0; r < kRows; ++r) tail[r] += static_cast<double>(to_acc(a[r][c])) * static_cast<double>(b[c]);
   for (int r = 0; r < kRows; ++r) out[r] = tail[r];
 }
 
-// acc[c] += sum_r w[r] * a[r][c] over n elements, kRows rows per load and store of acc.
+// acc[c] += sum_r w[r] * a[r][c] over n elements in fp64, kRows rows per load and store of acc.
 template <class T, int kRows>
-LOWRANK_CPU_CLONES void axpy_rows(const acc_t<T>* w, const T* const* a, acc_t<T>* acc, int64_t n) {
+LOWRANK_CPU_CLONES void axpy_rows(const double* w, const T* const* a, double* acc, int64_t n) {
   int64_t c = 0;
-  if constexpr (Simd<T>::kEnabled) {
-    using S = Simd<T>;
-    constexpr int L = S::kLanes;
+  if constexpr (Wide<T>::kEnabled) {
+    constexpr int L = kLanes;
     for (; c + L <= n; c += L) {
-      auto sum = S::load_acc(acc + c);
+      VecD sum = load_acc(acc + c);
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        sum += w[r] * S::load(a[r] + c);
+        sum += w[r] * Wide<T>::load(a[r] + c);
       }
-      S::store(acc + c, sum);
+      store_acc(acc + c, sum);
     }
   }
   for (; c < n; ++c) {
-    acc_t<T> sum = acc[c];
-    for (int r = 0; r < kRows; ++r) sum += w[r] * to_acc(a[r][c]);
+    double sum = acc[c];
+    for (int r = 0; r < kRows; ++r) sum += w[r] * static_cast<double>(to_acc(a[r][c]));
     acc[c] = sum;
   }
 }
@@ -183,14 +168,13 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
   using A = acc_t<T>;
   T* grads = static_cast<T*>(p.grads);
   const A* x = static_cast<const A*>(p.x);
-  A* out = static_cast<A*>(p.out);
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   const int64_t n_tasks = tasks_for(threads, p.dim);
   const int64_t width = p.k * p.n_rows;
-  std::vector<A> partial(static_cast<size_t>(n_tasks * width), A(0));
+  std::vector<double> partial(static_cast<size_t>(n_tasks * width), 0.0);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
-    A* acc = partial.data() + task * width;
+    double* acc = partial.data() + task * width;
     // Storage exactly representing x (fp32, fp64) needs no rounded copy of x[0].
     constexpr bool kExact = std::is_same_v<T, A>;
     std::vector<A> rounded(p.write_slot >= 0 && !kExact ? static_cast<size_t>(kChunk) : 0);
@@ -218,11 +202,11 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
         for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
           const A* xj = (j == 0 && p.write_slot >= 0 && !kExact) ? rounded.data() : x + j * p.x_ld + c0;
-          A sums[kRowGroup];
+          double sums[kRowGroup];
           if (group == kRowGroup) {
-            dot_rows<T, kRowGroup>(rows, xj, n, sums);
+            dot_rows<T, A, kRowGroup>(rows, xj, n, sums);
           } else {
-            for (int64_t r = 0; r < group; ++r) dot_rows<T, 1>(rows + r, xj, n, sums + r);
+            for (int64_t r = 0; r < group; ++r) dot_rows<T, A, 1>(rows + r, xj, n, sums + r);
           }
           for (int64_t r = 0; r < group; ++r) acc[j * p.n_rows + i + r] += sums[r];
         }
@@ -230,9 +214,13 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
     }
   });
   for (int64_t e = 0; e < width; ++e) {
-    A sum = 0;
+    double sum = 0;
     for (int64_t t = 0; t < n_tasks; ++t) sum += partial[static_cast<size_t>(t * width + e)];
-    out[e] = sum;
+    if (p.wide) {
+      static_cast<double*>(p.out)[e] = sum;
+    } else {
+      static_cast<A*>(p.out)[e] = static_cast<A>(sum);
+    }
   }
 }
 
@@ -240,28 +228,35 @@ template <class T>
 void combine_typed(const MfacCombineParams& p, int num_threads) {
   using A = acc_t<T>;
   const T* grads = static_cast<const T*>(p.grads);
-  const A* coef = static_cast<const A*>(p.coef);
   const A* x = static_cast<const A*>(p.x);
   A* out = static_cast<A*>(p.out);
-  const A alpha = static_cast<A>(p.alpha), beta = static_cast<A>(p.beta);
+  const double alpha = p.alpha, beta = p.beta;
+  // The coefficients in fp64 (a copy of k * n_rows values when given in the acc type).
+  std::vector<double> widened;
+  const double* coef = static_cast<const double*>(p.coef);
+  if (!p.wide && !std::is_same_v<A, double>) {
+    const A* given = static_cast<const A*>(p.coef);
+    widened.assign(given, given + p.k * p.n_rows);
+    coef = widened.data();
+  }
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
-  // Chunk width so that the k accumulator rows fit in L1 (32 KB of fp32).
-  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
+  // Chunk width so that the k fp64 accumulator rows fit in L1 (32 KB).
+  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (4096 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
   const int64_t n_tasks = tasks_for(threads, p.dim);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
     const int64_t width = std::min(chunk, end - begin);  // accumulator row length: no more than the range
-    std::vector<A> acc(static_cast<size_t>(p.k * width));
+    std::vector<double> acc(static_cast<size_t>(p.k * width));
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t n = std::min(chunk, end - c0);
-      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
         const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
         const T* rows[kRowGroup];
         for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
-          const A* w = coef + j * p.n_rows + i;
-          A* acc_j = acc.data() + j * width;
+          const double* w = coef + j * p.n_rows + i;
+          double* acc_j = acc.data() + j * width;
           if (group == kRowGroup) {
             axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
           } else {
@@ -269,14 +264,15 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
           }
         }
       }
+      // alpha x + beta acc in fp64 (the cancellation of x - G^T c happens here), rounded once.
       for (int64_t j = 0; j < p.k; ++j) {
         A* y = out + j * p.out_ld + c0;
-        const A* a = acc.data() + j * width;
-        if (alpha == A(0)) {
-          for (int64_t c = 0; c < n; ++c) y[c] = beta * a[c];
+        const double* a = acc.data() + j * width;
+        if (alpha == 0.0) {
+          for (int64_t c = 0; c < n; ++c) y[c] = static_cast<A>(beta * a[c]);
         } else {
           const A* xj = x + j * p.x_ld + c0;
-          for (int64_t c = 0; c < n; ++c) y[c] = alpha * xj[c] + beta * a[c];
+          for (int64_t c = 0; c < n; ++c) y[c] = static_cast<A>(alpha * static_cast<double>(xj[c]) + beta * a[c]);
         }
       }
     }
@@ -335,37 +331,30 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
 void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads) {
   // The passes and the solve check their own arguments; only the buffers' sizes are needed first.
   LOWRANK_CHECK(p.n_rows >= 0 && p.k >= 0, "mfac_apply: sizes must be non-negative; got n_rows=", p.n_rows, ", k=", p.k);
-  auto run = [&](auto acc_tag) {
-    using A = decltype(acc_tag);
-    const int64_t count = p.k * p.n_rows;
-    std::vector<A> coef(static_cast<size_t>(count));  // G_n x first, when computed here
-    if (products == nullptr) {
-      MfacDotsParams d;
-      d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
-      d.x = p.x;
-      d.out = coef.data();
-      d.n_rows = p.n_rows;
-      d.dim = p.dim;
-      d.k = p.k;
-      d.grads_ld = p.grads_ld;
-      d.x_ld = p.x_ld;
-      d.dtype = p.dtype;
-      mfac_dots_cpu(d, num_threads);
-      products = coef.data();
-    }
-    const A* given = static_cast<const A*>(products);
-    std::vector<double> rows(given, given + count);
-    mfac_cholesky_solve_cpu(U, u_ld, rows.data(), p.n_rows, p.n_rows, p.k);
-    for (int64_t e = 0; e < count; ++e) coef[static_cast<size_t>(e)] = static_cast<A>(rows[static_cast<size_t>(e)]);
-    MfacCombineParams c = p;
-    c.coef = coef.data();
-    mfac_combine_cpu(c, num_threads);
-  };
-  if (p.dtype == DType::float64) {
-    run(double{});
+  const int64_t count = p.k * p.n_rows;
+  std::vector<double> coef(static_cast<size_t>(count));  // G_n x, then the solve's coefficients, in fp64
+  if (products == nullptr) {
+    MfacDotsParams d;
+    d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
+    d.x = p.x;
+    d.out = coef.data();
+    d.n_rows = p.n_rows;
+    d.dim = p.dim;
+    d.k = p.k;
+    d.grads_ld = p.grads_ld;
+    d.x_ld = p.x_ld;
+    d.dtype = p.dtype;
+    d.wide = true;
+    mfac_dots_cpu(d, num_threads);
   } else {
-    run(float{});
+    const double* given = static_cast<const double*>(products);
+    std::copy(given, given + count, coef.begin());
   }
+  mfac_cholesky_solve_cpu(U, u_ld, coef.data(), p.n_rows, p.n_rows, p.k);
+  MfacCombineParams c = p;
+  c.coef = coef.data();
+  c.wide = true;
+  mfac_combine_cpu(c, num_threads);
 }
 
 void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {

@@ -48,7 +48,7 @@ class MFAC(torch.optim.Optimizer):
         L2 penalty added to the gradient before preconditioning (as the official code).
     storage_dtype : torch.dtype, optional
         Dtype of the gradient window: float32 (default for float32 parameters) or bfloat16
-        (half the memory; sums in float32).  float64 parameters use float64 throughout.
+        (half the memory; sums in float64 as for float32).  float64 parameters use float64 throughout.
 
     Notes
     -----

@@ -853,6 +853,55 @@ def test_optimizer_groups_closure_state_dict(generator):
         assert torch.equal(p, q)
 
 
+def test_optimizer_sparse_keeps_pruned_weights_zero(generator):
+    """sparse=True (official M-FAC's sparse): fine-tuning after OBS pruning keeps every
+    pruned weight exactly zero, where the dense optimizer re-grows them; each step is the
+    window's F^-1 g restricted to the kept weights (an MFACInverse over g[mask], nnz
+    entries, fed the same gradients), scattered back; the mask survives state_dict (as
+    bool: the base class would cast it to the parameters' dtype)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    X = randn(64, 8, generator=generator)
+    y = randn(64, 1, generator=generator)
+    pruned = [model[0].weight, model[2].weight]
+    G = collect_gradients(pruned, lambda b: torch.nn.functional.mse_loss(model(X[b]), y[b]),
+                          [slice(i, i + 4) for i in range(0, 64, 4)])
+    masks = obs_prune(pruned, G, 1e-3, 0.5, block_size=32)
+    dense = copy.deepcopy(model)
+    params = list(model.parameters())
+    opt = MFAC(params, lr=1e-3, ngrads=4, damp=1e-2, momentum=0.5, sparse=True)
+    dense_opt = MFAC(dense.parameters(), lr=1e-3, ngrads=4, damp=1e-2, momentum=0.5)
+    kept = torch.cat([p.detach().reshape(-1) != 0 for p in params])
+    twin = MFACInverse(int(kept.sum()), 4, 1e-2)
+    buf = None
+    for _ in range(6):
+        before = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+        for net, optimizer in ((model, opt), (dense, dense_opt)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(net(X), y).backward()
+            optimizer.step()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        direction = twin.update_ihvp(g[kept])
+        buf = direction.clone() if buf is None else buf.mul_(0.5).add_(direction)
+        step = torch.zeros_like(before).masked_scatter_(kept, buf)
+        after = torch.cat([p.detach().reshape(-1) for p in params])
+        torch.testing.assert_close(after, before - 1e-3 * step, rtol=1e-5, atol=1e-7)
+    for p, m in zip(pruned, masks):
+        assert torch.all(p[~m] == 0) and torch.all(p[m] != 0)
+    assert all(torch.any(p[~m] != 0) for p, m in zip((dense[0].weight, dense[2].weight), masks))
+    assert opt.state[params[0]]["inverse"].dim == int(kept.sum()) < kept.numel()
+    restored = MFAC(copy.deepcopy(model).parameters(), lr=1e-3, ngrads=4, damp=1e-2, momentum=0.5, sparse=True)
+    restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+    mask = restored.state[restored.param_groups[0]["params"][0]]["mask"]
+    assert mask.dtype == torch.bool and torch.equal(mask, kept)
+    with pytest.raises(ValueError, match="sparse=True, but every weight of the group is zero"):
+        zero = torch.nn.Parameter(torch.zeros(3))
+        zero.grad = torch.ones(3)
+        MFAC([zero], sparse=True).step()
+    with pytest.raises(TypeError, match="sparse must be a bool; got int"):
+        MFAC(params, sparse=1)
+
+
 def test_optimizer_bad_arguments():
     p = [torch.nn.Parameter(torch.zeros(3))]
     for kwargs, message in (({"lr": 0}, "lr must be > 0"), ({"damp": 0}, "damp must be > 0"),

@@ -10,21 +10,26 @@
 //
 // Accuracy: every sum runs in fp64 (lowrank_ops/mfac.h says why): the stored values and
 // x are widened exactly, their products are exact in fp64 for fp32/bf16/fp16 data, and
-// each chunk's dot product runs over 2 * 4 independent fp64 partial sums; chunk sums are
-// accumulated per task and the tasks' partials summed in task order at the end
-// (deterministic whichever thread ran a task).  The combine rounds its fp64 result to
-// the output type once.
+// each chunk's dot product runs over 2 * N independent fp64 partial sums (N = 4 or 8
+// lanes); chunk sums are accumulated per task and the tasks' partials summed in task
+// order at the end (deterministic whichever thread ran a task, for a given N).  The
+// combine rounds its fp64 result to the output type once.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "lowrank_ops/cpu_features.h"
 #include "lowrank_ops/mfac.h"
 #include "lowrank_ops/parallel.h"
+#include "lowrank_ops/simd.h"
 
+#define LOWRANK_INLINE inline __attribute__((always_inline))
 #define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LOWRANK_AVX512 __attribute__((target("arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {
@@ -37,46 +42,58 @@ constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads c
 // 15 -> 10.5 us, 15000 29.5 -> 13 us (the buffer then fits the two cores' L2 together).
 constexpr int64_t kMinTaskColumns = 2048;
 
-// 32-byte SIMD vectors of 4 fp64 lanes through GCC/Clang vector extensions (one ymm
-// register under the AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage
-// types with a vector load widen 4 elements exactly to fp64: float (one vcvtps2pd from
-// memory), double, and bf16 (vpmovzxwd, a 16-bit shift, vcvtps2pd); fp16 takes the
-// scalar path.  The widening loads are written element by element: the vectorizer then
-// emits those single instructions in each clone, where __builtin_convertvector from 4
-// floats came out as two 2-lane conversions and an insert.  Written out because the
-// auto-vectorizer handles the multi-row loops below poorly (measured 2x slower than this
-// in cache).  fp64 sums against the former fp32 ones: 4 lanes per FMA instead of 8, plus
-// one conversion per 4 elements of G; the passes stay close to memory-bound
-// (bench/bench_mfac.py; the measurement is in this branch's commit message).
-typedef double VecD __attribute__((vector_size(32)));
-typedef double VecDU __attribute__((vector_size(32), aligned(8)));
-
-constexpr int kLanes = 4;  // fp64 lanes of VecD
+// fp64 SIMD vectors through GCC/Clang vector extensions (simd.h): N = 4 lanes (32 bytes:
+// one ymm register under the AVX2 / AVX-512 clones, two xmm registers on the baseline)
+// in the cloned kernels, N = 8 (one zmm register) in the AVX-512 ones, chosen at run time
+// (use_avx512).  Storage types with a vector load widen N elements exactly to fp64:
+// float (one vcvtps2pd from memory), double, and bf16 (vpmovzxwd, a 16-bit shift,
+// vcvtps2pd); fp16 takes the scalar path.  The widening loads are written element by
+// element: the vectorizer then emits those single instructions in each kernel, where
+// __builtin_convertvector from 4 floats came out as two 2-lane conversions and an insert.
+// Written out because the auto-vectorizer handles the multi-row loops below poorly
+// (measured 2x slower than this in cache).  Against the former fp32 sums: the same lanes
+// per FMA on AVX-512 (8 fp64 lanes in a zmm against 8 fp32 in a ymm) plus one conversion
+// per 8 elements of G; the passes stay memory-bound for fp32 storage (the measurement
+// is in this branch's commit message).
+template <int N>
+using VecD = std::conditional_t<N == 4, Vec<double>, WideVec<double>>;
 
 template <class T>
-struct Wide {
-  static constexpr bool kEnabled = false;
-};
-template <>
-struct Wide<float> {
-  static constexpr bool kEnabled = true;
-  static VecD load(const float* p) { return VecD{p[0], p[1], p[2], p[3]}; }
-};
-template <>
-struct Wide<double> {
-  static constexpr bool kEnabled = true;
-  static VecD load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
-};
-template <>
-struct Wide<BFloat16Host> {
-  static constexpr bool kEnabled = true;
-  static VecD load(const BFloat16Host* p) { return VecD{to_acc(p[0]), to_acc(p[1]), to_acc(p[2]), to_acc(p[3])}; }
-};
+constexpr bool kWidens = std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, BFloat16Host>;
 
-inline VecD load_acc(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
-inline void store_acc(double* p, VecD v) { *reinterpret_cast<VecDU*>(p) = v; }
+template <int N, class T, size_t... I>
+LOWRANK_INLINE VecD<N> widen(const T* p, std::index_sequence<I...>) {
+  return VecD<N>{static_cast<double>(to_acc(p[I]))...};
+}
+template <int N, class T>
+LOWRANK_INLINE VecD<N> widen(const T* p) {
+  return widen<N>(p, std::make_index_sequence<N>{});
+}
 
-inline double horizontal_sum(VecD v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+// Unaligned moves through memcpy (simd.h: an aligned() typedef reached through a template
+// parameter loses its alignment, and the aligned moves would fault).
+template <int N>
+LOWRANK_INLINE VecD<N> load_acc(const double* p) {
+  VecD<N> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int N>
+LOWRANK_INLINE void store_acc(double* p, VecD<N> v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+template <int N>
+LOWRANK_INLINE double horizontal_sum(VecD<N> v) {
+  double sum = v[0];
+  for (int lane = 1; lane < N; ++lane) sum += v[lane];
+  return sum;
+}
+
+inline bool use_avx512() {
+  static const bool avx512 = detect_cpu_features().avx512f;
+  return avx512;
+}
 
 // Software prefetch of a buffer row kPrefetchBytes ahead of the loads: the hardware
 // streamers stop at every 4 KB page and the kernels interleave several row streams, so
@@ -92,24 +109,24 @@ inline void prefetch_ahead(const T* p) {
 
 // out[r] = sum_c a[r][c] * b[c] over n elements in fp64, for kRows rows at once: each
 // load of b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators
-// hide the FMA latency.  Every row is summed over 2 * 4 fp64 partial sums.  X: the type
+// hide the FMA latency.  Every row is summed over 2 * N fp64 partial sums.  X: the type
 // of b (the compute type: float or double).
-template <class T, class X, int kRows>
-LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const X* b, int64_t n, double* out) {
+template <class T, class X, int kRows, int N>
+LOWRANK_INLINE void dot_rows_body(const T* const* a, const X* b, int64_t n, double* out) {
   int64_t c = 0;
   double tail[kRows] = {};
-  if constexpr (Wide<T>::kEnabled) {
-    constexpr int L = kLanes;
-    VecD acc0[kRows] = {}, acc1[kRows] = {};
-    for (; c + 2 * L <= n; c += 2 * L) {
-      const VecD b0 = Wide<X>::load(b + c), b1 = Wide<X>::load(b + c + L);
+  if constexpr (kWidens<T>) {
+    VecD<N> acc0[kRows] = {}, acc1[kRows] = {};
+    for (; c + 2 * N <= n; c += 2 * N) {
+      const VecD<N> b0 = widen<N>(b + c), b1 = widen<N>(b + c + N);
+#pragma GCC unroll 8  // the accumulators stay in registers only when the rows are unrolled
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        acc0[r] += Wide<T>::load(a[r] + c) * b0;
-        acc1[r] += Wide<T>::load(a[r] + c + L) * b1;
+        acc0[r] += widen<N>(a[r] + c) * b0;
+        acc1[r] += widen<N>(a[r] + c + N) * b1;
       }
     }
-    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum(acc0[r] + acc1[r]);
+    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<N>(acc0[r] + acc1[r]);
   }
   for (; c < n; ++c)
     for (int r = 0; r < kRows; ++r) tail[r] += static_cast<double>(to_acc(a[r][c])) * static_cast<double>(b[c]);
@@ -117,24 +134,58 @@ LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const X* b, int64_t n, doubl
 }
 
 // acc[c] += sum_r w[r] * a[r][c] over n elements in fp64, kRows rows per load and store of acc.
-template <class T, int kRows>
-LOWRANK_CPU_CLONES void axpy_rows(const double* w, const T* const* a, double* acc, int64_t n) {
+template <class T, int kRows, int N>
+LOWRANK_INLINE void axpy_rows_body(const double* w, const T* const* a, double* acc, int64_t n) {
   int64_t c = 0;
-  if constexpr (Wide<T>::kEnabled) {
-    constexpr int L = kLanes;
-    for (; c + L <= n; c += L) {
-      VecD sum = load_acc(acc + c);
+  if constexpr (kWidens<T>) {
+    for (; c + N <= n; c += N) {
+      VecD<N> sum = load_acc<N>(acc + c);
+#pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        sum += w[r] * Wide<T>::load(a[r] + c);
+        sum += w[r] * widen<N>(a[r] + c);
       }
-      store_acc(acc + c, sum);
+      store_acc<N>(acc + c, sum);
     }
   }
   for (; c < n; ++c) {
     double sum = acc[c];
     for (int r = 0; r < kRows; ++r) sum += w[r] * static_cast<double>(to_acc(a[r][c]));
     acc[c] = sum;
+  }
+}
+
+template <class T, class X, int kRows>
+LOWRANK_CPU_CLONES void dot_rows_cloned(const T* const* a, const X* b, int64_t n, double* out) {
+  dot_rows_body<T, X, kRows, 4>(a, b, n, out);
+}
+template <class T, class X, int kRows>
+LOWRANK_AVX512 void dot_rows_avx512(const T* const* a, const X* b, int64_t n, double* out) {
+  dot_rows_body<T, X, kRows, 8>(a, b, n, out);
+}
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void axpy_rows_cloned(const double* w, const T* const* a, double* acc, int64_t n) {
+  axpy_rows_body<T, kRows, 4>(w, a, acc, n);
+}
+template <class T, int kRows>
+LOWRANK_AVX512 void axpy_rows_avx512(const double* w, const T* const* a, double* acc, int64_t n) {
+  axpy_rows_body<T, kRows, 8>(w, a, acc, n);
+}
+
+template <class T, class X, int kRows>
+inline void dot_rows(bool avx512, const T* const* a, const X* b, int64_t n, double* out) {
+  if (avx512) {
+    dot_rows_avx512<T, X, kRows>(a, b, n, out);
+  } else {
+    dot_rows_cloned<T, X, kRows>(a, b, n, out);
+  }
+}
+template <class T, int kRows>
+inline void axpy_rows(bool avx512, const double* w, const T* const* a, double* acc, int64_t n) {
+  if (avx512) {
+    axpy_rows_avx512<T, kRows>(w, a, acc, n);
+  } else {
+    axpy_rows_cloned<T, kRows>(w, a, acc, n);
   }
 }
 
@@ -171,6 +222,7 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   const int64_t n_tasks = tasks_for(threads, p.dim);
   const int64_t width = p.k * p.n_rows;
+  const bool avx512 = use_avx512();
   std::vector<double> partial(static_cast<size_t>(n_tasks * width), 0.0);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
@@ -204,9 +256,9 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
           const A* xj = (j == 0 && p.write_slot >= 0 && !kExact) ? rounded.data() : x + j * p.x_ld + c0;
           double sums[kRowGroup];
           if (group == kRowGroup) {
-            dot_rows<T, A, kRowGroup>(rows, xj, n, sums);
+            dot_rows<T, A, kRowGroup>(avx512, rows, xj, n, sums);
           } else {
-            for (int64_t r = 0; r < group; ++r) dot_rows<T, A, 1>(rows + r, xj, n, sums + r);
+            for (int64_t r = 0; r < group; ++r) dot_rows<T, A, 1>(avx512, rows + r, xj, n, sums + r);
           }
           for (int64_t r = 0; r < group; ++r) acc[j * p.n_rows + i + r] += sums[r];
         }
@@ -239,6 +291,7 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
     widened.assign(given, given + p.k * p.n_rows);
     coef = widened.data();
   }
+  const bool avx512 = use_avx512();
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   // Chunk width so that the k fp64 accumulator rows fit in L1 (32 KB).
   const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (4096 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
@@ -258,9 +311,9 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
           const double* w = coef + j * p.n_rows + i;
           double* acc_j = acc.data() + j * width;
           if (group == kRowGroup) {
-            axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
+            axpy_rows<T, kRowGroup>(avx512, w, rows, acc_j, n);
           } else {
-            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(w + r, rows + r, acc_j, n);
+            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(avx512, w + r, rows + r, acc_j, n);
           }
         }
       }

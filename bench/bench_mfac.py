@@ -12,8 +12,10 @@ Ops, on a full window of m gradients of length d (float32):
 
 Implementations on the same window (the same buffer tensor is shared, see below):
 
-* ``ours``: :class:`lowrank_ops.second_order.MFACInverse` (fused C++/CUDA passes);
-* ``ours_bf16``: the same with the window stored in bfloat16 (sums in float32): half the
+* ``ours``: :class:`lowrank_ops.second_order.MFACInverse` (fused C++/CUDA passes, every
+  sum in float64, the result rounded to float32 once: within about one float32 rounding
+  of the float64 solve on the same window, whatever the damping);
+* ``ours_bf16``: the same with the window stored in bfloat16 (sums in float64): half the
   bytes.  Its window is the bf16 rounding of the shared one, with its own exact Gram
   matrix (``O(m^2 d)`` to set up, so skipped above ``m^2 d = 2e11``), and its error is
   measured against that rounded window: the kernels' error, not the storage's;

@@ -14,7 +14,7 @@ namespace lowrank_ops {
 namespace {
 
 MfacDotsParams dots_params(std::uintptr_t grads, std::uintptr_t x, std::uintptr_t out, int64_t n_rows, int64_t dim,
-                           int64_t k, int64_t grads_ld, int64_t x_ld, int64_t write_slot, int dtype) {
+                           int64_t k, int64_t grads_ld, int64_t x_ld, int64_t write_slot, int dtype, bool wide) {
   MfacDotsParams p;
   p.grads = reinterpret_cast<void*>(grads);
   p.x = reinterpret_cast<const void*>(x);
@@ -26,12 +26,13 @@ MfacDotsParams dots_params(std::uintptr_t grads, std::uintptr_t x, std::uintptr_
   p.x_ld = x_ld;
   p.write_slot = write_slot;
   p.dtype = static_cast<DType>(dtype);
+  p.wide = wide;
   return p;
 }
 
 MfacCombineParams combine_params(std::uintptr_t grads, std::uintptr_t coef, std::uintptr_t x, std::uintptr_t out,
                                  int64_t n_rows, int64_t dim, int64_t k, int64_t grads_ld, int64_t x_ld,
-                                 int64_t out_ld, double alpha, double beta, int dtype) {
+                                 int64_t out_ld, double alpha, double beta, int dtype, bool wide) {
   MfacCombineParams p;
   p.grads = reinterpret_cast<const void*>(grads);
   p.coef = reinterpret_cast<const void*>(coef);
@@ -46,6 +47,7 @@ MfacCombineParams combine_params(std::uintptr_t grads, std::uintptr_t coef, std:
   p.alpha = alpha;
   p.beta = beta;
   p.dtype = static_cast<DType>(dtype);
+  p.wide = wide;
   return p;
 }
 
@@ -61,13 +63,13 @@ LOWRANK_OPS_BINDINGS(mfac) {
   m.def(
       "mfac_dots_cpu",
       [](std::uintptr_t grads, std::uintptr_t x, std::uintptr_t out, int64_t n_rows, int64_t dim, int64_t k,
-         int64_t grads_ld, int64_t x_ld, int64_t write_slot, int dtype, int num_threads) {
-        const MfacDotsParams p = dots_params(grads, x, out, n_rows, dim, k, grads_ld, x_ld, write_slot, dtype);
+         int64_t grads_ld, int64_t x_ld, int64_t write_slot, int dtype, bool wide, int num_threads) {
+        const MfacDotsParams p = dots_params(grads, x, out, n_rows, dim, k, grads_ld, x_ld, write_slot, dtype, wide);
         py::gil_scoped_release release;
         mfac_dots_cpu(p, num_threads);
       },
       dots_doc, py::kw_only(), "grads"_a, "x"_a, "out"_a, "n_rows"_a, "dim"_a, "k"_a, "grads_ld"_a, "x_ld"_a,
-      "write_slot"_a, "dtype"_a, "num_threads"_a);
+      "write_slot"_a, "dtype"_a, "wide"_a, "num_threads"_a);
   m.def(
       "mfac_dots_cuda_segments",
       [](int64_t n_rows, int64_t dim, int64_t k) -> int64_t {
@@ -83,9 +85,9 @@ LOWRANK_OPS_BINDINGS(mfac) {
       "mfac_dots_cuda",
       [](std::uintptr_t grads, std::uintptr_t x, std::uintptr_t out, std::uintptr_t workspace, int64_t workspace_elems,
          int64_t n_rows, int64_t dim, int64_t k, int64_t grads_ld, int64_t x_ld, int64_t write_slot, int dtype,
-         int device, std::uintptr_t stream) {
+         bool wide, int device, std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
-        const MfacDotsParams p = dots_params(grads, x, out, n_rows, dim, k, grads_ld, x_ld, write_slot, dtype);
+        const MfacDotsParams p = dots_params(grads, x, out, n_rows, dim, k, grads_ld, x_ld, write_slot, dtype, wide);
         py::gil_scoped_release release;
         mfac_dots_cuda(p, reinterpret_cast<void*>(workspace), workspace_elems, device, stream);
 #else
@@ -93,27 +95,27 @@ LOWRANK_OPS_BINDINGS(mfac) {
 #endif
       },
       dots_doc, py::kw_only(), "grads"_a, "x"_a, "out"_a, "workspace"_a, "workspace_elems"_a, "n_rows"_a, "dim"_a,
-      "k"_a, "grads_ld"_a, "x_ld"_a, "write_slot"_a, "dtype"_a, "device"_a, "stream"_a);
+      "k"_a, "grads_ld"_a, "x_ld"_a, "write_slot"_a, "dtype"_a, "wide"_a, "device"_a, "stream"_a);
   m.def(
       "mfac_combine_cpu",
       [](std::uintptr_t grads, std::uintptr_t coef, std::uintptr_t x, std::uintptr_t out, int64_t n_rows, int64_t dim,
-         int64_t k, int64_t grads_ld, int64_t x_ld, int64_t out_ld, double alpha, double beta, int dtype,
+         int64_t k, int64_t grads_ld, int64_t x_ld, int64_t out_ld, double alpha, double beta, int dtype, bool wide,
          int num_threads) {
         const MfacCombineParams p =
-            combine_params(grads, coef, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype);
+            combine_params(grads, coef, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype, wide);
         py::gil_scoped_release release;
         mfac_combine_cpu(p, num_threads);
       },
       combine_doc, py::kw_only(), "grads"_a, "coef"_a, "x"_a, "out"_a, "n_rows"_a, "dim"_a, "k"_a, "grads_ld"_a,
-      "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "num_threads"_a);
+      "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "wide"_a, "num_threads"_a);
   m.def(
       "mfac_combine_cuda",
       [](std::uintptr_t grads, std::uintptr_t coef, std::uintptr_t x, std::uintptr_t out, int64_t n_rows, int64_t dim,
-         int64_t k, int64_t grads_ld, int64_t x_ld, int64_t out_ld, double alpha, double beta, int dtype, int device,
-         std::uintptr_t stream) {
+         int64_t k, int64_t grads_ld, int64_t x_ld, int64_t out_ld, double alpha, double beta, int dtype, bool wide,
+         int device, std::uintptr_t stream) {
 #ifdef LOWRANK_OPS_WITH_CUDA
         const MfacCombineParams p =
-            combine_params(grads, coef, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype);
+            combine_params(grads, coef, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype, wide);
         py::gil_scoped_release release;
         mfac_combine_cuda(p, device, stream);
 #else
@@ -121,20 +123,20 @@ LOWRANK_OPS_BINDINGS(mfac) {
 #endif
       },
       combine_doc, py::kw_only(), "grads"_a, "coef"_a, "x"_a, "out"_a, "n_rows"_a, "dim"_a, "k"_a, "grads_ld"_a,
-      "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "device"_a, "stream"_a);
+      "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "wide"_a, "device"_a, "stream"_a);
   m.def(
       "mfac_apply_cpu",
       [](std::uintptr_t grads, std::uintptr_t x, std::uintptr_t out, std::uintptr_t U, int64_t u_ld,
          std::uintptr_t products, int64_t n_rows, int64_t dim, int64_t k, int64_t grads_ld, int64_t x_ld,
          int64_t out_ld, double alpha, double beta, int dtype, int num_threads) {
         const MfacCombineParams p =
-            combine_params(grads, 0, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype);
+            combine_params(grads, 0, x, out, n_rows, dim, k, grads_ld, x_ld, out_ld, alpha, beta, dtype, true);
         py::gil_scoped_release release;
         mfac_apply_cpu(p, reinterpret_cast<const double*>(U), u_ld, reinterpret_cast<const void*>(products),
                        num_threads);
       },
-      "out = alpha * x + beta * coef G_n with coef = (U^T U)^-1 products (float64 solve), products = G_n x when 0;\n"
-      "dots, solve and combine in one call.  See csrc/include/lowrank_ops/mfac.h.",
+      "out = alpha * x + beta * coef G_n with coef = (U^T U)^-1 products (float64 solve), products (float64) = G_n x\n"
+      "when 0; dots, solve and combine in one call.  See csrc/include/lowrank_ops/mfac.h.",
       py::kw_only(), "grads"_a, "x"_a, "out"_a, "U"_a, "u_ld"_a, "products"_a, "n_rows"_a, "dim"_a, "k"_a,
       "grads_ld"_a, "x_ld"_a, "out_ld"_a, "alpha"_a, "beta"_a, "dtype"_a, "num_threads"_a);
   m.def(

@@ -8,21 +8,28 @@
 // the rows' chunks are streamed from memory once, so x is read once per pass instead of
 // once per row (which would double the traffic for fp32 storage at k = 1).
 //
-// Accuracy: each chunk's dot product runs over 2 * SIMD-lanes independent partial sums
-// (16 for fp32); chunk sums are accumulated per task and the tasks' partials summed in
-// task order at the end (deterministic whichever thread ran a task), so the rounding
-// error grows with kChunk / 16 + dim / kChunk + tasks, not with dim.
+// Accuracy: every sum runs in fp64 (lowrank_ops/mfac.h says why): the stored values and
+// x are widened exactly, their products are exact in fp64 for fp32/bf16/fp16 data, and
+// each chunk's dot product runs over 2 * N independent fp64 partial sums (N = 4 or 8
+// lanes); chunk sums are accumulated per task and the tasks' partials summed in task
+// order at the end (deterministic whichever thread ran a task, for a given N).  The
+// combine rounds its fp64 result to the output type once.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "lowrank_ops/cpu_features.h"
 #include "lowrank_ops/mfac.h"
 #include "lowrank_ops/parallel.h"
+#include "lowrank_ops/simd.h"
 
+#define LOWRANK_INLINE inline __attribute__((always_inline))
 #define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#define LOWRANK_AVX512 __attribute__((target("arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {
@@ -35,60 +42,57 @@ constexpr int64_t kSerialWork = 1 << 17;  // elements of G below which threads c
 // 15 -> 10.5 us, 15000 29.5 -> 13 us (the buffer then fits the two cores' L2 together).
 constexpr int64_t kMinTaskColumns = 2048;
 
-// 32-byte SIMD vectors through GCC/Clang vector extensions (one ymm register under the
-// AVX2/AVX-512 clones, two xmm registers on the baseline).  Storage types with a vector
-// load: float, double and bf16 (widened exactly by a 16-bit shift); fp16 takes the
-// scalar path.  Written out because the auto-vectorizer handles the multi-row loops
-// below poorly (measured 2x slower than this in cache).
-typedef float VecF __attribute__((vector_size(32)));
-typedef float VecFU __attribute__((vector_size(32), aligned(4)));
-typedef double VecD __attribute__((vector_size(32)));
-typedef double VecDU __attribute__((vector_size(32), aligned(8)));
-typedef uint16_t VecH8U __attribute__((vector_size(16), aligned(2)));
-typedef uint32_t VecU8 __attribute__((vector_size(32)));
+// fp64 SIMD vectors through GCC/Clang vector extensions (simd.h): N = 4 lanes (32 bytes:
+// one ymm register under the AVX2 / AVX-512 clones, two xmm registers on the baseline)
+// in the cloned kernels, N = 8 (one zmm register) in the AVX-512 ones, chosen at run time
+// (use_avx512).  Storage types with a vector load widen N elements exactly to fp64:
+// float (one vcvtps2pd from memory), double, and bf16 (vpmovzxwd, a 16-bit shift,
+// vcvtps2pd); fp16 takes the scalar path.  The widening loads are written element by
+// element: the vectorizer then emits those single instructions in each kernel, where
+// __builtin_convertvector from 4 floats came out as two 2-lane conversions and an insert.
+// Written out because the auto-vectorizer handles the multi-row loops below poorly
+// (measured 2x slower than this in cache).  Against the former fp32 sums: the same lanes
+// per FMA on AVX-512 (8 fp64 lanes in a zmm against 8 fp32 in a ymm) plus one conversion
+// per 8 elements of G; the passes stay memory-bound for fp32 storage (the measurement
+// is in this branch's commit message).
+template <int N>
+using VecD = std::conditional_t<N == 4, Vec<double>, WideVec<double>>;
 
 template <class T>
-struct Simd {
-  static constexpr bool kEnabled = false;
-};
-template <>
-struct Simd<float> {
-  static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 8;
-  using Vec = VecF;
-  static Vec load(const float* p) { return *reinterpret_cast<const VecFU*>(p); }
-  static Vec load_acc(const float* p) { return load(p); }
-  static void store(float* p, Vec v) { *reinterpret_cast<VecFU*>(p) = v; }
-};
-template <>
-struct Simd<double> {
-  static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 4;
-  using Vec = VecD;
-  static Vec load(const double* p) { return *reinterpret_cast<const VecDU*>(p); }
-  static Vec load_acc(const double* p) { return load(p); }
-  static void store(double* p, Vec v) { *reinterpret_cast<VecDU*>(p) = v; }
-};
-template <>
-struct Simd<BFloat16Host> {
-  static constexpr bool kEnabled = true;
-  static constexpr int kLanes = 8;
-  using Vec = VecF;
-  static Vec load(const BFloat16Host* p) {
-    const VecU8 bits = __builtin_convertvector(*reinterpret_cast<const VecH8U*>(p), VecU8) << 16;
-    Vec v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-  }
-  static Vec load_acc(const float* p) { return Simd<float>::load(p); }
-  static void store(float* p, Vec v) { Simd<float>::store(p, v); }
-};
+constexpr bool kWidens = std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, BFloat16Host>;
 
-template <class V, int kLanes>
-inline auto horizontal_sum(V v) {
-  auto sum = v[0];
-  for (int lane = 1; lane < kLanes; ++lane) sum += v[lane];
+template <int N, class T, size_t... I>
+LOWRANK_INLINE VecD<N> widen(const T* p, std::index_sequence<I...>) {
+  return VecD<N>{static_cast<double>(to_acc(p[I]))...};
+}
+template <int N, class T>
+LOWRANK_INLINE VecD<N> widen(const T* p) {
+  return widen<N>(p, std::make_index_sequence<N>{});
+}
+
+// Unaligned moves through memcpy (simd.h: an aligned() typedef reached through a template
+// parameter loses its alignment, and the aligned moves would fault).
+template <int N>
+LOWRANK_INLINE VecD<N> load_acc(const double* p) {
+  VecD<N> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int N>
+LOWRANK_INLINE void store_acc(double* p, VecD<N> v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+template <int N>
+LOWRANK_INLINE double horizontal_sum(VecD<N> v) {
+  double sum = v[0];
+  for (int lane = 1; lane < N; ++lane) sum += v[lane];
   return sum;
+}
+
+inline bool use_avx512() {
+  static const bool avx512 = detect_cpu_features().avx512f;
+  return avx512;
 }
 
 // Software prefetch of a buffer row kPrefetchBytes ahead of the loads: the hardware
@@ -103,53 +107,85 @@ inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
 }
 
-// out[r] = sum_c a[r][c] * b[c] over n elements, for kRows rows at once: each load of
-// b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators hide the
-// FMA latency.  Every row is summed over 2 * lanes partial sums (16 for fp32).
-template <class T, int kRows>
-LOWRANK_CPU_CLONES void dot_rows(const T* const* a, const acc_t<T>* b, int64_t n, acc_t<T>* out) {
-  using A = acc_t<T>;
+// out[r] = sum_c a[r][c] * b[c] over n elements in fp64, for kRows rows at once: each
+// load of b feeds kRows multiply-adds, and 2 * kRows independent vector accumulators
+// hide the FMA latency.  Every row is summed over 2 * N fp64 partial sums.  X: the type
+// of b (the compute type: float or double).
+template <class T, class X, int kRows, int N>
+LOWRANK_INLINE void dot_rows_body(const T* const* a, const X* b, int64_t n, double* out) {
   int64_t c = 0;
-  A tail[kRows] = {};
-  if constexpr (Simd<T>::kEnabled) {
-    using S = Simd<T>;
-    constexpr int L = S::kLanes;
-    typename S::Vec acc0[kRows] = {}, acc1[kRows] = {};
-    for (; c + 2 * L <= n; c += 2 * L) {
-      const auto b0 = S::load_acc(b + c), b1 = S::load_acc(b + c + L);
+  double tail[kRows] = {};
+  if constexpr (kWidens<T>) {
+    VecD<N> acc0[kRows] = {}, acc1[kRows] = {};
+    for (; c + 2 * N <= n; c += 2 * N) {
+      const VecD<N> b0 = widen<N>(b + c), b1 = widen<N>(b + c + N);
+#pragma GCC unroll 8  // the accumulators stay in registers only when the rows are unrolled
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        acc0[r] += S::load(a[r] + c) * b0;
-        acc1[r] += S::load(a[r] + c + L) * b1;
+        acc0[r] += widen<N>(a[r] + c) * b0;
+        acc1[r] += widen<N>(a[r] + c + N) * b1;
       }
     }
-    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<typename S::Vec, L>(acc0[r] + acc1[r]);
+    for (int r = 0; r < kRows; ++r) tail[r] = horizontal_sum<N>(acc0[r] + acc1[r]);
   }
   for (; c < n; ++c)
-    for (int r = 0; r < kRows; ++r) tail[r] += to_acc(a[r][c]) * b[c];
+    for (int r = 0; r < kRows; ++r) tail[r] += static_cast<double>(to_acc(a[r][c])) * static_cast<double>(b[c]);
   for (int r = 0; r < kRows; ++r) out[r] = tail[r];
 }
 
-// acc[c] += sum_r w[r] * a[r][c] over n elements, kRows rows per load and store of acc.
-template <class T, int kRows>
-LOWRANK_CPU_CLONES void axpy_rows(const acc_t<T>* w, const T* const* a, acc_t<T>* acc, int64_t n) {
+// acc[c] += sum_r w[r] * a[r][c] over n elements in fp64, kRows rows per load and store of acc.
+template <class T, int kRows, int N>
+LOWRANK_INLINE void axpy_rows_body(const double* w, const T* const* a, double* acc, int64_t n) {
   int64_t c = 0;
-  if constexpr (Simd<T>::kEnabled) {
-    using S = Simd<T>;
-    constexpr int L = S::kLanes;
-    for (; c + L <= n; c += L) {
-      auto sum = S::load_acc(acc + c);
+  if constexpr (kWidens<T>) {
+    for (; c + N <= n; c += N) {
+      VecD<N> sum = load_acc<N>(acc + c);
+#pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
         prefetch_ahead(a[r] + c);
-        sum += w[r] * S::load(a[r] + c);
+        sum += w[r] * widen<N>(a[r] + c);
       }
-      S::store(acc + c, sum);
+      store_acc<N>(acc + c, sum);
     }
   }
   for (; c < n; ++c) {
-    acc_t<T> sum = acc[c];
-    for (int r = 0; r < kRows; ++r) sum += w[r] * to_acc(a[r][c]);
+    double sum = acc[c];
+    for (int r = 0; r < kRows; ++r) sum += w[r] * static_cast<double>(to_acc(a[r][c]));
     acc[c] = sum;
+  }
+}
+
+template <class T, class X, int kRows>
+LOWRANK_CPU_CLONES void dot_rows_cloned(const T* const* a, const X* b, int64_t n, double* out) {
+  dot_rows_body<T, X, kRows, 4>(a, b, n, out);
+}
+template <class T, class X, int kRows>
+LOWRANK_AVX512 void dot_rows_avx512(const T* const* a, const X* b, int64_t n, double* out) {
+  dot_rows_body<T, X, kRows, 8>(a, b, n, out);
+}
+template <class T, int kRows>
+LOWRANK_CPU_CLONES void axpy_rows_cloned(const double* w, const T* const* a, double* acc, int64_t n) {
+  axpy_rows_body<T, kRows, 4>(w, a, acc, n);
+}
+template <class T, int kRows>
+LOWRANK_AVX512 void axpy_rows_avx512(const double* w, const T* const* a, double* acc, int64_t n) {
+  axpy_rows_body<T, kRows, 8>(w, a, acc, n);
+}
+
+template <class T, class X, int kRows>
+inline void dot_rows(bool avx512, const T* const* a, const X* b, int64_t n, double* out) {
+  if (avx512) {
+    dot_rows_avx512<T, X, kRows>(a, b, n, out);
+  } else {
+    dot_rows_cloned<T, X, kRows>(a, b, n, out);
+  }
+}
+template <class T, int kRows>
+inline void axpy_rows(bool avx512, const double* w, const T* const* a, double* acc, int64_t n) {
+  if (avx512) {
+    axpy_rows_avx512<T, kRows>(w, a, acc, n);
+  } else {
+    axpy_rows_cloned<T, kRows>(w, a, acc, n);
   }
 }
 
@@ -183,14 +219,14 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
   using A = acc_t<T>;
   T* grads = static_cast<T*>(p.grads);
   const A* x = static_cast<const A*>(p.x);
-  A* out = static_cast<A*>(p.out);
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
   const int64_t n_tasks = tasks_for(threads, p.dim);
   const int64_t width = p.k * p.n_rows;
-  std::vector<A> partial(static_cast<size_t>(n_tasks * width), A(0));
+  const bool avx512 = use_avx512();
+  std::vector<double> partial(static_cast<size_t>(n_tasks * width), 0.0);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
-    A* acc = partial.data() + task * width;
+    double* acc = partial.data() + task * width;
     // Storage exactly representing x (fp32, fp64) needs no rounded copy of x[0].
     constexpr bool kExact = std::is_same_v<T, A>;
     std::vector<A> rounded(p.write_slot >= 0 && !kExact ? static_cast<size_t>(kChunk) : 0);
@@ -218,11 +254,11 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
         for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
           const A* xj = (j == 0 && p.write_slot >= 0 && !kExact) ? rounded.data() : x + j * p.x_ld + c0;
-          A sums[kRowGroup];
+          double sums[kRowGroup];
           if (group == kRowGroup) {
-            dot_rows<T, kRowGroup>(rows, xj, n, sums);
+            dot_rows<T, A, kRowGroup>(avx512, rows, xj, n, sums);
           } else {
-            for (int64_t r = 0; r < group; ++r) dot_rows<T, 1>(rows + r, xj, n, sums + r);
+            for (int64_t r = 0; r < group; ++r) dot_rows<T, A, 1>(avx512, rows + r, xj, n, sums + r);
           }
           for (int64_t r = 0; r < group; ++r) acc[j * p.n_rows + i + r] += sums[r];
         }
@@ -230,9 +266,13 @@ void dots_typed(const MfacDotsParams& p, int num_threads) {
     }
   });
   for (int64_t e = 0; e < width; ++e) {
-    A sum = 0;
+    double sum = 0;
     for (int64_t t = 0; t < n_tasks; ++t) sum += partial[static_cast<size_t>(t * width + e)];
-    out[e] = sum;
+    if (p.wide) {
+      static_cast<double*>(p.out)[e] = sum;
+    } else {
+      static_cast<A*>(p.out)[e] = static_cast<A>(sum);
+    }
   }
 }
 
@@ -240,43 +280,52 @@ template <class T>
 void combine_typed(const MfacCombineParams& p, int num_threads) {
   using A = acc_t<T>;
   const T* grads = static_cast<const T*>(p.grads);
-  const A* coef = static_cast<const A*>(p.coef);
   const A* x = static_cast<const A*>(p.x);
   A* out = static_cast<A*>(p.out);
-  const A alpha = static_cast<A>(p.alpha), beta = static_cast<A>(p.beta);
+  const double alpha = p.alpha, beta = p.beta;
+  // The coefficients in fp64 (a copy of k * n_rows values when given in the acc type).
+  std::vector<double> widened;
+  const double* coef = static_cast<const double*>(p.coef);
+  if (!p.wide && !std::is_same_v<A, double>) {
+    const A* given = static_cast<const A*>(p.coef);
+    widened.assign(given, given + p.k * p.n_rows);
+    coef = widened.data();
+  }
+  const bool avx512 = use_avx512();
   const int threads = threads_for(p.n_rows * p.dim * p.k, num_threads, p.dim);
-  // Chunk width so that the k accumulator rows fit in L1 (32 KB of fp32).
-  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (8192 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
+  // Chunk width so that the k fp64 accumulator rows fit in L1 (32 KB).
+  const int64_t chunk = std::max<int64_t>(kAlign, std::min<int64_t>(kChunk, (4096 / std::max<int64_t>(p.k, 1)) / kAlign * kAlign));
   const int64_t n_tasks = tasks_for(threads, p.dim);
   parallel_for(n_tasks, threads, [&](int64_t task) {
     const int64_t begin = range_begin(task, n_tasks, p.dim), end = range_begin(task + 1, n_tasks, p.dim);
     const int64_t width = std::min(chunk, end - begin);  // accumulator row length: no more than the range
-    std::vector<A> acc(static_cast<size_t>(p.k * width));
+    std::vector<double> acc(static_cast<size_t>(p.k * width));
     for (int64_t c0 = begin; c0 < end; c0 += chunk) {
       const int64_t n = std::min(chunk, end - c0);
-      std::fill(acc.begin(), acc.end(), A(0));
+      std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t i = 0; i < p.n_rows; i += kRowGroup) {
         const int64_t group = std::min<int64_t>(kRowGroup, p.n_rows - i);
         const T* rows[kRowGroup];
         for (int64_t r = 0; r < group; ++r) rows[r] = grads + (i + r) * p.grads_ld + c0;
         for (int64_t j = 0; j < p.k; ++j) {
-          const A* w = coef + j * p.n_rows + i;
-          A* acc_j = acc.data() + j * width;
+          const double* w = coef + j * p.n_rows + i;
+          double* acc_j = acc.data() + j * width;
           if (group == kRowGroup) {
-            axpy_rows<T, kRowGroup>(w, rows, acc_j, n);
+            axpy_rows<T, kRowGroup>(avx512, w, rows, acc_j, n);
           } else {
-            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(w + r, rows + r, acc_j, n);
+            for (int64_t r = 0; r < group; ++r) axpy_rows<T, 1>(avx512, w + r, rows + r, acc_j, n);
           }
         }
       }
+      // alpha x + beta acc in fp64 (the cancellation of x - G^T c happens here), rounded once.
       for (int64_t j = 0; j < p.k; ++j) {
         A* y = out + j * p.out_ld + c0;
-        const A* a = acc.data() + j * width;
-        if (alpha == A(0)) {
-          for (int64_t c = 0; c < n; ++c) y[c] = beta * a[c];
+        const double* a = acc.data() + j * width;
+        if (alpha == 0.0) {
+          for (int64_t c = 0; c < n; ++c) y[c] = static_cast<A>(beta * a[c]);
         } else {
           const A* xj = x + j * p.x_ld + c0;
-          for (int64_t c = 0; c < n; ++c) y[c] = alpha * xj[c] + beta * a[c];
+          for (int64_t c = 0; c < n; ++c) y[c] = static_cast<A>(alpha * static_cast<double>(xj[c]) + beta * a[c]);
         }
       }
     }
@@ -335,37 +384,30 @@ void mfac_combine_cpu(const MfacCombineParams& p, int num_threads) {
 void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads) {
   // The passes and the solve check their own arguments; only the buffers' sizes are needed first.
   LOWRANK_CHECK(p.n_rows >= 0 && p.k >= 0, "mfac_apply: sizes must be non-negative; got n_rows=", p.n_rows, ", k=", p.k);
-  auto run = [&](auto acc_tag) {
-    using A = decltype(acc_tag);
-    const int64_t count = p.k * p.n_rows;
-    std::vector<A> coef(static_cast<size_t>(count));  // G_n x first, when computed here
-    if (products == nullptr) {
-      MfacDotsParams d;
-      d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
-      d.x = p.x;
-      d.out = coef.data();
-      d.n_rows = p.n_rows;
-      d.dim = p.dim;
-      d.k = p.k;
-      d.grads_ld = p.grads_ld;
-      d.x_ld = p.x_ld;
-      d.dtype = p.dtype;
-      mfac_dots_cpu(d, num_threads);
-      products = coef.data();
-    }
-    const A* given = static_cast<const A*>(products);
-    std::vector<double> rows(given, given + count);
-    mfac_cholesky_solve_cpu(U, u_ld, rows.data(), p.n_rows, p.n_rows, p.k);
-    for (int64_t e = 0; e < count; ++e) coef[static_cast<size_t>(e)] = static_cast<A>(rows[static_cast<size_t>(e)]);
-    MfacCombineParams c = p;
-    c.coef = coef.data();
-    mfac_combine_cpu(c, num_threads);
-  };
-  if (p.dtype == DType::float64) {
-    run(double{});
+  const int64_t count = p.k * p.n_rows;
+  std::vector<double> coef(static_cast<size_t>(count));  // G_n x, then the solve's coefficients, in fp64
+  if (products == nullptr) {
+    MfacDotsParams d;
+    d.grads = const_cast<void*>(p.grads);  // read only: write_slot = -1
+    d.x = p.x;
+    d.out = coef.data();
+    d.n_rows = p.n_rows;
+    d.dim = p.dim;
+    d.k = p.k;
+    d.grads_ld = p.grads_ld;
+    d.x_ld = p.x_ld;
+    d.dtype = p.dtype;
+    d.wide = true;
+    mfac_dots_cpu(d, num_threads);
   } else {
-    run(float{});
+    const double* given = static_cast<const double*>(products);
+    std::copy(given, given + count, coef.begin());
   }
+  mfac_cholesky_solve_cpu(U, u_ld, coef.data(), p.n_rows, p.n_rows, p.k);
+  MfacCombineParams c = p;
+  c.coef = coef.data();
+  c.wide = true;
+  mfac_combine_cpu(c, num_threads);
 }
 
 void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b_ld, int64_t n, int64_t k) {

@@ -5,11 +5,18 @@
 // bytes per pass, at the card's copy bandwidth.  No limit on n_rows (the official
 // M-FAC kernels run one block of n_rows threads, hence n_rows <= 1024 and % 32 == 0).
 //
+// Every sum runs in double (lowrank_ops/mfac.h says why): 2 fp64 flops per element of
+// G, 0.5 flop per byte of fp32 storage (1 for bf16), far under the fp64 rate of the
+// data-center GPUs (A100: 9.7 TFLOP/s against 2 TB/s; H100: 34 against 3.35).  Cards with
+// 1/64-rate fp64 (consumer parts) could become compute-bound, bf16 storage first.
+//
 // mfac_dots: a 2-D grid of (column segment, group of kRowsPerBlock rows).  Each thread
-// strides over the segment's columns, keeping kRowsPerBlock x kMaxVectors partial sums
-// in registers; a block reduction writes one partial per (segment, vector, row) to the
-// workspace and a second kernel sums the segments in a fixed order (deterministic, no
-// atomics).  x is re-read once per row group (1 / kRowsPerBlock of G's traffic at
+// strides over the segment's columns, keeping kRowsPerBlock x KV double partial sums in
+// registers (KV <= kMaxVectors, the vectors of this launch, a template parameter: k = 1
+// holds 16 accumulators, not 64, 97 registers on sm_90 without spills); a block
+// reduction writes one double partial per (segment, vector, row) to the workspace and a
+// second kernel sums the segments in a fixed order (deterministic, no atomics) and
+// rounds once (to the acc type, or keeps double when wide).  x is re-read once per row group (1 / kRowsPerBlock of G's traffic at
 // fp32 and k = 1, mostly from L2).  The block owning write_slot overwrites that row's
 // segment before reading it, from the same loads of x[0].
 //
@@ -50,12 +57,11 @@ constexpr int kCoefTile = 256;
 constexpr int64_t kTargetBlocks = 2048;  // enough blocks to fill any current GPU several times over
 constexpr int64_t kMaxGridY = 65535;
 
-template <class T>
+template <class T, int KV>
 __global__ void __launch_bounds__(kThreads)
-    dots_partial(MfacDotsParams p, int64_t k_begin, int64_t k_count, int64_t segment_len, int64_t group_begin,
-                 acc_t<T>* partial) {
+    dots_partial(MfacDotsParams p, int64_t k_begin, int64_t segment_len, int64_t group_begin, double* partial) {
   using A = acc_t<T>;
-  __shared__ A reduce[kThreads / kWarp][kRowsPerBlock * kMaxVectors];
+  __shared__ double reduce[kThreads / kWarp][kRowsPerBlock * KV];
   T* grads = static_cast<T*>(p.grads);
   const A* x = static_cast<const A*>(p.x) + k_begin * p.x_ld;
   const int64_t segment = blockIdx.x;
@@ -65,22 +71,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c_end = min(p.dim, c_begin + segment_len);
   const bool writes = p.write_slot >= row0 && p.write_slot < row0 + rows && k_begin == 0;
   const bool rounds_x0 = p.write_slot >= 0 && k_begin == 0;
-  A acc[kRowsPerBlock][kMaxVectors] = {};
+  double acc[kRowsPerBlock][KV] = {};
   for (int64_t c = c_begin + threadIdx.x; c < c_end; c += kThreads) {
-    A xv[kMaxVectors];
+    double xv[KV];
 #pragma unroll
-    for (int j = 0; j < kMaxVectors; ++j) xv[j] = j < k_count ? x[j * p.x_ld + c] : A(0);
+    for (int j = 0; j < KV; ++j) xv[j] = x[j * p.x_ld + c];
     if (rounds_x0) {
-      const T stored = from_acc<T>(xv[0]);
+      const T stored = from_acc<T>(static_cast<A>(xv[0]));
       if (writes) grads[p.write_slot * p.grads_ld + c] = stored;
       xv[0] = to_acc(stored);
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerBlock; ++r) {
       if (r < rows) {
-        const A g = to_acc(grads[(row0 + r) * p.grads_ld + c]);
+        const double g = to_acc(grads[(row0 + r) * p.grads_ld + c]);
 #pragma unroll
-        for (int j = 0; j < kMaxVectors; ++j) acc[r][j] += g * xv[j];
+        for (int j = 0; j < KV; ++j) acc[r][j] = fma(g, xv[j], acc[r][j]);
       }
     }
   }
@@ -88,71 +94,73 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kRowsPerBlock; ++r) {
 #pragma unroll
-    for (int j = 0; j < kMaxVectors; ++j) {
-      const A s = warp_sum(acc[r][j]);
-      if (lane == 0) reduce[warp][r * kMaxVectors + j] = s;
+    for (int j = 0; j < KV; ++j) {
+      const double s = warp_sum(acc[r][j]);
+      if (lane == 0) reduce[warp][r * KV + j] = s;
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < kRowsPerBlock * kMaxVectors; e += kThreads) {
-    const int r = e / kMaxVectors, j = e % kMaxVectors;
-    if (r >= rows || j >= k_count) continue;
-    A s = 0;
+  for (int e = threadIdx.x; e < kRowsPerBlock * KV; e += kThreads) {
+    const int r = e / KV, j = e % KV;
+    if (r >= rows) continue;
+    double s = 0;
     for (int w = 0; w < kThreads / kWarp; ++w) s += reduce[w][e];
-    partial[(segment * k_count + j) * p.n_rows + row0 + r] = s;
+    partial[(segment * KV + j) * p.n_rows + row0 + r] = s;
   }
 }
 
-// out[(k_begin + j) * n_rows + i] = sum over segments of partial[(segment, j, i)].
-template <class A>
-__global__ void dots_reduce(const A* partial, int64_t segments, int64_t k_begin, int64_t k_count, int64_t n_rows,
-                            A* out) {
+// out[(k_begin + j) * n_rows + i] = sum over segments of partial[(segment, j, i)], in
+// double, stored as O (double when wide, else the acc type: rounded once).
+template <class O>
+__global__ void dots_reduce(const double* partial, int64_t segments, int64_t k_begin, int64_t k_count, int64_t n_rows,
+                            O* out) {
   const int64_t n = k_count * n_rows;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    A s = 0;
+    double s = 0;
     for (int64_t seg = 0; seg < segments; ++seg) s += partial[seg * n + e];
-    out[k_begin * n_rows + e] = s;
+    out[k_begin * n_rows + e] = static_cast<O>(s);
   }
 }
 
-template <class T>
+// C: the coefficients' type (double when wide, else the acc type); sums in double.
+template <class T, class C>
 __global__ void __launch_bounds__(kThreads) combine(MfacCombineParams p, int64_t k_begin, int64_t k_count) {
   using A = acc_t<T>;
-  __shared__ A coef_tile[kMaxVectors][kCoefTile];
+  __shared__ double coef_tile[kMaxVectors][kCoefTile];
   const T* grads = static_cast<const T*>(p.grads);
-  const A* coef = static_cast<const A*>(p.coef) + k_begin * p.n_rows;
+  const C* coef = static_cast<const C*>(p.coef) + k_begin * p.n_rows;
   const A* x = static_cast<const A*>(p.x);
   A* out = static_cast<A*>(p.out);
-  const A alpha = static_cast<A>(p.alpha), beta = static_cast<A>(p.beta);
+  const double alpha = p.alpha, beta = p.beta;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   // Every thread of the block runs the same number of iterations (the loop bound is
   // rounded up to the block), so the __syncthreads() below are reached by all.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < p.dim; base += stride) {
     const int64_t c = base + threadIdx.x;
     const bool active = c < p.dim;
-    A acc[kMaxVectors] = {};
+    double acc[kMaxVectors] = {};
     for (int64_t i0 = 0; i0 < p.n_rows; i0 += kCoefTile) {
       const int64_t tile = min(static_cast<int64_t>(kCoefTile), p.n_rows - i0);
       __syncthreads();
       for (int e = threadIdx.x; e < kMaxVectors * kCoefTile; e += kThreads) {
         const int j = e / kCoefTile, i = e % kCoefTile;
-        coef_tile[j][i] = (j < k_count && i < tile) ? coef[j * p.n_rows + i0 + i] : A(0);
+        coef_tile[j][i] = (j < k_count && i < tile) ? static_cast<double>(coef[j * p.n_rows + i0 + i]) : 0.0;
       }
       __syncthreads();
       if (active) {
         for (int64_t i = 0; i < tile; ++i) {
-          const A g = to_acc(grads[(i0 + i) * p.grads_ld + c]);
+          const double g = to_acc(grads[(i0 + i) * p.grads_ld + c]);
 #pragma unroll
-          for (int j = 0; j < kMaxVectors; ++j) acc[j] += coef_tile[j][i] * g;
+          for (int j = 0; j < kMaxVectors; ++j) acc[j] = fma(coef_tile[j][i], g, acc[j]);
         }
       }
     }
     if (active) {
       for (int64_t j = 0; j < k_count; ++j) {
         const int64_t row = k_begin + j;
-        const A base_value = alpha == A(0) ? A(0) : alpha * x[row * p.x_ld + c];
-        out[row * p.out_ld + c] = base_value + beta * acc[j];
+        const double base_value = alpha == 0.0 ? 0.0 : alpha * static_cast<double>(x[row * p.x_ld + c]);
+        out[row * p.out_ld + c] = static_cast<A>(base_value + beta * acc[j]);  // the one rounding
       }
     }
   }
@@ -348,7 +356,7 @@ void mfac_dots_cuda(const MfacDotsParams& p, void* workspace, int64_t workspace_
   const int64_t segments = mfac_dots_cuda_segments(p.n_rows, p.dim, p.k);
   const int64_t group = std::min<int64_t>(p.k, kMaxVectors);
   LOWRANK_CHECK(workspace != nullptr && workspace_elems >= segments * group * p.n_rows,
-                "mfac_dots: workspace holds ", workspace_elems, " accumulators; expected at least ",
+                "mfac_dots: workspace holds ", workspace_elems, " double accumulators; expected at least ",
                 segments * group * p.n_rows);
   set_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -359,14 +367,24 @@ void mfac_dots_cuda(const MfacDotsParams& p, void* workspace, int64_t workspace_
     const int64_t groups = (p.n_rows + kRowsPerBlock - 1) / kRowsPerBlock;
     for (int64_t k0 = 0; k0 < p.k; k0 += kMaxVectors) {
       const int64_t count = std::min<int64_t>(kMaxVectors, p.k - k0);
-      A* partial = static_cast<A*>(workspace);
+      double* partial = static_cast<double*>(workspace);
       for (int64_t g0 = 0; g0 < groups; g0 += kMaxGridY) {  // grid.y is limited to 65535
         const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min(kMaxGridY, groups - g0)));
-        dots_partial<T><<<grid, kThreads, 0, s>>>(p, k0, count, len, g0, partial);
+        switch (count) {
+          case 1: dots_partial<T, 1><<<grid, kThreads, 0, s>>>(p, k0, len, g0, partial); break;
+          case 2: dots_partial<T, 2><<<grid, kThreads, 0, s>>>(p, k0, len, g0, partial); break;
+          case 3: dots_partial<T, 3><<<grid, kThreads, 0, s>>>(p, k0, len, g0, partial); break;
+          default: dots_partial<T, kMaxVectors><<<grid, kThreads, 0, s>>>(p, k0, len, g0, partial); break;
+        }
         LOWRANK_CUDA_LAUNCH_CHECK();
       }
-      dots_reduce<A><<<grid_for(count * p.n_rows, kThreads), kThreads, 0, s>>>(partial, segments, k0, count,
-                                                                             p.n_rows, static_cast<A*>(p.out));
+      const unsigned blocks = grid_for(count * p.n_rows, kThreads);
+      if (p.wide) {
+        dots_reduce<double><<<blocks, kThreads, 0, s>>>(partial, segments, k0, count, p.n_rows,
+                                                        static_cast<double*>(p.out));
+      } else {
+        dots_reduce<A><<<blocks, kThreads, 0, s>>>(partial, segments, k0, count, p.n_rows, static_cast<A*>(p.out));
+      }
       LOWRANK_CUDA_LAUNCH_CHECK();
     }
   });
@@ -382,7 +400,11 @@ void mfac_combine_cuda(const MfacCombineParams& p, int device, std::uintptr_t st
     using T = typename decltype(tag)::type;
     for (int64_t k0 = 0; k0 < p.k; k0 += kMaxVectors) {
       const int64_t count = std::min<int64_t>(kMaxVectors, p.k - k0);
-      combine<T><<<grid_for(p.dim, kThreads), kThreads, 0, s>>>(p, k0, count);
+      if (p.wide) {
+        combine<T, double><<<grid_for(p.dim, kThreads), kThreads, 0, s>>>(p, k0, count);
+      } else {
+        combine<T, acc_t<T>><<<grid_for(p.dim, kThreads), kThreads, 0, s>>>(p, k0, count);
+      }
       LOWRANK_CUDA_LAUNCH_CHECK();
     }
   });

@@ -108,20 +108,20 @@ def ot_hessian_matvec_cuda(
 ) -> None: ...
 def mfac_dots_cpu(
     *, grads: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int, write_slot: int,
-    dtype: int, num_threads: int,
+    dtype: int, wide: bool, num_threads: int,
 ) -> None: ...
 def mfac_dots_cuda_segments(*, n_rows: int, dim: int, k: int) -> int: ...
 def mfac_dots_cuda(
     *, grads: int, x: int, out: int, workspace: int, workspace_elems: int, n_rows: int, dim: int, k: int,
-    grads_ld: int, x_ld: int, write_slot: int, dtype: int, device: int, stream: int,
+    grads_ld: int, x_ld: int, write_slot: int, dtype: int, wide: bool, device: int, stream: int,
 ) -> None: ...
 def mfac_combine_cpu(
     *, grads: int, coef: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int,
-    out_ld: int, alpha: float, beta: float, dtype: int, num_threads: int,
+    out_ld: int, alpha: float, beta: float, dtype: int, wide: bool, num_threads: int,
 ) -> None: ...
 def mfac_combine_cuda(
     *, grads: int, coef: int, x: int, out: int, n_rows: int, dim: int, k: int, grads_ld: int, x_ld: int,
-    out_ld: int, alpha: float, beta: float, dtype: int, device: int, stream: int,
+    out_ld: int, alpha: float, beta: float, dtype: int, wide: bool, device: int, stream: int,
 ) -> None: ...
 def dora_row_norm_cpu(
     *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,

@@ -1,9 +1,9 @@
 // M-FAC passes over the gradient buffer (ALGORITHMS.md section 6).
 //
 // The buffer G is [capacity, dim] row-major in a storage dtype (fp32, fp64, fp16 or
-// bf16); only its first n_rows rows take part.  Vectors, coefficients and outputs are
-// in the accumulation type acc_t<storage> (fp32, or fp64 for fp64 storage), so bf16
-// storage halves the bytes read while every sum runs in fp32.
+// bf16); only its first n_rows rows take part.  Vectors x and outputs of the combine are
+// in the compute type acc_t<storage> (fp32, or fp64 for fp64 storage); every sum runs in
+// fp64 whatever the storage (bf16 storage halves the bytes read).
 //
 //   mfac_dots    : out[j, i] = sum_c G[i, c] * x[j, c]          (G x, the first pass)
 //                  optionally fused with the ring-buffer write: row write_slot is first
@@ -12,6 +12,14 @@
 //                  matches the stored buffer exactly.  One read of G (plus one row written).
 //   mfac_combine : out[j, c] = alpha * x[j, c] + beta * sum_i coef[j, i] * G[i, c]
 //                  (x - G^T c, the second pass).  One read of G.
+//
+// Why fp64 sums (and the wide dots and coefficients): for x in the span of the
+// gradients, F^-1 x = (x - G^T c) / lambda cancels; the rounding of the dots, of c and of
+// the sum G^T c is amplified by about ||G||^2 / (n lambda) (1e3-1e5 at M-FAC's damping
+// 1e-5..1e-7 for gradients 0.01 randn(4096)).  fp32 data times fp32 data is exact in fp64,
+// so with fp64 sums, dots and coefficients the only fp32 rounding left is the output's,
+// once.  The passes stay memory-bound (the fp32 -> fp64 widening and fp64 FMAs fit under
+// the bytes; bench/bench_mfac.py).
 //
 // Memory floor of one optimizer step (update + IHVP of the same gradient): these two
 // passes, 2 * n_rows * dim * sizeof(storage) bytes; everything else is O(dim + n_rows^2).
@@ -30,22 +38,24 @@ namespace lowrank_ops {
 struct MfacDotsParams {
   void* grads = nullptr;      // [>= n_rows, dim], row stride grads_ld, storage dtype (written only at write_slot)
   const void* x = nullptr;    // [k, dim], row stride x_ld, acc type
-  void* out = nullptr;        // [k, n_rows] contiguous, acc type; fully overwritten
+  void* out = nullptr;        // [k, n_rows] contiguous, acc type (fp64 if wide); fully overwritten
   int64_t n_rows = 0, dim = 0, k = 0;
   int64_t grads_ld = 0, x_ld = 0;
   int64_t write_slot = -1;    // -1: read only; else a row in [0, n_rows)
+  bool wide = false;          // out in fp64 (the fp64 sums unrounded) instead of the acc type
   DType dtype = DType::float32;  // storage dtype of grads
 };
 
 struct MfacCombineParams {
   const void* grads = nullptr;  // [>= n_rows, dim], row stride grads_ld, storage dtype
-  const void* coef = nullptr;   // [k, n_rows] contiguous, acc type
+  const void* coef = nullptr;   // [k, n_rows] contiguous, acc type (fp64 if wide)
   const void* x = nullptr;      // [k, dim], row stride x_ld, acc type (may be nullptr when alpha == 0)
   void* out = nullptr;          // [k, dim], row stride out_ld, acc type; fully overwritten
   int64_t n_rows = 0, dim = 0, k = 0;
   int64_t grads_ld = 0, x_ld = 0, out_ld = 0;
   double alpha = 1.0, beta = -1.0;
   DType dtype = DType::float32;
+  bool wide = false;            // coef in fp64 instead of the acc type
 };
 
 // Shape sanity shared by both back ends (throws std::invalid_argument).
@@ -69,12 +79,12 @@ void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b
 // The whole application of K^-1 between the passes, in one call (CPU):
 //   c = (U^T U)^-1 products  per vector (float64 solve; U the upper Cholesky factor of K,
 //       [n_rows, n_rows], row stride u_ld),
-//   out = alpha x + beta c G_n  (mfac_combine with coef = c in the acc type).
-// products: [k, n_rows] contiguous, acc type, or nullptr to compute them here as G_n x
-// (mfac_dots on p's grads and x: then p.x is required).  p.coef is ignored.  The same
-// arithmetic as mfac_dots, a float64 copy solved by mfac_cholesky_solve_cpu, rounded back,
-// and mfac_combine, in one call: no Python work and no tensor allocations between the
-// passes (measured 440-485 against 568 us per ihvp, m = 32, d = 1e5, 2 cores).
+//   out = alpha x + beta c G_n  (mfac_combine with the fp64 coefficients c, wide).
+// products: [k, n_rows] contiguous, fp64 (the wide dots), or nullptr to compute them here
+// as G_n x (mfac_dots on p's grads and x, wide: then p.x is required).  p.coef and p.wide
+// are ignored.  The same arithmetic as mfac_dots, mfac_cholesky_solve_cpu and
+// mfac_combine, in one call: no Python work and no tensor allocations between the passes
+// (measured 440-485 against 568 us per ihvp, m = 32, d = 1e5, 2 cores).
 void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads);
 
 // Cholesky factorization in place: A [n, n] (float64, row stride a_ld; only its upper

@@ -6,11 +6,12 @@ Layers:
 * ``torch.ops.lowrank_ops.mfac_dots`` / ``mfac_combine``: the two read passes, pure
   functions, differentiable (``torch.library.register_autograd``) in every input;
 * ``torch.ops.lowrank_ops.mfac_dots_write_``: ``mfac_dots`` fused with writing ``x[0]``
-  into row ``write_slot`` of the buffer (mutates ``grads``; not differentiable);
+  into row ``write_slot`` of the buffer (mutates ``grads``; not differentiable); its
+  dots are float64 whatever the storage (the new Gram row, unrounded);
 * ``torch.ops.lowrank_ops.mfac_apply``: ``alpha x + beta ((U^T U)^-1 G_n x)^T G_n``, the
   whole ``F^-1 x`` of :class:`~lowrank_ops.second_order.MFACInverse` from its Cholesky
-  factor ``U`` (on the CPU one extension call: both passes and the float64 solve);
-  not differentiable;
+  factor ``U`` (on the CPU one extension call: both passes and the float64 solve), the
+  dots and coefficients in float64 between the passes; not differentiable;
 * ``torch.ops.lowrank_ops.mfac_cholesky_factor_`` / ``mfac_cholesky_replace_``: the
   factor of ``K = n lambda I + G_n G_n^T`` in place, and its rank update when one row
   and column of ``K`` change (a ring-buffer slot overwritten); each returns a status
@@ -20,7 +21,10 @@ Layers:
 The buffer ``grads`` is ``[capacity, dim]`` in a storage dtype (float32, float64,
 float16 or bfloat16); only its first ``n_rows`` rows are used.  Vectors and results
 are in the *compute dtype* of the storage, :func:`compute_dtype`: float64 for float64
-storage, float32 otherwise (bf16 storage halves the bytes read, sums stay in fp32).
+storage, float32 otherwise (bf16 storage halves the bytes read).  Every sum of both
+passes runs in float64 and is rounded once to the result's dtype: M-FAC's ``x - G^T c``
+cancels for ``x`` in the gradients' span, and float32 sums lost up to ``||G||^2 /
+(n lambda)`` times their rounding there (csrc/include/lowrank_ops/mfac.h).
 
 CPU and CUDA implementations are hand-written (csrc/cpu/mfac_cpu.cpp,
 csrc/cuda/mfac_cuda.cu): each pass reads the buffer exactly once (torch needs a GEMV
@@ -72,22 +76,24 @@ def _check_vectors(op: str, name: str, grads: torch.Tensor, x: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------------------- mfac_dots
-def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int):
+def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int, wide: bool = False):
+    """The pass; ``wide``: the result in float64 (the sums unrounded), else in x's dtype."""
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if write_slot >= 0 and not (write_slot < n_rows and x.shape[0] >= 1):
         raise ValueError(f"{op}: write_slot must be in [0, n_rows) = [0, {n_rows}) with k >= 1; got {write_slot}")
     x = rows_view(x)
     k, dim = x.shape
-    out = x.new_empty((k, n_rows))
+    out = x.new_empty((k, n_rows), dtype=torch.float64 if wide else x.dtype)
     args = dict(
         grads=grads.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim, k=k,
         grads_ld=row_stride(grads), x_ld=row_stride(x), write_slot=write_slot, dtype=float_code(grads.dtype, op, "grads"),
+        wide=wide,
     )
     if grads.device.type == "cuda":
         module = cuda_extension(op)
         segments = module.mfac_dots_cuda_segments(n_rows=n_rows, dim=dim, k=k)
-        workspace = x.new_empty((segments * min(k, 4) * n_rows,))
+        workspace = x.new_empty((segments * min(k, 4) * n_rows,), dtype=torch.float64)  # the fp64 partial sums
         module.mfac_dots_cuda(**args, workspace=workspace.data_ptr(), workspace_elems=workspace.numel(),
                               device=grads.device.index, stream=current_stream(grads))
     else:
@@ -102,7 +108,7 @@ def _mfac_dots(grads, x, n_rows):
 def _mfac_dots_write(grads, x, n_rows, write_slot):
     if grads.dim() == 2:
         require_rows_apart("mfac_dots_write_", "grads", grads)
-    return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot)
+    return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot, wide=True)
 
 
 def _mfac_dots_fake(grads, x, n_rows):
@@ -110,25 +116,31 @@ def _mfac_dots_fake(grads, x, n_rows):
 
 
 def _mfac_dots_write_fake(grads, x, n_rows, write_slot):
-    return x.new_empty((x.shape[0], n_rows))
+    return x.new_empty((x.shape[0], n_rows), dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------- mfac_combine
 def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
+    return _combine_impl(grads, coef, x, n_rows, alpha, beta, wide=False)
+
+
+def _combine_impl(grads, coef, x, n_rows, alpha, beta, wide: bool):
+    """The pass; ``wide``: ``coef`` in float64 (mfac_apply's solve output), else in x's dtype."""
     op = "mfac_combine"
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if coef.dim() != 2 or tuple(coef.shape) != (x.shape[0], n_rows):
         raise ValueError(f"{op}: coef has shape {tuple(coef.shape)}; expected (k, n_rows) = ({x.shape[0]}, {n_rows})")
-    if coef.dtype != x.dtype or coef.device != x.device:
-        raise TypeError(f"{op}: coef is {coef.dtype} on {coef.device}; expected {x.dtype} on {x.device} (as x)")
+    want = torch.float64 if wide else x.dtype
+    if coef.dtype != want or coef.device != x.device:
+        raise TypeError(f"{op}: coef is {coef.dtype} on {coef.device}; expected {want} on {x.device}")
     grads, x, coef = rows_view(grads), rows_view(x), coef.contiguous()
     k, dim = x.shape
     out = x.new_empty((k, dim))
     args = dict(
         grads=grads.data_ptr(), coef=coef.data_ptr(), x=x.data_ptr(), out=out.data_ptr(), n_rows=n_rows, dim=dim,
         k=k, grads_ld=row_stride(grads), x_ld=row_stride(x), out_ld=row_stride(out), alpha=float(alpha), beta=float(beta),
-        dtype=float_code(grads.dtype, op, "grads"),
+        dtype=float_code(grads.dtype, op, "grads"), wide=wide,
     )
     if grads.device.type == "cuda":
         cuda_extension(op).mfac_combine_cuda(**args, device=grads.device.index, stream=current_stream(grads))
@@ -145,20 +157,20 @@ def _check_apply(grads, x, n_rows, factor, products) -> None:
     if factor.dtype != torch.float64 or tuple(factor.shape) != (n_rows, n_rows) or factor.device != grads.device:
         raise ValueError(f"{op}: factor is {factor.dtype} {tuple(factor.shape)} on {factor.device}; expected "
                          f"float64 (n_rows, n_rows) = ({n_rows}, {n_rows}) on {grads.device}")
-    if products is not None and (products.dtype != x.dtype or tuple(products.shape) != (x.shape[0], n_rows)
-                                 or products.device != x.device):
+    if products is not None and (products.dtype not in (x.dtype, torch.float64)
+                                 or tuple(products.shape) != (x.shape[0], n_rows) or products.device != x.device):
         raise ValueError(f"{op}: products is {products.dtype} {tuple(products.shape)} on {products.device}; "
-                         f"expected {x.dtype} (k, n_rows) = ({x.shape[0]}, {n_rows}) on {x.device}")
+                         f"expected {x.dtype} or float64 (k, n_rows) = ({x.shape[0]}, {n_rows}) on {x.device}")
 
 
 def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
     """CPU impl of ``mfac_apply``: one extension call (``_C.mfac_apply_cpu``: mfac_dots,
     a single-threaded float64 substitution and mfac_combine, with no Python work or
-    tensors between them)."""
+    tensors between them; products, when given, in float64)."""
     _check_apply(grads, x, n_rows, factor, products)
     x, grads = rows_view(x), rows_view(grads)
     factor = factor.contiguous()
-    products = None if products is None else products.contiguous()
+    products = None if products is None else products.to(torch.float64).contiguous()
     k, dim = x.shape
     out = x.new_empty((k, dim))
     extension().mfac_apply_cpu(
@@ -174,9 +186,9 @@ def _mfac_apply_cuda(grads, x, n_rows, factor, alpha, beta, products=None):
     """CUDA impl of ``mfac_apply``: the two pass kernels around torch's ``cholesky_solve``."""
     _check_apply(grads, x, n_rows, factor, products)
     if products is None:
-        products = _mfac_dots(grads, x, n_rows)
-    coef = torch.cholesky_solve(products.T.to(torch.float64), factor, upper=True).T.to(x.dtype)
-    return _mfac_combine(grads, coef.contiguous(), x, n_rows, alpha, beta)
+        products = _dots_impl("mfac_apply", rows_view(grads), x, n_rows, -1, wide=True)
+    coef = torch.cholesky_solve(products.T.to(torch.float64), factor, upper=True).T
+    return _combine_impl(grads, coef.contiguous(), x, n_rows, alpha, beta, wide=True)
 
 
 def _mfac_apply_fake(grads, x, n_rows, factor, alpha, beta, products=None):
@@ -340,7 +352,7 @@ def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -
     Returns
     -------
     Tensor[n_rows] or Tensor[k, n_rows]
-        In the compute dtype; summed in it.
+        In the compute dtype; summed in float64 and rounded once.
     """
     require_tensors("mfac_dots", grads=grads, x=x)
     n = grads.shape[0] if n_rows is None else n_rows
@@ -367,6 +379,7 @@ def mfac_combine(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, alpha
     Returns
     -------
     Tensor[dim] or Tensor[k, dim]
+        In the compute dtype; ``alpha x + beta coef G_n`` formed in float64 and rounded once.
     """
     require_tensors("mfac_combine", grads=grads, coef=coef, x=x)
     alpha = require_finite_number("mfac_combine", "alpha", alpha)

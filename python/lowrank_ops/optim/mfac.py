@@ -8,6 +8,12 @@ vector (``+ weight_decay * w``)::
     buf     = momentum * buf + F^-1 g        # when momentum > 0
     w      -= lr * (buf or F^-1 g)
 
+With ``sparse=True`` (official M-FAC's ``sparse``) the weights that are exactly zero at
+the group's first step stay zero: ``g`` is restricted to the other weights (the window
+holds ``nnz`` entries per gradient, not ``d``) and the step is scattered back to them.
+Fine-tuning after OBS pruning (:mod:`lowrank_ops.methods.mfac_pruning`) then keeps the
+model sparse, where a dense step would re-grow every pruned weight.
+
 Each group has its own :class:`~lowrank_ops.second_order.MFACInverse` (its own window,
 ``ngrads`` and ``damp``), so groups never mix curvature.  One step reads the window
 twice (the fused write + ``G g`` pass and the ``G^T c`` pass).  No global torch flag is
@@ -48,19 +54,25 @@ class MFAC(torch.optim.Optimizer):
         L2 penalty added to the gradient before preconditioning (as the official code).
     storage_dtype : torch.dtype, optional
         Dtype of the gradient window: float32 (default for float32 parameters) or bfloat16
-        (half the memory; sums in float32).  float64 parameters use float64 throughout.
+        (half the memory; sums in float64 as for float32).  float64 parameters use float64 throughout.
+    sparse : bool
+        Keep the weights that are exactly zero at the group's first step at zero (their
+        gradients are left out of the window and their step is 0), as official M-FAC's
+        ``sparse=True``: for fine-tuning a pruned model.  Default False.
 
     Notes
     -----
-    ``state_dict()`` holds, per group, the window (gradients, Gram matrix, count) and
-    the momentum buffer; ``load_state_dict`` restores them on the parameters' device.
-    Parameters without a gradient contribute zeros to the flattened gradient.
+    ``state_dict()`` holds, per group, the window (gradients, Gram matrix, count), the
+    momentum buffer and, with ``sparse``, the mask of the kept weights; ``load_state_dict``
+    restores them on the parameters' device.  Parameters without a gradient contribute
+    zeros to the flattened gradient.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5,
-                 momentum: float = 0.0, weight_decay: float = 0.0, *, storage_dtype: Optional[torch.dtype] = None):
+                 momentum: float = 0.0, weight_decay: float = 0.0, *, storage_dtype: Optional[torch.dtype] = None,
+                 sparse: bool = False):
         defaults = dict(lr=lr, ngrads=ngrads, damp=damp, momentum=momentum, weight_decay=weight_decay,
-                        storage_dtype=storage_dtype)
+                        storage_dtype=storage_dtype, sparse=sparse)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -73,6 +85,12 @@ class MFAC(torch.optim.Optimizer):
             first = group["params"][0]
             dtype = accumulate_dtype(first.dtype)
             dim = sum(p.numel() for p in group["params"])
+            if group["sparse"]:
+                mask = torch.cat([p.reshape(-1) != 0 for p in group["params"]])
+                dim = int(mask.sum())
+                if dim == 0:
+                    raise ValueError("MFAC: sparse=True, but every weight of the group is zero; nothing to train")
+                state["mask"] = mask
             state["inverse"] = MFACInverse(dim, group["ngrads"], group["damp"], dtype=dtype,
                                            storage_dtype=group["storage_dtype"], device=first.device)
         inverse = state["inverse"]
@@ -96,6 +114,9 @@ class MFAC(torch.optim.Optimizer):
             ])
             if group["weight_decay"] != 0:
                 g.add_(torch.cat([p.reshape(-1).to(inverse.dtype) for p in params]), alpha=group["weight_decay"])
+            mask = self.state[params[0]].get("mask")
+            if mask is not None:
+                g = g[mask]
             direction = inverse.update_ihvp(g)
             if group["momentum"] > 0:
                 state = self.state[params[0]]
@@ -105,6 +126,8 @@ class MFAC(torch.optim.Optimizer):
                 else:
                     buf.mul_(group["momentum"]).add_(direction)
                 direction = buf
+            if mask is not None:
+                direction = direction.new_zeros(mask.shape).masked_scatter_(mask, direction)
             offset = 0
             for p in params:
                 n = p.numel()
@@ -122,19 +145,23 @@ class MFAC(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # The window keeps its own dtypes (bf16 buffer, float64 Gram): take it out before
-        # the base class casts floating-point state to the parameter's dtype.
-        windows = {index: entry["inverse"] for index, entry in state_dict["state"].items() if "inverse" in entry}
+        # The window keeps its own dtypes (bf16 buffer, float64 Gram) and the mask is bool:
+        # take them out before the base class casts state to the parameter's dtype.
+        kept = ("inverse", "mask")
+        own = {index: {key: entry[key] for key in kept if key in entry} for index, entry in state_dict["state"].items()}
         stripped = dict(state_dict)
         stripped["state"] = {
-            index: {key: value for key, value in entry.items() if key != "inverse"}
+            index: {key: value for key, value in entry.items() if key not in kept}
             for index, entry in state_dict["state"].items()
         }
         super().load_state_dict(stripped)
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, window in windows.items():
+        for index, entry in own.items():
             param = params[index]
-            self.state[param]["inverse"] = MFACInverse.from_state_dict(window, device=param.device)
+            if "mask" in entry:
+                self.state[param]["mask"] = entry["mask"].to(device=param.device, dtype=torch.bool)
+            if "inverse" in entry:
+                self.state[param]["inverse"] = MFACInverse.from_state_dict(entry["inverse"], device=param.device)
 
 
 def _check_group(group: Dict[str, Any]) -> None:
@@ -142,6 +169,8 @@ def _check_group(group: Dict[str, Any]) -> None:
     group["damp"] = require_number("MFAC", "damp", group["damp"], 0.0, low_open=True)
     group["momentum"] = require_number("MFAC", "momentum", group["momentum"], 0.0, 1.0)
     group["weight_decay"] = require_number("MFAC", "weight_decay", group["weight_decay"], 0.0)
+    if not isinstance(group["sparse"], bool):
+        raise TypeError(f"MFAC: sparse must be a bool; got {type(group['sparse']).__name__}")
     ngrads = group["ngrads"]
     if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral) or ngrads < 1:
         raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads!r}")

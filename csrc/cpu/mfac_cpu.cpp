@@ -23,13 +23,10 @@
 #include <vector>
 
 #include "lowrank_ops/cpu_features.h"
+#include "lowrank_ops/cpu_isa.h"
 #include "lowrank_ops/mfac.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
-
-#define LOWRANK_INLINE inline __attribute__((always_inline))
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#define LOWRANK_AVX512 __attribute__((target("arch=x86-64-v4")))
 
 namespace lowrank_ops {
 namespace {

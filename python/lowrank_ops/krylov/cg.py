@@ -56,9 +56,9 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     On the CPU, with a CSR matrix and no or a diagonal preconditioner, the iterations run
     in C++ (the op ``krylov_cg_``): one call until the recursive residual meets the
     tolerance, instead of ~10 torch and kernel calls per iteration.  Darcy, tol 1e-8,
-    2-core Xeon (shared), median of 7: 32 x 32 (178 iterations) 1.0-1.4 ms against 17-20 ms
-    for the Python loop and 4.4-9.6 ms for ``scipy.sparse.linalg.cg``; 64 x 64 (350) 13-20
-    against 50-62 and 21-27 ms; 128 x 128 (698) 85-94 against 252-255 and 1170-1530 ms.
+    2-core Xeon (quiet), median of 7: 32 x 32 (178 iterations) 1.0 ms against 11 ms for the
+    Python loop and 3.5-3.7 ms for ``scipy.sparse.linalg.cg``; 64 x 64 (350) 6.5 against
+    17-30 and 13 ms; 128 x 128 (698) 53-54 against 155-157 and 129-130 ms.
     Elsewhere (CUDA, callable preconditioners or operators) the same steps run from the
     kernel ops.
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -12,6 +13,14 @@ def require_tensors(op: str, **named) -> None:
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor; got {type(value).__name__}")
+
+
+def require_int(op: str, name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int: a Python or NumPy integer (not a bool) ``>= minimum``; a
+    ValueError naming the argument and its value otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
 
 
 def require_finite_number(op: str, name: str, value) -> float:

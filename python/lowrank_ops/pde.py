@@ -32,6 +32,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from ._args import require_int
 from .krylov.operators import CSRMatrix
 
 __all__ = [
@@ -78,9 +79,7 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _check_grid(where: str, grid: int) -> int:
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"{where}: grid must be an integer >= 1; got {grid!r}")
-    return grid
+    return require_int(where, "grid", grid)
 
 
 def gaussian_random_field(grid: int, generator: torch.Generator, *, alpha: float = 2.0, tau: float = 3.0) -> torch.Tensor:
@@ -313,6 +312,5 @@ def generate(family: str, grid: int, num: int, *, seed: int = 0, start: int = 0,
     """
     if family not in FAMILIES:
         raise ValueError(f"generate: family must be one of {sorted(FAMILIES)}; got {family!r}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
-        raise ValueError(f"generate: num must be an integer >= 0; got {num!r}")
+    num = require_int("generate", "num", num, 0)
     return [FAMILIES[family](grid, seed=seed, index=start + i, **options) for i in range(num)]

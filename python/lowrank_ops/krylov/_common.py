@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._args import require_int as check_positive_int
 from .._finite import all_finite
 from .operators import LinearOperator, as_operator
 
@@ -196,12 +197,6 @@ def _diagonal_preconditioner(op: str, A: LinearOperator, M: Preconditioner) -> O
             raise ValueError(f"{op}: M holds non-finite entries")
         return scale
     raise TypeError(f"{op}: M must be None, 'jacobi', a Tensor[n] or a callable; got {type(M).__name__}")
-
-
-def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device, n: int) -> torch.Tensor:

@@ -63,7 +63,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .._args import require_tensors
+from .._args import require_int, require_tensors
 from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
@@ -372,12 +372,6 @@ register_fake("krylov_combine_rows_", _combine_rows_fake)
 
 
 # ---------------------------------------------------------------------------- the fused Arnoldi cycle (CPU)
-def _check_int(op: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        _fail(op, f"{name} must be an integer >= {minimum}; got {value!r}")
-    return int(value)
-
-
 def _check_float(op: str, name: str, value, positive: bool) -> float:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= 0 if positive else value < 0):
@@ -440,8 +434,8 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
         An argument of the wrong shape, dtype, device or layout, or out of range.
     """
     op = "krylov_arnoldi_"
-    kc = _check_int(op, "kc", kc, 0)
-    steps = _check_int(op, "steps", steps, 1)
+    kc = require_int(op, "kc", kc, 0)
+    steps = require_int(op, "steps", steps, 1)
     beta = _check_float(op, "beta", beta, positive=True)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
@@ -464,7 +458,7 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
     if r.shape != (n,) or not r.is_contiguous():
         _fail(op, f"r has shape {tuple(r.shape)} (contiguous: {r.is_contiguous()}); expected a contiguous ({n},)")
     if n_chunks is not None:
-        n_chunks = _check_int(op, "n_chunks", n_chunks, 1)
+        n_chunks = require_int(op, "n_chunks", n_chunks, 1)
         if n_chunks > n:
             _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
     return arnoldi_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), basis, r, kc, steps, beta,
@@ -556,7 +550,7 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
         An argument of the wrong shape, dtype, device or layout, or out of range.
     """
     op = "krylov_cg_"
-    steps = _check_int(op, "steps", steps, 1)
+    steps = require_int(op, "steps", steps, 1)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
     require_tensors(op, row_ptr=row_ptr)
@@ -577,7 +571,7 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     _require_apart(op, "x", x, r=r)
     _require_apart(op, "r", r, x=x)
     if n_chunks is not None:
-        n_chunks = _check_int(op, "n_chunks", n_chunks, 1)
+        n_chunks = require_int(op, "n_chunks", n_chunks, 1)
         if n_chunks > n:
             _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()

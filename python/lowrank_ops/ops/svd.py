@@ -47,6 +47,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .._args import require_int
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
@@ -381,9 +382,7 @@ def batched_svd(
         raise ValueError(f"{op}: tol must be a finite number >= 0; got {tol!r}")
     if max_sweeps is None:
         max_sweeps = default_max_sweeps(A.dtype)
-    elif isinstance(max_sweeps, bool) or not isinstance(max_sweeps, int) or max_sweeps < 1:
-        raise ValueError(f"{op}: max_sweeps must be an integer >= 1; got {max_sweeps!r}")
-    elif max_sweeps >= 2**31:
+    elif require_int(op, "max_sweeps", max_sweeps) >= 2**31:
         raise ValueError(f"{op}: max_sweeps must be below 2^31 (the kernels' int); got {max_sweeps}")
     needs_grad = A.requires_grad and torch.is_grad_enabled()
     if full_matrices and compute_uv and needs_grad and m != n:

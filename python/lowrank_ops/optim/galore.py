@@ -157,6 +157,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     rsvd_n_iter : int, optional
         Subspace iterations per rsvd refresh (default: 1 when warm, scikit-learn's rule cold).
     rsvd_oversample : int
+        Extra columns of the rsvd sketch beyond ``rank`` (default 10).
     generator : torch.Generator, optional
         Makes rsvd refreshes deterministic.
 

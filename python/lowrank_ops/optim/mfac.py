@@ -21,12 +21,11 @@ touched: the ``m x m`` solves run in float64 instead of relying on TF32 being of
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
-from .._args import require_number
+from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
 from ..second_order.mfac import MFACInverse
 from ._checks import add_checked_group
@@ -53,8 +52,8 @@ class MFAC(torch.optim.Optimizer):
     weight_decay : float
         L2 penalty added to the gradient before preconditioning (as the official code).
     storage_dtype : torch.dtype, optional
-        Dtype of the gradient window: float32 (default for float32 parameters) or bfloat16
-        (half the memory; sums in float64 as for float32).  float64 parameters use float64 throughout.
+        Dtype of the gradient window: float32 (default for float32 parameters), bfloat16 or
+        float16 (half the memory; sums in float64 as for float32).  float64 parameters use float64 throughout.
     sparse : bool
         Keep the weights that are exactly zero at the group's first step at zero (their
         gradients are left out of the window and their step is 0), as official M-FAC's
@@ -172,6 +171,4 @@ def _check_group(group: Dict[str, Any]) -> None:
     if not isinstance(group["sparse"], bool):
         raise TypeError(f"MFAC: sparse must be a bool; got {type(group['sparse']).__name__}")
     ngrads = group["ngrads"]
-    if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral) or ngrads < 1:
-        raise ValueError(f"MFAC: ngrads must be an integer >= 1; got {ngrads!r}")
-    group["ngrads"] = int(ngrads)
+    group["ngrads"] = require_int("MFAC", "ngrads", ngrads)

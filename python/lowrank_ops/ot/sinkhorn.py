@@ -6,16 +6,11 @@ from typing import List, Optional
 
 import torch
 
+from .._args import require_int
 from ._problem import Problem
 from .result import OTResult, make_result
 
 __all__ = ["sinkhorn", "SinkhornState"]
-
-
-def _check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
-    return value
 
 
 def _check_tol(op: str, tol) -> float:
@@ -205,7 +200,7 @@ def sinkhorn(
     """
     op = "sinkhorn"
     problem = Problem(op, a, b, C, x, y, cost, reg)
-    tol, max_iter = _check_tol(op, tol), _check_positive_int(op, "max_iter", max_iter)
+    tol, max_iter = _check_tol(op, tol), require_int(op, "max_iter", max_iter)
     with torch.no_grad():  # the iterations are not differentiated: the value's backward is analytic
         regs = reg_schedule(op, problem, epsilon_scaling)
         state = None

@@ -34,10 +34,11 @@ from typing import List, Optional
 
 import torch
 
+from .._args import require_int
 from ..ops import ot as ot_ops
 from ._problem import Problem
 from .result import OTResult, make_result
-from .sinkhorn import _STAGE_TOL, SinkhornState, _check_positive_int, _check_tol, reg_schedule
+from .sinkhorn import _STAGE_TOL, SinkhornState, _check_tol, reg_schedule
 
 __all__ = ["sinkhorn_newton_sparse", "select_threshold"]
 
@@ -334,10 +335,10 @@ def sinkhorn_newton_sparse(
     op = "sinkhorn_newton_sparse"
     problem = Problem(op, a, b, C, x, y, cost, reg)
     tol = _check_tol(op, tol)
-    warmup = _check_positive_int(op, "warmup", warmup)
-    max_iter = _check_positive_int(op, "max_iter", max_iter, 0)
-    cg_max_iter = _check_positive_int(op, "cg_max_iter", cg_max_iter)
-    max_halvings = _check_positive_int(op, "max_halvings", max_halvings)
+    warmup = require_int(op, "warmup", warmup)
+    max_iter = require_int(op, "max_iter", max_iter, 0)
+    cg_max_iter = require_int(op, "cg_max_iter", cg_max_iter)
+    max_halvings = require_int(op, "max_halvings", max_halvings)
     cg_floor = 1e-8 if problem.dtype == torch.float64 else 1e-4
     forcing = cg_tol is None
     cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol)

@@ -55,7 +55,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .._args import require_tensors
+from .._args import require_int, require_tensors
 from .._finite import all_finite
 from ..ops.mfac import _mfac_dots_write, cholesky_factor_op, cholesky_replace_op, compute_dtype, mfac_apply_op
 
@@ -101,7 +101,7 @@ class MFACInverse:
         Window size ``m`` (>= 1, any value: no multiple-of-32 or 1024 limit).
     damp : float
         ``lambda > 0``.
-    dtype : torch.dtype, optional
+    dtype : torch.dtype
         Compute dtype of vectors and results: float32 (default) or float64.
     storage_dtype : torch.dtype, optional
         Dtype of the buffer: ``dtype`` (default), or bfloat16 / float16 with float32 compute
@@ -120,10 +120,7 @@ class MFACInverse:
     def __init__(self, dim: int, ngrads: int, damp: float, *, dtype: torch.dtype = torch.float32,
                  storage_dtype: Optional[torch.dtype] = None, device: Any = None):
         op = "MFACInverse"
-        if int(dim) != dim or dim < 1:
-            raise ValueError(f"{op}: dim must be an integer >= 1; got {dim}")
-        if int(ngrads) != ngrads or ngrads < 1:
-            raise ValueError(f"{op}: ngrads must be an integer >= 1; got {ngrads}")
+        dim, ngrads = require_int(op, "dim", dim), require_int(op, "ngrads", ngrads)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{op}: dtype must be torch.float32 or torch.float64; got {dtype}")
         storage_dtype = dtype if storage_dtype is None else storage_dtype
@@ -416,8 +413,7 @@ class MFACInverse:
             return torch.full((self.dim,), 1.0 / self.damp, dtype=self.dtype, device=self.device)
         if block_size is None:
             block_size = max(1, (4 << 20) // n)
-        if int(block_size) != block_size or block_size < 1:
-            raise ValueError(f"MFACInverse.diag: block_size must be an integer >= 1; got {block_size}")
+        block_size = require_int("MFACInverse.diag", "block_size", block_size)
         U = self._cholesky()
         out = torch.empty(self.dim, dtype=self.dtype, device=self.device)
         for c0 in range(0, self.dim, block_size):
@@ -508,8 +504,7 @@ class MFACInverse:
                 raise ValueError(f"{op}: {key} is {state[key]}; expected {getattr(self, key)}")
         damp = _check_damp(state["damp"], op)
         count = state["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"{op}: count must be an integer >= 0; got {count!r}")
+        count = require_int(op, "count", count, 0)
         for key, shape, dtype in (("grads", (self.ngrads, self.dim), self.storage_dtype),
                                   ("gram", (self.ngrads, self.ngrads), torch.float64)):
             tensor = state[key]

@@ -14,6 +14,7 @@ autocast region (on the CPU, in the caller's thread).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Callable, Optional
@@ -80,6 +81,22 @@ def autocast_entry(*operands: str) -> Callable:
         return entry
 
     return decorate
+
+
+def without_autocast(device: torch.device):
+    """A context in which autocast is off for ``device``'s type; a no-op context when
+    autocast is not enabled there (entering ``torch.autocast`` costs tens of microseconds,
+    paid 15 times per rsvd call).
+
+    For the factorizations (rsvd, range finder, CholeskyQR2, error estimates, effective
+    rank): under an enclosing ``torch.autocast`` their products would run in bfloat16 or
+    float16, which costs them their accuracy (Gram matrices square the condition number)
+    and changes their output dtypes; they choose their own precision (``sketch_dtype``).
+    """
+    device_type = torch.device(device).type
+    if device_type not in _DEVICE_TYPES or not _is_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def autocast_off_backward(backward: Callable) -> Callable:

@@ -1,8 +1,6 @@
 """Dtype and index-type codes shared with the C++ side (csrc/include/lowrank_ops/dtype.h)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 FLOAT_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -28,17 +26,3 @@ def index_code(dtype: torch.dtype, op: str, name: str) -> int:
         return INDEX_CODES[dtype]
     except KeyError:
         raise TypeError(f"{op}: {name} has dtype {dtype}; expected int32 or int64") from None
-
-
-def without_autocast(device: torch.device):
-    """A context in which autocast is off for ``device``'s type (a no-op where autocast does not exist).
-
-    For the factorizations (rsvd, range finder, CholeskyQR2, error estimates, effective
-    rank): under an enclosing ``torch.autocast`` their products would run in bfloat16 or
-    float16, which costs them their accuracy (Gram matrices square the condition number)
-    and changes their output dtypes; they choose their own precision (``sketch_dtype``).
-    """
-    device_type = torch.device(device).type
-    if not torch.amp.is_autocast_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import torch
 
-from .._dtypes import without_autocast
+from .._autocast import without_autocast
 
 __all__ = ["cholesky_qr2"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._args import require_number
-from .._dtypes import without_autocast
+from .._autocast import without_autocast
 
 __all__ = ["effective_rank"]
 

@@ -31,7 +31,7 @@ import torch
 
 from .. import _extension
 from .._args import require_tensors
-from .._dtypes import without_autocast
+from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .qr import cholesky_qr2

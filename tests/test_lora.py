@@ -348,6 +348,18 @@ def test_merge_and_unmerge_with_row_scale(generator):
         lora_unmerge(t["weight"], t["lora_A"], t["lora_B"], row_scale=[1.0] * 2500)
 
 
+def test_merge_takes_a_tensor_scale(generator):
+    """PEFT's compiled-hotswap scalings are 0-d tensors: merging with one equals merging with
+    the number; other tensors are refused as lora_linear refuses them."""
+    t = make_problem(30, 16, 3, (1,), torch.float64, "cpu", generator)
+    for merge in (lora_merge, lora_unmerge):
+        expected = merge(t["weight"], t["lora_A"], t["lora_B"], 0.75)
+        torch.testing.assert_close(merge(t["weight"], t["lora_A"], t["lora_B"], torch.tensor(0.75)), expected,
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lora_merge: scale has shape \(2,\); expected a number or a 0-d tensor"):
+        lora_merge(t["weight"], t["lora_A"], t["lora_B"], torch.ones(2))
+
+
 def test_merge_ignores_autocast(autocast_case, generator):
     # Merging is a weight update in W's precision: under autocast the float32 products
     # would come back in the autocast dtype; it runs with autocast disabled.

@@ -358,7 +358,9 @@ _MERGE_ROWS = 1024
 def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float,
            row_scale=None) -> torch.Tensor:
     k = check_adapter(op, None, weight, lora_A, lora_B, None, gate, rank)
-    scale = _check_number(op, "scale", scale)
+    scale = check_scale(op, scale, weight.device)
+    if isinstance(scale, torch.Tensor):  # PEFT's hotswap scalings; a merge is not in a compiled hot path
+        scale = float(scale)
     if row_scale is not None:
         if not isinstance(row_scale, torch.Tensor):
             raise TypeError(f"{op}: row_scale must be a tensor; got {type(row_scale).__name__}")
@@ -390,7 +392,8 @@ def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, si
 
 
 @autocast_entry()
-def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
+def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scale: Union[float, torch.Tensor] = 1.0, *,
                gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
                row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(W + scale * B diag(g) A) diag(row_scale)`` with float32 accumulation, rounded to W's dtype once.
@@ -403,8 +406,9 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
         W's dtype or float32, on W's device.
     lora_B : Tensor[out_features, r]
         The dtype of ``lora_A``, on W's device.
-    scale : float
-        The adapter scaling ``s`` (``lora_alpha / r`` in PEFT).
+    scale : float or 0-d Tensor
+        The adapter scaling ``s`` (``lora_alpha / r`` in PEFT); a 0-d tensor (PEFT's
+        compiled-hotswap scalings) is read once (a host synchronization on CUDA).
     gate : Tensor[r], optional
         Per-rank gate ``g`` (SoRA), the dtype of ``lora_A``; None: all ones.
     rank : int, optional
@@ -440,7 +444,8 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
 
 
 @autocast_entry()
-def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0, *,
+def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scale: Union[float, torch.Tensor] = 1.0, *,
                  gate: Optional[torch.Tensor] = None, rank: Optional[int] = None, inplace: bool = False,
                  row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W diag(row_scale)^-1 - scale * B diag(g) A``: the inverse of :func:`lora_merge` (same
@@ -458,7 +463,7 @@ def lora_unmerge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         W's dtype or float32, on W's device.
     lora_B : Tensor[out_features, r]
         The dtype of ``lora_A``, on W's device.
-    scale : float
+    scale : float or 0-d Tensor
         The scaling the adapter was merged with.
     gate : Tensor[r], optional
         Per-rank gate (SoRA), the dtype of ``lora_A``; None: all ones.

@@ -38,7 +38,7 @@ def train(model, optimizer, steps: int, generator) -> list:
     return losses
 
 
-@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_full_svd_setting_matches_galore_torch(proj_type):
     galore_torch = pytest.importorskip("galore_torch")
     ours_model, ref_model = make_model(), make_model()
@@ -72,6 +72,29 @@ def test_rsvd_refresh_captures_the_top_subspace_and_trains():
     assert kept >= 0.98 * best, (kept.item(), best.item())
 
 
+def test_full_projection_with_rsvd_keeps_the_top_subspace_on_both_sides():
+    """proj_type="full" with rsvd refreshes: the moments are rank x rank, training works, and
+    at a refresh P^T G Q^T keeps nearly the energy of the optimal rank-6 two-sided projection
+    (the top-6 singular values of G)."""
+    reference_model, model = make_model(), make_model()
+    reference = GaLoreAdamW(galore_groups(reference_model, proj_type="full"), lr=1e-2, svd="full")
+    optimizer = GaLoreAdamW(galore_groups(model, proj_type="full"), lr=1e-2, generator=torch.Generator().manual_seed(0))
+    reference_losses = train(reference_model, reference, 40, torch.Generator().manual_seed(2))
+    losses = train(model, optimizer, 40, torch.Generator().manual_seed(2))
+    # rank x rank moments learn slowly (measured: 1.066 -> 0.955 with either refresh); the
+    # rsvd refreshes follow the exact-SVD run to 1 % of its final loss.
+    assert losses[-1] < 0.95 * losses[0] and abs(losses[-1] - reference_losses[-1]) <= 0.01 * reference_losses[-1]
+    layer = model[0].weight  # [48, 32]
+    assert optimizer.state[layer]["exp_avg"].shape == (6, 6)
+    model.zero_grad()
+    model(torch.randn(64, 32)).square().mean().backward()
+    projector = optimizer.state[layer]["projector"]
+    projector.refresh(layer.grad)
+    kept = projector.project(layer.grad, 1).norm()
+    best = torch.linalg.svdvals(layer.grad)[:6].square().sum().sqrt()
+    assert kept >= 0.98 * best, (kept.item(), best.item())
+
+
 def test_projected_state_is_low_rank_and_vectors_use_adamw():
     model = make_model()
     optimizer = GaLoreAdamW(galore_groups(model), lr=1e-3)
@@ -92,9 +115,10 @@ def test_projected_state_is_low_rank_and_vectors_use_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_state_dict_round_trip_continues_identically(proj_type):
     model = make_model()
-    optimizer = GaLoreAdamW(galore_groups(model), lr=1e-2, svd="full")
+    optimizer = GaLoreAdamW(galore_groups(model, proj_type=proj_type), lr=1e-2, svd="full")
     train(model, optimizer, 7, torch.Generator().manual_seed(5))
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -102,7 +126,7 @@ def test_state_dict_round_trip_continues_identically():
     saved = torch.load(buffer)
     clone = make_model(seed=1)
     clone.load_state_dict(saved["model"])
-    restored = GaLoreAdamW(galore_groups(clone), lr=1e-2, svd="full")
+    restored = GaLoreAdamW(galore_groups(clone, proj_type=proj_type), lr=1e-2, svd="full")
     restored.load_state_dict(saved["optimizer"])
     train(model, optimizer, 4, torch.Generator().manual_seed(6))
     train(clone, restored, 4, torch.Generator().manual_seed(6))

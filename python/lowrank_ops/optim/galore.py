@@ -31,15 +31,17 @@ from ._checks import add_checked_group
 
 __all__ = ["GaLoreAdamW", "GaLoreProjector"]
 
-_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+_PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 _SVD_MODES = ("rsvd", "full")
 
 
 class GaLoreProjector:
     """Projector of one matrix parameter; refreshed every ``update_proj_gap`` steps.
 
-    ``side`` is ``"left"`` (``P [m, rank]``, low-rank gradient ``P^T G [rank, n]``) or
-    ``"right"`` (``P [rank, n]``, low-rank gradient ``G P^T [m, rank]``).
+    ``side`` is ``"left"`` (``P [m, rank]``, low-rank gradient ``P^T G [rank, n]``),
+    ``"right"`` (``P [rank, n]``, low-rank gradient ``G P^T [m, rank]``) or ``"full"``
+    (``P [m, rank]`` and ``Q [rank, n]`` in ``right``, low-rank gradient ``P^T G Q^T
+    [rank, rank]``: both sides, galore-torch's ``proj_type="full"``).
     """
 
     def __init__(self, rank: int, update_proj_gap: int, scale: float, proj_type: str, svd: str,
@@ -48,6 +50,7 @@ class GaLoreProjector:
         self.proj_type, self.svd, self.n_iter, self.oversample = proj_type, svd, n_iter, oversample
         self.generator = generator
         self.matrix: Optional[torch.Tensor] = None
+        self.right: Optional[torch.Tensor] = None  # "full" only: Q [rank, n]
         self.side: Optional[str] = None
 
     def _side(self, grad: torch.Tensor) -> str:
@@ -69,9 +72,18 @@ class GaLoreProjector:
             return False
         side = self._side(grad)
         rank = min(self.rank, *grad.shape)
+        right = None
         if self.svd == "full":  # as the reference: one full SVD of G in float32
             U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
-            basis = U[:, :rank] if side == "left" else Vh[:rank, :]
+            basis = Vh[:rank, :] if side == "right" else U[:, :rank]
+            if side == "full":
+                right = Vh[:rank, :]
+        elif side == "full":  # both singular bases from one rsvd of G, warm-started from the left one
+            init = self.matrix.float() if self.matrix is not None and self.side == side else None
+            n_iter = "auto" if self.n_iter is None else self.n_iter
+            U, _, Vh = rsvd(grad.float(), rank, oversample=self.oversample, n_iter=n_iter, init=init,
+                            generator=self.generator, check_finite=False)
+            basis, right = U, Vh
         else:
             # Factor G (left) or G^T (right): either way the projector is the top left
             # singular basis of `work`.  Warm start from the previous projector, which
@@ -86,6 +98,7 @@ class GaLoreProjector:
             basis = U if side == "left" else U.T
         self.side = side
         self.matrix = basis.to(grad.dtype).contiguous()
+        self.right = None if right is None else right.to(grad.dtype).contiguous()
         return True
 
     def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
@@ -102,22 +115,24 @@ class GaLoreProjector:
 
         Returns
         -------
-        Tensor[rank', n] or Tensor[m, rank'] or None
-            ``P^T G`` (side ``"left"``) or ``G P^T`` (``"right"``), with
+        Tensor[rank', n] or Tensor[m, rank'] or Tensor[rank', rank'] or None
+            ``P^T G`` (side ``"left"``), ``G P^T`` (``"right"``) or ``P^T G Q^T`` (``"full"``), with
             ``rank' = min(rank, m, n)``; in grad's dtype (the projector is stored in the
             dtype of the gradient it was computed from), on grad's device.  None when a
             refresh was due and ``grad`` is not finite (see :meth:`refresh`).
         """
         if (self.matrix is None or step % self.update_proj_gap == 0) and not self.refresh(grad):
             return None
+        if self.side == "full":
+            return (self.matrix.T @ grad) @ self.right.T
         return self.matrix.T @ grad if self.side == "left" else grad @ self.matrix.T
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
-        """The full-size update ``scale * P N`` (left) or ``scale * N P`` (right).
+        """The full-size update ``scale * P N`` (left), ``scale * N P`` (right) or ``scale * P N Q`` (full).
 
         Parameters
         ----------
-        low_rank : Tensor[rank', n] or Tensor[m, rank']
+        low_rank : Tensor[rank', n] or Tensor[m, rank'] or Tensor[rank', rank']
             A tensor shaped as :meth:`project`'s output (the normalized Adam update).
 
         Returns
@@ -126,7 +141,10 @@ class GaLoreProjector:
             Projected back with the current projector and multiplied by ``scale``; in the
             promoted dtype of ``low_rank`` and the projector, on their device.
         """
-        full = self.matrix @ low_rank if self.side == "left" else low_rank @ self.matrix
+        if self.side == "full":
+            full = (self.matrix @ low_rank) @ self.right
+        else:
+            full = self.matrix @ low_rank if self.side == "left" else low_rank @ self.matrix
         return full * self.scale
 
 
@@ -150,7 +168,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         Steps between projector refreshes (GaLore: 200).
     scale : float
         GaLore's alpha, multiplying the projected-back update (GaLore: 0.25).
-    proj_type : {"std", "reverse_std", "left", "right"}
+    proj_type : {"std", "reverse_std", "left", "right", "full"}
+        Projection side, as galore-torch: ``"std"`` right when ``m >= n`` (left otherwise),
+        ``"reverse_std"`` the opposite, ``"left"`` / ``"right"`` fixed, ``"full"`` both
+        (``P^T G Q^T``: moments ``rank x rank``).
     svd : {"rsvd", "full"}
         How the projector is refreshed: warm-started randomized SVD (default) or a full
         ``torch.linalg.svd`` (the reference's choice, for comparison).
@@ -270,6 +291,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 # A bool, not the side string: Optimizer.load_state_dict rebuilds
                 # iterables element by element and would mangle a str.
                 entry["projector_left"] = projector.side == "left"
+                if projector.right is not None:  # side "full"
+                    entry["projector_right_matrix"] = projector.right
         return state
 
     def load_state_dict(self, state_dict):
@@ -284,6 +307,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     )
                     projector.matrix = entry.pop("projector_matrix")
                     projector.side = "left" if entry.pop("projector_left") else "right"
+                    if "projector_right_matrix" in entry:
+                        projector.right = entry.pop("projector_right_matrix")
+                        projector.side = "full"
                     entry["projector"] = projector
 
 

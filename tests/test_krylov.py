@@ -945,6 +945,20 @@ def test_arnoldi_op_has_no_cuda_kernel(cuda_device, generator):
                             2, 5, float(r.norm()), 0.0, 1.0)
 
 
+def test_cg_op_has_no_cuda_kernel_and_cg_runs_step_by_step_on_cuda(cuda_device):
+    """krylov_cg_ is CPU only; cg on CUDA takes the kernel ops' Python loop and agrees with the CPU."""
+    problem = pde.darcy(16, seed=2, index=0)
+    matrix, b = problem.matrix.to(cuda_device), problem.rhs.to(cuda_device)
+    with pytest.raises(NotImplementedError, match="krylov_cg_"):
+        ops.krylov_cg_(matrix.row_ptr, matrix.col_idx, matrix.values, None, torch.zeros_like(b), b.clone(), 5, 0.0,
+                       float(b.norm()))
+    x_cuda, info_cuda = cg(matrix, b, tol=1e-10)
+    x_cpu, info_cpu = cg(problem.matrix, problem.rhs, tol=1e-10)
+    assert info_cuda.converged and abs(info_cuda.iterations - info_cpu.iterations) <= 1
+    # both meet 1e-10 in relative residual: their difference is within cond(A) ~ 1e3 times that
+    torch.testing.assert_close(x_cuda.cpu(), x_cpu, rtol=0, atol=1e-7 * float(x_cpu.abs().max()))
+
+
 # ---------------------------------------------------------------------------- the fused C++ Arnoldi cycle
 def _solve_pair(kind: str, M, k: int, dtype: torch.dtype, generator):
     """GCRO-DR(m, k) on two related systems (the second starts from the recycled space).

@@ -564,6 +564,89 @@ def test_multi_lora_linear_keeps_lora_B_rank_major(device, generator):
     assert torch.equal(copy.lora_B, layer.lora_B) and copy.lora_B.stride() == layer.lora_B.stride()
 
 
+def test_multi_lora_linear_remove_adapter(device, generator):
+    """Removing an adapter renumbers the later ones (ids are positions) and leaves the others'
+    outputs and gradients bit for bit, lora_B rank-major, and a state dict that loads into a
+    layer built with the remaining adapters."""
+    layer = make_layer(device, generator)
+    layer.add_adapter("it", 5, 3.0, lora_B=randn(OUT, 5, device=device, generator=generator), generator=generator)
+    x = randn(9, IN, device=device, generator=generator)
+    names = ["it", "fr", None, "es", "de", "it", "fr", "es", "de"]
+    kept = [i for i, name in enumerate(names) if name != "de"]
+    dy = randn(len(kept), OUT, device=device, generator=generator)
+    routing = [names[i] for i in kept]
+    layer(x[kept], routing).backward(dy)
+    before = {name: (layer.lora_A.grad[layer.adapter_id(name)].clone(), layer.lora_B.grad[layer.adapter_id(name)].clone())
+              for name in ("fr", "es", "it")}
+    y_before = layer(x[kept], routing).detach()
+    A, B, ranks, scales = (t.detach().clone() for t in (layer.lora_A, layer.lora_B, layer.ranks, layer.scales))
+
+    assert layer.remove_adapter("de") == 1
+    assert layer.adapter_names == ["fr", "es", "it"]
+    assert [layer.adapter_id(n) for n in ("fr", "es", "it")] == [0, 1, 2]
+    keep = [0, 2, 3]
+    assert torch.equal(layer.lora_A, A[keep]) and torch.equal(layer.lora_B, B[keep])
+    assert torch.equal(layer.ranks, ranks[keep]) and torch.equal(layer.scales, scales[keep])
+    assert layer.lora_B.shape == (3, OUT, R_MAX) and layer.lora_B.stride() == (R_MAX * OUT, 1, OUT)
+    assert layer.lora_A.grad is None and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    y = layer(x[kept], routing)
+    assert torch.equal(y, y_before)
+    y.backward(dy)
+    assert layer.lora_B.grad.stride() == layer.lora_B.stride()
+    for name, (grad_A, grad_B) in before.items():
+        a = layer.adapter_id(name)
+        assert torch.equal(layer.lora_A.grad[a], grad_A) and torch.equal(layer.lora_B.grad[a], grad_B)
+
+    fresh = MultiLoRALinear(torch.nn.Linear(IN, OUT).to(device), max_rank=R_MAX)
+    fresh.add_adapters([dict(name="fr", rank=4), dict(name="es", rank=1), dict(name="it", rank=5)])
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x[kept], routing), y) and fresh.lora_B.stride() == layer.lora_B.stride()
+
+    with pytest.raises(ValueError, match=r"remove_adapter: unknown adapter 'de'; known: \['fr', 'es', 'it'\]"):
+        layer.remove_adapter("de")
+    for name in ("fr", "es", "it"):
+        layer.remove_adapter(name)
+    assert layer.adapter_names == [] and layer.lora_A.shape == (0, R_MAX, IN) and layer.lora_B.shape == (0, OUT, R_MAX)
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+    assert layer.add_adapter("fr", 2) == 0
+
+
+def test_multi_lora_linear_add_adapters_equals_one_by_one(device, generator):
+    """add_adapters (one copy of the stacks) builds exactly what the same add_adapter calls
+    build, default initializations drawing in order from a shared generator; a bad spec
+    adds nothing."""
+    factors = dict(lora_A=randn(3, IN, device=device, generator=generator),
+                   lora_B=randn(OUT, 3, device=device, generator=generator))
+    specs = [dict(name="a", rank=4, alpha=8.0), dict(name="b", rank=3, use_rslora=True, **factors),
+             dict(name="c", rank=R_MAX, alpha=2.0)]
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    base = torch.nn.Linear(IN, OUT).to(device)
+    one_by_one, batched = MultiLoRALinear(base, R_MAX), MultiLoRALinear(base, R_MAX)
+    one_by_one.add_adapter("first", 2)
+    batched.add_adapter("first", 2)
+    batched.lora_A.data.copy_(one_by_one.lora_A)
+    shared = torch.Generator().manual_seed(seed)
+    ids = [one_by_one.add_adapter(**spec, generator=shared) for spec in specs]
+    shared = torch.Generator().manual_seed(seed)
+    assert batched.add_adapters([dict(spec, generator=shared) for spec in specs]) == ids == [1, 2, 3]
+    assert batched.adapter_names == one_by_one.adapter_names == ["first", "a", "b", "c"]
+    for name in ("lora_A", "lora_B", "ranks", "scales"):
+        assert torch.equal(getattr(batched, name), getattr(one_by_one, name)), name
+    assert batched.lora_B.stride() == (R_MAX * OUT, 1, OUT)
+    assert batched.scales[2] == 3 / math.sqrt(3)
+    assert torch.equal(batched.lora_A[2, :3], factors["lora_A"]) and not batched.lora_A[2, 3:].any()
+    assert torch.equal(batched.lora_B[2, :, :3], factors["lora_B"]) and not batched.lora_B[2, :, 3:].any()
+
+    with pytest.raises(ValueError, match=r"add_adapters: name must be a new string; got 'd' \(existing: .*'d'\]\)"):
+        batched.add_adapters([dict(name="d", rank=1), dict(name="d", rank=2)])
+    with pytest.raises(ValueError, match=r"add_adapters: specs\[1\] must be a mapping with keys name, rank"):
+        batched.add_adapters([dict(name="d", rank=1), dict(name="e", rnak=2)])
+    with pytest.raises(ValueError, match=r"add_adapters: lora_B has shape \(3, 2\); expected \(%d, 2\)" % OUT):
+        batched.add_adapters([dict(name="d", rank=1), dict(name="e", rank=2, lora_B=torch.zeros(3, 2))])
+    assert batched.adapter_names == ["first", "a", "b", "c"] and batched.lora_A.shape[0] == 4
+    assert batched.add_adapters([]) == [] and batched.ranks.tolist() == [2, 4, 3, R_MAX]
+
+
 def test_multi_lora_linear_trains_only_used_adapters(device, generator):
     layer = make_layer(device, generator)
     assert not layer.base.weight.requires_grad

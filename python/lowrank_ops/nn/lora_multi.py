@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -60,8 +60,10 @@ class MultiLoRALinear(nn.Module):
     :func:`~lowrank_ops.ops.lora_linear_multi` (one batched call for all adapters,
     forward and backward).  Adapters are stacked: ``lora_A [n_adapters, max_rank, in]``,
     ``lora_B [n_adapters, out, max_rank]``; adapter ``a`` uses its first ``ranks[a]``
-    ranks.  ``add_adapter`` replaces the two Parameters by larger ones, so create
-    optimizers after adding adapters.
+    ranks.  ``add_adapter``, ``add_adapters`` and ``remove_adapter`` replace the two
+    Parameters (one copy of the stacks each, so add many adapters with ``add_adapters``),
+    so create optimizers after changing adapters.  Ids are positions in
+    ``adapter_names``: removing an adapter renumbers the later ones.
 
     ``lora_B`` is stored rank-major (a ``[n_adapters, max_rank, out]`` buffer seen
     transposed: strides ``(max_rank out, 1, out)``), so the CPU kernels read ``B^T`` rows in
@@ -113,6 +115,9 @@ class MultiLoRALinear(nn.Module):
     ) -> int:
         """Add an adapter and return its id.
 
+        Copies both stacks (``O(n_adapters)``), so adding ``n`` adapters one by one copies
+        ``O(n^2)``; :meth:`add_adapters` adds many in one copy.
+
         Parameters
         ----------
         name : str
@@ -132,8 +137,8 @@ class MultiLoRALinear(nn.Module):
         Returns
         -------
         int
-            The new adapter's id (its index in ``adapter_names`` and the stacks), for
-            ``adapter_ids`` routing.
+            The new adapter's id: its position in ``adapter_names`` and the stacks, for
+            ``adapter_ids`` routing (:meth:`remove_adapter` renumbers later adapters).
 
         Raises
         ------
@@ -141,42 +146,123 @@ class MultiLoRALinear(nn.Module):
             A name already used (or not a string), a rank outside ``[1, max_rank]``, or
             factors of the wrong shape.
         """
-        if not isinstance(name, str) or name in self.adapter_names:
-            raise ValueError(f"MultiLoRALinear.add_adapter: name must be a new string; got {name!r} "
-                             f"(existing: {self.adapter_names})")
-        if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
-            raise ValueError(f"MultiLoRALinear.add_adapter: rank must be an int in [1, max_rank = {self.max_rank}]; "
-                             f"got {rank!r}")
-        if alpha is not None:
-            require_finite_number("MultiLoRALinear.add_adapter", "alpha", alpha)
-        alpha = float(rank if alpha is None else alpha)
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        weight = self.base.weight
-        new_A = weight.new_zeros((1, self.max_rank, self.in_features))
-        new_B = weight.new_zeros((1, self.max_rank, self.out_features)).transpose(1, 2)  # rank-major, see the class
-        with torch.no_grad():
-            if lora_A is None:
-                bound = fan_in_bound(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-                values = torch.rand((rank, self.in_features), generator=generator, dtype=torch.float64) * 2 - 1
-                new_A[0, :rank] = (values * bound).to(weight.dtype)
-            else:
-                self._check_factor("lora_A", lora_A, (rank, self.in_features))
-                new_A[0, :rank] = lora_A
+        spec = dict(name=name, rank=rank, alpha=alpha, use_rslora=use_rslora, lora_A=lora_A, lora_B=lora_B,
+                    generator=generator)
+        return self._add("add_adapter", [spec])[0]
+
+    def add_adapters(self, specs: Sequence[Mapping[str, Any]]) -> List[int]:
+        """Add many adapters with one copy of the stacks (``O(total)``, not ``O(n^2)``).
+
+        Parameters
+        ----------
+        specs : sequence of mappings
+            One per adapter, with :meth:`add_adapter`'s arguments as keys: ``name`` and
+            ``rank`` required; ``alpha``, ``use_rslora``, ``lora_A``, ``lora_B``,
+            ``generator`` optional.  Adapters with the default initialization and one
+            shared generator draw in order, as the same :meth:`add_adapter` calls would.
+
+        Returns
+        -------
+        list of int
+            The new adapters' ids, in order.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`add_adapter` (a name repeated within ``specs`` too), or a spec with
+            an unknown or missing key; nothing is added then.
+        """
+        return self._add("add_adapters", list(specs))
+
+    _SPEC_KEYS = ("name", "rank", "alpha", "use_rslora", "lora_A", "lora_B", "generator")
+
+    def _add(self, caller: str, specs: List[Mapping[str, Any]]) -> List[int]:
+        where = f"MultiLoRALinear.{caller}"
+        names = list(self.adapter_names)
+        checked = []  # validate every spec before changing anything
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, Mapping) or not {"name", "rank"} <= set(spec) \
+                    or not set(spec) <= set(self._SPEC_KEYS):
+                raise ValueError(f"{where}: specs[{i}] must be a mapping with keys name, rank and optionally "
+                                 f"{', '.join(self._SPEC_KEYS[2:])}; got {spec!r}")
+            name, rank, alpha = spec["name"], spec["rank"], spec.get("alpha")
+            if not isinstance(name, str) or name in names:
+                raise ValueError(f"{where}: name must be a new string; got {name!r} (existing: {names})")
+            if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+                raise ValueError(f"{where}: rank must be an int in [1, max_rank = {self.max_rank}]; got {rank!r}")
+            if alpha is not None:
+                require_finite_number(where, "alpha", alpha)
+            alpha = float(rank if alpha is None else alpha)
+            scale = alpha / math.sqrt(rank) if spec.get("use_rslora", False) else alpha / rank
+            lora_A, lora_B = spec.get("lora_A"), spec.get("lora_B")
+            if lora_A is not None:
+                self._check_factor(where, "lora_A", lora_A, (rank, self.in_features))
             if lora_B is not None:
-                self._check_factor("lora_B", lora_B, (self.out_features, rank))
-                new_B[0, :, :rank] = lora_B
-        self.lora_A = nn.Parameter(torch.cat([self.lora_A.detach(), new_A]))
-        self.lora_B = nn.Parameter(torch.cat([self.lora_B.detach().transpose(1, 2), new_B.transpose(1, 2)]).transpose(1, 2))
-        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([rank])])
-        self.scales = torch.cat([self.scales, self.scales.new_tensor([scale])])
-        self.adapter_names.append(name)
-        return len(self.adapter_names) - 1
+                self._check_factor(where, "lora_B", lora_B, (self.out_features, rank))
+            names.append(name)
+            checked.append((rank, scale, lora_A, lora_B, spec.get("generator")))
+        # One copy per call, no spare capacity: a Parameter viewing the first n rows of a
+        # larger buffer would be saved whole by torch.save (it writes a view's entire
+        # storage), and .to() / deepcopy / load_state_dict(assign=True) would detach it.
+        n, k = len(self.adapter_names), len(checked)
+        old_A, old_B = self.lora_A, self.lora_B
+        new_A = old_A.new_zeros((n + k, self.max_rank, self.in_features))
+        new_B = old_B.new_zeros((n + k, self.max_rank, self.out_features))  # rank-major, see the class
+        with torch.no_grad():
+            new_A[:n] = old_A
+            new_B[:n] = old_B.transpose(1, 2)
+            for j, (rank, _, lora_A, lora_B, generator) in enumerate(checked, start=n):
+                if lora_A is None:
+                    bound = fan_in_bound(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+                    values = torch.rand((rank, self.in_features), generator=generator, dtype=torch.float64) * 2 - 1
+                    new_A[j, :rank] = (values * bound).to(new_A.dtype)
+                else:
+                    new_A[j, :rank] = lora_A
+                if lora_B is not None:
+                    new_B[j, :rank] = lora_B.T
+        self.lora_A = nn.Parameter(new_A, requires_grad=old_A.requires_grad)
+        self.lora_B = nn.Parameter(new_B.transpose(1, 2), requires_grad=old_B.requires_grad)
+        self.ranks = torch.cat([self.ranks, self.ranks.new_tensor([c[0] for c in checked])])
+        self.scales = torch.cat([self.scales, self.scales.new_tensor([c[1] for c in checked])])
+        self.adapter_names = names
+        return list(range(n, n + k))
+
+    def remove_adapter(self, name: str) -> int:
+        """Remove the adapter called ``name`` and return the id it had.
+
+        Ids are positions: every adapter after it moves down by one (``adapter_id`` of
+        the others stays right; ids kept from before must be looked up again).  The
+        remaining adapters keep their factors, ranks and scales, so a state dict taken
+        afterwards loads into a layer built with the remaining adapters in order.
+        Replaces the stacks' Parameters (one ``O(n_adapters)`` copy, rank-major
+        ``lora_B`` kept): create optimizers afterwards.
+
+        Raises
+        ------
+        ValueError
+            An unknown name.
+        """
+        if name not in self.adapter_names:
+            raise ValueError(f"MultiLoRALinear.remove_adapter: unknown adapter {name!r}; "
+                             f"known: {self.adapter_names}")
+        a = self.adapter_names.index(name)
+        old_A, old_B = self.lora_A, self.lora_B
+        with torch.no_grad():
+            B_rank_major = old_B.transpose(1, 2)
+            new_A = torch.cat([old_A[:a], old_A[a + 1:]])
+            new_B = torch.cat([B_rank_major[:a], B_rank_major[a + 1:]])
+        self.lora_A = nn.Parameter(new_A, requires_grad=old_A.requires_grad)
+        self.lora_B = nn.Parameter(new_B.transpose(1, 2), requires_grad=old_B.requires_grad)
+        self.ranks = torch.cat([self.ranks[:a], self.ranks[a + 1:]])
+        self.scales = torch.cat([self.scales[:a], self.scales[a + 1:]])
+        self.adapter_names = self.adapter_names[:a] + self.adapter_names[a + 1:]
+        return a
 
     @staticmethod
-    def _check_factor(name: str, tensor: torch.Tensor, shape: Tuple[int, int]) -> None:
+    def _check_factor(where: str, name: str, tensor: torch.Tensor, shape: Tuple[int, int]) -> None:
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
             got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"MultiLoRALinear.add_adapter: {name} has shape {got}; expected {shape}")
+            raise ValueError(f"{where}: {name} has shape {got}; expected {shape}")
 
     def adapter_id(self, name: Optional[str]) -> int:
         """Id of the adapter called ``name``; -1 for None (the base layer only)."""

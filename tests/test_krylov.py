@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import sys
 import warnings
 
@@ -589,6 +590,160 @@ def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator,
         x, info = recycler.solve(_NonFinite(A, 0), b)
         assert info.status == "breakdown" and recycler.U.shape[0] == 0 and torch.isfinite(x).all()
         assert capfd.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------- atol and callback
+_SOLVERS = ["gmres", "gmres_python", "gcrodr", "cg", "cg_python", "defcg"]
+
+
+def _runner(solver: str, monkeypatch, recycler=None):
+    """``run(A, b, **keywords)`` for one solver; "_python" forces the step-by-step loop (the
+    Arnoldi cycle or CG in Python instead of one C++ call).  With ``recycler`` (a GCRODR or
+    DeflatedCG), its ``solve``: one solver through several calls."""
+    if recycler is not None:
+        return recycler.solve
+    if solver == "gmres_python":
+        monkeypatch.setattr(_arnoldi, "NATIVE", False)
+    if solver == "cg_python":
+        monkeypatch.setattr(_cg_module, "NATIVE", False)
+    return {"gmres": lambda A, b, **kw: gmres(A, b, restart=20, **kw),
+            "gmres_python": lambda A, b, **kw: gmres(A, b, restart=20, **kw),
+            "gcrodr": lambda A, b, **kw: GCRODR(20, 5).solve(A, b, **kw),
+            "cg": cg, "cg_python": cg,
+            "defcg": lambda A, b, **kw: DeflatedCG(4).solve(A, b, **kw)}[solver]
+
+
+@pytest.mark.parametrize("solver", _SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("magnitude", [1e6, 1e-6])
+def test_atol_stops_at_the_absolute_target(solver, dtype, magnitude, generator, monkeypatch):
+    # ||b|| = 1e6 or 1e-6 and atol = 1e-4 ||b||, far above tol ||b||: the solvers work on
+    # b / scale (a power of two near max |b|), so atol must be divided by that scale too.
+    # Undivided, the 1e6 solve would stop at x0 = 0 (target 100 against a scaled ||b|| ~ 10)
+    # and the 1e-6 one would run to a scaled target of 1e-10, ~1e-11 relative.
+    run = _runner(solver, monkeypatch)
+    problem = pde.darcy(16, seed=2, index=1)
+    matrix = problem.matrix.to(dtype=dtype)
+    b = torch.randn(matrix.shape[0], generator=generator, dtype=torch.float64)
+    b = (b * (magnitude / float(b.norm()))).to(dtype)
+    bnorm = float(b.double().norm())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5  # reachable (for the comparison below), under 1e-4
+    atol = 1e-4 * bnorm
+    x, info = run(matrix, b, tol=tol, atol=atol)
+    assert info.converged and info.status == "converged" and info.iterations > 0
+    # Stopped at the first iterate under the target: the target equals the relative 1e-4 up to
+    # the rounding of ||b / scale|| (float32: 1e-7 relative, so 1e-5 is ample).
+    assert min(info.residuals[:-1]) > 1e-4 * (1 - 1e-5) and info.true_residual <= 1e-4 * (1 + 1e-5)
+    # Independently in float64: the solver's own true residual plus the rounding of its
+    # product A x (float32: ~nnz per row * eps * |A| |x| ~ 1e-5 ||b||, a tenth of atol).
+    residual = np.linalg.norm(b.double().numpy() - matrix.to_scipy().astype(np.float64) @ x.double().numpy())
+    assert residual <= atol * (1 + (1e-8 if dtype == torch.float64 else 1e-1))
+    # The same solve as the relative tolerance atol / ||b||: the same iterates, step for step.
+    _, relative = run(matrix, b, tol=1e-4)
+    assert (info.iterations, info.matvecs) == (relative.iterations, relative.matvecs)
+    np.testing.assert_allclose(info.residuals, relative.residuals, rtol=0, atol=0)
+    # tol alone runs much longer; an atol under tol ||b|| changes nothing.
+    _, strict = run(matrix, b, tol=tol)
+    assert strict.converged and strict.iterations > info.iterations
+    _, below = run(matrix, b, tol=tol, atol=1e-3 * tol * bnorm)
+    assert below.residuals == strict.residuals
+
+
+@pytest.mark.parametrize("solver", _SOLVERS)
+def test_atol_above_the_initial_residual_returns_x0(solver, generator, monkeypatch):
+    run = _runner(solver, monkeypatch)
+    A = CSRMatrix.from_scipy(_laplacian(6))
+    b = torch.randn(36, generator=generator, dtype=torch.float64)
+    x0 = torch.randn(36, generator=generator, dtype=torch.float64)
+    r0 = float((b - A.matvec(x0)).norm())
+    x, info = run(A, b, x0=x0, atol=r0 * (1 + 1e-12))
+    assert info.converged and info.status == "converged" and info.iterations == 0
+    torch.testing.assert_close(x, x0, rtol=1e-15, atol=0)
+    # atol / scale overflows (b ~ 1e-300): every finite residual meets it.
+    x, info = run(A, b * 1e-300, atol=1e300)
+    assert info.converged and info.iterations == 0 and torch.equal(x, torch.zeros(36, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", _SOLVERS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_callback_receives_the_residual_history(solver, dtype, generator, monkeypatch):
+    # One float per iteration, in order: exactly info.residuals[1:] (the values after the
+    # solver's revisions: true residuals at restarts and at convergence, projections onto
+    # the recycled space), however the iterations ran (C++ cycle or loop, Python loop).
+    # gcrodr, defcg: one solver object through the sequence, so the second solve recycles.
+    recycler = {"gcrodr": GCRODR(20, 5), "defcg": DeflatedCG(4)}.get(solver)
+    run = _runner(solver, monkeypatch, recycler)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for problem in pde.generate("darcy", 16, 2, seed=4):
+        received = []
+        x, info = run(problem.matrix.to(dtype=dtype), problem.rhs.to(dtype), tol=tol, callback=received.append)
+        assert info.converged and info.iterations > 20  # several Arnoldi cycles
+        assert all(type(value) is float for value in received)
+        assert received == info.residuals[1:] and len(received) == info.iterations
+
+
+def test_callback_sees_the_cg_restart_on_the_true_residual(monkeypatch):
+    # tol 1e-14 is near the attainable accuracy: the recursive residual meets it before the
+    # true one does, so both loops replace that history entry by the true residual and go on
+    # (the native loop with a new kernel call): measured 3 confirmations, 123 / 124 steps.
+    problem = pde.darcy(16, seed=1, index=0)
+    for native in (True, False):
+        monkeypatch.setattr(_cg_module, "NATIVE", native)
+        received = []
+        _, info = cg(problem.matrix, problem.rhs, tol=1e-14, maxiter=400, callback=received.append)
+        assert info.matvecs > info.iterations + 2  # the initial and final residuals, and confirmations
+        assert received == info.residuals[1:] and len(received) == info.iterations
+
+
+@pytest.mark.parametrize("solver", ["gmres", "gcrodr", "cg", "cg_python", "defcg"])
+def test_callback_exception_propagates_and_keeps_the_recycled_space(solver, monkeypatch):
+    recycler = {"gcrodr": GCRODR(20, 5), "defcg": DeflatedCG(4)}.get(solver)
+    run = _runner(solver, monkeypatch, recycler)
+    first, second = pde.generate("darcy", 16, 2, seed=6)
+    run(first.matrix, first.rhs)
+    kept = None if recycler is None else (recycler.U if solver == "gcrodr" else recycler.W).clone()
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(value):
+        calls.append(value)
+        if len(calls) == 3:
+            raise Stop("stop")
+
+    with pytest.raises(Stop, match="stop"):
+        run(second.matrix, second.rhs, callback=stop)
+    assert len(calls) == 3
+    if recycler is not None:
+        assert torch.equal(recycler.U if solver == "gcrodr" else recycler.W, kept)
+        _, info = run(second.matrix, second.rhs)  # the solver still works
+        assert info.converged
+
+
+def test_atol_passes_through_solve_sequence():
+    problems = pde.generate("darcy", 12, 3, seed=7)
+    for method in ("gcrodr", "defcg", "gmres", "cg"):
+        result = solve_sequence(problems, method=method, order="given", m=20, k=4, tol=1e-12,
+                                atol=1e-3 * float(problems[0].rhs.norm()))
+        for problem, x, info in zip(problems, result.solutions, result.infos):
+            residual = float((problem.rhs - problem.matrix.matvec(x)).norm())
+            assert info.converged and residual <= 1e-3 * float(problems[0].rhs.norm()) * (1 + 1e-8)
+            assert min(info.residuals[:-1]) * float(problem.rhs.norm()) > 1e-3 * float(problems[0].rhs.norm()) * (1 - 1e-8)
+
+
+def test_bad_atol_and_callback_give_clear_errors():
+    A, b = _laplacian(4), np.ones(16)
+    solvers = {"gmres": gmres, "cg": cg, "GCRODR.solve": GCRODR(10, 2).solve, "DeflatedCG.solve": DeflatedCG(2).solve}
+    for name, solve in solvers.items():
+        for atol in (-1e-8, float("nan"), float("inf"), "1e-8", None, True):
+            with pytest.raises(ValueError, match=rf"{name}: atol must be a finite number >= 0; got {re.escape(repr(atol))}"):
+                solve(A, b, atol=atol)
+        for callback in ("print", 3, [print]):
+            with pytest.raises(TypeError, match=rf"{name}: callback must be None or a callable .*; got {type(callback).__name__}"):
+                solve(A, b, callback=callback)
+    with pytest.raises(ValueError, match="gmres: atol must be a finite number >= 0; got -1.0"):
+        solve_sequence([(A, b)], method="gmres", atol=-1.0)
 
 
 # ---------------------------------------------------------------------------- bad input

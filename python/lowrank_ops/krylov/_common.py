@@ -10,9 +10,10 @@ the preconditioned product costs one plain SpMV.
 from __future__ import annotations
 
 import math
+import sys
 import types
 import weakref
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,9 +22,10 @@ from .._args import require_int as check_positive_int
 from .._finite import all_finite
 from .operators import LinearOperator, as_operator
 
-__all__ = ["System", "setup_system", "check_positive_int", "conclude"]
+__all__ = ["System", "setup_system", "check_positive_int", "conclude", "Progress"]
 
 Preconditioner = Union[None, str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+Callback = Optional[Callable[[float], object]]
 
 
 class System:
@@ -51,6 +53,11 @@ class System:
         underflow (``|b| ~ 1e160`` in float64 or ``1e20`` in float32 would make them inf).
     bnorm : float
         ``||b / scale||``.
+    target : float
+        The stopping threshold on ``||b / scale - A (x / scale)||``:
+        ``max(tol ||b||, atol) / scale`` (``inf`` when ``atol / scale`` overflows).
+    callback : callable or None
+        The user's per-iteration callback (see :class:`Progress`).
     matvecs : int
         Products with ``A`` so far.
     key : tuple
@@ -59,10 +66,17 @@ class System:
         refer to the same live objects.
     """
 
-    def __init__(self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor, M: Preconditioner, op: str):
+    def __init__(self, A: LinearOperator, b: torch.Tensor, x0: torch.Tensor, M: Preconditioner, op: str,
+                 tol: float, atol: float, callback: Callback = None):
         self.scale = _scale(b)
         self.A, self.b, self.x0 = A, b.div_(self.scale), x0.div_(self.scale)  # b, x0: the solver's own copies
         self.bnorm = float(torch.linalg.vector_norm(self.b))
+        # The solvers iterate on the scaled system, whose residual is the user's divided by scale.
+        # scale is a power of two: the division is exact unless it overflows (then no residual
+        # can miss the target) or underflows (an atol below the float64 range is 0).
+        absolute = atol / self.scale if atol <= self.scale * sys.float_info.max else math.inf
+        self.target = max(float(tol) * self.bnorm, absolute)
+        self.callback = callback
         self.matvecs = 0
         self.precondition: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.csr = None
@@ -114,15 +128,44 @@ def _scale(b: torch.Tensor) -> float:
 def conclude(status: str, rnorm: float, target: float) -> Tuple[bool, str]:
     """``(converged, status)`` of a finished solve from its final true residual norm: the two always agree.
 
-    Converged is the loops' own test, ``rnorm <= target`` (``tol ||b||``).  Otherwise a
-    non-finite ``rnorm`` (A or M returned NaN or inf), or a loop that stopped as converged
-    on the same test (an operator that is not a fixed linear map), is a ``"breakdown"``.
+    Converged is the loops' own test, ``rnorm <= target`` (:attr:`System.target`,
+    ``max(tol ||b||, atol)`` scaled), for a finite ``rnorm``.  Otherwise a non-finite
+    ``rnorm`` (A or M returned NaN or inf), or a loop that stopped as converged on the same
+    test (an operator that is not a fixed linear map), is a ``"breakdown"``.
     """
-    if rnorm <= target:
+    if rnorm <= target and math.isfinite(rnorm):  # an inf target (a huge atol) does not pass an inf residual
         return True, "converged"
     if status == "converged" or not math.isfinite(rnorm):
         return False, "breakdown"
     return False, status
+
+
+class Progress:
+    """Feeds a solve's residual history to the user's ``callback``, one float per iteration.
+
+    ``callback(residuals[i])`` is called for ``i = 1, ..., iterations``, in order and once
+    each, with the value :attr:`SolveInfo.residuals` finally holds: the solvers revise the
+    last entry (the true residual recomputed at a restart or on convergence, the residual
+    after a projection onto a recycled space), so an entry is handed over only once the
+    solve has moved past it (:meth:`report` is called where every entry so far is final).
+    The callback gets a Python float and nothing the solve uses; its return value is
+    ignored and its exceptions propagate (a recycling solver then keeps its space from
+    before the solve).
+    """
+
+    __slots__ = ("callback", "history", "done")
+
+    def __init__(self, callback: Callback, history: List[float]):
+        self.callback, self.history, self.done = callback, history, 1
+
+    def report(self) -> None:
+        """Call the callback on every history entry not yet reported (all of them final)."""
+        if self.callback is None:
+            return
+        while self.done < len(self.history):
+            value = float(self.history[self.done])
+            self.done += 1
+            self.callback(value)
 
 
 def _version(source) -> Optional[int]:
@@ -227,19 +270,32 @@ def _dtype_and_device(A, b):
     return dtype, reference.device
 
 
-def setup_system(op: str, A, b, x0, tol: float, M: Preconditioner) -> System:
+def setup_system(op: str, A, b, x0, tol: float, M: Preconditioner, atol: float = 0.0,
+                 callback: Callback = None) -> System:
     """Validate a solver's arguments and build its :class:`System`.
 
     Raises
     ------
     ValueError
         Non-square ``A``, ``b`` or ``x0`` of the wrong length, non-finite ``b``/``x0``,
-        ``tol`` not a positive finite number, a bad preconditioner.
+        ``tol`` not a positive finite number, ``atol`` not a finite number >= 0, a bad
+        preconditioner.
+    TypeError
+        ``callback`` neither None nor callable.
     """
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (0 < tol < math.inf):
+    if not _real_number(tol) or not (0 < tol < math.inf):
         raise ValueError(f"{op}: tol must be a positive finite number; got {tol!r}")
+    if not _real_number(atol) or not (0 <= atol < math.inf):
+        raise ValueError(f"{op}: atol must be a finite number >= 0; got {atol!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{op}: callback must be None or a callable taking the relative residual norm; "
+                        f"got {type(callback).__name__}")
     dtype, device = _dtype_and_device(A, b)
     operator = as_operator(op, A, dtype, device)
     b = _vector(op, "b", b, dtype, device, operator.n)
     x0 = torch.zeros_like(b) if x0 is None else _vector(op, "x0", x0, dtype, device, operator.n)
-    return System(operator, b, x0, M, op)
+    return System(operator, b, x0, M, op, float(tol), float(atol), callback)
+
+
+def _real_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))

@@ -1,13 +1,13 @@
 """Preconditioned conjugate gradients for symmetric positive definite systems."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
-from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
 from ._kernels import dots
 from .info import SolveInfo
 
@@ -24,7 +24,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
-       M: Preconditioner = None) -> Tuple[torch.Tensor, SolveInfo]:
+       M: Preconditioner = None, atol: float = 0.0,
+       callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
     """Solve an SPD system ``A x = b`` with (preconditioned) conjugate gradients.
 
     Parameters
@@ -36,13 +37,24 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     x0 : Tensor[n], optional
         Initial guess (default zero).
     tol : float
-        Stop when ``||b - A x|| <= tol ||b||`` (> 0); checked on the recursively
-        updated residual, then confirmed on the recomputed one (CG continues if the two
-        have drifted apart).
+        Relative tolerance (> 0), as scipy's ``rtol``: stop when
+        ``||b - A x|| <= max(tol ||b||, atol)``; checked on the recursively updated
+        residual, then confirmed on the recomputed one (CG continues if the two have
+        drifted apart).
     maxiter : int, optional
         Iteration budget; default ``10 n``.
     M : None, 'jacobi', Tensor[n] or callable
         SPD preconditioner ``M^{-1}`` (a diagonal, ``'jacobi'`` or a callable).
+    atol : float
+        Absolute tolerance (finite, >= 0; default 0), as scipy's ``atol``.
+    callback : callable, optional
+        ``callback(residual)`` once per iteration with its relative residual norm (a float;
+        scipy's ``callback_type="pr_norm"``): exactly the values of ``info.residuals[1:]``,
+        in order (the recursive residual, or the recomputed true one where CG confirmed
+        convergence on it).  In the C++ loop the calls for the iterations of one kernel
+        call are made after it returns (after the fact, each iteration's residual in
+        order); in the Python loop at the start of the next iteration.  Exceptions
+        propagate.
 
     Returns
     -------
@@ -64,37 +76,40 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
     """
     if maxiter is not None:
         check_positive_int("cg", "maxiter", maxiter)
-    system = setup_system("cg", A, b, x0, tol, M)
+    system = setup_system("cg", A, b, x0, tol, M, atol, callback)
     bnorm = system.bnorm
     if bnorm == 0.0:
         return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
     maxiter = maxiter if maxiter is not None else 10 * system.A.n
-    target = float(tol) * bnorm
+    target = system.target
     x = system.x0.contiguous()  # the C++ loop updates it in place
     r = system.residual(x)
     rnorm = float(torch.linalg.vector_norm(r))
     history = [rnorm / bnorm]
+    progress = Progress(system.callback, history)
     matrix = system.A.matrix
     if (NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
             and (system.precondition is None or system.inverse_diagonal is not None)):
-        iterations, status = _native_loop(system, x, r, rnorm, maxiter, target, history)
+        iterations, status = _native_loop(system, x, r, rnorm, maxiter, target, progress)
     else:
-        iterations, status = _python_loop(system, x, r, rnorm, maxiter, target, history)
+        iterations, status = _python_loop(system, x, r, rnorm, maxiter, target, progress)
+    progress.report()
     rnorm = float(torch.linalg.vector_norm(system.residual(x)))
     converged, status = conclude(status, rnorm, target)
     return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)
 
 
 def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, target: float,
-                 history: List[float]) -> Tuple[int, str]:
+                 progress: Progress) -> Tuple[int, str]:
     """CG in C++ (``krylov_cg_``), restarted from the true residual when the recursive one
-    met the target but the true one did not.  Updates ``x`` and ``history``; returns
-    ``(iterations, status)``."""
-    matrix, bnorm = system.A.matrix, system.bnorm
+    met the target but the true one did not.  Updates ``x`` and ``progress.history``
+    (reporting each kernel call's entries once final); returns ``(iterations, status)``."""
+    matrix, bnorm, history = system.A.matrix, system.bnorm, progress.history
     diagonal = None if system.inverse_diagonal is None else system.inverse_diagonal.contiguous()
     kernel = eager_or_op("krylov_cg_", _ops.cg_unchecked)
     iterations = 0
     while True:
+        progress.report()
         if rnorm <= target:  # r is the true residual here
             return iterations, "converged"
         if iterations >= maxiter:
@@ -113,10 +128,11 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
 
 
 def _python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, target: float,
-                 history: List[float]) -> Tuple[int, str]:
+                 progress: Progress) -> Tuple[int, str]:
     """CG step by step from the kernel ops (CUDA, callable preconditioners, operators that
-    are not CSR matrices).  Updates ``x`` and ``history``; returns ``(iterations, status)``."""
-    bnorm = system.bnorm
+    are not CSR matrices).  Updates ``x`` and ``progress.history`` (reporting each entry
+    once final); returns ``(iterations, status)``."""
+    bnorm, history = system.bnorm, progress.history
     z = system.unprecondition(r)
     p = z.clone()
     rz = _dot(r, z)
@@ -132,6 +148,7 @@ def _python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
             z = system.unprecondition(r)
             p = z.clone()
             rz = _dot(r, z)
+        progress.report()
         q = system.A.apply(p)
         system.matvecs += 1
         curvature = _dot(p, q)

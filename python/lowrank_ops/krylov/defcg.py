@@ -44,13 +44,13 @@ Long-vector work goes through the fused kernels (``dots``, ``subtract``, ``gram`
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .._finite import all_finite
-from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
 from ._kernels import combine, combine_rows, dots, gram, subtract
 from .info import SolveInfo
 
@@ -261,8 +261,9 @@ class DeflatedCG:
         self.AW: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
 
-    def solve(self, A, b, x0=None, tol: float = 1e-8) -> Tuple[torch.Tensor, SolveInfo]:
-        """Solve the SPD system ``A x = b`` to ``||b - A x|| <= tol ||b||``, deflating with earlier solves' Ritz vectors.
+    def solve(self, A, b, x0=None, tol: float = 1e-8, *, atol: float = 0.0,
+              callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
+        """Solve the SPD system ``A x = b`` to ``||b - A x|| <= max(tol ||b||, atol)``, deflating with earlier Ritz vectors.
 
         Parameters
         ----------
@@ -274,7 +275,18 @@ class DeflatedCG:
         x0 : Tensor[n], optional
             Initial guess (default zero).
         tol : float
-            Relative residual tolerance (> 0), confirmed on the recomputed true residual.
+            Relative residual tolerance (> 0), as scipy's ``rtol``, confirmed on the
+            recomputed true residual.
+        atol : float
+            Absolute residual tolerance (finite, >= 0; default 0): the solve stops once
+            ``||b - A x|| <= max(tol ||b||, atol)``, as scipy's ``rtol`` / ``atol``.
+        callback : callable, optional
+            ``callback(residual)`` once per CG step with its relative residual norm (a
+            float; scipy's ``callback_type="pr_norm"``): exactly the values of
+            ``info.residuals[1:]``, in order, each at the start of the next step (once CG
+            no longer revises it: a residual under the target is replaced by the
+            recomputed true one).  Exceptions propagate; the deflation space is then left
+            as it was before the solve.
 
         Returns
         -------
@@ -284,18 +296,18 @@ class DeflatedCG:
             positive definite) or A or M returned non-finite values; the deflation space is
             then kept as it was at the start of the solve.
         """
-        system = setup_system("DeflatedCG.solve", A, b, x0, tol, self.M)
+        system = setup_system("DeflatedCG.solve", A, b, x0, tol, self.M, atol, callback)
         if self.W is not None and (self.W.shape[1] != system.A.n or self.W.dtype != system.b.dtype
                                    or self.W.device != system.b.device):
             self.reset()  # a system of another size or kind: nothing to deflate with
-        return self._solve(system, float(tol))
+        return self._solve(system)
 
-    def _solve(self, system: System, tol: float) -> Tuple[torch.Tensor, SolveInfo]:
+    def _solve(self, system: System) -> Tuple[torch.Tensor, SolveInfo]:
         n, bnorm = system.A.n, system.bnorm
         if bnorm == 0.0:
             return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
         maxiter = self.maxiter if self.maxiter is not None else 10 * n
-        target = tol * bnorm
+        target = system.target
         W, AW = self.W, self.AW
         if W is not None and (AW is None or system.key != self._key):
             W, AW = _refresh(system, W)
@@ -306,6 +318,7 @@ class DeflatedCG:
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
         history = [rnorm / bnorm]
+        progress = Progress(system.callback, history)
 
         def project() -> float:  # x += W W^T r, r -= AW W^T r: W^T r = 0 (the best correction from span(W))
             coefficients = dots(W, r)
@@ -340,6 +353,7 @@ class DeflatedCG:
                 p = conjugate(z, z.clone())
                 rz = _dot(r, z)
                 recording = False  # the restarted iteration does not continue the recorded Lanczos process
+            progress.report()
             q = system.A.apply(p)
             system.matvecs += 1
             curvature = _dot(p, q)
@@ -364,6 +378,7 @@ class DeflatedCG:
                 ratio, coupling = (beta / alpha, -math.sqrt(beta) / alpha) if beta >= 0.0 and alpha > 0.0 else (math.nan,) * 2
             p = conjugate(z, p.mul_(beta).add_(z))
             rz = rz_new
+        progress.report()
         rnorm = float(torch.linalg.vector_norm(system.residual(x)))
         converged, status = conclude(status, rnorm, target)
         if lanczos is not None and lanczos.size and status != "breakdown":

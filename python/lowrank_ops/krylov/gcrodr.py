@@ -17,13 +17,13 @@ GMRES problem ``min ||beta e1 - Hbar y||``; the update is ``x += V y - U (B y)``
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
 from ._arnoldi import arnoldi_cycle
 from ._kernels import combine, dots, subtract
-from ._common import Preconditioner, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
 from .info import SolveInfo
 from .recycle import harmonic_ritz, refresh
 
@@ -70,8 +70,9 @@ class GCRODR:
         self.C: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
 
-    def solve(self, A, b, x0=None, tol: float = 1e-8) -> Tuple[torch.Tensor, SolveInfo]:
-        """Solve ``A x = b`` to ``||b - A x|| <= tol ||b||``, recycling from earlier solves.
+    def solve(self, A, b, x0=None, tol: float = 1e-8, *, atol: float = 0.0,
+              callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
+        """Solve ``A x = b`` to ``||b - A x|| <= max(tol ||b||, atol)``, recycling from earlier solves.
 
         Parameters
         ----------
@@ -83,27 +84,39 @@ class GCRODR:
         x0 : Tensor[n], optional
             Initial guess (default zero).
         tol : float
-            Relative residual tolerance (> 0).
+            Relative residual tolerance (> 0), as scipy's ``rtol``.
+        atol : float
+            Absolute residual tolerance (finite, >= 0; default 0): the solve stops once
+            ``||b - A x|| <= max(tol ||b||, atol)``, as scipy's ``rtol`` / ``atol``.
+        callback : callable, optional
+            ``callback(residual)`` once per Arnoldi step with its relative residual norm
+            (a float), as scipy's ``callback_type="pr_norm"``: exactly the values of
+            ``info.residuals[1:]``, in order (the Givens estimate inside a cycle; a cycle's
+            last step the true residual recomputed at the restart, after its projection
+            onto the refreshed recycled space when ``k > 0``).  The calls for a cycle are
+            made when the cycle has finished (its steps run in one C++ call on the CPU
+            with a matrix), before the next one starts.  Exceptions propagate; the
+            recycled space is then left as it was before the solve.
 
         Returns
         -------
         x : Tensor[n]
         info : SolveInfo
-            ``converged`` reports whether the final true residual meets ``tol``.
+            ``converged`` reports whether the final true residual meets ``max(tol ||b||, atol)``.
         """
-        system = setup_system("GCRODR.solve", A, b, x0, tol, self.M)
+        system = setup_system("GCRODR.solve", A, b, x0, tol, self.M, atol, callback)
         if self.U is not None and (self.U.shape[1] != system.A.n or self.U.dtype != system.b.dtype
                                    or self.U.device != system.b.device):
             self.reset()  # a system of another size or kind: nothing to recycle
-        return self._solve(system, float(tol))
+        return self._solve(system)
 
     # ------------------------------------------------------------------ engine
-    def _solve(self, system: System, tol: float) -> Tuple[torch.Tensor, SolveInfo]:
+    def _solve(self, system: System) -> Tuple[torch.Tensor, SolveInfo]:
         n, bnorm = system.A.n, system.bnorm
         if bnorm == 0.0:
             return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
         maxiter = self.maxiter if self.maxiter is not None else 10 * n
-        target = tol * bnorm
+        target = system.target
         U, C = self.U, self.C
         if U is not None and (C is None or system.key != self._key):
             C, U = refresh(system.apply, U)
@@ -112,6 +125,7 @@ class GCRODR:
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
         history = [rnorm / bnorm]
+        progress = Progress(system.callback, history)
         iterations = cycles = 0
         status = "maxiter"
         r_is_true = True
@@ -140,6 +154,7 @@ class GCRODR:
             for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
                 basis[row].copy_(C[row])
             steps = min(self.m - kc, maxiter - iterations)
+            progress.report()  # the previous cycle's entries are final now
             cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
@@ -153,7 +168,8 @@ class GCRODR:
                 U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, self.k)
             previous = rnorm
             r, rnorm, r_is_true = self._true_residual(system, x)
-            history[-1] = rnorm / bnorm
+            if cycle.steps:  # (a cycle without steps has no entry: the last one is reported already)
+                history[-1] = rnorm / bnorm
             if not cycle.finite:
                 status = "breakdown"
                 break
@@ -162,6 +178,7 @@ class GCRODR:
                 break
         if not r_is_true:
             r, rnorm, r_is_true = self._true_residual(system, x)
+        progress.report()
         self.U, self.C, self._key = U, C, system.key
         converged, status = conclude(status, rnorm, target)
         return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status,

@@ -1,7 +1,7 @@
 """Restarted GMRES(m) with right preconditioning."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -13,7 +13,8 @@ __all__ = ["gmres"]
 
 
 def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optional[int] = None,
-          M: Preconditioner = None) -> Tuple[torch.Tensor, SolveInfo]:
+          M: Preconditioner = None, atol: float = 0.0,
+          callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
     """Solve ``A x = b`` with restarted GMRES(``restart``).
 
     Arnoldi with classical Gram-Schmidt and selective reorthogonalization (BLAS-2),
@@ -32,13 +33,20 @@ def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optio
     x0 : Tensor[n], optional
         Initial guess (default zero).
     tol : float
-        Stop when ``||b - A x|| <= tol ||b||`` (> 0).
+        Relative tolerance (> 0), as scipy's ``rtol``: stop when
+        ``||b - A x|| <= max(tol ||b||, atol)``.
     restart : int
         Krylov directions per cycle, ``m``.
     maxiter : int, optional
         Iteration budget (Arnoldi steps over all cycles); default ``10 n``.
     M : None, 'jacobi', Tensor[n] or callable
         Right preconditioner (see :class:`GCRODR`).
+    atol : float
+        Absolute tolerance (finite, >= 0; default 0), as scipy's ``atol``.
+    callback : callable, optional
+        ``callback(residual)`` once per Arnoldi step with its relative residual norm (a
+        float; scipy's ``callback_type="pr_norm"``): the values of ``info.residuals[1:]``,
+        in order, each cycle's after the cycle (see :meth:`GCRODR.solve`).
 
     Returns
     -------
@@ -48,5 +56,5 @@ def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optio
     restart = check_positive_int("gmres", "restart", restart)
     if maxiter is not None:
         check_positive_int("gmres", "maxiter", maxiter)
-    system = setup_system("gmres", A, b, x0, tol, M)
-    return GCRODR(restart, 0, M=M, maxiter=maxiter)._solve(system, float(tol))
+    system = setup_system("gmres", A, b, x0, tol, M, atol, callback)
+    return GCRODR(restart, 0, M=M, maxiter=maxiter)._solve(system)

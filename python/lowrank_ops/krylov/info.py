@@ -14,7 +14,7 @@ class SolveInfo:
     Attributes
     ----------
     converged : bool
-        True when the final true residual meets the tolerance, ``||b - A x|| <= tol ||b||``:
+        True when the final true residual meets the tolerance, ``||b - A x|| <= max(tol ||b||, atol)``:
         exactly when ``status`` is ``"converged"`` or ``"zero_rhs"``.
     iterations : int
         Krylov iterations (Arnoldi steps, or CG steps) over all restart cycles.
@@ -23,6 +23,7 @@ class SolveInfo:
     residuals : list of float
         Relative residual norm after 0, 1, ..., ``iterations`` iterations: the solver's
         running estimate inside a cycle, the recomputed true residual at each cycle's end.
+        A solver's ``callback`` receives ``residuals[1:]``, in order.
     true_residual : float
         ``||b - A x|| / ||b||`` of the returned ``x``, recomputed from ``x`` with the
         unpreconditioned ``A`` (0 for a zero right-hand side).

@@ -142,7 +142,8 @@ def _feature(feature, A, b) -> torch.Tensor:
 
 
 def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "skr", m: int = 40, k: int = 10,
-                   tol: float = 1e-8, M=None, maxiter: Optional[int] = None, features: Optional[torch.Tensor] = None,
+                   tol: float = 1e-8, atol: float = 0.0, M=None, maxiter: Optional[int] = None,
+                   features: Optional[torch.Tensor] = None,
                    recycler: Union[GCRODR, DeflatedCG, None] = None,
                    callback: Optional[Callable[[int, int, torch.Tensor, SolveInfo], None]] = None) -> SequenceResult:
     """Solve a sequence of systems, SKR-style by default.
@@ -164,6 +165,9 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         and ``"defcg"``).
     tol : float
         Relative residual tolerance of every solve.
+    atol : float
+        Absolute residual tolerance of every solve (finite, >= 0): each stops once
+        ``||b - A x|| <= max(tol ||b||, atol)``.
     M : None, 'jacobi', Tensor[n] or callable
         Preconditioner of every solve.
     maxiter : int, optional
@@ -176,7 +180,8 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         solver to use (and leave updated), e.g. to continue a sequence; default a fresh
         ``GCRODR(m, k, M=M, maxiter=maxiter)`` or ``DeflatedCG(k, M=M, maxiter=maxiter)``.
     callback : callable, optional
-        ``callback(done, index, x, info)`` after each solve (``done`` = systems solved so far).
+        ``callback(done, index, x, info)`` after each solve (``done`` = systems solved so far);
+        not the solvers' per-iteration callback.
 
     Returns
     -------
@@ -208,18 +213,18 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         solver = recycler if recycler is not None else GCRODR(m, k, M=M, maxiter=maxiter)
 
         def solve(A, b):
-            return solver.solve(A, b, tol=tol)
+            return solver.solve(A, b, tol=tol, atol=atol)
     elif method == "defcg":
         deflated = recycler if recycler is not None else DeflatedCG(k, M=M, maxiter=maxiter)
 
         def solve(A, b):
-            return deflated.solve(A, b, tol=tol)
+            return deflated.solve(A, b, tol=tol, atol=atol)
     elif method == "gmres":
         def solve(A, b):
-            return gmres(A, b, tol=tol, restart=m, maxiter=maxiter, M=M)
+            return gmres(A, b, tol=tol, restart=m, maxiter=maxiter, M=M, atol=atol)
     else:
         def solve(A, b):
-            return cg(A, b, tol=tol, maxiter=maxiter, M=M)
+            return cg(A, b, tol=tol, maxiter=maxiter, M=M, atol=atol)
     solutions: List[Optional[torch.Tensor]] = [None] * count
     infos: List[Optional[SolveInfo]] = [None] * count
     seconds = [0.0] * count

@@ -38,6 +38,9 @@ same Gaussian test matrix for
 ours (``generator``) and for ``torch.svd_lowrank`` (the global generator, seeded inside
 ``torch.random.fork_rng``), and is scikit-learn's ``random_state``.  The per-seed errors
 are recorded in ``extra_info["errors"]``.
+Memory (``ours MB`` / ``peer MB``, ``rsvd`` and ``galore_refresh``): peak memory of one
+call beyond its inputs (:func:`_harness.peak_memory_mb`; not for scikit-learn, whose
+numpy buffers the torch profiler does not see).  GaLore's users' main complaint is memory.
 Flops: ``2 m n l`` per product with A (``l`` = k + 10 columns), counted for the
 passes of our default; the GFLOP/s column is therefore ours' useful rate.
 """
@@ -178,6 +181,7 @@ def test_rsvd(benchmark, case: Case):
     measure(
         benchmark, case, build, check,
         flops=2.0 * m * n * l * (2 * passes + 2), bytes=4.0 * m * n * (2 * passes + 2),
+        peak_memory=case.impl != "sklearn",  # numpy's allocations are not torch's: not comparable
     )
 
 
@@ -269,7 +273,7 @@ def test_galore_refresh(benchmark, case: Case):
         return float(1 - (P.double().T @ G1.double()).norm() / best)
 
     l = min(r + OVERSAMPLE, m, n)
-    measure(benchmark, case, build, check, flops=2.0 * m * n * l * 3, bytes=4.0 * m * n * 3)
+    measure(benchmark, case, build, check, flops=2.0 * m * n * l * 3, bytes=4.0 * m * n * 3, peak_memory=True)
 
 
 def _lowrank_as_factors(result, k: int):

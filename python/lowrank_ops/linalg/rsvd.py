@@ -159,6 +159,17 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
             return matrix @ block.to(M.dtype)
         return (matrix @ block.to(matrix.dtype)).to(M.dtype)
 
+    def transposed_product(matrix, block):
+        """``matrix^T block``, for a dense matrix as ``(block^T matrix)^T``: the same sums, but
+        BLAS then reads the matrix along its rows.  Measured (2-core Xeon, [m, n] times
+        [m, 42]): float32 MKL 0.45 against 0.82-0.92 ms at 1024 x 1024 and 8.5-8.7 against
+        17.4-18.9 ms at 4096 x 4096; bfloat16 oneDNN 0.23 against 0.29 and 3.8-4.1 against
+        4.8 ms.  The result is a transposed view; the orthonormalizers take any layout."""
+        if matrix.layout != torch.strided:
+            return product(matrix.transpose(-2, -1), block)
+        block = block.to(matrix.dtype)
+        return (block.transpose(-2, -1) @ matrix).transpose(-2, -1).to(M.dtype)
+
     def last_product(block):
         """``M @ block``, the last full-precision product with M: the probes ride along."""
         nonlocal probe
@@ -198,16 +209,15 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         Y = product(low, omega, final=n_iter == 0)
     if probes and n_iter == 0 and probe is None:
         last_product(Y.new_empty(*batch, q, 0))  # init filled the whole basis: no product with M to share
-    low_t = low.transpose(-2, -1)
     if method == "block_krylov":
         blocks = [_orthonormalize(Y, how)]
         for i in range(n_iter):
-            blocks.append(_orthonormalize(product(M, M.transpose(-2, -1) @ blocks[-1], final=i == n_iter - 1), how))
+            blocks.append(_orthonormalize(product(M, transposed_product(M, blocks[-1]), final=i == n_iter - 1), how))
         return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q, probe
     Q = Y
     for i in range(n_iter):
         Q = _orthonormalize(Q, how)
-        Z = _orthonormalize(product(low_t, Q), how)
+        Z = _orthonormalize(transposed_product(low, Q), how)
         Q = product(low, Z, final=i == n_iter - 1)
     return torch.linalg.qr(Q).Q, probe
 

@@ -16,10 +16,11 @@
 # multi-adapter bandwidth; 5: batched_svd against cuSOLVER; 7: the CUDA rank update of the
 # M-FAC factor, GB/s against the copy bandwidth), in one call of the device tool (about
 # 95 s machine start + 25 s build + 65 s tests + 120 s memcheck + 4 x 60 s benchmarks).
-# Memcheck the CUDA code that changed or never ran (the M-FAC rank update and chunked
-# dots launch, the OT log-sum-exp, the multi-adapter kernel tiles, the SVD, and stop 16's
-# shared index clamp in the sparse and Krylov kernels):
-#   GPU_CHECK_MEMCHECK="tests/test_mfac.py tests/test_ot.py tests/test_svd.py tests/test_lora_multi.py tests/test_sparse.py tests/test_krylov.py"
+# Memcheck the CUDA code that changed or never ran (the M-FAC rank update, chunked dots
+# launch and stop 17's float64 sums, the OT log-sum-exp, the multi-adapter kernel tiles,
+# the SVD, stop 16's shared index clamp in the sparse and Krylov kernels, and the DoRA row
+# norm under autocast, which read out of bounds on the CPU before stop 17):
+#   GPU_CHECK_MEMCHECK="tests/test_mfac.py tests/test_ot.py tests/test_svd.py tests/test_lora_multi.py tests/test_sparse.py tests/test_krylov.py tests/test_dora.py"
 #   GPU_CHECK_BENCH_FAMILIES="lora lora_multi svd mfac" GPU_CHECK_BENCH_FULL=0 GPU_CHECK_BENCH_SECONDS=60
 set -u
 cd "$(dirname "$0")/.."

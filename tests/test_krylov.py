@@ -736,7 +736,7 @@ def test_bad_atol_and_callback_give_clear_errors():
     A, b = _laplacian(4), np.ones(16)
     solvers = {"gmres": gmres, "cg": cg, "GCRODR.solve": GCRODR(10, 2).solve, "DeflatedCG.solve": DeflatedCG(2).solve}
     for name, solve in solvers.items():
-        for atol in (-1e-8, float("nan"), float("inf"), "1e-8", None, True):
+        for atol in (-1e-8, float("nan"), float("inf"), "1e-8", None, True, 10**400):
             with pytest.raises(ValueError, match=rf"{name}: atol must be a finite number >= 0; got {re.escape(repr(atol))}"):
                 solve(A, b, atol=atol)
         for callback in ("print", 3, [print]):
@@ -744,6 +744,8 @@ def test_bad_atol_and_callback_give_clear_errors():
                 solve(A, b, callback=callback)
     with pytest.raises(ValueError, match="gmres: atol must be a finite number >= 0; got -1.0"):
         solve_sequence([(A, b)], method="gmres", atol=-1.0)
+    with pytest.raises(ValueError, match="cg: tol must be a positive finite number; got 1000000"):
+        cg(A, b, tol=10**400)
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -283,9 +283,10 @@ def setup_system(op: str, A, b, x0, tol: float, M: Preconditioner, atol: float =
     TypeError
         ``callback`` neither None nor callable.
     """
-    if not _real_number(tol) or not (0 < tol < math.inf):
+    # Compared as floats: a Python int beyond float range (10**400) is not finite either.
+    if not _real_number(tol) or not (0 < _as_float(tol) < math.inf):
         raise ValueError(f"{op}: tol must be a positive finite number; got {tol!r}")
-    if not _real_number(atol) or not (0 <= atol < math.inf):
+    if not _real_number(atol) or not (0 <= _as_float(atol) < math.inf):
         raise ValueError(f"{op}: atol must be a finite number >= 0; got {atol!r}")
     if callback is not None and not callable(callback):
         raise TypeError(f"{op}: callback must be None or a callable taking the relative residual norm; "
@@ -295,6 +296,14 @@ def setup_system(op: str, A, b, x0, tol: float, M: Preconditioner, atol: float =
     b = _vector(op, "b", b, dtype, device, operator.n)
     x0 = torch.zeros_like(b) if x0 is None else _vector(op, "x0", x0, dtype, device, operator.n)
     return System(operator, b, x0, M, op, float(tol), float(atol), callback)
+
+
+def _as_float(value) -> float:
+    """``float(value)``, or inf for a number beyond float range."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _real_number(value) -> bool:

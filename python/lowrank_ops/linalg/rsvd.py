@@ -599,8 +599,9 @@ def lowrank_error(
     def apply_error(w):  # E w = A w - U (S * (Vh w))
         return work @ w - U @ (S.unsqueeze(-1) * (Vh @ w))
 
-    def apply_error_t(w):  # E^T w
-        return work.transpose(-2, -1) @ w - Vh.transpose(-2, -1) @ (S.unsqueeze(-1) * (U.transpose(-2, -1) @ w))
+    def apply_error_t(w):  # E^T w; A^T w as (w^T A)^T, as rsvd's power iterations (BLAS reads A by rows)
+        At_w = (w.transpose(-2, -1) @ work).transpose(-2, -1) if work.layout == torch.strided else work.mT @ w
+        return At_w - Vh.transpose(-2, -1) @ (S.unsqueeze(-1) * (U.transpose(-2, -1) @ w))
 
     probes = torch.randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
     with without_autocast(work.device):

@@ -481,6 +481,32 @@ def test_native_cg_restarts_when_the_true_residual_lags(monkeypatch):
     assert len(info.residuals) == 8 and info.matvecs == 7 + 2  # the initial and the final true residual
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_cg_op_matches_reference_step_for_step(dtype, preconditioned):
+    """krylov_cg_ against reference.krylov_cg (the same steps in torch ops, same dtype): the
+    same step count and status, histories and iterates equal to the rounding of the
+    different summation orders (20 steps, before CG's rounding drift grows)."""
+    problem = pde.darcy(12, seed=4, index=0)
+    m, b = problem.matrix.to(dtype=dtype), problem.rhs.to(dtype)
+    diagonal = 1.0 / torch.diagonal(torch.as_tensor(m.to_scipy().toarray())).to(dtype) if preconditioned else None
+    bnorm = float(b.norm())
+    x, r = torch.zeros_like(b), b.clone()
+    history, info = ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, diagonal, x, r, 20, 0.0, bnorm)
+    x_ref, r_ref, history_ref, taken, status = reference.krylov_cg(m.row_ptr, m.col_idx, m.values, diagonal,
+                                                                   torch.zeros_like(b), b.clone(), 20, 0.0, bnorm)
+    assert info.tolist() == [taken, status] == [20, 1]
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    np.testing.assert_allclose(history.numpy(), history_ref.numpy(), rtol=tol)
+    torch.testing.assert_close(x, x_ref, rtol=tol, atol=tol * float(x_ref.abs().max()))
+    # a tiny target: the first step below it stops with status 0
+    history, info = ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, diagonal, torch.zeros_like(b), b.clone(), 500,
+                                   1e-4 * bnorm, bnorm)
+    *_, taken, status = reference.krylov_cg(m.row_ptr, m.col_idx, m.values, diagonal, torch.zeros_like(b), b.clone(),
+                                            500, 1e-4 * bnorm, bnorm)
+    assert info[1] == status == 0 and abs(int(info[0]) - taken) <= 1
+
+
 def test_cg_op_opcheck_and_bad_input(generator):
     problem = pde.darcy(8, seed=0, index=0)
     m, b = problem.matrix, problem.rhs

@@ -62,6 +62,44 @@ def krylov_combine(basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Ten
     """Reference of the block kernel's combine mode: ``C^T Q``, ``[cols, n]``."""
     return coefficients.T @ basis
 # ---- optimal transport ----
+__all__ += ["krylov_cg"]
+
+
+def krylov_cg(row_ptr, col_idx, values, inverse_diagonal, x: torch.Tensor, r: torch.Tensor, steps: int,
+              target: float, bnorm: float):
+    """Reference of the ``krylov_cg_`` op: up to ``steps`` (Jacobi-)preconditioned CG steps from
+    ``x`` and its residual ``r``, step for step as the kernel (contract: krylov.h), in the
+    inputs' dtype.  Returns ``(x, r, history [taken] float64, taken, status)`` with status 0
+    (``||r|| <= target``), 1 (steps exhausted) or 2 (breakdown: ``p . q <= 0``, ``r . z <= 0``
+    or a non-finite residual)."""
+    A = _dense_from_csr(row_ptr, col_idx, values, r.shape[0], r.shape[0]).to(r.dtype)
+    x, r = x.clone(), r.clone()
+    d = None if inverse_diagonal is None else inverse_diagonal.to(r.dtype)
+    z = r if d is None else d * r
+    p = z.clone()
+    rho = torch.dot(r, z)
+    history = []
+    for _ in range(steps):
+        q = A @ p
+        curvature = torch.dot(p, q)
+        if not (curvature > 0 and rho > 0 and torch.isfinite(curvature)):
+            return x, r, torch.tensor(history, dtype=torch.float64), len(history), 2
+        alpha = rho / curvature
+        x = x + alpha * p
+        r = r - alpha * q
+        z = r if d is None else d * r
+        rnorm = float(torch.linalg.vector_norm(r))
+        history.append(rnorm / bnorm)
+        if not rnorm < float("inf"):
+            return x, r, torch.tensor(history, dtype=torch.float64), len(history), 2
+        if rnorm <= target:
+            return x, r, torch.tensor(history, dtype=torch.float64), len(history), 0
+        rho_new = torch.dot(r, z)
+        p = z + (rho_new / rho) * p
+        rho = rho_new
+    return x, r, torch.tensor(history, dtype=torch.float64), len(history), 1
+
+
 __all__ += ["ot_point_cost", "ot_log_plan", "ot_row_lse", "ot_hessian_matvec"]
 
 
@@ -91,7 +129,19 @@ def ot_hessian_matvec(P_sparse: torch.Tensor, r, c, vx, vy):
     out_y = c * vy + (P_sparse.transpose(1, 2) @ vx.unsqueeze(-1)).squeeze(-1)
     return out_x, out_y
 # ---- M-FAC ----
-__all__ += ["mfac_fisher", "mfac_ihvp", "mfac_inverse_diag", "MFACShermanMorrison", "MFACInverseTorch"]
+__all__ += ["mfac_dots", "mfac_combine", "mfac_fisher", "mfac_ihvp", "mfac_inverse_diag", "MFACShermanMorrison",
+            "MFACInverseTorch"]
+
+
+def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Reference of the ``mfac_dots`` op: ``x G_n^T`` (``[k, n_rows]``) in float64."""
+    return x.double() @ grads[:n_rows].double().T
+
+
+def mfac_combine(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, alpha: float, beta: float,
+                 n_rows: int) -> torch.Tensor:
+    """Reference of the ``mfac_combine`` op: ``alpha x + beta coef G_n`` (``[k, dim]``) in float64."""
+    return alpha * x.double() + beta * coef.double() @ grads[:n_rows].double()
 
 
 def mfac_fisher(G: torch.Tensor, damp: float) -> torch.Tensor:

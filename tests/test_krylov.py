@@ -1119,6 +1119,22 @@ def test_ops_torch_compile_fullgraph(device, generator):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_cg_op_torch_compile_fullgraph():
+    """krylov_cg_ under torch.compile (its fake impl gives the outputs' shapes; x and r are
+    mutated in place): the same steps, iterate and history as eager."""
+    problem = pde.darcy(10, seed=1, index=0)
+    m, b = problem.matrix, problem.rhs
+    bnorm = float(b.norm())
+
+    def solve(x, r):
+        history, info = ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x, r, 15, 0.0, bnorm)
+        return history * 1.0, info, x * 1.0
+
+    compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(torch.zeros_like(b), b.clone()), solve(torch.zeros_like(b), b.clone())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_arnoldi_op_has_no_cuda_kernel(cuda_device, generator):
     # The fused cycle is CPU only; on CUDA the solvers run it step by step (test_cuda_gmres_matches_cpu).
     A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)

@@ -22,7 +22,7 @@ from .._args import require_int as check_positive_int
 from .._finite import all_finite
 from .operators import LinearOperator, as_operator
 
-__all__ = ["System", "setup_system", "check_positive_int", "conclude", "Progress"]
+__all__ = ["System", "setup_system", "check_positive_int", "conclude", "Progress", "fits"]
 
 Preconditioner = Union[None, str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 Callback = Optional[Callable[[float], object]]
@@ -123,6 +123,13 @@ def _scale(b: torch.Tensor) -> float:
         return 1.0
     exponent = max(math.frexp(largest)[1], math.frexp(torch.finfo(b.dtype).tiny)[1]) - 1
     return math.ldexp(1.0, exponent)
+
+
+def fits(system: System, space: Optional[torch.Tensor]) -> bool:
+    """Whether a kept subspace ``[k, n]`` (recycled or deflation) belongs to systems like
+    ``system``: the same size, dtype and device (None: there is none)."""
+    return space is not None and (space.shape[1] == system.A.n and space.dtype == system.b.dtype
+                                  and space.device == system.b.device)
 
 
 def conclude(status: str, rnorm: float, target: float) -> Tuple[bool, str]:

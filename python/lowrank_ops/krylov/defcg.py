@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .._finite import all_finite
-from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system
 from ._kernels import combine, combine_rows, dots, gram, subtract
 from .info import SolveInfo
 
@@ -297,8 +297,7 @@ class DeflatedCG:
             then kept as it was at the start of the solve.
         """
         system = setup_system("DeflatedCG.solve", A, b, x0, tol, self.M, atol, callback)
-        if self.W is not None and (self.W.shape[1] != system.A.n or self.W.dtype != system.b.dtype
-                                   or self.W.device != system.b.device):
+        if self.W is not None and not fits(system, self.W):
             self.reset()  # a system of another size or kind: nothing to deflate with
         return self._solve(system)
 

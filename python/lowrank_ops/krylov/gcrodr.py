@@ -23,7 +23,7 @@ import torch
 
 from ._arnoldi import arnoldi_cycle
 from ._kernels import combine, dots, subtract
-from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system
 from .info import SolveInfo
 from .recycle import harmonic_ritz, refresh
 
@@ -105,8 +105,7 @@ class GCRODR:
             ``converged`` reports whether the final true residual meets ``max(tol ||b||, atol)``.
         """
         system = setup_system("GCRODR.solve", A, b, x0, tol, self.M, atol, callback)
-        if self.U is not None and (self.U.shape[1] != system.A.n or self.U.dtype != system.b.dtype
-                                   or self.U.device != system.b.device):
+        if self.U is not None and not fits(system, self.U):
             self.reset()  # a system of another size or kind: nothing to recycle
         return self._solve(system)
 

@@ -116,8 +116,8 @@ def _resolve_sketch_dtype(sketch_dtype, A: torch.Tensor, method: str, orthonorma
     m, n = A.shape[-2:]
     if (
         A.dtype == torch.float64  # asked for double precision: keep it everywhere
-        # Sparse A: m n says nothing about the cost of a product, and sparse bfloat16
-        # products are missing (CSR: NotImplementedError in addmm) or slower (COO).
+        # Sparse A: m n says nothing about the cost of a product, and torch's sparse
+        # bfloat16 products either raise (CSR: NotImplementedError in addmm) or are slower (COO).
         or A.layout != torch.strided
         or method != "subspace"
         # LU bases are not orthonormal: their condition number amplifies the low

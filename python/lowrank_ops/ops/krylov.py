@@ -379,6 +379,28 @@ def _check_float(op: str, name: str, value, positive: bool) -> float:
     return float(value)
 
 
+def _cpu_square_pattern(op: str, row_ptr, col_idx, values, on_cuda: str) -> int:
+    """``n`` of the non-empty square CSR operator ``[n, n]`` a CPU-only loop kernel takes (checked;
+    ``on_cuda`` says what runs instead on a GPU)."""
+    require_tensors(op, row_ptr=row_ptr)
+    if row_ptr.dim() != 1 or row_ptr.numel() < 2:
+        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
+    n = row_ptr.numel() - 1
+    _check_pattern(op, row_ptr, col_idx, values, n)
+    if values.device.type != "cpu":
+        _fail(op, f"values is on {values.device}; expected cpu (a CPU kernel: on CUDA {on_cuda})")
+    return n
+
+
+def _check_n_chunks(op: str, n_chunks, n: int) -> Optional[int]:
+    if n_chunks is None:
+        return None
+    n_chunks = require_int(op, "n_chunks", n_chunks, 1)
+    if n_chunks > n:
+        _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
+    return n_chunks
+
+
 def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, basis: torch.Tensor,
                 r: torch.Tensor, kc: int, steps: int, beta: float, target: float, bnorm: float,
                 n_chunks: Optional[int] = None):
@@ -439,16 +461,9 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
     beta = _check_float(op, "beta", beta, positive=True)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
-    require_tensors(op, row_ptr=row_ptr)
-    if row_ptr.dim() != 1 or row_ptr.numel() < 2:
-        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
-    n = row_ptr.numel() - 1
-    _check_pattern(op, row_ptr, col_idx, values, n)
+    n = _cpu_square_pattern(op, row_ptr, col_idx, values, "the solvers run the cycle step by step")
     _check_float_tensor(op, "basis", basis, 2)
     _check_float_tensor(op, "r", r, 1)
-    if values.device.type != "cpu":
-        _fail(op, f"values is on {values.device}; expected cpu (a CPU kernel: on CUDA the solvers run the cycle "
-                  "step by step)")
     _check_like(op, "values", values, basis=basis, r=r)
     if basis.shape[0] < kc + steps + 1 or basis.shape[1] != n:
         _fail(op, f"basis has shape {tuple(basis.shape)}; expected (>= kc + steps + 1, n) = (>= {kc + steps + 1}, {n})")
@@ -457,10 +472,7 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
         _fail(op, "r must not share memory with basis (the cycle overwrites the basis rows)")
     if r.shape != (n,) or not r.is_contiguous():
         _fail(op, f"r has shape {tuple(r.shape)} (contiguous: {r.is_contiguous()}); expected a contiguous ({n},)")
-    if n_chunks is not None:
-        n_chunks = require_int(op, "n_chunks", n_chunks, 1)
-        if n_chunks > n:
-            _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
+    n_chunks = _check_n_chunks(op, n_chunks, n)
     return arnoldi_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), basis, r, kc, steps, beta,
                              target, bnorm, n_chunks)
 
@@ -553,13 +565,7 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     steps = require_int(op, "steps", steps, 1)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
-    require_tensors(op, row_ptr=row_ptr)
-    if row_ptr.dim() != 1 or row_ptr.numel() < 2:
-        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected (n + 1,) with n >= 1 (a non-empty square matrix)")
-    n = row_ptr.numel() - 1
-    _check_pattern(op, row_ptr, col_idx, values, n)
-    if values.device.type != "cpu":
-        _fail(op, f"values is on {values.device}; expected cpu (a CPU kernel: on CUDA cg runs step by step)")
+    n = _cpu_square_pattern(op, row_ptr, col_idx, values, "cg runs step by step")
     vectors = {"x": x, "r": r} if inverse_diagonal is None else {"x": x, "r": r, "inverse_diagonal": inverse_diagonal}
     for name, tensor in vectors.items():
         _check_float_tensor(op, name, tensor, 1)
@@ -570,10 +576,7 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     _require_contiguous(op, "r", r)
     _require_apart(op, "x", x, r=r)
     _require_apart(op, "r", r, x=x)
-    if n_chunks is not None:
-        n_chunks = require_int(op, "n_chunks", n_chunks, 1)
-        if n_chunks > n:
-            _fail(op, f"n_chunks must be in [1, n] = [1, {n}]; got {n_chunks}")
+    n_chunks = _check_n_chunks(op, n_chunks, n)
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
     return cg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, steps, target,
                         bnorm, n_chunks)

@@ -1,19 +1,19 @@
 """The SNS before/after runs of README.md: ``python cases.py CASE[,CASE...] ["kw=value, ..."]``
 prints one JSON line per case (default settings unless keywords are given)."""
-import sys, time, json
-import torch
-torch.set_num_threads(2)
-from lowrank_ops.ot import sinkhorn_newton_sparse
+import json
+import sys
+import time
+from pathlib import Path
 
-def blobs(generator):
-    grid = torch.stack(torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij"), -1).double()
-    image = torch.full((28, 28), 1e-6, dtype=torch.float64)
-    for _ in range(3):
-        center = torch.rand(2, generator=generator, dtype=torch.float64) * 20 + 4
-        width = torch.rand((), generator=generator, dtype=torch.float64) * 3 + 1.5
-        image += torch.exp(-((grid - center) ** 2).sum(-1) / (2 * width**2))
-    image = image.flatten()
-    return image / image.sum()
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the suite's problem builders
+from bench_ot import _blobs as blobs  # noqa: E402
+
+from lowrank_ops.ot import sinkhorn_newton_sparse  # noqa: E402
+
+torch.set_num_threads(2)
+
 
 def inputs(kind, n, option):
     generator = torch.Generator().manual_seed(0)

@@ -11,9 +11,8 @@ Ops and implementations (same inputs, same run):
   tensors built once per batch, as a server shares them across a model's layers; B_stack
   in the rank-major storage :class:`~lowrank_ops.nn.MultiLoRALinear` keeps, same values);
   ``ours_per_row`` (the same op reached from one adapter id per row, rows in a fixed
-  random order: :func:`~lowrank_ops.nn.lora_multi.group_rows`, the gather, the op and
-  :func:`~lowrank_ops.nn.lora_multi.restore_rows`, what ``MultiLoRALinear`` does with
-  per-row ids; PEFT's input is a name per row too, so ``peft`` against ``ours_per_row`` is
+  random order through :func:`~lowrank_ops.nn.lora_multi.route_rows` (sort, gather, the op,
+  restore), what ``MultiLoRALinear`` does with per-row ids; PEFT's input is a name per row too, so ``peft`` against ``ours_per_row`` is
   the like-for-like mixed-batch ratio, and ``ours`` against it the price of routing);
   ``peft`` (a PEFT 0.21 LoRA model on one ``nn.Linear`` holding the same adapters,
   called with ``adapter_names=[...]`` per row: its mixed-batch inference path);
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ops import reference
-from lowrank_ops.nn.lora_multi import group_rows, restore_rows
+from lowrank_ops.nn.lora_multi import route_rows
 from lowrank_ops.ops import lora_linear_multi
 
 from _harness import DEVICES, FULL, Case, grid_cases, measure, params, rel_error, require_device
@@ -221,10 +220,11 @@ def _row_order(problem: tuple, device: str) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def _ours_per_row(inp: Inputs, routing: dict, x_rows, row_ids, B_stack) -> torch.Tensor:
-    order, offsets, segment_ids = group_rows(row_ids)
-    y = lora_linear_multi(x_rows.index_select(0, order), inp.weight, inp.A_stack, B_stack, offsets, segment_ids,
-                          ranks=routing["ranks"], scales=routing["scales"], bias=inp.bias)
-    return restore_rows(y, order)
+    def run(rows, offsets, segment_ids):
+        return lora_linear_multi(rows, inp.weight, inp.A_stack, B_stack, offsets, segment_ids,
+                                 ranks=routing["ranks"], scales=routing["scales"], bias=inp.bias)
+
+    return route_rows(x_rows, row_ids, run)
 
 
 def _rank_major(B_stack: torch.Tensor) -> torch.Tensor:

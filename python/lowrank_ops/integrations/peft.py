@@ -51,7 +51,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from .._autocast import autocast_dtype
-from ..nn.lora_multi import group_rows, restore_rows
+from ..nn.lora_multi import route_rows
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 from ..ops.lora_multi import lora_linear_multi
@@ -151,12 +151,13 @@ class LowrankLoraLinear(PeftLoraLinear):
         rows_per_sample = x[0].numel() // x.shape[-1]
         sample_ids = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64)
         row_ids = sample_ids.repeat_interleave(rows_per_sample).to(x.device)
-        rows = x.reshape(-1, x.shape[-1])
-        order, offsets, segment_ids = group_rows(row_ids)
         base = self.get_base_layer()
-        y = lora_linear_multi(rows.index_select(0, order), base.weight, A_stack, B_stack, offsets, segment_ids,
-                              ranks=ranks, scales=scales, bias=base.bias)
-        return restore_rows(y, order).reshape(*x.shape[:-1], y.shape[-1])
+
+        def run(rows, offsets, segment_ids):
+            return lora_linear_multi(rows, base.weight, A_stack, B_stack, offsets, segment_ids, ranks=ranks,
+                                     scales=scales, bias=base.bias)
+
+        return route_rows(x.reshape(-1, x.shape[-1]), row_ids, run).reshape(*x.shape[:-1], base.out_features)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """PEFT's LoRA (or DoRA) forward, on the fused ops when they apply.

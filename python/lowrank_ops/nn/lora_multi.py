@@ -11,7 +11,7 @@ from .._args import require_finite_number, require_tensors
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
 from ._init import fan_in_bound
 
-__all__ = ["MultiLoRALinear", "group_rows", "restore_rows"]
+__all__ = ["MultiLoRALinear", "group_rows", "restore_rows", "route_rows"]
 
 
 def group_rows(row_adapter_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -36,6 +36,21 @@ def group_rows(row_adapter_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     order = torch.argsort(ids, stable=True)
     offsets, segment_ids = _segments(ids[order])
     return order, offsets, segment_ids
+
+
+def route_rows(rows: torch.Tensor, row_ids: torch.Tensor, run) -> torch.Tensor:
+    """``run(grouped_rows, segment_offsets, adapter_ids)`` (a :func:`~lowrank_ops.ops.lora_linear_multi`
+    call) on rows routed one adapter id per row, its output in the rows' order.
+
+    Rows already grouped (ids non-decreasing: one adapter, or sorted) go as they are; others
+    are sorted by adapter (:func:`group_rows`), gathered, and restored (:func:`restore_rows`).
+    ``rows [N, in]``, ``row_ids [N]`` int (-1: no adapter).
+    """
+    if bool((row_ids[1:] >= row_ids[:-1]).all()):
+        offsets, segment_ids = _segments(row_ids)
+        return run(rows, offsets, segment_ids)
+    order, offsets, segment_ids = group_rows(row_ids)
+    return restore_rows(run(rows.index_select(0, order), offsets, segment_ids), order)
 
 
 def _segments(grouped_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -347,15 +362,9 @@ class MultiLoRALinear(nn.Module):
         if row_ids.numel() != n_rows:
             raise ValueError(f"MultiLoRALinear: adapter_ids has {row_ids.numel()} entries; expected one per row "
                              f"({n_rows}) (or pass segment_offsets)")
-        if bool((row_ids[1:] >= row_ids[:-1]).all()):  # already grouped (one adapter, or sorted): no gather
-            offsets, segment_ids = _segments(row_ids)
-            if bool((segment_ids < 0).all()):  # no row has an adapter: the base layer alone
-                return self.base(x)
-            y = self._lora_forward(rows, offsets, segment_ids)
-        else:
-            order, offsets, segment_ids = group_rows(row_ids)
-            y = restore_rows(self._lora_forward(rows.index_select(0, order), offsets, segment_ids), order)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if bool((row_ids < 0).all()):  # no row has an adapter: the base layer alone
+            return self.base(x)
+        return route_rows(rows, row_ids, self._lora_forward).reshape(*x.shape[:-1], self.out_features)
 
     def _lora_forward(self, rows: torch.Tensor, segment_offsets, adapter_ids) -> torch.Tensor:
         # scales in float64 even after module.to(dtype), which casts floating buffers too

@@ -153,6 +153,36 @@ def test_backward_matches_reference(device, dtype, routing, cpu_path, generator)
         assert (tensors["A_stack"].grad[a, r:] == 0).all() and (tensors["B_stack"].grad[a, :, r:] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("routing", ["mixed", "decode", "one_adapter", "empty"])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+def test_float32_adapters_on_half_base(device, dtype, routing, grad, cpu_path, generator):
+    """PEFT's default on half models (``autocast_adapter_dtype=True``): float32 adapters,
+    half x / weight / bias.  The adapters' products run in float32 and are added to the
+    half base output with one rounding, so the half-input bound holds (it allows two more
+    roundings than this path makes); the stacks' gradients are float32 and meet the
+    float32 bound (their terms, products of half values and float32 factors, are exact in
+    float64); dx is half."""
+    tensors, routing_args = make_problem(routing, dtype, device, generator)
+    tensors["A_stack"], tensors["B_stack"] = tensors["A_stack"].float(), tensors["B_stack"].float()
+    for name in ("x", "A_stack", "B_stack"):
+        tensors[name].requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = run(tensors, routing_args)
+    assert y.dtype == dtype
+    if not grad:
+        (ref,), (abs_ref,) = reference_and_bounds(tensors, routing_args)
+        assert_within(y.cpu(), ref, error_bound(abs_ref, ref, dtype), f"y {routing} {dtype}")
+        return
+    grad_y = randn(*y.shape, dtype=dtype, device=device, generator=generator)
+    y.backward(grad_y)
+    refs, abs_refs = reference_and_bounds(tensors, routing_args, grad_y)
+    ours = (y.detach(), tensors["x"].grad, tensors["A_stack"].grad, tensors["B_stack"].grad)
+    for what, value, ref, abs_ref, want in zip(("y", "dx", "dA", "dB"), ours, refs, abs_refs,
+                                                (dtype, dtype, torch.float32, torch.float32)):
+        assert value.dtype == want and value.shape == ref.shape, what
+        assert_within(value.cpu(), ref, error_bound(abs_ref, ref, want), f"{what} {routing} {dtype}")
+
 
 # Sizes that reach every register tile of the CPU kernels (16 float / 8 double lanes with
 # AVX-512): adapter 0 (rank 40, 37 rows) packs its expand weight and splits its weight
@@ -413,8 +443,13 @@ class TestBadInput:
 
     def test_dtype_and_device_mismatches(self):
         t = self.tensors
-        with pytest.raises(TypeError, match=r"A_stack has dtype torch.float64; expected the dtype of x, torch.float32"):
+        with pytest.raises(TypeError, match=r"A_stack has dtype torch.float64; expected torch.float32 \(the dtype of x, or float32\)"):
             self.call(A_stack=t["A_stack"].double())
+        half = {name: t[name].bfloat16() for name in ("x", "weight", "bias")}
+        with pytest.raises(TypeError, match=r"A_stack has dtype torch.float16; expected torch.bfloat16 or torch.float32"):
+            self.call(**half, A_stack=t["A_stack"].half(), B_stack=t["B_stack"].half())
+        with pytest.raises(TypeError, match=r"B_stack has dtype torch.bfloat16; expected the dtype of A_stack, torch.float32"):
+            self.call(**half, B_stack=t["B_stack"].bfloat16())
         with pytest.raises(TypeError, match=r"x has dtype torch.int32; expected one of"):
             self.call(x=t["x"].int(), weight=t["weight"].int())
         with pytest.raises(ValueError, match=r"B_stack is on meta; expected the device of x, cpu"):
@@ -733,6 +768,38 @@ def test_multi_lora_linear_matches_peft_mixed_batch(generator):
         expected = peft_model(x, adapter_names=routing)
         y = ours(x, [None if n == "__base__" else n for n in routing])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_lora_linear_float32_adapters_on_a_bfloat16_base(device, generator):
+    """``dtype=torch.float32`` on a half base: float32 stacks and gradients, half outputs,
+    the op's float32-adapter path (same bits as calling it directly), any other dtype an
+    error naming it; compiled (fullgraph) training gives the eager outputs and gradients."""
+    base = torch.nn.Linear(IN, OUT).to(device=device, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"dtype is torch.float16; expected the base weight's \(torch.bfloat16\) "
+                                        r"or torch.float32"):
+        MultiLoRALinear(base, R_MAX, dtype=torch.float16)
+    layer = MultiLoRALinear(base, R_MAX, dtype=torch.float32)
+    layer.add_adapters([dict(name="a", rank=4, generator=generator), dict(name="b", rank=R_MAX, generator=generator)])
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, device=device, generator=generator))
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    x = randn(6, IN, device=device, generator=generator).bfloat16()
+    y = layer(x, ["b", None, "a", "a", "b", None])
+    assert y.dtype == torch.bfloat16
+    order = torch.tensor([1, 5, 2, 3, 0, 4])  # rows grouped by adapter id: -1, -1, 0, 0, 1, 1
+    segments = dict(segment_offsets=[0, 2, 4, 6], adapter_ids=[-1, 0, 1])
+    direct = lora_linear_multi(x[order], base.weight, layer.lora_A.detach(), layer.lora_B.detach(), **segments,
+                               ranks=layer.ranks, scales=layer.scales, bias=base.bias)
+    torch.testing.assert_close(y[order].detach(), direct, rtol=0, atol=0)
+    results = []
+    for model in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):  # segment routing traces whole
+        layer.zero_grad()
+        y = model(x[order], **segments)
+        y.float().square().sum().backward()
+        results.append((y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    assert results[0][1].dtype == results[0][2].dtype == torch.float32
+    for eager, compiled in zip(results[0], results[1]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 def test_compile_fullgraph_inference_path(device, generator):

@@ -166,6 +166,62 @@ def test_mixed_batch_under_no_grad_runs_one_lora_linear_multi_call(monkeypatch):
         ours(x, adapter_names=names[:3])
 
 
+@pytest.mark.parametrize("setting", ["half_model", "autocast"])
+def test_mixed_batch_of_half_models_and_autocast_runs_fused(autocast_case, setting, monkeypatch):
+    """PEFT's two usual half-precision mixed batches take the fused path: a half model
+    whose adapters PEFT keeps in float32 (``autocast_adapter_dtype=True``, its default),
+    and a float32 model under torch.autocast.  Our error against plain PEFT on a float32
+    copy (the reference) is at most twice plain PEFT's in the same setting (DESIGN.md's
+    half-precision rule); one lora_linear_multi call per layer."""
+    device, dtype = autocast_case
+    calls = []
+    multi = backend.lora_linear_multi
+    monkeypatch.setattr(backend, "lora_linear_multi", lambda *a, **k: calls.append(1) or multi(*a, **k))
+    torch.manual_seed(7)
+    base = TinyModel().to(device)
+    if setting == "half_model":  # weights the half model holds exactly, so the reference sees the same ones
+        base = base.to(dtype).float()
+    configs = {"default": dict(r=4, lora_alpha=8), "other": dict(r=6, lora_alpha=3)}
+
+    def build(wrap, model_dtype):
+        model = None
+        for name, kwargs in configs.items():
+            config = wrap(peft.LoraConfig(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], **kwargs))
+            if model is None:
+                model = peft.get_peft_model(copy.deepcopy(base).to(model_dtype), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+        return model.eval()
+
+    model_dtype = dtype if setting == "half_model" else torch.float32
+    models = {"ours": build(use_lowrank_ops, model_dtype), "theirs": build(lambda c: c, model_dtype),
+              "reference": build(lambda c: c, torch.float32)}
+    torch.manual_seed(8)
+    for name, p in models["reference"].named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    state = models["reference"].state_dict()
+    for name in ("ours", "theirs"):
+        for key, value in models[name].state_dict().items():
+            value.copy_(state[key])  # keeps each model's dtypes (float32 adapters on the half model)
+    layer = models["ours"].base_model.model.q_proj
+    adapter_dtype = layer.lora_A["other"].weight.dtype
+    assert adapter_dtype == torch.float32 and layer.base_layer.weight.dtype == model_dtype
+    x = torch.randn(6, 5, 24, device=device).to(dtype).float()
+    names = ["other", "default", "__base__", "other", "__base__", "default"]
+    outputs = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            with torch.autocast(device, dtype=dtype, enabled=setting == "autocast" and name != "reference"):
+                outputs[name] = model(x.to(model_dtype) if name != "reference" else x, adapter_names=names)
+    assert len(calls) == 4  # one per adapted layer of our model
+    assert outputs["ours"].dtype == outputs["theirs"].dtype == dtype
+    reference = outputs["reference"].double()
+    ours_error = (outputs["ours"].double() - reference).abs().max().item()
+    peft_error = (outputs["theirs"].double() - reference).abs().max().item()
+    assert ours_error <= 2 * peft_error, f"{setting}: error {ours_error:.3e}, PEFT's {peft_error:.3e}"
+
+
 def test_falls_back_to_peft_for_mixed_batches_and_disabled_adapters():
     torch.manual_seed(3)
     base = TinyModel()

@@ -29,13 +29,17 @@ as autocast casts PEFT's ``F.linear`` calls), dropout an ``nn.Dropout`` or
 forward).  PEFT's mixed batches (``adapter_names=[...]``, one name per sample,
 ``"__base__"`` for none) run :func:`lowrank_ops.ops.lora_linear_multi` when nothing needs
 a gradient (PEFT's mixed batch is for inference), the named adapters are vanilla LoRA
-with number scalings in x's dtype, and dropout is off: one batched call instead of PEFT's
+with number scalings, all in x's dtype or all float32 (PEFT's default
+``autocast_adapter_dtype=True`` on a half model), x and the weight as for one adapter
+(autocast included), and dropout is off: one batched call instead of PEFT's
 gather and two matmuls per adapter; the padded adapter stacks are cached, keyed by the
 factors' version counters, so they are rebuilt only when an adapter changes or another set
 of adapters is named.  Anything else (several active adapters, other variants, quantized
 bases, mixed batches that need gradients) goes to PEFT's own forward unchanged, so
-behaviour never differs, only speed.  Differences in numerics: the adapter term is accumulated into the base output in
-place (float32 accumulation, one rounding) and DoRA's row norm is floored at 1e-6 (PEFT
+behaviour never differs, only speed.  Differences in numerics: the adapter term is
+accumulated into the base output with float32 accumulation and one rounding (PEFT's mixed
+batch rounds each adapter's term to the output dtype before adding it: two roundings)
+and DoRA's row norm is floored at 1e-6 (PEFT
 0.21.2 returns inf/NaN for zero-norm rows); the dropout masks come from a different
 random stream than ``nn.Dropout``'s.
 
@@ -62,6 +66,14 @@ __all__ = ["LowrankLoraLinear", "use_lowrank_ops"]
 class LowrankLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` with the forward on lowrank_ops' fused ops (see the module docstring)."""
 
+    def _fused_dtypes(self, x: torch.Tensor) -> bool:
+        """Whether x and the base weight suit the fused ops: one dtype, or under
+        torch.autocast any but float64 (autocast does not cast float64: PEFT's error)."""
+        weight = self.get_base_layer().weight
+        if autocast_dtype(x) is None:
+            return x.dtype == weight.dtype
+        return torch.float64 not in (x.dtype, weight.dtype)
+
     def _fast_adapter(self, x: torch.Tensor, args, kwargs):
         """The active adapter's name when the fused path applies, else None."""
         if args or any(value is not None for value in kwargs.values()):
@@ -75,10 +87,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         base = self.get_base_layer()
         if type(base) is not torch.nn.Linear or self.lora_bias.get(name, False):
             return None
-        if autocast_dtype(x) is None:
-            if x.dtype != base.weight.dtype:
-                return None
-        elif torch.float64 in (x.dtype, base.weight.dtype):  # autocast does not cast float64: PEFT's error
+        if not self._fused_dtypes(x):
             return None
         variant = self.lora_variant.get(name)
         if variant is not None and not isinstance(variant, DoraLinearVariant):
@@ -105,15 +114,19 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or self.fan_in_fan_out or type(base) is not torch.nn.Linear
-                or autocast_dtype(x) is not None or x.dtype != base.weight.dtype or x.dim() < 2):
+                or not self._fused_dtypes(x) or x.dim() < 2):
             return None
         used = sorted({name for name in names if name in self.lora_A})  # PEFT skips unknown names too
+        # One stack holds every named adapter: all in x's dtype, or all float32 (PEFT's
+        # default autocast_adapter_dtype=True on a half model); mixtures run PEFT's path.
+        adapter_dtypes = {t.dtype for name in used for t in (self.lora_A[name].weight, self.lora_B[name].weight)}
+        if len(adapter_dtypes) > 1 or not adapter_dtypes <= {x.dtype, torch.float32}:
+            return None
         for name in used:
             dropout = self.lora_dropout[name]
             factors = (self.lora_A[name].weight, self.lora_B[name].weight)
             if (name in self.lora_variant or self.lora_bias.get(name, False)
                     or isinstance(self.scaling[name], torch.Tensor)
-                    or any(t.dtype != x.dtype for t in factors)
                     or (torch.is_grad_enabled() and any(t.requires_grad for t in factors))
                     or not (isinstance(dropout, torch.nn.Identity)
                             or (isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)))):

@@ -92,20 +92,29 @@ class MultiLoRALinear(nn.Module):
         The layer to wrap; its weight and bias are frozen (``requires_grad = False``).
     max_rank : int
         Largest rank an adapter may have (the stacks' ``r_max``).
+    dtype : torch.dtype, optional
+        The stacks' dtype: the base weight's (default) or float32 (float32 adapters on a
+        half base, as PEFT keeps them by default: the adapters' products run in float32
+        and are added to the half output with one rounding, see
+        :func:`~lowrank_ops.ops.lora_linear_multi`).
     """
 
-    def __init__(self, base: nn.Linear, max_rank: int) -> None:
+    def __init__(self, base: nn.Linear, max_rank: int, *, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiLoRALinear: base must be an nn.Linear; got {type(base).__name__}")
         if not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"MultiLoRALinear: max_rank must be a positive int; got {max_rank!r}")
+        weight = base.weight
+        dtype = weight.dtype if dtype is None else dtype
+        if dtype not in (weight.dtype, torch.float32):
+            raise TypeError(f"MultiLoRALinear: dtype is {dtype}; expected the base weight's ({weight.dtype}) "
+                            "or torch.float32")
         self.base = base.requires_grad_(False)
         self.max_rank = max_rank
         self.adapter_names: List[str] = []
-        weight = base.weight
-        self.lora_A = nn.Parameter(weight.new_zeros((0, max_rank, base.in_features)))
-        self.lora_B = nn.Parameter(weight.new_zeros((0, max_rank, base.out_features)).transpose(1, 2))
+        self.lora_A = nn.Parameter(weight.new_zeros((0, max_rank, base.in_features), dtype=dtype))
+        self.lora_B = nn.Parameter(weight.new_zeros((0, max_rank, base.out_features), dtype=dtype).transpose(1, 2))
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("scales", torch.zeros(0, dtype=torch.float64, device=weight.device))
 

@@ -406,11 +406,30 @@ def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, 
                     functools.partial(_outer, plan=plan), plan)
 
 
+def _in_adapter_dtype(rows: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """``rows`` in the adapters' dtype: a float32 copy for float32 adapters on a half base
+    (PEFT casts the adapter input so too); the rows themselves otherwise."""
+    return rows if rows.dtype == stack.dtype else rows.to(stack.dtype)
+
+
+def _expand_into_(kernels: _Kernels, out, h, stack, offsets, ids, ranks, scales, rank_last) -> None:
+    """``out += s h W^T`` per segment.  When ``h`` (the adapters' dtype, float32) is wider
+    than ``out`` (half), the product goes to a float32 buffer first and is added with one
+    rounding of ``out``: what PEFT's float32 adapters on a half base compute, and what
+    :func:`~lowrank_ops.ops.lora_linear` does in that case."""
+    if out.dtype == h.dtype:
+        kernels.expand_(out, h, stack, offsets, ids, ranks, scales, rank_last)
+        return
+    wide = torch.zeros(out.shape, dtype=h.dtype, device=out.device)  # rows without an adapter stay 0
+    kernels.expand_(wide, h, stack, offsets, ids, ranks, scales, rank_last)
+    out.add_(wide)
+
+
 def _forward(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
-    """``(y, h)`` with ``h = x A^T`` per segment (what the backward needs)."""
+    """``(y, h)`` with ``h = x A^T`` per segment (what the backward needs), h in the adapters' dtype."""
     y = forward_op()(x, weight, bias)
-    h = kernels.shrink(x, A_stack, offsets, ids, ranks, None, False)
-    kernels.expand_(y, h, B_stack, offsets, ids, ranks, scales, True)
+    h = kernels.shrink(_in_adapter_dtype(x, A_stack), A_stack, offsets, ids, ranks, None, False)
+    _expand_into_(kernels, y, h, B_stack, offsets, ids, ranks, scales, True)
     return y, h
 
 
@@ -427,10 +446,15 @@ def _infer(kernels: _Kernels, x, weight, bias, A_stack, B_stack, offsets, ids, r
     if plan.kernel_ids is not None:
         return _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)[0]
     y = forward_op()(x, weight, bias)
+    rows = _in_adapter_dtype(x, A_stack)
     for seg in plan.large:
-        shrunk = torch.mm(x[seg.lo:seg.hi], _rank_columns(A_stack, seg.adapter, seg.rank, False))
-        y[seg.lo:seg.hi].addmm_(shrunk, _rank_columns(B_stack, seg.adapter, seg.rank, True).T,
-                                alpha=plan.scale(seg.adapter, scales is not None))
+        shrunk = torch.mm(rows[seg.lo:seg.hi], _rank_columns(A_stack, seg.adapter, seg.rank, False))
+        B_columns = _rank_columns(B_stack, seg.adapter, seg.rank, True).T
+        alpha = plan.scale(seg.adapter, scales is not None)
+        if y.dtype == shrunk.dtype:
+            y[seg.lo:seg.hi].addmm_(shrunk, B_columns, alpha=alpha)
+        else:  # float32 adapters on a half base: one rounding of y, as _expand_into_
+            y[seg.lo:seg.hi].add_(shrunk @ B_columns, alpha=alpha)
     return y
 
 
@@ -455,16 +479,18 @@ class _LoRALinearMulti(torch.autograd.Function):
         x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         grad_y = grad_y.contiguous()
+        grad_y_adapter = _in_adapter_dtype(grad_y, B_stack)
         grad_x = grad_w = grad_b = grad_A = grad_B = None
         if need_x or need_A:
-            g = kernels.shrink(grad_y, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
+            g = kernels.shrink(grad_y_adapter, B_stack, offsets, ids, ranks, scales, True)  # s dy B, [N, r_max]
         if need_x:
             grad_x = grad_input_op()(grad_y, weight)
-            kernels.expand_(grad_x, g, A_stack, offsets, ids, ranks, None, False)
+            _expand_into_(kernels, grad_x, g, A_stack, offsets, ids, ranks, None, False)
         if need_A:
-            grad_A = kernels.outer(g, x, offsets, ids, ranks, None, A_stack.shape[0], False)
+            grad_A = kernels.outer(g, _in_adapter_dtype(x, A_stack), offsets, ids, ranks, None, A_stack.shape[0],
+                                   False)
         if need_B:
-            grad_B = kernels.outer(h, grad_y, offsets, ids, ranks, scales, B_stack.shape[0], True)
+            grad_B = kernels.outer(h, grad_y_adapter, offsets, ids, ranks, scales, B_stack.shape[0], True)
         if need_w:
             grad_w = grad_y.T @ x
         if need_b and ctx.has_bias:
@@ -504,7 +530,12 @@ def _validate(x, weight, A_stack, B_stack, bias) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")
         float_code(tensor.dtype, op, name)
-        if tensor.dtype != x.dtype:
+        if name == "A_stack" and tensor.dtype not in (x.dtype, torch.float32):
+            wanted = " or ".join(str(d) for d in dict.fromkeys((x.dtype, torch.float32)))
+            raise TypeError(f"{op}: A_stack has dtype {tensor.dtype}; expected {wanted} (the dtype of x, or float32)")
+        if name == "B_stack" and tensor.dtype != A_stack.dtype:
+            raise TypeError(f"{op}: B_stack has dtype {tensor.dtype}; expected the dtype of A_stack, {A_stack.dtype}")
+        if name not in ("A_stack", "B_stack") and tensor.dtype != x.dtype:
             raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected the dtype of x, {x.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{op}: {name} is on {tensor.device}; expected the device of x, {x.device}")
@@ -562,6 +593,11 @@ def lora_linear_multi(
         rank-major B_stack (a contiguous ``[n_adapters, r_max, out]`` buffer, transposed,
         as :class:`~lowrank_ops.nn.MultiLoRALinear` stores it) is read without packing:
         the forward expand measured 1.6-1.7x faster than with a contiguous B_stack.
+        Both in x's dtype, or both float32 (float32 adapters on a half base, PEFT's
+        default ``autocast_adapter_dtype=True``): the adapters' products then run in
+        float32 on a float32 copy of x (and of dy in the backward), as PEFT's, and their
+        sum is added to the base output with one rounding through an ``[N, out]`` float32
+        buffer; the stacks' gradients are float32.
     segment_offsets : Tensor[n_segments + 1] or sequence of int
         Non-decreasing, from 0 to the number of rows; empty segments are allowed.
     adapter_ids : Tensor[n_segments] or sequence of int
@@ -578,8 +614,8 @@ def lora_linear_multi(
     Tensor[..., out_features]
         Same dtype as x (under ``torch.autocast``: x, weight, the stacks and bias are cast
         to the autocast dtype, as ``F.linear``'s operands, and the op runs with autocast
-        disabled; ``scales`` is not cast).  The low-rank parts accumulate in float32 (float64 for float64)
-        and are added to the base result with one rounding.
+        disabled; ``scales`` is not cast).  The low-rank parts accumulate in float32
+        (float64 for float64) and are added to the base result with one rounding.
 
     Notes
     -----

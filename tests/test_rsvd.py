@@ -6,6 +6,7 @@ values are known exactly.  The accuracy bars are ALGORITHMS.md section 4's.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -95,7 +96,7 @@ def test_auto_sketch_dtype_policy(generator):
         assert _resolve_sketch_dtype("auto", layout, "subspace", "cholqr2", 7) is None
 
 
-@pytest.mark.parametrize("orthonormalize", ["cholqr2", "qr", "lu"])
+@pytest.mark.parametrize("orthonormalize", ["auto", "cholqr2", "qr", "lu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_orthonormalizers_and_dtypes_meet_the_bar(orthonormalize, dtype, generator):
     s = spectrum("decay2", 300)
@@ -108,6 +109,29 @@ def test_orthonormalizers_and_dtypes_meet_the_bar(orthonormalize, dtype, generat
     # float32: the inputs carry ~u ||A|| of rounding, 1e-3 of the optimal error here.
     assert ratio <= 1.01, ratio.item()
     assert_orthonormal(U.double(), 1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_auto_orthonormalizer_policy(monkeypatch):
+    """``orthonormalize="auto"``: Householder QR for small single blocks on the CPU, CholeskyQR2
+    for large blocks and batches (their cost is flops, where the GEMMs win); same bases up
+    to signs either way."""
+    rsvd_module = importlib.import_module("lowrank_ops.linalg.rsvd")  # the attribute is the function
+
+    used = []
+    monkeypatch.setattr(rsvd_module, "cholesky_qr2", lambda Y, **kw: used.append("cholqr2") or cholesky_qr2(Y, **kw))
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda Y, *a, **kw: used.append("qr") or real_qr(Y, *a, **kw))
+    limit = rsvd_module._QR_MAX_WORK
+    small = torch.randn(256, 26)
+    large = torch.randn(limit // 26**2 + 1, 26)
+    for Y, want in ((small, "qr"), (small[None], "qr"), (large, "cholqr2"), (small.expand(2, 256, 26), "cholqr2")):
+        used.clear()
+        Q = rsvd_module._orthonormalize(Y, "auto")
+        assert used == [want], (tuple(Y.shape), used)
+        assert_orthonormal(Q.reshape(-1, *Q.shape[-2:])[0].double(), 1e-5)
+        reference = real_qr(Y).Q
+        torch.testing.assert_close((Q.transpose(-2, -1) @ reference).abs(), torch.eye(26).expand_as(reference[..., :26, :]),
+                                   rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -231,7 +255,7 @@ def test_signs_do_not_depend_on_the_generator(generator):
         index = first.U.abs().argmax(dim=-2, keepdim=True)
         assert (torch.gather(first.U, -2, index) > 0).all()
         # Against the same run without the rule: columns of U and rows of Vh flipped together.
-        U, S, Vh, _ = _rsvd_factors(A, 10, 10, 4, "subspace", "cholqr2", None, torch.Generator().manual_seed(1),
+        U, S, Vh, _ = _rsvd_factors(A, 10, 10, 4, "subspace", "auto", None, torch.Generator().manual_seed(1),
                                     None, 0, signs=False)
         assert torch.equal(S, first.S)
         flips = torch.where((U * first.U).sum(-2, keepdim=True) < 0, -1.0, 1.0).double()

@@ -618,6 +618,17 @@ def test_centered_rsvd_meets_the_bar_with_a_bfloat16_sketch_and_a_large_mean(gen
         U, S, Vh = rsvd(A, k, n_iter=4, center=True, sketch_dtype=sketch, generator=torch.Generator().manual_seed(8))
         ratios.append(torch.linalg.norm(C - (U.double() * S.double()) @ Vh.double()) / optimal)
     assert ratios[1] <= 1.01 and ratios[1] - 1 <= 2 * (ratios[0] - 1) + 1e-4, [r.item() for r in ratios]
+    # The copy itself: C rounded once, bit for bit, formed in blocks (600 x 500: two
+    # blocks of rows; its transposed view: blocks of columns; a batch), in M's layout.
+    from lowrank_ops.linalg.rsvd import _Centering
+
+    for M, transposed in ((A, False), (A.T, True), (A.reshape(3, 200, 500), False)):
+        X = M.transpose(-2, -1) if transposed else M
+        centering = _Centering.of(X, transposed)
+        copy = centering.formed(M, torch.bfloat16)
+        expected = (X - X.mean(-2, keepdim=True)).to(torch.bfloat16)
+        assert torch.equal(copy, expected.transpose(-2, -1) if transposed else expected)
+        assert copy.stride() == M.to(torch.bfloat16).stride()
 
 
 @pytest.mark.parametrize("case", ["tall", "wide_batched", "block_krylov", "bfloat16_sketch", "n_iter0", "warm"])

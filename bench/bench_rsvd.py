@@ -22,6 +22,17 @@ Ops and peers, on the same matrices in the same run:
   ``randomized_range_finder`` (``sklearn``), with the same iteration count; the error is
   the excess of ``||A - Q Q^T A||_F`` over the optimal error of rank ``k + 10`` (its
   column count).
+* ``pca`` (principal components: the rank-k factors of the column-centered matrix ``C = A
+  - 1 mu^T``): ours = ``rsvd(A, k, center=True)`` with its defaults (``ours``; C never
+  formed) and :func:`lowrank_ops.linalg.pca_lowrank` with torch's settings
+  (``ours_pca_lowrank``: q = k, niter = 2); ``torch.pca_lowrank`` with its defaults
+  (``pca_lowrank``: q = k, niter = 2; it forms C for dense input) and with our
+  oversampling and pass count (``pca_lowrank_matched``: q = k + 10, niter = ours);
+  scikit-learn's ``PCA(n_components=k, svd_solver="randomized").fit_transform`` (``sklearn``:
+  n_oversamples = 10, n_iter = "auto", on the same float32 array).  The input is the
+  spectral matrix plus column means 10 times the entries' spread; the error is the excess
+  of ``||C - U S Vh||_F`` over the optimal rank-k error of C (from the float64 SVD of the
+  explicitly centered matrix), median over the seeds as for ``rsvd``.
 * ``galore_refresh``: a GaLore projector refresh for a gradient that drifted since the
   last one: ours = rsvd warm-started from the previous projector (one pass, as
   :class:`lowrank_ops.optim.GaLoreAdamW` does), peer = GaLore's full ``torch.linalg.svd``.
@@ -46,6 +57,8 @@ passes of our default; the GFLOP/s column is therefore ours' useful rate.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import statistics
 import warnings
 from typing import List
@@ -53,7 +66,7 @@ from typing import List
 import pytest
 import torch
 
-from lowrank_ops.linalg import range_finder, rsvd
+from lowrank_ops.linalg import pca_lowrank, range_finder, rsvd
 
 from _harness import DEVICES, FULL, Case, measure, params, require_device, rsvd_auto_passes, spectral_matrix
 
@@ -68,11 +81,13 @@ if FULL:
     _FULL_SVD = {(4096, 4096, 64)}  # torch.linalg.svd costs ~8 s per call here on 2 cores
     _BATCHED = [(8, 1024, 1024, 32)]
     _GALORE = [(4096, 4096, 128), (4096, 4096, 512), (2048, 5504, 256)]
+    _PCA = [(2048, 512, 16), (16384, 1024, 32)]
 else:
     _RSVD = [(1024, 1024, 32), (1024, 2730, 32)]
     _FULL_SVD = {(1024, 1024, 32)}
     _BATCHED = [(8, 256, 256, 16)]
     _GALORE = [(1024, 1024, 64)]
+    _PCA = [(2048, 512, 16)]
 
 _RSVD_IMPLS = ("ours", "ours_fp32", "ours_with_error", "ours_block_krylov", "svd_lowrank", "svd_lowrank_matched", "sklearn")
 ERROR_PROBES = 8
@@ -92,6 +107,9 @@ def _rsvd_cases() -> List[Case]:
                 Case(FAMILY, "rsvd.batched", impl, device, "float32", f"{b}x{m}x{n} k={k}", (b, m, n, k))
                 for impl in ("ours", "ours_loop", "svd_lowrank")
             ]
+        for m, n, k in _PCA:
+            cases += [Case(FAMILY, "pca", impl, device, "float32", f"{m}x{n} k={k}", (m, n, k))
+                      for impl in ("ours", "ours_pca_lowrank", "pca_lowrank", "pca_lowrank_matched", "sklearn")]
         for m, n, r in _GALORE:
             cases += [
                 Case(FAMILY, "galore_refresh", impl, device, "float32", f"{m}x{n} r={r}", (m, n, r))
@@ -109,6 +127,15 @@ def _excess_error(A: torch.Tensor, U, S, Vh, spectrum: torch.Tensor, k: int) -> 
     return float((per_matrix / optimal).max() - 1)
 
 
+def _require_sklearn(case: Case) -> None:
+    if case.device != "cpu":
+        raise RuntimeError("scikit-learn runs on the CPU only")
+    try:
+        importlib.import_module("sklearn")
+    except ImportError as error:
+        raise RuntimeError(f"scikit-learn is not installed ({error})") from None
+
+
 def _sklearn(A: torch.Tensor, k: int, seed: int):
     from sklearn.utils.extmath import randomized_svd  # a bench extra, imported lazily
 
@@ -118,12 +145,17 @@ def _sklearn(A: torch.Tensor, k: int, seed: int):
 
 
 # ---------------------------------------------------------------------------- benchmarks
-def _svd_lowrank(A: torch.Tensor, q: int, niter: int, seed: int):
-    """torch.svd_lowrank draws its test matrix from the global generator: seed it in a fork."""
+def _seeded(A: torch.Tensor, seed: int, run):
+    """``run()`` with the global generator seeded in a fork: torch.svd_lowrank and
+    torch.pca_lowrank draw their test matrices from it."""
     devices = [A.device] if A.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return torch.svd_lowrank(A, q=q, niter=niter)
+        return run()
+
+
+def _svd_lowrank(A: torch.Tensor, q: int, niter: int, seed: int):
+    return _seeded(A, seed, lambda: torch.svd_lowrank(A, q=q, niter=niter))
 
 
 def _rsvd_runner(case: Case, A: torch.Tensor, k: int, passes: int):
@@ -143,12 +175,7 @@ def _rsvd_runner(case: Case, A: torch.Tensor, k: int, passes: int):
     if case.impl == "svd_lowrank_matched":
         return lambda seed: _lowrank_as_factors(_svd_lowrank(A, k + OVERSAMPLE, passes, seed), k)
     if case.impl == "sklearn":
-        if case.device != "cpu":
-            raise RuntimeError("scikit-learn runs on the CPU only")
-        try:
-            import sklearn  # noqa: F401
-        except ImportError as error:
-            raise RuntimeError(f"scikit-learn is not installed ({error})") from None
+        _require_sklearn(case)
         return lambda seed: _sklearn(A, k, seed)
     return lambda seed: _truncate(torch.linalg.svd(A, full_matrices=False), k)  # deterministic
 
@@ -245,6 +272,75 @@ def test_rsvd_batched(benchmark, case: Case):
         benchmark, case, build, lambda result: _excess_error(A, *result, spectrum, k),
         flops=2.0 * b * m * n * l * (2 * passes + 2), bytes=4.0 * b * m * n * (2 * passes + 2),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _pca_matrix(m: int, n: int, device: str):
+    """``(A, optimal)``: the spectral matrix plus column means ``mu`` 10 times its entries'
+    spread (an uncentered factorization would spend its first direction on them), and
+    ``optimal(k)``, the optimal rank-k error of the centered matrix (float64 SVD)."""
+    A, spectrum = spectral_matrix(0, m, n, device)
+    spread = float(spectrum.square().sum().sqrt()) / (m * n) ** 0.5
+    mu = 10 * spread * torch.randn(1, n, generator=torch.Generator().manual_seed(1))
+    A = A + mu.to(device)
+    C = A.double() - A.double().mean(-2, keepdim=True)
+    s = torch.linalg.svdvals(C.cpu())
+    return A, C, lambda k: s[k:].square().sum().sqrt().item()
+
+
+def _pca_runner(case: Case, A: torch.Tensor, k: int, passes: int):
+    """``run(seed) -> (U, S, Vh)`` of the centered A for the case's impl."""
+    generator = torch.Generator(device=case.device)
+    if case.impl == "ours":
+        return lambda seed: rsvd(A, k, center=True, generator=generator.manual_seed(seed), check_finite=False)
+    if case.impl == "ours_pca_lowrank":
+        def ours_pca(seed):
+            U, S, V = pca_lowrank(A, q=k, generator=generator.manual_seed(seed), check_finite=False)
+            return U, S, V.transpose(-2, -1)
+        return ours_pca
+    if case.impl == "pca_lowrank":
+        return lambda seed: _lowrank_as_factors(_seeded(A, seed, lambda: torch.pca_lowrank(A, q=k, niter=2)), k)
+    if case.impl == "pca_lowrank_matched":
+        return lambda seed: _lowrank_as_factors(
+            _seeded(A, seed, lambda: torch.pca_lowrank(A, q=k + OVERSAMPLE, niter=passes)), k)
+    _require_sklearn(case)
+    from sklearn.decomposition import PCA  # a bench extra, imported lazily
+
+    array = A.cpu().numpy()
+
+    def sklearn_pca(seed):
+        pca = PCA(n_components=k, svd_solver="randomized", random_state=seed)
+        US = torch.from_numpy(pca.fit_transform(array))  # U S: the projection of the centered data
+        S = torch.from_numpy(pca.singular_values_)
+        return US / S, S, torch.from_numpy(pca.components_)
+    return sklearn_pca
+
+
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "pca"]))
+def test_pca(benchmark, case: Case):
+    require_device(case.device)
+    m, n, k = case.problem
+    A, C, optimal = _pca_matrix(m, n, case.device)
+    passes = rsvd_auto_passes(m, n, k)
+
+    def error(U, S, Vh) -> float:
+        residual = C - (U.double() * S.double().unsqueeze(-2)) @ Vh.double()
+        return float(torch.linalg.matrix_norm(residual).cpu() / optimal(k) - 1)
+
+    def build():
+        run = _pca_runner(case, A, k, passes)
+        state["run"] = run
+        return lambda: run(SEEDS[0])
+
+    def check(result) -> float:
+        errors = [error(*result[:3])] + [error(*state["run"](seed)[:3]) for seed in SEEDS[1:]]
+        benchmark.extra_info["errors"] = errors
+        return statistics.median(errors)
+
+    state = {}
+    l = min(k + OVERSAMPLE, m, n)
+    measure(benchmark, case, build, check,
+            flops=2.0 * m * n * l * (2 * passes + 2), bytes=4.0 * m * n * (2 * passes + 2))
 
 
 @pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "galore_refresh"]))

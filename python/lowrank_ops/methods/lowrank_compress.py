@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from .._finite import all_finite
+from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
 from ._layers import count_parameters, matches, resolve_rank
 
@@ -258,7 +259,7 @@ def _compress_layer(linear: torch.nn.Linear, rank: Optional[int], energy: Option
 def _rank_factors(W: torch.Tensor, k: int, n_iter, generator):
     """``(U [out, k], S [k], Vh [k, in], ||W - U S Vh||_F^2, is_estimate)``."""
     if k > min(W.shape) / 2:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = thin_svd(W)
         return U[:, :k], S[:k], Vh[:k], S[k:].double().square().sum().item(), False
     U, S, Vh, error = rsvd(W, k, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
                            check_finite=False)
@@ -274,7 +275,7 @@ def _energy_factors(W: torch.Tensor, energy: float, norm_sq: float, k_max: int, 
     while True:
         exact = r > smallest / 2
         if exact:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, Vh = thin_svd(W)
         else:
             U, S, Vh, error = rsvd(W, r, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
                                    check_finite=False)

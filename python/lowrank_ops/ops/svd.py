@@ -52,6 +52,7 @@ from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from .._signs import normalize_signs
+from .._thin_svd import singular_values, thin_svd
 from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
@@ -304,12 +305,12 @@ def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
     if not torch.compiler.is_compiling() and not all_finite(X):
         raise ValueError("batched_svd: A has a non-finite entry (inf or nan); expected finite values")
     if compute_uv:
-        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        U, S, Vh = thin_svd(X)
         # torch.linalg.svd's fresh outputs: flipped in place unless autograd records them.
         U, Vh = normalize_signs(U, Vh, inplace=not needs_grad)
     else:
         U = Vh = None
-        S = torch.linalg.svdvals(X)
+        S = singular_values(X)
     batch = A3.shape[0]
     sweeps = A3.new_zeros((batch,), dtype=torch.int32)
     converged = A3.new_ones((batch,), dtype=torch.bool)

@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._args import require_finite_number
+from .._finite import all_finite
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
@@ -155,7 +156,7 @@ class LoRALinear(torch.nn.Module):
             weight = self.base_layer.weight
             if effective is None:
                 effective = weight.to(torch.promote_types(weight.dtype, torch.float32))
-            if not bool(torch.isfinite(effective).all()):  # the SVD would fail, the QR spread NaN
+            if not all_finite(effective):  # the SVD would fail, the QR spread NaN
                 raise ValueError(f"LoRALinear: init_lora_weights={self.init_lora_weights!r} splits the layer's weight, "
                                  f"which holds {int((~torch.isfinite(effective)).sum())} non-finite entries")
             A, B, residual = split_weight(effective, self.r, self.scaling, kind, self._init_iterations,

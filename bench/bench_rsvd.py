@@ -66,7 +66,7 @@ from typing import List
 import pytest
 import torch
 
-from lowrank_ops.linalg import pca_lowrank, range_finder, rsvd
+from lowrank_ops.linalg import adaptive_rsvd, pca_lowrank, range_finder, rsvd
 
 from _harness import DEVICES, FULL, Case, measure, params, require_device, rsvd_auto_passes, spectral_matrix
 
@@ -82,12 +82,16 @@ if FULL:
     _BATCHED = [(8, 1024, 1024, 32)]
     _GALORE = [(4096, 4096, 128), (4096, 4096, 512), (2048, 5504, 256)]
     _PCA = [(2048, 512, 16), (16384, 1024, 32)]
+    _TOL = [(1024, 1024, 0.1), (4096, 4096, 0.05), (4096, 11008, 0.1)]
+    _TOL_FULL_SVD = {(1024, 1024, 0.1), (4096, 4096, 0.05)}
 else:
     _RSVD = [(1024, 1024, 32), (1024, 2730, 32)]
     _FULL_SVD = {(1024, 1024, 32)}
     _BATCHED = [(8, 256, 256, 16)]
     _GALORE = [(1024, 1024, 64)]
     _PCA = [(2048, 512, 16)]
+    _TOL = [(1024, 1024, 0.1)]
+    _TOL_FULL_SVD = {(1024, 1024, 0.1)}
 
 _RSVD_IMPLS = ("ours", "ours_fp32", "ours_with_error", "ours_block_krylov", "svd_lowrank", "svd_lowrank_matched", "sklearn")
 ERROR_PROBES = 8
@@ -110,6 +114,10 @@ def _rsvd_cases() -> List[Case]:
         for m, n, k in _PCA:
             cases += [Case(FAMILY, "pca", impl, device, "float32", f"{m}x{n} k={k}", (m, n, k))
                       for impl in ("ours", "ours_pca_lowrank", "pca_lowrank", "pca_lowrank_matched", "sklearn")]
+        for m, n, tol in _TOL:
+            impls = ("ours", "svd_lowrank_doubling") + (("linalg_svd",) if (m, n, tol) in _TOL_FULL_SVD else ())
+            cases += [Case(FAMILY, "rsvd_tol", impl, device, "float32", f"{m}x{n} tol={tol:g}", (m, n, tol))
+                      for impl in impls]
         for m, n, r in _GALORE:
             cases += [
                 Case(FAMILY, "galore_refresh", impl, device, "float32", f"{m}x{n} r={r}", (m, n, r))
@@ -341,6 +349,69 @@ def test_pca(benchmark, case: Case):
     l = min(k + OVERSAMPLE, m, n)
     measure(benchmark, case, build, check,
             flops=2.0 * m * n * l * (2 * passes + 2), bytes=4.0 * m * n * (2 * passes + 2))
+
+
+def _smallest_rank(norm_sq: float, S: torch.Tensor, tol: float) -> int:
+    """The smallest k with ``||A||^2 - sum_{i<=k} s_i^2 <= tol^2 ||A||^2`` (the factors of an
+    orthonormal basis' Rayleigh-Ritz step), or len(S) when none is."""
+    met = ((norm_sq - S.double().square().cumsum(0)) <= tol * tol * norm_sq).nonzero()
+    return int(met[0]) + 1 if met.numel() else S.shape[0]
+
+
+def _svd_lowrank_doubling(A: torch.Tensor, tol: float, seed: int):
+    """What torch.svd_lowrank's users write for a tolerance: rank 16 (+ 10 oversampling), then
+    double until the factors' error (read from the captured energy, exact for its basis)
+    meets it; torch's default niter=2."""
+    norm_sq = float(torch.linalg.vector_norm(A, dtype=torch.float64)) ** 2
+    smallest, q = min(A.shape), 16
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(A, q=min(q + OVERSAMPLE, smallest), niter=2)
+        k = _smallest_rank(norm_sq, S, tol)
+        if k < S.shape[0] or q + OVERSAMPLE >= smallest:
+            return U[:, :k], S[:k], V[:, :k].T
+        q *= 2
+
+
+@pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "rsvd_tol"]))
+def test_rsvd_tol(benchmark, case: Case):
+    """Fixed accuracy: the smallest rank whose factors are within tol ||A||_F of A (relative
+    Frobenius).  Error column: the rank's excess over the optimal rank ``k*`` (``k / k* - 1``,
+    0 is optimal), or inf when the factors miss the tolerance (checked in float64)."""
+    require_device(case.device)
+    m, n, tol = case.problem
+    A, spectrum = spectral_matrix(0, m, n, case.device)
+    tails = spectrum.flip(0).square().cumsum(0).flip(0).sqrt()
+    k_star = int((tails > tol * spectrum.norm()).sum())  # tails[j] = ||s[j:]||, decreasing
+
+    def build():
+        if case.impl == "ours":
+            generator = torch.Generator(device=case.device)
+            return lambda: adaptive_rsvd(A, tol, generator=generator.manual_seed(1), check_finite=False)[:3]
+        if case.impl == "svd_lowrank_doubling":
+            return lambda: _svd_lowrank_doubling(A, tol, 1)
+
+        def full():
+            U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+            k = _smallest_rank(float(torch.linalg.vector_norm(A, dtype=torch.float64)) ** 2, S, tol)
+            return U[:, :k], S[:k], Vh[:k]
+        return full
+
+    def check(result) -> float:
+        U, S, Vh = result
+        k = S.shape[0]
+        error = torch.linalg.matrix_norm(A.double() - (U.double() * S.double()) @ Vh.double()) / spectrum.norm()
+        benchmark.extra_info["rank"] = k
+        benchmark.extra_info["optimal_rank"] = k_star
+        benchmark.extra_info["relative_error"] = float(error)
+        # float32 A: its own rounding (~1e-7 ||A||) is far below any tolerance accepted (>= 1e-3).
+        return k / k_star - 1 if float(error) <= tol * (1 + 1e-3) else float("inf")
+
+    # Ours at block 32, two power iterations: 6 products of A with 32 columns per block.
+    blocks = -(-k_star // 32)
+    measure(benchmark, case, build, check,
+            flops=2.0 * m * n * 32 * blocks * 6, bytes=4.0 * m * n * blocks * 6)
 
 
 @pytest.mark.parametrize("case", params([c for c in _rsvd_cases() if c.op == "galore_refresh"]))

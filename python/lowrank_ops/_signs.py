@@ -24,7 +24,9 @@ def normalize_signs(U: torch.Tensor, Vh: torch.Tensor, inplace: bool = False) ->
     entry of equal largest magnitude; the first of them then decides, found by the general
     path below (the test is a host read, free on the CPU).
     """
-    if U.device.type == "cpu" and U.numel() > 0 and not torch.compiler.is_compiling():
+    if U.numel() == 0:  # no column, or columns of no rows (nothing to decide a sign; argmax would raise)
+        return U, Vh
+    if U.device.type == "cpu" and not torch.compiler.is_compiling():
         top, bottom = U.amax(dim=-2, keepdim=True), U.amin(dim=-2, keepdim=True)
         if not bool(((top == -bottom) & (top != 0)).any()):
             sign = torch.where(-bottom > top, -1.0, 1.0).to(U.dtype)

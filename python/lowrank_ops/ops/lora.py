@@ -159,7 +159,9 @@ class _LoRALinear(torch.autograd.Function):
         grad_x = grad_W = grad_A = grad_B = grad_bias = grad_gate = None
         grad_y_adapter = grad_y.to(adapter_dtype)
         if need_B:
-            grad_B = grad_y_adapter.T @ (shrunk * factor)
+            # (u^T dy)^T, not dy^T u: the same sums, but MKL reads dy along its rows (1024 x 1024,
+            # N = 128, r = 16: 31 against 51 us); autograd lays the transposed view out as lora_B.
+            grad_B = ((shrunk * factor).T @ grad_y_adapter).T
         if need_x or need_A or need_gate:
             expanded = grad_y_adapter @ lora_B  # h = dy B, [N, r]
             if need_gate:

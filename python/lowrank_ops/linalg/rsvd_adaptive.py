@@ -116,6 +116,8 @@ def adaptive_rsvd(
         absolute ``||A - U diag(S) Vh||_F`` from the indicator (0-d, the factors' dtype);
         ``converged`` whether ``error <= tol ||A||_F``.  A zero matrix gives ``k = 0``.
         Not differentiable (the rank is a discrete choice): the factors are detached.
+        On CUDA the stopping test reads one number back per block (a host
+        synchronization each; the rank decides the shapes, so it cannot be avoided).
 
     Raises
     ------

@@ -103,6 +103,11 @@ def test_user_anchors_reproduce_anncur():
     # they agree to a few u cond(W)^2 ||W^+||.
     torch.testing.assert_close(out.U, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
     torch.testing.assert_close(out.reconstruct(), A[:, cols] @ expected @ A[rows], rtol=0, atol=1e-12)
+    # with a rank, the same anchors give the rank-truncated pseudo-inverse
+    Uw, Sw, Vhw = torch.linalg.svd(W, full_matrices=False)
+    truncated = Vhw[:3].T @ torch.diag(1 / Sw[:3]) @ Uw[:, :3].T
+    torch.testing.assert_close(cur(A, 3, rows=rows, cols=cols).U, truncated, rtol=0,
+                               atol=1e-12 * float(truncated.abs().max()))
     # tensors, one of the two given, the other sampled
     half = cur(A, 4, rows=torch.tensor(rows), method="pivoted")
     assert half.row_index.tolist() == rows and half.col_index.shape == (16,)

@@ -86,27 +86,41 @@ def _pinv(X: torch.Tensor, rcond: float, rank: Optional[int]) -> torch.Tensor:
     return (Vh.transpose(-2, -1) * inv.unsqueeze(-2)) @ U.transpose(-2, -1)
 
 
+# _pivoted_columns recomputes the residual's column norms every this many steps and
+# downdates them in between (norm^2 -= coefficient^2): a downdate loses up to about u times
+# the column's original norm^2 per step, so a periodic recompute keeps the lost accuracy
+# at a few dozen u -- far below the residual norms that compete for a pivot (the residual
+# keeps its rank until the last pick).
+_RECOMPUTE_EVERY = 8
+
+
 def _pivoted_columns(X: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` pivots ``[..., count]`` (sorted ascending) of the column-pivoted QR of ``X [..., s, n]``:
-    each step picks the column of largest residual norm, then projects it out of the rest
-    (Businger-Golub; torch has no pivoted QR).  Norms are recomputed from the residual at
-    each step rather than downdated: ``O(s n)`` either way, and no cancellation.  The
-    residual is kept row-major (rsvd's ``U^T`` is a column-major view): each step's
-    reductions and update then run along contiguous rows (measured, one thread, ``[128,
-    2048]`` float32, 128 picks: 166 ms on the column-major view)."""
-    residual = X.clone(memory_format=torch.contiguous_format)
-    taken = torch.zeros(X.shape[:-2] + X.shape[-1:], dtype=torch.bool, device=X.device)
+    """The first ``count`` pivots ``[..., count]`` (sorted ascending) of the column-pivoted QR
+    of ``X [..., s, n]``: each step picks the column of largest residual norm, then projects
+    it out of the rest (Businger-Golub; torch has no pivoted QR).
+
+    The residual is kept row-major (rsvd's ``U^T`` is a column-major view) and updated in
+    place by one rank-one ``baddbmm_``; the norms are downdated (see ``_RECOMPUTE_EVERY``).
+    Measured, one thread, ``[128, 2048]`` float32, 128 picks: 166 ms on the column-major
+    view with exact norms every step, 68-86 ms row-major, 39 ms with both changes (the same
+    picks on rsvd factors and random float64 blocks)."""
+    s, n = X.shape[-2:]
+    residual = X.reshape(-1, s, n).clone(memory_format=torch.contiguous_format)  # [b, s, n]
+    taken = torch.zeros(residual.shape[0], n, dtype=torch.bool, device=X.device)
     picks = []
-    for _ in range(count):
-        norms = residual.square().sum(-2).masked_fill(taken, -1.0)
-        j = norms.argmax(-1, keepdim=True)  # [..., 1]
+    norms = residual.square().sum(-2)
+    for step in range(count):
+        if step and step % _RECOMPUTE_EVERY == 0:
+            norms = residual.square().sum(-2)
+        j = norms.masked_fill(taken, -1.0).argmax(-1, keepdim=True)  # [b, 1]
         picks.append(j)
         taken.scatter_(-1, j, True)
-        column = residual.gather(-1, j.unsqueeze(-2).expand(*residual.shape[:-1], 1))  # [..., s, 1]
-        length = column.norm(dim=-2, keepdim=True)
-        q = column / length.clamp_min(torch.finfo(X.dtype).tiny)
-        residual.sub_(q @ (q.transpose(-2, -1) @ residual))  # in place: no new [s, n] buffer per step
-    return torch.cat(picks, dim=-1).sort(-1).values  # ascending, as the sampled indices
+        column = residual.gather(-1, j.unsqueeze(-2).expand(-1, s, 1))  # [b, s, 1]
+        q = column / column.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+        coefficients = q.transpose(-2, -1) @ residual  # [b, 1, n]
+        residual.baddbmm_(q, coefficients, alpha=-1)
+        norms.sub_(coefficients.squeeze(-2).square())
+    return torch.cat(picks, dim=-1).sort(-1).values.reshape(*X.shape[:-2], count)  # ascending, as the sampled ones
 
 
 def _sample(weights: torch.Tensor, count: int, generator) -> torch.Tensor:

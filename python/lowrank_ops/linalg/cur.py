@@ -268,9 +268,9 @@ def cur(
     gathering ``m c + r n`` entries, an SVD of the ``[r, c]`` intersection and ``O((m + n) r
     c)`` flops; ``u="projection"`` adds SVDs of ``C`` and ``R`` and ``2 m n min(r, c)``
     flops.  ``"pivoted"`` runs rsvd at rank ``max(r, c)`` and a pivoting loop of ``max(r,
-    c)`` steps of ``O(max(r, c) (m + n))`` flops each (measured, one thread, 2048 x 1024
-    float32, k = 32: leverage 58 ms, leverage + projection 81 ms, pivoted 182 ms, of
-    which rsvd 52 / 114 ms).
+    c)`` steps of ``O(max(r, c) (m + n))`` flops each (bench/bench_cur.py, one thread on a
+    busy 2-core Xeon, 2048 x 1024 float32, k = 32: leverage 31-46 ms, leverage +
+    projection 47-74 ms, pivoted 110 ms; rsvd alone 52 ms at rank 32, 114 at rank 128).
     """
     op = "cur"
     if not isinstance(A, torch.Tensor):

@@ -51,6 +51,9 @@ _CORES = ("intersection", "projection")
 # while 4k brings it within a small factor; see the docstring of cur for the numbers.
 _OVERSAMPLING = 4
 
+# torch.multinomial's limit on the number of categories (rows or columns to sample from).
+_MAX_CATEGORIES = 1 << 24
+
 
 class CURResult(NamedTuple):
     """``A ~= C @ U @ R`` (:meth:`reconstruct`).
@@ -221,7 +224,8 @@ def cur(
     rows, cols : 1-D integer tensor or sequence of ints, optional
         Given indices (ANNCUR's anchors): kept in the given order (the rows of ``R`` and
         columns of ``C`` follow it), distinct, in ``[0, m)`` and ``[0, n)``; shared by the
-        whole batch.  The one not given is selected by ``method``.
+        whole batch.  The one not given is selected by ``method``.  Checking them reads
+        them on the host (one synchronization on CUDA).
     n_rows, n_cols : int, optional
         Number of rows / columns to select, ``rank <= n <= m`` (``n``).  Default
         ``min(4 rank, m)`` (``min(4 rank, n)``): with ``rank`` picks, leverage sampling
@@ -295,6 +299,9 @@ def cur(
     if rcond is not None and (isinstance(rcond, bool) or not isinstance(rcond, (int, float))
                               or not 0 <= rcond < 1):
         raise ValueError(f"{op}: rcond must be a number in [0, 1); got {rcond!r}")
+    if sampled and method != "pivoted" and max(m if rows is None else 0, n if cols is None else 0) > _MAX_CATEGORIES:
+        raise ValueError(f"{op}: method={method!r} samples with torch.multinomial, which takes at most 2^24 "
+                         f"categories; A has shape {tuple(A.shape)}: use method='pivoted' or give rows / cols")
     row_index = None if rows is None else _as_index(op, "rows", rows, m, "m", A.device)
     col_index = None if cols is None else _as_index(op, "cols", cols, n, "n", A.device)
     default = _OVERSAMPLING * rank if rank is not None else 0

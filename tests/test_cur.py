@@ -253,7 +253,8 @@ def test_bad_input():
     bad[3, 4] = float("nan")
     with pytest.raises(ValueError, match="A contains NaN"):
         cur(bad, 2)
-    huge = torch.sparse_coo_tensor(torch.tensor([[0, 5], [1, 2]]), torch.tensor([1.0, 2.0]), (2**24 + 1, 4))
+    huge = torch.sparse_coo_tensor(torch.tensor([[0, 5], [1, 2]]), torch.tensor([1.0, 2.0]), (2**24 + 1, 4),
+                                   check_invariants=True)
     with pytest.raises(ValueError, match=r"at most 2\^24 categories; A has shape \(16777217, 4\)"):
         cur(huge, 1)
     with pytest.raises(ValueError, match="batches of sparse matrices"):

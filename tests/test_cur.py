@@ -1,6 +1,7 @@
 """CUR decomposition (lowrank_ops.linalg.cur) against float64 references."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,9 @@ def test_user_anchors_reproduce_anncur():
     truncated = Vhw[:3].T @ torch.diag(1 / Sw[:3]) @ Uw[:, :3].T
     torch.testing.assert_close(cur(A, 3, rows=rows, cols=cols).U, truncated, rtol=0,
                                atol=1e-12 * float(truncated.abs().max()))
+    # NumPy arrays of indices
+    same = cur(A, rows=np.array(rows), cols=np.array(cols))
+    assert torch.equal(same.U, out.U)
     # tensors, one of the two given, the other sampled
     half = cur(A, 4, rows=torch.tensor(rows), method="pivoted")
     assert half.row_index.tolist() == rows and half.col_index.shape == (16,)

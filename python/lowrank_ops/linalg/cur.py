@@ -31,6 +31,7 @@ Index selection (``rows`` / ``cols`` not given):
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -153,9 +154,9 @@ def _as_index(op: str, name: str, value, size: int, dim_name: str, device) -> to
         except TypeError:
             raise TypeError(f"{op}: {name} must be a 1-D integer tensor or a sequence of ints; "
                             f"got {type(value).__name__}") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):  # NumPy ints too
             raise TypeError(f"{op}: {name} must hold ints; got {values!r}")
-        index = torch.tensor(values, dtype=torch.long, device=device)
+        index = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
     if index.dim() != 1 or index.numel() == 0:
         raise ValueError(f"{op}: {name} must be a non-empty 1-D index; got shape {tuple(index.shape)}")
     low, high = int(index.min()), int(index.max())

@@ -226,9 +226,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     (uint8, the moment's shape) and ``"exp_avg_absmax"`` (float32, one per 256 values),
     likewise for ``exp_avg_sq``; :meth:`state_dict` holds them as they are (no pickled
     classes) and :meth:`load_state_dict` restores them bit for bit (torch's own would
-    cast them to the parameter's dtype).  The format of a parameter's moments follows
-    its group's ``state_bits`` at each step: loading a 32-bit state into an 8-bit
-    optimizer (or the reverse) converts the moments at the next step.
+    cast them to the parameter's dtype).  As every group setting, ``state_bits`` comes
+    back from the state dict; the format of a parameter's moments follows its group's
+    ``state_bits`` at each step, so setting ``group["state_bits"]`` after loading converts
+    the moments at the next step (a 32-bit checkpoint continued in 8 bits, or the
+    reverse).
     """
 
     def __init__(
@@ -353,6 +355,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p = params[saved_ids.index(key)]
             self.state[p].update({k: v.to(p.device) for k, v in tensors.items()})
         for group in self.param_groups:
+            # torch restores the saved groups' settings; a state dict saved before a setting
+            # existed (state_bits, min_8bit_size) lacks it: this optimizer's default applies.
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
             for p in group["params"]:
                 entry = self.state.get(p, {})
                 if "projector_matrix" in entry:

@@ -42,6 +42,7 @@ _SVD_MODES = ("rsvd", "full")
 _STATE_BITS = (32, 8)
 # The two moments; 8-bit state keeps "<name>_codes" (uint8) and "<name>_absmax" (float32)
 # instead of "<name>", exp_avg on the signed code map, exp_avg_sq on the unsigned one.
+# exp_avg_sq is stored as the codes of its square root (see GaLoreAdamW's notes).
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))
 _QUANTIZED_KEYS = tuple(f"{name}_{part}" for name, _ in _MOMENTS for part in ("codes", "absmax"))
 
@@ -312,7 +313,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
                 update = exp_avg / denom
                 if quantized:
-                    _store_quantized(state, exp_avg, exp_avg_sq)
+                    _store_quantized(state, exp_avg, exp_avg_sq.sqrt())
                     update = update.to(work_dtype)  # the projector's dtype
                 if projected:
                     update = state["projector"].project_back(update).reshape(p.shape)
@@ -383,6 +384,8 @@ def _moments(state: Dict[str, Any], grad: torch.Tensor, quantized: bool) -> Tupl
         if f"{name}_codes" in state:
             codes, absmax = state.pop(f"{name}_codes"), state.pop(f"{name}_absmax")
             moment = dequantize_blockwise(codes, absmax, signed)
+            if not signed:  # the second moment's codes hold its square root
+                moment.square_()
             if not quantized:
                 moment = moment.to(grad.dtype)
                 state[name] = moment
@@ -396,8 +399,8 @@ def _moments(state: Dict[str, Any], grad: torch.Tensor, quantized: bool) -> Tupl
     return moments[0], moments[1]
 
 
-def _store_quantized(state: Dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-    for (name, signed), moment in zip(_MOMENTS, (exp_avg, exp_avg_sq)):
+def _store_quantized(state: Dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq_root: torch.Tensor) -> None:
+    for (name, signed), moment in zip(_MOMENTS, (exp_avg, exp_avg_sq_root)):
         state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(moment, signed)
 
 

@@ -13,8 +13,8 @@ into decades ``(10^-(d+1), 10^-d]``, each holding equally spaced codes ending at
 several orders of magnitude inside a block; a linear 8-bit map would round everything
 below ``absmax / 255`` to zero, this one keeps a few codes down to ``10^-7 absmax``.
 
-* :func:`dynamic_map` ``(signed=False)`` (second moment, >= 0): decades d = 0..7 with
-  128, 64, ..., 1 codes, plus 0: 256 entries.
+* :func:`dynamic_map` ``(signed=False)`` (second moment, >= 0; GaLoreAdamW codes its
+  square root, see there): decades d = 0..7 with 128, 64, ..., 1 codes, plus 0: 256 entries.
 * :func:`dynamic_map` ``(signed=True)`` (first moment): decades d = 0..6 with 64, 32, ...,
   1 codes on each side, plus 0: 255 entries (one sign bit leaves 7 bits of magnitude;
   code 255 is not used).
@@ -146,13 +146,17 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = BLOCK_SI
     if block_size < 1:
         raise ValueError(f"quantize_blockwise: block_size must be >= 1; got {block_size}")
     blocks = _blocks(x.detach().reshape(-1).float(), block_size)
-    absmax = blocks.abs().amax(dim=1) if blocks.numel() else blocks.new_zeros(blocks.shape[0])
+    if blocks.numel():  # one read, no |x| temporary
+        low, high = torch.aminmax(blocks, dim=1)
+        absmax = torch.maximum(high, low.neg())
+    else:
+        absmax = blocks.new_zeros(blocks.shape[0])
     # An all-zero block divides by 1 instead of 0: its values stay 0 and take code "0".
     normalized = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
     base, cut = _cell_tables(signed, normalized.device)
     flat = normalized.view(-1)
     cells = (flat.view(torch.int32) >> 16) & 0xFFFF
-    codes = base.index_select(0, cells).add_(flat > cut.index_select(0, cells))
+    codes = base.index_select(0, cells).add_((flat > cut.index_select(0, cells)).view(torch.uint8))
     codes = codes[: x.numel()].view(x.shape)
     return codes, absmax
 

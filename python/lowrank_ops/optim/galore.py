@@ -224,8 +224,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
     of 256 values, not only its element).
 
     8-bit state.  The state of a quantized moment is two tensors, ``"exp_avg_codes"``
-    (uint8, the moment's shape) and ``"exp_avg_absmax"`` (float32, one per 256 values),
-    likewise for ``exp_avg_sq``; :meth:`state_dict` holds them as they are (no pickled
+    (uint8, the moment's shape; signed code map) and ``"exp_avg_absmax"`` (float32, one
+    per 256 values), likewise ``"exp_avg_sq_codes"`` / ``"exp_avg_sq_absmax"``, which code
+    the square root of the second moment (unsigned map).  The root spans half as many
+    decades as ``v``: coding ``v`` itself rounds its entries below ``5e-8`` of their
+    block's largest to 0, and their next update divides by little more than ``eps``
+    (measured, bench_galore's error over 4 GaLore steps against float64 moments: 18 %
+    with ``v`` coded, 2 % with its root).  :meth:`state_dict` holds them as they are (no pickled
     classes) and :meth:`load_state_dict` restores them bit for bit (torch's own would
     cast them to the parameter's dtype).  As every group setting, ``state_bits`` comes
     back from the state dict; the format of a parameter's moments follows its group's

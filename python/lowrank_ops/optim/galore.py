@@ -312,13 +312,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                root = exp_avg_sq.sqrt()
+                if quantized:  # the moments as the next step will see them (the root: see the notes)
+                    _store_quantized(state, exp_avg, root)
+                denom = root.add_(group["eps"])
                 step_size = group["lr"]
                 if group["correct_bias"]:
                     step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
                 update = exp_avg / denom
                 if quantized:
-                    _store_quantized(state, exp_avg, exp_avg_sq.sqrt())
                     update = update.to(work_dtype)  # the projector's dtype
                 if projected:
                     update = state["projector"].project_back(update).reshape(p.shape)

@@ -1,5 +1,5 @@
 """Optimizers built on lowrank_ops' linear algebra."""
-from .galore import GaLoreAdamW, GaLoreProjector
+from .galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreProjector
 from .mfac import MFAC
 
-__all__ = ["GaLoreAdamW", "GaLoreProjector", "MFAC"]
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC"]

@@ -26,18 +26,29 @@ Batching (``batch_probes``): ``torch.autograd.grad(..., is_grads_batched=True)``
 backward pass for several probes at once (vmapped).  Probes are drawn in the same order
 from ``generator`` whatever the batch size, and the stopping test is applied probe by
 probe (a batch's probes after the stopping point are dropped), so the result does not
-depend on ``batch_probes``, only the speed does.  Measured on this 2-core CPU (torch
-2.13, float32, 32 probes, shared machine, medians of 5): an MLP 32-64-64-10 on 256
-samples (7k parameters) costs 1.1 ms per probe one at a time and 0.5 to 0.8 ms batched
-by 4 to 32; an MLP 128-256-256-10 on 512 samples (102k parameters) 4.9 ms one at a time
-and 6.0 to 6.7 ms batched (the vmapped matmuls are larger but slower per probe there).
-The default, 1, is never much slower (batched wins only on tiny models); bench/bench_hessian_trace.py records both.
+depend on ``batch_probes`` (up to rounding), only the speed does.  Measured on this
+2-core CPU (torch 2.13, float32, 32 probes per call including the loss and first
+gradient, one torch thread, best of 10 interleaved calls on the shared machine), batch
+1 / 4 / 8 against a reimplementation of PyHessian's one-probe loop:
+
+====================================  ======  ======  ======  ========
+model (parameters)                    b = 1   b = 4   b = 8   PyHessian
+====================================  ======  ======  ======  ========
+MLP 16-32-10, 128 samples (874)       16.7    9.9     6.6     16.9 ms
+MLP 64-256-256-10, 256 samples (85k)  122     151     141     122 ms
+conv 3-8-8 8x8 + linear, 32 (6k)      81      66      59      79 ms
+====================================  ======  ======  ======  ========
+
+Batching pays where a probe's backward is dominated by per-op overhead (small layers:
+2.5x at 874 parameters) and costs up to 1.2x where the per-probe matmuls are already
+large enough to run well (the vmapped ones are slower there), so the default stays 1
+(on par with PyHessian's loop), and ``batch_probes=8`` is the setting for small models.
 ``torch.func`` (``vmap`` of ``jvp(grad(L))``, forward-over-reverse) was measured too and
 not chosen: it needs the loss as a function of the parameters (``functional_call`` on a
 module, not the closure this API takes) and re-runs the forward and first backward for
-every batch: 3.9 ms per probe one at a time, 0.74 ms at 32 per batch (7k parameters),
-11.4 / 5.8 ms (102k parameters), never ahead of the graph-reusing loop by more than
-the batched double backward is.
+every batch: 3.9 ms per probe one at a time, 0.74 ms at 32 per batch (an MLP
+32-64-64-10, 7k parameters, where the autograd loop took 1.1 ms and its batches of 4 to
+32 0.5 to 0.8 ms), 11.4 / 5.8 ms at 102k parameters (autograd 4.9 ms one at a time).
 """
 from __future__ import annotations
 
@@ -138,6 +149,25 @@ def _first_gradient(loss_fn: Callable[[], torch.Tensor], tensors: List[torch.Ten
         return torch.autograd.grad(loss.reshape(()), tensors, create_graph=True, allow_unused=True)
 
 
+def _signs(bits: torch.Tensor, tensors: List[torch.Tensor], active: List[int], offsets: List[int],
+           sizes: List[int]) -> List[torch.Tensor]:
+    """The +-1 probes ``[b, *shape]`` of the ``active`` blocks from ``bits [b, d]`` (0/1).
+
+    Converted once per (device, dtype) and cut into views: per-block conversions cost
+    three small ops per block and probe, a measurable share of a tiny model's HVP.
+    """
+    b = bits.shape[0]
+    converted: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    out = []
+    for j in active:
+        t = tensors[j]
+        key = (t.device, t.dtype)
+        if key not in converted:
+            converted[key] = bits.to(device=t.device, dtype=t.dtype).mul_(2).sub_(1)
+        out.append(converted[key][:, offsets[j]:offsets[j] + sizes[j]].reshape(b, *t.shape))
+    return out
+
+
 def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: ParamsArg, *, n_probes: int = 8,
                   max_probes: int = 100, tol: float = 1e-3, generator: Optional[torch.Generator] = None,
                   batch_probes: int = 1) -> HessianTraceResult:
@@ -200,6 +230,8 @@ def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: ParamsArg, *, n_p
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
     dim = sum(sizes)
     draw_device = generator.device if generator is not None else tensors[0].device
+    outputs = [grads[j] for j in active]
+    inputs = [tensors[j] for j in active]
 
     chunks: List[torch.Tensor] = []  # per batch: [b, blocks] float64
     count, total_sum = 0, 0.0
@@ -211,31 +243,28 @@ def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: ParamsArg, *, n_p
         bits = torch.randint(0, 2, (b, dim), generator=generator, device=draw_device, dtype=torch.int8)
         samples = torch.zeros(b, len(tensors), dtype=torch.float64)
         if active:
-            probes = []
-            for j in active:
-                t = tensors[j]
-                v = bits[:, offsets[j]:offsets[j] + sizes[j]].to(device=t.device, dtype=t.dtype).mul_(2).sub_(1)
-                probes.append(v.view(b, *t.shape))
-            outputs = [grads[j] for j in active]
-            inputs = [tensors[j] for j in active]
+            signs = _signs(bits, tensors, active, offsets, sizes)
             if b == 1:
-                hv = torch.autograd.grad(outputs, inputs, grad_outputs=[v[0] for v in probes],
+                hv = torch.autograd.grad(outputs, inputs, grad_outputs=[v[0] for v in signs],
                                          retain_graph=True, allow_unused=True)
-                hv = [None if h is None else h.unsqueeze(0) for h in hv]
             else:
-                hv = torch.autograd.grad(outputs, inputs, grad_outputs=probes, retain_graph=True,
+                hv = torch.autograd.grad(outputs, inputs, grad_outputs=signs, retain_graph=True,
                                          allow_unused=True, is_grads_batched=True)
-            columns = [
-                (v * h).reshape(b, -1).sum(1, dtype=torch.float64).cpu()  # v is +-1: products exact
-                for v, h in zip(probes, hv) if h is not None
-            ]
-            if columns:
-                samples[:, [j for j, h in zip(active, hv) if h is not None]] = torch.stack(columns, 1)
-        if not bool(torch.isfinite(samples).all()):
-            raise ValueError(f"{op}: the Hessian-vector product of probe {count + 1} has non-finite entries "
-                             "(the loss's second derivatives overflow at these parameters)")
+            reached = [i for i, h in enumerate(hv) if h is not None]
+            if reached:
+                # v is +-1: the products are exact, summed in float64.  One host copy per batch.
+                dots = torch.stack([(signs[i] * hv[i]).reshape(b, -1).sum(1, dtype=torch.float64)
+                                    for i in reached], 1).cpu()
+                if len(reached) == len(tensors):
+                    samples = dots
+                else:
+                    samples[:, [active[i] for i in reached]] = dots
         # The stopping test probe by probe, so that batching does not change the result.
         totals = samples.sum(1).tolist()
+        if not all(map(math.isfinite, totals)):  # a non-finite block sample makes its total so
+            bad = count + 1 + next(i for i, x in enumerate(totals) if not math.isfinite(x))
+            raise ValueError(f"{op}: the Hessian-vector product of probe {bad} has non-finite entries "
+                             "(the loss's second derivatives overflow at these parameters)")
         used = b
         for i, x in enumerate(totals):
             k = count + i + 1

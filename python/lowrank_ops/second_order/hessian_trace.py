@@ -11,7 +11,7 @@ with Hessian ``H`` and diagonal blocks ``H_jj``, and a Rademacher probe ``v`` (e
 so a diagonal ``H`` is estimated exactly by every probe, and the per-block samples add up
 to the total sample probe by probe.  ``H v`` comes from double backward: the gradient
 ``g = dL/dw`` is taken once with ``create_graph=True``, then every probe costs one
-backward pass through that graph, ``d(g . v)/dw = H v`` (Pearlmutter's trick as
+backward pass through that graph, ``d(g . v)/dw = H v`` (reverse-over-reverse, as
 PyHessian computes it; the loss and its first gradient are evaluated once per call).
 
 Stopping (PyHessian's ``hessian.trace(maxIter=100, tol=1e-3)``): after each probe ``k >=

@@ -55,6 +55,41 @@ def test_full_svd_setting_matches_galore_torch(proj_type):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("proj_type", ["left", "right", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_update_equals_project_back_up_to_rounding(proj_type, dtype, generator):
+    """add_projected_back_ (the default path: one GEMM into the parameter) against
+    project_back plus an add (the reference mode), both against float64: each within the
+    float32-accumulation bound of its sums plus the roundings to the parameter's dtype."""
+    from lowrank_ops.optim.galore import GaLoreProjector
+
+    m, n, rank = 40, 24, 6
+    projector = GaLoreProjector(rank, 10, 0.25, proj_type, "rsvd", None, 10, torch.Generator().manual_seed(0))
+    grad = torch.randn(m, n, generator=generator).to(dtype)
+    low_rank = projector.project(grad, 0)
+    low_rank = torch.randn(low_rank.shape, generator=generator).to(dtype)  # any normalized update
+    param = torch.randn(m, n, generator=generator).to(dtype)
+    alpha = -0.01
+    fused = param.clone()
+    projector.add_projected_back_(fused, low_rank, alpha)
+    reference = param.clone().add_(projector.project_back(low_rank), alpha=alpha)
+    P, L = projector.matrix.double(), low_rank.double()
+    back = {"left": lambda: P @ L, "right": lambda: L @ P, "full": lambda: P @ L @ projector.right.double()}
+    exact = param.double() + alpha * 0.25 * back[proj_type]()
+    magnitude = param.double().abs() + abs(alpha) * 0.25 * {
+        "left": lambda: P.abs() @ L.abs(), "right": lambda: L.abs() @ P.abs(),
+        "full": lambda: P.abs() @ L.abs() @ projector.right.double().abs()}[proj_type]()
+    # float32 accumulation of at most 2 rank + 2 terms per entry (Higham's gamma), then at
+    # most three roundings to the parameter's dtype (product, scaled copy, sum) of 2^-8 for
+    # bfloat16 (2^-24 for float32, already in gamma's margin).
+    unit = 2.0**-24
+    gamma = (2 * rank + 3) * unit / (1 - (2 * rank + 3) * unit)
+    rounding = 3 * (2.0**-8 if dtype == torch.bfloat16 else unit)
+    for name, value in (("fused", fused), ("project_back", reference)):
+        error = (value.double() - exact).abs()
+        assert (error <= (gamma + rounding) * magnitude).all(), (name, float((error / magnitude).max()))
+
+
 def test_rsvd_refresh_captures_the_top_subspace_and_trains():
     full_model, rsvd_model = make_model(), make_model()
     full = GaLoreAdamW(galore_groups(full_model), lr=1e-2, svd="full")

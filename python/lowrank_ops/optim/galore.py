@@ -159,6 +159,24 @@ class GaLoreProjector:
             full = self.matrix @ low_rank if self.side == "left" else low_rank @ self.matrix
         return full * self.scale
 
+    def add_projected_back_(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> None:
+        """``target += alpha * project_back(low_rank)`` as one GEMM accumulating into ``target``.
+
+        No ``[m, n]`` temporary (project_back makes two: the product and its scaled copy)
+        and one pass over ``target`` instead of three; the scale rides on ``alpha``.
+        Measured (2-core Xeon, float32, 4 parameters of 1024 x 1024 at rank 128, one
+        steady-state GaLoreAdamW step): 12.0-12.4 ms through project_back, 10.7-11.3 ms
+        fused (galore-torch 12.6-13.3 ms in the same runs).
+        ``target`` is the parameter viewed ``[m, n]``; all three tensors share its dtype.
+        """
+        alpha = alpha * self.scale
+        if self.side == "full":
+            target.addmm_(self.matrix, low_rank @ self.right, alpha=alpha)
+        elif self.side == "left":
+            target.addmm_(self.matrix, low_rank, alpha=alpha)
+        else:
+            target.addmm_(low_rank, self.matrix, alpha=alpha)
+
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """AdamW whose matrix parameters are updated in a low-rank projected space.
@@ -186,7 +204,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         (``P^T G Q^T``: moments ``rank x rank``).
     svd : {"rsvd", "full"}
         How the projector is refreshed: warm-started randomized SVD (default) or a full
-        ``torch.linalg.svd`` (the reference's choice, for comparison).
+        ``torch.linalg.svd`` (the reference's choice, for comparison).  ``"full"`` is
+        galore-torch's reference mode throughout: the update is also applied as galore-torch
+        applies it (the full-size ``scale * P N``, then added), so the parameters match it bit
+        for bit; with ``"rsvd"`` it is one GEMM accumulating into the parameter
+        (:meth:`GaLoreProjector.add_projected_back_`: no ``[m, n]`` temporary, the same
+        result up to rounding).
     rsvd_n_iter : int, optional
         Subspace iterations per rsvd refresh (default: 1 when warm, scikit-learn's rule cold).
     rsvd_oversample : int
@@ -322,9 +345,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 update = exp_avg / denom
                 if quantized:
                     update = update.to(work_dtype)  # the projector's dtype
-                if projected:
-                    update = state["projector"].project_back(update).reshape(p.shape)
-                p.add_(update, alpha=-step_size)
+                if not projected:
+                    p.add_(update, alpha=-step_size)
+                elif (group["svd"] != "full" and p.is_contiguous()
+                      and update.dtype == p.dtype == state["projector"].matrix.dtype):
+                    state["projector"].add_projected_back_(p.view(p.shape[0], -1), update, -step_size)
+                else:  # svd="full", galore-torch's reference mode: its operations, so its bits
+                    p.add_(state["projector"].project_back(update).reshape(p.shape), alpha=-step_size)
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss

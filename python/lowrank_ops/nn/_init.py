@@ -38,6 +38,16 @@ def _draw_(tensor: torch.Tensor, generator: Optional[torch.Generator], fill) -> 
         tensor.copy_(fill(torch.empty(tensor.shape, dtype=tensor.dtype, device=generator.device)))
 
 
+def generator_on(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    """``generator`` itself when it draws on ``device``'s type (or is None); else a new
+    generator on ``device`` seeded from it (rsvd draws its test matrix on its input's
+    device), so a CPU generator still makes a CUDA init reproducible."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 # ---------------------------------------------------------------------------- LoRA inits
 def parse_lora_init(where: str, init_lora_weights) -> Tuple[object, Optional[int]]:
     """Normalizes PEFT's ``init_lora_weights`` to ``(kind, n_iter)``.
@@ -92,11 +102,7 @@ def split_weight(weight: torch.Tensor, r: int, scaling: float, kind: str, n_iter
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
             U, S, Vh = U[:, :r], S[:r], Vh[:r]
         else:
-            if generator is not None and generator.device.type != weight.device.type:
-                # rsvd draws on A's device: seed a generator there from the given one.
-                seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-                generator = torch.Generator(device=weight.device).manual_seed(seed)
-            U, S, Vh = rsvd(weight, r, n_iter=n_iter, generator=generator)
+            U, S, Vh = rsvd(weight, r, n_iter=n_iter, generator=generator_on(generator, weight.device))
         root = (S / scaling).sqrt()
         B, A = U * root, root[:, None] * Vh
     A, B = A.to(adapter_dtype).contiguous(), B.to(adapter_dtype).contiguous()

@@ -10,7 +10,7 @@ Public modules:
 * :mod:`lowrank_ops.nn`: modules (``LoRALinear``, ``MultiLoRALinear``, ``SparseLowRankLinear``)
 * :mod:`lowrank_ops.integrations.peft`: ``use_lowrank_ops`` (PEFT's LoRA on our fused layer;
   imported on demand, PEFT is optional)
-* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``)
+* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``, ``lora_ga``, ...)
 * :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
   ``effective_rank``
 * :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``

@@ -58,7 +58,9 @@ class LoRALinear(torch.nn.Module):
         * ``"olora"``: OLoRA: ``B = Q[:, :r]``, ``A = R[:r]`` from the QR factorization
           of the base weight, the residual left in the base.
 
-        The SVD and QR run in float32 (float64 for float64 weights).
+        The SVD and QR run in float32 (float64 for float64 weights).  LoRA-GA, which
+        needs a gradient of the model's loss, is applied after construction by
+        :func:`lowrank_ops.methods.lora_ga.lora_ga_init_`.
     generator : torch.Generator, optional
         Makes the initialization reproducible.  Dropout masks come from torch's default
         generator (reproducible with ``torch.manual_seed``), because a Generator object

@@ -42,6 +42,12 @@ The ``direction`` ``"A2rBr"`` swaps the halves (``A`` from ``V[:, r:2r]``, ``B``
 ``U[:, :r]``); by the formula above the first step is the same rank-2r projection either
 way; later steps differ.
 
+This follows the paper and the authors' code (Outsider565/LoRA-GA): orthonormal singular
+vectors times ``c`` in both factors.  PEFT's port (``LoraLayer.lora_ga_init``, PEFT 0.21)
+differs: it multiplies ``B`` by ``diag(S[J])`` and applies the "stable" factor
+``out^(1/4) / sqrt(gamma)`` to ``B`` alone, so its first step is ``G_I + c U_J diag(S_J)^2
+V_J^T``-like rather than the rank-2r projection above.
+
 Example
 -------
 >>> grads = lora_ga.estimate_gradients(model, lambda m, b: loss_fn(m(b[0]), b[1]), batches[:8])

@@ -2,5 +2,6 @@
 from .lora import LoRALinear
 from .lora_multi import MultiLoRALinear
 from .sparse_lowrank import SparseLowRankLinear
+from .svfit import SVFitLinear
 
-__all__ = ["LoRALinear", "MultiLoRALinear", "SparseLowRankLinear"]
+__all__ = ["LoRALinear", "MultiLoRALinear", "SVFitLinear", "SparseLowRankLinear"]

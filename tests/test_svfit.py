@@ -10,12 +10,12 @@ from lowrank_ops.nn import SVFitLinear
 from helpers import assert_within, randn, summation_bound, with_spectrum
 
 
-def make_layer(out_features, in_features, r, base_dtype, generator, **kwargs):
+def make_layer(out_features, in_features, r, base_dtype, generator, device="cpu", **kwargs):
     base = torch.nn.Linear(in_features, out_features)
     with torch.no_grad():
         base.weight.copy_(randn(out_features, in_features, generator=generator))
         base.bias.copy_(randn(out_features, generator=generator))
-    base = base.to(base_dtype)
+    base = base.to(device=device, dtype=base_dtype)
     return SVFitLinear(base, r, generator=generator, **kwargs)
 
 
@@ -72,13 +72,14 @@ def test_delta_acts_on_the_true_top_singular_directions(svd, generator):
     torch.testing.assert_close(layer.adapted_singular_values, s[:r] + delta, rtol=1e-12, atol=0)
 
 
-def test_forward_and_gradients_match_float64_reference(generator):
-    layer = make_layer(24, 36, 6, torch.float32, generator)
+def test_forward_and_gradients_match_float64_reference(device, generator):
+    layer = make_layer(24, 36, 6, torch.float32, generator, device=device)
+    assert layer.lora_A.device.type == layer.svfit_delta.device.type == device
     with torch.no_grad():
         layer.svfit_delta.copy_(randn(6, generator=generator))
-    x = randn(2, 5, 36, generator=generator).requires_grad_()
+    x = randn(2, 5, 36, generator=generator, device=device).requires_grad_()
     y = layer(x)
-    grad_y = randn(*y.shape, generator=generator)
+    grad_y = randn(*y.shape, generator=generator, device=device)
     y.backward(grad_y)
     assert layer.base_layer.weight.grad is None and layer.lora_A.grad is None
     x64 = x.detach().double().requires_grad_()
@@ -100,6 +101,32 @@ def test_forward_and_gradients_match_float64_reference(generator):
     abs_dx = ag @ W.abs() + ((ag @ B.abs()) * d.abs()) @ A.abs()
     assert_within(x.grad.reshape(-1, 36), x64.grad.reshape(-1, 36),
                   summation_bound(abs_dx, x64.grad.reshape(-1, 36), 24 + 6 + 3, torch.float32), "dx")
+
+
+def test_empty_non_contiguous_inputs_and_state_dict(generator):
+    layer = make_layer(12, 16, 3, torch.float32, generator)
+    with torch.no_grad():
+        layer.svfit_delta.copy_(randn(3, generator=generator))
+    empty = torch.zeros(0, 16, requires_grad=True)
+    y = layer(empty)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert torch.equal(layer.svfit_delta.grad, torch.zeros(3))
+    x = randn(16, 5, generator=generator).T  # non-contiguous [5, 16]
+    assert not x.is_contiguous()
+    # Against float64 (BLAS may sum a transposed operand in another order than a
+    # contiguous one, so not bit-equal): 16-term base and shrink sums, 3-term expand, bias.
+    delta = layer.svfit_delta.detach().double()
+    expected = reference_forward(layer, x.double(), delta)
+    A, B, W = layer.lora_A.double().abs(), layer.lora_B.double().abs(), layer.base_layer.weight.double().abs()
+    ax = x.double().abs()
+    abs_y = ax @ W.T + layer.base_layer.bias.double().abs() + ((ax @ A.T) * delta.abs()) @ B.T
+    assert_within(layer(x), expected, summation_bound(abs_y, expected, 16 + 3 + 3, torch.float32), "x.T")
+    # The subspaces travel in the state dict: a layer on a fresh base (another random SVD)
+    # loaded from it computes the same function.
+    other = SVFitLinear(torch.nn.Linear(16, 12), 3)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
 
 
 def test_gradcheck(generator):

@@ -1,0 +1,100 @@
+"""Shared base of the adapters that train only a per-rank diagonal of a frozen factorization.
+
+``y = base(x) + ((x A^T) * g) B^T`` with frozen buffers ``lora_A [r, in]`` and
+``lora_B [out, r]`` and a trainable per-rank factor ``g [r]`` (the layer decides how ``g``
+is formed from its parameters).  This is exactly :func:`lowrank_ops.ops.lora_linear`'s
+gated path (SoRA's gate) with scale 1: the forward and backward are the fused op's, which
+computes gradients only for what requires grad (here ``g``, and x), so the frozen factors
+cost neither a gradient GEMM nor optimizer state.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._finite import all_finite
+from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+
+__all__ = ["DiagonalAdapterLinear", "check_base_and_rank"]
+
+
+def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """Validates ``base_layer`` (an nn.Linear with a finite weight), ``r`` (an int in
+    ``[1, min(in, out)]``) and ``dtype`` (None, the weight's or float32); returns the
+    adapter dtype."""
+    if not isinstance(base_layer, torch.nn.Linear):
+        raise TypeError(f"{where}: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
+    limit = min(base_layer.in_features, base_layer.out_features)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
+        raise ValueError(f"{where}: r must be an int in [1, min(in_features, out_features)] = [1, {limit}]; "
+                         f"got {r!r}")
+    weight = base_layer.weight
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in (weight.dtype, torch.float32):
+        raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+    if not all_finite(weight):  # the factorization would fail or spread NaN
+        raise ValueError(f"{where}: the base weight holds {int((~torch.isfinite(weight)).sum())} non-finite "
+                         f"entries; its factorization needs a finite weight")
+    return dtype
+
+
+class DiagonalAdapterLinear(torch.nn.Module):
+    """``base(x) + ((x A^T) * g) B^T`` around a frozen ``nn.Linear``; subclasses set the
+    buffers ``lora_A [r, in]``, ``lora_B [out, r]`` and define :meth:`_gate` (``g [r]``, a
+    differentiable function of their trainable parameters)."""
+
+    def _setup(self, base_layer: torch.nn.Linear, r: int) -> None:
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r = r
+        self.merged = False
+
+    def _gate(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus the adapter (or, after :meth:`merge`, the merged base layer).
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the base weight's dtype (float32, float64, float16 or bfloat16) and on its
+            device.
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            ``base(x) + ((x A^T) * g) B^T`` (:func:`lowrank_ops.ops.lora_linear` with
+            ``gate=g``), in x's dtype; differentiable in x and the trainable parameters.
+        """
+        if self.merged:
+            return self.base_layer(x)
+        return lora_linear(x, self.base_layer.weight, self.lora_A, self.lora_B, self.base_layer.bias,
+                           gate=self._gate())
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B diag(g) A`` ``[out, in]``, the adapter's weight update, in float32 (float64 for
+        float64 factors); not differentiable."""
+        with torch.no_grad():
+            accumulate = torch.promote_types(self.lora_A.dtype, torch.float32)
+            return (self.lora_B.to(accumulate) * self._gate().to(accumulate)) @ self.lora_A.to(accumulate)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the adapter into the base weight in place, ``W <- W + B diag(g) A``
+        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
+        if self.merged:
+            return
+        lora_merge(self.base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate().detach(), inplace=True)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
+        if not self.merged:
+            return
+        lora_unmerge(self.base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate().detach(),
+                     inplace=True)
+        self.merged = False

@@ -1,5 +1,5 @@
 """Method modules built on the ops: one module per method (SLTrain, M-FAC pruning, SoRA,
-low-rank weight compression, ...)."""
-from . import lowrank_compress, mfac_pruning, sltrain, sora
+low-rank weight compression, FastRP node embeddings, ...)."""
+from . import fastrp, lowrank_compress, mfac_pruning, sltrain, sora
 
-__all__ = ["lowrank_compress", "mfac_pruning", "sltrain", "sora"]
+__all__ = ["fastrp", "lowrank_compress", "mfac_pruning", "sltrain", "sora"]

@@ -43,7 +43,6 @@ import torch
 
 from .._args import require_int, require_number
 from .._csr import quiet_sparse_csr_beta
-from ..ops import sparse as _sparse_ops  # noqa: F401  (registers torch.ops.lowrank_ops.csr_spmm)
 
 __all__ = ["fastrp", "sparse_random_projection", "DEFAULT_WEIGHTS"]
 
@@ -318,7 +317,7 @@ def fastrp(
     block = torch.zeros(dim, n, dtype=dtype, device=device)
     block.index_put_((cols, rows), r_values * degree_weight[rows], accumulate=True)
 
-    spmm = torch.ops.lowrank_ops.csr_spmm
+    spmm = torch.ops.lowrank_ops.csr_spmm  # registered by lowrank_ops.ops.sparse (imported with the package)
     result = torch.zeros(dim, n, dtype=dtype, device=device)
     for alpha in weights:
         block = spmm(row_ptr, col_idx, transition, None, block, n)  # N_i^T = (A N_{i-1})^T

@@ -166,6 +166,8 @@ def test_determinism_with_generator():
     c = fastrp(S, 16, generator=_gen(8))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # All weights 0: the zero embedding (the products still run; nothing is accumulated).
+    assert torch.equal(fastrp(S, 16, weights=(0.0, 0.0), generator=_gen(7)), torch.zeros(60, 16))
 
 
 def test_input_formats_agree():

@@ -318,7 +318,7 @@ def fastrp(
     block.index_put_((cols, rows), r_values * degree_weight[rows], accumulate=True)
 
     spmm = torch.ops.lowrank_ops.csr_spmm  # registered by lowrank_ops.ops.sparse (imported with the package)
-    result = torch.zeros(dim, n, dtype=dtype, device=device)
+    result = None  # [dim, n]; the first weighted term initializes it (no zero fill of n * dim)
     for alpha in weights:
         block = spmm(row_ptr, col_idx, transition, None, block, n)  # N_i^T = (A N_{i-1})^T
         if alpha == 0.0:
@@ -326,7 +326,9 @@ def fastrp(
         if normalize:
             norms = torch.linalg.vector_norm(block, dim=0)  # the row norms of N_i
             scale = torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms)) * alpha
-            result.addcmul_(block, scale)
+            result = block * scale if result is None else result.addcmul_(block, scale)
         else:
-            result.add_(block, alpha=alpha)
+            result = block * alpha if result is None else result.add_(block, alpha=alpha)
+    if result is None:  # every weight 0
+        return torch.zeros(n, dim, dtype=dtype, device=device)
     return result.t().contiguous()

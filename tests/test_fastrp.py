@@ -252,10 +252,14 @@ def test_bad_input():
         fastrp(S, 2, weights=())
     with pytest.raises(TypeError, match="weights must be a sequence"):
         fastrp(S, 2, weights=1.0)
-    with pytest.raises(ValueError, match=r"weights\[1\] must be"):
+    with pytest.raises(ValueError, match=r"weights\[1\] must be finite; got inf"):
         fastrp(S, 2, weights=(1.0, float("inf")))
-    with pytest.raises(ValueError, match="beta must be"):
+    with pytest.raises(ValueError, match="beta must be finite; got nan"):
         fastrp(S, 2, beta=float("nan"))
+    with pytest.raises(TypeError, match="weights\\[0\\] must be a Python number; got str"):
+        fastrp(S, 2, weights=("1",))
+    # NumPy scalars are numbers too.
+    assert fastrp(S, 2, weights=(np.float32(1.0),), beta=np.float64(-0.5), generator=_gen(0)).shape == (10, 2)
     with pytest.raises(ValueError, match="s must be >= 1"):
         fastrp(S, 2, s=0.5)
     with pytest.raises(TypeError, match="normalize must be a bool"):

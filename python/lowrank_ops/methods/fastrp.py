@@ -41,7 +41,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._args import require_int, require_number
+from .._args import require_finite_number, require_int, require_number
 from .._csr import quiet_sparse_csr_beta
 
 __all__ = ["fastrp", "sparse_random_projection", "DEFAULT_WEIGHTS"]
@@ -197,7 +197,8 @@ def _check_weights(where: str, weights) -> Tuple[float, ...]:
                         f"got {type(weights).__name__}") from None
     if not weights:
         raise ValueError(f"{where}: weights must hold at least one number (alpha_1, ..., alpha_k); got ()")
-    return tuple(require_number(where, f"weights[{i}]", w, -math.inf) for i, w in enumerate(weights))
+    return tuple(require_finite_number(where, f"weights[{i}]", float(w) if isinstance(w, np.floating) else w)
+                 for i, w in enumerate(weights))
 
 
 def _projection_columns(where: str, projection, n: int, dim: int, dtype, device) -> Tuple[torch.Tensor, ...]:
@@ -262,6 +263,7 @@ def fastrp(
         drawing one: e.g. the same R for several graphs, or for a reference computation.
     generator : torch.Generator, optional
         Draws R (on the adjacency's device); the result is a function of its state.
+        Ignored with ``projection``.
     dtype : torch.dtype, optional
         float32 or float64; default the adjacency's dtype when it is one of those, else
         float32 (a scipy matrix: float64 data gives float64).
@@ -275,7 +277,8 @@ def fastrp(
     ------
     TypeError
         adjacency of another type or layout, complex, a dtype not float32 / float64,
-        weights not a sequence, projection not a tensor.
+        weights not a sequence of numbers, beta not a number, normalize not a bool,
+        projection not a tensor.
     ValueError
         adjacency not 2-D square, with non-finite or negative weights; dim < 1; weights
         empty or not finite; beta not finite; s < 1; projection of another shape or
@@ -284,7 +287,7 @@ def fastrp(
     where = "fastrp"
     dim = require_int(where, "dim", dim)
     weights = _check_weights(where, weights)
-    beta = require_number(where, "beta", beta, -math.inf)
+    beta = require_finite_number(where, "beta", float(beta) if isinstance(beta, np.floating) else beta)
     if not isinstance(normalize, bool):
         raise TypeError(f"{where}: normalize must be a bool; got {type(normalize).__name__}")
     row_ptr, col_idx, values, n = _as_csr(where, adjacency, dtype)

@@ -129,7 +129,7 @@ def test_fastrp(benchmark, case: Case):
         if case.impl == "ours":
             adjacency = torch.sparse_csr_tensor(
                 torch.from_numpy(A.indptr.astype(np.int64)), torch.from_numpy(A.indices.astype(np.int64)),
-                torch.from_numpy(A.data.astype(np.float32)), A.shape).to(case.device)
+                torch.from_numpy(A.data.astype(np.float32)), A.shape, check_invariants=True).to(case.device)
             if case.device != "cpu":  # a CUDA generator draws another R: pass the CPU's R (its draw untimed)
                 R = _projection(n, dim).to(device=case.device, dtype=torch.float32)
                 return lambda: fastrp(adjacency, dim, beta=BETA, projection=R)
@@ -153,7 +153,7 @@ def test_fastrp(benchmark, case: Case):
             rows = torch.repeat_interleave(torch.arange(n), crow[1:] - crow[:-1])
             degree = torch.zeros(n).index_add_(0, rows, values)
             inv = torch.where(degree > 0, 1 / degree, torch.zeros_like(degree))
-            P = torch.sparse_csr_tensor(crow, col, values * inv[rows], (n, n))
+            P = torch.sparse_csr_tensor(crow, col, values * inv[rows], (n, n), check_invariants=True)
             share = torch.where(degree > 0, degree / degree.sum(), torch.ones_like(degree))
             L = torch.where(degree > 0, share ** BETA, torch.zeros_like(degree))
             LR = R32.to_dense() * L[:, None]

@@ -27,9 +27,8 @@ def galore_groups(model, **extra):
     return [{"params": vectors}, {"params": matrices, "rank": 6, "update_proj_gap": 5, "scale": 0.25, **extra}]
 
 
-def train(model, optimizer, steps: int, generator) -> list:
-    X = torch.randn(64, 32, generator=generator)
-    Y = torch.randn(64, 8, generator=generator)
+def fit(model, optimizer, X, Y, steps: int) -> list:
+    """``steps`` full-batch least-squares steps; the losses before each step."""
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
@@ -38,6 +37,12 @@ def train(model, optimizer, steps: int, generator) -> list:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def train(model, optimizer, steps: int, generator) -> list:
+    X = torch.randn(64, 32, generator=generator)
+    Y = torch.randn(64, 8, generator=generator)
+    return fit(model, optimizer, X, Y, steps)
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
@@ -303,15 +308,7 @@ def train_regression(model, optimizer, steps: int, seed: int) -> list:
     X = torch.randn(512, 128, generator=generator)
     Y = torch.tanh(X @ torch.randn(128, 64, generator=generator) / 128 ** 0.5) + 0.1 * torch.randn(512, 64, generator=generator)
     dtype = next(model.parameters()).dtype
-    X, Y = X.to(dtype), Y.to(dtype)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = (model(X) - Y).square().mean()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    return fit(model, optimizer, X.to(dtype), Y.to(dtype), steps)
 
 
 def state_bytes(optimizer, param) -> int:

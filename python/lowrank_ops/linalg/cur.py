@@ -170,6 +170,20 @@ def _as_index(op: str, name: str, value, size: int, dim_name: str, device) -> to
     return index
 
 
+def _select(method: str, count: int, length: int, vectors: Optional[torch.Tensor], work: torch.Tensor,
+            generator) -> torch.Tensor:
+    """``count`` of ``length`` indices per matrix by ``method``; ``vectors [..., k, length]``
+    are the leading singular vectors of that side as rows (None for "uniform")."""
+    batch = work.shape[:-2]
+    if method == "uniform":
+        return _sample(work.new_ones(*batch, length), count, generator)
+    if method == "leverage":
+        return _sample(vectors.square().sum(-2), count, generator)
+    if batch.numel() == 0:  # an empty batch: shapes only
+        return torch.empty(*batch, count, dtype=torch.long, device=work.device)
+    return _pivoted_columns(vectors[..., :count, :], count)
+
+
 def _take(A: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """The rows (``dim=-2``) or columns (``dim=-1``) ``index`` of ``A``, dense; ``index`` 1-D
     (shared) or ``[..., count]`` (one per matrix of the batch)."""
@@ -332,24 +346,12 @@ def cur(
                 Vh_k = work.new_empty(*batch, size, n)
             else:
                 U_k, _, Vh_k = rsvd(work, size, generator=generator, check_finite=False)
+        # Rows read U_k (rows of A), columns Vh_k: the same selection on either factor,
+        # given as [..., k, length] (the singular vectors as rows).
         if row_index is None:
-            if method == "uniform":
-                row_index = _sample(work.new_ones(*batch, m), r, generator)
-            elif method == "leverage":
-                row_index = _sample(U_k.square().sum(-1), r, generator)
-            elif batch.numel() == 0:
-                row_index = torch.empty(*batch, r, dtype=torch.long, device=A.device)
-            else:
-                row_index = _pivoted_columns(U_k[..., :r].transpose(-2, -1), r)
+            row_index = _select(method, r, m, None if method == "uniform" else U_k.transpose(-2, -1), work, generator)
         if col_index is None:
-            if method == "uniform":
-                col_index = _sample(work.new_ones(*batch, n), c, generator)
-            elif method == "leverage":
-                col_index = _sample(Vh_k.square().sum(-2), c, generator)
-            elif batch.numel() == 0:
-                col_index = torch.empty(*batch, c, dtype=torch.long, device=A.device)
-            else:
-                col_index = _pivoted_columns(Vh_k[..., :c, :], c)
+            col_index = _select(method, c, n, None if method == "uniform" else Vh_k, work, generator)
         C = _take(work, col_index, -1)
         R = _take(work, row_index, -2)
         eps = torch.finfo(work.dtype).eps

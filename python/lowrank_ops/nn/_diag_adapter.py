@@ -9,6 +9,7 @@ cost neither a gradient GEMM nor optimizer state.
 """
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype])
     return dtype
 
 
-class DiagonalAdapterLinear(torch.nn.Module):
+class DiagonalAdapterLinear(torch.nn.Module, abc.ABC):
     """``base(x) + ((x A^T) * g) B^T`` around a frozen ``nn.Linear``; subclasses set the
     buffers ``lora_A [r, in]``, ``lora_B [out, r]`` and define :meth:`_gate` (``g [r]``, a
     differentiable function of their trainable parameters)."""
@@ -51,8 +52,9 @@ class DiagonalAdapterLinear(torch.nn.Module):
         self.r = r
         self.merged = False
 
-    def _gate(self) -> torch.Tensor:  # pragma: no cover - every subclass defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _gate(self) -> torch.Tensor:
+        """``g [r]``, the per-rank factor, in the buffers' dtype (each subclass forms it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer plus the adapter (or, after :meth:`merge`, the merged base layer).

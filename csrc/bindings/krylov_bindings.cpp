@@ -247,9 +247,20 @@ LOWRANK_OPS_BINDINGS(krylov) {
       [](std::uintptr_t row_ptr, std::uintptr_t col_idx, std::uintptr_t values, std::uintptr_t inverse_diagonal,
          std::uintptr_t x, std::uintptr_t r, std::uintptr_t p, std::uintptr_t q, std::uintptr_t z,
          std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t nnz, int64_t steps, int64_t n_chunks,
-         double target, double bnorm, int dtype, int index_type, int num_threads) {
-        const KrylovCgParams params = cg_params(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history,
-                                                workspace, n, nnz, steps, n_chunks, target, bnorm, dtype, index_type);
+         double target, double bnorm, int dtype, int index_type, int num_threads, std::uintptr_t deflation,
+         std::uintptr_t deflation_product, int64_t deflation_rows, std::uintptr_t record, int64_t record_rows,
+         std::uintptr_t alphas, std::uintptr_t betas, std::uintptr_t rho, bool resume) {
+        KrylovCgParams params = cg_params(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history,
+                                          workspace, n, nnz, steps, n_chunks, target, bnorm, dtype, index_type);
+        params.deflation = reinterpret_cast<const void*>(deflation);
+        params.deflation_product = reinterpret_cast<const void*>(deflation_product);
+        params.deflation_rows = deflation_rows;
+        params.record = reinterpret_cast<void*>(record);
+        params.record_rows = record_rows;
+        params.alphas = reinterpret_cast<double*>(alphas);
+        params.betas = reinterpret_cast<double*>(betas);
+        params.rho = reinterpret_cast<double*>(rho);
+        params.resume = resume;
         KrylovCgResult result;
         {
           py::gil_scoped_release release;
@@ -257,11 +268,13 @@ LOWRANK_OPS_BINDINGS(krylov) {
         }
         return py::make_tuple(result.steps, result.status);
       },
-      "Up to `steps` (Jacobi-preconditioned) CG iterations on a CSR operator; returns (steps taken, status:\n"
-      "0 converged, 1 steps exhausted, 2 breakdown).  See csrc/include/lowrank_ops/krylov.h for the layout contract.",
+      "Up to `steps` (Jacobi-preconditioned, optionally deflated and Lanczos-recording) CG iterations on a CSR\n"
+      "operator; returns (steps taken, status: 0 converged, 1 steps exhausted, 2 breakdown).  See\n"
+      "csrc/include/lowrank_ops/krylov.h for the layout contract.",
       py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "inverse_diagonal"_a, "x"_a, "r"_a, "p"_a, "q"_a, "z"_a,
       "history"_a, "workspace"_a, "n"_a, "nnz"_a, "steps"_a, "n_chunks"_a, "target"_a, "bnorm"_a, "dtype"_a,
-      "index_type"_a, "num_threads"_a);
+      "index_type"_a, "num_threads"_a, "deflation"_a = 0, "deflation_product"_a = 0, "deflation_rows"_a = 0,
+      "record"_a = 0, "record_rows"_a = 0, "alphas"_a = 0, "betas"_a = 0, "rho"_a = 0, "resume"_a = false);
   m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
         "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
 }

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <vector>
 
 #include "lowrank_ops/check.h"
 #include "lowrank_ops/clamp.h"
@@ -615,6 +616,12 @@ void check_krylov_cg_params(const KrylovCgParams& p) {
   LOWRANK_CHECK(p.row_ptr && (p.nnz == 0 || (p.col_idx && p.values)) && p.x && p.r && p.p && p.q && p.history &&
                     p.workspace,
                 "krylov_cg: null pointer");
+  LOWRANK_CHECK(p.deflation_rows >= 0, "krylov_cg: deflation_rows must be >= 0; got ", p.deflation_rows);
+  LOWRANK_CHECK(p.deflation_rows == 0 || (p.deflation && p.deflation_product),
+                "krylov_cg: deflation and deflation_product must be given when deflation_rows > 0");
+  LOWRANK_CHECK(p.record_rows >= 0, "krylov_cg: record_rows must be >= 0; got ", p.record_rows);
+  LOWRANK_CHECK(p.record_rows == 0 || p.record, "krylov_cg: record must be given when record_rows > 0");
+  LOWRANK_CHECK(!p.resume || p.rho, "krylov_cg: resume needs rho (r . z of the state it resumes)");
 }
 
 KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
@@ -629,31 +636,58 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
       const I* col_idx = static_cast<const I*>(p.col_idx);
       const T* values = static_cast<const T*>(p.values);
       const T* d = static_cast<const T*>(p.inverse_diagonal);
+      const T* W = static_cast<const T*>(p.deflation);
+      const T* AW = static_cast<const T*>(p.deflation_product);
+      T* record = static_cast<T*>(p.record);
       T* x = static_cast<T*>(p.x);
       T* r = static_cast<T*>(p.r);
       T* dir = static_cast<T*>(p.p);
       T* q = static_cast<T*>(p.q);
       T* z = d ? static_cast<T*>(p.z) : r;
-      T* partial = static_cast<T*>(p.workspace);  // [n_chunks][2]
-      const int64_t n = p.n, chunk = (n + p.n_chunks - 1) / p.n_chunks;
+      const int64_t n = p.n, chunk = (n + p.n_chunks - 1) / p.n_chunks, kc = p.deflation_rows;
+      const int64_t width = 2 + kc;  // per task: two sums, then AW . z
+      T* partial = static_cast<T*>(p.workspace);  // [n_chunks][width]
+      std::vector<T> scratch(p.n_chunks * (kc + 1)), coefficients(kc);  // per task: multi_dot's kc + 1 sums
       const int threads = chunk_threads(num_threads, p.n_chunks);
-      auto reduce = [&](int slot) {  // chunk order: deterministic for a given n_chunks
+      auto reduce = [&](int64_t slot) {  // chunk order: deterministic for a given n_chunks
         T sum = 0;
-        for (int64_t task = 0; task < p.n_chunks; ++task) sum += partial[2 * task + slot];
+        for (int64_t task = 0; task < p.n_chunks; ++task) sum += partial[width * task + slot];
         return sum;
       };
-      // z = d r, p = z, rho = r . z
-      parallel_for(p.n_chunks, threads, [&](int64_t task) {
-        const Range range = chunk_range(task, chunk, n);
-        T sum = 0;
-        for (int64_t e = range.begin; e < range.end; ++e) {
-          if (d) z[e] = d[e] * r[e];
-          dir[e] = z[e];
-          sum += r[e] * z[e];
+      auto deflation_dots = [&](int64_t task, const Range& range) {  // AW_i . z over range, into partial
+        if (kc == 0) return;
+        T* sums = scratch.data() + task * (kc + 1);
+        T* out = partial + width * task + 2;
+        multi_dot(AW, n, kc, z, range.begin, range.end, sums);
+        for (int64_t i = 0; i < kc; ++i) out[i] = sums[i];
+      };
+      auto reduce_coefficients = [&]() {  // -AW^T z, the weights of W in the next direction
+        for (int64_t i = 0; i < kc; ++i) coefficients[i] = -reduce(2 + i);
+      };
+      T rho;
+      if (p.resume) {
+        rho = static_cast<T>(*p.rho);
+      } else {  // z = d r, rho = r . z, then p = z - W (AW^T z)
+        parallel_for(p.n_chunks, threads, [&](int64_t task) {
+          const Range range = chunk_range(task, chunk, n);
+          T sum = 0;
+          for (int64_t e = range.begin; e < range.end; ++e) {
+            if (d) z[e] = d[e] * r[e];
+            dir[e] = z[e];
+            sum += r[e] * z[e];
+          }
+          partial[width * task] = sum;
+          deflation_dots(task, range);
+        });
+        rho = reduce(0);
+        if (kc) {
+          reduce_coefficients();
+          parallel_for(p.n_chunks, threads, [&](int64_t task) {
+            const Range range = chunk_range(task, chunk, n);
+            multi_axpy(W, n, kc, coefficients.data(), dir, range.begin, range.end);
+          });
         }
-        partial[2 * task] = sum;
-      });
-      T rho = reduce(0);
+      }
       result.status = 1;
       int64_t j = 0;
       while (j < p.steps) {
@@ -662,7 +696,7 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
           spmv_rows<T, I>(row_ptr, col_idx, values, dir, q, n, p.nnz, range.begin, range.end);
           T sums[2];
           multi_dot(dir, 0, 1, q, range.begin, range.end, sums);  // sums[0] = p . q (sums[1]: q . q, unused)
-          partial[2 * task] = sums[0];
+          partial[width * task] = sums[0];
         });
         const T curvature = reduce(0);
         if (!(curvature > 0) || !(rho > 0) || !std::isfinite(static_cast<double>(curvature))) {
@@ -670,11 +704,21 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
           break;
         }
         const T alpha = rho / curvature;
+        T* row = j < p.record_rows ? record + j * n : nullptr;
+        const T row_scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rho)));
         parallel_for(p.n_chunks, threads, [&](int64_t task) {
           const Range range = chunk_range(task, chunk, n);
-          cg_update_chunk<T>(alpha, dir, q, d, x, r, z, range.begin, range.end, partial + 2 * task);
+          if (row) {  // the Lanczos vector of this step, before the update overwrites z
+            for (int64_t e = range.begin; e < range.end; ++e) row[e] = z[e] * row_scale;
+          }
+          cg_update_chunk<T>(alpha, dir, q, d, x, r, z, range.begin, range.end, partial + width * task);
+          deflation_dots(task, range);
         });
         const T rr = reduce(0), rho_new = reduce(1);
+        const T beta = rho_new / rho;
+        if (p.alphas) p.alphas[j] = static_cast<double>(alpha);
+        if (p.betas) p.betas[j] = static_cast<double>(beta);
+        rho = rho_new;
         const double rnorm = std::sqrt(static_cast<double>(rr));
         p.history[j++] = rnorm / p.bnorm;
         if (!std::isfinite(rnorm)) {
@@ -685,13 +729,14 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
           result.status = 0;
           break;
         }
-        const T beta = rho_new / rho;
-        rho = rho_new;
+        if (kc) reduce_coefficients();
         parallel_for(p.n_chunks, threads, [&](int64_t task) {
           const Range range = chunk_range(task, chunk, n);
           cg_direction_chunk<T>(beta, z, dir, range.begin, range.end);
+          if (kc) multi_axpy(W, n, kc, coefficients.data(), dir, range.begin, range.end);
         });
       }
+      if (p.rho) *p.rho = static_cast<double>(rho);
       result.steps = j;
     });
   });

@@ -73,7 +73,9 @@ def krylov_arnoldi_workspace(*, kc: int, steps: int, n_chunks: int) -> int: ...
 def krylov_cg_cpu(
     *, row_ptr: int, col_idx: int, values: int, inverse_diagonal: int, x: int, r: int, p: int, q: int, z: int,
     history: int, workspace: int, n: int, nnz: int, steps: int, n_chunks: int, target: float, bnorm: float,
-    dtype: int, index_type: int, num_threads: int,
+    dtype: int, index_type: int, num_threads: int, deflation: int = 0, deflation_product: int = 0,
+    deflation_rows: int = 0, record: int = 0, record_rows: int = 0, alphas: int = 0, betas: int = 0, rho: int = 0,
+    resume: bool = False,
 ) -> tuple[int, int]: ...
 def krylov_block_cpu(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,

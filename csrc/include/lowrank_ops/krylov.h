@@ -169,7 +169,7 @@ struct KrylovCgParams {
   void* q = nullptr;
   void* z = nullptr;
   double* history = nullptr;
-  void* workspace = nullptr;
+  void* workspace = nullptr;  // n_chunks * (2 + deflation_rows) elements
   int64_t n = 0;
   int64_t nnz = 0;
   int64_t steps = 0;
@@ -178,6 +178,25 @@ struct KrylovCgParams {
   double bnorm = 1;
   DType dtype = DType::float64;
   IndexType index_type = IndexType::int32;
+  // Deflated CG (Saad et al. 2000), all optional (null / 0: plain CG):
+  // deflation W and deflation_product AW = A W, deflation_rows rows of n contiguous entries
+  // each (W^T A W = I): every direction is made A-conjugate to W, p = z + beta p - W (AW^T z).
+  const void* deflation = nullptr;
+  const void* deflation_product = nullptr;
+  int64_t deflation_rows = 0;
+  // record (rows of n, contiguous): at steps j < record_rows, the Lanczos vector
+  // z_j / sqrt(r_j . z_j) is written to row j before the step updates z (eigCG's record).
+  void* record = nullptr;
+  int64_t record_rows = 0;
+  // alphas[j], betas[j] (optional, [steps] each): each step's alpha and beta = rho_new / rho.
+  double* alphas = nullptr;
+  double* betas = nullptr;
+  // resume: p (and z) hold the current direction (and M^-1 r) and *rho = r . z, from an
+  // earlier call; otherwise the loop starts from z = d r, p = z - W (AW^T z).  *rho (when
+  // given) receives r . z of the final r on return, p the next direction unless the call
+  // ended converged or on a breakdown.
+  double* rho = nullptr;
+  bool resume = false;
 };
 
 struct KrylovCgResult {

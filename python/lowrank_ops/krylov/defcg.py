@@ -37,24 +37,37 @@ shared 2-core CPU): 4923 products against CG's 7155 and GCRO-DR(40, 10)'s 6531, 
 5.3 s against CG's 2.1 s: fewer products pay only where a product costs more than a
 few vector passes.
 
-Long-vector work goes through the fused kernels (``dots``, ``subtract``, ``gram``,
-``combine_rows``); the small dense eigenproblems (at most ``m x m``) run in float64 numpy
-(see :func:`_eigh` for which LAPACK routines and why).
+On the CPU with a CSR matrix and no or a diagonal preconditioner, the iterations run in
+C++ (the op ``krylov_defcg_``, cg's loop with the deflation and the record fused in): one
+call per ``m - 2 k`` steps, between restarts of the record, instead of ~15 Python, torch
+and kernel calls per step.  Elsewhere (CUDA, operators that are not CSR matrices) the
+same steps run from the fused kernels (``dots``, ``subtract``); the Ritz updates use
+``gram`` and ``combine_rows`` everywhere, and the small dense eigenproblems (at most
+``m x m``) lowrank_ops' Jacobi SVD (see :func:`_eigh` for why not LAPACK).
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .._finite import all_finite
+from ..linalg import batched_svd
+from ..ops.svd import CPU_MAX_JACOBI_SIZE
+from ..ops import krylov as _ops
+from ..ops._library import eager_or_op
 from ._common import Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system
 from ._kernels import combine, combine_rows, dots, gram, subtract
 from .info import SolveInfo
 
 __all__ = ["DeflatedCG"]
+
+_NATIVE_STATUS = ("converged", "maxiter", "breakdown")  # krylov_defcg's status codes
+# cg's module (the package's attribute "cg" is the function): its NATIVE switch is ours too.
+_cg_module = sys.modules[__package__ + ".cg"]
 
 _GRAM_TOLERANCE = 1e-14  # relative A-norm^2 below which a direction counts as dependent (or not positive)
 
@@ -70,18 +83,31 @@ def _symmetric(matrix: np.ndarray) -> np.ndarray:
 def _eigh(matrix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending) and orthonormal eigenvectors of a small symmetric matrix.
 
-    Through ``np.linalg.eig`` and a QR of its eigenvectors, not ``np.linalg.eigh`` or
-    ``svd``: on the shared 2-core machine numpy's OpenBLAS took 35-120 ms for ``eigh`` of a
-    30 x 30 to 60 x 60 matrix and 120-240 ms for ``svd`` at 50-60, against 1-3 ms for
-    ``eig`` and 0.1 ms for ``qr``.  The QR (columns in descending eigenvalue order) makes
-    the vectors of a (near-)repeated eigenvalue orthonormal and keeps the leading spans;
-    the eigenvalues returned are the Rayleigh quotients of its columns.  A complex pair
-    (rounding on a near-repeated eigenvalue) contributes the real and imaginary parts of
-    its vector, which span the same plane.
+    Through lowrank_ops' own Jacobi SVD (:func:`~lowrank_ops.linalg.batched_svd`, C++,
+    sizes up to 96 in float64) of the matrix shifted to positive semidefinite by its
+    Gershgorin bound: there the singular vectors are the eigenvectors, in descending
+    eigenvalue order, and the eigenvalues returned are the Rayleigh quotients of the
+    unshifted matrix (absolute error ``eps ||matrix||``, as LAPACK's).  Not numpy's LAPACK:
+    in a process whose torch ops have run, OpenBLAS's threads compete with torch's
+    OpenMP team, and on the 2-core machine ``np.linalg.eigh`` of a 40 x 40 matrix took
+    48 ms (0.15 ms alone), ``eig`` 0.3-0.45 ms and ``qr`` 0.2 ms, against 0.1-0.2 ms here
+    (the restarts of the Lanczos record made 2/3 of a deflated solve's time; measured on
+    Darcy 32 x 32, loaded machine).  Falls back to ``np.linalg.eig`` (and a QR of its
+    vectors) if Jacobi does not converge or the size exceeds the kernel's.
     """
     matrix = _symmetric(matrix)
+    size = matrix.shape[0]
+    if 0 < size <= CPU_MAX_JACOBI_SIZE[torch.float64]:
+        shift = float(np.abs(matrix).sum(axis=1).max())
+        result = batched_svd(torch.from_numpy(matrix + shift * np.eye(size)))
+        if bool(result.converged):
+            Q = result.Vh.T.numpy()
+            return np.einsum("ij,ij->j", Q, matrix @ Q), Q
     values, vectors = np.linalg.eig(matrix)
     order = np.argsort(-values.real, kind="stable")
+    # A complex pair (rounding on a near-repeated eigenvalue) contributes the real and
+    # imaginary parts of its vector, which span the same plane; the QR (columns in
+    # descending order) makes the vectors of a near-repeated eigenvalue orthonormal.
     columns = np.where(values.imag[order] < 0, vectors.imag[:, order], vectors.real[:, order])
     Q = np.linalg.qr(columns)[0]
     return np.einsum("ij,ij->j", Q, matrix @ Q), Q
@@ -141,16 +167,20 @@ class _Lanczos:
     def add(self, z: torch.Tensor, rz: float, diagonal: float, coupling: float) -> None:
         """Append ``v = z / sqrt(rz)`` with ``T``'s new diagonal entry and its coupling to the previous vector."""
         if self.size == self.V.shape[0]:
-            self._restart()
+            self.restart()
+        torch.mul(z, 1.0 / math.sqrt(rz), out=self.V[self.size])
+        self.append(diagonal, coupling)
+
+    def append(self, diagonal: float, coupling: float) -> None:
+        """Count row ``size`` of ``V`` (already written: the C++ loop writes it) with ``T``'s new entries."""
         i = self.size
-        torch.mul(z, 1.0 / math.sqrt(rz), out=self.V[i])
         self.T[:i, i] = self.T[i, :i] = coupling * self.last
         self.T[i, i] = diagonal
         self.last = np.zeros(i + 1)
         self.last[i] = 1.0
         self.size = i + 1
 
-    def _restart(self) -> None:
+    def restart(self) -> None:
         m, k = self.size, self.k
         block = np.zeros((m, 2 * k))
         block[:, :k] = _eigh(self.T)[1][:, -k:]  # the k smallest Ritz vectors of T_m ...
@@ -212,6 +242,157 @@ def _update(W: torch.Tensor, AW: torch.Tensor, theta: np.ndarray, R: torch.Tenso
     return W_new
 
 
+def _project(W: torch.Tensor, AW: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> float:
+    """``x += W W^T r``, ``r -= AW W^T r`` (the best correction from span(W): ``W^T r = 0``); returns ``||r||``."""
+    coefficients = dots(W, r)
+    combine(W, coefficients, out=x)
+    return subtract(AW, r, coefficients)
+
+
+class _Couplings:
+    """``T``'s entries from CG's coefficients (module docstring): the diagonal
+    ``1 / alpha_j + beta_{j-1} / alpha_{j-1}`` and the coupling ``-sqrt(beta_{j-1}) / alpha_{j-1}``."""
+
+    def __init__(self):
+        self.ratio = self.coupling = 0.0  # beta_{j-1} / alpha_{j-1} and -sqrt(beta_{j-1}) / alpha_{j-1}
+
+    def entries(self, alpha: float) -> Optional[Tuple[float, float]]:
+        """Step j's ``(diagonal, coupling)``, or None when not finite (the record stops: no LAPACK call on inf)."""
+        diagonal = 1.0 / alpha + self.ratio if alpha > 0.0 else math.inf
+        return (diagonal, self.coupling) if math.isfinite(diagonal) and math.isfinite(self.coupling) else None
+
+    def advance(self, alpha: float, beta: float) -> None:
+        """After step j: the ratio and coupling step j + 1 needs (NaN, which stops the record, when M is not SPD)."""
+        if beta >= 0.0 and alpha > 0.0:
+            self.ratio, self.coupling = beta / alpha, -math.sqrt(beta) / alpha
+        else:
+            self.ratio = self.coupling = math.nan
+
+
+def _python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int,
+                 W: Optional[torch.Tensor], AW: Optional[torch.Tensor], lanczos: Optional[_Lanczos],
+                 progress: Progress) -> Tuple[int, str]:
+    """Deflated CG step by step from the kernel ops (CUDA, callable operators, other matrix
+    kinds).  Updates ``x``, ``lanczos`` and ``progress.history``; returns ``(iterations, status)``."""
+    bnorm, target, history = system.bnorm, system.target, progress.history
+    recording = lanczos is not None
+    couplings = _Couplings()
+
+    def conjugate(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # p -= W AW^T z: A-conjugate to W
+        if W is not None:
+            subtract(W, p, dots(AW, z))
+        return p
+
+    z = system.unprecondition(r)
+    p = conjugate(z, z.clone())
+    rz = _dot(r, z)
+    iterations, status = 0, "maxiter"
+    while iterations < maxiter:
+        if rnorm <= target:
+            r = system.residual(x)  # confirm on the true residual
+            rnorm = float(torch.linalg.vector_norm(r))
+            if rnorm <= target:
+                history[-1] = rnorm / bnorm
+                status = "converged"
+                break
+            if W is not None:
+                rnorm = _project(W, AW, x, r)
+            history[-1] = rnorm / bnorm
+            z = system.unprecondition(r)
+            p = conjugate(z, z.clone())
+            rz = _dot(r, z)
+            recording = False  # the restarted iteration does not continue the recorded Lanczos process
+        progress.report()
+        q = system.A.apply(p)
+        system.matvecs += 1
+        curvature = _dot(p, q)
+        if not curvature > 0.0 or not rz > 0.0:
+            status = "breakdown"
+            break
+        alpha = rz / curvature
+        if recording:
+            entries = couplings.entries(alpha)
+            recording = entries is not None
+            if recording:
+                lanczos.add(z, rz, *entries)
+        x.add_(p, alpha=alpha)
+        r.add_(q, alpha=-alpha)
+        iterations += 1
+        rnorm = float(torch.linalg.vector_norm(r))
+        history.append(rnorm / bnorm)
+        z = system.unprecondition(r)
+        rz_new = _dot(r, z)
+        beta = rz_new / rz
+        if recording:
+            couplings.advance(alpha, beta)
+        p = conjugate(z, p.mul_(beta).add_(z))
+        rz = rz_new
+    return iterations, status
+
+
+def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int,
+                 W: Optional[torch.Tensor], AW: Optional[torch.Tensor], lanczos: Optional[_Lanczos],
+                 progress: Progress) -> Tuple[int, str]:
+    """The same iteration in C++ (``krylov_defcg_``), for a CSR matrix on the CPU with no or a
+    diagonal preconditioner: one kernel call per ``m - size`` steps while the Lanczos record
+    fills (the record restarts between calls, here), else until the recursive residual
+    meets the target; restarted from the true residual when the recursive one met the
+    target but the true one did not.  Updates ``x``, ``lanczos`` and ``progress.history``
+    (reporting each call's entries once final); returns ``(iterations, status)``."""
+    matrix, bnorm, target, history = system.A.matrix, system.bnorm, system.target, progress.history
+    diagonal = None if system.inverse_diagonal is None else system.inverse_diagonal.contiguous()
+    kernel = eager_or_op("krylov_defcg_", _ops.defcg_unchecked)
+    none = x.new_empty((0, x.numel()))
+    W, AW = (none, none) if W is None else (W.contiguous(), AW.contiguous())
+    p, z = torch.empty_like(x), torch.empty_like(x)
+    rho = torch.zeros(1, dtype=torch.float64)
+    r = r.contiguous()
+    recording, resume = lanczos is not None, False
+    couplings = _Couplings()
+    iterations = 0
+    while True:
+        progress.report()
+        if not resume and rnorm <= target:  # r is the true residual here
+            return iterations, "converged"
+        if iterations >= maxiter:
+            return iterations, "maxiter"
+        steps = maxiter - iterations
+        if recording:
+            if lanczos.size == lanczos.V.shape[0]:
+                lanczos.restart()
+            record = lanczos.V[lanczos.size:]
+            steps = min(steps, record.shape[0])
+        else:
+            record = none
+        relative, alphas, betas, info = kernel(matrix.row_ptr, matrix.col_idx, matrix.values, diagonal, x, r, p, z,
+                                               rho, W, AW, record, steps, target, bnorm, resume)
+        taken, code = info.tolist()
+        history.extend(relative[:taken].tolist())
+        iterations += taken
+        system.matvecs += taken
+        if recording:
+            for alpha, beta in zip(alphas[:taken].tolist(), betas[:taken].tolist()):
+                entries = couplings.entries(alpha)
+                recording = entries is not None
+                if not recording:
+                    break
+                lanczos.append(*entries)
+                couplings.advance(alpha, beta)
+        status = _NATIVE_STATUS[code]
+        if status == "breakdown":
+            return iterations, status
+        resume = status == "maxiter"  # the call's steps ran out: continue from its direction
+        if resume:
+            continue
+        r.copy_(system.residual(x))  # the recursive residual met the target: confirm on the true one
+        rnorm = float(torch.linalg.vector_norm(r))
+        if rnorm > target:
+            if W.shape[0]:
+                rnorm = _project(W, AW, x, r)
+            recording = False  # the restarted iteration does not continue the recorded Lanczos process
+        history[-1] = rnorm / bnorm
+
+
 class DeflatedCG:
     """Deflated conjugate gradients that carries its deflation space between SPD solves.
 
@@ -221,10 +402,10 @@ class DeflatedCG:
         Deflation vectors kept (0: plain CG).
     m : int, optional
         Rows of the Lanczos record (``> 2 k``; default ``max(4 k, 20)``): ``m - 2 k`` CG
-        steps between its restarts.  Keep it below about 90: numpy's ``eig`` of the
-        ``m x m`` restart problems took 2-5 ms at m = 60-80 and 60-170 ms at 100-120 on
-        the shared 2-core machine (OpenBLAS threading); at Darcy 64 x 64, k = 10, m from 40
-        to 80 gave the same products.
+        steps between its restarts.  Keep it at most 96: larger restart problems go to
+        numpy's ``eig`` (:func:`_eigh`), which took 60-170 ms at m = 100-120 on the shared
+        2-core machine (OpenBLAS threading); at Darcy 64 x 64, k = 10, m from 40 to 80
+        gave the same products.
     M : None, 'jacobi' or Tensor[n], optional
         SPD preconditioner ``M^{-1}`` as in :func:`~lowrank_ops.krylov.cg`: ``'jacobi'``
         (``diag(A)^{-1}``, recomputed for each matrix) or the diagonal of ``M^{-1}``.  A
@@ -283,10 +464,11 @@ class DeflatedCG:
         callback : callable, optional
             ``callback(residual)`` once per CG step with its relative residual norm (a
             float; scipy's ``callback_type="pr_norm"``): exactly the values of
-            ``info.residuals[1:]``, in order, each at the start of the next step (once CG
-            no longer revises it: a residual under the target is replaced by the
-            recomputed true one).  Exceptions propagate; the deflation space is then left
-            as it was before the solve.
+            ``info.residuals[1:]``, in order, each once CG no longer revises it (a
+            residual under the target is replaced by the recomputed true one): in the C++
+            loop after each kernel call, for its steps; in the Python loop at the start of
+            the next step.  Exceptions propagate; the deflation space is then left as it
+            was before the solve.
 
         Returns
         -------
@@ -306,80 +488,29 @@ class DeflatedCG:
         if bnorm == 0.0:
             return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
         maxiter = self.maxiter if self.maxiter is not None else 10 * n
-        target = system.target
         W, AW = self.W, self.AW
         if W is not None and (AW is None or system.key != self._key):
             W, AW = _refresh(system, W)
         kc = 0 if W is None else W.shape[0]
         lanczos = _Lanczos(self._workspace(n, system.b), self.k) if self.k else None
-        recording = lanczos is not None
-        x = system.x0
+        x = system.x0.contiguous()  # the C++ loop updates it in place
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
         history = [rnorm / bnorm]
         progress = Progress(system.callback, history)
-
-        def project() -> float:  # x += W W^T r, r -= AW W^T r: W^T r = 0 (the best correction from span(W))
-            coefficients = dots(W, r)
-            combine(W, coefficients, out=x)
-            return subtract(AW, r, coefficients)
-
-        def conjugate(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # p -= W AW^T z: A-conjugate to W
-            if kc:
-                subtract(W, p, dots(AW, z))
-            return p
-
         if kc and math.isfinite(rnorm):
-            rnorm = project()
+            rnorm = _project(W, AW, x, r)
             history[-1] = rnorm / bnorm
-        z = system.unprecondition(r)
-        p = conjugate(z, z.clone())
-        rz = _dot(r, z)
-        ratio = coupling = 0.0  # beta_{j-1} / alpha_{j-1} and -sqrt(beta_{j-1}) / alpha_{j-1}, for T
-        iterations, status = 0, "maxiter"
-        while iterations < maxiter:
-            if rnorm <= target:
-                r = system.residual(x)  # confirm on the true residual
-                rnorm = float(torch.linalg.vector_norm(r))
-                if rnorm <= target:
-                    history[-1] = rnorm / bnorm
-                    status = "converged"
-                    break
-                if kc:
-                    rnorm = project()
-                history[-1] = rnorm / bnorm
-                z = system.unprecondition(r)
-                p = conjugate(z, z.clone())
-                rz = _dot(r, z)
-                recording = False  # the restarted iteration does not continue the recorded Lanczos process
-            progress.report()
-            q = system.A.apply(p)
-            system.matvecs += 1
-            curvature = _dot(p, q)
-            if not curvature > 0.0 or not rz > 0.0:
-                status = "breakdown"
-                break
-            alpha = rz / curvature
-            if recording:
-                diagonal = 1.0 / alpha + ratio if alpha > 0.0 else math.inf
-                recording = math.isfinite(diagonal) and math.isfinite(coupling)  # else stop: no LAPACK call on inf
-                if recording:
-                    lanczos.add(z, rz, diagonal, coupling)
-            x.add_(p, alpha=alpha)
-            r.add_(q, alpha=-alpha)
-            iterations += 1
-            rnorm = float(torch.linalg.vector_norm(r))
-            history.append(rnorm / bnorm)
-            z = system.unprecondition(r)
-            rz_new = _dot(r, z)
-            beta = rz_new / rz
-            if recording:  # T's entries for the next step (NaN, which stops the record, when M is not SPD)
-                ratio, coupling = (beta / alpha, -math.sqrt(beta) / alpha) if beta >= 0.0 and alpha > 0.0 else (math.nan,) * 2
-            p = conjugate(z, p.mul_(beta).add_(z))
-            rz = rz_new
+        matrix = system.A.matrix
+        if (_cg_module.NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
+                and (system.precondition is None or system.inverse_diagonal is not None)):
+            loop = _native_loop
+        else:
+            loop = _python_loop
+        iterations, status = loop(system, x, r, rnorm, maxiter, W if kc else None, AW, lanczos, progress)
         progress.report()
         rnorm = float(torch.linalg.vector_norm(system.residual(x)))
-        converged, status = conclude(status, rnorm, target)
+        converged, status = conclude(status, rnorm, system.target)
         if lanczos is not None and lanczos.size and status != "breakdown":
             theta, R = lanczos.ritz()
             W, AW = _update(W if kc else R[:0], AW if kc else R[:0], theta, R, system.inverse_diagonal, self.k), None

@@ -20,6 +20,11 @@ Ops (``torch.ops.lowrank_ops.*``; float32 or float64, every tensor on one device
 * ``krylov_cg_(row_ptr, col_idx, values, inverse_diagonal, x, r, steps, target, bnorm,
   n_chunks) -> (history, info)``: up to ``steps`` iterations of (Jacobi-)preconditioned
   conjugate gradients from ``x`` and its residual ``r`` (both updated in place).  CPU only.
+* ``krylov_defcg_(row_ptr, col_idx, values, inverse_diagonal, x, r, p, z, rho, deflation,
+  deflation_product, record, steps, target, bnorm, resume, n_chunks) -> (history, alphas,
+  betas, info)``: the same loop, deflated by ``W`` (directions ``A``-conjugate to it), writing
+  the Lanczos vectors of its first steps to ``record``, and resumable (the direction, ``z`` and
+  ``r . z`` are state tensors).  CPU only.
 
 ``Q = basis`` ``[rows, n]`` and ``W`` / ``Y`` ``[cols, n]`` need contiguous rows (unit
 column stride), not contiguous tensors: the solvers pass row ranges of one preallocated
@@ -37,12 +42,13 @@ whose hand-offs cost 0.5-5 ms per call when the cores are shared (measured on th
 kernels split work over lowrank_ops' own pool only from ``_WORK_PER_TASK`` entries per
 task.
 
-``krylov_arnoldi_`` and ``krylov_cg_`` have a CPU impl only: they run the solver's loop
+``krylov_arnoldi_``, ``krylov_cg_`` and ``krylov_defcg_`` have a CPU impl only: they run the solver's loop
 (SpMV, the dots and vector updates, the breakdown and stopping tests) in C++ to save
 the ~10 Python and torch calls per step (5-20 us each, as much as the arithmetic at
 n = 4096).  On a GPU each step's decisions need the norms on the host anyway, so the
 solvers run the same steps from the SpMV and Gram-Schmidt ops
-(:mod:`lowrank_ops.krylov._arnoldi`, :func:`lowrank_ops.krylov.cg`), and no CUDA kernel
+(:mod:`lowrank_ops.krylov._arnoldi`, :func:`lowrank_ops.krylov.cg`,
+:class:`lowrank_ops.krylov.DeflatedCG`), and no CUDA kernel
 of the loops exists.
 
 Eager callers and validation: each registered impl checks its arguments (shapes,
@@ -72,7 +78,8 @@ from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
     "spmv_unchecked", "cgs_pass_unchecked", "cgs_dots_unchecked", "cgs_update_unchecked", "gram_unchecked",
-    "combine_rows_unchecked", "arnoldi_unchecked", "arnoldi_cpu", "cg_unchecked", "cg_cpu",
+    "combine_rows_unchecked", "arnoldi_unchecked", "arnoldi_cpu", "cg_unchecked", "cg_cpu", "defcg_unchecked",
+    "defcg_cpu",
 ]
 
 # Split a CPU kernel over threads only from this much work per task (entries touched):
@@ -95,6 +102,10 @@ LIBRARY.define("krylov_arnoldi_(Tensor row_ptr, Tensor col_idx, Tensor values, T
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 LIBRARY.define("krylov_cg_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? inverse_diagonal, Tensor(a!) x, "
                "Tensor(b!) r, int steps, float target, float bnorm, int? n_chunks=None) -> (Tensor, Tensor)")
+LIBRARY.define("krylov_defcg_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? inverse_diagonal, Tensor(a!) x, "
+               "Tensor(b!) r, Tensor(c!) p, Tensor(d!) z, Tensor(e!) rho, Tensor deflation, Tensor deflation_product, "
+               "Tensor(f!) record, int steps, float target, float bnorm, bool resume, int? n_chunks=None) "
+               "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 # ---------------------------------------------------------------------------- kernel calls (no checks)
@@ -613,3 +624,132 @@ def _cg_fake(row_ptr, col_idx, values, inverse_diagonal, x, r, steps, target, bn
 
 LIBRARY.impl("krylov_cg_", cg_cpu, "CPU")
 register_fake("krylov_cg_", _cg_fake)
+
+
+# ---------------------------------------------------------------------------- the deflated CG loop (CPU)
+def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+              inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, p: torch.Tensor,
+              z: torch.Tensor, rho: torch.Tensor, deflation: torch.Tensor, deflation_product: torch.Tensor,
+              record: torch.Tensor, steps: int, target: float, bnorm: float, resume: bool,
+              n_chunks: Optional[int] = None):
+    """CPU impl of ``krylov_defcg_``: up to ``steps`` deflated CG iterations on a CSR matrix, one kernel call.
+
+    :func:`cg_cpu`'s loop (the same C++ function, ``krylov_cg_cpu``) with what
+    :class:`~lowrank_ops.krylov.DeflatedCG` adds per step: each direction is made
+    ``A``-conjugate to the deflation space, ``p = z + beta p - W (AW^T z)`` (``kc`` dots fused
+    into the update pass, ``kc`` axpys into the direction pass), and the first
+    ``record.shape[0]`` steps write their Lanczos vectors ``z_j / sqrt(r_j . z_j)`` to
+    ``record``'s rows; each step's ``alpha`` and ``beta`` come back, from which the caller
+    builds the Lanczos matrix.  The state (``p``, ``z``, ``rho = r . z``) stays in the
+    caller's tensors, so a call can resume where the previous one stopped (after the
+    caller restarted its Lanczos record).
+
+    Parameters
+    ----------
+    row_ptr, col_idx, values, inverse_diagonal
+        As :func:`cg_cpu`.
+    x, r : Tensor[n]
+        The iterate and its residual, updated in place (contiguous, apart).
+    p : Tensor[n]
+        The search direction: read when ``resume``, written (contiguous).
+    z : Tensor[n]
+        ``M^{-1} r`` with a preconditioner (read when ``resume``, written); unused without one
+        (``z`` is ``r`` then).
+    rho : Tensor[1] float64
+        ``r . z``: read when ``resume``; receives that of the final ``r``.
+    deflation, deflation_product : Tensor[kc, n]
+        ``W`` (``W^T A W = I``) and ``AW = A W`` as rows; ``kc = 0``: plain CG.
+    record : Tensor[rows, n]
+        Contiguous; row ``j < rows`` receives step ``j``'s Lanczos vector.
+    steps, target, bnorm, n_chunks
+        As :func:`cg_cpu`.
+    resume : bool
+        Continue from ``p``, ``z``, ``rho``; otherwise start from ``z = M^{-1} r``,
+        ``p = z - W (AW^T z)``.
+
+    Returns
+    -------
+    history, alphas, betas : Tensor[steps] float64
+        ``[:j]``: each step's ``||r|| / bnorm``, ``alpha`` and ``beta``.
+    info : Tensor[2] int64
+        ``(j, status)``, as :func:`cg_cpu`.  ``p`` holds the next direction when status is 1.
+    """
+    op = "krylov_defcg_"
+    steps = require_int(op, "steps", steps, 1)
+    target = _check_float(op, "target", target, positive=False)
+    bnorm = _check_float(op, "bnorm", bnorm, positive=True)
+    n = _cpu_square_pattern(op, row_ptr, col_idx, values, "DeflatedCG runs step by step")
+    vectors = {"x": x, "r": r, "p": p, "z": z}
+    if inverse_diagonal is not None:
+        vectors["inverse_diagonal"] = inverse_diagonal
+    for name, tensor in vectors.items():
+        _check_float_tensor(op, name, tensor, 1)
+        _check_like(op, "values", values, **{name: tensor})
+        if tensor.shape != (n,):
+            _fail(op, f"{name} has shape {tuple(tensor.shape)}; expected (n,) = ({n},)")
+    for name, tensor in (("deflation", deflation), ("deflation_product", deflation_product), ("record", record)):
+        _check_float_tensor(op, name, tensor, 2)
+        _check_like(op, "values", values, **{name: tensor})
+        if tensor.shape[1] != n:
+            _fail(op, f"{name} has shape {tuple(tensor.shape)}; expected (rows, n) = (rows, {n})")
+    _require_contiguous(op, "record", record)
+    deflation, deflation_product = deflation.contiguous(), deflation_product.contiguous()  # read only
+    if deflation_product.shape != deflation.shape:
+        _fail(op, f"deflation_product has shape {tuple(deflation_product.shape)}; expected {tuple(deflation.shape)} "
+                  "(as deflation)")
+    require_tensors(op, rho=rho)
+    if rho.shape != (1,) or rho.dtype != torch.float64 or rho.device.type != "cpu":
+        _fail(op, f"rho has shape {tuple(rho.shape)}, dtype {rho.dtype} on {rho.device}; expected (1,) float64 on cpu")
+    written = {"x": x, "r": r, "p": p, "z": z, "rho": rho, "record": record}  # (record: checked above)
+    read = dict(written, values=values, deflation=deflation, deflation_product=deflation_product)
+    if inverse_diagonal is not None:
+        read["inverse_diagonal"] = inverse_diagonal
+    for name, tensor in written.items():
+        if name == "z" and inverse_diagonal is None:
+            continue  # unused
+        _require_contiguous(op, name, tensor)
+        _require_apart(op, name, tensor, **{k: v for k, v in read.items()
+                                            if k != name and not (k == "z" and inverse_diagonal is None)})
+    n_chunks = _check_n_chunks(op, n_chunks, n)
+    diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
+    return defcg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, p, z, rho,
+                           deflation, deflation_product, record, steps, target, bnorm, bool(resume), n_chunks)
+
+
+def defcg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                    inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, p: torch.Tensor,
+                    z: torch.Tensor, rho: torch.Tensor, deflation: torch.Tensor, deflation_product: torch.Tensor,
+                    record: torch.Tensor, steps: int, target: float, bnorm: float, resume: bool,
+                    n_chunks: Optional[int] = None):
+    """``krylov_defcg_`` for valid arguments (what :func:`defcg_cpu` checks; contiguous tensors)."""
+    n, kc = x.numel(), deflation.shape[0]
+    threads = torch.get_num_threads()
+    if n_chunks is None:  # ~6 vectors, the matrix and 2 kc deflation rows touched per step
+        n_chunks = max(1, min(threads, ((6 + 2 * kc) * n + col_idx.numel()) // _WORK_PER_TASK, n))
+    q = torch.empty(n, dtype=x.dtype)
+    history, alphas, betas = (torch.zeros(steps, dtype=torch.float64) for _ in range(3))
+    workspace = torch.empty(n_chunks * (2 + kc), dtype=x.dtype)
+    info = torch.empty(2, dtype=torch.int64)
+    info_entries = info.numpy()
+    taken, status = extension().krylov_cg_cpu(
+        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
+        inverse_diagonal=0 if inverse_diagonal is None else inverse_diagonal.data_ptr(), x=x.data_ptr(),
+        r=r.data_ptr(), p=p.data_ptr(), q=q.data_ptr(), z=0 if inverse_diagonal is None else z.data_ptr(),
+        history=history.data_ptr(), workspace=workspace.data_ptr(), n=n, nnz=col_idx.numel(), steps=steps,
+        n_chunks=n_chunks, target=target, bnorm=bnorm, dtype=FLOAT_CODES[x.dtype],
+        index_type=INDEX_CODES[row_ptr.dtype], num_threads=threads,
+        deflation=deflation.data_ptr() if kc else 0, deflation_product=deflation_product.data_ptr() if kc else 0,
+        deflation_rows=kc, record=record.data_ptr() if record.shape[0] else 0, record_rows=record.shape[0],
+        alphas=alphas.data_ptr(), betas=betas.data_ptr(), rho=rho.data_ptr(), resume=resume)
+    info_entries[0], info_entries[1] = taken, status
+    return history, alphas, betas, info
+
+
+def _defcg_fake(row_ptr, col_idx, values, inverse_diagonal, x, r, p, z, rho, deflation, deflation_product, record,
+                steps, target, bnorm, resume, n_chunks=None):
+    history = x.new_empty((steps,), dtype=torch.float64)
+    return history, torch.empty_like(history), torch.empty_like(history), x.new_empty((2,), dtype=torch.int64)
+
+
+LIBRARY.impl("krylov_defcg_", defcg_cpu, "CPU")
+register_fake("krylov_defcg_", _defcg_fake)

@@ -12,9 +12,10 @@ impl's time):
   cumulative energy, ``W <- U_k S_k Vh_k``.
 
 The weights have the spectrum ``s_i = 1 / i`` (:func:`_harness.spectral_matrix`), where
-``e = 0.99`` needs ``k = 61`` at ``n = 1024``: the regime after some TRP training (the paper's
-point is that the weights become low rank).  The error column is the worst layer's
-``max |W_ours - W_k| / max |W_k|`` against the float64 truncation at the exact rank.
+``e = 0.99`` needs ``k = 57`` at ``n = 1024``: the regime after some TRP training (the paper's
+point is that the weights become low rank).  The error column is the worst layer's excess
+of ``||W - W_trunc||_F`` over the optimal rank-``k`` error ``||W - W_k||_F`` (0 is optimal;
+both impls pick ``k = 57``).
 Sizes: default ``L = 8`` layers of 1024 x 1024; ``LOWRANK_OPS_BENCH_FULL=1``: also 4 of 4096 x 4096.
 Flops: ``L * 2 n^2 l (2 q + 2)`` summed over the search's rsvd ranks ``l`` (32 and 64 plus
 oversampling 10, ``q`` = 7 and 7 power iterations), the work ours does, for both impls.
@@ -74,11 +75,7 @@ def test_truncate(benchmark, case: Case):
     layers, n = case.problem
     weights, spectrum = spectral_matrix(layers, n, n, case.device)
     k = _energy_rank(spectrum, ENERGY)
-    references = []
-    for W in weights:
-        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-        references.append((U[:, :k] * S[:k]) @ Vh[:k])
-
+    optimal = spectrum[k:].square().sum().sqrt().item()
     def build():
         if case.impl == "ours":
             generator = torch.Generator(device=case.device)
@@ -97,9 +94,9 @@ def test_truncate(benchmark, case: Case):
 
     def check(model) -> float:
         worst = 0.0
-        for layer, ref in zip(model, references):
-            diff = (layer.weight.detach().double() - ref).abs().max() / ref.abs().max()
-            worst = max(worst, float(diff))
+        for layer, W in zip(model, weights):
+            error = torch.linalg.matrix_norm(W.double() - layer.weight.detach().double()).item()
+            worst = max(worst, error / optimal - 1)
         return worst
 
     q = rsvd_auto_passes(n, n, 32)

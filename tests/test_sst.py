@@ -104,7 +104,7 @@ def test_from_linear_truncates_and_float32(generator):
     assert layer.U.dtype == torch.float32 and layer.sampled.shape == (2,)
     U, S, Vh = torch.linalg.svd(linear.weight.double(), full_matrices=False)
     # float32 SVD of a matrix with gap 1 at k = 3 and ||W|| = 4: ~4 * 16 eps32 ~ 4e-6; 1e-5 margin 2.5x.
-    torch.testing.assert_close(layer.weight().double(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.dense_weight().double(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 8\]; got 9"):
         SpectralLinear.from_linear(linear, rank=9)
     with pytest.raises(ValueError, match=r"sample_rank must be in \[1, rank\] = \[1, 3\]; got 4"):
@@ -119,7 +119,7 @@ def test_constructor_deterministic_and_errors():
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(p, q)
     bound = 1 / 16**0.5
-    assert a.weight().abs().max().item() <= bound * (1 + 1e-5) and a.bias.abs().max().item() <= bound
+    assert a.dense_weight().abs().max().item() <= bound * (1 + 1e-5) and a.bias.abs().max().item() <= bound
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64; got torch.float16"):
         SpectralLinear(4, 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="in_features must be an integer >= 1; got 0"):
@@ -152,9 +152,9 @@ def test_resvd_keeps_the_weight_and_reorthogonalizes(generator):
     with torch.no_grad():
         layer.U.add_(0.1 * randn(*layer.U.shape, generator=generator, dtype=torch.float64))
         layer.s.neg_()
-    W = layer.weight().detach().clone()
+    W = layer.dense_weight().detach().clone()
     layer.resvd_()
-    torch.testing.assert_close(layer.weight(), W, rtol=0, atol=TOL64)
+    torch.testing.assert_close(layer.dense_weight(), W, rtol=0, atol=TOL64)
     eye = torch.eye(10, dtype=torch.float64)
     torch.testing.assert_close(layer.U.T @ layer.U, eye, rtol=0, atol=TOL64)
     torch.testing.assert_close(layer.Vh @ layer.Vh.T, eye, rtol=0, atol=TOL64)

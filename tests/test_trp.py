@@ -79,6 +79,11 @@ def test_nuclear_subgradient_top_rank_rsvd(generator):
     assert torch.equal(G, G2)
 
 
+def test_nuclear_subgradient_empty():
+    G, norm = trp.nuclear_subgradient(torch.empty(0, 3))
+    assert G.shape == (0, 3) and norm.item() == 0.0
+
+
 def test_nuclear_subgradient_errors():
     with pytest.raises(ValueError, match=r"W has shape \(2, 3, 4\)"):
         trp.nuclear_subgradient(torch.ones(2, 3, 4))

@@ -115,7 +115,9 @@ class SpectralLinear(torch.nn.Module):
         Random source of the initial weight (``nn.Linear``'s default distribution,
         ``U(-1/sqrt(in), 1/sqrt(in))``) and of the first sample: same state, same layer.
     device, dtype
-        Of the parameters (float32 or float64; the SVD runs in that precision).
+        Of the parameters (float32 or float64; the SVD runs in that precision).  The input
+        must have the parameters' dtype (no autocast path: a half-precision ``U`` would
+        lose the orthogonality that the re-SVD restores).
 
     Attributes
     ----------
@@ -204,7 +206,7 @@ class SpectralLinear(torch.nn.Module):
         self.Vh.copy_(Vh)
         return S[self.rank:]
 
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The dense ``W = U diag(s) Vh [out, in]`` (differentiable)."""
         return (self.U * self.s) @ self.Vh
 
@@ -235,7 +237,7 @@ class SpectralLinear(torch.nn.Module):
         Vh`` (the same weight up to rounding; ``s`` nonnegative and descending again).
         Optimizer states of ``U``, ``s`` and ``Vh`` refer to the old basis afterwards (see
         :class:`lowrank_ops.methods.sst.SSTScheduler`, which can clear them)."""
-        self.set_weight_(self.weight())
+        self.set_weight_(self.dense_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = None if self.sample_rank == self.rank else self.sampled

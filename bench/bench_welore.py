@@ -5,11 +5,13 @@ Op ``spectra``: the singular values of every ``nn.Linear`` weight of a model, th
 WeLore's global threshold.  Implementations on the same model:
 
 * ``ours``: ``welore.singular_spectra(model)``: same-shape weights stacked into one call,
-  batched one-sided Jacobi (:func:`lowrank_ops.linalg.batched_svd`, values only) up to its
-  size limit, LAPACK through the tall orientation (``_thin_svd.singular_values``) beyond;
+  batched one-sided Jacobi (:func:`lowrank_ops.linalg.batched_svd`, values only) up to
+  ``min(m, n) = 64``, LAPACK through the tall orientation (``_thin_svd.singular_values``)
+  beyond;
 * ``torch_svdvals``: what the WeLore code does, ``torch.linalg.svdvals(W)`` per weight.
 
-Models (a transformer block's shapes, repeated per layer): ``small``: 12 blocks of d = 128
+Models (a transformer block's shapes, repeated per layer): ``tiny``: 24 blocks of d = 64
+(64 x 64; 172 x 64; 64 x 172: the Jacobi path); ``small``: 12 blocks of d = 128
 (q, k, v, o 128 x 128; up and gate 344 x 128; down 128 x 344); ``mid``: 4 blocks of d = 512
 (512 x 512; 1376 x 512; 512 x 1376).  ``LOWRANK_OPS_BENCH_FULL=1`` adds 2 blocks of d = 1024.
 Weights N(0, 1/d), fixed seed.  Error column: ``max |s - s_ref| / max s_ref`` over all
@@ -31,7 +33,7 @@ FAMILY = "welore"
 SEED = 0
 
 # name -> (blocks, d, hidden)
-_MODELS = {"small": (12, 128, 344), "mid": (4, 512, 1376)}
+_MODELS = {"tiny": (24, 64, 172), "small": (12, 128, 344), "mid": (4, 512, 1376)}
 if FULL:
     _MODELS["large"] = (2, 1024, 2752)
 

@@ -46,7 +46,7 @@ def build(generator, dtype=torch.float32) -> torch.nn.Module:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_singular_spectra_match_svdvals(dtype, generator):
     model = build(generator, dtype)
-    # One layer beyond the Jacobi size limit (200 > 192 / 96): the LAPACK path; two of a shape: one batched call.
+    # 48 x 40: the batched Jacobi path; 210 x 200 (beyond 64): LAPACK; two of a shape: one batched call.
     model.big = torch.nn.Linear(200, 210, dtype=dtype)
     model.big2 = torch.nn.Linear(200, 210, dtype=dtype)
     spectra = welore.singular_spectra(model)

@@ -1,0 +1,257 @@
+"""Sparse Spectral Training's layer (SST; Zhao et al., "Sparse Spectral Training and
+Inference on Euclidean and Hyperbolic Neural Networks", 2024).
+
+The weight is kept in SVD form, ``W = U diag(s) Vh`` with ``U [out, K]``, ``s [K]``,
+``Vh [K, in]``, and the layer computes ``y = ((x Vh^T) * s) U^T + b`` as two thin GEMMs.
+Training updates every singular value ``s`` at every step, but only a sampled subset of
+``r`` singular vector pairs ``(U[:, i], Vh[i])``: the indices are drawn multinomially
+without replacement with probabilities proportional to ``|s_i|`` (the significant
+directions are updated most often, every direction some of the time), and the gradients
+of the other columns of ``U`` and rows of ``Vh`` are exactly zero.  Periodically the
+factors are re-orthogonalized by an SVD of the current ``W`` (training moves ``U`` and
+``Vh`` off the Stiefel manifold).
+
+Our reading of the abstract (the paper's own schedule is not in the seed): sampling is
+done per training step (:meth:`SpectralLinear.resample_`, driven by
+:class:`lowrank_ops.methods.sst.SSTScheduler`), re-SVD every ``resvd_every`` steps; the
+gradients are the plain gradients of the factorized parametrization, masked (the paper's
+"enhanced" singular-vector gradients are not implemented).
+
+Cost per step (``N`` rows of input): forward ``2 N K (in + out)`` flops; backward
+``2 N K (in + out)`` for ``dx`` and ``ds``, plus ``2 N r (in + out)`` for the sampled
+vectors' gradients instead of ``2 N K (in + out)``: the unsampled columns' weight
+gradients are never computed (an autograd composition computes them all, then masks).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._args import require_int
+from .._finite import all_finite
+from .._signs import normalize_signs
+from .._thin_svd import thin_svd
+
+__all__ = ["SpectralLinear"]
+
+
+class _SpectralLinearFn(torch.autograd.Function):
+    """``y = ((x Vh^T) * s) U^T + b`` with the gradients of U and Vh restricted to the
+    columns / rows ``index`` (all when None).  ``x [N, in]``, ``U [out, K]``, ``s [K]``,
+    ``Vh [K, in]``, ``bias [out]`` or None, ``index [r]`` int64 or None."""
+
+    @staticmethod
+    def forward(ctx, x, U, s, Vh, bias, index):
+        h = x @ Vh.transpose(0, 1)  # [N, K]
+        y = (h * s) @ U.transpose(0, 1)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, U, s, Vh, h, index)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, U, s, Vh, h, index = ctx.saved_tensors
+        need_x, need_U, need_s, need_Vh, need_b, _ = ctx.needs_input_grad
+        dx = dU = ds = dVh = db = None
+        gU = g @ U  # [N, K]: dL/d(h * s)
+        if need_s:
+            ds = (gU * h).sum(0)
+        gh = gU * s  # dL/dh
+        if need_x:
+            dx = gh @ Vh
+        if need_U:
+            if index is None:
+                dU = g.transpose(0, 1) @ (h * s)
+            else:
+                dU = torch.zeros_like(U)
+                dU[:, index] = g.transpose(0, 1) @ (h[:, index] * s[index])
+        if need_Vh:
+            if index is None:
+                dVh = gh.transpose(0, 1) @ x
+            else:
+                dVh = torch.zeros_like(Vh)
+                dVh[index] = gh[:, index].transpose(0, 1) @ x
+        if need_b and ctx.has_bias:
+            db = g.sum(0)
+        return dx, dU, ds, dVh, db, None
+
+
+def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``((x Vh^T) * s) U^T + bias`` for ``x [..., in]``, gradients of ``U`` / ``Vh`` only
+    in the columns / rows ``index`` (int64 ``[r]``; all when None), exact elsewhere."""
+    op = "spectral_linear"
+    K, in_features = Vh.shape
+    if U.dim() != 2 or U.shape[1] != K or s.shape != (K,):
+        raise ValueError(f"{op}: U has shape {tuple(U.shape)} and s {tuple(s.shape)}; expected (out, K) and (K,) "
+                         f"with K = {K} (Vh's rows)")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
+    if x.dtype != U.dtype:
+        raise ValueError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
+    y = _SpectralLinearFn.apply(x.reshape(-1, in_features), U, s, Vh, bias, index)
+    return y.reshape(*x.shape[:-1], U.shape[0])
+
+
+class SpectralLinear(torch.nn.Module):
+    """A linear layer stored as ``W = U diag(s) Vh`` and trained by Sparse Spectral Training.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    rank : int, optional
+        ``K``, the number of singular triplets kept, ``1 <= K <= min(in, out)``; default
+        ``min(in, out)`` (full rank, as SST).
+    sample_rank : int, optional
+        ``r``, the singular vector pairs updated per step, ``1 <= r <= K``; default ``K``
+        (every pair: plain training of the factors).
+    bias : bool
+    generator : torch.Generator, optional
+        Random source of the initial weight (``nn.Linear``'s default distribution,
+        ``U(-1/sqrt(in), 1/sqrt(in))``) and of the first sample: same state, same layer.
+    device, dtype
+        Of the parameters (float32 or float64; the SVD runs in that precision).  The input
+        must have the parameters' dtype (no autocast path: a half-precision ``U`` would
+        lose the orthogonality that the re-SVD restores).
+
+    Attributes
+    ----------
+    U : Parameter[out, K]
+    s : Parameter[K]
+    Vh : Parameter[K, in]
+    bias : Parameter[out] or None
+    sampled : LongTensor[r] (buffer)
+        The pairs whose vectors the next backward passes update, ascending.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: Optional[int] = None,
+                 sample_rank: Optional[int] = None, bias: bool = True, *, generator: Optional[torch.Generator] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        self._setup("SpectralLinear", in_features, out_features, rank, sample_rank, bias, device, dtype)
+        bound = 1.0 / math.sqrt(self.in_features)
+        # Drawn on the CPU from the generator (of any device), as the layer's deterministic init.
+        cpu = dict(dtype=dtype, generator=_cpu_generator(generator))
+        W = torch.rand(self.out_features, self.in_features, **cpu) * (2 * bound) - bound
+        with torch.no_grad():
+            self.set_weight_(W.to(self.U.device))
+            if self.bias is not None:
+                self.bias.copy_(torch.rand(self.out_features, **cpu) * (2 * bound) - bound)
+        self.resample_(generator)
+
+    def _setup(self, op: str, in_features, out_features, rank, sample_rank, bias: bool, device,
+               dtype: torch.dtype) -> None:
+        """Checks the sizes and creates the (uninitialized) parameters and the sample buffer."""
+        self.in_features = require_int(op, "in_features", in_features)
+        self.out_features = require_int(op, "out_features", out_features)
+        smallest = min(self.in_features, self.out_features)
+        self.rank = smallest if rank is None else require_int(op, "rank", rank)
+        if self.rank > smallest:
+            raise ValueError(f"{op}: rank must be in [1, min(in_features, out_features)] = [1, {smallest}]; "
+                             f"got {rank}")
+        self.sample_rank = self.rank if sample_rank is None else require_int(op, "sample_rank", sample_rank)
+        if self.sample_rank > self.rank:
+            raise ValueError(f"{op}: sample_rank must be in [1, rank] = [1, {self.rank}]; got {sample_rank}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{op}: dtype must be torch.float32 or torch.float64; got {dtype}")
+        options = dict(device=device, dtype=dtype)
+        self.U = torch.nn.Parameter(torch.empty(self.out_features, self.rank, **options))
+        self.s = torch.nn.Parameter(torch.empty(self.rank, **options))
+        self.Vh = torch.nn.Parameter(torch.empty(self.rank, self.in_features, **options))
+        self.bias = torch.nn.Parameter(torch.empty(self.out_features, **options)) if bias else None
+        self.register_buffer("sampled", torch.arange(self.sample_rank, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, rank: Optional[int] = None, sample_rank: Optional[int] = None, *,
+                    generator: Optional[torch.Generator] = None) -> "SpectralLinear":
+        """A layer holding the rank-``K`` truncated SVD of ``linear.weight`` (exact when ``K =
+        min(in, out)``) and a copy of its bias, on its device, in its dtype (float16 and
+        bfloat16 weights give float32 factors); ``generator`` draws the first sample."""
+        op = "SpectralLinear.from_linear"
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"{op}: linear must be an nn.Linear; got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if not all_finite(weight):
+            raise ValueError(f"{op}: linear.weight holds NaN or infinite values")
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer._setup(op, linear.in_features, linear.out_features, rank, sample_rank, linear.bias is not None,
+                     weight.device, dtype)
+        with torch.no_grad():
+            layer.set_weight_(weight.to(dtype))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.resample_(generator)
+        return layer.train(linear.training)
+
+    @torch.no_grad()
+    def set_weight_(self, W: torch.Tensor) -> torch.Tensor:
+        """Sets the factors in place to the rank-``K`` truncated SVD of ``W [out, in]``
+        (signs normalized: the largest entry of each column of ``U`` positive) and returns
+        the discarded singular values ``[min(in, out) - K]``."""
+        if W.shape != (self.out_features, self.in_features):
+            raise ValueError(f"set_weight_: W has shape {tuple(W.shape)}; expected (out_features, in_features) = "
+                             f"({self.out_features}, {self.in_features})")
+        U, S, Vh = thin_svd(W.to(self.U.dtype))
+        U, Vh = normalize_signs(U[:, :self.rank], Vh[:self.rank])
+        self.U.copy_(U)
+        self.s.copy_(S[:self.rank])
+        self.Vh.copy_(Vh)
+        return S[self.rank:]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``W = U diag(s) Vh [out, in]`` (differentiable)."""
+        return (self.U * self.s) @ self.Vh
+
+    @torch.no_grad()
+    def resample_(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draws the ``r`` pairs that the next backward passes update: multinomial without
+        replacement, probability proportional to ``|s_i|`` (uniform when every ``s_i`` is 0),
+        returned sorted ascending and stored in :attr:`sampled`.  ``generator``: a CPU
+        generator, or one on the parameters' device (same state, same draw)."""
+        K, r = self.rank, self.sample_rank
+        if r == K:
+            index = torch.arange(K, device=self.s.device)
+        else:
+            weights = self.s.detach().abs().double()
+            if not bool(torch.isfinite(weights).all()):
+                raise ValueError("resample_: the singular values s hold NaN or infinite values")
+            if not bool((weights > 0).any()):
+                weights = torch.ones_like(weights)
+            if generator is not None and generator.device != weights.device:
+                weights = weights.to(generator.device)
+            index = torch.multinomial(weights, r, replacement=False, generator=generator).sort().values
+        self.sampled = index.to(self.s.device)
+        return self.sampled
+
+    @torch.no_grad()
+    def resvd_(self) -> None:
+        """Re-orthogonalizes the factors: ``U, s, Vh`` <- the SVD of the current ``U diag(s)
+        Vh`` (the same weight up to rounding; ``s`` nonnegative and descending again).
+        Optimizer states of ``U``, ``s`` and ``Vh`` refer to the old basis afterwards (see
+        :class:`lowrank_ops.methods.sst.SSTScheduler`, which can clear them)."""
+        self.set_weight_(self.dense_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = None if self.sample_rank == self.rank else self.sampled
+        return spectral_linear(x, self.U, self.s, self.Vh, self.bias, index)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"sample_rank={self.sample_rank}, bias={self.bias is not None}")
+
+
+def _cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """``generator`` when it is a CPU one; a CPU generator seeded from it otherwise (so a
+    CUDA generator still makes the initialization deterministic)."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    return torch.Generator().manual_seed(seed)

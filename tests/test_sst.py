@@ -1,0 +1,223 @@
+"""nn.SpectralLinear and methods.sst: Sparse Spectral Training (W = U diag(s) Vh, all s and a
+sampled subset of singular vector pairs trained, periodic re-SVD)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randn, with_spectrum
+from lowrank_ops.methods import sst
+from lowrank_ops.nn import SpectralLinear
+from lowrank_ops.nn.spectral import spectral_linear
+
+# float64 tolerance of the factored forward/backward against the composed float64 reference:
+# both are sums of <= 64 products of O(1) numbers, ~64 eps = 1.4e-14 apart; 1e-12 leaves 70x.
+TOL64 = 1e-12
+
+
+def reference(x, U, s, Vh, bias, index):
+    """The torch composition with autograd, U / Vh gradients masked to ``index`` afterwards."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, U, s, Vh, bias)]
+    x_, U_, s_, Vh_, b_ = leaves
+    y = ((x_ @ Vh_.T) * s_) @ U_.T + b_
+    return y, leaves
+
+
+@pytest.mark.parametrize("sampled", [None, [1, 4, 5]])
+@pytest.mark.parametrize("x_shape", [(7, 10), (2, 3, 10), (0, 10)])
+def test_spectral_linear_matches_reference(sampled, x_shape, generator):
+    out_features, K, in_features = 9, 6, 10
+    U = randn(out_features, K, generator=generator, dtype=torch.float64)
+    s = randn(K, generator=generator, dtype=torch.float64)
+    Vh = randn(K, in_features, generator=generator, dtype=torch.float64)
+    bias = randn(out_features, generator=generator, dtype=torch.float64)
+    x = randn(*x_shape, generator=generator, dtype=torch.float64)
+    index = None if sampled is None else torch.tensor(sampled)
+    y_ref, ref_leaves = reference(x, U, s, Vh, bias, index)
+    g = randn(*y_ref.shape, generator=generator, dtype=torch.float64)
+    y_ref.backward(g)
+    leaves = [t.clone().requires_grad_() for t in (x, U, s, Vh, bias)]
+    y = spectral_linear(*leaves, index=index)
+    y.backward(g)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=TOL64)
+    mask_U = torch.zeros(1, K, dtype=torch.float64)
+    mask_U[:, index if index is not None else slice(None)] = 1
+    expected = [ref_leaves[0].grad, ref_leaves[1].grad * mask_U, ref_leaves[2].grad,
+                ref_leaves[3].grad * mask_U.T, ref_leaves[4].grad]
+    for name, leaf, want in zip(("x", "U", "s", "Vh", "bias"), leaves, expected):
+        torch.testing.assert_close(leaf.grad, want, rtol=0, atol=TOL64, msg=name)
+    if index is not None:  # unsampled vectors get exactly zero, not a tiny number
+        unsampled = [i for i in range(K) if i not in sampled]
+        assert torch.all(leaves[1].grad[:, unsampled] == 0) and torch.all(leaves[3].grad[unsampled] == 0)
+
+
+def test_spectral_linear_noncontiguous_and_gradcheck(generator):
+    U = randn(5, 4, generator=generator, dtype=torch.float64)
+    s = randn(4, generator=generator, dtype=torch.float64)
+    Vh = randn(4, 6, generator=generator, dtype=torch.float64)
+    bias = randn(5, generator=generator, dtype=torch.float64)
+    x = randn(6, 3, generator=generator, dtype=torch.float64).T  # non-contiguous [3, 6]
+    y = spectral_linear(x, U.T.contiguous().T, s, Vh, bias)
+    torch.testing.assert_close(y, ((x @ Vh.T) * s) @ U.T + bias, rtol=0, atol=TOL64)
+    leaves = [t.clone().requires_grad_() for t in (x, U, s, Vh, bias)]
+    assert torch.autograd.gradcheck(lambda *a: spectral_linear(*a), leaves)
+    # With a sample, x, s and the bias get their exact gradients.
+    index = torch.tensor([0, 2])
+    frozen_U, frozen_Vh = U.clone(), Vh.clone()
+    assert torch.autograd.gradcheck(lambda x_, s_, b_: spectral_linear(x_, frozen_U, s_, frozen_Vh, b_, index),
+                                    (leaves[0], leaves[2], leaves[4]))
+
+
+def test_spectral_linear_errors():
+    U, s, Vh = torch.randn(5, 4), torch.randn(4), torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"x has shape \(3, 7\); expected \(..., in_features\) = \(..., 6\)"):
+        spectral_linear(torch.randn(3, 7), U, s, Vh)
+    with pytest.raises(ValueError, match=r"U has shape \(5, 3\)"):
+        spectral_linear(torch.randn(3, 6), torch.randn(5, 3), s, Vh)
+    with pytest.raises(ValueError, match="x has dtype torch.float64; expected the parameters' dtype torch.float32"):
+        spectral_linear(torch.randn(3, 6, dtype=torch.float64), U, s, Vh)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_from_linear_full_rank_is_the_same_layer(shape, generator):
+    in_features, out_features = shape
+    linear = torch.nn.Linear(in_features, out_features, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(randn(out_features, in_features, generator=generator, dtype=torch.float64))
+    layer = SpectralLinear.from_linear(linear, generator=generator)
+    assert layer.rank == layer.sample_rank == min(shape)
+    x = randn(4, in_features, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=TOL64)
+    torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(layer.rank, dtype=torch.float64), rtol=0, atol=TOL64)
+    assert torch.all(layer.s[:-1] >= layer.s[1:])
+
+
+def test_from_linear_truncates_and_float32(generator):
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    W = with_spectrum(10, 8, s, generator)
+    linear = torch.nn.Linear(8, 10)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    layer = SpectralLinear.from_linear(linear, rank=3, sample_rank=2, generator=generator)
+    assert layer.U.dtype == torch.float32 and layer.sampled.shape == (2,)
+    U, S, Vh = torch.linalg.svd(linear.weight.double(), full_matrices=False)
+    # float32 SVD of a matrix with gap 1 at k = 3 and ||W|| = 4: ~4 * 16 eps32 ~ 4e-6; 1e-5 margin 2.5x.
+    torch.testing.assert_close(layer.dense_weight().double(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 8\]; got 9"):
+        SpectralLinear.from_linear(linear, rank=9)
+    with pytest.raises(ValueError, match=r"sample_rank must be in \[1, rank\] = \[1, 3\]; got 4"):
+        SpectralLinear.from_linear(linear, rank=3, sample_rank=4)
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        SpectralLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_constructor_deterministic_and_errors():
+    a = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5))
+    b = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5))
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+    bound = 1 / 16**0.5
+    assert a.dense_weight().abs().max().item() <= bound * (1 + 1e-5) and a.bias.abs().max().item() <= bound
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64; got torch.float16"):
+        SpectralLinear(4, 4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="in_features must be an integer >= 1; got 0"):
+        SpectralLinear(0, 4)
+
+
+def test_resample_is_proportional_to_singular_values():
+    layer = SpectralLinear(8, 8, sample_rank=1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([4.0, -2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    generator = torch.Generator().manual_seed(1)
+    draws = 4000
+    counts = torch.zeros(8)
+    for _ in range(draws):
+        counts[layer.resample_(generator)] += 1
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125, 0, 0, 0, 0])
+    sigma = (draws * p * (1 - p)).sqrt()
+    # Binomial counts: 5 standard deviations (a false failure about once in 1.7 million runs).
+    assert torch.all((counts - draws * p).abs() <= 5 * sigma + 1e-9), counts
+    # Without replacement, sorted, deterministic with the generator.
+    layer.sample_rank = 3
+    first = layer.resample_(torch.Generator().manual_seed(7)).clone()
+    assert torch.equal(first, layer.resample_(torch.Generator().manual_seed(7)))
+    assert first.unique().numel() == 3 and torch.equal(first, first.sort().values)
+    assert set(first.tolist()) <= {0, 1, 2, 3}  # zero singular values are never drawn while others are left
+
+
+def test_resvd_keeps_the_weight_and_reorthogonalizes(generator):
+    layer = SpectralLinear(10, 14, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        layer.U.add_(0.1 * randn(*layer.U.shape, generator=generator, dtype=torch.float64))
+        layer.s.neg_()
+    W = layer.dense_weight().detach().clone()
+    layer.resvd_()
+    torch.testing.assert_close(layer.dense_weight(), W, rtol=0, atol=TOL64)
+    eye = torch.eye(10, dtype=torch.float64)
+    torch.testing.assert_close(layer.U.T @ layer.U, eye, rtol=0, atol=TOL64)
+    torch.testing.assert_close(layer.Vh @ layer.Vh.T, eye, rtol=0, atol=TOL64)
+    assert torch.all(layer.s >= 0) and torch.all(layer.s[:-1] >= layer.s[1:])
+
+
+def test_sgd_step_moves_only_sampled_vectors(generator):
+    layer = SpectralLinear(12, 10, sample_rank=3, generator=generator, dtype=torch.float64)
+    U0, Vh0, s0 = layer.U.detach().clone(), layer.Vh.detach().clone(), layer.s.detach().clone()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(randn(5, 12, generator=generator, dtype=torch.float64)).square().sum().backward()
+    optimizer.step()
+    moved_U = (layer.U != U0).any(0).nonzero().flatten()
+    moved_Vh = (layer.Vh != Vh0).any(1).nonzero().flatten()
+    assert torch.equal(moved_U, layer.sampled) and torch.equal(moved_Vh, layer.sampled)
+    assert torch.all(layer.s != s0)  # every singular value is trained
+
+
+def test_convert_and_scheduler(generator):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4, bias=False)).double()
+    x = randn(6, 8, generator=generator, dtype=torch.float64)
+    expected = model(x)
+    layers = sst.convert(model, sample_rank=0.5, generator=generator)
+    assert list(layers) == ["0", "2"] and isinstance(model[0], SpectralLinear)
+    assert [layer.sample_rank for layer in layers.values()] == [4, 2]
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=TOL64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = sst.SSTScheduler(model, resvd_every=2, optimizer=optimizer, generator=generator)
+    model(x).sum().backward()
+    optimizer.step()
+    assert scheduler.step() is False and model[0].U in optimizer.state
+    assert scheduler.step() is True and model[0].U not in optimizer.state  # states of the old basis dropped
+    with pytest.raises(ValueError, match="model holds no SpectralLinear layer"):
+        sst.SSTScheduler(torch.nn.Sequential(torch.nn.Linear(2, 2)), resvd_every=1)
+    with pytest.raises(ValueError, match="resvd_every must be an integer >= 1; got 0"):
+        sst.SSTScheduler(model, resvd_every=0)
+    with pytest.raises(ValueError, match=r"sample_rank must be an int >= 1 or a fraction in \(0, 1\]; got 1.5"):
+        sst.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), sample_rank=1.5)
+    with pytest.raises(ValueError, match=r"no nn.Linear module matches target_modules=\['q'\]"):
+        sst.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), target_modules="q")
+
+
+def test_sst_trains_a_regression_to_low_loss(generator):
+    # A full-rank linear target; SST updates 4 of 16 vector pairs per step (all 16 values)
+    # and still fits it: the sampling visits every direction over time.
+    n = 16
+    target = randn(n, n, generator=generator) / n**0.5
+    x = randn(512, n, generator=generator)
+    y = x @ target.T
+    model = torch.nn.Sequential(SpectralLinear(n, n, sample_rank=4, bias=False, generator=generator))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    steps = 600
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    scheduler = sst.SSTScheduler(model, resvd_every=25, optimizer=optimizer, generator=generator)
+    start = torch.nn.functional.mse_loss(model(x), y).item()
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        decay.step()
+    final = torch.nn.functional.mse_loss(model(x), y).item()
+    assert final < 1e-3 * start, (start, final)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x))

@@ -1,0 +1,278 @@
+"""methods.trp: Trained Rank Pruning (nuclear-norm subgradient, energy truncation, scheduler).
+
+Weights are built with prescribed spectra (helpers.with_spectrum), so the subgradient
+``U V^T``, the smallest rank keeping an energy and the truncated weight are known exactly
+(float64 references from torch.linalg.svd).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randn, with_spectrum
+from lowrank_ops.methods import trp
+from lowrank_ops.methods.lowrank_compress import CompressionReport
+
+# float64 tolerance of U V^T and of a truncated weight: a backward-stable SVD perturbs the
+# singular subspaces by about eps ||W|| / gap (Wedin); the planted spectra below keep
+# ||W|| / gap <= 1e3, so 1e-10 is ~1e3 times the expected error and far below any real
+# mistake (a wrong sign or column is O(1)).
+TOL64 = 1e-10
+
+
+def reference_polar(W: torch.Tensor, k=None) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    k = S.numel() if k is None else k
+    return U[:, :k] @ Vh[:k]
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """The smallest k with sum_{i<=k} s_i^2 >= energy * sum s_i^2 (float64)."""
+    captured = s.double().square().cumsum(0)
+    return int((captured < energy * captured[-1]).sum()) + 1
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
+def test_nuclear_subgradient_matches_reference_and_autograd(shape, generator):
+    m, n = shape
+    s = torch.linspace(2.0, 1.0, min(m, n), dtype=torch.float64)  # distinct, well separated from 0
+    W = with_spectrum(m, n, s, generator)
+    G, norm = trp.nuclear_subgradient(W)
+    assert G.dtype == torch.float64 and G.shape == (m, n)
+    torch.testing.assert_close(G, reference_polar(W), rtol=0, atol=TOL64)
+    torch.testing.assert_close(norm, s.sum(), rtol=1e-13, atol=0)
+    # Gradient check: for a full-rank W with distinct singular values ||W||_* is differentiable
+    # and its gradient is U V^T.
+    leaf = W.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(torch.linalg.svdvals(leaf).sum(), leaf)
+    torch.testing.assert_close(G, grad, rtol=0, atol=TOL64)
+    # Non-contiguous input: the same result.
+    G_t, _ = trp.nuclear_subgradient(W.T.contiguous().T)
+    torch.testing.assert_close(G_t, G, rtol=0, atol=TOL64)
+
+
+def test_nuclear_subgradient_rank_deficient_is_a_subgradient(generator):
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    W = with_spectrum(30, 20, s, generator)  # rank 3
+    G, norm = trp.nuclear_subgradient(W)
+    # The subdifferential's conditions: <G, W> = ||W||_* and ||G||_2 <= 1.
+    torch.testing.assert_close((G * W).sum(), s.sum(), rtol=1e-12, atol=0)
+    assert torch.linalg.matrix_norm(G, ord=2).item() <= 1 + 1e-12
+    torch.testing.assert_close(norm, s.sum(), rtol=1e-12, atol=0)
+    # On the range of W it is U_3 V_3^T exactly.
+    U3, _, Vh3 = torch.linalg.svd(W)
+    P = U3[:, :3] @ U3[:, :3].T
+    torch.testing.assert_close(P @ G, reference_polar(W, 3), rtol=0, atol=TOL64)
+
+
+def test_nuclear_subgradient_top_rank_rsvd(generator):
+    s = torch.cat([torch.tensor([5.0, 4.0, 3.0, 2.0], dtype=torch.float64), 1e-3 * torch.rand(46, dtype=torch.float64,
+                                                                                             generator=generator)])
+    W = with_spectrum(60, 50, s.sort(descending=True).values, generator)
+    G, norm = trp.nuclear_subgradient(W, rank=4, generator=torch.Generator().manual_seed(1))
+    # Gap 2 / 1e-3 at k = 4: rsvd's top-4 subspaces are the exact ones to rounding.
+    torch.testing.assert_close(G, reference_polar(W, 4), rtol=0, atol=TOL64)
+    torch.testing.assert_close(norm, torch.tensor(14.0, dtype=torch.float64), rtol=1e-12, atol=0)
+    G2, _ = trp.nuclear_subgradient(W, rank=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(G, G2)
+
+
+def test_nuclear_subgradient_empty():
+    G, norm = trp.nuclear_subgradient(torch.empty(0, 3))
+    assert G.shape == (0, 3) and norm.item() == 0.0
+
+
+def test_nuclear_subgradient_errors():
+    with pytest.raises(ValueError, match=r"W has shape \(2, 3, 4\)"):
+        trp.nuclear_subgradient(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match=r"rank must be in \[1, min\(m, n\)\] = \[1, 3\]; got 4"):
+        trp.nuclear_subgradient(torch.randn(3, 5), rank=4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        trp.nuclear_subgradient(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(TypeError, match="W must be a tensor"):
+        trp.nuclear_subgradient([[1.0]])
+
+
+def two_layer_model(generator, dtype=torch.float64):
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(randn(*p.shape, generator=generator, dtype=dtype))
+    return model
+
+
+def test_add_nuclear_subgradient(generator):
+    model = two_layer_model(generator)
+    first, second = model[0].weight, model[2].weight
+    first.grad = randn(*first.shape, generator=generator, dtype=torch.float64)
+    old = first.grad.clone()
+    # second.grad is None: it becomes lam U V^T.
+    value = trp.add_nuclear_subgradient_(model, 0.25)
+    torch.testing.assert_close(first.grad, old + 0.25 * reference_polar(first), rtol=0, atol=TOL64)
+    torch.testing.assert_close(second.grad, 0.25 * reference_polar(second), rtol=0, atol=TOL64)
+    expected = 0.25 * sum(torch.linalg.svdvals(w.detach()).sum().item() for w in (first, second))
+    assert value == pytest.approx(expected, rel=1e-12)
+    # Biases are untouched (only 2-D weights of nn.Linear modules are targeted).
+    assert model[0].bias.grad is None
+    # A list of tensors; frozen ones skipped; lam = 0 is a no-op.
+    second.requires_grad_(False)
+    before = second.grad.clone()
+    trp.add_nuclear_subgradient_([first, second], 1.0)
+    assert torch.equal(second.grad, before)
+    after = first.grad.clone()
+    assert trp.add_nuclear_subgradient_(first, 0.0) == 0.0
+    assert torch.equal(first.grad, after)
+
+
+def test_add_nuclear_subgradient_float32_grad(generator):
+    layer = torch.nn.Linear(20, 10)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    trp.add_nuclear_subgradient_(layer, 0.5)
+    # float32 SVD: backward stable, U V^T within ~n eps / (relative gap) of the exact one;
+    # the default init's spectrum has s_min / s_1 >= ~0.1, so 1e-4 absolute is a margin of ~100.
+    torch.testing.assert_close(layer.weight.grad.double(), 0.5 * reference_polar(layer.weight.detach()),
+                               rtol=0, atol=1e-4)
+
+
+def test_add_nuclear_subgradient_errors():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"modules_or_params\[0\] has shape \(4, 3, 3, 3\).*expected a 2-D"):
+        trp.add_nuclear_subgradient_([conv.weight], 0.1)
+    with pytest.raises(ValueError, match="weight must be .*>= 0"):
+        trp.add_nuclear_subgradient_(torch.nn.Linear(3, 3), -1.0)
+    with pytest.raises(TypeError, match=r"modules_or_params\[0\] must be a tensor or an nn.Module; got str"):
+        trp.add_nuclear_subgradient_(["weight"], 0.1)
+
+
+def planted_model(generator, spectra, dtype=torch.float32):
+    """nn.Sequential of bias-free Linear layers ``[out, in]`` with the given spectra."""
+    layers = []
+    for (m, n), s in spectra:
+        layer = torch.nn.Linear(n, m, bias=False, dtype=dtype)
+        with torch.no_grad():
+            layer.weight.copy_(with_spectrum(m, n, s, generator))
+        layers.append(layer)
+    return torch.nn.Sequential(*layers)
+
+
+def test_truncate_matches_exact_truncated_svd(generator):
+    i = torch.arange(96, dtype=torch.float64)
+    # Energy 0.9 needs a small rank (the rsvd search path); the gap after the top 6 values
+    # (0.5 / 1e-3) makes rsvd's factors the exact ones to rounding.
+    decay = torch.where(i < 6, 3.0 - 0.5 * i, 1e-3 * 0.95**i)
+    flat = torch.linspace(1.0, 0.5, 48, dtype=torch.float64)  # energy 0.9 needs > half: the exact path
+    model = planted_model(generator, [((128, 96), decay), ((48, 64), flat)], dtype=torch.float64)
+    weights = [layer.weight.detach().clone() for layer in model]
+    ranks = trp.truncate_(model, 0.9, generator=torch.Generator().manual_seed(0))
+    expected = {"0": energy_rank(decay, 0.9), "1": energy_rank(flat, 0.9)}
+    assert ranks == expected
+    assert expected["0"] < 48 and expected["1"] > 24  # both paths were taken
+    for layer, W, k in zip(model, weights, expected.values()):
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        torch.testing.assert_close(layer.weight.detach(), (U[:, :k] * S[:k]) @ Vh[:k], rtol=0, atol=TOL64)
+        assert torch.linalg.matrix_rank(layer.weight.detach()).item() == k
+
+
+def test_truncate_float32_deterministic_and_keeps_energy(generator):
+    s = 0.9 ** torch.arange(64, dtype=torch.float64)
+    model = planted_model(generator, [((80, 64), s), ((64, 80), s)])
+    twin = copy.deepcopy(model)
+    ranks = trp.truncate_(model, 0.99, generator=torch.Generator().manual_seed(3))
+    ranks2 = trp.truncate_(twin, 0.99, generator=torch.Generator().manual_seed(3))
+    assert ranks == ranks2 == {"0": energy_rank(s, 0.99), "1": energy_rank(s, 0.99)}
+    for a, b in zip(model, twin):
+        assert torch.equal(a.weight, b.weight)
+    for layer in model:
+        kept = torch.linalg.vector_norm(layer.weight.double()).square()
+        assert kept.item() >= 0.99 * s.square().sum().item() * (1 - 1e-5)  # float32 rounding of the weight
+
+
+def test_truncate_targets_and_errors(generator):
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    # Default: nn.Linear only; the convolution is not touched.
+    conv = model[0].weight.detach().clone()
+    assert set(trp.truncate_(model, 0.95)) == {"2"}
+    assert torch.equal(model[0].weight, conv)
+    with pytest.raises(ValueError, match=r"matches 0 \(Conv2d\), whose weight has shape \(3, 2, 3, 3\)"):
+        trp.truncate_(model, 0.95, target_modules=["0"])
+    with pytest.raises(ValueError, match=r"no module with a weight matches target_modules=\['nothing'\]"):
+        trp.truncate_(model, 0.95, target_modules="nothing")
+    for energy in (0.0, 1.5, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match=r"energy must be a number in \(0, 1\]; got"):
+            trp.truncate_(model, energy)
+    bad = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        bad[1].weight[0, 0] = float("inf")
+    before = bad[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="the weight of 1 holds NaN or infinite values"):
+        trp.truncate_(bad, 0.9)
+    assert torch.equal(bad[0].weight, before)  # checked before any change
+
+
+def test_scheduler_period_and_errors(generator):
+    model = two_layer_model(generator, torch.float32)
+    scheduler = trp.TRPScheduler(model, lam=0.0, energy=0.8, period=3)
+    results = []
+    for _ in range(6):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        results.append(scheduler.step())
+    assert [r is None for r in results] == [True, True, False, True, True, False]
+    assert scheduler.steps == 6 and set(scheduler.ranks) == {"0", "2"}
+    state = scheduler.state_dict()
+    fresh = trp.TRPScheduler(model, lam=0.0, energy=0.8, period=3)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 6 and fresh.ranks == scheduler.ranks
+    with pytest.raises(ValueError, match="period must be an integer >= 1; got 0"):
+        trp.TRPScheduler(model, lam=0.1, energy=0.9, period=0)
+    with pytest.raises(ValueError, match="lam must be"):
+        trp.TRPScheduler(model, lam=-0.1, energy=0.9, period=1)
+    with pytest.raises(ValueError, match=r"energy must be a number in \(0, 1\]; got 0"):
+        trp.TRPScheduler(model, lam=0.1, energy=0, period=1)
+
+
+def numerical_rank(W: torch.Tensor, energy: float = 0.999) -> int:
+    return energy_rank(torch.linalg.svdvals(W.detach().double()), energy)
+
+
+def fit(model, x, y, steps, scheduler=None):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    return torch.nn.functional.mse_loss(model(x), y).item()
+
+
+def test_trp_training_lowers_the_rank(generator):
+    # An underdetermined regression (24 samples, 32 inputs) onto a rank-3 map, from a
+    # full-rank random init: plain gradient descent fits the data but never touches the
+    # init's component in the data's null space (the weight stays of high rank); TRP's
+    # regularizer and truncations remove it while fitting the data as well.
+    n_in, n_out, samples = 32, 20, 24
+    target = with_spectrum(n_out, n_in, torch.tensor([3.0, 2.0, 1.5], dtype=torch.float64), generator).float()
+    x = randn(samples, n_in, generator=generator)
+    y = x @ target.T
+    base = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, bias=False))
+    with torch.no_grad():
+        base[0].weight.copy_(0.3 * randn(n_out, n_in, generator=generator))
+    plain, regularized = copy.deepcopy(base), copy.deepcopy(base)
+    loss_plain = fit(plain, x, y, 100)
+    scheduler = trp.TRPScheduler(regularized, lam=1e-2, energy=0.95, period=5,
+                                 generator=torch.Generator().manual_seed(0))
+    loss_trp = fit(regularized, x, y, 100, scheduler)
+    scale = y.square().mean().item()
+    assert max(loss_plain, loss_trp) < 1e-2 * scale, (loss_plain, loss_trp, scale)  # both fit the data
+    rank_plain, rank_trp = numerical_rank(plain[0].weight, 0.99), numerical_rank(regularized[0].weight, 0.99)
+    assert rank_trp <= 5 and rank_plain >= 10, (rank_trp, rank_plain)
+    # ... and TRP's weight compresses to rank-k factors with little loss.
+    report = trp.compress(regularized, energy=0.99)
+    assert isinstance(report, CompressionReport) and report.replaced == ["0"]
+    assert report.layers["0"].rank <= 5
+    loss_compressed = torch.nn.functional.mse_loss(regularized(x), y).item()
+    assert loss_compressed < 1e-2 * scale, (loss_compressed, scale)

@@ -257,6 +257,25 @@ def test_rescale_keeps_the_gradient_norm_and_step_is_sgd_on_it():
         torch.testing.assert_close(mine, theirs, rtol=1e-14, atol=1e-15)
 
 
+def test_update_freq_updates_the_factors_every_k_steps():
+    generator = torch.Generator().manual_seed(9)
+    torch.manual_seed(9)
+    model = MLP()
+    optimizer = MKOR(model, lr=0.01, update_freq=3)
+    state_of = lambda: optimizer.state[model.fc1.weight]["a_inverse"].dense()  # noqa: E731
+    previous = None
+    for step in range(7):
+        optimizer.zero_grad()
+        model(torch.randn(8, 6, generator=generator)).square().mean().backward()
+        # The hooks record only before a step that updates the factors.
+        assert (optimizer._layers[0].a_sum is not None) == (step % 3 == 0)
+        optimizer.step()
+        current = state_of()
+        if previous is not None:
+            assert torch.equal(current, previous) == (step % 3 != 0), step
+        previous = current
+
+
 # ---------------------------------------------------------------------------- training
 def classification_data(generator):
     """Two-class problem whose inputs have a large common mean (an ill-conditioned input

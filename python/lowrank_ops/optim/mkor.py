@@ -101,9 +101,10 @@ from ._checks import add_checked_group
 
 __all__ = ["MKOR", "ShermanMorrisonInverse"]
 
-# The scalar s of L^-1 = s M grows by 1/beta per update; it is folded into M (one pass)
-# before it could overflow float32's range once multiplied into M's entries.
-_SCALE_FOLD = 1e20
+# The scalar s of L^-1 = s M grows by 1/beta per update while M = L^-1 / s shrinks; s is
+# folded into M (one pass, every ~360 updates at beta = 0.95 unless the stabilizer resets
+# it first) long before M's entries could approach float32's underflow range.
+_SCALE_FOLD = 1e8
 
 
 class ShermanMorrisonInverse:
@@ -116,7 +117,7 @@ class ShermanMorrisonInverse:
     dim : int
         ``d`` (>= 1).
     dtype : torch.dtype
-        float32 or float64: the dtype of ``matrix`` and of the GEMV / ``ger`` passes.
+        float32 or float64: the dtype of ``matrix`` and of the GEMV and rank-1 passes.
     device : torch.device or str, optional
 
     Attributes

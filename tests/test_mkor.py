@@ -276,6 +276,22 @@ def test_update_freq_updates_the_factors_every_k_steps():
         previous = current
 
 
+def test_empty_batch_changes_nothing():
+    torch.manual_seed(10)
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = MKOR(model, lr=0.1)
+    model(torch.randn(0, 3, 6)).sum().backward()  # zero rows: zero gradients, no means
+    assert optimizer._layers[0].a_rows == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        optimizer.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    state = optimizer.state[model.fc1.weight]
+    assert torch.equal(state["a_inverse"].dense(), torch.eye(7)) and state["fallbacks"] == 0
+
+
 # ---------------------------------------------------------------------------- training
 def classification_data(generator):
     """Two-class problem whose inputs have a large common mean (an ill-conditioned input

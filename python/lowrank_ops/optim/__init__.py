@@ -1,5 +1,6 @@
 """Optimizers built on lowrank_ops' linear algebra."""
 from .galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreProjector
 from .mfac import MFAC
+from .mkor import MKOR
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC"]
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC", "MKOR"]

@@ -2,7 +2,12 @@
 from .loldu import LoLDULinear
 from .lora import LoRALinear
 from .lora_multi import MultiLoRALinear
+from .nola import NOLALinear
+from .randlora import RandLoRALinear
 from .sparse_lowrank import SparseLowRankLinear
 from .svfit import SVFitLinear
 
-__all__ = ["LoLDULinear", "LoRALinear", "MultiLoRALinear", "SVFitLinear", "SparseLowRankLinear"]
+__all__ = [
+    "LoLDULinear", "LoRALinear", "MultiLoRALinear", "NOLALinear", "RandLoRALinear", "SVFitLinear",
+    "SparseLowRankLinear",
+]

@@ -1,0 +1,254 @@
+"""RandLoRA: a full-rank update from frozen random low-rank bases and trained diagonals.
+
+RandLoRA (Albert et al., "RandLoRA: Full-rank parameter-efficient fine-tuning of large
+models", ICLR 2025) adds to a frozen ``W [out, in]`` the update
+
+    dW = s sum_{b=1..n} B_b Lambda_b A Gamma_b           (in <= out)
+
+with, writing ``m = min(in, out)``, ``M = max(in, out)`` and ``n = ceil(m / r)``:
+``n`` frozen random bases ``B_b [M, r]``, one frozen random ``A [r, m]`` shared by all
+terms (the paper's and PEFT's choice: the trained ``Gamma_b`` already make the terms
+differ, and n separate A's would cost ``n r m ~ m^2`` more frozen numbers), and trained
+diagonals ``Lambda_b = diag(lambda_b)``, ``lambda_b [r]``, and ``Gamma_b = diag(gamma_b)``,
+``gamma_b [m]``.  ``n r >= m`` terms make dW full rank.  ``Gamma`` always acts on the
+smaller dimension (PEFT's layout, fewer trained numbers): for ``out < in`` the update is
+the transposed arrangement ``dW = s sum_b Gamma_b A^T Lambda_b B_b^T``.  Trained numbers:
+``n (r + m)`` (``lambda [n, r]``, ``gamma [n, m]``).
+
+Forward and backward never form dW (``[out, in]``, ``2 n r out in ~ 2 m out in`` flops).
+With the trained factors folded into the small side, the update is one low-rank product of
+rank ``n r`` on stacked bases:
+
+    A~ [n r, m]: row (b, k) = gamma_b * A[k]          (elementwise, n r m numbers)
+    B~ [M, n r]: column (b, k) = B_b[:, k]            (a frozen buffer)
+    in <= out:  y = base(x) + s ((x A~^T) * lambda) B~^T
+    out < in:   y = base(x) + s ((x B~) * lambda) A~
+
+which is :func:`lowrank_ops.ops.lora_linear` with ``lora_A = A~`` (or ``B~^T``),
+``lora_B = B~`` (or ``A~^T``) and its per-rank ``gate = lambda`` (flattened): the fused
+op's forward (base product and adapter accumulated into one output, scale and gate folded
+into the ``[N, n r]`` intermediate) and its backward, which returns ``d lambda`` directly
+and ``d A~ = s (dy B~ * lambda)^T x`` (``[n r, m]``), from which autograd forms
+``d gamma_b = sum_k dA~[(b, k)] * A[k]``.  Cost per call: forward ``2 N (in out + n r
+(in + out))`` flops against ``2 m in out + 2 N in out`` for the dense composition (forming
+dW, then one GEMM): the factored form is cheaper while ``N < m in out / (n r (in + out))``,
+about ``in / 2`` tokens for a square layer, and costlier for longer batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .._args import require_finite_number, require_int
+from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed
+
+__all__ = ["RandLoRALinear"]
+
+# Streams of one layer's seed: the shared A, the B bases.
+_STREAM_A, _STREAM_B = 0, 1
+
+
+class RandLoRALinear(torch.nn.Module):
+    """``y = base(x) + s x dW^T`` with RandLoRA's full-rank ``dW = sum_b B_b Lambda_b A Gamma_b``
+    around a frozen ``nn.Linear`` (module docstring: the formulation, the orientation for
+    ``out < in``, and the forward).
+
+    Trainable: ``randlora_lambda [n, r]`` and ``randlora_gamma [n, m]`` only (``m = min(in,
+    out)``, ``n = ceil(m / r)``).  Buffers: ``randlora_seed`` (0-d int64, saved in the state
+    dict) and the frozen bases ``randlora_A [r, m]`` and ``randlora_B [M, n r]`` (``M =
+    max(in, out)``; column ``b r + k`` is column k of basis b), not saved:
+    :meth:`load_state_dict` redraws them from the loaded seed.
+
+    Parameters
+    ----------
+    base_layer : nn.Linear
+        Wrapped as is (not copied); its parameters are set to ``requires_grad=False``.
+    r : int
+        Rank of each random basis, ``1 <= r <= min(in_features, out_features)``; the number
+        of bases is ``n = ceil(min(in, out) / r)``, so a smaller r trains more numbers.
+    randlora_alpha : float, optional
+        ``s = randlora_alpha / r``; default ``20 r`` (s = 20), the value PEFT's RandLoraConfig
+        recommends ("typically 20 times the rank"; its default is 640 at r = 32).
+    randlora_dropout : float
+        Dropout probability on the adapter input (training mode only), in ``[0, 1)``.
+    seed : int, optional
+        Seed of the bases, in ``[0, 2^63)``.  Default: one drawn from torch's default
+        generator (reproducible with ``torch.manual_seed``).
+    dtype : torch.dtype, optional
+        Of the trained diagonals and the bases: the base weight's (default) or float32.
+
+    Attributes
+    ----------
+    scaling : float
+        ``randlora_alpha / r``.
+    num_bases : int
+        ``n``.
+    merged : bool
+        Whether the adapter is currently merged into the base weight.
+
+    Notes
+    -----
+    As PEFT's RandLoRA layer (``peft.tuners.randlora``): bases Kaiming-uniform
+    (``A`` entries U(+-1/sqrt(m)), ``B_b`` entries U(+-1/sqrt(r)), PEFT's bounds for its
+    ``[r, 1, m]`` and ``[M, 1, r]`` draws), ``lambda = 0`` (the layer starts as the base
+    layer) and ``gamma = 1 / m``, scaling ``alpha / r``.  The same function as PEFT's layer
+    given the same numbers: PEFT stores ``lambda`` as ``[r, n]`` and pairs the row
+    ``k n + b`` of its scaled A with column ``k n + b`` of its flattened ``[M, n, r]`` B, so
+    its ``(lambda.T, gamma, A[:, 0], B columns reordered)`` are ours
+    (tests/test_randlora.py checks the outputs agree).  The bases differ in how they are
+    stored: PEFT draws them once per model, in bfloat16, and saves them by default; here
+    they are float32 draws from this layer's seed (:mod:`lowrank_ops.nn._random_basis`),
+    never saved.
+
+    Memory: the frozen ``B~`` is ``M n r ~ in out`` numbers, as large as W (as PEFT's); the
+    forward also keeps ``A~`` (``n r m`` numbers) for the backward.
+    """
+
+    def __init__(
+        self,
+        base_layer: torch.nn.Linear,
+        r: int,
+        *,
+        randlora_alpha: Optional[float] = None,
+        randlora_dropout: float = 0.0,
+        seed: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        where = "RandLoRALinear"
+        if not isinstance(base_layer, torch.nn.Linear):
+            raise TypeError(f"{where}: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        small = min(in_features, out_features)
+        r = require_int(where, "r", r)
+        if small < 1:
+            raise ValueError(f"{where}: base_layer has shape (out, in) = ({out_features}, {in_features}); "
+                             f"RandLoRA needs in_features >= 1 and out_features >= 1")
+        if r > small:
+            raise ValueError(f"{where}: r must be in [1, min(in_features, out_features)] = [1, {small}]; got {r}")
+        randlora_alpha = 20.0 * r if randlora_alpha is None else randlora_alpha
+        require_finite_number(where, "randlora_alpha", randlora_alpha)
+        randlora_dropout = require_finite_number(where, "randlora_dropout", randlora_dropout)
+        if not 0.0 <= randlora_dropout < 1.0:
+            raise ValueError(f"{where}: randlora_dropout must be in [0, 1); got {randlora_dropout}")
+        seed = new_seed() if seed is None else check_seed(where, seed)
+        weight = base_layer.weight
+        dtype = weight.dtype if dtype is None else dtype
+        if dtype not in (weight.dtype, torch.float32):
+            raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.num_bases = r, math.ceil(small / r)
+        self.randlora_alpha, self.randlora_dropout = float(randlora_alpha), randlora_dropout
+        self.scaling = self.randlora_alpha / r
+        self.merged = False
+        factory = {"device": weight.device, "dtype": dtype}
+        self.register_buffer("randlora_seed", torch.tensor(seed, dtype=torch.int64, device=weight.device))
+        self.randlora_lambda = torch.nn.Parameter(torch.empty(self.num_bases, r, **factory))
+        self.randlora_gamma = torch.nn.Parameter(torch.empty(self.num_bases, small, **factory))
+        self.register_buffer("randlora_A", None, persistent=False)
+        self.register_buffer("randlora_B", None, persistent=False)
+        self._bases_seed: Optional[int] = None
+        self._draw_bases()
+        self.reset_parameters()
+
+    @property
+    def _gamma_on_input(self) -> bool:
+        """Whether Gamma scales the input side (``in <= out``) or the output side."""
+        return self.in_features <= self.out_features
+
+    @torch.no_grad()
+    def _draw_bases(self) -> None:
+        """(Re)draws ``randlora_A`` and ``randlora_B`` from ``randlora_seed``."""
+        seed = int(self.randlora_seed)
+        n, r = self.num_bases, self.r
+        small, large = self.randlora_gamma.shape[1], max(self.in_features, self.out_features)
+        factory = {"device": self.randlora_gamma.device, "dtype": self.randlora_gamma.dtype}
+        self.randlora_A = draw_bases(seed, _STREAM_A, 1, r, small, kaiming_bound(small), **factory)[0]
+        stack = draw_bases(seed, _STREAM_B, n, large, r, kaiming_bound(r), **factory)  # [n, M, r]
+        self.randlora_B = stack.permute(1, 0, 2).reshape(large, n * r).contiguous()
+        self._bases_seed = seed
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if int(self.randlora_seed) != self._bases_seed:  # a new seed: the bases go with it
+            self._draw_bases()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``lambda = 0``, ``gamma = 1 / m`` (PEFT's init): the layer is the base layer again.
+        Raises RuntimeError while merged."""
+        if self.merged:
+            raise RuntimeError("RandLoRALinear.reset_parameters: the adapter is merged into the base weight; "
+                               "unmerge() first")
+        self.randlora_lambda.zero_()
+        self.randlora_gamma.fill_(1.0 / self.randlora_gamma.shape[1])
+
+    def factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lora_A [n r, in], lora_B [out, n r], gate [n r])`` with ``dW = s lora_B diag(gate)
+        lora_A``: the stacked bases with Gamma folded in, differentiable in the diagonals."""
+        n, r = self.num_bases, self.r
+        scaled = (self.randlora_gamma[:, None, :] * self.randlora_A).reshape(n * r, -1)  # A~ [n r, m]
+        gate = self.randlora_lambda.reshape(n * r)
+        if self._gamma_on_input:
+            return scaled, self.randlora_B, gate
+        return self.randlora_B.T, scaled.T, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer plus the adapter (or, after :meth:`merge`, the merged base layer).
+
+        Parameters
+        ----------
+        x : Tensor[..., in_features]
+            In the base weight's dtype (float32, float64, float16 or bfloat16) and on its
+            device.  In training mode the adapter input goes through dropout with
+            probability ``randlora_dropout``.
+
+        Returns
+        -------
+        Tensor[..., out_features]
+            ``base(x) + s x dW^T`` through :func:`lowrank_ops.ops.lora_linear` on the stacked
+            bases (:meth:`factors`), in x's dtype; differentiable in x, ``randlora_lambda``
+            and ``randlora_gamma``.
+        """
+        if self.merged:
+            return self.base_layer(x)
+        lora_A, lora_B, gate = self.factors()
+        p = self.randlora_dropout if self.training else 0.0
+        return lora_linear(x, self.base_layer.weight, lora_A, lora_B, self.base_layer.bias, scale=self.scaling,
+                           gate=gate, dropout_p=p)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``dW`` ``[out, in]`` (scaling included) in float32 (float64 for float64
+        diagonals); not differentiable.  Forms the full matrix: for merging and tests."""
+        with torch.no_grad():
+            lora_A, lora_B, gate = self.factors()
+            accumulate = torch.promote_types(lora_A.dtype, torch.float32)
+            return ((lora_B.to(accumulate) * gate.to(accumulate)) @ lora_A.to(accumulate)).mul_(self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the update into the base weight in place, ``W <- W + dW``
+        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
+        if self.merged:
+            return
+        lora_A, lora_B, gate = self.factors()
+        lora_merge(self.base_layer.weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
+        if not self.merged:
+            return
+        lora_A, lora_B, gate = self.factors()
+        lora_unmerge(self.base_layer.weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, num_bases={self.num_bases}, scaling={self.scaling:g}, "
+                f"seed={int(self.randlora_seed)}")

@@ -368,8 +368,11 @@ def test_bad_input_errors():
             RandLoRALinear(base, r, **kwargs)
     with pytest.raises(TypeError, match="base_layer must be a torch.nn.Linear; got Embedding"):
         RandLoRALinear(torch.nn.Embedding(4, 4), 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that initializing a zero-element weight is a no-op
+        empty_base = torch.nn.Linear(0, 3)
     with pytest.raises(ValueError, match=r"base_layer has shape \(out, in\) = \(3, 0\)"):
-        RandLoRALinear(torch.nn.Linear(0, 3), 1)
+        RandLoRALinear(empty_base, 1)
     layer = RandLoRALinear(base, 2, seed=0)
     with pytest.raises(ValueError, match=r"x has shape \(4, 7\); expected \(\.\.\., in_features\) = \(\.\.\., 8\)"):
         layer(torch.ones(4, 7))

@@ -10,9 +10,12 @@ alpha and beta).  Implementations on the same bases and coefficients:
   the fused :func:`lowrank_ops.ops.lora_linear`;
 * ``ours_uncached``: the same layer with ``cache_bases=False`` (the bases redrawn block by
   block in the forward and again in the backward): what the memory saving costs;
-* ``authors``: the structure of NOLA's GPT-2 code (github.com/UCDvision/NOLA,
-  ``model_nola.py``): ``einsum("b,boi->oi")`` over the cached bases for each factor, then the
-  unfused ``base(x) + s (x A^T) B^T`` (two ``F.linear`` and an add);
+* ``authors``: the computation of NOLA's GPT-2 code (github.com/UCDvision/NOLA,
+  ``model_nola.py``): ``einsum("b,boi->oi")`` over the bases for each factor, then the
+  unfused ``base(x) + s (x A^T) B^T`` (two ``F.linear`` and an add), here on the cached
+  bases (the authors' code redraws them from torch's global generator in every forward and
+  backward, as ``ours_uncached`` does from a private one, so this peer is their arithmetic
+  without their drawing cost);
 * ``dense``: the naive composition: ``W + s B A`` formed, then one ``F.linear``.
 
 Sizes: (out, in) = (1024, 1024) and (2048, 2048), N = 128, r = 8, k_A = k_B = 1024

@@ -10,8 +10,9 @@ from torch.func import functional_call
 
 from lowrank_ops.nn import RandLoRALinear
 from lowrank_ops.nn._random_basis import stream_seed
+from lowrank_ops.ops.lora import draw_seed
 
-from helpers import assert_within, randn, summation_bound
+from helpers import assert_within, check_autocast_against_torch, randn, summation_bound
 
 # (out, in): in < out (Gamma on the input side), out < in (on the output side), square with
 # r not dividing min(in, out) (a partly used last basis).
@@ -194,6 +195,14 @@ def test_gradcheck(shape, generator):
     base = layer.base_layer
     torch.testing.assert_close(through_layer(x, lam, gamma), reference(layer, x, base.weight, base.bias, lam, gamma),
                                rtol=1e-12, atol=1e-12)
+    # An unfrozen base layer gets its gradients too (dW = dy^T x, db = sum dy).
+    weight, bias = (t.detach().clone().requires_grad_() for t in (base.weight, base.bias))
+
+    def with_base(weight, bias, lam):
+        return functional_call(layer, {"base_layer.weight": weight, "base_layer.bias": bias, "randlora_lambda": lam,
+                                       "randlora_gamma": gamma.detach()}, (x.detach(),))
+
+    assert torch.autograd.gradcheck(with_base, (weight, bias, lam))
 
 
 def _peft_layer(ours, base, generator, dtype):
@@ -376,3 +385,81 @@ def test_bad_input_errors():
     layer = RandLoRALinear(base, 2, seed=0)
     with pytest.raises(ValueError, match=r"x has shape \(4, 7\); expected \(\.\.\., in_features\) = \(\.\.\., 8\)"):
         layer(torch.ones(4, 7))
+
+
+@pytest.mark.parametrize("shape", [(12, 16), (16, 12)], ids=["wide_in", "wide_out"])
+def test_dropout_mask_in_forward_and_backward(shape, generator):
+    # The mask comes from a seed drawn from torch's default generator: redrawing the same seed
+    # gives the mask, and the float64 reference with that D(x) pins forward and gradients.
+    out_features, in_features = shape
+    layer = make_layer(out_features, in_features, 4, torch.float64, generator, randlora_dropout=0.4)
+    randomize(layer, generator)
+    x = randn(3, 6, in_features, dtype=torch.float64, generator=generator).requires_grad_()
+    grad_y = randn(3, 6, out_features, dtype=torch.float64, generator=generator)
+    torch.manual_seed(5)
+    y = layer(x)
+    y.backward(grad_y)
+    torch.manual_seed(5)
+    seed = draw_seed()
+    x64 = x.detach().clone().requires_grad_()
+    lam, gamma = (p.detach().clone().requires_grad_() for p in (layer.randlora_lambda, layer.randlora_gamma))
+    # D(x) = x * keep / (1 - p), the keep mask a function of (seed, shape): read it off a ones tensor.
+    scaled_mask = torch.ops.lowrank_ops.lora_dropout(torch.ones(18, in_features, dtype=torch.float64), seed, 0.4)
+    assert (scaled_mask == 0).any() and (scaled_mask != 0).any()
+    dropped = x64 * scaled_mask.reshape(x64.shape)
+    base = layer.base_layer
+    zero_base = torch.zeros_like(base.weight), torch.zeros_like(base.bias)
+    expected = x64 @ base.weight.T + base.bias + reference(layer, dropped, *zero_base, lam, gamma)
+    expected.backward(grad_y)
+    for name, got, want in [("y", y, expected), ("dx", x.grad, x64.grad), ("d lambda", layer.randlora_lambda.grad,
+                            lam.grad), ("d gamma", layer.randlora_gamma.grad, gamma.grad)]:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+    layer.eval()  # no dropout in eval mode
+    torch.testing.assert_close(layer(x.detach()), reference(layer, x.detach(), base.weight, base.bias,
+                                                            layer.randlora_lambda.detach(),
+                                                            layer.randlora_gamma.detach()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(20, 28), (28, 20)], ids=["wide_in", "wide_out"])
+def test_saves_for_backward_no_folded_basis(shape, generator):
+    # The training-memory claim: between forward and backward the layer keeps only u = x lora_A^T
+    # [N, n r] besides references to tensors that exist anyway (x, W, the bases, the diagonals);
+    # the folded A~ [n r, m] (as large as W for a square layer) is refolded in the backward.
+    out_features, in_features = shape
+    layer = make_layer(out_features, in_features, 4, torch.float32, generator)
+    randomize(layer, generator)
+    x = randn(5, in_features, generator=generator).requires_grad_()
+    existing = {t.untyped_storage().data_ptr() for t in [x, *layer.parameters(), *layer.buffers()]}
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = layer(x)
+    new = [t for t in saved if t.untyped_storage().data_ptr() not in existing]
+    stacked = layer.num_bases * layer.r
+    assert [tuple(t.shape) for t in new] == [(5, stacked)], [tuple(t.shape) for t in new]
+    y.sum().backward()  # and the refolding backward runs
+    assert layer.randlora_gamma.grad.shape == layer.randlora_gamma.shape
+
+
+def test_autocast_error_at_most_twice_torch(autocast_case, generator):
+    device, dtype = autocast_case
+    layer = make_layer(32, 24, 4, torch.float32, generator, device=device)  # in <= out: gamma on the input side
+    base = layer.base_layer
+    inputs = dict(x=randn(3, 5, 24, generator=generator, device=device),
+                  lam=randn(*layer.randlora_lambda.shape, generator=generator, device=device),
+                  gamma=randn(*layer.randlora_gamma.shape, generator=generator, device=device) / 8)
+
+    def ours(x, lam, gamma):
+        return functional_call(layer, {"randlora_lambda": lam, "randlora_gamma": gamma}, (x,))
+
+    def theirs(x, lam, gamma):  # PEFT's composition: two linears on the stacked bases
+        scaled = (gamma[:, None, :] * layer.randlora_A.to(gamma.dtype)).reshape(-1, 24)
+        weight, bias, B = (t.to(x.dtype) for t in (base.weight, base.bias, layer.randlora_B))
+        u = torch.nn.functional.linear(x, scaled) * lam.reshape(-1)
+        return torch.nn.functional.linear(x, weight, bias) + layer.scaling * torch.nn.functional.linear(u, B)
+
+    check_autocast_against_torch(ours, theirs, inputs, device, dtype, generator, "RandLoRALinear")

@@ -24,15 +24,21 @@ rank ``n r`` on stacked bases:
     in <= out:  y = base(x) + s ((x A~^T) * lambda) B~^T
     out < in:   y = base(x) + s ((x B~) * lambda) A~
 
-which is :func:`lowrank_ops.ops.lora_linear` with ``lora_A = A~`` (or ``B~^T``),
-``lora_B = B~`` (or ``A~^T``) and its per-rank ``gate = lambda`` (flattened): the fused
-op's forward (base product and adapter accumulated into one output, scale and gate folded
-into the ``[N, n r]`` intermediate) and its backward, which returns ``d lambda`` directly
-and ``d A~ = s (dy B~ * lambda)^T x`` (``[n r, m]``), from which autograd forms
-``d gamma_b = sum_k dA~[(b, k)] * A[k]``.  Cost per call: forward ``2 N (in out + n r
-(in + out))`` flops against ``2 m in out + 2 N in out`` for the dense composition (forming
-dW, then one GEMM): the factored form is cheaper while ``N < m in out / (n r (in + out))``,
-about ``in / 2`` tokens for a square layer, and costlier for longer batches.
+which is :func:`lowrank_ops.ops.lora_linear`'s form with ``lora_A = A~`` (or ``B~^T``),
+``lora_B = B~`` (or ``A~^T``) and its per-rank ``gate = lambda`` (flattened).  The forward
+is that op's registered forward (base product and adapter accumulated into one output,
+scale and gate folded into the ``[N, n r]`` intermediate).  The backward is this module's
+own autograd Function (:class:`_RandLoRALinear`) rather than ``lora_linear``'s: that one
+saves its ``lora_A`` / ``lora_B`` for the backward, here the folded ``A~``, ``n r m``
+numbers per layer (as large as W for a square layer: 64 MB at 4096 x 4096 in float32),
+alive from every layer's forward to its backward.  This one saves only ``u = x A~^T``
+(``[N, n r]``) and refolds ``A~`` in the backward (``n r m`` multiplies against at least
+``4 N n r m`` GEMM flops there), returns ``d lambda`` directly and accumulates
+``d gamma_b = sum_k dA~[(b, k)] * A[k]`` in place in ``d A~``.  Cost per call: forward
+``2 N (in out + n r (in + out))`` flops against ``2 m in out + 2 N in out`` for the dense
+composition (forming dW, then one GEMM): the factored form is cheaper while
+``N < m in out / (n r (in + out))``, about ``in / 2`` tokens for a square layer, and
+costlier for longer batches.
 """
 from __future__ import annotations
 
@@ -42,13 +48,104 @@ from typing import Optional, Tuple
 import torch
 
 from .._args import require_finite_number, require_int
-from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from .._autocast import autocast_entry, autocast_off_backward
+from ..ops.base_linear import grad_input_op
+from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
+                        lora_merge, lora_unmerge)
 from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed
 
 __all__ = ["RandLoRALinear"]
 
 # Streams of one layer's seed: the shared A, the B bases.
 _STREAM_A, _STREAM_B = 0, 1
+
+
+def _fold(gamma: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``A~ [n r, m]``: row ``b r + k`` is ``gamma_b * A[k]``."""
+    return (gamma[:, None, :] * A).reshape(-1, A.shape[1])
+
+
+def _orient(scaled: torch.Tensor, B: torch.Tensor, gamma_on_input: bool):
+    """``(lora_A [n r, in], lora_B [out, n r])`` of :func:`lowrank_ops.ops.lora_linear`'s form."""
+    return (scaled, B) if gamma_on_input else (B.T, scaled.T)
+
+
+class _RandLoRALinear(torch.autograd.Function):
+    """Autograd of ``y = x W^T + b + s ((D(x) lora_A^T) * lambda) lora_B^T`` with the folded
+    ``A~ = fold(gamma, A)`` on the small side, saving ``u = D(x) lora_A^T`` ``[N, n r]`` but not
+    ``A~`` (``n r m`` numbers, as large as W for a square layer): the backward refolds it
+    (``n r m`` multiplies, against the backward's ``>= 4 N n r m`` GEMM flops).
+
+    Backward, with ``h = dy lora_B`` and ``g = s lambda``: ``d lambda = s sum_n h u``;
+    ``d A~ = (h g)^T D(x)`` (gamma on the input side) or ``(u g)^T dy`` (output side);
+    ``d gamma_b = sum_k dA~[(b, k)] * A[k]`` (accumulated in place in ``d A~``);
+    ``dx = dy W + D'((h g) lora_A)``; ``dW``, ``db`` only when asked.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, randlora_A, randlora_B, lam, gamma, scaled, seed, scale, dropout_p,
+                gamma_on_input):
+        lora_A, lora_B = _orient(scaled, randlora_B, gamma_on_input)
+        y, shrunk = _forward_op()(x, weight, lora_A, lora_B, bias, lam.reshape(-1), seed, scale, dropout_p)
+        ctx.scale, ctx.dropout_p, ctx.gamma_on_input = scale, dropout_p, gamma_on_input
+        ctx.save_for_backward(x, weight, randlora_A, randlora_B, lam, gamma, seed, shrunk)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @autocast_off_backward
+    def backward(ctx, grad_y):
+        x, weight, randlora_A, randlora_B, lam, gamma, seed, shrunk = ctx.saved_tensors
+        need_x, need_W, need_bias, _, _, need_lam, need_gamma = ctx.needs_input_grad[:7]
+        scale, p, on_input = ctx.scale, ctx.dropout_p, ctx.gamma_on_input
+        adapter_dtype = randlora_A.dtype
+        grad_x = grad_W = grad_bias = grad_lam = grad_gamma = None
+        lora_A, lora_B = _orient(_fold(gamma, randlora_A), randlora_B, on_input)
+        grad_y_adapter = grad_y.to(adapter_dtype)
+        factor = lam.reshape(-1) * scale
+        expanded = grad_y_adapter @ lora_B  # h = dy lora_B, [N, n r]
+        if need_lam:
+            grad_lam = (expanded * shrunk).sum(0).mul_(scale).view_as(lam)
+        expanded.mul_(factor)  # h g
+        if need_gamma:
+            if on_input:  # d A~ = (h g)^T D(x), [n r, in]
+                grad_scaled = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)
+            else:  # d lora_B = dy^T (u g), [out, n r]: d A~ is its transpose
+                grad_scaled = (shrunk * factor).T @ grad_y_adapter
+            grad_gamma = grad_scaled.view(*gamma.shape[:1], -1, gamma.shape[1]).mul_(randlora_A).sum(1)
+            del grad_scaled
+        if need_x:
+            grad_x = grad_input_op()(grad_y, weight)
+            if seed is None or p == 0.0:
+                _addmm_adapter_(grad_x, expanded, lora_A)
+            else:  # D' is D (same mask, same 1 / (1 - p))
+                grad_x += _adapter_input((expanded @ lora_A).to(grad_x.dtype), seed, p)
+        if need_W:
+            grad_W = grad_y.T @ x
+        if need_bias:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_W, grad_bias, None, None, grad_lam, grad_gamma, None, None, None, None, None
+
+
+@autocast_entry("x", "weight", "bias", "randlora_A", "randlora_B", "lam", "gamma")
+def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, scale: float, dropout_p: float,
+                     gamma_on_input: bool) -> torch.Tensor:
+    """``base(x) + s x dW^T`` (RandLoRALinear's forward; see :class:`_RandLoRALinear`)."""
+    op = "RandLoRALinear"
+    with torch.no_grad():  # the Function refolds it in backward: no graph, freed after the forward
+        scaled = _fold(gamma, randlora_A)
+    lora_A, lora_B = _orient(scaled, randlora_B, gamma_on_input)
+    check_adapter(op, x, weight, lora_A, lora_B, bias, lam.detach().reshape(-1))
+    p = check_dropout(op, dropout_p)
+    seed = draw_seed() if p > 0.0 else None
+    batch_shape = x.shape[:-1]
+    x2d = x.reshape(batch_shape.numel(), x.shape[-1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gamma)):
+        y = _RandLoRALinear.apply(x2d, weight, bias, randlora_A, randlora_B, lam, gamma, scaled, seed, scale, p,
+                                  gamma_on_input)
+    else:  # inference: no autograd Function, nothing saved
+        y = _forward_op()(x2d, weight, lora_A, lora_B, bias, lam.reshape(-1), seed, scale, p)[0]
+    return y.reshape(*batch_shape, weight.shape[0])
 
 
 class RandLoRALinear(torch.nn.Module):
@@ -103,8 +200,9 @@ class RandLoRALinear(torch.nn.Module):
     they are float32 draws from this layer's seed (:mod:`lowrank_ops.nn._random_basis`),
     never saved.
 
-    Memory: the frozen ``B~`` is ``M n r ~ in out`` numbers, as large as W (as PEFT's); the
-    forward also keeps ``A~`` (``n r m`` numbers) for the backward.
+    Memory: the frozen ``B~`` is ``M n r ~ in out`` numbers, as large as W (as PEFT's).
+    Between forward and backward the layer keeps ``u [N, n r]`` only; PEFT's layer (and
+    ``lora_linear`` on the stacked bases) also keeps ``A~`` (``n r m`` numbers).
     """
 
     def __init__(
@@ -191,12 +289,8 @@ class RandLoRALinear(torch.nn.Module):
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(lora_A [n r, in], lora_B [out, n r], gate [n r])`` with ``dW = s lora_B diag(gate)
         lora_A``: the stacked bases with Gamma folded in, differentiable in the diagonals."""
-        n, r = self.num_bases, self.r
-        scaled = (self.randlora_gamma[:, None, :] * self.randlora_A).reshape(n * r, -1)  # A~ [n r, m]
-        gate = self.randlora_lambda.reshape(n * r)
-        if self._gamma_on_input:
-            return scaled, self.randlora_B, gate
-        return self.randlora_B.T, scaled.T, gate
+        lora_A, lora_B = _orient(_fold(self.randlora_gamma, self.randlora_A), self.randlora_B, self._gamma_on_input)
+        return lora_A, lora_B, self.randlora_lambda.reshape(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer plus the adapter (or, after :meth:`merge`, the merged base layer).
@@ -217,10 +311,10 @@ class RandLoRALinear(torch.nn.Module):
         """
         if self.merged:
             return self.base_layer(x)
-        lora_A, lora_B, gate = self.factors()
         p = self.randlora_dropout if self.training else 0.0
-        return lora_linear(x, self.base_layer.weight, lora_A, lora_B, self.base_layer.bias, scale=self.scaling,
-                           gate=gate, dropout_p=p)
+        return _randlora_linear(x, self.base_layer.weight, self.base_layer.bias, self.randlora_A, self.randlora_B,
+                                self.randlora_lambda, self.randlora_gamma, scale=self.scaling, dropout_p=p,
+                                gamma_on_input=self._gamma_on_input)
 
     def delta_weight(self) -> torch.Tensor:
         """``dW`` ``[out, in]`` (scaling included) in float32 (float64 for float64

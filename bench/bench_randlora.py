@@ -28,7 +28,9 @@ work once N exceeds about ``in out / (in + out)`` (512 at 1024 x 1024): the N = 
 shows that crossover.  Bytes: x, W, the bases, y (and dy, dx).
 
 Memory (``ours MB`` / ``peer MB``): peak memory of one call beyond its inputs
-(:func:`_harness.peak_memory_mb`).
+(:func:`_harness.peak_memory_mb`).  The fwd+bwd cases' note gives what each impl keeps
+from the forward for the backward (:func:`saved_for_backward_mb`): training holds that for
+every adapted layer at once, so it, not the one-call peak, is what grows with depth.
 """
 from __future__ import annotations
 
@@ -181,6 +183,46 @@ def roofline(problem: tuple, element: int, backward: bool) -> Tuple[float, float
     return flops, moved
 
 
+def saved_for_backward_mb(forward: Callable[[], torch.Tensor], existing) -> float:
+    """MB (10^6 bytes) of the tensors the autograd graph of ``forward()`` keeps for the
+    backward, counting each storage once and not those of ``existing`` (inputs, parameters,
+    buffers: alive anyway).  Between a layer's forward and its backward this is what the
+    layer adds to training memory; in a model it is held for every layer at once."""
+    known = {t.untyped_storage().data_ptr() for t in existing}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in known:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values()) / 1e6
+
+
+def _saved_note(case: Case, inp: Inputs) -> str:
+    """``extra_info["note"]`` of a fwd+bwd case: what the impl keeps from forward to backward."""
+    layer = inp.layer
+    x = inp.x.detach().clone().requires_grad_()
+    if case.impl == "peft":
+        peft, lam, gamma = _peft_layer(layer)
+        lam.requires_grad_()
+        gamma.requires_grad_()
+        modules = [peft]
+        forward = lambda: peft(x)  # noqa: E731
+    elif case.impl == "dense":
+        lam, gamma = (t.detach().clone().requires_grad_() for t in (layer.randlora_lambda, layer.randlora_gamma))
+        modules = [layer]
+        forward = lambda: _dense_forward(layer, lam, gamma, x)  # noqa: E731
+    else:
+        modules = [layer]
+        forward = lambda: layer(x)  # noqa: E731
+    existing = [x, *(t for module in modules for t in (*module.parameters(), *module.buffers()))]
+    return f"saved for backward {saved_for_backward_mb(forward, existing):.1f} MB"
+
+
 def _run(benchmark, case: Case, backward: bool) -> None:
     require_device(case.device)
     if case.impl == "peft":
@@ -188,8 +230,13 @@ def _run(benchmark, case: Case, backward: bool) -> None:
     inp = _inputs(case.problem, case.torch_dtype, case.device)
     full = _reference(case.problem, case.torch_dtype, case.device, backward)
     flops, moved = roofline(case.problem, inp.x.element_size(), backward)
-    measure(benchmark, case, _build(case, inp, backward), lambda result: rel_error(result, full), flops=flops,
-            bytes=moved, peak_memory=True)
+
+    def check(result) -> float:
+        if backward:
+            benchmark.extra_info["note"] = _saved_note(case, inp)
+        return rel_error(result, full)
+
+    measure(benchmark, case, _build(case, inp, backward), check, flops=flops, bytes=moved, peak_memory=True)
 
 
 @pytest.mark.parametrize("case", params(grid_cases(FAMILY, "randlora.fwd", _PROBLEMS, _DTYPES, _label)))

@@ -72,13 +72,20 @@ def _orient(scaled: torch.Tensor, B: torch.Tensor, gamma_on_input: bool):
 
 class _RandLoRALinear(torch.autograd.Function):
     """Autograd of ``y = x W^T + b + s ((D(x) lora_A^T) * lambda) lora_B^T`` with the folded
-    ``A~ = fold(gamma, A)`` on the small side, saving ``u = D(x) lora_A^T`` ``[N, n r]`` but not
-    ``A~`` (``n r m`` numbers, as large as W for a square layer): the backward refolds it
-    (``n r m`` multiplies, against the backward's ``>= 4 N n r m`` GEMM flops).
+    ``A~ = fold(gamma, A)`` on the small side, keeping for the backward no ``[n r, m]`` tensor
+    (``A~``, as large as W for a square layer, is refolded there: ``n r m`` multiplies against
+    the backward's ``>= 4 N n r m`` GEMM flops) and, with gamma on the input side, nothing
+    new at all.
 
-    Backward, with ``h = dy lora_B`` and ``g = s lambda``: ``d lambda = s sum_n h u``;
-    ``d A~ = (h g)^T D(x)`` (gamma on the input side) or ``(u g)^T dy`` (output side);
-    ``d gamma_b = sum_k dA~[(b, k)] * A[k]`` (accumulated in place in ``d A~``);
+    Backward, with ``h = dy lora_B``, ``g = s lambda`` and ``P = G * A`` (``[n, r, m]``, A
+    broadcast over the bases):
+
+    * gamma on the input side: ``G = h^T D(x)`` (``[n r, in]``), so that
+      ``d lambda_b = s P_b gamma_b`` and ``d gamma_b = s lambda_b^T P_b`` (two batched
+      products: ``d lambda = s sum_n h u`` and ``d A~ = g G`` without ``u`` or ``d A~``);
+    * gamma on the output side: ``u = D(x) B~`` is saved (``[N, n r]``; ``G`` would need it),
+      ``d lambda = s sum_n h u``, ``G = u^T dy`` (``[n r, out]``), ``d gamma_b = s lambda_b^T P_b``;
+
     ``dx = dy W + D'((h g) lora_A)``; ``dW``, ``db`` only when asked.
     """
 
@@ -88,7 +95,8 @@ class _RandLoRALinear(torch.autograd.Function):
         lora_A, lora_B = _orient(scaled, randlora_B, gamma_on_input)
         y, shrunk = _forward_op()(x, weight, lora_A, lora_B, bias, lam.reshape(-1), seed, scale, dropout_p)
         ctx.scale, ctx.dropout_p, ctx.gamma_on_input = scale, dropout_p, gamma_on_input
-        ctx.save_for_backward(x, weight, randlora_A, randlora_B, lam, gamma, seed, shrunk)
+        ctx.save_for_backward(x, weight, randlora_A, randlora_B, lam, gamma, seed,
+                              None if gamma_on_input else shrunk)
         return y
 
     @staticmethod
@@ -102,19 +110,22 @@ class _RandLoRALinear(torch.autograd.Function):
         grad_x = grad_W = grad_bias = grad_lam = grad_gamma = None
         lora_A, lora_B = _orient(_fold(gamma, randlora_A), randlora_B, on_input)
         grad_y_adapter = grad_y.to(adapter_dtype)
-        factor = lam.reshape(-1) * scale
         expanded = grad_y_adapter @ lora_B  # h = dy lora_B, [N, n r]
-        if need_lam:
-            grad_lam = (expanded * shrunk).sum(0).mul_(scale).view_as(lam)
-        expanded.mul_(factor)  # h g
-        if need_gamma:
-            if on_input:  # d A~ = (h g)^T D(x), [n r, in]
-                grad_scaled = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)
-            else:  # d lora_B = dy^T (u g), [out, n r]: d A~ is its transpose
-                grad_scaled = (shrunk * factor).T @ grad_y_adapter
-            grad_gamma = grad_scaled.view(*gamma.shape[:1], -1, gamma.shape[1]).mul_(randlora_A).sum(1)
-            del grad_scaled
+        if need_lam or need_gamma:
+            if on_input:
+                outer = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)  # G = h^T D(x)
+            else:
+                if need_lam:
+                    grad_lam = (expanded * shrunk).sum(0).mul_(scale).view_as(lam)
+                outer = shrunk.T @ grad_y_adapter  # G = u^T dy
+            products = outer.view(lam.shape[0], lam.shape[1], -1).mul_(randlora_A)  # P, in G's memory
+            if need_lam and on_input:
+                grad_lam = torch.bmm(products, gamma.unsqueeze(2)).squeeze(2).mul_(scale)
+            if need_gamma:
+                grad_gamma = torch.bmm(lam.unsqueeze(1), products).squeeze(1).mul_(scale)
+            del outer, products
         if need_x:
+            expanded.mul_(lam.reshape(-1) * scale)  # h g
             grad_x = grad_input_op()(grad_y, weight)
             if seed is None or p == 0.0:
                 _addmm_adapter_(grad_x, expanded, lora_A)

@@ -31,10 +31,12 @@ scale and gate folded into the ``[N, n r]`` intermediate).  The backward is this
 own autograd Function (:class:`_RandLoRALinear`) rather than ``lora_linear``'s: that one
 saves its ``lora_A`` / ``lora_B`` for the backward, here the folded ``A~``, ``n r m``
 numbers per layer (as large as W for a square layer: 64 MB at 4096 x 4096 in float32),
-alive from every layer's forward to its backward.  This one saves only ``u = x A~^T``
-(``[N, n r]``) and refolds ``A~`` in the backward (``n r m`` multiplies against at least
-``4 N n r m`` GEMM flops there), returns ``d lambda`` directly and accumulates
-``d gamma_b = sum_k dA~[(b, k)] * A[k]`` in place in ``d A~``.  Cost per call: forward
+alive from every layer's forward to its backward (PEFT's layer keeps it too).  This one
+refolds ``A~`` in the backward (``n r m`` multiplies against at least ``4 N n r m`` GEMM
+flops there) and, with Gamma on the input side, keeps nothing new at all: ``d lambda`` and
+``d gamma`` both come from ``G = (dy B~)^T D(x)`` (``[n r, in]``, the GEMM that ``d A~``
+would cost) by two batched products; with Gamma on the output side it keeps
+``u = D(x) B~`` (``[N, n r]``), which ``G = u^T dy`` needs.  Cost per call: forward
 ``2 N (in out + n r (in + out))`` flops against ``2 m in out + 2 N in out`` for the dense
 composition (forming dW, then one GEMM): the factored form is cheaper while
 ``N < m in out / (n r (in + out))``, about ``in / 2`` tokens for a square layer, and
@@ -212,8 +214,9 @@ class RandLoRALinear(torch.nn.Module):
     never saved.
 
     Memory: the frozen ``B~`` is ``M n r ~ in out`` numbers, as large as W (as PEFT's).
-    Between forward and backward the layer keeps ``u [N, n r]`` only; PEFT's layer (and
-    ``lora_linear`` on the stacked bases) also keeps ``A~`` (``n r m`` numbers).
+    Between forward and backward the layer keeps no new tensor for ``in <= out`` and
+    ``u = x B~`` (``[N, n r]``) otherwise; PEFT's layer (and ``lora_linear`` on the stacked
+    bases) keeps ``A~`` (``n r m`` numbers), plus ``u`` for ``out < in``.
     """
 
     def __init__(

@@ -11,7 +11,7 @@ import lowrank_ops.nn._random_basis as random_basis
 from lowrank_ops.nn import NOLALinear
 from lowrank_ops.nn._random_basis import stream_seed
 
-from helpers import assert_within, randn, summation_bound
+from helpers import assert_within, check_autocast_against_torch, randn, summation_bound
 
 
 def make_layer(out_features, in_features, r, k_A, k_B, base_dtype, generator, device="cpu", **kwargs):
@@ -325,3 +325,24 @@ def test_bad_input_errors(generator):
     layer = NOLALinear(base, 2, 3, 3, seed=0)
     with pytest.raises(ValueError, match=r"x has shape \(4, 7\); expected \(\.\.\., in_features\) = \(\.\.\., 8\)"):
         layer(torch.ones(4, 7))
+
+
+def test_autocast_error_at_most_twice_torch(autocast_case, generator):
+    device, dtype = autocast_case
+    layer = make_layer(24, 32, 4, 16, 12, torch.float32, generator, device=device)
+    base = layer.base_layer
+    inputs = dict(x=randn(3, 5, 32, generator=generator, device=device),
+                  alpha=randn(16, generator=generator, device=device),
+                  beta=randn(12, generator=generator, device=device))
+
+    def ours(x, alpha, beta):
+        return functional_call(layer, {"nola_alpha": alpha, "nola_beta": beta}, (x,))
+
+    def theirs(x, alpha, beta):  # the authors' composition: contractions, then the unfused branch
+        A = torch.einsum("i,irc->rc", alpha, layer.nola_basis_A.to(alpha.dtype))
+        B = torch.einsum("j,jor->or", beta, layer.nola_basis_B.to(beta.dtype))
+        weight, bias = base.weight.to(x.dtype), base.bias.to(x.dtype)
+        lora = torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
+        return torch.nn.functional.linear(x, weight, bias) + layer.scaling * lora
+
+    check_autocast_against_torch(ours, theirs, inputs, device, dtype, generator, "NOLALinear")

@@ -1,0 +1,87 @@
+"""Frozen random bases regenerated from an integer seed (NOLA, RandLoRA).
+
+The random-basis adapters save only their trainable coefficients and one integer seed;
+the bases are redrawn from the seed whenever a layer is built or loaded.  So that the same
+seed gives the same bases on every device and every torch build that keeps its CPU
+generator, the bases are always drawn by torch's CPU generator (mt19937) in float32 and
+then moved (and cast) to the layer's device and dtype: a CUDA generator would draw other
+numbers from the same seed, and an adapter trained on a GPU would load wrong on a CPU.
+
+Each kind of basis of a layer draws from its own stream (:func:`stream_seed`), and a
+stream draws its ``count`` bases in blocks of :func:`block_size` bases, one ``uniform_``
+call per block: the block boundaries are part of the format (a ``uniform_`` of a whole
+tensor need not equal the same numbers drawn in pieces), and they let a layer redraw its
+bases one block at a time without holding all of them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+__all__ = ["BLOCK_ELEMENTS", "block_size", "check_seed", "draw_bases", "iter_bases", "kaiming_bound", "new_seed",
+           "stream_seed"]
+
+#: Numbers drawn per ``uniform_`` call (4 MB in float32): the unit of regeneration.
+BLOCK_ELEMENTS = 1 << 20
+
+_SEED_LIMIT = 2**63
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: decorrelates the streams of one seed
+
+
+def check_seed(where: str, seed) -> int:
+    """``seed`` as an int in ``[0, 2^63)`` (a ValueError naming it otherwise)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"{where}: seed must be an int in [0, 2^63); got {seed!r}")
+    return seed
+
+
+def new_seed() -> int:
+    """A fresh seed from torch's default CPU generator (reproducible with ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def stream_seed(seed: int, stream: int) -> int:
+    """The generator seed of basis kind ``stream`` (0, 1, ...) of a layer seeded ``seed``.
+
+    One splitmix64 round of ``seed + stream * golden``: nearby layer seeds (0, 1, 2, ...)
+    and the kinds of one layer get unrelated mt19937 seeds (``seed + stream`` would give
+    layer 0's second kind the same numbers as layer 1's first).
+    """
+    z = (seed + (stream + 1) * _GOLDEN) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % _SEED_LIMIT
+
+
+def block_size(rows: int, cols: int) -> int:
+    """Bases per draw block: as many ``[rows, cols]`` bases as fit :data:`BLOCK_ELEMENTS` (at least one)."""
+    return max(1, BLOCK_ELEMENTS // max(1, rows * cols))
+
+
+def iter_bases(seed: int, stream: int, count: int, rows: int, cols: int, bound: float,
+               device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+               ) -> Iterator[Tuple[int, torch.Tensor]]:
+    """``(start, block)`` for consecutive blocks of the ``count`` bases ``[rows, cols]`` with
+    entries U(-bound, bound): ``block`` is ``[b, rows, cols]`` on ``device`` in ``dtype``,
+    holding bases ``start .. start + b - 1``."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, stream))
+    step = block_size(rows, cols)
+    for start in range(0, count, step):
+        block = torch.empty(min(step, count - start), rows, cols).uniform_(-bound, bound, generator=generator)
+        yield start, block.to(device=device, dtype=dtype)
+
+
+def draw_bases(seed: int, stream: int, count: int, rows: int, cols: int, bound: float,
+               device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All ``count`` bases of :func:`iter_bases`, stacked: ``[count, rows, cols]``."""
+    out = torch.empty(count, rows, cols, device=device, dtype=dtype)
+    for start, block in iter_bases(seed, stream, count, rows, cols, bound, device, dtype):
+        out[start:start + block.shape[0]] = block
+    return out
+
+
+def kaiming_bound(fan_in: int) -> float:
+    """``1 / sqrt(fan_in)``: ``kaiming_uniform_(a = sqrt(5))``'s bound, nn.Linear's init."""
+    return 1.0 / math.sqrt(fan_in)

@@ -8,8 +8,7 @@ from .sparse_lowrank import SparseLowRankLinear
 from .spectral import SpectralLinear
 from .svfit import SVFitLinear
 
-__all__ = ["LoLDULinear", "LoRALinear", "MultiLoRALinear", "SVFitLinear", "SparseLowRankLinear", "SpectralLinear"]
 __all__ = [
     "LoLDULinear", "LoRALinear", "MultiLoRALinear", "NOLALinear", "RandLoRALinear", "SVFitLinear",
-    "SparseLowRankLinear",
+    "SparseLowRankLinear", "SpectralLinear",
 ]

@@ -444,11 +444,15 @@ class RankOneEditLinear(torch.nn.Module):
         concept_out = F.linear(self.concept_input.to(compute), weight.to(compute))
         coef = torch.cat([self._gate(a), a], dim=-1)
         rows = torch.cat([self.target.to(compute), -concept_out], dim=0)
-        lead = x.shape[:-1]
-        update = (coef.reshape(-1, coef.shape[-1]) @ rows).reshape(*lead, self.out_features)
+        coef = coef.reshape(-1, coef.shape[-1])
+        # Accumulated into y in place (F.linear's backward does not need its output): no
+        # [N, out] temporary and one pass over y fewer than ``y + coef @ rows``.
         if y.dtype == compute:
-            return y + update
-        return (y.to(compute) + update).to(y.dtype)
+            y.view(-1, self.out_features).addmm_(coef, rows)
+            return y
+        wide = y.to(compute)
+        wide.view(-1, self.out_features).addmm_(coef, rows)
+        return wide.to(y.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

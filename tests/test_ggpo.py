@@ -57,17 +57,18 @@ def test_noise_std_follows_the_formula(alpha, beta, active_rank, dtype, generato
     assert ((std.double() - expected).abs() <= 200 * unit * expected).all()
 
 
-def test_perturbation_draws_the_formula_and_restore_is_bitwise(generator):
+def test_perturbation_draws_the_formula_and_restore_is_bitwise(device, generator):
     in_f, out_f = 3000, 6
-    layer = lora(in_f, out_f, 3, generator)
-    backward_once(layer, in_f, generator)
-    seed = torch.Generator().manual_seed(5)
+    layer = lora(in_f, out_f, 3, generator).to(device)
+    layer(torch.randn(16, in_f, generator=generator, dtype=torch.float64).to(device)).square().sum().backward()
+    seed = torch.Generator(device=device).manual_seed(5)
     opt = GGPO(layer, torch.optim.SGD(layer.parameters(), lr=0.1), sigma=0.1, alpha=50.0, beta=1.0, generator=seed)
     weight = layer.base_layer.weight
     before, A, B = weight.detach().clone(), layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
     original_pointer = weight.data_ptr()
     std = opt.noise_std(0)
-    z = torch.empty(out_f, in_f, dtype=torch.float64).normal_(generator=torch.Generator().manual_seed(5))
+    z = torch.empty(out_f, in_f, dtype=torch.float64, device=device).normal_(
+        generator=torch.Generator(device=device).manual_seed(5))
     opt.perturb()
     assert opt.perturbed
     delta = weight.detach() - before
@@ -75,7 +76,7 @@ def test_perturbation_draws_the_formula_and_restore_is_bitwise(generator):
     assert ((delta - z * std[:, None]).abs() <= 2 * EPS64 * (before.abs() + (z * std[:, None]).abs())).all()
     # The per-row empirical standard deviation over 3000 draws: within 4 / sqrt(2 n) ~ 5 %.
     empirical = delta.std(dim=1)
-    assert ((empirical / expected_std(layer, 0.1, 50.0, 1.0) - 1).abs() <= 4 / math.sqrt(2 * in_f)).all()
+    assert ((empirical.cpu() / expected_std(layer, 0.1, 50.0, 1.0).cpu() - 1).abs() <= 4 / math.sqrt(2 * in_f)).all()
     opt.restore()
     assert not opt.perturbed
     assert torch.equal(weight.detach(), before) and weight.data_ptr() == original_pointer

@@ -31,19 +31,21 @@ def linear(in_f: int, out_f: int, generator, dtype=torch.float64, bias=True) -> 
     return layer.requires_grad_(False)
 
 
-def setup(in_f, out_f, k, generator, dtype=torch.float64, **kwargs):
+def setup(in_f, out_f, k, generator, dtype=torch.float64, device="cpu", **kwargs):
     X = embeddings(8 * in_f, in_f, generator)
     cov = input_covariance(X)
-    layer = linear(in_f, out_f, generator, dtype)
+    layer = linear(in_f, out_f, generator, dtype).to(device)
     concepts = torch.randn(k, in_f, generator=generator, dtype=torch.float64)
     targets = torch.randn(k, out_f, generator=generator, dtype=torch.float64)
-    module = RankOneEditLinear(layer, cov.inv.to(dtype), concepts.to(dtype), targets.to(dtype), **kwargs)
+    module = RankOneEditLinear(layer, cov.inv.to(device, dtype), concepts.to(device, dtype),
+                               targets.to(device, dtype), **kwargs)
     return module, cov, layer, concepts, targets
 
 
 def reference(x, W, b, C_inv, I, V, beta, tau, gated):
-    """The module docstring's formula in float64, composed the slow, obvious way."""
-    x, W, C_inv, I, V = (t.double() for t in (x, W, C_inv, I, V))
+    """The module docstring's formula in float64 on the CPU, composed the slow, obvious way."""
+    x, W, C_inv, I, V = (t.detach().double().cpu() for t in (x, W, C_inv, I, V))
+    b = None if b is None else b.detach().cpu()
     G = I @ C_inv @ I.T
     a = torch.linalg.solve(G, I @ C_inv @ x.T).T  # [N, k]
     g = torch.sigmoid((a - beta) / tau) if gated else a
@@ -151,16 +153,17 @@ def test_inputs_orthogonal_to_the_concepts_are_unchanged(k, generator):
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 3])
-def test_forward_against_float64_reference(k, dtype, gated, generator):
-    module, cov, layer, I, V = setup(24, 16, k, generator, dtype, gated=gated, gate_bias=0.6, gate_temperature=0.2)
+def test_forward_against_float64_reference(k, dtype, gated, device, generator):
+    module, cov, layer, I, V = setup(24, 16, k, generator, dtype, device, gated=gated, gate_bias=0.6,
+                                     gate_temperature=0.2)
     # Inputs around the concepts (energies spread over the gate's slope) and random ones,
     # batched [2, 5, in] and non-contiguous.
     near = I[torch.arange(10) % k] * torch.linspace(0.0, 1.5, 10, dtype=torch.float64)[:, None]
     x = (near + 0.1 * torch.randn(10, 24, generator=generator, dtype=torch.float64)).to(dtype)
-    x = x.reshape(5, 2, 24).transpose(0, 1)
+    x = x.to(device).reshape(5, 2, 24).transpose(0, 1)
     assert not x.is_contiguous()
     y = module(x)
-    assert y.shape == (2, 5, 16) and y.dtype == dtype
+    assert y.shape == (2, 5, 16) and y.dtype == dtype and y.device == x.device
     # The reference from the module's own rounded buffers (concepts, targets, W stored in dtype).
     expected = reference(x.reshape(-1, 24), layer.weight, layer.bias, cov.inv, module.concept_input,
                          module.target, 0.6, 0.2, gated).reshape(2, 5, 16)
@@ -169,7 +172,7 @@ def test_forward_against_float64_reference(k, dtype, gated, generator):
     # relative to the magnitudes (|x| |W| + |a| |W i*| + |V|), scaled by 1/tau for the gate.
     unit = EPS64 if dtype == torch.float64 else 2.0**-24
     magnitude = float(x.abs().max() * layer.weight.abs().sum(1).max() + V.abs().max() + layer.bias.abs().max())
-    assert (y.double() - expected).abs().max() <= 2e3 * unit * magnitude / 0.2
+    assert (y.double().cpu() - expected).abs().max() <= 2e3 * unit * magnitude / 0.2
 
 
 def test_empty_and_single_inputs(generator):
@@ -300,3 +303,21 @@ def test_bad_inputs(generator):
     other = RankOneEditLinear(linear(8, 5, generator), C_inv, concept, target)
     with pytest.raises(ValueError, match=r"modules\[1\] wraps a different base layer"):
         RankOneEditLinear.combine(module, other)
+
+
+def test_set_concepts_keeps_the_trained_target(generator):
+    module, cov, layer, I, V = setup(12, 7, 2, generator, train_target=True, gated=False)
+    with torch.no_grad():
+        module.target.add_(0.5)  # "trained"
+    target = module.target
+    moved = I + 0.2 * torch.randn(2, 12, generator=generator, dtype=torch.float64)
+    module.set_concepts(cov.inv, moved)
+    assert module.target is target and torch.equal(module.concept_input, moved)
+    assert (module(moved) - (target.detach() + layer.bias)).abs().max() <= 1e-11
+    fresh = RankOneEditLinear(layer, cov.inv, moved, target.detach(), gated=False)
+    for name in ("concept_keys", "probe"):
+        assert torch.equal(getattr(module, name), getattr(fresh, name))
+    with pytest.raises(ValueError, match=r"set_concepts: concept_input has 1 rows; expected k = 2"):
+        module.set_concepts(cov.inv, moved[0])
+    with pytest.raises(TypeError, match=r"combine: unexpected keyword arguments \['gate_bais'\]"):
+        RankOneEditLinear.combine(module, gate_bais=0.5)

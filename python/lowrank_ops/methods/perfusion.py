@@ -139,7 +139,7 @@ def input_covariance(
     ValueError
         No samples, mismatched widths between chunks, non-finite values, bad
         ``ridge``/``shrinkage``, or a singular (or numerically singular: estimated
-        reciprocal condition number below ``d * 2^-52``) regularized covariance, for
+        reciprocal condition number below ``100 d 2^-52``) regularized covariance, for
         example fewer samples than dimensions without ``ridge``/``shrinkage``.
     """
     op = "input_covariance"
@@ -282,43 +282,73 @@ class RankOneEditLinear(torch.nn.Module):
         op = "RankOneEditLinear"
         if not isinstance(base_layer, torch.nn.Linear):
             raise TypeError(f"{op}: base_layer must be an nn.Linear; got {type(base_layer).__name__}")
-        in_f, out_f = base_layer.in_features, base_layer.out_features
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self._set_gate(op, gate_bias, gate_temperature, gated)
+        concepts = _as_rows(op, "concept_input", concept_input, self.in_features, "in_features")
+        keys = self._concept_keys(op, inv_cov, concepts)
+        targets = _as_rows(op, "target", target, self.out_features, "out_features")
+        self._store(op, concepts, keys, targets, train_target)
+
+    # ------------------------------------------------------------------ construction
+    def _set_gate(self, op: str, gate_bias: float, gate_temperature: float, gated: bool) -> None:
+        self.gate_bias = require_finite_number(op, "gate_bias", gate_bias)
+        self.gate_temperature = require_number(op, "gate_temperature", gate_temperature, 0.0, low_open=True)
+        self.gated = bool(gated)
+
+    def _concept_keys(self, op: str, inv_cov: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+        """``I* C^-1`` [k, in] in float64 after checking ``inv_cov`` (shape, finite, symmetric
+        to 1e-6 of its largest entry)."""
+        in_f = self.in_features
         require_tensors(op, inv_cov=inv_cov)
         if tuple(inv_cov.shape) != (in_f, in_f) or not inv_cov.is_floating_point():
             raise ValueError(f"{op}: inv_cov has shape {tuple(inv_cov.shape)} and dtype {inv_cov.dtype}; expected a "
                              f"float tensor (in_features, in_features) = ({in_f}, {in_f})")
         if not all_finite(inv_cov):
             raise ValueError(f"{op}: inv_cov has non-finite values")
-        concepts = _as_rows(op, "concept_input", concept_input, in_f, "in_features")
-        targets = _as_rows(op, "target", target, out_f, "out_features")
-        if targets.shape[0] != concepts.shape[0]:
-            raise ValueError(f"{op}: target has {targets.shape[0]} rows; expected k = {concepts.shape[0]} "
-                             f"(one per concept_input row)")
-        if concepts.shape[0] > in_f:
-            raise ValueError(f"{op}: concept_input has k = {concepts.shape[0]} rows; expected k <= in_features = {in_f} "
-                             f"(independent concepts)")
-        self.base_layer = base_layer
-        self.in_features, self.out_features = in_f, out_f
-        self.gate_bias = require_finite_number(op, "gate_bias", gate_bias)
-        self.gate_temperature = require_number(op, "gate_temperature", gate_temperature, 0.0, low_open=True)
-        self.gated = bool(gated)
-        weight = base_layer.weight
-        factory = {"dtype": weight.dtype, "device": weight.device}
-        C_inv = inv_cov.detach().to(device=weight.device, dtype=torch.float64)
+        C_inv = inv_cov.detach().to(device=self.base_layer.weight.device, dtype=torch.float64)
         asym = float((C_inv - C_inv.T).abs().max())
         if asym > 1e-6 * float(C_inv.abs().max()):
             raise ValueError(f"{op}: inv_cov is not symmetric (max |inv_cov - inv_cov^T| = {asym:.3e})")
-        keys = concepts.detach().to(C_inv) @ C_inv  # I* C^-1 (C^-1 symmetric)
+        return concepts.detach().to(C_inv) @ C_inv  # (C^-1 I*^T)^T, C^-1 symmetric
+
+    def _store(self, op: str, concepts: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
+               train_target: bool, keep_target: bool = False) -> None:
+        """Checks the counts, solves for the probe and (re)registers the buffers and the
+        target (left as it is with ``keep_target``)."""
+        k = concepts.shape[0]
+        if targets.shape[0] != k:
+            raise ValueError(f"{op}: target has {targets.shape[0]} rows; expected k = {k} (one per concept_input row)")
+        if k > self.in_features:
+            raise ValueError(f"{op}: concept_input has k = {k} rows; expected k <= in_features = {self.in_features} "
+                             f"(independent concepts)")
+        weight = self.base_layer.weight
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        probe = self._solve_probe(op, concepts.detach().to(keys), keys.to(torch.float64), weight)
         self.register_buffer("concept_input", concepts.detach().to(**factory).clone())
-        self.register_buffer("concept_keys", keys.to(**factory))
-        self.register_buffer("probe", self._solve_probe(op, concepts.detach().to(C_inv), keys, weight))
+        self.register_buffer("concept_keys", keys.detach().to(**factory).clone())
+        self.register_buffer("probe", probe)
+        if keep_target:
+            return
         targets = targets.detach().to(**factory).clone()
         if train_target:
             self.target = torch.nn.Parameter(targets)
         else:
             self.register_buffer("target", targets)
 
-    # ------------------------------------------------------------------ construction
+    def set_concepts(self, inv_cov: torch.Tensor, concept_input: torch.Tensor) -> None:
+        """Replaces the concepts' input embeddings ``i*`` (same k), keeping the targets:
+        Perfusion updates ``i*`` during training (a running mean of the concept word's
+        encoder outputs).  ``inv_cov`` is needed again because only ``I* C^-1`` is stored."""
+        op = "RankOneEditLinear.set_concepts"
+        concepts = _as_rows(op, "concept_input", concept_input, self.in_features, "in_features")
+        keys = self._concept_keys(op, inv_cov, concepts)
+        k = self.target.shape[0]
+        if concepts.shape[0] != k:
+            raise ValueError(f"{op}: concept_input has {concepts.shape[0]} rows; expected k = {k} (the module's "
+                             f"concepts)")
+        self._store(op, concepts, keys, self.target, isinstance(self.target, torch.nn.Parameter), keep_target=True)
+
     @staticmethod
     def _solve_probe(op: str, concepts64: torch.Tensor, keys64: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``P = C^-1 I*^T G^-1`` with ``G = I* C^-1 I*^T``, in float64 (Cholesky of G),
@@ -373,29 +403,19 @@ class RankOneEditLinear(torch.nn.Module):
         first = modules[0]
         settings = {"gate_bias": first.gate_bias, "gate_temperature": first.gate_temperature, "gated": first.gated,
                     "train_target": any(isinstance(m.target, torch.nn.Parameter) for m in modules)}
+        unknown = sorted(set(kwargs) - set(settings))
+        if unknown:
+            raise TypeError(f"{op}: unexpected keyword arguments {unknown}; expected some of {sorted(settings)}")
         settings.update(kwargs)
         combined = cls.__new__(cls)
         torch.nn.Module.__init__(combined)
         combined.base_layer = base
         combined.in_features, combined.out_features = first.in_features, first.out_features
-        combined.gate_bias = require_finite_number(op, "gate_bias", settings["gate_bias"])
-        combined.gate_temperature = require_number(op, "gate_temperature", settings["gate_temperature"], 0.0,
-                                                   low_open=True)
-        combined.gated = bool(settings["gated"])
+        combined._set_gate(op, settings["gate_bias"], settings["gate_temperature"], settings["gated"])
         concepts = torch.cat([m.concept_input for m in modules])
-        keys = torch.cat([m.concept_keys for m in modules])
-        if concepts.shape[0] > combined.in_features:
-            raise ValueError(f"{op}: {concepts.shape[0]} concepts in all; expected at most in_features = "
-                             f"{combined.in_features}")
-        weight = base.weight
-        combined.register_buffer("concept_input", concepts.clone())
-        combined.register_buffer("concept_keys", keys.clone())
-        combined.register_buffer("probe", cls._solve_probe(op, concepts.double(), keys.double(), weight))
-        targets = torch.cat([m.target.detach() for m in modules]).clone()
-        if settings["train_target"]:
-            combined.target = torch.nn.Parameter(targets)
-        else:
-            combined.register_buffer("target", targets)
+        keys = torch.cat([m.concept_keys for m in modules]).double()
+        targets = torch.cat([m.target.detach() for m in modules])
+        combined._store(op, concepts, keys, targets, settings["train_target"])
         return combined
 
     # ------------------------------------------------------------------ application

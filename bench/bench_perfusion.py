@@ -2,7 +2,8 @@
 ALGORITHMS.md section 8).
 
 Problems: a cross-attention key/value projection ``W [out, in]`` applied to N text tokens
-(N = batch 8 x 77 CLIP tokens = 616), ``in`` the text encoder's width (768: SD 1.5's
+(77 CLIP tokens per prompt: N = 154 for one image with classifier-free guidance, 616 for
+four), ``in`` the text encoder's width (768: SD 1.5's
 CLIP ViT-L; 2048: SDXL's), ``out`` the attention width (320 / 1280), k concepts.  ``C``
 from 4 in random correlated embeddings; every impl of a case uses the same W, C^-1,
 concepts and targets.  Inference (no autograd graph).
@@ -50,7 +51,8 @@ FAMILY = "perfusion"
 BETA, TAU = 0.75, 0.1
 
 # (tokens N, in, out, concepts k)
-_EDITS = [(616, 768, 320, 1), (616, 768, 1280, 1), (616, 768, 1280, 2), (616, 2048, 1280, 1)]
+_EDITS = [(154, 768, 320, 1), (154, 768, 1280, 1), (616, 768, 320, 1), (616, 768, 1280, 1), (616, 768, 1280, 2),
+          (616, 2048, 1280, 1)]
 if FULL:
     _EDITS += [(2464, 768, 1280, 1), (2464, 2048, 1280, 1)]
 _COVS = [768, 1024, 2048]

@@ -38,7 +38,7 @@ key ``W i_super`` (``"a teddy*"`` attends where ``"a teddy"`` would); for the va
 projection ``v*`` is trained (initialized to ``W i_super``).  See
 :meth:`RankOneEditLinear.key_locked` and :meth:`RankOneEditLinear.value_path`.
 
-**Several concepts** (the paper's Sec. 4.4 and Appendix B): k concepts ``I* [k, in]``
+**Several concepts** (the paper's multi-concept inference and its Appendix B): k concepts ``I* [k, in]``
 with targets ``V* [k, out]``.  Summing k separate edits is exact only when the concepts
 are C^-1-orthogonal; here they are solved jointly: with ``G = I* C^-1 I*^T [k, k]`` (SPD
 when the concepts are linearly independent) the coefficients are
@@ -239,7 +239,9 @@ class RankOneEditLinear(torch.nn.Module):
         ``C^-1`` (:func:`input_covariance`'s ``inv``), symmetric positive definite; used
         once here (in float64) and not stored.
     concept_input : Tensor[in] or Tensor[k, in]
-        The concepts' input embeddings ``i*`` (linearly independent), kept as a buffer.
+        The concepts' input embeddings ``i*`` (linearly independent), kept as a buffer (no
+        gradient flows to it: Perfusion trains the concept word's embedding upstream and
+        moves ``i*`` with :meth:`set_concepts`).
     target : Tensor[out] or Tensor[k, out]
         The outputs ``v*`` (before the bias).  A Parameter with ``train_target=True``
         (value path), otherwise a buffer (key path, locked).

@@ -10,10 +10,11 @@ Public modules:
 * :mod:`lowrank_ops.nn`: modules (``LoRALinear``, ``MultiLoRALinear``, ``SparseLowRankLinear``)
 * :mod:`lowrank_ops.integrations.peft`: ``use_lowrank_ops`` (PEFT's LoRA on our fused layer;
   imported on demand, PEFT is optional)
-* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``, ``lora_ga``, ...)
+* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``, ``lora_ga``,
+  ``perfusion``, ...)
 * :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
   ``effective_rank``
-* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``
+* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``, ``GGPO`` (LoRA-GGPO)
 * :mod:`lowrank_ops.second_order`: ``MFACInverse`` (M-FAC inverse-Hessian-vector products)
 * :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``DeflatedCG`` (recycling CG, SPD), ``solve_sequence`` (SKR)
 * :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)

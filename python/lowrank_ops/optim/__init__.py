@@ -4,5 +4,4 @@ from .ggpo import GGPO
 from .mfac import MFAC
 from .mkor import MKOR
 
-__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC", "MKOR"]
-__all__ = ["GGPO", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC"]
+__all__ = ["GGPO", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector", "MFAC", "MKOR"]

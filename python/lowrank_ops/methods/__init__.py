@@ -1,5 +1,6 @@
 """Method modules built on the ops: one module per method (SLTrain, M-FAC pruning, SoRA,
-low-rank weight compression, LoRA-GA init, FastRP node embeddings, ...)."""
-from . import fastrp, lora_ga, lowrank_compress, mfac_pruning, sltrain, sora
+low-rank weight compression, LoRA-GA init, FastRP node embeddings, IncreLoRA rank
+allocation, Maestro ordered low-rank layers, ...)."""
+from . import fastrp, increlora, lora_ga, lowrank_compress, maestro, mfac_pruning, sltrain, sora
 
-__all__ = ["fastrp", "lora_ga", "lowrank_compress", "mfac_pruning", "sltrain", "sora"]
+__all__ = ["fastrp", "increlora", "lora_ga", "lowrank_compress", "maestro", "mfac_pruning", "sltrain", "sora"]

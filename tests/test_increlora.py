@@ -12,7 +12,7 @@ import torch
 from lowrank_ops.methods.increlora import IncreLoRAAllocator
 from lowrank_ops.nn import LoRALinear
 
-from helpers import assert_within, randn, summation_bound
+from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound
 
 
 def adapter(in_features, out_features, r_max, generator, dtype=torch.float32):
@@ -56,8 +56,13 @@ def reference_output(layer: LoRALinear, x: torch.Tensor, k: int):
     y = x64 @ W.T + b + s * (x64 @ A.T) @ B.T
     abs_sum = x64.abs() @ W.abs().T + b.abs() + abs(s) * (x64.abs() @ A.abs().T) @ B.abs().T
     # Each entry: a dot product over `in` (base), one over `in` (shrink) and one over k
-    # (expand), plus the bias and scale roundings: Higham's gamma bound for any order.
-    return y, summation_bound(abs_sum, y, 2 * x.shape[-1] + k + 4, x.dtype)
+    # (expand), plus the bias and scale roundings: Higham's gamma bound for any order in
+    # the accumulator.  Half dtypes also round intermediates to the dtype (u = x A^T, its
+    # scaled copy, the base product before the sum): each such rounding moves the result
+    # by at most u_dtype times its share of abs_sum, so 3 u_dtype abs_sum (0 for float32
+    # and float64, whose unit is in gamma already).
+    bound = summation_bound(abs_sum, y, 2 * x.shape[-1] + k + 4, x.dtype) + 3 * OUTPUT_UNIT[x.dtype] * abs_sum
+    return y, bound
 
 
 # ------------------------------------------------------------------ scores
@@ -121,7 +126,7 @@ def test_ties_go_to_the_first_module(generator):
 
 
 # ------------------------------------------------------------------ adding ranks
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_output_unchanged_when_a_rank_is_added(generator, dtype):
     model = Stack(generator, dtype=dtype)
     allocator = IncreLoRAAllocator(model, 4 * 2 + 4, 2, add_every=2, ranks_per_step=4)

@@ -6,8 +6,8 @@ Op ``ordered_dropout.fwd+bwd``: one training step's forward and backward of a la
 (fixed per case so that every impl does the same work), x ``[N, in]``; gradients of x,
 the factors and the bias.  Implementations on the same values:
 
-* ``ours``: ``OrderedLowRankLinear(x, rank=b)`` (views ``V[:b]`` and ``U[:, :b]`` of the
-  r-component parameters, no copy; gradients land in the full ``U`` and ``V``, zero past b);
+* ``ours``: ``OrderedLowRankLinear(x, rank=b)`` (views ``V[:b]`` and ``U_t[:b]`` of the
+  r-component parameters, no copy; gradients land in the full ``U_t`` and ``V``, zero past b);
 * ``linear_pair``: ``nn.Linear(in, b, bias=False)`` then ``nn.Linear(b, out)`` holding
   copies of ``V[:b]`` and ``U[:, :b]``: the plain composition at exactly rank b (what a
   fixed-rank factorized layer costs; ``ours / linear_pair`` is the price of slicing);
@@ -63,7 +63,7 @@ def test_maestro(benchmark, case: Case):
 
     def build():
         if case.impl == "ours":
-            return timed_pass(lambda: layer(x, rank=b), (x, layer.U, layer.V, layer.bias), grad_y, True)
+            return timed_pass(lambda: layer(x, rank=b), (x, layer.U_t, layer.V, layer.bias), grad_y, True)
         with torch.no_grad():
             U, V = layer.U[:, :b], layer.V[:b]
             if case.impl == "linear_pair":

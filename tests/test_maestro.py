@@ -83,16 +83,16 @@ def test_gradients_reach_only_the_first_b_components(generator):
         layer.zero_grad()
         layer(x).square().sum().backward()
         b = layer.last_rank
-        assert (layer.U.grad[:, b:] == 0).all() and (layer.V.grad[b:] == 0).all()
-        assert (layer.U.grad[:, :b] != 0).all() and (layer.V.grad[:b] != 0).all()
+        assert (layer.U_t.grad[b:] == 0).all() and (layer.V.grad[b:] == 0).all()
+        assert (layer.U_t.grad[:b] != 0).all() and (layer.V.grad[:b] != 0).all()
 
 
 def test_gradcheck(generator):
     layer = random_layer(6, 5, 4, generator, torch.float64)
     x = randn(3, 6, generator=generator, dtype=torch.float64).requires_grad_()
     for b in (4, 2):
-        # The layer reads its own U, V and bias, the tensors gradcheck perturbs.
-        assert torch.autograd.gradcheck(lambda x, U, V, bias: layer(x, rank=b), (x, layer.U, layer.V, layer.bias))
+        # The layer reads its own U_t, V and bias, the tensors gradcheck perturbs.
+        assert torch.autograd.gradcheck(lambda x, U_t, V, bias: layer(x, rank=b), (x, layer.U_t, layer.V, layer.bias))
 
 
 def test_sampling_is_deterministic_with_a_generator(generator):
@@ -166,7 +166,7 @@ def test_shrink_preserves_outputs_up_to_the_dropped_energy(generator):
     layer.eval()
     before = layer(x).detach()
     assert layer.shrink_(2e-3) == 5  # the small middle one stays: only trailing ones go
-    assert layer.U.shape == (11, 5) and layer.V.shape == (5, 15) and layer.U.is_contiguous()
+    assert layer.U.shape == (11, 5) and layer.V.shape == (5, 15) and layer.U_t.is_contiguous()
     after = layer(x).detach()
     dropped = norms[5:].sum()
     # ||x (W - W_5)^T||_row <= ||x||_row * sum of the dropped ||u_i|| ||v_i||, plus the
@@ -190,12 +190,12 @@ def test_shrink_cuts_optimizer_state_and_keeps_training(generator):
     exp_avg = optimizer.state[layer.V]["exp_avg"].clone()
     step = optimizer.state[layer.V]["step"].clone()
     assert maestro.shrink_(layer, 0.1, optimizer) == {"": (6, 4)}  # Adam moved them to ~1e-3 entries
-    U, V = layer.U, layer.V
-    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(U), id(V), id(layer.bias)]
+    U_t, V = layer.U_t, layer.V
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(U_t), id(V), id(layer.bias)]
     assert len(optimizer.state) == 3
     assert optimizer.state[V]["exp_avg"].shape == (4, 10) and torch.equal(optimizer.state[V]["step"], step)
     assert torch.equal(optimizer.state[V]["exp_avg"], exp_avg[:4])
-    assert optimizer.state[U]["exp_avg_sq"].shape == (8, 4) and layer.U.grad.shape == (8, 4)
+    assert optimizer.state[U_t]["exp_avg_sq"].shape == (4, 8) and layer.U_t.grad.shape == (4, 8)
     layer(x).square().mean().backward()
     optimizer.step()  # the optimizer still works on the shrunk parameters
     assert torch.isfinite(layer.U).all()

@@ -73,7 +73,7 @@ def _ours(problem, device, allocate: bool):
     for i, linear in enumerate(model.layers):
         model.layers[i] = LoRALinear(linear, r_max, r_max, generator=generator)
         with torch.no_grad():
-            model.layers[i].lora_B.copy_(torch.randn(d, r_max, generator=generator))
+            model.layers[i].lora_B[:, :INIT_RANK] = torch.randn(d, INIT_RANK, generator=generator)
     allocator = IncreLoRAAllocator(model, layers * r_max, INIT_RANK, add_every=1 if allocate else 10**9,
                                    beta1=BETA1, beta2=BETA2, generator=generator)
     params = [p for layer in model.layers for p in (layer.lora_A, layer.lora_B)]

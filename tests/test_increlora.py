@@ -16,13 +16,14 @@ from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound
 
 
 def adapter(in_features, out_features, r_max, generator, dtype=torch.float32):
-    """A LoRALinear with random base weight, bias, A and B (B nonzero, so the adapter counts)."""
+    """A LoRALinear with random base weight, bias and A, and B nonzero in its first slot
+    (so the adapter counts from the start; the later slots zero, as IncreLoRA requires)."""
     base = torch.nn.Linear(in_features, out_features, dtype=dtype)
     layer = LoRALinear(base, r_max, 4.0, generator=generator)
     with torch.no_grad():
         base.weight.copy_(randn(out_features, in_features, generator=generator))
         base.bias.copy_(randn(out_features, generator=generator))
-        layer.lora_B.copy_(randn(out_features, r_max, generator=generator))
+        layer.lora_B[:, 0] = randn(out_features, generator=generator)
     return layer
 
 
@@ -376,6 +377,12 @@ def test_bad_budgets_and_settings(generator):
     with pytest.raises(RuntimeError, match=r"module 'layers.1' is merged into its base weight"):
         make()
     model.layers[1].unmerge()
+    with torch.no_grad():
+        model.layers[2].lora_B[3, 4] = 0.5  # as a PiSSA init would leave it
+    with pytest.raises(ValueError, match=r"module 'layers.2' has nonzero lora_B columns past init_rank = 2"):
+        make()
+    with torch.no_grad():
+        model.layers[2].lora_B[3, 4] = 0.0
     allocator = make()
     allocator.update_and_allocate(3)
     with pytest.raises(ValueError, match=r"step must increase from call to call \(> 3, the previous step\); got 3"):

@@ -84,7 +84,8 @@ class IncreLoRAAllocator:
         ``[n * init_rank, sum of max ranks]`` (``n`` modules).
     init_rank : int
         Every module's active rank at the start, ``>= 1`` (set here: the modules'
-        ``active_rank`` becomes ``init_rank``).
+        ``active_rank`` becomes ``init_rank``).  The slots past it must hold
+        ``lora_B = 0`` (LoRA's default init), so that the model's function is unchanged.
     add_every : int
         Steps between two allocations (``>= 1``).
     max_rank : int, optional
@@ -192,6 +193,14 @@ class IncreLoRAAllocator:
             raise TypeError(f"{_OP}: optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         self.generator, self.optimizer = generator, optimizer
 
+        for name, module in modules:
+            # The slots past init_rank must not take part in the function now, or
+            # truncating to init_rank would change the model (PiSSA / OLoRA / LoRA-GA inits
+            # fill every slot; LoRA's default leaves B = 0).
+            if bool((module.lora_B.detach()[:, init_rank:] != 0).any()):
+                raise ValueError(f"{_OP}: module {name!r} has nonzero lora_B columns past init_rank = {init_rank}; "
+                                 f"expected the inactive slots to be zero (LoRA's default init), so that starting "
+                                 f"at init_rank leaves the model's function unchanged")
         self.ranks: List[int] = [init_rank] * len(self._modules)
         for module in self._modules:
             module.active_rank = init_rank

@@ -390,3 +390,42 @@ def test_bad_budgets_and_settings(generator):
     with pytest.raises(ValueError, match=r"step must be an int >= 0; got -1"):
         allocator.update_and_allocate(-1)
     assert math.isfinite(allocator.module_scores().sum().item())
+
+
+def test_gated_modules_and_the_end_of_the_schedule(generator):
+    layers = torch.nn.Sequential(LoRALinear(torch.nn.Linear(8, 8), 4, 4.0, use_gate=True, generator=generator),
+                                 LoRALinear(torch.nn.Linear(8, 8), 4, 4.0, use_gate=True, generator=generator))
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B[:, 0] = randn(8, generator=generator)
+            layer.lora_gate.copy_(randn(4, generator=generator))  # SoRA-trained gates, none equal to 1
+    allocator = IncreLoRAAllocator(layers, 4, 1, add_every=2, final_step=6, ranks_per_step=1)
+    x = randn(5, 8, generator=generator)
+    checked = 0
+    for step in range(1, 9):
+        layers.zero_grad()
+        before = [layer(x).detach() for layer in layers]  # each layer on the same input
+        layers(x).square().sum().backward()
+        scores = allocator.module_scores()
+        ranks = list(allocator.ranks)
+        allocator.update_and_allocate(step)
+        for layer, y, k in zip(layers, before, ranks):
+            if layer.active_rank == k + 1:  # grew: gate slot 1, B's new column 0
+                assert layer.lora_gate[k] == 1.0 and (layer.lora_B[:, k] == 0).all()
+                # Both evaluations are within the gated rank-k layer's rounding bound of its
+                # float64 value (the new rank's term is exactly zero).
+                W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+                A, B, g = (layer.lora_A[:k].double(), layer.lora_B[:, :k].double(),
+                           layer.lora_gate[:k].detach().double())
+                x64 = x.double()
+                exact = x64 @ W.T + b + layer.scaling * ((x64 @ A.T) * g) @ B.T
+                abs_sum = (x64.abs() @ W.abs().T + b.abs()
+                           + layer.scaling * ((x64.abs() @ A.abs().T) * g.abs()) @ B.abs().T)
+                bound = summation_bound(abs_sum, exact, 2 * 8 + k + 6, torch.float32)
+                assert_within(y, exact, bound, "before the rank was added")
+                assert_within(layer(x).detach(), exact, bound, "after the rank was added")
+                checked += 1
+        if step > 6:  # past final_step: the scores are no longer updated
+            assert torch.equal(allocator.module_scores(), scores)
+    # Allocations at steps 2 and 4 spend the budget (4 = 2 x 1 + 2); step 6 has nothing left.
+    assert sum(allocator.ranks) == 4 and [s for s, _ in allocator.history] == [2, 4] and checked == 2

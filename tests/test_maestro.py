@@ -1,0 +1,273 @@
+"""Maestro: the ordered-dropout forward against the float64 product at the sampled rank,
+gradients only on the first b components, gradcheck, determinism, factorizing a Linear
+(exact SVD and rsvd), shrinking within the dropped energy (optimizer state cut too),
+convert, a toy run where shrinking finds a planted rank, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_ops.methods import maestro
+from lowrank_ops.methods.maestro import OrderedLowRankLinear
+
+from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound, with_spectrum
+
+
+def random_layer(in_features, out_features, rank, generator, dtype=torch.float32, **kwargs):
+    layer = OrderedLowRankLinear(in_features, out_features, rank, generator=generator, dtype=dtype, **kwargs)
+    with torch.no_grad():  # comparable scales for every component and the bias
+        layer.U.copy_(randn(out_features, rank, generator=generator))
+        layer.V.copy_(randn(rank, in_features, generator=generator))
+        layer.bias.copy_(randn(out_features, generator=generator))
+    return layer
+
+
+def reference(layer: OrderedLowRankLinear, x: torch.Tensor, b: int):
+    """float64 ``x V_b^T U_b^T + bias`` and the rigorous bound on a float evaluation's error."""
+    x64, U, V, bias = x.double(), layer.U[:, :b].double(), layer.V[:b].double(), layer.bias.double()
+    y = (x64 @ V.T) @ U.T + bias
+    abs_sum = (x64.abs() @ V.abs().T) @ U.abs().T + bias.abs()
+    # Two dot products in a row (over in, then over b) plus the bias: Higham's gamma_n
+    # with n = in + b + 2 bounds every summation order in the accumulator; the
+    # intermediate h = x V_b^T is rounded to the dtype before the second product, an
+    # error of at most u_dtype |h| per entry, which the second product carries into y as
+    # at most u_dtype (|x| |V_b|^T) |U_b|^T = u_dtype * abs_sum (0 extra for float32 and
+    # float64, whose unit is already in gamma_n).
+    return y, summation_bound(abs_sum, y, x.shape[-1] + b + 2, x.dtype) + OUTPUT_UNIT[x.dtype] * abs_sum
+
+
+# ------------------------------------------------------------------ forward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_ordered_dropout_forward_is_the_float64_product(generator, dtype):
+    layer = random_layer(20, 13, 9, generator, dtype, min_rank=2).train()
+    x = randn(3, 5, 20, generator=generator, dtype=dtype)  # batched
+    seen = set()
+    for _ in range(40):
+        y = layer(x)
+        b = layer.last_rank
+        seen.add(b)
+        assert y.shape == (3, 5, 13) and y.dtype == dtype
+        expected, bound = reference(layer, x, b)
+        assert_within(y, expected, bound, f"ordered dropout at b = {b}")
+    assert seen == set(range(2, 10))  # every rank from min_rank to r is sampled
+    # Non-contiguous input (a transposed view) and an empty batch.
+    xt = randn(20, 6, generator=generator, dtype=dtype).T
+    y = layer(xt)
+    expected, bound = reference(layer, xt, layer.last_rank)
+    assert_within(y, expected, bound, "transposed input")
+    assert layer(torch.empty(0, 20, dtype=dtype)).shape == (0, 13)
+
+
+def test_eval_uses_active_rank_or_all(generator):
+    layer = random_layer(8, 6, 5, generator).eval()
+    x = randn(4, 8, generator=generator)
+    for active, b in ((None, 5), (3, 3), (0, 0)):
+        layer.active_rank = active
+        y = layer(x)
+        assert layer.last_rank == b
+        expected, bound = reference(layer, x, b)
+        assert_within(y, expected, bound, f"eval at active_rank = {active}")
+    layer.active_rank = 2
+    layer.train()
+    assert all(1 <= (layer(x), layer.last_rank)[1] <= 2 for _ in range(10))  # sampled up to active_rank
+    assert layer(x, rank=4) is not None and layer.last_rank == 4  # an explicit rank wins
+    layer.ordered_dropout = False
+    layer(x)
+    assert layer.last_rank == 2
+
+
+def test_gradients_reach_only_the_first_b_components(generator):
+    layer = random_layer(10, 7, 6, generator).train()
+    x = randn(9, 10, generator=generator).requires_grad_()
+    for _ in range(6):
+        layer.zero_grad()
+        layer(x).square().sum().backward()
+        b = layer.last_rank
+        assert (layer.U_t.grad[b:] == 0).all() and (layer.V.grad[b:] == 0).all()
+        assert (layer.U_t.grad[:b] != 0).all() and (layer.V.grad[:b] != 0).all()
+
+
+def test_gradcheck(generator):
+    layer = random_layer(6, 5, 4, generator, torch.float64)
+    x = randn(3, 6, generator=generator, dtype=torch.float64).requires_grad_()
+    for b in (4, 2):
+        # The layer reads its own U_t, V and bias, the tensors gradcheck perturbs.
+        assert torch.autograd.gradcheck(lambda x, U_t, V, bias: layer(x, rank=b), (x, layer.U_t, layer.V, layer.bias))
+
+
+def test_sampling_is_deterministic_with_a_generator(generator):
+    x = randn(4, 12, generator=generator)
+
+    def run(seed):
+        layer = OrderedLowRankLinear(12, 8, 7, generator=torch.Generator().manual_seed(seed))
+        outputs = [layer(x) for _ in range(12)]
+        return [layer.last_rank] + [y.detach() for y in outputs], layer
+
+    first, layer = run(3)
+    again, _ = run(3)
+    other, _ = run(4)
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))
+    assert not all(torch.equal(a, b) for a, b in zip(first[1:], other[1:]))
+    # Without a generator, torch's global one: reproducible with manual_seed.
+    layer.generator = None
+    torch.manual_seed(0)
+    ranks = [(layer(x), layer.last_rank)[1] for _ in range(10)]
+    torch.manual_seed(0)
+    assert ranks == [(layer(x), layer.last_rank)[1] for _ in range(10)]
+
+
+# ------------------------------------------------------------------ factorizing a Linear
+@pytest.mark.parametrize("rank", [None, 6, 0.25], ids=["full", "rank6", "fraction"])
+def test_from_linear_is_the_ordered_svd(generator, rank):
+    spectrum = torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0, 2.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02], dtype=torch.float64)
+    W = with_spectrum(12, 30, spectrum, generator)  # [out = 12, in = 30]
+    linear = torch.nn.Linear(30, 12, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+    layer = OrderedLowRankLinear.from_linear(linear, rank, generator=torch.Generator().manual_seed(0))
+    k = {None: 12, 6: 6, 0.25: 3}[rank]
+    assert layer.rank == k and layer.U.dtype == torch.float64
+    assert torch.equal(layer.bias, linear.bias) and layer.bias is not linear.bias
+    # Components ordered by singular value, balanced: ||u_i|| = ||v_i|| = sqrt(s_i).
+    norms = layer.component_norms()
+    assert torch.allclose(norms, spectrum[:k], rtol=1e-10)
+    assert torch.allclose(layer.U.norm(dim=0), layer.V.norm(dim=1), rtol=1e-10)
+    error = torch.linalg.matrix_norm(layer.U @ layer.V - W)
+    optimal = spectrum[k:].square().sum().sqrt()
+    # Exact SVD (k > 6) to rounding; rsvd (k <= 6) within 1e-6 of the optimum on this
+    # fast-decaying spectrum (power iterations make its excess error negligible).
+    assert error <= optimal * (1 + 1e-6) + 1e-12
+    x = randn(4, 30, generator=generator, dtype=torch.float64)
+    if rank is None:  # full rank: the same layer
+        assert torch.allclose(layer.eval()(x), linear(x), rtol=0, atol=1e-12)
+
+
+def test_convert_replaces_matching_linears(generator):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+    shared = model[0]
+    model.add_module("again", shared)
+    ranks = maestro.convert(model, 0.5, target_modules=["0", "again"], generator=torch.Generator().manual_seed(0))
+    assert ranks == {"0": 6, "again": 6}
+    assert isinstance(model[0], OrderedLowRankLinear) and model.again is model[0]
+    assert type(model[2]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="model is itself an nn.Linear"):
+        maestro.convert(torch.nn.Linear(3, 3), 2)
+
+
+# ------------------------------------------------------------------ shrinking
+def test_shrink_preserves_outputs_up_to_the_dropped_energy(generator):
+    layer = random_layer(15, 11, 8, generator, torch.float64)
+    with torch.no_grad():  # trailing components of decreasing size, one small one in the middle
+        scales = torch.tensor([3.0, 2.0, 1e-4, 1.5, 1.0, 1e-3, 1e-5, 1e-6], dtype=torch.float64)
+        layer.U.mul_(scales / layer.U.norm(dim=0))
+        layer.V.div_(layer.V.norm(dim=1, keepdim=True))
+    norms = layer.component_norms()
+    x = randn(30, 15, generator=generator, dtype=torch.float64)
+    layer.eval()
+    before = layer(x).detach()
+    assert layer.shrink_(2e-3) == 5  # the small middle one stays: only trailing ones go
+    assert layer.U.shape == (11, 5) and layer.V.shape == (5, 15) and layer.U_t.is_contiguous()
+    after = layer(x).detach()
+    dropped = norms[5:].sum()
+    # ||x (W - W_5)^T||_row <= ||x||_row * sum of the dropped ||u_i|| ||v_i||, plus the
+    # float64 rounding of the two evaluations (tiny against 1e-3).
+    allowed = x.norm(dim=1) * dropped * (1 + 1e-9) + 1e-12
+    assert ((after - before).norm(dim=1) <= allowed).all()
+    assert ((after - before).norm(dim=1) > 0).all()
+    assert layer.shrink_(2e-3) == 5  # nothing more to cut
+    assert layer.shrink_(1e9) == 1  # at least one component stays
+    assert layer.shrink_(0.0) == 1
+
+
+def test_shrink_cuts_optimizer_state_and_keeps_training(generator):
+    layer = random_layer(10, 8, 6, generator)
+    with torch.no_grad():
+        layer.U[:, 4:] *= 1e-6  # components 4, 5: norms about 1e-5
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    x = randn(16, 10, generator=generator)
+    layer(x, rank=6).square().mean().backward()
+    optimizer.step()
+    exp_avg = optimizer.state[layer.V]["exp_avg"].clone()
+    step = optimizer.state[layer.V]["step"].clone()
+    assert maestro.shrink_(layer, 0.1, optimizer) == {"": (6, 4)}  # Adam moved them to ~1e-3 entries
+    U_t, V = layer.U_t, layer.V
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(U_t), id(V), id(layer.bias)]
+    assert len(optimizer.state) == 3
+    assert optimizer.state[V]["exp_avg"].shape == (4, 10) and torch.equal(optimizer.state[V]["step"], step)
+    assert torch.equal(optimizer.state[V]["exp_avg"], exp_avg[:4])
+    assert optimizer.state[U_t]["exp_avg_sq"].shape == (4, 8) and layer.U_t.grad.shape == (4, 8)
+    layer(x).square().mean().backward()
+    optimizer.step()  # the optimizer still works on the shrunk parameters
+    assert torch.isfinite(layer.U).all()
+
+
+def test_toy_training_finds_a_planted_rank():
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, planted = 24, 16, 3
+    spectrum = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+    teacher = (torch.linalg.qr(randn(d_out, planted, generator=g, dtype=torch.float64)).Q * spectrum) @ \
+        torch.linalg.qr(randn(d_in, planted, generator=g, dtype=torch.float64)).Q.T
+    teacher = teacher.float()
+    layer = OrderedLowRankLinear(d_in, d_out, 10, bias=False, generator=g)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.05)
+    ranks = []
+    for step in range(1500):
+        x = randn(64, d_in, generator=g)
+        loss = torch.nn.functional.mse_loss(layer(x), x @ teacher.T)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 300 == 299:  # progressive shrinking
+            ranks.append(layer.shrink_(0.05, optimizer))
+    assert ranks[-1] == planted, (ranks, layer.component_norms())
+    assert ranks == sorted(ranks, reverse=True)
+    # Ordered dropout recovered the teacher's singular values, in order (the data are
+    # isotropic: the paper's SVD recovery); 5 % is the noise of 64-sample minibatches and
+    # the weight decay's shrinkage (seeds 0-2 land within 1 %).
+    assert torch.allclose(layer.component_norms(), spectrum, rtol=0.05), layer.component_norms()
+    # The kept components are the teacher's SVD (ordered): the first one alone is its
+    # best rank-1 approximation, and the whole layer is the teacher.
+    W = (layer.U @ layer.V).detach().double()
+    assert torch.linalg.matrix_norm(W - teacher.double()) < 0.05 * torch.linalg.matrix_norm(teacher.double())
+    first = (layer.U[:, :1] @ layer.V[:1]).detach().double()
+    best1 = torch.linalg.matrix_norm(teacher.double()) ** 2 - 16.0
+    assert torch.linalg.matrix_norm(first - teacher.double()) ** 2 < best1 * 1.1
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input(generator):
+    with pytest.raises(ValueError, match=r"OrderedLowRankLinear: rank must be an integer >= 1; got 0"):
+        OrderedLowRankLinear(4, 4, 0)
+    with pytest.raises(ValueError, match=r"min_rank must be in \[1, rank\] = \[1, 3\]; got 4"):
+        OrderedLowRankLinear(4, 4, 3, min_rank=4)
+    with pytest.raises(ValueError, match=r"in_features must be an integer >= 1; got 0"):
+        OrderedLowRankLinear(0, 4, 3)
+    with pytest.raises(TypeError, match=r"generator must be a CPU torch.Generator"):
+        OrderedLowRankLinear(4, 4, 3, generator=3)
+    layer = random_layer(5, 4, 3, generator)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 6\); expected \(..., in_features\) = \(..., 5\)"):
+        layer(torch.randn(2, 6))
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, r\] = \[0, 3\]; got 4"):
+        layer(torch.randn(2, 5), rank=4)
+    layer.active_rank = 7
+    with pytest.raises(ValueError, match=r"active_rank must be in \[0, r\] = \[0, 3\]; got 7"):
+        layer(torch.randn(2, 5))
+    layer.active_rank = None
+    for tol in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"shrink_: tol must be >= 0 and finite; got"):
+            layer.shrink_(tol)
+    with pytest.raises(ValueError, match=r"rank for model must be in \[1, 4\] or a fraction in \(0, 1\); got 5"):
+        OrderedLowRankLinear.from_linear(torch.nn.Linear(4, 6), 5)
+    linear = torch.nn.Linear(4, 6)
+    with torch.no_grad():
+        linear.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"linear's weight holds 1 non-finite entries"):
+        OrderedLowRankLinear.from_linear(linear)
+    with pytest.raises(TypeError, match=r"linear must be a torch.nn.Linear; got OrderedLowRankLinear"):
+        OrderedLowRankLinear.from_linear(layer)
+    with torch.no_grad():
+        layer.U[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"1 component norms are not finite"):
+        layer.shrink_(0.1)
+    with pytest.raises(TypeError, match=r"shrink_: model must be a torch.nn.Module; got list"):
+        maestro.shrink_([layer], 0.1)

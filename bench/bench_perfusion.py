@@ -25,7 +25,7 @@ Op ``rank1_edit_gated``: the gated edit (the paper's inference path), ``ours`` a
 ``naive`` (no dense W' reproduces a gate).
 
 Op ``input_covariance``: C and C^-1 from n = 4 in samples: ``ours``
-(:func:`input_covariance`: float64 accumulation, Cholesky, ``cholesky_solve`` against I) against
+(:func:`input_covariance`: float64 accumulation, Cholesky, ``cholesky_inverse``) against
 ``torch_inv64`` (the same float64 accumulation, ``torch.linalg.inv``: the ratio is the
 inversion's) and ``torch_inv32`` (float32 accumulation and ``torch.linalg.inv``, the
 common practice).  Error column: ``max |C^-1 C - I|`` against the float64 moment.

@@ -109,7 +109,7 @@ def input_covariance(
     moment ``(1/n) sum_j x_j x_j^T`` of the n embeddings (ROME's and Perfusion's C; the
     covariance ``M - mu mu^T`` with ``center=True``).  Accumulated in float64 (sums of
     many outer products lose digits in float32), factored by Cholesky in float64, and
-    inverted from the factor (two triangular solves, ``torch.cholesky_solve``).
+    inverted from the factor (``torch.cholesky_inverse``).
 
     Parameters
     ----------
@@ -184,11 +184,12 @@ def input_covariance(
         cov.diagonal().add_(ridge)
     L = _cholesky_or_raise(cov, op, "embeddings", f"the regularized covariance of n = {count} samples in d = {width} "
                            f"(ridge = {ridge}, shrinkage = {shrinkage})", "; pass ridge > 0 or shrinkage > 0")
-    # Two triangular solves against I (LAPACK potrs) rather than torch.cholesky_inverse
-    # (potri): same result to rounding, and potri's CPU path was erratic on the shared
-    # 2-core machine (median 1.5 s against 0.24 s for potrs at d = 768, and 2.5 s against
-    # 0.27 s at d = 1024, 11 interleaved runs; torch.linalg.inv 0.8 / 1.0 s).
-    inv = torch.cholesky_solve(torch.eye(width, dtype=torch.float64, device=L.device), L)
+    # potri (torch.cholesky_inverse, n^3 flops after the factorization) rather than two
+    # triangular solves against I (potrs, 2 n^3) or LU's getri: on the quiet 2-core Xeon,
+    # float64, 6.2 / 14.6 / 112 ms at d = 768 / 1024 / 2048 against 17.8 / 21.3 / 163 (potrs)
+    # and 21.7 / 36.3 / 261 (torch.linalg.inv).  (Under heavy load from other jobs every one
+    # of them was erratic, potri most: medians of seconds.)
+    inv = torch.cholesky_inverse(L)
     inv = 0.5 * (inv + inv.T)
     return InputCovariance(cov.to(dtype), inv.to(dtype), count)
 

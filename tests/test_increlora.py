@@ -1,6 +1,12 @@
 """IncreLoRA: the importance averages against a float64 recurrence, the allocation (top
 scores, the budget, the schedule), new ranks leave the output unchanged, the optimizer
-state of new slots, determinism, state_dict round trips, a toy fine-tuning run, bad input."""
+state of new slots, determinism, state_dict round trips, a toy fine-tuning run, bad input.
+
+Devices: the reference, allocation, determinism, state-dict and training tests take the
+``device`` fixture (cpu, and cuda where usable: ``pytest -m cuda``).  Their models and data
+are drawn on the CPU from fixed seeds and moved, so both devices see the same numbers; the
+float64 references run on the CPU.  The allocator's own generator is a CPU one: it draws
+new rows on the CPU for adapters on any device."""
 from __future__ import annotations
 
 import io
@@ -42,17 +48,18 @@ class Stack(torch.nn.Module):
         return x
 
 
-def backward(model, generator, n=16, dtype=torch.float32):
-    x = randn(n, model.layers[0].in_features, generator=generator, dtype=dtype)
+def backward(model, generator, n=16, dtype=torch.float32, device="cpu"):
+    x = randn(n, model.layers[0].in_features, generator=generator, dtype=dtype, device=device)
     model.zero_grad()
     model(x).square().mean().backward()
 
 
 def reference_output(layer: LoRALinear, x: torch.Tensor, k: int):
-    """float64 output of the first k ranks and the rigorous rounding bound of a float evaluation."""
-    x64 = x.double()
-    W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
-    A, B = layer.lora_A[:k].double(), layer.lora_B[:, :k].double()
+    """float64 output of the first k ranks and the rigorous rounding bound of a float
+    evaluation (on the CPU, whatever the layer's device)."""
+    x64 = x.double().cpu()
+    W, b = layer.base_layer.weight.double().cpu(), layer.base_layer.bias.double().cpu()
+    A, B = layer.lora_A[:k].double().cpu(), layer.lora_B[:, :k].double().cpu()
     s = layer.scaling
     y = x64 @ W.T + b + s * (x64 @ A.T) @ B.T
     abs_sum = x64.abs() @ W.abs().T + b.abs() + abs(s) * (x64.abs() @ A.abs().T) @ B.abs().T
@@ -67,17 +74,18 @@ def reference_output(layer: LoRALinear, x: torch.Tensor, k: int):
 
 
 # ------------------------------------------------------------------ scores
-def test_scores_are_the_float64_recurrence(generator):
-    model = Stack(generator)
+def test_scores_are_the_float64_recurrence(device):
+    generator = torch.Generator().manual_seed(101)
+    model = Stack(generator).to(device)
     beta1, beta2 = 0.7, 0.9
     allocator = IncreLoRAAllocator(model, 12, 2, add_every=1000, beta1=beta1, beta2=beta2)
     params = [p for layer in model.layers for p in (layer.lora_A, layer.lora_B)]
     ema = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     unc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for step in range(5):
-        backward(model, generator)
+        backward(model, generator, device=device)
         for p, e, u in zip(params, ema, unc):
-            ipt = (p.double() * p.grad.double()).abs()
+            ipt = (p.double() * p.grad.double()).abs().cpu()
             e.mul_(beta1).add_((1 - beta1) * ipt)
             u.mul_(beta2).add_((1 - beta2) * (ipt - e).abs())
         allocator.update_and_allocate(step)
@@ -97,8 +105,9 @@ def test_scores_are_the_float64_recurrence(generator):
     assert torch.allclose(scores, expected, rtol=1e-5, atol=0)
 
 
-def test_ranks_go_to_the_highest_scores(generator):
-    model = Stack(generator, widths=(8,) * 7, r_max=4)  # six modules of the same size
+def test_ranks_go_to_the_highest_scores(device):
+    generator = torch.Generator().manual_seed(102)
+    model = Stack(generator, widths=(8,) * 7, r_max=4).to(device)  # six modules of the same size
     allocator = IncreLoRAAllocator(model, 6 * 1 + 5, 1, add_every=3, ranks_per_step=2)
     # A twin that never allocates, fed the same gradients: its scores are the ones the
     # allocation at step 3 ranked.
@@ -106,8 +115,8 @@ def test_ranks_go_to_the_highest_scores(generator):
     factors = [1.0, 10.0, 0.5, 2.0, 6.0, 0.1]  # gradient scales per module
     for step in range(1, 4):
         for layer, f in zip(model.layers, factors):
-            layer.lora_A.grad = randn(*layer.lora_A.shape, generator=generator) * f
-            layer.lora_B.grad = randn(*layer.lora_B.shape, generator=generator) * f
+            layer.lora_A.grad = randn(*layer.lora_A.shape, generator=generator, device=device) * f
+            layer.lora_B.grad = randn(*layer.lora_B.shape, generator=generator, device=device) * f
         twin.update_and_allocate(step)
         ranks = allocator.update_and_allocate(step)
     scores = twin.module_scores()
@@ -128,13 +137,17 @@ def test_ties_go_to_the_first_module(generator):
 
 # ------------------------------------------------------------------ adding ranks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_output_unchanged_when_a_rank_is_added(generator, dtype):
-    model = Stack(generator, dtype=dtype)
-    allocator = IncreLoRAAllocator(model, 4 * 2 + 4, 2, add_every=2, ranks_per_step=4)
-    x = randn(7, 10, generator=generator, dtype=dtype)
-    backward(model, generator, dtype=dtype)
+def test_output_unchanged_when_a_rank_is_added(dtype, device, monkeypatch):
+    if device == "cuda":  # bfloat16 GEMMs accumulate in float32 only with this off (the bound assumes it)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+    generator = torch.Generator().manual_seed(103)
+    model = Stack(generator, dtype=dtype).to(device)
+    allocator = IncreLoRAAllocator(model, 4 * 2 + 4, 2, add_every=2, ranks_per_step=4,
+                                   generator=torch.Generator().manual_seed(104))
+    x = randn(7, 10, generator=generator, dtype=dtype, device=device)
+    backward(model, generator, dtype=dtype, device=device)
     allocator.update_and_allocate(1)
-    backward(model, generator, dtype=dtype)
+    backward(model, generator, dtype=dtype, device=device)
     inputs, outputs = [], []
     h = x
     for i, layer in enumerate(model.layers):  # each layer's input and output before the allocation
@@ -151,33 +164,35 @@ def test_output_unchanged_when_a_rank_is_added(generator, dtype):
         # The new rank's term is exactly zero, so the float64 value of the rank-2 layer is
         # the exact value of both evaluations: each within its rounding bound of it.
         reference, bound = reference_output(layer, h, 2)
-        assert_within(after, reference, bound, "after adding a rank")
-        assert_within(before, reference, bound, "before adding a rank")
+        assert_within(after.cpu(), reference, bound, "after adding a rank")
+        assert_within(before.cpu(), reference, bound, "before adding a rank")
 
 
-def test_new_rank_trains_and_gradcheck(generator):
-    model = Stack(generator, dtype=torch.float64)
-    allocator = IncreLoRAAllocator(model, 4 * 2 + 1, 2, add_every=1)
-    backward(model, generator, dtype=torch.float64)
+def test_new_rank_trains_and_gradcheck(device):
+    generator = torch.Generator().manual_seed(105)
+    model = Stack(generator, dtype=torch.float64).to(device)
+    allocator = IncreLoRAAllocator(model, 4 * 2 + 1, 2, add_every=1, generator=torch.Generator().manual_seed(106))
+    backward(model, generator, dtype=torch.float64, device=device)
     allocator.update_and_allocate(1)
     (name, layer), = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and m.active_rank == 3]
-    backward(model, generator, dtype=torch.float64)
+    backward(model, generator, dtype=torch.float64, device=device)
     assert (layer.lora_B.grad[:, 2] != 0).all()  # B's new column gets a gradient at once
     assert (layer.lora_A.grad[3:] == 0).all() and (layer.lora_B.grad[:, 3:] == 0).all()
-    x = randn(5, layer.in_features, generator=generator, dtype=torch.float64).requires_grad_()
+    x = randn(5, layer.in_features, generator=generator, dtype=torch.float64, device=device).requires_grad_()
     with torch.no_grad():
-        layer.lora_B[:, 2] = randn(layer.out_features, generator=generator, dtype=torch.float64)
+        layer.lora_B[:, 2] = randn(layer.out_features, generator=generator, dtype=torch.float64, device=device)
     # The layer reads its own lora_A and lora_B, the tensors gradcheck perturbs.
     assert torch.autograd.gradcheck(lambda x, A, B: layer(x), (x, layer.lora_A, layer.lora_B))
 
 
-def test_optimizer_state_of_new_slots_is_zeroed(generator):
-    model = Stack(generator)
+def test_optimizer_state_of_new_slots_is_zeroed(device):
+    generator = torch.Generator().manual_seed(107)
+    model = Stack(generator).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
     allocator = IncreLoRAAllocator(model, 4 * 2 + 4, 2, add_every=3, ranks_per_step=4, optimizer=optimizer,
                                    generator=torch.Generator().manual_seed(3))
     for step in range(1, 4):
-        backward(model, generator)
+        backward(model, generator, device=device)
         # SGD's weight decay enters the momentum of every slot, active or not.
         before = [optimizer.state[layer.lora_A]["momentum_buffer"].clone() for layer in model.layers] if step > 1 \
             else None
@@ -194,15 +209,16 @@ def test_optimizer_state_of_new_slots_is_zeroed(generator):
 
 
 # ------------------------------------------------------------------ schedule and budget
-def test_budget_is_never_exceeded_and_is_reached(generator):
-    model = Stack(generator, widths=(6,) * 6, r_max=5)
+def test_budget_is_never_exceeded_and_is_reached(device):
+    generator = torch.Generator().manual_seed(108)
+    model = Stack(generator, widths=(6,) * 6, r_max=5).to(device)
     budget = 5 * 2 + 11
     allocator = IncreLoRAAllocator(model, budget, 2, add_every=2, warmup_steps=3, final_step=11)
     # 4 allocations (steps 5, 7, 9, 11) for 11 ranks: ceil(11 / 4) = 3 per allocation.
     assert allocator.ranks_per_step == 3
     allocated_at = []
     for step in range(20):
-        backward(model, generator)
+        backward(model, generator, device=device)
         before = sum(allocator.ranks)
         ranks = allocator.update_and_allocate(step)
         assert sum(ranks.values()) <= budget
@@ -224,15 +240,15 @@ def test_max_rank_caps_every_module(generator):
     assert [layer.active_rank for layer in model.layers] == [3, 3]
 
 
-def test_allocation_is_deterministic(generator):
+def test_allocation_is_deterministic(device):
     def run(seed):
         data = torch.Generator().manual_seed(11)
-        model = Stack(torch.Generator().manual_seed(5))
+        model = Stack(torch.Generator().manual_seed(5)).to(device)
         allocator = IncreLoRAAllocator(model, 4 * 1 + 10, 1, add_every=2, ranks_per_step=2,
                                        generator=torch.Generator().manual_seed(seed))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         for step in range(12):
-            backward(model, data)
+            backward(model, data, device=device)
             allocator.update_and_allocate(step)
             optimizer.step()
         return allocator.history, [layer.lora_A.detach().clone() for layer in model.layers]
@@ -245,9 +261,12 @@ def test_allocation_is_deterministic(generator):
     assert not all(torch.equal(a, b) for a, b in zip(weights, weights_other))  # the generator draws the new rows
 
 
-def test_state_dict_round_trip_restores_ranks(generator):
+def test_state_dict_round_trip_restores_ranks(device):
+    """Saved on ``device``; the model and optimizer reloaded through the CPU
+    (``map_location="cpu"``), the allocator both ways (its generator state lands on
+    ``device`` with ``map_location=device``; its averages on the CPU with "cpu")."""
     def build():
-        model = Stack(torch.Generator().manual_seed(2))
+        model = Stack(torch.Generator().manual_seed(2)).to(device)
         allocator = IncreLoRAAllocator(model, 4 * 1 + 8, 1, add_every=2, ranks_per_step=3,
                                        generator=torch.Generator().manual_seed(4))
         return model, allocator, torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -255,29 +274,32 @@ def test_state_dict_round_trip_restores_ranks(generator):
     data = torch.Generator().manual_seed(7)
     model, allocator, optimizer = build()
     for step in range(5):
-        backward(model, data)
+        backward(model, data, device=device)
         allocator.update_and_allocate(step)
         optimizer.step()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "allocator": allocator.state_dict(),
                 "optimizer": optimizer.state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = torch.load(buffer, weights_only=True, map_location="cpu")
+    buffer.seek(0)
+    on_device = torch.load(buffer, weights_only=True, map_location=device)
     fresh, fresh_allocator, fresh_optimizer = build()
     assert [layer.active_rank for layer in fresh.layers] == [1] * 4
     fresh.load_state_dict(saved["model"])
-    fresh_allocator.load_state_dict(saved["allocator"])
+    fresh_allocator.load_state_dict(on_device["allocator"])
+    fresh_allocator.load_state_dict(saved["allocator"])  # the same state again: loading is idempotent
     fresh_optimizer.load_state_dict(saved["optimizer"])
     assert fresh_allocator.ranks == allocator.ranks and max(allocator.ranks) > 1
     assert [layer.active_rank for layer in fresh.layers] == allocator.ranks
-    x = randn(6, 10, generator=generator)
+    x = randn(6, 10, generator=torch.Generator().manual_seed(8), device=device)
     assert torch.equal(fresh(x), model(x))
     # Continuing both gives the same allocations and values (averages and generator restored).
     state = data.get_state()
     for m, a, o in ((model, allocator, optimizer), (fresh, fresh_allocator, fresh_optimizer)):
         data.set_state(state)
         for step in range(5, 10):
-            backward(m, data)
+            backward(m, data, device=device)
             a.update_and_allocate(step)
             o.step()
     assert fresh_allocator.history == allocator.history
@@ -300,8 +322,9 @@ def test_load_state_dict_checks(generator):
 
 
 # ------------------------------------------------------------------ training
-def test_toy_regression_loss_drops_and_ranks_grow():
+def test_toy_regression_loss_drops_and_ranks_grow(device):
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the Linear layers' initialization: the same model on every device and run
     d = 16
     teacher = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh(), torch.nn.Linear(d, d))
     student = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Tanh(), torch.nn.Linear(d, d))
@@ -314,10 +337,11 @@ def test_toy_regression_loss_drops_and_ranks_grow():
                     t.weight += randn(d, 4, generator=g) @ randn(4, d, generator=g) * 0.3
     student[0] = LoRALinear(student[0], 8, 8.0, generator=g)
     student[2] = LoRALinear(student[2], 8, 8.0, generator=g)
+    teacher, student = teacher.to(device), student.to(device)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     allocator = IncreLoRAAllocator(student, 8, 1, add_every=20, warmup_steps=20, final_step=200,
                                    generator=g, optimizer=optimizer)
-    x_test = randn(256, d, generator=g)
+    x_test = randn(256, d, generator=g, device=device)
     y_test = teacher(x_test).detach()
 
     def test_loss():
@@ -326,7 +350,7 @@ def test_toy_regression_loss_drops_and_ranks_grow():
 
     start = test_loss()
     for step in range(400):
-        x = randn(64, d, generator=g)
+        x = randn(64, d, generator=g, device=device)
         loss = torch.nn.functional.mse_loss(student(x), teacher(x).detach())
         optimizer.zero_grad()
         loss.backward()

@@ -1,7 +1,12 @@
 """Maestro: the ordered-dropout forward against the float64 product at the sampled rank,
 gradients only on the first b components, gradcheck, determinism, factorizing a Linear
 (exact SVD and rsvd), shrinking within the dropped energy (optimizer state cut too),
-convert, a toy run where shrinking finds a planted rank, bad input."""
+convert, a toy run where shrinking finds a planted rank, bad input.
+
+Devices: every test but the bad-input one takes the ``device`` fixture (cpu, and cuda
+where usable: ``pytest -m cuda``).  Layers and data are drawn on the CPU from fixed seeds
+and moved, so both devices see the same numbers (the layers' generators are CPU ones:
+the sampled ranks are the same on both); the float64 references run on the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -13,18 +18,19 @@ from lowrank_ops.methods.maestro import OrderedLowRankLinear
 from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound, with_spectrum
 
 
-def random_layer(in_features, out_features, rank, generator, dtype=torch.float32, **kwargs):
+def random_layer(in_features, out_features, rank, generator, dtype=torch.float32, device="cpu", **kwargs):
     layer = OrderedLowRankLinear(in_features, out_features, rank, generator=generator, dtype=dtype, **kwargs)
     with torch.no_grad():  # comparable scales for every component and the bias
         layer.U.copy_(randn(out_features, rank, generator=generator))
         layer.V.copy_(randn(rank, in_features, generator=generator))
         layer.bias.copy_(randn(out_features, generator=generator))
-    return layer
+    return layer.to(device)
 
 
 def reference(layer: OrderedLowRankLinear, x: torch.Tensor, b: int):
-    """float64 ``x V_b^T U_b^T + bias`` and the rigorous bound on a float evaluation's error."""
-    x64, U, V, bias = x.double(), layer.U[:, :b].double(), layer.V[:b].double(), layer.bias.double()
+    """float64 ``x V_b^T U_b^T + bias`` and the rigorous bound on a float evaluation's
+    error (on the CPU, whatever the layer's device)."""
+    x64, U, V, bias = (t.double().cpu() for t in (x, layer.U[:, :b], layer.V[:b], layer.bias))
     y = (x64 @ V.T) @ U.T + bias
     abs_sum = (x64.abs() @ V.abs().T) @ U.abs().T + bias.abs()
     # Two dot products in a row (over in, then over b) plus the bias: Higham's gamma_n
@@ -37,36 +43,46 @@ def reference(layer: OrderedLowRankLinear, x: torch.Tensor, b: int):
 
 
 # ------------------------------------------------------------------ forward
+def exact_bf16_accumulation(device, monkeypatch):
+    """cuBLAS may reduce bfloat16 GEMMs in bfloat16 unless told not to; the bounds here
+    assume float32 accumulation (the CPU's), so CUDA runs turn that off."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_ordered_dropout_forward_is_the_float64_product(generator, dtype):
-    layer = random_layer(20, 13, 9, generator, dtype, min_rank=2).train()
-    x = randn(3, 5, 20, generator=generator, dtype=dtype)  # batched
+def test_ordered_dropout_forward_is_the_float64_product(dtype, device, monkeypatch):
+    exact_bf16_accumulation(device, monkeypatch)
+    generator = torch.Generator().manual_seed(201)
+    layer = random_layer(20, 13, 9, generator, dtype, device, min_rank=2).train()
+    x = randn(3, 5, 20, generator=generator, dtype=dtype, device=device)  # batched
     seen = set()
     for _ in range(40):
         y = layer(x)
         b = layer.last_rank
         seen.add(b)
-        assert y.shape == (3, 5, 13) and y.dtype == dtype
+        assert y.shape == (3, 5, 13) and y.dtype == dtype and y.device.type == device
         expected, bound = reference(layer, x, b)
-        assert_within(y, expected, bound, f"ordered dropout at b = {b}")
+        assert_within(y.cpu(), expected, bound, f"ordered dropout at b = {b}")
     assert seen == set(range(2, 10))  # every rank from min_rank to r is sampled
     # Non-contiguous input (a transposed view) and an empty batch.
-    xt = randn(20, 6, generator=generator, dtype=dtype).T
+    xt = randn(20, 6, generator=generator, dtype=dtype, device=device).T
     y = layer(xt)
     expected, bound = reference(layer, xt, layer.last_rank)
-    assert_within(y, expected, bound, "transposed input")
-    assert layer(torch.empty(0, 20, dtype=dtype)).shape == (0, 13)
+    assert_within(y.cpu(), expected, bound, "transposed input")
+    assert layer(torch.empty(0, 20, dtype=dtype, device=device)).shape == (0, 13)
 
 
-def test_eval_uses_active_rank_or_all(generator):
-    layer = random_layer(8, 6, 5, generator).eval()
-    x = randn(4, 8, generator=generator)
+def test_eval_uses_active_rank_or_all(device):
+    generator = torch.Generator().manual_seed(202)
+    layer = random_layer(8, 6, 5, generator, device=device).eval()
+    x = randn(4, 8, generator=generator, device=device)
     for active, b in ((None, 5), (3, 3), (0, 0)):
         layer.active_rank = active
         y = layer(x)
         assert layer.last_rank == b
         expected, bound = reference(layer, x, b)
-        assert_within(y, expected, bound, f"eval at active_rank = {active}")
+        assert_within(y.cpu(), expected, bound, f"eval at active_rank = {active}")
     layer.active_rank = 2
     layer.train()
     assert all(1 <= (layer(x), layer.last_rank)[1] <= 2 for _ in range(10))  # sampled up to active_rank
@@ -76,9 +92,10 @@ def test_eval_uses_active_rank_or_all(generator):
     assert layer.last_rank == 2
 
 
-def test_gradients_reach_only_the_first_b_components(generator):
-    layer = random_layer(10, 7, 6, generator).train()
-    x = randn(9, 10, generator=generator).requires_grad_()
+def test_gradients_reach_only_the_first_b_components(device):
+    generator = torch.Generator().manual_seed(203)
+    layer = random_layer(10, 7, 6, generator, device=device).train()
+    x = randn(9, 10, generator=generator, device=device).requires_grad_()
     for _ in range(6):
         layer.zero_grad()
         layer(x).square().sum().backward()
@@ -87,27 +104,37 @@ def test_gradients_reach_only_the_first_b_components(generator):
         assert (layer.U_t.grad[:b] != 0).all() and (layer.V.grad[:b] != 0).all()
 
 
-def test_gradcheck(generator):
-    layer = random_layer(6, 5, 4, generator, torch.float64)
-    x = randn(3, 6, generator=generator, dtype=torch.float64).requires_grad_()
+def test_gradcheck(device):
+    generator = torch.Generator().manual_seed(204)
+    layer = random_layer(6, 5, 4, generator, torch.float64, device)
+    x = randn(3, 6, generator=generator, dtype=torch.float64, device=device).requires_grad_()
     for b in (4, 2):
         # The layer reads its own U_t, V and bias, the tensors gradcheck perturbs.
         assert torch.autograd.gradcheck(lambda x, U_t, V, bias: layer(x, rank=b), (x, layer.U_t, layer.V, layer.bias))
 
 
-def test_sampling_is_deterministic_with_a_generator(generator):
-    x = randn(4, 12, generator=generator)
+def test_sampling_is_deterministic_with_a_generator(device):
+    x = randn(4, 12, generator=torch.Generator().manual_seed(205), device=device)
 
-    def run(seed):
-        layer = OrderedLowRankLinear(12, 8, 7, generator=torch.Generator().manual_seed(seed))
-        outputs = [layer(x) for _ in range(12)]
-        return [layer.last_rank] + [y.detach() for y in outputs], layer
+    def run(seed, where=device):
+        # Built on `where` directly: the CPU generator draws the values on the CPU.
+        layer = OrderedLowRankLinear(12, 8, 7, generator=torch.Generator().manual_seed(seed), device=where)
+        outputs, ranks = [], []
+        for _ in range(12):
+            outputs.append(layer(x.to(where)).detach())
+            ranks.append(layer.last_rank)
+        return ranks, outputs, layer
 
-    first, layer = run(3)
-    again, _ = run(3)
-    other, _ = run(4)
-    assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]))
-    assert not all(torch.equal(a, b) for a, b in zip(first[1:], other[1:]))
+    ranks, first, layer = run(3)
+    ranks_again, again, _ = run(3)
+    _, other, _ = run(4)
+    assert ranks == ranks_again and len(set(ranks)) > 1
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    # The same seed gives the same initial values and ranks on every device.
+    cpu_ranks, _, cpu_layer = run(3, "cpu")
+    assert cpu_ranks == ranks
+    assert all(torch.equal(p.detach().cpu(), q.detach()) for p, q in zip(layer.parameters(), cpu_layer.parameters()))
     # Without a generator, torch's global one: reproducible with manual_seed.
     layer.generator = None
     torch.manual_seed(0)
@@ -118,15 +145,25 @@ def test_sampling_is_deterministic_with_a_generator(generator):
 
 # ------------------------------------------------------------------ factorizing a Linear
 @pytest.mark.parametrize("rank", [None, 6, 0.25], ids=["full", "rank6", "fraction"])
-def test_from_linear_is_the_ordered_svd(generator, rank):
+def test_from_linear_is_the_ordered_svd(rank, device):
+    """Exact SVD (full) and rsvd (rank 6 and 3: at most half of 12) on ``device``, with a
+    CPU generator (rsvd draws on the weight's device from a generator seeded by it)."""
+    generator = torch.Generator().manual_seed(206)
     spectrum = torch.tensor([9.0, 7.0, 5.0, 4.0, 3.0, 2.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02], dtype=torch.float64)
     W = with_spectrum(12, 30, spectrum, generator)  # [out = 12, in = 30]
     linear = torch.nn.Linear(30, 12, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.copy_(W)
-    layer = OrderedLowRankLinear.from_linear(linear, rank, generator=torch.Generator().manual_seed(0))
+    linear, W, spectrum = linear.to(device), W.to(device), spectrum.to(device)
+    sampler = torch.Generator().manual_seed(0)
+    layer = OrderedLowRankLinear.from_linear(linear, rank, generator=sampler)
+    # One draw for rsvd's seed, then the constructor's initialization: the same on every device.
+    twin = torch.Generator().manual_seed(0)
+    torch.randint(0, 2**62, (), generator=twin)
+    OrderedLowRankLinear(30, 12, layer.rank, generator=twin, dtype=torch.float64)
+    assert torch.equal(sampler.get_state(), twin.get_state())
     k = {None: 12, 6: 6, 0.25: 3}[rank]
-    assert layer.rank == k and layer.U.dtype == torch.float64
+    assert layer.rank == k and layer.U.dtype == torch.float64 and layer.U.device.type == device
     assert torch.equal(layer.bias, linear.bias) and layer.bias is not linear.bias
     # Components ordered by singular value, balanced: ||u_i|| = ||v_i|| = sqrt(s_i).
     norms = layer.component_norms()
@@ -137,36 +174,39 @@ def test_from_linear_is_the_ordered_svd(generator, rank):
     # Exact SVD (k > 6) to rounding; rsvd (k <= 6) within 1e-6 of the optimum on this
     # fast-decaying spectrum (power iterations make its excess error negligible).
     assert error <= optimal * (1 + 1e-6) + 1e-12
-    x = randn(4, 30, generator=generator, dtype=torch.float64)
+    x = randn(4, 30, generator=generator, dtype=torch.float64, device=device)
     if rank is None:  # full rank: the same layer
         assert torch.allclose(layer.eval()(x), linear(x), rtol=0, atol=1e-12)
 
 
-def test_convert_replaces_matching_linears(generator):
-    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+def test_convert_replaces_matching_linears(device):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4)).to(device)
     shared = model[0]
     model.add_module("again", shared)
     ranks = maestro.convert(model, 0.5, target_modules=["0", "again"], generator=torch.Generator().manual_seed(0))
     assert ranks == {"0": 6, "again": 6}
     assert isinstance(model[0], OrderedLowRankLinear) and model.again is model[0]
+    assert model[0].V.device.type == device
     assert type(model[2]) is torch.nn.Linear
     with pytest.raises(ValueError, match="model is itself an nn.Linear"):
         maestro.convert(torch.nn.Linear(3, 3), 2)
 
 
 # ------------------------------------------------------------------ shrinking
-def test_shrink_preserves_outputs_up_to_the_dropped_energy(generator):
-    layer = random_layer(15, 11, 8, generator, torch.float64)
+def test_shrink_preserves_outputs_up_to_the_dropped_energy(device):
+    generator = torch.Generator().manual_seed(207)
+    layer = random_layer(15, 11, 8, generator, torch.float64, device)
     with torch.no_grad():  # trailing components of decreasing size, one small one in the middle
-        scales = torch.tensor([3.0, 2.0, 1e-4, 1.5, 1.0, 1e-3, 1e-5, 1e-6], dtype=torch.float64)
+        scales = torch.tensor([3.0, 2.0, 1e-4, 1.5, 1.0, 1e-3, 1e-5, 1e-6], dtype=torch.float64, device=device)
         layer.U.mul_(scales / layer.U.norm(dim=0))
         layer.V.div_(layer.V.norm(dim=1, keepdim=True))
     norms = layer.component_norms()
-    x = randn(30, 15, generator=generator, dtype=torch.float64)
+    x = randn(30, 15, generator=generator, dtype=torch.float64, device=device)
     layer.eval()
     before = layer(x).detach()
     assert layer.shrink_(2e-3) == 5  # the small middle one stays: only trailing ones go
     assert layer.U.shape == (11, 5) and layer.V.shape == (5, 15) and layer.U_t.is_contiguous()
+    assert layer.V.device.type == device
     after = layer(x).detach()
     dropped = norms[5:].sum()
     # ||x (W - W_5)^T||_row <= ||x||_row * sum of the dropped ||u_i|| ||v_i||, plus the
@@ -179,12 +219,13 @@ def test_shrink_preserves_outputs_up_to_the_dropped_energy(generator):
     assert layer.shrink_(0.0) == 1
 
 
-def test_shrink_cuts_optimizer_state_and_keeps_training(generator):
-    layer = random_layer(10, 8, 6, generator)
+def test_shrink_cuts_optimizer_state_and_keeps_training(device):
+    generator = torch.Generator().manual_seed(208)
+    layer = random_layer(10, 8, 6, generator, device=device)
     with torch.no_grad():
         layer.U[:, 4:] *= 1e-6  # components 4, 5: norms about 1e-5
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
-    x = randn(16, 10, generator=generator)
+    x = randn(16, 10, generator=generator, device=device)
     layer(x, rank=6).square().mean().backward()
     optimizer.step()
     exp_avg = optimizer.state[layer.V]["exp_avg"].clone()
@@ -201,18 +242,18 @@ def test_shrink_cuts_optimizer_state_and_keeps_training(generator):
     assert torch.isfinite(layer.U).all()
 
 
-def test_toy_training_finds_a_planted_rank():
+def test_toy_training_finds_a_planted_rank(device):
     g = torch.Generator().manual_seed(0)
     d_in, d_out, planted = 24, 16, 3
     spectrum = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
     teacher = (torch.linalg.qr(randn(d_out, planted, generator=g, dtype=torch.float64)).Q * spectrum) @ \
         torch.linalg.qr(randn(d_in, planted, generator=g, dtype=torch.float64)).Q.T
-    teacher = teacher.float()
-    layer = OrderedLowRankLinear(d_in, d_out, 10, bias=False, generator=g)
+    teacher = teacher.float().to(device)
+    layer = OrderedLowRankLinear(d_in, d_out, 10, bias=False, generator=g).to(device)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.05)
     ranks = []
     for step in range(1500):
-        x = randn(64, d_in, generator=g)
+        x = randn(64, d_in, generator=g, device=device)
         loss = torch.nn.functional.mse_loss(layer(x), x @ teacher.T)
         optimizer.zero_grad()
         loss.backward()
@@ -224,7 +265,7 @@ def test_toy_training_finds_a_planted_rank():
     # Ordered dropout recovered the teacher's singular values, in order (the data are
     # isotropic: the paper's SVD recovery); 5 % is the noise of 64-sample minibatches and
     # the weight decay's shrinkage (seeds 0-2 land within 1 %).
-    assert torch.allclose(layer.component_norms(), spectrum, rtol=0.05), layer.component_norms()
+    assert torch.allclose(layer.component_norms().cpu(), spectrum, rtol=0.05), layer.component_norms()
     # The kept components are the teacher's SVD (ordered): the first one alone is its
     # best rank-1 approximation, and the whole layer is the teacher.
     W = (layer.U @ layer.V).detach().double()

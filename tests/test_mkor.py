@@ -8,6 +8,11 @@ means, with the bias entry 1, and the sums of the output-gradient rows, both rec
 here from the layer's inputs and a ``retain_grad`` of its output), and the float64
 product ``L_g^-1 [G_W | g_b] L_a^-1``.
 
+Devices: the reference, determinism, state-dict and training tests take the ``device``
+fixture (cpu, and cuda where usable: ``pytest -m cuda``).  Their data and models are drawn
+on the CPU from fixed seeds and moved, so both devices see the same numbers; the float64
+oracles run on the CPU.
+
 Tolerances.  Each Sherman-Morrison step is backward stable up to the conditioning of the
 update: its rounding error is about ``u cond(L)`` relative, and the errors of ``t``
 steps add up (they are not amplified: the exact recursion maps a perturbation of
@@ -61,9 +66,9 @@ SM_CASES = [(dtype, dim, bias, beta) for dtype in (torch.float64, torch.float32)
 
 
 @pytest.mark.parametrize("dtype, dim, bias, beta", SM_CASES)
-def test_sherman_morrison_matches_explicit_inverse(dtype, dim, bias, beta):
+def test_sherman_morrison_matches_explicit_inverse(dtype, dim, bias, beta, device):
     generator = torch.Generator().manual_seed(dim * 100 + int(beta * 10))
-    inverse = ShermanMorrisonInverse(dim + bias, dtype)
+    inverse = ShermanMorrisonInverse(dim + bias, dtype, device)
     vectors = []
     steps = 200
     for t in range(steps):
@@ -71,15 +76,16 @@ def test_sherman_morrison_matches_explicit_inverse(dtype, dim, bias, beta):
         if bias:
             v = torch.cat([v, torch.ones(1, dtype=torch.float64)])
         vectors.append(v)
-        assert inverse.update(v.to(dtype), beta)
+        assert inverse.update(v.to(device, dtype), beta)
         if t in (0, 1, 10, steps - 1):
             L = ema_factor(vectors, beta)
             cond = float(torch.linalg.cond(L))
-            error = rel(inverse.dense(), torch.linalg.inv(L))
+            error = rel(inverse.dense().cpu(), torch.linalg.inv(L))
             bound = (t + 1) * cond * UNIT[dtype] * 64
             assert error <= bound, (t, error, bound, cond)
     # The kept inverse stays exactly symmetric: the recursion would amplify any
     # antisymmetric rounding by 1/beta per step (see ShermanMorrisonInverse.update).
+    assert inverse.matrix.device.type == device
     assert torch.equal(inverse.matrix, inverse.matrix.T)
 
 
@@ -102,13 +108,18 @@ def test_sherman_morrison_scale_fold_and_blend():
     assert torch.equal(inverse.dense(), torch.eye(5, dtype=torch.float64))
 
 
-def test_sherman_morrison_refuses_a_broken_update():
-    inverse = ShermanMorrisonInverse(4, torch.float64)
+def test_sherman_morrison_refuses_a_broken_update(device):
+    inverse = ShermanMorrisonInverse(4, torch.float64, device)
     inverse.matrix.neg_()  # "L^-1 = -I": v^T L^-1 v < 0, denominator 1 - alpha |v|^2 <= 0 for |v| large
     before = inverse.matrix.clone()
-    assert not inverse.update(torch.full((4,), 3.0, dtype=torch.float64), 0.5)
+    assert not inverse.update(torch.full((4,), 3.0, dtype=torch.float64, device=device), 0.5)
     assert torch.equal(inverse.matrix, before) and inverse.scale == 1.0
-    assert not inverse.update(torch.tensor([float("inf"), 0.0, 0.0, 0.0], dtype=torch.float64), 0.5)
+    # A non-finite v is refused too (MKOR reads v's finiteness only after a refusal).
+    inverse.reset()
+    for bad in (float("inf"), float("nan")):
+        v = torch.tensor([bad, 1.0, -2.0, 0.5], dtype=torch.float64, device=device)
+        assert not inverse.update(v, 0.5)
+        assert torch.equal(inverse.dense(), torch.eye(4, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match=r"v must have shape \(4,\); got \(3,\)"):
         inverse.update(torch.ones(3, dtype=torch.float64), 0.5)
 
@@ -130,7 +141,7 @@ class Recorder:
     def a_mean(self, bias: bool) -> torch.Tensor:
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs]).double()
         mean = rows.mean(0)
-        return torch.cat([mean, torch.ones(1, dtype=torch.float64)]) if bias else mean
+        return torch.cat([mean, mean.new_ones(1)]) if bias else mean
 
     def g_sum(self) -> torch.Tensor:
         return torch.cat([y.grad.reshape(-1, y.shape[-1]) for y in self.outputs]).double().sum(0)
@@ -151,10 +162,10 @@ class MLP(nn.Module):
 
 
 @pytest.mark.parametrize("shape", ["batched", "sequence", "sequence_strided"])
-def test_hooks_capture_means(shape):
+def test_hooks_capture_means(shape, device):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = MLP(dtype=torch.float64)
+    model = MLP(dtype=torch.float64).to(device)
     recorders = [Recorder(model.fc1), Recorder(model.fc2)]
     optimizer = MKOR(model, lr=0.0)
     if shape == "batched":
@@ -163,10 +174,11 @@ def test_hooks_capture_means(shape):
         x = torch.randn(3, 5, 6, dtype=torch.float64, generator=generator) + 1.0  # batch x tokens x features
     else:
         x = (torch.randn(3, 6, 5, dtype=torch.float64, generator=generator) + 1.0).transpose(1, 2)
-        assert not x.is_contiguous()
+    x = x.to(device)
+    assert x.is_contiguous() == (shape != "sequence_strided")
     with torch.no_grad():
         model(x * 100)  # evaluation passes record nothing
-    target = torch.randn(*x.shape[:-1], 4, dtype=torch.float64, generator=generator)
+    target = torch.randn(*x.shape[:-1], 4, dtype=torch.float64, generator=generator).to(device)
     for _ in range(2):  # two forward/backward passes before one step: pooled
         (model(x) - target).square().mean().backward()
     layers = optimizer._layers
@@ -186,13 +198,13 @@ def test_hooks_capture_means(shape):
 # ---------------------------------------------------------------------------- preconditioning
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("inverse_bound", [None, 1.5])
-def test_preconditioned_gradient_matches_float64(dtype, inverse_bound):
+def test_preconditioned_gradient_matches_float64(dtype, inverse_bound, device):
     """Five steps of precondition() on an MLP against the explicit factors' inverses,
     with the stabilizer's blends replayed on the explicit inverse (inverse_bound=1.5
     triggers them within the five steps)."""
     generator = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
-    model = MLP(dtype=dtype)
+    model = MLP(dtype=dtype).to(device)
     beta, zeta = 0.8, 0.3
     optimizer = MKOR(model, lr=0.0, beta=beta, stabilization=zeta, inverse_bound=inverse_bound, rescale=False)
     recorders = {model.fc1: Recorder(model.fc1), model.fc2: Recorder(model.fc2)}
@@ -200,15 +212,15 @@ def test_preconditioned_gradient_matches_float64(dtype, inverse_bound):
                 for m, dims in ((model.fc1, (7, 9)), (model.fc2, (9, 4))) for side, dim in zip("ag", dims)}
     blends = 0
     for step in range(5):
-        x = torch.randn(12, 6, dtype=dtype, generator=generator) + 0.5
-        target = torch.randn(12, 4, dtype=dtype, generator=generator)
+        x = (torch.randn(12, 6, dtype=dtype, generator=generator) + 0.5).to(device)
+        target = torch.randn(12, 4, dtype=dtype, generator=generator).to(device)
         model.zero_grad()
         (model(x) - target).square().mean().backward()
         grads = {m: torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) if m.bias is not None else m.weight.grad
                  for m in recorders}
-        grads = {m: g.double().clone() for m, g in grads.items()}
+        grads = {m: g.to("cpu", torch.float64, copy=True) for m, g in grads.items()}  # precondition() overwrites .grad
         for m, recorder in recorders.items():
-            for side, v in (("a", recorder.a_mean(m.bias is not None)), ("g", recorder.g_sum())):
+            for side, v in (("a", recorder.a_mean(m.bias is not None).cpu()), ("g", recorder.g_sum().cpu())):
                 inv = inverses[(m, side)]
                 # Sherman-Morrison-free reference: invert the explicit factor.
                 inv = torch.linalg.inv(beta * torch.linalg.inv(inv) + (1 - beta) * torch.outer(v, v))
@@ -223,10 +235,12 @@ def test_preconditioned_gradient_matches_float64(dtype, inverse_bound):
             state = optimizer.state[m.weight]
             for side in "ag":
                 kept = state[f"{side}_inverse"].dense()
-                assert kept.dtype == dtype
+                assert kept.dtype == dtype and kept.device.type == device
+                kept = kept.cpu()
                 # cond(L) <= ~1e2 here; 5 steps: the module docstring's bar with margin.
                 assert rel(kept, inverses[(m, side)]) <= 5 * 1e2 * UNIT[dtype] * 64
             got = torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) if m.bias is not None else m.weight.grad
+            got = got.cpu()
             # Two GEMMs of <= 10 terms in the factor dtype on top of the inverses' error.
             assert rel(got, expected) <= 5 * 1e2 * UNIT[dtype] * 64 * 3, (step, m)
     if inverse_bound is not None:
@@ -235,15 +249,15 @@ def test_preconditioned_gradient_matches_float64(dtype, inverse_bound):
         assert blends == 0
 
 
-def test_rescale_keeps_the_gradient_norm_and_step_is_sgd_on_it():
+def test_rescale_keeps_the_gradient_norm_and_step_is_sgd_on_it(device):
     generator = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
-    model = MLP(dtype=torch.float64)
+    model = MLP(dtype=torch.float64).to(device)
     twin = copy.deepcopy(model)
     optimizer = MKOR(model, lr=0.1, momentum=0.0, weight_decay=0.01)
     preconditioner = MKOR(twin, lr=0.1)
     sgd = torch.optim.SGD(twin.parameters(), lr=0.1, weight_decay=0.01)
-    x = torch.randn(10, 6, dtype=torch.float64, generator=generator)
+    x = torch.randn(10, 6, dtype=torch.float64, generator=generator).to(device)
     for net in (model, twin):
         net(x).square().mean().backward()
     norms = [torch.cat([twin.fc1.weight.grad, twin.fc1.bias.grad[:, None]], 1).norm(), twin.fc2.weight.grad.norm()]
@@ -303,11 +317,11 @@ def classification_data(generator):
     return X, y
 
 
-def train_classifier(optimizer_factory, steps=60):
+def train_classifier(optimizer_factory, steps=60, device="cpu"):
     generator = torch.Generator().manual_seed(0)
-    X, y = classification_data(generator)
+    X, y = (t.to(device) for t in classification_data(generator))
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 2))
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 2)).to(device)
     optimizer = optimizer_factory(model)
     losses = []
     for step in range(steps):
@@ -321,11 +335,12 @@ def train_classifier(optimizer_factory, steps=60):
     return losses
 
 
-def test_mlp_classification_beats_sgd():
+def test_mlp_classification_beats_sgd(device):
     """Same lr, momentum and step count, deterministic data and initialization."""
     lr, momentum = 0.05, 0.9
-    mkor = train_classifier(lambda model: MKOR(model, lr=lr, momentum=momentum))
-    sgd = train_classifier(lambda model: torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
+    mkor = train_classifier(lambda model: MKOR(model, lr=lr, momentum=momentum), device=device)
+    sgd = train_classifier(lambda model: torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+                           device=device)
     assert mkor[-1] < 0.5 * sgd[-1], (mkor[-1], sgd[-1])
     assert mkor[-1] < 0.5 * mkor[0]
 
@@ -359,12 +374,15 @@ def test_linear_regression_beats_sgd():
 
 # ---------------------------------------------------------------------------- state dict
 @pytest.mark.parametrize("factor_dtype", [None, torch.float64])
-def test_state_dict_round_trip(factor_dtype):
+def test_state_dict_round_trip(factor_dtype, device):
+    """Saved on ``device``, loaded to the CPU (``map_location``), restored into an optimizer
+    of a model on ``device``: the run continues bit for bit."""
     generator = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
-    model = MLP()
+    model = MLP().to(device)
     optimizer = MKOR(model, lr=0.05, factor_dtype=factor_dtype, update_freq=2)
-    data = [(torch.randn(8, 6, generator=generator), torch.randn(8, 4, generator=generator)) for _ in range(6)]
+    data = [(torch.randn(8, 6, generator=generator).to(device), torch.randn(8, 4, generator=generator).to(device))
+            for _ in range(6)]
 
     def run(net, opt, batches):
         for x, target in batches:
@@ -375,13 +393,14 @@ def test_state_dict_round_trip(factor_dtype):
     run(model, optimizer, data[:3])
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
-    clone = MLP()  # not a deep copy: that would copy the hooks bound to `optimizer` too
+    clone = MLP().to(device)  # not a deep copy: that would copy the hooks bound to `optimizer` too
     clone.load_state_dict(model.state_dict())
     restored = MKOR(clone, lr=0.05, factor_dtype=factor_dtype, update_freq=2)
     buffer.seek(0)
-    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    restored.load_state_dict(torch.load(buffer, weights_only=False, map_location="cpu"))
     state = restored.state[clone.fc1.weight]
     assert state["a_inverse"].matrix.dtype == (factor_dtype or torch.float32)
+    assert state["a_inverse"].matrix.device.type == device and state["momentum_buffer"].device.type == device
     assert state["step"] == 3
     run(model, optimizer, data[3:])
     run(clone, restored, data[3:])
@@ -423,12 +442,12 @@ def test_bad_model():
 
 
 # ---------------------------------------------------------------------------- non-finite input
-def test_non_finite_gradient_skips_the_layer():
+def test_non_finite_gradient_skips_the_layer(device):
     generator = torch.Generator().manual_seed(6)
     torch.manual_seed(6)
-    model = MLP()
+    model = MLP().to(device)
     optimizer = MKOR(model, lr=0.1)
-    x, target = torch.randn(8, 6, generator=generator), torch.randn(8, 4, generator=generator)
+    x, target = torch.randn(8, 6, generator=generator).to(device), torch.randn(8, 4, generator=generator).to(device)
     for _ in range(2):
         optimizer.zero_grad()
         (model(x) - target).square().mean().backward()
@@ -472,36 +491,36 @@ def test_non_finite_gradient_skips_the_layer():
     assert state["step"] == 3
 
 
-def test_non_finite_mean_skips_the_factor_update():
+def test_non_finite_mean_skips_the_factor_update(device):
     torch.manual_seed(7)
-    model = MLP()
+    model = MLP().to(device)
     optimizer = MKOR(model, lr=0.1)
-    x = torch.randn(8, 6)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(7)).to(device)
     model(x).square().mean().backward()
     optimizer._layers[0].g_sum[1] = float("inf")  # as an overflowing sum of finite gradients would be
     with pytest.warns(RuntimeWarning, match=r"output-gradient mean of the Linear layer .* factor's update is skipped"):
         optimizer.step()
     state = optimizer.state[model.fc1.weight]
-    assert state["skipped_factor_updates"] == 1
-    assert torch.equal(state["g_inverse"].dense(), torch.eye(9))  # untouched
-    assert not torch.equal(state["a_inverse"].dense(), torch.eye(7))  # the input factor was updated
+    assert state["skipped_factor_updates"] == 1 and state["fallbacks"] == 0
+    assert torch.equal(state["g_inverse"].dense().cpu(), torch.eye(9))  # untouched
+    assert not torch.equal(state["a_inverse"].dense().cpu(), torch.eye(7))  # the input factor was updated
 
 
-def test_broken_factor_falls_back_to_the_plain_gradient():
+def test_broken_factor_falls_back_to_the_plain_gradient(device):
     generator = torch.Generator().manual_seed(8)
     torch.manual_seed(8)
-    model = nn.Linear(5, 3, dtype=torch.float64)
+    model = nn.Linear(5, 3, dtype=torch.float64).to(device)
     twin = copy.deepcopy(model)
     optimizer = MKOR(model, lr=0.1, momentum=0.0)
-    x = torch.randn(6, 5, dtype=torch.float64, generator=generator) + 4.0
+    x = (torch.randn(6, 5, dtype=torch.float64, generator=generator) + 4.0).to(device)
     model(x).square().mean().backward()
     twin(x).square().mean().backward()
     optimizer._inverses(optimizer._layers[0])[0].matrix.neg_()  # an indefinite "inverse": v^T L^-1 v < 0
     with pytest.warns(RuntimeWarning, match=r"Sherman-Morrison update broke down .* plain gradient"):
         optimizer.step()
     state = optimizer.state[model.weight]
-    assert state["fallbacks"] == 1
-    assert torch.equal(state["a_inverse"].dense(), torch.eye(6, dtype=torch.float64))
+    assert state["fallbacks"] == 1 and state["skipped_factor_updates"] == 0
+    assert torch.equal(state["a_inverse"].dense().cpu(), torch.eye(6, dtype=torch.float64))
     torch.optim.SGD(twin.parameters(), lr=0.1).step()
     for mine, theirs in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

@@ -109,7 +109,9 @@ class IncreLoRAAllocator:
         every LoRALinear.
     generator : torch.Generator, optional
         Draws the new ranks' ``A`` rows (reproducible allocations; its state is part of
-        :meth:`state_dict`).  None: torch's global generator.
+        :meth:`state_dict`).  A CPU generator for CUDA adapters draws on the CPU and the
+        row is copied over, so a seed gives the same rows on every device.  None: torch's
+        global generator (of the adapters' device).
     optimizer : torch.optim.Optimizer, optional
         Its state for a new rank's slots is zeroed when the rank is added (see the module
         docstring).
@@ -290,7 +292,13 @@ class IncreLoRAAllocator:
         """
         totals = [(self._exp_avg_ipt[j] * self._exp_avg_unc[j]).sum(dtype=torch.float64)
                   for j in range(len(self._params))]
-        scores = torch.stack([t.cpu() for t in totals]).view(-1, 2).sum(1)
+        # One copy to the host (one synchronization on CUDA), not one per tensor; modules
+        # spread over several devices are copied one by one.
+        if len({t.device for t in totals}) == 1:
+            totals = torch.stack(totals).cpu()
+        else:
+            totals = torch.stack([t.cpu() for t in totals])
+        scores = totals.view(-1, 2).sum(1)
         sizes = torch.tensor([k * (m.in_features + m.out_features) for k, m in zip(self.ranks, self._modules)],
                              dtype=torch.float64)
         return scores / sizes
@@ -346,6 +354,9 @@ class IncreLoRAAllocator:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict`'s result and sets every module's ``active_rank``.
 
+        The state may come from another device (``torch.load(..., map_location=...)``):
+        the averages are copied to the adapters' devices, the generator state to the CPU.
+
         Raises ValueError when the state was saved for other modules (names), other
         shapes, or holds ranks outside ``[init_rank, max_rank]`` or over the budget.
         """
@@ -367,14 +378,17 @@ class IncreLoRAAllocator:
                 raise ValueError(f"{op}: {what} has shapes {[tuple(s.shape) for s in saved]}; expected "
                                  f"{[tuple(m.shape) for m in mine]}")
         for what in ("exp_avg_ipt", "exp_avg_unc"):
-            torch._foreach_copy_(getattr(self, f"_{what}"), list(state[what]))
+            # copy_ per tensor: the saved averages may be on another device (map_location).
+            for mine, saved in zip(getattr(self, f"_{what}"), state[what]):
+                mine.copy_(saved)
         self.ranks = ranks
         for module, k in zip(self._modules, ranks):
             module.active_rank = k
         self.history = [(int(step), list(names)) for step, names in state["history"]]
         self.last_step = state["last_step"]
         if self.generator is not None and state.get("generator_state") is not None:
-            self.generator.set_state(state["generator_state"])
+            # A generator's state is a CPU ByteTensor; torch.load(map_location="cuda") moves it.
+            self.generator.set_state(state["generator_state"].cpu())
 
 
 def _score_dtype(param: torch.Tensor) -> torch.dtype:

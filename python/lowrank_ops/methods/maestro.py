@@ -62,7 +62,10 @@ class OrderedLowRankLinear(torch.nn.Module):
         The smallest rank sampled, in ``[1, r]``.
     generator : torch.Generator, optional
         A CPU generator for the sampled ranks (and the initialization): the same seed
-        gives the same sequence of ranks.  None: torch's global generator.
+        gives the same sequence of ranks, and the same initial values, on every device
+        (the ranks are drawn on the CPU, so sampling never waits for a GPU; the values
+        are drawn on the CPU and copied to ``device``).  None: torch's global generators
+        (the CPU one for the ranks, the device's for the initialization).
     device, dtype
         Of the parameters (default: torch's defaults).
 
@@ -152,7 +155,8 @@ class OrderedLowRankLinear(torch.nn.Module):
             most half of ``min(in, out)``; larger ranks use the exact SVD (as
             :func:`lowrank_ops.methods.lowrank_compress.compress`).
         ordered_dropout, min_rank, generator
-            As the constructor (the generator also seeds rsvd).
+            As the constructor (the generator also seeds rsvd, through one draw: a
+            generator on the weight's device seeded from it).
 
         Returns
         -------
@@ -171,7 +175,15 @@ class OrderedLowRankLinear(torch.nn.Module):
         if not all_finite(weight):
             raise ValueError(f"{op}: linear's weight holds {int((~torch.isfinite(weight)).sum())} non-finite entries")
         W = weight if weight.dtype == torch.float64 else weight.float()
-        U, S, Vh = _rank_factors(W, rank, n_iter, generator)[:3]
+        # rsvd draws its test matrix on W's device, which a CPU generator cannot drive for
+        # a CUDA weight: it gets a generator on W's device seeded from one draw of
+        # `generator`, taken on every device (and for the exact SVD too), so that the
+        # generator is left in the same state, and samples the same ranks, on every device.
+        sketch_generator = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            sketch_generator = torch.Generator(device=W.device).manual_seed(seed)
+        U, S, Vh = _rank_factors(W, rank, n_iter, sketch_generator)[:3]
         root = S.sqrt()
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
                     ordered_dropout=ordered_dropout, min_rank=min_rank, generator=generator,

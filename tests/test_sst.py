@@ -183,9 +183,9 @@ def test_resample_is_proportional_to_singular_values(device):
     # Without replacement, sorted, deterministic with the generator (a CPU one and one of
     # the parameters' device).
     layer.sample_rank = 3
-    for seed in (torch.Generator().manual_seed(7), torch.Generator(device=device).manual_seed(7)):
-        first = layer.resample_(seed.clone_state()).clone()
-        assert torch.equal(first, layer.resample_(seed.clone_state()))
+    for generator_device in ("cpu", device):
+        first = layer.resample_(torch.Generator(device=generator_device).manual_seed(7)).clone()
+        assert torch.equal(first, layer.resample_(torch.Generator(device=generator_device).manual_seed(7)))
         assert first.unique().numel() == 3 and torch.equal(first, first.sort().values)
         assert set(first.tolist()) <= {0, 1, 2, 3}  # zero singular values are never drawn while others are left
     # All zero: uniform over every pair.

@@ -235,9 +235,11 @@ class SpectralLinear(torch.nn.Module):
             weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
             draw_device = weights.device if generator is None else generator.device
             q = torch.empty(K, dtype=torch.float64, device=draw_device).exponential_(generator=generator)
-            # non_blocking: torch's blocking host-to-device copy synchronizes the stream after
-            # it; from pageable memory the driver stages q first, so freeing it is safe.
-            index = torch.topk(weights / q.to(weights.device, non_blocking=True), r).indices.sort().values
+            # A CPU q goes to the device without blocking (torch's blocking host-to-device copy
+            # synchronizes the stream after it; from pageable memory the driver stages q first,
+            # so freeing it is safe).  Device-to-host stays blocking: the host reads the result.
+            q = q.to(weights.device, non_blocking=q.device.type == "cpu")
+            index = torch.topk(weights / q, r).indices.sort().values
         self.sampled = index
         return self.sampled
 

@@ -157,16 +157,15 @@ def test_compress_replaces_lrcs_and_freezes_the_rest(dtype, device, cross_device
     for name in report.low_rank_components:
         down, up = model.get_submodule(name)
         assert down.weight.device.type == up.weight.device.type == device
-        down, up = down.cpu(), up.cpu()
         k = report.ranks[name]
         assert down.weight.shape == (k, weights[name].shape[1]) and up.weight.shape == (weights[name].shape[0], k)
         assert down.weight.requires_grad and up.weight.requires_grad and not up.bias.requires_grad
         U, S, Vh = torch.linalg.svd(weights[name].double(), full_matrices=False)
+        B, A = up.weight.detach().double().cpu(), down.weight.detach().double().cpu()
         # Balanced factors: B^T B = A A^T = S_k.
         tol = 1e-10 if dtype == torch.float64 else 1e-4  # float32: ~n eps ||W||; 1e-4 is ~20x that
-        torch.testing.assert_close(up.weight.double().T @ up.weight.double(), torch.diag(S[:k]), rtol=0, atol=tol)
-        torch.testing.assert_close(up.weight.double() @ down.weight.double(), (U[:, :k] * S[:k]) @ Vh[:k],
-                                   rtol=0, atol=tol)
+        torch.testing.assert_close(B.T @ B, torch.diag(S[:k]), rtol=0, atol=tol)
+        torch.testing.assert_close(B @ A, (U[:, :k] * S[:k]) @ Vh[:k], rtol=0, atol=tol)
         optimal = (S[k:].square().sum() / S.square().sum()).sqrt().item()
         layer = report.layers[name]
         assert isinstance(layer, LayerCompression) and layer.rank == k

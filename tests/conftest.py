@@ -59,6 +59,16 @@ def generator(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture
+def cross_device_generator(request) -> torch.Generator:
+    """As ``generator``, but seeded from the test id without its ``device`` parameter: the
+    cpu and cuda cases of a test draw the same data (build it on the CPU, then move it)."""
+    callspec = getattr(request.node, "callspec", None)
+    params = {} if callspec is None else {k: v for k, v in callspec.params.items() if k != "device"}
+    key = request.node.nodeid.split("[")[0] + repr(sorted((k, repr(v)) for k, v in params.items()))
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
 @pytest.fixture(autouse=True)
 def small_batch_kernels_at_every_size(monkeypatch):
     """The tests' layers are small: below SMALL_BATCH_MIN_WEIGHT (a speed policy, tested

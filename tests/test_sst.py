@@ -14,6 +14,11 @@ from lowrank_ops.nn.spectral import spectral_linear
 
 # float64 tolerance of the factored forward/backward against the composed float64 reference:
 # both are sums of <= 64 products of O(1) numbers, ~64 eps = 1.4e-14 apart; 1e-12 leaves 70x.
+# The same bound holds for CUDA's float64 GEMMs and SVDs.  Device tests build their inputs
+# on the CPU (cross_device_generator: the same numbers for every device), move them, and
+# compare with references computed on the CPU.  float32 tolerances on CUDA assume full
+# float32 GEMMs: TF32 is used only when torch.backends.cuda.matmul.allow_tf32 is on (off
+# by default).
 TOL64 = 1e-12
 
 
@@ -27,7 +32,8 @@ def reference(x, U, s, Vh, bias, index):
 
 @pytest.mark.parametrize("sampled", [None, [1, 4, 5]])
 @pytest.mark.parametrize("x_shape", [(7, 10), (2, 3, 10), (0, 10)])
-def test_spectral_linear_matches_reference(sampled, x_shape, generator):
+def test_spectral_linear_matches_reference(sampled, x_shape, device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     out_features, K, in_features = 9, 6, 10
     U = randn(out_features, K, generator=generator, dtype=torch.float64)
     s = randn(K, generator=generator, dtype=torch.float64)
@@ -38,33 +44,39 @@ def test_spectral_linear_matches_reference(sampled, x_shape, generator):
     y_ref, ref_leaves = reference(x, U, s, Vh, bias, index)
     g = randn(*y_ref.shape, generator=generator, dtype=torch.float64)
     y_ref.backward(g)
-    leaves = [t.clone().requires_grad_() for t in (x, U, s, Vh, bias)]
-    y = spectral_linear(*leaves, index=index)
-    y.backward(g)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=TOL64)
+    leaves = [t.to(device, copy=True).requires_grad_() for t in (x, U, s, Vh, bias)]
+    y = spectral_linear(*leaves, index=None if index is None else index.to(device))
+    y.backward(g.to(device))
+    assert y.device.type == device
+    grads = [leaf.grad.cpu() for leaf in leaves]
+    torch.testing.assert_close(y.detach().cpu(), y_ref, rtol=0, atol=TOL64)
     mask_U = torch.zeros(1, K, dtype=torch.float64)
     mask_U[:, index if index is not None else slice(None)] = 1
     expected = [ref_leaves[0].grad, ref_leaves[1].grad * mask_U, ref_leaves[2].grad,
                 ref_leaves[3].grad * mask_U.T, ref_leaves[4].grad]
-    for name, leaf, want in zip(("x", "U", "s", "Vh", "bias"), leaves, expected):
-        torch.testing.assert_close(leaf.grad, want, rtol=0, atol=TOL64, msg=name)
+    for name, grad, want in zip(("x", "U", "s", "Vh", "bias"), grads, expected):
+        torch.testing.assert_close(grad, want, rtol=0, atol=TOL64, msg=name)
     if index is not None:  # unsampled vectors get exactly zero, not a tiny number
         unsampled = [i for i in range(K) if i not in sampled]
         assert torch.all(leaves[1].grad[:, unsampled] == 0) and torch.all(leaves[3].grad[unsampled] == 0)
 
 
-def test_spectral_linear_noncontiguous_and_gradcheck(generator):
+def test_spectral_linear_noncontiguous_and_gradcheck(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     U = randn(5, 4, generator=generator, dtype=torch.float64)
     s = randn(4, generator=generator, dtype=torch.float64)
     Vh = randn(4, 6, generator=generator, dtype=torch.float64)
     bias = randn(5, generator=generator, dtype=torch.float64)
     x = randn(6, 3, generator=generator, dtype=torch.float64).T  # non-contiguous [3, 6]
+    expected = ((x @ Vh.T) * s) @ U.T + bias
+    U, s, Vh, bias, x = (t.to(device) for t in (U, s, Vh, bias, x))
+    assert not x.is_contiguous()
     y = spectral_linear(x, U.T.contiguous().T, s, Vh, bias)
-    torch.testing.assert_close(y, ((x @ Vh.T) * s) @ U.T + bias, rtol=0, atol=TOL64)
+    torch.testing.assert_close(y.cpu(), expected, rtol=0, atol=TOL64)
     leaves = [t.clone().requires_grad_() for t in (x, U, s, Vh, bias)]
     assert torch.autograd.gradcheck(lambda *a: spectral_linear(*a), leaves)
     # With a sample, x, s and the bias get their exact gradients.
-    index = torch.tensor([0, 2])
+    index = torch.tensor([0, 2], device=device)
     frozen_U, frozen_Vh = U.clone(), Vh.clone()
     assert torch.autograd.gradcheck(lambda x_, s_, b_: spectral_linear(x_, frozen_U, s_, frozen_Vh, b_, index),
                                     (leaves[0], leaves[2], leaves[4]))
@@ -81,30 +93,41 @@ def test_spectral_linear_errors():
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
-def test_from_linear_full_rank_is_the_same_layer(shape, generator):
+def test_from_linear_full_rank_is_the_same_layer(shape, device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     in_features, out_features = shape
     linear = torch.nn.Linear(in_features, out_features, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.copy_(randn(out_features, in_features, generator=generator, dtype=torch.float64))
-    layer = SpectralLinear.from_linear(linear, generator=generator)
-    assert layer.rank == layer.sample_rank == min(shape)
+        linear.bias.copy_(randn(out_features, generator=generator, dtype=torch.float64))
     x = randn(4, in_features, generator=generator, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=TOL64)
-    torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(layer.rank, dtype=torch.float64), rtol=0, atol=TOL64)
+    expected = linear(x).detach()
+    layer = SpectralLinear.from_linear(linear.to(device), generator=generator)
+    assert layer.rank == layer.sample_rank == min(shape)
+    assert all(t.device.type == device for t in (layer.U, layer.s, layer.Vh, layer.bias, layer.sampled))
+    torch.testing.assert_close(layer(x.to(device)).cpu(), expected, rtol=0, atol=TOL64)
+    U = layer.U.detach().cpu()
+    torch.testing.assert_close(U.T @ U, torch.eye(layer.rank, dtype=torch.float64), rtol=0, atol=TOL64)
     assert torch.all(layer.s[:-1] >= layer.s[1:])
 
 
-def test_from_linear_truncates_and_float32(generator):
+def test_from_linear_truncates_and_float32(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
     W = with_spectrum(10, 8, s, generator)
     linear = torch.nn.Linear(8, 10)
     with torch.no_grad():
         linear.weight.copy_(W)
-    layer = SpectralLinear.from_linear(linear, rank=3, sample_rank=2, generator=generator)
-    assert layer.U.dtype == torch.float32 and layer.sampled.shape == (2,)
-    U, S, Vh = torch.linalg.svd(linear.weight.double(), full_matrices=False)
-    # float32 SVD of a matrix with gap 1 at k = 3 and ||W|| = 4: ~4 * 16 eps32 ~ 4e-6; 1e-5 margin 2.5x.
-    torch.testing.assert_close(layer.dense_weight().double(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-5)
+    U, S, Vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+    layer = SpectralLinear.from_linear(linear.to(device), rank=3, sample_rank=2, generator=generator)
+    assert layer.U.dtype == torch.float32 and layer.sampled.shape == (2,) and layer.sampled.device.type == device
+    # float32 SVD of a matrix with gap 1 at k = 3 and ||W|| = 4: ~4 * 16 eps32 ~ 4e-6; 1e-5 margin 2.5x
+    # (a full float32 product on CUDA: TF32 is off by default).
+    torch.testing.assert_close(layer.dense_weight().double().cpu(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=0, atol=1e-5)
+
+
+def test_from_linear_errors():
+    linear = torch.nn.Linear(8, 10)
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 8\]; got 9"):
         SpectralLinear.from_linear(linear, rank=9)
     with pytest.raises(ValueError, match=r"sample_rank must be in \[1, rank\] = \[1, 3\]; got 4"):
@@ -113,59 +136,89 @@ def test_from_linear_truncates_and_float32(generator):
         SpectralLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
 
 
-def test_constructor_deterministic_and_errors():
-    a = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5))
-    b = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constructor_deterministic(device, dtype):
+    a = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5), device=device, dtype=dtype)
+    b = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5), device=device, dtype=dtype)
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(p, q)
+        assert p.device.type == device and torch.equal(p, q)
     bound = 1 / 16**0.5
     assert a.dense_weight().abs().max().item() <= bound * (1 + 1e-5) and a.bias.abs().max().item() <= bound
+    # A CPU generator draws the weight on the CPU: every device builds the same layer to the
+    # SVDs' rounding (each backward stable: U diag(s) Vh within ~16 eps ||W||_2 of W, and
+    # ||W||_2 <= ||W||_F <= sqrt(12 * 16) / 4 < 3.5, so the two layers are within ~112 eps;
+    # 1e3 eps leaves 9x) and, from the same s, draws the same first sample (float64: a
+    # near-tie that rounding could flip has probability ~1e-13 here).
+    cpu = SpectralLinear(16, 12, sample_rank=4, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    tol = 1e3 * torch.finfo(dtype).eps
+    torch.testing.assert_close(a.dense_weight().detach().cpu(), cpu.dense_weight().detach(), rtol=0, atol=tol)
+    torch.testing.assert_close(a.bias.detach().cpu(), cpu.bias.detach(), rtol=0, atol=0)
+    if dtype == torch.float64:
+        assert torch.equal(a.sampled.cpu(), cpu.sampled)
+
+
+def test_constructor_errors():
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float64; got torch.float16"):
         SpectralLinear(4, 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="in_features must be an integer >= 1; got 0"):
         SpectralLinear(0, 4)
 
 
-def test_resample_is_proportional_to_singular_values():
-    layer = SpectralLinear(8, 8, sample_rank=1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+def test_resample_is_proportional_to_singular_values(device):
+    layer = SpectralLinear(8, 8, sample_rank=1, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                           device=device)
     with torch.no_grad():
         layer.s.copy_(torch.tensor([4.0, -2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(1)  # a CPU generator, also for CUDA parameters
     draws = 4000
     counts = torch.zeros(8)
     for _ in range(draws):
-        counts[layer.resample_(generator)] += 1
+        sample = layer.resample_(generator)
+        assert sample.device == layer.s.device
+        counts[sample.cpu()] += 1
     p = torch.tensor([0.5, 0.25, 0.125, 0.125, 0, 0, 0, 0])
     sigma = (draws * p * (1 - p)).sqrt()
     # Binomial counts: 5 standard deviations (a false failure about once in 1.7 million runs).
     assert torch.all((counts - draws * p).abs() <= 5 * sigma + 1e-9), counts
-    # Without replacement, sorted, deterministic with the generator.
+    # Without replacement, sorted, deterministic with the generator (a CPU one and one of
+    # the parameters' device).
     layer.sample_rank = 3
-    first = layer.resample_(torch.Generator().manual_seed(7)).clone()
-    assert torch.equal(first, layer.resample_(torch.Generator().manual_seed(7)))
-    assert first.unique().numel() == 3 and torch.equal(first, first.sort().values)
-    assert set(first.tolist()) <= {0, 1, 2, 3}  # zero singular values are never drawn while others are left
-
-
-def test_resvd_keeps_the_weight_and_reorthogonalizes(generator):
-    layer = SpectralLinear(10, 14, generator=generator, dtype=torch.float64)
+    for generator_device in ("cpu", device):
+        first = layer.resample_(torch.Generator(device=generator_device).manual_seed(7)).clone()
+        assert torch.equal(first, layer.resample_(torch.Generator(device=generator_device).manual_seed(7)))
+        assert first.unique().numel() == 3 and torch.equal(first, first.sort().values)
+        assert set(first.tolist()) <= {0, 1, 2, 3}  # zero singular values are never drawn while others are left
+    # All zero: uniform over every pair.
     with torch.no_grad():
-        layer.U.add_(0.1 * randn(*layer.U.shape, generator=generator, dtype=torch.float64))
+        layer.s.zero_()
+    assert layer.resample_(torch.Generator().manual_seed(8)).unique().numel() == 3
+    with torch.no_grad():
+        layer.s[0] = float("nan")
+    with pytest.raises(ValueError, match="resample_: the singular values s hold NaN or infinite values"):
+        layer.resample_()
+
+
+def test_resvd_keeps_the_weight_and_reorthogonalizes(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
+    layer = SpectralLinear(10, 14, generator=generator, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        layer.U.add_(0.1 * randn(*layer.U.shape, generator=generator, dtype=torch.float64, device=device))
         layer.s.neg_()
     W = layer.dense_weight().detach().clone()
     layer.resvd_()
     torch.testing.assert_close(layer.dense_weight(), W, rtol=0, atol=TOL64)
-    eye = torch.eye(10, dtype=torch.float64)
+    eye = torch.eye(10, dtype=torch.float64, device=device)
     torch.testing.assert_close(layer.U.T @ layer.U, eye, rtol=0, atol=TOL64)
     torch.testing.assert_close(layer.Vh @ layer.Vh.T, eye, rtol=0, atol=TOL64)
     assert torch.all(layer.s >= 0) and torch.all(layer.s[:-1] >= layer.s[1:])
 
 
-def test_sgd_step_moves_only_sampled_vectors(generator):
-    layer = SpectralLinear(12, 10, sample_rank=3, generator=generator, dtype=torch.float64)
+def test_sgd_step_moves_only_sampled_vectors(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
+    layer = SpectralLinear(12, 10, sample_rank=3, generator=generator, dtype=torch.float64, device=device)
     U0, Vh0, s0 = layer.U.detach().clone(), layer.Vh.detach().clone(), layer.s.detach().clone()
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(randn(5, 12, generator=generator, dtype=torch.float64)).square().sum().backward()
+    layer(randn(5, 12, generator=generator, dtype=torch.float64, device=device)).square().sum().backward()
     optimizer.step()
     moved_U = (layer.U != U0).any(0).nonzero().flatten()
     moved_Vh = (layer.Vh != Vh0).any(1).nonzero().flatten()
@@ -197,14 +250,16 @@ def test_convert_and_scheduler(generator):
         sst.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), target_modules="q")
 
 
-def test_sst_trains_a_regression_to_low_loss(generator):
+def test_sst_trains_a_regression_to_low_loss(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     # A full-rank linear target; SST updates 4 of 16 vector pairs per step (all 16 values)
     # and still fits it: the sampling visits every direction over time.
     n = 16
     target = randn(n, n, generator=generator) / n**0.5
     x = randn(512, n, generator=generator)
     y = x @ target.T
-    model = torch.nn.Sequential(SpectralLinear(n, n, sample_rank=4, bias=False, generator=generator))
+    x, y = x.to(device), y.to(device)
+    model = torch.nn.Sequential(SpectralLinear(n, n, sample_rank=4, bias=False, generator=generator, device=device))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
     steps = 600
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)

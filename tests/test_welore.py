@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,17 @@ import torch
 from helpers import randn, with_spectrum
 from lowrank_ops.methods import welore
 from lowrank_ops.methods.lowrank_compress import LayerCompression
+
+# Device tests build the model on the CPU (cross_device_generator: the same numbers on every
+# device), move it, and compare with float64 references computed on the CPU.  float32
+# bounds on CUDA assume full float32 GEMMs: TF32 is used only when
+# torch.backends.cuda.matmul.allow_tf32 is on (off by default).
+
+
+def device_generator(device: str, seed: int) -> torch.Generator:
+    """rsvd's random source must be a generator of the weights' device."""
+    return torch.Generator(device=device).manual_seed(seed)
+
 
 # Shapes (out, in) of the planted model, by name.
 LOW = torch.tensor([5.0, 4.0, 3.0, 2.5], dtype=torch.float64)  # planted rank 4
@@ -44,24 +56,37 @@ def build(generator, dtype=torch.float32) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_singular_spectra_match_svdvals(dtype, generator):
+def test_singular_spectra_match_svdvals(dtype, device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     model = build(generator, dtype)
-    # 48 x 40: the batched Jacobi path; 210 x 200 (beyond 64): LAPACK; two of a shape: one batched call.
-    model.big = torch.nn.Linear(200, 210, dtype=dtype)
-    model.big2 = torch.nn.Linear(200, 210, dtype=dtype)
+    # 48 x 40: the batched Jacobi path; 210 x 200 (beyond 64): LAPACK (cuSOLVER on CUDA); two
+    # of a shape: one batched call; an empty weight: an empty spectrum.
+    for name in ("big", "big2"):
+        linear = torch.nn.Linear(200, 210, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(randn(210, 200, generator=generator, dtype=dtype) / 200**0.5)
+        setattr(model, name, linear)
+    with warnings.catch_warnings():  # torch warns that initializing a zero-element weight is a no-op
+        warnings.simplefilter("ignore", UserWarning)
+        model.empty = torch.nn.Linear(0, 3, dtype=dtype)
+    model.to(device)
     spectra = welore.singular_spectra(model)
-    assert list(spectra) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up", "mlp.down", "big", "big2"]
+    assert list(spectra) == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up", "mlp.down", "big", "big2", "empty"]
     for name, s in spectra.items():
-        W = model.get_submodule(name).weight.detach().double()
+        W = model.get_submodule(name).weight.detach().double().cpu()
         expected = torch.linalg.svdvals(W)
-        assert s.dtype == torch.float64 and s.shape == expected.shape
+        assert s.dtype == torch.float64 and s.shape == expected.shape and s.device.type == device
+        if not s.numel():
+            continue
+        s = s.cpu()
         # Backward-stable SVDs: |s_i - s_i'| <= c n eps ||W||_2 (Weyl); c n = 50 * 200 covers both orders.
         eps = torch.finfo(dtype).eps
         assert (s - expected).abs().max().item() <= 1e4 * eps * expected[0].item(), name
 
 
-def test_threshold_finds_planted_ranks(generator):
-    model = build(generator)
+def test_threshold_finds_planted_ranks(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
+    model = build(generator).to(device)
     report = welore.analyze(model, threshold=0.05)
     # Planted: s_4 / s_1 = 0.5, noise / s_1 ~ 1e-3 * 14 / 5 < 0.01: rank exactly 4.
     for name in ("attn.q_proj", "attn.k_proj", "mlp.up"):
@@ -74,7 +99,7 @@ def test_threshold_finds_planted_ranks(generator):
     # Nothing changed by analyze; its errors are the exact spectral tails.
     assert all(type(m) is torch.nn.Linear for m in (model.attn.q_proj, model.mlp.down)) and not report.applied
     for name, k in report.ranks.items():
-        s = torch.linalg.svdvals(model.get_submodule(name).weight.detach().double())
+        s = torch.linalg.svdvals(model.get_submodule(name).weight.detach().double().cpu())
         expected = (s[k:].square().sum() / s.square().sum()).sqrt().item()
         assert report.errors[name] == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
@@ -119,25 +144,28 @@ def test_choose_ranks_errors():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compress_replaces_lrcs_and_freezes_the_rest(dtype, generator):
+def test_compress_replaces_lrcs_and_freezes_the_rest(dtype, device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     model = build(generator, dtype)
     weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if type(m) is torch.nn.Linear}
     x = randn(7, 40, generator=generator, dtype=dtype)
     expected_q = model.attn.q_proj(x).detach()
-    report = welore.compress(model, threshold=0.05, generator=torch.Generator().manual_seed(0))
+    model.to(device)
+    report = welore.compress(model, threshold=0.05, generator=device_generator(device, 0))
     assert report.applied and report.low_rank_components == ["attn.q_proj", "attn.k_proj", "mlp.up"]
     assert report.ranks["attn.q_proj"] == 4
     for name in report.low_rank_components:
         down, up = model.get_submodule(name)
+        assert down.weight.device.type == up.weight.device.type == device
         k = report.ranks[name]
         assert down.weight.shape == (k, weights[name].shape[1]) and up.weight.shape == (weights[name].shape[0], k)
         assert down.weight.requires_grad and up.weight.requires_grad and not up.bias.requires_grad
         U, S, Vh = torch.linalg.svd(weights[name].double(), full_matrices=False)
+        B, A = up.weight.detach().double().cpu(), down.weight.detach().double().cpu()
         # Balanced factors: B^T B = A A^T = S_k.
         tol = 1e-10 if dtype == torch.float64 else 1e-4  # float32: ~n eps ||W||; 1e-4 is ~20x that
-        torch.testing.assert_close(up.weight.double().T @ up.weight.double(), torch.diag(S[:k]), rtol=0, atol=tol)
-        torch.testing.assert_close(up.weight.double() @ down.weight.double(), (U[:, :k] * S[:k]) @ Vh[:k],
-                                   rtol=0, atol=tol)
+        torch.testing.assert_close(B.T @ B, torch.diag(S[:k]), rtol=0, atol=tol)
+        torch.testing.assert_close(B @ A, (U[:, :k] * S[:k]) @ Vh[:k], rtol=0, atol=tol)
         optimal = (S[k:].square().sum() / S.square().sum()).sqrt().item()
         layer = report.layers[name]
         assert isinstance(layer, LayerCompression) and layer.rank == k
@@ -149,17 +177,21 @@ def test_compress_replaces_lrcs_and_freezes_the_rest(dtype, generator):
     assert report.parameters_after == sum(p.numel() for p in model.parameters())
     assert report.ratio < 1
     # The planted layer computes nearly the same function (noise ~ 1e-3 removed).
-    torch.testing.assert_close(model.attn.q_proj(x), expected_q, rtol=0, atol=0.05)
+    torch.testing.assert_close(model.attn.q_proj(x.to(device)).cpu(), expected_q, rtol=0, atol=0.05)
     assert "WeLore: threshold" in str(report)
 
 
-def test_compress_deterministic_and_errors(generator):
-    state = generator.get_state()
-    a, b = build(generator), build(torch.Generator().set_state(state))
-    welore.compress(a, threshold=0.05, generator=torch.Generator().manual_seed(1))
-    welore.compress(b, threshold=0.05, generator=torch.Generator().manual_seed(1))
+def test_compress_deterministic(device, cross_device_generator):
+    state = cross_device_generator.get_state()
+    a, b = build(cross_device_generator).to(device), build(torch.Generator().set_state(state)).to(device)
+    # The LRCs (ranks 4 of 40) take the rsvd path, which draws from the generator.
+    welore.compress(a, threshold=0.05, generator=device_generator(device, 1))
+    welore.compress(b, threshold=0.05, generator=device_generator(device, 1))
     for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+        assert p.device.type == device and torch.equal(p, q)
+
+
+def test_compress_errors(generator):
     with pytest.raises(TypeError, match="model is itself an nn.Linear"):
         welore.compress(torch.nn.Linear(3, 3), threshold=0.5)
     with pytest.raises(ValueError, match=r"no nn.Linear module matches target_modules=\['q'\]"):
@@ -172,14 +204,15 @@ def test_compress_deterministic_and_errors(generator):
     assert type(bad.attn.q_proj) is torch.nn.Linear  # nothing replaced
 
 
-def test_finetuning_only_lrcs_reduces_the_loss(generator):
+def test_finetuning_only_lrcs_reduces_the_loss(device, cross_device_generator):
+    generator = cross_device_generator  # the same data on every device
     # The compressed model, trained on its own task for a few steps, improves with the LRC
     # factors as the only trainable parameters.
-    model = build(generator)
-    welore.compress(model, threshold=0.05)
+    model = build(generator).to(device)
+    welore.compress(model, threshold=0.05, generator=device_generator(device, 2))
     head = model.mlp.up
-    x = randn(64, 40, generator=generator)
-    y = randn(64, 96, generator=generator)
+    x = randn(64, 40, generator=generator, device=device)
+    y = randn(64, 96, generator=generator, device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     start = torch.nn.functional.mse_loss(head(x), y).item()
     for _ in range(50):
@@ -189,3 +222,11 @@ def test_finetuning_only_lrcs_reduces_the_loss(generator):
         optimizer.zero_grad()
     assert loss.item() < 0.9 * start
     assert model.attn.v_proj.weight.grad is None
+
+
+def test_generator_of_another_device_is_rejected_before_any_change(cuda_device, generator):
+    model = build(generator).to(cuda_device)
+    with pytest.raises(ValueError, match=r"compress: generator is a cpu generator; expected a cuda generator for the "
+                                         r"weight of attn.q_proj on cuda"):
+        welore.compress(model, threshold=0.05, generator=torch.Generator().manual_seed(0))
+    assert type(model.attn.q_proj) is torch.nn.Linear and model.attn.q_proj.weight.requires_grad  # nothing changed

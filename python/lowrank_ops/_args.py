@@ -45,3 +45,17 @@ def require_number(op: str, name: str, value, low: float, high: float = math.inf
         raise ValueError(f"{op}: {name} must be {wanted}; got {value!r}")
     return float(value)
 
+
+
+def require_generator(op: str, name: str, generator, device: torch.device, what: str = "the weights") -> None:
+    """Checks that ``generator`` is None or a ``torch.Generator`` of ``device``'s type (a
+    generator is device-specific: torch's samplers reject a CPU generator for CUDA tensors,
+    deep inside the first call that draws).  TypeError / ValueError naming the argument."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: {name} must be a torch.Generator or None; got {type(generator).__name__}")
+    device = torch.device(device)
+    if generator.device.type != device.type:
+        raise ValueError(f"{op}: {name} is a {generator.device.type} generator; expected a {device.type} generator "
+                         f"for {what} on {device} (e.g. torch.Generator(device={str(device)!r}))")

@@ -31,6 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .._args import require_generator
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -149,7 +150,8 @@ def compress(
     n_iter : int or "auto"
         rsvd's power iterations.
     generator : torch.Generator, optional
-        rsvd's random source (on the weights' device): same state, same result.
+        rsvd's random source, a generator of the weights' device (ValueError otherwise,
+        before any change): same state, same result.
 
     Returns
     -------
@@ -186,6 +188,8 @@ def compress(
     for linear, names in targets.values():
         if not all_finite(linear.weight):
             raise ValueError(f"{_OP}: the weight of {names[0]} holds NaN or infinite values")
+        # Before any layer is replaced (rsvd would reject it at the first layer it draws for).
+        require_generator(_OP, "generator", generator, linear.weight.device, f"the weight of {names[0]}")
 
     report = CompressionReport(parameters_before=count_parameters(model, trainable_only=False))
     for key, (linear, names) in targets.items():
@@ -284,7 +288,8 @@ def _energy_factors(W: torch.Tensor, energy: float, norm_sq: float, k_max: int, 
         # Each computed s_i is off by about eps s_1 (a backward-stable SVD, Weyl), so each
         # partial sum of s_i^2 by 2 eps s_1 sum_i s_i: energies that close count as reached.
         target = energy * norm_sq - 2.0 * eps * (s[0] * s.sum()).item()
-        k = int(torch.searchsorted(captured, torch.tensor([target], dtype=torch.float64))) + 1
+        # The scalar overload: a CPU tensor of the target would be rejected for CUDA weights.
+        k = int(torch.searchsorted(captured, target)) + 1
         if exact:
             k = min(k, smallest)
             if k > k_max:

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import require_int, require_number
+from .._args import require_generator, require_int, require_number
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -72,7 +72,8 @@ def nuclear_subgradient(W: torch.Tensor, *, rank: Optional[int] = None, n_iter: 
         subspace, cheaper for large weights (the regularizer then shrinks only the top ``k``
         singular values, each by the same step as the exact subgradient would).
     n_iter, generator
-        rsvd's power iterations and random source (only with ``rank``).
+        rsvd's power iterations and random source (only with ``rank``); the generator must
+        be one of W's device (``torch.Generator(device=W.device)``; ValueError otherwise).
 
     Notes
     -----
@@ -92,6 +93,7 @@ def nuclear_subgradient(W: torch.Tensor, *, rank: Optional[int] = None, n_iter: 
         rank = require_int(op, "rank", rank)
         if rank > min(W.shape):
             raise ValueError(f"{op}: rank must be in [1, min(m, n)] = [1, {min(W.shape)}]; got {rank}")
+    require_generator(op, "generator", generator, W.device, "W")
     A = W.detach().to(_compute_dtype(W))
     if not all_finite(A):
         raise ValueError(f"{op}: W holds NaN or infinite values")
@@ -159,7 +161,8 @@ def add_nuclear_subgradient_(modules_or_params: Targets, weight: float, *, rank:
         ``lambda >= 0``; 0 returns at once (no SVD).
     rank, n_iter, generator
         As :func:`nuclear_subgradient` (``rank`` is capped at each weight's
-        ``min(out, in)``).
+        ``min(out, in)``; the generator must be of the weights' device, checked before any
+        gradient changes).
 
     Returns
     -------
@@ -178,18 +181,22 @@ def add_nuclear_subgradient_(modules_or_params: Targets, weight: float, *, rank:
     params = _resolve_params(op, "modules_or_params", modules_or_params)
     if rank is not None:
         rank = require_int(op, "rank", rank)
+    for W in params:  # before any gradient changes
+        require_generator(op, "generator", generator, W.device)
     if lam == 0.0:
         return 0.0
-    total = 0.0
+    norms = []
     for W in params:
         k = None if rank is None else min(rank, min(W.shape))
         G, norm = nuclear_subgradient(W, rank=k, n_iter=n_iter, generator=generator)
-        total += float(norm)
+        norms.append(norm)
         if W.grad is None:
             W.grad = (lam * G).to(W.dtype)
         else:
             W.grad.add_(G.to(W.grad.dtype), alpha=lam)
-    return lam * total
+    # The norms are read once at the end (one host read per weight, after all the work is
+    # queued), not after each weight's SVD: a CUDA stream keeps going between the weights.
+    return lam * sum(float(norm) for norm in norms)
 
 
 def _truncation_targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Module]:
@@ -247,7 +254,8 @@ def truncate_(model: torch.nn.Module, energy: float = 0.99, *, target_modules=No
         modules with a ``weight`` must have a 2-D one (ValueError otherwise).  Default:
         every ``nn.Linear``.  Frozen weights are truncated too (they are targeted by name).
     n_iter, generator
-        rsvd's power iterations and random source (same state, same result).
+        rsvd's power iterations and random source (same state, same result); the generator
+        must be of the weights' device (ValueError before any change otherwise).
 
     Returns
     -------
@@ -271,6 +279,8 @@ def truncate_(model: torch.nn.Module, energy: float = 0.99, *, target_modules=No
     for name, module in targets.items():
         if not all_finite(module.weight):
             raise ValueError(f"{op}: the weight of {name} holds NaN or infinite values")
+        # Now, not where rsvd first draws: weights truncated before that would stay changed.
+        require_generator(op, "generator", generator, module.weight.device, f"the weight of {name}")
     ranks: Dict[str, int] = {}
     for name, module in targets.items():
         weight = module.weight
@@ -313,7 +323,8 @@ class TRPScheduler:
     rank : int, optional
         Top-``rank`` rsvd subgradient instead of the thin SVD (see :func:`nuclear_subgradient`).
     n_iter, generator
-        rsvd's settings (truncation search and ``rank``).
+        rsvd's settings (truncation search and ``rank``); the generator must be of the
+        weights' device (checked here).
 
     Attributes
     ----------
@@ -332,6 +343,8 @@ class TRPScheduler:
         self.period = require_int(op, "period", period)
         self.rank = None if rank is None else require_int(op, "rank", rank)
         self._targets = _truncation_targets(op, model, target_modules)
+        for name, module in self._targets.items():
+            require_generator(op, "generator", generator, module.weight.device, f"the weight of {name}")
         self.model = model
         self.target_modules = target_modules
         self.n_iter = n_iter

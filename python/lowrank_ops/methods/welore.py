@@ -37,6 +37,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from .._args import require_generator
 from .._finite import all_finite
 from .._thin_svd import singular_values
 from ..ops.svd import batched_svd, jacobi_size_limit
@@ -147,8 +148,8 @@ def _stack_spectra(weights: List[torch.Tensor]) -> List[torch.Tensor]:
 @torch.no_grad()
 def singular_spectra(model: torch.nn.Module, *, target_modules: Optional[Union[str, Iterable[str]]] = None
                      ) -> Dict[str, torch.Tensor]:
-    """Singular values ``[min(out, in)]`` (float64, descending) of every targeted
-    ``nn.Linear`` weight (default: every module whose type is exactly ``nn.Linear``;
+    """Singular values ``[min(out, in)]`` (float64, descending, on the weight's device) of
+    every targeted ``nn.Linear`` weight (default: every module whose type is exactly ``nn.Linear``;
     fnmatch ``target_modules`` otherwise), same-shape weights in one batched call."""
     targets = _targets("singular_spectra", model, target_modules)
     groups: Dict[tuple, List[str]] = {}
@@ -160,8 +161,8 @@ def singular_spectra(model: torch.nn.Module, *, target_modules: Optional[Union[s
         nonempty = [name for name in names if targets[name].weight.numel()]
         if nonempty:
             spectra.update(zip(nonempty, _stack_spectra([targets[name].weight for name in nonempty])))
-        for name in names:
-            spectra.setdefault(name, torch.zeros(0, dtype=torch.float64))
+        for name in names:  # empty weights: an empty spectrum on the weight's device, as the others
+            spectra.setdefault(name, torch.zeros(0, dtype=torch.float64, device=targets[name].weight.device))
     return {name: spectra[name] for name in targets}
 
 
@@ -322,7 +323,8 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
         weights had.
     n_iter, generator
         The factors' SVD (:func:`lowrank_ops.linalg.rsvd` at rank ``k`` when ``k <= min(in,
-        out) / 2``, else the exact thin SVD; same generator state, same factors).
+        out) / 2``, else the exact thin SVD; same generator state, same factors).  The
+        generator must be of the weights' device (ValueError before any change otherwise).
 
     Returns
     -------
@@ -341,6 +343,8 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
                         "(e.g. nn.Sequential(linear)) and compress that")
     report = analyze(model, threshold=threshold, ratio=ratio, target_modules=target_modules, min_saving=min_saving)
     targets = _targets(op, model, target_modules)
+    for name in report.replaced:  # before any change (rsvd would reject it at the first LRC it draws for)
+        require_generator(op, "generator", generator, targets[name].weight.device, f"the weight of {name}")
     names_of: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names_of.setdefault(id(module), []).append(name)

@@ -215,20 +215,32 @@ class SpectralLinear(torch.nn.Module):
         """Draws the ``r`` pairs that the next backward passes update: multinomial without
         replacement, probability proportional to ``|s_i|`` (uniform when every ``s_i`` is 0),
         returned sorted ascending and stored in :attr:`sampled`.  ``generator``: a CPU
-        generator, or one on the parameters' device (same state, same draw)."""
+        generator, or one on the parameters' device (same state, same draw; a CPU generator
+        draws the same pairs for CPU and CUDA parameters of the same ``s``, up to ties).
+
+        The draw is ``torch.multinomial``'s own algorithm for sampling without replacement
+        (the ``r`` largest ``|s_i| / q_i``, ``q_i ~ Exp(1)``: the same pairs from the same
+        generator state), written out so that it costs one host read on CUDA (the
+        finiteness check) instead of multinomial's two validity reads, and so that a CPU
+        generator's ``q`` goes to the device instead of ``s`` to the host.
+        """
         K, r = self.rank, self.sample_rank
         if r == K:
             index = torch.arange(K, device=self.s.device)
         else:
             weights = self.s.detach().abs().double()
-            if not bool(torch.isfinite(weights).all()):
+            if not all_finite(weights):
                 raise ValueError("resample_: the singular values s hold NaN or infinite values")
-            if not bool((weights > 0).any()):
-                weights = torch.ones_like(weights)
-            if generator is not None and generator.device != weights.device:
-                weights = weights.to(generator.device)
-            index = torch.multinomial(weights, r, replacement=False, generator=generator).sort().values
-        self.sampled = index.to(self.s.device)
+            # Uniform when every s_i is 0, without a host read.
+            weights = torch.where(weights.sum() > 0, weights, torch.ones_like(weights))
+            draw_device = weights.device if generator is None else generator.device
+            q = torch.empty(K, dtype=torch.float64, device=draw_device).exponential_(generator=generator)
+            # A CPU q goes to the device without blocking (torch's blocking host-to-device copy
+            # synchronizes the stream after it; from pageable memory the driver stages q first,
+            # so freeing it is safe).  Device-to-host stays blocking: the host reads the result.
+            q = q.to(weights.device, non_blocking=q.device.type == "cpu")
+            index = torch.topk(weights / q, r).indices.sort().values
+        self.sampled = index
         return self.sampled
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ from .._args import require_int
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
+from ._init import generator_on
 
 __all__ = ["SpectralLinear"]
 
@@ -137,7 +138,7 @@ class SpectralLinear(torch.nn.Module):
         self._setup("SpectralLinear", in_features, out_features, rank, sample_rank, bias, device, dtype)
         bound = 1.0 / math.sqrt(self.in_features)
         # Drawn on the CPU from the generator (of any device), as the layer's deterministic init.
-        cpu = dict(dtype=dtype, generator=_cpu_generator(generator))
+        cpu = dict(dtype=dtype, generator=generator_on(generator, torch.device("cpu")))
         W = torch.rand(self.out_features, self.in_features, **cpu) * (2 * bound) - bound
         with torch.no_grad():
             self.set_weight_(W.to(self.U.device))
@@ -258,12 +259,3 @@ class SpectralLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"sample_rank={self.sample_rank}, bias={self.bias is not None}")
-
-
-def _cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
-    """``generator`` when it is a CPU one; a CPU generator seeded from it otherwise (so a
-    CUDA generator still makes the initialization deterministic)."""
-    if generator is None or generator.device.type == "cpu":
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator().manual_seed(seed)

@@ -25,6 +25,7 @@ import torch
 
 from ..linalg import rsvd
 from ._diag_adapter import DiagonalAdapterLinear, check_base_and_rank
+from ._init import generator_on
 
 __all__ = ["SVFitLinear"]
 
@@ -100,11 +101,8 @@ class SVFitLinear(DiagonalAdapterLinear):
         if self.svd == "full":
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
             return U[:, :self.r], S[:self.r], Vh[:self.r]
-        if generator is not None and generator.device.type != weight.device.type:
-            # rsvd draws on the weight's device: seed a generator there from the given one.
-            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-            generator = torch.Generator(device=weight.device).manual_seed(seed)
-        return rsvd(weight, self.r, generator=generator)
+        # rsvd draws on the weight's device: a generator elsewhere seeds one there.
+        return rsvd(weight, self.r, generator=generator_on(generator, weight.device))
 
     def _gate(self) -> torch.Tensor:
         return self.svfit_delta

@@ -4,11 +4,11 @@ patterns, per-layer ranks."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["count_parameters", "matches", "resolve_rank"]
+__all__ = ["count_parameters", "linear_targets", "matches", "resolve_rank"]
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
@@ -35,6 +35,25 @@ def matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
         return True
     leaf = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def linear_targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Linear]:
+    """Name -> module of every plain ``nn.Linear`` of ``model`` whose name matches the fnmatch
+    ``target_modules`` (a pattern or a sequence; None: all), each module once under its
+    first name; a ValueError when patterns are given and nothing matches."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module; got {type(model).__name__}")
+    patterns = [target_modules] if isinstance(target_modules, str) else (
+        None if target_modules is None else list(target_modules))
+    found: Dict[str, torch.nn.Linear] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and matches(name, patterns) and id(module) not in seen:
+            seen.add(id(module))
+            found[name] = module
+    if patterns is not None and not found:
+        raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
+    return found
 
 
 def resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op: str) -> int:

@@ -42,7 +42,7 @@ from .._finite import all_finite
 from .._thin_svd import singular_values
 from ..ops.svd import batched_svd, jacobi_size_limit
 from . import lowrank_compress
-from ._layers import count_parameters, matches
+from ._layers import count_parameters, linear_targets
 
 __all__ = ["singular_spectra", "choose_ranks", "analyze", "compress", "WeLoreReport"]
 
@@ -101,19 +101,7 @@ class WeLoreReport(lowrank_compress.CompressionReport):
 
 
 def _targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Linear]:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module; got {type(model).__name__}")
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    patterns = None if target_modules is None else list(target_modules)
-    found: Dict[str, torch.nn.Linear] = {}
-    seen = set()
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and matches(name, patterns) and id(module) not in seen:
-            seen.add(id(module))
-            found[name] = module
-    if patterns is not None and not found:
-        raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
+    found = linear_targets(op, model, target_modules)
     for name, linear in found.items():
         if not all_finite(linear.weight):
             raise ValueError(f"{op}: the weight of {name} holds NaN or infinite values")

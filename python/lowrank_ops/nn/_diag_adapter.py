@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .._finite import all_finite
-from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ..ops.lora import lora_linear
+from ._adapter_base import MergeableAdapter, adapter_dtype
 
 __all__ = ["DiagonalAdapterLinear", "check_base_and_rank"]
 
@@ -31,16 +32,14 @@ def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype])
         raise ValueError(f"{where}: r must be an int in [1, min(in_features, out_features)] = [1, {limit}]; "
                          f"got {r!r}")
     weight = base_layer.weight
-    dtype = weight.dtype if dtype is None else dtype
-    if dtype not in (weight.dtype, torch.float32):
-        raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+    dtype = adapter_dtype(where, weight, dtype)
     if not all_finite(weight):  # the factorization would fail or spread NaN
         raise ValueError(f"{where}: the base weight holds {int((~torch.isfinite(weight)).sum())} non-finite "
                          f"entries; its factorization needs a finite weight")
     return dtype
 
 
-class DiagonalAdapterLinear(torch.nn.Module, abc.ABC):
+class DiagonalAdapterLinear(MergeableAdapter):
     """``base(x) + ((x A^T) * g) B^T`` around a frozen ``nn.Linear``; subclasses set the
     buffers ``lora_A [r, in]``, ``lora_B [out, r]`` and define :meth:`_gate` (``g [r]``, a
     differentiable function of their trainable parameters)."""
@@ -50,6 +49,7 @@ class DiagonalAdapterLinear(torch.nn.Module, abc.ABC):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r = r
+        self.scaling = 1.0
         self.merged = False
 
     @abc.abstractmethod
@@ -76,27 +76,5 @@ class DiagonalAdapterLinear(torch.nn.Module, abc.ABC):
         return lora_linear(x, self.base_layer.weight, self.lora_A, self.lora_B, self.base_layer.bias,
                            gate=self._gate())
 
-    def delta_weight(self) -> torch.Tensor:
-        """``B diag(g) A`` ``[out, in]``, the adapter's weight update, in float32 (float64 for
-        float64 factors); not differentiable."""
-        with torch.no_grad():
-            accumulate = torch.promote_types(self.lora_A.dtype, torch.float32)
-            return (self.lora_B.to(accumulate) * self._gate().to(accumulate)) @ self.lora_A.to(accumulate)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the adapter into the base weight in place, ``W <- W + B diag(g) A``
-        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
-        if self.merged:
-            return
-        lora_merge(self.base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate().detach(), inplace=True)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
-        if not self.merged:
-            return
-        lora_unmerge(self.base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate().detach(),
-                     inplace=True)
-        self.merged = False
+    def _merge_factors(self):
+        return self.lora_A, self.lora_B, self._gate()

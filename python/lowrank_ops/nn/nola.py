@@ -32,7 +32,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._args import require_finite_number, require_int
-from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ..ops.lora import lora_linear
+from ._adapter_base import MergeableAdapter, adapter_dtype
 from ._random_basis import check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
 
 __all__ = ["NOLALinear"]
@@ -68,7 +69,7 @@ class _UncachedCombination(torch.autograd.Function):
         return grad_coefficients, None, None, None, None, None
 
 
-class NOLALinear(torch.nn.Module):
+class NOLALinear(MergeableAdapter):
     """``y = base(x) + s (x A^T) B^T`` with ``A = sum_i alpha_i A_i``, ``B = sum_j beta_j B_j``
     around a frozen ``nn.Linear`` (NOLA).
 
@@ -152,9 +153,7 @@ class NOLALinear(torch.nn.Module):
         if not isinstance(cache_bases, bool):
             raise TypeError(f"{where}: cache_bases must be a bool; got {type(cache_bases).__name__}")
         weight = base_layer.weight
-        dtype = weight.dtype if dtype is None else dtype
-        if dtype not in (weight.dtype, torch.float32):
-            raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+        dtype = adapter_dtype(where, weight, dtype)
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -253,32 +252,9 @@ class NOLALinear(torch.nn.Module):
         p = self.lora_dropout if self.training else 0.0
         return lora_linear(x, self.base_layer.weight, A, B, self.base_layer.bias, scale=self.scaling, dropout_p=p)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s B A`` ``[out, in]``, the adapter's weight update, in float32 (float64 for
-        float64 coefficients); not differentiable."""
-        with torch.no_grad():
-            A, B = self.factors()
-            accumulate = torch.promote_types(A.dtype, torch.float32)
-            return (B.to(accumulate) @ A.to(accumulate)).mul_(self.scaling)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the adapter into the base weight in place, ``W <- W + s B A``
-        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
-        if self.merged:
-            return
+    def _merge_factors(self):
         A, B = self.factors()
-        lora_merge(self.base_layer.weight, A, B, self.scaling, inplace=True)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
-        if not self.merged:
-            return
-        A, B = self.factors()
-        lora_unmerge(self.base_layer.weight, A, B, self.scaling, inplace=True)
-        self.merged = False
+        return A, B, None
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_basis_A={self.num_basis_A}, num_basis_B={self.num_basis_B}, "

@@ -52,8 +52,8 @@ import torch
 from .._args import require_finite_number, require_int
 from .._autocast import autocast_entry, autocast_off_backward
 from ..ops.base_linear import grad_input_op
-from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
-                        lora_merge, lora_unmerge)
+from ..ops.lora import _adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed
+from ._adapter_base import MergeableAdapter, adapter_dtype
 from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed
 
 __all__ = ["RandLoRALinear"]
@@ -161,7 +161,7 @@ def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, sca
     return y.reshape(*batch_shape, weight.shape[0])
 
 
-class RandLoRALinear(torch.nn.Module):
+class RandLoRALinear(MergeableAdapter):
     """``y = base(x) + s x dW^T`` with RandLoRA's full-rank ``dW = sum_b B_b Lambda_b A Gamma_b``
     around a frozen ``nn.Linear`` (module docstring: the formulation, the orientation for
     ``out < in``, and the forward).
@@ -248,9 +248,7 @@ class RandLoRALinear(torch.nn.Module):
             raise ValueError(f"{where}: randlora_dropout must be in [0, 1); got {randlora_dropout}")
         seed = new_seed() if seed is None else check_seed(where, seed)
         weight = base_layer.weight
-        dtype = weight.dtype if dtype is None else dtype
-        if dtype not in (weight.dtype, torch.float32):
-            raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+        dtype = adapter_dtype(where, weight, dtype)
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -330,32 +328,8 @@ class RandLoRALinear(torch.nn.Module):
                                 self.randlora_lambda, self.randlora_gamma, scale=self.scaling, dropout_p=p,
                                 gamma_on_input=self._gamma_on_input)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``dW`` ``[out, in]`` (scaling included) in float32 (float64 for float64
-        diagonals); not differentiable.  Forms the full matrix: for merging and tests."""
-        with torch.no_grad():
-            lora_A, lora_B, gate = self.factors()
-            accumulate = torch.promote_types(lora_A.dtype, torch.float32)
-            return ((lora_B.to(accumulate) * gate.to(accumulate)) @ lora_A.to(accumulate)).mul_(self.scaling)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Folds the update into the base weight in place, ``W <- W + dW``
-        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
-        if self.merged:
-            return
-        lora_A, lora_B, gate = self.factors()
-        lora_merge(self.base_layer.weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
-        if not self.merged:
-            return
-        lora_A, lora_B, gate = self.factors()
-        lora_unmerge(self.base_layer.weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
-        self.merged = False
+    def _merge_factors(self):
+        return self.factors()
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_bases={self.num_bases}, scaling={self.scaling:g}, "

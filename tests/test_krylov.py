@@ -1256,6 +1256,34 @@ def test_cg_op_torch_compile_fullgraph():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_defcg_op_torch_compile_fullgraph():
+    """krylov_defcg_ under torch.compile (fake impl for the outputs; x, r, p, z, rho and the
+    record mutated in place), deflated by two A-orthonormal directions: the same history,
+    alphas, iterate and Lanczos record as eager, bitwise."""
+    problem = pde.darcy(10, seed=1, index=0)
+    m, b = problem.matrix, problem.rhs
+    A = torch.as_tensor(m.to_scipy().toarray())
+    n, bnorm = b.numel(), float(b.norm())
+    # e_i / sqrt(A_ii) for grid nodes 0 and 2, not neighbours in the 5-point stencil: W A W^T = I
+    W = torch.zeros(2, n, dtype=torch.float64)
+    W[0, 0], W[1, 2] = A[0, 0] ** -0.5, A[2, 2] ** -0.5
+    AW = W @ A
+    torch.testing.assert_close(W @ AW.T, torch.eye(2, dtype=torch.float64))
+
+    def solve(x, r, p, z, rho, record):
+        history, alphas, betas, info = ops.krylov_defcg_(m.row_ptr, m.col_idx, m.values, None, x, r, p, z, rho, W,
+                                                         AW, record, 12, 0.0, bnorm, False)
+        return history * 1.0, alphas * 1.0, info, x * 1.0, record * 1.0
+
+    def state():
+        return (torch.zeros_like(b), b.clone(), torch.empty_like(b), torch.empty_like(b),
+                torch.zeros(1, dtype=torch.float64), torch.zeros(12, n, dtype=torch.float64))
+
+    compiled = torch.compile(solve, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*state()), solve(*state())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_arnoldi_op_has_no_cuda_kernel(cuda_device, generator):
     # The fused cycle is CPU only; on CUDA the solvers run it step by step (test_cuda_gmres_matches_cpu).
     A, matrix, basis, C, r = _cycle_inputs(generator, n=100, kc=2)

@@ -1,0 +1,62 @@
+"""What the adapters around a frozen ``nn.Linear`` share: the adapter dtype rule and the
+merge of an update ``s B diag(g) A`` into the base weight (SVFit, LoLDU, NOLA, RandLoRA)."""
+from __future__ import annotations
+
+import abc
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops.lora import lora_merge, lora_unmerge
+
+__all__ = ["MergeableAdapter", "adapter_dtype"]
+
+
+def adapter_dtype(where: str, weight: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The adapter's dtype: ``dtype`` if it is the base weight's or float32 (None: the
+    weight's), else a TypeError (what :func:`lowrank_ops.ops.lora_linear` accepts)."""
+    dtype = weight.dtype if dtype is None else dtype
+    if dtype not in (weight.dtype, torch.float32):
+        raise TypeError(f"{where}: dtype is {dtype}; expected the base weight's ({weight.dtype}) or float32")
+    return dtype
+
+
+class MergeableAdapter(torch.nn.Module, abc.ABC):
+    """A frozen ``base_layer`` plus the update ``s B diag(g) A``; subclasses set
+    ``base_layer``, ``scaling`` and ``merged`` and define :meth:`_merge_factors`."""
+
+    base_layer: torch.nn.Linear
+    scaling: float
+    merged: bool
+
+    @abc.abstractmethod
+    def _merge_factors(self) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(A [k, in], B [out, k], g [k] or None)`` of the update (called without grad)."""
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s B diag(g) A`` ``[out, in]``, the adapter's weight update, in float32 (float64
+        for float64 factors); not differentiable.  Forms the full matrix (merging, tests)."""
+        with torch.no_grad():
+            A, B, gate = self._merge_factors()
+            accumulate = torch.promote_types(A.dtype, torch.float32)
+            B = B.to(accumulate) if gate is None else B.to(accumulate) * gate.to(accumulate)
+            return (B @ A.to(accumulate)).mul_(self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the update into the base weight in place, ``W <- W + s B diag(g) A``
+        (:func:`lowrank_ops.ops.lora_merge`: float32 accumulation, one rounding)."""
+        if self.merged:
+            return
+        A, B, gate = self._merge_factors()
+        lora_merge(self.base_layer.weight, A, B, self.scaling, gate=gate, inplace=True)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
+        if not self.merged:
+            return
+        A, B, gate = self._merge_factors()
+        lora_unmerge(self.base_layer.weight, A, B, self.scaling, gate=gate, inplace=True)
+        self.merged = False

@@ -818,3 +818,105 @@ def test_compile_fullgraph_inference_path(device, generator):
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), call(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["lists", "device_tensors", "mixed"])
+def test_routing_contents_checked_before_any_kernel(device, where):
+    """Bad routing raises the same message whether it comes as sequences (checked on the
+    host, then copied to the device once) or as tensors on x's device (read back once),
+    and good routing of either kind gives the same result."""
+    g = torch.Generator().manual_seed(11)
+    tensors, routing = make_problem("mixed", torch.float32, device, g)
+
+    def placed(routing):
+        if where == "lists":
+            return routing
+        keys = ("segment_offsets", "adapter_ids", "ranks", "scales") if where == "device_tensors" else ("adapter_ids",)
+        dtypes = dict(scales=torch.float64)
+        return dict(routing, **{k: torch.tensor(routing[k], dtype=dtypes.get(k, torch.int64), device=device)
+                                for k in keys})
+
+    expected = run(tensors, routing)
+    torch.testing.assert_close(run(tensors, placed(routing)), expected, rtol=0, atol=0)
+    bad = [(dict(segment_offsets=[0, 5, 3, 24, 27, 38, 40]), r"segment_offsets must be non-decreasing; got "
+            r"segment_offsets\[1\] = 5 > segment_offsets\[2\] = 3"),
+           (dict(segment_offsets=[0, 5, 5, 24, 27, 38, 39]), r"segment_offsets\[-1\] must equal the number of rows "
+            r"\(40\); got 39"),
+           (dict(adapter_ids=[1, 2, -1, 4, 0, 3]), r"adapter_ids\[3\] = 4; expected -1 \(no adapter\) or an adapter "
+            r"in \[0, 4\)"),
+           (dict(ranks=[4, R_MAX + 1, 0, 1]), rf"ranks\[1\] = {R_MAX + 1}; expected 0 <= rank <= r_max = {R_MAX}"),
+           (dict(scales=[1.0, float("inf"), 1.0, 1.0]), r"scales\[1\] = inf; expected a finite number")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            run(tensors, placed(dict(routing, **change)))
+
+
+def test_host_routing_never_waits_for_the_gpu(cuda_device):
+    """Routing from the host (sequences, CPU tensors, adapter names) is checked on the host and
+    copied without a device synchronization: forward and backward of the op and of
+    MultiLoRALinear run under torch.cuda's sync debug mode "error" and match the same calls
+    made outside it."""
+    g = torch.Generator().manual_seed(12)
+    tensors, routing = make_problem("mixed", torch.float32, cuda_device, g)
+    for t in tensors.values():
+        t.requires_grad_(True)
+    layer = MultiLoRALinear(torch.nn.Linear(IN, OUT).to(cuda_device), R_MAX)
+    layer.add_adapters([dict(name=n, rank=r, generator=g) for n, r in (("a", 3), ("b", R_MAX))])
+    names = ["b", None, "a", "a", "b", None, "b"]
+    x_layer = randn(len(names), IN, device=cuda_device, generator=g)
+
+    def calls():
+        y = run(tensors, routing)
+        y.square().sum().backward()
+        z = layer(x_layer, names)
+        z.square().sum().backward()
+        return [y.detach(), z.detach()] + [t.grad.clone() for t in tensors.values()] + \
+               [layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+
+    expected = calls()  # also fills MultiLoRALinear's host copies of ranks and scales
+    for t in list(tensors.values()) + [layer.lora_A, layer.lora_B]:
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_multi_lora_host_copies_follow_the_buffers(device):
+    """MultiLoRALinear's host copies of ranks and scales (kept on a GPU) follow every change
+    of the buffers: adapters added and removed, scales changed in place, a loaded state dict."""
+    g = torch.Generator().manual_seed(13)
+    layer = MultiLoRALinear(torch.nn.Linear(IN, OUT).to(device), R_MAX)
+    layer.add_adapters([dict(name=n, rank=r, alpha=2.0 * r, generator=g) for n, r in (("a", 3), ("b", R_MAX))])
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, device=device, generator=g))
+    x = randn(5, IN, device=device, generator=g)
+    names = ["a", "b", None, "b", "a"]
+
+    def expected():
+        ids = torch.tensor([layer.adapter_id(n) for n in names])
+        order = torch.argsort(ids, stable=True)
+        counts = [int((ids == a).sum()) for a in (-1, 0, 1)]
+        offsets = torch.tensor([0] + counts).cumsum(0).tolist()
+        y = reference.lora_linear_multi(x[order.to(device)].double(), layer.base.weight.double(),
+                                        layer.lora_A.double(), layer.lora_B.double(), offsets, [-1, 0, 1],
+                                        ranks=layer.ranks.tolist(), scales=layer.scales.tolist(),
+                                        bias=layer.base.bias.double())
+        return restore_rows(y, order.to(device)).float()
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)
+        layer.scales.mul_(3.0)                       # in place
+        torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.remove_adapter("a")
+        layer.add_adapter("a", 2, 1.0, generator=g)  # new buffers, a different rank
+        with torch.no_grad():
+            layer.lora_B.copy_(randn(*layer.lora_B.shape, device=device, generator=g))
+        torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)
+        layer.load_state_dict(state)                 # copied in place into the buffers
+        torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)

@@ -151,10 +151,14 @@ class LowrankLoraLinear(PeftLoraLinear):
             for a, (A, B) in enumerate(factors):
                 A_stack[a, :A.shape[0]] = A
                 B_rank_major[a, :B.shape[1]] = B.T
-        ranks = torch.tensor([A.shape[0] for A, _ in factors], device=A0.device)
-        scales = torch.tensor([float(self.scaling[name]) for name in used], dtype=torch.float64, device=A0.device)
+        # Routing constants stay on the host: lora_linear_multi checks them there and copies
+        # them to the GPU with the segments, without waiting for the device.
+        ranks = torch.tensor([A.shape[0] for A, _ in factors])
+        scales = torch.tensor([float(self.scaling[name]) for name in used], dtype=torch.float64)
         stacks = (A_stack, B_rank_major.transpose(1, 2), ranks, scales)
-        self._lowrank_stacks = (key, stacks)
+        # The factors are kept with the key: while they live, no new factor can take their
+        # memory, so equal data pointers and versions mean the same tensors.
+        self._lowrank_stacks = (key, stacks, factors)
         return stacks
 
     def _mixed_batch_forward_fused(self, x: torch.Tensor, names: List[str], used: List[str]) -> torch.Tensor:
@@ -163,7 +167,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         index = {name: a for a, name in enumerate(used)}
         rows_per_sample = x[0].numel() // x.shape[-1]
         sample_ids = torch.tensor([index.get(name, -1) for name in names], dtype=torch.int64)
-        row_ids = sample_ids.repeat_interleave(rows_per_sample).to(x.device)
+        row_ids = sample_ids.repeat_interleave(rows_per_sample)  # grouped on the host (route_rows)
         base = self.get_base_layer()
 
         def run(rows, offsets, segment_ids):

@@ -44,12 +44,15 @@ def route_rows(rows: torch.Tensor, row_ids: torch.Tensor, run) -> torch.Tensor:
 
     Rows already grouped (ids non-decreasing: one adapter, or sorted) go as they are; others
     are sorted by adapter (:func:`group_rows`), gathered, and restored (:func:`restore_rows`).
-    ``rows [N, in]``, ``row_ids [N]`` int (-1: no adapter).
+    ``rows [N, in]``, ``row_ids [N]`` int (-1: no adapter), on the rows' device or on the
+    CPU: host ids (a scheduler's) are grouped on the host and only the row permutation is
+    copied to the GPU (non-blocking), so the call never waits for the device.
     """
     if bool((row_ids[1:] >= row_ids[:-1]).all()):
         offsets, segment_ids = _segments(row_ids)
         return run(rows, offsets, segment_ids)
     order, offsets, segment_ids = group_rows(row_ids)
+    order = order.to(rows.device, non_blocking=True)
     return restore_rows(run(rows.index_select(0, order), offsets, segment_ids), order)
 
 
@@ -63,8 +66,7 @@ def _segments(grouped_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def restore_rows(grouped: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Inverse of the grouping: ``restore_rows(rows[order], order) == rows`` (differentiable)."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return grouped.index_select(0, inverse)
 
 
@@ -117,6 +119,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(weight.new_zeros((0, max_rank, base.out_features), dtype=dtype).transpose(1, 2))
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("scales", torch.zeros(0, dtype=torch.float64, device=weight.device))
+        self._host_routing_cache = None  # see _routing_constants
 
     @property
     def in_features(self) -> int:
@@ -367,7 +370,8 @@ class MultiLoRALinear(nn.Module):
             adapter_ids = torch.tensor([self.adapter_id(name) for name in adapter_names], dtype=torch.int64)
         if adapter_ids is None:
             return self.base(x)
-        row_ids = as_routing_tensor("MultiLoRALinear", adapter_ids, torch.int64, x.device, "adapter_ids").reshape(-1)
+        row_ids = as_routing_tensor("MultiLoRALinear", adapter_ids, torch.int64, self._routing_device(adapter_ids, x),
+                                    "adapter_ids").reshape(-1)
         if row_ids.numel() != n_rows:
             raise ValueError(f"MultiLoRALinear: adapter_ids has {row_ids.numel()} entries; expected one per row "
                              f"({n_rows}) (or pass segment_offsets)")
@@ -376,9 +380,36 @@ class MultiLoRALinear(nn.Module):
         return route_rows(rows, row_ids, self._lora_forward).reshape(*x.shape[:-1], self.out_features)
 
     def _lora_forward(self, rows: torch.Tensor, segment_offsets, adapter_ids) -> torch.Tensor:
-        # scales in float64 even after module.to(dtype), which casts floating buffers too
+        ranks, scales = self._routing_constants()
         return lora_linear_multi(rows, self.base.weight, self.lora_A, self.lora_B, segment_offsets, adapter_ids,
-                                 ranks=self.ranks, scales=self.scales.double(), bias=self.base.bias)
+                                 ranks=ranks, scales=scales, bias=self.base.bias)
+
+    @staticmethod
+    def _routing_device(adapter_ids, x: torch.Tensor) -> torch.device:
+        """Where per-row ids are grouped: the host, unless they already are on x's device
+        (or torch.compile traces, which keeps the routing on x's device)."""
+        if torch.compiler.is_compiling() or (isinstance(adapter_ids, torch.Tensor) and adapter_ids.device == x.device):
+            return x.device
+        return torch.device("cpu")
+
+    def _routing_constants(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ranks, scales)`` for :func:`~lowrank_ops.ops.lora_linear_multi`, scales in
+        float64 (``module.to(dtype)`` casts floating buffers too).
+
+        On a GPU, host copies: the op checks the routing on the host, and copies of the
+        buffers kept here spare every call a device-to-host read (a wait for all queued
+        work).  They are refreshed when a buffer is replaced (adapters added or removed,
+        ``module.to``) or changed in place (``load_state_dict``: its version counter moves).
+        """
+        ranks, scales = self.ranks, self.scales
+        if ranks.device.type == "cpu" or torch.compiler.is_compiling():
+            return ranks, scales.double()
+        cache = self._host_routing_cache
+        if (cache is None or cache[0] is not ranks or cache[1] is not scales
+                or cache[2] != (ranks._version, scales._version)):
+            cache = (ranks, scales, (ranks._version, scales._version), ranks.cpu(), scales.double().cpu())
+            self._host_routing_cache = cache
+        return cache[3], cache[4]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_rank={self.max_rank}, "

@@ -33,7 +33,6 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from .._autocast import autocast_entry, autocast_off_backward
-from .._finite import all_finite
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from ._library import LIBRARY, current_stream, register_fake
@@ -76,32 +75,29 @@ def check_routing(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torc
             raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}; expected (n_adapters,) = ({n_adapters},)")
     if not contents or offsets.device.type == "cpu":
         return  # the C++ kernels check the contents (csrc/cpu/lora_multi_cpu.cpp, check_segment_routing)
-    host = [t.detach().to("cpu") for t in (offsets, ids, ranks)]
-    offsets_h, ids_h, ranks_h = host
-    if offsets_h[0].item() != 0 or offsets_h[-1].item() != n_rows:
-        raise ValueError(
-            f"{op}: segment_offsets must start at 0 and end at the number of rows ({n_rows}); "
-            f"got segment_offsets[0] = {offsets_h[0].item()}, segment_offsets[-1] = {offsets_h[-1].item()}"
-        )
-    steps = offsets_h[1:] - offsets_h[:-1]
-    if (steps < 0).any():
-        s = int((steps < 0).nonzero()[0])
-        raise ValueError(
-            f"{op}: segment_offsets must be non-decreasing; got segment_offsets[{s}] = {offsets_h[s].item()} > "
-            f"segment_offsets[{s + 1}] = {offsets_h[s + 1].item()}"
-        )
-    bad = (ids_h < -1) | (ids_h >= n_adapters)
-    if bad.any():
-        s = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{op}: adapter_ids[{s}] = {ids_h[s].item()}; expected -1 (no adapter) or an adapter in [0, {n_adapters})"
-        )
-    bad = (ranks_h < 0) | (ranks_h > r_max)
-    if bad.any():
-        a = int(bad.nonzero()[0])
-        raise ValueError(f"{op}: ranks[{a}] = {ranks_h[a].item()}; expected 0 <= rank <= r_max = {r_max}")
-    if scales is not None and not all_finite(scales):
-        raise ValueError(f"{op}: scales must be finite; got {scales.detach().cpu().tolist()}")
+    check_routing_contents(op, offsets, ids, ranks, scales, n_rows, n_adapters, r_max)
+
+
+def _on_host(tensors: Sequence[Optional[torch.Tensor]]) -> list:
+    """CPU copies of contiguous routing tensors (int64 or float64), with at most one
+    device-to-host copy for all of them (each copy waits for the device: one sync, not four)."""
+    remote = [t for t in tensors if t is not None and t.device.type != "cpu"]
+    if not remote:
+        return list(tensors)
+    pieces = iter(torch.cat([t.view(torch.int64) for t in remote]).cpu().split([t.numel() for t in remote]))
+    return [t if t is None or t.device.type == "cpu" else next(pieces).view(t.dtype) for t in tensors]
+
+
+def check_routing_contents(op: str, offsets: torch.Tensor, ids: torch.Tensor, ranks: torch.Tensor,
+                           scales: Optional[torch.Tensor], n_rows: int, n_adapters: int, r_max: int) -> None:
+    """The routing's contents (offsets cover the rows, ids and ranks in range, finite scales),
+    checked on the host by the CPU kernels' checker, so messages are the same on every device.
+
+    The tensors are contiguous, int64 (float64 scales), with the sizes check_routing
+    verified; those on a GPU are read back with one copy."""
+    offsets, ids, ranks, scales = _on_host((offsets, ids, ranks, scales))
+    extension().check_segment_routing_cpu(
+        **_routing_args(offsets, ids, ranks, scales, n_rows, n_adapters, r_max), op=op)
 
 
 def _contiguous_routing(offsets, ids, ranks, scales):
@@ -391,16 +387,18 @@ class _Kernels(NamedTuple):
     plan: Optional["_CpuPlan"] = None
 
 
-def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, r_max: int) -> _Kernels:
+def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, r_max: int,
+                 checked: bool) -> _Kernels:
     """The registered ops while torch.compile traces (their fake impls are what it sees);
     for eager calls the implementations with the routing validated once (on the CPU one
     plan, split once per feature size, serves every kernel call: about 0.1 ms less per
-    forward+backward than validating in each op)."""
+    forward+backward than validating in each op).  ``checked``: the routing's contents
+    were checked on the host already (:func:`_place_routing`)."""
     if torch.compiler.is_compiling():
         ops = torch.ops.lowrank_ops
         return _Kernels(ops.lora_multi_shrink, ops.lora_multi_expand_, ops.lora_multi_segment_outer)
     plan = _cpu_plan("lora_linear_multi", x, offsets, ids, ranks, scales, n_adapters, r_max)
-    if plan is None:  # CUDA: the routing's contents, checked once on the host (the kernels cannot raise)
+    if plan is None and not checked:  # CUDA: the kernels cannot raise; check the contents on the host
         check_routing("lora_linear_multi", offsets, ids, ranks, scales, x.shape[0], n_adapters, r_max)
     return _Kernels(functools.partial(_shrink, plan=plan), functools.partial(_expand_, plan=plan),
                     functools.partial(_outer, plan=plan), plan)
@@ -464,8 +462,8 @@ class _LoRALinearMulti(torch.autograd.Function):
     ``dx = dy W + g A``, ``dA_a = g_a^T x_a``, ``dB_a = s_a dy_a^T h_a``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales):
-        kernels = _kernels_for(x, offsets, ids, ranks, scales, *A_stack.shape[:2])
+    def forward(ctx, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales, checked):
+        kernels = _kernels_for(x, offsets, ids, ranks, scales, *A_stack.shape[:2], checked)
         y, h = _forward(kernels, x, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)
         ctx.has_bias, ctx.kernels = bias is not None, kernels
         ctx.save_for_backward(x, weight, A_stack, B_stack, h, offsets, ids, ranks, scales)
@@ -495,7 +493,7 @@ class _LoRALinearMulti(torch.autograd.Function):
             grad_w = grad_y.T @ x
         if need_b and ctx.has_bias:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- public API
@@ -520,6 +518,41 @@ def as_routing_tensor(op: str, value, dtype: torch.dtype, device: torch.device, 
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{op}: {name}[{i}] = {v!r}; expected an integer")
     return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _place_routing(device: torch.device, n_rows: int, n_adapters: int, r_max: int,
+                   segment_offsets, adapter_ids, ranks, scales) -> tuple:
+    """``([offsets, ids, ranks, scales], checked)``: the routing as contiguous int64
+    (float64 scales) tensors on ``device``, their shapes checked.
+
+    On a GPU (eager) the contents are checked here, on the host, and ``checked`` is True.
+    Routing given as sequences or CPU tensors (a serving scheduler's) is checked before one
+    non-blocking host-to-device copy of all of it, so the call never waits for the device;
+    routing already on the GPU is read back with one copy (one wait).  On the CPU the
+    kernels check the contents; under torch.compile the registered ops do.
+    """
+    op = "lora_linear_multi"
+    staged = device.type != "cpu" and not torch.compiler.is_compiling()
+    host = torch.device("cpu")
+
+    def place(value, dtype, name):
+        on_device = isinstance(value, torch.Tensor) and value.device == device
+        return as_routing_tensor(op, value, dtype, host if staged and not on_device else device, name)
+
+    routing = [place(segment_offsets, torch.int64, "segment_offsets"), place(adapter_ids, torch.int64, "adapter_ids"),
+               (torch.full((n_adapters,), r_max, dtype=torch.int64, device=host if staged else device)
+                if ranks is None else place(ranks, torch.int64, "ranks")),
+               None if scales is None else place(scales, torch.float64, "scales")]
+    check_routing(op, *routing, n_rows, n_adapters, r_max, contents=False)
+    if not staged:
+        return routing, False
+    check_routing_contents(op, *routing, n_rows, n_adapters, r_max)
+    staged_here = [t for t in routing if t is not None and t.device.type == "cpu"]
+    if staged_here:
+        packed = torch.cat([t.view(torch.int64) for t in staged_here]).to(device, non_blocking=True)
+        pieces = iter(packed.split([t.numel() for t in staged_here]))
+        routing = [t if t is None or t.device.type != "cpu" else next(pieces).view(t.dtype) for t in routing]
+    return routing, True
 
 
 def _validate(x, weight, A_stack, B_stack, bias) -> None:
@@ -623,9 +656,12 @@ def lora_linear_multi(
     ``2 r (in + out)`` (the gathered shrink and expand, hand-written kernels); backward
     twice that.  Memory saved for backward: ``h = x A^T`` (``[N, r_max]``) besides x.
 
-    The routing tensors' contents are validated by every kernel call: in C++ on CPU,
-    by one device-to-host copy on CUDA (the CUDA kernels are memory-safe on any
-    contents, but cannot raise).
+    The routing's contents are validated on every call: in C++ by the CPU kernels; on
+    CUDA by the same checker on the host before the kernels launch (the CUDA kernels are
+    memory-safe on any contents, but cannot raise).  Routing given as sequences or CPU
+    tensors is checked there and copied to the GPU with one non-blocking copy, so the
+    call never waits for the device; routing already on the GPU costs one device-to-host
+    copy (one wait for the queued work).
 
     CPU: the C++ kernels take every segment of fewer than 256 rows (decode-like and
     mixed-adapter batches) in one call per product, with no per-segment torch call;
@@ -633,22 +669,15 @@ def lora_linear_multi(
     each, where MKL's blocking wins (``_CPU_GEMM_MIN_ROWS``).  CUDA: the hand-written
     kernels at every size.
     """
-    op = "lora_linear_multi"
     _validate(x, weight, A_stack, B_stack, bias)
-    device = x.device
     n_adapters, r_max = A_stack.shape[:2]
-    offsets = as_routing_tensor(op, segment_offsets, torch.int64, device, "segment_offsets")
-    ids = as_routing_tensor(op, adapter_ids, torch.int64, device, "adapter_ids")
-    ranks_t = (torch.full((n_adapters,), r_max, dtype=torch.int64, device=device) if ranks is None
-               else as_routing_tensor(op, ranks, torch.int64, device, "ranks"))
-    scales_t = None if scales is None else as_routing_tensor(op, scales, torch.float64, device, "scales")
     rows = x.reshape(x.shape[:-1].numel(), weight.shape[1])
-    # Contents (offsets cover the rows, ids and ranks in range) are checked where the kernels run.
-    check_routing(op, offsets, ids, ranks_t, scales_t, rows.shape[0], n_adapters, r_max, contents=False)
-    args = (rows, weight, bias, A_stack, B_stack, offsets, ids, ranks_t, scales_t)
+    routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
+                                      segment_offsets, adapter_ids, ranks, scales)
+    args = (rows, weight, bias, A_stack, B_stack, *routing)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y = _LoRALinearMulti.apply(*args)
+        y = _LoRALinearMulti.apply(*args, checked)
     else:  # inference: no autograd Function, nothing saved
-        y = _infer(_kernels_for(rows, offsets, ids, ranks_t, scales_t, n_adapters, r_max), *args)
+        y = _infer(_kernels_for(rows, *routing, n_adapters, r_max, checked), *args)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

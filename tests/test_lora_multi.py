@@ -685,6 +685,18 @@ def test_multi_lora_linear_add_adapters_equals_one_by_one(device, generator):
     assert batched.add_adapters([]) == [] and batched.ranks.tolist() == [2, 4, 3, R_MAX]
 
 
+def test_multi_lora_linear_default_init_takes_a_generator_of_the_layers_device(device):
+    """A generator of the layer's device (a GPU's, for a CUDA layer) works too: the default A
+    is drawn on the CPU from a generator it seeds, so the same seed gives the same A."""
+    base = torch.nn.Linear(IN, OUT).to(device)
+    first, second = MultiLoRALinear(base, R_MAX), MultiLoRALinear(base, R_MAX)
+    for layer in (first, second):
+        layer.add_adapter("a", 3, generator=torch.Generator(device=device).manual_seed(11))
+    assert torch.equal(first.lora_A, second.lora_A) and first.lora_A.device.type == device
+    drawn = first.lora_A[0, :3]
+    assert 0 < drawn.abs().max() <= (1 + 1e-6) / math.sqrt(IN) and not first.lora_A[0, 3:].any()
+
+
 def test_multi_lora_linear_trains_only_used_adapters(device, generator):
     layer = make_layer(device, generator)
     assert not layer.base.weight.requires_grad

@@ -124,6 +124,33 @@ def test_uncached_bases_give_the_same_values_and_gradients(monkeypatch, generato
         torch.testing.assert_close(got, want, rtol=1e-13, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_same_bases_and_results_on_every_device(device, monkeypatch, generator):
+    """The seed format's promise across devices: a CPU-trained adapter loaded onto ``device``
+    redraws bitwise the same bases (drawn by the CPU generator, then moved), cached or not
+    (uncached: every block redrawn on the CPU and copied in the forward and the backward),
+    and gives the CPU layer's outputs and coefficient gradients."""
+    monkeypatch.setattr(random_basis, "BLOCK_ELEMENTS", 64)  # several draw blocks per kind
+    on_cpu = make_layer(10, 14, 3, 23, 17, torch.float64, generator, seed=99)
+    randomize(on_cpu, generator)
+    x = randn(2, 3, 14, dtype=torch.float64, generator=generator)
+    grad_y = randn(2, 3, 10, dtype=torch.float64, generator=generator)
+    y = on_cpu(x)
+    y.backward(grad_y)
+    want = [y.detach(), on_cpu.nola_alpha.grad, on_cpu.nola_beta.grad]
+    for cache_bases in (True, False):
+        layer = NOLALinear(torch.nn.Linear(14, 10, dtype=torch.float64, device=device), 3, 23, 17, seed=5,
+                           cache_bases=cache_bases)
+        layer.load_state_dict(on_cpu.state_dict())  # a new seed: the bases are redrawn on the device
+        for mine, theirs in zip(layer.bases(), on_cpu.bases()):
+            assert mine.device.type == device and torch.equal(mine.cpu(), theirs)
+        y = layer(x.to(device))
+        y.backward(grad_y.to(device))
+        for name, expected, got in zip(["y", "d alpha", "d beta"], want,
+                                       [y.detach(), layer.nola_alpha.grad, layer.nola_beta.grad]):
+            torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()),
+                                       msg=lambda m, name=name: f"cache_bases={cache_bases}, {name}: {m}")
+
+
 def test_forward_and_gradients_match_float64_reference(device, generator):
     out_features, in_features, r, k_A, k_B = 24, 36, 5, 40, 30
     layer = make_layer(out_features, in_features, r, k_A, k_B, torch.float32, generator, device=device)

@@ -144,6 +144,21 @@ def test_histogram_and_sparsify(device, generator, source):
     assert torch.allclose(dense_kept, ref, rtol=1e-13, atol=0)
 
 
+@pytest.mark.parametrize("lo, hi", [(0.0, 0.0), (1.0, 0.0), (-math.inf, 0.0)], ids=["equal", "reversed", "infinite"])
+def test_histogram_degenerate_range_stays_in_bounds(device, lo, hi):
+    """hi <= lo (hi == lo happens in SNS's fine level when the bin width rounds away) or an
+    infinite lo: the bin position is NaN or negative, which used to be converted to an
+    index outside the histogram (out-of-bounds writes).  Every counted entry goes to bin 0."""
+    C = torch.zeros(2, 5, 7, dtype=F64, device=device)
+    f = torch.full((2, 5), 2.0 if lo == 1.0 else 0.0, dtype=F64, device=device)  # s = f: 2 >= lo, else 0 >= lo
+    g = torch.zeros(2, 7, dtype=F64, device=device)
+    bound = torch.full((2,), lo, dtype=F64, device=device), torch.full((2,), hi, dtype=F64, device=device)
+    counts = ot_ops.log_histogram(C, None, None, f, g, 1.0, 0, None, *bound, 16)
+    expected = torch.zeros(2, 16, dtype=torch.int64)
+    expected[:, 0] = 5 * 7
+    assert torch.equal(counts.cpu(), expected)
+
+
 def test_hessian_matvec(device, generator):
     C, _, _, f, g = _problem(2, 30, 20, 1, generator, F64, device)
     s = reference.ot_log_plan(C, f, g, 0.05)

@@ -139,6 +139,27 @@ def test_state_dict_round_trip_redraws_the_bases(generator):
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
+def test_same_bases_and_results_on_every_device(device, generator):
+    """A CPU-trained adapter loaded onto ``device`` redraws bitwise the same bases (CPU
+    generator, then moved) and gives the CPU layer's outputs and diagonal gradients."""
+    on_cpu = make_layer(12, 16, 5, torch.float64, generator, seed=77)
+    randomize(on_cpu, generator)
+    layer = RandLoRALinear(torch.nn.Linear(16, 12, dtype=torch.float64, device=device), 5, seed=1)
+    layer.load_state_dict(on_cpu.state_dict())  # a new seed: the bases are redrawn on the device
+    assert layer.randlora_A.device.type == device
+    assert torch.equal(layer.randlora_A.cpu(), on_cpu.randlora_A) and torch.equal(layer.randlora_B.cpu(), on_cpu.randlora_B)
+    x = randn(4, 16, dtype=torch.float64, generator=generator)
+    grad_y = randn(4, 12, dtype=torch.float64, generator=generator)
+    outputs = []
+    for module, device_of in ((on_cpu, "cpu"), (layer, device)):
+        y = module(x.to(device_of))
+        y.backward(grad_y.to(device_of))
+        outputs.append([y.detach().cpu(), module.randlora_lambda.grad.cpu(), module.randlora_gamma.grad.cpu()])
+    for name, want, got in zip(["y", "d lambda", "d gamma"], *outputs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_gradients_match_float64_reference(shape, device, generator):
     out_features, in_features = shape

@@ -210,7 +210,7 @@ LOWRANK_INLINE void histogram_rows(const OtHistogramParams& p, int64_t b, int64_
           const T v = sbuf[r][jj];
           if (!(v >= lo)) continue;
           const T pos = (v - lo) * inv_width;
-          const int64_t k = pos >= static_cast<T>(p.n_bins) ? p.n_bins - 1 : static_cast<int64_t>(pos);
+          const int64_t k = ot_histogram_bin(pos, p.n_bins);
           ++counts[k];
         }
       }

@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) log_histogram(OtHistogramParams p) {
     const T v = log_entry(s, b, i, j, entry_cost<T>(s, b, i, j));
     if (!(v >= lo)) continue;
     const T pos = (v - lo) * inv_width;
-    const int64_t k = pos >= static_cast<T>(p.n_bins) ? p.n_bins - 1 : static_cast<int64_t>(pos);
+    const int64_t k = ot_histogram_bin(pos, p.n_bins);
     atomicAdd(&bins[k], 1u);
   }
   __syncthreads();

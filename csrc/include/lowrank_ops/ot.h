@@ -71,7 +71,8 @@ struct OtRowLseParams {
 
 // ot_log_histogram: counts[b, k] += #{j, i : lo_b + k w_b <= s_ij < lo_b + (k + 1) w_b}
 // with w_b = (hi_b - lo_b) / n_bins; entries >= hi_b go to the last bin, entries < lo_b
-// are not counted.  lo, hi: [batch] (dtype of f); counts: [batch, n_bins] int64, which
+// are not counted (for hi_b <= lo_b, a degenerate range, see ot_histogram_bin; never out
+// of bounds).  lo, hi: [batch] (dtype of f); counts: [batch, n_bins] int64, which
 // the caller zeroes.  Used to find the threshold of the largest k entries of P without
 // sorting (two levels: a coarse histogram, then one of the coarse bin that holds the
 // k-th largest entry).
@@ -175,6 +176,16 @@ LOWRANK_OT_HD T ot_point_cost_grad(OtCost cost, T xd, T yd) {
   const T diff = xd - yd;
   if (cost == OtCost::sqeuclidean) return T(2) * diff;
   return diff > T(0) ? T(1) : (diff < T(0) ? T(-1) : T(0));
+}
+
+// ot_log_histogram's bin of an entry s >= lo at pos = (s - lo) n_bins / (hi - lo): bin
+// floor(pos), entries at or past hi in the last bin.  A pos that is negative or not a
+// number (hi <= lo, e.g. hi == lo from rounding, or an infinite lo or hi) goes to bin 0:
+// converting NaN or a negative value to a bin would index outside [0, n_bins).
+template <class T>
+LOWRANK_OT_HD int64_t ot_histogram_bin(T pos, int64_t n_bins) {
+  if (pos >= static_cast<T>(n_bins)) return n_bins - 1;
+  return pos >= T(0) ? static_cast<int64_t>(pos) : 0;
 }
 
 // exp(x), branch-free so that loops over it

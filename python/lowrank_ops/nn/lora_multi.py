@@ -9,7 +9,7 @@ from torch import nn
 
 from .._args import require_finite_number, require_tensors
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
-from ._init import fan_in_bound
+from ._init import fan_in_bound, generator_on
 
 __all__ = ["MultiLoRALinear", "group_rows", "restore_rows", "route_rows"]
 
@@ -159,7 +159,8 @@ class MultiLoRALinear(nn.Module):
             Initial factors (e.g. loaded from a PEFT checkpoint).  Default: PEFT's LoRA
             initialization, A Kaiming-uniform (``a = sqrt(5)``) and B zero.
         generator : torch.Generator, optional
-            For the default initialization of A.
+            For the default initialization of A, drawn on the CPU (a generator of another
+            device, e.g. the layer's GPU, seeds a CPU generator with one draw).
 
         Returns
         -------
@@ -241,7 +242,9 @@ class MultiLoRALinear(nn.Module):
             for j, (rank, _, lora_A, lora_B, generator) in enumerate(checked, start=n):
                 if lora_A is None:
                     bound = fan_in_bound(self.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-                    values = torch.rand((rank, self.in_features), generator=generator, dtype=torch.float64) * 2 - 1
+                    # Drawn on the CPU (the same A on every device); a generator of another device seeds a CPU one.
+                    cpu_generator = generator_on(generator, torch.device("cpu"))
+                    values = torch.rand((rank, self.in_features), generator=cpu_generator, dtype=torch.float64) * 2 - 1
                     new_A[j, :rank] = (values * bound).to(new_A.dtype)
                 else:
                     new_A[j, :rank] = lora_A

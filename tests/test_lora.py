@@ -8,7 +8,7 @@ import torch
 
 from lowrank_ops import reference
 from lowrank_ops.nn import LoRALinear
-from lowrank_ops.ops import lora_linear, lora_merge, lora_unmerge
+from lowrank_ops.ops import dora_linear, lora_linear, lora_merge, lora_unmerge
 from lowrank_ops.ops.lora import draw_seed
 
 from helpers import OUTPUT_UNIT, assert_within, check_autocast_against_torch, randn, summation_bound
@@ -140,6 +140,20 @@ def test_dropout_is_reproducible_and_adapter_only(device, generator):
     y = lora_linear(t["x"], t["weight"], t["lora_A"], zero_B, dropout_p=0.9, generator=generator)
     torch.testing.assert_close(y, t["x"] @ t["weight"].T)
 
+
+
+def test_dropout_generator_on_the_data_device(device, generator):
+    """A generator on the inputs' device (a CUDA one on a GPU) seeds the dropout too: the same
+    state gives the same output, in lora_linear and dora_linear, and the seed is a CPU tensor."""
+    t = make_problem(16, 64, 4, (32,), torch.float32, device, generator)
+    seed = draw_seed(torch.Generator(device=device).manual_seed(5))
+    assert seed.device.type == "cpu" and seed.dtype == torch.int64 and seed.dim() == 0
+    magnitude = torch.linalg.vector_norm(t["weight"], dim=1)
+    for fn, extra in ((lora_linear, ()), (dora_linear, (magnitude,))):
+        call = lambda s: fn(t["x"], t["weight"], t["lora_A"], t["lora_B"], *extra, dropout_p=0.5,
+                            generator=torch.Generator(device=device).manual_seed(s))
+        torch.testing.assert_close(call(5), call(5), rtol=0, atol=0)
+        assert not torch.equal(call(5), call(6))
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("adapter", ["same", "float32"])

@@ -317,7 +317,8 @@ def dora_linear(
     dropout_p : float
         Dropout on the adapter path, PEFT's convention (see the module docstring).
     generator : torch.Generator, optional
-        Source of the dropout seed.
+        Source of the dropout seed, as :func:`~lowrank_ops.ops.lora_linear`'s (any device;
+        a CUDA one costs one device-to-host read).
     eps : float
         Floor of the row norm (zero-norm rows give finite outputs and gradients).
     norm : Tensor[out_features], optional

@@ -56,8 +56,13 @@ _SEED_HIGH = 2**62
 
 # ---------------------------------------------------------------------------- dropout
 def draw_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A fresh int64 dropout seed (0-d CPU tensor) drawn from ``generator`` or torch's default one."""
-    return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)
+    """A fresh int64 dropout seed (0-d CPU tensor) drawn from ``generator`` or torch's default one.
+
+    A generator on another device (a CUDA one) draws there and the seed is read back: one
+    device-to-host copy (a wait for the queued work); a CPU generator costs none."""
+    if generator is None or generator.device.type == "cpu":
+        return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)
+    return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64, device=generator.device).cpu()
 
 
 def _lora_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -316,7 +321,8 @@ def lora_linear(
     dropout_p : float
         Dropout probability on the adapter input only, in ``[0, 1)``.
     generator : torch.Generator, optional
-        Source of the dropout seed (CPU generator); the same state gives the same mask.
+        Source of the dropout seed; the same state gives the same mask.  A CPU generator
+        costs nothing; a CUDA one one device-to-host read of the seed.
         Default: torch's default generator (the one to use under ``torch.compile``, which
         cannot trace a Generator argument).
 

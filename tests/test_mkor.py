@@ -36,6 +36,8 @@ from torch import nn
 from lowrank_ops.optim import MKOR
 from lowrank_ops.optim.mkor import ShermanMorrisonInverse
 
+from helpers import randn
+
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 
 # torch warns (once per process) when a full backward hook's module has no input that
@@ -524,3 +526,38 @@ def test_broken_factor_falls_back_to_the_plain_gradient(device):
     torch.optim.SGD(twin.parameters(), lr=0.1).step()
     for mine, theirs in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_torch_compile_training_with_graph_breaks_at_the_hooks():
+    """MKOR's training loop with the model under torch.compile trains exactly as eager.
+
+    Not fullgraph: MKOR records the output gradients with module-level full backward hooks,
+    which dynamo traces only under compiled autograd ("Module-level backwards hooks require
+    compiled autograd"); so each hooked Linear runs between graphs (the rest of the model
+    compiled) and its hooks run as in eager.  fullgraph=True refuses the model, as checked
+    here: when torch learns to trace these hooks, this test says so."""
+    def run(compile_model: bool):
+        generator = torch.Generator().manual_seed(16)
+        model = MLP()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(randn(*p.shape, generator=generator) * 0.5)
+        x, y = randn(32, 6, generator=generator), randn(32, 4, generator=generator)
+        optimizer = MKOR(model, lr=0.05, momentum=0.9)
+        forward, losses = (torch.compile(model, backend="aot_eager") if compile_model else model), []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        inverses = [optimizer.state[m.weight][key].dense() for m in (model.fc1, model.fc2)
+                    for key in ("a_inverse", "g_inverse")]
+        return [torch.stack(losses), *inverses, *[p.detach().clone() for p in model.parameters()]]
+
+    for want, got in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # aot_eager: the same kernels (helpers.py)
+    model = MLP()
+    MKOR(model)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="backwards hooks require compiled autograd"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 6))

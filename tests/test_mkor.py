@@ -528,6 +528,32 @@ def test_broken_factor_falls_back_to_the_plain_gradient(device):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("update_freq, inverse_bound", [(1, 2.0), (1, 0.5), (2, None)])
+def test_step_reads_the_host_once(update_freq, inverse_bound, monkeypatch):
+    """A step's decisions (non-finite gradients, breakdowns, the stabilizer, the scale's
+    fold) stay on the device but for one read of all flags per device: counted here on the
+    CPU by patching every way a tensor's value reaches Python, so the count is that of
+    CUDA, where each read is a synchronization.  inverse_bound 0.5: the stabilizer blends
+    at every update (the identity's entries already exceed it)."""
+    generator = torch.Generator().manual_seed(17)
+    model = MLP()
+    x, y = randn(16, 6, generator=generator), randn(16, 4, generator=generator)
+    optimizer = MKOR(model, lr=0.05, update_freq=update_freq, inverse_bound=inverse_bound)
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        reads.clear()
+        optimizer.step()
+        assert reads == ["tolist"]
+    assert optimizer.state[model.fc1.weight]["step"] == 4
+
+
 def test_torch_compile_training_with_graph_breaks_at_the_hooks():
     """MKOR's training loop with the model under torch.compile trains exactly as eager.
 

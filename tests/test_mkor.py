@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lowrank_ops.optim import MKOR
+from lowrank_ops.optim import mkor
 from lowrank_ops.optim.mkor import ShermanMorrisonInverse
 
 from helpers import randn
@@ -43,6 +44,15 @@ UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 # torch warns (once per process) when a full backward hook's module has no input that
 # requires grad, as the first layer of every model here: expected, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+
+@pytest.fixture(autouse=True, params=["host", "device"])
+def scalar_path(request, monkeypatch):
+    """Every test twice: with the CPU's host-side decisions, and with the CPU taking the
+    GPU's path (decisions as tensors, one read per step), so that path is tested here too."""
+    if request.param == "device":
+        monkeypatch.setattr(mkor, "_HOST_DEVICE_TYPES", ())
+    return request.param
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -529,12 +539,14 @@ def test_broken_factor_falls_back_to_the_plain_gradient(device):
 
 
 @pytest.mark.parametrize("update_freq, inverse_bound", [(1, 2.0), (1, 0.5), (2, None)])
-def test_step_reads_the_host_once(update_freq, inverse_bound, monkeypatch):
+def test_step_reads_the_host_once(update_freq, inverse_bound, scalar_path, monkeypatch):
     """A step's decisions (non-finite gradients, breakdowns, the stabilizer, the scale's
     fold) stay on the device but for one read of all flags per device: counted here on the
-    CPU by patching every way a tensor's value reaches Python, so the count is that of
-    CUDA, where each read is a synchronization.  inverse_bound 0.5: the stabilizer blends
-    at every update (the identity's entries already exceed it)."""
+    CPU on the device path by patching every way a tensor's value reaches Python, so the
+    count is that of CUDA, where each read is a synchronization.  inverse_bound 0.5: the
+    stabilizer blends at every update (the identity's entries already exceed it)."""
+    if scalar_path == "host":  # the CPU's own path reads freely (no queue to wait for)
+        monkeypatch.setattr(mkor, "_HOST_DEVICE_TYPES", ())
     generator = torch.Generator().manual_seed(17)
     model = MLP()
     x, y = randn(16, 6, generator=generator), randn(16, 4, generator=generator)

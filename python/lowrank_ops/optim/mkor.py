@@ -49,7 +49,7 @@ describe it only briefly):
 * Fallback to the plain gradient: when a factor update breaks (a non-finite or negative
   quadratic form ``v^T L^-1 v``, which rounding can produce once the kept inverse has lost
   its definiteness) or the preconditioned step is not finite (or is zero for a non-zero
-  gradient), the layer's two inverses are reset to the identity and its step is the plain
+  gradient, or the gradient's norm overflows the factor dtype), the layer's two inverses are reset to the identity and its step is the plain
   gradient; ``state[weight]["fallbacks"]`` counts it and a ``RuntimeWarning`` says so.
 * Non-finite inputs: captured means with NaN or inf entries skip that factor's update
   (``state[weight]["skipped_factor_updates"]``); a non-finite gradient of a layer skips the
@@ -59,17 +59,18 @@ describe it only briefly):
 
 Devices.  The factors live on their layer's device (``load_state_dict`` moves them to
 the parameter's, so a state saved on one device and loaded with ``map_location`` on
-another works).  The decisions above are taken on the device, as tensors: a refused
-update is a rank-1 pass with ``w = 0``, a blend not taken adds 0 to the diagonal, the
-plain-gradient fallback is a ``torch.where``, a skipped layer's factor updates are
-masked, and the scalar ``s`` of each inverse is a device tensor (folded when host-side
-bounds of it say it may leave its range).  A step reads the host once per device: one
-stacked tensor of every layer's flags (gradient finite, update broken, step failed, mean
-not finite) and of the other parameters' gradient sums, after all the layers' kernels are
-queued; the counters, warnings and identity resets follow from it.  (A gradient outside
-the Linear layers whose sum overflows with finite entries costs one more read, to tell it
-from a NaN.)  Measured on the CPU: the same speed as the per-layer reads it replaces (the
-masked passes are ``O(d)``; see bench/bench_mkor.py).
+another works).  On a GPU the decisions above are taken on the device, as tensors: a
+refused update is a rank-1 pass with ``w = 0``, a blend not taken adds 0 to the
+diagonal, a skipped layer's factor updates are masked, and the scalar ``s`` of each
+inverse is a device tensor (folded when host-side bounds of it say it may leave its
+range).  A step reads the host once per device: one stacked tensor of every layer's
+flags (gradient finite, update broken, step failed, mean not finite) and of the other
+parameters' gradient sums, after all the layers' kernels are queued; the counters,
+warnings, identity resets and plain-gradient fallbacks follow from it.  (A gradient
+outside the Linear layers whose sum overflows with finite entries costs one more read,
+to tell it from a NaN.)  On the CPU, where reading a scalar costs nothing, the same
+decisions are Python values and refused work is skipped (the device path's small tensor
+ops cost a 256 x 256 layer's step 1.5x; see ``_HOST_DEVICE_TYPES``).
 
 Not implemented: MKOR-H (the paper's switch to a first-order optimizer mid-training),
 half-precision factors, the distributed all-reduce of the mean vectors, Conv2d layers.
@@ -101,6 +102,7 @@ that optimizer's ``step()``, instead of ``optimizer.step()``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -122,6 +124,51 @@ __all__ = ["MKOR", "ShermanMorrisonInverse"]
 # tracks itself (every update applied, every blend taken), so folding reads nothing.
 _SCALE_FOLD = 1e8
 
+# Where the factors live on these devices a scalar costs nothing to read (no queue to wait
+# for), so the decisions are Python values there and refused work is skipped, as before
+# the device path existed: the device path's ~100 small tensor ops made a step of a 256 x
+# 256 layer 1.5x slower on the 2-core Xeon.  Elsewhere (CUDA) they stay tensors, read once
+# per step.  tests/test_mkor.py runs every test both ways (the CPU on the device path).
+_HOST_DEVICE_TYPES = ("cpu",)
+
+
+def _on_host(device: torch.device) -> bool:
+    return device.type in _HOST_DEVICE_TYPES
+
+
+def _scalar(tensor: torch.Tensor):
+    """A 0-d tensor's value as a Python number on the host (free there), else the tensor."""
+    return tensor.item() if _on_host(tensor.device) else tensor
+
+
+# Decisions on Python numbers (host) or 0-d tensors (device) alike.  NaN compares False.
+def _finite(x):
+    return (x > -math.inf) & (x < math.inf)
+
+
+def _not(flag):
+    return (not flag) if isinstance(flag, bool) else ~flag
+
+
+def _where(cond, a, b):
+    return (a if cond else b) if isinstance(cond, bool) else torch.where(cond, a, b)
+
+
+def _ratio(num, den):
+    """``num / den`` where ``den > 0``, else 0 (no division by zero on the host)."""
+    if isinstance(den, torch.Tensor):
+        return torch.where(den > 0.0, num / den, 0.0)
+    return num / den if den > 0.0 else 0.0
+
+
+def _tensor_finite(tensor: torch.Tensor):
+    """Whether every entry is finite: from the extremes (one pass, no temporary of the
+    tensor's size); a Python bool on the host."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return _finite(_scalar(low)) & _finite(_scalar(high))
+
 
 class ShermanMorrisonInverse:
     """The inverse ``L^-1 = scale * matrix`` of a symmetric positive definite factor
@@ -140,16 +187,18 @@ class ShermanMorrisonInverse:
     ----------
     matrix : Tensor ``[d, d]``
         ``M``, symmetric.
-    scale : Tensor ``[]``
-        The scalar ``s``: float64, on ``matrix``'s device (a tensor, so that an update whose
-        validity is decided on the device needs no host read to set it).
+    scale : float or Tensor ``[]``
+        The scalar ``s``: a Python float for a CPU ``matrix``; elsewhere a float64 tensor
+        on ``matrix``'s device, so that an update whose validity is decided on the device
+        needs no host read to set it.
 
     Notes
     -----
-    :meth:`update_` and :meth:`blend_identity_` take their decisions (is the update
-    defined; is the bound exceeded) as tensors and read nothing to the host: the work is
-    the same either way, masked.  :meth:`update` and :meth:`max_entry` return Python
-    values (one host read each).
+    On a GPU, :meth:`update_` and :meth:`blend_identity_` take their decisions (is the
+    update defined; is the bound exceeded) as tensors and read nothing to the host: the
+    work is the same either way, masked.  On the CPU, where a read is free, they are
+    Python values and refused work is skipped.  :meth:`update` and :meth:`max_entry`
+    return Python values (one host read each).
     """
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device=None):
@@ -157,9 +206,13 @@ class ShermanMorrisonInverse:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"ShermanMorrisonInverse: dtype must be torch.float32 or torch.float64; got {dtype}")
         self.matrix = torch.eye(dim, dtype=dtype, device=device)
-        self.scale = torch.ones((), dtype=torch.float64, device=self.matrix.device)
+        self._host = _on_host(self.matrix.device)
+        self.scale = self._unit_scale()
         self._scale_low = self._scale_high = 1.0  # host-side bounds of scale (see _SCALE_FOLD)
         self._u = torch.empty(dim, dtype=dtype, device=device)  # the GEMV's preallocated output
+
+    def _unit_scale(self):
+        return 1.0 if self._host else torch.ones((), dtype=torch.float64, device=self.matrix.device)
 
     @property
     def dim(self) -> int:
@@ -169,38 +222,41 @@ class ShermanMorrisonInverse:
         """``L^-1 [d, d]`` as a new tensor (``scale * matrix``)."""
         return self.matrix * self.scale
 
-    def max_entry_(self) -> torch.Tensor:
-        """The largest entry of ``L^-1`` in absolute value, a float64 tensor ``[]`` (no host
-        read): its largest diagonal entry, as for every symmetric positive definite matrix
-        (``d`` reads)."""
-        return self.scale * self.matrix.diagonal().max()
+    def max_entry_(self):
+        """The largest entry of ``L^-1`` in absolute value (a float64 tensor ``[]``, no host
+        read; a float on the CPU): its largest diagonal entry, as for every symmetric
+        positive definite matrix (``d`` reads)."""
+        return self.scale * _scalar(self.matrix.diagonal().max())
 
     def max_entry(self) -> float:
         """:meth:`max_entry_` as a Python float (one host read on CUDA)."""
         return float(self.max_entry_())
 
-    def update_(self, v: torch.Tensor, beta: float, enabled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def update_(self, v: torch.Tensor, beta: float, enabled=None):
         """``L^-1 <- (beta L + (1 - beta) v v^T)^-1`` in place: one GEMV and one symmetric
         rank-1 update (``O(d^2)``; ``u`` is a preallocated buffer), with no host read.
 
         ``v [d]`` is any float tensor (converted to ``matrix``'s dtype); ``beta`` in
-        ``(0, 1)``; ``enabled`` an optional bool tensor ``[]`` (False: leave the inverse
-        as it is).  Returns a bool tensor ``[]``: whether the update was applied.  It is
-        not (the inverse unchanged, bit for bit) when disabled or undefined: ``v^T L^-1 v``
-        not finite (as for every ``v`` with a NaN or inf entry: ``u`` then has one too), or
-        so negative (the kept inverse lost its definiteness to rounding) that ``1 + alpha
-        v^T L^-1 v <= 0``.  The rank-1 pass runs either way, with ``w = 0`` when refused.
+        ``(0, 1)``; ``enabled`` an optional bool tensor ``[]`` or bool (False: leave the
+        inverse as it is).  Returns whether the update was applied, a bool tensor ``[]``
+        (a bool on the CPU).  It is not (the inverse unchanged, bit for bit) when disabled
+        or undefined: ``v^T L^-1 v`` not finite (as for every ``v`` with a NaN or inf
+        entry: ``u`` then has one too), or so negative (the kept inverse lost its
+        definiteness to rounding) that ``1 + alpha v^T L^-1 v <= 0``.  On a GPU the
+        rank-1 pass runs either way, with ``w = 0`` when refused.
         """
         if v.shape != (self.dim,):
             raise ValueError(f"ShermanMorrisonInverse.update: v must have shape ({self.dim},); got {tuple(v.shape)}")
         v = v.to(self.matrix.dtype)
         u = torch.mv(self.matrix, v, out=self._u)  # M v; u = s M v = L^-1 v
-        quad = self.scale * torch.dot(v.double(), u.double())  # v^T L^-1 v, summed in float64
+        quad = self.scale * _scalar(torch.dot(v.double(), u.double()))  # v^T L^-1 v, summed in float64
         alpha = (1.0 - beta) / beta
         denominator = 1.0 + alpha * quad
-        valid = torch.isfinite(denominator) & (denominator > 0.0)
+        valid = (denominator > 0.0) & (denominator < math.inf)  # False for NaN
         if enabled is not None:
-            valid &= enabled
+            valid = valid & enabled
+        if valid is False:  # decided on the host: nothing to do
+            return False
         c = alpha / denominator
         # (1/beta)(sM - c s^2 M v v^T M) = (s/beta)(M - w w^T), w = sqrt(c s) M v: one pass
         # over M.  Not BLAS ger (addr_): it rounds entries (i, j) and (j, i) differently
@@ -209,9 +265,9 @@ class ShermanMorrisonInverse:
         # ones): beta = 0.5, d = 7, float64, measured 1e-16 -> 1 relative in 55 updates.
         # With w_i w_j = w_j w_i and the factor -1 exact, addcmul_ keeps M exactly symmetric.
         # Refused: w = 0 exactly (not sqrt(c s) * 0, NaN for a NaN u), and M - 0 = M.
-        w = torch.where(valid, u.mul_(torch.sqrt(c * self.scale)), 0.0)
+        w = _where(valid, u.mul_((c * self.scale) ** 0.5), 0.0)
         self.matrix.addcmul_(w[:, None], w[None, :], value=-1.0)
-        self.scale = torch.where(valid, self.scale / beta, self.scale)
+        self.scale = _where(valid, self.scale / beta, self.scale)
         self._scale_high /= beta
         if self._scale_high > _SCALE_FOLD:
             self.fold()
@@ -224,21 +280,22 @@ class ShermanMorrisonInverse:
     def fold(self) -> None:
         """Multiply ``scale`` into ``matrix`` (one pass); ``scale`` becomes 1."""
         self.matrix.mul_(self.scale)
-        self.scale = torch.ones_like(self.scale)
+        self.scale = self._unit_scale()
         self._scale_low = self._scale_high = 1.0
 
-    def blend_identity_(self, weight: float, when: Optional[torch.Tensor] = None) -> None:
+    def blend_identity_(self, weight: float, when=None) -> None:
         """``L^-1 <- (1 - weight) L^-1 + weight I`` (the norm-based stabilizer), where the
-        bool tensor ``when`` (default: always) holds; ``weight`` in ``[0, 1)``.  ``O(d)``
-        and no host read: ``scale <- (1 - weight) scale`` and ``weight / scale`` added to
-        the diagonal of ``matrix``."""
+        bool tensor (or bool) ``when`` (default: always) holds; ``weight`` in ``[0, 1)``.
+        ``O(d)`` and no host read: ``scale <- (1 - weight) scale`` and ``weight / scale``
+        added to the diagonal of ``matrix``."""
         if not 0.0 <= weight < 1.0:
             raise ValueError(f"ShermanMorrisonInverse.blend_identity_: weight must be in [0, 1); got {weight}")
-        scale = self.scale * (1.0 - weight)
-        if when is not None:
-            scale = torch.where(when, scale, self.scale)
-        shift = (weight / scale).to(self.matrix.dtype)
-        self.matrix.diagonal().add_(shift if when is None else torch.where(when, shift, 0.0))
+        if when is None:
+            when = True
+        if when is False:
+            return
+        scale = _where(when, self.scale * (1.0 - weight), self.scale)
+        self.matrix.diagonal().add_(_where(when, weight / scale, 0.0))
         self.scale = scale
         self._scale_low *= 1.0 - weight
         if self._scale_low < 1.0 / _SCALE_FOLD:
@@ -255,7 +312,7 @@ class ShermanMorrisonInverse:
     def reset(self) -> None:
         """Back to ``L = I``."""
         self.matrix.zero_().diagonal().fill_(1.0)
-        self.scale = torch.ones_like(self.scale)
+        self.scale = self._unit_scale()
         self._scale_low = self._scale_high = 1.0
 
     def state_dict(self) -> Dict[str, Any]:
@@ -263,13 +320,14 @@ class ShermanMorrisonInverse:
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any], device=None) -> "ShermanMorrisonInverse":
-        """From :meth:`state_dict` (``scale`` a tensor, or a Python float as saved before it
-        became one)."""
+        """From :meth:`state_dict` (``scale`` a float or a tensor, whichever the saving
+        device kept)."""
         matrix = state["matrix"]
         inverse = cls(matrix.shape[0], matrix.dtype, device=device if device is not None else matrix.device)
         inverse.matrix.copy_(matrix)
-        inverse.scale.copy_(torch.as_tensor(state["scale"], dtype=torch.float64))
-        inverse._scale_low = inverse._scale_high = float(inverse.scale)  # one read, at load time
+        scale = float(state["scale"])  # one read, at load time
+        inverse.scale = scale if inverse._host else torch.full_like(inverse.scale, scale)
+        inverse._scale_low = inverse._scale_high = scale
         return inverse
 
 
@@ -305,12 +363,13 @@ class _Layer:
 
 class _Pending:
     """One layer's step as :meth:`MKOR._layer_direction` left it on the device: the
-    direction (the plain gradient where the preconditioning failed) and the flags that
-    :meth:`resolve` reads back (counters, warnings, resets)."""
+    preconditioned direction, the gradient ``[G_W | g_b]`` (the step where the
+    preconditioning failed) and the flags that :meth:`resolve` is given back (counters,
+    warnings, resets, the choice between the two)."""
 
-    def __init__(self, layer: _Layer, direction: torch.Tensor, flags: List[torch.Tensor],
+    def __init__(self, layer: _Layer, direction: torch.Tensor, grad: torch.Tensor, flags: List[torch.Tensor],
                  skipped: Dict[str, torch.Tensor], broken: Dict[str, torch.Tensor]):
-        self.layer, self.direction, self.device = layer, direction, direction.device
+        self.layer, self.direction, self.grad, self.device = layer, direction, grad, grad.device
         self.names = list(skipped)
         # gradient finite, an update broke down, the preconditioned step failed; then per
         # factor: mean not finite, update broke down.
@@ -344,11 +403,14 @@ class _Pending:
         state["step"] += 1
         if vanished and not broke:
             optimizer._fallback(layer, "the preconditioned gradient is not finite or vanished")
+        direction = self.direction
+        if broke or vanished:  # the plain gradient (its bias column is zero when the bias has none)
+            direction = self.grad.clone() if self.grad is weight.grad else self.grad
         in_features = weight.shape[1]
         if layer.has_bias_column:
-            bias_step = self.direction[:, in_features] if layer.bias is not None else None
-            return self.direction[:, :in_features], bias_step
-        return self.direction, None
+            bias_step = direction[:, in_features] if layer.bias is not None else None
+            return direction[:, :in_features], bias_step
+        return direction, None
 
 
 class MKOR(torch.optim.Optimizer):
@@ -508,21 +570,21 @@ class MKOR(torch.optim.Optimizer):
         factor name whether its mean was not finite (that update skipped) and whether it
         broke down."""
         a_inverse, g_inverse = self._inverses(layer)
-        broke = torch.zeros((), dtype=torch.bool, device=layer.weight.device)
+        broke = _scalar(torch.zeros((), dtype=torch.bool, device=layer.weight.device))
         skipped, broken = {}, {}
         for name, inverse, v in (("input", a_inverse, layer.a_mean()), ("output-gradient", g_inverse, layer.g_sum)):
             if v is None:
                 continue
             # After a breakdown the layer falls back (both inverses reset): no later update.
-            active = ~broke if enabled is None else enabled & ~broke
+            active = _not(broke) if enabled is None else enabled & _not(broke)
             applied = inverse.update_(v, self.beta, active)
             # The update refuses a non-finite v (v^T L^-1 v is then NaN or inf); a refusal
-            # of a finite v is a breakdown.
-            finite = torch.isfinite(v).all()
-            skipped[name] = active & ~finite
-            broken[name] = active & finite & ~applied
+            # of a finite v is a breakdown.  (Read only after a refusal on the host.)
+            finite = True if applied is True else _tensor_finite(v)
+            skipped[name] = active & _not(finite)
+            broken[name] = active & finite & _not(applied)
             broke = broke | broken[name]
-            if self.inverse_bound is not None:
+            if self.inverse_bound is not None and applied is not False:
                 inverse.blend_identity_(self.stabilization, applied & (inverse.max_entry_() > self.inverse_bound))
         return broke, skipped, broken
 
@@ -554,30 +616,25 @@ class MKOR(torch.optim.Optimizer):
         # In the factor dtype, as the direction's norm: the rescale divides two norms of the
         # same (float32) accumulation, whose relative errors (~1e-5 at 1e6 entries) largely
         # cancel; a float64 norm of the gradient alone made the step 8x less accurate, and
-        # costs a float64 copy.  Finiteness from the extremes (one pass, no temporary): a
-        # float32 sum of squares overflows for finite entries beyond ~1e19.
-        grad_norm = torch.linalg.vector_norm(grad)
-        if grad.numel():
-            low, high = torch.aminmax(grad)
-            grad_ok = torch.isfinite(low) & torch.isfinite(high)
-        else:
-            grad_ok = torch.ones((), dtype=torch.bool, device=grad.device)
-        broke, skipped, broken = torch.zeros_like(grad_ok), {}, {}
+        # costs a float64 copy.
+        grad_norm = _scalar(torch.linalg.vector_norm(grad))
+        # A finite norm means a finite gradient (on the host, no further pass); else, or on
+        # a device, the extremes decide (a float32 sum of squares overflows for entries
+        # beyond ~1e19).
+        grad_ok = True if isinstance(grad_norm, float) and math.isfinite(grad_norm) else _tensor_finite(grad)
+        if grad_ok is False:  # decided on the host: the step is skipped, nothing to compute
+            layer.reset_capture()
+            return _Pending(layer, None, grad, [False, False, False], {}, {})
+        broke, skipped, broken = _scalar(torch.zeros((), dtype=torch.bool, device=grad.device)), {}, {}
         if captured:
             broke, skipped, broken = self._update_factors(layer, grad_ok)
             layer.reset_capture()
         direction = torch.mm(torch.mm(g_inverse.matrix, grad), a_inverse.matrix)
-        norm = torch.linalg.vector_norm(direction)
+        norm = _scalar(torch.linalg.vector_norm(direction))
         # A finite gradient whose norm overflowed cannot be rescaled: the plain gradient.
-        vanished = ~torch.isfinite(norm) | ~torch.isfinite(grad_norm) | ((norm == 0.0) & (grad_norm > 0.0))
-        if self.rescale:
-            factor = torch.where(norm > 0.0, grad_norm / norm, 0.0)
-        else:
-            factor = g_inverse.scale * a_inverse.scale
-        # The plain gradient where the preconditioning failed (its bias column is zero
-        # when the bias has no gradient).
-        direction = torch.where(broke | vanished, grad, direction.mul_(factor))
-        return _Pending(layer, direction, [grad_ok, broke, vanished], skipped, broken)
+        vanished = _not(_finite(norm)) | _not(_finite(grad_norm)) | ((norm == 0.0) & (grad_norm > 0.0))
+        direction.mul_(_ratio(grad_norm, norm) if self.rescale else g_inverse.scale * a_inverse.scale)
+        return _Pending(layer, direction, grad, [grad_ok, broke, vanished], skipped, broken)
 
     def _directions(self, others: Sequence[torch.Tensor] = ()):
         """Per parameter of a Linear layer: its preconditioned step, or None (skipped); and
@@ -595,8 +652,10 @@ class MKOR(torch.optim.Optimizer):
             # The sum: one reduction, no temporary of the tensor's size (see _finite); a
             # non-finite sum is told apart from a finite overflow by all_finite, rarely.
             other_at.append((tensor.device, len(flags.setdefault(tensor.device, []))))
-            flags[tensor.device].append(torch.isfinite(tensor.sum()))
-        read = {device: torch.stack(values).tolist() for device, values in flags.items()}
+            flags[tensor.device].append(_scalar(torch.isfinite(tensor.sum())))
+        # Python bools already on the host; elsewhere one stacked tensor, one read.
+        read = {device: (values if _on_host(device) else torch.stack(values).tolist())
+                for device, values in flags.items()}
         directions: Dict[torch.Tensor, Optional[torch.Tensor]] = {}
         for layer, entry in zip(self._layers, pending):
             result = None if entry is None else entry.resolve(self, read[entry.device])

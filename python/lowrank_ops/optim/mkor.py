@@ -146,6 +146,11 @@ def _finite(x):
     return (x > -math.inf) & (x < math.inf)
 
 
+def _false(device: torch.device):
+    """A False flag: a Python bool on the host, a bool tensor ``[]`` elsewhere."""
+    return False if _on_host(device) else torch.zeros((), dtype=torch.bool, device=device)
+
+
 def _not(flag):
     return (not flag) if isinstance(flag, bool) else ~flag
 
@@ -226,7 +231,8 @@ class ShermanMorrisonInverse:
         """The largest entry of ``L^-1`` in absolute value (a float64 tensor ``[]``, no host
         read; a float on the CPU): its largest diagonal entry, as for every symmetric
         positive definite matrix (``d`` reads)."""
-        return self.scale * _scalar(self.matrix.diagonal().max())
+        largest = self.matrix.diagonal().max()
+        return self.scale * (largest.item() if self._host else largest)
 
     def max_entry(self) -> float:
         """:meth:`max_entry_` as a Python float (one host read on CUDA)."""
@@ -249,7 +255,8 @@ class ShermanMorrisonInverse:
             raise ValueError(f"ShermanMorrisonInverse.update: v must have shape ({self.dim},); got {tuple(v.shape)}")
         v = v.to(self.matrix.dtype)
         u = torch.mv(self.matrix, v, out=self._u)  # M v; u = s M v = L^-1 v
-        quad = self.scale * _scalar(torch.dot(v.double(), u.double()))  # v^T L^-1 v, summed in float64
+        dot = torch.dot(v.double(), u.double())  # v^T M v, summed in float64
+        quad = self.scale * (dot.item() if self._host else dot)  # v^T L^-1 v
         alpha = (1.0 - beta) / beta
         denominator = 1.0 + alpha * quad
         valid = (denominator > 0.0) & (denominator < math.inf)  # False for NaN
@@ -570,7 +577,7 @@ class MKOR(torch.optim.Optimizer):
         factor name whether its mean was not finite (that update skipped) and whether it
         broke down."""
         a_inverse, g_inverse = self._inverses(layer)
-        broke = _scalar(torch.zeros((), dtype=torch.bool, device=layer.weight.device))
+        broke = _false(layer.weight.device)
         skipped, broken = {}, {}
         for name, inverse, v in (("input", a_inverse, layer.a_mean()), ("output-gradient", g_inverse, layer.g_sum)):
             if v is None:
@@ -625,7 +632,7 @@ class MKOR(torch.optim.Optimizer):
         if grad_ok is False:  # decided on the host: the step is skipped, nothing to compute
             layer.reset_capture()
             return _Pending(layer, None, grad, [False, False, False], {}, {})
-        broke, skipped, broken = _scalar(torch.zeros((), dtype=torch.bool, device=grad.device)), {}, {}
+        broke, skipped, broken = _false(grad.device), {}, {}
         if captured:
             broke, skipped, broken = self._update_factors(layer, grad_ok)
             layer.reset_capture()

@@ -240,7 +240,7 @@ class ShermanMorrisonInverse:
 
     def update_(self, v: torch.Tensor, beta: float, enabled=None):
         """``L^-1 <- (beta L + (1 - beta) v v^T)^-1`` in place: one GEMV and one symmetric
-        rank-1 update (``O(d^2)``; ``u`` is a preallocated buffer), with no host read.
+        rank-1 update (``O(d^2)``; ``u`` is a preallocated buffer), with no host read on a GPU.
 
         ``v [d]`` is any float tensor (converted to ``matrix``'s dtype); ``beta`` in
         ``(0, 1)``; ``enabled`` an optional bool tensor ``[]`` or bool (False: leave the

@@ -90,3 +90,63 @@ def with_spectrum(m: int, n: int, s: torch.Tensor, generator, batch=()) -> torch
     U = torch.linalg.qr(torch.randn(*batch, m, k, generator=generator, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(*batch, n, k, generator=generator, dtype=torch.float64)).Q
     return (U * s) @ V.transpose(-2, -1)
+
+
+def forward_backward(model, inputs, upstream: torch.Tensor = None):
+    """``model(*inputs)``, then backward of ``(y * upstream).sum()`` (``upstream`` random of
+    y's shape, drawn by the caller, so that every output entry has its own weight), from
+    zeroed gradients.  Returns ``[y, grad of each trainable parameter (None where it got
+    none), grad of each input that requires grad]``, detached copies, in that order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for t in params + [t for t in inputs if t.requires_grad]:
+        t.grad = None
+    y = model(*inputs)
+    (y * upstream).sum().backward()
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    return [y.detach().clone()] + grads + [t.grad.detach().clone() for t in inputs if t.requires_grad]
+
+
+def assert_compiled_matches_eager(model, inputs, generator, *, compiled=None) -> None:
+    """``model``'s forward and backward under :func:`compile_fullgraph` (or ``compiled``,
+    a compiled version of ``model``) against eager: the output, every trainable
+    parameter's gradient and the inputs' gradients, bit for bit.
+
+    Bitwise, not within a tolerance: ``aot_eager`` traces the forward and backward into
+    graphs of the same aten ops and runs them with the same kernels on the same data, in the
+    same order, so a single differing bit means the traced graph computes something else (a
+    lost in-place update, a stale Python attribute baked into the graph, a missing
+    gradient).  A gradient that is None in one run must be None in the other."""
+    compiled = compile_fullgraph(model) if compiled is None else compiled
+    y = model(*[t.detach() for t in inputs])
+    upstream = torch.randn(y.shape, dtype=torch.float64, generator=generator).to(y.device, y.dtype)
+    eager = forward_backward(model, inputs, upstream)
+    traced = forward_backward(compiled, inputs, upstream)
+    names = ["y"] + [f"d {name}" for name, p in model.named_parameters() if p.requires_grad]
+    names += [f"d input {i}" for i, t in enumerate(inputs) if t.requires_grad]
+    assert any(g is not None for g in eager[1:]), "nothing got a gradient: the test would check only the forward"
+    for name, want, got in zip(names, eager, traced):
+        assert (want is None) == (got is None), f"{name}: eager gives {want is not None}, compiled {got is not None}"
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def compile_fullgraph(model):
+    """``torch.compile(model, fullgraph=True, backend="aot_eager")``: the tests' compiler
+    (traced forward and backward graphs run with eager kernels, so results are bitwise
+    those of eager; inductor would add its own codegen to what is tested)."""
+    return torch.compile(model, fullgraph=True, backend="aot_eager")
+
+
+def assert_training_compiles(run) -> None:
+    """``run(wrap)`` builds a seeded model and the method's objects, trains a few steps
+    through ``wrap(model)`` for the forward and backward, and returns ``{name: tensor}``
+    (losses, final parameters, ...).  Run eagerly (``wrap`` the identity) and through
+    :func:`compile_fullgraph`, the results must agree bit for bit (see
+    :func:`assert_compiled_matches_eager`): whatever the method changes between steps (a
+    rank, a sample, weights rewritten in place, replaced submodules) reaches the compiled
+    graphs, through their inputs or a recompilation, and is never baked in stale."""
+    eager = run(lambda model: model)
+    traced = run(compile_fullgraph)
+    assert list(traced) == list(eager)
+    for name, want in eager.items():
+        torch.testing.assert_close(traced[name], want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")

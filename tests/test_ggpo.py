@@ -11,6 +11,8 @@ import torch
 from lowrank_ops.nn import LoRALinear
 from lowrank_ops.optim import GGPO
 
+from helpers import assert_training_compiles
+
 EPS64 = 2.0**-52
 
 
@@ -250,3 +252,28 @@ def test_bad_usage(generator):
     layer.merge()
     with pytest.raises(RuntimeError, match=r"is merged; expected an unmerged adapter"):
         opt.perturb()
+
+
+@pytest.mark.parametrize("source", ["current", "previous"])
+def test_torch_compile_training(source):
+    # GGPO's closure steps through a compiled model: the noise is written into the base
+    # weights in place and taken out again (restore), which the compiled graphs must see
+    # (the weights are their inputs, not constants): the same losses and adapters as eager.
+    def run(wrap):
+        generator = torch.Generator().manual_seed(14)
+        model = TwoLayer(generator)
+        x, y = torch.randn(32, 8, generator=generator), torch.randn(32, 3, generator=generator)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = GGPO(model, torch.optim.Adam(params, lr=2e-2), sigma=0.05, alpha=1.0, beta=1.0,
+                   gradient_source=source, generator=torch.Generator().manual_seed(15))
+        forward = wrap(model)
+
+        def closure():
+            loss = torch.nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            return loss
+
+        losses = torch.stack([opt.step(closure).detach() for _ in range(4)])
+        return {"losses": losses, **{name: p.detach().clone() for name, p in model.named_parameters()}}
+
+    assert_training_compiles(run)

@@ -18,7 +18,7 @@ import torch
 from lowrank_ops.methods.increlora import IncreLoRAAllocator
 from lowrank_ops.nn import LoRALinear
 
-from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound
+from helpers import OUTPUT_UNIT, assert_training_compiles, assert_within, randn, summation_bound
 
 
 def adapter(in_features, out_features, r_max, generator, dtype=torch.float32):
@@ -453,3 +453,29 @@ def test_gated_modules_and_the_end_of_the_schedule(generator):
             assert torch.equal(allocator.module_scores(), scores)
     # Allocations at steps 2 and 4 spend the budget (4 = 2 x 1 + 2); step 6 has nothing left.
     assert sum(allocator.ranks) == 4 and [s for s, _ in allocator.history] == [2, 4] and checked == 2
+
+
+def test_torch_compile_training_follows_the_allocations():
+    # The allocator raises active_rank (a Python int the compiled graphs specialize on) and
+    # writes new A rows in place every 2 steps: the compiled model must pick up every new
+    # rank (a recompilation), training exactly as eager.
+    def run(wrap):
+        generator = torch.Generator().manual_seed(12)
+        model = Stack(generator)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        allocator = IncreLoRAAllocator(model, 4 * 1 + 3, 1, add_every=2, generator=generator, optimizer=optimizer)
+        x, y = randn(16, 10, generator=generator), randn(16, 8, generator=generator)
+        forward, losses = wrap(model), []
+        for step in range(1, 7):
+            loss = torch.nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            allocator.update_and_allocate(step)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        ranks = torch.tensor([layer.active_rank for layer in model.layers])
+        assert int(ranks.sum()) == 7
+        return {"losses": torch.stack(losses), "ranks": ranks,
+                **{name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}}
+
+    assert_training_compiles(run)

@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 from lowrank_ops.nn import LoLDULinear
 
-from helpers import assert_within, randn, summation_bound
+from helpers import assert_compiled_matches_eager, assert_within, randn, summation_bound
 
 
 def make_base(out_features, in_features, dtype, generator):
@@ -174,6 +174,16 @@ def test_bfloat16_base(adapter_dtype, generator):
     W0_bf16 = W0.to(torch.bfloat16).double()
     residual_max = layer.base_layer.weight.double().abs().max().item()
     torch.testing.assert_close(effective, W0_bf16, rtol=0, atol=2.0**-8 * residual_max)
+
+
+@pytest.mark.parametrize("base_dtype, adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)], ids=str)
+def test_torch_compile_fullgraph(base_dtype, adapter_dtype, generator):
+    layer = LoLDULinear(make_base(16, 24, base_dtype, generator), 5, lora_alpha=3.0, dtype=adapter_dtype)
+    with torch.no_grad():  # away from the initial diagonal and scale: every term counts
+        layer.loldu_diag.mul_(1 + randn(5, generator=generator).abs().to(layer.loldu_diag.dtype))
+        layer.loldu_scale.fill_(0.7)
+    x = randn(3, 4, 24, generator=generator, dtype=base_dtype).requires_grad_()
+    assert_compiled_matches_eager(layer, [x], generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,7 +15,8 @@ import torch
 from lowrank_ops.methods import maestro
 from lowrank_ops.methods.maestro import OrderedLowRankLinear
 
-from helpers import OUTPUT_UNIT, assert_within, randn, summation_bound, with_spectrum
+from helpers import (OUTPUT_UNIT, assert_compiled_matches_eager, assert_within, compile_fullgraph, randn,
+                     summation_bound, with_spectrum)
 
 
 def random_layer(in_features, out_features, rank, generator, dtype=torch.float32, device="cpu", **kwargs):
@@ -273,6 +274,51 @@ def test_toy_training_finds_a_planted_rank(device):
     first = (layer.U[:, :1] @ layer.V[:1]).detach().double()
     best1 = torch.linalg.matrix_norm(teacher.double()) ** 2 - 16.0
     assert torch.linalg.matrix_norm(first - teacher.double()) ** 2 < best1 * 1.1
+
+
+# ------------------------------------------------------------------ torch.compile
+def test_torch_compile_fullgraph_follows_active_rank(generator):
+    # The documented way to compile a Maestro model whole: sample b outside the compiled call
+    # and set active_rank (ordered_dropout=False).  One compiled module: every new b must
+    # reach it (a recompilation, b sets the slices' shapes), never a stale graph.
+    layer = random_layer(12, 10, 6, generator, ordered_dropout=False).train()
+    compiled = compile_fullgraph(layer)
+    for b in (6, 2, 4, 2):
+        layer.active_rank = b
+        assert_compiled_matches_eager(layer, [randn(3, 4, 12, generator=generator).requires_grad_()], generator,
+                                      compiled=compiled)
+        assert layer.last_rank == b
+    layer.eval().active_rank = None
+    assert_compiled_matches_eager(layer, [randn(5, 12, generator=generator).requires_grad_()], generator,
+                                  compiled=compiled)
+
+
+def test_torch_compile_ordered_dropout_samples_outside_the_graph(generator):
+    # Ordered dropout cannot be one graph: the sampled b sets the shapes of the slices, and it
+    # is read from the CPU generator (int() of a tensor).  fullgraph=True refuses it; without
+    # fullgraph the draw runs eagerly between graphs: the same ranks as eager from the same
+    # generator state, the same outputs and gradients.
+    layer = random_layer(12, 10, 6, torch.Generator().manual_seed(31), min_rank=2).train()
+    x = randn(8, 12, generator=generator)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        compile_fullgraph(layer)(x)
+    start = layer.generator.get_state()
+
+    def run(model):
+        layer.generator.set_state(start)
+        ranks, results = [], []
+        for _ in range(6):
+            layer.zero_grad()
+            model(x).square().sum().backward()
+            ranks.append(layer.last_rank)
+            results += [p.grad.clone() for p in layer.parameters()]
+        return ranks, results
+
+    eager_ranks, eager = run(layer)
+    compiled_ranks, compiled = run(torch.compile(layer, backend="aot_eager"))
+    assert compiled_ranks == eager_ranks and len(set(eager_ranks)) > 1, eager_ranks
+    for want, got in zip(eager, compiled):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ bad input

@@ -34,13 +34,25 @@ import torch
 from torch import nn
 
 from lowrank_ops.optim import MKOR
+from lowrank_ops.optim import mkor
 from lowrank_ops.optim.mkor import ShermanMorrisonInverse
+
+from helpers import randn
 
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 
 # torch warns (once per process) when a full backward hook's module has no input that
 # requires grad, as the first layer of every model here: expected, not a problem.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+
+@pytest.fixture(autouse=True, params=["host", "device"])
+def scalar_path(request, monkeypatch):
+    """Every test twice: with the CPU's host-side decisions, and with the CPU taking the
+    GPU's path (decisions as tensors, one read per step), so that path is tested here too."""
+    if request.param == "device":
+        monkeypatch.setattr(mkor, "_HOST_DEVICE_TYPES", ())
+    return request.param
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -524,3 +536,66 @@ def test_broken_factor_falls_back_to_the_plain_gradient(device):
     torch.optim.SGD(twin.parameters(), lr=0.1).step()
     for mine, theirs in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("update_freq, inverse_bound", [(1, 2.0), (1, 0.5), (2, None)])
+def test_step_reads_the_host_once(update_freq, inverse_bound, scalar_path, monkeypatch):
+    """A step's decisions (non-finite gradients, breakdowns, the stabilizer, the scale's
+    fold) stay on the device but for one read of all flags per device: counted here on the
+    CPU on the device path by patching every way a tensor's value reaches Python, so the
+    count is that of CUDA, where each read is a synchronization.  inverse_bound 0.5: the
+    stabilizer blends at every update (the identity's entries already exceed it)."""
+    if scalar_path == "host":  # the CPU's own path reads freely (no queue to wait for)
+        monkeypatch.setattr(mkor, "_HOST_DEVICE_TYPES", ())
+    generator = torch.Generator().manual_seed(17)
+    model = MLP()
+    x, y = randn(16, 6, generator=generator), randn(16, 4, generator=generator)
+    optimizer = MKOR(model, lr=0.05, update_freq=update_freq, inverse_bound=inverse_bound)
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        reads.clear()
+        optimizer.step()
+        assert reads == ["tolist"]
+    assert optimizer.state[model.fc1.weight]["step"] == 4
+
+
+def test_torch_compile_training_with_graph_breaks_at_the_hooks():
+    """MKOR's training loop with the model under torch.compile trains exactly as eager.
+
+    Not fullgraph: MKOR records the output gradients with module-level full backward hooks,
+    which dynamo traces only under compiled autograd ("Module-level backwards hooks require
+    compiled autograd"); so each hooked Linear runs between graphs (the rest of the model
+    compiled) and its hooks run as in eager.  fullgraph=True refuses the model, as checked
+    here: when torch learns to trace these hooks, this test says so."""
+    def run(compile_model: bool):
+        generator = torch.Generator().manual_seed(16)
+        model = MLP()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(randn(*p.shape, generator=generator) * 0.5)
+        x, y = randn(32, 6, generator=generator), randn(32, 4, generator=generator)
+        optimizer = MKOR(model, lr=0.05, momentum=0.9)
+        forward, losses = (torch.compile(model, backend="aot_eager") if compile_model else model), []
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        inverses = [optimizer.state[m.weight][key].dense() for m in (model.fc1, model.fc2)
+                    for key in ("a_inverse", "g_inverse")]
+        return [torch.stack(losses), *inverses, *[p.detach().clone() for p in model.parameters()]]
+
+    for want, got in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # aot_eager: the same kernels (helpers.py)
+    model = MLP()
+    MKOR(model)
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="backwards hooks require compiled autograd"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 6))

@@ -10,6 +10,8 @@ import torch
 
 from lowrank_ops.methods.perfusion import RankOneEditLinear, input_covariance
 
+from helpers import assert_compiled_matches_eager
+
 EPS64 = 2.0**-52
 
 
@@ -229,6 +231,18 @@ def test_gradcheck_target_and_input(generator):
     assert (g_target - module._gate(a).T @ grad_out).abs().max() <= 1e-12
     assert torch.autograd.gradcheck(
         lambda t: torch.func.functional_call(module, {"target": t}, (x.detach(),)), (target,))
+
+
+@pytest.mark.parametrize("dtype, gated, train_base", [(torch.float32, True, False), (torch.float32, False, True),
+                                                    (torch.bfloat16, True, True)], ids=str)
+def test_torch_compile_fullgraph(dtype, gated, train_base, generator):
+    # The forward accumulates the edit into F.linear's output in place (addmm_): the traced
+    # graph must keep that update and F.linear's backward (x, the target and, when trained,
+    # the base weight and bias).  bfloat16: the float32 compute path (a widened copy of y).
+    module, *_ = setup(10, 7, 2, generator, dtype, gated=gated, train_target=True)
+    module.base_layer.requires_grad_(train_base)
+    x = torch.randn(3, 4, 10, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+    assert_compiled_matches_eager(module, [x], generator)
 
 
 def test_multi_concept_joint_solve_vs_sum_of_edits(generator):

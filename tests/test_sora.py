@@ -14,7 +14,7 @@ import torch
 from lowrank_ops.methods import sora
 from lowrank_ops.nn import LoRALinear
 
-from helpers import FLOAT_DTYPES, assert_within, randn, summation_bound
+from helpers import FLOAT_DTYPES, assert_training_compiles, assert_within, randn, summation_bound
 
 
 def soft_threshold_64(values: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -395,3 +395,38 @@ def test_lambda_schedule_matches_the_official_spacings():
         sora.lambda_schedule(0.0, 1.0, 3, "exp_linear")
     with pytest.raises(ValueError, match="lambda_schedule: num must be an int >= 1; got 0"):
         sora.lambda_schedule(0.1, 1.0, 0)
+
+
+def test_torch_compile_training_and_pruned_model():
+    # SoRA's loop: AdamW on A and B, SparseAdamW's soft threshold on the gates (driving some
+    # to exactly zero), the gated layers compiled whole; then the pruned model (gated layers
+    # replaced by plain LoRALinear ones of fewer ranks) under the same compiled wrapper.
+    def run(wrap):
+        generator = torch.Generator().manual_seed(11)
+        model = make_heads(generator)
+        with torch.no_grad():  # drawn by torch's global generator in make_heads
+            for p in model.layers["plain"].parameters():
+                p.copy_(randn(*p.shape, generator=generator))
+        x, y = randn(16, 24, generator=generator), randn(16, 40, generator=generator)
+        gates = sora.gate_parameters(model)
+        others = [p for p in model.parameters() if p.requires_grad and all(p is not g for g in gates)]
+        optimizers = [torch.optim.AdamW(others, lr=0.01), sora.SparseAdamW(gates, lr=0.1, sparse_lambda=1.0)]
+        forward, losses = wrap(model), []
+        for _ in range(4):
+            loss = torch.nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.detach())
+        zeros = sum(int((g == 0).sum()) for g in gates)
+        sora.prune_gated_ranks(model)
+        pruned = forward(x)
+        pruned.square().sum().backward()
+        return {"losses": torch.stack(losses), "zero gates": torch.tensor(zeros), "pruned y": pruned.detach(),
+                **{name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}}
+
+    results = {}
+    assert_training_compiles(lambda wrap: results.setdefault(wrap, run(wrap)))
+    zeros = [int(r["zero gates"]) for r in results.values()]
+    assert all(0 < z < 15 for z in zeros), zeros  # the threshold zeroed some gates, not all 15

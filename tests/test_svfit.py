@@ -7,7 +7,7 @@ from torch.func import functional_call
 
 from lowrank_ops.nn import SVFitLinear
 
-from helpers import assert_within, randn, summation_bound, with_spectrum
+from helpers import assert_compiled_matches_eager, assert_within, randn, summation_bound, with_spectrum
 
 
 def make_layer(out_features, in_features, r, base_dtype, generator, device="cpu", **kwargs):
@@ -161,6 +161,15 @@ def test_bfloat16_base_error_at_most_twice_torch(adapter_dtype, generator):
     ours_error = (ours.double() - expected).abs().max().item()
     torch_error = (theirs.double() - expected).abs().max().item()
     assert ours_error <= 2 * torch_error, (ours_error, torch_error)
+
+
+@pytest.mark.parametrize("base_dtype, adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)], ids=str)
+def test_torch_compile_fullgraph(base_dtype, adapter_dtype, generator):
+    layer = make_layer(16, 24, 5, base_dtype, generator, dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.svfit_delta.copy_(randn(5, generator=generator))
+    x = randn(3, 4, 24, generator=generator, dtype=base_dtype).requires_grad_()
+    assert_compiled_matches_eager(layer, [x], generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from helpers import randn, with_spectrum
+from helpers import assert_compiled_matches_eager, assert_training_compiles, randn, with_spectrum
 from lowrank_ops.methods import trp
 from lowrank_ops.methods.lowrank_compress import CompressionReport
 
@@ -337,3 +337,30 @@ def test_generator_type_and_device_are_checked():
         trp.nuclear_subgradient(weight, rank=1, generator=torch.Generator())
     with pytest.raises(ValueError, match="add_nuclear_subgradient_: generator is a cpu generator"):
         trp.add_nuclear_subgradient_(weight, 0.0, generator=torch.Generator())
+
+
+def test_torch_compile_training_and_compressed_model(generator):
+    # TRP's loop with the model compiled: the scheduler adds lam U V^T to the weight
+    # gradients and truncates the weights in place every 2 steps (graph inputs, read anew at
+    # each call); the compressed model (Linear layers replaced by factor pairs) compiles too.
+    def run(wrap):
+        local = torch.Generator().manual_seed(13)
+        model = two_layer_model(local, torch.float32)
+        x, y = randn(32, 12, generator=local), randn(32, 8, generator=local)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scheduler = trp.TRPScheduler(model, lam=0.05, energy=0.9, period=2)
+        forward, losses = wrap(model), []
+        for _ in range(4):
+            loss = torch.nn.functional.mse_loss(forward(x), y)
+            loss.backward()
+            scheduler.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        return {"losses": torch.stack(losses), **{name: p.detach().clone() for name, p in model.named_parameters()}}
+
+    assert_training_compiles(run)
+    model = two_layer_model(generator, torch.float32)
+    report = trp.compress(model, energy=0.5)
+    assert report.replaced  # factor pairs, not the original layers
+    assert_compiled_matches_eager(model, [randn(5, 12, generator=generator).requires_grad_()], generator)

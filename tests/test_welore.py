@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import randn, with_spectrum
+from helpers import assert_compiled_matches_eager, randn, with_spectrum
 from lowrank_ops.methods import welore
 from lowrank_ops.methods.lowrank_compress import LayerCompression
 
@@ -230,3 +230,25 @@ def test_generator_of_another_device_is_rejected_before_any_change(cuda_device, 
                                          r"weight of attn.q_proj on cuda"):
         welore.compress(model, threshold=0.05, generator=torch.Generator().manual_seed(0))
     assert type(model.attn.q_proj) is torch.nn.Linear and model.attn.q_proj.weight.requires_grad  # nothing changed
+
+
+class Block(torch.nn.Module):
+    """A forward through ``build``'s layers: the three projections of x and the MLP."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        attn, mlp = self.model.attn, self.model.mlp
+        return torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), mlp.down(torch.tanh(mlp.up(x)))], dim=-1)
+
+
+def test_torch_compile_compressed_model(generator):
+    # WeLore's fine-tuning: after compress(freeze=True) only the low-rank components' factor
+    # pairs train; the compiled model's forward and backward give the same output and the
+    # same gradients, on those factors only (None for the frozen layers in both).
+    model = Block(build(generator))
+    report = welore.compress(model.model, threshold=0.05, generator=torch.Generator().manual_seed(0))
+    assert report.low_rank_components == ["attn.q_proj", "attn.k_proj", "mlp.up"]
+    assert_compiled_matches_eager(model, [randn(6, 40, generator=generator)], generator)

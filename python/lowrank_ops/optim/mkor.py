@@ -49,7 +49,7 @@ describe it only briefly):
 * Fallback to the plain gradient: when a factor update breaks (a non-finite or negative
   quadratic form ``v^T L^-1 v``, which rounding can produce once the kept inverse has lost
   its definiteness) or the preconditioned step is not finite (or is zero for a non-zero
-  gradient), the layer's two inverses are reset to the identity and its step is the plain
+  gradient, or the gradient's norm overflows the factor dtype), the layer's two inverses are reset to the identity and its step is the plain
   gradient; ``state[weight]["fallbacks"]`` counts it and a ``RuntimeWarning`` says so.
 * Non-finite inputs: captured means with NaN or inf entries skip that factor's update
   (``state[weight]["skipped_factor_updates"]``); a non-finite gradient of a layer skips the
@@ -59,13 +59,18 @@ describe it only briefly):
 
 Devices.  The factors live on their layer's device (``load_state_dict`` moves them to
 the parameter's, so a state saved on one device and loaded with ``map_location`` on
-another works).  The decisions above are Python branches on scalars, so on CUDA a step
-reads a few scalars per layer to the host: the gradient norm and the preconditioned
-step's norm, and per factor update ``v^T L^-1 v`` (the validity test) and, with
-``inverse_bound``, the largest diagonal entry (6 reads per layer on an updating step, 2
-otherwise; a mean's finiteness is read only after an update refused it).  Each read
-waits for the layer's queued kernels; for layers of a few hundred features or more the
-``O(d^2)`` passes and the GEMMs dominate, for tiny layers the latency does.
+another works).  On a GPU the decisions above are taken on the device, as tensors: a
+refused update is a rank-1 pass with ``w = 0``, a blend not taken adds 0 to the
+diagonal, a skipped layer's factor updates are masked, and the scalar ``s`` of each
+inverse is a device tensor (folded when host-side bounds of it say it may leave its
+range).  A step reads the host once per device: one stacked tensor of every layer's
+flags (gradient finite, update broken, step failed, mean not finite) and of the other
+parameters' gradient sums, after all the layers' kernels are queued; the counters,
+warnings, identity resets and plain-gradient fallbacks follow from it.  (A gradient
+outside the Linear layers whose sum overflows with finite entries costs one more read,
+to tell it from a NaN.)  On the CPU, where reading a scalar costs nothing, the same
+decisions are Python values and refused work is skipped (the device path's small tensor
+ops cost a 256 x 256 layer's step 1.5x; see ``_HOST_DEVICE_TYPES``).
 
 Not implemented: MKOR-H (the paper's switch to a first-order optimizer mid-training),
 half-precision factors, the distributed all-reduce of the mean vectors, Conv2d layers.
@@ -99,7 +104,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -111,10 +116,63 @@ from ._checks import add_checked_group
 
 __all__ = ["MKOR", "ShermanMorrisonInverse"]
 
-# The scalar s of L^-1 = s M grows by 1/beta per update while M = L^-1 / s shrinks; s is
-# folded into M (one pass, every ~360 updates at beta = 0.95 unless the stabilizer resets
-# it first) long before M's entries could approach float32's underflow range.
+# The scalar s of L^-1 = s M grows by 1/beta per update while M = L^-1 / s shrinks, and
+# shrinks by 1 - zeta per blend of the stabilizer while M grows; s is folded into M (one
+# pass) when it may have left [1 / _SCALE_FOLD, _SCALE_FOLD] -- every ~360 updates at
+# beta = 0.95, every ~175 blends at zeta = 0.1 -- long before M's entries could approach
+# float32's underflow or overflow range.  The host decides from bounds of s that it
+# tracks itself (every update applied, every blend taken), so folding reads nothing.
 _SCALE_FOLD = 1e8
+
+# Where the factors live on these devices a scalar costs nothing to read (no queue to wait
+# for), so the decisions are Python values there and refused work is skipped, as before
+# the device path existed: the device path's ~100 small tensor ops made a step of a 256 x
+# 256 layer 1.5x slower on the 2-core Xeon.  Elsewhere (CUDA) they stay tensors, read once
+# per step.  tests/test_mkor.py runs every test both ways (the CPU on the device path).
+_HOST_DEVICE_TYPES = ("cpu",)
+
+
+def _on_host(device: torch.device) -> bool:
+    return device.type in _HOST_DEVICE_TYPES
+
+
+def _scalar(tensor: torch.Tensor):
+    """A 0-d tensor's value as a Python number on the host (free there), else the tensor."""
+    return tensor.item() if _on_host(tensor.device) else tensor
+
+
+# Decisions on Python numbers (host) or 0-d tensors (device) alike.  NaN compares False.
+def _finite(x):
+    return (x > -math.inf) & (x < math.inf)
+
+
+def _false(device: torch.device):
+    """A False flag: a Python bool on the host, a bool tensor ``[]`` elsewhere."""
+    return False if _on_host(device) else torch.zeros((), dtype=torch.bool, device=device)
+
+
+def _not(flag):
+    return (not flag) if isinstance(flag, bool) else ~flag
+
+
+def _where(cond, a, b):
+    return (a if cond else b) if isinstance(cond, bool) else torch.where(cond, a, b)
+
+
+def _ratio(num, den):
+    """``num / den`` where ``den > 0``, else 0 (no division by zero on the host)."""
+    if isinstance(den, torch.Tensor):
+        return torch.where(den > 0.0, num / den, 0.0)
+    return num / den if den > 0.0 else 0.0
+
+
+def _tensor_finite(tensor: torch.Tensor):
+    """Whether every entry is finite: from the extremes (one pass, no temporary of the
+    tensor's size); a Python bool on the host."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return _finite(_scalar(low)) & _finite(_scalar(high))
 
 
 class ShermanMorrisonInverse:
@@ -133,7 +191,19 @@ class ShermanMorrisonInverse:
     Attributes
     ----------
     matrix : Tensor ``[d, d]``
-        ``M``, symmetric; ``scale`` (a Python float) the scalar ``s``.
+        ``M``, symmetric.
+    scale : float or Tensor ``[]``
+        The scalar ``s``: a Python float for a CPU ``matrix``; elsewhere a float64 tensor
+        on ``matrix``'s device, so that an update whose validity is decided on the device
+        needs no host read to set it.
+
+    Notes
+    -----
+    On a GPU, :meth:`update_` and :meth:`blend_identity_` take their decisions (is the
+    update defined; is the bound exceeded) as tensors and read nothing to the host: the
+    work is the same either way, masked.  On the CPU, where a read is free, they are
+    Python values and refused work is skipped.  :meth:`update` and :meth:`max_entry`
+    return Python values (one host read each).
     """
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device=None):
@@ -141,8 +211,13 @@ class ShermanMorrisonInverse:
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"ShermanMorrisonInverse: dtype must be torch.float32 or torch.float64; got {dtype}")
         self.matrix = torch.eye(dim, dtype=dtype, device=device)
-        self.scale = 1.0
+        self._host = _on_host(self.matrix.device)
+        self.scale = self._unit_scale()
+        self._scale_low = self._scale_high = 1.0  # host-side bounds of scale (see _SCALE_FOLD)
         self._u = torch.empty(dim, dtype=dtype, device=device)  # the GEMV's preallocated output
+
+    def _unit_scale(self):
+        return 1.0 if self._host else torch.ones((), dtype=torch.float64, device=self.matrix.device)
 
     @property
     def dim(self) -> int:
@@ -152,30 +227,42 @@ class ShermanMorrisonInverse:
         """``L^-1 [d, d]`` as a new tensor (``scale * matrix``)."""
         return self.matrix * self.scale
 
-    def max_entry(self) -> float:
-        """The largest entry of ``L^-1`` in absolute value: its largest diagonal entry, as
-        for every symmetric positive definite matrix (``d`` reads)."""
-        return self.scale * float(self.matrix.diagonal().max())
+    def max_entry_(self):
+        """The largest entry of ``L^-1`` in absolute value (a float64 tensor ``[]``, no host
+        read; a float on the CPU): its largest diagonal entry, as for every symmetric
+        positive definite matrix (``d`` reads)."""
+        largest = self.matrix.diagonal().max()
+        return self.scale * (largest.item() if self._host else largest)
 
-    def update(self, v: torch.Tensor, beta: float) -> bool:
+    def max_entry(self) -> float:
+        """:meth:`max_entry_` as a Python float (one host read on CUDA)."""
+        return float(self.max_entry_())
+
+    def update_(self, v: torch.Tensor, beta: float, enabled=None):
         """``L^-1 <- (beta L + (1 - beta) v v^T)^-1`` in place: one GEMV and one symmetric
-        rank-1 update (``O(d^2)``; ``u`` is a preallocated buffer).
+        rank-1 update (``O(d^2)``; ``u`` is a preallocated buffer), with no host read on a GPU.
 
         ``v [d]`` is any float tensor (converted to ``matrix``'s dtype); ``beta`` in
-        ``(0, 1)``.  Returns False, leaving the inverse unchanged, when the update is
-        undefined: ``v^T L^-1 v`` not finite (as for every ``v`` with a NaN or inf entry:
-        ``u`` then has one too), or so negative (the kept inverse lost its definiteness to
-        rounding) that ``1 + alpha v^T L^-1 v <= 0``.  On CUDA it reads one scalar to the
-        host (the validity test).
+        ``(0, 1)``; ``enabled`` an optional bool tensor ``[]`` or bool (False: leave the
+        inverse as it is).  Returns whether the update was applied, a bool tensor ``[]``
+        (a bool on the CPU).  It is not (the inverse unchanged, bit for bit) when disabled
+        or undefined: ``v^T L^-1 v`` not finite (as for every ``v`` with a NaN or inf
+        entry: ``u`` then has one too), or so negative (the kept inverse lost its
+        definiteness to rounding) that ``1 + alpha v^T L^-1 v <= 0``.  On a GPU the
+        rank-1 pass runs either way, with ``w = 0`` when refused.
         """
         if v.shape != (self.dim,):
             raise ValueError(f"ShermanMorrisonInverse.update: v must have shape ({self.dim},); got {tuple(v.shape)}")
         v = v.to(self.matrix.dtype)
         u = torch.mv(self.matrix, v, out=self._u)  # M v; u = s M v = L^-1 v
-        quad = self.scale * float(torch.dot(v.double(), u.double()))  # v^T L^-1 v, summed in float64
+        dot = torch.dot(v.double(), u.double())  # v^T M v, summed in float64
+        quad = self.scale * (dot.item() if self._host else dot)  # v^T L^-1 v
         alpha = (1.0 - beta) / beta
         denominator = 1.0 + alpha * quad
-        if not math.isfinite(denominator) or denominator <= 0.0:
+        valid = (denominator > 0.0) & (denominator < math.inf)  # False for NaN
+        if enabled is not None:
+            valid = valid & enabled
+        if valid is False:  # decided on the host: nothing to do
             return False
         c = alpha / denominator
         # (1/beta)(sM - c s^2 M v v^T M) = (s/beta)(M - w w^T), w = sqrt(c s) M v: one pass
@@ -184,38 +271,70 @@ class ShermanMorrisonInverse:
         # antisymmetric error by up to 1/beta per update (it is stable only for symmetric
         # ones): beta = 0.5, d = 7, float64, measured 1e-16 -> 1 relative in 55 updates.
         # With w_i w_j = w_j w_i and the factor -1 exact, addcmul_ keeps M exactly symmetric.
-        u.mul_(math.sqrt(c * self.scale))
-        self.matrix.addcmul_(u[:, None], u[None, :], value=-1.0)
-        self.scale /= beta
-        if self.scale > _SCALE_FOLD:
+        # Refused: w = 0 exactly (not sqrt(c s) * 0, NaN for a NaN u), and M - 0 = M.
+        w = _where(valid, u.mul_((c * self.scale) ** 0.5), 0.0)
+        self.matrix.addcmul_(w[:, None], w[None, :], value=-1.0)
+        self.scale = _where(valid, self.scale / beta, self.scale)
+        self._scale_high /= beta
+        if self._scale_high > _SCALE_FOLD:
             self.fold()
-        return True
+        return valid
+
+    def update(self, v: torch.Tensor, beta: float) -> bool:
+        """:meth:`update_` returning a Python bool (one host read on CUDA)."""
+        return bool(self.update_(v, beta))
 
     def fold(self) -> None:
         """Multiply ``scale`` into ``matrix`` (one pass); ``scale`` becomes 1."""
         self.matrix.mul_(self.scale)
-        self.scale = 1.0
+        self.scale = self._unit_scale()
+        self._scale_low = self._scale_high = 1.0
+
+    def blend_identity_(self, weight: float, when=None) -> None:
+        """``L^-1 <- (1 - weight) L^-1 + weight I`` (the norm-based stabilizer), where the
+        bool tensor (or bool) ``when`` (default: always) holds; ``weight`` in ``[0, 1)``.
+        ``O(d)`` and no host read: ``scale <- (1 - weight) scale`` and ``weight / scale``
+        added to the diagonal of ``matrix``."""
+        if not 0.0 <= weight < 1.0:
+            raise ValueError(f"ShermanMorrisonInverse.blend_identity_: weight must be in [0, 1); got {weight}")
+        if when is None:
+            when = True
+        if when is False:
+            return
+        scale = _where(when, self.scale * (1.0 - weight), self.scale)
+        self.matrix.diagonal().add_(_where(when, weight / scale, 0.0))
+        self.scale = scale
+        self._scale_low *= 1.0 - weight
+        if self._scale_low < 1.0 / _SCALE_FOLD:
+            self.fold()
 
     def blend_identity(self, weight: float) -> None:
-        """``L^-1 <- (1 - weight) L^-1 + weight I`` (the norm-based stabilizer)."""
-        self.matrix.mul_(self.scale * (1.0 - weight))
-        self.matrix.diagonal().add_(weight)
-        self.scale = 1.0
+        """``L^-1 <- (1 - weight) L^-1 + weight I`` for ``weight`` in ``[0, 1]`` (1: the
+        identity)."""
+        if weight == 1.0:
+            self.reset()
+        else:
+            self.blend_identity_(weight)
 
     def reset(self) -> None:
         """Back to ``L = I``."""
         self.matrix.zero_().diagonal().fill_(1.0)
-        self.scale = 1.0
+        self.scale = self._unit_scale()
+        self._scale_low = self._scale_high = 1.0
 
     def state_dict(self) -> Dict[str, Any]:
         return {"matrix": self.matrix, "scale": self.scale}
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any], device=None) -> "ShermanMorrisonInverse":
+        """From :meth:`state_dict` (``scale`` a float or a tensor, whichever the saving
+        device kept)."""
         matrix = state["matrix"]
         inverse = cls(matrix.shape[0], matrix.dtype, device=device if device is not None else matrix.device)
         inverse.matrix.copy_(matrix)
-        inverse.scale = float(state["scale"])
+        scale = float(state["scale"])  # one read, at load time
+        inverse.scale = scale if inverse._host else torch.full_like(inverse.scale, scale)
+        inverse._scale_low = inverse._scale_high = scale
         return inverse
 
 
@@ -247,6 +366,58 @@ class _Layer:
         if self.has_bias_column:
             mean = torch.cat([mean, mean.new_ones(1)])
         return mean
+
+
+class _Pending:
+    """One layer's step as :meth:`MKOR._layer_direction` left it on the device: the
+    preconditioned direction, the gradient ``[G_W | g_b]`` (the step where the
+    preconditioning failed) and the flags that :meth:`resolve` is given back (counters,
+    warnings, resets, the choice between the two)."""
+
+    def __init__(self, layer: _Layer, direction: torch.Tensor, grad: torch.Tensor, flags: List[torch.Tensor],
+                 skipped: Dict[str, torch.Tensor], broken: Dict[str, torch.Tensor]):
+        self.layer, self.direction, self.grad, self.device = layer, direction, grad, grad.device
+        self.names = list(skipped)
+        # gradient finite, an update broke down, the preconditioned step failed; then per
+        # factor: mean not finite, update broke down.
+        self.flags = flags + list(skipped.values()) + list(broken.values())
+        self.flag_at = 0  # where the flags start in the device's read-back list
+
+    def resolve(self, optimizer: "MKOR", read: List[bool]):
+        """``(weight step, bias step or None)``, or None when the step is skipped (a
+        non-finite gradient), given the read-back flags; counts and warns as the flags say."""
+        layer = self.layer
+        weight = layer.weight
+        state = optimizer.state[weight]
+        grad_ok, broke, vanished, *per_factor = read[self.flag_at:self.flag_at + len(self.flags)]
+        skipped, broken = per_factor[:len(self.names)], per_factor[len(self.names):]
+        if not grad_ok:
+            state["skipped_steps"] += 1
+            warnings.warn(f"MKOR: the gradient of the Linear layer with weight {tuple(weight.shape)} has NaN or inf "
+                          f"entries (step {state['step']}); its step is skipped, factors included "
+                          f"({state['skipped_steps']} so far)", RuntimeWarning)
+            return None
+        for name, was_skipped in zip(self.names, skipped):
+            if was_skipped:
+                state["skipped_factor_updates"] += 1
+                warnings.warn(f"MKOR: the {name} mean of the Linear layer with weight {tuple(weight.shape)} "
+                              f"has NaN or inf entries (step {state['step']}); that factor's update is skipped "
+                              f"({state['skipped_factor_updates']} so far)", RuntimeWarning)
+        if broke:
+            name = self.names[broken.index(True)]
+            optimizer._fallback(layer, f"the {name} factor's Sherman-Morrison update broke down (v^T L^-1 v not "
+                                       f"finite or negative)")
+        state["step"] += 1
+        if vanished and not broke:
+            optimizer._fallback(layer, "the preconditioned gradient is not finite or vanished")
+        direction = self.direction
+        if broke or vanished:  # the plain gradient (its bias column is zero when the bias has none)
+            direction = self.grad.clone() if self.grad is weight.grad else self.grad
+        in_features = weight.shape[1]
+        if layer.has_bias_column:
+            bias_step = direction[:, in_features] if layer.bias is not None else None
+            return direction[:, :in_features], bias_step
+        return direction, None
 
 
 class MKOR(torch.optim.Optimizer):
@@ -399,36 +570,38 @@ class MKOR(torch.optim.Optimizer):
                       f"{state['step']}); its inverse factors are reset to the identity and this step uses the plain "
                       f"gradient ({state['fallbacks']} fallbacks so far)", RuntimeWarning)
 
-    def _update_factors(self, layer: _Layer) -> bool:
-        """The captured means into the two inverses; False when one broke (fallback)."""
-        state = self.state[layer.weight]
+    def _update_factors(self, layer: _Layer, enabled: Optional[torch.Tensor] = None):
+        """The captured means into the two inverses, where the bool tensor ``enabled``
+        (default: always) holds; no host read.  Returns ``(broke, skipped, broken)``: bool
+        tensors, ``broke`` whether an update broke down (the caller falls back), and per
+        factor name whether its mean was not finite (that update skipped) and whether it
+        broke down."""
         a_inverse, g_inverse = self._inverses(layer)
+        broke = _false(layer.weight.device)
+        skipped, broken = {}, {}
         for name, inverse, v in (("input", a_inverse, layer.a_mean()), ("output-gradient", g_inverse, layer.g_sum)):
             if v is None:
                 continue
-            # The update itself refuses a non-finite v (v^T L^-1 v is then NaN or inf) and
-            # leaves the inverse as it was, so v's finiteness is read only when it refused:
-            # one host read per factor on CUDA instead of two.
-            if not inverse.update(v, self.beta):
-                if not all_finite(v):
-                    state["skipped_factor_updates"] += 1
-                    warnings.warn(f"MKOR: the {name} mean of the Linear layer with weight {tuple(layer.weight.shape)} "
-                                  f"has NaN or inf entries (step {state['step']}); that factor's update is skipped "
-                                  f"({state['skipped_factor_updates']} so far)", RuntimeWarning)
-                    continue
-                self._fallback(layer, f"the {name} factor's Sherman-Morrison update broke down (v^T L^-1 v not "
-                                      f"finite or negative)")
-                return False
-            if self.inverse_bound is not None and inverse.max_entry() > self.inverse_bound:
-                inverse.blend_identity(self.stabilization)
-        return True
+            # After a breakdown the layer falls back (both inverses reset): no later update.
+            active = _not(broke) if enabled is None else enabled & _not(broke)
+            applied = inverse.update_(v, self.beta, active)
+            # The update refuses a non-finite v (v^T L^-1 v is then NaN or inf); a refusal
+            # of a finite v is a breakdown.  (Read only after a refusal on the host.)
+            finite = True if applied is True else _tensor_finite(v)
+            skipped[name] = active & _not(finite)
+            broken[name] = active & finite & _not(applied)
+            broke = broke | broken[name]
+            if self.inverse_bound is not None and applied is not False:
+                inverse.blend_identity_(self.stabilization, applied & (inverse.max_entry_() > self.inverse_bound))
+        return broke, skipped, broken
 
     # ------------------------------------------------------------------ step
-    def _layer_direction(self, layer: _Layer):
-        """``(weight step, bias step or None)`` of one layer (before momentum and weight
-        decay), or None when its step is skipped (a non-finite gradient)."""
+    def _layer_direction(self, layer: _Layer) -> Optional[_Pending]:
+        """One layer's factor updates and step direction (before momentum and weight decay),
+        all on the device: the decisions that depend on values (a non-finite gradient skips
+        the step, a breakdown falls back to the plain gradient) are tensors, resolved by
+        :meth:`_directions`.  None when the weight has no gradient."""
         weight, bias = layer.weight, layer.bias
-        state = self.state[weight]
         a_inverse, g_inverse = self._inverses(layer)
         captured = layer.a_sum is not None or layer.g_sum is not None
         if weight.grad is None:
@@ -436,59 +609,68 @@ class MKOR(torch.optim.Optimizer):
             return None
         dtype = self._dtype(layer)
         out_features, in_features = weight.shape
-        bias_grad = None
+        has_bias_grad = False
         if layer.has_bias_column:
-            bias_grad = bias.grad if bias is not None and bias.grad is not None else None
+            has_bias_grad = bias is not None and bias.grad is not None
             grad = torch.empty(out_features, in_features + 1, dtype=dtype, device=weight.device)
             grad[:, :in_features].copy_(weight.grad)
-            if bias_grad is not None:
-                grad[:, in_features].copy_(bias_grad)
+            if has_bias_grad:
+                grad[:, in_features].copy_(bias.grad)
             else:
                 grad[:, in_features].zero_()
         else:
             grad = weight.grad.to(dtype)
-        grad_norm = float(torch.linalg.vector_norm(grad))
-        if not math.isfinite(grad_norm) and all_finite(grad):  # float32 overflow of the sum of squares
-            grad_norm = float(torch.linalg.vector_norm(grad.double()))
-        if not math.isfinite(grad_norm):
+        # In the factor dtype, as the direction's norm: the rescale divides two norms of the
+        # same (float32) accumulation, whose relative errors (~1e-5 at 1e6 entries) largely
+        # cancel; a float64 norm of the gradient alone made the step 8x less accurate, and
+        # costs a float64 copy.
+        grad_norm = _scalar(torch.linalg.vector_norm(grad))
+        # A finite norm means a finite gradient (on the host, no further pass); else, or on
+        # a device, the extremes decide (a float32 sum of squares overflows for entries
+        # beyond ~1e19).
+        grad_ok = True if isinstance(grad_norm, float) and math.isfinite(grad_norm) else _tensor_finite(grad)
+        if grad_ok is False:  # decided on the host: the step is skipped, nothing to compute
             layer.reset_capture()
-            state["skipped_steps"] += 1
-            warnings.warn(f"MKOR: the gradient of the Linear layer with weight {tuple(weight.shape)} has NaN or inf "
-                          f"entries (step {state['step']}); its step is skipped, factors included "
-                          f"({state['skipped_steps']} so far)", RuntimeWarning)
-            return None
-        ok = True
+            return _Pending(layer, None, grad, [False, False, False], {}, {})
+        broke, skipped, broken = _false(grad.device), {}, {}
         if captured:
-            ok = self._update_factors(layer)
+            broke, skipped, broken = self._update_factors(layer, grad_ok)
             layer.reset_capture()
-        state["step"] += 1
-        if ok:
-            direction = torch.mm(torch.mm(g_inverse.matrix, grad), a_inverse.matrix)
-            norm = float(torch.linalg.vector_norm(direction))
-            if not math.isfinite(norm) or (norm == 0.0 and grad_norm > 0.0):
-                self._fallback(layer, "the preconditioned gradient is not finite or vanished")
-                ok = False
-            elif self.rescale:
-                direction.mul_(grad_norm / norm if norm > 0.0 else 0.0)
-            else:
-                direction.mul_(g_inverse.scale * a_inverse.scale)
-        if not ok:  # the plain gradient
-            direction = grad.clone() if grad is weight.grad else grad
-            if layer.has_bias_column and bias_grad is None:
-                direction[:, in_features].zero_()
-        if layer.has_bias_column:
-            return direction[:, :in_features], (direction[:, in_features] if bias is not None else None)
-        return direction, None
+        direction = torch.mm(torch.mm(g_inverse.matrix, grad), a_inverse.matrix)
+        norm = _scalar(torch.linalg.vector_norm(direction))
+        # A finite gradient whose norm overflowed cannot be rescaled: the plain gradient.
+        vanished = _not(_finite(norm)) | _not(_finite(grad_norm)) | ((norm == 0.0) & (grad_norm > 0.0))
+        direction.mul_(_ratio(grad_norm, norm) if self.rescale else g_inverse.scale * a_inverse.scale)
+        return _Pending(layer, direction, grad, [grad_ok, broke, vanished], skipped, broken)
 
-    def _directions(self) -> Dict[torch.Tensor, Optional[torch.Tensor]]:
-        """Per parameter of a Linear layer: its preconditioned step, or None (skipped)."""
+    def _directions(self, others: Sequence[torch.Tensor] = ()):
+        """Per parameter of a Linear layer: its preconditioned step, or None (skipped); and
+        per tensor of ``others`` (gradients outside the Linear layers) whether it is
+        finite.  The only host read of a step: every layer's flags and the others' sums,
+        one tensor per device."""
+        pending = [self._layer_direction(layer) for layer in self._layers]
+        flags: Dict[torch.device, List[torch.Tensor]] = {}
+        for entry in pending:
+            if entry is not None:
+                entry.flag_at = len(flags.setdefault(entry.device, []))
+                flags[entry.device] += entry.flags
+        other_at = []
+        for tensor in others:
+            # The sum: one reduction, no temporary of the tensor's size (see _finite); a
+            # non-finite sum is told apart from a finite overflow by all_finite, rarely.
+            other_at.append((tensor.device, len(flags.setdefault(tensor.device, []))))
+            flags[tensor.device].append(_scalar(torch.isfinite(tensor.sum())))
+        # Python bools already on the host; elsewhere one stacked tensor, one read.
+        read = {device: (values if _on_host(device) else torch.stack(values).tolist())
+                for device, values in flags.items()}
         directions: Dict[torch.Tensor, Optional[torch.Tensor]] = {}
-        for layer in self._layers:
-            result = self._layer_direction(layer)
+        for layer, entry in zip(self._layers, pending):
+            result = None if entry is None else entry.resolve(self, read[entry.device])
             directions[layer.weight] = None if result is None else result[0]
             if layer.bias is not None:
                 directions[layer.bias] = None if result is None else result[1]
-        return directions
+        finite = [read[device][at] or all_finite(tensor) for tensor, (device, at) in zip(others, other_at)]
+        return directions, finite
 
     @torch.no_grad()
     def precondition(self) -> None:
@@ -497,7 +679,7 @@ class MKOR(torch.optim.Optimizer):
         layer whose step is skipped (non-finite gradient) keeps its gradient.  For use
         with another optimizer's ``step()`` (not together with :meth:`step`, which does
         the same and would precondition twice)."""
-        for p, direction in self._directions().items():
+        for p, direction in self._directions()[0].items():
             if direction is not None and p.grad is not None:
                 p.grad.copy_(direction)
 
@@ -510,7 +692,11 @@ class MKOR(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        directions = self._directions()
+        params = [p for group in self.param_groups for p in group["params"]]
+        linear = {p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None}
+        others = [p for p in params if p.grad is not None and p not in linear]
+        directions, finite = self._directions([p.grad for p in others])
+        others_finite = dict(zip(others, finite))
         for group in self.param_groups:
             lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -523,7 +709,7 @@ class MKOR(torch.optim.Optimizer):
                     d = d.to(p.dtype)
                 else:
                     d = p.grad
-                    if not all_finite(d):
+                    if not others_finite[p]:
                         state = self.state[p]
                         state["skipped_steps"] = state.get("skipped_steps", 0) + 1
                         warnings.warn(f"MKOR: the gradient of a parameter of shape {tuple(p.shape)} has NaN or inf "

@@ -49,8 +49,9 @@ describe it only briefly):
 * Fallback to the plain gradient: when a factor update breaks (a non-finite or negative
   quadratic form ``v^T L^-1 v``, which rounding can produce once the kept inverse has lost
   its definiteness) or the preconditioned step is not finite (or is zero for a non-zero
-  gradient, or the gradient's norm overflows the factor dtype), the layer's two inverses are reset to the identity and its step is the plain
-  gradient; ``state[weight]["fallbacks"]`` counts it and a ``RuntimeWarning`` says so.
+  gradient, or the gradient's norm overflows the factor dtype), the layer's two inverses
+  are reset to the identity and its step is the plain gradient;
+  ``state[weight]["fallbacks"]`` counts it and a ``RuntimeWarning`` says so.
 * Non-finite inputs: captured means with NaN or inf entries skip that factor's update
   (``state[weight]["skipped_factor_updates"]``); a non-finite gradient of a layer skips the
   layer's whole step (factors, momentum and parameters stay as they were, as

@@ -150,3 +150,16 @@ def assert_training_compiles(run) -> None:
     assert list(traced) == list(eager)
     for name, want in eager.items():
         torch.testing.assert_close(traced[name], want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_adam_fits(layer, x: torch.Tensor, y_target: torch.Tensor, steps: int, lr: float = 0.05) -> None:
+    """Adam on ``layer``'s parameters for ``steps`` full-batch steps lowers the MSE to
+    ``y_target`` below 1e-3 of its start (targets the layer's family can reach exactly)."""
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    start = torch.nn.functional.mse_loss(layer(x), y_target).item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(layer(x), y_target)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1e-3 * start, (start, loss.item())

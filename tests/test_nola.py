@@ -11,7 +11,7 @@ import lowrank_ops.nn._random_basis as random_basis
 from lowrank_ops.nn import NOLALinear
 from lowrank_ops.nn._random_basis import stream_seed
 
-from helpers import assert_within, check_autocast_against_torch, randn, summation_bound
+from helpers import assert_adam_fits, assert_within, check_autocast_against_torch, randn, summation_bound
 
 
 def make_layer(out_features, in_features, r, k_A, k_B, base_dtype, generator, device="cpu", **kwargs):
@@ -307,14 +307,7 @@ def test_sgd_fits_a_target_update(generator):
     x = randn(64, 16, dtype=torch.float64, generator=generator)
     with torch.no_grad():
         y_target = target(x)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
-    start = torch.nn.functional.mse_loss(layer(x), y_target).item()
-    for _ in range(300):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(layer(x), y_target)
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1e-3 * start, (start, loss.item())
+    assert_adam_fits(layer, x, y_target, 300)
 
 
 def test_dropout_applies_in_training_only(generator):

@@ -12,7 +12,7 @@ from lowrank_ops.nn import RandLoRALinear
 from lowrank_ops.nn._random_basis import stream_seed
 from lowrank_ops.ops.lora import draw_seed
 
-from helpers import assert_within, check_autocast_against_torch, randn, summation_bound
+from helpers import assert_adam_fits, assert_within, check_autocast_against_torch, randn, summation_bound
 
 # (out, in): in < out (Gamma on the input side), out < in (on the output side), square with
 # r not dividing min(in, out) (a partly used last basis).
@@ -372,14 +372,7 @@ def test_sgd_fits_a_full_rank_target(generator):
     x = randn(64, 16, dtype=torch.float64, generator=generator)
     with torch.no_grad():
         y_target = target(x)
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
-    start = torch.nn.functional.mse_loss(layer(x), y_target).item()
-    for _ in range(400):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(layer(x), y_target)
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1e-3 * start, (start, loss.item())
+    assert_adam_fits(layer, x, y_target, 400)
 
 
 def test_bad_input_errors():

@@ -605,17 +605,23 @@ def cg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Ten
     z = None if inverse_diagonal is None else torch.empty(n, dtype=x.dtype)
     history = torch.zeros(steps, dtype=torch.float64)
     workspace = torch.empty(2 * n_chunks, dtype=x.dtype)
-    info = torch.empty(2, dtype=torch.int64)
-    info_entries = info.numpy()
+    info = _run_cg_loop(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history, workspace, steps,
+                        n_chunks, target, bnorm)
+    return history, info
+
+
+def _run_cg_loop(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history, workspace, steps, n_chunks,
+                 target, bnorm, **extended) -> torch.Tensor:
+    """One ``krylov_cg_cpu`` call (plain CG, or deflated CG with ``extended``'s pointers and
+    sizes); returns ``info`` = (steps taken, status) as an int64 tensor."""
     taken, status = extension().krylov_cg_cpu(
         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
         inverse_diagonal=0 if inverse_diagonal is None else inverse_diagonal.data_ptr(), x=x.data_ptr(),
-        r=r.data_ptr(), p=p.data_ptr(), q=q.data_ptr(), z=0 if z is None else z.data_ptr(),
-        history=history.data_ptr(), workspace=workspace.data_ptr(), n=n, nnz=col_idx.numel(), steps=steps,
+        r=r.data_ptr(), p=p.data_ptr(), q=q.data_ptr(), z=0 if inverse_diagonal is None else z.data_ptr(),
+        history=history.data_ptr(), workspace=workspace.data_ptr(), n=x.numel(), nnz=col_idx.numel(), steps=steps,
         n_chunks=n_chunks, target=target, bnorm=bnorm, dtype=FLOAT_CODES[x.dtype],
-        index_type=INDEX_CODES[row_ptr.dtype], num_threads=threads)
-    info_entries[0], info_entries[1] = taken, status
-    return history, info
+        index_type=INDEX_CODES[row_ptr.dtype], num_threads=torch.get_num_threads(), **extended)
+    return torch.tensor([taken, status], dtype=torch.int64)
 
 
 def _cg_fake(row_ptr, col_idx, values, inverse_diagonal, x, r, steps, target, bnorm, n_chunks=None):
@@ -729,19 +735,11 @@ def defcg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.
     q = torch.empty(n, dtype=x.dtype)
     history, alphas, betas = (torch.zeros(steps, dtype=torch.float64) for _ in range(3))
     workspace = torch.empty(n_chunks * (2 + kc), dtype=x.dtype)
-    info = torch.empty(2, dtype=torch.int64)
-    info_entries = info.numpy()
-    taken, status = extension().krylov_cg_cpu(
-        row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
-        inverse_diagonal=0 if inverse_diagonal is None else inverse_diagonal.data_ptr(), x=x.data_ptr(),
-        r=r.data_ptr(), p=p.data_ptr(), q=q.data_ptr(), z=0 if inverse_diagonal is None else z.data_ptr(),
-        history=history.data_ptr(), workspace=workspace.data_ptr(), n=n, nnz=col_idx.numel(), steps=steps,
-        n_chunks=n_chunks, target=target, bnorm=bnorm, dtype=FLOAT_CODES[x.dtype],
-        index_type=INDEX_CODES[row_ptr.dtype], num_threads=threads,
+    info = _run_cg_loop(
+        row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history, workspace, steps, n_chunks, target, bnorm,
         deflation=deflation.data_ptr() if kc else 0, deflation_product=deflation_product.data_ptr() if kc else 0,
         deflation_rows=kc, record=record.data_ptr() if record.shape[0] else 0, record_rows=record.shape[0],
         alphas=alphas.data_ptr(), betas=betas.data_ptr(), rho=rho.data_ptr(), resume=resume)
-    info_entries[0], info_entries[1] = taken, status
     return history, alphas, betas, info
 
 

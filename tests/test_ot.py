@@ -105,6 +105,27 @@ def test_row_lse_skips_entries_that_underflow_to_zero(device, generator, columns
             <= (torch.expm1(2 * bound) * finite_cost + 8 * EPS[torch.float32] * ref_cost.abs()).cpu()).all()
 
 
+@pytest.mark.parametrize("columns", [False, True])
+def test_row_lse_infinite_costs_have_no_weight(device, generator, columns):
+    """A cost of +inf (a forbidden pair) is an entry of mass exp(-inf) = 0: it adds
+    nothing to the marginal and nothing to the mean cost, on every device (0 * inf
+    used to make the CPU's mean cost NaN while CUDA skipped the entry).  Every row and
+    column keeps finite entries; the reference drops the forbidden ones."""
+    C, _, _, f, g = _problem(2, 37, 300, 1, generator, F64, device)
+    forbidden = torch.rand(C.shape, generator=generator, dtype=F64) < 0.3
+    forbidden[:, :, 0] = False
+    forbidden[:, 0, :] = False
+    forbidden = forbidden.to(device)
+    lse, mean_cost = ot_ops.row_lse(C.masked_fill(forbidden, math.inf), None, None, f, g, 0.1, 0,
+                                    columns=columns, with_cost=True)
+    s = reference.ot_log_plan(C, f, g, 0.1).masked_fill(forbidden, -math.inf)
+    dim = 1 if columns else 2
+    weights = torch.softmax(s, dim)
+    assert torch.isfinite(lse).all() and torch.isfinite(mean_cost).all()
+    assert torch.allclose(lse, s.logsumexp(dim), rtol=0, atol=1e-12)
+    assert torch.allclose(mean_cost, (weights * C).sum(dim), rtol=1e-12, atol=0)
+
+
 def test_row_lse_active_mask_and_empty(generator):
     C, _, _, f, g = _problem(3, 5, 4, 1, generator)
     active = torch.tensor([True, False, True])

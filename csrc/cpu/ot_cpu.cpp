@@ -120,7 +120,9 @@ LOWRANK_INLINE T block_max(const T* v, int64_t n) {
   return out;
 }
 
-// sum_j exp(s_j - shift) and sum_j c_j exp(s_j - shift).
+// sum_j exp(s_j - shift) and sum_j c_j exp(s_j - shift).  An entry of weight 0 adds 0
+// to the cost sum even when its cost is +inf (0 * inf would be NaN; the CUDA kernels
+// skip such entries the same way): an infinite cost is a forbidden pair, of mass 0.
 template <class T>
 LOWRANK_INLINE void shifted_sums(const T* s, const T* c, int64_t n, T shift, T& sum, T& wsum) {
   T lane[kLanes] = {}, wlane[kLanes] = {};
@@ -129,13 +131,13 @@ LOWRANK_INLINE void shifted_sums(const T* s, const T* c, int64_t n, T shift, T& 
     for (int64_t l = 0; l < kLanes; ++l) {
       const T e = ot_exp(s[j + l] - shift);
       lane[l] += e;
-      wlane[l] += e * c[j + l];
+      wlane[l] += e == T(0) ? T(0) : e * c[j + l];
     }
   }
   for (; j < n; ++j) {
     const T e = ot_exp(s[j] - shift);
     lane[0] += e;
-    wlane[0] += e * c[j];
+    wlane[0] += e == T(0) ? T(0) : e * c[j];
   }
   for (int64_t l = 0; l < kLanes; ++l) {
     sum += lane[l];

@@ -109,8 +109,9 @@ class GaLoreProjector:
                      check_finite=False).U
             basis = U if side == "left" else U.T
         self.side = side
-        self.matrix = basis.to(grad.dtype).contiguous()
-        self.right = None if right is None else right.to(grad.dtype).contiguous()
+        compact = _same_order if self.svd == "full" else torch.Tensor.contiguous
+        self.matrix = compact(basis.to(grad.dtype))
+        self.right = None if right is None else compact(right.to(grad.dtype))
         return True
 
     def project(self, grad: torch.Tensor, step: int) -> torch.Tensor:
@@ -176,6 +177,17 @@ class GaLoreProjector:
             target.addmm_(self.matrix, low_rank, alpha=alpha)
         else:
             target.addmm_(low_rank, self.matrix, alpha=alpha)
+
+
+def _same_order(basis: torch.Tensor) -> torch.Tensor:
+    """A compact copy of a 2-D slice of an SVD factor, in the slice's own element order:
+    column-major for LAPACK's column-major U and Vh.  The full-SVD reference mode
+    multiplies with the projector in the layout galore-torch keeps (the slice itself), so
+    that BLAS takes the same path and gives the same bits: a row-major copy gave other
+    roundings in MKL on an AMD EPYC (the same bits on an Intel Xeon)."""
+    if basis.dim() == 2 and basis.stride(0) == 1 and basis.shape[1] > 1:
+        return basis.T.contiguous().T
+    return basis.contiguous()
 
 
 class GaLoreAdamW(torch.optim.Optimizer):

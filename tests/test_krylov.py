@@ -448,6 +448,67 @@ def test_cg_reports_indefinite_breakdown(generator, native, monkeypatch):
     assert torch.isfinite(x).all()
 
 
+# solve(A, b, maxiter) through the step-by-step CG loop: cg, and DeflatedCG (k = 4) recording its Lanczos process
+_PYTHON_CG_SOLVERS = {"cg": lambda A, b, maxiter: cg(A, b, tol=1e-10, maxiter=maxiter),
+                      "defcg": lambda A, b, maxiter: DeflatedCG(4, maxiter=maxiter).solve(A, b, tol=1e-10)}
+
+
+@pytest.mark.parametrize("solver", ["cg", "defcg"])
+def test_python_cg_breakdown_leaves_the_last_iterate(solver, device, generator, monkeypatch):
+    """On the indefinite system the step with p^T A p <= 0 updates nothing (the loop updates
+    r on the device first and x only once the host has checked the curvature): x is the
+    iterate of the steps before it, bitwise, on CPU (the Python loop forced) and CUDA."""
+    monkeypatch.setattr(_cg_module, "NATIVE", False)
+    A, b = _system("indefinite", generator)
+    matrix, b = CSRMatrix.from_scipy(A, torch.float64).to(device), torch.as_tensor(b).to(device)
+    solve = _PYTHON_CG_SOLVERS[solver]
+    x, info = solve(matrix, b, None)
+    assert not info.converged and info.status == "breakdown" and info.iterations >= 1
+    assert torch.isfinite(x).all() and len(info.residuals) == info.iterations + 1
+    assert info.matvecs == info.iterations + 3  # the breakdown step's product, the initial and final residuals
+    x_before, before = solve(matrix, b, info.iterations)
+    assert before.status == "maxiter" and torch.equal(x, x_before)
+    assert info.residuals[1:] == before.residuals[1:]
+
+
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_python_cg_loop_reads_the_host_once_per_step(M, monkeypatch):
+    """The step-by-step loop (CUDA's) waits for the device once per step: counted as the host
+    reads of tensors (tolist, item, float, int, bool) in solves of 20 and 40 steps, whose
+    difference is the 20 extra steps' (the loop used to read three scalars a step).
+    DeflatedCG's second solve deflates with the first's space (its record, m = 100, does
+    not restart within 40 steps)."""
+    monkeypatch.setattr(_cg_module, "NATIVE", False)
+    reads = [0]
+    for name in ("tolist", "item", "__float__", "__int__", "__bool__"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    problem = pde.darcy(24, seed=3, index=1)
+    first = pde.darcy(24, seed=3, index=0)
+    deflated = DeflatedCG(4, m=100, M=M)
+    deflated.solve(first.matrix, first.rhs, tol=1e-10)
+
+    def count(solve, steps: int) -> int:
+        reads[0] = 0
+        _, info = solve(steps)
+        assert info.status == "maxiter" and info.iterations == steps
+        return reads[0]
+
+    def deflated_solve(steps: int):
+        solver = DeflatedCG(4, m=100, M=M, maxiter=steps)
+        solver.W = deflated.W  # the first solve's space (AW follows for the new matrix)
+        return solver.solve(problem.matrix, problem.rhs, tol=1e-14)
+
+    solvers = {"cg": lambda steps: cg(problem.matrix, problem.rhs, tol=1e-14, M=M, maxiter=steps),
+               "defcg": deflated_solve}
+    for name, solve in solvers.items():
+        assert deflated.W is not None and deflated.W.shape[0] == 4
+        extra = count(solve, 40) - count(solve, 20)
+        assert extra == 20, name
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("M", [None, "jacobi", "diagonal"])
 def test_native_cg_matches_python_loop(dtype, tol, M, generator, monkeypatch):

@@ -13,7 +13,9 @@ torch's native elementwise ops.
 
 Scalars the solvers need on the host (norms, Gram matrices, the cycle's small arrays)
 come back from the ops as tensors and are read here: one host read per call, as the
-solvers' control flow needs them.
+solvers' control flow needs them.  The step-by-step CG loop keeps its scalars on the
+device instead (:func:`dots`, :func:`subtract_without_norm`) and reads them once per step
+(:mod:`~lowrank_ops.krylov._cg_loop`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 
-__all__ = ["spmv", "row_norms", "gram_schmidt", "dots", "subtract", "combine", "gram", "combine_rows", "arnoldi", "ArnoldiOutput"]
+__all__ = ["spmv", "row_norms", "gram_schmidt", "dots", "subtract", "subtract_without_norm", "combine", "gram",
+           "combine_rows", "arnoldi", "ArnoldiOutput"]
 
 
 def spmv(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, x: torch.Tensor,
@@ -67,6 +70,11 @@ def subtract(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
     """``w -= Q^T h`` in place; returns ``||w||`` after."""
     after = eager_or_op("krylov_cgs_update_", _ops.cgs_update_unchecked)(basis, w, h.contiguous()).tolist()[1]
     return math.sqrt(max(after, 0.0))
+
+
+def subtract_without_norm(basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
+    """``w -= Q^T h`` in place, as :func:`subtract` but without reading ``||w||`` (no host read)."""
+    eager_or_op("krylov_cgs_update_", _ops.cgs_update_unchecked)(basis, w, h.contiguous())
 
 
 def combine(basis: torch.Tensor, coefficients, out: Optional[torch.Tensor] = None) -> torch.Tensor:

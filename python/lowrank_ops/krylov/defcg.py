@@ -42,9 +42,12 @@ On the CPU with a CSR matrix and no or a diagonal preconditioner, the iterations
 C++ (the op ``krylov_defcg_``, cg's loop with the deflation and the record fused in): one
 call per ``m - 2 k`` steps, between restarts of the record, instead of ~15 Python, torch
 and kernel calls per step.  Elsewhere (CUDA, operators that are not CSR matrices) the
-same steps run from the fused kernels (``dots``, ``subtract``); the Ritz updates use
-``gram`` and ``combine_rows`` everywhere, and the small dense eigenproblems (at most
-``m x m``) lowrank_ops' Jacobi SVD (see :func:`_eigh` for why not LAPACK).
+same steps run from the fused kernels (``dots``, ``subtract``) in cg's step-by-step loop
+(:func:`~lowrank_ops.krylov._cg_loop.python_loop`), with one host read per step (on CUDA
+one wait for the device; the Lanczos record's restarts read their small matrices).  The
+Ritz updates use ``gram`` and ``combine_rows`` everywhere, and the small dense
+eigenproblems (at most ``m x m``) lowrank_ops' Jacobi SVD (see :func:`_eigh` for why not
+LAPACK).
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ from .._finite import all_finite
 from ..ops.svd import CPU_MAX_JACOBI_SIZE, _jacobi_svd_cpu, default_max_sweeps, default_tol
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
+from ._cg_loop import Couplings, project, python_loop
 from ._common import Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system
-from ._kernels import combine, combine_rows, dots, gram, subtract
+from ._kernels import combine_rows, gram
 from .info import SolveInfo
 
 __all__ = ["DeflatedCG"]
@@ -75,10 +79,6 @@ def _JACOBI_TOL(size: int) -> float:
 _cg_module = sys.modules[__package__ + ".cg"]
 
 _GRAM_TOLERANCE = 1e-14  # relative A-norm^2 below which a direction counts as dependent (or not positive)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(dots(a.unsqueeze(0), b)[0])
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -171,16 +171,30 @@ class _Lanczos:
         self.T = np.zeros((buffer.shape[0], buffer.shape[0]))
         self.size = 0
         self.last = np.zeros(0)
+        self.spare: Optional[torch.Tensor] = None  # [n]: a staged vector while V is full
 
-    def add(self, z: torch.Tensor, rz: float, diagonal: float, coupling: float) -> None:
-        """Append ``v = z / sqrt(rz)`` with ``T``'s new diagonal entry and its coupling to the previous vector."""
+    def stage(self, z: torch.Tensor, rz: float) -> None:
+        """Write ``v = z / sqrt(rz)`` where :meth:`commit` counts it: row ``size`` of ``V``, or a
+        spare row when ``V`` is full (the restart that makes room waits for the commit: the
+        step's entries, known only after it, may stop the record instead)."""
+        if self.size < self.V.shape[0]:
+            row = self.V[self.size]
+        else:
+            if self.spare is None:
+                self.spare = torch.empty_like(self.V[0])
+            row = self.spare
+        torch.mul(z, 1.0 / math.sqrt(rz), out=row)
+
+    def commit(self, diagonal: float, coupling: float) -> None:
+        """Count the vector :meth:`stage` wrote with ``T``'s new diagonal entry and its coupling
+        to the previous vector (restarting the record first when it is full)."""
         if self.size == self.V.shape[0]:
             self.restart()
-        torch.mul(z, 1.0 / math.sqrt(rz), out=self.V[self.size])
+            self.V[self.size].copy_(self.spare)
         self.append(diagonal, coupling)
 
     def append(self, diagonal: float, coupling: float) -> None:
-        """Count row ``size`` of ``V`` (already written: the C++ loop writes it) with ``T``'s new entries."""
+        """Count row ``size`` of ``V`` (already written: by the C++ loop or :meth:`stage`) with ``T``'s new entries."""
         i = self.size
         self.T[:i, i] = self.T[i, :i] = coupling * self.last
         self.T[i, i] = diagonal
@@ -250,94 +264,6 @@ def _update(W: torch.Tensor, AW: torch.Tensor, theta: np.ndarray, R: torch.Tenso
     return W_new
 
 
-def _project(W: torch.Tensor, AW: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> float:
-    """``x += W W^T r``, ``r -= AW W^T r`` (the best correction from span(W): ``W^T r = 0``); returns ``||r||``."""
-    coefficients = dots(W, r)
-    combine(W, coefficients, out=x)
-    return subtract(AW, r, coefficients)
-
-
-class _Couplings:
-    """``T``'s entries from CG's coefficients (module docstring): the diagonal
-    ``1 / alpha_j + beta_{j-1} / alpha_{j-1}`` and the coupling ``-sqrt(beta_{j-1}) / alpha_{j-1}``."""
-
-    def __init__(self):
-        self.ratio = self.coupling = 0.0  # beta_{j-1} / alpha_{j-1} and -sqrt(beta_{j-1}) / alpha_{j-1}
-
-    def entries(self, alpha: float) -> Optional[Tuple[float, float]]:
-        """Step j's ``(diagonal, coupling)``, or None when not finite (the record stops: no LAPACK call on inf)."""
-        diagonal = 1.0 / alpha + self.ratio if alpha > 0.0 else math.inf
-        return (diagonal, self.coupling) if math.isfinite(diagonal) and math.isfinite(self.coupling) else None
-
-    def advance(self, alpha: float, beta: float) -> None:
-        """After step j: the ratio and coupling step j + 1 needs (NaN, which stops the record, when M is not SPD)."""
-        if beta >= 0.0 and alpha > 0.0:
-            self.ratio, self.coupling = beta / alpha, -math.sqrt(beta) / alpha
-        else:
-            self.ratio = self.coupling = math.nan
-
-
-def _python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int,
-                 W: Optional[torch.Tensor], AW: Optional[torch.Tensor], lanczos: Optional[_Lanczos],
-                 progress: Progress) -> Tuple[int, str]:
-    """Deflated CG step by step from the kernel ops (CUDA, callable operators, other matrix
-    kinds).  Updates ``x``, ``lanczos`` and ``progress.history``; returns ``(iterations, status)``."""
-    bnorm, target, history = system.bnorm, system.target, progress.history
-    recording = lanczos is not None
-    couplings = _Couplings()
-
-    def conjugate(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # p -= W AW^T z: A-conjugate to W
-        if W is not None:
-            subtract(W, p, dots(AW, z))
-        return p
-
-    z = system.unprecondition(r)
-    p = conjugate(z, z.clone())
-    rz = _dot(r, z)
-    iterations, status = 0, "maxiter"
-    while iterations < maxiter:
-        if rnorm <= target:
-            r = system.residual(x)  # confirm on the true residual
-            rnorm = float(torch.linalg.vector_norm(r))
-            if rnorm <= target:
-                history[-1] = rnorm / bnorm
-                status = "converged"
-                break
-            if W is not None:
-                rnorm = _project(W, AW, x, r)
-            history[-1] = rnorm / bnorm
-            z = system.unprecondition(r)
-            p = conjugate(z, z.clone())
-            rz = _dot(r, z)
-            recording = False  # the restarted iteration does not continue the recorded Lanczos process
-        progress.report()
-        q = system.A.apply(p)
-        system.matvecs += 1
-        curvature = _dot(p, q)
-        if not curvature > 0.0 or not rz > 0.0:
-            status = "breakdown"
-            break
-        alpha = rz / curvature
-        if recording:
-            entries = couplings.entries(alpha)
-            recording = entries is not None
-            if recording:
-                lanczos.add(z, rz, *entries)
-        x.add_(p, alpha=alpha)
-        r.add_(q, alpha=-alpha)
-        iterations += 1
-        rnorm = float(torch.linalg.vector_norm(r))
-        history.append(rnorm / bnorm)
-        z = system.unprecondition(r)
-        rz_new = _dot(r, z)
-        beta = rz_new / rz
-        if recording:
-            couplings.advance(alpha, beta)
-        p = conjugate(z, p.mul_(beta).add_(z))
-        rz = rz_new
-    return iterations, status
-
-
 def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int,
                  W: Optional[torch.Tensor], AW: Optional[torch.Tensor], lanczos: Optional[_Lanczos],
                  progress: Progress) -> Tuple[int, str]:
@@ -356,7 +282,7 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
     rho = torch.zeros(1, dtype=torch.float64)
     r = r.contiguous()
     recording, resume = lanczos is not None, False
-    couplings = _Couplings()
+    couplings = Couplings()
     iterations = 0
     while True:
         progress.report()
@@ -396,7 +322,7 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
         rnorm = float(torch.linalg.vector_norm(r))
         if rnorm > target:
             if W.shape[0]:
-                rnorm = _project(W, AW, x, r)
+                rnorm = project(W, AW, x, r)
             recording = False  # the restarted iteration does not continue the recorded Lanczos process
         history[-1] = rnorm / bnorm
 
@@ -509,15 +435,15 @@ class DeflatedCG:
         history = [rnorm / bnorm]
         progress = Progress(system.callback, history)
         if kc and math.isfinite(rnorm):
-            rnorm = _project(W, AW, x, r)
+            rnorm = project(W, AW, x, r)
             history[-1] = rnorm / bnorm
         matrix = system.A.matrix
         if (_cg_module.NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
                 and (system.precondition is None or system.inverse_diagonal is not None)):
-            loop = _native_loop
+            iterations, status = _native_loop(system, x, r, rnorm, maxiter, W if kc else None, AW, lanczos, progress)
         else:
-            loop = _python_loop
-        iterations, status = loop(system, x, r, rnorm, maxiter, W if kc else None, AW, lanczos, progress)
+            iterations, status = python_loop(system, x, r, rnorm, maxiter, progress,
+                                             W=W if kc else None, AW=AW, lanczos=lanczos)
         progress.report()
         rnorm = float(torch.linalg.vector_norm(system.residual(x)))
         converged, status = conclude(status, rnorm, system.target)

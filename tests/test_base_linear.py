@@ -150,6 +150,31 @@ def test_dispatch_follows_small_batch_rows(product, generator):
     assert not small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
 
 
+@pytest.mark.parametrize("intel", [True, False])
+def test_small_batch_policy_follows_the_cpu_vendor(monkeypatch, intel):
+    """Intel CPUs keep MKL's fast small GEMMs for 1 row and from 33 (forward) rows on, and
+    for W under 4 M elements; elsewhere (MKL's generic paths) the kernels take 1-64 rows
+    from 1 M elements (the measurements in base_linear.py); without the extension, the
+    Intel policy."""
+    import lowrank_ops.ops.base_linear as module
+
+    class Extension:
+        @staticmethod
+        def cpu_features():
+            return {"avx512f": True, "genuine_intel": intel}
+
+    monkeypatch.setattr(module, "extension", lambda: Extension)
+    rows, min_weight = module._small_batch_policy()
+    assert (rows, min_weight) == (({"forward": (4, 32), "grad_input": (2, 32)}, 1 << 22) if intel
+                                  else ({"forward": (1, 64), "grad_input": (1, 64)}, 1 << 20))
+
+    def missing():
+        raise RuntimeError("no extension")
+
+    monkeypatch.setattr(module, "extension", missing)
+    assert module._small_batch_policy() == module._INTEL_POLICY
+
+
 def test_dispatch_needs_a_large_enough_weight(monkeypatch, generator):
     """Below SMALL_BATCH_MIN_WEIGHT elements of W the products go to BLAS (W in cache)."""
     import lowrank_ops.ops.base_linear as module

@@ -53,9 +53,10 @@ PYBIND11_MODULE(_C, m) {
         d["avx512f"] = f.avx512f;
         d["avx512_bf16"] = f.avx512_bf16;
         d["amx_bf16"] = f.amx_bf16;
+        d["genuine_intel"] = f.genuine_intel;
         return d;
       },
-      "Instruction sets this CPU has and the OS enabled (all False off x86).");
+      "Instruction sets this CPU has and the OS enabled (all False off x86), and whether its vendor is Intel.");
   m.def(
       "cpu_threading", []() { return std::string(parallel_uses_openmp() ? "openmp" : "pool"); },
       "Where the CPU kernels' parallel regions run: 'openmp' (the OpenMP team torch uses) or 'pool' (our own).");

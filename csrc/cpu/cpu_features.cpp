@@ -34,6 +34,12 @@ uint64_t enabled_register_state() {
 CpuFeatures detect_cpu_features() {
   CpuFeatures features;
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return features;
+  char vendor[13] = {};  // ebx, edx, ecx spell it out
+  std::memcpy(vendor, &ebx, 4);
+  std::memcpy(vendor + 4, &edx, 4);
+  std::memcpy(vendor + 8, &ecx, 4);
+  features.genuine_intel = std::strcmp(vendor, "GenuineIntel") == 0;
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return features;
   const bool osxsave = (ecx >> 27) & 1;
   if (!osxsave) return features;

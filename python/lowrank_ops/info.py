@@ -22,7 +22,8 @@ def info() -> Dict[str, Any]:
         ``devices`` (names of the usable GPUs); ``cuda_runtime_version`` /
         ``cuda_driver_version`` as seen by our kernels; ``torch_version``,
         ``torch_cuda_version``; ``cpu_threads`` (``torch.get_num_threads()``);
-        ``cpu_features`` (instruction sets that choose algorithms, e.g. ``amx_bf16``);
+        ``cpu_features`` (instruction sets and facts that choose algorithms, e.g.
+        ``amx_bf16``, ``genuine_intel``);
         ``cpu_threading`` (``"openmp"``: the CPU kernels run on torch's OpenMP team;
         ``"pool"``: on our own threads, see csrc/include/lowrank_ops/parallel.h).
     """

@@ -14,7 +14,9 @@ Both use BLAS except for small float32 CPU batches on CPUs with AVX-512
 with every element used for all rows from registers.  At such batch sizes MKL's sgemm is
 neither flop- nor bandwidth-bound: 5.1 ms for 16 x 4096 x 4096 where reading W takes
 1.5 ms (2-core AVX-512 Xeon, 2 threads); ours 2.8 ms forward, 2.9 ms (MKL 3.4) for the
-input gradient.  Ratios for every size: :data:`SMALL_BATCH_ROWS`, bench/bench_base_linear.py.
+input gradient.  On an AMD EPYC MKL is slower still at these sizes (4 x 4096 x 4096: 8.2
+ms against our 2.6), so there the kernels take every batch up to 64 rows.  Ratios for every
+size: the comments above :data:`SMALL_BATCH_ROWS`, bench/bench_base_linear.py.
 """
 from __future__ import annotations
 
@@ -31,21 +33,47 @@ __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward
 LIBRARY.define("base_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 LIBRARY.define("base_linear_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
 
-#: Batch sizes (rows) for which the CPU products use _C's small-batch kernels (float32,
-#: AVX-512) instead of BLAS, per product: the measured crossovers on the 2-core AVX-512
-#: Xeon (bench/results/cpu-intel-xeon-2core/base_linear-full, the ``kernel`` rows against
-#: ``torch``, at 4096 x 4096, 11008 x 4096 and 4096 x 11008).  Forward: 0.90-0.98x MKL at
-#: 2 rows (its GEMV-like path), 1.56-2.22x at 4-16, 1.13-1.31x at 32, 0.89-1.05x at 48.
-#: Grad input: 1.14-1.82x at 2 rows, 1.06-1.57x at 4-16, 0.98-1.22x at 32, 0.93-1.08x at 48.
-#: At one row MKL's GEMV is as fast for both.
-SMALL_BATCH_ROWS = {"forward": (4, 32), "grad_input": (2, 32)}
+# Batch sizes (rows) for which the CPU products use _C's small-batch kernels (float32,
+# AVX-512) instead of BLAS, per product, and the smallest weight (elements) for which they
+# do: the measured crossovers, which depend on the CPU's vendor because MKL's small GEMMs
+# take their fast paths on Intel CPUs only.
+#
+# Intel (2-core AVX-512 Xeon, bench/results/cpu-intel-xeon-2core/base_linear-full, the
+# ``kernel`` rows against ``torch`` at 4096 x 4096, 11008 x 4096 and 4096 x 11008).
+# Forward: 0.90-0.98x MKL at 2 rows (its GEMV-like path), 1.56-2.22x at 4-16, 1.13-1.31x
+# at 32, 0.89-1.05x at 48.  Grad input: 1.14-1.82x at 2 rows, 1.06-1.57x at 4-16,
+# 0.98-1.22x at 32, 0.93-1.08x at 48.  At one row MKL's GEMV is as fast for both.  Below
+# 4 M elements W (16 MB) sits in the caches and MKL's GEMM is as fast or faster: kernel /
+# MKL time at 1024 x 1024 (quiet) 0.85-1.07x forward and 0.82-0.91x grad input at 4-32
+# rows, against 1.3-1.8x forward and 1.1-1.6x grad input at 4-16 rows for W of 4-16 M
+# elements (2048 x 2048, 1024 x 4096, 4096 x 1024, 2048 x 5504, 4096 x 4096).
+#
+# Others (2-core AVX-512 AMD EPYC, bench/results/cpu-amd-epyc-2core/base_linear-full and
+# interleaved medians at smaller W): the kernels win at every batch size they take.
+# Forward: 1.8-2.9x at 1 row, 2.6-3.7x at 2, 1.25-1.85x at 48, 1.15-1.5x at 64 (LLaMA
+# shapes); grad input 0.96-1.14x at 1 row, 1.3-1.6x at 48-64.  W of 1 M elements (1024 x
+# 1024) still 1.3-5.1x forward and 1.5-5.1x grad input at 1-64 rows; at 256 K (512 x 512)
+# 0.93-1.95x, at 64 K (256 x 256) 0.6-1.3x: below 1 M elements, BLAS.
+_INTEL_POLICY = ({"forward": (4, 32), "grad_input": (2, 32)}, 1 << 22)
+_OTHER_POLICY = ({"forward": (1, 64), "grad_input": (1, 64)}, 1 << 20)
 
-#: Smallest weight (elements) for which the small-batch kernels are used.  Below it W
-#: (4 MB at this size) sits in the caches and MKL's GEMM is as fast or faster: kernel /
-#: MKL time at 1024 x 1024 (2-core Xeon, quiet) 0.85-1.07x forward and 0.82-0.91x grad
-#: input at 4-32 rows, against 1.3-1.8x forward and 1.1-1.6x grad input at 4-16 rows
-#: for W of 4-16 M elements (2048 x 2048, 1024 x 4096, 4096 x 1024, 2048 x 5504, 4096 x 4096).
-SMALL_BATCH_MIN_WEIGHT = 1 << 22
+
+def _small_batch_policy() -> tuple:
+    """``(rows, min_weight)`` for this CPU (the Intel policy without a loadable extension:
+    the kernels are unavailable then, and so is the choice)."""
+    try:
+        intel = extension().cpu_features()["genuine_intel"]
+    except RuntimeError:
+        intel = True
+    rows, min_weight = _INTEL_POLICY if intel else _OTHER_POLICY
+    return dict(rows), min_weight
+
+
+#: Batch sizes (rows) per product (``"forward"``, ``"grad_input"``) for which the CPU
+#: products use the small-batch kernels, on this CPU (see the measurements above).
+#: Smallest weight (elements) for which they do: below it W sits in the caches and BLAS
+#: is as fast.
+SMALL_BATCH_ROWS, SMALL_BATCH_MIN_WEIGHT = _small_batch_policy()
 
 
 @functools.lru_cache(maxsize=None)

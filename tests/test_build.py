@@ -164,3 +164,21 @@ def test_bench_from_log_renders_timed_cases_memory_and_unsupported_peers(tmp_pat
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| paper | 2.00 | 2.00x |" in report and "| 1.0 | 4.0 | 4.00x |" in report
     assert "| old_peer | unsupported |" in report and "old_peer on sparse_lowrank_linear.fwd 8x8" in report
+
+
+def test_bench_interleaved_times_the_suites_own_builds(capsys):
+    """bench/interleaved.py builds the chosen impls of one case through the suite's own
+    ``measure`` call (the same inputs and functions as the suite times) and times them in
+    turns; an impl without such a case is an error naming it."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "interleaved.py"
+    spec = importlib.util.spec_from_file_location("bench_interleaved", path)
+    interleaved = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(interleaved)
+    interleaved.main(["sparse", "test_spmv", "2048x5461", "ours,torch_csr", "--reps", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["ours", "torch_csr"]
+    assert "ratio  1.000" in lines[0] and " ms " in lines[1]
+    with pytest.raises(SystemExit, match="for no_such_impl"):
+        interleaved.main(["sparse", "test_spmv", "2048x5461", "ours,no_such_impl", "--reps", "1"])

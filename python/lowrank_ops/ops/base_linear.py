@@ -50,8 +50,8 @@ LIBRARY.define("base_linear_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
 #
 # Others (2-core AVX-512 AMD EPYC, bench/results/cpu-amd-epyc-2core/base_linear-full and
 # interleaved medians at smaller W): the kernels win at every batch size they take.
-# Forward: 1.8-2.9x at 1 row, 2.6-3.7x at 2, 1.25-1.85x at 48, 1.15-1.5x at 64 (LLaMA
-# shapes); grad input 0.96-1.14x at 1 row, 1.3-1.6x at 48-64.  W of 1 M elements (1024 x
+# Forward: 1.7-2.0x at 1 row, 3.6-3.9x at 2, 1.09-1.85x at 48, 1.15-1.5x at 64 (LLaMA
+# shapes); grad input 0.96-1.14x at 1 row, 1.26-1.64x at 48-64.  W of 1 M elements (1024 x
 # 1024) still 1.3-5.1x forward and 1.5-5.1x grad input at 1-64 rows; at 256 K (512 x 512)
 # 0.93-1.95x, at 64 K (256 x 256) 0.6-1.3x: below 1 M elements, BLAS.
 _INTEL_POLICY = ({"forward": (4, 32), "grad_input": (2, 32)}, 1 << 22)

@@ -37,6 +37,16 @@ def assert_within(actual: torch.Tensor, reference: torch.Tensor, bound: torch.Te
     )
 
 
+def assert_is_base_product(layer_output: torch.Tensor, x: torch.Tensor, base: torch.nn.Linear, what: str) -> None:
+    """``layer_output`` (float32) is ``base(x)`` within the float64-derived bound of an
+    ``in_features``-term dot product plus the bias: what an adapter that adds exact zeros
+    (a zero factor or gate) must give, in whatever order its products sum."""
+    expected = x.double() @ base.weight.double().T + base.bias.double()
+    abs_sum = x.double().abs() @ base.weight.double().abs().T + base.bias.double().abs()
+    terms = base.in_features + 1
+    assert_within(layer_output, expected, summation_bound(abs_sum, expected, terms, torch.float32), what)
+
+
 def check_autocast_against_torch(ours, theirs, inputs: dict, device: str, dtype: torch.dtype, generator,
                                  what: str) -> None:
     """``ours(**inputs)`` against ``theirs(**inputs)``, the same function composed of torch

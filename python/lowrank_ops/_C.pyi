@@ -32,6 +32,14 @@ def csr_sddmm_cuda(
     nnz: int, batch: int, left_stride_b: int, left_stride_r: int, dense_stride_b: int, dense_stride_c: int,
     dtype: int, index_type: int, device: int, stream: int,
 ) -> None: ...
+def tall_gram_cpu(
+    *, y: int, gram: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
+    y_col_stride: int, dtype: int, num_threads: int,
+) -> None: ...
+def tall_solve_upper_cpu(
+    *, y: int, r: int, q: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
+    y_col_stride: int, r_batch_stride: int, r_row_stride: int, r_col_stride: int, dtype: int, num_threads: int,
+) -> None: ...
 def jacobi_svd_cpu(
     *, a: int, u: int, s: int, v: int, sweeps: int, converged: int, off_diagonal: int, batch: int, rows: int,
     cols: int, a_stride_b: int, a_stride_r: int, a_stride_c: int, u_stride_b: int, u_stride_r: int, u_stride_c: int,

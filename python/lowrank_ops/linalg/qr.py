@@ -17,6 +17,7 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
+from ..ops.qr import tall_gram, tall_solve_upper
 
 __all__ = ["cholesky_qr2"]
 
@@ -37,8 +38,15 @@ def _power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, largest / (2 * mantissa), torch.ones_like(largest))
 
 
-def _cholesky_pass(Y: torch.Tensor, shift: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    gram = Y.transpose(-2, -1) @ Y
+def _use_kernels(Y: torch.Tensor) -> bool:
+    """Whether the passes run on the CPU kernels of :mod:`lowrank_ops.ops.qr` (not
+    differentiable: a Y that needs a gradient takes the torch ops)."""
+    return (Y.device.type == "cpu" and Y.dtype in (torch.float32, torch.float64)
+            and not (Y.requires_grad and torch.is_grad_enabled()))
+
+
+def _cholesky_pass(Y: torch.Tensor, shift: bool, kernels: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    gram = tall_gram(Y) if kernels else Y.transpose(-2, -1) @ Y
     m, n = Y.shape[-2:]
     unit = torch.finfo(Y.dtype).eps / 2
     eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
@@ -55,7 +63,7 @@ def _cholesky_pass(Y: torch.Tensor, shift: bool) -> Tuple[torch.Tensor, torch.Te
         L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
         L = torch.where((info == 0)[..., None, None], L, L_safe)
     R = L.transpose(-2, -1)
-    Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    Q = tall_solve_upper(Y, R) if kernels else torch.linalg.solve_triangular(R, Y, upper=True, left=False)
     return Q, R
 
 
@@ -110,7 +118,8 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         scale = _power_of_two_scale(Y)
         Y = Y / scale
         R_total = None
+        kernels = _use_kernels(Y)
         for shifted in (True,) * shift + (False,) * plain_passes:
-            Y, R = _cholesky_pass(Y, shifted)
+            Y, R = _cholesky_pass(Y, shifted, kernels)
             R_total = R if R_total is None else R @ R_total
         return Y, R_total * scale

@@ -1,0 +1,63 @@
+// lowrank_ops._C: CholeskyQR's tall-skinny steps, the Gram matrix and the triangular solve (tall_gram, tall_solve_upper).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "registry.h"
+#include "lowrank_ops/qr.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace lowrank_ops {
+
+LOWRANK_OPS_BINDINGS(qr) {
+  m.def(
+      "tall_gram_cpu",
+      [](std::uintptr_t y, std::uintptr_t gram, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
+         int64_t y_row_stride, int64_t y_col_stride, int dtype, int num_threads) {
+        TallGramParams p;
+        p.y = reinterpret_cast<const void*>(y);
+        p.gram = reinterpret_cast<void*>(gram);
+        p.batch = batch;
+        p.rows = rows;
+        p.cols = cols;
+        p.y_batch_stride = y_batch_stride;
+        p.y_row_stride = y_row_stride;
+        p.y_col_stride = y_col_stride;
+        p.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release release;
+        tall_gram_cpu(p, num_threads);
+      },
+      "G = Y^T Y for a batch of blocks Y [rows, cols] (unit row or column stride); G [batch, cols, cols] contiguous.",
+      py::kw_only(), "y"_a, "gram"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
+      "y_col_stride"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "tall_solve_upper_cpu",
+      [](std::uintptr_t y, std::uintptr_t r, std::uintptr_t q, int64_t batch, int64_t rows, int64_t cols,
+         int64_t y_batch_stride, int64_t y_row_stride, int64_t y_col_stride, int64_t r_batch_stride,
+         int64_t r_row_stride, int64_t r_col_stride, int dtype, int num_threads) {
+        TallSolveParams p;
+        p.y = reinterpret_cast<const void*>(y);
+        p.r = reinterpret_cast<const void*>(r);
+        p.q = reinterpret_cast<void*>(q);
+        p.batch = batch;
+        p.rows = rows;
+        p.cols = cols;
+        p.y_batch_stride = y_batch_stride;
+        p.y_row_stride = y_row_stride;
+        p.y_col_stride = y_col_stride;
+        p.r_batch_stride = r_batch_stride;
+        p.r_row_stride = r_row_stride;
+        p.r_col_stride = r_col_stride;
+        p.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release release;
+        tall_solve_upper_cpu(p, num_threads);
+      },
+      "Q = Y R^-1 (R upper triangular, any strides) for a batch of blocks Y [rows, cols]; Q written column-major "
+      "into q [batch, cols, rows].",
+      py::kw_only(), "y"_a, "r"_a, "q"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
+      "y_col_stride"_a, "r_batch_stride"_a, "r_row_stride"_a, "r_col_stride"_a, "dtype"_a, "num_threads"_a);
+}
+
+}  // namespace lowrank_ops

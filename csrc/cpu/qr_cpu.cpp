@@ -1,0 +1,295 @@
+// CPU kernels of CholeskyQR's tall-skinny steps (contract: lowrank_ops/qr.h).
+//
+// Gram G = Y^T Y.  The rows are cut into chunks of kGramChunkRows (a fixed cut, so the
+// result does not depend on the thread count); each task computes the upper triangle of
+// its chunk's Y_c^T Y_c into a slot of its own, and the slots are added in chunk order
+// (a blocked sum: its rounding error grows with the chunk length, not with rows).
+// * Column-major Y: register tiles of 4 x 4 entries of G, each the dot product of two
+//   columns over the chunk: per vector of rows, 8 loads for 16 multiply-adds into lane
+//   partial sums, reduced once per tile (wide_lane_sums).
+// * Row-major Y: the chunk is first copied into a buffer whose rows are padded with
+//   zeros to whole vectors (so no load runs past a row, or past the matrix), then tiles
+//   of 4 rows x 4 vectors of G sum outer products over the rows: per row, 4 vector loads
+//   and 4 broadcasts for 16 multiply-adds.
+//
+// Solve Q = Y R^-1 with lanes = rows: a block of kSolveVecs vectors of rows (64 fp32 or
+// 32 fp64 rows) is held column by column in a buffer T [cols][kSolveVecs] in L1 (the
+// columns of a column-major Y are loaded directly, a row-major Y is transposed into
+// it); the substitution runs on 4 columns at once (per earlier column k: kSolveVecs
+// loads of q_k and 4 broadcasts of R_kj for 4 kSolveVecs multiply-adds), in place, and
+// T is stored as rows of Q^T: Q comes out column-major, without a transposition.
+//
+// Roofline, fp32, rows m, cols n: the Gram m n^2 flops (the upper half of the 2 m n^2
+// of a GEMM), the solve m n^2; Y read once (4 m n bytes), Q written once.  At 4096 x 74
+// that is 22 MFLOP and 1.2 MB each: compute-bound, 0.12 ms at the ~180 GFLOP/s of
+// the 2-core machines' SGEMM.  Measured there: bench/bench_qr.py.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "lowrank_ops/check.h"
+#include "lowrank_ops/cpu_isa.h"
+#include "lowrank_ops/parallel.h"
+#include "lowrank_ops/qr.h"
+#include "lowrank_ops/simd.h"
+
+namespace lowrank_ops {
+namespace {
+
+constexpr int64_t kTile = 4;              // entries of G (per side), columns of Q solved together
+constexpr int64_t kGramVecs = 4;          // row-major Gram: vectors of G's columns per tile
+constexpr int64_t kGramChunkRows = 256;   // rows per Gram task (a 256 x 74 fp32 chunk: 74 KB)
+constexpr int64_t kSolveVecs = 4;         // vectors of rows per solve block
+constexpr int64_t kSerialWork = 1 << 17;  // multiply-adds (~15 us) below which one thread is faster
+
+template <class A>
+constexpr int64_t kLanes = kWideLanes<A>;
+
+template <class A>
+LOWRANK_INLINE WideVec<A> load(const A* p) {
+  return *reinterpret_cast<const WideUnaligned<A>*>(p);
+}
+template <class A>
+LOWRANK_INLINE void store(A* p, WideVec<A> v) {
+  *reinterpret_cast<WideUnaligned<A>*>(p) = v;
+}
+
+// out[i] = sum of the lanes of acc[i], i < 16.
+template <class A>
+LOWRANK_INLINE void lane_sums16(const WideVec<A>* acc, A* out) {
+  for (int64_t i = 0; i < 16; i += kLanes<A>) {
+    const WideVec<A> sums = wide_lane_sums<A>(acc + i);
+    std::memcpy(out + i, &sums, sizeof sums);
+  }
+}
+
+int threads_for(int64_t multiply_adds, int num_threads) {
+  return multiply_adds < kSerialWork ? 1 : std::max(num_threads, 1);
+}
+
+// ---------------------------------------------------------------------------- Gram
+// Tiles (a-tile <= b-tile) of Y_c^T Y_c for rows [i0, i1) of a column-major block
+// (column j at y + j * ld) into out [cols][cols].
+template <class A>
+LOWRANK_CPU_CLONES void gram_chunk_colmajor(const A* y, int64_t ld, int64_t cols, int64_t i0, int64_t i1, A* out) {
+  constexpr int64_t L = kLanes<A>;
+  const int64_t i_vec = i0 + (i1 - i0) / L * L;
+  for (int64_t a0 = 0; a0 < cols; a0 += kTile) {
+    const A* ca[kTile];
+    for (int64_t s = 0; s < kTile; ++s) ca[s] = y + std::min(a0 + s, cols - 1) * ld;  // past the end: a repeat, discarded
+    for (int64_t b0 = a0; b0 < cols; b0 += kTile) {
+      const A* cb[kTile];
+      for (int64_t t = 0; t < kTile; ++t) cb[t] = y + std::min(b0 + t, cols - 1) * ld;
+      WideVec<A> acc[kTile * kTile] = {};
+      for (int64_t i = i0; i < i_vec; i += L) {
+        WideVec<A> va[kTile], vb[kTile];
+        for (int s = 0; s < kTile; ++s) va[s] = load(ca[s] + i);
+        for (int t = 0; t < kTile; ++t) vb[t] = load(cb[t] + i);
+        for (int s = 0; s < kTile; ++s)
+          for (int t = 0; t < kTile; ++t) acc[kTile * s + t] += va[s] * vb[t];
+      }
+      A sums[kTile * kTile];
+      lane_sums16<A>(acc, sums);
+      for (int64_t s = 0; s < std::min(kTile, cols - a0); ++s)
+        for (int64_t t = 0; t < std::min(kTile, cols - b0); ++t) {
+          A value = sums[kTile * s + t];
+          for (int64_t i = i_vec; i < i1; ++i) value += ca[s][i] * cb[t][i];
+          out[(a0 + s) * cols + b0 + t] = value;
+        }
+    }
+  }
+}
+
+// acc[s][v] += sum over the rows of pack of row[a0 + s] * row[(v0 + v) L : ...].
+template <class A, int kV>
+LOWRANK_INLINE void gram_rows_tile(const A* pack, int64_t npad, int64_t n_rows, int64_t a0, int64_t v0,
+                                   WideVec<A> (&acc)[kTile][kGramVecs]) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const A* row = pack + r * npad;
+    WideVec<A> w[kV];
+    for (int v = 0; v < kV; ++v) w[v] = load(row + (v0 + v) * kLanes<A>);
+    for (int s = 0; s < kTile; ++s) {
+      const A d = row[a0 + s];
+      for (int v = 0; v < kV; ++v) acc[s][v] += d * w[v];
+    }
+  }
+}
+
+// Rows a of Y_c^T Y_c, columns from a's vector on, for rows [i0, i1) of a row-major
+// block (row i at y + i * ld), into out [cols][cols]; pack holds (i1 - i0) x npad.
+template <class A>
+LOWRANK_CPU_CLONES void gram_chunk_rowmajor(const A* y, int64_t ld, int64_t cols, int64_t i0, int64_t i1, A* pack,
+                                            A* out) {
+  constexpr int64_t L = kLanes<A>;
+  const int64_t npad = (cols + L - 1) / L * L, n_vec = npad / L, n_rows = i1 - i0;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    std::memcpy(pack + r * npad, y + (i0 + r) * ld, static_cast<size_t>(cols) * sizeof(A));
+    std::fill(pack + r * npad + cols, pack + (r + 1) * npad, A(0));
+  }
+  // a0 + kTile - 1 < npad: a0 < cols is a multiple of kTile, and npad of L (a multiple of kTile).
+  for (int64_t a0 = 0; a0 < cols; a0 += kTile) {
+    for (int64_t v0 = a0 / L; v0 < n_vec; v0 += kGramVecs) {
+      WideVec<A> acc[kTile][kGramVecs] = {};
+      const int64_t n_v = std::min(kGramVecs, n_vec - v0);
+      switch (n_v) {
+        case 4: gram_rows_tile<A, 4>(pack, npad, n_rows, a0, v0, acc); break;
+        case 3: gram_rows_tile<A, 3>(pack, npad, n_rows, a0, v0, acc); break;
+        case 2: gram_rows_tile<A, 2>(pack, npad, n_rows, a0, v0, acc); break;
+        default: gram_rows_tile<A, 1>(pack, npad, n_rows, a0, v0, acc); break;
+      }
+      for (int64_t s = 0; s < std::min(kTile, cols - a0); ++s)
+        for (int64_t v = 0; v < n_v; ++v)
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t b = (v0 + v) * L + l;
+            if (b < cols) out[(a0 + s) * cols + b] = acc[s][v][l];
+          }
+    }
+  }
+}
+
+template <class A>
+void gram_typed(const TallGramParams& p, int num_threads) {
+  const A* y = static_cast<const A*>(p.y);
+  A* gram = static_cast<A*>(p.gram);
+  const int64_t n = p.cols, chunks = std::max<int64_t>(1, (p.rows + kGramChunkRows - 1) / kGramChunkRows);
+  const int64_t n_tasks = p.batch * chunks, npad = (n + kLanes<A> - 1) / kLanes<A> * kLanes<A>;
+  const bool colmajor = p.y_row_stride == 1;
+  std::vector<A> partial(static_cast<size_t>(n_tasks * n * n));
+  const int threads = threads_for(p.batch * p.rows * n * n / 2, num_threads);
+  parallel_for(n_tasks, threads, [&](int64_t task) {
+    const int64_t b = task / chunks, i0 = task % chunks * kGramChunkRows;
+    const int64_t i1 = std::min(p.rows, i0 + kGramChunkRows);
+    const A* block = y + b * p.y_batch_stride;
+    A* out = partial.data() + task * n * n;
+    if (colmajor) {
+      gram_chunk_colmajor(block, p.y_col_stride, n, i0, i1, out);
+    } else {
+      thread_local std::vector<A> pack;
+      pack.resize(static_cast<size_t>(kGramChunkRows * npad));
+      gram_chunk_rowmajor(block, p.y_row_stride, n, i0, i1, pack.data(), out);
+    }
+  });
+  parallel_for(p.batch, threads, [&](int64_t b) {
+    const A* slots = partial.data() + b * chunks * n * n;
+    A* g = gram + b * n * n;
+    for (int64_t a = 0; a < n; ++a)
+      for (int64_t c = a; c < n; ++c) {
+        A sum = slots[a * n + c];
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) sum += slots[chunk * n * n + a * n + c];
+        g[a * n + c] = g[c * n + a] = sum;
+      }
+  });
+}
+
+// ---------------------------------------------------------------------------- solve
+// Rows [i0, i0 + kSolveVecs L) of Q (fewer at the end) into qt, through t [cols][kSolveVecs].
+template <class A>
+LOWRANK_CPU_CLONES void solve_block(const TallSolveParams& p, const A* y, const A* r, A* qt, int64_t i0,
+                                    WideVec<A>* t) {
+  constexpr int64_t L = kLanes<A>, V = kSolveVecs, W = kSolveVecs * kLanes<A>;
+  const int64_t n = p.cols, here = std::min(W, p.rows - i0);
+  A* t_elems = reinterpret_cast<A*>(t);  // column j's rows at t_elems + j W
+  if (p.y_row_stride == 1 && here == W) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t v = 0; v < V; ++v) t[j * V + v] = load(y + j * p.y_col_stride + i0 + v * L);
+  } else {
+    std::fill(t_elems, t_elems + n * W, A(0));
+    for (int64_t i = 0; i < here; ++i) {
+      const A* row = y + (i0 + i) * p.y_row_stride;
+      for (int64_t j = 0; j < n; ++j) t_elems[j * W + i] = row[j * p.y_col_stride];
+    }
+  }
+  auto R = [&](int64_t k, int64_t j) { return r[k * p.r_row_stride + j * p.r_col_stride]; };
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    int64_t cols[kTile];
+    for (int64_t s = 0; s < kTile; ++s) cols[s] = std::min(j0 + s, n - 1);  // past the end: a repeat, discarded
+    WideVec<A> acc[kTile][V];
+    for (int s = 0; s < kTile; ++s)
+      for (int v = 0; v < V; ++v) acc[s][v] = t[cols[s] * V + v];
+    for (int64_t k = 0; k < j0; ++k) {
+      WideVec<A> q[V];
+      for (int v = 0; v < V; ++v) q[v] = t[k * V + v];
+      for (int s = 0; s < kTile; ++s) {
+        const A coef = R(k, cols[s]);
+        for (int v = 0; v < V; ++v) acc[s][v] -= q[v] * coef;
+      }
+    }
+    for (int64_t s = 0; s < std::min(kTile, n - j0); ++s) {
+      for (int64_t u = 0; u < s; ++u) {
+        const A coef = R(j0 + u, j0 + s);
+        for (int v = 0; v < V; ++v) acc[s][v] -= acc[u][v] * coef;
+      }
+      const A diagonal = R(j0 + s, j0 + s);
+      for (int v = 0; v < V; ++v) {
+        acc[s][v] /= diagonal;
+        t[(j0 + s) * V + v] = acc[s][v];
+      }
+    }
+  }
+  if (here == W) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t v = 0; v < V; ++v) store(qt + j * p.rows + i0 + v * L, t[j * V + v]);
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      std::memcpy(qt + j * p.rows + i0, t_elems + j * W, static_cast<size_t>(here) * sizeof(A));
+  }
+}
+
+template <class A>
+void solve_typed(const TallSolveParams& p, int num_threads) {
+  constexpr int64_t W = kSolveVecs * kLanes<A>;
+  const int64_t blocks = (p.rows + W - 1) / W;
+  const int threads = threads_for(p.batch * p.rows * p.cols * p.cols / 2, num_threads);
+  parallel_for(p.batch * blocks, threads, [&](int64_t task) {
+    const int64_t b = task / blocks, i0 = task % blocks * W;
+    // std::vector does not align its elements to 64 bytes (vector_size types are not
+    // "over-aligned" to its allocator): one spare vector, and the start rounded up.
+    thread_local std::vector<A> buffer;
+    buffer.resize(static_cast<size_t>((p.cols + 1) * W));
+    const auto start = (reinterpret_cast<std::uintptr_t>(buffer.data()) + 63) / 64 * 64;
+    solve_block(p, static_cast<const A*>(p.y) + b * p.y_batch_stride, static_cast<const A*>(p.r) + b * p.r_batch_stride,
+                static_cast<A*>(p.q) + b * p.cols * p.rows, i0, reinterpret_cast<WideVec<A>*>(start));
+  });
+}
+
+// ---------------------------------------------------------------------------- checks
+void check_block(const char* op, int64_t batch, int64_t rows, int64_t cols, const void* y, int64_t row_stride,
+                 int64_t col_stride, DType dtype) {
+  LOWRANK_CHECK(batch >= 0 && rows >= 0 && cols >= 0, op, ": sizes must be non-negative; got batch=", batch,
+                ", rows=", rows, ", cols=", cols);
+  LOWRANK_CHECK(dtype == DType::float32 || dtype == DType::float64, op, ": dtype must be float32 or float64; got code ",
+                static_cast<int>(dtype));
+  LOWRANK_CHECK(batch * rows * cols == 0 || y != nullptr, op, ": y must not be null for a ", batch, " x ", rows, " x ",
+                cols, " batch");
+  LOWRANK_CHECK(batch * rows * cols == 0 || row_stride == 1 || col_stride == 1, op, ": y must have a unit row or column stride; got strides (",
+                row_stride, ", ", col_stride, ")");
+}
+
+}  // namespace
+
+void tall_gram_cpu(const TallGramParams& p, int num_threads) {
+  check_block("tall_gram", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
+  LOWRANK_CHECK(p.batch * p.cols == 0 || p.gram != nullptr, "tall_gram: gram must not be null");
+  if (p.batch == 0 || p.cols == 0) return;
+  if (p.dtype == DType::float32) {
+    gram_typed<float>(p, num_threads);
+  } else {
+    gram_typed<double>(p, num_threads);
+  }
+}
+
+void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
+  check_block("tall_solve_upper", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
+  if (p.batch * p.rows * p.cols == 0) return;
+  LOWRANK_CHECK(p.r != nullptr && p.q != nullptr, "tall_solve_upper: r and q must not be null");
+  if (p.dtype == DType::float32) {
+    solve_typed<float>(p, num_threads);
+  } else {
+    solve_typed<double>(p, num_threads);
+  }
+}
+
+}  // namespace lowrank_ops

@@ -1,0 +1,52 @@
+// Kernels of CholeskyQR on tall-skinny blocks (ALGORITHMS.md section 4; the Python
+// driver is lowrank_ops.linalg.cholesky_qr2): for a batch of blocks Y [rows, cols]
+// (rows >> cols, e.g. the 4096 x 74 bases of a randomized SVD),
+//
+//   tall_gram:        G = Y^T Y                 [cols, cols], both triangles written;
+//   tall_solve_upper: Q = Y R^-1  (Q R = Y)     R [cols, cols] upper triangular,
+//
+// the two O(rows cols^2) steps of a CholeskyQR pass (the Cholesky factorization of G,
+// O(cols^3), is the caller's).  Q is the row-wise forward substitution
+// q_j = (y_j - sum_{k<j} q_k R_kj) / R_jj, in that order of k: the arithmetic of BLAS's
+// xTRSM (side right, upper, no transpose), and its backward stability.
+//
+// Layouts (elements, not bytes): Y's element (b, i, j) is at
+// y[b * y_batch_stride + i * y_row_stride + j * y_col_stride] with y_row_stride == 1
+// (column-major blocks) or y_col_stride == 1 (row-major); R's element (b, k, j) at
+// r[b * r_batch_stride + k * r_row_stride + j * r_col_stride] (any strides: the
+// transposed view of a Cholesky factor L is read in place); G is [batch, cols, cols]
+// contiguous; Q is written column-major: [batch, cols, rows] contiguous (Q^T), the
+// layout in which the kernel produces its columns and the next pass reads them.
+// dtype float32 or float64 (both Y, R, G and Q).  Results do not depend on the number
+// of threads.  CPU only: on CUDA the driver uses cuBLAS through torch.
+#pragma once
+
+#include <cstdint>
+
+#include "lowrank_ops/dtype.h"
+
+namespace lowrank_ops {
+
+struct TallGramParams {
+  const void* y = nullptr;
+  void* gram = nullptr;  // [batch, cols, cols]
+  int64_t batch = 0, rows = 0, cols = 0;
+  int64_t y_batch_stride = 0, y_row_stride = 0, y_col_stride = 0;
+  DType dtype = DType::float32;
+};
+
+struct TallSolveParams {
+  const void* y = nullptr;
+  const void* r = nullptr;  // upper triangle read; its diagonal must be nonzero
+  void* q = nullptr;        // [batch, cols, rows]: Q column-major
+  int64_t batch = 0, rows = 0, cols = 0;
+  int64_t y_batch_stride = 0, y_row_stride = 0, y_col_stride = 0;
+  int64_t r_batch_stride = 0, r_row_stride = 0, r_col_stride = 0;
+  DType dtype = DType::float32;
+};
+
+// CPU (csrc/cpu/qr_cpu.cpp), multi-threaded over row chunks and the batch.
+void tall_gram_cpu(const TallGramParams& p, int num_threads);
+void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads);
+
+}  // namespace lowrank_ops

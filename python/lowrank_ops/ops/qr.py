@@ -1,0 +1,144 @@
+"""The tall-skinny steps of CholeskyQR as ops: the Gram matrix and the triangular solve.
+
+* ``torch.ops.lowrank_ops.tall_gram(Y) -> G``: ``G = Y^T Y``.
+* ``torch.ops.lowrank_ops.tall_solve_upper(Y, R) -> Q``: ``Q = Y R^-1`` (``Q R = Y``) for
+  an upper-triangular R, by forward substitution along each row (BLAS xTRSM's arithmetic).
+
+:func:`lowrank_ops.linalg.cholesky_qr2` runs one of each per pass, on the bases of rsvd's
+power iterations (4096 x 74 at rank 64): there MKL's GEMM and TRSM run far below their
+rates on large matrices (cols = 74 is a short dimension for their blocking), and the
+pass's layout copies cost as much again.  CPU: hand-written kernels (csrc/cpu/qr_cpu.cpp)
+that take row- or column-major blocks and write Q column-major, the layout that the next
+pass and rsvd's next product ``Q^T A`` read without a copy.  Measured against torch on
+the 2-core AMD EPYC: bench/bench_qr.py.  CUDA: torch (cuBLAS's GEMM and TRSM), with
+the same output layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._dtypes import float_code
+from .._extension import extension
+from ._library import LIBRARY, eager_or_op, register_fake
+
+__all__ = ["tall_gram", "tall_solve_upper"]
+
+LIBRARY.define("tall_gram(Tensor Y) -> Tensor")
+LIBRARY.define("tall_solve_upper(Tensor Y, Tensor R) -> Tensor")
+
+
+def _blocks(Y: torch.Tensor) -> torch.Tensor:
+    """Y as ``[batch, m, n]`` with a unit row or column stride (a copy only when Y has neither,
+    or batch dimensions that do not merge)."""
+    Y3 = Y.reshape(Y.shape[:-2].numel(), *Y.shape[-2:])
+    if Y3.stride(-1) != 1 and Y3.stride(-2) != 1:
+        Y3 = Y3.contiguous()
+    return Y3
+
+
+def _tall_gram_cpu(Y: torch.Tensor) -> torch.Tensor:
+    m, n = Y.shape[-2:]
+    Y3 = _blocks(Y)
+    gram = Y.new_empty(Y3.shape[0], n, n)
+    extension().tall_gram_cpu(
+        y=Y3.data_ptr(), gram=gram.data_ptr(), batch=Y3.shape[0], rows=m, cols=n, y_batch_stride=Y3.stride(0),
+        y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2), dtype=float_code(Y.dtype, "tall_gram", "Y"),
+        num_threads=torch.get_num_threads(),
+    )
+    return gram.reshape(*Y.shape[:-2], n, n)
+
+
+def _tall_gram_cuda(Y: torch.Tensor) -> torch.Tensor:
+    return (Y.mT @ Y).contiguous()
+
+
+def _tall_gram_fake(Y: torch.Tensor) -> torch.Tensor:
+    n = Y.shape[-1]
+    return Y.new_empty(*Y.shape[:-2], n, n)
+
+
+def _tall_solve_upper_cpu(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    m, n = Y.shape[-2:]
+    Y3 = _blocks(Y)
+    R3 = R.reshape(Y3.shape[0], n, n)
+    Qt = Y.new_empty(Y3.shape[0], n, m)
+    extension().tall_solve_upper_cpu(
+        y=Y3.data_ptr(), r=R3.data_ptr(), q=Qt.data_ptr(), batch=Y3.shape[0], rows=m, cols=n,
+        y_batch_stride=Y3.stride(0), y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2),
+        r_batch_stride=R3.stride(0), r_row_stride=R3.stride(1), r_col_stride=R3.stride(2),
+        dtype=float_code(Y.dtype, "tall_solve_upper", "Y"), num_threads=torch.get_num_threads(),
+    )
+    return Qt.reshape(*Y.shape[:-2], n, m).mT
+
+
+def _tall_solve_upper_cuda(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    # Q^T = R^-T Y^T: cuBLAS's solve, then Q^T made contiguous (Q column-major, as on the CPU).
+    return torch.linalg.solve_triangular(R.mT, Y.mT, upper=False).contiguous().mT
+
+
+def _tall_solve_upper_fake(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    m, n = Y.shape[-2:]
+    return Y.new_empty(*Y.shape[:-2], n, m).mT
+
+
+LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
+LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
+register_fake("tall_gram", _tall_gram_fake)
+LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cpu, "CPU")
+LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cuda, "CUDA")
+register_fake("tall_solve_upper", _tall_solve_upper_fake)
+
+
+def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
+    if not isinstance(Y, torch.Tensor) or Y.dim() < 2:
+        raise ValueError(f"{op}: {name} must be a tensor [..., m, n]; got {getattr(Y, 'shape', type(Y).__name__)}")
+    if Y.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} has dtype {Y.dtype}; expected float32 or float64")
+    if Y.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{op}: {name} is on {Y.device}; expected a CPU or CUDA tensor")
+
+
+def tall_gram(Y: torch.Tensor) -> torch.Tensor:
+    """``Y^T Y`` of a batch of (tall) blocks, not differentiable.
+
+    Parameters
+    ----------
+    Y : Tensor[..., m, n]
+        float32 or float64, any strides (a copy when neither the row nor the column stride is 1).
+
+    Returns
+    -------
+    Tensor[..., n, n]
+        Contiguous, exactly symmetric; zeros for ``m = 0``.
+    """
+    _check_block("tall_gram", "Y", Y)
+    return eager_or_op("tall_gram", _tall_gram_cpu if Y.device.type == "cpu" else _tall_gram_cuda)(Y.detach())
+
+
+def tall_solve_upper(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``Q = Y R^-1`` for upper-triangular ``R``, not differentiable.
+
+    Parameters
+    ----------
+    Y : Tensor[..., m, n]
+        float32 or float64, any strides.
+    R : Tensor[..., n, n]
+        Y's batch shape, dtype and device, any strides; only its upper triangle is read.
+        Its diagonal must be nonzero (a zero gives inf or NaN, as
+        ``torch.linalg.solve_triangular``).
+
+    Returns
+    -------
+    Tensor[..., m, n]
+        Column-major (the transposed view of a contiguous ``[..., n, m]``).
+    """
+    op = "tall_solve_upper"
+    _check_block(op, "Y", Y)
+    _check_block(op, "R", R)
+    n = Y.shape[-1]
+    if tuple(R.shape) != (*Y.shape[:-2], n, n):
+        raise ValueError(f"{op}: R has shape {tuple(R.shape)}; expected (..., n, n) = {(*Y.shape[:-2], n, n)}")
+    if R.dtype != Y.dtype or R.device != Y.device:
+        raise ValueError(f"{op}: R is {R.dtype} on {R.device}; expected Y's {Y.dtype} on {Y.device}")
+    impl = _tall_solve_upper_cpu if Y.device.type == "cpu" else _tall_solve_upper_cuda
+    return eager_or_op(op, impl)(Y.detach(), R.detach())

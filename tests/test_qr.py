@@ -1,0 +1,156 @@
+"""CholeskyQR's tall-skinny ops (lowrank_ops.ops.qr): the Gram matrix and the triangular solve.
+
+Bounds are rigorous (Higham, Accuracy and Stability of Numerical Algorithms): each Gram
+entry is a dot product of m terms (helpers.summation_bound), and forward substitution is
+row-wise backward stable, ``q_i (R + dR_i) = y_i`` with ``|dR_i| <= gamma_n |R|``
+(Theorem 8.5), so the residual obeys ``|Y - Q R| <= gamma_n |Q| |R|`` elementwise.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_ops.linalg import cholesky_qr2
+from lowrank_ops.ops.qr import tall_gram, tall_solve_upper
+
+from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
+
+REAL = [torch.float32, torch.float64]
+# (batch, m, n): vector-sized and ragged rows and columns, batches, empty dimensions, m < n.
+SHAPES = [((), 4096, 74), ((), 300, 130), ((3,), 1000, 37), ((2, 2), 65, 1), ((), 17, 5), ((), 64, 16),
+          ((), 0, 4), ((), 5, 0), ((0,), 8, 3), ((), 3, 7)]
+
+
+def _layout(Y: torch.Tensor, layout: str) -> torch.Tensor:
+    """Y with the same values in a row-major, column-major or strided (neither stride unit) layout."""
+    if layout == "col":
+        return Y.mT.contiguous().mT
+    if layout == "strided":
+        wide = torch.zeros(*Y.shape[:-1], 2 * Y.shape[-1], dtype=Y.dtype, device=Y.device)
+        wide[..., ::2] = Y
+        return wide[..., ::2]
+    return Y.contiguous()
+
+
+def _upper_factor(n: int, batch, dtype, device, generator) -> torch.Tensor:
+    """A well-scaled upper-triangular R: unit-sized diagonal of both signs, random strict upper part."""
+    R = torch.triu(randn(*batch, n, n, dtype=torch.float64, generator=generator)) / max(n, 1) ** 0.5
+    signs = torch.where(randn(*batch, n, dtype=torch.float64, generator=generator) > 0, 1.0, -1.0)
+    diagonal = signs * (1 + torch.rand(*batch, n, dtype=torch.float64, generator=generator))
+    R = R - torch.diag_embed(R.diagonal(dim1=-2, dim2=-1)) + torch.diag_embed(diagonal)
+    return R.to(device=device, dtype=dtype)
+
+
+def _gamma(n: int, dtype: torch.dtype) -> float:
+    u = ACCUMULATE_UNIT[dtype]
+    return (n + 1) * u / (1 - (n + 1) * u)
+
+
+@pytest.mark.parametrize("dtype", REAL)
+@pytest.mark.parametrize("layout", ["row", "col", "strided"])
+@pytest.mark.parametrize("batch, m, n", SHAPES)
+def test_gram_within_the_dot_product_bound(device, dtype, layout, batch, m, n, generator):
+    Y = _layout(randn(*batch, m, n, dtype=dtype, device=device, generator=generator), layout)
+    G = tall_gram(Y)
+    assert G.shape == (*batch, n, n) and G.dtype == dtype and G.is_contiguous()
+    Y64 = Y.double()
+    reference = Y64.mT @ Y64
+    bound = summation_bound(Y64.abs().mT @ Y64.abs(), reference, m, dtype)
+    assert_within(G, reference, bound, f"tall_gram {layout} {tuple(Y.shape)}")
+    assert torch.equal(G, G.mT), "the Gram matrix is exactly symmetric"
+
+
+@pytest.mark.parametrize("dtype", REAL)
+@pytest.mark.parametrize("layout", ["row", "col", "strided"])
+@pytest.mark.parametrize("batch, m, n", SHAPES)
+def test_solve_is_backward_stable(device, dtype, layout, batch, m, n, generator):
+    Y = _layout(randn(*batch, m, n, dtype=dtype, device=device, generator=generator), layout)
+    R = _upper_factor(n, batch, dtype, device, generator)
+    R_lower_garbage = R + torch.tril(randn(*R.shape, dtype=dtype, device=device, generator=generator), -1)
+    Q = tall_solve_upper(Y, R_lower_garbage)  # only the upper triangle is read
+    assert Q.shape == Y.shape and Q.dtype == dtype
+    assert Q.mT.is_contiguous(), "Q comes out column-major"
+    Q64, R64 = Q.double(), R.double()
+    residual = Y.double() - Q64 @ R64
+    # Theorem 8.5's gamma_n |Q| |R|, plus (float64) the evaluation of Q R itself, a dot
+    # product of n terms rounded as finely as the solve: at most gamma_n |Q| |R| more.
+    evaluation = 1.0 if dtype == torch.float32 else 2.0
+    bound = evaluation * _gamma(n, dtype) * (Q64.abs() @ R64.abs()) + torch.finfo(dtype).tiny
+    assert_within(residual, torch.zeros_like(residual), bound, f"tall_solve_upper {layout} {tuple(Y.shape)}")
+
+
+def test_solve_reads_a_transposed_factor_in_place(device, generator):
+    Y = randn(200, 30, device=device, generator=generator)
+    L = _upper_factor(30, (), torch.float32, device, generator).mT.contiguous()
+    torch.testing.assert_close(tall_solve_upper(Y, L.mT), tall_solve_upper(Y, L.mT.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["gram", "solve"])
+def test_results_do_not_depend_on_the_thread_count(op, generator):
+    Y = randn(2, 3000, 45, generator=generator)
+    R = _upper_factor(45, (2,), torch.float32, "cpu", generator)
+    run = (lambda: tall_gram(Y)) if op == "gram" else (lambda: tall_solve_upper(Y, R))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(threads, 2))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_batch_entries_are_computed_alike(generator):
+    """Each matrix of a batch gets the arithmetic it gets alone (cholesky_qr2's batched
+    scaling tests compare batch entries bitwise)."""
+    Y = randn(500, 21, generator=generator)
+    R = _upper_factor(21, (), torch.float32, "cpu", generator)
+    both = torch.stack([Y, Y])
+    assert torch.equal(tall_gram(both)[1], tall_gram(Y))
+    assert torch.equal(tall_solve_upper(both, torch.stack([R, R]))[1], tall_solve_upper(Y, R))
+
+
+def test_opcheck(device, generator):
+    Y = randn(3, 70, 9, device=device, generator=generator)
+    R = _upper_factor(9, (3,), torch.float32, device, generator)
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_gram.default, (Y,))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_gram.default, (Y.mT.contiguous().mT,))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y, R))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y.mT.contiguous().mT, R.mT.contiguous().mT))
+
+
+def test_cholesky_qr2_compiles_fullgraph(device, generator):
+    Y = randn(2, 300, 12, device=device, generator=generator)
+    compiled = torch.compile(lambda y: cholesky_qr2(y), fullgraph=True, backend="aot_eager")
+    Q, R = compiled(Y)
+    Q_eager, R_eager = cholesky_qr2(Y)
+    torch.testing.assert_close(Q, Q_eager)
+    torch.testing.assert_close(R, R_eager)
+
+
+def test_cholesky_qr2_stays_differentiable(generator):
+    """A Y that needs a gradient goes through torch's ops (the kernels have no backward)."""
+    Y = randn(40, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(lambda y: cholesky_qr2(y), (Y,))
+    Q, R = cholesky_qr2(Y.detach())
+    Q_grad, R_grad = cholesky_qr2(Y)
+    torch.testing.assert_close(Q_grad.detach(), Q, rtol=0, atol=1e-13)
+    torch.testing.assert_close(R_grad.detach(), R, rtol=0, atol=1e-12)
+
+
+def test_bad_input_errors():
+    Y = torch.randn(10, 4)
+    R = torch.eye(4)
+    with pytest.raises(ValueError, match="tall_gram: Y must be a tensor"):
+        tall_gram(torch.randn(5))
+    with pytest.raises(TypeError, match="tall_gram: Y has dtype torch.float16; expected float32 or float64"):
+        tall_gram(Y.half())
+    with pytest.raises(TypeError, match="tall_solve_upper: Y has dtype torch.int64"):
+        tall_solve_upper(Y.long(), R)
+    with pytest.raises(ValueError, match=r"tall_solve_upper: R has shape \(3, 3\); expected \(\.\.\., n, n\) = \(4, 4\)"):
+        tall_solve_upper(Y, torch.eye(3))
+    with pytest.raises(ValueError, match="tall_solve_upper: R is torch.float64 on cpu; expected Y's torch.float32"):
+        tall_solve_upper(Y, R.double())
+    with pytest.raises(ValueError, match="tall_solve_upper: R has shape"):
+        tall_solve_upper(torch.randn(2, 10, 4), R)

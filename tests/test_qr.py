@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowrank_ops.linalg import cholesky_qr2
-from lowrank_ops.ops.qr import tall_gram, tall_solve_upper
+from lowrank_ops.ops.qr import tall_gram, tall_solve_upper, tall_solve_upper_
 
 from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
 
@@ -79,6 +79,21 @@ def test_solve_is_backward_stable(device, dtype, layout, batch, m, n, generator)
     assert_within(residual, torch.zeros_like(residual), bound, f"tall_solve_upper {layout} {tuple(Y.shape)}")
 
 
+@pytest.mark.parametrize("layout", ["row", "col", "strided", "unmergeable_batch"])
+def test_in_place_solve_keeps_the_layout_and_the_values(device, layout, generator):
+    Y = randn(3, 2, 150, 11, device=device, generator=generator)
+    R = _upper_factor(11, (3, 2), torch.float32, device, generator)
+    if layout == "unmergeable_batch":  # batch dimensions with strides that no single stride covers
+        Y, R = Y.permute(1, 0, 2, 3), R.permute(1, 0, 2, 3)
+    else:
+        Y = _layout(Y, layout)
+    expected = tall_solve_upper(Y, R)
+    strides, pointer = Y.stride(), Y.data_ptr()
+    out = tall_solve_upper_(Y, R)
+    assert out is Y and Y.stride() == strides and Y.data_ptr() == pointer
+    torch.testing.assert_close(Y, expected, rtol=0, atol=0)
+
+
 def test_solve_reads_a_transposed_factor_in_place(device, generator):
     Y = randn(200, 30, device=device, generator=generator)
     L = _upper_factor(30, (), torch.float32, device, generator).mT.contiguous()
@@ -118,6 +133,8 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.lowrank_ops.tall_gram.default, (Y.mT.contiguous().mT,))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y, R))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y.mT.contiguous().mT, R.mT.contiguous().mT))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.clone(), R))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.mT.contiguous().mT, R))
 
 
 def test_cholesky_qr2_compiles_fullgraph(device, generator):
@@ -154,3 +171,5 @@ def test_bad_input_errors():
         tall_solve_upper(Y, R.double())
     with pytest.raises(ValueError, match="tall_solve_upper: R has shape"):
         tall_solve_upper(torch.randn(2, 10, 4), R)
+    with pytest.raises(ValueError, match="tall_solve_upper_: Y requires grad"):
+        tall_solve_upper_(Y.clone().requires_grad_(), R)

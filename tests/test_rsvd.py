@@ -118,7 +118,8 @@ def test_auto_orthonormalizer_policy(monkeypatch):
     rsvd_module = importlib.import_module("lowrank_ops.linalg.rsvd")  # the attribute is the function
 
     used = []
-    monkeypatch.setattr(rsvd_module, "cholesky_qr2", lambda Y, **kw: used.append("cholqr2") or cholesky_qr2(Y, **kw))
+    real_cholesky_qr = rsvd_module._cholesky_qr
+    monkeypatch.setattr(rsvd_module, "_cholesky_qr", lambda Y, **kw: used.append("cholqr2") or real_cholesky_qr(Y, **kw))
     real_qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda Y, *a, **kw: used.append("qr") or real_qr(Y, *a, **kw))
     limit = rsvd_module._QR_MAX_WORK
@@ -126,7 +127,7 @@ def test_auto_orthonormalizer_policy(monkeypatch):
     large = torch.randn(limit // 26**2 + 1, 26)
     for Y, want in ((small, "qr"), (small[None], "qr"), (large, "cholqr2"), (small.expand(2, 256, 26), "cholqr2")):
         used.clear()
-        Q = rsvd_module._orthonormalize(Y, "auto")
+        Q = rsvd_module._orthonormalize(Y.clone(), "auto")  # overwrites its argument
         assert used == [want], (tuple(Y.shape), used)
         assert_orthonormal(Q.reshape(-1, *Q.shape[-2:])[0].double(), 1e-5)
         reference = real_qr(Y).Q
@@ -473,7 +474,7 @@ def test_error_probes_zero_is_the_algorithm_as_before(generator):
     result = rsvd(A, 6, n_iter=0, error_probes=0, generator=torch.Generator().manual_seed(4))
     assert type(result) is RSVDResult
     omega = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=A.dtype)
-    Q = torch.linalg.qr(A @ omega).Q
+    Q = torch.linalg.qr((omega.T @ A.T).T).Q  # rsvd forms the product A omega so, column-major
     V, S, Ubh = torch.linalg.svd((Q.T @ A).T, full_matrices=False)  # the wide SVD through its transpose
     U, Vh = normalize_signs(Q @ Ubh.T[:, :6], V.T[:6])
     for ours, written_out in zip(result, (U.contiguous(), S[:6].contiguous(), Vh.contiguous())):

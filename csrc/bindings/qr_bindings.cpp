@@ -36,7 +36,8 @@ LOWRANK_OPS_BINDINGS(qr) {
       "tall_solve_upper_cpu",
       [](std::uintptr_t y, std::uintptr_t r, std::uintptr_t q, int64_t batch, int64_t rows, int64_t cols,
          int64_t y_batch_stride, int64_t y_row_stride, int64_t y_col_stride, int64_t r_batch_stride,
-         int64_t r_row_stride, int64_t r_col_stride, int dtype, int num_threads) {
+         int64_t r_row_stride, int64_t r_col_stride, int64_t q_batch_stride, int64_t q_row_stride,
+         int64_t q_col_stride, int dtype, int num_threads) {
         TallSolveParams p;
         p.y = reinterpret_cast<const void*>(y);
         p.r = reinterpret_cast<const void*>(r);
@@ -50,14 +51,18 @@ LOWRANK_OPS_BINDINGS(qr) {
         p.r_batch_stride = r_batch_stride;
         p.r_row_stride = r_row_stride;
         p.r_col_stride = r_col_stride;
+        p.q_batch_stride = q_batch_stride;
+        p.q_row_stride = q_row_stride;
+        p.q_col_stride = q_col_stride;
         p.dtype = static_cast<DType>(dtype);
         py::gil_scoped_release release;
         tall_solve_upper_cpu(p, num_threads);
       },
-      "Q = Y R^-1 (R upper triangular, any strides) for a batch of blocks Y [rows, cols]; Q written column-major "
-      "into q [batch, cols, rows].",
+      "Q = Y R^-1 (R upper triangular, any strides) for a batch of blocks Y [rows, cols]; Y and Q with a unit row "
+      "or column stride, q may be y (in place).",
       py::kw_only(), "y"_a, "r"_a, "q"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
-      "y_col_stride"_a, "r_batch_stride"_a, "r_row_stride"_a, "r_col_stride"_a, "dtype"_a, "num_threads"_a);
+      "y_col_stride"_a, "r_batch_stride"_a, "r_row_stride"_a, "r_col_stride"_a, "q_batch_stride"_a, "q_row_stride"_a,
+      "q_col_stride"_a, "dtype"_a, "num_threads"_a);
 }
 
 }  // namespace lowrank_ops

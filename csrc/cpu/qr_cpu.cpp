@@ -17,7 +17,10 @@
 // columns of a column-major Y are loaded directly, a row-major Y is transposed into
 // it); the substitution runs on 4 columns at once (per earlier column k: kSolveVecs
 // loads of q_k and 4 broadcasts of R_kj for 4 kSolveVecs multiply-adds), in place, and
-// T is stored as rows of Q^T: Q comes out column-major, without a transposition.
+// T is stored into Q's layout: straight into a column-major Q, transposed into a
+// row-major one.  A block reads all its rows of Y before it writes Q's, so Q may
+// overwrite Y (cholesky_qr2's later passes, and rsvd's temporary blocks: no new buffer,
+// whose first touch costs about as much as the solve on the VMs measured).
 //
 // Roofline, fp32, rows m, cols n: the Gram m n^2 flops (the upper half of the 2 m n^2
 // of a GEMM), the solve m n^2; Y read once (4 m n bytes), Q written once.  At 4096 x 74
@@ -185,9 +188,10 @@ void gram_typed(const TallGramParams& p, int num_threads) {
 }
 
 // ---------------------------------------------------------------------------- solve
-// Rows [i0, i0 + kSolveVecs L) of Q (fewer at the end) into qt, through t [cols][kSolveVecs].
+// Rows [i0, i0 + kSolveVecs L) of Q (fewer at the end), through t [cols][kSolveVecs]: all
+// of the block's rows of Y are read before any of Q is written, so q may be y.
 template <class A>
-LOWRANK_CPU_CLONES void solve_block(const TallSolveParams& p, const A* y, const A* r, A* qt, int64_t i0,
+LOWRANK_CPU_CLONES void solve_block(const TallSolveParams& p, const A* y, const A* r, A* q, int64_t i0,
                                     WideVec<A>* t) {
   constexpr int64_t L = kLanes<A>, V = kSolveVecs, W = kSolveVecs * kLanes<A>;
   const int64_t n = p.cols, here = std::min(W, p.rows - i0);
@@ -229,12 +233,14 @@ LOWRANK_CPU_CLONES void solve_block(const TallSolveParams& p, const A* y, const 
       }
     }
   }
-  if (here == W) {
+  if (p.q_row_stride == 1 && here == W) {
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t v = 0; v < V; ++v) store(qt + j * p.rows + i0 + v * L, t[j * V + v]);
+      for (int64_t v = 0; v < V; ++v) store(q + j * p.q_col_stride + i0 + v * L, t[j * V + v]);
   } else {
-    for (int64_t j = 0; j < n; ++j)
-      std::memcpy(qt + j * p.rows + i0, t_elems + j * W, static_cast<size_t>(here) * sizeof(A));
+    for (int64_t i = 0; i < here; ++i) {
+      A* row = q + (i0 + i) * p.q_row_stride;
+      for (int64_t j = 0; j < n; ++j) row[j * p.q_col_stride] = t_elems[j * W + i];
+    }
   }
 }
 
@@ -251,7 +257,7 @@ void solve_typed(const TallSolveParams& p, int num_threads) {
     buffer.resize(static_cast<size_t>((p.cols + 1) * W));
     const auto start = (reinterpret_cast<std::uintptr_t>(buffer.data()) + 63) / 64 * 64;
     solve_block(p, static_cast<const A*>(p.y) + b * p.y_batch_stride, static_cast<const A*>(p.r) + b * p.r_batch_stride,
-                static_cast<A*>(p.q) + b * p.cols * p.rows, i0, reinterpret_cast<WideVec<A>*>(start));
+                static_cast<A*>(p.q) + b * p.q_batch_stride, i0, reinterpret_cast<WideVec<A>*>(start));
   });
 }
 
@@ -285,6 +291,8 @@ void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
   check_block("tall_solve_upper", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   if (p.batch * p.rows * p.cols == 0) return;
   LOWRANK_CHECK(p.r != nullptr && p.q != nullptr, "tall_solve_upper: r and q must not be null");
+  LOWRANK_CHECK(p.q_row_stride == 1 || p.q_col_stride == 1, "tall_solve_upper: q must have a unit row or column "
+                "stride; got strides (", p.q_row_stride, ", ", p.q_col_stride, ")");
   if (p.dtype == DType::float32) {
     solve_typed<float>(p, num_threads);
   } else {

@@ -38,7 +38,8 @@ def tall_gram_cpu(
 ) -> None: ...
 def tall_solve_upper_cpu(
     *, y: int, r: int, q: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
-    y_col_stride: int, r_batch_stride: int, r_row_stride: int, r_col_stride: int, dtype: int, num_threads: int,
+    y_col_stride: int, r_batch_stride: int, r_row_stride: int, r_col_stride: int, q_batch_stride: int,
+    q_row_stride: int, q_col_stride: int, dtype: int, num_threads: int,
 ) -> None: ...
 def jacobi_svd_cpu(
     *, a: int, u: int, s: int, v: int, sweeps: int, converged: int, off_diagonal: int, batch: int, rows: int,

@@ -15,8 +15,8 @@
 // (column-major blocks) or y_col_stride == 1 (row-major); R's element (b, k, j) at
 // r[b * r_batch_stride + k * r_row_stride + j * r_col_stride] (any strides: the
 // transposed view of a Cholesky factor L is read in place); G is [batch, cols, cols]
-// contiguous; Q is written column-major: [batch, cols, rows] contiguous (Q^T), the
-// layout in which the kernel produces its columns and the next pass reads them.
+// contiguous; Q is strided as Y is (a unit row or column stride), and may be Y itself:
+// the solve can run in place.
 // dtype float32 or float64 (both Y, R, G and Q).  Results do not depend on the number
 // of threads.  CPU only: on CUDA the driver uses cuBLAS through torch.
 #pragma once
@@ -38,10 +38,11 @@ struct TallGramParams {
 struct TallSolveParams {
   const void* y = nullptr;
   const void* r = nullptr;  // upper triangle read; its diagonal must be nonzero
-  void* q = nullptr;        // [batch, cols, rows]: Q column-major
+  void* q = nullptr;        // may be y (in place)
   int64_t batch = 0, rows = 0, cols = 0;
   int64_t y_batch_stride = 0, y_row_stride = 0, y_col_stride = 0;
   int64_t r_batch_stride = 0, r_row_stride = 0, r_col_stride = 0;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_col_stride = 0;
   DType dtype = DType::float32;
 };
 

@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
-from ..ops.qr import tall_gram, tall_solve_upper
+from ..ops.qr import tall_gram, tall_solve_upper_
 
 __all__ = ["cholesky_qr2"]
 
@@ -29,11 +29,11 @@ def _power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
     ``Y^T Y`` can neither overflow nor lose ``Y``'s largest entries to underflow.  Formed
     as ``max |Y| / (2 mantissa)``: a correctly rounded quotient whose exact value is
     representable, so no ``pow`` (not exact on every device) and no float32 overflow at
-    ``2^128``.
+    ``2^128``.  ``max |Y|`` as ``max(max Y, -min Y)``: no ``|Y|`` temporary.
     """
     if Y.numel() == 0:
         return Y.new_ones(*Y.shape[:-2], 1, 1)
-    largest = Y.abs().amax(dim=(-2, -1), keepdim=True)
+    largest = torch.maximum(Y.amax(dim=(-2, -1), keepdim=True), -Y.amin(dim=(-2, -1), keepdim=True))
     mantissa, _ = torch.frexp(largest)
     return torch.where(largest > 0, largest / (2 * mantissa), torch.ones_like(largest))
 
@@ -41,17 +41,20 @@ def _power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
 def _use_kernels(Y: torch.Tensor) -> bool:
     """Whether the passes run on the CPU kernels of :mod:`lowrank_ops.ops.qr` (not
     differentiable: a Y that needs a gradient takes the torch ops)."""
-    return (Y.device.type == "cpu" and Y.dtype in (torch.float32, torch.float64)
-            and not (Y.requires_grad and torch.is_grad_enabled()))
+    return Y.device.type == "cpu" and Y.dtype in (torch.float32, torch.float64) and not _needs_grad(Y)
 
 
-def _cholesky_pass(Y: torch.Tensor, shift: bool, kernels: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    gram = tall_gram(Y) if kernels else Y.transpose(-2, -1) @ Y
-    m, n = Y.shape[-2:]
-    unit = torch.finfo(Y.dtype).eps / 2
-    eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
+def _needs_grad(Y: torch.Tensor) -> bool:
+    return Y.requires_grad and torch.is_grad_enabled()
+
+
+def _cholesky_factor(gram: torch.Tensor, shift: bool, m: int) -> torch.Tensor:
+    """Upper-triangular R with ``R^T R`` the (optionally shifted) ``gram [..., n, n]``."""
+    n = gram.shape[-1]
+    unit = torch.finfo(gram.dtype).eps / 2
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     norm2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||Y||_F^2 >= ||Y||_2^2
-    tiny = torch.finfo(Y.dtype).tiny
+    tiny = torch.finfo(gram.dtype).tiny
     if shift:
         gram = gram + (11 * (m * n + n * (n + 1)) * unit * norm2 + tiny) * eye
     # cholesky_ex: no exception, so no host synchronization to read the info code.
@@ -62,9 +65,33 @@ def _cholesky_pass(Y: torch.Tensor, shift: bool, kernels: bool) -> Tuple[torch.T
     if not shift:
         L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
         L = torch.where((info == 0)[..., None, None], L, L_safe)
-    R = L.transpose(-2, -1)
-    Q = tall_solve_upper(Y, R) if kernels else torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Q, R
+    return L.transpose(-2, -1)
+
+
+def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cholesky_qr2 without the argument checks; ``overwrite``: Y is the caller's temporary,
+    which the passes may overwrite (on the CPU kernels every pass then runs in place: no
+    new ``[m, n]`` buffer, whose first touch costs as much as the pass on the VMs measured)."""
+    if Y.dtype in (torch.float16, torch.bfloat16):
+        Y, overwrite = Y.float(), True
+    m = Y.shape[-2]
+    with without_autocast(Y.device):
+        # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
+        # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
+        # exact power-of-two scaling: Q is unchanged, R scales back exactly).
+        scale = _power_of_two_scale(Y)
+        dense = Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()  # no element shared (as an expand's)
+        Y = Y.div_(scale) if overwrite and dense and not _needs_grad(Y) else Y / scale
+        R_total = None
+        kernels = _use_kernels(Y)
+        for shifted in (True,) * shift + (False,) * plain_passes:
+            R = _cholesky_factor(tall_gram(Y) if kernels else Y.transpose(-2, -1) @ Y, shifted, m)
+            if kernels:
+                Y = tall_solve_upper_(Y, R)
+            else:
+                Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+            R_total = R if R_total is None else R @ R_total
+        return Y, R_total * scale
 
 
 def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -109,17 +136,4 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         raise ValueError(
             f"cholesky_qr2: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; got {plain_passes!r}"
         )
-    if Y.dtype in (torch.float16, torch.bfloat16):
-        Y = Y.float()
-    with without_autocast(Y.device):
-        # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
-        # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
-        # exact power-of-two scaling: Q is unchanged, R scales back exactly).
-        scale = _power_of_two_scale(Y)
-        Y = Y / scale
-        R_total = None
-        kernels = _use_kernels(Y)
-        for shifted in (True,) * shift + (False,) * plain_passes:
-            Y, R = _cholesky_pass(Y, shifted, kernels)
-            R_total = R if R_total is None else R @ R_total
-        return Y, R_total * scale
+    return _cholesky_qr(Y, shift, plain_passes, overwrite=False)

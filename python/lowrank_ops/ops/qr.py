@@ -21,10 +21,11 @@ from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, eager_or_op, register_fake
 
-__all__ = ["tall_gram", "tall_solve_upper"]
+__all__ = ["tall_gram", "tall_solve_upper", "tall_solve_upper_"]
 
 LIBRARY.define("tall_gram(Tensor Y) -> Tensor")
 LIBRARY.define("tall_solve_upper(Tensor Y, Tensor R) -> Tensor")
+LIBRARY.define("tall_solve_upper_(Tensor(a!) Y, Tensor R) -> ()")
 
 
 def _blocks(Y: torch.Tensor) -> torch.Tensor:
@@ -57,17 +58,24 @@ def _tall_gram_fake(Y: torch.Tensor) -> torch.Tensor:
     return Y.new_empty(*Y.shape[:-2], n, n)
 
 
+def _run_solve(Y3: torch.Tensor, R: torch.Tensor, Q3: torch.Tensor) -> None:
+    """The kernel on ``[batch, m, n]`` views (Q3 may be Y3: in place)."""
+    batch, m, n = Y3.shape
+    R3 = R.reshape(batch, n, n)
+    extension().tall_solve_upper_cpu(
+        y=Y3.data_ptr(), r=R3.data_ptr(), q=Q3.data_ptr(), batch=batch, rows=m, cols=n,
+        y_batch_stride=Y3.stride(0), y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2),
+        r_batch_stride=R3.stride(0), r_row_stride=R3.stride(1), r_col_stride=R3.stride(2),
+        q_batch_stride=Q3.stride(0), q_row_stride=Q3.stride(1), q_col_stride=Q3.stride(2),
+        dtype=float_code(Y3.dtype, "tall_solve_upper", "Y"), num_threads=torch.get_num_threads(),
+    )
+
+
 def _tall_solve_upper_cpu(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     m, n = Y.shape[-2:]
     Y3 = _blocks(Y)
-    R3 = R.reshape(Y3.shape[0], n, n)
     Qt = Y.new_empty(Y3.shape[0], n, m)
-    extension().tall_solve_upper_cpu(
-        y=Y3.data_ptr(), r=R3.data_ptr(), q=Qt.data_ptr(), batch=Y3.shape[0], rows=m, cols=n,
-        y_batch_stride=Y3.stride(0), y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2),
-        r_batch_stride=R3.stride(0), r_row_stride=R3.stride(1), r_col_stride=R3.stride(2),
-        dtype=float_code(Y.dtype, "tall_solve_upper", "Y"), num_threads=torch.get_num_threads(),
-    )
+    _run_solve(Y3, R, Qt.mT)
     return Qt.reshape(*Y.shape[:-2], n, m).mT
 
 
@@ -81,12 +89,34 @@ def _tall_solve_upper_fake(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return Y.new_empty(*Y.shape[:-2], n, m).mT
 
 
+def _tall_solve_upper_inplace_cpu(Y: torch.Tensor, R: torch.Tensor) -> None:
+    try:
+        Y3 = Y.view(Y.shape[:-2].numel(), *Y.shape[-2:])
+    except RuntimeError:  # batch dimensions that do not merge: no [batch, m, n] view of Y
+        Y3 = None
+    if Y3 is not None and (Y3.stride(-1) == 1 or Y3.stride(-2) == 1):
+        _run_solve(Y3, R, Y3)
+    else:
+        Y.copy_(_tall_solve_upper_cpu(Y, R))
+
+
+def _tall_solve_upper_inplace_cuda(Y: torch.Tensor, R: torch.Tensor) -> None:
+    Y.copy_(torch.linalg.solve_triangular(R, Y, upper=True, left=False))
+
+
+def _tall_solve_upper_inplace_fake(Y: torch.Tensor, R: torch.Tensor) -> None:
+    return None
+
+
 LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
 LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
 register_fake("tall_gram", _tall_gram_fake)
 LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cpu, "CPU")
 LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cuda, "CUDA")
 register_fake("tall_solve_upper", _tall_solve_upper_fake)
+LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cpu, "CPU")
+LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cuda, "CUDA")
+register_fake("tall_solve_upper_", _tall_solve_upper_inplace_fake)
 
 
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
@@ -115,6 +145,16 @@ def tall_gram(Y: torch.Tensor) -> torch.Tensor:
     return eager_or_op("tall_gram", _tall_gram_cpu if Y.device.type == "cpu" else _tall_gram_cuda)(Y.detach())
 
 
+def _check_solve_args(op: str, Y: torch.Tensor, R: torch.Tensor) -> None:
+    _check_block(op, "Y", Y)
+    _check_block(op, "R", R)
+    n = Y.shape[-1]
+    if tuple(R.shape) != (*Y.shape[:-2], n, n):
+        raise ValueError(f"{op}: R has shape {tuple(R.shape)}; expected (..., n, n) = {(*Y.shape[:-2], n, n)}")
+    if R.dtype != Y.dtype or R.device != Y.device:
+        raise ValueError(f"{op}: R is {R.dtype} on {R.device}; expected Y's {Y.dtype} on {Y.device}")
+
+
 def tall_solve_upper(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``Q = Y R^-1`` for upper-triangular ``R``, not differentiable.
 
@@ -132,13 +172,20 @@ def tall_solve_upper(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     Tensor[..., m, n]
         Column-major (the transposed view of a contiguous ``[..., n, m]``).
     """
-    op = "tall_solve_upper"
-    _check_block(op, "Y", Y)
-    _check_block(op, "R", R)
-    n = Y.shape[-1]
-    if tuple(R.shape) != (*Y.shape[:-2], n, n):
-        raise ValueError(f"{op}: R has shape {tuple(R.shape)}; expected (..., n, n) = {(*Y.shape[:-2], n, n)}")
-    if R.dtype != Y.dtype or R.device != Y.device:
-        raise ValueError(f"{op}: R is {R.dtype} on {R.device}; expected Y's {Y.dtype} on {Y.device}")
+    _check_solve_args("tall_solve_upper", Y, R)
     impl = _tall_solve_upper_cpu if Y.device.type == "cpu" else _tall_solve_upper_cuda
-    return eager_or_op(op, impl)(Y.detach(), R.detach())
+    return eager_or_op("tall_solve_upper", impl)(Y.detach(), R.detach())
+
+
+def tall_solve_upper_(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """:func:`tall_solve_upper` into Y itself, in Y's layout; returns Y.
+
+    No new ``[..., m, n]`` buffer where Y has a unit row or column stride and batch
+    dimensions that merge (else the result of :func:`tall_solve_upper` is copied in).
+    """
+    _check_solve_args("tall_solve_upper_", Y, R)
+    if Y.requires_grad and torch.is_grad_enabled():
+        raise ValueError("tall_solve_upper_: Y requires grad; an in-place solve would discard its history")
+    impl = _tall_solve_upper_inplace_cpu if Y.device.type == "cpu" else _tall_solve_upper_inplace_cuda
+    eager_or_op("tall_solve_upper_", impl)(Y, R.detach())
+    return Y

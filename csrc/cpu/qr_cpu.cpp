@@ -25,7 +25,11 @@
 // Roofline, fp32, rows m, cols n: the Gram m n^2 flops (the upper half of the 2 m n^2
 // of a GEMM), the solve m n^2; Y read once (4 m n bytes), Q written once.  At 4096 x 74
 // that is 22 MFLOP and 1.2 MB each: compute-bound, 0.12 ms at the ~180 GFLOP/s of
-// the 2-core machines' SGEMM.  Measured there: bench/bench_qr.py.
+// the 2-core machines' SGEMM.  Measured on the 2-core AMD EPYC (bench/results/
+// cpu-amd-epyc-2core/qr-full): Gram 0.19-0.22 ms (55-65 % of that floor; MKL's SGEMM
+// 0.35), solve 0.23-0.25 ms (~50 %; MKL's STRSM 0.42-0.49).  Their losses: the Gram's
+// lane reductions and the row-major pack, the solve's divisions (one per element, as
+// xTRSM) and the transposition of a row-major Y.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>

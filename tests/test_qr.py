@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowrank_ops.linalg import cholesky_qr2
-from lowrank_ops.ops.qr import tall_gram, tall_solve_upper, tall_solve_upper_
+from lowrank_ops.ops.qr import shifted_cholesky, tall_cholesky, tall_gram, tall_solve_upper, tall_solve_upper_
 
 from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
 
@@ -94,6 +94,67 @@ def test_in_place_solve_keeps_the_layout_and_the_values(device, layout, generato
     torch.testing.assert_close(Y, expected, rtol=0, atol=0)
 
 
+def _shift(gram: torch.Tensor, rows: int, shift: bool, fallback: bool = False) -> torch.Tensor:
+    """The sigma of qr.h for each matrix of a batch of Gram matrices, in float64, [..., 1, 1]."""
+    n = gram.shape[-1]
+    unit, tiny = torch.finfo(gram.dtype).eps / 2, torch.finfo(gram.dtype).tiny
+    trace = gram.double().diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    if fallback:
+        return n * unit * trace + tiny
+    return 11 * (rows * n + n * (n + 1)) * unit * trace + 2 * tiny if shift else torch.full_like(trace, tiny)
+
+
+@pytest.mark.parametrize("dtype", REAL)
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("batch, n", [((), 74), ((3,), 20), ((), 1), ((), 0), ((0,), 5), ((2, 2), 7)])
+def test_cholesky_is_backward_stable_with_the_pass_shift(device, dtype, shift, batch, n, generator):
+    rows = 3 * n + 5
+    Y = randn(*batch, rows, n, dtype=dtype, device=device, generator=generator)
+    gram = tall_gram(Y)
+    R = tall_cholesky(gram, rows, shift)
+    assert R.shape == gram.shape and R.dtype == dtype and R.is_contiguous()
+    assert torch.equal(torch.tril(R, -1), torch.zeros_like(R)), "zeros below the diagonal"
+    assert (R.diagonal(dim1=-2, dim2=-1) > 0).all()
+    # Higham Theorem 10.3: R^T R = G + sigma I + dG, |dG| <= gamma_(n+1) |R^T| |R|; sigma
+    # itself is computed in the dtype (its rounding is far below that bound).
+    R64 = R.double()
+    target = gram.double() + _shift(gram, rows, shift) * torch.eye(n, dtype=torch.float64, device=device)
+    bound = _gamma(n + 1, dtype) * (R64.abs().mT @ R64.abs()) + torch.finfo(dtype).tiny
+    assert_within(R64.mT @ R64, target, bound, f"tall_cholesky shift={shift}")
+    # The torch composition of the same shifts (the CUDA impl and the gradient path): both
+    # factors are backward stable, so they differ by the perturbation of a Cholesky factor,
+    # ||dR|| <= kappa(G) ||dG|| / ||G|| ||R|| (Sun 1991, to first order), with ||dG|| up to
+    # (n + 1) n u ||G|| from each side.
+    if n > 0 and gram.numel() > 0:
+        shifted = gram.double() + _shift(gram, rows, shift) * torch.eye(n, dtype=torch.float64, device=device)
+        kappa = torch.linalg.cond(shifted).max().item()
+        scale = R64.abs().amax().item()
+        difference = (R64 - shifted_cholesky(gram, rows, shift).double()).abs().max().item()
+        assert difference <= 2 * (n + 1) * n * ACCUMULATE_UNIT[dtype] * kappa * scale, (difference, kappa, scale)
+
+
+@pytest.mark.parametrize("dtype", REAL)
+def test_cholesky_of_a_singular_gram_takes_the_fallback_shift(device, dtype, generator):
+    """A rank-deficient block (two equal columns): its Gram matrix is singular, the plain
+    pass falls back to the roundoff-sized shift and stays finite."""
+    Y = randn(50, 6, dtype=dtype, device=device, generator=generator)
+    Y[:, 3] = Y[:, 1]
+    gram = tall_gram(Y)
+    R = tall_cholesky(gram, 50, False)
+    assert torch.isfinite(R).all()
+    R64 = R.double()
+    target = gram.double() + _shift(gram, 50, False, fallback=True) * torch.eye(6, dtype=torch.float64, device=device)
+    bound = _gamma(7, dtype) * (R64.abs().mT @ R64.abs()) + torch.finfo(dtype).tiny
+    assert_within(R64.mT @ R64, target, bound, "tall_cholesky fallback")
+
+
+def test_cholesky_of_a_non_finite_gram_is_nan(generator):
+    gram = tall_gram(randn(2, 30, 4, generator=generator))
+    gram[1, 2, 2] = float("nan")
+    R = tall_cholesky(gram, 30, False)
+    assert torch.isfinite(R[0]).all() and torch.isnan(R[1]).all()
+
+
 def test_solve_reads_a_transposed_factor_in_place(device, generator):
     Y = randn(200, 30, device=device, generator=generator)
     L = _upper_factor(30, (), torch.float32, device, generator).mT.contiguous()
@@ -134,6 +195,8 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y, R))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y.mT.contiguous().mT, R.mT.contiguous().mT))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.clone(), R))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, True))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, False))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.mT.contiguous().mT, R))
 
 
@@ -171,5 +234,9 @@ def test_bad_input_errors():
         tall_solve_upper(Y, R.double())
     with pytest.raises(ValueError, match="tall_solve_upper: R has shape"):
         tall_solve_upper(torch.randn(2, 10, 4), R)
+    with pytest.raises(ValueError, match=r"tall_cholesky: gram has shape \(4, 3\); expected \(\.\.\., n, n\)"):
+        tall_cholesky(torch.randn(4, 3), 10, True)
+    with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
+        tall_cholesky(R, -1, True)
     with pytest.raises(ValueError, match="tall_solve_upper_: Y requires grad"):
         tall_solve_upper_(Y.clone().requires_grad_(), R)

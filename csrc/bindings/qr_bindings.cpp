@@ -63,6 +63,23 @@ LOWRANK_OPS_BINDINGS(qr) {
       py::kw_only(), "y"_a, "r"_a, "q"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
       "y_col_stride"_a, "r_batch_stride"_a, "r_row_stride"_a, "r_col_stride"_a, "q_batch_stride"_a, "q_row_stride"_a,
       "q_col_stride"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "tall_cholesky_cpu",
+      [](std::uintptr_t gram, std::uintptr_t r, int64_t batch, int64_t n, int64_t rows, bool shift, int dtype,
+         int num_threads) {
+        TallCholeskyParams p;
+        p.gram = reinterpret_cast<const void*>(gram);
+        p.r = reinterpret_cast<void*>(r);
+        p.batch = batch;
+        p.n = n;
+        p.rows = rows;
+        p.shift = shift;
+        p.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release release;
+        tall_cholesky_cpu(p, num_threads);
+      },
+      "Upper R [batch, n, n] with R^T R = G + sigma I (a CholeskyQR pass's shifts, see qr.h); G contiguous.",
+      py::kw_only(), "gram"_a, "r"_a, "batch"_a, "n"_a, "rows"_a, "shift"_a, "dtype"_a, "num_threads"_a);
 }
 
 }  // namespace lowrank_ops

@@ -33,8 +33,10 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "lowrank_ops/check.h"
@@ -267,6 +269,53 @@ void solve_typed(const TallSolveParams& p, int num_threads) {
   });
 }
 
+// ---------------------------------------------------------------------------- Cholesky
+template <class A>
+LOWRANK_INLINE bool valid_pivot(A x) {
+  return x > A(0) && x <= std::numeric_limits<A>::max();  // false for NaN and inf
+}
+
+// R (row-major n x n) = the upper Cholesky factor of G + sigma I, right-looking by rows
+// of R: row k over its pivot, then every later row i takes away R[k, i] R[k, i:]
+// (contiguous multiply-adds).  False where a pivot is not positive and finite.
+template <class A>
+LOWRANK_CPU_CLONES bool shifted_cholesky(const A* g, A* r, int64_t n, A sigma) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::fill(r + i * n, r + i * n + i, A(0));
+    std::copy(g + i * n + i, g + (i + 1) * n, r + i * n + i);
+    r[i * n + i] += sigma;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    A* rk = r + k * n;
+    if (!valid_pivot(rk[k])) return false;
+    const A pivot = std::sqrt(rk[k]);
+    rk[k] = pivot;
+    for (int64_t j = k + 1; j < n; ++j) rk[j] /= pivot;
+    for (int64_t i = k + 1; i < n; ++i) {
+      A* ri = r + i * n;
+      const A f = rk[i];
+      for (int64_t j = i; j < n; ++j) ri[j] -= f * rk[j];
+    }
+  }
+  return true;
+}
+
+template <class A>
+void cholesky_typed(const TallCholeskyParams& p, int num_threads) {
+  const int64_t n = p.n;
+  const A unit = std::numeric_limits<A>::epsilon() / 2, tiny = std::numeric_limits<A>::min();
+  parallel_for(p.batch, threads_for(p.batch * n * n * n / 3, num_threads), [&](int64_t b) {
+    const A* g = static_cast<const A*>(p.gram) + b * n * n;
+    A* r = static_cast<A*>(p.r) + b * n * n;
+    A trace = 0;
+    for (int64_t i = 0; i < n; ++i) trace += g[i * n + i];
+    const A first = p.shift ? A(11) * static_cast<A>(p.rows * n + n * (n + 1)) * unit * trace + tiny + tiny : tiny;
+    if (shifted_cholesky(g, r, n, first)) return;
+    if (!p.shift && shifted_cholesky(g, r, n, static_cast<A>(n) * unit * trace + tiny)) return;
+    std::fill(r, r + n * n, std::numeric_limits<A>::quiet_NaN());
+  });
+}
+
 // ---------------------------------------------------------------------------- checks
 void check_block(const char* op, int64_t batch, int64_t rows, int64_t cols, const void* y, int64_t row_stride,
                  int64_t col_stride, DType dtype) {
@@ -303,6 +352,20 @@ void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
     solve_typed<float>(p, num_threads);
   } else {
     solve_typed<double>(p, num_threads);
+  }
+}
+
+void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads) {
+  LOWRANK_CHECK(p.batch >= 0 && p.n >= 0 && p.rows >= 0, "tall_cholesky: sizes must be non-negative; got batch=",
+                p.batch, ", n=", p.n, ", rows=", p.rows);
+  LOWRANK_CHECK(p.dtype == DType::float32 || p.dtype == DType::float64,
+                "tall_cholesky: dtype must be float32 or float64; got code ", static_cast<int>(p.dtype));
+  if (p.batch * p.n == 0) return;
+  LOWRANK_CHECK(p.gram != nullptr && p.r != nullptr, "tall_cholesky: gram and r must not be null");
+  if (p.dtype == DType::float32) {
+    cholesky_typed<float>(p, num_threads);
+  } else {
+    cholesky_typed<double>(p, num_threads);
   }
 }
 

@@ -32,6 +32,9 @@ def csr_sddmm_cuda(
     nnz: int, batch: int, left_stride_b: int, left_stride_r: int, dense_stride_b: int, dense_stride_c: int,
     dtype: int, index_type: int, device: int, stream: int,
 ) -> None: ...
+def tall_cholesky_cpu(
+    *, gram: int, r: int, batch: int, n: int, rows: int, shift: bool, dtype: int, num_threads: int,
+) -> None: ...
 def tall_gram_cpu(
     *, y: int, gram: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
     y_col_stride: int, dtype: int, num_threads: int,

@@ -46,8 +46,26 @@ struct TallSolveParams {
   DType dtype = DType::float32;
 };
 
+// The Cholesky factor of a pass: upper R [batch, n, n] (zeros below the diagonal) with
+// R^T R = G + sigma I, G [batch, n, n] contiguous (its upper triangle read), sigma from
+// t = trace(G) (= ||Y||_F^2), u = eps / 2, m the block's rows:
+//   shifted pass: sigma = 11 (m n + n (n + 1)) u t + 2 tiny (shifted CholeskyQR);
+//   plain pass:   sigma = tiny, and where that factorization breaks down (a numerically
+//                 singular G) sigma = n u t + tiny instead;
+// R is NaN where no factorization succeeds (a non-finite G).  The arithmetic of
+// lowrank_ops.linalg.qr._cholesky_factor (torch's ops), as one call: at n = 74 those
+// dozen small ops cost ten times the factorization.
+struct TallCholeskyParams {
+  const void* gram = nullptr;
+  void* r = nullptr;  // [batch, n, n]
+  int64_t batch = 0, n = 0, rows = 0;
+  bool shift = false;
+  DType dtype = DType::float32;
+};
+
 // CPU (csrc/cpu/qr_cpu.cpp), multi-threaded over row chunks and the batch.
 void tall_gram_cpu(const TallGramParams& p, int num_threads);
 void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads);
+void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads);
 
 }  // namespace lowrank_ops

@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
-from ..ops.qr import tall_gram, tall_solve_upper_
+from ..ops.qr import shifted_cholesky, tall_cholesky, tall_gram, tall_solve_upper_
 
 __all__ = ["cholesky_qr2"]
 
@@ -55,26 +55,6 @@ def _needs_grad(Y: torch.Tensor) -> bool:
     return Y.requires_grad and torch.is_grad_enabled()
 
 
-def _cholesky_factor(gram: torch.Tensor, shift: bool, m: int) -> torch.Tensor:
-    """Upper-triangular R with ``R^T R`` the (optionally shifted) ``gram [..., n, n]``."""
-    n = gram.shape[-1]
-    unit = torch.finfo(gram.dtype).eps / 2
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    norm2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||Y||_F^2 >= ||Y||_2^2
-    tiny = torch.finfo(gram.dtype).tiny
-    if shift:
-        gram = gram + (11 * (m * n + n * (n + 1)) * unit * norm2 + tiny) * eye
-    # cholesky_ex: no exception, so no host synchronization to read the info code.
-    # Where the Gram matrix is numerically singular (a rank-deficient block, whose
-    # rounding makes it indefinite), use a factorization with a roundoff-sized shift
-    # instead, so the result stays finite; both are n x n, cheap next to the Gram.
-    L, info = torch.linalg.cholesky_ex(gram + tiny * eye)
-    if not shift:
-        L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
-        L = torch.where((info == 0)[..., None, None], L, L_safe)
-    return L.transpose(-2, -1)
-
-
 def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """cholesky_qr2 without the argument checks; ``overwrite``: Y is the caller's temporary,
     which the passes may overwrite (on the CPU kernels every pass then runs in place: no
@@ -92,10 +72,11 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
         R_total = None
         kernels = _use_kernels(Y)
         for shifted in (True,) * shift + (False,) * plain_passes:
-            R = _cholesky_factor(tall_gram(Y) if kernels else Y.transpose(-2, -1) @ Y, shifted, m)
             if kernels:
+                R = tall_cholesky(tall_gram(Y), m, shifted)
                 Y = tall_solve_upper_(Y, R)
             else:
+                R = shifted_cholesky(Y.transpose(-2, -1) @ Y, m, shifted)
                 Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
             R_total = R if R_total is None else R @ R_total
         return Y, R_total * scale

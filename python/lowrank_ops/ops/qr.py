@@ -23,11 +23,12 @@ from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, eager_or_op, register_fake
 
-__all__ = ["tall_gram", "tall_solve_upper", "tall_solve_upper_"]
+__all__ = ["tall_cholesky", "tall_gram", "tall_solve_upper", "tall_solve_upper_"]
 
 LIBRARY.define("tall_gram(Tensor Y) -> Tensor")
 LIBRARY.define("tall_solve_upper(Tensor Y, Tensor R) -> Tensor")
 LIBRARY.define("tall_solve_upper_(Tensor(a!) Y, Tensor R) -> ()")
+LIBRARY.define("tall_cholesky(Tensor gram, int rows, bool shift) -> Tensor")
 
 
 def _blocks(Y: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,50 @@ def _tall_solve_upper_inplace_fake(Y: torch.Tensor, R: torch.Tensor) -> None:
     return None
 
 
+def shifted_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
+    """The factor of a CholeskyQR pass in torch's ops (differentiable; the CUDA impl of
+    ``tall_cholesky``, whose CPU kernel follows the same arithmetic: see qr.h).
+
+    Upper-triangular R with ``R^T R = G + sigma I``: the shifted pass's
+    ``sigma = 11 (m n + n (n + 1)) u trace(G) + 2 tiny``; the plain pass's ``sigma = tiny``,
+    or ``n u trace(G) + tiny`` where that factorization breaks down.
+    """
+    n = gram.shape[-1]
+    unit = torch.finfo(gram.dtype).eps / 2
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    norm2 = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ||Y||_F^2 >= ||Y||_2^2
+    tiny = torch.finfo(gram.dtype).tiny
+    if shift:
+        gram = gram + (11 * (rows * n + n * (n + 1)) * unit * norm2 + tiny) * eye
+    # cholesky_ex: no exception, so no host synchronization to read the info code.
+    # Where the Gram matrix is numerically singular (a rank-deficient block, whose
+    # rounding makes it indefinite), use a factorization with a roundoff-sized shift
+    # instead, so the result stays finite; both are n x n, cheap next to the Gram.
+    L, info = torch.linalg.cholesky_ex(gram + tiny * eye)
+    if not shift:
+        L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
+        L = torch.where((info == 0)[..., None, None], L, L_safe)
+    return L.transpose(-2, -1)
+
+
+def _tall_cholesky_cpu(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
+    n = gram.shape[-1]
+    G3 = gram.reshape(gram.shape[:-2].numel(), n, n).contiguous()
+    R = torch.empty_like(G3)
+    extension().tall_cholesky_cpu(gram=G3.data_ptr(), r=R.data_ptr(), batch=G3.shape[0], n=n, rows=rows, shift=shift,
+                                  dtype=float_code(gram.dtype, "tall_cholesky", "gram"),
+                                  num_threads=torch.get_num_threads())
+    return R.reshape(gram.shape)
+
+
+def _tall_cholesky_cuda(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
+    return shifted_cholesky(gram, rows, shift).contiguous()
+
+
+def _tall_cholesky_fake(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
+    return gram.new_empty(gram.shape)
+
+
 LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
 LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
 register_fake("tall_gram", _tall_gram_fake)
@@ -119,6 +164,9 @@ register_fake("tall_solve_upper", _tall_solve_upper_fake)
 LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cpu, "CPU")
 LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cuda, "CUDA")
 register_fake("tall_solve_upper_", _tall_solve_upper_inplace_fake)
+LIBRARY.impl("tall_cholesky", _tall_cholesky_cpu, "CPU")
+LIBRARY.impl("tall_cholesky", _tall_cholesky_cuda, "CUDA")
+register_fake("tall_cholesky", _tall_cholesky_fake)
 
 
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
@@ -191,3 +239,32 @@ def tall_solve_upper_(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     impl = _tall_solve_upper_inplace_cpu if Y.device.type == "cpu" else _tall_solve_upper_inplace_cuda
     eager_or_op("tall_solve_upper_", impl)(Y, R.detach())
     return Y
+
+
+def tall_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
+    """The factor R of a CholeskyQR pass from its Gram matrix, not differentiable (see
+    :func:`shifted_cholesky` for the shifts; the CPU kernel is one call where torch's
+    composition is a dozen small ops).
+
+    Parameters
+    ----------
+    gram : Tensor[..., n, n]
+        ``Y^T Y`` of a block with ``rows`` rows; float32 or float64; the upper triangle is read.
+    rows : int
+        m, the block's rows (the shifted pass's shift grows with it).
+    shift : bool
+        The shifted pass (True) or a plain one.
+
+    Returns
+    -------
+    Tensor[..., n, n]
+        Upper triangular, zeros below the diagonal, contiguous; NaN where no factorization
+        succeeds (a non-finite ``gram``).
+    """
+    _check_block("tall_cholesky", "gram", gram)
+    if gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"tall_cholesky: gram has shape {tuple(gram.shape)}; expected (..., n, n)")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"tall_cholesky: rows must be an int >= 0; got {rows!r}")
+    impl = _tall_cholesky_cpu if gram.device.type == "cpu" else _tall_cholesky_cuda
+    return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowrank_ops.linalg import cholesky_qr2
-from lowrank_ops.ops.qr import shifted_cholesky, tall_cholesky, tall_gram, tall_solve_upper, tall_solve_upper_
+from lowrank_ops.ops.qr import (power_of_two_scale, shifted_cholesky, tall_cholesky, tall_gram, tall_scale_, tall_solve_upper,
+                                tall_solve_upper_)
 
 from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
 
@@ -155,6 +156,32 @@ def test_cholesky_of_a_non_finite_gram_is_nan(generator):
     assert torch.isfinite(R[0]).all() and torch.isnan(R[1]).all()
 
 
+@pytest.mark.parametrize("dtype", REAL)
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_scale_is_the_exact_power_of_two_of_the_largest_entry(device, dtype, layout, generator):
+    Y = randn(5, 40, 9, dtype=dtype, device=device, generator=generator)
+    exponents = torch.tensor([0, 70, -70, 3, 0], dtype=dtype, device=device)[:, None, None]
+    Y = Y * 2.0**exponents
+    Y[4] = 0  # a zero block: scale 1
+    Y = _layout(Y, layout)
+    expected_scale = power_of_two_scale(Y)
+    expected = Y / expected_scale
+    strides = Y.stride()
+    scale = tall_scale_(Y)
+    assert scale.shape == (5, 1, 1) and Y.stride() == strides
+    assert torch.equal(scale, expected_scale) and torch.equal(Y, expected)
+    assert scale[4].item() == 1.0
+    largest = Y.abs().amax(dim=(-2, -1))[:4]
+    assert ((largest >= 1) & (largest < 2)).all()
+
+
+def test_scale_of_a_non_finite_block_is_nan(generator):
+    Y = randn(3, 20, 4, generator=generator)
+    Y[1, 3, 2], Y[2, 0, 0] = float("nan"), float("inf")
+    scale = tall_scale_(Y)
+    assert torch.isfinite(scale[0]).all() and torch.isnan(scale[1:]).all() and torch.isnan(Y[1:]).all()
+
+
 def test_solve_reads_a_transposed_factor_in_place(device, generator):
     Y = randn(200, 30, device=device, generator=generator)
     L = _upper_factor(30, (), torch.float32, device, generator).mT.contiguous()
@@ -196,6 +223,7 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper.default, (Y.mT.contiguous().mT, R.mT.contiguous().mT))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.clone(), R))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, True))
+    torch.library.opcheck(torch.ops.lowrank_ops.tall_scale_.default, (Y.clone(),))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, False))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.mT.contiguous().mT, R))
 
@@ -238,5 +266,9 @@ def test_bad_input_errors():
         tall_cholesky(torch.randn(4, 3), 10, True)
     with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
         tall_cholesky(R, -1, True)
+    with pytest.raises(ValueError, match="tall_scale_: Y requires grad"):
+        tall_scale_(Y.clone().requires_grad_())
+    with pytest.raises(ValueError, match="tall_scale_: Y has strides"):
+        tall_scale_(torch.randn(10, 8)[:, ::2])
     with pytest.raises(ValueError, match="tall_solve_upper_: Y requires grad"):
         tall_solve_upper_(Y.clone().requires_grad_(), R)

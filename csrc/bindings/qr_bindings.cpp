@@ -80,6 +80,26 @@ LOWRANK_OPS_BINDINGS(qr) {
       },
       "Upper R [batch, n, n] with R^T R = G + sigma I (a CholeskyQR pass's shifts, see qr.h); G contiguous.",
       py::kw_only(), "gram"_a, "r"_a, "batch"_a, "n"_a, "rows"_a, "shift"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "tall_scale_cpu",
+      [](std::uintptr_t y, std::uintptr_t scale, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
+         int64_t y_row_stride, int64_t y_col_stride, int dtype, int num_threads) {
+        TallScaleParams p;
+        p.y = reinterpret_cast<void*>(y);
+        p.scale = reinterpret_cast<void*>(scale);
+        p.batch = batch;
+        p.rows = rows;
+        p.cols = cols;
+        p.y_batch_stride = y_batch_stride;
+        p.y_row_stride = y_row_stride;
+        p.y_col_stride = y_col_stride;
+        p.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release release;
+        tall_scale_cpu(p, num_threads);
+      },
+      "Y /= s in place per block, s = 2^(e - 1) for e the binary exponent of max |Y| (1 for zeros), into scale [batch].",
+      py::kw_only(), "y"_a, "scale"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
+      "y_col_stride"_a, "dtype"_a, "num_threads"_a);
 }
 
 }  // namespace lowrank_ops

@@ -316,6 +316,97 @@ void cholesky_typed(const TallCholeskyParams& p, int num_threads) {
   });
 }
 
+// ---------------------------------------------------------------------------- scale
+constexpr int64_t kScaleLines = 8;  // rows or columns of a block per scaling task
+
+// max |y| over lines [first, last) of a block (its contiguous rows or columns), and
+// whether an entry is not finite (x - x is NaN exactly for NaN and inf).
+template <class A>
+LOWRANK_CPU_CLONES A lines_max_abs(const A* y, int64_t first, int64_t last, int64_t length, int64_t line_stride,
+                                   bool* finite) {
+  constexpr int64_t L = kLanes<A>;
+  WideVec<A> largest = {}, poison = {};
+  A tail_largest = 0, tail_poison = 0;
+  for (int64_t line = first; line < last; ++line) {
+    const A* x = y + line * line_stride;
+    int64_t i = 0;
+    for (; i + L <= length; i += L) {
+      const WideVec<A> v = load(x + i);
+      const WideVec<A> a = v < 0 ? -v : v;
+      largest = a > largest ? a : largest;
+      poison += v - v;
+    }
+    for (; i < length; ++i) {
+      tail_largest = std::max(tail_largest, std::fabs(x[i]));
+      tail_poison += x[i] - x[i];
+    }
+  }
+  A result = tail_largest, poisoned = tail_poison;
+  for (int64_t l = 0; l < L; ++l) {
+    result = std::max(result, largest[l]);
+    poisoned += poison[l];
+  }
+  *finite = poisoned == A(0);
+  return result;
+}
+
+template <class A>
+LOWRANK_CPU_CLONES void lines_divide(A* y, int64_t first, int64_t last, int64_t length, int64_t line_stride,
+                                     A divisor) {
+  for (int64_t line = first; line < last; ++line) {
+    A* x = y + line * line_stride;
+    for (int64_t i = 0; i < length; ++i) x[i] /= divisor;
+  }
+}
+
+template <class A>
+void scale_typed(const TallScaleParams& p, int num_threads) {
+  const bool colmajor = p.y_row_stride == 1;
+  const int64_t lines = colmajor ? p.cols : p.rows, length = colmajor ? p.rows : p.cols;
+  const int64_t line_stride = colmajor ? p.y_col_stride : p.y_row_stride;
+  const int64_t chunks = std::max<int64_t>(1, (lines + kScaleLines - 1) / kScaleLines), n_tasks = p.batch * chunks;
+  const int threads = threads_for(p.batch * p.rows * p.cols / 4, num_threads);
+  A* scale = static_cast<A*>(p.scale);
+  auto task_range = [&](int64_t task, A** block, int64_t* first, int64_t* last) {
+    *block = static_cast<A*>(p.y) + task / chunks * p.y_batch_stride;
+    *first = task % chunks * kScaleLines;
+    *last = std::min(lines, *first + kScaleLines);
+  };
+  std::vector<A> partial(static_cast<size_t>(n_tasks));
+  std::vector<char> finite(static_cast<size_t>(n_tasks));
+  parallel_for(n_tasks, threads, [&](int64_t task) {
+    A* block;
+    int64_t first, last;
+    task_range(task, &block, &first, &last);
+    bool ok = true;
+    partial[task] = lines_max_abs<A>(block, first, last, length, line_stride, &ok);
+    finite[task] = ok;
+  });
+  for (int64_t b = 0; b < p.batch; ++b) {
+    A largest = 0;
+    bool ok = true;
+    for (int64_t c = 0; c < chunks; ++c) {
+      largest = std::max(largest, partial[b * chunks + c]);
+      ok = ok && finite[b * chunks + c];
+    }
+    scale[b] = 1;
+    if (!ok) {
+      scale[b] = std::numeric_limits<A>::quiet_NaN();  // NaN or inf in the block: NaN out, as the torch path
+    } else if (largest > 0) {
+      int exponent = 0;
+      std::frexp(largest, &exponent);
+      scale[b] = std::ldexp(A(1), exponent - 1);  // exact: 2^(e - 1) <= largest < 2^e
+    }
+  }
+  parallel_for(n_tasks, threads, [&](int64_t task) {
+    A* block;
+    int64_t first, last;
+    task_range(task, &block, &first, &last);
+    const A divisor = scale[task / chunks];
+    if (divisor != A(1)) lines_divide<A>(block, first, last, length, line_stride, divisor);
+  });
+}
+
 // ---------------------------------------------------------------------------- checks
 void check_block(const char* op, int64_t batch, int64_t rows, int64_t cols, const void* y, int64_t row_stride,
                  int64_t col_stride, DType dtype) {
@@ -352,6 +443,17 @@ void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
     solve_typed<float>(p, num_threads);
   } else {
     solve_typed<double>(p, num_threads);
+  }
+}
+
+void tall_scale_cpu(const TallScaleParams& p, int num_threads) {
+  check_block("tall_scale", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
+  if (p.batch == 0) return;
+  LOWRANK_CHECK(p.scale != nullptr, "tall_scale: scale must not be null");
+  if (p.dtype == DType::float32) {
+    scale_typed<float>(p, num_threads);
+  } else {
+    scale_typed<double>(p, num_threads);
   }
 }
 

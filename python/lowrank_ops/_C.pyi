@@ -39,6 +39,10 @@ def tall_gram_cpu(
     *, y: int, gram: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
     y_col_stride: int, dtype: int, num_threads: int,
 ) -> None: ...
+def tall_scale_cpu(
+    *, y: int, scale: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
+    y_col_stride: int, dtype: int, num_threads: int,
+) -> None: ...
 def tall_solve_upper_cpu(
     *, y: int, r: int, q: int, batch: int, rows: int, cols: int, y_batch_stride: int, y_row_stride: int,
     y_col_stride: int, r_batch_stride: int, r_row_stride: int, r_col_stride: int, q_batch_stride: int,

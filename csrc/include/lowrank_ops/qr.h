@@ -63,9 +63,22 @@ struct TallCholeskyParams {
   DType dtype = DType::float32;
 };
 
+// The first step of CholeskyQR: per block, s = 2^(e - 1) with e the binary exponent of
+// max |Y| (s = 1 for a zero block), written to scale [batch], and Y /= s in place, an exact
+// power-of-two scaling (Y^T Y can then neither overflow nor underflow).  A NaN or inf in a
+// block gives s = NaN (and a NaN block).  Y strided as in TallGramParams.
+struct TallScaleParams {
+  void* y = nullptr;
+  void* scale = nullptr;  // [batch]
+  int64_t batch = 0, rows = 0, cols = 0;
+  int64_t y_batch_stride = 0, y_row_stride = 0, y_col_stride = 0;
+  DType dtype = DType::float32;
+};
+
 // CPU (csrc/cpu/qr_cpu.cpp), multi-threaded over row chunks and the batch.
 void tall_gram_cpu(const TallGramParams& p, int num_threads);
 void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads);
 void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads);
+void tall_scale_cpu(const TallScaleParams& p, int num_threads);
 
 }  // namespace lowrank_ops

@@ -24,25 +24,9 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
-from ..ops.qr import shifted_cholesky, tall_cholesky, tall_gram, tall_solve_upper_
+from ..ops.qr import power_of_two_scale, shifted_cholesky, tall_cholesky, tall_gram, tall_scale_, tall_solve_upper_
 
 __all__ = ["cholesky_qr2"]
-
-
-def _power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
-    """``2^(e - 1)`` per matrix ``[..., 1, 1]``, ``e`` the binary exponent of ``max |Y|`` (1 for zeros).
-
-    ``Y`` divided by it has its largest entry in ``[1, 2)``, exactly (a power of two), so
-    ``Y^T Y`` can neither overflow nor lose ``Y``'s largest entries to underflow.  Formed
-    as ``max |Y| / (2 mantissa)``: a correctly rounded quotient whose exact value is
-    representable, so no ``pow`` (not exact on every device) and no float32 overflow at
-    ``2^128``.  ``max |Y|`` as ``max(max Y, -min Y)``: no ``|Y|`` temporary.
-    """
-    if Y.numel() == 0:
-        return Y.new_ones(*Y.shape[:-2], 1, 1)
-    largest = torch.maximum(Y.amax(dim=(-2, -1), keepdim=True), -Y.amin(dim=(-2, -1), keepdim=True))
-    mantissa, _ = torch.frexp(largest)
-    return torch.where(largest > 0, largest / (2 * mantissa), torch.ones_like(largest))
 
 
 def _use_kernels(Y: torch.Tensor) -> bool:
@@ -66,11 +50,18 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
         # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
         # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
         # exact power-of-two scaling: Q is unchanged, R scales back exactly).
-        scale = _power_of_two_scale(Y)
-        dense = Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()  # no element shared (as an expand's)
-        Y = Y.div_(scale) if overwrite and dense and not _needs_grad(Y) else Y / scale
-        R_total = None
         kernels = _use_kernels(Y)
+        dense = Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()  # no element shared (as an expand's)
+        if kernels:
+            if not dense:
+                Y = Y.contiguous()
+            elif not overwrite:
+                Y = Y.clone()  # in Y's layout
+            scale = tall_scale_(Y)
+        else:
+            scale = power_of_two_scale(Y)
+            Y = Y.div_(scale) if overwrite and dense and not _needs_grad(Y) else Y / scale
+        R_total = None
         for shifted in (True,) * shift + (False,) * plain_passes:
             if kernels:
                 R = tall_cholesky(tall_gram(Y), m, shifted)

@@ -23,12 +23,13 @@ from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, eager_or_op, register_fake
 
-__all__ = ["tall_cholesky", "tall_gram", "tall_solve_upper", "tall_solve_upper_"]
+__all__ = ["tall_cholesky", "tall_gram", "tall_scale_", "tall_solve_upper", "tall_solve_upper_"]
 
 LIBRARY.define("tall_gram(Tensor Y) -> Tensor")
 LIBRARY.define("tall_solve_upper(Tensor Y, Tensor R) -> Tensor")
 LIBRARY.define("tall_solve_upper_(Tensor(a!) Y, Tensor R) -> ()")
 LIBRARY.define("tall_cholesky(Tensor gram, int rows, bool shift) -> Tensor")
+LIBRARY.define("tall_scale_(Tensor(a!) Y) -> Tensor")
 
 
 def _blocks(Y: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,44 @@ def _tall_cholesky_fake(gram: torch.Tensor, rows: int, shift: bool) -> torch.Ten
     return gram.new_empty(gram.shape)
 
 
+def power_of_two_scale(Y: torch.Tensor) -> torch.Tensor:
+    """``2^(e - 1)`` per matrix ``[..., 1, 1]``, ``e`` the binary exponent of ``max |Y|`` (1 for
+    zeros, NaN for a block with a NaN or inf), in torch's ops (the CUDA impl of ``tall_scale_``).
+
+    ``Y`` divided by it has its largest entry in ``[1, 2)``, exactly (a power of two), so
+    ``Y^T Y`` can neither overflow nor lose ``Y``'s largest entries to underflow.  Formed
+    as ``max |Y| / (2 mantissa)``: a correctly rounded quotient whose exact value is
+    representable, so no ``pow`` (not exact on every device) and no float32 overflow at
+    ``2^128``.  ``max |Y|`` as ``max(max Y, -min Y)``: no ``|Y|`` temporary.
+    """
+    if Y.numel() == 0:
+        return Y.new_ones(*Y.shape[:-2], 1, 1)
+    largest = torch.maximum(Y.amax(dim=(-2, -1), keepdim=True), -Y.amin(dim=(-2, -1), keepdim=True))
+    mantissa, _ = torch.frexp(largest)
+    return torch.where(largest > 0, largest / (2 * mantissa), torch.ones_like(largest))
+
+
+def _tall_scale_cpu(Y: torch.Tensor) -> torch.Tensor:
+    Y3 = Y.view(Y.shape[:-2].numel(), *Y.shape[-2:])
+    scale = Y.new_empty(Y3.shape[0])
+    extension().tall_scale_cpu(
+        y=Y3.data_ptr(), scale=scale.data_ptr(), batch=Y3.shape[0], rows=Y3.shape[1], cols=Y3.shape[2],
+        y_batch_stride=Y3.stride(0), y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2),
+        dtype=float_code(Y.dtype, "tall_scale_", "Y"), num_threads=torch.get_num_threads(),
+    )
+    return scale.reshape(*Y.shape[:-2], 1, 1)
+
+
+def _tall_scale_cuda(Y: torch.Tensor) -> torch.Tensor:
+    scale = power_of_two_scale(Y)
+    Y.div_(scale)
+    return scale
+
+
+def _tall_scale_fake(Y: torch.Tensor) -> torch.Tensor:
+    return Y.new_empty(*Y.shape[:-2], 1, 1)
+
+
 LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
 LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
 register_fake("tall_gram", _tall_gram_fake)
@@ -167,6 +206,9 @@ register_fake("tall_solve_upper_", _tall_solve_upper_inplace_fake)
 LIBRARY.impl("tall_cholesky", _tall_cholesky_cpu, "CPU")
 LIBRARY.impl("tall_cholesky", _tall_cholesky_cuda, "CUDA")
 register_fake("tall_cholesky", _tall_cholesky_fake)
+LIBRARY.impl("tall_scale_", _tall_scale_cpu, "CPU")
+LIBRARY.impl("tall_scale_", _tall_scale_cuda, "CUDA")
+register_fake("tall_scale_", _tall_scale_fake)
 
 
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
@@ -268,3 +310,22 @@ def tall_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
         raise ValueError(f"tall_cholesky: rows must be an int >= 0; got {rows!r}")
     impl = _tall_cholesky_cpu if gram.device.type == "cpu" else _tall_cholesky_cuda
     return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))
+
+
+def tall_scale_(Y: torch.Tensor) -> torch.Tensor:
+    """Divides each matrix of Y in place by :func:`power_of_two_scale` of it (exact) and
+    returns those scales ``[..., 1, 1]``: the first step of CholeskyQR, in one CPU call.
+
+    Parameters
+    ----------
+    Y : Tensor[..., m, n]
+        float32 or float64, a unit row or column stride and batch dimensions that merge
+        (a dense block: no element shared, as an ``expand``'s would be); not requiring grad.
+    """
+    op = "tall_scale_"
+    _check_block(op, "Y", Y)
+    if Y.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: Y requires grad; an in-place scaling would discard its history")
+    if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):
+        raise ValueError(f"{op}: Y has strides {Y.stride()}; expected a contiguous block or the transpose of one")
+    return eager_or_op(op, _tall_scale_cpu if Y.device.type == "cpu" else _tall_scale_cuda)(Y)

@@ -8,13 +8,13 @@ Ops, on a frozen ``W [out, in]`` (float32, CPU):
 Impls: ``ours`` (:func:`~lowrank_ops.ops.base_linear.base_linear` and
 ``base_linear_grad_input``: the small-batch kernels for N in ``SMALL_BATCH_ROWS`` and
 weights of at least ``SMALL_BATCH_MIN_WEIGHT`` elements, BLAS elsewhere), ``torch`` (``torch.addmm`` / ``dy @ W``: MKL, what PEFT's and nn.Linear's
-layers run) and ``kernel`` (the small-batch kernel called directly at every N <= 64: the
-evidence for where ``SMALL_BATCH_ROWS`` ends).  CPU only: on CUDA ours is cuBLAS.
+layers run) and ``kernel`` (the small-batch kernel called directly at every N it takes:
+the evidence for where ``SMALL_BATCH_ROWS`` ends).  CPU only: on CUDA ours is cuBLAS.
 
 Sizes: quick default 2048 x 2048 (the smallest square weight the kernels take) at
-N = 1, 4, 16, 32, 64.  ``LOWRANK_OPS_BENCH_FULL=1``:
-the LLaMA shapes 4096 x 4096, 11008 x 4096 and 4096 x 11008 at N = 1, 2, 4, 8, 16, 32,
-48, 64.
+N = 1, 4, 16, 32, 64 (and 128 for the grad input, whose kernel takes up to 256 rows).
+``LOWRANK_OPS_BENCH_FULL=1``: the LLaMA shapes 4096 x 4096, 11008 x 4096 and 4096 x 11008
+at N = 1, 2, 4, 8, 16, 32, 48, 64 (and 128, 256 for the grad input).
 
 Roofline: ``2 N in out`` flops; bytes: W once (``4 in out``) plus x and y (or dy and dx).
 At N <= 64 and in, out >= 1024 the W term dominates: the floor is W read once at the
@@ -37,10 +37,12 @@ SEED = 0
 _IMPLS = ("ours", "torch", "kernel")
 
 if FULL:
-    _PROBLEMS = [(o, i, n) for o, i in [(4096, 4096), (11008, 4096), (4096, 11008)]
-                 for n in (1, 2, 4, 8, 16, 32, 48, 64)]
+    _SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    _PROBLEMS = [(o, i, n) for o, i in _SHAPES for n in (1, 2, 4, 8, 16, 32, 48, 64)]
+    _GRAD_PROBLEMS = _PROBLEMS + [(o, i, n) for o, i in _SHAPES for n in (128, 256)]
 else:
     _PROBLEMS = [(2048, 2048, n) for n in (1, 4, 16, 32, 64)]
+    _GRAD_PROBLEMS = _PROBLEMS + [(2048, 2048, 128)]
 
 
 def _label(problem) -> str:
@@ -49,7 +51,8 @@ def _label(problem) -> str:
 
 
 def _cases(op: str):
-    return grid_cases(FAMILY, op, {"cpu": _PROBLEMS, "cuda": []}, {"float32": _IMPLS}, _label)
+    problems = _GRAD_PROBLEMS if op == "base_linear_grad_input" else _PROBLEMS
+    return grid_cases(FAMILY, op, {"cpu": problems, "cuda": []}, {"float32": _IMPLS}, _label)
 
 
 @functools.lru_cache(maxsize=1)

@@ -60,6 +60,24 @@ def test_small_batch_kernels_match_float64(pad, generator):
         assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
 
 
+@pytest.mark.parametrize("rows, in_features, out_features", [(65, 33, 130), (129, 70, 9), (256, 48, 300)])
+def test_grad_input_kernel_beyond_the_forward_rows(rows, in_features, out_features, generator):
+    """The grad-input kernel takes up to SMALL_BATCH_GRAD_MAX_ROWS (256) rows, the forward 64."""
+    kernels = extension()
+    assert kernels.SMALL_BATCH_GRAD_MAX_ROWS == 256
+    _, weight, _, grad_y = _small_batch_case(rows, in_features, out_features, generator, pad=3)
+    grad_x = torch.full((rows, in_features + 2), float("nan"))
+    kernels.small_batch_linear_grad_input_cpu(
+        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=rows,
+        in_features=in_features, out_features=out_features, gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
+        gx_ld=grad_x.stride(0), num_threads=2)
+    want = grad_y.double() @ weight.double()
+    magnitude = grad_y.double().abs() @ weight.double().abs()
+    assert_within(grad_x[:, :in_features], want, summation_bound(magnitude, want, out_features, torch.float32),
+                  f"dx {rows}x{in_features}x{out_features}")
+    assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
+
+
 def test_small_batch_kernels_reject_bad_sizes(generator):
     kernels = extension()
     x, weight, _, _ = _small_batch_case(4, 8, 8, generator)
@@ -70,6 +88,11 @@ def test_small_batch_kernels_reject_bad_sizes(generator):
         kernels.small_batch_linear_cpu(rows=65, x_ld=8, **common)
     with pytest.raises(ValueError, match="x row stride must be >= its 8 columns; got 4"):
         kernels.small_batch_linear_cpu(rows=4, x_ld=4, **common)
+    big = torch.empty(257, 8)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 256\]; got 257"):
+        kernels.small_batch_linear_grad_input_cpu(grad_y=big.data_ptr(), weight=weight.data_ptr(), grad_x=big.data_ptr(),
+                                                  rows=257, in_features=8, out_features=8, gy_ld=8, w_ld=8, gx_ld=8,
+                                                  num_threads=1)
     with pytest.raises(ValueError, match="weight must not be null"):
         kernels.small_batch_linear_grad_input_cpu(grad_y=y.data_ptr(), weight=0, grad_x=x.data_ptr(), rows=4,
                                                   in_features=8, out_features=8, gy_ld=8, w_ld=8, gx_ld=8,
@@ -166,7 +189,7 @@ def test_small_batch_policy_follows_the_cpu_vendor(monkeypatch, intel):
     monkeypatch.setattr(module, "extension", lambda: Extension)
     rows, min_weight = module._small_batch_policy()
     assert (rows, min_weight) == (({"forward": (4, 32), "grad_input": (2, 32)}, 1 << 22) if intel
-                                  else ({"forward": (1, 64), "grad_input": (1, 64)}, 1 << 20))
+                                  else ({"forward": (1, 64), "grad_input": (1, 256)}, 1 << 20))
 
     def missing():
         raise RuntimeError("no extension")

@@ -13,6 +13,7 @@ namespace lowrank_ops {
 
 LOWRANK_OPS_BINDINGS(base_linear) {
   m.attr("SMALL_BATCH_MAX_ROWS") = kSmallBatchMaxRows;
+  m.attr("SMALL_BATCH_GRAD_MAX_ROWS") = kSmallBatchGradMaxRows;
   m.def(
       "small_batch_linear_cpu",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, int64_t rows,
@@ -54,7 +55,7 @@ LOWRANK_OPS_BINDINGS(base_linear) {
         py::gil_scoped_release release;
         small_batch_linear_grad_input_cpu(p, num_threads);
       },
-      "grad_x = grad_y W for rows <= SMALL_BATCH_MAX_ROWS (float32, row-major, unit column stride).",
+      "grad_x = grad_y W for rows <= SMALL_BATCH_GRAD_MAX_ROWS (float32, row-major, unit column stride).",
       py::kw_only(), "grad_y"_a, "weight"_a, "grad_x"_a, "rows"_a, "in_features"_a, "out_features"_a, "gy_ld"_a,
       "w_ld"_a, "gx_ld"_a, "num_threads"_a);
 }

@@ -198,9 +198,8 @@ void grad_tail_columns(const SmallBatchGradInputParams& p, int64_t k_begin) {
     }
 }
 
-void check_common(const char* op, int64_t rows, int64_t in, int64_t out) {
-  LOWRANK_CHECK(rows >= 0 && rows <= kSmallBatchMaxRows, op, ": rows must be in [0, ", kSmallBatchMaxRows,
-                "]; got ", rows);
+void check_common(const char* op, int64_t rows, int64_t in, int64_t out, int64_t max_rows) {
+  LOWRANK_CHECK(rows >= 0 && rows <= max_rows, op, ": rows must be in [0, ", max_rows, "]; got ", rows);
   LOWRANK_CHECK(in >= 0 && out >= 0, op, ": in_features and out_features must be >= 0; got ", in, " and ", out);
 }
 
@@ -215,7 +214,7 @@ void check_matrix(const char* op, const char* name, const void* data, int64_t n_
 
 void small_batch_linear_cpu(const SmallBatchLinearParams& p, int num_threads) {
   const char* op = "small_batch_linear";
-  check_common(op, p.rows, p.in_features, p.out_features);
+  check_common(op, p.rows, p.in_features, p.out_features, kSmallBatchMaxRows);
   check_matrix(op, "x", p.x, p.rows, p.in_features, p.x_ld);
   check_matrix(op, "weight", p.weight, p.out_features, p.in_features, p.w_ld);
   check_matrix(op, "y", p.y, p.rows, p.out_features, p.y_ld);
@@ -231,7 +230,7 @@ void small_batch_linear_cpu(const SmallBatchLinearParams& p, int num_threads) {
 
 void small_batch_linear_grad_input_cpu(const SmallBatchGradInputParams& p, int num_threads) {
   const char* op = "small_batch_linear_grad_input";
-  check_common(op, p.rows, p.in_features, p.out_features);
+  check_common(op, p.rows, p.in_features, p.out_features, kSmallBatchGradMaxRows);
   check_matrix(op, "grad_y", p.grad_y, p.rows, p.out_features, p.gy_ld);
   check_matrix(op, "weight", p.weight, p.out_features, p.in_features, p.w_ld);
   check_matrix(op, "grad_x", p.grad_x, p.rows, p.in_features, p.gx_ld);

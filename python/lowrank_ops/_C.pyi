@@ -150,6 +150,7 @@ def dora_row_norm_cuda(
     weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
 ) -> None: ...
 SMALL_BATCH_MAX_ROWS: int
+SMALL_BATCH_GRAD_MAX_ROWS: int
 def small_batch_linear_cpu(
     *, x: int, weight: int, bias: int, y: int, rows: int, in_features: int, out_features: int, x_ld: int,
     w_ld: int, y_ld: int, num_threads: int, weight_sumsq: int = 0,

@@ -3,7 +3,7 @@
 //   forward      y  = x W^T + b      x [rows, in],  W [out, in], b [out], y [rows, out]
 //   grad input   dx = dy W           dy [rows, out],                      dx [rows, in]
 //
-// for rows <= kSmallBatchMaxRows.  At such batch sizes (decoding, small micro-batches,
+// for rows <= kSmallBatchMaxRows (kSmallBatchGradMaxRows).  At such batch sizes (decoding, small micro-batches,
 // the N = 16 benchmark shapes) a BLAS GEMM is neither bound by its flops nor by the
 // bytes of W: MKL's sgemm measured 5.0 ms for 16 x 4096 x 4096 on the 2-core AVX-512
 // machine, where reading W once takes 1.5 ms and the flops 1.6 ms at that machine's
@@ -18,9 +18,12 @@
 
 namespace lowrank_ops {
 
-// Largest batch the small-batch kernels accept (their per-task accumulators live on
-// the stack); the Python op uses them only up to its own measured crossover.
+// Largest batch the small-batch kernels accept (the forward kernel's per-task
+// accumulators live on the stack; the grad-input kernel keeps only its register tiles and
+// still beats MKL's generic SGEMM at 96-384 rows on the 2-core AMD EPYC, 1.13-1.44x); the
+// Python op uses them only up to its own measured crossover.
 constexpr int64_t kSmallBatchMaxRows = 64;
+constexpr int64_t kSmallBatchGradMaxRows = 256;
 
 struct SmallBatchLinearParams {
   const float* x = nullptr;       // [rows, in], row stride x_ld

@@ -53,9 +53,14 @@ LIBRARY.define("base_linear_grad_input(Tensor grad_y, Tensor weight) -> Tensor")
 # Forward: 1.7-2.0x at 1 row, 3.6-3.9x at 2, 1.09-1.85x at 48, 1.15-1.5x at 64 (LLaMA
 # shapes); grad input 0.96-1.14x at 1 row, 1.26-1.64x at 48-64.  W of 1 M elements (1024 x
 # 1024) still 1.3-5.1x forward and 1.5-5.1x grad input at 1-64 rows; at 256 K (512 x 512)
-# 0.93-1.95x, at 64 K (256 x 256) 0.6-1.3x: below 1 M elements, BLAS.
+# 0.93-1.95x, at 64 K (256 x 256) 0.6-1.3x: below 1 M elements, BLAS.  Beyond 64 rows
+# (stop 22, interleaved medians, kernel / MKL): the forward kernel loses (0.88-0.97x at
+# 128 rows, 0.75-0.80x at 256, 1024 x 1024), the grad-input kernel keeps winning: 1024 x
+# 1024 1.44x at 96 rows, 1.18-1.41x at 128, 1.37x at 192, 1.07-1.16x at 256 (1.20x at
+# 384); 2048 x 2048 1.31x at 256; 4096 x 4096 1.34-1.41x at 128, 1.13-1.18x at 256,
+# 0.95x at 512; 11008 x 4096 and 4096 x 11008 1.27-1.29x at 128.
 _INTEL_POLICY = ({"forward": (4, 32), "grad_input": (2, 32)}, 1 << 22)
-_OTHER_POLICY = ({"forward": (1, 64), "grad_input": (1, 64)}, 1 << 20)
+_OTHER_POLICY = ({"forward": (1, 64), "grad_input": (1, 256)}, 1 << 20)
 
 
 def _small_batch_policy() -> tuple:
@@ -116,7 +121,8 @@ def small_batch_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 def small_batch_grad_input_kernel(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``dy W`` on ``_C.small_batch_linear_grad_input_cpu`` whatever the size (see small_batch_kernel)."""
+    """``dy W`` on ``_C.small_batch_linear_grad_input_cpu`` whatever the size (up to its 256
+    rows; see small_batch_kernel)."""
     grad_x = grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
     extension().small_batch_linear_grad_input_cpu(
         grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=grad_y.shape[0],

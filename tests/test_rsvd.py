@@ -162,6 +162,26 @@ def test_bfloat16_power_iterations_keep_the_accuracy(kind, generator):
     assert_orthonormal(sketched.U.double(), 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_bfloat16_power_iterations_with_a_warm_start(shape, generator):
+    """The low-precision iterations reuse their buffers from one product to the next: a warm
+    start with fewer columns than the basis (its fresh columns first, then the whole
+    basis), both orientations, a batch, several iterations."""
+    s = spectrum("decay1", min(shape))
+    A = with_spectrum(*shape, s, generator).float()
+    k = 16
+    previous = rsvd(A, 8, generator=torch.Generator().manual_seed(6))
+    both = torch.stack([A, 2 * A])
+    init = torch.stack([previous.U, previous.U])
+    warm = rsvd(both, k, n_iter=3, init=init, sketch_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(7))
+    optimal = optimal_error(s, k)
+    for i, scale in enumerate((1, 2)):
+        error = torch.linalg.norm(scale * A.double() - (warm.U[i].double() * warm.S[i].double()) @ warm.Vh[i].double())
+        assert error / (scale * optimal) <= 1.01, (i, (error / (scale * optimal)).item())
+        assert_orthonormal(warm.U[i].double(), 1e-5)
+        assert_orthonormal(warm.Vh[i].double().T, 1e-5)
+
+
 def test_flat_spectrum_is_reported_not_hidden(generator):
     # Every rank-k subspace is optimal for a flat spectrum: the error ratio is 1, and the
     # singular values are exact; rsvd must not fail or produce garbage here.

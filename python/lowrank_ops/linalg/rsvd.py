@@ -270,13 +270,12 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         rank-64 rsvd).  The result is a view of a buffer that the next call with the same
         shapes overwrites, after it has read its own block: callers hand it on at once
         (the orthonormalizer overwrites it in place, the next product reads it)."""
-        key = (block.shape[-2], right.shape[-1])
-        if key not in buffers:
-            l = block.shape[-1]
-            buffers[key] = (torch.empty(*batch, l, key[0], dtype=low.dtype, device=M.device),
-                            torch.empty(*batch, l, key[1], dtype=low.dtype, device=M.device),
-                            torch.empty(*batch, l, key[1], dtype=M.dtype, device=M.device))
-        block_low, out_low, out = buffers[key]
+        rows, l, cols = block.shape[-2], block.shape[-1], right.shape[-1]
+        if (rows, l, cols) not in buffers:  # l varies: a warm start's fresh columns, then the whole basis
+            buffers[rows, l, cols] = (torch.empty(*batch, l, rows, dtype=low.dtype, device=M.device),
+                                      torch.empty(*batch, l, cols, dtype=low.dtype, device=M.device),
+                                      torch.empty(*batch, l, cols, dtype=M.dtype, device=M.device))
+        block_low, out_low, out = buffers[rows, l, cols]
         block_low.copy_(block.transpose(-2, -1))
         torch.matmul(block_low, right, out=out_low)
         return out.copy_(out_low).transpose(-2, -1)

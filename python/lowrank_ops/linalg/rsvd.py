@@ -53,14 +53,17 @@ _ORTHONORMALIZERS = ("auto", "cholqr2", "qr", "lu")
 
 # orthonormalize="auto" on the CPU: a single (unbatched) block [m, l] with m l^2 at most
 # this (the flops of its Householder QR, over 2) goes to LAPACK's QR, larger blocks and
-# batches to CholeskyQR2.  Why: CholeskyQR2's cost on small blocks is its dozen small
-# torch calls, not flops.  Measured (2-core AVX-512 Xeon, float32, 2 threads; CholeskyQR2
-# as _orthonormalize runs it / torch.linalg.qr, ms, medians): 256 x 26 0.30 / 0.10,
-# 1024 x 42 0.53 / 0.35, 4096 x 26 0.88 / 0.52, 512 x 74 0.67 / 0.32 (m l^2 <= 2.7 Mi:
-# QR); 2048 x 42 0.74 / 1.07, 1024 x 74 0.89 / 0.85, 4096 x 74 2.1 / 4.8 (CholeskyQR2).
-# Batches go to CholeskyQR2 at any size: its calls serve the whole batch while LAPACK's QR
-# loops over the matrices (8 x 256 x 26: 0.53 / 0.65 ms).  CUDA: CholeskyQR2 always.
-_QR_MAX_WORK = 3 << 20
+# batches to CholeskyQR2.  Why: on small blocks CholeskyQR2's cost is its calls, not
+# flops.  Measured with CholeskyQR2 on the CPU kernels of ops/qr.py (stop 22, 2-core AMD
+# EPYC, float32, 2 threads; _orthonormalize's CholeskyQR2 / torch.linalg.qr, ms,
+# medians): 256 x 26 0.13 / 0.08, 512 x 26 0.15 / 0.08, 1024 x 26 0.17 / 0.13, 512 x 42
+# 0.19 / 0.16, 768 x 42 0.21 / 0.19 (m l^2 <= 1.5 Mi: QR); 1024 x 42 0.25 / 0.29,
+# 4096 x 26 0.32 / 0.45, 2048 x 42 0.33 / 0.48, 1024 x 74 0.46 / 0.68, 1024 x 138
+# 1.2 / 1.6 (CholeskyQR2; 256 x 74, 1.4 Mi, 0.24 / 0.37, is the exception).  With the
+# earlier CholeskyQR2 of torch ops the crossover was at 3 Mi on the Xeon.  Batches go to
+# CholeskyQR2 at any size: its calls serve the whole batch while LAPACK's QR loops over
+# the matrices (8 x 256 x 26: 0.53 / 0.65 ms).  CUDA: CholeskyQR2 always.
+_QR_MAX_WORK = 3 << 19
 
 
 class RSVDResult(NamedTuple):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lowrank_ops.linalg import cholesky_qr2
-from lowrank_ops.ops.qr import (power_of_two_scale, shifted_cholesky, tall_cholesky, tall_gram, tall_scale_, tall_solve_upper,
-                                tall_solve_upper_)
+from lowrank_ops.ops.qr import (cholesky_qr_, cholesky_qr_torch, power_of_two_scale, shifted_cholesky, tall_cholesky,
+                                tall_gram, tall_scale_, tall_solve_upper, tall_solve_upper_)
 
 from helpers import ACCUMULATE_UNIT, assert_within, randn, summation_bound
 
@@ -182,6 +182,34 @@ def test_scale_of_a_non_finite_block_is_nan(generator):
     assert torch.isfinite(scale[0]).all() and torch.isnan(scale[1:]).all() and torch.isnan(Y[1:]).all()
 
 
+@pytest.mark.parametrize("dtype", REAL)
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("shift, plain_passes", [(True, 2), (True, 1), (False, 1), (True, 0)])
+def test_whole_cholesky_qr_is_the_steps_in_one_call(device, dtype, layout, shift, plain_passes, generator):
+    """cholesky_qr_ runs tall_scale_, then per pass tall_gram, tall_cholesky and
+    tall_solve_upper_: the same Q bit for bit; R is the passes' factors multiplied (its own
+    triangular product instead of torch's matmul: within rounding) times the scale."""
+    Y = _layout(randn(3, 300, 20, dtype=dtype, device=device, generator=generator) * 1e3, layout)
+    steps = Y.clone()
+    scale = tall_scale_(steps)
+    R_total = None
+    for shifted in (True,) * shift + (False,) * plain_passes:
+        R = tall_cholesky(tall_gram(steps), 300, shifted)
+        tall_solve_upper_(steps, R)
+        R_total = R if R_total is None else R @ R_total
+    R_total = R_total * scale
+    whole = Y.clone()
+    R_whole = cholesky_qr_(whole, shift, plain_passes)
+    assert R_whole.shape == (3, 20, 20) and whole.stride() == Y.stride()
+    assert torch.equal(whole, steps)
+    torch.testing.assert_close(R_whole, R_total, rtol=0, atol=20 * ACCUMULATE_UNIT[dtype] * R_total.abs().amax().item())
+    assert torch.equal(torch.tril(R_whole, -1), torch.zeros_like(R_whole))
+    if plain_passes >= 1:  # Y = Q R, Q orthonormal (the torch composition agrees)
+        torch.testing.assert_close(whole @ R_whole, Y, rtol=0, atol=1e3 * ACCUMULATE_UNIT[dtype] * Y.abs().amax().item())
+        Q_torch, R_torch = cholesky_qr_torch(Y, shift, plain_passes)
+        torch.testing.assert_close(whole, Q_torch, rtol=0, atol=1e3 * ACCUMULATE_UNIT[dtype])
+
+
 def test_solve_reads_a_transposed_factor_in_place(device, generator):
     Y = randn(200, 30, device=device, generator=generator)
     L = _upper_factor(30, (), torch.float32, device, generator).mT.contiguous()
@@ -224,6 +252,8 @@ def test_opcheck(device, generator):
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.clone(), R))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, True))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_scale_.default, (Y.clone(),))
+    torch.library.opcheck(torch.ops.lowrank_ops.cholesky_qr_.default, (Y.clone(), True, 1))
+    torch.library.opcheck(torch.ops.lowrank_ops.cholesky_qr_.default, (Y.mT.contiguous().mT, False, 2))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_cholesky.default, (tall_gram(Y), 70, False))
     torch.library.opcheck(torch.ops.lowrank_ops.tall_solve_upper_.default, (Y.mT.contiguous().mT, R))
 
@@ -266,6 +296,10 @@ def test_bad_input_errors():
         tall_cholesky(torch.randn(4, 3), 10, True)
     with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
         tall_cholesky(R, -1, True)
+    with pytest.raises(ValueError, match="cholesky_qr_: plain_passes must be an int >= 1 with shift=False; got 0"):
+        cholesky_qr_(Y.clone(), False, 0)
+    with pytest.raises(ValueError, match="cholesky_qr_: Y has strides"):
+        cholesky_qr_(torch.randn(10, 8)[:, ::2], True, 1)
     with pytest.raises(ValueError, match="tall_scale_: Y requires grad"):
         tall_scale_(Y.clone().requires_grad_())
     with pytest.raises(ValueError, match="tall_scale_: Y has strides"):

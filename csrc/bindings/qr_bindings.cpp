@@ -100,6 +100,28 @@ LOWRANK_OPS_BINDINGS(qr) {
       "Y /= s in place per block, s = 2^(e - 1) for e the binary exponent of max |Y| (1 for zeros), into scale [batch].",
       py::kw_only(), "y"_a, "scale"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
       "y_col_stride"_a, "dtype"_a, "num_threads"_a);
+  m.def(
+      "cholesky_qr_cpu",
+      [](std::uintptr_t y, std::uintptr_t r, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
+         int64_t y_row_stride, int64_t y_col_stride, bool shift, int64_t plain_passes, int dtype, int num_threads) {
+        CholeskyQrParams p;
+        p.y = reinterpret_cast<void*>(y);
+        p.r = reinterpret_cast<void*>(r);
+        p.batch = batch;
+        p.rows = rows;
+        p.cols = cols;
+        p.y_batch_stride = y_batch_stride;
+        p.y_row_stride = y_row_stride;
+        p.y_col_stride = y_col_stride;
+        p.shift = shift;
+        p.plain_passes = plain_passes;
+        p.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release release;
+        cholesky_qr_cpu(p, num_threads);
+      },
+      "A whole CholeskyQR of Y in place (scaling, then the passes): Y becomes Q; r [batch, cols, cols] receives R.",
+      py::kw_only(), "y"_a, "r"_a, "batch"_a, "rows"_a, "cols"_a, "y_batch_stride"_a, "y_row_stride"_a,
+      "y_col_stride"_a, "shift"_a, "plain_passes"_a, "dtype"_a, "num_threads"_a);
 }
 
 }  // namespace lowrank_ops

@@ -407,6 +407,81 @@ void scale_typed(const TallScaleParams& p, int num_threads) {
   });
 }
 
+// ---------------------------------------------------------------------------- whole CholeskyQR
+// total = factor total for upper-triangular n x n matrices (row-major), via work.
+template <class A>
+void multiply_upper(const A* factor, A* total, A* work, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      A sum = 0;
+      for (int64_t k = i; k <= j; ++k) sum += factor[i * n + k] * total[k * n + j];
+      work[i * n + j] = sum;  // zero below the diagonal (empty sum)
+    }
+  std::copy(work, work + n * n, total);
+}
+
+template <class A>
+void cholesky_qr_typed(const CholeskyQrParams& p, int num_threads) {
+  const int64_t n = p.cols, nn = n * n;
+  std::vector<A> scale(static_cast<size_t>(p.batch)), gram(static_cast<size_t>(p.batch * nn)),
+      factor(static_cast<size_t>(p.batch * nn)), work(static_cast<size_t>(nn));
+  A* total = static_cast<A*>(p.r);
+  TallScaleParams sp;
+  sp.y = p.y;
+  sp.scale = scale.data();
+  sp.batch = p.batch;
+  sp.rows = p.rows;
+  sp.cols = n;
+  sp.y_batch_stride = p.y_batch_stride;
+  sp.y_row_stride = p.y_row_stride;
+  sp.y_col_stride = p.y_col_stride;
+  sp.dtype = p.dtype;
+  scale_typed<A>(sp, num_threads);
+  TallGramParams gp;
+  gp.y = p.y;
+  gp.gram = gram.data();
+  gp.batch = p.batch;
+  gp.rows = p.rows;
+  gp.cols = n;
+  gp.y_batch_stride = p.y_batch_stride;
+  gp.y_row_stride = p.y_row_stride;
+  gp.y_col_stride = p.y_col_stride;
+  gp.dtype = p.dtype;
+  TallCholeskyParams cp;
+  cp.gram = gram.data();
+  cp.batch = p.batch;
+  cp.n = n;
+  cp.rows = p.rows;
+  cp.dtype = p.dtype;
+  TallSolveParams qp;
+  qp.y = p.y;
+  qp.q = p.y;  // in place
+  qp.batch = p.batch;
+  qp.rows = p.rows;
+  qp.cols = n;
+  qp.y_batch_stride = qp.q_batch_stride = p.y_batch_stride;
+  qp.y_row_stride = qp.q_row_stride = p.y_row_stride;
+  qp.y_col_stride = qp.q_col_stride = p.y_col_stride;
+  qp.r_batch_stride = nn;
+  qp.r_row_stride = n;
+  qp.r_col_stride = 1;
+  qp.dtype = p.dtype;
+  const int64_t passes = (p.shift ? 1 : 0) + p.plain_passes;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    A* r = pass == 0 ? total : factor.data();
+    cp.shift = p.shift && pass == 0;
+    cp.r = r;
+    qp.r = r;
+    gram_typed<A>(gp, num_threads);
+    cholesky_typed<A>(cp, num_threads);
+    solve_typed<A>(qp, num_threads);
+    if (pass > 0)
+      for (int64_t b = 0; b < p.batch; ++b) multiply_upper(factor.data() + b * nn, total + b * nn, work.data(), n);
+  }
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t e = 0; e < nn; ++e) total[b * nn + e] *= scale[static_cast<size_t>(b)];
+}
+
 // ---------------------------------------------------------------------------- checks
 void check_block(const char* op, int64_t batch, int64_t rows, int64_t cols, const void* y, int64_t row_stride,
                  int64_t col_stride, DType dtype) {
@@ -454,6 +529,19 @@ void tall_scale_cpu(const TallScaleParams& p, int num_threads) {
     scale_typed<float>(p, num_threads);
   } else {
     scale_typed<double>(p, num_threads);
+  }
+}
+
+void cholesky_qr_cpu(const CholeskyQrParams& p, int num_threads) {
+  check_block("cholesky_qr", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
+  LOWRANK_CHECK(p.plain_passes >= 0 && (p.shift || p.plain_passes >= 1), "cholesky_qr: need at least one pass; got "
+                "shift=", p.shift, ", plain_passes=", p.plain_passes);
+  if (p.batch * p.cols == 0) return;
+  LOWRANK_CHECK(p.r != nullptr, "cholesky_qr: r must not be null");
+  if (p.dtype == DType::float32) {
+    cholesky_qr_typed<float>(p, num_threads);
+  } else {
+    cholesky_qr_typed<double>(p, num_threads);
   }
 }
 

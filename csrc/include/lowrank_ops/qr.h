@@ -75,10 +75,27 @@ struct TallScaleParams {
   DType dtype = DType::float32;
 };
 
+// A whole CholeskyQR in place: Y scaled (TallScaleParams), then the passes (a shifted one
+// if `shift`, then `plain_passes` plain ones), each a Gram matrix, its factor
+// (TallCholeskyParams) and the solve into Y; Y ends as Q, r [batch, cols, cols]
+// (contiguous) receives R with Y_in = Q R (the passes' factors multiplied, times the
+// scale).  One call for what the ops above do in 3 per pass plus the scaling: on small
+// blocks (1024 x 42) their Python wrappers cost more than the kernels.
+struct CholeskyQrParams {
+  void* y = nullptr;
+  void* r = nullptr;  // [batch, cols, cols]
+  int64_t batch = 0, rows = 0, cols = 0;
+  int64_t y_batch_stride = 0, y_row_stride = 0, y_col_stride = 0;
+  bool shift = true;
+  int64_t plain_passes = 1;
+  DType dtype = DType::float32;
+};
+
 // CPU (csrc/cpu/qr_cpu.cpp), multi-threaded over row chunks and the batch.
 void tall_gram_cpu(const TallGramParams& p, int num_threads);
 void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads);
 void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads);
 void tall_scale_cpu(const TallScaleParams& p, int num_threads);
+void cholesky_qr_cpu(const CholeskyQrParams& p, int num_threads);
 
 }  // namespace lowrank_ops

@@ -10,12 +10,12 @@ plain CholeskyQR2: 8e-8 at 1e12) and at 4e-7 up to 1e4 in float32 (4e-5 at 1e5).
 No condition estimate, and so no host synchronization, is needed to decide.  Cost per
 pass: ``2 m n^2`` flops (Gram) + ``m n^2`` (triangular solve).
 
-On the CPU (float32 and float64 blocks that need no gradient) the Gram matrix and the
-solve run on the kernels of :mod:`lowrank_ops.ops.qr`, and the passes overwrite the
-scaled copy of Y in place: one new ``[m, n]`` buffer per call, none inside rsvd (which
-hands over its temporary blocks).  On the 2-core VMs measured, the first touch of a
-fresh 1.2 MB buffer costs about what a 4096 x 74 pass costs.
-Elsewhere (CUDA, or a Y that needs a gradient) they are torch ops (cuBLAS / MKL).
+On the CPU (float32 and float64 blocks that need no gradient) the whole algorithm is one
+call of the kernels of :mod:`lowrank_ops.ops.qr` (``cholesky_qr_``), in place on a copy
+of Y: one new ``[m, n]`` buffer per call, none inside rsvd (which hands over its
+temporary blocks).  On the 2-core VMs measured, the first touch of a fresh 1.2 MB buffer
+costs about what a 4096 x 74 pass costs.  Elsewhere (CUDA, or a Y that needs a gradient)
+torch's ops (cuBLAS / MKL; ``cholesky_qr_torch``).
 """
 from __future__ import annotations
 
@@ -24,53 +24,25 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
-from ..ops.qr import power_of_two_scale, shifted_cholesky, tall_cholesky, tall_gram, tall_scale_, tall_solve_upper_
+from ..ops.qr import cholesky_qr_, cholesky_qr_torch
 
 __all__ = ["cholesky_qr2"]
 
 
-def _use_kernels(Y: torch.Tensor) -> bool:
-    """Whether the passes run on the CPU kernels of :mod:`lowrank_ops.ops.qr` (not
-    differentiable: a Y that needs a gradient takes the torch ops)."""
-    return Y.device.type == "cpu" and Y.dtype in (torch.float32, torch.float64) and not _needs_grad(Y)
-
-
-def _needs_grad(Y: torch.Tensor) -> bool:
-    return Y.requires_grad and torch.is_grad_enabled()
-
-
 def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """cholesky_qr2 without the argument checks; ``overwrite``: Y is the caller's temporary,
-    which the passes may overwrite (on the CPU kernels every pass then runs in place: no
-    new ``[m, n]`` buffer, whose first touch costs as much as the pass on the VMs measured)."""
+    which the CPU kernel may overwrite (no new ``[m, n]`` buffer, whose first touch costs
+    as much as a pass on the VMs measured)."""
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y, overwrite = Y.float(), True
-    m = Y.shape[-2]
     with without_autocast(Y.device):
-        # Gram matrices square the entries: of a finite Y whose entries exceed about 1e19 in
-        # float32 (1e154 in float64), Y^T Y overflows.  The first pass factors Y / scale (an
-        # exact power-of-two scaling: Q is unchanged, R scales back exactly).
-        kernels = _use_kernels(Y)
-        dense = Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()  # no element shared (as an expand's)
-        if kernels:
-            if not dense:
-                Y = Y.contiguous()
-            elif not overwrite:
-                Y = Y.clone()  # in Y's layout
-            scale = tall_scale_(Y)
-        else:
-            scale = power_of_two_scale(Y)
-            Y = Y.div_(scale) if overwrite and dense and not _needs_grad(Y) else Y / scale
-        R_total = None
-        for shifted in (True,) * shift + (False,) * plain_passes:
-            if kernels:
-                R = tall_cholesky(tall_gram(Y), m, shifted)
-                Y = tall_solve_upper_(Y, R)
-            else:
-                R = shifted_cholesky(Y.transpose(-2, -1) @ Y, m, shifted)
-                Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-            R_total = R if R_total is None else R @ R_total
-        return Y, R_total * scale
+        if Y.device.type != "cpu" or (Y.requires_grad and torch.is_grad_enabled()):
+            return cholesky_qr_torch(Y, shift, plain_passes)
+        if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):  # e.g. an expand's shared elements
+            Y = Y.contiguous()
+        elif not overwrite:
+            Y = Y.clone()  # in Y's layout
+        return Y, cholesky_qr_(Y, shift, plain_passes)
 
 
 def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -23,13 +23,14 @@ from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, eager_or_op, register_fake
 
-__all__ = ["tall_cholesky", "tall_gram", "tall_scale_", "tall_solve_upper", "tall_solve_upper_"]
+__all__ = ["cholesky_qr_", "tall_cholesky", "tall_gram", "tall_scale_", "tall_solve_upper", "tall_solve_upper_"]
 
 LIBRARY.define("tall_gram(Tensor Y) -> Tensor")
 LIBRARY.define("tall_solve_upper(Tensor Y, Tensor R) -> Tensor")
 LIBRARY.define("tall_solve_upper_(Tensor(a!) Y, Tensor R) -> ()")
 LIBRARY.define("tall_cholesky(Tensor gram, int rows, bool shift) -> Tensor")
 LIBRARY.define("tall_scale_(Tensor(a!) Y) -> Tensor")
+LIBRARY.define("cholesky_qr_(Tensor(a!) Y, bool shift, int plain_passes) -> Tensor")
 
 
 def _blocks(Y: torch.Tensor) -> torch.Tensor:
@@ -194,6 +195,42 @@ def _tall_scale_fake(Y: torch.Tensor) -> torch.Tensor:
     return Y.new_empty(*Y.shape[:-2], 1, 1)
 
 
+def cholesky_qr_torch(Y: torch.Tensor, shift: bool, plain_passes: int):
+    """``(Q, R)``: CholeskyQR in torch's ops, Y unchanged (differentiable; the CUDA impl of
+    ``cholesky_qr_``, whose CPU kernel runs the same steps: see qr.h)."""
+    scale = power_of_two_scale(Y)
+    Y = Y / scale
+    R_total = None
+    for shifted in (True,) * shift + (False,) * plain_passes:
+        R = shifted_cholesky(Y.transpose(-2, -1) @ Y, Y.shape[-2], shifted)
+        Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+        R_total = R if R_total is None else R @ R_total
+    return Y, R_total * scale
+
+
+def _cholesky_qr_cpu(Y: torch.Tensor, shift: bool, plain_passes: int) -> torch.Tensor:
+    n = Y.shape[-1]
+    Y3 = Y.view(Y.shape[:-2].numel(), *Y.shape[-2:])
+    R = Y.new_empty(Y3.shape[0], n, n)
+    extension().cholesky_qr_cpu(
+        y=Y3.data_ptr(), r=R.data_ptr(), batch=Y3.shape[0], rows=Y3.shape[1], cols=n, y_batch_stride=Y3.stride(0),
+        y_row_stride=Y3.stride(1), y_col_stride=Y3.stride(2), shift=shift, plain_passes=plain_passes,
+        dtype=float_code(Y.dtype, "cholesky_qr_", "Y"), num_threads=torch.get_num_threads(),
+    )
+    return R.reshape(*Y.shape[:-2], n, n)
+
+
+def _cholesky_qr_cuda(Y: torch.Tensor, shift: bool, plain_passes: int) -> torch.Tensor:
+    Q, R = cholesky_qr_torch(Y, shift, plain_passes)
+    Y.copy_(Q)
+    return R.contiguous()
+
+
+def _cholesky_qr_fake(Y: torch.Tensor, shift: bool, plain_passes: int) -> torch.Tensor:
+    n = Y.shape[-1]
+    return Y.new_empty(*Y.shape[:-2], n, n)
+
+
 LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
 LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
 register_fake("tall_gram", _tall_gram_fake)
@@ -209,6 +246,9 @@ register_fake("tall_cholesky", _tall_cholesky_fake)
 LIBRARY.impl("tall_scale_", _tall_scale_cpu, "CPU")
 LIBRARY.impl("tall_scale_", _tall_scale_cuda, "CUDA")
 register_fake("tall_scale_", _tall_scale_fake)
+LIBRARY.impl("cholesky_qr_", _cholesky_qr_cpu, "CPU")
+LIBRARY.impl("cholesky_qr_", _cholesky_qr_cuda, "CUDA")
+register_fake("cholesky_qr_", _cholesky_qr_fake)
 
 
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
@@ -312,6 +352,14 @@ def tall_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
     return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))
 
 
+def _check_dense_inplace(op: str, Y: torch.Tensor) -> None:
+    _check_block(op, "Y", Y)
+    if Y.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: Y requires grad; an in-place {op.rstrip('_')} would discard its history")
+    if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):
+        raise ValueError(f"{op}: Y has strides {Y.stride()}; expected a contiguous block or the transpose of one")
+
+
 def tall_scale_(Y: torch.Tensor) -> torch.Tensor:
     """Divides each matrix of Y in place by :func:`power_of_two_scale` of it (exact) and
     returns those scales ``[..., 1, 1]``: the first step of CholeskyQR, in one CPU call.
@@ -322,10 +370,31 @@ def tall_scale_(Y: torch.Tensor) -> torch.Tensor:
         float32 or float64, a unit row or column stride and batch dimensions that merge
         (a dense block: no element shared, as an ``expand``'s would be); not requiring grad.
     """
-    op = "tall_scale_"
-    _check_block(op, "Y", Y)
-    if Y.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{op}: Y requires grad; an in-place scaling would discard its history")
-    if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):
-        raise ValueError(f"{op}: Y has strides {Y.stride()}; expected a contiguous block or the transpose of one")
-    return eager_or_op(op, _tall_scale_cpu if Y.device.type == "cpu" else _tall_scale_cuda)(Y)
+    _check_dense_inplace("tall_scale_", Y)
+    return eager_or_op("tall_scale_", _tall_scale_cpu if Y.device.type == "cpu" else _tall_scale_cuda)(Y)
+
+
+def cholesky_qr_(Y: torch.Tensor, shift: bool = True, plain_passes: int = 2) -> torch.Tensor:
+    """CholeskyQR of Y in place (:func:`lowrank_ops.linalg.cholesky_qr2`'s algorithm): Y
+    becomes Q; returns R ``[..., n, n]`` with ``Y_in = Q R``.
+
+    One CPU call for the scaling and every pass (:func:`tall_scale_`, then per pass
+    :func:`tall_gram`, :func:`tall_cholesky` and :func:`tall_solve_upper_`, the same kernels
+    and so the same Q): on small blocks the ops' Python wrappers cost more than their
+    kernels (1024 x 42 float32: ~50 us of kernels per pass).
+
+    Parameters
+    ----------
+    Y : Tensor[..., m, n]
+        As :func:`tall_scale_`: a dense block, not requiring grad.
+    shift : bool
+        A shifted first pass.
+    plain_passes : int
+        Plain passes after it (at least one pass in all).
+    """
+    _check_dense_inplace("cholesky_qr_", Y)
+    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
+        raise ValueError(f"cholesky_qr_: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; "
+                         f"got {plain_passes!r}")
+    impl = _cholesky_qr_cpu if Y.device.type == "cpu" else _cholesky_qr_cuda
+    return eager_or_op("cholesky_qr_", impl)(Y, bool(shift), plain_passes)

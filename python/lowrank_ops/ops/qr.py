@@ -1,19 +1,23 @@
-"""The tall-skinny steps of CholeskyQR as ops: the Gram matrix and the triangular solve.
+"""CholeskyQR's steps as ops, on hand-written CPU kernels (csrc/cpu/qr_cpu.cpp).
 
-* ``torch.ops.lowrank_ops.tall_gram(Y) -> G``: ``G = Y^T Y``.
-* ``torch.ops.lowrank_ops.tall_solve_upper(Y, R) -> Q``: ``Q = Y R^-1`` (``Q R = Y``) for
-  an upper-triangular R, by forward substitution along each row (BLAS xTRSM's arithmetic).
+* ``tall_gram(Y) -> G``: ``G = Y^T Y``.
+* ``tall_solve_upper(Y, R) -> Q``: ``Q = Y R^-1`` (``Q R = Y``) for an upper-triangular R,
+  by forward substitution along each row (BLAS xTRSM's arithmetic), Q column-major;
+  ``tall_solve_upper_(Y, R)`` writes Q into Y, in Y's layout.
+* ``tall_cholesky(G, rows, shift) -> R``: a pass's factor, with its shift and fallback.
+* ``tall_scale_(Y) -> scale``: the exact power-of-two scaling, in place.
+* ``cholesky_qr_(Y, shift, plain_passes) -> R``: all of it, Y becoming Q, in one call.
 
-:func:`lowrank_ops.linalg.cholesky_qr2` runs one of each per pass, on the bases of rsvd's
-power iterations (4096 x 74 at rank 64): there MKL's GEMM and TRSM run far below their
-rates on large matrices (cols = 74 is a short dimension for their blocking), and the
-pass's layout copies cost as much again.  CPU: hand-written kernels (csrc/cpu/qr_cpu.cpp)
-that take row- or column-major blocks and write Q column-major, the layout that the next
-pass and rsvd's next product ``Q^T A`` read without a copy; ``tall_solve_upper_`` solves
-in place.  Measured against torch on the 2-core AMD EPYC (bench/bench_qr.py,
-bench/results/cpu-amd-epyc-2core/qr-full; float32, 4096 x 74): Gram 0.19-0.22 against
-0.35-0.36 ms, solve 0.23-0.25 against 0.42-0.49 ms.  CUDA: torch (cuBLAS's GEMM and
-TRSM), with the same output layout.
+:func:`lowrank_ops.linalg.cholesky_qr2` and rsvd's orthonormalizations run
+``cholesky_qr_`` on the CPU, on blocks such as rsvd's 4096 x 74 bases (rank 64): there
+MKL's GEMM and TRSM run far below their rates on large matrices (74 columns are a short
+dimension for their blocking), the layout copies around them and the first touch of
+fresh temporaries cost as much again, and torch's dozen small ops per Cholesky factor
+cost ten times the factorization.  The kernels take row- or column-major blocks.
+Measured against torch on the 2-core AMD EPYC (bench/bench_qr.py,
+bench/results/cpu-amd-epyc-2core/qr-full; float32, 4096 x 74): Gram 0.18 against 0.33-0.36
+ms, solve 0.22-0.25 against 0.39-0.48 ms, the whole cholesky_qr2 1.3-2.0x
+``torch.linalg.qr``.  CUDA: torch's ops (cuBLAS, cuSOLVER) with the same output layouts.
 """
 from __future__ import annotations
 

@@ -61,6 +61,16 @@ def test_gram_within_the_dot_product_bound(device, dtype, layout, batch, m, n, g
     assert torch.equal(G, G.mT), "the Gram matrix is exactly symmetric"
 
 
+def test_gram_of_a_wide_row_major_block(generator):
+    """A row-major block so wide that its packed chunk exceeds the scratch each thread keeps
+    (4 MB): the kernel then packs into a buffer of the call's own."""
+    Y = randn(40, 1100, generator=generator)
+    G = tall_gram(Y)
+    Y64 = Y.double()
+    reference = Y64.mT @ Y64
+    assert_within(G, reference, summation_bound(Y64.abs().mT @ Y64.abs(), reference, 40, torch.float32), "wide gram")
+
+
 @pytest.mark.parametrize("dtype", REAL)
 @pytest.mark.parametrize("layout", ["row", "col", "strided"])
 @pytest.mark.parametrize("batch, m, n", SHAPES)

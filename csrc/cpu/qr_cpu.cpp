@@ -77,6 +77,22 @@ LOWRANK_INLINE void lane_sums16(const WideVec<A>* acc, A* out) {
   }
 }
 
+// Scratch of `count` elements for the calling thread.  Up to kKeptScratchBytes it is a
+// per-thread buffer kept between calls (a fresh buffer's first touch costs page faults,
+// as much as a 4096 x 74 pass on the VMs measured); larger requests (very wide blocks)
+// get `local`, the caller's own, freed after the call, so no thread keeps tens of MB.
+constexpr size_t kKeptScratchBytes = size_t(4) << 20;
+template <class A>
+A* thread_scratch(std::vector<A>& local, size_t count) {
+  thread_local std::vector<A> kept;
+  if (count * sizeof(A) > kKeptScratchBytes) {
+    local.resize(count);
+    return local.data();
+  }
+  if (kept.size() < count) kept.resize(count);
+  return kept.data();
+}
+
 int threads_for(int64_t multiply_adds, int num_threads) {
   return multiply_adds < kSerialWork ? 1 : std::max(num_threads, 1);
 }
@@ -178,9 +194,9 @@ void gram_typed(const TallGramParams& p, int num_threads) {
     if (colmajor) {
       gram_chunk_colmajor(block, p.y_col_stride, n, i0, i1, out);
     } else {
-      thread_local std::vector<A> pack;
-      pack.resize(static_cast<size_t>(kGramChunkRows * npad));
-      gram_chunk_rowmajor(block, p.y_row_stride, n, i0, i1, pack.data(), out);
+      std::vector<A> local;
+      A* pack = thread_scratch(local, static_cast<size_t>(kGramChunkRows * npad));
+      gram_chunk_rowmajor(block, p.y_row_stride, n, i0, i1, pack, out);
     }
   });
   parallel_for(p.batch, threads, [&](int64_t b) {
@@ -261,9 +277,9 @@ void solve_typed(const TallSolveParams& p, int num_threads) {
     const int64_t b = task / blocks, i0 = task % blocks * W;
     // std::vector does not align its elements to 64 bytes (vector_size types are not
     // "over-aligned" to its allocator): one spare vector, and the start rounded up.
-    thread_local std::vector<A> buffer;
-    buffer.resize(static_cast<size_t>((p.cols + 1) * W));
-    const auto start = (reinterpret_cast<std::uintptr_t>(buffer.data()) + 63) / 64 * 64;
+    std::vector<A> local;
+    A* buffer = thread_scratch(local, static_cast<size_t>((p.cols + 1) * W));
+    const auto start = (reinterpret_cast<std::uintptr_t>(buffer) + 63) / 64 * 64;
     solve_block(p, static_cast<const A*>(p.y) + b * p.y_batch_stride, static_cast<const A*>(p.r) + b * p.r_batch_stride,
                 static_cast<A*>(p.q) + b * p.q_batch_stride, i0, reinterpret_cast<WideVec<A>*>(start));
   });

@@ -5,8 +5,9 @@
 //   tall_gram:        G = Y^T Y                 [cols, cols], both triangles written;
 //   tall_solve_upper: Q = Y R^-1  (Q R = Y)     R [cols, cols] upper triangular,
 //
-// the two O(rows cols^2) steps of a CholeskyQR pass (the Cholesky factorization of G,
-// O(cols^3), is the caller's).  Q is the row-wise forward substitution
+// the two O(rows cols^2) steps of a CholeskyQR pass; below them the pass's O(cols^3)
+// factor (tall_cholesky), the exact scaling that precedes the passes (tall_scale) and the
+// whole algorithm in one call (cholesky_qr).  Q is the row-wise forward substitution
 // q_j = (y_j - sum_{k<j} q_k R_kj) / R_jj, in that order of k: the arithmetic of BLAS's
 // xTRSM (side right, upper, no transpose), and its backward stability.
 //
@@ -18,7 +19,7 @@
 // contiguous; Q is strided as Y is (a unit row or column stride), and may be Y itself:
 // the solve can run in place.
 // dtype float32 or float64 (both Y, R, G and Q).  Results do not depend on the number
-// of threads.  CPU only: on CUDA the driver uses cuBLAS through torch.
+// of threads.  CPU only: on CUDA the ops are torch's (cuBLAS, cuSOLVER).
 #pragma once
 
 #include <cstdint>

@@ -20,6 +20,23 @@ def _small_batch_case(rows, in_features, out_features, generator, pad=0):
         strided(rows, out_features)
 
 
+def _check_grad_input_kernel(grad_y, weight, pad):
+    """``_C``'s grad-input kernel into a NaN-filled ``dx`` (row stride ``in + pad``): within the
+    float64-derived bound of an ``out``-term dot product, nothing written past ``in``."""
+    rows, out_features = grad_y.shape
+    in_features = weight.shape[1]
+    grad_x = torch.full((rows, in_features + pad), float("nan"))
+    extension().small_batch_linear_grad_input_cpu(
+        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=rows,
+        in_features=in_features, out_features=out_features, gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
+        gx_ld=grad_x.stride(0), num_threads=2)
+    want = grad_y.double() @ weight.double()
+    magnitude = grad_y.double().abs() @ weight.double().abs()
+    assert_within(grad_x[:, :in_features], want, summation_bound(magnitude, want, out_features, torch.float32),
+                  f"dx {rows}x{in_features}x{out_features}")
+    assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
+
+
 @pytest.mark.parametrize("pad", [0, 3])
 def test_small_batch_kernels_match_float64(pad, generator):
     """_C's small-batch kernels on every tail: rows 1-5 (row tiles of 4), in not a multiple
@@ -48,16 +65,7 @@ def test_small_batch_kernels_match_float64(pad, generator):
             assert_within(y[:, :out_features], want, summation_bound(magnitude, want, in_features + 1, torch.float32),
                           f"y {rows}x{in_features}x{out_features}")
             assert torch.isnan(y[:, out_features:]).all(), "wrote past out_features"
-        grad_x = torch.full((rows, in_features + pad), float("nan"))
-        kernels.small_batch_linear_grad_input_cpu(
-            grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=rows,
-            in_features=in_features, out_features=out_features, gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-            gx_ld=grad_x.stride(0), num_threads=2)
-        want = grad_y.double() @ weight.double()
-        magnitude = grad_y.double().abs() @ weight.double().abs()
-        assert_within(grad_x[:, :in_features], want, summation_bound(magnitude, want, out_features, torch.float32),
-                      f"dx {rows}x{in_features}x{out_features}")
-        assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
+        _check_grad_input_kernel(grad_y, weight, pad)
 
 
 @pytest.mark.parametrize("rows, in_features, out_features", [(65, 33, 130), (129, 70, 9), (256, 48, 300)])
@@ -66,16 +74,7 @@ def test_grad_input_kernel_beyond_the_forward_rows(rows, in_features, out_featur
     kernels = extension()
     assert kernels.SMALL_BATCH_GRAD_MAX_ROWS == 256
     _, weight, _, grad_y = _small_batch_case(rows, in_features, out_features, generator, pad=3)
-    grad_x = torch.full((rows, in_features + 2), float("nan"))
-    kernels.small_batch_linear_grad_input_cpu(
-        grad_y=grad_y.data_ptr(), weight=weight.data_ptr(), grad_x=grad_x.data_ptr(), rows=rows,
-        in_features=in_features, out_features=out_features, gy_ld=grad_y.stride(0), w_ld=weight.stride(0),
-        gx_ld=grad_x.stride(0), num_threads=2)
-    want = grad_y.double() @ weight.double()
-    magnitude = grad_y.double().abs() @ weight.double().abs()
-    assert_within(grad_x[:, :in_features], want, summation_bound(magnitude, want, out_features, torch.float32),
-                  f"dx {rows}x{in_features}x{out_features}")
-    assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
+    _check_grad_input_kernel(grad_y, weight, pad=2)
 
 
 def test_small_batch_kernels_reject_bad_sizes(generator):

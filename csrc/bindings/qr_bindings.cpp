@@ -1,4 +1,4 @@
-// lowrank_ops._C: CholeskyQR's tall-skinny steps, the Gram matrix and the triangular solve (tall_gram, tall_solve_upper).
+// lowrank_ops._C: CholeskyQR's kernels (tall_gram, tall_solve_upper, tall_cholesky, tall_scale, cholesky_qr; qr.h).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -10,22 +10,33 @@ namespace py = pybind11;
 using namespace pybind11::literals;
 
 namespace lowrank_ops {
+namespace {
+
+// Params P with its block description (qr.h's copy_tall_block fields) set from the arguments.
+template <class P>
+P block_params(std::uintptr_t y, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
+               int64_t y_row_stride, int64_t y_col_stride, int dtype) {
+  P p;
+  p.y = reinterpret_cast<decltype(p.y)>(y);
+  p.batch = batch;
+  p.rows = rows;
+  p.cols = cols;
+  p.y_batch_stride = y_batch_stride;
+  p.y_row_stride = y_row_stride;
+  p.y_col_stride = y_col_stride;
+  p.dtype = static_cast<DType>(dtype);
+  return p;
+}
+
+}  // namespace
 
 LOWRANK_OPS_BINDINGS(qr) {
   m.def(
       "tall_gram_cpu",
       [](std::uintptr_t y, std::uintptr_t gram, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
          int64_t y_row_stride, int64_t y_col_stride, int dtype, int num_threads) {
-        TallGramParams p;
-        p.y = reinterpret_cast<const void*>(y);
+        auto p = block_params<TallGramParams>(y, batch, rows, cols, y_batch_stride, y_row_stride, y_col_stride, dtype);
         p.gram = reinterpret_cast<void*>(gram);
-        p.batch = batch;
-        p.rows = rows;
-        p.cols = cols;
-        p.y_batch_stride = y_batch_stride;
-        p.y_row_stride = y_row_stride;
-        p.y_col_stride = y_col_stride;
-        p.dtype = static_cast<DType>(dtype);
         py::gil_scoped_release release;
         tall_gram_cpu(p, num_threads);
       },
@@ -38,23 +49,15 @@ LOWRANK_OPS_BINDINGS(qr) {
          int64_t y_batch_stride, int64_t y_row_stride, int64_t y_col_stride, int64_t r_batch_stride,
          int64_t r_row_stride, int64_t r_col_stride, int64_t q_batch_stride, int64_t q_row_stride,
          int64_t q_col_stride, int dtype, int num_threads) {
-        TallSolveParams p;
-        p.y = reinterpret_cast<const void*>(y);
+        auto p = block_params<TallSolveParams>(y, batch, rows, cols, y_batch_stride, y_row_stride, y_col_stride, dtype);
         p.r = reinterpret_cast<const void*>(r);
         p.q = reinterpret_cast<void*>(q);
-        p.batch = batch;
-        p.rows = rows;
-        p.cols = cols;
-        p.y_batch_stride = y_batch_stride;
-        p.y_row_stride = y_row_stride;
-        p.y_col_stride = y_col_stride;
         p.r_batch_stride = r_batch_stride;
         p.r_row_stride = r_row_stride;
         p.r_col_stride = r_col_stride;
         p.q_batch_stride = q_batch_stride;
         p.q_row_stride = q_row_stride;
         p.q_col_stride = q_col_stride;
-        p.dtype = static_cast<DType>(dtype);
         py::gil_scoped_release release;
         tall_solve_upper_cpu(p, num_threads);
       },
@@ -84,16 +87,8 @@ LOWRANK_OPS_BINDINGS(qr) {
       "tall_scale_cpu",
       [](std::uintptr_t y, std::uintptr_t scale, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
          int64_t y_row_stride, int64_t y_col_stride, int dtype, int num_threads) {
-        TallScaleParams p;
-        p.y = reinterpret_cast<void*>(y);
+        auto p = block_params<TallScaleParams>(y, batch, rows, cols, y_batch_stride, y_row_stride, y_col_stride, dtype);
         p.scale = reinterpret_cast<void*>(scale);
-        p.batch = batch;
-        p.rows = rows;
-        p.cols = cols;
-        p.y_batch_stride = y_batch_stride;
-        p.y_row_stride = y_row_stride;
-        p.y_col_stride = y_col_stride;
-        p.dtype = static_cast<DType>(dtype);
         py::gil_scoped_release release;
         tall_scale_cpu(p, num_threads);
       },
@@ -104,18 +99,10 @@ LOWRANK_OPS_BINDINGS(qr) {
       "cholesky_qr_cpu",
       [](std::uintptr_t y, std::uintptr_t r, int64_t batch, int64_t rows, int64_t cols, int64_t y_batch_stride,
          int64_t y_row_stride, int64_t y_col_stride, bool shift, int64_t plain_passes, int dtype, int num_threads) {
-        CholeskyQrParams p;
-        p.y = reinterpret_cast<void*>(y);
+        auto p = block_params<CholeskyQrParams>(y, batch, rows, cols, y_batch_stride, y_row_stride, y_col_stride, dtype);
         p.r = reinterpret_cast<void*>(r);
-        p.batch = batch;
-        p.rows = rows;
-        p.cols = cols;
-        p.y_batch_stride = y_batch_stride;
-        p.y_row_stride = y_row_stride;
-        p.y_col_stride = y_col_stride;
         p.shift = shift;
         p.plain_passes = plain_passes;
-        p.dtype = static_cast<DType>(dtype);
         py::gil_scoped_release release;
         cholesky_qr_cpu(p, num_threads);
       },

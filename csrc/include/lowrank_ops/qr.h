@@ -92,6 +92,20 @@ struct CholeskyQrParams {
   DType dtype = DType::float32;
 };
 
+// Copies the block description the params above share (y, batch, rows, cols, Y's
+// strides, dtype) from one params struct to another.
+template <class To, class From>
+void copy_tall_block(To& to, const From& from) {
+  to.y = from.y;
+  to.batch = from.batch;
+  to.rows = from.rows;
+  to.cols = from.cols;
+  to.y_batch_stride = from.y_batch_stride;
+  to.y_row_stride = from.y_row_stride;
+  to.y_col_stride = from.y_col_stride;
+  to.dtype = from.dtype;
+}
+
 // CPU (csrc/cpu/qr_cpu.cpp), multi-threaded over row chunks and the batch.
 void tall_gram_cpu(const TallGramParams& p, int num_threads);
 void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads);

@@ -235,24 +235,17 @@ def _cholesky_qr_fake(Y: torch.Tensor, shift: bool, plain_passes: int) -> torch.
     return Y.new_empty(*Y.shape[:-2], n, n)
 
 
-LIBRARY.impl("tall_gram", _tall_gram_cpu, "CPU")
-LIBRARY.impl("tall_gram", _tall_gram_cuda, "CUDA")
-register_fake("tall_gram", _tall_gram_fake)
-LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cpu, "CPU")
-LIBRARY.impl("tall_solve_upper", _tall_solve_upper_cuda, "CUDA")
-register_fake("tall_solve_upper", _tall_solve_upper_fake)
-LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cpu, "CPU")
-LIBRARY.impl("tall_solve_upper_", _tall_solve_upper_inplace_cuda, "CUDA")
-register_fake("tall_solve_upper_", _tall_solve_upper_inplace_fake)
-LIBRARY.impl("tall_cholesky", _tall_cholesky_cpu, "CPU")
-LIBRARY.impl("tall_cholesky", _tall_cholesky_cuda, "CUDA")
-register_fake("tall_cholesky", _tall_cholesky_fake)
-LIBRARY.impl("tall_scale_", _tall_scale_cpu, "CPU")
-LIBRARY.impl("tall_scale_", _tall_scale_cuda, "CUDA")
-register_fake("tall_scale_", _tall_scale_fake)
-LIBRARY.impl("cholesky_qr_", _cholesky_qr_cpu, "CPU")
-LIBRARY.impl("cholesky_qr_", _cholesky_qr_cuda, "CUDA")
-register_fake("cholesky_qr_", _cholesky_qr_fake)
+for _name, _cpu, _cuda, _fake in [
+    ("tall_gram", _tall_gram_cpu, _tall_gram_cuda, _tall_gram_fake),
+    ("tall_solve_upper", _tall_solve_upper_cpu, _tall_solve_upper_cuda, _tall_solve_upper_fake),
+    ("tall_solve_upper_", _tall_solve_upper_inplace_cpu, _tall_solve_upper_inplace_cuda, _tall_solve_upper_inplace_fake),
+    ("tall_cholesky", _tall_cholesky_cpu, _tall_cholesky_cuda, _tall_cholesky_fake),
+    ("tall_scale_", _tall_scale_cpu, _tall_scale_cuda, _tall_scale_fake),
+    ("cholesky_qr_", _cholesky_qr_cpu, _cholesky_qr_cuda, _cholesky_qr_fake),
+]:
+    LIBRARY.impl(_name, _cpu, "CPU")
+    LIBRARY.impl(_name, _cuda, "CUDA")
+    register_fake(_name, _fake)
 
 
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:

@@ -627,6 +627,25 @@ def test_bad_input_errors(device, generator):
         batched_svd(big)
 
 
+@pytest.mark.parametrize("size", [8, 300])
+def test_overflowing_singular_value_is_reported(device, generator, size):
+    """A finite float32 matrix whose largest singular value exceeds float32's range (all
+    entries 3e38: sigma_1 = 3e38 size): S holds inf and that matrix reports
+    converged = False, its neighbours are unaffected.  8 x 8 runs the kernel (its factors
+    stay finite: it sweeps a scaled copy), 300 x 300 the delegated torch.linalg.svd."""
+    A = randn(3, size, size, device=device, generator=generator)
+    A[1] = 3e38
+    result = batched_svd(A)
+    assert result.converged.tolist() == [True, False, True]
+    assert math.isinf(result.S[1, 0].item())
+    assert torch.isfinite(result.S[[0, 2]]).all()
+    if size <= jacobi_size_limit(torch.float32, device):
+        eye = torch.eye(size, device=device)
+        torch.testing.assert_close(result.U[1].T @ result.U[1], eye, rtol=0, atol=1e-5)
+        torch.testing.assert_close(result.Vh[1] @ result.Vh[1].T, eye, rtol=0, atol=1e-5)
+        torch.testing.assert_close(result.S[1, 1:], torch.zeros(size - 1, device=device), rtol=0, atol=0)
+
+
 def test_cuda_tensor_on_cpu_only_build_names_the_fix(cpu_only_build):
     from lowrank_ops.ops import svd as svd_ops
 

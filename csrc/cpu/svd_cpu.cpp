@@ -579,9 +579,9 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
   int64_t* perm = m.perm;
   const A tiny = jacobi_tiny<A>();
   bool finite = true;
-  for (int64_t c = 0; c < cols; ++c) {
+  for (int64_t c = 0; c < cols; ++c) {  // finite once scaled back (a finite A's sigma may overflow A's range)
     sigma[c] = m.norm2[c] >= tiny ? std::sqrt(m.norm2[c]) : A(0);
-    finite = finite && std::isfinite(sigma[c]);
+    finite = finite && std::isfinite(std::ldexp(sigma[c], exponent));
   }
   std::iota(perm, perm + cols, int64_t(0));
   // Descending, ties in column order (a strict total order, so std::sort is

@@ -394,7 +394,8 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_svd_kernel(JacobiSvdParams
     }
     if (threadIdx.x == 0) {
       bool finite = true;
-      for (int64_t c = 0; c < cols; ++c) finite = finite && is_finite(sigma[c]);
+      // Finite once scaled back: a finite A's sigma may overflow A's range.
+      for (int64_t c = 0; c < cols; ++c) finite = finite && is_finite(ldexp_of(sigma[c], exponent));
       p.sweeps[b] = sweeps;
       p.converged[b] = converged && finite ? 1 : 0;
       static_cast<A*>(p.off_diagonal)[b] = off;

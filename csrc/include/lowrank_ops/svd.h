@@ -31,8 +31,9 @@
 //   * A sweep in which no pair exceeds tol (so without any rotation) proves convergence.  Each matrix reports the sweeps
 //     it used (the final, rotation-free sweep included), whether it converged within
 //     max_sweeps, and the largest |w_i . w_j| / (||w_i|| ||w_j||) measured in its last
-//     sweep (<= tol when converged).  A non-finite sigma (only possible from non-finite
-//     input) is reported as not converged.
+//     sweep (<= tol when converged).  A non-finite sigma (from non-finite input, or a
+//     singular value beyond the dtype's range, e.g. a float32 8 x 8 of 3e38) is reported
+//     as not converged.
 //   * Sign normalization: the largest-magnitude entry (the first one on ties) of every
 //     column of the *output* U is made positive, and the matching column of V flipped
 //     with it.  Because a wide matrix arrives transposed, its output U is the kernel's

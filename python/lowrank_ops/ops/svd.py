@@ -89,7 +89,9 @@ class BatchedSVDResult(NamedTuple):
     Vh : Tensor[..., k, n] or None
         Right singular vectors as rows; ``[..., n, n]`` with ``full_matrices=True``.
     converged : Tensor[...] bool
-        Whether each matrix met the tolerance within ``max_sweeps`` sweeps.
+        Whether each matrix met the tolerance within ``max_sweeps`` sweeps with finite
+        singular values (False where one overflows the dtype's range, e.g. float32
+        ``full((8, 8), 3e38)``: its S holds inf).
     sweeps : Tensor[...] int32
         Sweeps each matrix used, the final rotation-free (checking) sweep included;
         0 for matrices delegated to ``torch.linalg.svd``.
@@ -313,7 +315,7 @@ def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
         S = singular_values(X)
     batch = A3.shape[0]
     sweeps = A3.new_zeros((batch,), dtype=torch.int32)
-    converged = A3.new_ones((batch,), dtype=torch.bool)
+    converged = torch.isfinite(S).all(-1)  # finite input, but a singular value may overflow
     off_diagonal = A3.new_zeros((batch,), dtype=X.dtype)
     return U, S, Vh, sweeps, converged, off_diagonal
 

@@ -861,6 +861,15 @@ def test_effective_rank(generator):
     assert effective_rank(torch.randn(40, 5, generator=generator).bfloat16()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(40, 5), (6, 5), (3, 40, 5)])  # the Gram path, the SVD path, a batch
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_effective_rank_rejects_non_finite_embeddings(generator, shape, bad):
+    Z = torch.randn(*shape, generator=generator)
+    Z.view(-1)[7] = bad
+    with pytest.raises(ValueError, match=r"effective_rank: Z has a non-finite entry \(inf or nan\)"):
+        effective_rank(Z)
+
+
 def rankme(sigma: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     p = sigma / sigma.sum(-1, keepdim=True) + eps
     return torch.exp(-(p * p.log()).sum(-1))

@@ -5,6 +5,7 @@ import torch
 
 from .._args import require_number
 from .._autocast import without_autocast
+from .._finite import all_finite
 from .._thin_svd import singular_values
 
 __all__ = ["effective_rank"]
@@ -41,6 +42,11 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
         eps).  Differentiable through the singular values (``torch.linalg.svdvals``,
         whose gradient ``U V^T`` has no division by singular-value gaps).
 
+    Raises
+    ------
+    ValueError
+        Z holds inf or NaN (checked first: one host read on CUDA), or eps <= 0.
+
     Notes
     -----
     Two ways to the singular values.  float32 and half inputs on the CPU whose long side
@@ -65,6 +71,10 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     if not Z.dtype.is_floating_point:
         raise TypeError(f"effective_rank: Z has dtype {Z.dtype}; expected a floating dtype")
     eps = require_number("effective_rank", "eps", eps, 0.0, low_open=True)  # keeps log p finite
+    # Checked here, not left to the eigensolver or the SVD: on inf or NaN they raise
+    # unrelated LinAlgErrors (eigh: "ill-conditioned"), or return NaN, depending on the path.
+    if not torch.compiler.is_compiling() and not all_finite(Z):
+        raise ValueError("effective_rank: Z has a non-finite entry (inf or nan); expected finite values")
     work = Z.float() if Z.dtype in (torch.float16, torch.bfloat16) else Z
     long_side, short_side = max(work.shape[-2:]), min(work.shape[-2:])
     gram = (work.dtype == torch.float32 and work.device.type == "cpu" and long_side >= _GRAM_ASPECT * short_side

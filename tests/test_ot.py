@@ -778,3 +778,21 @@ def test_cuda_solvers_match_cpu(cuda_device, generator, dtype):
         assert bool(gpu.converged.all())
         rel = 1e-4 if dtype == torch.float32 else 1e-9
         assert torch.allclose(gpu.cost.cpu(), cpu.cost, rtol=rel, atol=0)
+
+
+@pytest.mark.parametrize("solver", [sinkhorn, sinkhorn_newton_sparse])
+def test_default_tolerance_follows_the_dtype(solver, generator):
+    """tol=None: 1e-9 in float64, 1e-5 in float32 (DEFAULT_TOL).  float32 rounding levels
+    the marginal error off near 1e-6, so under the former fixed 1e-9 a float32 solve ran
+    to max_iter and reported converged = False."""
+    from lowrank_ops.ot.sinkhorn import DEFAULT_TOL
+
+    C = torch.rand(60, 50, generator=generator, dtype=F64)
+    for dtype in (torch.float64, torch.float32):
+        result = solver(None, None, C.to(dtype), 0.05)
+        explicit = solver(None, None, C.to(dtype), 0.05, tol=DEFAULT_TOL[dtype])
+        assert bool(result.converged), dtype
+        assert float(result.marginal_error) <= DEFAULT_TOL[dtype]
+        assert torch.equal(result.f, explicit.f) and int(result.iterations) == int(explicit.iterations)
+    with pytest.raises(ValueError, match=r"tol must be None or a finite number >= 0; got -1\.0"):
+        solver(None, None, C, 0.05, tol=-1.0)

@@ -260,7 +260,7 @@ def sinkhorn_newton_sparse(
     rho: Optional[float] = None,
     cg_tol: Optional[float] = None,
     cg_max_iter: int = 1000,
-    tol: float = 1e-9,
+    tol: Optional[float] = None,
     max_iter: int = 200,
     init=None,
     drop_mass: float = 1e-2,
@@ -334,14 +334,14 @@ def sinkhorn_newton_sparse(
     """
     op = "sinkhorn_newton_sparse"
     problem = Problem(op, a, b, C, x, y, cost, reg)
-    tol = _check_tol(op, tol)
+    tol = _check_tol(op, tol, problem.dtype)
     warmup = require_int(op, "warmup", warmup)
     max_iter = require_int(op, "max_iter", max_iter, 0)
     cg_max_iter = require_int(op, "cg_max_iter", cg_max_iter)
     max_halvings = require_int(op, "max_halvings", max_halvings)
     cg_floor = 1e-8 if problem.dtype == torch.float64 else 1e-4
     forcing = cg_tol is None
-    cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol)
+    cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol, problem.dtype)
     for name, value, upper in (("drop_mass", drop_mass, 1.0), ("armijo", armijo, 0.5)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < upper:
             raise ValueError(f"{op}: {name} must be a number in [0, {upper:g}); got {value!r}")

@@ -386,7 +386,7 @@ def test_defcg_bad_arguments_give_clear_errors():
         DeflatedCG(2, M=lambda y: y)
     with pytest.raises(ValueError, match="DeflatedCG.solve: M must be None, 'jacobi'"):
         DeflatedCG(2, M="ilu").solve(A, b)
-    with pytest.raises(ValueError, match="DeflatedCG.solve: tol must be a positive finite number"):
+    with pytest.raises(ValueError, match="DeflatedCG.solve: tol must be None or a positive finite number"):
         DeflatedCG(2).solve(A, b, tol=0.0)
     with pytest.raises(ValueError, match=r"DeflatedCG.solve: b has shape \(15,\); expected \(n,\) = \(16,\)"):
         DeflatedCG(2).solve(A, np.ones(15))
@@ -952,7 +952,7 @@ def test_bad_atol_and_callback_give_clear_errors():
                 solve(A, b, callback=callback)
     with pytest.raises(ValueError, match="gmres: atol must be a finite number >= 0; got -1.0"):
         solve_sequence([(A, b)], method="gmres", atol=-1.0)
-    with pytest.raises(ValueError, match="cg: tol must be a positive finite number; got 1000000"):
+    with pytest.raises(ValueError, match="cg: tol must be None or a positive finite number; got 1000000"):
         cg(A, b, tol=10**400)
 
 
@@ -977,7 +977,7 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="b holds 1 non-finite"):
         GCRODR(10, 2).solve(A, nan_b)
     for tol in (0.0, -1e-8, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="tol must be a positive finite number"):
+        with pytest.raises(ValueError, match="tol must be None or a positive finite number"):
             gmres(A, b, tol=tol)
     with pytest.raises(ValueError, match="restart must be an integer >= 1; got 0"):
         gmres(A, b, restart=0)
@@ -1590,3 +1590,22 @@ def test_csr_from_dense_and_torch_hold_plain_tensors():
         assert all(t._base is None and t.layout == torch.strided for t in (matrix.row_ptr, matrix.col_idx, matrix.values))
         torch.testing.assert_close(matrix.matvec(x), dense @ x)
 
+
+
+def test_default_tolerance_follows_the_dtype(generator):
+    """tol=None: 1e-8 in float64, 1e-5 in float32 (DEFAULT_TOL).  Under the former fixed
+    1e-8, float32 CG ran to maxiter and GMRES stopped on stagnation, both unconverged."""
+    from lowrank_ops.krylov._common import DEFAULT_TOL
+
+    n = 200
+    G = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    A = G @ G.T / n + 0.1 * torch.eye(n, dtype=torch.float64)  # SPD, condition ~40
+    b = torch.randn(n, generator=generator, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        for solve in (cg, gmres, lambda A, b: GCRODR(20, 5).solve(A, b), lambda A, b: DeflatedCG(5).solve(A, b)):
+            x, info = solve(A.to(dtype), b.to(dtype))
+            assert info.converged and info.status == "converged", (dtype, info)
+            residual = (b - A @ x.double()).norm() / b.norm()
+            assert residual <= 2 * DEFAULT_TOL[dtype], (dtype, float(residual))
+        result = solve_sequence([(A.to(dtype), b.to(dtype)), (A.to(dtype), 2 * b.to(dtype))])
+        assert all(info.converged for info in result.infos), dtype

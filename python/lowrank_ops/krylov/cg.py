@@ -19,7 +19,7 @@ NATIVE = True
 _NATIVE_STATUS = ("converged", "maxiter", "breakdown")  # krylov_cg's status codes
 
 
-def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
+def cg(A, b, *, x0=None, tol: Optional[float] = None, maxiter: Optional[int] = None,
        M: Preconditioner = None, atol: float = 0.0,
        callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
     """Solve an SPD system ``A x = b`` with (preconditioned) conjugate gradients.
@@ -32,8 +32,9 @@ def cg(A, b, *, x0=None, tol: float = 1e-8, maxiter: Optional[int] = None,
         Right-hand side (finite).
     x0 : Tensor[n], optional
         Initial guess (default zero).
-    tol : float
-        Relative tolerance (> 0), as scipy's ``rtol``: stop when
+    tol : float, optional
+        Relative tolerance (> 0), as scipy's ``rtol``; default (None) 1e-8 in float64,
+        1e-5 in float32 (:data:`~lowrank_ops.krylov._common.DEFAULT_TOL`): stop when
         ``||b - A x|| <= max(tol ||b||, atol)``; checked on the recursively updated
         residual, then confirmed on the recomputed one (CG continues if the two have
         drifted apart).

@@ -378,7 +378,7 @@ class DeflatedCG:
         self.AW: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
 
-    def solve(self, A, b, x0=None, tol: float = 1e-8, *, atol: float = 0.0,
+    def solve(self, A, b, x0=None, tol: Optional[float] = None, *, atol: float = 0.0,
               callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
         """Solve the SPD system ``A x = b`` to ``||b - A x|| <= max(tol ||b||, atol)``, deflating with earlier Ritz vectors.
 
@@ -391,9 +391,9 @@ class DeflatedCG:
             float32 or CUDA tensor.
         x0 : Tensor[n], optional
             Initial guess (default zero).
-        tol : float
+        tol : float, optional
             Relative residual tolerance (> 0), as scipy's ``rtol``, confirmed on the
-            recomputed true residual.
+            recomputed true residual; default (None) 1e-8 in float64, 1e-5 in float32.
         atol : float
             Absolute residual tolerance (finite, >= 0; default 0): the solve stops once
             ``||b - A x|| <= max(tol ||b||, atol)``, as scipy's ``rtol`` / ``atol``.

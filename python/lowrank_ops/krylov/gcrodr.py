@@ -70,7 +70,7 @@ class GCRODR:
         self.C: Optional[torch.Tensor] = None
         self._key: Optional[tuple] = None
 
-    def solve(self, A, b, x0=None, tol: float = 1e-8, *, atol: float = 0.0,
+    def solve(self, A, b, x0=None, tol: Optional[float] = None, *, atol: float = 0.0,
               callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
         """Solve ``A x = b`` to ``||b - A x|| <= max(tol ||b||, atol)``, recycling from earlier solves.
 
@@ -83,8 +83,9 @@ class GCRODR:
             ``A``) is a float32 or CUDA tensor.
         x0 : Tensor[n], optional
             Initial guess (default zero).
-        tol : float
-            Relative residual tolerance (> 0), as scipy's ``rtol``.
+        tol : float, optional
+            Relative residual tolerance (> 0), as scipy's ``rtol``; default (None) 1e-8
+            in float64, 1e-5 in float32.
         atol : float
             Absolute residual tolerance (finite, >= 0; default 0): the solve stops once
             ``||b - A x|| <= max(tol ||b||, atol)``, as scipy's ``rtol`` / ``atol``.

@@ -12,7 +12,7 @@ from .info import SolveInfo
 __all__ = ["gmres"]
 
 
-def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optional[int] = None,
+def gmres(A, b, *, x0=None, tol: Optional[float] = None, restart: int = 30, maxiter: Optional[int] = None,
           M: Preconditioner = None, atol: float = 0.0,
           callback: Optional[Callable[[float], object]] = None) -> Tuple[torch.Tensor, SolveInfo]:
     """Solve ``A x = b`` with restarted GMRES(``restart``).
@@ -32,8 +32,9 @@ def gmres(A, b, *, x0=None, tol: float = 1e-8, restart: int = 30, maxiter: Optio
         float32 or CUDA tensor.
     x0 : Tensor[n], optional
         Initial guess (default zero).
-    tol : float
-        Relative tolerance (> 0), as scipy's ``rtol``: stop when
+    tol : float, optional
+        Relative tolerance (> 0), as scipy's ``rtol``; default (None) 1e-8 in float64,
+        1e-5 in float32 (:data:`~lowrank_ops.krylov._common.DEFAULT_TOL`): stop when
         ``||b - A x|| <= max(tol ||b||, atol)``.
     restart : int
         Krylov directions per cycle, ``m``.

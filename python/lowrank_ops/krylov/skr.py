@@ -142,7 +142,7 @@ def _feature(feature, A, b) -> torch.Tensor:
 
 
 def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "skr", m: int = 40, k: int = 10,
-                   tol: float = 1e-8, atol: float = 0.0, M=None, maxiter: Optional[int] = None,
+                   tol: Optional[float] = None, atol: float = 0.0, M=None, maxiter: Optional[int] = None,
                    features: Optional[torch.Tensor] = None,
                    recycler: Union[GCRODR, DeflatedCG, None] = None,
                    callback: Optional[Callable[[int, int, torch.Tensor, SolveInfo], None]] = None) -> SequenceResult:
@@ -163,8 +163,9 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     m, k : int
         Cycle length (GMRES / GCRO-DR) and recycled vectors (``k`` only for ``"gcrodr"``
         and ``"defcg"``).
-    tol : float
-        Relative residual tolerance of every solve.
+    tol : float, optional
+        Relative residual tolerance of every solve; default (None) 1e-8 in float64,
+        1e-5 in float32.
     atol : float
         Absolute residual tolerance of every solve (finite, >= 0): each stops once
         ``||b - A x|| <= max(tol ||b||, atol)``.

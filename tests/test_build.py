@@ -166,6 +166,16 @@ def test_bench_from_log_renders_timed_cases_memory_and_unsupported_peers(tmp_pat
     assert "| old_peer | unsupported |" in report and "old_peer on sparse_lowrank_linear.fwd 8x8" in report
 
 
+def test_bench_out_that_cannot_be_created_fails_before_the_run(tmp_path, capsys):
+    from lowrank_ops.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--families", "qr", "--out", str(blocker / "out"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert f"lowrank-ops bench: --out {blocker / 'out'}: cannot create the results directory (Not a directory)" in err
+
+
 def test_bench_interleaved_times_the_suites_own_builds(capsys):
     """bench/interleaved.py builds the chosen impls of one case through the suite's own
     ``measure`` call (the same inputs and functions as the suite times) and times them in

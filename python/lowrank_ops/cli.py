@@ -102,6 +102,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     now = _datetime.datetime.now().astimezone()
     out_dir = (args.out or bench_dir / "results" / "local" / now.strftime("%Y%m%d-%H%M%S")).resolve()
+    try:  # before the run, not after it: a run of minutes must not end in a traceback
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return _fail(f"--out {out_dir}: cannot create the results directory ({error.strerror or error})")
     if args.from_log is not None:
         try:
             machine, raw = _read_case_log(args.from_log)
@@ -112,7 +116,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         machine = machine_info(bench_dir, now)  # before the run: how busy the CPU is without us
         if (machine["cpu_busy_before"] or 0.0) > 0.25:
             print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
-        out_dir.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / "cases.jsonl"
         log_path.write_text(json.dumps({"machine": machine}) + "\n")
         with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
@@ -157,7 +160,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _write_results(out_dir: Path, args, families, machine, code, rows, records, unsupported, notes, comparison) -> None:
     """results.json (everything, for --compare and later analysis), results.md, <family>.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "schema": 1,
         "machine": machine,

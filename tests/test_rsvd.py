@@ -861,6 +861,17 @@ def test_effective_rank(generator):
     assert effective_rank(torch.randn(40, 5, generator=generator).bfloat16()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(500, 100), (300, 200), (3, 300, 200)])  # the Gram path, the SVD path, a batch
+def test_effective_rank_is_scale_invariant_up_to_overflow(generator, shape):
+    """Scaled by 2^k the rank must not move, also where float32 overflows inside: 2^120
+    makes sum(sigma) overflow (it gave 1.0003, every p_k rounded to 0), 2^123 sigma
+    itself (it gave NaN); 2^-100 keeps every entry normal."""
+    Z = torch.randn(*shape, generator=generator)
+    reference = effective_rank(Z.double()).float()
+    for k in (0, 120, 123, -100):
+        torch.testing.assert_close(effective_rank(Z * 2.0**k), reference, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(40, 5), (6, 5), (3, 40, 5)])  # the Gram path, the SVD path, a batch
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_effective_rank_rejects_non_finite_embeddings(generator, shape, bad):
@@ -871,7 +882,9 @@ def test_effective_rank_rejects_non_finite_embeddings(generator, shape, bad):
 
 
 def rankme(sigma: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    p = sigma / sigma.sum(-1, keepdim=True) + eps
+    """RankMe with effective_rank's arithmetic: p = sigma / sum(sigma) through sigma / max."""
+    ratio = sigma / sigma.amax(-1, keepdim=True)
+    p = ratio / ratio.sum(-1, keepdim=True) + eps
     return torch.exp(-(p * p.log()).sum(-1))
 
 

@@ -923,6 +923,20 @@ def test_effective_rank_gram_path_against_the_float64_svd(generator):
     assert effective_rank(torch.zeros(64, 8)).item() == pytest.approx(math.exp(-8e-7 * math.log(1e-7)), rel=1e-6)
 
 
+def test_products_that_overflow_a_finite_input_raise_a_clear_error():
+    """float32 entries of 1e37 are finite, but A's sums overflow inside the products: a
+    ValueError saying so (was torch's 'input matrix contained non-finite values' from the
+    final SVD, or a NaN basis from range_finder); 1e30 still factors."""
+    A = torch.full((300, 200), 1e37)
+    for sketch_dtype in ("auto", None):
+        with pytest.raises(ValueError, match=r"rsvd: the products with A overflowed torch.float32 .*1e\+37"):
+            rsvd(A, 5, sketch_dtype=sketch_dtype)
+    with pytest.raises(ValueError, match=r"range_finder: the products with A overflowed .*\(Q does not change\)"):
+        range_finder(A, 5)
+    S = rsvd(torch.full((300, 200), 1e30), 1).S
+    torch.testing.assert_close(S, torch.tensor([1e30 * math.sqrt(300 * 200)]), rtol=1e-5, atol=0)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_errors():
     A = torch.randn(20, 10)

@@ -407,7 +407,12 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
     B = Q.transpose(-2, -1) @ M
     if centering is not None:  # Q^T C = (C^T Q)^T
         B = centering.transposed_times(B.transpose(-2, -1), Q).transpose(-2, -1)
-    Ub, S, Vh = thin_svd(B)  # B is wide (l < n): on the CPU through its transpose (lowrank_ops._thin_svd)
+    try:
+        Ub, S, Vh = thin_svd(B)  # B is wide (l < n): on the CPU through its transpose (lowrank_ops._thin_svd)
+    except torch.linalg.LinAlgError:
+        if all_finite(B):
+            raise
+        raise _overflow_error("rsvd", work) from None
     U = Q @ Ub[..., :, :rank]
     S, Vh = S[..., :rank], Vh[..., :rank, :]
     error = None
@@ -694,11 +699,23 @@ def range_finder(
     with without_autocast(A.device):
         Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
                                 error_probes)
+        if (A.device.type == "cpu" if check_finite is None else check_finite) and not all_finite(Q):
+            raise _overflow_error("range_finder", work, "Q does not change")  # A is finite: the products overflowed
         if probe is None:
             return Q
         _, AW = probe
         with torch.no_grad():  # an estimate, not part of the differentiable result
             return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
+
+
+def _overflow_error(op: str, work: torch.Tensor, invariant: str = "U and Vh do not change, S scales with A") -> ValueError:
+    """The error for a finite A whose products with the basis overflowed its dtype (entries
+    near the dtype's largest value / sqrt(min(m, n)), e.g. float32 entries of 1e37)."""
+    largest = float(work.detach().abs().amax()) if work.layout == torch.strided else float("nan")
+    return ValueError(
+        f"{op}: the products with A overflowed {work.dtype} (A is finite, but with entries as large as "
+        f"{largest:.3g} its row and column sums exceed the dtype's range); scale A down ({invariant}) or pass float64"
+    )
 
 
 def _check_sketch_dtype(op: str, sketch_dtype, method: str) -> None:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import with_spectrum
-from lowrank_ops.linalg import RSVDResult, RSVDResultWithError, cholesky_qr2, effective_rank, lowrank_error, range_finder, rsvd
+from lowrank_ops.linalg import (RSVDResult, RSVDResultWithError, adaptive_rsvd, cholesky_qr2, effective_rank, lowrank_error,
+                                 range_finder, rsvd)
 
 
 def spectrum(kind: str, k: int) -> torch.Tensor:
@@ -933,6 +934,8 @@ def test_products_that_overflow_a_finite_input_raise_a_clear_error():
             rsvd(A, 5, sketch_dtype=sketch_dtype)
     with pytest.raises(ValueError, match=r"range_finder: the products with A overflowed .*\(Q does not change\)"):
         range_finder(A, 5)
+    with pytest.raises(ValueError, match=r"adaptive_rsvd: the products with A overflowed torch.float32"):
+        adaptive_rsvd(A, 0.1)
     S = rsvd(torch.full((300, 200), 1e30), 1).S
     torch.testing.assert_close(S, torch.tensor([1e30 * math.sqrt(300 * 200)]), rtol=1e-5, atol=0)
 

@@ -44,6 +44,7 @@ from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
+from .rsvd import _overflow_error
 
 __all__ = ["adaptive_rsvd", "AdaptiveRSVDResult"]
 
@@ -195,7 +196,12 @@ def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:
         B_i = transposed_times(Y).transpose(0, 1)  # Q_i^T M
         Q, B = torch.cat([Q, Y], dim=1), torch.cat([B, B_i], dim=0)
         remaining -= float(torch.linalg.vector_norm(B_i, dtype=torch.float64)) ** 2
-    Ub, S, Vh = thin_svd(B)
+    try:
+        Ub, S, Vh = thin_svd(B)
+    except torch.linalg.LinAlgError:
+        if all_finite(B):
+            raise
+        raise _overflow_error("adaptive_rsvd", values) from None
     captured = torch.cumsum(S.double().square(), 0)
     errors_sq = (norm_sq - captured).clamp_min(0.0)
     meets = (errors_sq <= target).nonzero()

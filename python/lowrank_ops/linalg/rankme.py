@@ -79,15 +79,15 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     long_side, short_side = max(work.shape[-2:]), min(work.shape[-2:])
     gram = (work.dtype == torch.float32 and work.device.type == "cpu" and long_side >= _GRAM_ASPECT * short_side
             and not (work.requires_grad and torch.is_grad_enabled()))
+    values = _gram_singular_values if gram else singular_values
     with without_autocast(work.device):
-        sigma = _gram_singular_values(work) if gram else singular_values(work)
+        sigma = values(work)
         if not torch.compiler.is_compiling() and not bool(torch.isfinite(sigma).all()):
             # Finite entries whose singular values overflow the dtype (float32 near 1e37):
             # the rank is scale-invariant, so each matrix is scaled exactly by a power of two
             # (its largest entry into [0.5, 1)) and the values recomputed.
             exponent = torch.frexp(work.detach().abs().amax(dim=(-2, -1), keepdim=True)).exponent
-            work = torch.ldexp(work, -exponent)
-            sigma = _gram_singular_values(work) if gram else singular_values(work)
+            sigma = values(torch.ldexp(work, -exponent))
         # p = sigma / sum(sigma), through sigma / max(sigma): the sum of large finite values
         # would overflow (float32 entries near 1e36 summed to inf, every p to 0: a rank of 1).
         tiny = torch.finfo(work.dtype).tiny

@@ -708,7 +708,8 @@ def range_finder(
             return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
 
 
-def _overflow_error(op: str, work: torch.Tensor, invariant: str = "U and Vh do not change, S scales with A") -> ValueError:
+def _overflow_error(op: str, work: torch.Tensor,
+                    invariant: str = "U and Vh do not change, S scales with A") -> ValueError:
     """The error for a finite A whose products with the basis overflowed its dtype (entries
     near the dtype's largest value / sqrt(min(m, n)), e.g. float32 entries of 1e37)."""
     largest = float(work.detach().abs().amax()) if work.layout == torch.strided else float("nan")

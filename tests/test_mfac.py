@@ -761,7 +761,7 @@ def test_inverse_bad_input(generator):
     inverse = MFACInverse(10, 3, 1.0)
     with pytest.raises(ValueError, match="damp must be a finite number > 0; got nan"):
         inverse.damp = float("nan")
-    with pytest.raises(ValueError, match=r"g has shape \(11,\); expected \(dim,\) or \(k, dim\) with dim = 10"):
+    with pytest.raises(ValueError, match=r"g has shape \(11,\); expected one gradient \(dim,\) = \(10,\)"):
         inverse.update(torch.zeros(11))
     with pytest.raises(ValueError, match=r"expected one gradient \(dim,\) = \(10,\)"):
         inverse.update(torch.zeros(2, 10))

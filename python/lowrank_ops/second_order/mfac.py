@@ -184,9 +184,11 @@ class MFACInverse:
 
     def _add(self, g: torch.Tensor) -> torch.Tensor:
         """Writes g into the next slot; returns ``G_new round(g)`` [n] (float64)."""
+        if isinstance(g, torch.Tensor) and (g.dim() != 1 or g.shape[0] != self.dim):  # (k, dim) is ihvp's, not ours
+            raise ValueError(
+                f"MFACInverse.update: g has shape {tuple(g.shape)}; expected one gradient (dim,) = ({self.dim},)"
+            )
         g = self._check_vectors(g, "g", "update")
-        if g.dim() != 1:
-            raise ValueError(f"MFACInverse.update: g has shape {tuple(g.shape)}; expected one gradient (dim,) = ({self.dim},)")
         if not all_finite(g):
             raise ValueError("MFACInverse.update: g has non-finite entries (inf or nan); the window is left unchanged")
         slot = self.count % self.ngrads

@@ -227,7 +227,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     rsvd_oversample : int
         Extra columns of the rsvd sketch beyond ``rank`` (default 10).
     generator : torch.Generator, optional
-        Makes rsvd refreshes deterministic.
+        Makes rsvd refreshes deterministic.  Its state is saved in :meth:`state_dict` and
+        restored by :meth:`load_state_dict` (into this optimizer's own generator), so a run
+        resumed from a checkpoint draws the same sketches as an uninterrupted one.
     state_bits : {32, 8}
         Precision of the Adam moments.  32: in the gradient's dtype (as galore-torch's
         ``GaLoreAdamW``).  8: for tensors whose moments have at least ``min_8bit_size``
@@ -383,12 +385,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 entry["projector_left"] = projector.side == "left"
                 if projector.right is not None:  # side "full"
                     entry["projector_right_matrix"] = projector.right
+        if self.generator is not None:  # so that a resumed run draws the same rsvd sketches
+            state["generator_state"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict):
         # torch casts every floating-point state tensor to its parameter's dtype and would
         # turn the uint8 codes into floats (and round the float32 absmax of a bfloat16
         # parameter): set them aside and put them back, on the parameter's device, as saved.
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         quantized = {}

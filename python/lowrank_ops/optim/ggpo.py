@@ -138,7 +138,8 @@ class GGPO:
         (the previous step's gradients do).
     generator : torch.Generator, optional
         Draws the noise (on the weights' device); with a seeded generator the steps are
-        reproducible bit for bit.  None: torch's default generator.
+        reproducible bit for bit, also across a checkpoint (its state is part of
+        :meth:`state_dict`).  None: torch's default generator.
 
     Notes
     -----
@@ -290,11 +291,15 @@ class GGPO:
         return loss
 
     def state_dict(self) -> Dict:
-        """The base optimizer's state plus the kept gradient norms (``"previous"`` mode)."""
+        """The base optimizer's state, the kept gradient norms (``"previous"`` mode) and the
+        noise generator's state (so that a resumed run draws the same noise)."""
         return {"base_optimizer": self.base_optimizer.state_dict(),
-                "grad_sq_norms": [a.grad_sq_norm for a in self._adapters]}
+                "grad_sq_norms": [a.grad_sq_norm for a in self._adapters],
+                "generator_state": None if self.generator is None else self.generator.get_state()}
 
     def load_state_dict(self, state: Dict) -> None:
+        """Restores :meth:`state_dict`; the saved generator state goes into this object's own
+        generator (when both exist; a state dict saved without one is accepted)."""
         norms = state["grad_sq_norms"]
         if len(norms) != len(self._adapters):
             raise ValueError(f"GGPO.load_state_dict: state has {len(norms)} adapters' norms; expected "
@@ -302,6 +307,8 @@ class GGPO:
         self.base_optimizer.load_state_dict(state["base_optimizer"])
         for adapter, norm in zip(self._adapters, norms):
             adapter.grad_sq_norm = None if norm is None else norm.to(adapter.weight.device)
+        if state.get("generator_state") is not None and self.generator is not None:
+            self.generator.set_state(state["generator_state"])
 
     def __repr__(self) -> str:
         return (f"GGPO(sigma={self.sigma}, alpha={self.alpha}, beta={self.beta}, gradient_source="

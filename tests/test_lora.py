@@ -531,3 +531,42 @@ def test_torch_compile_inference_path(device, generator):
     compiled = torch.compile(lambda *a: lora_linear(*a[:5], scale=0.5, gate=a[5]), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args), lora_linear(*args[:5], scale=0.5, gate=args[5]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_checkpoint_means_the_same_merged_or_not(use_dora, generator):
+    """state_dict() holds the unmerged base weight whatever the layer's state, and
+    load_state_dict() into a merged layer re-merges with the loaded factors: a checkpoint
+    saved while merged and loaded into a fresh layer used to add the adapter twice (output
+    off by ~10 here)."""
+    import copy
+
+    base = torch.nn.Linear(16, 12)
+    layer = LoRALinear(copy.deepcopy(base), r=4, use_dora=use_dora)
+    torch.nn.init.normal_(layer.lora_B, generator=generator)
+    x = torch.randn(3, 16, generator=generator)
+    expected = layer(x).detach()
+    unmerged = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.merge()
+    merged_ckpt = layer.state_dict()
+    # The saved weight is unmerge()'s: the same rounding as unmerging first.
+    twin = copy.deepcopy(layer)
+    twin.unmerge()
+    assert torch.equal(merged_ckpt["base_layer.weight"], twin.base_layer.weight)
+    fresh = LoRALinear(copy.deepcopy(base), r=4, use_dora=use_dora)
+    fresh.load_state_dict(merged_ckpt)
+    assert not fresh.merged
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+    target = LoRALinear(copy.deepcopy(base), r=4, use_dora=use_dora)
+    torch.nn.init.normal_(target.lora_B, generator=generator)
+    target.merge()
+    target.load_state_dict(unmerged)
+    assert target.merged
+    torch.testing.assert_close(target(x), expected, rtol=1e-5, atol=1e-5)
+    # New factors alone (strict=False) into a merged layer: merged with them, not the old ones.
+    other = LoRALinear(copy.deepcopy(base), r=4, use_dora=use_dora)
+    torch.nn.init.normal_(other.lora_B, generator=generator)
+    layer.load_state_dict({k: v for k, v in other.state_dict().items() if k.startswith("lora")}, strict=False)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), other(x).detach(), rtol=1e-5, atol=1e-5)
+

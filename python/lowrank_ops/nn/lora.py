@@ -72,7 +72,11 @@ class LoRALinear(torch.nn.Module):
         DyLoRA: the number of leading ranks used by forward (None: all r); set it between
         steps, e.g. to a sampled rank; nothing is copied.
     merged : bool
-        Whether the adapter is currently merged into the base weight.
+        Whether the adapter is currently merged into the base weight.  ``state_dict()``
+        always holds the unmerged base weight, and ``load_state_dict()`` into a merged
+        layer re-merges with the loaded factors, so a checkpoint means the same whichever
+        state saved or loads it (a merged weight loaded into an unmerged layer used to add
+        the adapter twice).
 
     Notes
     -----
@@ -127,6 +131,11 @@ class LoRALinear(torch.nn.Module):
         self.merged = False
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # DoRA, eval mode: (key, row norms)
+        self._remerge_after_load = False
+        # The saved form is always the unmerged one (see the hooks below the class).
+        self.register_state_dict_post_hook(_save_unmerged)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r, **factory))
@@ -298,6 +307,18 @@ class LoRALinear(torch.nn.Module):
             lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
         self.merged = False
 
+    @torch.no_grad()
+    def _unmerged_weight(self) -> torch.Tensor:
+        """A copy of the base weight with the merged adapter taken out (as :meth:`unmerge`)."""
+        weight = self.base_layer.weight.detach().clone()
+        lora_A, lora_B, gate = self._factors()
+        if self.use_dora:
+            lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True,
+                         row_scale=self._dora_factor(self._merged_norm))
+        else:
+            lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        return weight
+
     def extra_repr(self) -> str:
         extras = [f"r={self.r}", f"scaling={self.scaling:g}", f"lora_dropout={self.lora_dropout:g}"]
         if self.init_lora_weights is not True:
@@ -309,3 +330,26 @@ class LoRALinear(torch.nn.Module):
         if self.lora_gate is not None:
             extras.append("use_gate")
         return ", ".join(extras)
+
+
+# ---------------------------------------------------------------------------- checkpoint hooks
+# Module-level functions (not bound methods): they pickle and deep-copy with the layer.
+def _save_unmerged(module: LoRALinear, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: a merged layer saves its base weight unmerged."""
+    if module.merged:
+        state_dict[prefix + "base_layer.weight"] = module._unmerged_weight()
+
+
+def _unmerge_before_load(module: LoRALinear, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: a merged layer unmerges (with its current factors) before the
+    unmerged checkpoint, or new factors alone, are loaded; the post-hook merges again."""
+    if module.merged:
+        module.unmerge()
+        module._remerge_after_load = True
+
+
+def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
+    if module._remerge_after_load:
+        module._remerge_after_load = False
+        module.merge()

@@ -570,3 +570,30 @@ def test_checkpoint_means_the_same_merged_or_not(use_dora, generator):
     assert layer.merged
     torch.testing.assert_close(layer(x), other(x).detach(), rtol=1e-5, atol=1e-5)
 
+
+@pytest.mark.parametrize("adapter", ["nola", "randlora", "svfit", "loldu"])
+def test_checkpoint_means_the_same_merged_or_not_for_every_mergeable_adapter(adapter, generator):
+    """The other adapters with merge() (MergeableAdapter) follow the same rule as
+    LoRALinear: a checkpoint saved while merged, loaded into a fresh layer, reproduces the
+    layer (it used to add the update twice)."""
+    import copy
+
+    from lowrank_ops.nn import LoLDULinear, NOLALinear, RandLoRALinear, SVFitLinear
+
+    make = {"nola": lambda base: NOLALinear(base, 3, 5, 6, seed=1),
+            "randlora": lambda base: RandLoRALinear(base, 5, seed=1),
+            "svfit": lambda base: SVFitLinear(base, 4), "loldu": lambda base: LoLDULinear(base, 4)}[adapter]
+    base = torch.nn.Linear(16, 12)
+    layer = make(copy.deepcopy(base))
+    with torch.no_grad():  # trained-like factors: the update is not zero
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    x = torch.randn(3, 16, generator=generator)
+    expected = layer(x).detach()
+    layer.merge()
+    fresh = make(copy.deepcopy(base))
+    fresh.load_state_dict(layer.state_dict())
+    assert not fresh.merged
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+

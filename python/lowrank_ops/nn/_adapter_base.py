@@ -9,7 +9,7 @@ import torch
 
 from ..ops.lora import lora_merge, lora_unmerge
 
-__all__ = ["MergeableAdapter", "adapter_dtype"]
+__all__ = ["MergeableAdapter", "adapter_dtype", "checkpoint_unmerged"]
 
 
 def adapter_dtype(where: str, weight: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -60,3 +60,43 @@ class MergeableAdapter(torch.nn.Module, abc.ABC):
         A, B, gate = self._merge_factors()
         lora_unmerge(self.base_layer.weight, A, B, self.scaling, gate=gate, inplace=True)
         self.merged = False
+
+    @torch.no_grad()
+    def _unmerged_weight(self) -> torch.Tensor:
+        """A copy of the merged base weight with the update taken out (as :meth:`unmerge`)."""
+        weight = self.base_layer.weight.detach().clone()
+        A, B, gate = self._merge_factors()
+        return lora_unmerge(weight, A, B, self.scaling, gate=gate, inplace=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_unmerged(module: torch.nn.Module) -> None:
+    """Makes ``module``'s checkpoints independent of its merged state: ``state_dict()``
+    holds the unmerged base weight, and ``load_state_dict()`` into a merged module unmerges
+    first (with its current factors) and merges again with the loaded ones.  Without it a
+    checkpoint saved while merged, loaded into a fresh module, adds the update twice.
+    ``module`` provides ``merged``, ``merge()``, ``unmerge()`` and ``_unmerged_weight()``;
+    call from its ``__init__``.  The hooks are module-level functions: they pickle and
+    deep-copy with the module."""
+    module._remerge_after_load = False
+    module.register_state_dict_post_hook(_save_unmerged)
+    module.register_load_state_dict_pre_hook(_unmerge_before_load)
+    module.register_load_state_dict_post_hook(_remerge_after_load)
+
+
+def _save_unmerged(module, state_dict, prefix: str, local_metadata) -> None:
+    if module.merged:
+        state_dict[prefix + "base_layer.weight"] = module._unmerged_weight()
+
+
+def _unmerge_before_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    if module.merged:
+        module.unmerge()
+        module._remerge_after_load = True
+
+
+def _remerge_after_load(module, incompatible_keys) -> None:
+    if module._remerge_after_load:
+        module._remerge_after_load = False
+        module.merge()

@@ -16,7 +16,7 @@ import torch
 
 from .._finite import all_finite
 from ..ops.lora import lora_linear
-from ._adapter_base import MergeableAdapter, adapter_dtype
+from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 
 __all__ = ["DiagonalAdapterLinear", "check_base_and_rank"]
 
@@ -51,6 +51,7 @@ class DiagonalAdapterLinear(MergeableAdapter):
         self.r = r
         self.scaling = 1.0
         self.merged = False
+        checkpoint_unmerged(self)  # the saved form is always the unmerged one
 
     @abc.abstractmethod
     def _gate(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ from .._args import require_finite_number
 from .._finite import all_finite
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
 
 __all__ = ["LoRALinear"]
@@ -131,11 +132,7 @@ class LoRALinear(torch.nn.Module):
         self.merged = False
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # DoRA, eval mode: (key, row norms)
-        self._remerge_after_load = False
-        # The saved form is always the unmerged one (see the hooks below the class).
-        self.register_state_dict_post_hook(_save_unmerged)
-        self.register_load_state_dict_pre_hook(_unmerge_before_load)
-        self.register_load_state_dict_post_hook(_remerge_after_load)
+        checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = torch.nn.Parameter(torch.zeros(self.out_features, r, **factory))
@@ -331,25 +328,3 @@ class LoRALinear(torch.nn.Module):
             extras.append("use_gate")
         return ", ".join(extras)
 
-
-# ---------------------------------------------------------------------------- checkpoint hooks
-# Module-level functions (not bound methods): they pickle and deep-copy with the layer.
-def _save_unmerged(module: LoRALinear, state_dict, prefix: str, local_metadata) -> None:
-    """state_dict post-hook: a merged layer saves its base weight unmerged."""
-    if module.merged:
-        state_dict[prefix + "base_layer.weight"] = module._unmerged_weight()
-
-
-def _unmerge_before_load(module: LoRALinear, state_dict, prefix, local_metadata, strict, missing_keys,
-                         unexpected_keys, error_msgs) -> None:
-    """load_state_dict pre-hook: a merged layer unmerges (with its current factors) before the
-    unmerged checkpoint, or new factors alone, are loaded; the post-hook merges again."""
-    if module.merged:
-        module.unmerge()
-        module._remerge_after_load = True
-
-
-def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
-    if module._remerge_after_load:
-        module._remerge_after_load = False
-        module.merge()

@@ -33,7 +33,7 @@ import torch
 
 from .._args import require_finite_number, require_int
 from ..ops.lora import lora_linear
-from ._adapter_base import MergeableAdapter, adapter_dtype
+from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._random_basis import check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
 
 __all__ = ["NOLALinear"]
@@ -162,6 +162,7 @@ class NOLALinear(MergeableAdapter):
         self.scaling = self.lora_alpha / r
         self.cache_bases = cache_bases
         self.merged = False
+        checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
         self.register_buffer("nola_seed", torch.tensor(seed, dtype=torch.int64, device=weight.device))
         self.nola_alpha = torch.nn.Parameter(torch.empty(num_basis_A, **factory))

@@ -53,7 +53,7 @@ from .._args import require_finite_number, require_int
 from .._autocast import autocast_entry, autocast_off_backward
 from ..ops.base_linear import grad_input_op
 from ..ops.lora import _adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed
-from ._adapter_base import MergeableAdapter, adapter_dtype
+from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed
 
 __all__ = ["RandLoRALinear"]
@@ -256,6 +256,7 @@ class RandLoRALinear(MergeableAdapter):
         self.randlora_alpha, self.randlora_dropout = float(randlora_alpha), randlora_dropout
         self.scaling = self.randlora_alpha / r
         self.merged = False
+        checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
         self.register_buffer("randlora_seed", torch.tensor(seed, dtype=torch.int64, device=weight.device))
         self.randlora_lambda = torch.nn.Parameter(torch.empty(self.num_bases, r, **factory))

@@ -294,27 +294,25 @@ class LoRALinear(torch.nn.Module):
         """Inverse of :meth:`merge` (exact up to the rounding of the merged weight)."""
         if not self.merged:
             return
-        lora_A, lora_B, gate = self._factors()
-        weight = self.base_layer.weight
-        if self.use_dora:
-            lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True,
-                         row_scale=self._dora_factor(self._merged_norm))
-            self._merged_norm = None
-        else:
-            lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+        self._take_out_adapter(self.base_layer.weight)
+        self._merged_norm = None
         self.merged = False
 
     @torch.no_grad()
     def _unmerged_weight(self) -> torch.Tensor:
-        """A copy of the base weight with the merged adapter taken out (as :meth:`unmerge`)."""
+        """A copy of the merged base weight with the adapter taken out (as :meth:`unmerge`)."""
         weight = self.base_layer.weight.detach().clone()
+        self._take_out_adapter(weight)
+        return weight
+
+    def _take_out_adapter(self, weight: torch.Tensor) -> None:
+        """:meth:`merge` undone on ``weight`` (the merged base weight or a copy), in place."""
         lora_A, lora_B, gate = self._factors()
         if self.use_dora:
             lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True,
                          row_scale=self._dora_factor(self._merged_norm))
         else:
             lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
-        return weight
 
     def extra_repr(self) -> str:
         extras = [f"r={self.r}", f"scaling={self.scaling:g}", f"lora_dropout={self.lora_dropout:g}"]
@@ -327,4 +325,3 @@ class LoRALinear(torch.nn.Module):
         if self.lora_gate is not None:
             extras.append("use_gate")
         return ", ".join(extras)
-

@@ -390,13 +390,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)  # absent: saved without a generator
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
         # torch casts every floating-point state tensor to its parameter's dtype and would
         # turn the uint8 codes into floats (and round the float32 absmax of a bfloat16
         # parameter): set them aside and put them back, on the parameter's device, as saved.
-        state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)
-        if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         quantized = {}

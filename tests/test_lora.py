@@ -597,3 +597,19 @@ def test_checkpoint_means_the_same_merged_or_not_for_every_mergeable_adapter(ada
     assert not fresh.merged
     torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
 
+
+def test_unmerge_takes_out_the_ranks_that_were_merged(generator):
+    """DyLoRA: merged at active_rank = 2, then active_rank changed: unmerge (and a checkpoint
+    saved meanwhile) must take out those 2 ranks, not the current ones (it removed all 4,
+    leaving the base weight off by ~0.8, silently)."""
+    layer = LoRALinear(torch.nn.Linear(16, 12), r=4, use_gate=True)
+    torch.nn.init.normal_(layer.lora_B, generator=generator)
+    original = layer.base_layer.weight.detach().clone()
+    layer.active_rank = 2
+    layer.merge()
+    layer.active_rank = None
+    saved = layer.state_dict()["base_layer.weight"]
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight.detach(), original, rtol=0, atol=1e-6)
+    torch.testing.assert_close(saved, original, rtol=0, atol=1e-6)
+

@@ -131,6 +131,7 @@ class LoRALinear(torch.nn.Module):
         self.active_rank: Optional[int] = None
         self.merged = False
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
+        self._merged_rank: Optional[int] = None  # the ranks merged (active_rank may change before unmerge)
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # DoRA, eval mode: (key, row norms)
         checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
@@ -201,8 +202,9 @@ class LoRALinear(torch.nn.Module):
             effective *= (self.lora_magnitude_vector.to(accumulate) / norm)[:, None]
         return effective
 
-    def _factors(self):
-        k = self.r if self.active_rank is None else self.active_rank
+    def _factors(self, rank: Optional[int] = None):
+        """``(A, B, gate)`` of the first ``rank`` ranks (default: ``active_rank``, or all r)."""
+        k = rank if rank is not None else self.r if self.active_rank is None else self.active_rank
         gate = None if self.lora_gate is None else self.lora_gate[:k]
         return self.lora_A[:k], self.lora_B[:, :k], gate
 
@@ -275,11 +277,14 @@ class LoRALinear(torch.nn.Module):
         LoRA: ``W <- W + s B diag(g) A``.  DoRA: ``W <- (m / n) (W + s B A)`` with n the row
         norms before merging (kept for :meth:`unmerge`), computed in float32 and rounded to
         W's dtype once (rounding ``W + s B A`` and then the scaled rows left 36 % of a
-        bfloat16 weight's entries off the single rounding, tests/test_lora.py).
+        bfloat16 weight's entries off the single rounding, tests/test_lora.py).  With
+        ``active_rank`` set, its first ranks are merged, and :meth:`unmerge` takes out those
+        same ranks even if ``active_rank`` has changed since.
         """
         if self.merged:
             return
         lora_A, lora_B, gate = self._factors()
+        self._merged_rank = lora_A.shape[0]
         weight = self.base_layer.weight
         if self.use_dora:
             norm = dora_row_norm(weight, lora_A, lora_B, self.scaling)
@@ -295,7 +300,7 @@ class LoRALinear(torch.nn.Module):
         if not self.merged:
             return
         self._take_out_adapter(self.base_layer.weight)
-        self._merged_norm = None
+        self._merged_norm = self._merged_rank = None
         self.merged = False
 
     @torch.no_grad()
@@ -306,8 +311,9 @@ class LoRALinear(torch.nn.Module):
         return weight
 
     def _take_out_adapter(self, weight: torch.Tensor) -> None:
-        """:meth:`merge` undone on ``weight`` (the merged base weight or a copy), in place."""
-        lora_A, lora_B, gate = self._factors()
+        """:meth:`merge` undone on ``weight`` (the merged base weight or a copy), in place,
+        with the ranks that were merged whatever ``active_rank`` is now."""
+        lora_A, lora_B, gate = self._factors(self._merged_rank)
         if self.use_dora:
             lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True,
                          row_scale=self._dora_factor(self._merged_norm))

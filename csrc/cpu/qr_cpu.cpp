@@ -41,6 +41,7 @@
 
 #include "lowrank_ops/check.h"
 #include "lowrank_ops/cpu_isa.h"
+#include "lowrank_ops/dtype.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/qr.h"
 #include "lowrank_ops/simd.h"
@@ -500,11 +501,7 @@ void tall_gram_cpu(const TallGramParams& p, int num_threads) {
   check_block("tall_gram", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   LOWRANK_CHECK(p.batch * p.cols == 0 || p.gram != nullptr, "tall_gram: gram must not be null");
   if (p.batch == 0 || p.cols == 0) return;
-  if (p.dtype == DType::float32) {
-    gram_typed<float>(p, num_threads);
-  } else {
-    gram_typed<double>(p, num_threads);
-  }
+  dispatch_real(p.dtype, [&](auto tag) { gram_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
 void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
@@ -513,22 +510,14 @@ void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
   LOWRANK_CHECK(p.r != nullptr && p.q != nullptr, "tall_solve_upper: r and q must not be null");
   LOWRANK_CHECK(p.q_row_stride == 1 || p.q_col_stride == 1, "tall_solve_upper: q must have a unit row or column "
                 "stride; got strides (", p.q_row_stride, ", ", p.q_col_stride, ")");
-  if (p.dtype == DType::float32) {
-    solve_typed<float>(p, num_threads);
-  } else {
-    solve_typed<double>(p, num_threads);
-  }
+  dispatch_real(p.dtype, [&](auto tag) { solve_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
 void tall_scale_cpu(const TallScaleParams& p, int num_threads) {
   check_block("tall_scale", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   if (p.batch == 0) return;
   LOWRANK_CHECK(p.scale != nullptr, "tall_scale: scale must not be null");
-  if (p.dtype == DType::float32) {
-    scale_typed<float>(p, num_threads);
-  } else {
-    scale_typed<double>(p, num_threads);
-  }
+  dispatch_real(p.dtype, [&](auto tag) { scale_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
 void cholesky_qr_cpu(const CholeskyQrParams& p, int num_threads) {
@@ -537,11 +526,7 @@ void cholesky_qr_cpu(const CholeskyQrParams& p, int num_threads) {
                 "shift=", p.shift, ", plain_passes=", p.plain_passes);
   if (p.batch * p.cols == 0) return;
   LOWRANK_CHECK(p.r != nullptr, "cholesky_qr: r must not be null");
-  if (p.dtype == DType::float32) {
-    cholesky_qr_typed<float>(p, num_threads);
-  } else {
-    cholesky_qr_typed<double>(p, num_threads);
-  }
+  dispatch_real(p.dtype, [&](auto tag) { cholesky_qr_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
 void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads) {
@@ -551,11 +536,7 @@ void tall_cholesky_cpu(const TallCholeskyParams& p, int num_threads) {
                 "tall_cholesky: dtype must be float32 or float64; got code ", static_cast<int>(p.dtype));
   if (p.batch * p.n == 0) return;
   LOWRANK_CHECK(p.gram != nullptr && p.r != nullptr, "tall_cholesky: gram and r must not be null");
-  if (p.dtype == DType::float32) {
-    cholesky_typed<float>(p, num_threads);
-  } else {
-    cholesky_typed<double>(p, num_threads);
-  }
+  dispatch_real(p.dtype, [&](auto tag) { cholesky_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
 }  // namespace lowrank_ops

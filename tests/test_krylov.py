@@ -800,6 +800,40 @@ def test_non_finite_operator_or_preconditioner_is_a_breakdown(solver, generator,
         assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("solver", ["gmres", "gmres_python", "gmres_callable", "gcrodr"])
+@pytest.mark.parametrize("exponent", [66, -84])
+def test_float32_operator_scale_does_not_change_the_solve(solver, exponent, generator, monkeypatch):
+    # ||A v|| ~ 2^66 (or 2^-84) for unit v: its float32 square overflowed (underflowed) in
+    # the Gram-Schmidt passes, so GMRES reported a breakdown at the first step (at 2^-84 it
+    # converged after 3-4x the products, or stagnated).  The squared norms are now summed in
+    # double, and scaling A by a power of two scales every quantity exactly: the same
+    # iterations, and the solution scaled bit for bit.
+    A, b = _system("nonsymmetric", generator)
+    A = torch.from_numpy(A.toarray()).float()
+    b = torch.from_numpy(b).float()
+    if solver == "gmres_python":
+        monkeypatch.setattr(_arnoldi, "NATIVE", False)
+
+    def run(matrix):
+        if solver == "gcrodr":  # the second solve uses the recycled space
+            recycler = GCRODR(20, 5)
+            recycler.solve(matrix, b)
+            return recycler.solve(matrix, b * 1.5)
+        if solver == "gmres_callable":
+            operator = lambda v: matrix @ v  # noqa: E731
+            operator.shape = matrix.shape
+            return gmres(operator, b, restart=20)
+        return gmres(matrix, b, restart=20)
+
+    x, info = run(A)
+    assert info.converged
+    scale = 2.0 ** exponent
+    x_scaled, info_scaled = run(A * scale)
+    assert info_scaled.converged and info_scaled.status == "converged"
+    assert (info_scaled.iterations, info_scaled.matvecs) == (info.iterations, info.matvecs)
+    assert torch.equal(x_scaled * scale, x)
+
+
 # ---------------------------------------------------------------------------- atol and callback
 _SOLVERS = ["gmres", "gmres_python", "gcrodr", "cg", "cg_python", "defcg"]
 
@@ -1207,13 +1241,14 @@ def test_ops_against_torch(device, dtype, generator):
 
     h_out, w_out = torch.empty_like(h), w.clone()
     norms = ops.krylov_cgs_pass_(basis, w_out, h_out)
-    assert norms.shape == (2,) and norms.dtype == dtype and norms.device == w.device
+    # The squared norms are float64 for both dtypes, accumulated in double: float64's bound.
+    assert norms.shape == (2,) and norms.dtype == torch.float64 and norms.device == w.device
     assert ((h_out.double() - q @ w64).abs() <= _gamma(n + 1, dtype) * (q.abs() @ w64.abs())).all()
     expected_w = w64 - q.T @ h_out.double()  # the update with the h the kernel computed
     assert ((w_out.double() - expected_w).abs() <= _gamma(rows + 2, dtype) * (w64.abs() + q.abs().T @ h_out.double().abs())).all()
-    assert abs(float(norms[0]) - float(w64 @ w64)) <= _gamma(n + 1, dtype) * float(w64 @ w64)
+    assert abs(float(norms[0]) - float(w64 @ w64)) <= _gamma(n + 1, torch.float64) * float(w64 @ w64)
     updated = w_out.double()
-    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, dtype) * float(updated @ updated)
+    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, torch.float64) * float(updated @ updated)
 
     dots = ops.krylov_cgs_dots(basis, w)
     assert dots.shape == (rows,) and dots.dtype == dtype
@@ -1224,8 +1259,8 @@ def test_ops_against_torch(device, dtype, generator):
     expected_w = w64 - q.T @ h.double()
     assert ((w_update.double() - expected_w).abs() <= _gamma(rows + 2, dtype) * (w64.abs() + q.abs().T @ h.double().abs())).all()
     updated = w_update.double()
-    assert float(norms[0]) == 0.0
-    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, dtype) * float(updated @ updated)
+    assert float(norms[0]) == 0.0 and norms.dtype == torch.float64
+    assert abs(float(norms[1]) - float(updated @ updated)) <= _gamma(n + 1, torch.float64) * float(updated @ updated)
 
     gram = ops.krylov_gram(basis, other)
     assert gram.shape == (rows, cols) and gram.dtype == dtype

@@ -111,32 +111,67 @@ LOWRANK_INLINE void axpy_group(const T* const* q, const T* c, T* y, int64_t n) {
   }
 }
 
-// out[i] = Q_i . w for i < rows and out[rows] = w . w, over the entries [begin, end).
+// Sum of w[e]^2 over [0, n) in double: float32 squares overflow once |w| passes ~1.8e19
+// and lose digits below ~1e-19 (subnormal), so GMRES on a float32 operator of such norms
+// broke down or stalled; any float32's square is a normal double.  For float64 the
+// arithmetic is dot_group<1>'s (the same bits as a dot of w with itself).
 template <class T>
-LOWRANK_CPU_CLONES void multi_dot(const T* Q, int64_t stride, int64_t rows, const T* w, int64_t begin,
-                                  int64_t end, T* out) {
-  const int64_t n = end - begin, total = rows + 1;  // the last "row" is w itself
-  const T* q[kGroup];
-  int64_t i = 0;
-  for (; i + kGroup <= total; i += kGroup) {
-    for (int r = 0; r < kGroup; ++r) q[r] = (i + r < rows ? Q + (i + r) * stride : w) + begin;
-    dot_group<kGroup>(q, w + begin, n, out + i);
+LOWRANK_INLINE double squared_norm(const T* w, int64_t n) {
+  constexpr int64_t L = kLanes<double>;
+  using D = Vec<double>;
+  D s0 = D{}, s1 = D{};
+  int64_t e = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef float Half __attribute__((vector_size(16), aligned(4)));  // 4 floats -> 4 doubles
+    for (; e + 2 * L <= n; e += 2 * L) {
+      const D a = __builtin_convertvector(*reinterpret_cast<const Half*>(w + e), D);
+      const D b = __builtin_convertvector(*reinterpret_cast<const Half*>(w + e + L), D);
+      s0 += a * a;
+      s1 += b * b;
+    }
+  } else {
+    for (; e + 2 * L <= n; e += 2 * L) {
+      const D a = load(w + e), b = load(w + e + L);
+      s0 += a * a;
+      s1 += b * b;
+    }
+    for (; e + L <= n; e += L) {
+      const D a = load(w + e);
+      s0 += a * a;
+    }
   }
-  for (; i < total; ++i) {
-    q[0] = (i < rows ? Q + i * stride : w) + begin;
-    dot_group<1>(q, w + begin, n, out + i);
-  }
+  double sum = horizontal_sum<double>(s0 + s1);
+  for (; e < n; ++e) sum += static_cast<double>(w[e]) * static_cast<double>(w[e]);
+  return sum;
 }
 
-// y += sum_i c[i] Q_i over the entries [begin, end); returns y . y over them.  The rows
+// out[i] = Q_i . w for i < rows over the entries [begin, end); returns w . w over them (double).
+template <class T>
+LOWRANK_CPU_CLONES double multi_dot(const T* Q, int64_t stride, int64_t rows, const T* w, int64_t begin,
+                                    int64_t end, T* out) {
+  const int64_t n = end - begin;
+  const T* q[kGroup];
+  int64_t i = 0;
+  for (; i + kGroup <= rows; i += kGroup) {
+    for (int r = 0; r < kGroup; ++r) q[r] = Q + (i + r) * stride + begin;
+    dot_group<kGroup>(q, w + begin, n, out + i);
+  }
+  for (; i < rows; ++i) {
+    q[0] = Q + i * stride + begin;
+    dot_group<1>(q, w + begin, n, out + i);
+  }
+  return squared_norm(w + begin, n);
+}
+
+// y += sum_i c[i] Q_i over the entries [begin, end); returns y . y over them (double).  The rows
 // go last to first, the reverse of multi_dot's order: when the basis outgrows L2 (5 MB at
 // Darcy 128 x 128 against 2 MB per core), the rows the dots read last are still cached
 // for the update, and the rows the update reads last are the first the next step's dots
 // need.  Measured on one Arnoldi cycle at 128 x 128 (contended machine): median 462-466
 // against 474-478 us per step; the SpMV's own 1.2 MB evicts much of the rest.
 template <class T>
-LOWRANK_CPU_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, const T* c, T* y, int64_t begin,
-                                int64_t end) {
+LOWRANK_CPU_CLONES double multi_axpy(const T* Q, int64_t stride, int64_t rows, const T* c, T* y, int64_t begin,
+                                     int64_t end) {
   const int64_t n = end - begin;
   const T* q[kGroup];
   int64_t i = rows;
@@ -148,10 +183,7 @@ LOWRANK_CPU_CLONES T multi_axpy(const T* Q, int64_t stride, int64_t rows, const 
     q[0] = Q + (i - 1) * stride + begin;
     axpy_group<1>(q, c + i - 1, y + begin, n);
   }
-  T norm2;
-  q[0] = y + begin;
-  dot_group<1>(q, y + begin, n, &norm2);
-  return norm2;
+  return squared_norm(y + begin, n);
 }
 
 // sums[r * K + k] = q[r] . w[k] over [0, n): an R x K tile of products, each of the R + K
@@ -310,37 +342,38 @@ inline Range chunk_range(int64_t task, int64_t chunk, int64_t n) {
 }
 
 // One Gram-Schmidt pass (mode 0, 1 or 2 of krylov_cgs_pass) of w against rows [0, rows) of
-// Q, split into n_chunks chunks; `partial` holds n_chunks * (rows + 1) + rows entries
-// (partial sums, then -h).  `before` runs first inside each chunk's task of the dots
-// (modes 0, 1): the SpMV producing that chunk of w in the Arnoldi cycle.  Returns ||w||^2
-// before and after (0 for the half not run).
+// Q, split into n_chunks chunks; `partial` holds n_chunks * rows + rows entries (partial
+// sums, then -h).  `before` runs first inside each chunk's task of the dots (modes 0, 1):
+// the SpMV producing that chunk of w in the Arnoldi cycle.  Returns ||w||^2 before and
+// after (0 for the half not run), accumulated in double (see squared_norm).
 template <class T, class Before>
 void cgs_pass(const T* Q, int64_t stride, int64_t rows, T* w, T* h, int64_t n, int64_t n_chunks, int threads,
-              int mode, T* partial, T norms[2], const Before& before) {
-  const int64_t width = rows + 1, chunk = (n + n_chunks - 1) / n_chunks;
+              int mode, T* partial, double norms[2], const Before& before) {
+  const int64_t chunk = (n + n_chunks - 1) / n_chunks;
+  std::vector<double> chunk_norms(static_cast<size_t>(n_chunks));
   norms[0] = norms[1] = 0;
   if (mode != 2) {
     parallel_for(n_chunks, threads, [&](int64_t task) {
       const Range range = chunk_range(task, chunk, n);
       before(range);
-      multi_dot(Q, stride, rows, w, range.begin, range.end, partial + task * width);
+      chunk_norms[task] = multi_dot(Q, stride, rows, w, range.begin, range.end, partial + task * rows);
     });
-    for (int64_t i = 0; i < width; ++i) {
+    for (int64_t i = 0; i < rows; ++i) {
       T sum = 0;
-      for (int64_t task = 0; task < n_chunks; ++task) sum += partial[task * width + i];
-      if (i < rows) h[i] = sum;
-      else norms[0] = sum;
+      for (int64_t task = 0; task < n_chunks; ++task) sum += partial[task * rows + i];
+      h[i] = sum;
     }
+    for (int64_t task = 0; task < n_chunks; ++task) norms[0] += chunk_norms[task];
   }
   if (mode == 1) return;
   // The update adds -h: w -= Q^T h with the same rounding (negation is exact).
-  T* negated = partial + n_chunks * width;  // after the partial sums: rows entries
+  T* negated = partial + n_chunks * rows;  // after the partial sums: rows entries
   for (int64_t i = 0; i < rows; ++i) negated[i] = -h[i];
   parallel_for(n_chunks, threads, [&](int64_t task) {
     const Range range = chunk_range(task, chunk, n);
-    partial[task] = multi_axpy(Q, stride, rows, negated, w, range.begin, range.end);
+    chunk_norms[task] = multi_axpy(Q, stride, rows, negated, w, range.begin, range.end);
   });
-  for (int64_t task = 0; task < n_chunks; ++task) norms[1] += partial[task];
+  for (int64_t task = 0; task < n_chunks; ++task) norms[1] += chunk_norms[task];
 }
 
 void no_op(Range) {}
@@ -399,11 +432,9 @@ void krylov_cgs_pass_cpu(const KrylovCgsParams& p, int num_threads) {
   dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     static_assert(std::is_same_v<acc_t<T>, T>, "Krylov kernels are float32/float64: accumulation in the element type");
-    T norms[2];
     cgs_pass<T>(static_cast<const T*>(p.basis), p.q_stride, p.rows, static_cast<T*>(p.w), static_cast<T*>(p.h), p.n,
-                p.n_chunks, chunk_threads(num_threads, p.n_chunks), p.mode, static_cast<T*>(p.workspace), norms, no_op);
-    static_cast<T*>(p.norms)[0] = norms[0];
-    static_cast<T*>(p.norms)[1] = norms[1];
+                p.n_chunks, chunk_threads(num_threads, p.n_chunks), p.mode, static_cast<T*>(p.workspace),
+                static_cast<double*>(p.norms), no_op);
   });
 }
 
@@ -490,9 +521,9 @@ KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_thr
       T* basis = static_cast<T*>(p.basis);
       const int64_t n = p.n, kc = p.kc, steps = p.steps, stride = p.q_stride, ld = p.steps;
       const int threads = chunk_threads(num_threads, p.n_chunks);
-      // At most kc + steps rows: the pass needs n_chunks * (kc + steps + 1) + kc + steps entries.
+      // At most kc + steps rows: the pass needs (n_chunks + 1) * (kc + steps) entries.
       T* partial = static_cast<T*>(p.workspace);
-      T* h = partial + p.n_chunks * (kc + steps + 1) + kc + steps;  // kc + steps
+      T* h = partial + (p.n_chunks + 1) * (kc + steps);  // kc + steps
       T* correction = h + kc + steps;                                // kc + steps
       double* cosines = p.givens;
       double* sines = p.givens + steps;
@@ -508,15 +539,15 @@ KrylovArnoldiResult krylov_arnoldi_cpu(const KrylovArnoldiParams& p, int num_thr
         const T* v = basis + (kc + j) * stride;
         T* w = basis + (kc + j + 1) * stride;
         const int64_t rows = kc + j + 1;
-        T norms[2];
+        double norms[2];
         cgs_pass<T>(basis, stride, rows, w, h, n, p.n_chunks, threads, 0, partial, norms, [&](Range range) {
           spmv_rows<T, I>(row_ptr, col_idx, values, v, w, n, p.nnz, range.begin, range.end);
         });
-        const double norm_in = std::sqrt(std::max(static_cast<double>(norms[0]), 0.0));
-        double norm_out = std::sqrt(std::max(static_cast<double>(norms[1]), 0.0));
+        const double norm_in = std::sqrt(std::max(norms[0], 0.0));
+        double norm_out = std::sqrt(std::max(norms[1], 0.0));
         if (norm_out < kReorthogonalize * norm_in) {
           cgs_pass<T>(basis, stride, rows, w, correction, n, p.n_chunks, threads, 0, partial, norms, no_op);
-          norm_out = std::sqrt(std::max(static_cast<double>(norms[1]), 0.0));
+          norm_out = std::sqrt(std::max(norms[1], 0.0));
           for (int64_t i = 0; i < rows; ++i) h[i] += correction[i];
         }
         for (int64_t i = 0; i < rows; ++i) p.hessenberg[i * ld + j] = static_cast<double>(h[i]);

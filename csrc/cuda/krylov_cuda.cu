@@ -4,7 +4,7 @@
 // the foundation's warp-per-row SpMV (sparse_cuda.cu) would leave 27 of 32 lanes idle.
 // krylov_cgs_pass: one block per basis row for the dots (plus one for ||w||^2), then a
 // grid-stride update w -= Q^T h with a block reduction and one atomic per block for
-// the new ||w||^2.
+// the new ||w||^2 (squared norms in double for both dtypes).
 #include <cstdint>
 #include <limits>
 
@@ -54,41 +54,44 @@ __global__ void spmv_kernel(KrylovSpmvParams p) {
   }
 }
 
-// Block i < rows: h[i] = Q[i] . w; block rows: norms[0] = w . w.
+// Block i < rows: h[i] = Q[i] . w; block rows: norms[0] = w . w, in double (krylov.h).
 template <class T>
 __global__ void cgs_dots_kernel(KrylovCgsParams p) {
   using A = acc_t<T>;
   const T* w = static_cast<const T*>(p.w);
   const int64_t i = blockIdx.x;
-  const T* q = i < p.rows ? static_cast<const T*>(p.basis) + i * p.q_stride : w;
+  if (i == p.rows) {  // the whole block takes this branch: its reductions stay uniform
+    double sum = 0;
+    for (int64_t e = threadIdx.x; e < p.n; e += blockDim.x) {
+      const double value = static_cast<double>(w[e]);
+      sum += value * value;
+    }
+    sum = block_reduce(sum);
+    if (threadIdx.x == 0) static_cast<double*>(p.norms)[0] = sum;
+    return;
+  }
+  const T* q = static_cast<const T*>(p.basis) + i * p.q_stride;
   A sum = 0;
   for (int64_t e = threadIdx.x; e < p.n; e += blockDim.x) sum += static_cast<A>(q[e]) * static_cast<A>(w[e]);
   sum = block_reduce(sum);
-  if (threadIdx.x == 0) {
-    if (i < p.rows) {
-      static_cast<T*>(p.h)[i] = static_cast<T>(sum);
-    } else {
-      static_cast<A*>(p.norms)[0] = sum;
-    }
-  }
+  if (threadIdx.x == 0) static_cast<T*>(p.h)[i] = static_cast<T>(sum);
 }
 
-// w -= Q^T h; norms[1] += ||w||^2 over the block's entries (norms[1] zeroed beforehand).
+// w -= Q^T h; norms[1] += ||w||^2 over the block's entries, in double (norms[1] zeroed beforehand).
 template <class T>
 __global__ void cgs_update_kernel(KrylovCgsParams p) {
-  using A = acc_t<T>;
   const T* Q = static_cast<const T*>(p.basis);
   const T* h = static_cast<const T*>(p.h);
   T* w = static_cast<T*>(p.w);
-  A sum = 0;
+  double sum = 0;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < p.n; e += int64_t(gridDim.x) * blockDim.x) {
     T value = w[e];
     for (int64_t i = 0; i < p.rows; ++i) value -= h[i] * Q[i * p.q_stride + e];
     w[e] = value;
-    sum += static_cast<A>(value) * static_cast<A>(value);
+    sum += static_cast<double>(value) * static_cast<double>(value);
   }
   sum = block_reduce(sum);
-  if (threadIdx.x == 0) atomicAdd(static_cast<A*>(p.norms) + 1, sum);
+  if (threadIdx.x == 0) atomicAdd(static_cast<double*>(p.norms) + 1, sum);
 }
 
 // Block (r, c): out[r * cols + c] = Q[r] . W[c].
@@ -167,8 +170,7 @@ void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t s
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.norms, 0, 2 * sizeof(A), s));
+    LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.norms, 0, 2 * sizeof(double), s));
     if (p.mode != 2) {
       cgs_dots_kernel<T><<<static_cast<unsigned>(p.rows + 1), kThreads, 0, s>>>(p);
       LOWRANK_CUDA_LAUNCH_CHECK();

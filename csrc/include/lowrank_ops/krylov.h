@@ -23,9 +23,11 @@
 //   mode 0 (full pass): h = Q w (from w before the update), then w -= Q^T h;
 //   mode 1 (dots):      h = Q w; w unchanged;
 //   mode 2 (update):    w -= Q^T h with h given (w += Q^T c is mode 2 with h = -c);
-//   norms [2] out (acc type): ||w||^2 before (modes 0, 1) and after (modes 0, 2) the update.
+//   norms [2] out (float64 for both dtypes): ||w||^2 before (modes 0, 1) and after (modes 0,
+//   2) the update, accumulated in double (a float32 w of norm beyond ~1.8e19 or below ~1e-19
+//   has no float32 square).
 //   CPU: the n entries are split into n_chunks contiguous chunks (one task each);
-//   workspace holds n_chunks * (rows + 1) + rows acc values (partial sums, then -h).  Partial sums are
+//   workspace holds n_chunks * rows + rows acc values (partial sums, then -h).  Partial sums are
 //   reduced in chunk order, so the result depends on n_chunks, not on thread timing.
 //   CUDA: workspace is unused (may be null); h and norms are produced by block
 //   reductions and atomics on the caller's stream (norms' order of summation varies).
@@ -206,7 +208,7 @@ struct KrylovCgResult {
 
 // Workspace elements krylov_arnoldi_cpu needs (storage type).
 inline int64_t krylov_arnoldi_workspace(int64_t kc, int64_t steps, int64_t n_chunks) {
-  return n_chunks * (kc + steps + 1) + 3 * (kc + steps);
+  return (n_chunks + 3) * (kc + steps);
 }
 
 // Validation shared by both back ends (std::invalid_argument -> ValueError).

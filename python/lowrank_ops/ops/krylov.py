@@ -28,8 +28,10 @@ Ops (``torch.ops.lowrank_ops.*``; float32 or float64, every tensor on one device
 
 ``Q = basis`` ``[rows, n]`` and ``W`` / ``Y`` ``[cols, n]`` need contiguous rows (unit
 column stride), not contiguous tensors: the solvers pass row ranges of one preallocated
-basis.  Norms, dots and Gram matrices are in the accumulation dtype (float64 for
-float64, float32 for float32); the three passes are modes 0, 1 and 2 of the one kernel
+basis.  Dots and Gram matrices are in the accumulation dtype (float64 for float64,
+float32 for float32); the passes' squared norms are float64 for both, accumulated in
+double (a float32 vector of norm beyond ~1.8e19 or below ~1e-19 has no float32 square:
+GMRES on such float32 operators broke down or stalled); the three passes are modes 0, 1 and 2 of the one kernel
 ``krylov_cgs_pass``, and gram / combine modes 0 and 1 of ``krylov_block`` (contract:
 csrc/include/lowrank_ops/krylov.h).
 
@@ -124,27 +126,27 @@ def spmv_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.T
 
 
 def _cgs(mode: int, basis: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """One ``krylov_cgs_pass`` kernel call; returns the norms ``[2]`` (accumulation dtype)."""
+    """One ``krylov_cgs_pass`` kernel call; returns the squared norms ``[2]`` (float64)."""
     rows, n = basis.shape
-    accumulate = accumulate_dtype(w.dtype)
     if n == 0:  # nothing to read (the kernels want a non-null w): Q w = 0, and w has no entries
         if mode != _UPDATE:
             h.zero_()
-        return torch.zeros(2, dtype=accumulate, device=w.device)
+        return torch.zeros(2, dtype=torch.float64, device=w.device)
     common = dict(basis=basis.data_ptr(), w=w.data_ptr(), h=h.data_ptr(), rows=rows, n=n, q_stride=row_stride(basis),
                   mode=mode, dtype=FLOAT_CODES[w.dtype])
     if w.is_cuda:
-        norms = torch.empty(2, dtype=accumulate, device=w.device)
+        norms = torch.empty(2, dtype=torch.float64, device=w.device)
         cuda_extension("krylov_cgs_pass").krylov_cgs_pass_cuda(
             **common, norms=norms.data_ptr(), workspace=0, device=w.device.index, stream=current_stream(w))
         return norms
     threads = torch.get_num_threads()
     n_chunks = max(1, min(threads, (rows + 1) * n // _WORK_PER_TASK))
-    # One allocation for the result and the kernel's partial sums (a pass takes microseconds).
-    scratch = torch.empty(2 + n_chunks * (rows + 1) + rows, dtype=accumulate)
+    # One allocation for the result (2 doubles) and the kernel's partial sums (a pass takes microseconds).
+    workspace_bytes = (n_chunks + 1) * rows * w.element_size()
+    scratch = torch.empty(2 + -(-workspace_bytes // 8), dtype=torch.float64)
     address = scratch.data_ptr()
-    extension().krylov_cgs_pass_cpu(**common, norms=address, workspace=address + 2 * scratch.itemsize,
-                                    n_chunks=n_chunks, num_threads=threads)
+    extension().krylov_cgs_pass_cpu(**common, norms=address, workspace=address + 16, n_chunks=n_chunks,
+                                    num_threads=threads)
     return scratch[:2]
 
 
@@ -348,7 +350,7 @@ def _spmv_fake(row_ptr, col_idx, values, x, out):
 
 
 def _cgs_pass_fake(basis, w, h):
-    return w.new_empty((2,), dtype=accumulate_dtype(w.dtype))
+    return w.new_empty((2,), dtype=torch.float64)
 
 
 def _cgs_dots_fake(basis, w):
@@ -356,7 +358,7 @@ def _cgs_dots_fake(basis, w):
 
 
 def _cgs_update_fake(basis, w, h):
-    return w.new_empty((2,), dtype=accumulate_dtype(w.dtype))
+    return w.new_empty((2,), dtype=torch.float64)
 
 
 def _gram_fake(basis, other):

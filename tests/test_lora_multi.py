@@ -602,6 +602,43 @@ def test_multi_lora_linear_keeps_lora_B_rank_major(device, generator):
     assert torch.equal(copy.lora_B, layer.lora_B) and copy.lora_B.stride() == layer.lora_B.stride()
 
 
+def test_multi_lora_linear_checkpoint_carries_adapter_names(device, generator):
+    """The stacks are positional, so state dicts carry the names (a uint8 tensor: every
+    value stays a tensor).  Loaded into a layer built with the same adapters in another
+    order, the layer takes the checkpoint's order (before, each name silently got another
+    adapter's factors); other adapters raise; a checkpoint without names loads by position."""
+    layer = make_layer(device, generator)
+    x = randn(7, IN, device=device, generator=generator)
+    routing = ["fr", "de", "es", None, "es", "fr", "de"]
+    expected = layer(x, routing).detach()
+    state = layer.state_dict()
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    assert state["adapter_names"].dtype == torch.uint8
+
+    def build(adapters):
+        fresh = MultiLoRALinear(torch.nn.Linear(IN, OUT).to(device), max_rank=R_MAX)
+        fresh.add_adapters([dict(name=name, rank=2) for name in adapters])
+        return fresh
+
+    reordered = build(["es", "fr", "de"])
+    assert not reordered.load_state_dict(state).unexpected_keys
+    assert reordered.adapter_names == ["fr", "de", "es"]
+    assert torch.equal(reordered(x, routing), expected)
+    nested = torch.nn.Sequential(build(["de", "es", "fr"]))  # under a prefix
+    nested.load_state_dict(torch.nn.Sequential(layer).state_dict())
+    assert nested[0].adapter_names == ["fr", "de", "es"] and torch.equal(nested[0](x, routing), expected)
+
+    other = build(["fr", "de", "it"])
+    with pytest.raises(RuntimeError, match=r"the checkpoint holds the adapters \['fr', 'de', 'es'\]; this layer "
+                                           r"has \['fr', 'de', 'it'\]"):
+        other.load_state_dict(state)
+    positional = {key: value for key, value in state.items() if key != "adapter_names"}
+    kept = build(["it", "fr", "de"])
+    kept.load_state_dict(positional)  # by position: the layer's names are kept
+    assert kept.adapter_names == ["it", "fr", "de"]
+    assert torch.equal(kept(x, ["it", "fr", "de", None, "de", "it", "fr"]), expected)
+
+
 def test_multi_lora_linear_remove_adapter(device, generator):
     """Removing an adapter renumbers the later ones (ids are positions) and leaves the others'
     outputs and gradients bit for bit, lora_B rank-major, and a state dict that loads into a

@@ -1,6 +1,7 @@
 """A frozen ``nn.Linear`` serving (and training) many LoRA adapters in one batch."""
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -88,6 +89,13 @@ class MultiLoRALinear(nn.Module):
     1.6-1.7x faster (256 x 256 and 4096 x 4096, 8 adapters, 2-core Xeon).  Shapes, names
     and state dicts are unchanged.
 
+    State dicts carry the adapter names (key ``adapter_names``: their JSON as a uint8
+    tensor, so every value stays a tensor), because the stacks are positional: loaded into
+    a layer built with the same adapters in another order, the layer takes the
+    checkpoint's order (names follow their factors); a layer with other adapters raises
+    (drop the key to load the stacks by position, keeping the layer's names).
+    Checkpoints without the key load by position.
+
     Parameters
     ----------
     base : nn.Linear
@@ -120,6 +128,10 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int64, device=weight.device))
         self.register_buffer("scales", torch.zeros(0, dtype=torch.float64, device=weight.device))
         self._host_routing_cache = None  # see _routing_constants
+        self._loading_names: Optional[Tuple[str, Optional[List[str]]]] = None  # see _check_loaded_names
+        self.register_state_dict_post_hook(_save_adapter_names)
+        self.register_load_state_dict_pre_hook(_check_loaded_names)
+        self.register_load_state_dict_post_hook(_adopt_loaded_names)
 
     @property
     def in_features(self) -> int:
@@ -417,3 +429,57 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, max_rank={self.max_rank}, "
                 f"adapters={self.adapter_names}")
+
+
+# ---------------------------------------------------------------------------- checkpoint hooks
+# Module-level functions: they pickle and deep-copy with the module.
+ADAPTER_NAMES_KEY = "adapter_names"
+
+
+def _save_adapter_names(module: MultiLoRALinear, state_dict, prefix: str, local_metadata) -> None:
+    encoded = json.dumps(module.adapter_names).encode("utf-8")
+    state_dict[prefix + ADAPTER_NAMES_KEY] = torch.tensor(list(encoded), dtype=torch.uint8)
+
+
+def _check_loaded_names(module: MultiLoRALinear, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """Compare the checkpoint's adapter names with the layer's (before its tensors are copied)."""
+    key = prefix + ADAPTER_NAMES_KEY
+    if key not in state_dict:
+        return  # a checkpoint saved before the names were: by position
+    saved = _decode_names(state_dict[key])
+    current = module.adapter_names
+    if saved is None:
+        error_msgs.append(f"MultiLoRALinear: {key} does not hold a JSON list of adapter names")
+    elif len(saved) != len(current) or saved == current:
+        saved = None  # a different count is reported by the stacks' size mismatch
+    elif sorted(saved) != sorted(current):
+        # Reported whatever ``strict`` (torch hands the hooks strict=True either way).
+        error_msgs.append(f"MultiLoRALinear: the checkpoint holds the adapters {saved}; this layer has {current} "
+                          f"(build the layer with the checkpoint's adapters; to load the stacks by position "
+                          f"and keep this layer's names, drop the entry {key!r})")
+        saved = None
+    module._loading_names = (key, saved)
+
+
+def _adopt_loaded_names(module: MultiLoRALinear, incompatible_keys) -> None:
+    """The same adapters in another order: the layer takes the checkpoint's order, which its
+    (positional) factors, ranks and scales now follow.  The names' key is no unexpected key."""
+    if module._loading_names is None:
+        return
+    key, saved = module._loading_names
+    module._loading_names = None
+    if key in incompatible_keys.unexpected_keys:
+        incompatible_keys.unexpected_keys.remove(key)
+    if saved is not None:
+        module.adapter_names = saved
+
+
+def _decode_names(value) -> Optional[List[str]]:
+    try:
+        names = json.loads(bytes(torch.as_tensor(value).cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return None
+    return names

@@ -99,13 +99,27 @@ def test_max_rank_reports_non_convergence(generator):
     assert float(result.error) >= float(s[40:].norm()) * (1 - 1e-12)
 
 
-@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr, torch.sparse_csc], ids=str)
+def _uncoalesced(dense: torch.Tensor) -> torch.Tensor:
+    """A COO tensor equal to ``dense`` whose every entry is stored as two halves (legal: torch
+    adds duplicates up), in reversed order."""
+    coo = dense.to_sparse()
+    indices, values = coo.indices().flip(1), coo.values().flip(0) / 2
+    out = torch.sparse_coo_tensor(torch.cat([indices, indices], 1), torch.cat([values, values]), dense.shape,
+                                  check_invariants=True)
+    assert not out.is_coalesced() and torch.equal(out.to_dense(), dense)
+    return out
+
+
+@pytest.mark.parametrize("layout", [torch.sparse_coo, "uncoalesced", torch.sparse_csr, torch.sparse_csc], ids=str)
 def test_sparse_inputs_equal_dense(layout, generator):
+    # The uncoalesced COO: ||A||_F was read off its stored values (the halves' squares:
+    # half of ||A||_F^2), so the indicator met tol after one block: rank 1 and error 0
+    # reported, true error 0.70 (a 60 x 40 matrix, tol 0.05), converged = True.
     dense = torch.randn(150, 90, generator=generator, dtype=torch.float64)
     dense = dense * (torch.rand(150, 90, generator=generator, dtype=torch.float64) < 0.1)
     dense[:, :5] += torch.randn(150, 1, generator=generator, dtype=torch.float64) * 10  # a dominant direction
-    sparse = {torch.sparse_coo: dense.to_sparse(), torch.sparse_csr: dense.to_sparse_csr(),
-              torch.sparse_csc: dense.to_sparse_csc()}[layout]
+    sparse = {torch.sparse_coo: dense.to_sparse(), "uncoalesced": _uncoalesced(dense),
+              torch.sparse_csr: dense.to_sparse_csr(), torch.sparse_csc: dense.to_sparse_csc()}[layout]
     for A in (dense, dense.T):
         S_dense = adaptive_rsvd(A, 0.3, block_size=8, generator=torch.Generator().manual_seed(4))
         S_sparse = adaptive_rsvd(sparse if A is dense else sparse.t(), 0.3, block_size=8,

@@ -171,6 +171,8 @@ def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:
     M = A.transpose(0, 1) if transposed else A  # [p, q], p >= q
     p, q = M.shape
     dense = M.layout == torch.strided
+    if M.layout == torch.sparse_coo:  # an uncoalesced COO's stored values are not A's entries (duplicates add up)
+        M = M.coalesce()
     values = M if dense else (M._values() if M.layout == torch.sparse_coo else M.values())
     norm_sq = float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2 if values.numel() else 0.0
     target = tol * tol * norm_sq

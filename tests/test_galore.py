@@ -226,6 +226,23 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="rank must be an int >= 1 or None; got -3"):
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": -3})
     assert len(optimizer.param_groups) == 1  # the rejected group was not kept
+    # Checked when built, naming the setting (these failed at the first step, as rsvd's
+    # "oversample" / "n_iter" or a TypeError inside randn, or were accepted: True as a gap).
+    with pytest.raises(ValueError, match="update_proj_gap must be an int >= 1; got True"):
+        GaLoreAdamW(params, rank=2, update_proj_gap=True)
+    with pytest.raises(ValueError, match="GaLoreAdamW: rsvd_oversample must be an integer >= 0; got -1"):
+        GaLoreAdamW(params, rank=2, rsvd_oversample=-1)
+    with pytest.raises(ValueError, match="GaLoreAdamW: rsvd_n_iter must be an integer >= 0; got -1"):
+        GaLoreAdamW(params, rank=2, rsvd_n_iter=-1)
+    with pytest.raises(TypeError, match="GaLoreAdamW: generator must be a torch.Generator or None; got int"):
+        GaLoreAdamW(params, rank=2, generator=5)
+    # Complex parameters: the second moment was g^2 instead of |g|^2 and the projector came
+    # from the real part (a purely imaginary gradient still moved the parameter).
+    complex_param = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    for rank in (None, 2):
+        with pytest.raises(TypeError, match="GaLoreAdamW: complex parameters are not supported; parameter 1 of the "
+                                            "group has dtype torch.complex64"):
+            GaLoreAdamW(params + [complex_param], rank=rank)
 
 
 def test_empty_parameter_is_not_projected():

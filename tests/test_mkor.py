@@ -437,6 +437,12 @@ def test_bad_arguments(kwargs, message):
         MKOR(MLP(), **kwargs)
 
 
+def test_complex_model_is_refused():
+    with pytest.raises(TypeError, match="MKOR: complex parameters are not supported; parameter 0 of the group has "
+                                        "dtype torch.complex64"):
+        MKOR(nn.Linear(3, 3, dtype=torch.complex64), lr=0.1)
+
+
 def test_bad_model():
     with pytest.raises(ValueError, match=r"model must contain at least one torch.nn.Linear .*; got 0 Linear layers"):
         MKOR(nn.Sequential(nn.Conv1d(2, 2, 3), nn.ReLU()), lr=0.1)

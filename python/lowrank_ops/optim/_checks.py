@@ -17,3 +17,12 @@ def add_checked_group(optimizer: torch.optim.Optimizer, add: Callable[[Dict[str,
     except (TypeError, ValueError):
         optimizer.param_groups.pop()
         raise
+
+
+def require_real_params(op: str, group: Dict[str, Any]) -> None:
+    """A TypeError for a complex parameter: the optimizers' arithmetic (squares, SVDs,
+    M-FAC's dots) is real, and would drop or mistreat the imaginary part."""
+    for index, param in enumerate(group["params"]):
+        if param.is_complex():
+            raise TypeError(f"{op}: complex parameters are not supported; parameter {index} of the group has dtype "
+                            f"{param.dtype} (optimize its real and imaginary parts as separate real parameters)")

@@ -29,10 +29,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .._args import require_number
+from .._args import require_int, require_number
 from .._finite import all_finite
 from ..linalg.rsvd import rsvd
-from ._checks import add_checked_group
+from ._checks import add_checked_group, require_real_params
 from ._quantized_state import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector"]
@@ -300,6 +300,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         rsvd_n_iter=rsvd_n_iter, rsvd_oversample=rsvd_oversample, state_bits=state_bits,
                         min_8bit_size=min_8bit_size)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"GaLoreAdamW: generator must be a torch.Generator or None; got {type(generator).__name__}")
         super().__init__(params, defaults)
         self.generator = generator
 
@@ -480,8 +482,13 @@ def _check_group(group) -> None:
     rank = group["rank"]
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"{where}: rank must be an int >= 1 or None; got {rank!r}")
-    if not isinstance(group["update_proj_gap"], int) or group["update_proj_gap"] < 1:
-        raise ValueError(f"{where}: update_proj_gap must be an int >= 1; got {group['update_proj_gap']!r}")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"{where}: update_proj_gap must be an int >= 1; got {gap!r}")
+    if group["rsvd_n_iter"] is not None:
+        group["rsvd_n_iter"] = require_int(where, "rsvd_n_iter", group["rsvd_n_iter"], 0)
+    group["rsvd_oversample"] = require_int(where, "rsvd_oversample", group["rsvd_oversample"], 0)
+    require_real_params(where, group)
     if group["proj_type"] not in _PROJ_TYPES:
         raise ValueError(f"{where}: proj_type must be one of {_PROJ_TYPES}; got {group['proj_type']!r}")
     if group["svd"] not in _SVD_MODES:

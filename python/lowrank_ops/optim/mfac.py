@@ -28,7 +28,7 @@ import torch
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
 from ..second_order.mfac import MFACInverse
-from ._checks import add_checked_group
+from ._checks import add_checked_group, require_real_params
 
 __all__ = ["MFAC"]
 
@@ -144,9 +144,11 @@ class MFAC(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # The window keeps its own dtypes (bf16 buffer, float64 Gram) and the mask is bool:
-        # take them out before the base class casts state to the parameter's dtype.
-        kept = ("inverse", "mask")
+        # The window keeps its own dtypes (bf16 buffer, float64 Gram), the mask is bool and
+        # the momentum buffer is in the window's compute dtype (float32 for half
+        # parameters): take them out before the base class casts state to the parameter's
+        # dtype (a bfloat16 buffer after a resume changed the trajectory).
+        kept = ("inverse", "mask", "momentum_buffer")
         own = {index: {key: entry[key] for key in kept if key in entry} for index, entry in state_dict["state"].items()}
         stripped = dict(state_dict)
         stripped["state"] = {
@@ -159,6 +161,8 @@ class MFAC(torch.optim.Optimizer):
             param = params[index]
             if "mask" in entry:
                 self.state[param]["mask"] = entry["mask"].to(device=param.device, dtype=torch.bool)
+            if "momentum_buffer" in entry:
+                self.state[param]["momentum_buffer"] = entry["momentum_buffer"].to(param.device, copy=True)
             if "inverse" in entry:
                 self.state[param]["inverse"] = MFACInverse.from_state_dict(entry["inverse"], device=param.device)
 
@@ -172,3 +176,4 @@ def _check_group(group: Dict[str, Any]) -> None:
         raise TypeError(f"MFAC: sparse must be a bool; got {type(group['sparse']).__name__}")
     ngrads = group["ngrads"]
     group["ngrads"] = require_int("MFAC", "ngrads", ngrads)
+    require_real_params("MFAC", group)

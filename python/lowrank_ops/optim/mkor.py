@@ -113,7 +113,7 @@ from torch import nn
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
 from .._finite import all_finite
-from ._checks import add_checked_group
+from ._checks import add_checked_group, require_real_params
 
 __all__ = ["MKOR", "ShermanMorrisonInverse"]
 
@@ -760,3 +760,4 @@ def _check_group(group: Dict[str, Any]) -> None:
     group["lr"] = require_number("MKOR", "lr", group["lr"], 0.0)
     group["momentum"] = require_number("MKOR", "momentum", group["momentum"], 0.0, 1.0)
     group["weight_decay"] = require_number("MKOR", "weight_decay", group["weight_decay"], 0.0)
+    require_real_params("MKOR", group)

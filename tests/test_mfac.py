@@ -995,6 +995,17 @@ def test_obs_prune_single_weight_is_optimal(generator, block_size):
     assert float(cost) <= float(0.5 * plain @ F @ plain)
 
 
+def test_obs_prune_without_update_keeps_the_other_weights_bitwise(generator):
+    # float64 weights with float32 gradients: the kept weights were rounded to float32.
+    params = [randn(23, dtype=torch.float64, generator=generator), randn(3, 4, dtype=torch.float64, generator=generator)]
+    before = [p.clone() for p in params]
+    grads = randn(6, 35, generator=generator)
+    masks = obs_prune(params, grads, 0.3, 0.2, update_weights=False)
+    for p, b, mask in zip(params, before, masks):
+        assert torch.equal(p[mask], b[mask]) and bool((p[~mask] == 0).all())
+    assert sum(int((~mask).sum()) for mask in masks) == round(0.2 * 35)
+
+
 def test_obs_prune_model(generator):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

@@ -156,7 +156,10 @@ def obs_prune(params: Sequence[torch.Tensor], grads: torch.Tensor, damp: float, 
         _check(weights, grads, damp, block_size, "obs_prune")
         fisher = _fisher(grads, damp, block_size)
         diag = fisher.diag().to(torch.float64)
-        w64 = weights.to(torch.float64)
+        # The weights at their own precision (float64 holds any of them exactly), not as cast
+        # to the gradients' dtype: with update_weights=False the kept ones come back unchanged
+        # (float64 weights with float32 gradients were all rounded to float32).
+        w64 = torch.cat([p.reshape(-1).to(torch.float64) for p in params])
         scores = w64.square() / (2.0 * diag)
         n_prune = int(round(sparsity * weights.numel()))
         pruned = torch.zeros_like(weights, dtype=torch.bool)

@@ -940,6 +940,22 @@ def test_products_that_overflow_a_finite_input_raise_a_clear_error():
     torch.testing.assert_close(S, torch.tensor([1e30 * math.sqrt(300 * 200)]), rtol=1e-5, atol=0)
 
 
+def test_non_finite_init_or_unchecked_input_names_the_culprit():
+    """A NaN init, or a NaN A with check_finite=False, used to get the overflow message
+    ("A is finite, but ..."), which blamed a finite A."""
+    A = torch.randn(20, 10)
+    bad_init = torch.full((20, 3), float("nan"))
+    with pytest.raises(ValueError, match="rsvd: init contains NaN or infinite values$"):
+        rsvd(A, 3, init=bad_init)
+    with pytest.raises(ValueError, match="range_finder: init contains NaN or infinite values$"):
+        range_finder(A, 3, init=bad_init)
+    with pytest.raises(ValueError, match=r"rsvd: init contains NaN .*\(check_finite=False skipped the check\)"):
+        rsvd(A, 3, init=bad_init, check_finite=False)
+    nan_A = torch.full((5, 5), float("nan"))
+    with pytest.raises(ValueError, match=r"rsvd: A contains NaN .*\(check_finite=False skipped the check\)"):
+        rsvd(nan_A, 2, check_finite=False)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_errors():
     A = torch.randn(20, 10)

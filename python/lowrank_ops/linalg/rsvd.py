@@ -412,7 +412,7 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
     except torch.linalg.LinAlgError:
         if all_finite(B):
             raise
-        raise _overflow_error("rsvd", work) from None
+        raise _overflow_error("rsvd", work, init=init) from None
     U = Q @ Ub[..., :, :rank]
     S, Vh = S[..., :rank], Vh[..., :rank, :]
     error = None
@@ -477,8 +477,8 @@ def rsvd(
         False returns ``S`` alone (its gradient is ``U diag(gS) Vh``, stable for
         repeated and zero singular values).
     check_finite : bool, optional
-        Raise ``ValueError`` on NaN/inf in A.  Default: True on CPU, False on CUDA (the
-        check synchronizes with the host).
+        Raise ``ValueError`` on NaN/inf in A (or ``init``).  Default: True on CPU, False on
+        CUDA (the check synchronizes with the host).
     sketch_dtype : "auto", torch.bfloat16, torch.float16 or None
         Run the power iterations' products in this precision (``method="subspace"``,
         ``n_iter >= 1``): a copy of A in that dtype, tensor-core / AMX speed; the last
@@ -700,7 +700,7 @@ def range_finder(
         Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
                                 error_probes)
         if (A.device.type == "cpu" if check_finite is None else check_finite) and not all_finite(Q):
-            raise _overflow_error("range_finder", work, "Q does not change")  # A is finite: the products overflowed
+            raise _overflow_error("range_finder", work, "Q does not change", init=init)
         if probe is None:
             return Q
         _, AW = probe
@@ -708,10 +708,17 @@ def range_finder(
             return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
 
 
-def _overflow_error(op: str, work: torch.Tensor,
-                    invariant: str = "U and Vh do not change, S scales with A") -> ValueError:
-    """The error for a finite A whose products with the basis overflowed its dtype (entries
-    near the dtype's largest value / sqrt(min(m, n)), e.g. float32 entries of 1e37)."""
+def _overflow_error(op: str, work: torch.Tensor, invariant: str = "U and Vh do not change, S scales with A",
+                    init: Optional[torch.Tensor] = None) -> ValueError:
+    """The error for products with A that came out non-finite: a NaN or inf in A or ``init``
+    (when ``check_finite=False`` skipped the checks), otherwise a finite A whose products
+    overflowed its dtype (entries near the dtype's largest value / sqrt(min(m, n)), e.g.
+    float32 entries of 1e37).  Only called once the products failed: the checks here cost
+    nothing on the normal path."""
+    if not all_finite(work):
+        return ValueError(f"{op}: A contains NaN or infinite values (check_finite=False skipped the check)")
+    if init is not None and not all_finite(init):
+        return ValueError(f"{op}: init contains NaN or infinite values (check_finite=False skipped the check)")
     largest = float(work.detach().abs().amax()) if work.layout == torch.strided else float("nan")
     return ValueError(
         f"{op}: the products with A overflowed {work.dtype} (A is finite, but with entries as large as "
@@ -774,6 +781,8 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         check_finite = A.device.type == "cpu"
     if check_finite and not all_finite(A):
         raise ValueError(f"{op}: A contains NaN or infinite values")
+    if check_finite and init is not None and not all_finite(init):
+        raise ValueError(f"{op}: init contains NaN or infinite values")
 
 
 def lowrank_error(

@@ -860,6 +860,14 @@ def test_effective_rank(generator):
     values.sum().backward()
     assert torch.isfinite(Z.grad).all()
     assert effective_rank(torch.randn(40, 5, generator=generator).bfloat16()).dtype == torch.float32
+    # Empty matrices (no singular values: zero entropy) give 1, as a zero matrix; they raised
+    # an IndexError from amax over an empty dimension.
+    for shape in ((0, 5), (5, 0), (3, 0, 5), (0, 4, 5)):
+        empty = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        values = effective_rank(empty)
+        assert values.shape == shape[:-2] and torch.equal(values, torch.ones(shape[:-2], dtype=torch.float64))
+        values.sum().backward()
+        assert empty.grad.shape == shape
 
 
 @pytest.mark.parametrize("shape", [(500, 100), (300, 200), (3, 300, 200)])  # the Gram path, the SVD path, a batch

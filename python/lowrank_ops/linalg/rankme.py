@@ -39,7 +39,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     -------
     Tensor[...]
         Between 1 and ``min(N, d)`` (up to eps); 1 for a zero matrix (all mass on
-        eps).  Differentiable through the singular values (``torch.linalg.svdvals``,
+        eps) and for an empty one (N or d zero: no singular values, zero entropy).  Differentiable through the singular values (``torch.linalg.svdvals``,
         whose gradient ``U V^T`` has no division by singular-value gaps).
 
     Raises
@@ -77,6 +77,8 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
         raise ValueError("effective_rank: Z has a non-finite entry (inf or nan); expected finite values")
     work = Z.float() if Z.dtype in (torch.float16, torch.bfloat16) else Z
     long_side, short_side = max(work.shape[-2:]), min(work.shape[-2:])
+    if short_side == 0:  # exp(0); through Z's graph, so that backward gives Z its (empty) gradient
+        return work.sum(dim=(-2, -1)) * 0 + 1
     gram = (work.dtype == torch.float32 and work.device.type == "cpu" and long_side >= _GRAM_ASPECT * short_side
             and not (work.requires_grad and torch.is_grad_enabled()))
     values = _gram_singular_values if gram else singular_values

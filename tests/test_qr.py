@@ -287,6 +287,28 @@ def test_cholesky_qr2_stays_differentiable(generator):
     torch.testing.assert_close(R_grad.detach(), R, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape, step", [((1, 1), (2, 3)), ((5, 1), (1, 3)), ((4, 1), (2, 2))])
+def test_single_row_or_column_views_with_odd_strides(shape, step, generator):
+    """A size-1 dimension's stride means nothing (a 1 x 1 slice of a larger matrix is
+    'contiguous' with strides (6, 3)); the kernels rejected such views ("y must have a unit
+    row or column stride"), although any strides are documented to work."""
+    rows, cols = shape
+    big = randn(rows * step[0] + 1, cols * step[1] + 1, dtype=torch.float64, generator=generator)
+    Y = big[::step[0], ::step[1]][:rows, :cols]
+    assert Y.shape == shape and Y.stride(-1) != 1 and (rows > 1 or Y.stride(-2) != 1)
+    Q, R = cholesky_qr2(Y)
+    torch.testing.assert_close(Q @ R, Y, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(tall_gram(Y), Y.mT @ Y, rtol=1e-14, atol=0)
+    R = torch.linalg.cholesky(Y.mT @ Y).mT
+    torch.testing.assert_close(tall_solve_upper(Y, R), torch.linalg.solve_triangular(R, Y, upper=True, left=False),
+                               rtol=1e-13, atol=1e-15)
+    if Y.is_contiguous():  # the in-place steps want a contiguous block (or its transpose)
+        expected = Y / power_of_two_scale(Y)
+        tall_scale_(Y)
+        torch.testing.assert_close(Y, expected, rtol=0, atol=0)
+
+
 def test_bad_input_errors():
     Y = torch.randn(10, 4)
     R = torch.eye(4)

@@ -495,16 +495,29 @@ void check_block(const char* op, int64_t batch, int64_t rows, int64_t cols, cons
                 row_stride, ", ", col_stride, ")");
 }
 
+// A dimension of size 1 has no meaningful stride (torch reports any value there: a 1 x 1
+// slice of a larger matrix is "contiguous" with strides (6, 3)), so it gets a unit one and
+// the layout tests below see the other dimension's.
+void unit_single_stride(int64_t rows, int64_t cols, int64_t& row_stride, int64_t& col_stride) {
+  if (cols == 1) col_stride = 1;
+  else if (rows == 1) row_stride = 1;
+}
+
 }  // namespace
 
-void tall_gram_cpu(const TallGramParams& p, int num_threads) {
+void tall_gram_cpu(const TallGramParams& params, int num_threads) {
+  TallGramParams p = params;
+  unit_single_stride(p.rows, p.cols, p.y_row_stride, p.y_col_stride);
   check_block("tall_gram", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   LOWRANK_CHECK(p.batch * p.cols == 0 || p.gram != nullptr, "tall_gram: gram must not be null");
   if (p.batch == 0 || p.cols == 0) return;
   dispatch_real(p.dtype, [&](auto tag) { gram_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
-void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
+void tall_solve_upper_cpu(const TallSolveParams& params, int num_threads) {
+  TallSolveParams p = params;
+  unit_single_stride(p.rows, p.cols, p.y_row_stride, p.y_col_stride);
+  unit_single_stride(p.rows, p.cols, p.q_row_stride, p.q_col_stride);
   check_block("tall_solve_upper", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   if (p.batch * p.rows * p.cols == 0) return;
   LOWRANK_CHECK(p.r != nullptr && p.q != nullptr, "tall_solve_upper: r and q must not be null");
@@ -513,14 +526,18 @@ void tall_solve_upper_cpu(const TallSolveParams& p, int num_threads) {
   dispatch_real(p.dtype, [&](auto tag) { solve_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
-void tall_scale_cpu(const TallScaleParams& p, int num_threads) {
+void tall_scale_cpu(const TallScaleParams& params, int num_threads) {
+  TallScaleParams p = params;
+  unit_single_stride(p.rows, p.cols, p.y_row_stride, p.y_col_stride);
   check_block("tall_scale", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   if (p.batch == 0) return;
   LOWRANK_CHECK(p.scale != nullptr, "tall_scale: scale must not be null");
   dispatch_real(p.dtype, [&](auto tag) { scale_typed<typename decltype(tag)::type>(p, num_threads); });
 }
 
-void cholesky_qr_cpu(const CholeskyQrParams& p, int num_threads) {
+void cholesky_qr_cpu(const CholeskyQrParams& params, int num_threads) {
+  CholeskyQrParams p = params;
+  unit_single_stride(p.rows, p.cols, p.y_row_stride, p.y_col_stride);
   check_block("cholesky_qr", p.batch, p.rows, p.cols, p.y, p.y_row_stride, p.y_col_stride, p.dtype);
   LOWRANK_CHECK(p.plain_passes >= 0 && (p.shift || p.plain_passes >= 1), "cholesky_qr: need at least one pass; got "
                 "shift=", p.shift, ", plain_passes=", p.plain_passes);

@@ -613,3 +613,81 @@ def test_unmerge_takes_out_the_ranks_that_were_merged(generator):
     torch.testing.assert_close(layer.base_layer.weight.detach(), original, rtol=0, atol=1e-6)
     torch.testing.assert_close(saved, original, rtol=0, atol=1e-6)
 
+
+
+def test_dora_merge_keeps_the_rows_a_zero_magnitude_erases(generator):
+    """A zero row of W gets magnitude 0 by default (peft#2049: 511 such rows in Llama-3.1-8B's
+    o_proj), and a magnitude may reach 0 in training: merging scales those rows to zero,
+    and unmerge divided by the zero scale, writing NaN into W (and into a merged layer's
+    state dict).  merge now keeps those rows; unmerge and the checkpoint put them back."""
+    base = torch.nn.Linear(8, 6)
+    with torch.no_grad():
+        base.weight[1] = 0.0
+    layer = LoRALinear(base, r=2, use_dora=True)
+    torch.nn.init.normal_(layer.lora_B, generator=generator)
+    with torch.no_grad():
+        layer.lora_magnitude_vector[3] = 0.0  # a non-zero row with magnitude 0
+    assert float(layer.lora_magnitude_vector.detach()[1]) == 0.0
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, 8, generator=generator)
+    expected = layer(x).detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    saved = layer.state_dict()["base_layer.weight"]
+    assert torch.isfinite(saved).all() and torch.equal(saved[[1, 3]], original[[1, 3]])
+    torch.testing.assert_close(saved, original, rtol=0, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight[[1, 3]], original[[1, 3]])
+    torch.testing.assert_close(layer.base_layer.weight.detach(), original, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_active_rank_is_checked_on_every_path(generator):
+    """DoRA's forward and merge sliced the factors with active_rank unchecked: -1 silently
+    dropped the last rank and r + 4 used all of them (plain LoRA's forward raised, but its
+    merge then merged r - 1 ranks)."""
+    x = torch.randn(2, 8, generator=generator)
+    for use_dora in (False, True):
+        layer = LoRALinear(torch.nn.Linear(8, 6), r=3, use_dora=use_dora, init_lora_weights=False)
+        for bad in (-1, 7, True, 1.5):
+            layer.active_rank = bad
+            if use_dora:  # plain LoRA's forward is checked by the op (its own message)
+                with pytest.raises(ValueError, match=r"active_rank must be None or an int in \[0, r\] = \[0, 3\]"):
+                    layer(x)
+            with pytest.raises(ValueError, match="active_rank must be None or an int"):
+                layer.merge()
+            assert not layer.merged
+        layer.active_rank = 2
+        layer(x)
+
+
+def test_pissa_reset_keeps_the_function_or_refuses(generator):
+    """With active_rank below r, reset_parameters split the active ranks' effective weight
+    over all r ranks while the forward used active_rank of them: the output moved by 0.38."""
+    layer = LoRALinear(torch.nn.Linear(16, 12, dtype=torch.float64), r=4, init_lora_weights="pissa")
+    x = torch.randn(3, 16, dtype=torch.float64, generator=generator)
+    layer.active_rank = 2
+    with pytest.raises(ValueError, match=r"splits the effective weight over all r = 4 ranks, but active_rank = 2"):
+        layer.reset_parameters()
+    layer.active_rank = None
+    y = layer(x).detach()
+    layer.reset_parameters()
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-12)
+
+
+def test_load_with_assign_into_a_merged_layer_leaves_the_callers_tensors(generator):
+    """load_state_dict(sd, assign=True) adopted sd's weight tensor and the re-merge wrote
+    W + s B A into it: the caller's dict changed, and loading it again elsewhere added the
+    adapter twice (off by 2.0)."""
+    source = LoRALinear(torch.nn.Linear(8, 4), r=2, init_lora_weights=False)
+    state = {key: value.clone() for key, value in source.state_dict().items()}
+    saved_weight = state["base_layer.weight"].clone()
+    merged = LoRALinear(torch.nn.Linear(8, 4), r=2)
+    merged.merge()
+    merged.load_state_dict(state, assign=True)
+    assert merged.merged and torch.equal(state["base_layer.weight"], saved_weight)
+    x = torch.randn(2, 8, generator=generator)
+    torch.testing.assert_close(merged(x), source(x), rtol=1e-5, atol=1e-6)
+    other = LoRALinear(torch.nn.Linear(8, 4), r=2)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other(x), source(x), rtol=0, atol=0)

@@ -94,6 +94,12 @@ def _unmerge_before_load(module, state_dict, prefix, local_metadata, strict, mis
     if module.merged:
         module.unmerge()
         module._remerge_after_load = True
+        # The re-merge writes into the loaded weight in place; with load_state_dict(...,
+        # assign=True) that is the caller's tensor (which then held W + the update, and
+        # added the update twice wherever it was loaded again): merge into a copy.
+        key = prefix + "base_layer.weight"
+        if isinstance(state_dict.get(key), torch.Tensor):
+            state_dict[key] = state_dict[key].clone()
 
 
 def _remerge_after_load(module, incompatible_keys) -> None:

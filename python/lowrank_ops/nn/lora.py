@@ -132,6 +132,7 @@ class LoRALinear(torch.nn.Module):
         self.merged = False
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
         self._merged_rank: Optional[int] = None  # the ranks merged (active_rank may change before unmerge)
+        self._merged_lost_rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # DoRA: see merge
         self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # DoRA, eval mode: (key, row norms)
         checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
@@ -149,11 +150,19 @@ class LoRALinear(torch.nn.Module):
 
         PiSSA and OLoRA split the layer's current effective weight (base plus adapter, as
         :meth:`merge` would fold it) again, so the layer's function is kept and its
-        principal part moves back into the adapter.  Raises RuntimeError while merged.
+        principal part moves back into the adapter.  Raises RuntimeError while merged, and
+        ValueError for PiSSA / OLoRA with ``active_rank`` below r (the split fills all r
+        ranks, the forward would use fewer: the function changed).
         """
         if self.merged:
             raise RuntimeError("LoRALinear.reset_parameters: the adapter is merged into the base weight; unmerge() first")
-        effective = self._effective_weight() if self.init_lora_weights in ("pissa", "olora") else None
+        splits = self.init_lora_weights in ("pissa", "olora")
+        if splits and self.active_rank not in (None, self.r):
+            # The split fills all r ranks, while the forward would use the first active_rank.
+            raise ValueError(f"LoRALinear.reset_parameters: init_lora_weights={self.init_lora_weights!r} splits the "
+                             f"effective weight over all r = {self.r} ranks, but active_rank = {self.active_rank}; "
+                             "set active_rank = None first")
+        effective = self._effective_weight() if splits else None
         self._initialize(effective, generator)
 
     @torch.no_grad()
@@ -205,6 +214,8 @@ class LoRALinear(torch.nn.Module):
     def _factors(self, rank: Optional[int] = None):
         """``(A, B, gate)`` of the first ``rank`` ranks (default: ``active_rank``, or all r)."""
         k = rank if rank is not None else self.r if self.active_rank is None else self.active_rank
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.r:  # slicing would clamp it silently
+            raise ValueError(f"LoRALinear: active_rank must be None or an int in [0, r] = [0, {self.r}]; got {k!r}")
         gate = None if self.lora_gate is None else self.lora_gate[:k]
         return self.lora_A[:k], self.lora_B[:, :k], gate
 
@@ -279,7 +290,10 @@ class LoRALinear(torch.nn.Module):
         W's dtype once (rounding ``W + s B A`` and then the scaled rows left 36 % of a
         bfloat16 weight's entries off the single rounding, tests/test_lora.py).  With
         ``active_rank`` set, its first ranks are merged, and :meth:`unmerge` takes out those
-        same ranks even if ``active_rank`` has changed since.
+        same ranks even if ``active_rank`` has changed since.  DoRA rows whose magnitude is
+        0 (the default initialization of a zero row of W) merge to zero whatever W held
+        there: merge keeps a copy of those rows, which unmerge puts back (dividing by the
+        zero scale wrote NaN into them, and into a merged layer's state dict).
         """
         if self.merged:
             return
@@ -288,7 +302,10 @@ class LoRALinear(torch.nn.Module):
         weight = self.base_layer.weight
         if self.use_dora:
             norm = dora_row_norm(weight, lora_A, lora_B, self.scaling)
-            lora_merge(weight, lora_A, lora_B, self.scaling, inplace=True, row_scale=self._dora_factor(norm))
+            row_scale = self._dora_factor(norm)
+            lost = torch.nonzero(row_scale == 0).flatten()
+            self._merged_lost_rows = (lost, weight[lost].clone()) if lost.numel() else None
+            lora_merge(weight, lora_A, lora_B, self.scaling, inplace=True, row_scale=row_scale)
             self._merged_norm = norm
         else:
             lora_merge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
@@ -300,7 +317,7 @@ class LoRALinear(torch.nn.Module):
         if not self.merged:
             return
         self._take_out_adapter(self.base_layer.weight)
-        self._merged_norm = self._merged_rank = None
+        self._merged_norm = self._merged_rank = self._merged_lost_rows = None
         self.merged = False
 
     @torch.no_grad()
@@ -315,8 +332,14 @@ class LoRALinear(torch.nn.Module):
         with the ranks that were merged whatever ``active_rank`` is now."""
         lora_A, lora_B, gate = self._factors(self._merged_rank)
         if self.use_dora:
+            row_scale = self._dora_factor(self._merged_norm)
+            zero = row_scale == 0  # rows merged to zero (see merge): not divided, put back below
             lora_unmerge(weight, lora_A, lora_B, self.scaling, inplace=True,
-                         row_scale=self._dora_factor(self._merged_norm))
+                         row_scale=torch.where(zero, torch.ones_like(row_scale), row_scale))
+            weight[zero] = 0  # a magnitude set to 0 while merged: W's row is lost (0, not NaN)
+            if self._merged_lost_rows is not None:
+                rows, values = self._merged_lost_rows
+                weight[rows] = values.to(weight.device)
         else:
             lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
 

@@ -33,6 +33,22 @@ def test_read_only_arrays_are_copied_not_aliased():
     assert tensor.data_ptr() != read_only.ctypes.data and tensor.tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def test_negative_strides_are_copied_not_a_crash():
+    """torch 2.13's from_dlpack aborts the process (c10::Error, "Storage size calculation
+    overflowed") on a reversed NumPy view; run in a child process so that a regression fails
+    this test instead of killing the run."""
+    import subprocess
+    import sys
+    script = ("import numpy as np; from lowrank_ops.integrations.dlpack import to_torch, wrap; "
+              "from lowrank_ops import krylov; b = np.arange(1.0, 5.0); t = to_torch(b[::-1]); "
+              "assert t.tolist() == [4.0, 3.0, 2.0, 1.0] and t.stride() == (1,); "
+              "x = wrap(krylov.gmres)(np.eye(4) * 2.0, b[::-1])[0]; "
+              "assert np.allclose(x, [2.0, 1.5, 1.0, 0.5]); "
+              "m = np.arange(12.0).reshape(3, 4)[::-1, ::2]; assert to_torch(m).tolist() == m.tolist(); print('ok')")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
 def test_batched_svd_numpy_in_numpy_out():
     A = numpy_random(16, 12, 12, seed=1)
     result = wrap(lowrank_ops.linalg.batched_svd)(A)

@@ -50,8 +50,10 @@ def _is_foreign_array(value: Any) -> bool:
 def to_torch(array: Any) -> torch.Tensor:
     """The torch tensor sharing ``array``'s memory (any DLPack producer; a torch tensor is returned as is).
 
-    A read-only NumPy array is copied (a torch tensor is always writable).  Raises
-    TypeError for anything that is neither a tensor nor a DLPack producer.
+    A read-only NumPy array is copied (a torch tensor is always writable), and so is an
+    array with a negative stride (``b[::-1]``: torch 2.13's ``from_dlpack`` aborted the
+    process on one).  Raises TypeError for anything that is neither a tensor nor a DLPack
+    producer.
     """
     if isinstance(array, torch.Tensor):
         return array
@@ -61,6 +63,9 @@ def to_torch(array: Any) -> torch.Tensor:
     if flags is not None and getattr(flags, "writeable", True) is False:
         # NumPy 2 exports read-only memory and torch would alias it as writable: an op that
         # writes in place (lora_merge(inplace=True), the M-FAC factor updates) would fault.
+        array = array.copy()
+    strides = getattr(array, "strides", None)  # NumPy and CuPy: bytes; a negative one is a reversed view
+    if strides is not None and any(stride < 0 for stride in strides):
         array = array.copy()
     return torch.from_dlpack(array)
 

@@ -203,6 +203,11 @@ def test_same_matrix_twice_skips_the_refresh(generator, monkeypatch):
     solver.solve(copy, problem.rhs, tol=1e-9)
     solver.solve(copy, problem.rhs, tol=1e-9)
     assert len(refreshes) == 2  # another matrix object: recomputed once
+    # values reassigned (not changed in place): a new tensor at version 0, which the key
+    # (the counter alone) took for the old one; the stale C made the solve stagnate.
+    copy.values = copy.values * 5.0
+    _, info = solver.solve(copy, problem.rhs, tol=1e-9)
+    assert len(refreshes) == 3 and info.converged
 
 
 def test_new_matrix_at_a_dead_matrix_id_is_refreshed(monkeypatch):
@@ -234,6 +239,16 @@ def test_new_matrix_at_a_dead_matrix_id_is_refreshed(monkeypatch):
     torch.testing.assert_close(image, solver.C, rtol=0, atol=1e-8 * float(image.abs().max()))
     solver.solve(matrix, second.rhs, tol=1e-9)  # the same live matrix again: no refresh
     assert refreshes == [6]
+
+
+@pytest.mark.parametrize("solver", ["gmres", "cg"])
+def test_solution_carries_no_graph_from_a_differentiable_x0(solver):
+    # x0 with requires_grad: the solution came back attached to x0's graph (the kernels
+    # update it in place outside autograd), with d(sum x)/d x0 = 1 instead of 0.
+    problem = pde.darcy(8)
+    x0 = torch.zeros(64, dtype=torch.float64, requires_grad=True)
+    x, info = {"gmres": gmres, "cg": cg}[solver](problem.matrix, problem.rhs, x0=x0)
+    assert info.converged and not x.requires_grad and x.grad_fn is None
 
 
 def test_operator_identity_key():

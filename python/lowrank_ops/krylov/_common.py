@@ -175,15 +175,17 @@ class Progress:
             self.callback(value)
 
 
-def _version(source) -> Optional[int]:
-    """In-place modification counter of a torch-backed matrix (None for other kinds).
+def _version(source):
+    """What changes with a torch-backed matrix's entries: its values tensor (identity: a
+    ``CSRMatrix`` whose ``values`` was reassigned kept the old key, and GCRODR its stale
+    recycled space) and that tensor's in-place modification counter; None for other kinds.
 
     A scipy matrix or a callable changed in place is not detected: pass a new object
     (or call ``GCRODR.reset``) after changing one.
     """
     values = getattr(source, "values", None)
     if isinstance(values, torch.Tensor):
-        return values._version
+        return (_Identity(values), values._version)
     return getattr(source, "_version", None)
 
 
@@ -260,7 +262,7 @@ def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device,
         raise ValueError(f"{op}: {name} has shape {tuple(torch.as_tensor(value).shape)}; expected (n,) = ({n},) to match A")
     if not all_finite(tensor):
         raise ValueError(f"{op}: {name} holds {int((~torch.isfinite(tensor)).sum())} non-finite (NaN or inf) entries")
-    return tensor.contiguous().clone()
+    return tensor.detach().contiguous().clone()  # the solvers are not differentiable: no graph on x
 
 
 def _dtype_and_device(A, b):

@@ -78,6 +78,17 @@ def test_seeded_and_independent_per_index():
     assert not torch.equal(pde.darcy(10, seed=1).coefficient, pde.darcy(10, seed=2).coefficient)
 
 
+def test_numpy_integer_seeds_and_indices():
+    # A NumPy int64 seed or index (an np.arange loop) overflowed the seed mixing (OverflowError).
+    for i in np.arange(2):
+        assert torch.equal(pde.darcy(8, index=i).coefficient, pde.darcy(8, index=int(i)).coefficient)
+    problems = pde.generate("poisson", 8, 2, seed=np.int64(1))
+    assert [p.index for p in problems] == [0, 1]
+    for bad in (1.5, "1", -1, True):
+        with pytest.raises(ValueError, match=rf"seed must be an integer >= 0; got {bad!r}"):
+            pde.darcy(8, seed=bad)
+
+
 def test_random_field_statistics():
     # Unit variance by construction; neighbouring nodes strongly correlated (smooth field).
     fields = torch.stack([pde.gaussian_random_field(64, pde.sample_generator(0, i)) for i in range(20)])
@@ -96,5 +107,7 @@ def test_bad_input():
         pde.generate("darcy", 8, -1)
     with pytest.raises(ValueError, match="coefficient must be positive"):
         pde.diffusion_matrix(-torch.ones(4, 4))
-    with pytest.raises(ValueError, match="seed and index must be >= 0"):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0; got -1"):
         pde.sample_generator(-1, 0)
+    with pytest.raises(ValueError, match="index must be an integer >= 0; got -2"):
+        pde.sample_generator(0, -2)

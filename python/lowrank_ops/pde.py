@@ -72,8 +72,8 @@ class PDEProblem:
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The generator of sample ``index`` in run ``seed`` (a fixed mix of the two)."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"sample_generator: seed and index must be >= 0; got seed = {seed}, index = {index}")
+    # Python ints (a NumPy integer's products overflow int64; a float or str has no place here).
+    seed, index = require_int("sample_generator", "seed", seed, 0), require_int("sample_generator", "index", index, 0)
     mixed = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
 

@@ -252,6 +252,42 @@ def test_convert_svd_init_preserves_outputs(generator):
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
 
 
+def test_convert_keeps_shared_layers_shared_and_skips_linear_subclasses(generator):
+    """A layer registered under two names was converted under the first only (the tie
+    broken: one name kept the plain Linear); MultiheadAttention's out_proj (an nn.Linear
+    subclass its parent reads through .weight) was replaced, and the forward then failed."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            shared = torch.nn.Linear(8, 8)
+            self.a, self.b = shared, shared
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    tied = Tied()
+    report = sltrain.convert(tied, 2, 0.5, generator=generator)
+    assert report.replaced == ["a", "b"] and isinstance(tied.a, SparseLowRankLinear) and tied.a is tied.b
+    attention = torch.nn.MultiheadAttention(8, 2)
+    model = torch.nn.ModuleDict({"attn": attention, "head": torch.nn.Linear(8, 4)})
+    assert sltrain.convert(model, 2, 0.5, generator=generator).replaced == ["head"]
+    x = torch.randn(3, 1, 8)
+    assert attention(x, x, x)[0].shape == (3, 1, 8)
+
+
+def test_svd_split_needs_a_positive_scale(generator):
+    # scale <= 0 (or alpha <= 0 with init="svd") took square roots of s / scale: NaN or inf
+    # parameters and outputs, no error.
+    linear = torch.nn.Linear(16, 12)
+    for scale in (-1.0, 0.0):
+        with pytest.raises(ValueError, match=rf"from_linear: scale must be > 0 .*got {scale}"):
+            SparseLowRankLinear.from_linear(linear, rank=4, density=0.2, scale=scale)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    with pytest.raises(ValueError, match=r"convert: init='svd' needs alpha > 0 .*got alpha=-8.0"):
+        sltrain.convert(model, 4, 0.2, init="svd", alpha=-8.0)
+    assert type(model[0]) is torch.nn.Linear
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_errors(generator):
     support, t = make_problem(10, 12, 3, 0.3, (4,), torch.float32, "cpu", generator)

@@ -1,14 +1,14 @@
 """Helpers shared by the method modules that replace a model's ``nn.Linear`` layers
-(SLTrain's convert, low-rank compression, SoRA's pruning): parameter counts, name
-patterns, per-layer ranks."""
+(SLTrain's and SST's convert, low-rank compression, WeLore, SoRA's pruning): parameter
+counts, name patterns, the layers to replace under all their names, per-layer ranks."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["count_parameters", "linear_targets", "matches", "resolve_rank"]
+__all__ = ["count_parameters", "linear_sites", "linear_targets", "matches", "replace_everywhere", "resolve_rank"]
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
@@ -54,6 +54,29 @@ def linear_targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str,
     if patterns is not None and not found:
         raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
     return found
+
+
+def linear_sites(op: str, model: torch.nn.Module, patterns: Optional[Sequence[str]]
+                 ) -> List[Tuple[torch.nn.Linear, List[str]]]:
+    """Every plain ``nn.Linear`` of ``model`` whose name matches ``patterns`` (None: all),
+    once, with every name it is registered under (a module shared by two parents must be
+    replaced under both, or the tie breaks); a ValueError when patterns are given and
+    nothing matches.  Plain: ``type(module) is nn.Linear``, since a subclass (MultiheadAttention's
+    ``out_proj``) is read by its parent through ``.weight``, which a replacement lacks."""
+    sites: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is torch.nn.Linear and matches(name, patterns):
+            sites.setdefault(id(module), (module, []))[1].append(name)
+    if patterns is not None and not sites:
+        raise ValueError(f"{op}: no nn.Linear module matches target_modules={list(patterns)}")
+    return list(sites.values())
+
+
+def replace_everywhere(model: torch.nn.Module, names: Sequence[str], layer: torch.nn.Module) -> None:
+    """Register ``layer`` under every one of ``names`` (module paths in ``model``)."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op: str) -> int:

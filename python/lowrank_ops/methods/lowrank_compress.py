@@ -35,7 +35,7 @@ from .._args import require_generator
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
-from ._layers import count_parameters, matches, resolve_rank
+from ._layers import count_parameters, linear_sites, replace_everywhere, resolve_rank
 
 __all__ = ["compress", "CompressionReport", "LayerCompression"]
 
@@ -176,29 +176,21 @@ def compress(
     """
     rank, energy, patterns = _validate(model, rank, energy, target_modules, min_saving, n_iter)
     # All names of every target (a module registered twice is replaced everywhere, once).
-    targets: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is torch.nn.Linear and matches(name, patterns):
-            targets.setdefault(id(module), (module, []))[1].append(name)
-    if patterns is not None and not targets:
-        raise ValueError(f"{_OP}: no nn.Linear module matches target_modules={patterns}")
+    targets = linear_sites(_OP, model, patterns)
     # Resolve every rank first, so that a bad one leaves the model untouched.
-    ranks = {key: None if rank is None else resolve_rank(rank, linear, names[0], _OP)
-             for key, (linear, names) in targets.items()}
-    for linear, names in targets.values():
+    ranks = [None if rank is None else resolve_rank(rank, linear, names[0], _OP) for linear, names in targets]
+    for linear, names in targets:
         if not all_finite(linear.weight):
             raise ValueError(f"{_OP}: the weight of {names[0]} holds NaN or infinite values")
         # Before any layer is replaced (rsvd would reject it at the first layer it draws for).
         require_generator(_OP, "generator", generator, linear.weight.device, f"the weight of {names[0]}")
 
     report = CompressionReport(parameters_before=count_parameters(model, trainable_only=False))
-    for key, (linear, names) in targets.items():
-        layer, replacement = _compress_layer(linear, ranks[key], energy, min_saving, n_iter, generator)
+    for (linear, names), layer_rank in zip(targets, ranks):
+        layer, replacement = _compress_layer(linear, layer_rank, energy, min_saving, n_iter, generator)
         report.layers[names[0]] = layer
         if replacement is not None:
-            for name in names:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+            replace_everywhere(model, names, replacement)
     report.parameters_after = count_parameters(model, trainable_only=False)
     return report
 

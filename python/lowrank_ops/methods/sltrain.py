@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Union
 import torch
 
 from ..nn.sparse_lowrank import SparseLowRankLinear
-from ._layers import count_parameters, matches, resolve_rank
+from ._layers import count_parameters, linear_sites, replace_everywhere, resolve_rank
 
 __all__ = ["convert", "ConversionReport", "count_parameters"]
 
@@ -78,16 +78,14 @@ def convert(
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     patterns = list(target_modules) if target_modules is not None else None
+    if init == "svd" and not alpha > 0:  # the SVD split divides by the scale alpha / rank
+        raise ValueError(f"convert: init='svd' needs alpha > 0 (B A = U diag(s / scale) V^T); got alpha={alpha!r}")
     report = ConversionReport(parameters_before=count_parameters(model))
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not isinstance(module, SparseLowRankLinear) and matches(name, patterns)
-    ]
-    if patterns is not None and not targets:
-        raise ValueError(f"convert: no nn.Linear module matches target_modules={patterns}")
-    for name, linear in targets:
-        layer_rank = resolve_rank(rank, linear, name, "convert")
+    # Each plain nn.Linear once, under all its names (a shared layer stays shared); ranks
+    # resolved first, so that a bad one leaves the model untouched.
+    sites = [(linear, names, resolve_rank(rank, linear, names[0], "convert"))
+             for linear, names in linear_sites("convert", model, patterns)]
+    for linear, names, layer_rank in sites:
         if init == "svd":
             layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
                                                     strategy=strategy, generator=generator)
@@ -97,8 +95,7 @@ def convert(
                 alpha=alpha, strategy=strategy, generator=generator,
                 device=linear.weight.device, dtype=linear.weight.dtype,
             )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        report.replaced.append(name)
+        replace_everywhere(model, names, layer)
+        report.replaced.extend(names)
     report.parameters_after = count_parameters(model)
     return report

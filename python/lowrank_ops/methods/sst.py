@@ -26,7 +26,7 @@ import torch
 
 from .._args import require_int
 from ..nn.spectral import SpectralLinear
-from ._layers import matches
+from ._layers import linear_sites, replace_everywhere
 
 __all__ = ["convert", "spectral_layers", "SSTScheduler"]
 
@@ -73,14 +73,8 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
         sample_rank = require_int(op, "sample_rank", sample_rank)
     patterns = [target_modules] if isinstance(target_modules, str) else target_modules
     patterns = None if patterns is None else list(patterns)
-    targets: Dict[int, tuple] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) is torch.nn.Linear and matches(name, patterns):
-            targets.setdefault(id(module), (module, []))[1].append(name)
-    if patterns is not None and not targets:
-        raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
     converted: Dict[str, SpectralLinear] = {}
-    for linear, names in targets.values():
+    for linear, names in linear_sites(op, model, patterns):
         K = min(linear.in_features, linear.out_features, rank or linear.in_features)
         if sample_rank is None:
             r = K
@@ -90,9 +84,7 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
             r = min(sample_rank, K)
         layer = SpectralLinear.from_linear(linear, K, r, generator=generator)
         layer.requires_grad_(linear.weight.requires_grad)
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_everywhere(model, names, layer)
         converted[names[0]] = layer
     return converted
 

@@ -110,6 +110,9 @@ class SparseLowRankLinear(torch.nn.Module):
             in_features, out_features, rank, density, linear.bias is not None, scale=scale, strategy=strategy,
             generator=generator, device=weight.device, dtype=weight.dtype,
         )
+        if not layer.scale > 0:  # the split divides the singular values by it: NaN for scale <= 0
+            raise ValueError(f"SparseLowRankLinear.from_linear: scale must be > 0 (B A = U diag(s / scale) V^T); "
+                             f"got {layer.scale!r}")
         work = weight.to(accumulate_dtype(weight.dtype))
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         root = (s[:rank] / layer.scale).sqrt()  # scale * B A = U_k diag(s_k) V_k^T, split evenly

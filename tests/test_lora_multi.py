@@ -639,6 +639,18 @@ def test_multi_lora_linear_checkpoint_carries_adapter_names(device, generator):
     assert torch.equal(kept(x, ["it", "fr", "de", None, "de", "it", "fr"]), expected)
 
 
+def test_multi_lora_linear_scales_stay_float64_through_dtype_casts(generator):
+    # .half() / .bfloat16() cast the float64 scales buffer too: 16/3 became 5.34375, and
+    # stayed so after .float() (2e-3 relative error in the adapter term).
+    layer = MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=R_MAX)
+    layer.add_adapter("a", 3, alpha=16.0, generator=generator)
+    for cast in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float64), lambda m: m.float()):
+        cast(layer)
+        assert layer.scales.dtype == torch.float64 and layer.scales.tolist() == [16.0 / 3]
+    layer.add_adapter("b", 2, alpha=3.0, generator=generator)
+    assert layer.scales.tolist() == [16.0 / 3, 1.5]
+
+
 def test_multi_lora_linear_remove_adapter(device, generator):
     """Removing an adapter renumbers the later ones (ids are positions) and leaves the others'
     outputs and gradients bit for bit, lora_B rank-major, and a state dict that loads into a

@@ -407,6 +407,16 @@ class MultiLoRALinear(nn.Module):
             return x.device
         return torch.device("cpu")
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...), keeping ``scales`` float64:
+        ``.half()`` / ``.bfloat16()`` cast every floating buffer, and a scale of 16/3
+        became 5.34375 for good (2e-3 relative in the adapter term, kept after ``.float()``)."""
+        scales = self.scales
+        module = super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float64:
+            self.scales = scales.to(device=self.scales.device, dtype=torch.float64)
+        return module
+
     def _routing_constants(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(ranks, scales)`` for :func:`~lowrank_ops.ops.lora_linear_multi`, scales in
         float64 (``module.to(dtype)`` casts floating buffers too).

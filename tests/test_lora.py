@@ -498,6 +498,13 @@ def test_bad_input_errors(generator):
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"lora_linear: scale must be finite; got {bad}"):
             lora_linear(x, w, a, b, scale=bad)
+    # The module's own arguments, named (a bare TypeError from '<=' and an AttributeError
+    # from generator.device before).
+    base = torch.nn.Linear(12, 10)
+    with pytest.raises(ValueError, match=r"LoRALinear: lora_dropout must be a number in \[0, 1\); got '0.1'"):
+        LoRALinear(base, r=2, lora_dropout="0.1")
+    with pytest.raises(TypeError, match="LoRALinear: generator must be a torch.Generator or None; got int"):
+        LoRALinear(base, r=2, generator=5)
         with pytest.raises(ValueError, match=f"LoRALinear: lora_alpha must be finite; got {bad}"):
             LoRALinear(torch.nn.Linear(4, 4), 2, bad)
     with pytest.raises(TypeError, match="rank must be an int"):

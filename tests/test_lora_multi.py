@@ -639,6 +639,15 @@ def test_multi_lora_linear_checkpoint_carries_adapter_names(device, generator):
     assert torch.equal(kept(x, ["it", "fr", "de", None, "de", "it", "fr"]), expected)
 
 
+def test_multi_lora_linear_refuses_bool_ranks():
+    # isinstance(True, int): max_rank=True was accepted, and rank=True failed inside torch.rand.
+    with pytest.raises(ValueError, match="max_rank must be a positive int; got True"):
+        MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=True)
+    layer = MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=R_MAX)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[1, max_rank = .*\]; got True"):
+        layer.add_adapter("c", True)
+
+
 def test_multi_lora_linear_scales_stay_float64_through_dtype_casts(generator):
     # .half() / .bfloat16() cast the float64 scales buffer too: 16/3 became 5.34375, and
     # stayed so after .float() (2e-3 relative error in the adapter term).

@@ -88,7 +88,7 @@ def test_spectral_linear_errors():
         spectral_linear(torch.randn(3, 7), U, s, Vh)
     with pytest.raises(ValueError, match=r"U has shape \(5, 3\)"):
         spectral_linear(torch.randn(3, 6), torch.randn(5, 3), s, Vh)
-    with pytest.raises(ValueError, match="x has dtype torch.float64; expected the parameters' dtype torch.float32"):
+    with pytest.raises(TypeError, match="x has dtype torch.float64; expected the parameters' dtype torch.float32"):
         spectral_linear(torch.randn(3, 6, dtype=torch.float64), U, s, Vh)
 
 

@@ -202,7 +202,9 @@ class IncreLoRAAllocator:
             if bool((module.lora_B.detach()[:, init_rank:] != 0).any()):
                 raise ValueError(f"{_OP}: module {name!r} has nonzero lora_B columns past init_rank = {init_rank}; "
                                  f"expected the inactive slots to be zero (LoRA's default init), so that starting "
-                                 f"at init_rank leaves the model's function unchanged")
+                                 f"at init_rank leaves the model's function unchanged.  To resume from a "
+                                 f"checkpoint, build the allocator on the fresh model first, then load the model's "
+                                 f"and the allocator's state dicts")
         self.ranks: List[int] = [init_rank] * len(self._modules)
         for module in self._modules:
             module.active_rank = init_rank
@@ -338,7 +340,9 @@ class IncreLoRAAllocator:
 
         Save it beside ``model.state_dict()`` (which holds the adapters' values, not the
         active ranks); :meth:`load_state_dict` on an allocator built with the same settings
-        over the same model restores the ranks on the modules.
+        over the same model restores the ranks on the modules.  To resume: build the model
+        and the allocator (on the fresh model: its inactive slots must still be zero), then
+        load the model's state dict and the allocator's.
         """
         return {
             "names": list(self.names),

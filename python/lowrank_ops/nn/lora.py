@@ -105,8 +105,10 @@ class LoRALinear(torch.nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
         require_finite_number("LoRALinear", "lora_alpha", lora_alpha)
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1); got {lora_dropout!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"LoRALinear: generator must be a torch.Generator or None; got {type(generator).__name__}")
         if use_gate and use_dora:
             raise ValueError("LoRALinear: use_gate and use_dora cannot be combined (dora_linear has no gate)")
         self.init_lora_weights, self._init_iterations = parse_lora_init("LoRALinear", init_lora_weights)

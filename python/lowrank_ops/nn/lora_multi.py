@@ -113,7 +113,7 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiLoRALinear: base must be an nn.Linear; got {type(base).__name__}")
-        if not isinstance(max_rank, int) or max_rank < 1:
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"MultiLoRALinear: max_rank must be a positive int; got {max_rank!r}")
         weight = base.weight
         dtype = weight.dtype if dtype is None else dtype
@@ -228,7 +228,7 @@ class MultiLoRALinear(nn.Module):
             name, rank, alpha = spec["name"], spec["rank"], spec.get("alpha")
             if not isinstance(name, str) or name in names:
                 raise ValueError(f"{where}: name must be a new string; got {name!r} (existing: {names})")
-            if not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
                 raise ValueError(f"{where}: rank must be an int in [1, max_rank = {self.max_rank}]; got {rank!r}")
             if alpha is not None:
                 require_finite_number(where, "alpha", alpha)

@@ -94,7 +94,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch
     if x.shape[-1] != in_features:
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if x.dtype != U.dtype:
-        raise ValueError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
+        raise TypeError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
     y = _SpectralLinearFn.apply(x.reshape(-1, in_features), U, s, Vh, bias, index)
     return y.reshape(*x.shape[:-1], U.shape[0])
 

@@ -176,6 +176,25 @@ def test_bench_out_that_cannot_be_created_fails_before_the_run(tmp_path, capsys)
     assert f"lowrank-ops bench: --out {blocker / 'out'}: cannot create the results directory (Not a directory)" in err
 
 
+def test_bench_bad_compare_file_and_sparse_log_records_fail_cleanly(tmp_path, capsys):
+    """--compare with JSON that is not a results file failed with an AttributeError after
+    the run, before its results were written: now refused before the run.  A case log
+    whose machine record lacks fields (hand-edited, older) rendered with a KeyError: now '?'."""
+    from lowrank_ops.cli import main
+
+    not_results = tmp_path / "list.json"
+    not_results.write_text("[]")
+    assert main(["bench", "--families", "qr", "--compare", str(not_results), "--out", str(tmp_path / "o"),
+                 "--no-plot"]) == 2
+    assert "--compare" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    log = tmp_path / "cases.jsonl"
+    log.write_text(json.dumps({"machine": {}}) + "\n")
+    assert main(["bench", "--from-log", str(log), "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+    log.write_text(json.dumps({"machine": []}) + "\n")
+    assert main(["bench", "--from-log", str(log), "--out", str(tmp_path / "out2"), "--no-plot"]) == 2
+    assert "not the run's machine record" in capsys.readouterr().err
+
+
 def test_bench_interleaved_times_the_suites_own_builds(capsys):
     """bench/interleaved.py builds the chosen impls of one case through the suite's own
     ``measure`` call (the same inputs and functions as the suite times) and times them in

@@ -112,3 +112,12 @@ def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["generate", "burgers", "--num", "2", "--out", str(tmp_path / "y.npz")])
     assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
+    # An --out whose directory cannot be created raised a FileNotFoundError traceback.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli_main(["generate", "poisson", "--grid", "4", "--num", "2", "--out", str(blocker / "d" / "p.npz"),
+                     "--quiet"]) == 1
+    assert capsys.readouterr().err.startswith("lowrank-ops generate: ")

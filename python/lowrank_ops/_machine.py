@@ -87,12 +87,18 @@ def _git(cwd: Path, *args: str) -> Optional[str]:
 
 
 def machine_line(machine: Dict[str, Any]) -> str:
-    gpus = ", ".join(machine["gpus"]) or "no GPU"
-    sha = (machine["git_sha"] or "unknown")[:10] + ("+dirty" if machine["git_dirty"] else "")
+    """One line describing the machine record (fields a record lacks, e.g. in a hand-edited
+    or older case log, print as "?")."""
+    def field(key: str) -> Any:
+        value = machine.get(key)
+        return "?" if value is None else value
+
+    gpus = ", ".join(machine.get("gpus") or []) or "no GPU"
+    sha = str(machine.get("git_sha") or "unknown")[:10] + ("+dirty" if machine.get("git_dirty") else "")
     return (
-        f"{machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads), {gpus}; "
-        f"python {machine['python']}, torch {machine['torch']}, lowrank_ops {machine['lowrank_ops']}, "
-        f"git {sha}; {machine['timestamp']}, CPU busy before: {_percent(machine.get('cpu_busy_before'))}, "
+        f"{field('cpu')} ({field('cpu_cores')} cores, {field('torch_threads')} torch threads), {gpus}; "
+        f"python {field('python')}, torch {field('torch')}, lowrank_ops {field('lowrank_ops')}, "
+        f"git {sha}; {field('timestamp')}, CPU busy before: {_percent(machine.get('cpu_busy_before'))}, "
         f"others during: {_percent(machine.get('cpu_busy_others_during'))}"
     )
 

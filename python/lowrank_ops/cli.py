@@ -96,6 +96,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             compare_with = json.loads(args.compare.read_text())
         except (OSError, ValueError) as error:
             return _fail(f"--compare {args.compare}: cannot read it as JSON ({error})")
+        # Checked before the run: a results.json ("records") or raw pytest-benchmark JSON
+        # ("benchmarks"); anything else failed in the comparison, after the run, before
+        # its results were written.
+        if not (isinstance(compare_with, dict) and any(isinstance(compare_with.get(key), list)
+                                                       for key in ("records", "benchmarks"))):
+            return _fail(f"--compare {args.compare}: not a results.json or pytest-benchmark JSON (expected an "
+                         "object with a 'records' or 'benchmarks' list)")
     for module in ("pytest", "pytest_benchmark"):
         if not _importable(module):
             return _fail(f"needs {module}: pip install pytest pytest-benchmark (or the package's [bench] extra)")
@@ -180,8 +187,10 @@ def _read_case_log(path: Path):
     """(machine, pytest-benchmark-like JSON) from a run's ``cases.jsonl``: timed cases, and
     peers recorded as unsupported (lines ``{"unsupported": ...}``)."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not lines or "machine" not in lines[0]:
+    if not lines or not isinstance(lines[0], dict) or not isinstance(lines[0].get("machine"), dict):
         raise ValueError("its first line is not the run's machine record")
+    if not all(isinstance(line, dict) for line in lines[1:]):
+        raise ValueError("a line after the first is not a JSON object")
     timed = [line for line in lines[1:] if "unsupported" not in line]
     unsupported = [line["unsupported"] for line in lines[1:] if "unsupported" in line]
     return lines[0]["machine"], {"benchmarks": timed, "lowrank_ops": {"unsupported": unsupported}}

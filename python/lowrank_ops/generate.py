@@ -77,6 +77,9 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as error:
         print(f"lowrank-ops generate: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # an --out that cannot be created or written (no traceback)
+        print(f"lowrank-ops generate: {error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         print(f"lowrank-ops generate: {error}", file=sys.stderr)
         return 1

@@ -282,6 +282,25 @@ def test_skr_order_and_caller_order():
         assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x) <= 1e-10 * (1 + 1e-6)
 
 
+def test_skr_default_features_and_their_errors():
+    """The default features of (A, b) tuples are A's entries for every matrix kind (a dense
+    or scipy A fell back to b: Darcy's all-ones b made the order the given one);
+    problems of different sizes name the fix (was torch.stack's 'equal size' error); numpy
+    features are taken (an AttributeError on .dim())."""
+    problems = pde.generate("darcy", 8, 6, seed=3)
+    by_coefficient = solve_sequence(problems, m=20, k=4).order
+    assert by_coefficient != list(range(6))  # (the b-only fallback: all-ones b, the given order)
+    for convert in (lambda m: m, lambda m: m.to_dense(), lambda m: m.to_scipy()):
+        tuples = [(convert(p.matrix), p.rhs) for p in problems]
+        assert solve_sequence(tuples, m=20, k=4).order == by_coefficient
+    mixed = pde.generate("darcy", 8, 2) + pde.generate("darcy", 12, 2)
+    with pytest.raises(ValueError, match="default features, which have different lengths.*pass features"):
+        solve_sequence(mixed)
+    assert solve_sequence(mixed, order="given", m=20, k=4).order == [0, 1, 2, 3]
+    result = solve_sequence(problems[:4], features=np.array([[3.0], [0.0], [2.0], [1.0]]), m=20, k=4)
+    assert result.order == [0, 2, 3, 1]
+
+
 # ---------------------------------------------------------------------------- deflated CG
 @pytest.mark.parametrize("family,grid", [("darcy", 8), ("darcy", 16), ("poisson", 12)])
 @pytest.mark.parametrize("M", [None, "jacobi"])

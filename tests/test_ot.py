@@ -799,6 +799,12 @@ def test_bad_inputs(solve):
         solve(a, b, C.half(), 0.1)
     with pytest.raises(ValueError, match="tol must be"):
         solve(a, b, C, 0.1, tol=-1.0)
+    # NumPy scalars are numbers (np.float32 tol or reg was refused, as the Krylov solvers take it);
+    # bools are not.
+    import numpy as np
+    assert bool(solve(a, b, C, np.float32(0.1), tol=np.float64(1e-8)).converged)
+    with pytest.raises(ValueError, match="reg must be a finite number > 0; got True"):
+        solve(a, b, C, True)
 
 
 @pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])

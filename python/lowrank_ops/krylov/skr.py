@@ -12,6 +12,7 @@ import dataclasses
 import time
 from typing import Callable, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ._common import check_positive_int
@@ -130,10 +131,27 @@ def _unpack(problem, index: int):
     )
 
 
+def _matrix_entries(A):
+    """A matrix's entries as a feature (a 2-D one for a dense matrix, pooled like a
+    coefficient field; the stored values of a sparse one); None for a callable."""
+    values = getattr(A, "values", None)
+    if isinstance(values, torch.Tensor):  # a CSRMatrix
+        return values
+    if isinstance(A, torch.Tensor):
+        if A.layout == torch.strided:
+            return A
+        return (A.coalesce() if A.layout == torch.sparse_coo else A).values()
+    if hasattr(A, "tocsr") and hasattr(A, "nnz"):  # scipy.sparse
+        return torch.as_tensor(A.tocsr().data)
+    if isinstance(A, np.ndarray):
+        return torch.as_tensor(A)
+    return None
+
+
 def _feature(feature, A, b) -> torch.Tensor:
     if feature is None:
-        values = getattr(A, "values", None)  # a CSRMatrix: its entries carry the coefficients
-        feature = values if isinstance(values, torch.Tensor) else b
+        entries = _matrix_entries(A)  # the entries carry the coefficients
+        feature = entries if entries is not None else b
     feature = torch.as_tensor(feature).to(torch.float64)
     if feature.dim() == 2 and max(feature.shape) > _FEATURE_SIDE:
         side = (min(_FEATURE_SIDE, feature.shape[0]), min(_FEATURE_SIDE, feature.shape[1]))
@@ -173,9 +191,11 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         Preconditioner of every solve.
     maxiter : int, optional
         Iteration budget per solve.
-    features : Tensor[N, d], optional
-        Sorting features (default: each problem's coefficient field, pooled to at most
-        32 x 32, else its matrix entries, else its right-hand side).
+    features : Tensor[N, d] or array, optional
+        Sorting features (default: each problem's coefficient field, else its matrix
+        entries (a dense matrix's, or a sparse one's stored values), else (a callable A)
+        its right-hand side; 2-D fields pooled to at most 32 x 32).  With ``order="skr"``
+        the defaults must have one length: systems of different sizes need ``features``.
     recycler : GCRODR or DeflatedCG, optional
         For ``"gcrodr"`` (a :class:`GCRODR`) or ``"defcg"`` (a :class:`DeflatedCG`): the
         solver to use (and leave updated), e.g. to continue a sequence; default a fresh
@@ -203,8 +223,14 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     start = time.perf_counter()
     if order == "skr" and count > 1:
         if features is None:
-            features = torch.stack([_feature(feature, A, b) for A, b, feature in unpacked])
-        elif features.dim() != 2 or features.shape[0] != count:
+            defaults = [_feature(feature, A, b) for A, b, feature in unpacked]
+            if len({f.numel() for f in defaults}) > 1:
+                raise ValueError("solve_sequence: order='skr' compares the problems' default features, which have "
+                                 "different lengths here (systems of different sizes or sparsity patterns); pass "
+                                 "features [N, d] or order='given'")
+            features = torch.stack(defaults)
+        features = torch.as_tensor(features)
+        if features.dim() != 2 or features.shape[0] != count:
             raise ValueError(f"solve_sequence: features has shape {tuple(features.shape)}; expected (N, d) with N = {count}")
         sequence = greedy_order(features)
     else:

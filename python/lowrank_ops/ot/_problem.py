@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from .._finite import all_finite
@@ -16,7 +18,8 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real Python or NumPy scalar (np.float32(0.1) too; a bool is not a number here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 class Problem:

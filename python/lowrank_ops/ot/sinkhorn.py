@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 
 from .._args import require_int
-from ._problem import Problem
+from ._problem import Problem, _is_number
 from .result import OTResult, make_result
 
 __all__ = ["sinkhorn", "SinkhornState"]
@@ -25,7 +25,7 @@ def _check_tol(op: str, tol, dtype: torch.dtype) -> float:
     """``tol``, or the dtype's default (DEFAULT_TOL) for None."""
     if tol is None:
         return DEFAULT_TOL[dtype]
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 <= tol < float("inf")):
+    if not _is_number(tol) or not (0 <= tol < float("inf")):
         raise ValueError(f"{op}: tol must be None or a finite number >= 0; got {tol!r}")
     return float(tol)
 

@@ -588,7 +588,8 @@ void finish_matrix(const JacobiSvdParams& p, int64_t b, const MatrixBuffer<A>& m
   const A tiny = jacobi_tiny<A>();
   bool finite = true;
   for (int64_t c = 0; c < cols; ++c) {  // finite once scaled back (a finite A's sigma may overflow A's range)
-    sigma[c] = m.norm2[c] >= tiny ? std::sqrt(m.norm2[c]) : A(0);
+    // A NaN norm (non-finite input reaching the kernel) stays NaN: reported below, not zero.
+    sigma[c] = m.norm2[c] >= tiny ? std::sqrt(m.norm2[c]) : (std::isnan(m.norm2[c]) ? m.norm2[c] : A(0));
     finite = finite && std::isfinite(std::ldexp(sigma[c], exponent));
   }
   std::iota(perm, perm + cols, int64_t(0));

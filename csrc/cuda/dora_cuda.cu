@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams 
     }
     for (int64_t k = lane; k < r; k += kWarp) partial += lora_B[o * r + k] * coef[o * r + k];
     const A total = warp_sum(partial);
-    if (lane == 0) out[o] = sqrt(total > A(0) ? total : A(0));
+    if (lane == 0) out[o] = sqrt(total < A(0) ? A(0) : total);  // NaN stays NaN, as on the CPU
   }
 }
 

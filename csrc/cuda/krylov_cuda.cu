@@ -172,6 +172,8 @@ void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t s
     using T = typename decltype(tag)::type;
     LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.norms, 0, 2 * sizeof(double), s));
     if (p.mode != 2) {
+      LOWRANK_CHECK(p.rows < std::numeric_limits<int32_t>::max(), "krylov_cgs_pass: rows = ", p.rows,
+                    "; the CUDA dots take at most 2^31 - 2 basis rows (one block each, plus the norm's)");
       cgs_dots_kernel<T><<<static_cast<unsigned>(p.rows + 1), kThreads, 0, s>>>(p);
       LOWRANK_CUDA_LAUNCH_CHECK();
     }

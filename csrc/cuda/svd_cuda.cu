@@ -286,7 +286,10 @@ __global__ void __launch_bounds__(kMaxThreads) jacobi_svd_kernel(JacobiSvdParams
     }
 
     // ---- singular values and their order (rank of each column; a permutation)
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sigma[c] = norm2[c] >= tiny ? jacobi_sqrt(norm2[c]) : A(0);
+    // A NaN norm (non-finite input; the Python op refuses it first) stays NaN: sorted last
+    // and reported as not converged below, not taken for a zero column.
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      sigma[c] = norm2[c] >= tiny ? jacobi_sqrt(norm2[c]) : (norm2[c] != norm2[c] ? norm2[c] : A(0));
     __syncthreads();
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       const A key = sort_key(sigma[c]);

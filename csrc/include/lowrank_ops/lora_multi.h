@@ -18,8 +18,9 @@
 // the outer product's output use three arbitrary strides (adapter, j or k, c or j), so
 // the same kernel reads A, B or their transposes in place.  Entries the kernels do not
 // own (columns c >= rank of a shrink, rows of segments with id -1, ranks k >= ranks[a]
-// of an outer product, adapters in no segment) are left untouched: the caller
-// zero-fills such outputs.  Accumulation in acc_t<dtype> (fp32; fp64 for fp64); scales
+// of an outer product) are left untouched, and the outer product of an adapter in no
+// segment may be left untouched (CPU) or written as zeros (CUDA): the caller zero-fills
+// such outputs.  Accumulation in acc_t<dtype> (fp32; fp64 for fp64); scales
 // are float64 and multiply the fp32 accumulator once.
 //
 // CPU entry points validate offsets, ids and ranks (throw std::invalid_argument) before

@@ -19,8 +19,9 @@
 // zeros (ot_row_lse, ot_row_grad), left alone (counts, histograms) or never touched.
 //
 // Numerical contract: every exponential is of a value shifted by a running maximum
-// (<= 0), so nothing overflows, in float32 at any reg; exp of values below the smallest
-// normal's logarithm returns 0.  No kernel allocates or synchronizes; CUDA kernels run
+// (<= 0), so nothing overflows, in float32 at any reg; on the CPU (ot_exp) exp of values
+// below the smallest normal's logarithm returns 0, where CUDA's exp may return a
+// subnormal (a difference below the smallest normal, in sums of terms up to 1).  No kernel allocates or synchronizes; CUDA kernels run
 // asynchronously on the given stream.
 #pragma once
 

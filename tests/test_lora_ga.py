@@ -142,6 +142,26 @@ def test_output_is_unchanged_with_dora_or_a_gate(kind, generator):
     assert torch.allclose(after, before, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("init", [False, "pissa", "olora", "trained_dora"])
+def test_output_is_unchanged_over_an_adapter_that_holds_a_function(init, generator):
+    """The previous adapter (random B, PiSSA / OLoRA's principal part, a trained DoRA
+    magnitude) was dropped: only the new s B A was subtracted from W0, and the output moved
+    by 0.9-2.2 (the magnitude, reset to the row norms, by 0.67)."""
+    r, out_f, in_f = 3, 24, 40
+    dora = init == "trained_dora"
+    layer = LoRALinear(torch.nn.Linear(in_f, out_f, dtype=torch.float64), r, 8.0, use_dora=dora,
+                       init_lora_weights=True if dora else init, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if dora:
+            layer.lora_B.copy_(torch.randn(out_f, r, generator=generator, dtype=torch.float64))
+            layer.lora_magnitude_vector.mul_(1.5)
+        x = torch.randn(6, in_f, generator=generator, dtype=torch.float64)
+        before = layer(x)
+        lora_ga.lora_ga_init_(layer, known_gradient(out_f, in_f, r, generator)[0], generator=generator)
+        after = layer(x)
+    assert torch.allclose(after, before, rtol=0, atol=1e-12)
+
+
 def regression_gradient(generator):
     """A least-squares task on a float64 ``Linear(48, 32)``, 16 samples: G has rank <= 16 =
     the 4r columns of the rank-2r sketch at r = 4, so rsvd finds G's top 2r exactly."""
@@ -235,6 +255,14 @@ def test_estimate_gradients_is_the_mean_of_per_batch_gradients(generator):
     halves = lora_ga.estimate_gradients(
         half, lambda m, b: loss_fn(m, (b[0].bfloat16(), b[1].bfloat16())), batches)
     assert all(g.dtype == torch.float32 for g in halves.values())
+
+
+def test_estimate_gradients_takes_one_string_pattern(generator):
+    # target_modules="10" was matched character by character: layers "1" and "0".
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(12)])
+    grads = lora_ga.estimate_gradients(model, lambda m, b: m(b).sum(), [torch.randn(3, 4, generator=generator)],
+                                       target_modules="10")
+    assert list(grads) == ["10"]
 
 
 def test_init_is_reproducible_with_a_generator(generator):

@@ -192,6 +192,16 @@ def test_convert_replaces_matching_linears(device):
     with pytest.raises(ValueError, match="model is itself an nn.Linear"):
         maestro.convert(torch.nn.Linear(3, 3), 2)
 
+    # A string is one pattern ("10" matched layers "1" and "0", character by character); a
+    # pattern matching nothing raises, as the other converters; a rank too large names the layer.
+    deep = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(12)])
+    assert list(maestro.convert(deep, 2, target_modules="10")) == ["10"]
+    with pytest.raises(ValueError, match=r"no nn.Linear module matches target_modules=\['nomatch'\]"):
+        maestro.convert(deep, 2, target_modules="nomatch")
+    with pytest.raises(ValueError, match=r"rank for 0 must be in \[1, 4\]"):
+        maestro.convert(deep, 6)
+    assert type(deep[0]) is torch.nn.Linear  # nothing replaced
+
 
 # ------------------------------------------------------------------ shrinking
 def test_shrink_preserves_outputs_up_to_the_dropped_energy(device):

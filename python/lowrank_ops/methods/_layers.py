@@ -28,11 +28,13 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+def matches(name: str, patterns: Union[None, str, Sequence[str]]) -> bool:
     """Whether the module ``name`` (or its last component) matches one of the fnmatch
-    ``patterns``; every name when ``patterns`` is None."""
+    ``patterns`` (a string is one pattern); every name when ``patterns`` is None."""
     if patterns is None:
         return True
+    if isinstance(patterns, str):  # one pattern, not its characters ("10" matched "0" and "1")
+        patterns = [patterns]
     leaf = name.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
@@ -68,7 +70,8 @@ def linear_sites(op: str, model: torch.nn.Module, patterns: Optional[Sequence[st
         if type(module) is torch.nn.Linear and matches(name, patterns):
             sites.setdefault(id(module), (module, []))[1].append(name)
     if patterns is not None and not sites:
-        raise ValueError(f"{op}: no nn.Linear module matches target_modules={list(patterns)}")
+        shown = [patterns] if isinstance(patterns, str) else list(patterns)
+        raise ValueError(f"{op}: no nn.Linear module matches target_modules={shown}")
     return list(sites.values())
 
 

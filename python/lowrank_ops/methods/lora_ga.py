@@ -13,7 +13,8 @@ The math (weight ``W0 [out, in]``, adapter ``W0 + s B A`` with ``A [r, in]``, ``
        A = c V[:, I]^T,   B = c U[:, J],   I = 1..r,  J = r+1..2r.
 
 3. The base weight absorbs the adapter so the layer's function is unchanged:
-   ``W0 <- W0 - s B A`` (float32 accumulation, rounded once into W0's dtype).
+   ``W0 <- W0 - s B A`` (float32 accumulation, rounded once into W0's dtype; plus the
+   previous adapter ``s B_old A_old`` when it was not zero).
 
 Why it works (Sec. 3.2 of the paper): the adapter's gradients are ``dL/dA = s B^T G`` and
 ``dL/dB = s G A^T`` (G is the gradient at the effective weight, which is still ``W0``), so
@@ -75,7 +76,6 @@ from .._finite import all_finite
 from ..linalg import rsvd
 from ..nn._init import generator_on
 from ..nn.lora import LoRALinear
-from ..ops.dora import dora_row_norm
 from ..ops.lora import lora_unmerge
 from ._layers import matches
 
@@ -166,8 +166,10 @@ def lora_ga_init_(layer: LoRALinear, gradient: torch.Tensor, *, direction: str =
     ----------
     layer : LoRALinear
         Not merged, no ``active_rank``; its ``r`` must satisfy ``2 r <= min(in, out)``.
-        The gate (SoRA) is kept and folded into the subtraction; DoRA's magnitude is reset
-        to the new row norms, so the output is unchanged in every case.
+        The gate (SoRA) is kept and folded into the subtraction; an adapter that already
+        holds a function (PiSSA / OLoRA / random inits, training) is folded into the base
+        weight first; DoRA's magnitude is kept (the effective weight, hence its row norms,
+        does not change), so the output is unchanged in every case.
     gradient : Tensor[out, in]
         The estimated gradient of the loss with respect to the base weight
         (:func:`estimate_gradients`); any floating dtype and device (moved to the weight's
@@ -248,11 +250,23 @@ def lora_ga_init_(layer: LoRALinear, gradient: torch.Tensor, *, direction: str =
         S_w = rsvd(weight.to(accumulate), r, oversample=oversample, n_iter=n_iter, sketch_dtype=None,
                    generator=generator_on(generator, weight.device), compute_uv=False)
         c = float((S_w / scaling).sqrt().mean())
+    gate = layer.lora_gate
+    gated = (lambda b: b) if gate is None else (lambda b: b * gate.to(accumulate))
+    # An adapter already holding a function (PiSSA / OLoRA / random-B inits, training) is
+    # folded into the base weight first: W0 + s B_old diag(g) A_old (it was dropped, and the
+    # output moved by 0.9-2.2 on a 32 -> 24 layer).
+    previous = None
+    if bool((layer.lora_B != 0).any()):
+        previous = gated(layer.lora_B.to(accumulate)) @ layer.lora_A.to(accumulate)
     layer.lora_A.copy_(A * c)
     layer.lora_B.copy_(B * c)
-    # The residual write: W0 - s B diag(g) A from the rounded adapter, float32 accumulation,
-    # one rounding into W0's dtype (lora_unmerge is exactly that subtraction).
-    lora_unmerge(weight, layer.lora_A, layer.lora_B, scaling, gate=layer.lora_gate, inplace=True)
-    if layer.lora_magnitude_vector is not None:
-        layer.lora_magnitude_vector.copy_(dora_row_norm(weight, layer.lora_A, layer.lora_B, scaling))
+    if previous is None:
+        # The residual write: W0 - s B diag(g) A from the rounded adapter, float32 accumulation,
+        # one rounding into W0's dtype (lora_unmerge is exactly that subtraction).
+        lora_unmerge(weight, layer.lora_A, layer.lora_B, scaling, gate=gate, inplace=True)
+    else:  # W0 + s (B_old g A_old - B g A), still one rounding
+        update = previous - gated(layer.lora_B.to(accumulate)) @ layer.lora_A.to(accumulate)
+        weight.copy_(torch.add(weight.to(accumulate), update, alpha=scaling))
+    # DoRA's magnitude is kept: the effective weight W0 + s B g A, hence its row norms, is
+    # the same as before (resetting m to them discarded a trained magnitude).
     layer._norm_cache = None

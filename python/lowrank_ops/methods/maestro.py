@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .._args import require_int, require_number
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
-from ._layers import matches, resolve_rank
+from ._layers import linear_sites, replace_everywhere, resolve_rank
 from .lowrank_compress import _rank_factors
 
 __all__ = ["OrderedLowRankLinear", "convert", "shrink_", "component_norms"]
@@ -340,8 +340,9 @@ def convert(model: torch.nn.Module, rank: Union[int, float, None] = None, target
         Not itself an ``nn.Linear`` (use ``from_linear``).
     rank : int or float, optional
         Per layer, as ``from_linear`` (an int larger than a layer's ``min(in, out)`` raises).
-    target_modules : sequence of str, optional
-        fnmatch patterns of module names (or their last component); default every ``nn.Linear``.
+    target_modules : str or sequence of str, optional
+        fnmatch patterns of module names (or their last component); default every
+        ``nn.Linear``; patterns that match nothing raise ValueError.
     n_iter, ordered_dropout, min_rank, generator
         As ``from_linear``.
 
@@ -357,17 +358,16 @@ def convert(model: torch.nn.Module, rank: Union[int, float, None] = None, target
     if isinstance(model, torch.nn.Linear):
         raise ValueError(f"{op}: model is itself an nn.Linear, which cannot be replaced in place; "
                          f"use OrderedLowRankLinear.from_linear(model, rank)")
-    sites = [(name, module) for name, module in model.named_modules(remove_duplicate=False)
-             if type(module) is torch.nn.Linear and matches(name, target_modules)]
-    replacements: Dict[int, OrderedLowRankLinear] = {}
+    # Each layer once under all its names; ranks resolved first, naming the layer, so that
+    # a bad one leaves the model untouched (a no-match pattern raises, as the other converters).
+    sites = [(linear, names, None if rank is None else resolve_rank(rank, linear, names[0], op))
+             for linear, names in linear_sites(op, model, target_modules)]
     ranks: Dict[str, int] = {}
-    for name, linear in sites:
-        if id(linear) not in replacements:
-            replacements[id(linear)] = OrderedLowRankLinear.from_linear(
-                linear, rank, n_iter=n_iter, ordered_dropout=ordered_dropout, min_rank=min_rank, generator=generator)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacements[id(linear)])
-        ranks[name] = replacements[id(linear)].rank
+    for linear, names, layer_rank in sites:
+        layer = OrderedLowRankLinear.from_linear(linear, layer_rank, n_iter=n_iter, ordered_dropout=ordered_dropout,
+                                                 min_rank=min_rank, generator=generator)
+        replace_everywhere(model, names, layer)
+        ranks.update((name, layer.rank) for name in names)
     return ranks
 
 

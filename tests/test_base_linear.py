@@ -161,15 +161,33 @@ def test_dispatch_follows_small_batch_rows(product, generator):
     stride, AVX-512); everything else goes to BLAS."""
     low, high = SMALL_BATCH_ROWS[product]
     weight = randn(8, 16, generator=generator)
+    k = 16 if product == "forward" else 8  # rows [N, in] forward, [N, out] for the input gradient
     expected = extension().cpu_features()["avx512f"]
-    assert small_batch(randn(low, 16, generator=generator), weight, product) == expected
-    assert small_batch(randn(high, 16, generator=generator), weight, product) == expected
-    assert not small_batch(randn(low - 1, 16, generator=generator), weight, product)
-    assert not small_batch(randn(high + 1, 16, generator=generator), weight, product)
-    assert not small_batch(randn(4, 16, dtype=torch.float64, generator=generator), weight.double(), product)
+    assert small_batch(randn(low, k, generator=generator), weight, product) == expected
+    assert small_batch(randn(high, k, generator=generator), weight, product) == expected
+    assert not small_batch(randn(low - 1, k, generator=generator), weight, product)
+    assert not small_batch(randn(high + 1, k, generator=generator), weight, product)
+    assert not small_batch(randn(4, k, dtype=torch.float64, generator=generator), weight.double(), product)
     assert not small_batch(randn(32, 4, generator=generator).T[:4], weight, product)  # column stride 4
-    assert not small_batch(randn(4, 16, generator=generator), randn(16, 8, generator=generator).T, product)
-    assert not small_batch(randn(16, generator=generator).expand(4, 16), weight, product)  # row stride 0
+    assert not small_batch(randn(4, k, generator=generator), randn(16, 8, generator=generator).T, product)
+    assert not small_batch(randn(k, generator=generator).expand(4, k), weight, product)  # row stride 0
+    # Mismatched or non-2-D operands go to BLAS, which rejects them (the kernels computed
+    # garbage and read past grad_y's rows).
+    assert not small_batch(randn(4, 24 - k, generator=generator), weight, product)
+    assert not small_batch(randn(2, 4, k, generator=generator), weight, product)
+
+
+def test_mismatched_operands_raise_instead_of_reading_out_of_bounds(monkeypatch, generator):
+    import lowrank_ops.ops.base_linear as module
+
+    monkeypatch.setattr(module, "SMALL_BATCH_MIN_WEIGHT", 1)
+    weight = randn(64, 128, generator=generator)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        torch.ops.lowrank_ops.base_linear(randn(8, 64, generator=generator), weight, None)
+    with pytest.raises(RuntimeError):
+        torch.ops.lowrank_ops.base_linear_grad_input(randn(1, 32, generator=generator), weight)
+    x3 = randn(2, 8, 128, generator=generator)
+    torch.testing.assert_close(module.base_linear(x3, weight), x3 @ weight.T)
 
 
 @pytest.mark.parametrize("intel", [True, False])

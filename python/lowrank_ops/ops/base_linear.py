@@ -88,13 +88,18 @@ def _cpu_has_avx512() -> bool:
 
 def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str, min_weight: Optional[int] = None) -> bool:
     """Whether ``product`` (a key of SMALL_BATCH_ROWS) of ``rows`` [N, *] with ``weight``
-    [out, in] runs on the small-batch kernels: row-major operands only (an expanded
+    [out, in] runs on the small-batch kernels: 2-D operands of matching sizes (``rows``
+    [N, in] forward, [N, out] for the input gradient), row-major only (an expanded
     operand, e.g. the gradient of a ``sum(0)``, has row stride 0 and goes to BLAS), and a
     weight of at least ``min_weight`` elements (default :data:`SMALL_BATCH_MIN_WEIGHT`)."""
     low, high = SMALL_BATCH_ROWS[product]
     min_weight = max(SMALL_BATCH_MIN_WEIGHT if min_weight is None else min_weight, 1)
+    # The kernels take their sizes from both operands, so mismatched ones (which BLAS
+    # rejects) must not reach them: they computed garbage and read past grad_y's rows.
+    matched = weight.shape[1] if product == "forward" else weight.shape[0]
     return (  # cheapest tests first: most calls fail on the row count or the size
         low <= rows.shape[0] <= high and weight.numel() >= min_weight
+        and rows.dim() == 2 and weight.dim() == 2 and rows.shape[1] == matched
         and rows.dtype == torch.float32 and weight.dtype == torch.float32
         and rows.device.type == "cpu" and weight.device.type == "cpu"
         and rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]

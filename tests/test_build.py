@@ -207,7 +207,13 @@ def test_bench_interleaved_times_the_suites_own_builds(capsys):
     spec.loader.exec_module(interleaved)
     interleaved.main(["sparse", "test_spmv", "2048x5461", "ours,torch_csr", "--reps", "3"])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0].strip() for line in lines] == ["ours", "torch_csr"]
-    assert "ratio  1.000" in lines[0] and " ms " in lines[1]
+    assert lines[:2] == ["ours: spmv 2048x5461 d=0.03 float32 cpu", "torch_csr: spmv 2048x5461 d=0.03 float32 cpu"]
+    assert [line.split(":")[0].strip() for line in lines[2:]] == ["ours", "torch_csr"]
+    assert "ratio  1.000" in lines[2] and " ms " in lines[3]
     with pytest.raises(SystemExit, match="for no_such_impl"):
         interleaved.main(["sparse", "test_spmv", "2048x5461", "ours,no_such_impl", "--reps", "1"])
+    # One op among several under a shape label (bench_qr: the first case was always tall_gram).
+    interleaved.main(["qr", "test_qr", "4096x74 row", "ours,torch", "--op", "cholesky_qr2", "--reps", "1"])
+    assert capsys.readouterr().out.splitlines()[0] == "ours: cholesky_qr2 4096x74 row float32 cpu"
+    with pytest.raises(SystemExit, match="benchmark.pedantic"):
+        interleaved.main(["krylov", "test_solve_sequence", "darcy", "ours", "--reps", "1"])

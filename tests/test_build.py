@@ -212,6 +212,7 @@ def test_bench_interleaved_times_the_suites_own_builds(capsys):
     assert "ratio  1.000" in lines[2] and " ms " in lines[3]
     with pytest.raises(SystemExit, match="for no_such_impl"):
         interleaved.main(["sparse", "test_spmv", "2048x5461", "ours,no_such_impl", "--reps", "1"])
+    capsys.readouterr()
     # One op among several under a shape label (bench_qr: the first case was always tall_gram).
     interleaved.main(["qr", "test_qr", "4096x74 row", "ours,torch", "--op", "cholesky_qr2", "--reps", "1"])
     assert capsys.readouterr().out.splitlines()[0] == "ours: cholesky_qr2 4096x74 row float32 cpu"

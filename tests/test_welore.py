@@ -129,6 +129,18 @@ def test_ratio_search_is_the_smallest_threshold(ratio, min_saving, generator):
     assert ranks == {name: int((s / s[0] >= tau).sum()) for name, s in spectra.items()}
 
 
+def test_rank_ceiling_is_strict_at_exact_boundaries():
+    """k (in + out) < (1 - min_saving) in out, strictly: at 42 x 120 and min_saving 0.1,
+    k = 28 gives exactly 0.9 in out (28 * 162 = 4536), but the floating-point bound
+    0.9 * 5040 / 162 = 28.000000000000004 let it through (an LRC saving exactly 10 %)."""
+    assert welore._k_max(42, 120, 0.1) == 27 and welore._k_max(42, 120, 0.0) == 31
+    assert welore._k_max(10, 10, 0.0) == 4 and welore._k_max(4096, 4096, 0.5) == 1023
+    for m, n, saving in itertools.product((3, 42, 120, 257), (5, 120, 1000), (0.0, 0.1, 0.25, 0.5)):
+        k = welore._k_max(m, n, saving)
+        bound = (1 - saving) * m * n
+        assert k * (m + n) < bound + 1e-9 * bound and (k + 1) * (m + n) >= bound - 1e-9 * bound
+
+
 def test_choose_ranks_errors():
     spectra, shapes = {"a": torch.tensor([2.0, 1.0])}, {"a": (2, 2)}
     with pytest.raises(ValueError, match="give exactly one of threshold and ratio"):

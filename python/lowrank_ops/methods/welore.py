@@ -31,6 +31,7 @@ Example
 """
 from __future__ import annotations
 
+import fractions
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -161,8 +162,11 @@ def _normalized(s: torch.Tensor) -> torch.Tensor:
 
 
 def _k_max(m: int, n: int, min_saving: float) -> int:
-    """The largest ``k`` with ``k (m + n) < (1 - min_saving) m n``: strictly smaller factors."""
-    return max(0, math.ceil((1.0 - min_saving) * m * n / (m + n)) - 1)
+    """The largest ``k`` with ``k (m + n) < (1 - min_saving) m n``: strictly smaller factors.
+    In exact rational arithmetic (min_saving's binary value): in floating point the bound's
+    rounding gave k one too large at exact boundaries (0.9 * 5040 / 162 = 28.000000000000004)."""
+    bound = (1 - fractions.Fraction(min_saving)) * m * n / (m + n)
+    return max(0, math.ceil(bound) - 1)
 
 
 def choose_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, int]], *,

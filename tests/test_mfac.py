@@ -761,6 +761,8 @@ def test_inverse_bad_input(generator):
     inverse = MFACInverse(10, 3, 1.0)
     with pytest.raises(ValueError, match="damp must be a finite number > 0; got nan"):
         inverse.damp = float("nan")
+    with pytest.raises(ValueError, match="damp must be a finite number > 0; got 'x'"):  # was float()'s message
+        MFACInverse(10, 3, "x")
     with pytest.raises(ValueError, match=r"g has shape \(11,\); expected one gradient \(dim,\) = \(10,\)"):
         inverse.update(torch.zeros(11))
     with pytest.raises(ValueError, match=r"expected one gradient \(dim,\) = \(10,\)"):

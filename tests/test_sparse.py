@@ -196,10 +196,19 @@ class TestFixedSupport:
             FixedSupport.from_csr(torch.tensor([0, 1, 2]), torch.tensor([0, 7]), (2, 4))
 
     def test_random_rejects_bad_density_and_shape(self):
-        with pytest.raises(ValueError, match=r"density must be in \[0, 1\]; got 1.5"):
+        with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\]; got 1.5"):
             FixedSupport.random(4, 4, 1.5)
+        with pytest.raises(ValueError, match=r"density must be a number in \[0, 1\]; got 'x'"):  # was float()'s
+            FixedSupport.random(4, 4, "x")
         with pytest.raises(ValueError, match="non-negative"):
             FixedSupport.random(-1, 4, 0.5)
+        with pytest.raises(ValueError, match=r"shape must be two integers .*got \(3.9, 4\)"):  # was truncated to 3
+            FixedSupport.random(3.9, 4, 0.5)
+
+    def test_empty_index_sequences(self):
+        # [] became a float32 tensor: "must be a 1-D integer tensor".
+        assert FixedSupport.from_indices([], [], (3, 4)).nnz == 0
+        assert FixedSupport.from_csr([0, 0, 0], [], (2, 3)).nnz == 0
 
 
 # --------------------------------------------------------------------------- forward

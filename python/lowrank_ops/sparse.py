@@ -18,6 +18,7 @@ too: the buffers are replaced, not copied into).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
@@ -36,9 +37,14 @@ def _index_dtype(*extents: int) -> torch.dtype:
 
 def _check_shape(shape, where: str) -> Tuple[int, int]:
     try:
-        out_features, in_features = (int(s) for s in shape)
+        sizes = tuple(shape)
+        # Integers only (int() truncated 3.9 to a 3-row pattern): Python or NumPy ints, or
+        # 0-d integer tensors (a torch.Size's entries).
+        if len(sizes) != 2 or any(isinstance(s, bool) or int(s) != s or isinstance(s, float) for s in sizes):
+            raise ValueError
+        out_features, in_features = (int(s) for s in sizes)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: shape must be (out_features, in_features); got {shape!r}") from None
+        raise ValueError(f"{where}: shape must be two integers (out_features, in_features); got {shape!r}") from None
     if out_features < 0 or in_features < 0:
         raise ValueError(f"{where}: shape must be non-negative; got ({out_features}, {in_features})")
     return out_features, in_features
@@ -110,9 +116,9 @@ class FixedSupport(torch.nn.Module):
             is neither int64 nor an int32 that fits.
         """
         out_features, in_features = _check_shape((out_features, in_features), "FixedSupport.random")
+        if isinstance(density, (bool, str)) or not isinstance(density, numbers.Real) or not 0.0 <= density <= 1.0:
+            raise ValueError(f"FixedSupport.random: density must be a number in [0, 1]; got {density!r}")
         density = float(density)
-        if not 0.0 <= density <= 1.0:
-            raise ValueError(f"FixedSupport.random: density must be in [0, 1]; got {density}")
         total = out_features * in_features
         nnz = min(total, int(round(density * total)))
         sample_device = generator.device if generator is not None else torch.device("cpu")
@@ -450,7 +456,8 @@ def _pattern_buffers(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, i
 
 def _as_index_vector(tensor, name: str, where: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
-        tensor = torch.as_tensor(tensor)
+        # An empty sequence has no element to infer an integer dtype from (float32 by default).
+        tensor = torch.as_tensor(tensor) if len(tensor) else torch.zeros(0, dtype=torch.int64)
     if tensor.dim() != 1 or tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
         raise ValueError(f"{where}: {name} must be a 1-D integer tensor; got shape {tuple(tensor.shape)}, dtype {tensor.dtype}")
     return tensor.to(torch.int64)

@@ -51,6 +51,7 @@ coefficients keep the older accuracy.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Dict, Optional
 
 import torch
@@ -84,10 +85,9 @@ def _direct(*tensors: torch.Tensor) -> bool:
 
 
 def _check_damp(damp: float, op: str) -> float:
-    damp = float(damp)
-    if not math.isfinite(damp) or damp <= 0:
-        raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
-    return damp
+    if isinstance(damp, (bool, str)) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
+        raise ValueError(f"{op}: damp must be a finite number > 0; got {damp!r}")
+    return float(damp)
 
 
 class MFACInverse:

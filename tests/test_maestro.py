@@ -230,6 +230,26 @@ def test_shrink_preserves_outputs_up_to_the_dropped_energy(device):
     assert layer.shrink_(0.0) == 1
 
 
+def test_shrunk_checkpoint_loads_into_a_fresh_layer():
+    """A state dict saved after shrink_ holds rank-r' factors: a freshly built (or
+    converted) layer refused it with a size mismatch; it now takes the checkpoint's rank."""
+    generator = torch.Generator().manual_seed(5)
+    layer = OrderedLowRankLinear(20, 12, 8, generator=generator)
+    with torch.no_grad():
+        layer.V[5:].mul_(1e-6)
+    assert layer.shrink_(1e-4) == 5
+    layer.eval()
+    fresh = OrderedLowRankLinear(20, 12, 8, min_rank=6)
+    fresh.active_rank = 7
+    fresh.load_state_dict(layer.state_dict())
+    fresh.eval()
+    assert (fresh.rank, fresh.active_rank, fresh.min_rank) == (5, 5, 5)
+    x = torch.randn(3, 20, generator=generator)
+    assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # other feature sizes still refused
+        OrderedLowRankLinear(21, 12, 8).load_state_dict(layer.state_dict())
+
+
 def test_shrink_cuts_optimizer_state_and_keeps_training(device):
     generator = torch.Generator().manual_seed(208)
     layer = random_layer(10, 8, 6, generator, device=device)

@@ -116,6 +116,7 @@ class OrderedLowRankLinear(torch.nn.Module):
         self.active_rank: Optional[int] = None
         self.last_rank: Optional[int] = None
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_take_checkpoint_rank)
 
     @property
     def U(self) -> torch.Tensor:
@@ -280,7 +281,8 @@ class OrderedLowRankLinear(torch.nn.Module):
         kept rows (the old memory is freed; autograd fixes a leaf's shape, so a
         parameter cannot be resized in place), with ``requires_grad`` and the ``.grad``
         (cut) carried over.  Hooks registered on the old parameters are not.  ``active_rank``
-        and ``min_rank`` are lowered to ``r'`` when above it.
+        and ``min_rank`` are lowered to ``r'`` when above it.  A state dict saved afterwards
+        loads into a layer of any rank (which takes ``r'``, see ``load_state_dict``).
         """
         tol = require_number("OrderedLowRankLinear.shrink_", "tol", tol, 0.0)
         norms = self.component_norms()
@@ -315,6 +317,27 @@ class OrderedLowRankLinear(torch.nn.Module):
         if self.min_rank != 1:
             extras.append(f"min_rank={self.min_rank}")
         return ", ".join(extras)
+
+
+def _take_checkpoint_rank(module: OrderedLowRankLinear, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """A checkpoint saved after :meth:`~OrderedLowRankLinear.shrink_` (or from a layer of
+    another rank) holds ``U_t [r', out]`` and ``V [r', in]``: the layer takes that rank before
+    the copy (new Parameter objects, as shrink_ makes; a freshly converted model refused a
+    shrunk checkpoint with a size mismatch).  ``active_rank`` and ``min_rank`` are lowered
+    to ``r'`` when above it.  Anything else is left to the usual shape checks."""
+    U_t, V = state_dict.get(prefix + "U_t"), state_dict.get(prefix + "V")
+    if not (isinstance(U_t, torch.Tensor) and isinstance(V, torch.Tensor) and U_t.dim() == 2 and V.dim() == 2):
+        return
+    rank = U_t.shape[0]
+    if rank == module.rank or rank < 1 or V.shape != (rank, module.in_features) or U_t.shape[1] != module.out_features:
+        return
+    for name in ("U_t", "V"):
+        old = getattr(module, name)
+        setattr(module, name, torch.nn.Parameter(old.new_empty(rank, old.shape[1]), requires_grad=old.requires_grad))
+    if module.active_rank is not None and module.active_rank > rank:
+        module.active_rank = rank
+    module.min_rank = min(module.min_rank, rank)
 
 
 def _swap_in_optimizer(optimizer: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter,

@@ -309,6 +309,34 @@ def test_single_row_or_column_views_with_odd_strides(shape, step, generator):
         torch.testing.assert_close(Y, expected, rtol=0, atol=0)
 
 
+def test_registered_ops_check_their_arguments(generator):
+    """torch.ops.lowrank_ops.* ran the kernels unchecked: a float32 R with a float64 Y was
+    read as doubles (a segfault at 1 x 2048), and the in-place ops wrote expanded blocks
+    (elements shared across the batch) from parallel tasks.  Each registered op now runs the
+    public function's checks; the public in-place solve refuses shared elements too."""
+    ops = torch.ops.lowrank_ops
+    Y = randn(6, 4, dtype=torch.float64, generator=generator)
+    R = torch.eye(4)
+    with pytest.raises(ValueError, match="tall_solve_upper: R is torch.float32 on cpu; expected Y's torch.float64"):
+        ops.tall_solve_upper(Y, R)
+    with pytest.raises(ValueError, match="tall_solve_upper_: R is torch.float32"):
+        ops.tall_solve_upper_(Y.clone(), R)
+    with pytest.raises(TypeError, match="tall_gram: Y has dtype torch.float16"):
+        ops.tall_gram(Y.half())
+    with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
+        ops.tall_cholesky(torch.eye(4), -1, True)
+    with pytest.raises(ValueError, match=r"cholesky_qr_: plain_passes must be an int >= 1 with shift=False; got 0"):
+        ops.cholesky_qr_(Y.clone(), False, 0)
+    shared = randn(1, 64, 4, dtype=torch.float64, generator=generator).expand(3, 64, 4)
+    R3 = (torch.eye(4, dtype=torch.float64) * 2).expand(3, 4, 4)
+    for run in (lambda: ops.tall_scale_(shared), lambda: ops.cholesky_qr_(shared, True, 1)):
+        with pytest.raises(ValueError, match="expected a contiguous block or the transpose of one"):
+            run()
+    for run in (lambda: tall_solve_upper_(shared, R3), lambda: ops.tall_solve_upper_(shared, R3)):
+        with pytest.raises(ValueError, match="elements share memory"):
+            run()
+
+
 def test_bad_input_errors():
     Y = torch.randn(10, 4)
     R = torch.eye(4)

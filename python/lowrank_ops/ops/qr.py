@@ -21,6 +21,8 @@ ms, solve 0.22-0.25 against 0.39-0.48 ms, the whole cholesky_qr2 1.3-2.0x
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .._dtypes import float_code
@@ -235,19 +237,6 @@ def _cholesky_qr_fake(Y: torch.Tensor, shift: bool, plain_passes: int) -> torch.
     return Y.new_empty(*Y.shape[:-2], n, n)
 
 
-for _name, _cpu, _cuda, _fake in [
-    ("tall_gram", _tall_gram_cpu, _tall_gram_cuda, _tall_gram_fake),
-    ("tall_solve_upper", _tall_solve_upper_cpu, _tall_solve_upper_cuda, _tall_solve_upper_fake),
-    ("tall_solve_upper_", _tall_solve_upper_inplace_cpu, _tall_solve_upper_inplace_cuda, _tall_solve_upper_inplace_fake),
-    ("tall_cholesky", _tall_cholesky_cpu, _tall_cholesky_cuda, _tall_cholesky_fake),
-    ("tall_scale_", _tall_scale_cpu, _tall_scale_cuda, _tall_scale_fake),
-    ("cholesky_qr_", _cholesky_qr_cpu, _cholesky_qr_cuda, _cholesky_qr_fake),
-]:
-    LIBRARY.impl(_name, _cpu, "CPU")
-    LIBRARY.impl(_name, _cuda, "CUDA")
-    register_fake(_name, _fake)
-
-
 def _check_block(op: str, name: str, Y: torch.Tensor) -> None:
     if not isinstance(Y, torch.Tensor) or Y.dim() < 2:
         raise ValueError(f"{op}: {name} must be a tensor [..., m, n]; got {getattr(Y, 'shape', type(Y).__name__)}")
@@ -284,6 +273,13 @@ def _check_solve_args(op: str, Y: torch.Tensor, R: torch.Tensor) -> None:
         raise ValueError(f"{op}: R is {R.dtype} on {R.device}; expected Y's {Y.dtype} on {Y.device}")
 
 
+def _check_solve_inplace_args(Y: torch.Tensor, R: torch.Tensor) -> None:
+    _check_solve_args("tall_solve_upper_", Y, R)
+    if Y.requires_grad and torch.is_grad_enabled():
+        raise ValueError("tall_solve_upper_: Y requires grad; an in-place solve would discard its history")
+    _check_no_shared_elements("tall_solve_upper_", Y)
+
+
 def tall_solve_upper(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """``Q = Y R^-1`` for upper-triangular ``R``, not differentiable.
 
@@ -312,9 +308,7 @@ def tall_solve_upper_(Y: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     No new ``[..., m, n]`` buffer where Y has a unit row or column stride and batch
     dimensions that merge (else the result of :func:`tall_solve_upper` is copied in).
     """
-    _check_solve_args("tall_solve_upper_", Y, R)
-    if Y.requires_grad and torch.is_grad_enabled():
-        raise ValueError("tall_solve_upper_: Y requires grad; an in-place solve would discard its history")
+    _check_solve_inplace_args(Y, R)
     impl = _tall_solve_upper_inplace_cpu if Y.device.type == "cpu" else _tall_solve_upper_inplace_cuda
     eager_or_op("tall_solve_upper_", impl)(Y, R.detach())
     return Y
@@ -340,13 +334,26 @@ def tall_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
         Upper triangular, zeros below the diagonal, contiguous; NaN where no factorization
         succeeds (a non-finite ``gram``).
     """
+    _check_cholesky_args(gram, rows, shift)
+    impl = _tall_cholesky_cpu if gram.device.type == "cpu" else _tall_cholesky_cuda
+    return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))
+
+
+def _check_cholesky_args(gram: torch.Tensor, rows: int, shift: bool) -> None:
     _check_block("tall_cholesky", "gram", gram)
     if gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"tall_cholesky: gram has shape {tuple(gram.shape)}; expected (..., n, n)")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"tall_cholesky: rows must be an int >= 0; got {rows!r}")
-    impl = _tall_cholesky_cpu if gram.device.type == "cpu" else _tall_cholesky_cuda
-    return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))
+
+
+def _check_no_shared_elements(op: str, Y: torch.Tensor) -> None:
+    """In-place ops write every element: a Y whose elements share memory (an expand's
+    batch stride 0) would have parallel tasks write one block while others read it."""
+    # (Traced code skips it: the registered op runs it when the graph executes.)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(Y) == 1:
+        raise ValueError(f"{op}: Y has strides {Y.stride()} for shape {tuple(Y.shape)}: elements share memory (an "
+                         "expand?); an in-place op needs a block of its own (clone it)")
 
 
 def _check_dense_inplace(op: str, Y: torch.Tensor) -> None:
@@ -355,6 +362,13 @@ def _check_dense_inplace(op: str, Y: torch.Tensor) -> None:
         raise ValueError(f"{op}: Y requires grad; an in-place {op.rstrip('_')} would discard its history")
     if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):
         raise ValueError(f"{op}: Y has strides {Y.stride()}; expected a contiguous block or the transpose of one")
+
+
+def _check_cholesky_qr_args(Y: torch.Tensor, shift: bool, plain_passes: int) -> None:
+    _check_dense_inplace("cholesky_qr_", Y)
+    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
+        raise ValueError(f"cholesky_qr_: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; "
+                         f"got {plain_passes!r}")
 
 
 def tall_scale_(Y: torch.Tensor) -> torch.Tensor:
@@ -389,9 +403,34 @@ def cholesky_qr_(Y: torch.Tensor, shift: bool = True, plain_passes: int = 2) -> 
     plain_passes : int
         Plain passes after it (at least one pass in all).
     """
-    _check_dense_inplace("cholesky_qr_", Y)
-    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
-        raise ValueError(f"cholesky_qr_: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; "
-                         f"got {plain_passes!r}")
+    _check_cholesky_qr_args(Y, shift, plain_passes)
     impl = _cholesky_qr_cpu if Y.device.type == "cpu" else _cholesky_qr_cuda
     return eager_or_op("cholesky_qr_", impl)(Y, bool(shift), plain_passes)
+
+
+# The registered ops check their arguments (callers of torch.ops.lowrank_ops.*, and the
+# public functions under torch.compile); the public functions check once and then call the
+# implementations directly in eager mode (eager_or_op).  Unchecked, a float32 R with a
+# float64 Y made the kernel read R as doubles (past its buffer).
+def _checked(check: Callable[..., None], impl: Callable) -> Callable:
+    def run(*args):
+        check(*args)
+        return impl(*args)
+    run.__name__ = impl.__name__
+    return run
+
+
+for _name, _check, _cpu, _cuda, _fake in [
+    ("tall_gram", lambda Y: _check_block("tall_gram", "Y", Y), _tall_gram_cpu, _tall_gram_cuda, _tall_gram_fake),
+    ("tall_solve_upper", lambda Y, R: _check_solve_args("tall_solve_upper", Y, R), _tall_solve_upper_cpu,
+     _tall_solve_upper_cuda, _tall_solve_upper_fake),
+    ("tall_solve_upper_", _check_solve_inplace_args, _tall_solve_upper_inplace_cpu, _tall_solve_upper_inplace_cuda,
+     _tall_solve_upper_inplace_fake),
+    ("tall_cholesky", _check_cholesky_args, _tall_cholesky_cpu, _tall_cholesky_cuda, _tall_cholesky_fake),
+    ("tall_scale_", lambda Y: _check_dense_inplace("tall_scale_", Y), _tall_scale_cpu, _tall_scale_cuda,
+     _tall_scale_fake),
+    ("cholesky_qr_", _check_cholesky_qr_args, _cholesky_qr_cpu, _cholesky_qr_cuda, _cholesky_qr_fake),
+]:
+    LIBRARY.impl(_name, _checked(_check, _cpu), "CPU")
+    LIBRARY.impl(_name, _checked(_check, _cuda), "CUDA")
+    register_fake(_name, _fake)

@@ -629,6 +629,13 @@ def test_cg_op_opcheck_and_bad_input(generator):
         call(5, 0.0, bnorm, diagonal=torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"krylov_cg_: n_chunks must be in \[1, n\] = \[1, 64\]; got 65"):
         ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x.clone(), b.clone(), 5, 0.0, bnorm, 65)
+    # x and r are written while inverse_diagonal (and values) are read: sharing memory with
+    # them made the preconditioner change under the kernel (a false breakdown after 2 steps).
+    shared = torch.ones(64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="krylov_cg_: x must not share memory with inverse_diagonal"):
+        ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, shared, shared, b.clone(), 5, 0.0, bnorm)
+    with pytest.raises(ValueError, match="krylov_cg_: r must not share memory with values"):
+        ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x.clone(), m.values[:64], 5, 0.0, bnorm)
 
 
 def _defcg_reference(A, d, W, AW, x, r, steps):

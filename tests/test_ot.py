@@ -320,6 +320,10 @@ def test_sparsify_fill_rejects_malformed_row_ptr(generator):
                                         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(),
                                         values=values.data_ptr(), nnz=nnz, num_threads=1)
         assert (col_idx == -7).all() and (values == -7.0).all()
+    # A well-formed row_ptr that promises rows more entries than pass the threshold left
+    # the rest of their ranges unwritten: heap garbage in col_idx and values.
+    with pytest.raises(ValueError, match=r"ot_sparsify: row_ptr gives row 0 20 entries; 16 pass the threshold"):
+        fill(C, None, None, f, g, 0.1, 0, None, False, threshold, torch.tensor([0, 20, 36]))
 
 
 @pytest.mark.parametrize("cost", ["sqeuclidean", "l1"])

@@ -263,6 +263,14 @@ LOWRANK_INLINE void sparsify_tile(const OtSparsifyParams& p, int64_t b, int64_t 
   }
   if (p.col_idx == nullptr) {
     for (int64_t r = 0; r < nr; ++r) p.row_counts[b * s.rows + i0 + r] = kept[r];
+    return;
+  }
+  // A row_ptr that promises a row more entries than pass the threshold would leave the
+  // rest of its range unwritten (uninitialized memory handed back).
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t row = b * s.rows + i0 + r;
+    LOWRANK_CHECK(p.row_ptr[row] + kept[r] == p.row_ptr[row + 1], "ot_sparsify: row_ptr gives row ", row, " ",
+                  p.row_ptr[row + 1] - p.row_ptr[row], " entries; ", kept[r], " pass the threshold");
   }
 }
 

@@ -587,8 +587,13 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
             _fail(op, f"{name} has shape {tuple(tensor.shape)}; expected (n,) = ({n},)")
     _require_contiguous(op, "x", x)
     _require_contiguous(op, "r", r)
-    _require_apart(op, "x", x, r=r)
-    _require_apart(op, "r", r, x=x)
+    # x and r are written while everything is read (an inverse_diagonal sharing x's memory
+    # changed under the kernel: a false breakdown).
+    read = {"x": x, "r": r, "values": values}
+    if inverse_diagonal is not None:
+        read["inverse_diagonal"] = inverse_diagonal
+    for name, tensor in (("x", x), ("r", r)):
+        _require_apart(op, name, tensor, **{key: value for key, value in read.items() if key != name})
     n_chunks = _check_n_chunks(op, n_chunks, n)
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
     return cg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, steps, target,

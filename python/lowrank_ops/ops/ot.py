@@ -244,8 +244,10 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     row_ptr = row_ptr.contiguous()
     nnz = int(row_ptr[-1])
     check_row_ptr(op, row_ptr, nnz)
-    col_idx = torch.empty((nnz,), dtype=torch.int64, device=f.device)
-    values = f.new_empty((nnz,))
+    # Zeros, not empty: a row_ptr that disagrees with the counts must not hand back
+    # uninitialized memory (the CPU kernel raises; on CUDA the unwritten tail stays zero).
+    col_idx = torch.zeros((nnz,), dtype=torch.int64, device=f.device)
+    values = f.new_zeros((nnz,))
     if nnz:
         _run("ot_sparsify", f.device, src=src, threshold=threshold.data_ptr(), row_counts=0,
              row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), nnz=nnz)

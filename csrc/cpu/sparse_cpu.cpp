@@ -398,11 +398,20 @@ void sddmm_cpu_typed(const CsrSddmmParams& p, int num_threads) {
   // Each block packs every dense tile, so use about two blocks per thread.
   const auto bounds = balanced_row_blocks(row_ptr, p.n_rows, p.nnz, 2 * threads);
   const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  // Each block's output range [k_bound[block], k_bound[block + 1]): a running maximum of the
+  // clamped row pointers at the block bounds, so the ranges never overlap (with a row_ptr
+  // that decreases somewhere, two blocks wrote the same entries from parallel tasks); for a
+  // valid row_ptr these are its own values.
+  std::vector<int64_t> k_bound(static_cast<size_t>(n_blocks) + 1);
+  for (int64_t block = 0; block <= n_blocks; ++block) {  // bounds[block] <= n_rows: row_ptr has n_rows + 1 entries
+    const int64_t k = clamped(row_ptr[bounds[block]], p.nnz);
+    k_bound[block] = block == 0 ? k : std::max(k_bound[block - 1], k);
+  }
 
   parallel_for(n_blocks, threads, [&](int64_t block) {
     const int64_t r_begin = bounds[block], r_end = bounds[block + 1];
-    const int64_t k_begin = r_begin < p.n_rows ? clamped(row_ptr[r_begin], p.nnz) : p.nnz;
-    const int64_t k_end = std::max(k_begin, clamped(row_ptr[r_end], p.nnz));
+    const int64_t k_begin = k_bound[block];
+    const int64_t k_end = std::max(k_begin, k_bound[block + 1]);
     std::vector<A> acc(static_cast<size_t>(k_end - k_begin), A(0));
     if (p.batch < kSmallBatch) {
       for (int64_t r = r_begin; r < r_end; ++r) {
@@ -431,9 +440,9 @@ void sddmm_cpu_typed(const CsrSddmmParams& p, int num_threads) {
     }
     for (int64_t k = k_begin; k < k_end; ++k) out[k] = from_acc<T>(acc[k - k_begin]);
   });
-  // Entries outside every row range (invalid row pointers) are still written, as 0.
-  const int64_t first = p.n_rows > 0 ? clamped(row_ptr[0], p.nnz) : p.nnz;
-  const int64_t last = p.n_rows > 0 ? std::max(first, clamped(row_ptr[p.n_rows], p.nnz)) : p.nnz;
+  // Entries outside every block's range (invalid row pointers) are still written, as 0.
+  const int64_t first = p.n_rows > 0 ? k_bound.front() : p.nnz;
+  const int64_t last = p.n_rows > 0 ? std::max(first, k_bound.back()) : p.nnz;
   for (int64_t k = 0; k < first; ++k) out[k] = from_acc<T>(A(0));
   for (int64_t k = last; k < p.nnz; ++k) out[k] = from_acc<T>(A(0));
 }

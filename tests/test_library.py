@@ -44,3 +44,24 @@ def test_cpu_scalar_tensors_go_with_meta_ones():
                     torch.randn(6, 2, **meta), dropout_p=0.1)
     assert y.device.type == "meta" and y.shape == (4, 6)
 
+
+
+def test_every_op_has_an_autograd_formula_or_mutates():
+    """The ops without their own gradient mark their outputs non-differentiable (they are the
+    building blocks of the autograd Functions).  Under torch's autograd fallback, gradients
+    went through whichever torch ops an implementation used: base_linear gave x a gradient
+    at 100 rows (addmm) and None at 8 rows (the small-batch kernel), None when traced."""
+    names = [name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_ops::")]
+    assert len(names) >= 39
+    for name in names:
+        op = getattr(ops, name).default
+        mutates = any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
+        assert mutates or torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd"), name
+    weight = torch.randn(1024, 1024)
+    for rows in (8, 100):
+        x = torch.randn(rows, 1024, requires_grad=True)
+        assert not ops.base_linear(x, weight, None).requires_grad
+    x = torch.randn(8, 64, requires_grad=True)
+    torch.library.opcheck(ops.base_linear.default, (x, torch.randn(32, 64), None))  # test_autograd_registration runs
+    grads = torch.randn(5, 16, requires_grad=True)  # mfac_dots keeps its own formula
+    assert ops.mfac_dots(grads, torch.randn(3, 16), 5).requires_grad

@@ -49,3 +49,38 @@ def register_fake(name: str, fake: Callable) -> None:
         return fake(*args, **kwargs)
 
     torch.library.register_fake(f"{NAMESPACE}::{name}", checked, lib=LIBRARY)
+
+
+def _outputs_not_differentiable(ctx, inputs, output) -> None:
+    outputs = output if isinstance(output, tuple) else (output,)
+    ctx.mark_non_differentiable(*[tensor for tensor in outputs if isinstance(tensor, torch.Tensor)])
+
+
+def _refuse_backward(ctx, *grads):  # unreachable: every output is marked non-differentiable
+    raise RuntimeError("lowrank_ops: this op is not differentiable")
+
+
+def mark_undifferentiable_ops() -> None:
+    """Gives every non-mutating op of the namespace that has no autograd formula one that
+    marks its outputs non-differentiable.
+
+    These ops are building blocks: the differentiable entry points are autograd Functions
+    (``lora_linear``, ``dora_linear``, ``batched_svd``, ...) or ops with
+    ``register_autograd`` (``mfac_dots``, ``mfac_combine``).  Without a formula, torch's
+    autograd fallback let gradients flow through whichever torch ops an implementation
+    happened to use, or through none where it called a kernel: ``base_linear`` gave x a
+    gradient at 100 rows (addmm) and None at 8 (the small-batch kernel), and None under
+    torch.compile.  Mutating ops (``*_``) keep torch's fallback (register_autograd does not
+    take them); they are not differentiable either.
+    """
+    prefix = NAMESPACE + "::"
+    for qualified in torch._C._dispatch_get_all_op_names():
+        if not qualified.startswith(prefix):
+            continue
+        op = getattr(torch.ops.lowrank_ops, qualified[len(prefix):]).default
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd"):
+            continue
+        if any(argument.alias_info is not None and argument.alias_info.is_write for argument in op._schema.arguments):
+            continue
+        torch.library.register_autograd(qualified, _refuse_backward, setup_context=_outputs_not_differentiable,
+                                        lib=LIBRARY)

@@ -263,8 +263,77 @@ def test_adapters_of_another_dtype_fall_back_to_peft(use_dora, fused_calls):
 def test_rejects_bad_config():
     with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
         use_lowrank_ops({"r": 4})
-    with pytest.raises(ValueError, match="fan_in_fan_out"):
-        use_lowrank_ops(peft.LoraConfig(r=4, fan_in_fan_out=True))
+    # target_parameters (PEFT's ParamWrapper) was taken over: "0.bias" adapted the weight.
+    with pytest.raises(ValueError, match=r"target_parameters .* is not supported; got \['0.bias'\]"):
+        use_lowrank_ops(peft.LoraConfig(r=4, target_modules=[], target_parameters=["0.bias"]))
+
+
+def _pair(base, config):
+    """(plain PEFT, our backend) on copies of ``base`` with the same adapter weights."""
+    plain = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+    ours = peft.get_peft_model(copy.deepcopy(base), use_lowrank_ops(copy.deepcopy(config)))
+    ours.load_state_dict(plain.state_dict())
+    return plain.eval(), ours.eval()
+
+
+def test_hooked_base_layers_take_peft_path(fused_calls):
+    """The fused path read W and b directly and never called the base layer: spectral_norm's
+    pre-hook (which recomputes W) and the user's forward hooks were skipped (outputs off by
+    1.0 and 0.65).  Such layers now run PEFT's path."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.utils.spectral_norm(torch.nn.Linear(16, 32)), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 8)).eval()
+    plain, ours = _pair(base, peft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+        assert fused_calls["lora_linear"] == 1  # the plain layer "2" still fused
+        for model in (plain, ours):
+            model.base_model.model[2].base_layer.register_forward_hook(lambda module, args, out: out * 0)
+        torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_conv1d_target_met_first_leaves_linear_targets_untransposed():
+    """PEFT flips the shared config's fan_in_fan_out on a Conv1D target and back for nn.Linear
+    ones in its own dispatch, which the backend replaces: a Conv1D met first left the Linear
+    transposed (merge_and_unload off by 1.07, DoRA's output by 0.19)."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.proj = Conv1D(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(torch.tanh(self.c_fc(x)))
+
+    torch.manual_seed(1)
+    base, x = Model(), torch.randn(5, 16)
+    for use_dora in (False, True):
+        config = peft.LoraConfig(r=4, target_modules=["c_fc", "proj"], init_lora_weights=False, use_dora=use_dora)
+        plain, ours = _pair(base, config)
+        assert not ours.base_model.model.proj.fan_in_fan_out
+        with torch.no_grad():
+            expected = plain(x)
+            torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_full_dropout_and_second_derivatives():
+    """lora_dropout = 1.0 in training raised the op's 'dropout_p must be in [0, 1)' (PEFT: the
+    adapter term is zero); second derivatives came back None or zero (hessian_trace 0.0):
+    they now raise, naming the first-order backward."""
+    torch.manual_seed(2)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    plain, ours = _pair(base, peft.LoraConfig(r=4, lora_dropout=1.0, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(ours.train()(x), plain.train()(x), rtol=1e-6, atol=1e-6)
+    _, ours = _pair(base, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    A = ours.base_model.model[0].lora_A["default"].weight
+    with pytest.raises(RuntimeError, match="_LoRALinear: lowrank_ops' fused backward is first-order only"):
+        torch.autograd.grad(ours(x).sin().sum(), A, create_graph=True)
+    (gradient,) = torch.autograd.grad(ours(x).sin().sum(), A)  # first order as before
+    assert torch.isfinite(gradient).all() and gradient.abs().max() > 0
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

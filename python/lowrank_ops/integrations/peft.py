@@ -66,6 +66,17 @@ __all__ = ["LowrankLoraLinear", "use_lowrank_ops"]
 class LowrankLoraLinear(PeftLoraLinear):
     """PEFT's ``lora.Linear`` with the forward on lowrank_ops' fused ops (see the module docstring)."""
 
+    def __init__(self, base_layer, adapter_name: str, *args, **kwargs):
+        # PEFT sets the shared config's fan_in_fan_out on meeting a Conv1D target and resets it
+        # for nn.Linear ones in its own dispatch, which this class replaces: a Conv1D met
+        # first left the Linear transposed (merges off by ~1, DoRA's output off by 0.19).
+        config = kwargs.get("config", args[0] if args else None)  # PEFT >= 0.18 reads the flag from it
+        if getattr(config, "fan_in_fan_out", False):
+            config.fan_in_fan_out = False
+        if kwargs.get("fan_in_fan_out"):  # older PEFT passes it
+            kwargs["fan_in_fan_out"] = False
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
+
     def _fused_dtypes(self, x: torch.Tensor) -> bool:
         """Whether x and the base weight suit the fused ops: one dtype, or under
         torch.autocast any but float64 (autocast does not cast float64: PEFT's error)."""
@@ -85,7 +96,7 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         name = active[0]
         base = self.get_base_layer()
-        if type(base) is not torch.nn.Linear or self.lora_bias.get(name, False):
+        if not _plain_linear(base) or self.lora_bias.get(name, False):
             return None
         if not self._fused_dtypes(x):
             return None
@@ -96,8 +107,11 @@ class LowrankLoraLinear(PeftLoraLinear):
         # run time; dora_linear's row norm takes a number (reading it would sync and recompile).
         if variant is not None and isinstance(self.scaling[name], torch.Tensor):
             return None
-        if not isinstance(self.lora_dropout[name], (torch.nn.Dropout, torch.nn.Identity)):
+        dropout = self.lora_dropout[name]
+        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
             return None
+        if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p >= 1.0:
+            return None  # the adapter term is zero: PEFT's path (the fused ops take p < 1)
         # Adapters in the weight's dtype or float32 (what the fused ops take); others, e.g.
         # float64 adapters on a float32 model, run PEFT's own path.
         dtype = self.lora_A[name].weight.dtype
@@ -113,7 +127,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         if args or names is None or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
             return None
         base = self.get_base_layer()
-        if (self.disable_adapters or self.merged or self.fan_in_fan_out or type(base) is not torch.nn.Linear
+        if (self.disable_adapters or self.merged or self.fan_in_fan_out or not _plain_linear(base)
                 or not self._fused_dtypes(x) or x.dim() < 2):
             return None
         used = sorted({name for name in names if name in self.lora_A})  # PEFT skips unknown names too
@@ -221,6 +235,20 @@ class LowrankLoraLinear(PeftLoraLinear):
         return "lowrank_ops." + super().__repr__()
 
 
+def _plain_linear(base: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is exactly ``x W^T + b``, so that the fused ops may read
+    its weight and bias: no subclass, no hooks (spectral_norm's and the old weight_norm's
+    pre-hooks recompute W; user hooks; accelerate's offload replaces ``forward`` and keeps W
+    on meta), no global module hooks.  Anything else runs PEFT's path, which calls it."""
+    module = torch.nn.modules.module
+    return (type(base) is torch.nn.Linear and "forward" not in base.__dict__
+            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_hooks
+                     or getattr(base, "_backward_pre_hooks", None))
+            and not any(getattr(module, name, None) for name in (
+                "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+                "_global_backward_pre_hooks")))
+
+
 def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
     """Makes PEFT build :class:`LowrankLoraLinear` for every ``nn.Linear`` target of ``config``.
 
@@ -236,7 +264,10 @@ def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"use_lowrank_ops: config must be a peft.LoraConfig; got {type(config).__name__}")
-    if config.fan_in_fan_out:
-        raise ValueError("use_lowrank_ops: fan_in_fan_out=True targets transformers' Conv1D, not nn.Linear")
+    # (fan_in_fan_out=True is for transformers' Conv1D targets, which keep PEFT's layer; a
+    # saved config may carry it from one: nn.Linear targets reset it, as PEFT does.)
+    if getattr(config, "target_parameters", None):
+        raise ValueError("use_lowrank_ops: target_parameters (PEFT's ParamWrapper on nn.Parameter targets) is not "
+                         f"supported; got {config.target_parameters} (use target_modules, or plain PEFT)")
     config._register_custom_module({torch.nn.Linear: LowrankLoraLinear})
     return config

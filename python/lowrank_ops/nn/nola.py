@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._args import require_finite_number, require_int
+from .._first_order import first_order_only
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._random_basis import check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
@@ -57,7 +58,7 @@ class _UncachedCombination(torch.autograd.Function):
         return out.view(rows, cols)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         (coefficients,) = ctx.saved_tensors
         seed, stream, rows, cols, bound = ctx.draw

@@ -51,6 +51,7 @@ import torch
 
 from .._args import require_finite_number, require_int
 from .._autocast import autocast_entry, autocast_off_backward
+from .._first_order import first_order_only
 from ..ops.base_linear import grad_input_op
 from ..ops.lora import _adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
@@ -102,7 +103,7 @@ class _RandLoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     @autocast_off_backward
     def backward(ctx, grad_y):
         x, weight, randlora_A, randlora_B, lam, gamma, seed, shrunk = ctx.saved_tensors

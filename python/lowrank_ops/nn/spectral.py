@@ -31,6 +31,7 @@ import torch
 
 from .._args import require_int
 from .._finite import all_finite
+from .._first_order import first_order_only
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from ._init import generator_on
@@ -54,7 +55,7 @@ class _SpectralLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, g):
         x, U, s, Vh, h, index = ctx.saved_tensors
         need_x, need_U, need_s, need_Vh, need_b, _ = ctx.needs_input_grad

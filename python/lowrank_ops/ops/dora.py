@@ -52,6 +52,7 @@ from .._args import require_tensors
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
+from .._first_order import first_order_only
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
@@ -242,7 +243,7 @@ class _DoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     @autocast_off_backward
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, magnitude, seed, product, shrunk, inv_norm = ctx.saved_tensors

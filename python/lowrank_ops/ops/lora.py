@@ -40,6 +40,7 @@ import torch
 from .._args import require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
+from .._first_order import first_order_only
 from ._library import LIBRARY, eager_or_op, register_fake
 from .base_linear import base_linear, grad_input_op
 
@@ -153,7 +154,7 @@ class _LoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     @autocast_off_backward
     def backward(ctx, grad_y):
         x, weight, lora_A, lora_B, gate, seed, shrunk, scale_tensor = ctx.saved_tensors

@@ -35,6 +35,7 @@ import torch
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
+from .._first_order import first_order_only
 from ._library import LIBRARY, current_stream, register_fake
 from .base_linear import forward_op, grad_input_op
 
@@ -470,7 +471,7 @@ class _LoRALinearMulti(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     @autocast_off_backward
     def backward(ctx, grad_y):
         kernels = ctx.kernels

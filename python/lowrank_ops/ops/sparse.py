@@ -26,6 +26,7 @@ import torch
 from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import accumulate_dtype, float_code, index_code
 from .._extension import cuda_extension, extension
+from .._first_order import first_order_only
 from ..sparse import FixedSupport
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
@@ -254,7 +255,7 @@ class _FixedSparseMatmul(torch.autograd.Function):
         return _spmm_op(x.device)(row_ptr, col_idx, values, row_order, x, n_rows)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_y):
         x, values, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order = ctx.saved_tensors
         grad_x = grad_values = None

@@ -30,6 +30,7 @@ import torch
 from .._args import require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
+from .._first_order import first_order_only
 from ..sparse import FixedSupport
 from .sparse import _validate as _validate_sparse
 
@@ -144,7 +145,7 @@ class _SparseLowRankLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     @autocast_off_backward
     def backward(ctx, grad_y):
         need_x, need_A, need_B, need_values, need_bias = ctx.needs_input_grad[:5]

@@ -335,3 +335,11 @@ def test_bad_input_errors(generator):
         dora_linear(*args, norm=torch.ones(9))
     with pytest.raises(TypeError, match="norm has dtype torch.float64; expected torch.float32"):
         dora_linear(*args, norm=torch.ones(10, dtype=torch.float64))
+
+
+def test_row_norm_is_not_differentiable_in_the_weight(generator):
+    # Documented as not differentiable, it returned a grad_fn for a weight requiring grad
+    # (whose backward then failed: "modified by an inplace operation").
+    weight = torch.randn(6, 8, generator=generator, requires_grad=True)
+    norm = dora_row_norm(weight, torch.randn(2, 8, generator=generator), torch.randn(6, 2, generator=generator), 0.5)
+    assert not norm.requires_grad and norm.grad_fn is None

@@ -360,6 +360,18 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.ot_row_grad, (None, x, y, f, g, 0.1, 2, None, False, lse))
 
 
+def test_hessian_matvec_fake_matches_strided_inputs(generator):
+    # The fake impl kept a column-major r's layout, the real one returns contiguous outputs:
+    # opcheck's test_faketensor failed, and inductor asserted on the strides.
+    B, n, m = 2, 6, 5
+    f, g = torch.randn(B, n, dtype=F64, generator=generator), torch.randn(B, m, dtype=F64, generator=generator)
+    row_ptr, col_idx, values = ot_ops.sparsify(torch.rand(B, n, m, dtype=F64, generator=generator), None, None, f, g,
+                                               0.1, 0, None, torch.full((B,), -3.0, dtype=F64))
+    r = torch.rand(n, B, dtype=F64, generator=generator).T  # column-major [B, n]
+    torch.library.opcheck(torch.ops.lowrank_ops.ot_hessian_matvec.default,
+                          (row_ptr, col_idx, values, r, torch.rand(B, m, dtype=F64, generator=generator), f, g))
+
+
 def test_compile_fullgraph(generator):
     # A fixed number of log-domain Sinkhorn updates: the solvers' data-dependent loops
     # are plain Python, the kernels must trace.

@@ -1013,3 +1013,14 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="do not factor"):
         U, S, Vh = rsvd(A, 2)
         lowrank_error(A, U[:5], S, Vh)
+
+
+def test_compiles_fullgraph_with_defaults_and_a_second_shape():
+    """Under torch.compile(fullgraph=True): the default check_finite (on for CPU) was a
+    data-dependent branch ('Could not guard on data-dependent expression'), and the
+    recompile for a second shape failed in randn(..., generator=None) with symbolic sizes."""
+    torch._dynamo.reset()
+    run = torch.compile(lambda A: rsvd(A, 4).S, fullgraph=True, backend="aot_eager")
+    for rows in (30, 40):
+        A = torch.randn(rows, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(run(A), torch.linalg.svdvals(A)[:4], rtol=1e-1, atol=0)  # rank-4 sketch of a flat spectrum

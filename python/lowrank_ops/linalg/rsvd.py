@@ -314,7 +314,7 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         block = block.to(M.dtype)
         if probes == 0:
             return product(M, block)
-        W = torch.randn(*batch, q, probes, generator=generator, device=M.device, dtype=M.dtype)
+        W = _randn(*batch, q, probes, generator=generator, device=M.device, dtype=M.dtype)
         # [block, W] in block's memory layout (the orthonormalizers return column-major
         # blocks): the GEMM then takes the same path, and block's columns of the product
         # keep the bits they have without probes (seen with CPU BLAS; not promised).
@@ -331,7 +331,7 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         extra = l - start.shape[-1]
         blocks = [start]
         if extra > 0:
-            omega = torch.randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
+            omega = _randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
             blocks.append(product(low, omega, final=n_iter == 0))
         Y = torch.cat(blocks, dim=-1)[..., :l]
     else:
@@ -339,11 +339,11 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
             omega = init.to(M.dtype)
             extra = l - omega.shape[-1]
             if extra > 0:
-                fresh = torch.randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
+                fresh = _randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
                 omega = torch.cat([omega, fresh], dim=-1)
             omega = omega[..., :l]
         else:
-            omega = torch.randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
+            omega = _randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
         Y = product(low, omega, final=n_iter == 0)
     if probes and n_iter == 0 and probe is None:
         last_product(Y.new_empty(*batch, q, 0))  # init filled the whole basis: no product with M to share
@@ -708,6 +708,15 @@ def range_finder(
             return Q, _probe_norm(AW - Q @ (Q.transpose(-2, -1) @ AW))
 
 
+def _randn(*size: int, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """``torch.randn``, passing ``generator`` only when one is given: torch 2.13 cannot trace
+    ``randn(..., generator=None)`` with symbolic sizes (torch.compile's recompile for a
+    second shape raised "SymIntArrayRef expected to contain only concrete integers")."""
+    if generator is None:
+        return torch.randn(*size, device=device, dtype=dtype)
+    return torch.randn(*size, generator=generator, device=device, dtype=dtype)
+
+
 def _overflow_error(op: str, work: torch.Tensor, invariant: str = "U and Vh do not change, S scales with A",
                     init: Optional[torch.Tensor] = None) -> ValueError:
     """The error for products with A that came out non-finite: a NaN or inf in A or ``init``
@@ -777,8 +786,8 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
             raise ValueError(f"{op}: init has shape {got}; expected [..., m, j] = {tuple(expected)} + (j,)")
         if init.device != A.device:
             raise ValueError(f"{op}: init is on {init.device}; expected the device of A, {A.device}")
-    if check_finite is None:
-        check_finite = A.device.type == "cpu"
+    if check_finite is None:  # (not while torch.compile traces: a data-dependent branch, as effective_rank)
+        check_finite = A.device.type == "cpu" and not torch.compiler.is_compiling()
     if check_finite and not all_finite(A):
         raise ValueError(f"{op}: A contains NaN or infinite values")
     if check_finite and init is not None and not all_finite(init):
@@ -861,7 +870,7 @@ def lowrank_error(
         At_w = (w.transpose(-2, -1) @ work).transpose(-2, -1) if work.layout == torch.strided else work.mT @ w
         return At_w - Vh.transpose(-2, -1) @ (S.unsqueeze(-1) * (U.transpose(-2, -1) @ w))
 
-    probes = torch.randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
+    probes = _randn(*work.shape[:-2], n, n_probes, generator=generator, device=work.device, dtype=work.dtype)
     with without_autocast(work.device):
         if norm == "fro":
             return _probe_norm(apply_error(probes))

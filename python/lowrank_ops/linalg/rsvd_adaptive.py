@@ -44,7 +44,7 @@ from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
-from .rsvd import _overflow_error
+from .rsvd import _overflow_error, _randn
 
 __all__ = ["adaptive_rsvd", "AdaptiveRSVDResult"]
 
@@ -189,7 +189,7 @@ def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:
     remaining = norm_sq
     while remaining > target and Q.shape[1] < min(max_rank, q):
         b = min(block, min(max_rank, q) - Q.shape[1])
-        W = torch.randn(q, b, generator=generator, **options)
+        W = _randn(q, b, generator=generator, **options)
         Y = _orth(times(W) - Q @ (B @ W))
         for _ in range(n_iter):
             Z = _orth(transposed_times(Y) - B.transpose(0, 1) @ (Q.transpose(0, 1) @ Y))

@@ -181,7 +181,7 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     """
     require_tensors("dora_row_norm", weight=weight, lora_A=lora_A, lora_B=lora_B)
     scale = _check_number("dora_row_norm", "scale", scale)
-    return _row_norm_op(weight)(weight, lora_A.detach(), lora_B.detach(), scale)
+    return _row_norm_op(weight)(weight.detach(), lora_A.detach(), lora_B.detach(), scale)  # not differentiable
 
 
 # ---------------------------------------------------------------------------- forward

@@ -317,8 +317,9 @@ def _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy, check_pattern: bool = T
     return out_x, out_y
 
 
-def _matvec_fake(row_ptr, col_idx, values, r, c, vx, vy):
-    return torch.empty_like(r), torch.empty_like(c)
+def _matvec_fake(row_ptr, col_idx, values, r, c, vx, vy):  # contiguous, as the impl's outputs (r may be strided)
+    contiguous = torch.contiguous_format
+    return torch.empty_like(r, memory_format=contiguous), torch.empty_like(c, memory_format=contiguous)
 
 
 LIBRARY.impl("ot_hessian_matvec", _matvec_impl, "CPU")

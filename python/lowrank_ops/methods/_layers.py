@@ -4,7 +4,7 @@ counts, name patterns, the layers to replace under all their names, per-layer ra
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
@@ -42,36 +42,27 @@ def matches(name: str, patterns: Union[None, str, Sequence[str]]) -> bool:
 def linear_targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Linear]:
     """Name -> module of every plain ``nn.Linear`` of ``model`` whose name matches the fnmatch
     ``target_modules`` (a pattern or a sequence; None: all), each module once under its
-    first name; a ValueError when patterns are given and nothing matches."""
+    first name (:func:`linear_sites`); a ValueError when patterns are given and nothing matches."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module; got {type(model).__name__}")
-    patterns = [target_modules] if isinstance(target_modules, str) else (
-        None if target_modules is None else list(target_modules))
-    found: Dict[str, torch.nn.Linear] = {}
-    seen = set()
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and matches(name, patterns) and id(module) not in seen:
-            seen.add(id(module))
-            found[name] = module
-    if patterns is not None and not found:
-        raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
-    return found
+    return {names[0]: linear for linear, names in linear_sites(op, model, target_modules)}
 
 
-def linear_sites(op: str, model: torch.nn.Module, patterns: Optional[Sequence[str]]
+def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Sequence[str]]
                  ) -> List[Tuple[torch.nn.Linear, List[str]]]:
     """Every plain ``nn.Linear`` of ``model`` whose name matches ``patterns`` (None: all),
     once, with every name it is registered under (a module shared by two parents must be
     replaced under both, or the tie breaks); a ValueError when patterns are given and
     nothing matches.  Plain: ``type(module) is nn.Linear``, since a subclass (MultiheadAttention's
     ``out_proj``) is read by its parent through ``.weight``, which a replacement lacks."""
+    if patterns is not None:  # a string is one pattern; any other iterable is read once
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     sites: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) is torch.nn.Linear and matches(name, patterns):
             sites.setdefault(id(module), (module, []))[1].append(name)
     if patterns is not None and not sites:
-        shown = [patterns] if isinstance(patterns, str) else list(patterns)
-        raise ValueError(f"{op}: no nn.Linear module matches target_modules={shown}")
+        raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
     return list(sites.values())
 
 

@@ -75,16 +75,13 @@ def convert(
     if isinstance(model, torch.nn.Linear):  # no parent to replace it in: it would be kept, silently
         raise TypeError("convert: model is itself an nn.Linear, which cannot be replaced in place; use "
                         "SparseLowRankLinear.from_linear(linear, rank, density) (or SparseLowRankLinear(...)) instead")
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    patterns = list(target_modules) if target_modules is not None else None
     if init == "svd" and not alpha > 0:  # the SVD split divides by the scale alpha / rank
         raise ValueError(f"convert: init='svd' needs alpha > 0 (B A = U diag(s / scale) V^T); got alpha={alpha!r}")
     report = ConversionReport(parameters_before=count_parameters(model))
     # Each plain nn.Linear once, under all its names (a shared layer stays shared); ranks
     # resolved first, so that a bad one leaves the model untouched.
     sites = [(linear, names, resolve_rank(rank, linear, names[0], "convert"))
-             for linear, names in linear_sites("convert", model, patterns)]
+             for linear, names in linear_sites("convert", model, target_modules)]
     for linear, names, layer_rank in sites:
         if init == "svd":
             layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,

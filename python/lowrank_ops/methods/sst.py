@@ -71,10 +71,8 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
             raise ValueError(f"{op}: sample_rank must be an int >= 1 or a fraction in (0, 1]; got {sample_rank}")
     elif sample_rank is not None:
         sample_rank = require_int(op, "sample_rank", sample_rank)
-    patterns = [target_modules] if isinstance(target_modules, str) else target_modules
-    patterns = None if patterns is None else list(patterns)
     converted: Dict[str, SpectralLinear] = {}
-    for linear, names in linear_sites(op, model, patterns):
+    for linear, names in linear_sites(op, model, target_modules):
         K = min(linear.in_features, linear.out_features, rank or linear.in_features)
         if sample_rank is None:
             r = K

@@ -43,7 +43,7 @@ from .._finite import all_finite
 from .._thin_svd import singular_values
 from ..ops.svd import batched_svd, jacobi_size_limit
 from . import lowrank_compress
-from ._layers import count_parameters, linear_targets
+from ._layers import count_parameters, linear_sites, linear_targets, replace_everywhere
 
 __all__ = ["singular_spectra", "choose_ranks", "analyze", "compress", "WeLoreReport"]
 
@@ -337,9 +337,7 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
     targets = _targets(op, model, target_modules)
     for name in report.replaced:  # before any change (rsvd would reject it at the first LRC it draws for)
         require_generator(op, "generator", generator, targets[name].weight.device, f"the weight of {name}")
-    names_of: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(module), []).append(name)
+    names_of = {id(linear): names for linear, names in linear_sites(op, model, target_modules)}
     if freeze:
         model.requires_grad_(False)
     for name in report.replaced:
@@ -356,9 +354,7 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
         norm_sq = torch.linalg.vector_norm(W, dtype=torch.float64).square().item()
         layer.error = math.sqrt(max(error_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
         layer.error_is_estimate = estimate
-        for full_name in names_of[id(linear)]:
-            parent, _, child = full_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        replace_everywhere(model, names_of[id(linear)], replacement)
     report.parameters_after = count_parameters(model, trainable_only=False)
     report.trainable_after = count_parameters(model)
     report.applied = True

@@ -75,6 +75,34 @@ def test_dataset_contents_match_direct_solves(tmp_path):
         assert np.linalg.norm(x - exact) / np.linalg.norm(exact) <= np.linalg.cond(A.toarray()) * 1e-10
 
 
+def test_rejected_recycled_solve_counts_in_the_cost(tmp_path, monkeypatch):
+    """A recycled solution whose true residual misses tol is redone by plain GMRES: the
+    saved solution is GMRES's, and iterations / matvecs add both solves (they reported
+    the rejected solve's counts alone)."""
+    import lowrank_ops.generate as generate
+
+    solve_sequence, gmres, rejected, redone = generate.solve_sequence, generate.gmres, [], []
+
+    def spoiled(problems, **kwargs):  # sample 0's recycled solution is wrong but reported converged
+        result = solve_sequence(problems, **kwargs)
+        result.solutions[0] = result.solutions[0] * 0.5
+        rejected.append(result.infos[0])
+        return result
+
+    def counted_gmres(*args, **kwargs):
+        x, info = gmres(*args, **kwargs)
+        redone.append(info)
+        return x, info
+
+    monkeypatch.setattr(generate, "solve_sequence", spoiled)
+    monkeypatch.setattr(generate, "gmres", counted_gmres)
+    data = _load(generate_dataset("poisson", 6, 2, tmp_path / "p.npz", tol=1e-9, m=10, k=3, shard_size=2))
+    assert len(rejected) == 1 and len(redone) == 1 and redone[0].matvecs > 0
+    assert data["residual"][0] <= 1e-9 * (1 + 1e-6)
+    assert data["iterations"][0] == rejected[0].iterations + redone[0].iterations
+    assert data["matvecs"][0] == rejected[0].matvecs + redone[0].matvecs
+
+
 def test_progress_bar_reports_speed(tmp_path, capsys):
     assert cli_main(["generate", "poisson", "--grid", "8", "--num", "4", "--out", str(tmp_path / "p.npz")]) == 0
     err = capsys.readouterr().err

@@ -4,11 +4,12 @@ counts, name patterns, the layers to replace under all their names, per-layer ra
 from __future__ import annotations
 
 import fnmatch
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["count_parameters", "linear_sites", "linear_targets", "matches", "replace_everywhere", "resolve_rank"]
+__all__ = ["build_replacements", "count_parameters", "linear_sites", "linear_targets", "matches", "replace_everywhere",
+           "resolve_rank"]
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = True) -> int:
@@ -58,12 +59,38 @@ def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Seq
     if patterns is not None:  # a string is one pattern; any other iterable is read once
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     sites: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
+    holders: Dict[int, List[Tuple[int, str]]] = {}  # parameter -> (module, name) of every module holding it
     for name, module in model.named_modules(remove_duplicate=False):
         if type(module) is torch.nn.Linear and matches(name, patterns):
             sites.setdefault(id(module), (module, []))[1].append(name)
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append((id(module), f"{name}.{attribute}" if name else attribute))
     if patterns is not None and not sites:
         raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
+    for linear, names in sites.values():  # tied weights: a replacement would silently untie them
+        for attribute in ("weight", "bias"):
+            others = [other for module, other in holders.get(id(linear._parameters.get(attribute)), [])
+                      if module != id(linear)]
+            if others:
+                raise ValueError(f"{op}: {names[0]}.{attribute} is tied to {others[0]} (the same Parameter); "
+                                 f"replacing {names[0]} would untie them: exclude it with target_modules, or "
+                                 f"untie them first")
     return list(sites.values())
+
+
+def build_replacements(op: str, sites: Sequence[tuple], build: Callable[..., torch.nn.Module]
+                       ) -> List[torch.nn.Module]:
+    """``build(*site)`` for every site (``(linear, names, ...)``), all before the caller
+    registers any, so that a layer that fails leaves the model untouched; its ValueError
+    or TypeError is raised again naming the layer."""
+    layers = []
+    for site in sites:
+        try:
+            layers.append(build(*site))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{op}: layer {site[1][0]}: {error}") from error
+    return layers
 
 
 def replace_everywhere(model: torch.nn.Module, names: Sequence[str], layer: torch.nn.Module) -> None:

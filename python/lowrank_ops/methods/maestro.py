@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .._args import require_int, require_number
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
-from ._layers import linear_sites, replace_everywhere, resolve_rank
+from ._layers import build_replacements, linear_sites, replace_everywhere, resolve_rank
 from .lowrank_compress import _rank_factors
 
 __all__ = ["OrderedLowRankLinear", "convert", "shrink_", "component_norms"]
@@ -381,14 +381,15 @@ def convert(model: torch.nn.Module, rank: Union[int, float, None] = None, target
     if isinstance(model, torch.nn.Linear):
         raise ValueError(f"{op}: model is itself an nn.Linear, which cannot be replaced in place; "
                          f"use OrderedLowRankLinear.from_linear(model, rank)")
-    # Each layer once under all its names; ranks resolved first, naming the layer, so that
-    # a bad one leaves the model untouched (a no-match pattern raises, as the other converters).
+    # Each layer once under all its names; ranks resolved and layers built first, naming the
+    # layer, so that a bad one leaves the model untouched (a no-match pattern raises, as the
+    # other converters).
     sites = [(linear, names, None if rank is None else resolve_rank(rank, linear, names[0], op))
              for linear, names in linear_sites(op, model, target_modules)]
+    layers = build_replacements(op, sites, lambda linear, names, layer_rank: OrderedLowRankLinear.from_linear(
+        linear, layer_rank, n_iter=n_iter, ordered_dropout=ordered_dropout, min_rank=min_rank, generator=generator))
     ranks: Dict[str, int] = {}
-    for linear, names, layer_rank in sites:
-        layer = OrderedLowRankLinear.from_linear(linear, layer_rank, n_iter=n_iter, ordered_dropout=ordered_dropout,
-                                                 min_rank=min_rank, generator=generator)
+    for (_, names, _), layer in zip(sites, layers):
         replace_everywhere(model, names, layer)
         ranks.update((name, layer.rank) for name in names)
     return ranks

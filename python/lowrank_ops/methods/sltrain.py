@@ -7,7 +7,7 @@ from typing import Iterable, List, Optional, Union
 import torch
 
 from ..nn.sparse_lowrank import SparseLowRankLinear
-from ._layers import count_parameters, linear_sites, replace_everywhere, resolve_rank
+from ._layers import build_replacements, count_parameters, linear_sites, replace_everywhere, resolve_rank
 
 __all__ = ["convert", "ConversionReport", "count_parameters"]
 
@@ -79,19 +79,20 @@ def convert(
         raise ValueError(f"convert: init='svd' needs alpha > 0 (B A = U diag(s / scale) V^T); got alpha={alpha!r}")
     report = ConversionReport(parameters_before=count_parameters(model))
     # Each plain nn.Linear once, under all its names (a shared layer stays shared); ranks
-    # resolved first, so that a bad one leaves the model untouched.
+    # resolved and layers built first, so that a bad one leaves the model untouched.
     sites = [(linear, names, resolve_rank(rank, linear, names[0], "convert"))
              for linear, names in linear_sites("convert", model, target_modules)]
-    for linear, names, layer_rank in sites:
+    def build(linear, names, layer_rank):
         if init == "svd":
-            layer = SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
-                                                    strategy=strategy, generator=generator)
-        else:
-            layer = SparseLowRankLinear(
-                linear.in_features, linear.out_features, layer_rank, density, linear.bias is not None,
-                alpha=alpha, strategy=strategy, generator=generator,
-                device=linear.weight.device, dtype=linear.weight.dtype,
-            )
+            return SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,
+                                                   strategy=strategy, generator=generator)
+        return SparseLowRankLinear(
+            linear.in_features, linear.out_features, layer_rank, density, linear.bias is not None,
+            alpha=alpha, strategy=strategy, generator=generator,
+            device=linear.weight.device, dtype=linear.weight.dtype,
+        )
+
+    for (_, names, _), layer in zip(sites, build_replacements("convert", sites, build)):
         replace_everywhere(model, names, layer)
         report.replaced.extend(names)
     report.parameters_after = count_parameters(model)

@@ -26,7 +26,7 @@ import torch
 
 from .._args import require_int
 from ..nn.spectral import SpectralLinear
-from ._layers import linear_sites, replace_everywhere
+from ._layers import build_replacements, linear_sites, replace_everywhere
 
 __all__ = ["convert", "spectral_layers", "SSTScheduler"]
 
@@ -71,8 +71,7 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
             raise ValueError(f"{op}: sample_rank must be an int >= 1 or a fraction in (0, 1]; got {sample_rank}")
     elif sample_rank is not None:
         sample_rank = require_int(op, "sample_rank", sample_rank)
-    converted: Dict[str, SpectralLinear] = {}
-    for linear, names in linear_sites(op, model, target_modules):
+    def build(linear, names):
         K = min(linear.in_features, linear.out_features, rank or linear.in_features)
         if sample_rank is None:
             r = K
@@ -80,8 +79,12 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
             r = max(1, round(sample_rank * K))
         else:
             r = min(sample_rank, K)
-        layer = SpectralLinear.from_linear(linear, K, r, generator=generator)
-        layer.requires_grad_(linear.weight.requires_grad)
+        return SpectralLinear.from_linear(linear, K, r, generator=generator).requires_grad_(linear.weight.requires_grad)
+
+    # Every layer built before any is registered: a bad one leaves the model untouched.
+    sites = linear_sites(op, model, target_modules)
+    converted: Dict[str, SpectralLinear] = {}
+    for (_, names), layer in zip(sites, build_replacements(op, sites, build)):
         replace_everywhere(model, names, layer)
         converted[names[0]] = layer
     return converted

@@ -7,6 +7,7 @@ from typing import Optional, Union
 import torch
 
 from .._dtypes import accumulate_dtype
+from .._finite import all_finite
 from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
 from ..sparse import FixedSupport
 from ._init import fan_in_bound, uniform_
@@ -105,6 +106,9 @@ class SparseLowRankLinear(torch.nn.Module):
         density.  Bias is copied.  Computed in float32 (float64 for float64 weights).
         """
         weight = linear.weight.detach()
+        if not all_finite(weight):  # LAPACK's SVD fails on it with a convergence error
+            raise ValueError(f"SparseLowRankLinear.from_linear: linear.weight holds "
+                             f"{int((~torch.isfinite(weight)).sum())} NaN or infinite entries")
         out_features, in_features = weight.shape
         layer = cls(
             in_features, out_features, rank, density, linear.bias is not None, scale=scale, strategy=strategy,

@@ -118,8 +118,10 @@ class SpectralLinear(torch.nn.Module):
         ``U(-1/sqrt(in), 1/sqrt(in))``) and of the first sample: same state, same layer.
     device, dtype
         Of the parameters (float32 or float64; the SVD runs in that precision).  The input
-        must have the parameters' dtype (no autocast path: a half-precision ``U`` would
-        lose the orthogonality that the re-SVD restores).
+        has the parameters' dtype, or is float16 / bfloat16 with float32 parameters (a
+        converted half-precision layer: computed in float32, returned in the input's
+        dtype); no half-precision parameters (a half-precision ``U`` would lose the
+        orthogonality that the re-SVD restores).
 
     Attributes
     ----------
@@ -255,6 +257,11 @@ class SpectralLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = None if self.sample_rank == self.rank else self.sampled
+        if (isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+                and self.U.dtype == torch.float32):
+            # The float32 factors of a half-precision layer (from_linear): computed in float32,
+            # returned in x's dtype, as the nn.Linear it replaced returned.
+            return spectral_linear(x.float(), self.U, self.s, self.Vh, self.bias, index).to(x.dtype)
         return spectral_linear(x, self.U, self.s, self.Vh, self.bias, index)
 
     def extra_repr(self) -> str:

@@ -256,7 +256,7 @@ def test_bad_input():
         fastrp(S, 2, weights=(1.0, float("inf")))
     with pytest.raises(ValueError, match="beta must be finite; got nan"):
         fastrp(S, 2, beta=float("nan"))
-    with pytest.raises(TypeError, match="weights\\[0\\] must be a Python number; got str"):
+    with pytest.raises(TypeError, match="weights\\[0\\] must be a number; got str"):
         fastrp(S, 2, weights=("1",))
     # NumPy scalars are numbers too.
     assert fastrp(S, 2, weights=(np.float32(1.0),), beta=np.float64(-0.5), generator=_gen(0)).shape == (10, 2)

@@ -65,3 +65,31 @@ def test_every_op_has_an_autograd_formula_or_mutates():
     torch.library.opcheck(ops.base_linear.default, (x, torch.randn(32, 64), None))  # test_autograd_registration runs
     grads = torch.randn(5, 16, requires_grad=True)  # mfac_dots keeps its own formula
     assert ops.mfac_dots(grads, torch.randn(3, 16), 5).requires_grad
+
+
+def test_numpy_scalars_are_numbers():
+    """Wherever a number is expected, a NumPy scalar is one (np.float32 from a config or a
+    NumPy computation was refused by most entry points, with messages showing a valid
+    value); a NumPy bool is not."""
+    np = pytest.importorskip("numpy")
+    import lowrank_ops
+    from lowrank_ops.linalg import adaptive_rsvd, cur
+    from lowrank_ops.methods import lowrank_compress, trp
+
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 8, 8, generator=generator)
+    assert torch.equal(lowrank_ops.linalg.batched_svd(A, tol=np.float32(1e-5)).S,
+                       lowrank_ops.linalg.batched_svd(A, tol=float(np.float32(1e-5))).S)
+    x, W = torch.randn(4, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    lora_A, lora_B = torch.randn(2, 8, generator=generator), torch.randn(6, 2, generator=generator)
+    assert torch.equal(lowrank_ops.ops.lora_linear(x, W, lora_A, lora_B, scale=np.float32(0.5)),
+                       lowrank_ops.ops.lora_linear(x, W, lora_A, lora_B, scale=0.5))
+    lowrank_ops.nn.LoRALinear(torch.nn.Linear(8, 6), 2, lora_dropout=np.float32(0.1))
+    M = torch.randn(20, 12, generator=generator, dtype=torch.float64)
+    assert adaptive_rsvd(M, np.float32(0.5)).converged
+    cur(M, 4, rcond=np.float64(1e-12), generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    assert lowrank_compress.compress(model, rank=np.float32(0.25)).layers["0"].rank == 4
+    assert trp._check_energy("trp", np.float32(0.5)) == 0.5
+    with pytest.raises(ValueError, match="tol must be a finite number >= 0; got np.True_"):
+        lowrank_ops.linalg.batched_svd(A, tol=np.bool_(True))

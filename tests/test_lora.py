@@ -493,7 +493,7 @@ def test_bad_input_errors(generator):
         lora_linear(x, w, a, b.to("meta"))
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\); got 1.0"):
         lora_linear(x, w, a, b, dropout_p=1.0)
-    with pytest.raises(TypeError, match="scale must be a Python number or a 0-d tensor; got str"):
+    with pytest.raises(TypeError, match="scale must be a number or a 0-d tensor; got str"):
         lora_linear(x, w, a, b, scale="1.0")
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"lora_linear: scale must be finite; got {bad}"):

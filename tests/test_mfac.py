@@ -129,7 +129,7 @@ def test_pass_errors(generator):
         mfac_combine(G, torch.zeros(2, 3), torch.zeros(2, 10))
     with pytest.raises(TypeError, match="mfac_dots: grads must be a tensor; got list"):
         mfac_dots(G.tolist(), torch.zeros(2, 10))
-    with pytest.raises(TypeError, match="mfac_combine: alpha must be a Python number; got str"):
+    with pytest.raises(TypeError, match="mfac_combine: alpha must be a number; got str"):
         mfac_combine(G, torch.zeros(2, 4), torch.zeros(2, 10), alpha="a")
     with pytest.raises(ValueError, match="mfac_combine: beta must be finite; got nan"):
         mfac_combine(G, torch.zeros(2, 4), torch.zeros(2, 10), beta=math.nan)
@@ -1022,7 +1022,99 @@ def test_obs_prune_model(generator):
     assert kept == G.shape[1] - round(0.5 * G.shape[1])
     for p, m in zip(params, masks):
         assert torch.all(p[~m] == 0)
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]; got 1.5"):
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\]; got 1.5"):
         obs_prune(params, G, 1e-3, 1.5)
     with pytest.raises(ValueError, match=r"weights has shape \(144,\); expected \(d,\) = \(10,\)"):
         obs_scores(torch.zeros(144), G[:, :10], 1e-3)
+
+
+def test_window_is_detached_from_the_inputs_graph(generator):
+    """Gradients that require grad enter the window as data: ``diag`` and the OBS scores
+    (documented not differentiable) carry no graph (their gradients through the copied
+    window were wrong by ~20x), and ``update`` leaves the Gram matrix detached."""
+    G = randn(3, 8, dtype=torch.float64, generator=generator).requires_grad_()
+    inverse = MFACInverse.from_gradients(G, 0.5)
+    assert not inverse.grads.requires_grad and not inverse.gram.requires_grad
+    assert not inverse.diag().requires_grad
+    assert not obs_scores(randn(8, dtype=torch.float64, generator=generator), G, 0.5).requires_grad
+    expected = torch.linalg.inv(0.5 * torch.eye(8, dtype=torch.float64) + G.detach().T @ G.detach() / 3).diagonal()
+    assert rel(inverse.diag(), expected) <= REL_BAR[torch.float64]
+    window = MFACInverse(8, 3, 0.5, dtype=torch.float64)
+    window.update(randn(8, dtype=torch.float64, generator=generator).requires_grad_())
+    assert not window.gram.requires_grad and not window.grads.requires_grad and not window.diag().requires_grad
+    x = randn(8, dtype=torch.float64, generator=generator).requires_grad_()
+    torch.autograd.gradcheck(window.ihvp, (x,))  # still differentiable in x
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_damping_too_small_for_parallel_gradients_is_reported(generator, full):
+    """A gradient repeated at |g|^2 / (n damp) beyond float64's resolution leaves K singular:
+    the error names the damping (not an overflow), and update_ihvp undoes its update as
+    update's errors do (a window not yet full unchanged, a full one emptied)."""
+    g = randn(50, dtype=torch.float64, generator=generator) * 1e3  # |g|^2 ~ 5e7 against n damp ~ 1e-9
+    inverse = MFACInverse(50, 2 if full else 8, 1e-9, dtype=torch.float64)
+    inverse.update_ihvp(g)
+    if full:
+        inverse.update(randn(50, dtype=torch.float64, generator=generator))
+    count = inverse.count
+    with pytest.raises(RuntimeError, match=r"not numerically positive definite.*increase damp"):
+        for _ in range(3):
+            inverse.update_ihvp(g.clone())
+            count = inverse.count
+    assert inverse.count == (0 if full else count)
+    inverse.damp = 1.0  # a usable damping works on what is left
+    x = randn(50, dtype=torch.float64, generator=generator)
+    assert torch.isfinite(inverse.ihvp(x)).all()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_optimizer_leaves_parameters_without_gradient_alone(generator, momentum):
+    """As torch's optimizers: a parameter whose grad is None (frozen at the start or midway)
+    is not moved, neither by weight decay nor through the window's earlier gradients."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    opt = MFAC(model.parameters(), lr=0.1, ngrads=4, damp=0.1, weight_decay=0.1, momentum=momentum)
+
+    def step():
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+    step()
+    step()
+    model[0].weight.requires_grad_(False)  # frozen midway: the window holds its gradients
+    frozen, moving = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    step()
+    step()
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[2].weight, moving)
+
+
+def test_optimizer_and_pruning_take_numpy_scalars(generator):
+    np = pytest.importorskip("numpy")
+    p = torch.nn.Parameter(randn(6, generator=generator))
+    p.grad = randn(6, generator=generator)
+    opt = MFAC([p], lr=np.float32(0.1), damp=np.float32(1e-3), ngrads=np.int64(2), momentum=np.float64(0.5))
+    opt.step()
+    assert isinstance(opt.param_groups[0]["lr"], float)
+    G = randn(4, 6, dtype=torch.float64, generator=generator)
+    w = randn(6, dtype=torch.float64, generator=generator)
+    assert torch.equal(obs_scores(w, G, np.float32(0.25)), obs_scores(w, G, 0.25))
+
+
+def test_optimizer_and_pruning_bad_input_errors(generator):
+    q = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="storage_dtype must be None or one of .*got torch.int8"):
+        MFAC([q], storage_dtype=torch.int8)  # at construction, not at the first step
+    with pytest.raises(TypeError, match="storage_dtype .* for torch.float64 parameters; got torch.float32"):
+        MFAC([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], storage_dtype=torch.float32)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = MFAC(embedding.parameters(), lr=0.1, ngrads=2, damp=1.0)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="parameter 0 of the group has a torch.sparse_coo gradient"):
+        opt.step()
+    with pytest.raises(ValueError, match="obs_prune: params is empty"):
+        obs_prune([], randn(2, 3, generator=generator), 0.1, 0.5)
+    with pytest.raises(ValueError, match="collect_gradients: params is empty"):
+        collect_gradients([], lambda batch: torch.tensor(0.0), [0])

@@ -23,10 +23,20 @@ def require_int(op: str, name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+#: The scalar types accepted where a number is expected: Python's and NumPy's (a
+#: ``np.float32`` from a config or a NumPy computation), never a bool.
+REAL_TYPES = (int, float, np.integer, np.floating)
+
+
+def is_real_number(value) -> bool:
+    """Whether ``value`` is a Python or NumPy real scalar (bools excluded)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, REAL_TYPES)
+
+
 def require_finite_number(op: str, name: str, value) -> float:
-    """``value`` as a float: a finite Python number (TypeError / ValueError otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a Python number; got {type(value).__name__}")
+    """``value`` as a float: a finite Python or NumPy number (TypeError / ValueError otherwise)."""
+    if not is_real_number(value):
+        raise TypeError(f"{op}: {name} must be a number; got {type(value).__name__}")
     if not -math.inf < value < math.inf:  # not math.isfinite: torch.compile traces comparisons, not it
         raise ValueError(f"{op}: {name} must be finite; got {value}")
     return float(value)
@@ -35,7 +45,7 @@ def require_finite_number(op: str, name: str, value) -> float:
 def require_number(op: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
     """``value`` as a finite float in ``[low, high)`` (``(low, high)`` with ``low_open``);
     a ValueError naming the setting otherwise (NaN, inf and non-numbers included)."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and -math.inf < value < math.inf
+    ok = (is_real_number(value) and -math.inf < value < math.inf
           and (value > low if low_open else value >= low) and value < high)
     if not ok:
         if high < math.inf:

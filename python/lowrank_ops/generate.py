@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import pde
+from ._args import is_real_number
 from .krylov import GCRODR, gmres, greedy_order, solve_sequence
 
 __all__ = ["add_parser", "generate_dataset", "main"]
@@ -248,7 +249,7 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
     for name, value, minimum in (("grid", grid, 1), ("num", num, 1), ("shard_size", shard_size, 1), ("m", m, 1), ("k", k, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
+    if not (is_real_number(tol) and 0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0; got {seed}")

@@ -36,6 +36,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .._args import is_real_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._thin_svd import thin_svd
@@ -311,7 +312,7 @@ def cur(
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
             need = "" if rank is not None else " (needed to select rows or columns: rows and cols not both given)"
             raise ValueError(f"{op}: rank must be an int in [1, min(m, n)] = [1, {min(m, n)}]{need}; got {rank!r}")
-    if rcond is not None and (isinstance(rcond, bool) or not isinstance(rcond, (int, float))
+    if rcond is not None and (not is_real_number(rcond)
                               or not 0 <= rcond < 1):
         raise ValueError(f"{op}: rcond must be a number in [0, 1); got {rcond!r}")
     if sampled and method != "pivoted" and max(m if rows is None else 0, n if cols is None else 0) > _MAX_CATEGORIES:

@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .._args import is_real_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
@@ -140,7 +141,7 @@ def adaptive_rsvd(
     compute = torch.float64 if A.dtype == torch.float64 else torch.float32
     m, n = A.shape
     smallest = min(m, n)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+    if not is_real_number(tol):
         raise TypeError(f"{op}: tol must be a number; got {type(tol).__name__}")
     low = _min_tol(compute)
     if not low <= tol < 1.0:

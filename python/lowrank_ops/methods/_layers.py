@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 __all__ = ["build_replacements", "count_parameters", "linear_sites", "linear_targets", "matches", "replace_everywhere",
@@ -104,6 +105,8 @@ def resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op
     """``rank`` for ``linear``: an int in ``[1, min(in, out)]``, or a fraction in ``(0, 1)``
     of ``min(in, out)`` (rounded, at least 1); ``op`` names the caller in the error."""
     smallest = min(linear.in_features, linear.out_features)
+    if isinstance(rank, np.floating):  # a NumPy fraction is a fraction too
+        rank = float(rank)
     if isinstance(rank, float) and 0.0 < rank < 1.0:
         return max(1, round(rank * smallest))
     if isinstance(rank, bool) or int(rank) != rank or not 1 <= int(rank) <= smallest:

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import require_generator
+from .._args import is_real_number, require_generator
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -203,12 +203,12 @@ def _validate(model, rank, energy, target_modules, min_saving, n_iter):
                         "(e.g. nn.Sequential(linear)) and compress that")
     if (rank is None) == (energy is None):
         raise ValueError(f"{_OP}: give exactly one of rank and energy; got rank={rank!r}, energy={energy!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))):
+    if rank is not None and (not is_real_number(rank)):
         raise TypeError(f"{_OP}: rank must be an int or a float in (0, 1); got {type(rank).__name__}")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
+    if energy is not None and (not is_real_number(energy)
                                or not 0.0 < energy <= 1.0):
         raise ValueError(f"{_OP}: energy must be a number in (0, 1]; got {energy!r}")
-    if (isinstance(min_saving, bool) or not isinstance(min_saving, (int, float))
+    if (not is_real_number(min_saving)
             or not 0.0 <= min_saving < 1.0):
         raise ValueError(f"{_OP}: min_saving must be a number in [0, 1); got {min_saving!r}")
     if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-from .._args import require_tensors
+from .._args import is_real_number, require_tensors
 from .._dtypes import accumulate_dtype
 from .._finite import all_finite
 from ..second_order.mfac import MFACInverse
@@ -40,7 +40,7 @@ def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: 
         raise ValueError(f"{op}: grads has shape {tuple(grads.shape)}; expected (m, d) with m >= 1")
     if weights.dim() != 1 or weights.numel() != grads.shape[1]:
         raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; expected (d,) = ({grads.shape[1]},)")
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp > 0):
+    if not (is_real_number(damp) and math.isfinite(damp) and damp > 0):
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
     if block_size is not None and (int(block_size) != block_size or block_size < 1):
         raise ValueError(f"{op}: block_size must be None or an integer >= 1; got {block_size}")
@@ -149,8 +149,10 @@ def obs_prune(params: Sequence[torch.Tensor], grads: torch.Tensor, damp: float, 
         Boolean masks shaped like ``params`` (True = kept).
     """
     params = list(params)
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"obs_prune: sparsity must be in [0, 1]; got {sparsity}")
+    if not params:
+        raise ValueError("obs_prune: params is empty; expected the tensors whose entries grads' columns follow")
+    if not is_real_number(sparsity) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"obs_prune: sparsity must be a number in [0, 1]; got {sparsity!r}")
     with torch.no_grad():
         weights = torch.cat([p.reshape(-1) for p in params]).to(grads.dtype)
         _check(weights, grads, damp, block_size, "obs_prune")
@@ -205,9 +207,11 @@ def collect_gradients(params: Sequence[torch.Tensor], loss_fn: Callable[..., tor
     Raises
     ------
     ValueError
-        ``batches`` is empty.
+        ``params`` or ``batches`` is empty.
     """
     params = list(params)
+    if not params:
+        raise ValueError("collect_gradients: params is empty; expected the tensors to differentiate with respect to")
     dtype = accumulate_dtype(params[0].dtype)
     rows = []
     for batch in batches:

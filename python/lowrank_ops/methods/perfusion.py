@@ -69,7 +69,7 @@ from typing import Iterable, NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._args import require_finite_number, require_number, require_tensors
+from .._args import is_real_number, require_finite_number, require_number, require_tensors
 from .._finite import all_finite
 
 __all__ = ["InputCovariance", "RankOneEditLinear", "input_covariance"]
@@ -144,7 +144,7 @@ def input_covariance(
     """
     op = "input_covariance"
     ridge = require_number(op, "ridge", ridge, 0.0)
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
+    if not is_real_number(shrinkage) or not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"{op}: shrinkage must be a number in [0, 1]; got {shrinkage!r}")
     shrinkage = float(shrinkage)
     chunks = [embeddings] if isinstance(embeddings, torch.Tensor) else embeddings

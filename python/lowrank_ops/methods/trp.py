@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import require_generator, require_int, require_number
+from .._args import is_real_number, require_generator, require_int, require_number
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -230,7 +230,7 @@ def _truncation_targets(op: str, model: torch.nn.Module, target_modules) -> Dict
 
 
 def _check_energy(op: str, energy) -> float:
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+    if not is_real_number(energy) or not 0.0 < energy <= 1.0:
         raise ValueError(f"{op}: energy must be a number in (0, 1]; got {energy!r}")
     return float(energy)
 

@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import require_generator
+from .._args import is_real_number, require_generator
 from .._finite import all_finite
 from .._thin_svd import singular_values
 from ..ops.svd import batched_svd, jacobi_size_limit
@@ -199,10 +199,10 @@ def choose_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     if (threshold is None) == (ratio is None):
         raise ValueError(f"{op}: give exactly one of threshold and ratio; got threshold={threshold!r}, ratio={ratio!r}")
     for arg, value in (("threshold", threshold), ("ratio", ratio)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+        if value is not None and (not is_real_number(value)
                                   or not 0.0 < value <= 1.0):
             raise ValueError(f"{op}: {arg} must be a number in (0, 1]; got {value!r}")
-    if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0.0 <= min_saving < 1.0:
+    if not is_real_number(min_saving) or not 0.0 <= min_saving < 1.0:
         raise ValueError(f"{op}: min_saving must be a number in [0, 1); got {min_saving!r}")
     if set(spectra) != set(shapes):
         raise ValueError(f"{op}: spectra and shapes must name the same matrices; got {sorted(spectra)} and "

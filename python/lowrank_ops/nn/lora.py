@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._args import require_finite_number
+from .._args import is_real_number, require_finite_number
 from .._finite import all_finite
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
@@ -105,7 +105,7 @@ class LoRALinear(torch.nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
         require_finite_number("LoRALinear", "lora_alpha", lora_alpha)
-        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        if not is_real_number(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1); got {lora_dropout!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"LoRALinear: generator must be a torch.Generator or None; got {type(generator).__name__}")

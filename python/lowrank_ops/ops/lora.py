@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._args import require_finite_number
+from .._args import is_real_number, require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
@@ -258,8 +258,8 @@ def check_scale(op: str, scale, device: torch.device):
     ``device`` or the CPU, without gradient.  A tensor's finiteness is not checked (reading
     it would synchronize with the GPU and break a compiled graph)."""
     if not isinstance(scale, torch.Tensor):
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"{op}: scale must be a Python number or a 0-d tensor; got {type(scale).__name__}")
+        if not is_real_number(scale):
+            raise TypeError(f"{op}: scale must be a number or a 0-d tensor; got {type(scale).__name__}")
         return _check_number(op, "scale", scale)
     if scale.dim() != 0:
         raise ValueError(f"{op}: scale has shape {tuple(scale.shape)}; expected a number or a 0-d tensor")

@@ -47,7 +47,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._args import require_int
+from .._args import is_real_number, require_int
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
@@ -383,7 +383,7 @@ def batched_svd(
     k = min(m, n)
     if tol is None:
         tol = default_tol(m, n, A.dtype)
-    elif not (isinstance(tol, (int, float)) and 0 <= tol < float("inf")):
+    elif not (is_real_number(tol) and 0 <= tol < float("inf")):
         raise ValueError(f"{op}: tol must be a finite number >= 0; got {tol!r}")
     if max_sweeps is None:
         max_sweeps = default_max_sweeps(A.dtype)

@@ -63,8 +63,10 @@ class MFAC(torch.optim.Optimizer):
     -----
     ``state_dict()`` holds, per group, the window (gradients, Gram matrix, count), the
     momentum buffer and, with ``sparse``, the mask of the kept weights; ``load_state_dict``
-    restores them on the parameters' device.  Parameters without a gradient contribute
-    zeros to the flattened gradient.
+    restores them on the parameters' device.  Parameters without a gradient (``grad`` None,
+    e.g. frozen) contribute zeros to the flattened gradient, get no weight decay, and are
+    left unchanged, as torch's optimizers leave them (the window's earlier gradients would
+    otherwise move them).  Gradients must be dense.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, ngrads: int = 1024, damp: float = 1e-5,
@@ -108,15 +110,26 @@ class MFAC(torch.optim.Optimizer):
             if all(p.grad is None for p in params):
                 continue
             inverse = self._inverse(group)
+            for index, p in enumerate(params):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(f"MFAC: parameter {index} of the group has a {p.grad.layout} gradient; "
+                                       f"M-FAC needs dense gradients (e.g. nn.Embedding(sparse=False))")
             g = torch.cat([
                 (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(inverse.dtype) for p in params
             ])
-            if group["weight_decay"] != 0:
-                g.add_(torch.cat([p.reshape(-1).to(inverse.dtype) for p in params]), alpha=group["weight_decay"])
+            if group["weight_decay"] != 0:  # on the parameters with a gradient only
+                g.add_(torch.cat([(p if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(inverse.dtype)
+                                  for p in params]), alpha=group["weight_decay"])
             mask = self.state[params[0]].get("mask")
             if mask is not None:
                 g = g[mask]
             direction = inverse.update_ihvp(g)
+            if any(p.grad is None for p in params):
+                # F^-1 g reaches them through the window's earlier gradients: as torch's
+                # optimizers, a parameter without a gradient is left alone (no step, nothing
+                # added to the momentum buffer for it).
+                keep = torch.cat([torch.full((p.numel(),), p.grad is not None, device=g.device) for p in params])
+                direction = direction * (keep if mask is None else keep[mask]).to(direction.dtype)
             if group["momentum"] > 0:
                 state = self.state[params[0]]
                 buf = state.get("momentum_buffer")
@@ -130,7 +143,8 @@ class MFAC(torch.optim.Optimizer):
             offset = 0
             for p in params:
                 n = p.numel()
-                p.add_(direction[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
+                if p.grad is not None:
+                    p.add_(direction[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += n
         return loss
 
@@ -177,3 +191,10 @@ def _check_group(group: Dict[str, Any]) -> None:
     ngrads = group["ngrads"]
     group["ngrads"] = require_int("MFAC", "ngrads", ngrads)
     require_real_params("MFAC", group)
+    if group["params"]:  # the window's dtypes, checked now rather than at the first step
+        dtype = accumulate_dtype(group["params"][0].dtype)
+        storage = group["storage_dtype"]
+        allowed = (dtype,) if dtype == torch.float64 else (torch.float32, torch.bfloat16, torch.float16)
+        if storage is not None and storage not in allowed:
+            raise TypeError(f"MFAC: storage_dtype must be None or one of {', '.join(str(a) for a in allowed)} for "
+                            f"{group['params'][0].dtype} parameters; got {storage}")

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import torch
 
-from .._args import require_int
+from .._args import is_real_number, require_int
 from ._problem import Problem, _is_number
 from .result import OTResult, make_result
 
@@ -45,7 +45,7 @@ def reg_schedule(op: str, problem: Problem, epsilon_scaling) -> List[float]:
     if epsilon_scaling is False:
         return [problem.reg]
     factor = _EPS_FACTOR if epsilon_scaling is True else epsilon_scaling
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+    if not is_real_number(factor) or not 1 < factor < math.inf:
         raise ValueError(f"{op}: epsilon_scaling must be True, False or a factor > 1; got {epsilon_scaling!r}")
     spread = problem.cost_spread()
     stages = int(math.floor(math.log(spread / problem.reg) / math.log(factor))) if spread > problem.reg else 0

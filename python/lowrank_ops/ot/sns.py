@@ -34,7 +34,7 @@ from typing import List, Optional
 
 import torch
 
-from .._args import require_int
+from .._args import is_real_number, require_int
 from ..ops import ot as ot_ops
 from ._problem import Problem
 from .result import OTResult, make_result
@@ -343,11 +343,11 @@ def sinkhorn_newton_sparse(
     forcing = cg_tol is None
     cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol, problem.dtype)
     for name, value, upper in (("drop_mass", drop_mass, 1.0), ("armijo", armijo, 0.5)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < upper:
+        if not is_real_number(value) or not 0 <= value < upper:
             raise ValueError(f"{op}: {name} must be a number in [0, {upper:g}); got {value!r}")
     size = max(min(problem.n, problem.m), 1)
     rho = min(1.0, 10.0 / size) if rho is None else rho
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
+    if not is_real_number(rho) or not 0 < rho <= 1:
         raise ValueError(f"{op}: rho must be a number in (0, 1]; got {rho!r}")
     entries = problem.n * problem.m
 

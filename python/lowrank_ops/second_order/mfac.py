@@ -73,6 +73,10 @@ _SERIAL_CHOLESKY_MAX = 512
 _OVERFLOW = "the gradients overflow the Gram matrix (rescale them)"
 
 
+class _NotPositiveDefinite(RuntimeError):
+    """``K = n damp I + G G^T`` failed its Cholesky factorization (see ``_cholesky``)."""
+
+
 def _direct(*tensors: torch.Tensor) -> bool:
     """Whether the passes may skip the dispatcher: CPU tensors and nothing to differentiate.
 
@@ -188,7 +192,7 @@ class MFACInverse:
             raise ValueError(
                 f"MFACInverse.update: g has shape {tuple(g.shape)}; expected one gradient (dim,) = ({self.dim},)"
             )
-        g = self._check_vectors(g, "g", "update")
+        g = self._check_vectors(g, "g", "update").detach()  # the window is state, not part of a graph
         if not all_finite(g):
             raise ValueError("MFACInverse.update: g has non-finite entries (inf or nan); the window is left unchanged")
         slot = self.count % self.ngrads
@@ -288,7 +292,11 @@ class MFACInverse:
         Notes
         -----
         The optimizer step: the pass that writes ``g`` also yields ``G g``, so the whole
-        call reads the buffer twice (the ``2 m d`` floor).  Errors as :meth:`update`.
+        call reads the buffer twice (the ``2 m d`` floor).  Errors as :meth:`update`, and
+        RuntimeError when the new window's ``K`` is not numerically positive definite (a
+        damping too small for nearly parallel gradients, see :meth:`ihvp`): the window is
+        then left as after update's RuntimeError (a window not yet full unchanged, a full
+        one emptied).
 
         With bf16/fp16 storage both sides use the stored ``round(g)``: the pass's dots are
         those of the stored row, and ``F`` holds it.  ``F^-1 g`` of the unrounded ``g``
@@ -309,9 +317,19 @@ class MFACInverse:
                 "MFACInverse.update_ihvp: g requires grad, but the result is not differentiable; pass g.detach() "
                 "or call it under torch.no_grad() (update(g) then ihvp(x) is differentiable in x)"
             )
+        was_full = self.count >= self.ngrads
         dots = self._add(g)
         stored = self.grads[(self.count - 1) % self.ngrads].to(self.dtype)  # round(g), as G g used it
-        return self._apply(stored.unsqueeze(0), dots.unsqueeze(0))[0]
+        try:
+            return self._apply(stored.unsqueeze(0), dots.unsqueeze(0))[0]
+        except _NotPositiveDefinite:  # no product for this window: undone as update's errors undo it
+            if was_full:
+                self.reset()
+            else:
+                self.count -= 1
+                self.grads[self.count].zero_()
+                self._factor = None
+            raise
 
     # ------------------------------------------------------------------ products
     def _cholesky(self) -> torch.Tensor:
@@ -325,10 +343,17 @@ class MFACInverse:
                 info = cholesky_factor_op()(K)
             else:
                 factor, info = torch.linalg.cholesky_ex(K, upper=True)
-            if int(info) != 0:  # K is SPD for damp > 0 and finite G; this means overflow in G G^T
-                raise RuntimeError(
-                    f"MFACInverse: the Cholesky factorization of n*damp*I + G G^T failed at column {int(info)}; "
-                    f"{_OVERFLOW}"
+            if int(info) != 0:
+                # K is SPD in exact arithmetic and finite here (every row was checked when it
+                # entered), but in float64 it is singular once n * damp is below the rounding
+                # of G G^T's entries (~1e-16 of the largest squared norm) and some gradients
+                # are parallel to others: the damping is too small for the gradients' scale.
+                largest = float(self.gram[:n, :n].diagonal().max())
+                raise _NotPositiveDefinite(
+                    f"MFACInverse: n*damp*I + G G^T is not numerically positive definite (its Cholesky "
+                    f"factorization failed at column {int(info)}): n*damp = {n * self.damp:.3g} is below the float64 "
+                    f"rounding of the Gram matrix (largest squared gradient norm {largest:.3g}) for nearly parallel "
+                    f"gradients; increase damp (or scale the gradients down)"
                 )
             self._factor = factor.contiguous()  # row-major, as the CPU substitution and update read it
             self._updates_since_factor = 0
@@ -378,7 +403,10 @@ class MFACInverse:
         ValueError
             ``x`` of another length or on another device.
         RuntimeError
-            The gradients overflow the Gram matrix (its Cholesky factorization fails).
+            ``K = n lambda I + G G^T`` is not numerically positive definite (its Cholesky
+            factorization fails): with nearly parallel gradients in the window, once
+            ``n lambda`` is below the float64 rounding of ``G G^T`` (about ``1e-16`` of the
+            largest squared gradient norm).  The message says so; increase ``damp``.
         """
         x = self._check_vectors(x, "x", "ihvp")
         squeeze = x.dim() == 1
@@ -469,7 +497,7 @@ class MFACInverse:
         inverse = cls(G.shape[1], G.shape[0], damp, dtype=dtype, storage_dtype=storage_dtype, device=G.device)
         if not all_finite(G):
             raise ValueError("MFACInverse.from_gradients: G has non-finite entries (inf or nan)")
-        inverse.grads.copy_(G)
+        inverse.grads.copy_(G.detach())  # the window is state, not part of a graph (diag's gradients were wrong)
         m, d = G.shape
         block = max(1, (4 << 20) // m)
         inverse.gram.zero_()

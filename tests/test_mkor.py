@@ -605,3 +605,39 @@ def test_torch_compile_training_with_graph_breaks_at_the_hooks():
     MKOR(model)
     with pytest.raises(torch._dynamo.exc.Unsupported, match="backwards hooks require compiled autograd"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 6))
+
+
+def test_resumed_run_folds_the_scale_at_the_same_steps():
+    """The host-side bounds that decide when ``scale`` is folded into the matrix (a
+    rounding) are saved: a run resumed from a checkpoint follows the uninterrupted one bit
+    for bit (it folded at other steps, and drifted apart from step 27 at beta = 0.5)."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    torch.manual_seed(1)
+    data = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(40)]
+
+    def run(net, optimizer, begin, end):
+        for x, y in data[begin:end]:
+            optimizer.zero_grad()
+            ((net(x) - y) ** 2).mean().backward()
+            optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = model()
+        optimizer = MKOR(net, lr=0.05, beta=0.5)
+        run(net, optimizer, 0, 10)
+        buffer = io.BytesIO()
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+        run(net, optimizer, 10, 40)
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+        resumed = model()
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_optimizer = MKOR(resumed, lr=0.05, beta=0.5)
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+        run(resumed, resumed_optimizer, 10, 40)
+    for p, q in zip(net.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)

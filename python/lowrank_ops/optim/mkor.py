@@ -324,7 +324,9 @@ class ShermanMorrisonInverse:
         self._scale_low = self._scale_high = 1.0
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"matrix": self.matrix, "scale": self.scale}
+        # The host-side bounds decide when scale is folded into matrix, which rounds it: a
+        # resumed run must fold at the same steps to follow the uninterrupted one.
+        return {"matrix": self.matrix, "scale": self.scale, "scale_bounds": (self._scale_low, self._scale_high)}
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any], device=None) -> "ShermanMorrisonInverse":
@@ -335,7 +337,10 @@ class ShermanMorrisonInverse:
         inverse.matrix.copy_(matrix)
         scale = float(state["scale"])  # one read, at load time
         inverse.scale = scale if inverse._host else torch.full_like(inverse.scale, scale)
-        inverse._scale_low = inverse._scale_high = scale
+        # Saved before the bounds were: bounded by the scale itself (a fold may then come
+        # at another step than in the uninterrupted run).
+        low, high = state.get("scale_bounds", (scale, scale))
+        inverse._scale_low, inverse._scale_high = float(low), float(high)
         return inverse
 
 

@@ -363,3 +363,23 @@ def test_autocast_error_at_most_twice_torch(autocast_case, generator):
         return torch.nn.functional.linear(x, weight, bias) + layer.scaling * lora
 
     check_autocast_against_torch(ours, theirs, inputs, device, dtype, generator, "NOLALinear")
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_bases_cast_up_from_half_precision_are_redrawn(half):
+    """``.half().float()`` used to keep the half-rounded cached bases (~1e-4 relative off
+    the function of the same state dict in a fresh layer); cast from a half dtype they are
+    redrawn, while a cast down from float32 keeps the cast (it is what a draw gives)."""
+    torch.manual_seed(0)
+    layer = NOLALinear(torch.nn.Linear(12, 10), 3, 4, 5, seed=1)
+    with torch.no_grad():
+        layer.nola_beta.normal_()
+    x = torch.randn(4, 12)
+    layer.to(half)
+    drawn = NOLALinear(torch.nn.Linear(12, 10), 3, 4, 5, seed=1).to(half)
+    assert torch.equal(layer.nola_basis_A, drawn.nola_basis_A)
+    layer.float()
+    fresh = NOLALinear(torch.nn.Linear(12, 10), 3, 4, 5, seed=2)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(layer.nola_basis_A, fresh.nola_basis_A) and torch.equal(layer.nola_basis_B, fresh.nola_basis_B)
+    assert torch.equal(layer(x), fresh(x))

@@ -477,3 +477,19 @@ def test_autocast_error_at_most_twice_torch(autocast_case, generator):
         return torch.nn.functional.linear(x, weight, bias) + layer.scaling * torch.nn.functional.linear(u, B)
 
     check_autocast_against_torch(ours, theirs, inputs, device, dtype, generator, "RandLoRALinear")
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_bases_cast_up_from_half_precision_are_redrawn(half):
+    """As NOLA's: ``.half().float()`` redraws the half-rounded bases, so the layer computes
+    the function of its state dict loaded into a fresh layer."""
+    torch.manual_seed(0)
+    layer = RandLoRALinear(torch.nn.Linear(12, 10), 4, seed=1)
+    with torch.no_grad():
+        layer.randlora_lambda.normal_()
+    x = torch.randn(4, 12)
+    layer.to(half).float()
+    fresh = RandLoRALinear(torch.nn.Linear(12, 10), 4, seed=2)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(layer.randlora_A, fresh.randlora_A) and torch.equal(layer.randlora_B, fresh.randlora_B)
+    assert torch.equal(layer(x), fresh(x))

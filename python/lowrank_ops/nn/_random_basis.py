@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 __all__ = ["BLOCK_ELEMENTS", "block_size", "check_seed", "draw_bases", "iter_bases", "kaiming_bound", "new_seed",
-           "stream_seed"]
+           "rounded_by_cast", "stream_seed"]
 
 #: Numbers drawn per ``uniform_`` call (4 MB in float32): the unit of regeneration.
 BLOCK_ELEMENTS = 1 << 20
@@ -85,3 +85,12 @@ def draw_bases(seed: int, stream: int, count: int, rows: int, cols: int, bound: 
 def kaiming_bound(fan_in: int) -> float:
     """``1 / sqrt(fan_in)``: ``kaiming_uniform_(a = sqrt(5))``'s bound, nn.Linear's init."""
     return 1.0 / math.sqrt(fan_in)
+
+
+def rounded_by_cast(before: torch.dtype, after: torch.dtype) -> bool:
+    """Whether cached bases cast from ``before`` to ``after`` differ from bases drawn in
+    ``after``.  Drawn values are float32 numbers: a cast from float32 or float64 rounds them
+    once, as a draw in the new dtype does; a cast from float16 / bfloat16 keeps the half
+    precision rounding (cast back to float32, the layer would compute another function
+    than the same state dict loaded into a fresh layer)."""
+    return before != after and before in (torch.float16, torch.bfloat16)

@@ -35,7 +35,8 @@ from .._args import require_finite_number, require_int
 from .._first_order import first_order_only
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
-from ._random_basis import check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
+from ._random_basis import (check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, rounded_by_cast,
+                            stream_seed)
 
 __all__ = ["NOLALinear"]
 
@@ -206,6 +207,13 @@ class NOLALinear(MergeableAdapter):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if int(self.nola_seed) != self._bases_seed:  # a new seed: the bases go with it
             self._draw_cached_bases()
+
+    def _apply(self, fn, recurse=True):
+        before = None if self.nola_basis_A is None else self.nola_basis_A.dtype
+        module = super()._apply(fn, recurse)
+        if before is not None and rounded_by_cast(before, self.nola_basis_A.dtype):  # e.g. .half().float()
+            self._draw_cached_bases()
+        return module
 
     # ------------------------------------------------------------------ parameters
     @torch.no_grad()

@@ -55,7 +55,7 @@ from .._first_order import first_order_only
 from ..ops.base_linear import grad_input_op
 from ..ops.lora import _adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
-from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed
+from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed, rounded_by_cast
 
 __all__ = ["RandLoRALinear"]
 
@@ -289,6 +289,13 @@ class RandLoRALinear(MergeableAdapter):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if int(self.randlora_seed) != self._bases_seed:  # a new seed: the bases go with it
             self._draw_bases()
+
+    def _apply(self, fn, recurse=True):
+        before = None if self.randlora_A is None else self.randlora_A.dtype
+        module = super()._apply(fn, recurse)
+        if before is not None and rounded_by_cast(before, self.randlora_A.dtype):  # e.g. .half().float()
+            self._draw_bases()
+        return module
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

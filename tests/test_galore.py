@@ -4,6 +4,7 @@ states (state_bits=8, GaLoreAdamW8bit): training against the 32-bit run, state s
 state dict."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -491,3 +492,48 @@ def test_state_bits_can_change_between_save_and_load():
     train_regression(back_model, back, 1, seed=9)
     state = back.state[back_model[0].weight]
     assert state["exp_avg"].dtype == torch.float32 and "exp_avg_codes" not in state
+
+
+def test_group_settings_changed_between_steps_apply_resumed_or_not():
+    """``scale`` (and the other schedule-able settings) changed in param_groups apply at the
+    next step whether or not the run was resumed in between (the projector kept the
+    values of its creation, while a resumed run took the group's); ``rank`` cannot change
+    once the moments live in a subspace, resumed or not."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 40), torch.randn(16, 32)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+
+    def make(model):
+        return GaLoreAdamW([model.weight], lr=1e-2, rank=4, update_proj_gap=2, generator=torch.Generator().manual_seed(0))
+
+    model = torch.nn.Linear(40, 32)
+    optimizer = make(model)
+    step(model, optimizer)
+    optimizer.param_groups[0]["scale"] = 1.0
+    step(model, optimizer)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    step(model, optimizer)
+    step(model, optimizer)
+    assert optimizer.state[model.weight]["projector"].scale == 1.0
+    resumed = torch.nn.Linear(40, 32)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = make(resumed)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    step(resumed, resumed_optimizer)
+    step(resumed, resumed_optimizer)
+    assert torch.equal(model.weight, resumed.weight)
+
+    for run in (optimizer, resumed_optimizer):
+        run.param_groups[0]["rank"] = 6
+    with pytest.raises(ValueError, match="rank changed to 6, but the parameter of shape \\(32, 40\\) has moments in "
+                                         "the subspace of rank=4"):
+        step(model, optimizer)
+    checkpoint = copy.deepcopy(resumed_optimizer.state_dict())  # saved with rank 6 in the group
+    again = make(resumed)
+    again.load_state_dict(checkpoint)
+    with pytest.raises(ValueError, match="rank changed to 6"):
+        step(resumed, again)

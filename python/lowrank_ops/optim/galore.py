@@ -333,6 +333,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                             group["rank"], group["update_proj_gap"], group["scale"], group["proj_type"], group["svd"],
                             group["rsvd_n_iter"], group["rsvd_oversample"], self.generator,
                         )
+                    _follow_group(state["projector"], group, p)
                     grad = state["projector"].project(grad.reshape(grad.shape[0], -1), state["step"])
                     if grad is None:
                         state["skipped_refreshes"] = state.get("skipped_refreshes", 0) + 1
@@ -382,6 +383,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             projector = entry.pop("projector", None)
             if projector is not None:
                 entry["projector_matrix"] = projector.matrix
+                entry["projector_rank"] = projector.rank  # the moments' subspace, whatever the group says now
+                entry["projector_type"] = _PROJ_TYPES.index(projector.proj_type)  # an int: see projector_left
                 # A bool, not the side string: Optimizer.load_state_dict rebuilds
                 # iterables element by element and would mangle a str.
                 entry["projector_left"] = projector.side == "left"
@@ -424,11 +427,29 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         group["rsvd_n_iter"], group["rsvd_oversample"], self.generator,
                     )
                     projector.matrix = entry.pop("projector_matrix")
+                    if "projector_rank" in entry:  # absent from state dicts saved before it was kept
+                        projector.rank = int(entry.pop("projector_rank"))
+                        projector.proj_type = _PROJ_TYPES[int(entry.pop("projector_type"))]
                     projector.side = "left" if entry.pop("projector_left") else "right"
                     if "projector_right_matrix" in entry:
                         projector.right = entry.pop("projector_right_matrix")
                         projector.side = "full"
                     entry["projector"] = projector
+
+
+def _follow_group(projector: GaLoreProjector, group: Dict[str, Any], param: torch.Tensor) -> None:
+    """The group's current settings for this step: ``scale``, ``update_proj_gap``, ``svd`` and
+    the rsvd settings may change between steps (a schedule, or a resumed run's saved
+    groups); ``rank`` and ``proj_type`` are fixed once the projector exists, as the moments
+    live in its subspace: a change raises rather than being ignored."""
+    for name, current in (("rank", projector.rank), ("proj_type", projector.proj_type)):
+        if group[name] != current:
+            raise ValueError(
+                f"GaLoreAdamW: the group's {name} changed to {group[name]!r}, but the parameter of shape "
+                f"{tuple(param.shape)} has moments in the subspace of {name}={current!r}; {name} cannot change "
+                f"after a parameter's first step (start a new optimizer, or put the parameter in a new group)")
+    projector.update_proj_gap, projector.scale, projector.svd = group["update_proj_gap"], group["scale"], group["svd"]
+    projector.n_iter, projector.oversample = group["rsvd_n_iter"], group["rsvd_oversample"]
 
 
 def _moments(state: Dict[str, Any], grad: torch.Tensor, quantized: bool) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """DoRA: the row-norm kernel (low-rank identity), dora_linear forward/backward, PEFT parity."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -343,3 +344,20 @@ def test_row_norm_is_not_differentiable_in_the_weight(generator):
     weight = torch.randn(6, 8, generator=generator, requires_grad=True)
     norm = dora_row_norm(weight, torch.randn(2, 8, generator=generator), torch.randn(6, 2, generator=generator), 0.5)
     assert not norm.requires_grad and norm.grad_fn is None
+
+
+def test_eval_norm_cache_is_not_fooled_by_a_reused_address(generator):
+    """functional_call with new factors whose storage sits where the cached ones were (a
+    view of the same buffer, or a fresh tensor allocated after the old one was freed): the
+    cache, once keyed by address and version only, returned the old norms (outputs 0.35 off)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(64, 512), r=128, use_dora=True, init_lora_weights=False).eval()
+    uncached = copy.deepcopy(layer).train()  # training mode never caches
+    x = randn(3, 64, generator=generator)
+    buffer = randn(512, 256, generator=generator)
+    with torch.no_grad():
+        for lora_B in (buffer[:, :128], buffer[:, ::2]):  # same data_ptr, version, dtype and device
+            y = functional_call(layer, {"lora_B": lora_B}, (x,))
+            assert torch.equal(y, functional_call(uncached, {"lora_B": lora_B}, (x,)))

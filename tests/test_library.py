@@ -93,3 +93,107 @@ def test_numpy_scalars_are_numbers():
     assert trp._check_energy("trp", np.float32(0.5)) == 0.5
     with pytest.raises(ValueError, match="tol must be a finite number >= 0; got np.True_"):
         lowrank_ops.linalg.batched_svd(A, tol=np.bool_(True))
+
+
+def _public_calls(device: str, support=None):
+    """Public entry points (not the raw ops) on small inputs of ``device`` (``support``: the
+    sparse pattern to use, made on the CPU by default)."""
+    import lowrank_ops
+    from lowrank_ops import ops
+    from lowrank_ops.sparse import FixedSupport
+
+    def t(*shape):
+        return torch.randn(*shape, device=device)
+
+    W, A, B, x = t(12, 16), t(4, 16), t(12, 4), t(5, 16)
+    if support is None:
+        support = FixedSupport.random(12, 16, 0.25, generator=torch.Generator().manual_seed(0)).to(device)
+    return {
+        "base_linear": (lambda: ops.base_linear.base_linear(x, W), (5, 12)),
+        "lora_linear": (lambda: ops.lora_linear(x, W, A, B), (5, 12)),
+        "dora_row_norm": (lambda: ops.dora_row_norm(W, A, B), (12,)),
+        "dora_linear": (lambda: ops.dora_linear(x, W, A, B, t(12)), (5, 12)),
+        "lora_linear_multi": (lambda: ops.lora_linear_multi(x, W, A[None], B[None], [0, 5], [0]), (5, 12)),
+        "fixed_sparse_matmul": (lambda: ops.fixed_sparse_matmul(x, t(support.nnz), support), (5, 12)),
+        "spmv": (lambda: ops.spmv(support, t(support.nnz), t(16)), (12,)),
+        "cholesky_qr2": (lambda: lowrank_ops.linalg.cholesky_qr2(t(64, 4))[0], (64, 4)),
+        "LoRALinear(use_dora)": (lambda: lowrank_ops.nn.LoRALinear(torch.nn.Linear(16, 12, device=device), 4,
+                                                                    use_dora=True)(x), (5, 12)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_public_calls("cpu")))
+def test_public_functions_infer_shapes_on_meta_and_fake_tensors(name):
+    """Meta tensors and FakeTensorMode go through the registered ops' fake impls (the eager
+    shortcut sent meta tensors to the CUDA implementation, "Torch not compiled with CUDA",
+    and handed fake tensors' null pointers to the kernels); large enough for the CPU
+    small-batch kernel path too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call, shape = _public_calls("meta")[name]
+    out = call()
+    assert out.device.type == "meta" and tuple(out.shape) == shape
+    from lowrank_ops.sparse import FixedSupport
+
+    support = FixedSupport.random(12, 16, 0.25, generator=torch.Generator().manual_seed(0))  # a real pattern
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        call, shape = _public_calls("cpu", support)[name]
+        assert tuple(call().shape) == shape
+
+
+def test_base_linear_traces_and_exports():
+    """The public base_linear (the CPU small-batch kernel's entry) compiles with fullgraph
+    (it called the pybind feature test while tracing) and exports with a dynamic batch
+    (no guard on the small-batch row window)."""
+    from lowrank_ops.ops.base_linear import base_linear
+
+    W, x = torch.randn(2048, 2048), torch.randn(8, 2048)
+    expected = x @ W.T
+    assert torch.allclose(torch.compile(base_linear, fullgraph=True)(x, W), expected, rtol=1e-4, atol=1e-3)
+
+    class Module(torch.nn.Module):
+        def forward(self, x):
+            return base_linear(x, W)
+
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    program = torch.export.export(Module(), (x,), dynamic_shapes={"x": {0: batch}})
+    for rows in (8, 300):
+        rows_x = torch.randn(rows, 2048)
+        assert torch.allclose(program.module()(rows_x), rows_x @ W.T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", ["lora", "dora", "sparse_lowrank", "randlora", "multi_lora"])
+def test_adapter_layers_export_with_a_dynamic_batch(layer):
+    """torch.export's default (non-strict) tracing kept a dynamic batch symbolic only once the
+    rows were flattened with reshape(-1, n): x.shape[:-1].numel() specialized it."""
+    import lowrank_ops
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    module = {
+        "lora": lambda: lowrank_ops.nn.LoRALinear(base, 4, init_lora_weights=False),
+        "dora": lambda: lowrank_ops.nn.LoRALinear(base, 4, use_dora=True, init_lora_weights=False),
+        "sparse_lowrank": lambda: lowrank_ops.nn.SparseLowRankLinear(16, 12, 4, 0.25, strategy="dense"),
+        "randlora": lambda: lowrank_ops.nn.RandLoRALinear(base, 4, seed=1),
+        "multi_lora": lambda: lowrank_ops.nn.MultiLoRALinear(base, max_rank=4),
+    }[layer]().eval()
+    if layer == "multi_lora":
+        module.add_adapter("a", 4)
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    program = torch.export.export(module, (torch.randn(5, 16),), dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(7, 16)
+    assert torch.allclose(program.module()(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_spectral_linear_ignores_autocast():
+    """SpectralLinear has no autocast path (half-precision products would return float32
+    results 4e-3 off): under torch.autocast it computes in its parameters' precision."""
+    import lowrank_ops
+
+    torch.manual_seed(0)
+    layer = lowrank_ops.nn.SpectralLinear(256, 256)
+    x = torch.randn(8, 256)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and torch.equal(y, expected)

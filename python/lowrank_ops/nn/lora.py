@@ -8,6 +8,7 @@ import torch
 
 from .._args import is_real_number, require_finite_number
 from .._finite import all_finite
+from ..ops._library import dispatch_needed
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
@@ -135,7 +136,7 @@ class LoRALinear(torch.nn.Module):
         self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the row norms the merge divided by
         self._merged_rank: Optional[int] = None  # the ranks merged (active_rank may change before unmerge)
         self._merged_lost_rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # DoRA: see merge
-        self._norm_cache: Optional[Tuple[tuple, torch.Tensor]] = None  # DoRA, eval mode: (key, row norms)
+        self._norm_cache: Optional[Tuple[tuple, tuple, torch.Tensor]] = None  # DoRA, eval: (W A B, key, norms)
         checkpoint_unmerged(self)  # the saved form is always the unmerged one
         factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = torch.nn.Parameter(torch.empty(r, self.in_features, **factory))
@@ -257,21 +258,27 @@ class LoRALinear(torch.nn.Module):
         gradients; it is the op's largest cost at small batch (decoding: 4096 x 4096, r = 16,
         one row, it is most of the call).  The cache is keyed by the version counters (in-place
         writes such as ``copy_``, ``load_state_dict`` and optimizer steps bump them), identity
-        and dtype of W, A and B, the scaling and the active rank; writes through ``.data``
+        (it holds W, A and B), storage, dtype and strides of W, A and B, the scaling and the
+        active rank; writes through ``.data``
         bypass version counters, so call :meth:`train` (which drops the cache) after them.
         Not used while ``torch.compile`` traces (no Python-side state in graphs), nor for
         parameters created in inference mode (they have no version counter).
         """
         weight = self.base_layer.weight
-        if self.training or torch.compiler.is_compiling() or any(
+        if self.training or dispatch_needed(weight) or any(
                 t.is_inference() for t in (weight, self.lora_A, self.lora_B)):  # no version counters there
             return None
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, self.lora_A, self.lora_B)) + (
+        # The tensors themselves are kept and compared by identity: a key of addresses alone
+        # matched a new tensor allocated where a freed one was (functional_call with fresh
+        # factors each step) and returned the old norms.
+        tensors = (weight, self.lora_A, self.lora_B)
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()) for t in tensors) + (
             self.scaling, lora_A.shape[0], torch.is_inference_mode_enabled())
-        if self._norm_cache is None or self._norm_cache[0] != key:
+        cache = self._norm_cache
+        if cache is None or any(a is not b for a, b in zip(cache[0], tensors)) or cache[1] != key:
             with torch.no_grad():
-                self._norm_cache = (key, dora_row_norm(weight, lora_A, lora_B, self.scaling))
-        return self._norm_cache[1]
+                self._norm_cache = cache = (tensors, key, dora_row_norm(weight, lora_A, lora_B, self.scaling))
+        return cache[2]
 
     def train(self, mode: bool = True) -> "LoRALinear":
         """``nn.Module.train``; also drops the cached DoRA row norms (see :meth:`_eval_row_norm`)."""

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from .._args import require_finite_number, require_tensors
+from ..ops._layout import flatten_rows
+from ..ops._library import dispatch_needed
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
 from ._init import fan_in_bound, generator_on
 
@@ -368,7 +370,7 @@ class MultiLoRALinear(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"MultiLoRALinear: x has shape {tuple(x.shape)}; expected "
                              f"(..., in_features) = (..., {self.in_features})")
-        rows = x.reshape(x.shape[:-1].numel(), self.in_features)
+        rows = flatten_rows(x)
         n_rows = rows.shape[0]
         if segment_offsets is not None:
             if adapter_names is not None or adapter_ids is None:
@@ -403,7 +405,7 @@ class MultiLoRALinear(nn.Module):
     def _routing_device(adapter_ids, x: torch.Tensor) -> torch.device:
         """Where per-row ids are grouped: the host, unless they already are on x's device
         (or torch.compile traces, which keeps the routing on x's device)."""
-        if torch.compiler.is_compiling() or (isinstance(adapter_ids, torch.Tensor) and adapter_ids.device == x.device):
+        if dispatch_needed(x) or (isinstance(adapter_ids, torch.Tensor) and adapter_ids.device == x.device):
             return x.device
         return torch.device("cpu")
 
@@ -427,7 +429,7 @@ class MultiLoRALinear(nn.Module):
         ``module.to``) or changed in place (``load_state_dict``: its version counter moves).
         """
         ranks, scales = self.ranks, self.scales
-        if ranks.device.type == "cpu" or torch.compiler.is_compiling():
+        if ranks.device.type == "cpu" or dispatch_needed(ranks):
             return ranks, scales.double()
         cache = self._host_routing_cache
         if (cache is None or cache[0] is not ranks or cache[1] is not scales

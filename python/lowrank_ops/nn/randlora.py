@@ -52,6 +52,7 @@ import torch
 from .._args import require_finite_number, require_int
 from .._autocast import autocast_entry, autocast_off_backward
 from .._first_order import first_order_only
+from ..ops._layout import flatten_rows
 from ..ops.base_linear import grad_input_op
 from ..ops.lora import _adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
@@ -153,7 +154,7 @@ def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, sca
     p = check_dropout(op, dropout_p)
     seed = draw_seed() if p > 0.0 else None
     batch_shape = x.shape[:-1]
-    x2d = x.reshape(batch_shape.numel(), x.shape[-1])
+    x2d = flatten_rows(x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lam, gamma)):
         y = _RandLoRALinear.apply(x2d, weight, bias, randlora_A, randlora_B, lam, gamma, scaled, seed, scale, p,
                                   gamma_on_input)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .._args import require_int
+from .._autocast import without_autocast
 from .._finite import all_finite
 from .._first_order import first_order_only
 from .._signs import normalize_signs
@@ -121,7 +122,8 @@ class SpectralLinear(torch.nn.Module):
         has the parameters' dtype, or is float16 / bfloat16 with float32 parameters (a
         converted half-precision layer: computed in float32, returned in the input's
         dtype); no half-precision parameters (a half-precision ``U`` would lose the
-        orthogonality that the re-SVD restores).
+        orthogonality that the re-SVD restores), and so no autocast path: under
+        ``torch.autocast`` the layer computes in its parameters' precision.
 
     Attributes
     ----------
@@ -257,12 +259,15 @@ class SpectralLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = None if self.sample_rank == self.rank else self.sampled
-        if (isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
-                and self.U.dtype == torch.float32):
-            # The float32 factors of a half-precision layer (from_linear): computed in float32,
-            # returned in x's dtype, as the nn.Linear it replaced returned.
-            return spectral_linear(x.float(), self.U, self.s, self.Vh, self.bias, index).to(x.dtype)
-        return spectral_linear(x, self.U, self.s, self.Vh, self.bias, index)
+        # Under torch.autocast the products would run in half precision (4e-3 relative at
+        # 256 x 256 in bfloat16) while returning float32: no autocast path (see the class).
+        with without_autocast(self.U.device):
+            if (isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16)
+                    and self.U.dtype == torch.float32):
+                # The float32 factors of a half-precision layer (from_linear): computed in
+                # float32, returned in x's dtype, as the nn.Linear it replaced returned.
+                return spectral_linear(x.float(), self.U, self.s, self.Vh, self.bias, index).to(x.dtype)
+            return spectral_linear(x, self.U, self.s, self.Vh, self.bias, index)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

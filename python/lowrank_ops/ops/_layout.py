@@ -27,3 +27,11 @@ def require_rows_apart(op: str, name: str, tensor: torch.Tensor) -> None:
 def row_stride(tensor: torch.Tensor) -> int:
     """The distance between rows in elements (``n`` when there is at most one row)."""
     return tensor.stride(0) if tensor.shape[0] > 1 else tensor.shape[1]
+
+
+def flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` as ``[rows, n]`` (a view where possible).  ``reshape(-1, n)``: torch.export
+    keeps the row count symbolic (``x.shape[:-1].numel()`` turned a dynamic batch into a
+    constant under non-strict export); with ``n = 0`` the -1 is ambiguous and the count is
+    spelled out."""
+    return x.reshape(-1, x.shape[-1]) if x.shape[-1] != 0 else x.reshape(x.shape[:-1].numel(), 0)

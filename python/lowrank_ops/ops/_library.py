@@ -1,9 +1,13 @@
 """The one ``torch.library`` namespace that every op family defines its ops in."""
 import functools
 import inspect
-from typing import Callable
+import itertools
+from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 
 NAMESPACE = "lowrank_ops"
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -14,12 +18,35 @@ def current_stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
+def dispatch_needed(tensor: Optional[torch.Tensor] = None) -> bool:
+    """Whether a call must go through the registered ops (see :func:`eager_or_op`): while
+    torch.compile or torch.export traces, inside a torch.func transform, under a
+    FakeTensorMode, or for a meta or fake ``tensor``."""
+    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None
+            or (tensor is not None and (tensor.is_meta or isinstance(tensor, FakeTensor))))
+
+
 def eager_or_op(name: str, impl: Callable) -> Callable:
-    """The op ``torch.ops.lowrank_ops.<name>`` while torch.compile traces (its fake impl is
-    what the compiler sees, and a raw pointer cannot be taken from a fake tensor), else
-    ``impl``, its implementation, called directly: eager calls skip the dispatcher (5-40 us
-    a call: ~5 of lora_linear's 35 us at 16 x 64 x 64, ~40 of a 180 us SpMV)."""
-    return getattr(torch.ops.lowrank_ops, name) if torch.compiler.is_compiling() else impl
+    """``impl``, the implementation of op ``torch.ops.lowrank_ops.<name>``, called directly
+    (eager calls skip the dispatcher: 5-40 us a call, ~5 of lora_linear's 35 us at 16 x 64 x
+    64, ~40 of a 180 us SpMV), or the op itself wherever the dispatcher must decide and no
+    raw pointer can be taken: while torch.compile or torch.export traces, inside a
+    torch.func transform (vmap, grad: the op's own error instead of a data-pointer one),
+    under a FakeTensorMode, and for meta or fake tensors (the fake impl infers the shapes).
+    The call's first tensor argument stands for all (the ops refuse meta mixed with real
+    tensors)."""
+    op = getattr(torch.ops.lowrank_ops, name)
+    if dispatch_needed():
+        return op
+
+    def call(*args, **kwargs):
+        for value in itertools.chain(args, kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                return op(*args, **kwargs) if value.is_meta or isinstance(value, FakeTensor) else impl(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    return call
 
 
 def register_fake(name: str, fake: Callable) -> None:

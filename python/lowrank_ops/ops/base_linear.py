@@ -162,6 +162,11 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         Not differentiable by itself: the callers are the forward implementations of ops
         with their own backward.
     """
+    return forward_op()(x, weight, bias)
+
+
+def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`base_linear`'s implementation (the registered op's CPU and CUDA impl)."""
     if small_batch(x, weight, "forward") and (bias is None or _kernel_bias(bias, weight)):
         return small_batch_kernel(x, weight, bias)
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
@@ -186,6 +191,11 @@ def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.
         elements, AVX-512), else ``grad_y @ weight``.  Not differentiable by itself: the
         callers are backward implementations.
     """
+    return grad_input_op()(grad_y, weight)
+
+
+def _base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`base_linear_grad_input`'s implementation (the registered op's impl)."""
     if small_batch(grad_y, weight, "grad_input"):
         return small_batch_grad_input_kernel(grad_y, weight)
     return grad_y @ weight
@@ -199,8 +209,8 @@ def _base_linear_grad_input_fake(grad_y, weight):
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
-for _name, _impl, _fake in [("base_linear", base_linear, _base_linear_fake),
-                            ("base_linear_grad_input", base_linear_grad_input, _base_linear_grad_input_fake)]:
+for _name, _impl, _fake in [("base_linear", _base_linear, _base_linear_fake),
+                            ("base_linear_grad_input", _base_linear_grad_input, _base_linear_grad_input_fake)]:
     LIBRARY.impl(_name, _impl, "CPU")
     LIBRARY.impl(_name, _impl, "CUDA")
     register_fake(_name, _fake)
@@ -208,9 +218,9 @@ for _name, _impl, _fake in [("base_linear", base_linear, _base_linear_fake),
 
 def forward_op():
     """:func:`base_linear` for an autograd Function: the registered op under torch.compile (eager_or_op)."""
-    return eager_or_op("base_linear", base_linear)
+    return eager_or_op("base_linear", _base_linear)
 
 
 def grad_input_op():
     """:func:`base_linear_grad_input` for an autograd backward: the registered op under torch.compile."""
-    return eager_or_op("base_linear_grad_input", base_linear_grad_input)
+    return eager_or_op("base_linear_grad_input", _base_linear_grad_input)

@@ -53,8 +53,9 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
+from ._layout import flatten_rows
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
-from .base_linear import SMALL_BATCH_MIN_WEIGHT, base_linear, grad_input_op, small_batch, small_batch_kernel
+from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
@@ -195,11 +196,11 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
     factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
-    product = base_linear(adapter_input, weight)
+    product = _base_linear(adapter_input, weight)
     if adapter_input is x:
         y = None
     else:  # PEFT: the base path sees x, the rescaled one D(x): y = x W^T + b - D(x) W^T + c z
-        y = base_linear(x, weight, bias)
+        y = _base_linear(x, weight, bias)
         y.sub_(product)
     product.addmm_((shrunk * scale).to(dtype), lora_B.T.to(dtype))  # z = D(x) (W + s B A)^T, in place
     if y is None:
@@ -355,6 +356,6 @@ def dora_linear(
         norm = norm.detach()
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    y = _DoRALinear.apply(x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, magnitude, bias, seed,
+    y = _DoRALinear.apply(flatten_rows(x), weight, lora_A, lora_B, magnitude, bias, seed,
                           scale, p, eps, norm)
     return y.reshape(*batch_shape, weight.shape[0])

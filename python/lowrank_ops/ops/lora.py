@@ -41,8 +41,9 @@ from .._args import is_real_number, require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
+from ._layout import flatten_rows
 from ._library import LIBRARY, eager_or_op, register_fake
-from .base_linear import base_linear, grad_input_op
+from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
 
@@ -117,7 +118,7 @@ def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T, [N, r], in the adapters' dtype
     scaled = shrunk * _gate_scale(gate, scale)  # s * (u * g): the scale rides on the small tensor
-    y = base_linear(x, weight, bias)
+    y = _base_linear(x, weight, bias)  # inside the op implementation: the kernel directly
     _addmm_adapter_(y, scaled, lora_B.T)  # in place: no second [N, out] tensor
     return y, shrunk
 
@@ -350,7 +351,7 @@ def lora_linear(
         gate = None if gate is None else gate[:k]
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
-    args = (x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, lora_A, lora_B, bias, gate, seed, scale, p,
+    args = (flatten_rows(x), weight, lora_A, lora_B, bias, gate, seed, scale, p,
             scale_tensor)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:6]):
         y = _LoRALinear.apply(*args)

@@ -36,7 +36,8 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
-from ._library import LIBRARY, current_stream, register_fake
+from ._layout import flatten_rows
+from ._library import LIBRARY, current_stream, dispatch_needed, register_fake
 from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
@@ -395,7 +396,7 @@ def _kernels_for(x: torch.Tensor, offsets, ids, ranks, scales, n_adapters: int, 
     plan, split once per feature size, serves every kernel call: about 0.1 ms less per
     forward+backward than validating in each op).  ``checked``: the routing's contents
     were checked on the host already (:func:`_place_routing`)."""
-    if torch.compiler.is_compiling():
+    if dispatch_needed(x):  # traced, fake or meta: the registered ops (fake impls)
         ops = torch.ops.lowrank_ops
         return _Kernels(ops.lora_multi_shrink, ops.lora_multi_expand_, ops.lora_multi_segment_outer)
     plan = _cpu_plan("lora_linear_multi", x, offsets, ids, ranks, scales, n_adapters, r_max)
@@ -533,7 +534,7 @@ def _place_routing(device: torch.device, n_rows: int, n_adapters: int, r_max: in
     kernels check the contents; under torch.compile the registered ops do.
     """
     op = "lora_linear_multi"
-    staged = device.type != "cpu" and not torch.compiler.is_compiling()
+    staged = device.type not in ("cpu", "meta") and not dispatch_needed()
     host = torch.device("cpu")
 
     def place(value, dtype, name):
@@ -672,7 +673,7 @@ def lora_linear_multi(
     """
     _validate(x, weight, A_stack, B_stack, bias)
     n_adapters, r_max = A_stack.shape[:2]
-    rows = x.reshape(x.shape[:-1].numel(), weight.shape[1])
+    rows = flatten_rows(x)
     routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
                                       segment_offsets, adapter_ids, ranks, scales)
     args = (rows, weight, bias, A_stack, B_stack, *routing)

@@ -32,6 +32,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from .._first_order import first_order_only
 from ..sparse import FixedSupport
+from ._layout import flatten_rows
 from .sparse import _validate as _validate_sparse
 
 __all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
@@ -257,7 +258,7 @@ def sparse_lowrank_linear(
     dense = strategy == "dense"
     batch_shape = x.shape[:-1]
     y = _SparseLowRankLinear.apply(
-        x.reshape(x.shape[:-1].numel(), support.in_features), lora_A, lora_B, values, bias, float(scale), dense,
+        flatten_rows(x), lora_A, lora_B, values, bias, float(scale), dense,
         support.row_ptr, support.col_idx, support.row_order,
         support.col_ptr, support.row_idx, support.csc_to_csr, support.col_order,
         _flat_index(support) if dense else None,

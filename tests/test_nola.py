@@ -383,3 +383,20 @@ def test_bases_cast_up_from_half_precision_are_redrawn(half):
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(layer.nola_basis_A, fresh.nola_basis_A) and torch.equal(layer.nola_basis_B, fresh.nola_basis_B)
     assert torch.equal(layer(x), fresh(x))
+
+
+@pytest.mark.parametrize("cache_bases", [True, False])
+@pytest.mark.parametrize("assign", [False, True])
+def test_built_on_meta_then_loaded(cache_bases, assign):
+    """Low-memory loading: a layer built on meta (reading its seed raised) infers shapes, and
+    once loaded (into to_empty storage, or assigned) computes the saved layer's function."""
+    saved = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=1, cache_bases=cache_bases)
+    with torch.no_grad():
+        saved.nola_beta.normal_()
+    layer = NOLALinear(torch.nn.Linear(16, 12, device="meta"), 3, 4, 5, seed=1, cache_bases=cache_bases)
+    assert layer(torch.randn(5, 16, device="meta")).shape == (5, 12) and "seed=?" in repr(layer)
+    if not assign:
+        layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(saved.state_dict(), assign=assign)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), saved(x))

@@ -493,3 +493,18 @@ def test_bases_cast_up_from_half_precision_are_redrawn(half):
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(layer.randlora_A, fresh.randlora_A) and torch.equal(layer.randlora_B, fresh.randlora_B)
     assert torch.equal(layer(x), fresh(x))
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_built_on_meta_then_loaded(assign):
+    """As NOLA's: built on meta (low-memory loading), then loaded, it is the saved layer."""
+    saved = RandLoRALinear(torch.nn.Linear(16, 12), 4, seed=1)
+    with torch.no_grad():
+        saved.randlora_lambda.normal_()
+    layer = RandLoRALinear(torch.nn.Linear(16, 12, device="meta"), 4, seed=1)
+    assert layer(torch.randn(5, 16, device="meta")).shape == (5, 12)
+    if not assign:
+        layer = layer.to_empty(device="cpu")
+    layer.load_state_dict(saved.state_dict(), assign=assign)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), saved(x))

@@ -184,12 +184,18 @@ class NOLALinear(MergeableAdapter):
     @torch.no_grad()
     def _draw_cached_bases(self) -> None:
         """(Re)draws the bases buffers from ``nola_seed`` (nothing without ``cache_bases``)."""
+        factory = {"device": self.nola_alpha.device, "dtype": self.nola_alpha.dtype}
+        spec_A, spec_B = self._basis_spec()
+        if self.nola_seed.is_meta:  # built on meta (low-memory loading): shapes only, drawn at load_state_dict
+            self._bases_seed = None
+            if self.cache_bases:
+                self.nola_basis_A, self.nola_basis_B = (torch.empty(count, rows, cols, **factory)
+                                                        for _, count, rows, cols, _ in (spec_A, spec_B))
+            return
         seed = int(self.nola_seed)
         if not self.cache_bases:
             self._bases_seed = seed
             return
-        factory = {"device": self.nola_alpha.device, "dtype": self.nola_alpha.dtype}
-        spec_A, spec_B = self._basis_spec()
         self.nola_basis_A = draw_bases(seed, *spec_A, **factory)
         self.nola_basis_B = draw_bases(seed, *spec_B, **factory)
         self._bases_seed = seed
@@ -205,7 +211,7 @@ class NOLALinear(MergeableAdapter):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if int(self.nola_seed) != self._bases_seed:  # a new seed: the bases go with it
+        if self.nola_seed.is_meta or int(self.nola_seed) != self._bases_seed:  # a new seed: the bases go with it
             self._draw_cached_bases()
 
     def _apply(self, fn, recurse=True):
@@ -222,6 +228,8 @@ class NOLALinear(MergeableAdapter):
         is the base layer again.  Raises RuntimeError while merged."""
         if self.merged:
             raise RuntimeError("NOLALinear.reset_parameters: the adapter is merged into the base weight; unmerge() first")
+        if self.nola_seed.is_meta:  # no values on meta
+            return
         generator = torch.Generator().manual_seed(stream_seed(int(self.nola_seed), _STREAM_INIT))
         bound = math.sqrt(3.0 / self.num_basis_A)
         self.nola_alpha.copy_(torch.empty(self.num_basis_A).uniform_(-bound, bound, generator=generator))
@@ -232,6 +240,8 @@ class NOLALinear(MergeableAdapter):
         if not self.cache_bases:
             (stream_A, _, *shape_A), (stream_B, _, *shape_B) = self._basis_spec()
             seed = self._bases_seed  # the buffer's value as a Python int: no device sync per call
+            if seed is None:  # on meta, where only the shapes matter
+                seed = 0
             return (_UncachedCombination.apply(self.nola_alpha, seed, stream_A, *shape_A),
                     _UncachedCombination.apply(self.nola_beta, seed, stream_B, *shape_B))
         # One GEMV per factor: [k] @ [k, rows * cols].
@@ -268,4 +278,4 @@ class NOLALinear(MergeableAdapter):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_basis_A={self.num_basis_A}, num_basis_B={self.num_basis_B}, "
-                f"scaling={self.scaling:g}, seed={int(self.nola_seed)}, cache_bases={self.cache_bases}")
+                f"scaling={self.scaling:g}, seed={'?' if self.nola_seed.is_meta else int(self.nola_seed)}, cache_bases={self.cache_bases}")

@@ -277,10 +277,15 @@ class RandLoRALinear(MergeableAdapter):
     @torch.no_grad()
     def _draw_bases(self) -> None:
         """(Re)draws ``randlora_A`` and ``randlora_B`` from ``randlora_seed``."""
-        seed = int(self.randlora_seed)
         n, r = self.num_bases, self.r
         small, large = self.randlora_gamma.shape[1], max(self.in_features, self.out_features)
         factory = {"device": self.randlora_gamma.device, "dtype": self.randlora_gamma.dtype}
+        if self.randlora_seed.is_meta:  # built on meta (low-memory loading): shapes only, drawn at load_state_dict
+            self.randlora_A = torch.empty(r, small, **factory)
+            self.randlora_B = torch.empty(large, n * r, **factory)
+            self._bases_seed = None
+            return
+        seed = int(self.randlora_seed)
         self.randlora_A = draw_bases(seed, _STREAM_A, 1, r, small, kaiming_bound(small), **factory)[0]
         stack = draw_bases(seed, _STREAM_B, n, large, r, kaiming_bound(r), **factory)  # [n, M, r]
         self.randlora_B = stack.permute(1, 0, 2).reshape(large, n * r).contiguous()
@@ -288,7 +293,7 @@ class RandLoRALinear(MergeableAdapter):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if int(self.randlora_seed) != self._bases_seed:  # a new seed: the bases go with it
+        if self.randlora_seed.is_meta or int(self.randlora_seed) != self._bases_seed:  # a new seed: new bases
             self._draw_bases()
 
     def _apply(self, fn, recurse=True):
@@ -343,4 +348,4 @@ class RandLoRALinear(MergeableAdapter):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_bases={self.num_bases}, scaling={self.scaling:g}, "
-                f"seed={int(self.randlora_seed)}")
+                f"seed={'?' if self.randlora_seed.is_meta else int(self.randlora_seed)}")

@@ -197,3 +197,50 @@ def test_spectral_linear_ignores_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.float32 and torch.equal(y, expected)
+
+
+_FUNC_LAYERS = {
+    "lora": lambda base: __import__("lowrank_ops").nn.LoRALinear(base, 4, init_lora_weights=False),
+    "dora": lambda base: __import__("lowrank_ops").nn.LoRALinear(base, 4, use_dora=True, init_lora_weights=False),
+    "nola": lambda base: __import__("lowrank_ops").nn.NOLALinear(base, 3, 4, 5, seed=1),
+    "randlora": lambda base: __import__("lowrank_ops").nn.RandLoRALinear(base, 4, seed=1),
+    "sparse_lowrank": lambda base: __import__("lowrank_ops").nn.SparseLowRankLinear(8, 6, 4, 0.25,
+                                                                                     dtype=torch.float64),
+    "spectral_sampled": lambda base: __import__("lowrank_ops").nn.SpectralLinear(8, 6, sample_rank=3,
+                                                                                 dtype=torch.float64),
+    "multi_lora": lambda base: __import__("lowrank_ops").nn.MultiLoRALinear(base, max_rank=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUNC_LAYERS))
+def test_adapter_layers_under_torch_func(name):
+    """Per-sample gradients with vmap(grad(...)) over functional_call (Opacus-style DP-SGD,
+    influence functions): inside torch.func transforms the layers compose torch ops (the
+    fused ops' autograd Functions raised "must override the setup_context staticmethod"),
+    with the same gradients as the fused path (SpectralLinear's sampled-pair masking
+    included)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    layer = _FUNC_LAYERS[name](torch.nn.Linear(8, 6).double())
+    if name == "multi_lora":
+        layer.add_adapter("a", 4)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(6, 2).double())
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def loss(p, xi, yi):
+        return ((functional_call(model, p, (xi[None],)) - yi[None]) ** 2).sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        model.zero_grad()
+        ((model(x[i:i + 1]) - y[i:i + 1]) ** 2).sum().backward()
+        for key, value in model.named_parameters():
+            if value.requires_grad:
+                expected = value.grad if value.grad is not None else torch.zeros_like(value)
+                torch.testing.assert_close(per_sample[key][i], expected, rtol=1e-10, atol=1e-12)

@@ -22,9 +22,15 @@ def dispatch_needed(tensor: Optional[torch.Tensor] = None) -> bool:
     """Whether a call must go through the registered ops (see :func:`eager_or_op`): while
     torch.compile or torch.export traces, inside a torch.func transform, under a
     FakeTensorMode, or for a meta or fake ``tensor``."""
-    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+    return (torch.compiler.is_compiling() or in_functorch_transform()
             or torch._C._get_dispatch_mode(_FAKE_MODE) is not None
             or (tensor is not None and (tensor.is_meta or isinstance(tensor, FakeTensor))))
+
+
+def in_functorch_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is active: the fused ops'
+    autograd Functions are opaque to them, so the public functions then compose torch ops."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def eager_or_op(name: str, impl: Callable) -> Callable:

@@ -42,7 +42,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, eager_or_op, register_fake
+from ._library import LIBRARY, eager_or_op, in_functorch_transform, register_fake
 from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -349,6 +349,8 @@ def lora_linear(
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
+    if in_functorch_transform():
+        return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     args = (flatten_rows(x), weight, lora_A, lora_B, bias, gate, seed, scale, p,
@@ -358,6 +360,21 @@ def lora_linear(
     else:  # inference: no autograd Function, no saved tensors (~15 us less per call)
         y = _forward_op()(*args)[0]
     return y.reshape(*batch_shape, weight.shape[0])
+
+
+def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float) -> torch.Tensor:
+    """:func:`lora_linear` composed of torch ops, for torch.func transforms (vmap, grad,
+    jacrev, functional per-sample gradients), which cannot see through the fused op's
+    autograd Function.  The same arithmetic, with float32 adapters on a half base added with
+    one rounding; dropout is ``F.dropout`` (torch's random stream, ``vmap(randomness=...)``
+    rules), not the fused op's seeded mask."""
+    adapter_input = torch.nn.functional.dropout(x, p) if p > 0.0 else x
+    shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
+    if gate is not None:
+        shrunk = shrunk * gate
+    adapter = (shrunk @ lora_B.T) * scale
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + adapter if adapter.dtype == y.dtype else (y.to(adapter.dtype) + adapter).to(y.dtype)
 
 
 # Rows of W merged per step: bounds the float32 temporary of half weights to

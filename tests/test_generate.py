@@ -149,3 +149,9 @@ def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     assert cli_main(["generate", "poisson", "--grid", "4", "--num", "2", "--out", str(blocker / "d" / "p.npz"),
                      "--quiet"]) == 1
     assert capsys.readouterr().err.startswith("lowrank-ops generate: ")
+
+
+def test_numpy_tolerance(tmp_path):
+    np_tol = np.float32(1e-6)  # accepted as a number, written to the JSON settings as a float
+    data = _load(generate_dataset("poisson", 6, 2, tmp_path / "p.npz", tol=np_tol, shard_size=2))
+    assert json.loads(str(data["settings"]))["tol"] == float(np_tol)

@@ -1062,6 +1062,8 @@ def test_damping_too_small_for_parallel_gradients_is_reported(generator, full):
             inverse.update_ihvp(g.clone())
             count = inverse.count
     assert inverse.count == (0 if full else count)
+    if not full:  # the slot is back to the zeros it held outside the window, Gram row and column too
+        assert not inverse.grads[count:].any() and not inverse.gram[count:].any() and not inverse.gram[:, count:].any()
     inverse.damp = 1.0  # a usable damping works on what is left
     x = randn(50, dtype=torch.float64, generator=generator)
     assert torch.isfinite(inverse.ihvp(x)).all()
@@ -1089,6 +1091,11 @@ def test_optimizer_leaves_parameters_without_gradient_alone(generator, momentum)
     step()
     assert torch.equal(model[0].weight, frozen)
     assert not torch.equal(model[2].weight, moving)
+    if momentum:  # its momentum neither grew nor decayed while it had no gradient
+        state = opt.state[model[0].weight]
+        held = state["momentum_buffer"][:model[0].weight.numel()].clone()
+        step()
+        assert torch.equal(state["momentum_buffer"][:model[0].weight.numel()], held)
 
 
 def test_optimizer_and_pruning_take_numpy_scalars(generator):
@@ -1118,3 +1125,23 @@ def test_optimizer_and_pruning_bad_input_errors(generator):
         obs_prune([], randn(2, 3, generator=generator), 0.1, 0.5)
     with pytest.raises(ValueError, match="collect_gradients: params is empty"):
         collect_gradients([], lambda batch: torch.tensor(0.0), [0])
+
+
+def test_cpu_factorization_refuses_a_pivot_of_rounding_noise(generator):
+    """The serial CPU Cholesky (windows up to 512) accepted a positive pivot at the rounding
+    level of K's diagonal, where LAPACK happened to fail: a repeated gradient at damping
+    1e-20 gave products of 3e4 (1e284 at 1e-300) where ~0.1 is right.  Such a pivot now
+    fails as LAPACK's would, with the damping error; a small but meaningful damping still
+    factors accurately."""
+    v = randn(8, dtype=torch.float64, generator=generator)
+    for damp in (1e-20, 1e-300):
+        inverse = MFACInverse(8, 4, damp, dtype=torch.float64)
+        inverse.update(v)
+        with pytest.raises(RuntimeError, match="not numerically positive definite"):
+            inverse.update_ihvp(v)
+    inverse = MFACInverse(8, 4, 1e-8, dtype=torch.float64)
+    for g in gradients(4, 8, generator):
+        inverse.update(g)
+    x = randn(8, dtype=torch.float64, generator=generator)
+    expected = reference.mfac_ihvp(inverse.grads, 1e-8, x)
+    assert rel(inverse.ihvp(x), expected) <= 1e-6  # cond(F) ~ 1e9 here: the float64 bar times cond

@@ -329,10 +329,6 @@ void combine_typed(const MfacCombineParams& p, int num_threads) {
   });
 }
 
-// A squared pivot of the Cholesky factorization or of its rank update.  Positive is not
-// enough: an overflowed Gram entry gives an inf one, which would "succeed" with an inf
-// factor (a non-finite entry elsewhere reaches a later pivot as -inf or NaN).
-inline bool valid_pivot(double square) { return square > 0.0 && std::isfinite(square); }
 
 }  // namespace
 
@@ -441,7 +437,9 @@ int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n) {
   // its pivot; then every later row i takes away U[k, i] * U[k, i:] (contiguous axpys).
   for (int64_t k = 0; k < n; ++k) {
     double* uk = A + k * a_ld;
-    if (!valid_pivot(uk[k])) return k + 1;
+    double kk = uk[k];  // A's diagonal entry: the pivot plus the squares taken away (column k of U so far)
+    for (int64_t j = 0; j < k; ++j) kk += A[j * a_ld + k] * A[j * a_ld + k];
+    if (!mfac_valid_pivot(uk[k], kk, n)) return k + 1;
     const double pivot = std::sqrt(uk[k]);
     const double inv = 1.0 / pivot;
     uk[k] = pivot;
@@ -473,7 +471,7 @@ bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, co
   }
   double diag = row[s];
   for (int64_t j = 0; j < s; ++j) diag -= y[j] * y[j];
-  if (!valid_pivot(diag)) return false;
+  if (!mfac_valid_pivot(diag, row[s], n)) return false;
   diag = std::sqrt(diag);
   // New row s right of the diagonal: (row[s+1:] - U13^T y) / diag, accumulated over the rows of U13.
   std::copy(row + s + 1, row + n, down);
@@ -509,7 +507,7 @@ bool mfac_cholesky_replace_cpu(double* U, int64_t u_ld, int64_t n, int64_t s, co
     }
     {
       const double d2 = (u[k] - down[k]) * (u[k] + down[k]);
-      if (!valid_pivot(d2)) return false;
+      if (!mfac_valid_pivot(d2, u[k] * u[k], n)) return false;
       const double r = std::sqrt(d2);
       const double c = r / u[k], sn = down[k] / u[k], inv_c = u[k] / r;
       u[k] = r;

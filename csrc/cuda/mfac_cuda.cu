@@ -182,7 +182,7 @@ struct RowRotations {
 
 // Forms the rotations of a row from its diagonal and its entries of the two vectors;
 // diag becomes the row's new diagonal.  The very formulas of the CPU sweep.
-__device__ __forceinline__ RowRotations row_rotations(double& diag, double up, double down) {
+__device__ __forceinline__ RowRotations row_rotations(double& diag, double up, double down, int64_t n) {
   RowRotations r{0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0};
   double norm = hypot(diag, up);
   r.cu = norm / diag;
@@ -190,7 +190,7 @@ __device__ __forceinline__ RowRotations row_rotations(double& diag, double up, d
   r.iu = diag / norm;
   diag = norm;
   const double d2 = (diag - down) * (diag + down);
-  if (!(d2 > 0.0 && isfinite(d2))) return r;
+  if (!mfac_valid_pivot(d2, diag * diag, n)) return r;
   norm = sqrt(d2);
   r.cd = norm / diag;
   r.sd = down / diag;
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kReplaceThreads)
     double sum = 0.0;
     for (int64_t w = 0; w < threads / kWarp; ++w) sum += warp_sums[w];
     const double d2 = row[s] - sum;
-    new_diag = d2 > 0.0 && isfinite(d2) ? sqrt(d2) : 0.0;  // as the CPU's valid_pivot
+    new_diag = mfac_valid_pivot(d2, row[s], n) ? sqrt(d2) : 0.0;  // as the CPU's check
   }
   __syncthreads();
   const double diag = new_diag;
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kReplaceThreads)
   if (t == 0) {
     double* d0 = U + (s + 1) * u_ld + s + 1;
     double d = *d0;
-    rotations[0] = row_rotations(d, up[0], down[0]);
+    rotations[0] = row_rotations(d, up[0], down[0], n);
     *d0 = d;
   }
   __syncthreads();
@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kReplaceThreads)
       up[j] = vu;
       down[j] = vd;
       if (leads) {
-        rotations[j & 1] = row_rotations(d, vu, vd);
+        rotations[j & 1] = row_rotations(d, vu, vd, n);
         *dj = d;
       }
     }

@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from .ops._library import dispatch_needed
+from .ops._library import values_readable
 
 __all__ = ["normalize_signs"]
 
@@ -28,7 +28,7 @@ def normalize_signs(U: torch.Tensor, Vh: torch.Tensor, inplace: bool = False) ->
     """
     if U.numel() == 0:  # no column, or columns of no rows (nothing to decide a sign; argmax would raise)
         return U, Vh
-    if U.device.type == "cpu" and not dispatch_needed(U):
+    if U.device.type == "cpu" and values_readable(U):
         top, bottom = U.amax(dim=-2, keepdim=True), U.amin(dim=-2, keepdim=True)
         if not bool(((top == -bottom) & (top != 0)).any()):
             sign = torch.where(-bottom > top, -1.0, 1.0).to(U.dtype)

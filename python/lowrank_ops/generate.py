@@ -251,6 +251,7 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
             raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if not (is_real_number(tol) and 0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
+    tol = float(tol)  # a NumPy scalar goes into the JSON settings
     if seed < 0:
         raise ValueError(f"seed must be >= 0; got {seed}")
     settings = {"family": family, "grid": grid, "num": num, "seed": seed, "tol": tol, "m": m, "k": k,

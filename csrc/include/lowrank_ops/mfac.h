@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "lowrank_ops/dtype.h"
+#include "lowrank_ops/host_device.h"
 
 namespace lowrank_ops {
 
@@ -87,10 +88,20 @@ void mfac_cholesky_solve_cpu(const double* U, int64_t u_ld, double* B, int64_t b
 // (measured 440-485 against 568 us per ihvp, m = 32, d = 1e5, 2 cores).
 void mfac_apply_cpu(const MfacCombineParams& p, const double* U, int64_t u_ld, const void* products, int num_threads);
 
+// Whether d, a squared pivot of the factorization of an n x n K (or of its rank update),
+// is usable: finite, and above n eps kk, the rounding of the subtraction that formed it
+// from kk (K's diagonal entry, or the rotated row's old squared pivot).  At or below it d
+// is rounding noise and K numerically singular (nearly parallel gradients, damping under
+// the Gram matrix's resolution): a factor through such a pivot gave products of 1e284
+// where 0.1 was right, and whether LAPACK's dpotrf fails on that K is rounding luck.
+LOWRANK_HOST_DEVICE inline bool mfac_valid_pivot(double d, double kk, int64_t n) {
+  return d > static_cast<double>(n) * 2.220446049250313e-16 * kk && d <= 1.7976931348623157e308;  // NaN: false
+}
+
 // Cholesky factorization in place: A [n, n] (float64, row stride a_ld; only its upper
 // triangle is read) becomes U, upper triangular with U^T U = A, zeros below the
-// diagonal.  Returns 0, or the 1-based column whose pivot was not positive and finite
-// (A not numerically positive definite, or with a non-finite entry).  O(n^3 / 3),
+// diagonal.  Returns 0, or the 1-based column whose pivot failed mfac_valid_pivot (A not
+// numerically positive definite, or with a non-finite entry).  O(n^3 / 3),
 // single-threaded for the reason above: the CPU path refactors K with it for n <= a few
 // hundred (where it takes milliseconds).
 int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
@@ -101,7 +112,7 @@ int64_t mfac_cholesky_factor_cpu(double* A, int64_t a_ld, int64_t n);
 // then one sweep of the trailing block applying, per column, the rank-1 update with the
 // old row s of U and the rank-1 downdate with the new one (LINPACK dchud/dchdd-style
 // rotations; the update first, so every intermediate matrix stays positive definite).
-// Returns false when the new diagonal or a downdate pivot is not positive and finite (K'
+// Returns false when the new diagonal or a downdate pivot fails mfac_valid_pivot (K'
 // not numerically positive definite at working precision, or a non-finite row: an
 // overflowed Gram row): U is then partly modified and the caller must refactor K' from
 // scratch.  work: 2 n doubles.  Single-threaded.

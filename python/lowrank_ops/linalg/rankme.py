@@ -7,7 +7,7 @@ from .._args import require_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._thin_svd import singular_values
-from ..ops._library import dispatch_needed
+from ..ops._library import values_readable
 
 __all__ = ["effective_rank"]
 
@@ -74,7 +74,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     eps = require_number("effective_rank", "eps", eps, 0.0, low_open=True)  # keeps log p finite
     # Checked here, not left to the eigensolver or the SVD: on inf or NaN they raise
     # unrelated LinAlgErrors (eigh: "ill-conditioned"), or return NaN, depending on the path.
-    if not dispatch_needed(Z) and not all_finite(Z):
+    if values_readable(Z) and not all_finite(Z):
         raise ValueError("effective_rank: Z has a non-finite entry (inf or nan); expected finite values")
     work = Z.float() if Z.dtype in (torch.float16, torch.bfloat16) else Z
     long_side, short_side = max(work.shape[-2:]), min(work.shape[-2:])
@@ -85,7 +85,7 @@ def effective_rank(Z: torch.Tensor, *, eps: float = 1e-7) -> torch.Tensor:
     values = _gram_singular_values if gram else singular_values
     with without_autocast(work.device):
         sigma = values(work)
-        if not dispatch_needed(sigma) and not bool(torch.isfinite(sigma).all()):
+        if values_readable(sigma) and not bool(torch.isfinite(sigma).all()):
             # Finite entries whose singular values overflow the dtype (float32 near 1e37):
             # the rank is scale-invariant, so each matrix is scaled exactly by a power of two
             # (its largest entry into [0.5, 1)) and the values recomputed.

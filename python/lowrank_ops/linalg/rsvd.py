@@ -45,7 +45,7 @@ from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from .qr import _cholesky_qr
 from .svd_backward import thin_svd_backward
-from ..ops._library import dispatch_needed
+from ..ops._library import values_readable
 
 __all__ = ["rsvd", "pca_lowrank", "range_finder", "lowrank_error", "RSVDResult", "RSVDResultWithError"]
 
@@ -788,7 +788,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         if init.device != A.device:
             raise ValueError(f"{op}: init is on {init.device}; expected the device of A, {A.device}")
     if check_finite is None:  # (not while torch.compile traces: a data-dependent branch, as effective_rank)
-        check_finite = A.device.type == "cpu" and not dispatch_needed(A)
+        check_finite = A.device.type == "cpu" and values_readable(A)
     if check_finite and not all_finite(A):
         raise ValueError(f"{op}: A contains NaN or infinite values")
     if check_finite and init is not None and not all_finite(init):

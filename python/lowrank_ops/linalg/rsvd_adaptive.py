@@ -31,7 +31,7 @@ Accuracy of the indicator: ``E`` is a difference of squared norms, each computed
 relative rounding ``~u`` (the unit roundoff of the compute dtype), so ``E`` is known to
 about ``u ||A||_F^2``: the reported error to about ``sqrt(u) ||A||_F`` (2.4e-4 relative in
 float32, 1e-8 in float64).  Tolerances below ``_MIN_TOL_UNITS sqrt(u)`` are therefore
-rejected (float32: 1e-3; use float64 input for tighter ones).
+rejected (float32: 9.8e-4; use float64 input for tighter ones).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from .rsvd import _overflow_error, _randn
 __all__ = ["adaptive_rsvd", "AdaptiveRSVDResult"]
 
 #: Smallest accepted relative tolerance, in units of sqrt(u) of the compute dtype (see the
-#: module docstring): float32 1e-3 (4 sqrt(u) = 9.8e-4, rounded up), float64 6e-8.
+#: module docstring): float32 4 sqrt(u) = 9.8e-4, float64 4.2e-8.
 _MIN_TOL_UNITS = 4.0
 
 
@@ -92,8 +92,9 @@ def adaptive_rsvd(
         float32 or float64 (float16 / bfloat16 computed in float32); dense, or a 2-D
         sparse COO / CSR / CSC matrix (read only through products, never densified).
     tol : float
-        Relative Frobenius tolerance, ``min_tol <= tol < 1`` with ``min_tol`` 1e-3 for
-        float32 and 6e-8 for float64 (the indicator's accuracy, see the module docstring).
+        Relative Frobenius tolerance, ``min_tol <= tol < 1`` with ``min_tol = 4 sqrt(u)``:
+        9.8e-4 for float32 and 4.2e-8 for float64 (the indicator's accuracy, see the
+        module docstring).
     max_rank : int, optional
         Largest rank to build (default ``min(m, n)``): the search stops there and reports
         ``converged=False`` if the tolerance is not met.

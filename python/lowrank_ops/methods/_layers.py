@@ -41,22 +41,26 @@ def matches(name: str, patterns: Union[None, str, Sequence[str]]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
-def linear_targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Linear]:
+def linear_targets(op: str, model: torch.nn.Module, target_modules, refuse_tied: bool = True
+                   ) -> Dict[str, torch.nn.Linear]:
     """Name -> module of every plain ``nn.Linear`` of ``model`` whose name matches the fnmatch
     ``target_modules`` (a pattern or a sequence; None: all), each module once under its
-    first name (:func:`linear_sites`); a ValueError when patterns are given and nothing matches."""
+    first name (:func:`linear_sites`, ``refuse_tied`` as there); a ValueError when patterns
+    are given and nothing matches."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module; got {type(model).__name__}")
-    return {names[0]: linear for linear, names in linear_sites(op, model, target_modules)}
+    return {names[0]: linear for linear, names in linear_sites(op, model, target_modules, refuse_tied)}
 
 
-def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Sequence[str]]
-                 ) -> List[Tuple[torch.nn.Linear, List[str]]]:
+def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Sequence[str]],
+                 refuse_tied: bool = True) -> List[Tuple[torch.nn.Linear, List[str]]]:
     """Every plain ``nn.Linear`` of ``model`` whose name matches ``patterns`` (None: all),
     once, with every name it is registered under (a module shared by two parents must be
     replaced under both, or the tie breaks); a ValueError when patterns are given and
-    nothing matches.  Plain: ``type(module) is nn.Linear``, since a subclass (MultiheadAttention's
-    ``out_proj``) is read by its parent through ``.weight``, which a replacement lacks."""
+    nothing matches, and (``refuse_tied``: for callers that replace the layers) when a
+    layer's weight or bias is also another module's Parameter.  Plain: ``type(module) is
+    nn.Linear``, since a subclass (MultiheadAttention's ``out_proj``) is read by its parent
+    through ``.weight``, which a replacement lacks."""
     if patterns is not None:  # a string is one pattern; any other iterable is read once
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     sites: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
@@ -69,7 +73,7 @@ def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Seq
                 holders.setdefault(id(parameter), []).append((id(module), f"{name}.{attribute}" if name else attribute))
     if patterns is not None and not sites:
         raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
-    for linear, names in sites.values():  # tied weights: a replacement would silently untie them
+    for linear, names in sites.values() if refuse_tied else ():  # a replacement would silently untie them
         for attribute in ("weight", "bias"):
             others = [other for module, other in holders.get(id(linear._parameters.get(attribute)), [])
                       if module != id(linear)]

@@ -151,6 +151,8 @@ def obs_prune(params: Sequence[torch.Tensor], grads: torch.Tensor, damp: float, 
     params = list(params)
     if not params:
         raise ValueError("obs_prune: params is empty; expected the tensors whose entries grads' columns follow")
+    if isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 and not sparsity.is_complex():
+        sparsity = float(sparsity)  # a 0-d tensor (a schedule's) is a number
     if not is_real_number(sparsity) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"obs_prune: sparsity must be a number in [0, 1]; got {sparsity!r}")
     with torch.no_grad():

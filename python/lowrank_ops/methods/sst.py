@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Union
 
+import numpy as np
 import torch
 
 from .._args import require_int
@@ -66,6 +67,8 @@ def convert(model: torch.nn.Module, rank: Optional[int] = None, sample_rank: Uni
                         "(e.g. nn.Sequential(linear)) and convert that")
     if rank is not None:
         rank = require_int(op, "rank", rank)
+    if isinstance(sample_rank, np.floating):  # a NumPy fraction is a fraction too
+        sample_rank = float(sample_rank)
     if isinstance(sample_rank, float):
         if not 0.0 < sample_rank <= 1.0:
             raise ValueError(f"{op}: sample_rank must be an int >= 1 or a fraction in (0, 1]; got {sample_rank}")

@@ -101,8 +101,8 @@ class WeLoreReport(lowrank_compress.CompressionReport):
                 f"{len(self.replaced)} low-rank component(s); trainable parameters after: {self.trainable_after:,}")
 
 
-def _targets(op: str, model: torch.nn.Module, target_modules) -> Dict[str, torch.nn.Linear]:
-    found = linear_targets(op, model, target_modules)
+def _targets(op: str, model: torch.nn.Module, target_modules, replacing: bool) -> Dict[str, torch.nn.Linear]:
+    found = linear_targets(op, model, target_modules, refuse_tied=replacing)  # reading spectra unties nothing
     for name, linear in found.items():
         if not all_finite(linear.weight):
             raise ValueError(f"{op}: the weight of {name} holds NaN or infinite values")
@@ -140,7 +140,7 @@ def singular_spectra(model: torch.nn.Module, *, target_modules: Optional[Union[s
     """Singular values ``[min(out, in)]`` (float64, descending, on the weight's device) of
     every targeted ``nn.Linear`` weight (default: every module whose type is exactly ``nn.Linear``;
     fnmatch ``target_modules`` otherwise), same-shape weights in one batched call."""
-    targets = _targets("singular_spectra", model, target_modules)
+    targets = _targets("singular_spectra", model, target_modules, replacing=False)
     groups: Dict[tuple, List[str]] = {}
     for name, linear in targets.items():
         w = linear.weight
@@ -262,7 +262,7 @@ def analyze(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio:
     from the exact spectra; ``parameters_after`` and ``trainable_after`` are what
     :func:`compress` would give (with ``freeze=True``).
     """
-    targets = _targets("analyze", model, target_modules)
+    targets = _targets("analyze", model, target_modules, replacing=False)
     spectra = singular_spectra(model, target_modules=target_modules)
     shapes = {name: tuple(linear.weight.shape) for name, linear in targets.items()}
     tau, ranks = choose_ranks(spectra, shapes, threshold=threshold, ratio=ratio, min_saving=min_saving)
@@ -334,7 +334,7 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
         raise TypeError(f"{op}: model is itself an nn.Linear, which cannot be replaced in place; wrap it "
                         "(e.g. nn.Sequential(linear)) and compress that")
     report = analyze(model, threshold=threshold, ratio=ratio, target_modules=target_modules, min_saving=min_saving)
-    targets = _targets(op, model, target_modules)
+    targets = _targets(op, model, target_modules, replacing=True)
     for name in report.replaced:  # before any change (rsvd would reject it at the first LRC it draws for)
         require_generator(op, "generator", generator, targets[name].weight.device, f"the weight of {name}")
     names_of = {id(linear): names for linear, names in linear_sites(op, model, target_modules)}

@@ -1,7 +1,6 @@
 """The one ``torch.library`` namespace that every op family defines its ops in."""
 import functools
 import inspect
-import itertools
 from typing import Callable, Optional
 
 import torch
@@ -22,15 +21,32 @@ def dispatch_needed(tensor: Optional[torch.Tensor] = None) -> bool:
     """Whether a call must go through the registered ops (see :func:`eager_or_op`): while
     torch.compile or torch.export traces, inside a torch.func transform, under a
     FakeTensorMode, or for a meta or fake ``tensor``."""
-    return (torch.compiler.is_compiling() or in_functorch_transform()
+    return (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
             or torch._C._get_dispatch_mode(_FAKE_MODE) is not None
             or (tensor is not None and (tensor.is_meta or isinstance(tensor, FakeTensor))))
 
 
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values can be read on the host, for data-dependent checks
+    (finiteness, overflow rescaling): not while torch.compile traces, not for meta or fake
+    tensors, and not under vmap (batched values); under grad-like transforms they can."""
+    if (torch.compiler.is_compiling() or tensor.is_meta or isinstance(tensor, FakeTensor)
+            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None):
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return True
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    vmap = torch._C._functorch.TransformType.Vmap
+    return all(interpreter.key() != vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
 def in_functorch_transform() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) is active: the fused ops'
-    autograd Functions are opaque to them, so the public functions then compose torch ops."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    autograd Functions are opaque to them, so the public functions then compose torch ops.
+    Not while torch.compile traces, which runs under such an interpreter itself (the
+    registered ops are what it must see)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
 
 
 def eager_or_op(name: str, impl: Callable) -> Callable:
@@ -39,20 +55,19 @@ def eager_or_op(name: str, impl: Callable) -> Callable:
     64, ~40 of a 180 us SpMV), or the op itself wherever the dispatcher must decide and no
     raw pointer can be taken: while torch.compile or torch.export traces, inside a
     torch.func transform (vmap, grad: the op's own error instead of a data-pointer one),
-    under a FakeTensorMode, and for meta or fake tensors (the fake impl infers the shapes).
-    The call's first tensor argument stands for all (the ops refuse meta mixed with real
-    tensors)."""
-    op = getattr(torch.ops.lowrank_ops, name)
+    under a FakeTensorMode, and for meta or fake tensors (the fake impl infers the shapes;
+    the call's first tensor argument stands for all: the ops refuse meta mixed with real
+    tensors).  About 1 us of checks per call."""
     if dispatch_needed():
-        return op
+        return getattr(torch.ops.lowrank_ops, name)
+    return functools.partial(_eager_call, name, impl)
 
-    def call(*args, **kwargs):
-        for value in itertools.chain(args, kwargs.values()):
-            if isinstance(value, torch.Tensor):
-                return op(*args, **kwargs) if value.is_meta or isinstance(value, FakeTensor) else impl(*args, **kwargs)
-        return impl(*args, **kwargs)
 
-    return call
+def _eager_call(name: str, impl: Callable, *args, **kwargs):
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    if isinstance(first, torch.Tensor) and (first.is_meta or isinstance(first, FakeTensor)):
+        return getattr(torch.ops.lowrank_ops, name)(*args, **kwargs)
+    return impl(*args, **kwargs)
 
 
 def register_fake(name: str, fake: Callable) -> None:

@@ -338,7 +338,7 @@ torch.library.register_autograd(
 
 # ---------------------------------------------------------------------------- public API
 def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -> torch.Tensor:
-    """``G_n x^T``: the dot products of the first ``n_rows`` buffer rows with each vector.
+    """``x G_n^T`` ``[k, n]``: the dot products of each vector with the first ``n_rows`` buffer rows.
 
     Parameters
     ----------

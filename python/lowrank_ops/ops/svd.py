@@ -53,7 +53,7 @@ from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import singular_values, thin_svd
-from ._library import LIBRARY, current_stream, dispatch_needed, register_fake
+from ._library import LIBRARY, current_stream, register_fake, values_readable
 
 __all__ = [
     "batched_svd", "BatchedSVDResult", "MAX_JACOBI_SIZE", "CPU_MAX_JACOBI_SIZE", "jacobi_size_limit", "default_tol",
@@ -306,7 +306,7 @@ def _delegate(A3: torch.Tensor, compute_uv: bool, needs_grad: bool):
     X = A3 if A3.dtype in (torch.float32, torch.float64) else A3.float()
     # Checked first (all_finite: 0.1 % of the call at 256 x 256): LAPACK (MKL) would print errors
     # to stderr on non-finite input.
-    if not dispatch_needed(X) and not all_finite(X):
+    if values_readable(X) and not all_finite(X):
         raise ValueError("batched_svd: A has a non-finite entry (inf or nan); expected finite values")
     if compute_uv:
         U, S, Vh = thin_svd(X)

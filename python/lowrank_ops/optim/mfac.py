@@ -124,19 +124,23 @@ class MFAC(torch.optim.Optimizer):
             if mask is not None:
                 g = g[mask]
             direction = inverse.update_ihvp(g)
+            keep = None
             if any(p.grad is None for p in params):
                 # F^-1 g reaches them through the window's earlier gradients: as torch's
-                # optimizers, a parameter without a gradient is left alone (no step, nothing
-                # added to the momentum buffer for it).
+                # optimizers, a parameter without a gradient is left alone (no step, and its
+                # momentum neither grows nor decays).
                 keep = torch.cat([torch.full((p.numel(),), p.grad is not None, device=g.device) for p in params])
-                direction = direction * (keep if mask is None else keep[mask]).to(direction.dtype)
+                keep = keep if mask is None else keep[mask]
+                direction = direction * keep.to(direction.dtype)
             if group["momentum"] > 0:
                 state = self.state[params[0]]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = direction.clone()
-                else:
+                elif keep is None:
                     buf.mul_(group["momentum"]).add_(direction)
+                else:
+                    buf.mul_(torch.where(keep, group["momentum"], 1.0).to(buf.dtype)).add_(direction)
                 direction = buf
             if mask is not None:
                 direction = direction.new_zeros(mask.shape).masked_scatter_(mask, direction)

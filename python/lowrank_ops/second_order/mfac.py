@@ -325,9 +325,11 @@ class MFACInverse:
         except _NotPositiveDefinite:  # no product for this window: undone as update's errors undo it
             if was_full:
                 self.reset()
-            else:
+            else:  # back to the zeros the slot held outside the window, its Gram row and column too
                 self.count -= 1
                 self.grads[self.count].zero_()
+                self.gram[self.count].zero_()
+                self.gram[:, self.count].zero_()
                 self._factor = None
             raise
 

@@ -24,7 +24,8 @@
 #   GPU_CHECK_MEMCHECK="tests/test_mfac.py tests/test_ot.py tests/test_svd.py tests/test_krylov.py tests/test_dora.py tests/test_sparse.py tests/test_lora_multi.py"
 #   GPU_CHECK_BENCH_FAMILIES="lora lora_multi svd mfac" GPU_CHECK_BENCH_FULL=0 GPU_CHECK_BENCH_SECONDS=45
 # With a second call's time to spare, racecheck and synccheck of the kernels that share
-# memory inside a block (never run yet): GPU_CHECK_STEPS=memcheck GPU_CHECK_MEMCHECK=tests/test_mfac.py
+# memory inside a block (never run yet; they run inside the memcheck step, after it):
+#   GPU_CHECK_STEPS=memcheck GPU_CHECK_MEMCHECK=tests/test_mfac.py GPU_CHECK_RACECHECK_SECONDS=200
 #   GPU_CHECK_RACECHECK="tests/test_svd.py tests/test_lora_multi.py tests/test_krylov.py tests/test_mfac.py"
 set -u
 cd "$(dirname "$0")/.."
@@ -107,13 +108,11 @@ elif command -v compute-sanitizer > /dev/null && "$PY" -c "import lowrank_ops, s
   # racecheck (shared-memory hazards) and synccheck (barriers reached by part of a block)
   # on the test files in GPU_CHECK_RACECHECK only (unset: skipped; each tool is 10-100x
   # slower than memcheck), selected by GPU_CHECK_RACECHECK_K (a pytest -k expression),
-  # e.g. the kernels that share memory inside a block:
-  #   GPU_CHECK_RACECHECK="tests/test_svd.py tests/test_lora_multi.py tests/test_krylov.py"
-  #   GPU_CHECK_RACECHECK_K="not compile and not graph and not gradcheck"
-  if [ -n "${GPU_CHECK_RACECHECK:-}" ]; then
-    read -ra race_files <<< "$GPU_CHECK_RACECHECK"
+  # e.g. the kernels that share memory inside a block (see the header).
+  read -ra race_files <<< "${GPU_CHECK_RACECHECK:-}"
+  if [ "${#race_files[@]}" -gt 0 ]; then
     for tool in racecheck synccheck; do
-      step "$tool" "${GPU_CHECK_RACECHECK_SECONDS:-60}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      step "$tool" "${GPU_CHECK_RACECHECK_SECONDS:-120}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
         --target-processes all "$PY" -m pytest -m cuda -q -p no:cacheprovider "${race_files[@]}" \
         -k "${GPU_CHECK_RACECHECK_K:-not compile and not graph and not gradcheck}"
     done

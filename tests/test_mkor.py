@@ -641,3 +641,31 @@ def test_resumed_run_folds_the_scale_at_the_same_steps():
         run(resumed, resumed_optimizer, 10, 40)
     for p, q in zip(net.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_model_copies_carry_inert_hooks():
+    """deepcopy(model) (an EMA or evaluation copy) and torch.save(model) copied the hooks'
+    optimizer half-built: the copy's first forward raised.  The hooks now hold the optimizer
+    weakly and copy as inert hooks; the original keeps training, and dropping the optimizer
+    frees it (the model no longer keeps it alive)."""
+    import gc
+    import weakref
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(nn.Linear(4, 3))
+        optimizer = MKOR(model, lr=0.1)
+        copied = copy.deepcopy(model)
+        copied(torch.randn(2, 4)).sum().backward()
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=False)(torch.randn(2, 4)).sum().backward()
+        model(torch.randn(5, 4)).sum().backward()
+        assert optimizer._layers[0].a_rows == 5  # the original's hooks still capture
+        optimizer.step()
+        alive = weakref.ref(optimizer)
+        del optimizer
+        gc.collect()
+        assert alive() is None
+        model(torch.randn(2, 4)).sum().backward()  # inert now

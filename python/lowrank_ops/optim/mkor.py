@@ -105,6 +105,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -344,6 +345,27 @@ class ShermanMorrisonInverse:
         return inverse
 
 
+class _Hook:
+    """A module hook that calls ``optimizer.<method>``, holding the optimizer weakly: the
+    model does not keep it alive, and a deep copy or a pickle of the model (an EMA copy,
+    ``torch.save(model)``) carries an inert hook instead of a copy of the optimizer (a
+    copied MKOR lacked its layer map: the copy's first forward raised)."""
+
+    def __init__(self, optimizer: Optional["MKOR"], method: str):
+        self._optimizer = None if optimizer is None else weakref.ref(optimizer)
+        self._method = method
+
+    def __call__(self, *args):
+        optimizer = None if self._optimizer is None else self._optimizer()
+        return None if optimizer is None else getattr(optimizer, self._method)(*args)
+
+    def __deepcopy__(self, memo) -> "_Hook":
+        return _Hook(None, self._method)
+
+    def __reduce__(self):
+        return (_Hook, (None, self._method))
+
+
 class _Layer:
     """One preconditioned Linear layer: its parameters and the statistics captured since
     the last step (sums in the factor dtype)."""
@@ -507,8 +529,8 @@ class MKOR(torch.optim.Optimizer):
         self._by_module = {id(layer.module): layer for layer in self._layers}
         self._handles = []
         for layer in self._layers:
-            self._handles.append(layer.module.register_forward_pre_hook(self._capture_input))
-            self._handles.append(layer.module.register_full_backward_hook(self._capture_grad_output))
+            self._handles.append(layer.module.register_forward_pre_hook(_Hook(self, "_capture_input")))
+            self._handles.append(layer.module.register_full_backward_hook(_Hook(self, "_capture_grad_output")))
 
     # ------------------------------------------------------------------ hooks
     def remove_hooks(self) -> None:
@@ -529,8 +551,8 @@ class MKOR(torch.optim.Optimizer):
     def _capture_input(self, module: nn.Module, args) -> None:
         if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
             return
-        layer = self._by_module[id(module)]
-        if not self._capturing(layer):
+        layer = self._by_module.get(id(module))
+        if layer is None or not self._capturing(layer):
             return
         with torch.no_grad():
             x = args[0].detach()
@@ -543,8 +565,8 @@ class MKOR(torch.optim.Optimizer):
         g = grad_output[0] if grad_output else None
         if g is None:
             return
-        layer = self._by_module[id(module)]
-        if not self._capturing(layer):
+        layer = self._by_module.get(id(module))
+        if layer is None or not self._capturing(layer):
             return
         with torch.no_grad():
             total = g.detach().reshape(-1, g.shape[-1]).sum(0, dtype=self._dtype(layer))

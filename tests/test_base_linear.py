@@ -182,10 +182,15 @@ def test_mismatched_operands_raise_instead_of_reading_out_of_bounds(monkeypatch,
 
     monkeypatch.setattr(module, "SMALL_BATCH_MIN_WEIGHT", 1)
     weight = randn(64, 128, generator=generator)
-    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+    with pytest.raises(ValueError, match=r"base_linear: x has shape \(8, 64\) and weight \(64, 128\); expected x "
+                                         r"\[N, in\] and weight \[out, in\]"):
         torch.ops.lowrank_ops.base_linear(randn(8, 64, generator=generator), weight, None)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match=r"base_linear_grad_input: grad_y has shape \(1, 32\)"):
         torch.ops.lowrank_ops.base_linear_grad_input(randn(1, 32, generator=generator), weight)
+    with pytest.raises(ValueError, match="base_linear: weight is torch.float64 on cpu; expected x's torch.float32"):
+        torch.ops.lowrank_ops.base_linear(randn(8, 128, generator=generator), weight.double(), None)
+    with pytest.raises(ValueError, match=r"bias has shape \(2, 64\); expected \(out,\) = \(64,\)"):
+        module.base_linear(randn(8, 128, generator=generator), weight, randn(2, 64, generator=generator))
     x3 = randn(2, 8, 128, generator=generator)
     torch.testing.assert_close(module.base_linear(x3, weight), x3 @ weight.T)
 
@@ -248,7 +253,7 @@ def test_kernel_reads_only_a_dense_out_bias(monkeypatch, generator):
     forward = torch.ops.lowrank_ops.base_linear
     broadcast = randn(1, generator=generator)
     torch.testing.assert_close(forward(x, weight, broadcast), torch.addmm(broadcast, x, weight.T))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="bias is torch.float64 on cpu; expected x's torch.float32"):
         forward(x, weight, randn(24, dtype=torch.float64, generator=generator))
     bias = randn(24, generator=generator)  # the kernel's case: same result as addmm
     torch.testing.assert_close(forward(x, weight, bias), torch.addmm(bias, x, weight.T))

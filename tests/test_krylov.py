@@ -1685,3 +1685,10 @@ def test_default_tolerance_follows_the_dtype(generator):
             assert residual <= 2 * DEFAULT_TOL[dtype], (dtype, float(residual))
         result = solve_sequence([(A.to(dtype), b.to(dtype)), (A.to(dtype), 2 * b.to(dtype))])
         assert all(info.converged for info in result.infos), dtype
+
+
+def test_spmv_op_names_an_empty_x():
+    with pytest.raises(ValueError, match=r"krylov_spmv_: x is empty, but the matrix has 2 entries"):
+        torch.ops.lowrank_ops.krylov_spmv_(torch.tensor([0, 1, 2]), torch.tensor([0, 1]),
+                                           torch.ones(2, dtype=torch.float64), torch.empty(0, dtype=torch.float64),
+                                           torch.empty(2, dtype=torch.float64))

@@ -698,3 +698,23 @@ def test_load_with_assign_into_a_merged_layer_leaves_the_callers_tensors(generat
     other = LoRALinear(torch.nn.Linear(8, 4), r=2)
     other.load_state_dict(state)
     torch.testing.assert_close(other(x), source(x), rtol=0, atol=0)
+
+
+def test_raw_ops_check_their_scalars():
+    """The registered ops, called directly, check the scalars the public functions check
+    (dropout p = -0.5 scaled everything by 0.667, p = 1 raised ZeroDivisionError; a NaN
+    scale or eps <= 0 gave NaN)."""
+    ops = torch.ops.lowrank_ops
+    x, seed = torch.ones(4, 8), torch.tensor(3)
+    for p in (-0.5, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="lora_dropout: dropout_p must be (in|finite)"):
+            ops.lora_dropout(x, seed, p)
+    W, A, B = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="lora_linear_fwd: dropout_p must be in"):
+        ops.lora_linear_fwd(x, W, A, B, None, None, seed, 1.0, -3.0)
+    with pytest.raises(ValueError, match="lora_linear_fwd: scale must be finite"):
+        ops.lora_linear_fwd(x, W, A, B, None, None, None, float("nan"), 0.0)
+    with pytest.raises(ValueError, match="dora_linear_fwd: eps must be > 0"):
+        ops.dora_linear_fwd(x, W, A, B, torch.rand(6), None, None, 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="dora_row_norm: scale must be finite"):
+        ops.dora_row_norm(torch.randn(8, 32), torch.randn(4, 32), torch.randn(8, 4), float("nan"))

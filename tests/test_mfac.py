@@ -1145,3 +1145,23 @@ def test_cpu_factorization_refuses_a_pivot_of_rounding_noise(generator):
     x = randn(8, dtype=torch.float64, generator=generator)
     expected = reference.mfac_ihvp(inverse.grads, 1e-8, x)
     assert rel(inverse.ihvp(x), expected) <= 1e-6  # cond(F) ~ 1e9 here: the float64 bar times cond
+
+
+def test_raw_ops_refuse_aliasing_and_non_finite_scalars(generator):
+    """Found by calling the registered ops with adversarial arguments: x as rows of the
+    buffer it writes (mfac_dots_write_ read a row after overwriting it), a work buffer
+    inside the factor (mfac_cholesky_replace_ reported success with a wrong factor), and
+    NaN alpha / beta in mfac_apply (NaN out, while mfac_combine refused them)."""
+    ops = torch.ops.lowrank_ops
+    G = randn(6, 10, generator=generator)
+    with pytest.raises(ValueError, match="grads must not share memory with x"):
+        ops.mfac_dots_write_(G, G[0:2], 4, 1)
+    n = 5
+    U = torch.eye(n, dtype=torch.float64)
+    row = torch.randn(n, dtype=torch.float64, generator=generator)
+    with pytest.raises(ValueError, match="work must not share memory with factor"):
+        ops.mfac_cholesky_replace_(U, 2, row, U.view(-1)[:2 * n])
+    G64, x = randn(6, 10, dtype=torch.float64, generator=generator), randn(2, 10, dtype=torch.float64,
+                                                                            generator=generator)
+    with pytest.raises(ValueError, match="mfac_apply: alpha must be finite; got nan"):
+        ops.mfac_apply(G64, x, 4, torch.eye(4, dtype=torch.float64), float("nan"), -1.0, None)

@@ -872,3 +872,26 @@ def test_default_tolerance_follows_the_dtype(solver, generator):
         assert torch.equal(result.f, explicit.f) and int(result.iterations) == int(explicit.iterations)
     with pytest.raises(ValueError, match=r"tol must be None or a finite number >= 0; got -1\.0"):
         solver(None, None, C, 0.05, tol=-1.0)
+
+
+def test_sparsify_fill_refuses_a_row_ptr_that_disagrees_with_the_entries():
+    """The registered op trusted row_ptr where no kernel call compared it with the entries:
+    entries given to an inactive problem came back as column 0, value 0 (not a CSR), and a
+    row_ptr of zeros returned an empty pattern while entries passed the threshold."""
+    ops = torch.ops.lowrank_ops
+    B, n, m = 2, 5, 4
+    C = torch.rand(B, n, m, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f, g = torch.zeros(B, n, dtype=torch.float64), torch.zeros(B, m, dtype=torch.float64)
+    threshold = torch.full((B,), -3.0, dtype=torch.float64)
+    counts = ops.ot_sparsify_count(C, None, None, f, g, 0.1, 0, None, False, threshold)
+    row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with pytest.raises(ValueError, match="row_ptr gives the inactive problems .* entries; expected 0"):
+        ops.ot_sparsify_fill(C, None, None, f, g, 0.1, 0, torch.tensor([True, False]), False, threshold, row_ptr)
+    with pytest.raises(ValueError, match=f"row_ptr gives 0 entries; {int(counts.sum())} pass the threshold"):
+        ops.ot_sparsify_fill(C, None, None, f, g, 0.1, 0, None, False, threshold, torch.zeros(B * n + 1,
+                                                                                              dtype=torch.int64))
+    active = torch.tensor([True, False])
+    counts = ops.ot_sparsify_count(C, None, None, f, g, 0.1, 0, active, False, threshold)
+    row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    col_idx, values = ops.ot_sparsify_fill(C, None, None, f, g, 0.1, 0, active, False, threshold, row_ptr)
+    assert col_idx.numel() == int(counts.sum()) == int(counts[:n].sum())

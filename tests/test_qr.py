@@ -325,7 +325,7 @@ def test_registered_ops_check_their_arguments(generator):
         ops.tall_gram(Y.half())
     with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
         ops.tall_cholesky(torch.eye(4), -1, True)
-    with pytest.raises(ValueError, match=r"cholesky_qr_: plain_passes must be an int >= 1 with shift=False; got 0"):
+    with pytest.raises(ValueError, match=r"cholesky_qr_: plain_passes must be an int in \[1, 16\] with shift=False; got 0"):
         ops.cholesky_qr_(Y.clone(), False, 0)
     shared = randn(1, 64, 4, dtype=torch.float64, generator=generator).expand(3, 64, 4)
     R3 = (torch.eye(4, dtype=torch.float64) * 2).expand(3, 4, 4)
@@ -356,7 +356,7 @@ def test_bad_input_errors():
         tall_cholesky(torch.randn(4, 3), 10, True)
     with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got -1"):
         tall_cholesky(R, -1, True)
-    with pytest.raises(ValueError, match="cholesky_qr_: plain_passes must be an int >= 1 with shift=False; got 0"):
+    with pytest.raises(ValueError, match="cholesky_qr_: plain_passes must be an int in \\[1, 16\\] with shift=False; got 0"):
         cholesky_qr_(Y.clone(), False, 0)
     with pytest.raises(ValueError, match="cholesky_qr_: Y has strides"):
         cholesky_qr_(torch.randn(10, 8)[:, ::2], True, 1)
@@ -366,3 +366,27 @@ def test_bad_input_errors():
         tall_scale_(torch.randn(10, 8)[:, ::2])
     with pytest.raises(ValueError, match="tall_solve_upper_: Y requires grad"):
         tall_solve_upper_(Y.clone().requires_grad_(), R)
+
+
+def test_raw_ops_refuse_hangs_overlaps_and_overflow():
+    """Found by calling the registered ops with adversarial arguments: plain_passes = 2^40
+    hung (now capped at 16, as every pass after the third changes nothing); an as_strided Y
+    with overlapping rows passed tall_solve_upper_'s check (torch calls it "too hard") and
+    came back wrong, while a column slice of a wider block (also "too hard") is fine; a huge
+    rows overflowed the shift's int64 product (NaN R; the torch composition stayed finite)."""
+    ops = torch.ops.lowrank_ops
+    with pytest.raises(ValueError, match=r"plain_passes must be an int in \[0, 16\] with shift=True; got 1099511627776"):
+        ops.cholesky_qr_(torch.randn(10, 3), True, 2**40)
+    R = torch.triu(torch.rand(3, 3, dtype=torch.float64)) + torch.eye(3, dtype=torch.float64)
+    overlapping = torch.randn(20, dtype=torch.float64).as_strided((6, 3), (2, 1))
+    with pytest.raises(ValueError, match="elements share memory"):
+        ops.tall_solve_upper_(overlapping, R)
+    columns = torch.randn(6, 5, dtype=torch.float64)[:, :3]
+    expected = torch.linalg.solve_triangular(R, columns, upper=True, left=False)
+    ops.tall_solve_upper_(columns, R)
+    torch.testing.assert_close(columns, expected)
+    Y = torch.randn(10, 3, dtype=torch.float64)
+    gram = Y.T @ Y
+    huge = ops.tall_cholesky(gram, 2**62, True)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, shifted_cholesky(gram, 2**62, True), rtol=1e-12, atol=0)

@@ -326,7 +326,9 @@ void cholesky_typed(const TallCholeskyParams& p, int num_threads) {
     A* r = static_cast<A*>(p.r) + b * n * n;
     A trace = 0;
     for (int64_t i = 0; i < n; ++i) trace += g[i * n + i];
-    const A first = p.shift ? A(11) * static_cast<A>(p.rows * n + n * (n + 1)) * unit * trace + tiny + tiny : tiny;
+    // m n + n (n + 1) in floating point: an int64 product overflowed for huge rows (NaN R).
+    const A size = static_cast<A>(p.rows) * static_cast<A>(n) + static_cast<A>(n) * static_cast<A>(n + 1);
+    const A first = p.shift ? A(11) * size * unit * trace + tiny + tiny : tiny;
     if (shifted_cholesky(g, r, n, first)) return;
     if (!p.shift && shifted_cholesky(g, r, n, static_cast<A>(n) * unit * trace + tiny)) return;
     std::fill(r, r + n * n, std::numeric_limits<A>::quiet_NaN());

@@ -24,7 +24,7 @@ from typing import Tuple
 import torch
 
 from .._autocast import without_autocast
-from ..ops.qr import cholesky_qr_, cholesky_qr_torch
+from ..ops.qr import _MAX_PLAIN_PASSES, cholesky_qr_, cholesky_qr_torch
 
 __all__ = ["cholesky_qr2"]
 
@@ -83,8 +83,8 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         raise ValueError(f"cholesky_qr2: Y has shape {tuple(Y.shape)}; expected a tall block with m >= n")
     if not Y.dtype.is_floating_point:
         raise TypeError(f"cholesky_qr2: Y has dtype {Y.dtype}; expected a floating dtype")
-    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
-        raise ValueError(
-            f"cholesky_qr2: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; got {plain_passes!r}"
-        )
+    if (isinstance(plain_passes, bool) or not isinstance(plain_passes, int)
+            or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES):
+        raise ValueError(f"cholesky_qr2: plain_passes must be an int in [{0 if shift else 1}, {_MAX_PLAIN_PASSES}] "
+                         f"with shift={shift}; got {plain_passes!r}")
     return _cholesky_qr(Y, shift, plain_passes, overwrite=False)

@@ -35,3 +35,14 @@ def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     constant under non-strict export); with ``n = 0`` the -1 is ambiguous and the count is
     spelled out."""
     return x.reshape(-1, x.shape[-1]) if x.shape[-1] != 0 else x.reshape(x.shape[:-1].numel(), 0)
+
+
+def require_apart(op: str, written: str, tensor: torch.Tensor, **read: torch.Tensor) -> None:
+    """ValueError when the written ``tensor`` shares storage with one of the tensors ``read``
+    (a kernel reading those while writing it would read what it wrote)."""
+    if tensor.numel() == 0:
+        return
+    storage = tensor.untyped_storage().data_ptr()
+    for name, other in read.items():
+        if other is not None and other.numel() and other.untyped_storage().data_ptr() == storage:
+            raise ValueError(f"{op}: {written} must not share memory with {name} (it is written while {name} is read)")

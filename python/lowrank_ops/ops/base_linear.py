@@ -162,7 +162,28 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         Not differentiable by itself: the callers are the forward implementations of ops
         with their own backward.
     """
+    _check_linear_args("base_linear", x, weight, bias, batched=True)
     return forward_op()(x, weight, bias)
+
+
+def _check_linear_args(op: str, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       rows_name: str = "x", batched: bool = False) -> None:
+    """Floating operands of one dtype and device, ``rows [N, in]`` or ``[N, out]`` as the op
+    needs (``[..., N, *]`` with ``batched``: the public functions), and a bias ``[out]`` (or
+    ``[1]``, broadcast): the public functions' and the registered ops' checks."""
+    side = "in" if rows_name == "x" else "out"
+    matched = (weight.shape[1] if side == "in" else weight.shape[0]) if weight.dim() == 2 else None
+    if not (rows.dim() >= 2 if batched else rows.dim() == 2) or weight.dim() != 2 or rows.shape[-1] != matched:
+        raise ValueError(f"{op}: {rows_name} has shape {tuple(rows.shape)} and weight {tuple(weight.shape)}; expected "
+                         f"{rows_name} [{'..., ' if batched else ''}N, {side}] and weight [out, in]")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and (tensor.dtype != rows.dtype or tensor.device != rows.device):
+            raise ValueError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; expected {rows_name}'s "
+                             f"{rows.dtype} on {rows.device}")
+    if not rows.is_floating_point():
+        raise TypeError(f"{op}: {rows_name} has dtype {rows.dtype}; expected a floating dtype")
+    if bias is not None and (bias.dim() > 1 or bias.numel() not in (1, weight.shape[0])):  # [1] broadcasts
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}; expected (out,) = ({weight.shape[0]},)")
 
 
 def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -191,6 +212,7 @@ def base_linear_grad_input(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.
         elements, AVX-512), else ``grad_y @ weight``.  Not differentiable by itself: the
         callers are backward implementations.
     """
+    _check_linear_args("base_linear_grad_input", grad_y, weight, rows_name="grad_y", batched=True)
     return grad_input_op()(grad_y, weight)
 
 
@@ -209,8 +231,20 @@ def _base_linear_grad_input_fake(grad_y, weight):
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
-for _name, _impl, _fake in [("base_linear", _base_linear, _base_linear_fake),
-                            ("base_linear_grad_input", _base_linear_grad_input, _base_linear_grad_input_fake)]:
+def _base_linear_op(x, weight, bias):
+    _check_linear_args("base_linear", x, weight, bias)
+    return _base_linear(x, weight, bias)
+
+
+def _base_linear_grad_input_op(grad_y, weight):
+    _check_linear_args("base_linear_grad_input", grad_y, weight, rows_name="grad_y")
+    return _base_linear_grad_input(grad_y, weight)
+
+
+# The registered ops check their arguments (direct callers); the ops' own autograd code
+# calls the implementations through forward_op / grad_input_op, unchecked.
+for _name, _impl, _fake in [("base_linear", _base_linear_op, _base_linear_fake),
+                            ("base_linear_grad_input", _base_linear_grad_input_op, _base_linear_grad_input_fake)]:
     LIBRARY.impl(_name, _impl, "CPU")
     LIBRARY.impl(_name, _impl, "CUDA")
     register_fake(_name, _fake)

@@ -86,8 +86,9 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     return coef, factor_B
 
 
-def _check_norm_args(weight, lora_A, lora_B) -> None:
+def _check_norm_args(weight, lora_A, lora_B, scale) -> None:
     check_adapter("dora_row_norm", None, weight, lora_A, lora_B)
+    _check_number("dora_row_norm", "scale", scale)
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
@@ -116,7 +117,7 @@ def _fused_row_norm(weight, lora_A, lora_B, scale):
 
 
 def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
-    _check_norm_args(weight, lora_A, lora_B)
+    _check_norm_args(weight, lora_A, lora_B, scale)
     if weight.dtype == torch.float32 and weight.numel() < SMALL_BATCH_MIN_WEIGHT:
         # W in cache: MKL's product and torch's row norms beat one pass of our kernel
         # (1024 x 1024, r = 16: 0.38-0.42 against 0.46 ms; from 2048 x 2048 and 1024 x 4096
@@ -136,7 +137,7 @@ def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
 
 def _dora_row_norm_cuda(weight, lora_A, lora_B, scale):
     module = cuda_extension("dora_row_norm")
-    _check_norm_args(weight, lora_A, lora_B)
+    _check_norm_args(weight, lora_A, lora_B, scale)
     out, keep_alive, args = _kernel_args(weight, lora_A, lora_B, scale)
     module.dora_row_norm_cuda(**args, device=weight.device.index, stream=current_stream(weight))
     # The kernel runs asynchronously: the temporaries must outlive it.  Recording them on
@@ -236,8 +237,19 @@ def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scal
     )
 
 
-LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd, "CPU")
-LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd, "CUDA")
+def _dora_linear_fwd_op(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
+    """The registered op: direct callers get :func:`dora_linear`'s checks of the scalars
+    (eager calls check once there and run :func:`_dora_linear_fwd` directly)."""
+    op = "dora_linear_fwd"
+    _check_number(op, "scale", scale)
+    check_dropout(op, dropout_p)
+    if not _check_number(op, "eps", eps) > 0.0:
+        raise ValueError(f"{op}: eps must be > 0; got {eps}")
+    return _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm)
+
+
+LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd_op, "CPU")
+LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd_op, "CUDA")
 register_fake("dora_linear_fwd", _dora_linear_fwd_fake)
 
 

@@ -75,7 +75,7 @@ from .._args import require_int, require_tensors
 from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
-from ._layout import require_rows_apart, row_stride, rows_view
+from ._layout import require_apart, require_rows_apart, row_stride, rows_view
 from ._library import LIBRARY, current_stream, register_fake
 
 __all__ = [
@@ -238,16 +238,6 @@ def _require_contiguous(op: str, name: str, tensor: torch.Tensor) -> None:
         _fail(op, f"{name} has strides {tensor.stride()}; expected a contiguous tensor (it is written in place)")
 
 
-def _require_apart(op: str, written: str, tensor: torch.Tensor, **read) -> None:
-    """Written ``tensor`` shares no storage with the tensors ``read`` (the kernels read those while writing it)."""
-    if tensor.numel() == 0:
-        return
-    storage = tensor.untyped_storage().data_ptr()
-    for name, other in read.items():
-        if other.numel() and other.untyped_storage().data_ptr() == storage:
-            _fail(op, f"{written} must not share memory with {name} (it is written while {name} is read)")
-
-
 def _check_pattern(op: str, row_ptr, col_idx, values, n_rows: int) -> None:
     """``row_ptr`` ``[n_rows + 1]`` and ``col_idx`` ``[nnz]`` of one index dtype (int32 or int64),
     ``values`` ``[nnz]`` float32 or float64, all on one device."""
@@ -289,8 +279,11 @@ def _spmv(row_ptr, col_idx, values, x, out):
     _check_float_tensor(op, "out", out, 1)
     _check_pattern(op, row_ptr, col_idx, values, out.numel())
     _check_like(op, "values", values, x=x, out=out)
+    if x.numel() == 0 and col_idx.numel():
+        _fail(op, f"x is empty, but the matrix has {col_idx.numel()} entries; expected x [n_cols] (entries in "
+                  f"columns >= x's length are skipped)")
     _require_contiguous(op, "out", out)
-    _require_apart(op, "out", out, x=x, values=values)
+    require_apart(op, "out", out, x=x, values=values)
     spmv_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), x.contiguous(), out)
 
 
@@ -299,8 +292,8 @@ def _cgs_pass(basis, w, h):
     basis, _ = _check_basis_and_vector(op, basis, w, h)
     _require_contiguous(op, "w", w)
     _require_contiguous(op, "h", h)
-    _require_apart(op, "w", w, basis=basis, h=h)
-    _require_apart(op, "h", h, basis=basis)
+    require_apart(op, "w", w, basis=basis, h=h)
+    require_apart(op, "h", h, basis=basis)
     return cgs_pass_unchecked(basis, w, h)
 
 
@@ -313,7 +306,7 @@ def _cgs_update(basis, w, h):
     op = "krylov_cgs_update_"
     basis, h = _check_basis_and_vector(op, basis, w, h)
     _require_contiguous(op, "w", w)
-    _require_apart(op, "w", w, basis=basis, h=h)
+    require_apart(op, "w", w, basis=basis, h=h)
     return cgs_update_unchecked(basis, w, h.contiguous())
 
 
@@ -341,7 +334,7 @@ def _combine_rows(basis, coef, out, accumulate):
     if coef.shape != (rows, cols):
         _fail(op, f"coef has shape {tuple(coef.shape)}; expected (rows, cols) = ({rows}, {cols})")
     require_rows_apart(op, "out", out)
-    _require_apart(op, "out", out, basis=basis, coef=coef)
+    require_apart(op, "out", out, basis=basis, coef=coef)
     combine_rows_unchecked(rows_view(basis), coef.contiguous(), out, bool(accumulate))
 
 
@@ -593,7 +586,7 @@ def cg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
     if inverse_diagonal is not None:
         read["inverse_diagonal"] = inverse_diagonal
     for name, tensor in (("x", x), ("r", r)):
-        _require_apart(op, name, tensor, **{key: value for key, value in read.items() if key != name})
+        require_apart(op, name, tensor, **{key: value for key, value in read.items() if key != name})
     n_chunks = _check_n_chunks(op, n_chunks, n)
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
     return cg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, steps, target,
@@ -721,7 +714,7 @@ def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
         if name == "z" and inverse_diagonal is None:
             continue  # unused
         _require_contiguous(op, name, tensor)
-        _require_apart(op, name, tensor, **{k: v for k, v in read.items()
+        require_apart(op, name, tensor, **{k: v for k, v in read.items()
                                             if k != name and not (k == "z" and inverse_diagonal is None)})
     n_chunks = _check_n_chunks(op, n_chunks, n)
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()

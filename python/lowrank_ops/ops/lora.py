@@ -81,8 +81,13 @@ def _lora_dropout_fake(x, seed, p):
     return torch.empty_like(x)
 
 
-LIBRARY.impl("lora_dropout", _lora_dropout, "CPU")
-LIBRARY.impl("lora_dropout", _lora_dropout, "CUDA")
+def _lora_dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """The registered op: direct callers get the public functions' check of ``p``."""
+    return _lora_dropout(x, seed, check_dropout("lora_dropout", p))
+
+
+LIBRARY.impl("lora_dropout", _lora_dropout_op, "CPU")
+LIBRARY.impl("lora_dropout", _lora_dropout_op, "CUDA")
 register_fake("lora_dropout", _lora_dropout_fake)
 
 
@@ -127,8 +132,16 @@ def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dr
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
-LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd, "CPU")
-LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd, "CUDA")
+def _lora_linear_fwd_op(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None):
+    """The registered op: direct callers get :func:`lora_linear`'s checks of the scalars
+    (eager calls check once there and run :func:`_lora_linear_fwd` directly)."""
+    _check_number("lora_linear_fwd", "scale", scale)
+    check_dropout("lora_linear_fwd", dropout_p)
+    return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor)
+
+
+LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd_op, "CPU")
+LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd_op, "CUDA")
 register_fake("lora_linear_fwd", _lora_linear_fwd_fake)
 
 

@@ -33,12 +33,14 @@ measures them against torch's GEMV on the same buffers.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._args import require_finite_number, require_tensors
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
-from ._layout import require_rows_apart, row_stride, rows_view
+from ._layout import require_apart, require_rows_apart, row_stride, rows_view
 from ._library import LIBRARY, current_stream, eager_or_op, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
@@ -108,6 +110,7 @@ def _mfac_dots(grads, x, n_rows):
 def _mfac_dots_write(grads, x, n_rows, write_slot):
     if grads.dim() == 2:
         require_rows_apart("mfac_dots_write_", "grads", grads)
+    require_apart("mfac_dots_write_", "grads", grads, x=x)  # a row of x read after the write of its slot
     return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot, wide=True)
 
 
@@ -150,8 +153,11 @@ def _combine_impl(grads, coef, x, n_rows, alpha, beta, wide: bool):
 
 
 # ---------------------------------------------------------------------------- mfac_apply
-def _check_apply(grads, x, n_rows, factor, products) -> None:
+def _check_apply(grads, x, n_rows, factor, products, alpha, beta) -> None:
     op = "mfac_apply"
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not -math.inf < value < math.inf:
+            raise ValueError(f"{op}: {name} must be finite; got {value}")
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if factor.dtype != torch.float64 or tuple(factor.shape) != (n_rows, n_rows) or factor.device != grads.device:
@@ -167,7 +173,7 @@ def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
     """CPU impl of ``mfac_apply``: one extension call (``_C.mfac_apply_cpu``: mfac_dots,
     a single-threaded float64 substitution and mfac_combine, with no Python work or
     tensors between them; products, when given, in float64)."""
-    _check_apply(grads, x, n_rows, factor, products)
+    _check_apply(grads, x, n_rows, factor, products, alpha, beta)
     x, grads = rows_view(x), rows_view(grads)
     factor = factor.contiguous()
     products = None if products is None else products.to(torch.float64).contiguous()
@@ -184,7 +190,7 @@ def _mfac_apply_cpu(grads, x, n_rows, factor, alpha, beta, products=None):
 
 def _mfac_apply_cuda(grads, x, n_rows, factor, alpha, beta, products=None):
     """CUDA impl of ``mfac_apply``: the two pass kernels around torch's ``cholesky_solve``."""
-    _check_apply(grads, x, n_rows, factor, products)
+    _check_apply(grads, x, n_rows, factor, products, alpha, beta)
     if products is None:
         products = _dots_impl("mfac_apply", rows_view(grads), x, n_rows, -1, wide=True)
     coef = torch.cholesky_solve(products.T.to(torch.float64), factor, upper=True).T
@@ -243,6 +249,8 @@ def _cholesky_replace(factor, slot, row, work):
                 or tensor.device != factor.device:
             raise ValueError(f"{op}: {name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}; expected "
                              f"contiguous float64 ({size},) on {factor.device}")
+    require_apart(op, "work", work, factor=factor, row=row)
+    require_apart(op, "factor", factor, row=row)
     args = dict(U=factor.data_ptr(), u_ld=factor.stride(0), n=n, s=slot, row=row.data_ptr(), work=work.data_ptr())
     if factor.device.type == "cuda":
         ok = torch.empty(1, dtype=torch.int32, device=factor.device)

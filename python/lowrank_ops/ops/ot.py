@@ -242,7 +242,12 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     if row_ptr.device != f.device:
         _fail(op, f"row_ptr is on {row_ptr.device}; expected {f.device} (the device of f)")
     row_ptr = row_ptr.contiguous()
-    nnz = int(row_ptr[-1])
+    # One host read: nnz, and the entries row_ptr gives the inactive problems (the kernel
+    # skips them, so entries there would come back as column 0, value 0: not a CSR).
+    inactive = 0 if active is None else (row_ptr[rows::rows] - row_ptr[:-1:rows])[~active].sum()
+    nnz, inactive = torch.stack([row_ptr[-1], torch.as_tensor(inactive, device=row_ptr.device)]).tolist()
+    if inactive:
+        _fail(op, f"row_ptr gives the inactive problems {inactive} entries; expected 0 (they are not filled)")
     check_row_ptr(op, row_ptr, nnz)
     # Zeros, not empty: a row_ptr that disagrees with the counts must not hand back
     # uninitialized memory (the CPU kernel raises; on CUDA the unwritten tail stays zero).
@@ -251,6 +256,11 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     if nnz:
         _run("ot_sparsify", f.device, src=src, threshold=threshold.data_ptr(), row_counts=0,
              row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(), nnz=nnz)
+    elif f.shape[0] * rows:  # no kernel call to compare row_ptr with the entries: count them
+        passing = int(_count_impl(C, x, y, f, g, reg, cost, active, columns, threshold).sum())
+        if passing:
+            _fail(op, f"row_ptr gives 0 entries; {passing} pass the threshold (row_ptr must come from "
+                      f"ot_sparsify_count's counts)")
     return col_idx, values
 
 

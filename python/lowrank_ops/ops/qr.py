@@ -347,11 +347,28 @@ def _check_cholesky_args(gram: torch.Tensor, rows: int, shift: bool) -> None:
         raise ValueError(f"tall_cholesky: rows must be an int >= 0; got {rows!r}")
 
 
+def _strides_apart(Y: torch.Tensor) -> bool:
+    """A sufficient test that no two elements of Y share memory: with the dimensions of
+    more than one element sorted by stride, each stride exceeds the span of the smaller
+    ones (a column slice of a wider matrix passes; an as_strided view whose rows overlap,
+    which torch's test calls "too hard", fails)."""
+    span = 1
+    for size, stride in sorted(((size, abs(stride)) for size, stride in zip(Y.shape, Y.stride()) if size > 1),
+                               key=lambda pair: pair[1]):
+        if stride < span:
+            return False
+        span += stride * (size - 1)
+    return True
+
+
 def _check_no_shared_elements(op: str, Y: torch.Tensor) -> None:
     """In-place ops write every element: a Y whose elements share memory (an expand's
     batch stride 0) would have parallel tasks write one block while others read it."""
     # (Traced code skips it: the registered op runs it when the graph executes.)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(Y) == 1:
+    if torch.compiler.is_compiling():
+        return
+    overlap = torch._debug_has_internal_overlap(Y)  # 0 no, 1 yes, 2 "too hard" (any strided view)
+    if overlap == 1 or (overlap == 2 and not _strides_apart(Y)):
         raise ValueError(f"{op}: Y has strides {Y.stride()} for shape {tuple(Y.shape)}: elements share memory (an "
                          "expand?); an in-place op needs a block of its own (clone it)")
 
@@ -364,11 +381,17 @@ def _check_dense_inplace(op: str, Y: torch.Tensor) -> None:
         raise ValueError(f"{op}: Y has strides {Y.stride()}; expected a contiguous block or the transpose of one")
 
 
+# Passes beyond the third change nothing (CholeskyQR2 is orthogonal to working precision
+# after its second plain pass); the cap turns a typo (2**40) into an error, not a hang.
+_MAX_PLAIN_PASSES = 16
+
+
 def _check_cholesky_qr_args(Y: torch.Tensor, shift: bool, plain_passes: int) -> None:
     _check_dense_inplace("cholesky_qr_", Y)
-    if isinstance(plain_passes, bool) or not isinstance(plain_passes, int) or plain_passes < (0 if shift else 1):
-        raise ValueError(f"cholesky_qr_: plain_passes must be an int >= {0 if shift else 1} with shift={shift}; "
-                         f"got {plain_passes!r}")
+    if (isinstance(plain_passes, bool) or not isinstance(plain_passes, int)
+            or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES):
+        raise ValueError(f"cholesky_qr_: plain_passes must be an int in [{0 if shift else 1}, {_MAX_PLAIN_PASSES}] "
+                         f"with shift={shift}; got {plain_passes!r}")
 
 
 def tall_scale_(Y: torch.Tensor) -> torch.Tensor:

@@ -1165,3 +1165,35 @@ def test_raw_ops_refuse_aliasing_and_non_finite_scalars(generator):
                                                                             generator=generator)
     with pytest.raises(ValueError, match="mfac_apply: alpha must be finite; got nan"):
         ops.mfac_apply(G64, x, 4, torch.eye(4, dtype=torch.float64), float("nan"), -1.0, None)
+
+
+def test_threads_share_one_window(generator):
+    """The kernels release the GIL: threads updating one MFACInverse interleaved an update's
+    slot, Gram row, count and factor (lost updates, a wrong Gram matrix, a broken factor).
+    A lock serializes them; the object still deep-copies and pickles."""
+    import pickle
+    import threading
+
+    inverse = MFACInverse(2000, 8, 1e-4)
+    batches = [[randn(2000, generator=generator) * 0.01 for _ in range(15)] for _ in range(4)]
+    errors = []
+
+    def work(gradients):
+        for g in gradients:
+            try:
+                inverse.update_ihvp(g)
+            except Exception as error:  # noqa: BLE001  (any error is the failure)
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and inverse.count == 60
+    G = inverse.grads.double()
+    torch.testing.assert_close(inverse.gram, G @ G.T, rtol=1e-12, atol=1e-12)
+    x = randn(2000, generator=generator)
+    expected = reference.mfac_ihvp(inverse.grads, 1e-4, x)
+    for copied in (copy.deepcopy(inverse), pickle.loads(pickle.dumps(inverse))):
+        assert rel(copied.ihvp(x), expected) <= REL_BAR[torch.float32]

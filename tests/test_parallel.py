@@ -139,3 +139,32 @@ def test_kernels_in_a_forked_child(tmp_path, generator):
     assert mode == "pool"
     assert_within(child_dots, *dots, "forked child: mfac_dots")
     assert_within(child_comb, *comb, "forked child: mfac_combine")
+
+
+_FORK_CHILD = """
+import sys, torch, multiprocessing as mp
+from lowrank_ops.linalg import batched_svd
+torch.set_num_threads(2)
+A = torch.randn(8, 64, 64)
+torch.randn(512, 512) @ torch.randn(512, 512)  # the parent uses torch's OpenMP team, not ours
+def child():
+    batched_svd(A)
+if __name__ == "__main__":
+    process = mp.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    if process.is_alive():
+        process.kill()
+        sys.exit("the forked child hung")
+    sys.exit(process.exitcode)
+"""
+
+
+def test_forked_child_whose_parent_never_ran_a_region_does_not_hang(tmp_path):
+    """A child forked after the parent used torch's OpenMP team, but before any region of
+    ours, entered GOMP_parallel on the team that did not fork and waited at its barrier
+    forever (the pid that marks a child was recorded at the first region, in the child)."""
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]

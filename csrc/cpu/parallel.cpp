@@ -1,6 +1,7 @@
 #include "lowrank_ops/parallel.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -235,6 +236,14 @@ struct OpenMp {
   pid_t pid = 0;  // a forked child does not use it (its team's threads were not forked)
 };
 
+// Set in a forked child by a pthread_atfork handler registered when the library loads:
+// the parent's OpenMP team did not fork, so the child runs its regions on a pool of its
+// own.  (OpenMp::pid alone, recorded at the first region, missed a child whose parent had
+// used torch's team but never run one of ours: the child entered GOMP_parallel on the dead
+// team and waited forever at its barrier.)
+std::atomic<bool> forked_child{false};
+const bool atfork_registered = pthread_atfork(nullptr, nullptr, [] { forked_child.store(true); }) == 0;
+
 const OpenMp& process_openmp() {
   static const OpenMp runtime = [] {
     OpenMp found;
@@ -279,7 +288,9 @@ PreferOwnPool::~PreferOwnPool() { prefer_own_pool = previous_; }
 
 bool parallel_uses_openmp() {
   const OpenMp& omp = process_openmp();
-  return omp.parallel != nullptr && omp.pid == getpid();  // not in a forked child
+  // Not in a forked child (without the handler, a pid that moved shows it).
+  return omp.parallel != nullptr && (atfork_registered ? !forked_child.load(std::memory_order_relaxed)
+                                                       : omp.pid == getpid());
 }
 
 void parallel_for(int64_t n_tasks, int num_threads, const std::function<void(int64_t)>& fn) {

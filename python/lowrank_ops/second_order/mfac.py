@@ -50,8 +50,10 @@ coefficients keep the older accuracy.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import threading
 from typing import Any, Dict, Optional
 
 import torch
@@ -94,6 +96,17 @@ def _check_damp(damp: float, op: str) -> float:
     return float(damp)
 
 
+def _locked(method):
+    """Runs ``method`` holding the object's lock: the kernels release the GIL, so threads
+    sharing one window would interleave an update's slot, Gram row, count and factor update
+    (lost updates, a Gram matrix off by 3 %, a broken factor)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class MFACInverse:
     """Inverse of ``lambda I + G^T G / n`` for the last ``n <= ngrads`` gradients.
 
@@ -118,7 +131,7 @@ class MFACInverse:
     official code divides by ``m`` from the start, which acts as extra damping).  A
     gradient stored in bf16/fp16 is the rounded one: ``F`` is built from the stored rows,
     and :meth:`update_ihvp` returns ``F^-1`` of the stored, rounded gradient (exact for
-    fp32/fp64).
+    fp32/fp64).  Threads may share one object: a lock serializes its updates and products.
     """
 
     def __init__(self, dim: int, ngrads: int, damp: float, *, dtype: torch.dtype = torch.float32,
@@ -131,6 +144,7 @@ class MFACInverse:
         if storage_dtype not in _STORAGE_DTYPES or compute_dtype(storage_dtype) != dtype:
             allowed = "float64" if dtype == torch.float64 else "float32, bfloat16 or float16"
             raise TypeError(f"{op}: storage_dtype must be {allowed} for dtype={dtype}; got {storage_dtype}")
+        self._lock = threading.RLock()  # see _locked
         self.dim, self.ngrads = int(dim), int(ngrads)
         self._damp = _check_damp(damp, op)
         self.dtype, self.storage_dtype = dtype, storage_dtype
@@ -148,12 +162,22 @@ class MFACInverse:
         #: definite (the factor is then recomputed from the Gram matrix).
         self.downdate_fallbacks = 0
 
+    def __getstate__(self) -> Dict[str, Any]:  # copy.deepcopy, pickle: a lock is not copied
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     @property
     def damp(self) -> float:
         """The damping ``lambda``; setting it keeps the window and refactors lazily."""
         return self._damp
 
     @damp.setter
+    @_locked
     def damp(self, value: float) -> None:
         value = _check_damp(value, "MFACInverse.damp")
         if value != self._damp:
@@ -166,6 +190,7 @@ class MFACInverse:
         """Number of gradients in the window, ``min(count, ngrads)``."""
         return min(self.count, self.ngrads)
 
+    @_locked
     def reset(self) -> None:
         """Empties the window (``F^-1`` becomes ``I / lambda``)."""
         self.grads.zero_()
@@ -247,6 +272,7 @@ class MFACInverse:
             self._factor = None
         return ok
 
+    @_locked
     def update(self, g: torch.Tensor) -> None:
         """Adds gradient ``g [dim]`` to the window, replacing the oldest once full.
 
@@ -275,6 +301,7 @@ class MFACInverse:
         """
         self._add(g)
 
+    @_locked
     def update_ihvp(self, g: torch.Tensor) -> torch.Tensor:
         """Adds ``g`` to the window, then returns ``F^-1 g`` with the new window.
 
@@ -383,6 +410,7 @@ class MFACInverse:
         return torch.ops.lowrank_ops.mfac_combine(self.grads, coef.contiguous(), x, n, 1.0 / self.damp,
                                                   -1.0 / self.damp)
 
+    @_locked
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` for ``x [dim]`` or a batch ``x [k, dim]``; two passes over the buffer.
 
@@ -416,6 +444,7 @@ class MFACInverse:
         out = self._apply(X)
         return out[0] if squeeze else out
 
+    @_locked
     def diag(self, block_size: Optional[int] = None) -> torch.Tensor:
         """Diagonal of ``F^-1`` ``[dim]``: ``(1 - ||L^-1 G[:, j]||^2) / lambda`` with ``K = L L^T``.
 
@@ -511,6 +540,7 @@ class MFACInverse:
         inverse.count = G.shape[0]
         return inverse
 
+    @_locked
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume: sizes, damping, dtypes, the buffer, Gram and count."""
         return {
@@ -519,6 +549,7 @@ class MFACInverse:
             "grads": self.grads.clone(), "gram": self.gram.clone(),
         }
 
+    @_locked
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restores :meth:`state_dict`'s output (moved to this object's device).
 

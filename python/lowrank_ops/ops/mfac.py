@@ -107,10 +107,30 @@ def _mfac_dots(grads, x, n_rows):
     return _dots_impl("mfac_dots", rows_view(grads), x, n_rows, -1)
 
 
+def _check_write_source(grads, x, write_slot: int) -> None:
+    """x must not overlap the row it overwrites (the kernel would read what it wrote),
+    except as that very row: writing the slot's own gradient back is a no-op (what a step
+    that keeps the window does, e.g. ``update_ihvp(grads[slot])``)."""
+    if (grads.dim() != 2 or x.dim() != 2 or not 0 <= write_slot < grads.shape[0] or x.numel() == 0
+            or x.untyped_storage().data_ptr() != grads.untyped_storage().data_ptr()):
+        return
+    row = grads[write_slot]
+    low, high = row.data_ptr(), row.data_ptr() + row.numel() * row.element_size()
+    for j in range(x.shape[0]):
+        vector = x[j]
+        if j == 0 and vector.data_ptr() == low and vector.dtype == row.dtype and vector.stride(0) == 1:
+            continue
+        start = vector.data_ptr()
+        end = start + ((vector.numel() - 1) * abs(vector.stride(0)) + 1) * vector.element_size()
+        if start < high and low < end:
+            raise ValueError(f"mfac_dots_write_: x[{j}] overlaps row {write_slot} of grads, which the call overwrites "
+                             f"while reading x (pass a copy)")
+
+
 def _mfac_dots_write(grads, x, n_rows, write_slot):
     if grads.dim() == 2:
         require_rows_apart("mfac_dots_write_", "grads", grads)
-    require_apart("mfac_dots_write_", "grads", grads, x=x)  # a row of x read after the write of its slot
+    _check_write_source(grads, x, write_slot)
     return _dots_impl("mfac_dots_write_", grads, x, n_rows, write_slot, wide=True)
 
 

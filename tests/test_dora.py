@@ -361,3 +361,18 @@ def test_eval_norm_cache_is_not_fooled_by_a_reused_address(generator):
         for lora_B in (buffer[:, :128], buffer[:, ::2]):  # same data_ptr, version, dtype and device
             y = functional_call(layer, {"lora_B": lora_B}, (x,))
             assert torch.equal(y, functional_call(uncached, {"lora_B": lora_B}, (x,)))
+
+
+def test_eval_norm_cache_follows_fused_optimizer_steps(generator):
+    """A fused optimizer step does not bump the parameters' versions: the eval-mode norm
+    cache also keys on the count of optimizer steps."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, use_dora=True, init_lora_weights=False).eval()
+    x = randn(3, 32, generator=generator)
+    layer(x)  # caches the norms
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=0.5, fused=True)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        fresh = copy.deepcopy(layer).train()(x)  # training mode computes the norm
+        torch.testing.assert_close(layer(x), fresh)

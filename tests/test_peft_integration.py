@@ -409,3 +409,28 @@ def test_compiled_hotswap_tensor_scalings(tmp_path, use_dora):
             torch.testing.assert_close(compiled(x), expected["first"], rtol=1e-5, atol=1e-5)
             hotswap.hotswap_adapter(model, str(tmp_path / "second"), adapter_name="default")
             torch.testing.assert_close(compiled(x), expected["second"], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_after_a_fused_optimizer_step():
+    """torch's fused=True optimizers (the Hugging Face Trainer's default) update parameters
+    without bumping their version counters: the mixed-batch stacks, keyed by versions,
+    kept the pre-step adapter (2.4 off).  They now also key on the count of optimizer steps."""
+    def run(ours: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        wrap = use_lowrank_ops if ours else (lambda config: config)
+        model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)),
+                                    wrap(peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)))
+        model.add_adapter("b", wrap(peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)))
+        x, names = torch.randn(4, 16), ["default", "b", "__base__", "b"]
+        model.eval()
+        with torch.no_grad():
+            model(x, adapter_names=names)  # builds the stacks
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            return model(x, adapter_names=names)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)

@@ -55,6 +55,7 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from .._autocast import autocast_dtype
+from .._optimizer_steps import optimizer_steps
 from ..nn.lora_multi import route_rows
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
@@ -153,7 +154,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         """``(A_stack, B_stack, ranks, scales)`` of the named adapters, rebuilt only when one changed."""
         factors = [(self.lora_A[name].weight, self.lora_B[name].weight) for name in used]
         key = tuple((name, A.data_ptr(), A._version, B.data_ptr(), B._version, A.dtype, A.device, self.scaling[name])
-                    for name, (A, B) in zip(used, factors))
+                    for name, (A, B) in zip(used, factors)) + (optimizer_steps(),)  # fused steps skip _version
         cached = getattr(self, "_lowrank_stacks", None)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -8,6 +8,7 @@ import torch
 
 from .._args import is_real_number, require_finite_number
 from .._finite import all_finite
+from .._optimizer_steps import optimizer_steps
 from ..ops._library import dispatch_needed
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
@@ -257,7 +258,8 @@ class LoRALinear(torch.nn.Module):
         The norm is detached in DoRA's forward, so a cached one gives the same outputs and
         gradients; it is the op's largest cost at small batch (decoding: 4096 x 4096, r = 16,
         one row, it is most of the call).  The cache is keyed by the version counters (in-place
-        writes such as ``copy_``, ``load_state_dict`` and optimizer steps bump them), identity
+        writes such as ``copy_`` and ``load_state_dict`` bump them), the count of optimizer
+        steps (fused optimizers do not bump versions), identity
         (it holds W, A and B), storage, dtype and strides of W, A and B, the scaling and the
         active rank; writes through ``.data``
         bypass version counters, so call :meth:`train` (which drops the cache) after them.
@@ -273,7 +275,8 @@ class LoRALinear(torch.nn.Module):
         # factors each step) and returned the old norms.
         tensors = (weight, self.lora_A, self.lora_B)
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape, t.stride()) for t in tensors) + (
-            self.scaling, lora_A.shape[0], torch.is_inference_mode_enabled())
+            self.scaling, lora_A.shape[0], torch.is_inference_mode_enabled(), optimizer_steps())  # fused steps
+        # do not bump versions
         cache = self._norm_cache
         if cache is None or any(a is not b for a, b in zip(cache[0], tensors)) or cache[1] != key:
             with torch.no_grad():

@@ -262,7 +262,9 @@ def analyze(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio:
     from the exact spectra; ``parameters_after`` and ``trainable_after`` are what
     :func:`compress` would give (with ``freeze=True``).
     """
-    targets = _targets("analyze", model, target_modules, replacing=False)
+    # Tied targets refused as compress refuses them: the report is compress's plan, and a
+    # shared weight would be counted once per module in the parameter budget.
+    targets = _targets("analyze", model, target_modules, replacing=True)
     spectra = singular_spectra(model, target_modules=target_modules)
     shapes = {name: tuple(linear.weight.shape) for name, linear in targets.items()}
     tau, ranks = choose_ranks(spectra, shapes, threshold=threshold, ratio=ratio, min_saving=min_saving)

@@ -244,7 +244,7 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     row_ptr = row_ptr.contiguous()
     # One host read: nnz, and the entries row_ptr gives the inactive problems (the kernel
     # skips them, so entries there would come back as column 0, value 0: not a CSR).
-    inactive = 0 if active is None else (row_ptr[rows::rows] - row_ptr[:-1:rows])[~active].sum()
+    inactive = 0 if active is None or rows == 0 else (row_ptr[rows::rows] - row_ptr[:-1:rows])[~active].sum()
     nnz, inactive = torch.stack([row_ptr[-1], torch.as_tensor(inactive, device=row_ptr.device)]).tolist()
     if inactive:
         _fail(op, f"row_ptr gives the inactive problems {inactive} entries; expected 0 (they are not filled)")

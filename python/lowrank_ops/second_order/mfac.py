@@ -241,6 +241,12 @@ class MFACInverse:
         self.gram[slot, :n_new] = row
         self.gram[:n_new, slot] = row
         self.count += 1
+        # The pass and the rank update write through pointers, which autograd's version
+        # counters do not see: bump them, so that the backward of an ihvp taken before this
+        # update raises instead of differentiating through the new window.
+        torch.autograd.graph.increment_version(self.grads)
+        if self._factor is not None:
+            torch.autograd.graph.increment_version(self._factor)
         if not full:  # n grew: every diagonal entry n * damp of K moved
             self._factor = None
         return row

@@ -46,7 +46,9 @@ def in_functorch_transform() -> bool:
     autograd Functions are opaque to them, so the public functions then compose torch ops.
     Not while torch.compile traces, which runs under such an interpreter itself (the
     registered ops are what it must see)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
+    # (Dynamo cannot tell a user's transform from its own interpreter, nor trace the
+    # stack's kinds: so torch.compile around torch.func over these ops is not supported.)
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def eager_or_op(name: str, impl: Callable) -> Callable:

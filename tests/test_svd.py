@@ -753,3 +753,18 @@ def test_thin_svd_through_the_transpose_matches_torch(shape, generator):
         small = A[..., :3, :5].clone().requires_grad_()
         torch.autograd.gradcheck(lambda X: singular_values(X), (small,))
         torch.autograd.gradcheck(lambda X: (lambda u, s, v: (u @ v, s))(*thin_svd(X)), (small,))
+
+
+def test_torch_func_transforms_see_torch_svd():
+    """Inside torch.func transforms batched_svd delegates to torch's SVD, whose derivatives
+    the transforms see: jvp through the Jacobi Function returned a zero tangent silently."""
+    from torch.func import jacrev, jvp, vmap
+
+    generator = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+    T = torch.randn(5, 4, dtype=torch.float64, generator=generator)
+    values = lambda a: batched_svd(a).S  # noqa: E731
+    torch.testing.assert_close(jvp(values, (A,), (T,))[1], jvp(torch.linalg.svdvals, (A,), (T,))[1])
+    torch.testing.assert_close(jacrev(values)(A), jacrev(torch.linalg.svdvals)(A))
+    batch = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(vmap(values)(batch), batched_svd(batch).S)

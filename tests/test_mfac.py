@@ -1213,3 +1213,8 @@ def test_backward_through_an_ihvp_after_the_window_changed_raises(generator):
     inverse.update(randn(20, dtype=torch.float64, generator=generator))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_damping_whose_inverse_overflows_is_refused():
+    with pytest.raises(ValueError, match=r"damp must be at least 5.56e-309 \(1 / damp finite\); got 1e-309"):
+        MFACInverse(4, 2, 1e-309)

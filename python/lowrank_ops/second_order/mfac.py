@@ -93,6 +93,9 @@ def _direct(*tensors: torch.Tensor) -> bool:
 def _check_damp(damp: float, op: str) -> float:
     if isinstance(damp, (bool, str)) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp!r}")
+    if not 1.0 / float(damp) < math.inf:  # the products scale by 1 / damp
+        raise ValueError(f"{op}: damp must be at least {1.0 / 1.7976931348623157e308:.3g} (1 / damp finite); "
+                         f"got {damp!r}")
     return float(damp)
 
 

@@ -72,6 +72,19 @@ def _eager_call(name: str, impl: Callable, *args, **kwargs):
     return impl(*args, **kwargs)
 
 
+def checked_impl(check: Callable[..., None], impl: Callable) -> Callable:
+    """``impl`` preceded by ``check`` on the same arguments: what an op registers, so that
+    direct callers of ``torch.ops.lowrank_ops.*`` (and the public functions under
+    torch.compile) get the public functions' checks, while eager public calls check once
+    and run ``impl`` directly (eager_or_op).  Unchecked, a float32 R with a float64 Y made
+    a kernel read R as doubles, and a dropout p of -0.5 scaled the inputs."""
+    def run(*args, **kwargs):
+        check(*args, **kwargs)
+        return impl(*args, **kwargs)
+    run.__name__ = impl.__name__
+    return run
+
+
 def register_fake(name: str, fake: Callable) -> None:
     """Registers ``fake`` as the fake (meta) impl of ``lowrank_ops::<name>``.
 

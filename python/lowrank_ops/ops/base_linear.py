@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
-from ._library import LIBRARY, eager_or_op, register_fake
+from ._library import LIBRARY, checked_impl, eager_or_op, register_fake
 
 __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward_op", "grad_input_op"]
 
@@ -231,20 +231,15 @@ def _base_linear_grad_input_fake(grad_y, weight):
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
-def _base_linear_op(x, weight, bias):
-    _check_linear_args("base_linear", x, weight, bias)
-    return _base_linear(x, weight, bias)
-
-
-def _base_linear_grad_input_op(grad_y, weight):
-    _check_linear_args("base_linear_grad_input", grad_y, weight, rows_name="grad_y")
-    return _base_linear_grad_input(grad_y, weight)
-
-
 # The registered ops check their arguments (direct callers); the ops' own autograd code
 # calls the implementations through forward_op / grad_input_op, unchecked.
-for _name, _impl, _fake in [("base_linear", _base_linear_op, _base_linear_fake),
-                            ("base_linear_grad_input", _base_linear_grad_input_op, _base_linear_grad_input_fake)]:
+for _name, _impl, _fake in [
+    ("base_linear", checked_impl(lambda x, weight, bias: _check_linear_args("base_linear", x, weight, bias),
+                                 _base_linear), _base_linear_fake),
+    ("base_linear_grad_input", checked_impl(lambda grad_y, weight: _check_linear_args(
+        "base_linear_grad_input", grad_y, weight, rows_name="grad_y"), _base_linear_grad_input),
+     _base_linear_grad_input_fake),
+]:
     LIBRARY.impl(_name, _impl, "CPU")
     LIBRARY.impl(_name, _impl, "CUDA")
     register_fake(_name, _fake)

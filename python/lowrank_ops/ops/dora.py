@@ -54,7 +54,7 @@ from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, current_stream, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, checked_impl, current_stream, eager_or_op, in_functorch_transform, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
@@ -237,19 +237,17 @@ def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scal
     )
 
 
-def _dora_linear_fwd_op(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
-    """The registered op: direct callers get :func:`dora_linear`'s checks of the scalars
-    (eager calls check once there and run :func:`_dora_linear_fwd` directly)."""
+def _check_fwd_scalars(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None) -> None:
+    """:func:`dora_linear`'s checks of the scalars, for direct callers of the op."""
     op = "dora_linear_fwd"
     _check_number(op, "scale", scale)
     check_dropout(op, dropout_p)
     if not _check_number(op, "eps", eps) > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
-    return _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm)
 
 
-LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd_op, "CPU")
-LIBRARY.impl("dora_linear_fwd", _dora_linear_fwd_op, "CUDA")
+for _device in ("CPU", "CUDA"):
+    LIBRARY.impl("dora_linear_fwd", checked_impl(_check_fwd_scalars, _dora_linear_fwd), _device)
 register_fake("dora_linear_fwd", _dora_linear_fwd_fake)
 
 

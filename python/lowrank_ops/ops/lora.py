@@ -42,7 +42,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, checked_impl, eager_or_op, in_functorch_transform, register_fake
 from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -81,13 +81,12 @@ def _lora_dropout_fake(x, seed, p):
     return torch.empty_like(x)
 
 
-def _lora_dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The registered op: direct callers get the public functions' check of ``p``."""
-    return _lora_dropout(x, seed, check_dropout("lora_dropout", p))
+def _check_dropout_op(x, seed, p) -> None:
+    check_dropout("lora_dropout", p)
 
 
-LIBRARY.impl("lora_dropout", _lora_dropout_op, "CPU")
-LIBRARY.impl("lora_dropout", _lora_dropout_op, "CUDA")
+for _device in ("CPU", "CUDA"):
+    LIBRARY.impl("lora_dropout", checked_impl(_check_dropout_op, _lora_dropout), _device)
 register_fake("lora_dropout", _lora_dropout_fake)
 
 
@@ -132,16 +131,14 @@ def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dr
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
-def _lora_linear_fwd_op(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None):
-    """The registered op: direct callers get :func:`lora_linear`'s checks of the scalars
-    (eager calls check once there and run :func:`_lora_linear_fwd` directly)."""
+def _check_fwd_scalars(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None) -> None:
+    """:func:`lora_linear`'s checks of the scalars, for direct callers of the op."""
     _check_number("lora_linear_fwd", "scale", scale)
     check_dropout("lora_linear_fwd", dropout_p)
-    return _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor)
 
 
-LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd_op, "CPU")
-LIBRARY.impl("lora_linear_fwd", _lora_linear_fwd_op, "CUDA")
+for _device in ("CPU", "CUDA"):
+    LIBRARY.impl("lora_linear_fwd", checked_impl(_check_fwd_scalars, _lora_linear_fwd), _device)
 register_fake("lora_linear_fwd", _lora_linear_fwd_fake)
 
 

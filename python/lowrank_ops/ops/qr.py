@@ -21,13 +21,11 @@ ms, solve 0.22-0.25 against 0.39-0.48 ms, the whole cholesky_qr2 1.3-2.0x
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .._dtypes import float_code
 from .._extension import extension
-from ._library import LIBRARY, eager_or_op, register_fake
+from ._library import LIBRARY, checked_impl, eager_or_op, register_fake
 
 __all__ = ["cholesky_qr_", "tall_cholesky", "tall_gram", "tall_scale_", "tall_solve_upper", "tall_solve_upper_"]
 
@@ -431,18 +429,7 @@ def cholesky_qr_(Y: torch.Tensor, shift: bool = True, plain_passes: int = 2) -> 
     return eager_or_op("cholesky_qr_", impl)(Y, bool(shift), plain_passes)
 
 
-# The registered ops check their arguments (callers of torch.ops.lowrank_ops.*, and the
-# public functions under torch.compile); the public functions check once and then call the
-# implementations directly in eager mode (eager_or_op).  Unchecked, a float32 R with a
-# float64 Y made the kernel read R as doubles (past its buffer).
-def _checked(check: Callable[..., None], impl: Callable) -> Callable:
-    def run(*args):
-        check(*args)
-        return impl(*args)
-    run.__name__ = impl.__name__
-    return run
-
-
+# The registered ops check their arguments (checked_impl).
 for _name, _check, _cpu, _cuda, _fake in [
     ("tall_gram", lambda Y: _check_block("tall_gram", "Y", Y), _tall_gram_cpu, _tall_gram_cuda, _tall_gram_fake),
     ("tall_solve_upper", lambda Y, R: _check_solve_args("tall_solve_upper", Y, R), _tall_solve_upper_cpu,
@@ -454,6 +441,6 @@ for _name, _check, _cpu, _cuda, _fake in [
      _tall_scale_fake),
     ("cholesky_qr_", _check_cholesky_qr_args, _cholesky_qr_cpu, _cholesky_qr_cuda, _cholesky_qr_fake),
 ]:
-    LIBRARY.impl(_name, _checked(_check, _cpu), "CPU")
-    LIBRARY.impl(_name, _checked(_check, _cuda), "CUDA")
+    LIBRARY.impl(_name, checked_impl(_check, _cpu), "CPU")
+    LIBRARY.impl(_name, checked_impl(_check, _cuda), "CUDA")
     register_fake(_name, _fake)

@@ -336,10 +336,12 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
         raise TypeError(f"{op}: model is itself an nn.Linear, which cannot be replaced in place; wrap it "
                         "(e.g. nn.Sequential(linear)) and compress that")
     report = analyze(model, threshold=threshold, ratio=ratio, target_modules=target_modules, min_saving=min_saving)
-    targets = _targets(op, model, target_modules, replacing=True)
+    # analyze checked the targets (ties, finiteness): one more walk for all their names.
+    sites = linear_sites(op, model, target_modules)
+    targets = {names[0]: linear for linear, names in sites}
+    names_of = {id(linear): names for linear, names in sites}
     for name in report.replaced:  # before any change (rsvd would reject it at the first LRC it draws for)
         require_generator(op, "generator", generator, targets[name].weight.device, f"the weight of {name}")
-    names_of = {id(linear): names for linear, names in linear_sites(op, model, target_modules)}
     if freeze:
         model.requires_grad_(False)
     for name in report.replaced:

@@ -27,7 +27,7 @@ import torch
 
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
-from ..second_order.mfac import MFACInverse
+from ..second_order.mfac import MFACInverse, check_storage_dtype
 from ._checks import add_checked_group, require_real_params
 
 __all__ = ["MFAC"]
@@ -196,9 +196,4 @@ def _check_group(group: Dict[str, Any]) -> None:
     group["ngrads"] = require_int("MFAC", "ngrads", ngrads)
     require_real_params("MFAC", group)
     if group["params"]:  # the window's dtypes, checked now rather than at the first step
-        dtype = accumulate_dtype(group["params"][0].dtype)
-        storage = group["storage_dtype"]
-        allowed = (dtype,) if dtype == torch.float64 else (torch.float32, torch.bfloat16, torch.float16)
-        if storage is not None and storage not in allowed:
-            raise TypeError(f"MFAC: storage_dtype must be None or one of {', '.join(str(a) for a in allowed)} for "
-                            f"{group['params'][0].dtype} parameters; got {storage}")
+        check_storage_dtype("MFAC", accumulate_dtype(group["params"][0].dtype), group["storage_dtype"])

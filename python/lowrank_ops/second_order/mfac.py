@@ -90,6 +90,16 @@ def _direct(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and not (grad and t.requires_grad) for t in tensors)
 
 
+def check_storage_dtype(op: str, dtype: torch.dtype, storage_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The window's storage dtype for compute ``dtype`` (None: ``dtype``); a TypeError
+    naming the allowed ones otherwise (MFACInverse, and the MFAC optimizer at construction)."""
+    storage_dtype = dtype if storage_dtype is None else storage_dtype
+    if storage_dtype not in _STORAGE_DTYPES or compute_dtype(storage_dtype) != dtype:
+        allowed = "float64" if dtype == torch.float64 else "float32, bfloat16 or float16"
+        raise TypeError(f"{op}: storage_dtype must be {allowed} for dtype={dtype}; got {storage_dtype}")
+    return storage_dtype
+
+
 def _check_damp(damp: float, op: str) -> float:
     if isinstance(damp, (bool, str)) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp!r}")
@@ -143,10 +153,7 @@ class MFACInverse:
         dim, ngrads = require_int(op, "dim", dim), require_int(op, "ngrads", ngrads)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{op}: dtype must be torch.float32 or torch.float64; got {dtype}")
-        storage_dtype = dtype if storage_dtype is None else storage_dtype
-        if storage_dtype not in _STORAGE_DTYPES or compute_dtype(storage_dtype) != dtype:
-            allowed = "float64" if dtype == torch.float64 else "float32, bfloat16 or float16"
-            raise TypeError(f"{op}: storage_dtype must be {allowed} for dtype={dtype}; got {storage_dtype}")
+        storage_dtype = check_storage_dtype(op, dtype, storage_dtype)
         self._lock = threading.RLock()  # see _locked
         self.dim, self.ngrads = int(dim), int(ngrads)
         self._damp = _check_damp(damp, op)

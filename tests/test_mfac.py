@@ -1114,7 +1114,8 @@ def test_optimizer_and_pruning_bad_input_errors(generator):
     q = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match="MFAC: storage_dtype must be float32, bfloat16 or float16 .*got torch.int8"):
         MFAC([q], storage_dtype=torch.int8)  # at construction, not at the first step
-    with pytest.raises(TypeError, match="MFAC: storage_dtype must be float64 for dtype=torch.float64; got torch.float32"):
+    with pytest.raises(TypeError,
+                       match="MFAC: storage_dtype must be float64 for dtype=torch.float64; got torch.float32"):
         MFAC([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))], storage_dtype=torch.float32)
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     opt = MFAC(embedding.parameters(), lr=0.1, ngrads=2, damp=1.0)

@@ -278,4 +278,5 @@ class NOLALinear(MergeableAdapter):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, num_basis_A={self.num_basis_A}, num_basis_B={self.num_basis_B}, "
-                f"scaling={self.scaling:g}, seed={'?' if self.nola_seed.is_meta else int(self.nola_seed)}, cache_bases={self.cache_bases}")
+                f"scaling={self.scaling:g}, seed={'?' if self.nola_seed.is_meta else int(self.nola_seed)}, "
+                f"cache_bases={self.cache_bases}")

@@ -49,3 +49,26 @@ def test_names_match_torch(cuda_device):
         assert name == f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
     runtime, driver = _C.cuda_versions()
     assert driver >= runtime > 0
+
+
+@pytest.mark.cuda
+def test_ops_leave_torchs_current_device_alone(cuda_device):
+    """Every CUDA entry point makes its tensors' device current and restores the caller's
+    context after (cuda_utils.cuh, DeviceGuard): a bare cudaSetDevice moved
+    torch.cuda.current_device() to the device of the last op's tensors.  With one GPU the
+    guard's restore path does not run; with two, an op on cuda:1 must leave cuda:0 current."""
+    from lowrank_ops.ops import dora_row_norm
+
+    last = torch.cuda.device_count() - 1
+    torch.cuda.set_device(0)
+    try:
+        W = torch.randn(64, 48, device=f"cuda:{last}")
+        A = torch.randn(4, 48, device=f"cuda:{last}")
+        B = torch.randn(64, 4, device=f"cuda:{last}")
+        norms = dora_row_norm(W, A, B)
+        torch.cuda.synchronize(last)
+        assert torch.cuda.current_device() == 0
+        assert torch.empty(1, device="cuda").device == torch.device("cuda:0")
+        torch.testing.assert_close(norms, torch.linalg.vector_norm(W + B @ A, dim=1))
+    finally:
+        torch.cuda.set_device(0)

@@ -54,10 +54,24 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// Makes `device` current for this thread in our (statically linked) CUDA runtime.
-// Our runtime keeps its own current device, separate from torch's, so every entry
-// point sets it explicitly.
-inline void set_device(int device) { LOWRANK_CUDA_CHECK(cudaSetDevice(device)); }
+// Makes `device` current for the lifetime of the guard (every entry point holds one), and
+// then restores the thread's previous CUDA context, or none.  cudaSetDevice makes the
+// device's primary context current in the driver's per-thread state, which torch's runtime
+// reads too: a bare cudaSetDevice left torch.cuda.current_device() (and every allocation
+// on "cuda") on the GPU of the last op's tensors.  The context is saved and restored
+// through the driver entry points (cuCtxGetCurrent / cuCtxSetCurrent), so no context is
+// created on a GPU the caller never used.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  void* previous_context_ = nullptr;  // a CUcontext; null: none was current
+  bool restore_ = false;
+};
 
 // Grid size for a grid-stride loop over n_items items with items_per_block per block.
 inline unsigned grid_for(int64_t n_items, int64_t items_per_block) {

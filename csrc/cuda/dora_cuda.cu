@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams 
 void dora_row_norm_cuda(const DoraNormParams& p, int device, std::uintptr_t stream) {
   check_dora_norm_params(p);
   if (p.out_features == 0) return;
-  cuda::set_device(device);
+  const cuda::DeviceGuard device_guard(device);
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   const unsigned grid = cuda::grid_for(p.out_features, cuda::kWarpsPerBlock);
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {

@@ -127,7 +127,7 @@ __global__ void block_combine_kernel(KrylovBlockParams p) {
 void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t stream) {
   check_krylov_block_params(p, false);
   if (p.cols == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -152,7 +152,7 @@ void krylov_block_cuda(const KrylovBlockParams& p, int device, std::uintptr_t st
 void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stream) {
   check_krylov_spmv_params(p);
   if (p.n_rows == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -166,7 +166,7 @@ void krylov_spmv_cuda(const KrylovSpmvParams& p, int device, std::uintptr_t stre
 
 void krylov_cgs_pass_cuda(const KrylovCgsParams& p, int device, std::uintptr_t stream) {
   check_krylov_cgs_params(p, false);
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_real(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

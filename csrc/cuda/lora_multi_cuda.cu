@@ -189,7 +189,7 @@ void segment_matmul_cuda(const SegmentMatmulParams& p, int device, std::uintptr_
   using namespace cuda;
   check_segment_matmul_sizes(p);  // the routing's contents are in device memory: checked by the Python op
   if (p.routing.n_rows == 0 || p.routing.n_segments == 0 || p.C == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   const int64_t n_col_tiles = (p.C + kTileN - 1) / kTileN;
   const int64_t n_items = (p.routing.n_rows + kTileM - 1) / kTileM * n_col_tiles;
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
@@ -204,7 +204,7 @@ void segment_outer_cuda(const SegmentOuterParams& p, int device, std::uintptr_t 
   using namespace cuda;
   check_segment_outer_sizes(p);
   if (p.routing.n_adapters == 0 || p.routing.r_max == 0 || p.J == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   const int64_t n_rank_tiles = (p.routing.r_max + kTileM - 1) / kTileM;
   const int64_t n_col_tiles = (p.J + kTileN - 1) / kTileN;
   const int64_t n_items = p.routing.n_adapters * n_rank_tiles * n_col_tiles;

@@ -358,7 +358,7 @@ void mfac_dots_cuda(const MfacDotsParams& p, void* workspace, int64_t workspace_
   LOWRANK_CHECK(workspace != nullptr && workspace_elems >= segments * group * p.n_rows,
                 "mfac_dots: workspace holds ", workspace_elems, " double accumulators; expected at least ",
                 segments * group * p.n_rows);
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -394,7 +394,7 @@ void mfac_combine_cuda(const MfacCombineParams& p, int device, std::uintptr_t st
   using namespace cuda;
   check_mfac_combine_params(p);
   if (p.k == 0 || p.dim == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -424,7 +424,7 @@ void mfac_cholesky_replace_cuda(double* U, int64_t u_ld, int64_t n, int64_t s, c
   // Enough threads for the longer sweep (one column each up to kReplaceThreads), whole warps.
   const int64_t widest = std::max<int64_t>(1, std::max(s, n - s - 1));
   const int threads = static_cast<int>(std::min<int64_t>(kReplaceThreads, (widest + kWarp - 1) / kWarp * kWarp));
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   replace_factor_row<<<1, threads, shared_bytes, st>>>(U, u_ld, n, s, row, work, in_shared, ok);
   LOWRANK_CUDA_LAUNCH_CHECK();

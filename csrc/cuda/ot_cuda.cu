@@ -65,7 +65,9 @@ template <class T>
 __device__ __forceinline__ T log_entry(const OtSource& s, int64_t b, int64_t i, int64_t j, T cost) {
   const T* f = static_cast<const T*>(s.f);
   const T* g = static_cast<const T*>(s.g);
-  return (f[b * s.rows + i] + g[b * s.cols + j] - cost) / static_cast<T>(s.reg);
+  // Times 1 / reg, as the CPU's fill_block: a division rounds differently, and entries on a
+  // threshold or bin edge were counted on one device and not on the other.
+  return (f[b * s.rows + i] + g[b * s.cols + j] - cost) * (T(1) / static_cast<T>(s.reg));
 }
 
 // Online log-sum-exp state: sum = sum exp(s - m), wsum = sum cost exp(s - m).
@@ -184,7 +186,9 @@ __global__ void __launch_bounds__(kWarp * kSplit) row_lse_lanes_over_rows(OtRowL
 // ---------------------------------------------------------------------------- ot_log_histogram
 template <class T>
 __global__ void __launch_bounds__(kThreads) log_histogram(OtHistogramParams p) {
-  extern __shared__ unsigned int bins[];
+  // 64-bit counts: one block's share of a problem can exceed 2^32 entries (point costs
+  // need no memory per entry), as the CPU's int64 counts.
+  extern __shared__ unsigned long long bins[];
   const OtSource& s = p.src;
   const int64_t b = blockIdx.y;
   if (!active(s, b)) return;  // uniform over the block
@@ -200,13 +204,12 @@ __global__ void __launch_bounds__(kThreads) log_histogram(OtHistogramParams p) {
     if (!(v >= lo)) continue;
     const T pos = (v - lo) * inv_width;
     const int64_t k = ot_histogram_bin(pos, p.n_bins);
-    atomicAdd(&bins[k], 1u);
+    atomicAdd(&bins[k], 1ull);
   }
   __syncthreads();
   for (int64_t k = threadIdx.x; k < p.n_bins; k += blockDim.x) {
     if (bins[k])
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + b * p.n_bins + k),
-                static_cast<unsigned long long>(bins[k]));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + b * p.n_bins + k), bins[k]);
   }
 }
 
@@ -321,13 +324,11 @@ __global__ void __launch_bounds__(kThreads) hessian_rows(OtHessianParams p) {
   }
 }
 
-// The launches of one entry point: makes `device` current (our runtime's own current
-// device, see set_device), launches on the caller's stream and checks every launch.
+// The launches of one entry point: makes `device` current while it lives (DeviceGuard),
+// launches on the caller's stream and checks every launch.
 class Launcher {
  public:
-  Launcher(int device, std::uintptr_t stream) : stream_(reinterpret_cast<cudaStream_t>(stream)) {
-    set_device(device);
-  }
+  Launcher(int device, std::uintptr_t stream) : device_guard_(device), stream_(reinterpret_cast<cudaStream_t>(stream)) {}
 
   // kernel<<<grid, block, shared_bytes, stream>>>(args...), then the launch check.
   template <class... Params, class... Args>
@@ -343,6 +344,7 @@ class Launcher {
   }
 
  private:
+  const DeviceGuard device_guard_;
   cudaStream_t stream_;
 };
 
@@ -380,7 +382,7 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
     // Enough blocks per problem to fill the GPU, few enough that the flushes stay cheap.
     const unsigned per_problem = std::min<unsigned>(grid_for(s.rows * s.cols, kThreads * 16), 1024u);
     launch(log_histogram<T>, dim3(per_problem, static_cast<unsigned>(s.batch)), kThreads,
-           static_cast<size_t>(p.n_bins) * sizeof(unsigned int), p);
+           static_cast<size_t>(p.n_bins) * sizeof(unsigned long long), p);
   });
 }
 

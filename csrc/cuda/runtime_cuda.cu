@@ -1,11 +1,59 @@
-// Device queries for lowrank_ops.info(), through our statically linked runtime.
+// Device queries for lowrank_ops.info(), through our statically linked runtime, and the
+// device guard of every CUDA entry point (cuda_utils.cuh).
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "cuda_utils.cuh"
 #include "lowrank_ops/cuda_runtime_info.h"
 
 namespace lowrank_ops {
+namespace cuda {
+namespace {
+
+// The driver's context calls, looked up once through the runtime (no link against libcuda);
+// null where the driver does not provide them.
+using ContextGetter = int (*)(void** context);  // CUresult cuCtxGetCurrent(CUcontext*)
+using ContextSetter = int (*)(void* context);   // CUresult cuCtxSetCurrent(CUcontext)
+
+struct ContextCalls {
+  ContextGetter get = nullptr;
+  ContextSetter set = nullptr;
+};
+
+void* driver_entry_point(const char* symbol) {
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(symbol, &function, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return function;
+}
+
+const ContextCalls& context_calls() {
+  static const ContextCalls calls{reinterpret_cast<ContextGetter>(driver_entry_point("cuCtxGetCurrent")),
+                                  reinterpret_cast<ContextSetter>(driver_entry_point("cuCtxSetCurrent"))};
+  return calls;
+}
+
+}  // namespace
+
+DeviceGuard::DeviceGuard(int device) {
+  int current = -1;
+  LOWRANK_CUDA_CHECK(cudaGetDevice(&current));
+  if (current == device) return;
+  const ContextCalls& calls = context_calls();
+  restore_ = calls.get != nullptr && calls.set != nullptr && calls.get(&previous_context_) == 0;
+  LOWRANK_CUDA_CHECK(cudaSetDevice(device));
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (restore_) context_calls().set(previous_context_);  // (a destructor does not throw)
+}
+
+}  // namespace cuda
 
 int cuda_device_count() {
   int count = 0;

@@ -207,7 +207,7 @@ void csr_spmm_cuda(const CsrSpmmParams& p, int device, std::uintptr_t stream) {
   using namespace cuda;
   check_spmm_params(p);
   if (p.batch == 0 || p.n_rows == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_cuda(p.dtype, p.index_type, [&](auto tag, auto index_tag) {
     using T = typename decltype(tag)::type;
@@ -228,7 +228,7 @@ void csr_sddmm_cuda(const CsrSddmmParams& p, int device, std::uintptr_t stream) 
   using namespace cuda;
   check_sddmm_params(p);
   if (p.nnz == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   if (p.batch == 0) {  // empty sum: every entry is 0 (all-zero bits in every dtype)
     LOWRANK_CUDA_CHECK(cudaMemsetAsync(p.out, 0, static_cast<size_t>(p.nnz * dtype_size(p.dtype)), s));

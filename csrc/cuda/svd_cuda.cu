@@ -416,7 +416,7 @@ int64_t jacobi_svd_cuda_workspace_bytes(int64_t batch, int64_t rows, int64_t col
                 "batched_svd: expected batch >= 0 and ", kJacobiMaxCols, " >= cols >= 0 with rows >= cols; got batch = ",
                 batch, ", rows = ", rows, ", cols = ", cols);
   if (batch == 0) return 0;
-  cuda::set_device(device);
+  const cuda::DeviceGuard device_guard(device);
   return cuda::make_plan(batch, rows, cols, dtype, compute_uv, device).workspace_bytes;
 }
 
@@ -424,7 +424,7 @@ void jacobi_svd_cuda(const JacobiSvdParams& p, int device, std::uintptr_t stream
   using namespace cuda;
   check_jacobi_svd_params(p);
   if (p.batch == 0) return;
-  set_device(device);
+  const DeviceGuard device_guard(device);
   const LaunchPlan plan = make_plan(p.batch, p.rows, p.cols, p.dtype, p.u != nullptr, device);
   LOWRANK_CHECK(plan.workspace_bytes == 0 || (p.workspace != nullptr && p.workspace_bytes >= plan.workspace_bytes),
                 "batched_svd: the workspace has ", p.workspace_bytes, " bytes; expected at least ",

@@ -263,3 +263,13 @@ def test_bad_input():
         cur(huge, 1)
     with pytest.raises(ValueError, match="batches of sparse matrices"):
         cur(torch.randn(2, 5, 5).to_sparse(), 1)
+
+
+def test_torch_func_transforms_are_refused():
+    """Not differentiable: torch.func.grad returned zeros silently, vmap failed on "data-dependent
+    control flow"; both name the function now."""
+    A = torch.randn(3, 12, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"cur: torch.func transforms .* not supported.*batch \[\.\.\., m, n\]"):
+        torch.func.vmap(lambda A: cur(A, 3).C)(A)
+    with pytest.raises(RuntimeError, match=r"cur: torch.func transforms .* not supported"):
+        torch.func.grad(lambda A: cur(A, 3).reconstruct().sum())(A[0])

@@ -73,6 +73,18 @@ def test_gmres_iterations_match_scipy(generator):
     assert info.restarts == -(-info.iterations // 20)
 
 
+@pytest.mark.parametrize("solver", ["cg", "gmres", "GCRODR.solve", "DeflatedCG.solve"])
+def test_torch_func_transforms_are_refused_by_name(solver):
+    """Not differentiable and stopping per system: inside grad the solvers failed with
+    "Sparse CSR tensors do not have strides", under vmap with "data-dependent control flow"."""
+    solve = {"cg": cg, "gmres": gmres, "GCRODR.solve": GCRODR(5, 2).solve, "DeflatedCG.solve": DeflatedCG(2).solve}
+    A = 3 * torch.eye(5, dtype=torch.float64) + 0.1
+    b = torch.randn(2, 5, dtype=torch.float64)
+    for transform, rhs in ((torch.func.vmap, b), (torch.func.grad, b[0])):
+        with pytest.raises(RuntimeError, match=f"{re.escape(solver)}: torch.func transforms .* are not supported"):
+            transform(lambda b: solve[solver](A, b)[0].sum())(rhs)
+
+
 def test_gcrodr_k0_reproduces_gmres(generator):
     A, b = _system("nonsymmetric", generator)
     x_gmres, gmres_info = gmres(A, b, tol=1e-9, restart=15)

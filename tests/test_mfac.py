@@ -195,6 +195,33 @@ def test_ihvp_differentiable(generator):
     assert torch.autograd.gradcheck(inverse.ihvp, (x,))
 
 
+def test_torch_func_transforms(generator):
+    """grad / jacrev / vmap through ihvp and the two passes (torch.func cannot run the ops'
+    torch.library autograd formulas: "must override setup_context"); F^-1 is symmetric, so
+    the gradient of sum(F^-1 x) is F^-1 1 and the Jacobian F^-1 itself."""
+    from torch.func import grad, jacrev, vmap
+
+    inverse = MFACInverse(30, 4, 0.5, dtype=torch.float64)
+    for g in gradients(6, 30, generator):
+        inverse.update(g)
+    x = randn(30, dtype=torch.float64, generator=generator)
+    X = randn(3, 30, dtype=torch.float64, generator=generator)
+    ones = torch.ones(30, dtype=torch.float64)
+    dense = torch.linalg.inv(reference.mfac_fisher(inverse.grads[: inverse.n], inverse.damp))
+    # The first factorization runs inside grad: it must not be kept (a wrapped tensor without
+    # storage, which the eager ihvp after it read).
+    torch.testing.assert_close(grad(lambda x: inverse.ihvp(x).sum())(x), inverse.ihvp(ones))
+    torch.testing.assert_close(jacrev(inverse.ihvp)(x), dense)
+    torch.testing.assert_close(vmap(inverse.ihvp)(X), inverse.ihvp(X))
+    torch.testing.assert_close(vmap(grad(lambda x: inverse.ihvp(x).square().sum()))(X), 2 * inverse.ihvp(inverse.ihvp(X)))
+    G = randn(5, 30, dtype=torch.float64, generator=generator)
+    coef = randn(4, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(jacrev(lambda x: mfac_dots(G, x, 4))(x), G[:4])
+    torch.testing.assert_close(jacrev(lambda c: mfac_combine(G, c, x, 0.7, -1.3, 4))(coef), -1.3 * G[:4].T)
+    torch.testing.assert_close(jacrev(lambda G: mfac_dots(G, x, 4).sum())(G)[4], torch.zeros(30, dtype=torch.float64))
+    torch.testing.assert_close(vmap(lambda x: mfac_dots(G, x, 4))(X), X @ G[:4].T)
+
+
 def test_cpu_one_call_apply_matches_the_op_path(generator):
     # Without autograd, ihvp and update_ihvp on the CPU run both passes and the solve in
     # one extension call (_C.mfac_apply_cpu); with autograd, the differentiable ops and
@@ -1067,6 +1094,22 @@ def test_damping_too_small_for_parallel_gradients_is_reported(generator, full):
     inverse.damp = 1.0  # a usable damping works on what is left
     x = randn(50, dtype=torch.float64, generator=generator)
     assert torch.isfinite(inverse.ihvp(x)).all()
+
+
+def test_lapack_factorization_refuses_noise_pivots(generator, monkeypatch):
+    """Windows above _SERIAL_CHOLESKY_MAX (and every CUDA one) are factored by LAPACK, whose
+    dpotrf refuses only pivots <= 0: a gradient repeated at damp 1e-17 got through as
+    rounding noise about once in three (the serial factorization refuses them all)."""
+    import lowrank_ops.second_order.mfac as mfac_module
+
+    monkeypatch.setattr(mfac_module, "_SERIAL_CHOLESKY_MAX", 0)
+    for _ in range(30):
+        g = randn(50, dtype=torch.float64, generator=generator)
+        with pytest.raises(RuntimeError, match=r"not numerically positive definite .*failed at column 2.*increase damp"):
+            MFACInverse.from_gradients(g.expand(2, 50).clone(), 1e-17).ihvp(g)
+    G = randn(6, 50, dtype=torch.float64, generator=generator)  # a usable window still factors
+    x = randn(50, dtype=torch.float64, generator=generator)
+    assert rel(MFACInverse.from_gradients(G, 1e-3).ihvp(x), reference.mfac_ihvp(G, 1e-3, x)) <= REL_BAR[torch.float64]
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])

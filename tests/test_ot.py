@@ -138,6 +138,21 @@ def test_row_lse_active_mask_and_empty(generator):
     assert lse.shape == (0, 5)
 
 
+def test_entries_on_a_threshold_are_kept_alike_on_every_device(device):
+    """Log-plan entries are (f + g - C) * (1 / reg) on every device: CUDA divided by reg, and
+    an entry on the threshold (-3.0 or -2.9999999999999996 by the two roundings) was kept on one device
+    and dropped on the other (counts, fills and histograms)."""
+    C = torch.tensor([[[0.3]]], dtype=F64, device=device)
+    f = torch.zeros(1, 1, dtype=F64, device=device)
+    threshold = torch.tensor([-2.9999999999999996], dtype=F64, device=device)
+    assert (-0.3) * (1 / 0.1) < threshold.item() == -0.3 / 0.1  # kept (s >= threshold) only when divided
+    row_ptr, _, _ = ot_ops.sparsify(C, None, None, f, f, 0.1, 0, None, threshold)
+    assert int(row_ptr[-1]) == 0
+    lo = threshold.clone()
+    counts = ot_ops.log_histogram(C, None, None, f, f, 0.1, 0, None, lo, lo + 1.0, 4)
+    assert int(counts.sum()) == 0
+
+
 @pytest.mark.parametrize("source", ["matrix", "sqeuclidean"])
 def test_histogram_and_sparsify(device, generator, source):
     C, x, y, f, g = _problem(2, 40, 70, 2, generator, F64, device)
@@ -659,6 +674,33 @@ def test_value_gradient_is_the_plan(generator):
     result = sinkhorn_newton_sparse(None, None, C, 0.05, tol=1e-12)
     result.value.sum().backward()
     assert torch.allclose(C.grad, result.plan(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])
+def test_torch_func_gradients_match_autograd(generator, solve):
+    """torch.func.grad / jacrev through a solve give autograd's gradients (they raised "must
+    override setup_context"); vmap over a solver is refused with a message naming the
+    native batch, not torch's "data-dependent control flow"."""
+    from torch.func import grad, jacrev, vmap
+
+    C = torch.rand(2, 5, 4, generator=generator, dtype=F64)
+    a, b = _masses((), 5, generator), _masses((), 4, generator)
+    x = torch.randn(5, 2, generator=generator, dtype=F64)
+    y = torch.randn(4, 2, generator=generator, dtype=F64)
+    by_matrix = lambda C, a, b: solve(a, b, C[0], 0.3, tol=1e-13).value  # noqa: E731
+    by_points = lambda x, y: solve(None, None, reg=0.5, x=x, y=y, tol=1e-13).value  # noqa: E731
+    for function, inputs in ((by_matrix, (C, a, b)), (by_points, (x, y))):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        function(*leaves).backward()
+        transformed = grad(function, argnums=tuple(range(len(inputs))))(*inputs)
+        for got, leaf in zip(transformed, leaves):
+            torch.testing.assert_close(got, leaf.grad, rtol=0, atol=0)
+    values = lambda C: solve(None, None, C, 0.3, tol=1e-13).value  # noqa: E731
+    jacobian = jacrev(values)(C)  # [2, 2, 5, 4]: problem i's value depends on C[i] only, as its plan
+    torch.testing.assert_close(jacobian[0, 0], solve(None, None, C[0], 0.3, tol=1e-13).plan())
+    assert (jacobian[0, 1] == 0).all() and (jacobian[1, 0] == 0).all()
+    with pytest.raises(RuntimeError, match=r"torch.func vmap is not supported: each problem.*batch \[\.\.\., n, m\]"):
+        vmap(values)(C)
 
 
 # ---------------------------------------------------------------------------- the paper's bar

@@ -390,3 +390,14 @@ def test_raw_ops_refuse_hangs_overlaps_and_overflow():
     huge = ops.tall_cholesky(gram, 2**62, True)
     assert torch.isfinite(huge).all()
     torch.testing.assert_close(huge, shifted_cholesky(gram, 2**62, True), rtol=1e-12, atol=0)
+
+
+def test_vmap_runs_the_torch_composition():
+    """Under torch.func.vmap the in-place CPU op (no batching rule) is replaced by the torch
+    composition: one batched call gives the per-matrix factors."""
+    generator = torch.Generator().manual_seed(0)
+    Y = randn(3, 20, 5, dtype=torch.float64, generator=generator)
+    Q, R = torch.func.vmap(cholesky_qr2)(Y)
+    torch.testing.assert_close(Q @ R, Y)
+    torch.testing.assert_close(Q.mT @ Q, torch.eye(5, dtype=torch.float64).expand(3, 5, 5))
+    torch.testing.assert_close(Q, cholesky_qr2(Y)[0])

@@ -172,3 +172,13 @@ def test_bad_input():
     bad[3, 4] = float("nan")
     with pytest.raises(ValueError, match="A contains NaN or infinite values"):
         adaptive_rsvd(bad, 0.1)
+
+
+def test_torch_func_transforms_are_refused():
+    """Not differentiable (the rank is a discrete choice): torch.func.grad returned zeros
+    silently, vmap failed on "data-dependent control flow"; both name the function now."""
+    A = torch.randn(12, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)
+    energy = lambda A: adaptive_rsvd(A, 1e-6).S.square().sum()  # noqa: E731
+    for transform, inputs in ((torch.func.grad, A), (torch.func.vmap, A.expand(2, 12, 8))):
+        with pytest.raises(RuntimeError, match="adaptive_rsvd: torch.func transforms .* not supported: the rank"):
+            transform(energy)(inputs)

@@ -20,6 +20,7 @@ import torch
 
 from .._args import require_int as check_positive_int
 from .._finite import all_finite
+from ..ops._library import refuse_transforms
 from .operators import LinearOperator, as_operator
 
 __all__ = ["System", "setup_system", "check_positive_int", "conclude", "Progress", "fits"]
@@ -301,6 +302,8 @@ def setup_system(op: str, A, b, x0, tol: Optional[float], M: Preconditioner, ato
     TypeError
         ``callback`` neither None nor callable.
     """
+    refuse_transforms(op, "the Krylov solvers are not differentiable and each system stops on its own residual "
+                          "test; solve the systems one by one outside the transform")
     # Compared as floats: a Python int beyond float range (10**400) is not finite either.
     if tol is not None and (not _real_number(tol) or not (0 < _as_float(tol) < math.inf)):
         raise ValueError(f"{op}: tol must be None or a positive finite number; got {tol!r}")

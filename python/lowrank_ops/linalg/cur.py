@@ -40,6 +40,7 @@ from .._args import is_real_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._thin_svd import thin_svd
+from ..ops._library import refuse_transforms
 from .rsvd import rsvd
 
 __all__ = ["cur", "CURResult"]
@@ -293,6 +294,8 @@ def cur(
     projection 47-74 ms, pivoted 110 ms; rsvd alone 52 ms at rank 32, 114 at rank 128).
     """
     op = "cur"
+    refuse_transforms(op, "the rows and columns are selected from the values (not differentiable); pass the "
+                          "matrices as a batch [..., m, n], outside the transform")
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
     if A.dim() < 2:

@@ -362,21 +362,28 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
 
 
 class _RSVDFunction(torch.autograd.Function):
-    """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh)."""
+    """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh).
+
+    Written in torch.func's style (``setup_context``, a ``vmap`` rule), so that
+    ``torch.func.grad`` / ``vjp`` / ``jacrev`` run it as autograd does, and ``vmap`` hands
+    the whole batch to one batched factorization (``[..., m, n]`` is native).
+    """
 
     @staticmethod
-    def forward(ctx, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
-                error_probes, center):
+    def forward(A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype, error_probes,
+                center):
         with without_autocast(A.device):
-            U, S, Vh, error = _rsvd_factors(
-                A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes,
-                compute_uv, center,
-            )
+            return _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype,
+                                 error_probes, compute_uv, center)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        A, compute_uv, center = inputs[0], inputs[8], inputs[11]
+        U, S, Vh, error = output
         ctx.save_for_backward(U, S, Vh)
         ctx.input_dtype = A.dtype
         ctx.center = center
         ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)), *(() if error is None else (error,)))
-        return U, S, Vh, error
 
     @staticmethod
     def backward(ctx, grad_U, grad_S, grad_Vh, grad_error):
@@ -388,6 +395,19 @@ class _RSVDFunction(torch.autograd.Function):
                 # gradient with its column means removed.
                 grad_A = grad_A - grad_A.mean(-2, keepdim=True)
         return grad_A.to(ctx.input_dtype), *([None] * 11)
+
+    @staticmethod
+    def vmap(info, in_dims, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
+             error_probes, center):
+        # One batched call: the vmapped dimension becomes A's (and init's) leading batch
+        # dimension; an unbatched init is shared by every matrix of the batch.
+        A = A.movedim(in_dims[0], 0) if in_dims[0] is not None else A.expand(info.batch_size, *A.shape)
+        if init is not None:
+            init = init.movedim(in_dims[6], 0) if in_dims[6] is not None else init.expand(info.batch_size,
+                                                                                          *init.shape)
+        output = _RSVDFunction.apply(A, rank, oversample, n_iter, method, how, init, generator, compute_uv,
+                                     sketch_dtype, error_probes, center)
+        return output, tuple(None if tensor is None else 0 for tensor in output)
 
 
 def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes,

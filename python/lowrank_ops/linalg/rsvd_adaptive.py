@@ -45,6 +45,7 @@ from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
+from ..ops._library import refuse_transforms
 from .rsvd import _overflow_error, _randn
 
 __all__ = ["adaptive_rsvd", "AdaptiveRSVDResult"]
@@ -133,6 +134,8 @@ def adaptive_rsvd(
         ``n_iter < 0``.
     """
     op = "adaptive_rsvd"
+    refuse_transforms(op, "the rank is a discrete choice made from the values (not differentiable, and factors of "
+                          "different shapes per matrix); call it per matrix, outside the transform")
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
     if A.dim() != 2:

@@ -33,12 +33,28 @@ def values_readable(tensor: torch.Tensor) -> bool:
     if (torch.compiler.is_compiling() or tensor.is_meta or isinstance(tensor, FakeTensor)
             or torch._C._get_dispatch_mode(_FAKE_MODE) is not None):
         return False
+    return not under_vmap()
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active (its tensors' values are not readable)."""
     if torch._C._functorch.peek_interpreter_stack() is None:
-        return True
+        return False
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     vmap = torch._C._functorch.TransformType.Vmap
-    return all(interpreter.key() != vmap for interpreter in retrieve_all_functorch_interpreters())
+    return any(interpreter.key() == vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
+def refuse_transforms(op: str, reason: str, *, only_vmap: bool = False) -> None:
+    """Raises a RuntimeError naming ``op`` inside a torch.func transform (``only_vmap``:
+    inside ``vmap``), for what cannot run there: iterative solvers and data-dependent
+    selections, whose loops read values (torch's own message blames "data-dependent
+    control flow"), and functions that are not differentiable (grad would silently return
+    zeros).  ``reason`` says why and what to do instead."""
+    if under_vmap() if only_vmap else in_functorch_transform():
+        raise RuntimeError(f"{op}: torch.func {'vmap is' if only_vmap else 'transforms (grad, vmap, ...) are'} "
+                           f"not supported: {reason}")
 
 
 def in_functorch_transform() -> bool:

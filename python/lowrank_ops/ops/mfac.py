@@ -41,7 +41,7 @@ from .._args import require_finite_number, require_tensors
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from ._layout import require_apart, require_rows_apart, row_stride, rows_view
-from ._library import LIBRARY, current_stream, eager_or_op, register_fake
+from ._library import LIBRARY, current_stream, eager_or_op, in_functorch_transform, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
 
@@ -364,6 +364,32 @@ torch.library.register_autograd(
 )
 
 
+# ---------------------------------------------------------------------------- differentiable passes
+def dots_op(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The ``mfac_dots`` op on validated rows ``x [k, dim]``; inside a torch.func transform
+    (grad, vjp, jacrev, vmap), the same float64 sums composed of torch ops: torch.func cannot
+    run a ``torch.library`` autograd formula ("must override setup_context")."""
+    if not in_functorch_transform():
+        return torch.ops.lowrank_ops.mfac_dots(grads, x, n_rows)
+    _check_buffer("mfac_dots", grads, n_rows)
+    _check_vectors("mfac_dots", "x", grads, x)
+    return (x.to(torch.float64) @ grads[:n_rows].to(torch.float64).T).to(x.dtype)
+
+
+def combine_op(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, n_rows: int, alpha: float,
+               beta: float) -> torch.Tensor:
+    """The ``mfac_combine`` op; inside a torch.func transform, torch ops (see :func:`dots_op`)."""
+    if not in_functorch_transform():
+        return torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n_rows, alpha, beta)
+    _check_buffer("mfac_combine", grads, n_rows)
+    _check_vectors("mfac_combine", "x", grads, x)
+    if coef.dim() != 2 or tuple(coef.shape) != (x.shape[0], n_rows) or coef.dtype != x.dtype:
+        raise ValueError(f"mfac_combine: coef is {coef.dtype} of shape {tuple(coef.shape)}; expected {x.dtype} of "
+                         f"shape (k, n_rows) = ({x.shape[0]}, {n_rows})")
+    wide = torch.float64
+    return (alpha * x.to(wide) + beta * (coef.to(wide) @ grads[:n_rows].to(wide))).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------- public API
 def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -> torch.Tensor:
     """``x G_n^T`` ``[k, n]``: the dot products of each vector with the first ``n_rows`` buffer rows.
@@ -385,7 +411,7 @@ def mfac_dots(grads: torch.Tensor, x: torch.Tensor, n_rows: int | None = None) -
     require_tensors("mfac_dots", grads=grads, x=x)
     n = grads.shape[0] if n_rows is None else n_rows
     squeeze = x.dim() == 1
-    out = torch.ops.lowrank_ops.mfac_dots(grads, x.unsqueeze(0) if squeeze else x, n)
+    out = dots_op(grads, x.unsqueeze(0) if squeeze else x, n)
     return out.squeeze(0) if squeeze else out
 
 
@@ -416,5 +442,5 @@ def mfac_combine(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, alpha
     squeeze = x.dim() == 1
     if squeeze:
         x, coef = x.unsqueeze(0), coef.unsqueeze(0)
-    out = torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n, alpha, beta)
+    out = combine_op(grads, coef, x, n, alpha, beta)
     return out.squeeze(0) if squeeze else out

@@ -26,25 +26,35 @@ class _EntropicValue(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, C, x, y, a, b, problem, f, g, row_lse, col_lse):
-        ctx.problem = problem
-        ctx.save_for_backward(f, g, row_lse, col_lse)
+    def forward(value, C, x, y, a, b, problem, f, g, row_lse, col_lse):
         return value.clone()
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        # (torch.func's style, so that torch.func.grad / vjp / jacrev differentiate a solve
+        # as autograd does.)  The backward reads C, x and y from the saved tensors, not from
+        # ``problem``: under a transform those are the transform's own wrappers.
+        _, C, x, y, _, _, problem, f, g, row_lse, col_lse = inputs
+        ctx.reg, ctx.code = problem.reg, problem.code
+        ctx.save_for_backward(C, x, y, f, g, row_lse, col_lse)
+
+    @staticmethod
     def backward(ctx, grad_value):
-        problem: Problem = ctx.problem
-        f, g, row_lse, col_lse = ctx.saved_tensors
+        C, x, y, f, g, row_lse, col_lse = ctx.saved_tensors
         go = grad_value
         grads = [None] * 11
         if ctx.needs_input_grad[1]:
-            plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - problem.C) / problem.reg)
+            plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / ctx.reg)
             grads[1] = go[:, None, None] * plan
+        # (The point-cost gradients are not differentiable: no_grad keeps torch.func's grad
+        # transforms, whose tensors track gradients here, off the op's autograd node.)
         if ctx.needs_input_grad[2]:
-            row = ot_ops.row_grad(problem.x, problem.y, f, g, problem.reg, problem.code, row_lse)
+            with torch.no_grad():
+                row = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, row_lse)
             grads[2] = (go[:, None] * row_lse.exp()).unsqueeze(-1) * row
         if ctx.needs_input_grad[3]:
-            col = ot_ops.row_grad(problem.x, problem.y, f, g, problem.reg, problem.code, col_lse, columns=True)
+            with torch.no_grad():
+                col = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, col_lse, columns=True)
             grads[3] = (go[:, None] * col_lse.exp()).unsqueeze(-1) * col
         if ctx.needs_input_grad[4]:
             grads[4] = go[:, None] * (f - f.mean(-1, keepdim=True))

@@ -187,7 +187,10 @@ def test_non_contiguous_and_sparse():
             torch.testing.assert_close(sparse.C, dense.C, rtol=0, atol=0)
             torch.testing.assert_close(sparse.R, dense.R, rtol=0, atol=0)
             torch.testing.assert_close(sparse.U, dense.U, rtol=1e-10, atol=1e-10)
-        assert _relative(base, cur(S, 5, method="leverage", generator=_gen(17)).reconstruct()) < EXACT_TOL
+        for method in METHODS:  # "uniform" raised (its weights took the sparse layout)
+            assert _relative(base, cur(S, 5, method=method, generator=_gen(17)).reconstruct()) < EXACT_TOL
+        uniform = cur(S, 5, method="uniform", generator=_gen(17))  # the dense matrix's draws
+        assert torch.equal(uniform.col_index, cur(base, 5, method="uniform", generator=_gen(17)).col_index)
 
 
 def test_dtypes():

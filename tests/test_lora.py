@@ -481,7 +481,8 @@ def test_bad_input_errors(generator):
         lora_linear(x, w, a, b, gate=g[:3])
     with pytest.raises(ValueError, match=r"bias has shape \(9,\)"):
         lora_linear(x, w, a, b, bias[:9])
-    with pytest.raises(TypeError, match="weight has dtype torch.float64; expected torch.float32"):
+    # A float32 x for a float64 layer: x is named (it said "weight ... expected float32").
+    with pytest.raises(TypeError, match=r"x has dtype torch.float32; expected the weight's dtype torch.float64"):
         lora_linear(x, w.double(), a, b)
     with pytest.raises(TypeError, match="lora_A has dtype torch.float64; expected torch.float32"):
         lora_linear(x, w, a.double(), b)

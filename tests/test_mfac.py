@@ -1053,6 +1053,10 @@ def test_obs_prune_model(generator):
         obs_prune(params, G, 1e-3, 1.5)
     with pytest.raises(ValueError, match=r"weights has shape \(144,\); expected \(d,\) = \(10,\)"):
         obs_scores(torch.zeros(144), G[:, :10], 1e-3)
+    weights = torch.randn(10, dtype=G.dtype)
+    weights[3] = float("nan")  # scored NaN, which the sort ranked most salient: kept at any sparsity
+    with pytest.raises(ValueError, match=r"obs_scores: weights has non-finite entries \(inf or nan\)"):
+        obs_scores(weights, G[:, :10], 1e-3)
 
 
 def test_window_is_detached_from_the_inputs_graph(generator):

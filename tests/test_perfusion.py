@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import copy
+
 import pytest
 import torch
 
@@ -123,6 +125,8 @@ def test_input_covariance_bad_inputs(generator):
         input_covariance(torch.ones(10, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"embeddings\[0\] must be a tensor"):
         input_covariance([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"width d = 0 \(shape \(4, 0\)\); expected d >= 1"):  # was reshape's
+        input_covariance(torch.zeros(4, 0))
 
 
 # ---------------------------------------------------------------------------- the edit
@@ -197,6 +201,22 @@ def test_bfloat16_inputs_follow_float32_compute(generator):
     # (2^-8 |y|).
     base = (x.double() @ layer.weight.double().T + layer.bias.double()).abs()
     assert ((y.double() - expected).abs() <= 2.0**-8 * (expected.abs() + base) * 1.01 + 1e-5).all()
+
+
+def test_half_cast_keeps_a_float32_probe(generator):
+    """``.half()`` / ``.bfloat16()`` of a float32 module keep the probe float32, as a module
+    built on a half base stores it (cast to half, the gate's error grew tenfold); a float32
+    x for a half module is named, not torch's "mat1 and mat2" error."""
+    module, cov, layer, I, V = setup(16, 8, 1, generator, torch.float32, gated=True)
+    probe = module.probe.clone()
+    for cast in (torch.nn.Module.half, torch.nn.Module.bfloat16):
+        converted = cast(copy.deepcopy(module))
+        assert converted.probe.dtype == torch.float32 and torch.equal(converted.probe, probe)
+        assert converted.concept_keys.dtype == converted.base_layer.weight.dtype
+    assert torch.equal(copy.deepcopy(module).half().float().probe, probe)
+    half = copy.deepcopy(module).half()
+    with pytest.raises(TypeError, match=r"x has dtype torch.float32; expected torch.float16 \(the base weight's\)"):
+        half(torch.randn(2, 16))
 
 
 def test_key_locked_and_value_path(generator):

@@ -213,6 +213,26 @@ def test_resvd_keeps_the_weight_and_reorthogonalizes(device, cross_device_genera
     assert torch.all(layer.s >= 0) and torch.all(layer.s[:-1] >= layer.s[1:])
 
 
+@pytest.mark.parametrize("cast", [torch.nn.Module.half, torch.nn.Module.bfloat16])
+def test_half_cast_keeps_float32_parameters(cast):
+    """model.half() keeps SpectralLinear's parameters float32 (its contract: no half
+    parameters): they became half, the forward accepted them and the first resvd_ (an
+    SSTScheduler's periodic re-SVD) raised torch's "not implemented for 'Half'"."""
+    layer = SpectralLinear(8, 6, sample_rank=2, generator=torch.Generator().manual_seed(0))
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    model = cast(torch.nn.Sequential(layer, torch.nn.Linear(6, 3)))
+    assert model[1].weight.dtype != torch.float32
+    for name, p in layer.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name])
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).to(model[1].weight.dtype)
+    model(x).float().sum().backward()
+    assert layer.U.grad.dtype == torch.float32
+    weight = layer.dense_weight().detach()
+    layer.resvd_()
+    torch.testing.assert_close(layer.dense_weight(), weight)
+    assert layer.double().U.dtype == torch.float64  # other casts as nn.Module's
+
+
 def test_sgd_step_moves_only_sampled_vectors(device, cross_device_generator):
     generator = cross_device_generator  # the same data on every device
     layer = SpectralLinear(12, 10, sample_rank=3, generator=generator, dtype=torch.float64, device=device)

@@ -164,6 +164,13 @@ def test_add_nuclear_subgradient_errors():
         trp.add_nuclear_subgradient_(torch.nn.Linear(3, 3), -1.0)
     with pytest.raises(TypeError, match=r"modules_or_params\[0\] must be a tensor or an nn.Module; got str"):
         trp.add_nuclear_subgradient_(["weight"], 0.1)
+    first, second = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    first.weight.grad = torch.zeros(3, 4)
+    with torch.no_grad():
+        second.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight 1 \(shape \(3, 4\)\) holds NaN or infinite values; no gradient"):
+        trp.add_nuclear_subgradient_([first, second], 0.1)
+    assert not first.weight.grad.any()  # the first weight's gradient was changed before the second's check
 
 
 def planted_model(generator, spectra, dtype=torch.float32):
@@ -256,6 +263,34 @@ def test_scheduler_period_and_errors(generator):
         trp.TRPScheduler(model, lam=-0.1, energy=0.9, period=1)
     with pytest.raises(ValueError, match=r"energy must be a number in \(0, 1\]; got 0"):
         trp.TRPScheduler(model, lam=0.1, energy=0, period=1)
+
+
+def test_scheduler_resume_is_the_uninterrupted_run(generator):
+    """The generator's state is saved: a run resumed at step 3 of 8 ended 2.5e-2 off the
+    uninterrupted one (rsvd's sketches differed)."""
+    x = randn(32, 160, generator=generator)
+    y = randn(32, 160, generator=generator)
+    start = torch.nn.Linear(160, 160)
+
+    def run(steps, state=None):
+        model = copy.deepcopy(start) if state is None else state[0]
+        scheduler = trp.TRPScheduler(model, lam=1e-2, energy=0.9, period=2, rank=8,
+                                     generator=torch.Generator().manual_seed(0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if state is not None:
+            scheduler.load_state_dict(state[1])
+            optimizer.load_state_dict(state[2])
+        for _ in range(steps):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            scheduler.step()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, copy.deepcopy(scheduler.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+    uninterrupted = run(8)[0]
+    model, scheduler_state, optimizer_state = run(3)
+    resumed = run(5, (copy.deepcopy(model), scheduler_state, optimizer_state))[0]
+    assert torch.equal(resumed.weight, uninterrupted.weight)
 
 
 def numerical_rank(W: torch.Tensor, energy: float = 0.999) -> int:

@@ -178,7 +178,8 @@ def _select(method: str, count: int, length: int, vectors: Optional[torch.Tensor
     are the leading singular vectors of that side as rows (None for "uniform")."""
     batch = work.shape[:-2]
     if method == "uniform":
-        return _sample(work.new_ones(*batch, length), count, generator)
+        # (torch.ones, not work.new_ones: that takes a sparse A's layout)
+        return _sample(torch.ones(*batch, length, dtype=work.dtype, device=work.device), count, generator)
     if method == "leverage":
         return _sample(vectors.square().sum(-2), count, generator)
     if batch.numel() == 0:  # an empty batch: shapes only

@@ -46,6 +46,8 @@ def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: 
         raise ValueError(f"{op}: block_size must be None or an integer >= 1; got {block_size}")
     if not all_finite(grads):
         raise ValueError(f"{op}: grads has non-finite entries (inf or nan)")
+    if not all_finite(weights):  # (a NaN weight scored NaN, which the sort ranked most salient: always kept)
+        raise ValueError(f"{op}: weights has non-finite entries (inf or nan)")
 
 
 class _BlockFisher:

@@ -157,6 +157,8 @@ def input_covariance(
                              f"and shape {tuple(chunk.shape)}")
         if width is None:
             width = chunk.shape[-1]
+            if width == 0:
+                raise ValueError(f"{op}: embeddings have width d = 0 (shape {tuple(chunk.shape)}); expected d >= 1")
         elif chunk.shape[-1] != width:
             raise ValueError(f"{op}: embeddings chunk {index} has width {chunk.shape[-1]}; expected d = {width} "
                              f"(the first chunk's)")
@@ -356,6 +358,16 @@ class RankOneEditLinear(torch.nn.Module):
                              f"concepts)")
         self._store(op, concepts, keys, self.target, isinstance(self.target, torch.nn.Parameter), keep_target=True)
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...), keeping the probe in at least
+        float32 as it is built: ``.half()`` cast it to float16 and the gate's ``(a - beta) /
+        tau`` amplified its rounding tenfold (7.9e-4 against 8.1e-5 at d = 768)."""
+        probe = getattr(self, "probe", None)
+        module = super()._apply(fn, recurse)
+        if probe is not None and self.probe.dtype in (torch.float16, torch.bfloat16):
+            self.probe = probe.to(device=self.probe.device, dtype=torch.float32)
+        return module
+
     @staticmethod
     def _solve_probe(op: str, concepts64: torch.Tensor, keys64: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``P = C^-1 I*^T G^-1`` with ``G = I* C^-1 I*^T``, in float64 (Cholesky of G),
@@ -462,6 +474,8 @@ class RankOneEditLinear(torch.nn.Module):
             raise ValueError(f"RankOneEditLinear: x has shape {tuple(x.shape)}; expected (..., in_features) = "
                              f"(..., {self.in_features})")
         weight, bias = self.base_layer.weight, self.base_layer.bias
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"RankOneEditLinear: x has dtype {x.dtype}; expected {weight.dtype} (the base weight's)")
         y = F.linear(x, weight, bias)
         compute = self.probe.dtype
         a = self.coefficients(x)

@@ -129,7 +129,7 @@ class SpectralLinear(torch.nn.Module):
         has the parameters' dtype, or is float16 / bfloat16 with float32 parameters (a
         converted half-precision layer: computed in float32, returned in the input's
         dtype); no half-precision parameters (a half-precision ``U`` would lose the
-        orthogonality that the re-SVD restores), and so no autocast path: under
+        orthogonality that the re-SVD restores; ``.half()`` keeps them float32), and so no autocast path: under
         ``torch.autocast`` the layer computes in its parameters' precision.
 
     Attributes
@@ -203,6 +203,21 @@ class SpectralLinear(torch.nn.Module):
                 layer.bias.copy_(linear.bias)
         layer.resample_(generator)
         return layer.train(linear.training)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...) with the parameters kept in
+        float32 where a cast would make them float16 / bfloat16 (see the class docstring: a
+        converted half-precision layer keeps float32 factors).  ``model.half()`` gave half
+        factors, which the forward accepted and the first ``resvd_`` (an SSTScheduler's
+        periodic re-SVD) failed on."""
+        before = {name: param.data for name, param in self._parameters.items() if param is not None}
+        module = super()._apply(fn, recurse)
+        for name, param in self._parameters.items():
+            if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = before[name].to(device=param.device, dtype=torch.float32)
+                if param.grad is not None:
+                    param.grad = param.grad.float()
+        return module
 
     @torch.no_grad()
     def set_weight_(self, W: torch.Tensor) -> torch.Tensor:

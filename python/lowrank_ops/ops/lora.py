@@ -229,6 +229,8 @@ def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank
         raise TypeError(f"{op}: x must be a tensor; got {type(reference).__name__}")
     float_code(reference.dtype, op, reference_name)
     device, dtype = reference.device, reference.dtype
+    if x is not None and isinstance(weight, torch.Tensor) and weight.dtype != dtype:  # (x is the usual culprit)
+        raise TypeError(f"{op}: x has dtype {dtype}; expected the weight's dtype {weight.dtype}")
     _check_tensor(op, "weight", weight, (dtype,), device)
     _check_tensor(op, "lora_A", lora_A, (dtype, torch.float32), device)
     _check_tensor(op, "lora_B", lora_B, (lora_A.dtype,), device)

@@ -275,3 +275,57 @@ def test_runs_under_no_grad():
         result = hessian_trace(lambda: (w ** 4).sum(), [w], n_probes=3, max_probes=3, batch_probes=2,
                                generator=torch.Generator().manual_seed(0))
     assert result.total == pytest.approx(float((12 * w.detach() ** 2).sum()), rel=1e-14)
+
+
+def _adapter_layer(name: str) -> torch.nn.Module:
+    from lowrank_ops import nn as lnn
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10).double()
+    layer = {
+        "LoRALinear": lambda: lnn.LoRALinear(base, r=3),
+        "LoRALinear-DoRA": lambda: lnn.LoRALinear(base, r=3, use_dora=True),
+        "SVFitLinear": lambda: lnn.SVFitLinear(base, 3, svd="full"),
+        "LoLDULinear": lambda: lnn.LoLDULinear(base, 3),
+        "SpectralLinear": lambda: lnn.SpectralLinear(12, 10, sample_rank=2, dtype=torch.float64),
+        "NOLALinear": lambda: lnn.NOLALinear(base, 3, 4, 4, seed=0),
+        "RandLoRALinear": lambda: lnn.RandLoRALinear(base, 3, seed=0),
+        "SparseLowRankLinear": lambda: lnn.SparseLowRankLinear(12, 10, 3, 0.2, dtype=torch.float64),
+        "MultiLoRALinear": lambda: lnn.MultiLoRALinear(base, 3),
+    }[name]()
+    if name == "MultiLoRALinear":
+        layer.add_adapter("a", 3)
+        layer.add_adapter("b", 2)
+    with torch.no_grad():  # off the zero / identity inits, where some Hessian blocks vanish
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize("name", ["LoRALinear", "LoRALinear-DoRA", "SVFitLinear", "LoLDULinear", "SpectralLinear",
+                                  "NOLALinear", "RandLoRALinear", "SparseLowRankLinear", "MultiLoRALinear"])
+def test_the_librarys_own_layers(name):
+    """Their fused backward is first-order only: hessian_trace raised "first-order only" on
+    every layer of lowrank_ops.nn.  It runs the loss under ops.composite() (torch
+    compositions), so its samples are the drawn probes' exact v^T H v."""
+    from lowrank_ops.ops import composite
+
+    layer = _adapter_layer(name)
+    x = torch.randn(9, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kwargs = {"adapter_names": ["a"] * 4 + ["b"] * 3 + [None] * 2} if name == "MultiLoRALinear" else {}
+    params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    result = hessian_trace(lambda: torch.tanh(layer(x, **kwargs)).square().mean(), params, n_probes=3, max_probes=3,
+                           generator=torch.Generator().manual_seed(5))
+    sizes = [p.numel() for _, p in params]
+
+    def loss(flat):
+        values = dict(zip([n for n, _ in params], [v.view_as(p) for v, (_, p) in zip(flat.split(sizes), params)]))
+        return torch.tanh(torch.func.functional_call(layer, values, (x,), kwargs)).square().mean()
+
+    with composite():
+        H = torch.autograd.functional.hessian(loss, torch.cat([p.detach().reshape(-1) for _, p in params]))
+    V = rademacher(5, sum(sizes), 3)
+    HV = V @ H
+    want = torch.stack([(v * hv).sum(1) for v, hv in zip(V.split(sizes, 1), HV.split(sizes, 1))], 1)
+    torch.testing.assert_close(result.samples, want, rtol=1e-10, atol=1e-12)

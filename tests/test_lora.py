@@ -259,6 +259,24 @@ def test_gradcheck(device, generator):
         assert torch.autograd.gradcheck(fn, inputs), kwargs
 
 
+def test_composite_gives_second_derivatives(device, generator):
+    """Inside ops.composite() the op composes torch ops: gradgradcheck passes (a gradient
+    penalty, Hessian-vector products) where the fused backward raises, naming composite."""
+    from lowrank_ops.ops import composite
+
+    t = make_problem(7, 9, 4, (2, 3), torch.float64, device, generator)
+    inputs = tuple(t[name].requires_grad_() for name in NAMES)
+
+    def fn(x, weight, lora_A, lora_B, bias, gate):
+        with composite():
+            return lora_linear(x, weight, lora_A, lora_B, bias, scale=0.8, gate=gate)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    y = lora_linear(*inputs[:5], scale=0.8, gate=inputs[5])
+    with pytest.raises(RuntimeError, match=r"first-order only; .*inside lowrank_ops.ops.composite\(\)"):
+        torch.autograd.grad(y.square().sum(), inputs[2], create_graph=True)
+
+
 def test_opcheck(device, generator):
     t = make_problem(12, 16, 4, (6,), torch.float32, device, generator)
     seed = draw_seed(generator).to(device)

@@ -302,6 +302,41 @@ def test_gradcheck(cpu_path, generator):
     assert torch.autograd.gradcheck(fn, (x, A_stack, B_stack, weight, bias))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_composite_matches_reference(device, dtype, routing, generator):
+    """ops.composite() (and torch.func) compose torch ops: within the kernels' bound of the
+    float64 reference, for every routing (ids -1, rank 0, empty segments)."""
+    from lowrank_ops.ops import composite
+
+    tensors, routing_args = make_problem(routing, dtype, device, generator)
+    with composite():
+        y = run(tensors, routing_args)
+    (ref,), (abs_ref,) = reference_and_bounds(tensors, routing_args)
+    assert y.dtype == dtype
+    assert_within(y.cpu(), ref, error_bound(abs_ref, ref, dtype), f"y {routing} {dtype}")
+
+
+def test_composite_second_derivatives(generator):
+    """The composition is differentiable twice (the fused backward is first-order only):
+    gradgradcheck on test_gradcheck's routing."""
+    from lowrank_ops.ops import composite
+
+    n_rows, in_features, out_features = 12, 5, 4
+    offsets, ids, ranks, scales = [0, 2, 2, 10, 11, 12], [1, 2, -1, 0, 1], [2, 3, 0], [0.7, -1.3, 2.0]
+    x, weight, A_stack, B_stack, bias = (
+        randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(True)
+        for shape in ((n_rows, in_features), (out_features, in_features), (3, 3, in_features),
+                      (3, out_features, 3), (out_features,))
+    )
+
+    def fn(x, A_stack, B_stack, weight, bias):
+        with composite():
+            return lora_linear_multi(x, weight, A_stack, B_stack, offsets, ids, ranks=ranks, scales=scales, bias=bias)
+
+    assert torch.autograd.gradgradcheck(fn, (x, A_stack, B_stack, weight, bias))
+
+
 # --------------------------------------------------------------------------- torch.library / compile
 def _op_samples(device, generator):
     tensors, routing_args = make_problem("mixed", torch.float32, device, generator)

@@ -23,8 +23,8 @@ def first_order_only(backward: Callable) -> Callable:
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"{type(ctx).__name__.removesuffix('Backward')}: lowrank_ops' fused backward is first-order only; "
-                "second derivatives (create_graph=True, Hessian-vector products, torch.func transforms) need "
-                "the composite torch path (e.g. plain PEFT instead of use_lowrank_ops)")
+                "second derivatives (create_graph=True, Hessian-vector products) need the composite torch path: "
+                "run the forward inside lowrank_ops.ops.composite() (or use plain PEFT instead of use_lowrank_ops)")
         return backward(ctx, *grads)
 
     return wrapper

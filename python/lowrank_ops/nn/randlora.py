@@ -54,7 +54,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._first_order import first_order_only
 from ..ops._layout import flatten_rows
 from ..ops.base_linear import grad_input_op
-from ..ops._library import in_functorch_transform
+from ..ops._library import composed_path
 from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
                        lora_linear)
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
@@ -149,7 +149,7 @@ def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, sca
                      gamma_on_input: bool) -> torch.Tensor:
     """``base(x) + s x dW^T`` (RandLoRALinear's forward; see :class:`_RandLoRALinear`)."""
     op = "RandLoRALinear"
-    if in_functorch_transform():  # torch.func: lora_linear's torch-op composition, gamma folded with its graph
+    if composed_path():  # torch.func: lora_linear's torch-op composition, gamma folded with its graph
         lora_A, lora_B = _orient(_fold(gamma, randlora_A), randlora_B, gamma_on_input)
         return lora_linear(x, weight, lora_A, lora_B, bias, gate=lam.reshape(-1), scale=scale, dropout_p=dropout_p)
     with torch.no_grad():  # the Function refolds it in backward: no graph, freed after the forward

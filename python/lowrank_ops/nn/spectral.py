@@ -35,7 +35,7 @@ from .._finite import all_finite
 from .._first_order import first_order_only
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
-from ..ops._library import in_functorch_transform
+from ..ops._library import composed_path
 from ._init import generator_on
 
 __all__ = ["SpectralLinear"]
@@ -98,7 +98,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if x.dtype != U.dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
-    if in_functorch_transform():  # torch.func sees through torch ops only: composed, same gradients
+    if composed_path():  # torch.func sees through torch ops only: composed, same gradients
         if index is not None:  # U's columns / Vh's rows outside index get no gradient, as the Function's
             sampled = torch.zeros(K, dtype=torch.bool, device=U.device).index_fill_(0, index, True)
             U, Vh = torch.where(sampled, U, U.detach()), torch.where(sampled[:, None], Vh, Vh.detach())

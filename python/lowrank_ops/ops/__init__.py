@@ -5,7 +5,7 @@ The optimal-transport kernel ops live in :mod:`lowrank_ops.ops.ot` (used by
 (used by :mod:`lowrank_ops.krylov`'s solvers).
 """
 from . import base_linear, krylov, ot, qr
-from ._library import mark_undifferentiable_ops
+from ._library import composite, mark_undifferentiable_ops
 from .dora import dora_linear, dora_row_norm
 from .lora import lora_linear, lora_merge, lora_unmerge
 from .lora_multi import lora_linear_multi
@@ -17,6 +17,6 @@ from .svd import batched_svd
 mark_undifferentiable_ops()  # once every op family is defined (see its docstring)
 
 __all__ = [
-    "base_linear", "batched_svd", "dora_linear", "dora_row_norm", "fixed_sparse_matmul", "krylov", "lora_linear", "lora_linear_multi",
+    "base_linear", "batched_svd", "composite", "dora_linear", "dora_row_norm", "fixed_sparse_matmul", "krylov", "lora_linear", "lora_linear_multi",
     "lora_merge", "lora_unmerge", "mfac_combine", "mfac_dots", "ot", "qr", "sparse_lowrank_linear", "spmv",
 ]

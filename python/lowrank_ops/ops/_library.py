@@ -1,6 +1,8 @@
 """The one ``torch.library`` namespace that every op family defines its ops in."""
+import contextlib
 import functools
 import inspect
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -55,6 +57,39 @@ def refuse_transforms(op: str, reason: str, *, only_vmap: bool = False) -> None:
     if under_vmap() if only_vmap else in_functorch_transform():
         raise RuntimeError(f"{op}: torch.func {'vmap is' if only_vmap else 'transforms (grad, vmap, ...) are'} "
                            f"not supported: {reason}")
+
+
+_COMPOSITE = threading.local()
+
+
+@contextlib.contextmanager
+def composite():
+    """Runs the differentiable ops inside the block as torch compositions (the same
+    arithmetic, torch's own kernels) instead of the fused first-order kernels, so that
+    their gradients are differentiable again: Hessian-vector products, gradient penalties,
+    MAML-style inner steps (``create_graph=True``), and
+    :func:`lowrank_ops.second_order.hessian_trace`, which enters it itself.  The graph
+    built inside keeps the composed ops after the block.  Thread-local; nests.
+
+    Example::
+
+        with lowrank_ops.ops.composite():
+            loss = model(x).square().mean()
+            (g,) = torch.autograd.grad(loss, [w], create_graph=True)
+        hvp = torch.autograd.grad(g @ v, [w])  # through the LoRA / DoRA layers too
+    """
+    _COMPOSITE.depth = getattr(_COMPOSITE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _COMPOSITE.depth -= 1
+
+
+def composed_path() -> bool:
+    """Whether the public ops compose torch ops instead of calling their fused autograd
+    Functions: inside a torch.func transform (which sees through torch ops only) or a
+    :func:`composite` block."""
+    return getattr(_COMPOSITE, "depth", 0) > 0 or in_functorch_transform()
 
 
 def in_functorch_transform() -> bool:

@@ -54,7 +54,7 @@ from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, checked_impl, current_stream, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, checked_impl, composed_path, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
 from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
 
@@ -381,7 +381,7 @@ def dora_linear(
         if tuple(norm.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
         norm = norm.detach()
-    if in_functorch_transform():
+    if composed_path():
         return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]

@@ -42,7 +42,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, checked_impl, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, register_fake
 from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -361,7 +361,7 @@ def lora_linear(
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
-    if in_functorch_transform():
+    if composed_path():
         return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]

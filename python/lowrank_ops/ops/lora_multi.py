@@ -37,7 +37,7 @@ from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, current_stream, dispatch_needed, register_fake
+from ._library import LIBRARY, composed_path, current_stream, dispatch_needed, register_fake
 from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
@@ -557,6 +557,26 @@ def _place_routing(device: torch.device, n_rows: int, n_adapters: int, r_max: in
     return routing, True
 
 
+def _composed(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales) -> torch.Tensor:
+    """The op as torch ops (:func:`~lowrank_ops.ops._library.composed_path`: torch.func
+    transforms, :func:`~lowrank_ops.ops.composite`), differentiable to any order: each row
+    gathers its adapter (``[N, r_max, in + out]`` of gathered factors: for derivatives, not
+    speed), ranks as masks, rows of adapter -1 the base alone.  The same roundings as the
+    kernels: the low-rank part in the adapters' dtype, added to the base result once."""
+    n_adapters, r_max = A_stack.shape[:2]
+    row_ids = torch.repeat_interleave(ids, offsets[1:] - offsets[:-1], output_size=rows.shape[0])
+    used = row_ids >= 0
+    safe = row_ids.clamp(min=0)
+    factor_dtype = A_stack.dtype
+    scale = torch.ones(n_adapters, dtype=torch.float64, device=rows.device) if scales is None else scales
+    kept = torch.arange(r_max, device=rows.device) < ranks[:, None]  # [n_adapters, r_max]
+    weights = (kept * scale[:, None]).to(factor_dtype)[safe] * used[:, None]  # [N, r_max]
+    h = torch.einsum("ni,nri->nr", rows.to(factor_dtype), A_stack[safe]) * weights
+    low_rank = torch.einsum("nr,nor->no", h, B_stack[safe])
+    base = torch.nn.functional.linear(rows, weight, bias)
+    return base + low_rank if base.dtype == factor_dtype else (base.to(factor_dtype) + low_rank).to(base.dtype)
+
+
 def _validate(x, weight, A_stack, B_stack, bias) -> None:
     op = "lora_linear_multi"
     for name, tensor in (("x", x), ("weight", weight), ("A_stack", A_stack), ("B_stack", B_stack), ("bias", bias)):
@@ -676,6 +696,10 @@ def lora_linear_multi(
     rows = flatten_rows(x)
     routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
                                       segment_offsets, adapter_ids, ranks, scales)
+    if composed_path():
+        if not checked:
+            check_routing_contents("lora_linear_multi", *routing, rows.shape[0], n_adapters, r_max)
+        return _composed(rows, weight, bias, A_stack, B_stack, *routing).reshape(*x.shape[:-1], weight.shape[0])
     args = (rows, weight, bias, A_stack, B_stack, *routing)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         y = _LoRALinearMulti.apply(*args, checked)

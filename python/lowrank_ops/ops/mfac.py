@@ -41,7 +41,7 @@ from .._args import require_finite_number, require_tensors
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from ._layout import require_apart, require_rows_apart, row_stride, rows_view
-from ._library import LIBRARY, current_stream, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, composed_path, current_stream, eager_or_op, register_fake
 
 __all__ = ["mfac_dots", "mfac_combine", "compute_dtype"]
 
@@ -369,7 +369,7 @@ def dots_op(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
     """The ``mfac_dots`` op on validated rows ``x [k, dim]``; inside a torch.func transform
     (grad, vjp, jacrev, vmap), the same float64 sums composed of torch ops: torch.func cannot
     run a ``torch.library`` autograd formula ("must override setup_context")."""
-    if not in_functorch_transform():
+    if not composed_path():
         return torch.ops.lowrank_ops.mfac_dots(grads, x, n_rows)
     _check_buffer("mfac_dots", grads, n_rows)
     _check_vectors("mfac_dots", "x", grads, x)
@@ -379,7 +379,7 @@ def dots_op(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
 def combine_op(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, n_rows: int, alpha: float,
                beta: float) -> torch.Tensor:
     """The ``mfac_combine`` op; inside a torch.func transform, torch ops (see :func:`dots_op`)."""
-    if not in_functorch_transform():
+    if not composed_path():
         return torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n_rows, alpha, beta)
     _check_buffer("mfac_combine", grads, n_rows)
     _check_vectors("mfac_combine", "x", grads, x)

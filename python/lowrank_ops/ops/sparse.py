@@ -29,7 +29,7 @@ from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ..sparse import FixedSupport
 from ._layout import flatten_rows
-from ._library import LIBRARY, current_stream, eager_or_op, in_functorch_transform, register_fake
+from ._library import LIBRARY, composed_path, current_stream, eager_or_op, register_fake
 
 __all__ = ["fixed_sparse_matmul", "spmv"]
 
@@ -326,7 +326,7 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
 
 def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport, x_name: str = "x") -> torch.Tensor:
     pattern = _validate(op, x, values, support, x_name)
-    if in_functorch_transform():  # torch.func sees through torch ops only: the dense form, composed
+    if composed_path():  # torch.func sees through torch ops only: the dense form, composed
         return x @ support.to_dense(values).T
     batch_shape, out_features = x.shape[:-1], support.out_features
     x2 = flatten_rows(x)

@@ -33,7 +33,7 @@ from .._dtypes import accumulate_dtype, float_code
 from .._first_order import first_order_only
 from ..sparse import FixedSupport
 from ._layout import flatten_rows
-from ._library import in_functorch_transform
+from ._library import composed_path
 from .sparse import _validate as _validate_sparse
 
 __all__ = ["sparse_lowrank_linear", "choose_strategy", "STRATEGIES"]
@@ -254,7 +254,7 @@ def sparse_lowrank_linear(
         and the op run with autocast disabled).
     """
     _validate(x, lora_A, lora_B, values, support, bias, scale, strategy)
-    if in_functorch_transform():  # torch.func sees through torch ops only: the dense form, composed
+    if composed_path():  # torch.func sees through torch ops only: the dense form, composed
         weight = float(scale) * (lora_B @ lora_A) + support.to_dense(values)
         return torch.nn.functional.linear(x, weight, bias)
     if strategy == "auto":

@@ -53,7 +53,7 @@ from .._extension import cuda_extension, extension
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import singular_values, thin_svd
-from ._library import LIBRARY, current_stream, in_functorch_transform, register_fake, values_readable
+from ._library import LIBRARY, composed_path, current_stream, register_fake, values_readable
 
 __all__ = [
     "batched_svd", "BatchedSVDResult", "MAX_JACOBI_SIZE", "CPU_MAX_JACOBI_SIZE", "jacobi_size_limit", "default_tol",
@@ -398,7 +398,7 @@ def batched_svd(
 
     lead = A.shape[:-2]
     A3 = A.reshape(math.prod(lead), m, n)
-    if k > jacobi_size_limit(A.dtype, A.device) or in_functorch_transform():
+    if k > jacobi_size_limit(A.dtype, A.device) or composed_path():
         # (Inside torch.func transforms, torch's SVD: its derivatives, jvp included, are
         # what the transforms see; the Jacobi Function's would be opaque to them.)
         U, S, Vh, sweeps, converged, off_diagonal = _delegate(A3, compute_uv, needs_grad)

@@ -58,6 +58,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 import torch
 
 from .._args import require_int, require_number
+from ..ops._library import composite
 
 __all__ = ["hessian_trace", "HessianTraceResult"]
 
@@ -133,7 +134,9 @@ def _named(params: ParamsArg) -> Tuple[List[str], List[torch.Tensor]]:
 def _first_gradient(loss_fn: Callable[[], torch.Tensor], tensors: List[torch.Tensor]):
     """``dL/dw`` with its graph; None for a block the loss does not reach."""
     op = "hessian_trace"
-    with torch.enable_grad():
+    # composite(): the library's own layers compose torch ops, whose gradients are
+    # differentiable again (their fused backward is first-order only).
+    with torch.enable_grad(), composite():
         loss = loss_fn()
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"{op}: loss_fn() must return a tensor; got {type(loss).__name__}")

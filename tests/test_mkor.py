@@ -575,11 +575,12 @@ def test_step_reads_the_host_once(update_freq, inverse_bound, scalar_path, monke
 def test_torch_compile_training_with_graph_breaks_at_the_hooks():
     """MKOR's training loop with the model under torch.compile trains exactly as eager.
 
-    Not fullgraph: MKOR records the output gradients with module-level full backward hooks,
-    which dynamo traces only under compiled autograd ("Module-level backwards hooks require
-    compiled autograd"); so each hooked Linear runs between graphs (the rest of the model
-    compiled) and its hooks run as in eager.  fullgraph=True refuses the model, as checked
-    here: when torch learns to trace these hooks, this test says so."""
+    Not fullgraph: the hooks record statistics into the optimizer's state (Python-side
+    mutation, which dynamo traces only as a graph break: "Unsafe side effect"; with the
+    module full backward hooks used before, "Module-level backwards hooks require compiled
+    autograd"), so each hooked Linear runs between graphs and its hooks as in eager.
+    fullgraph=True refuses the model, as checked here: when torch learns to trace these
+    hooks, this test says so."""
     def run(compile_model: bool):
         generator = torch.Generator().manual_seed(16)
         model = MLP()
@@ -588,7 +589,8 @@ def test_torch_compile_training_with_graph_breaks_at_the_hooks():
                 p.copy_(randn(*p.shape, generator=generator) * 0.5)
         x, y = randn(32, 6, generator=generator), randn(32, 4, generator=generator)
         optimizer = MKOR(model, lr=0.05, momentum=0.9)
-        forward, losses = (torch.compile(model, backend="aot_eager") if compile_model else model), []
+        forward = torch.compile(model, backend="aot_eager") if compile_model else model
+        losses = []
         for _ in range(4):
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(forward(x), y)
@@ -599,12 +601,36 @@ def test_torch_compile_training_with_graph_breaks_at_the_hooks():
                     for key in ("a_inverse", "g_inverse")]
         return [torch.stack(losses), *inverses, *[p.detach().clone() for p in model.parameters()]]
 
-    for want, got in zip(run(False), run(True)):
+    eager = run(False)
+    for inverse in eager[1:5]:  # the statistics were recorded (an identity would hide a hook that never ran)
+        assert not torch.allclose(inverse, torch.eye(inverse.shape[0]), atol=1e-3)
+    for want, got in zip(eager, run(True)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # aot_eager: the same kernels (helpers.py)
     model = MLP()
-    MKOR(model)
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="backwards hooks require compiled autograd"):
+    optimizer = MKOR(model)  # kept: the hooks hold it weakly, and a dropped one leaves them inert
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Unsafe side effect"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(2, 6))
+    del optimizer
+
+
+def test_in_place_activation_after_a_linear():
+    """nn.ReLU(inplace=True) right after a hooked Linear trains as the out-of-place ReLU (the
+    module full backward hooks used before forbade it: "Output 0 of BackwardHookFunction
+    is a view and is being modified inplace"), in the model and in a deepcopy of it."""
+    def run(inplace: bool):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3))
+        optimizer = MKOR(model, lr=0.05, momentum=0.9)
+        torch.manual_seed(4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 3)).backward()
+            optimizer.step()
+        copy.deepcopy(model)(torch.randn(2, 6)).sum().backward()  # the copy's inert hooks
+        return [p.detach() for p in model.parameters()] + [optimizer.state[model[0].weight]["g_inverse"].dense()]
+
+    for want, got in zip(run(False), run(True)):
+        assert torch.equal(got, want)
 
 
 def test_resumed_run_folds_the_scale_at_the_same_steps():

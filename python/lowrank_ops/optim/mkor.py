@@ -93,7 +93,7 @@ Usage::
     for x, y in data:
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)   # forward pre-hooks record the input means
-        loss.backward()               # full backward hooks record the output-gradient sums
+        loss.backward()               # gradient hooks on the outputs record their sums
         optimizer.step()              # factor updates, preconditioning, SGD-momentum step
     optimizer.remove_hooks()          # when done (the hooks hold the optimizer alive)
 
@@ -103,6 +103,7 @@ that optimizer's ``step()``, instead of ``optimizer.step()``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -366,6 +367,13 @@ class _Hook:
         return (_Hook, (None, self._method))
 
 
+def _record_grad_output(optimizer: "weakref.ref[MKOR]", layer: "_Layer", grad: torch.Tensor) -> None:
+    """The output's gradient hook (see ``MKOR._watch_output``); leaves the gradient as it is."""
+    live = optimizer()
+    if live is not None:
+        live._capture_grad_output(layer, grad)
+
+
 class _Layer:
     """One preconditioned Linear layer: its parameters and the statistics captured since
     the last step (sums in the factor dtype)."""
@@ -490,9 +498,9 @@ class MKOR(torch.optim.Optimizer):
     step (several forward/backward passes, a layer called several times) is pooled.  A
     Linear whose forward is not called through its ``__call__`` (the output projection of
     ``nn.MultiheadAttention``) records nothing: its inverses stay the identity and its step
-    is the (rescaled) plain gradient.  Full backward hooks do not allow in-place operations
-    on the layer's output (``nn.ReLU(inplace=True)`` right after a Linear raises in
-    backward); use out-of-place activations.
+    is the (rescaled) plain gradient.  The output gradients are recorded by gradient hooks
+    on the outputs, so in-place operations on them (``nn.ReLU(inplace=True)`` right after a
+    Linear) are fine.
 
     ``state_dict()`` holds, per layer (under its weight), the two inverses
     (``"a_inverse"``, ``"g_inverse"``: matrix and scalar), the step count and the
@@ -530,11 +538,11 @@ class MKOR(torch.optim.Optimizer):
         self._handles = []
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_pre_hook(_Hook(self, "_capture_input")))
-            self._handles.append(layer.module.register_full_backward_hook(_Hook(self, "_capture_grad_output")))
+            self._handles.append(layer.module.register_forward_hook(_Hook(self, "_watch_output")))
 
     # ------------------------------------------------------------------ hooks
     def remove_hooks(self) -> None:
-        """Remove the forward pre-hooks and backward hooks (idempotent); :meth:`step` then
+        """Remove the forward pre-hooks and forward hooks (idempotent); :meth:`step` then
         preconditions with the inverses as they are, without updating them."""
         for handle in self._handles:
             handle.remove()
@@ -561,13 +569,20 @@ class MKOR(torch.optim.Optimizer):
             layer.a_sum = total if layer.a_sum is None else layer.a_sum + total
             layer.a_rows += rows.shape[0]
 
-    def _capture_grad_output(self, module: nn.Module, grad_input, grad_output) -> None:
-        g = grad_output[0] if grad_output else None
-        if g is None:
+    def _watch_output(self, module: nn.Module, args, output) -> None:
+        """Forward hook: a gradient hook on the output records ``dL/dy`` (what a full
+        backward hook gives, without wrapping the output in a backward-hook node: in a
+        copy of the model, whose inert module backward hook still wrapped it, an
+        ``nn.ReLU(inplace=True)`` after the Linear raised).  The tensor hook holds the
+        optimizer weakly, as :class:`_Hook` does."""
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         layer = self._by_module.get(id(module))
         if layer is None or not self._capturing(layer):
             return
+        output.register_hook(functools.partial(_record_grad_output, weakref.ref(self), layer))
+
+    def _capture_grad_output(self, layer: _Layer, g: torch.Tensor) -> None:
         with torch.no_grad():
             total = g.detach().reshape(-1, g.shape[-1]).sum(0, dtype=self._dtype(layer))
             layer.g_sum = total if layer.g_sum is None else layer.g_sum + total

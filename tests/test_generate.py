@@ -139,7 +139,22 @@ def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
         generate_dataset("darcy", 8, 2, tmp_path / "x.npz", tol=0.0)
     with pytest.raises(SystemExit):
         cli_main(["generate", "burgers", "--num", "2", "--out", str(tmp_path / "y.npz")])
-    assert not os.path.exists(tmp_path / "x.npz")
+    # A negative seed was checked after the parts directory was made (left empty).
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0; got -1"):
+        generate_dataset("darcy", 8, 2, tmp_path / "x.npz", seed=-1)
+    with pytest.raises(TypeError, match="jacobi must be a bool; got 'yes'"):
+        generate_dataset("darcy", 8, 2, tmp_path / "x.npz", jacobi="yes")
+    assert not os.path.exists(tmp_path / "x.npz") and not os.path.exists(tmp_path / "x.npz.parts")
+
+
+def test_numpy_integers_are_integers(tmp_path):
+    """np.int64 grid / num / m / k / shard_size were refused ("must be an integer"), and an
+    np.int64 seed failed in the JSON settings, after the parts directory was made."""
+    small = dict(seed=np.int64(3), m=np.int64(20), k=np.int64(4), shard_size=np.int64(2))
+    out = generate_dataset("poisson", np.int64(4), np.int64(2), tmp_path / "n.npz", **small)
+    same = generate_dataset("poisson", 4, 2, tmp_path / "p.npz", seed=3, m=20, k=4, shard_size=2)
+    with np.load(out) as got, np.load(same) as want:
+        assert np.array_equal(got["solution"], want["solution"]) and str(got["settings"]) == str(want["settings"])
 
 
 def test_unwritable_out_is_a_clean_error(tmp_path, capsys):

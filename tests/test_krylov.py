@@ -222,6 +222,34 @@ def test_same_matrix_twice_skips_the_refresh(generator, monkeypatch):
     assert len(refreshes) == 3 and info.converged
 
 
+def test_numpy_and_scipy_matrices_changed_in_place_are_refreshed(monkeypatch):
+    """A NumPy array or scipy matrix has no version counter: the key compares its converted
+    entries.  Changed in place, GCRODR kept the old matrix's C = A U (true residual 5.3,
+    reported as stagnation); unchanged, the recycled space is still reused as is."""
+    import scipy.sparse as sp
+
+    from lowrank_ops.krylov import gcrodr as gcrodr_module
+
+    refreshes = []
+    original = gcrodr_module.refresh
+    monkeypatch.setattr(gcrodr_module, "refresh", lambda apply, U: refreshes.append(U.shape[0]) or original(apply, U))
+    first, second = pde.darcy(16, index=0), pde.darcy(16, index=5)
+    for kind in ("numpy", "scipy"):
+        dense = first.matrix.to_dense().numpy().copy()
+        A = dense if kind == "numpy" else sp.csr_matrix(dense)
+        solver = GCRODR(30, 8)
+        solver.solve(A, first.rhs, tol=1e-9)
+        solver.solve(A, first.rhs, tol=1e-9)
+        assert refreshes == []  # the same entries: reused
+        if kind == "numpy":
+            A[:] = 3.0 * second.matrix.to_dense().numpy()
+        else:
+            A.data *= 3.0
+        _, info = solver.solve(A, first.rhs, tol=1e-9)
+        assert refreshes == [solver.k] and info.converged, kind
+        refreshes.clear()
+
+
 def test_new_matrix_at_a_dead_matrix_id_is_refreshed(monkeypatch):
     """A new matrix that gets the id() of a garbage-collected one (CPython reuses freed
     addresses) is a new operator: C = A U is recomputed.  id() is made to return one value
@@ -438,6 +466,16 @@ def test_defcg_bad_arguments_give_clear_errors():
         DeflatedCG(2).solve(A, np.ones(15))
     with pytest.raises(TypeError, match="recycler must be a DeflatedCG for method='defcg'; got GCRODR"):
         solve_sequence([(A, b)], method="defcg", recycler=GCRODR(10, 2))
+    # A recycler's settings are its own: conflicting ones here were silently ignored.
+    with pytest.raises(ValueError, match="M and maxiter are the recycler's own settings.*got M='jacobi'"):
+        solve_sequence([(A, b)], method="defcg", M="jacobi", recycler=DeflatedCG(4))
+    with pytest.raises(ValueError, match="maxiter=5 with a recycler"):
+        solve_sequence([(A, b)], maxiter=5, recycler=GCRODR(10, 2))
+    with pytest.raises(ValueError, match="m = 30 differs from the recycler's m = 10"):
+        solve_sequence([(A, b)], m=30, recycler=GCRODR(10, 2))
+    with pytest.raises(ValueError, match="k = 3 differs from the recycler's k = 4"):
+        solve_sequence([(A, b)], method="defcg", k=3, recycler=DeflatedCG(4))
+    assert solve_sequence([(A, b)], m=10, k=2, recycler=GCRODR(10, 2)).converged == 1
     x, info = DeflatedCG(0, M=lambda y: y).solve(A, b)  # a callable M is plain PCG's
     assert info.converged
 
@@ -1078,6 +1116,12 @@ def test_bad_input_gives_clear_errors():
         bad = A.copy()
         bad.data[0] = np.inf
         gmres(bad, b)
+    # Complex dense matrices: the imaginary part was dropped and the solve reported success.
+    complex_A = A.toarray() + 3j * np.eye(16)
+    for dense in (complex_A, torch.from_numpy(complex_A)):
+        for solve in (gmres, cg, GCRODR(10, 2).solve, DeflatedCG(2).solve):
+            with pytest.raises(TypeError, match=r"A has dtype .*complex128; expected real entries"):
+                solve(dense, b)
     with pytest.raises(ValueError, match="col_idx must lie in"):
         CSRMatrix(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([1.0], dtype=torch.float64), (1, 2))
     with pytest.raises(ValueError, match="row_ptr must be non-decreasing"):

@@ -111,3 +111,29 @@ def test_bad_input():
         pde.sample_generator(-1, 0)
     with pytest.raises(ValueError, match="index must be an integer >= 0; got -2"):
         pde.sample_generator(0, -2)
+
+
+def test_bad_settings_are_named():
+    """low / high / wavenumber / contrast errors name the argument (they came from
+    diffusion_matrix or CSRMatrix: "coefficient must be positive", "values holds ... non-finite")."""
+    for kwargs, message in ((dict(low=0.0), "darcy: low must be a finite number > 0; got 0.0"),
+                            (dict(high=float("nan")), "darcy: high must be finite; got nan"),
+                            (dict(low=float("inf")), "darcy: low must be finite; got inf")):
+        with pytest.raises(ValueError, match=message):
+            pde.darcy(4, **kwargs)
+    with pytest.raises(ValueError, match="helmholtz: wavenumber must be finite; got nan"):
+        pde.helmholtz(4, wavenumber=float("nan"))
+    with pytest.raises(ValueError, match=r"helmholtz: contrast must be in \[0, 1\); got 1.5"):
+        pde.helmholtz(4, contrast=1.5)
+
+
+def test_one_node_grid_is_quiet():
+    """grid = 1: one unknown; the zero-mean random field there is 0 (std() of one value
+    warned "degrees of freedom <= 0")."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for family in ("darcy", "poisson", "helmholtz", "thermal"):
+            problem = getattr(pde, family)(1)
+            assert problem.matrix.shape == (1, 1) and torch.isfinite(problem.coefficient).all()

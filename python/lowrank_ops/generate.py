@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import pde
-from ._args import is_real_number
+from ._args import is_real_number, require_int
 from .krylov import GCRODR, gmres, greedy_order, solve_sequence
 
 __all__ = ["add_parser", "generate_dataset", "main"]
@@ -246,14 +246,19 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
     out = Path(out)
     if family not in pde.FAMILIES:
         raise ValueError(f"family must be one of {sorted(pde.FAMILIES)}; got {family!r}")
-    for name, value, minimum in (("grid", grid, 1), ("num", num, 1), ("shard_size", shard_size, 1), ("m", m, 1), ("k", k, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    # Python or NumPy integers, as ints: they go into the JSON settings (an np.int64 seed
+    # failed there, after the parts directory was made).
+    op = "generate_dataset"
+    grid, num, shard_size, m = (require_int(op, name, value) for name, value in
+                                (("grid", grid), ("num", num), ("shard_size", shard_size), ("m", m)))
+    k = require_int(op, "k", k, minimum=0)
+    seed = require_int(op, "seed", seed, minimum=0)
     if not (is_real_number(tol) and 0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
     tol = float(tol)  # a NumPy scalar goes into the JSON settings
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0; got {seed}")
+    if not isinstance(jacobi, (bool, np.bool_)):
+        raise TypeError(f"{op}: jacobi must be a bool; got {jacobi!r}")
+    jacobi = bool(jacobi)
     settings = {"family": family, "grid": grid, "num": num, "seed": seed, "tol": tol, "m": m, "k": k,
                 "shard_size": shard_size, "jacobi": jacobi}
     if out.exists():

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from ._args import require_int
+from ._args import require_finite_number, require_int
 from .krylov.operators import CSRMatrix
 
 __all__ = [
@@ -82,6 +82,13 @@ def _check_grid(where: str, grid: int) -> int:
     return require_int(where, "grid", grid)
 
 
+def _positive_number(where: str, name: str, value) -> float:
+    value = require_finite_number(where, name, value)
+    if not value > 0:
+        raise ValueError(f"{where}: {name} must be a finite number > 0; got {value!r}")
+    return value
+
+
 def gaussian_random_field(grid: int, generator: torch.Generator, *, alpha: float = 2.0, tau: float = 3.0) -> torch.Tensor:
     """A ``[grid, grid]`` float64 sample of a periodic Gaussian random field, normalized to unit variance.
 
@@ -95,6 +102,8 @@ def gaussian_random_field(grid: int, generator: torch.Generator, *, alpha: float
     filter_ = (4 * math.pi**2 * (ky[:, None] ** 2 + kx[None, :] ** 2) + tau**2) ** (-alpha / 2)
     filter_[0, 0] = 0.0  # zero mean, as in the FNO generator (else the constant mode decides most thresholds)
     field = torch.fft.irfft2(torch.fft.rfft2(noise) * filter_, s=(grid, grid))
+    if grid == 1:  # one node: the zero-mean field is 0 (std() of one value warned and gave NaN)
+        return field
     std = field.std()
     return field / std if float(std) > 0 else field
 
@@ -172,9 +181,10 @@ def darcy(grid: int, *, seed: int = 0, index: int = 0, low: float = 3.0, high: f
     ------
     ValueError
         ``grid`` not an integer >= 1, a negative ``seed`` or ``index``, or a ``low`` or
-        ``high`` <= 0 where the field selects it.
+        ``high`` that is not a finite number > 0 (TypeError: not a number).
     """
     grid = _check_grid("darcy", grid)
+    low, high = (_positive_number("darcy", name, value) for name, value in (("low", low), ("high", high)))
     field = gaussian_random_field(grid, sample_generator(seed, index))
     a = torch.where(field >= 0, torch.tensor(high, dtype=torch.float64), torch.tensor(low, dtype=torch.float64))
     return PDEProblem("darcy", grid, index, seed, diffusion_matrix(a), torch.ones(grid * grid, dtype=torch.float64), a)
@@ -232,9 +242,14 @@ def helmholtz(grid: int, *, seed: int = 0, index: int = 0, wavenumber: float = 1
     Raises
     ------
     ValueError
-        As in :func:`darcy`.
+        As in :func:`darcy`; a ``wavenumber`` that is not a finite number > 0, a
+        ``contrast`` outside ``[0, 1)``.
     """
     grid = _check_grid("helmholtz", grid)
+    wavenumber = _positive_number("helmholtz", "wavenumber", wavenumber)
+    contrast = require_finite_number("helmholtz", "contrast", contrast)
+    if not 0 <= contrast < 1:  # k stays positive
+        raise ValueError(f"helmholtz: contrast must be in [0, 1); got {contrast!r}")
     k = wavenumber * (1 + contrast * torch.tanh(gaussian_random_field(grid, sample_generator(seed, index))))
     y, x = _grid_points(grid)
     source = torch.exp(-((x - 0.5) ** 2 + (y - 0.5) ** 2) / (2 * 0.05**2))

@@ -96,7 +96,7 @@ class System:
         else:
             self._apply_raw = A.apply
             self.csr = A.matrix
-        self.key = (_identity(A.source), _version(A.source), _preconditioner_key(M))
+        self.key = (_identity(A.source), _version(A.source, A.matrix), _preconditioner_key(M))
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         self.matvecs += 1
@@ -176,18 +176,46 @@ class Progress:
             self.callback(value)
 
 
-def _version(source):
-    """What changes with a torch-backed matrix's entries: its values tensor (identity: a
-    ``CSRMatrix`` whose ``values`` was reassigned kept the old key, and GCRODR its stale
-    recycled space) and that tensor's in-place modification counter; None for other kinds.
+def _version(source, matrix=None):
+    """What changes with a matrix's entries.  A torch-backed one: its values tensor
+    (identity: a ``CSRMatrix`` whose ``values`` was reassigned kept the old key, and GCRODR
+    its stale recycled space) and that tensor's in-place modification counter.  A NumPy
+    array or a scipy matrix (``matrix``: their conversion, made at every solve): the
+    converted entries themselves, compared at the next solve (an array changed in place
+    kept GCRODR's recycled space of the old matrix: a true residual of 5.3 reported as
+    stagnation).  None for a callable.
 
-    A scipy matrix or a callable changed in place is not detected: pass a new object
-    (or call ``GCRODR.reset``) after changing one.
+    A callable changed in place is not detected: pass a new object (or call
+    ``GCRODR.reset``) after changing one.
     """
     values = getattr(source, "values", None)
     if isinstance(values, torch.Tensor):
         return (_Identity(values), values._version)
-    return getattr(source, "_version", None)
+    version = getattr(source, "_version", None)
+    if version is None and matrix is not None and not isinstance(source, torch.Tensor):
+        return _Entries(matrix)
+    return version
+
+
+class _Entries:
+    """Stands for a converted matrix's entries in a key: equal to another ``_Entries`` of
+    the same shape, pattern and values (one comparison pass, O(nnz), per solve).  A copy:
+    the conversion of a scipy matrix shares its arrays, which an in-place change moves too."""
+
+    __slots__ = ("_shape", "_arrays")
+
+    def __init__(self, matrix):
+        self._shape = matrix.shape
+        self._arrays = (matrix.row_ptr.clone(), matrix.col_idx.clone(), matrix.values.clone())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Entries):
+            return NotImplemented
+        return self._shape == other._shape and all(
+            a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(self._arrays, other._arrays))
+
+    __hash__ = None
 
 
 class _Identity:

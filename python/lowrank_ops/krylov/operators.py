@@ -405,12 +405,16 @@ def as_operator(op: str, A, dtype: torch.dtype, device: Union[str, torch.device]
     elif isinstance(A, torch.Tensor):
         if A.dim() != 2:
             raise ValueError(f"{op}: A has shape {tuple(A.shape)}; expected a square matrix (n, n)")
+        if A.is_complex():  # (the cast below kept the real part, and the solve reported success)
+            raise TypeError(f"{op}: A has dtype {A.dtype}; expected real entries (complex systems are not supported)")
         matrix = CSRMatrix.from_torch(A) if A.layout != torch.strided else CSRMatrix.from_dense(A.to(dtype))
     elif hasattr(A, "tocsr") and hasattr(A, "nnz"):  # scipy.sparse, without importing scipy
         matrix = CSRMatrix.from_scipy(A, dtype)
     elif isinstance(A, np.ndarray):
         if A.ndim != 2:
             raise ValueError(f"{op}: A has shape {A.shape}; expected a square matrix (n, n)")
+        if np.iscomplexobj(A):
+            raise TypeError(f"{op}: A has dtype {A.dtype}; expected real entries (complex systems are not supported)")
         matrix = CSRMatrix.from_dense(torch.as_tensor(A, dtype=dtype))
     elif callable(A) or hasattr(A, "matvec"):
         return _callable_operator(op, A, dtype, device)

@@ -159,7 +159,8 @@ def _feature(feature, A, b) -> torch.Tensor:
     return feature.reshape(-1).cpu()
 
 
-def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "skr", m: int = 40, k: int = 10,
+def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "skr", m: Optional[int] = None,
+                   k: Optional[int] = None,
                    tol: Optional[float] = None, atol: float = 0.0, M=None, maxiter: Optional[int] = None,
                    features: Optional[torch.Tensor] = None,
                    recycler: Union[GCRODR, DeflatedCG, None] = None,
@@ -178,9 +179,10 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         ``"gmres"``: independent GMRES(m) solves; ``"cg"``: independent CG solves.
     order : {"skr", "given"}
         ``"skr"``: greedy nearest-neighbour order of the features; ``"given"``: as passed.
-    m, k : int
-        Cycle length (GMRES / GCRO-DR) and recycled vectors (``k`` only for ``"gcrodr"``
-        and ``"defcg"``).
+    m, k : int, optional
+        Cycle length (GMRES / GCRO-DR; default 40) and recycled vectors (``k`` only for
+        ``"gcrodr"`` and ``"defcg"``; default 10).  With a ``recycler``, its own (given
+        ones must match it).
     tol : float, optional
         Relative residual tolerance of every solve; default (None) 1e-8 in float64,
         1e-5 in float32.
@@ -188,9 +190,9 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
         Absolute residual tolerance of every solve (finite, >= 0): each stops once
         ``||b - A x|| <= max(tol ||b||, atol)``.
     M : None, 'jacobi', Tensor[n] or callable
-        Preconditioner of every solve.
+        Preconditioner of every solve (with a ``recycler``, give it to the recycler).
     maxiter : int, optional
-        Iteration budget per solve.
+        Iteration budget per solve (with a ``recycler``, give it to the recycler).
     features : Tensor[N, d] or array, optional
         Sorting features (default: each problem's coefficient field, else its matrix
         entries (a dense matrix's, or a sparse one's stored values), else (a callable A)
@@ -215,8 +217,18 @@ def solve_sequence(problems: Sequence, *, method: str = "gcrodr", order: str = "
     if recycler is not None and expected is not None and not isinstance(recycler, expected):
         raise TypeError(f"solve_sequence: recycler must be a {expected.__name__} for method={method!r}; "
                         f"got {type(recycler).__name__}")
+    if recycler is not None:  # its settings are its own: a conflicting one here was silently ignored
+        if M is not None or maxiter is not None:
+            raise ValueError(f"solve_sequence: M and maxiter are the recycler's own settings (its M and maxiter "
+                             f"arguments); got M={M!r}, maxiter={maxiter!r} with a recycler")
+        for name, value in (("m", m), ("k", k)):
+            if value is not None and value != getattr(recycler, name):
+                raise ValueError(f"solve_sequence: {name} = {value!r} differs from the recycler's {name} = "
+                                 f"{getattr(recycler, name)}; pass one (or neither)")
     if order not in ("skr", "given"):
         raise ValueError(f"solve_sequence: order must be 'skr' or 'given'; got {order!r}")
+    m = 40 if m is None else m
+    k = 10 if k is None else k
     check_positive_int("solve_sequence", "m", m)
     unpacked = [_unpack(problem, index) for index, problem in enumerate(problems)]
     count = len(unpacked)

@@ -21,12 +21,12 @@ __all__ = ["sinkhorn", "SinkhornState"]
 DEFAULT_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
-def _check_tol(op: str, tol, dtype: torch.dtype) -> float:
-    """``tol``, or the dtype's default (DEFAULT_TOL) for None."""
+def _check_tol(op: str, tol, dtype: torch.dtype, name: str = "tol") -> float:
+    """``tol`` (the argument ``name``), or the dtype's default (DEFAULT_TOL) for None."""
     if tol is None:
         return DEFAULT_TOL[dtype]
     if not _is_number(tol) or not (0 <= tol < float("inf")):
-        raise ValueError(f"{op}: tol must be None or a finite number >= 0; got {tol!r}")
+        raise ValueError(f"{op}: {name} must be None or a finite number >= 0; got {tol!r}")
     return float(tol)
 
 

@@ -341,7 +341,7 @@ def sinkhorn_newton_sparse(
     max_halvings = require_int(op, "max_halvings", max_halvings)
     cg_floor = 1e-8 if problem.dtype == torch.float64 else 1e-4
     forcing = cg_tol is None
-    cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol, problem.dtype)
+    cg_tol = _check_tol(op, cg_floor if cg_tol is None else cg_tol, problem.dtype, "cg_tol")
     for name, value, upper in (("drop_mass", drop_mass, 1.0), ("armijo", armijo, 0.5)):
         if not is_real_number(value) or not 0 <= value < upper:
             raise ValueError(f"{op}: {name} must be a number in [0, {upper:g}); got {value!r}")

@@ -1025,3 +1025,19 @@ def test_multi_lora_host_copies_follow_the_buffers(device):
         torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)
         layer.load_state_dict(state)                 # copied in place into the buffers
         torch.testing.assert_close(layer(x, names), expected(), rtol=1e-5, atol=1e-5)
+
+
+def test_meta_module_with_per_row_routing():
+    """A module built on meta (low-memory loading, shape inference) takes per-row routing
+    given on the host (names, ids as a list or CPU tensor): it is grouped there, and the
+    ops' fake impls give the shapes.  The routing was moved to meta, where grouping raised
+    "Tensor.item() cannot be called on meta tensors"."""
+    with torch.device("meta"):
+        module = MultiLoRALinear(torch.nn.Linear(8, 6), 4)
+    module.add_adapter("a", 2)
+    module.add_adapter("b", 4)
+    x = torch.empty(5, 8, device="meta")
+    for routing in (dict(adapter_names=["a", None, "b", "a", None]), dict(adapter_ids=[0, -1, 1, 0, -1]),
+                    dict(adapter_ids=torch.tensor([1, 1, 0, 0, -1]))):
+        y = module(x.reshape(5, 1, 8), **routing)
+        assert y.shape == (5, 1, 6) and y.is_meta

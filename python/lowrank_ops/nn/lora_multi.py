@@ -404,8 +404,10 @@ class MultiLoRALinear(nn.Module):
     @staticmethod
     def _routing_device(adapter_ids, x: torch.Tensor) -> torch.device:
         """Where per-row ids are grouped: the host, unless they already are on x's device
-        (or torch.compile traces, which keeps the routing on x's device)."""
-        if dispatch_needed(x) or (isinstance(adapter_ids, torch.Tensor) and adapter_ids.device == x.device):
+        (or torch.compile traces, which keeps the routing on x's device).  A meta x with
+        host-side ids (names, a list): the host, where the grouping can read them."""
+        on_x = isinstance(adapter_ids, torch.Tensor) and adapter_ids.device == x.device
+        if on_x or (dispatch_needed(x) and not x.is_meta):
             return x.device
         return torch.device("cpu")
 

@@ -195,6 +195,49 @@ def test_bench_bad_compare_file_and_sparse_log_records_fail_cleanly(tmp_path, ca
     assert "not the run's machine record" in capsys.readouterr().err
 
 
+def test_bench_refuses_bad_settings_before_the_run(tmp_path, capsys, monkeypatch):
+    """An empty --families ran every suite; a bad LOWRANK_OPS_BENCH_TIME_BUDGET failed in
+    pytest's collection (10 lines, exit 4); --device cuda without a GPU exited 0 with
+    nothing timed; a bad --from-log left an empty results directory."""
+    from lowrank_ops.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "--families", " ,", "--out", str(out)]) == 2
+    assert "--families is empty; available:" in capsys.readouterr().err
+    monkeypatch.setenv("LOWRANK_OPS_BENCH_TIME_BUDGET", "abc")
+    assert main(["bench", "--families", "qr", "--out", str(out)]) == 2
+    assert "LOWRANK_OPS_BENCH_TIME_BUDGET must be a number of seconds > 0; got 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("LOWRANK_OPS_BENCH_TIME_BUDGET")
+    if not (lowrank_ops.info()["cuda_compiled"] and lowrank_ops.info()["devices"]):
+        assert main(["bench", "--families", "qr", "--device", "cuda", "--out", str(out)]) == 2
+        assert "--device cuda: no usable CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "--from-log", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_bench_from_log_keeps_the_logged_runs_settings(tmp_path, capsys):
+    """--from-log recorded the rendering command's settings (a --full run saved as full:
+    false, every family listed); --families selected the plots only, not the table."""
+    from lowrank_ops.cli import main
+
+    stats = dict(min=1e-3, max=1e-3, mean=1e-3, stddev=0.0, median=1e-3, iqr=0.0, rounds=5)
+    command = dict(full=True, families=["qr", "ot"], device="cpu", keyword=None, time_budget_s="2")
+    lines = [{"machine": {}, "command": command}]
+    for family in ("qr", "ot"):
+        case = dict(family=family, op=f"{family}.op", shape="s", dtype="float64", device="cpu", flops=0.0, bytes=0.0)
+        lines += [{"name": f"{family}a", "extra_info": dict(case, impl="ours", max_error=0.0), "stats": stats},
+                  {"name": f"{family}b", "extra_info": dict(case, impl="peer", max_error=0.0), "stats": stats}]
+    log = tmp_path / "cases.jsonl"
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["bench", "--from-log", str(log), "--families", "ot", "--out", str(tmp_path / "o"), "--no-plot"]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["command"] == dict(command, families=["ot"])
+    assert {row["family"] for row in results["rows"]} == {"ot"}
+    assert all(row["ours_gflops"] is None for row in results["rows"])  # no flops recorded: "-", not 0.0
+    report = (tmp_path / "o" / "results.md").read_text()
+    assert "run: --full (the papers' sizes), device cpu, families ot, 2 s per case" in report
+
+
 def test_bench_interleaved_times_the_suites_own_builds(capsys):
     """bench/interleaved.py builds the chosen impls of one case through the suite's own
     ``measure`` call (the same inputs and functions as the suite times) and times them in

@@ -135,8 +135,10 @@ def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
     assert "exists; remove it" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num must be an integer >= 1"):
         generate_dataset("darcy", 8, 0, tmp_path / "x.npz")
-    with pytest.raises(ValueError, match="tol must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"tol must be a number in \(0, 1\)"):
         generate_dataset("darcy", 8, 2, tmp_path / "x.npz", tol=0.0)
+    with pytest.raises(ValueError, match=r"tol must be a number in \(0, 1\) \(a relative residual\); got 2"):
+        generate_dataset("darcy", 8, 2, tmp_path / "x.npz", tol=2)  # every solution 0, reported solved
     with pytest.raises(SystemExit):
         cli_main(["generate", "burgers", "--num", "2", "--out", str(tmp_path / "y.npz")])
     # A negative seed was checked after the parts directory was made (left empty).
@@ -163,7 +165,7 @@ def test_unwritable_out_is_a_clean_error(tmp_path, capsys):
     blocker.write_text("")
     assert cli_main(["generate", "poisson", "--grid", "4", "--num", "2", "--out", str(blocker / "d" / "p.npz"),
                      "--quiet"]) == 1
-    assert capsys.readouterr().err.startswith("lowrank-ops generate: ")
+    assert capsys.readouterr().err.startswith(f"lowrank-ops generate: --out {blocker / 'd' / 'p.npz'}: ")
 
 
 def test_numpy_tolerance(tmp_path):

@@ -289,6 +289,7 @@ def _adapter_layer(name: str) -> torch.nn.Module:
         "LoLDULinear": lambda: lnn.LoLDULinear(base, 3),
         "SpectralLinear": lambda: lnn.SpectralLinear(12, 10, sample_rank=2, dtype=torch.float64),
         "NOLALinear": lambda: lnn.NOLALinear(base, 3, 4, 4, seed=0),
+        "NOLALinear-uncached": lambda: lnn.NOLALinear(base, 3, 4, 4, seed=0, cache_bases=False),
         "RandLoRALinear": lambda: lnn.RandLoRALinear(base, 3, seed=0),
         "SparseLowRankLinear": lambda: lnn.SparseLowRankLinear(12, 10, 3, 0.2, dtype=torch.float64),
         "MultiLoRALinear": lambda: lnn.MultiLoRALinear(base, 3),
@@ -304,7 +305,8 @@ def _adapter_layer(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", ["LoRALinear", "LoRALinear-DoRA", "SVFitLinear", "LoLDULinear", "SpectralLinear",
-                                  "NOLALinear", "RandLoRALinear", "SparseLowRankLinear", "MultiLoRALinear"])
+                                  "NOLALinear", "NOLALinear-uncached", "RandLoRALinear", "SparseLowRankLinear",
+                                  "MultiLoRALinear"])
 def test_the_librarys_own_layers(name):
     """Their fused backward is first-order only: hessian_trace raised "first-order only" on
     every layer of lowrank_ops.nn.  It runs the loss under ops.composite() (torch
@@ -329,3 +331,38 @@ def test_the_librarys_own_layers(name):
     HV = V @ H
     want = torch.stack([(v * hv).sum(1) for v, hv in zip(V.split(sizes, 1), HV.split(sizes, 1))], 1)
     torch.testing.assert_close(result.samples, want, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_layers():
+    """Activation checkpointing recomputes the forward inside the backward passes, which
+    must compose as the first forward did: hessian_trace runs whole inside composite()
+    (it raised CheckpointError "Recomputed values ... have different metadata")."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _adapter_layer("LoRALinear")
+    x = torch.randn(9, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    plain = hessian_trace(lambda: torch.tanh(layer(x)).square().mean(), params, n_probes=3, max_probes=3,
+                          generator=torch.Generator().manual_seed(5))
+    checkpointed = hessian_trace(lambda: torch.tanh(checkpoint(layer, x, use_reentrant=False)).square().mean(), params,
+                                 n_probes=3, max_probes=3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(checkpointed.samples, plain.samples, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["LoRALinear", "LoRALinear-DoRA", "SVFitLinear", "LoLDULinear", "SpectralLinear",
+                                  "NOLALinear", "NOLALinear-uncached", "RandLoRALinear", "SparseLowRankLinear",
+                                  "MultiLoRALinear"])
+def test_forward_mode_through_the_librarys_own_layers(name):
+    """torch.autograd.forward_ad tangents through every layer (linear in x: the tangent is
+    layer(x + v) - layer(x)).  The fused paths dropped them (MultiLoRALinear's small-batch
+    kernels: a wrong tangent, silently) or had no jvp (DoRA, uncached NOLA raised)."""
+    layer = _adapter_layer(name)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = torch.randn(5, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    kwargs = {"adapter_names": ["a", "b", None, "a", "b"]} if name == "MultiLoRALinear" else {}
+    with torch.no_grad():
+        expected = layer(x + v, **kwargs) - layer(x, **kwargs)
+    with torch.autograd.forward_ad.dual_level():
+        y = layer(torch.autograd.forward_ad.make_dual(x, v), **kwargs)
+        tangent = torch.autograd.forward_ad.unpack_dual(y).tangent
+    torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)

@@ -1097,6 +1097,9 @@ def test_bad_input_gives_clear_errors():
         cg(A, b, x0=np.ones(3))
     with pytest.raises(ValueError, match=r"b has shape \(2, 8\); expected \(n,\) = \(16,\)"):
         gmres(A, np.ones((2, 8)))
+    for solve in (gmres, cg):  # torch's "Could not infer dtype of NoneType" named nothing
+        with pytest.raises(TypeError, match=r"b must be a vector .* of length n = 16; got NoneType"):
+            solve(A, None)
     nan_b = b.copy()
     nan_b[3] = np.nan
     with pytest.raises(ValueError, match="b holds 1 non-finite"):

@@ -272,6 +272,12 @@ def test_composite_gives_second_derivatives(device, generator):
             return lora_linear(x, weight, lora_A, lora_B, bias, scale=0.8, gate=gate)
 
     assert torch.autograd.gradgradcheck(fn, inputs)
+    # Dropout: the fused op's seeded mask (composite() drew from torch's global stream).
+    fused = lora_linear(*inputs[:5], scale=0.8, gate=inputs[5], dropout_p=0.4, generator=torch.Generator().manual_seed(5))
+    with composite():
+        composed = lora_linear(*inputs[:5], scale=0.8, gate=inputs[5], dropout_p=0.4,
+                               generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(composed, fused)
     y = lora_linear(*inputs[:5], scale=0.8, gate=inputs[5])
     with pytest.raises(RuntimeError, match=r"first-order only; .*inside lowrank_ops.ops.composite\(\)"):
         torch.autograd.grad(y.square().sum(), inputs[2], create_graph=True)

@@ -336,6 +336,17 @@ def test_composite_second_derivatives(generator):
 
     assert torch.autograd.gradgradcheck(fn, (x, A_stack, B_stack, weight, bias))
 
+    # Entries the kernels never read (beyond a rank, adapter 0 for rows of id -1): NaN
+    # there stays out of the composition too (it multiplied masks and poisoned every row).
+    A_nan, B_nan = A_stack.detach().clone(), B_stack.detach().clone()
+    A_nan[0, 2:], A_nan[2], B_nan[2] = float("nan"), float("nan"), float("nan")  # rank 2; adapter 2 has rank 0
+    fused = lora_linear_multi(x.detach(), weight.detach(), A_nan, B_nan, offsets, ids, ranks=ranks, scales=scales)
+    with composite():
+        composed = lora_linear_multi(x.detach(), weight.detach(), A_nan, B_nan, offsets, ids, ranks=ranks,
+                                     scales=scales)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(composed, fused)
+
 
 # --------------------------------------------------------------------------- torch.library / compile
 def _op_samples(device, generator):

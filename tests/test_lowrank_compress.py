@@ -148,6 +148,15 @@ def test_rank_fraction_of_the_smaller_dimension(generator):
         name: max(1, round(0.1 * min(fan_in, fan_out))) for name, (fan_in, fan_out, _) in SHAPES.items()}
 
 
+def test_float_rank_is_a_fraction():
+    """rank=1.0 (a float) meant rank 1, silently; a float is a fraction in (0, 1)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    for rank in (1.0, 2.0):
+        with pytest.raises(ValueError, match=rf"rank for 0 is a float, so a fraction of min\(in, out\) in \(0, 1\); "
+                                             rf"got {rank} \(pass an int for a rank in \[1, 6\]\)"):
+            compress(model, rank=rank)
+
+
 def test_rank_above_half_takes_the_exact_svd(generator):
     # 512 -> 64: min / 2 = 32 < 40 <= 56 = in out / (in + out), the largest saving rank.
     shapes = {"wide": (512, 64, True)}

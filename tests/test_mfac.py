@@ -220,6 +220,14 @@ def test_torch_func_transforms(generator):
     torch.testing.assert_close(jacrev(lambda c: mfac_combine(G, c, x, 0.7, -1.3, 4))(coef), -1.3 * G[:4].T)
     torch.testing.assert_close(jacrev(lambda G: mfac_dots(G, x, 4).sum())(G)[4], torch.zeros(30, dtype=torch.float64))
     torch.testing.assert_close(vmap(lambda x: mfac_dots(G, x, 4))(X), X @ G[:4].T)
+    # Forward mode: the fused op dropped jvp's tangents (a zero tangent, silently).
+    v = randn(30, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(torch.func.jvp(inverse.ihvp, (x,), (v,))[1], inverse.ihvp(v))
+    torch.testing.assert_close(torch.func.jacfwd(inverse.ihvp)(x), dense)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, v)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(inverse.ihvp(dual)).tangent, inverse.ihvp(v))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(mfac_dots(G, dual, 4)).tangent, G[:4] @ v)
 
 
 def test_cpu_one_call_apply_matches_the_op_path(generator):

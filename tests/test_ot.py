@@ -701,6 +701,21 @@ def test_torch_func_gradients_match_autograd(generator, solve):
     assert (jacobian[0, 1] == 0).all() and (jacobian[1, 0] == 0).all()
     with pytest.raises(RuntimeError, match=r"torch.func vmap is not supported: each problem.*batch \[\.\.\., n, m\]"):
         vmap(values)(C)
+    # Forward mode: the value came out of no_grad with a zero tangent (torch.func.jvp,
+    # forward_ad); torch.autograd.functional.jvp (double vjp) stays exact.
+    V = torch.randn(2, 5, 4, generator=generator, dtype=F64)
+    eps = 1e-6
+    expected = (values(C + eps * V) - values(C - eps * V)) / (2 * eps)  # O(eps^2 + tol / eps)
+    torch.testing.assert_close(torch.func.jvp(values, (C,), (V,))[1], expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.autograd.functional.jvp(values, C, V)[1], expected, rtol=1e-6, atol=1e-9)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(C, V)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(values(dual)).tangent, expected, rtol=1e-6,
+                                   atol=1e-9)
+    dx = torch.randn_like(x)
+    by_x = lambda x: by_points(x, y)  # noqa: E731
+    expected = (by_x(x + eps * dx) - by_x(x - eps * dx)) / (2 * eps)
+    torch.testing.assert_close(torch.func.jvp(by_x, (x,), (dx,))[1], expected, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])

@@ -21,11 +21,25 @@ struct ContextCalls {
   ContextSetter set = nullptr;
 };
 
+// The lookup by toolkit: ByVersion from CUDA 12.5 (the versionless call is deprecated in
+// 13), the versionless one with a status from 12.0, without one from 11.3; before that
+// none (the guard then sets the device without restoring, as before it existed).
 void* driver_entry_point(const char* symbol) {
   void* function = nullptr;
+#if CUDART_VERSION >= 12050
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  if (cudaGetDriverEntryPointByVersion(symbol, &function, 12000, cudaEnableDefault, &found) != cudaSuccess ||
-      found != cudaDriverEntryPointSuccess) {
+  const bool ok = cudaGetDriverEntryPointByVersion(symbol, &function, 12000, cudaEnableDefault, &found) ==
+                      cudaSuccess && found == cudaDriverEntryPointSuccess;
+#elif CUDART_VERSION >= 12000
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+  const bool ok = cudaGetDriverEntryPoint(symbol, &function, cudaEnableDefault, &found) == cudaSuccess &&
+                  found == cudaDriverEntryPointSuccess;
+#elif CUDART_VERSION >= 11030
+  const bool ok = cudaGetDriverEntryPoint(symbol, &function, cudaEnableDefault) == cudaSuccess;
+#else
+  const bool ok = false;
+#endif
+  if (!ok || function == nullptr) {
     cudaGetLastError();
     return nullptr;
   }

@@ -60,9 +60,9 @@ def comparison_rows(records: List[Dict[str, Any]], unsupported: List[Dict[str, A
                 row["ratio"] = row["peer_ms"] / row["ours_ms"]
             if row["ours_mem_mb"] and row["peer_mem_mb"] is not None:
                 row["mem_ratio"] = row["peer_mem_mb"] / row["ours_mem_mb"]
-            if row["ours_ms"]:
-                row["ours_gflops"] = ours["flops"] / (row["ours_ms"] * 1e-3) / 1e9
-                row["ours_gbps"] = ours["bytes"] / (row["ours_ms"] * 1e-3) / 1e9
+            if row["ours_ms"]:  # (suites that count no flops or bytes, solvers: "-", not 0.0)
+                row["ours_gflops"] = ours["flops"] / (row["ours_ms"] * 1e-3) / 1e9 if ours["flops"] else None
+                row["ours_gbps"] = ours["bytes"] / (row["ours_ms"] * 1e-3) / 1e9 if ours["bytes"] else None
             rows.append(row)
     return rows
 
@@ -167,10 +167,26 @@ def format_compare(records: List[Dict[str, Any]], old: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, comparison: str) -> str:
-    """A run's ``results.md``: the machine line, the legend, the table, notes and any comparison."""
+def command_line(command: Optional[Dict[str, Any]]) -> str:
+    """The run's settings in one line (sizes, families, device, -k, time budget)."""
+    if not command:
+        return "run settings: not recorded"
+    budget = command.get("time_budget_s")
+    sizes = "--full (the papers' sizes)" if command.get("full") else "default sizes"
+    return (f"run: {sizes}, "
+            f"device {command.get('device', '?')}, families {', '.join(command.get('families') or [])}"
+            + (f", -k {command['keyword']!r}" if command.get("keyword") else "")
+            + f", {budget if budget else 'default'} s per case")
+
+
+def markdown_report(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, comparison: str,
+                    command: Optional[Dict[str, Any]] = None) -> str:
+    """A run's ``results.md``: the machine and run lines, the legend, the table, notes and any comparison."""
+    peers = ", ".join(f"{name} {version}" for name, version in (machine.get("peers") or {}).items()
+                      if version not in (None, False))
     parts = [
-        "# lowrank_ops benchmark results", "", machine_line(machine), "",
+        "# lowrank_ops benchmark results", "", machine_line(machine), "", command_line(command), "",
+        *([f"peers installed: {peers}", ""] if peers else []),
         "ours/peer ms: median wall time of one call; ratio = peer / ours (> 1: ours faster); "
         "err: max abs error / max abs of the float64 reference; GFLOP/s, GB/s: ours, on the op's "
         "useful flops and compulsory bytes (see bench/README.md); ours/peer MB (suites that record it): "
@@ -204,17 +220,24 @@ def plot_family(rows: List[Dict[str, Any]], family: str, path: Path, subtitle: s
     colors = {peer: plt.get_cmap("tab10")(i) for i, peer in enumerate(peers)}
     labels = [f"{row['op']}  {row['shape']}  {row['dtype']} {row['device']}  vs {row['peer']}" for row in rows]
     ratios = [row["ratio"] for row in rows]
+    # Solvers stopped at an iteration cap: the ratio is a bound (the table's >= / <= / *),
+    # drawn hatched and labelled as in the table (plain bars read as measured ratios).
+    bounded = [row.get("peer_truncated") or row.get("ours_truncated") for row in rows]
     figure, axes = plt.subplots(figsize=(9, 1.4 + 0.3 * len(rows)))
     positions = list(range(len(rows)))[::-1]  # first row on top
     # Bars grow from 1 (parity): right when ours is faster, left when it is slower.
-    axes.barh(positions, [r - 1.0 for r in ratios], left=1.0, color=[colors[row["peer"]] for row in rows])
+    axes.barh(positions, [r - 1.0 for r in ratios], left=1.0, color=[colors[row["peer"]] for row in rows],
+              hatch=["//" if bound else "" for bound in bounded])
     axes.set_xscale("log")
     axes.set_xlim(min(min(ratios), 1.0) / 1.5, max(max(ratios), 1.0) * 1.6)
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_yticks(positions, labels, fontsize=7)
     axes.set_xlabel("peer time / ours time (> 1: ours faster; log scale)")
-    for y, ratio in zip(positions, ratios):
-        axes.text(ratio, y, f" {ratio:.2f}x ", va="center", ha="left" if ratio >= 1 else "right", fontsize=7)
+    for y, ratio, row in zip(positions, ratios, rows):
+        axes.text(ratio, y, f" {_cell(row, 'ratio')} ", va="center", ha="left" if ratio >= 1 else "right", fontsize=7)
+    if any(bounded):
+        subtitle += ("  Hatched: a solver stopped at its iteration cap before the tolerance; >= the ratio is a "
+                     "lower bound (peer stopped), <= an upper bound (ours stopped).")
     axes.set_title("\n".join([f"{family}: ours vs peers"] + textwrap.wrap(subtitle, 120)), fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[peer]) for peer in peers]
     axes.legend(handles, peers, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

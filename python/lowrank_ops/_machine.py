@@ -31,7 +31,40 @@ def machine_info(bench_dir: Path, now: _datetime.datetime) -> Dict[str, Any]:
         "git_sha": _git(bench_dir, "rev-parse", "HEAD"),
         "git_dirty": bool(_git(bench_dir, "status", "--porcelain", "--untracked-files=no")),
         "cpu_busy_before": _cpu_busy(),
+        "peers": _peer_versions(),
+        "environment": {name: os.environ[name] for name in _ENVIRONMENT if name in os.environ},
     }
+
+
+#: The environment variables that change what a benchmark measures.
+_ENVIRONMENT = ("LOWRANK_OPS_BENCH_TIME_BUDGET", "LOWRANK_OPS_BENCH_FULL", "LOWRANK_OPS_THREADS",
+                "LOWRANK_OPS_DISABLE_AVX512", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+#: The distributions the suites time against (peers) or through (numpy, transformers).
+_PEERS = ("peft", "POT", "scipy", "scikit-learn", "galore-torch", "transformers", "numpy", "cupy-cuda12x",
+          "cupy-cuda13x")
+
+
+def _peer_versions() -> Dict[str, Optional[str]]:
+    """Installed versions of the peers (None: not installed), read from the package
+    metadata without importing them."""
+    from importlib import metadata
+
+    versions: Dict[str, Optional[str]] = {}
+    for distribution in _PEERS:
+        try:
+            versions[distribution] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            versions[distribution] = None
+    mkl = None
+    try:
+        import torch
+
+        mkl = torch.backends.mkl.is_available()
+    except (ImportError, AttributeError):
+        pass
+    versions["torch_mkl"] = mkl
+    return versions
 
 
 def cpu_seconds() -> Optional[tuple]:

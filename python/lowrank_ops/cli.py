@@ -51,7 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
     info.set_defaults(handler=_cmd_info)
 
-    bench = commands.add_parser("bench", help="run the benchmark suites and print ours vs peers")
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suites and print ours vs peers",
+        description="Runs bench/bench_<family>.py (pytest-benchmark) in a subprocess: ours and the best peers "
+                    "on the same problems, in the same run.  Prints a table (median ms, ratio peer/ours, "
+                    "errors, GFLOP/s, GB/s) and writes to --out: cases.jsonl (each case as it finishes, with "
+                    "the machine and the command first: --from-log renders it), results.json (everything), "
+                    "results.md and <family>.png (ratio charts).",
+        epilog=f"environment: LOWRANK_OPS_BENCH_TIME_BUDGET=seconds per case (default 0.4, 2 with --full), "
+               f"{_FULL_ENV}=1 (what --full sets), LOWRANK_OPS_THREADS, LOWRANK_OPS_DISABLE_AVX512 "
+               f"(recorded in the results)")
     bench.add_argument("--full", action="store_true", help=f"full sizes (the papers' shapes; sets {_FULL_ENV}=1)")
     bench.add_argument("--families", help="comma-separated families (default: every bench/bench_<family>.py)")
     bench.add_argument("--bench-dir", type=Path, help="directory of the suites (default: ./bench)")
@@ -76,7 +85,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, info
 
     facts = info()
-    print(json.dumps(facts, indent=2) if args.json else format_info(facts))
+    try:
+        print(json.dumps(facts, indent=2) if args.json else format_info(facts), flush=True)
+    except BrokenPipeError:  # `lowrank-ops info --json | head`: the reader left, as for any CLI tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
     return 0
 
 
@@ -86,10 +98,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not bench_dir.is_dir():
         return _fail(f"no benchmark directory at {bench_dir}; run from the repository root or pass --bench-dir DIR")
     available = sorted(path.stem[len("bench_"):] for path in bench_dir.glob("bench_*.py"))
-    families = [name.strip() for name in args.families.split(",") if name.strip()] if args.families else available
+    if args.families is not None and not args.families.strip(", "):  # ("" ran every family)
+        return _fail(f"--families is empty; available: {', '.join(available) or 'none'}")
+    families = (list(dict.fromkeys(name.strip() for name in args.families.split(",") if name.strip()))
+                if args.families else available)
     missing = sorted(set(families) - set(available))
     if missing or not families:
         return _fail(f"no suite for families {missing or families} in {bench_dir}; available: {', '.join(available) or 'none'}")
+    budget = os.environ.get("LOWRANK_OPS_BENCH_TIME_BUDGET")
+    if budget is not None and not _positive_float(budget):
+        return _fail(f"LOWRANK_OPS_BENCH_TIME_BUDGET must be a number of seconds > 0; got {budget!r}")
+    if args.device == "cuda" and args.from_log is None and not _cuda_usable():
+        return _fail("--device cuda: no usable CUDA GPU (or lowrank_ops was built without CUDA); see lowrank-ops info")
     compare_with = None
     if args.compare is not None:
         try:
@@ -108,23 +128,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             return _fail(f"needs {module}: pip install pytest pytest-benchmark (or the package's [bench] extra)")
 
     now = _datetime.datetime.now().astimezone()
+    logged = None
+    if args.from_log is not None:  # read before the results directory is made (a bad log left it empty)
+        try:
+            machine, raw, logged = _read_case_log(args.from_log)
+        except (OSError, ValueError, KeyError) as error:
+            return _fail(f"--from-log {args.from_log}: cannot read it as a case log ({error})")
+        # The logged run's settings; --families then selects among its families.
+        command = dict(logged or {}, families=families if args.families else (logged or {}).get("families", families))
+        raw["benchmarks"] = [case for case in raw["benchmarks"]
+                             if case.get("extra_info", {}).get("family") in command["families"]]
+        raw["lowrank_ops"]["unsupported"] = [entry for entry in raw["lowrank_ops"]["unsupported"]
+                                             if entry.get("family") in command["families"]]
+    else:
+        command = _command(args, families)
     out_dir = (args.out or bench_dir / "results" / "local" / now.strftime("%Y%m%d-%H%M%S")).resolve()
     try:  # before the run, not after it: a run of minutes must not end in a traceback
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         return _fail(f"--out {out_dir}: cannot create the results directory ({error.strerror or error})")
     if args.from_log is not None:
-        try:
-            machine, raw = _read_case_log(args.from_log)
-        except (OSError, ValueError, KeyError) as error:
-            return _fail(f"--from-log {args.from_log}: cannot read it as a case log ({error})")
         code = 0
     else:
         machine = machine_info(bench_dir, now)  # before the run: how busy the CPU is without us
         if (machine["cpu_busy_before"] or 0.0) > 0.25:
             print(f"note: {machine['cpu_busy_before']:.0%} of the CPU was busy before the run; other processes skew CPU timings")
         log_path = out_dir / "cases.jsonl"
-        log_path.write_text(json.dumps({"machine": machine}) + "\n")
+        log_path.write_text(json.dumps({"machine": machine, "command": command}) + "\n")
         with tempfile.TemporaryDirectory(prefix="lowrank-ops-bench-") as tmp:
             raw_path = Path(tmp) / "pytest-benchmark.json"
             machine_before, ours_before = cpu_seconds(), os.times()
@@ -134,7 +164,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             text = raw_path.read_text() if raw_path.exists() else ""
         if not text.strip():
             print(f"\nno case was timed (pytest exit status {code}; cases skipped, deselected or failed)")
-            return code
+            return code or 1
         raw = json.loads(text)
 
     records = records_from_pytest_json(raw)
@@ -153,7 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(comparison)
 
-    _write_results(out_dir, args, families, machine, code, rows, records, unsupported, notes, comparison)
+    _write_results(out_dir, args, command, machine, code, rows, records, unsupported, notes, comparison)
     print(f"\nresults: {out_dir}")
     if (machine.get("cpu_busy_others_during") or 0.0) > 0.1:
         print(
@@ -165,27 +195,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
-def _write_results(out_dir: Path, args, families, machine, code, rows, records, unsupported, notes, comparison) -> None:
+def _command(args, families) -> dict:
+    """The run's settings, as results.json and the case log's first line record them."""
+    return {"full": args.full, "families": families, "device": args.device, "keyword": args.keyword,
+            "time_budget_s": os.environ.get("LOWRANK_OPS_BENCH_TIME_BUDGET")}
+
+
+def _write_results(out_dir: Path, args, command, machine, code, rows, records, unsupported, notes, comparison) -> None:
     """results.json (everything, for --compare and later analysis), results.md, <family>.png."""
+    families = command["families"]
     results = {
         "schema": 1,
         "machine": machine,
-        "command": {"full": args.full, "families": families, "device": args.device, "keyword": args.keyword},
+        "command": command,
         "pytest_exit_code": code,
         "rows": rows,
         "records": records,
         "unsupported": unsupported,
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out_dir / "results.md").write_text(markdown_report(machine, rows, notes, comparison))
+    (out_dir / "results.md").write_text(markdown_report(machine, rows, notes, comparison, command))
     if not args.no_plot:
         for family in families:
             plot_family(rows, family, out_dir / f"{family}.png", machine_line(machine))
 
 
 def _read_case_log(path: Path):
-    """(machine, pytest-benchmark-like JSON) from a run's ``cases.jsonl``: timed cases, and
-    peers recorded as unsupported (lines ``{"unsupported": ...}``)."""
+    """(machine, pytest-benchmark-like JSON, the run's command or None) from a run's
+    ``cases.jsonl``: timed cases, and peers recorded as unsupported (lines
+    ``{"unsupported": ...}``)."""
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not lines or not isinstance(lines[0], dict) or not isinstance(lines[0].get("machine"), dict):
         raise ValueError("its first line is not the run's machine record")
@@ -193,7 +231,8 @@ def _read_case_log(path: Path):
         raise ValueError("a line after the first is not a JSON object")
     timed = [line for line in lines[1:] if "unsupported" not in line]
     unsupported = [line["unsupported"] for line in lines[1:] if "unsupported" in line]
-    return lines[0]["machine"], {"benchmarks": timed, "lowrank_ops": {"unsupported": unsupported}}
+    return (lines[0]["machine"], {"benchmarks": timed, "lowrank_ops": {"unsupported": unsupported}},
+            lines[0].get("command"))
 
 
 def _run_pytest(bench_dir: Path, families: List[str], raw_path: Path, log_path: Path, args: argparse.Namespace) -> int:
@@ -216,6 +255,20 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _positive_float(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
+
+
+def _cuda_usable() -> bool:
+    from .info import info
+
+    facts = info()
+    return bool(facts.get("cuda_compiled")) and bool(facts.get("devices"))
 
 
 def _fail(message: str) -> int:

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"lowrank-ops generate: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # an --out that cannot be created or written (no traceback)
-        print(f"lowrank-ops generate: {error}", file=sys.stderr)
+        print(f"lowrank-ops generate: --out {args.out}: {error.strerror or error}", file=sys.stderr)
         return 1
     except RuntimeError as error:
         print(f"lowrank-ops generate: {error}", file=sys.stderr)
@@ -253,8 +253,8 @@ def generate_dataset(family: str, grid: int, num: int, out, *, seed: int = 0, to
                                 (("grid", grid), ("num", num), ("shard_size", shard_size), ("m", m)))
     k = require_int(op, "k", k, minimum=0)
     seed = require_int(op, "seed", seed, minimum=0)
-    if not (is_real_number(tol) and 0 < tol < math.inf):
-        raise ValueError(f"tol must be a positive finite number; got {tol!r}")
+    if not (is_real_number(tol) and 0 < tol < 1):  # (tol >= 1: every solution 0, reported solved)
+        raise ValueError(f"{op}: tol must be a number in (0, 1) (a relative residual); got {tol!r}")
     tol = float(tol)  # a NumPy scalar goes into the JSON settings
     if not isinstance(jacobi, (bool, np.bool_)):
         raise TypeError(f"{op}: jacobi must be a bool; got {jacobi!r}")

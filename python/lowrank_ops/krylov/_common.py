@@ -9,6 +9,7 @@ the preconditioned product costs one plain SpMV.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import types
@@ -96,7 +97,13 @@ class System:
         else:
             self._apply_raw = A.apply
             self.csr = A.matrix
-        self.key = (_identity(A.source), _version(A.source, A.matrix), _preconditioner_key(M))
+        self._M = M
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """Computed when a recycling solver first asks (a copy of a NumPy or scipy matrix's
+        entries: not for plain ``cg`` / ``gmres`` calls, which never compare keys)."""
+        return (_identity(self.A.source), _version(self.A.source, self.A.matrix), _preconditioner_key(self._M))
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         self.matvecs += 1
@@ -281,7 +288,11 @@ def _diagonal_preconditioner(op: str, A: LinearOperator, M: Preconditioner) -> O
 
 
 def _vector(op: str, name: str, value, dtype: torch.dtype, device: torch.device, n: int) -> torch.Tensor:
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, RuntimeError, ValueError):  # (None: torch's "Could not infer dtype of NoneType")
+        raise TypeError(f"{op}: {name} must be a vector (a tensor, array or sequence of numbers) of length n = {n}; "
+                        f"got {type(value).__name__}") from None
     if tensor.is_complex():
         raise TypeError(f"{op}: {name} is complex; expected a real vector")
     if tensor.dim() == 2 and tensor.shape[1] == 1:  # a column vector [n, 1]

@@ -185,10 +185,13 @@ def add_nuclear_subgradient_(modules_or_params: Targets, weight: float, *, rank:
         require_generator(op, "generator", generator, W.device)
     if lam == 0.0:
         return 0.0
-    for index, W in enumerate(params):  # all before any gradient changes (a NaN in the second left the first changed)
-        if not all_finite(W):
-            raise ValueError(f"{op}: weight {index} (shape {tuple(W.shape)}) holds NaN or infinite values; "
-                             "no gradient was changed")
+    # Every weight before any gradient changes (a NaN in the second left the first changed):
+    # one host read for all of them.
+    finite = torch.stack([torch.isfinite(W.detach()).all().to(params[0].device) for W in params]) if params else None
+    if finite is not None and not bool(finite.all()):
+        index = int((~finite).nonzero()[0])
+        raise ValueError(f"{op}: weight {index} (shape {tuple(params[index].shape)}) holds NaN or infinite values; "
+                         "no gradient was changed")
     norms = []
     for W in params:
         k = None if rank is None else min(rank, min(W.shape))

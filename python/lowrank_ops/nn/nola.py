@@ -33,6 +33,7 @@ import torch
 
 from .._args import require_finite_number, require_int
 from .._first_order import first_order_only
+from ..ops._library import composed_path
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._random_basis import (check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, rounded_by_cast,
@@ -69,6 +70,20 @@ class _UncachedCombination(torch.autograd.Function):
                                        coefficients.device, coefficients.dtype):
             torch.mv(block.reshape(block.shape[0], -1), flat, out=grad_coefficients[start:start + block.shape[0]])
         return grad_coefficients, None, None, None, None, None
+
+
+def _combination(coefficients, seed: int, stream: int, rows: int, cols: int, bound: float) -> torch.Tensor:
+    """``sum_i c_i basis_i`` ``[rows, cols]`` with the bases redrawn: the fused Function, or
+    where the ops compose torch ops (torch.func, ``ops.composite()``, forward-mode tangents)
+    the same sums block by block in torch ops, differentiable to any order (the graph then
+    holds every block: the memory ``cache_bases=False`` saves)."""
+    if not composed_path(coefficients):
+        return _UncachedCombination.apply(coefficients, seed, stream, rows, cols, bound)
+    out = coefficients.new_zeros(rows * cols)
+    for start, block in iter_bases(seed, stream, coefficients.shape[0], rows, cols, bound, coefficients.device,
+                                   coefficients.dtype):
+        out = out + coefficients[start:start + block.shape[0]] @ block.reshape(block.shape[0], -1)
+    return out.view(rows, cols)
 
 
 class NOLALinear(MergeableAdapter):
@@ -242,8 +257,8 @@ class NOLALinear(MergeableAdapter):
             seed = self._bases_seed  # the buffer's value as a Python int: no device sync per call
             if seed is None:  # on meta, where only the shapes matter
                 seed = 0
-            return (_UncachedCombination.apply(self.nola_alpha, seed, stream_A, *shape_A),
-                    _UncachedCombination.apply(self.nola_beta, seed, stream_B, *shape_B))
+            return (_combination(self.nola_alpha, seed, stream_A, *shape_A),
+                    _combination(self.nola_beta, seed, stream_B, *shape_B))
         # One GEMV per factor: [k] @ [k, rows * cols].
         A = (self.nola_alpha @ self.nola_basis_A.reshape(self.num_basis_A, -1)).view(self.r, self.in_features)
         B = (self.nola_beta @ self.nola_basis_B.reshape(self.num_basis_B, -1)).view(self.out_features, self.r)

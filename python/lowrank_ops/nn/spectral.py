@@ -98,7 +98,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if x.dtype != U.dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
-    if composed_path():  # torch.func sees through torch ops only: composed, same gradients
+    if composed_path(x, U, s, Vh, bias):  # torch.func sees through torch ops only: composed, same gradients
         if index is not None:  # U's columns / Vh's rows outside index get no gradient, as the Function's
             sampled = torch.zeros(K, dtype=torch.bool, device=U.device).index_fill_(0, index, True)
             U, Vh = torch.where(sampled, U, U.detach()), torch.where(sampled[:, None], Vh, Vh.detach())
@@ -210,13 +210,14 @@ class SpectralLinear(torch.nn.Module):
         converted half-precision layer keeps float32 factors).  ``model.half()`` gave half
         factors, which the forward accepted and the first ``resvd_`` (an SSTScheduler's
         periodic re-SVD) failed on."""
-        before = {name: param.data for name, param in self._parameters.items() if param is not None}
+        before = {name: (param.data, param.grad) for name, param in self._parameters.items() if param is not None}
         module = super()._apply(fn, recurse)
         for name, param in self._parameters.items():
             if param is not None and param.dtype in (torch.float16, torch.bfloat16):
-                param.data = before[name].to(device=param.device, dtype=torch.float32)
-                if param.grad is not None:
-                    param.grad = param.grad.float()
+                data, grad = before[name]
+                param.data = data.to(device=param.device, dtype=torch.float32)
+                if grad is not None:  # the pre-cast gradient, not its half rounding
+                    param.grad = grad.to(device=param.device, dtype=torch.float32)
         return module
 
     @torch.no_grad()

@@ -38,6 +38,24 @@ def values_readable(tensor: torch.Tensor) -> bool:
     return not under_vmap()
 
 
+def has_tangent(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (``torch.autograd.forward_ad``
+    outside torch.func): such inputs do not require grad, and paths that skip autograd for
+    them dropped the tangent silently."""
+    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: the common case, one attribute read
+        return False
+    return any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
+def unwrapped(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``tensor`` without torch.func's wrappers (the plain tensor under a grad transform's
+    wrapper), for host-side checks that hand raw pointers to C++; None stays None."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
 def under_vmap() -> bool:
     """Whether a ``torch.func.vmap`` is active (its tensors' values are not readable)."""
     if torch._C._functorch.peek_interpreter_stack() is None:
@@ -59,37 +77,49 @@ def refuse_transforms(op: str, reason: str, *, only_vmap: bool = False) -> None:
                            f"not supported: {reason}")
 
 
-_COMPOSITE = threading.local()
+_COMPOSITE_LOCK = threading.Lock()
+_composite_depth = 0
 
 
 @contextlib.contextmanager
 def composite():
-    """Runs the differentiable ops inside the block as torch compositions (the same
-    arithmetic, torch's own kernels) instead of the fused first-order kernels, so that
+    """Runs the differentiable ops as torch compositions (the same arithmetic, torch's own
+    kernels) instead of the fused first-order kernels while the block is open, so that
     their gradients are differentiable again: Hessian-vector products, gradient penalties,
     MAML-style inner steps (``create_graph=True``), and
     :func:`lowrank_ops.second_order.hessian_trace`, which enters it itself.  The graph
-    built inside keeps the composed ops after the block.  Thread-local; nests.
+    built inside keeps the composed ops after the block.
+
+    Process-wide, not per thread: the autograd engine runs CUDA backward passes on its own
+    threads, and activation checkpointing (``torch.utils.checkpoint``) recomputes the
+    forward there, which must take the same path as the first forward (else "Recomputed
+    values ... have different metadata").  For the same reason, with checkpointing run the
+    backward passes inside the block too.  Other threads' calls meanwhile compose as well
+    (same results up to rounding, slower).  Nests.
 
     Example::
 
         with lowrank_ops.ops.composite():
             loss = model(x).square().mean()
             (g,) = torch.autograd.grad(loss, [w], create_graph=True)
-        hvp = torch.autograd.grad(g @ v, [w])  # through the LoRA / DoRA layers too
+            hvp = torch.autograd.grad(g @ v, [w])  # through the LoRA / DoRA layers too
     """
-    _COMPOSITE.depth = getattr(_COMPOSITE, "depth", 0) + 1
+    global _composite_depth
+    with _COMPOSITE_LOCK:
+        _composite_depth += 1
     try:
         yield
     finally:
-        _COMPOSITE.depth -= 1
+        with _COMPOSITE_LOCK:
+            _composite_depth -= 1
 
 
-def composed_path() -> bool:
+def composed_path(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the public ops compose torch ops instead of calling their fused autograd
-    Functions: inside a torch.func transform (which sees through torch ops only) or a
-    :func:`composite` block."""
-    return getattr(_COMPOSITE, "depth", 0) > 0 or in_functorch_transform()
+    Functions: inside a torch.func transform (which sees through torch ops only), a
+    :func:`composite` block, or when one of the call's ``tensors`` carries a forward-mode
+    tangent (``torch.autograd.forward_ad``: the fused paths dropped it, or had no ``jvp``)."""
+    return _composite_depth > 0 or in_functorch_transform() or has_tangent(*tensors)
 
 
 def in_functorch_transform() -> bool:

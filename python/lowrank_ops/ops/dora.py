@@ -56,7 +56,8 @@ from .._first_order import first_order_only
 from ._layout import flatten_rows
 from ._library import LIBRARY, checked_impl, composed_path, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
-from .lora import _adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, draw_seed
+from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, composed_dropout,
+                   draw_seed)
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
 
@@ -186,7 +187,7 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return _row_norm_op(weight)(weight.detach(), lora_A.detach(), lora_B.detach(), scale)  # not differentiable
 
 
-def _composed(x, weight, lora_A, lora_B, magnitude, bias, scale: float, p: float, eps: float, norm):
+def _composed(x, weight, lora_A, lora_B, magnitude, bias, scale: float, p: float, eps: float, norm, generator):
     """:func:`dora_linear` composed of torch ops, for torch.func transforms (see
     ``lora._composed``): the detached row norm (the dense ``W + s B A``, formed once),
     ``c = m / n`` and ``y = x W^T + b + (c - 1) D(x) W^T + c s D(x) A^T B^T``."""
@@ -195,7 +196,7 @@ def _composed(x, weight, lora_A, lora_B, magnitude, bias, scale: float, p: float
             work = accumulate_dtype(weight.dtype)
             norm = torch.linalg.vector_norm(weight.to(work) + scale * (lora_B.to(work) @ lora_A.to(work)), dim=1)
     factor = (magnitude.to(norm.dtype) / norm.detach().clamp_min(eps)).to(x.dtype)
-    adapter_input = torch.nn.functional.dropout(x, p) if p > 0.0 else x
+    adapter_input = composed_dropout(x, p, generator)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
     product = adapter_input @ weight.T + ((shrunk * scale) @ lora_B.T).to(x.dtype)  # z = D(x) (W + s B A)^T
     if adapter_input is x:  # y = c z + b
@@ -381,8 +382,8 @@ def dora_linear(
         if tuple(norm.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
         norm = norm.detach()
-    if composed_path():
-        return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm)
+    if composed_path(x, weight, lora_A, lora_B, magnitude, bias):
+        return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm, generator)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     y = _DoRALinear.apply(flatten_rows(x), weight, lora_A, lora_B, magnitude, bias, seed,

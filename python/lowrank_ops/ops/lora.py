@@ -42,7 +42,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, register_fake
+from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, in_functorch_transform, register_fake
 from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -361,8 +361,9 @@ def lora_linear(
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
-    if composed_path():
-        return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p)
+    if composed_path(x, weight, lora_A, lora_B, bias, gate):
+        return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p,
+                         generator)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     args = (flatten_rows(x), weight, lora_A, lora_B, bias, gate, seed, scale, p,
@@ -374,13 +375,24 @@ def lora_linear(
     return y.reshape(*batch_shape, weight.shape[0])
 
 
-def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float) -> torch.Tensor:
-    """:func:`lora_linear` composed of torch ops, for torch.func transforms (vmap, grad,
-    jacrev, functional per-sample gradients), which cannot see through the fused op's
-    autograd Function.  The same arithmetic, with float32 adapters on a half base added with
-    one rounding; dropout is ``F.dropout`` (torch's random stream, ``vmap(randomness=...)``
-    rules), not the fused op's seeded mask."""
-    adapter_input = torch.nn.functional.dropout(x, p) if p > 0.0 else x
+def composed_dropout(x: torch.Tensor, p: float, generator) -> torch.Tensor:
+    """``D(x)`` for the torch-op compositions: the fused op's seeded mask (the same
+    generator state gives the same mask) applied as a differentiable product; inside
+    torch.func transforms ``F.dropout`` (torch's random stream, ``vmap(randomness=...)``
+    rules), the seeded op having no batching rule."""
+    if p == 0.0:
+        return x
+    if in_functorch_transform():
+        return torch.nn.functional.dropout(x, p)
+    return x * torch.ops.lowrank_ops.lora_dropout(torch.ones_like(x), draw_seed(generator), p)
+
+
+def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float, generator) -> torch.Tensor:
+    """:func:`lora_linear` composed of torch ops (:func:`~lowrank_ops.ops._library.composed_path`:
+    torch.func transforms, ``composite()``, forward-mode tangents), which see through torch
+    ops only.  The same arithmetic, with float32 adapters on a half base added with one
+    rounding; dropout by :func:`composed_dropout`."""
+    adapter_input = composed_dropout(x, p, generator)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
     if gate is not None:
         shrunk = shrunk * gate

@@ -37,7 +37,8 @@ from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, composed_path, current_stream, dispatch_needed, register_fake
+from ._library import (LIBRARY, composed_path, current_stream, dispatch_needed, register_fake, unwrapped,
+                       values_readable)
 from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
@@ -565,14 +566,19 @@ def _composed(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)
     kernels: the low-rank part in the adapters' dtype, added to the base result once."""
     n_adapters, r_max = A_stack.shape[:2]
     row_ids = torch.repeat_interleave(ids, offsets[1:] - offsets[:-1], output_size=rows.shape[0])
-    used = row_ids >= 0
     safe = row_ids.clamp(min=0)
     factor_dtype = A_stack.dtype
     scale = torch.ones(n_adapters, dtype=torch.float64, device=rows.device) if scales is None else scales
-    kept = torch.arange(r_max, device=rows.device) < ranks[:, None]  # [n_adapters, r_max]
-    weights = (kept * scale[:, None]).to(factor_dtype)[safe] * used[:, None]  # [N, r_max]
-    h = torch.einsum("ni,nri->nr", rows.to(factor_dtype), A_stack[safe]) * weights
-    low_rank = torch.einsum("nr,nor->no", h, B_stack[safe])
+    # Selected with where, not multiplied by masks: entries beyond an adapter's rank (and
+    # adapter 0's, gathered for rows of id -1) are never read, as by the kernels (a NaN
+    # there poisoned every row).
+    kept = ((torch.arange(r_max, device=rows.device) < ranks[:, None])[safe]
+            & (row_ids >= 0)[:, None])  # [N, r_max]
+    zero = A_stack.new_zeros(())
+    A_rows = torch.where(kept[:, :, None], A_stack[safe], zero)  # [N, r_max, in]
+    B_rows = torch.where(kept[:, None, :], B_stack[safe], zero)  # [N, out, r_max]
+    h = torch.einsum("ni,nri->nr", rows.to(factor_dtype), A_rows) * scale.to(factor_dtype)[safe][:, None]
+    low_rank = torch.einsum("nr,nor->no", h, B_rows)
     base = torch.nn.functional.linear(rows, weight, bias)
     return base + low_rank if base.dtype == factor_dtype else (base.to(factor_dtype) + low_rank).to(base.dtype)
 
@@ -696,9 +702,10 @@ def lora_linear_multi(
     rows = flatten_rows(x)
     routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
                                       segment_offsets, adapter_ids, ranks, scales)
-    if composed_path():
-        if not checked:
-            check_routing_contents("lora_linear_multi", *routing, rows.shape[0], n_adapters, r_max)
+    if composed_path(x, weight, A_stack, B_stack, bias):
+        if not checked and values_readable(rows):  # (not while compiling or under vmap: data-dependent)
+            check_routing_contents("lora_linear_multi", *(unwrapped(t) for t in routing), rows.shape[0], n_adapters,
+                                   r_max)
         return _composed(rows, weight, bias, A_stack, B_stack, *routing).reshape(*x.shape[:-1], weight.shape[0])
     args = (rows, weight, bias, A_stack, B_stack, *routing)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):

@@ -44,7 +44,8 @@ class Problem:
 
     def __init__(self, op: str, a, b, C, x, y, cost: str, reg) -> None:
         refuse_transforms(op, "each problem stops on its own convergence test; pass the problems as a batch "
-                              "[..., n, m] instead (grad, vjp and jacrev are supported)", only_vmap=True)
+                              "[..., n, m] instead (grad, vjp, jacrev and jvp are supported; jacfwd and "
+                              "hessian vmap the solve)", only_vmap=True)
         if not _is_number(reg) or not (0 < reg < math.inf):
             raise ValueError(f"{op}: reg must be a finite number > 0; got {reg!r}")
         self.reg = float(reg)

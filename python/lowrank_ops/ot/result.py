@@ -8,25 +8,29 @@ import torch
 
 from .._csr import quiet_sparse_csr_beta
 from ..ops import ot as ot_ops
+from ..ops._library import has_tangent, in_functorch_transform
 from ._problem import Problem
 
 __all__ = ["OTResult", "entropic_value"]
 
 
-class _FirstOrderGradient(torch.autograd.Function):
-    """``grad`` itself, tied to ``source`` (the input it is the gradient of) by a node whose
-    own backward raises: a second derivative through :class:`_EntropicValue` is refused.
-    Its gradients are the envelope theorem's, exact to first order only (P's dependence on
+class _SecondOrderRefused(torch.autograd.Function):
+    """A 0-d zero that depends on ``source`` (an input of :class:`_EntropicValue`) through a
+    node whose backward raises: added to a gradient, it refuses every derivative of that
+    gradient with respect to the inputs, and none with respect to the output's cotangent
+    (the double-vjp trick of ``torch.autograd.functional.jvp`` differentiates only that,
+    exactly: the gradient is linear in it).
+
+    The gradients are the envelope theorem's, exact to first order only (P's dependence on
     C through the potentials is not in them): ``create_graph=True`` and ``torch.func``'s
     nested transforms returned silently wrong Hessian-vector products (0.15 off at a scale
-    of 0.17).  Tied to ``source``, the refusal is on every path from the gradient back to
-    the inputs (an error node on the gradient's own graph alone was never reached)."""
+    of 0.17)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad, source):
-        return grad.clone()
+    def forward(source):
+        return source.new_zeros(())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -38,6 +42,30 @@ class _FirstOrderGradient(torch.autograd.Function):
                            "theorem's, first order: P's dependence on C through the potentials is not in them)")
 
 
+def _value_gradients(ctx, needs) -> list:
+    """``d value / d (C, x, y, a, b)`` per problem (``[B, ...]``, None where not needed),
+    from the saved tensors: the envelope theorem's (see :class:`_EntropicValue`)."""
+    C, x, y, a, b, f, g, row_lse, col_lse = ctx.saved_tensors
+    grads = [None] * 5
+    if needs[0]:
+        grads[0] = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / ctx.reg)
+    # (The point-cost gradients are not differentiable: no_grad keeps torch.func's grad
+    # transforms, whose tensors track gradients here, off the op's autograd node.)
+    if needs[1]:
+        with torch.no_grad():
+            row = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, row_lse)
+        grads[1] = row_lse.exp().unsqueeze(-1) * row
+    if needs[2]:
+        with torch.no_grad():
+            col = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, col_lse, columns=True)
+        grads[2] = col_lse.exp().unsqueeze(-1) * col
+    if needs[3]:
+        grads[3] = f - f.mean(-1, keepdim=True)
+    if needs[4]:
+        grads[4] = g - g.mean(-1, keepdim=True)
+    return grads
+
+
 class _EntropicValue(torch.autograd.Function):
     """The optimal entropic value with its envelope-theorem gradients.
 
@@ -47,7 +75,8 @@ class _EntropicValue(torch.autograd.Function):
     ``d value / d b = g`` (centered: masses move on the simplex, where the potentials are
     defined up to a constant), and for point clouds ``d value / d x_i = sum_j P_ij
     dC(x_i, y_j)/dx_i`` (likewise for y).  Exact at the optimum; at a tolerance ``tol``
-    on the marginals the gradients are off by O(tol).
+    on the marginals the gradients are off by O(tol).  Forward mode (``jvp``): the same
+    gradients contracted with the tangents.  First order only (:class:`_SecondOrderRefused`).
     """
 
     @staticmethod
@@ -56,40 +85,35 @@ class _EntropicValue(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        # (torch.func's style, so that torch.func.grad / vjp / jacrev differentiate a solve
-        # as autograd does.)  The backward reads C, x and y from the saved tensors, not from
-        # ``problem``: under a transform those are the transform's own wrappers.
+        # (torch.func's style, so that torch.func.grad / vjp / jacrev / jvp differentiate a
+        # solve as autograd does.)  The backward reads C, x and y from the saved tensors, not
+        # from ``problem``: under a transform those are the transform's own wrappers.
         _, C, x, y, a, b, problem, f, g, row_lse, col_lse = inputs
         ctx.reg, ctx.code = problem.reg, problem.code
         ctx.save_for_backward(C, x, y, a, b, f, g, row_lse, col_lse)
+        ctx.save_for_forward(C, x, y, a, b, f, g, row_lse, col_lse)
 
     @staticmethod
     def backward(ctx, grad_value):
-        C, x, y, a, b, f, g, row_lse, col_lse = ctx.saved_tensors
-        go = grad_value
-        grads = [None] * 11
-        if ctx.needs_input_grad[1]:
-            plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / ctx.reg)
-            grads[1] = go[:, None, None] * plan
-        # (The point-cost gradients are not differentiable: no_grad keeps torch.func's grad
-        # transforms, whose tensors track gradients here, off the op's autograd node.)
-        if ctx.needs_input_grad[2]:
-            with torch.no_grad():
-                row = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, row_lse)
-            grads[2] = (go[:, None] * row_lse.exp()).unsqueeze(-1) * row
-        if ctx.needs_input_grad[3]:
-            with torch.no_grad():
-                col = ot_ops.row_grad(x, y, f, g, ctx.reg, ctx.code, col_lse, columns=True)
-            grads[3] = (go[:, None] * col_lse.exp()).unsqueeze(-1) * col
-        if ctx.needs_input_grad[4]:
-            grads[4] = go[:, None] * (f - f.mean(-1, keepdim=True))
-        if ctx.needs_input_grad[5]:
-            grads[5] = go[:, None] * (g - g.mean(-1, keepdim=True))
-        if torch.is_grad_enabled():  # the gradients' graph is being built (create_graph, torch.func)
-            sources = (None, C, x, y, a, b)
-            grads[:6] = [grad if grad is None else _FirstOrderGradient.apply(grad, source)
-                         for grad, source in zip(grads[:6], sources)]
-        return tuple(grads)
+        grads = _value_gradients(ctx, ctx.needs_input_grad[1:6])
+        sources = ctx.saved_tensors[:5]
+        refuse = torch.is_grad_enabled()  # the gradients' graph is being built (create_graph, torch.func)
+        for i, grad in enumerate(grads):
+            if grad is not None:
+                grad = grad_value.reshape(-1, *([1] * (grad.dim() - 1))) * grad
+                grads[i] = grad + _SecondOrderRefused.apply(sources[i]) if refuse else grad
+        return (None, *grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, value_tangent, *tangents):
+        inputs = tangents[:5]  # C, x, y, a, b
+        grads = _value_gradients(ctx, [t is not None for t in inputs])
+        out = None
+        for grad, tangent in zip(grads, inputs):
+            if grad is not None:
+                term = (grad * tangent).flatten(1).sum(-1)
+                out = term if out is None else out + term
+        return torch.zeros_like(ctx.saved_tensors[5][:, 0]) if out is None else out
 
 
 def entropic_value(problem: Problem, f, g, row_lse, col_lse) -> torch.Tensor:
@@ -97,8 +121,9 @@ def entropic_value(problem: Problem, f, g, row_lse, col_lse) -> torch.Tensor:
     with torch.no_grad():
         value = problem.dual(f, g, row_lse)
     inputs = (problem.C, problem.x, problem.y, problem.a, problem.b)
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
-        return value
+    reverse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not (reverse or in_functorch_transform() or has_tangent(*inputs)):
+        return value  # (a jvp's tangents do not make inputs require grad: they were lost here)
     return _EntropicValue.apply(value, *inputs, problem, f, g, row_lse, col_lse)
 
 

@@ -134,9 +134,7 @@ def _named(params: ParamsArg) -> Tuple[List[str], List[torch.Tensor]]:
 def _first_gradient(loss_fn: Callable[[], torch.Tensor], tensors: List[torch.Tensor]):
     """``dL/dw`` with its graph; None for a block the loss does not reach."""
     op = "hessian_trace"
-    # composite(): the library's own layers compose torch ops, whose gradients are
-    # differentiable again (their fused backward is first-order only).
-    with torch.enable_grad(), composite():
+    with torch.enable_grad():
         loss = loss_fn()
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"{op}: loss_fn() must return a tensor; got {type(loss).__name__}")
@@ -171,6 +169,10 @@ def _signs(bits: torch.Tensor, tensors: List[torch.Tensor], active: List[int], o
     return out
 
 
+# The whole call inside composite(): the library's own layers compose torch ops, whose
+# gradients are differentiable again (their fused backward is first-order only), in the
+# forward and in every backward (where activation checkpointing recomputes the forward).
+@composite()
 def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: ParamsArg, *, n_probes: int = 8,
                   max_probes: int = 100, tol: float = 1e-3, generator: Optional[torch.Generator] = None,
                   batch_probes: int = 1) -> HessianTraceResult:

@@ -60,7 +60,7 @@ import torch
 
 from .._args import require_int, require_tensors
 from .._finite import all_finite
-from ..ops._library import in_functorch_transform
+from ..ops._library import composed_path, in_functorch_transform
 from ..ops.mfac import (_mfac_dots_write, cholesky_factor_op, cholesky_replace_op, combine_op, compute_dtype, dots_op,
                         mfac_apply_op)
 
@@ -436,12 +436,15 @@ class MFACInverse:
         passes, and a single-threaded float64 substitution instead of a threaded LAPACK
         solve, which leaves OpenMP workers spinning on the cores the next pass needs (2.6 +
         2.6 ms passes took 9.0 ms in sequence at m = 256, d = 1e5 on 2 cores).  With
-        autograd: the differentiable pass ops and torch's ``cholesky_solve``.
+        autograd, forward-mode tangents or under torch.func / ``composite()``: the
+        differentiable passes and torch's ``cholesky_solve``.
         """
         n = self.n
         if n == 0:
             return x / self.damp
-        if not (torch.is_grad_enabled() and (x.requires_grad or (dots is not None and dots.requires_grad))):
+        differentiable = torch.is_grad_enabled() and (x.requires_grad or (dots is not None and dots.requires_grad))
+        # (jvp's duals do not require grad: the op dropped their tangents, silently)
+        if not (differentiable or composed_path(x, dots)):
             return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), 1.0 / self.damp,
                                                 -1.0 / self.damp, dots)
         if dots is None:

@@ -1052,3 +1052,35 @@ def test_meta_module_with_per_row_routing():
                     dict(adapter_ids=torch.tensor([1, 1, 0, 0, -1]))):
         y = module(x.reshape(5, 1, 8), **routing)
         assert y.shape == (5, 1, 6) and y.is_meta
+
+
+def test_torch_func_and_compiled_composition(generator):
+    """torch.func.grad / jacrev through lora_linear_multi and MultiLoRALinear (the routing
+    check handed a transform's storage-less wrappers to C++: "Cannot access data pointer"),
+    and a fullgraph compile inside composite() (the pybind check could not be traced)."""
+    from lowrank_ops.ops import composite
+
+    x = randn(6, 5, dtype=torch.float64, generator=generator)
+    W = randn(4, 5, dtype=torch.float64, generator=generator)
+    A = randn(2, 3, 5, dtype=torch.float64, generator=generator)
+    B = randn(2, 4, 3, dtype=torch.float64, generator=generator)
+    loss = lambda x: lora_linear_multi(x, W, A, B, [0, 2, 4, 6], [0, -1, 1], ranks=[3, 2]).square().sum()  # noqa: E731
+    leaf = x.clone().requires_grad_()
+    loss(leaf).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(x), leaf.grad)
+    jacobian = torch.func.jacrev(lambda x: lora_linear_multi(x, W, A, B, [0, 2, 4, 6], [0, -1, 1]))(x)
+    assert jacobian.shape == (6, 4, 6, 5)
+    with pytest.raises(ValueError, match=r"adapter_ids\[2\] = 5; expected -1 \(no adapter\) or an adapter in \[0, 2\)"):
+        torch.func.grad(lambda x: lora_linear_multi(x, W, A, B, [0, 2, 4, 6], [0, -1, 5]).sum())(x)
+    module = MultiLoRALinear(torch.nn.Linear(5, 4).double(), 3)
+    module.add_adapter("a", 3)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    names = ["a", None, "a", "a", None, "a"]
+    per_parameter = torch.func.grad(lambda p: torch.func.functional_call(module, p, (x, names)).sum())(params)
+    module(x, names).sum().backward()
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(per_parameter[name], p.grad)
+    with composite():
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), loss(x))

@@ -257,3 +257,20 @@ def test_kernel_reads_only_a_dense_out_bias(monkeypatch, generator):
         forward(x, weight, randn(24, dtype=torch.float64, generator=generator))
     bias = randn(24, generator=generator)  # the kernel's case: same result as addmm
     torch.testing.assert_close(forward(x, weight, bias), torch.addmm(bias, x, weight.T))
+
+
+@pytest.mark.parametrize("rows", [8, 100])
+def test_public_base_linear_is_differentiable_at_every_size(rows, generator):
+    """The small-batch kernel has no derivatives: at 8 rows the result had no grad_fn (at
+    100, addmm's), and torch.func.jvp returned a zero tangent.  Where derivatives are asked
+    for, base_linear is F.linear."""
+    from lowrank_ops.ops.base_linear import base_linear
+
+    x = randn(rows, 64, generator=generator)
+    weight = randn(48, 64, generator=generator)
+    leaf = x.clone().requires_grad_()
+    base_linear(leaf, weight).sum().backward()
+    torch.testing.assert_close(leaf.grad, weight.sum(0).expand(rows, 64))
+    v = randn(rows, 64, generator=generator)
+    torch.testing.assert_close(torch.func.jvp(lambda x: base_linear(x, weight), (x,), (v,))[1], v @ weight.T)
+    torch.testing.assert_close(base_linear(x, weight), x @ weight.T)

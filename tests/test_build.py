@@ -236,6 +236,15 @@ def test_bench_from_log_keeps_the_logged_runs_settings(tmp_path, capsys):
     assert all(row["ours_gflops"] is None for row in results["rows"])  # no flops recorded: "-", not 0.0
     report = (tmp_path / "o" / "results.md").read_text()
     assert "run: --full (the papers' sizes), device cpu, families ot, 2 s per case" in report
+    assert main(["bench", "--from-log", str(log), "--families", "lora", "--out", str(tmp_path / "x")]) == 2
+    assert "no case of families ['lora']; it has qr, ot" in capsys.readouterr().err
+    assert main(["bench", "--from-log", str(log), "-k", "ours", "--out", str(tmp_path / "x")]) == 2
+    assert "-k, --device and --full do not apply" in capsys.readouterr().err
+    log.write_text("\n".join(json.dumps(line) for line in [{"machine": {}}] + lines[1:]) + "\n")  # an older log
+    assert main(["bench", "--from-log", str(log), "--out", str(tmp_path / "old"), "--no-plot"]) == 0
+    old = json.loads((tmp_path / "old" / "results.json").read_text())
+    assert old["command"] is None and {row["family"] for row in old["rows"]} == {"qr", "ot"}
+    assert "run settings: not recorded" in (tmp_path / "old" / "results.md").read_text()
 
 
 def test_bench_interleaved_times_the_suites_own_builds(capsys):

@@ -741,6 +741,17 @@ def test_second_derivatives_are_refused(generator, solve):
         torch.autograd.functional.hessian(value, C)
     with pytest.raises(RuntimeError, match=message):
         jacrev(grad(value))(C)
+    V = torch.randn(4, 3, generator=generator, dtype=F64)
+    forward_first = lambda c: torch.func.jvp(value, (c,), (V,))[1]  # noqa: E731
+    with pytest.raises(RuntimeError, match=message):  # forward over forward (was 0.0, silently)
+        torch.func.jvp(forward_first, (C,), (V,))
+    with pytest.raises(RuntimeError, match=message):  # reverse over forward (was -3.88 against -3.14)
+        grad(forward_first)(C)
+    with pytest.raises(RuntimeError, match=message):  # forward over reverse
+        torch.func.jvp(grad(value), (C,), (V,))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=message):
+        dual = torch.autograd.forward_ad.make_dual(leaf.detach().clone().requires_grad_(), V)
+        torch.autograd.grad(value(dual), dual)
     points = [t.clone().requires_grad_() for t in (x, y)]
     gx, gy = torch.autograd.grad(solve(None, None, reg=0.5, x=points[0], y=points[1], tol=1e-13).value, points,
                                  create_graph=True)

@@ -558,6 +558,13 @@ def test_torch_func_transforms(generator):
     S, error = vmap(lambda A: rsvd(A, 3, compute_uv=False, error_probes=2))(batch)
     assert error.shape == (3,) and (error < 1e-12).all()
     torch.testing.assert_close(vmap(grad(energy))(batch), 2 * batch)  # per-sample gradients
+    # Forward mode: the Function had no jvp ("You must implement the jvp function").
+    V = torch.randn(9, 7, generator=generator, dtype=torch.float64)
+    exact_tangent = torch.func.jvp(lambda A: torch.linalg.svdvals(A)[:3], (A,), (V,))[1]
+    torch.testing.assert_close(torch.func.jvp(values, (A,), (V,))[1], exact_tangent)
+    with torch.autograd.forward_ad.dual_level():
+        S = rsvd(torch.autograd.forward_ad.make_dual(A, V), 3, generator=torch.Generator().manual_seed(0)).S
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(S).tangent, exact_tangent)
 
 
 def test_singular_values_gradient_has_no_nan_for_repeated_or_zero_values():

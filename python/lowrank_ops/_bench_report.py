@@ -173,17 +173,17 @@ def command_line(command: Optional[Dict[str, Any]]) -> str:
         return "run settings: not recorded"
     budget = command.get("time_budget_s")
     sizes = "--full (the papers' sizes)" if command.get("full") else "default sizes"
+    budget = f"{budget} s" if budget else f"the default time ({2.0 if command.get('full') else 0.4} s)"
     return (f"run: {sizes}, "
             f"device {command.get('device', '?')}, families {', '.join(command.get('families') or [])}"
             + (f", -k {command['keyword']!r}" if command.get("keyword") else "")
-            + f", {budget if budget else 'default'} s per case")
+            + f", {budget} per case")
 
 
 def markdown_report(machine: Dict[str, Any], rows: List[Dict[str, Any]], notes: str, comparison: str,
                     command: Optional[Dict[str, Any]] = None) -> str:
     """A run's ``results.md``: the machine and run lines, the legend, the table, notes and any comparison."""
-    peers = ", ".join(f"{name} {version}" for name, version in (machine.get("peers") or {}).items()
-                      if version not in (None, False))
+    peers = ", ".join(f"{name} {version}" for name, version in (machine.get("peers") or {}).items() if version)
     parts = [
         "# lowrank_ops benchmark results", "", machine_line(machine), "", command_line(command), "",
         *([f"peers installed: {peers}", ""] if peers else []),

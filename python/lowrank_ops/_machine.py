@@ -27,6 +27,7 @@ def machine_info(bench_dir: Path, now: _datetime.datetime) -> Dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_mkl": torch.backends.mkl.is_available(),
         "lowrank_ops": facts.get("version"),
         "git_sha": _git(bench_dir, "rev-parse", "HEAD"),
         "git_dirty": bool(_git(bench_dir, "status", "--porcelain", "--untracked-files=no")),
@@ -56,14 +57,6 @@ def _peer_versions() -> Dict[str, Optional[str]]:
             versions[distribution] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             versions[distribution] = None
-    mkl = None
-    try:
-        import torch
-
-        mkl = torch.backends.mkl.is_available()
-    except (ImportError, AttributeError):
-        pass
-    versions["torch_mkl"] = mkl
     return versions
 
 

@@ -105,11 +105,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     missing = sorted(set(families) - set(available))
     if missing or not families:
         return _fail(f"no suite for families {missing or families} in {bench_dir}; available: {', '.join(available) or 'none'}")
-    budget = os.environ.get("LOWRANK_OPS_BENCH_TIME_BUDGET")
-    if budget is not None and not _positive_float(budget):
-        return _fail(f"LOWRANK_OPS_BENCH_TIME_BUDGET must be a number of seconds > 0; got {budget!r}")
-    if args.device == "cuda" and args.from_log is None and not _cuda_usable():
-        return _fail("--device cuda: no usable CUDA GPU (or lowrank_ops was built without CUDA); see lowrank-ops info")
+    if args.from_log is not None:
+        if args.keyword or args.device != "all" or args.full:  # (they were ignored: nothing runs)
+            return _fail("--from-log runs nothing: -k, --device and --full do not apply (the log's cases are rendered; "
+                         "--families selects among them)")
+    else:
+        budget = os.environ.get("LOWRANK_OPS_BENCH_TIME_BUDGET")
+        if budget is not None and not _positive_float(budget):
+            return _fail(f"LOWRANK_OPS_BENCH_TIME_BUDGET must be a number of seconds > 0; got {budget!r}")
+        if args.device == "cuda" and not _cuda_usable():
+            return _fail("--device cuda: no usable CUDA GPU (or lowrank_ops was built without CUDA); see lowrank-ops info")
     compare_with = None
     if args.compare is not None:
         try:
@@ -134,12 +139,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             machine, raw, logged = _read_case_log(args.from_log)
         except (OSError, ValueError, KeyError) as error:
             return _fail(f"--from-log {args.from_log}: cannot read it as a case log ({error})")
-        # The logged run's settings; --families then selects among its families.
-        command = dict(logged or {}, families=families if args.families else (logged or {}).get("families", families))
-        raw["benchmarks"] = [case for case in raw["benchmarks"]
-                             if case.get("extra_info", {}).get("family") in command["families"]]
+        # The logged run's settings (None from logs that predate them); --families selects
+        # among the families its cases cover.
+        in_log = list(dict.fromkeys(case.get("extra_info", {}).get("family") for case in raw["benchmarks"]))
+        if args.families:
+            absent = sorted(set(families) - set(in_log))
+            if absent:
+                return _fail(f"--from-log {args.from_log}: no case of families {absent}; it has {', '.join(in_log)}")
+        else:
+            families = in_log
+        command = None if logged is None else dict(logged, families=families)
+        raw["benchmarks"] = [case for case in raw["benchmarks"] if case.get("extra_info", {}).get("family") in families]
         raw["lowrank_ops"]["unsupported"] = [entry for entry in raw["lowrank_ops"]["unsupported"]
-                                             if entry.get("family") in command["families"]]
+                                             if entry.get("family") in families]
     else:
         command = _command(args, families)
     out_dir = (args.out or bench_dir / "results" / "local" / now.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -183,7 +195,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(comparison)
 
-    _write_results(out_dir, args, command, machine, code, rows, records, unsupported, notes, comparison)
+    _write_results(out_dir, args, command, families, machine, code, rows, records, unsupported, notes, comparison)
     print(f"\nresults: {out_dir}")
     if (machine.get("cpu_busy_others_during") or 0.0) > 0.1:
         print(
@@ -201,9 +213,9 @@ def _command(args, families) -> dict:
             "time_budget_s": os.environ.get("LOWRANK_OPS_BENCH_TIME_BUDGET")}
 
 
-def _write_results(out_dir: Path, args, command, machine, code, rows, records, unsupported, notes, comparison) -> None:
+def _write_results(out_dir: Path, args, command, families, machine, code, rows, records, unsupported, notes,
+                   comparison) -> None:
     """results.json (everything, for --compare and later analysis), results.md, <family>.png."""
-    families = command["families"]
     results = {
         "schema": 1,
         "machine": machine,

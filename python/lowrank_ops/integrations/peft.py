@@ -57,6 +57,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from .._autocast import autocast_dtype
 from .._optimizer_steps import optimizer_steps
 from ..nn.lora_multi import route_rows
+from ..ops._library import composed_path
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 from ..ops.lora_multi import lora_linear_multi
@@ -126,6 +127,8 @@ class LowrankLoraLinear(PeftLoraLinear):
         """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""
         names = kwargs.get("adapter_names")
         if args or names is None or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+            return None
+        if composed_path():  # torch.func or forward mode: the stacks are built without autograd (and cached)
             return None
         base = self.get_base_layer()
         if (self.disable_adapters or self.merged or self.fan_in_fan_out or not _plain_linear(base)

@@ -37,7 +37,7 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y, overwrite = Y.float(), True
     with without_autocast(Y.device):
-        if Y.device.type != "cpu" or (Y.requires_grad and torch.is_grad_enabled()) or composed_path(Y):
+        if Y.device.type != "cpu" or (Y.requires_grad and torch.is_grad_enabled()) or composed_path():
             return cholesky_qr_torch(Y, shift, plain_passes)
         if not (Y.is_contiguous() or Y.transpose(-2, -1).is_contiguous()):  # e.g. an expand's shared elements
             Y = Y.contiguous()

@@ -45,7 +45,7 @@ from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from .qr import _cholesky_qr
 from .svd_backward import thin_svd_backward
-from ..ops._library import values_readable
+from ..ops._library import forward_mode_active, values_readable
 
 __all__ = ["rsvd", "pca_lowrank", "range_finder", "lowrank_error", "RSVDResult", "RSVDResultWithError"]
 
@@ -556,7 +556,8 @@ def rsvd(
         the matching row of ``Vh`` follows (``U diag(S) Vh`` is unchanged), so two
         generators give the same signs wherever they find the same singular vectors
         (well-separated singular values).  Differentiable: the thin-SVD backward on the
-        returned factors (exact when A has rank <= ``rank``).  ``error
+        returned factors (exact when A has rank <= ``rank``); forward mode (``jvp``,
+        ``forward_ad``) differentiates the algorithm's torch ops (exact there too).  ``error
         [...]`` (one per matrix of the batch, the factors' dtype) is detached and computed
         without a host synchronization.
     Tensor[..., rank], or the pair (S, error) when ``error_probes > 0``
@@ -594,10 +595,16 @@ def rsvd(
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
-    U, S, Vh, error = _RSVDFunction.apply(
-        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype, error_probes,
-        center,
-    )
+    if forward_mode_active():  # (the Function has no jvp: the algorithm's own torch ops carry the tangents)
+        with without_autocast(A.device):
+            U, S, Vh, error = _rsvd_factors(A, rank, oversample, n_iter, method, orthonormalize, init, generator,
+                                            sketch_dtype, error_probes, compute_uv, center)
+        error = None if error is None else error.detach()
+    else:
+        U, S, Vh, error = _RSVDFunction.apply(
+            A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype,
+            error_probes, center,
+        )
     # A separate result type, not a fourth field on RSVDResult: existing callers unpack
     # exactly three values, and a caller who asks for the estimate unpacks four.
     if error is None:

@@ -77,7 +77,7 @@ def _combination(coefficients, seed: int, stream: int, rows: int, cols: int, bou
     where the ops compose torch ops (torch.func, ``ops.composite()``, forward-mode tangents)
     the same sums block by block in torch ops, differentiable to any order (the graph then
     holds every block: the memory ``cache_bases=False`` saves)."""
-    if not composed_path(coefficients):
+    if not composed_path():
         return _UncachedCombination.apply(coefficients, seed, stream, rows, cols, bound)
     out = coefficients.new_zeros(rows * cols)
     for start, block in iter_bases(seed, stream, coefficients.shape[0], rows, cols, bound, coefficients.device,

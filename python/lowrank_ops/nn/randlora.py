@@ -149,7 +149,7 @@ def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, sca
                      gamma_on_input: bool) -> torch.Tensor:
     """``base(x) + s x dW^T`` (RandLoRALinear's forward; see :class:`_RandLoRALinear`)."""
     op = "RandLoRALinear"
-    if composed_path(x, weight, bias, lam, gamma):  # lora_linear's torch-op composition, gamma folded with its graph
+    if composed_path():  # lora_linear's torch-op composition, gamma folded with its graph
         lora_A, lora_B = _orient(_fold(gamma, randlora_A), randlora_B, gamma_on_input)
         return lora_linear(x, weight, lora_A, lora_B, bias, gate=lam.reshape(-1), scale=scale, dropout_p=dropout_p)
     with torch.no_grad():  # the Function refolds it in backward: no graph, freed after the forward

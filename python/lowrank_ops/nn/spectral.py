@@ -98,7 +98,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if x.dtype != U.dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")
-    if composed_path(x, U, s, Vh, bias):  # torch.func sees through torch ops only: composed, same gradients
+    if composed_path():  # torch.func sees through torch ops only: composed, same gradients
         if index is not None:  # U's columns / Vh's rows outside index get no gradient, as the Function's
             sampled = torch.zeros(K, dtype=torch.bool, device=U.device).index_fill_(0, index, True)
             U, Vh = torch.where(sampled, U, U.detach()), torch.where(sampled[:, None], Vh, Vh.detach())

@@ -38,14 +38,12 @@ def values_readable(tensor: torch.Tensor) -> bool:
     return not under_vmap()
 
 
-def has_tangent(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether any of ``tensors`` carries a forward-mode tangent (``torch.autograd.forward_ad``
-    outside torch.func): such inputs do not require grad, and paths that skip autograd for
-    them dropped the tangent silently."""
-    if torch.autograd.forward_ad._current_level < 0:  # no dual level open: the common case, one attribute read
-        return False
-    return any(isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
-               for t in tensors)
+def forward_mode_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``,
+    ``torch.func.jvp``): inputs with tangents do not require grad, and paths that skip
+    autograd for them dropped the tangent silently.  One attribute read; checking each
+    input's tangent instead cost ~4 us per tensor, more than the composed path saves."""
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def unwrapped(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -77,8 +75,9 @@ def refuse_transforms(op: str, reason: str, *, only_vmap: bool = False) -> None:
                            f"not supported: {reason}")
 
 
+_COMPOSITE = threading.local()  # the depth of the blocks this thread opened
 _COMPOSITE_LOCK = threading.Lock()
-_composite_depth = 0
+_composite_blocks = 0  # every thread's
 
 
 @contextlib.contextmanager
@@ -90,12 +89,13 @@ def composite():
     :func:`lowrank_ops.second_order.hessian_trace`, which enters it itself.  The graph
     built inside keeps the composed ops after the block.
 
-    Process-wide, not per thread: the autograd engine runs CUDA backward passes on its own
-    threads, and activation checkpointing (``torch.utils.checkpoint``) recomputes the
-    forward there, which must take the same path as the first forward (else "Recomputed
-    values ... have different metadata").  For the same reason, with checkpointing run the
-    backward passes inside the block too.  Other threads' calls meanwhile compose as well
-    (same results up to rounding, slower).  Nests.
+    It covers the thread that opens it and, while it is open, every backward pass (the
+    autograd engine runs CUDA backward passes on its own threads, and activation
+    checkpointing recomputes the forward there, which must take the path of the first
+    forward, else "Recomputed values ... have different metadata"); with checkpointing,
+    run the backward passes inside the block too.  Other threads' forwards stay fused (a
+    serving thread's multi-adapter batches would gather ``[N, r, in + out]`` factors).
+    Nests.
 
     Example::
 
@@ -104,22 +104,26 @@ def composite():
             (g,) = torch.autograd.grad(loss, [w], create_graph=True)
             hvp = torch.autograd.grad(g @ v, [w])  # through the LoRA / DoRA layers too
     """
-    global _composite_depth
+    global _composite_blocks
+    _COMPOSITE.depth = getattr(_COMPOSITE, "depth", 0) + 1
     with _COMPOSITE_LOCK:
-        _composite_depth += 1
+        _composite_blocks += 1
     try:
         yield
     finally:
         with _COMPOSITE_LOCK:
-            _composite_depth -= 1
+            _composite_blocks -= 1
+        _COMPOSITE.depth -= 1
 
 
-def composed_path(*tensors: Optional[torch.Tensor]) -> bool:
+def composed_path() -> bool:
     """Whether the public ops compose torch ops instead of calling their fused autograd
     Functions: inside a torch.func transform (which sees through torch ops only), a
-    :func:`composite` block, or when one of the call's ``tensors`` carries a forward-mode
-    tangent (``torch.autograd.forward_ad``: the fused paths dropped it, or had no ``jvp``)."""
-    return _composite_depth > 0 or in_functorch_transform() or has_tangent(*tensors)
+    :func:`composite` block (this thread's, or any while a backward pass runs here), or
+    while a forward-mode AD level is open (:func:`forward_mode_active`)."""
+    if getattr(_COMPOSITE, "depth", 0) > 0 or forward_mode_active() or in_functorch_transform():
+        return True
+    return _composite_blocks > 0 and torch._C._current_graph_task_id() != -1
 
 
 def in_functorch_transform() -> bool:

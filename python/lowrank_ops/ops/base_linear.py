@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .._extension import extension
-from ._library import LIBRARY, checked_impl, eager_or_op, register_fake
+from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, register_fake
 
 __all__ = ["SMALL_BATCH_ROWS", "base_linear", "base_linear_grad_input", "forward_op", "grad_input_op"]
 
@@ -159,10 +159,15 @@ def base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     -------
     Tensor[N, out]
         The small-batch kernel's result (see :data:`SMALL_BATCH_ROWS`) or ``addmm``'s.
-        Not differentiable by itself: the callers are the forward implementations of ops
-        with their own backward.
+        Where derivatives are asked for (an input requiring grad, torch.func, forward
+        mode, ``ops.composite()``), ``F.linear``'s, with its derivatives: the kernel has
+        none, and the result was differentiable at some sizes (addmm) and not at others
+        (the kernel), and zero under ``torch.func.jvp``.
     """
     _check_linear_args("base_linear", x, weight, bias, batched=True)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if wants_grad or composed_path():
+        return torch.nn.functional.linear(x, weight, bias)
     return forward_op()(x, weight, bias)
 
 

@@ -382,7 +382,7 @@ def dora_linear(
         if tuple(norm.shape) != (weight.shape[0],):
             raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
         norm = norm.detach()
-    if composed_path(x, weight, lora_A, lora_B, magnitude, bias):
+    if composed_path():
         return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm, generator)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]

@@ -361,7 +361,7 @@ def lora_linear(
     if k != lora_A.shape[0]:
         lora_A, lora_B = lora_A[:k], lora_B[:, :k]
         gate = None if gate is None else gate[:k]
-    if composed_path(x, weight, lora_A, lora_B, bias, gate):
+    if composed_path():
         return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p,
                          generator)
     seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
@@ -384,7 +384,8 @@ def composed_dropout(x: torch.Tensor, p: float, generator) -> torch.Tensor:
         return x
     if in_functorch_transform():
         return torch.nn.functional.dropout(x, p)
-    return x * torch.ops.lowrank_ops.lora_dropout(torch.ones_like(x), draw_seed(generator), p)
+    keep = torch.ops.lowrank_ops.lora_dropout(torch.ones_like(x), draw_seed(generator), p) != 0
+    return x * keep * (1.0 / (1.0 - p))  # as the op scales: 1 / (1 - p) unrounded (a half mask rounded it)
 
 
 def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float, generator) -> torch.Tensor:

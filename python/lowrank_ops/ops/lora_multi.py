@@ -702,7 +702,7 @@ def lora_linear_multi(
     rows = flatten_rows(x)
     routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
                                       segment_offsets, adapter_ids, ranks, scales)
-    if composed_path(x, weight, A_stack, B_stack, bias):
+    if composed_path():
         if not checked and values_readable(rows):  # (not while compiling or under vmap: data-dependent)
             check_routing_contents("lora_linear_multi", *(unwrapped(t) for t in routing), rows.shape[0], n_adapters,
                                    r_max)

@@ -371,7 +371,7 @@ def dots_op(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
     forward-mode duals, the same float64 sums composed of torch ops: torch.func cannot run a
     ``torch.library`` autograd formula ("must override setup_context"), and the op has no
     forward-mode formula."""
-    if not composed_path(x):
+    if not composed_path():
         return torch.ops.lowrank_ops.mfac_dots(grads, x, n_rows)
     _check_buffer("mfac_dots", grads, n_rows)
     _check_vectors("mfac_dots", "x", grads, x)
@@ -381,7 +381,7 @@ def dots_op(grads: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
 def combine_op(grads: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, n_rows: int, alpha: float,
                beta: float) -> torch.Tensor:
     """The ``mfac_combine`` op, or torch ops where :func:`dots_op` composes them."""
-    if not composed_path(coef, x):
+    if not composed_path():
         return torch.ops.lowrank_ops.mfac_combine(grads, coef, x, n_rows, alpha, beta)
     _check_buffer("mfac_combine", grads, n_rows)
     _check_vectors("mfac_combine", "x", grads, x)

@@ -326,7 +326,7 @@ def fixed_sparse_matmul(x: torch.Tensor, values: torch.Tensor, support: FixedSup
 
 def _matmul(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupport, x_name: str = "x") -> torch.Tensor:
     pattern = _validate(op, x, values, support, x_name)
-    if composed_path(x, values):  # torch.func sees through torch ops only: the dense form, composed
+    if composed_path():  # torch.func sees through torch ops only: the dense form, composed
         return x @ support.to_dense(values).T
     batch_shape, out_features = x.shape[:-1], support.out_features
     x2 = flatten_rows(x)

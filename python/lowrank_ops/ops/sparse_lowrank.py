@@ -254,7 +254,7 @@ def sparse_lowrank_linear(
         and the op run with autocast disabled).
     """
     _validate(x, lora_A, lora_B, values, support, bias, scale, strategy)
-    if composed_path(x, lora_A, lora_B, values, bias):  # torch.func sees through torch ops only: the dense form
+    if composed_path():  # torch.func sees through torch ops only: the dense form
         weight = float(scale) * (lora_B @ lora_A) + support.to_dense(values)
         return torch.nn.functional.linear(x, weight, bias)
     if strategy == "auto":

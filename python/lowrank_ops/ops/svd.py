@@ -398,7 +398,7 @@ def batched_svd(
 
     lead = A.shape[:-2]
     A3 = A.reshape(math.prod(lead), m, n)
-    if k > jacobi_size_limit(A.dtype, A.device) or composed_path(A):
+    if k > jacobi_size_limit(A.dtype, A.device) or composed_path():
         # (Inside torch.func transforms, torch's SVD: its derivatives, jvp included, are
         # what the transforms see; the Jacobi Function's would be opaque to them.)
         U, S, Vh, sweeps, converged, off_diagonal = _delegate(A3, compute_uv, needs_grad)

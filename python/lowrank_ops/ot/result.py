@@ -8,7 +8,7 @@ import torch
 
 from .._csr import quiet_sparse_csr_beta
 from ..ops import ot as ot_ops
-from ..ops._library import has_tangent, in_functorch_transform
+from ..ops._library import forward_mode_active, in_functorch_transform
 from ._problem import Problem
 
 __all__ = ["OTResult", "entropic_value"]
@@ -38,8 +38,15 @@ class _SecondOrderRefused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        raise RuntimeError("OTResult.value: second derivatives are not implemented (its gradients are the envelope "
-                           "theorem's, first order: P's dependence on C through the potentials is not in them)")
+        raise RuntimeError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, _):  # forward over reverse / forward over forward: the same refusal
+        raise RuntimeError(_SECOND_ORDER)
+
+
+_SECOND_ORDER = ("OTResult.value: second derivatives are not implemented (its gradients are the envelope theorem's, "
+                 "first order: P's dependence on C through the potentials is not in them)")
 
 
 def _value_gradients(ctx, needs) -> list:
@@ -97,7 +104,9 @@ class _EntropicValue(torch.autograd.Function):
     def backward(ctx, grad_value):
         grads = _value_gradients(ctx, ctx.needs_input_grad[1:6])
         sources = ctx.saved_tensors[:5]
-        refuse = torch.is_grad_enabled()  # the gradients' graph is being built (create_graph, torch.func)
+        # The gradients' graph is being built (create_graph, torch.func), or their tangents
+        # (forward over reverse): tie them to the refusal.
+        refuse = torch.is_grad_enabled() or forward_mode_active()
         for i, grad in enumerate(grads):
             if grad is not None:
                 grad = grad_value.reshape(-1, *([1] * (grad.dim() - 1))) * grad
@@ -108,12 +117,13 @@ class _EntropicValue(torch.autograd.Function):
     def jvp(ctx, value_tangent, *tangents):
         inputs = tangents[:5]  # C, x, y, a, b
         grads = _value_gradients(ctx, [t is not None for t in inputs])
-        out = None
-        for grad, tangent in zip(grads, inputs):
+        out = torch.zeros_like(ctx.saved_tensors[5][:, 0])
+        for grad, tangent, source in zip(grads, inputs, ctx.saved_tensors[:5]):
             if grad is not None:
-                term = (grad * tangent).flatten(1).sum(-1)
-                out = term if out is None else out + term
-        return torch.zeros_like(ctx.saved_tensors[5][:, 0]) if out is None else out
+                # + a refusal tied to the input: the tangent differentiated again (reverse
+                # over forward, forward over forward) was a wrong second derivative.
+                out = out + (grad * tangent).flatten(1).sum(-1) + _SecondOrderRefused.apply(source)
+        return out
 
 
 def entropic_value(problem: Problem, f, g, row_lse, col_lse) -> torch.Tensor:
@@ -122,7 +132,7 @@ def entropic_value(problem: Problem, f, g, row_lse, col_lse) -> torch.Tensor:
         value = problem.dual(f, g, row_lse)
     inputs = (problem.C, problem.x, problem.y, problem.a, problem.b)
     reverse = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if not (reverse or in_functorch_transform() or has_tangent(*inputs)):
+    if not (reverse or in_functorch_transform() or forward_mode_active()):
         return value  # (a jvp's tangents do not make inputs require grad: they were lost here)
     return _EntropicValue.apply(value, *inputs, problem, f, g, row_lse, col_lse)
 

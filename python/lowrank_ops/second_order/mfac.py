@@ -444,7 +444,7 @@ class MFACInverse:
             return x / self.damp
         differentiable = torch.is_grad_enabled() and (x.requires_grad or (dots is not None and dots.requires_grad))
         # (jvp's duals do not require grad: the op dropped their tangents, silently)
-        if not (differentiable or composed_path(x, dots)):
+        if not (differentiable or composed_path()):
             return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), 1.0 / self.damp,
                                                 -1.0 / self.damp, dots)
         if dots is None:

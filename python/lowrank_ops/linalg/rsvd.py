@@ -44,8 +44,8 @@ from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from .qr import _cholesky_qr
-from .svd_backward import thin_svd_backward
-from ..ops._library import forward_mode_active, values_readable
+from .svd_backward import thin_svd_backward, thin_svd_jvp
+from ..ops._library import values_readable
 
 __all__ = ["rsvd", "pca_lowrank", "range_finder", "lowrank_error", "RSVDResult", "RSVDResultWithError"]
 
@@ -373,16 +373,21 @@ class _RSVDFunction(torch.autograd.Function):
     def forward(A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype, error_probes,
                 center):
         with without_autocast(A.device):
-            return _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype,
-                                 error_probes, compute_uv, center)
+            factors = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype,
+                                    error_probes, compute_uv, center)
+        # Outputs that are views of the work buffers (slices left as they were without the
+        # sign rule) broke forward mode ("tangent ... same layout as primal"): own storage.
+        return tuple(t if t is None or t._base is None else t.clone() for t in factors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         A, compute_uv, center = inputs[0], inputs[8], inputs[11]
         U, S, Vh, error = output
         ctx.save_for_backward(U, S, Vh)
+        ctx.save_for_forward(U, S, Vh)
         ctx.input_dtype = A.dtype
         ctx.center = center
+        ctx.compute_uv = compute_uv
         ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)), *(() if error is None else (error,)))
 
     @staticmethod
@@ -395,6 +400,18 @@ class _RSVDFunction(torch.autograd.Function):
                 # gradient with its column means removed.
                 grad_A = grad_A - grad_A.mean(-2, keepdim=True)
         return grad_A.to(ctx.input_dtype), *([None] * 11)
+
+    @staticmethod
+    def jvp(ctx, grad_A, *_):
+        # Forward mode (jvp, forward_ad): the thin SVD's tangents on the returned factors,
+        # the twin of the backward (exact when A has rank <= rank).
+        U, S, Vh = ctx.saved_tensors
+        with without_autocast(U.device):
+            dA = grad_A.to(S.dtype)
+            if ctx.center:  # C = P A: dC = P dA
+                dA = dA - dA.mean(-2, keepdim=True)
+            dU, dS, dVh = thin_svd_jvp(U, S, Vh, dA)
+        return (dU, dS, dVh, None) if ctx.compute_uv else (None, dS, None, None)
 
     @staticmethod
     def vmap(info, in_dims, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
@@ -556,8 +573,8 @@ def rsvd(
         the matching row of ``Vh`` follows (``U diag(S) Vh`` is unchanged), so two
         generators give the same signs wherever they find the same singular vectors
         (well-separated singular values).  Differentiable: the thin-SVD backward on the
-        returned factors (exact when A has rank <= ``rank``); forward mode (``jvp``,
-        ``forward_ad``) differentiates the algorithm's torch ops (exact there too).  ``error
+        returned factors (exact when A has rank <= ``rank``), and its forward-mode twin
+        (``jvp``, ``forward_ad``).  ``error
         [...]`` (one per matrix of the batch, the factors' dtype) is detached and computed
         without a host synchronization.
     Tensor[..., rank], or the pair (S, error) when ``error_probes > 0``
@@ -595,16 +612,10 @@ def rsvd(
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
-    if forward_mode_active():  # (the Function has no jvp: the algorithm's own torch ops carry the tangents)
-        with without_autocast(A.device):
-            U, S, Vh, error = _rsvd_factors(A, rank, oversample, n_iter, method, orthonormalize, init, generator,
-                                            sketch_dtype, error_probes, compute_uv, center)
-        error = None if error is None else error.detach()
-    else:
-        U, S, Vh, error = _RSVDFunction.apply(
-            A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype,
-            error_probes, center,
-        )
+    U, S, Vh, error = _RSVDFunction.apply(
+        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype, error_probes,
+        center,
+    )
     # A separate result type, not a fourth field on RSVDResult: existing callers unpack
     # exactly three values, and a caller who asks for the estimate unpacks four.
     if error is None:

@@ -67,3 +67,30 @@ def thin_svd_backward(
         outside = grad_V - V @ VtgV
         grad_A = grad_A + (U * S_inv.unsqueeze(-2)) @ outside.transpose(-2, -1)
     return grad_A + U @ inner @ Vh
+
+
+def thin_svd_jvp(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, dA: torch.Tensor):
+    """Tangents ``(dU, dS, dVh)`` of the thin SVD ``A = U diag(S) Vh`` along ``dA [..., m, n]``:
+    the forward-mode twin of :func:`thin_svd_backward` (the same gaps, degenerate pairs and
+    small singular values dropped), with ``dP = U^T dA V``::
+
+        dS  = diag(dP)
+        dU  = U (F o (dP S + S dP^T)) + (dA V - U dP) S^-1
+        dV  = V (F o (S dP + dP^T S)) + (dA^T U - V dP^T) S^-1,   F_ij = 1 / (s_j^2 - s_i^2)
+    """
+    eps = torch.finfo(S.dtype).eps * max(U.shape[-2], Vh.shape[-1])
+    s_max = S.amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+    S_inv = torch.where(S > eps * s_max, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
+    squares = S * S
+    gaps = squares.unsqueeze(-2) - squares.unsqueeze(-1)  # [..., i, j] = s_j^2 - s_i^2
+    degenerate = gaps.abs() <= eps * (s_max * s_max).unsqueeze(-1)
+    F = torch.where(degenerate, torch.zeros_like(gaps), 1.0 / torch.where(degenerate, torch.ones_like(gaps), gaps))
+    V = Vh.transpose(-2, -1)
+    dAV = dA @ V
+    dAtU = dA.transpose(-2, -1) @ U
+    dP = U.transpose(-2, -1) @ dAV
+    dS = dP.diagonal(dim1=-2, dim2=-1)
+    row, col = S.unsqueeze(-1), S.unsqueeze(-2)  # s_i, s_j
+    dU = U @ (F * (dP * col + row * dP.transpose(-2, -1))) + (dAV - U @ dP) * S_inv.unsqueeze(-2)
+    dV = V @ (F * (row * dP + dP.transpose(-2, -1) * col)) + (dAtU - V @ dP.transpose(-2, -1)) * S_inv.unsqueeze(-2)
+    return dU, dS, dV.transpose(-2, -1)

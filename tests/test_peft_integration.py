@@ -434,3 +434,37 @@ def test_mixed_batch_after_a_fused_optimizer_step():
             return model(x, adapter_names=names)
 
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_quantized_bitsandbytes_layers_keep_peft_layers(kind):
+    """QLoRA: bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear, and PEFT matches
+    custom modules with isinstance before its own dispatchers: they got LowrankLoraLinear,
+    and merge_and_unload failed on the quantized weights.  Only nn.Linear itself is ours."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "8bit":
+            quantized = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+        else:
+            quantized = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+        quantized.load_state_dict(reference.state_dict())
+        quantized = quantized.to("cpu")  # (bitsandbytes quantizes on the move)
+        quantized(x)  # quantizes the weight
+        model = torch.nn.Sequential(quantized)
+        setattr(model, f"is_loaded_in_{kind}", True)  # what transformers sets for a bitsandbytes model
+        peft_model = get_peft_model(model, use_lowrank_ops(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"],
+                                                                      init_lora_weights=False)))
+        layer = peft_model.base_model.model[0]
+        assert not isinstance(layer, LowrankLoraLinear) and type(layer).__module__ == "peft.tuners.lora.bnb"
+        peft_model.merge_and_unload()
+    plain = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 4)), use_lowrank_ops(peft.LoraConfig(r=2,
+                                                                                                  target_modules=["0"])))
+    assert isinstance(plain.base_model.model[0], LowrankLoraLinear)

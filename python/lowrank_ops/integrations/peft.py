@@ -273,5 +273,17 @@ def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
     if getattr(config, "target_parameters", None):
         raise ValueError("use_lowrank_ops: target_parameters (PEFT's ParamWrapper on nn.Parameter targets) is not "
                          f"supported; got {config.target_parameters} (use target_modules, or plain PEFT)")
-    config._register_custom_module({torch.nn.Linear: LowrankLoraLinear})
+    config._register_custom_module({_ExactLinear: LowrankLoraLinear})
     return config
+
+
+class _ExactLinearType(type):
+    def __instancecheck__(cls, instance) -> bool:
+        return type(instance) is torch.nn.Linear
+
+
+class _ExactLinear(metaclass=_ExactLinearType):
+    """The custom-module key: ``torch.nn.Linear`` itself, not its subclasses.  PEFT matches
+    the keys with ``isinstance`` before its own dispatchers, and bitsandbytes' ``Linear8bitLt``
+    / ``Linear4bit`` (QLoRA) subclass ``nn.Linear``: they got this layer instead of PEFT's
+    bnb layers, and ``merge_and_unload`` then failed on the quantized weights."""

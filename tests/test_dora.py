@@ -104,7 +104,8 @@ def test_forward_and_backward_match_float64_reference(device, dtype, dropout, ge
         expected = ref(*(a.double() for a in args))
         if t["x"].numel():
             assert_within(y[..., 1], t["bias"][1].double().expand_as(y[..., 1]), torch.zeros(()), "zero row")
-        norm = reference.dora_row_norm(*(a.double() for a in args[1:4]), scale).clamp_min(1e-6)
+        norm = reference.dora_row_norm(*(a.double() for a in args[1:4]), scale)
+        norm = torch.where(norm == 0, 1e-6, norm)
 
         def majorant(x, weight, lora_A, lora_B, magnitude, bias):
             """y's terms in absolute value (1 / n exact and detached), multilinear in the inputs."""
@@ -376,3 +377,20 @@ def test_eval_norm_cache_follows_fused_optimizer_steps(generator):
     with torch.no_grad():
         fresh = copy.deepcopy(layer).train()(x)  # training mode computes the norm
         torch.testing.assert_close(layer(x), fresh)
+
+
+def test_small_nonzero_row_norms_are_used_as_they_are(generator):
+    """Only zero norms are replaced by eps: a floor on every norm (1e-6) rescaled a row of
+    norm 6e-8 to 6 % of its base output at DoRA's init (B = 0, m = ||W_row||), where PEFT
+    keeps the base function."""
+    base = torch.nn.Linear(16, 6).double()
+    with torch.no_grad():
+        base.weight[2] *= 6e-8 / base.weight[2].norm()
+    layer = LoRALinear(base, r=2, use_dora=True)
+    x = torch.randn(5, 16, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-12, atol=1e-20)
+    magnitude = torch.linalg.vector_norm(base.weight, dim=1)
+    zeros = torch.zeros(6, 2, dtype=torch.float64)
+    y = dora_linear(x, base.weight, torch.randn(2, 16, dtype=torch.float64, generator=generator), zeros, magnitude,
+                    base.bias)
+    torch.testing.assert_close(y, base(x), rtol=1e-12, atol=1e-20)

@@ -270,7 +270,8 @@ def dora_row_norm(weight, lora_A, lora_B, scale=1.0):
 
 def dora_linear(x, weight, lora_A, lora_B, magnitude, bias=None, *, scale=1.0, keep=None, dropout_p=0.0, eps=1e-6):
     """PEFT's DoRA with the norm detached: ``x W^T + b + (m / n - 1) D(x) W^T + (m / n) s D(x) (B A)^T``."""
-    norm = dora_row_norm(weight, lora_A, lora_B, scale).detach().clamp_min(eps)
+    norm = dora_row_norm(weight, lora_A, lora_B, scale).detach()
+    norm = torch.where(norm == 0, eps, norm)  # zero rows only
     adapter_input = x if keep is None else x * keep / (1 - dropout_p)
     factor = magnitude / norm
     y = x @ weight.T + (factor - 1) * (adapter_input @ weight.T) + factor * scale * ((adapter_input @ lora_A.T) @ lora_B.T)

@@ -10,7 +10,7 @@ from .._args import is_real_number, require_finite_number
 from .._finite import all_finite
 from .._optimizer_steps import optimizer_steps
 from ..ops._library import dispatch_needed
-from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm
+from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm, floor_zero_norms
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
@@ -211,7 +211,7 @@ class LoRALinear(torch.nn.Module):
         expand = lora_B.to(accumulate) if gate is None else lora_B.to(accumulate) * gate.to(accumulate)
         effective = torch.addmm(weight.to(accumulate), expand, lora_A.to(accumulate), alpha=self.scaling)
         if self.use_dora:
-            norm = effective.norm(dim=1).clamp_min(DEFAULT_EPS)  # the forward's floor
+            norm = floor_zero_norms(effective.norm(dim=1), DEFAULT_EPS)  # as the forward
             effective *= (self.lora_magnitude_vector.to(accumulate) / norm)[:, None]
         return effective
 
@@ -290,8 +290,8 @@ class LoRALinear(torch.nn.Module):
 
     def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
         """DoRA's row scale ``m / n`` in the norm's dtype (float32, float64 for float64 weights),
-        n floored as in the forward."""
-        return self.lora_magnitude_vector.to(norm.dtype) / norm.clamp_min(DEFAULT_EPS)
+        zero norms replaced as in the forward."""
+        return self.lora_magnitude_vector.to(norm.dtype) / floor_zero_norms(norm, DEFAULT_EPS)
 
     @torch.no_grad()
     def merge(self) -> None:

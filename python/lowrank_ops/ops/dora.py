@@ -32,7 +32,7 @@ Layers:
 
 The norm is detached, as the DoRA paper (section 4.3) and PEFT do: it receives no gradient,
 so ``dm = sum_n dy * z / n``, ``dx``, ``dA``, ``dB`` treat ``c = m / n`` as a constant.
-Zero-norm rows: n is floored at ``eps`` (default ``DEFAULT_EPS`` = 1e-6), so a row with
+Zero-norm rows: a zero n is replaced by ``eps`` (default ``DEFAULT_EPS`` = 1e-6), so a row with
 ``W_o + s B_o A = 0`` gives ``y_o = b_o`` and finite gradients instead of PEFT 0.21.2's
 inf/NaN.  Accuracy: the identity cancels for rows whose norm is far below ``||W_o||``
 (relative error of ``n_o^2`` about ``u ||W_o||^2 / n_o^2``); for the trained adapters DoRA
@@ -59,11 +59,19 @@ from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, sm
 from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, composed_dropout,
                    draw_seed)
 
-__all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS"]
+__all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS", "floor_zero_norms"]
 
-#: Floor of the row norm: zero-norm rows (511 in Llama-3.1-8B's o_proj, peft#2049) give
-#: finite outputs and gradients.  Far below the norms of trained weights' rows.
+#: What a zero row norm is replaced by: zero-norm rows (511 in Llama-3.1-8B's o_proj,
+#: peft#2049) give finite outputs and gradients (PEFT divides by zero there).  Only zero
+#: norms (:func:`floor_zero_norms`): a floor on every norm rescaled a row of norm 6e-8 to
+#: 6 % of its base output, where PEFT keeps it.
 DEFAULT_EPS = 1e-6
+
+
+def floor_zero_norms(norm: torch.Tensor, eps: float, inplace: bool = False) -> torch.Tensor:
+    """``norm`` with its exact zeros replaced by ``eps`` (other norms, however small, as they are)."""
+    zero = norm == 0
+    return norm.masked_fill_(zero, eps) if inplace else norm.masked_fill(zero, eps)
 
 LIBRARY.define("dora_row_norm(Tensor weight, Tensor lora_A, Tensor lora_B, float scale) -> Tensor")
 LIBRARY.define(
@@ -195,7 +203,7 @@ def _composed(x, weight, lora_A, lora_B, magnitude, bias, scale: float, p: float
         with torch.no_grad():
             work = accumulate_dtype(weight.dtype)
             norm = torch.linalg.vector_norm(weight.to(work) + scale * (lora_B.to(work) @ lora_A.to(work)), dim=1)
-    factor = (magnitude.to(norm.dtype) / norm.detach().clamp_min(eps)).to(x.dtype)
+    factor = (magnitude.to(norm.dtype) / floor_zero_norms(norm.detach(), eps)).to(x.dtype)
     adapter_input = composed_dropout(x, p, generator)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
     product = adapter_input @ weight.T + ((shrunk * scale) @ lora_B.T).to(x.dtype)  # z = D(x) (W + s B A)^T
@@ -211,7 +219,7 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
         norm = _row_norm_op(weight)(weight, lora_A, lora_B, scale)
     else:  # given (a cache): not modified in place
         norm = norm.to(accumulate_dtype(weight.dtype), copy=True)
-    inv_norm = norm.clamp_min_(eps).reciprocal_()
+    inv_norm = floor_zero_norms(norm, eps, inplace=True).reciprocal_()
     factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
@@ -350,13 +358,14 @@ def dora_linear(
         Source of the dropout seed, as :func:`~lowrank_ops.ops.lora_linear`'s (any device;
         a CUDA one costs one device-to-host read).
     eps : float
-        Floor of the row norm (zero-norm rows give finite outputs and gradients).
+        What a zero row norm is replaced by (zero-norm rows give finite outputs and
+        gradients); nonzero norms are used as they are, as PEFT does.
     norm : Tensor[out_features], optional
         The row norms ``||W + s B A||_row`` when already known (:func:`dora_row_norm` of
         these factors, e.g. cached while W, A and B do not change:
         :class:`~lowrank_ops.nn.LoRALinear` in eval mode); skips their computation, the
-        op's largest cost at small batch.  Used as given (it is detached anyway), floored
-        at ``eps``.
+        op's largest cost at small batch.  Used as given (it is detached anyway), zeros
+        replaced by ``eps``.
 
     Returns
     -------

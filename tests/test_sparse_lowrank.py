@@ -322,3 +322,22 @@ def test_bad_input_errors(generator):
         sltrain.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2, 0.5, target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"rank for 0 must be in \[1, 4\]"):
         sltrain.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), 7, 0.5)
+
+
+def test_failed_load_leaves_the_layer_usable():
+    """A checkpoint of another density fails on ``values`` (torch reports it after loading the
+    rest): the support was replaced all the same (48 positions, 120 values) and every later
+    forward raised.  The layer is left as it was."""
+    source = SparseLowRankLinear(20, 12, 3, 0.2, generator=torch.Generator().manual_seed(1))
+    target = SparseLowRankLinear(20, 12, 3, 0.5, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(4, 20)
+    with pytest.raises(RuntimeError, match="size mismatch for values"):
+        target.load_state_dict(source.state_dict())
+    assert target.support.nnz == target.values.numel() == 120
+    assert torch.isfinite(target(x)).all()
+    wider = SparseLowRankLinear(20, 12, 5, 0.5, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="size mismatch for lora_A"):
+        target.load_state_dict(wider.state_dict())
+    assert target.rank == 3
+    target(x)
+    target.load_state_dict(SparseLowRankLinear(20, 12, 3, 0.5, generator=torch.Generator().manual_seed(5)).state_dict())

@@ -76,6 +76,7 @@ class SparseLowRankLinear(torch.nn.Module):
         self.values = torch.nn.Parameter(torch.empty(self.support.nnz, **factory))
         self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.reset_parameters(generator)
+        self.register_load_state_dict_post_hook(_keep_consistent_after_load)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """SLTrain's initialization (see the class notes)."""
@@ -162,6 +163,12 @@ class SparseLowRankLinear(torch.nn.Module):
             f"strategy={self.strategy!r}"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # What the post-load hook puts back when the load leaves the layer inconsistent.
+        self._before_load = (self.get_extra_state(), self.support.shape,
+                             {name: buffer for name, buffer in self.support._buffers.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # The support's shape changes nothing here, but scale, rank and strategy must
     # travel with the state dict for a loaded layer to compute the same function.
     def get_extra_state(self):
@@ -169,6 +176,21 @@ class SparseLowRankLinear(torch.nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.scale, self.rank, self.strategy = float(state["scale"]), int(state["rank"]), state["strategy"]
+
+
+def _keep_consistent_after_load(module: "SparseLowRankLinear", incompatible_keys) -> None:
+    """A load that failed on some tensors (torch reports the size mismatches after loading the
+    rest) left the support of the checkpoint with the values of the layer (48 positions, 120
+    values: every forward then raised), or its rank with the factors of the layer: the
+    support and the extra state are put back whenever they disagree with the tensors."""
+    before = module.__dict__.pop("_before_load", None)
+    if before is None:
+        return
+    extra, shape, buffers = before
+    if module.values.numel() != module.support.nnz or module.lora_A.shape[0] != module.rank:
+        module.support.out_features, module.support.in_features = shape
+        module.support._buffers.update(buffers)
+        module.set_extra_state(extra)
 
 
 def _check_config(in_features, out_features, rank, density, strategy) -> None:

@@ -372,10 +372,11 @@ def test_8bit_training_tracks_the_32bit_run(projected):
     reference_model, model = make_wide_model(), make_wide_model()
     if projected:
         reference = GaLoreAdamW(wide_groups(reference_model), lr=1e-2, generator=torch.Generator().manual_seed(0))
-        optimizer = GaLoreAdamW8bit(wide_groups(model), lr=1e-2, generator=torch.Generator().manual_seed(0))
+        optimizer = GaLoreAdamW8bit(wide_groups(model), lr=1e-2, generator=torch.Generator().manual_seed(0),
+                                    **SAME_AS_32BIT)
     else:
         reference = GaLoreAdamW(reference_model.parameters(), lr=3e-3)
-        optimizer = GaLoreAdamW8bit(model.parameters(), lr=3e-3)
+        optimizer = GaLoreAdamW8bit(model.parameters(), lr=3e-3, **SAME_AS_32BIT)
     reference_losses = train_regression(reference_model, reference, 60, seed=1)
     losses = train_regression(model, optimizer, 60, seed=1)
     worst = max(abs(a - b) / b for a, b in zip(losses, reference_losses))
@@ -387,6 +388,24 @@ def test_8bit_training_tracks_the_32bit_run(projected):
     assert optimizer.state[weight]["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in optimizer.state[weight]
     assert optimizer.state[weight]["exp_avg_sq_absmax"].dtype == torch.float32
     assert optimizer.state[bias]["exp_avg"].dtype == torch.float32 and "exp_avg_codes" not in optimizer.state[bias]
+
+
+#: GaLoreAdamW's eps and weight decay, for GaLoreAdamW8bit (whose defaults are galore-torch's 8-bit ones).
+SAME_AS_32BIT = dict(eps=1e-6, weight_decay=0.0)
+
+
+def test_8bit_defaults_are_galore_torchs():
+    """galore-torch's GaLoreAdamW8bit takes bitsandbytes' AdamW8bit defaults (eps 1e-8, weight
+    decay 0.01); ours inherited GaLoreAdamW's (1e-6, 0): a drop-in swap changed both."""
+    import inspect
+
+    optimizer = GaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(3))])
+    assert (optimizer.defaults["eps"], optimizer.defaults["weight_decay"]) == (1e-8, 0.01)
+    assert optimizer.defaults["state_bits"] == 8 and optimizer.defaults["lr"] == 1e-3
+    galore_torch = pytest.importorskip("galore_torch")
+    theirs = inspect.signature(galore_torch.GaLoreAdamW8bit.__init__).parameters
+    for name in ("lr", "betas", "eps", "weight_decay"):
+        assert optimizer.defaults[name] == theirs[name].default, name
 
 
 def _change_over_steps(state_bits: int, dtype: torch.dtype) -> torch.Tensor:

@@ -485,11 +485,16 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     """:class:`GaLoreAdamW` with ``state_bits=8`` by default: galore-torch's ``GaLoreAdamW8bit``
     (the GaLore paper's 8-bit setting), without bitsandbytes and on CPU as well as CUDA.
 
-    Same parameters as :class:`GaLoreAdamW`; a group may still set ``state_bits=32``.
+    Same parameters as :class:`GaLoreAdamW`, with galore-torch's 8-bit defaults (those of
+    bitsandbytes' AdamW8bit): ``eps=1e-8``, ``weight_decay=0.01`` (``GaLoreAdamW``'s are
+    ``1e-6`` and ``0``: a drop-in swap changed both, silently).  A group may still set
+    ``state_bits=32``.
     """
 
-    def __init__(self, params: Iterable, *args, state_bits: int = 8, **kwargs):
-        super().__init__(params, *args, state_bits=state_bits, **kwargs)
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, correct_bias: bool = True, *, state_bits: int = 8,
+                 **kwargs):
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, state_bits=state_bits, **kwargs)
 
 
 def _check_group(group) -> None:

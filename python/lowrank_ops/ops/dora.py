@@ -229,6 +229,18 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
     else:  # PEFT: the base path sees x, the rescaled one D(x): y = x W^T + b - D(x) W^T + c z
         y = _base_linear(x, weight, bias)
         y.sub_(product)
+    if lora_A.dtype != dtype:
+        # Wider adapters (float32 on a half base, PEFT's default): z, c z and the sum in the
+        # adapters' dtype, rounded once, as PEFT keeps its adapter term (rounding z to half
+        # first, then c z, gave 1.3-1.5x PEFT's error); z is saved in that dtype too.
+        wide = lora_A.dtype
+        product = product.to(wide).addmm_(shrunk * scale, lora_B.T)
+        scaled = product * (magnitude.to(inv_norm.dtype) * inv_norm).to(wide)
+        if y is None:
+            y = (scaled if bias is None else scaled.add_(bias.to(wide))).to(dtype)
+        else:
+            y = scaled.add_(y.to(wide)).to(dtype)
+        return y, product, shrunk, inv_norm
     product.addmm_((shrunk * scale).to(dtype), lora_B.T.to(dtype))  # z = D(x) (W + s B A)^T, in place
     if y is None:
         y = torch.addcmul(bias, product, factor) if bias is not None else product * factor
@@ -240,7 +252,7 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
 def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
     n, out_features = x.shape[0], weight.shape[0]
     return (
-        x.new_empty((n, out_features)), x.new_empty((n, out_features)),
+        x.new_empty((n, out_features)), x.new_empty((n, out_features), dtype=lora_A.dtype),  # z: adapters' dtype
         x.new_empty((n, lora_A.shape[0]), dtype=lora_A.dtype),
         x.new_empty((out_features,), dtype=accumulate_dtype(weight.dtype)),
     )
@@ -294,7 +306,9 @@ class _DoRALinear(torch.autograd.Function):
         factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)
         scaled_grad = grad_y * factor  # g = dy c
         adapter_input = _adapter_input(x, seed, p) if (need_A or need_W) and dropout else x
-        scaled_grad_adapter = scaled_grad.to(adapter_dtype)
+        mixed = adapter_dtype != dtype  # wider adapters: their gradients from dy c unrounded
+        scaled_grad_adapter = (grad_y.to(adapter_dtype) * (magnitude.to(inv_norm.dtype) * inv_norm).to(adapter_dtype)
+                               if mixed else scaled_grad)
         if need_B:
             grad_B = scaled_grad_adapter.T @ (shrunk * scale)
         if need_x or need_A:
@@ -304,8 +318,13 @@ class _DoRALinear(torch.autograd.Function):
             if need_x:
                 if dropout:
                     inner = grad_input_op()(scaled_grad - grad_y, weight)
-                    inner.addmm_(expanded.to(dtype), lora_A.to(dtype))
+                    if mixed:  # the adapter term added in its dtype, rounded once
+                        inner = inner.to(adapter_dtype).addmm_(expanded, lora_A).to(dtype)
+                    else:
+                        inner.addmm_(expanded.to(dtype), lora_A.to(dtype))
                     grad_x = grad_input_op()(grad_y, weight).add_(_adapter_input(inner, seed, p))
+                elif mixed:
+                    grad_x = grad_input_op()(scaled_grad, weight).to(adapter_dtype).addmm_(expanded, lora_A).to(dtype)
                 else:
                     grad_x = grad_input_op()(scaled_grad, weight).addmm_(expanded.to(dtype), lora_A.to(dtype))
         if need_W:

@@ -39,7 +39,7 @@ bases, mixed batches that need gradients) goes to PEFT's own forward unchanged, 
 behaviour never differs, only speed.  Differences in numerics: the adapter term is
 accumulated into the base output with float32 accumulation and one rounding (PEFT's mixed
 batch rounds each adapter's term to the output dtype before adding it: two roundings)
-and DoRA's row norm is floored at 1e-6 (PEFT
+and a zero DoRA row norm is replaced by 1e-6 (PEFT
 0.21.2 returns inf/NaN for zero-norm rows); the dropout masks come from a different
 random stream than ``nn.Dropout``'s.
 

@@ -167,7 +167,11 @@ class SparseLowRankLinear(torch.nn.Module):
         # What the post-load hook puts back when the load leaves the layer inconsistent.
         self._before_load = (self.get_extra_state(), self.support.shape,
                              {name: buffer for name, buffer in self.support._buffers.items()})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except BaseException:  # the load stops here: no post-load hook will take it
+            del self._before_load
+            raise
 
     # The support's shape changes nothing here, but scale, rank and strategy must
     # travel with the state dict for a loaded layer to compute the same function.

@@ -168,3 +168,12 @@ def test_forked_child_whose_parent_never_ran_a_region_does_not_hang(tmp_path):
     script.write_text(_FORK_CHILD)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_unknown_threads_setting_is_reported():
+    """LOWRANK_OPS_THREADS has one value ('pool'); another was ignored silently."""
+    for value, warned in (("bogus", True), ("pool", False)):
+        result = subprocess.run([sys.executable, "-c", "import lowrank_ops"], capture_output=True, text=True,
+                                env=dict(os.environ, LOWRANK_OPS_THREADS=value), timeout=120)
+        assert result.returncode == 0
+        assert ("LOWRANK_OPS_THREADS='bogus' is ignored: its only value is 'pool'" in result.stderr) == warned

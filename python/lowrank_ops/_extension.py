@@ -7,9 +7,17 @@ when the needed part is missing.
 from __future__ import annotations
 
 import functools
-
+import os
+import warnings
 from types import ModuleType
 from typing import Optional
+
+# Read by the C++ thread layer (csrc/cpu/parallel.cpp), which knows one value: any other
+# was ignored silently (a typo left torch's OpenMP team in use).
+_THREADS = os.environ.get("LOWRANK_OPS_THREADS")
+if _THREADS not in (None, "", "pool"):
+    warnings.warn(f"LOWRANK_OPS_THREADS={_THREADS!r} is ignored: its only value is 'pool' (run the kernels on "
+                  "lowrank_ops' own threads instead of torch's OpenMP team)", RuntimeWarning, stacklevel=2)
 
 try:
     from . import _C as _compiled

@@ -208,6 +208,39 @@ def test_optimizer_state_of_new_slots_is_zeroed(device):
         assert torch.allclose(momentum[2], expected, rtol=1e-6, atol=0)  # float32 roundings of two products
 
 
+def test_8bit_moments_of_new_slots_are_zeroed(generator):
+    """GaLoreAdamW8bit's moments are uint8 codes: zeroing the codes set the new slot's first
+    moment to -absmax (code 0), a spurious momentum; they are dequantized, zeroed and
+    requantized."""
+    from lowrank_ops.optim import GaLoreAdamW8bit
+    from lowrank_ops.optim._quantized_state import dequantize_blockwise
+
+    model = torch.nn.Sequential(*(LoRALinear(torch.nn.Linear(64, 64), r=8, init_lora_weights=False) for _ in range(2)))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    with torch.no_grad():  # the inactive slots zero, as IncreLoRA starts
+        for layer in model:
+            layer.lora_B[:, 2:] = 0
+    optimizer = GaLoreAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-2, min_8bit_size=256)
+    allocator = IncreLoRAAllocator(model, 6, 2, add_every=3, optimizer=optimizer,
+                                   generator=torch.Generator().manual_seed(0))
+    x = torch.randn(32, 64, generator=generator)
+    grew = False
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        before = list(allocator.ranks)
+        allocator.update_and_allocate(step)
+        for k, after, layer in zip(before, allocator.ranks, model):
+            if after != k:
+                grew = True
+                state = optimizer.state[layer.lora_A]
+                moment = dequantize_blockwise(state["exp_avg_codes"], state["exp_avg_absmax"], True)
+                assert moment.view_as(layer.lora_A)[k].abs().max() == 0
+        optimizer.step()
+    assert grew
+
+
 # ------------------------------------------------------------------ schedule and budget
 def test_budget_is_never_exceeded_and_is_reached(device):
     generator = torch.Generator().manual_seed(108)

@@ -62,6 +62,7 @@ import torch
 from .._args import require_int, require_number
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
+from ..optim.galore import zero_state_slot_
 from ._layers import matches
 
 __all__ = ["IncreLoRAAllocator"]
@@ -328,9 +329,8 @@ class IncreLoRAAllocator:
         if self.optimizer is not None:
             for param, slot in ((module.lora_A, (k,)), (module.lora_B, (slice(None), k)),
                                 (module.lora_gate, (k,))):
-                for value in self.optimizer.state.get(param, {}).values() if param is not None else ():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value[slot] = 0
+                if param is not None:
+                    zero_state_slot_(self.optimizer.state.get(param, {}), param.shape, slot)
         self.ranks[i] = k + 1
         module.active_rank = k + 1
 

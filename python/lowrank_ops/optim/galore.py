@@ -481,6 +481,23 @@ def _store_quantized(state: Dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq_ro
         state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(moment, signed)
 
 
+def zero_state_slot_(state: Dict[str, Any], shape: torch.Size, slot) -> None:
+    """Zeroes entry ``slot`` (an index into a parameter of ``shape``) of every moment an
+    optimizer keeps for it, in ``state``: float tensors of that shape, and this module's
+    8-bit moments (dequantized, zeroed, requantized: code 0 decodes to ``-absmax``, so
+    zeroing the codes had set the first moment to ``-absmax``).  For callers that grow a
+    parameter in place (:mod:`lowrank_ops.methods.increlora`)."""
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == shape:
+            value[slot] = 0
+    for name, signed in _MOMENTS:
+        codes = state.get(f"{name}_codes")
+        if isinstance(codes, torch.Tensor) and codes.shape == shape:
+            moment = dequantize_blockwise(codes, state[f"{name}_absmax"], signed)
+            moment[slot] = 0
+            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(moment, signed)
+
+
 class GaLoreAdamW8bit(GaLoreAdamW):
     """:class:`GaLoreAdamW` with ``state_bits=8`` by default: galore-torch's ``GaLoreAdamW8bit``
     (the GaLore paper's 8-bit setting), without bitsandbytes and on CPU as well as CUDA.

@@ -695,3 +695,37 @@ def test_model_copies_carry_inert_hooks():
         gc.collect()
         assert alive() is None
         model(torch.randn(2, 4)).sum().backward()  # inert now
+
+
+def test_grad_scaler_hands_its_scale_to_step():
+    """torch.amp.GradScaler: MKOR takes the scale and the inf check in step() (as torch's fused
+    optimizers), so its output-gradient statistics are unscaled too (they were loss-scaled:
+    parameters 0.1 off, g_inverse 0.95 off a run without the scaler) and a skipped step drops
+    what the hooks recorded (its inf sums spoiled the next step).  A power-of-two scale with
+    no overflow gives the run without a scaler, bit for bit; a skipped step, the run without
+    that iteration."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+    def run(scaled: bool, skip_at=None):
+        model = copy.deepcopy(base)
+        optimizer = MKOR(model, lr=0.05, momentum=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000) if scaled else None
+        for t in range(5):
+            optimizer.zero_grad()
+            loss = ((model(x) - y) ** 2).mean() * (float("inf") if t == skip_at else 1.0)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            elif t != skip_at:  # the reference: the skipped iteration never happened
+                loss.backward()
+                optimizer.step()
+        return [p.detach() for p in model.parameters()] + [optimizer.state[model[0].weight]["g_inverse"].dense()]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for skip_at in (None, 2):
+            for want, got in zip(run(False, skip_at), run(True, skip_at)):
+                torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)

@@ -726,6 +726,40 @@ class MKOR(torch.optim.Optimizer):
             if direction is not None and p.grad is not None:
                 p.grad.copy_(direction)
 
+    # torch.amp.GradScaler hands its scale and inf check to step() (as for torch's fused
+    # optimizers) instead of unscaling .grad itself: the output-gradient statistics the hooks
+    # record are loss-scaled too, and only step() can unscale them (with the scale, the
+    # factor update saw S v: parameters 0.1 off a run without the scaler), and a skipped
+    # step must drop what was recorded (its inf sums spoiled the next step's update).
+    _step_supports_amp_scaling = True
+
+    def _take_amp_scaling(self) -> bool:
+        """Applies a GradScaler's ``found_inf`` / ``grad_scale`` (set on the optimizer just
+        before :meth:`step`); False for a skipped step (the records are dropped)."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return True
+        grad_scale = getattr(self, "grad_scale", None)
+        if bool(found_inf):
+            for layer in self._layers:
+                layer.reset_capture()
+            return False
+        if grad_scale is None:  # the user called scaler.unscale_(optimizer): .grad is unscaled, the records not
+            warnings.warn("MKOR: scaler.unscale_(optimizer) before scaler.step leaves MKOR's output-gradient "
+                          "statistics loss-scaled (the scale is not handed over then); call scaler.step without "
+                          "unscale_ (MKOR unscales itself), or use bf16 autocast, which needs no GradScaler",
+                          RuntimeWarning)
+            return True
+        inverse = grad_scale.double().reciprocal()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse.to(p.grad.dtype))
+        for layer in self._layers:
+            if layer.g_sum is not None:
+                layer.g_sum = layer.g_sum * inverse.to(layer.g_sum.dtype)
+        return True
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
         """Factor updates, preconditioning, then ``torch.optim.SGD``'s step (momentum,
@@ -735,6 +769,8 @@ class MKOR(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._take_amp_scaling():
+            return loss  # torch.amp.GradScaler found inf or NaN: a skipped step
         params = [p for group in self.param_groups for p in group["params"]]
         linear = {p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None}
         others = [p for p in params if p.grad is not None and p not in linear]

@@ -285,21 +285,29 @@ def test_defaults_rank_r_max_and_scale_one(device, generator):
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_gradcheck(cpu_path, generator):
-    # Small sizes (gradcheck perturbs every input entry); segments below and above the
-    # CPU GEMM threshold (cpu_path forces either path), an empty one, id -1, rank 0 and a repeated adapter.
+#: test_gradcheck's routing: segments below and above the CPU GEMM threshold, an empty one,
+#: id -1, rank 0 and a repeated adapter.
+GRADCHECK_ROUTING = dict(segment_offsets=[0, 2, 2, 10, 11, 12], adapter_ids=[1, 2, -1, 0, 1], ranks=[2, 3, 0],
+                         scales=[0.7, -1.3, 2.0])
+
+
+def gradcheck_inputs(generator):
+    """``(x, A_stack, B_stack, weight, bias)`` float64 leaves for GRADCHECK_ROUTING (small:
+    gradcheck perturbs every input entry)."""
     n_rows, in_features, out_features = 12, 5, 4
-    offsets, ids, ranks, scales = [0, 2, 2, 10, 11, 12], [1, 2, -1, 0, 1], [2, 3, 0], [0.7, -1.3, 2.0]
-    x, weight, A_stack, B_stack, bias = (
-        randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(True)
-        for shape in ((n_rows, in_features), (out_features, in_features), (3, 3, in_features),
-                      (3, out_features, 3), (out_features,))
-    )
+    return tuple(randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(True)
+                 for shape in ((n_rows, in_features), (3, 3, in_features), (3, out_features, 3),
+                               (out_features, in_features), (out_features,)))
+
+
+def test_gradcheck(cpu_path, generator):
+    # cpu_path forces either CPU path.
+    inputs = gradcheck_inputs(generator)
 
     def fn(x, A_stack, B_stack, weight, bias):
-        return lora_linear_multi(x, weight, A_stack, B_stack, offsets, ids, ranks=ranks, scales=scales, bias=bias)
+        return lora_linear_multi(x, weight, A_stack, B_stack, bias=bias, **GRADCHECK_ROUTING)
 
-    assert torch.autograd.gradcheck(fn, (x, A_stack, B_stack, weight, bias))
+    assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -322,13 +330,8 @@ def test_composite_second_derivatives(generator):
     gradgradcheck on test_gradcheck's routing."""
     from lowrank_ops.ops import composite
 
-    n_rows, in_features, out_features = 12, 5, 4
-    offsets, ids, ranks, scales = [0, 2, 2, 10, 11, 12], [1, 2, -1, 0, 1], [2, 3, 0], [0.7, -1.3, 2.0]
-    x, weight, A_stack, B_stack, bias = (
-        randn(*shape, dtype=torch.float64, generator=generator).requires_grad_(True)
-        for shape in ((n_rows, in_features), (out_features, in_features), (3, 3, in_features),
-                      (3, out_features, 3), (out_features,))
-    )
+    x, A_stack, B_stack, weight, bias = gradcheck_inputs(generator)
+    offsets, ids, ranks, scales = GRADCHECK_ROUTING.values()
 
     def fn(x, A_stack, B_stack, weight, bias):
         with composite():

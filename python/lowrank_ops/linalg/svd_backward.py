@@ -28,6 +28,20 @@ import torch
 __all__ = ["thin_svd_backward"]
 
 
+def _spectral_terms(S: torch.Tensor, size: int):
+    """``(S^-1, F)`` shared by the thin SVD's backward and jvp: ``1 / s_i`` with singular
+    values below ``eps size s_max`` dropped (0), and ``F_ij = 1 / (s_j^2 - s_i^2)`` with
+    degenerate pairs (gaps below ``eps size s_max^2``) and the diagonal 0."""
+    eps = torch.finfo(S.dtype).eps * size
+    s_max = S.amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+    S_inv = torch.where(S > eps * s_max, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
+    squares = S * S
+    gaps = squares.unsqueeze(-2) - squares.unsqueeze(-1)  # [..., i, j] = s_j^2 - s_i^2
+    degenerate = gaps.abs() <= eps * (s_max * s_max).unsqueeze(-1)
+    F = torch.where(degenerate, torch.zeros_like(gaps), 1.0 / torch.where(degenerate, torch.ones_like(gaps), gaps))
+    return S_inv, F
+
+
 def thin_svd_backward(
     U: torch.Tensor,
     S: torch.Tensor,
@@ -38,22 +52,16 @@ def thin_svd_backward(
 ) -> torch.Tensor:
     """Gradient with respect to ``A [..., m, n]`` of a loss of ``U [..., m, k]``,
     ``S [..., k]`` and ``Vh [..., k, n]``; None gradients count as zero."""
-    eps = torch.finfo(S.dtype).eps * max(U.shape[-2], Vh.shape[-1])
     grad_A = U.new_zeros(U.shape[:-2] + (U.shape[-2], Vh.shape[-1]))
     if grad_S is not None:
         grad_A = grad_A + (U * grad_S.unsqueeze(-2)) @ Vh
     if grad_U is None and grad_Vh is None:
         return grad_A
 
-    s_max = S.amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
-    S_inv = torch.where(S > eps * s_max, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
-    squares = S * S
-    gaps = squares.unsqueeze(-2) - squares.unsqueeze(-1)  # [..., i, j] = s_j^2 - s_i^2
-    degenerate = gaps.abs() <= eps * (s_max * s_max).unsqueeze(-1)
-    F = torch.where(degenerate, torch.zeros_like(gaps), 1.0 / torch.where(degenerate, torch.ones_like(gaps), gaps))
+    S_inv, F = _spectral_terms(S, max(U.shape[-2], Vh.shape[-1]))
 
     V = Vh.transpose(-2, -1)
-    inner = torch.zeros_like(gaps)
+    inner = torch.zeros_like(F)
     if grad_U is not None:
         UtgU = U.transpose(-2, -1) @ grad_U
         inner = inner + (F * (UtgU - UtgU.transpose(-2, -1))) * S.unsqueeze(-2)
@@ -78,13 +86,7 @@ def thin_svd_jvp(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, dA: torch.T
         dU  = U (F o (dP S + S dP^T)) + (dA V - U dP) S^-1
         dV  = V (F o (S dP + dP^T S)) + (dA^T U - V dP^T) S^-1,   F_ij = 1 / (s_j^2 - s_i^2)
     """
-    eps = torch.finfo(S.dtype).eps * max(U.shape[-2], Vh.shape[-1])
-    s_max = S.amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
-    S_inv = torch.where(S > eps * s_max, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
-    squares = S * S
-    gaps = squares.unsqueeze(-2) - squares.unsqueeze(-1)  # [..., i, j] = s_j^2 - s_i^2
-    degenerate = gaps.abs() <= eps * (s_max * s_max).unsqueeze(-1)
-    F = torch.where(degenerate, torch.zeros_like(gaps), 1.0 / torch.where(degenerate, torch.ones_like(gaps), gaps))
+    S_inv, F = _spectral_terms(S, max(U.shape[-2], Vh.shape[-1]))
     V = Vh.transpose(-2, -1)
     dAV = dA @ V
     dAtU = dA.transpose(-2, -1) @ U

@@ -173,3 +173,44 @@ def assert_adam_fits(layer, x: torch.Tensor, y_target: torch.Tensor, steps: int,
         loss.backward()
         optimizer.step()
     assert loss.item() < 1e-3 * start, (start, loss.item())
+
+
+def assert_tensor_lr_follows_float_lr(build, steps: int = 4) -> None:
+    """An optimizer given ``lr`` as a one-element tensor (as torch's optimizers accept)
+    trains bit for bit as with the float, under torch's ``LambdaLR``, which fills a
+    tensor lr in place; a bad tensor is refused naming ``lr``, and a NaN filled in later
+    raises at the next step before any parameter or state changes.
+
+    ``build(lr) -> (model, optimizer, loss_fn)``: a fresh model (same seed every call)
+    and its optimizer with that ``lr``; ``loss_fn()`` a loss on fixed data."""
+    import copy
+
+    import pytest
+
+    runs = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64)):  # float64: the same value as the float
+        model, optimizer, loss_fn = build(lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_fn().backward()
+            optimizer.step()
+            scheduler.step()
+        if isinstance(lr, torch.Tensor):
+            assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.05 * 0.5 ** steps  # filled in place
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for float_run, tensor_run in zip(*runs):
+        assert torch.equal(float_run, tensor_run)
+    for bad in (torch.tensor([0.1, 0.2]), torch.tensor(1), torch.tensor(-0.1)):
+        with pytest.raises(ValueError, match="lr must be|Invalid learning rate"):
+            build(bad)
+    model, optimizer, loss_fn = build(torch.tensor(0.05))
+    optimizer.zero_grad()
+    loss_fn().backward()
+    optimizer.param_groups[0]["lr"].fill_(float("nan"))  # e.g. a broken schedule
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(optimizer.state_dict()["state"])
+    with pytest.raises(ValueError, match="[A-Za-z]+: lr must be .*; got nan"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert repr(optimizer.state_dict()["state"]) == repr(state)

@@ -14,6 +14,8 @@ import torch
 
 from lowrank_ops.optim import GaLoreAdamW, GaLoreAdamW8bit
 
+from helpers import assert_tensor_lr_follows_float_lr
+
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -556,3 +558,18 @@ def test_group_settings_changed_between_steps_apply_resumed_or_not():
     again.load_state_dict(checkpoint)
     with pytest.raises(ValueError, match="rank changed to 6"):
         step(resumed, again)
+
+
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_tensor_lr_follows_the_float_lr(optimizer_class):
+    """A tensor lr (torch's AdamW takes one; LambdaLR fills it in place) was refused."""
+    def build(lr):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+        x, y = torch.randn(16, 12), torch.randn(16, 3)
+        optimizer = optimizer_class([{"params": [model[0].weight], "rank": 2, "update_proj_gap": 2},
+                                     {"params": [model[0].bias, *model[2].parameters()]}], lr=lr,
+                                    min_8bit_size=0, generator=torch.Generator().manual_seed(1))
+        return model, optimizer, lambda: torch.nn.functional.mse_loss(model(x), y)
+
+    assert_tensor_lr_follows_float_lr(build)

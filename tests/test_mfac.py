@@ -24,6 +24,8 @@ from lowrank_ops._extension import extension
 from lowrank_ops.methods.mfac_pruning import collect_gradients, obs_prune, obs_scores
 from lowrank_ops.ops.mfac import mfac_combine, mfac_dots
 from lowrank_ops.optim import MFAC
+
+from helpers import assert_tensor_lr_follows_float_lr
 from lowrank_ops.second_order import MFACInverse
 
 from helpers import assert_within, randn, summation_bound
@@ -1274,3 +1276,15 @@ def test_backward_through_an_ihvp_after_the_window_changed_raises(generator):
 def test_damping_whose_inverse_overflows_is_refused():
     with pytest.raises(ValueError, match=r"damp must be at least 5.56e-309 \(1 / damp finite\); got 1e-309"):
         MFACInverse(4, 2, 1e-309)
+
+
+def test_optimizer_tensor_lr_follows_the_float_lr():
+    """A tensor lr (torch's SGD takes one; LambdaLR fills it in place) was refused."""
+    def build(lr):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+        x, y = torch.randn(16, 12), torch.randn(16, 3)
+        optimizer = MFAC(model.parameters(), lr=lr, ngrads=3, damp=0.1, momentum=0.5)
+        return model, optimizer, lambda: torch.nn.functional.mse_loss(model(x), y)
+
+    assert_tensor_lr_follows_float_lr(build)

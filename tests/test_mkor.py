@@ -37,7 +37,7 @@ from lowrank_ops.optim import MKOR
 from lowrank_ops.optim import mkor
 from lowrank_ops.optim.mkor import ShermanMorrisonInverse
 
-from helpers import randn
+from helpers import assert_tensor_lr_follows_float_lr, randn
 
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 
@@ -729,3 +729,14 @@ def test_grad_scaler_hands_its_scale_to_step():
         for skip_at in (None, 2):
             for want, got in zip(run(False, skip_at), run(True, skip_at)):
                 torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+
+
+def test_tensor_lr_follows_the_float_lr():
+    """A tensor lr (torch's SGD takes one; LambdaLR fills it in place) was refused."""
+    def build(lr):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+        x, y = torch.randn(16, 12), torch.randn(16, 3)
+        return model, MKOR(model, lr=lr, momentum=0.9), lambda: nn.functional.mse_loss(model(x), y)
+
+    assert_tensor_lr_follows_float_lr(build)

@@ -14,7 +14,7 @@ import torch
 from lowrank_ops.methods import sora
 from lowrank_ops.nn import LoRALinear
 
-from helpers import FLOAT_DTYPES, assert_training_compiles, assert_within, randn, summation_bound
+from helpers import FLOAT_DTYPES, assert_tensor_lr_follows_float_lr, assert_training_compiles, assert_within, randn, summation_bound
 
 
 def soft_threshold_64(values: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -214,7 +214,7 @@ def test_sparse_adamw_groups_defaults_and_bad_settings(generator):
     optimizer.add_param_group({"params": [g4]})
     assert optimizer.param_groups[-1]["sparse_lambda"] == 0.0
     bad_groups = [({"params": [randn(2).requires_grad_()], "sparse_lambda": -1.0}, "sparse_lambda must be >= 0"),
-                  ({"params": [randn(2).requires_grad_()], "lr": torch.tensor(0.1)}, "lr must be >= 0"),
+                  ({"params": [randn(2).requires_grad_()], "lr": torch.tensor([0.1, 0.2])}, "lr must be a number"),
                   ({"params": [randn(3, 2).requires_grad_()]}, r"params\[0\] has shape \(3, 2\)")]
     for group, message in bad_groups:
         with pytest.raises(ValueError, match=f"SparseAdamW: {message}"):
@@ -430,3 +430,18 @@ def test_torch_compile_training_and_pruned_model():
     assert_training_compiles(lambda wrap: results.setdefault(wrap, run(wrap)))
     zeros = [int(r["zero gates"]) for r in results.values()]
     assert all(0 < z < 15 for z in zeros), zeros  # the threshold zeroed some gates, not all 15
+
+
+def test_sparse_adamw_tensor_lr_follows_the_float_lr():
+    """A tensor lr (AdamW takes one; LambdaLR fills it in place) was refused; the threshold
+    uses its value at the step."""
+    def build(lr):
+        torch.manual_seed(0)
+        gates = torch.nn.Parameter(torch.randn(6))
+        weights = torch.nn.Parameter(torch.randn(6, 4))
+        model = torch.nn.ParameterList([gates, weights])
+        x = torch.randn(8, 4)
+        optimizer = sora.SparseAdamW([gates], lr=lr, sparse_lambda=2.0)
+        return model, optimizer, lambda: ((x @ weights.T) * gates).square().mean()
+
+    assert_tensor_lr_follows_float_lr(build)

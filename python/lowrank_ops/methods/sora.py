@@ -36,7 +36,7 @@ import torch
 from .._args import require_number
 from .._finite import all_finite
 from ..nn.lora import LoRALinear
-from ..optim._checks import add_checked_group
+from ..optim._checks import add_checked_group, check_lr, current_lr
 from ._layers import count_parameters
 
 __all__ = ["gate_parameters", "proximal_step_", "SparseAdamW", "lambda_schedule", "pruned_layer",
@@ -138,8 +138,8 @@ class SparseAdamW(torch.optim.AdamW):
         The gates (:func:`gate_parameters`): 1-D floating-point tensors; groups may set
         every option below, ``sparse_lambda`` included.
     lr, betas, eps, weight_decay, amsgrad, foreach
-        As ``torch.optim.AdamW``; ``lr`` must be a Python number (the threshold is
-        ``lr * sparse_lambda``).  Defaults as the official code's ``transformers.AdamW``:
+        As ``torch.optim.AdamW``; ``lr`` a number or a one-element tensor (the threshold
+        is ``lr * sparse_lambda``, with the lr's value at the step).  Defaults as the official code's ``transformers.AdamW``:
         ``eps = 1e-6`` and no weight decay (the L1 term is the gates' regularizer).  No
         ``fused``: with a GradScaler, fused AdamW skips an overflowing step inside the
         kernel, and the threshold would still shrink the gates.
@@ -156,11 +156,13 @@ class SparseAdamW(torch.optim.AdamW):
       is below ``xi``); this is the exact soft threshold.
     * The official trainer also adds ``lambda_1 * mean |g|`` to the loss; add it to
       yours if wanted, it is an ordinary differentiable term.
-    * The threshold runs as a step post-hook (also on a pickled or deep-copied optimizer),
+    * The settings are checked in a step pre-hook (a bad ``lr`` or ``sparse_lambda``
+      raises before AdamW's step changes anything), the threshold runs as a step post-hook
+      (both also on a pickled or deep-copied optimizer),
       so step hooks and profiling run once per step, not again in an overriding ``step``
       calling AdamW's; ``state_dict`` / ``load_state_dict`` are AdamW's, with ``sparse_lambda`` kept
       in the param groups.  Change ``group["sparse_lambda"]`` between steps to schedule
-      it (see :func:`lambda_schedule`); a bad value raises at the next step.
+      it (see :func:`lambda_schedule`); a bad value raises at the next step, before it.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -171,6 +173,12 @@ class SparseAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach)
         self.defaults["sparse_lambda"] = self._initial_sparse_lambda
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        # The settings are checked before AdamW's step (a NaN lr would otherwise reach the
+        # parameters before the threshold could refuse it), the threshold applied after.
+        self._check_hook = self.register_step_pre_hook(_check_before_step)
         self._threshold_hook = self.register_step_post_hook(_threshold_after_step)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -178,7 +186,7 @@ class SparseAdamW(torch.optim.AdamW):
         # An optimizer pickles (and deep-copies) without its hooks, and load_state_dict
         # comes through here as well: register the threshold once per object.
         if "_threshold_hook" not in self.__dict__:
-            self._threshold_hook = self.register_step_post_hook(_threshold_after_step)
+            self._register_hooks()
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """torch's ``add_param_group``, then the checks of ``lr``, ``sparse_lambda`` and the gates."""
@@ -187,9 +195,11 @@ class SparseAdamW(torch.optim.AdamW):
         add_checked_group(self, super().add_param_group, param_group, _check_group)
 
 
-def _check_settings(group: Dict[str, Any]) -> None:
-    group["lr"] = require_number("SparseAdamW", "lr", group["lr"], 0.0)
+def _check_settings(group: Dict[str, Any]) -> float:
+    """Checks the group's lr and sparse_lambda; returns the lr's value now."""
+    group["lr"] = check_lr("SparseAdamW", group["lr"])
     group["sparse_lambda"] = require_number("SparseAdamW", "sparse_lambda", group["sparse_lambda"], 0.0)
+    return current_lr("SparseAdamW", group)
 
 
 def _check_group(group: Dict[str, Any]) -> None:
@@ -197,12 +207,17 @@ def _check_group(group: Dict[str, Any]) -> None:
     _gate_list("SparseAdamW", "params", group["params"])
 
 
+def _check_before_step(optimizer: SparseAdamW, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        _check_settings(group)  # catches a schedule that wrote a bad value
+
+
 @torch.no_grad()
 def _threshold_after_step(optimizer: SparseAdamW, args, kwargs) -> None:
     for group in optimizer.param_groups:
-        _check_settings(group)  # catches a schedule that wrote a bad value
+        lr = current_lr("SparseAdamW", group)
         updated = [p for p in group["params"] if p.grad is not None]  # AdamW skips the others too
-        threshold = group["lr"] * group["sparse_lambda"]
+        threshold = lr * group["sparse_lambda"]
         if updated and threshold > 0:
             _soft_threshold_(updated, threshold)
 

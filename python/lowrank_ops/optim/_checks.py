@@ -1,9 +1,11 @@
 """Validation of the optimizers' per-group settings."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Union
 
 import torch
+
+from .._args import require_number
 
 
 def add_checked_group(optimizer: torch.optim.Optimizer, add: Callable[[Dict[str, Any]], None],
@@ -26,3 +28,27 @@ def require_real_params(op: str, group: Dict[str, Any]) -> None:
         if param.is_complex():
             raise TypeError(f"{op}: complex parameters are not supported; parameter {index} of the group has dtype "
                             f"{param.dtype} (optimize its real and imaginary parts as separate real parameters)")
+
+
+def check_lr(op: str, value, low_open: bool = False) -> Union[float, torch.Tensor]:
+    """A group's ``lr`` as the group keeps it: a number, as a float, or a one-element real
+    floating-point tensor, kept as given (torch's optimizers accept one, and torch's
+    ``LRScheduler`` then fills it in place: a float copy would freeze the schedule).  Its
+    value is checked now and again at every step (:func:`current_lr`).  ValueError naming
+    ``lr`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise ValueError(f"{op}: lr must be a number or a one-element floating-point tensor; got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}")
+        require_number(op, "lr", value.item(), 0.0, low_open=low_open)
+        return value
+    return require_number(op, "lr", value, 0.0, low_open=low_open)
+
+
+def current_lr(op: str, group: Dict[str, Any], low_open: bool = False) -> float:
+    """The group's learning rate now, as a float: a tensor ``lr`` is read (and checked:
+    it may have been filled since) at every step."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        return require_number(op, "lr", lr.item(), 0.0, low_open=low_open)
+    return lr

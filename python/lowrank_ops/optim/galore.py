@@ -32,7 +32,7 @@ import torch
 from .._args import require_int, require_number
 from .._finite import all_finite
 from ..linalg.rsvd import rsvd
-from ._checks import add_checked_group, require_real_params
+from ._checks import add_checked_group, check_lr, current_lr, require_real_params
 from ._quantized_state import dequantize_blockwise, quantize_blockwise
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreProjector"]
@@ -315,7 +315,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        lrs = [current_lr("GaLoreAdamW", group) for group in self.param_groups]  # before any state changes
+        for group, lr in zip(self.param_groups, lrs):
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
@@ -356,7 +357,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if quantized:  # the moments as the next step will see them (the root: see the notes)
                     _store_quantized(state, exp_avg, root)
                 denom = root.add_(group["eps"])
-                step_size = group["lr"]
+                step_size = lr
                 if group["correct_bias"]:
                     step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
                 update = exp_avg / denom
@@ -370,7 +371,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 else:  # svd="full", galore-torch's reference mode: its operations, so its bits
                     p.add_(state["projector"].project_back(update).reshape(p.shape), alpha=-step_size)
                 if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                    p.add_(p, alpha=-lr * group["weight_decay"])
         return loss
 
     def state_dict(self):
@@ -516,7 +517,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
 def _check_group(group) -> None:
     where = "GaLoreAdamW"
-    for name in ("lr", "eps", "weight_decay", "scale"):
+    group["lr"] = check_lr(where, group["lr"])
+    for name in ("eps", "weight_decay", "scale"):
         group[name] = require_number(where, name, group[name], 0.0)
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

@@ -28,7 +28,7 @@ import torch
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
 from ..second_order.mfac import MFACInverse, check_storage_dtype
-from ._checks import add_checked_group, require_real_params
+from ._checks import add_checked_group, check_lr, current_lr, require_real_params
 
 __all__ = ["MFAC"]
 
@@ -105,7 +105,8 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        lrs = [current_lr("MFAC", group, low_open=True) for group in self.param_groups]  # before any state changes
+        for group, lr in zip(self.param_groups, lrs):
             params = group["params"]
             if all(p.grad is None for p in params):
                 continue
@@ -148,7 +149,7 @@ class MFAC(torch.optim.Optimizer):
             for p in params:
                 n = p.numel()
                 if p.grad is not None:
-                    p.add_(direction[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
+                    p.add_(direction[offset:offset + n].view_as(p).to(p.dtype), alpha=-lr)
                 offset += n
         return loss
 
@@ -186,7 +187,7 @@ class MFAC(torch.optim.Optimizer):
 
 
 def _check_group(group: Dict[str, Any]) -> None:
-    group["lr"] = require_number("MFAC", "lr", group["lr"], 0.0, low_open=True)
+    group["lr"] = check_lr("MFAC", group["lr"], low_open=True)
     group["damp"] = require_number("MFAC", "damp", group["damp"], 0.0, low_open=True)
     group["momentum"] = require_number("MFAC", "momentum", group["momentum"], 0.0, 1.0)
     group["weight_decay"] = require_number("MFAC", "weight_decay", group["weight_decay"], 0.0)

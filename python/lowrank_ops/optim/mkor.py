@@ -115,7 +115,7 @@ from torch import nn
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
 from .._finite import all_finite
-from ._checks import add_checked_group, require_real_params
+from ._checks import add_checked_group, check_lr, current_lr, require_real_params
 
 __all__ = ["MKOR", "ShermanMorrisonInverse"]
 
@@ -769,6 +769,7 @@ class MKOR(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        lrs = [current_lr("MKOR", group) for group in self.param_groups]  # before any state changes
         if not self._take_amp_scaling():
             return loss  # torch.amp.GradScaler found inf or NaN: a skipped step
         params = [p for group in self.param_groups for p in group["params"]]
@@ -776,8 +777,8 @@ class MKOR(torch.optim.Optimizer):
         others = [p for p in params if p.grad is not None and p not in linear]
         directions, finite = self._directions([p.grad for p in others])
         others_finite = dict(zip(others, finite))
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        for group, lr in zip(self.param_groups, lrs):
+            momentum, weight_decay = group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -835,7 +836,7 @@ class MKOR(torch.optim.Optimizer):
 
 
 def _check_group(group: Dict[str, Any]) -> None:
-    group["lr"] = require_number("MKOR", "lr", group["lr"], 0.0)
+    group["lr"] = check_lr("MKOR", group["lr"])
     group["momentum"] = require_number("MKOR", "momentum", group["momentum"], 0.0, 1.0)
     group["weight_decay"] = require_number("MKOR", "weight_decay", group["weight_decay"], 0.0)
     require_real_params("MKOR", group)

@@ -461,3 +461,91 @@ def test_small_nonzero_row_norms_are_used_as_they_are(generator):
     y = dora_linear(x, base.weight, torch.randn(2, 16, dtype=torch.float64, generator=generator), zeros, magnitude,
                     base.bias)
     torch.testing.assert_close(y, base(x), rtol=1e-12, atol=1e-20)
+
+
+# The CPU paths of dora_row_norm: torch's ops for float32 W in cache, the one-pass
+# small-batch kernel (float32, AVX-512), the two-pass C++ kernel (every other case).
+ROW_NORM_PATHS = [(torch.float32, "torch-in-cache"), (torch.float32, "one-pass"), (torch.float32, "two-pass"),
+                  (torch.float64, "two-pass"), (torch.float16, "two-pass"), (torch.bfloat16, "two-pass")]
+
+
+def force_row_norm_path(path: str, monkeypatch) -> None:
+    if path != "torch-in-cache":
+        monkeypatch.setattr(dora_module, "SMALL_BATCH_MIN_WEIGHT", 0)
+    if path == "two-pass":
+        monkeypatch.setattr(dora_module, "small_batch", lambda *args, **kwargs: False)
+
+
+@pytest.mark.parametrize("dtype, path", ROW_NORM_PATHS, ids=lambda v: str(v).replace("torch.", ""))
+def test_row_norm_where_the_identity_cancels_matches_the_dense_rows(device, dtype, path, generator, monkeypatch):
+    """W = -s B A + noise: ||W_o|| / ||W_o + s B_o A|| from ~1.5 to ~2500.  The identity's
+    error grows as u ||W_o||^2 / n^2: 0.87 relative at a ratio of 254 in float32, norms
+    clamped to 0 beyond (then replaced by eps in dora_linear: outputs m / eps).  Those rows
+    are recomputed from the dense row, with its error bound."""
+    force_row_norm_path(path, monkeypatch)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    for noise in (1.0, 0.1, 1e-2, 1e-3):
+        lora_A = randn(8, 256, dtype=dtype, device=device, generator=generator)
+        lora_B = randn(96, 8, dtype=dtype, device=device, generator=generator)
+        weight = (-0.5 * (lora_B.to(work) @ lora_A.to(work))
+                  + noise * randn(96, 256, dtype=work, device=device, generator=generator)).to(dtype)
+        exact = reference.dora_row_norm(*(v.double() for v in (weight, lora_A, lora_B)), 0.5)
+        ours = dora_row_norm(weight, lora_A, lora_B, 0.5)
+        # The dense row's entries are off by at most (r + 2) u (|W_oi| + |s| |B_o| |A_i|): twice
+        # that in norm; the rows kept on the identity have n^2 >= ||W_o||^2 / 4, so its terms'
+        # rounding, u (||W_o||^2 + ||s B_o A||^2) <= 13 u n^2 (||s B_o A|| <= ||W_o|| + n), is a
+        # few units of n: 32 u n.
+        u = ACCUMULATE_UNIT[dtype]
+        majorant = torch.linalg.vector_norm(weight.double().abs() + 0.5 * (lora_B.double().abs() @ lora_A.double().abs()),
+                                            dim=1)
+        assert_within(ours, exact, 2 * 10 * u * majorant + 32 * u * exact, f"noise {noise}")
+
+
+@pytest.mark.parametrize("dtype, path", ROW_NORM_PATHS, ids=lambda v: str(v).replace("torch.", ""))
+def test_row_norm_at_extreme_scales(device, dtype, path, generator, monkeypatch):
+    """The identity's squares left the type's range: float32 W and B of 1e-25 gave norms
+    of 0 (dora_linear then rescaled by m / eps: a finite wrong output), of 1e20 inf; a
+    float16 W A^T of 1.1e5 overflowed to inf (NaN norms for weights of 100).  Rows out of
+    range are recomputed from the dense row scaled by its largest entry: relative errors
+    of a few units of the accumulation type; zero rows stay exactly 0."""
+    force_row_norm_path(path, monkeypatch)
+    scales = {torch.float32: (1e-25, 1e-20, 1e20, 1e30), torch.float64: (1e-170, 1e-160, 1e160, 1e200),
+              torch.float16: (1e-3, 100.0), torch.bfloat16: (1e-30, 1e30)}[dtype]
+    for scale in scales:
+        weight = randn(48, 64, dtype=torch.float64, device=device, generator=generator) * scale
+        lora_B = randn(48, 4, dtype=torch.float64, device=device, generator=generator) * scale
+        lora_A = randn(4, 64, dtype=torch.float64, device=device, generator=generator)
+        if dtype == torch.float16:  # large A too: W A^T beyond the float16 range
+            lora_A = lora_A * scale
+        weight[5] = 0
+        lora_B[5] = 0
+        weight, lora_A, lora_B = (v.to(dtype) for v in (weight, lora_A, lora_B))
+        # The float64 reference scaled to 1 first: at 1e-170 its own squares underflow.
+        exact = reference.dora_row_norm(weight.double() / scale, lora_A.double(), lora_B.double() / scale, 0.5) * scale
+        ours = dora_row_norm(weight, lora_A, lora_B, 0.5)
+        assert ours[5] == 0
+        relative = ((ours.double() - exact) / exact.clamp_min(1e-300)).abs().max().item()
+        assert relative <= 200 * ACCUMULATE_UNIT[dtype], (scale, relative)
+        x = (randn(3, 64, dtype=torch.float64, device=device, generator=generator) / exact.max()).to(dtype)  # z ~ 1
+        magnitude = torch.ones(48, dtype=dtype, device=device)
+        y = dora_linear(x, weight, lora_A, lora_B, magnitude, scale=0.5)
+        assert torch.isfinite(y).all(), scale
+
+
+def test_half_dora_linear_with_small_norms_does_not_overflow(device, generator):
+    """c = m / n was rounded to float16: norms of 3.6e-6 gave c = 2.7e5 > 65504 and inf
+    outputs (the norms themselves accurate).  c z is now formed in float32 and rounded
+    once.  Bound: z is rounded to float16 (subnormal here: absolute spacing 2^-24), then
+    c z and y once more (u = 2^-11 each)."""
+    weight = (randn(4, 16, device=device, generator=generator) * 1e-6).half()
+    lora_A = torch.zeros(2, 16, dtype=torch.float16, device=device)
+    lora_B = torch.zeros(4, 2, dtype=torch.float16, device=device)
+    x = randn(5, 16, device=device, generator=generator).half()
+    magnitude = torch.ones(4, dtype=torch.float16, device=device)
+    y = dora_linear(x, weight, lora_A, lora_B, magnitude)
+    z = x.double() @ weight.double().T
+    factor = 1 / torch.linalg.vector_norm(weight.double(), dim=1)
+    expected = factor * z
+    u = 2.0 ** -11
+    bound = factor * (2.0 ** -25 + u * z.abs()) * 1.01 + u * expected.abs()
+    assert_within(y, expected, bound, "float16 y with norms of ~4e-6")

@@ -45,6 +45,40 @@ LOWRANK_CPU_CLONES acc_t<T> row_sum_squares(const T* row, int64_t n, int64_t str
   return partial[0];
 }
 
+// ||W_o + s B_o A|| from the dense row (r multiply-adds per entry; only for the rows the
+// identity cannot be trusted with, see dora_identity_unreliable): the largest |entry|
+// first, then the sum of the entries divided by it squared (a division, not a
+// reciprocal, which would overflow for a subnormal largest entry), so no square
+// overflows or underflows.  NaN entries give NaN, infinite ones inf.
+template <class T>
+acc_t<T> direct_row_norm(const DoraNormParams& p, int64_t o) {
+  using A = acc_t<T>;
+  const T* row = static_cast<const T*>(p.weight) + o * p.weight_stride_o;
+  const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
+  const A* a = static_cast<const A*>(p.lora_A);
+  const A scale = static_cast<A>(p.scale);
+  auto entry = [&](int64_t i) {
+    A low_rank = 0;
+    for (int64_t k = 0; k < p.rank; ++k) low_rank += b[k] * a[k * p.in_features + i];
+    return to_acc(row[i * p.weight_stride_i]) + scale * low_rank;
+  };
+  A largest = 0;
+  for (int64_t i = 0; i < p.in_features; ++i) {
+    const A magnitude = std::abs(entry(i));
+    if (!(magnitude <= largest)) {
+      if (std::isnan(magnitude)) return magnitude;
+      largest = magnitude;
+    }
+  }
+  if (largest == 0 || std::isinf(largest)) return largest;
+  A sum = 0;
+  for (int64_t i = 0; i < p.in_features; ++i) {
+    const A scaled = entry(i) / largest;
+    sum += scaled * scaled;
+  }
+  return largest * std::sqrt(sum);
+}
+
 template <class T>
 void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
   using A = acc_t<T>;
@@ -62,7 +96,7 @@ void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
       A low_rank = 0;  // B_o . C_o
       for (int64_t k = 0; k < r; ++k) low_rank += lora_B[o * r + k] * coef[o * r + k];
       const A total = squares + low_rank;
-      out[o] = std::sqrt(std::max(total, A(0)));
+      out[o] = dora_identity_unreliable(squares, total) ? direct_row_norm<T>(p, o) : std::sqrt(std::max(total, A(0)));
     }
   });
 }
@@ -75,8 +109,8 @@ void check_dora_norm_params(const DoraNormParams& p) {
                 ", in_features=", p.in_features, ", rank=", p.rank);
   LOWRANK_CHECK(p.out_features == 0 || p.out != nullptr, "dora_row_norm: out must not be null");
   LOWRANK_CHECK(p.out_features * p.in_features == 0 || p.weight != nullptr, "dora_row_norm: weight must not be null");
-  LOWRANK_CHECK(p.out_features * p.rank == 0 || (p.coef != nullptr && p.lora_B != nullptr),
-                "dora_row_norm: coef and lora_B must not be null when rank=", p.rank, " > 0");
+  LOWRANK_CHECK(p.out_features * p.rank == 0 || (p.coef != nullptr && p.lora_B != nullptr && p.lora_A != nullptr),
+                "dora_row_norm: coef, lora_B and lora_A must not be null when rank=", p.rank, " > 0");
 }
 
 void dora_row_norm_cpu(const DoraNormParams& p, int num_threads) {

@@ -16,6 +16,41 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * kWarp;
 
+// NaN if either is NaN, else the larger (fmax would drop a NaN).
+template <class A>
+__device__ __forceinline__ A max_keeping_nan(A x, A y) {
+  return x != x ? x : (y != y ? y : (x > y ? x : y));
+}
+
+// ||W_o + s B_o A|| from the dense row, by the whole warp (the CPU twin direct_row_norm in
+// csrc/cpu/dora_cpu.cpp): its largest |entry|, then the sum of the entries divided by it
+// squared.  NaN entries give NaN, infinite ones inf, a zero row 0.
+template <class T>
+__device__ acc_t<T> direct_row_norm(const DoraNormParams& p, int64_t o, int lane) {
+  using A = acc_t<T>;
+  const T* row = static_cast<const T*>(p.weight) + o * p.weight_stride_o;
+  const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
+  const A* a = static_cast<const A*>(p.lora_A);
+  const A scale = static_cast<A>(p.scale);
+  auto entry = [&](int64_t i) {
+    A low_rank = 0;
+    for (int64_t k = 0; k < p.rank; ++k) low_rank += b[k] * a[k * p.in_features + i];  // coalesced over lanes
+    return to_acc(row[i * p.weight_stride_i]) + scale * low_rank;
+  };
+  A largest = 0;
+  for (int64_t i = lane; i < p.in_features; i += kWarp) largest = max_keeping_nan(largest, fabs(entry(i)));
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    largest = max_keeping_nan(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+  if (largest != largest || largest == A(0) || isinf(largest)) return largest;  // warp-uniform
+  A sum = 0;
+  for (int64_t i = lane; i < p.in_features; i += kWarp) {
+    const A scaled = entry(i) / largest;
+    sum += scaled * scaled;
+  }
+  return largest * sqrt(warp_sum(sum));
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams p) {
   using A = acc_t<T>;
@@ -29,14 +64,21 @@ __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams 
   for (int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; o < p.out_features;
        o += warps) {
     const T* row = weight + o * p.weight_stride_o;
-    A partial = 0;  // this lane's share of ||W_o||^2 + B_o . C_o
+    A partial = 0;  // this lane's share of ||W_o||^2
     for (int64_t i = lane; i < p.in_features; i += kWarp) {
       const A v = to_acc(row[i * p.weight_stride_i]);
       partial += v * v;
     }
-    for (int64_t k = lane; k < r; k += kWarp) partial += lora_B[o * r + k] * coef[o * r + k];
-    const A total = warp_sum(partial);
-    if (lane == 0) out[o] = sqrt(total < A(0) ? A(0) : total);  // NaN stays NaN, as on the CPU
+    A low_rank = 0;  // its share of B_o . C_o
+    for (int64_t k = lane; k < r; k += kWarp) low_rank += lora_B[o * r + k] * coef[o * r + k];
+    const A squares = warp_sum(partial);  // every lane holds the sums: the branch below is warp-uniform
+    const A total = squares + warp_sum(low_rank);
+    if (dora_identity_unreliable(squares, total)) {
+      const A norm = direct_row_norm<T>(p, o, lane);
+      if (lane == 0) out[o] = norm;
+    } else if (lane == 0) {
+      out[o] = sqrt(total < A(0) ? A(0) : total);
+    }
   }
 }
 

@@ -146,12 +146,12 @@ def mfac_combine_cuda(
     out_ld: int, alpha: float, beta: float, dtype: int, wide: bool, device: int, stream: int,
 ) -> None: ...
 def dora_row_norm_cpu(
-    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
-    weight_stride_o: int, weight_stride_i: int, dtype: int, num_threads: int,
+    *, weight: int, coef: int, lora_B: int, lora_A: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, scale: float, num_threads: int,
 ) -> None: ...
 def dora_row_norm_cuda(
-    *, weight: int, coef: int, lora_B: int, out: int, out_features: int, in_features: int, rank: int,
-    weight_stride_o: int, weight_stride_i: int, dtype: int, device: int, stream: int,
+    *, weight: int, coef: int, lora_B: int, lora_A: int, out: int, out_features: int, in_features: int, rank: int,
+    weight_stride_o: int, weight_stride_i: int, dtype: int, scale: float, device: int, stream: int,
 ) -> None: ...
 SMALL_BATCH_MAX_ROWS: int
 SMALL_BATCH_GRAD_MAX_ROWS: int

@@ -35,8 +35,13 @@ so ``dm = sum_n dy * z / n``, ``dx``, ``dA``, ``dB`` treat ``c = m / n`` as a co
 Zero-norm rows: a zero n is replaced by ``eps`` (default ``DEFAULT_EPS`` = 1e-6), so a row with
 ``W_o + s B_o A = 0`` gives ``y_o = b_o`` and finite gradients instead of PEFT 0.21.2's
 inf/NaN.  Accuracy: the identity cancels for rows whose norm is far below ``||W_o||``
-(relative error of ``n_o^2`` about ``u ||W_o||^2 / n_o^2``); for the trained adapters DoRA
-meets, ``s B A`` is a small correction of W and the terms do not cancel.
+(relative error of ``n_o^2`` about ``u ||W_o||^2 / n_o^2``), and its squares leave the
+type's range for extreme weights; such rows (``n_o^2 < ||W_o||^2 / 4``, squares below
+``min_normal / u`` or near overflow, NaN) are recomputed from the dense row, scaled by its
+largest entry (``dora_identity_unreliable`` in the kernels, :func:`_identity_norms` on the
+CPU's torch paths).  For the trained adapters DoRA meets, ``s B A`` is a small correction
+of W and no row is recomputed.  ``c = m / n`` stays in the accumulation type and ``c z``
+is rounded once (a half ``c`` overflows for norms below ``m / 65504``).
 
 Saved for backward: x, W, A, B, m, ``u = D(x) A^T`` ``[N, r]``, ``1 / n`` ``[out]`` and
 ``z = D(x) (W + s B A)^T``, the one ``[N, out]`` tensor, needed for ``dm`` (PEFT keeps
@@ -94,25 +99,56 @@ def wider(adapter_dtype: torch.dtype, dtype: torch.dtype) -> bool:
 
 
 def _norm_operands(weight, lora_A, lora_B, scale: float):
-    """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)`` and B, ``[out, r]``,
-    contiguous in the accumulation type.
+    """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)``, B (``[out, r]``) and A
+    (``[r, in]``, for the rows recomputed directly), contiguous in the accumulation type.
 
-    ``W A^T`` is one product in W's dtype (float32 accumulation; for a half W the ``[out, r]``
-    result is rounded once to the half type, instead of a float32 copy of W).  With wider
-    adapters (float32 on a half W, PEFT's default) it is formed in theirs, from float32
-    copies of W's rows, ``_NORM_ROWS`` at a time: A rounded to the half type and the
-    rounded product put 3e-4 relative errors in the norms, and 10-70x PEFT's error in the
-    adapters' gradients.
+    ``W A^T`` is one product in float32 / float64.  For a half W it is formed from float32
+    copies of W's rows, ``_NORM_ROWS`` at a time: a product in the half type rounded
+    ``W A^T`` to it, which overflowed (entries of 1.1e5 in float16: inf - inf = NaN norms
+    for ordinary weights of 100) or lost digits to subnormals (4.5 % norm errors at W of
+    1e-6); A rounded to the half type put 3e-4 relative errors in the norms, and 10-70x
+    PEFT's error in the adapters' gradients.
     """
     accumulate = accumulate_dtype(weight.dtype)
-    factor_A, factor_B = lora_A.to(accumulate), lora_B.to(accumulate).contiguous()
-    if wider(lora_A.dtype, weight.dtype):
+    factor_A, factor_B = lora_A.to(accumulate).contiguous(), lora_B.to(accumulate).contiguous()
+    if weight.dtype != accumulate:
         proj = torch.cat([weight[row:row + _NORM_ROWS].to(accumulate) @ factor_A.T
                           for row in range(0, weight.shape[0], _NORM_ROWS)])
     else:
-        proj = (weight @ lora_A.to(weight.dtype).T).to(accumulate)
+        proj = weight @ factor_A.T
     coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
-    return coef, factor_B
+    return coef, factor_B, factor_A
+
+
+#: Safe range of the identity's squares and total (see ``dora_identity_unreliable`` in
+#: csrc/include/lowrank_ops/dora.h): ``min_normal / u`` and ``max / 4`` as powers of two.
+_SAFE_RANGE = {torch.float32: (2.0 ** -103, 2.0 ** 125), torch.float64: (2.0 ** -970, 2.0 ** 1021)}
+
+
+def direct_row_norms(weight, lora_A, lora_B, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``||W_o + s B_o A||`` from the dense rows, in ``dtype``, each row divided by its
+    largest ``|entry|`` before squaring (no overflow or underflow; a zero row gives 0,
+    infinite entries inf, NaN NaN).  ``[k, in]`` temporaries: for the few rows the
+    identity cannot be trusted with, and for the composed path."""
+    dense = weight.to(dtype) + scale * (lora_B.to(dtype) @ lora_A.to(dtype))
+    largest = dense.abs().amax(dim=1, keepdim=True)  # NaN if the row has one
+    finite = (largest > 0) & (largest < float("inf"))
+    norm = torch.linalg.vector_norm(dense / torch.where(finite, largest, 1.0), dim=1)
+    largest = largest.squeeze(1)
+    return torch.where(finite.squeeze(1), norm * largest, largest)
+
+
+def _identity_norms(squares, total, weight, lora_A, lora_B, scale: float) -> torch.Tensor:
+    """``sqrt(total)`` (``total = ||W_o||^2 + B_o . C_o``), with the rows the identity cannot
+    be trusted with (as the kernels' ``dora_identity_unreliable``: cancellation, squares
+    out of range, NaN) recomputed by :func:`direct_row_norms`.  CPU paths (a host sync)."""
+    low, high = _SAFE_RANGE[total.dtype]
+    unreliable = ~((total >= 0.25 * squares) & (squares >= low) & (total <= high))
+    norm = total.clamp_min(0).sqrt_()
+    if unreliable.any():
+        rows = unreliable.nonzero().squeeze(1)
+        norm[rows] = direct_row_norms(weight[rows], lora_A, lora_B[rows], scale, norm.dtype)
+    return norm
 
 
 def _check_norm_args(weight, lora_A, lora_B, scale) -> None:
@@ -121,15 +157,15 @@ def _check_norm_args(weight, lora_A, lora_B, scale) -> None:
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
-    coef, factor_B = _norm_operands(weight, lora_A, lora_B, scale)
+    coef, factor_B, factor_A = _norm_operands(weight, lora_A, lora_B, scale)
     out = torch.empty(weight.shape[0], dtype=coef.dtype, device=weight.device)
     args = dict(
-        weight=weight.data_ptr(), coef=coef.data_ptr(), lora_B=factor_B.data_ptr(), out=out.data_ptr(),
-        out_features=weight.shape[0], in_features=weight.shape[1], rank=lora_A.shape[0],
+        weight=weight.data_ptr(), coef=coef.data_ptr(), lora_B=factor_B.data_ptr(), lora_A=factor_A.data_ptr(),
+        out=out.data_ptr(), out_features=weight.shape[0], in_features=weight.shape[1], rank=lora_A.shape[0],
         weight_stride_o=weight.stride(0), weight_stride_i=weight.stride(1),
-        dtype=float_code(weight.dtype, "dora_row_norm", "weight"),
+        dtype=float_code(weight.dtype, "dora_row_norm", "weight"), scale=float(scale),
     )
-    return out, (coef, factor_B), args
+    return out, (coef, factor_B, factor_A), args
 
 
 def _fused_row_norm(weight, lora_A, lora_B, scale):
@@ -142,7 +178,7 @@ def _fused_row_norm(weight, lora_A, lora_B, scale):
     proj = small_batch_kernel(lora_A, weight, weight_sumsq=squares).T  # W A^T
     B = lora_B.contiguous()
     coef = torch.addmm(proj, B, lora_A @ lora_A.T, beta=2 * scale, alpha=scale * scale)
-    return (squares + (B * coef).sum(1)).clamp_min_(0).sqrt_()
+    return _identity_norms(squares, squares + (B * coef).sum(1), weight, lora_A, lora_B, scale)
 
 
 def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
@@ -151,9 +187,9 @@ def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
         # W in cache: MKL's product and torch's row norms beat one pass of our kernel
         # (1024 x 1024, r = 16: 0.38-0.42 against 0.46 ms; from 2048 x 2048 and 1024 x 4096
         # on the one pass wins, 1.15 against 1.31 and 1.09 against 1.19 ms; 2-core Xeon).
-        coef, factor_B = _norm_operands(weight, lora_A, lora_B, scale)
+        coef, factor_B, _ = _norm_operands(weight, lora_A, lora_B, scale)
         squares = torch.linalg.vector_norm(weight, dim=1).square_()
-        return squares.add_((factor_B * coef).sum(1)).clamp_min_(0).sqrt_()
+        return _identity_norms(squares, squares + (factor_B * coef).sum(1), weight, lora_A, lora_B, scale)
     # One pass over W beats MKL's product plus the norm pass even where MKL's product
     # alone is faster (1024 x 1024, r = 16: 0.44 against 0.47 ms, 2-core Xeon, interleaved).
     if lora_A.dtype == lora_B.dtype == torch.float32 and small_batch(lora_A, weight, "forward", min_weight=0):
@@ -221,18 +257,19 @@ def _composed(x, weight, lora_A, lora_B, magnitude, bias, scale: float, p: float
     ``c = m / n`` and ``y = x W^T + b + (c - 1) D(x) W^T + c s D(x) A^T B^T``."""
     if norm is None:
         with torch.no_grad():
-            work = accumulate_dtype(weight.dtype)
-            norm = torch.linalg.vector_norm(weight.to(work) + scale * (lora_B.to(work) @ lora_A.to(work)), dim=1)
-    # z and c z in the adapters' dtype where it is wider, rounded once (as the fused path).
+            norm = direct_row_norms(weight, lora_A, lora_B, scale, accumulate_dtype(weight.dtype))
+    norm = norm.to(accumulate_dtype(weight.dtype))
+    # z in the adapters' dtype where it is wider, c z in the accumulation type (a half c
+    # overflows), rounded once (as the fused path).
     work = lora_A.dtype if wider(lora_A.dtype, x.dtype) else x.dtype
-    factor = (magnitude.to(norm.dtype) / floor_zero_norms(norm.detach(), eps)).to(work)
+    factor = magnitude.to(norm.dtype) / floor_zero_norms(norm.detach(), eps)
     adapter_input = composed_dropout(x, p, generator)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
     product = (adapter_input @ weight.T).to(work) + ((shrunk * scale) @ lora_B.T).to(work)  # z = D(x) (W + s B A)^T
     if adapter_input is x:  # y = c z + b
-        y = factor * product if bias is None else factor * product + bias.to(work)
+        y = factor * product if bias is None else factor * product + bias.to(factor.dtype)
     else:
-        y = (torch.nn.functional.linear(x, weight, bias) - adapter_input @ weight.T).to(work) + factor * product
+        y = (torch.nn.functional.linear(x, weight, bias) - adapter_input @ weight.T).to(factor.dtype) + factor * product
     return y.to(x.dtype)
 
 
@@ -244,7 +281,9 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
     else:  # given (a cache): not modified in place
         norm = norm.to(accumulate_dtype(weight.dtype), copy=True)
     inv_norm = floor_zero_norms(norm, eps, inplace=True).reciprocal_()
-    factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)  # c = m / n
+    # c = m / n in the accumulation type, multiplied into z there and rounded once: a half
+    # c overflowed (m / n of 2.7e5 for norms of 3.6e-6: inf outputs, finite in PEFT's units).
+    factor = magnitude.to(inv_norm.dtype) * inv_norm
     adapter_input = _adapter_input(x, seed, dropout_p)
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T  # u = D(x) A^T
     product = _base_linear(adapter_input, weight)
@@ -259,15 +298,19 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
         # first, then c z, gave 1.3-1.5x PEFT's error); z is saved in that dtype too.
         wide = lora_A.dtype
         product = product.to(wide).addmm_(shrunk * scale, lora_B.T)
-        scaled = product * (magnitude.to(inv_norm.dtype) * inv_norm).to(wide)
+        scaled = product * factor.to(wide)
         if y is None:
             y = (scaled if bias is None else scaled.add_(bias.to(wide))).to(dtype)
         else:
             y = scaled.add_(y.to(wide)).to(dtype)
         return y, product, shrunk, inv_norm
     product.addmm_((shrunk * scale).to(dtype), lora_B.T.to(dtype))  # z = D(x) (W + s B A)^T, in place
-    if y is None:
-        y = torch.addcmul(bias, product, factor) if bias is not None else product * factor
+    if y is None:  # out=: computed in the factor's type, written in x's
+        y = torch.empty_like(product)
+        if bias is None:
+            torch.mul(product, factor, out=y)
+        else:
+            torch.addcmul(bias, product, factor, out=y)
     else:
         y.addcmul_(product, factor)
     return y, product, shrunk, inv_norm
@@ -328,11 +371,11 @@ class _DoRALinear(torch.autograd.Function):
         grad_x = grad_W = grad_A = grad_B = grad_m = grad_bias = None
         if need_m:
             grad_m = ((grad_y * product).sum(0, dtype=inv_norm.dtype) * inv_norm).to(magnitude.dtype)
-        factor = (magnitude.to(inv_norm.dtype) * inv_norm).to(dtype)
-        scaled_grad = grad_y * factor  # g = dy c
+        factor = magnitude.to(inv_norm.dtype) * inv_norm  # c, in the accumulation type (a half c overflows)
+        scaled_grad = torch.mul(grad_y, factor, out=torch.empty_like(grad_y, dtype=dtype))  # g = dy c, rounded once
         adapter_input = _adapter_input(x, seed, p) if (need_A or need_W) and dropout else x
         mixed = wider(adapter_dtype, dtype)  # their gradients from dy c unrounded
-        scaled_grad_adapter = (grad_y.to(adapter_dtype) * (magnitude.to(inv_norm.dtype) * inv_norm).to(adapter_dtype)
+        scaled_grad_adapter = (grad_y.to(adapter_dtype) * factor.to(adapter_dtype)
                                if mixed else scaled_grad.to(adapter_dtype))
         if need_B:
             grad_B = scaled_grad_adapter.T @ (shrunk * scale)

@@ -386,6 +386,13 @@ def test_merge_and_unmerge_with_row_scale(generator):
         lora_merge(t["weight"], t["lora_A"], t["lora_B"], row_scale=row_scale[:3])
     with pytest.raises(TypeError, match="row_scale must be a tensor; got list"):
         lora_unmerge(t["weight"], t["lora_A"], t["lora_B"], row_scale=[1.0] * 2500)
+    # NaN / inf scales and (unmerging) zero ones gave NaN rows silently.
+    for bad in (math.nan, math.inf):
+        for op in (lora_merge, lora_unmerge):
+            with pytest.raises(ValueError, match=f"{op.__name__}: row_scale has NaN or infinite entries"):
+                op(t["weight"], t["lora_A"], t["lora_B"], row_scale=row_scale.index_fill(0, torch.tensor([7]), bad))
+    with pytest.raises(ValueError, match=r"lora_unmerge: row_scale\[7\] is 0; expected non-zero entries"):
+        lora_unmerge(merged, t["lora_A"], t["lora_B"], 2.0, row_scale=row_scale.index_fill(0, torch.tensor([7]), 0.0))
 
 
 def test_merge_takes_a_tensor_scale(generator):

@@ -850,6 +850,27 @@ def test_lowrank_error_estimates(generator):
     assert batched.shape == (3,)
 
 
+
+@pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e-22, 1e-20, 1e17, 1e19)),
+                                          (torch.float64, (1e-170, 1e160))], ids=str)
+def test_error_estimates_are_scale_invariant(dtype, scales, generator):
+    """The estimates squared E w (and power-iterated E^T E w) unscaled: float32 A of 1e17
+    gave inf, of 1e-22 a spectral estimate of 0 (of 1e-20 10x too large, from subnormals).
+    Each norm now divides by the largest entry first: A scaled by a power of ten gives the
+    estimates scaled by it, to a few units of the dtype (the same probes)."""
+    A = torch.randn(100, 50, dtype=dtype, generator=generator)
+    U, S, Vh = rsvd(A, 5, generator=torch.Generator().manual_seed(1))
+
+    def estimates(c):
+        return (lowrank_error(A * c, U, S * c, Vh, n_probes=8, generator=torch.Generator().manual_seed(2)),
+                lowrank_error(A * c, U, S * c, Vh, n_probes=6, norm="2", generator=torch.Generator().manual_seed(3)),
+                rsvd(A * c, 5, error_probes=8, generator=torch.Generator().manual_seed(1)).error)
+    reference = estimates(1.0)
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    for c in scales:
+        for name, ours, expected in zip(("fro", "2", "rsvd error"), estimates(c), reference):
+            assert torch.isfinite(ours) and abs(ours.item() / (expected.item() * c) - 1) <= tol, (c, name, ours)
+
 @pytest.mark.parametrize("dtype,condition,tol", [(torch.float64, 1e12, 1e-14), (torch.float32, 1e4, 2e-6)], ids=str)
 def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, tol, generator):
     s = torch.logspace(0, -math.log10(condition), 30, dtype=torch.float64)
@@ -861,6 +882,17 @@ def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, t
     Q2, _ = cholesky_qr2(Y[:, :5].contiguous(), shift=False)
     assert_orthonormal(Q2.double(), tol)
 
+
+def test_cholesky_qr2_refuses_non_finite_blocks(generator):
+    """A NaN or inf in Y gave NaN Q and R silently (rsvd, cur and batched_svd refuse it);
+    check_finite=False skips the test (and its host read on CUDA), as rsvd's."""
+    Y = torch.randn(20, 4, generator=generator)
+    for bad in (math.nan, math.inf):
+        broken = Y.clone()
+        broken[3, 1] = bad
+        with pytest.raises(ValueError, match="cholesky_qr2: Y contains NaN or infinite values"):
+            cholesky_qr2(broken)
+        assert torch.isnan(cholesky_qr2(broken, check_finite=False)[0]).any()
 
 @pytest.mark.parametrize("dtype,exponent", [(torch.float32, 66), (torch.float32, -80), (torch.float64, 520)], ids=str)
 def test_cholesky_qr2_scales_finite_blocks_whose_gram_overflows(dtype, exponent, generator):

@@ -19,12 +19,13 @@ torch's ops (cuBLAS / MKL; ``cholesky_qr_torch``).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .._autocast import without_autocast
-from ..ops._library import composed_path
+from .._finite import all_finite
+from ..ops._library import composed_path, values_readable
 from ..ops.qr import _MAX_PLAIN_PASSES, cholesky_qr_, cholesky_qr_torch
 
 __all__ = ["cholesky_qr2"]
@@ -46,7 +47,8 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
         return Y, cholesky_qr_(Y, shift, plain_passes)
 
 
-def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2,
+                 check_finite: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of a tall-skinny block by CholeskyQR2.
 
     Parameters
@@ -61,6 +63,9 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
         ``shift=True`` spans exactly ``range(Y)`` with a basis whose condition number is
         at most about ``u^-1/2``, not orthonormal: enough between the products of a
         power iteration.
+    check_finite : bool, optional
+        ValueError for NaN or inf in ``Y`` (whose Q and R would be NaN); default True on
+        the CPU, False on CUDA (a host synchronization), as :func:`rsvd`'s.
 
     Returns
     -------
@@ -75,7 +80,8 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
     Raises
     ------
     ValueError
-        ``Y`` has fewer than 2 dimensions or more columns than rows.
+        ``Y`` has fewer than 2 dimensions or more columns than rows, or (``check_finite``)
+        NaN or infinite entries.
     """
     if not isinstance(Y, torch.Tensor) or Y.dim() < 2:
         raise ValueError(f"cholesky_qr2: Y must be a tensor [..., m, n]; got {getattr(Y, 'shape', type(Y).__name__)}")
@@ -88,4 +94,8 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2) 
             or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES):
         raise ValueError(f"cholesky_qr2: plain_passes must be an int in [{0 if shift else 1}, {_MAX_PLAIN_PASSES}] "
                          f"with shift={shift}; got {plain_passes!r}")
+    if check_finite is None:
+        check_finite = Y.device.type == "cpu" and values_readable(Y)
+    if check_finite and not all_finite(Y):
+        raise ValueError("cholesky_qr2: Y contains NaN or infinite values")
     return _cholesky_qr(Y, shift, plain_passes, overwrite=False)

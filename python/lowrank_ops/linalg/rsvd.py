@@ -33,6 +33,7 @@ static and every decision is made from shapes.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -85,6 +86,17 @@ class RSVDResultWithError(NamedTuple):
     error: torch.Tensor
 
 
+def _scaled_norm(X: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``||X||_F`` per matrix of ``X [..., rows, cols]``, each divided by its largest
+    ``|entry|`` before squaring: the squares neither overflow nor underflow (float32
+    entries of 1e20 gave inf, of 1e-20 zeros or digits lost to subnormals).  A zero
+    matrix gives 0, an infinite entry inf, a NaN NaN."""
+    largest = X.abs().amax((-2, -1), keepdim=True)
+    finite = (largest > 0) & (largest < float("inf"))
+    scale = torch.where(finite, largest, 1.0)
+    return torch.linalg.vector_norm(X / scale, dim=(-2, -1), keepdim=keepdim) * (scale if keepdim else scale[..., 0, 0])
+
+
 def _probe_norm(EW: torch.Tensor) -> torch.Tensor:
     """Hutchinson's estimate of ``||E||_F`` per matrix from ``EW = E W [..., rows, p]``.
 
@@ -92,7 +104,7 @@ def _probe_norm(EW: torch.Tensor) -> torch.Tensor:
     over probes is unbiased for the squared norm; its relative standard deviation is
     ``sqrt(2 sum sigma_i^4 / p) / sum sigma_i^2 <= sqrt(2 / p)`` over E's singular values.
     """
-    return EW.square().sum((-2, -1)).div(EW.shape[-1]).sqrt()
+    return _scaled_norm(EW) / math.sqrt(EW.shape[-1])
 
 
 class _Centering(NamedTuple):
@@ -913,8 +925,11 @@ def lowrank_error(
     with without_autocast(work.device):
         if norm == "fro":
             return _probe_norm(apply_error(probes))
-        w = probes[..., :1]
+        def normalized(v):  # scaled, and after each product: E^T E w squares E's scale (1e19: inf)
+            norm = _scaled_norm(v, keepdim=True)
+            return v / torch.where(norm > 0, norm, 1.0)
+
+        w = normalized(probes[..., :1])
         for _ in range(n_probes):
-            w = apply_error_t(apply_error(w))
-            w = w / w.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(work.dtype).tiny)
-        return apply_error(w).norm(dim=(-2, -1))
+            w = normalized(apply_error_t(normalized(apply_error(w))))
+        return _scaled_norm(apply_error(w))

@@ -40,9 +40,11 @@ import torch
 from .._args import is_real_number, require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
+from .._finite import all_finite
 from .._first_order import first_order_only
 from ._layout import flatten_rows
-from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, in_functorch_transform, register_fake
+from ._library import (LIBRARY, checked_impl, composed_path, eager_or_op, in_functorch_transform, register_fake,
+                       values_readable)
 from .base_linear import _base_linear, grad_input_op
 
 __all__ = ["lora_linear", "lora_merge", "lora_unmerge", "draw_seed"]
@@ -422,6 +424,14 @@ def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, si
                              f"({weight.shape[0]},)")
         if row_scale.device != weight.device:
             raise ValueError(f"{op}: row_scale is on {row_scale.device}; expected {weight.device} (the device of weight)")
+        # A merge is not in a hot path: one host read for each check (NaN rows came out silently).
+        readable = values_readable(row_scale)
+        if readable and not all_finite(row_scale):
+            raise ValueError(f"{op}: row_scale has NaN or infinite entries; expected finite values")
+        if readable and sign < 0 and bool((row_scale == 0).any()):
+            row = int(torch.nonzero(row_scale == 0)[0])
+            raise ValueError(f"{op}: row_scale[{row}] is 0; expected non-zero entries (unmerging divides the rows by "
+                             f"them: a row merged with a zero scale cannot be recovered)")
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
         lora_A, lora_B = lora_A[:k].to(accumulate), lora_B[:, :k].to(accumulate)

@@ -894,8 +894,10 @@ def test_non_convergence_reported(generator):
 def test_bad_inputs(solve):
     C = torch.rand(4, 3, dtype=F64)
     a, b = torch.full((4,), 0.25, dtype=F64), torch.full((3,), 1 / 3, dtype=F64)
-    with pytest.raises(ValueError, match="a has a non-positive"):
+    with pytest.raises(ValueError, match=r"a\[2\] = -0.1; expected positive finite masses"):
         solve(torch.tensor([0.5, 0.6, -0.1, 0.0], dtype=F64), b, C, 0.1)
+    with pytest.raises(ValueError, match=r"b\[1, 0\] = inf; expected positive finite"):  # named the min, 0.0169
+        solve(a.expand(2, 4), torch.tensor([[0.2, 0.3, 0.5], [math.inf, 0.5, 0.5]], dtype=F64), C.expand(2, 4, 3), 0.1)
     with pytest.raises(ValueError, match="b sums to 1.5"):
         solve(a, b * 1.5, C, 0.1)
     with pytest.raises(ValueError, match=r"a has shape \(5,\); expected \(4,\)"):

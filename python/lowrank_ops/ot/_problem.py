@@ -127,8 +127,11 @@ class Problem:
         if self.batch:
             detached = w.detach()
             if not all_finite(detached) or bool((detached <= 0).any()):
-                raise ValueError(f"{op}: {name} has a non-positive or non-finite entry (min "
-                                 f"{float(detached.min()):.3g}); expected positive masses (drop zero-mass points)")
+                bad = (~(detached > 0) | ~torch.isfinite(detached)).reshape(expected)  # NaN included
+                first = tuple(int(i) for i in torch.nonzero(bad)[0])  # the first offending entry, as given
+                value = float(detached.reshape(expected)[first])
+                raise ValueError(f"{op}: {name}[{', '.join(map(str, first))}] = {value:.3g}; expected positive finite "
+                                 f"masses (drop zero-mass points)")
             total = detached.double().sum(-1)
             worst = float((total - 1).abs().max())
             if worst > tol:

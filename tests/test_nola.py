@@ -294,6 +294,25 @@ def test_torch_compile_fullgraph(generator):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_uncached_bases_refuse_export_and_compile_cached_ones_export(generator):
+    """torch.export of cache_bases=False lifted the seeded generator as an object that each
+    call advanced: the exported program matched the layer once, then drew other bases
+    (4.97 off).  Tracing now raises; the cached layer exports and matches."""
+    x = randn(6, 24, generator=generator)
+    for cache_bases in (False, True):
+        layer = make_layer(16, 24, 4, 12, 10, torch.float32, generator, cache_bases=cache_bases, seed=3).eval()
+        randomize(layer, generator)
+        if not cache_bases:
+            with pytest.raises(RuntimeError, match=r"cache_bases=False\) cannot be traced by torch.compile or "
+                                                    r"torch.export"):
+                torch.export.export(layer, (x,), strict=False)
+            with pytest.raises(Exception, match="cannot be traced"):
+                torch.compile(layer, fullgraph=True, backend="eager")(x)
+            continue
+        exported = torch.export.export(layer, (x,), strict=False).module()
+        for _ in range(2):
+            torch.testing.assert_close(exported(x), layer(x), rtol=0, atol=0)
+
 def test_sgd_fits_a_target_update(generator):
     # The target is itself a NOLA update of the same bases: SGD on the 20 coefficients reaches it.
     layer = make_layer(12, 16, 2, 10, 10, torch.float64, generator, lora_alpha=2.0)

@@ -77,6 +77,12 @@ def _combination(coefficients, seed: int, stream: int, rows: int, cols: int, bou
     where the ops compose torch ops (torch.func, ``ops.composite()``, forward-mode tangents)
     the same sums block by block in torch ops, differentiable to any order (the graph then
     holds every block: the memory ``cache_bases=False`` saves)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        # torch.export lifted the generator as an object whose state every call advances:
+        # the exported program drew other bases at every call after the first, silently.
+        raise RuntimeError("NOLALinear(cache_bases=False) cannot be traced by torch.compile or torch.export: its "
+                           "bases are redrawn from a seeded torch.Generator at every call, which a graph cannot "
+                           "replay; build the layer with cache_bases=True (the same function, bases kept)")
     if not composed_path():
         return _UncachedCombination.apply(coefficients, seed, stream, rows, cols, bound)
     out = coefficients.new_zeros(rows * cols)
@@ -117,8 +123,8 @@ class NOLALinear(MergeableAdapter):
     cache_bases : bool
         Keep the bases as buffers (default; fastest) or redraw them at every forward and
         backward (memory: one 4 MB block instead of ``(num_basis_A in + num_basis_B out) r``
-        numbers; not traceable by ``torch.compile``, which cannot trace a
-        ``torch.Generator``).
+        numbers; not traceable by ``torch.compile`` or ``torch.export``: a RuntimeError
+        says so, as a graph cannot replay a seeded ``torch.Generator``).
 
     Attributes
     ----------

@@ -169,6 +169,23 @@ def test_torch_compile_fullgraph(device, strategy, generator):
         torch.testing.assert_close(p.grad, eager_grads[name], msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_with_a_dynamic_batch(strict, generator):
+    """strategy="auto" compared the density with a threshold in 1 / N: a guard on the batch,
+    and export with a dynamic batch failed ("Constraints violated").  A symbolic N (and
+    any N under torch.compile) takes the rule's large-N limit: no guard; the program
+    matches the layer at every batch size (both strategies compute the same function)."""
+    layer = SparseLowRankLinear(64, 48, 4, 0.3, generator=generator)  # a density where the rule depends on N
+    with torch.no_grad():
+        layer.lora_B.copy_(randn(*layer.lora_B.shape, generator=generator))
+    model = torch.nn.Sequential(layer, torch.nn.ReLU())
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (randn(6, 64, generator=generator),), strict=strict,
+                                  dynamic_shapes={"input": {0: batch}}).module()
+    for n in (2, 6, 64):
+        x = randn(n, 64, generator=generator)
+        torch.testing.assert_close(program(x), model(x))
+
 # --------------------------------------------------------------------------- module
 def test_module_initialization_follows_sltrain(generator):
     layer = SparseLowRankLinear(400, 300, 16, 0.05, generator=generator)

@@ -80,6 +80,8 @@ def choose_strategy(support: FixedSupport, rank: int, n_rows: int, device) -> st
         ``r``, the rank of the low-rank part.
     n_rows : int
         ``N``, the rows of the call (x's leading dimensions flattened); 0 gives ``"sparse"``.
+        A symbolic N (torch.export with a dynamic batch), and any N under torch.compile,
+        takes the rule's large-N limit, ``density >= k (1 - r / in - r / out)``: no guard on N.
     device : torch.device or str
         The device the call runs on; picks ``k``.
 
@@ -89,9 +91,18 @@ def choose_strategy(support: FixedSupport, rank: int, n_rows: int, device) -> st
         ``"dense"`` or ``"sparse"``, for ``sparse_lowrank_linear(..., strategy=...)``.
     """
     k = _CROSSOVER_K.get(torch.device(device).type)
-    if k is None or n_rows == 0:
+    if k is None:
         return "sparse"
     out_features, in_features = support.shape
+    if isinstance(n_rows, torch.SymInt) or torch.compiler.is_compiling():
+        # A symbolic batch (torch.export with a dynamic batch; under torch.compile, which
+        # shows N as an int, always): the rule's large-N limit, which does not depend on N,
+        # so no guard on it (the comparison guarded N, and export with a dynamic batch
+        # failed: "Constraints violated").  Both strategies compute the same function; only
+        # the speed may differ at small N (not at SLTrain's densities: sparse either way).
+        return "dense" if support.density >= k * (1 - rank / in_features - rank / out_features) else "sparse"
+    if n_rows == 0:
+        return "sparse"
     threshold = k * (1 + rank / n_rows - rank / in_features - rank / out_features)
     return "dense" if support.density >= threshold else "sparse"
 

@@ -201,6 +201,30 @@ def test_state_dict_carries_the_rsvd_generator():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_copied_with_its_model_keeps_the_generator(how, optimizer_class):
+    """torch's Optimizer.__getstate__ dropped the generator: the copy's state_dict() raised
+    AttributeError.  Copied together with its model, the copy now continues bitwise as the
+    original (same rsvd sketches: its generator is a copy, shared with its projectors)."""
+    import pickle
+
+    model = make_model()
+    optimizer = optimizer_class(galore_groups(model), lr=1e-2, generator=torch.Generator().manual_seed(3))
+    train(model, optimizer, 7, torch.Generator().manual_seed(5))
+    pair = {"model": model, "optimizer": optimizer}
+    copied = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    clone, twin = copied["model"], copied["optimizer"]
+    assert twin.generator is not optimizer.generator
+    assert torch.equal(twin.state_dict()["generator_state"], optimizer.generator.get_state())
+    projectors = [entry["projector"] for entry in twin.state.values() if "projector" in entry]
+    assert projectors and all(projector.generator is twin.generator for projector in projectors)
+    train(model, optimizer, 6, torch.Generator().manual_seed(6))  # a refresh at step 10 (gap 5)
+    train(clone, twin, 6, torch.Generator().manual_seed(6))
+    for a, b in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bad_input_errors():
     params = [torch.nn.Parameter(torch.randn(4, 4))]
     with pytest.raises(ValueError, match="rank must be an int >= 1 or None; got 0"):

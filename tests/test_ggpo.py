@@ -154,6 +154,34 @@ def test_resumed_run_draws_the_same_noise():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_with_its_model_follows_the_copy(how):
+    """deepcopy({"m": model, "o": ggpo}) left the copy's adapters reading the original
+    model's factors (closures over the module) and pickle refused the local closure: the
+    copy now trains its own model exactly as the original trains its own."""
+    import copy
+    import pickle
+
+    model, opt, _, _ = train("previous", steps=3)
+    pair = {"m": model, "o": opt}
+    copied = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    clone, twin = copied["m"], copied["o"]
+    for adapter, layer in zip(twin._adapters, (clone.first, clone.second)):
+        assert adapter.module is layer and adapter.weight is layer.base_layer.weight
+        assert adapter.factors()[0] is layer.lora_A
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.Generator().manual_seed(7)
+    x, y = torch.randn(64, 8, generator=data), torch.randn(64, 3, generator=data)
+    for _ in range(3):
+        twin.step(lambda: torch.nn.functional.mse_loss(clone(x), y).backward())
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, before[key]), key
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y).backward())
+    for p, q in zip(model.state_dict().values(), clone.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_closure_step_equals_the_step_by_hand(generator):
     """step(closure) = backward at W, perturb with those gradients, backward at W + eps,
     restore, base step: the same bits as the sequence written out."""

@@ -260,3 +260,22 @@ def test_bad_input_errors(generator):
         LoLDULinear(base, 2)
     # A failed construction leaves the base weight untouched (the checks come first).
     assert base.weight[0, 0].item() == float("inf") and base.weight.requires_grad
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_built_on_meta_then_loaded(assign):
+    """Built on meta the constructor's finiteness check raised ("Tensor.item() cannot be
+    called on meta tensors"); now it makes the shapes only (no LDU, no residual written)
+    and the loaded checkpoint (residual base weight and factors) is the saved layer."""
+    torch.manual_seed(0)
+    saved = LoLDULinear(torch.nn.Linear(16, 12), 4, lora_alpha=2.0)
+    with torch.no_grad():
+        saved.loldu_diag.mul_(1.5)
+    with torch.device("meta"):
+        layer = LoLDULinear(torch.nn.Linear(16, 12), 4, lora_alpha=2.0)
+    assert layer(torch.randn(5, 16, device="meta")).shape == (5, 12)
+    if not assign:
+        layer.to_empty(device="cpu")
+    layer.load_state_dict(saved.state_dict(), assign=assign)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), saved(x))

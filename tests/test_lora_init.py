@@ -201,3 +201,37 @@ def test_half_weights_error_at_most_peft(init, generator):
         ours = LoRALinear(base, 8, 16, init_lora_weights=init)
         our_error = (ours(x).double() - expected).abs().max()
     assert our_error <= 1.25 * peft_error, (our_error.item(), peft_error.item())
+
+
+@pytest.mark.parametrize("kind", ["pissa", "olora"])
+def test_split_built_on_meta_then_loaded_or_reset(kind):
+    """Built on meta, PiSSA's constructor raised ("Tensor.item() cannot be called on meta
+    tensors": the finiteness check before the SVD).  Now the split waits: loaded after
+    to_empty() (or assigned) the layer is the saved one, and reset_parameters() after
+    to_empty() splits the base weight alone (not the adapter's uninitialized factors),
+    as the constructor does."""
+    torch.manual_seed(0)
+    saved = LoRALinear(torch.nn.Linear(16, 12), 4, init_lora_weights=kind)
+    with torch.no_grad():
+        saved.lora_B.add_(0.1)
+    x = torch.randn(5, 16)
+    for assign in (False, True):
+        with torch.device("meta"):
+            layer = LoRALinear(torch.nn.Linear(16, 12), 4, init_lora_weights=kind)
+        assert layer(torch.randn(5, 16, device="meta")).shape == (5, 12)
+        if not assign:
+            layer.to_empty(device="cpu")
+        layer.load_state_dict(saved.state_dict(), assign=assign)
+        assert torch.equal(layer(x), saved(x))
+    base = torch.nn.Linear(16, 12)
+    with torch.device("meta"):
+        layer = LoRALinear(torch.nn.Linear(16, 12), 4, init_lora_weights=kind)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.base_layer.load_state_dict(base.state_dict())
+        layer.lora_A.fill_(float("nan"))  # uninitialized memory: never read
+    layer.reset_parameters()
+    built = LoRALinear(base, 4, init_lora_weights=kind)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(layer, name), getattr(built, name), rtol=0, atol=0)
+    assert torch.equal(layer.base_layer.weight, built.base_layer.weight)

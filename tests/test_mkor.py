@@ -740,3 +740,54 @@ def test_tensor_lr_follows_the_float_lr():
         return model, MKOR(model, lr=lr, momentum=0.9), lambda: nn.functional.mse_loss(model(x), y)
 
     assert_tensor_lr_follows_float_lr(build)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "deepcopy-optimizer-first", "pickle"])
+def test_copied_with_its_model_trains_the_copy(how):
+    """torch's Optimizer.__getstate__ dropped MKOR's layers and settings: a deep-copied or
+    unpickled MKOR raised AttributeError at step().  Copied together with its model, the copy
+    hooks the copied model's layers and continues bitwise as the original; the original is
+    left alone."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    optimizer = MKOR(model, lr=0.05, beta=0.5, update_freq=2)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+
+    def run(net, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((net(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    run(model, optimizer, 3)
+    if how == "deepcopy":
+        copied = copy.deepcopy({"model": model, "optimizer": optimizer})
+    elif how == "deepcopy-optimizer-first":
+        copied = copy.deepcopy({"optimizer": optimizer, "model": model})
+    else:
+        copied = pickle.loads(pickle.dumps({"model": model, "optimizer": optimizer}))
+    clone, twin = copied["model"], copied["optimizer"]
+    assert [layer.module for layer in twin._layers] == [clone[0], clone[2]]
+    assert twin.param_groups[0]["params"][0] is clone[0].weight
+    assert twin.beta == 0.5 and twin.update_freq == 2
+    before = [p.detach().clone() for p in model.parameters()]
+    run(clone, twin, 4)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    run(model, optimizer, 4)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+    for key in ("a_inverse", "g_inverse"):
+        assert torch.equal(optimizer.state[model[0].weight][key].dense(), twin.state[clone[0].weight][key].dense())
+
+
+def test_copy_after_remove_hooks_has_no_hooks():
+    model = nn.Sequential(nn.Linear(4, 3))
+    optimizer = MKOR(model, lr=0.1)
+    optimizer.remove_hooks()
+    copied = copy.deepcopy({"model": model, "optimizer": optimizer})
+    assert copied["optimizer"]._handles == []
+    copied["model"](torch.randn(2, 4)).sum().backward()
+    assert copied["optimizer"]._layers[0].a_rows == 0
+    copied["optimizer"].step()

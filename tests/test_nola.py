@@ -419,3 +419,30 @@ def test_built_on_meta_then_loaded(cache_bases, assign):
     layer.load_state_dict(saved.state_dict(), assign=assign)
     x = torch.randn(5, 16)
     assert torch.equal(layer(x), saved(x))
+
+
+@pytest.mark.parametrize("cache_bases", [True, False])
+def test_built_on_meta_then_reset_parameters(cache_bases):
+    """to_empty() left nola_seed and the bases uninitialized and reset_parameters() kept them
+    (the constructor's seed was lost; NaN after a step): the seed is written back and the
+    bases drawn from it, and until then the forward refuses."""
+    built = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=123, cache_bases=cache_bases)
+    with torch.device("meta"):
+        layer = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=123, cache_bases=cache_bases)
+    layer.to_empty(device="cpu")
+    x = torch.randn(5, 16)
+    with pytest.raises(RuntimeError, match="NOLALinear: the bases and nola_seed hold uninitialized memory"):
+        layer(x)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(built.base_layer.weight)
+        layer.base_layer.bias.copy_(built.base_layer.bias)
+    layer.reset_parameters()
+    assert int(layer.nola_seed) == 123
+    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
+        assert torch.equal(a, b), name
+    for a, b in zip(built.bases(), layer.bases()):
+        assert torch.equal(a, b)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert layer.nola_beta.isfinite().all() and layer(x).isfinite().all()

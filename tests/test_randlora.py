@@ -508,3 +508,27 @@ def test_built_on_meta_then_loaded(assign):
     layer.load_state_dict(saved.state_dict(), assign=assign)
     x = torch.randn(5, 16)
     assert torch.equal(layer(x), saved(x))
+
+
+def test_built_on_meta_then_reset_parameters():
+    """As NOLA's: to_empty() left randlora_seed and the bases uninitialized; reset_parameters()
+    writes the constructor's seed back and draws the bases, and until then the forward refuses."""
+    built = RandLoRALinear(torch.nn.Linear(16, 12), 4, seed=7)
+    with torch.device("meta"):
+        layer = RandLoRALinear(torch.nn.Linear(16, 12), 4, seed=7)
+    layer.to_empty(device="cpu")
+    x = torch.randn(5, 16)
+    with pytest.raises(RuntimeError, match="RandLoRALinear: the bases and randlora_seed hold uninitialized memory"):
+        layer(x)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(built.base_layer.weight)
+        layer.base_layer.bias.copy_(built.base_layer.bias)
+    layer.reset_parameters()
+    assert int(layer.randlora_seed) == 7
+    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(layer.randlora_A, built.randlora_A) and torch.equal(layer.randlora_B, built.randlora_B)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert layer.randlora_lambda.isfinite().all() and layer(x).isfinite().all()

@@ -6,6 +6,7 @@ held to at most 2x the error of torch's own matmul at that precision.
 """
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -156,6 +157,24 @@ class TestFixedSupport:
             assert target.support.shape == (5, 4), name
             for kept in _BUFFERS:
                 assert torch.equal(getattr(target.support, kept), before[kept]), (name, kept)
+
+    def test_meta_support_holds_no_pattern_until_one_is_loaded(self, generator):
+        """to_empty() from meta leaves the index buffers uninitialized: the ops refuse them."""
+        source = FixedSupport.random(12, 9, 0.3, generator=generator)
+        state = generator.get_state()
+        support = FixedSupport.random(12, 9, 0.3, generator=generator, device="meta")
+        assert torch.equal(generator.get_state(), state)  # nothing drawn on meta
+        assert support.nnz == source.nnz and support.index_dtype == source.index_dtype
+        x, values = torch.randn(4, 9), torch.randn(source.nnz)
+        for moved in (support.to_empty(device="cpu"), copy.deepcopy(source).to("meta").to_empty(device="cpu")):
+            with pytest.raises(ValueError, match="fixed_sparse_matmul: support holds no sparsity pattern"):
+                fixed_sparse_matmul(x, values, moved)
+            with pytest.raises(ValueError, match="spmv: support holds no sparsity pattern"):
+                spmv(moved, values, x[0])
+        holder = torch.nn.Module()
+        holder.support = support
+        holder.load_state_dict({"support." + k: v for k, v in source.state_dict().items()})
+        torch.testing.assert_close(fixed_sparse_matmul(x, values, support), fixed_sparse_matmul(x, values, source))
 
     def test_to_device_and_repr(self, generator):
         support = FixedSupport.random(8, 6, 0.5, generator=generator)

@@ -239,6 +239,46 @@ def test_state_dict_round_trip_restores_support_and_config(generator):
     torch.testing.assert_close(target(x), source(x))
 
 
+def test_meta_build_then_reset_parameters_draws_the_support():
+    # to_empty() left the support's index buffers uninitialized: the forward ran on garbage.
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(24, 18, 3, 0.25, generator=torch.Generator().manual_seed(3))
+    assert layer.support.device.type == "meta"
+    assert layer(torch.randn(4, 24, device="meta")).shape == (4, 18)  # shape inference still works
+    layer.to_empty(device="cpu")
+    x = torch.randn(4, 24)
+    for strategy in ("sparse", "dense"):
+        layer.strategy = strategy
+        with pytest.raises(ValueError, match="support holds no sparsity pattern .*reset_parameters"):
+            layer(x)
+    with pytest.raises(ValueError, match="holds no sparsity pattern"):
+        layer.to_dense()
+    layer.reset_parameters(torch.Generator().manual_seed(3))
+    # The same generator gives the layer the constructor builds off meta.
+    built = SparseLowRankLinear(24, 18, 3, 0.25, generator=torch.Generator().manual_seed(3))
+    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    layer.strategy = built.strategy = "sparse"
+    torch.testing.assert_close(layer(x), built(x))
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_build_then_load_state_dict(assign, generator):
+    source = SparseLowRankLinear(24, 18, 3, 0.25, generator=generator)
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(24, 18, 3, 0.25)
+    if not assign:
+        layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict(), assign=assign)
+    assert layer.support.device.type == "cpu"
+    assert torch.equal(layer.support.col_idx, source.support.col_idx)
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(layer(x), source(x))
+    layer.reset_parameters()  # a loaded support is kept
+    assert torch.equal(layer.support.col_idx, source.support.col_idx)
+
+
 def test_convert_replaces_targets_and_reports_parameters(generator):
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     before = sum(p.numel() for p in model.parameters())

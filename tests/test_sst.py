@@ -326,3 +326,25 @@ def test_torch_compile_training_with_scheduler():
         return {"losses": torch.stack(losses), **{name: p.detach().clone() for name, p in model.named_parameters()},
                 "sampled": torch.cat([model[0].sampled, model[2].sampled])}
     assert_training_compiles(run)
+
+
+@pytest.mark.parametrize("sample_rank", [None, 3])
+def test_built_on_meta_then_reset_or_loaded(sample_rank):
+    """Built under torch.device("meta") the constructor read values (the finiteness check of
+    the first sample: "Tensor.item() cannot be called on meta tensors").  Now it makes the
+    shapes only; after to_empty(), reset_parameters(generator) is the constructor's init
+    and load_state_dict the saved layer."""
+    built = SpectralLinear(12, 10, 6, sample_rank, generator=torch.Generator().manual_seed(1))
+    with torch.device("meta"):
+        layer = SpectralLinear(12, 10, 6, sample_rank, generator=torch.Generator().manual_seed(1))
+    assert layer(torch.randn(3, 12, device="meta")).shape == (3, 10)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters(torch.Generator().manual_seed(1))
+    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.device("meta"):
+        loaded = SpectralLinear(12, 10, 6, sample_rank)
+    loaded.to_empty(device="cpu")
+    loaded.load_state_dict(built.state_dict())
+    x = torch.randn(3, 12)
+    assert torch.equal(loaded(x), built(x))

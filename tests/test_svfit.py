@@ -242,3 +242,34 @@ def test_bad_input_errors(generator):
         base.weight[3, 4] = float("nan")
     with pytest.raises(ValueError, match="base weight holds 1 non-finite entries"):
         SVFitLinear(base, 2)
+
+
+@pytest.mark.parametrize("svd", ["rsvd", "full"])
+def test_built_on_meta_then_loaded_or_reset(svd):
+    """Built on meta the constructor's finiteness check raised ("Tensor.item() cannot be
+    called on meta tensors"); now it makes the shapes only: loaded after to_empty() (or
+    with assign=True) it is the saved layer, and reset_parameters() after to_empty()
+    computes the subspaces from the (initialized) base weight, as the constructor does."""
+    torch.manual_seed(0)
+    saved = SVFitLinear(torch.nn.Linear(16, 12), 4, svd=svd, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        saved.svfit_delta.normal_()
+    x = torch.randn(5, 16)
+    for assign in (False, True):
+        with torch.device("meta"):
+            layer = SVFitLinear(torch.nn.Linear(16, 12), 4, svd=svd)
+        assert layer(torch.randn(5, 16, device="meta")).shape == (5, 12)
+        if not assign:
+            layer.to_empty(device="cpu")
+        layer.load_state_dict(saved.state_dict(), assign=assign)
+        assert torch.equal(layer(x), saved(x))
+    with torch.device("meta"):
+        layer = SVFitLinear(torch.nn.Linear(16, 12), 4, svd=svd)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.base_layer.load_state_dict(saved.base_layer.state_dict())
+    layer.reset_parameters(generator=torch.Generator().manual_seed(2))
+    fresh = SVFitLinear(saved.base_layer, 4, svd=svd, generator=torch.Generator().manual_seed(2))
+    for name in ("lora_A", "lora_B", "singular_values"):
+        assert torch.equal(getattr(layer, name), getattr(fresh, name)), name
+    assert torch.equal(layer(x), fresh(x))

@@ -15,6 +15,11 @@ all in int32 when every index fits, int64 otherwise.  ``FixedSupport`` is an
 ``nn.Module`` holding these as buffers, so it moves with ``.to(device)`` and is saved
 and restored with the owning module's ``state_dict`` (a support of another size loads
 too: the buffers are replaced, not copied into).
+
+A support whose buffers are on the meta device holds no pattern, only its sizes, and
+``to_empty()`` leaves it so (uninitialized index memory): such a support is refused by
+the ops and by :meth:`FixedSupport.to_dense` until a pattern is loaded
+(``load_state_dict``) or drawn (``SparseLowRankLinear.reset_parameters()``).
 """
 from __future__ import annotations
 
@@ -68,6 +73,10 @@ class FixedSupport(torch.nn.Module):
         int32 when ``nnz`` and both dimensions fit in int32, else int64.
     """
 
+    # True while the buffers hold no pattern: on the meta device, or after to_empty() from
+    # it (uninitialized memory).  Cleared when a pattern is set or loaded.
+    _unset = False
+
     def __init__(
         self, rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int], *, index_dtype: Optional[torch.dtype] = None
     ):
@@ -107,7 +116,9 @@ class FixedSupport(torch.nn.Module):
         Returns
         -------
         FixedSupport
-            The pattern, sorted by (row, column), with its buffers on ``device``.
+            The pattern, sorted by (row, column), with its buffers on ``device``.  On the
+            meta device only the buffers' sizes are made: nothing is drawn (the generator
+            is not advanced) and the support holds no pattern (see the module docstring).
 
         Raises
         ------
@@ -121,6 +132,8 @@ class FixedSupport(torch.nn.Module):
         density = float(density)
         total = out_features * in_features
         nnz = min(total, int(round(density * total)))
+        if device is not None and torch.device(device).type == "meta":
+            return cls._without_pattern((out_features, in_features), nnz, index_dtype)
         sample_device = generator.device if generator is not None else torch.device("cpu")
         if 4 * nnz > total:
             keys = torch.randperm(total, generator=generator, device=sample_device)[:nnz]
@@ -231,11 +244,44 @@ class FixedSupport(torch.nn.Module):
         rows = _csr_rows(row_ptr, col_idx, out_features, in_features, where)
         return cls(rows, col_idx, (out_features, in_features))
 
+    @classmethod
+    def _without_pattern(cls, shape: Tuple[int, int], nnz: int, index_dtype: Optional[torch.dtype]) -> "FixedSupport":
+        """A support of ``nnz`` entries with meta buffers of the pattern's sizes and no pattern."""
+        out_features, in_features = shape
+        index_dtype = _resolve_index_dtype(nnz, out_features, in_features, index_dtype)
+        support = cls.__new__(cls)
+        torch.nn.Module.__init__(support)
+        support.out_features, support.in_features = out_features, in_features
+        sizes = {"row_ptr": out_features + 1, "col_idx": nnz, "col_ptr": in_features + 1, "row_idx": nnz,
+                 "csc_to_csr": nnz, "row_order": out_features, "col_order": in_features}
+        for name in _BUFFERS:
+            support.register_buffer(name, torch.empty(sizes[name], dtype=index_dtype, device="meta"))
+        support._unset = True
+        return support
+
     # ------------------------------------------------------------------ pattern
     def _set_pattern(self, rows: torch.Tensor, cols: torch.Tensor, index_dtype: Optional[torch.dtype]) -> None:
         """Builds every buffer from coordinates sorted by (row, col), already validated."""
         for name, tensor in _pattern_buffers(rows, cols, self.shape, index_dtype).items():
             self.register_buffer(name, tensor)
+        self._unset = False
+
+    def _take_pattern(self, other: "FixedSupport") -> None:
+        """Makes this support hold ``other``'s pattern (its buffers, shared), keeping this module's identity."""
+        self.out_features, self.in_features = other.shape
+        self._buffers.update({name: other._buffers[name] for name in _BUFFERS})
+        self._unset = other._unset
+
+    def _require_pattern(self, where: str) -> None:
+        """Raises ValueError when the buffers hold no pattern (they are uninitialized memory
+        after ``to_empty()`` from the meta device); a support still on meta passes, so
+        shape inference on meta keeps working.  An attribute read: cheap on every call."""
+        if self._unset and not self.col_idx.is_meta:
+            raise ValueError(
+                f"{where}: support holds no sparsity pattern (it was built on the meta device and to_empty() "
+                f"left its {self.index_dtype} index buffers uninitialized on {self.device}); load one with "
+                f"load_state_dict() or draw one with the owning layer's reset_parameters()"
+            )
 
     def pattern(self) -> Dict[str, torch.Tensor]:
         """The pattern buffers by name (``row_ptr``, ``col_idx``, ...; see the class docstring).
@@ -298,6 +344,7 @@ class FixedSupport(torch.nn.Module):
             ``values`` is not of shape ``(nnz,)``.
         """
         _check_values(self, values, "FixedSupport.to_dense")
+        self._require_pattern("FixedSupport.to_dense")
         dense = values.new_zeros(self.shape)
         dense.index_put_((self.rows(), self.col_idx.to(torch.int64)), values)
         return dense
@@ -325,9 +372,18 @@ class FixedSupport(torch.nn.Module):
             raise ValueError(
                 f"FixedSupport.values_from_dense: dense has shape {tuple(dense.shape)}; expected {self.shape}"
             )
+        self._require_pattern("FixedSupport.values_from_dense")
         return dense[self.rows().to(dense.device), self.col_idx.to(device=dense.device, dtype=torch.int64)]
 
     # ------------------------------------------------------------------ module plumbing
+    def _apply(self, fn, recurse=True):
+        # Every move (.to, to_empty) goes through here: buffers that reach the meta device
+        # lose their pattern, and to_empty() from there leaves uninitialized memory.
+        super()._apply(fn, recurse)
+        if self.col_idx.is_meta:
+            self._unset = True
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"shape=({self.out_features}, {self.in_features}), nnz={self.nnz}, density={self.density:.4g}, "
@@ -344,8 +400,11 @@ class FixedSupport(torch.nn.Module):
         # A saved support may have another nnz or index dtype than this one: replace the
         # buffers instead of copying into them (nn.Module's default would refuse).  The
         # kernels index with them unchecked, so the loaded pattern is validated as the
-        # builders validate theirs; a bad one is reported and the previous one kept.
-        previous = (self.shape, {name: self._buffers[name] for name in _BUFFERS})
+        # builders validate theirs; a bad one is reported and the previous one kept.  With
+        # assign=True (or into a support on meta, which holds nothing to copy into) the
+        # saved tensors' device is kept, as nn.Module's assign does for parameters.
+        previous = (self.shape, {name: self._buffers[name] for name in _BUFFERS}, self._unset)
+        assign = local_metadata.get("assign_to_params_buffers", False)
         errors_before = len(error_msgs)
         for name in _BUFFERS:
             key = prefix + name
@@ -354,15 +413,16 @@ class FixedSupport(torch.nn.Module):
                 if not isinstance(saved, torch.Tensor) or saved.dim() != 1 or saved.dtype not in (torch.int32, torch.int64):
                     error_msgs.append(f"{key}: expected a 1-D int32/int64 tensor; got {saved!r:.80}")
                     continue
-                self._buffers[name] = saved.to(self.device).clone()
+                self._buffers[name] = saved.clone() if assign else saved.to(self.device).clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if len(error_msgs) == errors_before:
+        if len(error_msgs) == errors_before and not self.col_idx.is_meta:  # a meta pattern has no entries to check
             try:
                 self._check_pattern(prefix)
+                self._unset = False
             except ValueError as error:
                 error_msgs.append(str(error))
         if len(error_msgs) > errors_before:
-            (self.out_features, self.in_features), buffers = previous
+            (self.out_features, self.in_features), buffers, self._unset = previous
             self._buffers.update(buffers)
 
     def _check_pattern(self, prefix: str) -> None:
@@ -423,19 +483,25 @@ def _csr_rows(row_ptr: torch.Tensor, col_idx: torch.Tensor, out_features: int, i
     return rows
 
 
-def _pattern_buffers(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int],
-                     index_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
-    """Every buffer of the pattern (name -> contiguous tensor) from coordinates sorted by (row, col)."""
-    out_features, in_features = shape
-    nnz = rows.numel()
+def _resolve_index_dtype(nnz: int, out_features: int, in_features: int,
+                         index_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """``index_dtype``, or the smallest that fits when None; ValueError for one that is neither int64 nor a fitting int32."""
     smallest = _index_dtype(nnz, out_features, in_features)
     if index_dtype is None:
-        index_dtype = smallest
-    elif index_dtype not in (torch.int32, torch.int64) or (index_dtype == torch.int32 and smallest == torch.int64):
+        return smallest
+    if index_dtype not in (torch.int32, torch.int64) or (index_dtype == torch.int32 and smallest == torch.int64):
         raise ValueError(
             f"FixedSupport: index_dtype must be int64, or int32 when every index fits; got {index_dtype} "
             f"(nnz={nnz}, shape=({out_features}, {in_features}))"
         )
+    return index_dtype
+
+
+def _pattern_buffers(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, int],
+                     index_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Every buffer of the pattern (name -> contiguous tensor) from coordinates sorted by (row, col)."""
+    out_features, in_features = shape
+    index_dtype = _resolve_index_dtype(rows.numel(), out_features, in_features, index_dtype)
     rows = rows.to(torch.int64)
     cols = cols.to(torch.int64)
     row_counts = torch.bincount(rows, minlength=out_features)

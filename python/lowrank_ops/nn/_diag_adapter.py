@@ -22,9 +22,9 @@ __all__ = ["DiagonalAdapterLinear", "check_base_and_rank"]
 
 
 def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype]) -> torch.dtype:
-    """Validates ``base_layer`` (an nn.Linear with a finite weight), ``r`` (an int in
-    ``[1, min(in, out)]``) and ``dtype`` (None, the weight's or float32); returns the
-    adapter dtype."""
+    """Validates ``base_layer`` (an nn.Linear with a finite weight; a meta weight has no values
+    to check), ``r`` (an int in ``[1, min(in, out)]``) and ``dtype`` (None, the weight's or
+    float32); returns the adapter dtype."""
     if not isinstance(base_layer, torch.nn.Linear):
         raise TypeError(f"{where}: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
     limit = min(base_layer.in_features, base_layer.out_features)
@@ -33,7 +33,7 @@ def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype])
                          f"got {r!r}")
     weight = base_layer.weight
     dtype = adapter_dtype(where, weight, dtype)
-    if not all_finite(weight):  # the factorization would fail or spread NaN
+    if not weight.is_meta and not all_finite(weight):  # the factorization would fail or spread NaN (meta: no values)
         raise ValueError(f"{where}: the base weight holds {int((~torch.isfinite(weight)).sum())} non-finite "
                          f"entries; its factorization needs a finite weight")
     return dtype

@@ -94,13 +94,23 @@ class LoLDULinear(DiagonalAdapterLinear):
                              "gradient of the diagonal); got 0")
         self._setup(base_layer, r)
         self.lora_alpha = float(lora_alpha)
-        lower, pivots, upper = self._truncated_ldu()
+        weight = base_layer.weight
+        if weight.is_meta:
+            # Built on meta (low-memory loading): shapes only.  The factors and the residual
+            # base weight are a checkpoint's (to_empty() then load_state_dict, or assign=True):
+            # they cannot be recomputed from the residual the state dict holds.
+            factory = {"device": weight.device, "dtype": dtype}
+            lower, pivots, upper = (torch.empty(self.out_features, r, **factory), torch.empty(r, **factory),
+                                    torch.empty(r, self.in_features, **factory))
+        else:
+            lower, pivots, upper = self._truncated_ldu()
         self.register_buffer("lora_A", upper.to(dtype).contiguous())
         self.register_buffer("lora_B", lower.to(dtype).contiguous())
         self.loldu_diag = torch.nn.Parameter(pivots.to(dtype))
         self.loldu_scale = torch.nn.Parameter(torch.tensor(self.lora_alpha / r, device=pivots.device, dtype=dtype))
-        with torch.no_grad():  # W0 -> W_res from the rounded factors: W_res + sigma B diag(d) A = W0
-            lora_unmerge(base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate(), inplace=True)
+        if not weight.is_meta:
+            with torch.no_grad():  # W0 -> W_res from the rounded factors: W_res + sigma B diag(d) A = W0
+                lora_unmerge(base_layer.weight, self.lora_A, self.lora_B, 1.0, gate=self._gate(), inplace=True)
 
     @torch.no_grad()
     def _truncated_ldu(self):

@@ -87,6 +87,8 @@ class LoRALinear(torch.nn.Module):
     layer starts as the base layer (see ``init_lora_weights`` for the others).
     """
 
+    _split_pending = False  # see __init__ (a class default for layers pickled before it existed)
+
     def __init__(
         self,
         base_layer: torch.nn.Linear,
@@ -146,6 +148,9 @@ class LoRALinear(torch.nn.Module):
         self.lora_magnitude_vector = (
             torch.nn.Parameter(torch.empty(self.out_features, **factory)) if use_dora else None
         )
+        # PiSSA / OLoRA built on meta: no split (shapes only); reset_parameters() after to_empty()
+        # splits the base weight then (the adapter's uninitialized factors are not part of it).
+        self._split_pending = False
         self._initialize(None, generator)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -166,7 +171,7 @@ class LoRALinear(torch.nn.Module):
             raise ValueError(f"LoRALinear.reset_parameters: init_lora_weights={self.init_lora_weights!r} splits the "
                              f"effective weight over all r = {self.r} ranks, but active_rank = {self.active_rank}; "
                              "set active_rank = None first")
-        effective = self._effective_weight() if splits else None
+        effective = self._effective_weight() if splits and not self._split_pending else None
         self._initialize(effective, generator)
 
     @torch.no_grad()
@@ -176,6 +181,9 @@ class LoRALinear(torch.nn.Module):
         kind = self.init_lora_weights
         if kind in ("pissa", "olora"):
             weight = self.base_layer.weight
+            if weight.is_meta or self.lora_A.is_meta:  # shapes only: no values to check or factorize
+                self._split_pending = True
+                return
             if effective is None:
                 effective = weight.to(torch.promote_types(weight.dtype, torch.float32))
             if not all_finite(effective):  # the SVD would fail, the QR spread NaN
@@ -186,6 +194,7 @@ class LoRALinear(torch.nn.Module):
             self.lora_A.copy_(A)
             self.lora_B.copy_(B)
             weight.copy_(residual)
+            self._split_pending = False
         elif kind == "gaussian":
             normal_(self.lora_A, 1.0 / self.r, generator)
             self.lora_B.zero_()
@@ -354,6 +363,17 @@ class LoRALinear(torch.nn.Module):
                 weight[rows] = values.to(weight.device)
         else:
             lora_unmerge(weight, lora_A, lora_B, self.scaling, gate=gate, inplace=True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "lora_A" in state_dict and not self.lora_A.is_meta:  # a split (or any factors) loaded
+            self._split_pending = False
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.init_lora_weights in ("pissa", "olora") and self.lora_A.is_meta:  # the split's values are gone
+            self._split_pending = True
+        return module
 
     def extra_repr(self) -> str:
         extras = [f"r={self.r}", f"scaling={self.scaling:g}", f"lora_dropout={self.lora_dropout:g}"]

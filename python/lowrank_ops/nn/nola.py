@@ -192,7 +192,10 @@ class NOLALinear(MergeableAdapter):
         self.nola_beta = torch.nn.Parameter(torch.empty(num_basis_B, **factory))
         self.register_buffer("nola_basis_A", None, persistent=False)
         self.register_buffer("nola_basis_B", None, persistent=False)
-        self._bases_seed: Optional[int] = None  # the seed the cached bases were drawn from
+        # The layer's seed as a Python int: on meta the buffer holds no value, and to_empty()
+        # leaves it uninitialized, so reset_parameters() writes this one back.
+        self._seed = seed
+        self._bases_seed: Optional[int] = None  # the seed the bases were drawn from; None: not drawn (meta)
         self._draw_cached_bases()
         self.reset_parameters()
 
@@ -213,7 +216,7 @@ class NOLALinear(MergeableAdapter):
                 self.nola_basis_A, self.nola_basis_B = (torch.empty(count, rows, cols, **factory)
                                                         for _, count, rows, cols, _ in (spec_A, spec_B))
             return
-        seed = int(self.nola_seed)
+        seed = self._seed = int(self.nola_seed)
         if not self.cache_bases:
             self._bases_seed = seed
             return
@@ -230,7 +233,24 @@ class NOLALinear(MergeableAdapter):
         seed = int(self.nola_seed)
         return tuple(draw_bases(seed, *spec, **factory) for spec in self._basis_spec())
 
+    def _restore_seed(self) -> None:
+        """Writes the layer's seed back into ``nola_seed`` and draws the bases when they were
+        never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
+        if self._bases_seed is None and not self.nola_seed.is_meta:
+            self.nola_seed.fill_(self._seed)
+            self._draw_cached_bases()
+
+    def _require_bases(self) -> None:
+        """Raises RuntimeError on uninitialized bases (an attribute check: cheap per call)."""
+        if self._bases_seed is None and not self.nola_alpha.is_meta:
+            raise RuntimeError(
+                "NOLALinear: the bases and nola_seed hold uninitialized memory (the layer was built on the meta "
+                "device, then to_empty()); call reset_parameters() or load_state_dict() first"
+            )
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "nola_seed" not in state_dict:  # strict=False without the seed: keep the layer's own
+            self._restore_seed()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.nola_seed.is_meta or int(self.nola_seed) != self._bases_seed:  # a new seed: the bases go with it
             self._draw_cached_bases()
@@ -238,7 +258,9 @@ class NOLALinear(MergeableAdapter):
     def _apply(self, fn, recurse=True):
         before = None if self.nola_basis_A is None else self.nola_basis_A.dtype
         module = super()._apply(fn, recurse)
-        if before is not None and rounded_by_cast(before, self.nola_basis_A.dtype):  # e.g. .half().float()
+        if self.nola_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)
+            self._bases_seed = None
+        elif before is not None and rounded_by_cast(before, self.nola_basis_A.dtype):  # e.g. .half().float()
             self._draw_cached_bases()
         return module
 
@@ -246,11 +268,16 @@ class NOLALinear(MergeableAdapter):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``beta = 0`` and ``alpha`` redrawn from the seed (see the class Notes): the layer
-        is the base layer again.  Raises RuntimeError while merged."""
+        is the base layer again.  Raises RuntimeError while merged.
+
+        Built on meta then ``to_empty()``: the seed given to the constructor is written back
+        into ``nola_seed`` and the bases are drawn from it first (the same layer as one built
+        off meta with that seed)."""
         if self.merged:
             raise RuntimeError("NOLALinear.reset_parameters: the adapter is merged into the base weight; unmerge() first")
         if self.nola_seed.is_meta:  # no values on meta
             return
+        self._restore_seed()
         generator = torch.Generator().manual_seed(stream_seed(int(self.nola_seed), _STREAM_INIT))
         bound = math.sqrt(3.0 / self.num_basis_A)
         self.nola_alpha.copy_(torch.empty(self.num_basis_A).uniform_(-bound, bound, generator=generator))
@@ -258,6 +285,7 @@ class NOLALinear(MergeableAdapter):
 
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(A [r, in], B [out, r])``, differentiable in ``nola_alpha`` and ``nola_beta``."""
+        self._require_bases()
         if not self.cache_bases:
             (stream_A, _, *shape_A), (stream_B, _, *shape_B) = self._basis_spec()
             seed = self._bases_seed  # the buffer's value as a Python int: no device sync per call

@@ -270,7 +270,10 @@ class RandLoRALinear(MergeableAdapter):
         self.randlora_gamma = torch.nn.Parameter(torch.empty(self.num_bases, small, **factory))
         self.register_buffer("randlora_A", None, persistent=False)
         self.register_buffer("randlora_B", None, persistent=False)
-        self._bases_seed: Optional[int] = None
+        # The layer's seed as a Python int: on meta the buffer holds no value, and to_empty()
+        # leaves it uninitialized, so reset_parameters() writes this one back.
+        self._seed = seed
+        self._bases_seed: Optional[int] = None  # the seed the bases were drawn from; None: not drawn (meta)
         self._draw_bases()
         self.reset_parameters()
 
@@ -290,13 +293,30 @@ class RandLoRALinear(MergeableAdapter):
             self.randlora_B = torch.empty(large, n * r, **factory)
             self._bases_seed = None
             return
-        seed = int(self.randlora_seed)
+        seed = self._seed = int(self.randlora_seed)
         self.randlora_A = draw_bases(seed, _STREAM_A, 1, r, small, kaiming_bound(small), **factory)[0]
         stack = draw_bases(seed, _STREAM_B, n, large, r, kaiming_bound(r), **factory)  # [n, M, r]
         self.randlora_B = stack.permute(1, 0, 2).reshape(large, n * r).contiguous()
         self._bases_seed = seed
 
+    def _restore_seed(self) -> None:
+        """Writes the layer's seed back into ``randlora_seed`` and draws the bases when they were
+        never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
+        if self._bases_seed is None and not self.randlora_seed.is_meta:
+            self.randlora_seed.fill_(self._seed)
+            self._draw_bases()
+
+    def _require_bases(self) -> None:
+        """Raises RuntimeError on uninitialized bases (an attribute check: cheap per call)."""
+        if self._bases_seed is None and not self.randlora_lambda.is_meta:
+            raise RuntimeError(
+                "RandLoRALinear: the bases and randlora_seed hold uninitialized memory (the layer was built on the "
+                "meta device, then to_empty()); call reset_parameters() or load_state_dict() first"
+            )
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "randlora_seed" not in state_dict:  # strict=False without the seed: keep the layer's own
+            self._restore_seed()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.randlora_seed.is_meta or int(self.randlora_seed) != self._bases_seed:  # a new seed: new bases
             self._draw_bases()
@@ -304,23 +324,31 @@ class RandLoRALinear(MergeableAdapter):
     def _apply(self, fn, recurse=True):
         before = None if self.randlora_A is None else self.randlora_A.dtype
         module = super()._apply(fn, recurse)
-        if before is not None and rounded_by_cast(before, self.randlora_A.dtype):  # e.g. .half().float()
+        if self.randlora_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)
+            self._bases_seed = None
+        elif before is not None and rounded_by_cast(before, self.randlora_A.dtype):  # e.g. .half().float()
             self._draw_bases()
         return module
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``lambda = 0``, ``gamma = 1 / m`` (PEFT's init): the layer is the base layer again.
-        Raises RuntimeError while merged."""
+        Raises RuntimeError while merged.
+
+        Built on meta then ``to_empty()``: the seed given to the constructor is written back
+        into ``randlora_seed`` and the bases are drawn from it first (the same layer as one
+        built off meta with that seed)."""
         if self.merged:
             raise RuntimeError("RandLoRALinear.reset_parameters: the adapter is merged into the base weight; "
                                "unmerge() first")
+        self._restore_seed()
         self.randlora_lambda.zero_()
         self.randlora_gamma.fill_(1.0 / self.randlora_gamma.shape[1])
 
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(lora_A [n r, in], lora_B [out, n r], gate [n r])`` with ``dW = s lora_B diag(gate)
         lora_A``: the stacked bases with Gamma folded in, differentiable in the diagonals."""
+        self._require_bases()
         lora_A, lora_B = _orient(_fold(self.randlora_gamma, self.randlora_A), self.randlora_B, self._gamma_on_input)
         return lora_A, lora_B, self.randlora_lambda.reshape(-1)
 
@@ -343,6 +371,7 @@ class RandLoRALinear(MergeableAdapter):
         """
         if self.merged:
             return self.base_layer(x)
+        self._require_bases()
         p = self.randlora_dropout if self.training else 0.0
         return _randlora_linear(x, self.base_layer.weight, self.base_layer.bias, self.randlora_A, self.randlora_B,
                                 self.randlora_lambda, self.randlora_gamma, scale=self.scaling, dropout_p=p,

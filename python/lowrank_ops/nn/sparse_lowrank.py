@@ -69,7 +69,11 @@ class SparseLowRankLinear(torch.nn.Module):
         self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
         self.scale = float(scale) if scale is not None else float(alpha) / self.rank
         self.strategy = strategy
-        self.support = FixedSupport.random(out_features, in_features, density, generator=generator, device=device)
+        # Built on meta (device="meta" or `with torch.device("meta")`): only the pattern's sizes,
+        # nothing drawn; reset_parameters() draws it once the layer has real storage (to_empty).
+        on_meta = torch.empty(0, device=device).is_meta
+        self.support = FixedSupport.random(out_features, in_features, density, generator=generator,
+                                           device="meta" if on_meta else device)
         factory = {"device": device, "dtype": dtype}
         self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, **factory))
@@ -79,7 +83,19 @@ class SparseLowRankLinear(torch.nn.Module):
         self.register_load_state_dict_post_hook(_keep_consistent_after_load)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """SLTrain's initialization (see the class notes)."""
+        """SLTrain's initialization (see the class notes).
+
+        A support without a pattern (the layer was built on meta, then ``to_empty()``) is
+        drawn first, as the constructor draws it (same density, sampled on the generator's
+        device): the same generator then gives the layer the constructor would have built.
+        A support that holds a pattern is kept (it is fixed for the layer's life).
+        """
+        if self.support._unset and not self.values.is_meta:
+            total = self.out_features * self.in_features
+            fresh = FixedSupport.random(self.out_features, self.in_features, self.support.nnz / total,
+                                        generator=generator, device=self.values.device,
+                                        index_dtype=self.support.index_dtype)
+            self.support._take_pattern(fresh)
         bound = fan_in_bound(self.in_features)
         with torch.no_grad():
             uniform_(self.lora_A, bound, generator)
@@ -166,7 +182,7 @@ class SparseLowRankLinear(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # What the post-load hook puts back when the load leaves the layer inconsistent.
         self._before_load = (self.get_extra_state(), self.support.shape,
-                             {name: buffer for name, buffer in self.support._buffers.items()})
+                             {name: buffer for name, buffer in self.support._buffers.items()}, self.support._unset)
         try:
             super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         except BaseException:  # the load stops here: no post-load hook will take it
@@ -190,10 +206,11 @@ def _keep_consistent_after_load(module: "SparseLowRankLinear", incompatible_keys
     before = module.__dict__.pop("_before_load", None)
     if before is None:
         return
-    extra, shape, buffers = before
+    extra, shape, buffers, unset = before
     if module.values.numel() != module.support.nnz or module.lora_A.shape[0] != module.rank:
         module.support.out_features, module.support.in_features = shape
         module.support._buffers.update(buffers)
+        module.support._unset = unset
         module.set_extra_state(extra)
 
 

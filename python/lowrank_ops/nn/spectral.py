@@ -148,9 +148,20 @@ class SpectralLinear(torch.nn.Module):
         super().__init__()
         dtype = torch.get_default_dtype() if dtype is None else dtype
         self._setup("SpectralLinear", in_features, out_features, rank, sample_rank, bias, device, dtype)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """The constructor's initialization: ``U, s, Vh`` the truncated SVD of a weight drawn
+        from ``nn.Linear``'s distribution ``U(-1/sqrt(in), 1/sqrt(in))`` (as the bias), then
+        the first sample; the same generator state gives the same layer.  Built on meta
+        (``device="meta"`` or ``with torch.device("meta")``) the constructor makes the shapes
+        only (nothing drawn, no SVD); after ``to_empty()`` this draws them (or
+        ``load_state_dict`` loads them)."""
+        if self.U.is_meta:  # no values on meta
+            return
         bound = 1.0 / math.sqrt(self.in_features)
         # Drawn on the CPU from the generator (of any device), as the layer's deterministic init.
-        cpu = dict(dtype=dtype, generator=generator_on(generator, torch.device("cpu")))
+        cpu = dict(dtype=self.U.dtype, generator=generator_on(generator, torch.device("cpu")))
         W = torch.rand(self.out_features, self.in_features, **cpu) * (2 * bound) - bound
         with torch.no_grad():
             self.set_weight_(W.to(self.U.device))

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._finite import all_finite
 from ..linalg import rsvd
 from ._diag_adapter import DiagonalAdapterLinear, check_base_and_rank
 from ._init import generator_on
@@ -71,6 +72,8 @@ class SVFitLinear(DiagonalAdapterLinear):
     them.
     """
 
+    _svd_pending = False  # True while the subspaces hold no SVD (built on meta); a class default for old pickles
+
     def __init__(
         self,
         base_layer: torch.nn.Linear,
@@ -86,7 +89,14 @@ class SVFitLinear(DiagonalAdapterLinear):
             raise ValueError(f"SVFitLinear: svd must be one of {_SVD_CHOICES}; got {svd!r}")
         self._setup(base_layer, r)
         self.svd = svd
-        U, S, Vh = self._top_triplets(generator)
+        weight = base_layer.weight
+        if weight.is_meta:  # built on meta (low-memory loading): shapes only, the SVD at reset_parameters / load
+            factory = {"device": weight.device, "dtype": dtype}
+            U, S, Vh = (torch.empty(self.out_features, r, **factory), torch.empty(r, **factory),
+                        torch.empty(r, self.in_features, **factory))
+        else:
+            U, S, Vh = self._top_triplets(generator)
+        self._svd_pending = weight.is_meta
         self.register_buffer("lora_A", Vh.to(dtype).contiguous())
         self.register_buffer("lora_B", U.to(dtype).contiguous())
         self.register_buffer("singular_values", S.to(dtype))
@@ -107,14 +117,40 @@ class SVFitLinear(DiagonalAdapterLinear):
     def _gate(self) -> torch.Tensor:
         return self.svfit_delta
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """``svfit_delta = 0``: the layer is the base layer again (the subspaces are kept).
-        Raises RuntimeError while merged."""
+        Raises RuntimeError while merged.
+
+        Built on meta then ``to_empty()``: the subspaces were never computed; they are now,
+        from the base weight as it is (initialize or load it first), as the constructor
+        computes them (``generator``: of the randomized SVD)."""
         if self.merged:
             raise RuntimeError("SVFitLinear.reset_parameters: the adapter is merged into the base weight; "
                                "unmerge() first")
         with torch.no_grad():
+            if self._svd_pending and not self.lora_A.is_meta:
+                weight = self.base_layer.weight
+                if not all_finite(weight):
+                    raise ValueError(f"SVFitLinear.reset_parameters: the base weight holds "
+                                     f"{int((~torch.isfinite(weight)).sum())} non-finite entries (built on meta: "
+                                     f"initialize or load the base layer first); its SVD needs a finite weight")
+                U, S, Vh = self._top_triplets(generator)
+                self.lora_A.copy_(Vh)
+                self.lora_B.copy_(U)
+                self.singular_values.copy_(S)
+                self._svd_pending = False
             self.svfit_delta.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "lora_A" in state_dict and not self.lora_A.is_meta:  # the subspaces loaded
+            self._svd_pending = False
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.lora_A.is_meta:  # the subspaces' values are gone
+            self._svd_pending = True
+        return module
 
     @property
     def adapted_singular_values(self) -> torch.Tensor:

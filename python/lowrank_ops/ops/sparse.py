@@ -276,6 +276,7 @@ def _validate(op: str, x: torch.Tensor, values: torch.Tensor, support: FixedSupp
     returns the support's pattern buffers by name (:meth:`FixedSupport.pattern`, read once per call)."""
     if not isinstance(support, FixedSupport):
         raise TypeError(f"{op}: support must be a lowrank_ops.sparse.FixedSupport; got {type(support).__name__}")
+    support._require_pattern(op)
     for name, tensor in ((x_name, x), ("values", values)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor; got {type(tensor).__name__}")

@@ -309,6 +309,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """torch's ``add_param_group``, then the checks of every setting."""
         add_checked_group(self, super().add_param_group, param_group, _check_group)
 
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a deep copy
+    # or an unpickled GaLoreAdamW had no generator (state_dict() raised AttributeError).  One
+    # copy of it is made per deepcopy (its memo), shared again by the copied projectors.
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(super().__getstate__(), generator=self.generator)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("generator", None)  # pickled before the generator was kept
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

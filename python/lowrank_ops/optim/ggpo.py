@@ -58,31 +58,44 @@ _SOURCES = ("current", "previous")
 
 
 class _Adapter:
-    """One adapted layer: its frozen weight Parameter and how to read A, B and s."""
+    """One adapted layer: its frozen weight Parameter and how to read A, B and s.
 
-    def __init__(self, name: str, weight: torch.nn.Parameter, factors: Callable[[], tuple]):
-        self.name, self.weight, self.factors = name, weight, factors
+    The module is an attribute and :meth:`factors` a method (not a closure over the module):
+    ``copy.deepcopy`` of a model together with its GGPO maps both to the copy's, and pickle
+    can save them (a local function can be neither remapped nor pickled)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, weight: torch.nn.Parameter):
+        self.name, self.module, self.weight = name, module, weight
         self.buffer: Optional[torch.Tensor] = None  # the perturbed weight (while perturbed) or the spare
         self.original: Optional[torch.Tensor] = None  # W's own tensor while perturbed
         self.grad_sq_norm: Optional[torch.Tensor] = None  # [out], "previous" mode
 
+    def factors(self) -> tuple:
+        """``(A, B, ranks, s)``: the factors, the slice of their active ranks, the scaling."""
+        raise NotImplementedError
 
-def _lora_linear_adapter(name: str, module: LoRALinear) -> _Adapter:
-    if module.use_dora or module.lora_gate is not None:
-        raise ValueError(f"GGPO: module {name or 'model'} is a LoRALinear with use_dora={module.use_dora}, "
-                         f"use_gate={module.lora_gate is not None}; expected a plain LoRA adapter (both False)")
 
-    def factors():
+class _LoRALinearAdapter(_Adapter):
+    def __init__(self, name: str, module: LoRALinear):
+        if module.use_dora or module.lora_gate is not None:
+            raise ValueError(f"GGPO: module {name or 'model'} is a LoRALinear with use_dora={module.use_dora}, "
+                             f"use_gate={module.lora_gate is not None}; expected a plain LoRA adapter (both False)")
+        super().__init__(name, module, module.base_layer.weight)
+
+    def factors(self) -> tuple:
+        module = self.module
         if module.merged:
-            raise RuntimeError(f"GGPO: module {name or 'model'} is merged; expected an unmerged adapter")
+            raise RuntimeError(f"GGPO: module {self.name or 'model'} is merged; expected an unmerged adapter")
         k = module.r if module.active_rank is None else module.active_rank
         return module.lora_A, module.lora_B, slice(0, k), module.scaling
 
-    return _Adapter(name, module.base_layer.weight, factors)
 
+class _PeftAdapter(_Adapter):
+    def __init__(self, name: str, module: torch.nn.Module):
+        super().__init__(name, module, module.get_base_layer().weight)
 
-def _peft_adapter(name: str, module: torch.nn.Module) -> _Adapter:
-    def factors():
+    def factors(self) -> tuple:
+        module, name = self.module, self.name
         active = [a for a in module.active_adapters if a in module.lora_A]
         if len(active) != 1 or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
             raise RuntimeError(f"GGPO: PEFT module {name} has active adapters {active}, merged="
@@ -93,18 +106,16 @@ def _peft_adapter(name: str, module: torch.nn.Module) -> _Adapter:
         A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         return A, B, slice(0, A.shape[0]), float(module.scaling[adapter])
 
-    return _Adapter(name, module.get_base_layer().weight, factors)
-
 
 def _find_adapters(model: torch.nn.Module) -> List[_Adapter]:
     adapters, seen = [], {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            adapter = _lora_linear_adapter(name, module)
+            adapter = _LoRALinearAdapter(name, module)
         elif isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and hasattr(module, "get_base_layer"):
             if not isinstance(module.get_base_layer(), torch.nn.Linear):
                 continue  # PEFT's embedding / conv LoRA layers: not a [out, in] linear weight
-            adapter = _peft_adapter(name, module)
+            adapter = _PeftAdapter(name, module)
         else:
             continue
         if id(adapter.weight) in seen:

@@ -536,11 +536,45 @@ class MKOR(torch.optim.Optimizer):
         self._layers: List[_Layer] = [_Layer(m) for m in linears]
         self._by_module = {id(layer.module): layer for layer in self._layers}
         self._handles = []
+        self._register_hooks()
+
+    # ------------------------------------------------------------------ copies
+    # torch's Optimizer.__getstate__ keeps defaults, state and param_groups only: a deep copy
+    # or an unpickled MKOR had no layers or settings (step() raised AttributeError).  The
+    # settings and the layers (which hold their modules) now travel too, and the copy hooks
+    # its layers' modules.  Copied together with the model (one deepcopy or pickle of both,
+    # e.g. {"model": m, "optimizer": o}), those are the copied model's modules; copied alone,
+    # the copy holds private copies of the modules and parameters, as any torch optimizer's.
+    _SETTINGS = ("beta", "update_freq", "stabilization", "inverse_bound", "rescale", "factor_dtype", "_layers")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._SETTINGS})
+        state["_hooked"] = bool(self._handles)  # remove_hooks() before the copy: the copy has none either
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # Also called by torch's load_state_dict with {"state", "param_groups"} alone: an update.
+        copied = "defaults" in state
+        missing = [name for name in self._SETTINGS if name not in state]
+        if copied and missing:
+            raise RuntimeError(f"MKOR: the pickled optimizer lacks {missing} (pickled by a version that dropped "
+                               f"them); create a new MKOR on the model and load its state_dict() instead")
+        state = dict(state)
+        hooked = state.pop("_hooked", False)
+        super().__setstate__(state)
+        if copied:
+            self._by_module = {id(layer.module): layer for layer in self._layers}  # ids of the copied modules
+            self._handles = []
+            if hooked:
+                self._register_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _register_hooks(self) -> None:
         for layer in self._layers:
             self._handles.append(layer.module.register_forward_pre_hook(_Hook(self, "_capture_input")))
             self._handles.append(layer.module.register_forward_hook(_Hook(self, "_watch_output")))
 
-    # ------------------------------------------------------------------ hooks
     def remove_hooks(self) -> None:
         """Remove the forward pre-hooks and forward hooks (idempotent); :meth:`step` then
         preconditions with the inverses as they are, without updating them."""

@@ -59,7 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._args import require_int, require_number
+from .._args import is_integer, require_int, require_number
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
 from ..optim.galore import zero_state_slot_
@@ -169,10 +169,10 @@ class IncreLoRAAllocator:
         if init_rank > min(self.max_ranks):
             raise ValueError(f"{_OP}: init_rank must be <= max_rank = {min(self.max_ranks)}; got {init_rank}")
         low, high = init_rank * len(self._modules), sum(self.max_ranks)
-        if isinstance(total_budget, bool) or not isinstance(total_budget, int) or not low <= total_budget <= high:
+        if not is_integer(total_budget) or not low <= total_budget <= high:
             raise ValueError(f"{_OP}: total_budget must be an int in [n * init_rank, sum of max ranks] = "
                              f"[{low}, {high}] ({len(self._modules)} modules); got {total_budget!r}")
-        self.total_budget, self.init_rank = total_budget, init_rank
+        self.total_budget, self.init_rank = int(total_budget), init_rank
         self.add_every = require_int(_OP, "add_every", add_every, 1)
         self.warmup_steps = require_int(_OP, "warmup_steps", warmup_steps, 0)
         if final_step is not None:
@@ -253,8 +253,9 @@ class IncreLoRAAllocator:
         forward) keeps its averages.  Non-finite gradients make the averages non-finite:
         skip the call on a step that a GradScaler skips.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_integer(step) or step < 0:
             raise ValueError(f"{_OP}.update_and_allocate: step must be an int >= 0; got {step!r}")
+        step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"{_OP}.update_and_allocate: step must increase from call to call (> {self.last_step}, "
                              f"the previous step); got {step}")

@@ -37,7 +37,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._args import require_int, require_number
+from .._args import is_integer, require_int, require_number
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
 from ._layers import build_replacements, linear_sites, replace_everywhere, resolve_rank
@@ -204,9 +204,9 @@ class OrderedLowRankLinear(torch.nn.Module):
         if not 0 <= top <= self.rank:  # active_rank is a plain attribute: check it at use
             raise ValueError(f"{op}: active_rank must be in [0, r] = [0, {self.rank}]; got {self.active_rank}")
         if rank is not None:
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.rank:
+            if not is_integer(rank) or not 0 <= rank <= self.rank:
                 raise ValueError(f"{op}: rank must be an int in [0, r] = [0, {self.rank}]; got {rank!r}")
-            return rank
+            return int(rank)
         if self.training and self.ordered_dropout and top > 0:
             low = min(self.min_rank, top)
             return int(torch.randint(low, top + 1, (), generator=self.generator))

@@ -42,10 +42,20 @@ LoRALinear's), whatever the active rank, so adding a rank never rescales the oth
 
 Example
 -------
->>> layers = [LoRALinear(linear, r=16, lora_alpha=16) for linear in linears]   # r_max = 16
->>> allocator = increlora.IncreLoRAAllocator(model, total_budget=64, init_rank=2,
-...                                          add_every=50, warmup_steps=100, final_step=3000,
-...                                          generator=torch.Generator().manual_seed(0))
+``model``, ``data``, ``loss_fn`` and ``path`` stand for yours (a toy model and random batches here):
+
+>>> import torch
+>>> from lowrank_ops.methods import increlora
+>>> from lowrank_ops.nn import LoRALinear
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+>>> data = [(torch.randn(16, 64), torch.randint(0, 32, (16,))) for _ in range(400)]
+>>> loss_fn, path = torch.nn.functional.cross_entropy, "increlora.pt"
+>>> for name in ("0", "2"):                      # the layers to adapt, r_max = 16 rank slots each
+...     model.set_submodule(name, LoRALinear(model.get_submodule(name), r=16, lora_alpha=16))
+>>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+>>> allocator = increlora.IncreLoRAAllocator(model, total_budget=12, init_rank=2,
+...                                          add_every=50, warmup_steps=100, final_step=300,
+...                                          generator=torch.Generator().manual_seed(0), optimizer=optimizer)
 >>> for step, (x, y) in enumerate(data):
 ...     loss_fn(model(x), y).backward()
 ...     ranks = allocator.update_and_allocate(step)   # after backward, before optimizer.step

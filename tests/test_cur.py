@@ -268,6 +268,20 @@ def test_bad_input():
         cur(torch.randn(2, 5, 5).to_sparse(), 1)
 
 
+
+def test_numpy_integers_are_integers():
+    """np.int64 rank / n_rows / n_cols were refused ("rank must be an int"): the same
+    decomposition as Python ints; a bool rank stays refused."""
+    A = _exact_rank(30, 20, 3, seed=4)
+    expected = cur(A, 3, n_rows=8, n_cols=6, generator=_gen(1))
+    got = cur(A, np.int64(3), n_rows=np.int64(8), n_cols=np.int32(6), generator=_gen(1))
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    with pytest.raises(ValueError, match="rank must be an int"):
+        cur(A, True)
+    with pytest.raises(ValueError, match="n_rows must be an int"):
+        cur(A, 2, n_rows=np.bool_(True))
+
 def test_torch_func_transforms_are_refused():
     """Not differentiable: torch.func.grad returned zeros silently, vmap failed on "data-dependent
     control flow"; both name the function now."""

@@ -272,6 +272,28 @@ def test_bad_input_errors():
             GaLoreAdamW(params + [complex_param], rank=rank)
 
 
+
+def test_numpy_integers_are_integers():
+    """np.int64 rank / update_proj_gap / min_8bit_size were refused ("rank must be an int >= 1
+    or None; got np.int64(2)"): stored as Python ints, the same training as Python ints;
+    bools stay refused."""
+    np = pytest.importorskip("numpy")
+    settings = dict(rank=2, update_proj_gap=3, min_8bit_size=1, state_bits=8, rsvd_oversample=2)
+    runs = []
+    for convert in (int, np.int64):
+        model = make_model()
+        optimizer = GaLoreAdamW(galore_groups(model, **{k: convert(v) for k, v in settings.items()}), lr=1e-2,
+                                svd="rsvd", generator=torch.Generator().manual_seed(3))
+        group = optimizer.param_groups[1]
+        assert all(type(group[k]) is int for k in settings)
+        runs.append(train(model, optimizer, 5, torch.Generator().manual_seed(4)))
+    assert runs[0] == runs[1]
+    params = [torch.nn.Parameter(torch.randn(4, 4))]
+    with pytest.raises(ValueError, match="rank must be an int >= 1 or None; got True"):
+        GaLoreAdamW(params, rank=True)
+    with pytest.raises(ValueError, match="min_8bit_size must be an int >= 0; got np.True_"):
+        GaLoreAdamW(params, rank=2, min_8bit_size=np.bool_(True))
+
 def test_empty_parameter_is_not_projected():
     empty, full = torch.nn.Parameter(torch.randn(0, 5)), torch.nn.Parameter(torch.randn(6, 5))
     optimizer = GaLoreAdamW([empty, full], rank=2, lr=0.1)

@@ -449,6 +449,26 @@ def test_bad_budgets_and_settings(generator):
     assert math.isfinite(allocator.module_scores().sum().item())
 
 
+
+def test_numpy_integer_budget_and_steps(generator):
+    """An np.int64 total_budget was refused ("total_budget must be an int in [n * init_rank,
+    sum of max ranks]"), as an np.int64 step in update_and_allocate: the same allocations as
+    Python ints; bools stay refused."""
+    np = pytest.importorskip("numpy")
+    model = Stack(generator)
+    settings = dict(init_rank=2, add_every=2, max_rank=4, warmup_steps=0, final_step=6)
+    ours = IncreLoRAAllocator(model, np.int64(12), **{k: np.int64(v) for k, v in settings.items()})
+    theirs = IncreLoRAAllocator(model, 12, **settings)
+    assert type(ours.total_budget) is int
+    for step in range(1, 5):
+        backward(model, generator)
+        assert ours.update_and_allocate(np.int64(step)) == theirs.update_and_allocate(step)
+    assert ours.history == theirs.history and type(ours.last_step) is int
+    with pytest.raises(ValueError, match=r"total_budget must be an int .* got True"):
+        IncreLoRAAllocator(model, True, 1, add_every=1)
+    with pytest.raises(ValueError, match="step must be an int >= 0; got True"):
+        ours.update_and_allocate(True)
+
 def test_gated_modules_and_the_end_of_the_schedule(generator):
     layers = torch.nn.Sequential(LoRALinear(torch.nn.Linear(8, 8), 4, 4.0, use_gate=True, generator=generator),
                                  LoRALinear(torch.nn.Linear(8, 8), 4, 4.0, use_gate=True, generator=generator))

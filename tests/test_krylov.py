@@ -688,6 +688,23 @@ def test_cg_op_opcheck_and_bad_input(generator):
         ops.krylov_cg_(m.row_ptr, m.col_idx, m.values, None, x.clone(), m.values[:64], 5, 0.0, bnorm)
 
 
+
+def test_cpu_loop_impls_take_numpy_numbers():
+    """cg_cpu (and arnoldi_cpu / defcg_cpu, sharing the check) refused an np.int64 target or
+    bnorm ("target must be a non-negative finite number; got np.int64(0)") while taking
+    np.float64: NumPy integers are numbers; bools stay refused."""
+    from lowrank_ops.ops.krylov import cg_cpu
+
+    problem = pde.darcy(8, seed=0, index=0)
+    m, b = problem.matrix, problem.rhs
+    bnorm = float(b.norm())
+    x = torch.zeros_like(b)
+    run = lambda *args: cg_cpu(m.row_ptr, m.col_idx, m.values, None, x.clone(), b.clone(), *args)
+    for expected, got in zip(run(5, 0.0, bnorm), run(np.int64(5), np.int64(0), np.float64(bnorm))):
+        assert torch.equal(expected, got)
+    with pytest.raises(ValueError, match="krylov_cg_: bnorm must be a positive finite number; got True"):
+        run(5, 0.0, True)
+
 def _defcg_reference(A, d, W, AW, x, r, steps):
     """Deflated CG in float64 torch ops, step for step as krylov_defcg_ documents it:
     ``(x, r, history, alphas, betas, Lanczos vectors)``."""

@@ -239,6 +239,18 @@ def test_zero_pivot_keeps_the_base_layer(generator):
     torch.testing.assert_close(base.weight + layer.delta_weight(), W0, rtol=0, atol=1e-13)
 
 
+
+def test_numpy_integer_rank(generator):
+    """An np.int64 r was refused ("r must be an int in [1, min(in_features, out_features)]"):
+    the same layer as a Python int; a bool stays refused."""
+    np = pytest.importorskip("numpy")
+    layer = LoLDULinear(make_base(8, 12, torch.float64, generator), np.int64(3))
+    twin = LoLDULinear(make_base(8, 12, torch.float64, torch.Generator().manual_seed(0)), 3)
+    assert type(layer.r) is int and layer.loldu_diag.shape == (3,)
+    assert float(layer.loldu_scale) == float(twin.loldu_scale)
+    with pytest.raises(ValueError, match="r must be an int .*; got True"):
+        LoLDULinear(make_base(8, 12, torch.float64, generator), True)
+
 def test_bad_input_errors(generator):
     base = torch.nn.Linear(30, 20)
     with pytest.raises(ValueError, match=r"LoLDULinear: r must be an int in \[1, min\(in_features, "

@@ -700,6 +700,40 @@ def test_active_rank_is_checked_on_every_path(generator):
         layer(x)
 
 
+
+def test_numpy_integers_are_integers(generator):
+    """np.int64 ranks were refused: lora_linear / lora_merge / lora_unmerge(rank=...) with
+    TypeError "rank must be an int; got int64", LoRALinear(layer, r) with ValueError, and an
+    np.int64 active_rank in the forward and merge.  The same results as Python ints; bools
+    stay refused."""
+    np = pytest.importorskip("numpy")
+    p = make_problem(6, 8, 3, (4,), torch.float64, "cpu", generator)
+    expected = lora_linear(p["x"], p["weight"], p["lora_A"], p["lora_B"], p["bias"], scale=0.5, rank=2)
+    got = lora_linear(p["x"], p["weight"], p["lora_A"], p["lora_B"], p["bias"], scale=np.float32(0.5),
+                      rank=np.int64(2))
+    assert torch.equal(got, expected)
+    for op in (lora_merge, lora_unmerge):
+        assert torch.equal(op(p["weight"], p["lora_A"], p["lora_B"], 0.5, rank=np.int32(2)),
+                           op(p["weight"], p["lora_A"], p["lora_B"], 0.5, rank=2))
+    with pytest.raises(TypeError, match="lora_linear: rank must be an int; got bool"):
+        lora_linear(p["x"], p["weight"], p["lora_A"], p["lora_B"], rank=True)
+
+    base = torch.nn.Linear(8, 6, dtype=torch.float64)
+    layer = LoRALinear(base, np.int64(3), init_lora_weights=False)
+    assert type(layer.r) is int and layer.lora_A.shape == (3, 8)
+    x = p["x"]
+    full = layer(x).detach()
+    layer.active_rank = np.int64(2)
+    partial = layer(x).detach()
+    layer.active_rank = 2
+    assert torch.equal(layer(x), partial) and not torch.equal(partial, full)
+    layer.active_rank = np.int64(2)
+    layer.merge()
+    torch.testing.assert_close(layer(x), partial, rtol=0, atol=1e-12)
+    layer.unmerge()
+    with pytest.raises(ValueError, match="LoRALinear: r must be an int >= 1; got True"):
+        LoRALinear(base, True)
+
 def test_pissa_reset_keeps_the_function_or_refuses(generator):
     """With active_rank below r, reset_parameters split the active ranks' effective weight
     over all r ranks while the forward used active_rank of them: the output moved by 0.38."""

@@ -697,6 +697,22 @@ def test_multi_lora_linear_refuses_bool_ranks():
         layer.add_adapter("c", True)
 
 
+
+def test_multi_lora_linear_takes_numpy_integer_ranks(generator):
+    """np.int64 max_rank and adapter ranks were refused ("max_rank must be a positive int; got
+    np.int64(9)"): stored as Python ints, the same adapters as Python ints."""
+    np = pytest.importorskip("numpy")
+    layers = []
+    for convert in (int, np.int64):
+        layer = MultiLoRALinear(torch.nn.Linear(IN, OUT), max_rank=convert(R_MAX))
+        layer.add_adapter("a", convert(3), generator=torch.Generator().manual_seed(1))
+        layer.add_adapters([{"name": "b", "rank": convert(R_MAX)}])
+        assert type(layer.max_rank) is int
+        layers.append(layer)
+    assert layers[1].ranks.tolist() == [3, R_MAX]
+    torch.testing.assert_close(layers[1].scales, layers[0].scales, rtol=0, atol=0)
+    assert torch.equal(layers[1].lora_A[0], layers[0].lora_A[0])
+
 def test_multi_lora_linear_scales_stay_float64_through_dtype_casts(generator):
     # .half() / .bfloat16() cast the float64 scales buffer too: 16/3 became 5.34375, and
     # stayed so after .float() (2e-3 relative error in the adapter term).

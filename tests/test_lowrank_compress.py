@@ -325,6 +325,20 @@ def test_bad_arguments_name_themselves(kwargs, error, match, generator):
     assert before.keys() == after.keys() and all(torch.equal(before[key], after[key]) for key in before)
 
 
+
+def test_numpy_integer_rank_and_n_iter(generator):
+    """An np.int64 n_iter was refused ("n_iter must be 'auto' or an int >= 0"): the same
+    compression as Python ints (np.int64 ranks were already taken); a bool n_iter stays refused."""
+    np = pytest.importorskip("numpy")
+    models = [build(decaying, generator), None]
+    models[1] = copy.deepcopy(models[0])
+    compress(models[0], rank=4, n_iter=1, generator=torch.Generator().manual_seed(1))
+    compress(models[1], rank=np.int64(4), n_iter=np.int64(1), generator=torch.Generator().manual_seed(1))
+    ours, theirs = models[1].state_dict(), models[0].state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ValueError, match="n_iter must be 'auto' or an int >= 0; got True"):
+        compress(build(decaying, generator), rank=4, n_iter=True)
+
 def test_bad_models(generator):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; got Tensor"):
         compress(torch.zeros(3, 3), rank=1)

@@ -351,6 +351,24 @@ def test_torch_compile_ordered_dropout_samples_outside_the_graph(generator):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+
+def test_numpy_integer_ranks(generator):
+    """An np.int64 rank to forward was refused ("rank must be an int in [0, r]") and an
+    np.int64 n_iter to from_linear / convert failed in rsvd: the same results as Python
+    ints; a bool rank stays refused."""
+    np = pytest.importorskip("numpy")
+    layer = random_layer(5, 4, 3, generator).eval()
+    x = randn(2, 5, generator=generator)
+    assert torch.equal(layer(x, rank=np.int64(2)), layer(x, rank=2))
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, r\] = \[0, 3\]; got True"):
+        layer(x, rank=True)
+    linear = torch.nn.Linear(5, 4)
+    ours = OrderedLowRankLinear.from_linear(linear, np.int64(2), n_iter=np.int64(1), min_rank=np.int64(1),
+                                            generator=torch.Generator().manual_seed(1))
+    theirs = OrderedLowRankLinear.from_linear(linear, 2, n_iter=1, min_rank=1,
+                                              generator=torch.Generator().manual_seed(1))
+    assert ours.rank == 2 and torch.equal(ours.U, theirs.U) and torch.equal(ours.V, theirs.V)
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input(generator):
     with pytest.raises(ValueError, match=r"OrderedLowRankLinear: rank must be an integer >= 1; got 0"):

@@ -1167,6 +1167,20 @@ def test_optimizer_and_pruning_take_numpy_scalars(generator):
     assert torch.equal(obs_scores(w, G, np.float32(0.25)), obs_scores(w, G, 0.25))
 
 
+
+def test_pruning_block_size_takes_numpy_integers_not_bools(generator):
+    """block_size was checked by int(block_size) != block_size: True passed as a block size
+    of 1 (and 2.0 as 2); NumPy integers are integers, bools and floats are refused."""
+    np = pytest.importorskip("numpy")
+    G = randn(4, 6, dtype=torch.float64, generator=generator)
+    w = randn(6, dtype=torch.float64, generator=generator)
+    assert torch.equal(obs_scores(w, G, 0.25, block_size=np.int64(2)), obs_scores(w, G, 0.25, block_size=2))
+    for bad in (True, np.bool_(True), 2.0):
+        with pytest.raises(ValueError, match="obs_scores: block_size must be None or an integer >= 1"):
+            obs_scores(w, G, 0.25, block_size=bad)
+        with pytest.raises(ValueError, match="obs_prune: block_size must be None or an integer >= 1"):
+            obs_prune([w.clone()], G, 0.25, 0.5, block_size=bad)
+
 def test_optimizer_and_pruning_bad_input_errors(generator):
     q = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match="MFAC: storage_dtype must be float32, bfloat16 or float16 .*got torch.int8"):

@@ -336,6 +336,18 @@ def test_dropout_applies_in_training_only(generator):
     assert not torch.allclose(layer(x), layer.eval()(x))
 
 
+
+def test_numpy_integer_seed_and_sizes():
+    """An np.int64 seed (from an np.random draw) was refused ("seed must be an int in [0,
+    2^63)"): the same bases as Python ints; a bool seed stays refused."""
+    np = pytest.importorskip("numpy")
+    base = torch.nn.Linear(8, 6)
+    layer = NOLALinear(base, np.int64(2), np.int64(3), np.int32(4), seed=np.int64(99))
+    twin = NOLALinear(base, 2, 3, 4, seed=99)
+    assert torch.equal(layer.nola_basis_A, twin.nola_basis_A) and torch.equal(layer.nola_basis_B, twin.nola_basis_B)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\^63\); got True"):
+        NOLALinear(base, 2, 3, 4, seed=True)
+
 def test_bad_input_errors(generator):
     base = torch.nn.Linear(8, 6)
     for kwargs, error, match in [

@@ -879,6 +879,17 @@ def test_top_plan(generator):
     assert torch.allclose(values.sort(descending=True).values[:30], top_dense, rtol=1e-13, atol=0)
 
 
+
+def test_top_plan_takes_numpy_integers(generator):
+    """An np.int64 top was refused ("plan: top must be a positive integer"): the same plan as
+    a Python int; a bool stays refused."""
+    np = pytest.importorskip("numpy")
+    C = torch.rand(20, 15, generator=generator, dtype=F64)
+    result = sinkhorn(None, None, C, 0.01, tol=1e-10, max_iter=np.int64(500))
+    assert torch.equal(result.plan(top=np.int64(30)).to_dense(), result.plan(top=30).to_dense())
+    with pytest.raises(ValueError, match="plan: top must be a positive integer; got True"):
+        result.plan(top=True)
+
 def test_non_convergence_reported(generator):
     C = torch.rand(30, 30, generator=generator, dtype=F64)
     result = sinkhorn(None, None, C, 1e-3, tol=1e-12, max_iter=3)

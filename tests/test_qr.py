@@ -368,6 +368,28 @@ def test_bad_input_errors():
         tall_solve_upper_(Y.clone().requires_grad_(), R)
 
 
+
+def test_numpy_integers_are_integers(generator):
+    """np.int64 rows (tall_cholesky) and plain_passes (cholesky_qr_, cholesky_qr2) were refused
+    ("must be an int"); the ops' schemas take Python ints, so the wrappers convert: the same
+    factors as Python ints.  Bools stay refused."""
+    np = pytest.importorskip("numpy")
+    Y = randn(12, 4, dtype=torch.float64, generator=generator)
+    gram = Y.T @ Y
+    assert torch.equal(tall_cholesky(gram, np.int64(12), True), tall_cholesky(gram, 12, True))
+    Q = Y.clone()
+    R = cholesky_qr_(Q, True, np.int64(1))
+    Q_int = Y.clone()
+    assert torch.equal(R, cholesky_qr_(Q_int, True, 1)) and torch.equal(Q, Q_int)
+    for expected, got in zip(cholesky_qr2(Y, plain_passes=1), cholesky_qr2(Y, plain_passes=np.int32(1))):
+        assert torch.equal(expected, got)
+    with pytest.raises(ValueError, match="tall_cholesky: rows must be an int >= 0; got True"):
+        tall_cholesky(gram, True, True)
+    with pytest.raises(ValueError, match="cholesky_qr_: plain_passes must be an int"):
+        cholesky_qr_(Y.clone(), True, np.bool_(True))
+    with pytest.raises(ValueError, match="cholesky_qr2: plain_passes must be an int"):
+        cholesky_qr2(Y, plain_passes=True)
+
 def test_raw_ops_refuse_hangs_overlaps_and_overflow():
     """Found by calling the registered ops with adversarial arguments: plain_passes = 2^40
     hung (now capped at 16, as every pass after the third changes nothing); an as_strided Y

@@ -373,6 +373,19 @@ def test_sgd_fits_a_full_rank_target(generator):
     assert_adam_fits(layer, x, y_target, 400)
 
 
+
+def test_numpy_integer_seed_and_rank():
+    """An np.int64 seed (from an np.random draw) was refused ("seed must be an int in [0,
+    2^63)"): the same bases as a Python int; a bool seed stays refused."""
+    np = pytest.importorskip("numpy")
+    base = torch.nn.Linear(8, 6)
+    layer = RandLoRALinear(base, np.int64(2), seed=np.int64(1234))
+    twin = RandLoRALinear(base, 2, seed=1234)
+    assert int(layer.randlora_seed) == 1234 and type(layer.r) is int
+    assert torch.equal(layer.randlora_A, twin.randlora_A) and torch.equal(layer.randlora_B, twin.randlora_B)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\^63\); got True"):
+        RandLoRALinear(base, 2, seed=True)
+
 def test_bad_input_errors():
     base = torch.nn.Linear(8, 6)
     for r, kwargs, error, match in [

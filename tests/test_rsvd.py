@@ -1083,6 +1083,35 @@ def test_bad_input_errors():
         lowrank_error(A, U[:5], S, Vh)
 
 
+
+def test_numpy_integers_are_integers(generator):
+    """np.int64 rank / oversample / n_iter / error_probes (rsvd), q / niter (pca_lowrank), size
+    (range_finder) and n_probes (lowrank_error) were refused ("must be an int"): the same
+    results as Python ints; bools stay refused."""
+    np = pytest.importorskip("numpy")
+    from lowrank_ops.linalg import pca_lowrank
+
+    A = torch.randn(20, 10, dtype=torch.float64, generator=generator)
+
+    def same(call, *args, **kwargs):
+        as_numpy = {k: np.int64(v) if isinstance(v, int) else v for k, v in kwargs.items()}
+        expected = call(A, *args, generator=torch.Generator().manual_seed(1), **kwargs)
+        got = call(A, *(np.int64(a) for a in args), generator=torch.Generator().manual_seed(1), **as_numpy)
+        for e, g in zip(expected, got):
+            assert torch.equal(e, g)
+
+    same(rsvd, 3, oversample=2, n_iter=1, error_probes=2)
+    same(pca_lowrank, 3, niter=1, oversample=1)
+    same(range_finder, 3, n_iter=1, error_probes=2)
+    U, S, Vh = rsvd(A, 3)
+    estimate = lowrank_error(A, U, S, Vh, n_probes=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(lowrank_error(A, U, S, Vh, n_probes=np.int64(3), generator=torch.Generator().manual_seed(2)),
+                       estimate)
+    for call in (lambda: rsvd(A, True), lambda: rsvd(A, 2, oversample=np.bool_(True)),
+                 lambda: range_finder(A, 2, n_iter=True), lambda: lowrank_error(A, U, S, Vh, n_probes=True)):
+        with pytest.raises(ValueError, match="must be"):
+            call()
+
 def test_compiles_fullgraph_with_defaults_and_a_second_shape():
     """Under torch.compile(fullgraph=True): the default check_finite (on for CPU) was a
     data-dependent branch ('Could not guard on data-dependent expression'), and the

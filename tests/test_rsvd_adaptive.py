@@ -174,6 +174,23 @@ def test_bad_input():
         adaptive_rsvd(bad, 0.1)
 
 
+
+def test_numpy_integers_are_integers(generator):
+    """np.int64 max_rank / block_size / n_iter were refused (TypeError "must be an int; got
+    int64"): the same result as Python ints; a bool stays refused."""
+    np = pytest.importorskip("numpy")
+    A = with_spectrum(40, 30, spectrum("decay2", 30), generator)
+    expected = adaptive_rsvd(A, 1e-3, max_rank=12, block_size=4, n_iter=1, generator=torch.Generator().manual_seed(1))
+    got = adaptive_rsvd(A, 1e-3, max_rank=np.int64(12), block_size=np.int64(4), n_iter=np.int32(1),
+                        generator=torch.Generator().manual_seed(1))
+    assert got.converged == expected.converged
+    for name in ("U", "S", "Vh", "error"):
+        assert torch.equal(getattr(got, name), getattr(expected, name))
+    with pytest.raises(TypeError, match="max_rank must be an int; got bool"):
+        adaptive_rsvd(A, 1e-3, max_rank=True)
+    with pytest.raises(TypeError, match="block_size must be an int; got bool"):
+        adaptive_rsvd(A, 1e-3, block_size=np.bool_(True))
+
 def test_torch_func_transforms_are_refused():
     """Not differentiable (the rank is a discrete choice): torch.func.grad returned zeros
     silently, vmap failed on "data-dependent control flow"; both name the function now."""

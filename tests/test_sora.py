@@ -395,6 +395,10 @@ def test_lambda_schedule_matches_the_official_spacings():
         sora.lambda_schedule(0.0, 1.0, 3, "exp_linear")
     with pytest.raises(ValueError, match="lambda_schedule: num must be an int >= 1; got 0"):
         sora.lambda_schedule(0.1, 1.0, 0)
+    # An np.int64 num (an np.arange loop) was refused ("num must be an int >= 1"); a bool stays refused.
+    assert sora.lambda_schedule(1e-3, 1.0, np.int64(5)) == sora.lambda_schedule(1e-3, 1.0, 5)
+    with pytest.raises(ValueError, match="lambda_schedule: num must be an int >= 1; got True"):
+        sora.lambda_schedule(0.1, 1.0, True)
 
 
 def test_torch_compile_training_and_pruned_model():

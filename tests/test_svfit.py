@@ -223,6 +223,18 @@ def test_sgd_fits_a_singular_value_shift(generator):
     assert layer.base_layer.weight.grad is None
 
 
+
+def test_numpy_integer_rank(generator):
+    """An np.int64 r was refused ("r must be an int in [1, min(in_features, out_features)]"):
+    the same layer as a Python int; a bool stays refused."""
+    np = pytest.importorskip("numpy")
+    base = torch.nn.Linear(12, 8)
+    layer = SVFitLinear(base, np.int64(3), svd="full")
+    assert type(layer.r) is int and layer.svfit_delta.shape == (3,)
+    assert torch.equal(layer.lora_A, SVFitLinear(base, 3, svd="full").lora_A)
+    with pytest.raises(ValueError, match="r must be an int .*; got True"):
+        SVFitLinear(base, True)
+
 def test_bad_input_errors(generator):
     base = torch.nn.Linear(30, 20)
     with pytest.raises(ValueError, match=r"SVFitLinear: r must be an int in \[1, min\(in_features, "

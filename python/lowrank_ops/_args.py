@@ -15,10 +15,15 @@ def require_tensors(op: str, **named) -> None:
             raise TypeError(f"{op}: {name} must be a tensor; got {type(value).__name__}")
 
 
+def is_integer(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (bools excluded)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def require_int(op: str, name: str, value, minimum: int = 1) -> int:
     """``value`` as an int: a Python or NumPy integer (not a bool) ``>= minimum``; a
     ValueError naming the argument and its value otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ValueError(f"{op}: {name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
 

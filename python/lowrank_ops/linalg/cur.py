@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .._args import is_real_number
+from .._args import is_integer, is_real_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._thin_svd import thin_svd
@@ -203,12 +203,12 @@ def _take(A: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 def _count(op: str, name: str, value, default: int, rank: Optional[int], size: int, dim_name: str) -> int:
     if value is None:
         return min(default, size)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
+    if not is_integer(value) or not 1 <= value <= size:
         raise ValueError(f"{op}: {name} must be an int in [1, {dim_name}] = [1, {size}]; got {value!r}")
     if rank is not None and value < rank:
         raise ValueError(f"{op}: {name} = {value} is below rank = {rank}; expected {name} >= rank "
                          "(fewer rows or columns than the rank cannot capture it)")
-    return value
+    return int(value)
 
 
 def cur(
@@ -313,9 +313,10 @@ def cur(
     m, n = A.shape[-2:]
     sampled = rows is None or cols is None
     if rank is not None or sampled:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+        if not is_integer(rank) or not 1 <= rank <= min(m, n):
             need = "" if rank is not None else " (needed to select rows or columns: rows and cols not both given)"
             raise ValueError(f"{op}: rank must be an int in [1, min(m, n)] = [1, {min(m, n)}]{need}; got {rank!r}")
+        rank = int(rank)
     if rcond is not None and (not is_real_number(rcond)
                               or not 0 <= rcond < 1):
         raise ValueError(f"{op}: rcond must be a number in [0, 1); got {rcond!r}")

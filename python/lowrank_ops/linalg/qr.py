@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._args import is_integer
 from .._autocast import without_autocast
 from .._finite import all_finite
 from ..ops._library import composed_path, values_readable
@@ -90,12 +91,11 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2,
         raise ValueError(f"cholesky_qr2: Y has shape {tuple(Y.shape)}; expected a tall block with m >= n")
     if not Y.dtype.is_floating_point:
         raise TypeError(f"cholesky_qr2: Y has dtype {Y.dtype}; expected a floating dtype")
-    if (isinstance(plain_passes, bool) or not isinstance(plain_passes, int)
-            or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES):
+    if not is_integer(plain_passes) or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES:
         raise ValueError(f"cholesky_qr2: plain_passes must be an int in [{0 if shift else 1}, {_MAX_PLAIN_PASSES}] "
                          f"with shift={shift}; got {plain_passes!r}")
     if check_finite is None:
         check_finite = Y.device.type == "cpu" and values_readable(Y)
     if check_finite and not all_finite(Y):
         raise ValueError("cholesky_qr2: Y contains NaN or infinite values")
-    return _cholesky_qr(Y, shift, plain_passes, overwrite=False)
+    return _cholesky_qr(Y, shift, int(plain_passes), overwrite=False)

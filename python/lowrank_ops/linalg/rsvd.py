@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .. import _extension
-from .._args import require_tensors
+from .._args import is_integer, require_tensors
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
@@ -619,8 +619,8 @@ def rsvd(
     masked to A's pattern), which autograd accumulates into ``A.grad`` as a strided
     tensor: ``m n`` memory.
     """
-    _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, error_probes=error_probes,
-              center=center)
+    rank, oversample, n_iter, error_probes = _validate(A, rank, oversample, n_iter, method, orthonormalize, init,
+                                                       check_finite, error_probes=error_probes, center=center)
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
@@ -682,10 +682,10 @@ def pca_lowrank(
     """
     if isinstance(A, torch.Tensor) and A.dim() >= 2 and q is None:
         q = min(6, *A.shape[-2:])
-    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:  # torch's niter: no "auto"
+    if not is_integer(niter) or niter < 0:  # torch's niter: no "auto"
         raise ValueError(f"pca_lowrank: niter must be an int >= 0; got {niter!r}")
-    _validate(A, q, oversample, niter, method, "auto", None, check_finite, op="pca_lowrank", rank_name="q",
-              center=center)
+    q, oversample, niter, _ = _validate(A, q, oversample, niter, method, "auto", None, check_finite, op="pca_lowrank",
+                                        rank_name="q", center=center)
     U, S, Vh = rsvd(A, q, oversample=oversample, n_iter=niter, method=method, generator=generator,
                     check_finite=False, sketch_dtype=sketch_dtype, center=center)
     return U, S, Vh.transpose(-2, -1)
@@ -741,8 +741,8 @@ def range_finder(
         ``error [...]``: one estimate per matrix of the batch, in Q's dtype, detached, no
         host synchronization.
     """
-    _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite, op="range_finder", rank_name="size",
-              error_probes=error_probes)
+    size, _, n_iter, error_probes = _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite,
+                                              op="range_finder", rank_name="size", error_probes=error_probes)
     _check_sketch_dtype("range_finder", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, size, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
@@ -805,7 +805,9 @@ def _auto_iterations(n_iter, columns: int, A: torch.Tensor, init) -> int:
 
 
 def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, op: str = "rsvd",
-              rank_name: str = "rank", error_probes: int = 0, center: bool = False) -> None:
+              rank_name: str = "rank", error_probes: int = 0, center: bool = False):
+    """Checks the arguments; returns ``(rank, oversample, n_iter, error_probes)`` as Python ints
+    (NumPy integers accepted; ``n_iter`` may stay ``"auto"``)."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"{op}: A must be a tensor; got {type(A).__name__}")
     if A.dim() < 2:
@@ -816,15 +818,15 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise ValueError(f"{op}: A is a {A.layout} tensor of shape {tuple(A.shape)}; expected a 2-D matrix "
                          "(batches of sparse matrices are not supported)")
     m, n = A.shape[-2:]
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+    if not is_integer(rank) or not 1 <= rank <= min(m, n):
         raise ValueError(f"{op}: {rank_name} must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+    if not is_integer(oversample) or oversample < 0:
         raise ValueError(f"{op}: oversample must be an int >= 0; got {oversample!r}")
-    if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
+    if n_iter != "auto" and (not is_integer(n_iter) or n_iter < 0):
         raise ValueError(f"{op}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
     if not isinstance(center, bool):
         raise TypeError(f"{op}: center must be a bool; got {center!r} of type {type(center).__name__}")
-    if isinstance(error_probes, bool) or not isinstance(error_probes, int) or error_probes < 0:
+    if not is_integer(error_probes) or error_probes < 0:
         raise ValueError(f"{op}: error_probes must be an int >= 0; got {error_probes!r}")
     if method not in _METHODS:
         raise ValueError(f"{op}: method must be one of {_METHODS}; got {method!r}")
@@ -843,6 +845,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise ValueError(f"{op}: A contains NaN or infinite values")
     if check_finite and init is not None and not all_finite(init):
         raise ValueError(f"{op}: init contains NaN or infinite values")
+    return int(rank), int(oversample), n_iter if n_iter == "auto" else int(n_iter), int(error_probes)
 
 
 def lowrank_error(
@@ -903,8 +906,9 @@ def lowrank_error(
         raise ValueError(f"lowrank_error: A has shape {tuple(A.shape)}; expected [..., m, n]")
     if norm not in ("fro", "2"):
         raise ValueError(f"lowrank_error: norm must be 'fro' or '2'; got {norm!r}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+    if not is_integer(n_probes) or n_probes < 1:
         raise ValueError(f"lowrank_error: n_probes must be an int >= 1; got {n_probes!r}")
+    n_probes = int(n_probes)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     U, S, Vh = (t.to(work.dtype) for t in (U, S, Vh))
     m, n = work.shape[-2:]

@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._args import is_real_number
+from .._args import is_integer, is_real_number
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
@@ -152,13 +152,13 @@ def adaptive_rsvd(
         raise ValueError(f"{op}: tol must be in [{low:.1e}, 1) for {compute} (the error indicator's accuracy is "
                          f"about sqrt(u) ||A||_F; pass float64 A for tighter tolerances); got {tol!r}")
     for name, value, minimum in (("block_size", block_size, 1), ("n_iter", n_iter, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise TypeError(f"{op}: {name} must be an int; got {type(value).__name__}")
         if value < minimum:
             raise ValueError(f"{op}: {name} must be >= {minimum}; got {value}")
     if max_rank is None:
         max_rank = smallest
-    elif isinstance(max_rank, bool) or not isinstance(max_rank, int):
+    elif not is_integer(max_rank):
         raise TypeError(f"{op}: max_rank must be an int; got {type(max_rank).__name__}")
     elif not 1 <= max_rank <= max(smallest, 1):
         raise ValueError(f"{op}: max_rank must be in [1, min(m, n)] = [1, {smallest}]; got {max_rank}")
@@ -167,7 +167,7 @@ def adaptive_rsvd(
     if check_finite and not all_finite(A):
         raise ValueError(f"{op}: A contains NaN or infinite values")
     with torch.no_grad(), without_autocast(A.device):
-        return _adaptive(A.detach().to(compute), float(tol), max_rank, block_size, n_iter, generator)
+        return _adaptive(A.detach().to(compute), float(tol), int(max_rank), int(block_size), int(n_iter), generator)
 
 
 def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:

@@ -42,10 +42,20 @@ LoRALinear's), whatever the active rank, so adding a rank never rescales the oth
 
 Example
 -------
->>> layers = [LoRALinear(linear, r=16, lora_alpha=16) for linear in linears]   # r_max = 16
->>> allocator = increlora.IncreLoRAAllocator(model, total_budget=64, init_rank=2,
-...                                          add_every=50, warmup_steps=100, final_step=3000,
-...                                          generator=torch.Generator().manual_seed(0))
+``model``, ``data``, ``loss_fn`` and ``path`` stand for yours (a toy model and random batches here):
+
+>>> import torch
+>>> from lowrank_ops.methods import increlora
+>>> from lowrank_ops.nn import LoRALinear
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+>>> data = [(torch.randn(16, 64), torch.randint(0, 32, (16,))) for _ in range(400)]
+>>> loss_fn, path = torch.nn.functional.cross_entropy, "increlora.pt"
+>>> for name in ("0", "2"):                      # the layers to adapt, r_max = 16 rank slots each
+...     model.set_submodule(name, LoRALinear(model.get_submodule(name), r=16, lora_alpha=16))
+>>> optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+>>> allocator = increlora.IncreLoRAAllocator(model, total_budget=12, init_rank=2,
+...                                          add_every=50, warmup_steps=100, final_step=300,
+...                                          generator=torch.Generator().manual_seed(0), optimizer=optimizer)
 >>> for step, (x, y) in enumerate(data):
 ...     loss_fn(model(x), y).backward()
 ...     ranks = allocator.update_and_allocate(step)   # after backward, before optimizer.step
@@ -59,7 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._args import require_int, require_number
+from .._args import is_integer, require_int, require_number
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
 from ..optim.galore import zero_state_slot_
@@ -169,10 +179,10 @@ class IncreLoRAAllocator:
         if init_rank > min(self.max_ranks):
             raise ValueError(f"{_OP}: init_rank must be <= max_rank = {min(self.max_ranks)}; got {init_rank}")
         low, high = init_rank * len(self._modules), sum(self.max_ranks)
-        if isinstance(total_budget, bool) or not isinstance(total_budget, int) or not low <= total_budget <= high:
+        if not is_integer(total_budget) or not low <= total_budget <= high:
             raise ValueError(f"{_OP}: total_budget must be an int in [n * init_rank, sum of max ranks] = "
                              f"[{low}, {high}] ({len(self._modules)} modules); got {total_budget!r}")
-        self.total_budget, self.init_rank = total_budget, init_rank
+        self.total_budget, self.init_rank = int(total_budget), init_rank
         self.add_every = require_int(_OP, "add_every", add_every, 1)
         self.warmup_steps = require_int(_OP, "warmup_steps", warmup_steps, 0)
         if final_step is not None:
@@ -253,8 +263,9 @@ class IncreLoRAAllocator:
         forward) keeps its averages.  Non-finite gradients make the averages non-finite:
         skip the call on a step that a GradScaler skips.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_integer(step) or step < 0:
             raise ValueError(f"{_OP}.update_and_allocate: step must be an int >= 0; got {step!r}")
+        step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"{_OP}.update_and_allocate: step must increase from call to call (> {self.last_step}, "
                              f"the previous step); got {step}")

@@ -51,11 +51,20 @@ V_J^T``-like rather than the rank-2r projection above.
 
 Example
 -------
->>> grads = lora_ga.estimate_gradients(model, lambda m, b: loss_fn(m(b[0]), b[1]), batches[:8])
->>> for name, linear in targets:                                 # wrap the layers afterwards
-...     layer = LoRALinear(linear, r=8, lora_alpha=16)
+``model``, ``batches`` and ``loss_fn`` stand for yours (a toy model and random batches here):
+
+>>> import torch
+>>> from lowrank_ops.methods import lora_ga
+>>> from lowrank_ops.nn import LoRALinear
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+>>> batches = [(torch.randn(16, 64), torch.randint(0, 32, (16,))) for _ in range(8)]
+>>> loss_fn = torch.nn.functional.cross_entropy
+>>> grads = lora_ga.estimate_gradients(model, lambda m, b: loss_fn(m(b[0]), b[1]), batches)
+>>> g = torch.Generator().manual_seed(0)
+>>> for name in grads:                                           # wrap the layers afterwards
+...     layer = LoRALinear(model.get_submodule(name), r=8, lora_alpha=16)
 ...     lora_ga.lora_ga_init_(layer, grads[name], generator=g)   # base weight absorbs s B A
-...     set_submodule(model, name, layer)
+...     model.set_submodule(name, layer)
 
 Why not ``LoRALinear(init_lora_weights="lora_ga")``: the init needs a gradient of the
 whole model's loss on data, which a layer's constructor cannot compute (nor should it hold

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import is_real_number, require_generator
+from .._args import is_integer, is_real_number, require_generator
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -211,7 +211,7 @@ def _validate(model, rank, energy, target_modules, min_saving, n_iter):
     if (not is_real_number(min_saving)
             or not 0.0 <= min_saving < 1.0):
         raise ValueError(f"{_OP}: min_saving must be a number in [0, 1); got {min_saving!r}")
-    if n_iter != "auto" and (isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0):
+    if n_iter != "auto" and (not is_integer(n_iter) or n_iter < 0):
         raise ValueError(f"{_OP}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
     if isinstance(target_modules, str):
         target_modules = [target_modules]

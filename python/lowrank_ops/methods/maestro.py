@@ -21,14 +21,23 @@ both and a full-rank ``nn.Linear``); there is no base weight, so
 
 Example
 -------
+``model``, ``data`` and ``loss_fn`` stand for yours (a toy model and random batches here):
+
+>>> from collections import OrderedDict
+>>> import torch
 >>> from lowrank_ops.methods import maestro
->>> maestro.convert(model, rank=0.5, target_modules=["fc*"], generator=torch.Generator().manual_seed(0))
+>>> model = torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(32, 64), act=torch.nn.ReLU(),
+...                                         fc2=torch.nn.Linear(64, 10)))
+>>> data = [(torch.randn(16, 32), torch.randint(0, 10, (16,))) for _ in range(1000)]
+>>> loss_fn = torch.nn.functional.cross_entropy
+>>> ranks = maestro.convert(model, rank=0.5, target_modules=["fc*"], generator=torch.Generator().manual_seed(0))
+>>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)   # after convert: it must hold the new U, V
 >>> for step, (x, y) in enumerate(data):
 ...     loss_fn(model(x), y).backward()          # each layer samples its own rank b
 ...     optimizer.step(); optimizer.zero_grad()
 ...     if step % 500 == 499:
-...         print(maestro.shrink_(model, tol=1e-3, optimizer=optimizer))   # {name: (r, r')}
->>> model.eval()                                  # full (current) rank; or set layer.active_rank
+...         shrunk = maestro.shrink_(model, tol=1e-3, optimizer=optimizer)   # {name: (r, r')}
+>>> _ = model.eval()                              # full (current) rank; or set layer.active_rank
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._args import require_int, require_number
+from .._args import is_integer, require_int, require_number
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
 from ._layers import build_replacements, linear_sites, replace_everywhere, resolve_rank
@@ -204,9 +213,9 @@ class OrderedLowRankLinear(torch.nn.Module):
         if not 0 <= top <= self.rank:  # active_rank is a plain attribute: check it at use
             raise ValueError(f"{op}: active_rank must be in [0, r] = [0, {self.rank}]; got {self.active_rank}")
         if rank is not None:
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.rank:
+            if not is_integer(rank) or not 0 <= rank <= self.rank:
                 raise ValueError(f"{op}: rank must be an int in [0, r] = [0, {self.rank}]; got {rank!r}")
-            return rank
+            return int(rank)
         if self.training and self.ordered_dropout and top > 0:
             low = min(self.min_rank, top)
             return int(torch.randint(low, top + 1, (), generator=self.generator))

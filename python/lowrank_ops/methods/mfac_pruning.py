@@ -24,7 +24,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-from .._args import is_real_number, require_tensors
+from .._args import is_integer, is_real_number, require_tensors
 from .._dtypes import accumulate_dtype
 from .._finite import all_finite
 from ..second_order.mfac import MFACInverse
@@ -42,7 +42,7 @@ def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: 
         raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; expected (d,) = ({grads.shape[1]},)")
     if not (is_real_number(damp) and math.isfinite(damp) and damp > 0):
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
+    if block_size is not None and (not is_integer(block_size) or block_size < 1):
         raise ValueError(f"{op}: block_size must be None or an integer >= 1; got {block_size}")
     if not all_finite(grads):
         raise ValueError(f"{op}: grads has non-finite entries (inf or nan)")

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import require_number
+from .._args import is_integer, require_number
 from .._finite import all_finite
 from ..nn.lora import LoRALinear
 from ..optim._checks import add_checked_group, check_lr, current_lr
@@ -246,8 +246,9 @@ def lambda_schedule(start: float, stop: float, num: int, spacing: str = "linear"
     op = "lambda_schedule"
     start = require_number(op, "start", start, 0.0, low_open=spacing == "exp_linear")
     stop = require_number(op, "stop", stop, 0.0, low_open=spacing == "exp_linear")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    if not is_integer(num) or num < 1:
         raise ValueError(f"{op}: num must be an int >= 1; got {num!r}")
+    num = int(num)
     if spacing not in _SPACINGS:
         raise ValueError(f"{op}: spacing must be one of {_SPACINGS}; got {spacing!r}")
     if spacing == "log_linear" and max(start, stop) > 700.0:  # exp would overflow float64

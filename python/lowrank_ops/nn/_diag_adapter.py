@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .._args import is_integer
 from .._finite import all_finite
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
@@ -28,7 +29,7 @@ def check_base_and_rank(where: str, base_layer, r, dtype: Optional[torch.dtype])
     if not isinstance(base_layer, torch.nn.Linear):
         raise TypeError(f"{where}: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
     limit = min(base_layer.in_features, base_layer.out_features)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
+    if not is_integer(r) or not 1 <= r <= limit:
         raise ValueError(f"{where}: r must be an int in [1, min(in_features, out_features)] = [1, {limit}]; "
                          f"got {r!r}")
     weight = base_layer.weight

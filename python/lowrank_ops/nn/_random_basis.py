@@ -20,6 +20,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from .._args import is_integer
+
 __all__ = ["BLOCK_ELEMENTS", "block_size", "check_seed", "draw_bases", "iter_bases", "kaiming_bound", "new_seed",
            "rounded_by_cast", "stream_seed"]
 
@@ -32,9 +34,9 @@ _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: decorrelates the streams
 
 def check_seed(where: str, seed) -> int:
     """``seed`` as an int in ``[0, 2^63)`` (a ValueError naming it otherwise)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+    if not is_integer(seed) or not 0 <= seed < _SEED_LIMIT:
         raise ValueError(f"{where}: seed must be an int in [0, 2^63); got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def new_seed() -> int:

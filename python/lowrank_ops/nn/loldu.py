@@ -88,6 +88,7 @@ class LoLDULinear(DiagonalAdapterLinear):
     ):
         super().__init__()
         dtype = check_base_and_rank("LoLDULinear", base_layer, r, dtype)
+        r = int(r)
         require_finite_number("LoLDULinear", "lora_alpha", lora_alpha)
         if lora_alpha == 0:
             raise ValueError("LoLDULinear: lora_alpha must be nonzero (sigma = lora_alpha / r scales every "

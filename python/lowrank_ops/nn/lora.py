@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._args import is_real_number, require_finite_number
+from .._args import is_integer, is_real_number, require_finite_number
 from .._finite import all_finite
 from .._optimizer_steps import optimizer_steps
 from ..ops._library import dispatch_needed
@@ -106,8 +106,9 @@ class LoRALinear(torch.nn.Module):
         super().__init__()
         if not isinstance(base_layer, torch.nn.Linear):
             raise TypeError(f"LoRALinear: base_layer must be a torch.nn.Linear; got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if not is_integer(r) or r < 1:
             raise ValueError(f"LoRALinear: r must be an int >= 1; got {r!r}")
+        r = int(r)
         require_finite_number("LoRALinear", "lora_alpha", lora_alpha)
         if not is_real_number(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1); got {lora_dropout!r}")
@@ -227,8 +228,9 @@ class LoRALinear(torch.nn.Module):
     def _factors(self, rank: Optional[int] = None):
         """``(A, B, gate)`` of the first ``rank`` ranks (default: ``active_rank``, or all r)."""
         k = rank if rank is not None else self.r if self.active_rank is None else self.active_rank
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.r:  # slicing would clamp it silently
+        if not is_integer(k) or not 0 <= k <= self.r:  # slicing would clamp it silently
             raise ValueError(f"LoRALinear: active_rank must be None or an int in [0, r] = [0, {self.r}]; got {k!r}")
+        k = int(k)
         gate = None if self.lora_gate is None else self.lora_gate[:k]
         return self.lora_A[:k], self.lora_B[:, :k], gate
 

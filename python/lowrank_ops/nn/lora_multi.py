@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .._args import require_finite_number, require_tensors
+from .._args import is_integer, require_finite_number, require_tensors
 from ..ops._layout import flatten_rows
 from ..ops._library import dispatch_needed
 from ..ops.lora_multi import as_routing_tensor, lora_linear_multi
@@ -115,8 +115,9 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiLoRALinear: base must be an nn.Linear; got {type(base).__name__}")
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        if not is_integer(max_rank) or max_rank < 1:
             raise ValueError(f"MultiLoRALinear: max_rank must be a positive int; got {max_rank!r}")
+        max_rank = int(max_rank)
         weight = base.weight
         dtype = weight.dtype if dtype is None else dtype
         if dtype not in (weight.dtype, torch.float32):
@@ -230,8 +231,9 @@ class MultiLoRALinear(nn.Module):
             name, rank, alpha = spec["name"], spec["rank"], spec.get("alpha")
             if not isinstance(name, str) or name in names:
                 raise ValueError(f"{where}: name must be a new string; got {name!r} (existing: {names})")
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            if not is_integer(rank) or not 1 <= rank <= self.max_rank:
                 raise ValueError(f"{where}: rank must be an int in [1, max_rank = {self.max_rank}]; got {rank!r}")
+            rank = int(rank)
             if alpha is not None:
                 require_finite_number(where, "alpha", alpha)
             alpha = float(rank if alpha is None else alpha)

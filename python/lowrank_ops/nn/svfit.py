@@ -85,6 +85,7 @@ class SVFitLinear(DiagonalAdapterLinear):
     ):
         super().__init__()
         dtype = check_base_and_rank("SVFitLinear", base_layer, r, dtype)
+        r = int(r)
         if svd not in _SVD_CHOICES:
             raise ValueError(f"SVFitLinear: svd must be one of {_SVD_CHOICES}; got {svd!r}")
         self._setup(base_layer, r)

@@ -97,12 +97,13 @@ def composite():
     serving thread's multi-adapter batches would gather ``[N, r, in + out]`` factors).
     Nests.
 
-    Example::
+    Example (``model``, ``x`` yours, ``w`` one of its parameters, ``v`` a tensor of
+    ``w``'s shape)::
 
         with lowrank_ops.ops.composite():
             loss = model(x).square().mean()
             (g,) = torch.autograd.grad(loss, [w], create_graph=True)
-            hvp = torch.autograd.grad(g @ v, [w])  # through the LoRA / DoRA layers too
+            (hvp,) = torch.autograd.grad((g * v).sum(), [w])  # H v, through the LoRA / DoRA layers too
     """
     global _composite_blocks
     _COMPOSITE.depth = getattr(_COMPOSITE, "depth", 0) + 1

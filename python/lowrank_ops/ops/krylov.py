@@ -68,10 +68,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
-from .._args import require_int, require_tensors
+from .._args import is_real_number, require_int, require_tensors
 from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import FLOAT_CODES, INDEX_CODES, accumulate_dtype
 from .._extension import cuda_extension, extension
@@ -379,7 +378,7 @@ register_fake("krylov_combine_rows_", _combine_rows_fake)
 
 # ---------------------------------------------------------------------------- the fused Arnoldi cycle (CPU)
 def _check_float(op: str, name: str, value, positive: bool) -> float:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_real_number(value) and math.isfinite(value)
     if not ok or (value <= 0 if positive else value < 0):
         _fail(op, f"{name} must be a {'positive' if positive else 'non-negative'} finite number; got {value!r}")
     return float(value)

@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._args import is_real_number, require_finite_number
+from .._args import is_integer, is_real_number, require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._finite import all_finite
@@ -260,11 +260,11 @@ def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank
             raise ValueError(f"{op}: gate has shape {tuple(gate.shape)}; expected (r,) = ({r},)")
     if rank is None:
         return r
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if not is_integer(rank):
         raise TypeError(f"{op}: rank must be an int; got {type(rank).__name__}")
     if not 0 <= rank <= r:
         raise ValueError(f"{op}: rank must be in [0, r] = [0, {r}]; got {rank}")
-    return rank
+    return int(rank)
 
 
 def check_scale(op: str, scale, device: torch.device):

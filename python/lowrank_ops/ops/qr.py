@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .._args import is_integer
 from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, checked_impl, eager_or_op, register_fake
@@ -334,14 +335,14 @@ def tall_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:
     """
     _check_cholesky_args(gram, rows, shift)
     impl = _tall_cholesky_cpu if gram.device.type == "cpu" else _tall_cholesky_cuda
-    return eager_or_op("tall_cholesky", impl)(gram.detach(), rows, bool(shift))
+    return eager_or_op("tall_cholesky", impl)(gram.detach(), int(rows), bool(shift))
 
 
 def _check_cholesky_args(gram: torch.Tensor, rows: int, shift: bool) -> None:
     _check_block("tall_cholesky", "gram", gram)
     if gram.shape[-1] != gram.shape[-2]:
         raise ValueError(f"tall_cholesky: gram has shape {tuple(gram.shape)}; expected (..., n, n)")
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+    if not is_integer(rows) or rows < 0:
         raise ValueError(f"tall_cholesky: rows must be an int >= 0; got {rows!r}")
 
 
@@ -386,8 +387,7 @@ _MAX_PLAIN_PASSES = 16
 
 def _check_cholesky_qr_args(Y: torch.Tensor, shift: bool, plain_passes: int) -> None:
     _check_dense_inplace("cholesky_qr_", Y)
-    if (isinstance(plain_passes, bool) or not isinstance(plain_passes, int)
-            or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES):
+    if not is_integer(plain_passes) or not (0 if shift else 1) <= plain_passes <= _MAX_PLAIN_PASSES:
         raise ValueError(f"cholesky_qr_: plain_passes must be an int in [{0 if shift else 1}, {_MAX_PLAIN_PASSES}] "
                          f"with shift={shift}; got {plain_passes!r}")
 
@@ -426,7 +426,7 @@ def cholesky_qr_(Y: torch.Tensor, shift: bool = True, plain_passes: int = 2) -> 
     """
     _check_cholesky_qr_args(Y, shift, plain_passes)
     impl = _cholesky_qr_cpu if Y.device.type == "cpu" else _cholesky_qr_cuda
-    return eager_or_op("cholesky_qr_", impl)(Y, bool(shift), plain_passes)
+    return eager_or_op("cholesky_qr_", impl)(Y, bool(shift), int(plain_passes))
 
 
 # The registered ops check their arguments (checked_impl).

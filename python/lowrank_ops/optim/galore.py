@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .._args import require_int, require_number
+from .._args import is_integer, require_int, require_number
 from .._finite import all_finite
 from ..linalg.rsvd import rsvd
 from ._checks import add_checked_group, check_lr, current_lr, require_real_params
@@ -535,11 +535,13 @@ def _check_group(group) -> None:
         raise ValueError(f"{where}: betas must be two numbers in [0, 1); got {betas!r}")
     group["betas"] = tuple(require_number(where, "betas", b, 0.0, 1.0) for b in betas)
     rank = group["rank"]
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not is_integer(rank) or rank < 1):
         raise ValueError(f"{where}: rank must be an int >= 1 or None; got {rank!r}")
+    group["rank"] = None if rank is None else int(rank)
     gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+    if not is_integer(gap) or gap < 1:
         raise ValueError(f"{where}: update_proj_gap must be an int >= 1; got {gap!r}")
+    group["update_proj_gap"] = int(gap)
     if group["rsvd_n_iter"] is not None:
         group["rsvd_n_iter"] = require_int(where, "rsvd_n_iter", group["rsvd_n_iter"], 0)
     group["rsvd_oversample"] = require_int(where, "rsvd_oversample", group["rsvd_oversample"], 0)
@@ -550,6 +552,8 @@ def _check_group(group) -> None:
         raise ValueError(f"{where}: svd must be one of {_SVD_MODES}; got {group['svd']!r}")
     if isinstance(group["state_bits"], bool) or group["state_bits"] not in _STATE_BITS:
         raise ValueError(f"{where}: state_bits must be one of {_STATE_BITS}; got {group['state_bits']!r}")
+    group["state_bits"] = int(group["state_bits"])
     size = group["min_8bit_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if not is_integer(size) or size < 0:
         raise ValueError(f"{where}: min_8bit_size must be an int >= 0; got {size!r}")
+    group["min_8bit_size"] = int(size)

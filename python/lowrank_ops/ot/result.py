@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import torch
 
+from .._args import is_integer
 from .._csr import quiet_sparse_csr_beta
 from ..ops import ot as ot_ops
 from ..ops._library import forward_mode_active, in_functorch_transform
@@ -215,8 +216,9 @@ class OTResult:
             with torch.no_grad():
                 plan = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - problem.dense_cost()) / problem.reg)
             return plan.reshape(*problem.lead, problem.n, problem.m)
-        if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        if not is_integer(top) or top < 1:
             raise ValueError(f"plan: top must be a positive integer; got {top!r}")
+        top = int(top)
         from .sns import select_threshold  # the selection shared with the SNS Hessian
 
         with torch.no_grad():

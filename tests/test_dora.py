@@ -549,3 +549,25 @@ def test_half_dora_linear_with_small_norms_does_not_overflow(device, generator):
     u = 2.0 ** -11
     bound = factor * (2.0 ** -25 + u * z.abs()) * 1.01 + u * expected.abs()
     assert_within(y, expected, bound, "float16 y with norms of ~4e-6")
+
+
+@pytest.mark.parametrize("path", ["torch-in-cache", "one-pass"])
+def test_zero_rows_are_not_recomputed(path, generator, monkeypatch):
+    """Rows with W_o = 0 (DoRA's zero rows; B_o = 0 at init) went through the dense
+    recomputation at every forward (flagged by their zero squares); only rows whose
+    total is really unreliable are recomputed now, and a zero W_o with a trained B_o
+    keeps the identity (its total s^2 ||B_o A||^2 has no cancellation)."""
+    force_row_norm_path(path, monkeypatch)
+    recomputed = []
+    direct = dora_module.direct_row_norms
+    monkeypatch.setattr(dora_module, "direct_row_norms",
+                        lambda weight, *args: recomputed.append(weight.shape[0]) or direct(weight, *args))
+    weight = randn(64, 96, generator=generator)
+    lora_A, lora_B = randn(8, 96, generator=generator), randn(64, 8, generator=generator)
+    weight[::4] = 0
+    lora_B[::8] = 0  # rows 0, 8, ...: W_o and B_o zero; rows 4, 12, ...: W_o zero, B_o trained
+    norm = dora_row_norm(weight, lora_A, lora_B, 0.5)
+    assert recomputed == []
+    exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double(), 0.5)
+    assert torch.equal(norm[::8], torch.zeros(8)) and (norm[4::8] > 0).all()
+    torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)

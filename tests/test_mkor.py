@@ -791,3 +791,28 @@ def test_copy_after_remove_hooks_has_no_hooks():
     copied["model"](torch.randn(2, 4)).sum().backward()
     assert copied["optimizer"]._layers[0].a_rows == 0
     copied["optimizer"].step()
+
+
+def test_an_earlier_pickle_loads_and_a_shallow_copy_is_refused():
+    """An MKOR pickled before its layers and settings were pickled (torch's __getstate__
+    alone) made the whole file fail to load (the model in it too); it now loads, its
+    state_dict() recovers the run in a new MKOR, and its step() says so.  copy.copy shared
+    the layers' statistics and hooked the modules twice (every forward recorded twice)."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    optimizer = MKOR(model, lr=0.05)
+    x = torch.randn(8, 6)
+    model(x).square().mean().backward()
+    optimizer.step()
+    earlier = torch.optim.Optimizer.__getstate__(optimizer)  # what an earlier version pickled
+    old = MKOR.__new__(MKOR)
+    old.__setstate__(pickle.loads(pickle.dumps(earlier)))
+    with pytest.raises(RuntimeError, match="unpickled from a version that did not save its layers"):
+        old.step()
+    resumed = MKOR(model, lr=0.05)
+    resumed.load_state_dict(old.state_dict())
+    assert resumed.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    with pytest.raises(TypeError, match="MKOR: copy.copy would share"):
+        copy.copy(optimizer)

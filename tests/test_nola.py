@@ -1,6 +1,7 @@
 """NOLALinear: LoRA factors as trained combinations of frozen random bases drawn from a seed."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -458,3 +459,22 @@ def test_built_on_meta_then_reset_parameters(cache_bases):
     layer(x).square().sum().backward()
     optimizer.step()
     assert layer.nola_beta.isfinite().all() and layer(x).isfinite().all()
+
+
+def test_an_earlier_pickle_keeps_its_seed_through_meta():
+    """A layer pickled before the constructor's seed was kept as an attribute: moved to meta,
+    to_empty() and reset_parameters() raised AttributeError ('_seed'); the seed is now taken
+    from the buffer before the move."""
+    built = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=77)
+    del built.__dict__["_seed"]  # as unpickled from the earlier version
+    layer = copy.deepcopy(built)
+    layer.to("meta")
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(built.base_layer.weight)
+        layer.base_layer.bias.copy_(built.base_layer.bias)
+    layer.reset_parameters()
+    assert int(layer.nola_seed) == 77
+    for a, b in zip(built.bases(), layer.bases()):
+        assert torch.equal(a, b)
+

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -313,10 +314,31 @@ def test_conv1d_target_met_first_leaves_linear_targets_untransposed():
         config = peft.LoraConfig(r=4, target_modules=["c_fc", "proj"], init_lora_weights=False, use_dora=use_dora)
         plain, ours = _pair(base, config)
         assert not ours.base_model.model.proj.fan_in_fan_out
+        with warnings.catch_warnings(record=True) as caught:  # PEFT's warning, which the backend dropped
+            warnings.simplefilter("always")
+            _pair(base, config)
+        assert sum("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`" in str(w.message)
+                   for w in caught) == 2  # once per model of the pair, as PEFT's dispatch gives it
         with torch.no_grad():
             expected = plain(x)
             torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(ours.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_dropout_follows_the_layers_training_flag():
+    """PEFT's DoRA drops out only when the layer itself is training; the backend asked the
+    dropout module alone (0.245 off PEFT with the layer in eval mode and its dropout in
+    train mode, a state set by hand)."""
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False, use_dora=True,
+                             lora_dropout=0.5)
+    plain, ours = _pair(base, config)
+    x = torch.randn(6, 16)
+    for model in (plain, ours):
+        model.train()
+        model.base_model.model[0].training = False  # the layer only: its lora_dropout stays in train mode
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-6, atol=1e-6)
 
 
 def test_full_dropout_and_second_derivatives():

@@ -45,36 +45,65 @@ LOWRANK_CPU_CLONES acc_t<T> row_sum_squares(const T* row, int64_t n, int64_t str
   return partial[0];
 }
 
+// Whether W_o and B_o are exactly zero (the norm is then exactly 0): only asked for the
+// rows whose identity total is flagged, where it tells a zero row (DoRA's zero rows,
+// 511 in Llama-3.1-8B's o_proj) from one whose squares underflowed.
+template <class T>
+bool zero_row(const DoraNormParams& p, int64_t o) {
+  using A = acc_t<T>;
+  const T* row = static_cast<const T*>(p.weight) + o * p.weight_stride_o;
+  const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
+  for (int64_t k = 0; k < p.rank; ++k)
+    if (b[k] != A(0)) return false;
+  for (int64_t i = 0; i < p.in_features; ++i)
+    if (to_acc(row[i * p.weight_stride_i]) != A(0)) return false;
+  return true;
+}
+
 // ||W_o + s B_o A|| from the dense row (r multiply-adds per entry; only for the rows the
-// identity cannot be trusted with, see dora_identity_unreliable): the largest |entry|
+// identity cannot be trusted with, see dora_identity_unreliable), formed kChunk entries
+// at a time on the stack (rank-outer: A's rows read contiguously): the largest |entry|
 // first, then the sum of the entries divided by it squared (a division, not a
 // reciprocal, which would overflow for a subnormal largest entry), so no square
 // overflows or underflows.  NaN entries give NaN, infinite ones inf.
 template <class T>
 acc_t<T> direct_row_norm(const DoraNormParams& p, int64_t o) {
   using A = acc_t<T>;
+  constexpr int64_t kChunk = 256;
   const T* row = static_cast<const T*>(p.weight) + o * p.weight_stride_o;
   const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
   const A* a = static_cast<const A*>(p.lora_A);
   const A scale = static_cast<A>(p.scale);
-  auto entry = [&](int64_t i) {
-    A low_rank = 0;
-    for (int64_t k = 0; k < p.rank; ++k) low_rank += b[k] * a[k * p.in_features + i];
-    return to_acc(row[i * p.weight_stride_i]) + scale * low_rank;
+  A dense[kChunk];
+  auto form = [&](int64_t begin, int64_t count) {  // dense[0, count) = W_o + s B_o A over [begin, begin + count)
+    for (int64_t i = 0; i < count; ++i) dense[i] = to_acc(row[(begin + i) * p.weight_stride_i]);
+    for (int64_t k = 0; k < p.rank; ++k) {
+      const A coefficient = scale * b[k];
+      const A* a_row = a + k * p.in_features + begin;
+      for (int64_t i = 0; i < count; ++i) dense[i] += coefficient * a_row[i];
+    }
   };
   A largest = 0;
-  for (int64_t i = 0; i < p.in_features; ++i) {
-    const A magnitude = std::abs(entry(i));
-    if (!(magnitude <= largest)) {
-      if (std::isnan(magnitude)) return magnitude;
-      largest = magnitude;
+  for (int64_t begin = 0; begin < p.in_features; begin += kChunk) {
+    const int64_t count = std::min(kChunk, p.in_features - begin);
+    form(begin, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const A magnitude = std::abs(dense[i]);
+      if (!(magnitude <= largest)) {
+        if (std::isnan(magnitude)) return magnitude;
+        largest = magnitude;
+      }
     }
   }
   if (largest == 0 || std::isinf(largest)) return largest;
   A sum = 0;
-  for (int64_t i = 0; i < p.in_features; ++i) {
-    const A scaled = entry(i) / largest;
-    sum += scaled * scaled;
+  for (int64_t begin = 0; begin < p.in_features; begin += kChunk) {
+    const int64_t count = std::min(kChunk, p.in_features - begin);
+    form(begin, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const A scaled = dense[i] / largest;
+      sum += scaled * scaled;
+    }
   }
   return largest * std::sqrt(sum);
 }
@@ -96,7 +125,11 @@ void dora_row_norm_typed(const DoraNormParams& p, int num_threads) {
       A low_rank = 0;  // B_o . C_o
       for (int64_t k = 0; k < r; ++k) low_rank += lora_B[o * r + k] * coef[o * r + k];
       const A total = squares + low_rank;
-      out[o] = dora_identity_unreliable(squares, total) ? direct_row_norm<T>(p, o) : std::sqrt(std::max(total, A(0)));
+      if (!dora_identity_unreliable(squares, total)) {
+        out[o] = std::sqrt(std::max(total, A(0)));
+      } else {
+        out[o] = zero_row<T>(p, o) ? A(0) : direct_row_norm<T>(p, o);
+      }
     }
   });
 }

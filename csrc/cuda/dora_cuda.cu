@@ -22,6 +22,19 @@ __device__ __forceinline__ A max_keeping_nan(A x, A y) {
   return x != x ? x : (y != y ? y : (x > y ? x : y));
 }
 
+// Whether W_o and B_o are exactly zero, by the whole warp (the CPU twin zero_row):
+// tells a zero row (norm 0) from one whose squares underflowed.  Warp-uniform.
+template <class T>
+__device__ bool zero_row(const DoraNormParams& p, int64_t o, int lane) {
+  using A = acc_t<T>;
+  const T* row = static_cast<const T*>(p.weight) + o * p.weight_stride_o;
+  const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
+  bool nonzero = false;
+  for (int64_t k = lane; k < p.rank; k += kWarp) nonzero |= b[k] != A(0);
+  for (int64_t i = lane; i < p.in_features; i += kWarp) nonzero |= to_acc(row[i * p.weight_stride_i]) != A(0);
+  return !__any_sync(0xffffffffu, nonzero);
+}
+
 // ||W_o + s B_o A|| from the dense row, by the whole warp (the CPU twin direct_row_norm in
 // csrc/cpu/dora_cpu.cpp): its largest |entry|, then the sum of the entries divided by it
 // squared.  NaN entries give NaN, infinite ones inf, a zero row 0.
@@ -74,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) dora_row_norm_kernel(DoraNormParams 
     const A squares = warp_sum(partial);  // every lane holds the sums: the branch below is warp-uniform
     const A total = squares + warp_sum(low_rank);
     if (dora_identity_unreliable(squares, total)) {
-      const A norm = direct_row_norm<T>(p, o, lane);
+      const A norm = zero_row<T>(p, o, lane) ? A(0) : direct_row_norm<T>(p, o, lane);
       if (lane == 0) out[o] = norm;
     } else if (lane == 0) {
       out[o] = sqrt(total < A(0) ? A(0) : total);

@@ -6,6 +6,10 @@ import torch
 FLOAT_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 
+#: Whether ``torch.mm(a, b, out_dtype=torch.float32)`` exists: with half a, b one GEMM (on
+#: the tensor cores) whose float32 accumulator is returned unrounded (CUDA; torch >= 2.8).
+MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The kernels' accumulation (and M-FAC's compute) dtype: float64 for float64, else float32."""

@@ -401,8 +401,8 @@ class FixedSupport(torch.nn.Module):
         # buffers instead of copying into them (nn.Module's default would refuse).  The
         # kernels index with them unchecked, so the loaded pattern is validated as the
         # builders validate theirs; a bad one is reported and the previous one kept.  With
-        # assign=True (or into a support on meta, which holds nothing to copy into) the
-        # saved tensors' device is kept, as nn.Module's assign does for parameters.
+        # assign=True the saved tensors' device is kept, as nn.Module's assign does for
+        # parameters (without it they move to this support's device, meta included).
         previous = (self.shape, {name: self._buffers[name] for name in _BUFFERS}, self._unset)
         assign = local_metadata.get("assign_to_params_buffers", False)
         errors_before = len(error_msgs)

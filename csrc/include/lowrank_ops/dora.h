@@ -14,7 +14,8 @@
 // error at ||W_o|| / ||W_o + s B_o A|| = 254 in float32), and its squares leave the
 // range of the type (W of 1e-25 in float32 gave norms of 0, W of 1e20 inf).  Those rows
 // (dora_identity_unreliable) are recomputed directly from the dense row W_o + s B_o A
-// (r multiply-adds per entry), scaled by its largest entry: exact zero rows stay 0.
+// (r multiply-adds per entry), scaled by its largest entry; an exactly zero row (W_o and
+// B_o zero, DoRA's zero rows) is found by a scan and gives 0 without it.
 //
 // Layouts: weight [out, in] strided (element (o, i) at weight[o * stride_o + i * stride_i]),
 // dtype `dtype`; coef [out, r], lora_B [out, r] and out [out] are contiguous in
@@ -44,15 +45,17 @@ struct DoraNormParams {
 // Whether the identity's total = ||W_o||^2 + B_o . C_o cannot be trusted for a row, so
 // that the row is recomputed directly: a total below a quarter of the squares (rows
 // that pass have a relative error of at most about 13 u: the terms' errors are u
-// (||W_o||^2 + ||s B_o A||^2) and ||s B_o A|| <= ||W_o|| + ||W_o + s B_o A||), squares
-// below min_normal / u (precision lost to subnormals, or underflow to 0; zero rows
-// included: they come out exactly 0 again), a total near overflow, or NaN anywhere.
+// (||W_o||^2 + ||s B_o A||^2) and ||s B_o A|| <= ||W_o|| + ||W_o + s B_o A||), a total
+// below min_normal / u (its terms lost precision to subnormals or underflowed), or near
+// overflow, or NaN anywhere.  The kernels then check for an exactly zero row (W_o and B_o
+// zero: norm 0) before recomputing; a zero W_o with a non-zero B_o passes (its total is
+// ||s B_o A||^2, without cancellation).
 template <class A>
 LOWRANK_HOST_DEVICE inline bool dora_identity_unreliable(A squares, A total) {
   if constexpr (sizeof(A) == 8) {
-    return !(total >= 0.25 * squares && squares >= 0x1p-970 && total <= 0x1p1021);
+    return !(total >= 0.25 * squares && total >= 0x1p-970 && total <= 0x1p1021);
   } else {
-    return !(total >= 0.25f * squares && squares >= 0x1p-103f && total <= 0x1p125f);
+    return !(total >= 0.25f * squares && total >= 0x1p-103f && total <= 0x1p125f);
   }
 }
 

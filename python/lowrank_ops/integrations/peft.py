@@ -47,6 +47,7 @@ Tested with peft 0.21.2 and torch 2.13.0 (tests/test_peft_integration.py).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional
 
 import torch
@@ -73,10 +74,13 @@ class LowrankLoraLinear(PeftLoraLinear):
         # for nn.Linear ones in its own dispatch, which this class replaces: a Conv1D met
         # first left the Linear transposed (merges off by ~1, DoRA's output off by 0.19).
         config = kwargs.get("config", args[0] if args else None)  # PEFT >= 0.18 reads the flag from it
-        if getattr(config, "fan_in_fan_out", False):
-            config.fan_in_fan_out = False
-        if kwargs.get("fan_in_fan_out"):  # older PEFT passes it
-            kwargs["fan_in_fan_out"] = False
+        if getattr(config, "fan_in_fan_out", False) or kwargs.get("fan_in_fan_out"):  # older PEFT passes it
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")  # PEFT's own warning, which its dispatch gave
+            if getattr(config, "fan_in_fan_out", False):
+                config.fan_in_fan_out = False
+            if kwargs.get("fan_in_fan_out"):
+                kwargs["fan_in_fan_out"] = False
         super().__init__(base_layer, adapter_name, *args, **kwargs)
 
     def _fused_dtypes(self, x: torch.Tensor) -> bool:
@@ -230,6 +234,8 @@ class LowrankLoraLinear(PeftLoraLinear):
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         if name in self.lora_variant:  # DoRA
+            if not self.training:  # PEFT's DoRA asks the layer itself (its dropout may disagree)
+                p = 0.0
             magnitude = self.lora_magnitude_vector[name].weight
             return dora_linear(x, base.weight, lora_A, lora_B, magnitude, base.bias, scale=self.scaling[name],
                                dropout_p=p)

@@ -33,7 +33,7 @@ import torch
 
 from .._args import require_finite_number, require_int
 from .._first_order import first_order_only
-from ..ops._library import composed_path
+from ..ops._library import composed_path, values_readable
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._random_basis import (check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, rounded_by_cast,
@@ -233,6 +233,17 @@ class NOLALinear(MergeableAdapter):
         seed = int(self.nola_seed)
         return tuple(draw_bases(seed, *spec, **factory) for spec in self._basis_spec())
 
+    # The constructor's seed, kept off the buffers (to_empty() from meta leaves the seed
+    # buffer uninitialized).  None on a layer pickled before it existed: _apply takes it
+    # from the buffer before a move can lose it (_take_seed).
+    _seed: Optional[int] = None
+
+    def _take_seed(self) -> None:
+        """Sets ``_seed`` from the seed buffer when unknown (a layer pickled before it existed)."""
+        seed = self._buffers.get("nola_seed")
+        if self._seed is None and seed is not None and not seed.is_meta and values_readable(seed):
+            self._seed = int(seed)
+
     def _restore_seed(self) -> None:
         """Writes the layer's seed back into ``nola_seed`` and draws the bases when they were
         never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
@@ -256,6 +267,7 @@ class NOLALinear(MergeableAdapter):
             self._draw_cached_bases()
 
     def _apply(self, fn, recurse=True):
+        self._take_seed()
         before = None if self.nola_basis_A is None else self.nola_basis_A.dtype
         module = super()._apply(fn, recurse)
         if self.nola_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)

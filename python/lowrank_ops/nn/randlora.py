@@ -54,7 +54,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._first_order import first_order_only
 from ..ops._layout import flatten_rows
 from ..ops.base_linear import grad_input_op
-from ..ops._library import composed_path
+from ..ops._library import composed_path, values_readable
 from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
                        lora_linear)
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
@@ -299,6 +299,17 @@ class RandLoRALinear(MergeableAdapter):
         self.randlora_B = stack.permute(1, 0, 2).reshape(large, n * r).contiguous()
         self._bases_seed = seed
 
+    # The constructor's seed, kept off the buffers (to_empty() from meta leaves the seed
+    # buffer uninitialized).  None on a layer pickled before it existed: _apply takes it
+    # from the buffer before a move can lose it (_take_seed).
+    _seed: Optional[int] = None
+
+    def _take_seed(self) -> None:
+        """Sets ``_seed`` from the seed buffer when unknown (a layer pickled before it existed)."""
+        seed = self._buffers.get("randlora_seed")
+        if self._seed is None and seed is not None and not seed.is_meta and values_readable(seed):
+            self._seed = int(seed)
+
     def _restore_seed(self) -> None:
         """Writes the layer's seed back into ``randlora_seed`` and draws the bases when they were
         never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
@@ -322,6 +333,7 @@ class RandLoRALinear(MergeableAdapter):
             self._draw_bases()
 
     def _apply(self, fn, recurse=True):
+        self._take_seed()
         before = None if self.randlora_A is None else self.randlora_A.dtype
         module = super()._apply(fn, recurse)
         if self.randlora_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)

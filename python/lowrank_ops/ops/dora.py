@@ -55,7 +55,7 @@ import torch
 
 from .._args import require_tensors
 from .._autocast import autocast_entry, autocast_off_backward
-from .._dtypes import accumulate_dtype, float_code
+from .._dtypes import MM_OUT_DTYPE, accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows
@@ -102,25 +102,31 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     """The kernel's small operands ``C = 2 s W A^T + s^2 B (A A^T)``, B (``[out, r]``) and A
     (``[r, in]``, for the rows recomputed directly), contiguous in the accumulation type.
 
-    ``W A^T`` is one product in float32 / float64.  For a half W it is formed from float32
-    copies of W's rows, ``_NORM_ROWS`` at a time: a product in the half type rounded
-    ``W A^T`` to it, which overflowed (entries of 1.1e5 in float16: inf - inf = NaN norms
-    for ordinary weights of 100) or lost digits to subnormals (4.5 % norm errors at W of
-    1e-6); A rounded to the half type put 3e-4 relative errors in the norms, and 10-70x
-    PEFT's error in the adapters' gradients.
+    ``W A^T`` is accumulated and kept in float32 / float64: for a half W by one product
+    with a float32 output on CUDA (``torch.mm(..., out_dtype=)``), from float32 copies of
+    W's rows, ``_NORM_ROWS`` at a time, on the CPU (4x the time of a bfloat16 product at
+    4096 x 4096, r = 16: 31 against 7.6 ms).  Rounded to the half type it overflowed in
+    float16 (entries of 1.1e5 for weights of 100: inf - inf = NaN norms), lost digits to
+    subnormals (4.5 % norm errors at W of 1e-6), and in bfloat16 put 5e-3 relative errors
+    in the norms of rows an adapter had changed by half their norm (PEFT's bfloat16 dense
+    norm: ~1e-4).  With wider adapters (float32 on a half W, PEFT's default) always the
+    row copies: A rounded to the half type put 3e-4 relative errors in the norms, and
+    10-70x PEFT's error in the adapters' gradients.
     """
     accumulate = accumulate_dtype(weight.dtype)
     factor_A, factor_B = lora_A.to(accumulate).contiguous(), lora_B.to(accumulate).contiguous()
-    if weight.dtype != accumulate:
+    if weight.dtype == accumulate:
+        proj = weight @ factor_A.T
+    elif weight.is_cuda and MM_OUT_DTYPE and not wider(lora_A.dtype, weight.dtype):
+        proj = torch.mm(weight, lora_A.to(weight.dtype).T, out_dtype=accumulate)
+    else:
         proj = torch.cat([weight[row:row + _NORM_ROWS].to(accumulate) @ factor_A.T
                           for row in range(0, weight.shape[0], _NORM_ROWS)])
-    else:
-        proj = weight @ factor_A.T
     coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
     return coef, factor_B, factor_A
 
 
-#: Safe range of the identity's squares and total (see ``dora_identity_unreliable`` in
+#: Safe range of the identity's total (see ``dora_identity_unreliable`` in
 #: csrc/include/lowrank_ops/dora.h): ``min_normal / u`` and ``max / 4`` as powers of two.
 _SAFE_RANGE = {torch.float32: (2.0 ** -103, 2.0 ** 125), torch.float64: (2.0 ** -970, 2.0 ** 1021)}
 
@@ -128,12 +134,12 @@ _SAFE_RANGE = {torch.float32: (2.0 ** -103, 2.0 ** 125), torch.float64: (2.0 ** 
 def direct_row_norms(weight, lora_A, lora_B, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``||W_o + s B_o A||`` from the dense rows, in ``dtype``, each row divided by its
     largest ``|entry|`` before squaring (no overflow or underflow; a zero row gives 0,
-    infinite entries inf, NaN NaN).  ``[k, in]`` temporaries: for the few rows the
-    identity cannot be trusted with, and for the composed path."""
-    dense = weight.to(dtype) + scale * (lora_B.to(dtype) @ lora_A.to(dtype))
-    largest = dense.abs().amax(dim=1, keepdim=True)  # NaN if the row has one
+    infinite entries inf, NaN NaN).  One ``[k, in]`` temporary (divided in place): for
+    the few rows the identity cannot be trusted with, and for the composed path."""
+    dense = torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scale)
+    largest = torch.linalg.vector_norm(dense, ord=float("inf"), dim=1, keepdim=True)  # NaN if the row has one
     finite = (largest > 0) & (largest < float("inf"))
-    norm = torch.linalg.vector_norm(dense / torch.where(finite, largest, 1.0), dim=1)
+    norm = torch.linalg.vector_norm(dense.div_(torch.where(finite, largest, 1.0)), dim=1)
     largest = largest.squeeze(1)
     return torch.where(finite.squeeze(1), norm * largest, largest)
 
@@ -143,11 +149,16 @@ def _identity_norms(squares, total, weight, lora_A, lora_B, scale: float) -> tor
     be trusted with (as the kernels' ``dora_identity_unreliable``: cancellation, squares
     out of range, NaN) recomputed by :func:`direct_row_norms`.  CPU paths (a host sync)."""
     low, high = _SAFE_RANGE[total.dtype]
-    unreliable = ~((total >= 0.25 * squares) & (squares >= low) & (total <= high))
+    unreliable = ~((total >= 0.25 * squares) & (total >= low) & (total <= high))
     norm = total.clamp_min(0).sqrt_()
     if unreliable.any():
         rows = unreliable.nonzero().squeeze(1)
-        norm[rows] = direct_row_norms(weight[rows], lora_A, lora_B[rows], scale, norm.dtype)
+        # Exactly zero rows (W_o and B_o zero: DoRA's zero rows) keep their 0 without the
+        # dense recomputation; only the others, whose squares underflowed, cancelled or
+        # overflowed, are recomputed.
+        rows = rows[(weight[rows] != 0).any(1) | (lora_B[rows] != 0).any(1)]
+        if rows.numel():
+            norm[rows] = direct_row_norms(weight[rows], lora_A, lora_B[rows], scale, norm.dtype)
     return norm
 
 

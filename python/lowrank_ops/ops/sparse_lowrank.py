@@ -29,7 +29,7 @@ import torch
 
 from .._args import require_finite_number
 from .._autocast import autocast_entry, autocast_off_backward
-from .._dtypes import accumulate_dtype, float_code
+from .._dtypes import MM_OUT_DTYPE, accumulate_dtype, float_code
 from .._first_order import first_order_only
 from ..sparse import FixedSupport
 from ._layout import flatten_rows
@@ -107,17 +107,12 @@ def choose_strategy(support: FixedSupport, rank: int, n_rows: int, device) -> st
     return "dense" if support.density >= threshold else "sparse"
 
 
-# torch.mm(a, b, out_dtype=float32) with half a, b: one GEMM on the tensor cores whose
-# float32 accumulator is returned unrounded (CUDA; torch >= 2.8).
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
 def _matmul_accumulate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in the accumulation dtype (float32 for half inputs): rounded once, to float32."""
     acc = accumulate_dtype(a.dtype)
     if a.dtype == acc:
         return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE:
+    if a.is_cuda and MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=acc)
     return a.to(acc) @ b.to(acc)
 

@@ -546,6 +546,11 @@ class MKOR(torch.optim.Optimizer):
     # e.g. {"model": m, "optimizer": o}), those are the copied model's modules; copied alone,
     # the copy holds private copies of the modules and parameters, as any torch optimizer's.
     _SETTINGS = ("beta", "update_freq", "stabilization", "inverse_bound", "rescale", "factor_dtype", "_layers")
+    _unusable: Optional[str] = None  # why step() cannot run (an incomplete unpickled optimizer)
+
+    def __copy__(self):
+        raise TypeError("MKOR: copy.copy would share the layers' captured statistics with this optimizer (both "
+                        "hooks would record every forward into them); use copy.deepcopy, together with the model")
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
@@ -558,8 +563,14 @@ class MKOR(torch.optim.Optimizer):
         copied = "defaults" in state
         missing = [name for name in self._SETTINGS if name not in state]
         if copied and missing:
-            raise RuntimeError(f"MKOR: the pickled optimizer lacks {missing} (pickled by a version that dropped "
-                               f"them); create a new MKOR on the model and load its state_dict() instead")
+            # Pickled by a version whose pickles dropped them (torch's __getstate__): the file
+            # (and the model in it) still loads and state_dict() recovers the run; step() says how.
+            super().__setstate__(state)
+            self._layers, self._by_module, self._handles = [], {}, []
+            self._unusable = (f"MKOR: this optimizer was unpickled from a version that did not save its layers and "
+                              f"settings ({', '.join(missing)}); create a new MKOR on the model and load this "
+                              f"one's state_dict()")
+            return
         state = dict(state)
         hooked = state.pop("_hooked", False)
         super().__setstate__(state)
@@ -799,6 +810,8 @@ class MKOR(torch.optim.Optimizer):
         """Factor updates, preconditioning, then ``torch.optim.SGD``'s step (momentum,
         weight decay) on the preconditioned gradients; ``closure`` re-evaluates the loss
         (with grad; its forward and backward are what the hooks record)."""
+        if self._unusable:
+            raise RuntimeError(self._unusable)
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -816,3 +816,25 @@ def test_an_earlier_pickle_loads_and_a_shallow_copy_is_refused():
     assert resumed.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
     with pytest.raises(TypeError, match="MKOR: copy.copy would share"):
         copy.copy(optimizer)
+
+
+def test_compiled_step_matches_the_eager_step():
+    """torch.compile(optimizer.step) computed the later layers' directions with the first
+    layer's shapes from its second call on: 0.07 off the eager run after 4 steps when the
+    shapes agreed (silently), a shape error when not.  The step now runs eagerly inside
+    torch.compile: bit for bit the eager run."""
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+        return model, MKOR(model, lr=0.05, momentum=0.9)
+
+    x, y = torch.randn(8, 6), torch.randn(8, 5)
+    (eager_model, eager_opt), (model, optimizer) = make(), make()
+    compiled_step = torch.compile(optimizer.step, backend="eager")
+    for _ in range(4):
+        for net, opt, step in ((eager_model, eager_opt, eager_opt.step), (model, optimizer, compiled_step)):
+            opt.zero_grad()
+            ((net(x) - y) ** 2).mean().backward()
+            step()
+    for a, b in zip(eager_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)

@@ -93,8 +93,9 @@ if wants tests; then
   step tests_other "${GPU_CHECK_TESTS_SECONDS:-120}" "$PY" -m pytest "${other_tests[@]}" -m cuda -q -ra --tb=short \
     --durations=10 -p no:cacheprovider $PER_TEST
 fi
+cuda_usable() { "$PY" -c "import lowrank_ops, sys; sys.exit(0 if lowrank_ops.info()['cuda_available'] else 1)"; }
 if ! wants memcheck; then :
-elif command -v compute-sanitizer > /dev/null && "$PY" -c "import lowrank_ops, sys; sys.exit(0 if lowrank_ops.info()['cuda_available'] else 1)"; then
+elif command -v compute-sanitizer > /dev/null && cuda_usable; then
   # memcheck: out-of-bounds and misaligned accesses in our kernels; fails the check.
   # Compiled graphs, CUDA graphs and gradcheck add minutes under memcheck and no kernel
   # launch that the other tests do not make.
@@ -125,7 +126,10 @@ fi
 # family that runs out of time loses only its own results.  The SLTrain strategy sweep
 # is what sets the CUDA constant of choose_strategy.  Not ot: its suite times CPU cases
 # only, so with --device cuda pytest collects nothing and exits 5 (a false failure).
-if wants bench; then
+if ! wants bench; then :
+elif ! cuda_usable; then  # the CPU dry run: bench --device cuda refuses (exit 2), not a failure of the check
+  echo "=== bench: skipped (no usable GPU)" | tee -a "$SUMMARY"
+else
   for family in ${GPU_CHECK_BENCH_FAMILIES:-sparse sparse_lowrank svd rsvd lora lora_init lora_multi dora mfac krylov}; do
     step "bench_$family" "${GPU_CHECK_BENCH_SECONDS:-20}" env LOWRANK_OPS_BENCH_TIME_BUDGET=0.05 \
       "$PY" -m lowrank_ops.cli bench $([ "${GPU_CHECK_BENCH_FULL:-1}" = 1 ] && echo --full) --device cuda --no-plot \

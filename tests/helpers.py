@@ -214,3 +214,24 @@ def assert_tensor_lr_follows_float_lr(build, steps: int = 4) -> None:
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert repr(optimizer.state_dict()["state"]) == repr(state)
+
+
+def assert_backward_ignores_autocast(forward, inputs, dtype=torch.bfloat16) -> None:
+    """``backward()`` called inside a CPU ``torch.autocast`` region gives the same gradients
+    as outside it (an autograd Function whose backward ran its products under the region
+    computed them in ``dtype``: 4e-3 relative in bfloat16, or crashed on a dtype mismatch).
+
+    ``forward(*inputs)`` returns a tensor (or a tuple, the first entry used); ``inputs``
+    are leaves requiring grad."""
+    grads = []
+    for inside in (False, True):
+        for t in inputs:
+            t.grad = None
+        out = forward(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        upstream = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+        with torch.autocast("cpu", dtype=dtype, enabled=inside):
+            out.backward(upstream)
+        grads.append([t.grad.clone() for t in inputs])
+    for outside, within in zip(*grads):
+        assert outside.dtype == within.dtype and torch.equal(outside, within)

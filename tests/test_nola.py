@@ -13,7 +13,8 @@ from lowrank_ops.nn import NOLALinear
 from lowrank_ops.nn._random_basis import stream_seed
 
 from helpers import (
-    assert_adam_fits, assert_is_base_product, assert_within, check_autocast_against_torch, randn, summation_bound,
+    assert_adam_fits, assert_backward_ignores_autocast, assert_is_base_product, assert_within,
+    check_autocast_against_torch, randn, summation_bound,
 )
 
 
@@ -478,3 +479,13 @@ def test_an_earlier_pickle_keeps_its_seed_through_meta():
     for a, b in zip(built.bases(), layer.bases()):
         assert torch.equal(a, b)
 
+
+
+
+def test_uncached_backward_inside_autocast(generator):
+    """The uncached combination's backward (torch.mv of the redrawn bases) ran under the
+    caller's autocast region; now as outside it, as the cached layer's."""
+    layer = make_layer(16, 24, 4, 12, 10, torch.float32, generator, cache_bases=False)
+    randomize(layer, generator)
+    x = randn(3, 24, generator=generator).requires_grad_()
+    assert_backward_ignores_autocast(lambda x, alpha, beta: layer(x), [x, layer.nola_alpha, layer.nola_beta])

@@ -16,6 +16,8 @@ from lowrank_ops._extension import extension
 from lowrank_ops.ops import ot as ot_ops
 from lowrank_ops.ot import OTResult, sinkhorn, sinkhorn_newton_sparse
 
+from helpers import assert_backward_ignores_autocast
+
 
 @pytest.fixture
 def pot():
@@ -1008,3 +1010,9 @@ def test_sparsify_fill_refuses_a_row_ptr_that_disagrees_with_the_entries():
     row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     col_idx, values = ops.ot_sparsify_fill(C, None, None, f, g, 0.1, 0, active, False, threshold, row_ptr)
     assert col_idx.numel() == int(counts.sum()) == int(counts[:n].sum())
+
+
+def test_value_backward_inside_autocast(generator):
+    """The value's envelope gradients are formed with the caller's autocast region off."""
+    C = torch.rand(5, 4, generator=generator, requires_grad=True)
+    assert_backward_ignores_autocast(lambda C: sinkhorn(None, None, C, 0.3, tol=1e-6).value, [C])

@@ -16,7 +16,7 @@ from lowrank_ops import reference
 from lowrank_ops.ops import fixed_sparse_matmul, spmv
 from lowrank_ops.sparse import _BUFFERS, FixedSupport
 
-from helpers import FLOAT_DTYPES, assert_within, randn, summation_bound
+from helpers import FLOAT_DTYPES, assert_backward_ignores_autocast, assert_within, randn, summation_bound
 
 # (out_features, in_features, density): tall, wide, full, tiny, nnz = 0.
 PATTERNS = [(37, 53, 0.2), (96, 300, 0.05), (24, 24, 1.0), (1, 1, 1.0), (20, 30, 0.0)]
@@ -642,3 +642,11 @@ def test_inference_fast_path_rejects_a_replaced_pattern(generator):
         fixed_sparse_matmul(x, values, support)
     with pytest.raises(ValueError, match=r"row_ptr has shape \(7,\)"):
         spmv(support, values, x[0])
+
+
+def test_backward_inside_autocast(generator):
+    """fixed_sparse_matmul's backward is run with the caller's autocast region off, as its forward."""
+    support = FixedSupport.random(12, 20, 0.3, generator=generator)
+    values = randn(support.nnz, generator=generator).requires_grad_()
+    x = randn(5, 20, generator=generator).requires_grad_()
+    assert_backward_ignores_autocast(lambda x, values: fixed_sparse_matmul(x, values, support), [x, values])

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from helpers import assert_compiled_matches_eager, assert_training_compiles, randn, with_spectrum
+from helpers import (assert_backward_ignores_autocast, assert_compiled_matches_eager, assert_training_compiles, randn,
+                     with_spectrum)
 from lowrank_ops.methods import sst
 from lowrank_ops.nn import SpectralLinear
 from lowrank_ops.nn.spectral import spectral_linear
@@ -348,3 +349,16 @@ def test_built_on_meta_then_reset_or_loaded(sample_rank):
     loaded.load_state_dict(built.state_dict())
     x = torch.randn(3, 12)
     assert torch.equal(loaded(x), built(x))
+
+
+@pytest.mark.parametrize("sample_rank", [4, 8])
+def test_backward_inside_autocast(sample_rank):
+    """The fused backward ran its products under the caller's autocast region: bfloat16
+    gradients (4e-3 relative, where the forward is float32) with every rank sampled, and a
+    dtype mismatch in index_put (RuntimeError) with a subset.  Now as outside the region."""
+    layer = SpectralLinear(16, 12, rank=8, sample_rank=sample_rank, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(6, 16, requires_grad=True)
+    def forward(x, U, s, Vh):
+        torch.manual_seed(0)  # the same sampled ranks in both passes
+        return layer(x)
+    assert_backward_ignores_autocast(forward, [x, layer.U, layer.s, layer.Vh])

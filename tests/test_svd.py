@@ -51,7 +51,7 @@ from lowrank_ops.ops.svd import (
     CPU_MAX_JACOBI_SIZE, MAX_JACOBI_SIZE, BatchedSVDResult, batched_svd, default_max_sweeps, default_tol, jacobi_size_limit,
 )
 
-from helpers import FLOAT_DTYPES, randn
+from helpers import FLOAT_DTYPES, assert_backward_ignores_autocast, randn
 
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 ROTATION_CONSTANT = 10
@@ -768,3 +768,15 @@ def test_torch_func_transforms_see_torch_svd():
     torch.testing.assert_close(jacrev(values)(A), jacrev(torch.linalg.svdvals)(A))
     batch = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(vmap(values)(batch), batched_svd(batch).S)
+
+
+def test_backward_inside_autocast(generator):
+    """The thin-SVD backward ran its products under the caller's autocast region (bfloat16
+    gradients for a float32 SVD); now as outside it."""
+    A = randn(3, 8, 6, generator=generator).requires_grad_()
+
+    def forward(A):  # a loss of U, S and Vh: every term of the backward
+        U, S, Vh = batched_svd(A)[:3]
+        return U.sum(-1) + (S.square().sum(-1, keepdim=True) + Vh.sum((-2, -1)).unsqueeze(-1))
+
+    assert_backward_ignores_autocast(forward, [A])

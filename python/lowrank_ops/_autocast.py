@@ -106,7 +106,7 @@ def autocast_off_backward(backward: Callable) -> Callable:
     the same gradients as outside it."""
     @functools.wraps(backward)
     def run(ctx, *grads):
-        device_type = next(g.device.type for g in grads if isinstance(g, torch.Tensor))
+        device_type = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), None)  # None: no grads
         if device_type not in _DEVICE_TYPES or not _is_enabled(device_type):
             return backward(ctx, *grads)
         with torch.autocast(device_type, enabled=False):

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._args import require_finite_number, require_int
+from .._autocast import autocast_off_backward
 from .._first_order import first_order_only
 from ..ops._library import composed_path, values_readable
 from ..ops.lora import lora_linear
@@ -61,6 +62,7 @@ class _UncachedCombination(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off_backward
     def backward(ctx, grad):
         (coefficients,) = ctx.saved_tensors
         seed, stream, rows, cols, bound = ctx.draw

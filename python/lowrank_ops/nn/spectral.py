@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .._args import require_int
-from .._autocast import without_autocast
+from .._autocast import autocast_off_backward, without_autocast
 from .._finite import all_finite
 from .._first_order import first_order_only
 from .._signs import normalize_signs
@@ -58,6 +58,7 @@ class _SpectralLinearFn(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off_backward
     def backward(ctx, g):
         x, U, s, Vh, h, index = ctx.saved_tensors
         need_x, need_U, need_s, need_Vh, need_b, _ = ctx.needs_input_grad

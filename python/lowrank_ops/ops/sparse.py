@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._autocast import autocast_off_backward
 from .._csr import check_index_dtypes, check_row_ptr_shape
 from .._dtypes import accumulate_dtype, float_code, index_code
 from .._extension import cuda_extension, extension
@@ -257,6 +258,7 @@ class _FixedSparseMatmul(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off_backward
     def backward(ctx, grad_y):
         x, values, row_ptr, col_idx, row_order, col_ptr, row_idx, csc_to_csr, col_order = ctx.saved_tensors
         grad_x = grad_values = None

@@ -48,6 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._args import is_real_number, require_int
+from .._autocast import autocast_off_backward
 from .._dtypes import accumulate_dtype, float_code
 from .._extension import cuda_extension, extension
 from .._finite import all_finite
@@ -277,6 +278,7 @@ class _JacobiSVD(torch.autograd.Function):
         return U, S, Vh, sweeps, converged, off_diagonal
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, grad_U, grad_S, grad_Vh, _sweeps, _converged, _off_diagonal):
         if grad_U is None and grad_S is None and grad_Vh is None:
             return None, None, None

@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 
 from .._args import is_integer
+from .._autocast import autocast_off_backward
 from .._csr import quiet_sparse_csr_beta
 from ..ops import ot as ot_ops
 from ..ops._library import forward_mode_active, in_functorch_transform
@@ -102,6 +103,7 @@ class _EntropicValue(torch.autograd.Function):
         ctx.save_for_forward(C, x, y, a, b, f, g, row_lse, col_lse)
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, grad_value):
         grads = _value_gradients(ctx, ctx.needs_input_grad[1:6])
         sources = ctx.saved_tensors[:5]

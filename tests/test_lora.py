@@ -784,3 +784,35 @@ def test_raw_ops_check_their_scalars():
         ops.dora_linear_fwd(x, W, A, B, torch.rand(6), None, None, 1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="dora_row_norm: scale must be finite"):
         ops.dora_row_norm(torch.randn(8, 32), torch.randn(4, 32), torch.randn(8, 4), float("nan"))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_dropout_with_an_explicit_generator_is_refused(use_reentrant, generator):
+    """torch.utils.checkpoint replays torch's default generators only: the recomputation drew
+    a new seed from an explicit generator, another mask than the forward's, and returned the
+    gradients of another function silently (0.88 relative off; dora_linear 1.39).  That draw
+    now raises, naming the fix; with generator=None the checkpointed gradients are the
+    un-checkpointed ones bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    W, b = randn(6, 8, generator=generator), randn(6, generator=generator)
+    A = randn(3, 8, generator=generator).requires_grad_()
+    B = randn(6, 3, generator=generator).requires_grad_()
+    m = (randn(6, generator=generator).abs() + 0.5).requires_grad_()
+    x = randn(5, 8, generator=generator).requires_grad_()
+    calls = {"lora_linear": lambda x, A, B, g: lora_linear(x, W, A, B, b, scale=0.7, dropout_p=0.4, generator=g),
+             "dora_linear": lambda x, A, B, g: dora_linear(x, W, A, B, m, b, scale=0.7, dropout_p=0.4, generator=g)}
+    for name, call in calls.items():
+        y = checkpoint(call, x, A, B, torch.Generator().manual_seed(3), use_reentrant=use_reentrant)
+        with pytest.raises(RuntimeError, match=f"{name}: a dropout mask drawn from an explicit generator inside a "
+                                               "backward pass"):
+            y.sum().backward()
+        grads = []
+        for checkpointed in (False, True):
+            x.grad = A.grad = B.grad = None
+            torch.manual_seed(11)
+            y = checkpoint(call, x, A, B, None, use_reentrant=use_reentrant) if checkpointed else call(x, A, B, None)
+            y.square().sum().backward()
+            grads.append([x.grad.clone(), A.grad.clone(), B.grad.clone()])
+        for plain, checkpointed in zip(*grads):
+            assert torch.equal(plain, checkpointed)

@@ -406,3 +406,16 @@ def test_bad_input(generator):
         layer.shrink_(0.1)
     with pytest.raises(TypeError, match=r"shrink_: model must be a torch.nn.Module; got list"):
         maestro.shrink_([layer], 0.1)
+
+
+def test_checkpointed_rank_sampling_with_an_explicit_generator_is_refused():
+    """With use_reentrant=True the recomputation sampled another rank from the layer's
+    generator (8 in the forward, 4 recomputed): wrong gradients and last_rank, silently.
+    The draw inside a backward pass now raises."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = OrderedLowRankLinear(12, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 12, requires_grad=True)
+    y = checkpoint(layer, x, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="a rank drawn from an explicit generator inside a backward pass"):
+        y.sum().backward()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .._args import is_integer, require_int, require_number
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
+from ..ops.lora import refuse_replay
 from ._layers import build_replacements, linear_sites, replace_everywhere, resolve_rank
 from .lowrank_compress import _rank_factors
 
@@ -217,6 +218,7 @@ class OrderedLowRankLinear(torch.nn.Module):
                 raise ValueError(f"{op}: rank must be an int in [0, r] = [0, {self.rank}]; got {rank!r}")
             return int(rank)
         if self.training and self.ordered_dropout and top > 0:
+            refuse_replay(op, self.generator, "rank")  # a checkpoint's recomputation would sample another one
             low = min(self.min_rank, top)
             return int(torch.randint(low, top + 1, (), generator=self.generator))
         return top

@@ -491,7 +491,7 @@ def dora_linear(
         norm = norm.detach()
     if composed_path():
         return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm, generator)
-    seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
+    seed = draw_seed(generator, "dora_linear") if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     y = _DoRALinear.apply(flatten_rows(x), weight, lora_A, lora_B, magnitude, bias, seed,
                           scale, p, eps, norm)

@@ -59,14 +59,31 @@ _SEED_HIGH = 2**62
 
 
 # ---------------------------------------------------------------------------- dropout
-def draw_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def draw_seed(generator: Optional[torch.Generator] = None, op: str = "dropout") -> torch.Tensor:
     """A fresh int64 dropout seed (0-d CPU tensor) drawn from ``generator`` or torch's default one.
 
     A generator on another device (a CUDA one) draws there and the seed is read back: one
-    device-to-host copy (a wait for the queued work); a CPU generator costs none."""
+    device-to-host copy (a wait for the queued work); a CPU generator costs none.  An
+    explicit generator inside a backward pass raises (:func:`refuse_replay`)."""
+    refuse_replay(op, generator, "dropout mask")
     if generator is None or generator.device.type == "cpu":
         return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)
     return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64, device=generator.device).cpu()
+
+
+def refuse_replay(op: str, generator: Optional[torch.Generator], what: str) -> None:
+    """RuntimeError for a draw from an explicit ``generator`` inside a backward pass: the
+    forward being recomputed by activation checkpointing (``torch.utils.checkpoint``, either
+    mode), which replays torch's default generators only.  This generator has moved on, so
+    the recomputation would draw another ``what`` than the forward did: gradients of
+    another function, silently (0.88 relative off for lora_linear's dropout)."""
+    if generator is not None and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(
+            f"{op}: a {what} drawn from an explicit generator inside a backward pass (activation checkpointing "
+            f"recomputing the forward): torch.utils.checkpoint replays only torch's default generators, so the "
+            f"recomputation would draw another {what} than the forward (wrong gradients); use generator=None "
+            f"(torch's default generator, which checkpointing replays) for checkpointed calls"
+        )
 
 
 def _lora_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -366,7 +383,7 @@ def lora_linear(
     if composed_path():
         return _composed(x, weight, lora_A, lora_B, bias, gate, scale if scale_tensor is None else scale_tensor, p,
                          generator)
-    seed = draw_seed(generator) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
+    seed = draw_seed(generator, op) if p > 0.0 else None  # stays on the CPU: reading it never syncs a GPU
     batch_shape = x.shape[:-1]
     args = (flatten_rows(x), weight, lora_A, lora_B, bias, gate, seed, scale, p,
             scale_tensor)

@@ -571,3 +571,6 @@ def test_zero_rows_are_not_recomputed(path, generator, monkeypatch):
     exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double(), 0.5)
     assert torch.equal(norm[::8], torch.zeros(8)) and (norm[4::8] > 0).all()
     torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+    # A A^T overflowing: a zero row's total is 0 * inf = NaN, and stays an exact 0 (as the kernels give it).
+    huge = dora_row_norm(weight, lora_A * 1e25, lora_B / 1e25, 0.5)
+    assert torch.equal(huge[::8], torch.zeros(8))

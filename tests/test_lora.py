@@ -816,3 +816,7 @@ def test_checkpointed_dropout_with_an_explicit_generator_is_refused(use_reentran
             grads.append([x.grad.clone(), A.grad.clone(), B.grad.clone()])
         for plain, checkpointed in zip(*grads):
             assert torch.equal(plain, checkpointed)
+        # torch's default generator passed explicitly is replayed too: accepted (a review caught its refusal).
+        x.grad = None
+        checkpoint(call, x, A, B, torch.default_generator, use_reentrant=use_reentrant).sum().backward()
+        assert x.grad is not None

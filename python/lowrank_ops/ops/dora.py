@@ -156,7 +156,9 @@ def _identity_norms(squares, total, weight, lora_A, lora_B, scale: float) -> tor
         # Exactly zero rows (W_o and B_o zero: DoRA's zero rows) keep their 0 without the
         # dense recomputation; only the others, whose squares underflowed, cancelled or
         # overflowed, are recomputed.
-        rows = rows[(weight[rows] != 0).any(1) | (lora_B[rows] != 0).any(1)]
+        nonzero = (weight[rows] != 0).any(1) | (lora_B[rows] != 0).any(1)
+        norm[rows[~nonzero]] = 0  # their total may be 0 * inf = NaN (A A^T overflowing), as the kernels' zero_row
+        rows = rows[nonzero]
         if rows.numel():
             norm[rows] = direct_row_norms(weight[rows], lora_A, lora_B[rows], scale, norm.dtype)
     return norm

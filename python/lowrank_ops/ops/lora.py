@@ -72,18 +72,24 @@ def draw_seed(generator: Optional[torch.Generator] = None, op: str = "dropout") 
 
 
 def refuse_replay(op: str, generator: Optional[torch.Generator], what: str) -> None:
-    """RuntimeError for a draw from an explicit ``generator`` inside a backward pass: the
-    forward being recomputed by activation checkpointing (``torch.utils.checkpoint``, either
-    mode), which replays torch's default generators only.  This generator has moved on, so
-    the recomputation would draw another ``what`` than the forward did: gradients of
-    another function, silently (0.88 relative off for lora_linear's dropout)."""
-    if generator is not None and torch._C._current_graph_task_id() != -1:
-        raise RuntimeError(
-            f"{op}: a {what} drawn from an explicit generator inside a backward pass (activation checkpointing "
-            f"recomputing the forward): torch.utils.checkpoint replays only torch's default generators, so the "
-            f"recomputation would draw another {what} than the forward (wrong gradients); use generator=None "
-            f"(torch's default generator, which checkpointing replays) for checkpointed calls"
-        )
+    """RuntimeError for a draw from an explicit, non-default ``generator`` inside a backward
+    pass: typically the forward being recomputed by activation checkpointing
+    (``torch.utils.checkpoint``, either mode), which replays torch's default generators
+    only.  Such a generator has moved on, so the recomputation would draw another ``what``
+    than the forward did: gradients of another function, silently (0.88 relative off for
+    lora_linear's dropout).  torch's default generators (passed explicitly or as None)
+    are replayed, and pass."""
+    if generator is None or torch._C._current_graph_task_id() == -1:
+        return
+    if generator is torch.default_generator or (
+            generator.device.type == "cuda" and any(generator is g for g in torch.cuda.default_generators)):
+        return
+    raise RuntimeError(
+        f"{op}: a {what} drawn from an explicit generator inside a backward pass (e.g. activation checkpointing "
+        f"recomputing the forward: torch.utils.checkpoint replays only torch's default generators, so the "
+        f"recomputation would draw another {what} than the forward and give wrong gradients); use generator=None "
+        f"(torch's default generator, which checkpointing replays) for such calls, or draw outside the backward pass"
+    )
 
 
 def _lora_dropout(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:

@@ -574,3 +574,12 @@ def test_zero_rows_are_not_recomputed(path, generator, monkeypatch):
     # A A^T overflowing: a zero row's total is 0 * inf = NaN, and stays an exact 0 (as the kernels give it).
     huge = dora_row_norm(weight, lora_A * 1e25, lora_B / 1e25, 0.5)
     assert torch.equal(huge[::8], torch.zeros(8))
+
+
+def test_row_norm_with_a_huge_scale(generator):
+    """s^2 went to addmm as a float32 alpha: a scale above 1.8e19 raised "value cannot be
+    converted to type float without overflow".  s is applied to each factor now."""
+    weight, lora_A = randn(48, 64, generator=generator), randn(4, 64, generator=generator)
+    lora_B = randn(48, 4, generator=generator) * 1e-20
+    exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double() * 1e20, 1.0)
+    torch.testing.assert_close(dora_row_norm(weight, lora_A, lora_B, 1e20).double(), exact, rtol=1e-6, atol=0)

@@ -122,8 +122,16 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     else:
         proj = torch.cat([weight[row:row + _NORM_ROWS].to(accumulate) @ factor_A.T
                           for row in range(0, weight.shape[0], _NORM_ROWS)])
-    coef = torch.addmm(proj, factor_B, factor_A @ factor_A.T, beta=2 * scale, alpha=scale * scale)
+    coef = _coefficients(proj, factor_B, factor_A, scale)
     return coef, factor_B, factor_A
+
+
+def _coefficients(proj, B, A, scale: float) -> torch.Tensor:
+    """``C = 2 s W A^T + s^2 B (A A^T)`` from ``proj = W A^T``: s applied to each factor, not
+    as ``alpha = s^2`` (a float32 scalar: a scale above 1.8e19 raised "value cannot be
+    converted to type float without overflow"; an overflowing C now makes its rows'
+    totals inf, which the direct rows handle)."""
+    return torch.addmm(proj, B * scale, (A @ A.T) * scale, beta=2 * scale)
 
 
 #: Safe range of the identity's total (see ``dora_identity_unreliable`` in
@@ -190,7 +198,7 @@ def _fused_row_norm(weight, lora_A, lora_B, scale):
     squares = weight.new_empty(weight.shape[0])
     proj = small_batch_kernel(lora_A, weight, weight_sumsq=squares).T  # W A^T
     B = lora_B.contiguous()
-    coef = torch.addmm(proj, B, lora_A @ lora_A.T, beta=2 * scale, alpha=scale * scale)
+    coef = _coefficients(proj, B, lora_A, scale)
     return _identity_norms(squares, squares + (B * coef).sum(1), weight, lora_A, lora_B, scale)
 
 

@@ -1302,3 +1302,21 @@ def test_optimizer_tensor_lr_follows_the_float_lr():
         return model, optimizer, lambda: torch.nn.functional.mse_loss(model(x), y)
 
     assert_tensor_lr_follows_float_lr(build)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=str)
+def test_update_ihvp_at_large_gradient_scales(dtype, tol):
+    """update_ihvp formed Woodbury's (g - G^T K^-1 G g) / lambda, which cancels for a g in
+    the window once ||g||^2 / (n lambda) passes ~1 / u: MFAC's steps were 1e11x too large
+    at gradients of 1e10 (float64 too), silently.  The new gradient is a row of G, so
+    F^-1 g = n G^T K^-1 e_s: checked against the window's SVD (an independent formula)
+    from 1e-20 to 1e20, one gradient and a window of four."""
+    for scale in (1e-20, 1.0, 1e10, 1e20):
+        for m in (1, 4):
+            G = torch.randn(m, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(m)) * scale
+            inverse = MFACInverse(50, m, 1e-5, dtype=dtype)
+            for row in G.to(dtype):
+                result = inverse.update_ihvp(row)
+            U, S, Vh = torch.linalg.svd(G.to(dtype).double(), full_matrices=False)
+            expected = Vh.T @ ((S / (1e-5 + S * S / m)) * U[m - 1])
+            assert ((result.double() - expected).norm() / expected.norm()).item() <= tol, (scale, m)

@@ -380,9 +380,16 @@ class MFACInverse:
             )
         was_full = self.count >= self.ngrads
         dots = self._add(g)
-        stored = self.grads[(self.count - 1) % self.ngrads].to(self.dtype)  # round(g), as G g used it
+        slot = (self.count - 1) % self.ngrads
+        stored = self.grads[slot].to(self.dtype)  # round(g), as G g used it
+        # g is row `slot` of G, so G g = K e_s - n lambda e_s and Woodbury's
+        # (g - G^T K^-1 G g) / lambda is n G^T K^-1 e_s: no subtraction.  The subtraction
+        # cancelled once ||g||^2 / (n lambda) passed ~1 / u: steps 1e11x too large for
+        # gradients of 1e10 at lambda = 1e-5, in float64 too, silently.
+        unit = torch.zeros_like(dots)
+        unit[slot] = 1.0
         try:
-            return self._apply(stored.unsqueeze(0), dots.unsqueeze(0))[0]
+            return self._apply(stored.unsqueeze(0), unit.unsqueeze(0), 0.0, float(self.n))[0]
         except _NotPositiveDefinite:  # no product for this window: undone as update's errors undo it
             if was_full:
                 self.reset()
@@ -428,8 +435,11 @@ class MFACInverse:
             self._updates_since_factor = 0
         return self._factor
 
-    def _apply(self, x: torch.Tensor, dots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``F^-1 x`` for rows ``x [k, dim]``, from ``dots = G_n x^T`` rows ``[k, n]`` when given.
+    def _apply(self, x: torch.Tensor, dots: Optional[torch.Tensor] = None, alpha: Optional[float] = None,
+               beta: Optional[float] = None) -> torch.Tensor:
+        """``F^-1 x`` for rows ``x [k, dim]``, from ``dots = G_n x^T`` rows ``[k, n]`` when given:
+        ``alpha x + beta G^T K^-1 dots`` with Woodbury's ``alpha = 1 / lambda``, ``beta = -1 / lambda``
+        unless given (:meth:`update_ihvp` passes its own).
 
         Without autograd, on every device: the ``mfac_apply`` op.  On the CPU that is one
         extension call for the passes and the solve: no Python work or tensors between the
@@ -442,15 +452,16 @@ class MFACInverse:
         n = self.n
         if n == 0:
             return x / self.damp
+        alpha = 1.0 / self.damp if alpha is None else alpha
+        beta = -1.0 / self.damp if beta is None else beta
         differentiable = torch.is_grad_enabled() and (x.requires_grad or (dots is not None and dots.requires_grad))
         # (jvp's duals do not require grad: the op dropped their tangents, silently)
         if not (differentiable or composed_path()):
-            return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), 1.0 / self.damp,
-                                                -1.0 / self.damp, dots)
+            return mfac_apply_op(x.device.type)(self.grads, x, n, self._cholesky(), alpha, beta, dots)
         if dots is None:
             dots = dots_op(self.grads, x, n)
         coef = torch.cholesky_solve(dots.T.to(torch.float64), self._cholesky(), upper=True).T.to(self.dtype)
-        return combine_op(self.grads, coef.contiguous(), x, n, 1.0 / self.damp, -1.0 / self.damp)
+        return combine_op(self.grads, coef.contiguous(), x, n, alpha, beta)
 
     @_locked
     def ihvp(self, x: torch.Tensor) -> torch.Tensor:

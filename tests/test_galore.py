@@ -619,3 +619,22 @@ def test_tensor_lr_follows_the_float_lr(optimizer_class):
         return model, optimizer, lambda: torch.nn.functional.mse_loss(model(x), y)
 
     assert_tensor_lr_follows_float_lr(build)
+
+
+def test_8bit_state_survives_an_overflowing_second_moment():
+    """Finite gradients of 1e21 and up overflow the float32 second moment; its block's
+    absmax became inf and decoded the whole block to NaN: NaN parameters at the next step.
+    The overflow is stored as float32's largest (the 32-bit state's inf only zeroes the
+    update): parameters stay finite."""
+    from lowrank_ops.optim._quantized_state import dequantize_blockwise, quantize_blockwise
+
+    codes, absmax = quantize_blockwise(torch.tensor([1.0, math.inf, 3.0]), False)
+    assert torch.isfinite(dequantize_blockwise(codes, absmax, False)).all()
+    for scale in (1e21, 1e30):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(128, 64))
+        optimizer = GaLoreAdamW8bit([p], weight_decay=0.0, rank=64, min_8bit_size=1)
+        for _ in range(3):
+            p.grad = torch.randn(128, 64) * scale
+            optimizer.step()
+        assert torch.isfinite(p).all(), scale

@@ -141,7 +141,7 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = BLOCK_SI
         Shaped as ``x``: the index of the map entry nearest to ``value / absmax``.
     absmax : Tensor[ceil(x.numel() / block_size)] float32
         Each block's largest absolute value (0 for an all-zero block, whose codes are
-        then the map's 0).
+        then the map's 0; an infinite value is stored as float32's largest).
     """
     if block_size < 1:
         raise ValueError(f"quantize_blockwise: block_size must be >= 1; got {block_size}")
@@ -151,8 +151,12 @@ def quantize_blockwise(x: torch.Tensor, signed: bool, block_size: int = BLOCK_SI
         absmax = torch.maximum(high, low.neg())
     else:
         absmax = blocks.new_zeros(blocks.shape[0])
+    # An infinite value (a float32 second moment overflowing: gradients above ~1e19) is
+    # stored as float32's largest: an infinite absmax decoded the whole block to NaN (NaN
+    # parameters at the next step), where the 32-bit state's inf only zeroes the update.
+    absmax = absmax.clamp_max(torch.finfo(torch.float32).max)
     # An all-zero block divides by 1 instead of 0: its values stay 0 and take code "0".
-    normalized = blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)
+    normalized = (blocks / torch.where(absmax > 0, absmax, 1.0).unsqueeze(1)).clamp_(-1.0, 1.0)
     base, cut = _cell_tables(signed, normalized.device)
     flat = normalized.view(-1)
     cells = (flat.view(torch.int32) >> 16) & 0xFFFF

@@ -1288,8 +1288,9 @@ def test_backward_through_an_ihvp_after_the_window_changed_raises(generator):
 
 
 def test_damping_whose_inverse_overflows_is_refused():
-    with pytest.raises(ValueError, match=r"damp must be at least 5.56e-309 \(1 / damp finite\); got 1e-309"):
-        MFACInverse(4, 2, 1e-309)
+    with pytest.raises(ValueError, match=r"damp must be at least 5.56e-309 \(1 / damp finite in the torch.float64 "
+                                         r"compute dtype\); got 1e-309"):
+        MFACInverse(4, 2, 1e-309, dtype=torch.float64)
 
 
 def test_optimizer_tensor_lr_follows_the_float_lr():
@@ -1320,3 +1321,18 @@ def test_update_ihvp_at_large_gradient_scales(dtype, tol):
             U, S, Vh = torch.linalg.svd(G.to(dtype).double(), full_matrices=False)
             expected = Vh.T @ ((S / (1e-5 + S * S / m)) * U[m - 1])
             assert ((result.double() - expected).norm() / expected.norm()).item() <= tol, (scale, m)
+
+
+def test_damp_must_leave_one_over_damp_finite_in_the_compute_dtype():
+    """1 / damp was checked in float64 only: float32 windows at damp 1e-40 computed with an
+    infinite 1 / damp, and obs_scores returned all zeros (no pruning order left)."""
+    with pytest.raises(ValueError, match=r"MFACInverse: damp must be at least 2.94e-39 \(1 / damp finite in the "
+                                         r"torch.float32 compute dtype\); got 1e-40"):
+        MFACInverse(30, 4, 1e-40, dtype=torch.float32)
+    with pytest.raises(ValueError, match="damp must be at least 2.94e-39"):
+        obs_scores(torch.randn(30), torch.randn(8, 30), 1e-40)
+    inverse = MFACInverse(30, 4, 1e-3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="MFACInverse.damp: damp must be at least"):
+        inverse.damp = 1e-40
+    scores = obs_scores(torch.randn(30, dtype=torch.float64), torch.randn(8, 30, dtype=torch.float64), 1e-40)
+    assert (scores > 0).all()  # float64 computes there

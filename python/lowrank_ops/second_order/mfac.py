@@ -118,12 +118,14 @@ def check_storage_dtype(op: str, dtype: torch.dtype, storage_dtype: Optional[tor
     return storage_dtype
 
 
-def _check_damp(damp: float, op: str) -> float:
+def _check_damp(damp: float, op: str, dtype: torch.dtype = torch.float64) -> float:
     if isinstance(damp, (bool, str)) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp!r}")
-    if not 1.0 / float(damp) < math.inf:  # the products scale by 1 / damp
-        raise ValueError(f"{op}: damp must be at least {1.0 / 1.7976931348623157e308:.3g} (1 / damp finite); "
-                         f"got {damp!r}")
+    largest = torch.finfo(dtype).max
+    if not 1.0 / float(damp) < largest:  # the products scale by 1 / damp, in the compute dtype
+        # (float32 at damp 1e-40: 1 / damp overflowed and obs_scores returned all zeros)
+        raise ValueError(f"{op}: damp must be at least {1.0 / largest:.3g} (1 / damp finite in the {dtype} compute "
+                         f"dtype); got {damp!r}")
     return float(damp)
 
 
@@ -174,7 +176,7 @@ class MFACInverse:
         storage_dtype = check_storage_dtype(op, dtype, storage_dtype)
         self._lock = threading.RLock()  # see _locked
         self.dim, self.ngrads = int(dim), int(ngrads)
-        self._damp = _check_damp(damp, op)
+        self._damp = _check_damp(damp, op, dtype)
         self.dtype, self.storage_dtype = dtype, storage_dtype
         self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=device)
         # The storage's device: "cuda" resolves to "cuda:<current>", what inputs report.
@@ -207,7 +209,7 @@ class MFACInverse:
     @damp.setter
     @_locked
     def damp(self, value: float) -> None:
-        value = _check_damp(value, "MFACInverse.damp")
+        value = _check_damp(value, "MFACInverse.damp", self.dtype)
         if value != self._damp:
             self._damp = value
             self._factor = None

@@ -59,6 +59,23 @@ def test_noise_std_follows_the_formula(alpha, beta, active_rank, dtype, generato
     assert ((std.double() - expected).abs() <= 200 * unit * expected).all()
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e20])
+def test_noise_std_at_extreme_float32_scales(scale, generator):
+    """The squares (fourth powers in the gradient term) were formed in float32: weights or
+    gradients of 1e20 gave inf / NaN noise scales (written into W by perturb), 1e-30 a
+    zero noise.  They are formed in float64 now: the float32 result within a few units."""
+    layer = lora(24, 10, 4, generator, torch.float32)
+    with torch.no_grad():  # W' = W + s B A and G' = s (dB A + B dA) of the given scale
+        for p in (layer.base_layer.weight, layer.lora_B):
+            p.mul_(scale)
+    layer.lora_A.grad = torch.randn(layer.lora_A.shape, generator=generator)
+    layer.lora_B.grad = torch.randn(layer.lora_B.shape, generator=generator) * scale
+    opt = GGPO(layer, torch.optim.SGD(layer.parameters(), lr=0.1), sigma=0.07, alpha=1.0, beta=1.0)
+    std = opt.noise_std(0)
+    expected = expected_std(layer, 0.07, 1.0, 1.0)
+    assert std.dtype == torch.float32 and torch.isfinite(std).all() and (std > 0).all()
+    assert ((std.double() - expected).abs() <= 200 * 2.0**-24 * expected).all()
+
 def test_perturbation_draws_the_formula_and_restore_is_bitwise(device, generator):
     in_f, out_f = 3000, 6
     layer = lora(in_f, out_f, 3, generator).to(device)

@@ -221,19 +221,23 @@ class GGPO:
         grad_sq_norm = self._grad_sq_norm(adapter) if self.gradient_source == "current" else adapter.grad_sq_norm
         weight = adapter.weight if adapter.original is None else adapter.original
         A, B, ranks, scale = adapter.factors()
-        variance = dora_row_norm(weight, A.detach()[ranks], B.detach()[:, ranks], scale).square_().mul_(self.beta)
+        # Squares (and the gradient term's fourth powers) in float64: in float32 they
+        # overflowed for weights or gradients of 1e20 (inf / NaN noise written into W) and
+        # underflowed to a zero noise at 1e-30; float64 holds every float32 value's fourth power.
+        norm = dora_row_norm(weight, A.detach()[ranks], B.detach()[:, ranks], scale)
+        variance = norm.to(torch.float64).square_().mul_(self.beta)
         if self.alpha and grad_sq_norm is not None:
-            variance.add_(grad_sq_norm.to(variance.dtype), alpha=self.alpha)
-        return variance.div_(weight.shape[1]).sqrt_().mul_(self.sigma)
+            variance.add_(grad_sq_norm.to(torch.float64), alpha=self.alpha)
+        return variance.div_(weight.shape[1]).sqrt_().mul_(self.sigma).to(norm.dtype)
 
     @staticmethod
     def _grad_sq_norm(adapter: _Adapter) -> Optional[torch.Tensor]:
-        """``||G'_i||^2`` [out] with ``G' = s (dB A + B dA)``, through the 2r x 2r Gram of
-        ``[A; dA]`` (no [out, in] product); None when neither factor has a gradient."""
+        """``||G'_i||^2`` [out] (float64) with ``G' = s (dB A + B dA)``, through the 2r x 2r Gram
+        of ``[A; dA]`` (no [out, in] product); None when neither factor has a gradient."""
         A, B, ranks, scale = adapter.factors()
         if A.grad is None and B.grad is None:
             return None
-        dtype = torch.promote_types(adapter.weight.dtype, torch.float32)
+        dtype = torch.float64  # fourth powers of the entries: see noise_std
         A_, B_ = A.detach()[ranks].to(dtype), B.detach()[:, ranks].to(dtype)
         dA = torch.zeros_like(A_) if A.grad is None else A.grad[ranks].to(dtype)
         dB = torch.zeros_like(B_) if B.grad is None else B.grad[:, ranks].to(dtype)

@@ -126,6 +126,21 @@ def test_ranks_go_to_the_highest_scores(device):
     assert allocator.history == [(3, [allocator.names[i] for i in sorted(top)])]
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_ranks_go_to_the_highest_scores_at_extreme_gradient_scales(scale):
+    """The scores' product |w g| * uncertainty was formed in float32 before its float64 sum:
+    inf for every module at gradients of 1e20 (the tie went to the first module), 0 at
+    1e-30.  Formed in float64, the module with the largest gradients gets the rank."""
+    generator = torch.Generator().manual_seed(7)
+    model = Stack(generator, widths=(16,) * 4, r_max=4)  # three modules of the same size
+    allocator = IncreLoRAAllocator(model, 3 * 1 + 1, 1, add_every=3, ranks_per_step=1)
+    for step in range(1, 4):
+        for layer, f in zip(model.layers, (1.0, 3.0, 1.0)):
+            layer.lora_A.grad = randn(*layer.lora_A.shape, generator=generator) * (f * scale)
+            layer.lora_B.grad = randn(*layer.lora_B.shape, generator=generator) * (f * scale)
+        ranks = allocator.update_and_allocate(step)
+    assert [ranks[n] for n in allocator.names] == [1, 2, 1]
+
 def test_ties_go_to_the_first_module(generator):
     model = Stack(generator, widths=(8,) * 4, r_max=3)
     allocator = IncreLoRAAllocator(model, 4, 1, add_every=1)

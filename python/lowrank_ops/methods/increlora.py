@@ -304,7 +304,9 @@ class IncreLoRAAllocator:
         Tensor[n]
             float64 on the CPU, in :attr:`names` order.
         """
-        totals = [(self._exp_avg_ipt[j] * self._exp_avg_unc[j]).sum(dtype=torch.float64)
+        # The product in float64: in float32 it overflowed (inf scores, ties broken by order:
+        # the rank went to the first module) for gradients of 1e20, and underflowed to 0 at 1e-30.
+        totals = [(self._exp_avg_ipt[j].double() * self._exp_avg_unc[j].double()).sum()
                   for j in range(len(self._params))]
         # One copy to the host (one synchronization on CUDA), not one per tensor; modules
         # spread over several devices are copied one by one.

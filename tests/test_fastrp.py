@@ -276,3 +276,22 @@ def test_bad_input():
         sparse_random_projection(-1, 3)
     with pytest.raises(ValueError, match="s must be >= 1"):
         sparse_random_projection(5, 3, s=float("inf"))
+
+
+@pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e38, 1e-40)), (torch.float64, (1e300, 1e-310))], ids=str)
+@pytest.mark.parametrize("beta", [0.0, -0.5])
+def test_embeddings_do_not_depend_on_the_weights_scale(dtype, scales, beta):
+    """A = D^-1 S and L = (d / 2m)^beta do not change when S is scaled; the degrees were
+    summed in S's dtype: float32 weights of 1e38 gave all-zero embeddings (overflowing
+    degrees), with beta < 0 or subnormal weights NaN.  Now equal to the unscaled graph's."""
+    generator = torch.Generator().manual_seed(4)
+    S = torch.rand(30, 30, generator=generator, dtype=torch.float64)
+    S = ((S + S.T) * (S + S.T > 1.2)).to(dtype)  # a sparse symmetric weighted graph
+    for scale in scales:
+        scaled = S * scale
+        got = fastrp(scaled, 8, beta=beta, generator=torch.Generator().manual_seed(0))
+        # The reference: the same rounded weights, unscaled in float64 (exact for powers of
+        # two and within an ulp otherwise), embedded in float64.
+        expected = fastrp(scaled.double() / scale, 8, beta=beta, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-12)

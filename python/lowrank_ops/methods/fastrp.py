@@ -300,15 +300,21 @@ def fastrp(
     # Degrees (row sums) and the transition matrix A = D^-1 S, in CSR (S's pattern).
     entry_rows = torch.repeat_interleave(torch.arange(n, device=device), row_ptr[1:] - row_ptr[:-1],
                                          output_size=values.numel())
-    degree = torch.zeros(n, dtype=dtype, device=device).index_add_(0, entry_rows, values)
+    # In float64, on the weights divided by the largest one (A and L do not change): in the
+    # weights' own dtype, degrees of float32 weights of 1e38 overflowed (all-zero embeddings),
+    # and subnormal weights' reciprocals did (NaN); (d / 2m)^beta of a huge total too.
+    work = values.to(torch.float64)
+    largest = work.abs().max() if work.numel() else work.new_ones(())
+    work = work / torch.where((largest > 0) & (largest < float("inf")), largest, 1.0)
+    degree = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, entry_rows, work)
     has_edges = degree > 0
     inv_degree = torch.where(has_edges, degree.reciprocal(), torch.zeros_like(degree))
-    transition = values * inv_degree[entry_rows]
+    transition = (work * inv_degree[entry_rows]).to(dtype)
     total = degree.sum()
     # L_j = (d_j / 2m)^beta for d_j > 0, 0 for degree-0 nodes (see the module docstring).
-    safe_share = torch.where(has_edges, degree / torch.clamp(total, min=torch.finfo(dtype).tiny),
+    safe_share = torch.where(has_edges, degree / torch.clamp(total, min=torch.finfo(torch.float64).tiny),
                              torch.ones_like(degree))
-    degree_weight = torch.where(has_edges, safe_share.pow(beta), torch.zeros_like(degree))
+    degree_weight = torch.where(has_edges, safe_share.pow(beta), torch.zeros_like(degree)).to(dtype)
 
     if projection is None:
         R = sparse_random_projection(n, dim, s=s, generator=generator, dtype=dtype, device=device)

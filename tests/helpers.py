@@ -235,3 +235,40 @@ def assert_backward_ignores_autocast(forward, inputs, dtype=torch.bfloat16) -> N
         grads.append([t.grad.clone() for t in inputs])
     for outside, within in zip(*grads):
         assert outside.dtype == within.dtype and torch.equal(outside, within)
+
+
+def assert_meta_build_loads(build, saved, x: torch.Tensor) -> None:
+    """``build()`` under ``torch.device("meta")`` runs shapes only, and loaded with ``saved``'s
+    state dict (after ``to_empty()``, or with ``assign=True``) is ``saved``'s layer on ``x``."""
+    for assign in (False, True):
+        with torch.device("meta"):
+            layer = build()
+        assert layer(torch.empty(x.shape, device="meta")).shape == saved(x).shape
+        if not assign:
+            layer.to_empty(device="cpu")
+        layer.load_state_dict(saved.state_dict(), assign=assign)
+        assert torch.equal(layer(x), saved(x))
+
+
+def assert_meta_build_resets_to(build, built, refusal: str):
+    """``build()`` under ``torch.device("meta")``, then ``to_empty()``: the forward refuses
+    (``refusal``, a regex) until ``reset_parameters()``, which (with ``built``'s base layer
+    copied in) gives ``built``'s state dict; one SGD step then stays finite.  Returns the layer."""
+    import pytest
+
+    with torch.device("meta"):
+        layer = build()
+    layer.to_empty(device="cpu")
+    x = torch.randn(5, layer.base_layer.in_features)
+    with pytest.raises(RuntimeError, match=refusal):
+        layer(x)
+    with torch.no_grad():
+        layer.base_layer.load_state_dict(built.base_layer.state_dict())
+    layer.reset_parameters()
+    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
+        assert torch.equal(a, b), name
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert all(p.isfinite().all() for p in layer.parameters()) and layer(x).isfinite().all()
+    return layer

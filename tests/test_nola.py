@@ -13,7 +13,8 @@ from lowrank_ops.nn import NOLALinear
 from lowrank_ops.nn._random_basis import stream_seed
 
 from helpers import (
-    assert_adam_fits, assert_backward_ignores_autocast, assert_is_base_product, assert_within,
+    assert_adam_fits, assert_backward_ignores_autocast, assert_is_base_product, assert_meta_build_resets_to,
+    assert_within,
     check_autocast_against_torch, randn, summation_bound,
 )
 
@@ -441,25 +442,12 @@ def test_built_on_meta_then_reset_parameters(cache_bases):
     (the constructor's seed was lost; NaN after a step): the seed is written back and the
     bases drawn from it, and until then the forward refuses."""
     built = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=123, cache_bases=cache_bases)
-    with torch.device("meta"):
-        layer = NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=123, cache_bases=cache_bases)
-    layer.to_empty(device="cpu")
-    x = torch.randn(5, 16)
-    with pytest.raises(RuntimeError, match="NOLALinear: the bases and nola_seed hold uninitialized memory"):
-        layer(x)
-    with torch.no_grad():
-        layer.base_layer.weight.copy_(built.base_layer.weight)
-        layer.base_layer.bias.copy_(built.base_layer.bias)
-    layer.reset_parameters()
+    layer = assert_meta_build_resets_to(
+        lambda: NOLALinear(torch.nn.Linear(16, 12), 3, 4, 5, seed=123, cache_bases=cache_bases), built,
+        "NOLALinear: the bases and nola_seed hold uninitialized memory")
     assert int(layer.nola_seed) == 123
-    for (name, a), (_, b) in zip(built.state_dict().items(), layer.state_dict().items()):
-        assert torch.equal(a, b), name
     for a, b in zip(built.bases(), layer.bases()):
         assert torch.equal(a, b)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(x).square().sum().backward()
-    optimizer.step()
-    assert layer.nola_beta.isfinite().all() and layer(x).isfinite().all()
 
 
 def test_an_earlier_pickle_keeps_its_seed_through_meta():

@@ -21,9 +21,10 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .._args import is_integer
+from ..ops._library import values_readable
 
-__all__ = ["BLOCK_ELEMENTS", "block_size", "check_seed", "draw_bases", "iter_bases", "kaiming_bound", "new_seed",
-           "rounded_by_cast", "stream_seed"]
+__all__ = ["BLOCK_ELEMENTS", "SeededBases", "block_size", "check_seed", "draw_bases", "iter_bases", "kaiming_bound",
+           "new_seed", "rounded_by_cast", "stream_seed"]
 
 #: Numbers drawn per ``uniform_`` call (4 MB in float32): the unit of regeneration.
 BLOCK_ELEMENTS = 1 << 20
@@ -96,3 +97,64 @@ def rounded_by_cast(before: torch.dtype, after: torch.dtype) -> bool:
     precision rounding (cast back to float32, the layer would compute another function
     than the same state dict loaded into a fresh layer)."""
     return before != after and before in (torch.float16, torch.bfloat16)
+
+
+class SeededBases:
+    """Mixin of the modules whose frozen bases are drawn from a seed buffer (NOLA, RandLoRA):
+    the bases follow the seed through loads, moves, casts and meta builds.
+
+    The class names its seed buffer (``_seed_buffer``), a basis buffer whose dtype casts
+    are watched (``_basis_buffer``; None when the bases are not kept) and a parameter that
+    tells a meta module apart (``_coefficient``); it keeps ``_bases_seed`` (the seed the
+    bases were drawn from; None: not drawn, as after a meta build) and implements
+    ``_draw_bases()`` (draws them from the seed buffer and sets ``_bases_seed``).
+    """
+
+    _seed_buffer: str
+    _basis_buffer: str
+    _coefficient: str
+    # The constructor's seed, kept off the buffers (to_empty() from meta leaves the seed
+    # buffer uninitialized).  None on a layer pickled before it existed: _apply takes it
+    # from the buffer before a move can lose it (_take_seed).
+    _seed: Optional[int] = None
+
+    def _take_seed(self) -> None:
+        """Sets ``_seed`` from the seed buffer when unknown (a layer pickled before it existed)."""
+        seed = self._buffers.get(self._seed_buffer)
+        if self._seed is None and seed is not None and not seed.is_meta and values_readable(seed):
+            self._seed = int(seed)
+
+    def _restore_seed(self) -> None:
+        """Writes the layer's seed back into the seed buffer and draws the bases when they were
+        never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
+        seed = getattr(self, self._seed_buffer)
+        if self._bases_seed is None and not seed.is_meta:
+            seed.fill_(self._seed)
+            self._draw_bases()
+
+    def _require_bases(self) -> None:
+        """Raises RuntimeError on uninitialized bases (an attribute check: cheap per call)."""
+        if self._bases_seed is None and not getattr(self, self._coefficient).is_meta:
+            raise RuntimeError(
+                f"{type(self).__name__}: the bases and {self._seed_buffer} hold uninitialized memory (the layer was "
+                f"built on the meta device, then to_empty()); call reset_parameters() or load_state_dict() first"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + self._seed_buffer not in state_dict:  # strict=False without the seed: keep the layer's own
+            self._restore_seed()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        seed = getattr(self, self._seed_buffer)
+        if seed.is_meta or int(seed) != self._bases_seed:  # a new seed: the bases go with it
+            self._draw_bases()
+
+    def _apply(self, fn, recurse=True):
+        self._take_seed()
+        basis = getattr(self, self._basis_buffer)
+        before = None if basis is None else basis.dtype
+        module = super()._apply(fn, recurse)
+        if getattr(self, self._seed_buffer).is_meta:  # moved to meta: the values are gone (to_empty() leaves garbage)
+            self._bases_seed = None
+        elif before is not None and rounded_by_cast(before, getattr(self, self._basis_buffer).dtype):  # .half().float()
+            self._draw_bases()
+        return module

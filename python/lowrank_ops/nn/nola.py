@@ -34,11 +34,10 @@ import torch
 from .._args import require_finite_number, require_int
 from .._autocast import autocast_off_backward
 from .._first_order import first_order_only
-from ..ops._library import composed_path, values_readable
+from ..ops._library import composed_path
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
-from ._random_basis import (check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, rounded_by_cast,
-                            stream_seed)
+from ._random_basis import SeededBases, check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
 
 __all__ = ["NOLALinear"]
 
@@ -94,7 +93,7 @@ def _combination(coefficients, seed: int, stream: int, rows: int, cols: int, bou
     return out.view(rows, cols)
 
 
-class NOLALinear(MergeableAdapter):
+class NOLALinear(SeededBases, MergeableAdapter):
     """``y = base(x) + s (x A^T) B^T`` with ``A = sum_i alpha_i A_i``, ``B = sum_j beta_j B_j``
     around a frozen ``nn.Linear`` (NOLA).
 
@@ -150,6 +149,8 @@ class NOLALinear(MergeableAdapter):
     frozen matrix, and ``alpha`` alone describes A.)
     """
 
+    _seed_buffer, _basis_buffer, _coefficient = "nola_seed", "nola_basis_A", "nola_alpha"  # see SeededBases
+
     def __init__(
         self,
         base_layer: torch.nn.Linear,
@@ -198,7 +199,7 @@ class NOLALinear(MergeableAdapter):
         # leaves it uninitialized, so reset_parameters() writes this one back.
         self._seed = seed
         self._bases_seed: Optional[int] = None  # the seed the bases were drawn from; None: not drawn (meta)
-        self._draw_cached_bases()
+        self._draw_bases()
         self.reset_parameters()
 
     # ------------------------------------------------------------------ bases
@@ -208,7 +209,7 @@ class NOLALinear(MergeableAdapter):
                 (_STREAM_B, self.num_basis_B, self.out_features, self.r, kaiming_bound(self.r)))
 
     @torch.no_grad()
-    def _draw_cached_bases(self) -> None:
+    def _draw_bases(self) -> None:
         """(Re)draws the bases buffers from ``nola_seed`` (nothing without ``cache_bases``)."""
         factory = {"device": self.nola_alpha.device, "dtype": self.nola_alpha.dtype}
         spec_A, spec_B = self._basis_spec()
@@ -234,49 +235,6 @@ class NOLALinear(MergeableAdapter):
         factory = {"device": self.nola_alpha.device, "dtype": self.nola_alpha.dtype}
         seed = int(self.nola_seed)
         return tuple(draw_bases(seed, *spec, **factory) for spec in self._basis_spec())
-
-    # The constructor's seed, kept off the buffers (to_empty() from meta leaves the seed
-    # buffer uninitialized).  None on a layer pickled before it existed: _apply takes it
-    # from the buffer before a move can lose it (_take_seed).
-    _seed: Optional[int] = None
-
-    def _take_seed(self) -> None:
-        """Sets ``_seed`` from the seed buffer when unknown (a layer pickled before it existed)."""
-        seed = self._buffers.get("nola_seed")
-        if self._seed is None and seed is not None and not seed.is_meta and values_readable(seed):
-            self._seed = int(seed)
-
-    def _restore_seed(self) -> None:
-        """Writes the layer's seed back into ``nola_seed`` and draws the bases when they were
-        never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
-        if self._bases_seed is None and not self.nola_seed.is_meta:
-            self.nola_seed.fill_(self._seed)
-            self._draw_cached_bases()
-
-    def _require_bases(self) -> None:
-        """Raises RuntimeError on uninitialized bases (an attribute check: cheap per call)."""
-        if self._bases_seed is None and not self.nola_alpha.is_meta:
-            raise RuntimeError(
-                "NOLALinear: the bases and nola_seed hold uninitialized memory (the layer was built on the meta "
-                "device, then to_empty()); call reset_parameters() or load_state_dict() first"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "nola_seed" not in state_dict:  # strict=False without the seed: keep the layer's own
-            self._restore_seed()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.nola_seed.is_meta or int(self.nola_seed) != self._bases_seed:  # a new seed: the bases go with it
-            self._draw_cached_bases()
-
-    def _apply(self, fn, recurse=True):
-        self._take_seed()
-        before = None if self.nola_basis_A is None else self.nola_basis_A.dtype
-        module = super()._apply(fn, recurse)
-        if self.nola_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)
-            self._bases_seed = None
-        elif before is not None and rounded_by_cast(before, self.nola_basis_A.dtype):  # e.g. .half().float()
-            self._draw_cached_bases()
-        return module
 
     # ------------------------------------------------------------------ parameters
     @torch.no_grad()

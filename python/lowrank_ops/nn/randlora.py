@@ -54,11 +54,11 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._first_order import first_order_only
 from ..ops._layout import flatten_rows
 from ..ops.base_linear import grad_input_op
-from ..ops._library import composed_path, values_readable
+from ..ops._library import composed_path
 from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
                        lora_linear)
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
-from ._random_basis import check_seed, draw_bases, kaiming_bound, new_seed, rounded_by_cast
+from ._random_basis import SeededBases, check_seed, draw_bases, kaiming_bound, new_seed
 
 __all__ = ["RandLoRALinear"]
 
@@ -168,7 +168,7 @@ def _randlora_linear(x, weight, bias, randlora_A, randlora_B, lam, gamma, *, sca
     return y.reshape(*batch_shape, weight.shape[0])
 
 
-class RandLoRALinear(MergeableAdapter):
+class RandLoRALinear(SeededBases, MergeableAdapter):
     """``y = base(x) + s x dW^T`` with RandLoRA's full-rank ``dW = sum_b B_b Lambda_b A Gamma_b``
     around a frozen ``nn.Linear`` (module docstring: the formulation, the orientation for
     ``out < in``, and the forward).
@@ -225,6 +225,8 @@ class RandLoRALinear(MergeableAdapter):
     ``u = x B~`` (``[N, n r]``) otherwise; PEFT's layer (and ``lora_linear`` on the stacked
     bases) keeps ``A~`` (``n r m`` numbers), plus ``u`` for ``out < in``.
     """
+
+    _seed_buffer, _basis_buffer, _coefficient = "randlora_seed", "randlora_A", "randlora_lambda"  # see SeededBases
 
     def __init__(
         self,
@@ -298,49 +300,6 @@ class RandLoRALinear(MergeableAdapter):
         stack = draw_bases(seed, _STREAM_B, n, large, r, kaiming_bound(r), **factory)  # [n, M, r]
         self.randlora_B = stack.permute(1, 0, 2).reshape(large, n * r).contiguous()
         self._bases_seed = seed
-
-    # The constructor's seed, kept off the buffers (to_empty() from meta leaves the seed
-    # buffer uninitialized).  None on a layer pickled before it existed: _apply takes it
-    # from the buffer before a move can lose it (_take_seed).
-    _seed: Optional[int] = None
-
-    def _take_seed(self) -> None:
-        """Sets ``_seed`` from the seed buffer when unknown (a layer pickled before it existed)."""
-        seed = self._buffers.get("randlora_seed")
-        if self._seed is None and seed is not None and not seed.is_meta and values_readable(seed):
-            self._seed = int(seed)
-
-    def _restore_seed(self) -> None:
-        """Writes the layer's seed back into ``randlora_seed`` and draws the bases when they were
-        never drawn (built on meta): ``to_empty()`` left both uninitialized memory."""
-        if self._bases_seed is None and not self.randlora_seed.is_meta:
-            self.randlora_seed.fill_(self._seed)
-            self._draw_bases()
-
-    def _require_bases(self) -> None:
-        """Raises RuntimeError on uninitialized bases (an attribute check: cheap per call)."""
-        if self._bases_seed is None and not self.randlora_lambda.is_meta:
-            raise RuntimeError(
-                "RandLoRALinear: the bases and randlora_seed hold uninitialized memory (the layer was built on the "
-                "meta device, then to_empty()); call reset_parameters() or load_state_dict() first"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "randlora_seed" not in state_dict:  # strict=False without the seed: keep the layer's own
-            self._restore_seed()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.randlora_seed.is_meta or int(self.randlora_seed) != self._bases_seed:  # a new seed: new bases
-            self._draw_bases()
-
-    def _apply(self, fn, recurse=True):
-        self._take_seed()
-        before = None if self.randlora_A is None else self.randlora_A.dtype
-        module = super()._apply(fn, recurse)
-        if self.randlora_seed.is_meta:  # moved to meta: the values are gone (to_empty() from there leaves garbage)
-            self._bases_seed = None
-        elif before is not None and rounded_by_cast(before, self.randlora_A.dtype):  # e.g. .half().float()
-            self._draw_bases()
-        return module
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -44,6 +44,7 @@ tensor is kept and swapped back by :meth:`GGPO.restore`, so restoring is exact t
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -57,7 +58,7 @@ __all__ = ["GGPO"]
 _SOURCES = ("current", "previous")
 
 
-class _Adapter:
+class _Adapter(abc.ABC):
     """One adapted layer: its frozen weight Parameter and how to read A, B and s.
 
     The module is an attribute and :meth:`factors` a method (not a closure over the module):
@@ -70,9 +71,9 @@ class _Adapter:
         self.original: Optional[torch.Tensor] = None  # W's own tensor while perturbed
         self.grad_sq_norm: Optional[torch.Tensor] = None  # [out], "previous" mode
 
+    @abc.abstractmethod
     def factors(self) -> tuple:
         """``(A, B, ranks, s)``: the factors, the slice of their active ranks, the scaling."""
-        raise NotImplementedError
 
 
 class _LoRALinearAdapter(_Adapter):

@@ -349,3 +349,63 @@ def test_bad_models(generator):
         model.head.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="the weight of head holds NaN"):
         compress(model, rank=4)
+
+
+@pytest.mark.parametrize("exponent", [600, -600])
+def test_float64_weights_at_the_edges_of_the_range(exponent):
+    """Float64 weights of about 2^600 (4e180) and 2^-600: the squared norms and errors
+    of compress, maestro.convert, WeLore and TRP overflowed (Python's OverflowError from
+    ``float(error) ** 2``; inf / inf = NaN errors) or underflowed (rank 0 for a nonzero
+    weight, zero errors).  The weights are now divided by a power of two at their largest
+    entry, an exact division, so every result is the unit-scale weight's, times the
+    power of two, bit for bit."""
+    from lowrank_ops.methods import maestro, trp, welore
+
+    factor = math.ldexp(1.0, exponent)
+
+    def model_pair(seed):
+        unit = build(decaying, torch.Generator().manual_seed(seed), dtype=torch.float64)
+        scaled = copy.deepcopy(unit)
+        with torch.no_grad():
+            for linear in scaled.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.weight.mul_(factor)
+        return unit, scaled
+
+    def weights(model):
+        return {n: p.detach() for n, p in model.named_parameters() if not n.endswith("bias")}
+
+    for kwargs in ({"rank": 8}, {"rank": 60}, {"energy": 0.99}):  # rsvd, exact SVD, energy search
+        unit, scaled = model_pair(0)
+        reports = [compress(m, generator=torch.Generator().manual_seed(1), **kwargs) for m in (unit, scaled)]
+        for name in SHAPES:
+            ours, expected = reports[1].layers[name], reports[0].layers[name]
+            assert (ours.rank, ours.error, ours.error_is_estimate) == (expected.rank, expected.error,
+                                                                      expected.error_is_estimate), (kwargs, name)
+        for (name, w), w_unit in zip(weights(scaled).items(), weights(unit).values()):
+            # Replaced layers: Sequential(Linear <- Vh, Linear <- U S), only U S scales.
+            assert torch.equal(w, w_unit * (1.0 if name.endswith(".0.weight") else factor)), (kwargs, name)
+
+    unit, scaled = model_pair(2)
+    for model in (unit, scaled):
+        maestro.convert(model, 8, target_modules=list(SHAPES), generator=torch.Generator().manual_seed(3))
+    converted = [(name, layer) for name, layer in scaled.named_modules()
+                 if isinstance(layer, maestro.OrderedLowRankLinear)]
+    assert len(converted) == len(SHAPES)
+    for name, layer in converted:
+        reference = unit.get_submodule(name)
+        torch.testing.assert_close(layer.U_t, reference.U_t * math.sqrt(factor), rtol=1e-15, atol=0)
+        torch.testing.assert_close(layer.V, reference.V * math.sqrt(factor), rtol=1e-15, atol=0)
+
+    unit, scaled = model_pair(4)
+    reports = [welore.compress(m, threshold=0.5, generator=torch.Generator().manual_seed(5)) for m in (unit, scaled)]
+    assert reports[1].ranks == reports[0].ranks
+    for name, layer in reports[0].layers.items():
+        assert math.isfinite(reports[1].layers[name].error)
+        assert reports[1].layers[name].error == layer.error, name
+
+    unit, scaled = model_pair(6)
+    ranks = [trp.truncate_(m, 0.9, generator=torch.Generator().manual_seed(7)) for m in (unit, scaled)]
+    assert ranks[1] == ranks[0] and all(k > 0 for k in ranks[0].values())
+    for w, w_unit in zip(weights(scaled).values(), weights(unit).values()):
+        assert torch.equal(w, w_unit * factor)

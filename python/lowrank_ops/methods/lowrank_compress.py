@@ -236,35 +236,51 @@ def _compress_layer(linear: torch.nn.Linear, rank: Optional[int], energy: Option
 
     weight = linear.weight.detach()
     W = weight if weight.dtype == torch.float64 else weight.float()
-    norm_sq = torch.linalg.vector_norm(W, dtype=torch.float64).square().item()
     if rank is not None:
         factors = _rank_factors(W, rank, n_iter, generator)
     else:
-        factors = _energy_factors(W, energy, norm_sq, k_max, n_iter, generator)
+        factors = _energy_factors(W, energy, k_max, n_iter, generator)
         if isinstance(factors, str):
             layer.skipped = factors
             return layer, None
-    U, S, Vh, error_sq, estimate = factors
+    U, S, Vh, layer.error, layer.error_is_estimate = factors
     k = S.shape[-1]
     layer.rank, layer.parameters_after = k, k * (in_features + out_features) + bias
-    layer.error = math.sqrt(max(error_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
-    layer.error_is_estimate = estimate
     return layer, _factored(linear, U * S, Vh)
 
 
+def _unit_scaled(W: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """``(W / c, c)`` for c the power of two at ``max |W|`` (1 for a zero W): the division
+    is exact, and the squared norms and errors of ``W / c`` neither overflow nor underflow
+    in float64 (they did for float64 weights beyond 1e154 or below 1e-154)."""
+    amax = float(W.abs().amax()) if W.numel() else 0.0
+    if amax == 0.0:
+        return W, 1.0
+    c = math.ldexp(1.0, math.frexp(amax)[1])
+    return W / c, c
+
+
 def _rank_factors(W: torch.Tensor, k: int, n_iter, generator):
-    """``(U [out, k], S [k], Vh [k, in], ||W - U S Vh||_F^2, is_estimate)``."""
+    """``(U [out, k], S [k], Vh [k, in], ||W - U S Vh||_F / ||W||_F, is_estimate)``
+    (relative error 0 for a zero W)."""
+    W, c = _unit_scaled(W)
+    norm = torch.linalg.vector_norm(W, dtype=torch.float64).item()
     if k > min(W.shape) / 2:
         U, S, Vh = thin_svd(W)
-        return U[:, :k], S[:k], Vh[:k], S[k:].double().square().sum().item(), False
-    U, S, Vh, error = rsvd(W, k, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
-                           check_finite=False)
-    return U, S, Vh, float(error) ** 2, True
+        error, estimate = torch.linalg.vector_norm(S[k:], dtype=torch.float64).item(), False
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    else:
+        U, S, Vh, error = rsvd(W, k, n_iter=n_iter, generator=generator, error_probes=_ERROR_PROBES,
+                               check_finite=False)
+        error, estimate = float(error), True
+    return U, S * c, Vh, error / norm if norm > 0 else 0.0, estimate
 
 
-def _energy_factors(W: torch.Tensor, energy: float, norm_sq: float, k_max: int, n_iter, generator):
+def _energy_factors(W: torch.Tensor, energy: float, k_max: int, n_iter, generator):
     """As :func:`_rank_factors` at the smallest rank capturing ``energy``, or the reason
     (a str) when that rank exceeds ``k_max``."""
+    W, c = _unit_scaled(W)
+    norm_sq = torch.linalg.vector_norm(W, dtype=torch.float64).square().item()
     smallest = min(W.shape)
     eps = torch.finfo(W.dtype).eps
     r = min(_FIRST_SEARCH_RANK, k_max)
@@ -286,13 +302,19 @@ def _energy_factors(W: torch.Tensor, energy: float, norm_sq: float, k_max: int, 
             k = min(k, smallest)
             if k > k_max:
                 return f"energy {energy:g} needs rank {k}, which saves less than min_saving (ranks <= {k_max} do)"
-            return U[:, :k], S[:k], Vh[:k], s[k:].square().sum().item(), False
+            return U[:, :k], S[:k] * c, Vh[:k], _relative(s[k:].square().sum().item(), norm_sq), False
         if k <= r:
             # rsvd's residual is orthogonal to the dropped part U_(k:r) S_(k:r) Vh_(k:r).
-            return U[:, :k], S[:k], Vh[:k], float(error) ** 2 + s[k:].square().sum().item(), True
+            error_sq = float(error) ** 2 + s[k:].square().sum().item()
+            return U[:, :k], S[:k] * c, Vh[:k], _relative(error_sq, norm_sq), True
         if r >= k_max:
             return f"energy {energy:g} needs rank > {k_max}, which saves less than min_saving (ranks <= {k_max} do)"
         r = min(2 * r, k_max)
+
+
+def _relative(error_sq: float, norm_sq: float) -> float:
+    """``sqrt(error_sq / norm_sq)`` (0 for a zero weight)."""
+    return math.sqrt(max(error_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
 
 
 @torch.no_grad()

@@ -295,12 +295,11 @@ def truncate_(model: torch.nn.Module, energy: float = 0.99, *, target_modules=No
             ranks[name] = 0
             continue
         W = weight.detach().to(_compute_dtype(weight))
-        norm_sq = torch.linalg.vector_norm(W, dtype=torch.float64).square().item()
-        if norm_sq == 0.0:
+        if not bool(W.any()):
             ranks[name] = 0
             continue
         # k_max = min(shape): every rank is allowed, so the search always returns factors.
-        U, S, Vh, _, _ = lowrank_compress._energy_factors(W, energy, norm_sq, min(W.shape), n_iter, generator)
+        U, S, Vh, _, _ = lowrank_compress._energy_factors(W, energy, min(W.shape), n_iter, generator)
         weight.copy_((U * S) @ Vh)
         ranks[name] = S.shape[0]
     return ranks

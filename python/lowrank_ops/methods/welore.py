@@ -248,7 +248,13 @@ def choose_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
 
 
 def _tail_error(s: torch.Tensor, k: int) -> float:
+    """``||s[k:]|| / ||s||`` (0 for s = 0), on s divided by its largest entry, so that the
+    squares of float64 singular values beyond 1e154 or below 1e-154 stay in range."""
     s = s.double()
+    top = s.max().item() if s.numel() else 0.0
+    if top == 0.0:
+        return 0.0
+    s = s / top
     norm_sq = s.square().sum().item()
     return math.sqrt(s[k:].square().sum().item() / norm_sq) if norm_sq > 0 else 0.0
 
@@ -348,16 +354,14 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
         linear = targets[name]
         W = linear.weight.detach()
         W = W if W.dtype == torch.float64 else W.float()
-        U, S, Vh, error_sq, estimate = lowrank_compress._rank_factors(W, report.ranks[name], n_iter, generator)
+        U, S, Vh, error, estimate = lowrank_compress._rank_factors(W, report.ranks[name], n_iter, generator)
         root = S.sqrt()
         replacement = lowrank_compress._factored(linear, U * root, root[:, None] * Vh)
         if freeze:
             replacement[0].weight.requires_grad_(True)
             replacement[1].weight.requires_grad_(True)
         layer = report.layers[name]
-        norm_sq = torch.linalg.vector_norm(W, dtype=torch.float64).square().item()
-        layer.error = math.sqrt(max(error_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0
-        layer.error_is_estimate = estimate
+        layer.error, layer.error_is_estimate = error, estimate
         replace_everywhere(model, names_of[id(linear)], replacement)
     report.parameters_after = count_parameters(model, trainable_only=False)
     report.trainable_after = count_parameters(model)

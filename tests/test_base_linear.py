@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lowrank_ops import reference
+from lowrank_ops._dtypes import float_code
 from lowrank_ops._extension import extension
 from lowrank_ops.ops.base_linear import SMALL_BATCH_ROWS, small_batch
 
@@ -37,14 +38,21 @@ def _check_grad_input_kernel(grad_y, weight, pad):
     assert torch.isnan(grad_x[:, in_features:]).all(), "wrote past in_features"
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pad", [0, 3])
-def test_small_batch_kernels_match_float64(pad, generator):
+def test_small_batch_kernels_match_float64(pad, weight_dtype, generator):
     """_C's small-batch kernels on every tail: rows 1-5 (row tiles of 4), in not a multiple
-    of 16 (scalar columns), out not a multiple of 4 (a partial tile of W's rows), strided rows."""
+    of 16 (scalar columns), out not a multiple of 4 (a partial tile of W's rows), strided
+    rows; the forward with a bfloat16 W too (widened exactly: float32 sums of its values;
+    the grad-input kernel takes float32 only)."""
     kernels = extension()
     for rows, in_features, out_features in [(1, 16, 4), (3, 33, 5), (5, 300, 37), (16, 64, 130), (64, 17, 1),
-                                            (2, 1, 9), (4, 0, 3), (7, 12, 0), (0, 8, 8)]:
+                                            (2, 1, 9), (4, 0, 3), (7, 12, 0), (0, 8, 8), (3, 700, 6)]:
         x, weight, bias, grad_y = _small_batch_case(rows, in_features, out_features, generator, pad)
+        if weight_dtype == torch.bfloat16:  # strided rows too: a bfloat16 copy with the same padding
+            padded = torch.full((out_features, in_features + pad), float("nan"), dtype=torch.bfloat16)
+            padded[:, :in_features] = weight
+            weight = padded[:, :in_features]
         for with_bias in (True, False):
             y = torch.full((rows, out_features + pad), float("nan"))
             squares = torch.full((out_features + 1,), float("nan"))  # only with the bias (both paths run)
@@ -52,7 +60,7 @@ def test_small_batch_kernels_match_float64(pad, generator):
                 x=x.data_ptr(), weight=weight.data_ptr(), bias=bias.data_ptr() if with_bias else 0, y=y.data_ptr(),
                 rows=rows, in_features=in_features, out_features=out_features, x_ld=x.stride(0),
                 w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=2,
-                weight_sumsq=squares.data_ptr() if with_bias else 0)
+                weight_sumsq=squares.data_ptr() if with_bias else 0, weight_dtype=float_code(weight.dtype, "", ""))
             if with_bias:  # the squared row norms of W, from the same pass (rows = 0 included)
                 want_squares = (weight.double() ** 2).sum(1)
                 assert_within(squares[:out_features], want_squares,
@@ -65,7 +73,8 @@ def test_small_batch_kernels_match_float64(pad, generator):
             assert_within(y[:, :out_features], want, summation_bound(magnitude, want, in_features + 1, torch.float32),
                           f"y {rows}x{in_features}x{out_features}")
             assert torch.isnan(y[:, out_features:]).all(), "wrote past out_features"
-        _check_grad_input_kernel(grad_y, weight, pad)
+        if weight_dtype == torch.float32:
+            _check_grad_input_kernel(grad_y, weight, pad)
 
 
 @pytest.mark.parametrize("rows, in_features, out_features", [(65, 33, 130), (129, 70, 9), (256, 48, 300)])

@@ -464,9 +464,11 @@ def test_small_nonzero_row_norms_are_used_as_they_are(generator):
 
 
 # The CPU paths of dora_row_norm: torch's ops for float32 W in cache, the one-pass
-# small-batch kernel (float32, AVX-512), the two-pass C++ kernel (every other case).
+# small-batch kernel (float32 and bfloat16 W, AVX-512), the two-pass C++ kernel (every
+# other case).
 ROW_NORM_PATHS = [(torch.float32, "torch-in-cache"), (torch.float32, "one-pass"), (torch.float32, "two-pass"),
-                  (torch.float64, "two-pass"), (torch.float16, "two-pass"), (torch.bfloat16, "two-pass")]
+                  (torch.float64, "two-pass"), (torch.float16, "two-pass"), (torch.bfloat16, "one-pass"),
+                  (torch.bfloat16, "two-pass")]
 
 
 def force_row_norm_path(path: str, monkeypatch) -> None:

@@ -1,4 +1,5 @@
-// lowrank_ops._C: small-batch products with a frozen base weight (CPU, float32; base_linear.h).
+// lowrank_ops._C: small-batch products with a frozen base weight (CPU, float32, the forward's W also
+// bfloat16; base_linear.h).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -18,10 +19,11 @@ LOWRANK_OPS_BINDINGS(base_linear) {
       "small_batch_linear_cpu",
       [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, int64_t rows,
          int64_t in_features, int64_t out_features, int64_t x_ld, int64_t w_ld, int64_t y_ld, int num_threads,
-         std::uintptr_t weight_sumsq) {
+         std::uintptr_t weight_sumsq, int weight_dtype) {
         SmallBatchLinearParams p;
         p.x = reinterpret_cast<const float*>(x);
-        p.weight = reinterpret_cast<const float*>(weight);
+        p.weight = reinterpret_cast<const void*>(weight);
+        p.weight_dtype = static_cast<DType>(weight_dtype);
         p.bias = reinterpret_cast<const float*>(bias);
         p.y = reinterpret_cast<float*>(y);
         p.weight_sumsq = reinterpret_cast<float*>(weight_sumsq);
@@ -35,9 +37,10 @@ LOWRANK_OPS_BINDINGS(base_linear) {
         small_batch_linear_cpu(p, num_threads);
       },
       "y = x W^T + b for rows <= SMALL_BATCH_MAX_ROWS (float32, row-major, unit column stride; bias 0 = none); "
-      "weight_sumsq (0 = none): [out] squared row norms of W from the same pass.",
+      "weight_sumsq (0 = none): [out] squared row norms of W from the same pass; weight_dtype: 0 float32, "
+      "3 bfloat16 (widened exactly to float32).",
       py::kw_only(), "x"_a, "weight"_a, "bias"_a, "y"_a, "rows"_a, "in_features"_a, "out_features"_a, "x_ld"_a,
-      "w_ld"_a, "y_ld"_a, "num_threads"_a, "weight_sumsq"_a = 0);
+      "w_ld"_a, "y_ld"_a, "num_threads"_a, "weight_sumsq"_a = 0, "weight_dtype"_a = 0);
   m.def(
       "small_batch_linear_grad_input_cpu",
       [](std::uintptr_t grad_y, std::uintptr_t weight, std::uintptr_t grad_x, int64_t rows, int64_t in_features,

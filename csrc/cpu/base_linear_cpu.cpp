@@ -35,10 +35,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "lowrank_ops/check.h"
 #include "lowrank_ops/base_linear.h"
 #include "lowrank_ops/cpu_isa.h"
+#include "lowrank_ops/dtype.h"
 #include "lowrank_ops/parallel.h"
 #include "lowrank_ops/simd.h"
 
@@ -80,33 +83,59 @@ LOWRANK_INLINE void forward_chunk(const float* const* w, const float* x, int64_t
   for (int t = 0; t < kRows * kTile; ++t) acc[t] = a[t];
 }
 
-// Rows [o_begin, o_end) of y^T, in tiles of 4 rows of W.
-LOWRANK_CPU_CLONES_DEFAULT_V4 void forward_rows(const SmallBatchLinearParams& p, int64_t o_begin, int64_t o_end) {
+// A chunk of 4 rows of W as float32: the rows themselves (float32), or their columns
+// [k0, k1) widened into the tile's buffer (bfloat16: a 16-bit shift, which the
+// vectorizer turns into vpmovzxwd + vpslld), so the products below run on float32 from
+// L1 either way and each element of W is widened once per pass.
+template <class WT>
+LOWRANK_INLINE void weight_chunk(const WT* const* rows, int64_t k0, int64_t k1, float (*buffer)[kChunk],
+                                 const float** chunk) {
+  for (int64_t i = 0; i < kTile; ++i) {
+    if constexpr (std::is_same_v<WT, float>) {
+      chunk[i] = rows[i] + k0;
+    } else {
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(rows[i]) + k0;
+      for (int64_t k = 0; k < k1 - k0; ++k) {
+        const uint32_t u = static_cast<uint32_t>(bits[k]) << 16;
+        std::memcpy(&buffer[i][k], &u, sizeof(float));
+      }
+      chunk[i] = buffer[i];
+    }
+  }
+}
+
+// Rows [o_begin, o_end) of y^T, in tiles of 4 rows of W (of type WT: float or BFloat16Host).
+template <class WT>
+LOWRANK_INLINE void forward_rows_typed(const SmallBatchLinearParams& p, int64_t o_begin, int64_t o_end) {
   const int64_t n_rows = p.rows, in = p.in_features, out = p.out_features;
   const int64_t k_vec = in / kLanes * kLanes;  // columns done with vectors; the rest is a scalar tail
   const int64_t n_tiles = (n_rows + kTile - 1) / kTile;
+  const WT* weight = static_cast<const WT*>(p.weight);
   Wide acc[kSmallBatchMaxRows / kTile][kTile * kTile];
+  alignas(64) float buffer[kTile][kChunk];  // bfloat16 W: the widened chunk
   for (int64_t o = o_begin; o < o_end; o += kTile) {
-    const float* w[kTile];
-    for (int64_t i = 0; i < kTile; ++i) w[i] = p.weight + std::min(o + i, out - 1) * p.w_ld;  // past the end: a repeat, discarded
+    const WT* w[kTile];
+    for (int64_t i = 0; i < kTile; ++i) w[i] = weight + std::min(o + i, out - 1) * p.w_ld;  // past the end: a repeat, discarded
     for (int64_t t = 0; t < n_tiles; ++t)
       for (Wide& v : acc[t]) v = Wide{};
     Wide squares[kTile] = {};
     for (int64_t k0 = 0; k0 < k_vec; k0 += kChunk) {
       const int64_t k1 = std::min(k_vec, k0 + kChunk);
+      const float* chunk[kTile];
+      weight_chunk<WT>(w, k0, k1, buffer, chunk);
       if (p.weight_sumsq != nullptr)  // the chunk of W stays in L1 for the products below
-        for (int64_t k = k0; k < k1; k += kLanes)
+        for (int64_t k = 0; k < k1 - k0; k += kLanes)
           for (int i = 0; i < kTile; ++i) {
-            const Wide v = load(w[i] + k);
+            const Wide v = load(chunk[i] + k);
             squares[i] += v * v;
           }
       for (int64_t t = 0; t < n_tiles; ++t) {
-        const float* x = p.x + t * kTile * p.x_ld;
+        const float* x = p.x + t * kTile * p.x_ld + k0;
         switch (std::min(kTile, n_rows - t * kTile)) {
-          case 4: forward_chunk<4>(w, x, p.x_ld, k0, k1, acc[t]); break;
-          case 3: forward_chunk<3>(w, x, p.x_ld, k0, k1, acc[t]); break;
-          case 2: forward_chunk<2>(w, x, p.x_ld, k0, k1, acc[t]); break;
-          default: forward_chunk<1>(w, x, p.x_ld, k0, k1, acc[t]); break;
+          case 4: forward_chunk<4>(chunk, x, p.x_ld, 0, k1 - k0, acc[t]); break;
+          case 3: forward_chunk<3>(chunk, x, p.x_ld, 0, k1 - k0, acc[t]); break;
+          case 2: forward_chunk<2>(chunk, x, p.x_ld, 0, k1 - k0, acc[t]); break;
+          default: forward_chunk<1>(chunk, x, p.x_ld, 0, k1 - k0, acc[t]); break;
         }
       }
     }
@@ -117,7 +146,7 @@ LOWRANK_CPU_CLONES_DEFAULT_V4 void forward_rows(const SmallBatchLinearParams& p,
         const float* x = p.x + n * p.x_ld;
         for (int64_t i = 0; i < std::min(kTile, out - o); ++i) {
           float value = sums[kTile * j + i];
-          for (int64_t k = k_vec; k < in; ++k) value += x[k] * w[i][k];
+          for (int64_t k = k_vec; k < in; ++k) value += x[k] * to_acc(w[i][k]);
           if (p.bias != nullptr) value += p.bias[o + i];
           p.y[n * p.y_ld + o + i] = value;
         }
@@ -127,10 +156,18 @@ LOWRANK_CPU_CLONES_DEFAULT_V4 void forward_rows(const SmallBatchLinearParams& p,
       for (int64_t i = 0; i < std::min(kTile, out - o); ++i) {
         float value = 0;
         for (int64_t l = 0; l < kLanes; ++l) value += squares[i][l];
-        for (int64_t k = k_vec; k < in; ++k) value += w[i][k] * w[i][k];
+        for (int64_t k = k_vec; k < in; ++k) value += to_acc(w[i][k]) * to_acc(w[i][k]);
         p.weight_sumsq[o + i] = value;
       }
     }
+  }
+}
+
+LOWRANK_CPU_CLONES_DEFAULT_V4 void forward_rows(const SmallBatchLinearParams& p, int64_t o_begin, int64_t o_end) {
+  if (p.weight_dtype == DType::bfloat16) {
+    forward_rows_typed<BFloat16Host>(p, o_begin, o_end);
+  } else {
+    forward_rows_typed<float>(p, o_begin, o_end);
   }
 }
 
@@ -218,6 +255,8 @@ void small_batch_linear_cpu(const SmallBatchLinearParams& p, int num_threads) {
   check_matrix(op, "x", p.x, p.rows, p.in_features, p.x_ld);
   check_matrix(op, "weight", p.weight, p.out_features, p.in_features, p.w_ld);
   check_matrix(op, "y", p.y, p.rows, p.out_features, p.y_ld);
+  LOWRANK_CHECK(p.weight_dtype == DType::float32 || p.weight_dtype == DType::bfloat16, op,
+                ": weight dtype code must be 0 (float32) or 3 (bfloat16); got ", static_cast<int>(p.weight_dtype));
   if (p.out_features == 0 || (p.rows == 0 && p.weight_sumsq == nullptr)) return;
   const int threads = threads_for(std::max<int64_t>(p.rows, 1) * p.in_features * p.out_features, num_threads);
   const int64_t n_blocks = (p.out_features + kTile - 1) / kTile;

@@ -157,7 +157,7 @@ SMALL_BATCH_MAX_ROWS: int
 SMALL_BATCH_GRAD_MAX_ROWS: int
 def small_batch_linear_cpu(
     *, x: int, weight: int, bias: int, y: int, rows: int, in_features: int, out_features: int, x_ld: int,
-    w_ld: int, y_ld: int, num_threads: int, weight_sumsq: int = 0,
+    w_ld: int, y_ld: int, num_threads: int, weight_sumsq: int = 0, weight_dtype: int = 0,
 ) -> None: ...
 def small_batch_linear_grad_input_cpu(
     *, grad_y: int, weight: int, grad_x: int, rows: int, in_features: int, out_features: int, gy_ld: int,

@@ -11,10 +11,13 @@
 // rows from registers (see base_linear_cpu.cpp for the tiles and the measured times).
 //
 // Layouts: every matrix row-major with unit column stride and the given row stride
-// (ld), float32.  The kernels never allocate and read nothing outside the given shapes.
+// (ld), float32 (the forward's W also bfloat16).  The kernels never allocate and read
+// nothing outside the given shapes.
 #pragma once
 
 #include <cstdint>
+
+#include "lowrank_ops/dtype.h"
 
 namespace lowrank_ops {
 
@@ -27,7 +30,11 @@ constexpr int64_t kSmallBatchGradMaxRows = 256;
 
 struct SmallBatchLinearParams {
   const float* x = nullptr;       // [rows, in], row stride x_ld
-  const float* weight = nullptr;  // [out, in], row stride w_ld
+  const void* weight = nullptr;   // [out, in], row stride w_ld, of weight_dtype
+  // float32, or bfloat16: widened exactly to float32 as it is read, so x W^T and the
+  // squared norms are those of the float32 copy of W, at the bytes of bfloat16 (DoRA's
+  // row norm of a bfloat16 W: W A^T rounded to bfloat16 cost 5e-3 relative norm errors).
+  DType weight_dtype = DType::float32;
   const float* bias = nullptr;    // [out] or null
   float* y = nullptr;             // [rows, out], row stride y_ld
   float* weight_sumsq = nullptr;  // [out] or null: sum_i W[o, i]^2, from the same pass over W

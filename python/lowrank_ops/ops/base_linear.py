@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .._dtypes import float_code
 from .._extension import extension
 from ._library import LIBRARY, checked_impl, composed_path, eager_or_op, register_fake
 
@@ -86,12 +87,15 @@ def _cpu_has_avx512() -> bool:
     return bool(extension().cpu_features()["avx512f"])
 
 
-def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str, min_weight: Optional[int] = None) -> bool:
+def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str, min_weight: Optional[int] = None,
+                weight_dtypes: tuple = (torch.float32,)) -> bool:
     """Whether ``product`` (a key of SMALL_BATCH_ROWS) of ``rows`` [N, *] with ``weight``
     [out, in] runs on the small-batch kernels: 2-D operands of matching sizes (``rows``
     [N, in] forward, [N, out] for the input gradient), row-major only (an expanded
     operand, e.g. the gradient of a ``sum(0)``, has row stride 0 and goes to BLAS), and a
-    weight of at least ``min_weight`` elements (default :data:`SMALL_BATCH_MIN_WEIGHT`)."""
+    weight of at least ``min_weight`` elements (default :data:`SMALL_BATCH_MIN_WEIGHT`).
+    ``rows`` is float32; ``weight`` one of ``weight_dtypes`` (the forward kernel also
+    reads a bfloat16 W, widened exactly)."""
     low, high = SMALL_BATCH_ROWS[product]
     min_weight = max(SMALL_BATCH_MIN_WEIGHT if min_weight is None else min_weight, 1)
     # The kernels take their sizes from both operands, so mismatched ones (which BLAS
@@ -100,7 +104,7 @@ def small_batch(rows: torch.Tensor, weight: torch.Tensor, product: str, min_weig
     return (  # cheapest tests first: most calls fail on the row count or the size
         low <= rows.shape[0] <= high and weight.numel() >= min_weight
         and rows.dim() == 2 and weight.dim() == 2 and rows.shape[1] == matched
-        and rows.dtype == torch.float32 and weight.dtype == torch.float32
+        and rows.dtype == torch.float32 and weight.dtype in weight_dtypes
         and rows.device.type == "cpu" and weight.device.type == "cpu"
         and rows.stride(-1) == 1 and rows.stride(0) >= rows.shape[1]
         and weight.stride(-1) == 1 and weight.stride(0) >= weight.shape[1] and _cpu_has_avx512()
@@ -114,13 +118,15 @@ def small_batch_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     :data:`SMALL_BATCH_ROWS` (and the benchmark's ``kernel`` rows everywhere).
 
     ``weight_sumsq`` (a contiguous float32 ``[out]`` tensor, optional) receives the squared
-    row norms ``sum_i W[o, i]^2``, computed in the same pass over W."""
+    row norms ``sum_i W[o, i]^2``, computed in the same pass over W.  A bfloat16 ``weight``
+    is widened exactly: y (float32) and the norms are those of ``weight.float()``."""
     y = x.new_empty((x.shape[0], weight.shape[0]))
     extension().small_batch_linear_cpu(
         x=x.data_ptr(), weight=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(),
         rows=x.shape[0], in_features=x.shape[1], out_features=weight.shape[0], x_ld=x.stride(0),
         w_ld=weight.stride(0), y_ld=y.stride(0), num_threads=torch.get_num_threads(),
         weight_sumsq=0 if weight_sumsq is None else weight_sumsq.data_ptr(),
+        weight_dtype=float_code(weight.dtype, "small_batch_linear", "weight"),
     )
     return y
 

@@ -105,7 +105,8 @@ def _norm_operands(weight, lora_A, lora_B, scale: float):
     ``W A^T`` is accumulated and kept in float32 / float64: for a half W by one product
     with a float32 output on CUDA (``torch.mm(..., out_dtype=)``), from float32 copies of
     W's rows, ``_NORM_ROWS`` at a time, on the CPU (4x the time of a bfloat16 product at
-    4096 x 4096, r = 16: 31 against 7.6 ms).  Rounded to the half type it overflowed in
+    4096 x 4096, r = 16: 31 against 7.6 ms; a bfloat16 W on AVX-512 CPUs takes the one-pass
+    kernel instead, see :func:`_fused_row_norm`).  Rounded to the half type it overflowed in
     float16 (entries of 1.1e5 for weights of 100: inf - inf = NaN norms), lost digits to
     subnormals (4.5 % norm errors at W of 1e-6), and in bfloat16 put 5e-3 relative errors
     in the norms of rows an adapter had changed by half their norm (PEFT's bfloat16 dense
@@ -190,12 +191,15 @@ def _kernel_args(weight, lora_A, lora_B, scale):
 
 
 def _fused_row_norm(weight, lora_A, lora_B, scale):
-    """The row norms from one pass over W (float32, AVX-512 CPUs, r = 4-32): the small-batch
-    kernel computes ``A W^T`` and ``||W_o||^2`` together, and the identity's remaining
-    ``[out, r]`` terms are torch ops.  The other path reads W twice (MKL's ``W A^T``, then
-    _C's norm kernel).  4096 x 4096 float32, 2-core Xeon, one run: r = 8 2.4 against 4.8 ms
-    (MKL's GEMM alone 3.2 ms, the small-batch product 2.0), r = 16 3.4-3.9 against 4.8 ms."""
-    squares = weight.new_empty(weight.shape[0])
+    """The row norms from one pass over W (float32 or bfloat16, AVX-512 CPUs, the kernel's
+    row counts; float32 factors): the small-batch kernel computes ``A W^T`` and
+    ``||W_o||^2`` together, and the identity's remaining ``[out, r]`` terms are torch ops.
+    The other path reads W twice (MKL's ``W A^T``, then _C's norm kernel).  4096 x 4096
+    float32, 2-core Xeon, one run: r = 8 2.4 against 4.8 ms (MKL's GEMM alone 3.2 ms, the
+    small-batch product 2.0), r = 16 3.4-3.9 against 4.8 ms.  A bfloat16 W is widened
+    exactly as it is read: ``W A^T`` in float32 at bfloat16's bytes, where the other path
+    copies W's rows to float32 first."""
+    squares = torch.empty(weight.shape[0], dtype=torch.float32)
     proj = small_batch_kernel(lora_A, weight, weight_sumsq=squares).T  # W A^T
     B = lora_B.contiguous()
     coef = _coefficients(proj, B, lora_A, scale)
@@ -215,6 +219,11 @@ def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
     # alone is faster (1024 x 1024, r = 16: 0.44 against 0.47 ms, 2-core Xeon, interleaved).
     if lora_A.dtype == lora_B.dtype == torch.float32 and small_batch(lora_A, weight, "forward", min_weight=0):
         return _fused_row_norm(weight, lora_A, lora_B, scale)
+    if weight.dtype == torch.bfloat16:
+        # Half adapters widen exactly; float64 ones are rounded to float32, as on the other path.
+        factor_A, factor_B = lora_A.to(torch.float32), lora_B.to(torch.float32)
+        if small_batch(factor_A, weight, "forward", min_weight=0, weight_dtypes=(torch.bfloat16,)):
+            return _fused_row_norm(weight, factor_A, factor_B, scale)
     out, keep_alive, args = _kernel_args(weight, lora_A, lora_B, scale)
     extension().dora_row_norm_cpu(**args, num_threads=torch.get_num_threads())
     del keep_alive

@@ -761,6 +761,27 @@ def test_second_derivatives_are_refused(generator, solve):
         torch.autograd.grad((gx.sum() + gy.sum()), points)
 
 
+@pytest.mark.parametrize("solve", [sinkhorn, sinkhorn_newton_sparse])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_value_gradients_under_checkpointing(generator, solve, use_reentrant):
+    """The value's backward read its saved tensors twice: under non-reentrant checkpointing
+    (which allows one unpack per saved tensor) it raised "Unpack is being triggered for a
+    tensor that was already unpacked once"."""
+    from torch.utils.checkpoint import checkpoint
+
+    C = torch.rand(5, 4, generator=generator, dtype=F64)
+    x, y = torch.randn(5, 2, generator=generator, dtype=F64), torch.randn(4, 2, generator=generator, dtype=F64)
+    by_cost = lambda C: solve(None, None, C, 0.5, tol=1e-12).value  # noqa: E731
+    by_points = lambda x, y: solve(None, None, reg=0.5, x=x, y=y, tol=1e-12).value  # noqa: E731
+    for fn, inputs in ((by_cost, (C,)), (by_points, (x, y))):
+        plain = [t.clone().requires_grad_() for t in inputs]
+        expected = torch.autograd.grad(fn(*plain), plain)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        checkpoint(fn, *leaves, use_reentrant=use_reentrant).backward()  # (reentrant: no autograd.grad)
+        for leaf, e in zip(leaves, expected):
+            torch.testing.assert_close(leaf.grad, e, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- the paper's bar
 def test_sns_assignment_problem_in_tens_of_iterations():
     """ALGORITHMS.md section 5's bar on the SNS paper's random assignment problem (n = 500,

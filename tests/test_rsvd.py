@@ -567,6 +567,44 @@ def test_torch_func_transforms(generator):
         torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(S).tangent, exact_tangent)
 
 
+def test_second_derivatives_through_the_factors_are_refused(generator):
+    """The factors' backward is the truncated SVD's gradient at A only (exact where rank A
+    <= rank): differentiated again (create_graph=True, torch.func.hessian, forward over
+    reverse) it gave second derivatives 0.50 off at a scale of 1.3 on an exactly rank-2 A,
+    silently; now they raise.  First derivatives (also with create_graph=True and under
+    torch.func), and second derivatives through S alone, are unchanged."""
+    from torch.func import grad, hessian
+
+    A = torch.randn(7, 2, generator=generator, dtype=torch.float64) @ torch.randn(
+        2, 5, generator=generator, dtype=torch.float64)
+    weights = torch.randn(7, 2, generator=generator, dtype=torch.float64)
+    by_U = lambda A: (rsvd(A, 2, generator=torch.Generator().manual_seed(0)).U.abs() * weights).sum()  # noqa: E731
+    by_S = lambda A: rsvd(A, 2, generator=torch.Generator().manual_seed(0)).S.square().sum()  # noqa: E731
+    leaf = A.clone().requires_grad_()
+    (first,) = torch.autograd.grad(by_U(leaf), leaf, create_graph=True)
+    exact = lambda A: (torch.linalg.svd(A, full_matrices=False)[0][:, :2].abs() * weights).sum()  # noqa: E731
+    torch.testing.assert_close(first, grad(exact)(A))
+    torch.testing.assert_close(grad(by_U)(A), first.detach())
+    message = "rsvd: second derivatives through U or Vh are not implemented"
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(first.square().sum(), leaf)
+    with pytest.raises(RuntimeError, match=message):
+        hessian(by_U)(A)
+    V = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):  # forward over reverse
+        torch.func.jvp(grad(by_U), (A,), (V,))
+    with pytest.raises(RuntimeError, match=message):  # forward over forward
+        torch.func.jvp(lambda A: torch.func.jvp(by_U, (A,), (V,))[1], (A,), (V,))
+    # First-order forward mode and the singular values' second derivatives stay.  At a
+    # rank-2 A, s_1^2 + s_2^2 = ||A + t V||^2 - t^2 ||P V Q||^2 + O(t^3) (P, Q the projectors
+    # off A's column and row spaces): its Hessian along V is 2 (V - P V Q).
+    expected = torch.func.jvp(exact, (A,), (V,))[1]
+    torch.testing.assert_close(torch.func.jvp(by_U, (A,), (V,))[1], expected)
+    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
+    P, Q = torch.eye(7, dtype=A.dtype) - U[:, :2] @ U[:, :2].T, torch.eye(5, dtype=A.dtype) - Vh[:2].T @ Vh[:2]
+    torch.testing.assert_close(torch.func.jvp(grad(by_S), (A,), (V,))[1], 2 * (V - P @ V @ Q))
+
+
 def test_singular_values_gradient_has_no_nan_for_repeated_or_zero_values():
     for A in (torch.eye(6, dtype=torch.float64), torch.zeros(6, 5, dtype=torch.float64)):
         A = A.clone().requires_grad_()

@@ -1,5 +1,7 @@
 """The backward of the library's autograd Functions is first-order only (fused kernels):
-:func:`first_order_only` makes a request for more fail with a clear error."""
+:func:`first_order_only` makes a request for more fail with a clear error;
+:func:`second_order_refusal` does so for backwards built from torch ops whose formula is
+right to first order only, without refusing first-order uses of torch.func."""
 from __future__ import annotations
 
 import functools
@@ -28,3 +30,33 @@ def first_order_only(backward: Callable) -> Callable:
         return backward(ctx, *grads)
 
     return wrapper
+
+
+def second_order_refusal(name: str, message: str) -> type:
+    """An autograd Function ``name`` whose ``apply(source)`` is a 0-d zero depending on
+    ``source`` through a node whose backward (and jvp) raises RuntimeError(message).
+
+    Added to a gradient formed from torch ops (with ``source`` an input of the Function,
+    or a saved output that depends on it), it refuses every derivative of that gradient
+    with respect to the inputs, and none with respect to the output's cotangent (the
+    double-vjp trick of ``torch.autograd.functional.jvp`` differentiates only that,
+    exactly: the gradient is linear in it).  Unlike :func:`first_order_only`, it does not
+    raise when the backward merely runs with grad mode on (torch.func's first-order
+    transforms), only when the gradient is differentiated again."""
+
+    def forward(source):
+        return source.new_zeros(())
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, _):
+        raise RuntimeError(message)
+
+    def jvp(ctx, _):  # forward over reverse / forward over forward: the same refusal
+        raise RuntimeError(message)
+
+    return type(name, (torch.autograd.Function,), {
+        "generate_vmap_rule": True, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "__doc__": second_order_refusal.__doc__,
+    })

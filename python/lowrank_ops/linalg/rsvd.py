@@ -42,11 +42,12 @@ from .. import _extension
 from .._args import is_integer, require_tensors
 from .._autocast import without_autocast
 from .._finite import all_finite
+from .._first_order import second_order_refusal
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from .qr import _cholesky_qr
 from .svd_backward import thin_svd_backward, thin_svd_jvp
-from ..ops._library import values_readable
+from ..ops._library import forward_mode_active, values_readable
 
 __all__ = ["rsvd", "pca_lowrank", "range_finder", "lowrank_error", "RSVDResult", "RSVDResultWithError"]
 
@@ -373,6 +374,12 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
     return torch.linalg.qr(Q).Q, probe
 
 
+_FactorsSecondOrderRefused = second_order_refusal(
+    "_FactorsSecondOrderRefused",
+    "rsvd: second derivatives through U or Vh are not implemented (the factors' gradient is the truncated SVD's "
+    "to first order only); those through S alone are")
+
+
 class _RSVDFunction(torch.autograd.Function):
     """Differentiable factors: the thin-SVD backward on the returned (U, S, Vh).
 
@@ -397,6 +404,7 @@ class _RSVDFunction(torch.autograd.Function):
         U, S, Vh, error = output
         ctx.save_for_backward(U, S, Vh)
         ctx.save_for_forward(U, S, Vh)
+        ctx.set_materialize_grads(False)  # unused factors: None, not zeros (see backward's refusal)
         ctx.input_dtype = A.dtype
         ctx.center = center
         ctx.compute_uv = compute_uv
@@ -411,6 +419,12 @@ class _RSVDFunction(torch.autograd.Function):
                 # C = P A with the symmetric P = I - 1 1^T / m: grad_A = P grad_C, i.e. the
                 # gradient with its column means removed.
                 grad_A = grad_A - grad_A.mean(-2, keepdim=True)
+            if (grad_U is not None or grad_Vh is not None) and (torch.is_grad_enabled() or forward_mode_active()):
+                # The factors' formula is the truncated SVD's gradient at A only (exact where
+                # rank A <= rank), not a function whose derivative is the truncated SVD's
+                # second derivative: differentiated again it was silently wrong (0.50 off at a
+                # scale of 1.3 on an exactly rank-k A).  The singular values' U diag(dS) Vh is.
+                grad_A = grad_A + _FactorsSecondOrderRefused.apply(U)
         return grad_A.to(ctx.input_dtype), *([None] * 11)
 
     @staticmethod
@@ -423,6 +437,9 @@ class _RSVDFunction(torch.autograd.Function):
             if ctx.center:  # C = P A: dC = P dA
                 dA = dA - dA.mean(-2, keepdim=True)
             dU, dS, dVh = thin_svd_jvp(U, S, Vh, dA)
+            if ctx.compute_uv:  # the factors' tangents, first order only, as in backward
+                refusal = _FactorsSecondOrderRefused.apply(U)
+                dU, dVh = dU + refusal, dVh + refusal
         return (dU, dS, dVh, None) if ctx.compute_uv else (None, dS, None, None)
 
     @staticmethod

@@ -9,6 +9,7 @@ import torch
 from .._args import is_integer
 from .._autocast import autocast_off_backward
 from .._csr import quiet_sparse_csr_beta
+from .._first_order import second_order_refusal
 from ..ops import ot as ot_ops
 from ..ops._library import forward_mode_active, in_functorch_transform
 from ._problem import Problem
@@ -16,45 +17,19 @@ from ._problem import Problem
 __all__ = ["OTResult", "entropic_value"]
 
 
-class _SecondOrderRefused(torch.autograd.Function):
-    """A 0-d zero that depends on ``source`` (an input of :class:`_EntropicValue`) through a
-    node whose backward raises: added to a gradient, it refuses every derivative of that
-    gradient with respect to the inputs, and none with respect to the output's cotangent
-    (the double-vjp trick of ``torch.autograd.functional.jvp`` differentiates only that,
-    exactly: the gradient is linear in it).
-
-    The gradients are the envelope theorem's, exact to first order only (P's dependence on
-    C through the potentials is not in them): ``create_graph=True`` and ``torch.func``'s
-    nested transforms returned silently wrong Hessian-vector products (0.15 off at a scale
-    of 0.17)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(source):
-        return source.new_zeros(())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError(_SECOND_ORDER)
-
-    @staticmethod
-    def jvp(ctx, _):  # forward over reverse / forward over forward: the same refusal
-        raise RuntimeError(_SECOND_ORDER)
-
-
 _SECOND_ORDER = ("OTResult.value: second derivatives are not implemented (its gradients are the envelope theorem's, "
                  "first order: P's dependence on C through the potentials is not in them)")
+# The gradients are exact to first order only: create_graph=True and torch.func's nested
+# transforms returned silently wrong Hessian-vector products (0.15 off at a scale of 0.17).
+_SecondOrderRefused = second_order_refusal("_SecondOrderRefused", _SECOND_ORDER)
 
 
-def _value_gradients(ctx, needs) -> list:
+def _value_gradients(ctx, saved, needs) -> list:
     """``d value / d (C, x, y, a, b)`` per problem (``[B, ...]``, None where not needed),
-    from the saved tensors: the envelope theorem's (see :class:`_EntropicValue`)."""
-    C, x, y, a, b, f, g, row_lse, col_lse = ctx.saved_tensors
+    from the saved tensors (``ctx.saved_tensors``, read once by the caller: under
+    non-reentrant checkpointing a second read raised): the envelope theorem's (see
+    :class:`_EntropicValue`)."""
+    C, x, y, a, b, f, g, row_lse, col_lse = saved
     grads = [None] * 5
     if needs[0]:
         grads[0] = torch.exp((f.unsqueeze(2) + g.unsqueeze(1) - C) / ctx.reg)
@@ -105,8 +80,9 @@ class _EntropicValue(torch.autograd.Function):
     @staticmethod
     @autocast_off_backward
     def backward(ctx, grad_value):
-        grads = _value_gradients(ctx, ctx.needs_input_grad[1:6])
-        sources = ctx.saved_tensors[:5]
+        saved = ctx.saved_tensors
+        grads = _value_gradients(ctx, saved, ctx.needs_input_grad[1:6])
+        sources = saved[:5]
         # The gradients' graph is being built (create_graph, torch.func), or their tangents
         # (forward over reverse): tie them to the refusal.
         refuse = torch.is_grad_enabled() or forward_mode_active()
@@ -119,9 +95,10 @@ class _EntropicValue(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, value_tangent, *tangents):
         inputs = tangents[:5]  # C, x, y, a, b
-        grads = _value_gradients(ctx, [t is not None for t in inputs])
-        out = torch.zeros_like(ctx.saved_tensors[5][:, 0])
-        for grad, tangent, source in zip(grads, inputs, ctx.saved_tensors[:5]):
+        saved = ctx.saved_tensors
+        grads = _value_gradients(ctx, saved, [t is not None for t in inputs])
+        out = torch.zeros_like(saved[5][:, 0])
+        for grad, tangent, source in zip(grads, inputs, saved[:5]):
             if grad is not None:
                 # + a refusal tied to the input: the tangent differentiated again (reverse
                 # over forward, forward over forward) was a wrong second derivative.

@@ -386,6 +386,19 @@ def test_expand_rejects_overlapping_out(generator):
         torch.ops.lowrank_ops.lora_multi_expand_(out, h, B, offsets, ids, ranks, None, True)
 
 
+def test_expand_rejects_out_sharing_memory_with_its_inputs(generator):
+    """The kernel reads h and B while it writes out: an h that was a view of out gave sums
+    9.3 off, silently (the long-segment addmm_ path happened to be right)."""
+    offsets, ids, ranks = torch.tensor([0, 3, 7, 10]), torch.tensor([0, 2, 1]), torch.tensor([4, 2, 3])
+    B = randn(3, 12, 4, generator=generator)
+    buffer = randn(10, 12, generator=generator)
+    with pytest.raises(ValueError, match="lora_multi_expand_: out must not share memory with h"):
+        torch.ops.lowrank_ops.lora_multi_expand_(buffer, buffer[:, :4], B, offsets, ids, ranks, None, True)
+    with pytest.raises(ValueError, match="lora_multi_expand_: out must not share memory with weight"):
+        torch.ops.lowrank_ops.lora_multi_expand_(B.view(12, 12), randn(12, 4, generator=generator), B,
+                                                 torch.tensor([0, 12]), torch.tensor([1]), torch.tensor([4]), None, True)
+
+
 def _strided(tensor: torch.Tensor) -> torch.Tensor:
     """The same values with stride 2 (every other element of a buffer twice as long)."""
     spread = tensor.new_zeros(2 * tensor.numel())

@@ -403,6 +403,12 @@ def test_raw_ops_refuse_hangs_overlaps_and_overflow():
     overlapping = torch.randn(20, dtype=torch.float64).as_strided((6, 3), (2, 1))
     with pytest.raises(ValueError, match="elements share memory"):
         ops.tall_solve_upper_(overlapping, R)
+    # An R inside Y (the triangle left in Y's top block) was read while Y was overwritten:
+    # Q 21.8 off at 300 x 32, silently.
+    Y = torch.randn(300, 32, dtype=torch.float64)
+    Y[:32] = 3 * torch.eye(32, dtype=torch.float64) + torch.randn(32, 32, dtype=torch.float64).triu()
+    with pytest.raises(ValueError, match="tall_solve_upper_: Y must not share memory with R"):
+        ops.tall_solve_upper_(Y, Y[:32])
     columns = torch.randn(6, 5, dtype=torch.float64)[:, :3]
     expected = torch.linalg.solve_triangular(R, columns, upper=True, left=False)
     ops.tall_solve_upper_(columns, R)

@@ -36,7 +36,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
-from ._layout import flatten_rows
+from ._layout import flatten_rows, require_apart
 from ._library import (LIBRARY, composed_path, current_stream, dispatch_needed, register_fake, unwrapped,
                        values_readable)
 from .base_linear import forward_op, grad_input_op
@@ -284,6 +284,10 @@ def _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last) -> Non
     if out.shape[0] > 1 and out.stride(0) < out.shape[1]:
         raise ValueError(f"{op}: out has overlapping rows (strides {out.stride()}, shape {tuple(out.shape)}); "
                          "it is written in place, so every element needs its own memory")
+    if not torch.compiler.is_compiling():  # (the registered op runs it when the graph executes)
+        # The kernel reads h and weight while it writes out: an h inside out gave wrong sums
+        # silently (9.3 off).
+        require_apart(op, "out", out, h=h, weight=weight)
     check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
 
 

@@ -243,9 +243,15 @@ def test_tensor_scale_is_read_at_run_time(device, generator):
     for bad, error, match in [(torch.ones(1), ValueError, r"scale has shape \(1,\); expected a number or a 0-d"),
                               (torch.tensor(True), TypeError, "scale has dtype torch.bool; expected a real"),
                               (torch.tensor(1.0, requires_grad=True), ValueError, "scale requires grad"),
-                              (torch.tensor(1j), TypeError, "scale has dtype torch.complex64")]:
+                              (torch.tensor(1j), TypeError, "scale has dtype torch.complex64"),
+                              # (NaN and inf outputs, silently, where a float NaN was refused)
+                              (torch.tensor(float("nan")), ValueError, r"scale must be finite; got nan \(a 0-d"),
+                              (torch.tensor(float("-inf")), ValueError, "scale must be finite; got -inf")]:
         with pytest.raises(error, match=match):
             lora_linear(*(t[name] for name in NAMES[:5]), scale=bad)
+        if error is ValueError and "finite" in match:
+            with pytest.raises(error, match=match):
+                lora_merge(t["weight"], t["lora_A"], t["lora_B"], scale=bad)
 
 
 def test_gradcheck(device, generator):

@@ -1239,6 +1239,13 @@ def test_raw_ops_refuse_aliasing_and_non_finite_scalars(generator):
                                                                             generator=generator)
     with pytest.raises(ValueError, match="mfac_apply: alpha must be finite; got nan"):
         ops.mfac_apply(G64, x, 4, torch.eye(4, dtype=torch.float64), float("nan"), -1.0, None)
+    # mfac_combine returned NaN for them, silently; a negative write slot other than -1 was
+    # refused in the C++ kernel's words ("mfac_dots: ...").
+    for alpha, beta, name in ((float("nan"), 1.0, "alpha"), (1.0, float("inf"), "beta")):
+        with pytest.raises(ValueError, match=f"mfac_combine: {name} must be finite; got {beta if alpha == 1 else alpha}"):
+            ops.mfac_combine(G64, randn(2, 4, dtype=torch.float64, generator=generator), x, 4, alpha, beta)
+    with pytest.raises(ValueError, match=r"^mfac_dots_write_: write_slot must be in \[0, n_rows\) = \[0, 4\) .*got -7$"):
+        ops.mfac_dots_write_(G.clone(), randn(1, 10, generator=generator), 4, -7)
 
 
 def test_threads_share_one_window(generator):

@@ -293,8 +293,9 @@ def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank
 def check_scale(op: str, scale, device: torch.device):
     """``scale`` as a float, or as itself when it is a 0-d real tensor (PEFT's compiled
     hotswap stores the scalings as tensors, so that changing them does not recompile) on
-    ``device`` or the CPU, without gradient.  A tensor's finiteness is not checked (reading
-    it would synchronize with the GPU and break a compiled graph)."""
+    ``device`` or the CPU, without gradient.  A CPU tensor must be finite (checked where its
+    value is readable: not while torch.compile traces); a CUDA tensor's finiteness is not
+    checked (reading it would synchronize with the GPU)."""
     if not isinstance(scale, torch.Tensor):
         if not is_real_number(scale):
             raise TypeError(f"{op}: scale must be a number or a 0-d tensor; got {type(scale).__name__}")
@@ -307,6 +308,8 @@ def check_scale(op: str, scale, device: torch.device):
         raise ValueError(f"{op}: scale is on {scale.device}; expected {device} (the device of x) or cpu")
     if scale.requires_grad:
         raise ValueError(f"{op}: scale requires grad; expected a constant (no gradient flows to scale)")
+    if scale.device.type == "cpu" and values_readable(scale) and not bool(torch.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be finite; got {scale.item()} (a 0-d tensor)")
     return scale
 
 

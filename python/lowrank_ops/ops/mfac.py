@@ -82,7 +82,7 @@ def _dots_impl(op: str, grads, x, n_rows: int, write_slot: int, wide: bool = Fal
     """The pass; ``wide``: the result in float64 (the sums unrounded), else in x's dtype."""
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
-    if write_slot >= 0 and not (write_slot < n_rows and x.shape[0] >= 1):
+    if write_slot != -1 and not (0 <= write_slot < n_rows and x.shape[0] >= 1):  # (-1: mfac_dots, no write)
         raise ValueError(f"{op}: write_slot must be in [0, n_rows) = [0, {n_rows}) with k >= 1; got {write_slot}")
     x = rows_view(x)
     k, dim = x.shape
@@ -143,6 +143,12 @@ def _mfac_dots_write_fake(grads, x, n_rows, write_slot):
 
 
 # ---------------------------------------------------------------------------- mfac_combine
+def _check_coefficients(op: str, alpha: float, beta: float) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not -math.inf < value < math.inf:
+            raise ValueError(f"{op}: {name} must be finite; got {value}")
+
+
 def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
     return _combine_impl(grads, coef, x, n_rows, alpha, beta, wide=False)
 
@@ -150,6 +156,7 @@ def _mfac_combine(grads, coef, x, n_rows, alpha, beta):
 def _combine_impl(grads, coef, x, n_rows, alpha, beta, wide: bool):
     """The pass; ``wide``: ``coef`` in float64 (mfac_apply's solve output), else in x's dtype."""
     op = "mfac_combine"
+    _check_coefficients(op, alpha, beta)
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if coef.dim() != 2 or tuple(coef.shape) != (x.shape[0], n_rows):
@@ -175,9 +182,7 @@ def _combine_impl(grads, coef, x, n_rows, alpha, beta, wide: bool):
 # ---------------------------------------------------------------------------- mfac_apply
 def _check_apply(grads, x, n_rows, factor, products, alpha, beta) -> None:
     op = "mfac_apply"
-    for name, value in (("alpha", alpha), ("beta", beta)):
-        if not -math.inf < value < math.inf:
-            raise ValueError(f"{op}: {name} must be finite; got {value}")
+    _check_coefficients(op, alpha, beta)
     _check_buffer(op, grads, n_rows)
     _check_vectors(op, "x", grads, x)
     if factor.dtype != torch.float64 or tuple(factor.shape) != (n_rows, n_rows) or factor.device != grads.device:

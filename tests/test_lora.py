@@ -792,6 +792,47 @@ def test_raw_ops_check_their_scalars():
         ops.dora_row_norm(torch.randn(8, 32), torch.randn(4, 32), torch.randn(8, 4), float("nan"))
 
 
+def test_raw_ops_check_their_tensors():
+    """The registered ops, called directly, check the tensors as the public functions do:
+    before, integer adapters ran integer products, a float seed was truncated, a [N, r]
+    gate broadcast, an int64 or [1, out] magnitude and a float64 norm were accepted, and
+    mismatched shapes raised torch's own messages ("mat1 and mat2 shapes cannot be
+    multiplied"); the fake impls returned shapes for them, so torch.compile traced on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.lowrank_ops
+    x, W, A, B, m = torch.randn(6, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4), torch.rand(12)
+    lora = lambda **kw: ops.lora_linear_fwd(kw.get("x", x), W, kw.get("A", A), kw.get("B", B), None,  # noqa: E731
+                                            kw.get("gate"), kw.get("seed"), 1.0, 0.5 if "seed" in kw else 0.0)
+    dora = lambda **kw: ops.dora_linear_fwd(x, W, A, B, kw.get("m", m), kw.get("bias"), None, 1.0, 0.0,  # noqa: E731
+                                            1e-6, kw.get("norm"))
+    cases = [
+        (lambda: lora(A=A.int(), B=B.int()), TypeError, "lora_linear_fwd: lora_A has dtype torch.int32"),
+        (lambda: lora(seed=torch.tensor(3.7)), ValueError,
+         r"lora_linear_fwd: seed must be a 0-d int64 CPU tensor; got torch.float32 \(\) on cpu"),
+        (lambda: lora(gate=torch.randn(6, 4)), ValueError, r"lora_linear_fwd: gate has shape \(6, 4\); expected"),
+        (lambda: lora(A=torch.randn(4, 15)), ValueError, r"lora_linear_fwd: lora_A has shape \(4, 15\)"),
+        (lambda: lora(B=torch.randn(11, 4)), ValueError, r"lora_linear_fwd: lora_B has shape \(11, 4\)"),
+        (lambda: lora(x=torch.randn(2, 3, 16)), ValueError, r"lora_linear_fwd: x has shape \(2, 3, 16\); expected"),
+        (lambda: ops.lora_dropout(x, torch.tensor([3, 4]), 0.5), ValueError,
+         r"lora_dropout: seed must be a 0-d int64 CPU tensor; got torch.int64 \(2,\)"),
+        (lambda: dora(m=torch.rand(1, 12)), ValueError, r"dora_linear_fwd: magnitude has shape \(1, 12\)"),
+        (lambda: dora(m=torch.ones(12, dtype=torch.int64)), TypeError, "dora_linear_fwd: magnitude has dtype"),
+        (lambda: dora(norm=torch.rand(12, dtype=torch.float64)), TypeError, "dora_linear_fwd: norm has dtype"),
+        (lambda: dora(bias=torch.rand(5)), ValueError, r"dora_linear_fwd: bias has shape \(5,\)"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    with FakeTensorMode():  # the fake impls check the shapes too: torch.compile stops at trace time
+        with pytest.raises(ValueError, match=r"lora_linear_fwd: lora_A has shape \(4, 15\)"):
+            ops.lora_linear_fwd(torch.randn(6, 16), torch.randn(12, 16), torch.randn(4, 15), torch.randn(12, 4), None,
+                                None, None, 1.0, 0.0)
+        with pytest.raises(ValueError, match=r"dora_linear_fwd: magnitude has shape \(1, 12\)"):
+            ops.dora_linear_fwd(torch.randn(6, 16), torch.randn(12, 16), torch.randn(4, 16), torch.randn(12, 4),
+                                torch.rand(1, 12), None, None, 1.0, 0.0, 1e-6)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpointed_dropout_with_an_explicit_generator_is_refused(use_reentrant, generator):
     """torch.utils.checkpoint replays torch's default generators only: the recomputation drew

@@ -61,8 +61,8 @@ from .._first_order import first_order_only
 from ._layout import flatten_rows
 from ._library import LIBRARY, checked_impl, composed_path, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
-from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, composed_dropout,
-                   draw_seed)
+from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, check_seed,
+                   composed_dropout, draw_seed)
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS", "floor_zero_norms"]
 
@@ -347,6 +347,7 @@ def _dora_linear_fwd(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dr
 
 
 def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None):
+    _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm)  # at trace time, as the op's own check
     n, out_features = x.shape[0], weight.shape[0]
     return (
         x.new_empty((n, out_features)),
@@ -356,13 +357,37 @@ def _dora_linear_fwd_fake(x, weight, lora_A, lora_B, magnitude, bias, seed, scal
     )
 
 
+def _check_tensors(op: str, x, weight, lora_A, lora_B, magnitude, bias, norm) -> None:
+    """:func:`dora_linear`'s tensors (the adapter's, the magnitude's and the given norm's)."""
+    check_adapter(op, x, weight, lora_A, lora_B, bias)
+    _check_tensor(op, "magnitude", magnitude, (lora_A.dtype, torch.float32), x.device)
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{op}: magnitude has shape {tuple(magnitude.shape)}; expected (out_features,) = ({weight.shape[0]},)"
+        )
+    if norm is not None:
+        _check_tensor(op, "norm", norm, (accumulate_dtype(weight.dtype),), x.device)
+        if tuple(norm.shape) != (weight.shape[0],):
+            raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
+
+
+def _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm) -> None:
+    op = "dora_linear_fwd"
+    _check_tensors(op, x, weight, lora_A, lora_B, magnitude, bias, norm)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected 2-D (N, in_features)")
+
+
 def _check_fwd_scalars(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, dropout_p, eps, norm=None) -> None:
-    """:func:`dora_linear`'s checks of the scalars, for direct callers of the op."""
+    """:func:`dora_linear`'s checks, for direct callers of the op (torch's own errors, or an
+    int64 or [1, out] magnitude and a float64 norm accepted, silently, before)."""
     op = "dora_linear_fwd"
     _check_number(op, "scale", scale)
     check_dropout(op, dropout_p)
     if not _check_number(op, "eps", eps) > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
+    _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm)
+    check_seed(op, seed)
 
 
 for _device in ("CPU", "CUDA"):
@@ -492,21 +517,13 @@ def dora_linear(
         disabled.
     """
     op = "dora_linear"
-    check_adapter(op, x, weight, lora_A, lora_B, bias)
-    _check_tensor(op, "magnitude", magnitude, (lora_A.dtype, torch.float32), x.device)
-    if tuple(magnitude.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{op}: magnitude has shape {tuple(magnitude.shape)}; expected (out_features,) = ({weight.shape[0]},)"
-        )
+    _check_tensors(op, x, weight, lora_A, lora_B, magnitude, bias, norm)
     scale = _check_number(op, "scale", scale)
     eps = _check_number(op, "eps", eps)
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     p = check_dropout(op, dropout_p)
     if norm is not None:
-        _check_tensor(op, "norm", norm, (accumulate_dtype(weight.dtype),), x.device)
-        if tuple(norm.shape) != (weight.shape[0],):
-            raise ValueError(f"{op}: norm has shape {tuple(norm.shape)}; expected (out_features,) = ({weight.shape[0]},)")
         norm = norm.detach()
     if composed_path():
         return _composed(x, weight, lora_A, lora_B, magnitude, bias, scale, p, eps, norm, generator)

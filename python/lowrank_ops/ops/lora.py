@@ -106,8 +106,22 @@ def _lora_dropout_fake(x, seed, p):
     return torch.empty_like(x)
 
 
+def check_seed(op: str, seed) -> None:
+    """A dropout seed: a 0-d int64 CPU tensor (what :func:`draw_seed` returns), for direct
+    callers of the ops (a float seed was truncated, a [2] one raised torch's "only one
+    element tensors can be converted")."""
+    if seed is None:
+        return
+    if not isinstance(seed, torch.Tensor) or seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
+        what = (f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if isinstance(seed, torch.Tensor)
+                else type(seed).__name__)
+        raise ValueError(f"{op}: seed must be a 0-d int64 CPU tensor; got {what}")
+
+
 def _check_dropout_op(x, seed, p) -> None:
     check_dropout("lora_dropout", p)
+    _check_tensor("lora_dropout", "x", x, (torch.float32, torch.float64, torch.float16, torch.bfloat16), x.device)
+    check_seed("lora_dropout", seed)
 
 
 for _device in ("CPU", "CUDA"):
@@ -153,13 +167,27 @@ def _lora_linear_fwd(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout
 
 
 def _lora_linear_fwd_fake(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None):
+    _check_fwd_tensors(x, weight, lora_A, lora_B, bias, gate)  # shapes at trace time, as the op's own check
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
+def _check_fwd_tensors(x, weight, lora_A, lora_B, bias, gate) -> None:
+    op = "lora_linear_fwd"
+    check_adapter(op, x, weight, lora_A, lora_B, bias, gate)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected 2-D (N, in_features)")
+
+
 def _check_fwd_scalars(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropout_p, scale_tensor=None) -> None:
-    """:func:`lora_linear`'s checks of the scalars, for direct callers of the op."""
-    _check_number("lora_linear_fwd", "scale", scale)
-    check_dropout("lora_linear_fwd", dropout_p)
+    """:func:`lora_linear`'s checks, for direct callers of the op (torch's own errors, or
+    integer adapters and a broadcast [N, r] gate accepted, silently, before)."""
+    op = "lora_linear_fwd"
+    _check_number(op, "scale", scale)
+    check_dropout(op, dropout_p)
+    _check_fwd_tensors(x, weight, lora_A, lora_B, bias, gate)
+    check_seed(op, seed)
+    if scale_tensor is not None:
+        check_scale(op, scale_tensor, x.device)
 
 
 for _device in ("CPU", "CUDA"):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from lowrank_ops import reference
 from lowrank_ops.nn import LoRALinear
-from lowrank_ops.ops import dora_linear, lora_linear, lora_merge, lora_unmerge
+from lowrank_ops.ops import dora_linear, dora_row_norm, lora_linear, lora_merge, lora_unmerge
 from lowrank_ops.ops.lora import draw_seed
 
 from helpers import (
@@ -790,6 +791,29 @@ def test_raw_ops_check_their_scalars():
         ops.dora_linear_fwd(x, W, A, B, torch.rand(6), None, None, 1.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="dora_row_norm: scale must be finite"):
         ops.dora_row_norm(torch.randn(8, 32), torch.randn(4, 32), torch.randn(8, 4), float("nan"))
+
+
+def test_scale_beyond_float32_range_is_refused_where_the_adapter_runs_in_float32():
+    """A finite scale beyond float32's range (1e200) with float32 (or half) tensors: inf
+    outputs from lora_linear, silently, and torch's "value cannot be converted to type float
+    without overflow" from lora_merge, dora_linear and dora_row_norm.  Now a ValueError
+    naming scale; float64 tensors take it."""
+    ops = torch.ops.lowrank_ops
+    x, W, A, B, m = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2), torch.rand(5)
+    calls = {"lora_linear": lambda *t, s: lora_linear(t[0], t[1], t[2], t[3], scale=s),
+             "lora_merge": lambda *t, s: lora_merge(t[1], t[2], t[3], s),
+             "lora_unmerge": lambda *t, s: lora_unmerge(t[1], t[2], t[3], s),
+             "dora_linear": lambda *t, s: dora_linear(*t, scale=s),
+             "dora_row_norm": lambda *t, s: dora_row_norm(t[1], t[2], t[3], s),
+             "lora_linear_fwd": lambda *t, s: ops.lora_linear_fwd(*t[:4], None, None, None, s, 0.0)[0],
+             "dora_linear_fwd": lambda *t, s: ops.dora_linear_fwd(*t, None, None, s, 0.0, 1e-6)[0]}
+    for name, call in calls.items():
+        for scale in (1e200, -1e39):
+            with pytest.raises(ValueError, match=rf"^{name}: scale {re.escape(f'{scale:g}')} is beyond float32's range"):
+                call(x, W, A, B, m, s=scale)
+        assert torch.isfinite(call(*(t.double() for t in (x, W, A, B, m)), s=1e200)).all(), name
+    with pytest.raises(ValueError, match="lora_linear: scale 1e.200 is beyond float32's range"):  # float32 adapters
+        lora_linear(x.double(), W.double(), A, B, scale=1e200)
 
 
 def test_raw_ops_check_their_tensors():

@@ -61,8 +61,8 @@ from .._first_order import first_order_only
 from ._layout import flatten_rows
 from ._library import LIBRARY, checked_impl, composed_path, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
-from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, check_seed,
-                   composed_dropout, draw_seed)
+from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, check_scale_range,
+                   check_seed, composed_dropout, draw_seed)
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS", "floor_zero_norms"]
 
@@ -175,7 +175,7 @@ def _identity_norms(squares, total, weight, lora_A, lora_B, scale: float) -> tor
 
 def _check_norm_args(weight, lora_A, lora_B, scale) -> None:
     check_adapter("dora_row_norm", None, weight, lora_A, lora_B)
-    _check_number("dora_row_norm", "scale", scale)
+    check_scale_range("dora_row_norm", _check_number("dora_row_norm", "scale", scale), weight, lora_A)
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
@@ -387,6 +387,7 @@ def _check_fwd_scalars(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, 
     if not _check_number(op, "eps", eps) > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm)
+    check_scale_range(op, scale, weight, lora_A)
     check_seed(op, seed)
 
 
@@ -519,6 +520,7 @@ def dora_linear(
     op = "dora_linear"
     _check_tensors(op, x, weight, lora_A, lora_B, magnitude, bias, norm)
     scale = _check_number(op, "scale", scale)
+    check_scale_range(op, scale, weight, lora_A)
     eps = _check_number(op, "eps", eps)
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")

@@ -1768,3 +1768,36 @@ def test_spmv_op_names_an_empty_x():
         torch.ops.lowrank_ops.krylov_spmv_(torch.tensor([0, 1, 2]), torch.tensor([0, 1]),
                                            torch.ones(2, dtype=torch.float64), torch.empty(0, dtype=torch.float64),
                                            torch.empty(2, dtype=torch.float64))
+
+
+def test_huge_iteration_budgets_allocate_per_call_not_per_budget(monkeypatch, generator):
+    """The CG kernels allocate a history entry per step asked for, and GMRES a [restart + 1,
+    n] basis: maxiter=2**40 (cg, DeflatedCG) and restart=2**40 (gmres) asked for terabytes
+    and failed with the allocator's message, naming no argument.  Now the CG kernels run at
+    most max(10 n, 65536) steps per call (cg restarts from the true residual between calls,
+    DeflatedCG resumes), and gmres's restart is at most n, as in scipy's."""
+    from lowrank_ops.krylov import _common
+
+    cg_module, defcg_module = sys.modules["lowrank_ops.krylov.cg"], sys.modules["lowrank_ops.krylov.defcg"]
+
+    A, b = _system("spd", generator)
+    matrix = CSRMatrix.from_scipy(A)
+    x, info = cg(matrix, b, maxiter=2**40, tol=1e-10)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-9
+    x, info = gmres(matrix, b, restart=2**40, tol=1e-10)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-9
+    full, _ = gmres(matrix, b, restart=A.shape[0], tol=1e-10)
+    assert torch.equal(x, full)  # restart clamped to n: the same solve
+    x, info = DeflatedCG(k=4, maxiter=2**40).solve(matrix, b, tol=1e-10)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-9
+    # Calls of 7 steps: the same answers (cg: restarted CG still converges; the budget and
+    # the history stay exact), and a budget that ends inside a call stops exactly there.
+    for module in (cg_module, defcg_module):
+        monkeypatch.setattr(module, "steps_per_call", lambda n: 7)
+    x, info = cg(matrix, b, tol=1e-10)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-9 and len(info.residuals) == info.iterations + 1
+    _, info = cg(matrix, b, tol=1e-14, maxiter=17)
+    assert (info.converged, info.iterations, info.status, len(info.residuals)) == (False, 17, "maxiter", 18)
+    x, info = DeflatedCG(k=4).solve(matrix, b, tol=1e-10)
+    assert info.converged and _relative_residual(A, b, x) <= 1e-9 and info.iterations > 7
+    assert _common.steps_per_call(5) == 65536 and _common.steps_per_call(10**5) == 10**6

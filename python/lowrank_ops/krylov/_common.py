@@ -327,6 +327,13 @@ def _dtype_and_device(A, b):
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 
+def steps_per_call(n: int) -> int:
+    """The most CG steps one kernel call runs: the kernels allocate a history entry per
+    step asked for, so ``maxiter=2**40`` asked for terabytes (an allocation error naming
+    no argument); at least the default ``maxiter`` (10 n), so a default solve stays one call."""
+    return max(10 * n, 1 << 16)
+
+
 def setup_system(op: str, A, b, x0, tol: Optional[float], M: Preconditioner, atol: float = 0.0,
                  callback: Callback = None) -> System:
     """Validate a solver's arguments and build its :class:`System` (``tol=None``: the

@@ -8,7 +8,7 @@ import torch
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 from ._cg_loop import python_loop
-from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system
+from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system, steps_per_call
 from .info import SolveInfo
 
 __all__ = ["cg"]
@@ -114,14 +114,17 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
         if iterations >= maxiter:
             return iterations, "maxiter"
         relative, info = kernel(matrix.row_ptr, matrix.col_idx, matrix.values, diagonal, x, r.contiguous(),
-                                maxiter - iterations, target, bnorm)
+                                min(maxiter - iterations, steps_per_call(system.A.n)), target, bnorm)
         taken, code = info.tolist()
         history.extend(relative[:taken].tolist())
         iterations += taken
         system.matvecs += taken
-        if _NATIVE_STATUS[code] != "converged":
-            return iterations, _NATIVE_STATUS[code]
-        r = system.residual(x)  # confirm on the true residual
+        status = _NATIVE_STATUS[code]
+        if status == "breakdown" or (status == "maxiter" and iterations >= maxiter):
+            return iterations, status
+        # Converged on the recursive residual: confirm on the true one; or the call's steps
+        # ran out before maxiter: restart from the true residual.
+        r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
         history[-1] = rnorm / bnorm
 

@@ -63,7 +63,8 @@ from ..ops.svd import CPU_MAX_JACOBI_SIZE, _jacobi_svd_cpu, default_max_sweeps, 
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 from ._cg_loop import Couplings, project, python_loop
-from ._common import Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system
+from ._common import (Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system,
+                      steps_per_call)
 from ._kernels import combine_rows, gram
 from .info import SolveInfo
 
@@ -290,7 +291,7 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
             return iterations, "converged"
         if iterations >= maxiter:
             return iterations, "maxiter"
-        steps = maxiter - iterations
+        steps = min(maxiter - iterations, steps_per_call(x.numel()))
         if recording:
             if lanczos.size == lanczos.V.shape[0]:
                 lanczos.restart()

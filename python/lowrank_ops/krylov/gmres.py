@@ -37,7 +37,7 @@ def gmres(A, b, *, x0=None, tol: Optional[float] = None, restart: int = 30, maxi
         1e-5 in float32 (:data:`~lowrank_ops.krylov._common.DEFAULT_TOL`): stop when
         ``||b - A x|| <= max(tol ||b||, atol)``.
     restart : int
-        Krylov directions per cycle, ``m``.
+        Krylov directions per cycle, ``m`` (at most n are used, as in scipy).
     maxiter : int, optional
         Iteration budget (Arnoldi steps over all cycles); default ``10 n``.
     M : None, 'jacobi', Tensor[n] or callable
@@ -58,4 +58,6 @@ def gmres(A, b, *, x0=None, tol: Optional[float] = None, restart: int = 30, maxi
     if maxiter is not None:
         check_positive_int("gmres", "maxiter", maxiter)
     system = setup_system("gmres", A, b, x0, tol, M, atol, callback)
-    return GCRODR(restart, 0, M=M, maxiter=maxiter)._solve(system)
+    # As scipy's gmres: a cycle longer than n adds nothing (the Krylov space is full), and
+    # the basis is [restart + 1, n] (restart=2**40 asked for 44 TB).
+    return GCRODR(min(restart, max(system.A.n, 1)), 0, M=M, maxiter=maxiter)._solve(system)

@@ -1104,6 +1104,9 @@ def test_bad_input_gives_clear_errors():
     b = np.ones(16)
     with pytest.raises(TypeError, match="CSRMatrix: row_ptr must be a tensor; got list"):
         CSRMatrix([0, 1], torch.tensor([0]), torch.tensor([1.0]), (1, 1))
+    for shape in ((2.0, 2), (1, 1, 1), 3):  # a float size was truncated silently
+        with pytest.raises(TypeError, match="CSRMatrix: shape must be a pair of ints"):
+            CSRMatrix(torch.tensor([0, 1, 1]), torch.tensor([0]), torch.tensor([1.0]), shape)
     with pytest.raises(TypeError, match="CSRMatrix.from_dense: dense must be a tensor; got list"):
         CSRMatrix.from_dense([[1.0]])
     with pytest.raises(ValueError, match=r"A has shape \(16, 15\); expected a square matrix"):

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .._args import require_tensors
+from .._args import is_integer, require_tensors
 from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta, require_integer
 from .._finite import all_finite
 from ._kernels import spmv
@@ -66,6 +66,9 @@ class CSRMatrix:
 
     def __init__(self, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]):
         where = "CSRMatrix"
+        # (A float 2.0 was truncated silently; torch.Size and NumPy integers pass.)
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2 and all(is_integer(s) for s in shape)):
+            raise TypeError(f"{where}: shape must be a pair of ints (n_rows, n_cols); got {shape!r}")
         n_rows, n_cols = (int(s) for s in shape)
         if n_rows < 0 or n_cols < 0:
             raise ValueError(f"{where}: shape must be non-negative; got {tuple(shape)}")

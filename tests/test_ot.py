@@ -182,6 +182,19 @@ def test_histogram_and_sparsify(device, generator, source):
     assert torch.allclose(dense_kept, ref, rtol=1e-13, atol=0)
 
 
+def test_histogram_of_more_problems_than_a_grid_dimension(device, generator):
+    """70,000 problems: the CUDA kernel had one grid row per problem and refused batches
+    beyond gridDim.y's 65535 ("batch must be <= 65535 on CUDA") where the CPU took any."""
+    batch = 70_000
+    C = torch.rand(batch, 2, 3, dtype=F64, generator=generator).to(device)
+    f, g = torch.zeros(batch, 2, dtype=F64, device=device), torch.zeros(batch, 3, dtype=F64, device=device)
+    lo, hi = torch.full((batch,), -1.0, dtype=F64, device=device), torch.zeros(batch, dtype=F64, device=device)
+    counts = ot_ops.log_histogram(C, None, None, f, g, 1.0, 0, None, lo, hi, 4)
+    position = ((-C.cpu() + 1.0) * 4).floor().clamp(max=3).long().flatten(1)  # s = -C in [-1, 0]: every entry counted
+    expected = torch.zeros(batch, 4, dtype=torch.int64).scatter_add_(1, position, torch.ones_like(position))
+    assert torch.equal(counts.cpu(), expected)
+
+
 @pytest.mark.parametrize("lo, hi", [(0.0, 0.0), (1.0, 0.0), (-math.inf, 0.0)], ids=["equal", "reversed", "infinite"])
 def test_histogram_degenerate_range_stays_in_bounds(device, lo, hi):
     """hi <= lo (hi == lo happens in SNS's fine level when the bin width rounds away) or an

@@ -516,22 +516,38 @@ def test_raw_ops_reject_bad_index_arrays(generator):
         sddmm(row_ptr, col_idx, row_order[:-1], left, x)
 
 
-def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(generator):
+def test_corrupt_pattern_never_reads_or_writes_out_of_bounds(device, generator):
     # Raw ops bypass FixedSupport's validation; out-of-range columns and row pointers
-    # must be skipped (clamped), never dereferenced.
-    row_ptr = torch.tensor([0, 2, 2, 9], dtype=torch.int32)  # last pointer past nnz = 4
-    col_idx = torch.tensor([1, 1_000_000, -5, 2], dtype=torch.int32)
-    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    x = randn(20, 3, generator=generator)
-    out = torch.ops.lowrank_ops.csr_spmm(row_ptr, col_idx, values, None, x, 3)
-    expected = torch.zeros(20, 3)
+    # must be skipped (clamped), never dereferenced; what sparse.h promises for the
+    # outputs holds on both back ends (on CUDA, sddmm left entries no row covers, and spmm
+    # the rows a non-permutation row_order skips, uninitialized).
+    ops = torch.ops.lowrank_ops
+    row_ptr = torch.tensor([0, 2, 2, 9], dtype=torch.int32, device=device)  # last pointer past nnz = 4
+    col_idx = torch.tensor([1, 1_000_000, -5, 2], dtype=torch.int32, device=device)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device)
+    x = randn(20, 3, generator=generator, device=device)
+    out = ops.csr_spmm(row_ptr, col_idx, values, None, x, 3)
+    expected = torch.zeros(20, 3, device=device)
     expected[:, 0] = x[:, 1]
     expected[:, 2] = 4.0 * x[:, 2]
     torch.testing.assert_close(out, expected)
-    left = randn(20, 3, generator=generator)
-    dv = torch.ops.lowrank_ops.csr_sddmm(row_ptr, col_idx, None, left, x)
+    left = randn(20, 3, generator=generator, device=device)
+    dv = ops.csr_sddmm(row_ptr, col_idx, None, left, x)
     assert dv[1].item() == 0 and dv[2].item() == 0
     torch.testing.assert_close(dv[3], (left[:, 2] * x[:, 2]).sum())
+    # Entries no row covers (row_ptr starting past 0): 0.
+    starts_late = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    dv = ops.csr_sddmm(starts_late, torch.zeros(3, dtype=torch.int32, device=device), None, left[:, :1], x[:, :1])
+    torch.testing.assert_close(dv, torch.stack([torch.zeros((), device=device), (left[:, 0] * x[:, 0]).sum(),
+                                                torch.zeros((), device=device)]))
+    # A row_order that is not a permutation: the CPU ignores it; CUDA skips the missing row (0).
+    repeated = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)
+    out = ops.csr_spmm(row_ptr, col_idx, values, repeated, x, 3)
+    if device == "cpu":
+        torch.testing.assert_close(out, expected)
+    else:
+        torch.testing.assert_close(out[:, 0], expected[:, 0])
+        assert (out[:, 1:] == 0).all()
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -185,12 +185,12 @@ __global__ void __launch_bounds__(kWarp * kSplit) row_lse_lanes_over_rows(OtRowL
 
 // ---------------------------------------------------------------------------- ot_log_histogram
 template <class T>
-__global__ void __launch_bounds__(kThreads) log_histogram(OtHistogramParams p) {
+__global__ void __launch_bounds__(kThreads) log_histogram(OtHistogramParams p, int64_t first_problem) {
   // 64-bit counts: one block's share of a problem can exceed 2^32 entries (point costs
   // need no memory per entry), as the CPU's int64 counts.
   extern __shared__ unsigned long long bins[];
   const OtSource& s = p.src;
-  const int64_t b = blockIdx.y;
+  const int64_t b = first_problem + blockIdx.y;
   if (!active(s, b)) return;  // uniform over the block
   for (int64_t k = threadIdx.x; k < p.n_bins; k += blockDim.x) bins[k] = 0;
   __syncthreads();
@@ -375,14 +375,18 @@ void ot_log_histogram_cuda(const OtHistogramParams& p, int device, std::uintptr_
                 "] on CUDA; got ", p.n_bins);
   const OtSource& s = p.src;
   if (s.batch * s.rows * s.cols == 0) return;
-  LOWRANK_CHECK(s.batch <= 65535, "ot_log_histogram: batch must be <= 65535 on CUDA; got ", s.batch);
   const Launcher launch(device, stream);
   dispatch_real(s.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     // Enough blocks per problem to fill the GPU, few enough that the flushes stay cheap.
     const unsigned per_problem = std::min<unsigned>(grid_for(s.rows * s.cols, kThreads * 16), 1024u);
-    launch(log_histogram<T>, dim3(per_problem, static_cast<unsigned>(s.batch)), kThreads,
-           static_cast<size_t>(p.n_bins) * sizeof(unsigned long long), p);
+    // The problems are gridDim.y, at most 65535 per launch (the CPU takes any batch).
+    constexpr int64_t kMaxGridY = 65535;
+    for (int64_t first = 0; first < s.batch; first += kMaxGridY) {
+      const auto problems = static_cast<unsigned>(std::min(kMaxGridY, s.batch - first));
+      launch(log_histogram<T>, dim3(per_problem, problems), kThreads,
+             static_cast<size_t>(p.n_bins) * sizeof(unsigned long long), p, first);
+    }
   });
 }
 

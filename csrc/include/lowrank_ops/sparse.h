@@ -63,6 +63,14 @@ struct CsrSddmmParams {
 // hand rows to warps in that order (longest-processing-time-first scheduling), so a
 // few long rows of a skewed pattern start early instead of forming a tail.  The CPU
 // kernels balance by splitting rows into blocks of equal nnz and ignore it.
+//
+// Malformed patterns (the raw ops check shapes only; FixedSupport validates its pattern
+// once): both back ends clamp every index, so nothing is read or written out of range.
+// The CPU kernels bound each row's range by the running maximum of row_ptr and write
+// every out entry.  On CUDA the ops zero the output first, so entries no row covers and
+// rows a non-permutation row_order skips are 0 there too; where a decreasing row_ptr
+// makes two rows' ranges overlap, sddmm's shared entries take one of those rows' values
+// (which one is unspecified).
 
 // Shape sanity shared by both back ends (throws std::invalid_argument).
 void check_spmm_params(const CsrSpmmParams& p);

@@ -152,6 +152,8 @@ def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows, addend=No
         out = dense.new_empty((n_rows, batch)).t()
     else:
         out = dense.new_empty((batch, n_rows))
+    if row_order is not None:  # rows a non-permutation skips stay 0, as sparse.h says (garbage before)
+        out.zero_()
     module.csr_spmm_cuda(
         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
         row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),
@@ -195,7 +197,9 @@ def _csr_sddmm_cuda(row_ptr, col_idx, row_order, left, dense):
             left = left.t().contiguous().t()
         if dense.stride(0) != 1:
             dense = dense.t().contiguous().t()
-    out = dense.new_empty((col_idx.numel(),))
+    # Zeros: entries outside every row's range (an invalid row_ptr) are 0, as on the CPU
+    # (the kernel writes only the rows' ranges: they were left uninitialized).
+    out = dense.new_zeros((col_idx.numel(),))
     module.csr_sddmm_cuda(
         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), row_order=_address(row_order), left=left.data_ptr(),
         dense=dense.data_ptr(), out=out.data_ptr(), n_rows=left.shape[1], n_cols=dense.shape[1],

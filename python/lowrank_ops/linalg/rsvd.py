@@ -297,9 +297,10 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         torch.matmul(block_low, right, out=out_low)
         return out.copy_(out_low).transpose(-2, -1)
 
-    def product(matrix, block, final=False):
-        if final:
-            return last_product(block)
+    # (product must not call last_product, which calls it: two closures referring to each
+    # other are a reference cycle that kept M, its low-precision copy and the buffers alive
+    # until the cyclic collector ran: +500 MB peak over 40 GaLore refreshes of 2048 x 2048.)
+    def product(matrix, block):
         if matrix.dtype == M.dtype:
             block = block.to(M.dtype)
             return centering.times(times(matrix, block), block) if exact(matrix) else times(matrix, block)
@@ -339,6 +340,9 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         probe = (W, both[..., block.shape[-1]:])
         return both[..., : block.shape[-1]]
 
+    def next_product(matrix, block, final: bool):
+        return last_product(block) if final else product(matrix, block)
+
     if init is not None and not transposed:
         # init approximates range(A) = range(M): start from it, plus fresh directions.
         start = init.to(M.dtype)
@@ -346,7 +350,7 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         blocks = [start]
         if extra > 0:
             omega = _randn(*batch, q, extra, generator=generator, device=M.device, dtype=M.dtype)
-            blocks.append(product(low, omega, final=n_iter == 0))
+            blocks.append(next_product(low, omega, n_iter == 0))
         Y = torch.cat(blocks, dim=-1)[..., :l]
     else:
         if init is not None:  # range(A) is M's row space here: use it as the test matrix
@@ -358,19 +362,19 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
             omega = omega[..., :l]
         else:
             omega = _randn(*batch, q, l, generator=generator, device=M.device, dtype=M.dtype)
-        Y = product(low, omega, final=n_iter == 0)
+        Y = next_product(low, omega, n_iter == 0)
     if probes and n_iter == 0 and probe is None:
         last_product(Y.new_empty(*batch, q, 0))  # init filled the whole basis: no product with M to share
     if method == "block_krylov":
         blocks = [_orthonormalize(Y, how)]
         for i in range(n_iter):
-            blocks.append(_orthonormalize(product(M, transposed_product(M, blocks[-1]), final=i == n_iter - 1), how))
+            blocks.append(_orthonormalize(next_product(M, transposed_product(M, blocks[-1]), i == n_iter - 1), how))
         return torch.linalg.qr(torch.cat(blocks, dim=-1)).Q, probe
     Q = Y
     for i in range(n_iter):
         Q = _orthonormalize(Q, how)
         Z = _orthonormalize(transposed_product(low, Q), how)
-        Q = product(low, Z, final=i == n_iter - 1)
+        Q = next_product(low, Z, i == n_iter - 1)
     return torch.linalg.qr(Q).Q, probe
 
 

@@ -398,12 +398,23 @@ LOWRANK_CPU_CLONES SweepResult<A> jacobi_sweeps(A* x, int64_t ld_w, int64_t ld_v
   return result;
 }
 
-// Bump allocator over a thread-local byte buffer, every block 64-byte aligned.  The
-// caller sizes it; take() checks, so a sizing mistake throws instead of overflowing.
+// Bump allocator over a byte buffer, every block 64-byte aligned.  The caller sizes it;
+// take() checks, so a sizing mistake throws instead of overflowing.  Workspaces up to
+// kKeptArenaBytes come from a thread-local buffer kept between matrices and calls (a
+// fresh buffer's first touch costs page faults, per matrix); larger ones (tall matrices,
+// whose sweeps cost far more than the faults) from the Arena's own buffer, freed with it,
+// so no thread keeps the workspace of the largest matrix it ever saw (one float32
+// 200000 x 150 call left 702 MB held in the OpenMP team's threads).
+constexpr int64_t kKeptArenaBytes = int64_t(4) << 20;
+
 class Arena {
  public:
+  Arena(const Arena&) = delete;  // take()'s pointers point into its buffer
+  Arena& operator=(const Arena&) = delete;
+
   explicit Arena(int64_t bytes) {
-    thread_local std::vector<unsigned char> buffer;
+    thread_local std::vector<unsigned char> kept;
+    std::vector<unsigned char>& buffer = bytes + kVectorBytes > kKeptArenaBytes ? own_ : kept;
     if (static_cast<int64_t>(buffer.size()) < bytes + kVectorBytes) buffer.resize(static_cast<size_t>(bytes + kVectorBytes));
     const auto base = reinterpret_cast<std::uintptr_t>(buffer.data());
     next_ = reinterpret_cast<unsigned char*>((base + kVectorBytes - 1) / kVectorBytes * kVectorBytes);
@@ -422,6 +433,7 @@ class Arena {
   static int64_t round_up(int64_t bytes) { return (bytes + kVectorBytes - 1) / kVectorBytes * kVectorBytes; }
 
  private:
+  std::vector<unsigned char> own_;
   unsigned char* next_;
   unsigned char* end_;
 };

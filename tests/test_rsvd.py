@@ -1191,3 +1191,29 @@ def test_calls_leave_no_reference_cycles_holding_tensors(generator):
         gc.garbage.clear()
         if enabled:
             gc.enable()
+
+
+@pytest.mark.parametrize("orthonormalize", ["auto", "cholqr2", "qr"])
+def test_cuda_float32_defaults_meet_the_bar(decaying_2048, orthonormalize, cuda_device):
+    """The CUDA paths no other test ran: the bfloat16 sketch on sm_80+ ("auto"), the
+    CholeskyQR2 orthonormalizer through torch's CUDA ops, a batch of two and a half input,
+    against the same bars as on the CPU."""
+    A64, s = decaying_2048["decay2"]
+    A = A64.float().to(cuda_device)
+    k = 64
+    U, S, Vh = rsvd(A, k, orthonormalize=orthonormalize, generator=torch.Generator(cuda_device).manual_seed(0))
+    assert U.device.type == cuda_device and U.dtype == torch.float32
+    exact = A64.to(cuda_device)
+    ratio = torch.linalg.norm(exact - (U.double() * S.double()) @ Vh.double()) / optimal_error(s.to(cuda_device), k)
+    assert ratio <= 1.01, ratio.item()
+    assert ((S.double()[: k // 2] - s[: k // 2].to(cuda_device)).abs() / s[: k // 2].to(cuda_device)).max() <= 1e-3
+    assert_orthonormal(U.double(), 1e-5)
+    batch = torch.stack([A, A.flip(0)])
+    S_batch = rsvd(batch, k, compute_uv=False, orthonormalize=orthonormalize,
+                   generator=torch.Generator(cuda_device).manual_seed(0))
+    for b in range(2):
+        assert ((S_batch[b].double()[: k // 2] - s[: k // 2].to(cuda_device)).abs()
+                / s[: k // 2].to(cuda_device)).max() <= 1e-3
+    half = rsvd(A.half(), k, orthonormalize=orthonormalize, generator=torch.Generator(cuda_device).manual_seed(0))
+    assert half.U.dtype == torch.float32  # half inputs: float32 factors, as on the CPU
+    assert ((half.S.double()[:8] - s[:8].to(cuda_device)).abs() / s[:8].to(cuda_device)).max() <= 1e-2

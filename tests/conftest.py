@@ -44,6 +44,15 @@ def autocast_case(request) -> tuple:
     return request.param
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests taking the ``cuda_device`` fixture get the ``cuda`` marker too, so that ``-m
+    cuda`` (bench/gpu_check.sh's selection) runs them: before, it selected only the ``cuda``
+    parameters of ``device``, and the 18 GPU-only tests never ran in a GPU session."""
+    for item in items:
+        if "cuda_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def cuda_device() -> str:
     """``"cuda"`` for tests that only make sense on a GPU; skips elsewhere."""

@@ -814,6 +814,9 @@ def test_scale_beyond_float32_range_is_refused_where_the_adapter_runs_in_float32
         assert torch.isfinite(call(*(t.double() for t in (x, W, A, B, m)), s=1e200)).all(), name
     with pytest.raises(ValueError, match="lora_linear: scale 1e.200 is beyond float32's range"):  # float32 adapters
         lora_linear(x.double(), W.double(), A, B, scale=1e200)
+    # A float64 W with float32 adapters: merges and row norms run in float64, and take it.
+    torch.testing.assert_close(lora_merge(W.double(), A, B, 1e200), W.double() + 1e200 * (B.double() @ A.double()))
+    assert torch.isfinite(dora_row_norm(W.double(), A, B, 1e200)).all()
 
 
 def test_raw_ops_check_their_tensors():

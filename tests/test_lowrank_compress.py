@@ -409,3 +409,21 @@ def test_float64_weights_at_the_edges_of_the_range(exponent):
     assert ranks[1] == ranks[0] and all(k > 0 for k in ranks[0].values())
     for w, w_unit in zip(weights(scaled).values(), weights(unit).values()):
         assert torch.equal(w, w_unit * factor)
+
+
+@pytest.mark.parametrize("dtype, largest", [(torch.float64, 1.5e308), (torch.float32, 2.0**127)], ids=str)
+def test_weights_at_the_top_of_the_dtype_range(dtype, largest):
+    """A largest entry at the top of the range: the scale was the power of two above it
+    (2^1024 in float64: OverflowError from math.ldexp; 2^128 in float32: inf, so W / c was
+    0 and the factors NaN with a reported error of 0).  Now W / c lies in [1, 2)."""
+    weight = torch.zeros(64, 48, dtype=torch.float64)
+    weight[0, 0], weight[1, 1], weight[2, 2] = largest, 1.0, 0.5
+    model = torch.nn.Sequential(torch.nn.Linear(48, 64, bias=False, dtype=dtype))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    report = compress(model, rank=2, generator=torch.Generator().manual_seed(0))
+    down, up = model[0]
+    merged = up.weight.double() @ down.weight.double()
+    assert torch.isfinite(merged).all()
+    assert abs(merged[0, 0].item() - largest) <= 1e-6 * largest
+    assert report.layers["0"].error <= 1e-6

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -414,9 +415,16 @@ class Arena {
 
   explicit Arena(int64_t bytes) {
     thread_local std::vector<unsigned char> kept;
-    std::vector<unsigned char>& buffer = bytes + kVectorBytes > kKeptArenaBytes ? own_ : kept;
-    if (static_cast<int64_t>(buffer.size()) < bytes + kVectorBytes) buffer.resize(static_cast<size_t>(bytes + kVectorBytes));
-    const auto base = reinterpret_cast<std::uintptr_t>(buffer.data());
+    const auto size = static_cast<size_t>(bytes + kVectorBytes);
+    unsigned char* data;
+    if (bytes + kVectorBytes > kKeptArenaBytes) {
+      own_.reset(new unsigned char[size]);  // uninitialized: no memset per matrix
+      data = own_.get();
+    } else {
+      if (kept.size() < size) kept.resize(size);
+      data = kept.data();
+    }
+    const auto base = reinterpret_cast<std::uintptr_t>(data);
     next_ = reinterpret_cast<unsigned char*>((base + kVectorBytes - 1) / kVectorBytes * kVectorBytes);
     end_ = next_ + bytes;
   }
@@ -433,7 +441,7 @@ class Arena {
   static int64_t round_up(int64_t bytes) { return (bytes + kVectorBytes - 1) / kVectorBytes * kVectorBytes; }
 
  private:
-  std::vector<unsigned char> own_;
+  std::unique_ptr<unsigned char[]> own_;
   unsigned char* next_;
   unsigned char* end_;
 };

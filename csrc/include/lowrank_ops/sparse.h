@@ -67,10 +67,12 @@ struct CsrSddmmParams {
 // Malformed patterns (the raw ops check shapes only; FixedSupport validates its pattern
 // once): both back ends clamp every index, so nothing is read or written out of range.
 // The CPU kernels bound each row's range by the running maximum of row_ptr and write
-// every out entry.  On CUDA the ops zero the output first, so entries no row covers and
-// rows a non-permutation row_order skips are 0 there too; where a decreasing row_ptr
-// makes two rows' ranges overlap, sddmm's shared entries take one of those rows' values
-// (which one is unspecified).
+// every out entry.  On CUDA sddmm's output is zeroed first, so entries no row covers are
+// 0 there too; where a decreasing row_ptr makes two rows' ranges overlap, the shared
+// entries take one of those rows' values (which one is unspecified); and a row_order that
+// is not a permutation leaves the rows it skips unwritten (spmm) or their entries 0
+// (sddmm).  The raw ops do not check it (O(n) and a device sync per call: FixedSupport
+// builds it once), so for spmm that is the caller's contract.
 
 // Shape sanity shared by both back ends (throws std::invalid_argument).
 void check_spmm_params(const CsrSpmmParams& p);

@@ -66,7 +66,9 @@ class CSRMatrix:
 
     def __init__(self, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]):
         where = "CSRMatrix"
-        # (A float 2.0 was truncated silently; torch.Size and NumPy integers pass.)
+        # (A float 2.0 was truncated silently; torch.Size, NumPy integers and arrays pass.)
+        if isinstance(shape, np.ndarray):
+            shape = tuple(shape.tolist())
         if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2 and all(is_integer(s) for s in shape)):
             raise TypeError(f"{where}: shape must be a pair of ints (n_rows, n_cols); got {shape!r}")
         n_rows, n_cols = (int(s) for s in shape)

@@ -250,13 +250,14 @@ def _compress_layer(linear: torch.nn.Linear, rank: Optional[int], energy: Option
 
 
 def _unit_scaled(W: torch.Tensor) -> Tuple[torch.Tensor, float]:
-    """``(W / c, c)`` for c the power of two at ``max |W|`` (1 for a zero W): the division
-    is exact, and the squared norms and errors of ``W / c`` neither overflow nor underflow
-    in float64 (they did for float64 weights beyond 1e154 or below 1e-154)."""
+    """``(W / c, c)`` for c the power of two with ``max |W| / c`` in [1, 2) (1 for a zero
+    W): the division is exact, c is in range for every finite max (also 2^1023 in float64
+    and 2^127 in float32), and the squared norms and errors of ``W / c`` neither overflow
+    nor underflow in float64 (they did for float64 weights beyond 1e154 or below 1e-154)."""
     amax = float(W.abs().amax()) if W.numel() else 0.0
     if amax == 0.0:
         return W, 1.0
-    c = math.ldexp(1.0, math.frexp(amax)[1])
+    c = math.ldexp(1.0, math.frexp(amax)[1] - 1)
     return W / c, c
 
 

@@ -175,7 +175,8 @@ def _identity_norms(squares, total, weight, lora_A, lora_B, scale: float) -> tor
 
 def _check_norm_args(weight, lora_A, lora_B, scale) -> None:
     check_adapter("dora_row_norm", None, weight, lora_A, lora_B)
-    check_scale_range("dora_row_norm", _check_number("dora_row_norm", "scale", scale), weight, lora_A)
+    # (float64 W: the norm runs in float64 whatever the adapters' dtype)
+    check_scale_range("dora_row_norm", _check_number("dora_row_norm", "scale", scale), weight.dtype, "a weight")
 
 
 def _kernel_args(weight, lora_A, lora_B, scale):
@@ -220,7 +221,7 @@ def _dora_row_norm_cpu(weight, lora_A, lora_B, scale):
     if lora_A.dtype == lora_B.dtype == torch.float32 and small_batch(lora_A, weight, "forward", min_weight=0):
         return _fused_row_norm(weight, lora_A, lora_B, scale)
     if weight.dtype == torch.bfloat16:
-        # Half adapters widen exactly; float64 ones are rounded to float32, as on the other path.
+        # Half adapters widen exactly (float64 ones are refused on a half W: check_adapter).
         factor_A, factor_B = lora_A.to(torch.float32), lora_B.to(torch.float32)
         if small_batch(factor_A, weight, "forward", min_weight=0, weight_dtypes=(torch.bfloat16,)):
             return _fused_row_norm(weight, factor_A, factor_B, scale)
@@ -387,7 +388,7 @@ def _check_fwd_scalars(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, 
     if not _check_number(op, "eps", eps) > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm)
-    check_scale_range(op, scale, weight, lora_A)
+    check_scale_range(op, scale, lora_A.dtype, "adapters")
     check_seed(op, seed)
 
 
@@ -520,7 +521,7 @@ def dora_linear(
     op = "dora_linear"
     _check_tensors(op, x, weight, lora_A, lora_B, magnitude, bias, norm)
     scale = _check_number(op, "scale", scale)
-    check_scale_range(op, scale, weight, lora_A)
+    check_scale_range(op, scale, lora_A.dtype, "adapters")  # (the adapter term runs in theirs)
     eps = _check_number(op, "eps", eps)
     if not eps > 0.0:
         raise ValueError(f"{op}: eps must be > 0; got {eps}")

@@ -185,7 +185,7 @@ def _check_fwd_scalars(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropo
     _check_number(op, "scale", scale)
     check_dropout(op, dropout_p)
     _check_fwd_tensors(x, weight, lora_A, lora_B, bias, gate)
-    check_scale_range(op, scale, lora_A)
+    check_scale_range(op, scale, lora_A.dtype, "adapters")
     check_seed(op, seed)
     if scale_tensor is not None:
         check_scale(op, scale_tensor, x.device)
@@ -342,15 +342,15 @@ def check_scale(op: str, scale, device: torch.device):
     return scale
 
 
-def check_scale_range(op: str, scale, *tensors: torch.Tensor) -> None:
-    """A float scale beyond float32's range where any of ``tensors`` (the adapters, the
-    weight) is narrower than float64, so the adapter term runs in float32 or below: a
-    ValueError naming it (torch raised "value cannot be converted to type float without
-    overflow", or the outputs were inf, silently)."""
+def check_scale_range(op: str, scale, dtype: torch.dtype, what: str) -> None:
+    """A float scale beyond float32's range where the scaled term runs in ``dtype``
+    narrower than float64 (so in float32 or below): a ValueError naming it (torch raised
+    "value cannot be converted to type float without overflow", or the outputs were inf,
+    silently).  ``what``: the tensor whose dtype that is, for the message."""
     limit = torch.finfo(torch.float32).max
-    if isinstance(scale, float) and abs(scale) > limit and any(t.dtype != torch.float64 for t in tensors):
-        raise ValueError(f"{op}: scale {scale:g} is beyond float32's range (+-{limit:.4g}), in which the adapter term "
-                         f"of {'/'.join(sorted({str(t.dtype).removeprefix('torch.') for t in tensors}))} tensors runs")
+    if isinstance(scale, float) and abs(scale) > limit and dtype != torch.float64:
+        raise ValueError(f"{op}: scale {scale:g} is beyond float32's range (+-{limit:.4g}), in which the scaled term "
+                         f"runs for {what} of dtype {dtype}")
 
 
 def check_dropout(op: str, dropout_p) -> float:
@@ -424,7 +424,7 @@ def lora_linear(
     op = "lora_linear"
     k = check_adapter(op, x, weight, lora_A, lora_B, bias, gate, rank)
     scale = check_scale(op, scale, x.device)
-    check_scale_range(op, scale, lora_A)
+    check_scale_range(op, scale, lora_A.dtype, "adapters")
     scale, scale_tensor = (1.0, scale) if isinstance(scale, torch.Tensor) else (scale, None)
     p = check_dropout(op, dropout_p)
     if k != lora_A.shape[0]:
@@ -482,7 +482,7 @@ def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, si
     scale = check_scale(op, scale, weight.device)
     if isinstance(scale, torch.Tensor):  # PEFT's hotswap scalings; a merge is not in a compiled hot path
         scale = float(scale)
-    check_scale_range(op, scale, weight, lora_A)
+    check_scale_range(op, scale, weight.dtype, "a weight")  # (merged in float64 for a float64 weight)
     if row_scale is not None:
         if not isinstance(row_scale, torch.Tensor):
             raise TypeError(f"{op}: row_scale must be a tensor; got {type(row_scale).__name__}")

@@ -284,10 +284,9 @@ def _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last) -> Non
     if out.shape[0] > 1 and out.stride(0) < out.shape[1]:
         raise ValueError(f"{op}: out has overlapping rows (strides {out.stride()}, shape {tuple(out.shape)}); "
                          "it is written in place, so every element needs its own memory")
-    if not torch.compiler.is_compiling():  # (the registered op runs it when the graph executes)
-        # The kernel reads h and weight while it writes out: an h inside out gave wrong sums
-        # silently (9.3 off).
-        require_apart(op, "out", out, h=h, weight=weight)
+    # The kernel reads h and weight while it writes out: an h inside out gave wrong sums
+    # silently (9.3 off).  (Only the op's implementation runs this check: real storage.)
+    require_apart(op, "out", out, h=h, weight=weight)
     check_routing(op, offsets, ids, ranks, scales, out.shape[0], n_adapters, r_max)
 
 

@@ -27,7 +27,7 @@ from .._args import is_integer
 from .._dtypes import float_code
 from .._extension import extension
 from ._layout import require_apart
-from ._library import LIBRARY, checked_impl, eager_or_op, register_fake
+from ._library import LIBRARY, checked_impl, eager_or_op, register_fake, values_readable
 
 __all__ = ["cholesky_qr_", "tall_cholesky", "tall_gram", "tall_scale_", "tall_solve_upper", "tall_solve_upper_"]
 
@@ -278,7 +278,7 @@ def _check_solve_inplace_args(Y: torch.Tensor, R: torch.Tensor) -> None:
     if Y.requires_grad and torch.is_grad_enabled():
         raise ValueError("tall_solve_upper_: Y requires grad; an in-place solve would discard its history")
     _check_no_shared_elements("tall_solve_upper_", Y)
-    if not torch.compiler.is_compiling():  # (the registered op runs it when the graph executes)
+    if values_readable(Y):  # real storage (not while tracing, not fake or meta tensors)
         # The kernel reads R while it overwrites Y: an R inside Y (Y's top block, CholeskyQR's
         # triangle left in place) gave wrong Q silently (21.8 off at 300 x 32).
         require_apart("tall_solve_upper_", "Y", Y, R=R)

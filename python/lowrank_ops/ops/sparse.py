@@ -152,8 +152,6 @@ def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows, addend=No
         out = dense.new_empty((n_rows, batch)).t()
     else:
         out = dense.new_empty((batch, n_rows))
-    if row_order is not None:  # rows a non-permutation skips stay 0, as sparse.h says (garbage before)
-        out.zero_()
     module.csr_spmm_cuda(
         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
         row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),

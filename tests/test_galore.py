@@ -660,3 +660,36 @@ def test_cuda_training_tracks_the_cpu_run(optimizer_class, cuda_device):
     worst = max(abs(a - b) / b for a, b in zip(losses[cuda_device], losses["cpu"]))
     assert worst <= 0.1, worst
     assert losses[cuda_device][-1] < 0.5 * losses[cuda_device][0]
+
+
+@pytest.mark.parametrize("optimizer_name", ["GaLoreAdamW", "GaLoreAdamW8bit", "MFAC", "MKOR"])
+def test_a_scheduled_float_lr_is_checked_at_every_step(optimizer_name):
+    """torch's LR schedulers write a float lr after the constructor's check: a LambdaLR
+    returning NaN made every parameter NaN, silently (only tensor lrs were re-checked), and
+    an lr of 1e39 gave inf parameters or torch's "value cannot be converted to type float
+    without overflow".  Every step now checks the group's lr before changing any state."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from lowrank_ops.optim import MFAC, MKOR
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    make = {"GaLoreAdamW": lambda: GaLoreAdamW([{"params": list(model.parameters()), "rank": 2}]),
+            "GaLoreAdamW8bit": lambda: GaLoreAdamW8bit([{"params": list(model.parameters()), "rank": 2}]),
+            "MFAC": lambda: MFAC(model.parameters(), ngrads=4),
+            "MKOR": lambda: MKOR(model)}[optimizer_name]
+    optimizer = make()
+    with pytest.raises(ValueError, match=rf"{optimizer_name.removesuffix('8bit')}\w*: lr must be below float32's "
+                                         r"largest value \(3.403e\+38\); got 1e\+39"):
+        type(optimizer)(*([model] if optimizer_name == "MKOR" else [model.parameters()]), lr=1e39)
+    scheduler = LambdaLR(optimizer, lambda step: float("nan") if step else 1.0)
+    x = torch.randn(5, 6)
+    model(x).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    model(x).square().sum().backward()
+    with pytest.raises(ValueError, match="lr must be .*; got nan"):
+        optimizer.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), old)

@@ -40,15 +40,27 @@ def check_lr(op: str, value, low_open: bool = False) -> Union[float, torch.Tenso
         if value.numel() != 1 or not value.dtype.is_floating_point:
             raise ValueError(f"{op}: lr must be a number or a one-element floating-point tensor; got a tensor of "
                              f"shape {tuple(value.shape)} and dtype {value.dtype}")
-        require_number(op, "lr", value.item(), 0.0, low_open=low_open)
+        _require_lr(op, value.item(), low_open)
         return value
-    return require_number(op, "lr", value, 0.0, low_open=low_open)
+    return _require_lr(op, value, low_open)
+
+
+#: Learning rates at or beyond float32's largest value: the steps' scalars are float32
+#: for float32 parameters (torch raised "value cannot be converted to type float without
+#: overflow", naming nothing) and the updates inf.
+_MAX_LR = float(torch.finfo(torch.float32).max)
+
+
+def _require_lr(op: str, value, low_open: bool) -> float:
+    lr = require_number(op, "lr", value, 0.0, low_open=low_open)
+    if lr >= _MAX_LR:
+        raise ValueError(f"{op}: lr must be below float32's largest value ({_MAX_LR:.4g}); got {value!r}")
+    return lr
 
 
 def current_lr(op: str, group: Dict[str, Any], low_open: bool = False) -> float:
-    """The group's learning rate now, as a float: a tensor ``lr`` is read (and checked:
-    it may have been filled since) at every step."""
+    """The group's learning rate now, as a float, checked at every step: torch's LR
+    schedulers write it (a float, or a tensor filled in place) after the constructor's
+    check (a LambdaLR returning NaN made every parameter NaN, silently)."""
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        return require_number(op, "lr", lr.item(), 0.0, low_open=low_open)
-    return lr
+    return _require_lr(op, lr.item() if isinstance(lr, torch.Tensor) else lr, low_open)

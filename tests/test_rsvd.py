@@ -1089,8 +1089,9 @@ def test_bad_input_errors():
         rsvd(A, 2, orthonormalize="gram_schmidt")
     with pytest.raises(ValueError, match=r"init has shape \(10, 3\); expected \[\.\.\., m, j\] = \(20,\) \+ \(j,\)"):
         rsvd(A, 2, init=torch.randn(10, 3))
-    with pytest.raises(ValueError, match="n_iter must be 'auto' or an int >= 0"):
-        rsvd(A, 2, n_iter=-1)
+    for n_iter in (-1, 2**40):  # 2**40: a typo that ran for hours, silently
+        with pytest.raises(ValueError, match=rf"n_iter must be 'auto' or an int in \[0, 1000\]; got {n_iter}"):
+            rsvd(A, 2, n_iter=n_iter)
     with pytest.raises(ValueError, match="sketch_dtype must be 'auto', None, torch.bfloat16 or torch.float16"):
         rsvd(A, 2, sketch_dtype=torch.float64)
     for bad in (-1, 2.0, True, "8"):

@@ -164,6 +164,8 @@ def test_bad_input():
         adaptive_rsvd(A, 0.1, block_size=0)
     with pytest.raises(ValueError, match="n_iter must be >= 0; got -1"):
         adaptive_rsvd(A, 0.1, n_iter=-1)
+    with pytest.raises(ValueError, match=r"n_iter must be an int in \[0, 1000\]; got 1099511627776"):
+        adaptive_rsvd(A, 0.1, n_iter=2**40)
     with pytest.raises(ValueError, match=r"A has shape \(2, 20, 10\); expected a 2-D matrix"):
         adaptive_rsvd(A.expand(2, 20, 10), 0.1)
     with pytest.raises(TypeError, match="A has dtype torch.int64"):

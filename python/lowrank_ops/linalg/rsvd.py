@@ -238,6 +238,20 @@ def _resolve_sketch_dtype(sketch_dtype, A: torch.Tensor, method: str, orthonorma
     return torch.bfloat16
 
 
+#: Power iterations beyond which a count is a typo: each pass's gain is the spectrum's
+#: gap ratio, so past a few dozen nothing changes; 2**40 ran for hours, silently.
+MAX_N_ITER = 1000
+
+
+def check_n_iter(op: str, name: str, n_iter, auto: bool = True) -> None:
+    """``n_iter`` (``"auto"`` where ``auto``) or an int in [0, MAX_N_ITER]; ValueError naming it."""
+    if auto and isinstance(n_iter, str) and n_iter == "auto":
+        return
+    if not is_integer(n_iter) or not 0 <= n_iter <= MAX_N_ITER:
+        wanted = "'auto' or " if auto else ""
+        raise ValueError(f"{op}: {name} must be {wanted}an int in [0, {MAX_N_ITER}]; got {n_iter!r}")
+
+
 def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes=0, centering=None):
     """``(Q, probe)``: an orthonormal basis ``Q [..., p, l']`` approximating the range of
     ``M [..., p, q]``, and ``probe = (W, M W)`` for ``probes > 0`` (else None).
@@ -843,8 +857,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
         raise ValueError(f"{op}: {rank_name} must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
     if not is_integer(oversample) or oversample < 0:
         raise ValueError(f"{op}: oversample must be an int >= 0; got {oversample!r}")
-    if n_iter != "auto" and (not is_integer(n_iter) or n_iter < 0):
-        raise ValueError(f"{op}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
+    check_n_iter(op, "n_iter", n_iter)
     if not isinstance(center, bool):
         raise TypeError(f"{op}: center must be a bool; got {center!r} of type {type(center).__name__}")
     if not is_integer(error_probes) or error_probes < 0:

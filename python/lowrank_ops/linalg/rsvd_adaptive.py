@@ -46,7 +46,7 @@ from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import thin_svd
 from ..ops._library import refuse_transforms
-from .rsvd import _overflow_error, _randn
+from .rsvd import _overflow_error, _randn, check_n_iter
 
 __all__ = ["adaptive_rsvd", "AdaptiveRSVDResult"]
 
@@ -156,6 +156,7 @@ def adaptive_rsvd(
             raise TypeError(f"{op}: {name} must be an int; got {type(value).__name__}")
         if value < minimum:
             raise ValueError(f"{op}: {name} must be >= {minimum}; got {value}")
+    check_n_iter(op, "n_iter", n_iter, auto=False)
     if max_rank is None:
         max_rank = smallest
     elif not is_integer(max_rank):

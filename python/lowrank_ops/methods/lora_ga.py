@@ -83,6 +83,7 @@ import torch
 from .._args import require_int, require_number
 from .._finite import all_finite
 from ..linalg import rsvd
+from ..linalg.rsvd import check_n_iter
 from ..nn._init import generator_on
 from ..nn.lora import LoRALinear
 from ..ops.lora import lora_unmerge
@@ -219,7 +220,8 @@ def lora_ga_init_(layer: LoRALinear, gradient: torch.Tensor, *, direction: str =
     if scale_mode not in _SCALE_MODES:
         raise ValueError(f"{op}: scale_mode must be one of {_SCALE_MODES}; got {scale_mode!r}")
     stable_gamma = require_number(op, "stable_gamma", stable_gamma, 0.0, low_open=True)
-    n_iter = require_int(op, "n_iter", n_iter, minimum=0)
+    check_n_iter(op, "n_iter", n_iter, auto=False)
+    n_iter = int(n_iter)
     r, out_f, in_f = layer.r, layer.out_features, layer.in_features
     oversample = 2 * r if oversample is None else require_int(op, "oversample", oversample, minimum=0)
     if layer.merged:

@@ -31,10 +31,10 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import is_integer, is_real_number, require_generator
+from .._args import is_real_number, require_generator
 from .._finite import all_finite
 from .._thin_svd import thin_svd
-from ..linalg.rsvd import rsvd
+from ..linalg.rsvd import check_n_iter, rsvd
 from ._layers import count_parameters, linear_sites, replace_everywhere, resolve_rank
 
 __all__ = ["compress", "CompressionReport", "LayerCompression"]
@@ -211,8 +211,7 @@ def _validate(model, rank, energy, target_modules, min_saving, n_iter):
     if (not is_real_number(min_saving)
             or not 0.0 <= min_saving < 1.0):
         raise ValueError(f"{_OP}: min_saving must be a number in [0, 1); got {min_saving!r}")
-    if n_iter != "auto" and (not is_integer(n_iter) or n_iter < 0):
-        raise ValueError(f"{_OP}: n_iter must be 'auto' or an int >= 0; got {n_iter!r}")
+    check_n_iter(_OP, "n_iter", n_iter)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     patterns = list(target_modules) if target_modules is not None else None

@@ -31,7 +31,7 @@ import torch
 
 from .._args import is_integer, require_int, require_number
 from .._finite import all_finite
-from ..linalg.rsvd import rsvd
+from ..linalg.rsvd import check_n_iter, rsvd
 from ._checks import add_checked_group, check_lr, current_lr, require_real_params
 from ._quantized_state import dequantize_blockwise, quantize_blockwise
 
@@ -543,7 +543,8 @@ def _check_group(group) -> None:
         raise ValueError(f"{where}: update_proj_gap must be an int >= 1; got {gap!r}")
     group["update_proj_gap"] = int(gap)
     if group["rsvd_n_iter"] is not None:
-        group["rsvd_n_iter"] = require_int(where, "rsvd_n_iter", group["rsvd_n_iter"], 0)
+        check_n_iter(where, "rsvd_n_iter", group["rsvd_n_iter"], auto=False)
+        group["rsvd_n_iter"] = int(group["rsvd_n_iter"])
     group["rsvd_oversample"] = require_int(where, "rsvd_oversample", group["rsvd_oversample"], 0)
     require_real_params(where, group)
     if group["proj_type"] not in _PROJ_TYPES:

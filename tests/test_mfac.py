@@ -1182,6 +1182,11 @@ def test_pruning_block_size_takes_numpy_integers_not_bools(generator):
             obs_prune([w.clone()], G, 0.25, 0.5, block_size=bad)
 
 def test_optimizer_and_pruning_bad_input_errors(generator):
+    # Integer weights were scored and pruned in integers (1 of 12 kept at sparsity 0.5).
+    with pytest.raises(TypeError, match=r"obs_prune: params\[0\] has dtype torch.int64; expected a floating dtype"):
+        obs_prune([torch.ones(3, 4, dtype=torch.long)], randn(6, 12, generator=generator), 1e-3, 0.5)
+    with pytest.raises(TypeError, match="obs_scores: weights has dtype torch.int64; expected a floating dtype"):
+        obs_scores(torch.ones(12, dtype=torch.long), randn(6, 12, generator=generator), 1e-3)
     q = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match="MFAC: storage_dtype must be float32, bfloat16 or float16 .*got torch.int8"):
         MFAC([q], storage_dtype=torch.int8)  # at construction, not at the first step

@@ -115,6 +115,8 @@ def test_input_covariance_bad_settings(kwargs, match, generator):
 def test_input_covariance_bad_inputs(generator):
     with pytest.raises(ValueError, match=r"no samples"):
         input_covariance(torch.empty(0, 8))
+    with pytest.raises(TypeError, match="input_covariance: dtype must be a floating torch.dtype; got torch.int32"):
+        input_covariance(torch.randn(50, 6, generator=generator), dtype=torch.int32)  # (truncated cov / inv before)
     with pytest.raises(ValueError, match=r"chunk 1 has width 5; expected d = 4"):
         input_covariance([torch.randn(10, 4, generator=generator), torch.randn(10, 5, generator=generator)])
     bad = torch.randn(10, 4, generator=generator)

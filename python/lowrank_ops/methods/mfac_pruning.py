@@ -36,6 +36,10 @@ _BLOCK_GROUP_BYTES = 64 << 20  # float64 working set of one group of blocks
 
 def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: Optional[int], op: str) -> None:
     require_tensors(op, weights=weights, grads=grads)
+    for name, tensor in (("weights", weights), ("grads", grads)):
+        # (Integer weights were pruned and updated in integers: 1 of 12 kept at sparsity 0.5.)
+        if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected a floating dtype")
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError(f"{op}: grads has shape {tuple(grads.shape)}; expected (m, d) with m >= 1")
     if weights.dim() != 1 or weights.numel() != grads.shape[1]:
@@ -157,6 +161,9 @@ def obs_prune(params: Sequence[torch.Tensor], grads: torch.Tensor, damp: float, 
         sparsity = float(sparsity)  # a 0-d tensor (a schedule's) is a number
     if not is_real_number(sparsity) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"obs_prune: sparsity must be a number in [0, 1]; got {sparsity!r}")
+    for index, p in enumerate(params):
+        if isinstance(p, torch.Tensor) and not p.is_floating_point():
+            raise TypeError(f"obs_prune: params[{index}] has dtype {p.dtype}; expected a floating dtype")
     with torch.no_grad():
         weights = torch.cat([p.reshape(-1) for p in params]).to(grads.dtype)
         _check(weights, grads, damp, block_size, "obs_prune")

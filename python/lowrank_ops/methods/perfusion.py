@@ -143,6 +143,8 @@ def input_covariance(
         example fewer samples than dimensions without ``ridge``/``shrinkage``.
     """
     op = "input_covariance"
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:  # (int32: truncated cov and inv, silently)
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype; got {dtype}")
     ridge = require_number(op, "ridge", ridge, 0.0)
     if not is_real_number(shrinkage) or not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"{op}: shrinkage must be a number in [0, 1]; got {shrinkage!r}")

@@ -1182,6 +1182,13 @@ def test_pruning_block_size_takes_numpy_integers_not_bools(generator):
             obs_prune([w.clone()], G, 0.25, 0.5, block_size=bad)
 
 def test_optimizer_and_pruning_bad_input_errors(generator):
+    # A typo-sized window reached the allocator, whose message names bytes, not ngrads.
+    with pytest.raises(MemoryError, match=r"MFACInverse: the window of ngrads=1099511627776 gradients of dim=12"):
+        MFACInverse(12, 2**40, 1e-3)
+    typo = torch.nn.Parameter(torch.ones(3, 4))
+    typo.grad = torch.ones(3, 4)
+    with pytest.raises(MemoryError, match="ngrads=1099511627776"):
+        MFAC([typo], ngrads=2**40).step()
     # Integer weights were scored and pruned in integers (1 of 12 kept at sparsity 0.5).
     with pytest.raises(TypeError, match=r"obs_prune: params\[0\] has dtype torch.int64; expected a floating dtype"):
         obs_prune([torch.ones(3, 4, dtype=torch.long)], randn(6, 12, generator=generator), 1e-3, 0.5)

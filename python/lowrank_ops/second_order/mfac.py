@@ -178,10 +178,18 @@ class MFACInverse:
         self.dim, self.ngrads = int(dim), int(ngrads)
         self._damp = _check_damp(damp, op, dtype)
         self.dtype, self.storage_dtype = dtype, storage_dtype
-        self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=device)
-        # The storage's device: "cuda" resolves to "cuda:<current>", what inputs report.
-        self.device = self.grads.device
-        self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
+        try:
+            self.grads = torch.zeros(self.ngrads, self.dim, dtype=storage_dtype, device=device)
+            # The storage's device: "cuda" resolves to "cuda:<current>", what inputs report.
+            self.device = self.grads.device
+            self.gram = torch.zeros(self.ngrads, self.ngrads, dtype=torch.float64, device=self.device)
+        except (RuntimeError, MemoryError) as error:  # the allocator's message names bytes, not the argument
+            if not isinstance(error, MemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+                raise
+            size = self.ngrads * (self.dim * storage_dtype.itemsize + self.ngrads * 8)
+            raise MemoryError(f"{op}: the window of ngrads={self.ngrads} gradients of dim={self.dim} ({storage_dtype}) "
+                              f"and its Gram matrix need {size / 2**30:.3g} GiB, which could not be allocated on "
+                              f"{device or 'cpu'}; lower ngrads") from error
         self.count = 0  # gradients added since the last reset
         self._factor: Optional[torch.Tensor] = None  # upper U with U^T U = K (float64, contiguous)
         self._updates_since_factor = 0  # rank updates applied to _factor since it was computed

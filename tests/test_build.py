@@ -195,6 +195,19 @@ def test_bench_bad_compare_file_and_sparse_log_records_fail_cleanly(tmp_path, ca
     assert "not the run's machine record" in capsys.readouterr().err
 
 
+def test_compare_skips_malformed_old_records():
+    """Hand-edited records in the --compare file ([{'junk': 1}, 5, None], string times)
+    raised AttributeError / TypeError tracebacks after the run; now they are skipped."""
+    from lowrank_ops._bench_report import CASE_KEYS, format_compare
+
+    case = {key: f"v{i}" for i, key in enumerate(CASE_KEYS)}
+    now = [dict(case, impl="ours", median_s=0.002)]
+    junk = [{"junk": 1}, 5, None, dict(case, impl="ours", median_s="fast"), dict(case, impl="ours", median_s=True)]
+    assert format_compare(now, {"records": junk}).endswith("no matching cases")
+    text = format_compare(now, {"records": junk + [dict(case, impl="ours", median_s=0.004)]})
+    assert "-50.0%" in text
+
+
 def test_bench_refuses_bad_settings_before_the_run(tmp_path, capsys, monkeypatch):
     """An empty --families ran every suite; a bad LOWRANK_OPS_BENCH_TIME_BUDGET failed in
     pytest's collection (10 lines, exit 4); --device cuda without a GPU exited 0 with

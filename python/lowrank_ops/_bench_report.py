@@ -148,7 +148,11 @@ def format_notes(records: List[Dict[str, Any]], unsupported: List[Dict[str, Any]
 def format_compare(records: List[Dict[str, Any]], old: Dict[str, Any]) -> str:
     """Ours now against ours in an earlier ``results.json`` (or raw pytest-benchmark JSON)."""
     old_records = old.get("records") if "records" in old else records_from_pytest_json(old)
-    then = {tuple(r[k] for k in CASE_KEYS): r for r in old_records or [] if r.get("impl") == "ours"}
+    # Hand-edited or foreign entries (not objects, missing keys, a non-numeric time) are
+    # skipped: they raised AttributeError / TypeError tracebacks after the run.
+    then = {tuple(r[k] for k in CASE_KEYS): r for r in old_records or []
+            if isinstance(r, dict) and r.get("impl") == "ours" and all(k in r for k in CASE_KEYS)
+            and isinstance(r.get("median_s"), (int, float)) and not isinstance(r.get("median_s"), bool)}
     rows = []
     for record in records:
         key = tuple(record[k] for k in CASE_KEYS)

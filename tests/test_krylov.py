@@ -1804,3 +1804,24 @@ def test_huge_iteration_budgets_allocate_per_call_not_per_budget(monkeypatch, ge
     x, info = DeflatedCG(k=4).solve(matrix, b, tol=1e-10)
     assert info.converged and _relative_residual(A, b, x) <= 1e-9 and info.iterations > 7
     assert _common.steps_per_call(5) == 65536 and _common.steps_per_call(10**5) == 10**6
+
+
+def test_recycling_solvers_use_at_most_n_directions(generator):
+    """GCRODR(m=2**40) asked for a [m + 1, n] basis (44 TB), DeflatedCG(m=10**6) and
+    DeflatedCG(k=10**5) for an m x m Lanczos T (7 TB and 1 TB): the allocators' errors,
+    naming no argument.  A system of size n now uses at most min(m, n) directions per
+    GCRODR cycle (k at most one fewer) and a DeflatedCG record of at most max(n, 2 k + 1)
+    rows with at most n deflation vectors: the same solves as the solvers of those sizes."""
+    n = 30
+    M = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    A = M @ M.T + n * torch.eye(n, dtype=torch.float64)
+    rhs = [torch.randn(n, generator=generator, dtype=torch.float64) for _ in range(2)]
+    pairs = [(GCRODR(2**40, 5), GCRODR(n, 5)), (GCRODR(2**40, 2**40 - 1), GCRODR(n, n - 1)),
+             (DeflatedCG(10, m=10**6), DeflatedCG(10, m=n)), (DeflatedCG(10**5), DeflatedCG(n, m=2 * n + 1))]
+    for huge, sized in pairs:
+        for b in rhs:  # the second solve recycles (or deflates with) the first one's space
+            x, info = huge.solve(A, b, tol=1e-12)
+            expected, expected_info = sized.solve(A, b, tol=1e-12)
+            assert info.converged and torch.equal(x, expected) and info.iterations == expected_info.iterations
+    assert pairs[0][0]._basis.shape == (n + 1, n) and pairs[2][0]._buffer.shape == (n, n)
+    assert pairs[3][0]._buffer.shape == (2 * n + 1, n)

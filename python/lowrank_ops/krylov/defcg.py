@@ -334,10 +334,12 @@ class DeflatedCG:
     Parameters
     ----------
     k : int
-        Deflation vectors kept (0: plain CG).
+        Deflation vectors kept (0: plain CG); at most n for a system of size n.
     m : int, optional
         Rows of the Lanczos record (``> 2 k``; default ``max(min(8 k, 96), 4 k, 20)``):
-        ``m - 2 k`` CG steps between its restarts.  Keep it at most 96: larger restart
+        ``m - 2 k`` CG steps between its restarts; at most ``max(n, 2 k + 1)`` for a
+        system of size n (a longer record adds nothing but memory: ``m = 10**6`` asked
+        for a 7 TB ``T``).  Keep it at most 96: larger restart
         problems go to numpy's ``eig`` (:func:`_eigh`), which took 60-170 ms at m = 100-120
         on the shared 2-core machine (OpenBLAS threading).  Darcy 64 x 64, 20 systems,
         k = 10, quiet 2-core Xeon: m = 40 / 60 / 80 took 4918 / 4935 / 4928 products in
@@ -429,7 +431,8 @@ class DeflatedCG:
         if W is not None and (AW is None or system.key != self._key):
             W, AW = _refresh(system, W)
         kc = 0 if W is None else W.shape[0]
-        lanczos = _Lanczos(self._workspace(n, system.b), self.k) if self.k else None
+        k = min(self.k, n)
+        lanczos = _Lanczos(self._workspace(n, min(self.m, max(n, 2 * k + 1)), system.b), k) if k else None
         x = system.x0.contiguous()  # the C++ loop updates it in place
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
@@ -450,13 +453,13 @@ class DeflatedCG:
         converged, status = conclude(status, rnorm, system.target)
         if lanczos is not None and lanczos.size and status != "breakdown":
             theta, R = lanczos.ritz()
-            W, AW = _update(W if kc else R[:0], AW if kc else R[:0], theta, R, system.inverse_diagonal, self.k), None
+            W, AW = _update(W if kc else R[:0], AW if kc else R[:0], theta, R, system.inverse_diagonal, k), None
         self.W, self.AW, self._key = W, AW, system.key
         return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)
 
-    def _workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
+    def _workspace(self, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
         """The ``[m, n]`` Lanczos buffer (kept between solves of one size, dtype and device)."""
         buffer = self._buffer
-        if buffer is None or buffer.shape[1] != n or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self._buffer = torch.empty(self.m, n, dtype=like.dtype, device=like.device)
+        if buffer is None or buffer.shape != (m, n) or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffer = torch.empty(m, n, dtype=like.dtype, device=like.device)
         return buffer

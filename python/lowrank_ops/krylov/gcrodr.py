@@ -39,9 +39,12 @@ class GCRODR:
     Parameters
     ----------
     m : int
-        Search space per cycle (recycled plus new Krylov directions), ``m > k``.
+        Search space per cycle (recycled plus new Krylov directions), ``m > k``.  A
+        system of size n uses at most ``min(m, n)`` (a longer cycle adds nothing: the
+        Krylov space is full, as in scipy's gmres).
     k : int
-        Recycled harmonic Ritz vectors (0: plain restarted GMRES(m)).
+        Recycled harmonic Ritz vectors (0: plain restarted GMRES(m)); at most
+        ``min(m, n) - 1`` for a system of size n.
     M : None, 'jacobi', Tensor[n] or callable, optional
         Right preconditioner: ``'jacobi'`` (``M^{-1} = diag(A)^{-1}``, recomputed for each
         matrix), the diagonal of ``M^{-1}``, or a callable ``y -> M^{-1} y``.
@@ -116,11 +119,12 @@ class GCRODR:
         if bnorm == 0.0:
             return torch.zeros_like(system.b), SolveInfo(True, 0, 0, [0.0], 0.0, "zero_rhs")
         maxiter = self.maxiter if self.maxiter is not None else 10 * n
+        m, k = self._sizes(n)
         target = system.target
         U, C = self.U, self.C
         if U is not None and (C is None or system.key != self._key):
             C, U = refresh(system.apply, U)
-        basis = self._workspace(n, system.b)
+        basis = self._workspace(n, m, system.b)
         x = system.x0
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
@@ -153,7 +157,7 @@ class GCRODR:
                 break
             for row in range(kc):  # row by row: one [kc, n] copy would go through OpenMP
                 basis[row].copy_(C[row])
-            steps = min(self.m - kc, maxiter - iterations)
+            steps = min(m - kc, maxiter - iterations)
             progress.report()  # the previous cycle's entries are final now
             cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
@@ -164,8 +168,8 @@ class GCRODR:
                 if kc:
                     subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
                 x += system.unprecondition(correction)
-            if self.k and cycle.finite:
-                U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, self.k)
+            if k and cycle.finite:
+                U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, k)
             previous = rnorm
             r, rnorm, r_is_true = self._true_residual(system, x)
             if cycle.steps:  # (a cycle without steps has no entry: the last one is reported already)
@@ -184,15 +188,22 @@ class GCRODR:
         return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status,
                                              cycles)
 
-    def _workspace(self, n: int, like: torch.Tensor) -> torch.Tensor:
+    def _sizes(self, n: int) -> Tuple[int, int]:
+        """``(m, k)`` for a system of size ``n``: at most n directions per cycle, so a
+        typo-sized ``m`` (2**40 asked for a 44 TB basis) costs no more than ``m = n``."""
+        k = min(self.k, max(n - 1, 0))
+        return min(self.m, max(n, k + 1)), k
+
+    def _workspace(self, n: int, m: int, like: torch.Tensor) -> torch.Tensor:
         """The ``[m + 1, n]`` basis buffer, kept between solves of one size, dtype and device.
 
         A fresh 1.3 MB (Darcy 64 x 64) to 5.4 MB (128 x 128) buffer per solve costs its page
         faults every time; the recycled U and C never live in it (they are separate tensors).
         """
         basis = self._basis
-        if basis is None or basis.shape[1] != n or basis.dtype != like.dtype or basis.device != like.device:
-            basis = self._basis = torch.empty(self.m + 1, n, dtype=like.dtype, device=like.device)
+        if (basis is None or basis.shape != (m + 1, n) or basis.dtype != like.dtype
+                or basis.device != like.device):
+            basis = self._basis = torch.empty(m + 1, n, dtype=like.dtype, device=like.device)
         return basis
 
     @staticmethod

@@ -58,6 +58,5 @@ def gmres(A, b, *, x0=None, tol: Optional[float] = None, restart: int = 30, maxi
     if maxiter is not None:
         check_positive_int("gmres", "maxiter", maxiter)
     system = setup_system("gmres", A, b, x0, tol, M, atol, callback)
-    # As scipy's gmres: a cycle longer than n adds nothing (the Krylov space is full), and
-    # the basis is [restart + 1, n] (restart=2**40 asked for 44 TB).
-    return GCRODR(min(restart, max(system.A.n, 1)), 0, M=M, maxiter=maxiter)._solve(system)
+    # GCRODR uses at most n directions per cycle, as scipy's gmres (restart=2**40 asked for a 44 TB basis).
+    return GCRODR(restart, 0, M=M, maxiter=maxiter)._solve(system)

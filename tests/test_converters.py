@@ -118,3 +118,30 @@ def test_sst_numpy_sample_rank():
     np = pytest.importorskip("numpy")
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     assert sst.convert(model, sample_rank=np.float32(0.5))["0"].sample_rank == 4
+
+
+@pytest.mark.parametrize("name", sorted(set(CONVERTERS) - {"sltrain"}) + ["trp.compress", "trp.truncate_",
+                                                                          "from_linear"])
+def test_converters_refuse_meta_weights_naming_the_layer(name):
+    """A model built on meta (low-memory loading) has no weight values; every converter that
+    reads them (an SVD) met torch's "Tensor.item() cannot be called on meta tensors".  Now a
+    ValueError names the layer; sltrain's random init reads none and still converts."""
+    from lowrank_ops.methods import trp
+    from lowrank_ops.nn import SparseLowRankLinear, SpectralLinear
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Linear(12, 8))
+    convert = {**CONVERTERS, "trp.compress": lambda model: trp.compress(model),
+               "trp.truncate_": lambda model: trp.truncate_(model)}.get(name)
+    if convert is not None:
+        with pytest.raises(ValueError, match=r"the weight of 0 is on the meta device and has no values"):
+            convert(model)
+        assert _types(model) == ["Linear", "Linear"]
+    else:
+        for build in (lambda: SpectralLinear.from_linear(model[0], 4),
+                      lambda: maestro.OrderedLowRankLinear.from_linear(model[0]),
+                      lambda: SparseLowRankLinear.from_linear(model[0], 4, 0.25)):
+            with pytest.raises(ValueError, match=r"linear.weight is on the meta device and has no values"):
+                build()
+    sltrain.convert(model, 2, 0.25)
+    assert _types(model) == ["SparseLowRankLinear", "SparseLowRankLinear"]

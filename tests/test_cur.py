@@ -222,6 +222,8 @@ def test_empty_batch():
 
 def test_bad_input():
     A = torch.randn(30, 20, dtype=torch.float64)
+    with pytest.raises(TypeError, match="cur: generator must be a torch.Generator or None; got int"):
+        cur(A, 4, generator=3)
     with pytest.raises(ValueError, match="rows holds 30, out of range"):
         cur(A, rows=[0, 30], cols=[1, 2])
     with pytest.raises(ValueError, match="cols holds -1, out of range"):

@@ -105,6 +105,9 @@ def test_bad_input():
         pde.generate("navier-stokes", 8, 2)
     with pytest.raises(ValueError, match="num must be an integer >= 0"):
         pde.generate("darcy", 8, -1)
+    # num=10**12 built problems until memory ran out; the first one's size refuses it at once.
+    with pytest.raises(MemoryError, match=r"generate: num = 1000000000000 problems of grid 8 need .* GiB, more than"):
+        pde.generate("darcy", 8, 10**12)
     with pytest.raises(ValueError, match="coefficient must be positive"):
         pde.diffusion_matrix(-torch.ones(4, 4))
     with pytest.raises(ValueError, match="seed must be an integer >= 0; got -1"):

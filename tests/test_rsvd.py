@@ -14,7 +14,7 @@ import torch
 
 from helpers import with_spectrum
 from lowrank_ops.linalg import (RSVDResult, RSVDResultWithError, adaptive_rsvd, cholesky_qr2, effective_rank, lowrank_error,
-                                 range_finder, rsvd)
+                                 pca_lowrank, range_finder, rsvd)
 
 
 def spectrum(kind: str, k: int) -> torch.Tensor:
@@ -1073,6 +1073,12 @@ def test_non_finite_init_or_unchecked_input_names_the_culprit():
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_errors():
     A = torch.randn(20, 10)
+    # A generator that is not one met torch.randn's "received an invalid combination of arguments".
+    for call in (lambda: rsvd(A, 2, generator=3), lambda: range_finder(A, 2, generator=3),
+                 lambda: pca_lowrank(A, 2, generator=3), lambda: lowrank_error(A, *rsvd(A, 2), generator=3)):
+        with pytest.raises(TypeError, match=r"(rsvd|range_finder|pca_lowrank|lowrank_error): generator must be a "
+                                            r"torch.Generator or None; got int"):
+            call()
     with pytest.raises(ValueError, match=r"rank must be an int in \[1, min\(m, n\)\] = \[1, 10\]; got 0"):
         rsvd(A, 0)
     with pytest.raises(ValueError, match=r"= \[1, 10\]; got 11"):

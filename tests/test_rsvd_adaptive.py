@@ -149,6 +149,8 @@ def test_half_inputs_compute_in_float32_and_block_size_changes_cost_not_rank(gen
 
 def test_bad_input():
     A = torch.randn(20, 10)
+    with pytest.raises(TypeError, match="adaptive_rsvd: generator must be a torch.Generator or None; got int"):
+        adaptive_rsvd(A, 0.1, generator=3)
     with pytest.raises(ValueError, match=r"adaptive_rsvd: tol must be in \[9.8e-04, 1\) for torch.float32"):
         adaptive_rsvd(A, 1e-4)
     adaptive_rsvd(A.double(), 1e-4)  # float64 reaches it

@@ -62,6 +62,15 @@ def require_number(op: str, name: str, value, low: float, high: float = math.inf
 
 
 
+def require_values(op: str, what: str, tensor: torch.Tensor) -> None:
+    """ValueError when ``tensor`` is on the meta device: ``op`` reads its values (an SVD of a
+    weight), which a model built on meta (low-memory loading) does not have yet; torch's own
+    error there, "Tensor.item() cannot be called on meta tensors", names nothing."""
+    if tensor.is_meta:
+        raise ValueError(f"{op}: {what} is on the meta device and has no values, which {op} reads; load the "
+                         "weights first (model.to_empty(device=...), then load_state_dict)")
+
+
 def require_generator(op: str, name: str, generator, device: torch.device, what: str = "the weights") -> None:
     """Checks that ``generator`` is None or a ``torch.Generator`` of ``device``'s type (a
     generator is device-specific: torch's samplers reject a CPU generator for CUDA tensors,

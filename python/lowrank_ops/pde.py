@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable, Dict, List
 
 import torch
@@ -328,4 +329,22 @@ def generate(family: str, grid: int, num: int, *, seed: int = 0, start: int = 0,
     if family not in FAMILIES:
         raise ValueError(f"generate: family must be one of {sorted(FAMILIES)}; got {family!r}")
     num = require_int("generate", "num", num, 0)
-    return [FAMILIES[family](grid, seed=seed, index=start + i, **options) for i in range(num)]
+    problems = []
+    for i in range(num):
+        problems.append(FAMILIES[family](grid, seed=seed, index=start + i, **options))
+        if i == 0:
+            _check_fits(num, grid, problems[0])
+    return problems
+
+
+def _check_fits(num: int, grid: int, problem: PDEProblem) -> None:
+    """Refuse a ``num`` whose problems cannot all be held in memory, from the first one's size
+    (``num=10**12`` filled memory for hours before failing)."""
+    tensors = (problem.matrix.row_ptr, problem.matrix.col_idx, problem.matrix.values, problem.rhs,
+               problem.coefficient)
+    needed = num * sum(t.numel() * t.element_size() for t in tensors)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise MemoryError(f"generate: num = {num} problems of grid {grid} need {needed / 2**30:.3g} GiB, more than "
+                          f"this machine's {available / 2**30:.3g} GiB; generate them in parts (start=...), or "
+                          "with lowrank-ops generate, which writes shards")

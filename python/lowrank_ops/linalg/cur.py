@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from .._args import is_integer, is_real_number
+from .._args import is_integer, is_real_number, require_generator
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._thin_svd import thin_svd
@@ -334,6 +334,7 @@ def cur(
         c = _count(op, "n_cols", n_cols, default, rank, n, "n")
     elif n_cols is not None and n_cols != col_index.numel():
         raise ValueError(f"{op}: n_cols = {n_cols} but cols holds {col_index.numel()} indices")
+    require_generator(op, "generator", generator, A.device, "A")
     if check_finite is None:
         check_finite = A.device.type == "cpu"
     if check_finite and not all_finite(A):

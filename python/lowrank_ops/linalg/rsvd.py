@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .. import _extension
-from .._args import is_integer, require_tensors
+from .._args import is_integer, require_generator, require_tensors
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._first_order import second_order_refusal
@@ -655,7 +655,8 @@ def rsvd(
     tensor: ``m n`` memory.
     """
     rank, oversample, n_iter, error_probes = _validate(A, rank, oversample, n_iter, method, orthonormalize, init,
-                                                       check_finite, error_probes=error_probes, center=center)
+                                                       check_finite, error_probes=error_probes, center=center,
+                                                       generator=generator)
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
@@ -720,7 +721,7 @@ def pca_lowrank(
     if not is_integer(niter) or niter < 0:  # torch's niter: no "auto"
         raise ValueError(f"pca_lowrank: niter must be an int >= 0; got {niter!r}")
     q, oversample, niter, _ = _validate(A, q, oversample, niter, method, "auto", None, check_finite, op="pca_lowrank",
-                                        rank_name="q", center=center)
+                                        rank_name="q", center=center, generator=generator)
     U, S, Vh = rsvd(A, q, oversample=oversample, n_iter=niter, method=method, generator=generator,
                     check_finite=False, sketch_dtype=sketch_dtype, center=center)
     return U, S, Vh.transpose(-2, -1)
@@ -777,7 +778,8 @@ def range_finder(
         host synchronization.
     """
     size, _, n_iter, error_probes = _validate(A, size, 0, n_iter, method, orthonormalize, init, check_finite,
-                                              op="range_finder", rank_name="size", error_probes=error_probes)
+                                              op="range_finder", rank_name="size", error_probes=error_probes,
+                                              generator=generator)
     _check_sketch_dtype("range_finder", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, size, A, init)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
@@ -840,7 +842,7 @@ def _auto_iterations(n_iter, columns: int, A: torch.Tensor, init) -> int:
 
 
 def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_finite, op: str = "rsvd",
-              rank_name: str = "rank", error_probes: int = 0, center: bool = False):
+              rank_name: str = "rank", error_probes: int = 0, center: bool = False, generator=None):
     """Checks the arguments; returns ``(rank, oversample, n_iter, error_probes)`` as Python ints
     (NumPy integers accepted; ``n_iter`` may stay ``"auto"``)."""
     if not isinstance(A, torch.Tensor):
@@ -873,6 +875,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
             raise ValueError(f"{op}: init has shape {got}; expected [..., m, j] = {tuple(expected)} + (j,)")
         if init.device != A.device:
             raise ValueError(f"{op}: init is on {init.device}; expected the device of A, {A.device}")
+    require_generator(op, "generator", generator, A.device, "A")
     if check_finite is None:  # (not while torch.compile traces: a data-dependent branch, as effective_rank)
         check_finite = A.device.type == "cpu" and values_readable(A)
     if check_finite and not all_finite(A):
@@ -942,6 +945,7 @@ def lowrank_error(
         raise ValueError(f"lowrank_error: norm must be 'fro' or '2'; got {norm!r}")
     if not is_integer(n_probes) or n_probes < 1:
         raise ValueError(f"lowrank_error: n_probes must be an int >= 1; got {n_probes!r}")
+    require_generator("lowrank_error", "generator", generator, A.device, "A")
     n_probes = int(n_probes)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     U, S, Vh = (t.to(work.dtype) for t in (U, S, Vh))

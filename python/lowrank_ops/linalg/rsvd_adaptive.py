@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._args import is_integer, is_real_number
+from .._args import is_integer, is_real_number, require_generator
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
@@ -157,6 +157,7 @@ def adaptive_rsvd(
         if value < minimum:
             raise ValueError(f"{op}: {name} must be >= {minimum}; got {value}")
     check_n_iter(op, "n_iter", n_iter, auto=False)
+    require_generator(op, "generator", generator, A.device, "A")
     if max_rank is None:
         max_rank = smallest
     elif not is_integer(max_rank):

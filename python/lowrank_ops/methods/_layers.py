@@ -9,6 +9,8 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._args import require_values
+
 __all__ = ["build_replacements", "count_parameters", "linear_sites", "linear_targets", "matches", "replace_everywhere",
            "resolve_rank"]
 
@@ -53,14 +55,15 @@ def linear_targets(op: str, model: torch.nn.Module, target_modules, refuse_tied:
 
 
 def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Sequence[str]],
-                 refuse_tied: bool = True) -> List[Tuple[torch.nn.Linear, List[str]]]:
+                 refuse_tied: bool = True, reads_weights: bool = True) -> List[Tuple[torch.nn.Linear, List[str]]]:
     """Every plain ``nn.Linear`` of ``model`` whose name matches ``patterns`` (None: all),
     once, with every name it is registered under (a module shared by two parents must be
     replaced under both, or the tie breaks); a ValueError when patterns are given and
     nothing matches, and (``refuse_tied``: for callers that replace the layers) when a
     layer's weight or bias is also another module's Parameter.  Plain: ``type(module) is
     nn.Linear``, since a subclass (MultiheadAttention's ``out_proj``) is read by its parent
-    through ``.weight``, which a replacement lacks."""
+    through ``.weight``, which a replacement lacks.  ``reads_weights``: the caller reads the
+    weights' values, so a weight on the meta device is refused (:func:`require_values`)."""
     if patterns is not None:  # a string is one pattern; any other iterable is read once
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     sites: Dict[int, Tuple[torch.nn.Linear, List[str]]] = {}
@@ -73,6 +76,8 @@ def linear_sites(op: str, model: torch.nn.Module, patterns: Union[None, str, Seq
                 holders.setdefault(id(parameter), []).append((id(module), f"{name}.{attribute}" if name else attribute))
     if patterns is not None and not sites:
         raise ValueError(f"{op}: no nn.Linear module matches target_modules={patterns}")
+    for linear, names in sites.values() if reads_weights else ():
+        require_values(op, f"the weight of {names[0]}", linear.weight)
     for linear, names in sites.values() if refuse_tied else ():  # a replacement would silently untie them
         for attribute in ("weight", "bias"):
             others = [other for module, other in holders.get(id(linear._parameters.get(attribute)), [])

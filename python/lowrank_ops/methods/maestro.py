@@ -46,7 +46,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._args import is_integer, require_int, require_number
+from .._args import is_integer, require_int, require_number, require_values
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
 from ..ops.lora import refuse_replay
@@ -183,6 +183,7 @@ class OrderedLowRankLinear(torch.nn.Module):
             raise TypeError(f"{op}: linear must be a torch.nn.Linear; got {type(linear).__name__}")
         rank = min(linear.in_features, linear.out_features) if rank is None else resolve_rank(rank, linear, "", op)
         weight = linear.weight.detach()
+        require_values(op, "linear.weight", weight)
         if not all_finite(weight):
             raise ValueError(f"{op}: linear's weight holds {int((~torch.isfinite(weight)).sum())} non-finite entries")
         W = weight if weight.dtype == torch.float64 else weight.float()

@@ -81,7 +81,7 @@ def convert(
     # Each plain nn.Linear once, under all its names (a shared layer stays shared); ranks
     # resolved and layers built first, so that a bad one leaves the model untouched.
     sites = [(linear, names, resolve_rank(rank, linear, names[0], "convert"))
-             for linear, names in linear_sites("convert", model, target_modules)]
+             for linear, names in linear_sites("convert", model, target_modules, reads_weights=init == "svd")]
     def build(linear, names, layer_rank):
         if init == "svd":
             return SparseLowRankLinear.from_linear(linear, layer_rank, density, scale=alpha / layer_rank,

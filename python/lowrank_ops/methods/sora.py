@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .._args import is_integer, require_number
@@ -253,10 +254,13 @@ def lambda_schedule(start: float, stop: float, num: int, spacing: str = "linear"
         raise ValueError(f"{op}: spacing must be one of {_SPACINGS}; got {spacing!r}")
     if spacing == "log_linear" and max(start, stop) > 700.0:  # exp would overflow float64
         raise ValueError(f"{op}: spacing 'log_linear' needs start and stop <= 700; got {start} and {stop}")
-    forward, inverse = {"linear": (float, float), "log_linear": (math.exp, math.log),
-                        "exp_linear": (math.log, math.exp)}[spacing]
+    forward, inverse = {"linear": (float, np.asarray), "log_linear": (math.exp, np.log),
+                        "exp_linear": (math.log, np.exp)}[spacing]
     a, b = forward(start), forward(stop)
-    values = [inverse(a + (b - a) * i / (num - 1)) for i in range(1, num - 1)]
+    try:  # numpy, not a Python loop: a typo-sized num (2**40) fails at once instead of filling memory for hours
+        values = inverse(a + (b - a) * (np.arange(1, num - 1, dtype=np.float64) / (num - 1))).tolist()
+    except MemoryError:
+        raise MemoryError(f"{op}: num = {num} values do not fit in memory") from None
     return [start] + values + [stop] if num > 1 else [start]  # the ends exact, as numpy's linspace
 
 

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import is_real_number, require_generator, require_int, require_number
+from .._args import is_real_number, require_generator, require_int, require_number, require_values
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -228,6 +228,7 @@ def _truncation_targets(op: str, model: torch.nn.Module, target_modules) -> Dict
             raise ValueError(f"{op}: target_modules={patterns} matches {name} ({type(module).__name__}), whose weight "
                              f"has shape {tuple(weight.shape)} and dtype {weight.dtype}; expected a 2-D floating-point "
                              "weight [out, in]")
+        require_values(op, f"the weight of {name or type(model).__name__}", weight)
         if id(weight) not in seen:
             seen.add(id(weight))
             targets[name or type(model).__name__] = module

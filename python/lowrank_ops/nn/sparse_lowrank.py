@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._args import require_values
 from .._dtypes import accumulate_dtype
 from .._finite import all_finite
 from ..ops.sparse_lowrank import STRATEGIES, sparse_lowrank_linear
@@ -123,6 +124,7 @@ class SparseLowRankLinear(torch.nn.Module):
         density.  Bias is copied.  Computed in float32 (float64 for float64 weights).
         """
         weight = linear.weight.detach()
+        require_values("SparseLowRankLinear.from_linear", "linear.weight", weight)
         if not all_finite(weight):  # LAPACK's SVD fails on it with a convergence error
             raise ValueError(f"SparseLowRankLinear.from_linear: linear.weight holds "
                              f"{int((~torch.isfinite(weight)).sum())} NaN or infinite entries")

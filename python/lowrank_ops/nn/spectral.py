@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .._args import require_int
+from .._args import require_int, require_values
 from .._autocast import autocast_off_backward, without_autocast
 from .._finite import all_finite
 from .._first_order import first_order_only
@@ -202,6 +202,7 @@ class SpectralLinear(torch.nn.Module):
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"{op}: linear must be an nn.Linear; got {type(linear).__name__}")
         weight = linear.weight.detach()
+        require_values(op, "linear.weight", weight)
         if not all_finite(weight):
             raise ValueError(f"{op}: linear.weight holds NaN or infinite values")
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32

@@ -318,6 +318,23 @@ def test_empty_batch_changes_nothing():
     assert torch.equal(state["a_inverse"].dense(), torch.eye(7)) and state["fallbacks"] == 0
 
 
+def test_layers_without_inputs_or_outputs_take_the_plain_step():
+    """A Linear(0, k) or Linear(k, 0) has nothing to precondition; the input hook met
+    "cannot reshape tensor of 0 elements into shape [-1, 0]".  Such layers are left out of
+    the preconditioned ones: their empty weights and their biases take the plain step."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3), nn.Linear(3, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = MKOR(model, lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+    assert [layer.module for layer in optimizer._layers] == [model[2]]
+    for p, q in zip(model.parameters(), before):
+        assert torch.isfinite(p).all() and (p.numel() == 0 or not torch.equal(p, q))
+
+
 # ---------------------------------------------------------------------------- training
 def classification_data(generator):
     """Two-class problem whose inputs have a large common mean (an ill-conditioned input

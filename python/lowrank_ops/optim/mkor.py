@@ -533,7 +533,9 @@ class MKOR(torch.optim.Optimizer):
                              f"{found} Linear layers ({found} frozen) in a {type(model).__name__}")
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self._layers: List[_Layer] = [_Layer(m) for m in linears]
+        # A layer with no inputs or no outputs has nothing to precondition (its factors would
+        # be 0 x 0; the input hook's reshape failed): its empty parameters take the plain step.
+        self._layers: List[_Layer] = [_Layer(m) for m in linears if m.weight.numel()]
         self._by_module = {id(layer.module): layer for layer in self._layers}
         self._handles = []
         self._register_hooks()

@@ -211,6 +211,21 @@ def test_empty_and_non_contiguous_inputs(generator):
     torch.testing.assert_close(layer(x), reference(layer, x, alpha, beta), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_features, out_features", [(0, 4), (4, 0), (0, 0)])
+def test_layers_without_inputs_or_outputs(in_features, out_features, generator):
+    """nn.Linear(0, k) and (k, 0) are valid layers (LoRALinear wraps them); NOLA's basis bound
+    1 / sqrt(in_features) raised ZeroDivisionError.  The adapter adds nothing to them."""
+    base = torch.nn.Linear(in_features, out_features, dtype=torch.float64)
+    with torch.no_grad():
+        base.bias.normal_(generator=generator)
+    layer = NOLALinear(base, 2, 4, 3)
+    x = torch.randn(3, in_features, dtype=torch.float64, generator=generator, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, base(x))
+    y.sum().backward()
+    assert torch.equal(layer.nola_alpha.grad, torch.zeros(4, dtype=torch.float64))
+
+
 def test_gradcheck(generator):
     layer = make_layer(7, 9, 3, 5, 4, torch.float64, generator)
     x = randn(2, 4, 9, dtype=torch.float64, generator=generator).requires_grad_()

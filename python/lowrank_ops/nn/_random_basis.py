@@ -86,8 +86,9 @@ def draw_bases(seed: int, stream: int, count: int, rows: int, cols: int, bound: 
 
 
 def kaiming_bound(fan_in: int) -> float:
-    """``1 / sqrt(fan_in)``: ``kaiming_uniform_(a = sqrt(5))``'s bound, nn.Linear's init."""
-    return 1.0 / math.sqrt(fan_in)
+    """``1 / sqrt(fan_in)``: ``kaiming_uniform_(a = sqrt(5))``'s bound, nn.Linear's init (0 for
+    ``fan_in = 0``, whose bases are empty: a layer without inputs, as nn.Linear(0, k))."""
+    return 1.0 / math.sqrt(fan_in) if fan_in else 0.0
 
 
 def rounded_by_cast(before: torch.dtype, after: torch.dtype) -> bool:

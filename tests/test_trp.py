@@ -257,6 +257,17 @@ def test_scheduler_period_and_errors(generator):
     fresh = trp.TRPScheduler(model, lam=0.0, energy=0.8, period=3)
     fresh.load_state_dict(state)
     assert fresh.steps == 6 and fresh.ranks == scheduler.ranks
+    # A wrong state raised KeyError 'steps' (or loaded a string as the ranks); now it names
+    # what is wrong and changes nothing.
+    for bad, error, message in (({}, ValueError, r"state lacks \['steps', 'ranks'\]"),
+                                ([], TypeError, "state must be a dict"),
+                                ({"steps": -1, "ranks": {}}, ValueError, r"state\['steps'\] must be an integer >= 0"),
+                                ({"steps": 2, "ranks": "0"}, TypeError, r"state\['ranks'\] must be a dict"),
+                                ({"steps": 2, "ranks": {}, "generator_state": 3}, TypeError,
+                                 r"state\['generator_state'\] must be")):
+        with pytest.raises(error, match="TRPScheduler.load_state_dict: " + message):
+            fresh.load_state_dict(bad)
+        assert fresh.steps == 6 and fresh.ranks == scheduler.ranks
     with pytest.raises(ValueError, match="period must be an integer >= 1; got 0"):
         trp.TRPScheduler(model, lam=0.1, energy=0.9, period=0)
     with pytest.raises(ValueError, match="lam must be"):

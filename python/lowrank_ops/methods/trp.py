@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import is_real_number, require_generator, require_int, require_number, require_values
+from .._args import is_integer, is_real_number, require_generator, require_int, require_number, require_values
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -378,10 +378,27 @@ class TRPScheduler:
                 "generator_state": None if self.generator is None else self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.ranks = dict(state["ranks"])
-        if self.generator is not None and state.get("generator_state") is not None:  # absent in older states
-            self.generator.set_state(state["generator_state"].cpu())
+        """Restores :meth:`state_dict`'s steps, ranks and generator state (checked first, so a
+        wrong or corrupted state changes nothing)."""
+        op = "TRPScheduler.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{op}: state must be a dict from TRPScheduler.state_dict(); got {type(state).__name__}")
+        missing = [key for key in ("steps", "ranks") if key not in state]
+        if missing:
+            raise ValueError(f"{op}: state lacks {missing}; expected TRPScheduler.state_dict()'s keys "
+                             f"['steps', 'ranks', 'generator_state'], got {sorted(map(str, state))}")
+        steps = require_int(op, "state['steps']", state["steps"], 0)
+        ranks = state["ranks"]
+        if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_integer(v) for k, v in ranks.items()):
+            raise TypeError(f"{op}: state['ranks'] must be a dict of layer name -> rank (int); got {ranks!r}")
+        generator_state = state.get("generator_state")  # absent in older states
+        if generator_state is not None and not (isinstance(generator_state, torch.Tensor)
+                                                and generator_state.dtype == torch.uint8):
+            raise TypeError(f"{op}: state['generator_state'] must be a torch.uint8 tensor (Generator.get_state()) "
+                            f"or None; got {type(generator_state).__name__}")
+        if self.generator is not None and generator_state is not None:
+            self.generator.set_state(generator_state.cpu())
+        self.steps, self.ranks = steps, {name: int(rank) for name, rank in ranks.items()}
 
 
 def compress(model: torch.nn.Module, energy: float = 0.99, *, target_modules=None, min_saving: float = 0.0,

@@ -15,6 +15,7 @@ import scipy.sparse.linalg as spla
 
 from lowrank_ops import pde
 from lowrank_ops.cli import main as cli_main
+from lowrank_ops import generate as generate_module
 from lowrank_ops.generate import generate_dataset
 
 # Small enough for the test budget, large enough that the run takes a few seconds after
@@ -130,6 +131,16 @@ def test_refuses_to_mix_runs_or_overwrite(tmp_path, capsys):
     (parts / "manifest.json").write_text(json.dumps({"format": 1, "settings": {"family": "darcy", "grid": 99}, "order": []}))
     assert cli_main(["generate", "darcy", "--grid", "8", "--num", "3", "--out", str(out), "--quiet"]) == 2
     assert "unfinished run with other settings" in capsys.readouterr().err
+    # A truncated or foreign manifest met json's "Expecting value: line 1 column 1", naming no file.
+    for text in ('{"format": 1, "sett', "[1, 2]"):
+        (parts / "manifest.json").write_text(text)
+        assert cli_main(["generate", "darcy", "--grid", "8", "--num", "3", "--out", str(out), "--quiet"]) == 2
+        assert f"{parts / 'manifest.json'} is not a manifest this job wrote" in capsys.readouterr().err
+    settings = {"family": "darcy", "grid": 8}
+    (parts / "manifest.json").write_text(json.dumps({"format": 1, "settings": settings, "order": [0, 0, 2]}))
+    with pytest.raises(ValueError, match="manifest.json holds no solve order of the 3 samples"):
+        generate_module._open_run(parts, settings, "darcy", 8, 3, 0)
+    (parts / "manifest.json").unlink()
     out.write_bytes(b"")
     assert cli_main(["generate", "darcy", "--grid", "8", "--num", "3", "--out", str(out), "--quiet"]) == 2
     assert "exists; remove it" in capsys.readouterr().err

@@ -57,6 +57,9 @@ def test_noise_std_follows_the_formula(alpha, beta, active_rank, dtype, generato
     # compute dtype, relative error ~ (terms) u; the square root halves it.
     unit = EPS64 if dtype == torch.float64 else 2.0**-24
     assert ((std.double() - expected).abs() <= 200 * unit * expected).all()
+    for bad in (1, -1, 0.0):  # -1 returned the last adapter's, silently
+        with pytest.raises(IndexError, match=rf"GGPO.noise_std: adapter_index must be an int in \[0, 1\) .*got {bad}"):
+            opt.noise_std(bad)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e20])

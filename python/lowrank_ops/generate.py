@@ -194,12 +194,22 @@ def _open_run(parts: Path, settings: dict, family: str, grid: int, num: int, see
     """Create or check ``parts/manifest.json``; returns the solve order."""
     manifest_path = parts / _MANIFEST
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:  # a truncated or foreign file: json's error named neither
+            raise ValueError(f"{manifest_path} is not a manifest this job wrote ({error}); delete {parts} to start "
+                             "over") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{manifest_path} is not a manifest this job wrote (a JSON {type(manifest).__name__}); "
+                             f"delete {parts} to start over")
         if manifest.get("settings") != settings:
             raise ValueError(
                 f"{parts} holds an unfinished run with other settings ({manifest.get('settings')}); rerun with those, "
                 f"or delete {parts} to start over")
-        return manifest["order"]
+        order = manifest.get("order")
+        if not (isinstance(order, list) and sorted(order) == list(range(num))):
+            raise ValueError(f"{manifest_path} holds no solve order of the {num} samples; delete {parts} to start over")
+        return order
     parts.mkdir(parents=True, exist_ok=True)
     order = greedy_order(_features(family, grid, num, seed)) if num > 1 else list(range(num))
     _write_atomically(manifest_path, json.dumps({"format": _FORMAT, "settings": settings, "order": order}).encode())

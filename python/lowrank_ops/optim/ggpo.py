@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._args import require_number
+from .._args import is_integer, require_number
 from ..nn.lora import LoRALinear
 from ..ops.dora import dora_row_norm
 
@@ -218,7 +218,11 @@ class GGPO:
         the adapters' current gradients (``"current"``; missing gradients count as zero) or
         from the norms kept at the previous step (``"previous"``; none yet: the weight term
         alone)."""
-        adapter = self._adapters[adapter_index]
+        count = len(self._adapters)
+        if not is_integer(adapter_index) or not 0 <= adapter_index < count:  # (-1 picked the last one silently)
+            raise IndexError(f"GGPO.noise_std: adapter_index must be an int in [0, {count}) (this GGPO found {count} "
+                             f"adapters); got {adapter_index!r}")
+        adapter = self._adapters[int(adapter_index)]
         grad_sq_norm = self._grad_sq_norm(adapter) if self.gradient_source == "current" else adapter.grad_sq_norm
         weight = adapter.weight if adapter.original is None else adapter.original
         A, B, ranks, scale = adapter.factors()

@@ -105,6 +105,37 @@ def test_scores_are_the_float64_recurrence(device):
     assert torch.allclose(scores, expected, rtol=1e-5, atol=0)
 
 
+def test_non_finite_gradient_entries_keep_their_averages(device):
+    """A NaN or inf gradient entry (a step a GradScaler skips) made its module's score NaN for
+    the rest of the run (ranked last at every allocation).  Such entries now keep their
+    averages; the others follow the recurrence."""
+    generator = torch.Generator().manual_seed(111)
+    model = Stack(generator).to(device)
+    beta1, beta2 = 0.7, 0.9
+    allocator = IncreLoRAAllocator(model, 12, 2, add_every=1000, beta1=beta1, beta2=beta2)
+    params = [p for layer in model.layers for p in (layer.lora_A, layer.lora_B)]
+    ema = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    unc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    for step in range(4):
+        backward(model, generator, device=device)
+        if step == 2:
+            params[0].grad[0, 0], params[1].grad[1, 0] = float("nan"), float("inf")
+        for p, e, u in zip(params, ema, unc):
+            ipt = (p.double() * p.grad.double()).abs().cpu()
+            keep = torch.isfinite(ipt)
+            e_new = beta1 * e + (1 - beta1) * ipt
+            u_new = beta2 * u + (1 - beta2) * (ipt - e_new).abs()
+            e.copy_(torch.where(keep, e_new, e))
+            u.copy_(torch.where(keep, u_new, u))
+        allocator.update_and_allocate(step)
+    for j, (e, u) in enumerate(zip(ema, unc)):
+        assert torch.isfinite(allocator._exp_avg_ipt[j]).all() and torch.isfinite(allocator._exp_avg_unc[j]).all()
+        # float32 averages of four updates: a few float32 units (as the recurrence test).
+        torch.testing.assert_close(allocator._exp_avg_ipt[j].cpu().double(), e, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(allocator._exp_avg_unc[j].cpu().double(), u, rtol=1e-5, atol=1e-12)
+    assert torch.isfinite(allocator.module_scores()).all()
+
+
 def test_ranks_go_to_the_highest_scores(device):
     generator = torch.Generator().manual_seed(102)
     model = Stack(generator, widths=(8,) * 7, r_max=4).to(device)  # six modules of the same size

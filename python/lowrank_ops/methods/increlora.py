@@ -260,8 +260,9 @@ class IncreLoRAAllocator:
         Notes
         -----
         A module whose ``lora_A`` or ``lora_B`` has no gradient (not used in this step's
-        forward) keeps its averages.  Non-finite gradients make the averages non-finite:
-        skip the call on a step that a GradScaler skips.
+        forward) keeps its averages, and so does every entry whose gradient (or product
+        with its weight) is not finite (a step that a GradScaler skips): one NaN made the
+        module's score NaN for the rest of the run, ranked last at every allocation.
         """
         if not is_integer(step) or step < 0:
             raise ValueError(f"{_OP}.update_and_allocate: step must be an int >= 0; got {step!r}")
@@ -290,10 +291,15 @@ class IncreLoRAAllocator:
         ipt = torch._foreach_mul([p.detach().to(d) for p, d in zip(params, dtypes)],
                                  [p.grad.to(d) for p, d in zip(params, dtypes)])
         torch._foreach_abs_(ipt)
-        torch._foreach_lerp_(ema, ipt, 1.0 - self.beta1)  # Ibar <- beta1 Ibar + (1 - beta1) I
-        torch._foreach_sub_(ipt, ema)
+        # Entries whose I is not finite keep their averages (selected, not branched on: no
+        # host synchronization).
+        finite = [torch.isfinite(t) for t in ipt]
+        new_ema = torch._foreach_lerp(ema, ipt, 1.0 - self.beta1)  # Ibar <- beta1 Ibar + (1 - beta1) I
+        torch._foreach_sub_(ipt, new_ema)
         torch._foreach_abs_(ipt)
-        torch._foreach_lerp_(unc, ipt, 1.0 - self.beta2)  # U <- beta2 U + (1 - beta2) |I - Ibar|
+        new_unc = torch._foreach_lerp(unc, ipt, 1.0 - self.beta2)  # U <- beta2 U + (1 - beta2) |I - Ibar|
+        for average, new, keep in zip(ema + unc, new_ema + new_unc, finite + finite):
+            torch.where(keep, new, average, out=average)
 
     @torch.no_grad()
     def module_scores(self) -> torch.Tensor:

@@ -87,6 +87,18 @@ def test_bases_are_the_documented_draw_and_follow_the_seed(generator):
     torch.manual_seed(0)
     second = NOLALinear(torch.nn.Linear(10, 12), 3, 5, 6)
     assert int(first.nola_seed) == int(second.nola_seed)
+    # The bases and the init are the seed's alone: a float64 default dtype drew other numbers
+    # (a checkpoint, which holds only the seed, loaded another function), and a seedless layer
+    # built under `with torch.device("meta")` drew its seed on meta (".item() cannot be called").
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = NOLALinear(torch.nn.Linear(10, 12, dtype=torch.float32), 3, 5, 6, seed=int(first.nola_seed))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name in ("nola_basis_A", "nola_basis_B", "nola_alpha", "nola_beta"):
+        assert torch.equal(getattr(again, name), getattr(first, name))
+    with torch.device("meta"):
+        assert NOLALinear(torch.nn.Linear(10, 12), 3, 5, 6).nola_alpha.is_meta
 
 
 @pytest.mark.parametrize("cache_bases", [True, False], ids=["cached", "uncached"])

@@ -125,6 +125,15 @@ def test_bases_are_the_documented_draw_and_follow_the_seed(generator):
     other = make_layer(14, 9, 4, torch.float64, generator, seed=322)
     assert torch.equal(same.randlora_B, layer.randlora_B) and torch.equal(same.randlora_A, layer.randlora_A)
     assert not torch.equal(other.randlora_A, layer.randlora_A) and not torch.equal(other.randlora_B, layer.randlora_B)
+    # The seed's alone (see test_nola): not torch's default dtype, and a seedless layer builds on meta.
+    torch.set_default_dtype(torch.float64)
+    try:
+        again = make_layer(14, 9, 4, torch.float64, generator, seed=321)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.equal(again.randlora_A, layer.randlora_A) and torch.equal(again.randlora_B, layer.randlora_B)
+    with torch.device("meta"):
+        assert RandLoRALinear(torch.nn.Linear(9, 14), 4).randlora_lambda.is_meta
 
 
 def test_state_dict_round_trip_redraws_the_bases(generator):

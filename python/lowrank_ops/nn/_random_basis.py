@@ -42,7 +42,8 @@ def check_seed(where: str, seed) -> int:
 
 def new_seed() -> int:
     """A fresh seed from torch's default CPU generator (reproducible with ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    # device="cpu": under `with torch.device("meta")` the draw was a meta tensor (".item() cannot be called").
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -72,7 +73,10 @@ def iter_bases(seed: int, stream: int, count: int, rows: int, cols: int, bound: 
     generator = torch.Generator().manual_seed(stream_seed(seed, stream))
     step = block_size(rows, cols)
     for start in range(0, count, step):
-        block = torch.empty(min(step, count - start), rows, cols).uniform_(-bound, bound, generator=generator)
+        # float32 on the CPU whatever torch's defaults: the bases are a function of the seed only
+        # (a float64 default dtype drew other numbers, so a checkpoint loaded another function).
+        block = torch.empty(min(step, count - start), rows, cols, dtype=torch.float32, device="cpu")
+        block.uniform_(-bound, bound, generator=generator)
         yield start, block.to(device=device, dtype=dtype)
 
 

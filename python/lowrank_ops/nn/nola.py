@@ -252,7 +252,8 @@ class NOLALinear(SeededBases, MergeableAdapter):
         self._restore_seed()
         generator = torch.Generator().manual_seed(stream_seed(int(self.nola_seed), _STREAM_INIT))
         bound = math.sqrt(3.0 / self.num_basis_A)
-        self.nola_alpha.copy_(torch.empty(self.num_basis_A).uniform_(-bound, bound, generator=generator))
+        draw = torch.empty(self.num_basis_A, dtype=torch.float32, device="cpu")  # as the bases: the seed's function
+        self.nola_alpha.copy_(draw.uniform_(-bound, bound, generator=generator))
         self.nola_beta.zero_()
 
     def factors(self) -> Tuple[torch.Tensor, torch.Tensor]:

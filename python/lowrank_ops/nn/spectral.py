@@ -162,7 +162,7 @@ class SpectralLinear(torch.nn.Module):
             return
         bound = 1.0 / math.sqrt(self.in_features)
         # Drawn on the CPU from the generator (of any device), as the layer's deterministic init.
-        cpu = dict(dtype=self.U.dtype, generator=generator_on(generator, torch.device("cpu")))
+        cpu = dict(dtype=self.U.dtype, device="cpu", generator=generator_on(generator, torch.device("cpu")))
         W = torch.rand(self.out_features, self.in_features, **cpu) * (2 * bound) - bound
         with torch.no_grad():
             self.set_weight_(W.to(self.U.device))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import re
 import sys
 import warnings
@@ -1804,6 +1805,27 @@ def test_huge_iteration_budgets_allocate_per_call_not_per_budget(monkeypatch, ge
     x, info = DeflatedCG(k=4).solve(matrix, b, tol=1e-10)
     assert info.converged and _relative_residual(A, b, x) <= 1e-9 and info.iterations > 7
     assert _common.steps_per_call(5) == 65536 and _common.steps_per_call(10**5) == 10**6
+
+
+@pytest.mark.parametrize("make", [lambda: GCRODR(10, 3), lambda: DeflatedCG(3)], ids=["gcrodr", "defcg"])
+def test_recycling_solvers_pickle_after_a_solve(make, generator):
+    """After a solve the solvers kept weak references to the matrix (the key of their recycled
+    products): pickle and torch.save raised "cannot pickle 'weakref.ReferenceType' object".
+    A copy keeps the recycled space and recomputes its products at its next solve."""
+    A, b = _system("spd", generator)
+    matrix = CSRMatrix.from_scipy(A)
+    solver = make()
+    solver.solve(matrix, b, tol=1e-10)
+    buffer = io.BytesIO()
+    torch.save(solver, buffer)
+    restored = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    space = "U" if isinstance(solver, GCRODR) else "W"
+    assert torch.equal(getattr(restored, space), getattr(solver, space))
+    b2 = b + 0.1 * torch.randn(b.shape[0], generator=generator, dtype=torch.float64).numpy()
+    x, info = restored.solve(matrix, b2, tol=1e-10)
+    expected, expected_info = solver.solve(matrix, b2, tol=1e-10)
+    assert info.converged and abs(info.iterations - expected_info.iterations) <= 1
+    assert _relative_residual(A, b2, x) <= 1e-9
 
 
 def test_recycling_solvers_use_at_most_n_directions(generator):

@@ -375,6 +375,12 @@ class DeflatedCG:
         self._buffer: Optional[torch.Tensor] = None
         self.reset()
 
+    def __getstate__(self) -> dict:
+        """Pickling (torch.save, copy): the recycled space without the key of the system it was
+        computed for (weak references to its matrix, which pickle refuses): the next solve then
+        recomputes the products it pairs with, as for a changed matrix.  The workspace is not kept."""
+        return dict(self.__dict__, _key=None, _buffer=None)
+
     def reset(self) -> None:
         """Forget the deflation space."""
         self.W: Optional[torch.Tensor] = None

@@ -67,6 +67,12 @@ class GCRODR:
         self._basis: Optional[torch.Tensor] = None
         self.reset()
 
+    def __getstate__(self) -> dict:
+        """Pickling (torch.save, copy): the recycled space without the key of the system it was
+        computed for (weak references to its matrix, which pickle refuses): the next solve then
+        recomputes the products it pairs with, as for a changed matrix.  The workspace is not kept."""
+        return dict(self.__dict__, _key=None, _basis=None)
+
     def reset(self) -> None:
         """Forget the recycled subspace."""
         self.U: Optional[torch.Tensor] = None

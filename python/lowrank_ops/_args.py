@@ -62,6 +62,15 @@ def require_number(op: str, name: str, value, low: float, high: float = math.inf
 
 
 
+def require_generator_state(op: str, name: str, state):
+    """``state`` when it is None or a ``torch.Generator.get_state()`` tensor (uint8); a TypeError
+    naming it otherwise (a resumed run's sketches or samples follow from it)."""
+    if state is not None and not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
+        raise TypeError(f"{op}: {name} must be a torch.uint8 tensor (Generator.get_state()) or None; got "
+                        f"{type(state).__name__}")
+    return state
+
+
 def require_values(op: str, what: str, tensor: torch.Tensor) -> None:
     """ValueError when ``tensor`` is on the meta device: ``op`` reads its values (an SVD of a
     weight), which a model built on meta (low-memory loading) does not have yet; torch's own

@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import is_integer, is_real_number, require_generator, require_int, require_number, require_values
+from .._args import (is_integer, is_real_number, require_generator, require_generator_state, require_int,
+                     require_number, require_values)
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -391,11 +392,7 @@ class TRPScheduler:
         ranks = state["ranks"]
         if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_integer(v) for k, v in ranks.items()):
             raise TypeError(f"{op}: state['ranks'] must be a dict of layer name -> rank (int); got {ranks!r}")
-        generator_state = state.get("generator_state")  # absent in older states
-        if generator_state is not None and not (isinstance(generator_state, torch.Tensor)
-                                                and generator_state.dtype == torch.uint8):
-            raise TypeError(f"{op}: state['generator_state'] must be a torch.uint8 tensor (Generator.get_state()) "
-                            f"or None; got {type(generator_state).__name__}")
+        generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
         if self.generator is not None and generator_state is not None:
             self.generator.set_state(generator_state.cpu())
         self.steps, self.ranks = steps, {name: int(rank) for name, rank in ranks.items()}

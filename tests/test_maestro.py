@@ -241,11 +241,20 @@ def test_shrunk_checkpoint_loads_into_a_fresh_layer():
     layer.eval()
     fresh = OrderedLowRankLinear(20, 12, 8, min_rank=6)
     fresh.active_rank = 7
+    # The usual resume order: the optimizer first.  The load replaced U_t and V by new
+    # Parameters, so this optimizer updated orphans and the layer never trained.
+    parameters = (fresh.U_t, fresh.V)
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
     fresh.load_state_dict(layer.state_dict())
     fresh.eval()
     assert (fresh.rank, fresh.active_rank, fresh.min_rank) == (5, 5, 5)
+    assert fresh.U_t is parameters[0] and fresh.V is parameters[1]
     x = torch.randn(3, 20, generator=generator)
     assert torch.equal(fresh(x), layer(x))
+    fresh(x).square().sum().backward()
+    before = fresh.V.detach().clone()
+    optimizer.step()
+    assert not torch.equal(fresh.V, before)
     with pytest.raises(RuntimeError, match="size mismatch"):  # other feature sizes still refused
         OrderedLowRankLinear(21, 12, 8).load_state_dict(layer.state_dict())
 

@@ -335,9 +335,11 @@ def _take_checkpoint_rank(module: OrderedLowRankLinear, state_dict, prefix, loca
                           unexpected_keys, error_msgs) -> None:
     """A checkpoint saved after :meth:`~OrderedLowRankLinear.shrink_` (or from a layer of
     another rank) holds ``U_t [r', out]`` and ``V [r', in]``: the layer takes that rank before
-    the copy (new Parameter objects, as shrink_ makes; a freshly converted model refused a
-    shrunk checkpoint with a size mismatch).  ``active_rank`` and ``min_rank`` are lowered
-    to ``r'`` when above it.  Anything else is left to the usual shape checks."""
+    the copy (a freshly converted model refused a shrunk checkpoint with a size mismatch).
+    The Parameter objects stay (their data is replaced), so an optimizer built before the
+    load, the usual resume order, still holds them: new Parameters, as shrink_ makes, left
+    it updating orphans while the layer never trained.  ``active_rank`` and ``min_rank`` are
+    lowered to ``r'`` when above it.  Anything else is left to the usual shape checks."""
     U_t, V = state_dict.get(prefix + "U_t"), state_dict.get(prefix + "V")
     if not (isinstance(U_t, torch.Tensor) and isinstance(V, torch.Tensor) and U_t.dim() == 2 and V.dim() == 2):
         return
@@ -345,8 +347,8 @@ def _take_checkpoint_rank(module: OrderedLowRankLinear, state_dict, prefix, loca
     if rank == module.rank or rank < 1 or V.shape != (rank, module.in_features) or U_t.shape[1] != module.out_features:
         return
     for name in ("U_t", "V"):
-        old = getattr(module, name)
-        setattr(module, name, torch.nn.Parameter(old.new_empty(rank, old.shape[1]), requires_grad=old.requires_grad))
+        parameter = getattr(module, name)
+        parameter.data = parameter.new_empty(rank, parameter.shape[1])
     if module.active_rank is not None and module.active_rank > rank:
         module.active_rank = rank
     module.min_rank = min(module.min_rank, rank)

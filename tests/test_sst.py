@@ -87,6 +87,8 @@ def test_spectral_linear_errors():
     U, s, Vh = torch.randn(5, 4), torch.randn(4), torch.randn(4, 6)
     with pytest.raises(ValueError, match=r"x has shape \(3, 7\); expected \(..., in_features\) = \(..., 6\)"):
         spectral_linear(torch.randn(3, 7), U, s, Vh)
+    with pytest.raises(ValueError, match=r"x has shape \(\); expected"):  # IndexError before
+        spectral_linear(torch.tensor(1.0), U, s, Vh)
     with pytest.raises(ValueError, match=r"U has shape \(5, 3\)"):
         spectral_linear(torch.randn(3, 6), torch.randn(5, 3), s, Vh)
     with pytest.raises(TypeError, match="x has dtype torch.float64; expected the parameters' dtype torch.float32"):

@@ -95,7 +95,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch
     if U.dim() != 2 or U.shape[1] != K or s.shape != (K,):
         raise ValueError(f"{op}: U has shape {tuple(U.shape)} and s {tuple(s.shape)}; expected (out, K) and (K,) "
                          f"with K = {K} (Vh's rows)")
-    if x.shape[-1] != in_features:
+    if x.dim() == 0 or x.shape[-1] != in_features:  # (0-d: "tuple index out of range" before)
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected (..., in_features) = (..., {in_features})")
     if x.dtype != U.dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype}; expected the parameters' dtype {U.dtype}")

@@ -437,6 +437,32 @@ def test_state_dict_round_trip(factor_dtype, device):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
+def test_load_state_dict_takes_this_optimizers_factor_dtype_and_checks_sizes():
+    """A factor_dtype=float64 state loaded into a default MKOR kept float64 factors, and the
+    step failed mixing them with float32 products ("expected m1 and m2 to have the same
+    dtype"); another model's state loaded silently and failed in ShermanMorrisonInverse.update
+    at the step.  Now the factors take this optimizer's dtype, and wrong sizes are refused at
+    the load, before anything changes."""
+    torch.manual_seed(6)
+    model = MLP()
+    saved = MKOR(model, factor_dtype=torch.float64)
+    model(torch.randn(8, 6)).square().mean().backward()
+    saved.step()
+    optimizer = MKOR(model)
+    optimizer.load_state_dict(saved.state_dict())
+    assert optimizer.state[model.fc1.weight]["a_inverse"].matrix.dtype == torch.float32
+    torch.testing.assert_close(optimizer.state[model.fc1.weight]["a_inverse"].matrix,
+                               saved.state[model.fc1.weight]["a_inverse"].matrix.float(), rtol=0, atol=0)
+    optimizer.zero_grad()
+    model(torch.randn(8, 6)).square().mean().backward()
+    optimizer.step()
+    fresh = MKOR(MLP(hidden=7))  # the same parameters, other sizes
+    with pytest.raises(ValueError, match=r"MKOR.load_state_dict: state 0 holds g_inverse of shape \(9, 9\); "
+                                         r"the Linear layer with weight \(7, 6\) needs \(7, 7\)"):
+        fresh.load_state_dict(saved.state_dict())
+    assert not fresh.state
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, message", [
     ({"lr": -0.1}, r"MKOR: lr must be >= 0 and finite; got -0.1"),

@@ -331,11 +331,12 @@ class ShermanMorrisonInverse:
         return {"matrix": self.matrix, "scale": self.scale, "scale_bounds": (self._scale_low, self._scale_high)}
 
     @classmethod
-    def from_state_dict(cls, state: Dict[str, Any], device=None) -> "ShermanMorrisonInverse":
+    def from_state_dict(cls, state: Dict[str, Any], device=None, dtype=None) -> "ShermanMorrisonInverse":
         """From :meth:`state_dict` (``scale`` a float or a tensor, whichever the saving
-        device kept)."""
+        device kept), in ``dtype`` (default: the saved matrix's) on ``device``."""
         matrix = state["matrix"]
-        inverse = cls(matrix.shape[0], matrix.dtype, device=device if device is not None else matrix.device)
+        inverse = cls(matrix.shape[0], dtype if dtype is not None else matrix.dtype,
+                      device=device if device is not None else matrix.device)
         inverse.matrix.copy_(matrix)
         scale = float(state["scale"])  # one read, at load time
         inverse.scale = scale if inverse._host else torch.full_like(inverse.scale, scale)
@@ -504,8 +505,8 @@ class MKOR(torch.optim.Optimizer):
 
     ``state_dict()`` holds, per layer (under its weight), the two inverses
     (``"a_inverse"``, ``"g_inverse"``: matrix and scalar), the step count and the
-    counters, plus the momentum buffers; ``load_state_dict`` restores them in their own
-    dtype on the parameters' device.
+    counters, plus the momentum buffers; ``load_state_dict`` restores them in this
+    optimizer's factor dtype on the parameters' device.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, momentum: float = 0.9, beta: float = 0.95,
@@ -879,19 +880,34 @@ class MKOR(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # The inverses keep their own dtype (float64 factors of float32 weights): take them
-        # out before the base class casts state tensors to the parameter's dtype.
+        # The inverses take this optimizer's factor dtype (float64 factors of float32 weights
+        # with factor_dtype=torch.float64), not the parameter's: take them out before the base
+        # class casts state tensors to the parameter's dtype.  Their sizes are checked first
+        # (another model's state loaded, and the step failed in ShermanMorrisonInverse.update).
         kept = ("a_inverse", "g_inverse")
         own = {index: {key: entry[key] for key in kept if key in entry} for index, entry in state_dict["state"].items()}
+        params = [p for group in self.param_groups for p in group["params"]]
+        layers = {id(layer.weight): layer for layer in self._layers}
+        if sum(len(group["params"]) for group in state_dict["param_groups"]) != len(params):
+            own = {}  # (the base class refuses the groups, naming them)
+        for index, entry in own.items():
+            layer = layers.get(id(params[index])) if 0 <= index < len(params) else None
+            for key, value in entry.items():
+                size = None if layer is None else layer.a_dim if key == "a_inverse" else layer.module.out_features
+                got = tuple(value["matrix"].shape)
+                if size is not None and got != (size, size):
+                    raise ValueError(f"MKOR.load_state_dict: state {index} holds {key} of shape {got}; the Linear "
+                                     f"layer with weight {tuple(layer.weight.shape)} needs ({size}, {size}) (the "
+                                     "state of another model?)")
         stripped = dict(state_dict)
         stripped["state"] = {index: {key: value for key, value in entry.items() if key not in kept}
                              for index, entry in state_dict["state"].items()}
         super().load_state_dict(stripped)
-        params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in own.items():
-            param = params[index]
+            param, layer = params[index], layers.get(id(params[index]))
+            dtype = None if layer is None else self._dtype(layer)
             for key, value in entry.items():
-                self.state[param][key] = ShermanMorrisonInverse.from_state_dict(value, device=param.device)
+                self.state[param][key] = ShermanMorrisonInverse.from_state_dict(value, device=param.device, dtype=dtype)
 
 
 def _check_group(group: Dict[str, Any]) -> None:

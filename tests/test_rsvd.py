@@ -595,14 +595,36 @@ def test_second_derivatives_through_the_factors_are_refused(generator):
         torch.func.jvp(grad(by_U), (A,), (V,))
     with pytest.raises(RuntimeError, match=message):  # forward over forward
         torch.func.jvp(lambda A: torch.func.jvp(by_U, (A,), (V,))[1], (A,), (V,))
-    # First-order forward mode and the singular values' second derivatives stay.  At a
-    # rank-2 A, s_1^2 + s_2^2 = ||A + t V||^2 - t^2 ||P V Q||^2 + O(t^3) (P, Q the projectors
-    # off A's column and row spaces): its Hessian along V is 2 (V - P V Q).
+    # First-order forward mode stays.
     expected = torch.func.jvp(exact, (A,), (V,))[1]
     torch.testing.assert_close(torch.func.jvp(by_U, (A,), (V,))[1], expected)
-    U, _, Vh = torch.linalg.svd(A, full_matrices=False)
-    P, Q = torch.eye(7, dtype=A.dtype) - U[:, :2] @ U[:, :2].T, torch.eye(5, dtype=A.dtype) - Vh[:2].T @ Vh[:2]
-    torch.testing.assert_close(torch.func.jvp(grad(by_S), (A,), (V,))[1], 2 * (V - P @ V @ Q))
+    # Through S alone, second derivatives are exact for the full thin SVD (rank = min(m, n))
+    # only.  A truncated rank's are the truncated SVD's at A (0.43 off at 8 x 6, rank 3, on a
+    # full-rank A), and with compute_uv=False U and Vh were constants of the gradient (a
+    # Hessian of 0): both silently wrong, now refused.  The first derivatives stay.
+    full_rank = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    by_all_S = lambda A: rsvd(A, 5, generator=torch.Generator().manual_seed(0)).S.square().sum()  # noqa: E731
+    exact_S = lambda A: torch.linalg.svdvals(A).square().sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.jvp(grad(by_all_S), (full_rank,), (V,))[1],
+                               torch.func.jvp(grad(exact_S), (full_rank,), (V,))[1])
+    torch.testing.assert_close(hessian(by_all_S)(full_rank), hessian(exact_S)(full_rank))
+    only_S = lambda A: rsvd(A, 5, compute_uv=False, generator=torch.Generator().manual_seed(0)).square().sum()  # noqa: E731
+    values_message = r"rsvd: second derivatives through S need the full thin SVD \(rank = min\(m, n\)\)"
+    top_2 = lambda A: torch.linalg.svdvals(A)[:2].square().sum()  # noqa: E731
+    for values, point, exact_values in ((by_S, A, top_2), (only_S, full_rank, exact_S)):
+        torch.testing.assert_close(grad(values)(point), grad(exact_values)(point))
+        leaf = point.clone().requires_grad_()
+        (first,) = torch.autograd.grad(values(leaf), leaf, create_graph=True)
+        with pytest.raises(RuntimeError, match=values_message):
+            torch.autograd.grad((first * V).sum(), leaf)
+        with pytest.raises(RuntimeError, match=values_message):
+            hessian(values)(point)
+        with pytest.raises(RuntimeError, match=values_message):  # forward over reverse
+            torch.func.jvp(grad(values), (point,), (V,))
+        # Forward over forward: the tangent of S is formed from U and Vh, whose own tangents
+        # (compute_uv=True) meet the factors' refusal first.
+        with pytest.raises(RuntimeError, match=values_message if values is only_S else message):
+            torch.func.jvp(lambda A: torch.func.jvp(values, (A,), (V,))[1], (point,), (V,))
 
 
 def test_singular_values_gradient_has_no_nan_for_repeated_or_zero_values():

@@ -395,7 +395,14 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
 _FactorsSecondOrderRefused = second_order_refusal(
     "_FactorsSecondOrderRefused",
     "rsvd: second derivatives through U or Vh are not implemented (the factors' gradient is the truncated SVD's "
-    "to first order only); those through S alone are")
+    "to first order only); those through S alone are, for the full thin SVD (rank = min(m, n))")
+
+
+_ValuesSecondOrderRefused = second_order_refusal(
+    "_ValuesSecondOrderRefused",
+    "rsvd: second derivatives through S need the full thin SVD (rank = min(m, n)) with compute_uv=True; a truncated "
+    "rank's are those of the truncated SVD at A only (silently wrong unless rank A <= rank), and with "
+    "compute_uv=False U and Vh were constants of the gradient (second derivatives silently 0)")
 
 
 class _RSVDFunction(torch.autograd.Function):
@@ -426,6 +433,9 @@ class _RSVDFunction(torch.autograd.Function):
         ctx.input_dtype = A.dtype
         ctx.center = center
         ctx.compute_uv = compute_uv
+        # S's gradient U diag(dS) Vh differentiates through U and Vh exactly only when they are
+        # differentiable outputs of the full thin SVD.
+        ctx.values_second_order = compute_uv and S.shape[-1] == min(A.shape[-2:])
         ctx.mark_non_differentiable(*(() if compute_uv else (U, Vh)), *(() if error is None else (error,)))
 
     @staticmethod
@@ -443,6 +453,9 @@ class _RSVDFunction(torch.autograd.Function):
                 # second derivative: differentiated again it was silently wrong (0.50 off at a
                 # scale of 1.3 on an exactly rank-k A).  The singular values' U diag(dS) Vh is.
                 grad_A = grad_A + _FactorsSecondOrderRefused.apply(U)
+            elif (grad_S is not None and not ctx.values_second_order
+                  and (torch.is_grad_enabled() or forward_mode_active())):
+                grad_A = grad_A + _ValuesSecondOrderRefused.apply(S)
         return grad_A.to(ctx.input_dtype), *([None] * 11)
 
     @staticmethod
@@ -458,6 +471,8 @@ class _RSVDFunction(torch.autograd.Function):
             if ctx.compute_uv:  # the factors' tangents, first order only, as in backward
                 refusal = _FactorsSecondOrderRefused.apply(U)
                 dU, dVh = dU + refusal, dVh + refusal
+            if not ctx.values_second_order:
+                dS = dS + _ValuesSecondOrderRefused.apply(S)
         return (dU, dS, dVh, None) if ctx.compute_uv else (None, dS, None, None)
 
     @staticmethod
@@ -621,7 +636,8 @@ def rsvd(
         generators give the same signs wherever they find the same singular vectors
         (well-separated singular values).  Differentiable: the thin-SVD backward on the
         returned factors (exact when A has rank <= ``rank``), and its forward-mode twin
-        (``jvp``, ``forward_ad``).  ``error
+        (``jvp``, ``forward_ad``); second derivatives through S alone for ``rank = min(m,
+        n)``, RuntimeError otherwise (they would be silently wrong).  ``error
         [...]`` (one per matrix of the batch, the factors' dtype) is detached and computed
         without a host synchronization.
     Tensor[..., rank], or the pair (S, error) when ``error_probes > 0``

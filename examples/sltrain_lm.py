@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -148,7 +149,7 @@ def main(argv=None):
                 model, args.rank, args.density, target_modules=["*_proj"], alpha=args.alpha,
                 generator=torch.Generator().manual_seed(args.seed),
             )
-            print(report)
+            print(report, file=sys.stderr if args.json else sys.stdout)  # --json: stdout holds only the JSON
         results.append(train(model, data, args, label))
     floor = MarkovChain(args.vocab, 4, torch.Generator().manual_seed(args.seed)).entropy_rate()
 

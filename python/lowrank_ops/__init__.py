@@ -7,15 +7,19 @@ Public modules:
 
 * :mod:`lowrank_ops.ops`: differentiable ops (``lora_linear``, ``lora_linear_multi``,
   ``dora_linear``, ``fixed_sparse_matmul``, ``spmv``, ``sparse_lowrank_linear``, ...)
-* :mod:`lowrank_ops.nn`: modules (``LoRALinear``, ``MultiLoRALinear``, ``SparseLowRankLinear``)
+* :mod:`lowrank_ops.nn`: modules (``LoRALinear`` with DoRA and gates, ``MultiLoRALinear``,
+  ``SparseLowRankLinear``, ``NOLALinear``, ``RandLoRALinear``, ``SVFitLinear``, ``LoLDULinear``,
+  ``SpectralLinear``)
 * :mod:`lowrank_ops.integrations.peft`: ``use_lowrank_ops`` (PEFT's LoRA on our fused layer;
   imported on demand, PEFT is optional)
-* :mod:`lowrank_ops.methods`: method modules (``sltrain.convert``, ``mfac_pruning``, ``lora_ga``,
-  ``perfusion``, ...)
-* :mod:`lowrank_ops.linalg`: ``rsvd``, ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``,
-  ``effective_rank``
-* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``MFAC``, ``GGPO`` (LoRA-GGPO)
-* :mod:`lowrank_ops.second_order`: ``MFACInverse`` (M-FAC inverse-Hessian-vector products)
+* :mod:`lowrank_ops.methods`: method modules (``sltrain``, ``mfac_pruning``, ``lora_ga``,
+  ``perfusion``, ``increlora``, ``maestro``, ``sora``, ``sst``, ``trp``, ``welore``,
+  ``lowrank_compress``, ``fastrp``)
+* :mod:`lowrank_ops.linalg`: ``rsvd``, ``adaptive_rsvd``, ``pca_lowrank``, ``range_finder``,
+  ``batched_svd``, ``cholesky_qr2``, ``lowrank_error``, ``effective_rank``, ``cur``
+* :mod:`lowrank_ops.optim`: ``GaLoreAdamW``, ``GaLoreAdamW8bit``, ``MFAC``, ``MKOR``, ``GGPO`` (LoRA-GGPO)
+* :mod:`lowrank_ops.second_order`: ``MFACInverse`` (M-FAC inverse-Hessian-vector products),
+  ``hessian_trace``
 * :mod:`lowrank_ops.krylov`: ``gmres``, ``cg``, ``GCRODR`` (recycling), ``DeflatedCG`` (recycling CG, SPD), ``solve_sequence`` (SKR)
 * :mod:`lowrank_ops.ot`: ``sinkhorn`` (log domain), ``sinkhorn_newton_sparse`` (SNS)
 * :mod:`lowrank_ops.pde`: seeded Darcy / Poisson / Helmholtz / thermal problem generators

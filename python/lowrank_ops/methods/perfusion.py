@@ -123,8 +123,8 @@ def input_covariance(
         In ``[0, 1]``: convex combination with the scaled identity ``tr(M)/d I``
         (Ledoit-Wolf's target), scale-free.
     center : bool
-        Subtract the mean (covariance) instead of the raw second moment (default, as
-        the paper).
+        Subtract the mean (the covariance); default False: the raw second moment, as
+        the paper.
     dtype : torch.dtype
         Of the returned ``cov`` and ``inv`` (float64 by default: RankOneEditLinear solves
         with ``inv`` in float64 anyway).

@@ -1,7 +1,9 @@
 """LoRA linear (gate, rank truncation, seeded dropout), merge/unmerge and the LoRALinear module."""
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import re
 
 import pytest
@@ -13,7 +15,8 @@ from lowrank_ops.ops import dora_linear, dora_row_norm, lora_linear, lora_merge,
 from lowrank_ops.ops.lora import draw_seed
 
 from helpers import (
-    OUTPUT_UNIT, assert_is_base_product, assert_within, check_autocast_against_torch, randn, summation_bound,
+    OUTPUT_UNIT, assert_compiled_matches_eager, assert_is_base_product, assert_within, check_autocast_against_torch,
+    compile_fullgraph, randn, summation_bound,
 )
 
 NAMES = ("x", "weight", "lora_A", "lora_B", "bias", "gate")
@@ -686,6 +689,32 @@ def test_dora_merge_keeps_the_rows_a_zero_magnitude_erases(generator):
     assert torch.equal(layer.base_layer.weight[[1, 3]], original[[1, 3]])
     torch.testing.assert_close(layer.base_layer.weight.detach(), original, rtol=0, atol=1e-6)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_active_rank_under_compile_is_one_graph_for_every_rank(generator):
+    """active_rank reaches a compiled model as a symbolic size: an int attribute is a constant
+    to Dynamo, so every new rank recompiled and fullgraph failed at the ninth
+    ("FailOnRecompileLimitHit").  Now: the rank 1, the other ranks, r and None, each one
+    graph, each matching eager; pickles (also those from before) keep the rank."""
+    from torch._dynamo.utils import counters
+
+    for use_dora in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        layer = LoRALinear(torch.nn.Linear(16, 12), r=14, use_dora=use_dora, init_lora_weights=False)
+        compiled = compile_fullgraph(layer)
+        for k in list(range(1, 14)) + [14, None, 3]:
+            layer.active_rank = k
+            assert_compiled_matches_eager(layer, [torch.randn(4, 16, generator=generator).requires_grad_()],
+                                          generator, compiled=compiled)
+        assert counters["stats"]["unique_graphs"] <= 4
+    layer.active_rank = 5
+    assert pickle.loads(pickle.dumps(layer)).active_rank == copy.deepcopy(layer).active_rank == 5
+    state = dict(layer.__dict__, active_rank=5)  # pickled when active_rank was a plain attribute
+    del state["_active_rank"], state["_active_rank_carrier"]
+    old = LoRALinear.__new__(LoRALinear)
+    old.__setstate__(state)
+    assert old.active_rank == 5 and torch.equal(old(torch.ones(2, 16)), layer(torch.ones(2, 16)))
 
 
 def test_active_rank_is_checked_on_every_path(generator):

@@ -319,14 +319,18 @@ def test_toy_training_finds_a_planted_rank(device):
 def test_torch_compile_fullgraph_follows_active_rank(generator):
     # The documented way to compile a Maestro model whole: sample b outside the compiled call
     # and set active_rank (ordered_dropout=False).  One compiled module: every new b must
-    # reach it (a recompilation, b sets the slices' shapes), never a stale graph.
-    layer = random_layer(12, 10, 6, generator, ordered_dropout=False).train()
+    # reach it, never a stale graph.  b reaches the graph as a symbolic size: every new b
+    # recompiled (an int attribute is a constant to Dynamo), and fullgraph failed at the
+    # ninth ("FailOnRecompileLimitHit").
+    layer = random_layer(12, 10, 10, generator, ordered_dropout=False).train()
     compiled = compile_fullgraph(layer)
-    for b in (6, 2, 4, 2):
+    for b in (10, 2, 4, 2, 3, 5, 6, 7, 8, 9, 1):
         layer.active_rank = b
+        with torch.no_grad():
+            compiled(randn(2, 12, generator=generator))
+        assert layer.last_rank == b
         assert_compiled_matches_eager(layer, [randn(3, 4, 12, generator=generator).requires_grad_()], generator,
                                       compiled=compiled)
-        assert layer.last_rank == b
     layer.eval().active_rank = None
     assert_compiled_matches_eager(layer, [randn(5, 12, generator=generator).requires_grad_()], generator,
                                   compiled=compiled)

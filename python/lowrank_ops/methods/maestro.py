@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .._args import is_integer, require_int, require_number, require_values
 from .._finite import all_finite
 from ..nn._init import fan_in_bound, uniform_
+from ..nn._traced_rank import ActiveRank
 from ..ops.lora import refuse_replay
 from ._layers import build_replacements, linear_sites, replace_everywhere, resolve_rank
 from .lowrank_compress import _rank_factors
@@ -56,7 +57,7 @@ from .lowrank_compress import _rank_factors
 __all__ = ["OrderedLowRankLinear", "convert", "shrink_", "component_norms"]
 
 
-class OrderedLowRankLinear(torch.nn.Module):
+class OrderedLowRankLinear(ActiveRank, torch.nn.Module):
     """``y = x V[:b]^T U[:, :b]^T + bias`` with ordered dropout over the rank ``b``.
 
     Parameters
@@ -211,7 +212,8 @@ class OrderedLowRankLinear(torch.nn.Module):
 
     def _rank_for(self, rank: Optional[int]) -> int:
         op = "OrderedLowRankLinear.forward"
-        top = self.rank if self.active_rank is None else self.active_rank
+        top = ActiveRank.active_rank.traced(self)  # symbolic under torch.compile: no guard on its value
+        top = self.rank if top is None else top
         if not 0 <= top <= self.rank:  # active_rank is a plain attribute: check it at use
             raise ValueError(f"{op}: active_rank must be in [0, r] = [0, {self.rank}]; got {self.active_rank}")
         if rank is not None:

@@ -14,11 +14,12 @@ from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm, floor_zero_norms
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
+from ._traced_rank import ActiveRank
 
 __all__ = ["LoRALinear"]
 
 
-class LoRALinear(torch.nn.Module):
+class LoRALinear(ActiveRank, torch.nn.Module):
     """``y = base(x) + scaling * ((dropout(x) A^T) * g) B^T`` around a frozen ``nn.Linear``.
 
     Names follow PEFT's LoRA layer: ``base_layer`` (the wrapped linear, frozen),
@@ -227,10 +228,13 @@ class LoRALinear(torch.nn.Module):
 
     def _factors(self, rank: Optional[int] = None):
         """``(A, B, gate)`` of the first ``rank`` ranks (default: ``active_rank``, or all r)."""
-        k = rank if rank is not None else self.r if self.active_rank is None else self.active_rank
-        if not is_integer(k) or not 0 <= k <= self.r:  # slicing would clamp it silently
+        # The traced value: under torch.compile a symbolic size, never the int itself (whose
+        # every value would be a guard, hence a recompile).
+        k = rank if rank is not None else ActiveRank.active_rank.traced(self)
+        k = self.r if k is None else k
+        if not (isinstance(k, torch.SymInt) or is_integer(k)) or not 0 <= k <= self.r:  # slicing would clamp it
             raise ValueError(f"LoRALinear: active_rank must be None or an int in [0, r] = [0, {self.r}]; got {k!r}")
-        k = int(k)
+        k = k if isinstance(k, torch.SymInt) else int(k)
         gate = None if self.lora_gate is None else self.lora_gate[:k]
         return self.lora_A[:k], self.lora_B[:, :k], gate
 
@@ -261,7 +265,7 @@ class LoRALinear(torch.nn.Module):
             return dora_linear(x, weight, lora_A, lora_B, self.lora_magnitude_vector, bias, scale=self.scaling,
                                dropout_p=p, norm=self._eval_row_norm(lora_A, lora_B))
         return lora_linear(x, weight, self.lora_A, self.lora_B, bias, scale=self.scaling, gate=self.lora_gate,
-                           rank=self.active_rank, dropout_p=p)
+                           rank=ActiveRank.active_rank.traced(self), dropout_p=p)
 
     def _eval_row_norm(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Optional[torch.Tensor]:
         """DoRA's row norms ``||W + s B A||``, cached in eval mode (None in training mode).

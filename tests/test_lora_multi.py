@@ -968,6 +968,24 @@ def test_compile_fullgraph_inference_path(device, generator):
         torch.testing.assert_close(compiled(x), call(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_export_with_list_routing_ending_at_a_dynamic_batch(strict, generator):
+    """Segment offsets given as a list ending at x.shape[0]: non-strict export traced them as
+    a SymInt, refused with "segment_offsets[2] = s77; expected an integer"."""
+    weight = randn(OUT, IN, generator=generator)
+    A_stack, B_stack = randn(2, R_MAX, IN, generator=generator), randn(2, OUT, R_MAX, generator=generator)
+
+    class Routed(torch.nn.Module):
+        def forward(self, x):
+            return lora_linear_multi(x, weight, A_stack, B_stack, [0, 2, x.shape[0]], [0, 1])
+
+    batch = torch.export.Dim("batch", min=3)
+    program = torch.export.export(Routed(), (randn(6, IN, generator=generator),), dynamic_shapes={"x": {0: batch}},
+                                  strict=strict)
+    x = randn(9, IN, generator=generator)
+    torch.testing.assert_close(program.module()(x), Routed()(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("where", ["lists", "device_tensors", "mixed"])
 def test_routing_contents_checked_before_any_kernel(device, where):
     """Bad routing raises the same message whether it comes as sequences (checked on the

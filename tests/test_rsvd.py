@@ -1188,6 +1188,17 @@ def test_compiles_fullgraph_with_defaults_and_a_second_shape():
     for rows in (30, 40):
         A = torch.randn(rows, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(rows))
         torch.testing.assert_close(run(A), torch.linalg.svdvals(A)[:4], rtol=1e-1, atol=0)  # rank-4 sketch of a flat spectrum
+    # range_finder had the same data-dependent default check (of Q): it compiled and exported
+    # only with check_finite=False.
+    find = torch.compile(lambda A: range_finder(A, 6), fullgraph=True, backend="aot_eager")
+    A = torch.randn(40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for Q in (find(A), torch.export.export(_RangeFinder(), (A,)).module()(A)):
+        torch.testing.assert_close(Q.T @ Q, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+class _RangeFinder(torch.nn.Module):
+    def forward(self, A):
+        return range_finder(A, 6)
 
 
 def test_calls_leave_no_reference_cycles_holding_tensors(generator):

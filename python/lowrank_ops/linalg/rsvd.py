@@ -803,7 +803,9 @@ def range_finder(
     with without_autocast(A.device):
         Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
                                 error_probes)
-        if (A.device.type == "cpu" if check_finite is None else check_finite) and not all_finite(Q):
+        # (Not while torch.compile traces: a data-dependent branch, as _validate's check.)
+        if (A.device.type == "cpu" and values_readable(A) if check_finite is None else check_finite) \
+                and not all_finite(Q):
             raise _overflow_error("range_finder", work, "Q does not change", init=init)
         if probe is None:
             return Q

@@ -521,7 +521,7 @@ def as_routing_tensor(op: str, value, dtype: torch.dtype, device: torch.device, 
     values = list(value)
     if integral:
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            if isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)):  # (SymInt: export)
                 raise TypeError(f"{op}: {name}[{i}] = {v!r}; expected an integer")
     return torch.tensor(values, dtype=dtype, device=device)
 

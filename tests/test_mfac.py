@@ -967,6 +967,23 @@ def test_optimizer_bad_arguments():
     with pytest.raises(TypeError, match="MFAC: complex parameters are not supported; parameter 0 of the group has "
                                         "dtype torch.complex64"):
         MFAC([torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))])
+    # The window's settings changed after its first step were ignored silently (a window of 4
+    # float32 gradients kept, the group saying 16 in bfloat16); damp may change.
+    model = torch.nn.Linear(8, 4)
+    for name, value in (("ngrads", 16), ("storage_dtype", torch.bfloat16), ("sparse", True)):
+        optimizer = MFAC(model.parameters(), ngrads=4, damp=1e-2)
+        for step in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(3, 8)).square().sum().backward()
+            if step == 1:
+                optimizer.param_groups[0]["damp"] = 0.5
+                optimizer.step()
+                optimizer.param_groups[0][name] = value
+                with pytest.raises(ValueError, match=f"MFAC: the group's {name} changed to .*, but its window was "
+                                                     f"built with {name}="):
+                    optimizer.step()
+            else:
+                optimizer.step()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

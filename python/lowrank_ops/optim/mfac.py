@@ -95,6 +95,16 @@ class MFAC(torch.optim.Optimizer):
             state["inverse"] = MFACInverse(dim, group["ngrads"], group["damp"], dtype=dtype,
                                            storage_dtype=group["storage_dtype"], device=first.device)
         inverse = state["inverse"]
+        # ngrads, storage_dtype and sparse shape the window, built at the group's first step:
+        # a later change was ignored silently.  damp may change (a schedule).
+        settings = {"ngrads": (group["ngrads"], inverse.ngrads), "sparse": (group["sparse"], "mask" in state),
+                    "storage_dtype": (check_storage_dtype("MFAC", inverse.dtype, group["storage_dtype"]),
+                                      inverse.storage_dtype)}
+        for name, (wanted, built) in settings.items():
+            if wanted != built:
+                raise ValueError(f"MFAC: the group's {name} changed to {group[name]!r}, but its window was built with "
+                                 f"{name}={built!r} at the group's first step; {name} cannot change after it (start "
+                                 "a new optimizer, or put the parameters in a new group)")
         inverse.damp = group["damp"]  # a schedule may change it
         return inverse
 

@@ -177,6 +177,23 @@ def test_state_dict_round_trip_continues_identically(proj_type):
     train(clone, restored, 4, torch.Generator().manual_seed(6))
     for a, b in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Another model's state (the same parameter count, other widths) loaded silently and
+    # failed at the step inside rsvd ("init has shape (32, 4); expected ...").
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(torch.nn.Linear(32, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.Tanh(),
+                                torch.nn.Linear(20, 8))
+    refused = GaLoreAdamW(galore_groups(other, proj_type=proj_type), lr=1e-2, svd="full")
+    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state 0 \(projector or moments of shape "
+                                         r"\(48,\)\) does not fit the parameter of shape \(40,\)"):
+        refused.load_state_dict(saved["optimizer"])
+    matrices_only = {**saved["optimizer"], "param_groups": saved["optimizer"]["param_groups"][1:],
+                     "state": {k: v for k, v in saved["optimizer"]["state"].items()
+                               if k in saved["optimizer"]["param_groups"][1]["params"]}}
+    refused = GaLoreAdamW([galore_groups(other, proj_type=proj_type)[1]], lr=1e-2, svd="full")
+    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state \d+ \(projector or moments of shape "
+                                         r"\(.*\)\) does not fit the parameter of shape \(40, 32\)"):
+        refused.load_state_dict(matrices_only)
+    assert not refused.state
 
 
 def test_state_dict_carries_the_rsvd_generator():

@@ -415,6 +415,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # parameter): set them aside and put them back, on the parameter's device, as saved.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
+        if len(saved_ids) == len(params):  # (else the base class refuses the groups, naming them)
+            for key, entry in state_dict["state"].items():
+                if key in saved_ids:
+                    _check_saved_shapes(entry, params[saved_ids.index(key)], key)
         quantized = {}
         entries = dict(state_dict["state"])
         for key, entry in entries.items():
@@ -446,6 +450,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         projector.right = entry.pop("projector_right_matrix")
                         projector.side = "full"
                     entry["projector"] = projector
+
+
+def _check_saved_shapes(entry: Dict[str, Any], param: torch.Tensor, key) -> None:
+    """A saved state entry whose projector or moments do not fit ``param`` (the state of
+    another model) loaded silently and failed at the step, inside rsvd ("init has shape
+    (32, 4); expected [..., m, j] = (40,) + (j,)"): refused at the load, naming both."""
+    m = param.shape[0] if param.dim() else 1
+    n = param.numel() // max(m, 1)
+    matrix, right = entry.get("projector_matrix"), entry.get("projector_right_matrix")
+    moments = [entry[name] for name in ("exp_avg", "exp_avg_sq") if isinstance(entry.get(name), torch.Tensor)]
+    if isinstance(matrix, torch.Tensor):  # projected: left [m, r], moments [r, n]; right [r, n], [m, r]; full both
+        if isinstance(right, torch.Tensor):
+            fits, moment_shape = matrix.shape[0] == m and right.shape[-1] == n, (matrix.shape[-1], right.shape[0])
+        elif entry.get("projector_left", True):
+            fits, moment_shape = matrix.shape[0] == m, (matrix.shape[-1], n)
+        else:
+            fits, moment_shape = matrix.shape[-1] == n, (m, matrix.shape[0])
+        got = tuple(matrix.shape) + (() if not isinstance(right, torch.Tensor) else tuple(right.shape))
+    else:  # moments of the parameter's own shape
+        fits, moment_shape, got = True, tuple(param.shape), tuple(moments[0].shape) if moments else ()
+    fits = fits and all(tuple(moment.shape) == tuple(moment_shape) for moment in moments)
+    if not fits:
+        raise ValueError(f"GaLoreAdamW.load_state_dict: state {key} (projector or moments of shape {got}) does not "
+                         f"fit the parameter of shape {tuple(param.shape)} (the state of another model?)")
 
 
 def _follow_group(projector: GaLoreProjector, group: Dict[str, Any], param: torch.Tensor) -> None:

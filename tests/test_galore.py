@@ -183,16 +183,18 @@ def test_state_dict_round_trip_continues_identically(proj_type):
     other = torch.nn.Sequential(torch.nn.Linear(32, 40), torch.nn.Tanh(), torch.nn.Linear(40, 20), torch.nn.Tanh(),
                                 torch.nn.Linear(20, 8))
     refused = GaLoreAdamW(galore_groups(other, proj_type=proj_type), lr=1e-2, svd="full")
-    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state 0 \(projector or moments of shape "
+    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state 0 \(no projector, moments of shape "
                                          r"\(48,\)\) does not fit the parameter of shape \(40,\)"):
         refused.load_state_dict(saved["optimizer"])
     matrices_only = {**saved["optimizer"], "param_groups": saved["optimizer"]["param_groups"][1:],
                      "state": {k: v for k, v in saved["optimizer"]["state"].items()
                                if k in saved["optimizer"]["param_groups"][1]["params"]}}
     refused = GaLoreAdamW([galore_groups(other, proj_type=proj_type)[1]], lr=1e-2, svd="full")
-    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state \d+ \(projector or moments of shape "
-                                         r"\(.*\)\) does not fit the parameter of shape \(40, 32\)"):
+    generator_state = refused.generator.get_state() if refused.generator is not None else None
+    with pytest.raises(ValueError, match=r"GaLoreAdamW.load_state_dict: state \d+ \(a projector of shape .*, moments "
+                                         r"of shape .*\) does not fit the parameter of shape \(40, 32\)"):
         refused.load_state_dict(matrices_only)
+    assert not refused.state and (generator_state is None or torch.equal(refused.generator.get_state(), generator_state))
     assert not refused.state
 
 
@@ -545,6 +547,15 @@ def test_8bit_state_dict_round_trip_continues_identically(dtype):
     train_regression(clone, restored, 4, seed=6)
     for a, b in zip(model.parameters(), clone.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The 8-bit codes of another model's parameters are checked too (loaded silently, the
+    # step failed: "The size of tensor a (5000) must match the size of tensor b (6000)").
+    small, large = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(6000))
+    saving = GaLoreAdamW8bit([small])
+    small.grad = torch.randn_like(small)
+    saving.step()
+    with pytest.raises(ValueError, match=r"state 0 \(no projector, moments of shape \(5000,\)\) does not fit the "
+                                         r"parameter of shape \(6000,\)"):
+        GaLoreAdamW8bit([large]).load_state_dict(saving.state_dict())
 
 
 def test_state_bits_can_change_between_save_and_load():

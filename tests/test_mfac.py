@@ -986,6 +986,33 @@ def test_optimizer_bad_arguments():
                 optimizer.step()
 
 
+def test_optimizer_load_state_dict_old_states_and_other_models():
+    """A state saved before the `sparse` setting existed resumes (its groups get this
+    optimizer's defaults; the step read group["sparse"] and raised KeyError), and another
+    model's state is refused at the load (it failed at the step, with sparse=True as a raw
+    IndexError of the mask)."""
+    model = torch.nn.Linear(8, 4)
+    optimizer = MFAC(model.parameters(), ngrads=4, damp=1e-2)
+    model(torch.randn(3, 8)).square().sum().backward()
+    optimizer.step()
+    old = optimizer.state_dict()
+    for group in old["param_groups"]:
+        del group["sparse"]
+    resumed = MFAC(model.parameters(), ngrads=4, damp=1e-2)
+    resumed.load_state_dict(old)
+    resumed.step()
+    assert resumed.param_groups[0]["sparse"] is False
+    for sparse in (False, True):
+        saving = MFAC(model.parameters(), ngrads=4, damp=1e-2, sparse=sparse)
+        saving.step()
+        other = torch.nn.Linear(9, 4)
+        refused = MFAC(other.parameters(), ngrads=4, damp=1e-2, sparse=sparse)
+        with pytest.raises(ValueError, match=r"MFAC.load_state_dict: the saved window of state 0 holds gradients of "
+                                             r"36 entries.*; this group's 2 parameters have 40"):
+            refused.load_state_dict(saving.state_dict())
+        assert not refused.state
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_parameter_momentum_survives_a_resume(dtype):
     # The momentum buffer is in the window's compute dtype (float32); load_state_dict used

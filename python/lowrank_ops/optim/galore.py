@@ -408,8 +408,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator_state", None)  # absent: saved without a generator
-        if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state)
         # torch casts every floating-point state tensor to its parameter's dtype and would
         # turn the uint8 codes into floats (and round the float32 absmax of a bfloat16
         # parameter): set them aside and put them back, on the parameter's device, as saved.
@@ -426,6 +424,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 entries[key] = {k: v for k, v in entry.items() if k not in _QUANTIZED_KEYS}
                 quantized[key] = {k: entry[k] for k in _QUANTIZED_KEYS if k in entry}
         super().load_state_dict(dict(state_dict, state=entries))
+        if generator_state is not None and self.generator is not None:  # (a CPU ByteTensor; map_location may move it)
+            self.generator.set_state(generator_state.cpu())
         for key, tensors in quantized.items():
             p = params[saved_ids.index(key)]
             self.state[p].update({k: v.to(p.device) for k, v in tensors.items()})
@@ -459,7 +459,8 @@ def _check_saved_shapes(entry: Dict[str, Any], param: torch.Tensor, key) -> None
     m = param.shape[0] if param.dim() else 1
     n = param.numel() // max(m, 1)
     matrix, right = entry.get("projector_matrix"), entry.get("projector_right_matrix")
-    moments = [entry[name] for name in ("exp_avg", "exp_avg_sq") if isinstance(entry.get(name), torch.Tensor)]
+    moments = [entry[name] for name in ("exp_avg", "exp_avg_sq", "exp_avg_codes", "exp_avg_sq_codes")
+               if isinstance(entry.get(name), torch.Tensor)]  # (8-bit codes have the moment's shape)
     if isinstance(matrix, torch.Tensor):  # projected: left [m, r], moments [r, n]; right [r, n], [m, r]; full both
         if isinstance(right, torch.Tensor):
             fits, moment_shape = matrix.shape[0] == m and right.shape[-1] == n, (matrix.shape[-1], right.shape[0])
@@ -467,13 +468,16 @@ def _check_saved_shapes(entry: Dict[str, Any], param: torch.Tensor, key) -> None
             fits, moment_shape = matrix.shape[0] == m, (matrix.shape[-1], n)
         else:
             fits, moment_shape = matrix.shape[-1] == n, (m, matrix.shape[0])
-        got = tuple(matrix.shape) + (() if not isinstance(right, torch.Tensor) else tuple(right.shape))
+        what = f"a projector of shape {tuple(matrix.shape)}"
+        if isinstance(right, torch.Tensor):
+            what += f" and {tuple(right.shape)}"
     else:  # moments of the parameter's own shape
-        fits, moment_shape, got = True, tuple(param.shape), tuple(moments[0].shape) if moments else ()
-    fits = fits and all(tuple(moment.shape) == tuple(moment_shape) for moment in moments)
-    if not fits:
-        raise ValueError(f"GaLoreAdamW.load_state_dict: state {key} (projector or moments of shape {got}) does not "
-                         f"fit the parameter of shape {tuple(param.shape)} (the state of another model?)")
+        fits, moment_shape, what = True, tuple(param.shape), "no projector"
+    wrong = [tuple(moment.shape) for moment in moments if tuple(moment.shape) != tuple(moment_shape)]
+    if not fits or wrong:
+        raise ValueError(f"GaLoreAdamW.load_state_dict: state {key} ({what}, moments of shape "
+                         f"{wrong[0] if wrong else tuple(moment_shape)}) does not fit the parameter of shape "
+                         f"{tuple(param.shape)} (the state of another model?)")
 
 
 def _follow_group(projector: GaLoreProjector, group: Dict[str, Any], param: torch.Tensor) -> None:

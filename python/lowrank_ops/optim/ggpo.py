@@ -328,7 +328,7 @@ class GGPO:
         for adapter, norm in zip(self._adapters, norms):
             adapter.grad_sq_norm = None if norm is None else norm.to(adapter.weight.device)
         if state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"])
+            self.generator.set_state(state["generator_state"].cpu())  # (map_location may have moved it)
 
     def __repr__(self) -> str:
         return (f"GGPO(sigma={self.sigma}, alpha={self.alpha}, beta={self.beta}, gradient_source="

@@ -184,8 +184,14 @@ class MFAC(torch.optim.Optimizer):
             index: {key: value for key, value in entry.items() if key not in kept}
             for index, entry in state_dict["state"].items()
         }
-        super().load_state_dict(stripped)
         params = [p for group in self.param_groups for p in group["params"]]
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
+            _check_saved_windows(own, self.param_groups, saved_groups)  # (else the base class names the groups)
+        super().load_state_dict(stripped)
+        for group in self.param_groups:  # saved before a setting existed (sparse): this optimizer's default
+            for name, default in self.defaults.items():
+                group.setdefault(name, default)
         for index, entry in own.items():
             param = params[index]
             if "mask" in entry:
@@ -194,6 +200,24 @@ class MFAC(torch.optim.Optimizer):
                 self.state[param]["momentum_buffer"] = entry["momentum_buffer"].to(param.device, copy=True)
             if "inverse" in entry:
                 self.state[param]["inverse"] = MFACInverse.from_state_dict(entry["inverse"], device=param.device)
+
+
+def _check_saved_windows(own: Dict[Any, Dict[str, Any]], groups, saved_groups) -> None:
+    """A saved window (and mask) must fit its group's parameters: another model's state
+    loaded silently and failed at the step (a raw IndexError of the mask with sparse=True)."""
+    for group, saved in zip(groups, saved_groups):
+        first = saved["params"][0] if saved["params"] else None
+        entry = own.get(first, {})
+        if "inverse" not in entry:
+            continue
+        size = sum(p.numel() for p in group["params"])
+        mask = entry.get("mask")
+        dim = entry["inverse"].get("dim")
+        wanted = int(mask.sum()) if isinstance(mask, torch.Tensor) else size
+        if (isinstance(mask, torch.Tensor) and mask.numel() != size) or (dim is not None and int(dim) != wanted):
+            raise ValueError(f"MFAC.load_state_dict: the saved window of state {first} holds gradients of {dim} "
+                             f"entries{'' if mask is None else f' (a mask of {mask.numel()})'}; this group's "
+                             f"{len(group['params'])} parameters have {size} (the state of another model?)")
 
 
 def _check_group(group: Dict[str, Any]) -> None:

@@ -143,5 +143,8 @@ def test_converters_refuse_meta_weights_naming_the_layer(name):
                       lambda: SparseLowRankLinear.from_linear(model[0], 4, 0.25)):
             with pytest.raises(ValueError, match=r"linear.weight is on the meta device and has no values"):
                 build()
+    from lowrank_ops.methods import trp as trp_module
+
+    trp_module.TRPScheduler(model, 0.1, 0.9, 5)  # reads no values: builds on meta (to_empty and load come later)
     sltrain.convert(model, 2, 0.25)
     assert _types(model) == ["SparseLowRankLinear", "SparseLowRankLinear"]

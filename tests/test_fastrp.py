@@ -232,6 +232,9 @@ def test_planted_communities_separate():
 
 def test_bad_input():
     S = _random_graph(10, 0.3, seed=0)
+    # torch's "geometric_(): argument 'generator' must be torch.Generator, not int" before.
+    with pytest.raises(TypeError, match="sparse_random_projection: generator must be a torch.Generator or None"):
+        fastrp(S, 4, generator=5)
     with pytest.raises(ValueError, match="adjacency must be square"):
         fastrp(torch.ones(3, 4), 2)
     with pytest.raises(ValueError, match="adjacency must be square"):

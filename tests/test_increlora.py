@@ -398,6 +398,12 @@ def test_load_state_dict_checks(generator):
     bad = dict(state, ranks=[2, 2, 3, 4])
     with pytest.raises(ValueError, match=r"the ranks sum to 11, over total_budget = 10"):
         allocator.load_state_dict(bad)
+    # A bad generator state failed after the averages and ranks were loaded: half a load.
+    before = [t.clone() for t in allocator._exp_avg_ipt]
+    with pytest.raises(TypeError, match=r"state\['generator_state'\] must be a torch.uint8 tensor"):
+        allocator.load_state_dict(dict(state, ranks=[3, 2, 2, 2], exp_avg_ipt=[t + 1 for t in before],
+                                       generator_state=3))
+    assert allocator.ranks == [2, 2, 2, 2] and all(torch.equal(a, b) for a, b in zip(allocator._exp_avg_ipt, before))
 
 
 # ------------------------------------------------------------------ training

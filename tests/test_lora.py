@@ -510,6 +510,11 @@ def test_module_dropout_only_in_training(generator):
 def test_bad_input_errors(generator):
     t = make_problem(10, 12, 4, (3,), torch.float32, "cpu", generator)
     x, w, a, b, bias, g = (t[name] for name in NAMES)
+    # AttributeError "'int' object has no attribute 'device'" before.
+    with pytest.raises(TypeError, match="lora_linear: generator must be a torch.Generator or None; got int"):
+        lora_linear(x, w, a, b, dropout_p=0.5, generator=3)
+    with pytest.raises(TypeError, match="dora_linear: generator must be a torch.Generator or None; got int"):
+        dora_linear(x, w, a, b, torch.ones(10), dropout_p=0.5, generator=3)
     with pytest.raises(ValueError, match=r"rank must be in \[0, r\] = \[0, 4\]; got 5"):
         lora_linear(x, w, a, b, rank=5)
     with pytest.raises(ValueError, match=r"lora_A has shape \(4, 11\); expected \(r, in_features\) = \(r, 12\)"):
@@ -694,8 +699,8 @@ def test_dora_merge_keeps_the_rows_a_zero_magnitude_erases(generator):
 def test_active_rank_under_compile_is_one_graph_for_every_rank(generator):
     """active_rank reaches a compiled model as a symbolic size: an int attribute is a constant
     to Dynamo, so every new rank recompiled and fullgraph failed at the ninth
-    ("FailOnRecompileLimitHit").  Now: the rank 1, the other ranks, r and None, each one
-    graph, each matching eager; pickles (also those from before) keep the rank."""
+    ("FailOnRecompileLimitHit").  Now: ranks 0, 1 and r, None, each one graph, and one for
+    all the other ranks, each matching eager; pickles (also those from before) keep the rank."""
     from torch._dynamo.utils import counters
 
     for use_dora in (False, True):
@@ -703,11 +708,11 @@ def test_active_rank_under_compile_is_one_graph_for_every_rank(generator):
         counters.clear()
         layer = LoRALinear(torch.nn.Linear(16, 12), r=14, use_dora=use_dora, init_lora_weights=False)
         compiled = compile_fullgraph(layer)
-        for k in list(range(1, 14)) + [14, None, 3]:
+        for k in list(range(1, 14)) + [14, None, 0, 3]:
             layer.active_rank = k
             assert_compiled_matches_eager(layer, [torch.randn(4, 16, generator=generator).requires_grad_()],
                                           generator, compiled=compiled)
-        assert counters["stats"]["unique_graphs"] <= 4
+        assert counters["stats"]["unique_graphs"] <= 5
     layer.active_rank = 5
     assert pickle.loads(pickle.dumps(layer)).active_rank == copy.deepcopy(layer).active_rank == 5
     state = dict(layer.__dict__, active_rank=5)  # pickled when active_rank was a plain attribute

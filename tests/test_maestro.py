@@ -245,7 +245,9 @@ def test_shrunk_checkpoint_loads_into_a_fresh_layer():
     # Parameters, so this optimizer updated orphans and the layer never trained.
     parameters = (fresh.U_t, fresh.V)
     optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    fresh(torch.randn(3, 20, generator=generator)).sum().backward()  # a gradient of the old shape, dropped by the load
     fresh.load_state_dict(layer.state_dict())
+    assert fresh.V.grad is None and fresh.U_t.grad is None
     fresh.eval()
     assert (fresh.rank, fresh.active_rank, fresh.min_rank) == (5, 5, 5)
     assert fresh.U_t is parameters[0] and fresh.V is parameters[1]

@@ -376,13 +376,14 @@ def test_generator_of_another_device_is_rejected_before_any_change(cuda_device, 
 def test_generator_type_and_device_are_checked():
     with pytest.raises(TypeError, match="nuclear_subgradient: generator must be a torch.Generator or None; got int"):
         trp.nuclear_subgradient(torch.randn(3, 3), rank=1, generator=0)
-    # The device rule without a GPU: weights on the meta device, a CPU generator.
-    weight = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
-    with pytest.raises(ValueError, match=r"nuclear_subgradient: generator is a cpu generator; expected a meta "
-                                         r"generator for W on meta \(e.g. torch.Generator\(device='meta'\)\)"):
-        trp.nuclear_subgradient(weight, rank=1, generator=torch.Generator())
-    with pytest.raises(ValueError, match="add_nuclear_subgradient_: generator is a cpu generator"):
-        trp.add_nuclear_subgradient_(weight, 0.0, generator=torch.Generator())
+    # The device rule, without a GPU: the check itself, for a CUDA device.  (Meta tensors take
+    # any generator, as torch's samplers do: a meta generator cannot even be made.)
+    from lowrank_ops._args import require_generator
+
+    with pytest.raises(ValueError, match=r"nuclear_subgradient: generator is a cpu generator; expected a cuda "
+                                         r"generator for W on cuda \(e.g. torch.Generator\(device='cuda'\)\)"):
+        require_generator("nuclear_subgradient", "generator", torch.Generator(), torch.device("cuda"), "W")
+    require_generator("rsvd", "generator", torch.Generator(), torch.device("meta"), "A")
 
 
 def test_torch_compile_training_and_compressed_model(generator):

@@ -3,6 +3,7 @@ AttributeError from deep inside an op."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -71,6 +72,17 @@ def require_generator_state(op: str, name: str, state):
     return state
 
 
+def require_fits_in_memory(op: str, name: str, count: int, bytes_each: float, what: str, hint: str = "") -> None:
+    """MemoryError naming ``name`` when ``count`` items of ``bytes_each`` bytes exceed this
+    machine's physical memory: a typo-sized count (num=10**12) otherwise filled memory
+    for hours, or (with memory overcommit) was killed while filling."""
+    needed = count * bytes_each
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise MemoryError(f"{op}: {name} = {count} {what} need {needed / 2**30:.3g} GiB, more than this machine's "
+                          f"{available / 2**30:.3g} GiB{hint}")
+
+
 def require_values(op: str, what: str, tensor: torch.Tensor) -> None:
     """ValueError when ``tensor`` is on the meta device: ``op`` reads its values (an SVD of a
     weight), which a model built on meta (low-memory loading) does not have yet; torch's own
@@ -89,6 +101,6 @@ def require_generator(op: str, name: str, generator, device: torch.device, what:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: {name} must be a torch.Generator or None; got {type(generator).__name__}")
     device = torch.device(device)
-    if generator.device.type != device.type:
+    if generator.device.type != device.type and device.type != "meta":  # (meta draws take a CPU generator)
         raise ValueError(f"{op}: {name} is a {generator.device.type} generator; expected a {device.type} generator "
                          f"for {what} on {device} (e.g. torch.Generator(device={str(device)!r}))")

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Callable, Dict, List
 
 import torch
 
-from ._args import require_finite_number, require_int
+from ._args import require_finite_number, require_fits_in_memory, require_int
 from .krylov.operators import CSRMatrix
 
 __all__ = [
@@ -342,9 +341,6 @@ def _check_fits(num: int, grid: int, problem: PDEProblem) -> None:
     (``num=10**12`` filled memory for hours before failing)."""
     tensors = (problem.matrix.row_ptr, problem.matrix.col_idx, problem.matrix.values, problem.rhs,
                problem.coefficient)
-    needed = num * sum(t.numel() * t.element_size() for t in tensors)
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > available:
-        raise MemoryError(f"generate: num = {num} problems of grid {grid} need {needed / 2**30:.3g} GiB, more than "
-                          f"this machine's {available / 2**30:.3g} GiB; generate them in parts (start=...), or "
-                          "with lowrank-ops generate, which writes shards")
+    require_fits_in_memory("generate", "num", num, sum(t.numel() * t.element_size() for t in tensors),
+                           f"problems of grid {grid}",
+                           "; generate them in parts (start=...), or with lowrank-ops generate, which writes shards")

@@ -41,7 +41,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .._args import require_finite_number, require_int, require_number
+from .._args import require_finite_number, require_generator, require_int, require_number
 from .._csr import quiet_sparse_csr_beta
 
 __all__ = ["fastrp", "sparse_random_projection", "DEFAULT_WEIGHTS"]
@@ -96,6 +96,7 @@ def sparse_random_projection(
         raise TypeError(f"{where}: dtype must be torch.float32 or torch.float64; got {dtype}")
     s = _sparsity(where, s, n)
     device = torch.device("cpu") if device is None else torch.device(device)
+    require_generator(where, "generator", generator, device, "the projection")  # (torch's geometric_ error before)
     positions = _bernoulli_positions(n * dim, 1.0 / s, generator, device)
     signs = torch.randint(0, 2, (positions.numel(),), generator=generator, device=device).to(dtype)
     values = (signs * 2 - 1) * math.sqrt(s)

@@ -69,7 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._args import is_integer, require_int, require_number
+from .._args import is_integer, require_generator_state, require_int, require_number
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
 from ..optim.galore import zero_state_slot_
@@ -400,6 +400,8 @@ class IncreLoRAAllocator:
             if len(saved) != len(mine) or any(s.shape != m.shape for s, m in zip(saved, mine)):
                 raise ValueError(f"{op}: {what} has shapes {[tuple(s.shape) for s in saved]}; expected "
                                  f"{[tuple(m.shape) for m in mine]}")
+        # Checked before anything changes (a bad one failed after the averages and ranks were loaded).
+        generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
         for what in ("exp_avg_ipt", "exp_avg_unc"):
             # copy_ per tensor: the saved averages may be on another device (map_location).
             for mine, saved in zip(getattr(self, f"_{what}"), state[what]):
@@ -409,9 +411,9 @@ class IncreLoRAAllocator:
             module.active_rank = k
         self.history = [(int(step), list(names)) for step, names in state["history"]]
         self.last_step = state["last_step"]
-        if self.generator is not None and state.get("generator_state") is not None:
+        if self.generator is not None and generator_state is not None:
             # A generator's state is a CPU ByteTensor; torch.load(map_location="cuda") moves it.
-            self.generator.set_state(state["generator_state"].cpu())
+            self.generator.set_state(generator_state.cpu())
 
 
 def _score_dtype(param: torch.Tensor) -> torch.dtype:

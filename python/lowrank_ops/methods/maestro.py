@@ -351,6 +351,7 @@ def _take_checkpoint_rank(module: OrderedLowRankLinear, state_dict, prefix, loca
     for name in ("U_t", "V"):
         parameter = getattr(module, name)
         parameter.data = parameter.new_empty(rank, parameter.shape[1])
+        parameter.grad = None  # of the old shape: the next backward would broadcast into it
     if module.active_rank is not None and module.active_rank > rank:
         module.active_rank = rank
     module.min_rank = min(module.min_rank, rank)

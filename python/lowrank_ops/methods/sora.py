@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .._args import is_integer, require_number
+from .._args import is_integer, require_fits_in_memory, require_number
 from .._finite import all_finite
 from ..nn.lora import LoRALinear
 from ..optim._checks import add_checked_group, check_lr, current_lr
@@ -257,10 +257,9 @@ def lambda_schedule(start: float, stop: float, num: int, spacing: str = "linear"
     forward, inverse = {"linear": (float, np.asarray), "log_linear": (math.exp, np.log),
                         "exp_linear": (math.log, np.exp)}[spacing]
     a, b = forward(start), forward(stop)
-    try:  # numpy, not a Python loop: a typo-sized num (2**40) fails at once instead of filling memory for hours
-        values = inverse(a + (b - a) * (np.arange(1, num - 1, dtype=np.float64) / (num - 1))).tolist()
-    except MemoryError:
-        raise MemoryError(f"{op}: num = {num} values do not fit in memory") from None
+    # A list of Python floats: about 32 bytes each (the float and its pointer), numpy's temporaries aside.
+    require_fits_in_memory(op, "num", num, 32, "values")
+    values = inverse(a + (b - a) * (np.arange(1, num - 1, dtype=np.float64) / (num - 1))).tolist()
     return [start] + values + [stop] if num > 1 else [start]  # the ends exact, as numpy's linspace
 
 

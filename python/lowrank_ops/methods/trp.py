@@ -229,7 +229,6 @@ def _truncation_targets(op: str, model: torch.nn.Module, target_modules) -> Dict
             raise ValueError(f"{op}: target_modules={patterns} matches {name} ({type(module).__name__}), whose weight "
                              f"has shape {tuple(weight.shape)} and dtype {weight.dtype}; expected a 2-D floating-point "
                              "weight [out, in]")
-        require_values(op, f"the weight of {name or type(model).__name__}", weight)
         if id(weight) not in seen:
             seen.add(id(weight))
             targets[name or type(model).__name__] = module
@@ -286,6 +285,7 @@ def truncate_(model: torch.nn.Module, energy: float = 0.99, *, target_modules=No
     energy = _check_energy(op, energy)
     targets = _truncation_targets(op, model, target_modules)
     for name, module in targets.items():
+        require_values(op, f"the weight of {name}", module.weight)  # (a scheduler may be built on meta)
         if not all_finite(module.weight):
             raise ValueError(f"{op}: the weight of {name} holds NaN or infinite values")
         # Now, not where rsvd first draws: weights truncated before that would stay changed.

@@ -5,8 +5,9 @@ layer's ``active_rank`` (IncreLoRA adds ranks, Maestro and DyLoRA pick them per 
 recompiled the model, and ``fullgraph=True`` failed outright at the ninth
 ("FailOnRecompileLimitHit"), ``dynamic=True`` or not.  A plain tensor attribute's sizes,
 unlike a buffer's, become symbolic after a change, so the rank is also kept as the size of
-an empty ``[rank, 0]`` tensor, which the forward reads while compiling: one recompile (the
-value 1 is specialized), then one graph for every rank.
+an empty ``[rank, 0]`` tensor, which the forward reads while compiling: Dynamo specializes
+the sizes 0 and 1, so ranks 0, 1, r (a guard of the ops) and None get their own graphs,
+every other rank shares one.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ class TracedRank:
 
     def __set__(self, module, value) -> None:
         module.__dict__[self.value_name] = value
-        # Only a valid size gets a carrier; other values reach the users' checks as they are.
-        usable = is_integer(value) and value >= 0
+        # Only a plausible size gets a carrier; other values reach the users' checks as they are
+        # (2**64 would fail in torch.empty, here, instead of as a named ValueError at use).
+        usable = is_integer(value) and 0 <= value < 2**31
         module.__dict__[self.carrier_name] = torch.empty(int(value), 0) if usable else None
 
     def traced(self, module) -> Optional[int]:

@@ -65,6 +65,8 @@ def draw_seed(generator: Optional[torch.Generator] = None, op: str = "dropout") 
     A generator on another device (a CUDA one) draws there and the seed is read back: one
     device-to-host copy (a wait for the queued work); a CPU generator costs none.  An
     explicit generator inside a backward pass raises (:func:`refuse_replay`)."""
+    if generator is not None and not isinstance(generator, torch.Generator):  # ('int' has no attribute 'device')
+        raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
     refuse_replay(op, generator, "dropout mask")
     if generator is None or generator.device.type == "cpu":
         return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)

@@ -7,7 +7,8 @@ with ``A U = C`` and ``C`` orthonormal, in the preconditioned variable (``A`` he
 * :func:`refresh` for a new operator: ``C = A U`` (kc products), then re-orthonormalize
   (``C <- T C``, ``U <- T U`` with ``T`` from the Gram matrix of ``C``, twice); directions
   that became dependent are dropped.
-* :func:`harmonic_ritz` after every cycle: the ``k`` harmonic Ritz vectors of smallest
+* :func:`harmonic_ritz` after every cycle (then re-orthonormalized as by :func:`refresh`,
+  without the products): the ``k`` harmonic Ritz vectors of smallest
   harmonic Ritz value over ``span(U, V)``, from the small generalized eigenproblem
   ``G^T G z = theta G^T (W^T Vhat) z`` (``Vhat = [U D, V_j]``, ``W = [C, V_{j+1}]``,
   ``G = [[D, B], [0, Hbar]]``, ``D`` the inverse column norms of ``U``).  It is solved as
@@ -29,27 +30,27 @@ import torch
 
 from .._finite import all_finite
 from ._arnoldi import Cycle
+from ._common import gram_tolerance
 from ._kernels import combine_rows, gram, row_norms
 
 __all__ = ["refresh", "harmonic_ritz"]
 
-_RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent
-_GRAM_TOLERANCE = 1e-14  # the same for squared sizes (Gram eigenvalues): 1e-7 in singular values
+_RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent (float64 small problems)
 
 
 def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """One Gram-matrix pass: ``(image', U')`` with ``image' = T image``, ``U' = T U`` and ``image'`` orthonormal.
 
     ``T = Lambda^{-1/2} Z^T`` from the eigendecomposition of the ``kc x kc`` Gram matrix
-    ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
-    values below ``1e-7 * max``: numerically dependent directions) are dropped, all of them
-    when ``A U = 0`` (a zero matrix).
+    ``image image^T = Z Lambda Z^T``; eigenvalues below ``gram_tolerance(dtype) * max``
+    (singular values below ``1e-7 * max`` in float64: numerically dependent directions) are
+    dropped, all of them when ``A U = 0`` (a zero matrix).
     """
     if image.shape[0] == 0:  # every direction dropped by a first pass
         return image, U
     products = gram(image, image)
     values, vectors = np.linalg.eigh((products + products.T) / 2)
-    keep = values > _GRAM_TOLERANCE * values.max()
+    keep = values > gram_tolerance(image.dtype) * values.max()
     transform = vectors[:, keep] / np.sqrt(values[keep])  # [kc, kept]: columns of T^T
     return combine_rows(image, transform), combine_rows(U, transform)
 
@@ -114,6 +115,12 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     if kc:
         combine_rows(U, scale[:, None] * P_R[:kc], out=U_new)
     C_new = combine_rows(basis[: kc + j + 1], Q)
+    # C_new is orthonormal only as far as the rows of [C; V] are: the loss grew from cycle to
+    # cycle (|C C^T - I| 1e-4, 0.1, 0.6, 10 over five solves of one ill-conditioned matrix,
+    # the later ones ending 2.5-24x worse than x0 = 0).  Two Gram passes, as in refresh
+    # (no products with A: A U_new = C_new is kept by the transform).
+    for _ in range(2):
+        C_new, U_new = _orthonormalize(C_new, U_new)
     return U_new, C_new
 
 

@@ -160,6 +160,17 @@ def test_mixed_batch_under_no_grad_runs_one_lora_linear_multi_call(monkeypatch):
         torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names),
                                    rtol=1e-5, atol=1e-5)
         assert layer._lowrank_stacks[1] is not stacks
+        # .data rebinding frees the old storage without a version bump: the cache pins the
+        # storages it was keyed by, so a new factor cannot reuse the address (the key matched
+        # stale stacks now and then, 0.17 off).
+        for _ in range(6):
+            for model in (ours, theirs):
+                for p in (model.base_model.model.q_proj.lora_A["other"].weight,
+                          model.base_model.model.q_proj.lora_B["other"].weight):
+                    p.data = p.data * 0.5 + 0.1
+            torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names),
+                                       rtol=1e-5, atol=1e-5)
+        assert not isinstance(layer._lowrank_stacks[2][0][0], torch.nn.Parameter)
     calls.clear()
     torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names), rtol=1e-5, atol=1e-5)
     assert not calls  # the adapters require grad: PEFT's path, which autograd can follow
@@ -292,6 +303,76 @@ def test_hooked_base_layers_take_peft_path(fused_calls):
         for model in (plain, ours):
             model.base_model.model[2].base_layer.register_forward_hook(lambda module, args, out: out * 0)
         torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+class _RoundedWeight(torch.Tensor):
+    """A weight with its own F.linear (as a torchao quantized weight or a DTensor has)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.detach:  # (nn.Parameter needs detach to keep the type)
+            return super().__torch_function__(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():  # other results are plain tensors
+            if func is torch.nn.functional.linear and isinstance(args[1], cls):
+                x, weight, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+                return torch.nn.functional.linear(x, torch.round(weight * 8) / 8, bias)
+            return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_adapter_modules_that_are_not_plain_take_peft_path(use_dora, fused_calls):
+    """The fused path read lora_A / lora_B / the dropout's tensors and never called those
+    modules: their hooks, a QAT-style nn.Linear subclass or an nn.Dropout subclass were
+    ignored (0.8-5.4 off), as was a base weight with its own F.linear (a torchao or DTensor
+    weight: 0.16 off).  Such layers run PEFT's path now; the plain ones stay fused."""
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    class HalvingDropout(torch.nn.Dropout):
+        def forward(self, x):
+            return 0.5 * x
+
+    changes = {
+        "hooked_B": lambda layer: layer.lora_B["default"].register_forward_hook(lambda m, a, out: out * 0),
+        "pre_hooked_A": lambda layer: layer.lora_A["default"].register_forward_pre_hook(lambda m, a: (a[0] * 2,)),
+        "subclassed_A": lambda layer: setattr(layer.lora_A["default"], "__class__", ScaledLinear),
+        "subclassed_dropout": lambda layer: setattr(layer.lora_dropout["default"], "__class__", HalvingDropout),
+        "weight_subclass": lambda layer: setattr(layer.base_layer, "weight", torch.nn.Parameter(
+            layer.base_layer.weight.detach().as_subclass(_RoundedWeight), requires_grad=False)),
+    }
+    x = torch.randn(5, 16)
+    for label, change in changes.items():
+        torch.manual_seed(0)
+        base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+        plain, ours = _pair(base, peft.LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False,
+                                                  use_dora=use_dora, lora_dropout=0.1))
+        for model in (plain, ours):
+            change(model.base_model.model[0])
+        fused_calls["lora_linear"] = fused_calls["dora_linear"] = 0
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6, msg=label)
+        assert fused_calls["dora_linear" if use_dora else "lora_linear"] == 1, label  # layer "2" still fused
+
+
+def test_mixed_model_with_another_adapter_type_takes_peft_path():
+    """In a PeftMixedModel a LoRA layer may wrap another adapter's layer (LoHa): the fused
+    path read the innermost nn.Linear and skipped the LoHa layer's forward (0.35 off)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8)).double()
+    models = []
+    for wrap in (lambda config: config, use_lowrank_ops):
+        torch.manual_seed(1)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(r=2, target_modules=["0"], init_weights=False),
+                                    adapter_name="ha", mixed=True)
+        model.add_adapter("lo", wrap(peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)))
+        model.set_adapter(["ha", "lo"])
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(models[1](x), models[0](x), rtol=1e-12, atol=1e-12)
 
 
 def test_conv1d_target_met_first_leaves_linear_targets_untransposed():

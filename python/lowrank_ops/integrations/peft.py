@@ -101,8 +101,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         if len(active) != 1:
             return None
         name = active[0]
-        base = self.get_base_layer()
-        if not _plain_linear(base) or self.lora_bias.get(name, False):
+        if not self._plain_adapter(name) or self.lora_bias.get(name, False):
             return None
         if not self._fused_dtypes(x):
             return None
@@ -114,8 +113,6 @@ class LowrankLoraLinear(PeftLoraLinear):
         if variant is not None and isinstance(self.scaling[name], torch.Tensor):
             return None
         dropout = self.lora_dropout[name]
-        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-            return None
         if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p >= 1.0:
             return None  # the adapter term is zero: PEFT's path (the fused ops take p < 1)
         # Adapters in the weight's dtype or float32 (what the fused ops take); others, e.g.
@@ -127,6 +124,21 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         return name
 
+    def _plain_adapter(self, name: str) -> bool:
+        """Whether the fused ops may read adapter ``name``'s tensors instead of calling its
+        modules: the base layer wrapped directly (in a PeftMixedModel it may be another
+        adapter's layer, e.g. LoHa, whose forward would be skipped: 0.35 off) and a plain
+        ``nn.Linear``; ``lora_A``, ``lora_B`` plain ``nn.Linear`` modules, the dropout a plain
+        ``nn.Dropout`` or ``nn.Identity``, DoRA's magnitude module without hooks (their hooks
+        or a QAT swap's forward were ignored: 0.8-5.4 off)."""
+        if self.base_layer is not self.get_base_layer() or not _plain_linear(self.base_layer):
+            return False
+        if not (_plain(self.lora_A[name], torch.nn.Linear) and _plain(self.lora_B[name], torch.nn.Linear)
+                and _plain(self.lora_dropout[name], torch.nn.Dropout, torch.nn.Identity)):
+            return False
+        magnitude = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
+        return magnitude is None or _plain(magnitude, type(magnitude))
+
     def _fast_mixed_batch(self, x: torch.Tensor, args, kwargs) -> Optional[List[str]]:
         """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""
         names = kwargs.get("adapter_names")
@@ -135,10 +147,11 @@ class LowrankLoraLinear(PeftLoraLinear):
         if composed_path():  # torch.func or forward mode: the stacks are built without autograd (and cached)
             return None
         base = self.get_base_layer()
-        if (self.disable_adapters or self.merged or self.fan_in_fan_out or not _plain_linear(base)
-                or not self._fused_dtypes(x) or x.dim() < 2):
+        if self.disable_adapters or self.merged or self.fan_in_fan_out or not self._fused_dtypes(x) or x.dim() < 2:
             return None
         used = sorted({name for name in names if name in self.lora_A})  # PEFT skips unknown names too
+        if not used or not all(self._plain_adapter(name) for name in used):
+            return None
         # One stack holds every named adapter: all in x's dtype, or all float32 (PEFT's
         # default autocast_adapter_dtype=True on a half model); mixtures run PEFT's path.
         adapter_dtypes = {t.dtype for name in used for t in (self.lora_A[name].weight, self.lora_B[name].weight)}
@@ -150,8 +163,7 @@ class LowrankLoraLinear(PeftLoraLinear):
             if (name in self.lora_variant or self.lora_bias.get(name, False)
                     or isinstance(self.scaling[name], torch.Tensor)
                     or (torch.is_grad_enabled() and any(t.requires_grad for t in factors))
-                    or not (isinstance(dropout, torch.nn.Identity)
-                            or (isinstance(dropout, torch.nn.Dropout) and (dropout.p == 0 or not dropout.training)))):
+                    or (isinstance(dropout, torch.nn.Dropout) and dropout.p != 0 and dropout.training)):
                 return None
         if torch.is_grad_enabled() and (x.requires_grad or base.weight.requires_grad):
             return None
@@ -178,9 +190,11 @@ class LowrankLoraLinear(PeftLoraLinear):
         ranks = torch.tensor([A.shape[0] for A, _ in factors])
         scales = torch.tensor([float(self.scaling[name]) for name in used], dtype=torch.float64)
         stacks = (A_stack, B_rank_major.transpose(1, 2), ranks, scales)
-        # The factors are kept with the key: while they live, no new factor can take their
+        # The factors' storages are kept with the key (detached aliases, not the Parameters,
+        # whose .data may be rebound: the old storage freed and its address reused, and the
+        # key matched stale stacks, 0.17 off): while they live, no new factor can take their
         # memory, so equal data pointers and versions mean the same tensors.
-        self._lowrank_stacks = (key, stacks, factors)
+        self._lowrank_stacks = (key, stacks, [(A.detach(), B.detach()) for A, B in factors])
         return stacks
 
     def _mixed_batch_forward_fused(self, x: torch.Tensor, names: List[str], used: List[str]) -> torch.Tensor:
@@ -245,18 +259,27 @@ class LowrankLoraLinear(PeftLoraLinear):
         return "lowrank_ops." + super().__repr__()
 
 
-def _plain_linear(base: torch.nn.Module) -> bool:
-    """An ``nn.Linear`` whose forward is exactly ``x W^T + b``, so that the fused ops may read
-    its weight and bias: no subclass, no hooks (spectral_norm's and the old weight_norm's
-    pre-hooks recompute W; user hooks; accelerate's offload replaces ``forward`` and keeps W
-    on meta), no global module hooks.  Anything else runs PEFT's path, which calls it."""
-    module = torch.nn.modules.module
-    return (type(base) is torch.nn.Linear and "forward" not in base.__dict__
-            and not (base._forward_pre_hooks or base._forward_hooks or base._backward_hooks
-                     or getattr(base, "_backward_pre_hooks", None))
-            and not any(getattr(module, name, None) for name in (
+def _plain(module: torch.nn.Module, *types: type) -> bool:
+    """A module of exactly one of ``types`` (no subclass: a QAT or fake-quant swap's forward
+    differs) that runs as its class's forward: no hooks (spectral_norm's and the old
+    weight_norm's pre-hooks recompute W; user hooks; accelerate's offload replaces
+    ``forward``), no global module hooks, and plain tensors for its weight and bias (a
+    torchao quantized weight or a DTensor has its own ``F.linear``).  The fused paths read
+    such modules' tensors instead of calling them; anything else runs PEFT's path."""
+    hooks = torch.nn.modules.module
+    return (type(module) in types and "forward" not in module.__dict__
+            and not (module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                     or getattr(module, "_backward_pre_hooks", None))
+            and all(type(tensor) in (torch.Tensor, torch.nn.Parameter) for tensor in module._parameters.values()
+                    if tensor is not None)
+            and not any(getattr(hooks, name, None) for name in (
                 "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
                 "_global_backward_pre_hooks")))
+
+
+def _plain_linear(base: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is exactly ``x W^T + b`` (:func:`_plain`)."""
+    return _plain(base, torch.nn.Linear)
 
 
 def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
@@ -285,7 +308,10 @@ def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
 
 class _ExactLinearType(type):
     def __instancecheck__(cls, instance) -> bool:
-        return type(instance) is torch.nn.Linear
+        # A plain-tensor weight too: a torchao-quantized nn.Linear keeps its class and swaps
+        # the weight for a tensor subclass, and must get PEFT's torchao layer (its merge
+        # dequantizes and requantizes), which PEFT dispatches after the custom modules.
+        return type(instance) is torch.nn.Linear and type(instance.weight) in (torch.Tensor, torch.nn.Parameter)
 
 
 class _ExactLinear(metaclass=_ExactLinearType):

@@ -1807,6 +1807,16 @@ def test_huge_iteration_budgets_allocate_per_call_not_per_budget(monkeypatch, ge
     assert _common.steps_per_call(5) == 65536 and _common.steps_per_call(10**5) == 10**6
 
 
+@pytest.mark.parametrize("solver", ["gmres", "cg", "gcrodr", "defcg"])
+def test_callable_preconditioner_of_the_wrong_length_is_named(solver, generator):
+    """M(y) returning another length met torch's size-mismatch RuntimeError, naming nothing."""
+    A, b = _system("spd", generator)
+    run = {"gmres": gmres, "cg": cg, "gcrodr": lambda A, b, M: GCRODR(10, 2, M=M).solve(A, b),
+           "defcg": lambda A, b, M: DeflatedCG(0, M=M).solve(A, b)}[solver]
+    with pytest.raises(ValueError, match=rf"M\(y\) returned {b.shape[0] - 1} entries; expected n = {b.shape[0]}"):
+        run(A, b, M=lambda y: y[1:])
+
+
 def test_gcrodr_reused_on_one_ill_conditioned_matrix_keeps_c_orthonormal():
     """C = [C; V] Q was only as orthonormal as the cycle's rows: the loss grew from cycle to
     cycle, and five right-hand sides on one matrix of condition ~1e6 went 68, 155, 210

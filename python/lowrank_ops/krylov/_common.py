@@ -91,8 +91,15 @@ class System:
             self._apply_raw = lambda y: A.apply(y * scale)
             self.precondition = lambda y: y * scale
         elif callable(M):
-            function = M
-            self.precondition = lambda y: torch.as_tensor(function(y), dtype=b.dtype, device=b.device).reshape(-1)
+            function, n = M, A.n
+
+            def precondition(y: torch.Tensor) -> torch.Tensor:
+                z = torch.as_tensor(function(y), dtype=b.dtype, device=b.device).reshape(-1)
+                if z.numel() != n:  # (torch's size-mismatch error, deep in the solver, named nothing)
+                    raise ValueError(f"{op}: M(y) returned {z.numel()} entries; expected n = {n}")
+                return z
+
+            self.precondition = precondition
             self._apply_raw = lambda y: A.apply(self.precondition(y).contiguous())  # M may return strided views
         else:
             self._apply_raw = A.apply

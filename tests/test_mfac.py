@@ -1199,6 +1199,27 @@ def test_optimizer_leaves_parameters_without_gradient_alone(generator, momentum)
         assert torch.equal(state["momentum_buffer"][:model[0].weight.numel()], held)
 
 
+def test_optimizer_momentum_factor_in_float64_and_non_finite_gradients_change_nothing():
+    """With a parameter whose grad is None, the float64 momentum factor was built as a float32
+    tensor (0.9 -> 0.899999976: 2.6e-8 per step); and a NaN gradient in the second group
+    raised after the first group had stepped (its parameters and window changed)."""
+    a, b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = MFAC([a, b], lr=1.0, ngrads=1, damp=1.0, momentum=0.9)
+    a.grad, b.grad = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    opt.step()
+    first = float(opt.state[a]["momentum_buffer"][0])
+    a.grad, b.grad = torch.zeros(3, dtype=torch.float64), None
+    opt.step()
+    assert float(opt.state[a]["momentum_buffer"][0]) == 0.9 * first
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = MFAC([{"params": [p]}, {"params": [q]}], lr=0.1, ngrads=2, damp=1.0)
+    p.grad, q.grad = torch.ones(4), torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.raises(ValueError, match="MFAC: the gradient of parameter group 1 has NaN or infinite entries; no "
+                                         "group was updated"):
+        opt.step()
+    assert torch.equal(p, torch.ones(4)) and all(entry["inverse"].count == 0 for entry in opt.state.values())
+
+
 def test_optimizer_and_pruning_take_numpy_scalars(generator):
     np = pytest.importorskip("numpy")
     p = torch.nn.Parameter(randn(6, generator=generator))

@@ -27,6 +27,7 @@ import torch
 
 from .._args import require_int, require_number
 from .._dtypes import accumulate_dtype
+from .._finite import all_finite
 from ..second_order.mfac import MFACInverse, check_storage_dtype
 from ._checks import add_checked_group, check_lr, current_lr, require_real_params
 
@@ -116,7 +117,11 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         lrs = [current_lr("MFAC", group, low_open=True) for group in self.param_groups]  # before any state changes
-        for group, lr in zip(self.param_groups, lrs):
+        # Every group's gradient first, checked before any group changes: a non-finite one in
+        # the second group raised after the first had stepped (half a step, for a caller who
+        # catches the error and skips the batch).
+        work = []
+        for number, (group, lr) in enumerate(zip(self.param_groups, lrs)):
             params = group["params"]
             if all(p.grad is None for p in params):
                 continue
@@ -134,6 +139,12 @@ class MFAC(torch.optim.Optimizer):
             mask = self.state[params[0]].get("mask")
             if mask is not None:
                 g = g[mask]
+            if not all_finite(g):
+                raise ValueError(f"MFAC: the gradient of parameter group {number} has NaN or infinite entries; no "
+                                 "group was updated (skip the batch, or unscale a GradScaler's gradients first)")
+            work.append((group, lr, inverse, g, mask))
+        for group, lr, inverse, g, mask in work:
+            params = group["params"]
             direction = inverse.update_ihvp(g)
             keep = None
             if any(p.grad is None for p in params):
@@ -151,7 +162,8 @@ class MFAC(torch.optim.Optimizer):
                 elif keep is None:
                     buf.mul_(group["momentum"]).add_(direction)
                 else:
-                    buf.mul_(torch.where(keep, group["momentum"], 1.0).to(buf.dtype)).add_(direction)
+                    # (factors of buf's dtype: torch.where of two numbers is float32, 0.9 rounded)
+                    buf.mul_(torch.where(keep, buf.new_tensor(group["momentum"]), buf.new_tensor(1.0))).add_(direction)
                 direction = buf
             if mask is not None:
                 direction = direction.new_zeros(mask.shape).masked_scatter_(mask, direction)

@@ -1821,7 +1821,8 @@ def test_gcrodr_reused_on_one_ill_conditioned_matrix_keeps_c_orthonormal():
     """C = [C; V] Q was only as orthonormal as the cycle's rows: the loss grew from cycle to
     cycle, and five right-hand sides on one matrix of condition ~1e6 went 68, 155, 210
     iterations, then stagnated at residuals 2.5 and 24 (x0 = 0 gives 1).  C is
-    re-orthonormalized after each cycle now: every solve converges, each faster."""
+    re-orthonormalized after a cycle that left it off by more than 1e-8 now: every solve
+    converges, each faster."""
     rng = np.random.default_rng(8)
     m = 20
     T = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(m, m))
@@ -1835,7 +1836,7 @@ def test_gcrodr_reused_on_one_ill_conditioned_matrix_keeps_c_orthonormal():
         x, info = solver.solve(A, b)
         assert info.converged and _relative_residual(A, b, x) <= 1e-8
         C = solver.C
-        assert float((C @ C.T - torch.eye(C.shape[0], dtype=C.dtype)).abs().max()) <= 1e-12
+        assert float((C @ C.T - torch.eye(C.shape[0], dtype=C.dtype)).abs().max()) <= 1e-8  # (re-done above 1e-8)
         iterations.append(info.iterations)
     assert iterations[-1] < iterations[0], iterations
 

@@ -334,16 +334,6 @@ def _dtype_and_device(A, b):
 DEFAULT_TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
 
 
-def gram_tolerance(dtype: torch.dtype) -> float:
-    """Relative size of a Gram eigenvalue (a squared norm) below which a direction of the
-    recycled or deflation space counts as dependent: 1e-14 in float64 (1e-7 in norms),
-    scaled with the unit roundoff for float32 (5.4e-6).  A float32 space's Gram matrix is
-    accurate to about that only: float64's threshold kept noise directions, divided by the
-    square roots of noise, and DeflatedCG's second solve of a system of condition 1e4
-    ended 33x worse than x0 = 0."""
-    return 1e-14 * torch.finfo(dtype).eps / torch.finfo(torch.float64).eps
-
-
 def steps_per_call(n: int) -> int:
     """The most CG steps one kernel call runs: the kernels allocate a history entry per
     step asked for, so ``maxiter=2**40`` asked for terabytes (an allocation error naming

@@ -63,8 +63,8 @@ from ..ops.svd import CPU_MAX_JACOBI_SIZE, _jacobi_svd_cpu, default_max_sweeps, 
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 from ._cg_loop import Couplings, project, python_loop
-from ._common import (Preconditioner, Progress, System, check_positive_int, conclude, fits, gram_tolerance,
-                      setup_system, steps_per_call)
+from ._common import (Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system,
+                      steps_per_call)
 from ._kernels import combine_rows, gram
 from .info import SolveInfo
 
@@ -79,6 +79,7 @@ def _JACOBI_TOL(size: int) -> float:
 # cg's module (the package's attribute "cg" is the function): its NATIVE switch is ours too.
 _cg_module = sys.modules[__package__ + ".cg"]
 
+_GRAM_TOLERANCE = 1e-14  # relative A-norm^2 below which a direction counts as dependent (or not positive)
 
 
 def _symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -121,11 +122,10 @@ def _eigh(matrix: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.einsum("ij,ij->j", Q, matrix @ Q), Q
 
 
-def _a_orthonormal_transform(products: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """``S`` (``[size, kept]``) with ``S^T F S = I`` for ``F`` the (symmetrized) ``A``-Gram matrix ``products``
-    of vectors in ``dtype``.
+def _a_orthonormal_transform(products: np.ndarray) -> np.ndarray:
+    """``S`` (``[size, kept]``) with ``S^T F S = I`` for ``F`` the (symmetrized) ``A``-Gram matrix ``products``.
 
-    Directions of ``A``-norm^2 at or below ``gram_tolerance(dtype)`` times the largest (dependent
+    Directions of ``A``-norm^2 at or below ``_GRAM_TOLERANCE`` times the largest (dependent
     ones, or ones ``A`` does not curve upward: not positive definite) are dropped, all of
     them when no eigenvalue is positive.
     """
@@ -133,7 +133,7 @@ def _a_orthonormal_transform(products: np.ndarray, dtype: torch.dtype) -> np.nda
     largest = values.max() if values.size else 0.0
     if not largest > 0.0:
         return vectors[:, :0]
-    keep = values > gram_tolerance(dtype) * largest
+    keep = values > _GRAM_TOLERANCE * largest
     return vectors[:, keep] / np.sqrt(values[keep])
 
 
@@ -141,7 +141,7 @@ def _a_orthonormalize(W: torch.Tensor, AW: torch.Tensor) -> Tuple[torch.Tensor, 
     """One Gram pass: ``(W S, AW S)`` (as rows) with ``(W S)^T A (W S) = I``."""
     if W.shape[0] == 0:
         return W, AW
-    transform = _a_orthonormal_transform(gram(W, AW), W.dtype)
+    transform = _a_orthonormal_transform(gram(W, AW))
     return combine_rows(W, transform), combine_rows(AW, transform)
 
 
@@ -266,7 +266,7 @@ def _update(W: torch.Tensor, AW: torch.Tensor, theta: np.ndarray, R: torch.Tenso
         G[kc:, :kc] = G[:kc, kc:].T
     if not (np.isfinite(F).all() and np.isfinite(G).all()):
         return W
-    S = _a_orthonormal_transform(F, R.dtype)
+    S = _a_orthonormal_transform(F)
     Y = S @ _eigh(S.T @ G @ S)[1][:, : min(k, S.shape[1])]
     W_new = combine_rows(R, Y[kc:])
     if kc:

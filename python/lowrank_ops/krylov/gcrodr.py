@@ -168,33 +168,39 @@ class GCRODR:
             cycle = arnoldi_cycle(system, basis, kc, r, rnorm, steps, target, history, bnorm)
             iterations += cycle.steps
             cycles += 1
-            before = (x.clone(), r, rnorm, r_is_true)  # undone if the cycle makes no progress
+            before = (x.clone(), r, rnorm, r_is_true)  # undone if the cycle makes things worse
             if cycle.steps:  # 0 only when the first product was not finite (cycle.finite False)
                 y = torch.from_numpy(cycle.y).to(device=x.device, dtype=x.dtype)
                 correction = combine(basis[kc: kc + cycle.steps], y)
                 if kc:
                     subtract(U, correction, torch.from_numpy(cycle.b @ cycle.y).to(device=x.device, dtype=x.dtype))
                 x += system.unprecondition(correction)
-            recycled = (U, C)
-            if k and cycle.finite:
-                recycled = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, k)
             previous = rnorm
             r, rnorm, r_is_true = self._true_residual(system, x)
-            if math.isfinite(rnorm) and rnorm > target and rnorm >= (1.0 - _STAGNATION) * previous:
-                # No progress (a non-finite residual is a breakdown, below).  GMRES minimizes the residual over the cycle's space, so a larger
-                # one is rounding: on an operator singular on that space, a back substitution
-                # through a ~0 pivot added a null-space component of norm 1e28 to x and took
-                # the residual from 0.15 back to 1.  Keep x and the recycled space from before.
+            no_progress = rnorm > target and rnorm >= (1.0 - _STAGNATION) * previous
+            # GMRES minimizes the residual over the cycle's space, so no progress means rounding:
+            # on an operator singular on that space, a back substitution through a ~0 pivot
+            # added a null-space component of norm 1e28 to x (the residual unchanged), or took
+            # it from 0.15 to 1, or 2e13.  Such a cycle is undone, with the recycled space kept.
+            # `previous` is the true residual, or (after the projection onto C) an estimate of
+            # it: then only a blow-up counts, as a true improvement may still read as none.
+            if math.isfinite(rnorm) and (no_progress if before[3] else rnorm > 2.0 * previous + target):
                 x, r, rnorm, r_is_true = before
+                if not r_is_true:
+                    r, rnorm, r_is_true = self._true_residual(system, x)
                 if cycle.steps:
                     history[-1] = rnorm / bnorm
                 status = "stagnation" if cycle.finite else "breakdown"
                 break
-            U, C = recycled
+            if k and cycle.finite:
+                U, C = harmonic_ritz(basis[: kc + cycle.steps + 1], kc, U if kc else basis[:0], cycle, k)
             if cycle.steps:  # (a cycle without steps has no entry: the last one is reported already)
                 history[-1] = rnorm / bnorm
             if not cycle.finite:
                 status = "breakdown"
+                break
+            if no_progress:
+                status = "stagnation"
                 break
         if not r_is_true:
             r, rnorm, r_is_true = self._true_residual(system, x)

@@ -30,27 +30,28 @@ import torch
 
 from .._finite import all_finite
 from ._arnoldi import Cycle
-from ._common import gram_tolerance
 from ._kernels import combine_rows, gram, row_norms
 
 __all__ = ["refresh", "harmonic_ritz"]
 
-_RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent (float64 small problems)
+_RANK_TOLERANCE = 1e-12  # relative size below which a direction counts as dependent
+_GRAM_TOLERANCE = 1e-14  # the same for squared sizes (Gram eigenvalues): 1e-7 in singular values
+_ORTHONORMAL = 1e-8  # |C C^T - I| below which a harmonic Ritz update is kept as it is
 
 
 def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """One Gram-matrix pass: ``(image', U')`` with ``image' = T image``, ``U' = T U`` and ``image'`` orthonormal.
 
     ``T = Lambda^{-1/2} Z^T`` from the eigendecomposition of the ``kc x kc`` Gram matrix
-    ``image image^T = Z Lambda Z^T``; eigenvalues below ``gram_tolerance(dtype) * max``
-    (singular values below ``1e-7 * max`` in float64: numerically dependent directions) are
-    dropped, all of them when ``A U = 0`` (a zero matrix).
+    ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
+    values below ``1e-7 * max``: numerically dependent directions) are dropped, all of them
+    when ``A U = 0`` (a zero matrix).
     """
     if image.shape[0] == 0:  # every direction dropped by a first pass
         return image, U
     products = gram(image, image)
     values, vectors = np.linalg.eigh((products + products.T) / 2)
-    keep = values > gram_tolerance(image.dtype) * values.max()
+    keep = values > _GRAM_TOLERANCE * values.max()
     transform = vectors[:, keep] / np.sqrt(values[keep])  # [kc, kept]: columns of T^T
     return combine_rows(image, transform), combine_rows(U, transform)
 
@@ -118,9 +119,12 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     # C_new is orthonormal only as far as the rows of [C; V] are: the loss grew from cycle to
     # cycle (|C C^T - I| 1e-4, 0.1, 0.6, 10 over five solves of one ill-conditioned matrix,
     # the later ones ending 2.5-24x worse than x0 = 0).  Two Gram passes, as in refresh
-    # (no products with A: A U_new = C_new is kept by the transform).
-    for _ in range(2):
-        C_new, U_new = _orthonormalize(C_new, U_new)
+    # (no products with A: A U_new = C_new is kept by the transform), when C_new is off by
+    # more than sqrt(eps) (each pass costs about 20 % of a 40-step cycle on a 64 x 64 grid).
+    products = gram(C_new, C_new)
+    if np.abs(products - np.eye(products.shape[0])).max() > _ORTHONORMAL:
+        for _ in range(2):
+            C_new, U_new = _orthonormalize(C_new, U_new)
     return U_new, C_new
 
 

@@ -342,6 +342,9 @@ def test_adapter_modules_that_are_not_plain_take_peft_path(use_dora, fused_calls
         "weight_subclass": lambda layer: setattr(layer.base_layer, "weight", torch.nn.Parameter(
             layer.base_layer.weight.detach().as_subclass(_RoundedWeight), requires_grad=False)),
     }
+    if use_dora:  # PEFT calls the magnitude module (DoraLinearLayer) for DoRA's output
+        changes["hooked_magnitude"] = lambda layer: layer.lora_magnitude_vector["default"].register_forward_hook(
+            lambda m, a, out: out * 0.5)
     x = torch.randn(5, 16)
     for label, change in changes.items():
         torch.manual_seed(0)
@@ -354,6 +357,19 @@ def test_adapter_modules_that_are_not_plain_take_peft_path(use_dora, fused_calls
         with torch.no_grad():
             torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-6, msg=label)
         assert fused_calls["dora_linear" if use_dora else "lora_linear"] == 1, label  # layer "2" still fused
+
+
+def test_linear_with_a_tensor_subclass_weight_keeps_peft_layer():
+    """A torchao-quantized nn.Linear keeps its class and swaps its weight for a tensor
+    subclass: it must get PEFT's own layer (dispatched after the custom modules), not ours."""
+    from lowrank_ops.integrations.peft import _ExactLinear
+
+    linear = torch.nn.Linear(8, 6)
+    assert isinstance(linear, _ExactLinear)
+    linear.weight = torch.nn.Parameter(linear.weight.detach().as_subclass(_RoundedWeight), requires_grad=False)
+    assert not isinstance(linear, _ExactLinear)
+    model = peft.get_peft_model(torch.nn.Sequential(linear), use_lowrank_ops(peft.LoraConfig(r=2, target_modules=["0"])))
+    assert type(model.base_model.model[0]) is peft.tuners.lora.Linear
 
 
 def test_mixed_model_with_another_adapter_type_takes_peft_path():

@@ -53,7 +53,9 @@ from typing import Any, List, Optional
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
+from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .._autocast import autocast_dtype
 from .._optimizer_steps import optimizer_steps
@@ -101,7 +103,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         if len(active) != 1:
             return None
         name = active[0]
-        if not self._plain_adapter(name) or self.lora_bias.get(name, False):
+        if not (self._plain_base() and self._plain_adapter(name)) or self.lora_bias.get(name, False):
             return None
         if not self._fused_dtypes(x):
             return None
@@ -124,20 +126,21 @@ class LowrankLoraLinear(PeftLoraLinear):
             return None
         return name
 
+    def _plain_base(self) -> bool:
+        """The base layer wrapped directly (in a PeftMixedModel it may be another adapter's
+        layer, e.g. LoHa, whose forward the fused path would skip: 0.35 off), a plain
+        ``nn.Linear`` (:func:`_plain_linear`)."""
+        return _plain_linear(self.base_layer)  # (not get_base_layer(): it descends through wrapping layers)
+
     def _plain_adapter(self, name: str) -> bool:
         """Whether the fused ops may read adapter ``name``'s tensors instead of calling its
-        modules: the base layer wrapped directly (in a PeftMixedModel it may be another
-        adapter's layer, e.g. LoHa, whose forward would be skipped: 0.35 off) and a plain
-        ``nn.Linear``; ``lora_A``, ``lora_B`` plain ``nn.Linear`` modules, the dropout a plain
-        ``nn.Dropout`` or ``nn.Identity``, DoRA's magnitude module without hooks (their hooks
-        or a QAT swap's forward were ignored: 0.8-5.4 off)."""
-        if self.base_layer is not self.get_base_layer() or not _plain_linear(self.base_layer):
-            return False
+        modules: ``lora_A``, ``lora_B`` plain ``nn.Linear`` modules, the dropout a plain
+        ``nn.Dropout`` or ``nn.Identity``, DoRA's magnitude a plain ``DoraLinearLayer`` (their
+        hooks or a QAT swap's forward were ignored: 0.8-5.4 off).  The base: :meth:`_plain_base`."""
         if not (_plain(self.lora_A[name], torch.nn.Linear) and _plain(self.lora_B[name], torch.nn.Linear)
                 and _plain(self.lora_dropout[name], torch.nn.Dropout, torch.nn.Identity)):
             return False
-        magnitude = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
-        return magnitude is None or _plain(magnitude, type(magnitude))
+        return name not in self.lora_magnitude_vector or _plain(self.lora_magnitude_vector[name], DoraLinearLayer)
 
     def _fast_mixed_batch(self, x: torch.Tensor, args, kwargs) -> Optional[List[str]]:
         """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""
@@ -150,7 +153,7 @@ class LowrankLoraLinear(PeftLoraLinear):
         if self.disable_adapters or self.merged or self.fan_in_fan_out or not self._fused_dtypes(x) or x.dim() < 2:
             return None
         used = sorted({name for name in names if name in self.lora_A})  # PEFT skips unknown names too
-        if not used or not all(self._plain_adapter(name) for name in used):
+        if not used or not self._plain_base() or not all(self._plain_adapter(name) for name in used):
             return None
         # One stack holds every named adapter: all in x's dtype, or all float32 (PEFT's
         # default autocast_adapter_dtype=True on a half model); mixtures run PEFT's path.
@@ -259,27 +262,35 @@ class LowrankLoraLinear(PeftLoraLinear):
         return "lowrank_ops." + super().__repr__()
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter, FakeTensor)  # (FakeTensor: export and compile tracing)
+
+
 def _plain(module: torch.nn.Module, *types: type) -> bool:
     """A module of exactly one of ``types`` (no subclass: a QAT or fake-quant swap's forward
-    differs) that runs as its class's forward: no hooks (spectral_norm's and the old
-    weight_norm's pre-hooks recompute W; user hooks; accelerate's offload replaces
-    ``forward``), no global module hooks, and plain tensors for its weight and bias (a
-    torchao quantized weight or a DTensor has its own ``F.linear``).  The fused paths read
-    such modules' tensors instead of calling them; anything else runs PEFT's path."""
+    differs) that runs as its class's forward: no hooks of its own (spectral_norm's and the
+    old weight_norm's pre-hooks recompute W; user hooks; accelerate's offload replaces
+    ``forward``), plain tensors for its parameters (a torchao quantized weight or a DTensor
+    has its own ``F.linear``).  With :func:`_no_global_hooks`: the fused paths may read such
+    modules' tensors instead of calling them; anything else runs PEFT's path.  (A few
+    attribute reads: this runs for every adapted layer at every forward.)"""
+    if (type(module) not in types or "forward" in module.__dict__ or module._forward_pre_hooks
+            or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks):
+        return False
+    for tensor in module._parameters.values():
+        if tensor is not None and type(tensor) not in _PLAIN_TENSORS:
+            return False
+    return True
+
+
+def _no_global_hooks() -> bool:
     hooks = torch.nn.modules.module
-    return (type(module) in types and "forward" not in module.__dict__
-            and not (module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
-                     or getattr(module, "_backward_pre_hooks", None))
-            and all(type(tensor) in (torch.Tensor, torch.nn.Parameter) for tensor in module._parameters.values()
-                    if tensor is not None)
-            and not any(getattr(hooks, name, None) for name in (
-                "_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
-                "_global_backward_pre_hooks")))
+    return not (hooks._global_forward_pre_hooks or hooks._global_forward_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
 
 
 def _plain_linear(base: torch.nn.Module) -> bool:
     """An ``nn.Linear`` whose forward is exactly ``x W^T + b`` (:func:`_plain`)."""
-    return _plain(base, torch.nn.Linear)
+    return _plain(base, torch.nn.Linear) and _no_global_hooks()
 
 
 def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
@@ -311,7 +322,7 @@ class _ExactLinearType(type):
         # A plain-tensor weight too: a torchao-quantized nn.Linear keeps its class and swaps
         # the weight for a tensor subclass, and must get PEFT's torchao layer (its merge
         # dequantizes and requantizes), which PEFT dispatches after the custom modules.
-        return type(instance) is torch.nn.Linear and type(instance.weight) in (torch.Tensor, torch.nn.Parameter)
+        return type(instance) is torch.nn.Linear and type(instance.weight) in _PLAIN_TENSORS
 
 
 class _ExactLinear(metaclass=_ExactLinearType):

@@ -722,6 +722,37 @@ def test_active_rank_under_compile_is_one_graph_for_every_rank(generator):
     assert old.active_rank == 5 and torch.equal(old(torch.ones(2, 16)), layer(torch.ones(2, 16)))
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_base_layers_that_are_not_plain_are_called(use_dora, generator):
+    """The fused ops read base_layer.weight and .bias without calling the base layer: its
+    hooks or a subclass's forward were skipped (0.64 off with a hook zeroing the output).
+    Such bases are called now, the adapter composed around them as PEFT does."""
+    class Halving(torch.nn.Linear):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    x = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    for kind in ("hook", "subclass"):
+        base = (Halving if kind == "subclass" else torch.nn.Linear)(8, 6, dtype=torch.float64)
+        if kind == "hook":
+            base.register_forward_hook(lambda module, args, out: 0.5 * out)
+        layer = LoRALinear(base, r=3, use_dora=use_dora, init_lora_weights=False)
+        with torch.no_grad():
+            layer.lora_B.normal_(generator=generator)
+            W, b, A, B, s = base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling
+            delta = s * (x @ A.T) @ B.T
+            halved = 0.5 * (x @ W.T + b)
+            if use_dora:
+                c = layer.lora_magnitude_vector / torch.linalg.vector_norm(W + s * B @ A, dim=1)
+                expected = c * (halved - b + delta) + b
+            else:
+                expected = halved + delta
+        y = layer(x)
+        torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        y.sum().backward()
+        assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
+
+
 def test_active_rank_is_checked_on_every_path(generator):
     """DoRA's forward and merge sliced the factors with active_rank unchecked: -1 silently
     dropped the last rank and r + 4 used all of them (plain LoRA's forward raised, but its

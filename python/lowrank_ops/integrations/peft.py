@@ -55,10 +55,10 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.variants import DoraLinearVariant
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .._autocast import autocast_dtype
 from .._optimizer_steps import optimizer_steps
+from ..nn._plain import PLAIN_TENSORS, plain_linear, plain_module
 from ..nn.lora_multi import route_rows
 from ..ops._library import composed_path
 from ..ops.dora import dora_linear
@@ -129,18 +129,18 @@ class LowrankLoraLinear(PeftLoraLinear):
     def _plain_base(self) -> bool:
         """The base layer wrapped directly (in a PeftMixedModel it may be another adapter's
         layer, e.g. LoHa, whose forward the fused path would skip: 0.35 off), a plain
-        ``nn.Linear`` (:func:`_plain_linear`)."""
-        return _plain_linear(self.base_layer)  # (not get_base_layer(): it descends through wrapping layers)
+        ``nn.Linear`` (:func:`~lowrank_ops.nn._plain.plain_linear`)."""
+        return plain_linear(self.base_layer)  # (not get_base_layer(): it descends through wrapping layers)
 
     def _plain_adapter(self, name: str) -> bool:
         """Whether the fused ops may read adapter ``name``'s tensors instead of calling its
         modules: ``lora_A``, ``lora_B`` plain ``nn.Linear`` modules, the dropout a plain
         ``nn.Dropout`` or ``nn.Identity``, DoRA's magnitude a plain ``DoraLinearLayer`` (their
         hooks or a QAT swap's forward were ignored: 0.8-5.4 off).  The base: :meth:`_plain_base`."""
-        if not (_plain(self.lora_A[name], torch.nn.Linear) and _plain(self.lora_B[name], torch.nn.Linear)
-                and _plain(self.lora_dropout[name], torch.nn.Dropout, torch.nn.Identity)):
+        if not (plain_module(self.lora_A[name], torch.nn.Linear) and plain_module(self.lora_B[name], torch.nn.Linear)
+                and plain_module(self.lora_dropout[name], torch.nn.Dropout, torch.nn.Identity)):
             return False
-        return name not in self.lora_magnitude_vector or _plain(self.lora_magnitude_vector[name], DoraLinearLayer)
+        return name not in self.lora_magnitude_vector or plain_module(self.lora_magnitude_vector[name], DoraLinearLayer)
 
     def _fast_mixed_batch(self, x: torch.Tensor, args, kwargs) -> Optional[List[str]]:
         """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""
@@ -262,37 +262,6 @@ class LowrankLoraLinear(PeftLoraLinear):
         return "lowrank_ops." + super().__repr__()
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter, FakeTensor)  # (FakeTensor: export and compile tracing)
-
-
-def _plain(module: torch.nn.Module, *types: type) -> bool:
-    """A module of exactly one of ``types`` (no subclass: a QAT or fake-quant swap's forward
-    differs) that runs as its class's forward: no hooks of its own (spectral_norm's and the
-    old weight_norm's pre-hooks recompute W; user hooks; accelerate's offload replaces
-    ``forward``), plain tensors for its parameters (a torchao quantized weight or a DTensor
-    has its own ``F.linear``).  With :func:`_no_global_hooks`: the fused paths may read such
-    modules' tensors instead of calling them; anything else runs PEFT's path.  (A few
-    attribute reads: this runs for every adapted layer at every forward.)"""
-    if (type(module) not in types or "forward" in module.__dict__ or module._forward_pre_hooks
-            or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks):
-        return False
-    for tensor in module._parameters.values():
-        if tensor is not None and type(tensor) not in _PLAIN_TENSORS:
-            return False
-    return True
-
-
-def _no_global_hooks() -> bool:
-    hooks = torch.nn.modules.module
-    return not (hooks._global_forward_pre_hooks or hooks._global_forward_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
-
-
-def _plain_linear(base: torch.nn.Module) -> bool:
-    """An ``nn.Linear`` whose forward is exactly ``x W^T + b`` (:func:`_plain`)."""
-    return _plain(base, torch.nn.Linear) and _no_global_hooks()
-
-
 def use_lowrank_ops(config: LoraConfig) -> LoraConfig:
     """Makes PEFT build :class:`LowrankLoraLinear` for every ``nn.Linear`` target of ``config``.
 
@@ -322,7 +291,7 @@ class _ExactLinearType(type):
         # A plain-tensor weight too: a torchao-quantized nn.Linear keeps its class and swaps
         # the weight for a tensor subclass, and must get PEFT's torchao layer (its merge
         # dequantizes and requantizes), which PEFT dispatches after the custom modules.
-        return type(instance) is torch.nn.Linear and type(instance.weight) in _PLAIN_TENSORS
+        return type(instance) is torch.nn.Linear and type(instance.weight) in PLAIN_TENSORS
 
 
 class _ExactLinear(metaclass=_ExactLinearType):

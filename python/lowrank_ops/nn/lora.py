@@ -14,6 +14,7 @@ from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm, floor_zero_norms
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
+from ._plain import plain_linear
 from ._traced_rank import ActiveRank
 
 __all__ = ["LoRALinear"]
@@ -259,6 +260,8 @@ class LoRALinear(ActiveRank, torch.nn.Module):
         if self.merged:
             return self.base_layer(x)
         p = self.lora_dropout if self.training else 0.0
+        if not plain_linear(self.base_layer):
+            return self._forward_through_base(x, p)
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if self.use_dora:
             lora_A, lora_B, _ = self._factors()
@@ -266,6 +269,28 @@ class LoRALinear(ActiveRank, torch.nn.Module):
                                dropout_p=p, norm=self._eval_row_norm(lora_A, lora_B))
         return lora_linear(x, weight, self.lora_A, self.lora_B, bias, scale=self.scaling, gate=self.lora_gate,
                            rank=ActiveRank.active_rank.traced(self), dropout_p=p)
+
+    def _forward_through_base(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """The forward with ``base_layer`` called, composed of torch ops: for a base the fused
+        ops may not read (hooks, a subclass's forward, a tensor-subclass weight: reading W and b
+        skipped them, 0.64 off with a hook zeroing the base output).  DoRA as PEFT composes
+        it: ``(m / ||W + s B A||) (base(x) - b + s B A dropout(x)) + b``, the norm detached."""
+        lora_A, lora_B, gate = self._factors()
+        base = self.base_layer(x)
+        h = torch.nn.functional.dropout(x, p) if p > 0.0 else x
+        h = h.to(lora_A.dtype) @ lora_A.T
+        if gate is not None:
+            h = h * gate
+        delta = (h @ lora_B.T) * self.scaling
+        if not self.use_dora:
+            return base + delta.to(base.dtype)
+        bias = self.base_layer.bias
+        with torch.no_grad():
+            norm = floor_zero_norms(dora_row_norm(self.base_layer.weight, lora_A, lora_B, self.scaling), DEFAULT_EPS)
+        factor = self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype)
+        core = base if bias is None else base - bias
+        out = factor * (core + delta.to(base.dtype))
+        return (out if bias is None else out + bias).to(base.dtype)
 
     def _eval_row_norm(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Optional[torch.Tensor]:
         """DoRA's row norms ``||W + s B A||``, cached in eval mode (None in training mode).

@@ -753,6 +753,29 @@ def test_base_layers_that_are_not_plain_are_called(use_dora, generator):
         assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
 
 
+@pytest.mark.parametrize("kind", ["svfit", "loldu", "nola", "randlora"])
+def test_other_adapters_call_a_base_layer_that_is_not_plain(kind, generator):
+    """SVFit, LoLDU, NOLA and RandLoRA also read the base weight and bias: a hook on the base
+    layer was skipped.  Such a base is called now, the adapter term unchanged."""
+    from lowrank_ops.nn import LoLDULinear, NOLALinear, RandLoRALinear, SVFitLinear
+
+    base = torch.nn.Linear(8, 6, dtype=torch.float64)
+    build = {"svfit": lambda: SVFitLinear(base, 3), "loldu": lambda: LoLDULinear(base, 3),
+             "nola": lambda: NOLALinear(base, 3, 4, 4), "randlora": lambda: RandLoRALinear(base, 3)}[kind]
+    layer = build().eval()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn(parameter.shape, dtype=parameter.dtype, generator=generator))
+    x = torch.randn(5, 8, dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        term = layer(x) - base(x)
+        expected = 0.5 * base(x) + term
+    assert term.abs().max() > 1e-3
+    base.register_forward_hook(lambda module, args, out: 0.5 * out)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_active_rank_is_checked_on_every_path(generator):
     """DoRA's forward and merge sliced the factors with active_rank unchecked: -1 silently
     dropped the last rank and r + 4 used all of them (plain LoRA's forward raised, but its

@@ -18,6 +18,7 @@ from .._args import is_integer
 from .._finite import all_finite
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
+from ._plain import plain_linear, through_base
 
 __all__ = ["DiagonalAdapterLinear", "check_base_and_rank"]
 
@@ -75,6 +76,8 @@ class DiagonalAdapterLinear(MergeableAdapter):
         """
         if self.merged:
             return self.base_layer(x)
+        if not plain_linear(self.base_layer):  # hooks, a subclass's forward: call it (nn/_plain.py)
+            return through_base(self.base_layer, x, self.lora_A, self.lora_B, gate=self._gate())
         return lora_linear(x, self.base_layer.weight, self.lora_A, self.lora_B, self.base_layer.bias,
                            gate=self._gate())
 

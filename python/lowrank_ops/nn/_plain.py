@@ -3,10 +3,12 @@ PEFT backend) take a base layer's weight and bias and hand them to one kernel, w
 right only when the module's forward is exactly its class's, on plain tensors."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["PLAIN_TENSORS", "plain_module", "no_global_hooks", "plain_linear"]
+__all__ = ["PLAIN_TENSORS", "plain_module", "no_global_hooks", "plain_linear", "through_base"]
 
 #: Parameter types a fused op may read (FakeTensor: export and compile tracing).  A torchao
 #: quantized weight or a DTensor has its own ``F.linear``.
@@ -39,3 +41,17 @@ def no_global_hooks() -> bool:
 def plain_linear(base: torch.nn.Module) -> bool:
     """An ``nn.Linear`` whose call is exactly ``x W^T + b`` (:func:`plain_module`, no global hooks)."""
     return plain_module(base, torch.nn.Linear) and no_global_hooks()
+
+
+def through_base(base_layer: torch.nn.Module, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scale: float = 1.0, gate: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """``base_layer(x) + scale ((dropout(x) A^T) * g) B^T`` in torch ops, with the base layer
+    called: the adapters' forward for a base the fused ops may not read (:func:`plain_linear`
+    false: reading W and b skipped its hooks or forward, 0.64 off with a hook zeroing the
+    base output).  The adapter term in the factors' dtype, added in the output's."""
+    base = base_layer(x)
+    h = torch.nn.functional.dropout(x, dropout_p) if dropout_p > 0.0 else x
+    h = h.to(lora_A.dtype) @ lora_A.T
+    if gate is not None:
+        h = h * gate
+    return base + ((h @ lora_B.T) * scale).to(base.dtype)

@@ -14,7 +14,7 @@ from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm, floor_zero_norms
 from ..ops.lora import lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
-from ._plain import plain_linear
+from ._plain import plain_linear, through_base
 from ._traced_rank import ActiveRank
 
 __all__ = ["LoRALinear"]
@@ -276,14 +276,11 @@ class LoRALinear(ActiveRank, torch.nn.Module):
         skipped them, 0.64 off with a hook zeroing the base output).  DoRA as PEFT composes
         it: ``(m / ||W + s B A||) (base(x) - b + s B A dropout(x)) + b``, the norm detached."""
         lora_A, lora_B, gate = self._factors()
+        if not self.use_dora:
+            return through_base(self.base_layer, x, lora_A, lora_B, self.scaling, gate, p)
         base = self.base_layer(x)
         h = torch.nn.functional.dropout(x, p) if p > 0.0 else x
-        h = h.to(lora_A.dtype) @ lora_A.T
-        if gate is not None:
-            h = h * gate
-        delta = (h @ lora_B.T) * self.scaling
-        if not self.use_dora:
-            return base + delta.to(base.dtype)
+        delta = (h.to(lora_A.dtype) @ lora_A.T @ lora_B.T) * self.scaling
         bias = self.base_layer.bias
         with torch.no_grad():
             norm = floor_zero_norms(dora_row_norm(self.base_layer.weight, lora_A, lora_B, self.scaling), DEFAULT_EPS)

@@ -37,6 +37,7 @@ from .._first_order import first_order_only
 from ..ops._library import composed_path
 from ..ops.lora import lora_linear
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
+from ._plain import plain_linear, through_base
 from ._random_basis import SeededBases, check_seed, draw_bases, iter_bases, kaiming_bound, new_seed, stream_seed
 
 __all__ = ["NOLALinear"]
@@ -292,6 +293,8 @@ class NOLALinear(SeededBases, MergeableAdapter):
             return self.base_layer(x)
         A, B = self.factors()
         p = self.lora_dropout if self.training else 0.0
+        if not plain_linear(self.base_layer):  # hooks, a subclass's forward: call it (nn/_plain.py)
+            return through_base(self.base_layer, x, A, B, self.scaling, dropout_p=p)
         return lora_linear(x, self.base_layer.weight, A, B, self.base_layer.bias, scale=self.scaling, dropout_p=p)
 
     def _merge_factors(self):

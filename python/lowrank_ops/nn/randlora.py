@@ -58,6 +58,7 @@ from ..ops._library import composed_path
 from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
                        lora_linear)
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
+from ._plain import plain_linear, through_base
 from ._random_basis import SeededBases, check_seed, draw_bases, kaiming_bound, new_seed
 
 __all__ = ["RandLoRALinear"]
@@ -344,6 +345,10 @@ class RandLoRALinear(SeededBases, MergeableAdapter):
             return self.base_layer(x)
         self._require_bases()
         p = self.randlora_dropout if self.training else 0.0
+        if not plain_linear(self.base_layer):  # hooks, a subclass's forward: call it (nn/_plain.py)
+            lora_A, lora_B = _orient(_fold(self.randlora_gamma, self.randlora_A), self.randlora_B,
+                                     self._gamma_on_input)
+            return through_base(self.base_layer, x, lora_A, lora_B, self.scaling, self.randlora_lambda.reshape(-1), p)
         return _randlora_linear(x, self.base_layer.weight, self.base_layer.bias, self.randlora_A, self.randlora_B,
                                 self.randlora_lambda, self.randlora_gamma, scale=self.scaling, dropout_p=p,
                                 gamma_on_input=self._gamma_on_input)

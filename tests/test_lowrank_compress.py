@@ -152,7 +152,7 @@ def test_float_rank_is_a_fraction():
     """rank=1.0 (a float) meant rank 1, silently; a float is a fraction in (0, 1)."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 6))
     for rank in (1.0, 2.0):
-        with pytest.raises(ValueError, match=rf"rank for 0 is a float, so a fraction of min\(in, out\) in \(0, 1\); "
+        with pytest.raises(ValueError, match=rf"rank for layer '0' is a float, so a fraction of min\(in, out\) in \(0, 1\); "
                                              rf"got {rank} \(pass an int for a rank in \[1, 6\]\)"):
             compress(model, rank=rank)
 
@@ -309,8 +309,8 @@ def test_report_table(generator):
     ({"energy": 0.0}, ValueError, r"energy must be a number in \(0, 1\]"),
     ({"energy": 1.5}, ValueError, r"energy must be a number in \(0, 1\]"),
     ({"energy": float("nan")}, ValueError, "energy must be"),
-    ({"rank": 97}, ValueError, r"rank for head must be in \[1, 96\]"),
-    ({"rank": 0}, ValueError, "rank for encoder.q_proj must be"),
+    ({"rank": 97}, ValueError, r"rank for layer 'head' must be in \[1, 96\]"),
+    ({"rank": 0}, ValueError, "rank for layer 'encoder.q_proj' must be"),
     ({"rank": True}, TypeError, "rank must be an int"),
     ({"rank": "8"}, TypeError, "rank must be an int"),
     ({"rank": 4, "min_saving": 1.0}, ValueError, r"min_saving must be a number in \[0, 1\)"),

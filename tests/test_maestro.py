@@ -198,7 +198,7 @@ def test_convert_replaces_matching_linears(device):
     assert list(maestro.convert(deep, 2, target_modules="10")) == ["10"]
     with pytest.raises(ValueError, match=r"no nn.Linear module matches target_modules=\['nomatch'\]"):
         maestro.convert(deep, 2, target_modules="nomatch")
-    with pytest.raises(ValueError, match=r"rank for 0 must be in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"rank for layer '0' must be in \[1, 4\]"):
         maestro.convert(deep, 6)
     assert type(deep[0]) is torch.nn.Linear  # nothing replaced
 
@@ -406,7 +406,7 @@ def test_bad_input(generator):
     for tol in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"shrink_: tol must be >= 0 and finite; got"):
             layer.shrink_(tol)
-    with pytest.raises(ValueError, match=r"rank for model must be in \[1, 4\] or a fraction in \(0, 1\); got 5"):
+    with pytest.raises(ValueError, match=r"rank for the layer must be in \[1, 4\] or a fraction in \(0, 1\); got 5"):
         OrderedLowRankLinear.from_linear(torch.nn.Linear(4, 6), 5)
     linear = torch.nn.Linear(4, 6)
     with torch.no_grad():

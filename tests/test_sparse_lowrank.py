@@ -377,7 +377,7 @@ def test_bad_input_errors(generator):
         SparseLowRankLinear(8, 20, 2, 0.0)
     with pytest.raises(ValueError, match="no nn.Linear module matches"):
         sltrain.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2, 0.5, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match=r"rank for 0 must be in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"rank for layer '0' must be in \[1, 4\]"):
         sltrain.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)), 7, 0.5)
 
 

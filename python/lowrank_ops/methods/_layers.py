@@ -116,11 +116,13 @@ def resolve_rank(rank: Union[int, float], linear: torch.nn.Linear, name: str, op
     smallest = min(linear.in_features, linear.out_features)
     if isinstance(rank, np.floating):  # a NumPy fraction is a fraction too
         rank = float(rank)
+    what = f"layer {name!r}" if name else "the layer"
     if isinstance(rank, float):  # a fraction (1.0 meant rank 1, not the whole of min(in, out))
         if not 0.0 < rank < 1.0:
-            raise ValueError(f"{op}: rank for {name or 'model'} is a float, so a fraction of min(in, out) in (0, 1); "
-                             f"got {rank} (pass an int for a rank in [1, {smallest}])")
+            raise ValueError(f"{op}: rank for {what} is a float, so a fraction of min(in, out) in "
+                             f"(0, 1); got {rank} (pass an int for a rank in [1, {smallest}])")
         return max(1, round(rank * smallest))
     if isinstance(rank, bool) or int(rank) != rank or not 1 <= int(rank) <= smallest:
-        raise ValueError(f"{op}: rank for {name or 'model'} must be in [1, {smallest}] or a fraction in (0, 1); got {rank}")
+        raise ValueError(f"{op}: rank for {what} must be in [1, {smallest}] or a fraction in (0, 1); "
+                         f"got {rank}")
     return int(rank)

@@ -1105,7 +1105,8 @@ def test_obs_prune_model(generator):
         assert torch.all(p[~m] == 0)
     with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\]; got 1.5"):
         obs_prune(params, G, 1e-3, 1.5)
-    with pytest.raises(ValueError, match=r"weights has shape \(144,\); expected \(d,\) = \(10,\)"):
+    with pytest.raises(ValueError, match=r"weights has shape \(144,\) and grads \(\d+, 10\); expected weights "
+                                         r"\(d,\) and grads \(m, d\) with the same d"):
         obs_scores(torch.zeros(144), G[:, :10], 1e-3)
     weights = torch.randn(10, dtype=G.dtype)
     weights[3] = float("nan")  # scored NaN, which the sort ranked most salient: kept at any sparsity

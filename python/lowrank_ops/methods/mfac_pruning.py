@@ -43,7 +43,8 @@ def _check(weights: torch.Tensor, grads: torch.Tensor, damp: float, block_size: 
     if grads.dim() != 2 or grads.shape[0] < 1:
         raise ValueError(f"{op}: grads has shape {tuple(grads.shape)}; expected (m, d) with m >= 1")
     if weights.dim() != 1 or weights.numel() != grads.shape[1]:
-        raise ValueError(f"{op}: weights has shape {tuple(weights.shape)}; expected (d,) = ({grads.shape[1]},)")
+        raise ValueError(f"{op}: weights has shape {tuple(weights.shape)} and grads {tuple(grads.shape)}; expected "
+                         f"weights (d,) and grads (m, d) with the same d (obs_prune: d is the parameters' total size)")
     if not (is_real_number(damp) and math.isfinite(damp) and damp > 0):
         raise ValueError(f"{op}: damp must be a finite number > 0; got {damp}")
     if block_size is not None and (not is_integer(block_size) or block_size < 1):

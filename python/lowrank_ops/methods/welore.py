@@ -235,7 +235,7 @@ def choose_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     if parameters(ranks_at(1.0)) > budget:
         smallest = parameters(ranks_at(1.0)) / total if total else 1.0
         raise ValueError(f"{op}: ratio={ratio:g} is out of reach: even threshold 1 (rank 1, or the matrices' "
-                         f"repeated top singular values) keeps {smallest:.4g} of the parameters")
+                         f"repeated top singular values) keeps {smallest:.1%} of the parameters")
     lo, hi = 0, candidates.numel() - 1  # parameters at candidates[hi] fit the budget
     while lo < hi:
         mid = (lo + hi) // 2

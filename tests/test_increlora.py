@@ -74,21 +74,35 @@ def reference_output(layer: LoRALinear, x: torch.Tensor, k: int):
 
 
 # ------------------------------------------------------------------ scores
-def test_scores_are_the_float64_recurrence(device):
-    generator = torch.Generator().manual_seed(101)
+def _reference_run(seed: int, steps: int, device, poison=None):
+    """``(model, allocator, ema, unc)`` after ``steps`` backward passes and allocator updates
+    (beta1 0.7, beta2 0.9), with the float64 recurrence of the averages beside them:
+    ``Ibar <- beta1 Ibar + (1 - beta1) I``, ``U <- beta2 U + (1 - beta2) |I - Ibar|``, entries
+    whose ``I = |w g|`` is not finite kept.  ``poison(step, params)`` may edit the gradients."""
+    generator = torch.Generator().manual_seed(seed)
     model = Stack(generator).to(device)
     beta1, beta2 = 0.7, 0.9
     allocator = IncreLoRAAllocator(model, 12, 2, add_every=1000, beta1=beta1, beta2=beta2)
     params = [p for layer in model.layers for p in (layer.lora_A, layer.lora_B)]
     ema = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     unc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-    for step in range(5):
+    for step in range(steps):
         backward(model, generator, device=device)
+        if poison is not None:
+            poison(step, params)
         for p, e, u in zip(params, ema, unc):
             ipt = (p.double() * p.grad.double()).abs().cpu()
-            e.mul_(beta1).add_((1 - beta1) * ipt)
-            u.mul_(beta2).add_((1 - beta2) * (ipt - e).abs())
+            keep = torch.isfinite(ipt)
+            e_new = beta1 * e + (1 - beta1) * ipt
+            u_new = beta2 * u + (1 - beta2) * (ipt - e_new).abs()
+            e.copy_(torch.where(keep, e_new, e))
+            u.copy_(torch.where(keep, u_new, u))
         allocator.update_and_allocate(step)
+    return model, allocator, ema, unc
+
+
+def test_scores_are_the_float64_recurrence(device):
+    model, allocator, ema, unc = _reference_run(101, 5, device)
     expected = []
     for i, layer in enumerate(model.layers):
         k = 2
@@ -109,25 +123,11 @@ def test_non_finite_gradient_entries_keep_their_averages(device):
     """A NaN or inf gradient entry (a step a GradScaler skips) made its module's score NaN for
     the rest of the run (ranked last at every allocation).  Such entries now keep their
     averages; the others follow the recurrence."""
-    generator = torch.Generator().manual_seed(111)
-    model = Stack(generator).to(device)
-    beta1, beta2 = 0.7, 0.9
-    allocator = IncreLoRAAllocator(model, 12, 2, add_every=1000, beta1=beta1, beta2=beta2)
-    params = [p for layer in model.layers for p in (layer.lora_A, layer.lora_B)]
-    ema = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-    unc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
-    for step in range(4):
-        backward(model, generator, device=device)
+    def poison(step, params):
         if step == 2:
             params[0].grad[0, 0], params[1].grad[1, 0] = float("nan"), float("inf")
-        for p, e, u in zip(params, ema, unc):
-            ipt = (p.double() * p.grad.double()).abs().cpu()
-            keep = torch.isfinite(ipt)
-            e_new = beta1 * e + (1 - beta1) * ipt
-            u_new = beta2 * u + (1 - beta2) * (ipt - e_new).abs()
-            e.copy_(torch.where(keep, e_new, e))
-            u.copy_(torch.where(keep, u_new, u))
-        allocator.update_and_allocate(step)
+
+    _, allocator, ema, unc = _reference_run(111, 4, device, poison)
     for j, (e, u) in enumerate(zip(ema, unc)):
         assert torch.isfinite(allocator._exp_avg_ipt[j]).all() and torch.isfinite(allocator._exp_avg_unc[j]).all()
         # float32 averages of four updates: a few float32 units (as the recurrence test).

@@ -331,7 +331,7 @@ def test_scheduler_resume_draws_the_uninterrupted_samples():
     train(resumed, resumed_optimizer, resumed_scheduler, 4)
     for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
-    for bad, error, message in (({}, ValueError, "state lacks 'steps'"), ([], TypeError, "state must be a dict"),
+    for bad, error, message in (({}, ValueError, r"state lacks \['steps'\]"), ([], TypeError, "state must be a dict"),
                                 ({"steps": 1, "generator_state": 3}, TypeError, r"state\['generator_state'\] must be")):
         with pytest.raises(error, match="SSTScheduler.load_state_dict: " + message):
             resumed_scheduler.load_state_dict(bad)

@@ -63,6 +63,18 @@ def require_number(op: str, name: str, value, low: float, high: float = math.inf
 
 
 
+def require_state(op: str, state, owner: str, required, optional=()) -> None:
+    """A ``load_state_dict`` argument: a dict holding ``required`` keys (TypeError / ValueError
+    naming what is wrong and the keys ``owner.state_dict()`` gives), checked before anything
+    is loaded (an empty dict raised KeyError, after earlier keys had been taken)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"{op}: state must be a dict from {owner}.state_dict(); got {type(state).__name__}")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"{op}: state lacks {missing}; expected {owner}.state_dict()'s keys "
+                         f"{list(required) + list(optional)}, got {sorted(map(str, state))}")
+
+
 def require_generator_state(op: str, name: str, state):
     """``state`` when it is None or a ``torch.Generator.get_state()`` tensor (uint8); a TypeError
     naming it otherwise (a resumed run's sketches or samples follow from it)."""

@@ -137,10 +137,12 @@ class LowrankLoraLinear(PeftLoraLinear):
         modules: ``lora_A``, ``lora_B`` plain ``nn.Linear`` modules, the dropout a plain
         ``nn.Dropout`` or ``nn.Identity``, DoRA's magnitude a plain ``DoraLinearLayer`` (their
         hooks or a QAT swap's forward were ignored: 0.8-5.4 off).  The base: :meth:`_plain_base`."""
-        if not (plain_module(self.lora_A[name], torch.nn.Linear) and plain_module(self.lora_B[name], torch.nn.Linear)
-                and plain_module(self.lora_dropout[name], torch.nn.Dropout, torch.nn.Identity)):
+        linear, dropout = torch.nn.Linear, (torch.nn.Dropout, torch.nn.Identity)
+        if not (plain_module(self.lora_A[name], linear) and plain_module(self.lora_B[name], linear)
+                and plain_module(self.lora_dropout[name], *dropout)):
             return False
-        return name not in self.lora_magnitude_vector or plain_module(self.lora_magnitude_vector[name], DoraLinearLayer)
+        magnitudes = self.lora_magnitude_vector
+        return name not in magnitudes or plain_module(magnitudes[name], DoraLinearLayer)
 
     def _fast_mixed_batch(self, x: torch.Tensor, args, kwargs) -> Optional[List[str]]:
         """The sorted adapters named by a mixed batch when lora_linear_multi applies, else None."""

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 import torch
 
-from .._args import require_generator_state, require_int
+from .._args import require_generator_state, require_int, require_state
 from ..nn.spectral import SpectralLinear
 from ._layers import build_replacements, linear_sites, replace_everywhere
 
@@ -158,11 +158,7 @@ class SSTScheduler:
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (checked first: a wrong state changes nothing)."""
         op = "SSTScheduler.load_state_dict"
-        if not isinstance(state, dict):
-            raise TypeError(f"{op}: state must be a dict from SSTScheduler.state_dict(); got {type(state).__name__}")
-        if "steps" not in state:
-            raise ValueError(f"{op}: state lacks 'steps'; expected SSTScheduler.state_dict()'s keys "
-                             f"['steps', 'generator_state'], got {sorted(map(str, state))}")
+        require_state(op, state, "SSTScheduler", ("steps",), ("generator_state",))
         steps = require_int(op, "state['steps']", state["steps"], 0)
         generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
         if self.generator is not None and generator_state is not None:  # (absent in states saved before it was kept)

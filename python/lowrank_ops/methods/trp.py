@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from .._args import (is_integer, is_real_number, require_generator, require_generator_state, require_int,
-                     require_number, require_values)
+                     require_number, require_state, require_values)
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -382,12 +382,7 @@ class TRPScheduler:
         """Restores :meth:`state_dict`'s steps, ranks and generator state (checked first, so a
         wrong or corrupted state changes nothing)."""
         op = "TRPScheduler.load_state_dict"
-        if not isinstance(state, dict):
-            raise TypeError(f"{op}: state must be a dict from TRPScheduler.state_dict(); got {type(state).__name__}")
-        missing = [key for key in ("steps", "ranks") if key not in state]
-        if missing:
-            raise ValueError(f"{op}: state lacks {missing}; expected TRPScheduler.state_dict()'s keys "
-                             f"['steps', 'ranks', 'generator_state'], got {sorted(map(str, state))}")
+        require_state(op, state, "TRPScheduler", ("steps", "ranks"), ("generator_state",))
         steps = require_int(op, "state['steps']", state["steps"], 0)
         ranks = state["ranks"]
         if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_integer(v) for k, v in ranks.items()):

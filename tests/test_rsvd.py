@@ -112,6 +112,51 @@ def test_orthonormalizers_and_dtypes_meet_the_bar(orthonormalize, dtype, generat
     assert_orthonormal(U.double(), 1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("condition", [1e3, 1e5, 1e6])
+def test_float32_power_iteration_basis_is_orthonormal_when_ill_conditioned(condition, generator):
+    """rsvd's CholeskyQR basis of a float32 block stays orthonormal up to condition numbers
+    near float32's resolution (one pass in float64: ||Q^T Q - I|| ~ u_64 cond^2, 1e-5 at
+    1e6).  The float32 shifted + plain passes it replaced
+    left ||Q^T Q - I|| at 0.02 for cond 1e3 and 6 for cond 1e4 (the float32 shift is
+    ~||Y||^2 at such sizes), which cost rsvd 30x-1000x the optimal error on steep spectra."""
+    from lowrank_ops.linalg.rsvd import _orthonormalize
+
+    m, n = 2048, 70
+    left = torch.linalg.qr(torch.randn(m, n, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64)).Q
+    values = torch.logspace(0, -math.log10(condition), n, dtype=torch.float64)
+    Y = ((left * values) @ right.T).float().T.contiguous().T  # column-major, as rsvd's products
+    Q = _orthonormalize(Y.clone(), "cholqr2")
+    assert Q.dtype == torch.float32
+    assert_orthonormal(Q.double(), 1e-4)
+    # The same column space: Y's component outside range(Q) is float32 rounding of Y.
+    Q64, Y64 = Q.double(), Y.double()
+    outside = torch.linalg.matrix_norm(Y64 - Q64 @ (Q64.T @ Y64)) / torch.linalg.matrix_norm(Y64)
+    assert outside <= 1e-5, outside.item()
+
+
+@pytest.mark.parametrize("kind", ["exp8", "decay3"])
+def test_float32_steep_spectra_match_householder_accuracy(kind, generator):
+    """float32 rsvd without the low-precision sketch on spectra whose tail sits 1e-6 below
+    the top: as accurate as with Householder bases, near torch.svd_lowrank's.  Before, the
+    CholeskyQR bases lost the weak directions (e^(-i/8), 600 x 600, rank 60: 1.032x the
+    optimal error) and the Rayleigh-Ritz SVD through B's transpose lost the tail (i^-3,
+    1100 x 1100, rank 100: 1.20x; now 1.008x, torch.svd_lowrank 1.008x)."""
+    n, k = (600, 60) if kind == "exp8" else (1100, 100)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    s = torch.exp(-i / 8) if kind == "exp8" else i.pow(-3)
+    A = with_spectrum(n, n, s, generator).float()
+    exact = A.double()
+    ratios = {}
+    for how in ("cholqr2", "qr"):
+        U, S, Vh = rsvd(A, k, orthonormalize=how, sketch_dtype=None, generator=torch.Generator().manual_seed(0))
+        ratios[how] = (torch.linalg.norm(exact - (U.double() * S.double()) @ Vh.double()) / optimal_error(s, k)).item()
+    # Float32 factors carry ~u ||A|| of rounding, 1e-3 of the optimal error at e^(-i/8) and
+    # rank 60, 0.05 at i^-3 and rank 100 (squared, as the excess: 1e-6 and 3e-3).
+    assert ratios["cholqr2"] <= (1.001 if kind == "exp8" else 1.03), ratios
+    assert ratios["qr"] <= (1.001 if kind == "exp8" else 1.03), ratios
+
+
 def test_auto_orthonormalizer_policy(monkeypatch):
     """``orthonormalize="auto"``: Householder QR for small single blocks on the CPU, CholeskyQR2
     for large blocks and batches (their cost is flops, where the GEMMs win); same bases up
@@ -496,8 +541,9 @@ def test_error_probes_zero_is_the_algorithm_as_before(generator):
     assert type(result) is RSVDResult
     omega = torch.randn(50, 16, generator=torch.Generator().manual_seed(4), dtype=A.dtype)
     Q = torch.linalg.qr((omega.T @ A.T).T).Q  # rsvd forms the product A omega so, column-major
-    V, S, Ubh = torch.linalg.svd((Q.T @ A).T, full_matrices=False)  # the wide SVD through its transpose
-    U, Vh = normalize_signs(Q @ Ubh.T[:, :6], V.T[:6])
+    Qb, R = torch.linalg.qr((Q.T @ A).T)  # the wide B = Q^T A: QR of its transpose, SVD of R^T
+    Ub, S, Vr = torch.linalg.svd(R.T)
+    U, Vh = normalize_signs(Q @ Ub[:, :6], (Qb @ Vr.T).T[:6])
     for ours, written_out in zip(result, (U.contiguous(), S[:6].contiguous(), Vh.contiguous())):
         assert torch.equal(ours, written_out)
     assert torch.equal(rsvd(A, 6, n_iter=0, compute_uv=False, generator=torch.Generator().manual_seed(4)), S[:6])
@@ -931,10 +977,14 @@ def test_error_estimates_are_scale_invariant(dtype, scales, generator):
         for name, ours, expected in zip(("fro", "2", "rsvd error"), estimates(c), reference):
             assert torch.isfinite(ours) and abs(ours.item() / (expected.item() * c) - 1) <= tol, (c, name, ours)
 
-@pytest.mark.parametrize("dtype,condition,tol", [(torch.float64, 1e12, 1e-14), (torch.float32, 1e4, 2e-6)], ids=str)
-def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, tol, generator):
+@pytest.mark.parametrize("dtype,condition,tol,rows", [(torch.float64, 1e12, 1e-14, 500), (torch.float32, 1e4, 2e-6, 500),
+                                                      (torch.float32, 1e6, 2e-6, 500), (torch.float32, 1e6, 2e-6, 4096)],
+                         ids=str)
+def test_cholesky_qr2_orthonormalizes_ill_conditioned_blocks(dtype, condition, tol, rows, generator):
+    """float32 up to cond 1e6 and at 4096 rows too: there the float32 shift (about ||Y||^2)
+    left ||Q^T Q - I|| at 0.02 for cond 1e5 and 7 for 1e6; the first pass runs in float64 now."""
     s = torch.logspace(0, -math.log10(condition), 30, dtype=torch.float64)
-    Y = with_spectrum(500, 30, s, generator).to(dtype)
+    Y = with_spectrum(rows, 30, s, generator).to(dtype)
     Q, R = cholesky_qr2(Y)
     assert_orthonormal(Q.double(), tol)
     assert torch.equal(R, torch.triu(R))

@@ -6,9 +6,21 @@ CholeskyQR2 needs ``cond(Y) < u^-1/2``; with ``shift=True`` a first pass on
 ``Y^T Y + s I`` with ``s = 11 (m n + n (n + 1)) u ||Y||_F^2`` conditions the block first
 (shifted CholeskyQR3, Fukaya et al. 2020).  Measured on 500 x 30 blocks:
 ``||Q^T Q - I||_max`` stays at 1e-15 up to ``cond(Y) = 1e12`` in float64 (1e-13 at 1e14;
-plain CholeskyQR2: 8e-8 at 1e12) and at 4e-7 up to 1e4 in float32 (4e-5 at 1e5).
-No condition estimate, and so no host synchronization, is needed to decide.  Cost per
-pass: ``2 m n^2`` flops (Gram) + ``m n^2`` (triangular solve).
+plain CholeskyQR2: 8e-8 at 1e12).  No condition estimate, and so no host
+synchronization, is needed to decide.  Cost per pass: ``2 m n^2`` flops (Gram) + ``m
+n^2`` (triangular solve).
+
+float32 with ``shift=True``: the shift cannot work in float32 beyond small blocks, since
+``11 (m n + n (n + 1)) u`` is 0.2 at 4096 x 74 and 0.37 at 4096 x 138: the shift is about
+``||Y||^2`` itself, the shifted pass barely lowers the condition number, and the plain
+passes after it fail from ``cond(Y) ~ 1e5`` (4096 x 138: ``||Q^T Q - I||_2`` 0.02 at
+1e5, 7 at 1e6, where Q is no basis at all).  So a float32 block's first pass is a plain
+pass in float64 instead (Gram matrix, Cholesky factor and solve; Q rounded to float32):
+orthonormal to about ``u_64 cond(Y)^2`` (1e-5 at 1e6), which the remaining plain passes,
+one fewer, in float32, bring to float32's rounding.  Measured (4096 x 138 and 200 x 20,
+cond 1e2 to 1e7): ``||Q^T Q - I||_2`` 4e-7 to 7e-7 with the default two plain passes
+(Householder QR: 3e-7 to 9e-7), 1e-8 to 3e-3 with one.  The same number of passes'
+flops (a float64 pass costs about two float32 ones), and no decision from the data.
 
 On the CPU (float32 and float64 blocks that need no gradient) the whole algorithm is one
 call of the kernels of :mod:`lowrank_ops.ops.qr` (``cholesky_qr_``), in place on a copy
@@ -38,6 +50,18 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
     as much as a pass on the VMs measured)."""
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y, overwrite = Y.float(), True
+    if shift and Y.dtype == torch.float32:
+        # The shifted pass's role goes to a plain pass in float64 (see the module docstring),
+        # its Q rounded back (into Y's own storage when Y is a temporary); the later plain
+        # passes stay in float32, one fewer: the float64 pass leaves a basis that one
+        # float32 pass makes orthonormal.
+        Q, R = _cholesky_qr(Y.double(), False, 1, overwrite=True)
+        Q, R = (Y.copy_(Q) if overwrite and not Y.requires_grad else Q.float()), R.float()
+        if plain_passes <= 1:
+            return Q, R
+        Q, R_rest = _cholesky_qr(Q, False, plain_passes - 1, overwrite=True)
+        with without_autocast(Y.device):
+            return Q, R_rest @ R
     with without_autocast(Y.device):
         if Y.device.type != "cpu" or (Y.requires_grad and torch.is_grad_enabled()) or composed_path():
             return cholesky_qr_torch(Y, shift, plain_passes)
@@ -58,12 +82,14 @@ def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2,
         ``m >= n``; float32 or float64 (half types are computed in float32).
     shift : bool
         Precede the plain passes by a shifted one (shifted CholeskyQR3), for blocks whose
-        condition number may exceed ``u^-1/2``.
+        condition number may exceed ``u^-1/2``.  For float32 the shifted pass is a plain
+        pass in float64 instead, and the plain passes after it one fewer (see the module
+        docstring): orthonormal up to ``cond(Y) ~ 1e7``.
     plain_passes : int
         Unshifted passes after the optional shifted one (2: CholeskyQR2).  ``0`` with
         ``shift=True`` spans exactly ``range(Y)`` with a basis whose condition number is
         at most about ``u^-1/2``, not orthonormal: enough between the products of a
-        power iteration.
+        power iteration (float32: the float64 pass alone, as with 1).
     check_finite : bool, optional
         ValueError for NaN or inf in ``Y`` (whose Q and R would be NaN); default True on
         the CPU, False on CUDA (a host synchronization), as :func:`rsvd`'s.

@@ -44,7 +44,7 @@ from .._args import is_integer, is_real_number, require_generator
 from .._autocast import without_autocast
 from .._finite import all_finite
 from .._signs import normalize_signs
-from .._thin_svd import thin_svd
+from .._thin_svd import graded_thin_svd
 from ..ops._library import refuse_transforms
 from .rsvd import _overflow_error, _randn, check_n_iter
 
@@ -206,7 +206,7 @@ def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:
         Q, B = torch.cat([Q, Y], dim=1), torch.cat([B, B_i], dim=0)
         remaining -= float(torch.linalg.vector_norm(B_i, dtype=torch.float64)) ** 2
     try:
-        Ub, S, Vh = thin_svd(B)
+        Ub, S, Vh = graded_thin_svd(B)
     except torch.linalg.LinAlgError:
         if all_finite(B):
             raise

@@ -265,16 +265,62 @@ def check_n_iter(op: str, name: str, n_iter, auto: bool = True) -> None:
         raise ValueError(f"{op}: {name} must be {wanted}an int in [0, {MAX_N_ITER}]; got {n_iter!r}")
 
 
-def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes=0, centering=None):
+# sketch_dtype="auto" on the CPU: the relative tail ||M - Q Q^T M||_F / ||M||_F below which
+# a low-precision sketch's basis is redone in full precision (see _range_basis), and the
+# probes that estimate it when the caller asked for none (from their own generator).
+_SKETCH_MIN_TAIL = 2.0 ** -7
+_SKETCH_CHECK_PROBES = 4
+
+
+def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes=0, centering=None,
+                 verify_sketch=False):
+    """:func:`_sketched_basis`, and with ``verify_sketch`` (``sketch_dtype="auto"``) the check
+    that the low-precision sketch could resolve M's range: where it could not, the basis is
+    refined in full precision.
+
+    A bfloat16 copy of M carries a perturbation of about ``2^-9 / sqrt(3) ||M||_F``; where
+    M's tail beyond the basis, ``||M - Q Q^T M||_F``, is not well above it (steep spectra,
+    large ranks), the sketch's subspace is perturbed at the tail's own scale and the last
+    full-precision product cannot repair it.  Measured (2048 x 2048, float32, rank k, excess
+    error over the optimal, bfloat16 sketch / float32 throughout): ``sigma_i = i^-2`` k =
+    128: 7.5e-2 / 8.7e-5, k = 200: 0.26 / 6.1e-4; ``i^-3`` k = 32: 0.14 / 1.1e-5; while at
+    ``1 / i`` (tail 7e-2 of ``||M||_F`` at k = 128) both are 4.3e-4.  So the relative tail is
+    estimated from probes riding along in the last full-precision product (the caller's
+    ``probes``, else :data:`_SKETCH_CHECK_PROBES` of a fixed seed, so the caller's generator
+    draws what it draws without the check), and where it is below :data:`_SKETCH_MIN_TAIL`
+    (about 7x the copy's perturbation) for any matrix of the batch, the basis is refined by
+    ``n_iter`` full-precision iterations started from it: as accurate as ``sketch_dtype=
+    None``, at 1.5x its time for such matrices only.  The check costs the probes' columns
+    in one product (about 1 % at 4096 x 4096 rank 128).  CPU only: on CUDA reading the
+    estimate would synchronize with the host, so the sketch stays unchecked there, as
+    while torch.compile traces (a data-dependent branch).
+    """
+    check = (verify_sketch and sketch_dtype is not None and n_iter > 0 and M.device.type == "cpu"
+             and values_readable(M))
+    if not check:
+        return _sketched_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes, centering)
+    own = probes == 0
+    probe_generator = torch.Generator().manual_seed(0) if own else generator
+    Q, probe = _sketched_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype,
+                               probes or _SKETCH_CHECK_PROBES, centering, probe_generator)
+    _, MW = probe
+    tail = _scaled_norm(MW - Q @ (Q.transpose(-2, -1) @ MW))
+    if bool((tail >= _SKETCH_MIN_TAIL * _scaled_norm(MW)).all()):
+        return Q, (None if own else probe)
+    return _sketched_basis(M, l, n_iter, method, how, Q, generator, False, None, probes, centering)
+
+
+def _sketched_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes=0, centering=None,
+                    probe_generator=None):
     """``(Q, probe)``: an orthonormal basis ``Q [..., p, l']`` approximating the range of
     ``M [..., p, q]``, and ``probe = (W, M W)`` for ``probes > 0`` (else None).
 
     With a :class:`_Centering` every product is with the centered ``C`` instead of ``M``
     (``M`` above reads ``C``): ``M`` is read only through the product helpers below.
 
-    ``W [..., q, probes]`` are standard Gaussian probes in M's dtype, drawn after every
-    random number of the sketch (the basis is the one drawn without them) and independent
-    of it.  ``M W`` is computed with the last full-precision product with M, by appending
+    ``W [..., q, probes]`` are standard Gaussian probes in M's dtype, drawn (from
+    ``probe_generator``, default ``generator``) after every random number of the sketch
+    (the basis is the one drawn without them) and independent of it.  ``M W`` is computed with the last full-precision product with M, by appending
     W to its right-hand block: no extra pass over M.  Measured (2-core AMX Xeon, float32,
     8 probes, paired medians): rsvd +1.2 % at 2048 x 2048 rank 64 and +0.9 % at 1024 x 2730
     rank 32, against +3.0 % and +3.7 % for a separate ``lowrank_error`` (one more pass).
@@ -356,7 +402,8 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
         block = block.to(M.dtype)
         if probes == 0:
             return product(M, block)
-        W = _randn(*batch, q, probes, generator=generator, device=M.device, dtype=M.dtype)
+        W = _randn(*batch, q, probes, generator=generator if probe_generator is None else probe_generator,
+                   device=M.device, dtype=M.dtype)
         # [block, W] in block's memory layout (the orthonormalizers return column-major
         # blocks): the GEMM then takes the same path, and block's columns of the product
         # keep the bits they have without probes (seen with CPU BLAS; not promised).
@@ -427,10 +474,10 @@ class _RSVDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype, error_probes,
+    def forward(A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch, error_probes,
                 center):
         with without_autocast(A.device):
-            factors = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch_dtype,
+            factors = _rsvd_factors(A.detach(), rank, oversample, n_iter, method, how, init, generator, sketch,
                                     error_probes, compute_uv, center)
         # Outputs that are views of the work buffers (slices left as they were without the
         # sign rule) broke forward mode ("tangent ... same layout as primal"): own storage.
@@ -489,7 +536,7 @@ class _RSVDFunction(torch.autograd.Function):
         return (dU, dS, dVh, None) if ctx.compute_uv else (None, dS, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch_dtype,
+    def vmap(info, in_dims, A, rank, oversample, n_iter, method, how, init, generator, compute_uv, sketch,
              error_probes, center):
         # One batched call: the vmapped dimension becomes A's (and init's) leading batch
         # dimension; an unbatched init is shared by every matrix of the batch.
@@ -498,14 +545,16 @@ class _RSVDFunction(torch.autograd.Function):
             init = init.movedim(in_dims[6], 0) if in_dims[6] is not None else init.expand(info.batch_size,
                                                                                           *init.shape)
         output = _RSVDFunction.apply(A, rank, oversample, n_iter, method, how, init, generator, compute_uv,
-                                     sketch_dtype, error_probes, center)
+                                     sketch, error_probes, center)
         return output, tuple(None if tensor is None else 0 for tensor in output)
 
 
-def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch_dtype, error_probes,
+def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, sketch, error_probes,
                   signs=True, center=False):
     """``(U, S, Vh, error)``; ``error`` (None when ``error_probes == 0``) estimates ``||A - U S Vh||_F``.
 
+    ``sketch``: ``(sketch_dtype, verify)``, the resolved sketch dtype and whether it was
+    chosen by ``"auto"`` (then checked, see :func:`_range_basis`).
     ``signs``: apply the library's sign rule (:func:`lowrank_ops._signs.normalize_signs`).
     ``center``: factor the column-centered ``A - 1 mu^T`` instead (``error`` then of it).
     """
@@ -515,8 +564,9 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
     M = work.transpose(-2, -1) if transposed else work
     l = min(rank + oversample, min(m, n))
     centering = _Centering.of(work, transposed) if center else None
+    sketch_dtype, verify_sketch = sketch
     Q, probe = _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, error_probes,
-                            centering)
+                            centering, verify_sketch)
     B = Q.transpose(-2, -1) @ M
     if centering is not None:  # Q^T C = (C^T Q)^T
         B = centering.transposed_times(B.transpose(-2, -1), Q).transpose(-2, -1)
@@ -596,8 +646,12 @@ def rsvd(
         Run the power iterations' products in this precision (``method="subspace"``,
         ``n_iter >= 1``): a copy of A in that dtype, tensor-core / AMX speed; the last
         product and the Rayleigh-Ritz step stay in full precision, which keeps the
-        accuracy (the excess error over the optimal rank-k error is unchanged to two
-        digits in bench/bench_rsvd.py and tests/test_rsvd.py).  Costs one extra copy of
+        accuracy where A's tail beyond the basis is well above the copy's rounding (the
+        excess error over the optimal rank-k error is unchanged to two digits on
+        bench/bench_rsvd.py's ``1 / i`` spectra).  Under ``"auto"`` on the CPU the sketch is
+        checked, and refined in full precision where the tail is below ``2^-7 ||A||_F``
+        (steep spectra: see ``_range_basis``); not on CUDA, where reading the check would
+        synchronize with the host.  Costs one extra copy of
         A in the sketch dtype for the call's duration (half of A's bytes from float32;
         measured peak beyond the inputs at 1024 x 1024, rank 32: 4.2 MB against 1.2 MB with
         ``None`` and 0.6-0.8 MB for ``torch.svd_lowrank``; pass ``None`` where memory is
@@ -688,10 +742,9 @@ def rsvd(
                                                        generator=generator)
     _check_sketch_dtype("rsvd", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, rank, A, init)
-    sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
+    sketch = (_resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter), sketch_dtype == "auto")
     U, S, Vh, error = _RSVDFunction.apply(
-        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch_dtype, error_probes,
-        center,
+        A, rank, oversample, n_iter, method, orthonormalize, init, generator, compute_uv, sketch, error_probes, center,
     )
     # A separate result type, not a fourth field on RSVDResult: existing callers unpack
     # exactly three values, and a caller who asks for the estimate unpacks four.
@@ -811,11 +864,12 @@ def range_finder(
                                               generator=generator)
     _check_sketch_dtype("range_finder", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, size, A, init)
+    verify_sketch = sketch_dtype == "auto"
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     with without_autocast(A.device):
         Q, probe = _range_basis(work, size, n_iter, method, orthonormalize, init, generator, False, sketch_dtype,
-                                error_probes)
+                                error_probes, None, verify_sketch)
         # (Not while torch.compile traces: a data-dependent branch, as _validate's check.)
         if (A.device.type == "cpu" and values_readable(A) if check_finite is None else check_finite) \
                 and not all_finite(Q):

@@ -379,6 +379,18 @@ def test_factor_rank_update_fallback(generator):
     # The single-threaded factorization reports the first non-positive pivot (1-based).
     K = torch.tensor([[4.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
     assert ext.mfac_cholesky_factor_cpu(A=K.data_ptr(), a_ld=3, n=3) == 2
+    # The CUDA impl (torch's Cholesky, run here on the CPU) reports what the kernel does for
+    # a K that is singular to rounding (a repeated gradient, damp 1e-17): dpotrf's info
+    # alone said 0 where the pivot is noise.
+    from lowrank_ops.ops.mfac import _cholesky_factor_cuda
+
+    g = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=torch.float64)
+    G = torch.cat([g, g[:1]])
+    K = G @ G.T + 3e-17 * torch.eye(3, dtype=torch.float64)
+    kernel = ext.mfac_cholesky_factor_cpu(A=K.clone().data_ptr(), a_ld=3, n=3)
+    assert kernel == 3
+    assert int(_cholesky_factor_cuda(K.clone())) == kernel
+    assert int(_cholesky_factor_cuda(torch.eye(3, dtype=torch.float64))) == 0
     with pytest.raises(ValueError, match="need 0 <= s < n; got s = 3, n = 3"):
         ext.mfac_cholesky_replace_cpu(U=U.data_ptr(), u_ld=3, n=3, s=3, row=good.data_ptr(), work=work.data_ptr())
 

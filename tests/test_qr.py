@@ -144,6 +144,25 @@ def test_cholesky_is_backward_stable_with_the_pass_shift(device, dtype, shift, b
         assert difference <= 2 * (n + 1) * n * ACCUMULATE_UNIT[dtype] * kappa * scale, (difference, kappa, scale)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_torch_cholesky_and_gram_read_the_upper_triangle_as_the_kernels(shift, generator):
+    """The CUDA impls (shifted_cholesky, the Gram's), run here on the CPU: the factor reads
+    only G's upper triangle, as the CPU kernel (it read the lower one: a Gram matrix with
+    one triangle filled gave a wrong R on CUDA only), and the Gram matrix is exactly
+    symmetric (mirrored: cuBLAS promises no bitwise symmetry)."""
+    from lowrank_ops.ops.qr import _tall_gram_cuda
+
+    Y = randn(200, 12, dtype=torch.float64, generator=generator)
+    gram = Y.T @ Y
+    upper_only = gram.triu()
+    expected = tall_cholesky(gram, 200, shift)  # the CPU kernel
+    assert torch.allclose(shifted_cholesky(upper_only, 200, shift), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(shifted_cholesky(gram, 200, shift), expected, rtol=1e-12, atol=1e-12)
+    mirrored = _tall_gram_cuda(Y.float())
+    assert torch.equal(mirrored, mirrored.mT)
+    assert (mirrored.double() - gram).abs().max() <= 1e-5 * gram.abs().max()  # float32 sums of 200 terms
+
+
 @pytest.mark.parametrize("dtype", REAL)
 def test_cholesky_of_a_singular_gram_takes_the_fallback_shift(device, dtype, generator):
     """A rank-deficient block (two equal columns): its Gram matrix is singular, the plain

@@ -28,8 +28,11 @@ matrix ``C = A - 1 mu^T`` (``mu``: the mean over the rows), which is never forme
 product with it is the product with ``A`` plus a rank-one correction (:class:`_Centering`),
 so a sparse ``A`` stays sparse.
 
-No host synchronization happens unless asked (``check_finite`` on CUDA): sizes are
-static and every decision is made from shapes.
+Host synchronization on CUDA: rsvd's SVD of the small ``B`` synchronizes (as
+``torch.linalg.svd`` does there, to check convergence), and so does its check of a
+``sketch_dtype="auto"`` sketch (``_range_basis``); :func:`range_finder` reads nothing back
+unless asked (``check_finite``): sizes are static and every other decision is made from
+shapes.
 """
 from __future__ import annotations
 
@@ -291,12 +294,12 @@ def _range_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_
     (about 7x the copy's perturbation) for any matrix of the batch, the basis is refined by
     ``n_iter`` full-precision iterations started from it: as accurate as ``sketch_dtype=
     None``, at 1.5x its time for such matrices only.  The check costs the probes' columns
-    in one product (about 1 % at 4096 x 4096 rank 128).  CPU only: on CUDA reading the
-    estimate would synchronize with the host, so the sketch stays unchecked there, as
-    while torch.compile traces (a data-dependent branch).
+    in one product (about 1 % at 4096 x 4096 rank 128).  Reading the estimate synchronizes
+    a CUDA device with the host: rsvd checks there too (its SVD of B synchronizes anyway,
+    as torch.linalg.svd does on CUDA), range_finder, otherwise free of host reads, only on
+    the CPU.  Not while torch.compile traces (a data-dependent branch).
     """
-    check = (verify_sketch and sketch_dtype is not None and n_iter > 0 and M.device.type == "cpu"
-             and values_readable(M))
+    check = verify_sketch and sketch_dtype is not None and n_iter > 0 and values_readable(M)
     if not check:
         return _sketched_basis(M, l, n_iter, method, how, init, generator, transposed, sketch_dtype, probes, centering)
     own = probes == 0
@@ -650,8 +653,8 @@ def rsvd(
         excess error over the optimal rank-k error is unchanged to two digits on
         bench/bench_rsvd.py's ``1 / i`` spectra).  Under ``"auto"`` on the CPU the sketch is
         checked, and refined in full precision where the tail is below ``2^-7 ||A||_F``
-        (steep spectra: see ``_range_basis``); not on CUDA, where reading the check would
-        synchronize with the host.  Costs one extra copy of
+        (steep spectra: see ``_range_basis``), on CUDA too (one host read; rsvd's SVD
+        reads one anyway; :func:`range_finder` checks on the CPU only).  Costs one extra copy of
         A in the sketch dtype for the call's duration (half of A's bytes from float32;
         measured peak beyond the inputs at 1024 x 1024, rank 32: 4.2 MB against 1.2 MB with
         ``None`` and 0.6-0.8 MB for ``torch.svd_lowrank``; pass ``None`` where memory is
@@ -864,7 +867,7 @@ def range_finder(
                                               generator=generator)
     _check_sketch_dtype("range_finder", sketch_dtype, method)
     n_iter = _auto_iterations(n_iter, size, A, init)
-    verify_sketch = sketch_dtype == "auto"
+    verify_sketch = sketch_dtype == "auto" and A.device.type == "cpu"  # no host read on CUDA (see _range_basis)
     sketch_dtype = _resolve_sketch_dtype(sketch_dtype, A, method, orthonormalize, n_iter)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     with without_autocast(A.device):

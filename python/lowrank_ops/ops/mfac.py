@@ -248,12 +248,30 @@ def _cholesky_factor_cpu(K):
     return torch.tensor([info], dtype=torch.int32)
 
 
+def first_noise_pivot(factor: torch.Tensor, diagonal: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """LAPACK's ``info``, or where it accepted every pivot, the 1-based first column whose
+    squared pivot fails the serial factorization's test (``mfac_valid_pivot`` in mfac.h:
+    above ``n eps K_kk``, the rounding of the subtraction that formed it, and finite), 0
+    if none; ``diagonal``: K's.  dpotrf refuses only pivots <= 0, so whether a singular K
+    got through as rounding noise was luck (a repeated gradient at damp 1e-17 did about
+    once in three).  On the device: no host read."""
+    n = diagonal.shape[-1]
+    if n == 0:
+        return info
+    pivots = factor.diagonal().square()
+    valid = (pivots > n * torch.finfo(torch.float64).eps * diagonal) & (pivots <= torch.finfo(torch.float64).max)
+    first_invalid = (~valid).to(torch.int32).argmax() + 1
+    return torch.where((info != 0) | valid.all(), info, first_invalid.to(info.dtype))
+
+
 def _cholesky_factor_cuda(K):
-    """The same through torch (cuSOLVER); the status stays on the device."""
+    """The same through torch (cuSOLVER), with the CPU kernel's pivot test (dpotrf's info
+    alone reported a numerically singular K as factored); the status stays on the device."""
     _check_square("mfac_cholesky_factor_", "K", K)
+    diagonal = K.diagonal().clone()
     factor, info = torch.linalg.cholesky_ex(K, upper=True)
     K.copy_(factor)
-    return info.reshape(1).to(torch.int32)
+    return first_noise_pivot(factor, diagonal, info).reshape(1).to(torch.int32)
 
 
 def _cholesky_factor_fake(K):

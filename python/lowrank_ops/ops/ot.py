@@ -242,9 +242,11 @@ def _fill_impl(C, x, y, f, g, reg, cost, active, columns, threshold, row_ptr):
     if row_ptr.device != f.device:
         _fail(op, f"row_ptr is on {row_ptr.device}; expected {f.device} (the device of f)")
     row_ptr = row_ptr.contiguous()
-    # One host read: nnz, and the entries row_ptr gives the inactive problems (the kernel
-    # skips them, so entries there would come back as column 0, value 0: not a CSR).
-    inactive = 0 if active is None or rows == 0 else (row_ptr[rows::rows] - row_ptr[:-1:rows])[~active].sum()
+    # One host read for nnz and the entries row_ptr gives the inactive problems (the kernel
+    # skips them, so entries there would come back as column 0, value 0: not a CSR); then
+    # check_row_ptr's (three on CUDA).  No boolean indexing: it would read back a count.
+    inactive = 0 if active is None or rows == 0 else \
+        torch.where(active, 0, row_ptr[rows::rows] - row_ptr[:-1:rows]).sum()
     nnz, inactive = torch.stack([row_ptr[-1], torch.as_tensor(inactive, device=row_ptr.device)]).tolist()
     if inactive:
         _fail(op, f"row_ptr gives the inactive problems {inactive} entries; expected 0 (they are not filled)")
@@ -368,8 +370,9 @@ def _row_grad_impl(C, x, y, f, g, reg, cost, active, columns, lse):
         _fail(op, "needs a point cost (cost code 1 or 2)")
     src, _keep = _source(op, C, x, y, f, g, reg, cost, active, columns)
     rows_x = y if columns else x
-    if tuple(lse.shape) != tuple(rows_x.shape[:2]) or lse.dtype != f.dtype:
-        _fail(op, f"lse has shape {tuple(lse.shape)}; expected {tuple(rows_x.shape[:2])} {f.dtype}")
+    if tuple(lse.shape) != tuple(rows_x.shape[:2]) or lse.dtype != f.dtype or lse.device != f.device:
+        _fail(op, f"lse has shape {tuple(lse.shape)}, {lse.dtype} on {lse.device}; expected "
+                  f"{tuple(rows_x.shape[:2])}, {f.dtype} on {f.device}")
     lse = lse.contiguous()
     grad = f.new_empty(rows_x.shape)
     if grad.numel():

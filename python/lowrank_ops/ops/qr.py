@@ -61,7 +61,9 @@ def _tall_gram_cpu(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _tall_gram_cuda(Y: torch.Tensor) -> torch.Tensor:
-    return (Y.mT @ Y).contiguous()
+    # Mirrored from the upper triangle: cuBLAS promises no bitwise symmetry (split-K, tiles).
+    gram = (Y.mT @ Y).triu()
+    return gram + gram.triu(1).mT
 
 
 def _tall_gram_fake(Y: torch.Tensor) -> torch.Tensor:
@@ -138,11 +140,13 @@ def shifted_cholesky(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor
     # Where the Gram matrix is numerically singular (a rank-deficient block, whose
     # rounding makes it indefinite), use a factorization with a roundoff-sized shift
     # instead, so the result stays finite; both are n x n, cheap next to the Gram.
-    L, info = torch.linalg.cholesky_ex(gram + tiny * eye)
+    # upper=True: potrf reads G's upper triangle, as the CPU kernel (the lower one, which
+    # the default reads, need not be filled: a Gram matrix from syrk holds one triangle).
+    R, info = torch.linalg.cholesky_ex(gram + tiny * eye, upper=True)
     if not shift:
-        L_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye)
-        L = torch.where((info == 0)[..., None, None], L, L_safe)
-    return L.transpose(-2, -1)
+        R_safe, _ = torch.linalg.cholesky_ex(gram + (n * unit * norm2 + tiny) * eye, upper=True)
+        R = torch.where((info == 0)[..., None, None], R, R_safe)
+    return R
 
 
 def _tall_cholesky_cpu(gram: torch.Tensor, rows: int, shift: bool) -> torch.Tensor:

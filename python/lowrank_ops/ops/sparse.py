@@ -149,9 +149,9 @@ def _csr_spmm_cuda(row_ptr, col_idx, values, row_order, dense, n_rows, addend=No
         # Column-major views: element (b, c) at c * batch + b, so rows of S's columns are contiguous.
         if dense.stride(0) != 1:
             dense = dense.t().contiguous().t()
-        out = dense.new_empty((n_rows, batch)).t()
+        out = dense.new_zeros((n_rows, batch)).t()
     else:
-        out = dense.new_empty((batch, n_rows))
+        out = dense.new_zeros((batch, n_rows))  # zeros: rows an invalid row_order skips stay defined
     module.csr_spmm_cuda(
         row_ptr=row_ptr.data_ptr(), col_idx=col_idx.data_ptr(), values=values.data_ptr(),
         row_order=_address(row_order), dense=dense.data_ptr(), out=out.data_ptr(),

@@ -223,7 +223,8 @@ def sinkhorn(
     -----
     The ``...`` batch dimension holds independent problems solved together; a problem
     stops updating once converged (per-problem masks), so batched and one-by-one solves
-    agree.  Every iteration synchronizes with the device once (the convergence test).
+    agree.  Every iteration synchronizes with the device twice (whether any problem is
+    still active, and whether any passed the row test and needs its column error).
     """
     op = "sinkhorn"
     problem = Problem(op, a, b, C, x, y, cost, reg)

@@ -62,7 +62,7 @@ from .._args import require_int, require_tensors
 from .._finite import all_finite
 from ..ops._library import composed_path, in_functorch_transform
 from ..ops.mfac import (_mfac_dots_write, cholesky_factor_op, cholesky_replace_op, combine_op, compute_dtype, dots_op,
-                        mfac_apply_op)
+                        first_noise_pivot, mfac_apply_op)
 
 __all__ = ["MFACInverse"]
 
@@ -73,24 +73,8 @@ _STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # 10 ms): torch's threaded LAPACK call leaves its OpenMP workers spinning on the cores
 # the next pass needs (a 32 x 32 factorization cost 6 ms per call that way, on 2 cores).
 _SERIAL_CHOLESKY_MAX = 512
-_EPSILON = torch.finfo(torch.float64).eps
-_FLOAT64_MAX = torch.finfo(torch.float64).max
 # The end of the errors for a Gram matrix that is not finite (G's products overflow).
 _OVERFLOW = "the gradients overflow the Gram matrix (rescale them)"
-
-
-def _first_noise_pivot(factor: torch.Tensor, K: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-    """LAPACK's ``info``, or where it accepted every pivot, the 1-based first column whose
-    squared pivot fails the serial factorization's test (``mfac_valid_pivot`` in mfac.h:
-    above ``n eps K_kk``, the rounding of the subtraction that formed it), 0 if none.
-    dpotrf refuses only pivots <= 0, so whether a singular K got through as rounding noise
-    was luck (a repeated gradient at damp 1e-17 did about once in three).  On the device:
-    one host read with ``info``."""
-    n = K.shape[0]
-    pivots = factor.diagonal().square()
-    valid = (pivots > n * _EPSILON * K.diagonal()) & (pivots <= _FLOAT64_MAX)
-    first_invalid = (~valid).to(torch.int32).argmax() + 1 if n else info
-    return torch.where((info != 0) | valid.all(), info, first_invalid.to(info.dtype))
 
 
 class _NotPositiveDefinite(RuntimeError):
@@ -423,7 +407,7 @@ class MFACInverse:
                 info = cholesky_factor_op()(K)
             else:
                 factor, info = torch.linalg.cholesky_ex(K, upper=True)
-                info = _first_noise_pivot(factor, K, info)
+                info = first_noise_pivot(factor, K.diagonal(), info)
             if int(info) != 0:
                 # K is SPD in exact arithmetic and finite here (every row was checked when it
                 # entered), but in float64 it is singular once n * damp is below the rounding

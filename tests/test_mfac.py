@@ -387,7 +387,8 @@ def test_factor_rank_update_fallback(generator):
     g = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=torch.float64)
     G = torch.cat([g, g[:1]])
     K = G @ G.T + 3e-17 * torch.eye(3, dtype=torch.float64)
-    kernel = ext.mfac_cholesky_factor_cpu(A=K.clone().data_ptr(), a_ld=3, n=3)
+    factored = K.clone()  # a named copy: the kernel writes through its pointer
+    kernel = ext.mfac_cholesky_factor_cpu(A=factored.data_ptr(), a_ld=3, n=3)
     assert kernel == 3
     assert int(_cholesky_factor_cuda(K.clone())) == kernel
     assert int(_cholesky_factor_cuda(torch.eye(3, dtype=torch.float64))) == 0

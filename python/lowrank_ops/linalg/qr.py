@@ -15,12 +15,13 @@ float32 with ``shift=True``: the shift cannot work in float32 beyond small block
 ``||Y||^2`` itself, the shifted pass barely lowers the condition number, and the plain
 passes after it fail from ``cond(Y) ~ 1e5`` (4096 x 138: ``||Q^T Q - I||_2`` 0.02 at
 1e5, 7 at 1e6, where Q is no basis at all).  So a float32 block's first pass is a plain
-pass in float64 instead (Gram matrix, Cholesky factor and solve; Q rounded to float32):
-orthonormal to about ``u_64 cond(Y)^2`` (1e-5 at 1e6), which the remaining plain passes,
-one fewer, in float32, bring to float32's rounding.  Measured (4096 x 138 and 200 x 20,
-cond 1e2 to 1e7): ``||Q^T Q - I||_2`` 4e-7 to 7e-7 with the default two plain passes
-(Householder QR: 3e-7 to 9e-7), 1e-8 to 3e-3 with one.  The same number of passes'
-flops (a float64 pass costs about two float32 ones), and no decision from the data.
+pass in float64 instead (``_float64_pass``: Gram matrix, Cholesky factor and solve; Q
+rounded to float32): ``||Q^T Q - I||`` about ``u_64 cond(Y)^2`` (2e-5 at cond 1e6) with
+``range(Y)`` kept to float32's rounding, which the remaining plain passes, one fewer, in
+float32, bring to orthonormal.  Measured (4096 x 138 and 200 x 20, cond 1e2 to 1e7):
+``||Q^T Q - I||_2`` 4e-7 to 7e-7 with the default two plain passes (Householder QR: 3e-7
+to 9e-7), 1e-8 to 3e-3 with one.  The same flops as the passes it replaces (a float64
+pass costs about two float32 ones), and no decision from the data.
 
 On the CPU (float32 and float64 blocks that need no gradient) the whole algorithm is one
 call of the kernels of :mod:`lowrank_ops.ops.qr` (``cholesky_qr_``), in place on a copy
@@ -51,16 +52,13 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
     if Y.dtype in (torch.float16, torch.bfloat16):
         Y, overwrite = Y.float(), True
     if shift and Y.dtype == torch.float32:
-        # The shifted pass's role goes to a plain pass in float64 (see the module docstring),
-        # its Q rounded back (into Y's own storage when Y is a temporary); the later plain
-        # passes stay in float32, one fewer: the float64 pass leaves a basis that one
-        # float32 pass makes orthonormal.
-        Q, R = _cholesky_qr(Y.double(), False, 1, overwrite=True)
-        Q, R = (Y.copy_(Q) if overwrite and not Y.requires_grad else Q.float()), R.float()
-        if plain_passes <= 1:
-            return Q, R
-        Q, R_rest = _cholesky_qr(Q, False, plain_passes - 1, overwrite=True)
+        # The shifted pass's role goes to a plain pass in float64 (see the module
+        # docstring); the later plain passes, one fewer, in float32.
         with without_autocast(Y.device):
+            Q, R = _float64_pass(Y, overwrite)
+            if plain_passes <= 1:
+                return Q, R
+            Q, R_rest = _cholesky_qr(Q, False, plain_passes - 1, overwrite=True)
             return Q, R_rest @ R
     with without_autocast(Y.device):
         if Y.device.type != "cpu" or (Y.requires_grad and torch.is_grad_enabled()) or composed_path():
@@ -70,6 +68,20 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool, plain_passes: int, overwrite: boo
         elif not overwrite:
             Y = Y.clone()  # in Y's layout
         return Y, cholesky_qr_(Y, shift, plain_passes)
+
+
+def _float64_pass(Y: torch.Tensor, overwrite: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One plain CholeskyQR pass of a float32 block computed in float64 (Gram matrix,
+    Cholesky factor and solve), Q rounded to float32: ``||Q^T Q - I||`` about ``u_64
+    cond(Y)^2 + u_32`` and ``range(Y)`` kept to float32's rounding.  Measured (2048 x 70
+    and 4096 x 138, cond 1e3 to 1e6): the part of Y outside ``range(Q)`` 2.6e-8 of
+    ``||Y||_F`` throughout (Householder QR in float32: 3e-7 to 5e-7), where a float32
+    solve with the float64 factor (mixed-precision CholeskyQR, 15 % faster) left ``u_32
+    cond(Y)``: 3e-3 at 1e6, weak directions of Y lost before the next product.  No
+    scaling: float32 entries can neither overflow nor underflow a float64 Gram matrix.
+    ``(Q, R)``, both float32; Q in Y's storage when ``overwrite``."""
+    Q, R = _cholesky_qr(Y.double(), False, 1, overwrite=True)
+    return (Y.copy_(Q) if overwrite and not Y.requires_grad else Q.float()), R.float()
 
 
 def cholesky_qr2(Y: torch.Tensor, *, shift: bool = True, plain_passes: int = 2,

@@ -77,8 +77,7 @@ def _float64_pass(Y: torch.Tensor, overwrite: bool) -> Tuple[torch.Tensor, torch
     and 4096 x 138, cond 1e3 to 1e6): the part of Y outside ``range(Q)`` 2.6e-8 of
     ``||Y||_F`` throughout (Householder QR in float32: 3e-7 to 5e-7), where a float32
     solve with the float64 factor (mixed-precision CholeskyQR, 15 % faster) left ``u_32
-    cond(Y)``: 3e-3 at 1e6, weak directions of Y lost before the next product.  No
-    scaling: float32 entries can neither overflow nor underflow a float64 Gram matrix.
+    cond(Y)``: 3e-3 at 1e6, weak directions of Y lost before the next product.
     ``(Q, R)``, both float32; Q in Y's storage when ``overwrite``."""
     Q, R = _cholesky_qr(Y.double(), False, 1, overwrite=True)
     return (Y.copy_(Q) if overwrite and not Y.requires_grad else Q.float()), R.float()

@@ -9,7 +9,8 @@
 * ``cholesky_qr_(Y, shift, plain_passes) -> R``: all of it, Y becoming Q, in one call.
 
 :func:`lowrank_ops.linalg.cholesky_qr2` and rsvd's orthonormalizations run
-``cholesky_qr_`` on the CPU, on blocks such as rsvd's 4096 x 74 bases (rank 64): there
+``cholesky_qr_`` on the CPU (float32 blocks' first pass in float64), on blocks such as
+rsvd's 4096 x 74 bases (rank 64): there
 MKL's GEMM and TRSM run far below their rates on large matrices (74 columns are a short
 dimension for their blocking), the layout copies around them and the first touch of
 fresh temporaries cost as much again, and torch's dozen small ops per Cholesky factor
@@ -416,8 +417,10 @@ def tall_scale_(Y: torch.Tensor) -> torch.Tensor:
 
 
 def cholesky_qr_(Y: torch.Tensor, shift: bool = True, plain_passes: int = 2) -> torch.Tensor:
-    """CholeskyQR of Y in place (:func:`lowrank_ops.linalg.cholesky_qr2`'s algorithm): Y
-    becomes Q; returns R ``[..., n, n]`` with ``Y_in = Q R``.
+    """CholeskyQR of Y in place, every pass in Y's dtype: Y becomes Q; returns R ``[..., n,
+    n]`` with ``Y_in = Q R``.  (:func:`lowrank_ops.linalg.cholesky_qr2` runs these passes
+    too, but a float32 block's shifted pass as a plain float64 one: in float32 the shift
+    is about ``||Y||^2`` on blocks of a few hundred thousand entries, see linalg/qr.py.)
 
     One CPU call for the scaling and every pass (:func:`tall_scale_`, then per pass
     :func:`tall_gram`, :func:`tall_cholesky` and :func:`tall_solve_upper_`, the same kernels

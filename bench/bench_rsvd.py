@@ -23,8 +23,8 @@ Ops and peers, on the same matrices in the same run:
   the excess of ``||A - Q Q^T A||_F`` over the optimal error of rank ``k + 10`` (its
   column count).
 * ``pca`` (principal components: the rank-k factors of the column-centered matrix ``C = A
-  - 1 mu^T``): ours = ``rsvd(A, k, center=True)`` with its defaults (``ours``; C never
-  formed) and :func:`lowrank_ops.linalg.pca_lowrank` with torch's settings
+  - 1 mu^T``): ours = ``rsvd(A, k, center=True)`` with its defaults (``ours``; C formed,
+  as torch's, since stop 30) and :func:`lowrank_ops.linalg.pca_lowrank` with torch's settings
   (``ours_pca_lowrank``: q = k, niter = 2); ``torch.pca_lowrank`` with its defaults
   (``pca_lowrank``: q = k, niter = 2; it forms C for dense input) and with our
   oversampling and pass count (``pca_lowrank_matched``: q = k + 10, niter = ours);

@@ -24,9 +24,9 @@ basis always uses Householder QR so that ``U`` is orthonormal even for rank-defi
 ``O((m + n) l^2)`` for orthonormalization and the small SVD.
 
 PCA (``center=True``, and :func:`pca_lowrank`): the same algorithm on the column-centered
-matrix ``C = A - 1 mu^T`` (``mu``: the mean over the rows), which is never formed: every
-product with it is the product with ``A`` plus a rank-one correction (:class:`_Centering`),
-so a sparse ``A`` stays sparse.
+matrix ``C = A - 1 mu^T`` (``mu``: the mean over the rows), formed for dense ``A`` (as
+torch.pca_lowrank); for sparse ``A`` never formed: every product with it is the product
+with ``A`` plus a rank-one correction (:class:`_Centering`), so a sparse ``A`` stays sparse.
 
 Host synchronization on CUDA: rsvd's SVD of the small ``B`` synchronizes (as
 ``torch.linalg.svd`` does there, to check convergence), and so does its check of a
@@ -563,6 +563,12 @@ def _rsvd_factors(A, rank, oversample, n_iter, method, how, init, generator, ske
     ``center``: factor the column-centered ``A - 1 mu^T`` instead (``error`` then of it).
     """
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
+    if center and work.layout == torch.strided:
+        # Dense A: C formed, as torch.pca_lowrank does.  Products with A and a rank-one
+        # correction each lost the digits of the mean over the spread (float32 4096 x 256,
+        # means 1e4 x the spread: top singular values 1.9e-3 off against torch's 1.1e-4);
+        # C's entries are exact differences of nearby numbers.  Sparse A stays implicit.
+        work, center = work - work.mean(-2, keepdim=True), False
     m, n = work.shape[-2:]
     transposed = m < n
     M = work.transpose(-2, -1) if transposed else work
@@ -680,20 +686,18 @@ def rsvd(
         True factors the column-centered ``C = A - 1 mu^T`` instead of ``A`` (``mu [...,
         n]``: the mean of A's rows, per matrix of the batch): principal component
         analysis, as ``torch.pca_lowrank`` and scikit-learn's ``PCA(svd_solver=
-        "randomized")``.  ``C`` is never formed: every product with it is the product with
-        ``A`` plus a rank-one correction (``C X = A X - 1 (mu^T X)``, ``C^T Y = A^T Y - mu
-        (1^T Y)``, ``O((m + n) l)`` flops), so sparse inputs stay sparse; the
-        low-precision sketch copy (``sketch_dtype``), dense only, is a copy of ``C``
-        (centered before rounding, so the rounding is relative to C, not to a large mean).
+        "randomized")``.  Dense ``A``: ``C`` is formed (one copy of A, as torch.pca_lowrank):
+        its entries are exact differences of nearby numbers, where products with ``A``
+        and a rank-one correction each rounded at ``u ||A||``, which the correction does
+        not remove (until stop 30: float32 4096 x 256 with column means 1e4 x the spread,
+        top singular values 1.9e-3 off and the subspace 4e-2, against torch's 1.1e-4 and
+        4e-3, now ours too).  Sparse ``A`` is never formed or densified: every product
+        with ``C`` is the product with ``A`` plus a rank-one correction (``C X = A X - 1
+        (mu^T X)``, ``C^T Y = A^T Y - mu (1^T Y)``, ``O((m + n) l)`` flops), at the
+        accuracy above (``u ||A||_F / s_k`` off: pass float64 where the mean dominates).
         ``error`` then estimates ``||C - U diag(S) Vh||_F``, and the gradient is that of
         the factors of ``C`` carried back to ``A`` (``grad_A = grad_C`` minus its column
-        means).  Accuracy: the products with ``A`` round at ``u ||A||``, which the
-        correction does not remove, so the values and subspaces are about ``u ||A||_F /
-        s_k`` off, not ``u ||C||_F / s_k``: it matters in float32 when the mean dominates
-        (measured on tests/test_rsvd.py's ``pca_input``, 300 x 200, ``||A||_F / s_10 =
-        1.3e3``: 1.3e-6 relative in the 10th value and 2.5e-5 in the subspace, against
-        2.3e-7 and 9.4e-6 for rsvd of the explicitly centered float32 matrix);
-        pass float64, or center a dense float32 matrix yourself, where that matters.
+        means).
         Default False.
 
     Returns
@@ -771,7 +775,8 @@ def pca_lowrank(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Principal component analysis of ``A`` by randomized SVD: ``torch.pca_lowrank``'s
     signature and result, computed by :func:`rsvd` (``center=True``: the column-centered
-    matrix, never formed; a drop-in for ``torch.pca_lowrank``).
+    matrix, formed for dense A as torch's, implicit for sparse A; a drop-in for
+    ``torch.pca_lowrank``).
 
     Parameters
     ----------

@@ -11,7 +11,8 @@ column-major (``col``: of rsvd's transposed product ``(Q^T A)^T``, and of the ke
   ``torch.linalg.solve_triangular(R, Y, upper=True, left=False)`` (MKL's TRSM).
 * ``cholesky_qr2``: an orthonormal basis of ``range(Y)``.  ``ours``:
   :func:`lowrank_ops.linalg.cholesky_qr2` (a shifted pass and two plain ones, each a
-  Gram, a Cholesky factorization and a solve); ``torch``: ``torch.linalg.qr`` (Householder,
+  Gram, a Cholesky factorization and a solve; for float32 a plain float64 pass and one
+  float32 pass, since stop 30); ``torch``: ``torch.linalg.qr`` (Householder,
   LAPACK's geqrf + orgqr), the orthonormalization torch.svd_lowrank uses.
 
 Sizes: quick default 4096 x 74 (row and col), float32; ``LOWRANK_OPS_BENCH_FULL=1`` adds

@@ -63,7 +63,8 @@ _MIN_TOL_UNITS = 16.0
 class AdaptiveRSVDResult(NamedTuple):
     """Factors ``U [m, k]``, ``S [k]``, ``Vh [k, n]`` of the rank ``k`` chosen, their error
     ``||A - U diag(S) Vh||_F`` (a 0-d tensor, from the indicator), and whether it meets the
-    tolerance (False: ``max_rank`` was reached first)."""
+    tolerance (False: ``max_rank`` was reached first, or the indicator, at its rounding
+    floor, could not confirm the tolerance)."""
 
     U: torch.Tensor
     S: torch.Tensor

@@ -157,7 +157,7 @@ def _refresh(system: System, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
         # eps ||A|| ||w||: 1 % at condition 1e4, and the deflated iteration diverged (a second
         # solve ended 33x worse than x0 = 0; float64 products: as plain CG).
         wide = matrix.to(dtype=torch.float64)
-        AW = torch.stack([wide.matvec_unchecked(w.to(torch.float64).contiguous()) for w in W]).to(W.dtype)
+        AW = torch.stack([wide.matvec_unchecked(w) for w in W.to(torch.float64).contiguous()]).to(W.dtype)
     else:
         AW = torch.stack([system.A.apply(w.contiguous()) for w in W])
     if not all_finite(AW):  # A returned NaN or inf: nothing to deflate with (the solve reports the breakdown)

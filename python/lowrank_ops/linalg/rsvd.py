@@ -239,7 +239,7 @@ def _resolve_sketch_dtype(sketch_dtype, A: torch.Tensor, method: str, orthonorma
     if (
         A.dtype == torch.float64  # asked for double precision: keep it everywhere
         # Sparse A: m n says nothing about the cost of a product, and torch's sparse
-        # bfloat16 products either raise (CSR: NotImplementedError in addmm) or are slower (COO).
+        # bfloat16 products either raise (CSR: torch 2.13 has no bfloat16 sparse addmm) or are slower (COO).
         or A.layout != torch.strided
         or method != "subspace"
         # LU bases are not orthonormal: their condition number amplifies the low

@@ -212,8 +212,8 @@ def _adaptive(A, tol, max_rank, block, n_iter, generator) -> AdaptiveRSVDResult:
         # Projected out of range(Q) twice ("twice is enough"): once the basis nears A's
         # numerical rank, Y is mostly rounding, and one projection left it 1e-12 to 1e-1
         # along Q; the basis then counted its top directions twice.
-        Y = _orth(Y - Q @ (Q.transpose(0, 1) @ Y))
-        Y = _orth(Y - Q @ (Q.transpose(0, 1) @ Y))
+        for _ in range(2):
+            Y = _orth(Y - Q @ (Q.transpose(0, 1) @ Y))
         B_i = transposed_times(Y).transpose(0, 1)  # Q_i^T M
         Q, B = torch.cat([Q, Y], dim=1), torch.cat([B, B_i], dim=0)
         remaining -= (float(_scaled_norm(B_i.double())) / norm) ** 2

@@ -346,9 +346,8 @@ class RandLoRALinear(SeededBases, MergeableAdapter):
         self._require_bases()
         p = self.randlora_dropout if self.training else 0.0
         if not plain_linear(self.base_layer):  # hooks, a subclass's forward: call it (nn/_plain.py)
-            lora_A, lora_B = _orient(_fold(self.randlora_gamma, self.randlora_A), self.randlora_B,
-                                     self._gamma_on_input)
-            return through_base(self.base_layer, x, lora_A, lora_B, self.scaling, self.randlora_lambda.reshape(-1), p)
+            lora_A, lora_B, gate = self.factors()
+            return through_base(self.base_layer, x, lora_A, lora_B, self.scaling, gate, p)
         return _randlora_linear(x, self.base_layer.weight, self.base_layer.bias, self.randlora_A, self.randlora_B,
                                 self.randlora_lambda, self.randlora_gamma, scale=self.scaling, dropout_p=p,
                                 gamma_on_input=self._gamma_on_input)

@@ -413,10 +413,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # parameter): set them aside and put them back, on the parameter's device, as saved.
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params))
         if len(saved_ids) == len(params):  # (else the base class refuses the groups, naming them)
             for key, entry in state_dict["state"].items():
-                if key in saved_ids:
-                    _check_saved_shapes(entry, params[saved_ids.index(key)], key)
+                if key in by_id:
+                    _check_saved_shapes(entry, by_id[key], key)
         quantized = {}
         entries = dict(state_dict["state"])
         for key, entry in entries.items():
@@ -427,7 +428,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if generator_state is not None and self.generator is not None:  # (a CPU ByteTensor; map_location may move it)
             self.generator.set_state(generator_state.cpu())
         for key, tensors in quantized.items():
-            p = params[saved_ids.index(key)]
+            p = by_id[key]
             self.state[p].update({k: v.to(p.device) for k, v in tensors.items()})
         for group in self.param_groups:
             # torch restores the saved groups' settings; a state dict saved before a setting

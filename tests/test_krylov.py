@@ -627,6 +627,51 @@ def test_native_cg_restarts_when_the_true_residual_lags(monkeypatch):
     assert len(info.residuals) == 8 and info.matvecs == 7 + 2  # the initial and the final true residual
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("solver", ["cg", "deflated"])
+def test_float32_cg_stops_at_its_attainable_accuracy(solver, native, monkeypatch):
+    """Darcy at grid 48 in float32 levels off at a true residual of ~2.2e-5, above the
+    default tol 1e-5: after the first restart CG's recursive residual met the target every
+    2-3 steps and the true one never did, so cg and DeflatedCG ran 10 n = 23040 steps
+    (0.85 s) to "maxiter".  Now ten restarts in a row that do not halve the true residual
+    end the solve as "stagnation" (240 steps), with the best confirmed iterate; float64
+    on the same system still converges (264 steps)."""
+    monkeypatch.setattr(_cg_module, "NATIVE", native)
+    problem = pde.darcy(48, seed=0)
+    matrix32 = problem.matrix.to(dtype=torch.float32)
+    solve = cg if solver == "cg" else (lambda A, b: DeflatedCG(8).solve(A, b))
+    x, info = solve(matrix32, problem.rhs.float())
+    assert not info.converged and info.status == "stagnation", info.status
+    assert info.iterations <= 400, info.iterations
+    residual = _relative_residual(matrix32.to_scipy(), problem.rhs.numpy(), x)  # float64 arithmetic
+    assert residual <= 4e-5 and info.true_residual == pytest.approx(residual, rel=0.1)
+    x64, info64 = solve(problem.matrix, problem.rhs)
+    assert info64.converged and info64.iterations <= 300
+
+
+def test_stagnation_counts_restarts_that_do_not_halve_the_residual_and_keeps_the_best_iterate():
+    """The strikes reset when a confirmed true residual is at most half the reference, the
+    ``PATIENCE``-th strike in a row reports stagnation, and the best confirmed iterate is a
+    copy (the loops go on updating ``x`` in place)."""
+    from lowrank_ops.krylov._common import Stagnation
+
+    stagnation = Stagnation()
+    x = torch.zeros(3)
+    assert not stagnation.failed_confirmation(x.fill_(1.0), 1.0)  # the first one sets the reference
+    assert not stagnation.failed_confirmation(x.fill_(2.0), 0.4)  # halved: strikes reset
+    assert not stagnation.failed_confirmation(x.fill_(3.0), 0.3)  # the best, but not halved: strike 1
+    for strike in range(2, Stagnation.PATIENCE):
+        assert not stagnation.failed_confirmation(x.fill_(10.0 + strike), 0.35), strike
+    assert not stagnation.failed_confirmation(x.fill_(4.0), 0.19)  # halves 0.4: strikes reset
+    for strike in range(1, Stagnation.PATIENCE):
+        assert not stagnation.failed_confirmation(x.fill_(20.0 + strike), 0.2), strike
+    assert stagnation.failed_confirmation(x.fill_(5.0), 0.25)
+    best, rnorm = stagnation.best_solution(x, 0.25)
+    assert rnorm == 0.19 and torch.equal(best, torch.full((3,), 4.0))
+    final = torch.ones(3)
+    assert stagnation.best_solution(final, 0.1) == (final, 0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("preconditioned", [False, True])
 def test_cg_op_matches_reference_step_for_step(dtype, preconditioned):

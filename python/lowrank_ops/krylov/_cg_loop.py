@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._common import Progress, System
+from ._common import Progress, Stagnation, System
 from ._kernels import combine, dots, subtract, subtract_without_norm
 
 __all__ = ["python_loop", "read", "project", "Couplings"]
@@ -67,8 +67,8 @@ def _norm(r: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(r, dim=0, keepdim=True)
 
 
-def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, progress: Progress, *,
-                W: Optional[torch.Tensor] = None, AW: Optional[torch.Tensor] = None,
+def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, progress: Progress,
+                stagnation: Stagnation, *, W: Optional[torch.Tensor] = None, AW: Optional[torch.Tensor] = None,
                 lanczos=None) -> Tuple[int, str]:
     """(Deflated) CG from ``x`` with residual ``r`` (``||r|| = rnorm``), at most ``maxiter`` steps.
 
@@ -76,8 +76,9 @@ def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, 
     (plain CG).  ``lanczos``: DeflatedCG's record of the Lanczos process (``stage`` and
     ``commit``), or None.  Stops when the recursive residual meets ``system.target`` and
     the recomputed true one confirms it, else restarts from the true residual (projected
-    on ``W``; the record stops).  Updates ``x``, ``lanczos`` and ``progress.history``
-    (reporting each entry once final); returns ``(iterations, status)``.
+    on ``W``; the record stops), or stops as ``"stagnation"`` when ``stagnation`` says so.
+    Updates ``x``, ``lanczos``, ``stagnation`` and ``progress.history`` (reporting each
+    entry once final); returns ``(iterations, status)``.
     """
     bnorm, target, history = system.bnorm, system.target, progress.history
     recording = lanczos is not None
@@ -100,6 +101,10 @@ def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, 
             if rnorm <= target:
                 history[-1] = rnorm / bnorm
                 status = "converged"
+                break
+            if stagnation.failed_confirmation(x, rnorm):
+                history[-1] = rnorm / bnorm
+                status = "stagnation"
                 break
             if W is not None:
                 rnorm = project(W, AW, x, r)

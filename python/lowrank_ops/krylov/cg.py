@@ -8,7 +8,8 @@ import torch
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 from ._cg_loop import python_loop
-from ._common import Preconditioner, Progress, System, check_positive_int, conclude, setup_system, steps_per_call
+from ._common import (Preconditioner, Progress, Stagnation, System, check_positive_int, conclude, setup_system,
+                      steps_per_call)
 from .info import SolveInfo
 
 __all__ = ["cg"]
@@ -58,7 +59,10 @@ def cg(A, b, *, x0=None, tol: Optional[float] = None, maxiter: Optional[int] = N
     x : Tensor[n]
     info : SolveInfo
         ``status="breakdown"`` when ``p^T A p <= 0`` (A is not positive definite) or A or M
-        returned non-finite values.
+        returned non-finite values; ``"stagnation"`` when the true residual levelled off
+        above the target (:class:`~lowrank_ops.krylov._common.Stagnation`: float32 at its
+        attainable accuracy), ``x`` then being the iterate with the smallest confirmed
+        true residual.
 
     Notes
     -----
@@ -86,23 +90,25 @@ def cg(A, b, *, x0=None, tol: Optional[float] = None, maxiter: Optional[int] = N
     rnorm = float(torch.linalg.vector_norm(r))
     history = [rnorm / bnorm]
     progress = Progress(system.callback, history)
+    stagnation = Stagnation()
     matrix = system.A.matrix
     if (NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
             and (system.precondition is None or system.inverse_diagonal is not None)):
-        iterations, status = _native_loop(system, x, r, rnorm, maxiter, target, progress)
+        iterations, status = _native_loop(system, x, r, rnorm, maxiter, target, progress, stagnation)
     else:
-        iterations, status = python_loop(system, x, r, rnorm, maxiter, progress)
+        iterations, status = python_loop(system, x, r, rnorm, maxiter, progress, stagnation)
     progress.report()
-    rnorm = float(torch.linalg.vector_norm(system.residual(x)))
+    x, rnorm = stagnation.best_solution(x, float(torch.linalg.vector_norm(system.residual(x))))
     converged, status = conclude(status, rnorm, target)
     return system.solution(x), SolveInfo(converged, iterations, system.matvecs, history, rnorm / bnorm, status)
 
 
 def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, target: float,
-                 progress: Progress) -> Tuple[int, str]:
+                 progress: Progress, stagnation: Stagnation) -> Tuple[int, str]:
     """CG in C++ (``krylov_cg_``), restarted from the true residual when the recursive one
-    met the target but the true one did not.  Updates ``x`` and ``progress.history``
-    (reporting each kernel call's entries once final); returns ``(iterations, status)``."""
+    met the target but the true one did not (or stopped as ``"stagnation"``, :class:`Stagnation`).
+    Updates ``x``, ``stagnation`` and ``progress.history`` (reporting each kernel call's
+    entries once final); returns ``(iterations, status)``."""
     matrix, bnorm, history = system.A.matrix, system.bnorm, progress.history
     diagonal = None if system.inverse_diagonal is None else system.inverse_diagonal.contiguous()
     kernel = eager_or_op("krylov_cg_", _ops.cg_unchecked)
@@ -127,4 +133,6 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
         r = system.residual(x)
         rnorm = float(torch.linalg.vector_norm(r))
         history[-1] = rnorm / bnorm
+        if status == "converged" and rnorm > target and stagnation.failed_confirmation(x, rnorm):
+            return iterations, "stagnation"
 

@@ -63,7 +63,7 @@ from ..ops.svd import CPU_MAX_JACOBI_SIZE, _jacobi_svd_cpu, default_max_sweeps, 
 from ..ops import krylov as _ops
 from ..ops._library import eager_or_op
 from ._cg_loop import Couplings, project, python_loop
-from ._common import (Preconditioner, Progress, System, check_positive_int, conclude, fits, setup_system,
+from ._common import (Preconditioner, Progress, Stagnation, System, check_positive_int, conclude, fits, setup_system,
                       steps_per_call)
 from ._kernels import combine_rows, gram
 from .info import SolveInfo
@@ -276,13 +276,14 @@ def _update(W: torch.Tensor, AW: torch.Tensor, theta: np.ndarray, R: torch.Tenso
 
 def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int,
                  W: Optional[torch.Tensor], AW: Optional[torch.Tensor], lanczos: Optional[_Lanczos],
-                 progress: Progress) -> Tuple[int, str]:
+                 progress: Progress, stagnation: Stagnation) -> Tuple[int, str]:
     """The same iteration in C++ (``krylov_defcg_``), for a CSR matrix on the CPU with no or a
     diagonal preconditioner: one kernel call per ``m - size`` steps while the Lanczos record
     fills (the record restarts between calls, here), else until the recursive residual
     meets the target; restarted from the true residual when the recursive one met the
-    target but the true one did not.  Updates ``x``, ``lanczos`` and ``progress.history``
-    (reporting each call's entries once final); returns ``(iterations, status)``."""
+    target but the true one did not (or stopped as ``"stagnation"``, :class:`Stagnation`).
+    Updates ``x``, ``lanczos``, ``stagnation`` and ``progress.history`` (reporting each
+    call's entries once final); returns ``(iterations, status)``."""
     matrix, bnorm, target, history = system.A.matrix, system.bnorm, system.target, progress.history
     diagonal = None if system.inverse_diagonal is None else system.inverse_diagonal.contiguous()
     kernel = eager_or_op("krylov_defcg_", _ops.defcg_unchecked)
@@ -331,6 +332,9 @@ def _native_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float,
         r.copy_(system.residual(x))  # the recursive residual met the target: confirm on the true one
         rnorm = float(torch.linalg.vector_norm(r))
         if rnorm > target:
+            if stagnation.failed_confirmation(x, rnorm):
+                history[-1] = rnorm / bnorm
+                return iterations, "stagnation"
             if W.shape[0]:
                 rnorm = project(W, AW, x, r)
             recording = False  # the restarted iteration does not continue the recorded Lanczos process
@@ -430,7 +434,7 @@ class DeflatedCG:
         info : SolveInfo
             ``status="breakdown"`` when ``p^T A p <= 0`` or ``r^T M^{-1} r <= 0`` (A or M not
             positive definite) or A or M returned non-finite values; the deflation space is
-            then kept as it was at the start of the solve.
+            then kept as it was at the start of the solve.  ``"stagnation"`` as :func:`~lowrank_ops.krylov.cg`'s.
         """
         system = setup_system("DeflatedCG.solve", A, b, x0, tol, self.M, atol, callback)
         if self.W is not None and not fits(system, self.W):
@@ -453,18 +457,20 @@ class DeflatedCG:
         rnorm = float(torch.linalg.vector_norm(r))
         history = [rnorm / bnorm]
         progress = Progress(system.callback, history)
+        stagnation = Stagnation()
         if kc and math.isfinite(rnorm):
             rnorm = project(W, AW, x, r)
             history[-1] = rnorm / bnorm
         matrix = system.A.matrix
         if (_cg_module.NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
                 and (system.precondition is None or system.inverse_diagonal is not None)):
-            iterations, status = _native_loop(system, x, r, rnorm, maxiter, W if kc else None, AW, lanczos, progress)
+            iterations, status = _native_loop(system, x, r, rnorm, maxiter, W if kc else None, AW, lanczos, progress,
+                                              stagnation)
         else:
-            iterations, status = python_loop(system, x, r, rnorm, maxiter, progress,
+            iterations, status = python_loop(system, x, r, rnorm, maxiter, progress, stagnation,
                                              W=W if kc else None, AW=AW, lanczos=lanczos)
         progress.report()
-        rnorm = float(torch.linalg.vector_norm(system.residual(x)))
+        x, rnorm = stagnation.best_solution(x, float(torch.linalg.vector_norm(system.residual(x))))
         converged, status = conclude(status, rnorm, system.target)
         if lanczos is not None and lanczos.size and status != "breakdown":
             theta, R = lanczos.ritz()

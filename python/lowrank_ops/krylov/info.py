@@ -30,8 +30,9 @@ class SolveInfo:
     status : str
         ``"converged"``, ``"zero_rhs"`` (b = 0, x = 0 returned), ``"maxiter"`` (iteration
         budget spent), ``"stagnation"`` (a restart cycle made no progress, e.g. an
-        inconsistent singular system) or ``"breakdown"`` (CG on a matrix that is not
-        positive definite, or A or M returned NaN or inf).
+        inconsistent singular system; CG: ten restarts from the true residual in a row
+        that did not halve it, at the dtype's attainable accuracy) or ``"breakdown"`` (CG
+        on a matrix that is not positive definite, or A or M returned NaN or inf).
     restarts : int
         Restart cycles run (GMRES / GCRO-DR); 0 for CG.
     """

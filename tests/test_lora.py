@@ -753,6 +753,39 @@ def test_base_layers_that_are_not_plain_are_called(use_dora, generator):
         assert layer.lora_A.grad is not None and torch.isfinite(layer.lora_A.grad).all()
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_no_op_hook_changes_nothing_with_dropout(use_dora, generator):
+    """The through-base path drew its dropout mask with F.dropout, the fused ops with their
+    seeded op: registering a hook that returns the output unchanged gave another mask under
+    the same torch.manual_seed.  Both now draw the fused op's mask (ops.lora.adapter_term),
+    so outputs and gradients agree; in eval mode DoRA's through-base path also uses the
+    cached row norms (LoRALinear._eval_row_norm)."""
+    base = torch.nn.Linear(16, 12, dtype=torch.float64)
+    layer = LoRALinear(base, r=4, lora_dropout=0.5, use_dora=use_dora, init_lora_weights=False)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=generator)
+    x = torch.randn(7, 16, dtype=torch.float64, generator=generator)
+
+    def run():
+        layer.zero_grad()
+        torch.manual_seed(11)
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    fused = run()
+    handle = base.register_forward_hook(lambda module, args, out: out)
+    composed = run()
+    for a, b in zip(fused, composed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(fused[0], layer.eval()(x).detach())  # the mask did drop entries
+    if use_dora:
+        first = layer(x)
+        cached = layer._norm_cache
+        assert cached is not None and torch.equal(layer(x), first) and layer._norm_cache is cached
+    handle.remove()
+
+
 @pytest.mark.parametrize("kind", ["svfit", "loldu", "nola", "randlora"])
 def test_other_adapters_call_a_base_layer_that_is_not_plain(kind, generator):
     """SVFit, LoLDU, NOLA and RandLoRA also read the base weight and bias: a hook on the base

@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..ops.lora import adapter_term, add_adapter, composed_dropout
+
 __all__ = ["PLAIN_TENSORS", "plain_module", "no_global_hooks", "plain_linear", "through_base"]
 
 #: Parameter types a fused op may read (FakeTensor: export and compile tracing).  A torchao
@@ -48,10 +50,6 @@ def through_base(base_layer: torch.nn.Module, x: torch.Tensor, lora_A: torch.Ten
     """``base_layer(x) + scale ((dropout(x) A^T) * g) B^T`` in torch ops, with the base layer
     called: the adapters' forward for a base the fused ops may not read (:func:`plain_linear`
     false: reading W and b skipped its hooks or forward, 0.64 off with a hook zeroing the
-    base output).  The adapter term in the factors' dtype, added in the output's."""
-    base = base_layer(x)
-    h = torch.nn.functional.dropout(x, dropout_p) if dropout_p > 0.0 else x
-    h = h.to(lora_A.dtype) @ lora_A.T
-    if gate is not None:
-        h = h * gate
-    return base + ((h @ lora_B.T) * scale).to(base.dtype)
+    base output).  The adapter term as :func:`~lowrank_ops.ops.lora.lora_linear`'s composed
+    path computes it (the same dropout mask for the same default-generator state)."""
+    return add_adapter(base_layer(x), adapter_term(composed_dropout(x, dropout_p, None), lora_A, lora_B, gate, scale))

@@ -11,7 +11,7 @@ from .._finite import all_finite
 from .._optimizer_steps import optimizer_steps
 from ..ops._library import dispatch_needed
 from ..ops.dora import DEFAULT_EPS, dora_linear, dora_row_norm, floor_zero_norms
-from ..ops.lora import lora_linear, lora_merge, lora_unmerge
+from ..ops.lora import adapter_term, composed_dropout, lora_linear, lora_merge, lora_unmerge
 from ._adapter_base import checkpoint_unmerged
 from ._init import fan_in_bound, normal_, parse_lora_init, split_weight, uniform_
 from ._plain import plain_linear, through_base
@@ -274,20 +274,27 @@ class LoRALinear(ActiveRank, torch.nn.Module):
         """The forward with ``base_layer`` called, composed of torch ops: for a base the fused
         ops may not read (hooks, a subclass's forward, a tensor-subclass weight: reading W and b
         skipped them, 0.64 off with a hook zeroing the base output).  DoRA as PEFT composes
-        it: ``(m / ||W + s B A||) (base(x) - b + s B A dropout(x)) + b``, the norm detached."""
+        it, with ``c = m / ||W + s B A||`` (detached norm): ``c (base(x) - b + s B A x) + b``
+        without dropout, ``base(x) + (c - 1) D(x) W^T + c s B A D(x)`` with it (W read for the
+        dropped input, as PEFT and the fused op)."""
         lora_A, lora_B, gate = self._factors()
         if not self.use_dora:
             return through_base(self.base_layer, x, lora_A, lora_B, self.scaling, gate, p)
-        base = self.base_layer(x)
-        h = torch.nn.functional.dropout(x, p) if p > 0.0 else x
-        delta = (h.to(lora_A.dtype) @ lora_A.T @ lora_B.T) * self.scaling
-        bias = self.base_layer.bias
-        with torch.no_grad():
-            norm = floor_zero_norms(dora_row_norm(self.base_layer.weight, lora_A, lora_B, self.scaling), DEFAULT_EPS)
-        factor = self.lora_magnitude_vector / norm.to(self.lora_magnitude_vector.dtype)
-        core = base if bias is None else base - bias
-        out = factor * (core + delta.to(base.dtype))
-        return (out if bias is None else out + bias).to(base.dtype)
+        base = self.base_layer(x)  # first: a pre-hook may recompute the weight the norm reads
+        adapter_input = composed_dropout(x, p, None)  # the fused op's mask for the same generator state
+        delta = adapter_term(adapter_input, lora_A, lora_B, None, self.scaling)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        norm = self._eval_row_norm(lora_A, lora_B)
+        if norm is None:
+            norm = dora_row_norm(weight, lora_A, lora_B, self.scaling)  # detached
+        factor = self._dora_factor(norm)  # float32 (float64 weights: float64): a half m / n overflows
+        if adapter_input is x:
+            core = base if bias is None else base - bias
+            out = factor * (core + delta.to(base.dtype))
+            out = out if bias is None else out + bias
+        else:
+            out = base + (factor - 1) * (adapter_input @ weight.T) + factor * delta
+        return out.to(base.dtype)
 
     def _eval_row_norm(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Optional[torch.Tensor]:
         """DoRA's row norms ``||W + s B A||``, cached in eval mode (None in training mode).

@@ -459,18 +459,26 @@ def composed_dropout(x: torch.Tensor, p: float, generator) -> torch.Tensor:
     return x * keep * (1.0 / (1.0 - p))  # as the op scales: 1 / (1 - p) unrounded (a half mask rounded it)
 
 
-def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float, generator) -> torch.Tensor:
-    """:func:`lora_linear` composed of torch ops (:func:`~lowrank_ops.ops._library.composed_path`:
-    torch.func transforms, ``composite()``, forward-mode tangents), which see through torch
-    ops only.  The same arithmetic, with float32 adapters on a half base added with one
-    rounding; dropout by :func:`composed_dropout`."""
-    adapter_input = composed_dropout(x, p, generator)
+def adapter_term(adapter_input, lora_A, lora_B, gate, scale) -> torch.Tensor:
+    """``scale ((h A^T) * g) B^T`` for the adapter input ``h = D(x)`` (:func:`composed_dropout`),
+    in torch ops and the factors' dtype (``gate`` None: no gate)."""
     shrunk = adapter_input.to(lora_A.dtype) @ lora_A.T
     if gate is not None:
         shrunk = shrunk * gate
-    adapter = (shrunk @ lora_B.T) * scale
-    y = torch.nn.functional.linear(x, weight, bias)
+    return (shrunk @ lora_B.T) * scale
+
+
+def add_adapter(y: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
+    """``y + adapter`` in y's dtype, rounded once: a float32 adapter on a half ``y`` is added in float32."""
     return y + adapter if adapter.dtype == y.dtype else (y.to(adapter.dtype) + adapter).to(y.dtype)
+
+
+def _composed(x, weight, lora_A, lora_B, bias, gate, scale, p: float, generator) -> torch.Tensor:
+    """:func:`lora_linear` composed of torch ops (:func:`~lowrank_ops.ops._library.composed_path`:
+    torch.func transforms, ``composite()``, forward-mode tangents), which see through torch
+    ops only: the same arithmetic."""
+    return add_adapter(torch.nn.functional.linear(x, weight, bias),
+                       adapter_term(composed_dropout(x, p, generator), lora_A, lora_B, gate, scale))
 
 
 # Rows of W merged per step: bounds the float32 temporary of half weights to

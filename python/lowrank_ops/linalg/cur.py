@@ -92,6 +92,19 @@ def _pinv(X: torch.Tensor, rcond: float, rank: Optional[int]) -> torch.Tensor:
     return (Vh.transpose(-2, -1) * inv.unsqueeze(-2)) @ U.transpose(-2, -1)
 
 
+# The projection core's default truncation, in units of sqrt(eps) of the compute dtype.
+# C pinv(C) A pinv(R) R rounds to about eps / rcond of ||A|| (one ill-conditioned factor
+# against its pseudo-inverse), while the truncation drops up to about rcond ||A||: the two
+# balance near sqrt(eps).  Measured (1000 x 800 and 3000 x 500, k = 20 and 60, 4k leverage
+# picks, spectra i^-2, i^-3, e^(-i/8), e^(-i/4), i^-1; error over the optimal rank-k
+# error): the best rcond was 3e-9 in float64 and 3e-5 to 6e-5 in float32, about
+# sqrt(eps) / 8 in both.  numpy's eps * max(p, q), the default before, left e^(-i/4), k =
+# 60 at 105-183x the optimal in float64 (now 0.02-0.06x: the core's rank is up to 4k) and
+# i^-3, k = 60 at 16-18x in float32 (now 7-8x; float32 C and R hold its tail to ~1e-4 only);
+# elsewhere equal or better.  The intersection core, truncated at rank k as well, was best
+# with numpy's default.
+_PROJECTION_RCOND = 1.0 / 8.0
+
 # _pivoted_columns recomputes the residual's column norms every this many steps and
 # downdates them in between (norm^2 -= coefficient^2): a downdate loses up to about u times
 # the column's original norm^2 per step, so a periodic recompute keeps the lost accuracy
@@ -258,8 +271,9 @@ def cur(
         ``O(m n min(r, c))`` flops).
     rcond : float, optional
         Relative truncation of the pseudo-inverses: singular values ``<= rcond sigma_1``
-        are dropped.  Default ``eps * max(p, q)`` of the matrix inverted ``[p, q]`` in the
-        compute dtype (numpy's and torch's ``pinv`` default ``rtol``).
+        are dropped.  Default: for the intersection ``eps * max(p, q)`` of the matrix
+        inverted ``[p, q]`` in the compute dtype (numpy's and torch's ``pinv`` default
+        ``rtol``); for the projection ``sqrt(eps) / 8`` (:data:`_PROJECTION_RCOND`).
     generator : torch.Generator, optional
         On A's device.
     check_finite : bool, optional
@@ -280,7 +294,10 @@ def cur(
     (tests/test_cur.py: 300 x 200 float64, ``sigma_i = i^-1`` and ``i^-2``, k = 10, seeds
     0-4, intersection core): leverage 1.20-1.24 with the default 4k picks, 1.48-1.92 with
     2k, 5-240 with k; pivoted 1.16-1.23 (4k), 1.32-1.56 (2k), 1.9-3.0 (k); uniform 1.26-1.36
-    (4k).  The projection core is never worse (0.27-0.92 at 4k: its rank is up to 4k).
+    (4k).  The projection core is never worse there (0.27-0.92 at 4k: its rank is up to
+    4k).  In float32, spectra steeper than about ``i^-3`` are past the resolution of float32
+    ``C`` and ``R``: 1000 x 800, ``i^-3``, k = 60: 5.9x the optimal for the intersection
+    core, 7.9x for the projection (float64 1.26x / 0.11x).
     bench/bench_cur.py, 2048 x 1024, ``sigma_i = 1 / i``, k = 32, float32: 1.29 for the
     default; ANNCUR's untruncated ``pinv`` on the same 128 + 128 anchors: 11.0, as this
     function with ``rows``, ``cols`` and no ``rank`` -- pass ``rank`` with given anchors to
@@ -367,8 +384,9 @@ def cur(
             core = _pinv(W, eps * max(W.shape[-2:]) if rcond is None else rcond, rank)
         else:
             # No rank truncation here: the full pseudo-inverses give the optimal core for C, R.
-            pinv_C = _pinv(C, eps * max(C.shape[-2:]) if rcond is None else rcond, None)  # [..., c, m]
-            pinv_R = _pinv(R, eps * max(R.shape[-2:]) if rcond is None else rcond, None)  # [..., n, r]
+            cut = _PROJECTION_RCOND * eps ** 0.5 if rcond is None else rcond
+            pinv_C = _pinv(C, cut, None)  # [..., c, m]
+            pinv_R = _pinv(R, cut, None)  # [..., n, r]
             if work.layout == torch.strided:
                 core = (pinv_C @ work) @ pinv_R
             else:  # (A^T pinv_C^T)^T: the sparse operand on the left

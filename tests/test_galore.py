@@ -219,6 +219,20 @@ def test_state_dict_carries_the_rsvd_generator():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_bad_generator_state_is_refused_before_anything_loads():
+    """A generator_state that is not Generator.get_state()'s uint8 tensor raised from
+    set_state after the moments and projectors had been loaded (a half-restored optimizer);
+    it is checked first now, naming the key."""
+    model = make_model()
+    optimizer = GaLoreAdamW(galore_groups(model), lr=1e-2, generator=torch.Generator().manual_seed(3))
+    train(model, optimizer, 3, torch.Generator().manual_seed(5))
+    saved = dict(optimizer.state_dict(), generator_state=[1, 2, 3])
+    fresh = GaLoreAdamW(galore_groups(make_model()), lr=1e-2, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(TypeError, match=r"state_dict\['generator_state'\] must be a torch.uint8 tensor"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreAdamW8bit])
 def test_copied_with_its_model_keeps_the_generator(how, optimizer_class):

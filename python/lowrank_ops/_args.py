@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,6 +83,19 @@ def require_generator_state(op: str, name: str, state):
         raise TypeError(f"{op}: {name} must be a torch.uint8 tensor (Generator.get_state()) or None; got "
                         f"{type(state).__name__}")
     return state
+
+
+def generator_state(generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """``generator.get_state()``, or None without a generator (what the state dicts keep)."""
+    return None if generator is None else generator.get_state()
+
+
+def restore_generator(generator: Optional[torch.Generator], state: Optional[torch.Tensor]) -> None:
+    """Sets ``generator``'s state from a checked :func:`require_generator_state` value; nothing
+    when either is None (a state saved without a generator, or an object without one).  The
+    state goes back to the CPU first: ``torch.load(map_location="cuda")`` moves it."""
+    if generator is not None and state is not None:
+        generator.set_state(state.cpu())
 
 
 def require_fits_in_memory(op: str, name: str, count: int, bytes_each: float, what: str, hint: str = "") -> None:

@@ -69,7 +69,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._args import is_integer, require_generator_state, require_int, require_number
+from .._args import (generator_state, is_integer, require_generator_state, require_int, require_number,
+                     restore_generator)
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
 from ..optim.galore import zero_state_slot_
@@ -370,7 +371,7 @@ class IncreLoRAAllocator:
             "exp_avg_unc": [t.clone() for t in self._exp_avg_unc],
             "history": [(step, list(names)) for step, names in self.history],
             "last_step": self.last_step,
-            "generator_state": None if self.generator is None else self.generator.get_state(),
+            "generator_state": generator_state(self.generator),
         }
 
     @torch.no_grad()
@@ -401,7 +402,7 @@ class IncreLoRAAllocator:
                 raise ValueError(f"{op}: {what} has shapes {[tuple(s.shape) for s in saved]}; expected "
                                  f"{[tuple(m.shape) for m in mine]}")
         # Checked before anything changes (a bad one failed after the averages and ranks were loaded).
-        generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
+        saved_generator = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
         for what in ("exp_avg_ipt", "exp_avg_unc"):
             # copy_ per tensor: the saved averages may be on another device (map_location).
             for mine, saved in zip(getattr(self, f"_{what}"), state[what]):
@@ -411,9 +412,7 @@ class IncreLoRAAllocator:
             module.active_rank = k
         self.history = [(int(step), list(names)) for step, names in state["history"]]
         self.last_step = state["last_step"]
-        if self.generator is not None and generator_state is not None:
-            # A generator's state is a CPU ByteTensor; torch.load(map_location="cuda") moves it.
-            self.generator.set_state(generator_state.cpu())
+        restore_generator(self.generator, saved_generator)
 
 
 def _score_dtype(param: torch.Tensor) -> torch.dtype:

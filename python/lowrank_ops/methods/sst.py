@@ -25,7 +25,7 @@ from typing import Dict, Iterable, Optional, Union
 import numpy as np
 import torch
 
-from .._args import require_generator_state, require_int, require_state
+from .._args import generator_state, require_generator_state, require_int, require_state, restore_generator
 from ..nn.spectral import SpectralLinear
 from ._layers import build_replacements, linear_sites, replace_everywhere
 
@@ -153,14 +153,14 @@ class SSTScheduler:
         """The step count and the generator's state: a resumed run draws the samples of the
         uninterrupted one (without it, U was 0.68 off after 4 more steps)."""
         return {"steps": self.steps,
-                "generator_state": None if self.generator is None else self.generator.get_state()}
+                "generator_state": generator_state(self.generator)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` (checked first: a wrong state changes nothing)."""
         op = "SSTScheduler.load_state_dict"
         require_state(op, state, "SSTScheduler", ("steps",), ("generator_state",))
         steps = require_int(op, "state['steps']", state["steps"], 0)
-        generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
-        if self.generator is not None and generator_state is not None:  # (absent in states saved before it was kept)
-            self.generator.set_state(generator_state.cpu())
+        # (absent in states saved before it was kept)
+        restore_generator(self.generator, require_generator_state(op, "state['generator_state']",
+                                                                  state.get("generator_state")))
         self.steps = steps

@@ -37,8 +37,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._args import (is_integer, is_real_number, require_generator, require_generator_state, require_int,
-                     require_number, require_state, require_values)
+from .._args import (generator_state, is_integer, is_real_number, require_generator, require_generator_state,
+                     require_int, require_number, require_state, require_values, restore_generator)
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..linalg.rsvd import rsvd
@@ -376,7 +376,7 @@ class TRPScheduler:
         """Steps, ranks and the generator's state: a resumed run draws the sketches of the
         uninterrupted one (without it a resume at step 3 of 8 ended 2.5e-2 off)."""
         return {"steps": self.steps, "ranks": dict(self.ranks),
-                "generator_state": None if self.generator is None else self.generator.get_state()}
+                "generator_state": generator_state(self.generator)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`'s steps, ranks and generator state (checked first, so a
@@ -387,9 +387,8 @@ class TRPScheduler:
         ranks = state["ranks"]
         if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_integer(v) for k, v in ranks.items()):
             raise TypeError(f"{op}: state['ranks'] must be a dict of layer name -> rank (int); got {ranks!r}")
-        generator_state = require_generator_state(op, "state['generator_state']", state.get("generator_state"))
-        if self.generator is not None and generator_state is not None:
-            self.generator.set_state(generator_state.cpu())
+        restore_generator(self.generator, require_generator_state(op, "state['generator_state']",
+                                                                  state.get("generator_state")))
         self.steps, self.ranks = steps, {name: int(rank) for name, rank in ranks.items()}
 
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .._args import is_integer, require_int, require_number
+from .._args import is_integer, require_generator_state, require_int, require_number, restore_generator
 from .._finite import all_finite
 from ..linalg.rsvd import check_n_iter, rsvd
 from ._checks import add_checked_group, check_lr, current_lr, require_real_params
@@ -407,7 +407,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)  # absent: saved without a generator
+        saved_generator = require_generator_state(  # absent: saved without a generator
+            "GaLoreAdamW.load_state_dict", "state_dict['generator_state']", state_dict.pop("generator_state", None))
         # torch casts every floating-point state tensor to its parameter's dtype and would
         # turn the uint8 codes into floats (and round the float32 absmax of a bfloat16
         # parameter): set them aside and put them back, on the parameter's device, as saved.
@@ -425,8 +426,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 entries[key] = {k: v for k, v in entry.items() if k not in _QUANTIZED_KEYS}
                 quantized[key] = {k: entry[k] for k in _QUANTIZED_KEYS if k in entry}
         super().load_state_dict(dict(state_dict, state=entries))
-        if generator_state is not None and self.generator is not None:  # (a CPU ByteTensor; map_location may move it)
-            self.generator.set_state(generator_state.cpu())
+        restore_generator(self.generator, saved_generator)
         for key, tensors in quantized.items():
             p = by_id[key]
             self.state[p].update({k: v.to(p.device) for k, v in tensors.items()})

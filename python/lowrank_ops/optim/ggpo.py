@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._args import is_integer, require_number
+from .._args import generator_state, is_integer, require_generator_state, require_number, restore_generator
 from ..nn.lora import LoRALinear
 from ..ops.dora import dora_row_norm
 
@@ -315,20 +315,21 @@ class GGPO:
         noise generator's state (so that a resumed run draws the same noise)."""
         return {"base_optimizer": self.base_optimizer.state_dict(),
                 "grad_sq_norms": [a.grad_sq_norm for a in self._adapters],
-                "generator_state": None if self.generator is None else self.generator.get_state()}
+                "generator_state": generator_state(self.generator)}
 
     def load_state_dict(self, state: Dict) -> None:
         """Restores :meth:`state_dict`; the saved generator state goes into this object's own
         generator (when both exist; a state dict saved without one is accepted)."""
         norms = state["grad_sq_norms"]
+        saved_generator = require_generator_state("GGPO.load_state_dict", "state['generator_state']",
+                                                  state.get("generator_state"))
         if len(norms) != len(self._adapters):
             raise ValueError(f"GGPO.load_state_dict: state has {len(norms)} adapters' norms; expected "
                              f"{len(self._adapters)}")
         self.base_optimizer.load_state_dict(state["base_optimizer"])
         for adapter, norm in zip(self._adapters, norms):
             adapter.grad_sq_norm = None if norm is None else norm.to(adapter.weight.device)
-        if state.get("generator_state") is not None and self.generator is not None:
-            self.generator.set_state(state["generator_state"].cpu())  # (map_location may have moved it)
+        restore_generator(self.generator, saved_generator)
 
     def __repr__(self) -> str:
         return (f"GGPO(sigma={self.sigma}, alpha={self.alpha}, beta={self.beta}, gradient_source="

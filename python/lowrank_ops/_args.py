@@ -118,14 +118,20 @@ def require_values(op: str, what: str, tensor: torch.Tensor) -> None:
                          "weights first (model.to_empty(device=...), then load_state_dict)")
 
 
+def require_generator_type(op: str, name: str, generator) -> None:
+    """TypeError naming ``name`` unless ``generator`` is None or a ``torch.Generator`` (an int
+    seed failed later with "'int' object has no attribute 'device'")."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: {name} must be a torch.Generator or None; got {type(generator).__name__}")
+
+
 def require_generator(op: str, name: str, generator, device: torch.device, what: str = "the weights") -> None:
     """Checks that ``generator`` is None or a ``torch.Generator`` of ``device``'s type (a
     generator is device-specific: torch's samplers reject a CPU generator for CUDA tensors,
     deep inside the first call that draws).  TypeError / ValueError naming the argument."""
+    require_generator_type(op, name, generator)
     if generator is None:
         return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{op}: {name} must be a torch.Generator or None; got {type(generator).__name__}")
     device = torch.device(device)
     if generator.device.type != device.type and device.type != "meta":  # (meta draws take a CPU generator)
         raise ValueError(f"{op}: {name} is a {generator.device.type} generator; expected a {device.type} generator "

@@ -69,8 +69,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._args import (generator_state, is_integer, require_generator_state, require_int, require_number,
-                     restore_generator)
+from .._args import (generator_state, is_integer, require_generator_state, require_generator_type, require_int,
+                     require_number, restore_generator)
 from ..nn._init import fan_in_bound, uniform_
 from ..nn.lora import LoRALinear
 from ..optim.galore import zero_state_slot_
@@ -201,8 +201,7 @@ class IncreLoRAAllocator:
         self.ranks_per_step = require_int(_OP, "ranks_per_step", ranks_per_step, 1)
         self.beta1 = require_number(_OP, "beta1", beta1, 0.0, 1.0, low_open=True)
         self.beta2 = require_number(_OP, "beta2", beta2, 0.0, 1.0, low_open=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{_OP}: generator must be a torch.Generator; got {type(generator).__name__}")
+        require_generator_type(_OP, "generator", generator)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{_OP}: optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
         self.generator, self.optimizer = generator, optimizer

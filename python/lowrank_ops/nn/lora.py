@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._args import is_integer, is_real_number, require_finite_number
+from .._args import is_integer, is_real_number, require_finite_number, require_generator_type
 from .._finite import all_finite
 from .._optimizer_steps import optimizer_steps
 from ..ops._library import dispatch_needed
@@ -114,8 +114,7 @@ class LoRALinear(ActiveRank, torch.nn.Module):
         require_finite_number("LoRALinear", "lora_alpha", lora_alpha)
         if not is_real_number(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be a number in [0, 1); got {lora_dropout!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"LoRALinear: generator must be a torch.Generator or None; got {type(generator).__name__}")
+        require_generator_type("LoRALinear", "generator", generator)
         if use_gate and use_dora:
             raise ValueError("LoRALinear: use_gate and use_dora cannot be combined (dora_linear has no gate)")
         self.init_lora_weights, self._init_iterations = parse_lora_init("LoRALinear", init_lora_weights)

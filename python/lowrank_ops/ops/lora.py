@@ -37,7 +37,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._args import is_integer, is_real_number, require_finite_number
+from .._args import is_integer, is_real_number, require_finite_number, require_generator_type
 from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._finite import all_finite
@@ -65,8 +65,7 @@ def draw_seed(generator: Optional[torch.Generator] = None, op: str = "dropout") 
     A generator on another device (a CUDA one) draws there and the seed is read back: one
     device-to-host copy (a wait for the queued work); a CPU generator costs none.  An
     explicit generator inside a backward pass raises (:func:`refuse_replay`)."""
-    if generator is not None and not isinstance(generator, torch.Generator):  # ('int' has no attribute 'device')
-        raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
+    require_generator_type(op, "generator", generator)
     refuse_replay(op, generator, "dropout mask")
     if generator is None or generator.device.type == "cpu":
         return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)

@@ -29,7 +29,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .._args import is_integer, require_generator_state, require_int, require_number, restore_generator
+from .._args import (is_integer, require_generator_state, require_generator_type, require_int, require_number,
+                     restore_generator)
 from .._finite import all_finite
 from ..linalg.rsvd import check_n_iter, rsvd
 from ._checks import add_checked_group, check_lr, current_lr, require_real_params
@@ -300,8 +301,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, svd=svd,
                         rsvd_n_iter=rsvd_n_iter, rsvd_oversample=rsvd_oversample, state_bits=state_bits,
                         min_8bit_size=min_8bit_size)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"GaLoreAdamW: generator must be a torch.Generator or None; got {type(generator).__name__}")
+        require_generator_type("GaLoreAdamW", "generator", generator)
         super().__init__(params, defaults)
         self.generator = generator
 

@@ -49,7 +49,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .._args import generator_state, is_integer, require_generator_state, require_number, restore_generator
+from .._args import (generator_state, is_integer, require_generator_state, require_generator_type, require_number,
+                     restore_generator)
 from ..nn.lora import LoRALinear
 from ..ops.dora import dora_row_norm
 
@@ -188,8 +189,7 @@ class GGPO:
             raise ValueError(f"{op}: alpha + beta must be > 0; got alpha = {alpha!r}, beta = {beta!r} (no noise)")
         if gradient_source not in _SOURCES:
             raise ValueError(f"{op}: gradient_source must be one of {_SOURCES}; got {gradient_source!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
+        require_generator_type(op, "generator", generator)
         self.gradient_source = gradient_source
         self.generator = generator
         self.base_optimizer = base_optimizer

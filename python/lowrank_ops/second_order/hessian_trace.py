@@ -57,7 +57,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, 
 
 import torch
 
-from .._args import require_int, require_number
+from .._args import require_generator_type, require_int, require_number
 from ..ops._library import composite
 
 __all__ = ["hessian_trace", "HessianTraceResult"]
@@ -224,8 +224,7 @@ def hessian_trace(loss_fn: Callable[[], torch.Tensor], params: ParamsArg, *, n_p
         raise ValueError(f"{op}: max_probes must be >= n_probes = {n_probes}; got {max_probes}")
     tol = require_number(op, "tol", tol, 0.0, low_open=True)
     batch_probes = require_int(op, "batch_probes", batch_probes)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{op}: generator must be a torch.Generator or None; got {type(generator).__name__}")
+    require_generator_type(op, "generator", generator)
     names, tensors = _named(params)
 
     grads = _first_gradient(loss_fn, tensors)

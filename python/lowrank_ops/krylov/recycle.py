@@ -23,7 +23,7 @@ per call on shared cores.  Products with the long vectors go through the block k
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,8 +39,10 @@ _GRAM_TOLERANCE = 1e-14  # the same for squared sizes (Gram eigenvalues): 1e-7 i
 _ORTHONORMAL = 1e-8  # |C C^T - I| below which a harmonic Ritz update is kept as it is
 
 
-def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One Gram-matrix pass: ``(image', U')`` with ``image' = T image``, ``U' = T U`` and ``image'`` orthonormal.
+def _orthonormalize(image: torch.Tensor, U: torch.Tensor,
+                    products: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One Gram-matrix pass: ``(image', U')`` with ``image' = T image``, ``U' = T U`` and ``image'`` orthonormal
+    (``products``: ``image image^T`` when the caller has it).
 
     ``T = Lambda^{-1/2} Z^T`` from the eigendecomposition of the ``kc x kc`` Gram matrix
     ``image image^T = Z Lambda Z^T``; eigenvalues below ``_GRAM_TOLERANCE * max`` (singular
@@ -49,7 +51,8 @@ def _orthonormalize(image: torch.Tensor, U: torch.Tensor) -> Tuple[torch.Tensor,
     """
     if image.shape[0] == 0:  # every direction dropped by a first pass
         return image, U
-    products = gram(image, image)
+    if products is None:
+        products = gram(image, image)
     values, vectors = np.linalg.eigh((products + products.T) / 2)
     keep = values > _GRAM_TOLERANCE * values.max()
     transform = vectors[:, keep] / np.sqrt(values[keep])  # [kc, kept]: columns of T^T
@@ -123,8 +126,8 @@ def harmonic_ritz(basis: torch.Tensor, kc: int, U: torch.Tensor, cycle: Cycle, k
     # more than sqrt(eps) (each pass costs about 20 % of a 40-step cycle on a 64 x 64 grid).
     products = gram(C_new, C_new)
     if np.abs(products - np.eye(products.shape[0])).max() > _ORTHONORMAL:
-        for _ in range(2):
-            C_new, U_new = _orthonormalize(C_new, U_new)
+        C_new, U_new = _orthonormalize(C_new, U_new, products)
+        C_new, U_new = _orthonormalize(C_new, U_new)
     return U_new, C_new
 
 

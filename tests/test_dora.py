@@ -553,6 +553,35 @@ def test_half_dora_linear_with_small_norms_does_not_overflow(device, generator):
     assert_within(y, expected, bound, "float16 y with norms of ~4e-6")
 
 
+def test_half_magnitude_and_gate_gradients_sum_float32_products(device):
+    """dm = sum_rows dy z / n summed in float32, but the products dy z were formed in
+    float16: entries of +-1.2e5 (cancelling to 2) were inf, and dm NaN, with a float32
+    magnitude too (the fp16 AMP case).  lora_linear's gate gradient (SoRA; SVFit and LoLDU
+    gate through it) had the same pattern.  Both form the products in float32 now."""
+    from lowrank_ops.ops import lora_linear
+
+    x = torch.zeros(5, 8, dtype=torch.float16, device=device)
+    x[:4, 0], x[4, 0] = 240, 1
+    dy = torch.zeros(5, 6, dtype=torch.float16, device=device)
+    dy[:4, 0] = torch.tensor([250.0, 250.0, -250.0, -250.0])
+    dy[4, 0] = 1
+    weight = torch.zeros(6, 8, dtype=torch.float16, device=device)
+    weight[:, 0] = 1
+    lora_A = torch.zeros(2, 8, dtype=torch.float16, device=device)
+    lora_A[0, 0] = 2
+    lora_B = torch.zeros(6, 2, dtype=torch.float16, device=device)
+    lora_B[0, 0] = 0.5
+    for magnitude_dtype in (torch.float32, torch.float16):
+        magnitude = torch.ones(6, dtype=magnitude_dtype, device=device, requires_grad=True)
+        dora_linear(x, weight, lora_A, lora_B, magnitude).backward(dy)
+        # output 0: W_0 + s B_0 A = 2 e_0, so n_0 = 2 and z = 480 (rows 0-3), 2 (row 4): dm_0 = 2 / 2
+        assert magnitude.grad[0].item() == 1.0 and torch.isfinite(magnitude.grad).all(), magnitude_dtype
+    lora_B[0, 0] = 1
+    gate = torch.ones(2, dtype=torch.float16, device=device, requires_grad=True)
+    lora_linear(x, weight, lora_A, lora_B, gate=gate).backward(dy)
+    assert gate.grad.dtype == torch.float16 and gate.grad[0].item() == 2.0  # sum dy (x A^T): +-1.2e5 cancelling
+
+
 @pytest.mark.parametrize("path", ["torch-in-cache", "one-pass"])
 def test_zero_rows_are_not_recomputed(path, generator, monkeypatch):
     """Rows with W_o = 0 (DoRA's zero rows; B_o = 0 at init) went through the dense

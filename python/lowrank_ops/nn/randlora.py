@@ -55,8 +55,8 @@ from .._first_order import first_order_only
 from ..ops._layout import flatten_rows
 from ..ops.base_linear import grad_input_op
 from ..ops._library import composed_path
-from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, check_adapter, check_dropout, draw_seed,
-                       lora_linear)
+from ..ops.lora import (_adapter_input, _addmm_adapter_, _forward_op, _widened_products, check_adapter, check_dropout,
+                       draw_seed, lora_linear)
 from ._adapter_base import MergeableAdapter, adapter_dtype, checkpoint_unmerged
 from ._plain import plain_linear, through_base
 from ._random_basis import SeededBases, check_seed, draw_bases, kaiming_bound, new_seed
@@ -123,7 +123,7 @@ class _RandLoRALinear(torch.autograd.Function):
                 outer = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)  # G = h^T D(x)
             else:
                 if need_lam:
-                    grad_lam = (expanded * shrunk).sum(0).mul_(scale).view_as(lam)
+                    grad_lam = _widened_products(expanded, shrunk).sum(0).mul_(scale).to(lam.dtype).view_as(lam)
                 outer = shrunk.T @ grad_y_adapter  # G = u^T dy
             products = outer.view(lam.shape[0], lam.shape[1], -1).mul_(randlora_A)  # P, in G's memory
             if need_lam and on_input:

@@ -61,8 +61,8 @@ from .._first_order import first_order_only
 from ._layout import flatten_rows
 from ._library import LIBRARY, checked_impl, composed_path, current_stream, eager_or_op, register_fake
 from .base_linear import SMALL_BATCH_MIN_WEIGHT, _base_linear, grad_input_op, small_batch, small_batch_kernel
-from .lora import (_adapter_input, _check_number, _check_tensor, check_adapter, check_dropout, check_scale_range,
-                   check_seed, composed_dropout, draw_seed)
+from .lora import (_adapter_input, _check_number, _check_tensor, _widened_products, check_adapter, check_dropout,
+                   check_scale_range, check_seed, composed_dropout, draw_seed)
 
 __all__ = ["dora_linear", "dora_row_norm", "DEFAULT_EPS", "floor_zero_norms"]
 
@@ -426,8 +426,8 @@ class _DoRALinear(torch.autograd.Function):
         dtype, adapter_dtype = x.dtype, lora_A.dtype
         dropout = seed is not None and p > 0.0
         grad_x = grad_W = grad_A = grad_B = grad_m = grad_bias = None
-        if need_m:
-            grad_m = ((grad_y * product).sum(0, dtype=inv_norm.dtype) * inv_norm).to(magnitude.dtype)
+        if need_m:  # dy z summed over rows, the products too in the accumulation type (half ones overflow)
+            grad_m = (_widened_products(grad_y, product, inv_norm.dtype).sum(0) * inv_norm).to(magnitude.dtype)
         factor = magnitude.to(inv_norm.dtype) * inv_norm  # c, in the accumulation type (a half c overflows)
         scaled_grad = torch.mul(grad_y, factor, out=torch.empty_like(grad_y, dtype=dtype))  # g = dy c, rounded once
         adapter_input = _adapter_input(x, seed, p) if (need_A or need_W) and dropout else x

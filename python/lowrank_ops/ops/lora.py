@@ -139,6 +139,14 @@ def _gate_scale(gate: Optional[torch.Tensor], scale):
     return scale if gate is None else gate * scale
 
 
+def _widened_products(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a * b`` elementwise in ``dtype`` where the factors are narrower (half: a product past
+    65504 is inf before any wider sum), else in their own dtype."""
+    if torch.finfo(a.dtype).bits < torch.finfo(dtype).bits:
+        return a.to(dtype).mul_(b)
+    return a * b
+
+
 def _addmm_adapter_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``out += left @ right`` in place, for the adapter's expand or its input gradient.
 
@@ -236,8 +244,8 @@ class _LoRALinear(torch.autograd.Function):
             grad_B = ((shrunk * factor).T @ grad_y_adapter).T
         if need_x or need_A or need_gate:
             expanded = grad_y_adapter @ lora_B  # h = dy B, [N, r]
-            if need_gate:
-                grad_gate = (expanded * shrunk).sum(0).mul_(scale)
+            if need_gate:  # products in float32 for half factors (+-1.2e5 cancelling gave NaN)
+                grad_gate = _widened_products(expanded, shrunk).sum(0).mul_(scale).to(gate.dtype)
             expanded = expanded * factor  # h g s
             if need_A:
                 grad_A = expanded.T @ _adapter_input(x, seed, p).to(adapter_dtype)

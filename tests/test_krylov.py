@@ -751,9 +751,10 @@ def test_cpu_loop_impls_take_numpy_numbers():
     with pytest.raises(ValueError, match="krylov_cg_: bnorm must be a positive finite number; got True"):
         run(5, 0.0, True)
 
-def _defcg_reference(A, d, W, AW, x, r, steps):
+def _defcg_reference(A, d, W, AW, x, r, steps, reproject=False):
     """Deflated CG in float64 torch ops, step for step as krylov_defcg_ documents it:
-    ``(x, r, history, alphas, betas, Lanczos vectors)``."""
+    ``(x, r, history, alphas, betas, Lanczos vectors)``; ``reproject``: every step restores
+    ``W^T r = 0`` (``reproject_below`` above every residual)."""
     z = r * d if d is not None else r.clone()
     p = z - W.T @ (AW @ z)
     rho = float(r @ z)
@@ -763,9 +764,13 @@ def _defcg_reference(A, d, W, AW, x, r, steps):
         alpha = rho / float(p @ q)
         vectors.append(z / rho ** 0.5)
         x, r = x + alpha * p, r - alpha * q
+        history.append(float(r.norm()))
+        if reproject:
+            c = W @ r
+            x, r = x + W.T @ c, r - AW.T @ c
         z = r * d if d is not None else r.clone()
         rho_new = float(r @ z)
-        alphas.append(alpha), betas.append(rho_new / rho), history.append(float(r.norm()))
+        alphas.append(alpha), betas.append(rho_new / rho)
         p = z + (rho_new / rho) * p - W.T @ (AW @ z)
         rho = rho_new
     return x, r, history, alphas, betas, torch.stack(vectors)
@@ -818,6 +823,55 @@ def test_defcg_op_matches_reference_and_resumes(preconditioned, kc, generator):
     assert all(torch.equal(one[key], two[key]) for key in ("x", "r", "p", "record", "rho"))
 
 
+@pytest.mark.parametrize("preconditioned", [False, True])
+def test_defcg_op_reprojects_below_the_threshold(preconditioned, generator):
+    """reproject_below: steps ending below it restore W^T r = 0 (x += W c, r -= AW c) and take
+    beta from the projected r, as the reference; above every residual, every step does, and
+    W^T r ends at rounding although r started with W^T b != 0."""
+    problem = pde.darcy(10, seed=2, index=0)
+    m, b = problem.matrix, problem.rhs
+    A = torch.as_tensor(m.to_scipy().toarray())
+    n, kc = b.numel(), 3
+    d = 1.0 / torch.diagonal(A) if preconditioned else None
+    W = torch.randn(kc, n, generator=generator, dtype=torch.float64)
+    W = torch.linalg.solve_triangular(torch.linalg.cholesky(W @ A @ W.T), W, upper=False)
+    AW = W @ A
+    bnorm = float(b.norm())
+    x_ref, r_ref, history_ref, alphas_ref, betas_ref, _ = _defcg_reference(
+        A, d, W, AW, torch.zeros_like(b), b.clone(), 12, reproject=True)
+    x, r, p, z = torch.zeros_like(b), b.clone(), torch.empty_like(b), torch.empty_like(b)
+    rho = torch.zeros(1, dtype=torch.float64)
+    history, alphas, betas, info = ops.krylov_defcg_(m.row_ptr, m.col_idx, m.values, d, x, r, p, z, rho, W, AW,
+                                                     torch.zeros(0, n, dtype=torch.float64), 12, 0.0, bnorm, False,
+                                                     reproject_below=1e300)
+    assert info.tolist() == [12, 1]
+    np.testing.assert_allclose(history.numpy() * bnorm, history_ref, rtol=1e-9)
+    np.testing.assert_allclose(alphas.numpy(), alphas_ref, rtol=1e-9)
+    np.testing.assert_allclose(betas.numpy(), betas_ref, rtol=1e-9)
+    torch.testing.assert_close(x, x_ref, rtol=1e-9, atol=1e-9 * float(x_ref.abs().max()))
+    assert float((W @ r).abs().max()) <= 1e-12 * bnorm < float((W @ b).abs().max())
+    with pytest.raises(ValueError, match="reproject_below must be a non-negative finite number; got -1.0"):
+        ops.krylov_defcg_(m.row_ptr, m.col_idx, m.values, d, x, r, p, z, rho, W, AW,
+                          torch.zeros(0, n, dtype=torch.float64), 2, 0.0, bnorm, False, reproject_below=-1.0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_float32_deflated_cg_levels_off_below_its_attainable_accuracy(native, monkeypatch):
+    """W^T r drifts to about u ||A|| ||x||, CG's attainable accuracy: with a tolerance below
+    it, the second float32 solve of a sequence diverged (4e-7 -> 9e3 relative over 10^4
+    steps, 10^4 times worse than x0 = 0) where plain cg stagnates at 9e-6.  Steps below
+    sqrt(eps) ||b|| restore W^T r = 0 now: the solve stagnates near plain cg's level."""
+    monkeypatch.setattr(_cg_module, "NATIVE", native)
+    first, second = pde.generate("darcy", 32, 2, seed=3)
+    solver = DeflatedCG(4)
+    solver.solve(first.matrix.to(dtype=torch.float32), first.rhs.float())
+    matrix, b = second.matrix.to(dtype=torch.float32), second.rhs.float()
+    x, info = solver.solve(matrix, b, tol=3e-7)
+    plain = cg(matrix, b, tol=3e-7)[1]
+    assert info.status == "stagnation" and info.iterations <= 600, (info.status, info.iterations)
+    assert info.true_residual <= 3 * plain.true_residual, (info.true_residual, plain.true_residual)
+
+
 def test_defcg_op_opcheck_and_bad_input():
     problem = pde.darcy(8, seed=0, index=0)
     m, b = problem.matrix, problem.rhs
@@ -833,6 +887,7 @@ def test_defcg_op_opcheck_and_bad_input():
         return (m.row_ptr, m.col_idx, m.values, *values.values())
 
     torch.library.opcheck(ops.krylov_defcg_.default, args())
+    torch.library.opcheck(ops.krylov_defcg_.default, args(), {"reproject_below": 1e300})
     torch.library.opcheck(ops.krylov_defcg_.default, args(diagonal=torch.full_like(b, 0.25), W=W[:0], AW=AW[:0]))
     with pytest.raises(ValueError, match="krylov_defcg_: steps must be an integer >= 1; got 0"):
         ops.krylov_defcg_(*args(steps=0))

@@ -249,7 +249,7 @@ LOWRANK_OPS_BINDINGS(krylov) {
          std::uintptr_t history, std::uintptr_t workspace, int64_t n, int64_t nnz, int64_t steps, int64_t n_chunks,
          double target, double bnorm, int dtype, int index_type, int num_threads, std::uintptr_t deflation,
          std::uintptr_t deflation_product, int64_t deflation_rows, std::uintptr_t record, int64_t record_rows,
-         std::uintptr_t alphas, std::uintptr_t betas, std::uintptr_t rho, bool resume) {
+         std::uintptr_t alphas, std::uintptr_t betas, std::uintptr_t rho, bool resume, double reproject_below) {
         KrylovCgParams params = cg_params(row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history,
                                           workspace, n, nnz, steps, n_chunks, target, bnorm, dtype, index_type);
         params.deflation = reinterpret_cast<const void*>(deflation);
@@ -261,6 +261,7 @@ LOWRANK_OPS_BINDINGS(krylov) {
         params.betas = reinterpret_cast<double*>(betas);
         params.rho = reinterpret_cast<double*>(rho);
         params.resume = resume;
+        params.reproject_below = reproject_below;
         KrylovCgResult result;
         {
           py::gil_scoped_release release;
@@ -274,7 +275,8 @@ LOWRANK_OPS_BINDINGS(krylov) {
       py::kw_only(), "row_ptr"_a, "col_idx"_a, "values"_a, "inverse_diagonal"_a, "x"_a, "r"_a, "p"_a, "q"_a, "z"_a,
       "history"_a, "workspace"_a, "n"_a, "nnz"_a, "steps"_a, "n_chunks"_a, "target"_a, "bnorm"_a, "dtype"_a,
       "index_type"_a, "num_threads"_a, "deflation"_a = 0, "deflation_product"_a = 0, "deflation_rows"_a = 0,
-      "record"_a = 0, "record_rows"_a = 0, "alphas"_a = 0, "betas"_a = 0, "rho"_a = 0, "resume"_a = false);
+      "record"_a = 0, "record_rows"_a = 0, "alphas"_a = 0, "betas"_a = 0, "rho"_a = 0, "resume"_a = false,
+      "reproject_below"_a = 0.0);
   m.def("krylov_arnoldi_workspace", &krylov_arnoldi_workspace,
         "Workspace elements (storage type) krylov_arnoldi_cpu needs.", py::kw_only(), "kc"_a, "steps"_a, "n_chunks"_a);
 }

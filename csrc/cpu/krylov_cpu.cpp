@@ -650,6 +650,7 @@ void check_krylov_cg_params(const KrylovCgParams& p) {
   LOWRANK_CHECK(p.deflation_rows >= 0, "krylov_cg: deflation_rows must be >= 0; got ", p.deflation_rows);
   LOWRANK_CHECK(p.deflation_rows == 0 || (p.deflation && p.deflation_product),
                 "krylov_cg: deflation and deflation_product must be given when deflation_rows > 0");
+  LOWRANK_CHECK(p.reproject_below >= 0, "krylov_cg: reproject_below must be >= 0; got ", p.reproject_below);
   LOWRANK_CHECK(p.record_rows >= 0, "krylov_cg: record_rows must be >= 0; got ", p.record_rows);
   LOWRANK_CHECK(p.record_rows == 0 || p.record, "krylov_cg: record must be given when record_rows > 0");
   LOWRANK_CHECK(!p.resume || p.rho, "krylov_cg: resume needs rho (r . z of the state it resumes)");
@@ -745,8 +746,8 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
           cg_update_chunk<T>(alpha, dir, q, d, x, r, z, range.begin, range.end, partial + width * task);
           deflation_dots(task, range);
         });
-        const T rr = reduce(0), rho_new = reduce(1);
-        const T beta = rho_new / rho;
+        const T rr = reduce(0), rho_new = reduce(1), rho_old = rho;
+        T beta = rho_new / rho;
         if (p.alphas) p.alphas[j] = static_cast<double>(alpha);
         if (p.betas) p.betas[j] = static_cast<double>(beta);
         rho = rho_new;
@@ -759,6 +760,35 @@ KrylovCgResult krylov_cg_cpu(const KrylovCgParams& p, int num_threads) {
         if (rnorm <= p.target) {
           result.status = 0;
           break;
+        }
+        if (kc && rnorm < p.reproject_below) {  // restore W^T r = 0 (krylov.h), then z, rho, AW^T z anew
+          parallel_for(p.n_chunks, threads, [&](int64_t task) {
+            const Range range = chunk_range(task, chunk, n);
+            T* sums = scratch.data() + task * (kc + 1);
+            multi_dot(W, n, kc, r, range.begin, range.end, sums);
+            for (int64_t i = 0; i < kc; ++i) partial[width * task + 2 + i] = sums[i];
+          });
+          for (int64_t i = 0; i < kc; ++i) coefficients[i] = reduce(2 + i);
+          parallel_for(p.n_chunks, threads, [&](int64_t task) {
+            const Range range = chunk_range(task, chunk, n);
+            multi_axpy(W, n, kc, coefficients.data(), x, range.begin, range.end);
+          });
+          for (int64_t i = 0; i < kc; ++i) coefficients[i] = -coefficients[i];
+          parallel_for(p.n_chunks, threads, [&](int64_t task) {
+            const Range range = chunk_range(task, chunk, n);
+            multi_axpy(AW, n, kc, coefficients.data(), r, range.begin, range.end);
+            T sum = 0;
+            for (int64_t e = range.begin; e < range.end; ++e) {
+              if (d) z[e] = d[e] * r[e];
+              sum += r[e] * z[e];
+            }
+            partial[width * task] = sum;
+            deflation_dots(task, range);
+          });
+          const T rho_projected = reduce(0);
+          beta = rho_projected / rho_old;
+          rho = rho_projected;
+          if (p.betas) p.betas[j - 1] = static_cast<double>(beta);
         }
         if (kc) reduce_coefficients();
         parallel_for(p.n_chunks, threads, [&](int64_t task) {

@@ -95,7 +95,7 @@ def krylov_cg_cpu(
     history: int, workspace: int, n: int, nnz: int, steps: int, n_chunks: int, target: float, bnorm: float,
     dtype: int, index_type: int, num_threads: int, deflation: int = 0, deflation_product: int = 0,
     deflation_rows: int = 0, record: int = 0, record_rows: int = 0, alphas: int = 0, betas: int = 0, rho: int = 0,
-    resume: bool = False,
+    resume: bool = False, reproject_below: float = 0.0,
 ) -> tuple[int, int]: ...
 def krylov_block_cpu(
     *, basis: int, other: int, coef: int, out: int, workspace: int, rows: int, cols: int, n: int, q_stride: int,

@@ -186,6 +186,12 @@ struct KrylovCgParams {
   const void* deflation = nullptr;
   const void* deflation_product = nullptr;
   int64_t deflation_rows = 0;
+  // Steps whose ||r|| is below reproject_below (> 0; 0: never) then restore W^T r = 0:
+  // x += W c, r -= AW c for c = W^T r, and z, r . z and AW^T z from the new r.  In exact
+  // arithmetic W^T r stays 0; in finite precision it drifts to about u ||A|| ||x||, the
+  // level of CG's attainable accuracy, and a tolerance below that made the deflated
+  // iteration diverge (float32: 4e-7 -> 9e3 relative over 10^4 steps).
+  double reproject_below = 0;
   // record (rows of n, contiguous): at steps j < record_rows, the Lanczos vector
   // z_j / sqrt(r_j . z_j) is written to row j before the step updates z (eigCG's record).
   void* record = nullptr;

@@ -69,11 +69,12 @@ def _norm(r: torch.Tensor) -> torch.Tensor:
 
 def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, maxiter: int, progress: Progress,
                 stagnation: Stagnation, *, W: Optional[torch.Tensor] = None, AW: Optional[torch.Tensor] = None,
-                lanczos=None) -> Tuple[int, str]:
+                lanczos=None, reproject_below: float = 0.0) -> Tuple[int, str]:
     """(Deflated) CG from ``x`` with residual ``r`` (``||r|| = rnorm``), at most ``maxiter`` steps.
 
     ``W``, ``AW`` (``[k, n]``, ``W^T A W = I``, ``W^T r = 0``): the deflation space, or None
-    (plain CG).  ``lanczos``: DeflatedCG's record of the Lanczos process (``stage`` and
+    (plain CG); steps that end with ``||r|| < reproject_below`` restore ``W^T r = 0`` as
+    ``krylov_defcg_``'s (:func:`~lowrank_ops.ops.krylov.defcg_cpu`).  ``lanczos``: DeflatedCG's record of the Lanczos process (``stage`` and
     ``commit``), or None.  Stops when the recursive residual meets ``system.target`` and
     the recomputed true one confirms it, else restarts from the true residual (projected
     on ``W``; the record stops), or stops as ``"stagnation"`` when ``stagnation`` says so.
@@ -136,6 +137,11 @@ def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, 
         x.add_(p, alpha=alpha)
         iterations += 1
         history.append(rnorm / bnorm)
+        if W is not None and target < rnorm < reproject_below:
+            project(W, AW, x, r)
+            z = system.unprecondition(r)
+            rz_new_device = dots(r[None], z)
+            rz_new, = read(rz_new_device)
         beta = rz_new / rz
         if recording:
             entries = couplings.entries(alpha)

@@ -105,7 +105,8 @@ LIBRARY.define("krylov_cg_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor
                "Tensor(b!) r, int steps, float target, float bnorm, int? n_chunks=None) -> (Tensor, Tensor)")
 LIBRARY.define("krylov_defcg_(Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? inverse_diagonal, Tensor(a!) x, "
                "Tensor(b!) r, Tensor(c!) p, Tensor(d!) z, Tensor(e!) rho, Tensor deflation, Tensor deflation_product, "
-               "Tensor(f!) record, int steps, float target, float bnorm, bool resume, int? n_chunks=None) "
+               "Tensor(f!) record, int steps, float target, float bnorm, bool resume, int? n_chunks=None, "
+               "float reproject_below=0.0) "
                "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
@@ -636,7 +637,7 @@ def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
               inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, p: torch.Tensor,
               z: torch.Tensor, rho: torch.Tensor, deflation: torch.Tensor, deflation_product: torch.Tensor,
               record: torch.Tensor, steps: int, target: float, bnorm: float, resume: bool,
-              n_chunks: Optional[int] = None):
+              n_chunks: Optional[int] = None, reproject_below: float = 0.0):
     """CPU impl of ``krylov_defcg_``: up to ``steps`` deflated CG iterations on a CSR matrix, one kernel call.
 
     :func:`cg_cpu`'s loop (the same C++ function, ``krylov_cg_cpu``) with what
@@ -671,6 +672,11 @@ def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
     resume : bool
         Continue from ``p``, ``z``, ``rho``; otherwise start from ``z = M^{-1} r``,
         ``p = z - W (AW^T z)``.
+    reproject_below : float
+        ``>= 0`` (default 0: never): steps that end with ``||r|| < reproject_below`` restore
+        ``W^T r = 0`` (``x += W c``, ``r -= AW c``, ``c = W^T r``) before the next direction
+        (``beta`` from the projected ``r``): the drift of ``W^T r`` is at the level of CG's
+        attainable accuracy, where the deflated iteration otherwise diverges (krylov.h).
 
     Returns
     -------
@@ -683,6 +689,7 @@ def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
     steps = require_int(op, "steps", steps, 1)
     target = _check_float(op, "target", target, positive=False)
     bnorm = _check_float(op, "bnorm", bnorm, positive=True)
+    reproject_below = _check_float(op, "reproject_below", reproject_below, positive=False)
     n = _cpu_square_pattern(op, row_ptr, col_idx, values, "DeflatedCG runs step by step")
     vectors = {"x": x, "r": r, "p": p, "z": z}
     if inverse_diagonal is not None:
@@ -718,14 +725,15 @@ def defcg_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor
     n_chunks = _check_n_chunks(op, n_chunks, n)
     diagonal = None if inverse_diagonal is None else inverse_diagonal.contiguous()
     return defcg_unchecked(row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(), diagonal, x, r, p, z, rho,
-                           deflation, deflation_product, record, steps, target, bnorm, bool(resume), n_chunks)
+                           deflation, deflation_product, record, steps, target, bnorm, bool(resume), n_chunks,
+                           reproject_below)
 
 
 def defcg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                     inverse_diagonal: Optional[torch.Tensor], x: torch.Tensor, r: torch.Tensor, p: torch.Tensor,
                     z: torch.Tensor, rho: torch.Tensor, deflation: torch.Tensor, deflation_product: torch.Tensor,
                     record: torch.Tensor, steps: int, target: float, bnorm: float, resume: bool,
-                    n_chunks: Optional[int] = None):
+                    n_chunks: Optional[int] = None, reproject_below: float = 0.0):
     """``krylov_defcg_`` for valid arguments (what :func:`defcg_cpu` checks; contiguous tensors)."""
     n, kc = x.numel(), deflation.shape[0]
     threads = torch.get_num_threads()
@@ -738,12 +746,13 @@ def defcg_unchecked(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.
         row_ptr, col_idx, values, inverse_diagonal, x, r, p, q, z, history, workspace, steps, n_chunks, target, bnorm,
         deflation=deflation.data_ptr() if kc else 0, deflation_product=deflation_product.data_ptr() if kc else 0,
         deflation_rows=kc, record=record.data_ptr() if record.shape[0] else 0, record_rows=record.shape[0],
-        alphas=alphas.data_ptr(), betas=betas.data_ptr(), rho=rho.data_ptr(), resume=resume)
+        alphas=alphas.data_ptr(), betas=betas.data_ptr(), rho=rho.data_ptr(), resume=resume,
+        reproject_below=reproject_below)
     return history, alphas, betas, info
 
 
 def _defcg_fake(row_ptr, col_idx, values, inverse_diagonal, x, r, p, z, rho, deflation, deflation_product, record,
-                steps, target, bnorm, resume, n_chunks=None):
+                steps, target, bnorm, resume, n_chunks=None, reproject_below=0.0):
     history = x.new_empty((steps,), dtype=torch.float64)
     return history, torch.empty_like(history), torch.empty_like(history), x.new_empty((2,), dtype=torch.int64)
 

@@ -45,10 +45,10 @@ __device__ acc_t<T> direct_row_norm(const DoraNormParams& p, int64_t o, int lane
   const A* b = static_cast<const A*>(p.lora_B) + o * p.rank;
   const A* a = static_cast<const A*>(p.lora_A);
   const A scale = static_cast<A>(p.scale);
-  auto entry = [&](int64_t i) {
-    A low_rank = 0;
-    for (int64_t k = 0; k < p.rank; ++k) low_rank += b[k] * a[k * p.in_features + i];  // coalesced over lanes
-    return to_acc(row[i * p.weight_stride_i]) + scale * low_rank;
+  auto entry = [&](int64_t i) {  // W_oi + sum_k (s b_k) a_ki, scaled and summed as the CPU twin
+    A value = to_acc(row[i * p.weight_stride_i]);
+    for (int64_t k = 0; k < p.rank; ++k) value += (scale * b[k]) * a[k * p.in_features + i];  // coalesced over lanes
+    return value;
   };
   A largest = 0;
   for (int64_t i = lane; i < p.in_features; i += kWarp) largest = max_keeping_nan(largest, fabs(entry(i)));

@@ -82,6 +82,7 @@ __device__ __forceinline__ void lse_add(Lse<T>& a, T v, T cost) {
   // would compute exp(-inf - (-inf)) = NaN (an infinite cost, or (f + g - C) / reg
   // overflowing).  NaN still propagates.
   if (v == neg_inf<T>()) return;
+  if (v == -neg_inf<T>()) v = v - v;  // +inf (an overflowed entry): NaN, as the CPU's ot_exp gives, lane order aside
   if (v > a.m) {
     const T r = dexp(a.m - v);  // 0 when a.m = -inf
     a.sum = a.sum * r + T(1);
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) sparsify(OtSparsifyParams p) {
       const int64_t slot = at + __popc(ballot & ((1u << lane) - 1u));
       if (keep && slot < end) {  // never past the row's range, even when it does not match the count
         p.col_idx[slot] = j;
-        static_cast<T*>(p.values)[slot] = dexp(v);
+        static_cast<T*>(p.values)[slot] = ot_exp(v);  // the CPU's exp: clamped at 88 / 709, flushed below normals
       }
       at += __popc(ballot);
     }
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) row_grad(OtRowGradParams p) {
     for (int64_t d0 = 0; d0 < s.dim; d0 += kGradDims) {
       T acc[kGradDims] = {};
       for (int64_t j = lane; j < s.cols; j += kWarp) {
-        const T w = dexp(log_entry(s, b, i, j, entry_cost<T>(s, b, i, j)) - lse);
+        const T w = ot_exp(log_entry(s, b, i, j, entry_cost<T>(s, b, i, j)) - lse);  // as the CPU
         const T* y = static_cast<const T*>(s.y) + (b * s.cols + j) * s.dim;
 #pragma unroll
         for (int k = 0; k < kGradDims; ++k) {

@@ -56,7 +56,20 @@ const ContextCalls& context_calls() {
 
 DeviceGuard::DeviceGuard(int device) {
   int current = -1;
-  LOWRANK_CUDA_CHECK(cudaGetDevice(&current));
+  const cudaError_t status = cudaGetDevice(&current);
+  if (status == cudaErrorInsufficientDriver) {
+    // The runtime is linked statically (cmake/LowrankCUDA.cmake): a build with a newer
+    // toolkit than the driver supports fails here, while torch (its own runtime) works.
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    cudaGetLastError();
+    throw std::runtime_error(detail::concat(
+        "lowrank_ops' CUDA kernels were built with the CUDA ", CUDART_VERSION / 1000, ".", CUDART_VERSION % 1000 / 10,
+        " runtime, newer than this driver supports (CUDA ", driver / 1000, ".", driver % 1000 / 10,
+        "): update the driver, or rebuild lowrank_ops with a CUDA toolkit the driver supports (e.g. torch's, "
+        "torch.version.cuda)"));
+  }
+  LOWRANK_CUDA_CHECK(status);
   if (current == device) return;
   const ContextCalls& calls = context_calls();
   restore_ = calls.get != nullptr && calls.set != nullptr && calls.get(&previous_context_) == 0;

@@ -64,6 +64,7 @@ struct LaunchPlan {
   unsigned grid = 1;
   int64_t shared_bytes = 0;
   int64_t workspace_bytes = 0;
+  int max_shared = 0;  // the device's opt-in limit per block
 };
 
 LaunchPlan make_plan(int64_t batch, int64_t rows, int64_t cols, DType dtype, bool compute_uv, int device) {
@@ -75,6 +76,7 @@ LaunchPlan make_plan(int64_t batch, int64_t rows, int64_t cols, DType dtype, boo
   LOWRANK_CHECK(small <= max_shared, "batched_svd: cols = ", cols, " needs ", small,
                 " bytes of shared memory for per-column state; the device allows ", max_shared);
   LaunchPlan plan;
+  plan.max_shared = max_shared;
   const int64_t warps = std::min<int64_t>(std::max<int64_t>((cols + 1) / 2, 1), kMaxWarps);
   plan.threads = static_cast<int>(warps * kWarp);
   const int64_t blocks = std::max<int64_t>(1, std::min(batch, kMaxGrid));
@@ -432,8 +434,11 @@ void jacobi_svd_cuda(const JacobiSvdParams& p, int device, std::uintptr_t stream
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   dispatch_dtype<__half, __nv_bfloat16>(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
+    // The device's limit, not this call's need: the attribute is per device and kernel, and
+    // a thread setting a smaller need between another thread's set and launch made that
+    // launch fail; every call setting the same value cannot.
     LOWRANK_CUDA_CHECK(cudaFuncSetAttribute(jacobi_svd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(plan.shared_bytes)));
+                                            plan.max_shared));
     jacobi_svd_kernel<T><<<plan.grid, plan.threads, static_cast<size_t>(plan.shared_bytes), s>>>(p, plan.in_shared);
     LOWRANK_CUDA_LAUNCH_CHECK();
   });

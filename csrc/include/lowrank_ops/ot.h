@@ -20,8 +20,11 @@
 //
 // Numerical contract: every exponential is of a value shifted by a running maximum
 // (<= 0), so nothing overflows, in float32 at any reg; on the CPU (ot_exp) exp of values
-// below the smallest normal's logarithm returns 0, where CUDA's exp may return a
-// subnormal (a difference below the smallest normal, in sums of terms up to 1).  No kernel allocates or synchronizes; CUDA kernels run
+// below the smallest normal's logarithm returns 0, where CUDA's exp in the log-sum-exp
+// may return a subnormal (a difference below the smallest normal, in sums of terms up to
+// 1).  The plan entries written out (ot_sparsify's values, ot_row_grad's weights) use
+// ot_exp on both back ends: clamped at 88 / 709, flushed below the normals.  A +inf
+// log-plan entry (an overflow) gives NaN on both.  No kernel allocates or synchronizes; CUDA kernels run
 // asynchronously on the given stream.
 #pragma once
 

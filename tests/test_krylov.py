@@ -323,6 +323,81 @@ def test_skr_order_and_caller_order():
         assert _relative_residual(problem.matrix.to_scipy(), problem.rhs.numpy(), x) <= 1e-10 * (1 + 1e-6)
 
 
+def test_callables_returning_their_own_buffer():
+    """A callable A returning an output buffer it reuses: DeflatedCG stacked k views of that
+    one buffer as A W (the second solve ended at a residual of 2.6e18) and GCRODR needed
+    156 / 119 iterations instead of 77.  Such products are copied now (also an A returning
+    x itself, the identity, whose product the solvers then updated in place)."""
+    class ReusedBuffer:
+        def __init__(self, dense):
+            self.dense, self.shape = dense, dense.shape
+            self.buffer = torch.empty(dense.shape[0], dtype=dense.dtype)
+
+        def __call__(self, v):
+            return torch.mv(self.dense, v, out=self.buffer)
+
+    for solver in (DeflatedCG(6), GCRODR(20, 6)):
+        for problem in pde.generate("darcy", 16, 3, seed=1):
+            x, info = solver.solve(ReusedBuffer(torch.as_tensor(problem.matrix.to_scipy().toarray())), problem.rhs)
+            assert info.converged and info.iterations <= 100, (type(solver).__name__, info.status, info.iterations)
+    b = torch.arange(1.0, 6.0, dtype=torch.float64)
+    identity = type("Identity", (), {"shape": (5, 5), "__call__": lambda self, v: v})()
+    for solve in (cg, gmres, lambda A, b: GCRODR(4, 2).solve(A, b), lambda A, b: DeflatedCG(2).solve(A, b)):
+        x, info = solve(identity, b)
+        assert info.converged and torch.allclose(x, b)
+
+
+def test_cg_never_returns_worse_than_its_start():
+    """x0 was never a candidate for the returned iterate: from the exact solution (rounded to
+    float32, residual 5.4e-6) at a float32 tolerance of 1e-6, cg returned an iterate at
+    7.6e-6 (gmres keeps x0).  The start is kept now when nothing confirmed beats it."""
+    import scipy.sparse.linalg as spla
+
+    problem = pde.darcy(32)
+    matrix, b = problem.matrix.to(dtype=torch.float32), problem.rhs.float()
+    x0 = torch.as_tensor(spla.spsolve(problem.matrix.to_scipy().tocsc(), problem.rhs.numpy())).float()
+    for solve in (cg, lambda A, b, x0, tol: DeflatedCG(4).solve(A, b, x0, tol)):
+        x, info = solve(matrix, b, x0=x0, tol=1e-6)
+        assert not info.converged and info.true_residual <= info.residuals[0] * (1 + 1e-6)
+
+
+def test_scipy_conversions_copy():
+    """to_scipy (documented as a copy) and from_scipy shared float64 memory with the scipy
+    matrix: writing to it changed a CSRMatrix validated once (NaN got in), without bumping
+    its version, so GCRODR reused a stale recycled space (true residual 1.86 > x0's 1)."""
+    matrix = pde.darcy(8).matrix
+    before = matrix.values.clone()
+    matrix.to_scipy().data *= 3
+    assert torch.equal(matrix.values, before)
+    source = sp.eye(4, format="csr")
+    converted = CSRMatrix.from_scipy(source)
+    source.data[0] = np.nan
+    assert torch.equal(converted.values, torch.ones(4, dtype=torch.float64))
+
+
+def test_greedy_order_is_a_permutation_for_any_features():
+    """Once every remaining distance was inf (inf features, or entries of 1e200 whose
+    distances overflowed), argmin picked a visited row: [0, 2, 0, 0], and solve_sequence
+    solved system 0 four times and left the others None.  Past 25 rows torch.cdist used
+    |a|^2 + |b|^2 - 2 a.b, which cancels for rows sharing a large common part: the chain
+    through rows t * 1e-3 apart on a common 1e6 part was random; it is monotone now."""
+    inf, nan = float("inf"), float("nan")
+    assert greedy_order(torch.tensor([[0.0], [inf], [1.0], [inf]])) == [0, 2, 1, 3]
+    assert greedy_order(torch.tensor([[0.0], [1e200], [1.0], [-1e200]])) == [0, 2, 1, 3]
+    assert greedy_order(torch.tensor([[0.0], [nan], [1.0], [2.0]])) == [0, 2, 3, 1]
+    generator = torch.Generator().manual_seed(0)
+    N, d = 40, 64
+    t = torch.randperm(N, generator=generator).double()
+    common = torch.randn(d, generator=generator, dtype=torch.float64) * 1e6
+    direction = torch.randn(d, generator=generator, dtype=torch.float64) * 1e-3
+    order = [int(t[i]) for i in greedy_order(common + t[:, None] * direction, start=int(torch.argmin(t)))]
+    assert order == list(range(N))
+    big = [(CSRMatrix(p.matrix.row_ptr, p.matrix.col_idx, p.matrix.values * 1e160, p.matrix.shape), p.rhs)
+           for p in pde.generate("darcy", 8, 4)]
+    result = solve_sequence(big, method="cg")
+    assert sorted(result.order) == [0, 1, 2, 3] and all(s is not None for s in result.solutions)
+
+
 def test_skr_default_features_and_their_errors():
     """The default features of (A, b) tuples are A's entries for every matrix kind (a dense
     or scipy A fell back to b: Darcy's all-ones b made the order the given one);

@@ -173,8 +173,10 @@ class Stagnation:
     last iterate.  A failed confirmation is a strike unless its true residual is at most
     half the reference (the true residual at the last such halving); :data:`PATIENCE`
     strikes in a row end the solve as ``"stagnation"``.  (In float64, where a confirmation
-    fails because the two residuals drifted apart, each restart gains digits.)  The solvers
-    return the iterate with the smallest confirmed true residual.
+    fails because the two residuals drifted apart, a restart usually gains digits.)  The
+    solvers return the iterate with the smallest confirmed true residual, the initial
+    guess included (:meth:`consider`): a solve that ends worse than it started, on a
+    breakdown or at maxiter, returns its start.
     """
 
     #: Failed confirmations without halving the true residual that end a solve: restarts at
@@ -186,14 +188,18 @@ class Stagnation:
         self.reference, self.strikes = math.inf, 0
         self.best, self.best_x = math.inf, None
 
-    def failed_confirmation(self, x: torch.Tensor, rnorm: float) -> bool:
-        """Record a failed confirmation at ``x`` (true residual norm ``rnorm``); True when the solve stagnated."""
+    def consider(self, x: torch.Tensor, rnorm: float) -> None:
+        """Keep a copy of ``x`` (true residual norm ``rnorm``) if it is the best so far."""
         if rnorm < self.best:
             self.best = rnorm
             if self.best_x is None:
                 self.best_x = x.clone()
             else:
                 self.best_x.copy_(x)
+
+    def failed_confirmation(self, x: torch.Tensor, rnorm: float) -> bool:
+        """Record a failed confirmation at ``x`` (true residual norm ``rnorm``); True when the solve stagnated."""
+        self.consider(x, rnorm)
         if rnorm <= 0.5 * self.reference:
             self.reference, self.strikes = rnorm, 0
         else:
@@ -201,8 +207,10 @@ class Stagnation:
         return self.strikes >= self.PATIENCE
 
     def best_solution(self, x: torch.Tensor, rnorm: float) -> Tuple[torch.Tensor, float]:
-        """``(x, rnorm)`` of the final iterate, or of the best confirmed one when its true residual is smaller."""
-        if self.best_x is not None and self.best < rnorm:
+        """``(x, rnorm)`` of the final iterate, or of the best confirmed one when its true residual
+        is smaller.  A finite ``x`` whose residual is not finite is kept: the operator (not the
+        iterate) broke, and the others' residuals were measured before it did."""
+        if self.best_x is not None and self.best < rnorm and (math.isfinite(rnorm) or not all_finite(x)):
             return self.best_x, self.best
         return x, rnorm
 

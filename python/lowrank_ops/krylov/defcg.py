@@ -471,6 +471,7 @@ class DeflatedCG:
         history = [rnorm / bnorm]
         progress = Progress(system.callback, history)
         stagnation = Stagnation()
+        stagnation.consider(x, rnorm)  # never return worse than the start
         if kc and math.isfinite(rnorm):
             rnorm = project(W, AW, x, r)
             history[-1] = rnorm / bnorm

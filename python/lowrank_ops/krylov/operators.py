@@ -168,10 +168,12 @@ class CSRMatrix:
         csr = matrix.tocsr()
         if np.iscomplexobj(csr.data):
             raise TypeError("CSRMatrix.from_scipy: complex matrices are not supported; expected a real dtype")
+        # Copies: shared with the scipy matrix, a later write to it (NaN, or a new operator)
+        # reached a CSRMatrix validated once, unseen by the solvers' change checks.
         return cls(
-            torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64)),
-            torch.from_numpy(np.asarray(csr.indices, dtype=np.int64)),
-            torch.from_numpy(np.asarray(csr.data)).to(dtype),
+            torch.from_numpy(np.array(csr.indptr, dtype=np.int64)),
+            torch.from_numpy(np.array(csr.indices, dtype=np.int64)),
+            torch.from_numpy(np.array(csr.data)).to(dtype),
             csr.shape,
         )
 
@@ -235,12 +237,12 @@ class CSRMatrix:
         return dense.index_put_((self.entry_rows(), self.col_idx.long()), self.values, accumulate=True)
 
     def to_scipy(self):
-        """The matrix as a ``scipy.sparse.csr_matrix`` (float64 copy on the host)."""
+        """The matrix as a ``scipy.sparse.csr_matrix`` (a float64 copy on the host: writing to it
+        leaves this matrix as it was)."""
         import scipy.sparse
 
-        return scipy.sparse.csr_matrix(
-            (self.values.double().cpu().numpy(), self.col_idx.cpu().numpy(), self.row_ptr.cpu().numpy()), shape=self.shape
-        )
+        arrays = tuple(t.cpu().numpy().copy() for t in (self.values.double(), self.col_idx, self.row_ptr))
+        return scipy.sparse.csr_matrix(arrays, shape=self.shape)
 
     # ------------------------------------------------------------------ algebra
     def entry_rows(self) -> torch.Tensor:
@@ -355,6 +357,15 @@ class LinearOperator:
         return self.matrix.diagonal()
 
 
+def _address(value) -> int:
+    """The data address of a tensor or ndarray (0 for anything else)."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    if isinstance(value, np.ndarray):
+        return value.ctypes.data
+    return 0
+
+
 def _callable_operator(op: str, A, dtype: torch.dtype, device: torch.device) -> LinearOperator:
     shape = getattr(A, "shape", None)
     if shape is None or len(shape) != 2:
@@ -365,9 +376,15 @@ def _callable_operator(op: str, A, dtype: torch.dtype, device: torch.device) -> 
     function = A.matvec if hasattr(A, "matvec") else A
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        y = torch.as_tensor(function(x), dtype=dtype, device=device).reshape(-1)
+        result = function(x)
+        y = torch.as_tensor(result, dtype=dtype, device=device).reshape(-1)
         if y.numel() != n:
             raise ValueError(f"{op}: A(x) returned {y.numel()} entries; expected n = {n}")
+        if y.numel() and y.data_ptr() == _address(result):
+            # The callable's own memory (an output buffer it reuses, or x itself): the solvers
+            # keep products and update them in place, so DeflatedCG stacked k views of one
+            # buffer as A W (a second solve ended at a residual of 2.6e18).
+            y = y.clone()
         return y
 
     return LinearOperator(apply, n, dtype, device, None, A)

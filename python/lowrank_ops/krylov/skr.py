@@ -78,7 +78,11 @@ def greedy_order(features: torch.Tensor, start: int = 0) -> List[int]:
     """Greedy nearest-neighbour chain through the rows of ``features`` (``[N, d]``).
 
     Starts at ``start`` and repeatedly moves to the closest (Euclidean) unvisited row.
-    O(N^2 d) for the distances plus O(N^2) for the chain.
+    O(N^2 d) for the distances plus O(N^2) for the chain.  Distances are computed
+    pairwise (not through ``|a|^2 + |b|^2 - 2 a.b``, torch's choice past 25 rows, which
+    cancels when the rows share a large common part: errors of 0.35 between rows 0.006
+    apart), on the features divided by their largest finite magnitude (entries of 1e200
+    no longer overflow); infinite or NaN distances come last.
 
     Parameters
     ----------
@@ -107,7 +111,14 @@ def greedy_order(features: torch.Tensor, start: int = 0) -> List[int]:
     if not 0 <= start < count:
         raise ValueError(f"greedy_order: start must be in [0, {count}); got {start}")
     features = features.to(torch.float64)
-    distances = torch.cdist(features, features)
+    finite = features[torch.isfinite(features)]
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    if largest > 0.0:
+        features = features / largest
+    distances = torch.cdist(features, features, compute_mode="donot_use_mm_for_euclid_dist")
+    # Unvisited rows at distance inf or NaN rank after every finite distance; visited ones
+    # (inf) after those, so the chain always moves to an unvisited row.
+    distances = torch.nan_to_num(distances, nan=_LAST, posinf=_LAST)
     distances.fill_diagonal_(float("inf"))
     order = [start]
     distances[:, start] = float("inf")
@@ -117,6 +128,9 @@ def greedy_order(features: torch.Tensor, start: int = 0) -> List[int]:
         order.append(current)
         distances[:, current] = float("inf")
     return order
+
+
+_LAST = torch.finfo(torch.float64).max  # greedy_order's rank for infinite and NaN distances
 
 
 def _unpack(problem, index: int):

@@ -448,3 +448,22 @@ def test_vmap_runs_the_torch_composition():
     torch.testing.assert_close(Q @ R, Y)
     torch.testing.assert_close(Q.mT @ Q, torch.eye(5, dtype=torch.float64).expand(3, 5, 5))
     torch.testing.assert_close(Q, cholesky_qr2(Y)[0])
+
+
+def test_float32_gram_stays_full_precision_under_tf32_settings():
+    """The CUDA path's Gram matrices (tall_gram's CUDA impl and cholesky_qr_torch) ran as
+    float32 matmuls, which torch.set_float32_matmul_precision("high") sends to TF32 (a
+    10-bit mantissa): CholeskyQR's Q then orthonormal to ~1e-3 only.  Under such settings
+    the float32 Gram is computed in float64 now.  (The functions run here on CPU tensors:
+    the precision switch, not the device, decides.)"""
+    from lowrank_ops.ops.qr import _tall_gram_cuda, gram_full_precision
+
+    Y = torch.randn(300, 12, generator=torch.Generator().manual_seed(0))
+    exact = (Y.double().T @ Y.double()).float()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert torch.equal(gram_full_precision(Y), exact)
+        assert torch.equal(_tall_gram_cuda(Y).triu(), exact.triu())
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -61,9 +61,21 @@ def _tall_gram_cpu(Y: torch.Tensor) -> torch.Tensor:
     return gram.reshape(*Y.shape[:-2], n, n)
 
 
+def gram_full_precision(Y: torch.Tensor) -> torch.Tensor:
+    """``Y^T Y`` in Y's precision even where float32 matmuls may run in TF32
+    (``torch.set_float32_matmul_precision("high")`` or ``"medium"``: CUDA tensor cores with
+    a 10-bit mantissa, or bfloat16 passes): CholeskyQR's Q is then orthonormal only to the
+    Gram matrix's ~1e-3, so the product runs in float64 there (cheap on A100 / H100 / H200;
+    1/32-1/64 rate on consumer GPUs)."""
+    if Y.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        wide = Y.double()
+        return (wide.mT @ wide).float()
+    return Y.mT @ Y
+
+
 def _tall_gram_cuda(Y: torch.Tensor) -> torch.Tensor:
     # Mirrored from the upper triangle: cuBLAS promises no bitwise symmetry (split-K, tiles).
-    gram = (Y.mT @ Y).triu()
+    gram = gram_full_precision(Y).triu()
     return gram + gram.triu(1).mT
 
 
@@ -213,7 +225,7 @@ def cholesky_qr_torch(Y: torch.Tensor, shift: bool, plain_passes: int):
     Y = Y / scale
     R_total = None
     for shifted in (True,) * shift + (False,) * plain_passes:
-        R = shifted_cholesky(Y.transpose(-2, -1) @ Y, Y.shape[-2], shifted)
+        R = shifted_cholesky(gram_full_precision(Y), Y.shape[-2], shifted)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
         R_total = R if R_total is None else R @ R_total
     return Y, R_total * scale

@@ -5,8 +5,12 @@ Per parameter group and step, with ``g`` the group's gradients flattened into on
 vector (``+ weight_decay * w``)::
 
     F^-1 g  = inverse.update_ihvp(g)        # window <- g, then (lambda I + G^T G / n)^-1 g
-    buf     = momentum * buf + F^-1 g        # when momentum > 0
+    buf     = momentum * buf + (1 - momentum) * F^-1 g   # when momentum > 0; buf starts at 0
     w      -= lr * (buf or F^-1 g)
+
+The momentum is official M-FAC's exponential average (its ``optim.py``), not torch SGD's
+heavy ball (``buf = momentum * buf + F^-1 g``, whose steps are ``1 / (1 - momentum)``
+larger: 10x at 0.9), so M-FAC recipes' ``lr`` and ``momentum`` carry over.
 
 With ``sparse=True`` (official M-FAC's ``sparse``) the weights that are exactly zero at
 the group's first step stay zero: ``g`` is restricted to the other weights (the window
@@ -49,7 +53,9 @@ class MFAC(torch.optim.Optimizer):
         Fisher damping ``lambda`` (> 0).  Directions outside the window's span are scaled by
         ``1 / lambda``: ``lr / damp`` is the effective SGD step there.
     momentum : float
-        Heavy-ball momentum on the preconditioned step, in ``[0, 1)``.
+        Momentum on the preconditioned step, in ``[0, 1)``: official M-FAC's exponential
+        average ``buf = momentum buf + (1 - momentum) F^-1 g`` from ``buf = 0`` (not torch
+        SGD's heavy ball, whose steps are ``1 / (1 - momentum)`` larger).
     weight_decay : float
         L2 penalty added to the gradient before preconditioning (as the official code).
     storage_dtype : torch.dtype, optional
@@ -155,15 +161,17 @@ class MFAC(torch.optim.Optimizer):
                 keep = keep if mask is None else keep[mask]
                 direction = direction * keep.to(direction.dtype)
             if group["momentum"] > 0:
+                momentum = group["momentum"]
                 state = self.state[params[0]]
                 buf = state.get("momentum_buffer")
                 if buf is None:
-                    buf = state["momentum_buffer"] = direction.clone()
-                elif keep is None:
-                    buf.mul_(group["momentum"]).add_(direction)
-                else:
+                    buf = state["momentum_buffer"] = torch.zeros_like(direction)
+                if keep is None:
+                    buf.mul_(momentum).add_(direction, alpha=1.0 - momentum)
+                else:  # (direction is 0 where keep is False: those entries keep their buf)
                     # (factors of buf's dtype: torch.where of two numbers is float32, 0.9 rounded)
-                    buf.mul_(torch.where(keep, buf.new_tensor(group["momentum"]), buf.new_tensor(1.0))).add_(direction)
+                    buf.mul_(torch.where(keep, buf.new_tensor(momentum), buf.new_tensor(1.0)))
+                    buf.add_(direction, alpha=1.0 - momentum)
                 direction = buf
             if mask is not None:
                 direction = direction.new_zeros(mask.shape).masked_scatter_(mask, direction)

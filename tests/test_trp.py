@@ -320,6 +320,35 @@ def fit(model, x, y, steps, scheduler=None):
     return torch.nn.functional.mse_loss(model(x), y).item()
 
 
+def test_scheduler_with_the_optimizer_truncates_after_its_update(generator):
+    """The paper's step is W_{t+1} = T(W_t) - alpha grad f(T(W_t)): the gradient at the
+    truncated weights.  step() truncates before the optimizer's update, whose gradient was
+    taken at W_t (T(W_t) - alpha grad f(W_t)); given the optimizer, the truncation runs in
+    its post-step hook, so the next forward and gradient see T(W): here against a loop
+    that truncates after every second SGD update (the reference order)."""
+    x = randn(32, 12, generator=generator)
+    y = randn(32, 10, generator=generator)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=False))
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = trp.TRPScheduler(model, lam=0.0, energy=0.8, period=2, optimizer=optimizer)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(1, 7):
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            if net is model:
+                assert scheduler.step() is None
+            opt.step()
+            opt.zero_grad()
+        if step % 2 == 0:
+            ranks = trp.truncate_(reference, 0.8)
+            assert scheduler.ranks == ranks and ranks["0"] < 10
+            assert numerical_rank(model[0].weight, 1 - 1e-6) == ranks["0"]  # truncated before the next forward
+        torch.testing.assert_close(model[0].weight, reference[0].weight, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="TRPScheduler: optimizer must be a torch.optim.Optimizer or None"):
+        trp.TRPScheduler(model, lam=0.0, energy=0.8, period=2, optimizer=model)
+
+
 def test_trp_training_lowers_the_rank(device, cross_device_generator):
     generator = cross_device_generator  # the same data on every device
     # An underdetermined regression (24 samples, 32 inputs) onto a rank-3 map, from a

@@ -23,11 +23,11 @@ spatial decomposition) are left to the caller.
 
 Example
 -------
->>> scheduler = trp.TRPScheduler(model, lam=1e-4, energy=0.99, period=20)
+>>> scheduler = trp.TRPScheduler(model, lam=1e-4, energy=0.99, period=20, optimizer=optimizer)
 >>> for x, y in data:
 ...     loss_fn(model(x), y).backward()
-...     scheduler.step()                       # + lambda U V^T; every 20 steps truncation
-...     optimizer.step(); optimizer.zero_grad()
+...     scheduler.step()                       # + lambda U V^T
+...     optimizer.step(); optimizer.zero_grad()  # every 20 steps truncation after the update
 >>> print(trp.compress(model, energy=0.99))    # factorized layers, CompressionReport
 """
 from __future__ import annotations
@@ -312,9 +312,14 @@ class TRPScheduler:
 
     Each call adds the nuclear subgradient ``lam U V^T`` to the targeted weights' gradients
     (:func:`add_nuclear_subgradient_`, skipped when ``lam == 0``); every ``period``-th call
-    then truncates the weights (:func:`truncate_`, on the weights as they are before this
-    step's optimizer update, which then moves them from the truncated point: the paper's
-    order, truncation then the gradient step).
+    then truncates the weights (:func:`truncate_`).  The paper's truncation step is
+    ``W_{t+1} = T(W_t) - alpha grad f(T(W_t))`` (the authors' code truncates before the
+    forward pass): given the ``optimizer``, the truncation runs right after that step's
+    update (a post-step hook), so the next forward pass and its gradient see the truncated
+    weights.  Without it, it runs in ``step()`` on the weights before the update, whose
+    gradient was taken at the untruncated point: ``T(W_t) - alpha grad f(W_t)`` (the two
+    differ by ``alpha (grad f(W_t) - grad f(T(W_t)))``: small when the truncation removes
+    little energy, which is what ``energy`` near 1 asks).
 
     Parameters
     ----------
@@ -333,6 +338,11 @@ class TRPScheduler:
     n_iter, generator
         rsvd's settings (truncation search and ``rank``); the generator must be of the
         weights' device (checked here).
+    optimizer : torch.optim.Optimizer, optional
+        The optimizer that updates the weights: truncations then run after its ``step()``
+        (the paper's order, above), and :meth:`step` returns None (the ranks are in
+        :attr:`ranks` once the update has run).  Under ``torch.amp.GradScaler`` a skipped
+        step defers the truncation to the next step that runs.
 
     Attributes
     ----------
@@ -344,8 +354,11 @@ class TRPScheduler:
 
     def __init__(self, model: torch.nn.Module, lam: float, energy: float, period: int, *, target_modules=None,
                  rank: Optional[int] = None, n_iter: Union[int, str] = "auto",
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         op = "TRPScheduler"
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{op}: optimizer must be a torch.optim.Optimizer or None; got {type(optimizer).__name__}")
         self.lam = require_number(op, "lam", lam, 0.0)
         self.energy = _check_energy(op, energy)
         self.period = require_int(op, "period", period)
@@ -359,18 +372,34 @@ class TRPScheduler:
         self.generator = generator
         self.steps = 0
         self.ranks: Dict[str, int] = {}
+        self._truncation_due = False
+        if optimizer is not None:
+            optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._after_update = optimizer is not None
 
     def step(self) -> Optional[Dict[str, int]]:
-        """One training step's TRP work; returns the new ranks on truncation steps, else None."""
+        """One training step's TRP work; returns the new ranks on truncation steps, else None
+        (always None with an ``optimizer``: the truncation follows its update)."""
         if self.lam > 0:
             add_nuclear_subgradient_([m.weight for m in self._targets.values()], self.lam, rank=self.rank,
                                      n_iter=self.n_iter, generator=self.generator)
         self.steps += 1
         if self.steps % self.period:
             return None
+        if self._after_update:
+            self._truncation_due = True
+            return None
+        return self._truncate()
+
+    def _truncate(self) -> Dict[str, int]:
         self.ranks = truncate_(self.model, self.energy, target_modules=self.target_modules, n_iter=self.n_iter,
                                generator=self.generator)
         return self.ranks
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._truncation_due:
+            self._truncation_due = False
+            self._truncate()
 
     def state_dict(self) -> dict:
         """Steps, ranks and the generator's state: a resumed run draws the sketches of the

@@ -3,10 +3,11 @@ Emerge from Low-Rank Gradients", 2024): data-agnostic, one-shot, non-uniform low
 compression, and fine-tuning of only the matrices that compress.
 
 Per targeted ``nn.Linear`` weight ``W [out, in]`` with singular values ``s_1 >= s_2 >=
-...``, the normalized spectrum is ``s_j / s_1`` (in ``(0, 1]``, scale-free, so matrices of
-different layers compare).  One global threshold ``tau`` chooses every rank,
+... >= s_n``, the normalized spectrum is the authors' min-max scaling ``(s_j - s_n) / (s_1 -
+s_n)`` (in ``[0, 1]``, scale-free, so matrices of different layers compare; a flat
+spectrum is all ones).  One global threshold ``tau`` chooses every rank,
 
-    k = #{ j : s_j / s_1 >= tau },
+    k = #{ j : (s_j - s_n) / (s_1 - s_n) >= tau },
 
 so a matrix whose spectrum decays fast (a heavy tail of small singular values: the
 low-rank structure WeLore observes in trained LLMs) gets a low rank and one with a flat
@@ -19,9 +20,11 @@ min_saving) in out``) is a low-rank component (LRC): :func:`compress` replaces i
 suited to training both factors) and, with ``freeze=True``, makes those factors the only
 trainable parameters of the model.  The other matrices (N-LRCs) stay dense and frozen.
 
-This is our reading of the abstract (the seed does not give the normalization or the
-threshold search): normalization by the largest singular value, one threshold over all
-targeted matrices, and the size test above as the LRC criterion.
+The normalization is the authors' code's (``adaptive_rank_pruning``: it prunes the values
+below ``tau``), so their thresholds carry over (e.g. 0.175 for a 50 % rank reduction of
+LLaMA-2 7B).  Two choices are ours: the search for ``tau`` from a parameter ratio, and the
+LRC criterion above (the authors' code replaces every matrix whose rank falls by more than
+``min_ratio``, default 0, even when its factors are larger than the matrix).
 
 Example
 -------
@@ -75,7 +78,7 @@ class WeLoreReport(lowrank_compress.CompressionReport):
         spectrum) for every targeted layer; an LRC's ``layers[name].error`` is that of its
         stored factors.
     spectra : Dict[str, Tensor]
-        The normalized spectra ``s / s_1`` (float64, descending).
+        The normalized spectra ``(s - s_n) / (s_1 - s_n)`` (float64, descending).
     applied : bool
         Whether the model was changed (:func:`compress`) or only analyzed.
     trainable_after : int
@@ -97,7 +100,8 @@ class WeLoreReport(lowrank_compress.CompressionReport):
 
     def __str__(self) -> str:
         verb = "replaced" if self.applied else "would replace"
-        return (super().__str__() + f"\nWeLore: threshold {self.threshold:.4g} on s_j / s_1; {verb} "
+        return (super().__str__() + f"\nWeLore: threshold {self.threshold:.4g} on (s_j - s_n) / (s_1 - s_n); "
+                f"{verb} "
                 f"{len(self.replaced)} low-rank component(s); trainable parameters after: {self.trainable_after:,}")
 
 
@@ -156,9 +160,13 @@ def singular_spectra(model: torch.nn.Module, *, target_modules: Optional[Union[s
 
 
 def _normalized(s: torch.Tensor) -> torch.Tensor:
-    """``s / s_1`` on the CPU; all zeros for a zero matrix."""
+    """``(s - s_n) / (s_1 - s_n)`` on the CPU (the authors' min-max scaling); all ones for a
+    flat nonzero spectrum (their division by zero gave NaN), all zeros for a zero matrix."""
     s = s.detach().double().cpu()
-    return s / s[0] if s.numel() and s[0] > 0 else torch.zeros_like(s)
+    if not s.numel() or not s[0] > 0:
+        return torch.zeros_like(s)
+    spread = s[0] - s[-1]
+    return (s - s[-1]) / spread if spread > 0 else torch.ones_like(s)
 
 
 def _k_max(m: int, n: int, min_saving: float) -> int:
@@ -181,7 +189,7 @@ def choose_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     shapes : Dict[str, (out, in)]
         Each matrix's shape (for the parameter count with ``ratio``).
     threshold : float, optional
-        ``tau`` in ``(0, 1]``: ``k = #{j : s_j / s_1 >= tau}``.
+        ``tau`` in ``(0, 1]``: ``k = #{j : (s_j - s_n) / (s_1 - s_n) >= tau}``.
     ratio : float, optional
         In ``(0, 1]``: the smallest ``tau`` at which the matrices' parameters, ``k (out +
         in)`` for those whose factors are smaller than ``(1 - min_saving) out in`` and ``out
@@ -310,7 +318,7 @@ def compress(model: torch.nn.Module, *, threshold: Optional[float] = None, ratio
     model : nn.Module
         Not itself an ``nn.Linear``.
     threshold, ratio : float
-        Exactly one (:func:`choose_ranks`): the global threshold ``tau`` on ``s_j / s_1``,
+        Exactly one (:func:`choose_ranks`): the global threshold ``tau`` on the normalized spectra,
         or the target ratio of the targeted weights' parameters after / before.
     target_modules : str or list of str, optional
         fnmatch patterns (full name or last component); default every module whose type is

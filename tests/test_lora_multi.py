@@ -1134,3 +1134,26 @@ def test_torch_func_and_compiled_composition(generator):
     with composite():
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), loss(x))
+
+
+def test_routing_is_checked_under_vmap_and_the_composed_rows_are_memory_safe():
+    """Under vmap (and jacfwd) the routing's contents went unchecked (the data's values are
+    not readable there), and offsets [0, 4000, 6] reached repeat_interleave(output_size=),
+    which wrote past its buffer before raising: glibc aborted the process later.  Routing
+    given as sequences is a plain tensor under vmap and is checked now; the composed path
+    maps rows to segments by a search, memory-safe on any contents."""
+    from lowrank_ops.ops.lora_multi import _composed
+
+    x, W = torch.randn(6, 5), torch.randn(7, 5)
+    A, B = torch.randn(3, 4, 5), torch.randn(3, 7, 4)
+    bad = lambda v: lora_linear_multi(v, W, A, B, segment_offsets=[0, 4000, 6], adapter_ids=[0, 1])  # noqa: E731
+    for transform in (lambda: torch.func.vmap(bad)(x[None]), lambda: torch.func.jacfwd(bad)(x)):
+        with pytest.raises(ValueError, match="segment_offsets must be non-decreasing"):
+            transform()
+    with pytest.raises(ValueError, match=r"adapter_ids\[1\] = -5; expected -1 \(no adapter\)"):
+        torch.func.vmap(lambda v: lora_linear_multi(v, W, A, B, segment_offsets=[0, 4, 6], adapter_ids=[0, -5]))(x[None])
+    good = lambda v: lora_linear_multi(v, W, A, B, segment_offsets=[0, 4, 6], adapter_ids=[2, -1])  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(good)(x[None])[0], good(x))
+    as_tensor = lambda *values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+    out = _composed(x, W, None, A, B, as_tensor(0, 4000, 6), as_tensor(0, 7), as_tensor(4, 4, 4), None)
+    assert out.shape == (6, 7) and torch.isfinite(out).all()  # wrong rows, but no write out of bounds

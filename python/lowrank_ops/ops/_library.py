@@ -38,6 +38,24 @@ def values_readable(tensor: torch.Tensor) -> bool:
     return not under_vmap()
 
 
+def routing_readable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the values of ``tensors`` (None skipped) can be read on the host: not while
+    torch.compile traces, not meta or fake, and not batched by vmap.  Unlike
+    :func:`values_readable` of the data, routing built from sequences stays a plain tensor
+    under vmap (its values are the same for every batch entry) and is readable there."""
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
+        return False
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if torch._C._functorch.is_batchedtensor(tensor):
+            return False
+        tensor = unwrapped(tensor)
+        if tensor.is_meta or isinstance(tensor, FakeTensor) or torch._C._functorch.is_batchedtensor(tensor):
+            return False
+    return True
+
+
 def forward_mode_active() -> bool:
     """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``,
     ``torch.func.jvp``): inputs with tangents do not require grad, and paths that skip

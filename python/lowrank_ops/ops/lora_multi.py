@@ -37,8 +37,8 @@ from .._dtypes import float_code
 from .._extension import cuda_extension, extension
 from .._first_order import first_order_only
 from ._layout import flatten_rows, require_apart
-from ._library import (LIBRARY, composed_path, current_stream, dispatch_needed, register_fake, unwrapped,
-                       values_readable)
+from ._library import (LIBRARY, composed_path, current_stream, dispatch_needed, register_fake, routing_readable,
+                       unwrapped)
 from .base_linear import forward_op, grad_input_op
 
 __all__ = ["lora_linear_multi"]
@@ -568,8 +568,13 @@ def _composed(rows, weight, bias, A_stack, B_stack, offsets, ids, ranks, scales)
     speed), ranks as masks, rows of adapter -1 the base alone.  The same roundings as the
     kernels: the low-rank part in the adapters' dtype, added to the base result once."""
     n_adapters, r_max = A_stack.shape[:2]
-    row_ids = torch.repeat_interleave(ids, offsets[1:] - offsets[:-1], output_size=rows.shape[0])
-    safe = row_ids.clamp(min=0)
+    # Each row's segment by a search of the offsets (memory-safe on any contents: unchecked
+    # routing under a transform gives wrong rows, never a write out of bounds, which
+    # repeat_interleave(output_size=) made for repeats not summing as promised).
+    rows_index = torch.arange(rows.shape[0], device=rows.device)
+    segment = torch.searchsorted(offsets[1:].contiguous(), rows_index, right=True).clamp(max=max(ids.numel() - 1, 0))
+    row_ids = ids[segment] if ids.numel() else rows_index.new_full((rows.shape[0],), -1)
+    safe = row_ids.clamp(min=0, max=n_adapters - 1)
     factor_dtype = A_stack.dtype
     scale = torch.ones(n_adapters, dtype=torch.float64, device=rows.device) if scales is None else scales
     # Selected with where, not multiplied by masks: entries beyond an adapter's rank (and
@@ -706,7 +711,10 @@ def lora_linear_multi(
     routing, checked = _place_routing(x.device, rows.shape[0], n_adapters, r_max,
                                       segment_offsets, adapter_ids, ranks, scales)
     if composed_path():
-        if not checked and values_readable(rows):  # (not while compiling or under vmap: data-dependent)
+        # Under vmap too when the routing itself is not batched (given as sequences): the
+        # data's values are not readable there, the routing's are (unchecked, bad offsets
+        # reached repeat_interleave, which wrote past its buffer before it raised).
+        if not checked and routing_readable(*routing):
             check_routing_contents("lora_linear_multi", *(unwrapped(t) for t in routing), rows.shape[0], n_adapters,
                                    r_max)
         return _composed(rows, weight, bias, A_stack, B_stack, *routing).reshape(*x.shape[:-1], weight.shape[0])

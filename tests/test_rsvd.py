@@ -1367,3 +1367,31 @@ def test_cuda_float32_defaults_meet_the_bar(decaying_2048, orthonormalize, cuda_
     half = rsvd(A.half(), k, orthonormalize=orthonormalize, generator=torch.Generator(cuda_device).manual_seed(0))
     assert half.U.dtype == torch.float32  # half inputs: float32 factors, as on the CPU
     assert ((half.S.double()[:8] - s[:8].to(cuda_device)).abs() / s[:8].to(cuda_device)).max() <= 1e-2
+
+
+def test_invalid_torch_sparse_inputs_raise_instead_of_crashing():
+    """torch builds sparse tensors without checking their invariants, and its own products
+    and conversions then read and write out of bounds: a CSR matrix with crow_indices [0,
+    4000, 6] crashed rsvd (SIGSEGV) and fastrp (glibc abort), a COO index past the size
+    crashed cg's conversion.  Every entry point that takes a torch sparse matrix checks
+    the invariants first (one pass over the indices)."""
+    import warnings
+
+    from lowrank_ops.krylov import cg
+    from lowrank_ops.linalg import adaptive_rsvd, cur, lowrank_error
+    from lowrank_ops.methods.fastrp import fastrp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "invariant checks are implicitly disabled" and beta notices
+        bad_csr = torch.sparse_csr_tensor(torch.tensor([0, 4000, 6]), torch.tensor([0, 1, 0, 1, 0, 1]),
+                                          torch.ones(6, dtype=torch.float64), size=(2, 2))
+        bad_coo = torch.sparse_coo_tensor(torch.tensor([[0, 5], [0, 1]]), torch.ones(2, dtype=torch.float64), size=(2, 2))
+    ones = torch.ones(2, 1, dtype=torch.float64)
+    calls = {"rsvd": lambda: rsvd(bad_csr, 1), "cur": lambda: cur(bad_csr, 1),
+             "adaptive_rsvd": lambda: adaptive_rsvd(bad_csr, 0.1),
+             "lowrank_error": lambda: lowrank_error(bad_csr, ones, torch.ones(1, dtype=torch.float64), ones.T),
+             "CSRMatrix.from_torch": lambda: cg(bad_coo, torch.ones(2, dtype=torch.float64)),
+             "fastrp": lambda: fastrp(bad_csr, dim=4)}
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{op}: \w+ is not a valid torch.sparse_c\w\w tensor"):
+            call()

@@ -21,7 +21,7 @@ from ._dtypes import index_code
 
 __all__ = [
     "check_row_ptr_shape", "check_index_dtypes", "require_integer", "check_row_ptr", "check_col_idx", "check_index_range",
-    "quiet_sparse_csr_beta",
+    "quiet_sparse_csr_beta", "check_sparse_invariants",
 ]
 
 
@@ -101,3 +101,31 @@ def quiet_sparse_csr_beta():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
         yield
 
+
+
+def check_sparse_invariants(where: str, name: str, tensor: torch.Tensor) -> None:
+    """ValueError naming ``name`` unless a torch sparse ``tensor`` (COO, CSR, CSC, BSR, BSC)
+    satisfies torch's invariants (indices in range, compressed indices non-decreasing and
+    ending at nnz); nothing for a strided tensor.  torch builds sparse tensors without this
+    check by default, and its own kernels then read and write out of bounds: a CSR matrix
+    with crow_indices [0, 4000, 6] crashed ``A @ X`` (SIGSEGV), a COO index past the size
+    crashed ``coalesce().to_sparse_csr()`` (glibc abort).  One pass over the indices (a
+    host read on CUDA); not while compiling or for fake and meta tensors."""
+    layout = tensor.layout
+    if layout == torch.strided or tensor.is_meta or torch.compiler.is_compiling():
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(tensor, FakeTensor):
+        return
+    try:
+        if layout == torch.sparse_coo:
+            torch._validate_sparse_coo_tensor_args(tensor._indices(), tensor._values(), tensor.shape)
+        elif layout in (torch.sparse_csr, torch.sparse_bsr):
+            torch._validate_sparse_compressed_tensor_args(tensor.crow_indices(), tensor.col_indices(), tensor.values(),
+                                                          tensor.shape, layout)
+        elif layout in (torch.sparse_csc, torch.sparse_bsc):
+            torch._validate_sparse_compressed_tensor_args(tensor.ccol_indices(), tensor.row_indices(), tensor.values(),
+                                                          tensor.shape, layout)
+    except RuntimeError as error:
+        raise ValueError(f"{where}: {name} is not a valid {layout} tensor: {error}") from None

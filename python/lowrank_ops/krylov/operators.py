@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .._args import is_integer, require_tensors
-from .._csr import check_col_idx, check_row_ptr, quiet_sparse_csr_beta, require_integer
+from .._csr import check_col_idx, check_row_ptr, check_sparse_invariants, quiet_sparse_csr_beta, require_integer
 from .._finite import all_finite
 from ._kernels import spmv
 
@@ -200,11 +200,12 @@ class CSRMatrix:
         ValueError
             Non-finite values.
         """
+        if tensor.layout not in (torch.sparse_coo, torch.sparse_csr):
+            raise TypeError(f"CSRMatrix.from_torch: expected a sparse CSR or COO tensor; got layout {tensor.layout}")
+        check_sparse_invariants("CSRMatrix.from_torch", "tensor", tensor)  # (torch's conversions trust them)
         if tensor.layout == torch.sparse_coo:
             with quiet_sparse_csr_beta():
                 tensor = tensor.coalesce().to_sparse_csr()
-        if tensor.layout != torch.sparse_csr:
-            raise TypeError(f"CSRMatrix.from_torch: expected a sparse CSR or COO tensor; got layout {tensor.layout}")
         return cls(tensor.crow_indices().clone(), tensor.col_indices().clone(), tensor.values().clone(),
                    tuple(tensor.shape))
 

@@ -38,6 +38,7 @@ import torch
 
 from .._args import is_integer, is_real_number, require_generator
 from .._autocast import without_autocast
+from .._csr import check_sparse_invariants
 from .._finite import all_finite
 from .._thin_svd import thin_svd
 from ..ops._library import refuse_transforms
@@ -323,6 +324,7 @@ def cur(
     if A.layout != torch.strided and A.dim() != 2:
         raise ValueError(f"{op}: A is a {A.layout} tensor of shape {tuple(A.shape)}; expected a 2-D matrix "
                          "(batches of sparse matrices are not supported)")
+    check_sparse_invariants(op, "A", A)
     if method not in _METHODS:
         raise ValueError(f"{op}: method must be one of {_METHODS}; got {method!r}")
     if u not in _CORES:

@@ -45,6 +45,7 @@ import torch
 from .. import _extension
 from .._args import is_integer, require_generator, require_tensors
 from .._autocast import without_autocast
+from .._csr import check_sparse_invariants
 from .._finite import all_finite
 from .._first_order import second_order_refusal
 from .._signs import normalize_signs
@@ -948,6 +949,7 @@ def _validate(A, rank, oversample, n_iter, method, orthonormalize, init, check_f
     if A.layout != torch.strided and A.dim() != 2:  # torch's sparse @ dense needs a 2-D sparse operand
         raise ValueError(f"{op}: A is a {A.layout} tensor of shape {tuple(A.shape)}; expected a 2-D matrix "
                          "(batches of sparse matrices are not supported)")
+    check_sparse_invariants(op, "A", A)
     m, n = A.shape[-2:]
     if not is_integer(rank) or not 1 <= rank <= min(m, n):
         raise ValueError(f"{op}: {rank_name} must be an int in [1, min(m, n)] = [1, {min(m, n)}]; got {rank!r}")
@@ -1040,6 +1042,7 @@ def lowrank_error(
     if not is_integer(n_probes) or n_probes < 1:
         raise ValueError(f"lowrank_error: n_probes must be an int >= 1; got {n_probes!r}")
     require_generator("lowrank_error", "generator", generator, A.device, "A")
+    check_sparse_invariants("lowrank_error", "A", A)
     n_probes = int(n_probes)
     work = A.float() if A.dtype in (torch.float16, torch.bfloat16) else A
     U, S, Vh = (t.to(work.dtype) for t in (U, S, Vh))

@@ -46,6 +46,7 @@ import torch
 
 from .._args import is_integer, is_real_number, require_generator
 from .._autocast import without_autocast
+from .._csr import check_sparse_invariants
 from .._finite import all_finite
 from .._signs import normalize_signs
 from .._thin_svd import graded_thin_svd
@@ -148,6 +149,7 @@ def adaptive_rsvd(
         raise ValueError(f"{op}: A has shape {tuple(A.shape)}; expected a 2-D matrix [m, n]")
     if A.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: A has dtype {A.dtype}; expected float32, float64, float16 or bfloat16")
+    check_sparse_invariants(op, "A", A)
     compute = torch.float64 if A.dtype == torch.float64 else torch.float32
     m, n = A.shape
     smallest = min(m, n)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .._args import require_finite_number, require_generator, require_int, require_number
-from .._csr import quiet_sparse_csr_beta
+from .._csr import check_sparse_invariants, quiet_sparse_csr_beta
 
 __all__ = ["fastrp", "sparse_random_projection", "DEFAULT_WEIGHTS"]
 
@@ -140,6 +140,7 @@ def _as_csr(where: str, adjacency, dtype: Optional[torch.dtype]):
         source_dtype = adjacency.dtype
         if adjacency.dim() != 2:
             raise ValueError(f"{where}: adjacency must be 2-D [n, n]; got shape {tuple(adjacency.shape)}")
+        check_sparse_invariants(where, "adjacency", adjacency)  # (torch's conversions and products trust them)
         if adjacency.layout == torch.strided:
             with quiet_sparse_csr_beta():
                 csr = adjacency.to_sparse_csr()  # the stored entries of a dense matrix: its non-zeros

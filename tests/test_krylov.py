@@ -361,6 +361,37 @@ def test_cg_never_returns_worse_than_its_start():
         assert not info.converged and info.true_residual <= info.residuals[0] * (1 + 1e-6)
 
 
+def test_csr_matrix_pattern_cannot_be_changed_after_validation():
+    """The kernels trust a CSRMatrix's pattern, checked once: a reassigned shorter values or
+    larger shape was read out of bounds (SIGSEGV), and edits to the caller's int32 index
+    arrays (kept, not copied) changed a validated pattern.  The pattern attributes are
+    read-only now, a reassigned values is checked, the index arrays are copies; pickles
+    from before (public attribute names) still load."""
+    import pickle
+
+    row_ptr, col_idx = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    matrix = CSRMatrix(row_ptr, col_idx, torch.ones(2, dtype=torch.float64), (2, 2))
+    col_idx[1] = 0  # the caller's array: the matrix keeps its own copy
+    torch.testing.assert_close(matrix.matvec(torch.tensor([1.0, 2.0], dtype=torch.float64)),
+                               torch.tensor([1.0, 2.0], dtype=torch.float64))
+    for name, value in (("row_ptr", row_ptr.long()), ("col_idx", col_idx), ("shape", (200_000_000, 2))):
+        with pytest.raises(AttributeError):
+            setattr(matrix, name, value)
+    with pytest.raises(ValueError, match=r"CSRMatrix.values: the new values have shape \(1,\); expected \(nnz,\) = \(2,\)"):
+        matrix.values = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="the new values have dtype torch.int64"):
+        matrix.values = torch.ones(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="the new values hold 1 non-finite entries"):
+        matrix.values = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    matrix.values = torch.arange(8.0, dtype=torch.float64)[::4]  # strided: stored contiguous
+    torch.testing.assert_close(matrix.matvec(torch.ones(2, dtype=torch.float64)),
+                               torch.tensor([0.0, 4.0], dtype=torch.float64))
+    old = CSRMatrix.__new__(CSRMatrix)
+    old.__dict__.update(row_ptr=matrix.row_ptr, col_idx=matrix.col_idx, values=matrix.values, shape=matrix.shape)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.shape == (2, 2) and torch.equal(restored.values, matrix.values)
+
+
 def test_scipy_conversions_copy():
     """to_scipy (documented as a copy) and from_scipy shared float64 memory with the scipy
     matrix: writing to it changed a CSRMatrix validated once (NaN got in), without bumping

@@ -62,6 +62,16 @@ class CSRMatrix:
     ------
     ValueError
         Malformed pointers or indices, mismatched lengths, non-finite values.
+
+    Notes
+    -----
+    ``row_ptr``, ``col_idx`` and ``shape`` are read-only attributes, and ``values`` is
+    checked when reassigned (length, dtype, device, finiteness): the kernels trust the
+    pattern checked here (a reassigned shorter ``values`` or larger ``shape`` was read out
+    of bounds: SIGSEGV).  The index arrays are copies of the caller's (editing the
+    caller's afterwards changed a validated pattern); ``values`` is the caller's tensor
+    when contiguous, so entries may be updated in place (the solvers see such updates
+    through the tensor's version counter, and a reassignment through its identity).
     """
 
     def __init__(self, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, shape: Tuple[int, int]):
@@ -90,14 +100,56 @@ class CSRMatrix:
         check_row_ptr(where, row_ptr, nnz)
         check_col_idx(where, col_idx, n_cols)
         index_dtype = torch.int32 if max(nnz, n_rows, n_cols) <= _INT32_MAX else torch.int64
-        row_ptr = row_ptr.to(device=values.device, dtype=index_dtype).contiguous()
-        col_idx = col_idx.to(device=values.device, dtype=index_dtype).contiguous()
+        row_ptr = row_ptr.to(device=values.device, dtype=index_dtype, copy=True).contiguous()
+        col_idx = col_idx.to(device=values.device, dtype=index_dtype, copy=True).contiguous()
         if not all_finite(values):
             raise ValueError(f"{where}: values holds {int((~torch.isfinite(values)).sum())} non-finite entries")
-        self.row_ptr, self.col_idx, self.values = row_ptr, col_idx, values.contiguous()
-        self.shape = (n_rows, n_cols)
+        self._row_ptr, self._col_idx, self._values = row_ptr, col_idx, values.contiguous()
+        self._shape = (n_rows, n_cols)
+
+    def __setstate__(self, state: dict) -> None:
+        # Pickles from before the attributes were read-only hold them under their public names.
+        for name in ("row_ptr", "col_idx", "values", "shape"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ properties
+    @property
+    def row_ptr(self) -> torch.Tensor:
+        """``[n_rows + 1]`` row pointers (int32 or int64; read-only attribute)."""
+        return self._row_ptr
+
+    @property
+    def col_idx(self) -> torch.Tensor:
+        """``[nnz]`` column indices (``row_ptr``'s dtype; read-only attribute)."""
+        return self._col_idx
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[nnz]`` stored entries (float32 or float64), writable in place; a reassigned tensor is checked."""
+        return self._values
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        where = "CSRMatrix.values"
+        require_tensors(where, values=values)
+        if values.shape != (self.nnz,):
+            raise ValueError(f"{where}: the new values have shape {tuple(values.shape)}; expected (nnz,) = ({self.nnz},)")
+        if values.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{where}: the new values have dtype {values.dtype}; expected float32 or float64")
+        if values.device != self._row_ptr.device:
+            raise ValueError(f"{where}: the new values are on {values.device}; expected {self._row_ptr.device} "
+                             "(the pattern's device)")
+        if not all_finite(values):
+            raise ValueError(f"{where}: the new values hold {int((~torch.isfinite(values)).sum())} non-finite entries")
+        self._values = values.contiguous()
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(n_rows, n_cols)`` (read-only)."""
+        return self._shape
+
     @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype
@@ -261,10 +313,14 @@ class CSRMatrix:
 
     def scale_columns(self, scale: torch.Tensor) -> "CSRMatrix":
         """``A diag(scale)`` with the same pattern (``scale`` is ``[n_cols]``)."""
+        require_tensors("CSRMatrix.scale_columns", scale=scale)
+        if scale.shape != (self.shape[1],):
+            raise ValueError(f"CSRMatrix.scale_columns: scale has shape {tuple(scale.shape)}; expected (n_cols,) = "
+                             f"({self.shape[1]},)")
         values = self.values * scale.index_select(0, self.col_idx)
         matrix = CSRMatrix.__new__(CSRMatrix)  # pattern already validated: skip the checks
         matrix.__dict__.update(self.__dict__)
-        matrix.values = values
+        matrix._values = values
         return matrix
 
     def matvec(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -392,6 +392,19 @@ def test_csr_matrix_pattern_cannot_be_changed_after_validation():
     assert restored.shape == (2, 2) and torch.equal(restored.values, matrix.values)
 
 
+def test_arnoldi_op_refuses_a_matrix_inside_its_basis():
+    """krylov_arnoldi_ checked that r is apart from the basis it overwrites, not the
+    matrix's arrays: values stored in basis rows changed the cycle silently ([4, 0]
+    instead of [3, 1], the Hessenberg matrix 1.15 off)."""
+    problem = pde.darcy(4)
+    m = problem.matrix
+    storage = torch.zeros(8, 64, dtype=torch.float64)
+    storage[7, : m.nnz] = m.values
+    with pytest.raises(ValueError, match="basis must not share memory with values"):
+        ops.krylov_arnoldi_(m.row_ptr, m.col_idx, storage[7, : m.nnz], storage[:6, :16], problem.rhs.clone(), 0, 3,
+                            float(problem.rhs.norm()), 0.0, float(problem.rhs.norm()))
+
+
 def test_scipy_conversions_copy():
     """to_scipy (documented as a copy) and from_scipy shared float64 memory with the scipy
     matrix: writing to it changed a CSRMatrix validated once (NaN got in), without bumping

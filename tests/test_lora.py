@@ -1015,3 +1015,15 @@ def test_checkpointed_dropout_with_an_explicit_generator_is_refused(use_reentran
         x.grad = None
         checkpoint(call, x, A, B, torch.default_generator, use_reentrant=use_reentrant).sum().backward()
         assert x.grad is not None
+
+
+def test_inplace_merge_refuses_factors_inside_the_weight():
+    """lora_merge / lora_unmerge(inplace=True) with lora_A a view of weight merged the rows
+    from 1024 on with an A already overwritten (0.61 off, unmerge 0.72); refused now."""
+    from lowrank_ops.ops import lora_unmerge
+
+    weight, lora_B = torch.randn(2048, 64), torch.randn(2048, 8) * 0.1
+    for function in (lora_merge, lora_unmerge):
+        with pytest.raises(ValueError, match="weight must not share memory with lora_A"):
+            function(weight, weight[:8], lora_B, inplace=True)
+    torch.testing.assert_close(lora_merge(weight, weight[:8], lora_B), weight + lora_B @ weight[:8])

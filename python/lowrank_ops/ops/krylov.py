@@ -476,6 +476,7 @@ def arnoldi_cpu(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tens
     require_rows_apart(op, "basis", basis)
     if r.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr():
         _fail(op, "r must not share memory with basis (the cycle overwrites the basis rows)")
+    require_apart(op, "basis", basis, row_ptr=row_ptr, col_idx=col_idx, values=values)  # the matrix is read throughout
     if r.shape != (n,) or not r.is_contiguous():
         _fail(op, f"r has shape {tuple(r.shape)} (contiguous: {r.is_contiguous()}); expected a contiguous ({n},)")
     n_chunks = _check_n_chunks(op, n_chunks, n)

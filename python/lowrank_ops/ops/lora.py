@@ -42,7 +42,7 @@ from .._autocast import autocast_entry, autocast_off_backward
 from .._dtypes import float_code
 from .._finite import all_finite
 from .._first_order import first_order_only
-from ._layout import flatten_rows
+from ._layout import flatten_rows, require_apart
 from ._library import (LIBRARY, checked_impl, composed_path, eager_or_op, in_functorch_transform, register_fake,
                        values_readable)
 from .base_linear import _base_linear, grad_input_op
@@ -517,6 +517,8 @@ def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, si
             row = int(torch.nonzero(row_scale == 0)[0])
             raise ValueError(f"{op}: row_scale[{row}] is 0; expected non-zero entries (unmerging divides the rows by "
                              f"them: a row merged with a zero scale cannot be recovered)")
+    if inplace:  # row blocks of W are written while A, B, the gate and row_scale are read
+        require_apart(op, "weight", weight, lora_A=lora_A, lora_B=lora_B, gate=gate, row_scale=row_scale)
     accumulate = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
         lora_A, lora_B = lora_A[:k].to(accumulate), lora_B[:, :k].to(accumulate)

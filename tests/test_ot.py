@@ -1050,3 +1050,22 @@ def test_value_backward_inside_autocast(generator):
     """The value's envelope gradients are formed with the caller's autocast region off."""
     C = torch.rand(5, 4, generator=generator, requires_grad=True)
     assert_backward_ignores_autocast(lambda C: sinkhorn(None, None, C, 0.3, tol=1e-6).value, [C])
+
+
+def test_epsilon_scaling_has_at_most_64_stages():
+    """The stage count is log(spread / reg) / log(factor): a factor of 1.000000001 built a
+    Python list of 4.6e9 regs (the process killed for memory), and one finite cost of
+    1e300 ~500 stages (SNS: 115 s on an 8 x 6 problem).  The factor grows past 64 stages."""
+    from lowrank_ops.ot.sinkhorn import reg_schedule
+
+    class Spread:
+        def __init__(self, spread, reg):
+            self.spread, self.reg = spread, reg
+
+        def cost_spread(self):
+            return self.spread
+
+    for spread, factor in ((1.0, 1.000000001), (1e300, True), (1e300, 2.0)):
+        regs = reg_schedule("sinkhorn", Spread(spread, 0.01), factor)
+        assert 1 < len(regs) <= 65 and regs[-1] == 0.01 and regs[0] <= spread * (1 + 1e-9), (spread, factor)
+    assert len(reg_schedule("sinkhorn", Spread(1.0, 0.01), True)) == 4  # 0.01 * 4^k <= 1: k = 3, 2, 1, 0

@@ -35,20 +35,30 @@ def _check_tol(op: str, tol, dtype: torch.dtype, name: str = "tol") -> float:
 #: (only a start for the next stage: the last stage meets tol).
 _EPS_FACTOR = 4.0
 _STAGE_TOL = 1e-2
+#: At most this many stages: the factor grows where the cost spread over reg would need
+#: more (4^64 = 3.4e38).  A spread of 1e300 (one huge finite cost) made ~500 stages of up
+#: to max_iter steps each (SNS: 96,386 iterations, 115 s on an 8 x 6 problem), and a factor
+#: of 1.000000001 a Python list of 4.6e9 regs (the process killed for memory).
+_MAX_STAGES = 64
 
 
 def reg_schedule(op: str, problem: Problem, epsilon_scaling) -> List[float]:
     """The regs of the stages, decreasing to ``problem.reg``: ``reg * factor^k`` for
     ``k = K, ..., 0`` with the first at most the cost spread (where the plan is nearly
     uniform and a few Sinkhorn steps converge).  ``epsilon_scaling``: False (one stage),
-    True (factor 4) or a factor > 1."""
+    True (factor 4) or a factor > 1, raised where more than :data:`_MAX_STAGES` stages
+    would be needed."""
     if epsilon_scaling is False:
         return [problem.reg]
     factor = _EPS_FACTOR if epsilon_scaling is True else epsilon_scaling
     if not is_real_number(factor) or not 1 < factor < math.inf:
         raise ValueError(f"{op}: epsilon_scaling must be True, False or a factor > 1; got {epsilon_scaling!r}")
     spread = problem.cost_spread()
-    stages = int(math.floor(math.log(spread / problem.reg) / math.log(factor))) if spread > problem.reg else 0
+    if not spread > problem.reg:
+        return [problem.reg]
+    ratio = math.log(spread / problem.reg)  # (spread finite: a ratio past float range is still a finite log)
+    factor = max(factor, math.exp(ratio / _MAX_STAGES))
+    stages = min(int(math.floor(ratio / math.log(factor))), _MAX_STAGES)
     return [problem.reg * factor**k for k in range(stages, -1, -1)]
 
 

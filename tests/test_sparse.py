@@ -665,3 +665,14 @@ def test_backward_inside_autocast(generator):
     values = randn(support.nnz, generator=generator).requires_grad_()
     x = randn(5, 20, generator=generator).requires_grad_()
     assert_backward_ignores_autocast(lambda x, values: fixed_sparse_matmul(x, values, support), [x, values])
+
+
+def test_a_shape_too_large_for_memory_is_refused_before_allocating():
+    """Two entries in a 2^31 + 1 row pattern allocated ~32 GB of per-row arrays and the
+    process was killed for memory; the per-row and per-column arrays are sized first now."""
+    from lowrank_ops.sparse import FixedSupport
+
+    with pytest.raises(MemoryError, match=r"FixedSupport: out_features \+ in_features = 2147483653 rows and columns"):
+        FixedSupport.from_indices(torch.tensor([0, 2**31]), torch.tensor([0, 1]), (2**31 + 1, 4))
+    with pytest.raises(MemoryError, match="FixedSupport: out_features"):
+        FixedSupport.random(2**31, 2**31, 1e-18)

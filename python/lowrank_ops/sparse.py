@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple, Union, overload
 
 import torch
 
+from ._args import require_fits_in_memory
 from ._csr import check_index_range, check_row_ptr
 
 __all__ = ["FixedSupport"]
@@ -501,6 +502,10 @@ def _pattern_buffers(rows: torch.Tensor, cols: torch.Tensor, shape: Tuple[int, i
                      index_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     """Every buffer of the pattern (name -> contiguous tensor) from coordinates sorted by (row, col)."""
     out_features, in_features = shape
+    if not rows.is_meta:  # per-row and per-column arrays (pointers, counts, orders: ~5 int64 each, while built)
+        require_fits_in_memory("FixedSupport", "out_features + in_features", out_features + in_features, 40,
+                               "rows and columns",
+                               " (the pattern keeps pointer and order arrays per row and per column, whatever nnz)")
     index_dtype = _resolve_index_dtype(rows.numel(), out_features, in_features, index_dtype)
     rows = rows.to(torch.int64)
     cols = cols.to(torch.int64)

@@ -614,3 +614,12 @@ def test_row_norm_with_a_huge_scale(generator):
     lora_B = randn(48, 4, generator=generator) * 1e-20
     exact = reference.dora_row_norm(weight.double(), lora_A.double(), lora_B.double() * 1e20, 1.0)
     torch.testing.assert_close(dora_row_norm(weight, lora_A, lora_B, 1e20).double(), exact, rtol=1e-6, atol=0)
+
+
+def test_zero_input_features():
+    """in_features = 0 raised torch's "cannot compute the inf norm on the dimension 1"
+    from the direct row norms; the rows are empty, their norms 0, and y = b."""
+    bias = torch.randn(3)
+    assert torch.equal(dora_row_norm(torch.randn(3, 0), torch.randn(2, 0), torch.randn(3, 2), 1.0), torch.zeros(3))
+    y = dora_linear(torch.randn(4, 0), torch.randn(3, 0), torch.randn(2, 0), torch.randn(3, 2), torch.ones(3), bias)
+    torch.testing.assert_close(y, bias.expand(4, 3))

@@ -146,6 +146,8 @@ def direct_row_norms(weight, lora_A, lora_B, scale: float, dtype: torch.dtype) -
     infinite entries inf, NaN NaN).  One ``[k, in]`` temporary (divided in place): for
     the few rows the identity cannot be trusted with, and for the composed path."""
     dense = torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scale)
+    if dense.shape[1] == 0:  # in_features = 0: empty rows (torch's inf norm of nothing raises)
+        return dense.new_zeros(dense.shape[0])
     largest = torch.linalg.vector_norm(dense, ord=float("inf"), dim=1, keepdim=True)  # NaN if the row has one
     finite = (largest > 0) & (largest < float("inf"))
     norm = torch.linalg.vector_norm(dense.div_(torch.where(finite, largest, 1.0)), dim=1)

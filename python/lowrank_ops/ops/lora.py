@@ -328,7 +328,7 @@ def check_adapter(op: str, x, weight, lora_A, lora_B, bias=None, gate=None, rank
     return int(rank)
 
 
-def check_scale(op: str, scale, device: torch.device):
+def check_scale(op: str, scale, device: torch.device, owner: str = "x"):
     """``scale`` as a float, or as itself when it is a 0-d real tensor (PEFT's compiled
     hotswap stores the scalings as tensors, so that changing them does not recompile) on
     ``device`` or the CPU, without gradient.  A CPU tensor must be finite (checked where its
@@ -343,7 +343,7 @@ def check_scale(op: str, scale, device: torch.device):
     if scale.dtype == torch.bool or scale.is_complex():
         raise TypeError(f"{op}: scale has dtype {scale.dtype}; expected a real (floating or integer) tensor")
     if scale.device != device and scale.device.type != "cpu":
-        raise ValueError(f"{op}: scale is on {scale.device}; expected {device} (the device of x) or cpu")
+        raise ValueError(f"{op}: scale is on {scale.device}; expected {device} (the device of {owner}) or cpu")
     if scale.requires_grad:
         raise ValueError(f"{op}: scale requires grad; expected a constant (no gradient flows to scale)")
     if scale.device.type == "cpu" and values_readable(scale) and not bool(torch.isfinite(scale)):
@@ -496,7 +496,7 @@ _MERGE_ROWS = 1024
 def _merge(op: str, weight, lora_A, lora_B, scale, gate, rank, inplace: bool, sign: float,
            row_scale=None) -> torch.Tensor:
     k = check_adapter(op, None, weight, lora_A, lora_B, None, gate, rank)
-    scale = check_scale(op, scale, weight.device)
+    scale = check_scale(op, scale, weight.device, "weight")
     if isinstance(scale, torch.Tensor):  # PEFT's hotswap scalings; a merge is not in a compiled hot path
         scale = float(scale)
     check_scale_range(op, scale, weight.dtype, "a weight")  # (merged in float64 for a float64 weight)

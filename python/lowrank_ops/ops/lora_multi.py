@@ -131,9 +131,9 @@ def _unit_columns(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] <= 1 else tensor.contiguous()
 
 
-def _check_operands(op: str, reference: torch.Tensor, operands: dict, routing: tuple) -> None:
+def _check_operands(op: str, reference_name: str, reference: torch.Tensor, operands: dict, routing: tuple) -> None:
     """Float operands share the reference's dtype and device; routing tensors its device."""
-    float_code(reference.dtype, op, "input")
+    float_code(reference.dtype, op, reference_name)
     for name, tensor in operands.items():
         if tensor.dtype != reference.dtype:
             raise TypeError(f"{op}: {name} has dtype {tensor.dtype}; expected {reference.dtype}")
@@ -224,7 +224,7 @@ def _rank_columns(weight: torch.Tensor, adapter: int, rank: int, rank_last: bool
 # ---------------------------------------------------------------------------- lora_multi_shrink
 def _check_shrink(input, weight, offsets, ids, ranks, scales, rank_last) -> None:
     op = "lora_multi_shrink"
-    _check_operands(op, input, {"weight": weight}, (offsets, ids, ranks, scales))
+    _check_operands(op, "input", input, {"weight": weight}, (offsets, ids, ranks, scales))
     if input.dim() != 2 or weight.dim() != 3:
         raise ValueError(f"{op}: input must be 2-D and weight 3-D; got {input.dim()}-D and {weight.dim()}-D")
     n_adapters, r_max, features = _weight_layout(weight, rank_last)[:3]
@@ -271,7 +271,7 @@ def _shrink_fake(input, weight, offsets, ids, ranks, scales, rank_last):
 # ---------------------------------------------------------------------------- lora_multi_expand_
 def _check_expand(out, h, weight, offsets, ids, ranks, scales, rank_last) -> None:
     op = "lora_multi_expand_"
-    _check_operands(op, out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
+    _check_operands(op, "out", out, {"h": h, "weight": weight}, (offsets, ids, ranks, scales))
     if out.dim() != 2 or h.dim() != 2 or weight.dim() != 3:
         raise ValueError(f"{op}: out and h must be 2-D and weight 3-D")
     n_adapters, r_max, features = _weight_layout(weight, rank_last)[:3]
@@ -326,7 +326,7 @@ def _expand_fake(out, h, weight, offsets, ids, ranks, scales, rank_last):
 # ---------------------------------------------------------------------------- lora_multi_segment_outer
 def _check_outer(left, right, offsets, ids, ranks, scales, n_adapters, rank_last) -> None:
     op = "lora_multi_segment_outer"
-    _check_operands(op, left, {"right": right}, (offsets, ids, ranks, scales))
+    _check_operands(op, "left", left, {"right": right}, (offsets, ids, ranks, scales))
     if left.dim() != 2 or right.dim() != 2 or left.shape[0] != right.shape[0]:
         raise ValueError(
             f"{op}: left has shape {tuple(left.shape)} and right {tuple(right.shape)}; expected (N, r_max) and (N, J)"
@@ -513,8 +513,8 @@ def as_routing_tensor(op: str, value, dtype: torch.dtype, device: torch.device, 
     integral = not dtype.is_floating_point
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point == integral or value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{op}: {name} has dtype {value.dtype}; expected an "
-                            f"{'integer' if integral else 'floating'} tensor")
+            raise TypeError(f"{op}: {name} has dtype {value.dtype}; expected "
+                            f"{'an integer' if integral else 'a floating-point'} tensor")
         if value.requires_grad:
             raise ValueError(f"{op}: {name} requires grad; expected a constant ({name} is not differentiable)")
         return value.to(device=device, dtype=dtype).contiguous()  # read through raw pointers

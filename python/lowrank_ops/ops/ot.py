@@ -304,7 +304,7 @@ def _matvec_impl(row_ptr, col_idx, values, r, c, vx, vy, check_pattern: bool = T
     batch, n = r.shape
     m = c.shape[1]
     if row_ptr.dtype != torch.int64 or tuple(row_ptr.shape) != (batch * n + 1,):
-        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}; expected ({batch * n + 1},) int64")
+        _fail(op, f"row_ptr has shape {tuple(row_ptr.shape)}, dtype {row_ptr.dtype}; expected ({batch * n + 1},) int64")
     if col_idx.dtype != torch.int64 or col_idx.dim() != 1 or tuple(values.shape) != tuple(col_idx.shape):
         _fail(op, f"col_idx {tuple(col_idx.shape)} {col_idx.dtype} and values {tuple(values.shape)}; "
                   "expected equal 1-D shapes, col_idx int64")

@@ -116,8 +116,11 @@ class Problem:
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor; got {type(w).__name__}")
         if tuple(w.shape) != expected:
-            raise ValueError(f"{op}: {name} has shape {tuple(w.shape)}; expected {expected} (batch shape + "
-                             f"{'n' if name == 'a' else 'm'})")
+            side = "n" if name == "a" else "m"
+            source = (f"C's shape {tuple(self.lead) + (self.n, self.m)}" if self.C is not None
+                      else f"x's {tuple(self.x.shape)} and y's {tuple(self.y.shape)} shapes")
+            raise ValueError(f"{op}: {name} has shape {tuple(w.shape)}; expected {expected} (batch shape + {side}, "
+                             f"from {source}: a mismatch of {name} and the cost)")
         if w.device != self.device:
             raise ValueError(f"{op}: {name} is on {w.device}; expected {self.device}")
         # Checked at the precision of the coarser of the masses' and the cost's dtypes

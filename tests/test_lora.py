@@ -1027,3 +1027,14 @@ def test_inplace_merge_refuses_factors_inside_the_weight():
         with pytest.raises(ValueError, match="weight must not share memory with lora_A"):
             function(weight, weight[:8], lora_B, inplace=True)
     torch.testing.assert_close(lora_merge(weight, weight[:8], lora_B), weight + lora_B @ weight[:8])
+
+
+def test_raw_ops_refuse_dropout_without_a_seed():
+    """lora_linear_fwd / dora_linear_fwd called directly with dropout_p > 0 and seed=None
+    applied no dropout, silently (the public functions always draw a seed)."""
+    ops = torch.ops.lowrank_ops
+    x, W, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match=r"lora_linear_fwd: dropout_p = 0.5 needs a seed"):
+        ops.lora_linear_fwd(x, W, A, B, None, None, None, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"dora_linear_fwd: dropout_p = 0.5 needs a seed"):
+        ops.dora_linear_fwd(x, W, A, B, torch.ones(6), None, None, 1.0, 0.5, 1e-6)

@@ -391,7 +391,7 @@ def _check_fwd_scalars(x, weight, lora_A, lora_B, magnitude, bias, seed, scale, 
         raise ValueError(f"{op}: eps must be > 0; got {eps}")
     _check_fwd_tensors(x, weight, lora_A, lora_B, magnitude, bias, norm)
     check_scale_range(op, scale, lora_A.dtype, "adapters")
-    check_seed(op, seed)
+    check_seed(op, seed, dropout_p)
 
 
 for _device in ("CPU", "CUDA"):

@@ -107,11 +107,14 @@ def _lora_dropout_fake(x, seed, p):
     return torch.empty_like(x)
 
 
-def check_seed(op: str, seed) -> None:
+def check_seed(op: str, seed, dropout_p: float = 0.0) -> None:
     """A dropout seed: a 0-d int64 CPU tensor (what :func:`draw_seed` returns), for direct
     callers of the ops (a float seed was truncated, a [2] one raised torch's "only one
-    element tensors can be converted")."""
+    element tensors can be converted"); required when ``dropout_p > 0`` (without one the
+    ops applied no dropout, silently)."""
     if seed is None:
+        if dropout_p > 0.0:
+            raise ValueError(f"{op}: dropout_p = {dropout_p} needs a seed (ops.lora.draw_seed(generator)); got None")
         return
     if not isinstance(seed, torch.Tensor) or seed.dim() != 0 or seed.dtype != torch.int64 or seed.device.type != "cpu":
         what = (f"{seed.dtype} {tuple(seed.shape)} on {seed.device}" if isinstance(seed, torch.Tensor)
@@ -195,7 +198,7 @@ def _check_fwd_scalars(x, weight, lora_A, lora_B, bias, gate, seed, scale, dropo
     check_dropout(op, dropout_p)
     _check_fwd_tensors(x, weight, lora_A, lora_B, bias, gate)
     check_scale_range(op, scale, lora_A.dtype, "adapters")
-    check_seed(op, seed)
+    check_seed(op, seed, dropout_p)
     if scale_tensor is not None:
         check_scale(op, scale_tensor, x.device)
 

@@ -263,7 +263,7 @@ def test_hessian_matvec_rejects_malformed_patterns(generator):
     bad[nnz // 2] = -3
     with pytest.raises(ValueError, match=r"got \[-3, "):
         call(col_idx=bad)
-    with pytest.raises(ValueError, match=r"row_ptr has shape \(12,\); expected \(13,\) int64"):
+    with pytest.raises(ValueError, match=r"row_ptr has shape \(12,\), dtype torch.int64; expected \(13,\) int64"):
         call(row_ptr[:-1])
 
 

@@ -399,10 +399,15 @@ def test_arnoldi_op_refuses_a_matrix_inside_its_basis():
     problem = pde.darcy(4)
     m = problem.matrix
     storage = torch.zeros(8, 64, dtype=torch.float64)
-    storage[7, : m.nnz] = m.values
+    values = storage.view(-1)[80: 80 + m.nnz]  # rows 1-2 of storage: basis row 2 starts at 128
+    values.copy_(m.values)
     with pytest.raises(ValueError, match="basis must not share memory with values"):
-        ops.krylov_arnoldi_(m.row_ptr, m.col_idx, storage[7, : m.nnz], storage[:6, :16], problem.rhs.clone(), 0, 3,
+        ops.krylov_arnoldi_(m.row_ptr, m.col_idx, values, storage[:6, :16], problem.rhs.clone(), 0, 3,
                             float(problem.rhs.norm()), 0.0, float(problem.rhs.norm()))
+    apart = storage[6:].reshape(-1)[: m.nnz]  # the same storage, past the basis's bytes: accepted
+    apart.copy_(m.values)
+    ops.krylov_arnoldi_(m.row_ptr, m.col_idx, apart, storage[:6, :16], problem.rhs.clone(), 0, 3,
+                        float(problem.rhs.norm()), 0.0, float(problem.rhs.norm()))
 
 
 def test_scipy_conversions_copy():
@@ -1018,9 +1023,10 @@ def test_defcg_op_opcheck_and_bad_input():
         ops.krylov_defcg_(*args(record=torch.zeros(4, 63, dtype=torch.float64)))
     with pytest.raises(ValueError, match=r"krylov_defcg_: rho has shape \(2,\), dtype torch.float64 on cpu; expected"):
         ops.krylov_defcg_(*args(rho=torch.zeros(2, dtype=torch.float64)))
-    shared = torch.zeros(2, n, dtype=torch.float64)
+    shared = torch.zeros(2 * n, dtype=torch.float64)
     with pytest.raises(ValueError, match="krylov_defcg_: x must not share memory with p"):
-        ops.krylov_defcg_(*args(x=shared[0], p=shared[1]))
+        ops.krylov_defcg_(*args(x=shared[:n], p=shared[n // 2: n // 2 + n]))  # overlapping halves
+    ops.krylov_defcg_(*args(x=shared[:n], p=shared[n:]))  # one storage, disjoint bytes: accepted
 
 
 @pytest.mark.parametrize("M", [None, "jacobi"])

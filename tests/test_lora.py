@@ -1027,6 +1027,12 @@ def test_inplace_merge_refuses_factors_inside_the_weight():
         with pytest.raises(ValueError, match="weight must not share memory with lora_A"):
             function(weight, weight[:8], lora_B, inplace=True)
     torch.testing.assert_close(lora_merge(weight, weight[:8], lora_B), weight + lora_B @ weight[:8])
+    # Disjoint views of one flat buffer (flat-parameter trainers) are apart: merged in place.
+    flat = torch.randn(8 * 16 + 2 * 16 + 8 * 2)
+    W, A, B = flat[:128].view(8, 16), flat[128:160].view(2, 16), flat[160:].view(8, 2)
+    expected = W + B @ A
+    lora_merge(W, A, B, inplace=True)
+    torch.testing.assert_close(W, expected)
 
 
 def test_raw_ops_refuse_dropout_without_a_seed():

@@ -1452,3 +1452,23 @@ def test_optimizer_momentum_is_official_mfacs_exponential_average():
         v = momentum * v + (1 - momentum) * torch.linalg.solve(fisher, g)
         expected -= lr * v
     torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=0)
+
+
+def test_heavy_ball_buffers_of_older_checkpoints_are_converted():
+    """Checkpoints saved before the momentum became M-FAC's average hold heavy-ball sums,
+    ~1 / (1 - m) times the average: loaded as they were, the first steps after a resume
+    were up to 10x too large at m = 0.9.  They are scaled by (1 - m) on load; new state
+    dicts say so (momentum_average) and load unchanged."""
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    optimizer = MFAC([p], lr=0.1, ngrads=2, damp=1.0, momentum=0.9)
+    p.grad = torch.randn(6, dtype=torch.float64)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    buffer = optimizer.state[p]["momentum_buffer"].clone()
+    twin = MFAC([torch.nn.Parameter(p.detach().clone())], lr=0.1, ngrads=2, damp=1.0, momentum=0.9)
+    twin.load_state_dict(copy.deepcopy(saved))
+    assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["momentum_buffer"], buffer)
+    old = copy.deepcopy(saved)
+    del old["state"][0]["momentum_average"]
+    twin.load_state_dict(old)
+    torch.testing.assert_close(twin.state[twin.param_groups[0]["params"][0]]["momentum_buffer"], 0.1 * buffer)

@@ -1068,4 +1068,7 @@ def test_epsilon_scaling_has_at_most_64_stages():
     for spread, factor in ((1.0, 1.000000001), (1e300, True), (1e300, 2.0)):
         regs = reg_schedule("sinkhorn", Spread(spread, 0.01), factor)
         assert 1 < len(regs) <= 65 and regs[-1] == 0.01 and regs[0] <= spread * (1 + 1e-9), (spread, factor)
-    assert len(reg_schedule("sinkhorn", Spread(1.0, 0.01), True)) == 4  # 0.01 * 4^k <= 1: k = 3, 2, 1, 0
+    assert reg_schedule("sinkhorn", Spread(1.0, 0.01), True) == [0.64, 0.16, 0.04, 0.01]  # 0.01 * 4^k <= 1
+    for reg in (1e-9, 1e-300):  # spread / reg overflows: the stages through logs (a NaN count raised before)
+        regs = reg_schedule("sinkhorn", Spread(1e300, reg), True)
+        assert len(regs) == 65 and regs[-1] == reg and all(math.isfinite(r) for r in regs)

@@ -1395,3 +1395,10 @@ def test_invalid_torch_sparse_inputs_raise_instead_of_crashing():
     for op, call in calls.items():
         with pytest.raises(ValueError, match=rf"{op}: \w+ is not a valid torch.sparse_c\w\w tensor"):
             call()
+    # Columns in any order within a row are valid here (torch's own validator refuses them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unsorted = torch.sparse_csr_tensor(torch.tensor([0, 2, 4, 6]), torch.tensor([1, 0, 2, 1, 1, 2]),
+                                           torch.tensor([1.0, 4.0, 1.0, 4.0, 2.0, 4.0], dtype=torch.float64),
+                                           size=(3, 3))
+    torch.testing.assert_close(rsvd(unsorted, 3)[1], torch.linalg.svdvals(unsorted.to_dense()))

@@ -347,6 +347,19 @@ def test_scheduler_with_the_optimizer_truncates_after_its_update(generator):
         torch.testing.assert_close(model[0].weight, reference[0].weight, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="TRPScheduler: optimizer must be a torch.optim.Optimizer or None"):
         trp.TRPScheduler(model, lam=0.0, energy=0.8, period=2, optimizer=model)
+    # A truncation due when a checkpoint is taken (between step() and the optimizer's step)
+    # is saved and runs after the resumed optimizer's next step; hook.remove() detaches.
+    scheduler.hook.remove()
+    fresh_optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    resumed = trp.TRPScheduler(model, lam=0.0, energy=0.8, period=2, optimizer=fresh_optimizer)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    scheduler.step()
+    scheduler.step()  # steps 7 and 8: a truncation due
+    state = scheduler.state_dict()
+    assert state["truncation_due"] is True
+    resumed.load_state_dict(state)
+    fresh_optimizer.step()
+    assert numerical_rank(model[0].weight, 1 - 1e-6) == resumed.ranks["0"]
 
 
 def test_trp_training_lowers_the_rank(device, cross_device_generator):

@@ -82,7 +82,7 @@ __device__ __forceinline__ void lse_add(Lse<T>& a, T v, T cost) {
   // would compute exp(-inf - (-inf)) = NaN (an infinite cost, or (f + g - C) / reg
   // overflowing).  NaN still propagates.
   if (v == neg_inf<T>()) return;
-  if (v == -neg_inf<T>()) v = v - v;  // +inf (an overflowed entry): NaN, as the CPU's ot_exp gives, lane order aside
+  if (v == -neg_inf<T>()) v = v - v;  // +inf (an overflowed entry): NaN, as the CPU's max shift (inf - inf) gives
   if (v > a.m) {
     const T r = dexp(a.m - v);  // 0 when a.m = -inf
     a.sum = a.sum * r + T(1);

@@ -104,13 +104,15 @@ def quiet_sparse_csr_beta():
 
 
 def check_sparse_invariants(where: str, name: str, tensor: torch.Tensor) -> None:
-    """ValueError naming ``name`` unless a torch sparse ``tensor`` (COO, CSR, CSC, BSR, BSC)
-    satisfies torch's invariants (indices in range, compressed indices non-decreasing and
-    ending at nnz); nothing for a strided tensor.  torch builds sparse tensors without this
-    check by default, and its own kernels then read and write out of bounds: a CSR matrix
-    with crow_indices [0, 4000, 6] crashed ``A @ X`` (SIGSEGV), a COO index past the size
-    crashed ``coalesce().to_sparse_csr()`` (glibc abort).  One pass over the indices (a
-    host read on CUDA); not while compiling or for fake and meta tensors."""
+    """ValueError naming ``name`` unless a 2-D torch sparse ``tensor`` (COO, CSR, CSC, BSR,
+    BSC) is memory-safe for torch's kernels: indices in range, compressed indices starting
+    at 0, non-decreasing and ending at nnz (any order within a row, duplicates allowed:
+    torch's own validator also demands sorted, distinct columns, and on CUDA it fails by a
+    device assert); nothing for a strided tensor.  torch builds sparse tensors without
+    this check by default, and its own kernels then read and write out of bounds: a CSR
+    matrix with crow_indices [0, 4000, 6] crashed ``A @ X`` (SIGSEGV), a COO index past
+    the size crashed ``coalesce().to_sparse_csr()`` (glibc abort).  One pass over the
+    indices (one host read on CUDA); not while compiling or for fake and meta tensors."""
     layout = tensor.layout
     if layout == torch.strided or tensor.is_meta or torch.compiler.is_compiling():
         return
@@ -118,14 +120,37 @@ def check_sparse_invariants(where: str, name: str, tensor: torch.Tensor) -> None
 
     if isinstance(tensor, FakeTensor):
         return
-    try:
-        if layout == torch.sparse_coo:
+    if layout == torch.sparse_coo:
+        try:  # (torch's COO check reads its bounds on the host: safe on CUDA too)
             torch._validate_sparse_coo_tensor_args(tensor._indices(), tensor._values(), tensor.shape)
-        elif layout in (torch.sparse_csr, torch.sparse_bsr):
-            torch._validate_sparse_compressed_tensor_args(tensor.crow_indices(), tensor.col_indices(), tensor.values(),
-                                                          tensor.shape, layout)
-        elif layout in (torch.sparse_csc, torch.sparse_bsc):
-            torch._validate_sparse_compressed_tensor_args(tensor.ccol_indices(), tensor.row_indices(), tensor.values(),
-                                                          tensor.shape, layout)
-    except RuntimeError as error:
-        raise ValueError(f"{where}: {name} is not a valid {layout} tensor: {error}") from None
+        except RuntimeError as error:
+            raise ValueError(f"{where}: {name} is not a valid {layout} tensor: {error}") from None
+        return
+    if tensor.dim() != 2:
+        return  # (the callers refuse batched sparse matrices themselves)
+    by_rows = layout in (torch.sparse_csr, torch.sparse_bsr)
+    compressed, plain = ((tensor.crow_indices(), tensor.col_indices()) if by_rows
+                         else (tensor.ccol_indices(), tensor.row_indices()))
+    block = tuple(tensor.values().shape[1:3]) if layout in (torch.sparse_bsr, torch.sparse_bsc) else (1, 1)
+    rows, cols = tensor.shape[0] // block[0], tensor.shape[1] // block[1]
+    major, minor = (rows, cols) if by_rows else (cols, rows)
+    nnz = plain.numel()
+    problem = None
+    if compressed.dim() != 1 or compressed.numel() != major + 1:
+        problem = f"its compressed indices have shape {tuple(compressed.shape)}; expected ({major + 1},)"
+    elif tensor.values().shape[0] != nnz:
+        problem = f"it has {tensor.values().shape[0]} values for {nnz} plain indices"
+    else:
+        steps = compressed[1:] - compressed[:-1]
+        low = plain.min() if nnz else compressed.new_zeros(())
+        high = plain.max() if nnz else compressed.new_zeros(())
+        first, last, smallest_step, low, high = torch.stack([
+            compressed[0], compressed[-1], steps.min() if major else compressed.new_zeros(()), low, high]).tolist()
+        if first != 0 or last != nnz:
+            problem = f"its compressed indices run from {first} to {last}; expected 0 to nnz = {nnz}"
+        elif smallest_step < 0:
+            problem = "its compressed indices decrease"
+        elif nnz and (low < 0 or high >= minor):
+            problem = f"its plain indices span [{low}, {high}]; expected [0, {minor})"
+    if problem is not None:
+        raise ValueError(f"{where}: {name} is not a valid {layout} tensor: {problem}")

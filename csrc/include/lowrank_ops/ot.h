@@ -23,8 +23,10 @@
 // below the smallest normal's logarithm returns 0, where CUDA's exp in the log-sum-exp
 // may return a subnormal (a difference below the smallest normal, in sums of terms up to
 // 1).  The plan entries written out (ot_sparsify's values, ot_row_grad's weights) use
-// ot_exp on both back ends: clamped at 88 / 709, flushed below the normals.  A +inf
-// log-plan entry (an overflow) gives NaN on both.  No kernel allocates or synchronizes; CUDA kernels run
+// ot_exp on both back ends: clamped at 88 / 709, flushed below the normals (so a +inf
+// entry is written as exp(88) / exp(709)).  In the log-sum-exp a +inf log-plan entry (an
+// overflow) gives NaN on both: the CPU through its max shift (inf - inf), CUDA by
+// lse_add's explicit mapping.  No kernel allocates or synchronizes; CUDA kernels run
 // asynchronously on the given stream.
 #pragma once
 

@@ -5,7 +5,8 @@ are not CSR matrices or callable preconditioners on any device.  Plain CG is the
 deflated iteration without a deflation space and without a Lanczos record.
 
 One host read per step (:func:`read`; on CUDA each read waits for the device, ~10-20 us,
-more than a step's arithmetic on a small system): the residual is updated with the step
+more than a step's arithmetic on a small system; two on DeflatedCG's steps that restore
+``W^T r = 0``, below ``sqrt(eps) ||b||``): the residual is updated with the step
 length ``alpha = r^T z / p^T A p`` computed on the device, then the host reads ``p^T A p``,
 ``||r||`` and ``r^T z`` of the new residual together, checks the curvature, and only then
 updates ``x`` (with ``alpha`` in float64, as before).  A step that breaks down
@@ -137,8 +138,10 @@ def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, 
         x.add_(p, alpha=alpha)
         iterations += 1
         history.append(rnorm / bnorm)
-        if W is not None and target < rnorm < reproject_below:
-            project(W, AW, x, r)
+        if W is not None and target < rnorm < reproject_below:  # x += W c, r -= AW c, c = W^T r
+            coefficients = dots(W, r)
+            subtract_without_norm(W, x, -coefficients)
+            subtract_without_norm(AW, r, coefficients)
             z = system.unprecondition(r)
             rz_new_device = dots(r[None], z)
             rz_new, = read(rz_new_device)

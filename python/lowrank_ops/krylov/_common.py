@@ -210,7 +210,9 @@ class Stagnation:
         """``(x, rnorm)`` of the final iterate, or of the best confirmed one when its true residual
         is smaller.  A finite ``x`` whose residual is not finite is kept: the operator (not the
         iterate) broke, and the others' residuals were measured before it did."""
-        if self.best_x is not None and self.best < rnorm and (math.isfinite(rnorm) or not all_finite(x)):
+        if self.best_x is None:
+            return x, rnorm
+        if self.best < rnorm if math.isfinite(rnorm) else not all_finite(x):
             return self.best_x, self.best
         return x, rnorm
 

@@ -44,7 +44,8 @@ call per ``m - 2 k`` steps, between restarts of the record, instead of ~15 Pytho
 and kernel calls per step.  Elsewhere (CUDA, operators that are not CSR matrices) the
 same steps run from the fused kernels (``dots``, ``subtract``) in cg's step-by-step loop
 (:func:`~lowrank_ops.krylov._cg_loop.python_loop`), with one host read per step (on CUDA
-one wait for the device; the Lanczos record's restarts read their small matrices).  The
+one wait for the device; two on the steps below ``sqrt(eps) ||b||``, which restore ``W^T r
+= 0``; the Lanczos record's restarts read their small matrices).  The
 Ritz updates use ``gram`` and ``combine_rows`` everywhere, and the small dense
 eigenproblems (at most ``m x m``) lowrank_ops' Jacobi SVD (see :func:`_eigh` for why not
 LAPACK).
@@ -159,7 +160,8 @@ def _refresh(system: System, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
         wide = matrix.to(dtype=torch.float64)
         AW = torch.stack([wide.matvec_unchecked(w) for w in W.to(torch.float64).contiguous()]).to(W.dtype)
     else:
-        AW = torch.stack([system.A.apply(w.contiguous()) for w in W])
+        # (each product copied before the next call: a callable may return one buffer it reuses)
+        AW = torch.stack([system.A.apply(w.contiguous()).clone() for w in W])
     if not all_finite(AW):  # A returned NaN or inf: nothing to deflate with (the solve reports the breakdown)
         return W[:0], AW[:0]
     for _ in range(2):

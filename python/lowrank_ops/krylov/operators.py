@@ -26,6 +26,7 @@ import torch
 from .._args import is_integer, require_tensors
 from .._csr import check_col_idx, check_row_ptr, check_sparse_invariants, quiet_sparse_csr_beta, require_integer
 from .._finite import all_finite
+from ..ops._layout import may_overlap
 from ._kernels import spmv
 
 __all__ = ["CSRMatrix", "LinearOperator", "as_operator"]
@@ -414,15 +415,6 @@ class LinearOperator:
         return self.matrix.diagonal()
 
 
-def _address(value) -> int:
-    """The data address of a tensor or ndarray (0 for anything else)."""
-    if isinstance(value, torch.Tensor):
-        return value.data_ptr()
-    if isinstance(value, np.ndarray):
-        return value.ctypes.data
-    return 0
-
-
 def _callable_operator(op: str, A, dtype: torch.dtype, device: torch.device) -> LinearOperator:
     shape = getattr(A, "shape", None)
     if shape is None or len(shape) != 2:
@@ -433,14 +425,10 @@ def _callable_operator(op: str, A, dtype: torch.dtype, device: torch.device) -> 
     function = A.matvec if hasattr(A, "matvec") else A
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        result = function(x)
-        y = torch.as_tensor(result, dtype=dtype, device=device).reshape(-1)
+        y = torch.as_tensor(function(x), dtype=dtype, device=device).reshape(-1)
         if y.numel() != n:
             raise ValueError(f"{op}: A(x) returned {y.numel()} entries; expected n = {n}")
-        if y.numel() and y.data_ptr() == _address(result):
-            # The callable's own memory (an output buffer it reuses, or x itself): the solvers
-            # keep products and update them in place, so DeflatedCG stacked k views of one
-            # buffer as A W (a second solve ended at a residual of 2.6e18).
+        if y.numel() and may_overlap(y, x):  # x itself (an identity): the solvers update products in place
             y = y.clone()
         return y
 

@@ -69,7 +69,8 @@ def refresh(apply: Callable[[torch.Tensor], torch.Tensor], U: torch.Tensor) -> T
     """
     if U.shape[0] == 0:  # nothing recycled (every direction dropped earlier)
         return U, U
-    image = torch.stack([apply(u.contiguous()) for u in U])
+    # (each product copied before the next call: a callable may return one buffer it reuses)
+    image = torch.stack([apply(u.contiguous()).clone() for u in U])
     if not all_finite(image):  # A or M returned NaN or inf: nothing to recycle (the solve reports the breakdown)
         return image[:0], U[:0]
     for _ in range(2):

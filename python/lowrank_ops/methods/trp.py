@@ -373,8 +373,9 @@ class TRPScheduler:
         self.steps = 0
         self.ranks: Dict[str, int] = {}
         self._truncation_due = False
-        if optimizer is not None:
-            optimizer.register_step_post_hook(self._after_optimizer_step)
+        #: The optimizer's post-step hook (a ``RemovableHandle``; ``hook.remove()`` detaches
+        #: this scheduler from the optimizer), or None without an optimizer.
+        self.hook = None if optimizer is None else optimizer.register_step_post_hook(self._after_optimizer_step)
         self._after_update = optimizer is not None
 
     def step(self) -> Optional[Dict[str, int]]:
@@ -402,23 +403,28 @@ class TRPScheduler:
             self._truncate()
 
     def state_dict(self) -> dict:
-        """Steps, ranks and the generator's state: a resumed run draws the sketches of the
-        uninterrupted one (without it a resume at step 3 of 8 ended 2.5e-2 off)."""
-        return {"steps": self.steps, "ranks": dict(self.ranks),
+        """Steps, ranks, a truncation still due (with an ``optimizer``: after a step that
+        ``GradScaler`` skipped) and the generator's state: a resumed run draws the sketches
+        of the uninterrupted one (without it a resume at step 3 of 8 ended 2.5e-2 off)."""
+        return {"steps": self.steps, "ranks": dict(self.ranks), "truncation_due": self._truncation_due,
                 "generator_state": generator_state(self.generator)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict`'s steps, ranks and generator state (checked first, so a
         wrong or corrupted state changes nothing)."""
         op = "TRPScheduler.load_state_dict"
-        require_state(op, state, "TRPScheduler", ("steps", "ranks"), ("generator_state",))
+        require_state(op, state, "TRPScheduler", ("steps", "ranks"), ("generator_state", "truncation_due"))
         steps = require_int(op, "state['steps']", state["steps"], 0)
         ranks = state["ranks"]
         if not isinstance(ranks, dict) or not all(isinstance(k, str) and is_integer(v) for k, v in ranks.items()):
             raise TypeError(f"{op}: state['ranks'] must be a dict of layer name -> rank (int); got {ranks!r}")
+        due = state.get("truncation_due", False)
+        if not isinstance(due, bool):
+            raise TypeError(f"{op}: state['truncation_due'] must be a bool; got {type(due).__name__}")
         restore_generator(self.generator, require_generator_state(op, "state['generator_state']",
                                                                   state.get("generator_state")))
         self.steps, self.ranks = steps, {name: int(rank) for name, rank in ranks.items()}
+        self._truncation_due = due and self._after_update  # (without an optimizer, step() truncates itself)
 
 
 def compress(model: torch.nn.Module, energy: float = 0.99, *, target_modules=None, min_saving: float = 0.0,

@@ -3,6 +3,8 @@
 ``i * row_stride(tensor)``."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 
@@ -37,12 +39,31 @@ def flatten_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.shape[-1] != 0 else x.reshape(x.shape[:-1].numel(), 0)
 
 
+def _byte_span(tensor: torch.Tensor) -> Tuple[int, int]:
+    """``[first, last)`` byte addresses a non-empty tensor's elements can occupy."""
+    low = high = 0
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        reach = (size - 1) * stride
+        low, high = (low + reach, high) if stride < 0 else (low, high + reach)
+    start = tensor.data_ptr()
+    return start + low * tensor.element_size(), start + (high + 1) * tensor.element_size()
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors may share bytes: the same storage and intersecting
+    byte spans (views of disjoint parts of one flat buffer, as flat-parameter trainers
+    hold weights and adapters, are apart)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a_start, a_end), (b_start, b_end) = _byte_span(a), _byte_span(b)
+    return a_start < b_end and b_start < a_end
+
+
 def require_apart(op: str, written: str, tensor: torch.Tensor, **read: torch.Tensor) -> None:
-    """ValueError when the written ``tensor`` shares storage with one of the tensors ``read``
-    (a kernel reading those while writing it would read what it wrote)."""
+    """ValueError when the written ``tensor`` may share bytes with one of the tensors ``read``
+    (:func:`may_overlap`: a kernel reading those while writing it would read what it wrote)."""
     if tensor.numel() == 0:
         return
-    storage = tensor.untyped_storage().data_ptr()
     for name, other in read.items():
-        if other is not None and other.numel() and other.untyped_storage().data_ptr() == storage:
+        if other is not None and other.numel() and may_overlap(tensor, other):
             raise ValueError(f"{op}: {written} must not share memory with {name} (it is written while {name} is read)")

@@ -190,6 +190,9 @@ class MFAC(torch.optim.Optimizer):
             index: {key: (value.state_dict() if isinstance(value, MFACInverse) else value) for key, value in entry.items()}
             for index, entry in state_dict["state"].items()
         }
+        for entry in state_dict["state"].values():
+            if "momentum_buffer" in entry:  # (its absence marks the heavy-ball sums of older checkpoints)
+                entry["momentum_average"] = True
         return state_dict
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -197,7 +200,7 @@ class MFAC(torch.optim.Optimizer):
         # the momentum buffer is in the window's compute dtype (float32 for half
         # parameters): take them out before the base class casts state to the parameter's
         # dtype (a bfloat16 buffer after a resume changed the trajectory).
-        kept = ("inverse", "mask", "momentum_buffer")
+        kept = ("inverse", "mask", "momentum_buffer", "momentum_average")
         own = {index: {key: entry[key] for key in kept if key in entry} for index, entry in state_dict["state"].items()}
         stripped = dict(state_dict)
         stripped["state"] = {
@@ -212,12 +215,18 @@ class MFAC(torch.optim.Optimizer):
         for group in self.param_groups:  # saved before a setting existed (sparse): this optimizer's default
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
+        momentum_of = {p: group["momentum"] for group in self.param_groups for p in group["params"]}
         for index, entry in own.items():
             param = params[index]
             if "mask" in entry:
                 self.state[param]["mask"] = entry["mask"].to(device=param.device, dtype=torch.bool)
             if "momentum_buffer" in entry:
-                self.state[param]["momentum_buffer"] = entry["momentum_buffer"].to(param.device, copy=True)
+                buffer = entry["momentum_buffer"].to(param.device, copy=True)
+                if not entry.get("momentum_average", False):
+                    # Saved before the momentum became M-FAC's average: a heavy-ball sum, about
+                    # 1 / (1 - m) times the average it converges to.
+                    buffer.mul_(1.0 - momentum_of[param])
+                self.state[param]["momentum_buffer"] = buffer
             if "inverse" in entry:
                 self.state[param]["inverse"] = MFACInverse.from_state_dict(entry["inverse"], device=param.device)
 

@@ -56,10 +56,16 @@ def reg_schedule(op: str, problem: Problem, epsilon_scaling) -> List[float]:
     spread = problem.cost_spread()
     if not spread > problem.reg:
         return [problem.reg]
-    ratio = math.log(spread / problem.reg)  # (spread finite: a ratio past float range is still a finite log)
-    factor = max(factor, math.exp(ratio / _MAX_STAGES))
-    stages = min(int(math.floor(ratio / math.log(factor))), _MAX_STAGES)
-    return [problem.reg * factor**k for k in range(stages, -1, -1)]
+    ratio = math.log(spread) - math.log(problem.reg)  # (spread / reg may overflow: 1e300 / 1e-9)
+    if ratio > _MAX_STAGES * math.log(factor):
+        factor = math.exp(ratio / _MAX_STAGES)
+    log_factor = math.log(factor)
+    stages = min(int(math.floor(ratio / log_factor)), _MAX_STAGES)
+
+    def stage_reg(k: int) -> float:  # reg factor^k, through logs where factor^k alone would overflow
+        return problem.reg * factor**k if k * log_factor < 700.0 else math.exp(math.log(problem.reg) + k * log_factor)
+
+    return [stage_reg(k) for k in range(stages, -1, -1)]
 
 
 class SinkhornState:

@@ -75,12 +75,13 @@ def python_loop(system: System, x: torch.Tensor, r: torch.Tensor, rnorm: float, 
 
     ``W``, ``AW`` (``[k, n]``, ``W^T A W = I``, ``W^T r = 0``): the deflation space, or None
     (plain CG); steps that end with ``||r|| < reproject_below`` restore ``W^T r = 0`` as
-    ``krylov_defcg_``'s (:func:`~lowrank_ops.ops.krylov.defcg_cpu`).  ``lanczos``: DeflatedCG's record of the Lanczos process (``stage`` and
-    ``commit``), or None.  Stops when the recursive residual meets ``system.target`` and
-    the recomputed true one confirms it, else restarts from the true residual (projected
-    on ``W``; the record stops), or stops as ``"stagnation"`` when ``stagnation`` says so.
-    Updates ``x``, ``lanczos``, ``stagnation`` and ``progress.history`` (reporting each
-    entry once final); returns ``(iterations, status)``.
+    ``krylov_defcg_``'s (:func:`~lowrank_ops.ops.krylov.defcg_cpu`).  ``lanczos``:
+    DeflatedCG's record of the Lanczos process (``stage`` and ``commit``), or None.  Stops
+    when the recursive residual meets ``system.target`` and the recomputed true one confirms
+    it, else restarts from the true residual (projected on ``W``; the record stops), or
+    stops as ``"stagnation"`` when ``stagnation`` says so.  Updates ``x``, ``lanczos``,
+    ``stagnation`` and ``progress.history`` (reporting each entry once final); returns
+    ``(iterations, status)``.
     """
     bnorm, target, history = system.bnorm, system.target, progress.history
     recording = lanczos is not None

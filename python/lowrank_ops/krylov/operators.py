@@ -136,7 +136,8 @@ class CSRMatrix:
         where = "CSRMatrix.values"
         require_tensors(where, values=values)
         if values.shape != (self.nnz,):
-            raise ValueError(f"{where}: the new values have shape {tuple(values.shape)}; expected (nnz,) = ({self.nnz},)")
+            raise ValueError(f"{where}: the new values have shape {tuple(values.shape)}; expected (nnz,) = "
+                             f"({self.nnz},)")
         if values.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: the new values have dtype {values.dtype}; expected float32 or float64")
         if values.device != self._row_ptr.device:

@@ -21,9 +21,9 @@ For every adapter entry ``w``, after each backward,
 
 and the entry's score is ``Ibar * U`` (smoothed sensitivity times its uncertainty).  A
 module's score is the mean of its active entries' scores (``A[:k]`` and ``B[:, :k]``): a
-mean, not a sum, so that a module is not favored for the ranks it already holds.  Inactive entries have zero gradients, so their averages stay
-exactly 0 and the sums over the whole preallocated tensors are the sums over the active
-entries.
+mean, not a sum, so that a module is not favored for the ranks it already holds.
+Inactive entries have zero gradients, so their averages stay exactly 0 and the sums over
+the whole preallocated tensors are the sums over the active entries.
 
 Allocation: at steps ``warmup_steps + j * add_every`` (``j = 1, 2, ...``, up to
 ``final_step``), the ``ranks_per_step`` modules with the largest scores among those below
@@ -37,11 +37,12 @@ entry, if any, 1), so the module's output is unchanged at the moment the rank is
 and its gradient for ``B[:, k]`` is nonzero from the next step on.  (The abstract does not
 state the initialization.  The authors' code differs: its reserve ranks sit in the
 optimizer from the start with ``E = 1e-5``, so their ``A`` and ``B`` train in advance
-("advance learning") and a rank joins pre-trained; here a rank joins fresh, as LoRA's.)  With ``optimizer`` given, its state
-entries for the new slot (Adam's averages, SGD's momentum: every state tensor of the
-parameter's shape) are zeroed, so that a rank starts fresh even under an optimizer whose
-weight decay moved the inactive slots.  The scaling stays ``lora_alpha / r_max`` (the
-LoRALinear's), whatever the active rank, so adding a rank never rescales the others.
+("advance learning") and a rank joins pre-trained; here a rank joins fresh, as LoRA's.)
+With ``optimizer`` given, its state entries for the new slot (Adam's averages, SGD's
+momentum: every state tensor of the parameter's shape) are zeroed, so that a rank starts
+fresh even under an optimizer whose weight decay moved the inactive slots.  The scaling
+stays ``lora_alpha / r_max`` (the LoRALinear's), whatever the active rank, so adding a
+rank never rescales the others.
 
 Example
 -------

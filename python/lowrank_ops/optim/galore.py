@@ -240,9 +240,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         second moment of gradients below 8e-3, and those steps were ~100x too large).
         8: for tensors whose moments have at least ``min_8bit_size`` elements, each moment
         is stored as blockwise 8-bit codes with a float32 scale per 256 values (1.016
-        bytes per value instead of 4: the state of a large parameter is 3.9x smaller); every step dequantizes them to float32, updates them there and
-        quantizes them again.  See :mod:`lowrank_ops.optim._quantized_state` for the code
-        maps and the error bound.
+        bytes per value instead of 4: the state of a large parameter is 3.9x smaller);
+        every step dequantizes them to float32, updates them there and quantizes them
+        again.  See :mod:`lowrank_ops.optim._quantized_state` for the code maps and the
+        error bound.
     min_8bit_size : int
         With ``state_bits=8``, moments with fewer elements stay in the gradient's dtype
         (default 4096, bitsandbytes' ``min_8bit_size``): biases, norms and small matrices

@@ -779,8 +779,8 @@ def test_stagnation_counts_restarts_that_do_not_halve_the_residual_and_keeps_the
     copy (the loops go on updating ``x`` in place)."""
     from lowrank_ops.krylov._common import Stagnation
 
-    stagnation = Stagnation()
     x = torch.zeros(3)
+    stagnation = Stagnation(x, 5.0)  # the start: a candidate, worse than every confirmation below
     assert not stagnation.failed_confirmation(x.fill_(1.0), 1.0)  # the first one sets the reference
     assert not stagnation.failed_confirmation(x.fill_(2.0), 0.4)  # halved: strikes reset
     assert not stagnation.failed_confirmation(x.fill_(3.0), 0.3)  # the best, but not halved: strike 1

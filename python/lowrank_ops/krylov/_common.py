@@ -175,8 +175,8 @@ class Stagnation:
     strikes in a row end the solve as ``"stagnation"``.  (In float64, where a confirmation
     fails because the two residuals drifted apart, a restart usually gains digits.)  The
     solvers return the iterate with the smallest confirmed true residual, the initial
-    guess included (:meth:`consider`): a solve that ends worse than it started, on a
-    breakdown or at maxiter, returns its start.
+    guess included (the constructor's ``x0``): a solve that ends worse than it started, on
+    a breakdown or at maxiter, returns its start.
     """
 
     #: Failed confirmations without halving the true residual that end a solve: restarts at
@@ -184,9 +184,11 @@ class Stagnation:
     #: steps; a genuine restart in float64 halves the residual.
     PATIENCE = 10
 
-    def __init__(self):
+    def __init__(self, x0: torch.Tensor, rnorm0: float):
+        """``x0``: the start, whose true residual norm is ``rnorm0`` (kept as a candidate)."""
         self.reference, self.strikes = math.inf, 0
         self.best, self.best_x = math.inf, None
+        self.consider(x0, rnorm0)
 
     def consider(self, x: torch.Tensor, rnorm: float) -> None:
         """Keep a copy of ``x`` (true residual norm ``rnorm``) if it is the best so far."""

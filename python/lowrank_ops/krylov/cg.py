@@ -90,8 +90,7 @@ def cg(A, b, *, x0=None, tol: Optional[float] = None, maxiter: Optional[int] = N
     rnorm = float(torch.linalg.vector_norm(r))
     history = [rnorm / bnorm]
     progress = Progress(system.callback, history)
-    stagnation = Stagnation()
-    stagnation.consider(x, rnorm)  # never return worse than the start
+    stagnation = Stagnation(x, rnorm)  # never return worse than the start
     matrix = system.A.matrix
     if (NATIVE and matrix is not None and not x.is_cuda and matrix.dtype == x.dtype
             and (system.precondition is None or system.inverse_diagonal is not None)):

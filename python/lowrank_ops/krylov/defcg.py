@@ -472,8 +472,7 @@ class DeflatedCG:
         rnorm = float(torch.linalg.vector_norm(r))
         history = [rnorm / bnorm]
         progress = Progress(system.callback, history)
-        stagnation = Stagnation()
-        stagnation.consider(x, rnorm)  # never return worse than the start
+        stagnation = Stagnation(x, rnorm)  # never return worse than the start
         if kc and math.isfinite(rnorm):
             rnorm = project(W, AW, x, r)
             history[-1] = rnorm / bnorm

@@ -28,14 +28,20 @@ def dispatch_needed(tensor: Optional[torch.Tensor] = None) -> bool:
             or (tensor is not None and (tensor.is_meta or isinstance(tensor, FakeTensor))))
 
 
+def _tracing() -> bool:
+    """torch.compile tracing, or a fake mode: no tensor's values exist."""
+    return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None
+
+
+def _has_values(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_meta or isinstance(tensor, FakeTensor))
+
+
 def values_readable(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s values can be read on the host, for data-dependent checks
     (finiteness, overflow rescaling): not while torch.compile traces, not for meta or fake
     tensors, and not under vmap (batched values); under grad-like transforms they can."""
-    if (torch.compiler.is_compiling() or tensor.is_meta or isinstance(tensor, FakeTensor)
-            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None):
-        return False
-    return not under_vmap()
+    return not _tracing() and _has_values(tensor) and not under_vmap()
 
 
 def routing_readable(*tensors: Optional[torch.Tensor]) -> bool:
@@ -43,15 +49,14 @@ def routing_readable(*tensors: Optional[torch.Tensor]) -> bool:
     torch.compile traces, not meta or fake, and not batched by vmap.  Unlike
     :func:`values_readable` of the data, routing built from sequences stays a plain tensor
     under vmap (its values are the same for every batch entry) and is readable there."""
-    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
+    if _tracing():
         return False
     for tensor in tensors:
-        if tensor is None:
-            continue
-        if torch._C._functorch.is_batchedtensor(tensor):
-            return False
-        tensor = unwrapped(tensor)
-        if tensor.is_meta or isinstance(tensor, FakeTensor) or torch._C._functorch.is_batchedtensor(tensor):
+        while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):  # as unwrapped()
+            if torch._C._functorch.is_batchedtensor(tensor):
+                return False
+            tensor = torch._C._functorch.get_unwrapped(tensor)
+        if tensor is not None and not _has_values(tensor):
             return False
     return True
 
